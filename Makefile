@@ -1,0 +1,73 @@
+# avmm — everything a fresh machine needs is set up from here.
+#   make up    boot the example VM (creates the venv, builds the test guest)
+#   make test  run the whole test suite (also installs the peers the tests need)
+
+PYTHON ?= python3
+VENV   := .venv
+BUILD  ?= build
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+AVMM   := $(VENV)/bin/avmm
+
+# Debian packages: what building needs, and what the tests talk to.
+BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev python3-venv
+TEST_PACKAGES  := qemu-system-x86
+
+.PHONY: all up test deps deps-build deps-test venv guest debian-kernel lint clean distclean
+
+all: venv guest
+
+up: venv guest
+	$(AVMM) up examples/hello.toml
+
+test: deps-test venv guest debian-kernel
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check .
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# -- system packages (installed only when missing) -------------------------------------
+
+deps: deps-build deps-test
+
+deps-build: $(BUILD)/.stamps/deps-build
+deps-test: $(BUILD)/.stamps/deps-test
+
+$(BUILD)/.stamps/deps-%:
+	@mkdir -p $(@D)
+	@pkgs="$(if $(filter build,$*),$(BUILD_PACKAGES),$(TEST_PACKAGES))"; \
+	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+# -- the virtual environment (the cffi KVM binding compiles here) ----------------------
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py avmm/kvm/_ffi_build.py | $(BUILD)/.stamps/deps-build
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+# -- guests ----------------------------------------------------------------------------
+
+include mk/guest.mk
+
+$(BUILD)/guest/testguest.elf: | $(BUILD)/.stamps/deps-build
+
+debian-kernel: $(BUILD)/debian-kernel/vmlinuz
+
+$(BUILD)/debian-kernel/vmlinuz: scripts/fetch-debian-kernel.sh
+	scripts/fetch-debian-kernel.sh $(BUILD)/debian-kernel
+
+clean:
+	rm -rf $(BUILD)/guest
+
+distclean:
+	rm -rf $(BUILD) $(VENV) avmm/kvm/_kvm_ffi*.so avmm/kvm/_kvm_ffi.c *.egg-info

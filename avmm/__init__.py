@@ -1,0 +1,17 @@
+"""avmm: an async, event-driven virtual machine monitor for Linux KVM, built on trio.
+
+The public API is what this module re-exports; everything else may change.
+"""
+
+from .config import VmConfig as VmConfig
+from .config import config_from_dict as config_from_dict
+from .config import load_config as load_config
+from .errors import AvmmError as AvmmError
+from .errors import ConfigError as ConfigError
+from .errors import KvmError as KvmError
+from .errors import VmStartError as VmStartError
+from .lifecycle import StopReason as StopReason
+from .lifecycle import VmExit as VmExit
+from .vm import VirtualMachine as VirtualMachine
+
+__version__ = "0.1.0"

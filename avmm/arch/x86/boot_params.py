@@ -1,0 +1,234 @@
+"""The zero page (``struct boot_params``) and the e820 memory map.
+
+The zero page is 4 KiB handed to the kernel in RSI. avmm fills only what a boot loader
+that skips the real-mode setup code must: a copy of the kernel's setup header at 0x1f1
+with the loader-owned fields set, the command line and initrd location, and the e820
+table. Everything else stays zero, which the kernel reads as "no such firmware data".
+
+Offsets follow Documentation/arch/x86/zero-page.rst; :data:`ZeroPage` declares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import construct as c
+
+from ...errors import BootError
+from ...memory import MemoryRegion
+from .bzimage import (
+    BOOT_FLAG,
+    CAN_USE_HEAP,
+    KEEP_SEGMENTS,
+    SETUP_HEADER_MAGIC,
+    SETUP_HEADER_SIZE,
+    SetupHeader,
+)
+from .layout import (
+    BIOS_ROM_START,
+    CMDLINE_MAX_SIZE,
+    EBDA_START,
+    HIGH_MEMORY_START,
+    LOW_MEMORY_END,
+    ZERO_PAGE_SIZE,
+)
+
+E820_RAM: Final = 1
+E820_RESERVED: Final = 2
+#: Slots in the zero page's e820 table; longer maps would need a setup_data entry.
+E820_MAX_ENTRIES: Final = 128
+
+#: boot_params.hdr.type_of_loader: 0xff = "undefined", the value for loaders without an
+#: assigned ID.
+TYPE_OF_LOADER_UNDEFINED: Final = 0xFF
+#: boot_params.hdr.vid_mode: "normal" VGA text mode, i.e. do not ask the setup code to
+#: change modes (it never runs under avmm anyway).
+VID_MODE_NORMAL: Final = 0xFFFF
+#: boot_params.hdr.heap_end_ptr: end of the real-mode setup heap, as an offset from the
+#: real-mode code minus 0x200. Only the real-mode setup code (which avmm skips) uses the
+#: heap; the value is the conventional top of a 64 KiB setup segment.
+HEAP_END_PTR: Final = 0xFE00
+#: The protocol version avmm writes into the minimal header it gives ELF kernels: 2.12,
+#: the first with xloadflags and the 64-bit entry, which is how avmm enters them.
+ELF_HEADER_VERSION: Final = 0x020C
+
+E820EntryStruct = c.Struct(
+    "addr" / c.Int64ul,
+    "size" / c.Int64ul,
+    "type" / c.Int32ul,
+)
+
+ZeroPage = c.Struct(
+    "screen_info" / c.Bytes(0x40),  # 0x000
+    "apm_bios_info" / c.Bytes(0x14),  # 0x040
+    c.Padding(4),
+    "tboot_addr" / c.Int64ul,  # 0x058
+    "ist_info" / c.Bytes(0x10),  # 0x060
+    "acpi_rsdp_addr" / c.Int64ul,  # 0x070
+    c.Padding(8),
+    "hd0_info" / c.Bytes(0x10),  # 0x080
+    "hd1_info" / c.Bytes(0x10),  # 0x090
+    "sys_desc_table" / c.Bytes(0x10),  # 0x0a0
+    "olpc_ofw_header" / c.Bytes(0x10),  # 0x0b0
+    "ext_ramdisk_image" / c.Int32ul,  # 0x0c0
+    "ext_ramdisk_size" / c.Int32ul,  # 0x0c4
+    "ext_cmd_line_ptr" / c.Int32ul,  # 0x0c8
+    c.Padding(0x13C - 0xCC),
+    "cc_blob_address" / c.Int32ul,  # 0x13c
+    "edid_info" / c.Bytes(0x80),  # 0x140
+    "efi_info" / c.Bytes(0x20),  # 0x1c0
+    "alt_mem_k" / c.Int32ul,  # 0x1e0
+    "scratch" / c.Int32ul,  # 0x1e4
+    "e820_entries" / c.Int8ul,  # 0x1e8
+    "eddbuf_entries" / c.Int8ul,  # 0x1e9
+    "edd_mbr_sig_buf_entries" / c.Int8ul,  # 0x1ea
+    "kbd_status" / c.Int8ul,  # 0x1eb
+    "secure_boot" / c.Int8ul,  # 0x1ec
+    c.Padding(2),
+    "sentinel" / c.Int8ul,  # 0x1ef, must be 0 or the kernel zeroes fields it trusts
+    c.Padding(1),
+    "hdr" / SetupHeader,  # 0x1f1 .. 0x26c
+    c.Padding(0x290 - 0x1F1 - SETUP_HEADER_SIZE),
+    "edd_mbr_sig_buffer" / c.Bytes(0x40),  # 0x290
+    "e820_table" / c.Array(E820_MAX_ENTRIES, E820EntryStruct),  # 0x2d0
+    c.Padding(0xD00 - 0xCD0),
+    "eddbuf" / c.Bytes(0x1EC),  # 0xd00
+    c.Padding(ZERO_PAGE_SIZE - 0xEEC),
+)
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    """One e820 range: ``[address, address + size)`` of ``type`` (E820_RAM, ...)."""
+
+    address: int
+    size: int
+    type: int
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+def build_e820(regions: Iterable[MemoryRegion]) -> tuple[E820Entry, ...]:
+    """The e820 map for guest RAM laid out as ``regions`` (``GuestMemory.regions``).
+
+    RAM below 1 MiB is reported only up to the EBDA (0x9fc00); the EBDA and the BIOS ROM
+    area (0xf0000..1 MiB) are reserved, so that the guest neither allocates them nor
+    misses tables placed there later; the VGA/option-ROM hole is left out. Every other
+    byte of every region is reported as RAM. Sorted by address.
+    """
+    entries: list[E820Entry] = []
+    for region in regions:
+        start, end = region.guest_address, region.end
+        if start < EBDA_START:
+            entries.append(E820Entry(start, min(end, EBDA_START) - start, E820_RAM))
+        if start < HIGH_MEMORY_START <= end:
+            # The region spans the legacy area: describe the firmware ranges in it.
+            entries.append(E820Entry(EBDA_START, LOW_MEMORY_END - EBDA_START, E820_RESERVED))
+            entries.append(
+                E820Entry(BIOS_ROM_START, HIGH_MEMORY_START - BIOS_ROM_START, E820_RESERVED)
+            )
+        ram_start = max(start, HIGH_MEMORY_START)
+        if ram_start < end:
+            entries.append(E820Entry(ram_start, end - ram_start, E820_RAM))
+    entries.sort(key=lambda entry: entry.address)
+    if len(entries) > E820_MAX_ENTRIES:
+        raise BootError(f"{len(entries)} e820 entries do not fit the zero page's 128 slots")
+    return tuple(entries)
+
+
+def minimal_setup_header() -> bytes:
+    """A setup header for kernels that bring none (ELF): magic, boot flag, version.
+
+    ``cmdline_size`` is avmm's own limit, so that a guest reading it learns the truth.
+    """
+    fields = dict.fromkeys(_header_field_names(), 0)
+    fields.update(
+        boot_flag=BOOT_FLAG,
+        header=SETUP_HEADER_MAGIC,
+        version=ELF_HEADER_VERSION,
+        cmdline_size=CMDLINE_MAX_SIZE - 1,
+    )
+    return SetupHeader.build(fields)
+
+
+def build_zero_page(
+    *,
+    setup_header: bytes,
+    e820: Sequence[E820Entry],
+    cmdline_address: int,
+    initrd_address: int = 0,
+    initrd_size: int = 0,
+) -> bytes:
+    """The 4096-byte zero page.
+
+    ``setup_header`` is the kernel's header bytes from 0x1f1 (``BzImage.header_bytes``)
+    or :func:`minimal_setup_header`. The loader-owned fields are overwritten:
+    ``type_of_loader`` (0xff), ``loadflags`` (CAN_USE_HEAP set, KEEP_SEGMENTS clear: the
+    kernel must reload its segments), ``heap_end_ptr``, ``vid_mode`` (0xffff), the
+    command line pointer and the ramdisk fields, each split into a low 32-bit half in the
+    header and a high half in the ``ext_`` field. The kernel's own fields
+    (``cmdline_size``, ``init_size``, ...) are kept as the kernel wrote them.
+
+    :raises BootError: the header is the wrong size or ``e820`` has over 128 entries.
+    """
+    if len(setup_header) != SETUP_HEADER_SIZE:
+        raise BootError(
+            f"setup header must be {SETUP_HEADER_SIZE} bytes (0x1f1..0x26c), "
+            f"got {len(setup_header)}"
+        )
+    if len(e820) > E820_MAX_ENTRIES:
+        raise BootError(f"{len(e820)} e820 entries do not fit the zero page's 128 slots")
+    header = SetupHeader.parse(setup_header)
+    header.type_of_loader = TYPE_OF_LOADER_UNDEFINED
+    header.loadflags = (header.loadflags | CAN_USE_HEAP) & ~KEEP_SEGMENTS
+    header.heap_end_ptr = HEAP_END_PTR
+    header.vid_mode = VID_MODE_NORMAL
+    header.cmd_line_ptr = cmdline_address & 0xFFFF_FFFF
+    header.ramdisk_image = initrd_address & 0xFFFF_FFFF
+    header.ramdisk_size = initrd_size & 0xFFFF_FFFF
+
+    table = [{"addr": e.address, "size": e.size, "type": e.type} for e in e820]
+    table += [{"addr": 0, "size": 0, "type": 0}] * (E820_MAX_ENTRIES - len(table))
+    page: dict[str, Any] = {
+        "screen_info": bytes(0x40),
+        "apm_bios_info": bytes(0x14),
+        "tboot_addr": 0,
+        "ist_info": bytes(0x10),
+        "acpi_rsdp_addr": 0,
+        "hd0_info": bytes(0x10),
+        "hd1_info": bytes(0x10),
+        "sys_desc_table": bytes(0x10),
+        "olpc_ofw_header": bytes(0x10),
+        "ext_ramdisk_image": initrd_address >> 32,
+        "ext_ramdisk_size": initrd_size >> 32,
+        "ext_cmd_line_ptr": cmdline_address >> 32,
+        "cc_blob_address": 0,
+        "edid_info": bytes(0x80),
+        "efi_info": bytes(0x20),
+        "alt_mem_k": 0,
+        "scratch": 0,
+        "e820_entries": len(e820),
+        "eddbuf_entries": 0,
+        "edd_mbr_sig_buf_entries": 0,
+        "kbd_status": 0,
+        "secure_boot": 0,
+        "sentinel": 0,
+        "hdr": header,
+        "edd_mbr_sig_buffer": bytes(0x40),
+        "e820_table": table,
+        "eddbuf": bytes(0x1EC),
+    }
+    return ZeroPage.build(page)
+
+
+def parse_zero_page(data: bytes) -> Any:
+    """The zero page as a construct Container (for tests and diagnostics)."""
+    return ZeroPage.parse(data)
+
+
+def _header_field_names() -> list[str]:
+    return [sub.name for sub in SetupHeader.subcons if sub.name]

@@ -1,0 +1,152 @@
+"""``avmm``: the command line.
+
+``avmm up vm.toml`` boots a VM with its serial port on the terminal and exits with the
+guest's status: 0 for a clean shutdown, ``(v << 1) | 1`` (mod 256) after a debug-exit
+write of ``v``, 4 when the guest crashed, 6 on a host-side failure, 2 for a bad
+command line or config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import termios
+from collections.abc import Iterator, Sequence
+
+import trio
+
+from .config import load_config
+from .errors import AvmmError, ConfigError
+from .lifecycle import HOST_FAILURE_STATUS, VmExit
+from .logs import configure_logging
+
+EXIT_USAGE = 2
+
+#: Ctrl-A, then x: leave the console and stop the VM (as in QEMU).
+ESCAPE = 0x01
+QUIT = ord("x")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    configure_logging(log_format=args.log_format, level=args.log_level)
+    try:
+        return int(args.handler(args))
+    except ConfigError as e:
+        print(f"avmm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except AvmmError as e:
+        print(f"avmm: {e}", file=sys.stderr)
+        return HOST_FAILURE_STATUS
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avmm", description="An async VMM for Linux KVM.")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console",
+                        help="log lines on stderr: human-readable or JSON (default: console)")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"],
+                        help="least severe log level shown (default: warning)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = commands.add_parser("up", help="boot a VM from a vm.toml, serial on this terminal")
+    up.add_argument("config", help="path to the VM's TOML file")
+    up.add_argument("--append", default="", metavar="WORDS",
+                    help="extra words for the kernel command line")
+    # Options shared by every subcommand, accepted after it as well.
+    up.add_argument("--log-format", choices=["console", "json"], default=argparse.SUPPRESS)
+    up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                    default=argparse.SUPPRESS)
+    up.set_defaults(handler=_cmd_up)
+    return parser
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.append:
+        config = config.with_cmdline_appended(args.append)
+    vm_exit = trio.run(_run_up, config)
+    if vm_exit.failed:
+        print(f"avmm: the VM stopped: {vm_exit}", file=sys.stderr)
+    return vm_exit.exit_status & 0xFF
+
+
+async def _run_up(config: object) -> VmExit:
+    from .vm import VirtualMachine
+
+    async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
+        if vm.config.serial.mode == "console":
+            with _terminal_input_mode():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_forward_stdin, vm)
+                    result = await vm.wait()
+                    nursery.cancel_scope.cancel()
+                return result
+        return await vm.wait()
+
+
+async def _forward_stdin(vm: object) -> None:
+    """Copy the terminal's keystrokes to the guest's serial port; Ctrl-A x stops the VM."""
+    from .vm import VirtualMachine
+
+    assert isinstance(vm, VirtualMachine)
+    escape_pending = False
+    while True:
+        try:
+            data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
+        except OSError:
+            return
+        if not data:
+            return  # stdin closed: the guest keeps running without input
+        out = bytearray()
+        for byte in data:
+            if escape_pending:
+                escape_pending = False
+                if byte == QUIT:
+                    vm.stop()
+                    return
+                if byte != ESCAPE:
+                    out.append(ESCAPE)
+                out.append(byte)
+            elif byte == ESCAPE:
+                escape_pending = True
+            else:
+                out.append(byte)
+        if out:
+            try:
+                await vm.serial.send_all(bytes(out))
+            except trio.ClosedResourceError:
+                return
+
+
+@contextlib.contextmanager
+def _terminal_input_mode() -> Iterator[None]:
+    """Raw-ish input while the console is attached: keystrokes go to the guest as typed
+    (no line editing, no echo, Ctrl-C is a byte for the guest). Output processing stays
+    on so that the guest's bare "\\n" still starts a new line."""
+    if not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    mode = termios.tcgetattr(0)
+    mode[0] &= ~(termios.ICRNL | termios.IXON | termios.INLCR | termios.IGNCR)
+    mode[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
+    mode[6][termios.VMIN] = 1
+    mode[6][termios.VTIME] = 0
+    termios.tcsetattr(0, termios.TCSANOW, mode)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""The ``vm.toml`` schema: parse and validate a VM description into frozen config objects.
+
+A config file looks like this (everything but ``[boot]`` and its ``kernel`` is optional)::
+
+    name = "web-1"
+
+    [machine]
+    vcpus = 1
+    memory_mib = 128
+    cpu_profile = "host"      # "host" | "compat"
+
+    [boot]
+    kernel = "vmlinux"        # relative to the directory of vm.toml
+    initrd = "initrd.img"
+    cmdline = "console=ttyS0"
+
+    [serial]
+    mode = "console"          # "console" | "file" | "none"
+    path = "serial.log"       # only (and then required) with mode = "file"
+
+:func:`load_config` reads a TOML file; :func:`config_from_dict` validates the same schema
+from any mapping (the management API posts JSON), so the file loader is a thin wrapper.
+Every problem is a :class:`~avmm.errors.ConfigError` whose ``key`` is the dotted path of
+the offending key and whose message says what to write instead.
+
+The schema is declared once, as data: a :class:`_Table` lists its :class:`_Field` s, each
+with a parser and a default, and builds its dataclass from the parsed values. To add a
+section, write its dataclass, declare a ``_Table`` for it and add a ``_Field`` to
+``_ROOT`` (an array of tables such as ``[[disk]]`` needs one more small parser that runs a
+``_Table`` on each element with the key ``disk[i]``).
+
+Config objects describe a VM; they hold no fds and do no I/O beyond checking that the
+files they name are there. Building them by hand skips validation: go through
+:func:`config_from_dict` for anything a person typed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Generic, Literal, TypeVar
+
+from .errors import ConfigError
+
+__all__ = [
+    "CMDLINE_MAX_BYTES",
+    "CPU_PROFILES",
+    "MEMORY_MIB_MAX",
+    "MEMORY_MIB_MIN",
+    "SERIAL_MODES",
+    "VCPUS_MAX",
+    "BootConfig",
+    "CpuProfile",
+    "MachineConfig",
+    "SerialConfig",
+    "SerialMode",
+    "VmConfig",
+    "config_from_dict",
+    "load_config",
+]
+
+CpuProfile = Literal["host", "compat"]
+SerialMode = Literal["console", "file", "none"]
+
+CPU_PROFILES: Final[tuple[CpuProfile, ...]] = ("host", "compat")
+SERIAL_MODES: Final[tuple[SerialMode, ...]] = ("console", "file", "none")
+
+# KVM may allow fewer vCPUs than this; the VM checks KVM_CAP_MAX_VCPUS when it starts.
+VCPUS_MAX: Final = 255
+MEMORY_MIB_MIN: Final = 16
+MEMORY_MIB_MAX: Final = 1024 * 1024
+# The boot protocol's cmdline_size is usually smaller; the loader checks the real limit.
+CMDLINE_MAX_BYTES: Final = 65535
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+# --------------------------------------------------------------------------- config objects
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    """The virtual hardware: how many vCPUs, how much RAM, which CPUID profile."""
+
+    vcpus: int = 1
+    memory_mib: int = 128
+    cpu_profile: CpuProfile = "host"
+
+
+@dataclass(frozen=True, slots=True)
+class BootConfig:
+    """What to boot. Paths are absolute (resolved against the config file's directory)
+    and named existing regular files when the config was validated."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SerialConfig:
+    """Where the guest's serial port goes. ``path`` is set exactly when ``mode`` is
+    ``"file"``; it is absolute and its parent directory existed at validation."""
+
+    mode: SerialMode = "console"
+    path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    """A whole VM description. ``source`` names where it came from (the file name as the
+    user gave it), for error messages; ``name`` is an optional label for logs."""
+
+    machine: MachineConfig
+    boot: BootConfig
+    serial: SerialConfig
+    source: str | None = None
+    name: str | None = None
+
+    def with_cmdline_appended(self, extra: str) -> VmConfig:
+        """Return a copy whose kernel command line has ``extra`` appended, separated by a
+        space. The result is validated like ``boot.cmdline`` in a file."""
+        cmdline = " ".join(part for part in (self.boot.cmdline, extra) if part)
+        context = _Context(base_dir=self.boot.kernel.parent, source=self.source)
+        cmdline = _CMDLINE(cmdline, "boot.cmdline", context)
+        return dataclasses.replace(self, boot=dataclasses.replace(self.boot, cmdline=cmdline))
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_config(path: str | os.PathLike[str]) -> VmConfig:
+    """Read and validate a ``vm.toml``. Relative paths inside it are relative to the
+    file's directory, not to the current directory."""
+    source = os.fsdecode(path)
+    file = Path(os.path.abspath(source))
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}", path=source) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{file} is a directory, not a config file", path=source) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {file}: {e.strerror}", path=source) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"not valid UTF-8 at byte {e.start}; TOML files must be UTF-8", path=source
+        ) from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise ConfigError(f"not valid TOML: {_one_line(str(e))}", path=source) from e
+    return config_from_dict(data, base_dir=file.parent, source=source)
+
+
+def config_from_dict(
+    data: Mapping[str, Any], *, base_dir: Path, source: str | None = None
+) -> VmConfig:
+    """Validate ``data`` (parsed TOML or JSON with the ``vm.toml`` schema).
+
+    Relative paths in ``data`` are resolved against ``base_dir``; ``source`` names the
+    origin in error messages.
+    """
+    context = _Context(base_dir=Path(os.path.abspath(base_dir)), source=source)
+    return _ROOT(data, "", context)
+
+
+# --------------------------------------------------------------------------- schema machinery
+
+_T = TypeVar("_T")
+_Parser = Callable[[Any, str, "_Context"], Any]
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+_REQUIRED: Final = _Sentinel("_REQUIRED")
+# For an optional table: parse an empty table, so its own field defaults apply.
+_EMPTY_TABLE: Final = _Sentinel("_EMPTY_TABLE")
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    base_dir: Path
+    source: str | None
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, path=self.source, key=key or None)
+
+    def resolve(self, value: str) -> Path:
+        return self.base_dir / value
+
+    def relative_note(self, value: str) -> str:
+        if Path(value).is_absolute():
+            return ""
+        if self.source is None:
+            return f" (relative paths are relative to {self.base_dir})"
+        return f" (relative paths are relative to {self.base_dir}, the directory of {self.source})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One key of a table: its parser, and its default (``_REQUIRED``, ``_EMPTY_TABLE``
+    or a value). ``hint`` tells the user what to write when a required key is missing."""
+
+    name: str
+    parse: _Parser
+    default: Any = _REQUIRED
+    hint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Table(Generic[_T]):
+    """A table's schema; calling it parses one table. Unknown keys are rejected, every
+    field is parsed in order, then ``build`` makes the config object (and does checks
+    that involve several fields)."""
+
+    fields: tuple[_Field, ...]
+    # (parsed values with defaults, the table as given, its key, context) -> config object
+    build: Callable[[dict[str, Any], Mapping[str, Any], str, _Context], _T]
+
+    def __call__(self, value: Any, key: str, context: _Context) -> _T:
+        if not isinstance(value, Mapping):
+            where = f" [{key}]" if key else " at the top level"
+            raise context.error(key, f"expected a table{where}, got {_describe(value)}")
+        known = {field.name: field for field in self.fields}
+        for name, item in value.items():
+            if name not in known:
+                raise self._unknown(name, item, key, context)
+        values: dict[str, Any] = {}
+        for field in self.fields:
+            field_key = _join(key, field.name)
+            if field.name in value:
+                values[field.name] = field.parse(value[field.name], field_key, context)
+            elif field.default is _REQUIRED:
+                raise context.error(field_key, self._missing(field, key))
+            elif field.default is _EMPTY_TABLE:
+                values[field.name] = field.parse({}, field_key, context)
+            else:
+                values[field.name] = field.default
+        return self.build(values, value, key, context)
+
+    def _missing(self, field: _Field, key: str) -> str:
+        if isinstance(field.parse, _Table):
+            message = f"missing required table [{_join(key, field.name)}]"
+        elif key:
+            message = f"missing required key {_quote(field.name)} in [{key}]"
+        else:
+            message = f"missing required key {_quote(field.name)}"
+        return f"{message}; {field.hint}" if field.hint else message
+
+    def _unknown(self, name: object, item: Any, key: str, context: _Context) -> ConfigError:
+        if not isinstance(name, str):
+            return context.error(key, f"keys must be strings, got {name!r}")
+        full_key = _join(key, name)
+        tables = [field.name for field in self.fields if isinstance(field.parse, _Table)]
+        if not key and isinstance(item, Mapping):
+            message = f"unknown table [{full_key}]"
+            match = difflib.get_close_matches(name, tables, n=1)
+            if match:
+                return context.error(full_key, f"{message}; did you mean [{match[0]}]?")
+            listed = ", ".join(f"[{table}]" for table in sorted(tables))
+            return context.error(full_key, f"{message}; known tables are {listed}")
+        message = f"unknown key {_quote(name)}" + (f" in [{key}]" if key else "")
+        match = difflib.get_close_matches(name, [field.name for field in self.fields], n=1)
+        if match:
+            return context.error(full_key, f"{message}; did you mean {_quote(match[0])}?")
+        home = _HOMES.get(name)
+        if home is not None:
+            # A key in the wrong table is usually one written below the wrong [header].
+            return context.error(full_key, f"{message}; {_quote(name)} belongs {home}")
+        listed = ", ".join(sorted(field.name for field in self.fields))
+        return context.error(full_key, f"{message}; known keys are {listed}")
+
+
+def _join(prefix: str, name: str) -> str:
+    part = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _quote(name)
+    return f"{prefix}.{part}" if prefix else part
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _describe(value: Any) -> str:
+    """``"two" (a string)``: the value as the user wrote it, and its TOML type."""
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a boolean)"
+    if isinstance(value, int):
+        return f"{value} (an integer)"
+    if isinstance(value, float):
+        return f"{value!r} (a float)"
+    if isinstance(value, str):
+        shown = _quote(value[:40]) + ("..." if len(value) > 40 else "")
+        return f"{shown} (a string)"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__}"
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def _integer(low: int, high: int, unit: str = "") -> _Parser:
+    def parse(value: Any, key: str, context: _Context) -> int:
+        # bool is an int subclass; `vcpus = true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise context.error(
+                key, f"expected an integer from {low} to {high}{unit}, got {_describe(value)}"
+            )
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> _Parser:
+    def parse(value: Any, key: str, context: _Context) -> str:
+        if isinstance(value, str) and value in options:
+            return value
+        listed = ", ".join(_quote(option) for option in options)
+        message = f"expected one of {listed}, got {_describe(value)}"
+        if isinstance(value, str):
+            match = difflib.get_close_matches(value, options, n=1)
+            if match:
+                message += f"; did you mean {_quote(match[0])}?"
+        raise context.error(key, message)
+
+    return parse
+
+
+def _string(*, max_bytes: int) -> _Parser:
+    def parse(value: Any, key: str, context: _Context) -> str:
+        if not isinstance(value, str):
+            raise context.error(key, f"expected a string, got {_describe(value)}")
+        nul = value.find("\0")
+        if nul >= 0:
+            raise context.error(
+                key, f"contains a NUL character at position {nul}; remove it (it ends a C string)"
+            )
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise context.error(key, f"is not valid Unicode text at position {e.start}") from e
+        if size > max_bytes:
+            raise context.error(key, f"too long: {size} bytes, the limit is {max_bytes} bytes")
+        return value
+
+    return parse
+
+
+def _name(value: Any, key: str, context: _Context) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or value in {".", ".."}:
+        raise context.error(
+            key,
+            "expected 1 to 64 characters from A-Z a-z 0-9 . _ - (and not . or ..), "
+            f"got {_describe(value)}",
+        )
+    return value
+
+
+def _path(value: Any, key: str, context: _Context) -> Path:
+    """A path string, resolved against the base directory; nothing checked on disk."""
+    if not isinstance(value, str):
+        raise context.error(key, f"expected a path (a string), got {_describe(value)}")
+    if not value:
+        raise context.error(key, "expected a path, got an empty string")
+    if "\0" in value:
+        raise context.error(key, "the path contains a NUL character")
+    return context.resolve(value)
+
+
+def _existing_file(value: Any, key: str, context: _Context) -> Path:
+    path = _path(value, key, context)
+    note = context.relative_note(value)
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise context.error(key, f"file not found: {path}{note}") from None
+    except OSError as e:
+        raise context.error(key, f"cannot access {path}: {e.strerror}{note}") from e
+    if stat.S_ISDIR(info.st_mode):
+        raise context.error(key, f"{path} is a directory; name a file{note}")
+    if not stat.S_ISREG(info.st_mode):
+        raise context.error(key, f"{path} is not a regular file{note}")
+    if not os.access(path, os.R_OK):
+        raise context.error(key, f"{path} is not readable by this user")
+    return path
+
+
+def _check_output_file(path: Path, value: str, key: str, context: _Context) -> None:
+    """The file may not exist yet, but the directory it goes in must."""
+    note = context.relative_note(value)
+    if not path.parent.is_dir():
+        raise context.error(
+            key, f"directory not found: {path.parent} (for {path}); create it first{note}"
+        )
+    if path.is_dir():
+        raise context.error(key, f"{path} is a directory; name a file{note}")
+
+
+_CMDLINE: Final = _string(max_bytes=CMDLINE_MAX_BYTES)
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def _build_serial(
+    values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
+) -> SerialConfig:
+    # The path is checked on disk only here, once the mode is known, so that a path given
+    # with the wrong mode is reported as that rather than as a missing directory.
+    mode: SerialMode = values["mode"]
+    path: Path | None = values["path"]
+    path_key = _join(key, "path")
+    if mode == "file":
+        if path is None:
+            raise context.error(path_key, 'mode = "file" needs a path, e.g. path = "serial.log"')
+        _check_output_file(path, raw["path"], path_key, context)
+    elif path is not None:
+        raise context.error(
+            path_key,
+            f'path is only used with mode = "file" (mode is {_quote(mode)}); '
+            'remove it or set mode = "file"',
+        )
+    return SerialConfig(mode=mode, path=path)
+
+
+def _build_vm(
+    values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
+) -> VmConfig:
+    return VmConfig(
+        machine=values["machine"],
+        boot=values["boot"],
+        serial=values["serial"],
+        source=context.source,
+        name=values["name"],
+    )
+
+
+_MACHINE_DEFAULTS: Final = MachineConfig()
+_SERIAL_DEFAULTS: Final = SerialConfig()
+
+_MACHINE: Final = _Table(
+    fields=(
+        _Field("vcpus", _integer(1, VCPUS_MAX), default=_MACHINE_DEFAULTS.vcpus),
+        _Field(
+            "memory_mib",
+            _integer(MEMORY_MIB_MIN, MEMORY_MIB_MAX, " (MiB)"),
+            default=_MACHINE_DEFAULTS.memory_mib,
+        ),
+        _Field("cpu_profile", _choice(CPU_PROFILES), default=_MACHINE_DEFAULTS.cpu_profile),
+    ),
+    build=lambda values, raw, key, context: MachineConfig(**values),
+)
+
+_BOOT: Final = _Table(
+    fields=(
+        _Field("kernel", _existing_file, hint='set kernel = "path/to/vmlinux"'),
+        _Field("initrd", _existing_file, default=None),
+        _Field("cmdline", _CMDLINE, default=""),
+    ),
+    build=lambda values, raw, key, context: BootConfig(**values),
+)
+
+_SERIAL: Final = _Table(
+    fields=(
+        _Field("mode", _choice(SERIAL_MODES), default=_SERIAL_DEFAULTS.mode),
+        _Field("path", _path, default=None),
+    ),
+    build=_build_serial,
+)
+
+_ROOT: Final = _Table(
+    fields=(
+        _Field("name", _name, default=None),
+        _Field("machine", _MACHINE, default=_EMPTY_TABLE),
+        _Field("boot", _BOOT, hint='add [boot] with kernel = "path/to/vmlinux"'),
+        _Field("serial", _SERIAL, default=_EMPTY_TABLE),
+    ),
+    build=_build_vm,
+)
+
+
+def _homes(root: _Table[Any]) -> dict[str, str]:
+    """Where each key name belongs, to redirect a key written under the wrong header."""
+    homes: dict[str, str] = {}
+    for field in root.fields:
+        if isinstance(field.parse, _Table):
+            for inner in field.parse.fields:
+                homes.setdefault(inner.name, f"in [{field.name}]")
+        else:
+            homes.setdefault(field.name, "at the top level, above the first [table] header")
+    return homes
+
+
+_HOMES: Final = _homes(_ROOT)

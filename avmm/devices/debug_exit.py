@@ -1,0 +1,65 @@
+"""QEMU's isa-debug-exit port: a guest ends the VM with a status of its choosing.
+
+A write of value ``v`` (1, 2 or 4 bytes, little-endian) anywhere in the device's range ends
+the VM with exit status ``(v << 1) | 1``, exactly what QEMU computes before calling
+``exit()``. The status is therefore always odd, and a guest cannot produce 0: test guests
+conventionally write 0 for success (status 1) and anything else for failure.
+
+Mapping: the VM maps it on the PIO bus at :data:`DEBUG_EXIT_DEFAULT_PORT` (0x501, QEMU's
+default ``iobase``) with length :data:`DEBUG_EXIT_PORT_COUNT` (4). QEMU's default
+``iosize`` is 2, but with only two ports a 4-byte ``outl`` to the base would run over the
+end of the range and the bus would drop it; four ports let ``outb``/``outw``/``outl`` all
+work. Like QEMU, the offset of the write inside the range is ignored.
+
+Reads return 0 bytes, as QEMU's device does.
+
+``on_exit(status)`` receives the full status, not reduced mod 256: for ``outl`` values the
+status can exceed 8 bits. A process exit status only keeps the low 8 bits, so the CLI, when
+it turns the VM's status into its own, takes it mod 256 (as a shell sees QEMU's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import final
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["DEBUG_EXIT_DEFAULT_PORT", "DEBUG_EXIT_PORT_COUNT", "DebugExit", "exit_status"]
+
+DEBUG_EXIT_DEFAULT_PORT = 0x501
+"""QEMU's default isa-debug-exit ``iobase``."""
+
+DEBUG_EXIT_PORT_COUNT = 4
+"""Bus length: wide enough for a 4-byte write at the base."""
+
+
+def exit_status(value: int) -> int:
+    """The VM exit status for a written value: ``(value << 1) | 1``."""
+    return (value << 1) | 1
+
+
+@final
+class DebugExit:
+    """The isa-debug-exit device; a :class:`~avmm.bus.BusDevice` of length 4.
+
+    ``on_exit(status)`` is called on the vCPU thread for every write, with the full
+    ``(value << 1) | 1``; the VM should stop with the first status it receives. It must not
+    block.
+    """
+
+    def __init__(self, *, on_exit: Callable[[int], None]) -> None:
+        self._on_exit = on_exit
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Reads return zeros (QEMU's behaviour)."""
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Any write ends the VM with ``(value << 1) | 1``."""
+        value = int.from_bytes(data, "little")
+        status = exit_status(value)
+        log.info("debug exit requested", value=hex(value), status=status, size=len(data))
+        self._on_exit(status)

@@ -1,0 +1,89 @@
+"""The exception hierarchy: one root, a narrow subclass per failure.
+
+Every error avmm raises on purpose is an :class:`AvmmError`. Messages are written for the
+person running the VM: they say what went wrong and, where possible, what to change.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import os
+
+
+class AvmmError(Exception):
+    """Root of every error avmm raises deliberately."""
+
+
+class KvmError(AvmmError):
+    """An ioctl on /dev/kvm, a VM fd or a vCPU fd failed.
+
+    Carries the ioctl's name and the errno so that callers can tell EINTR/EAGAIN from a
+    real failure without parsing the message.
+    """
+
+    def __init__(self, ioctl: str, errno: int, detail: str = "") -> None:
+        self.ioctl = ioctl
+        self.errno = errno
+        name = errno_module.errorcode.get(errno, str(errno))
+        message = f"{ioctl} failed: {name} ({os.strerror(errno)})"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+
+
+class KvmUnavailableError(AvmmError):
+    """/dev/kvm is missing, unreadable, or speaks an API version we do not know."""
+
+
+class GuestMemoryError(AvmmError):
+    """Guest memory could not be created or mapped."""
+
+
+class GuestAddressError(GuestMemoryError):
+    """A guest physical address range falls (partly) outside guest RAM."""
+
+    def __init__(self, address: int, length: int) -> None:
+        self.address = address
+        self.length = length
+        super().__init__(
+            f"guest address range 0x{address:x}..0x{address + length:x} "
+            f"({length} bytes) is not inside guest RAM"
+        )
+
+
+class BootError(AvmmError):
+    """The kernel image, initrd or command line cannot be loaded into the guest."""
+
+
+class ConfigError(AvmmError):
+    """A vm.toml (or an equivalent dict) is malformed.
+
+    ``str()`` is one line naming the file and the key, fit to print as is.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        self.path = path
+        self.key = key
+        self.reason = message
+        where = path or "<config>"
+        if key:
+            where += f": {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class VcpuError(AvmmError):
+    """A vCPU stopped in a way the VM cannot continue from (failed entry, emulation
+    failure, triple fault)."""
+
+
+class VmStateError(AvmmError):
+    """An operation was asked of a VM in a state that does not allow it."""
+
+
+class VmStartError(AvmmError):
+    """A VM could not be built; the message names the step that failed."""
+
+    def __init__(self, vm: str, step: str, cause: str) -> None:
+        self.vm = vm
+        self.step = step
+        super().__init__(f"cannot start VM {vm!r}: {step}: {cause}")

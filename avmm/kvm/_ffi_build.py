@@ -1,0 +1,207 @@
+"""cffi build script (API mode) for the KVM binding.
+
+Compiled at install time against the build machine's ``<linux/kvm.h>``: every struct
+layout and ioctl number below is checked or filled in by the C compiler. Structs are
+declared with ``...;`` so that only the fields we use are named and the compiler supplies
+the offsets; ``#define NAME ...`` makes cffi take the real value from the header.
+
+The anonymous structs inside ``struct kvm_run``'s exit union have no C name, so the
+source part gives them one with ``__typeof__`` and exposes small accessors.
+"""
+
+from cffi import FFI
+
+ffibuilder = FFI()
+
+IOCTLS = [
+    "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE",
+    "KVM_GET_SUPPORTED_CPUID", "KVM_GET_MSR_INDEX_LIST",
+    "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR",
+    "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2", "KVM_IRQ_LINE",
+    "KVM_IRQFD", "KVM_IOEVENTFD", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
+    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_GET_DIRTY_LOG",
+    "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
+    "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_SET_CPUID2",
+    "KVM_GET_CPUID2", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_GET_VCPU_EVENTS",
+    "KVM_SET_VCPU_EVENTS", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE",
+]
+
+CONSTANTS = [
+    # exit reasons
+    "KVM_EXIT_UNKNOWN", "KVM_EXIT_EXCEPTION", "KVM_EXIT_IO", "KVM_EXIT_HYPERCALL",
+    "KVM_EXIT_DEBUG", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_IRQ_WINDOW_OPEN",
+    "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY", "KVM_EXIT_INTR", "KVM_EXIT_SET_TPR",
+    "KVM_EXIT_TPR_ACCESS", "KVM_EXIT_NMI", "KVM_EXIT_INTERNAL_ERROR",
+    "KVM_EXIT_SYSTEM_EVENT", "KVM_EXIT_IOAPIC_EOI",
+    "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT",
+    "KVM_INTERNAL_ERROR_EMULATION", "KVM_INTERNAL_ERROR_SIMUL_EX",
+    "KVM_INTERNAL_ERROR_DELIVERY_EV",
+    "KVM_SYSTEM_EVENT_SHUTDOWN", "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_CRASH",
+    # capabilities
+    "KVM_CAP_IRQCHIP", "KVM_CAP_HLT", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR",
+    "KVM_CAP_EXT_CPUID", "KVM_CAP_NR_VCPUS", "KVM_CAP_MAX_VCPUS", "KVM_CAP_NR_MEMSLOTS",
+    "KVM_CAP_PIT2", "KVM_CAP_IRQFD", "KVM_CAP_IOEVENTFD", "KVM_CAP_SET_IDENTITY_MAP_ADDR",
+    "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_ADJUST_CLOCK",
+    # flags
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_PIT_SPEAKER_DUMMY",
+    "KVM_IRQFD_FLAG_DEASSIGN", "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO",
+    "KVM_IOEVENTFD_FLAG_DEASSIGN", "KVM_VCPUEVENT_VALID_NMI_PENDING",
+    "KVM_VCPUEVENT_VALID_SIPI_VECTOR", "KVM_VCPUEVENT_VALID_SHADOW",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
+    "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED",
+]
+
+CDEF = """
+int ioctl(int fd, unsigned long request, ...);
+
+struct kvm_userspace_memory_region {
+    uint32_t slot; uint32_t flags; uint64_t guest_phys_addr; uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_run {
+    uint8_t request_interrupt_window;
+    uint8_t immediate_exit;
+    uint32_t exit_reason;
+    uint8_t ready_for_interrupt_injection;
+    uint8_t if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    ...;
+};
+
+typedef struct { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
+                 uint64_t data_offset; } avmm_exit_io;
+typedef struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; }
+    avmm_exit_mmio;
+typedef struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; }
+    avmm_exit_fail_entry;
+typedef struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; }
+    avmm_exit_internal;
+typedef struct { uint32_t type; uint32_t ndata; ...; } avmm_exit_system_event;
+typedef struct { uint64_t hardware_exit_reason; } avmm_exit_hw;
+
+avmm_exit_io *avmm_run_io(struct kvm_run *run);
+avmm_exit_mmio *avmm_run_mmio(struct kvm_run *run);
+avmm_exit_fail_entry *avmm_run_fail_entry(struct kvm_run *run);
+avmm_exit_internal *avmm_run_internal(struct kvm_run *run);
+avmm_exit_system_event *avmm_run_system_event(struct kvm_run *run);
+uint64_t *avmm_run_system_event_data(struct kvm_run *run);
+avmm_exit_hw *avmm_run_hw(struct kvm_run *run);
+
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base; uint32_t limit; uint16_t selector;
+    uint8_t type; uint8_t present, dpl, db, s, l, g, avl; uint8_t unusable; ...;
+};
+struct kvm_dtable { uint64_t base; uint16_t limit; ...; };
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    uint64_t interrupt_bitmap[...];
+};
+
+struct kvm_fpu {
+    uint8_t fpr[8][16]; uint16_t fcw; uint16_t fsw; uint8_t ftwx; uint16_t last_opcode;
+    uint64_t last_ip; uint64_t last_dp; uint8_t xmm[16][16]; uint32_t mxcsr; ...;
+};
+
+struct kvm_msr_entry { uint32_t index; uint32_t reserved; uint64_t data; };
+struct kvm_msrs { uint32_t nmsrs; struct kvm_msr_entry entries[]; ...; };
+struct kvm_msr_list { uint32_t nmsrs; uint32_t indices[]; };
+
+struct kvm_cpuid_entry2 {
+    uint32_t function; uint32_t index; uint32_t flags;
+    uint32_t eax; uint32_t ebx; uint32_t ecx; uint32_t edx; ...;
+};
+struct kvm_cpuid2 { uint32_t nent; struct kvm_cpuid_entry2 entries[]; ...; };
+
+struct kvm_lapic_state { char regs[...]; };
+
+struct kvm_vcpu_events { uint32_t sipi_vector; uint32_t flags; ...; };
+typedef struct { uint8_t injected; uint8_t nr; uint8_t has_error_code; uint8_t pending;
+                 uint32_t error_code; } avmm_events_exception;
+avmm_events_exception *avmm_events_exception_of(struct kvm_vcpu_events *events);
+
+struct kvm_mp_state { uint32_t mp_state; };
+
+struct kvm_pit_config { uint32_t flags; ...; };
+struct kvm_irq_level { uint32_t irq; uint32_t level; };
+struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplefd; ...; };
+struct kvm_ioeventfd {
+    uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; ...;
+};
+struct kvm_translation {
+    uint64_t linear_address; uint64_t physical_address;
+    uint8_t valid; uint8_t writeable; uint8_t usermode; ...;
+};
+
+int avmm_install_kick_handler(void);
+int avmm_kick_signal(void);
+"""
+
+for name in IOCTLS + CONSTANTS:
+    CDEF += f"#define {name} ...\n"
+
+SOURCE = r"""
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/kvm.h>
+
+typedef __typeof__(((struct kvm_run *)0)->io) avmm_exit_io;
+typedef __typeof__(((struct kvm_run *)0)->mmio) avmm_exit_mmio;
+typedef __typeof__(((struct kvm_run *)0)->fail_entry) avmm_exit_fail_entry;
+typedef __typeof__(((struct kvm_run *)0)->internal) avmm_exit_internal;
+typedef __typeof__(((struct kvm_run *)0)->system_event) avmm_exit_system_event;
+typedef __typeof__(((struct kvm_run *)0)->hw) avmm_exit_hw;
+typedef __typeof__(((struct kvm_vcpu_events *)0)->exception) avmm_events_exception;
+
+static avmm_exit_io *avmm_run_io(struct kvm_run *run) { return &run->io; }
+static avmm_exit_mmio *avmm_run_mmio(struct kvm_run *run) { return &run->mmio; }
+static avmm_exit_fail_entry *avmm_run_fail_entry(struct kvm_run *run) { return &run->fail_entry; }
+static avmm_exit_internal *avmm_run_internal(struct kvm_run *run) { return &run->internal; }
+static avmm_exit_system_event *avmm_run_system_event(struct kvm_run *run) {
+    return &run->system_event;
+}
+static uint64_t *avmm_run_system_event_data(struct kvm_run *run) {
+    return run->system_event.data;
+}
+static avmm_exit_hw *avmm_run_hw(struct kvm_run *run) { return &run->hw; }
+static avmm_events_exception *avmm_events_exception_of(struct kvm_vcpu_events *events) {
+    return &events->exception;
+}
+
+/* The signal that kicks a vCPU thread out of KVM_RUN. A real-time signal, as other
+   VMMs use, so that it does not collide with SIGUSR1/2 of an embedding program. */
+static int avmm_kick_signal(void) { return SIGRTMIN + 1; }
+
+static void avmm_kick_noop(int signo) { (void)signo; }
+
+/* Installed at C level, not through Python's signal module: Python would run a handler
+   on the main thread and poke trio's wakeup fd for every kick. Without SA_RESTART the
+   interrupted KVM_RUN returns EINTR, which is all a kick needs. */
+static int avmm_install_kick_handler(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = avmm_kick_noop;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(avmm_kick_signal(), &sa, NULL);
+}
+"""
+
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("avmm.kvm._kvm_ffi", SOURCE)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=False)

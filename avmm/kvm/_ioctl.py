@@ -1,0 +1,25 @@
+"""The one place where ioctls are issued: every return value is checked here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import KvmError
+from ._kvm_ffi import ffi, lib
+
+NO_ARGUMENT = ffi.cast("unsigned long", 0)
+
+
+def ioctl(fd: int, name: str, argument: Any = NO_ARGUMENT) -> int:
+    """Issue ioctl ``name`` (a ``KVM_*`` macro name) on ``fd``; raise KvmError on failure.
+
+    ``argument`` is a cffi pointer, or an int passed as ``unsigned long``. The ioctl
+    number comes from ``<linux/kvm.h>`` via cffi. cffi releases the GIL for the call, so
+    a blocking KVM_RUN does not stall other threads.
+    """
+    if isinstance(argument, int):
+        argument = ffi.cast("unsigned long", argument)
+    result = lib.ioctl(fd, getattr(lib, name), argument)
+    if result < 0:
+        raise KvmError(name, ffi.errno)
+    return int(result)

@@ -1,0 +1,110 @@
+"""A KVM VM fd: memory slots, the in-kernel irqchip and PIT, irqfd, ioeventfd."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from ._ioctl import ioctl
+from ._kvm_ffi import ffi, lib
+
+if TYPE_CHECKING:
+    from .system import Kvm
+    from .vcpu import Vcpu
+
+
+class Vm:
+    """One KVM virtual machine. Made by :meth:`Kvm.create_vm`."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.vcpu_mmap_size = kvm.vcpu_mmap_size()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- memory --------------------------------------------------------------------------
+
+    def set_user_memory_region(
+        self, slot: int, guest_address: int, size: int, host_address: int, *,
+        log_dirty_pages: bool = False, read_only: bool = False,
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION. A size of 0 deletes the slot."""
+        region = ffi.new("struct kvm_userspace_memory_region *")
+        region.slot = slot
+        region.flags = (lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty_pages else 0) | (
+            lib.KVM_MEM_READONLY if read_only else 0
+        )
+        region.guest_phys_addr = guest_address
+        region.memory_size = size
+        region.userspace_addr = host_address
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+
+    def set_tss_address(self, address: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages of guest-physical space Intel VMX needs for
+        real-mode emulation; must not overlap RAM or MMIO devices."""
+        ioctl(self.fd, "KVM_SET_TSS_ADDR", address)
+
+    def set_identity_map_address(self, address: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page, below the TSS pages by convention."""
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", address))
+
+    # -- interrupts ----------------------------------------------------------------------
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and per-vCPU LAPICs."""
+        ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, *, speaker_dummy: bool = True) -> None:
+        """KVM_CREATE_PIT2: the in-kernel i8254 timer (and a dummy PC speaker port)."""
+        config = ffi.new("struct kvm_pit_config *")
+        config.flags = lib.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0
+        ioctl(self.fd, "KVM_CREATE_PIT2", config)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: set GSI ``irq`` to ``level`` (0 or 1)."""
+        line = ffi.new("struct kvm_irq_level *")
+        line.irq = irq
+        line.level = level
+        ioctl(self.fd, "KVM_IRQ_LINE", line)
+
+    def irqfd(self, eventfd: int, gsi: int, *, deassign: bool = False) -> None:
+        """KVM_IRQFD: a write to ``eventfd`` raises GSI ``gsi`` (edge) in the kernel."""
+        request = ffi.new("struct kvm_irqfd *")
+        request.fd = eventfd
+        request.gsi = gsi
+        request.flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        ioctl(self.fd, "KVM_IRQFD", request)
+
+    def ioeventfd(
+        self, eventfd: int, address: int, length: int, *, pio: bool = False,
+        datamatch: int | None = None, deassign: bool = False,
+    ) -> None:
+        """KVM_IOEVENTFD: a guest write of ``length`` bytes at ``address`` (MMIO, or an I/O
+        port with ``pio``), optionally only of value ``datamatch``, signals ``eventfd``
+        without an exit to userspace."""
+        request = ffi.new("struct kvm_ioeventfd *")
+        request.addr = address
+        request.len = length
+        request.fd = eventfd
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+            request.datamatch = datamatch
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        request.flags = flags
+        ioctl(self.fd, "KVM_IOEVENTFD", request)
+
+    # -- vCPUs ---------------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU, and map its ``kvm_run`` page."""
+        from .vcpu import Vcpu
+
+        return Vcpu(self, vcpu_id, ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id))

@@ -1,0 +1,1 @@
+"""x86-specific helpers of the KVM binding."""

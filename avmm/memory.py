@@ -1,0 +1,179 @@
+"""Guest physical memory: memfd-backed, shared mappings, bounds-checked access.
+
+RAM is one ``memfd`` mapped ``MAP_SHARED`` once into this process. It is split into guest
+regions around the 32-bit MMIO hole (x86 puts the IOAPIC, LAPIC and device windows below
+4 GiB). Because the backing is a memfd, a vhost-user backend can later map the very same
+pages from the fd and an offset.
+
+Every access is by guest physical address and is checked against the region map: an
+address outside RAM raises :class:`GuestAddressError`, never an ``IndexError`` deep inside
+a device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+from typing import NewType
+
+from .errors import GuestAddressError, GuestMemoryError
+
+GuestAddress = NewType("GuestAddress", int)
+"""A guest physical address. Kept distinct from host offsets in type hints."""
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+#: The 32-bit MMIO hole: guest RAM never occupies [MMIO_HOLE_START, 4 GiB).
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A contiguous range of guest RAM and where it lives in the backing memfd."""
+
+    guest_address: int
+    size: int
+    #: Offset of the region's first byte in the memfd (and in this process's mapping).
+    file_offset: int
+
+    @property
+    def end(self) -> int:
+        """First guest address past the region."""
+        return self.guest_address + self.size
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        return self.guest_address <= address and address + length <= self.end
+
+
+def plan_regions(size: int) -> tuple[MemoryRegion, ...]:
+    """Split ``size`` bytes of RAM into regions that avoid the 32-bit MMIO hole."""
+    if size <= 0 or size % PAGE_SIZE:
+        raise GuestMemoryError(
+            f"guest memory size must be a positive multiple of 4 KiB, got {size}"
+        )
+    low = min(size, MMIO_HOLE_START)
+    regions = [MemoryRegion(0, low, 0)]
+    if size > low:
+        regions.append(MemoryRegion(MMIO_HOLE_END, size - low, low))
+    return tuple(regions)
+
+
+class GuestMemory:
+    """Guest RAM backed by one shared memfd.
+
+    The region map is immutable for the life of the object. Reads and writes may span
+    adjacent regions only if they are contiguous in guest address space (they never are
+    across the MMIO hole, so such an access is an error).
+    """
+
+    def __init__(self, size: int, *, name: str = "avmm-guest-ram") -> None:
+        self.regions = plan_regions(size)
+        self.size = size
+        try:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        except OSError as e:
+            raise GuestMemoryError(f"memfd_create failed: {e}") from e
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(self.fd)
+            raise GuestMemoryError(
+                f"cannot allocate {size // MIB} MiB of guest memory: {e}"
+            ) from e
+        self._view = memoryview(self._map)
+        # The C address of our mapping, for KVM_SET_USER_MEMORY_REGION and vhost-user.
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_base = ctypes.addressof(anchor)
+        del anchor
+        self._closed = False
+
+    # -- lookup -------------------------------------------------------------------------
+
+    def region_for(self, address: int, length: int = 1) -> MemoryRegion:
+        """The region holding ``[address, address+length)``, or GuestAddressError."""
+        if length < 0 or address < 0:
+            raise GuestAddressError(address, length)
+        for region in self.regions:
+            if region.contains(address, max(length, 1)):
+                return region
+        raise GuestAddressError(address, length)
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        try:
+            self.region_for(address, length)
+        except GuestAddressError:
+            return False
+        return True
+
+    def host_address(self, region: MemoryRegion) -> int:
+        """Userspace address of ``region`` in this process."""
+        return self.host_base + region.file_offset
+
+    def _offset(self, address: int, length: int) -> int:
+        region = self.region_for(address, length)
+        return region.file_offset + (address - region.guest_address)
+
+    # -- access -------------------------------------------------------------------------
+
+    def view(self, address: int, length: int) -> memoryview:
+        """A writable memoryview of guest RAM; no copy. Must not outlive ``close()``."""
+        start = self._offset(address, length)
+        return self._view[start:start + length]
+
+    def read(self, address: int, length: int) -> bytes:
+        return bytes(self.view(address, length))
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(address, len(data))[:] = data
+
+    def read_u8(self, address: int) -> int:
+        return self.view(address, 1)[0]
+
+    def read_u16(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 2), "little")
+
+    def read_u32(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 4), "little")
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 8), "little")
+
+    def write_u8(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(1, "little"))
+
+    def write_u16(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(2, "little"))
+
+    def write_u32(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(4, "little"))
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(8, "little"))
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            # A device still holds a view; the mapping goes away with the last view.
+            pass
+        os.close(self.fd)
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

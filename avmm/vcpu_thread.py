@@ -1,0 +1,56 @@
+"""Running a blocking vCPU loop in a thread that belongs to a trio task.
+
+``trio.to_thread.run_sync`` cannot interrupt its thread and counts against trio's default
+thread limiter (40), which would cap how many VMs a process can hold. Instead each vCPU
+gets its own thread from :func:`trio.lowlevel.start_thread_soon`, and the task that owns
+it waits for the thread with an abort function that *kicks* the vCPU: when the task is
+cancelled the vCPU leaves KVM_RUN, the loop returns, and only then does the task finish.
+So cancelling the VM's nursery always joins every vCPU thread; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import TypeVar
+
+import outcome
+import trio
+
+T = TypeVar("T")
+
+
+async def run_in_vcpu_thread(
+    function: Callable[[], T], *, kick: Callable[[], None], name: str
+) -> T:
+    """Run ``function`` in a new thread and return its result (or raise its exception).
+
+    If the calling task is cancelled, ``kick`` is called (from the event-loop thread) and
+    the task keeps waiting until ``function`` returns; then Cancelled is raised.
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+    context = contextvars.copy_context()  # keep structlog's bound vm/vcpu in the thread
+
+    def deliver(result: outcome.Outcome[T]) -> None:
+        def wake() -> None:
+            trio.lowlevel.reschedule(task, result)
+
+        try:
+            token.run_sync_soon(wake)
+        except trio.RunFinishedError:  # pragma: no cover - the loop is gone already
+            pass
+
+    def body() -> T:
+        return context.run(function)
+
+    trio.lowlevel.start_thread_soon(body, deliver, name=name)
+
+    def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+        kick()
+        return trio.lowlevel.Abort.FAILED
+
+    result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+    # If we were cancelled while waiting, surface it now that the thread has finished.
+    await trio.lowlevel.checkpoint_if_cancelled()
+    return result

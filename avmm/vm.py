@@ -1,0 +1,291 @@
+"""``VirtualMachine``: one VM, built by a straight-line recipe and run in a trio nursery.
+
+The recipe (``_build``) goes kvm → vm → memory → kernel → devices → vCPUs, and a failure
+at any step becomes one :class:`VmStartError` naming the step, with everything built so
+far released. Running a VM means one nursery: a task per vCPU, each owning the thread that
+runs KVM_RUN. The VM ends when anything requests a stop (the guest through a device or
+a vCPU exit, the host through :meth:`VirtualMachine.stop`, or cancellation); then every
+vCPU is kicked out of KVM_RUN and joined before ``async with`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+import trio
+
+from .arch.x86 import layout
+from .arch.x86.cpuid import filter_cpuid
+from .arch.x86.loader import load_kernel
+from .bus import Bus
+from .config import VmConfig
+from .devices.debug_exit import DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT, DebugExit
+from .devices.i8042 import I8042, I8042_BASE_PORT, I8042_PORT_COUNT
+from .devices.serial import SERIAL_PORT_COUNT, Serial8250
+from .errors import AvmmError, GuestAddressError, VmStartError, VmStateError
+from .kvm import Kvm, Vcpu, install_kick_handler
+from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit
+from .memory import MIB, GuestMemory
+from .serial_port import SerialPort
+from .vcpu_loop import VcpuLoop
+from .vcpu_thread import run_in_vcpu_thread
+from .x86_vcpu import apply_boot_state, configure_platform_state
+
+log = structlog.get_logger(__name__)
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+
+_vm_numbers = itertools.count(1)
+
+
+class VirtualMachine:
+    """A VM inside the caller's trio program.
+
+    ::
+
+        async with VirtualMachine(config) as vm:
+            output = await vm.serial.receive_some()
+            result = await vm.wait()
+
+    Entering builds and starts the VM (raising :class:`VmStartError` if it cannot);
+    leaving stops it if it is still running and releases everything. Several VMs may run
+    concurrently in one program; a failure inside one never touches another.
+    """
+
+    def __init__(self, config: VmConfig, *, name: str | None = None) -> None:
+        self.config = config
+        self.name = name or config.name or f"vm{next(_vm_numbers)}"
+        self._serial_port = SerialPort(sink_fds=())
+        self._latch = StopLatch(self._on_stop_requested)
+        self._resources = contextlib.ExitStack()
+        self._nursery_manager: Any = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._finished = trio.Event()
+        self._vcpus: list[Vcpu] = []
+        self._loops: list[VcpuLoop] = []
+        self.memory: GuestMemory | None = None
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self.uart: Serial8250 | None = None
+        self._log = log.bind(vm=self.name)
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def serial(self) -> Any:
+        """The guest's serial port as a trio byte stream (read output, send input)."""
+        return self._serial_port.stream
+
+    @property
+    def exit(self) -> VmExit | None:
+        """How the VM ended, or None while it runs."""
+        return self._latch.exit if self._finished.is_set() else None
+
+    def stop(self, detail: str = "stopped by the host") -> None:
+        """Ask the VM to stop (idempotent; returns at once). ``wait()`` tells when it has."""
+        self._latch.request(VmExit(StopReason.STOPPED, 0, detail))
+
+    async def wait(self) -> VmExit:
+        """Wait until the VM has stopped and every vCPU thread has finished."""
+        await self._finished.wait()
+        result = self._latch.exit
+        assert result is not None
+        return result
+
+    def vcpu_exit_counts(self) -> dict[str, int]:
+        """KVM exits seen so far, by kind, summed over vCPUs."""
+        total: dict[str, int] = {}
+        for loop in self._loops:
+            for kind, count in loop.exit_counts.items():
+                total[kind] = total.get(kind, 0) + count
+        return total
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> VirtualMachine:
+        if self._nursery_manager is not None:
+            raise VmStateError(f"VM {self.name!r} was already started; make a new one")
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            self._build()
+        except BaseException:
+            self._resources.close()
+            raise
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        nursery.start_soon(self._supervise)
+        self._log.info("vm started", vcpus=len(self._vcpus),
+                       memory_mib=self.config.machine.memory_mib)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> bool:
+        self._latch.request(VmExit(StopReason.STOPPED, 0, "the VM's context was left"))
+        try:
+            return bool(await self._nursery_manager.__aexit__(exc_type, exc, traceback))
+        finally:
+            self._resources.close()
+
+    # -- the recipe ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, step: str) -> Iterator[None]:
+        try:
+            yield
+        except VmStartError:
+            raise
+        except (AvmmError, OSError) as e:
+            raise VmStartError(self.name, step, str(e)) from e
+
+    def _build(self) -> None:
+        config = self.config
+        resources = self._resources
+        with self._step("opening /dev/kvm"):
+            kvm = Kvm()
+            resources.callback(kvm.close)
+            missing = kvm.missing_capabilities()
+            if missing:
+                raise VmStartError(self.name, "checking KVM capabilities",
+                                   "this host's KVM lacks " + ", ".join(missing))
+            if config.machine.vcpus > kvm.max_vcpus():
+                raise VmStartError(self.name, "checking machine.vcpus",
+                                   f"{config.machine.vcpus} vCPUs asked, this host's KVM "
+                                   f"allows at most {kvm.max_vcpus()}")
+            install_kick_handler()
+        with self._step("creating the KVM VM"):
+            vm = kvm.create_vm()
+            resources.callback(vm.close)
+            vm.set_tss_address(layout.KVM_TSS_ADDRESS)
+            vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
+            vm.create_irqchip()
+            vm.create_pit2()
+        with self._step(f"allocating {config.machine.memory_mib} MiB of guest memory"):
+            memory = GuestMemory(config.machine.memory_mib * MIB, name=f"avmm-{self.name}")
+            resources.callback(memory.close)
+            self.memory = memory
+            for slot, region in enumerate(memory.regions):
+                vm.set_user_memory_region(slot, region.guest_address, region.size,
+                                          memory.host_address(region))
+        with self._step(f"loading the kernel {config.boot.kernel}"):
+            kernel_load = load_kernel(memory, config.boot.kernel, cmdline=config.boot.cmdline,
+                                      initrd=config.boot.initrd)
+            self._log.info("kernel loaded", kernel=str(config.boot.kernel))
+        with self._step("setting up the serial port"):
+            self._serial_port = SerialPort(sink_fds=self._serial_sinks())
+            irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            resources.callback(os.close, irq_fd)
+            vm.irqfd(irq_fd, COM1_IRQ)
+            self.uart = Serial8250(raise_irq=_eventfd_trigger(irq_fd),
+                                   output=self._serial_port.output)
+            self._serial_port.attach(self._token_or_fail(), self.uart.push_input)
+            resources.callback(self._serial_port.close)
+            self.pio_bus.insert(self.uart, COM1_PORT, SERIAL_PORT_COUNT, name="serial0")
+        with self._step("setting up the legacy devices"):
+            self.pio_bus.insert(I8042(on_reset=self._on_guest_reset), I8042_BASE_PORT,
+                                I8042_PORT_COUNT, name="i8042")
+            self.pio_bus.insert(DebugExit(on_exit=self._on_debug_exit),
+                                DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT,
+                                name="debug-exit")
+        supported = None
+        for vcpu_id in range(config.machine.vcpus):
+            with self._step(f"creating vCPU {vcpu_id}"):
+                if supported is None:
+                    supported = kvm.supported_cpuid()
+                vcpu = vm.create_vcpu(vcpu_id)
+                resources.callback(vcpu.close)
+                vcpu.set_cpuid2(filter_cpuid(
+                    supported, vcpu_id=vcpu_id, vcpu_count=config.machine.vcpus,
+                    profile=config.machine.cpu_profile,
+                ))
+                configure_platform_state(vcpu)
+                if vcpu_id == 0:
+                    apply_boot_state(vcpu, kernel_load.cpu)
+                self._vcpus.append(vcpu)
+                self._loops.append(VcpuLoop(vcpu, pio_bus=self.pio_bus,
+                                            mmio_bus=self.mmio_bus,
+                                            read_guest=self._read_guest, latch=self._latch))
+
+    def _serial_sinks(self) -> tuple[int, ...]:
+        serial = self.config.serial
+        if serial.mode == "console":
+            return (1,)
+        if serial.mode == "file":
+            assert serial.path is not None
+            fd = os.open(serial.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o644)
+            self._resources.callback(os.close, fd)
+            return (fd,)
+        return ()
+
+    def _token_or_fail(self) -> trio.lowlevel.TrioToken:
+        assert self._token is not None
+        return self._token
+
+    def _read_guest(self, address: int, length: int) -> bytes | None:
+        assert self.memory is not None
+        try:
+            return self.memory.read(address, length)
+        except GuestAddressError:
+            return None
+
+    # -- running ------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Run every vCPU; when all have returned, the VM has stopped."""
+        structlog.contextvars.bind_contextvars(vm=self.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                for loop in self._loops:
+                    nursery.start_soon(self._run_vcpu, loop)
+        finally:
+            self._serial_port.close()
+            self._finished.set()
+            result = self._latch.exit
+            self._log.info("vm stopped", reason=result.reason.value if result else None,
+                           exit_status=result.exit_status if result else None,
+                           detail=result.detail if result else None)
+
+    async def _run_vcpu(self, loop: VcpuLoop) -> None:
+        structlog.contextvars.bind_contextvars(vm=self.name, vcpu=loop.vcpu.id)
+
+        def kick() -> None:
+            # Cancelled from outside (e.g. the embedding program's scope): stop the VM.
+            self._latch.request(VmExit(StopReason.STOPPED, 0, "cancelled"))
+
+        try:
+            await run_in_vcpu_thread(loop.run, kick=kick,
+                                     name=f"avmm {self.name} vcpu{loop.vcpu.id}")
+        except Exception as e:  # pragma: no cover - VcpuLoop.run catches its own errors
+            self._log.exception("vcpu task failed")
+            self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, str(e)))
+
+    def _on_stop_requested(self, vm_exit: VmExit) -> None:
+        """Runs once, on whichever thread asked first: get every vCPU out of KVM_RUN."""
+        for vcpu in self._vcpus:
+            vcpu.kick()
+
+    def _on_guest_reset(self) -> None:
+        self._latch.request(VmExit(StopReason.RESET, 0, "the guest reset the machine (i8042)"))
+
+    def _on_debug_exit(self, status: int) -> None:
+        self._latch.request(VmExit(StopReason.DEBUG_EXIT, status,
+                                   f"the guest wrote {status >> 1} to the debug-exit port"))
+
+
+def _eventfd_trigger(fd: int) -> Callable[[], None]:
+    def trigger() -> None:
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:
+            pass  # the counter is saturated: an interrupt is already pending
+
+    return trigger

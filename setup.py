@@ -1,0 +1,5 @@
+# The cffi extension (avmm.kvm._kvm_ffi) is compiled at install time against the
+# build machine's <linux/kvm.h>; everything else lives in pyproject.toml.
+from setuptools import setup
+
+setup(cffi_modules=["avmm/kvm/_ffi_build.py:ffibuilder"])

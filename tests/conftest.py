@@ -1,0 +1,89 @@
+"""Shared test plumbing.
+
+Prerequisites are declared with markers, never checked ad hoc inside a test:
+
+* ``@pytest.mark.kvm``            needs a usable /dev/kvm
+* ``@pytest.mark.qemu``           needs qemu-system-x86_64
+* ``@pytest.mark.debian_kernel``  needs the Debian cloud bzImage (``make debian-kernel``)
+* ``@pytest.mark.guest``          needs the built test guest (``make guest``)
+
+A missing prerequisite is a visible skip with the reason, except when
+``AVMM_REQUIRE_KVM=1`` (set by CI), where it is a failure: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build"
+TEST_GUEST = BUILD / "guest" / "testguest.elf"
+DEBIAN_KERNEL = BUILD / "debian-kernel" / "vmlinuz"
+
+REQUIRE = os.environ.get("AVMM_REQUIRE_KVM") == "1"
+
+
+def _kvm_problem() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+def _qemu_problem() -> str | None:
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is not installed (make deps installs it)"
+    return None
+
+
+def _debian_kernel_problem() -> str | None:
+    if not DEBIAN_KERNEL.exists():
+        return f"{DEBIAN_KERNEL} is missing (make debian-kernel fetches it)"
+    return None
+
+
+def _guest_problem() -> str | None:
+    if not TEST_GUEST.exists():
+        return f"{TEST_GUEST} is missing (make guest builds it)"
+    return None
+
+
+_CHECKS = {
+    "kvm": _kvm_problem,
+    "qemu": _qemu_problem,
+    "debian_kernel": _debian_kernel_problem,
+    "guest": _guest_problem,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guest: needs the built test guest (make guest)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, check in _CHECKS.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        problem = check()
+        if problem is None:
+            continue
+        if REQUIRE:
+            pytest.fail(f"prerequisite missing and AVMM_REQUIRE_KVM=1: {problem}", pytrace=False)
+        pytest.skip(f"prerequisite missing: {problem}")
+
+
+@pytest.fixture
+def test_guest() -> Path:
+    """Path to the built test guest ELF (mark the test with ``guest``)."""
+    return TEST_GUEST
+
+
+@pytest.fixture
+def debian_kernel() -> Path:
+    """Path to the Debian cloud bzImage (mark the test with ``debian_kernel``)."""
+    return DEBIAN_KERNEL

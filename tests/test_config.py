@@ -1,0 +1,307 @@
+"""vm.toml parsing and validation (avmm.config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from avmm.config import (
+    BootConfig,
+    MachineConfig,
+    SerialConfig,
+    VmConfig,
+    config_from_dict,
+    load_config,
+)
+from avmm.errors import ConfigError
+
+MINIMAL = '[boot]\nkernel = "vmlinux"\n'
+
+
+@pytest.fixture
+def vm_dir(tmp_path: Path) -> Path:
+    """A directory with the files the configs below refer to."""
+    (tmp_path / "vmlinux").write_bytes(b"kernel")
+    (tmp_path / "initrd.img").write_bytes(b"initrd")
+    (tmp_path / "kerneldir").mkdir()
+    return tmp_path
+
+
+def write_config(directory: Path, text: str, name: str = "vm.toml") -> Path:
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_minimal_config_gets_defaults(vm_dir: Path) -> None:
+    path = write_config(vm_dir, MINIMAL)
+    config = load_config(path)
+    assert config == VmConfig(
+        machine=MachineConfig(vcpus=1, memory_mib=128, cpu_profile="host"),
+        boot=BootConfig(kernel=vm_dir / "vmlinux", initrd=None, cmdline=""),
+        serial=SerialConfig(mode="console", path=None),
+        source=str(path),
+        name=None,
+    )
+
+
+def test_full_config_round_trip(vm_dir: Path) -> None:
+    path = write_config(
+        vm_dir,
+        """
+        name = "web-1.test_vm"
+
+        [machine]
+        vcpus = 4
+        memory_mib = 2048
+        cpu_profile = "compat"
+
+        [boot]
+        kernel = "vmlinux"
+        initrd = "initrd.img"
+        cmdline = "console=ttyS0 quiet"
+
+        [serial]
+        mode = "file"
+        path = "serial.log"
+        """,
+    )
+    config = load_config(path)
+    assert config.name == "web-1.test_vm"
+    assert config.machine == MachineConfig(vcpus=4, memory_mib=2048, cpu_profile="compat")
+    assert config.boot == BootConfig(
+        kernel=vm_dir / "vmlinux", initrd=vm_dir / "initrd.img", cmdline="console=ttyS0 quiet"
+    )
+    assert config.serial == SerialConfig(mode="file", path=vm_dir / "serial.log")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.machine.vcpus = 2  # type: ignore[misc]
+
+
+def test_serial_none_mode(vm_dir: Path) -> None:
+    config = load_config(write_config(vm_dir, MINIMAL + '[serial]\nmode = "none"\n'))
+    assert config.serial == SerialConfig(mode="none", path=None)
+
+
+def test_relative_paths_are_relative_to_the_file_not_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "vmlinux").write_bytes(b"kernel")
+    (images / "initrd.img").write_bytes(b"initrd")
+    conf = tmp_path / "conf"
+    (conf / "logs").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = write_config(
+        conf,
+        f"""
+        [boot]
+        kernel = "../images/vmlinux"
+        initrd = "{images / "initrd.img"}"
+        [serial]
+        mode = "file"
+        path = "logs/out.log"
+        """,
+    )
+    # Loaded through a path relative to the cwd, too.
+    config = load_config("../conf/vm.toml")
+    assert config.boot.kernel == conf / "../images/vmlinux"
+    assert config.boot.kernel.is_absolute()
+    assert config.boot.kernel.resolve() == (images / "vmlinux").resolve()
+    assert config.boot.initrd == images / "initrd.img"
+    assert config.serial.path == conf / "logs" / "out.log"
+    assert config.source == "../conf/vm.toml"
+    assert load_config(path) == dataclasses.replace(config, source=str(path))
+
+
+# (id, file text, expected key, distinctive part of the message)
+MALFORMED = [
+    ("invalid-toml", "[boot\nkernel = 1\n", None, "not valid TOML"),
+    ("invalid-toml-value", MINIMAL + "[machine]\nvcpus = \n", None, "line 4, column"),
+    ("unknown-top-level-table", MINIMAL + "[machin]\nvcpus = 2\n", "machin",
+     "did you mean [machine]?"),
+    ("unknown-top-level-table-no-match", MINIMAL + "[zzz]\n", "zzz", "known tables are"),
+    ("unknown-top-level-key", MINIMAL.replace("[boot]", 'nmae = "x"\n[boot]'), "nmae",
+     'did you mean "name"?'),
+    ("unknown-machine-key", MINIMAL + "[machine]\nvcpu = 2\n", "machine.vcpu",
+     'unknown key "vcpu" in [machine]; did you mean "vcpus"?'),
+    ("key-under-wrong-header", MINIMAL + '[machine]\nname = "x"\n', "machine.name",
+     "belongs at the top level"),
+    ("key-in-wrong-table", MINIMAL + '[machine]\nmode = "none"\n', "machine.mode",
+     "belongs in [serial]"),
+    ("vcpus-string", MINIMAL + '[machine]\nvcpus = "two"\n', "machine.vcpus",
+     'expected an integer from 1 to 255, got "two" (a string)'),
+    ("vcpus-bool", MINIMAL + "[machine]\nvcpus = true\n", "machine.vcpus",
+     "got true (a boolean)"),
+    ("vcpus-float", MINIMAL + "[machine]\nvcpus = 2.0\n", "machine.vcpus", "(a float)"),
+    ("vcpus-zero", MINIMAL + "[machine]\nvcpus = 0\n", "machine.vcpus",
+     "from 1 to 255, got 0"),
+    ("vcpus-too-many", MINIMAL + "[machine]\nvcpus = 256\n", "machine.vcpus", "got 256"),
+    ("memory-too-small", MINIMAL + "[machine]\nmemory_mib = 8\n", "machine.memory_mib",
+     "from 16 to 1048576 (MiB), got 8"),
+    ("memory-too-large", MINIMAL + "[machine]\nmemory_mib = 1048577\n", "machine.memory_mib",
+     "got 1048577"),
+    ("unknown-cpu-profile", MINIMAL + '[machine]\ncpu_profile = "hots"\n',
+     "machine.cpu_profile", 'expected one of "host", "compat", got "hots" (a string); '
+     'did you mean "host"?'),
+    ("machine-scalar", "machine = 3\n" + MINIMAL, "machine",
+     "expected a table [machine], got 3 (an integer)"),
+    ("boot-scalar", 'boot = "vmlinux"\n', "boot", "expected a table [boot]"),
+    ("scalar-as-table", MINIMAL + "[boot.cmdline]\nx = 1\n", "boot.cmdline",
+     "expected a string, got a table"),
+    ("missing-boot", "[machine]\nvcpus = 1\n", "boot", "missing required table [boot]"),
+    ("empty-file", "", "boot", 'add [boot] with kernel = "path/to/vmlinux"'),
+    ("missing-kernel", '[boot]\ncmdline = "quiet"\n', "boot.kernel",
+     'missing required key "kernel" in [boot]'),
+    ("kernel-wrong-type", "[boot]\nkernel = 5\n", "boot.kernel",
+     "expected a path (a string), got 5"),
+    ("kernel-empty", '[boot]\nkernel = ""\n', "boot.kernel", "got an empty string"),
+    ("kernel-not-found", '[boot]\nkernel = "bzImage"\n', "boot.kernel",
+     "file not found: {dir}/bzImage (relative paths are relative to {dir}"),
+    ("kernel-is-directory", '[boot]\nkernel = "kerneldir"\n', "boot.kernel",
+     "{dir}/kerneldir is a directory"),
+    ("kernel-through-a-file", '[boot]\nkernel = "vmlinux/x"\n', "boot.kernel",
+     "file not found"),
+    ("initrd-not-found", MINIMAL + 'initrd = "/nonexistent/initrd"\n', "boot.initrd",
+     "file not found: /nonexistent/initrd"),
+    ("cmdline-nul", MINIMAL + 'cmdline = "quiet\\u0000x"\n', "boot.cmdline",
+     "NUL character at position 5"),
+    ("cmdline-wrong-type", MINIMAL + 'cmdline = ["console=ttyS0"]\n', "boot.cmdline",
+     "expected a string, got an array"),
+    ("cmdline-too-long", MINIMAL + f'cmdline = "{"x" * 65536}"\n', "boot.cmdline",
+     "65536 bytes, the limit is 65535"),
+    ("serial-mode-unknown", MINIMAL + '[serial]\nmode = "stdio"\n', "serial.mode",
+     'expected one of "console", "file", "none"'),
+    ("serial-file-without-path", MINIMAL + '[serial]\nmode = "file"\n', "serial.path",
+     'mode = "file" needs a path'),
+    ("serial-path-with-console", MINIMAL + '[serial]\npath = "out.log"\n', "serial.path",
+     'only used with mode = "file" (mode is "console")'),
+    ("serial-path-with-none", MINIMAL + '[serial]\nmode = "none"\npath = "/nope/out.log"\n',
+     "serial.path", '(mode is "none")'),
+    ("serial-parent-missing", MINIMAL + '[serial]\nmode = "file"\npath = "logs/out.log"\n',
+     "serial.path", "directory not found: {dir}/logs"),
+    ("serial-path-is-directory", MINIMAL + '[serial]\nmode = "file"\npath = "kerneldir"\n',
+     "serial.path", "is a directory"),
+    ("name-invalid", 'name = "my vm"\n' + MINIMAL, "name",
+     'expected 1 to 64 characters from A-Z a-z 0-9 . _ -'),
+    ("name-too-long", f'name = "{"a" * 65}"\n' + MINIMAL, "name", "1 to 64 characters"),
+    ("name-wrong-type", "name = 7\n" + MINIMAL, "name", "got 7 (an integer)"),
+    ("name-dot-dot", 'name = ".."\n' + MINIMAL, "name", "not . or .."),
+    ("quoted-unknown-key", MINIMAL + '[machine]\n"v cpus" = 1\n', 'machine."v cpus"',
+     'unknown key "v cpus"'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [case[1:] for case in MALFORMED],
+    ids=[case[0] for case in MALFORMED],
+)
+def test_malformed_file(vm_dir: Path, text: str, key: str | None, fragment: str) -> None:
+    path = write_config(vm_dir, text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    error = excinfo.value
+    assert error.key == key
+    assert error.path == str(path)
+    assert fragment.format(dir=vm_dir) in error.reason
+    message = str(error)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    if key is not None:
+        assert message.startswith(f"{path}: {key}: ")
+
+
+DICT_CASES = [case for case in MALFORMED if case[2] is not None]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [case[1:] for case in DICT_CASES],
+    ids=[case[0] for case in DICT_CASES],
+)
+def test_malformed_dict(vm_dir: Path, text: str, key: str, fragment: str) -> None:
+    data = tomllib.loads(text)
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_dict(data, base_dir=vm_dir, source="api")
+    error = excinfo.value
+    assert error.key == key
+    assert error.path == "api"
+    assert fragment.format(dir=vm_dir) in error.reason
+    assert str(error).startswith(f"api: {key}: ")
+    assert "\n" not in str(error)
+
+
+def test_config_from_dict_matches_load_config(vm_dir: Path) -> None:
+    data = {
+        "name": "vm0",
+        "machine": {"vcpus": 2, "memory_mib": 256},
+        "boot": {"kernel": "vmlinux", "cmdline": "console=ttyS0"},
+        "serial": {"mode": "none"},
+    }
+    from_dict = config_from_dict(data, base_dir=vm_dir, source="vm.toml")
+    path = write_config(
+        vm_dir,
+        'name = "vm0"\n[machine]\nvcpus = 2\nmemory_mib = 256\n'
+        '[boot]\nkernel = "vmlinux"\ncmdline = "console=ttyS0"\n[serial]\nmode = "none"\n',
+    )
+    assert load_config(path) == dataclasses.replace(from_dict, source=str(path))
+    assert from_dict.machine == MachineConfig(vcpus=2, memory_mib=256, cpu_profile="host")
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        ([], None, "expected a table at the top level, got an array"),
+        ({"boot": {"kernel": "vmlinux", "initrd": None}}, "boot.initrd", "got null"),
+        ({"boot": {"kernel": "vmlinux"}, 1: 2}, None, "keys must be strings"),
+        ({"boot": {"kernel": "vmlinux", "cmdline": "a\ud800"}}, "boot.cmdline",
+         "not valid Unicode"),
+    ],
+    ids=["not-a-mapping", "json-null", "non-string-key", "lone-surrogate"],
+)  # fmt: skip
+def test_dict_only_malformed(vm_dir: Path, data: object, key: str | None, fragment: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_dict(data, base_dir=vm_dir)  # type: ignore[arg-type]
+    assert excinfo.value.key == key
+    assert fragment in excinfo.value.reason
+    assert str(excinfo.value).startswith("<config>")
+
+
+def test_load_config_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found") as excinfo:
+        load_config(tmp_path / "missing.toml")
+    assert excinfo.value.key is None
+    assert str(tmp_path / "missing.toml") in str(excinfo.value)
+
+
+def test_load_config_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_load_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "vm.toml"
+    path.write_bytes(b'[boot]\nkernel = "\xff"\n')
+    with pytest.raises(ConfigError, match="not valid UTF-8 at byte 17"):
+        load_config(path)
+
+
+def test_with_cmdline_appended(vm_dir: Path) -> None:
+    config = load_config(write_config(vm_dir, MINIMAL))
+    once = config.with_cmdline_appended("console=ttyS0")
+    assert once.boot.cmdline == "console=ttyS0"
+    twice = once.with_cmdline_appended("quiet panic=-1")
+    assert twice.boot.cmdline == "console=ttyS0 quiet panic=-1"
+    assert once.with_cmdline_appended("") == once
+    assert config.boot.cmdline == ""
+    assert twice.boot.kernel == config.boot.kernel
+    with pytest.raises(ConfigError) as excinfo:
+        config.with_cmdline_appended("bad\0word")
+    assert excinfo.value.key == "boot.cmdline"
+    assert excinfo.value.path == config.source
