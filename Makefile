@@ -63,7 +63,7 @@ $(BUILD)/guest/testguest.elf: | $(BUILD)/.stamps/deps-build
 
 debian-kernel: $(BUILD)/debian-kernel/vmlinuz
 
-$(BUILD)/debian-kernel/vmlinuz: scripts/fetch-debian-kernel.sh
+$(BUILD)/debian-kernel/vmlinuz: | scripts/fetch-debian-kernel.sh
 	scripts/fetch-debian-kernel.sh $(BUILD)/debian-kernel
 
 clean:

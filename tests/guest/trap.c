@@ -1,18 +1,6 @@
 /* Exception reporting. Runs in ring 0 on the boot stack (RSP0, or IST1 for #DF). */
 #include "guest.h"
 
-struct exception_frame {
-    uint64_t vector;
-    uint64_t error_code; /* 0 for vectors without one */
-    uint64_t rip;
-    uint64_t cs;
-    uint64_t rflags;
-    uint64_t rsp;
-    uint64_t ss;
-};
-
-__attribute__((noreturn)) void exception_report(const struct exception_frame *frame);
-
 void exception_report(const struct exception_frame *frame)
 {
     uint64_t cr2;

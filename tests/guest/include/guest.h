@@ -12,6 +12,7 @@
 #include "lib.h"
 #include "mailbox.h"
 #include "print.h"
+#include "ring0.h"
 #include "scenario.h"
 #include "serial.h"
 

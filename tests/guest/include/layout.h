@@ -31,8 +31,14 @@
 /* RFLAGS for ring 3: IOPL=3, reserved bit 1 set, interrupts off. */
 #define USER_RFLAGS         0x3002
 
-/* Number of exception vectors with handlers in the IDT. */
+/* Number of exception vectors with handlers in the IDT (0..31). */
 #define IDT_VECTORS         32
+/* The ring-0 call gate (see ring0.S): the one gate ring 3 may use (DPL 3).
+ * The IDT ends with it; vectors 32..127 are not-present entries. */
+#define RING0_CALL_VECTOR   0x80
+#define IDT_ENTRIES         (RING0_CALL_VECTOR + 1)
+/* #BP, handled by bp_entry (ring0.S) rather than the generic exception stub. */
+#define BREAKPOINT_VECTOR   3
 
 /* Exit status codes (see exit.c and README.md). */
 #define EXIT_OK             0

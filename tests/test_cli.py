@@ -1,0 +1,185 @@
+"""`avmm up` from the outside: exit statuses, messages, the console, log formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avmm.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+AVMM = [sys.executable, "-m", "avmm.cli"]
+HELLO = REPO / "examples" / "hello.toml"
+GUEST = REPO / "build" / "guest" / "testguest.elf"
+
+
+def avmm(*args: str, timeout: float = 60, stdin: int | None = subprocess.DEVNULL,
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AVMM, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=stdin, cwd=REPO)
+
+
+# -- booting the example --------------------------------------------------------------
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_up_hello_prints_the_greeting_and_exits_zero() -> None:
+    result = avmm("up", str(HELLO))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "avmm-testguest: hello",
+        "avmm-testguest: cmdline: console=ttyS0 avmm.test=hello",
+    ]
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_up_count_a_billion_iterations_finishes() -> None:
+    # Ring 3 runs natively, so 10^9 iterations take about a second; the timeout only
+    # guards against a hang.
+    result = avmm("up", str(HELLO), "--append", "avmm.test=count avmm.n=1000000000",
+                  timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "avmm-testguest: count done n=1000000000" in result.stdout
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_up_exits_with_the_debug_exit_status() -> None:
+    result = avmm("up", str(HELLO), "--append", "avmm.test=does-not-exist")
+    assert result.returncode == (2 << 1) | 1
+    assert "unknown scenario does-not-exist" in result.stdout
+
+
+@pytest.mark.kvm
+def test_up_reports_a_crashed_guest_on_one_line(tmp_path: Path) -> None:
+    from tests.vm.helpers import tiny_elf
+
+    kernel = tiny_elf(tmp_path / "ud2.elf", b"\x0f\x0b")
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[boot]\nkernel = "{kernel}"\n[serial]\nmode = "none"\n')
+    result = avmm("up", str(config))
+    assert result.returncode == 4
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("avmm: the VM stopped: triple-fault")
+    assert "rip=0x100000" in last and "0f 0b" in last
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_log_format_json_writes_json_lines_on_stderr() -> None:
+    result = avmm("--log-format", "json", "--log-level", "info", "up", str(HELLO))
+    assert result.returncode == 0
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    events = {record["event"] for record in records}
+    assert {"vm started", "vm stopped"} <= events
+    stopped = next(r for r in records if r["event"] == "vm stopped")
+    assert stopped["vm"] == "hello"
+    assert stopped["reason"] == "reset"
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_ctrl_a_x_on_the_console_stops_the_vm_and_restores_the_terminal() -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # child: avmm on a terminal, running a guest that would count for hours
+        os.chdir(REPO)
+        os.execv(sys.executable, [*AVMM, "up", str(HELLO), "--append",
+                                  "avmm.test=count avmm.n=100000000000000"])
+    import termios
+
+    try:
+        time.sleep(1.0)  # let it start and switch the terminal mode
+        attrs_running = termios.tcgetattr(fd)
+        os.write(fd, b"\x01x")
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            select.select([fd], [], [], 0.1)
+            try:
+                os.read(fd, 4096)
+            except OSError:
+                pass
+        else:
+            os.kill(pid, 9)
+            pytest.fail("avmm did not stop on Ctrl-A x")
+        assert status is not None and os.waitstatus_to_exitcode(status) == 0
+        # While the console ran, the terminal had no echo and no line editing.
+        assert not attrs_running[3] & termios.ECHO
+        assert not attrs_running[3] & termios.ICANON
+    finally:
+        os.close(fd)
+
+
+# -- bad input ------------------------------------------------------------------------
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "vm.toml"
+    path.write_text(text)
+    return path
+
+
+KERNEL_LINE = f'kernel = "{GUEST}"'
+
+BAD_CONFIGS = [
+    ("syntax", "[machine\nvcpus = 1\n", "not valid TOML"),
+    ("unknown table", f"[boot]\n{KERNEL_LINE}\n[machin]\n", "machin"),
+    ("unknown key", f"[machine]\nvcpu = 2\n[boot]\n{KERNEL_LINE}\n", "machine.vcpu"),
+    ("vcpus string", f'[machine]\nvcpus = "two"\n[boot]\n{KERNEL_LINE}\n', "machine.vcpus"),
+    ("vcpus bool", f"[machine]\nvcpus = true\n[boot]\n{KERNEL_LINE}\n", "machine.vcpus"),
+    ("vcpus zero", f"[machine]\nvcpus = 0\n[boot]\n{KERNEL_LINE}\n", "machine.vcpus"),
+    ("memory", f"[machine]\nmemory_mib = 4\n[boot]\n{KERNEL_LINE}\n", "machine.memory_mib"),
+    ("profile", f'[machine]\ncpu_profile = "fast"\n[boot]\n{KERNEL_LINE}\n',
+     "machine.cpu_profile"),
+    ("no boot", "[machine]\nvcpus = 1\n", "boot"),
+    ("no kernel", "[boot]\ncmdline = \"x\"\n", "boot.kernel"),
+    ("kernel missing", '[boot]\nkernel = "nowhere/vmlinux"\n', "boot.kernel"),
+    ("initrd missing", f'[boot]\n{KERNEL_LINE}\ninitrd = "nowhere.img"\n', "boot.initrd"),
+    ("cmdline type", f"[boot]\n{KERNEL_LINE}\ncmdline = 3\n", "boot.cmdline"),
+    ("serial mode", f'[boot]\n{KERNEL_LINE}\n[serial]\nmode = "tty"\n', "serial.mode"),
+    ("serial path", f'[boot]\n{KERNEL_LINE}\n[serial]\nmode = "file"\n', "serial.path"),
+    ("machine scalar", f"machine = 3\n[boot]\n{KERNEL_LINE}\n", "machine"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "key"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_exits_2_with_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, text: str, key: str,
+) -> None:
+    path = _write(tmp_path, text)
+    assert main(["up", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"avmm: {path}")
+    assert key in lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_bad_config_through_the_real_command(tmp_path: Path) -> None:
+    path = _write(tmp_path, f"[machine]\nvcpus = 0\n[boot]\n{KERNEL_LINE}\n")
+    result = avmm("up", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "machine.vcpus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["up", str(tmp_path / "absent.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_no_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().err
