@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 AVMM   := $(VENV)/bin/avmm
 
 # Debian packages: what building needs, and what the tests talk to.
-BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev python3-venv
+BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev
 TEST_PACKAGES  := qemu-system-x86
 
 .PHONY: all up test deps deps-build deps-test venv guest debian-kernel lint clean distclean

@@ -12,6 +12,7 @@ from .errors import KvmError as KvmError
 from .errors import VmStartError as VmStartError
 from .lifecycle import StopReason as StopReason
 from .lifecycle import VmExit as VmExit
+from .logs import configure_logging as configure_logging
 from .vm import VirtualMachine as VirtualMachine
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ A config file looks like this (everything but ``[boot]`` and its ``kernel`` is o
     vcpus = 1
     memory_mib = 128
     cpu_profile = "host"      # "host" | "compat"
+    hide_cpu_features = []    # e.g. ["x2apic"]: hidden from CPUID on top of the profile
 
     [boot]
     kernel = "vmlinux"        # relative to the directory of vm.toml
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Generic, Literal, TypeVar
 
+from .arch.x86.cpuid import FEATURES as CPU_FEATURES
 from .errors import ConfigError
 
 __all__ = [
@@ -93,6 +95,9 @@ class MachineConfig:
     vcpus: int = 1
     memory_mib: int = 128
     cpu_profile: CpuProfile = "host"
+    #: CPU features to hide from the guest's CPUID on top of the profile (names from
+    #: ``avmm.arch.x86.cpuid.FEATURES``, e.g. "x2apic").
+    hide_cpu_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +357,23 @@ def _choice(options: tuple[str, ...]) -> _Parser:
     return parse
 
 
+def _choices(options: tuple[str, ...]) -> _Parser:
+    """A list of distinct strings, each one of ``options``."""
+    one = _choice(options)
+
+    def parse(value: Any, key: str, context: _Context) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise context.error(key, f"expected a list of strings, got {_describe(value)}")
+        chosen: list[str] = []
+        for index, item in enumerate(value):
+            name = one(item, f"{key}[{index}]", context)
+            if name not in chosen:
+                chosen.append(name)
+        return tuple(chosen)
+
+    return parse
+
+
 def _string(*, max_bytes: int) -> _Parser:
     def parse(value: Any, key: str, context: _Context) -> str:
         if not isinstance(value, str):
@@ -473,6 +495,8 @@ _MACHINE: Final = _Table(
             default=_MACHINE_DEFAULTS.memory_mib,
         ),
         _Field("cpu_profile", _choice(CPU_PROFILES), default=_MACHINE_DEFAULTS.cpu_profile),
+        _Field("hide_cpu_features", _choices(tuple(sorted(CPU_FEATURES))),
+               default=_MACHINE_DEFAULTS.hide_cpu_features),
     ),
     build=lambda values, raw, key, context: MachineConfig(**values),
 )

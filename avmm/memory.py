@@ -125,6 +125,8 @@ class GuestMemory:
 
     def view(self, address: int, length: int) -> memoryview:
         """A writable memoryview of guest RAM; no copy. Must not outlive ``close()``."""
+        if self._closed:
+            raise GuestMemoryError("guest memory is closed (the VM has been torn down)")
         start = self._offset(address, length)
         return self._view[start:start + length]
 

@@ -14,7 +14,7 @@ import structlog
 
 from .kvm import Vcpu, exits
 from .kvm.x86 import emulation
-from .lifecycle import StopLatch, StopReason, VmExit, guest_failure
+from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit, guest_failure
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +53,10 @@ class VcpuLoop:
             self._loop()
         except Exception as e:
             # A bug or host failure: stop this VM with the reason, never the process.
+            # Stop first, log second: the log sink itself may be what failed.
+            self.latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
+                                      f"{type(e).__name__}: {e}", vcpu.id))
             log.exception("vcpu loop failed")
-            self.latch.request(VmExit(StopReason.ERROR, 6, f"{type(e).__name__}: {e}",
-                                      vcpu.id))
         finally:
             vcpu.thread_ident = None
             log.debug("vcpu thread finished", exits=self.exit_counts)
@@ -126,5 +127,5 @@ class VcpuLoop:
             self._fail(StopReason.INTERNAL_ERROR, f"unexpected exit {event!r}")
 
     def _fail(self, reason: StopReason, detail: str) -> None:
-        log.error("vcpu stopped the vm", reason=reason.value, detail=detail)
         self.latch.request(guest_failure(reason, detail, self.vcpu.id))
+        log.error("vcpu stopped the vm", reason=reason.value, detail=detail)

@@ -205,6 +205,7 @@ class VirtualMachine:
                 vcpu.set_cpuid2(filter_cpuid(
                     supported, vcpu_id=vcpu_id, vcpu_count=config.machine.vcpus,
                     profile=config.machine.cpu_profile,
+                    hide=config.machine.hide_cpu_features,
                 ))
                 configure_platform_state(vcpu)
                 if vcpu_id == 0:

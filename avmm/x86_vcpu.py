@@ -55,7 +55,7 @@ APIC_DELIVERY_MODE_NMI = 0x4 << 8
 APIC_DELIVERY_MODE_MASK = 0x7 << 8
 
 FPU_CONTROL_WORD = 0x37F  # all x87 exceptions masked, 64-bit precision
-MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked
+MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked (the reset value)
 
 
 def configure_platform_state(vcpu: Vcpu) -> None:
@@ -64,7 +64,8 @@ def configure_platform_state(vcpu: Vcpu) -> None:
 
     fpu = vcpu.get_fpu()
     fpu.fcw = FPU_CONTROL_WORD
-    fpu.mxcsr = MXCSR_DEFAULT
+    # MXCSR is not set here: KVM's FPU ioctls ignore it, and a new vCPU already has the
+    # reset value MXCSR_DEFAULT.
     vcpu.set_fpu(fpu)
 
     lapic = vcpu.get_lapic()

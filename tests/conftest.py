@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
@@ -87,3 +88,12 @@ def test_guest() -> Path:
 def debian_kernel() -> Path:
     """Path to the Debian cloud bzImage (mark the test with ``debian_kernel``)."""
     return DEBIAN_KERNEL
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> object:
+    """Each test starts with structlog's defaults; a test that configures logging (the
+    CLI does) must not leave its sink behind for the next test."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

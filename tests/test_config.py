@@ -305,3 +305,35 @@ def test_with_cmdline_appended(vm_dir: Path) -> None:
         config.with_cmdline_appended("bad\0word")
     assert excinfo.value.key == "boot.cmdline"
     assert excinfo.value.path == config.source
+
+
+def test_hide_cpu_features_accepts_known_names_once_each(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"x")
+    config = config_from_dict(
+        {"machine": {"hide_cpu_features": ["x2apic", "cx16", "x2apic"]},
+         "boot": {"kernel": "vmlinux"}},
+        base_dir=tmp_path,
+    )
+    assert config.machine.hide_cpu_features == ("x2apic", "cx16")
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "fragment"),
+    [
+        (["x2apc"], "machine.hide_cpu_features[0]", 'did you mean "x2apic"'),
+        ("x2apic", "machine.hide_cpu_features", "expected a list of strings"),
+        ([3], "machine.hide_cpu_features[0]", "expected one of"),
+    ],
+)
+def test_hide_cpu_features_errors_name_the_entry(
+    tmp_path: Path, value: object, key: str, fragment: str
+) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"x")
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"machine": {"hide_cpu_features": value},
+                          "boot": {"kernel": "vmlinux"}}, base_dir=tmp_path, source="vm.toml")
+    assert caught.value.key == key
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -57,7 +57,11 @@ class Kvm:
             raise KvmUnavailableError(
                 f"cannot open {path}: permission denied (add your user to the 'kvm' group)"
             ) from e
-        version = ioctl(self.fd, "KVM_GET_API_VERSION")
+        try:
+            version = ioctl(self.fd, "KVM_GET_API_VERSION")
+        except KvmError:
+            os.close(self.fd)
+            raise
         if version != KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailableError(

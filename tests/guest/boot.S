@@ -19,23 +19,6 @@
 #define CR0_PG          (1 << 31)
 #define CR4_PAE         (1 << 5)
 
-/* Write the 16-byte IDT gate at (%rdi) for the handler at %rax; %r8d holds
- * bits 32..47 of the gate (type, DPL, present, IST). Clobbers %rax, %edx. */
-        .macro  SET_GATE
-        movl    %eax, %edx
-        andl    $0xffff, %edx
-        orl     $(SEL_KERNEL_CODE << 16), %edx
-        movl    %edx, (%rdi)
-        movl    %eax, %edx
-        andl    $0xffff0000, %edx
-        orl     %r8d, %edx
-        movl    %edx, 4(%rdi)
-        shrq    $32, %rax
-        movl    %eax, 8(%rdi)
-        movl    $0, 12(%rdi)
-        addq    $16, %rdi
-        .endm
-
 /* PVH: XEN_ELFNOTE_PHYS32_ENTRY. The descriptor is 8 bytes like Linux's, with
  * the 32-bit entry address in the low half, so readers taking 4 or 8 bytes
  * both get the right value. */
@@ -134,28 +117,31 @@ common64:
         movl    $SEL_TSS, %eax
         ltr     %ax
 
-        /* IDT: one 64-bit interrupt gate (DPL 0) per exception vector (#BP's
-         * is bp_entry, see exception_stubs), then the ring-0 call gate, DPL 3,
-         * that ring 3 may enter with int $RING0_CALL_VECTOR (ring0.S). The
-         * entries in between stay zero (not present). */
+        /* IDT: one 64-bit interrupt gate (DPL 0) per exception vector. */
         leaq    idt(%rip), %rdi
         leaq    exception_stubs(%rip), %rsi
         xorl    %ecx, %ecx
 2:
         movq    (%rsi,%rcx,8), %rax
-        movl    $0x8e00, %r8d           /* present, DPL 0, interrupt gate */
+        movl    %eax, %edx
+        andl    $0xffff, %edx
+        orl     $(SEL_KERNEL_CODE << 16), %edx
+        movl    %edx, (%rdi)
+        movl    %eax, %edx
+        andl    $0xffff0000, %edx
+        orl     $0x8e00, %edx           /* present, DPL 0, interrupt gate */
         cmpl    $8, %ecx
         jne     3f
-        orl     $1, %r8d                /* #DF runs on IST1 */
+        orl     $1, %edx                /* #DF runs on IST1 */
 3:
-        SET_GATE
+        movl    %edx, 4(%rdi)
+        shrq    $32, %rax
+        movl    %eax, 8(%rdi)
+        movl    $0, 12(%rdi)
+        addq    $16, %rdi
         incl    %ecx
         cmpl    $IDT_VECTORS, %ecx
         jne     2b
-        leaq    (idt + RING0_CALL_VECTOR * 16)(%rip), %rdi
-        leaq    ring0_call_entry(%rip), %rax
-        movl    $0xee00, %r8d           /* present, DPL 3, interrupt gate */
-        SET_GATE
         lidt    idt_ptr(%rip)
 
         /* Drop to ring 3 with IOPL=3 and interrupts off. */
@@ -180,8 +166,8 @@ user_entry:
         .size   user_entry, . - user_entry
 
 /* ---- Exception stubs: push a uniform frame (struct exception_frame, ring0.h)
- * and report. Ring 0. #BP enters at bp_entry (ring0.S), which comes back to
- * exception_common when no breakpoint hook is set. */
+ * and report. Ring 0. #BP and #UD enter ring0.S first (bp_entry, ud_entry),
+ * which come back to exception_common when they have nothing else to do. */
         .text
         .altmacro
         .macro  EXC_STUB vec
@@ -218,6 +204,8 @@ exception_stubs:
         .macro  EXC_STUB_ADDR vec
         .if \vec == BREAKPOINT_VECTOR
         .quad   bp_entry
+        .elseif \vec == INVALID_OPCODE_VECTOR
+        .quad   ud_entry
         .else
         .quad   exc_stub_\vec
         .endif

@@ -68,7 +68,7 @@ gdt_ptr:
         .word   0, 0, 0
         .globl  idt_ptr
 idt_ptr:
-        .word   IDT_ENTRIES * 16 - 1
+        .word   IDT_VECTORS * 16 - 1
         .quad   idt
 
 /* ---- 64-bit TSS: RSP0 for exceptions from ring 3, IST1 for #DF, and an
@@ -109,7 +109,7 @@ boot_info:
         .balign 4096
         .globl  idt
 idt:
-        .skip   IDT_ENTRIES * 16
+        .skip   IDT_VECTORS * 16
 
         .balign 16
         .skip   16384

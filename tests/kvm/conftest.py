@@ -12,7 +12,7 @@ from .guest import Guest, boot_guest
 
 @pytest.fixture
 def make_guest() -> Iterator[Callable[..., Guest]]:
-    """``make_guest(code, *, memory_mib=2, irqchip=True, extra=None)`` → ``(vm, vcpu,
+    """``make_guest(code, *, memory_mib=2, extra=None)`` → ``(vm, vcpu,
     memory)``: a VM in the 64-bit boot state with ``code`` at 1 MiB (see
     :func:`tests.kvm.guest.boot_guest`). Everything it made is closed after the test."""
     with ExitStack() as cleanup:

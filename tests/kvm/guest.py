@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import NamedTuple
 
@@ -53,12 +53,11 @@ def boot_guest(
     code: bytes,
     *,
     memory_mib: int = 2,
-    irqchip: bool = True,
     extra: Mapping[int, bytes] | None = None,
 ) -> Guest:
-    """A VM of ``memory_mib`` MiB in the 64-bit boot state with ``code`` at CODE_ADDRESS
-    (and each of ``extra``'s byte strings at its address); everything is closed by
-    ``cleanup`` (vCPU, VM, /dev/kvm, then memory)."""
+    """A VM of ``memory_mib`` MiB with the in-kernel irqchip, in the 64-bit boot state with
+    ``code`` at CODE_ADDRESS (and each of ``extra``'s byte strings at its address);
+    everything is closed by ``cleanup`` (vCPU, VM, /dev/kvm, then memory)."""
     memory = GuestMemory(memory_mib * MIB)
     cleanup.callback(memory.close)
     kvm = Kvm()
@@ -67,8 +66,7 @@ def boot_guest(
     cleanup.callback(vm.close)
     vm.set_tss_address(layout.KVM_TSS_ADDRESS)
     vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
-    if irqchip:
-        vm.create_irqchip()
+    vm.create_irqchip()
     for slot, region in enumerate(memory.regions):
         vm.set_user_memory_region(slot, region.guest_address, region.size,
                                   memory.host_address(region))
@@ -136,7 +134,7 @@ def run(vcpu: Vcpu, timeout: float = RUN_TIMEOUT_S) -> exits.VcpuExit:
     return event
 
 
-def read_guest(memory: GuestMemory):  # noqa: ANN201 (a GuestReader)
+def read_guest(memory: GuestMemory) -> Callable[[int, int], bytes | None]:
     """The ``read_guest`` callable of :mod:`avmm.vcpu_loop`: None where not RAM."""
 
     def read(address: int, length: int) -> bytes | None:

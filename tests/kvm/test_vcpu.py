@@ -17,7 +17,6 @@ from avmm.arch.x86.boot_cpu import BOOT_CR0, BOOT_EFER
 from avmm.arch.x86.gdt import BOOT_CODE_SELECTOR
 from avmm.errors import KvmError
 from avmm.kvm import exits, install_kick_handler
-from avmm.kvm._kvm_ffi import lib
 from avmm.kvm.vcpu import events_exception
 from avmm.x86_vcpu import FPU_CONTROL_WORD, MSR_KERNEL_GS_BASE, MSR_LSTAR
 
@@ -30,7 +29,18 @@ UD2 = b"\x0f\x0b"
 SPIN = b"\xeb\xfe"
 
 APIC_TPR = 0x80
+# struct kvm_mp_state values (Documentation/virt/kvm/api.rst)
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_HALTED = 3
 INVALID_OPCODE_VECTOR = 6
+
+
+def _kvm_parameter(name: str) -> str | None:
+    try:
+        with open(f"/sys/module/kvm/parameters/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 # -- register state ----------------------------------------------------------------------
@@ -94,9 +104,8 @@ def test_msrs_round_trip(make_guest):
 
 def test_get_msrs_names_an_msr_kvm_does_not_have(make_guest):
     _, vcpu, _ = make_guest(UD2)
-    with open("/sys/module/kvm/parameters/ignore_msrs") as f:
-        if f.read().strip() == "Y":
-            pytest.skip("kvm.ignore_msrs=Y: KVM reads unknown MSRs as 0")
+    if _kvm_parameter("ignore_msrs") == "Y":
+        pytest.skip("kvm.ignore_msrs=Y: KVM reads unknown MSRs as 0")
     with pytest.raises(KvmError) as caught:
         vcpu.get_msrs([MSR_LSTAR, 0x4B56_0FFF])
     assert caught.value.ioctl == "KVM_GET_MSRS"
@@ -138,11 +147,11 @@ def test_vcpu_events_round_trip(make_guest):
 
 def test_mp_state_round_trip(make_guest):
     _, vcpu, _ = make_guest(UD2)
-    assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
-    vcpu.set_mp_state(lib.KVM_MP_STATE_HALTED)
-    assert vcpu.get_mp_state() == lib.KVM_MP_STATE_HALTED
-    vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
-    assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
+    assert vcpu.get_mp_state() == KVM_MP_STATE_RUNNABLE
+    vcpu.set_mp_state(KVM_MP_STATE_HALTED)
+    assert vcpu.get_mp_state() == KVM_MP_STATE_HALTED
+    vcpu.set_mp_state(KVM_MP_STATE_RUNNABLE)
+    assert vcpu.get_mp_state() == KVM_MP_STATE_RUNNABLE
 
 
 def test_set_cpuid2_is_what_the_guest_sees(make_guest):

@@ -10,6 +10,12 @@ listed here the architectural effect is simple enough to produce from userspace:
   instruction after ``int3``: advance RIP by one, then inject vector 3. Linux's int3
   self-test and kprobes-style patching rely on this.
 
+  Caveat: KVM treats an injected #BP as a software exception. On this kind of host the
+  guest's handler sees the right return address (a test checks it); a host whose
+  injection path adds the instruction length again would return one byte too far.
+  Should that show up, deliver #BP entirely from userspace (push the interrupt frame,
+  load CS:RIP from the IDT gate) instead.
+
 Anything else is left alone and the VM stops with the instruction bytes in its reason.
 Later work may add more entries (see PEERS.md for instructions seen on such hosts).
 """

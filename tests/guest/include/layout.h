@@ -33,12 +33,10 @@
 
 /* Number of exception vectors with handlers in the IDT (0..31). */
 #define IDT_VECTORS         32
-/* The ring-0 call gate (see ring0.S): the one gate ring 3 may use (DPL 3).
- * The IDT ends with it; vectors 32..127 are not-present entries. */
-#define RING0_CALL_VECTOR   0x80
-#define IDT_ENTRIES         (RING0_CALL_VECTOR + 1)
-/* #BP, handled by bp_entry (ring0.S) rather than the generic exception stub. */
+/* Vectors whose gates point into ring0.S instead of the generic stubs:
+ * #BP (breakpoint hook) and #UD (also the ring-0 call). */
 #define BREAKPOINT_VECTOR   3
+#define INVALID_OPCODE_VECTOR 6
 
 /* Exit status codes (see exit.c and README.md). */
 #define EXIT_OK             0

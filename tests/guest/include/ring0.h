@@ -1,9 +1,10 @@
 /* The little ring-0 support the guest has (see README.md, "Ring 0 on request"):
  *
- *   - ring0_call(fn, arg): run fn(arg) in ring 0 from ring 3, through the one
- *     IDT gate with DPL 3 (vector RING0_CALL_VECTOR, entry in ring0.S);
- *   - breakpoint_hook: what a #BP (int3) in ring 0 runs instead of the
- *     generic exception report.
+ *   - ring0_call(fn, arg): run fn(arg) in ring 0 from ring 3. It is a ud2 at
+ *     a fixed address that the #UD handler recognises (ring0.S says why not
+ *     "int $0x80");
+ *   - breakpoint_hook: what a #BP (int3) runs instead of the generic
+ *     exception report.
  *
  * Ring-0 code is interpreted on some hypervisors (about 1 us per instruction
  * on kvm_pvm), so keep what runs there short. */
@@ -40,17 +41,8 @@ extern breakpoint_hook_fn volatile breakpoint_hook;
 /* A function to run in ring 0 (on the RSP0 stack, interrupts off). */
 typedef uint64_t (*ring0_fn)(uint64_t arg);
 
-/* Run fn(arg) in ring 0 and return its result; call from ring 3. */
-static inline uint64_t ring0_call(ring0_fn fn, uint64_t arg)
-{
-    uint64_t result;
-    /* The gate's entry (ring0.S) calls fn with the C ABI: the caller-saved
-     * registers are the clobbers. */
-    __asm__ volatile("int %[vector]"
-                     : "=a"(result), "+D"(fn), "+S"(arg)
-                     : [vector] "i"(RING0_CALL_VECTOR)
-                     : "rcx", "rdx", "r8", "r9", "r10", "r11", "memory", "cc");
-    return result;
-}
+/* Run fn(arg) in ring 0 and return its result; call from ring 3 only (a ud2
+ * anywhere else, this one from ring 0 included, is reported as #UD). */
+uint64_t ring0_call(ring0_fn fn, uint64_t arg);
 
 #endif

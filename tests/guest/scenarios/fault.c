@@ -1,5 +1,5 @@
 /* fault: raise a CPU exception in ring 3 on purpose, to check the exception
- * report and the failure exit. avmm.fault=ud (default), gp, pf or de. */
+ * report and the failure exit. avmm.fault=ud (default), gp, pf, de or bp. */
 #include "guest.h"
 
 /* Well above anything the page tables map (they cover 0..4 GiB). */
@@ -22,6 +22,9 @@ static int fault_run(void)
         __asm__ volatile("" : "+r"(zero));
         uint64_t quotient = 1, remainder = 0;
         __asm__ volatile("divq %2" : "+a"(quotient), "+d"(remainder) : "r"(zero));
+    } else if (len == 2 && memcmp(kind, "bp", 2) == 0) {
+        /* The #BP gate has DPL 0, so this is #GP (err 3 * 8 + 2 = 0x1a). */
+        __asm__ volatile("int3");
     } else {
         guest_printf(GUEST_PREFIX "unknown avmm.fault=%.*s\n", (int)len, kind);
         return EXIT_FAILURE;

@@ -37,10 +37,12 @@ static __attribute__((noreturn)) void bad_frame(const struct exception_frame *fr
 static void int3_on_breakpoint(struct exception_frame *frame)
 {
     hook_runs++;
-    if (*(const volatile uint8_t *)(uintptr_t)(frame->rip - 1) != INT3_OPCODE)
-        bad_frame(frame, "no int3 right before rip");
+    /* RIP first: a frame that is off by a slot (an error code pushed for
+     * #BP, say) must not send the byte check to a wild address. */
     if (frame->rip != expected_rip)
         bad_frame(frame, "rip");
+    if (*(const volatile uint8_t *)(uintptr_t)(frame->rip - 1) != INT3_OPCODE)
+        bad_frame(frame, "no int3 right before rip");
     if (frame->cs != SEL_KERNEL_CODE)
         bad_frame(frame, "cs");
     if ((frame->rflags & ~RFLAGS_RF) != expected_rflags)

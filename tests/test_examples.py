@@ -1,0 +1,37 @@
+"""The examples shipped in examples/ keep working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_embed_runs_two_vms_concurrently_each_with_its_own_output() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "embed.py")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    greeter, counter = out.split("greeter: ")[1], out.split("greeter: ")[0]
+    assert counter.startswith("counter: reset (exit status 0)")
+    assert "avmm-testguest: count done n=200000000" in counter
+    assert "greeting=from-the-first-vm" not in counter
+    assert greeter.startswith("reset (exit status 0)")
+    assert "avmm-testguest: cmdline: console=ttyS0 avmm.test=hello greeting=from-the-first-vm" \
+        in greeter
+    assert "count done" not in greeter
+    assert result.stderr == ""
+
+
+def test_hello_toml_is_a_valid_config() -> None:
+    from avmm import load_config
+
+    config = load_config(REPO / "examples" / "hello.toml")
+    assert config.boot.kernel.name == "testguest.elf"
+    assert "avmm.test=hello" in config.boot.cmdline
