@@ -1,8 +1,8 @@
 /* int3: avmm.n (default 3) breakpoints executed in ring 0.
  *
- * Ring 3 enters ring 0 through the ring-0 call gate (int $0x80, ring0.h);
- * there each int3 raises #BP through the DPL-0 gate, whose hook counts it and
- * checks that the frame is what the CPU architecturally pushes for an int3:
+ * Ring 3 enters ring 0 with ring0_call (ring0.h); there each int3 raises #BP
+ * through the DPL-0 gate, and breakpoint_hook counts it and checks that the
+ * frame is what the CPU architecturally pushes for an int3:
  * a trap (saved RIP right after the 0xCC byte), CS, RFLAGS and RSP of the
  * interrupted code, and the frame at (RSP & ~15) - 40. Execution goes on
  * after every int3, so n breakpoints mean n hook runs. A VMM that has to
