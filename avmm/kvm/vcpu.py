@@ -12,12 +12,13 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KvmError
 from . import exits
 from ._ioctl import NO_ARGUMENT, ioctl
 from ._kvm_ffi import ffi, lib
+from .system import CpuidEntry
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -39,16 +40,6 @@ def install_kick_handler() -> None:
             if lib.avmm_install_kick_handler() != 0:
                 raise KvmError("sigaction", ffi.errno, "cannot install the vCPU kick handler")
             _kick_handler_installed = True
-
-
-class CpuidLike(Protocol):
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
 
 
 _INTERRUPTED = exits.Interrupted()
@@ -212,7 +203,7 @@ class Vcpu:
             raise KvmError("KVM_SET_MSRS", errno.EINVAL,
                            f"MSR 0x{items[written][0]:x} was refused by KVM")
 
-    def set_cpuid2(self, entries: Iterable[CpuidLike]) -> None:
+    def set_cpuid2(self, entries: Iterable[CpuidEntry]) -> None:
         """KVM_SET_CPUID2."""
         items = list(entries)
         cpuid = ffi.new("struct kvm_cpuid2 *",

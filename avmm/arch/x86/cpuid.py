@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 from ...errors import AvmmError
+from ...kvm.system import CpuidEntry
 
 #: KVM_CPUID_FLAG_SIGNIFCANT_INDEX: the entry depends on ECX (the subleaf).
 CPUID_FLAG_SIGNIFICANT_INDEX: Final = 1 << 0
@@ -33,19 +34,6 @@ Register = Literal["eax", "ebx", "ecx", "edx"]
 
 class CpuidError(AvmmError):
     """A CPUID profile, feature name or topology request is invalid."""
-
-
-@dataclass(frozen=True)
-class CpuidEntry:
-    """One CPUID leaf/subleaf, the fields of ``struct kvm_cpuid_entry2``."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
 
 
 @dataclass(frozen=True)
