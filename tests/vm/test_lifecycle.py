@@ -211,3 +211,15 @@ async def test_a_vm_object_starts_only_once() -> None:
     with pytest.raises(Exception, match="already started"):
         async with vm:
             pass
+
+
+async def test_memory_above_the_mmio_hole_is_mapped_and_usable() -> None:
+    # 3.5 GiB: 3 GiB below the hole, 512 MiB from 4 GiB up (the memfd is sparse).
+    async with VirtualMachine(guest_config("avmm.test=hello", memory_mib=3584)) as vm:
+        result = await vm.wait()
+        assert vm.memory is not None
+        assert [(r.guest_address, r.size) for r in vm.memory.regions] == [
+            (0, 3 << 30), (4 << 30, 512 << 20)]
+        vm.memory.write(0x1_1000_0000, b"high")
+        assert vm.memory.read(0x1_1000_0000, 4) == b"high"
+    assert result.reason is StopReason.RESET
