@@ -12,14 +12,14 @@ AVMM   := $(VENV)/bin/avmm
 BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev
 TEST_PACKAGES  := qemu-system-x86
 
-.PHONY: all up test deps deps-build deps-test venv guest debian-kernel lint clean distclean
+.PHONY: all up test deps deps-build deps-test venv guest debian-kernel example-disk lint clean distclean
 
 all: venv guest
 
 up: venv guest
 	$(AVMM) up examples/hello.toml
 
-test: deps-test venv guest debian-kernel
+test: deps-test venv guest debian-kernel example-disk
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
 
@@ -65,6 +65,12 @@ debian-kernel: $(BUILD)/debian-kernel/vmlinuz
 
 $(BUILD)/debian-kernel/vmlinuz: | scripts/fetch-debian-kernel.sh
 	scripts/fetch-debian-kernel.sh $(BUILD)/debian-kernel
+
+example-disk: $(BUILD)/examples/disk.img
+
+$(BUILD)/examples/disk.img:
+	@mkdir -p $(@D)
+	head -c 16M /dev/urandom > $@
 
 clean:
 	rm -rf $(BUILD)/guest

@@ -83,7 +83,9 @@ async def _run_up(config: object) -> VmExit:
     from .vm import VirtualMachine
 
     async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
-        if vm.config.serial.mode == "console":
+        console = vm.config.console
+        if vm.config.serial.mode == "console" or (console is not None
+                                                   and console.mode == "console"):
             with _terminal_input_mode():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_forward_stdin, vm)
@@ -121,8 +123,12 @@ async def _forward_stdin(vm: object) -> None:
             else:
                 out.append(byte)
         if out:
+            # With a virtio console on the terminal, keystrokes go there, not to the UART.
+            console = vm.config.console
+            target = vm.console if console is not None and console.mode == "console" \
+                else vm.serial
             try:
-                await vm.serial.send_all(bytes(out))
+                await target.send_all(bytes(out))
             except trio.ClosedResourceError:
                 return
 

@@ -74,6 +74,12 @@ SerialMode = Literal["console", "file", "none"]
 
 CPU_PROFILES: Final[tuple[CpuProfile, ...]] = ("host", "compat")
 SERIAL_MODES: Final[tuple[SerialMode, ...]] = ("console", "file", "none")
+ConsoleMode = Literal["console", "file", "socket"]
+CONSOLE_MODES: Final[tuple[ConsoleMode, ...]] = ("console", "file", "socket")
+#: Virtio-mmio devices avmm can place (one IRQ each, see avmm.vm).
+MAX_VIRTIO_DEVICES: Final = 8
+TAP_NAME_MAX: Final = 15
+DISK_ID_MAX_BYTES: Final = 20
 
 # KVM may allow fewer vCPUs than this; the VM checks KVM_CAP_MAX_VCPUS when it starts.
 VCPUS_MAX: Final = 255
@@ -120,6 +126,40 @@ class SerialConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskConfig:
+    """A virtio-blk disk backed by a raw image file."""
+
+    path: Path
+    readonly: bool = False
+    #: The serial the guest reads with GET_ID (at most 20 bytes); None: derived from path.
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NetConfig:
+    """A virtio-net NIC on a host tap device (created if missing)."""
+
+    tap: str
+    #: Six bytes; None means a locally administered address derived from the VM and tap.
+    mac: bytes | None = None
+    #: A named network namespace (``ip netns add NAME``) that holds the tap; None: ours.
+    netns: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RngConfig:
+    """A virtio-rng device fed from the host's getrandom()."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """A virtio-console port, as an alternative (or addition) to the UART."""
+
+    mode: ConsoleMode = "console"
+    path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class VmConfig:
     """A whole VM description. ``source`` names where it came from (the file name as the
     user gave it), for error messages; ``name`` is an optional label for logs."""
@@ -129,6 +169,10 @@ class VmConfig:
     serial: SerialConfig
     source: str | None = None
     name: str | None = None
+    disks: tuple[DiskConfig, ...] = ()
+    nets: tuple[NetConfig, ...] = ()
+    rng: RngConfig | None = None
+    console: ConsoleConfig | None = None
 
     def with_cmdline_appended(self, extra: str) -> VmConfig:
         """Return a copy whose kernel command line has ``extra`` appended, separated by a
@@ -447,6 +491,68 @@ def _check_output_file(path: Path, value: str, key: str, context: _Context) -> N
 _CMDLINE: Final = _string(max_bytes=CMDLINE_MAX_BYTES)
 
 
+def _boolean(value: Any, key: str, context: _Context) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise context.error(key, f"expected true or false, got {_describe(value)}")
+
+
+def _array_of(table: _Table[_T], *, example: str) -> _Parser:
+    """``[[name]]`` tables: a list of tables, each parsed by ``table`` with key
+    ``name[i]``."""
+
+    def parse(value: Any, key: str, context: _Context) -> tuple[_T, ...]:
+        if not isinstance(value, list):
+            raise context.error(
+                key, f"expected [[{key}]] tables (e.g. {example}), got {_describe(value)}"
+            )
+        return tuple(table(item, f"{key}[{index}]", context) for index, item in enumerate(value))
+
+    return parse
+
+
+_TAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_MAC = re.compile(r"([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2}):"
+                  r"([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})")
+
+
+def _tap_name(value: Any, key: str, context: _Context) -> str:
+    if isinstance(value, str) and _TAP_NAME.fullmatch(value):
+        return value
+    raise context.error(
+        key, f"expected a network interface name of 1 to {TAP_NAME_MAX} characters from "
+        f"A-Z a-z 0-9 . _ -, got {_describe(value)}")
+
+
+def _mac(value: Any, key: str, context: _Context) -> bytes:
+    match = _MAC.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise context.error(key, f'expected a MAC address like "52:54:00:12:34:56", '
+                            f"got {_describe(value)}")
+    mac = bytes(int(part, 16) for part in match.groups())
+    if mac[0] & 1:
+        raise context.error(key, f"{value} is a multicast address; the first byte must be even")
+    return mac
+
+
+def _netns(value: Any, key: str, context: _Context) -> str:
+    if not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value)):
+        raise context.error(key, f"expected a network namespace name (as in `ip netns list`), "
+                            f"got {_describe(value)}")
+    if not os.path.exists(f"/run/netns/{value}"):
+        raise context.error(key, f"network namespace {value!r} not found (no /run/netns/{value});"
+                            f" create it with `ip netns add {value}`")
+    return value
+
+
+def _disk_id(value: Any, key: str, context: _Context) -> str:
+    if isinstance(value, str) and value.isascii() and value.isprintable() \
+            and 0 < len(value) <= DISK_ID_MAX_BYTES:
+        return value
+    raise context.error(key, f"expected 1 to {DISK_ID_MAX_BYTES} printable ASCII characters, "
+                        f"got {_describe(value)}")
+
+
 # --------------------------------------------------------------------------- the schema
 
 
@@ -471,15 +577,46 @@ def _build_serial(
     return SerialConfig(mode=mode, path=path)
 
 
+def _build_console(
+    values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
+) -> ConsoleConfig:
+    mode: ConsoleMode = values["mode"]
+    path: Path | None = values["path"]
+    path_key = _join(key, "path")
+    if mode in ("file", "socket"):
+        if path is None:
+            raise context.error(path_key, f"mode = {_quote(mode)} needs a path")
+        _check_output_file(path, raw["path"], path_key, context)
+    elif path is not None:
+        raise context.error(path_key, f"path is only used with mode = \"file\" or \"socket\" "
+                            f"(mode is {_quote(mode)}); remove it or change the mode")
+    return ConsoleConfig(mode=mode, path=path)
+
+
 def _build_vm(
     values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
 ) -> VmConfig:
+    disks: tuple[DiskConfig, ...] = values["disk"]
+    nets: tuple[NetConfig, ...] = values["net"]
+    taps = [net.tap for net in nets]
+    for index, tap in enumerate(taps):
+        if tap in taps[:index]:
+            raise context.error(f"net[{index}].tap", f"tap {_quote(tap)} is used twice; "
+                                "each NIC needs its own tap")
+    count = len(disks) + len(nets) + (values["rng"] is not None) + (values["console"] is not None)
+    if count > MAX_VIRTIO_DEVICES:
+        raise context.error("disk", f"{count} virtio devices configured; at most "
+                            f"{MAX_VIRTIO_DEVICES} are supported")
     return VmConfig(
         machine=values["machine"],
         boot=values["boot"],
         serial=values["serial"],
         source=context.source,
         name=values["name"],
+        disks=disks,
+        nets=nets,
+        rng=values["rng"],
+        console=values["console"],
     )
 
 
@@ -518,12 +655,44 @@ _SERIAL: Final = _Table(
     build=_build_serial,
 )
 
+_DISK: Final = _Table(
+    fields=(
+        _Field("path", _existing_file, hint='set path = "disk.img"'),
+        _Field("readonly", _boolean, default=False),
+        _Field("id", _disk_id, default=None),
+    ),
+    build=lambda values, raw, key, context: DiskConfig(**values),
+)
+
+_NET: Final = _Table(
+    fields=(
+        _Field("tap", _tap_name, hint='set tap = "tap0"'),
+        _Field("mac", _mac, default=None),
+        _Field("netns", _netns, default=None),
+    ),
+    build=lambda values, raw, key, context: NetConfig(**values),
+)
+
+_RNG: Final = _Table(fields=(), build=lambda values, raw, key, context: RngConfig())
+
+_CONSOLE: Final = _Table(
+    fields=(
+        _Field("mode", _choice(CONSOLE_MODES), default="console"),
+        _Field("path", _path, default=None),
+    ),
+    build=_build_console,
+)
+
 _ROOT: Final = _Table(
     fields=(
         _Field("name", _name, default=None),
         _Field("machine", _MACHINE, default=_EMPTY_TABLE),
         _Field("boot", _BOOT, hint='add [boot] with kernel = "path/to/vmlinux"'),
         _Field("serial", _SERIAL, default=_EMPTY_TABLE),
+        _Field("disk", _array_of(_DISK, example='[[disk]] path = "disk.img"'), default=()),
+        _Field("net", _array_of(_NET, example='[[net]] tap = "tap0"'), default=()),
+        _Field("rng", _RNG, default=None),
+        _Field("console", _CONSOLE, default=None),
     ),
     build=_build_vm,
 )

@@ -64,7 +64,70 @@ def plan_regions(size: int) -> tuple[MemoryRegion, ...]:
     return tuple(regions)
 
 
-class GuestMemory:
+class MemoryAccess:
+    """Reads and writes by guest physical address, built on ``view()``.
+
+    Devices and the virtqueue take any object with this interface, so that they can be
+    tested on a :class:`ByteArrayMemory` and run on a :class:`GuestMemory`.
+    """
+
+    def view(self, address: int, length: int) -> memoryview:
+        raise NotImplementedError
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        raise NotImplementedError
+
+    def read(self, address: int, length: int) -> bytes:
+        return bytes(self.view(address, length))
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(address, len(data))[:] = data
+
+    def read_u8(self, address: int) -> int:
+        return self.view(address, 1)[0]
+
+    def read_u16(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 2), "little")
+
+    def read_u32(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 4), "little")
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.view(address, 8), "little")
+
+    def write_u8(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(1, "little"))
+
+    def write_u16(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(2, "little"))
+
+    def write_u32(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(4, "little"))
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(8, "little"))
+
+
+
+class ByteArrayMemory(MemoryAccess):
+    """Guest memory made of a plain bytearray at guest address 0: for unit tests of code
+    that only reads and writes guest memory (virtqueues, devices)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.size = size
+        self.regions = (MemoryRegion(0, size, 0),)
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        return address >= 0 and length >= 0 and address + length <= self.size
+
+    def view(self, address: int, length: int) -> memoryview:
+        if not self.contains(address, length):
+            raise GuestAddressError(address, length)
+        return memoryview(self.data)[address:address + length]
+
+
+class GuestMemory(MemoryAccess):
     """Guest RAM backed by one shared memfd.
 
     The region map is immutable for the life of the object. Reads and writes may span
@@ -101,17 +164,20 @@ class GuestMemory:
         """The region holding ``[address, address+length)``, or GuestAddressError."""
         if length < 0 or address < 0:
             raise GuestAddressError(address, length)
+        first = self.regions[0]
+        if address + (length or 1) <= first.size:  # the common case: low RAM
+            return first
         for region in self.regions:
             if region.contains(address, max(length, 1)):
                 return region
         raise GuestAddressError(address, length)
 
     def contains(self, address: int, length: int = 1) -> bool:
-        try:
-            self.region_for(address, length)
-        except GuestAddressError:
+        if address < 0 or length < 0:
             return False
-        return True
+        end = address + (length or 1)
+        return any(region.guest_address <= address and end <= region.end
+                   for region in self.regions)
 
     def host_address(self, region: MemoryRegion) -> int:
         """Userspace address of ``region`` in this process."""
@@ -129,36 +195,6 @@ class GuestMemory:
             raise GuestMemoryError("guest memory is closed (the VM has been torn down)")
         start = self._offset(address, length)
         return self._view[start:start + length]
-
-    def read(self, address: int, length: int) -> bytes:
-        return bytes(self.view(address, length))
-
-    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        self.view(address, len(data))[:] = data
-
-    def read_u8(self, address: int) -> int:
-        return self.view(address, 1)[0]
-
-    def read_u16(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 2), "little")
-
-    def read_u32(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 4), "little")
-
-    def read_u64(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 8), "little")
-
-    def write_u8(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(1, "little"))
-
-    def write_u16(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(2, "little"))
-
-    def write_u32(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(4, "little"))
-
-    def write_u64(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(8, "little"))
 
     # -- lifetime -----------------------------------------------------------------------
 

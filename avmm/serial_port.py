@@ -1,4 +1,5 @@
-"""The host side of the serial port: where guest output goes, where input comes from.
+"""The host side of a serial port (the UART or a virtio console): where guest output
+goes, where input comes from.
 
 The UART calls :meth:`SerialPort.output` on a vCPU thread for every byte the guest
 writes. Output goes straight to the configured file descriptors (terminal or log file)
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
@@ -39,12 +40,18 @@ class SerialPort:
         self._token: trio.lowlevel.TrioToken | None = None
         self.dropped = 0
         self.push_input: Callable[[bytes], int] | None = None
+        self.send_input: Callable[[bytes], Awaitable[None]] | None = None
         self.stream = SerialStream(self)
 
-    def attach(self, token: trio.lowlevel.TrioToken, push_input: Callable[[bytes], int]) -> None:
-        """Connect to the event loop that reads the stream and to the UART's input."""
+    def attach(self, token: trio.lowlevel.TrioToken, *,
+               push_input: Callable[[bytes], int] | None = None,
+               send_input: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+        """Connect to the event loop that reads the stream, and to the device's input:
+        ``push_input`` (a UART: takes what fits, returns how much) or ``send_input``
+        (a virtio console: waits until the guest has taken it)."""
         self._token = token
         self.push_input = push_input
+        self.send_input = send_input
 
     # -- vCPU thread side ---------------------------------------------------------------
 
@@ -111,6 +118,11 @@ class SerialStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Type ``data`` into the guest's serial port, waiting while its FIFO is full."""
         remaining = bytes(data)
+        if self._port.send_input is not None:
+            if self._port._closed:
+                raise trio.ClosedResourceError("the VM's console is closed")
+            await self._port.send_input(remaining)
+            return
         while remaining:
             push = self._port.push_input
             if push is None or self._port._closed:
@@ -131,3 +143,59 @@ class SerialStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+async def serve_console_socket(
+    path: os.PathLike[str] | str, stream: SerialStream,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``stream`` on a unix socket at ``path``, one client at a time: the client
+    receives the output and its bytes become input. Output produced while no client is
+    connected stays in the stream's buffer (bounded) for the next client. The socket
+    file is created with mode 0600 and removed when this task ends."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        os.unlink(path)  # a stale socket from an earlier run
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(1)
+    listeners = trio.SocketListener(listener)
+    task_status.started()
+    try:
+        while True:
+            client = await listeners.accept()
+            log.info("console client connected", path=path)
+            async with client, trio.open_nursery() as nursery:
+
+                async def to_client(client: trio.SocketStream = client,
+                                    scope: trio.CancelScope = nursery.cancel_scope) -> None:
+                    async for chunk in stream:
+                        try:
+                            await client.send_all(chunk)
+                        except trio.BrokenResourceError:
+                            break
+                    scope.cancel()
+
+                async def from_client(client: trio.SocketStream = client,
+                                      scope: trio.CancelScope = nursery.cancel_scope) -> None:
+                    try:
+                        async for chunk in client:
+                            await stream.send_all(chunk)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    scope.cancel()
+
+                nursery.start_soon(to_client)
+                nursery.start_soon(from_client)
+            log.info("console client disconnected", path=path)
+    finally:
+        # No awaits here: this runs while being cancelled.
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        listener.close()

@@ -24,7 +24,7 @@ from .arch.x86 import layout
 from .arch.x86.cpuid import filter_cpuid
 from .arch.x86.loader import load_kernel
 from .bus import Bus
-from .config import VmConfig
+from .config import ConsoleConfig, VmConfig
 from .devices.debug_exit import DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT, DebugExit
 from .devices.i8042 import I8042, I8042_BASE_PORT, I8042_PORT_COUNT
 from .devices.serial import SERIAL_PORT_COUNT, Serial8250
@@ -32,9 +32,12 @@ from .errors import AvmmError, GuestAddressError, VmStartError, VmStateError
 from .kvm import Kvm, Vcpu, install_kick_handler
 from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit
 from .memory import MIB, GuestMemory
-from .serial_port import SerialPort
+from .netns import call_in_netns
+from .serial_port import SerialPort, serve_console_socket
 from .vcpu_loop import VcpuLoop
 from .vcpu_thread import run_in_vcpu_thread
+from .virtio.device import VirtioDevice
+from .vm_virtio import VirtioMmioSlot, placements
 from .x86_vcpu import apply_boot_state, configure_platform_state
 
 log = structlog.get_logger(__name__)
@@ -63,12 +66,16 @@ class VirtualMachine:
         self.config = config
         self.name = name or config.name or f"vm{next(_vm_numbers)}"
         self._serial_port = SerialPort(sink_fds=())
+        self._console_port: SerialPort | None = None
         self._latch = StopLatch(self._on_stop_requested)
         self._resources = contextlib.ExitStack()
         self._nursery_manager: Any = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._finished = trio.Event()
         self._vcpus: list[Vcpu] = []
+        self.virtio_slots: list[VirtioMmioSlot] = []
+        self._devices_scope = trio.CancelScope()
+        self._devices_done = trio.Event()
         self._loops: list[VcpuLoop] = []
         self.memory: GuestMemory | None = None
         self.pio_bus = Bus("pio")
@@ -82,6 +89,11 @@ class VirtualMachine:
     def serial(self) -> Any:
         """The guest's serial port as a trio byte stream (read output, send input)."""
         return self._serial_port.stream
+
+    @property
+    def console(self) -> Any:
+        """The virtio console as a trio byte stream, or None without ``[console]``."""
+        return self._console_port.stream if self._console_port is not None else None
 
     @property
     def exit(self) -> VmExit | None:
@@ -120,6 +132,7 @@ class VirtualMachine:
             raise
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
+        await nursery.start(self._run_devices)
         nursery.start_soon(self._supervise)
         self._log.info("vm started", vcpus=len(self._vcpus),
                        memory_mib=self.config.machine.memory_mib)
@@ -175,8 +188,18 @@ class VirtualMachine:
             for slot, region in enumerate(memory.regions):
                 vm.set_user_memory_region(slot, region.guest_address, region.size,
                                           memory.host_address(region))
+        devices = self._make_virtio_devices()
+        with self._step("placing the virtio devices"):
+            for device, placement in zip(devices, placements(len(devices)), strict=True):
+                slot = VirtioMmioSlot(vm=vm, memory=memory, device=device,
+                                      placement=placement, token=self._token_or_fail())
+                resources.callback(slot.close)
+                self.virtio_slots.append(slot)
+                self.mmio_bus.insert(slot.transport, placement.base, 0x1000, name=device.name)
+        cmdline = " ".join([config.boot.cmdline] + [
+            slot.placement.kernel_parameter() for slot in self.virtio_slots]).strip()
         with self._step(f"loading the kernel {config.boot.kernel}"):
-            kernel_load = load_kernel(memory, config.boot.kernel, cmdline=config.boot.cmdline,
+            kernel_load = load_kernel(memory, config.boot.kernel, cmdline=cmdline,
                                       initrd=config.boot.initrd)
             self._log.info("kernel loaded", kernel=str(config.boot.kernel))
         with self._step("setting up the serial port"):
@@ -186,7 +209,7 @@ class VirtualMachine:
             vm.irqfd(irq_fd, COM1_IRQ)
             self.uart = Serial8250(raise_irq=_eventfd_trigger(irq_fd),
                                    output=self._serial_port.output)
-            self._serial_port.attach(self._token_or_fail(), self.uart.push_input)
+            self._serial_port.attach(self._token_or_fail(), push_input=self.uart.push_input)
             resources.callback(self._serial_port.close)
             self.pio_bus.insert(self.uart, COM1_PORT, SERIAL_PORT_COUNT, name="serial0")
         with self._step("setting up the legacy devices"):
@@ -215,6 +238,61 @@ class VirtualMachine:
                                             mmio_bus=self.mmio_bus,
                                             read_guest=self._read_guest, latch=self._latch))
 
+    def _make_virtio_devices(self) -> list[VirtioDevice]:
+        """The configured virtio devices, in placement order: disks, NICs, rng, console.
+        Each is registered for closing as soon as it exists."""
+        from .tap import Tap
+        from .virtio.blk import BlockDevice
+        from .virtio.net import NetDevice
+        from .virtio.rng import RngDevice
+
+        config = self.config
+        devices: list[VirtioDevice] = []
+
+        def keep(device: VirtioDevice) -> None:
+            devices.append(device)
+
+        for index, disk in enumerate(config.disks):
+            with self._step(f"opening disk {index} ({disk.path})"):
+                blk = BlockDevice(disk.path, read_only=disk.readonly, serial=disk.id,
+                                  name=f"blk{index}")
+                self._resources.callback(blk.close)
+                keep(blk)
+        for index, net in enumerate(config.nets):
+            with self._step(f"opening tap {net.tap!r} for net{index}"):
+                if net.netns is None:
+                    tap = Tap.open(net.tap)
+                else:
+                    tap = call_in_netns(net.netns, lambda name=net.tap: Tap.open(name))
+                self._resources.callback(tap.close)
+                keep(NetDevice(tap, mac=net.mac or _derived_mac(self.name, net.tap),
+                               name=f"net{index}"))
+        if config.rng is not None:
+            keep(RngDevice(name="rng0"))
+        if config.console is not None:
+            with self._step("setting up the virtio console"):
+                keep(self._make_console(config.console))
+        return devices
+
+    def _make_console(self, console: ConsoleConfig) -> VirtioDevice:
+        from .virtio.console import ConsoleDevice
+
+        sinks: tuple[int, ...] = ()
+        if console.mode == "console":
+            sinks = (1,)
+        elif console.mode == "file":
+            assert console.path is not None
+            fd = os.open(console.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                         0o644)
+            self._resources.callback(os.close, fd)
+            sinks = (fd,)
+        port = SerialPort(sink_fds=sinks)
+        device = ConsoleDevice(output=port.output, name="console0")
+        port.attach(self._token_or_fail(), send_input=device.send_input)
+        self._resources.callback(port.close)
+        self._console_port = port
+        return device
+
     def _serial_sinks(self) -> tuple[int, ...]:
         serial = self.config.serial
         if serial.mode == "console":
@@ -240,6 +318,28 @@ class VirtualMachine:
 
     # -- running ------------------------------------------------------------------------
 
+    async def _run_devices(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                           ) -> None:
+        """Home of the device tasks: each starts when its driver sets DRIVER_OK and all
+        are cancelled when the VM stops."""
+        try:
+            await self._device_nursery(task_status)
+        finally:
+            self._devices_done.set()
+
+    async def _device_nursery(self, task_status: trio.TaskStatus[None]) -> None:
+        with self._devices_scope:
+            async with trio.open_nursery() as nursery:
+                for slot in self.virtio_slots:
+                    slot.attach(nursery)
+                console = self.config.console
+                if console is not None and console.mode == "socket":
+                    assert console.path is not None and self._console_port is not None
+                    await nursery.start(serve_console_socket, console.path,
+                                        self._console_port.stream)
+                task_status.started()
+                await trio.sleep_forever()
+
     async def _supervise(self) -> None:
         """Run every vCPU; when all have returned, the VM has stopped."""
         structlog.contextvars.bind_contextvars(vm=self.name)
@@ -248,7 +348,14 @@ class VirtualMachine:
                 for loop in self._loops:
                     nursery.start_soon(self._run_vcpu, loop)
         finally:
+            # Devices stop after the vCPUs (nothing can kick them any more) and before
+            # wait() returns, so a caller that saw the VM stop sees its devices stopped.
+            self._devices_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self._devices_done.wait()
             self._serial_port.close()
+            if self._console_port is not None:
+                self._console_port.close()
             self._finished.set()
             result = self._latch.exit
             self._log.info("vm stopped", reason=result.reason.value if result else None,
@@ -290,3 +397,11 @@ def _eventfd_trigger(fd: int) -> Callable[[], None]:
             pass  # the counter is saturated: an interrupt is already pending
 
     return trigger
+
+
+def _derived_mac(vm_name: str, tap: str) -> bytes:
+    """A stable, locally administered unicast MAC for a NIC without one configured."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{vm_name}/{tap}".encode()).digest()
+    return bytes([0x02]) + digest[:5]

@@ -97,3 +97,28 @@ def _reset_logging() -> object:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+# -- figures: measurements printed at the end of the run, never asserted ---------------
+
+_FIGURES: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def figure() -> object:
+    """``figure("blk-crc IOPS", f"{iops:.0f}")`` records a measurement that is printed in
+    the summary at the end of the run (speed targets belong in benchmarks, not asserts)."""
+
+    def record(name: str, value: str) -> None:
+        _FIGURES.append((name, value))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    if not _FIGURES:
+        return
+    reporter: object = terminalreporter
+    reporter.section("avmm figures (measured, not asserted)")  # type: ignore[attr-defined]
+    for name, value in _FIGURES:
+        reporter.write_line(f"{name}: {value}")  # type: ignore[attr-defined]

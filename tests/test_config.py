@@ -337,3 +337,75 @@ def test_hide_cpu_features_errors_name_the_entry(
     assert caught.value.key == key
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# -- virtio devices -------------------------------------------------------------------
+
+
+def _devices_config(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "vmlinux").write_bytes(b"x")
+    (tmp_path / "disk.img").write_bytes(bytes(4096))
+    path = tmp_path / "vm.toml"
+    path.write_text('[boot]\nkernel = "vmlinux"\n' + text)
+    return path
+
+
+def test_device_sections_parse(tmp_path: Path) -> None:
+    path = _devices_config(tmp_path, """
+[[disk]]
+path = "disk.img"
+[[disk]]
+path = "disk.img"
+readonly = true
+id = "data-1"
+[[net]]
+tap = "avmmtap0"
+mac = "52:54:00:12:34:56"
+[rng]
+[console]
+mode = "file"
+path = "console.log"
+""")
+    config = load_config(path)
+    assert [(d.path, d.readonly, d.id) for d in config.disks] == [
+        (tmp_path / "disk.img", False, None), (tmp_path / "disk.img", True, "data-1")]
+    assert config.nets[0].tap == "avmmtap0"
+    assert config.nets[0].mac == bytes.fromhex("525400123456")
+    assert config.rng is not None
+    assert config.console is not None and config.console.path == tmp_path / "console.log"
+
+
+def test_device_sections_default_to_none(tmp_path: Path) -> None:
+    config = load_config(_devices_config(tmp_path, ""))
+    assert config.disks == () and config.nets == ()
+    assert config.rng is None and config.console is None
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('[[disk]]\npath = "missing.img"\n', "disk[0].path", "file not found"),
+        ("[[disk]]\nreadonly = true\n", "disk[0].path", 'missing required key "path"'),
+        ('[[disk]]\npath = "disk.img"\nreadonly = "yes"\n', "disk[0].readonly",
+         "expected true or false"),
+        ('[[disk]]\npath = "disk.img"\nid = "x' + "y" * 20 + '"\n', "disk[0].id",
+         "printable ASCII"),
+        ('[disk]\npath = "disk.img"\n', "disk", "expected [[disk]] tables"),
+        ('[[net]]\ntap = "a-very-long-tap-name"\n', "net[0].tap", "interface name"),
+        ('[[net]]\ntap = "t0"\nmac = "52:54:00:12:34"\n', "net[0].mac", "MAC address"),
+        ('[[net]]\ntap = "t0"\nmac = "01:00:5e:00:00:01"\n', "net[0].mac", "multicast"),
+        ('[[net]]\ntap = "t0"\n[[net]]\ntap = "t0"\n', "net[1].tap", "used twice"),
+        ("[rng]\nsource = 1\n", "rng.source", "unknown key"),
+        ('[console]\nmode = "socket"\n', "console.path", "needs a path"),
+        ('[console]\npath = "c.log"\n', "console.path", "only used with"),
+        ("[[disk]]\npath = \"disk.img\"\n" * 9, "disk", "at most 8"),
+    ],
+)
+def test_device_section_errors_name_the_key(
+    tmp_path: Path, text: str, key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_devices_config(tmp_path, text))
+    assert caught.value.key == key
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -35,3 +35,23 @@ def test_hello_toml_is_a_valid_config() -> None:
     config = load_config(REPO / "examples" / "hello.toml")
     assert config.boot.kernel.name == "testguest.elf"
     assert "avmm.test=hello" in config.boot.cmdline
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_virtio_example_reads_its_disk_end_to_end() -> None:
+    import zlib
+
+    disk = REPO / "build" / "examples" / "disk.img"
+    subprocess.run(["make", "-s", "example-disk"], cwd=REPO, check=True, timeout=60)
+    for scenario, expected in [
+        ("blk-crc", f"avmm-testguest: blk0 sectors={disk.stat().st_size // 512} "
+                    f"crc32={zlib.crc32(disk.read_bytes()):08x}"),
+        ("rng", "avmm-testguest: rng0 "),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "avmm.cli", "up", str(REPO / "examples" / "virtio.toml"),
+             "--append", f"avmm.test={scenario}"],
+            capture_output=True, text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        assert expected in result.stdout

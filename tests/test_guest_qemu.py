@@ -18,13 +18,25 @@ import json
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import time
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
+from virtio_guest_support import (
+    EthernetEchoer,
+    TapNamespace,
+    blk_pattern,
+    echoing_tap,
+    expected_pattern,
+    parse_result_lines,
+    qemu_tap_netdev,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
@@ -50,10 +62,20 @@ ACCELS = [
 KVM_PVM = Path("/sys/module/kvm_pvm").exists()
 
 
-def qemu_argv(elf: Path, accel: str, cmdline: str, *, i8042: bool = True) -> list[str]:
+def qemu_argv(
+    elf: Path,
+    accel: str,
+    cmdline: str,
+    *,
+    i8042: bool = True,
+    machine: str = "",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """QEMU's command line; ``machine`` adds ``-M`` options (``,acpi=off``), ``extra``
+    goes at the end (devices)."""
     argv = [
         QEMU,
-        "-M", f"microvm,accel={accel}",
+        "-M", f"microvm,accel={accel}{machine}",
         "-m", "64",
         "-smp", "1",
         "-nographic",
@@ -70,19 +92,29 @@ def qemu_argv(elf: Path, accel: str, cmdline: str, *, i8042: bool = True) -> lis
     if i8042:
         # microvm has no i8042 of its own; with one, the guest's power-off exits 0.
         argv += ["-device", "i8042"]
-    return argv
+    return [*argv, *extra]
 
 
 def run_guest(
-    elf: Path, accel: str, cmdline: str, *, i8042: bool = True, serial_input: bytes | None = None
+    elf: Path,
+    accel: str,
+    cmdline: str,
+    *,
+    i8042: bool = True,
+    serial_input: bytes | None = None,
+    machine: str = "",
+    extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
 ) -> tuple[int, list[str]]:
     """Boot the guest to the end; return QEMU's exit status and the serial lines.
 
     ``serial_input`` is written to the serial port's input (QEMU's stdin) at once,
-    before the guest even boots; stdin is then closed.
+    before the guest even boots; stdin is then closed. ``prefix`` runs QEMU under
+    another command (``ip netns exec NS``); ``machine`` and ``extra`` go to
+    :func:`qemu_argv`.
     """
     result = subprocess.run(
-        qemu_argv(elf, accel, cmdline, i8042=i8042),
+        [*prefix, *qemu_argv(elf, accel, cmdline, i8042=i8042, machine=machine, extra=extra)],
         input=serial_input,
         stdin=subprocess.DEVNULL if serial_input is None else None,
         capture_output=True,
@@ -176,18 +208,29 @@ def _connect(path: Path, process: subprocess.Popen[bytes]) -> socket.socket:
 
 
 def run_guest_to_pause(
-    elf: Path, accel: str, cmdline: str, tmp_path: Path
+    elf: Path,
+    accel: str,
+    cmdline: str,
+    tmp_path: Path,
+    *,
+    words: int = 4,
+    machine: str = "",
+    extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
 ) -> tuple[str, list[str], list[int]]:
     """Boot the guest with QEMU kept alive once the VM stops; read the mailbox then.
 
     Returns the final run state (``shutdown`` after a clean power-off; others such as
-    ``internal-error`` mean QEMU stopped the VM), the serial lines and the first four
-    mailbox words (magic, counter, done, result). A guest that exits through the
-    debug-exit port ends QEMU instead, which fails here with "QMP closed".
+    ``internal-error`` or ``io-error`` mean QEMU stopped the VM), the serial lines and
+    the first ``words`` mailbox words (magic, counter, done, result, then the reserved
+    words and the scratch area from word 8). A guest that exits through the debug-exit
+    port ends QEMU instead, which fails here with "QMP closed". ``machine``, ``extra``
+    and ``prefix`` are as for :func:`run_guest`.
     """
     qmp_path = tmp_path / "qmp.sock"
     argv = [
-        *qemu_argv(elf, accel, cmdline),
+        *prefix,
+        *qemu_argv(elf, accel, cmdline, machine=machine, extra=extra),
         # Stay around after the guest powers off so that its memory can be read.
         "-action", "shutdown=pause",
         "-qmp", f"unix:{qmp_path},server=on,wait=off",
@@ -204,7 +247,9 @@ def run_guest_to_pause(
                     assert time.monotonic() < deadline, "guest did not stop"
                     time.sleep(0.05)
                 dump = _qmp(
-                    stream, "human-monitor-command", **{"command-line": f"xp /4gx {MAILBOX_GPA:#x}"}
+                    stream,
+                    "human-monitor-command",
+                    **{"command-line": f"xp /{words}gx {MAILBOX_GPA:#x}"},
                 )
                 _qmp(stream, "quit")
             stdout, _ = process.communicate(timeout=TIMEOUT_S)
@@ -212,9 +257,9 @@ def run_guest_to_pause(
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-    words = [int(w, 16) for w in re.findall(r"0x([0-9a-f]{16})", dump)]
-    assert len(words) == 4, dump
-    return state["status"], stdout.decode(errors="replace").splitlines(), words
+    values = [int(w, 16) for w in re.findall(r"0x([0-9a-f]{16})", dump)]
+    assert len(values) == words, dump
+    return state["status"], stdout.decode(errors="replace").splitlines(), values
 
 
 @pytest.mark.parametrize("accel", ACCELS)
@@ -370,3 +415,394 @@ def test_echo_keeps_input_sent_before_it_is_ready(test_guest: Path) -> None:
         "avmm-testguest: echo bye",
     ]
     assert status == STATUS_POWER_OFF
+
+
+# ---- virtio: the guest's polling drivers against QEMU's virtio-mmio devices.
+#
+# microvm puts virtio_mmio.device=<size>@<base>:<irq> words on the command line only
+# with acpi=off, and its virtio-mmio transports are legacy (version 1) unless
+# virtio-mmio.force-legacy=false: the guest drives modern (version 2) devices only.
+
+VIRTIO_MACHINE = ",acpi=off"
+MODERN_MMIO = ["-global", "virtio-mmio.force-legacy=false"]
+GUEST_MAC = "52:54:00:12:34:56"
+
+
+def blk_drive(index: int, image: Path, options: str = "", device_options: str = "") -> list[str]:
+    """A virtio-blk device for ``image``; ``options`` are extra ``-drive`` options,
+    ``device_options`` extra ``-device`` ones."""
+    return [
+        "-device", f"virtio-blk-device,drive=d{index}{device_options}",
+        "-drive", f"id=d{index},file={image},format=raw,if=none{options}",
+    ]  # fmt: skip
+
+
+def blk_args(*images: Path, options: str = "") -> list[str]:
+    """Modern virtio-mmio transports and one virtio-blk device per image, in order."""
+    args = [*MODERN_MMIO]
+    for i, image in enumerate(images):
+        args += blk_drive(i, image, options)
+    return args
+
+
+def random_image(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def run_virtio(
+    elf: Path, accel: str, cmdline: str, extra: Sequence[str], **kwargs: Any
+) -> tuple[int, list[str]]:
+    return run_guest(elf, accel, cmdline, machine=VIRTIO_MACHINE, extra=extra, **kwargs)
+
+
+def test_host_helpers_pattern_and_result_lines() -> None:
+    """The pattern's first words (README.md quotes them) and the line parser."""
+    assert blk_pattern(1, 0)[:16].hex() == "f465b9a16a9e786e67ec8e65a18debbe"
+    assert expected_pattern(3, 2, start=5) == blk_pattern(3, 5) + blk_pattern(3, 6)
+    output = (
+        "avmm-testguest: blk0 sectors=8192 crc32=5189d674\n"
+        "avmm-testguest: blk1 readonly write=ioerr\n"
+        "avmm-testguest: hello\n"
+        "avmm-testguest: rng0 00ff\n"
+    )
+    assert parse_result_lines(output) == {
+        "blk0": {"sectors": "8192", "crc32": "5189d674"},
+        "blk1": {"readonly": True, "write": "ioerr"},
+        "rng0": {"00ff": True},
+    }
+
+
+def test_virtio_mmio_words_appear_only_with_acpi_off(test_guest: Path, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 1 << 16)
+    devices = [*blk_args(image), "-device", "virtio-rng-device"]
+    _, lines = run_virtio(test_guest, "tcg", "avmm.test=hello", devices)
+    # Highest transport first, in the order of the -device options.
+    assert lines[1] == (
+        "avmm-testguest: cmdline: avmm.test=hello "
+        "virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=512@0xfeb00c00:11"
+    )
+    _, lines = run_guest(test_guest, "tcg", "avmm.test=hello", extra=devices)
+    assert lines[1] == "avmm-testguest: cmdline: avmm.test=hello"
+
+
+def test_virtio_legacy_transport_is_skipped(test_guest: Path, tmp_path: Path) -> None:
+    """QEMU's default virtio-mmio transport is the legacy one (version 1)."""
+    image = random_image(tmp_path / "disk.img", 1 << 16)
+    status, lines = run_virtio(test_guest, "tcg", "avmm.test=blk-crc", blk_drive(0, image))
+    assert lines == [
+        "avmm-testguest: virtio@0xfeb00e00 legacy device, skipped",
+        "avmm-testguest: no virtio-blk device",
+    ]
+    assert status == STATUS_FAILURE
+
+
+@pytest.mark.parametrize(
+    ("scenario", "line"),
+    [
+        ("blk-crc", "no virtio-blk device"),
+        ("blk-write", "no virtio-blk device"),
+        ("blk-io", "no virtio-blk device"),
+        ("blk-hostile avmm.hostile=loop", "no virtio-blk device"),
+        ("net-echo", "no virtio-net device"),
+        ("rng", "no virtio-rng device"),
+    ],
+)
+def test_virtio_scenario_without_its_device_fails_clearly(
+    test_guest: Path, scenario: str, line: str
+) -> None:
+    status, lines = run_virtio(test_guest, "tcg", f"avmm.test={scenario}", MODERN_MMIO)
+    assert lines == [f"avmm-testguest: {line}"]
+    assert status == STATUS_FAILURE
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_blk_crc_matches_zlib_and_lands_in_the_mailbox(
+    test_guest: Path, accel: str, tmp_path: Path
+) -> None:
+    image = random_image(tmp_path / "disk.img", 4 << 20)
+    crc = zlib.crc32(image.read_bytes())
+    state, lines, words = run_guest_to_pause(
+        test_guest, accel, "avmm.test=blk-crc", tmp_path,
+        words=11, machine=VIRTIO_MACHINE, extra=blk_args(image),
+    )  # fmt: skip
+    assert state == "shutdown", lines
+    assert lines == [f"avmm-testguest: blk0 sectors=8192 crc32={crc:08x}"]
+    _, counter, done, result = words[:4]
+    assert (counter, done, result) == (8192, 1, 0)
+    assert words[8:11] == [1, 8192, crc]  # scratch: devices, sectors, crc of blk0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "",
+        "avmm.indirect=1",
+        "avmm.req=7 avmm.qsize=4",
+        "avmm.indirect=1 avmm.req=3 avmm.qsize=4",
+        "avmm.seg=1000 avmm.qsize=32",
+        "avmm.indirect=1 avmm.seg=4096",
+    ],
+)
+def test_blk_crc_of_two_disks(test_guest: Path, tmp_path: Path, options: str) -> None:
+    """Two disks, numbered in command-line order; one not a multiple of the request size;
+    with indirect descriptors, odd request sizes, tiny queues, data split into segments
+    (1000 bytes: segments that are not whole sectors)."""
+    images = [
+        random_image(tmp_path / "a.img", 2 << 20),
+        random_image(tmp_path / "b.img", (1 << 20) + 3 * 512),
+    ]
+    status, lines = run_virtio(test_guest, "tcg", f"avmm.test=blk-crc {options}", blk_args(*images))
+    assert lines == [
+        f"avmm-testguest: blk{i} sectors={image.stat().st_size // 512} "
+        f"crc32={zlib.crc32(image.read_bytes()):08x}"
+        for i, image in enumerate(images)
+    ]
+    assert status == STATUS_POWER_OFF
+
+
+@pytest.mark.parametrize(
+    ("accel", "size"),
+    [
+        pytest.param("tcg", 4 << 20, id="tcg"),
+        pytest.param("kvm", 1 << 20, id="kvm", marks=pytest.mark.kvm),
+    ],
+)
+def test_blk_write_leaves_the_pattern_on_the_host_image(
+    test_guest: Path, accel: str, size: int, tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(size))
+    seed = int.from_bytes(os.urandom(8), "little")
+    sectors = size // 512
+    status, lines = run_virtio(
+        test_guest, accel, f"avmm.test=blk-write avmm.seed={seed}", blk_args(image)
+    )
+    assert lines == [f"avmm-testguest: blk0 written={sectors} verify=ok"]
+    assert status == STATUS_POWER_OFF
+    assert image.read_bytes() == expected_pattern(seed, sectors)
+
+
+def test_blk_write_on_a_readonly_disk_gets_ioerr_and_changes_nothing(
+    test_guest: Path, tmp_path: Path
+) -> None:
+    writable = tmp_path / "rw.img"
+    writable.write_bytes(bytes(64 << 10))
+    readonly = random_image(tmp_path / "ro.img", 1 << 20)
+    before = readonly.read_bytes()
+    devices = [*blk_args(writable), *blk_drive(1, readonly, ",readonly=on")]
+    status, lines = run_virtio(test_guest, "tcg", "avmm.test=blk-write", devices)
+    assert lines == [
+        "avmm-testguest: blk0 written=128 verify=ok",
+        "avmm-testguest: blk1 readonly write=ioerr",
+    ]
+    assert status == STATUS_POWER_OFF
+    assert readonly.read_bytes() == before
+    assert writable.read_bytes() == expected_pattern(1, 128)
+
+
+def test_blk_write_without_flush_says_so(test_guest: Path, tmp_path: Path) -> None:
+    """QEMU offers VIRTIO_BLK_F_FLUSH only with a write cache (or config-wce)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 << 10))
+    devices = [*MODERN_MMIO, *blk_drive(0, image, ",cache=writethrough", ",config-wce=off")]
+    status, lines = run_virtio(test_guest, "tcg", "avmm.test=blk-write avmm.seed=9", devices)
+    assert lines == [
+        "avmm-testguest: blk0 flush=skipped (VIRTIO_BLK_F_FLUSH not offered)",
+        "avmm-testguest: blk0 written=128 verify=ok",
+    ]
+    assert status == STATUS_POWER_OFF
+    assert image.read_bytes() == expected_pattern(9, 128)
+
+
+def test_blk_indirect_needs_the_feature(test_guest: Path, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 64 << 10)
+    devices = [*MODERN_MMIO, *blk_drive(0, image, device_options=",indirect_desc=off")]
+    status, lines = run_virtio(test_guest, "tcg", "avmm.test=blk-crc avmm.indirect=1", devices)
+    assert lines == ["avmm-testguest: blk0 does not offer VIRTIO_F_INDIRECT_DESC"]
+    assert status == STATUS_FAILURE
+
+
+def test_blk_io_writes_sector_by_sector(test_guest: Path, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 64 << 10)
+    rest = image.read_bytes()[16 * 512 :]
+    status, lines = run_virtio(test_guest, "tcg", "avmm.test=blk-io avmm.n=16", blk_args(image))
+    assert lines == ["avmm-testguest: blk0 status=ok sector=16"]
+    assert status == STATUS_POWER_OFF
+    assert image.read_bytes() == expected_pattern(7, 16) + rest
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+def _on_a_full_filesystem(tmp_path: Path) -> tuple[list[str], Path]:
+    """A command prefix that runs QEMU in a private mount namespace with a 64 KiB tmpfs
+    on ``tmp_path / "small"`` holding a 4 MiB sparse image (QEMU is exec'd with the
+    rest of the command line)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    image = mountpoint / "sparse.img"
+    script = (
+        f'mount -t tmpfs -o size=64k avmm-full {mountpoint} && truncate -s 4M {image} && exec "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"], image
+
+
+@needs_root
+def test_blk_io_on_a_full_filesystem_reports_ioerr_with_werror_report(
+    test_guest: Path, tmp_path: Path
+) -> None:
+    prefix, image = _on_a_full_filesystem(tmp_path)
+    status, lines = run_virtio(
+        test_guest, "tcg", "avmm.test=blk-io avmm.n=8192",
+        blk_args(image, options=",werror=report"), prefix=prefix,
+    )  # fmt: skip
+    match = re.fullmatch(r"avmm-testguest: blk0 status=ioerr sector=(\d+)", lines[-1])
+    assert match, lines
+    assert 0 < int(match.group(1)) < 8192
+    assert status == STATUS_POWER_OFF
+
+
+@needs_root
+def test_blk_io_on_a_full_filesystem_stops_qemu_by_default(
+    test_guest: Path, tmp_path: Path
+) -> None:
+    """QEMU's default werror=enospc stops the VM (run state io-error) instead of
+    completing the request: the guest never sees the error."""
+    prefix, image = _on_a_full_filesystem(tmp_path)
+    state, lines, words = run_guest_to_pause(
+        test_guest, "tcg", "avmm.test=blk-io avmm.n=8192", tmp_path,
+        machine=VIRTIO_MACHINE, extra=blk_args(image), prefix=prefix,
+    )  # fmt: skip
+    assert state == "io-error", lines
+    assert lines == []
+    _, counter, done, _ = words
+    assert 0 < counter < 8192  # the sectors written before the file system filled up
+    assert done == 0
+
+
+@pytest.mark.parametrize(
+    ("hostility", "outcome"),
+    [
+        # QEMU: "Incorrect order for descriptors" (the loop comes back to the
+        # device-readable header after the writable status byte), then NEEDS_RESET.
+        ("loop", ["avmm-testguest: blk0 needs_reset=1"]),
+        # QEMU: "virtio-blk request outhdr too short", then NEEDS_RESET.
+        ("len", ["avmm-testguest: blk0 needs_reset=1"]),
+        # QEMU maps a descriptor into unassigned guest-physical space through its bounce
+        # buffer like MMIO: the read "succeeds" (the data goes nowhere), no NEEDS_RESET.
+        (
+            "oob",
+            [
+                "avmm-testguest: blk0 needs_reset=0",
+                "avmm-testguest: blk0 hostile request completed status=ok",
+            ],
+        ),
+    ],
+)
+def test_blk_hostile_request_then_reset_and_recover(
+    test_guest: Path, tmp_path: Path, hostility: str, outcome: list[str]
+) -> None:
+    image = random_image(tmp_path / "disk.img", 64 << 10)
+    status, lines = run_virtio(
+        test_guest, "tcg", f"avmm.test=blk-hostile avmm.hostile={hostility}", blk_args(image)
+    )
+    assert lines == [*outcome, "avmm-testguest: blk0 recovered=ok"]
+    assert status == STATUS_POWER_OFF
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_rng_prints_32_random_bytes(test_guest: Path, accel: str) -> None:
+    seen = []
+    for _ in range(2):
+        status, lines = run_virtio(
+            test_guest, accel, "avmm.test=rng", [*MODERN_MMIO, "-device", "virtio-rng-device"]
+        )
+        assert len(lines) == 1 and re.fullmatch(r"avmm-testguest: rng0 [0-9a-f]{64}", lines[0])
+        assert status == STATUS_POWER_OFF
+        data = lines[0].split()[-1]
+        assert data != "0" * 64
+        seen.append(data)
+    assert seen[0] != seen[1]
+
+
+# ---- net-echo: a tap in a private network namespace, an echoer on it, QEMU inside.
+
+
+def _netns_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces and taps need root (CAP_NET_ADMIN)"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist (modprobe tun)"
+    if shutil.which("ip") is None:
+        return "ip (iproute2) is not installed"
+    return None
+
+
+@pytest.fixture
+def echoing_namespace() -> Iterator[tuple[TapNamespace, EthernetEchoer]]:
+    """A tap (up) in a fresh network namespace with an echoer on it; QEMU has to run in
+    the namespace (``namespace.command_prefix()``)."""
+    problem = _netns_problem()
+    if problem is not None:
+        if os.environ.get("AVMM_REQUIRE_KVM") == "1":
+            pytest.fail(f"prerequisite missing and AVMM_REQUIRE_KVM=1: {problem}", pytrace=False)
+        pytest.skip(f"prerequisite missing: {problem}")
+    with echoing_tap(lifetime=TIMEOUT_S) as (namespace, echoer):
+        yield namespace, echoer
+
+
+def net_args(namespace: TapNamespace) -> list[str]:
+    return [
+        *MODERN_MMIO,
+        "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}",
+        "-netdev", qemu_tap_netdev(namespace.tap),
+    ]  # fmt: skip
+
+
+# QEMU 7.2 leaves num_buffers 0 in received headers when VIRTIO_NET_F_MRG_RXBUF is not
+# negotiated; the spec (5.1.6.4.2) says the device MUST set it to 1. The guest is strict
+# unless told otherwise (see the test below).
+LAX = "avmm.lax_num_buffers=1"
+
+
+@pytest.mark.parametrize(
+    ("accel", "options"),
+    [
+        pytest.param("tcg", f"avmm.size=64 {LAX}", id="tcg-64"),
+        pytest.param("tcg", f"avmm.size=1514 {LAX}", id="tcg-1514"),
+        pytest.param("tcg", "avmm.size=1514 avmm.mrg=1", id="tcg-1514-mrg"),
+        # A frame spread over 16 buffers of 100 bytes (num_buffers > 1).
+        pytest.param("tcg", "avmm.size=1514 avmm.mrg=1 avmm.rxbuf=100", id="tcg-1514-mrg-split"),
+        pytest.param("kvm", f"avmm.size=1514 {LAX}", id="kvm-1514", marks=pytest.mark.kvm),
+    ],
+)
+def test_net_echo_through_a_tap(
+    test_guest: Path,
+    echoing_namespace: tuple[TapNamespace, EthernetEchoer],
+    accel: str,
+    options: str,
+) -> None:
+    namespace, echoer = echoing_namespace
+    status, lines = run_virtio(
+        test_guest, accel, f"avmm.test=net-echo avmm.n=20 {options}", net_args(namespace),
+        prefix=namespace.command_prefix(),
+    )  # fmt: skip
+    assert lines == [f"avmm-testguest: net0 mac={GUEST_MAC}", "avmm-testguest: net0 echoed=20"]
+    assert status == STATUS_POWER_OFF
+    assert echoer.echoed >= 20
+
+
+def test_net_echo_strict_header_check_catches_qemu_num_buffers_0(
+    test_guest: Path, echoing_namespace: tuple[TapNamespace, EthernetEchoer]
+) -> None:
+    namespace, _ = echoing_namespace
+    status, lines = run_virtio(
+        test_guest, "tcg", "avmm.test=net-echo avmm.n=1", net_args(namespace),
+        prefix=namespace.command_prefix(),
+    )  # fmt: skip
+    assert lines == [
+        f"avmm-testguest: net0 mac={GUEST_MAC}",
+        "avmm-testguest: net0 bad receive header num_buffers=0 (expected 1)",
+    ]
+    assert status == STATUS_FAILURE

@@ -1,0 +1,701 @@
+"""virtio-blk (virtio 1.2 §5.2) over a raw image file or a host block device.
+
+One request queue. The device pops every available request chain, does all their file
+I/O in one worker-thread call — ``preadv``/``pwritev`` straight between the file and
+guest memory, no intermediate copies — then returns the whole batch to the used ring
+and signals the driver once. Requests in a batch run in ring order, so a FLUSH sees
+every write the driver queued before it.
+
+Who is at fault decides how a request ends:
+
+* the driver asked for something the disk cannot do (out of range, a read-only disk, a
+  data length that is not whole sectors, an unknown type): the request ends in-band with
+  ``VIRTIO_BLK_S_IOERR`` or ``VIRTIO_BLK_S_UNSUPP``;
+* the host failed (EIO, ENOSPC, ...): ``VIRTIO_BLK_S_IOERR`` for that request and a log
+  line once per kind of failure — never an exception out of the device;
+* the driver broke the protocol (no room for the header, no device-writable byte for the
+  status, a buffer outside guest RAM): :class:`~avmm.virtio.device.DeviceNeedsReset`,
+  after the requests before it in the batch have been completed.
+
+Write cache: the device offers VIRTIO_BLK_F_FLUSH. A driver that negotiates it gets a
+writeback cache and makes writes stable with FLUSH (``fdatasync``). A driver that does
+not gets writethrough semantics (§5.2.6.2, case 1): every batch that wrote anything is
+``fdatasync``-ed before its requests are completed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import stat
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import construct as c
+import structlog
+import trio
+
+from ..errors import AvmmError, GuestMemoryError
+from .device import DeviceContext, DeviceId, DeviceNeedsReset, VirtioDevice
+
+if TYPE_CHECKING:
+    from ..memory import MemoryAccess
+    from .queue import Buffer, DescriptorChain, VirtQueue
+
+log = structlog.get_logger(__name__)
+
+# Device feature bits (virtio 1.2 §5.2.3), as masks like device.py's common ones.
+VIRTIO_BLK_F_SIZE_MAX = 1 << 1
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_GEOMETRY = 1 << 4
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_TOPOLOGY = 1 << 10
+VIRTIO_BLK_F_CONFIG_WCE = 1 << 11
+VIRTIO_BLK_F_MQ = 1 << 12
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+#: The protocol's sector: every ``sector`` and ``capacity`` is in these units (§5.2.4).
+SECTOR_SIZE = 512
+SECTOR_SHIFT = 9
+
+QUEUE_SIZE = 256
+#: A request is header + data segments + status, so a chain of QUEUE_SIZE descriptors
+#: has room for this many data segments.
+SEG_MAX = QUEUE_SIZE - 2
+#: Per-request bounds for DISCARD / WRITE_ZEROES, so that one request's work (which may
+#: fall back to writing zeroes) stays bounded. Linux splits its requests to fit.
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB
+MAX_DISCARD_SEG = 32
+MAX_WRITE_ZEROES_SECTORS = 1 << 22
+MAX_WRITE_ZEROES_SEG = 32
+#: Hole punching works in file-system blocks; tell the driver to align discards to 4 KiB.
+DISCARD_SECTOR_ALIGNMENT = 8
+
+#: Length of the GET_ID answer (§5.2.6): NUL-padded ASCII, no NUL when 20 bytes long.
+ID_BYTES = 20
+
+#: ``preadv``/``pwritev`` take at most this many buffers per call (Linux UIO_MAXIOV).
+IOV_MAX = 1024
+
+
+class RequestType(IntEnum):
+    """``virtio_blk_req.type`` (virtio 1.2 §5.2.6)."""
+
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    GET_LIFETIME = 10
+    DISCARD = 11
+    WRITE_ZEROES = 13
+    SECURE_ERASE = 14
+
+
+class Status(IntEnum):
+    """``virtio_blk_req.status``."""
+
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+# Module-level names for the hot path: a global lookup instead of an enum attribute.
+_IN, _OUT, _FLUSH, _GET_ID = RequestType.IN, RequestType.OUT, RequestType.FLUSH, RequestType.GET_ID
+_DISCARD, _WRITE_ZEROES = RequestType.DISCARD, RequestType.WRITE_ZEROES
+_OK, _IOERR, _UNSUPP = Status.OK, Status.IOERR, Status.UNSUPP
+
+#: ``struct virtio_blk_req`` up to the data: type, reserved, sector. Hot path: ``struct``.
+REQUEST_HEADER = struct.Struct("<IIQ")
+#: ``struct virtio_blk_discard_write_zeroes``: sector, num_sectors, flags.
+SEGMENT = struct.Struct("<QII")
+SEGMENT_FLAG_UNMAP = 1
+
+#: ``struct virtio_blk_config`` (virtio 1.2 §5.2.4), up to the fields of the features we
+#: offer; reads past it are zero-filled. Config reads are rare: construct is fine here.
+BlockConfig = c.Struct(
+    "capacity" / c.Int64ul,
+    "size_max" / c.Int32ul,
+    "seg_max" / c.Int32ul,
+    "geometry" / c.Struct(
+        "cylinders" / c.Int16ul,
+        "heads" / c.Int8ul,
+        "sectors" / c.Int8ul,
+    ),
+    "blk_size" / c.Int32ul,
+    "topology" / c.Struct(
+        "physical_block_exp" / c.Int8ul,
+        "alignment_offset" / c.Int8ul,
+        "min_io_size" / c.Int16ul,
+        "opt_io_size" / c.Int32ul,
+    ),
+    "writeback" / c.Int8ul,
+    "unused0" / c.Padding(1),
+    "num_queues" / c.Int16ul,
+    "max_discard_sectors" / c.Int32ul,
+    "max_discard_seg" / c.Int32ul,
+    "discard_sector_alignment" / c.Int32ul,
+    "max_write_zeroes_sectors" / c.Int32ul,
+    "max_write_zeroes_seg" / c.Int32ul,
+    "write_zeroes_may_unmap" / c.Int8ul,
+    "unused1" / c.Padding(3),
+)
+BLOCK_CONFIG_SIZE = BlockConfig.sizeof()
+
+# fallocate(2) modes; Python's os module has posix_fallocate but not these.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _load_fallocate() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
+_NOT_SUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+_ZEROES = bytes(1 << 16)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2); raises OSError (EOPNOTSUPP where the call is not available)."""
+    if _fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    # ctypes releases the GIL around the call, like os.pwritev does.
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class DiskError(AvmmError):
+    """A disk image cannot be opened or used (the message names the file)."""
+
+
+@dataclass
+class BlockStats:
+    """Counters for metrics. Requests count when they complete, whatever their status."""
+
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    get_ids: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    #: Requests of a type the device does not implement (answered UNSUPP).
+    unsupported: int = 0
+    #: Requests the device refused for the driver's fault: out of range, partial sector,
+    #: a write to a read-only disk, malformed segments (answered IOERR).
+    rejected: int = 0
+    #: Requests that failed because the host's file I/O failed (answered IOERR).
+    io_errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_discarded: int = 0
+    bytes_zeroed: int = 0
+    #: Worker-thread batches, and the chains they carried.
+    batches: int = 0
+    batched_requests: int = 0
+
+
+@dataclass
+class Batch:
+    """Chains popped from the request queue for one worker-thread call; ``error`` is a
+    protocol error the queue raised after them (it stops the device once they are done)."""
+
+    chains: list[DescriptorChain]
+    error: DeviceNeedsReset | None = None
+
+
+@dataclass
+class BatchResult:
+    """What a batch leaves for the used ring: ``(head, bytes written)`` in ring order,
+    and the protocol error, if any, that stopped it (chains after it were not touched)."""
+
+    completions: list[tuple[int, int]] = field(default_factory=list)
+    error: DeviceNeedsReset | None = None
+
+
+@dataclass(slots=True)
+class _Done:
+    head: int
+    written: int
+    status_byte: memoryview
+    status: Status
+    #: The request changed the disk's contents (what writethrough mode must sync).
+    modified: bool
+
+
+class BlockDevice(VirtioDevice):
+    """A virtio-blk disk backed by ``path`` (a raw image file or a block device).
+
+    The capacity is the file's size in whole 512-byte sectors, fixed at construction.
+    ``serial`` (at most 20 ASCII bytes) is what GET_ID returns; by default it is derived
+    from the file's resolved path, so it is stable across runs. The file stays open
+    until :meth:`close`; opening it fails with :class:`DiskError`.
+
+    :meth:`run` serves the queue as :meth:`take_batch` (pop, on the event loop),
+    :meth:`process_batch` (all file I/O, in a worker thread) and :meth:`complete_batch`
+    (push); a caller without trio (a test, a vhost-user backend loop) may chain the three
+    itself. Counters are in :attr:`stats`.
+    """
+
+    device_id = DeviceId.BLOCK
+    queue_max_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, path: Path, *, read_only: bool = False, serial: str | None = None,
+                 name: str = "blk0") -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self.name = name
+        if serial is None:
+            serial = self._default_serial(self.path)
+        try:
+            serial_bytes = serial.encode("ascii")
+        except UnicodeEncodeError:
+            raise DiskError(f"{self.path}: disk serial {serial!r} is not ASCII") from None
+        if len(serial_bytes) > ID_BYTES:
+            raise DiskError(
+                f"{self.path}: disk serial {serial!r} is longer than {ID_BYTES} bytes"
+            )
+        self.serial = serial
+        #: Negotiated VIRTIO_BLK_F_FLUSH: the driver flushes, so writes may stay cached.
+        #: Otherwise the device is writethrough. Set by run(), cleared by reset().
+        self.writeback = False
+        #: Whether hole punching / FALLOC_FL_ZERO_RANGE work on this file; learnt on
+        #: first use (False after the file system said EOPNOTSUPP).
+        self.can_punch_holes = True
+        self.can_zero_range = True
+        self.stats = BlockStats()
+        #: (operation, errno) pairs already logged, so a failing disk logs once per kind.
+        self.reported_errors: set[tuple[str, int]] = set()
+        self.fd = -1
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags)
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise DiskError(f"{self.path}: a disk must be a regular file or a block device")
+            # lseek, not st_size: a block device's st_size is 0.
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:
+            self.close()
+            access = "reading" if read_only else "reading and writing"
+            raise DiskError(
+                f"cannot open disk image {self.path} for {access}: {e.strerror}"
+            ) from e
+        except DiskError:
+            self.close()
+            raise
+        self.size = size
+        #: Size in 512-byte sectors; a partial last sector is not exposed.
+        self.capacity = size >> SECTOR_SHIFT
+        if size % SECTOR_SIZE:
+            log.warning("disk size is not a multiple of 512 bytes; the tail is not exposed",
+                        device=name, path=str(self.path), size=size,
+                        hidden_bytes=size % SECTOR_SIZE)
+
+    @staticmethod
+    def _default_serial(path: Path) -> str:
+        # The resolved path, hashed: stable across runs and distinct per image file.
+        digest = hashlib.blake2b(os.fsencode(path.resolve()), digest_size=ID_BYTES // 2)
+        return digest.hexdigest()
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the image file. The device must not be running."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> BlockDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what the transport asks --------------------------------------------------------
+
+    def device_features(self) -> int:
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        if self.read_only:
+            features |= VIRTIO_BLK_F_RO
+        else:
+            features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        return features
+
+    def config_fields(self) -> dict[str, object]:
+        """The config space as values; fields of features not offered are zero."""
+        writable = not self.read_only
+        return {
+            "capacity": self.capacity,
+            "size_max": 0,
+            "seg_max": SEG_MAX,
+            "geometry": {"cylinders": 0, "heads": 0, "sectors": 0},
+            "blk_size": SECTOR_SIZE,
+            "topology": {"physical_block_exp": 0, "alignment_offset": 0,
+                         "min_io_size": 0, "opt_io_size": 0},
+            "writeback": 0,
+            "num_queues": 0,
+            "max_discard_sectors": MAX_DISCARD_SECTORS if writable else 0,
+            "max_discard_seg": MAX_DISCARD_SEG if writable else 0,
+            "discard_sector_alignment": DISCARD_SECTOR_ALIGNMENT if writable else 0,
+            "max_write_zeroes_sectors": MAX_WRITE_ZEROES_SECTORS if writable else 0,
+            "max_write_zeroes_seg": MAX_WRITE_ZEROES_SEG if writable else 0,
+            # Static (a change would need a config notification): WRITE_ZEROES with
+            # unmap punches a hole wherever the file system can.
+            "write_zeroes_may_unmap": 1 if writable else 0,
+        }
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        if offset < 0 or offset >= BLOCK_CONFIG_SIZE:
+            return bytes(size)
+        space = BlockConfig.build(self.config_fields())
+        chunk = space[offset:offset + size]
+        return chunk + bytes(size - len(chunk))
+
+    def reset(self) -> None:
+        self.writeback = False
+
+    # -- the request queue --------------------------------------------------------------
+
+    async def run(self, context: DeviceContext) -> None:
+        """Serve the request queue until cancelled.
+
+        Cancellation never interrupts a batch: the worker thread is not abandoned, so a
+        cancelled ``run`` returns only after the batch in flight has finished and been
+        pushed to the used ring (the queue state stays consistent for a snapshot).
+        """
+        queue = context.queues[0] if context.queues else None
+        if queue is None:
+            return
+        self.writeback = bool(context.features & VIRTIO_BLK_F_FLUSH)
+        with structlog.contextvars.bound_contextvars(device=self.name):
+            await self._serve(context, queue)
+
+    async def _serve(self, context: DeviceContext, queue: VirtQueue) -> None:
+        memory = context.memory
+        while True:
+            await context.wait_kick(0)
+            while True:
+                queue.disable_notifications(memory)
+                batch = self.take_batch(queue, memory)
+                if batch.chains:
+                    result = await trio.to_thread.run_sync(
+                        self.process_batch, memory, batch, abandon_on_cancel=False,
+                        thread_name=f"avmm {self.name} I/O",
+                    )
+                    # No checkpoint between the thread's return and the pushes: even a
+                    # cancelled run() completes the batch it started.
+                    self.complete_batch(queue, memory, result)
+                    if result.completions:
+                        context.signal_used(0)
+                    if result.error is not None:
+                        raise result.error
+                elif batch.error is not None:
+                    raise batch.error
+                if len(batch.chains) >= QUEUE_SIZE:
+                    continue  # a full batch: more may be waiting, keep notifications off
+                # Re-arm, then look again: a chain added in between was not notified.
+                if not queue.enable_notifications(memory):
+                    break
+
+    def take_batch(self, queue: VirtQueue, memory: MemoryAccess) -> Batch:
+        """Pop every available chain (at most a queue's worth). A QueueError after some
+        chains were popped is kept for after they are done."""
+        chains: list[DescriptorChain] = []
+        try:
+            while len(chains) < QUEUE_SIZE and (chain := queue.pop(memory)) is not None:
+                chains.append(chain)
+        except DeviceNeedsReset as e:
+            return Batch(chains, e)
+        return Batch(chains)
+
+    def complete_batch(self, queue: VirtQueue, memory: MemoryAccess,
+                       result: BatchResult) -> None:
+        """Return a processed batch to the used ring (the caller signals the driver)."""
+        for head, written in result.completions:
+            queue.push(memory, head, written)
+
+    def process_batch(self, memory: MemoryAccess, batch: Batch) -> BatchResult:
+        """Do a batch's requests in ring order: all its blocking file I/O, in the calling
+        thread (run() calls it in a worker thread). Never raises for a request's own
+        failure; a malformed chain ends the batch with ``result.error``."""
+        self.stats.batches += 1
+        done: list[_Done] = []
+        error = batch.error
+        for chain in batch.chains:
+            try:
+                done.append(self._handle(memory, chain))
+            except DeviceNeedsReset as e:
+                error = e
+                break
+            except GuestMemoryError as e:
+                error = DeviceNeedsReset(
+                    f"{self.name}: request {chain.head} points outside guest memory: {e}"
+                )
+                error.__cause__ = e
+                break
+        self.stats.batched_requests += len(done)
+        if not self.writeback and any(d.modified and d.status == _OK for d in done):
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                self._report_os_error("writethrough fdatasync", e)
+                for d in done:
+                    if d.modified and d.status == _OK:
+                        d.status = _IOERR
+                        self.stats.io_errors += 1
+        for d in done:
+            d.status_byte[0] = d.status
+        return BatchResult([(d.head, d.written) for d in done], error)
+
+    # -- one request --------------------------------------------------------------------
+
+    def _handle(self, memory: MemoryAccess, chain: DescriptorChain) -> _Done:
+        readable_length = chain.readable_length
+        writable_length = chain.writable_length
+        if readable_length < REQUEST_HEADER.size:
+            raise DeviceNeedsReset(
+                f"{self.name}: request {chain.head} has {readable_length} device-readable "
+                f"bytes, fewer than the {REQUEST_HEADER.size}-byte request header"
+            )
+        if writable_length < 1:
+            raise DeviceNeedsReset(
+                f"{self.name}: request {chain.head} has no device-writable byte for its status"
+            )
+        first = chain.readable[0]
+        if first.length >= REQUEST_HEADER.size:
+            header = memory.view(first.address, REQUEST_HEADER.size)
+        else:
+            header = memoryview(chain.read(memory, 0, REQUEST_HEADER.size))
+        request_type, _reserved, sector = REQUEST_HEADER.unpack(header)
+        status_byte = _last_byte(memory, chain.writable)
+        stats = self.stats
+        modified = False
+        written = 0
+
+        if request_type == _IN:
+            stats.reads += 1
+            length = writable_length - 1
+            status = self._check_range(sector, length)
+            if status is _OK:
+                views = _views(memory, chain.writable, 0, length)
+                status, written = self._transfer("read", os.preadv, views, sector, length)
+                stats.bytes_read += written
+        elif request_type == _OUT:
+            stats.writes += 1
+            length = readable_length - REQUEST_HEADER.size
+            status = self._refuse_read_only() or self._check_range(sector, length)
+            if status is _OK:
+                views = _views(memory, chain.readable, REQUEST_HEADER.size, length)
+                status, count = self._transfer("write", os.pwritev, views, sector, length)
+                stats.bytes_written += count
+                modified = True
+        elif request_type == _FLUSH:
+            stats.flushes += 1
+            status = self._flush()
+        elif request_type == _GET_ID:
+            stats.get_ids += 1
+            identity = self.serial.encode("ascii").ljust(ID_BYTES, b"\0")
+            length = min(ID_BYTES, writable_length - 1)
+            offset = 0
+            for view in _views(memory, chain.writable, 0, length):
+                view[:] = identity[offset:offset + len(view)]
+                offset += len(view)
+            written = length
+            status = _OK
+        elif request_type in (_DISCARD, _WRITE_ZEROES):
+            discard = request_type == _DISCARD
+            if discard:
+                stats.discards += 1
+            else:
+                stats.write_zeroes += 1
+            status = self._refuse_read_only() or self._segments(memory, chain, discard=discard)
+            modified = True
+        else:
+            stats.unsupported += 1
+            status = _UNSUPP
+        return _Done(chain.head, written + 1, status_byte, status, modified)
+
+    def _refuse_read_only(self) -> Status | None:
+        if self.read_only:
+            self.stats.rejected += 1
+            return _IOERR
+        return None
+
+    def _check_range(self, sector: int, length: int) -> Status:
+        """IOERR unless ``length`` bytes at ``sector`` are whole sectors on the disk."""
+        if length % SECTOR_SIZE or sector > self.capacity - (length >> SECTOR_SHIFT):
+            self.stats.rejected += 1
+            return _IOERR
+        return _OK
+
+    def _transfer(self, what: str, call: Callable[[int, list[memoryview], int], int],
+                  views: list[memoryview], sector: int, length: int) -> tuple[Status, int]:
+        """preadv/pwritev ``views`` at ``sector`` until all ``length`` bytes moved.
+        Returns the status and the bytes actually moved."""
+        offset = sector << SECTOR_SHIFT
+        done = 0
+        index = 0
+        try:
+            while index < len(views):
+                count = call(self.fd, views[index:index + IOV_MAX], offset + done)
+                if count <= 0:
+                    # End of file: the image shrank under us since we measured it.
+                    raise OSError(errno.EIO, f"unexpected end of file at {offset + done}")
+                done += count
+                while count and index < len(views):
+                    size = len(views[index])
+                    if count >= size:
+                        count -= size
+                        index += 1
+                    else:
+                        views[index] = views[index][count:]
+                        count = 0
+        except OSError as e:
+            self._report_os_error(what, e)
+            self.stats.io_errors += 1
+            return _IOERR, done
+        assert done == length
+        return _OK, done
+
+    def _flush(self) -> Status:
+        if self.read_only:
+            return _OK  # nothing of ours to make stable
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            self._report_os_error("flush", e)
+            self.stats.io_errors += 1
+            return _IOERR
+        return _OK
+
+    def _segments(self, memory: MemoryAccess, chain: DescriptorChain, *,
+                  discard: bool) -> Status:
+        """DISCARD / WRITE_ZEROES: check every segment first, then apply them in order."""
+        length = chain.readable_length - REQUEST_HEADER.size
+        max_segments = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        count, rest = divmod(length, SEGMENT.size)
+        if rest or count > max_segments:
+            self.stats.rejected += 1
+            return _IOERR
+        data = chain.read(memory, REQUEST_HEADER.size, length)
+        segments = [SEGMENT.unpack_from(data, i * SEGMENT.size) for i in range(count)]
+        for sector, sectors, flags in segments:
+            # §5.2.6.2: unknown flags, and unmap on a discard, are UNSUPP.
+            if flags & ~SEGMENT_FLAG_UNMAP or (discard and flags):
+                self.stats.unsupported += 1
+                return _UNSUPP
+            if sectors > max_sectors or sector > self.capacity - sectors:
+                self.stats.rejected += 1
+                return _IOERR
+        what = "discard" if discard else "write zeroes"
+        try:
+            for sector, sectors, flags in segments:
+                offset, size = sector << SECTOR_SHIFT, sectors << SECTOR_SHIFT
+                if discard:
+                    self._discard(offset, size)
+                    self.stats.bytes_discarded += size
+                else:
+                    self._zero(offset, size, unmap=bool(flags & SEGMENT_FLAG_UNMAP))
+                    self.stats.bytes_zeroed += size
+        except OSError as e:
+            self._report_os_error(what, e)
+            self.stats.io_errors += 1
+            return _IOERR
+        return _OK
+
+    def _discard(self, offset: int, size: int) -> None:
+        if not (size and self._punch(offset, size)):
+            self._write_zeroes(offset, size)
+
+    def _zero(self, offset: int, size: int, *, unmap: bool) -> None:
+        if not size:
+            return
+        if unmap and self._punch(offset, size):
+            return
+        if self.can_zero_range:
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, size)
+                return
+            except OSError as e:
+                if e.errno not in _NOT_SUPPORTED:
+                    raise
+                self.can_zero_range = False
+        self._write_zeroes(offset, size)
+
+    def _punch(self, offset: int, size: int) -> bool:
+        """Deallocate a range (reads then return zeroes); False where not supported."""
+        if not self.can_punch_holes:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, size)
+        except OSError as e:
+            if e.errno not in _NOT_SUPPORTED:
+                raise
+            self.can_punch_holes = False
+            log.info("file system cannot punch holes; discard writes zeroes",
+                     device=self.name, path=str(self.path))
+            return False
+        return True
+
+    def _write_zeroes(self, offset: int, size: int) -> None:
+        end = offset + size
+        while offset < end:
+            count = os.pwrite(self.fd, memoryview(_ZEROES)[:min(len(_ZEROES), end - offset)],
+                              offset)
+            if count <= 0:
+                raise OSError(errno.EIO, f"short write at {offset}")
+            offset += count
+
+    def _report_os_error(self, operation: str, error: OSError) -> None:
+        code = error.errno or 0
+        if (operation, code) in self.reported_errors:
+            return
+        self.reported_errors.add((operation, code))
+        log.error("disk I/O failed; the guest sees IOERR (logged once per kind)",
+                  device=self.name, path=str(self.path), operation=operation,
+                  errno=errno.errorcode.get(code, str(code)), error=str(error))
+
+
+def _views(memory: MemoryAccess, buffers: Sequence[Buffer], skip: int,
+           length: int) -> list[memoryview]:
+    """Memoryviews of ``length`` bytes of ``buffers`` after the first ``skip`` bytes."""
+    views = []
+    for address, size in buffers:
+        if skip >= size:
+            skip -= size
+            continue
+        take = min(size - skip, length)
+        if take:
+            views.append(memory.view(address + skip, take))
+            length -= take
+        skip = 0
+        if not length:
+            break
+    return views
+
+
+def _last_byte(memory: MemoryAccess, buffers: Sequence[Buffer]) -> memoryview:
+    for address, size in reversed(buffers):
+        if size:
+            return memory.view(address + size - 1, 1)
+    raise AssertionError("caller checked that a writable byte exists")

@@ -1,0 +1,178 @@
+"""What every virtio device implements, whichever transport or process carries it.
+
+A device knows what requests mean (read a sector, send a frame) and nothing about
+registers, KVM or eventfds. A transport (virtio-mmio in this process, later virtio-pci
+or a vhost-user backend in another process) owns the device, negotiates features, lets
+the driver set up the queues and, once the driver sets DRIVER_OK, calls
+:meth:`VirtioDevice.run` with a :class:`DeviceContext`. ``run`` serves the queues until
+the transport cancels it (driver reset, VM stop); then the transport calls
+:meth:`VirtioDevice.reset`.
+
+Errors: a request the device cannot satisfy (an I/O error, an unknown request type) is
+answered in-band with the device's error status. A driver that breaks the rules (a
+looping or out-of-RAM descriptor chain, a request too short to parse) raises
+:class:`DeviceNeedsReset` (the queue raises its subclass ``QueueError``): the transport
+logs it, stops the device and sets DEVICE_NEEDS_RESET for the driver to see. Nothing a
+guest does may escape as any other exception.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from ..errors import AvmmError
+
+if TYPE_CHECKING:
+    from ..memory import MemoryAccess
+    from .queue import DescriptorChain, VirtQueue
+
+# Feature bits shared by all devices (virtio 1.2 §6).
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+VIRTIO_F_ACCESS_PLATFORM = 1 << 33
+VIRTIO_F_RING_PACKED = 1 << 34
+
+#: Features every avmm device offers; the transport adds them to the device's own.
+COMMON_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
+
+
+class DeviceId(IntEnum):
+    """Virtio device IDs (virtio 1.2 §5)."""
+
+    NET = 1
+    BLOCK = 2
+    CONSOLE = 3
+    ENTROPY = 4
+
+
+class DeviceNeedsReset(AvmmError):
+    """The driver broke the protocol; the device cannot go on until it is reset."""
+
+
+class DeviceContext(Protocol):
+    """What a transport gives a running device. Valid from ``run()`` until it returns."""
+
+    #: Guest memory; every address a driver hands over is checked against it.
+    memory: MemoryAccess
+    #: The queues the driver set up, by index (queues it did not enable are absent: None).
+    queues: Sequence[VirtQueue | None]
+    #: The feature bits the driver accepted.
+    features: int
+
+    async def wait_kick(self, queue_index: int) -> None:
+        """Wait until the driver notifies queue ``queue_index`` (at once if a
+        notification arrived since the last call)."""
+        ...
+
+    def signal_used(self, queue_index: int) -> None:
+        """Used buffers were added to the queue: interrupt the driver if the queue's
+        notification suppression allows it."""
+        ...
+
+    def signal_config_change(self) -> None:
+        """The device's configuration space changed."""
+        ...
+
+
+class VirtioDevice(abc.ABC):
+    """One virtio device model.
+
+    Subclasses set :attr:`device_id` and :attr:`queue_max_sizes`, report their feature
+    bits and config space, and serve their queues in :meth:`run`. All state a snapshot
+    would need lives in plain attributes of the device object (never in task locals).
+    """
+
+    device_id: DeviceId
+    #: Maximum size of each queue, by index; the device has ``len(...)`` queues.
+    queue_max_sizes: tuple[int, ...]
+    #: Name for logs and metrics ("blk0", "net0").
+    name: str = "virtio"
+
+    @abc.abstractmethod
+    def device_features(self) -> int:
+        """Device-specific feature bits offered (the transport adds COMMON_FEATURES)."""
+
+    @abc.abstractmethod
+    def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the config space at ``offset``; out of range reads are
+        zero-filled (never an exception)."""
+
+    def write_config(self, offset: int, data: bytes) -> None:  # noqa: B027 - optional
+        """A driver write to the config space; most devices ignore it."""
+
+    @abc.abstractmethod
+    async def run(self, context: DeviceContext) -> None:
+        """Serve the queues until cancelled. May raise DeviceNeedsReset."""
+
+    def reset(self) -> None:  # noqa: B027 - optional
+        """Back to the state before the driver first touched the device (after ``run``
+        has been cancelled, or before it ever ran)."""
+
+
+ChainHandler = Callable[["DescriptorChain"], Awaitable[int]]
+
+
+async def serve_queue(context: DeviceContext, queue_index: int, handle: ChainHandler) -> None:
+    """The usual queue loop: wait for a kick, handle every available chain, return each
+    to the used ring with the byte count ``handle`` reports written, and signal the
+    driver once per batch.
+
+    While a batch is being drained the driver is asked not to notify (flags or
+    avail_event, whichever was negotiated); notifications are re-enabled before waiting,
+    and the ring is checked once more so a buffer added in between is not missed.
+    """
+    queue = context.queues[queue_index]
+    if queue is None:
+        return
+    memory = context.memory
+    batch_limit = queue.state.size
+    while True:
+        await context.wait_kick(queue_index)
+        while True:
+            queue.disable_notifications(memory)
+            handled = 0
+            # A batch is at most one ring's worth, so that a driver that keeps refilling
+            # still gets its interrupts and other tasks get to run.
+            while handled < batch_limit and (chain := queue.pop(memory)) is not None:
+                written = await handle(chain)
+                queue.push(memory, chain.head, written)
+                handled += 1
+            if handled:
+                context.signal_used(queue_index)
+            await trio.lowlevel.checkpoint()
+            if handled < batch_limit and not queue.enable_notifications(memory):
+                break
+
+
+async def run_together(*tasks: Callable[[], Awaitable[object]]) -> None:
+    """Run the tasks in one nursery. When one fails the others are cancelled, and its
+    exception propagates as itself rather than inside an ExceptionGroup, so that the
+    transport sees a DeviceNeedsReset as one."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+    except BaseExceptionGroup as group:
+        errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        resets = [e for e in errors if isinstance(e, DeviceNeedsReset)]
+        if resets:
+            raise resets[0] from None
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exception in group.exceptions:
+        if isinstance(exception, BaseExceptionGroup):
+            found.extend(_leaves(exception))
+        else:
+            found.append(exception)
+    return found

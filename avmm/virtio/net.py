@@ -1,0 +1,390 @@
+"""virtio-net (virtio 1.2 §5.1) on a host tap device.
+
+One receive queue (0) and one transmit queue (1). Offered: VIRTIO_NET_F_MAC (the MAC in
+the config space), VIRTIO_NET_F_MRG_RXBUF (a received frame may be spread over several
+receive buffers) and VIRTIO_NET_F_STATUS (the link is always up). No checksum or
+segmentation offloads yet, so every frame in either direction is a complete, fully
+checksummed Ethernet frame of at most :data:`MAX_FRAME_SIZE` bytes.
+
+Every frame travels behind a 12-byte ``struct virtio_net_hdr`` (VERSION_1 always has
+``num_buffers``). The tap is opened with the same header size, so guest buffers and the
+tap exchange header + frame in one ``readv``/``writev`` without reformatting:
+
+* Transmit: the device gathers the frame straight out of guest memory into one
+  ``writev``. With no offloads negotiated the driver must send a zero header; the device
+  sends a zero header of its own rather than trusting the guest's, so a driver that sets
+  NEEDS_CSUM or a GSO type anyway cannot make the host kernel act on them.
+* Receive: the device reads the tap straight into the first receive buffer (and a
+  bounce buffer for what does not fit), then overwrites the kernel's header with flags 0,
+  GSO_NONE and ``num_buffers``. A frame that does not fit one buffer is spread over more
+  with MRG_RXBUF, and dropped (counted in ``stats.rx_dropped``) without it.
+
+Back-pressure: the device reads the tap only while it holds a receive buffer. Without
+buffers it waits for the driver's kick, and frames wait in the tap's kernel queue
+(bounded by its txqueuelen; the kernel drops beyond that), never in Python memory: the
+device holds at most one frame (in its one bounce buffer).
+
+Protocol violations (:class:`DeviceNeedsReset`): a transmit chain with device-writable
+buffers, a receive chain with device-readable buffers, and with MRG_RXBUF a receive
+buffer smaller than the header (§5.1.6.3.1). Frames the device will not send (shorter
+than an Ethernet header or longer than :data:`MAX_FRAME_SIZE`) and frames the tap
+refuses are dropped and counted: the driver gets its buffer back either way.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+import trio
+
+from ..tap import TapError
+from .device import (
+    DeviceContext,
+    DeviceId,
+    DeviceNeedsReset,
+    VirtioDevice,
+    run_together,
+    serve_queue,
+)
+
+if TYPE_CHECKING:
+    from ..memory import MemoryAccess
+    from .queue import DescriptorChain, VirtQueue
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "NET_HEADER_SIZE",
+    "VIRTIO_NET_F_MAC",
+    "VIRTIO_NET_F_MRG_RXBUF",
+    "VIRTIO_NET_F_STATUS",
+    "VIRTIO_NET_S_LINK_UP",
+    "NetDevice",
+    "NetStats",
+    "TapLike",
+]
+
+#: Feature bits (virtio 1.2 §5.1.3).
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_STATUS = 1 << 16
+#: ``status`` bit in the config space.
+VIRTIO_NET_S_LINK_UP = 1
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+QUEUE_SIZE = 256
+
+#: ``struct virtio_net_hdr`` with ``num_buffers`` (no hash report): flags, gso_type,
+#: hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+NET_HEADER = struct.Struct("<BBHHHHH")
+NET_HEADER_SIZE = NET_HEADER.size
+_ZERO_HEADER = bytes(NET_HEADER_SIZE)
+#: The largest frame (Ethernet header included, virtio header not) the device passes in
+#: either direction: a 64 KiB IP packet behind an Ethernet header, with some slack.
+MAX_FRAME_SIZE = 65550
+#: Shorter than an Ethernet header is not a frame (the tap refuses it anyway).
+MIN_FRAME_SIZE = 14
+#: ``struct virtio_net_config`` up to max_virtqueue_pairs: mac[6], status, pairs.
+_CONFIG = struct.Struct("<6sHH")
+#: Linux's UIO_MAXIOV: more buffers than this in one chain go through a copy.
+_IOV_MAX = 1024
+#: Frames received per batch before the used ring is signalled and other tasks run.
+_RX_BATCH = 64
+
+
+class TapLike(Protocol):
+    """What the device needs of a tap: a non-blocking fd on which each read returns one
+    frame and each write sends one, behind a 12-byte virtio-net header
+    (:class:`avmm.tap.Tap`; in tests, a datagram socket works too)."""
+
+    fd: int
+    name: str
+
+
+@dataclass
+class NetStats:
+    """Counters since the device was made (not reset with the device)."""
+
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    #: Frames read from the tap that the guest never saw (no room, too big).
+    rx_dropped: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    #: Frames the guest sent that never reached the tap (bad size, tap refused).
+    tx_dropped: int = 0
+
+
+class NetDevice(VirtioDevice):
+    """A virtio-net NIC whose wire is ``tap`` (see the module docstring).
+
+    The device does not own the tap: whoever opened it closes it, after ``run`` ended.
+    ``mac`` is the 6-byte unicast address the guest finds in the config space.
+    """
+
+    device_id = DeviceId.NET
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    def __init__(self, tap: TapLike, *, mac: bytes, name: str = "net0") -> None:
+        mac = bytes(mac)
+        if len(mac) != 6:
+            raise ValueError(f"a MAC address has 6 bytes, got {len(mac)}")
+        if mac[0] & 1:
+            raise ValueError(f"MAC {mac.hex(':')} is a multicast address")
+        self.tap = tap
+        self.mac = mac
+        self.name = name
+        self.stats = NetStats()
+        self._log = log.bind(device=name)
+        # Receive state: chains taken from the receive queue and not yet returned (the
+        # first receives the next frame), and a frame read from the tap that waits for
+        # more buffers (MRG_RXBUF). Its first bytes are in the first chain, the rest in
+        # self._rx_buffer[_rx_overflow_start:_rx_overflow_end].
+        self._rx_chains: list[DescriptorChain] = []
+        self._rx_frame_length = 0
+        self._rx_first_length = 0
+        self._rx_overflow_start = 0
+        self._rx_overflow_end = 0
+        # One byte more than the largest frame, so an oversized one is seen as such.
+        self._rx_buffer = bytearray(NET_HEADER_SIZE + MAX_FRAME_SIZE + 1)
+
+    # -- VirtioDevice -------------------------------------------------------------------
+
+    def device_features(self) -> int:
+        return VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
+
+    def config_space(self) -> bytes:
+        """``struct virtio_net_config``: mac, status (link up), max_virtqueue_pairs 1."""
+        return _CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1)
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        config = self.config_space()
+        if offset < 0 or size <= 0:
+            return bytes(max(size, 0))
+        return config[offset:offset + size].ljust(size, b"\0")
+
+    def reset(self) -> None:
+        self._rx_chains.clear()
+        self._rx_frame_length = 0
+
+    async def run(self, context: DeviceContext) -> None:
+        """Serve the receive and transmit queues until cancelled."""
+        await run_together(
+            partial(self._receive_loop, context),
+            partial(serve_queue, context, TX_QUEUE, partial(self._transmit, context.memory)),
+        )
+
+    # -- transmit -----------------------------------------------------------------------
+
+    async def _transmit(self, memory: MemoryAccess, chain: DescriptorChain) -> int:
+        """Send the chain's frame to the tap; returns 0 (nothing written for the guest)."""
+        if chain.writable:
+            raise DeviceNeedsReset(
+                f"transmit chain {chain.head} has device-writable buffers "
+                "(virtio-net sends frames from device-readable buffers only)"
+            )
+        frame_length = chain.readable_length - NET_HEADER_SIZE
+        if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
+            self.stats.tx_dropped += 1
+            self._log.debug("transmit frame dropped: bad size", head=chain.head,
+                            length=frame_length)
+            return 0
+        iov: list[bytes | memoryview] = [_ZERO_HEADER]
+        skip = NET_HEADER_SIZE
+        for address, length in chain.readable:
+            if skip >= length:
+                skip -= length
+                continue
+            iov.append(memory.view(address + skip, length - skip))
+            skip = 0
+        if len(iov) > _IOV_MAX:
+            iov = [_ZERO_HEADER, chain.read(memory, NET_HEADER_SIZE)]
+        while True:
+            try:
+                os.writev(self.tap.fd, iov)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.tap.fd)
+            except OSError as e:
+                # EIO: the interface is down; EINVAL: the kernel refused the frame.
+                self.stats.tx_dropped += 1
+                self._log.debug("transmit frame dropped: tap refused it", head=chain.head,
+                                length=frame_length, error=os.strerror(e.errno or 0))
+                return 0
+        self.stats.tx_frames += 1
+        self.stats.tx_bytes += frame_length
+        return 0
+
+    # -- receive ------------------------------------------------------------------------
+
+    def _pop_receive_chain(self, queue: VirtQueue, memory: MemoryAccess,
+                           mergeable: bool) -> DescriptorChain | None:
+        chain = queue.pop(memory)
+        if chain is None:
+            return None
+        if chain.readable:
+            raise DeviceNeedsReset(
+                f"receive chain {chain.head} has device-readable buffers "
+                "(receive buffers must be device-writable)"
+            )
+        if mergeable and chain.writable_length < NET_HEADER_SIZE:
+            raise DeviceNeedsReset(
+                f"receive buffer {chain.head} has {chain.writable_length} bytes: with "
+                f"VIRTIO_NET_F_MRG_RXBUF each must hold at least the {NET_HEADER_SIZE}-byte "
+                "header"
+            )
+        self._rx_chains.append(chain)
+        return chain
+
+    async def _wait_for_receive_buffers(self, context: DeviceContext,
+                                        queue: VirtQueue) -> None:
+        """The driver gave us no (or too few) buffers: ask for a kick and wait for it,
+        unless buffers arrived while we were asking."""
+        memory = context.memory
+        if queue.enable_notifications(memory):
+            await trio.lowlevel.checkpoint()
+        else:
+            await context.wait_kick(RX_QUEUE)
+        # While we hold buffers, the driver need not tell us about more.
+        queue.disable_notifications(memory)
+
+    async def _receive_loop(self, context: DeviceContext) -> None:
+        queue = context.queues[RX_QUEUE]
+        if queue is None:
+            return
+        memory = context.memory
+        mergeable = bool(context.features & VIRTIO_NET_F_MRG_RXBUF)
+        queue.disable_notifications(memory)
+        while True:
+            if self._rx_frame_length:
+                # A frame waits for more buffers.
+                placed = self._place_frame(memory, queue, mergeable)
+                if placed is None:
+                    await self._wait_for_receive_buffers(context, queue)
+                elif placed:
+                    context.signal_used(RX_QUEUE)
+                continue
+            if not self._rx_chains and self._pop_receive_chain(
+                    queue, memory, mergeable) is None:
+                await self._wait_for_receive_buffers(context, queue)
+                continue
+            await trio.lowlevel.wait_readable(self.tap.fd)
+            used = 0
+            for _ in range(_RX_BATCH):
+                if not self._rx_chains and self._pop_receive_chain(
+                        queue, memory, mergeable) is None:
+                    break
+                if not self._read_frame(memory):
+                    break
+                placed = self._place_frame(memory, queue, mergeable)
+                if placed is None:
+                    break
+                used += placed
+            if used:
+                context.signal_used(RX_QUEUE)
+
+    def _read_frame(self, memory: MemoryAccess) -> bool:
+        """Read one frame from the tap into the first held chain (and the bounce buffer
+        for the rest). False if the tap has nothing to read."""
+        chain = self._rx_chains[0]
+        bounce = self._rx_buffer
+        # The part of the first chain a frame can use at most.
+        first_capacity = min(chain.writable_length, len(bounce) - 1)
+        iov: list[memoryview | bytearray] = []
+        room = first_capacity
+        for address, length in chain.writable:
+            if not room:
+                break
+            take = min(length, room)
+            iov.append(memory.view(address, take))
+            room -= take
+        zero_copy = len(iov) < _IOV_MAX
+        if zero_copy:
+            iov.append(bounce)
+        else:
+            iov = [bounce]
+        try:
+            total = os.readv(self.tap.fd, iov)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            raise TapError(f"reading tap {self.tap.name!r} failed: {os.strerror(e.errno or 0)}",
+                           name=self.tap.name, errno=e.errno) from e
+        if zero_copy:
+            self._rx_overflow_start = 0
+            self._rx_overflow_end = max(total - first_capacity, 0)
+        else:
+            chain.write(memory, memoryview(bounce)[:min(total, first_capacity)])
+            self._rx_overflow_start = first_capacity
+            self._rx_overflow_end = max(total, first_capacity)
+        self._rx_frame_length = total
+        self._rx_first_length = min(total, first_capacity)
+        return True
+
+    def _drop_frame(self, reason: str) -> int:
+        self.stats.rx_dropped += 1
+        self._log.debug("received frame dropped", reason=reason,
+                        length=self._rx_frame_length - NET_HEADER_SIZE)
+        self._rx_frame_length = 0
+        return 0
+
+    def _place_frame(self, memory: MemoryAccess, queue: VirtQueue,
+                     mergeable: bool) -> int | None:
+        """Return the frame read by :meth:`_read_frame` to the driver. Returns how many
+        chains were used (0: the frame was dropped and the chains are kept for the next
+        one), or None if it needs more buffers than the driver has given yet."""
+        total = self._rx_frame_length
+        if total < NET_HEADER_SIZE + MIN_FRAME_SIZE:
+            return self._drop_frame("shorter than an Ethernet header")
+        if total > NET_HEADER_SIZE + MAX_FRAME_SIZE:
+            return self._drop_frame("longer than the largest frame")
+        chains = self._rx_chains
+        first_length = self._rx_first_length
+        if total == first_length:
+            chains[0].write(memory, NET_HEADER.pack(0, 0, 0, 0, 0, 0, 1))
+            queue.push(memory, chains[0].head, total)
+            del chains[0]
+            self._received(total)
+            return 1
+        if not mergeable or first_length < NET_HEADER_SIZE:
+            return self._drop_frame("larger than the receive buffer")
+        overflow = self._rx_overflow_end - self._rx_overflow_start
+        capacity = 0
+        count = 1
+        while capacity < overflow:
+            if count == len(chains) and self._pop_receive_chain(
+                    queue, memory, mergeable) is None:
+                if len(chains) >= queue.state.size:
+                    # Every buffer of the queue is ours and still not enough.
+                    return self._drop_frame("larger than all receive buffers together")
+                return None
+            capacity += chains[count].writable_length
+            count += 1
+        source = memoryview(self._rx_buffer)[self._rx_overflow_start:self._rx_overflow_end]
+        written = [first_length]
+        offset = 0
+        for chain in chains[1:count]:
+            done = chain.write(memory, source[offset:])
+            written.append(done)
+            offset += done
+        chains[0].write(memory, NET_HEADER.pack(0, 0, 0, 0, 0, 0, count))
+        # In ring order: the driver reads num_buffers from the first and takes the rest.
+        for chain, length in zip(chains[:count], written, strict=True):
+            queue.push(memory, chain.head, length)
+        del chains[:count]
+        self._received(total)
+        return count
+
+    def _received(self, total: int) -> None:
+        self._rx_frame_length = 0
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += total - NET_HEADER_SIZE
+
+
