@@ -203,7 +203,7 @@ def test_hostile_driver_only_ever_needs_reset(figure: Callable[[str, str], None]
     seen = fuzz_device(
         make,
         hostile_operations(2, {0}, st.tuples(st.just("input"), st.integers(1, 3000))),
-        writable_queues={0}, queue_count=2, other=type_input, examples=800,
+        writable_queues={0}, queue_count=2, other=type_input, examples=2300,
     )
     figure("virtio-console hostile chains seen", str(seen))
     assert seen >= HOSTILE_CHAINS

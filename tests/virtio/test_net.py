@@ -595,9 +595,9 @@ class FakeTap:
 
 
 #: Hostile-driver fuzzing, shared with the rng and console tests: examples per device,
-#: and the chains each device must see at least (>= 10,000 over the three devices).
-HOSTILE_EXAMPLES = 650
-HOSTILE_CHAINS = 3400
+#: and the chains each device must see at least (>= 10,000 for every device).
+HOSTILE_EXAMPLES = 1900
+HOSTILE_CHAINS = 10_000
 HOSTILE_MEMORY = 1 << 18
 _addresses = st.one_of(st.integers(0x1000, HOSTILE_MEMORY), st.integers(0, 2**64 - 1))
 _lengths = st.one_of(st.integers(0, 2048), st.integers(0, 2**32 - 1))
