@@ -67,6 +67,6 @@ def test_hostile_driver_only_ever_needs_reset(figure: Callable[[str, str], None]
     may come out of run()."""
     # One queue: each example offers more chains, so fewer examples reach the count.
     seen = fuzz_device(lambda guest: RngDevice(), hostile_operations(1, {0}),
-                       writable_queues={0}, queue_count=1, examples=1100)
+                       writable_queues={0}, queue_count=1, examples=1400)
     figure("virtio-rng hostile chains seen", str(seen))
     assert seen >= HOSTILE_CHAINS
