@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                     default=argparse.SUPPRESS)
     up.set_defaults(handler=_cmd_up)
+
+    from .vhost.cli import add_backend_commands
+
+    add_backend_commands(commands)
     return parser
 
 

@@ -1,0 +1,621 @@
+"""Serve an avmm :class:`~avmm.virtio.device.VirtioDevice` to a vhost-user front-end.
+
+``serve_device(device, path)`` listens on a unix socket and serves one front-end (QEMU,
+Cloud Hypervisor, avmm) at a time. The front-end hands over guest RAM (memfds, mapped
+here ``MAP_SHARED``), the rings' layout and positions, a kick eventfd per ring (the
+driver's notifications) and a call eventfd per ring (interrupts to the driver). Once
+every ring of the device is started (it has a kick fd) and enabled, the device's
+``run()`` serves the queues exactly as it does in-process, through a
+:class:`DeviceContext` built on those eventfds.
+
+Addresses. Buffers in descriptors are guest physical addresses, which
+:class:`VhostMemory` translates through the memory table. Ring addresses in
+SET_VRING_ADDR are the front-end's own virtual addresses; they are converted to guest
+physical through the same table, so the unchanged :class:`VirtQueue` serves the rings.
+
+Faults. A front-end that breaks the protocol (malformed message, fds where none belong,
+a ring index out of range, memory that cannot be mapped) is dropped with a log line; the
+device is stopped and reset, and the next front-end may connect. A driver that breaks
+the virtqueue rules stops the device (DeviceNeedsReset): the error fd of each ring is
+signalled, and the front-end must restart the rings. Nothing a peer does crashes the
+backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from ..errors import AvmmError, GuestAddressError
+from ..memory import MemoryAccess
+from ..virtio.device import COMMON_FEATURES, DeviceNeedsReset, VirtioDevice
+from ..virtio.queue import VirtQueue
+from .protocol import (
+    MAX_CONFIG_SIZE,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VRING_INDEX_MASK,
+    VRING_NOFD,
+    Message,
+    ProtocolFeature,
+    VhostConnectionClosed,
+    VhostProtocolError,
+    receive_message,
+    send_message,
+)
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostBackendError", "VhostMemory", "serve_device"]
+
+#: Protocol features this back-end offers.
+OFFERED_PROTOCOL_FEATURES = (
+    (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
+)
+#: How long stopping a device may take before the connection is given up on.
+STOP_TIMEOUT_S = 10.0
+
+
+class VhostBackendError(AvmmError):
+    """The back-end cannot serve at all (socket path unusable)."""
+
+
+@dataclass
+class _Region:
+    guest_address: int
+    size: int
+    user_address: int
+    map: mmap.mmap
+    view: memoryview
+
+
+class VhostMemory(MemoryAccess):
+    """Guest RAM as mapped from a vhost-user memory table: guest physical addresses in,
+    checked views out. Immutable: a new table makes a new object."""
+
+    def __init__(self, regions: Sequence[Any], fds: Sequence[int]) -> None:
+        self._regions: list[_Region] = []
+        try:
+            for region, fd in zip(regions, fds, strict=True):
+                self._map_region(region, fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map_region(self, region: Any, fd: int) -> None:
+        size, offset = region.size, region.mmap_offset
+        if size <= 0:
+            raise VhostProtocolError("memory region of size 0")
+        if region.guest_address + size > 1 << 64 or region.user_address + size > 1 << 64:
+            raise VhostProtocolError("memory region wraps around the address space")
+        for other in self._regions:
+            if (region.guest_address < other.guest_address + other.size
+                    and other.guest_address < region.guest_address + size):
+                raise VhostProtocolError(
+                    f"memory regions at guest 0x{region.guest_address:x} and "
+                    f"0x{other.guest_address:x} overlap"
+                )
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        delta = offset - aligned
+        try:
+            mapping = mmap.mmap(fd, size + delta, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        except (OSError, ValueError, OverflowError) as e:
+            raise VhostProtocolError(
+                f"cannot map memory region guest 0x{region.guest_address:x} "
+                f"(+{size} bytes at fd offset {offset}): {e}"
+            ) from e
+        view = memoryview(mapping)[delta:delta + size]
+        self._regions.append(_Region(region.guest_address, size, region.user_address,
+                                     mapping, view))
+
+    def _find(self, address: int, length: int) -> _Region | None:
+        if address < 0 or length < 0:
+            return None
+        for region in self._regions:
+            start = address - region.guest_address
+            if start >= 0 and start + length <= region.size:
+                return region
+        return None
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        return self._find(address, length) is not None
+
+    def view(self, address: int, length: int) -> memoryview:
+        region = self._find(address, length)
+        if region is None:
+            raise GuestAddressError(address, length)
+        start = address - region.guest_address
+        return region.view[start:start + length]
+
+    def guest_address_of(self, user_address: int, length: int) -> int:
+        """The guest physical address of the front-end's virtual ``user_address``, whose
+        ``length`` bytes must lie in one region."""
+        for region in self._regions:
+            start = user_address - region.user_address
+            if start >= 0 and start + length <= region.size:
+                return region.guest_address + start
+        raise VhostProtocolError(
+            f"ring at front-end address 0x{user_address:x} (+{length} bytes) is not in "
+            "any memory region"
+        )
+
+    def close(self) -> None:
+        regions, self._regions = self._regions, []
+        for region in regions:
+            region.view.release()
+            with contextlib.suppress(BufferError):
+                # A queue may still hold a view; the mapping then goes with the last one.
+                region.map.close()
+
+
+@dataclass
+class _Ring:
+    queue: VirtQueue
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    enabled: bool = False
+    #: Front-end virtual addresses from SET_VRING_ADDR (None: not set yet).
+    addresses: tuple[int, int, int] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.kick_fd >= 0 and self.addresses is not None
+
+    def close(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            _close_attr(self, name)
+
+
+def _close_attr(obj: object, name: str) -> None:
+    fd = getattr(obj, name)
+    if fd >= 0:
+        setattr(obj, name, -1)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _signal(fd: int) -> None:
+    if fd < 0:
+        return
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # counter saturated: the peer has a notification pending anyway
+    except OSError as e:
+        log.debug("eventfd write failed", error=str(e))
+
+
+@dataclass
+class _RunningDevice:
+    scope: trio.CancelScope
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+
+class _Context:
+    """The DeviceContext of a device behind vhost-user."""
+
+    def __init__(self, memory: VhostMemory, rings: Sequence[_Ring], features: int) -> None:
+        self.memory = memory
+        self.features = features
+        self.queues = [ring.queue for ring in rings]
+        self._rings = rings
+        # The first wait returns at once: the driver may have kicked before we listened.
+        self._primed = [True] * len(rings)
+
+    async def wait_kick(self, queue_index: int) -> None:
+        if self._primed[queue_index]:
+            self._primed[queue_index] = False
+            await trio.lowlevel.checkpoint()
+            return
+        fd = self._rings[queue_index].kick_fd
+        while True:
+            try:
+                os.eventfd_read(fd)
+                await trio.lowlevel.checkpoint()
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+
+    def signal_used(self, queue_index: int) -> None:
+        ring = self._rings[queue_index]
+        if ring.queue.should_notify(self.memory):
+            _signal(ring.call_fd)
+
+    def signal_config_change(self) -> None:
+        # Needs BACKEND_REQ (a back-end → front-end channel), which we do not offer.
+        log.debug("config change not delivered: no back-end request channel")
+
+
+class _Session:
+    """One front-end connection: its negotiated state, the memory and the rings."""
+
+    def __init__(self, device: VirtioDevice, sock: Any, nursery: trio.Nursery) -> None:
+        self.device = device
+        self.sock = sock
+        self.nursery = nursery
+        self.features = 0
+        self.protocol_features = 0
+        self.memory: VhostMemory | None = None
+        self.rings = [_Ring(VirtQueue(size)) for size in device.queue_max_sizes]
+        self.running: _RunningDevice | None = None
+        self.offered_features = (device.device_features() | COMMON_FEATURES
+                                 | VHOST_USER_F_PROTOCOL_FEATURES)
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                message = await receive_message(self.sock)
+            except VhostConnectionClosed:
+                log.info("front-end disconnected")
+                return
+            try:
+                await self.handle(message)
+            finally:
+                message.close_fds()
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stop_device()
+        for ring in self.rings:
+            ring.close()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    # -- the device task ----------------------------------------------------------------
+
+    def _protocol_negotiated(self) -> bool:
+        return bool(self.features & VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def maybe_start(self) -> None:
+        if self.running is not None or self.memory is None:
+            return
+        if not all(ring.started and ring.enabled for ring in self.rings):
+            return
+        memory = self.memory
+        features = self.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        for ring in self.rings:
+            state = ring.queue.state
+            assert ring.addresses is not None
+            descriptor, available, used = ring.addresses
+            event = 2 if features & (1 << 29) else 0
+            state.descriptor_table = memory.guest_address_of(descriptor, 16 * state.size)
+            state.available_ring = memory.guest_address_of(available, 4 + 2 * state.size + event)
+            state.used_ring = memory.guest_address_of(used, 4 + 8 * state.size + event)
+            state.event_idx = bool(event)
+            state.indirect = bool(features & (1 << 28))
+            state.signalled_used = None
+            try:
+                state.next_used = memory.read_u16(state.used_ring + 2)
+                ring.queue.validate(memory)
+            except (DeviceNeedsReset, GuestAddressError) as e:
+                raise VhostProtocolError(f"ring setup: {e}") from e
+            state.ready = True
+        context = _Context(memory, self.rings, features)
+        running = _RunningDevice(trio.CancelScope())
+        self.running = running
+        self.nursery.start_soon(self._run_device, context, running)
+        log.info("device started", features=hex(features))
+
+    async def _run_device(self, context: _Context, running: _RunningDevice) -> None:
+        try:
+            with running.scope:
+                await self.device.run(context)
+        except DeviceNeedsReset as e:
+            log.warning("device needs reset", reason=str(e))
+            for ring in self.rings:
+                _signal(ring.err_fd)
+        except Exception:
+            log.exception("device failed")
+            for ring in self.rings:
+                _signal(ring.err_fd)
+        finally:
+            running.stopped.set()
+
+    async def stop_device(self) -> None:
+        running, self.running = self.running, None
+        if running is None:
+            return
+        running.scope.cancel()
+        with trio.move_on_after(STOP_TIMEOUT_S) as timeout:
+            await running.stopped.wait()
+        if timeout.cancelled_caught:
+            raise VhostProtocolError("device did not stop in time")
+        for ring in self.rings:
+            ring.queue.state.ready = False
+        self.device.reset()
+        log.info("device stopped")
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _ring(self, index: int) -> _Ring:
+        if not 0 <= index < len(self.rings):
+            raise VhostProtocolError(
+                f"ring index {index} out of range (the device has {len(self.rings)} rings)"
+            )
+        return self.rings[index]
+
+    async def _reply(self, message: Message, payload: Any) -> None:
+        await send_message(self.sock, Message(message.request, payload, reply=True))
+
+    async def handle(self, message: Message) -> None:
+        request = message.request
+        handler = getattr(self, f"_on_{request.name.lower()}", None)
+        if handler is None:
+            log.info("unsupported request ignored", request=request.name)
+            if message.need_reply:
+                await self._reply(message, 1)
+            return
+        answer = await handler(message)
+        if answer is not None:
+            await self._reply(message, answer)
+        elif message.need_reply:
+            await self._reply(message, 0)
+        self.maybe_start()
+
+    async def _on_set_owner(self, message: Message) -> None:
+        return None
+
+    async def _on_reset_owner(self, message: Message) -> None:
+        await self.stop_device()
+        self.features = 0
+
+    async def _on_reset_device(self, message: Message) -> None:
+        await self._on_reset_owner(message)
+
+    async def _on_get_features(self, message: Message) -> int:
+        return self.offered_features
+
+    async def _on_set_features(self, message: Message) -> None:
+        features = message.payload
+        if features & ~self.offered_features:
+            raise VhostProtocolError(
+                f"front-end acked features 0x{features & ~self.offered_features:x} "
+                "that were not offered"
+            )
+        if self.running is not None and features != self.features:
+            raise VhostProtocolError("features changed while the device is running")
+        self.features = features
+        if not self._protocol_negotiated():
+            # Without protocol features rings are enabled as soon as they start.
+            for ring in self.rings:
+                ring.enabled = True
+
+    async def _on_get_protocol_features(self, message: Message) -> int:
+        return OFFERED_PROTOCOL_FEATURES
+
+    async def _on_set_protocol_features(self, message: Message) -> None:
+        features = message.payload
+        if features & ~OFFERED_PROTOCOL_FEATURES:
+            raise VhostProtocolError(
+                f"front-end acked protocol features 0x{features:x} that were not offered"
+            )
+        self.protocol_features = features
+
+    async def _on_get_queue_num(self, message: Message) -> int:
+        return len(self.rings)
+
+    async def _on_get_config(self, message: Message) -> dict[str, Any]:
+        config = message.payload
+        if config.offset + config.size > MAX_CONFIG_SIZE:
+            raise VhostProtocolError(
+                f"config read at {config.offset}+{config.size} past {MAX_CONFIG_SIZE} bytes"
+            )
+        data = self.device.read_config(config.offset, config.size)
+        return {"offset": config.offset, "size": config.size, "flags": config.flags,
+                "payload": data}
+
+    async def _on_set_config(self, message: Message) -> None:
+        config = message.payload
+        self.device.write_config(config.offset, config.payload)
+
+    async def _on_set_mem_table(self, message: Message) -> None:
+        table = message.payload
+        if len(message.fds) != table.nregions:
+            raise VhostProtocolError(
+                f"memory table of {table.nregions} regions came with {len(message.fds)} fds"
+            )
+        memory = VhostMemory(table.regions, message.fds)
+        was_running = self.running is not None
+        await self.stop_device()
+        if self.memory is not None:
+            self.memory.close()
+        self.memory = memory
+        log.info("memory table", regions=[(hex(r.guest_address), r.size)
+                                           for r in table.regions])
+        if was_running:
+            log.info("memory table replaced while running; restarting the device")
+
+    async def _on_set_vring_num(self, message: Message) -> None:
+        ring = self._ring(message.payload.index)
+        size = message.payload.num
+        maximum = ring.queue.state.max_size
+        if not 0 < size <= maximum or size & (size - 1):
+            raise VhostProtocolError(f"ring size {size} is not a power of two up to {maximum}")
+        self._check_stopped(ring, "SET_VRING_NUM")
+        ring.queue.state.size = size
+
+    async def _on_set_vring_addr(self, message: Message) -> None:
+        address = message.payload
+        ring = self._ring(address.index)
+        self._check_stopped(ring, "SET_VRING_ADDR")
+        ring.addresses = (address.descriptor, address.available, address.used)
+
+    async def _on_set_vring_base(self, message: Message) -> None:
+        ring = self._ring(message.payload.index)
+        base = message.payload.num
+        if base > 0xFFFF:
+            raise VhostProtocolError(f"ring base {base} is not a u16")
+        self._check_stopped(ring, "SET_VRING_BASE")
+        ring.queue.state.next_available = base
+        ring.queue.state.next_used = base
+
+    async def _on_get_vring_base(self, message: Message) -> dict[str, int]:
+        ring = self._ring(message.payload.index)
+        await self.stop_device()
+        _close_attr(ring, "kick_fd")
+        if self._protocol_negotiated():
+            ring.enabled = False
+        return {"index": message.payload.index, "num": ring.queue.state.next_available}
+
+    def _check_stopped(self, ring: _Ring, what: str) -> None:
+        if self.running is not None and ring.started:
+            raise VhostProtocolError(f"{what} on a running ring")
+
+    def _vring_fd(self, message: Message, what: str) -> tuple[_Ring, int]:
+        value = message.payload
+        if value & ~(VRING_INDEX_MASK | VRING_NOFD):
+            raise VhostProtocolError(f"{what}: unknown bits in 0x{value:x}")
+        ring = self._ring(value & VRING_INDEX_MASK)
+        if value & VRING_NOFD:
+            if message.fds:
+                raise VhostProtocolError(f"{what}: fd sent with the no-fd bit set")
+            return ring, -1
+        if len(message.fds) != 1:
+            raise VhostProtocolError(f"{what}: expected one fd, got {len(message.fds)}")
+        fd = message.fds.pop()
+        try:
+            mode = os.fstat(fd).st_mode
+            os.set_blocking(fd, False)
+        except OSError as e:
+            os.close(fd)
+            raise VhostProtocolError(f"{what}: unusable fd: {e}") from e
+        if stat.S_ISDIR(mode):
+            os.close(fd)
+            raise VhostProtocolError(f"{what}: fd is a directory")
+        return ring, fd
+
+    async def _on_set_vring_kick(self, message: Message) -> None:
+        ring, fd = self._vring_fd(message, "SET_VRING_KICK")
+        if fd < 0:
+            raise VhostProtocolError("SET_VRING_KICK without an fd (polling) is not supported")
+        await self.stop_device()
+        _close_attr(ring, "kick_fd")
+        ring.kick_fd = fd
+        if not self._protocol_negotiated():
+            ring.enabled = True
+
+    async def _on_set_vring_call(self, message: Message) -> None:
+        ring, fd = self._vring_fd(message, "SET_VRING_CALL")
+        _close_attr(ring, "call_fd")
+        # Swapping the fd under a running device is fine: it is looked up per signal.
+        ring.call_fd = fd
+
+    async def _on_set_vring_err(self, message: Message) -> None:
+        ring, fd = self._vring_fd(message, "SET_VRING_ERR")
+        _close_attr(ring, "err_fd")
+        ring.err_fd = fd
+
+    async def _on_set_vring_enable(self, message: Message) -> None:
+        ring = self._ring(message.payload.index)
+        enable = message.payload.num
+        if enable not in (0, 1):
+            raise VhostProtocolError(f"SET_VRING_ENABLE with {enable}")
+        if not enable:
+            await self.stop_device()
+        ring.enabled = bool(enable)
+
+    async def _on_set_vring_endian(self, message: Message) -> None:
+        if message.payload.num != 0:  # 0: little-endian, the only order of modern virtio
+            raise VhostProtocolError("big-endian rings are not supported")
+
+    async def _on_get_max_mem_slots(self, message: Message) -> int:
+        return 8
+
+
+# -- the listener ----------------------------------------------------------------------
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise VhostBackendError(f"{path} exists and is not a socket; not replacing it")
+    os.unlink(path)
+
+
+async def _bind(path: str) -> tuple[Any, tuple[int, int]]:
+    """A listening socket at ``path``, mode 0600 from the moment it appears there."""
+    _remove_stale_socket(path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await listener.bind(temporary)
+        os.chmod(temporary, 0o600)
+        listener.listen(1)
+        os.rename(temporary, path)
+        info = os.stat(path)
+    except OSError as e:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise VhostBackendError(f"cannot listen on {path}: {e}") from e
+    return listener, (info.st_dev, info.st_ino)
+
+
+async def serve_device(device: VirtioDevice, socket_path: str, *,
+                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``device`` over vhost-user at ``socket_path`` until cancelled, one front-end
+    connection at a time (see the module docstring). Reports the path through
+    ``task_status`` once it is listening; removes the socket file on exit."""
+    socket_path = os.fspath(socket_path)
+    listener, identity = await _bind(socket_path)
+    bound_log = log.bind(device=device.name, socket=socket_path)
+    try:
+        with listener:
+            task_status.started(socket_path)
+            bound_log.info("vhost-user back-end listening")
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        bound_log.warning("accept failed", error=str(e))
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                with conn:
+                    await _serve_connection(device, conn)
+    finally:
+        with contextlib.suppress(OSError):
+            info = os.stat(socket_path)
+            if (info.st_dev, info.st_ino) == identity:
+                os.unlink(socket_path)
+
+
+async def _serve_connection(device: VirtioDevice, conn: Any) -> None:
+    structlog.contextvars.bind_contextvars(device=device.name)
+    log.info("front-end connected")
+    try:
+        async with trio.open_nursery() as nursery:
+            session = _Session(device, conn, nursery)
+            try:
+                await session.serve()
+            finally:
+                await session.close()
+    except* VhostProtocolError as group:
+        for error in group.exceptions:
+            log.warning("front-end dropped", reason=str(error))
+    except* OSError as group:
+        for error in group.exceptions:
+            log.warning("front-end connection failed", error=str(error))
+    except* Exception as group:
+        for error in group.exceptions:
+            log.error("front-end dropped after an internal error",
+                      error=f"{type(error).__name__}: {error}", exc_info=error)

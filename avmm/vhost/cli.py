@@ -1,0 +1,101 @@
+"""``avmm backend {blk,rng}``: serve one avmm device over vhost-user until SIGINT/SIGTERM.
+
+Wire it into ``avmm/cli.py`` with ``add_backend_commands(commands)`` where ``commands``
+is the ``add_subparsers(dest="command")`` object; each sub-command sets ``handler``.
+``python -m avmm.vhost.cli backend blk ...`` runs the same commands on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from ..errors import AvmmError
+from ..logs import configure_logging
+from ..virtio.device import VirtioDevice
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["add_backend_commands", "main", "run_backend"]
+
+_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def add_backend_commands(subparsers: Any) -> None:
+    """Register ``backend blk`` and ``backend rng`` on an argparse subparsers object."""
+    backend = subparsers.add_parser("backend", help="serve a device over vhost-user")
+    kinds = backend.add_subparsers(dest="backend_kind", metavar="DEVICE", required=True)
+
+    blk = kinds.add_parser("blk", help="a virtio-blk device over a raw image")
+    blk.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    blk.add_argument("--image", required=True, metavar="FILE", help="raw disk image")
+    blk.add_argument("--readonly", action="store_true", help="refuse the driver's writes")
+    blk.set_defaults(handler=_cmd_blk)
+
+    rng = kinds.add_parser("rng", help="a virtio-rng device fed by getrandom()")
+    rng.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    rng.set_defaults(handler=_cmd_rng)
+
+    for parser in (blk, rng):
+        parser.add_argument("--log-format", choices=["console", "json"],
+                            default=argparse.SUPPRESS)
+        parser.add_argument("--log-level", choices=_LEVELS, default=argparse.SUPPRESS)
+
+
+def _cmd_blk(args: argparse.Namespace) -> int:
+    from ..virtio.blk import BlockDevice
+
+    device = BlockDevice(Path(args.image), read_only=args.readonly)
+    try:
+        return run_backend(device, args.socket)
+    finally:
+        device.close()
+
+
+def _cmd_rng(args: argparse.Namespace) -> int:
+    from ..virtio.rng import RngDevice
+
+    return run_backend(RngDevice(), args.socket)
+
+
+def run_backend(device: VirtioDevice, socket_path: str) -> int:
+    """Serve ``device`` at ``socket_path`` until SIGINT or SIGTERM; exit status 0."""
+    return trio.run(_serve_until_signal, device, socket_path)
+
+
+async def _serve_until_signal(device: VirtioDevice, socket_path: str) -> int:
+    from .backend import serve_device
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_device, device, socket_path)
+            async for signum in signals:
+                log.info("stopping on signal", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="avmm")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console")
+    parser.add_argument("--log-level", choices=_LEVELS, default="warning")
+    add_backend_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    configure_logging(log_format=args.log_format, level=args.log_level)
+    try:
+        return int(args.handler(args))
+    except AvmmError as e:
+        print(f"avmm: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
