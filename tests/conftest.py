@@ -13,69 +13,40 @@ A missing prerequisite is a visible skip with the reason, except when
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import structlog
 
-REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "build"
-TEST_GUEST = BUILD / "guest" / "testguest.elf"
-DEBIAN_KERNEL = BUILD / "debian-kernel" / "vmlinuz"
-
-REQUIRE = os.environ.get("AVMM_REQUIRE_KVM") == "1"
-
-
-def _kvm_problem() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not readable and writable by this user"
-    return None
-
-
-def _qemu_problem() -> str | None:
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed (make deps installs it)"
-    return None
-
-
-def _debian_kernel_problem() -> str | None:
-    if not DEBIAN_KERNEL.exists():
-        return f"{DEBIAN_KERNEL} is missing (make debian-kernel fetches it)"
-    return None
-
-
-def _guest_problem() -> str | None:
-    if not TEST_GUEST.exists():
-        return f"{TEST_GUEST} is missing (make guest builds it)"
-    return None
-
+from tests.prerequisites import (
+    DEBIAN_KERNEL,
+    TEST_GUEST,
+    debian_kernel_problem,
+    guest_problem,
+    kvm_problem,
+    net_problem,
+    qemu_problem,
+    require,
+)
 
 _CHECKS = {
-    "kvm": _kvm_problem,
-    "qemu": _qemu_problem,
-    "debian_kernel": _debian_kernel_problem,
-    "guest": _guest_problem,
+    "kvm": kvm_problem,
+    "qemu": qemu_problem,
+    "debian_kernel": debian_kernel_problem,
+    "guest": guest_problem,
+    "net": net_problem,
 }
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "guest: needs the built test guest (make guest)")
+    config.addinivalue_line("markers", "net: needs root, /dev/net/tun and iproute2")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for marker, check in _CHECKS.items():
-        if item.get_closest_marker(marker) is None:
-            continue
-        problem = check()
-        if problem is None:
-            continue
-        if REQUIRE:
-            pytest.fail(f"prerequisite missing and AVMM_REQUIRE_KVM=1: {problem}", pytrace=False)
-        pytest.skip(f"prerequisite missing: {problem}")
+        if item.get_closest_marker(marker) is not None:
+            require(check())
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import select
-import shutil
 import socket
 import subprocess
 import time
@@ -37,6 +36,8 @@ from virtio_guest_support import (
     parse_result_lines,
     qemu_tap_netdev,
 )
+
+from tests.prerequisites import net_problem, require
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
@@ -729,25 +730,11 @@ def test_rng_prints_32_random_bytes(test_guest: Path, accel: str) -> None:
 # ---- net-echo: a tap in a private network namespace, an echoer on it, QEMU inside.
 
 
-def _netns_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces and taps need root (CAP_NET_ADMIN)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun does not exist (modprobe tun)"
-    if shutil.which("ip") is None:
-        return "ip (iproute2) is not installed"
-    return None
-
-
 @pytest.fixture
 def echoing_namespace() -> Iterator[tuple[TapNamespace, EthernetEchoer]]:
     """A tap (up) in a fresh network namespace with an echoer on it; QEMU has to run in
     the namespace (``namespace.command_prefix()``)."""
-    problem = _netns_problem()
-    if problem is not None:
-        if os.environ.get("AVMM_REQUIRE_KVM") == "1":
-            pytest.fail(f"prerequisite missing and AVMM_REQUIRE_KVM=1: {problem}", pytrace=False)
-        pytest.skip(f"prerequisite missing: {problem}")
+    require(net_problem())
     with echoing_tap(lifetime=TIMEOUT_S) as (namespace, echoer):
         yield namespace, echoer
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import shutil
 import socket
 import subprocess
 import warnings
@@ -21,31 +20,16 @@ import pytest
 
 from avmm.errors import AvmmError
 from avmm.tap import Tap, TapError
+from tests.prerequisites import net_problem, require
 
-REQUIRE = os.environ.get("AVMM_REQUIRE_KVM") == "1"
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 _names = itertools.count()
 
 
-def _tap_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "tap tests need root (CAP_NET_ADMIN)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun does not exist (modprobe tun)"
-    if shutil.which("ip") is None:
-        return "ip (iproute2) is not installed"
-    return None
-
-
 @pytest.fixture
 def tap_prerequisites() -> None:
-    problem = _tap_problem()
-    if problem is None:
-        return
-    if REQUIRE:
-        pytest.fail(f"prerequisite missing and AVMM_REQUIRE_KVM=1: {problem}", pytrace=False)
-    pytest.skip(f"prerequisite missing: {problem}")
+    require(net_problem())
 
 
 def unique_name() -> str:

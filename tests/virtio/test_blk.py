@@ -37,6 +37,7 @@ from avmm.virtio.blk import (
 )
 from avmm.virtio.device import DeviceId, DeviceNeedsReset
 from avmm.virtio.queue import QueueError, VirtQueue
+from tests.prerequisites import require
 
 from .queue_helpers import DriverQueue, make_queue
 
@@ -610,8 +611,7 @@ def tiny_tmpfs(tmp_path: Path):
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
                              str(mount_point)], capture_output=True, text=True, check=False)
     if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs (test_enospc_from_pwritev covers ENOSPC): "
-                    f"{result.stderr.strip()}")
+        require(f"cannot mount a tmpfs: {result.stderr.strip()}")
     try:
         yield mount_point
     finally:

@@ -16,7 +16,6 @@ import itertools
 import os
 import random
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -44,10 +43,10 @@ from avmm.virtio.net import (
     NetDevice,
 )
 from avmm.virtio.queue import DescriptorChain, QueueError, VirtQueue
+from tests.prerequisites import net_problem, require
 
 from .queue_helpers import VIRTQ_DESC_F_INDIRECT, DriverQueue
 
-REQUIRE = os.environ.get("AVMM_REQUIRE_KVM") == "1"
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 #: An IEEE "local experimental" EtherType, so test frames are told from anything else.
@@ -197,16 +196,6 @@ async def running(device: VirtioDevice, context: FakeContext) -> AsyncIterator[N
 # -- a real tap --------------------------------------------------------------------------
 
 
-def _tap_problem() -> str | None:
-    if os.geteuid() != 0:
-        return "tap tests need root (CAP_NET_ADMIN)"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun does not exist (modprobe tun)"
-    if shutil.which("ip") is None:
-        return "ip (iproute2) is not installed"
-    return None
-
-
 class Wire:
     """The tap's kernel side, seen through an AF_PACKET socket: ``inject`` sends a frame
     that the device must receive, ``receive`` returns a frame the device sent."""
@@ -243,12 +232,7 @@ class Wire:
 
 @pytest.fixture
 def tap() -> Iterator[Tap]:
-    problem = _tap_problem()
-    if problem is not None:
-        if REQUIRE:
-            pytest.fail(f"prerequisite missing and AVMM_REQUIRE_KVM=1: {problem}",
-                        pytrace=False)
-        pytest.skip(f"prerequisite missing: {problem}")
+    require(net_problem())
     with Tap.open(f"avn{os.getpid() % 100000}n{next(_names)}") as tap:
         # Up, and quiet: no IPv6, so the kernel sends no frames of its own.
         Path(f"/proc/sys/net/ipv6/conf/{tap.name}/disable_ipv6").write_text("1")
