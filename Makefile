@@ -10,16 +10,16 @@ AVMM   := $(VENV)/bin/avmm
 
 # Debian packages: what building needs, and what the tests talk to.
 BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev
-TEST_PACKAGES  := qemu-system-x86
+TEST_PACKAGES  := qemu-system-x86 busybox-static cpio acpica-tools
 
-.PHONY: all up test deps deps-build deps-test venv guest debian-kernel example-disk lint clean distclean
+.PHONY: all up test deps deps-build deps-test venv guest debian-kernel linux-debian example-disk lint clean distclean
 
 all: venv guest
 
 up: venv guest
 	$(AVMM) up examples/hello.toml
 
-test: deps-test venv guest debian-kernel example-disk
+test: deps-test venv guest debian-kernel linux-debian example-disk
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
 
@@ -33,7 +33,7 @@ deps: deps-build deps-test
 deps-build: $(BUILD)/.stamps/deps-build
 deps-test: $(BUILD)/.stamps/deps-test
 
-$(BUILD)/.stamps/deps-%:
+$(BUILD)/.stamps/deps-%: Makefile
 	@mkdir -p $(@D)
 	@pkgs="$(if $(filter build,$*),$(BUILD_PACKAGES),$(TEST_PACKAGES))"; \
 	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -65,6 +65,15 @@ debian-kernel: $(BUILD)/debian-kernel/vmlinuz
 
 $(BUILD)/debian-kernel/vmlinuz: | scripts/fetch-debian-kernel.sh
 	scripts/fetch-debian-kernel.sh $(BUILD)/debian-kernel
+
+# Debian's kernel plus an uncompressed busybox initramfs that loads the package's virtio
+# modules and runs one of tests/linux/run/* (avmm.run=NAME; contract in tests/linux/init).
+linux-debian: $(BUILD)/debian-kernel/initramfs.cpio
+
+$(BUILD)/debian-kernel/initramfs.cpio: $(BUILD)/debian-kernel/vmlinuz \
+		scripts/build-debian-initramfs.sh tests/linux/init $(wildcard tests/linux/run/*) \
+		| $(BUILD)/.stamps/deps-test
+	scripts/build-debian-initramfs.sh $(BUILD)/debian-kernel
 
 example-disk: $(BUILD)/examples/disk.img
 
