@@ -64,6 +64,7 @@ __all__ = [
     "MachineConfig",
     "SerialConfig",
     "SerialMode",
+    "VhostUserConfig",
     "VmConfig",
     "config_from_dict",
     "load_config",
@@ -127,23 +128,42 @@ class SerialConfig:
 
 @dataclass(frozen=True, slots=True)
 class DiskConfig:
-    """A virtio-blk disk backed by a raw image file."""
+    """A virtio-blk disk backed by a raw image file (``path``) or served by a
+    vhost-user-blk back-end (``vhost_user``, a unix socket); exactly one is set."""
 
-    path: Path
+    path: Path | None = None
     readonly: bool = False
     #: The serial the guest reads with GET_ID (at most 20 bytes); None: derived from path.
     id: str | None = None
+    #: The unix socket of a vhost-user-blk back-end (capacity etc. come from it).
+    vhost_user: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NetConfig:
-    """A virtio-net NIC on a host tap device (created if missing)."""
+    """A virtio-net NIC on a host tap device (created if missing), or served by a
+    vhost-user-net back-end (``vhost_user``); exactly one of ``tap`` and ``vhost_user``
+    is set."""
 
-    tap: str
+    tap: str | None = None
     #: Six bytes; None means a locally administered address derived from the VM and tap.
     mac: bytes | None = None
     #: A named network namespace (``ip netns add NAME``) that holds the tap; None: ours.
     netns: str | None = None
+    #: The unix socket of a vhost-user-net back-end.
+    vhost_user: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VhostUserConfig:
+    """A generic vhost-user device (``[[vhost_user]]``): any virtio device type served by
+    a back-end at ``socket``; the VMM only relays the transport."""
+
+    socket: Path
+    #: The virtio device ID the guest sees (1 net, 2 block, 4 entropy, 26 fs, ...).
+    device_id: int
+    num_queues: int = 1
+    queue_size: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +193,7 @@ class VmConfig:
     nets: tuple[NetConfig, ...] = ()
     rng: RngConfig | None = None
     console: ConsoleConfig | None = None
+    vhost_users: tuple[VhostUserConfig, ...] = ()
 
     def with_cmdline_appended(self, extra: str) -> VmConfig:
         """Return a copy whose kernel command line has ``extra`` appended, separated by a
@@ -553,6 +574,23 @@ def _disk_id(value: Any, key: str, context: _Context) -> str:
                         f"got {_describe(value)}")
 
 
+def _existing_socket(value: Any, key: str, context: _Context) -> Path:
+    """A unix socket a vhost-user back-end listens on: it must exist when the VM starts."""
+    path = _path(value, key, context)
+    note = context.relative_note(value)
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise context.error(key, f"socket not found: {path}; start the vhost-user back-end "
+                            f"first{note}") from None
+    except OSError as e:
+        raise context.error(key, f"cannot access {path}: {e.strerror}{note}") from e
+    if not stat.S_ISSOCK(info.st_mode):
+        raise context.error(key, f"{path} is not a unix socket; name the socket the "
+                            f"vhost-user back-end listens on{note}")
+    return path
+
+
 # --------------------------------------------------------------------------- the schema
 
 
@@ -600,10 +638,12 @@ def _build_vm(
     nets: tuple[NetConfig, ...] = values["net"]
     taps = [net.tap for net in nets]
     for index, tap in enumerate(taps):
-        if tap in taps[:index]:
+        if tap is not None and tap in taps[:index]:
             raise context.error(f"net[{index}].tap", f"tap {_quote(tap)} is used twice; "
                                 "each NIC needs its own tap")
-    count = len(disks) + len(nets) + (values["rng"] is not None) + (values["console"] is not None)
+    vhost_users: tuple[VhostUserConfig, ...] = values["vhost_user"]
+    count = (len(disks) + len(nets) + len(vhost_users) + (values["rng"] is not None)
+             + (values["console"] is not None))
     if count > MAX_VIRTIO_DEVICES:
         raise context.error("disk", f"{count} virtio devices configured; at most "
                             f"{MAX_VIRTIO_DEVICES} are supported")
@@ -617,7 +657,50 @@ def _build_vm(
         nets=nets,
         rng=values["rng"],
         console=values["console"],
+        vhost_users=vhost_users,
     )
+
+
+def _build_disk(
+    values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
+) -> DiskConfig:
+    if values["vhost_user"] is not None:
+        if values["path"] is not None:
+            raise context.error(_join(key, "vhost_user"), "a disk has either path or "
+                                "vhost_user, not both; remove one")
+        for name in ("readonly", "id"):
+            if name in raw:
+                raise context.error(_join(key, name), f"{name} cannot be set for a vhost_user "
+                                    "disk: the back-end decides it (e.g. qemu-storage-daemon's "
+                                    "writable=off); remove it")
+    elif values["path"] is None:
+        raise context.error(_join(key, "path"), 'missing required key "path" in '
+                            f'[{key}]; set path = "disk.img" (or vhost_user = "/path/to.sock")')
+    return DiskConfig(**values)
+
+
+def _build_vhost_user(values: dict[str, Any], key: str, context: _Context) -> VhostUserConfig:
+    size = values["queue_size"]
+    if size & (size - 1):
+        raise context.error(_join(key, "queue_size"),
+                            f"expected a power of two, got {size}")
+    return VhostUserConfig(**values)
+
+
+def _build_net(
+    values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
+) -> NetConfig:
+    if values["vhost_user"] is not None:
+        if values["tap"] is not None:
+            raise context.error(_join(key, "vhost_user"), "a NIC has either tap or "
+                                "vhost_user, not both; remove one")
+        if values["netns"] is not None:
+            raise context.error(_join(key, "netns"), "netns cannot be set for a vhost_user "
+                                "NIC: the back-end opens its own tap; remove it")
+    elif values["tap"] is None:
+        raise context.error(_join(key, "tap"), 'missing required key "tap" in '
+                            f'[{key}]; set tap = "tap0" (or vhost_user = "/path/to.sock")')
+    return NetConfig(**values)
 
 
 _MACHINE_DEFAULTS: Final = MachineConfig()
@@ -657,20 +740,33 @@ _SERIAL: Final = _Table(
 
 _DISK: Final = _Table(
     fields=(
-        _Field("path", _existing_file, hint='set path = "disk.img"'),
+        _Field("path", _existing_file, default=None),
         _Field("readonly", _boolean, default=False),
         _Field("id", _disk_id, default=None),
+        _Field("vhost_user", _existing_socket, default=None),
     ),
-    build=lambda values, raw, key, context: DiskConfig(**values),
+    build=_build_disk,
 )
 
 _NET: Final = _Table(
     fields=(
-        _Field("tap", _tap_name, hint='set tap = "tap0"'),
+        _Field("tap", _tap_name, default=None),
         _Field("mac", _mac, default=None),
         _Field("netns", _netns, default=None),
+        _Field("vhost_user", _existing_socket, default=None),
     ),
-    build=lambda values, raw, key, context: NetConfig(**values),
+    build=_build_net,
+)
+
+_VHOST_USER: Final = _Table(
+    fields=(
+        _Field("socket", _existing_socket, hint='set socket = "/path/to/backend.sock"'),
+        _Field("device_id", _integer(1, 0xFFFF),
+               hint="set device_id to the virtio device ID (e.g. 4 for entropy)"),
+        _Field("num_queues", _integer(1, 64), default=1),
+        _Field("queue_size", _integer(1, 32768), default=256),
+    ),
+    build=lambda values, raw, key, context: _build_vhost_user(values, key, context),
 )
 
 _RNG: Final = _Table(fields=(), build=lambda values, raw, key, context: RngConfig())
@@ -693,6 +789,9 @@ _ROOT: Final = _Table(
         _Field("net", _array_of(_NET, example='[[net]] tap = "tap0"'), default=()),
         _Field("rng", _RNG, default=None),
         _Field("console", _CONSOLE, default=None),
+        _Field("vhost_user", _array_of(
+            _VHOST_USER, example='[[vhost_user]] socket = "fs.sock" device_id = 26'),
+            default=()),
     ),
     build=_build_vm,
 )

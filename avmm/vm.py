@@ -15,6 +15,7 @@ import itertools
 import os
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,7 +37,7 @@ from .netns import call_in_netns
 from .serial_port import SerialPort, serve_console_socket
 from .vcpu_loop import VcpuLoop
 from .vcpu_thread import run_in_vcpu_thread
-from .virtio.device import VirtioDevice
+from .virtio.device import DeviceId, VirtioDevice
 from .vm_virtio import VirtioMmioSlot, placements
 from .x86_vcpu import apply_boot_state, configure_platform_state
 
@@ -253,12 +254,22 @@ class VirtualMachine:
             devices.append(device)
 
         for index, disk in enumerate(config.disks):
+            if disk.vhost_user is not None:
+                keep(self._make_vhost_user(disk.vhost_user, DeviceId.BLOCK, f"blk{index}"))
+                continue
+            assert disk.path is not None
             with self._step(f"opening disk {index} ({disk.path})"):
                 blk = BlockDevice(disk.path, read_only=disk.readonly, serial=disk.id,
                                   name=f"blk{index}")
                 self._resources.callback(blk.close)
                 keep(blk)
         for index, net in enumerate(config.nets):
+            if net.vhost_user is not None:
+                keep(self._make_vhost_user(
+                    net.vhost_user, DeviceId.NET, f"net{index}",
+                    mac=net.mac or _derived_mac(self.name, str(net.vhost_user))))
+                continue
+            assert net.tap is not None
             with self._step(f"opening tap {net.tap!r} for net{index}"):
                 if net.netns is None:
                     tap = Tap.open(net.tap)
@@ -267,12 +278,31 @@ class VirtualMachine:
                 self._resources.callback(tap.close)
                 keep(NetDevice(tap, mac=net.mac or _derived_mac(self.name, net.tap),
                                name=f"net{index}"))
+        for index, generic in enumerate(config.vhost_users):
+            keep(self._make_vhost_user(generic.socket, generic.device_id, f"vhost{index}",
+                                       num_queues=generic.num_queues,
+                                       queue_size=generic.queue_size))
         if config.rng is not None:
             keep(RngDevice(name="rng0"))
         if config.console is not None:
             with self._step("setting up the virtio console"):
                 keep(self._make_console(config.console))
         return devices
+
+    def _make_vhost_user(self, socket_path: Path, device_id: int, name: str, *,
+                         mac: bytes | None = None, num_queues: int | None = None,
+                         queue_size: int = 256) -> VirtioDevice:
+        """A device served by a vhost-user back-end: connect and negotiate now (a few
+        seconds at most), so that a missing or broken back-end stops the VM's start."""
+        from .vhost.frontend import VhostUserDevice
+
+        assert self.memory is not None
+        with self._step(f"connecting {name} to the vhost-user back-end at {socket_path}"):
+            device = VhostUserDevice(socket_path, device_id=device_id, memory=self.memory,
+                                     num_queues=num_queues, queue_size=queue_size, mac=mac,
+                                     name=name)
+            self._resources.callback(device.close)
+        return device
 
     def _make_console(self, console: ConsoleConfig) -> VirtioDevice:
         from .virtio.console import ConsoleDevice

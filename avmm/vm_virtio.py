@@ -19,7 +19,7 @@ import trio
 
 from .kvm import Vm
 from .memory import MemoryAccess
-from .virtio.device import DeviceNeedsReset, VirtioDevice
+from .virtio.device import COMMON_FEATURES, DeviceNeedsReset, VirtioDevice
 from .virtio.mmio import MmioTransport, TransportCallbacks
 from .virtio.queue import VirtQueue
 
@@ -68,11 +68,16 @@ class VirtioMmioSlot:
         self._stopped: trio.Event | None = None
         self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.kick_fds: list[int] = []
+        # A device served outside this process (vhost-user) offers its back-end's
+        # features as they are, and its back-end writes the irqfd itself.
+        external = bool(getattr(device, "external_data_path", False))
         self.transport = MmioTransport(
             device, memory,
             TransportCallbacks(activate=self._activate, reset=self._reset,
                                interrupt=self._interrupt, queue_notify=self._queue_notify),
             name=device.name,
+            common_features=0 if external else COMMON_FEATURES,
+            external_used_notifications=external,
         )
         try:
             vm.irqfd(self.irq_fd, placement.irq)
@@ -205,3 +210,15 @@ class _MmioDeviceContext:
 
     def signal_config_change(self) -> None:
         self._slot.transport.signal_config_change()
+
+    # Where the eventfds are, for a device served outside this process (vhost-user hands
+    # them to its back-end); in-process devices use wait_kick/signal_used instead.
+
+    def kick_fd(self, queue_index: int) -> int:
+        """The KVM ioeventfd eventfd of queue ``queue_index`` (the driver's kicks)."""
+        return self._slot.kick_fds[queue_index]
+
+    @property
+    def call_fd(self) -> int:
+        """The irqfd eventfd of the device's interrupt line (write 1 to interrupt)."""
+        return self._slot.irq_fd

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -403,6 +404,91 @@ def test_device_sections_default_to_none(tmp_path: Path) -> None:
 )
 def test_device_section_errors_name_the_key(
     tmp_path: Path, text: str, key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_devices_config(tmp_path, text))
+    assert caught.value.key == key
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# -- vhost-user devices ------------------------------------------------------------------
+
+
+@pytest.fixture
+def backend_socket(tmp_path: Path) -> Iterator[Path]:
+    """A listening unix socket named ``vu.sock`` in tmp_path."""
+    import socket
+
+    path = tmp_path / "vu.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        yield path
+
+
+def test_vhost_user_sections_parse(tmp_path: Path, backend_socket: Path) -> None:
+    path = _devices_config(tmp_path, """
+[[disk]]
+vhost_user = "vu.sock"
+[[disk]]
+path = "disk.img"
+[[net]]
+vhost_user = "vu.sock"
+mac = "52:54:00:12:34:56"
+[[vhost_user]]
+socket = "vu.sock"
+device_id = 26
+num_queues = 2
+queue_size = 128
+""")
+    config = load_config(path)
+    assert config.disks[0].vhost_user == backend_socket and config.disks[0].path is None
+    assert config.disks[1].vhost_user is None
+    assert config.nets[0].vhost_user == backend_socket and config.nets[0].tap is None
+    assert config.nets[0].mac == bytes.fromhex("525400123456")
+    generic = config.vhost_users[0]
+    assert (generic.socket, generic.device_id, generic.num_queues, generic.queue_size) == (
+        backend_socket, 26, 2, 128)
+
+
+def test_vhost_user_generic_defaults(tmp_path: Path, backend_socket: Path) -> None:
+    config = load_config(_devices_config(
+        tmp_path, '[[vhost_user]]\nsocket = "vu.sock"\ndevice_id = 4\n'))
+    assert (config.vhost_users[0].num_queues, config.vhost_users[0].queue_size) == (1, 256)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('[[disk]]\nvhost_user = "missing.sock"\n', "disk[0].vhost_user", "socket not found"),
+        ('[[disk]]\nvhost_user = "disk.img"\n', "disk[0].vhost_user", "is not a unix socket"),
+        ('[[disk]]\npath = "disk.img"\nvhost_user = "vu.sock"\n', "disk[0].vhost_user",
+         "either path or vhost_user"),
+        ('[[disk]]\nvhost_user = "vu.sock"\nreadonly = true\n', "disk[0].readonly",
+         "cannot be set for a vhost_user disk"),
+        ('[[disk]]\nvhost_user = "vu.sock"\nid = "x"\n', "disk[0].id",
+         "cannot be set for a vhost_user disk"),
+        ('[[net]]\nmac = "52:54:00:12:34:56"\n', "net[0].tap", 'missing required key "tap"'),
+        ('[[net]]\ntap = "t0"\nvhost_user = "vu.sock"\n', "net[0].vhost_user",
+         "either tap or vhost_user"),
+        ('[[net]]\nvhost_user = "nope.sock"\n', "net[0].vhost_user", "socket not found"),
+        ('[[vhost_user]]\ndevice_id = 4\n', "vhost_user[0].socket", 'missing required key'),
+        ('[[vhost_user]]\nsocket = "vu.sock"\n', "vhost_user[0].device_id",
+         "virtio device ID"),
+        ('[[vhost_user]]\nsocket = "vu.sock"\ndevice_id = 0\n', "vhost_user[0].device_id",
+         "expected an integer"),
+        ('[[vhost_user]]\nsocket = "vu.sock"\ndevice_id = 4\nqueue_size = 100\n',
+         "vhost_user[0].queue_size", "power of two"),
+        ('[[vhost_user]]\nsocket = "vu.sock"\ndevice_id = 4\nnum_queues = 0\n',
+         "vhost_user[0].num_queues", "expected an integer"),
+        ('[vhost_user]\nsocket = "vu.sock"\n', "vhost_user", "expected [[vhost_user]] tables"),
+        ('[[vhost_user]]\nsocket = "vu.sock"\ndevice_id = 4\n' * 5
+         + '[[disk]]\nvhost_user = "vu.sock"\n' * 4, "disk", "at most 8"),
+    ],
+)
+def test_vhost_user_errors_name_the_key(
+    tmp_path: Path, backend_socket: Path, text: str, key: str, fragment: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(_devices_config(tmp_path, text))

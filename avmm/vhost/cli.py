@@ -1,4 +1,4 @@
-"""``avmm backend {blk,rng}``: serve one avmm device over vhost-user until SIGINT/SIGTERM.
+"""``avmm backend {blk,rng,net}``: serve one avmm device over vhost-user until SIGINT/SIGTERM.
 
 Wire it into ``avmm/cli.py`` with ``add_backend_commands(commands)`` where ``commands``
 is the ``add_subparsers(dest="command")`` object; each sub-command sets ``handler``.
@@ -29,7 +29,8 @@ _LEVELS = ["debug", "info", "warning", "error"]
 
 
 def add_backend_commands(subparsers: Any) -> None:
-    """Register ``backend blk`` and ``backend rng`` on an argparse subparsers object."""
+    """Register ``backend blk``, ``backend rng`` and ``backend net`` on an argparse
+    subparsers object."""
     backend = subparsers.add_parser("backend", help="serve a device over vhost-user")
     kinds = backend.add_subparsers(dest="backend_kind", metavar="DEVICE", required=True)
 
@@ -43,7 +44,17 @@ def add_backend_commands(subparsers: Any) -> None:
     rng.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     rng.set_defaults(handler=_cmd_rng)
 
-    for parser in (blk, rng):
+    net = kinds.add_parser("net", help="a virtio-net NIC on a host tap device")
+    net.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
+    net.add_argument("--tap", required=True, metavar="NAME",
+                     help="tap device (opened, or created, in this process's network "
+                     "namespace: run under `ip netns exec NS` for another one)")
+    net.add_argument("--mac", metavar="MAC", default=None,
+                     help="the NIC's address in the config space (default: derived from "
+                     "the tap name); a front-end may override it")
+    net.set_defaults(handler=_cmd_net)
+
+    for parser in (blk, rng, net):
         parser.add_argument("--log-format", choices=["console", "json"],
                             default=argparse.SUPPRESS)
         parser.add_argument("--log-level", choices=_LEVELS, default=argparse.SUPPRESS)
@@ -63,6 +74,28 @@ def _cmd_rng(args: argparse.Namespace) -> int:
     from ..virtio.rng import RngDevice
 
     return run_backend(RngDevice(), args.socket)
+
+
+def _cmd_net(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from ..tap import Tap
+    from ..virtio.net import NetDevice
+
+    if args.mac is None:
+        mac = bytes([0x02]) + hashlib.sha256(f"backend/{args.tap}".encode()).digest()[:5]
+    else:
+        try:
+            mac = bytes.fromhex(args.mac.replace(":", ""))
+        except ValueError:
+            mac = b""
+        if len(mac) != 6 or mac[0] & 1:
+            raise AvmmError(f"--mac {args.mac!r}: expected a unicast MAC like 52:54:00:12:34:56")
+    tap = Tap.open(args.tap)
+    try:
+        return run_backend(NetDevice(tap, mac=mac, name="net0"), args.socket)
+    finally:
+        tap.close()
 
 
 def run_backend(device: VirtioDevice, socket_path: str) -> int:

@@ -59,6 +59,14 @@ Where the spec leaves the device room, this transport decides as follows:
   generation check anyway.
 * Used buffer notifications are only sent while the device is activated, so a device
   task that outlives a reset can never interrupt the driver (§2.4).
+* A device whose queues are served outside this process (a vhost-user back-end that
+  writes the irqfd itself) never calls :meth:`~MmioTransport.signal_used`. Built with
+  ``external_used_notifications=True``, the transport reports USED_BUFFER in
+  InterruptStatus whenever the device is activated, so a driver whose interrupt handler
+  checks the bit (Linux's virtio-mmio does) looks at its used rings on every interrupt;
+  at worst it finds nothing new. ``common_features`` (default COMMON_FEATURES) is what
+  the transport adds to the device's features; such a device passes 0 and offers its
+  back-end's features as they are.
 * No shared memory regions: SHMLen and SHMBase read as all ones, as the spec says for a
   region that does not exist. QueueReset reads 0 and ignores writes (RING_RESET is not
   offered). The legacy registers (GuestPageSize, QueueAlign, QueuePFN) do not exist.
@@ -288,7 +296,9 @@ class MmioTransport:
     NOTIFY_OFFSET = int(Register.QUEUE_NOTIFY)
 
     def __init__(self, device: VirtioDevice, memory: MemoryAccess,
-                 callbacks: TransportCallbacks, *, name: str | None = None) -> None:
+                 callbacks: TransportCallbacks, *, name: str | None = None,
+                 common_features: int = COMMON_FEATURES,
+                 external_used_notifications: bool = False) -> None:
         self.device = device
         self.memory = memory
         self.name = name or device.name
@@ -296,7 +306,8 @@ class MmioTransport:
         self._callbacks = callbacks
         self._log = log.bind(device=self.name)
         self._device_id = int(device.device_id) & _U32
-        self._offered_features = (device.device_features() | COMMON_FEATURES) & _U64
+        self._offered_features = (device.device_features() | common_features) & _U64
+        self._external_used = external_used_notifications
         self._initial_queue_states = [copy.copy(queue.state) for queue in self.queues]
         # Register state; guarded by _lock (never held while calling out).
         self._lock = threading.Lock()
@@ -536,6 +547,8 @@ class MmioTransport:
                 queue = self._selected_queue_locked()
                 return int(queue is not None and queue.state.ready)
             case Register.INTERRUPT_STATUS:
+                if self._external_used and self._activated:
+                    return self._interrupt_status | int(InterruptReason.USED_BUFFER)
                 return self._interrupt_status
             case Register.STATUS:
                 return self._status
