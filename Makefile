@@ -12,7 +12,7 @@ AVMM   := $(VENV)/bin/avmm
 BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev
 TEST_PACKAGES  := qemu-system-x86 busybox-static cpio acpica-tools
 
-.PHONY: all up test deps deps-build deps-test venv guest debian-kernel linux-debian example-disk lint clean distclean
+.PHONY: all up test deps deps-build deps-test venv guest debian-kernel linux-debian example-disk bench lint clean distclean
 
 all: venv guest
 
@@ -22,6 +22,10 @@ up: venv guest
 test: deps-test venv guest debian-kernel linux-debian example-disk
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
+
+# Figures side by side with QEMU (not part of `make test`, which runs a smoke version).
+bench: deps-test venv guest
+	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

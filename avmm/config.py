@@ -9,6 +9,7 @@ A config file looks like this (everything but ``[boot]`` and its ``kernel`` is o
     memory_mib = 128
     cpu_profile = "host"      # "host" | "compat"
     hide_cpu_features = []    # e.g. ["x2apic"]: hidden from CPUID on top of the profile
+    acpi = true               # ACPI tables (false: virtio_mmio.device= words instead)
 
     [boot]
     kernel = "vmlinux"        # relative to the directory of vm.toml
@@ -105,6 +106,12 @@ class MachineConfig:
     #: CPU features to hide from the guest's CPUID on top of the profile (names from
     #: ``avmm.arch.x86.cpuid.FEATURES``, e.g. "x2apic").
     hide_cpu_features: tuple[str, ...] = ()
+    #: Describe the machine to the guest with ACPI tables (RSDP at 0xe0000: vCPUs in the
+    #: MADT, virtio-mmio devices in the DSDT), as stock distro kernels need. False: no
+    #: tables; the virtio devices go on the kernel command line as
+    #: ``virtio_mmio.device=`` words instead, for minimal kernels (and avmm's test guest)
+    #: that only know that path. Never both: Linux would probe each device twice.
+    acpi: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,6 +724,7 @@ _MACHINE: Final = _Table(
         _Field("cpu_profile", _choice(CPU_PROFILES), default=_MACHINE_DEFAULTS.cpu_profile),
         _Field("hide_cpu_features", _choices(tuple(sorted(CPU_FEATURES))),
                default=_MACHINE_DEFAULTS.hide_cpu_features),
+        _Field("acpi", _boolean, default=_MACHINE_DEFAULTS.acpi),
     ),
     build=lambda values, raw, key, context: MachineConfig(**values),
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from typing import NewType
 
@@ -31,6 +32,10 @@ MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
 
 PAGE_SIZE = 4096
+
+# The native-width accessors below rely on the host storing integers like the guest.
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("avmm runs x86 guests on little-endian hosts only")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,11 @@ def plan_regions(size: int) -> tuple[MemoryRegion, ...]:
 class MemoryAccess:
     """Reads and writes by guest physical address, built on ``view()``.
 
+    ``read_u16/u32/u64`` and ``write_u16/u32/u64`` are single loads and stores of that
+    width (a memoryview cast to a native integer format): the guest may update the same
+    field at the same moment (a ring index), and a byte-by-byte access could see or
+    leave half of an update. Guest memory is little-endian x86 memory, and so is ours.
+
     Devices and the virtqueue take any object with this interface, so that they can be
     tested on a :class:`ByteArrayMemory` and run on a :class:`GuestMemory`.
     """
@@ -87,25 +97,31 @@ class MemoryAccess:
         return self.view(address, 1)[0]
 
     def read_u16(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 2), "little")
+        return int(self.view(address, 2).cast("H")[0])
 
     def read_u32(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 4), "little")
+        return int(self.view(address, 4).cast("I")[0])
 
     def read_u64(self, address: int) -> int:
-        return int.from_bytes(self.view(address, 8), "little")
+        return int(self.view(address, 8).cast("Q")[0])
 
     def write_u8(self, address: int, value: int) -> None:
         self.write(address, value.to_bytes(1, "little"))
 
     def write_u16(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(2, "little"))
+        if not 0 <= value < 1 << 16:
+            raise OverflowError(f"{value} does not fit in u16")
+        self.view(address, 2).cast("H")[0] = value
 
     def write_u32(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(4, "little"))
+        if not 0 <= value < 1 << 32:
+            raise OverflowError(f"{value} does not fit in u32")
+        self.view(address, 4).cast("I")[0] = value
 
     def write_u64(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(8, "little"))
+        if not 0 <= value < 1 << 64:
+            raise OverflowError(f"{value} does not fit in u64")
+        self.view(address, 8).cast("Q")[0] = value
 
 
 

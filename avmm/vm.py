@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import os
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from .arch.x86 import layout
+from .arch.x86.acpi import AcpiTables, build_acpi_tables
 from .arch.x86.cpuid import filter_cpuid
 from .arch.x86.loader import load_kernel
 from .bus import Bus
@@ -29,7 +30,7 @@ from .config import ConsoleConfig, VmConfig
 from .devices.debug_exit import DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT, DebugExit
 from .devices.i8042 import I8042, I8042_BASE_PORT, I8042_PORT_COUNT
 from .devices.serial import SERIAL_PORT_COUNT, Serial8250
-from .errors import AvmmError, GuestAddressError, VmStartError, VmStateError
+from .errors import AvmmError, BootError, GuestAddressError, VmStartError, VmStateError
 from .kvm import Kvm, Vcpu, install_kick_handler
 from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit
 from .memory import MIB, GuestMemory
@@ -38,8 +39,8 @@ from .serial_port import SerialPort, serve_console_socket
 from .vcpu_loop import VcpuLoop
 from .vcpu_thread import run_in_vcpu_thread
 from .virtio.device import DeviceId, VirtioDevice
-from .vm_virtio import VirtioMmioSlot, placements
-from .x86_vcpu import apply_boot_state, configure_platform_state
+from .vm_virtio import VIRTIO_MMIO_WINDOW, VirtioMmioSlot, placements
+from .x86_vcpu import apply_boot_state, configure_platform_state, wait_for_sipi
 
 log = structlog.get_logger(__name__)
 
@@ -197,12 +198,14 @@ class VirtualMachine:
                 resources.callback(slot.close)
                 self.virtio_slots.append(slot)
                 self.mmio_bus.insert(slot.transport, placement.base, 0x1000, name=device.name)
-        cmdline = " ".join([config.boot.cmdline] + [
-            slot.placement.kernel_parameter() for slot in self.virtio_slots]).strip()
+        cmdline = kernel_cmdline(config, self.virtio_slots)
+        with self._step("building the ACPI tables"):
+            acpi = acpi_tables(config, self.virtio_slots) if config.machine.acpi else None
         with self._step(f"loading the kernel {config.boot.kernel}"):
             kernel_load = load_kernel(memory, config.boot.kernel, cmdline=cmdline,
-                                      initrd=config.boot.initrd)
-            self._log.info("kernel loaded", kernel=str(config.boot.kernel))
+                                      initrd=config.boot.initrd, acpi=acpi)
+            self._log.info("kernel loaded", kernel=str(config.boot.kernel),
+                           acpi_rsdp=kernel_load.log_fields().get("acpi_rsdp"))
         with self._step("setting up the serial port"):
             self._serial_port = SerialPort(sink_fds=self._serial_sinks())
             irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -231,9 +234,13 @@ class VirtualMachine:
                     profile=config.machine.cpu_profile,
                     hide=config.machine.hide_cpu_features,
                 ))
-                configure_platform_state(vcpu)
+                # The boot CPU starts at the kernel's entry; the others wait in the
+                # kernel for the guest's INIT/SIPI (KVM_RUN sleeps until then).
+                configure_platform_state(vcpu, boot_cpu=vcpu_id == 0)
                 if vcpu_id == 0:
                     apply_boot_state(vcpu, kernel_load.cpu)
+                else:
+                    wait_for_sipi(vcpu)
                 self._vcpus.append(vcpu)
                 self._loops.append(VcpuLoop(vcpu, pio_bus=self.pio_bus,
                                             mmio_bus=self.mmio_bus,
@@ -417,6 +424,31 @@ class VirtualMachine:
     def _on_debug_exit(self, status: int) -> None:
         self._latch.request(VmExit(StopReason.DEBUG_EXIT, status,
                                    f"the guest wrote {status >> 1} to the debug-exit port"))
+
+
+def kernel_cmdline(config: VmConfig, slots: Sequence[VirtioMmioSlot]) -> str:
+    """The guest's command line: the configured one, plus one ``virtio_mmio.device=``
+    word per virtio-mmio device when ACPI is off (with ACPI the DSDT describes them, and
+    Linux would probe a device twice if it were given both ways)."""
+    words = [config.boot.cmdline]
+    if not config.machine.acpi:
+        words += [slot.placement.kernel_parameter() for slot in slots]
+    return " ".join(words).strip()
+
+
+def acpi_tables(config: VmConfig, slots: Sequence[VirtioMmioSlot]) -> AcpiTables:
+    """The ACPI tables for this machine: one LAPIC per vCPU, each virtio-mmio window.
+
+    :raises BootError: the machine cannot be described (e.g. more vCPUs than xAPIC IDs).
+    """
+    try:
+        return build_acpi_tables(
+            vcpus=config.machine.vcpus,
+            virtio_devices=[(slot.placement.base, VIRTIO_MMIO_WINDOW, slot.placement.irq)
+                            for slot in slots],
+        )
+    except ValueError as e:
+        raise BootError(f"cannot build the ACPI tables: {e}") from e
 
 
 def _eventfd_trigger(fd: int) -> Callable[[], None]:

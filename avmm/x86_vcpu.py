@@ -12,6 +12,7 @@ from typing import Any
 from .arch.x86.boot_cpu import BootCpuState
 from .arch.x86.gdt import Segment
 from .kvm import Vcpu
+from .kvm._kvm_ffi import lib
 
 # MSRs every boot vCPU starts with (architectural reset values where it matters).
 MSR_IA32_TSC = 0x10
@@ -46,20 +47,23 @@ BOOT_MSRS: dict[int, int] = {
     MSR_MTRR_DEF_TYPE: MTRR_ENABLE | MTRR_TYPE_WRITE_BACK,
 }
 
-# LAPIC local vector table: LINT0 receives the PIC's ExtINT, LINT1 the NMI, the wiring a
-# PC's firmware would leave behind.
+# LAPIC local vector table: the boot CPU's LINT0 receives the PIC's ExtINT, every CPU's
+# LINT1 the NMI, and an application processor's LINT0 is masked: the wiring a PC's
+# firmware leaves behind (MP spec 1.4, "virtual wire mode" on the BSP only).
 APIC_LVT_LINT0 = 0x350
 APIC_LVT_LINT1 = 0x360
 APIC_DELIVERY_MODE_EXTINT = 0x7 << 8
 APIC_DELIVERY_MODE_NMI = 0x4 << 8
 APIC_DELIVERY_MODE_MASK = 0x7 << 8
+APIC_LVT_MASKED = 1 << 16
 
 FPU_CONTROL_WORD = 0x37F  # all x87 exceptions masked, 64-bit precision
 MXCSR_DEFAULT = 0x1F80  # all SSE exceptions masked (the reset value)
 
 
-def configure_platform_state(vcpu: Vcpu) -> None:
-    """MSRs, FPU and LAPIC for any vCPU (boot or application processor)."""
+def configure_platform_state(vcpu: Vcpu, *, boot_cpu: bool = True) -> None:
+    """MSRs, FPU and LAPIC for any vCPU: the boot CPU (``boot_cpu``) or an application
+    processor, whose LINT0 is masked (see the LVT note above)."""
     vcpu.set_msrs(BOOT_MSRS)
 
     fpu = vcpu.get_fpu()
@@ -69,9 +73,22 @@ def configure_platform_state(vcpu: Vcpu) -> None:
     vcpu.set_fpu(fpu)
 
     lapic = vcpu.get_lapic()
-    _set_lvt_delivery_mode(lapic, APIC_LVT_LINT0, APIC_DELIVERY_MODE_EXTINT)
+    _set_lvt_delivery_mode(lapic, APIC_LVT_LINT0, APIC_DELIVERY_MODE_EXTINT,
+                           masked=not boot_cpu)
     _set_lvt_delivery_mode(lapic, APIC_LVT_LINT1, APIC_DELIVERY_MODE_NMI)
     vcpu.set_lapic(lapic)
+
+
+def wait_for_sipi(vcpu: Vcpu) -> None:
+    """Leave an application processor in wait-for-SIPI (``KVM_MP_STATE_UNINITIALIZED``).
+
+    This is where KVM already puts every vCPU but the first when the VM has an in-kernel
+    irqchip; saying so keeps it true whatever ran before. KVM_RUN on such a vCPU sleeps in
+    the kernel until the boot CPU's LAPIC sends it INIT and a startup IPI (the guest's
+    SMP bring-up); then it starts in real mode at the SIPI vector's page. A kick (signal)
+    still gets it out of KVM_RUN, so stopping the VM never waits for a parked AP.
+    """
+    vcpu.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)
 
 
 def apply_boot_state(vcpu: Vcpu, state: BootCpuState) -> None:
@@ -119,7 +136,10 @@ def _load_segment(target: Any, segment: Segment) -> None:
     target.unusable = int(segment.unusable)
 
 
-def _set_lvt_delivery_mode(lapic: bytearray, offset: int, mode: int) -> None:
+def _set_lvt_delivery_mode(lapic: bytearray, offset: int, mode: int, *,
+                           masked: bool = False) -> None:
     value = int.from_bytes(lapic[offset:offset + 4], "little")
     value = (value & ~APIC_DELIVERY_MODE_MASK) | mode
+    if masked:
+        value |= APIC_LVT_MASKED
     lapic[offset:offset + 4] = value.to_bytes(4, "little")

@@ -495,3 +495,25 @@ def test_vhost_user_errors_name_the_key(
     assert caught.value.key == key
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_machine_acpi_defaults_to_true_and_parses(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"x")
+    default = config_from_dict({"boot": {"kernel": "vmlinux"}}, base_dir=tmp_path)
+    assert default.machine.acpi is True
+    off = config_from_dict({"machine": {"acpi": False}, "boot": {"kernel": "vmlinux"}},
+                           base_dir=tmp_path)
+    assert off.machine.acpi is False
+    path = write_config(tmp_path, MINIMAL + "[machine]\nacpi = false\n")
+    assert load_config(path).machine.acpi is False
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1])
+def test_machine_acpi_must_be_a_boolean(tmp_path: Path, value: object) -> None:
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"x")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"machine": {"acpi": value}, "boot": {"kernel": "vmlinux"}},
+                         base_dir=tmp_path)
+    assert info.value.key == "machine.acpi"

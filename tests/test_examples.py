@@ -55,3 +55,42 @@ def test_virtio_example_reads_its_disk_end_to_end() -> None:
             capture_output=True, text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stderr
         assert expected in result.stdout
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+@pytest.mark.qemu
+def test_vhost_user_blk_example_with_qemu_storage_daemon() -> None:
+    import os
+    import time
+    import zlib
+
+    subprocess.run(["make", "-s", "example-disk"], cwd=REPO, check=True, timeout=60)
+    disk = REPO / "build" / "examples" / "disk.img"
+    sock = Path("/tmp/avmm-blk.sock")
+    if sock.exists():
+        sock.unlink()
+    daemon = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev",
+         f"driver=file,node-name=disk,filename={disk}", "--export",
+         f"type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={sock},"
+         "writable=on"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert daemon.poll() is None, daemon.communicate()[1].decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        result = subprocess.run(
+            [sys.executable, "-m", "avmm.cli", "up",
+             str(REPO / "examples" / "vhost-user-blk.toml")],
+            capture_output=True, text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=10)
+        if os.path.exists(sock):
+            os.unlink(sock)
+    crc = zlib.crc32(disk.read_bytes())
+    assert result.returncode == 0, result.stderr
+    assert f"blk0 sectors={disk.stat().st_size // 512} crc32={crc:08x}" in result.stdout

@@ -19,6 +19,22 @@ device is stopped and reset, and the next front-end may connect. A driver that b
 the virtqueue rules stops the device (DeviceNeedsReset): the error fd of each ring is
 signalled, and the front-end must restart the rings. Nothing a peer does crashes the
 backend.
+
+Inflight tracking (INFLIGHT_SHMFD). On GET_INFLIGHT_FD the back-end creates a memfd
+with the split-queue layout of the vhost-user spec (per queue, 64-byte aligned: a
+16-byte header ``features u64, version u16, desc_num u16, last_batch_head u16,
+used_idx u16``, then ``desc_num`` 16-byte entries ``inflight u8, padding[5], next u16,
+counter u64``) and hands it to the front-end, which keeps it and gives it back with
+SET_INFLIGHT_FD on every start, also to a restarted back-end. Every chain taken from the
+available ring is marked in flight (counter first, then the flag); every chain returned
+is recorded as the last batch before its used entry is published, and cleared after, and
+then ``used_idx`` follows the used ring. When rings start with a record that has been
+used, the record is first reconciled with the used ring (``used_idx`` behind the ring's
+idx: the last batch was published but not cleared, so it is cleared now), the device
+continues taking chains at used idx + (chains in flight), and the chains still in flight
+are handed to the device again, oldest (lowest counter) first, before any new one. The
+hook is :class:`_TrackedQueue`, a :class:`VirtQueue` whose ``pop``/``push`` do the
+bookkeeping, so devices need no change.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ import errno
 import mmap
 import os
 import stat
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +76,7 @@ __all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostBackendError", "VhostMemory", "ser
 #: Protocol features this back-end offers.
 OFFERED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
 #: How long stopping a device may take before the connection is given up on.
 STOP_TIMEOUT_S = 10.0
@@ -157,6 +175,106 @@ class VhostMemory(MemoryAccess):
                 region.map.close()
 
 
+#: Inflight record layout (split queues): per-queue header, per-descriptor state.
+_INFLIGHT_HEADER = struct.Struct("<QHHHH")
+_DESC_STATE = struct.Struct("<B5xHQ")
+_INFLIGHT_VERSION = 1
+_INFLIGHT_ALIGNMENT = 64
+#: A virtio descriptor: address, length, flags, next.
+_DESCRIPTOR = struct.Struct("<QIHH")
+
+
+def inflight_queue_region_size(queue_size: int) -> int:
+    """Bytes one split queue takes in the inflight area (64-byte aligned)."""
+    size = _INFLIGHT_HEADER.size + _DESC_STATE.size * queue_size
+    return -(-size // _INFLIGHT_ALIGNMENT) * _INFLIGHT_ALIGNMENT
+
+
+class _InflightQueue:
+    """One queue's part of the inflight area (see the module docstring)."""
+
+    def __init__(self, view: memoryview, desc_num: int) -> None:
+        self.view = view
+        self.desc_num = desc_num
+        self.counter = 0
+
+    def _field(self, offset: int, value: int | None = None) -> int:
+        if value is not None:
+            struct.pack_into("<H", self.view, offset, value & 0xFFFF)
+            return value
+        return int(struct.unpack_from("<H", self.view, offset)[0])
+
+    def _entry(self, head: int) -> int:
+        return _INFLIGHT_HEADER.size + _DESC_STATE.size * head
+
+    def taken(self, head: int) -> None:
+        entry = self._entry(head)
+        self.counter += 1
+        struct.pack_into("<Q", self.view, entry + 8, self.counter)
+        self.view[entry] = 1
+
+    def returning(self, head: int) -> None:
+        self._field(12, head)  # last_batch_head: a batch of one
+
+    def returned(self, head: int, used_idx: int) -> None:
+        self.view[self._entry(head)] = 0
+        self._field(14, used_idx)
+
+    def recover(self, ring_used_idx: int, ring_size: int) -> list[int]:
+        """Reconcile with the used ring; the heads still in flight, oldest first."""
+        if self._field(8) != _INFLIGHT_VERSION:
+            # A fresh record: nothing was ever in flight.
+            self.view[:] = bytes(len(self.view))
+            self._field(8, _INFLIGHT_VERSION)
+            self._field(10, self.desc_num)
+            self._field(14, ring_used_idx)
+            return []
+        if self._field(14) != ring_used_idx:
+            # The last batch reached the used ring, its flags were not cleared yet.
+            last = self._field(12)
+            if last < self.desc_num:
+                self.view[self._entry(last)] = 0
+            self._field(14, ring_used_idx)
+        found: list[tuple[int, int]] = []
+        for head in range(self.desc_num):
+            inflight, _next, counter = _DESC_STATE.unpack_from(self.view, self._entry(head))
+            if inflight:
+                if head >= ring_size:
+                    raise VhostProtocolError(f"inflight record names descriptor {head} of "
+                                             f"a {ring_size}-entry ring")
+                found.append((counter, head))
+        found.sort()
+        self.counter = max((counter for counter, _ in found), default=0)
+        return [head for _, head in found]
+
+
+class _TrackedQueue(VirtQueue):
+    """A VirtQueue that keeps the inflight record and hands recovered chains out first."""
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(max_size)
+        self.inflight: _InflightQueue | None = None
+        self.resubmit: list[int] = []
+
+    def pop(self, memory: Any) -> Any:
+        if self.resubmit and self.state.ready:
+            head = self.resubmit.pop(0)
+            self._map_rings(memory)
+            return self._walk(memory, head, _DESCRIPTOR.unpack_from(self._table_view, head << 4))
+        chain = super().pop(memory)
+        if chain is not None and self.inflight is not None:
+            self.inflight.taken(chain.head)
+        return chain
+
+    def push(self, memory: Any, head: int, written: int) -> None:
+        tracker = self.inflight
+        if tracker is not None:
+            tracker.returning(head)
+        super().push(memory, head, written)
+        if tracker is not None:
+            tracker.returned(head, self.state.next_used)
+
+
 @dataclass
 class _Ring:
     queue: VirtQueue
@@ -193,6 +311,14 @@ def _signal(fd: int) -> None:
         pass  # counter saturated: the peer has a notification pending anyway
     except OSError as e:
         log.debug("eventfd write failed", error=str(e))
+
+
+@dataclass
+class _WithFds:
+    """A reply payload that goes with fds (closed here once sent)."""
+
+    payload: Any
+    fds: list[int]
 
 
 @dataclass
@@ -246,7 +372,9 @@ class _Session:
         self.features = 0
         self.protocol_features = 0
         self.memory: VhostMemory | None = None
-        self.rings = [_Ring(VirtQueue(size)) for size in device.queue_max_sizes]
+        self.rings = [_Ring(_TrackedQueue(size)) for size in device.queue_max_sizes]
+        #: The inflight area from GET/SET_INFLIGHT_FD: (mapping, queue_size).
+        self.inflight: tuple[mmap.mmap, memoryview, int, int] | None = None
         self.running: _RunningDevice | None = None
         self.offered_features = (device.device_features() | COMMON_FEATURES
                                  | VHOST_USER_F_PROTOCOL_FEATURES)
@@ -273,6 +401,20 @@ class _Session:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        self._forget_inflight()
+
+    def _forget_inflight(self) -> None:
+        inflight, self.inflight = self.inflight, None
+        for ring in self.rings:
+            queue = ring.queue
+            if isinstance(queue, _TrackedQueue):
+                queue.inflight = None
+                queue.resubmit = []
+        if inflight is not None:
+            mapping, view, _, _ = inflight
+            view.release()
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
     # -- the device task ----------------------------------------------------------------
 
@@ -286,7 +428,7 @@ class _Session:
             return
         memory = self.memory
         features = self.features & ~VHOST_USER_F_PROTOCOL_FEATURES
-        for ring in self.rings:
+        for index, ring in enumerate(self.rings):
             state = ring.queue.state
             assert ring.addresses is not None
             descriptor, available, used = ring.addresses
@@ -302,12 +444,36 @@ class _Session:
                 ring.queue.validate(memory)
             except (DeviceNeedsReset, GuestAddressError) as e:
                 raise VhostProtocolError(f"ring setup: {e}") from e
+            self._recover_inflight(index, ring)
             state.ready = True
         context = _Context(memory, self.rings, features)
         running = _RunningDevice(trio.CancelScope())
         self.running = running
         self.nursery.start_soon(self._run_device, context, running)
         log.info("device started", features=hex(features))
+
+    def _recover_inflight(self, index: int, ring: _Ring) -> None:
+        queue = ring.queue
+        if not isinstance(queue, _TrackedQueue):
+            return
+        queue.inflight = None
+        queue.resubmit = []
+        if self.inflight is None or index >= self.inflight[3]:
+            return
+        _, view, queue_size, _ = self.inflight
+        state = queue.state
+        if state.size > queue_size:
+            raise VhostProtocolError(f"ring {index} has {state.size} entries, the inflight "
+                                     f"area {queue_size}")
+        region = inflight_queue_region_size(queue_size)
+        tracker = _InflightQueue(view[index * region:(index + 1) * region], queue_size)
+        heads = tracker.recover(state.next_used, state.size)
+        queue.inflight = tracker
+        queue.resubmit = heads
+        # Chains taken so far = returned (used idx) + still in flight.
+        state.next_available = (state.next_used + len(heads)) & 0xFFFF
+        if heads:
+            log.info("resubmitting in-flight requests", ring=index, heads=heads)
 
     async def _run_device(self, context: _Context, running: _RunningDevice) -> None:
         try:
@@ -347,8 +513,8 @@ class _Session:
             )
         return self.rings[index]
 
-    async def _reply(self, message: Message, payload: Any) -> None:
-        await send_message(self.sock, Message(message.request, payload, reply=True))
+    async def _reply(self, message: Message, payload: Any, fds: Sequence[int] = ()) -> None:
+        await send_message(self.sock, Message(message.request, payload, reply=True), fds)
 
     async def handle(self, message: Message) -> None:
         request = message.request
@@ -359,7 +525,14 @@ class _Session:
                 await self._reply(message, 1)
             return
         answer = await handler(message)
-        if answer is not None:
+        if isinstance(answer, _WithFds):
+            try:
+                await self._reply(message, answer.payload, answer.fds)
+            finally:
+                for fd in answer.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        elif answer is not None:
             await self._reply(message, answer)
         elif message.need_reply:
             await self._reply(message, 0)
@@ -533,6 +706,49 @@ class _Session:
 
     async def _on_get_max_mem_slots(self, message: Message) -> int:
         return 8
+
+    async def _on_get_inflight_fd(self, message: Message) -> _WithFds:
+        request = message.payload
+        if not 0 < request.num_queues <= len(self.rings):
+            raise VhostProtocolError(f"GET_INFLIGHT_FD for {request.num_queues} queues "
+                                     f"(the device has {len(self.rings)})")
+        if not 0 < request.queue_size <= 32768:
+            raise VhostProtocolError(f"GET_INFLIGHT_FD for queues of {request.queue_size}")
+        size = request.num_queues * inflight_queue_region_size(request.queue_size)
+        fd = os.memfd_create("avmm-vhost-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)  # zero-filled: nothing in flight
+        except OSError:
+            os.close(fd)
+            raise
+        log.info("inflight area created", size=size, queues=request.num_queues,
+                 queue_size=request.queue_size)
+        return _WithFds({"mmap_size": size, "mmap_offset": 0,
+                         "num_queues": request.num_queues,
+                         "queue_size": request.queue_size}, [fd])
+
+    async def _on_set_inflight_fd(self, message: Message) -> None:
+        area = message.payload
+        if len(message.fds) != 1:
+            raise VhostProtocolError(f"SET_INFLIGHT_FD with {len(message.fds)} fds")
+        if not 0 < area.num_queues <= len(self.rings) or not 0 < area.queue_size <= 32768:
+            raise VhostProtocolError(f"SET_INFLIGHT_FD for {area.num_queues} queues of "
+                                     f"{area.queue_size}")
+        needed = area.num_queues * inflight_queue_region_size(area.queue_size)
+        if area.mmap_size < needed:
+            raise VhostProtocolError(f"inflight area of {area.mmap_size} bytes, "
+                                     f"{needed} needed")
+        await self.stop_device()
+        aligned = area.mmap_offset - area.mmap_offset % mmap.ALLOCATIONGRANULARITY
+        delta = area.mmap_offset - aligned
+        try:
+            mapping = mmap.mmap(message.fds[0], needed + delta, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        except (OSError, ValueError, OverflowError) as e:
+            raise VhostProtocolError(f"cannot map the inflight area: {e}") from e
+        self._forget_inflight()
+        self.inflight = (mapping, memoryview(mapping)[delta:delta + needed],
+                         area.queue_size, area.num_queues)
 
 
 # -- the listener ----------------------------------------------------------------------

@@ -24,9 +24,41 @@ Because the back-end signals the irqfd itself, the transport never sees a used b
 notification: the slot builds the transport with ``external_used_notifications`` (see
 :mod:`avmm.virtio.mmio`) so InterruptStatus reports USED_BUFFER while the device runs.
 
-A back-end that breaks the protocol or goes away after start puts the device in
-DEVICE_NEEDS_RESET (:class:`DeviceNeedsReset`); the connection is closed. Reconnecting
-is not implemented yet.
+Reconnect. A back-end that breaks the protocol or goes away while the rings were
+running is *lost*, not fatal: the device stalls (kicks pile up in the ioeventfd, the
+guest's requests wait; no DEVICE_NEEDS_RESET) and ``run`` reconnects to the same socket
+path with exponential backoff (:data:`RECONNECT_FIRST_DELAY_S` doubling up to
+:data:`RECONNECT_MAX_DELAY_S`, for at most ``reconnect_timeout`` seconds in all, default
+:data:`RECONNECT_TIMEOUT_S`; then DEVICE_NEEDS_RESET). Each attempt redoes the handshake,
+checks that the back-end still offers every feature the driver negotiated, the queue
+count and (blk) the same config space (else DEVICE_NEEDS_RESET at once), and replays the
+whole ring bring-up. The give-up time is checked between attempts, so the stall lasts at
+most ``reconnect_timeout`` plus one handshake timeout. A back-end that fails before the
+rings ever ran (the first bring-up after DRIVER_OK, confirmed by REPLY_ACK or, without
+it, by a GET_FEATURES round trip at its end) is broken rather than restarted:
+DEVICE_NEEDS_RESET at once.
+
+Inflight tracking (INFLIGHT_SHMFD, acked where offered). At the first bring-up
+GET_INFLIGHT_FD(num_queues, queue_size) gives a memfd in which the back-end records which
+descriptor chains it has taken and not yet returned. The device object, not the
+connection, keeps that fd (with its size and offset) and hands it back with
+SET_INFLIGHT_FD before the rings on every bring-up; a driver reset forgets it (the rings
+start afresh, so must the record).
+
+Ring base after a reconnect (no GET_VRING_BASE is possible: the old back-end is gone).
+SET_VRING_BASE gets the ``idx`` of the used ring, read from guest memory: the number of
+chains the driver has been given back. With INFLIGHT_SHMFD the back-end does not trust
+that value blindly: it reconciles its record with the used ring (a chain whose used
+entry was published just before the crash is no longer in flight), resubmits the chains
+still marked in flight, oldest first, and continues taking new chains from used idx +
+(number in flight), i.e. exactly after the last chain the old back-end took. Every
+request the driver made is therefore completed exactly once: none is lost (in-flight
+ones are redone; a block write redone with the same data is harmless because the guest
+cannot touch the buffer until it is returned) and none is returned twice (completed ones
+are in the used ring and are not in flight). Without INFLIGHT_SHMFD used idx is the only
+safe guess and is exact only for a back-end that completes chains in order (chains taken
+but not completed are then read again from the available ring); one that completes out
+of order may return a chain twice or never, so such back-ends need INFLIGHT_SHMFD.
 """
 
 from __future__ import annotations
@@ -35,6 +67,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +104,15 @@ __all__ = ["HANDSHAKE_TIMEOUT_S", "VhostFrontendError", "VhostUserDevice"]
 HANDSHAKE_TIMEOUT_S = 5.0
 #: How long bringing the rings up (or stopping them) may take once the driver is ready.
 RING_TIMEOUT_S = 5.0
+#: Reconnect backoff: the first wait, doubling up to the largest, for at most the total.
+RECONNECT_FIRST_DELAY_S = 0.05
+RECONNECT_MAX_DELAY_S = 1.0
+RECONNECT_TIMEOUT_S = 30.0
 
 #: Protocol features this front-end acks where the back-end offers them.
 SUPPORTED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
 )
 
 #: Virtio feature bits the virtio-mmio transport cannot pass through: VHOST_F_LOG_ALL (26,
@@ -102,6 +140,29 @@ CONFIG_SIZES = {
 
 class VhostFrontendError(AvmmError):
     """The vhost-user back-end could not be reached or broke the protocol."""
+
+
+class _Incompatible(Exception):
+    """A reconnected back-end no longer offers what the driver relies on."""
+
+
+@dataclass
+class InflightArea:
+    """The back-end's inflight record (INFLIGHT_SHMFD): kept across reconnects."""
+
+    fd: int
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    def payload(self) -> dict[str, int]:
+        return {"mmap_size": self.mmap_size, "mmap_offset": self.mmap_offset,
+                "num_queues": self.num_queues, "queue_size": self.queue_size}
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class _BlockingSocket:
@@ -144,7 +205,7 @@ class VhostUserDevice(VirtioDevice):
     def __init__(self, socket_path: str | os.PathLike[str], *, device_id: int,
                  memory: GuestMemory, num_queues: int | None = None,
                  queue_size: int = 256, mac: bytes | None = None, name: str = "vhost0",
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, reconnect_timeout: float | None = None) -> None:
         self.socket_path = Path(socket_path)
         self.name = name
         self.memory = memory
@@ -154,6 +215,13 @@ class VhostUserDevice(VirtioDevice):
         except ValueError:
             self.device_id = device_id  # type: ignore[assignment]
         self.timeout = HANDSHAKE_TIMEOUT_S if timeout is None else timeout
+        #: None: :data:`RECONNECT_TIMEOUT_S` as it is when a reconnect starts.
+        self.reconnect_timeout = reconnect_timeout
+        #: The inflight record (INFLIGHT_SHMFD), kept across reconnects.
+        self.inflight: InflightArea | None = None
+        #: Reconnects that succeeded, and how long the last one took (s).
+        self.reconnects = 0
+        self.last_reconnect_s: float | None = None
         #: Negotiated state (plain values, for snapshots and logs).
         self.backend_features = 0
         self.protocol_features = 0
@@ -278,25 +346,134 @@ class VhostUserDevice(VirtioDevice):
         self._log.debug("config write ignored", offset=offset, size=len(data))
 
     async def run(self, context: DeviceContext) -> None:
-        if self._sock is None or not self.connected:
-            raise DeviceNeedsReset(f"vhost-user back-end at {self.socket_path} is not "
-                                   "connected (reconnecting is not supported yet)")
-        if self._trio_sock is None:
-            self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
-        sock = self._trio_sock
         try:
-            with trio.CancelScope(shield=True):
-                with trio.fail_after(RING_TIMEOUT_S):
-                    await self._start_rings(sock, context)
-            await self._watch(sock)
-        except (VhostProtocolError, OSError, trio.TooSlowError) as e:
-            self._drop(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-            raise DeviceNeedsReset(
-                f"vhost-user back-end at {self.socket_path}: {e or 'timed out'}") from e
+            if self.connected and self._sock is not None:
+                if self._trio_sock is None:
+                    self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
+                try:
+                    with trio.CancelScope(shield=True):
+                        with trio.fail_after(RING_TIMEOUT_S):
+                            await self._start_rings(self._trio_sock, context, resume=False)
+                except (VhostProtocolError, OSError, trio.TooSlowError) as e:
+                    # Broken before the rings ever ran: not a crash to wait out.
+                    self._drop(_describe(e))
+                    raise DeviceNeedsReset(
+                        f"vhost-user back-end at {self.socket_path}: {e or 'timed out'}"
+                    ) from e
+            else:
+                await self._reconnect(context)
+            while True:
+                try:
+                    await self._watch(self._trio_sock)
+                except (VhostProtocolError, OSError) as e:
+                    self._log.warning("vhost-user back-end lost", reason=_describe(e))
+                    self._drop(_describe(e), logged=True)
+                await self._reconnect(context)
         finally:
             if self.connected and self._started:
                 with trio.CancelScope(shield=True):
-                    await self._stop_rings(sock, context)
+                    await self._stop_rings(self._trio_sock, context)
+
+    async def _reconnect(self, context: DeviceContext) -> None:
+        """Connect again, renegotiate and restart the rings, with bounded exponential
+        backoff (see the module docstring); DeviceNeedsReset when it gives up or the
+        back-end that answers no longer fits the driver."""
+        total = RECONNECT_TIMEOUT_S if self.reconnect_timeout is None \
+            else self.reconnect_timeout
+        started = trio.current_time()
+        deadline = started + total
+        delay = RECONNECT_FIRST_DELAY_S
+        attempt = 0
+        while True:
+            attempt += 1
+            self._log.info("reconnecting", attempt=attempt)
+            try:
+                with trio.fail_after(self.timeout):
+                    sock = await self._connect()
+                    await self._renegotiate(sock, context)
+                with trio.CancelScope(shield=True):
+                    with trio.fail_after(RING_TIMEOUT_S):
+                        await self._start_rings(sock, context, resume=True)
+            except _Incompatible as e:
+                self._drop(str(e))
+                self._log.error("vhost-user back-end no longer fits the device",
+                                reason=str(e))
+                raise DeviceNeedsReset(f"vhost-user back-end at {self.socket_path}: "
+                                       f"{e}") from e
+            except (VhostProtocolError, OSError, trio.TooSlowError) as e:
+                self._drop(_describe(e), logged=True)
+                self._log.info("reconnect attempt failed", attempt=attempt,
+                               reason=_describe(e))
+            else:
+                elapsed = trio.current_time() - started
+                self.reconnects += 1
+                self.last_reconnect_s = elapsed
+                self._log.info("reconnected", attempt=attempt, after_s=round(elapsed, 3))
+                return
+            now = trio.current_time()
+            if now >= deadline:
+                self._log.error("vhost-user back-end did not come back; giving up",
+                                attempts=attempt, after_s=round(now - started, 3))
+                raise DeviceNeedsReset(
+                    f"vhost-user back-end at {self.socket_path} did not come back within "
+                    f"{total:g} s")
+            await trio.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+
+    async def _connect(self) -> Any:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(os.fspath(self.socket_path))
+        except BaseException:
+            sock.close()
+            raise
+        self._trio_sock = sock
+        self.connected = True
+        return sock
+
+    async def _exchange(self, sock: Any, request: Request, payload: Any = None, *,
+                        reply: bool = False, need_reply: bool = False) -> Any:
+        await send_message(sock, Message(request, payload, need_reply=need_reply))
+        if not (reply or need_reply):
+            return None
+        return _check_reply(request, await receive_message(sock), need_reply and not reply)
+
+    async def _renegotiate(self, sock: Any, context: DeviceContext) -> None:
+        """The handshake again, on a new connection, checked against what the driver
+        negotiated with the old one."""
+        await self._exchange(sock, Request.SET_OWNER)
+        features = await self._exchange(sock, Request.GET_FEATURES, reply=True)
+        needed = context.features
+        if self.device_id == DeviceId.NET:
+            needed &= ~VIRTIO_NET_F_MAC
+        if needed & ~features:
+            raise _Incompatible(f"the driver negotiated features 0x{needed & ~features:x} "
+                                "that the back-end no longer offers")
+        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES \
+                and not features & VHOST_USER_F_PROTOCOL_FEATURES:
+            raise _Incompatible("the back-end no longer offers protocol features")
+        self.backend_features = features
+        if not features & VHOST_USER_F_PROTOCOL_FEATURES:
+            self.protocol_features = 0
+            return
+        offered = await self._exchange(sock, Request.GET_PROTOCOL_FEATURES, reply=True)
+        self.protocol_features = offered & SUPPORTED_PROTOCOL_FEATURES
+        await self._exchange(sock, Request.SET_PROTOCOL_FEATURES, self.protocol_features,
+                             need_reply=self._has(ProtocolFeature.REPLY_ACK))
+        if self._has(ProtocolFeature.MQ):
+            count = await self._exchange(sock, Request.GET_QUEUE_NUM, reply=True)
+            if self.device_id != DeviceId.NET and count < len(self.queue_max_sizes):
+                raise _Incompatible(f"the back-end now has {count} queues, the device "
+                                    f"{len(self.queue_max_sizes)}")
+        size = CONFIG_SIZES.get(int(self.device_id), 0)
+        if self.device_id == DeviceId.BLOCK and size and self.config:
+            if not self._has(ProtocolFeature.CONFIG):
+                raise _Incompatible("the back-end no longer offers its config space")
+            answer = await self._exchange(sock, Request.GET_CONFIG, {
+                "offset": 0, "size": size, "flags": 0, "payload": bytes(size)}, reply=True)
+            if bytes(answer.payload) != self.config:
+                raise _Incompatible("the back-end's config space changed (capacity or "
+                                    "geometry differs)")
 
     # -- run: rings up, watch, rings down -------------------------------------------
 
@@ -308,13 +485,21 @@ class VhostUserDevice(VirtioDevice):
             return None
         return _check_reply(request, await receive_message(sock), need_reply)
 
-    async def _start_rings(self, sock: Any, context: DeviceContext) -> None:
+    async def _start_rings(self, sock: Any, context: DeviceContext, *, resume: bool) -> None:
+        """The whole bring-up. ``resume``: after a lost connection, so each ring's base
+        is the used idx in guest memory (see the module docstring), not the position
+        the queue state holds."""
         features = context.features
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
             features |= VHOST_USER_F_PROTOCOL_FEATURES
         if self.device_id == DeviceId.NET:
             features &= ~VIRTIO_NET_F_MAC | self.backend_features
         await self._call(sock, Request.SET_FEATURES, features)
+        if self._has(ProtocolFeature.INFLIGHT_SHMFD):
+            if self.inflight is None:
+                self.inflight = await self._get_inflight(sock)
+            await self._call(sock, Request.SET_INFLIGHT_FD, self.inflight.payload(),
+                             fds=[self.inflight.fd])
         memory = self.memory
         regions = [{"guest_address": region.guest_address, "size": region.size,
                     "user_address": memory.host_address(region),
@@ -333,8 +518,11 @@ class VhostUserDevice(VirtioDevice):
             size = state.size
             event = 2 if state.event_idx else 0
             await self._call(sock, Request.SET_VRING_NUM, {"index": index, "num": size})
-            await self._call(sock, Request.SET_VRING_BASE,
-                             {"index": index, "num": state.next_available & 0xFFFF})
+            base = state.next_available & 0xFFFF
+            if resume:
+                base = context.memory.read_u16(state.used_ring + 2)
+                state.next_available = base
+            await self._call(sock, Request.SET_VRING_BASE, {"index": index, "num": base})
             await self._call(sock, Request.SET_VRING_ADDR, {
                 "index": index, "flags": 0,
                 "descriptor": self._user_address(state.descriptor_table, 16 * size),
@@ -347,13 +535,42 @@ class VhostUserDevice(VirtioDevice):
             await self._call(sock, Request.SET_VRING_KICK, index, fds=[kick_fd(index)])
             if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
                 await self._call(sock, Request.SET_VRING_ENABLE, {"index": index, "num": 1})
+        if not self._has(ProtocolFeature.REPLY_ACK):
+            # Without acks, a request with a reply is the barrier that shows the back-end
+            # took the whole bring-up (it handles messages in order): one that drops
+            # here failed to start rather than crashed while running.
+            await self._exchange(sock, Request.GET_FEATURES, reply=True)
         # The driver may have made buffers available (and kicked) before DRIVER_OK: a
         # spurious kick per ring makes the back-end look; it costs nothing otherwise.
         for index in self._started:
             with contextlib.suppress(OSError):
                 os.eventfd_write(kick_fd(index), 1)
         self._log.info("vhost-user rings started", rings=self._started,
-                       features=hex(features))
+                       features=hex(features), inflight=self.inflight is not None)
+
+    async def _get_inflight(self, sock: Any) -> InflightArea:
+        num_queues = len(self.queue_max_sizes)
+        queue_size = max(self.queue_max_sizes)
+        await send_message(sock, Message(Request.GET_INFLIGHT_FD, {
+            "mmap_size": 0, "mmap_offset": 0, "num_queues": num_queues,
+            "queue_size": queue_size}))
+        answer = await receive_message(sock)
+        fds, answer.fds = answer.fds, []
+        try:
+            payload = _check_reply(Request.GET_INFLIGHT_FD, answer, False)
+            if len(fds) != 1:
+                raise VhostProtocolError(f"GET_INFLIGHT_FD answered with {len(fds)} fds")
+            if payload.mmap_size <= 0:
+                raise VhostProtocolError("GET_INFLIGHT_FD answered an empty area")
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        self._log.info("inflight area", size=payload.mmap_size, queues=num_queues,
+                       queue_size=queue_size)
+        return InflightArea(fds[0], payload.mmap_size, payload.mmap_offset,
+                            num_queues, queue_size)
 
     def _user_address(self, guest_address: int, length: int) -> int:
         for region in self.memory.regions:
@@ -384,15 +601,23 @@ class VhostUserDevice(VirtioDevice):
             return
         self._log.info("vhost-user rings stopped", rings=started)
 
-    def _drop(self, reason: str) -> None:
-        if self.connected:
+    def _drop(self, reason: str, *, logged: bool = False) -> None:
+        if self.connected and not logged:
             self._log.warning("vhost-user back-end connection dropped", reason=reason)
-        self.close()
+        self._close_connection()
 
     def reset(self) -> None:
-        pass
+        # The driver starts the rings afresh: the old inflight record means nothing now.
+        inflight, self.inflight = self.inflight, None
+        if inflight is not None:
+            inflight.close()
 
     def close(self) -> None:
+        """Close the connection and forget the inflight record (the VM is going away)."""
+        self._close_connection()
+        self.reset()
+
+    def _close_connection(self) -> None:
         """Close the connection (the back-end sees it go away and stops the device)."""
         self.connected = False
         self._started = []
@@ -411,6 +636,10 @@ async def send_and_receive_base(sock: Any, index: int) -> int:
     if answer.index != index:
         raise VhostProtocolError(f"GET_VRING_BASE for ring {index} answered ring {answer.index}")
     return int(answer.num)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _check_reply(request: Request, answer: Message, ack: bool) -> Any:

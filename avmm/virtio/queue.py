@@ -88,11 +88,20 @@ MAX_CHAIN_BYTES = 1 << 32
 
 _DESCRIPTOR = struct.Struct("<QIHH")
 _USED_ELEMENT = struct.Struct("<II")
-_U16 = struct.Struct("<H")
 _unpack_descriptor = _DESCRIPTOR.unpack_from
 _pack_used_element = _USED_ELEMENT.pack_into
-_unpack_u16 = _U16.unpack_from
-_pack_u16 = _U16.pack_into
+
+
+def _load_u16(view: memoryview, offset: int) -> int:
+    """One 16-bit load. The driver may store this u16 at the same moment, and struct
+    reads byte by byte: it could combine the old low byte with the new high byte."""
+    return int(view[offset:offset + 2].cast("H")[0])
+
+
+def _store_u16(view: memoryview, offset: int, value: int) -> None:
+    """One 16-bit store (struct writes byte by byte, and a driver polling the used idx
+    would see a torn value, e.g. 0x00ff -> 0x0000 -> 0x0100)."""
+    view[offset:offset + 2].cast("H")[0] = value
 _tuple_new = tuple.__new__
 
 _barrier_lock = threading.Lock()
@@ -341,7 +350,7 @@ class VirtQueue:
             self._map_rings(memory)
         next_available = s.next_available
         # The available idx is read exactly once: it bounds what this pop may look at.
-        (available_idx,) = _unpack_u16(self._available_view, 2)
+        available_idx = _load_u16(self._available_view, 2)
         pending = (available_idx - next_available) & 0xFFFF
         if not pending:
             return None
@@ -350,7 +359,7 @@ class VirtQueue:
                 f"available idx {available_idx} is {pending} entries ahead of the "
                 f"device's position {next_available}, more than the queue size {size}"
             )
-        (head,) = _unpack_u16(self._available_view, 4 + 2 * (next_available & (size - 1)))
+        head = _load_u16(self._available_view, 4 + 2 * (next_available & (size - 1)))
         if head >= size:
             raise QueueError(
                 f"available ring entry {next_available} names head descriptor {head}, "
@@ -529,7 +538,7 @@ class VirtQueue:
             _pack_used_element(used, 2 + 8 * (next_used & (size - 1)), head, written)
             # The element is stored before the idx that publishes it (see module doc).
             next_used = (next_used + 1) & 0xFFFF
-            _pack_u16(used, 0, next_used)
+            _store_u16(used, 0, next_used)
         except GuestAddressError as e:
             raise QueueError(f"used ring outside guest RAM: {e}") from e
         s.next_used = next_used

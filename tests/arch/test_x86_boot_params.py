@@ -152,3 +152,26 @@ def test_e820_is_sorted_disjoint_and_covers_ram(pages: int) -> None:
     assert all(any(r.contains(e.address, e.size) for r in regions) for e in ram)
     # Only the 384 KiB legacy area between the EBDA and 1 MiB is not reported as RAM.
     assert sum(e.size for e in ram) == pages * 4096 - (MIB - 0x9FC00)
+
+
+def test_acpi_rsdp_addr_lands_at_0x070() -> None:
+    page = build_zero_page(setup_header=minimal_setup_header(),
+                           e820=build_e820(plan_regions(64 * MIB)), cmdline_address=0,
+                           acpi_rsdp_address=0xE0000)
+    assert int.from_bytes(page[0x070:0x078], "little") == 0xE0000
+    assert parse_zero_page(page).acpi_rsdp_addr == 0xE0000
+    without = build_zero_page(setup_header=minimal_setup_header(),
+                              e820=build_e820(plan_regions(64 * MIB)), cmdline_address=0)
+    assert without[0x070:0x078] == bytes(8)
+
+
+def test_e820_reserves_the_acpi_area() -> None:
+    e820 = build_e820(plan_regions(64 * MIB), firmware_start=0xE0000)
+    assert [(e.address, e.size, e.type) for e in e820] == [
+        (0, 0x9FC00, E820_RAM),
+        (0x9FC00, 0x400, E820_RESERVED),
+        (0xE0000, 0x20000, E820_RESERVED),
+        (MIB, 63 * MIB, E820_RAM),
+    ]
+    with pytest.raises(ValueError, match="firmware_start"):
+        build_e820(plan_regions(64 * MIB), firmware_start=0x90000)

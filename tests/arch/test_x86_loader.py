@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from avmm.arch.x86.acpi import ACPI_TABLES_ADDRESS, build_acpi_tables
 from avmm.arch.x86.boot_cpu import (
     BOOT_CR0,
     CR0_PE,
@@ -17,7 +18,7 @@ from avmm.arch.x86.boot_cpu import (
     EFER_LMA,
     EFER_LME,
 )
-from avmm.arch.x86.boot_params import parse_zero_page
+from avmm.arch.x86.boot_params import E820_RESERVED, parse_zero_page
 from avmm.arch.x86.bzimage import parse_bzimage
 from avmm.arch.x86.gdt import (
     BOOT_CODE_SELECTOR,
@@ -209,3 +210,41 @@ def test_place_initrd_rules(size: int, ram_end: int, addr_max: int, kernel_end: 
     assert start + size - 1 <= addr_max
     # Highest possible: one page higher would not fit.
     assert start + 4096 + size > min(ram_end, addr_max + 1)
+
+
+@pytest.mark.parametrize("kind", ["bzimage", "elf"])
+def test_acpi_tables_are_written_and_announced(
+    make_bzimage: MakeBzImage, tmp_path: Path, kind: str
+) -> None:
+    tables = build_acpi_tables(vcpus=2, virtio_devices=[(0xD000_0000, 0x1000, 5)])
+    kernel: bytes | Path = make_bzimage()
+    if kind == "elf":
+        from tests.vm.helpers import tiny_elf
+
+        kernel = tiny_elf(tmp_path / "k.elf", b"\xf4")
+    with GuestMemory(64 * MIB) as memory:
+        load = load_kernel(memory, kernel, cmdline="", acpi=tables)
+        assert load.kind == kind
+        assert memory.read(ACPI_TABLES_ADDRESS, len(tables.blob)) == tables.blob
+        assert memory.read(0xE0000, 8) == b"RSD PTR "
+        zero_page = parse_zero_page(memory.read(ZERO_PAGE_ADDRESS, 4096))
+        assert zero_page.acpi_rsdp_addr == tables.rsdp_address == 0xE0000
+        reserved = [(e.address, e.end) for e in load.e820 if e.type == E820_RESERVED]
+        assert (0xE0000, MIB) in reserved
+        assert load.acpi_rsdp_address == 0xE0000
+        assert load.log_fields()["acpi_rsdp"] == "0xe0000"
+
+
+def test_no_acpi_tables_by_default(make_bzimage: MakeBzImage) -> None:
+    with GuestMemory(64 * MIB) as memory:
+        load = load_kernel(memory, make_bzimage(), cmdline="")
+        assert memory.read(0xE0000, 8) == bytes(8)
+        assert parse_zero_page(memory.read(ZERO_PAGE_ADDRESS, 4096)).acpi_rsdp_addr == 0
+        reserved = [(e.address, e.end) for e in load.e820 if e.type == E820_RESERVED]
+        assert (0xF0000, MIB) in reserved and load.acpi_rsdp_address is None
+
+
+def test_acpi_tables_outside_the_firmware_area(make_bzimage: MakeBzImage) -> None:
+    tables = build_acpi_tables(vcpus=1, virtio_devices=[], base_address=0x8000)
+    with GuestMemory(64 * MIB) as memory, pytest.raises(BootError, match="firmware area"):
+        load_kernel(memory, make_bzimage(), cmdline="", acpi=tables)

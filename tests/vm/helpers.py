@@ -17,11 +17,14 @@ MAILBOX_MAGIC = 0x584F424C49414D41
 
 def guest_config(cmdline: str, *, memory_mib: int = 32, vcpus: int = 1,
                  kernel: Path = TEST_GUEST, serial: SerialConfig | None = None,
-                 cpu_profile: str = "host", name: str | None = None) -> VmConfig:
+                 cpu_profile: str = "host", name: str | None = None,
+                 acpi: bool = False) -> VmConfig:
     """A VmConfig for ``kernel`` (the test guest by default) with serial output kept only
-    in ``vm.serial``."""
+    in ``vm.serial``. ACPI is off by default: the test guest finds its virtio devices
+    only through ``virtio_mmio.device=`` words, which avmm appends only without ACPI."""
     return VmConfig(
-        machine=MachineConfig(vcpus=vcpus, memory_mib=memory_mib, cpu_profile=cpu_profile),
+        machine=MachineConfig(vcpus=vcpus, memory_mib=memory_mib, cpu_profile=cpu_profile,
+                              acpi=acpi),
         boot=BootConfig(kernel=kernel, initrd=None, cmdline=cmdline),
         serial=serial or SerialConfig(mode="none", path=None),
         source="test",

@@ -194,3 +194,18 @@ async def test_console_socket_is_private_accepts_a_client_and_goes_away(tmp_path
         result = await vm.wait()
     assert result.reason is StopReason.STOPPED
     assert not path.exists()
+
+
+@pytest.mark.parametrize("qd", [1, 32])
+async def test_many_small_requests_all_complete_with_status_ok(tmp_path: Path, qd: int) -> None:
+    # Regression: the used idx was published with a byte-by-byte store, and a driver
+    # polling it could read a torn value (0x00ff -> 0x0000 -> 0x0100) and take an old
+    # used element for a new completion, whose status byte was still unwritten.
+    image = random_image(tmp_path / "disk.img", 16 << 20)
+    config = with_devices(
+        guest_config(f"avmm.test=blk-bench avmm.rw=read avmm.qd={qd} avmm.n=4000 "
+                     "avmm.qsize=128", memory_mib=64),
+        disks=(DiskConfig(image),))
+    result, output = await run(config)
+    assert f"blk-bench rw=read qd={qd} n=4000 done" in output, output
+    assert result.reason is StopReason.RESET

@@ -112,14 +112,20 @@ class E820Entry:
         return self.address + self.size
 
 
-def build_e820(regions: Iterable[MemoryRegion]) -> tuple[E820Entry, ...]:
+def build_e820(
+    regions: Iterable[MemoryRegion], *, firmware_start: int = BIOS_ROM_START
+) -> tuple[E820Entry, ...]:
     """The e820 map for guest RAM laid out as ``regions`` (``GuestMemory.regions``).
 
-    RAM below 1 MiB is reported only up to the EBDA (0x9fc00); the EBDA and the BIOS ROM
-    area (0xf0000..1 MiB) are reserved, so that the guest neither allocates them nor
-    misses tables placed there later; the VGA/option-ROM hole is left out. Every other
-    byte of every region is reported as RAM. Sorted by address.
+    RAM below 1 MiB is reported only up to the EBDA (0x9fc00); the EBDA and the firmware
+    area ``[firmware_start, 1 MiB)`` are reserved, so that the guest neither allocates
+    them nor misses tables placed there; the rest of the VGA/option-ROM hole is left
+    out. ``firmware_start`` is the BIOS ROM area (0xf0000) by default and 0xe0000 when
+    avmm writes ACPI tables there (:mod:`.acpi`). Every other byte of every region is
+    reported as RAM. Sorted by address.
     """
+    if not LOW_MEMORY_END <= firmware_start < HIGH_MEMORY_START:
+        raise ValueError(f"firmware_start 0x{firmware_start:x} is not in [0xa0000, 1 MiB)")
     entries: list[E820Entry] = []
     for region in regions:
         start, end = region.guest_address, region.end
@@ -129,7 +135,7 @@ def build_e820(regions: Iterable[MemoryRegion]) -> tuple[E820Entry, ...]:
             # The region spans the legacy area: describe the firmware ranges in it.
             entries.append(E820Entry(EBDA_START, LOW_MEMORY_END - EBDA_START, E820_RESERVED))
             entries.append(
-                E820Entry(BIOS_ROM_START, HIGH_MEMORY_START - BIOS_ROM_START, E820_RESERVED)
+                E820Entry(firmware_start, HIGH_MEMORY_START - firmware_start, E820_RESERVED)
             )
         ram_start = max(start, HIGH_MEMORY_START)
         if ram_start < end:
@@ -162,6 +168,7 @@ def build_zero_page(
     cmdline_address: int,
     initrd_address: int = 0,
     initrd_size: int = 0,
+    acpi_rsdp_address: int = 0,
 ) -> bytes:
     """The 4096-byte zero page.
 
@@ -172,6 +179,8 @@ def build_zero_page(
     command line pointer and the ramdisk fields, each split into a low 32-bit half in the
     header and a high half in the ``ext_`` field. The kernel's own fields
     (``cmdline_size``, ``init_size``, ...) are kept as the kernel wrote them.
+    ``acpi_rsdp_address`` (0 = none) goes to ``acpi_rsdp_addr`` (0x070), where kernels
+    of boot protocol 2.14+ look before scanning 0xe0000..1 MiB.
 
     :raises BootError: the header is the wrong size or ``e820`` has over 128 entries.
     """
@@ -198,7 +207,7 @@ def build_zero_page(
         "apm_bios_info": bytes(0x14),
         "tboot_addr": 0,
         "ist_info": bytes(0x10),
-        "acpi_rsdp_addr": 0,
+        "acpi_rsdp_addr": acpi_rsdp_address,
         "hd0_info": bytes(0x10),
         "hd1_info": bytes(0x10),
         "sys_desc_table": bytes(0x10),

@@ -3,8 +3,9 @@
 :func:`load_kernel` is the one entry point: it checks everything first and only then
 writes, so a :class:`~avmm.errors.BootError` leaves guest memory untouched. It writes the
 kernel, the initrd, the command line, the zero page, the boot page tables, the GDT, the
-(empty) IDT and the TSS at the addresses in :mod:`.layout`, and returns the boot CPU state
-together with what it placed where, for logging.
+(empty) IDT and the TSS at the addresses in :mod:`.layout` -- and, when given, the ACPI
+tables (:mod:`.acpi`) -- and returns the boot CPU state together with what it placed
+where, for logging.
 """
 
 from __future__ import annotations
@@ -15,21 +16,25 @@ from typing import Any, Literal
 
 from ...errors import BootError
 from ...memory import GuestMemory
+from .acpi import AcpiTables
 from .boot_cpu import BootCpuState, boot_cpu_state
 from .boot_params import E820Entry, build_e820, build_zero_page, minimal_setup_header
 from .bzimage import BzImage, is_bzimage, parse_bzimage
 from .elf import ElfImage, is_elf, parse_elf
 from .gdt import TSS64_SIZE, boot_gdt
 from .layout import (
+    BIOS_ROM_START,
     BOOT_GDT_ADDRESS,
     BOOT_IDT_ADDRESS,
     BOOT_TSS_ADDRESS,
     CMDLINE_ADDRESS,
     CMDLINE_MAX_SIZE,
     DEFAULT_INITRD_ADDR_MAX,
+    HIGH_MEMORY_START,
     IDENTITY_MAP_END,
     INITRD_ALIGNMENT,
     KERNEL_LOAD_ADDRESS,
+    LOW_MEMORY_END,
     MIB,
     ZERO_PAGE_ADDRESS,
     align_down,
@@ -64,6 +69,8 @@ class KernelLoad:
     version: str = ""
     #: ELF: the Xen PVH 32-bit entry point, if the image has the note (not used).
     pvh_entry: int | None = None
+    #: Where the ACPI RSDP was written (and ``acpi_rsdp_addr`` points), or None.
+    acpi_rsdp_address: int | None = None
 
     def log_fields(self) -> dict[str, Any]:
         """Key-value fields for one structlog line about the load."""
@@ -80,6 +87,8 @@ class KernelLoad:
             fields["protocol"] = self.protocol
         if self.pvh_entry is not None:
             fields["pvh_entry"] = f"0x{self.pvh_entry:x}"
+        if self.acpi_rsdp_address is not None:
+            fields["acpi_rsdp"] = f"0x{self.acpi_rsdp_address:x}"
         return fields
 
 
@@ -89,6 +98,7 @@ def load_kernel(
     *,
     cmdline: str,
     initrd: bytes | Path | None = None,
+    acpi: AcpiTables | None = None,
 ) -> KernelLoad:
     """Load ``kernel`` for a 64-bit boot and prepare everything the boot CPU needs.
 
@@ -97,6 +107,11 @@ def load_kernel(
     kernel's ``initrd_addr_max`` and the top of RAM below the MMIO hole, above the
     kernel's footprint. ``cmdline`` is written NUL-terminated at
     :data:`~.layout.CMDLINE_ADDRESS`.
+
+    With ``acpi``, its blob is written at its ``base_address`` (in [0xa0000, 1 MiB),
+    normally 0xe0000), ``boot_params.acpi_rsdp_addr`` points at the RSDP (for bzImage
+    and ELF kernels alike: the field is in the zero page, not the setup header), and the
+    e820 map reports ``[base_address, 1 MiB)`` as reserved.
 
     :raises BootError: unreadable file, unknown or malformed image, an image or initrd
         that does not fit guest RAM, or a command line that is too long. Messages name the
@@ -147,13 +162,18 @@ def load_kernel(
         )
         initrd_range = (start, start + len(initrd_data))
 
-    e820 = build_e820(memory.regions)
+    firmware_start = BIOS_ROM_START
+    if acpi is not None:
+        _check_acpi_fits(acpi)
+        firmware_start = min(firmware_start, acpi.base_address)
+    e820 = build_e820(memory.regions, firmware_start=firmware_start)
     zero_page = build_zero_page(
         setup_header=setup_header,
         e820=e820,
         cmdline_address=CMDLINE_ADDRESS,
         initrd_address=initrd_range[0] if initrd_range else 0,
         initrd_size=len(initrd_data) if initrd_data is not None else 0,
+        acpi_rsdp_address=acpi.rsdp_address if acpi is not None else 0,
     )
     gdt = boot_gdt()
 
@@ -173,6 +193,8 @@ def load_kernel(
     memory.write(BOOT_GDT_ADDRESS, gdt)
     memory.write(BOOT_IDT_ADDRESS, bytes(8))
     memory.write(BOOT_TSS_ADDRESS, bytes(TSS64_SIZE))
+    if acpi is not None:
+        memory.write(acpi.base_address, acpi.blob)
     cr3 = write_identity_map(memory)
 
     return KernelLoad(
@@ -189,6 +211,7 @@ def load_kernel(
         protocol=image.protocol_version_str if isinstance(image, BzImage) else "",
         version=image.version_string if isinstance(image, BzImage) else "",
         pvh_entry=image.pvh_entry if isinstance(image, ElfImage) else None,
+        acpi_rsdp_address=acpi.rsdp_address if acpi is not None else None,
     )
 
 
@@ -274,6 +297,14 @@ def _check_elf_fits(image: ElfImage, memory: GuestMemory, name: str) -> None:
         raise BootError(
             f"{name}: entry point 0x{image.entry:x} is above 4 GiB, outside the boot "
             "page tables' identity map"
+        )
+
+
+def _check_acpi_fits(acpi: AcpiTables) -> None:
+    if not LOW_MEMORY_END <= acpi.base_address < acpi.end <= HIGH_MEMORY_START:
+        raise BootError(
+            f"the ACPI tables at 0x{acpi.base_address:x}..0x{acpi.end:x} must lie in the "
+            f"firmware area [0x{LOW_MEMORY_END:x}, 0x{HIGH_MEMORY_START:x})"
         )
 
 

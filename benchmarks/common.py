@@ -1,0 +1,187 @@
+"""What the benchmark figures share: booting the test guest under avmm (in-process or
+``avmm up``) and under QEMU microvm, timing, and the per-figure result records."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_GUEST = REPO / "build" / "guest" / "testguest.elf"
+QEMU = "qemu-system-x86_64"
+AVMM = Path(sys.executable).parent / "avmm"
+GUEST_MEMORY_MIB = 64
+TIMEOUT_S = 120
+
+
+class BenchError(RuntimeError):
+    """A run did not do what the figure needs (guest failed, wrong output)."""
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+def summary(values: Sequence[float]) -> dict[str, object]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": list(values),
+    }
+
+
+@dataclass
+class Figure:
+    """One row of the table: ``avmm[i]`` and ``qemu[i]`` were measured as a pair."""
+
+    name: str
+    unit: str
+    better: str  # "lower" or "higher"
+    avmm: list[float] = field(default_factory=list)
+    qemu: list[float] = field(default_factory=list)
+    note: str = ""
+    #: runs measured again: lost in the noise, or avmm's blk status=255 (benchmarks/run.py).
+    retries: int = 0
+
+    def add(self, avmm: float, qemu: float | None) -> None:
+        self.avmm.append(avmm)
+        if qemu is not None:
+            self.qemu.append(qemu)
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = {"unit": self.unit, "better": self.better,
+                                   "avmm": summary(self.avmm)}
+        if self.note:
+            data["note"] = self.note
+        if self.retries:
+            data["retries"] = self.retries
+        if self.qemu:
+            data["qemu"] = summary(self.qemu)
+            ratios = [a / q for a, q in zip(self.avmm, self.qemu, strict=True)]
+            data["ratio"] = summary(ratios)
+        return data
+
+
+def quiet_logging() -> None:
+    """Warnings and errors only: avmm's info lines would otherwise go to stdout."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+# -- avmm ----------------------------------------------------------------------------------
+
+
+def avmm_config(cmdline: str, *, disks: Sequence[Path] = (), memory_mib: int = GUEST_MEMORY_MIB,
+                name: str | None = None) -> object:
+    from avmm.config import BootConfig, DiskConfig, MachineConfig, SerialConfig, VmConfig
+
+    machine = MachineConfig(vcpus=1, memory_mib=memory_mib)
+    # The test guest finds virtio devices only on its command line, which avmm fills in
+    # when ACPI is off (once the machine has such a switch).
+    if "acpi" in {f.name for f in dataclasses.fields(MachineConfig)}:
+        machine = dataclasses.replace(machine, acpi=False)  # type: ignore[call-arg]
+    return VmConfig(
+        machine=machine,
+        boot=BootConfig(kernel=TEST_GUEST, initrd=None, cmdline=cmdline),
+        serial=SerialConfig(mode="none", path=None),
+        source="benchmark",
+        name=name,
+        disks=tuple(DiskConfig(path) for path in disks),
+    )
+
+
+@dataclass
+class AvmmRun:
+    seconds: float          # VirtualMachine() → the VM stopped and was released
+    first_byte: float       # VirtualMachine() → first serial byte
+    output: str
+    exits: dict[str, int]
+
+
+async def avmm_run(cmdline: str, *, disks: Sequence[Path] = (), expect: str = "") -> AvmmRun:
+    """Boot the test guest in this trio program and run it to the end."""
+    from avmm import StopReason, VirtualMachine
+
+    config = avmm_config(cmdline, disks=disks)
+    output = bytearray()
+    first = 0.0
+    start = time.perf_counter()
+    async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
+        async for chunk in vm.serial:
+            if not output:
+                first = time.perf_counter() - start
+            output += chunk
+        result = await vm.wait()
+        exits = vm.vcpu_exit_counts()
+    seconds = time.perf_counter() - start
+    text = output.decode(errors="replace")
+    if result.reason is not StopReason.RESET or (expect and expect not in text):
+        raise BenchError(f"avmm: {cmdline!r} ended with {result}; output: {text!r}")
+    return AvmmRun(seconds, first, text, exits)
+
+
+def avmm_run_sync(cmdline: str, **kwargs: object) -> AvmmRun:
+    return trio.run(lambda: avmm_run(cmdline, **kwargs))  # type: ignore[arg-type]
+
+
+# -- QEMU ----------------------------------------------------------------------------------
+
+
+def qemu_argv(cmdline: str, *, disks: Sequence[Path] = (), memfd: bool = False,
+              memory_mib: int = GUEST_MEMORY_MIB) -> list[str]:
+    """``qemu-system-x86_64 -M microvm -accel kvm -cpu host`` with the test guest, as in
+    tests/test_guest_qemu.py; virtio devices need ``acpi=off`` and modern transports."""
+    machine = "microvm,accel=kvm,acpi=off"
+    argv = [QEMU, "-cpu", "host", "-m", str(memory_mib), "-smp", "1", "-nographic",
+            "-nodefaults", "-no-reboot", "-serial", "stdio",
+            "-device", "isa-debug-exit,iobase=0x501,iosize=2", "-device", "i8042",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-kernel", str(TEST_GUEST), "-append", cmdline]
+    if memfd:
+        machine += ",memory-backend=mem"
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M"]
+    for i, disk in enumerate(disks):
+        # Defaults (page cache, thread pool): on tmpfs there is no O_DIRECT anyway.
+        argv += ["-device", f"virtio-blk-device,drive=d{i}",
+                 "-drive", f"id=d{i},file={disk},format=raw,if=none"]
+    return [argv[0], "-M", machine, *argv[1:]]
+
+
+@dataclass
+class ProcessRun:
+    seconds: float      # fork → exit
+    first_byte: float   # fork → first byte on stdout (the serial port)
+    output: str
+
+
+def process_run(argv: Sequence[str], *, expect: str = "") -> ProcessRun:
+    """Run a VMM process to the end, timing the first stdout byte and the exit."""
+    start = time.perf_counter()
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    first = os.read(process.stdout.fileno(), 1)
+    first_byte = time.perf_counter() - start
+    rest, err = process.communicate(timeout=TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    text = (first + rest).decode(errors="replace")
+    if process.returncode != 0 or (expect and expect not in text):
+        raise BenchError(f"{argv[0]} exited {process.returncode}; output: {text!r}; "
+                         f"stderr: {err.decode(errors='replace')!r}")
+    return ProcessRun(seconds, first_byte, text)
+
+
+def qemu_run(cmdline: str, *, disks: Sequence[Path] = (), expect: str = "") -> ProcessRun:
+    return process_run(qemu_argv(cmdline, disks=disks), expect=expect)
