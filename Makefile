@@ -10,9 +10,12 @@ AVMM   := $(VENV)/bin/avmm
 
 # Debian packages: what building needs, and what the tests talk to.
 BUILD_PACKAGES := gcc make libc6-dev linux-libc-dev
+# ... and for the minimal guest kernel (make linux-kernel).
+BUILD_PACKAGES += linux-source-6.1 bc bison flex libelf-dev libssl-dev
 TEST_PACKAGES  := qemu-system-x86 busybox-static cpio acpica-tools
 
-.PHONY: all up test deps deps-build deps-test venv guest debian-kernel linux-debian example-disk bench lint clean distclean
+.PHONY: all up test deps deps-build deps-test venv guest debian-kernel linux-debian linux-kernel \
+	linux-initramfs example-disk bench lint clean distclean
 
 all: venv guest
 
@@ -78,6 +81,25 @@ $(BUILD)/debian-kernel/initramfs.cpio: $(BUILD)/debian-kernel/vmlinuz \
 		scripts/build-debian-initramfs.sh tests/linux/init $(wildcard tests/linux/run/*) \
 		| $(BUILD)/.stamps/deps-test
 	scripts/build-debian-initramfs.sh $(BUILD)/debian-kernel
+
+# avmm's minimal guest kernel: tinyconfig + examples/linux/microvm.config, built from
+# Debian's linux-source-6.1 into $(BUILD)/linux/{bzImage,vmlinux}. The script keeps its own
+# cache (the fragment's hash and the source version): only a changed fragment or a new
+# source package rebuilds (~N min on 2 cores here).
+linux-kernel: $(BUILD)/linux/bzImage
+
+$(BUILD)/linux/bzImage: examples/linux/microvm.config scripts/build-linux-kernel.sh \
+		| $(BUILD)/.stamps/deps-build
+	scripts/build-linux-kernel.sh $(BUILD)/linux
+	@touch $@
+
+# Its uncompressed busybox initramfs: the same /init and tests/linux/run/* as linux-debian,
+# no modules (contract in tests/linux/init).
+linux-initramfs: $(BUILD)/linux/initramfs.cpio
+
+$(BUILD)/linux/initramfs.cpio: scripts/build-linux-initramfs.sh tests/linux/init \
+		$(wildcard tests/linux/run/*) | $(BUILD)/.stamps/deps-test
+	scripts/build-linux-initramfs.sh $(BUILD)/linux
 
 example-disk: $(BUILD)/examples/disk.img
 

@@ -11,10 +11,11 @@ vCPU is kicked out of KVM_RUN and joined before ``async with`` returns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .devices.debug_exit import DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT, 
 from .devices.i8042 import I8042, I8042_BASE_PORT, I8042_PORT_COUNT
 from .devices.serial import SERIAL_PORT_COUNT, Serial8250
 from .errors import AvmmError, BootError, GuestAddressError, VmStartError, VmStateError
+from .eventfd import signal_eventfd
 from .kvm import Kvm, Vcpu, install_kick_handler
 from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit
 from .memory import MIB, GuestMemory
@@ -211,7 +213,7 @@ class VirtualMachine:
             irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             resources.callback(os.close, irq_fd)
             vm.irqfd(irq_fd, COM1_IRQ)
-            self.uart = Serial8250(raise_irq=_eventfd_trigger(irq_fd),
+            self.uart = Serial8250(raise_irq=functools.partial(signal_eventfd, irq_fd),
                                    output=self._serial_port.output)
             self._serial_port.attach(self._token_or_fail(), push_input=self.uart.push_input)
             resources.callback(self._serial_port.close)
@@ -449,16 +451,6 @@ def acpi_tables(config: VmConfig, slots: Sequence[VirtioMmioSlot]) -> AcpiTables
         )
     except ValueError as e:
         raise BootError(f"cannot build the ACPI tables: {e}") from e
-
-
-def _eventfd_trigger(fd: int) -> Callable[[], None]:
-    def trigger() -> None:
-        try:
-            os.eventfd_write(fd, 1)
-        except BlockingIOError:
-            pass  # the counter is saturated: an interrupt is already pending
-
-    return trigger
 
 
 def _derived_mac(vm_name: str, tap: str) -> bytes:

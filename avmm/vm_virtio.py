@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import structlog
 import trio
 
+from .eventfd import signal_eventfd, wait_eventfd
 from .kvm import Vm
 from .memory import MemoryAccess
 from .virtio.device import COMMON_FEATURES, DeviceNeedsReset, VirtioDevice
@@ -108,20 +109,12 @@ class VirtioMmioSlot:
     # -- transport callbacks (vCPU threads) ---------------------------------------------
 
     def _interrupt(self) -> None:
-        try:
-            os.eventfd_write(self.irq_fd, 1)
-        except BlockingIOError:
-            pass  # counter saturated: an interrupt is pending anyway
-        except OSError:
-            pass  # closed during teardown
+        signal_eventfd(self.irq_fd)
 
     def _queue_notify(self, index: int) -> None:
         # Only reached when the ioeventfd did not catch the write (e.g. a 2-byte write).
         if 0 <= index < len(self.kick_fds):
-            try:
-                os.eventfd_write(self.kick_fds[index], 1)
-            except OSError:
-                pass
+            signal_eventfd(self.kick_fds[index])
 
     def _activate(self, transport: MmioTransport) -> None:
         try:
@@ -194,14 +187,7 @@ class _MmioDeviceContext:
             self._primed[queue_index] = False
             await trio.lowlevel.checkpoint()
             return
-        fd = self._slot.kick_fds[queue_index]
-        while True:
-            try:
-                os.eventfd_read(fd)
-                await trio.lowlevel.checkpoint()
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+        await wait_eventfd(self._slot.kick_fds[queue_index])
 
     def signal_used(self, queue_index: int) -> None:
         queue = self.queues[queue_index]

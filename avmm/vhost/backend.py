@@ -53,6 +53,7 @@ import structlog
 import trio
 
 from ..errors import AvmmError, GuestAddressError
+from ..eventfd import signal_eventfd, wait_eventfd
 from ..memory import MemoryAccess
 from ..virtio.device import COMMON_FEATURES, DeviceNeedsReset, VirtioDevice
 from ..virtio.queue import VirtQueue
@@ -302,17 +303,6 @@ def _close_attr(obj: object, name: str) -> None:
             os.close(fd)
 
 
-def _signal(fd: int) -> None:
-    if fd < 0:
-        return
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # counter saturated: the peer has a notification pending anyway
-    except OSError as e:
-        log.debug("eventfd write failed", error=str(e))
-
-
 @dataclass
 class _WithFds:
     """A reply payload that goes with fds (closed here once sent)."""
@@ -343,19 +333,12 @@ class _Context:
             self._primed[queue_index] = False
             await trio.lowlevel.checkpoint()
             return
-        fd = self._rings[queue_index].kick_fd
-        while True:
-            try:
-                os.eventfd_read(fd)
-                await trio.lowlevel.checkpoint()
-                return
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+        await wait_eventfd(self._rings[queue_index].kick_fd)
 
     def signal_used(self, queue_index: int) -> None:
         ring = self._rings[queue_index]
         if ring.queue.should_notify(self.memory):
-            _signal(ring.call_fd)
+            signal_eventfd(ring.call_fd)
 
     def signal_config_change(self) -> None:
         # Needs BACKEND_REQ (a back-end → front-end channel), which we do not offer.
@@ -482,11 +465,11 @@ class _Session:
         except DeviceNeedsReset as e:
             log.warning("device needs reset", reason=str(e))
             for ring in self.rings:
-                _signal(ring.err_fd)
+                signal_eventfd(ring.err_fd)
         except Exception:
             log.exception("device failed")
             for ring in self.rings:
-                _signal(ring.err_fd)
+                signal_eventfd(ring.err_fd)
         finally:
             running.stopped.set()
 

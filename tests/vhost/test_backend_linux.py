@@ -11,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from tests.prerequisites import require
+
+from .test_backend_qemu import backend
 
 pytestmark = [pytest.mark.qemu, pytest.mark.debian_kernel]
 
@@ -44,33 +43,6 @@ def initramfs() -> Path:
     require(None if INITRAMFS.exists() else
             f"{INITRAMFS} is missing (make linux-debian builds it)")  # fmt: skip
     return INITRAMFS
-
-
-@contextmanager
-def backend(kind: str, sock: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``avmm backend KIND --socket SOCK ARGS...`` in a subprocess, listening on exit;
-    stopped (SIGTERM, then SIGKILL) on the way out, whatever happened."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "avmm.cli", "--log-level", "info",
-         "backend", kind, "--socket", str(sock), *args],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert process.poll() is None, process.communicate()[1].decode()
-            assert time.monotonic() < deadline, "back-end never listened"
-            time.sleep(0.02)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
-        process.stderr_text = stderr.decode(errors="replace")  # type: ignore[attr-defined]
 
 
 class Boot:

@@ -29,6 +29,7 @@ from avmm.config import DiskConfig, NetConfig, VhostUserConfig, VmConfig
 from avmm.errors import VmStartError
 from avmm.vhost.protocol import Request
 from avmm.virtio.mmio import DeviceStatus
+from tests.prerequisites import require
 from tests.virtio_guest_support import echoing_tap, expected_pattern
 from tests.vm.helpers import guest_config
 
@@ -106,7 +107,7 @@ def blk_config(cmdline: str, sock: Path) -> VmConfig:
 def blk_backend(kind: str, image: Path, sock: Path) -> Iterator[object]:
     if kind == "qsd":
         if shutil.which("qemu-storage-daemon") is None:
-            pytest.skip("qemu-storage-daemon is not installed")
+            require("qemu-storage-daemon is not installed (make deps installs qemu-system-x86)")
         with storage_daemon(image, sock) as process:
             yield process
     else:

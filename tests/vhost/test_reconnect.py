@@ -22,6 +22,7 @@ from avmm.memory import ByteArrayMemory
 from avmm.vhost.backend import _InflightQueue, _TrackedQueue, inflight_queue_region_size
 from avmm.vhost.frontend import VhostUserDevice
 from avmm.virtio.mmio import DeviceStatus
+from tests.prerequisites import require
 from tests.vhost.test_frontend import avmm_backend, blk_config, storage_daemon
 from tests.virtio.queue_helpers import DriverQueue
 from tests.virtio_guest_support import expected_pattern
@@ -41,7 +42,7 @@ def _backend(kind: str, image: Path, sock: Path) -> contextlib.AbstractContextMa
 
 def _need(kind: str) -> None:
     if kind == "qsd" and shutil.which("qemu-storage-daemon") is None:
-        pytest.skip("qemu-storage-daemon is not installed")
+        require("qemu-storage-daemon is not installed (make deps installs qemu-system-x86)")
 
 
 def _writing_started(image: Path, first: bytes) -> bool:
