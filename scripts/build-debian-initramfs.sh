@@ -32,22 +32,9 @@ die() { echo "build-debian-initramfs: $*" >&2; exit 1; }
 release="$(cat "$kernel_dir/VERSION")"
 module_root="$kernel_dir/root/lib/modules/$release"
 [[ -d "$module_root/kernel" ]] || die "$module_root/kernel missing"
-for tool in cpio find; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install cpio)"
-done
-busybox=""
-for candidate in /bin/busybox /usr/bin/busybox; do
-    if [[ -x "$candidate" ]] && ! ldd "$candidate" >/dev/null 2>&1; then
-        busybox="$candidate"
-        break
-    fi
-done
-[[ -n "$busybox" ]] || die "no statically linked busybox (apt-get install busybox-static)"
-
-work="$(mktemp -d "${TMPDIR:-/tmp}/avmm-initramfs.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-tree="$work/tree"
-mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,tests,lib/modules/avmm}
+# shellcheck source=scripts/initramfs-lib.sh
+source "$repo_root/scripts/initramfs-lib.sh"
+initramfs_begin
 
 # -- modules: index by name, resolve dependencies, decompress ---------------------------
 declare -A module_file=()
@@ -104,17 +91,8 @@ done
 printf '%s\n' "${load_order[@]}" > "$tree/lib/modules/avmm/load-order"
 
 # -- busybox, /init, test scripts -----------------------------------------------------
-cp "$busybox" "$tree/bin/busybox"
-ln -s busybox "$tree/bin/sh"
-install -m 0755 "$source_dir/init" "$tree/init"
-for script in "$source_dir"/run/*; do
-    install -m 0755 "$script" "$tree/tests/${script##*/}"
-done
+initramfs_install_userspace
 
 # -- the archive (deterministic order, root-owned) ------------------------------------
-mkdir -p "$kernel_dir"
-(cd "$tree" && find . -mindepth 1 | LC_ALL=C sort \
-    | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$work/initramfs.cpio"
-mv "$work/initramfs.cpio" "$kernel_dir/initramfs.cpio.tmp"
-mv "$kernel_dir/initramfs.cpio.tmp" "$kernel_dir/initramfs.cpio"
+initramfs_pack "$kernel_dir/initramfs.cpio"
 echo "build-debian-initramfs: $kernel_dir/initramfs.cpio ($release; modules: ${load_order[*]})"

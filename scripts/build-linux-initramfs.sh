@@ -21,34 +21,12 @@ source_dir="$repo_root/tests/linux"
 
 die() { echo "build-linux-initramfs: $*" >&2; exit 1; }
 
-for tool in cpio find; do
-    command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install cpio)"
-done
-busybox=""
-for candidate in /bin/busybox /usr/bin/busybox; do
-    if [[ -x "$candidate" ]] && ! ldd "$candidate" >/dev/null 2>&1; then
-        busybox="$candidate"
-        break
-    fi
-done
-[[ -n "$busybox" ]] || die "no statically linked busybox (apt-get install busybox-static)"
-
-work="$(mktemp -d "${TMPDIR:-/tmp}/avmm-initramfs.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-tree="$work/tree"
-mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,tests,lib/modules/avmm}
+# shellcheck source=scripts/initramfs-lib.sh
+source "$repo_root/scripts/initramfs-lib.sh"
+initramfs_begin
 : > "$tree/lib/modules/avmm/load-order"
 
-cp "$busybox" "$tree/bin/busybox"
-ln -s busybox "$tree/bin/sh"
-install -m 0755 "$source_dir/init" "$tree/init"
-for script in "$source_dir"/run/*; do
-    install -m 0755 "$script" "$tree/tests/${script##*/}"
-done
+initramfs_install_userspace
 
-mkdir -p "$out"
-(cd "$tree" && find . -mindepth 1 | LC_ALL=C sort \
-    | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$work/initramfs.cpio"
-mv "$work/initramfs.cpio" "$out/initramfs.cpio.tmp"
-mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
+initramfs_pack "$out/initramfs.cpio"
 echo "build-linux-initramfs: $out/initramfs.cpio ($(stat -c %s "$out/initramfs.cpio") bytes)"
