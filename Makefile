@@ -10,11 +10,11 @@ AVMM   := $(VENV)/bin/avmm
 
 # Debian packages: what building needs, and what the tests talk to.
 PACKAGES_build  := gcc make libc6-dev linux-libc-dev
-PACKAGES_test   := qemu-system-x86 busybox-static cpio acpica-tools
+PACKAGES_test   := qemu-system-x86 busybox-static cpio acpica-tools e2fsprogs iproute2
 # ... and for the minimal guest kernel (make linux-kernel), only when it is built.
 PACKAGES_kernel := linux-source-6.1 bc bison flex libelf-dev libssl-dev
 
-.PHONY: all up test deps deps-build deps-test venv guest debian-kernel linux-debian linux-kernel \
+.PHONY: all up test test-linux deps deps-build deps-test venv guest debian-kernel linux-debian linux-kernel \
 	linux-initramfs example-disk bench lint clean distclean
 
 all: venv guest
@@ -25,6 +25,11 @@ up: venv guest
 test: deps-test venv guest debian-kernel linux-debian linux-kernel linux-initramfs example-disk
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
+
+# Linux booted to userspace under avmm (minimal and Debian kernels; see README: Linux
+# guests). Minutes per boot where guest ring 0 is interpreted; not part of `make test`.
+test-linux: deps-test venv guest debian-kernel linux-debian linux-kernel linux-initramfs
+	$(VENV)/bin/python -m pytest -ra -m linux_boot tests/linux $(PYTEST_ARGS)
 
 # Figures side by side with QEMU (not part of `make test`, which runs a smoke version).
 bench: deps-test venv guest

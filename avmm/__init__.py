@@ -12,7 +12,17 @@ from .errors import KvmError as KvmError
 from .errors import VmStartError as VmStartError
 from .lifecycle import StopReason as StopReason
 from .lifecycle import VmExit as VmExit
+from .lifecycle import VmState as VmState
 from .logs import configure_logging as configure_logging
 from .vm import VirtualMachine as VirtualMachine
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # Host (avmm.host) on first use: most programs never need it.
+    if name == "Host":
+        from .host import Host
+
+        return Host
+    raise AttributeError(f"module 'avmm' has no attribute {name!r}")

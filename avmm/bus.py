@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_right
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol, final
 
 import structlog
@@ -92,13 +93,19 @@ class BusStats:
 
 @dataclass(frozen=True, slots=True)
 class _Map:
-    """The immutable lookup table: ``starts[i]`` is ``ranges[i].base``, both sorted."""
+    """The immutable lookup table: ``starts[i]`` is ``ranges[i].base``, both sorted.
+
+    ``quiet_reads``/``quiet_writes`` hold ``(address, size)`` of stray accesses that hit
+    no range at all and were already counted and logged (or not logged, past the
+    limit) once under this map: a repeat only needs counting. Guests repeat stray
+    accesses in loops (port 0x80 delays, probes), so this is worth a shortcut. The sets
+    belong to one map, so a new map (insert, remove) starts them afresh.
+    """
 
     starts: tuple[int, ...]
     ranges: tuple[BusRange, ...]
-
-
-_EMPTY_MAP = _Map((), ())
+    quiet_reads: set[tuple[int, int]] = field(default_factory=set)
+    quiet_writes: set[tuple[int, int]] = field(default_factory=set)
 
 _LOGGED_KEYS_LIMIT = 4096
 """How many distinct stray accesses a bus logs before it only counts them."""
@@ -113,7 +120,7 @@ class Bus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._map = _EMPTY_MAP
+        self._map = _Map((), ())
         # Serialises writers of the map; readers never take it.
         self._map_lock = threading.Lock()
         # Guards the counters; only taken on the (rare) unclaimed path.
@@ -124,6 +131,7 @@ class Bus:
         self._crossing_writes = 0
         self._handler_errors = 0
         self._logged_keys: set[tuple[object, ...]] = set()
+        self._listeners: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<Bus {self.name!r} with {len(self._map.ranges)} ranges>"
@@ -159,6 +167,7 @@ class Bus:
                         )
             ranges = (*current.ranges[:index], new, *current.ranges[index:])
             self._map = _Map(tuple(r.base for r in ranges), ranges)
+            self._changed()
         log.debug("bus range mapped", bus=self.name, device=name, base=hex(base), length=length)
         return new
 
@@ -175,8 +184,24 @@ class Bus:
             removed = current.ranges[index]
             ranges = current.ranges[:index] + current.ranges[index + 1 :]
             self._map = _Map(tuple(r.base for r in ranges), ranges)
+            self._changed()
         log.debug("bus range unmapped", bus=self.name, device=removed.name, base=hex(base))
         return removed
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every :meth:`insert` and :meth:`remove`, once the new
+        map is in place (on the thread that changed it, with the bus's map lock held:
+        it must be short and must not touch this bus's map). For whoever caches what
+        the map said, such as a vCPU's C fast path for unclaimed accesses."""
+        with self._map_lock:
+            self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._listeners:
+            try:
+                callback()
+            except Exception:
+                log.exception("bus change listener failed", bus=self.name)
 
     def lookup(self, address: int) -> BusRange | None:
         """The mapping that holds ``address``, or ``None``. O(log n), lock-free."""
@@ -230,7 +255,11 @@ class Bus:
                         )
                     return b"\xff" * size
                 return data
-        self._unclaimed(current, index, address, size, write=False)
+        if (address, size) in current.quiet_reads:
+            with self._stats_lock:
+                self._unclaimed_reads += 1
+        else:
+            self._unclaimed(current, index, address, size, write=False)
         return b"\xff" * size
 
     def write(self, address: int, data: bytes) -> bool:
@@ -252,8 +281,31 @@ class Bus:
                     self._handler_failed(mapping, address, len(data), "write")
                     return False
                 return True
-        self._unclaimed(current, index, address, len(data), write=True)
+        size = len(data)
+        if (address, size) in current.quiet_writes:
+            with self._stats_lock:
+                self._unclaimed_writes += 1
+        else:
+            self._unclaimed(current, index, address, size, write=True)
         return False
+
+    def is_quiet(self, address: int, size: int, *, write: bool) -> bool:
+        """Whether an access of ``size`` bytes at ``address`` is a repeat of a stray
+        access under the current map: it hits no range at all (not even partly) and has
+        been counted and logged already. The bus answers it with nothing but a count, so
+        a caller may answer it the same way without asking the bus again, as long as it
+        forgets the answer when the map changes (:meth:`on_change`) and reports what it
+        answered through :meth:`count_unclaimed`."""
+        current = self._map
+        return (address, size) in (current.quiet_writes if write else current.quiet_reads)
+
+    def count_unclaimed(self, *, reads: int = 0, writes: int = 0) -> None:
+        """Count unclaimed accesses that were answered without the bus (see
+        :meth:`is_quiet`)."""
+        if reads or writes:
+            with self._stats_lock:
+                self._unclaimed_reads += reads
+                self._unclaimed_writes += writes
 
     # -- counters --------------------------------------------------------------------------
 
@@ -311,6 +363,10 @@ class Bus:
         should_log = self._count(
             ("unclaimed", access, address, size), write=write, crossing=crossing is not None
         )
+        if crossing is None:
+            quiet = current.quiet_writes if write else current.quiet_reads
+            if len(quiet) < _LOGGED_KEYS_LIMIT:
+                quiet.add((address, size))
         if not should_log:
             return
         if crossing is not None:

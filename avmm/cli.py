@@ -13,20 +13,19 @@ import contextlib
 import os
 import sys
 import termios
+import time
 from collections.abc import Iterator, Sequence
 
 import trio
 
 from .config import load_config
+from .console_keys import EscapeFilter
 from .errors import AvmmError, ConfigError
 from .lifecycle import HOST_FAILURE_STATUS, VmExit
 from .logs import configure_logging
 
 EXIT_USAGE = 2
 
-#: Ctrl-A, then x: leave the console and stop the VM (as in QEMU).
-ESCAPE = 0x01
-QUIT = ord("x")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("config", help="path to the VM's TOML file")
     up.add_argument("--append", default="", metavar="WORDS",
                     help="extra words for the kernel command line")
+    up.add_argument("--boot-time", action="store_true",
+                    help="print when the guest's /init writes the boot-time marker "
+                         "(see README: Linux guests)")
     # Options shared by every subcommand, accepted after it as well.
     up.add_argument("--log-format", choices=["console", "json"], default=argparse.SUPPRESS)
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
@@ -70,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     from .vhost.cli import add_backend_commands
 
     add_backend_commands(commands)
+    from .api.cli import add_management_commands
+
+    add_management_commands(commands)
     return parser
 
 
@@ -77,26 +82,56 @@ def _cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.append:
         config = config.with_cmdline_appended(args.append)
-    vm_exit = trio.run(_run_up, config)
+    vm_exit = trio.run(_run_up, config, args.boot_time)
     if vm_exit.failed:
         print(f"avmm: the VM stopped: {vm_exit}", file=sys.stderr)
     return vm_exit.exit_status & 0xFF
 
 
-async def _run_up(config: object) -> VmExit:
+async def _run_up(config: object, boot_time: bool = False) -> VmExit:
     from .vm import VirtualMachine
 
     async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
         console = vm.config.console
-        if vm.config.serial.mode == "console" or (console is not None
-                                                   and console.mode == "console"):
-            with _terminal_input_mode():
-                async with trio.open_nursery() as nursery:
+        interactive = vm.config.serial.mode == "console" or (
+            console is not None and console.mode == "console")
+        with _terminal_input_mode() if interactive else contextlib.nullcontext():
+            async with trio.open_nursery() as nursery:
+                if interactive:
                     nursery.start_soon(_forward_stdin, vm)
-                    result = await vm.wait()
-                    nursery.cancel_scope.cancel()
-                return result
-        return await vm.wait()
+                if boot_time:
+                    nursery.start_soon(_report_boot_time, vm)
+                result = await vm.wait()
+                nursery.cancel_scope.cancel()
+            return result
+
+
+async def _report_boot_time(vm: object) -> None:
+    """One line on stderr when the guest reaches userspace (its boot-time marker)."""
+    from .vm import VirtualMachine
+
+    assert isinstance(vm, VirtualMachine)
+    since_vm = await vm.wait_userspace()
+    since_process = _seconds_since_process_start()
+    process = f", {since_process * 1000:.1f} ms after avmm started" \
+        if since_process is not None else ""
+    # \r\n: the terminal may be in raw-ish input mode with the guest's output interleaved.
+    sys.stderr.write(f"\r\navmm: guest userspace reached {since_vm * 1000:.1f} ms after "
+                     f"the VM started{process}\r\n")
+    sys.stderr.flush()
+
+
+def _seconds_since_process_start() -> float | None:
+    """Seconds since this process was created (the kernel's start time in
+    /proc/self/stat, so interpreter start-up and imports count too), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 async def _forward_stdin(vm: object) -> None:
@@ -104,7 +139,7 @@ async def _forward_stdin(vm: object) -> None:
     from .vm import VirtualMachine
 
     assert isinstance(vm, VirtualMachine)
-    escape_pending = False
+    keys = EscapeFilter()
     while True:
         try:
             data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
@@ -112,27 +147,17 @@ async def _forward_stdin(vm: object) -> None:
             return
         if not data:
             return  # stdin closed: the guest keeps running without input
-        out = bytearray()
-        for byte in data:
-            if escape_pending:
-                escape_pending = False
-                if byte == QUIT:
-                    vm.stop()
-                    return
-                if byte != ESCAPE:
-                    out.append(ESCAPE)
-                out.append(byte)
-            elif byte == ESCAPE:
-                escape_pending = True
-            else:
-                out.append(byte)
+        out, leave = keys.feed(data)
+        if leave:
+            vm.stop()
+            return
         if out:
             # With a virtio console on the terminal, keystrokes go there, not to the UART.
             console = vm.config.console
             target = vm.console if console is not None and console.mode == "console" \
                 else vm.serial
             try:
-                await target.send_all(bytes(out))
+                await target.send_all(out)
             except trio.ClosedResourceError:
                 return
 

@@ -7,7 +7,7 @@ A config file looks like this (everything but ``[boot]`` and its ``kernel`` is o
     [machine]
     vcpus = 1
     memory_mib = 128
-    cpu_profile = "host"      # "host" | "compat"
+    cpu_profile = "auto"      # "auto" | "host" | "compat" (auto: compat on kvm_pvm hosts)
     hide_cpu_features = []    # e.g. ["x2apic"]: hidden from CPUID on top of the profile
     acpi = true               # ACPI tables (false: virtio_mmio.device= words instead)
 
@@ -71,10 +71,10 @@ __all__ = [
     "load_config",
 ]
 
-CpuProfile = Literal["host", "compat"]
+CpuProfile = Literal["auto", "host", "compat"]
 SerialMode = Literal["console", "file", "none"]
 
-CPU_PROFILES: Final[tuple[CpuProfile, ...]] = ("host", "compat")
+CPU_PROFILES: Final[tuple[CpuProfile, ...]] = ("auto", "host", "compat")
 SERIAL_MODES: Final[tuple[SerialMode, ...]] = ("console", "file", "none")
 ConsoleMode = Literal["console", "file", "socket"]
 CONSOLE_MODES: Final[tuple[ConsoleMode, ...]] = ("console", "file", "socket")
@@ -102,7 +102,8 @@ class MachineConfig:
 
     vcpus: int = 1
     memory_mib: int = 128
-    cpu_profile: CpuProfile = "host"
+    #: "auto" picks "compat" on a host whose KVM needs it, else "host" (avmm.cpu_profile).
+    cpu_profile: CpuProfile = "auto"
     #: CPU features to hide from the guest's CPUID on top of the profile (names from
     #: ``avmm.arch.x86.cpuid.FEATURES``, e.g. "x2apic").
     hide_cpu_features: tuple[str, ...] = ()
@@ -242,14 +243,17 @@ def load_config(path: str | os.PathLike[str]) -> VmConfig:
 
 
 def config_from_dict(
-    data: Mapping[str, Any], *, base_dir: Path, source: str | None = None
+    data: Mapping[str, Any], *, base_dir: Path | None, source: str | None = None
 ) -> VmConfig:
     """Validate ``data`` (parsed TOML or JSON with the ``vm.toml`` schema).
 
-    Relative paths in ``data`` are resolved against ``base_dir``; ``source`` names the
-    origin in error messages.
+    Relative paths in ``data`` are resolved against ``base_dir``; with ``base_dir=None``
+    (a config posted to the management API, which has no file to be relative to) every
+    path must be absolute and a relative one is a :class:`ConfigError` naming its key.
+    ``source`` names the origin in error messages.
     """
-    context = _Context(base_dir=Path(os.path.abspath(base_dir)), source=source)
+    resolved = Path(os.path.abspath(base_dir)) if base_dir is not None else None
+    context = _Context(base_dir=resolved, source=source)
     return _ROOT(data, "", context)
 
 
@@ -274,17 +278,19 @@ _EMPTY_TABLE: Final = _Sentinel("_EMPTY_TABLE")
 
 @dataclass(frozen=True, slots=True)
 class _Context:
-    base_dir: Path
+    base_dir: Path | None  # None: relative paths are rejected (see config_from_dict)
     source: str | None
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, path=self.source, key=key or None)
 
     def resolve(self, value: str) -> Path:
+        if self.base_dir is None:
+            return Path(os.path.normpath(value))
         return self.base_dir / value
 
     def relative_note(self, value: str) -> str:
-        if Path(value).is_absolute():
+        if Path(value).is_absolute() or self.base_dir is None:
             return ""
         if self.source is None:
             return f" (relative paths are relative to {self.base_dir})"
@@ -484,6 +490,9 @@ def _path(value: Any, key: str, context: _Context) -> Path:
         raise context.error(key, "expected a path, got an empty string")
     if "\0" in value:
         raise context.error(key, "the path contains a NUL character")
+    if context.base_dir is None and not os.path.isabs(value):
+        raise context.error(key, f"relative path {_quote(value)}: this config has no file to be "
+                            "relative to, so write an absolute path")
     return context.resolve(value)
 
 

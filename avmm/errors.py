@@ -87,3 +87,12 @@ class VmStartError(AvmmError):
         self.vm = vm
         self.step = step
         super().__init__(f"cannot start VM {vm!r}: {step}: {cause}")
+
+
+class UnknownVmError(AvmmError):
+    """No VM with this id is hosted here (it never existed, or it was removed)."""
+
+    def __init__(self, vm_id: str) -> None:
+        self.vm_id = vm_id
+        super().__init__(f"no VM with id {vm_id!r} on this host; list the VMs to see "
+                         "their ids")

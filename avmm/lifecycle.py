@@ -93,3 +93,46 @@ class StopLatch:
             self._exit = vm_exit
         self._on_stop(vm_exit)
         return True
+
+
+class VmState(StrEnum):
+    """Where a VM is in its life. The value is what logs and the API show.
+
+    STARTING (being built) → RUNNING ⇄ PAUSED → STOPPING (a stop was requested; vCPUs
+    and devices are winding down) → STOPPED (everything joined and released).
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class DeviceMetrics:
+    """Counters of one virtio device since the VM started (they survive driver resets).
+
+    ``requests``: descriptor chains the device completed (used ring entries pushed).
+    ``bytes``: bytes the device wrote into guest buffers (the used entries' lengths) plus
+    the device-readable bytes of the chains it took. ``notifications``: driver kicks
+    (queue notifications) received. For a vhost-user device the data path bypasses
+    avmm: ``requests`` is read from the used rings in guest memory, ``bytes`` and
+    ``notifications`` are not visible and stay 0.
+    """
+
+    kind: str
+    requests: int = 0
+    bytes: int = 0
+    notifications: int = 0
+
+
+@dataclass
+class VmMetrics:
+    """A VM's counters at one moment."""
+
+    state: VmState
+    #: KVM exits by kind (``IoOut``, ``MmioWrite``, ``Interrupted``, ...), all vCPUs.
+    vcpu_exits: dict[str, int]
+    #: Device name ("blk0") → counters.
+    devices: dict[str, DeviceMetrics]

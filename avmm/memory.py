@@ -168,6 +168,15 @@ class GuestMemory(MemoryAccess):
                 f"cannot allocate {size // MIB} MiB of guest memory: {e}"
             ) from e
         self._view = memoryview(self._map)
+        # Hot path (every ring access of every virtqueue): most addresses fall in the
+        # first region, which starts at guest address 0 and file offset 0, so a guest
+        # address there is its own offset into the mapping. ``_low_end`` is 0 once
+        # closed, which sends every access to the slow path and its "closed" error.
+        self._low_end = self.regions[0].size
+        # Native u16 views of low RAM for aligned ring-index loads and stores: one C-level
+        # 16-bit access each, as the MemoryAccess contract requires, without building a
+        # slice and a cast per access.
+        self._low_u16 = self._view[:self._low_end].cast("H")
         # The C address of our mapping, for KVM_SET_USER_MEMORY_REGION and vhost-user.
         anchor = ctypes.c_char.from_buffer(self._map)
         self.host_base = ctypes.addressof(anchor)
@@ -192,6 +201,8 @@ class GuestMemory(MemoryAccess):
         if address < 0 or length < 0:
             return False
         end = address + (length or 1)
+        if end <= self.regions[0].size:  # low RAM, the usual case
+            return True
         return any(region.guest_address <= address and end <= region.end
                    for region in self.regions)
 
@@ -207,10 +218,27 @@ class GuestMemory(MemoryAccess):
 
     def view(self, address: int, length: int) -> memoryview:
         """A writable memoryview of guest RAM; no copy. Must not outlive ``close()``."""
+        if address >= 0 and length >= 0 and address + (length or 1) <= self._low_end:
+            return self._view[address:address + length]
         if self._closed:
             raise GuestMemoryError("guest memory is closed (the VM has been torn down)")
         start = self._offset(address, length)
         return self._view[start:start + length]
+
+    def read_u16(self, address: int) -> int:
+        if not address & 1 and address >= 0 and address + 2 <= self._low_end:
+            return self._low_u16[address >> 1]
+        return super().read_u16(address)
+
+    def write_u16(self, address: int, value: int) -> None:
+        if not address & 1 and address >= 0 and address + 2 <= self._low_end:
+            # The cast view raises ValueError for a value that does not fit; keep the
+            # OverflowError every MemoryAccess raises.
+            if not 0 <= value < 1 << 16:
+                raise OverflowError(f"{value} does not fit in u16")
+            self._low_u16[address >> 1] = value
+            return
+        super().write_u16(address, value)
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -218,6 +246,8 @@ class GuestMemory(MemoryAccess):
         if self._closed:
             return
         self._closed = True
+        self._low_end = 0
+        self._low_u16.release()
         self._view.release()
         try:
             self._map.close()

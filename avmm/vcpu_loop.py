@@ -3,11 +3,19 @@
 Register accesses (PIO/MMIO exits) are handled right here on the vCPU thread against
 the buses (DESIGN.md, path 1). Anything that ends the VM is reported through the
 :class:`StopLatch`; the loop itself never raises for guest misbehaviour.
+
+Pausing: :class:`PauseControl` is shared by a VM's loops. Whoever pauses sets the request
+and then kicks every vCPU; a kicked vCPU comes back from KVM_RUN as ``Interrupted``,
+clears ``immediate_exit``, sees the request and parks on a condition variable until
+resumed or stopped. The loop looks at the request only on ``Interrupted`` exits, so the
+hot path pays nothing for it: every request is followed by a kick, and the kick's
+``immediate_exit`` makes the very next KVM_RUN return ``Interrupted``.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -17,6 +25,9 @@ from .kvm.x86 import emulation
 from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit, guest_failure
 
 log = structlog.get_logger(__name__)
+
+#: What a bus answers a stray read with, by size (Bus.read).
+_ALL_ONES = {size: b"\xff" * size for size in range(1, 9)}
 
 
 class AddressBus(Protocol):
@@ -28,18 +39,79 @@ class GuestReader(Protocol):
     def __call__(self, address: int, length: int) -> bytes | None: ...
 
 
+class PauseControl:
+    """Where a VM's vCPU threads wait while the VM is paused (thread-safe).
+
+    The event-loop side calls :meth:`request` and then kicks every vCPU; vCPU threads
+    call :meth:`park`. ``on_change`` runs (on a vCPU thread, under the lock: it must only
+    hand the news to the event loop) whenever the number of parked vCPUs reaches
+    ``vcpu_count``.
+    """
+
+    def __init__(self, vcpu_count: int, on_change: Callable[[], None] | None = None) -> None:
+        self._condition = threading.Condition()
+        self._vcpu_count = vcpu_count
+        self._on_change = on_change
+        self._requested = False
+        self._released = False
+        self._parked = 0
+
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
+    def all_parked(self) -> bool:
+        """Every vCPU is parked (the VM's pause has taken effect)."""
+        with self._condition:
+            return self._requested and self._parked == self._vcpu_count
+
+    def request(self) -> None:
+        """Ask the vCPUs to park; the caller kicks them next."""
+        with self._condition:
+            if not self._released:
+                self._requested = True
+
+    def resume(self) -> None:
+        """Let the parked vCPUs go on where they stopped."""
+        with self._condition:
+            self._requested = False
+            self._condition.notify_all()
+
+    def release(self) -> None:
+        """The VM is stopping: wake every parked vCPU for good; nobody parks any more."""
+        with self._condition:
+            self._released = True
+            self._requested = False
+            self._condition.notify_all()
+
+    def park(self) -> None:
+        """On a vCPU thread: wait while a pause is requested (returns at once if not)."""
+        with self._condition:
+            if not self._requested:
+                return
+            self._parked += 1
+            try:
+                if self._parked == self._vcpu_count and self._on_change is not None:
+                    self._on_change()
+                while self._requested:
+                    self._condition.wait()
+            finally:
+                self._parked -= 1
+
+
 class VcpuLoop:
     """Runs one vCPU until the VM's stop latch is set."""
 
     def __init__(
         self, vcpu: Vcpu, *, pio_bus: AddressBus, mmio_bus: AddressBus,
-        read_guest: GuestReader, latch: StopLatch,
+        read_guest: GuestReader, latch: StopLatch, pause: PauseControl | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
         self.read_guest = read_guest
         self.latch = latch
+        self.pause = pause if pause is not None else PauseControl(1)
         #: Exits by kind, for metrics and benchmarks.
         self.exit_counts: dict[str, int] = {}
 
@@ -62,20 +134,39 @@ class VcpuLoop:
             log.debug("vcpu thread finished", exits=self.exit_counts)
 
     def _loop(self) -> None:
+        try:
+            self._run_exits()
+        finally:
+            self._count_absorbed()
+
+    def _run_exits(self) -> None:
         vcpu = self.vcpu
-        pio_read, pio_write = self.pio_bus.read, self.pio_bus.write
-        mmio_read, mmio_write = self.mmio_bus.read, self.mmio_bus.write
+        pio_bus, mmio_bus = self.pio_bus, self.mmio_bus
+        pio_read, pio_write = pio_bus.read, pio_bus.write
+        mmio_read, mmio_write = mmio_bus.read, mmio_bus.write
+        # The vCPU's C fast path (Vcpu.absorb): once a bus says an access is a repeat of
+        # a stray one that it only counts, the vCPU answers the next ones itself inside
+        # run(), without coming back here (see _count_absorbed for the counting).
+        pio_quiet = getattr(pio_bus, "is_quiet", None)
+        mmio_quiet = getattr(mmio_bus, "is_quiet", None)
+        absorb = vcpu.absorb
         latch = self.latch
+        pause = self.pause
         counts = self.exit_counts
         io_out, io_in, mmio_w, mmio_r = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead
         while not latch.requested:
+            # Read before the bus is asked, so that a map change in between (which
+            # moves the epoch on) makes absorb() refuse a decision taken on the old map.
+            epoch = vcpu.absorb_epoch
             event = vcpu.run()
             kind = type(event)
             counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
             if kind is io_out:
                 size = event.size
                 if event.count == 1:
-                    pio_write(event.port, event.data)
+                    if (not pio_write(event.port, event.data) and pio_quiet is not None
+                            and pio_quiet(event.port, size, write=True)):
+                        absorb(io_out, event.port, size, epoch=epoch)
                 else:
                     data = event.data
                     for i in range(0, len(data), size):
@@ -84,15 +175,49 @@ class VcpuLoop:
                 size = event.size
                 buffer = event.buffer
                 for i in range(0, event.size * event.count, size):
-                    buffer[i:i + size] = pio_read(event.port, size)
+                    buffer[i:i + size] = data = pio_read(event.port, size)
+                if (event.count == 1 and data == _ALL_ONES[size] and pio_quiet is not None
+                        and pio_quiet(event.port, size, write=False)):
+                    absorb(io_in, event.port, size, epoch=epoch)
             elif kind is mmio_w:
-                mmio_write(event.address, event.data)
+                if (not mmio_write(event.address, event.data) and mmio_quiet is not None
+                        and mmio_quiet(event.address, len(event.data), write=True)):
+                    absorb(mmio_w, event.address, len(event.data), epoch=epoch)
             elif kind is mmio_r:
-                event.buffer[:] = mmio_read(event.address, len(event.buffer))
+                size = len(event.buffer)
+                event.buffer[:] = data = mmio_read(event.address, size)
+                if (data == _ALL_ONES.get(size) and mmio_quiet is not None
+                        and mmio_quiet(event.address, size, write=False)):
+                    absorb(mmio_r, event.address, size, epoch=epoch)
             elif kind is exits.Interrupted:
+                # A kick (stop or pause), a stray signal, or the C fast path's budget.
+                # Clear immediate_exit before looking at the requests: a kick always
+                # sets its request first, so a kick that lands after this line is seen
+                # below or by the next KVM_RUN.
+                vcpu.set_immediate_exit(False)
+                self._count_absorbed()
+                if pause.requested and not latch.requested:
+                    pause.park()
                 continue
             else:
                 self._unusual(event)
+
+    def _count_absorbed(self) -> None:
+        """Fold what the C fast path answered since the last call into the exit counts
+        and the buses' unclaimed counters (they lag by at most
+        ``avmm.kvm.vcpu.ABSORB_BUDGET`` accesses: run() returns Interrupted at least that
+        often while it absorbs)."""
+        taken = self.vcpu.take_absorbed()
+        if not taken:
+            return
+        counts = self.exit_counts
+        for kind, count in taken.items():
+            counts[kind.__name__] = counts.get(kind.__name__, 0) + count
+        for bus, read_kind, write_kind in ((self.pio_bus, exits.IoIn, exits.IoOut),
+                                           (self.mmio_bus, exits.MmioRead, exits.MmioWrite)):
+            count_unclaimed = getattr(bus, "count_unclaimed", None)
+            if count_unclaimed is not None:
+                count_unclaimed(reads=taken.get(read_kind, 0), writes=taken.get(write_kind, 0))
 
     def _unusual(self, event: exits.VcpuExit) -> None:
         vcpu = self.vcpu

@@ -6,6 +6,11 @@ far released. Running a VM means one nursery: a task per vCPU, each owning the t
 runs KVM_RUN. The VM ends when anything requests a stop (the guest through a device or
 a vCPU exit, the host through :meth:`VirtualMachine.stop`, or cancellation); then every
 vCPU is kicked out of KVM_RUN and joined before ``async with`` returns.
+
+Pausing kicks every vCPU too, but a paused vCPU waits in its thread (``PauseControl`` in
+:mod:`avmm.vcpu_loop`) instead of returning, and the devices' queues stop handing out
+requests (``PauseGate``); :attr:`VirtualMachine.state` follows STARTING → RUNNING ⇄
+PAUSED → STOPPING → STOPPED.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import functools
 import itertools
 import os
+import time
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,24 +29,39 @@ import structlog
 import trio
 
 from .arch.x86 import layout
-from .arch.x86.acpi import AcpiTables, build_acpi_tables
+from .arch.x86.acpi import (
+    ACPI_SLEEP_CONTROL_PORT,
+    S5_SLEEP_TYPE,
+    AcpiTables,
+    build_acpi_tables,
+)
 from .arch.x86.cpuid import filter_cpuid
 from .arch.x86.loader import load_kernel
 from .bus import Bus
 from .config import ConsoleConfig, VmConfig
+from .cpu_profile import ResolvedProfile, profile_cmdline, resolve_cpu_profile
+from .devices.acpi_sleep import ACPI_SLEEP_PORT_COUNT, AcpiSleep
+from .devices.boot_timer import BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT, BootTimer
 from .devices.debug_exit import DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT, DebugExit
 from .devices.i8042 import I8042, I8042_BASE_PORT, I8042_PORT_COUNT
 from .devices.serial import SERIAL_PORT_COUNT, Serial8250
 from .errors import AvmmError, BootError, GuestAddressError, VmStartError, VmStateError
 from .eventfd import signal_eventfd
 from .kvm import Kvm, Vcpu, install_kick_handler
-from .lifecycle import HOST_FAILURE_STATUS, StopLatch, StopReason, VmExit
+from .lifecycle import (
+    HOST_FAILURE_STATUS,
+    StopLatch,
+    StopReason,
+    VmExit,
+    VmMetrics,
+    VmState,
+)
 from .memory import MIB, GuestMemory
 from .netns import call_in_netns
 from .serial_port import SerialPort, serve_console_socket
-from .vcpu_loop import VcpuLoop
-from .vcpu_thread import run_in_vcpu_thread
-from .virtio.device import DeviceId, VirtioDevice
+from .threads import run_in_own_thread
+from .vcpu_loop import PauseControl, VcpuLoop
+from .virtio.device import DeviceId, PauseGate, VirtioDevice
 from .vm_virtio import VIRTIO_MMIO_WINDOW, VirtioMmioSlot, placements
 from .x86_vcpu import apply_boot_state, configure_platform_state, wait_for_sipi
 
@@ -66,9 +87,22 @@ class VirtualMachine:
     concurrently in one program; a failure inside one never touches another.
     """
 
-    def __init__(self, config: VmConfig, *, name: str | None = None) -> None:
+    def __init__(self, config: VmConfig, *, name: str | None = None,
+                 start_paused: bool = False) -> None:
         self.config = config
         self.name = name or config.name or f"vm{next(_vm_numbers)}"
+        # Pause/resume (see pause()): the vCPU side parks threads, the gate holds the
+        # device tasks; the state event is replaced each time the state changes.
+        self._start_paused = start_paused
+        self._pause = PauseControl(config.machine.vcpus, on_change=self._notify_threadsafe)
+        self._gate = PauseGate()
+        self._paused = False
+        self._running = False
+        self._start_failed = False
+        self._state_event = trio.Event()
+        self._control_lock = trio.Lock()
+        self._kvm_vm: Any = None
+        self._paused_clock: int | None = None
         self._serial_port = SerialPort(sink_fds=())
         self._console_port: SerialPort | None = None
         self._latch = StopLatch(self._on_stop_requested)
@@ -86,6 +120,10 @@ class VirtualMachine:
         self.mmio_bus = Bus("mmio")
         self.uart: Serial8250 | None = None
         self._log = log.bind(vm=self.name)
+        self._started_at: float | None = None  # time.monotonic() when __aenter__ began
+        self._userspace_reached = trio.Event()
+        #: Seconds from the VM's start to the guest's boot-time marker (BootTimer), or None.
+        self.userspace_reached_s: float | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -115,13 +153,142 @@ class VirtualMachine:
         assert result is not None
         return result
 
+    async def wait_userspace(self) -> float:
+        """Wait for the guest's boot-time marker (see :mod:`avmm.devices.boot_timer`);
+        returns the seconds from the VM's start. Never returns for a guest that does not
+        write it: use it beside :meth:`wait`, not instead of it."""
+        await self._userspace_reached.wait()
+        assert self.userspace_reached_s is not None
+        return self.userspace_reached_s
+
     def vcpu_exit_counts(self) -> dict[str, int]:
         """KVM exits seen so far, by kind, summed over vCPUs."""
         total: dict[str, int] = {}
         for loop in self._loops:
-            for kind, count in loop.exit_counts.items():
+            # A copy first: the vCPU thread may add a kind while we iterate.
+            for kind, count in loop.exit_counts.copy().items():
                 total[kind] = total.get(kind, 0) + count
         return total
+
+    def metrics(self) -> VmMetrics:
+        """The VM's counters now: state, vCPU exits by kind, per-device counters (see
+        :class:`~avmm.lifecycle.DeviceMetrics` for what each counts)."""
+        return VmMetrics(
+            state=self.state,
+            vcpu_exits=self.vcpu_exit_counts(),
+            devices={slot.device.name: slot.metrics() for slot in self.virtio_slots},
+        )
+
+    @property
+    def state(self) -> VmState:
+        if self._finished.is_set() or self._start_failed:
+            return VmState.STOPPED
+        if self._latch.requested:
+            return VmState.STOPPING
+        if self._paused:
+            return VmState.PAUSED
+        if self._running:
+            return VmState.RUNNING
+        return VmState.STARTING
+
+    async def wait_state(self, *states: VmState) -> VmState:
+        """Wait until the VM is in one of ``states`` and return it. Returns STOPPED as
+        soon as the VM has stopped, whatever was asked: nothing changes after that."""
+        while True:
+            state = self.state
+            if state in states or state is VmState.STOPPED:
+                await trio.lowlevel.checkpoint()
+                return state
+            await self._state_event.wait()
+
+    async def pause(self) -> None:
+        """Pause a running VM: every vCPU leaves KVM_RUN and waits in its thread, and the
+        device tasks take no new requests (requests already taken finish). Returns once
+        every vCPU is parked.
+
+        :raises VmStateError: the VM is not running (already paused, starting, stopped),
+            or it stopped while being paused.
+        """
+        async with self._control_lock:
+            state = self.state
+            if state is not VmState.RUNNING:
+                raise VmStateError(f"VM {self.name!r} is {state.value}; only a running VM "
+                                   "can be paused")
+            self._gate.close()
+            self._pause.request()
+            for vcpu in self._vcpus:
+                vcpu.kick()
+            try:
+                await self._wait_parked()
+            except BaseException:
+                # Cancelled or stopped half-way: let the vCPUs that parked go on.
+                self._pause.resume()
+                self._gate.open()
+                raise
+            self._paused = True
+            self._paused_clock = self._read_kvm_clock()
+            self._state_changed()
+        self._log.info("vm paused")
+
+    async def resume(self) -> None:
+        """Let a paused VM go on exactly where it stopped.
+
+        :raises VmStateError: the VM is not paused.
+        """
+        async with self._control_lock:
+            state = self.state
+            if state is not VmState.PAUSED:
+                raise VmStateError(f"VM {self.name!r} is {state.value}; only a paused VM "
+                                   "can be resumed")
+            self._continue()
+        self._log.info("vm resumed")
+
+    def _continue(self) -> None:
+        # The guest's kvmclock goes on from where it was paused (as QEMU does), so the
+        # guest does not see the pause as a jump of its monotonic clock.
+        if self._paused_clock is not None:
+            self._write_kvm_clock(self._paused_clock)
+            self._paused_clock = None
+        self._paused = False
+        self._pause.resume()
+        self._gate.open()
+        for slot in self.virtio_slots:
+            slot.resumed()
+        self._state_changed()
+
+    async def _wait_parked(self) -> None:
+        while not self._pause.all_parked():
+            if self._latch.requested:
+                raise VmStateError(f"VM {self.name!r} stopped while it was being paused")
+            await self._state_event.wait()
+
+    def _state_changed(self) -> None:
+        """Wake everyone waiting for a state change (event-loop thread only)."""
+        event, self._state_event = self._state_event, trio.Event()
+        event.set()
+
+    def _notify_threadsafe(self) -> None:
+        """Any thread: have the event loop run :meth:`_state_changed` soon."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            token.run_sync_soon(self._state_changed)
+        except trio.RunFinishedError:  # pragma: no cover - the program is ending anyway
+            pass
+
+    def _read_kvm_clock(self) -> int | None:
+        try:
+            return _get_kvm_clock(self._kvm_vm)
+        except (AvmmError, OSError) as e:
+            self._log.debug("kvm clock not saved", error=str(e))
+            return None
+
+    def _write_kvm_clock(self, value: int) -> None:
+        try:
+            _set_kvm_clock(self._kvm_vm, value)
+        except (AvmmError, OSError) as e:
+            self._log.debug("kvm clock not restored", error=str(e))
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -129,17 +296,29 @@ class VirtualMachine:
         if self._nursery_manager is not None:
             raise VmStateError(f"VM {self.name!r} was already started; make a new one")
         self._token = trio.lowlevel.current_trio_token()
+        self._started_at = time.monotonic()
         try:
             self._build()
         except BaseException:
+            self._start_failed = True
             self._resources.close()
             raise
         self._nursery_manager = trio.open_nursery()
         nursery = await self._nursery_manager.__aenter__()
         await nursery.start(self._run_devices)
+        if self._start_paused:
+            # immediate_exit before the first KVM_RUN: each vCPU parks before the guest
+            # runs a single instruction, so the VM counts as paused from here on.
+            self._gate.close()
+            self._pause.request()
+            for vcpu in self._vcpus:
+                vcpu.kick()
+            self._paused = True
         nursery.start_soon(self._supervise)
+        self._running = True
+        self._state_changed()
         self._log.info("vm started", vcpus=len(self._vcpus),
-                       memory_mib=self.config.machine.memory_mib)
+                       memory_mib=self.config.machine.memory_mib, paused=self._paused)
         return self
 
     async def __aexit__(
@@ -185,6 +364,7 @@ class VirtualMachine:
             vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
             vm.create_irqchip()
             vm.create_pit2()
+            self._kvm_vm = vm
         with self._step(f"allocating {config.machine.memory_mib} MiB of guest memory"):
             memory = GuestMemory(config.machine.memory_mib * MIB, name=f"avmm-{self.name}")
             resources.callback(memory.close)
@@ -196,11 +376,16 @@ class VirtualMachine:
         with self._step("placing the virtio devices"):
             for device, placement in zip(devices, placements(len(devices)), strict=True):
                 slot = VirtioMmioSlot(vm=vm, memory=memory, device=device,
-                                      placement=placement, token=self._token_or_fail())
+                                      placement=placement, token=self._token_or_fail(),
+                                      gate=self._gate)
                 resources.callback(slot.close)
                 self.virtio_slots.append(slot)
                 self.mmio_bus.insert(slot.transport, placement.base, 0x1000, name=device.name)
-        cmdline = kernel_cmdline(config, self.virtio_slots)
+        profile = resolve_cpu_profile(config.machine.cpu_profile)
+        if profile != config.machine.cpu_profile:
+            self._log.info("cpu profile chosen", cpu_profile=profile,
+                           why="this host's KVM needs it" if profile == "compat" else "")
+        cmdline = kernel_cmdline(config, self.virtio_slots, profile)
         with self._step("building the ACPI tables"):
             acpi = acpi_tables(config, self.virtio_slots) if config.machine.acpi else None
         with self._step(f"loading the kernel {config.boot.kernel}"):
@@ -224,6 +409,12 @@ class VirtualMachine:
             self.pio_bus.insert(DebugExit(on_exit=self._on_debug_exit),
                                 DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT,
                                 name="debug-exit")
+            self.pio_bus.insert(BootTimer(on_marker=self._on_boot_marker), BOOT_TIMER_PORT,
+                                BOOT_TIMER_PORT_COUNT, name="boot-timer")
+            if config.machine.acpi:
+                self.pio_bus.insert(
+                    AcpiSleep(soft_off_type=S5_SLEEP_TYPE, on_poweroff=self._on_acpi_poweroff),
+                    ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_PORT_COUNT, name="acpi-sleep")
         supported = None
         for vcpu_id in range(config.machine.vcpus):
             with self._step(f"creating vCPU {vcpu_id}"):
@@ -233,7 +424,7 @@ class VirtualMachine:
                 resources.callback(vcpu.close)
                 vcpu.set_cpuid2(filter_cpuid(
                     supported, vcpu_id=vcpu_id, vcpu_count=config.machine.vcpus,
-                    profile=config.machine.cpu_profile,
+                    profile=profile,
                     hide=config.machine.hide_cpu_features,
                 ))
                 # The boot CPU starts at the kernel's entry; the others wait in the
@@ -244,9 +435,14 @@ class VirtualMachine:
                 else:
                     wait_for_sipi(vcpu)
                 self._vcpus.append(vcpu)
+                # The vCPU's C fast path remembers accesses the buses leave unclaimed;
+                # a change of either map makes it forget them.
+                self.pio_bus.on_change(vcpu.stop_absorbing)
+                self.mmio_bus.on_change(vcpu.stop_absorbing)
                 self._loops.append(VcpuLoop(vcpu, pio_bus=self.pio_bus,
                                             mmio_bus=self.mmio_bus,
-                                            read_guest=self._read_guest, latch=self._latch))
+                                            read_guest=self._read_guest, latch=self._latch,
+                                            pause=self._pause))
 
     def _make_virtio_devices(self) -> list[VirtioDevice]:
         """The configured virtio devices, in placement order: disks, NICs, rng, console.
@@ -392,10 +588,14 @@ class VirtualMachine:
             self._devices_scope.cancel()
             with trio.CancelScope(shield=True):
                 await self._devices_done.wait()
+                for slot in self.virtio_slots:
+                    slot.observe_used_rings()  # vhost-user counts, while memory exists
+                await self._flush_disks()
             self._serial_port.close()
             if self._console_port is not None:
                 self._console_port.close()
             self._finished.set()
+            self._state_changed()
             result = self._latch.exit
             self._log.info("vm stopped", reason=result.reason.value if result else None,
                            exit_status=result.exit_status if result else None,
@@ -409,33 +609,66 @@ class VirtualMachine:
             self._latch.request(VmExit(StopReason.STOPPED, 0, "cancelled"))
 
         try:
-            await run_in_vcpu_thread(loop.run, kick=kick,
-                                     name=f"avmm {self.name} vcpu{loop.vcpu.id}")
+            await run_in_own_thread(loop.run, on_cancel=kick,
+                                    name=f"avmm {self.name} vcpu{loop.vcpu.id}")
         except Exception as e:  # pragma: no cover - VcpuLoop.run catches its own errors
             self._log.exception("vcpu task failed")
             self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, str(e)))
 
     def _on_stop_requested(self, vm_exit: VmExit) -> None:
-        """Runs once, on whichever thread asked first: get every vCPU out of KVM_RUN."""
+        """Runs once, on whichever thread asked first: get every vCPU out of KVM_RUN
+        (parked ones included) and tell the event loop that the state changed."""
         for vcpu in self._vcpus:
             vcpu.kick()
+        self._pause.release()
+        self._notify_threadsafe()
+
+    async def _flush_disks(self) -> None:
+        """Make every write the guest completed stable before the VM counts as stopped
+        (a guest that never sent FLUSH still expects its data on the disk)."""
+        from .virtio.blk import BlockDevice
+
+        for slot in self.virtio_slots:
+            device = slot.device
+            if isinstance(device, BlockDevice) and not device.read_only and device.fd >= 0:
+                try:
+                    await trio.to_thread.run_sync(os.fdatasync, device.fd)
+                except OSError as e:
+                    self._log.warning("disk flush failed", device=device.name,
+                                      error=os.strerror(e.errno or 0))
 
     def _on_guest_reset(self) -> None:
         self._latch.request(VmExit(StopReason.RESET, 0, "the guest reset the machine (i8042)"))
+
+    def _on_acpi_poweroff(self) -> None:
+        self._latch.request(VmExit(StopReason.POWEROFF, 0, "the guest powered off (ACPI S5)"))
+
+    def _on_boot_marker(self) -> None:
+        """The guest's /init wrote the boot-time marker (vCPU thread)."""
+        assert self._started_at is not None
+        elapsed = time.monotonic() - self._started_at
+        self.userspace_reached_s = elapsed
+        self._log.info("guest userspace reached", boot_time_ms=round(elapsed * 1000, 1))
+        try:
+            self._token_or_fail().run_sync_soon(self._userspace_reached.set)
+        except trio.RunFinishedError:  # pragma: no cover - the program is ending anyway
+            pass
 
     def _on_debug_exit(self, status: int) -> None:
         self._latch.request(VmExit(StopReason.DEBUG_EXIT, status,
                                    f"the guest wrote {status >> 1} to the debug-exit port"))
 
 
-def kernel_cmdline(config: VmConfig, slots: Sequence[VirtioMmioSlot]) -> str:
-    """The guest's command line: the configured one, plus one ``virtio_mmio.device=``
-    word per virtio-mmio device when ACPI is off (with ACPI the DSDT describes them, and
-    Linux would probe a device twice if it were given both ways)."""
-    words = [config.boot.cmdline]
+def kernel_cmdline(config: VmConfig, slots: Sequence[VirtioMmioSlot],
+                   profile: ResolvedProfile = "host") -> str:
+    """The guest's command line: the CPU profile's words (see :mod:`avmm.cpu_profile`),
+    the configured ones, plus one ``virtio_mmio.device=`` word per virtio-mmio device
+    when ACPI is off (with ACPI the DSDT describes them, and Linux would probe a device
+    twice if it were given both ways)."""
+    words = [profile_cmdline(profile), config.boot.cmdline]
     if not config.machine.acpi:
         words += [slot.placement.kernel_parameter() for slot in slots]
-    return " ".join(words).strip()
+    return " ".join(word for word in words if word).strip()
 
 
 def acpi_tables(config: VmConfig, slots: Sequence[VirtioMmioSlot]) -> AcpiTables:
@@ -459,3 +692,31 @@ def _derived_mac(vm_name: str, tap: str) -> bytes:
 
     digest = hashlib.sha256(f"{vm_name}/{tap}".encode()).digest()
     return bytes([0x02]) + digest[:5]
+
+
+def _clock_buffer() -> Any:
+    """A zeroed ``struct kvm_clock_data``, sized from the ioctl number (which encodes the
+    header's struct size), so that no layout but the first field is assumed here."""
+    from .kvm._kvm_ffi import ffi, lib
+
+    size = (lib.KVM_GET_CLOCK >> 16) & 0x3FFF
+    return ffi.new("uint64_t[]", (size + 7) // 8)
+
+
+def _get_kvm_clock(vm: Any) -> int:
+    """KVM_GET_CLOCK: the guest's kvmclock now, in nanoseconds (``clock``, the struct's
+    first field)."""
+    from .kvm._ioctl import ioctl
+
+    data = _clock_buffer()
+    ioctl(vm.fd, "KVM_GET_CLOCK", data)
+    return int(data[0])
+
+
+def _set_kvm_clock(vm: Any, value: int) -> None:
+    """KVM_SET_CLOCK with no flags: the guest's kvmclock continues from ``value``."""
+    from .kvm._ioctl import ioctl
+
+    data = _clock_buffer()
+    data[0] = value
+    ioctl(vm.fd, "KVM_SET_CLOCK", data)

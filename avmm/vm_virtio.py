@@ -6,23 +6,39 @@ transport (register accesses, handled on vCPU threads), one KVM ioeventfd per qu
 kernel), one irqfd for the device's interrupt line, and the trio task that runs the
 device once the driver sets DRIVER_OK. That task waits on the ioeventfds, so the whole
 data path (notify → serve → interrupt) runs without a vCPU exit to userspace.
+
+The slot also pauses its device with the VM (a :class:`PauseGate` shared by all slots)
+and counts what goes through it (:class:`DeviceMetrics`): the device gets each queue
+wrapped in a :class:`_ServedQueue` that holds pops back while paused and counts pushes,
+and its ``wait_kick`` counts the driver's notifications from the eventfd's counter. So
+every in-process device is paused and counted the same way, whatever loop it runs.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 import trio
 
-from .eventfd import signal_eventfd, wait_eventfd
+from .errors import GuestMemoryError
+from .eventfd import signal_eventfd
 from .kvm import Vm
+from .lifecycle import DeviceMetrics
 from .memory import MemoryAccess
-from .virtio.device import COMMON_FEATURES, DeviceNeedsReset, VirtioDevice
+from .virtio.device import (
+    COMMON_FEATURES,
+    DeviceId,
+    DeviceNeedsReset,
+    PauseGate,
+    VirtioDevice,
+)
 from .virtio.mmio import MmioTransport, TransportCallbacks
-from .virtio.queue import VirtQueue
+from .virtio.queue import DescriptorChain, QueueState, VirtQueue
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +51,9 @@ VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
 
 #: How long a driver's reset may wait for the device task to stop.
 RESET_TIMEOUT_S = 10.0
+
+_DEVICE_KINDS = {DeviceId.BLOCK: "blk", DeviceId.NET: "net", DeviceId.CONSOLE: "console",
+                 DeviceId.ENTROPY: "rng"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +77,8 @@ class VirtioMmioSlot:
     """One virtio device in one VM (see the module docstring)."""
 
     def __init__(self, *, vm: Vm, memory: MemoryAccess, device: VirtioDevice,
-                 placement: Placement, token: trio.lowlevel.TrioToken) -> None:
+                 placement: Placement, token: trio.lowlevel.TrioToken,
+                 gate: PauseGate | None = None) -> None:
         self.device = device
         self.placement = placement
         self._vm = vm
@@ -69,9 +89,21 @@ class VirtioMmioSlot:
         self._stopped: trio.Event | None = None
         self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.kick_fds: list[int] = []
+        #: Open while the VM runs; the VM closes it to pause the device.
+        self.gate = gate if gate is not None else PauseGate()
         # A device served outside this process (vhost-user) offers its back-end's
         # features as they are, and its back-end writes the irqfd itself.
         external = bool(getattr(device, "external_data_path", False))
+        #: The device's data path runs elsewhere: nothing to pause or count here.
+        self.external = external
+        self._metrics = DeviceMetrics(
+            kind="vhost-user" if external else _DEVICE_KINDS.get(device.device_id, "virtio"))
+        # Kicks the slot wrote itself (on resume), not to be counted as the driver's.
+        # Locked: a device may read its eventfds on a thread of its own (blk does).
+        self._injected_kicks = [0] * len(device.queue_max_sizes)
+        self._kick_lock = threading.Lock()
+        # vhost-user: the used idx of each queue when metrics were last read.
+        self._seen_used: list[int] = [0] * len(device.queue_max_sizes)
         self.transport = MmioTransport(
             device, memory,
             TransportCallbacks(activate=self._activate, reset=self._reset,
@@ -94,6 +126,56 @@ class VirtioMmioSlot:
     def attach(self, nursery: trio.Nursery) -> None:
         """The nursery device tasks run in (the VM's, cancelled when the VM stops)."""
         self._nursery = nursery
+
+    def resumed(self) -> None:
+        """The VM was resumed (event-loop thread): make the device look at its rings.
+
+        Buffers the driver made available while paused were not taken, and the driver
+        will not notify them again; a spurious kick per queue wakes the device task
+        wherever it waits. A vhost-user back-end was never held back: nothing to do.
+        """
+        if self.external:
+            return
+        for index, fd in enumerate(self.kick_fds):
+            with self._kick_lock:
+                self._injected_kicks[index] += 1
+            signal_eventfd(fd)
+
+    def count_kicks(self, queue_index: int, count: int) -> None:
+        """``count`` notifications were read from queue ``queue_index``'s eventfd (any
+        thread): count those that were the driver's."""
+        with self._kick_lock:
+            own = min(count, self._injected_kicks[queue_index])
+            self._injected_kicks[queue_index] -= own
+            self._metrics.notifications += count - own
+
+    def metrics(self) -> DeviceMetrics:
+        """A copy of the device's counters now (event-loop thread)."""
+        self.observe_used_rings()
+        m = self._metrics
+        return DeviceMetrics(kind=m.kind, requests=m.requests, bytes=m.bytes,
+                             notifications=m.notifications)
+
+    def observe_used_rings(self) -> None:
+        """vhost-user only (a no-op otherwise): the back-end pushes used entries without
+        us, so count how far each used ring's idx moved since the last look. Called for
+        metrics, before a driver reset clears the rings, and by the VM before its memory
+        goes away; exact while that happens at least once per 65536 completions of a
+        queue."""
+        if not self.external:
+            return
+        memory = self.transport.memory
+        for index, queue in enumerate(self.transport.queues):
+            state = queue.state
+            if not state.ready:
+                self._seen_used[index] = 0
+                continue
+            try:
+                used = memory.read_u16(state.used_ring + 2)
+            except GuestMemoryError:  # a ring outside RAM, or the VM is gone
+                continue
+            self._metrics.requests += (used - self._seen_used[index]) & 0xFFFF
+            self._seen_used[index] = used
 
     def close(self) -> None:
         for fd in [*self.kick_fds, self.irq_fd]:
@@ -142,12 +224,13 @@ class VirtioMmioSlot:
 
     async def _stop_and_wait(self) -> None:
         scope, stopped = self._scope, self._stopped
-        if scope is None or stopped is None:
-            return
-        scope.cancel()
-        with trio.move_on_after(RESET_TIMEOUT_S):
-            await stopped.wait()
-        self._scope = self._stopped = None
+        if scope is not None and stopped is not None:
+            scope.cancel()
+            with trio.move_on_after(RESET_TIMEOUT_S):
+                await stopped.wait()
+            self._scope = self._stopped = None
+        # The transport resets the rings next: a last look at how far a back-end got.
+        self.observe_used_rings()
 
     async def _serve(self, scope: trio.CancelScope, stopped: trio.Event) -> None:
         structlog.contextvars.bind_contextvars(device=self.device.name)
@@ -167,27 +250,98 @@ class VirtioMmioSlot:
             stopped.set()
 
 
+class _ServedQueue:
+    """A queue as a device in this process sees it: the transport's VirtQueue, with pops
+    held back while the VM is paused and what passes through counted.
+
+    Only ``pop``, ``push`` and ``enable_notifications`` differ; everything else is the
+    VirtQueue's own (bound once here, so the hot path pays one call, not a lookup).
+    """
+
+    def __init__(self, queue: VirtQueue, gate: PauseGate, metrics: DeviceMetrics) -> None:
+        self._queue = queue
+        self._gate = gate
+        self._metrics = metrics
+        self._pop = queue.pop
+        self._push = queue.push
+        self._enable = queue.enable_notifications
+        self.disable_notifications = queue.disable_notifications
+        self.should_notify = queue.should_notify
+
+    @property
+    def state(self) -> QueueState:
+        return self._queue.state  # a restore may replace the state object
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._queue, name)
+
+    def __repr__(self) -> str:
+        return f"<served {self._queue!r}>"
+
+    def pop(self, memory: MemoryAccess) -> DescriptorChain | None:
+        # Paused: nothing is available as far as the device can tell.
+        if not self._gate.is_open:
+            return None
+        chain = self._pop(memory)
+        if chain is not None:
+            self._metrics.bytes += chain.readable_length
+        return chain
+
+    def push(self, memory: MemoryAccess, head: int, written: int) -> None:
+        self._push(memory, head, written)
+        metrics = self._metrics
+        metrics.requests += 1
+        metrics.bytes += written
+
+    def enable_notifications(self, memory: MemoryAccess) -> bool:
+        more = self._enable(memory)
+        # Paused: report nothing pending, so that the device goes back to wait_kick
+        # (which holds it until the resume) instead of draining a ring pop keeps empty.
+        return more and self._gate.is_open
+
+
 class _MmioDeviceContext:
     """The DeviceContext of a device running behind virtio-mmio in this process."""
 
     def __init__(self, slot: VirtioMmioSlot) -> None:
         self._slot = slot
+        self._gate = slot.gate
+        self._metrics = slot._metrics
         transport = slot.transport
         self.memory = transport.memory
         self.features = transport.negotiated_features
         self.queues: Sequence[VirtQueue | None] = [
-            queue if queue.state.ready else None for queue in transport.queues
+            # Duck-typed: a _ServedQueue does everything a device asks of a VirtQueue.
+            cast(VirtQueue, _ServedQueue(queue, slot.gate, slot._metrics))
+            if queue.state.ready else None for queue in transport.queues
         ]
         # The first wait returns at once: the driver may have queued buffers before it
         # set DRIVER_OK, and kicked before we were waiting.
         self._primed = [True] * len(self.queues)
 
     async def wait_kick(self, queue_index: int) -> None:
-        if self._primed[queue_index]:
-            self._primed[queue_index] = False
-            await trio.lowlevel.checkpoint()
-            return
-        await wait_eventfd(self._slot.kick_fds[queue_index])
+        """Wait for the driver's kick (counting the notifications the eventfd holds),
+        then for the VM to be running."""
+        fd = self._slot.kick_fds[queue_index]
+        primed = self._primed[queue_index]
+        self._primed[queue_index] = False
+        while True:
+            try:
+                kicks = os.eventfd_read(fd)
+            except BlockingIOError:
+                if primed:  # nothing to count: the first look happens anyway
+                    break
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            self.kicks_received(queue_index, kicks)
+            break
+        await self._gate.wait_open()
+
+    def kicks_received(self, queue_index: int, count: int) -> None:
+        """A device that reads its kick eventfd itself (blk's I/O thread) reports how
+        many notifications one read took; any thread. The slot's own resume kicks are
+        not the driver's and are not counted."""
+        self._slot.count_kicks(queue_index, count)
 
     def signal_used(self, queue_index: int) -> None:
         queue = self.queues[queue_index]

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +80,48 @@ def quiet_logging() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
+# -- measuring ---------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+NOISE_ATTEMPTS = 5
+
+
+def per_unit(loaded: Callable[[], float], empty: Callable[[], float], n: int, what: str,
+             figure: Figure) -> float:
+    """Seconds per item from a run of n items minus a run of none. A pair whose
+    difference is lost in the boot-time noise is measured again (counted in the figure's
+    ``retries``), never turned into a figure."""
+    for _ in range(NOISE_ATTEMPTS):
+        total_s, baseline_s = loaded(), empty()
+        if total_s > baseline_s:
+            return (total_s - baseline_s) / n
+        figure.retries += 1
+        log(f"benchmarks: {what}: n={n} took {total_s:.4f} s, n=0 {baseline_s:.4f} s; again")
+    raise BenchError(f"{what}: n={n} never measurably slower than n=0; raise n")
+
+
+#: Runs one VM with the test guest's command line to the end: (wall seconds, output).
+Side = Callable[[str], tuple[float, str]]
+
+
+def checked(side: Side, cmdline: str, expect: str, what: str) -> float:
+    seconds, output = side(cmdline)
+    if expect not in output:
+        raise BenchError(f"{what}: no {expect!r} in the guest's output: {output!r}")
+    return seconds
+
+
 # -- avmm ----------------------------------------------------------------------------------
 
 
-def avmm_config(cmdline: str, *, disks: Sequence[Path] = (), memory_mib: int = GUEST_MEMORY_MIB,
-                name: str | None = None) -> object:
+def avmm_config(cmdline: str, *, disks: Sequence[Path | object] = (), nets: Sequence[object] = (),
+                memory_mib: int = GUEST_MEMORY_MIB, name: str | None = None) -> object:
+    """A VmConfig for the test guest; ``disks`` are image paths or ``DiskConfig``s (for
+    vhost-user), ``nets`` ``NetConfig``s."""
     from avmm.config import BootConfig, DiskConfig, MachineConfig, SerialConfig, VmConfig
 
     machine = MachineConfig(vcpus=1, memory_mib=memory_mib)
@@ -98,7 +135,9 @@ def avmm_config(cmdline: str, *, disks: Sequence[Path] = (), memory_mib: int = G
         serial=SerialConfig(mode="none", path=None),
         source="benchmark",
         name=name,
-        disks=tuple(DiskConfig(path) for path in disks),
+        disks=tuple(d if isinstance(d, DiskConfig) else DiskConfig(Path(d))  # type: ignore[arg-type]
+                    for d in disks),
+        nets=tuple(nets),  # type: ignore[arg-type]
     )
 
 
@@ -110,11 +149,12 @@ class AvmmRun:
     exits: dict[str, int]
 
 
-async def avmm_run(cmdline: str, *, disks: Sequence[Path] = (), expect: str = "") -> AvmmRun:
+async def avmm_run(cmdline: str, *, disks: Sequence[Path | object] = (),
+                   nets: Sequence[object] = (), expect: str = "") -> AvmmRun:
     """Boot the test guest in this trio program and run it to the end."""
     from avmm import StopReason, VirtualMachine
 
-    config = avmm_config(cmdline, disks=disks)
+    config = avmm_config(cmdline, disks=disks, nets=nets)
     output = bytearray()
     first = 0.0
     start = time.perf_counter()
@@ -140,9 +180,11 @@ def avmm_run_sync(cmdline: str, **kwargs: object) -> AvmmRun:
 
 
 def qemu_argv(cmdline: str, *, disks: Sequence[Path] = (), memfd: bool = False,
-              memory_mib: int = GUEST_MEMORY_MIB) -> list[str]:
+              memory_mib: int = GUEST_MEMORY_MIB, devices: Sequence[str] = ()) -> list[str]:
     """``qemu-system-x86_64 -M microvm -accel kvm -cpu host`` with the test guest, as in
-    tests/test_guest_qemu.py; virtio devices need ``acpi=off`` and modern transports."""
+    tests/test_guest_qemu.py; virtio devices need ``acpi=off`` and modern transports.
+    ``memfd``: guest RAM in a shared memfd (what a vhost-user back-end needs to map it);
+    ``devices``: more arguments (``-device``, ``-chardev``, ``-netdev``)."""
     machine = "microvm,accel=kvm,acpi=off"
     argv = [QEMU, "-cpu", "host", "-m", str(memory_mib), "-smp", "1", "-nographic",
             "-nodefaults", "-no-reboot", "-serial", "stdio",
@@ -151,11 +193,12 @@ def qemu_argv(cmdline: str, *, disks: Sequence[Path] = (), memfd: bool = False,
             "-kernel", str(TEST_GUEST), "-append", cmdline]
     if memfd:
         machine += ",memory-backend=mem"
-        argv += ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M"]
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"]
     for i, disk in enumerate(disks):
         # Defaults (page cache, thread pool): on tmpfs there is no O_DIRECT anyway.
         argv += ["-device", f"virtio-blk-device,drive=d{i}",
                  "-drive", f"id=d{i},file={disk},format=raw,if=none"]
+    argv += devices
     return [argv[0], "-M", machine, *argv[1:]]
 
 
@@ -183,5 +226,10 @@ def process_run(argv: Sequence[str], *, expect: str = "") -> ProcessRun:
     return ProcessRun(seconds, first_byte, text)
 
 
-def qemu_run(cmdline: str, *, disks: Sequence[Path] = (), expect: str = "") -> ProcessRun:
-    return process_run(qemu_argv(cmdline, disks=disks), expect=expect)
+def qemu_run(cmdline: str, *, disks: Sequence[Path] = (), expect: str = "",
+             memfd: bool = False, devices: Sequence[str] = (),
+             prefix: Sequence[str] = ()) -> ProcessRun:
+    """Run QEMU with the test guest to the end; ``prefix`` goes in front of the command
+    (``ip netns exec NS`` for a tap in a network namespace)."""
+    return process_run([*prefix, *qemu_argv(cmdline, disks=disks, memfd=memfd, devices=devices)],
+                       expect=expect)

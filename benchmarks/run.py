@@ -2,23 +2,28 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
-Groups: exits, startup, blk, churn, memory. Every figure is measured here and now: for
-each of R runs (5 by default, 2 with --quick) avmm and QEMU are measured back to back, and
-the ratio avmm/QEMU is taken per pair. The table goes to stdout, the JSON to
+Groups: exits, startup, blk, blk-vhost, net, churn, memory. Every figure is measured here
+and now: for each of R runs (5 by default, 2 with --quick) avmm and QEMU are measured back
+to back, and the ratio avmm/QEMU is taken per pair. The table goes to stdout, the JSON to
 ``build/bench/`` (``latest.json`` and a timestamped copy).
+
+blk-vhost needs qemu-storage-daemon; net needs root, /dev/net/tun and iproute2 (a tap in
+a network namespace, see benchmarks/net.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +34,26 @@ from benchmarks.common import (
     REPO,
     BenchError,
     Figure,
+    Side,
     avmm_run,
     avmm_run_sync,
+    checked,
+    log,
+    per_unit,
     process_run,
     qemu_argv,
     qemu_run,
     quiet_logging,
 )
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, MARKER, SPIN_N
+from benchmarks.net import bench_net
 
 HELLO_TOML = REPO / "examples" / "hello.toml"
 HELLO = "console=ttyS0 avmm.test=hello"
 HELLO_DONE = "avmm-testguest: cmdline:"
+QSD = "qemu-storage-daemon"
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+_sockets = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -48,34 +61,17 @@ class Params:
     runs: int
     exit_n: int
     blk_n: dict[int, int]   # queue depth → requests
+    blk_vhost_n: dict[int, int]
+    net_n: int              # frames per net-bench run
     churn_s: float
-    memory_vms: int
+    memory_vms: tuple[int, ...]  # VMs in one process, each > 1, for the per-VM figures
     blk_image_mib: int = 64
 
 
-FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000}, churn_s=2.0, memory_vms=10)
-QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000}, churn_s=0.3, memory_vms=2)
-
-
-NOISE_ATTEMPTS = 5
-
-
-def per_unit(loaded: Callable[[], float], empty: Callable[[], float], n: int, what: str,
-             figure: Figure) -> float:
-    """Seconds per item from a run of n items minus a run of none. A pair whose
-    difference is lost in the boot-time noise is measured again (counted in the figure's
-    ``retries``), never turned into a figure."""
-    for _ in range(NOISE_ATTEMPTS):
-        total_s, baseline_s = loaded(), empty()
-        if total_s > baseline_s:
-            return (total_s - baseline_s) / n
-        figure.retries += 1
-        log(f"benchmarks: {what}: n={n} took {total_s:.4f} s, n=0 {baseline_s:.4f} s; again")
-    raise BenchError(f"{what}: n={n} never measurably slower than n=0; raise n")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
+              blk_vhost_n={1: 10000, 32: 40000}, net_n=50000, churn_s=2.0, memory_vms=(10, 50))
+QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
+               blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3))
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
@@ -139,43 +135,127 @@ def bench_startup(p: Params) -> list[Figure]:
 # -- (c) block I/O ---------------------------------------------------------------------
 
 
-def bench_blk(p: Params) -> list[Figure]:
-    """IOPS of ``blk-bench`` (random 4 KiB, polling) on an image in /dev/shm: N requests
-    minus 0 requests (the device is still set up), per VMM and run."""
-    figures = []
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-    image = shm / f"avmm-bench-{os.getpid()}.img"
+@contextlib.contextmanager
+def bench_image(p: Params) -> Iterator[Path]:
+    """An image of random data in /dev/shm (tmpfs), removed afterwards."""
+    image = SHM / f"avmm-bench-{os.getpid()}.img"
     with open(image, "wb") as f:
         for _ in range(p.blk_image_mib):
             f.write(os.urandom(1 << 20))
     try:
-        for rw in ("read", "write"):
-            for qd, n in p.blk_n.items():
-                figure = Figure(f"blk 4 KiB random {rw}, qd {qd}", "IOPS", "higher",
-                                note=f"blk-bench n={n} minus n=0, image in {shm}")
-                for _ in range(p.runs):
-                    def cmd(n: int, rw: str = rw, qd: int = qd) -> str:
-                        return (f"avmm.test=blk-bench avmm.rw={rw} avmm.qd={qd} avmm.n={n} "
-                                f"avmm.qsize=128")
-
-                    done = f"blk-bench rw={rw} qd={qd} n={n} done"
-                    what = f"blk-bench {rw} qd {qd}"
-                    a = per_unit(
-                        lambda cmd=cmd, n=n, done=done: avmm_run_sync(
-                            cmd(n), disks=[image], expect=done).seconds,
-                        lambda cmd=cmd: avmm_run_sync(cmd(0), disks=[image],
-                                                      expect="done").seconds,
-                        n, what, figure)
-                    q = per_unit(
-                        lambda cmd=cmd, n=n, done=done: qemu_run(cmd(n), disks=[image],
-                                                                 expect=done).seconds,
-                        lambda cmd=cmd: qemu_run(cmd(0), disks=[image], expect="done").seconds,
-                        n, what, figure)
-                    figure.add(1 / a, 1 / q)
-                figures.append(figure)
+        yield image
     finally:
         image.unlink(missing_ok=True)
+
+
+def _blk_cmd(n: int, rw: str, qd: int) -> str:
+    return f"avmm.test=blk-bench avmm.rw={rw} avmm.qd={qd} avmm.n={n} avmm.qsize=128"
+
+
+def _blk_figures(p: Params, counts: dict[int, int], label: str, note: str,
+                 avmm_side: Side, qemu_side: Side, options: str = "") -> list[Figure]:
+    """IOPS of ``blk-bench`` (random 4 KiB, polling): N requests minus 0 requests (the
+    device is still set up), per VMM and run."""
+    figures = []
+    for rw in ("read", "write"):
+        for qd, n in counts.items():
+            figure = Figure(f"blk 4 KiB random {rw}, qd {qd}{label}", "IOPS", "higher",
+                            note=f"blk-bench n={n} minus n=0, image in {SHM}{note}")
+            done = f"blk-bench rw={rw} qd={qd} n={n} done"
+            what = f"blk-bench {rw} qd {qd}{label}"
+
+            for _ in range(p.runs):
+                loaded, empty = _blk_cmd(n, rw, qd) + options, _blk_cmd(0, rw, qd) + options
+                a = per_unit(lambda c=loaded, e=done, w=what: checked(avmm_side, c, e, w),
+                             lambda c=empty, w=what: checked(avmm_side, c, "done", w),
+                             n, what, figure)
+                q = per_unit(lambda c=loaded, e=done, w=what: checked(qemu_side, c, e, w),
+                             lambda c=empty, w=what: checked(qemu_side, c, "done", w),
+                             n, what, figure)
+                figure.add(1 / a, 1 / q)
+            figures.append(figure)
     return figures
+
+
+def bench_blk(p: Params) -> list[Figure]:
+    """avmm's in-process virtio-blk vs QEMU's virtio-blk-device on the same image."""
+    with bench_image(p) as image:
+        def avmm_side(cmdline: str) -> tuple[float, str]:
+            run = avmm_run_sync(cmdline, disks=[image])
+            return run.seconds, run.output
+
+        def qemu_side(cmdline: str) -> tuple[float, str]:
+            run = qemu_run(cmdline, disks=[image])
+            return run.seconds, run.output
+
+        return _blk_figures(p, p.blk_n, "", "", avmm_side, qemu_side)
+
+
+@contextlib.contextmanager
+def storage_daemon(image: Path) -> Iterator[Path]:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on a fresh socket (one
+    per VM run, so no run sees another's connection state); yields the socket."""
+    sock = SHM / f"avmm-bench-qsd-{os.getpid()}-{next(_sockets)}.sock"
+    argv = [QSD, "--blockdev", f"driver=file,node-name=file,filename={image}",
+            "--export", "type=vhost-user-blk,id=exp,node-name=file,addr.type=unix,"
+            f"addr.path={sock},writable=on"]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"qemu-storage-daemon never listened on {sock}: "
+                                 f"{_stderr_of(process)!r}")
+            time.sleep(0.005)
+        yield sock
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        sock.unlink(missing_ok=True)
+
+
+def _stderr_of(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None:
+        process.kill()
+    return process.communicate()[1].decode(errors="replace")
+
+
+#: QEMU 7.2's vhost-user-blk offers VIRTIO_BLK_F_SIZE_MAX with qemu-storage-daemon's
+#: size_max of 0, which the test guest refuses unless told (tests/guest/README.md).
+LAX_SIZE_MAX = " avmm.lax_size_max=1"
+
+
+def bench_blk_vhost(p: Params) -> list[Figure]:
+    """The same blk-bench with the disk served by qemu-storage-daemon over vhost-user:
+    avmm's vhost-user front-end (``[[disk]] vhost_user``) vs QEMU's ``vhost-user-blk``
+    (guest RAM in a shared memfd), each with a qemu-storage-daemon of its own."""
+    from avmm.config import DiskConfig
+
+    if shutil.which(QSD) is None:
+        raise BenchError(f"{QSD} is not installed (make deps-test installs qemu-system-x86)")
+    with bench_image(p) as image:
+        def avmm_side(cmdline: str) -> tuple[float, str]:
+            with storage_daemon(image) as sock:
+                run = avmm_run_sync(cmdline, disks=[DiskConfig(vhost_user=sock)])
+            return run.seconds, run.output
+
+        def qemu_side(cmdline: str) -> tuple[float, str]:
+            with storage_daemon(image) as sock:
+                run = qemu_run(cmdline, memfd=True, devices=[
+                    "-chardev", f"socket,id=vu0,path={sock}",
+                    "-device", "vhost-user-blk,chardev=vu0"])
+            return run.seconds, run.output
+
+        # More requests than in-process: the data path bypasses both VMMs (ioeventfd kicks
+        # to the daemon), so a run of blk_n would be lost in the boot-time noise.
+        return _blk_figures(p, p.blk_vhost_n, ", vhost-user (qsd)",
+                            "; both VMMs with qemu-storage-daemon over vhost-user",
+                            avmm_side, qemu_side, options=LAX_SIZE_MAX)
 
 
 # -- (d) VM churn ------------------------------------------------------------------------
@@ -283,24 +363,38 @@ def _qemu_memory(tmp: Path) -> dict[str, int]:
 
 
 def bench_memory(p: Params) -> list[Figure]:
+    """RSS without guest RAM (``VmRSS - RssShmem``; guest RAM is a memfd in both VMMs) of
+    one process with 0, 1 and each of ``p.memory_vms`` test-guest VMs in it, against
+    one QEMU process per VM. The per-VM figures are marginal: what the first VM adds to
+    a process that has avmm loaded, then what each VM beyond the first adds."""
     mib = 1024.0
     one = Figure("memory: RSS of a 1-VM process, guest RAM excluded", "MiB", "lower",
                  note="VmRSS - RssShmem; guest RAM is a memfd in both VMMs")
-    extra = Figure(f"memory: extra RSS per VM (1 → {p.memory_vms} VMs in one avmm process)",
-                   "MiB", "lower", note="QEMU: one process per VM, so its 1-VM RSS")
+    first = Figure("memory: extra RSS for the first VM (0 → 1 VM in one avmm process)",
+                   "MiB", "lower",
+                   note="avmm imported, no VM → 1 VM; QEMU: one process per VM, its 1-VM RSS")
+    extra = {k: Figure(f"memory: extra RSS per VM (1 → {k} VMs in one avmm process)",
+                       "MiB", "lower", note="QEMU: one process per VM, so its 1-VM RSS")
+             for k in p.memory_vms}
+    most = max(p.memory_vms)
     guest = Figure("memory: guest RAM touched per VM (RssShmem)", "MiB", "lower",
-                   note="test guest running `count`, 64 MiB of RAM configured")
+                   note=f"test guest running `count`, 64 MiB of RAM configured; avmm: "
+                        f"{most} VMs in one process")
     for _ in range(p.runs):
-        a1 = _avmm_memory(1)
-        an = _avmm_memory(p.memory_vms)
+        own = {}
+        for k in (0, 1, *p.memory_vms):
+            status = _avmm_memory(k)
+            own[k] = (status["VmRSS"] - status["RssShmem"]) / mib
+            if k == most:
+                shmem = status["RssShmem"] / mib
         q = _qemu_memory(Path("/tmp"))
-        a1_own = (a1["VmRSS"] - a1["RssShmem"]) / mib
-        an_own = (an["VmRSS"] - an["RssShmem"]) / mib
         q_own = (q["VmRSS"] - q["RssShmem"]) / mib
-        one.add(a1_own, q_own)
-        extra.add((an_own - a1_own) / (p.memory_vms - 1), q_own)
-        guest.add(an["RssShmem"] / mib / p.memory_vms, q["RssShmem"] / mib)
-    return [one, extra, guest]
+        one.add(own[1], q_own)
+        first.add(own[1] - own[0], q_own)
+        for k, figure in extra.items():
+            figure.add((own[k] - own[1]) / (k - 1), q_own)
+        guest.add(shmem / most, q["RssShmem"] / mib)
+    return [one, first, *extra.values(), guest]
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -309,6 +403,8 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "exits": bench_exits,
     "startup": bench_startup,
     "blk": bench_blk,
+    "blk-vhost": bench_blk_vhost,
+    "net": lambda p: bench_net(p.runs, p.net_n),
     "churn": bench_churn,
     "memory": bench_memory,
 }
@@ -320,6 +416,11 @@ def _fmt(value: float) -> str:
     if value >= 10:
         return f"{value:.1f}"
     return f"{value:.3g}" if value >= 0.1 else f"{value:.2g}"
+
+
+def _fmt_ratio(value: float) -> str:
+    # Two decimals, but never a bare 0.00 for a small ratio (memory per VM vs a process).
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.2g}"
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
@@ -334,7 +435,7 @@ def table(results: dict[str, dict[str, object]]) -> str:
 
         ratio = data.get("ratio")
         rows.append((name, str(data["unit"]), cell("avmm"), cell("qemu"),
-                     f"{ratio['median']:.2f}" if isinstance(ratio, dict) else "-"))
+                     _fmt_ratio(ratio["median"]) if isinstance(ratio, dict) else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):

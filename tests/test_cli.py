@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from avmm.cli import main
+from tests.vm.helpers import host_profile_words
 
 REPO = Path(__file__).resolve().parent.parent
 AVMM = [sys.executable, "-m", "avmm.cli"]
@@ -36,7 +37,7 @@ def test_up_hello_prints_the_greeting_and_exits_zero() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "avmm-testguest: hello",
-        "avmm-testguest: cmdline: console=ttyS0 avmm.test=hello",
+        f"avmm-testguest: cmdline: {host_profile_words()}console=ttyS0 avmm.test=hello",
     ]
 
 

@@ -41,7 +41,7 @@ def test_minimal_config_gets_defaults(vm_dir: Path) -> None:
     path = write_config(vm_dir, MINIMAL)
     config = load_config(path)
     assert config == VmConfig(
-        machine=MachineConfig(vcpus=1, memory_mib=128, cpu_profile="host"),
+        machine=MachineConfig(vcpus=1, memory_mib=128, cpu_profile="auto"),
         boot=BootConfig(kernel=vm_dir / "vmlinux", initrd=None, cmdline=""),
         serial=SerialConfig(mode="console", path=None),
         source=str(path),
@@ -148,7 +148,7 @@ MALFORMED = [
     ("memory-too-large", MINIMAL + "[machine]\nmemory_mib = 1048577\n", "machine.memory_mib",
      "got 1048577"),
     ("unknown-cpu-profile", MINIMAL + '[machine]\ncpu_profile = "hots"\n',
-     "machine.cpu_profile", 'expected one of "host", "compat", got "hots" (a string); '
+     "machine.cpu_profile", 'expected one of "auto", "host", "compat", got "hots" (a string); '
      'did you mean "host"?'),
     ("machine-scalar", "machine = 3\n" + MINIMAL, "machine",
      "expected a table [machine], got 3 (an integer)"),
@@ -252,7 +252,7 @@ def test_config_from_dict_matches_load_config(vm_dir: Path) -> None:
         '[boot]\nkernel = "vmlinux"\ncmdline = "console=ttyS0"\n[serial]\nmode = "none"\n',
     )
     assert load_config(path) == dataclasses.replace(from_dict, source=str(path))
-    assert from_dict.machine == MachineConfig(vcpus=2, memory_mib=256, cpu_profile="host")
+    assert from_dict.machine == MachineConfig(vcpus=2, memory_mib=256, cpu_profile="auto")
 
 
 @pytest.mark.parametrize(

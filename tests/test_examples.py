@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.helpers import host_profile_words
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,8 +25,8 @@ def test_embed_runs_two_vms_concurrently_each_with_its_own_output() -> None:
     assert "avmm-testguest: count done n=200000000" in counter
     assert "greeting=from-the-first-vm" not in counter
     assert greeter.startswith("reset (exit status 0)")
-    assert "avmm-testguest: cmdline: console=ttyS0 avmm.test=hello greeting=from-the-first-vm" \
-        in greeter
+    assert ("avmm-testguest: cmdline: " + host_profile_words()
+            + "console=ttyS0 avmm.test=hello greeting=from-the-first-vm") in greeter
     assert "count done" not in greeter
     assert result.stderr == ""
 
@@ -94,3 +96,59 @@ def test_vhost_user_blk_example_with_qemu_storage_daemon() -> None:
     crc = zlib.crc32(disk.read_bytes())
     assert result.returncode == 0, result.stderr
     assert f"blk0 sectors={disk.stat().st_size // 512} crc32={crc:08x}" in result.stdout
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_service_runs_vms_on_demand_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    sock_path = tmp_path / "service.sock"
+    service = subprocess.Popen(
+        [sys.executable, str(REPO / "examples" / "service.py"), "--socket", str(sock_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert service.stdout is not None
+        assert service.stdout.readline() == f"listening on {sock_path}\n"
+        assert sock_path.stat().st_mode & 0o777 == 0o600
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(60)
+            client.connect(str(sock_path))
+            client.sendall(b"run hello greeting=from-the-test\nrun fault\nrun bad/word\n"
+                           b"quit\n")
+            reply = b""
+            while data := client.recv(4096):
+                reply += data
+        service.send_signal(signal.SIGTERM)
+        out, err = service.communicate(timeout=60)
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.communicate()
+    lines = reply.decode().splitlines()
+    assert "avmm-testguest: hello" in lines
+    assert lines[lines.index("avmm-testguest: hello") + 2] == "exit reset 0"
+    assert "greeting=from-the-test" in lines[lines.index("avmm-testguest: hello") + 1]
+    assert "exit debug-exit 7" in lines  # the fault scenario's exception exit (code 3)
+    assert lines[-1].startswith("error: words may only hold")
+    assert service.returncode == 0, err
+    assert out == "SIGTERM: stopping every VM\n"
+    assert not sock_path.exists()
+
+
+@pytest.mark.parametrize("name", ["linux.toml", "linux-debian.toml"])
+def test_linux_examples_are_valid_configs(name: str) -> None:
+    """The Linux examples parse, use ACPI (their kernels find devices there) and point at
+    what `make linux-kernel linux-initramfs` / `make debian-kernel linux-debian` build."""
+    from avmm import load_config
+
+    config = load_config(REPO / "examples" / name)
+    assert config.machine.acpi and config.machine.vcpus == 2
+    assert config.boot.initrd is not None
+    built = {"linux.toml": ("linux/bzImage", "linux/initramfs.cpio"),
+             "linux-debian.toml": ("debian-kernel/vmlinuz", "debian-kernel/initramfs.cpio")}
+    kernel, initrd = built[name]
+    assert config.boot.kernel.resolve() == REPO / "build" / kernel
+    assert config.boot.initrd.resolve() == REPO / "build" / initrd
+    assert len(config.disks) == 1 and len(config.nets) == 1 and config.rng is not None

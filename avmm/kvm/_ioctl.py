@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from ..errors import KvmError
@@ -19,7 +20,14 @@ def ioctl(fd: int, name: str, argument: Any = NO_ARGUMENT) -> int:
     """
     if isinstance(argument, int):
         argument = ffi.cast("unsigned long", argument)
-    result = lib.ioctl(fd, getattr(lib, name), argument)
-    if result < 0:
-        raise KvmError(name, ffi.errno)
-    return int(result)
+    number = getattr(lib, name)
+    while True:
+        result = lib.ioctl(fd, number, argument)
+        if result >= 0:
+            return int(result)
+        error = ffi.errno
+        # A signal (a vCPU kick aimed at another thread, a profiler's timer) can interrupt
+        # a KVM ioctl before it did anything, e.g. KVM_CREATE_VM: retry those. KVM_RUN
+        # never comes here (Vcpu.run turns its EINTR into an Interrupted exit).
+        if error != errno.EINTR or name == "KVM_RUN":
+            raise KvmError(name, error)

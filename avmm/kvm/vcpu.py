@@ -10,13 +10,14 @@ import errno
 import mmap
 import os
 import signal
+import struct
 import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KvmError
 from . import exits
-from ._ioctl import NO_ARGUMENT, ioctl
+from ._ioctl import ioctl
 from ._kvm_ffi import ffi, lib
 from .system import CpuidEntry
 
@@ -46,6 +47,67 @@ _INTERRUPTED = exits.Interrupted()
 _HLT = exits.Hlt()
 _SHUTDOWN = exits.Shutdown()
 
+# The hot path of run(): avmm_vcpu_run() issues KVM_RUN and decodes the common exits in
+# C into an avmm_exit_info {u64 address; u32 size; u32 count; u64 data_offset}, which
+# one struct unpack turns into Python values.
+_vcpu_run = lib.avmm_vcpu_run
+_vcpu_run_absorbing = lib.avmm_vcpu_run_absorbing
+_RUN_IO_OUT = lib.AVMM_RUN_IO_OUT
+_RUN_IO_IN = lib.AVMM_RUN_IO_IN
+_RUN_MMIO_WRITE = lib.AVMM_RUN_MMIO_WRITE
+_RUN_MMIO_READ = lib.AVMM_RUN_MMIO_READ
+_RUN_INTERRUPTED = lib.AVMM_RUN_INTERRUPTED
+_EXIT_INFO = struct.Struct("=QIIQ")
+assert _EXIT_INFO.size == ffi.sizeof("avmm_exit_info")
+_unpack_exit_info = _EXIT_INFO.unpack_from
+_EINTR_EAGAIN = (errno.EINTR, errno.EAGAIN)
+
+#: How many accesses the C fast path (Vcpu.absorb) answers before run() returns anyway
+#: (as Interrupted), so that the caller's counters and requests stay fresh.
+ABSORB_BUDGET = 4096
+#: How many distinct accesses the C fast path can answer.
+ABSORB_ENTRIES = lib.AVMM_ABSORB_ENTRIES
+_ABSORB_KINDS: dict[type, int] = {
+    exits.IoOut: _RUN_IO_OUT, exits.IoIn: _RUN_IO_IN,
+    exits.MmioWrite: _RUN_MMIO_WRITE, exits.MmioRead: _RUN_MMIO_READ,
+}
+
+# The exit values are frozen slotted dataclasses, whose generated __init__ sets each field
+# through object.__setattr__; setting the slots through their own descriptors builds the
+# same value for about half the cost, on the path every register access takes.
+_new_object = object.__new__
+
+
+def _fast_constructor(cls: type, *names: str) -> Any:
+    setters = tuple(getattr(cls, name).__set__ for name in names)
+    if len(setters) == 2:
+        set_a, set_b = setters
+
+        def make2(a: object, b: object) -> Any:
+            event = _new_object(cls)
+            set_a(event, a)
+            set_b(event, b)
+            return event
+
+        return make2
+    set_a, set_b, set_c, set_d = setters
+
+    def make4(a: object, b: object, c: object, d: object) -> Any:
+        event = _new_object(cls)
+        set_a(event, a)
+        set_b(event, b)
+        set_c(event, c)
+        set_d(event, d)
+        return event
+
+    return make4
+
+
+_io_out = _fast_constructor(exits.IoOut, "port", "size", "count", "data")
+_io_in = _fast_constructor(exits.IoIn, "port", "size", "count", "buffer")
+_mmio_write = _fast_constructor(exits.MmioWrite, "address", "data")
+_mmio_read = _fast_constructor(exits.MmioRead, "address", "buffer")
+
 _SYSTEM_EVENT_KINDS = {
     lib.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
     lib.KVM_SYSTEM_EVENT_RESET: "reset",
@@ -65,17 +127,25 @@ class Vcpu:
         self._run_bytes = memoryview(self._run_map)
         self._run = ffi.cast("struct kvm_run *", ffi.from_buffer(self._run_map))
         # The exit union's members sit at fixed places in kvm_run: resolve them once.
-        self._io = lib.avmm_run_io(self._run)
         self._mmio = lib.avmm_run_mmio(self._run)
         self._mmio_data = ffi.buffer(self._mmio.data)
-        self._run_request = lib.KVM_RUN
+        self._exit_info = ffi.new("avmm_exit_info *")
+        self._exit_info_bytes = ffi.buffer(self._exit_info)
+        # The C fast path's table (see absorb()); _absorbing mirrors "count > 0" so that
+        # run() need not read cdata to choose.
+        self._absorb = ffi.new("avmm_absorb *")
+        self._absorb.budget = ABSORB_BUDGET
+        self._absorb_lock = threading.Lock()
+        self._absorbing = False
+        #: Moves on with every :meth:`stop_absorbing`; see :meth:`absorb`.
+        self.absorb_epoch = 0
         #: ``threading.get_ident()`` of the thread inside ``run()``, for kicks.
         self.thread_ident: int | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
             self._run_bytes.release()
-            self._io = self._mmio = self._run = self._mmio_data = None  # type: ignore[assignment]
+            self._mmio = self._run = self._mmio_data = None  # type: ignore[assignment]
             try:
                 self._run_map.close()
             except BufferError:
@@ -87,31 +157,36 @@ class Vcpu:
 
     def run(self) -> exits.VcpuExit:
         """KVM_RUN once and decode why it returned (see :mod:`avmm.kvm.exits`)."""
-        result = lib.ioctl(self.fd, self._run_request, NO_ARGUMENT)
-        if result < 0:
-            error = ffi.errno
-            if error in (errno.EINTR, errno.EAGAIN):
+        if self._absorbing:
+            kind = _vcpu_run_absorbing(self.fd, self._run, self._exit_info, self._absorb)
+        else:
+            kind = _vcpu_run(self.fd, self._run, self._exit_info)
+        # Every PIO/MMIO exit passes here: one C call, one unpack, no cdata field reads.
+        if kind == _RUN_IO_OUT:
+            port, size, count, start = _unpack_exit_info(self._exit_info_bytes)
+            # Slicing the mmap copies straight into bytes.
+            return _io_out(port, size, count, self._run_map[start:start + size * count])
+        if kind == _RUN_MMIO_WRITE:
+            address, length, _, _ = _unpack_exit_info(self._exit_info_bytes)
+            return _mmio_write(address, self._mmio_data[:length])
+        if kind == _RUN_MMIO_READ:
+            address, length, _, _ = _unpack_exit_info(self._exit_info_bytes)
+            return _mmio_read(address, memoryview(self._mmio_data)[:length])
+        if kind == _RUN_IO_IN:
+            port, size, count, start = _unpack_exit_info(self._exit_info_bytes)
+            return _io_in(port, size, count, self._run_bytes[start:start + size * count])
+        if kind == _RUN_INTERRUPTED:
+            return _INTERRUPTED
+        if kind < 0:
+            if -kind in _EINTR_EAGAIN:
                 return _INTERRUPTED
-            raise KvmError("KVM_RUN", error, f"vcpu {self.id}")
+            raise KvmError("KVM_RUN", -kind, f"vcpu {self.id}")
+        return self._decode_other()
+
+    def _decode_other(self) -> exits.VcpuExit:
+        """The exits that are not register accesses (rare: decoded from kvm_run here)."""
         run = self._run
         reason = run.exit_reason
-        if reason == lib.KVM_EXIT_IO:
-            io = self._io
-            size = io.size
-            count = io.count
-            start = io.data_offset
-            data = self._run_bytes[start:start + size * count]
-            if io.direction == lib.KVM_EXIT_IO_OUT:
-                return exits.IoOut(io.port, size, count, bytes(data))
-            return exits.IoIn(io.port, size, count, data)
-        if reason == lib.KVM_EXIT_MMIO:
-            mmio = self._mmio
-            length = mmio.len
-            if mmio.is_write:
-                return exits.MmioWrite(mmio.phys_addr, self._mmio_data[:length])
-            return exits.MmioRead(mmio.phys_addr, memoryview(self._mmio_data)[:length])
-        if reason == lib.KVM_EXIT_INTR:
-            return _INTERRUPTED
         if reason == lib.KVM_EXIT_HLT:
             return _HLT
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -134,6 +209,77 @@ class Vcpu:
                 internal.suberror, tuple(internal.data[i] for i in range(count))
             )
         return exits.Unknown(reason, lib.avmm_run_hw(run).hardware_exit_reason)
+
+    # -- the C fast path ------------------------------------------------------------------
+
+    def absorb(self, kind: type, address: int, size: int, *, epoch: int) -> bool:
+        """From now on answer single accesses of ``kind`` (``IoOut``, ``IoIn``,
+        ``MmioWrite`` or ``MmioRead``) at ``address`` of ``size`` bytes inside
+        :meth:`run`, in C, without returning: writes are dropped, reads see all-ones.
+        Meant for addresses no device claims, which guests hit in loops (port 0x80
+        delays, probes of absent devices). They are counted, not returned: see
+        :meth:`take_absorbed`. :meth:`run` still returns ``Interrupted`` at least every
+        :data:`ABSORB_BUDGET` absorbed accesses, and at once when kicked.
+
+        ``epoch`` is :attr:`absorb_epoch` as read *before* the caller decided that the
+        address is unclaimed: if :meth:`stop_absorbing` ran since (the address map
+        changed), nothing is added. Returns whether the access is absorbed now (False
+        also when all :data:`ABSORB_ENTRIES` entries are taken). Call it on the thread
+        that runs the vCPU, between runs.
+        """
+        code = _ABSORB_KINDS.get(kind)
+        if code is None or not 0 < size <= 8 or not 0 <= address < 1 << 64:
+            raise ValueError(f"cannot absorb {getattr(kind, '__name__', kind)} accesses of "
+                             f"{size} bytes at {address:#x}")
+        with self._absorb_lock:
+            table = self._absorb
+            count = table.count
+            if epoch != self.absorb_epoch or count >= ABSORB_ENTRIES:
+                return False
+            entry = table.entries[count]
+            entry.kind = code
+            entry.size = size
+            entry.address = address
+            # The entry is complete before the count that publishes it (x86 keeps stores
+            # in order; each is a separate C-level store).
+            table.count = count + 1
+            self._absorbing = True
+        return True
+
+    @property
+    def absorb_budget(self) -> int:
+        """How many accesses one :meth:`run` answers in C before it returns anyway."""
+        return int(self._absorb.budget)
+
+    @absorb_budget.setter
+    def absorb_budget(self, value: int) -> None:
+        if not 1 <= value < 1 << 32:
+            raise ValueError(f"absorb budget must be 1 .. 2^32-1, got {value}")
+        self._absorb.budget = value
+
+    def stop_absorbing(self) -> None:
+        """Forget every absorbed access (the address map changed). Safe from any thread:
+        a :meth:`run` in progress answers at most the access at hand from the old
+        table."""
+        with self._absorb_lock:
+            self._absorb.count = 0
+            self._absorbing = False
+            self.absorb_epoch += 1
+
+    def take_absorbed(self) -> dict[type, int]:
+        """The accesses :meth:`run` answered in C since the last call, by exit class
+        (only non-zero counts). Call it on the thread that runs the vCPU, between runs."""
+        counts = self._absorb.absorbed
+        if not counts[0]:  # the total: one read when nothing was absorbed
+            return {}
+        counts[0] = 0
+        taken: dict[type, int] = {}
+        for kind, code in _ABSORB_KINDS.items():
+            value = counts[code]
+            if value:
+                taken[kind] = int(value)
+                counts[code] = 0
+        return taken
 
     def set_immediate_exit(self, value: bool) -> None:
         """Set ``kvm_run.immediate_exit``: while set, KVM_RUN returns EINTR at once."""

@@ -1,10 +1,20 @@
 """virtio-blk (virtio 1.2 §5.2) over a raw image file or a host block device.
 
 One request queue. The device pops every available request chain, does all their file
-I/O in one worker-thread call — ``preadv``/``pwritev`` straight between the file and
-guest memory, no intermediate copies — then returns the whole batch to the used ring
-and signals the driver once. Requests in a batch run in ring order, so a FLUSH sees
-every write the driver queued before it.
+I/O — ``preadv``/``pwritev`` straight between the file and guest memory, no intermediate
+copies — then returns the whole batch to the used ring and signals the driver once.
+Requests in a batch run in ring order, so a FLUSH sees every write the driver queued
+before it.
+
+Where that runs. When the transport hands over the queue's kick eventfd
+(``context.kick_fd(0)``, as the in-process virtio-mmio slot does), the queue gets its own
+I/O thread that blocks on that eventfd and serves each batch synchronously, signalling
+the driver through ``context.signal_used`` (thread-safe) right from there: a request costs
+no trio wake-up and no worker-thread hand-off, which at queue depth 1 was most of its
+latency. Otherwise (a vhost-user back-end, a test's context) the trio task waits with
+``wait_kick`` and does each batch's file I/O in a worker thread. Either way the queue is
+touched by one thread at a time, and a cancelled :meth:`BlockDevice.run` returns only after
+the batch in flight is on the used ring.
 
 Who is at fault decides how a request ends:
 
@@ -29,8 +39,10 @@ import ctypes
 import errno
 import hashlib
 import os
+import select
 import stat
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -42,6 +54,7 @@ import structlog
 import trio
 
 from ..errors import AvmmError, GuestMemoryError
+from ..threads import run_in_own_thread
 from .device import DeviceContext, DeviceId, DeviceNeedsReset, VirtioDevice
 
 if TYPE_CHECKING:
@@ -213,7 +226,7 @@ class BlockStats:
 
 @dataclass
 class Batch:
-    """Chains popped from the request queue for one worker-thread call; ``error`` is a
+    """Chains popped from the request queue to be processed together; ``error`` is a
     protocol error the queue raised after them (it stops the device once they are done)."""
 
     chains: list[DescriptorChain]
@@ -247,10 +260,11 @@ class BlockDevice(VirtioDevice):
     from the file's resolved path, so it is stable across runs. The file stays open
     until :meth:`close`; opening it fails with :class:`DiskError`.
 
-    :meth:`run` serves the queue as :meth:`take_batch` (pop, on the event loop),
-    :meth:`process_batch` (all file I/O, in a worker thread) and :meth:`complete_batch`
-    (push); a caller without trio (a test, a vhost-user backend loop) may chain the three
-    itself. Counters are in :attr:`stats`.
+    :meth:`run` serves the queue as :meth:`take_batch` (pop), :meth:`process_batch` (all
+    file I/O) and :meth:`complete_batch` (push), in its I/O thread or split between the
+    event loop and a worker thread (see the module docstring); a caller without trio (a
+    test, a vhost-user backend loop) may chain the three itself. Counters are in
+    :attr:`stats`.
     """
 
     device_id = DeviceId.BLOCK
@@ -378,16 +392,92 @@ class BlockDevice(VirtioDevice):
     async def run(self, context: DeviceContext) -> None:
         """Serve the request queue until cancelled.
 
-        Cancellation never interrupts a batch: the worker thread is not abandoned, so a
+        Cancellation never interrupts a batch: the I/O thread is not abandoned, so a
         cancelled ``run`` returns only after the batch in flight has finished and been
         pushed to the used ring (the queue state stays consistent for a snapshot).
+
+        With ``context.kick_fd`` the queue is served by a dedicated thread (see the module
+        docstring). That thread consumes the kick eventfd itself; if the context has
+        ``kicks_received(queue_index, count)`` it is told how many notifications each
+        read took (for the transport's counters). Pausing needs no help from the device:
+        the queue a pausing transport hands over takes nothing while paused, and the
+        transport kicks the queue on resume.
         """
         queue = context.queues[0] if context.queues else None
         if queue is None:
             return
         self.writeback = bool(context.features & VIRTIO_BLK_F_FLUSH)
+        kick_fd = getattr(context, "kick_fd", None)
         with structlog.contextvars.bound_contextvars(device=self.name):
-            await self._serve(context, queue)
+            if callable(kick_fd):
+                await self._serve_in_thread(context, queue, kick_fd(0))
+            else:
+                await self._serve(context, queue)
+
+    async def _serve_in_thread(self, context: DeviceContext, queue: VirtQueue,
+                               kick_fd: int) -> None:
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        stopping = threading.Event()
+
+        def stop() -> None:
+            stopping.set()
+            os.eventfd_write(stop_fd, 1)
+
+        try:
+            await run_in_own_thread(
+                lambda: self._serve_blocking(context, queue, kick_fd, stop_fd, stopping),
+                on_cancel=stop, name=f"avmm {self.name} I/O")
+        finally:
+            os.close(stop_fd)
+
+    def _serve_blocking(self, context: DeviceContext, queue: VirtQueue, kick_fd: int,
+                        stop_fd: int, stopping: threading.Event) -> None:
+        """The I/O thread: drain the ring, sleep in poll(2) on the kick eventfd (and the
+        stop eventfd), repeat until ``stopping`` is set. Checks for a stop only between
+        batches, so a batch that was started is always completed and signalled."""
+        memory = context.memory
+        signal_used = context.signal_used
+        kicks_received = getattr(context, "kicks_received", None)
+        take_batch, process_batch = self.take_batch, self.process_batch
+        complete_batch = self.complete_batch
+        poller = select.poll()
+        poller.register(kick_fd, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
+        # Drain before the first wait: the driver may have made requests available (and
+        # kicked) before DRIVER_OK started us.
+        while True:
+            while not stopping.is_set():
+                queue.disable_notifications(memory)
+                batch = take_batch(queue, memory)
+                if batch.chains:
+                    result = process_batch(memory, batch)
+                    complete_batch(queue, memory, result)
+                    if result.completions:
+                        signal_used(0)
+                    if result.error is not None:
+                        raise result.error
+                elif batch.error is not None:
+                    raise batch.error
+                if len(batch.chains) >= QUEUE_SIZE:
+                    continue  # a full batch: more may be waiting, keep notifications off
+                # Re-arm, then look again: a chain added in between was not notified.
+                if not queue.enable_notifications(memory):
+                    break
+            # poll(2) first, then read: the read then never fails, which saves a syscall
+            # and an exception per request at queue depth 1.
+            while True:
+                if stopping.is_set():
+                    return
+                poller.poll()  # releases the GIL; EINTR is retried by Python
+                if stopping.is_set():
+                    return
+                try:
+                    kicks = os.eventfd_read(kick_fd)
+                except BlockingIOError:
+                    continue  # the stop eventfd woke us, or a spurious wake-up
+                break
+            if kicks_received is not None:
+                kicks_received(0, kicks)
 
     async def _serve(self, context: DeviceContext, queue: VirtQueue) -> None:
         memory = context.memory
@@ -435,8 +525,8 @@ class BlockDevice(VirtioDevice):
 
     def process_batch(self, memory: MemoryAccess, batch: Batch) -> BatchResult:
         """Do a batch's requests in ring order: all its blocking file I/O, in the calling
-        thread (run() calls it in a worker thread). Never raises for a request's own
-        failure; a malformed chain ends the batch with ``result.error``."""
+        thread (run() calls it in its I/O thread, or a worker thread). Never raises for a
+        request's own failure; a malformed chain ends the batch with ``result.error``."""
         self.stats.batches += 1
         done: list[_Done] = []
         error = batch.error
@@ -556,11 +646,15 @@ class BlockDevice(VirtioDevice):
         index = 0
         try:
             while index < len(views):
-                count = call(self.fd, views[index:index + IOV_MAX], offset + done)
+                buffers = (views if not index and len(views) <= IOV_MAX
+                           else views[index:index + IOV_MAX])
+                count = call(self.fd, buffers, offset + done)
                 if count <= 0:
                     # End of file: the image shrank under us since we measured it.
                     raise OSError(errno.EIO, f"unexpected end of file at {offset + done}")
                 done += count
+                if done == length:
+                    break  # the usual case: all of it in one call
                 while count and index < len(views):
                     size = len(views[index])
                     if count >= size:

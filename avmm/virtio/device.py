@@ -118,10 +118,49 @@ class VirtioDevice(abc.ABC):
 ChainHandler = Callable[["DescriptorChain"], Awaitable[int]]
 
 
+class PauseGate:
+    """Open while the VM runs, closed while it is paused (event-loop side only).
+
+    A transport that supports pausing holds its devices' queue tasks here: it makes
+    ``wait_kick`` wait for the gate and ``pop`` take nothing while the gate is closed,
+    so a paused VM's devices take no new requests (requests in flight still finish).
+    ``resumes`` counts openings, so a transport can tell that it must look at the rings
+    again: buffers made available during the pause were not taken and will not be
+    notified again.
+    """
+
+    def __init__(self) -> None:
+        self._opened = trio.Event()
+        self._opened.set()
+        #: A plain attribute, not a property: queues look at it for every request, on
+        #: whatever thread serves them.
+        self.is_open = True
+        self.resumes = 0
+
+    def close(self) -> None:
+        if self.is_open:
+            self.is_open = False
+            self._opened = trio.Event()
+
+    def open(self) -> None:
+        if not self.is_open:
+            self.is_open = True
+            self.resumes += 1
+            self._opened.set()
+
+    async def wait_open(self) -> None:
+        """Return once the gate is open (a checkpoint either way)."""
+        await self._opened.wait()
+
+
 async def serve_queue(context: DeviceContext, queue_index: int, handle: ChainHandler) -> None:
     """The usual queue loop: wait for a kick, handle every available chain, return each
     to the used ring with the byte count ``handle`` reports written, and signal the
     driver once per batch.
+
+    Pausing needs nothing here: a transport that pauses its devices hands out queues
+    whose ``pop`` takes nothing while paused, and a ``wait_kick`` that waits for the
+    resume (see :class:`PauseGate`).
 
     While a batch is being drained the driver is asked not to notify (flags or
     avail_event, whichever was negotiated); notifications are re-enabled before waiting,

@@ -19,6 +19,14 @@ tap exchange header + frame in one ``readv``/``writev`` without reformatting:
   GSO_NONE and ``num_buffers``. A frame that does not fit one buffer is spread over more
   with MRG_RXBUF, and dropped (counted in ``stats.rx_dropped``) without it.
 
+Batches: each wake-up of a queue's task handles up to a ring's worth of transmit chains
+(``_RX_BATCH`` frames on receive) and signals the driver once for all of them. The usual
+layouts (header and frame in one transmit buffer; a frame that fits one receive buffer)
+take a short path with no per-frame coroutine, checkpoint or copy; every other layout
+goes through the general code. The receive side reads the tap before waiting for it, so
+a busy tap costs no epoll round trip per batch. The tap still costs one ``writev`` or
+``readv`` per frame: a tap fd has no multi-frame read or write.
+
 Back-pressure: the device reads the tap only while it holds a receive buffer. Without
 buffers it waits for the driver's kick, and frames wait in the tap's kernel queue
 (bounded by its txqueuelen; the kernel drops beyond that), never in Python memory: the
@@ -49,7 +57,6 @@ from .device import (
     DeviceNeedsReset,
     VirtioDevice,
     run_together,
-    serve_queue,
 )
 
 if TYPE_CHECKING:
@@ -86,11 +93,15 @@ QUEUE_SIZE = 256
 NET_HEADER = struct.Struct("<BBHHHHH")
 NET_HEADER_SIZE = NET_HEADER.size
 _ZERO_HEADER = bytes(NET_HEADER_SIZE)
+#: The header of a received frame that fits one buffer: flags 0, GSO_NONE, num_buffers 1.
+_ONE_BUFFER_HEADER = NET_HEADER.pack(0, 0, 0, 0, 0, 0, 1)
 #: The largest frame (Ethernet header included, virtio header not) the device passes in
 #: either direction: a 64 KiB IP packet behind an Ethernet header, with some slack.
 MAX_FRAME_SIZE = 65550
 #: Shorter than an Ethernet header is not a frame (the tap refuses it anyway).
 MIN_FRAME_SIZE = 14
+#: The shortest read from the tap that is a frame to pass on: header + Ethernet header.
+_SMALLEST_RECEIVED = NET_HEADER_SIZE + MIN_FRAME_SIZE
 #: ``struct virtio_net_config`` up to max_virtqueue_pairs: mac[6], status, pairs.
 _CONFIG = struct.Struct("<6sHH")
 #: Linux's UIO_MAXIOV: more buffers than this in one chain go through a copy.
@@ -178,49 +189,142 @@ class NetDevice(VirtioDevice):
         """Serve the receive and transmit queues until cancelled."""
         await run_together(
             partial(self._receive_loop, context),
-            partial(serve_queue, context, TX_QUEUE, partial(self._transmit, context.memory)),
+            partial(self._transmit_loop, context),
         )
 
     # -- transmit -----------------------------------------------------------------------
 
-    async def _transmit(self, memory: MemoryAccess, chain: DescriptorChain) -> int:
-        """Send the chain's frame to the tap; returns 0 (nothing written for the guest)."""
+    async def _transmit_loop(self, context: DeviceContext) -> None:
+        """:func:`~avmm.virtio.device.serve_queue`'s loop, with the frames of a batch sent
+        synchronously (:meth:`_transmit_batch`): a frame costs one ``writev`` and no
+        coroutine of its own. The tap takes a frame at once or not at all, so only a
+        full tap queue (EAGAIN) makes the loop wait inside a batch."""
+        queue = context.queues[TX_QUEUE]
+        if queue is None:
+            return
+        memory = context.memory
+        batch_limit = queue.state.size
+        while True:
+            await context.wait_kick(TX_QUEUE)
+            while True:
+                queue.disable_notifications(memory)
+                # A batch is at most one ring's worth, so that a driver that keeps
+                # refilling still gets its interrupts and other tasks get to run.
+                handled, blocked = self._transmit_batch(memory, queue, batch_limit)
+                while blocked is not None:
+                    # The tap's queue is full: give back what went out so far, send
+                    # the frame when the tap has room, and go on with the batch.
+                    if handled:
+                        context.signal_used(TX_QUEUE)
+                    while not self._send(memory, blocked):
+                        await trio.lowlevel.wait_writable(self.tap.fd)
+                    queue.push(memory, blocked.head, 0)
+                    handled += 1
+                    more, blocked = self._transmit_batch(memory, queue, batch_limit - handled)
+                    handled += more
+                if handled:
+                    context.signal_used(TX_QUEUE)
+                await trio.lowlevel.checkpoint()
+                if handled < batch_limit and not queue.enable_notifications(memory):
+                    break
+
+    def _transmit_batch(self, memory: MemoryAccess, queue: VirtQueue,
+                        limit: int) -> tuple[int, DescriptorChain | None]:
+        """Send the frames of up to ``limit`` available chains and return the chains to
+        the used ring. Returns how many were returned, and the chain whose frame the tap
+        could not take yet (taken from the ring, not returned), if any.
+
+        The usual case, header and frame in one buffer, is sent from here; any other
+        layout goes through :meth:`_send`, which knows every rule.
+        """
+        pop = queue.pop
+        push = queue.push
+        view = memory.view
+        writev = os.writev
+        fd = self.tap.fd
+        handled = frames = frame_bytes = 0
+        try:
+            while handled < limit and (chain := pop(memory)) is not None:
+                readable = chain.readable
+                if len(readable) == 1 and not chain.writable:
+                    address, length = readable[0]
+                    frame_length = length - NET_HEADER_SIZE
+                else:
+                    address = frame_length = 0
+                if MIN_FRAME_SIZE <= frame_length <= MAX_FRAME_SIZE:
+                    try:
+                        # The guest's header is not passed on (see the module doc).
+                        writev(fd, [_ZERO_HEADER, view(address + NET_HEADER_SIZE,
+                                                       frame_length)])
+                    except BlockingIOError:
+                        return handled, chain
+                    except OSError as e:
+                        # EIO: the interface is down; EINVAL: the kernel refused it.
+                        self._drop_transmit(chain, frame_length, "tap refused it",
+                                            error=os.strerror(e.errno or 0))
+                    else:
+                        frames += 1
+                        frame_bytes += frame_length
+                elif not self._send(memory, chain):
+                    return handled, chain
+                push(memory, chain.head, 0)
+                handled += 1
+        finally:
+            stats = self.stats
+            stats.tx_frames += frames
+            stats.tx_bytes += frame_bytes
+        return handled, None
+
+    def _send(self, memory: MemoryAccess, chain: DescriptorChain) -> bool:
+        """Send the chain's frame to the tap (or drop it, counted). False only if the
+        tap would block: then nothing was sent and the chain is still the caller's."""
         if chain.writable:
             raise DeviceNeedsReset(
                 f"transmit chain {chain.head} has device-writable buffers "
                 "(virtio-net sends frames from device-readable buffers only)"
             )
-        frame_length = chain.readable_length - NET_HEADER_SIZE
-        if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
-            self.stats.tx_dropped += 1
-            self._log.debug("transmit frame dropped: bad size", head=chain.head,
-                            length=frame_length)
-            return 0
-        iov: list[bytes | memoryview] = [_ZERO_HEADER]
-        skip = NET_HEADER_SIZE
-        for address, length in chain.readable:
-            if skip >= length:
-                skip -= length
-                continue
-            iov.append(memory.view(address + skip, length - skip))
-            skip = 0
-        if len(iov) > _IOV_MAX:
-            iov = [_ZERO_HEADER, chain.read(memory, NET_HEADER_SIZE)]
-        while True:
-            try:
-                os.writev(self.tap.fd, iov)
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.tap.fd)
-            except OSError as e:
-                # EIO: the interface is down; EINVAL: the kernel refused the frame.
-                self.stats.tx_dropped += 1
-                self._log.debug("transmit frame dropped: tap refused it", head=chain.head,
-                                length=frame_length, error=os.strerror(e.errno or 0))
-                return 0
-        self.stats.tx_frames += 1
-        self.stats.tx_bytes += frame_length
-        return 0
+        readable = chain.readable
+        iov: list[bytes | memoryview]
+        if len(readable) == 1:
+            # The usual layout: header and frame in one buffer.
+            address, length = readable[0]
+            frame_length = length - NET_HEADER_SIZE
+            if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
+                return self._drop_transmit(chain, frame_length, "bad size")
+            iov = [_ZERO_HEADER, memory.view(address + NET_HEADER_SIZE, frame_length)]
+        else:
+            frame_length = chain.readable_length - NET_HEADER_SIZE
+            if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
+                return self._drop_transmit(chain, frame_length, "bad size")
+            iov = [_ZERO_HEADER]
+            skip = NET_HEADER_SIZE
+            for address, length in readable:
+                if skip >= length:
+                    skip -= length
+                    continue
+                iov.append(memory.view(address + skip, length - skip))
+                skip = 0
+            if len(iov) > _IOV_MAX:
+                iov = [_ZERO_HEADER, chain.read(memory, NET_HEADER_SIZE)]
+        try:
+            os.writev(self.tap.fd, iov)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            # EIO: the interface is down; EINVAL: the kernel refused the frame.
+            return self._drop_transmit(chain, frame_length, "tap refused it",
+                                       error=os.strerror(e.errno or 0))
+        stats = self.stats
+        stats.tx_frames += 1
+        stats.tx_bytes += frame_length
+        return True
+
+    def _drop_transmit(self, chain: DescriptorChain, frame_length: int, reason: str,
+                       **fields: object) -> bool:
+        self.stats.tx_dropped += 1
+        self._log.debug("transmit frame dropped", reason=reason, head=chain.head,
+                        length=frame_length, **fields)
+        return True
 
     # -- receive ------------------------------------------------------------------------
 
@@ -275,20 +379,82 @@ class NetDevice(VirtioDevice):
                     queue, memory, mergeable) is None:
                 await self._wait_for_receive_buffers(context, queue)
                 continue
-            await trio.lowlevel.wait_readable(self.tap.fd)
-            used = 0
+            used, tap_empty = self._receive_batch(memory, queue, mergeable)
+            if used:
+                context.signal_used(RX_QUEUE)
+            # The tap is read before it is waited for: while frames keep coming, a batch
+            # costs one checkpoint rather than an epoll registration and wake-up.
+            if tap_empty:
+                await trio.lowlevel.wait_readable(self.tap.fd)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    def _receive_batch(self, memory: MemoryAccess, queue: VirtQueue,
+                       mergeable: bool) -> tuple[int, bool]:
+        """Move up to :data:`_RX_BATCH` frames from the tap to receive buffers while the
+        driver has buffers. Returns how many chains went back to the used ring, and
+        whether the batch ended because the tap had nothing more to read.
+
+        The usual case, a frame that fits the single buffer of a one-buffer chain, is
+        handled here in one ``readv`` and one header store; anything else goes through
+        :meth:`_place_frame`, which knows every rule.
+        """
+        chains = self._rx_chains
+        fd = self.tap.fd
+        bounce = self._rx_buffer
+        # The part of a buffer a frame can use at most.
+        capacity_limit = len(bounce) - 1
+        view = memory.view
+        push = queue.push
+        readv = os.readv
+        used = frames = frame_bytes = 0
+        tap_empty = False
+        try:
             for _ in range(_RX_BATCH):
-                if not self._rx_chains and self._pop_receive_chain(
-                        queue, memory, mergeable) is None:
+                if not chains and self._pop_receive_chain(queue, memory, mergeable) is None:
                     break
-                if not self._read_frame(memory):
+                chain = chains[0]
+                writable = chain.writable
+                if len(writable) == 1:
+                    address, length = writable[0]
+                    first = view(address, min(length, capacity_limit))
+                    try:
+                        total = readv(fd, [first, bounce])
+                    except BlockingIOError:
+                        tap_empty = True
+                        break
+                    except OSError as e:
+                        raise self._read_error(e) from e
+                    first_length = len(first)
+                    if _SMALLEST_RECEIVED <= total <= first_length:
+                        # The whole frame is in the buffer (which holds the header too).
+                        first[:NET_HEADER_SIZE] = _ONE_BUFFER_HEADER
+                        push(memory, chain.head, total)
+                        del chains[0]
+                        used += 1
+                        frames += 1
+                        frame_bytes += total - NET_HEADER_SIZE
+                        continue
+                    self._rx_overflow_start = 0
+                    self._rx_overflow_end = max(total - first_length, 0)
+                    self._rx_frame_length = total
+                    self._rx_first_length = min(total, first_length)
+                elif not self._read_frame(memory):
+                    tap_empty = True
                     break
                 placed = self._place_frame(memory, queue, mergeable)
                 if placed is None:
                     break
                 used += placed
-            if used:
-                context.signal_used(RX_QUEUE)
+        finally:
+            stats = self.stats
+            stats.rx_frames += frames
+            stats.rx_bytes += frame_bytes
+        return used, tap_empty
+
+    def _read_error(self, e: OSError) -> TapError:
+        return TapError(f"reading tap {self.tap.name!r} failed: {os.strerror(e.errno or 0)}",
+                        name=self.tap.name, errno=e.errno)
 
     def _read_frame(self, memory: MemoryAccess) -> bool:
         """Read one frame from the tap into the first held chain (and the bounce buffer
@@ -315,8 +481,7 @@ class NetDevice(VirtioDevice):
         except BlockingIOError:
             return False
         except OSError as e:
-            raise TapError(f"reading tap {self.tap.name!r} failed: {os.strerror(e.errno or 0)}",
-                           name=self.tap.name, errno=e.errno) from e
+            raise self._read_error(e) from e
         if zero_copy:
             self._rx_overflow_start = 0
             self._rx_overflow_end = max(total - first_capacity, 0)
@@ -348,8 +513,13 @@ class NetDevice(VirtioDevice):
         chains = self._rx_chains
         first_length = self._rx_first_length
         if total == first_length:
-            chains[0].write(memory, NET_HEADER.pack(0, 0, 0, 0, 0, 0, 1))
-            queue.push(memory, chains[0].head, total)
+            chain = chains[0]
+            address, length = chain.writable[0]
+            if length >= NET_HEADER_SIZE:
+                memory.view(address, NET_HEADER_SIZE)[:] = _ONE_BUFFER_HEADER
+            else:
+                chain.write(memory, _ONE_BUFFER_HEADER)
+            queue.push(memory, chain.head, total)
             del chains[0]
             self._received(total)
             return 1

@@ -90,18 +90,6 @@ _DESCRIPTOR = struct.Struct("<QIHH")
 _USED_ELEMENT = struct.Struct("<II")
 _unpack_descriptor = _DESCRIPTOR.unpack_from
 _pack_used_element = _USED_ELEMENT.pack_into
-
-
-def _load_u16(view: memoryview, offset: int) -> int:
-    """One 16-bit load. The driver may store this u16 at the same moment, and struct
-    reads byte by byte: it could combine the old low byte with the new high byte."""
-    return int(view[offset:offset + 2].cast("H")[0])
-
-
-def _store_u16(view: memoryview, offset: int, value: int) -> None:
-    """One 16-bit store (struct writes byte by byte, and a driver polling the used idx
-    would see a torn value, e.g. 0x00ff -> 0x0000 -> 0x0100)."""
-    view[offset:offset + 2].cast("H")[0] = value
 _tuple_new = tuple.__new__
 
 _barrier_lock = threading.Lock()
@@ -182,13 +170,22 @@ class DescriptorChain:
     #: Device-writable buffers, in chain order.
     writable: tuple[Buffer, ...]
 
+    # Plain loops, not sum() over a generator: chains are short, and these run for every
+    # request of every device.
+
     @property
     def readable_length(self) -> int:
-        return sum(buffer.length for buffer in self.readable)
+        total = 0
+        for buffer in self.readable:
+            total += buffer[1]
+        return total
 
     @property
     def writable_length(self) -> int:
-        return sum(buffer.length for buffer in self.writable)
+        total = 0
+        for buffer in self.writable:
+            total += buffer[1]
+        return total
 
     def read(self, memory: MemoryAccess, offset: int = 0, length: int | None = None) -> bytes:
         """Gather ``length`` bytes of the device-readable buffers, from byte ``offset``
@@ -259,6 +256,24 @@ class DescriptorChain:
         return done
 
 
+# DescriptorChain(head, readable, writable) without the frozen dataclass's __init__
+# (object.__setattr__ per field): the slots' own descriptors set the fields directly.
+# One chain per request makes the difference measurable.
+_new_object = object.__new__
+_set_head = DescriptorChain.head.__set__  # type: ignore[attr-defined]
+_set_readable = DescriptorChain.readable.__set__  # type: ignore[attr-defined]
+_set_writable = DescriptorChain.writable.__set__  # type: ignore[attr-defined]
+
+
+def _new_chain(head: int, readable: tuple[Buffer, ...],
+               writable: tuple[Buffer, ...]) -> DescriptorChain:
+    chain = _new_object(DescriptorChain)
+    _set_head(chain, head)
+    _set_readable(chain, readable)
+    _set_writable(chain, writable)
+    return chain
+
+
 def _is_queue_size(size: int) -> bool:
     return 0 < size <= MAX_QUEUE_SIZE and not size & (size - 1)
 
@@ -272,9 +287,10 @@ class VirtQueue:
     spec forbids, and nothing else for anything a guest can do.
 
     One task serves a queue: the methods are not safe to call from two threads at
-    once. Besides :attr:`state` the object holds only a cache: read-only views of the
-    available ring and descriptor table, rebuilt whenever the memory object, the size
-    or those addresses differ from the last :meth:`pop`.
+    once. Besides :attr:`state` the object holds only a cache: views of the available
+    ring and descriptor table (read) and of the used ring (written), rebuilt whenever
+    the memory object, the size or those addresses differ from the last :meth:`pop` or
+    :meth:`push`.
     """
 
     def __init__(self, max_size: int) -> None:
@@ -349,8 +365,9 @@ class VirtQueue:
                 or s.descriptor_table != self._views_table):
             self._map_rings(memory)
         next_available = s.next_available
+        available = self._available_u16
         # The available idx is read exactly once: it bounds what this pop may look at.
-        available_idx = _load_u16(self._available_view, 2)
+        available_idx = available[1]
         pending = (available_idx - next_available) & 0xFFFF
         if not pending:
             return None
@@ -359,7 +376,7 @@ class VirtQueue:
                 f"available idx {available_idx} is {pending} entries ahead of the "
                 f"device's position {next_available}, more than the queue size {size}"
             )
-        head = _load_u16(self._available_view, 4 + 2 * (next_available & (size - 1)))
+        head = available[2 + (next_available & (size - 1))]
         if head >= size:
             raise QueueError(
                 f"available ring entry {next_available} names head descriptor {head}, "
@@ -381,9 +398,9 @@ class VirtQueue:
                     "is not inside guest RAM"
                 ))
             if flags & VIRTQ_DESC_F_WRITE:
-                chain = DescriptorChain(head, (), buffers)
+                chain = _new_chain(head, (), buffers)
             else:
-                chain = DescriptorChain(head, buffers, ())
+                chain = _new_chain(head, buffers, ())
         s.next_available = (next_available + 1) & 0xFFFF
         return chain
 
@@ -392,7 +409,7 @@ class VirtQueue:
 
         The device only ever reads these two parts, so the views are kept across calls
         while the memory object and the layout stay the same (two ``view`` calls saved
-        per pop). The used ring, which we write, is viewed afresh on every push.
+        per pop). The used ring has its own cache, kept by ``push``.
         """
         s = self.state
         size = s.size
@@ -408,6 +425,10 @@ class VirtQueue:
         except GuestAddressError as e:
             raise QueueError(f"queue descriptor table outside guest RAM: {e}") from e
         self._available_view = available
+        # Its u16 fields are read through a native "H" view: one 16-bit load each. The
+        # driver may store a field at the same moment, and struct reads byte by byte: it
+        # could combine the old low byte with the new high byte.
+        self._available_u16 = available.cast("H")
         self._table_view = table
         self._views_size = size
         self._views_available = s.available_ring
@@ -418,6 +439,11 @@ class VirtQueue:
         self._views_memory: MemoryAccess | None = None
         self._views_size = self._views_available = self._views_table = -1
         self._available_view = self._table_view = memoryview(b"")
+        self._available_u16 = memoryview(b"").cast("H")
+        self._used_memory: MemoryAccess | None = None
+        self._used_key = (-1, -1)
+        self._used_view = memoryview(b"")
+        self._used_u16 = memoryview(b"").cast("H")
 
     def _walk(self, memory: MemoryAccess, head: int,
               descriptor: tuple[int, int, int, int]) -> DescriptorChain:
@@ -501,7 +527,7 @@ class VirtQueue:
                 ))
             index = next_index
             address, length, flags, next_index = _unpack_descriptor(table, index << 4)
-        return DescriptorChain(head, tuple(readable), tuple(writable))
+        return _new_chain(head, tuple(readable), tuple(writable))
 
     @staticmethod
     def _where(head: int, index: int, indirect_table: int | None) -> str:
@@ -532,16 +558,30 @@ class VirtQueue:
         if next_used == s.next_available:
             raise QueueError(f"chain {head} returned to the used ring, but every chain "
                              "taken from the available ring was returned already")
+        if memory is not self._used_memory or self._used_key != (s.used_ring, size):
+            self._map_used_ring(memory)
+        # The element is stored before the idx that publishes it (see module doc).
+        _pack_used_element(self._used_view, 4 + 8 * (next_used & (size - 1)), head, written)
+        next_used = (next_used + 1) & 0xFFFF
+        self._used_u16[1] = next_used
+        s.next_used = next_used
+
+    def _map_used_ring(self, memory: MemoryAccess) -> None:
+        """Take views of the used ring (flags, idx and ring[size]) for ``push``, kept
+        while the memory object, the size and the address stay the same."""
+        s = self.state
+        self._used_memory = None
         try:
-            # idx and ring[size] in one view.
-            used = memory.view(s.used_ring + 2, 2 + 8 * size)
-            _pack_used_element(used, 2 + 8 * (next_used & (size - 1)), head, written)
-            # The element is stored before the idx that publishes it (see module doc).
-            next_used = (next_used + 1) & 0xFFFF
-            _store_u16(used, 0, next_used)
+            used = memory.view(s.used_ring, 4 + 8 * s.size)
         except GuestAddressError as e:
             raise QueueError(f"used ring outside guest RAM: {e}") from e
-        s.next_used = next_used
+        self._used_view = used
+        # The idx is stored through a native "H" view: one 16-bit store (struct writes
+        # byte by byte, and a driver polling the used idx would see a torn value, e.g.
+        # 0x00ff -> 0x0000 -> 0x0100).
+        self._used_u16 = used.cast("H")
+        self._used_key = (s.used_ring, s.size)
+        self._used_memory = memory
 
     # -- notification suppression -------------------------------------------------------
 

@@ -125,9 +125,23 @@ def test_fadt_is_hardware_reduced(tables: AcpiTables) -> None:
     for legacy in ("smi_cmd", "pm1a_evt_blk", "pm1a_cnt_blk", "pm_tmr_blk", "gpe0_blk",
                    "sci_int", "firmware_ctrl", "x_firmware_ctrl"):
         assert fadt[legacy] == 0, legacy
-    for gas in ("reset_reg", "x_pm1a_evt_blk", "x_pm_tmr_blk", "sleep_control_reg"):
+    for gas in ("reset_reg", "x_pm1a_evt_blk", "x_pm_tmr_blk"):
         assert fadt[gas].address == 0, gas
     assert fadt.iapc_boot_arch == acpi.IAPC_BOOT_ARCH
+
+
+def test_fadt_sleep_registers_and_s5_make_acpi_power_off_possible(tables: AcpiTables) -> None:
+    """Linux installs ACPI power-off on hardware-reduced ACPI only with both sleep
+    registers and a \\_S5_ object; both registers are single SystemIO bytes."""
+    fadt = FadtBody.parse(table_at(tables, "FACP")[HEADER_LENGTH:])
+    control, status = fadt.sleep_control_reg, fadt.sleep_status_reg
+    assert (control.space_id, control.bit_width, control.access_size) == (1, 8, 1)
+    assert (status.space_id, status.bit_width, status.access_size) == (1, 8, 1)
+    assert control.address == acpi.ACPI_SLEEP_CONTROL_PORT
+    assert status.address == acpi.ACPI_SLEEP_CONTROL_PORT + 1
+    dsdt = table_at(tables, "DSDT")
+    # Name (\_S5_, Package (2) {5, 0}): NameOp, root prefix, name, PackageOp.
+    assert b"\x08\\_S5_\x12" in dsdt
 
 
 @pytest.mark.parametrize("vcpus", [1, 2, 8, acpi.MAX_VCPUS])
@@ -222,6 +236,8 @@ def test_iasl_disassembles_the_tables(tables: AcpiTables, tmp_path: Path) -> Non
     fadt = disassemble(paths["FACP"])
     assert "Hardware Reduced (V5) : 1" in fadt
     assert f"DSDT Address : {tables.table_addresses['DSDT']:016X}" in fadt
+    assert "Sleep Control Register : [Generic Address Structure]" in fadt
+    assert "Address : 0000000000000600" in fadt and "Address : 0000000000000601" in fadt
 
     madt = disassemble(paths["APIC"])
     assert madt.count("[Processor Local APIC]") == 2
@@ -232,6 +248,7 @@ def test_iasl_disassembles_the_tables(tables: AcpiTables, tmp_path: Path) -> Non
 
     dsdt = disassemble(paths["DSDT"])
     assert "Scope (\\_SB)" in dsdt
+    assert "Name (\\_S5, Package (0x02)" in dsdt
     assert "Device (COM1)" in dsdt
     assert 'Name (_HID, EisaId ("PNP0501")' in dsdt
     assert "0x03F8,             // Range Minimum" in dsdt

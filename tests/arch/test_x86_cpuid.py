@@ -111,11 +111,17 @@ def test_host_profile_keeps_features() -> None:
     assert find(entries, 1).ecx & (1 << 21)  # x2APIC
 
 
-def test_compat_profile_hides_only_cx16() -> None:
+def test_compat_profile_hides_cx16_and_the_hypercall_pv_features() -> None:
     host = filter_cpuid(kvm_like_supported(), vcpu_id=0, vcpu_count=1, profile="host")
     compat = filter_cpuid(kvm_like_supported(), vcpu_id=0, vcpu_count=1, profile="compat")
     assert find(host, 1).ecx & ~find(compat, 1).ecx == 1 << 13
-    assert [e for e in host if e.function != 1] == [e for e in compat if e.function != 1]
+    # KVM's PV features: PV_UNHALT (7), PV_SEND_IPI (11), PV_SCHED_YIELD (13) go; the rest
+    # (kvmclock, async PF, steal time, PV TLB flush, ...) stay.
+    pv_host, pv_compat = find(host, 0x4000_0001).eax, find(compat, 0x4000_0001).eax
+    assert pv_host & ~pv_compat == (1 << 7) | (1 << 11) | (1 << 13)
+    assert pv_compat == pv_host & ~((1 << 7) | (1 << 11) | (1 << 13))
+    assert [e for e in host if e.function not in (1, 0x4000_0001)] == [
+        e for e in compat if e.function not in (1, 0x4000_0001)]
 
 
 def test_hide_named_features() -> None:
@@ -134,7 +140,8 @@ def test_hide_named_features() -> None:
 
 
 def test_resolve_hidden_closure() -> None:
-    assert resolve_hidden("compat") == {"cx16"}
+    assert resolve_hidden("compat") == {"cx16", "kvm_pv_unhalt", "kvm_pv_send_ipi",
+                                        "kvm_pv_sched_yield"}
     assert resolve_hidden("host", ["sse3"]) == {"sse3", "ssse3", "sse4_1", "sse4_2"}
 
 

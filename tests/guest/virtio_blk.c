@@ -51,11 +51,15 @@ bool blk_reopen(struct blk *blk)
     blk->size_max = BLK_BUFFER_SIZE;
     if (virtio_has(dev, VIRTIO_BLK_F_SIZE_MAX)) {
         uint32_t size_max = virtio_config_read32(dev, VIRTIO_BLK_CFG_SIZE_MAX);
-        if (size_max == 0) {
+        /* QEMU 7.2's vhost-user-blk offers SIZE_MAX whatever its back-end says
+         * and passes on the back-end's 0 (qemu-storage-daemon's); with
+         * avmm.lax_size_max=1 that means no limit. */
+        bool lax = cmdline_get_u64("avmm.lax_size_max", 0) != 0;
+        if (size_max == 0 && !lax) {
             guest_printf(GUEST_PREFIX "%s size_max is 0\n", dev->name);
             return false;
         }
-        if (size_max < blk->size_max)
+        if (size_max != 0 && size_max < blk->size_max)
             blk->size_max = size_max;
     }
     /* avmm.seg: split the data into smaller descriptors than the device needs,

@@ -3,10 +3,10 @@
 #include "guest.h"
 #include "timer.h"
 
-#define RXQ 0
-#define TXQ 1
+#define RXQ NET_RXQ
+#define TXQ NET_TXQ
 
-static uint8_t rx_buffers[NET_RX_BUFFERS][NET_RX_BUFFER_SIZE] __attribute__((aligned(4096)));
+static uint8_t rx_buffers[NET_RX_POOL][NET_RX_BUFFER_SIZE] __attribute__((aligned(4096)));
 static uint8_t tx_buffer[NET_HDR_SIZE + NET_MAX_FRAME] __attribute__((aligned(64)));
 /* Descriptor head -> receive buffer. */
 static int16_t rx_of_head[VIRTQ_MAX_SIZE];
@@ -24,6 +24,13 @@ static bool post_rx(struct net *net, unsigned buffer)
 
 bool net_open(struct net *net, unsigned index, bool mrg)
 {
+    return net_open_rx(net, index, mrg, NET_RX_BUFFERS);
+}
+
+bool net_open_rx(struct net *net, unsigned index, bool mrg, unsigned rx_buffers)
+{
+    if (rx_buffers == 0 || rx_buffers > NET_RX_POOL)
+        guest_panic("net_open_rx: %u receive buffers (1..%u)", rx_buffers, NET_RX_POOL);
     memset(net, 0, sizeof(*net));
     net->dev = virtio_find(VIRTIO_ID_NET, index);
     if (!net->dev) {
@@ -61,7 +68,7 @@ bool net_open(struct net *net, unsigned index, bool mrg)
         rx_of_head[i] = -1;
     /* Receive buffers go on the ring before DRIVER_OK (spec 5.1.5), the
      * notification only after it (spec 3.1.1). */
-    for (unsigned i = 0; i < NET_RX_BUFFERS; i++) {
+    for (unsigned i = 0; i < rx_buffers; i++) {
         if (!post_rx(net, i))
             break; /* a small queue: fewer buffers */
         net->rx_posted++;
@@ -194,6 +201,32 @@ enum net_rx net_receive(struct net *net, void *frame, uint32_t *frame_len, uint6
     }
     *frame_len = total;
     return NET_RX_FRAME;
+}
+
+int net_rx_poll(struct net *net, const uint8_t **data, uint32_t *len)
+{
+    struct virtq *vq = &net->dev->queues[RXQ];
+    uint16_t head;
+    if (!virtq_get_used(vq, &head, len))
+        return -1;
+    if (rx_of_head[head] < 0)
+        guest_panic("%s: used id %u is no receive buffer", net->dev->name, head);
+    int buffer = rx_of_head[head];
+    rx_of_head[head] = -1;
+    *data = rx_buffers[buffer];
+    net->rx_frames++;
+    return buffer;
+}
+
+void net_rx_repost(struct net *net, unsigned buffer)
+{
+    if (!post_rx(net, buffer))
+        guest_panic("%s: receive queue full", net->dev->name);
+}
+
+void net_rx_kick(struct net *net)
+{
+    virtq_kick(&net->dev->queues[RXQ]);
 }
 
 void net_close(struct net *net)

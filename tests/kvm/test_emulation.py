@@ -138,3 +138,58 @@ def test_unknown_instruction_leaves_the_vcpu_alone(make_guest):
     assert vcpu.get_regs().rip == CODE_ADDRESS
     assert events_exception(vcpu.get_vcpu_events()).injected == 0
     assert run(vcpu) == exits.Shutdown()
+
+
+# fwait ; stac ; pushfq ; pop rax ; out 0x44, eax ; clac ; pushfq ; pop rax ;
+# out 0x44, eax ; ud2
+FLAGS_PROGRAM = (b"\x9b" + b"\x0f\x01\xcb" + bytes.fromhex("9c 58 e744") + b"\x0f\x01\xca"
+                 + bytes.fromhex("9c 58 e744") + UD2)
+RFLAGS_AC = 1 << 18
+
+
+@pytest.mark.kvm
+def test_fwait_stac_clac_have_their_architectural_effect(make_guest):
+    """Natively on hardware KVM with SMAP; through the fallback where KVM's emulator
+    refuses them. Either way: fwait does nothing, stac sets RFLAGS.AC, clac clears it."""
+    guest = make_guest(FLAGS_PROGRAM)
+    after_stac = run_emulating(guest)
+    assert isinstance(after_stac, exits.IoOut) and after_stac.port == 0x44
+    assert int.from_bytes(after_stac.data, "little") & RFLAGS_AC
+    after_clac = run_emulating(guest)
+    assert isinstance(after_clac, exits.IoOut) and after_clac.port == 0x44
+    assert not int.from_bytes(after_clac.data, "little") & RFLAGS_AC
+    assert guest.vcpu.get_regs().rip == CODE_ADDRESS + len(FLAGS_PROGRAM) - len(UD2)
+
+
+class _FakeRegs:
+    def __init__(self, rip: int, rflags: int) -> None:
+        self.rip, self.rflags = rip, rflags
+
+
+class _FakeVcpu:
+    id = 0
+
+    def __init__(self, rflags: int) -> None:
+        self.regs = _FakeRegs(CODE_ADDRESS, rflags)
+
+    def get_regs(self) -> _FakeRegs:
+        return self.regs
+
+    def set_regs(self, regs: _FakeRegs) -> None:
+        self.regs = regs
+
+
+@pytest.mark.parametrize(
+    ("code", "rflags_before", "length", "rflags_after"),
+    [
+        (b"\x9b\x90", 0x2, 1, 0x2),  # fwait
+        (b"\x0f\x01\xcb", 0x2, 3, 0x2 | RFLAGS_AC),  # stac
+        (b"\x0f\x01\xca", 0x2 | RFLAGS_AC, 3, 0x2),  # clac
+    ],
+)
+def test_fallbacks_advance_rip_and_change_only_ac(code, rflags_before, length, rflags_after):
+    vcpu = _FakeVcpu(rflags_before)
+    instruction = FaultingInstruction(CODE_ADDRESS, CODE_ADDRESS, CODE_ADDRESS, code)
+    assert try_emulate(cast(Vcpu, vcpu), instruction) is True
+    assert vcpu.regs.rip == CODE_ADDRESS + length
+    assert vcpu.regs.rflags == rflags_after

@@ -52,3 +52,12 @@ def tiny_elf(path: Path, code: bytes, *, load_address: int = 0x100000) -> Path:
     image += bytes(code_offset - len(image)) + code
     path.write_bytes(image)
     return path
+
+
+def host_profile_words() -> str:
+    """What ``cpu_profile = "auto"`` puts in front of a configured command line on this
+    host (with a trailing space), e.g. for checking what a guest echoes."""
+    from avmm.cpu_profile import profile_cmdline, resolve_cpu_profile
+
+    words = profile_cmdline(resolve_cpu_profile("auto"))
+    return f"{words} " if words else ""

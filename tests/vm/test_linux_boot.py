@@ -24,6 +24,7 @@ import trio
 
 from avmm import VirtualMachine
 from avmm.config import RngConfig
+from avmm.cpu_profile import profile_cmdline
 
 from .helpers import guest_config
 
@@ -69,7 +70,8 @@ async def test_debian_bzimage_banner_command_line_acpi_tables_and_two_cpus(
         vm.stop()
     text = output.decode(errors="replace").replace("\r\n", "\n")
     assert "Linux version 6." in text, f"no banner after {elapsed:.0f} s: {text[-2000:]!r}"
-    assert f"Command line: {cmdline}\n" in text
+    # The compat profile's words come first (test_cpu_profile.py checks them).
+    assert f"Command line: {profile_cmdline('compat')} {cmdline}\n" in text
     assert "virtio_mmio.device=" not in text
     assert "BIOS-e820: [mem 0x00000000000e0000-0x00000000000fffff] reserved" in text
     missing = [line for line in ACPI_LINES if line not in text]

@@ -7,7 +7,7 @@ only through ACPI. :func:`build_acpi_tables` lays out, from one guest physical a
     XSDT                         -> FADT, MADT
     FADT (revision 6)            -> DSDT (both the 32-bit DSDT and the 64-bit X_DSDT)
     MADT                         one Local APIC per vCPU, the I/O APIC, IRQ0 -> GSI 2
-    DSDT                         \\_SB.COM1 (PNP0501) and \\_SB.VRnn (LNRO0005) per device
+    DSDT                         \\_S5_, \\_SB.COM1 (PNP0501), \\_SB.VRnn (LNRO0005) per device
 
 Choices, with the reasons (ACPI 6.x and what Linux does with each field):
 
@@ -24,8 +24,12 @@ Choices, with the reasons (ACPI 6.x and what Linux does with each field):
   (``null_legacy_pic``) and the PIT/HPET timer init and uses the LAPIC timer. The reset
   register is left empty (``RESET_REG_SUP`` clear): Linux's default reboot falls
   through ACPI to the keyboard controller pulse (0xFE to port 0x64), which avmm's i8042
-  model handles. No sleep registers either, so ACPI power-off is unavailable; guests end
-  through the i8042 reset or the debug-exit port. ``IAPC_BOOT_ARCH`` says: no VGA, no
+  model handles. Power-off goes through the hardware-reduced sleep registers: the FADT's
+  ``SLEEP_CONTROL_REG``/``SLEEP_STATUS_REG`` are the two SystemIO bytes at
+  :data:`ACPI_SLEEP_CONTROL_PORT` (avmm's :class:`~avmm.devices.acpi_sleep.AcpiSleep`)
+  and the DSDT's ``\\_S5_`` package gives SLP_TYP :data:`S5_SLEEP_TYPE`; Linux needs both
+  registers and ``\\_S5_`` before it installs ACPI power-off, then writes
+  ``SLP_TYP << 2 | SLP_EN`` to the control register. ``IAPC_BOOT_ARCH`` says: no VGA, no
   CMOS RTC (avmm has neither), and leaves the 8042 bit clear so that Linux does not
   probe a keyboard controller that only implements reset.
 - **MADT.** Local APIC at 0xFEE00000; ``PCAT_COMPAT`` clear: a hardware-reduced guest
@@ -121,6 +125,16 @@ PIT_ISA_IRQ: Final = 0
 PIT_GSI: Final = 2
 #: The xAPIC limits: 8-bit APIC IDs, 0xFF is the broadcast ID.
 MAX_VCPUS: Final = 254
+
+# Hardware-reduced sleep registers (§4.8.3.7): control at the port, status right after it.
+#: SystemIO port of SLEEP_CONTROL_REG (SLEEP_STATUS_REG is the next port). 0x600 is where
+#: PC chipsets put their PM block; avmm has none, so it is free.
+ACPI_SLEEP_CONTROL_PORT: Final = 0x600
+ACPI_SLEEP_STATUS_PORT: Final = ACPI_SLEEP_CONTROL_PORT + 1
+#: The SLP_TYP value \\_S5_ gives (any 3-bit value works; the device checks this one).
+S5_SLEEP_TYPE: Final = 5
+GAS_SYSTEM_IO: Final = 1
+GAS_ACCESS_BYTE: Final = 1
 
 # DSDT.
 COM1_PORT: Final = 0x3F8
@@ -318,6 +332,8 @@ def build_fadt(dsdt_address: int) -> bytes:
         for sc in FadtBody.subcons
     }
     fields.update(
+        sleep_control_reg=_io_byte_register(ACPI_SLEEP_CONTROL_PORT),
+        sleep_status_reg=_io_byte_register(ACPI_SLEEP_STATUS_PORT),
         dsdt=dsdt_address,
         x_dsdt=dsdt_address,
         iapc_boot_arch=IAPC_BOOT_ARCH,
@@ -325,6 +341,12 @@ def build_fadt(dsdt_address: int) -> bytes:
         fadt_minor_version=FADT_MINOR_REVISION,
     )
     return build_table(b"FACP", FADT_REVISION, FadtBody.build(fields))
+
+
+def _io_byte_register(port: int) -> dict[str, int]:
+    """A Generic Address Structure for one byte at a SystemIO port."""
+    return {"space_id": GAS_SYSTEM_IO, "bit_width": 8, "bit_offset": 0,
+            "access_size": GAS_ACCESS_BYTE, "address": port}
 
 
 def build_madt(vcpus: int) -> bytes:
@@ -379,7 +401,9 @@ def build_dsdt(virtio_devices: Sequence[tuple[int, int, int]]) -> bytes:
                 ],
             )
         )
-    return build_table(b"DSDT", DSDT_REVISION, aml.scope("\\_SB", devices))
+    # \_S5_: Package {SLP_TYPa, SLP_TYPb}; hardware-reduced ACPI uses only the first.
+    s5 = aml.name("\\_S5_", aml.package([aml.integer(S5_SLEEP_TYPE), aml.integer(0)]))
+    return build_table(b"DSDT", DSDT_REVISION, s5 + aml.scope("\\_SB", devices))
 
 
 # -- layout -------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ It changes only:
 * the features the profile and the ``hide`` list remove.
 
 The hypervisor leaves (0x4000_0000: "KVMKVMKVM\\0\\0\\0", 0x4000_0001: KVM's paravirtual
-features) are passed through as KVM gave them. Vendor-specific AMD topology leaves
+features) are passed through as KVM gave them, less the paravirtual features hidden by
+name (``kvm_pv_*`` in :data:`FEATURES`). Vendor-specific AMD topology leaves
 (0x8000_0008 ECX, 0x8000_001E) are passed through unchanged.
 """
 
@@ -92,6 +93,12 @@ FEATURES: Final[dict[str, Feature]] = {
     "abm": Feature(0x8000_0001, 0, "ecx", 5),
     "pdpe1gb": Feature(0x8000_0001, 0, "edx", 26),
     "rdtscp": Feature(0x8000_0001, 0, "edx", 27),
+    # KVM's paravirtual features (leaf 0x4000_0001 EAX), for the ones a guest uses through
+    # hypercalls: PV_UNHALT (KVM_HC_KICK_CPU from PV spinlocks), PV_SEND_IPI
+    # (KVM_HC_SEND_IPI), PV_SCHED_YIELD (KVM_HC_SCHED_YIELD).
+    "kvm_pv_unhalt": Feature(HYPERVISOR_BASE_LEAF + 1, 0, "eax", 7),
+    "kvm_pv_send_ipi": Feature(HYPERVISOR_BASE_LEAF + 1, 0, "eax", 11),
+    "kvm_pv_sched_yield": Feature(HYPERVISOR_BASE_LEAF + 1, 0, "eax", 13),
 }
 
 #: Hiding a feature hides the ones that cannot work without it, so that the guest never
@@ -114,7 +121,10 @@ PROFILES: Final[dict[str, tuple[str, ...]]] = {
     # honours this mask. Other problem instructions (popcnt, clac/stac, xrstor) cannot be
     # masked this way there because KVM does not list them as settable; use the guest
     # command line (clearcpuid=, noxsave) or emulate them instead.
-    "compat": ("cx16",),
+    # That KVM also never returns from some hypercalls (seen: KVM_HC_SEND_IPI from an AP
+    # during Linux's SMP bring-up, which hangs the boot), so the PV features that make
+    # Linux issue hypercalls are hidden too; Linux then sends IPIs through the LAPIC.
+    "compat": ("cx16", "kvm_pv_unhalt", "kvm_pv_send_ipi", "kvm_pv_sched_yield"),
 }
 
 _LEAF1_APIC_ID_SHIFT: Final = 24

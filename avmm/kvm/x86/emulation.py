@@ -16,8 +16,16 @@ listed here the architectural effect is simple enough to produce from userspace:
   Should that show up, deliver #BP entirely from userspace (push the interrupt frame,
   load CS:RIP from the IDT gate) instead.
 
-Anything else is left alone and the VM stops with the instruction bytes in its reason.
-Later work may add more entries (see PEERS.md for instructions seen on such hosts).
+* ``fwait`` (0x9B): waits for pending unmasked x87 exceptions. Linux issues it with all
+  x87 exceptions masked (and the VMM never raises one), so its effect is nothing: advance
+  RIP by one.
+* ``clac``/``stac`` (0F 01 CA / 0F 01 CB): clear/set RFLAGS.AC, advance RIP by three.
+  The CPU raises #UD for them without SMAP or outside ring 0; Linux executes them only
+  after finding SMAP in CPUID and only in ring 0, and KVM reports the failure only for
+  ring-0 code, so the effect is exactly the flag change.
+
+Anything else is left alone and the VM stops with the instruction bytes in its reason
+(see PEERS.md for instructions seen on such hosts).
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ MAX_INSTRUCTION_LENGTH = 15
 
 BREAKPOINT_VECTOR = 3
 INT3 = 0xCC
+FWAIT = b"\x9b"
+CLAC = b"\x0f\x01\xca"
+STAC = b"\x0f\x01\xcb"
+RFLAGS_AC = 1 << 18
 
 GuestReader = Callable[[int, int], bytes | None]
 """Reads ``length`` bytes at a guest-physical address; None where not RAM."""
@@ -84,7 +96,25 @@ def try_emulate(vcpu: Vcpu, instruction: FaultingInstruction) -> bool:
         _inject_breakpoint(vcpu)
         log.debug("emulated int3", vcpu=vcpu.id, rip=hex(instruction.rip))
         return True
-    return False
+    code = instruction.code
+    if code.startswith(FWAIT):
+        _advance(vcpu, len(FWAIT))
+    elif code.startswith(CLAC):
+        _advance(vcpu, len(CLAC), clear_flags=RFLAGS_AC)
+    elif code.startswith(STAC):
+        _advance(vcpu, len(STAC), set_flags=RFLAGS_AC)
+    else:
+        return False
+    log.debug("emulated instruction", vcpu=vcpu.id, rip=hex(instruction.rip),
+              code=code[:3].hex())
+    return True
+
+
+def _advance(vcpu: Vcpu, length: int, *, set_flags: int = 0, clear_flags: int = 0) -> None:
+    regs = vcpu.get_regs()
+    regs.rip += length
+    regs.rflags = (regs.rflags | set_flags) & ~clear_flags
+    vcpu.set_regs(regs)
 
 
 def _inject_breakpoint(vcpu: Vcpu) -> None:

@@ -14,6 +14,11 @@
 
 #define NET_HDR_SIZE            12
 #define NET_RX_BUFFERS          16
+/* Receive buffers there are in all; net_open posts NET_RX_BUFFERS of them,
+ * net_open_rx (net-bench) up to this many. */
+#define NET_RX_POOL             64
+#define NET_RXQ                 0
+#define NET_TXQ                 1
 #define NET_RX_BUFFER_SIZE      2048
 #define NET_MAX_FRAME           1514
 /* Smallest receive buffers: a header and a frame without MRG_RXBUF (spec
@@ -50,6 +55,10 @@ struct net {
  * NET_RX_BUFFER_SIZE). Prints a line on failure. */
 bool net_open(struct net *net, unsigned index, bool mrg);
 
+/* net_open with `rx_buffers` (1..NET_RX_POOL) receive buffers posted instead of
+ * NET_RX_BUFFERS (fewer if the queue is smaller). */
+bool net_open_rx(struct net *net, unsigned index, bool mrg, unsigned rx_buffers);
+
 /* Send one frame (without header, len <= NET_MAX_FRAME) and wait for the
  * device to give the buffer back; exits on timeout or NEEDS_RESET. */
 void net_send(struct net *net, const void *frame, uint32_t len);
@@ -65,6 +74,16 @@ enum net_rx {
  * `frame` (NET_MAX_FRAME bytes at least; longer frames are an error) and set
  * *len. The receive buffers are posted again before returning. */
 enum net_rx net_receive(struct net *net, void *frame, uint32_t *len, uint64_t timeout_ms);
+
+/* Non-blocking receive without copying, for benchmarks (net-bench): if a used
+ * receive buffer is there, return its index (>= 0), point *data at what the
+ * device wrote (virtio_net_hdr first) and set *len to the used length; -1 if
+ * there is none. The buffer stays the caller's until net_rx_repost(), which
+ * puts it back on the ring without notifying: call net_rx_kick() once after a
+ * batch. Headers are not checked. */
+int net_rx_poll(struct net *net, const uint8_t **data, uint32_t *len);
+void net_rx_repost(struct net *net, unsigned buffer);
+void net_rx_kick(struct net *net);
 
 void net_close(struct net *net);
 

@@ -1,11 +1,13 @@
-"""Running a blocking vCPU loop in a thread that belongs to a trio task.
+"""Running a long-lived blocking loop (a vCPU, a disk's I/O thread) in a thread that
+belongs to a trio task.
 
 ``trio.to_thread.run_sync`` cannot interrupt its thread and counts against trio's default
-thread limiter (40), which would cap how many VMs a process can hold. Instead each vCPU
+thread limiter (40), which would cap how many VMs a process can hold. Instead each loop
 gets its own thread from :func:`trio.lowlevel.start_thread_soon`, and the task that owns
-it waits for the thread with an abort function that *kicks* the vCPU: when the task is
-cancelled the vCPU leaves KVM_RUN, the loop returns, and only then does the task finish.
-So cancelling the VM's nursery always joins every vCPU thread; nothing is left running.
+it waits for the thread with an abort function that tells the loop to stop (a vCPU is
+*kicked* out of KVM_RUN; an I/O thread is woken): when the task is cancelled the loop
+returns, and only then does the task finish. So cancelling a VM's nursery always joins
+every such thread; nothing is left running.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import trio
 T = TypeVar("T")
 
 
-async def run_in_vcpu_thread(
-    function: Callable[[], T], *, kick: Callable[[], None], name: str
+async def run_in_own_thread(
+    function: Callable[[], T], *, on_cancel: Callable[[], None], name: str
 ) -> T:
     """Run ``function`` in a new thread and return its result (or raise its exception).
 
-    If the calling task is cancelled, ``kick`` is called (from the event-loop thread) and
-    the task keeps waiting until ``function`` returns; then Cancelled is raised.
+    If the calling task is cancelled, ``on_cancel`` is called (from the event-loop thread;
+    it must make ``function`` return soon) and the task keeps waiting until ``function``
+    returns; then Cancelled is raised.
     """
     task = trio.lowlevel.current_task()
     token = trio.lowlevel.current_trio_token()
-    context = contextvars.copy_context()  # keep structlog's bound vm/vcpu in the thread
+    context = contextvars.copy_context()  # keep structlog's bound vm/vcpu/device
 
     def deliver(result: outcome.Outcome[T]) -> None:
         def wake() -> None:
@@ -47,7 +50,7 @@ async def run_in_vcpu_thread(
     trio.lowlevel.start_thread_soon(body, deliver, name=name)
 
     def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-        kick()
+        on_cancel()
         return trio.lowlevel.Abort.FAILED
 
     result: T = await trio.lowlevel.wait_task_rescheduled(abort)

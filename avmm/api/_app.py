@@ -1,0 +1,367 @@
+"""The management API as a plain ASGI application over a :class:`avmm.host.Host`.
+
+HTTP itself (parsing, chunking, keep-alive) is hypercorn's; this module only routes
+``(method, path)`` to a handler and turns results and errors into responses. It is a
+bare ASGI callable rather than a framework app so that the console stream can watch for
+the client's disconnect in a trio nursery of its own (the VM keeps running when a
+viewer leaves, and a silent guest must not pin a subscription forever).
+
+Status codes: 400 malformed body or bad config (``detail.key`` names the key), 404
+unknown VM or route, 405 method not allowed (``Allow`` header), 409 wrong state, 413
+body too large, 415 unsupported Content-Type, 422 valid config but the VM could not be
+built (``detail.step``), 503 shutting down, 500 an avmm bug (logged with a traceback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import structlog
+import trio
+
+from ..config import SerialConfig, VmConfig, config_from_dict
+from ..errors import AvmmError, ConfigError, UnknownVmError, VmStartError, VmStateError
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ._metrics import render_metrics
+from ._openapi import openapi_document
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["CONFIG_BODY_MAX", "CONSOLE_INPUT_MAX", "ManagementApi"]
+
+#: The largest config body accepted; a vm.toml is a few hundred bytes.
+CONFIG_BODY_MAX: Final = 1 << 20
+#: The most console input accepted in one request (the UART takes it a byte at a time).
+CONSOLE_INPUT_MAX: Final = 64 << 10
+_DRAIN_FACTOR: Final = 16
+
+_Scope = dict[str, Any]
+_Receive = Callable[[], Awaitable[dict[str, Any]]]
+_Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HttpError(Exception):
+    """An error response: ``{"error": message, "detail": detail}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, detail: Any = None,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.headers = headers
+
+
+@dataclass
+class _Request:
+    scope: _Scope
+    receive: _Receive
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.scope.get("headers", ()):
+            if key.lower() == wanted:
+                return bytes(value).decode("latin-1")
+        return None
+
+    def query(self, name: str) -> str | None:
+        values = parse_qs(bytes(self.scope.get("query_string", b"")).decode("latin-1"),
+                          keep_blank_values=True).get(name)
+        return values[-1] if values else None
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body; 413 as soon as it grows past ``limit``."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > limit:
+                # Read (and drop) a moderate excess first: a client still busy sending
+                # would otherwise see a reset instead of the 413.
+                while more and size <= _DRAIN_FACTOR * limit:
+                    message = await self.receive()
+                    size += len(message.get("body", b""))
+                    more = message.get("more_body", False)
+                raise HttpError(413, f"request body larger than {limit} bytes",
+                                {"limit": limit})
+            chunks.append(chunk)
+            if not more:
+                return b"".join(chunks)
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    #: A streamed body: chunks from this iterator until it ends or the client leaves.
+    stream: Callable[[], AsyncIterator[bytes]] | None = None
+
+    def _raw_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                   for name, value in self.headers]
+        if self.content_type is not None:
+            headers.append((b"content-type", self.content_type.encode("latin-1")))
+        if self.stream is None:
+            headers.append((b"content-length", str(len(self.body)).encode("ascii")))
+        return headers
+
+    async def send(self, send: _Send, receive: _Receive) -> None:
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": self._raw_headers()})
+        if self.stream is None:
+            await send({"type": "http.response.body", "body": self.body})
+            return
+        stream = self.stream
+
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            try:
+                async for chunk in stream():
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except OSError:
+                pass  # the client went away mid-send (ASGI 2.4 servers raise OSError)
+            nursery.cancel_scope.cancel()
+
+
+def _json_response(status: int, value: Any, headers: tuple[tuple[str, str], ...] = ()
+                   ) -> _Response:
+    return _Response(status, json.dumps(value).encode(), "application/json", headers)
+
+
+def _error_response(error: HttpError) -> _Response:
+    return _json_response(error.status, {"error": error.message, "detail": error.detail},
+                          error.headers)
+
+
+_Handler = Callable[["ManagementApi", _Request], Awaitable[_Response]]
+
+
+def _route(pattern: str) -> re.Pattern[str]:
+    # "{id}" is one path segment.
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+
+
+class ManagementApi:
+    """The ASGI application. ``host`` is an entered :class:`avmm.host.Host`;
+    ``draining`` is set when the daemon begins to shut down (creating VMs is then 503)."""
+
+    def __init__(self, host: Any, *, draining: trio.Event | None = None) -> None:
+        self.host = host
+        self.draining = draining if draining is not None else trio.Event()
+        self._document = json.dumps(openapi_document()).encode()
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets: hypercorn closes the connection
+        request = _Request(scope, receive)
+        try:
+            response = await self._dispatch(request)
+        except HttpError as e:
+            response = _error_response(e)
+        except Exception as e:
+            log.exception("management API request failed", method=request.method,
+                          path=scope.get("path"))
+            response = _error_response(HttpError(
+                500, f"internal error in avmm: {type(e).__name__}: {e}",
+                {"type": type(e).__name__}))
+        await response.send(send, receive)
+
+    async def _dispatch(self, request: _Request) -> _Response:
+        path = str(request.scope.get("path", ""))
+        for pattern, methods in _ROUTES:
+            match = pattern.match(path)
+            if match is None:
+                continue
+            handler = methods.get(request.method)
+            if handler is None:
+                allow = ", ".join(sorted(methods))
+                raise HttpError(405, f"{request.method} is not allowed on {path}; "
+                                f"use {allow}", {"allow": sorted(methods)}, (("Allow", allow),))
+            request.params = match.groupdict()
+            try:
+                return await handler(self, request)
+            except AvmmError as e:
+                raise _http_error(e) from e
+        raise HttpError(404, f"no such endpoint: {path} (GET /openapi.json lists them)")
+
+    # -- handlers ----------------------------------------------------------------------
+
+    async def _openapi(self, request: _Request) -> _Response:
+        return _Response(200, self._document, "application/json")
+
+    async def _list(self, request: _Request) -> _Response:
+        return _json_response(200, {"vms": [vm.to_dict() for vm in self.host.list()]})
+
+    async def _create(self, request: _Request) -> _Response:
+        if self.draining.is_set():
+            raise HttpError(503, "the daemon is shutting down; no new VMs")
+        media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+        if media_type not in ("application/json", "application/toml"):
+            raise HttpError(415, "send the config as Content-Type: application/json or "
+                            f"application/toml (got {media_type or 'none'})",
+                            {"content_type": media_type or None})
+        base_dir = request.query("base_dir")
+        if base_dir is not None and not os.path.isabs(base_dir):
+            raise HttpError(400, f"base_dir must be an absolute directory, got {base_dir!r}",
+                            {"key": "base_dir"})
+        start = request.query("start")
+        if start not in (None, "true", "false"):
+            raise HttpError(400, f"start must be true or false, got {start!r}",
+                            {"key": "start"})
+        data = _parse_config_body(await request.body(CONFIG_BODY_MAX), media_type)
+        config = config_from_dict(data, base_dir=Path(base_dir) if base_dir else None,
+                                  source="request body")
+        vm = await self.host.create(_for_daemon(config), start=start != "false")
+        return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
+
+    async def _get(self, request: _Request) -> _Response:
+        return _json_response(200, self.host.get(request.params["id"]).to_dict())
+
+    async def _delete(self, request: _Request) -> _Response:
+        await self.host.remove(request.params["id"])
+        return _Response(204)
+
+    async def _pause(self, request: _Request) -> _Response:
+        vm = self.host.get(request.params["id"])
+        await vm.pause()
+        return _json_response(200, vm.to_dict())
+
+    async def _resume(self, request: _Request) -> _Response:
+        vm = self.host.get(request.params["id"])
+        await vm.resume()
+        return _json_response(200, vm.to_dict())
+
+    async def _stop(self, request: _Request) -> _Response:
+        vm = self.host.get(request.params["id"])
+        await vm.stop()
+        return _json_response(200, vm.to_dict())
+
+    async def _console_output(self, request: _Request) -> _Response:
+        vm = self.host.get(request.params["id"])
+        # Subscribe now, not when the stream starts, so that no output falls between the
+        # backlog and the live chunks.
+        subscription = vm.subscribe_console()
+
+        async def stream() -> AsyncIterator[bytes]:
+            async with subscription:
+                async for chunk in subscription:
+                    yield chunk
+
+        return _Response(200, content_type="application/octet-stream",
+                         headers=(("Cache-Control", "no-store"),), stream=stream)
+
+    async def _console_input(self, request: _Request) -> _Response:
+        vm = self.host.get(request.params["id"])
+        data = await request.body(CONSOLE_INPUT_MAX)
+        try:
+            await vm.send_console(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as e:
+            raise HttpError(409, f"VM {vm.id} has stopped; its console takes no input",
+                            {"state": str(vm.state)}) from e
+        return _Response(204)
+
+    async def _metrics(self, request: _Request) -> _Response:
+        return _Response(200, render_metrics(self.host.list()).encode(),
+                         METRICS_CONTENT_TYPE)
+
+
+_ROUTES: Final[tuple[tuple[re.Pattern[str], dict[str, _Handler]], ...]] = (
+    (_route("/openapi.json"), {"GET": ManagementApi._openapi}),
+    (_route("/vms"), {"GET": ManagementApi._list, "POST": ManagementApi._create}),
+    (_route("/vms/{id}"), {"GET": ManagementApi._get, "DELETE": ManagementApi._delete}),
+    (_route("/vms/{id}/pause"), {"POST": ManagementApi._pause}),
+    (_route("/vms/{id}/resume"), {"POST": ManagementApi._resume}),
+    (_route("/vms/{id}/stop"), {"POST": ManagementApi._stop}),
+    (_route("/vms/{id}/console"), {"GET": ManagementApi._console_output,
+                                   "POST": ManagementApi._console_input}),
+    (_route("/metrics"), {"GET": ManagementApi._metrics}),
+)
+
+
+def _parse_config_body(body: bytes, media_type: str) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HttpError(400, f"the body is not valid UTF-8 (byte {e.start})") from e
+    if media_type == "application/toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise HttpError(400, f"the body is not valid TOML: {' '.join(str(e).split())}"
+                            ) from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HttpError(400, f"the body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise HttpError(400, f"the config must be a JSON object, got {type(data).__name__}",
+                        {"key": None})
+    return data
+
+
+def _for_daemon(config: VmConfig) -> VmConfig:
+    """A daemon has no terminal of its own: ``serial.mode = "console"`` (the default)
+    means the API's console stream (which every VM has anyway), and a virtio console on
+    the terminal cannot be had."""
+    if config.console is not None and config.console.mode == "console":
+        raise ConfigError('mode = "console" needs a terminal and the daemon has none; use '
+                          'mode = "socket" or "file" (the serial port is on '
+                          "GET /vms/{id}/console)", path=config.source, key="console.mode")
+    if config.serial.mode == "console":
+        return dataclasses.replace(config, serial=SerialConfig(mode="none"))
+    return config
+
+
+def _http_error(error: AvmmError) -> HttpError:
+    if isinstance(error, ConfigError):
+        return HttpError(400, str(error), {"key": error.key, "reason": error.reason})
+    if isinstance(error, UnknownVmError):
+        return HttpError(404, str(error))
+    if isinstance(error, VmStateError):
+        return HttpError(409, str(error))
+    if isinstance(error, VmStartError):
+        return HttpError(422, str(error), {"step": error.step})
+    return HttpError(500, f"{type(error).__name__}: {error}", {"type": type(error).__name__})
+
+
+async def _lifespan(receive: _Receive, send: _Send) -> None:
+    # Nothing to set up: the Host is entered (and left) by whoever made this app.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,373 @@
+"""The management API's OpenAPI 3 document, declared once as Python data.
+
+The daemon serves it at ``GET /openapi.json``; the tests drive a property-based client
+from the served copy, so a route or status that is not declared here is a test failure.
+The ``VmConfig`` schema mirrors :mod:`avmm.config` (the same keys, types, ranges and
+choices); the config module stays the authority for everything a JSON Schema cannot say
+(files that must exist, keys that depend on each other), and ``tests/api`` checks that
+the two list the same keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+from ..arch.x86.cpuid import FEATURES as CPU_FEATURES
+from ..config import (
+    CMDLINE_MAX_BYTES,
+    CONSOLE_MODES,
+    CPU_PROFILES,
+    DISK_ID_MAX_BYTES,
+    MEMORY_MIB_MAX,
+    MEMORY_MIB_MIN,
+    SERIAL_MODES,
+    TAP_NAME_MAX,
+    VCPUS_MAX,
+)
+from ..lifecycle import StopReason
+
+__all__ = ["API_VERSION", "VM_STATES", "openapi_document"]
+
+API_VERSION: Final = "1.0.0"
+#: The states a hosted VM goes through (avmm.host.VmState's values).
+VM_STATES: Final = ("starting", "running", "paused", "stopping", "stopped")
+
+_PATH: Final = {
+    "type": "string",
+    "minLength": 1,
+    "description": "An absolute path on the daemon's machine (relative paths need the "
+                   "base_dir query parameter of POST /vms).",
+}
+
+_MACHINE: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "vcpus": {"type": "integer", "minimum": 1, "maximum": VCPUS_MAX, "default": 1},
+        "memory_mib": {"type": "integer", "minimum": MEMORY_MIB_MIN,
+                       "maximum": MEMORY_MIB_MAX, "default": 128},
+        "cpu_profile": {"type": "string", "enum": list(CPU_PROFILES), "default": "host"},
+        "hide_cpu_features": {"type": "array",
+                              "items": {"type": "string", "enum": sorted(CPU_FEATURES)}},
+        "acpi": {"type": "boolean", "default": True},
+    },
+}
+
+_BOOT: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["kernel"],
+    "properties": {
+        "kernel": _PATH,
+        "initrd": _PATH,
+        "cmdline": {"type": "string", "maxLength": CMDLINE_MAX_BYTES},
+    },
+}
+
+_SERIAL: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": 'path is required with mode "file" and not allowed otherwise.',
+    "properties": {
+        "mode": {"type": "string", "enum": list(SERIAL_MODES), "default": "console"},
+        "path": _PATH,
+    },
+}
+
+_DISK: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Exactly one of path and vhost_user.",
+    "properties": {
+        "path": _PATH,
+        "readonly": {"type": "boolean", "default": False},
+        "id": {"type": "string", "pattern": f"^[\\x20-\\x7e]{{1,{DISK_ID_MAX_BYTES}}}$"},
+        "vhost_user": _PATH,
+    },
+}
+
+_NET: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Exactly one of tap and vhost_user.",
+    "properties": {
+        "tap": {"type": "string", "pattern": f"^[A-Za-z0-9_.-]{{1,{TAP_NAME_MAX}}}$"},
+        "mac": {"type": "string",
+                "pattern": "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"},
+        "netns": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+        "vhost_user": _PATH,
+    },
+}
+
+_VHOST_USER: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["socket", "device_id"],
+    "properties": {
+        "socket": _PATH,
+        "device_id": {"type": "integer", "minimum": 1, "maximum": 0xFFFF},
+        "num_queues": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
+        "queue_size": {"type": "integer", "minimum": 1, "maximum": 32768, "default": 256},
+    },
+}
+
+_CONSOLE: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "mode": {"type": "string", "enum": list(CONSOLE_MODES), "default": "console"},
+        "path": _PATH,
+    },
+}
+
+_VM_CONFIG: Final = {
+    "type": "object",
+    "description": "The vm.toml schema as JSON (see the README). Validated by avmm.config: "
+                   "a 400 names the offending key.",
+    "additionalProperties": False,
+    "required": ["boot"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        "machine": _MACHINE,
+        "boot": _BOOT,
+        "serial": _SERIAL,
+        "disk": {"type": "array", "items": _DISK},
+        "net": {"type": "array", "items": _NET},
+        "rng": {"type": "object", "additionalProperties": False, "properties": {}},
+        "console": _CONSOLE,
+        "vhost_user": {"type": "array", "items": _VHOST_USER},
+    },
+}
+
+_SCHEMAS: Final = {
+    "VmConfig": _VM_CONFIG,
+    "VmExit": {
+        "type": "object",
+        "description": "How the VM ended: exit_status is what `avmm up` would exit with.",
+        "required": ["reason", "exit_status", "detail"],
+        "properties": {
+            "reason": {"type": "string", "enum": [reason.value for reason in StopReason]},
+            "exit_status": {"type": "integer"},
+            "detail": {"type": "string"},
+        },
+    },
+    "Vm": {
+        "type": "object",
+        "required": ["id", "name", "state", "created_at", "uptime_s", "exit", "config"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "state": {"type": "string", "enum": list(VM_STATES)},
+            "created_at": {"type": "number", "description": "Unix time"},
+            "uptime_s": {"type": "number", "nullable": True,
+                         "description": "Seconds running (frozen once stopped)"},
+            "exit": {"allOf": [{"$ref": "#/components/schemas/VmExit"}], "nullable": True},
+            "config": {"allOf": [{"$ref": "#/components/schemas/VmConfig"}],
+                       "description": "The VM's config as validated (absolute paths, "
+                                      "defaults filled in)"},
+        },
+    },
+    "VmList": {
+        "type": "object",
+        "required": ["vms"],
+        "properties": {"vms": {"type": "array", "items": {"$ref": "#/components/schemas/Vm"}}},
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error", "detail"],
+        "properties": {
+            "error": {"type": "string", "description": "What went wrong, for a person"},
+            "detail": {"nullable": True,
+                       "description": "Structured detail: {key} for a bad config, "
+                                      "{state} for a wrong state, {allow} for 405, ..."},
+        },
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(description: str, schema: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+_VM_ID_PARAMETER: Final = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "The VM's id, as POST /vms and GET /vms report it",
+}
+
+_UNKNOWN_VM: Final = _error("No VM with this id")
+_OTHER: Final = _error("Any other error (JSON body as for every error)")
+
+
+def _vm_action(summary: str, description: str, ok: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "parameters": [_VM_ID_PARAMETER],
+            "responses": {
+                "200": _json(ok, "Vm"),
+                "404": _UNKNOWN_VM,
+                "409": _error("The VM is in a state that does not allow this"),
+                "default": _OTHER,
+            },
+        }
+    }
+
+
+_PATHS: Final = {
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": {"description": "The OpenAPI document",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object"}}}}},
+        }
+    },
+    "/vms": {
+        "get": {
+            "summary": "List the VMs, in creation order",
+            "responses": {"200": _json("Every VM the daemon holds", "VmList"),
+                          "default": _OTHER},
+        },
+        "post": {
+            "summary": "Create and start a VM",
+            "description": "The body is a VM config with the vm.toml schema, as JSON or as "
+                           "TOML (Content-Type: application/toml). Paths in it must be "
+                           "absolute, unless base_dir is given.",
+            "parameters": [{
+                "name": "base_dir",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "An absolute directory that relative paths in the config are "
+                               "resolved against (avmm run sends the directory of vm.toml)",
+            }, {
+                "name": "start",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["true", "false"], "default": "true"},
+                "description": "false: build the VM and leave it paused before its first "
+                               "instruction (POST /vms/{id}/resume starts it)",
+            }],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/VmConfig"}},
+                    "application/toml": {"schema": {"type": "string"}},
+                },
+            },
+            "responses": {
+                "201": {
+                    **_json("The VM was built and started", "Vm"),
+                    "headers": {"Location": {"description": "/vms/{id}",
+                                             "schema": {"type": "string"}}},
+                },
+                "400": _error("Malformed body or bad config; detail.key names the key"),
+                "413": _error("Body larger than 1 MiB"),
+                "415": _error("Content-Type is neither application/json nor application/toml"),
+                "422": _error("The config is valid but the VM could not be built or started "
+                              "(detail.step names the step that failed)"),
+                "503": _error("The daemon is shutting down"),
+                "default": _OTHER,
+            },
+        },
+    },
+    "/vms/{id}": {
+        "get": {
+            "summary": "One VM: state, config, uptime, stop reason and exit status",
+            "parameters": [_VM_ID_PARAMETER],
+            "responses": {"200": _json("The VM", "Vm"), "404": _UNKNOWN_VM, "default": _OTHER},
+        },
+        "delete": {
+            "summary": "Stop the VM (if it runs) and forget it; idempotent",
+            "parameters": [_VM_ID_PARAMETER],
+            "responses": {"204": {"description": "Gone (or never existed)"},
+                          "default": _OTHER},
+        },
+    },
+    "/vms/{id}/pause": _vm_action(
+        "Pause a running VM",
+        "Returns once every vCPU has left KVM_RUN; device queues stop taking requests.",
+        "The paused VM"),
+    "/vms/{id}/resume": _vm_action(
+        "Resume a paused VM", "The guest continues exactly where it was paused.",
+        "The running VM"),
+    "/vms/{id}/stop": {
+        "post": {
+            "summary": "Stop a VM (any state; idempotent) and wait until it has stopped",
+            "description": "Disks are flushed. The VM stays listed (with its exit) until "
+                           "DELETE.",
+            "parameters": [_VM_ID_PARAMETER],
+            "responses": {"200": _json("The stopped VM", "Vm"), "404": _UNKNOWN_VM,
+                          "default": _OTHER},
+        }
+    },
+    "/vms/{id}/console": {
+        "get": {
+            "summary": "Stream the serial output",
+            "description": "A chunked response that starts with the backlog (the last 64 KiB) "
+                           "and follows the output until the VM stops (then the response "
+                           "ends) or the client disconnects (the VM keeps running).",
+            "parameters": [_VM_ID_PARAMETER],
+            "responses": {
+                "200": {"description": "Raw serial bytes",
+                        "content": {"application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}}}},
+                "404": _UNKNOWN_VM,
+                "default": _OTHER,
+            },
+        },
+        "post": {
+            "summary": "Send bytes to the serial input",
+            "parameters": [_VM_ID_PARAMETER],
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}},
+            },
+            "responses": {
+                "204": {"description": "Delivered to the guest's serial port"},
+                "404": _UNKNOWN_VM,
+                "409": _error("The VM has stopped"),
+                "413": _error("More than 64 KiB in one request"),
+                "default": _OTHER,
+            },
+        },
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Per-VM metrics in the Prometheus text exposition format (0.0.4)",
+            "responses": {"200": {"description": "Metrics", "content": {"text/plain": {
+                "schema": {"type": "string"}}}}},
+        }
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy of the document (callers may modify it)."""
+    return copy.deepcopy({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "avmm management API",
+            "version": API_VERSION,
+            "description": "VMs hosted by `avmm serve`, over its unix socket. Every error is "
+                           'a JSON body {"error": "...", "detail": ...}.',
+        },
+        "paths": _PATHS,
+        "components": {"schemas": _SCHEMAS},
+    })

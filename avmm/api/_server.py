@@ -1,0 +1,176 @@
+"""``avmm serve``: one :class:`avmm.host.Host` behind the management API on a unix socket.
+
+The socket is ours alone (mode 0600; 0660 and the group's ownership with ``group=``),
+created with that mode from the start (umask around bind(2)), never left group- or
+world-accessible for a moment. A socket file left by a daemon that died is replaced; a
+path where a live server answers is refused. The file is removed on the way out, unless
+someone else has replaced it meanwhile.
+
+HTTP is hypercorn's trio worker (``hypercorn.trio.serve``): no asyncio loop anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import grp
+import os
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..errors import AvmmError
+from ._app import ManagementApi
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["DaemonError", "run_daemon", "serve_api"]
+
+#: How long in-flight requests (console streams included) may take once shutdown began.
+GRACEFUL_TIMEOUT_S: Final = 5.0
+
+
+class DaemonError(AvmmError):
+    """The daemon cannot start: its socket path is taken, or the group is unknown."""
+
+
+async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
+                    group: str | None = None, draining: trio.Event | None = None,
+                    shutdown: trio.Event | None = None,
+                    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API for ``host`` on ``socket_path`` until ``shutdown`` is set (or the
+    task is cancelled); then stop listening, give in-flight requests a few seconds and
+    remove the socket. ``task_status.started`` reports the path once clients can connect.
+    The caller owns ``host`` (and stops its VMs)."""
+    path = Path(os.path.abspath(socket_path))
+    listener, identity = _bind(path, group)
+    try:
+        config = HypercornConfig()
+        # hypercorn adopts the fd (its socket object closes it); ours must not too.
+        config.bind = [f"fd://{listener.detach()}"]
+        config.accesslog = None
+        config.loglevel = "WARNING"  # our own log says when we listen and stop
+        config.graceful_timeout = GRACEFUL_TIMEOUT_S
+        app = ManagementApi(host, draining=draining)
+        stop = shutdown if shutdown is not None else trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(
+                hypercorn_serve, app, config, shutdown_trigger=stop.wait))
+            log.info("management API listening", socket=str(path), group=group)
+            task_status.started(path)
+    finally:
+        listener.close()
+        _remove_if_ours(path, identity)
+
+
+async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None = None,
+                     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+    """``avmm serve``: a Host and its API until SIGTERM or SIGINT, then a clean shutdown
+    (new VMs refused, every VM stopped and its disks flushed, socket removed)."""
+    from ..host import Host  # KVM and the device models: only for a real daemon
+
+    draining = trio.Event()
+    shutdown = trio.Event()
+    # Before the socket exists: a signal sent as soon as a client sees it must count.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with Host() as host, trio.open_nursery() as nursery:
+            path = await nursery.start(lambda task_status: serve_api(
+                host, socket_path, group=group, draining=draining, shutdown=shutdown,
+                task_status=task_status))
+            task_status.started(path)
+            async for signum in signals:
+                log.info("shutting down", signal=signal.Signals(signum).name,
+                         vms=len(host.list()))
+                break
+            draining.set()
+            # Stopping the VMs first also ends their console streams, so the HTTP
+            # server's graceful shutdown has nothing left to wait for.
+            await host.stop_all()
+            shutdown.set()
+    log.info("stopped", socket=str(path))
+
+
+def _bind(path: Path, group: str | None) -> tuple[socket.socket, tuple[int, int]]:
+    gid = _group_id(group) if group is not None else None
+    mode = 0o660 if gid is not None else 0o600
+    _claim(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _umask(0o777 & ~mode):
+            listener.bind(os.fsencode(path))
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)  # exact, whatever the umask left
+        listener.listen(128)
+        info = os.lstat(path)
+    except OSError as e:
+        listener.close()
+        raise DaemonError(f"cannot listen on {path}: {e.strerror or e}") from e
+    return listener, (info.st_dev, info.st_ino)
+
+
+def _claim(path: Path) -> None:
+    """Make ``path`` free: remove a stale socket; refuse a live server or another file."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise DaemonError(f"directory not found: {path.parent} (for the socket {path}); "
+                              "create it or choose another --socket") from None
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise DaemonError(f"{path} exists and is not a socket; remove it or choose another "
+                          "--socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(os.fsencode(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("replacing a stale socket", socket=str(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as e:
+        raise DaemonError(f"cannot tell whether a server listens on {path}: "
+                          f"{e.strerror or e}") from e
+    finally:
+        probe.close()
+    raise DaemonError(f"another server is listening on {path}; stop it (an `avmm serve` "
+                      "answers `avmm ps --socket PATH`) or choose another --socket")
+
+
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise DaemonError(f"unknown group {group!r} (see /etc/group); the socket would be "
+                          "shared with its members") from None
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _remove_if_ours(path: Path, identity: tuple[int, int]) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (info.st_dev, info.st_ino) == identity:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

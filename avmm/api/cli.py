@@ -1,0 +1,243 @@
+"""``avmm serve`` and the commands that talk to it: ``ps``, ``run``, ``pause``, ``resume``,
+``stop``, ``rm``, ``console``.
+
+Wire it into ``avmm/cli.py`` with ``add_management_commands(commands)``, where
+``commands`` is the ``add_subparsers(dest="command")`` object; each sub-command sets
+``handler``. Client commands find the daemon through ``--socket``, else ``AVMM_SOCKET``,
+else ``$XDG_RUNTIME_DIR/avmm.sock``, else ``/run/avmm.sock``.
+
+Exit status of the client commands: 0 done, 1 the daemon refused (the message is its
+error) or is not there, 2 a bad command line or config (``avmm run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..console_keys import EscapeFilter
+
+if TYPE_CHECKING:
+    from .client import ApiClient
+
+__all__ = ["add_management_commands"]
+
+_LEVELS = ["debug", "info", "warning", "error"]
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+
+def add_management_commands(subparsers: Any) -> None:
+    """Register ``serve``, ``ps``, ``run``, ``pause``, ``resume``, ``stop``, ``rm`` and
+    ``console`` on an argparse subparsers object."""
+    socket_help = ("the daemon's unix socket (default: $AVMM_SOCKET, else "
+                   "$XDG_RUNTIME_DIR/avmm.sock, else /run/avmm.sock)")
+    parsers = []
+
+    serve = subparsers.add_parser("serve", help="host VMs behind a REST API on a unix socket")
+    serve.add_argument("--socket", type=Path, default=None, metavar="PATH", help=socket_help)
+    serve.add_argument("--group", default=None, metavar="GROUP",
+                       help="let this group use the socket too (mode 0660 instead of 0600)")
+    serve.set_defaults(handler=_cmd_serve)
+    parsers.append(serve)
+
+    ps = subparsers.add_parser("ps", help="list the daemon's VMs")
+    ps.add_argument("--json", action="store_true", help="print the API's JSON instead")
+    ps.set_defaults(handler=_client_command(_ps))
+    parsers.append(ps)
+
+    run = subparsers.add_parser("run", help="create and start a VM in the daemon from a vm.toml")
+    run.add_argument("config", type=Path, help="path to the VM's TOML file (relative paths "
+                     "in it are relative to its directory)")
+    run.set_defaults(handler=_client_command(_run))
+    parsers.append(run)
+
+    for name, text in (("pause", "pause VMs (vCPUs leave KVM_RUN and wait)"),
+                       ("resume", "resume paused VMs"),
+                       ("stop", "stop VMs (they stay listed until rm)"),
+                       ("rm", "stop VMs and forget them")):
+        action = subparsers.add_parser(name, help=text)
+        action.add_argument("ids", nargs="+", metavar="ID", help="VM id (from avmm ps)")
+        action.set_defaults(handler=_client_command(_vm_action), action=name)
+        parsers.append(action)
+
+    console = subparsers.add_parser(
+        "console", help="attach this terminal to a VM's serial console (Ctrl-A x detaches)")
+    console.add_argument("id", metavar="ID", help="VM id (from avmm ps)")
+    console.set_defaults(handler=_client_command(_console))
+    parsers.append(console)
+
+    for parser in parsers:
+        if parser is not serve:
+            parser.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                                help=socket_help)
+        # Options shared by every subcommand, accepted after it as well.
+        parser.add_argument("--log-format", choices=["console", "json"],
+                            default=argparse.SUPPRESS)
+        parser.add_argument("--log-level", choices=_LEVELS, default=argparse.SUPPRESS)
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    from .client import default_socket_path
+
+    return args.socket if args.socket is not None else default_socket_path()
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ._server import run_daemon
+
+    trio.run(lambda: run_daemon(_socket(args), group=args.group))
+    return 0
+
+
+# -- client commands -------------------------------------------------------------------------
+
+_Command = Callable[["ApiClient", argparse.Namespace], Awaitable[int]]
+
+
+def _client_command(command: _Command) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        from .client import ApiClient, ApiError, DaemonUnreachableError
+
+        async def main() -> int:
+            async with ApiClient(_socket(args)) as api:
+                return await command(api, args)
+
+        try:
+            return trio.run(main)
+        except ApiError as e:
+            print(f"avmm: {e.message}", file=sys.stderr)
+            return EXIT_USAGE if e.status == 400 else EXIT_REFUSED
+        except DaemonUnreachableError as e:
+            print(f"avmm: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+
+    return handler
+
+
+async def _ps(api: ApiClient, args: argparse.Namespace) -> int:
+    vms = await api.list_vms()
+    if args.json:
+        print(json.dumps(vms, indent=2))
+        return 0
+    rows = [("ID", "NAME", "STATE", "UPTIME", "EXIT")]
+    for vm in vms:
+        rows.append((vm["id"], vm["name"], vm["state"], _duration(vm.get("uptime_s")),
+                     _exit_text(vm.get("exit"))))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+async def _run(api: ApiClient, args: argparse.Namespace) -> int:
+    path: Path = args.config
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        print(f"avmm: cannot read {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    vm = await api.create_vm(toml=text, base_dir=path.resolve().parent)
+    print(vm["id"])
+    return 0
+
+
+async def _vm_action(api: ApiClient, args: argparse.Namespace) -> int:
+    from .client import ApiError
+
+    status = 0
+    for vm_id in args.ids:
+        try:
+            if args.action == "rm":
+                await api.delete_vm(vm_id)
+            else:
+                vm = await getattr(api, args.action)(vm_id)
+                if args.action == "stop" and vm.get("exit"):
+                    print(f"{vm_id}: {_exit_text(vm['exit'])}")
+        except ApiError as e:
+            # One bad id must not leave the others untouched.
+            print(f"avmm: {e.message}", file=sys.stderr)
+            status = EXIT_REFUSED
+    return status
+
+
+async def _console(api: ApiClient, args: argparse.Namespace) -> int:
+    from ..cli import _terminal_input_mode
+
+    vm_id: str = args.id
+    stopped = False
+    async with api.console(vm_id) as output:
+        sys.stderr.write(f"avmm: attached to {vm_id}; Ctrl-A x detaches (the VM keeps "
+                         "running)\r\n")
+        sys.stderr.flush()
+        with _terminal_input_mode():
+            async with trio.open_nursery() as nursery:
+
+                async def forward_input() -> None:
+                    await _forward_keys(api, vm_id)
+                    nursery.cancel_scope.cancel()  # detached
+
+                nursery.start_soon(forward_input)
+                async for chunk in output:
+                    _write_all(1, chunk)
+                stopped = True  # the stream ended: the VM has stopped
+                nursery.cancel_scope.cancel()
+    if stopped:
+        vm = await api.get_vm(vm_id)
+        sys.stderr.write(f"\r\navmm: {vm_id} stopped: {_exit_text(vm.get('exit'))}\r\n")
+    else:
+        sys.stderr.write(f"\r\navmm: detached from {vm_id}\r\n")
+    return 0
+
+
+async def _forward_keys(api: ApiClient, vm_id: str) -> None:
+    """Keystrokes to the guest until Ctrl-A x (or the end of stdin)."""
+    keys = EscapeFilter()
+    while True:
+        data = await trio.to_thread.run_sync(os.read, 0, 1024, abandon_on_cancel=True)
+        if not data:
+            await trio.sleep_forever()  # stdin closed: keep showing the output
+        out, leave = keys.feed(data)
+        if out:
+            await api.send_console(vm_id, out)
+        if leave:
+            return
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _exit_text(vm_exit: dict[str, Any] | None) -> str:
+    if not vm_exit:
+        return "-"
+    text = f"{vm_exit['reason']} (status {vm_exit['exit_status']})"
+    if vm_exit.get("detail"):
+        text += f": {vm_exit['detail']}"
+    return text
+

@@ -1,0 +1,486 @@
+"""``Host``: many VMs in one trio program, each in a task of its own.
+
+This is what ``avmm serve`` runs on, and what an embedding service uses to do the same::
+
+    async with Host() as host:
+        hosted = await host.create(config)          # builds and starts it
+        async with hosted.subscribe_console() as console:
+            async for chunk in console:             # the backlog first, then live output
+                ...
+        await hosted.pause()
+        await hosted.resume()
+        print(hosted.metrics())
+        await host.remove(hosted.id)                # stop (disks flushed) and forget
+
+Each VM runs in its own task inside the Host's nursery and catches everything its VM
+can throw, so one VM's end, crash or bug never touches its neighbours: it is reported
+as STOPPED with its :class:`~avmm.lifecycle.VmExit`. Leaving the Host stops every VM.
+
+The serial console of every VM is read all the time into a 64 KiB backlog and fanned
+out to subscribers; each subscriber has a bounded buffer of its own, so a slow reader
+loses its oldest bytes (counted in ``dropped``) rather than stalling the guest or the
+other readers.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import types
+from typing import Any, final
+
+import structlog
+import trio
+
+from .config import VmConfig
+from .errors import UnknownVmError, VmStateError
+from .lifecycle import (
+    HOST_FAILURE_STATUS,
+    DeviceMetrics,
+    StopReason,
+    VmExit,
+    VmMetrics,
+    VmState,
+)
+from .vm import VirtualMachine
+
+__all__ = [
+    "CONSOLE_BACKLOG_BYTES",
+    "ConsoleSubscription",
+    "DeviceMetrics",
+    "Host",
+    "HostedVm",
+    "UnknownVmError",
+    "VmMetrics",
+    "VmState",
+    "config_to_dict",
+]
+
+log = structlog.get_logger(__name__)
+
+#: Serial output kept per VM for subscribers that attach later.
+CONSOLE_BACKLOG_BYTES = 64 * 1024
+#: Output a subscriber may fall behind by before its oldest unread bytes are dropped.
+SUBSCRIBER_BUFFER_BYTES = 256 * 1024
+
+
+@final
+class ConsoleSubscription:
+    """One reader attached to a VM's serial console.
+
+    An async iterator of ``bytes`` chunks: the backlog at the time of subscribing first,
+    then the output as it comes; it ends when the VM has stopped and everything was
+    read, or when detached with :meth:`aclose` (or by leaving ``async with``). Never
+    blocks the guest: a reader that falls more than ``limit`` bytes behind loses the
+    oldest ones, counted in :attr:`dropped`.
+    """
+
+    def __init__(self, hub: _ConsoleHub, backlog: bytes, *,
+                 limit: int = SUBSCRIBER_BUFFER_BYTES) -> None:
+        self._hub = hub
+        self._pending = bytearray(backlog)
+        self._limit = limit
+        self._ended = False
+        self._waiter: trio.Event | None = None
+        #: Bytes this reader lost because it fell behind.
+        self.dropped = 0
+
+    # -- the hub's side (event-loop thread, never blocks) -------------------------------
+
+    def _offer(self, data: bytes) -> None:
+        self._pending += data
+        overflow = len(self._pending) - self._limit
+        if overflow > 0:
+            del self._pending[:overflow]
+            self.dropped += overflow
+        self._wake()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.set()
+
+    # -- the reader's side --------------------------------------------------------------
+
+    def __aiter__(self) -> ConsoleSubscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        while not self._pending:
+            if self._ended:
+                raise StopAsyncIteration
+            waiter = self._waiter = trio.Event()
+            await waiter.wait()
+        # Taken after the last checkpoint: a cancelled reader loses nothing.
+        chunk = bytes(self._pending)
+        self._pending.clear()
+        return chunk
+
+    def close(self) -> None:
+        """Detach now (synchronous form of :meth:`aclose`)."""
+        self._hub.detach(self)
+        self._pending.clear()
+        self._end()
+
+    async def aclose(self) -> None:
+        """Detach: the iteration ends, the VM goes on."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> ConsoleSubscription:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None,
+                        traceback: types.TracebackType | None) -> None:
+        self.close()
+
+
+class _ConsoleHub:
+    """A VM's serial output: the backlog and the subscribers (event-loop thread only)."""
+
+    def __init__(self, backlog_limit: int = CONSOLE_BACKLOG_BYTES) -> None:
+        self._backlog = bytearray()
+        self._limit = backlog_limit
+        self._subscribers: list[ConsoleSubscription] = []
+        self.ended = False
+
+    def backlog(self) -> bytes:
+        return bytes(self._backlog)
+
+    def feed(self, data: bytes) -> None:
+        self._backlog += data
+        overflow = len(self._backlog) - self._limit
+        if overflow > 0:
+            del self._backlog[:overflow]
+        for subscriber in self._subscribers:
+            subscriber._offer(data)
+
+    def subscribe(self) -> ConsoleSubscription:
+        subscription = ConsoleSubscription(self, self.backlog())
+        if self.ended:
+            subscription._end()
+        else:
+            self._subscribers.append(subscription)
+        return subscription
+
+    def detach(self, subscription: ConsoleSubscription) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+
+    def end(self) -> None:
+        self.ended = True
+        subscribers, self._subscribers = self._subscribers, []
+        for subscriber in subscribers:
+            subscriber._end()
+
+
+class HostedVm:
+    """One VM owned by a :class:`Host` (made by :meth:`Host.create`, never directly)."""
+
+    def __init__(self, vm_id: str, config: VmConfig, *, start_paused: bool = False) -> None:
+        self.id = vm_id
+        self.name = config.name or vm_id
+        self.config = config
+        self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused)
+        self.created_at = time.time()
+        self._console = _ConsoleHub()
+        self._running_since: float | None = None
+        self._stopped_at: float | None = None
+        self._failure: VmExit | None = None
+        self._done = trio.Event()
+        self._log = log.bind(vm=vm_id)
+
+    def __repr__(self) -> str:
+        return f"<HostedVm {self.id} {self.name!r} {self.state.value}>"
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VmState:
+        if self._done.is_set():
+            return VmState.STOPPED
+        return self.vm.state
+
+    @property
+    def uptime_s(self) -> float | None:
+        """Seconds since the VM started running (paused time included), frozen once it
+        has stopped; None if it never ran."""
+        if self._running_since is None:
+            return None
+        end = self._stopped_at if self._stopped_at is not None else time.monotonic()
+        return end - self._running_since
+
+    @property
+    def exit(self) -> VmExit | None:
+        """How the VM ended, once STOPPED."""
+        if not self._done.is_set():
+            return None
+        return self._failure or self.vm.exit
+
+    # -- operations ---------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """RUNNING → PAUSED; returns once every vCPU is out of KVM_RUN.
+
+        :raises VmStateError: the VM is not running.
+        """
+        await self.vm.pause()
+
+    async def resume(self) -> None:
+        """PAUSED → RUNNING.
+
+        :raises VmStateError: the VM is not paused.
+        """
+        await self.vm.resume()
+
+    async def stop(self, detail: str = "stopped by the host") -> VmExit:
+        """Stop the VM (from any state; idempotent) and wait until it has stopped: every
+        vCPU joined, devices stopped, disks flushed. Returns how it ended."""
+        self.vm.stop(detail)
+        await self._done.wait()
+        result = self.exit
+        assert result is not None
+        return result
+
+    async def wait(self) -> VmExit:
+        """Wait until the VM has stopped, however that happens."""
+        await self._done.wait()
+        result = self.exit
+        assert result is not None
+        return result
+
+    def metrics(self) -> VmMetrics:
+        metrics = self.vm.metrics()
+        metrics.state = self.state
+        return metrics
+
+    def console_backlog(self) -> bytes:
+        """The last 64 KiB of serial output."""
+        return self._console.backlog()
+
+    def subscribe_console(self) -> ConsoleSubscription:
+        """Attach a reader to the serial console (see :class:`ConsoleSubscription`)."""
+        return self._console.subscribe()
+
+    async def send_console(self, data: bytes) -> None:
+        """Type ``data`` into the guest's serial port. Waits while the UART's receive
+        FIFO is full (the guest drains it at its own pace; a paused guest does not).
+
+        :raises VmStateError: the VM has stopped (or is stopping).
+        """
+        if self.state in (VmState.STOPPING, VmState.STOPPED):
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}; its console takes "
+                               "no input")
+        try:
+            await self.vm.serial.send_all(data)
+        except trio.ClosedResourceError:
+            raise VmStateError(f"VM {self.id!r} has stopped; its console takes no input"
+                               ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The VM as JSON-able data (what the management API shows)."""
+        result = self.exit
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "created_at": self.created_at,
+            "uptime_s": self.uptime_s,
+            "exit": None if result is None else {
+                "reason": result.reason.value,
+                "exit_status": result.exit_status,
+                "detail": result.detail,
+            },
+            "config": config_to_dict(self.config),
+        }
+
+    # -- the task that owns the VM ------------------------------------------------------
+
+    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                   ) -> None:
+        """Build, start and run the VM until it stops. A failure to start is raised
+        (before ``started``, so to :meth:`Host.create`); anything after that is recorded
+        as the VM's exit and never raised into the Host's nursery."""
+        structlog.contextvars.bind_contextvars(vm=self.id)
+        started = False
+        try:
+            async with self.vm:
+                self._running_since = time.monotonic()
+                started = True
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_console)
+                    await self.vm.wait()
+        except Exception as e:
+            if not started:
+                raise
+            # A bug inside avmm while running this VM: this VM stops, with the reason.
+            self._failure = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
+                                   f"{type(e).__name__}: {e}")
+            self._log.exception("vm task failed")
+        finally:
+            if self._running_since is not None:
+                self._stopped_at = time.monotonic()
+            self._console.end()
+            self._done.set()
+
+    async def _pump_console(self) -> None:
+        """Read the serial stream all the time: the guest never waits for a reader."""
+        async for chunk in self.vm.serial:
+            self._console.feed(chunk)
+
+
+class Host:
+    """Owns many VMs, each in its own task inside the Host's nursery; one VM's failure
+    never touches another. Leaving ``async with`` stops every VM (disks flushed)."""
+
+    def __init__(self) -> None:
+        self._vms: dict[str, HostedVm] = {}
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager: Any = None
+        self._closing = False
+
+    async def __aenter__(self) -> Host:
+        if self._nursery_manager is not None:
+            raise VmStateError("this Host was already entered; make a new one")
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None,
+                        traceback: types.TracebackType | None) -> bool:
+        self._closing = True
+        for hosted in self._vms.values():
+            hosted.vm.stop("the host is shutting down")
+        # The nursery waits for every VM's task, which returns once its VM has stopped.
+        return bool(await self._nursery_manager.__aexit__(exc_type, exc, traceback))
+
+    async def create(self, config: VmConfig, *, start: bool = True) -> HostedVm:
+        """Build and start a VM from ``config``; returns once it runs. With
+        ``start=False`` it is built and left PAUSED before its first instruction
+        (:meth:`HostedVm.resume` starts it).
+
+        :raises VmStartError: the VM cannot be built (the message names the step).
+        :raises VmStateError: the Host is not entered, or is shutting down.
+        """
+        if self._nursery is None or self._closing:
+            raise VmStateError("the host is not running (or is shutting down); it takes "
+                               "no new VMs")
+        vm_id = self._new_id()
+        hosted = HostedVm(vm_id, config, start_paused=not start)
+        self._vms[vm_id] = hosted  # listed as STARTING while it builds
+        try:
+            await self._nursery.start(hosted._run)
+        except BaseException:
+            self._vms.pop(vm_id, None)
+            raise
+        return hosted
+
+    def get(self, vm_id: str) -> HostedVm:
+        """:raises UnknownVmError: no such VM here."""
+        try:
+            return self._vms[vm_id]
+        except KeyError:
+            raise UnknownVmError(vm_id) from None
+
+    def list(self) -> list[HostedVm]:
+        """Every VM, in creation order."""
+        return list(self._vms.values())
+
+    async def remove(self, vm_id: str) -> bool:
+        """Stop the VM (if it runs) and forget it. False if it was not known (so that a
+        repeated DELETE is harmless)."""
+        hosted = self._vms.get(vm_id)
+        if hosted is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        await hosted.stop()
+        if self._vms.get(vm_id) is hosted:
+            del self._vms[vm_id]
+        return True
+
+    async def stop_all(self) -> None:
+        """Stop every VM and wait until all have stopped."""
+        hosted_vms = self.list()
+        for hosted in hosted_vms:
+            hosted.vm.stop()
+        for hosted in hosted_vms:
+            await hosted.wait()
+        await trio.lowlevel.checkpoint()
+
+    def metrics(self) -> dict[str, VmMetrics]:
+        """Every VM's counters, by id."""
+        return {vm_id: hosted.metrics() for vm_id, hosted in self._vms.items()}
+
+    def _new_id(self) -> str:
+        while True:
+            vm_id = f"vm-{secrets.token_hex(3)}"
+            if vm_id not in self._vms:
+                return vm_id
+
+
+def config_to_dict(config: VmConfig) -> dict[str, Any]:
+    """``config`` as JSON-able data with the ``vm.toml`` schema (keys whose value is
+    unset are left out, as TOML has no null), so that
+    ``config_from_dict(config_to_dict(c), base_dir=None)`` gives back an equal config."""
+    machine = config.machine
+    result: dict[str, Any] = {
+        "machine": {
+            "vcpus": machine.vcpus,
+            "memory_mib": machine.memory_mib,
+            "cpu_profile": machine.cpu_profile,
+            "hide_cpu_features": list(machine.hide_cpu_features),
+            "acpi": machine.acpi,
+        },
+        "boot": _without_none({
+            "kernel": str(config.boot.kernel),
+            "initrd": _str_or_none(config.boot.initrd),
+            "cmdline": config.boot.cmdline,
+        }),
+        "serial": _without_none({"mode": config.serial.mode,
+                                 "path": _str_or_none(config.serial.path)}),
+    }
+    if config.name is not None:
+        result["name"] = config.name
+    if config.disks:
+        result["disk"] = [_without_none({
+            "path": _str_or_none(disk.path),
+            "readonly": disk.readonly if disk.vhost_user is None else None,
+            "id": disk.id,
+            "vhost_user": _str_or_none(disk.vhost_user),
+        }) for disk in config.disks]
+    if config.nets:
+        result["net"] = [_without_none({
+            "tap": net.tap,
+            "mac": None if net.mac is None else ":".join(f"{b:02x}" for b in net.mac),
+            "netns": net.netns,
+            "vhost_user": _str_or_none(net.vhost_user),
+        }) for net in config.nets]
+    if config.rng is not None:
+        result["rng"] = {}
+    if config.console is not None:
+        result["console"] = _without_none({"mode": config.console.mode,
+                                           "path": _str_or_none(config.console.path)})
+    if config.vhost_users:
+        result["vhost_user"] = [{
+            "socket": str(generic.socket),
+            "device_id": generic.device_id,
+            "num_queues": generic.num_queues,
+            "queue_size": generic.queue_size,
+        } for generic in config.vhost_users]
+    return result
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}

@@ -1,0 +1,132 @@
+"""Network figures: frames/s through virtio-net between the test guest (``net-bench``)
+and a tap in a private network namespace, avmm's in-process device vs QEMU's
+``virtio-net-device`` (userspace ``-netdev tap``: this machine has no vhost-net).
+
+Both VMMs attach to the same persistent tap (``tests/virtio_guest_support.py``,
+``TapNamespace``), one after the other. Transmit: the guest sends N frames and the host
+kernel is the sink (it drops the unknown ethertype); the tap's ``rx_packets`` counter
+confirms that the N frames arrived. Receive: ``benchmarks/netpeer.py`` keeps the tap's
+queue full from a process of its own, and the guest counts N frames. Either way the
+figure is N over the wall time of a run with N frames minus a run with none, like the
+other figures (``per_unit``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+from benchmarks.common import (
+    REPO,
+    BenchError,
+    Figure,
+    Side,
+    avmm_run_sync,
+    checked,
+    per_unit,
+    qemu_run,
+)
+
+GUEST_MAC = "52:54:00:12:34:56"
+#: Frame sizes (Ethernet header included, no FCS).
+SIZES = (64, 1500)
+SENDER_START_S = 30
+
+
+def tap_rx_packets(netns: str, tap: str) -> int:
+    """Frames the host got from the tap's VMM side so far (the interface's rx_packets)."""
+    out = subprocess.run(["ip", "-n", netns, "-j", "-s", "link", "show", "dev", tap],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
+
+
+@contextlib.contextmanager
+def sender(prefix: list[str], tap: str, size: int) -> Iterator[None]:
+    """``benchmarks/netpeer.py`` sending ``size``-byte frames into ``tap`` until the end
+    of the block."""
+    process = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "benchmarks.netpeer", tap, str(size)],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            process.kill()
+            raise BenchError(f"netpeer did not start: {process.communicate()[1]!r}")
+        yield
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            out, err = process.communicate(timeout=SENDER_START_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+    if process.returncode != 0:
+        raise BenchError(f"netpeer failed ({process.returncode}): {out!r} {err!r}")
+
+
+def bench_net(runs: int, n: int) -> list[Figure]:
+    from avmm.config import NetConfig
+    from tests.prerequisites import net_problem
+    from tests.virtio_guest_support import TapNamespace, qemu_tap_netdev
+
+    problem = net_problem()
+    if problem is not None:
+        raise BenchError(f"net: {problem}; leave the group out with --only for the others")
+    with TapNamespace() as namespace:
+        prefix = namespace.command_prefix()
+        nets = [NetConfig(tap=namespace.tap, mac=bytes.fromhex(GUEST_MAC.replace(":", "")),
+                          netns=namespace.netns)]
+        devices = ["-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}",
+                   "-netdev", qemu_tap_netdev(namespace.tap)]
+
+        def avmm_side(cmdline: str) -> tuple[float, str]:
+            run = avmm_run_sync(cmdline, nets=nets)
+            return run.seconds, run.output
+
+        def qemu_side(cmdline: str) -> tuple[float, str]:
+            run = qemu_run(cmdline, devices=devices, prefix=prefix)
+            return run.seconds, run.output
+
+        def transmitted(side: Side, cmdline: str, expect: str, what: str) -> float:
+            before = tap_rx_packets(namespace.netns, namespace.tap)
+            seconds = checked(side, cmdline, expect, what)
+            arrived = tap_rx_packets(namespace.netns, namespace.tap) - before
+            if arrived < n:
+                raise BenchError(f"{what}: the guest sent {n} frames, the tap got {arrived}")
+            return seconds
+
+        def measure(direction: str, size: int) -> Figure:
+            label = "TX guest → host" if direction == "tx" else "RX host → guest"
+            figure = Figure(
+                f"net {size} B frames, {label}", "frames/s", "higher",
+                note=f"net-bench n={n} minus n=0; tap in a netns, "
+                     + ("host kernel as sink" if direction == "tx"
+                        else "benchmarks/netpeer.py as source"))
+
+            def cmd(count: int) -> str:
+                return (f"avmm.test=net-bench avmm.dir={direction} avmm.size={size} "
+                        f"avmm.n={count}")
+
+            done = f"net-bench dir={direction} size={size} n={n} done"
+            what = f"net-bench {direction} {size} B"
+            loaded = transmitted if direction == "tx" else checked
+            source = (sender(prefix, namespace.tap, size) if direction == "rx"
+                      else contextlib.nullcontext())
+            with source:
+                for _ in range(runs):
+                    a = per_unit(lambda: loaded(avmm_side, cmd(n), done, what),
+                                 lambda: checked(avmm_side, cmd(0), "done", what),
+                                 n, what, figure)
+                    q = per_unit(lambda: loaded(qemu_side, cmd(n), done, what),
+                                 lambda: checked(qemu_side, cmd(0), "done", what),
+                                 n, what, figure)
+                    figure.add(1 / a, 1 / q)
+            return figure
+
+        figures = [measure(direction, size) for direction in ("tx", "rx") for size in SIZES]
+    return figures

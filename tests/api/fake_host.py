@@ -1,0 +1,187 @@
+"""A Host with the interface of avmm.host.Host and no KVM behind it, for testing the HTTP
+layer on any machine: VMs change state on request, the console echoes its input, and
+``crash()`` ends a VM the way a triple fault would."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from avmm.config import VmConfig
+from avmm.errors import UnknownVmError, VmStartError, VmStateError
+from avmm.host import config_to_dict
+from avmm.lifecycle import GUEST_FAILURE_STATUS, StopReason, VmExit, VmState
+
+
+@dataclass
+class FakeDeviceMetrics:
+    kind: str
+    requests: int
+    bytes: int
+    notifications: int
+
+
+@dataclass
+class FakeVmMetrics:
+    state: VmState
+    vcpu_exits: dict[str, int]
+    devices: dict[str, FakeDeviceMetrics]
+
+
+class FakeSubscription:
+    def __init__(self, vm: FakeVm) -> None:
+        self._vm = vm
+        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
+        if vm.backlog:
+            self._send.send_nowait(bytes(vm.backlog))
+        if vm.state is VmState.STOPPED:
+            self._send.close()
+        else:
+            vm.subscribers.append(self._send)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        async for chunk in self._receive:
+            yield chunk
+
+    async def aclose(self) -> None:
+        if self._send in self._vm.subscribers:
+            self._vm.subscribers.remove(self._send)
+        self._send.close()
+        await self._receive.aclose()
+
+    async def __aenter__(self) -> FakeSubscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class FakeVm:
+    def __init__(self, vm_id: str, config: VmConfig) -> None:
+        self.id = vm_id
+        self.name = config.name or vm_id
+        self.config = config
+        self.state = VmState.RUNNING
+        self.created_at = time.time()
+        self.exit: VmExit | None = None
+        self.backlog = bytearray(b"fake-guest: hello\n")
+        self.subscribers: list[trio.MemorySendChannel[bytes]] = []
+        self.received = bytearray()
+
+    @property
+    def uptime_s(self) -> float | None:
+        return 1.5
+
+    async def pause(self) -> None:
+        if self.state is not VmState.RUNNING:
+            raise VmStateError(f"VM {self.id} is {self.state}; only a running VM can pause")
+        self.state = VmState.PAUSED
+
+    async def resume(self) -> None:
+        if self.state is not VmState.PAUSED:
+            raise VmStateError(f"VM {self.id} is {self.state}; only a paused VM can resume")
+        self.state = VmState.RUNNING
+
+    async def stop(self) -> VmExit:
+        self._end(VmExit(StopReason.STOPPED, 0, "stopped by the host"))
+        assert self.exit is not None
+        return self.exit
+
+    def crash(self) -> None:
+        self._end(VmExit(StopReason.TRIPLE_FAULT, GUEST_FAILURE_STATUS, "triple fault at rip"))
+
+    def _end(self, vm_exit: VmExit) -> None:
+        if self.state is VmState.STOPPED:
+            return
+        self.state = VmState.STOPPED
+        self.exit = vm_exit
+        for channel in self.subscribers:
+            channel.close()
+        self.subscribers.clear()
+
+    def emit(self, data: bytes) -> None:
+        self.backlog += data
+        for channel in self.subscribers:
+            channel.send_nowait(data)
+
+    def metrics(self) -> FakeVmMetrics:
+        return FakeVmMetrics(self.state, {"io": 10, "mmio": 3, "hlt": 1},
+                             {"blk0": FakeDeviceMetrics("blk", 4, 2048, 5)})
+
+    def console_backlog(self) -> bytes:
+        return bytes(self.backlog)
+
+    def subscribe_console(self) -> FakeSubscription:
+        return FakeSubscription(self)
+
+    async def send_console(self, data: bytes) -> None:
+        if self.state is VmState.STOPPED:
+            raise VmStateError(f"VM {self.id} has stopped")
+        self.received += data
+        self.emit(data)  # a guest that echoes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": str(self.state),
+            "created_at": self.created_at,
+            "uptime_s": self.uptime_s,
+            "exit": None if self.exit is None else {
+                "reason": str(self.exit.reason), "exit_status": self.exit.exit_status,
+                "detail": self.exit.detail},
+            "config": config_to_dict(self.config),
+        }
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.vms: dict[str, FakeVm] = {}
+        self._next = 1
+
+    async def __aenter__(self) -> FakeHost:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop_all()
+
+    async def create(self, config: VmConfig, *, start: bool = True) -> FakeVm:
+        if config.name == "unbootable":
+            raise VmStartError(config.name, "load the kernel", "not an ELF or bzImage")
+        vm = FakeVm(f"vm-{self._next:06x}", config)
+        if not start:
+            vm.state = VmState.PAUSED
+        self._next += 1
+        self.vms[vm.id] = vm
+        return vm
+
+    def get(self, vm_id: str) -> FakeVm:
+        try:
+            return self.vms[vm_id]
+        except KeyError:
+            raise UnknownVmError(vm_id) from None
+
+    def list(self) -> list[FakeVm]:
+        return list(self.vms.values())
+
+    async def remove(self, vm_id: str) -> bool:
+        vm = self.vms.pop(vm_id, None)
+        if vm is None:
+            return False
+        await vm.stop()
+        return True
+
+    async def stop_all(self) -> None:
+        for vm in self.vms.values():
+            await vm.stop()
+
+    def metrics(self) -> dict[str, FakeVmMetrics]:
+        return {vm.id: vm.metrics() for vm in self.vms.values()}

@@ -1,0 +1,117 @@
+"""The daemon's socket: its mode, who may own it, stale and live predecessors, cleanup."""
+
+from __future__ import annotations
+
+import grp
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from avmm.api import ApiClient, DaemonError, serve_api
+
+from .fake_host import FakeHost
+
+
+async def _serve(nursery: trio.Nursery, path: Path, **kwargs: object) -> trio.Event:
+    """Start a server on ``path``; set the returned event to stop it."""
+    shutdown = trio.Event()
+    await nursery.start(lambda task_status: serve_api(
+        FakeHost(), path, shutdown=shutdown, task_status=task_status, **kwargs))
+    return shutdown
+
+
+async def test_socket_mode_is_0600(nursery: trio.Nursery, socket_dir: Path) -> None:
+    path = socket_dir / "avmm.sock"
+    previous = os.umask(0)  # a permissive umask must not leak into the socket's mode
+    try:
+        await _serve(nursery, path)
+    finally:
+        os.umask(previous)
+    info = os.stat(path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_uid == os.geteuid()
+
+
+async def test_group_option_gives_the_group_0660(nursery: trio.Nursery,
+                                                 socket_dir: Path) -> None:
+    others = [group for group in grp.getgrall() if group.gr_gid != os.getegid()]
+    group = others[0] if others and os.geteuid() == 0 else grp.getgrgid(os.getegid())
+    path = socket_dir / "avmm.sock"
+    await _serve(nursery, path, group=group.gr_name)
+    info = os.stat(path)
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == group.gr_gid
+
+
+async def test_unknown_group_is_refused(socket_dir: Path) -> None:
+    with pytest.raises(DaemonError, match="unknown group"):
+        await serve_api(FakeHost(), socket_dir / "avmm.sock", group="no-such-group-avmm")
+    assert not (socket_dir / "avmm.sock").exists()
+
+
+async def test_socket_is_removed_on_shutdown(nursery: trio.Nursery, socket_dir: Path) -> None:
+    path = socket_dir / "avmm.sock"
+    done = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[Path]) -> None:
+        await serve_api(FakeHost(), path, shutdown=shutdown, task_status=task_status)
+        done.set()
+
+    shutdown = trio.Event()
+    await nursery.start(run)
+    async with ApiClient(path) as api:
+        assert await api.list_vms() == []
+    shutdown.set()
+    await done.wait()
+    assert not path.exists()
+
+
+async def test_stale_socket_is_replaced(nursery: trio.Nursery, socket_dir: Path) -> None:
+    path = socket_dir / "avmm.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, never listening, then closed: what a killed daemon leaves
+    stale.close()
+    await _serve(nursery, path)
+    async with ApiClient(path) as api:
+        assert await api.list_vms() == []
+
+
+async def test_live_server_is_not_replaced(nursery: trio.Nursery, socket_dir: Path) -> None:
+    path = socket_dir / "avmm.sock"
+    await _serve(nursery, path)
+    inode = os.stat(path).st_ino
+    with pytest.raises(DaemonError, match="another server is listening"):
+        await serve_api(FakeHost(), path)
+    assert os.stat(path).st_ino == inode
+    async with ApiClient(path) as api:
+        assert await api.list_vms() == []
+
+
+async def test_other_file_at_the_path_is_refused(socket_dir: Path) -> None:
+    path = socket_dir / "avmm.sock"
+    path.write_text("not a socket")
+    with pytest.raises(DaemonError, match="is not a socket"):
+        await serve_api(FakeHost(), path)
+    assert path.read_text() == "not a socket"
+
+
+async def test_missing_directory_is_refused(socket_dir: Path) -> None:
+    with pytest.raises(DaemonError, match="directory not found"):
+        await serve_api(FakeHost(), socket_dir / "missing" / "avmm.sock")
+
+
+def test_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from avmm.api import default_socket_path
+
+    monkeypatch.delenv("AVMM_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert default_socket_path() == Path("/run/avmm.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_socket_path() == Path("/run/user/1000/avmm.sock")
+    monkeypatch.setenv("AVMM_SOCKET", "/tmp/x.sock")
+    assert default_socket_path() == Path("/tmp/x.sock")
