@@ -12,7 +12,7 @@ AVMM   := $(VENV)/bin/avmm
 PACKAGES_build  := gcc make libc6-dev linux-libc-dev
 PACKAGES_test   := qemu-system-x86 busybox-static cpio acpica-tools e2fsprogs iproute2
 # ... and for the minimal guest kernel (make linux-kernel), only when it is built.
-PACKAGES_kernel := linux-source-6.1 bc bison flex libelf-dev libssl-dev
+PACKAGES_kernel := linux-source-6.1 bc bison flex libelf-dev libssl-dev patch
 
 .PHONY: all up test test-linux deps deps-build deps-test venv guest debian-kernel linux-debian linux-kernel \
 	linux-initramfs example-disk bench lint clean distclean
@@ -87,13 +87,14 @@ $(BUILD)/debian-kernel/initramfs.cpio: $(BUILD)/debian-kernel/vmlinuz \
 		| $(BUILD)/.stamps/deps-test
 	scripts/build-debian-initramfs.sh $(BUILD)/debian-kernel
 
-# avmm's minimal guest kernel: tinyconfig + examples/linux/microvm.config, built from
+# avmm's minimal guest kernel: tinyconfig + examples/linux/microvm.config (+ patches/), built from
 # Debian's linux-source-6.1 into $(BUILD)/linux/{bzImage,vmlinux}. The script keeps its own
 # cache (the fragment's hash and the source version): only a changed fragment or a new
 # source package rebuilds (a full build: ~5 min on 2 cores here, plus ~13 s to unpack).
 linux-kernel: $(BUILD)/linux/bzImage
 
-$(BUILD)/linux/bzImage: examples/linux/microvm.config scripts/build-linux-kernel.sh \
+$(BUILD)/linux/bzImage: examples/linux/microvm.config $(wildcard examples/linux/patches/*.patch) \
+		scripts/build-linux-kernel.sh \
 		| $(BUILD)/.stamps/deps-build $(BUILD)/.stamps/deps-kernel
 	scripts/build-linux-kernel.sh $(BUILD)/linux
 	@touch $@

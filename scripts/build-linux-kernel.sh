@@ -5,13 +5,14 @@
 #
 # Needs (Debian): linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make
 # (`make deps-build` installs them). Steps:
-#   1. unpack /usr/src/linux-source-6.1.tar.xz into OUT_DIR/src (once per package version);
+#   1. unpack /usr/src/linux-source-6.1.tar.xz into OUT_DIR/src and apply
+#      examples/linux/patches/*.patch in order (once per package version and patch set);
 #   2. in OUT_DIR/obj (O=): `make tinyconfig`, merge examples/linux/microvm.config,
 #      `make olddefconfig`, then check that every line of the fragment survived (a
 #      dependency Kconfig did not satisfy fails the build here, loudly);
 #   3. `make bzImage vmlinux`, copy both to OUT_DIR (vmlinux carries the PVH ELF note).
-# Cached: OUT_DIR/config.sha256 records the fragment's hash and the source version; with
-# both unchanged and the images present nothing is rebuilt. Environment:
+# Cached: OUT_DIR/config.sha256 records the fragment's hash, the patches' hash and the
+# source version; with all unchanged and the images present nothing is rebuilt. Environment:
 #   LINUX_SOURCE_TARBALL  another source tarball (default /usr/src/linux-source-6.1.tar.xz)
 #   JOBS                  parallel jobs (default: nproc)
 set -euo pipefail
@@ -19,6 +20,7 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$repo_root/build/linux}"
 fragment="$repo_root/examples/linux/microvm.config"
+patches_dir="$repo_root/examples/linux/patches"
 tarball="${LINUX_SOURCE_TARBALL:-/usr/src/linux-source-6.1.tar.xz}"
 jobs="${JOBS:-$(nproc)}"
 
@@ -27,7 +29,7 @@ log() { echo "build-linux-kernel: $*"; }
 
 [[ -f "$fragment" ]] || die "$fragment missing"
 [[ -f "$tarball" ]] || die "$tarball missing (apt-get install linux-source-6.1)"
-for tool in make gcc bc bison flex tar xz; do
+for tool in make gcc bc bison flex tar xz patch; do
     command -v "$tool" >/dev/null 2>&1 \
         || die "$tool not found (apt-get install linux-source-6.1 bc bison flex libelf-dev libssl-dev)"
 done
@@ -46,7 +48,10 @@ if [[ -z "${LINUX_SOURCE_TARBALL:-}" ]] \
 else
     source_id="$tarball $(stat -c '%s %Y' "$tarball")"
 fi
-want="$(sha256sum < "$fragment" | cut -d' ' -f1) $source_id"
+patches=("$patches_dir"/*.patch)
+[[ -e "${patches[0]}" ]] || patches=()
+patch_id="patches:$(cat /dev/null "${patches[@]}" | sha256sum | cut -d' ' -f1)"
+want="$(sha256sum < "$fragment" | cut -d' ' -f1) $source_id $patch_id"
 
 if [[ -f "$out/config.sha256" && "$(cat "$out/config.sha256")" == "$want" \
         && -f "$out/bzImage" && -f "$out/vmlinux" ]]; then
@@ -54,13 +59,18 @@ if [[ -f "$out/config.sha256" && "$(cat "$out/config.sha256")" == "$want" \
     exit 0
 fi
 
-# -- 1. the source, unpacked once per version ----------------------------------------------
-if [[ ! -f "$src/.avmm-source" || "$(cat "$src/.avmm-source")" != "$source_id" ]]; then
+# -- 1. the source, unpacked and patched once per version and patch set -------------------
+if [[ ! -f "$src/.avmm-source" || "$(cat "$src/.avmm-source")" != "$source_id $patch_id" ]]; then
     log "unpacking $tarball"
-    rm -rf "$src" "$obj"
+    rm -rf "$src" "$obj" "$src.tmp"
     mkdir -p "$src.tmp"
     tar -xf "$tarball" -C "$src.tmp" --strip-components=1
-    echo "$source_id" > "$src.tmp/.avmm-source"
+    for patch_file in "${patches[@]}"; do
+        log "applying ${patch_file#"$repo_root"/}"
+        patch -d "$src.tmp" -p1 --batch --forward --quiet < "$patch_file" \
+            || die "$patch_file does not apply to $source_id"
+    done
+    echo "$source_id $patch_id" > "$src.tmp/.avmm-source"
     mv "$src.tmp" "$src"
 fi
 

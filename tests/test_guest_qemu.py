@@ -71,14 +71,15 @@ def qemu_argv(
     i8042: bool = True,
     machine: str = "",
     extra: Sequence[str] = (),
+    cpus: int = 1,
 ) -> list[str]:
     """QEMU's command line; ``machine`` adds ``-M`` options (``,acpi=off``), ``extra``
-    goes at the end (devices)."""
+    goes at the end (devices), ``cpus`` is ``-smp``."""
     argv = [
         QEMU,
         "-M", f"microvm,accel={accel}{machine}",
         "-m", "64",
-        "-smp", "1",
+        "-smp", str(cpus),
         "-nographic",
         "-nodefaults",
         "-no-reboot",
@@ -106,16 +107,19 @@ def run_guest(
     machine: str = "",
     extra: Sequence[str] = (),
     prefix: Sequence[str] = (),
+    cpus: int = 1,
 ) -> tuple[int, list[str]]:
     """Boot the guest to the end; return QEMU's exit status and the serial lines.
 
     ``serial_input`` is written to the serial port's input (QEMU's stdin) at once,
     before the guest even boots; stdin is then closed. ``prefix`` runs QEMU under
-    another command (``ip netns exec NS``); ``machine`` and ``extra`` go to
+    another command (``ip netns exec NS``); ``machine``, ``extra`` and ``cpus`` go to
     :func:`qemu_argv`.
     """
+    argv = qemu_argv(elf, accel, cmdline, i8042=i8042, machine=machine, extra=extra,
+                     cpus=cpus)
     result = subprocess.run(
-        [*prefix, *qemu_argv(elf, accel, cmdline, i8042=i8042, machine=machine, extra=extra)],
+        [*prefix, *argv],
         input=serial_input,
         stdin=subprocess.DEVNULL if serial_input is None else None,
         capture_output=True,
@@ -176,6 +180,34 @@ def test_ring3_exception_is_reported(test_guest: Path, accel: str) -> None:
     # The exception came from ring 3 (CS RPL 3), not from the ring-0 setup.
     assert "cs=0x23 " in lines[1], lines
     assert status == STATUS_EXCEPTION
+
+
+# smp: the guest starts its APs itself (INIT, SIPI, SIPI). TCG takes any count; this
+# workplace's KVM at most 2 vCPUs.
+@pytest.mark.parametrize(
+    ("accel", "cpus"),
+    [
+        pytest.param("tcg", 1, id="tcg-1"),
+        pytest.param("tcg", 2, id="tcg-2"),
+        pytest.param("tcg", 4, id="tcg-4"),
+        pytest.param("kvm", 2, id="kvm-2", marks=pytest.mark.kvm),
+    ],
+)
+def test_smp_every_cpu_reports_in(test_guest: Path, accel: str, cpus: int) -> None:
+    status, lines = run_guest(test_guest, accel, "avmm.test=smp", cpus=cpus)
+    ids = ",".join(str(i) for i in range(cpus))
+    assert lines == [f"avmm-testguest: smp cpus={cpus} reported={cpus} apic_ids={ids}"], lines
+    assert status == STATUS_POWER_OFF
+
+
+def test_smp_missing_cpu_fails_after_the_timeout(test_guest: Path) -> None:
+    # avmm.cpus=3 claims a CPU that does not exist: nothing answers at APIC ID 2.
+    status, lines = run_guest(test_guest, "tcg", "avmm.test=smp avmm.cpus=3", cpus=2)
+    assert lines == [
+        "avmm-testguest: smp cpus=3 reported=2 apic_ids=0,1",
+        "avmm-testguest: smp FAIL (2 of 3 CPUs reported in within 5000 ms)",
+    ], lines
+    assert status == STATUS_FAILURE
 
 
 def _qmp(stream: TextIO, command: str, **arguments: object) -> Any:
