@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -72,6 +73,52 @@ def test_up_reports_a_crashed_guest_on_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("avmm: the VM stopped: triple-fault")
     assert "rip=0x100000" in last and "0f 0b" in last
+
+
+# mov al, 123 ; mov dx, 0x440 ; out dx, al     (the boot-time marker)
+BOOT_MARKER = bytes.fromhex("b07b 66ba4004 ee")
+# mov dx, 0x501 ; xor eax, eax ; out dx, al ; hlt   (debug-exit 0: status 1)
+DEBUG_EXIT_0 = bytes.fromhex("66ba0105 31c0 ee f4")
+# mov al, 0x34 ; mov dx, 0x600 ; out dx, al ; hlt   (ACPI sleep control: SLP_EN | S5)
+ACPI_POWEROFF = bytes.fromhex("b034 66ba0006 ee f4")
+
+
+@pytest.mark.kvm
+def test_up_boot_time_prints_when_the_marker_arrives(tmp_path: Path) -> None:
+    from tests.vm.helpers import tiny_elf
+
+    kernel = tiny_elf(tmp_path / "marker.elf", BOOT_MARKER + DEBUG_EXIT_0)
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[boot]\nkernel = "{kernel}"\n[serial]\nmode = "none"\n')
+    result = avmm("up", "--boot-time", str(config))
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "userspace reached" in line]
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(r"\s*avmm: guest userspace reached \d+\.\d ms after the VM started, "
+                        r"\d+\.\d ms after avmm started\s*", lines[0]), lines[0]
+    # Without the flag nothing is printed.
+    assert "userspace reached" not in avmm("up", str(config)).stderr
+
+
+@pytest.mark.kvm
+def test_up_exits_zero_when_the_guest_powers_off_through_acpi(tmp_path: Path) -> None:
+    from tests.vm.helpers import tiny_elf
+
+    kernel = tiny_elf(tmp_path / "off.elf", ACPI_POWEROFF)
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[boot]\nkernel = "{kernel}"\n[serial]\nmode = "none"\n')
+    result = avmm("--log-format", "json", "--log-level", "info", "up", str(config))
+    assert result.returncode == 0, result.stderr
+    stopped = [json.loads(line) for line in result.stderr.splitlines()
+               if '"vm stopped"' in line]
+    assert stopped and stopped[0]["reason"] == "poweroff"
+    # With acpi = false there are no sleep registers: the write is ignored, the guest
+    # halts for good, and only a stop from outside ends it.
+    config.write_text(f'[machine]\nacpi = false\n[boot]\nkernel = "{kernel}"\n'
+                      f'[serial]\nmode = "none"\n')
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-m", "avmm.cli", "up", str(config)],
+                       capture_output=True, timeout=3, cwd=REPO)
 
 
 @pytest.mark.kvm

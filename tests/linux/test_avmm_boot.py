@@ -206,20 +206,19 @@ def test_minimal_kernel_runs_the_guest_checks(minimal_boot: MinimalBoot,
     record(figure, "minimal kernel", minimal_boot.run, minimal_boot.total_s)
 
 
+# Not a missing prerequisite CI could install: on a kvm_pvm host guest ring 0 is
+# interpreted, and the stock kernel's boot (alternatives, kprobes, ACPI, initcalls) takes
+# far longer than AVMM_LINUX_TIMEOUT_S there. README ("Booting Linux") says how far it
+# gets; tests/vm/test_linux_boot.py checks its early boot (banner, ACPI tables, 2 CPUs) in
+# every `make test`.
+@pytest.mark.skipif(
+    host_needs_compat(),
+    reason="stock Debian kernel to userspace on a kvm_pvm host: its boot to /init takes far "
+           "longer than the time limit there, and without the minimal kernel's patch /init "
+           "could not make a system call (see README); runs on hardware KVM")
 def test_debian_kernel_under_avmm(tmp_path: Path, figure: Callable[[str, str], None]) -> None:
-    # Synchronous (trio.run below) so that the skip's reason reaches the report.
     require(None if DEBIAN_KERNEL.exists() and DEBIAN_INITRAMFS.exists()
             else "the Debian kernel is missing (make debian-kernel linux-debian)")
-    if host_needs_compat():
-        # Not a missing prerequisite CI could install: this host runs guest ring 0
-        # through an interpreter, and the stock kernel's boot (alternatives, kprobes,
-        # ACPI, initcalls) takes far longer than AVMM_LINUX_TIMEOUT_S there. README
-        # ("Booting Linux") says how far it gets; tests/vm/test_linux_boot.py checks its
-        # early boot (banner, ACPI tables, 2 CPUs) in every `make test`.
-        pytest.skip("stock Debian kernel to userspace on a kvm_pvm host: its boot to /init "
-                    "takes far longer than the time limit there, and without the minimal "
-                    "kernel's patch /init could not make a system call (see README); runs "
-                    "on hardware KVM")
     seed = secrets.randbelow(10**6)
     started = time.monotonic()
     run, data, ext4_image = trio.run(functools.partial(
