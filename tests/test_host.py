@@ -305,3 +305,34 @@ async def test_vhost_user_devices_report_requests_from_the_used_ring(tmp_path: P
     # bytes and kicks are not known here.
     assert blk == DeviceMetrics(kind="vhost-user", requests=blk.requests)
     assert blk.requests >= 4
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+async def test_stopping_a_vm_fdatasyncs_its_writable_disks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped from outside (as `avmm serve` does on SIGTERM), a VM makes its writable
+    disks stable before it counts as stopped; read-only disks are left alone."""
+    import os
+
+    synced: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    writable, read_only = tmp_path / "rw.img", tmp_path / "ro.img"
+    writable.write_bytes(bytes(4096))
+    read_only.write_bytes(bytes(4096))
+    config = dataclasses.replace(
+        guest_config("avmm.test=count avmm.n=100000000000000"),
+        disks=(DiskConfig(path=writable), DiskConfig(path=read_only, readonly=True)))
+    async with Host() as host:
+        hosted = await host.create(config)
+        await wait_for_progress(hosted)
+        assert synced == []  # the guest never touched its disks
+        await hosted.stop()
+    assert synced == [str(writable)]
