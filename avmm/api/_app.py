@@ -14,12 +14,13 @@ built (``detail.step``), 503 shutting down, 500 an avmm bug (logged with a trace
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -115,7 +116,7 @@ class _Response:
     content_type: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     #: A streamed body: chunks from this iterator until it ends or the client leaves.
-    stream: Callable[[], AsyncIterator[bytes]] | None = None
+    stream: Callable[[], AsyncGenerator[bytes, None]] | None = None
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -143,9 +144,13 @@ class _Response:
 
             nursery.start_soon(watch_disconnect)
             try:
-                async for chunk in stream():
-                    await send({"type": "http.response.body", "body": chunk,
-                                "more_body": True})
+                # aclosing: a client that hangs up cancels us mid-iteration, and the
+                # generator (with the console subscription it holds) must be closed
+                # here, not whenever the garbage collector finds it.
+                async with contextlib.aclosing(stream()) as chunks:
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
             except OSError:
                 pass  # the client went away mid-send (ASGI 2.4 servers raise OSError)
@@ -274,7 +279,7 @@ class ManagementApi:
         # backlog and the live chunks.
         subscription = vm.subscribe_console()
 
-        async def stream() -> AsyncIterator[bytes]:
+        async def stream() -> AsyncGenerator[bytes, None]:
             async with subscription:
                 async for chunk in subscription:
                     yield chunk
