@@ -439,7 +439,7 @@ class BlockDevice(VirtioDevice):
         signal_used = context.signal_used
         kicks_received = getattr(context, "kicks_received", None)
         take_batch, process_batch = self.take_batch, self.process_batch
-        complete_batch = self.complete_batch
+        finish_batch = self.finish_batch
         poller = select.poll()
         poller.register(kick_fd, select.POLLIN)
         poller.register(stop_fd, select.POLLIN)
@@ -449,19 +449,8 @@ class BlockDevice(VirtioDevice):
             while not stopping.is_set():
                 queue.disable_notifications(memory)
                 batch = take_batch(queue, memory)
-                if batch.chains:
-                    result = process_batch(memory, batch)
-                    complete_batch(queue, memory, result)
-                    if result.completions:
-                        signal_used(0)
-                    if result.error is not None:
-                        raise result.error
-                elif batch.error is not None:
-                    raise batch.error
-                if len(batch.chains) >= QUEUE_SIZE:
-                    continue  # a full batch: more may be waiting, keep notifications off
-                # Re-arm, then look again: a chain added in between was not notified.
-                if not queue.enable_notifications(memory):
+                result = process_batch(memory, batch) if batch.chains else None
+                if not finish_batch(queue, memory, batch, result, signal_used):
                     break
             # poll(2) first, then read: the read then never fails, which saves a syscall
             # and an exception per request at queue depth 1.
@@ -486,25 +475,34 @@ class BlockDevice(VirtioDevice):
             while True:
                 queue.disable_notifications(memory)
                 batch = self.take_batch(queue, memory)
+                result = None
                 if batch.chains:
                     result = await trio.to_thread.run_sync(
                         self.process_batch, memory, batch, abandon_on_cancel=False,
                         thread_name=f"avmm {self.name} I/O",
                     )
-                    # No checkpoint between the thread's return and the pushes: even a
-                    # cancelled run() completes the batch it started.
-                    self.complete_batch(queue, memory, result)
-                    if result.completions:
-                        context.signal_used(0)
-                    if result.error is not None:
-                        raise result.error
-                elif batch.error is not None:
-                    raise batch.error
-                if len(batch.chains) >= QUEUE_SIZE:
-                    continue  # a full batch: more may be waiting, keep notifications off
-                # Re-arm, then look again: a chain added in between was not notified.
-                if not queue.enable_notifications(memory):
+                # No checkpoint between the thread's return and the pushes: even a
+                # cancelled run() completes the batch it started.
+                if not self.finish_batch(queue, memory, batch, result, context.signal_used):
                     break
+
+    def finish_batch(self, queue: VirtQueue, memory: MemoryAccess, batch: Batch,
+                     result: BatchResult | None, signal_used: Callable[[int], None]) -> bool:
+        """Return a processed batch to the used ring and interrupt the driver, then raise
+        the batch's protocol error if it had one. True if more chains may be waiting
+        (a full batch, or one added while notifications were off): keep draining."""
+        if result is not None:
+            self.complete_batch(queue, memory, result)
+            if result.completions:
+                signal_used(0)
+            if result.error is not None:
+                raise result.error
+        elif batch.error is not None:
+            raise batch.error
+        if len(batch.chains) >= QUEUE_SIZE:
+            return True  # a full batch: more may be waiting, keep notifications off
+        # Re-arm, then look again: a chain added in between was not notified.
+        return queue.enable_notifications(memory)
 
     def take_batch(self, queue: VirtQueue, memory: MemoryAccess) -> Batch:
         """Pop every available chain (at most a queue's worth). A QueueError after some
