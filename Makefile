@@ -15,7 +15,7 @@ PACKAGES_test   := qemu-system-x86 busybox-static cpio acpica-tools e2fsprogs ip
 PACKAGES_kernel := linux-source-6.1 bc bison flex libelf-dev libssl-dev patch
 
 .PHONY: all up test test-linux deps deps-build deps-test venv guest debian-kernel linux-debian linux-kernel \
-	linux-initramfs example-disk bench lint clean distclean
+	linux-initramfs example-disk bench bench-readme lint clean distclean
 
 all: venv guest
 
@@ -34,6 +34,10 @@ test-linux: deps-test venv guest debian-kernel linux-debian linux-kernel linux-i
 # Figures side by side with QEMU (not part of `make test`, which runs a smoke version).
 bench: deps-test venv guest
 	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
+
+# `make bench`, then its tables (with commit, machine and date) into README.md.
+bench-readme: bench
+	$(VENV)/bin/python -m benchmarks.report --write-readme
 
 lint: venv
 	$(VENV)/bin/ruff check .

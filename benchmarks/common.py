@@ -39,6 +39,34 @@ def summary(values: Sequence[float]) -> dict[str, object]:
     }
 
 
+def ratio_summary(avmm: Sequence[float], qemu: Sequence[float]) -> dict[str, object]:
+    """avmm/QEMU as the ratio of the two medians (the figure the table shows: the medians
+    it shows, divided), with the range of the per-pair ratios (``avmm[i] / qemu[i]``,
+    measured back to back) beside it for how much one pair can differ from another. The
+    median of the per-pair ratios is not reported: it need not equal the quotient of the
+    medians in the same row, which a reader would check first."""
+    of_medians = statistics.median(avmm) / statistics.median(qemu)
+    pairs = [a / q for a, q in zip(avmm, qemu, strict=True)]
+    return {"of_medians": of_medians, "pair_min": min(pairs), "pair_max": max(pairs),
+            "pairs": pairs}
+
+
+#: The parts of the table: what is compared with what. Every figure names one.
+PER_OPERATION = "per-operation"
+WHOLE_PROCESS = "whole-process"
+IN_PROCESS = "in-process"
+PARTS = {
+    PER_OPERATION: "Per operation: the same guest doing the same work in both VMMs; each "
+                   "figure is a run of N operations minus a run of none, so start-up and "
+                   "teardown cancel out",
+    WHOLE_PROCESS: "Whole processes: `avmm up` (a fresh Python process per VM) against "
+                   "`qemu-system-x86_64` (a fresh process per VM)",
+    IN_PROCESS: "avmm inside a running Python process (a program that keeps avmm loaded, "
+                "as `avmm serve` does) against a whole QEMU process per VM: not like for "
+                "like, shown for what embedding avmm saves",
+}
+
+
 @dataclass
 class Figure:
     """One row of the table: ``avmm[i]`` and ``qemu[i]`` were measured as a pair."""
@@ -46,28 +74,31 @@ class Figure:
     name: str
     unit: str
     better: str  # "lower" or "higher"
+    part: str  # a key of PARTS
     avmm: list[float] = field(default_factory=list)
     qemu: list[float] = field(default_factory=list)
     note: str = ""
     #: runs measured again: lost in the noise, or avmm's blk status=255 (benchmarks/run.py).
     retries: int = 0
 
-    def add(self, avmm: float, qemu: float | None) -> None:
+    def __post_init__(self) -> None:
+        if self.part not in PARTS:
+            raise ValueError(f"figure {self.name!r}: part must be one of {list(PARTS)}")
+
+    def add(self, avmm: float, qemu: float) -> None:
         self.avmm.append(avmm)
-        if qemu is not None:
-            self.qemu.append(qemu)
+        self.qemu.append(qemu)
 
     def to_json(self) -> dict[str, object]:
         data: dict[str, object] = {"unit": self.unit, "better": self.better,
-                                   "avmm": summary(self.avmm)}
+                                   "part": self.part, "avmm": summary(self.avmm)}
         if self.note:
             data["note"] = self.note
         if self.retries:
             data["retries"] = self.retries
         if self.qemu:
             data["qemu"] = summary(self.qemu)
-            ratios = [a / q for a, q in zip(self.avmm, self.qemu, strict=True)]
-            data["ratio"] = summary(ratios)
+            data["ratio"] = ratio_summary(self.avmm, self.qemu)
         return data
 
 
@@ -119,10 +150,18 @@ def checked(side: Side, cmdline: str, expect: str, what: str) -> float:
 
 
 def avmm_config(cmdline: str, *, disks: Sequence[Path | object] = (), nets: Sequence[object] = (),
-                memory_mib: int = GUEST_MEMORY_MIB, name: str | None = None) -> object:
+                rng: bool = False, memory_mib: int = GUEST_MEMORY_MIB,
+                name: str | None = None) -> object:
     """A VmConfig for the test guest; ``disks`` are image paths or ``DiskConfig``s (for
-    vhost-user), ``nets`` ``NetConfig``s."""
-    from avmm.config import BootConfig, DiskConfig, MachineConfig, SerialConfig, VmConfig
+    vhost-user), ``nets`` ``NetConfig``s, ``rng`` adds a virtio-rng device."""
+    from avmm.config import (
+        BootConfig,
+        DiskConfig,
+        MachineConfig,
+        RngConfig,
+        SerialConfig,
+        VmConfig,
+    )
 
     machine = MachineConfig(vcpus=1, memory_mib=memory_mib)
     # The test guest finds virtio devices only on its command line, which avmm fills in
@@ -138,6 +177,7 @@ def avmm_config(cmdline: str, *, disks: Sequence[Path | object] = (), nets: Sequ
         disks=tuple(d if isinstance(d, DiskConfig) else DiskConfig(Path(d))  # type: ignore[arg-type]
                     for d in disks),
         nets=tuple(nets),  # type: ignore[arg-type]
+        rng=RngConfig() if rng else None,
     )
 
 
@@ -150,11 +190,12 @@ class AvmmRun:
 
 
 async def avmm_run(cmdline: str, *, disks: Sequence[Path | object] = (),
-                   nets: Sequence[object] = (), expect: str = "") -> AvmmRun:
+                   nets: Sequence[object] = (), rng: bool = False,
+                   expect: str = "") -> AvmmRun:
     """Boot the test guest in this trio program and run it to the end."""
     from avmm import StopReason, VirtualMachine
 
-    config = avmm_config(cmdline, disks=disks, nets=nets)
+    config = avmm_config(cmdline, disks=disks, nets=nets, rng=rng)
     output = bytearray()
     first = 0.0
     start = time.perf_counter()
@@ -200,6 +241,11 @@ def qemu_argv(cmdline: str, *, disks: Sequence[Path] = (), memfd: bool = False,
                  "-drive", f"id=d{i},file={disk},format=raw,if=none"]
     argv += devices
     return [argv[0], "-M", machine, *argv[1:]]
+
+
+def avmm_up_argv(config: Path) -> list[str]:
+    """``avmm up CONFIG``: one VM in a fresh process, as a user starts one."""
+    return [str(AVMM), "up", str(config)]
 
 
 @dataclass

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 
 from benchmarks.common import (
+    PER_OPERATION,
     REPO,
     BenchError,
     Figure,
@@ -103,7 +104,7 @@ def bench_net(runs: int, n: int) -> list[Figure]:
         def measure(direction: str, size: int) -> Figure:
             label = "TX guest → host" if direction == "tx" else "RX host → guest"
             figure = Figure(
-                f"net {size} B frames, {label}", "frames/s", "higher",
+                f"net {size} B frames, {label}", "frames/s", "higher", PER_OPERATION,
                 note=f"net-bench n={n} minus n=0; tap in a netns, "
                      + ("host kernel as sink" if direction == "tx"
                         else "benchmarks/netpeer.py as source"))

@@ -4,8 +4,13 @@
 
 Groups: exits, startup, blk, blk-vhost, net, churn, memory. Every figure is measured here
 and now: for each of R runs (5 by default, 2 with --quick) avmm and QEMU are measured back
-to back, and the ratio avmm/QEMU is taken per pair. The table goes to stdout, the JSON to
-``build/bench/`` (``latest.json`` and a timestamped copy).
+to back as a pair. Each figure reports both medians, their ratio avmm/QEMU, and the range
+of the per-pair ratios. The figures fall in three parts (benchmarks.common.PARTS): per
+operation (like for like), whole processes (``avmm up`` vs QEMU), and avmm inside a
+running process vs QEMU processes. The tables (Markdown, with the commit, machine and
+date that produced them) go to stdout, the JSON to ``build/bench/`` (``latest.json`` and
+a timestamped copy); ``python -m benchmarks.report --write-readme`` puts the tables of
+``latest.json`` in README.md.
 
 blk-vhost needs qemu-storage-daemon; net needs root, /dev/net/tun and iproute2 (a tap in
 a network namespace, see benchmarks/net.py).
@@ -18,7 +23,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,13 +34,19 @@ from pathlib import Path
 import trio
 
 from benchmarks.common import (
-    AVMM,
+    GUEST_MEMORY_MIB,
+    IN_PROCESS,
+    PARTS,
+    PER_OPERATION,
     REPO,
+    TEST_GUEST,
+    WHOLE_PROCESS,
     BenchError,
     Figure,
     Side,
     avmm_run,
     avmm_run_sync,
+    avmm_up_argv,
     checked,
     log,
     per_unit,
@@ -47,6 +57,7 @@ from benchmarks.common import (
 )
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, MARKER, SPIN_N
 from benchmarks.net import bench_net
+from benchmarks.report import markdown, provenance
 
 HELLO_TOML = REPO / "examples" / "hello.toml"
 HELLO = "console=ttyS0 avmm.test=hello"
@@ -77,34 +88,71 @@ QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
 # -- (a) VM exit round trip -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExitKind:
+    """One ``exit-loop`` kind (tests/guest/scenarios/exit_loop.c) and its table row."""
+
+    kind: str           # avmm.kind=
+    counter: str        # the avmm exit counter each access adds to
+    label: str
+    note: str
+    rng: bool = False   # a virtio-rng device in both VMs (kind=virtio reads its registers)
+
+
+EXIT_KINDS = (
+    ExitKind("pio", "IoOut", "pio write, unclaimed port 0x510",
+             "no device: both VMMs answer in C (avmm: Vcpu.absorb)"),
+    ExitKind("mmio", "MmioWrite", "mmio write, unclaimed address",
+             "no device: both VMMs answer in C (avmm: Vcpu.absorb)"),
+    ExitKind("uart", "IoOut", "pio write, 16550 scratch register 0x3ff",
+             "a device register: avmm's UART model is Python, QEMU's C"),
+    ExitKind("virtio", "MmioRead", "mmio read, virtio-mmio Version register (rng)",
+             "a device register: avmm's virtio-mmio transport is Python, QEMU's C",
+             rng=True),
+)
+QEMU_RNG = ("-device", "virtio-rng-device")
+
+
 def bench_exits(p: Params) -> list[Figure]:
     """µs per exit: two runs of ``exit-loop`` per VMM and run, N exits and 0 exits; the
-    difference over N cancels boot and teardown."""
+    difference over N cancels boot and teardown. The same guest, N and devices in both
+    VMMs; the unclaimed-address rows show the floor, the device-register rows what a
+    guest driving a device pays."""
     figures = []
-    for kind, counter in (("pio", "IoOut"), ("mmio", "MmioWrite")):
-        figure = Figure(f"exit round trip, {kind}", "µs/exit", "lower",
-                        note=f"exit-loop n={p.exit_n} minus n=0, wall time")
+    for spec in EXIT_KINDS:
+        figure = Figure(f"exit round trip, {spec.label}", "µs/exit", "lower", PER_OPERATION,
+                        note=f"exit-loop kind={spec.kind} n={p.exit_n} minus n=0, wall "
+                             f"time; {spec.note}")
+        devices = QEMU_RNG if spec.rng else ()
+
+        def cmd(n: int, kind: str = spec.kind) -> str:
+            return f"avmm.test=exit-loop avmm.kind={kind} avmm.n={n}"
+
+        done = f"exit-loop kind={spec.kind} n={p.exit_n} done"
+        what = f"exit-loop {spec.kind}"
+
+        def avmm_loaded(spec: ExitKind = spec, cmd: Callable[[int], str] = cmd,
+                        done: str = done) -> float:
+            run = avmm_run_sync(cmd(p.exit_n), rng=spec.rng, expect=done)
+            if run.exits.get(spec.counter, 0) < p.exit_n:
+                raise BenchError(f"avmm saw {run.exits} exits, expected {p.exit_n} "
+                                 f"{spec.counter}")
+            return run.seconds
+
+        def avmm_empty(spec: ExitKind = spec, cmd: Callable[[int], str] = cmd) -> float:
+            return avmm_run_sync(cmd(0), rng=spec.rng, expect="done").seconds
+
+        def qemu_loaded(cmd: Callable[[int], str] = cmd, done: str = done,
+                        devices: tuple[str, ...] = devices) -> float:
+            return qemu_run(cmd(p.exit_n), devices=devices, expect=done).seconds
+
+        def qemu_empty(cmd: Callable[[int], str] = cmd,
+                       devices: tuple[str, ...] = devices) -> float:
+            return qemu_run(cmd(0), devices=devices, expect="done").seconds
+
         for _ in range(p.runs):
-            def cmd(n: int, kind: str = kind) -> str:
-                return f"avmm.test=exit-loop avmm.kind={kind} avmm.n={n}"
-
-            done = f"exit-loop kind={kind} n={p.exit_n} done"
-
-            def avmm_loaded(cmd: Callable[[int], str] = cmd, done: str = done,
-                            counter: str = counter) -> float:
-                run = avmm_run_sync(cmd(p.exit_n), expect=done)
-                if run.exits.get(counter, 0) < p.exit_n:
-                    raise BenchError(f"avmm saw {run.exits} exits, expected {p.exit_n} "
-                                     f"{counter}")
-                return run.seconds
-
-            what = f"exit-loop {kind}"
-            a = per_unit(avmm_loaded,
-                         lambda cmd=cmd: avmm_run_sync(cmd(0), expect="done").seconds,
-                         p.exit_n, what, figure)
-            q = per_unit(lambda cmd=cmd, done=done: qemu_run(cmd(p.exit_n), expect=done).seconds,
-                         lambda cmd=cmd: qemu_run(cmd(0), expect="done").seconds,
-                         p.exit_n, what, figure)
+            a = per_unit(avmm_loaded, avmm_empty, p.exit_n, what, figure)
+            q = per_unit(qemu_loaded, qemu_empty, p.exit_n, what, figure)
             figure.add(a * 1e6, q * 1e6)
         figures.append(figure)
     return figures
@@ -114,15 +162,22 @@ def bench_exits(p: Params) -> list[Figure]:
 
 
 def bench_startup(p: Params) -> list[Figure]:
-    up_first = Figure("start-up: process → first serial byte (avmm up)", "ms", "lower",
-                      note="examples/hello.toml vs QEMU microvm, same guest and cmdline")
-    up_exit = Figure("start-up: process → guest exit (avmm up)", "ms", "lower")
-    inproc_first = Figure("start-up: in-process VM → first serial byte", "ms", "lower",
-                          note="VirtualMachine in a running trio program vs a QEMU process")
-    inproc_exit = Figure("start-up: in-process VM → guest exit", "ms", "lower")
+    """Milliseconds to the guest's first serial byte and to its exit, for the hello guest:
+    ``avmm up`` as a process against a QEMU process (whole processes), and a VM started
+    inside this running trio program against the same QEMU runs (in-process)."""
+    note = "examples/hello.toml vs QEMU microvm, same guest and cmdline"
+    up_first = Figure("start-up: `avmm up` process → first serial byte", "ms", "lower",
+                      WHOLE_PROCESS, note=note)
+    up_exit = Figure("start-up: `avmm up` process → guest exit", "ms", "lower", WHOLE_PROCESS,
+                     note=note)
+    in_note = "VirtualMachine() in a running trio program vs a QEMU process"
+    inproc_first = Figure("start-up: VM in a running avmm process → first serial byte", "ms",
+                          "lower", IN_PROCESS, note=in_note)
+    inproc_exit = Figure("start-up: VM in a running avmm process → guest exit", "ms", "lower",
+                         IN_PROCESS, note=in_note)
     qemu = qemu_argv(HELLO)
     for _ in range(p.runs):
-        up = process_run([str(AVMM), "up", str(HELLO_TOML)], expect=HELLO_DONE)
+        up = process_run(avmm_up_argv(HELLO_TOML), expect=HELLO_DONE)
         inproc = avmm_run_sync(HELLO, expect=HELLO_DONE)
         q = process_run(qemu, expect=HELLO_DONE)
         up_first.add(up.first_byte * 1e3, q.first_byte * 1e3)
@@ -160,6 +215,7 @@ def _blk_figures(p: Params, counts: dict[int, int], label: str, note: str,
     for rw in ("read", "write"):
         for qd, n in counts.items():
             figure = Figure(f"blk 4 KiB random {rw}, qd {qd}{label}", "IOPS", "higher",
+                            PER_OPERATION,
                             note=f"blk-bench n={n} minus n=0, image in {SHM}{note}")
             done = f"blk-bench rw={rw} qd={qd} n={n} done"
             what = f"blk-bench {rw} qd {qd}{label}"
@@ -270,8 +326,9 @@ async def _avmm_churn(seconds: float) -> float:
     return count / elapsed
 
 
-def _qemu_churn(seconds: float) -> float:
-    argv = qemu_argv(HELLO)
+def _process_churn(argv: list[str], seconds: float) -> float:
+    """VMs per second from starting ``argv`` (one VM per process) one after another for
+    ``seconds``, each to its end."""
     count = 0
     start = time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
@@ -281,18 +338,29 @@ def _qemu_churn(seconds: float) -> float:
 
 
 def bench_churn(p: Params) -> list[Figure]:
-    figure = Figure("VM churn: hello VMs created, booted, exited", "VMs/s", "higher",
-                    note=f"one after another for {p.churn_s:g} s; avmm in one process, "
-                         "QEMU one process per VM")
+    """Hello VMs created, booted and exited one after another for ``churn_s`` seconds:
+    ``avmm up`` per VM against ``qemu-system-x86_64`` per VM (whole processes), and VMs
+    in one running avmm process, as a daemon makes them, against the same QEMU figure."""
+    during = f"one after another for {p.churn_s:g} s"
+    processes = Figure("VM churn: `avmm up` process per VM, hello guest", "VMs/s", "higher",
+                       WHOLE_PROCESS, note=f"{during}; both VMMs one process per VM")
+    in_process = Figure("VM churn: VMs one after another in one avmm process, hello guest",
+                        "VMs/s", "higher", IN_PROCESS,
+                        note=f"{during}; avmm in one process, QEMU one process per VM")
+    up, qemu = avmm_up_argv(HELLO_TOML), qemu_argv(HELLO)
     for _ in range(p.runs):
-        figure.add(trio.run(_avmm_churn, p.churn_s), _qemu_churn(p.churn_s))
-    return [figure]
+        q = _process_churn(qemu, p.churn_s)
+        processes.add(_process_churn(up, p.churn_s), q)
+        in_process.add(trio.run(_avmm_churn, p.churn_s), q)
+    return [processes, in_process]
 
 
 # -- (e) memory --------------------------------------------------------------------------
 
 
 def _avmm_memory(vms: int) -> dict[str, int]:
+    """/proc/self/status (kB fields) of a fresh ``benchmarks.memchild`` process with
+    ``vms`` VMs in it, each guest in its ``count`` loop."""
     result = subprocess.run([sys.executable, "-m", "benchmarks.memchild", str(vms)],
                             capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     for line in result.stdout.splitlines():
@@ -312,89 +380,108 @@ def _status_of(pid: int) -> dict[str, int]:
     return fields
 
 
-def _qemu_memory(tmp: Path) -> dict[str, int]:
-    """RSS of one QEMU process whose guest (guest RAM in a memfd, so it is RssShmem like
-    avmm's) is in its ``count`` loop, which QMP confirms through the mailbox."""
-    import socket
+def _guest_ram_fd(pid: int, size: int) -> int | None:
+    """An fd (ours, to close) on process ``pid``'s guest RAM: its memfd of ``size`` bytes.
+    Both VMMs keep guest RAM in one (avmm always, QEMU with memory-backend-memfd)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for entry in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if not os.readlink(entry).startswith("/memfd:"):
+                    continue
+                fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(fd).st_size == size:
+                    return fd
+                os.close(fd)
+    return None
 
-    qmp_path = tmp / f"avmm-bench-qmp-{os.getpid()}.sock"
-    argv = [*qemu_argv(f"avmm.test=count avmm.n={SPIN_N}", memfd=True),
-            "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+
+def _in_spin_loop(fd: int) -> bool:
+    """Whether the test guest whose RAM is ``fd`` reached its ``count`` loop (the mailbox
+    holds its magic and a counter above 0). Guest RAM from 0 is the memfd from 0."""
+    words = os.pread(fd, 16, MAILBOX_ADDRESS)
+    return (len(words) == 16 and int.from_bytes(words[:8], "little") == MAILBOX_MAGIC
+            and int.from_bytes(words[8:], "little") > 0)
+
+
+def _process_memory(argv: list[str], what: str) -> dict[str, int]:
+    """/proc/PID/status (kB fields) of a VMM process running the test guest's ``count``
+    loop (``argv``), read once the guest is in its loop, which the process's guest RAM
+    memfd shows: the same check for both VMMs, and nothing added to either (no QMP)."""
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
+    fd = None
     try:
         deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(str(qmp_path))
-                break
-            sock.close()
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("QEMU's QMP socket never came up")
+        while fd is None or not _in_spin_loop(fd):
+            if process.poll() is not None:
+                raise BenchError(f"{what} exited {process.returncode} before its guest's "
+                                 f"loop: {_stderr_of(process)!r}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what}: the guest never reached its loop")
+            if fd is None:
+                fd = _guest_ram_fd(process.pid, GUEST_MEMORY_MIB << 20)
             time.sleep(0.02)
-        with sock, sock.makefile("rw") as stream:
-            def qmp(command: str, **arguments: object) -> object:
-                stream.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-                stream.flush()
-                while True:
-                    reply = json.loads(stream.readline())
-                    if "return" in reply:
-                        return reply["return"]
-                    if "error" in reply:
-                        raise BenchError(f"QMP {command}: {reply}")
-
-            json.loads(stream.readline())
-            qmp("qmp_capabilities")
-            while True:
-                dump = str(qmp("human-monitor-command",
-                               **{"command-line": f"xp /2gx {MAILBOX_ADDRESS:#x}"}))
-                words = [int(w, 16) for w in dump.split() if w.startswith("0x")]
-                if len(words) == 2 and words[0] == MAILBOX_MAGIC and words[1] > 0:
-                    break
-                if time.monotonic() > deadline:
-                    raise BenchError(f"QEMU guest never reached its loop: {dump!r}")
-                time.sleep(0.02)
-            return _status_of(process.pid)
+        return _status_of(process.pid)
     finally:
-        process.kill()
-        process.communicate()
-        qmp_path.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+SPIN = f"avmm.test=count avmm.n={SPIN_N}"
+
+
+def _avmm_up_memory(tmp: Path) -> dict[str, int]:
+    toml = tmp / f"avmm-bench-spin-{os.getpid()}.toml"
+    toml.write_text(f'name = "spin"\n[machine]\nvcpus = 1\nmemory_mib = {GUEST_MEMORY_MIB}\n'
+                    f'[boot]\nkernel = "{TEST_GUEST}"\ncmdline = "{SPIN}"\n'
+                    '[serial]\nmode = "console"\n')
+    try:
+        return _process_memory(avmm_up_argv(toml), "avmm up")
+    finally:
+        toml.unlink(missing_ok=True)
 
 
 def bench_memory(p: Params) -> list[Figure]:
-    """RSS without guest RAM (``VmRSS - RssShmem``; guest RAM is a memfd in both VMMs) of
-    one process with 0, 1 and each of ``p.memory_vms`` test-guest VMs in it, against
-    one QEMU process per VM. The per-VM figures are marginal: what the first VM adds to
-    a process that has avmm loaded, then what each VM beyond the first adds."""
+    """RSS without guest RAM (``VmRSS - RssShmem``; guest RAM is a memfd in both VMMs),
+    with every guest in its ``count`` loop. Whole processes: an ``avmm up`` process and a
+    QEMU process, one VM each. In-process: ``benchmarks.memchild`` processes with 0, 1
+    and each of ``p.memory_vms`` VMs; the per-VM figures are marginal (what the first VM
+    adds to a process that has avmm loaded, then what each VM beyond the first adds),
+    against one QEMU process per VM."""
     mib = 1024.0
     one = Figure("memory: RSS of a 1-VM process, guest RAM excluded", "MiB", "lower",
-                 note="VmRSS - RssShmem; guest RAM is a memfd in both VMMs")
+                 WHOLE_PROCESS, note="`avmm up` vs QEMU; VmRSS - RssShmem")
+    guest = Figure("memory: guest RAM touched by a 1-VM process (RssShmem)", "MiB", "lower",
+                   WHOLE_PROCESS,
+                   note=f"test guest running `count`, {GUEST_MEMORY_MIB} MiB configured")
+    qemu_note = "QEMU: one process per VM, so its 1-VM RSS"
     first = Figure("memory: extra RSS for the first VM (0 → 1 VM in one avmm process)",
-                   "MiB", "lower",
-                   note="avmm imported, no VM → 1 VM; QEMU: one process per VM, its 1-VM RSS")
+                   "MiB", "lower", IN_PROCESS, note=f"avmm imported, no VM → 1 VM; {qemu_note}")
     extra = {k: Figure(f"memory: extra RSS per VM (1 → {k} VMs in one avmm process)",
-                       "MiB", "lower", note="QEMU: one process per VM, so its 1-VM RSS")
+                       "MiB", "lower", IN_PROCESS, note=qemu_note)
              for k in p.memory_vms}
-    most = max(p.memory_vms)
-    guest = Figure("memory: guest RAM touched per VM (RssShmem)", "MiB", "lower",
-                   note=f"test guest running `count`, 64 MiB of RAM configured; avmm: "
-                        f"{most} VMs in one process")
+    qemu = [*qemu_argv(SPIN, memfd=True)]
     for _ in range(p.runs):
+        up = _avmm_up_memory(Path("/tmp"))
         own = {}
         for k in (0, 1, *p.memory_vms):
             status = _avmm_memory(k)
             own[k] = (status["VmRSS"] - status["RssShmem"]) / mib
-            if k == most:
-                shmem = status["RssShmem"] / mib
-        q = _qemu_memory(Path("/tmp"))
+        q = _process_memory(qemu, "QEMU")
         q_own = (q["VmRSS"] - q["RssShmem"]) / mib
-        one.add(own[1], q_own)
+        one.add((up["VmRSS"] - up["RssShmem"]) / mib, q_own)
+        guest.add(up["RssShmem"] / mib, q["RssShmem"] / mib)
         first.add(own[1] - own[0], q_own)
         for k, figure in extra.items():
             figure.add((own[k] - own[1]) / (k - 1), q_own)
-        guest.add(shmem / most, q["RssShmem"] / mib)
-    return [one, first, *extra.values(), guest]
+    return [one, guest, first, *extra.values()]
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -408,41 +495,6 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "churn": bench_churn,
     "memory": bench_memory,
 }
-
-
-def _fmt(value: float) -> str:
-    if value >= 1000:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.3g}" if value >= 0.1 else f"{value:.2g}"
-
-
-def _fmt_ratio(value: float) -> str:
-    # Two decimals, but never a bare 0.00 for a small ratio (memory per VM vs a process).
-    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.2g}"
-
-
-def table(results: dict[str, dict[str, object]]) -> str:
-    rows = [("figure", "unit", "avmm median [min-max]", "QEMU median [min-max]",
-             "avmm/QEMU")]
-    for name, data in results.items():
-        def cell(key: str, data: dict[str, object] = data) -> str:
-            s = data.get(key)
-            if not isinstance(s, dict):
-                return "-"
-            return f"{_fmt(s['median'])} [{_fmt(s['min'])}-{_fmt(s['max'])}]"
-
-        ratio = data.get("ratio")
-        rows.append((name, str(data["unit"]), cell("avmm"), cell("qemu"),
-                     _fmt_ratio(ratio["median"]) if isinstance(ratio, dict) else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if index == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         params = Params(**{**params.__dict__, "runs": args.runs})
     quiet_logging()
+    # Taken before the run: the commit measured is the one checked out when it started.
+    origin = provenance()
     started = time.time()
     t0 = time.perf_counter()
     results: dict[str, dict[str, object]] = {}
@@ -470,43 +524,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"benchmarks: {group} took {time.perf_counter() - g0:.1f} s")
     duration = time.perf_counter() - t0
     report = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "provenance": origin,
         "duration_s": duration,
         "quick": args.quick,
         "params": params.__dict__,
-        "machine": {
-            "host": platform.node(),
-            "kernel": platform.release(),
-            "cpu": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "qemu": _qemu_version(),
-        },
+        "parts": PARTS,
         "figures": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, ensure_ascii=False)
     (args.out / "latest.json").write_text(text)
     (args.out / time.strftime("bench-%Y%m%d-%H%M%S.json", time.gmtime(started))).write_text(text)
-    print(table(results))
-    print(f"\n{len(results)} figures in {duration:.0f} s; JSON in {args.out / 'latest.json'}")
+    print(markdown(report), end="")
+    print(f"\n{len(results)} figures in {duration:.0f} s; JSON in {args.out / 'latest.json'}; "
+          "`python -m benchmarks.report --write-readme` puts the tables in README.md")
     return 0
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _qemu_version() -> str:
-    with contextlib.suppress(OSError):
-        out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                             text=True, check=False).stdout
-        return out.splitlines()[0] if out else ""
-    return ""
 
 
 if __name__ == "__main__":

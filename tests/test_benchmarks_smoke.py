@@ -1,8 +1,9 @@
-"""A tiny run of each benchmark group (benchmarks/run.py), so the scripts cannot rot.
+"""A tiny run of each benchmark group (benchmarks/run.py), so the scripts cannot rot, and
+checks of what the figures claim to be (benchmarks/common.py, benchmarks/report.py).
 
 Nothing here is about speed: each group must finish and write its figures, with positive
 numbers for avmm and for QEMU (finite ones for differences of two RSS readings), into the
-JSON.
+JSON, each in a part of the table, with the run's provenance.
 """
 
 from __future__ import annotations
@@ -10,53 +11,87 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import report as bench_report
+from benchmarks.common import IN_PROCESS, PARTS, PER_OPERATION, WHOLE_PROCESS, Figure
 from tests.prerequisites import require
-
-pytestmark = [pytest.mark.kvm, pytest.mark.guest, pytest.mark.qemu]
 
 REPO = Path(__file__).resolve().parents[1]
 
-# group → figures it must produce (name prefixes)
+# group → figures it must produce (name prefixes) and the part each belongs to.
 GROUPS = {
-    "exits": ["exit round trip, pio", "exit round trip, mmio"],
-    "startup": ["start-up: process", "start-up: in-process"],
-    "blk": ["blk 4 KiB random read, qd 1", "blk 4 KiB random write, qd 32"],
-    "blk-vhost": ["blk 4 KiB random read, qd 1, vhost-user (qsd)",
-                  "blk 4 KiB random write, qd 32, vhost-user (qsd)"],
-    "net": ["net 64 B frames, TX", "net 1500 B frames, TX", "net 64 B frames, RX",
-            "net 1500 B frames, RX"],
-    "churn": ["VM churn"],
+    "exits": [("exit round trip, pio write, unclaimed", PER_OPERATION),
+              ("exit round trip, mmio write, unclaimed", PER_OPERATION),
+              ("exit round trip, pio write, 16550 scratch register", PER_OPERATION),
+              ("exit round trip, mmio read, virtio-mmio Version register", PER_OPERATION)],
+    "startup": [("start-up: `avmm up` process → first serial byte", WHOLE_PROCESS),
+                ("start-up: `avmm up` process → guest exit", WHOLE_PROCESS),
+                ("start-up: VM in a running avmm process → first", IN_PROCESS),
+                ("start-up: VM in a running avmm process → guest exit", IN_PROCESS)],
+    "blk": [("blk 4 KiB random read, qd 1", PER_OPERATION),
+            ("blk 4 KiB random write, qd 32", PER_OPERATION)],
+    "blk-vhost": [("blk 4 KiB random read, qd 1, vhost-user (qsd)", PER_OPERATION),
+                  ("blk 4 KiB random write, qd 32, vhost-user (qsd)", PER_OPERATION)],
+    "net": [("net 64 B frames, TX", PER_OPERATION), ("net 1500 B frames, TX", PER_OPERATION),
+            ("net 64 B frames, RX", PER_OPERATION), ("net 1500 B frames, RX", PER_OPERATION)],
+    "churn": [("VM churn: `avmm up` process per VM", WHOLE_PROCESS),
+              ("VM churn: VMs one after another in one avmm process", IN_PROCESS)],
     # --quick puts 2 and 3 VMs in one process where the full run has 10 and 50.
-    "memory": ["memory: RSS of a 1-VM process", "memory: extra RSS for the first VM",
-               "memory: extra RSS per VM (1 → 2 VMs", "memory: extra RSS per VM (1 → 3 VMs",
-               "memory: guest RAM touched"],
+    "memory": [("memory: RSS of a 1-VM process", WHOLE_PROCESS),
+               ("memory: guest RAM touched by a 1-VM process", WHOLE_PROCESS),
+               ("memory: extra RSS for the first VM", IN_PROCESS),
+               ("memory: extra RSS per VM (1 → 2 VMs", IN_PROCESS),
+               ("memory: extra RSS per VM (1 → 3 VMs", IN_PROCESS)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
+VM_MARKS = [pytest.mark.kvm, pytest.mark.guest, pytest.mark.qemu]
 
 
-@pytest.mark.parametrize("group", [pytest.param(g, marks=MARKS.get(g, [])) for g in GROUPS])
+def _git_head() -> str | None:
+    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _check_provenance(report: dict[str, object]) -> None:
+    origin = report["provenance"]
+    assert isinstance(origin, dict)
+    head = _git_head()
+    if head is not None:
+        assert origin["commit"] in (head, head + "+dirty"), origin
+    machine = origin["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["kernel"], machine
+    assert machine["kvm_module"], machine
+    assert origin["date"].endswith("Z"), origin
+
+
+@pytest.mark.parametrize(
+    "group", [pytest.param(g, marks=[*VM_MARKS, *MARKS.get(g, [])]) for g in GROUPS])
 def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path) -> None:
     if group == "blk-vhost" and shutil.which("qemu-storage-daemon") is None:
         require("qemu-storage-daemon is not installed (make deps installs qemu-system-x86)")
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--runs", "1", "--only", group,
          "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "latest.json").read_text())
     figures = report["figures"]
-    for prefix in GROUPS[group]:
-        assert any(name.startswith(prefix) for name in figures), (prefix, list(figures))
+    for prefix, part in GROUPS[group]:
+        matching = [name for name in figures if name.startswith(prefix)]
+        assert matching, (prefix, list(figures))
+        assert all(figures[name]["part"] == part for name in matching), (prefix, part)
     for name, figure in figures.items():
         assert figure["group"] == group
+        assert figure["part"] in PARTS, name
         # A difference of two RSS readings can come out at or below 0 (pages the
         # allocator gave back); every other figure is a rate, a time or a size.
         difference = "extra RSS" in name
@@ -64,6 +99,83 @@ def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path)
             runs = figure[side]["runs"]
             assert len(runs) == 1, (name, side, runs)
             assert all(math.isfinite(v) and (difference or v > 0) for v in runs), (name, side, runs)
-        assert math.isfinite(figure["ratio"]["median"]), name
-        assert difference or figure["ratio"]["median"] > 0, name
-    assert name in result.stdout  # the table was printed
+        ratio = figure["ratio"]
+        assert math.isclose(ratio["of_medians"],
+                            figure["avmm"]["median"] / figure["qemu"]["median"]), name
+        assert difference or ratio["of_medians"] > 0, name
+        assert name in result.stdout  # the table was printed
+    _check_provenance(report)
+    assert bench_report.provenance_line(report) in result.stdout
+
+
+def test_ratio_is_the_ratio_of_the_medians_with_the_per_pair_range() -> None:
+    """The table's ratio is the quotient of the two medians it shows; the median of the
+    per-pair ratios differs from it for these pairs and must not be what is reported."""
+    figure = Figure("f", "ms", "lower", PER_OPERATION)
+    pairs = [(1.0, 1.0), (2.0, 8.0), (9.0, 3.0)]
+    for a, q in pairs:
+        figure.add(a, q)
+    ratio = figure.to_json()["ratio"]
+    assert isinstance(ratio, dict)
+    per_pair = [a / q for a, q in pairs]
+    of_medians = statistics.median(a for a, _ in pairs) / statistics.median(q for _, q in pairs)
+    assert of_medians != statistics.median(per_pair)  # the inputs tell the two apart
+    assert ratio["of_medians"] == of_medians
+    assert (ratio["pair_min"], ratio["pair_max"]) == (min(per_pair), max(per_pair))
+    assert "median" not in ratio
+
+
+def test_a_figure_must_name_its_part_of_the_table() -> None:
+    with pytest.raises(ValueError, match="part"):
+        Figure("f", "ms", "lower", "somewhere")
+
+
+def _fake_report() -> dict[str, object]:
+    figures = {}
+    for index, part in enumerate(PARTS):
+        figure = Figure(f"figure {index}", "ms", "lower", part)
+        figure.add(2.0 + index, 4.0)
+        figure.add(3.0 + index, 5.0)
+        figures[figure.name] = {"group": "g", **figure.to_json()}
+    return {"provenance": bench_report.provenance(), "duration_s": 1.0, "quick": False,
+            "params": {"runs": 2}, "figures": figures}
+
+
+def test_report_prints_one_table_per_part_then_the_provenance() -> None:
+    report = _fake_report()
+    text = bench_report.markdown(report)
+    titles = [text.index(f"**{title}.**") for title in PARTS.values()]
+    assert titles == sorted(titles)
+    for index, (name, data) in enumerate(report["figures"].items()):  # type: ignore[union-attr]
+        row = text.index(f"| {name} |")
+        # Under its own part's title, above the next part's.
+        assert titles[index] < row < (titles[index + 1] if index + 1 < len(titles) else len(text))
+        assert bench_report._fmt_ratio(data["ratio"]["of_medians"]) in text[row:].splitlines()[0]
+    last = text.rstrip().splitlines()[-1]
+    assert last == bench_report.provenance_line(report)
+    assert report["provenance"]["commit"] in last  # type: ignore[index]
+    assert report["provenance"]["machine"]["kvm_module"] in last  # type: ignore[index]
+
+
+def test_report_writes_the_readme_between_its_markers(tmp_path: Path) -> None:
+    report = _fake_report()
+    (tmp_path / "latest.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    before, after = "# x\n\n## Performance\n\nprose\n\n", "\nmore prose\n"
+    readme.write_text(f"{before}{bench_report.BEGIN}\nold table\n{bench_report.END}{after}")
+    assert bench_report.main([str(tmp_path / "latest.json"), "--write-readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text == (f"{before}{bench_report.BEGIN}\n{bench_report.markdown(report)}"
+                    f"{bench_report.END}{after}")
+    # A smoke run's figures never reach the README.
+    (tmp_path / "latest.json").write_text(json.dumps({**report, "quick": True}))
+    assert bench_report.main([str(tmp_path / "latest.json"), "--write-readme", str(readme)]) == 1
+    assert readme.read_text() == text
+
+
+def test_the_readme_table_comes_from_the_report() -> None:
+    """README.md's Performance tables sit between the markers benchmarks.report writes."""
+    text = (REPO / "README.md").read_text()
+    start, end = text.find(bench_report.BEGIN), text.find(bench_report.END)
+    assert 0 <= start < end, "README.md lacks the bench-table markers"
+    assert "Produced by `make bench`" in text[start:end]
