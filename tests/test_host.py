@@ -183,6 +183,21 @@ def record_flushes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.kvm
 @pytest.mark.guest
+async def test_a_vm_created_without_start_has_no_uptime_until_it_runs() -> None:
+    """README: ``uptime_s`` is "null before it ran". A VM created with start=False has
+    not run a single guest instruction until it is resumed."""
+    async with Host() as host:
+        hosted = await host.create(guest_config("avmm.test=hello"), start=False)
+        assert hosted.state is VmState.PAUSED
+        assert hosted.uptime_s is None
+        assert hosted.to_dict()["uptime_s"] is None
+        await hosted.resume()
+        assert hosted.uptime_s is not None
+        await hosted.wait()
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
 async def test_leaving_the_host_stops_every_vm_and_flushes_its_disks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer never sends FLUSH (avmm.flush=0): its data sits in the device's write
