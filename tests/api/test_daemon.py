@@ -218,13 +218,15 @@ async def test_sigterm_flushes_the_disks_of_running_vms(socket_dir: Path) -> Non
                 while image.read_bytes() == bytes(1 << 20):
                     assert (await api.get_vm(vm_id))["state"] == "running"
                     await trio.sleep(0.05)
-        assert not flush_log.exists()  # nobody flushed so far
+        # Nobody flushed the disk so far.
+        assert not flush_log.exists() or str(image) not in flush_log.read_text()
         daemon.process.send_signal(signal.SIGTERM)
         with trio.fail_after(60):
             status = await daemon.process.wait()
         assert status == 0, daemon.stderr.read_text()
-    assert flush_log.read_text().splitlines() in (
-        [f"fdatasync {image}"], [f"fsync {image}"])
+    image_flushes = [line.split()[0] for line in flush_log.read_text().splitlines()
+                     if line.endswith(f" {image}")]
+    assert image_flushes in (["fdatasync"], ["fsync"])
 
 
 def ps_table(text: str) -> list[dict[str, str]]:
