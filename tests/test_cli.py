@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -79,8 +80,11 @@ def test_up_reports_a_crashed_guest_on_one_line(tmp_path: Path) -> None:
 BOOT_MARKER = bytes.fromhex("b07b 66ba4004 ee")
 # mov dx, 0x501 ; xor eax, eax ; out dx, al ; hlt   (debug-exit 0: status 1)
 DEBUG_EXIT_0 = bytes.fromhex("66ba0105 31c0 ee f4")
-# mov al, 0x34 ; mov dx, 0x600 ; out dx, al ; hlt   (ACPI sleep control: SLP_EN | S5)
-ACPI_POWEROFF = bytes.fromhex("b034 66ba0006 ee f4")
+# mov al, 0x34 ; mov dx, 0x600 ; out dx, al   (ACPI sleep control: SLP_EN | S5), then
+# mov al, 0x21 ; mov dx, 0x501 ; out dx, al ; hlt   (debug-exit 0x21: status 67), which
+# only runs if the power-off write did not end the VM
+ACPI_POWEROFF = bytes.fromhex("b034 66ba0006 ee  b021 66ba0105 ee f4")
+PAST_POWEROFF_STATUS = (0x21 << 1) | 1
 
 
 @pytest.mark.kvm
@@ -112,13 +116,79 @@ def test_up_exits_zero_when_the_guest_powers_off_through_acpi(tmp_path: Path) ->
     stopped = [json.loads(line) for line in result.stderr.splitlines()
                if '"vm stopped"' in line]
     assert stopped and stopped[0]["reason"] == "poweroff"
-    # With acpi = false there are no sleep registers: the write is ignored, the guest
-    # halts for good, and only a stop from outside ends it.
+    # With acpi = false there are no sleep registers: the write is ignored and the guest
+    # goes on to its next instruction, which reports through the debug-exit port that it
+    # got past the power-off.
     config.write_text(f'[machine]\nacpi = false\n[boot]\nkernel = "{kernel}"\n'
                       f'[serial]\nmode = "none"\n')
-    with pytest.raises(subprocess.TimeoutExpired):
-        subprocess.run([sys.executable, "-m", "avmm.cli", "up", str(config)],
-                       capture_output=True, timeout=3, cwd=REPO)
+    result = avmm("--log-format", "json", "--log-level", "info", "up", str(config))
+    assert result.returncode == PAST_POWEROFF_STATUS, result.stderr
+    stopped = [json.loads(line) for line in result.stderr.splitlines()
+               if '"vm stopped"' in line]
+    assert stopped and stopped[0]["reason"] == "debug-exit"
+
+
+# mov eax, 0xd8000000 ; jmp rax   (ring 0 jumps into MMIO space: KVM cannot emulate that)
+JUMP_INTO_MMIO = bytes.fromhex("b8000000d8 ffe0")
+
+
+@pytest.mark.kvm
+def test_up_exits_4_with_one_line_on_an_emulation_failure(tmp_path: Path) -> None:
+    from tests.vm.helpers import tiny_elf
+
+    kernel = tiny_elf(tmp_path / "jump.elf", JUMP_INTO_MMIO)
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[boot]\nkernel = "{kernel}"\n[serial]\nmode = "none"\n')
+    result = avmm("up", str(config))
+    assert result.returncode == 4, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("avmm: the VM stopped: internal-error")
+    assert "emulation failure" in last and "rip=0xd8000000" in last
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_up_exits_6_with_one_line_when_kvm_refuses() -> None:
+    """A host-side failure: in a private mount namespace /dev/kvm is /dev/null, which
+    answers KVM's first ioctl with ENOTTY."""
+    from tests.prerequisites import require
+
+    require(None if os.geteuid() == 0 else "a private mount namespace needs root")
+    require(None if shutil.which("unshare") else "unshare (util-linux) is not installed")
+    script = ('mount --bind /dev/null /dev/kvm && exec "$0" -m avmm.cli up "$1"')
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, str(HELLO)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert result.returncode == 6, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("avmm: ") and "/dev/kvm" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def console_lines(inputs: list[str]) -> str:
+    """What the test guest's ``console`` scenario says on the virtio console."""
+    lines = ["hello", *(f"echo {line}" for line in inputs), "bye"]
+    return "".join(f"avmm-testguest: console {line}\n" for line in lines)
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_up_with_the_virtio_console_in_console_mode_uses_stdin_and_stdout(
+        tmp_path: Path) -> None:
+    """``[console] mode = "console"``: the guest's virtio-console output is avmm's
+    stdout, and avmm's stdin goes to the console (not to the UART, here silent)."""
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[machine]\nacpi = false\n[boot]\nkernel = "{GUEST}"\n'
+                      f'cmdline = "avmm.test=console"\n[serial]\nmode = "none"\n'
+                      f'[console]\nmode = "console"\n')
+    inputs = ["typed on stdin", "another line"]
+    result = subprocess.run([*AVMM, "up", str(config)], capture_output=True, timeout=60,
+                            input="".join(f"{line}\n" for line in [*inputs, "quit"]).encode(),
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == console_lines(inputs)
 
 
 @pytest.mark.kvm

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -23,6 +24,7 @@ from avmm.host import (
     config_to_dict,
 )
 from avmm.lifecycle import StopReason
+from tests.virtio_guest_support import expected_pattern
 from tests.vm.helpers import MAILBOX_ADDRESS, guest_config, tiny_elf
 
 COUNTER = MAILBOX_ADDRESS + 8
@@ -161,20 +163,67 @@ async def test_a_vm_created_without_start_waits_paused() -> None:
     assert b"avmm-testguest: hello\n" in hosted.console_backlog()
 
 
+def record_flushes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the file behind every fd that is fdatasync-ed or fsync-ed from now on (the
+    calls still happen). A flush test must check the call, not the file's contents:
+    the page cache would show the data whether or not it was ever made stable."""
+    import os
+
+    synced: list[str] = []
+    for name in ("fdatasync", "fsync"):
+        real = getattr(os, name)
+
+        def recording(fd: int, real: Any = real) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+
+        monkeypatch.setattr(os, name, recording)
+    return synced
+
+
 @pytest.mark.kvm
 @pytest.mark.guest
-async def test_leaving_the_host_stops_every_vm_and_flushes_its_disks(tmp_path: Path) -> None:
-    disk = tmp_path / "disk.img"
+async def test_a_vm_created_without_start_has_no_uptime_until_it_runs() -> None:
+    """README: ``uptime_s`` is "null before it ran". A VM created with start=False has
+    not run a single guest instruction until it is resumed."""
+    async with Host() as host:
+        hosted = await host.create(guest_config("avmm.test=hello"), start=False)
+        assert hosted.state is VmState.PAUSED
+        assert hosted.uptime_s is None
+        assert hosted.to_dict()["uptime_s"] is None
+        await hosted.resume()
+        assert hosted.uptime_s is not None
+        await hosted.wait()
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+async def test_leaving_the_host_stops_every_vm_and_flushes_its_disks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer never sends FLUSH (avmm.flush=0): its data sits in the device's write
+    cache, and only the host's shutdown makes it stable; the spinner's disk was never
+    written and is flushed all the same (the host cannot know that)."""
+    synced = record_flushes(monkeypatch)
+    disk, idle_disk = tmp_path / "disk.img", tmp_path / "idle.img"
     disk.write_bytes(bytes(64 * 1024))
-    config = dataclasses.replace(guest_config("avmm.test=blk-write avmm.seed=7"),
+    idle_disk.write_bytes(bytes(4096))
+    config = dataclasses.replace(guest_config("avmm.test=blk-write avmm.seed=7 avmm.flush=0"),
                                  disks=(DiskConfig(path=disk),))
     async with Host() as host:
         writer = await host.create(config)
-        spinner = await host.create(guest_config("avmm.test=count avmm.n=100000000000000"))
+        spinner = await host.create(dataclasses.replace(
+            guest_config("avmm.test=count avmm.n=100000000000000"),
+            disks=(DiskConfig(path=idle_disk),)))
         await writer.wait()
         await wait_for_progress(spinner)
-    assert "blk0 written=" in writer.console_backlog().decode()
-    assert disk.read_bytes() != bytes(64 * 1024)
+        # The writer stopped on its own (a reset) and was flushed then; the spinner not yet.
+        assert synced == [str(disk)]
+        synced.clear()
+    assert synced == [str(idle_disk)]
+    output = writer.console_backlog().decode()
+    assert "blk0 flush=skipped (avmm.flush=0)" in output
+    assert "blk0 written=128 verify=ok" in output
+    assert disk.read_bytes() == expected_pattern(7, 128)
     assert spinner.exit is not None
     assert spinner.exit.reason is StopReason.STOPPED
     assert spinner.exit.detail == "the host is shutting down"
@@ -314,16 +363,7 @@ async def test_stopping_a_vm_fdatasyncs_its_writable_disks(
 ) -> None:
     """Stopped from outside (as `avmm serve` does on SIGTERM), a VM makes its writable
     disks stable before it counts as stopped; read-only disks are left alone."""
-    import os
-
-    synced: list[str] = []
-    real_fdatasync = os.fdatasync
-
-    def recording_fdatasync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    synced = record_flushes(monkeypatch)
     writable, read_only = tmp_path / "rw.img", tmp_path / "ro.img"
     writable.write_bytes(bytes(4096))
     read_only.write_bytes(bytes(4096))

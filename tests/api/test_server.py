@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from avmm.api import ApiClient, DaemonError, serve_api
+from tests.prerequisites import require
 
 from .fake_host import FakeHost
 
@@ -39,13 +40,25 @@ async def test_socket_mode_is_0600(nursery: trio.Nursery, socket_dir: Path) -> N
 
 async def test_group_option_gives_the_group_0660(nursery: trio.Nursery,
                                                  socket_dir: Path) -> None:
+    """The socket belongs to a group the daemon is not running as (so the daemon must
+    chown it: only root may give a file to a group it is not in), with mode 0660:
+    nothing for others, whatever the umask."""
+    require(None if os.geteuid() == 0 else
+            "giving the socket to a group the daemon is not in needs root")
     others = [group for group in grp.getgrall() if group.gr_gid != os.getegid()]
-    group = others[0] if others and os.geteuid() == 0 else grp.getgrgid(os.getegid())
+    require(None if others else "this host has no group besides the daemon's own")
+    group = others[0]
     path = socket_dir / "avmm.sock"
-    await _serve(nursery, path, group=group.gr_name)
+    previous = os.umask(0)  # a permissive umask must not widen the mode
+    try:
+        await _serve(nursery, path, group=group.gr_name)
+    finally:
+        os.umask(previous)
     info = os.stat(path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert info.st_gid == group.gr_gid != os.getegid()
     assert stat.S_IMODE(info.st_mode) == 0o660
-    assert info.st_gid == group.gr_gid
+    assert info.st_uid == os.geteuid()
 
 
 async def test_unknown_group_is_refused(socket_dir: Path) -> None:

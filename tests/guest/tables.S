@@ -17,7 +17,9 @@
 /* The fourth GiB is where MMIO devices live on microvm-like machines: uncached. */
 #define MMIO_2M_FLAGS   (RAM_2M_FLAGS | PTE_PCD | PTE_PWT)
 
-/* ---- Identity map of 0..4 GiB with 2 MiB pages, U/S set at every level. */
+/* ---- Identity map of 0..5 GiB with 2 MiB pages, U/S set at every level. The fifth
+ * GiB is RAM on a VM with more than 3 GiB (avmm puts RAM above 3 GiB at 4 GiB);
+ * the high-mem scenario touches it. Mapping it costs nothing where it is absent. */
         .section .data.pagetables, "aw"
         .balign 4096
         .globl  pml4
@@ -29,7 +31,8 @@ pdpt:
         .quad   pd1 + TABLE_FLAGS
         .quad   pd2 + TABLE_FLAGS
         .quad   pd3 + TABLE_FLAGS
-        .fill   508, 8, 0
+        .quad   pd4 + TABLE_FLAGS
+        .fill   507, 8, 0
 
         .macro  PD gib, flags
         .set    pde_addr, (\gib << 30)
@@ -42,6 +45,7 @@ pd0:    PD      0, RAM_2M_FLAGS
 pd1:    PD      1, RAM_2M_FLAGS
 pd2:    PD      2, RAM_2M_FLAGS
 pd3:    PD      3, MMIO_2M_FLAGS
+pd4:    PD      4, RAM_2M_FLAGS
 
 /* ---- GDT. Selector values are in layout.h. */
         .data

@@ -122,6 +122,8 @@ static const char *type_prefix(uint32_t device_id)
         return "blk";
     case VIRTIO_ID_ENTROPY:
         return "rng";
+    case VIRTIO_ID_CONSOLE:
+        return "console";
     default:
         return "virtio";
     }

@@ -11,7 +11,9 @@ import trio
 
 from avmm import StopReason, VirtualMachine, VmExit, VmStartError
 from avmm.config import SerialConfig
+from tests.virtio_guest_support import expected_pattern
 
+from .guest_report import guest_report
 from .helpers import MAILBOX_ADDRESS, MAILBOX_MAGIC, guest_config, tiny_elf
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
@@ -213,13 +215,42 @@ async def test_a_vm_object_starts_only_once() -> None:
             pass
 
 
-async def test_memory_above_the_mmio_hole_is_mapped_and_usable() -> None:
-    # 3.5 GiB: 3 GiB below the hole, 512 MiB from 4 GiB up (the memfd is sparse).
-    async with VirtualMachine(guest_config("avmm.test=hello", memory_mib=3584)) as vm:
-        result = await vm.wait()
+HIGH_RAM = 4 << 30
+#: 3.5 GiB of RAM: 3 GiB below the MMIO hole, 512 MiB from 4 GiB up (the memfd is sparse).
+BIG_MEMORY_MIB = 3584
+
+
+@pytest.mark.parametrize("address", [HIGH_RAM, HIGH_RAM + (512 << 20) - (1 << 20)],
+                         ids=["first-MiB-above-4GiB", "last-MiB-of-RAM"])
+async def test_the_guest_writes_and_reads_ram_above_the_mmio_hole(address: int) -> None:
+    """RAM above 4 GiB is guest RAM for real: a token the host puts there before the
+    guest runs is what the guest reads, and the pattern the guest writes there (through
+    its own page tables, from ring 3) is what the host reads at that guest address."""
+    size, seed = 1 << 20, 9
+    token = 0x5AFE_0000_0000_0000 | address
+    config = guest_config(f"avmm.test=high-mem avmm.addr={address:#x} avmm.size={size} "
+                          f"avmm.seed={seed}", memory_mib=BIG_MEMORY_MIB)
+    async with VirtualMachine(config, start_paused=True) as vm:
         assert vm.memory is not None
         assert [(r.guest_address, r.size) for r in vm.memory.regions] == [
-            (0, 3 << 30), (4 << 30, 512 << 20)]
-        vm.memory.write(0x1_1000_0000, b"high")
-        assert vm.memory.read(0x1_1000_0000, 4) == b"high"
-    assert result.reason is StopReason.RESET
+            (0, 3 << 30), (HIGH_RAM, (BIG_MEMORY_MIB << 20) - (3 << 30))]
+        vm.memory.write(address, token.to_bytes(8, "little"))
+        await vm.resume()
+        result = await vm.wait()
+        host_view = vm.memory.read(address, size)
+        output = b"".join([chunk async for chunk in vm.serial]).decode()
+    assert result.reason is StopReason.RESET, (result, output)
+    report = guest_report(output, "high-mem")
+    assert report == {"addr": f"{address:#x}", "size": str(size), "before": f"{token:#x}",
+                      "verify": "ok"}
+    assert host_view == expected_pattern(seed, size // 512)
+
+
+async def test_without_ram_above_4gib_the_guest_reads_no_memory_there() -> None:
+    """The counter-test: with 32 MiB the same access reaches no RAM (the unclaimed
+    MMIO space answers all-ones and drops writes), so the guest's check fails. This is
+    what the test above would see if avmm did not map the high region."""
+    result, output = await run_guest(f"avmm.test=high-mem avmm.addr={HIGH_RAM:#x} "
+                                     "avmm.size=512")
+    assert result.reason is StopReason.DEBUG_EXIT, output
+    assert "high-mem verify=FAIL offset=0x0" in output

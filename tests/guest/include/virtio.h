@@ -51,6 +51,7 @@
 /* ---- Device IDs (spec 5). */
 #define VIRTIO_ID_NET                   1
 #define VIRTIO_ID_BLOCK                 2
+#define VIRTIO_ID_CONSOLE               3
 #define VIRTIO_ID_ENTROPY               4
 
 /* ---- Reserved feature bits (spec 6). */
