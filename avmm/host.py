@@ -188,6 +188,7 @@ class HostedVm:
         self.name = config.name or vm_id
         self.config = config
         self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused)
+        self._start_paused = start_paused
         self.created_at = time.time()
         self._console = _ConsoleHub()
         self._running_since: float | None = None
@@ -238,6 +239,9 @@ class HostedVm:
         :raises VmStateError: the VM is not paused.
         """
         await self.vm.resume()
+        if self._running_since is None:
+            # Built with start=False: the guest runs its first instruction now.
+            self._running_since = time.monotonic()
 
     async def stop(self, detail: str = "stopped by the host") -> VmExit:
         """Stop the VM (from any state; idempotent) and wait until it has stopped: every
@@ -311,7 +315,8 @@ class HostedVm:
         started = False
         try:
             async with self.vm:
-                self._running_since = time.monotonic()
+                if not self._start_paused:
+                    self._running_since = time.monotonic()
                 started = True
                 task_status.started()
                 async with trio.open_nursery() as nursery:
