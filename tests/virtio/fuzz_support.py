@@ -26,8 +26,9 @@ Every chain the device reached is counted by what it was built as; the hostile o
 what a test asserts on (:data:`HOSTILE_TARGET` per device) and prints.
 
 Chains come from a seeded ``random.Random``: a Hypothesis draw costs ~0.2 ms here, too
-much for tens of thousands of chains. A failure carries a note with the episode's seed,
-which reproduces it (``AVMM_FUZZ_SEED`` picks another run).
+much for tens of thousands of chains. The run is deterministic for one ``AVMM_FUZZ_SEED``
+(default 11; another value runs another set of episodes), and a failure carries a note
+naming the seed and the episode, so the same command replays it.
 """
 
 from __future__ import annotations
@@ -50,17 +51,13 @@ from avmm.virtio.device import DeviceNeedsReset, VirtioDevice
 from avmm.virtio.queue import DescriptorChain, QueueError, VirtQueue
 
 from .queue_helpers import (
-    VIRTQ_DESC_F_INDIRECT as INDIRECT,
-)
-from .queue_helpers import (
-    VIRTQ_DESC_F_NEXT as NEXT,
-)
-from .queue_helpers import (
-    VIRTQ_DESC_F_WRITE as WRITE,
-)
-from .queue_helpers import (
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
     DriverQueue,
 )
+
+INDIRECT, NEXT, WRITE = VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 #: Hostile chains each device must have reached in its fuzz run.
 HOSTILE_TARGET = 10_000
@@ -134,7 +131,6 @@ class Request:
     readable: list[bytes]
     writable: list[int]
     kind: str = WELL_FORMED
-    note: object = None
 
 
 @dataclass
@@ -149,7 +145,6 @@ class Planned:
     slot: int
     head: int
     kind: str
-    note: object = None
     #: The reference walk refuses it (the device must stop there).
     refused: bool = False
     readable: tuple[Range, ...] = ()
@@ -358,9 +353,9 @@ class _Writer:
         self.plans.append(plan)
         return plan
 
-    def _plan(self, head: int, kind: str, note: object = None) -> Planned:
+    def _plan(self, head: int, kind: str) -> Planned:
         return Planned(queue=self.index, position=len(self.plans), slot=self.next_slot,
-                       head=head, kind=kind, note=note)
+                       head=head, kind=kind)
 
     def duplicate(self) -> Planned | None:
         """Make the head of an earlier accepted chain available again, while in flight."""
@@ -372,7 +367,7 @@ class _Writer:
             return None
         original = self.round.rng.choice(earlier)
         original.unreliable = True
-        plan = self._plan(original.head, DUPLICATE_HEAD, original.note)
+        plan = self._plan(original.head, DUPLICATE_HEAD)
         plan.unreliable = True
         return self._ring(original.head, plan)
 
@@ -400,10 +395,7 @@ class _Writer:
         use_table = indirect and rng.random() < 0.35
 
         if kind == ZERO_LENGTH:
-            for _ in range(rng.randint(1, 3)):
-                position = rng.randint(0, len(pieces))
-                pieces.insert(position, [self._any_address(), 0,
-                                         self._fitting_flags(pieces, position)])
+            self._pad(pieces, rng.randint(1, 3))
         elif kind == ONLY_ZERO_LENGTH:
             count = rng.randint(1, 3)
             readable = rng.randint(0, count)
@@ -420,10 +412,7 @@ class _Writer:
                           else rng.randint(1025, 1100))
                 if rng.random() < 0.5:
                     pieces = _fragment(pieces, wanted)
-                for _ in range(wanted - len(pieces)):
-                    position = rng.randint(0, len(pieces))
-                    pieces.insert(position, [self._any_address(), 0,
-                                             self._fitting_flags(pieces, position)])
+                self._pad(pieces, wanted - len(pieces))
         elif kind == OVERLAPPING:
             targets = [p for p in pieces if p[2] & WRITE and p[1]]
             others = [p for p in pieces if p[1]]
@@ -462,7 +451,8 @@ class _Writer:
         elif kind == OVER_4GIB:
             if not indirect:
                 kind = INDIRECT_NOT_NEGOTIATED
-            pieces = [[0, RAM_SIZE, WRITE] for _ in range((1 << 32) // RAM_SIZE + 1)]
+            else:
+                pieces = [[0, RAM_SIZE, WRITE] for _ in range((1 << 32) // RAM_SIZE + 1)]
             use_table = True
         elif kind == READABLE_AFTER_WRITABLE:
             first_write = next((i for i, p in enumerate(pieces) if p[2] & WRITE), None)
@@ -532,18 +522,20 @@ class _Writer:
             for position, entry in zip(order, entries, strict=True):
                 pack(memory, table + 16 * position, *entry)
             pack(memory, self.driver.descriptor_table + 16 * head, *head_entry)
-        plan = self._plan(head, kind, request.note)
+        plan = self._plan(head, kind)
         plan.unreliable = unreliable
         return self._ring(head, plan)
 
-    def _fitting_flags(self, pieces: list[list[int]], position: int) -> int:
-        """The direction a buffer inserted at ``position`` may have: readable ones come
-        before writable ones."""
-        if any(p[2] & WRITE for p in pieces[:position]):
-            return WRITE
-        if any(not p[2] & WRITE for p in pieces[position:]):
-            return 0
-        return self.round.rng.choice((0, WRITE))
+    def _pad(self, pieces: list[list[int]], count: int) -> None:
+        """Insert ``count`` zero-length buffers anywhere, each in the direction its place
+        allows (readable ones before writable ones)."""
+        rng = self.round.rng
+        boundary = next((i for i, p in enumerate(pieces) if p[2] & WRITE), len(pieces))
+        for _ in range(count):
+            position = rng.randint(0, len(pieces))
+            readable = position < boundary or (position == boundary and rng.random() < 0.5)
+            boundary += readable
+            pieces.insert(position, [self._any_address(), 0, 0 if readable else WRITE])
 
     def _any_address(self) -> int:
         """Where a zero-length buffer points: anywhere at all (nothing may be read there)."""
@@ -846,12 +838,11 @@ class FuzzTarget:
 
 
 def new_round(target: FuzzTarget, guest: FuzzGuest, rng: random.Random,
-              features: int | None = None, sizes: Sequence[int] | None = None) -> Round:
-    """Fresh rings of a random size (one of ``sizes``, by default the target's), layout
-    features and start index."""
+              sizes: Sequence[int] | None = None) -> Round:
+    """Fresh rings of a random size (one of ``sizes``, by default the target's), with
+    random features, ring features and start index."""
     size = rng.choice(sizes or target.sizes)
-    return Round(guest, rng, size=size,
-                 features=target.features(rng) if features is None else features,
+    return Round(guest, rng, size=size, features=target.features(rng),
                  event_idx=rng.random() < 0.5, indirect=rng.random() < 0.6,
                  start=rng.choice((0, rng.getrandbits(16), (0xFFFF - rng.randrange(size)))))
 
@@ -933,8 +924,8 @@ def _choose(target: FuzzTarget, rng: random.Random, queue: int, features: int,
 
 
 def quiet_logs() -> None:
-    """Drop the devices' debug lines (a dropped frame each): formatting thousands of them
-    would cost more than the fuzzing. Call before making the device, whose logger binds
+    """Drop the devices' debug lines (one per dropped frame): a failing fuzz run would
+    show tens of thousands of them. Call before making the device, whose logger binds
     the configuration then; the test's logging is reset after it."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
 
