@@ -104,6 +104,8 @@ INDIRECT_WITH_NEXT = "indirect with NEXT"
 INDIRECT_BAD_LENGTH = "indirect table length not 16*n"
 INDIRECT_OUTSIDE_RAM = "indirect table outside RAM"
 AVAIL_JUMP = "avail idx jump"
+#: A ring event, not a chain: the driver rewrote the descriptors of chains the device held.
+REWRITTEN_IN_FLIGHT = "descriptors rewritten while the device held them"
 
 REFUSED_KINDS = frozenset({
     LOOP, NEXT_PAST_TABLE, HEAD_PAST_TABLE, OUTSIDE_RAM, ADDRESS_WRAPS, LENGTH_PAST_RAM,
@@ -154,6 +156,8 @@ class Planned:
     #: Its writable buffers are shared (overlapping, or the head is in flight twice): what
     #: they hold afterwards says nothing about one request.
     unreliable: bool = False
+    #: Guest addresses of its descriptors (in the queue's table and its indirect table).
+    descriptors: tuple[int, ...] = ()
 
     @property
     def readable_length(self) -> int:
@@ -516,14 +520,16 @@ class _Writer:
 
         pack = _DESCRIPTOR.pack_into
         if head_entry is None:
-            for index, entry in zip(order, entries, strict=True):
-                pack(memory, self.driver.descriptor_table + 16 * index, *entry)
+            addresses = [self.driver.descriptor_table + 16 * index for index in order]
         else:
-            for position, entry in zip(order, entries, strict=True):
-                pack(memory, table + 16 * position, *entry)
-            pack(memory, self.driver.descriptor_table + 16 * head, *head_entry)
+            addresses = [table + 16 * position for position in order]
+            addresses.append(self.driver.descriptor_table + 16 * head)
+            entries.append(head_entry)
+        for address, entry in zip(addresses, entries, strict=True):
+            pack(memory, address, *entry)
         plan = self._plan(head, kind)
         plan.unreliable = unreliable
+        plan.descriptors = tuple(addresses)
         return self._ring(head, plan)
 
     def _pad(self, pieces: list[list[int]], count: int) -> None:
@@ -600,6 +606,8 @@ class Round:
             self.writers.append(_Writer(self, index, driver))
         self.snapshot = b""
         self.context = FuzzContext(self.memory, guest.queues, features)
+        #: Hostile driver actions that are not chains (counted apart).
+        self.events: Counter[str] = Counter()
 
     def place(self, queue: int, request: Request, kind: str = WELL_FORMED) -> Planned:
         """Lay out a chain on ``queue`` (raises NoRoom when the ring or data area is full)."""
@@ -639,12 +647,42 @@ class Round:
         plan.refused = plan.stops = True
         writer.plans.append(plan)
         value = (writer.next_slot + self.rng.randint(self.size + 1, 0xFFFF)) & 0xFFFF
-        writer.driver.set_avail_idx(value)
-        address = writer.driver.available_ring + 2
-        self.snapshot = (self.snapshot[:address] + self.memory.data[address:address + 2]
-                         + self.snapshot[address + 2:])
+        self.driver_write(writer.driver.available_ring + 2, struct.pack("<H", value))
         self.context.kick(queue)
         return plan
+
+    def rewrite_in_flight(self, queue: int) -> int:
+        """Overwrite every descriptor of the chains the device took from ``queue`` and
+        still holds with others pointing elsewhere in RAM: a device that reads them
+        again, instead of keeping what it checked, writes where it may not. Returns how
+        many chains were rewritten."""
+        writer = self.writers[queue]
+        recorder = self.guest.queues[queue]
+        by_slot = {plan.slot: plan for plan in writer.plans}
+        held = Counter(by_slot[slot].head for slot, _ in recorder.taken)
+        held.subtract(head for head, _ in recorder.pushes)
+        taken_slots = {slot for slot, _ in recorder.taken}
+        rng = self.rng
+        count = 0
+        for plan in writer.plans:
+            if (held[plan.head] <= 0 or plan.slot not in taken_slots
+                    or any(p.head == plan.head and p.slot not in taken_slots
+                           for p in writer.plans)):
+                continue  # not held, or its head is still to be taken again
+            held[plan.head] = 0
+            for address in plan.descriptors:
+                length = rng.randint(1, 2048)
+                self.driver_write(address, _DESCRIPTOR.pack(
+                    rng.randrange(RAM_SIZE - length), length, rng.choice((0, WRITE, NEXT)),
+                    rng.randrange(self.size)))
+            count += 1
+        self.events[REWRITTEN_IN_FLIGHT] += count
+        return count
+
+    def driver_write(self, address: int, data: bytes) -> None:
+        """The driver writes guest memory while the device runs (the checks expect it)."""
+        self.memory.data[address:address + len(data)] = data
+        self.snapshot = self.snapshot[:address] + data + self.snapshot[address + len(data):]
 
     # -- what the device did ------------------------------------------------------------------
 
@@ -771,6 +809,8 @@ class Tally:
     episodes: int = 0
     resets: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
+    #: Hostile driver actions that are not chains.
+    events: Counter[str] = field(default_factory=Counter)
 
     def count(self, plans: Sequence[Planned]) -> None:
         for plan in plans:
@@ -783,10 +823,11 @@ class Tally:
 
     def line(self) -> str:
         kinds = ", ".join(f"{kind} {n:,}" for kind, n in self.kinds.most_common())
+        events = "".join(f"; {kind}: {n:,}" for kind, n in self.events.most_common())
         return (f"fuzz {self.name}: {self.chains:,} chains reached, {self.hostile:,} hostile "
-                f"(kinds: {kinds}), {self.well_formed:,} well-formed; {self.episodes:,} "
-                f"episodes, each then reset and a well-formed request checked "
-                f"({self.resets:,}); seed {SEED}")
+                f"(kinds: {kinds}), {self.well_formed:,} well-formed{events}; "
+                f"{self.episodes:,} episodes, each then reset and a well-formed request "
+                f"checked ({self.resets:,}); seed {SEED}")
 
 
 class FuzzTarget:
@@ -819,6 +860,11 @@ class FuzzTarget:
         """Before the device runs: host-side input (frames, console input), returned as
         tasks to run beside it."""
         return []
+
+    def more(self, round_: Round) -> list[Callable[[], Awaitable[object]]] | None:
+        """Once the device went idle without stopping: more to do (the driver rewriting
+        what the device holds, more input), as tasks for another run; None: nothing."""
+        return None
 
     async def serve(self, round_: Round,
                     tasks: Sequence[Callable[[], Awaitable[object]]]) -> DeviceNeedsReset | None:
@@ -887,6 +933,8 @@ async def _episode(target: FuzzTarget, guest: FuzzGuest, rng: random.Random,
             pass
     round_.publish(lambda queue, plan: target.stops(queue, plan, features))
     error = await target.serve(round_, target.begin(round_))
+    if error is None and (tasks := target.more(round_)) is not None:
+        error = await target.serve(round_, tasks)
     if error is None and target.drained and rng.random() < 0.7:
         # A queue the device drained (so its next pop is past every chain placed).
         round_.jump(rng.choice(sorted(target.drained)))
@@ -895,6 +943,7 @@ async def _episode(target: FuzzTarget, guest: FuzzGuest, rng: random.Random,
     target.check(round_, error)
     for queue in queues:
         tally.count(round_.reached(queue))
+    tally.events += round_.events
     tally.episodes += 1
 
     # What a transport does after DEVICE_NEEDS_RESET (or any driver reset), then a

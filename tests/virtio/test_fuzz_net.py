@@ -135,8 +135,13 @@ class NetTarget(FuzzTarget):
 
     def begin(self, round_: Round) -> list[Callable[[], Awaitable[object]]]:
         rng = round_.rng
-        count = max(0, min(8, len(round_.writers[RECEIVE].plans) + rng.randint(-1, 1)))
         self.injected = []
+        self._inject(rng, max(0, min(8, len(round_.writers[RECEIVE].plans) +
+                                     rng.randint(-1, 1))))
+        return []
+
+    def _inject(self, rng: random.Random, count: int) -> None:
+        """``count`` frames from the wire, of any size (some too short or too long)."""
         for _ in range(count):
             roll = rng.random()
             size = (rng.randint(0, MIN_FRAME - 1) if roll < 0.05
@@ -145,6 +150,14 @@ class NetTarget(FuzzTarget):
             # What the tap's kernel side puts in front: not for the guest to see.
             self.wire.send(rng.randbytes(NET_HEADER_SIZE) + data)
             self.injected.append(data)
+
+    def more(self, round_: Round) -> list[Callable[[], Awaitable[object]]] | None:
+        # The driver rewrites the descriptors of the receive buffers the device holds;
+        # frames arriving then must still go where the device found them first.
+        rng = round_.rng
+        if rng.random() < 0.5 or not round_.rewrite_in_flight(RECEIVE):
+            return None
+        self._inject(rng, rng.randint(1, 3))
         return []
 
     async def serve(self, round_: Round, tasks: Sequence[Callable[[], Awaitable[object]]]
