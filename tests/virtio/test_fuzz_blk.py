@@ -23,19 +23,21 @@ import pytest
 from avmm.virtio.blk import BlockDevice, RequestType, Status
 from avmm.virtio.device import DeviceNeedsReset
 
-from .fuzz_support import (
-    HOSTILE_TARGET,
+from .fuzz_chains import (
     REQUEST,
-    FuzzGuest,
-    FuzzTarget,
     Planned,
     Request,
+    split,
+    split_length,
+)
+from .fuzz_support import (
+    HOSTILE_TARGET,
+    FuzzGuest,
+    FuzzTarget,
     Round,
     fuzz,
     new_round,
     quiet_logs,
-    split,
-    split_length,
     well_formed_round,
 )
 

@@ -15,20 +15,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from avmm.virtio.console import ConsoleDevice
 from avmm.virtio.device import DeviceNeedsReset
 
-from .fuzz_support import (
-    HOSTILE_TARGET,
+from .fuzz_chains import (
     READABLE,
     WRITABLE,
-    FuzzGuest,
-    FuzzTarget,
     Planned,
     Request,
+    split,
+    split_length,
+)
+from .fuzz_support import (
+    HOSTILE_TARGET,
+    FuzzGuest,
+    FuzzTarget,
     Round,
     fuzz,
     new_round,
     run_until_idle,
-    split,
-    split_length,
     well_formed_round,
 )
 

@@ -28,21 +28,23 @@ from avmm.virtio.net import (
     NetDevice,
 )
 
-from .fuzz_support import (
-    HOSTILE_TARGET,
+from .fuzz_chains import (
     READABLE,
     WRITABLE,
-    FuzzGuest,
-    FuzzTarget,
     Planned,
     Request,
+    split,
+    split_length,
+)
+from .fuzz_support import (
+    HOSTILE_TARGET,
+    FuzzGuest,
+    FuzzTarget,
     Round,
     fuzz,
     new_round,
     quiet_logs,
     run_until_idle,
-    split,
-    split_length,
     well_formed_round,
 )
 

@@ -12,18 +12,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from avmm.virtio.device import DeviceNeedsReset
 from avmm.virtio.rng import MAX_REQUEST_BYTES, RngDevice
 
-from .fuzz_support import (
-    HOSTILE_TARGET,
+from .fuzz_chains import (
     WRITABLE,
-    FuzzGuest,
-    FuzzTarget,
     Planned,
     Request,
+    split_length,
+)
+from .fuzz_support import (
+    HOSTILE_TARGET,
+    FuzzGuest,
+    FuzzTarget,
     Round,
     fuzz,
     new_round,
     run_until_idle,
-    split_length,
     well_formed_round,
 )
 
