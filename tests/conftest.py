@@ -86,10 +86,25 @@ def figure() -> object:
     return record
 
 
+#: What the device fuzzers reached (tests/virtio/test_fuzz_*.py): one line per device.
+_FUZZ_COUNTS: list[str] = []
+
+
+@pytest.fixture
+def fuzz_report() -> object:
+    """``fuzz_report(line)`` records a fuzzer's counts, printed in their own section at
+    the end of the run (the tests assert on them; this shows them)."""
+    return _FUZZ_COUNTS.append
+
+
 def pytest_terminal_summary(terminalreporter: object) -> None:
+    reporter: object = terminalreporter
+    if _FUZZ_COUNTS:
+        reporter.section("avmm fuzzers (chains each device reached)")  # type: ignore[attr-defined]
+        for line in _FUZZ_COUNTS:
+            reporter.write_line(line)  # type: ignore[attr-defined]
     if not _FIGURES:
         return
-    reporter: object = terminalreporter
     reporter.section("avmm figures (measured, not asserted)")  # type: ignore[attr-defined]
     for name, value in _FIGURES:
         reporter.write_line(f"{name}: {value}")  # type: ignore[attr-defined]

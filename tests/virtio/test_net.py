@@ -2,36 +2,30 @@
 it) and, for what needs no kernel, against a datagram socket pair standing in for one.
 
 Tests that need a tap need root and /dev/net/tun: without them they skip with the
-reason, or fail when AVMM_REQUIRE_KVM=1. The hostile-driver fuzz test always runs (it
-uses the socket pair).
+reason, or fail when AVMM_REQUIRE_KVM=1. Hostile drivers: test_fuzz_net.py.
 
-The device-test plumbing here (FakeContext, Guest, the hostile-driver fuzzer) is shared
-with test_rng.py and test_console.py.
+The device-test plumbing here (FakeContext, Guest, FakeTap) is shared with test_rng.py,
+test_console.py and test_net_batch.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import random
 import select
 import socket
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from avmm.memory import ByteArrayMemory, MemoryAccess
+from avmm.memory import ByteArrayMemory
 from avmm.tap import Tap
 from avmm.virtio.device import DeviceId, DeviceNeedsReset, VirtioDevice
 from avmm.virtio.net import (
@@ -42,10 +36,10 @@ from avmm.virtio.net import (
     VIRTIO_NET_F_STATUS,
     NetDevice,
 )
-from avmm.virtio.queue import DescriptorChain, QueueError, VirtQueue
+from avmm.virtio.queue import VirtQueue
 from tests.prerequisites import net_problem, require
 
-from .queue_helpers import VIRTQ_DESC_F_INDIRECT, DriverQueue
+from .queue_helpers import DriverQueue
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -93,23 +87,6 @@ class FakeContext:
         pass
 
 
-class CountingQueue(VirtQueue):
-    """A VirtQueue that counts the chains the device took or was refused."""
-
-    def __init__(self, max_size: int) -> None:
-        super().__init__(max_size)
-        self.chains_seen = 0
-
-    def pop(self, memory: MemoryAccess) -> DescriptorChain | None:
-        try:
-            chain = super().pop(memory)
-        except QueueError:
-            self.chains_seen += 1
-            raise
-        self.chains_seen += chain is not None
-        return chain
-
-
 class Guest:
     """Guest memory with ``queue_count`` queues, each driven by a DriverQueue
     (``drivers[i]`` feeds ``queues[i]``), and a FakeContext over them."""
@@ -119,7 +96,7 @@ class Guest:
         self.memory = ByteArrayMemory(memory_size)
         self.size = size
         self.event_idx = event_idx
-        self.queues = [CountingQueue(size) for _ in range(queue_count)]
+        self.queues = [VirtQueue(size) for _ in range(queue_count)]
         self.drivers: list[DriverQueue] = []
         self.reset()
         self.context = FakeContext(self.memory, self.queues, features)
@@ -137,10 +114,6 @@ class Guest:
             driver.configure(queue)
             queue.validate(self.memory)
             self.drivers.append(driver)
-
-    @property
-    def chains_seen(self) -> int:
-        return sum(queue.chains_seen for queue in self.queues)
 
     # virtio-net's queues by name
     @property
@@ -565,7 +538,7 @@ async def test_small_frame_rates(tap: Tap, wire: Wire, figure: Callable[[str, st
     figure("virtio-net RX 64-byte frames/s (tap)", f"{frames / rx_time:.0f}")
 
 
-# -- hostile drivers ---------------------------------------------------------------------
+# -- a socket pair for a tap --------------------------------------------------------------
 
 
 class FakeTap:
@@ -576,189 +549,3 @@ class FakeTap:
         self.socket = sock
         self.fd = sock.fileno()
         self.name = "fake-tap"
-
-
-#: Hostile-driver fuzzing, shared with the rng and console tests: examples per device,
-#: and the chains each device must see at least (>= 10,000 for every device).
-HOSTILE_EXAMPLES = 1900
-HOSTILE_CHAINS = 10_000
-HOSTILE_MEMORY = 1 << 18
-_addresses = st.one_of(st.integers(0x1000, HOSTILE_MEMORY), st.integers(0, 2**64 - 1))
-_lengths = st.one_of(st.integers(0, 2048), st.integers(0, 2**32 - 1))
-_sizes = st.integers(1, 1600)
-_NO_FEATURES = st.just(0)
-
-
-def hostile_operations(queue_count: int, writable_queues: set[int],
-                       *extra: st.SearchStrategy[tuple]) -> st.SearchStrategy[list[tuple]]:
-    """Lists of driver actions on ``queue_count`` queues: well-formed chains (mostly in
-    the direction each queue expects: device-writable for ``writable_queues``), bursts
-    of them, and garbage written straight into descriptor tables and rings; plus the
-    device-specific ``extra`` actions."""
-    queues = st.sampled_from(range(queue_count))
-    expected = [
-        st.tuples(st.just("chain"), st.just(index), st.just([]),
-                  st.lists(_sizes, min_size=1, max_size=3), st.booleans())
-        if index in writable_queues else
-        st.tuples(st.just("chain"), st.just(index), st.lists(_sizes, min_size=1, max_size=3),
-                  st.just([]), st.booleans())
-        for index in range(queue_count)
-    ]
-    return st.lists(
-        st.one_of(
-            *expected,
-            st.tuples(st.just("chain"), queues, st.lists(_sizes, max_size=3),
-                      st.lists(_sizes, max_size=3), st.booleans()),
-            # A burst of plausible chains (cheap to generate, so examples carry many).
-            st.tuples(st.just("burst"), queues, st.integers(1, 16), st.integers(0, 2**32)),
-            st.tuples(st.just("raw"), queues, st.integers(0, 7), _addresses, _lengths,
-                      st.integers(0, 7), st.integers(0, 9)),
-            st.tuples(st.just("indirect"), queues, st.integers(0, 7),
-                      st.lists(st.tuples(_addresses, _lengths, st.integers(0, 7),
-                                         st.integers(0, 4)), min_size=1, max_size=4)),
-            st.tuples(st.just("avail"), queues, st.integers(0, 9)),
-            st.tuples(st.just("avail_idx"), queues, st.integers(0, 0xFFFF)),
-            *extra,
-        ),
-        min_size=4,
-        max_size=32,
-    )
-
-
-def apply_operation(guest: Guest, operation: tuple, writable_queues: set[int]) -> None:
-    """Play one action of :func:`hostile_operations` on ``guest``."""
-    kind, queue_index = operation[0], operation[1]
-    driver = guest.drivers[queue_index]
-    guest.context.kick(queue_index)
-    driver.used()  # reclaim what the device returned
-    if kind == "chain":
-        _, _, readable, writable, indirect = operation
-        if not readable and not writable:
-            return
-        try:
-            driver.add_chain([b"\0" * n for n in readable], writable, indirect=indirect)
-        except RuntimeError:
-            pass  # the test driver is out of descriptors or buffer space
-    elif kind == "burst":
-        _, _, count, seed = operation
-        rng = random.Random(seed)
-        for _ in range(count):
-            sizes = [rng.randint(1, 1600) for _ in range(rng.randint(1, 3))]
-            wrong_way = rng.random() < 0.05
-            indirect = rng.random() < 0.3
-            try:
-                if (queue_index in writable_queues) != wrong_way:
-                    driver.add_chain(writable=sizes, indirect=indirect)
-                else:
-                    driver.add_chain([bytes(12) + bytes(n) for n in sizes], indirect=indirect)
-            except RuntimeError:
-                break
-    elif kind == "raw":
-        _, _, index, address, length, flags, next_index = operation
-        driver.set_descriptor(index, address, length, flags, next_index)
-    elif kind == "indirect":
-        _, _, index, entries = operation
-        table = driver.alloc_data(16 * len(entries))
-        driver.memory.write(table, DriverQueue.pack_descriptors(entries))
-        driver.set_descriptor(index, table, 16 * len(entries), VIRTQ_DESC_F_INDIRECT)
-        driver.make_available(index)
-    elif kind == "avail":
-        driver.make_available(operation[2])
-    elif kind == "avail_idx":
-        driver.set_avail_idx(operation[2])
-    else:
-        raise AssertionError(f"unknown operation {operation!r}")
-
-
-async def run_hostile(device: VirtioDevice, guest: Guest, operations: list[tuple],
-                      writable_queues: set[int],
-                      other: OtherAction | None = None) -> int:
-    """Run ``device`` while ``operations`` are played one at a time (the device runs
-    until it blocks after each). On DeviceNeedsReset the device and the queues are
-    reset, as the transport and the driver would, and the play goes on; any other
-    exception fails the test. Actions not in :func:`hostile_operations` go to ``other``,
-    which may return an async function to run beside the device (until the end).
-    Returns the number of chains the device saw."""
-
-    async def serve() -> None:
-        while True:
-            try:
-                await device.run(guest.context)
-            except DeviceNeedsReset:
-                device.reset()
-                guest.reset()
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            for operation in operations:
-                if isinstance(operation[1], int) and operation[0] in _DRIVER_ACTIONS:
-                    apply_operation(guest, operation, writable_queues)
-                elif other is not None and (task := other(operation)) is not None:
-                    nursery.start_soon(task)
-                await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-    return guest.chains_seen
-
-
-_DRIVER_ACTIONS = {"chain", "burst", "raw", "indirect", "avail", "avail_idx"}
-OtherAction = Callable[[tuple], Callable[[], Awaitable[object]] | None]
-
-
-def fuzz_device(make: Callable[[Guest], VirtioDevice], operations: st.SearchStrategy,
-                writable_queues: set[int], queue_count: int,
-                features: st.SearchStrategy[int] = _NO_FEATURES,
-                other: Callable[[Guest, tuple], Callable[[], Awaitable[object]] | None]
-                | None = None, examples: int = HOSTILE_EXAMPLES) -> int:
-    """Run :func:`run_hostile` for ``examples`` generated examples; returns the chains
-    the device saw in all."""
-    seen = 0
-
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(operations=operations, features=features)
-    def scenario(operations: list[tuple], features: int) -> None:
-        nonlocal seen
-        guest = Guest(queue_count, 16, memory_size=HOSTILE_MEMORY, features=features)
-        device = make(guest)
-        play = None if other is None else partial(other, guest)
-        seen += trio.run(run_hostile, device, guest, operations, writable_queues, play)
-
-    scenario()
-    return seen
-
-
-def test_hostile_driver_only_ever_needs_reset(figure: Callable[[str, str], None]) -> None:
-    """Random and malformed chains on both queues, interleaved with frames of any size
-    from the wire (a datagram socket pair stands in for the tap): nothing but
-    DeviceNeedsReset (QueueError included) may come out of run()."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with a, b:
-        b.setblocking(False)
-        tap = FakeTap(a)
-
-        def from_the_wire(guest: Guest, operation: tuple) -> None:
-            try:
-                b.send(bytes(12) + frame(b"", operation[1])[:operation[1]])
-            except BlockingIOError:
-                pass  # the "tap queue" is full: the kernel would drop it too
-            return None
-
-        def drain() -> None:
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    b.recv(1 << 17)
-
-        def make(guest: Guest) -> NetDevice:
-            drain()
-            return NetDevice(tap, mac=MAC)
-
-        seen = fuzz_device(
-            make,
-            hostile_operations(2, {0}, st.tuples(st.just("frame"), st.integers(0, 2000))),
-            writable_queues={0}, queue_count=2,
-            features=st.sampled_from([0, VIRTIO_NET_F_MRG_RXBUF]),
-            other=from_the_wire,
-        )
-    figure("virtio-net hostile chains seen", str(seen))
-    assert seen >= HOSTILE_CHAINS
