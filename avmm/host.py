@@ -42,6 +42,7 @@ from .lifecycle import (
     VmMetrics,
     VmState,
 )
+from .paths import PathPolicy
 from .vm import VirtualMachine
 
 __all__ = [
@@ -183,11 +184,13 @@ class _ConsoleHub:
 class HostedVm:
     """One VM owned by a :class:`Host` (made by :meth:`Host.create`, never directly)."""
 
-    def __init__(self, vm_id: str, config: VmConfig, *, start_paused: bool = False) -> None:
+    def __init__(self, vm_id: str, config: VmConfig, *, start_paused: bool = False,
+                 paths: PathPolicy | None = None) -> None:
         self.id = vm_id
         self.name = config.name or vm_id
         self.config = config
-        self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused)
+        self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
+                                 paths=paths)
         self.created_at = time.time()
         self._console = _ConsoleHub()
         self._running_since: float | None = None
@@ -362,10 +365,13 @@ class Host:
         # The nursery waits for every VM's task, which returns once its VM has stopped.
         return bool(await self._nursery_manager.__aexit__(exc_type, exc, traceback))
 
-    async def create(self, config: VmConfig, *, start: bool = True) -> HostedVm:
+    async def create(self, config: VmConfig, *, start: bool = True,
+                     paths: PathPolicy | None = None) -> HostedVm:
         """Build and start a VM from ``config``; returns once it runs. With
         ``start=False`` it is built and left PAUSED before its first instruction
-        (:meth:`HostedVm.resume` starts it).
+        (:meth:`HostedVm.resume` starts it). The files the config names are opened
+        through ``paths`` (see :class:`~avmm.paths.PathPolicy`; default: anywhere).
+        The VM is built in a worker thread: the event loop never waits for it.
 
         :raises VmStartError: the VM cannot be built (the message names the step).
         :raises VmStateError: the Host is not entered, or is shutting down.
@@ -374,7 +380,7 @@ class Host:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
         vm_id = self._new_id()
-        hosted = HostedVm(vm_id, config, start_paused=not start)
+        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths)
         self._vms[vm_id] = hosted  # listed as STARTING while it builds
         try:
             await self._nursery.start(hosted._run)
