@@ -100,13 +100,29 @@ def _open_walking(dirfd: int, path: str, flags: int, mode: int) -> int:
     current = dirfd
     try:
         for part in parts[:-1]:
-            following = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                                | os.O_CLOEXEC, dir_fd=current)
+            following = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=current)
             if current != dirfd:
                 os.close(current)
             current = following
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                       dir_fd=current)
+            kind = os.fstat(current).st_mode
+            if not stat.S_ISDIR(kind):
+                error = errno.ELOOP if stat.S_ISLNK(kind) else errno.ENOTDIR
+                raise OSError(error, os.strerror(error), path)
+        try:
+            fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=current)
+        except NotADirectoryError:
+            # O_DIRECTORY | O_NOFOLLOW on a symlink: say what it is.
+            if stat.S_ISLNK(os.stat(parts[-1], dir_fd=current,
+                                    follow_symlinks=False).st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+            raise
+        if flags & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):
+            # O_PATH | O_NOFOLLOW opens the symlink itself instead of failing.
+            os.close(fd)
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        return fd
     finally:
         if current != dirfd:
             os.close(current)
