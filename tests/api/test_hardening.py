@@ -348,3 +348,42 @@ async def test_a_fifo_never_freezes_the_real_daemon(
                 assert await api.list_vms() == []
                 await trio.sleep(0.05)
     assert result["status"] == 400
+
+
+async def test_serve_with_group_and_allow_path_refuses_paths_outside(area: Path) -> None:
+    """`avmm serve --group G --allow-path DIR` as a process: the socket is 0660 and a
+    config naming a file outside DIR is a 403 (`avmm run`: exit 1, one line)."""
+    import grp
+    import stat
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    socket_path = area / "avmm.sock"
+    (area / "outside" / "vmlinux").write_bytes(b"\x7fELF fake")
+    log = area / "serve.log"
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            [*_AVMM, "serve", "--socket", str(socket_path), "--group", group,
+             "--allow-path", str(area / "allowed")],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        with trio.fail_after(60):
+            while not socket_path.exists():
+                assert process.poll() is None, log.read_text()
+                await trio.sleep(0.05)
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o660
+        async with ApiClient(socket_path) as api:
+            with pytest.raises(ApiError) as error:
+                await api.create_vm(_config(area / "outside" / "vmlinux"))
+            assert (error.value.status, error.value.detail["key"]) == (403, "boot.kernel")
+        vm_toml = area / "outside" / "vm.toml"
+        vm_toml.write_text('[boot]\nkernel = "vmlinux"\n')
+        result = await trio.run_process(
+            [*_AVMM, "run", str(vm_toml), "--socket", str(socket_path)],
+            capture_stdout=True, capture_stderr=True, check=False)
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "boot.kernel" in lines[0] and "allow" in lines[0]
+    finally:
+        process.terminate()
+        with trio.fail_after(60):
+            await process.wait()
