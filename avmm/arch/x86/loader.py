@@ -146,7 +146,7 @@ def load_kernel(
         kernel_range = footprint = image.image_range()
         setup_header = minimal_setup_header()
         cmdline_limit = CMDLINE_MAX_SIZE - 1
-        limit_source = "an ELF image that is not Linux"
+        limit_source = "avmm's own limit: a non-Linux ELF image states none"
         if any(note.name == b"Linux" for note in image.notes):
             cmdline_limit = LINUX_COMMAND_LINE_SIZE - 1
             limit_source = "Linux's COMMAND_LINE_SIZE"
