@@ -296,6 +296,8 @@ async def test_twenty_failed_builds_in_a_real_daemon_leak_no_fd_or_thread(
                                              "path": str(socket_dir / "busy.sock")}),
         _config(TEST_GUEST, **full, vhost_user=[{"socket": str(socket_dir / "stale.sock"),
                                                  "device_id": 4}]),
+        # A directory where no socket can be made (even by root).
+        _config(TEST_GUEST, **full, console={"mode": "socket", "path": "/proc/avmm.sock"}),
     ]
     try:
         async with ApiClient(socket_path) as api:
