@@ -24,6 +24,7 @@ other readers.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import types
@@ -346,14 +347,17 @@ class Host:
     def __init__(self) -> None:
         self._vms: dict[str, HostedVm] = {}
         self._nursery: trio.Nursery | None = None
-        self._nursery_manager: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
 
     async def __aenter__(self) -> Host:
-        if self._nursery_manager is not None:
+        if self._stack is not None:
             raise VmStateError("this Host was already entered; make a new one")
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
+        # An exit stack rather than the nursery manager's __aenter__ by hand: the
+        # nursery is entered and left as `async with` would.
+        stack = contextlib.AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        self._stack = stack
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -363,7 +367,8 @@ class Host:
         for hosted in self._vms.values():
             hosted.vm.stop("the host is shutting down")
         # The nursery waits for every VM's task, which returns once its VM has stopped.
-        return bool(await self._nursery_manager.__aexit__(exc_type, exc, traceback))
+        assert self._stack is not None
+        return bool(await self._stack.__aexit__(exc_type, exc, traceback))
 
     async def create(self, config: VmConfig, *, start: bool = True,
                      paths: PathPolicy | None = None) -> HostedVm:
