@@ -3,7 +3,9 @@
 ``avmm up vm.toml`` boots a VM with its serial port on the terminal and exits with the
 guest's status: 0 for a clean shutdown, ``(v << 1) | 1`` (mod 256) after a debug-exit
 write of ``v``, 4 when the guest crashed, 6 on a host-side failure, 2 for a bad
-command line or config file.
+command line or config file, or a file it names that cannot be booted (not a kernel, an
+initrd larger than RAM, a command line longer than the kernel takes). Every failure is
+one line on stderr, never a traceback of avmm's internals.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import trio
 
 from .config import load_config
 from .console_keys import EscapeFilter
-from .errors import AvmmError, ConfigError
+from .errors import AvmmError, ConfigError, VmStartError, leaf_errors
 from .lifecycle import HOST_FAILURE_STATUS, VmExit
 from .logs import configure_logging
 
@@ -37,14 +39,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(log_format=args.log_format, level=args.log_level)
     try:
         return int(args.handler(args))
-    except ConfigError as e:
-        print(f"avmm: {e}", file=sys.stderr)
+    except (AvmmError, KeyboardInterrupt, BaseExceptionGroup) as e:
+        # trio may hand the error up inside (nested) ExceptionGroups.
+        errors = leaf_errors(e)
+        if any(isinstance(error, KeyboardInterrupt) for error in errors):
+            return 130
+        if not all(isinstance(error, AvmmError) for error in errors):
+            raise
+        for error in errors:
+            print(f"avmm: {error}", file=sys.stderr)
+        return max(_exit_status(error) for error in errors)
+
+
+def _exit_status(error: BaseException) -> int:
+    """2 for bad input (the config, or a file it names that cannot be booted), 6 for a
+    failure of the host or of avmm."""
+    if isinstance(error, ConfigError):
         return EXIT_USAGE
-    except AvmmError as e:
-        print(f"avmm: {e}", file=sys.stderr)
-        return HOST_FAILURE_STATUS
-    except KeyboardInterrupt:
-        return 130
+    if isinstance(error, VmStartError) and error.bad_input:
+        return EXIT_USAGE
+    return HOST_FAILURE_STATUS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config)  # before trio starts: blocking is fine here
     if args.append:
         config = config.with_cmdline_appended(args.append)
     vm_exit = trio.run(_run_up, config, args.boot_time)

@@ -55,6 +55,7 @@ from .errors import ConfigError
 
 __all__ = [
     "CMDLINE_MAX_BYTES",
+    "CONFIG_FILE_MAX_BYTES",
     "CPU_PROFILES",
     "MEMORY_MIB_MAX",
     "MEMORY_MIB_MIN",
@@ -69,6 +70,7 @@ __all__ = [
     "VmConfig",
     "config_from_dict",
     "load_config",
+    "read_config_file",
 ]
 
 CpuProfile = Literal["auto", "host", "compat"]
@@ -89,6 +91,11 @@ MEMORY_MIB_MIN: Final = 16
 MEMORY_MIB_MAX: Final = 1024 * 1024
 # The boot protocol's cmdline_size is usually smaller; the loader checks the real limit.
 CMDLINE_MAX_BYTES: Final = 65535
+#: The largest config accepted, from a file or over the API; a vm.toml is a few hundred
+#: bytes.
+CONFIG_FILE_MAX_BYTES: Final = 1 << 20
+#: sun_path holds 108 bytes including the NUL.
+UNIX_SOCKET_PATH_MAX: Final = 107
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -217,17 +224,60 @@ class VmConfig:
 
 def load_config(path: str | os.PathLike[str]) -> VmConfig:
     """Read and validate a ``vm.toml``. Relative paths inside it are relative to the
-    file's directory, not to the current directory."""
+    file's directory, not to the current directory.
+
+    Blocks (it reads the file and checks the paths it names): call it from a thread in
+    async code.
+    """
     source = os.fsdecode(path)
     file = Path(os.path.abspath(source))
+    data = parse_toml(read_config_file(file, source=source), source=source)
+    return config_from_dict(data, base_dir=file.parent, source=source)
+
+
+def read_config_file(path: str | os.PathLike[str], *, source: str | None = None) -> bytes:
+    """The bytes of a config file: a regular file of at most
+    :data:`CONFIG_FILE_MAX_BYTES`. Anything else (a FIFO, /dev/zero, a directory) is a
+    ConfigError, found without waiting on it or reading it."""
+    file = Path(os.path.abspath(path))
+    source = source if source is not None else os.fsdecode(path)
     try:
-        raw = file.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {file}", path=source) from None
-    except IsADirectoryError:
-        raise ConfigError(f"{file} is a directory, not a config file", path=source) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {file}: {e.strerror}", path=source) from e
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{file} is a directory, not a config file", path=source)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{file} is not a regular file; give a vm.toml file",
+                              path=source)
+        limit = CONFIG_FILE_MAX_BYTES
+        if info.st_size > limit:
+            raise ConfigError(f"{file} is {info.st_size} bytes; a config file may have at "
+                              f"most {limit}", path=source)
+        raw = bytearray()
+        while len(raw) <= limit:
+            chunk = os.read(fd, limit + 1 - len(raw))
+            if not chunk:
+                break
+            raw += chunk
+        if len(raw) > limit:
+            raise ConfigError(f"{file} grew past {limit} bytes while it was read",
+                              path=source)
+        return bytes(raw)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {file}: {e.strerror}", path=source) from e
+    finally:
+        os.close(fd)
+
+
+def parse_toml(raw: bytes, *, source: str | None) -> dict[str, Any]:
+    """Decode and parse a TOML document; every failure (bad UTF-8, bad TOML, nesting too
+    deep for the parser, an integer too long to convert) is one ConfigError line."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -235,25 +285,36 @@ def load_config(path: str | os.PathLike[str]) -> VmConfig:
             f"not valid UTF-8 at byte {e.start}; TOML files must be UTF-8", path=source
         ) from e
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         # tomllib's message already ends with "(at line L, column C)".
         raise ConfigError(f"not valid TOML: {_one_line(str(e))}", path=source) from e
-    return config_from_dict(data, base_dir=file.parent, source=source)
+    except RecursionError:
+        raise ConfigError("not valid TOML for avmm: arrays or tables nested too deeply",
+                          path=source) from None
+    except ValueError as e:
+        # int() refuses more than sys.get_int_max_str_digits() digits (4300).
+        raise ConfigError(f"not valid TOML for avmm: {_one_line(str(e))[:120]}",
+                          path=source) from None
 
 
 def config_from_dict(
-    data: Mapping[str, Any], *, base_dir: Path | None, source: str | None = None
+    data: Mapping[str, Any], *, base_dir: Path | None, source: str | None = None,
+    path_check: PathCheck | None = None,
 ) -> VmConfig:
     """Validate ``data`` (parsed TOML or JSON with the ``vm.toml`` schema).
 
     Relative paths in ``data`` are resolved against ``base_dir``; with ``base_dir=None``
     (a config posted to the management API, which has no file to be relative to) every
     path must be absolute and a relative one is a :class:`ConfigError` naming its key.
-    ``source`` names the origin in error messages.
+    ``source`` names the origin in error messages. ``path_check(path, key, kind)`` runs
+    for every path before anything is looked up on disk (the daemon's
+    :meth:`avmm.paths.PathPolicy.check`, which refuses paths outside ``--allow-path``).
+
+    Blocks (it checks the files the config names): call it from a thread in async code.
     """
     resolved = Path(os.path.abspath(base_dir)) if base_dir is not None else None
-    context = _Context(base_dir=resolved, source=source)
+    context = _Context(base_dir=resolved, source=source, path_check=path_check)
     return _ROOT(data, "", context)
 
 
@@ -261,6 +322,9 @@ def config_from_dict(
 
 _T = TypeVar("_T")
 _Parser = Callable[[Any, str, "_Context"], Any]
+#: (path, key, kind) -> None, raising a ConfigError; kind is one of
+#: avmm.paths.PathKind: "file", "socket", "output", "bind", "directory".
+PathCheck = Callable[[Path, str, str], None]
 
 
 class _Sentinel:
@@ -280,9 +344,19 @@ _EMPTY_TABLE: Final = _Sentinel("_EMPTY_TABLE")
 class _Context:
     base_dir: Path | None  # None: relative paths are rejected (see config_from_dict)
     source: str | None
+    path_check: PathCheck | None = None
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, path=self.source, key=key or None)
+
+    def check_path(self, path: Path, key: str, kind: str) -> None:
+        if self.path_check is None:
+            return
+        try:
+            self.path_check(path, key, kind)
+        except ConfigError as e:
+            # The same error class (PathNotAllowedError stays one), with our source.
+            raise type(e)(e.reason, path=self.source, key=key) from None
 
     def resolve(self, value: str) -> Path:
         if self.base_dir is None:
@@ -498,6 +572,7 @@ def _path(value: Any, key: str, context: _Context) -> Path:
 
 def _existing_file(value: Any, key: str, context: _Context) -> Path:
     path = _path(value, key, context)
+    context.check_path(path, key, "file")
     note = context.relative_note(value)
     try:
         info = path.stat()
@@ -514,15 +589,38 @@ def _existing_file(value: Any, key: str, context: _Context) -> Path:
     return path
 
 
-def _check_output_file(path: Path, value: str, key: str, context: _Context) -> None:
-    """The file may not exist yet, but the directory it goes in must."""
+def _check_output_file(path: Path, value: str, key: str, context: _Context, *,
+                       socket: bool = False) -> None:
+    """The file may not exist yet, but the directory it goes in must. An existing file
+    must be a regular file or a character device (/dev/null), or for a socket to be
+    bound (``socket``), a socket (a stale one is replaced when the VM starts)."""
+    context.check_path(path, key, "bind" if socket else "output")
     note = context.relative_note(value)
     if not path.parent.is_dir():
         raise context.error(
             key, f"directory not found: {path.parent} (for {path}); create it first{note}"
         )
-    if path.is_dir():
+    if socket and len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX:
+        raise context.error(key, f"{path} is {len(os.fsencode(path))} bytes long; a unix "
+                            f"socket path has at most {UNIX_SOCKET_PATH_MAX} bytes; choose "
+                            f"a shorter path{note}")
+    try:
+        mode = path.lstat().st_mode if socket else path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        raise context.error(key, f"cannot access {path}: {e.strerror}{note}") from e
+    if stat.S_ISDIR(mode):
         raise context.error(key, f"{path} is a directory; name a file{note}")
+    if socket:
+        if not stat.S_ISSOCK(mode):
+            raise context.error(key, f"{path} exists and is not a socket; remove it or "
+                                f"choose another path (avmm never deletes it){note}")
+    elif not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        what = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) \
+            else "not a regular file"
+        raise context.error(key, f"{path} is {what}; name a regular file (or a character "
+                            f"device such as /dev/null){note}")
 
 
 _CMDLINE: Final = _string(max_bytes=CMDLINE_MAX_BYTES)
@@ -593,6 +691,7 @@ def _disk_id(value: Any, key: str, context: _Context) -> str:
 def _existing_socket(value: Any, key: str, context: _Context) -> Path:
     """A unix socket a vhost-user back-end listens on: it must exist when the VM starts."""
     path = _path(value, key, context)
+    context.check_path(path, key, "socket")
     note = context.relative_note(value)
     try:
         info = path.stat()
@@ -640,7 +739,7 @@ def _build_console(
     if mode in ("file", "socket"):
         if path is None:
             raise context.error(path_key, f"mode = {_quote(mode)} needs a path")
-        _check_output_file(path, raw["path"], path_key, context)
+        _check_output_file(path, raw["path"], path_key, context, socket=mode == "socket")
     elif path is not None:
         raise context.error(path_key, f"path is only used with mode = \"file\" or \"socket\" "
                             f"(mode is {_quote(mode)}); remove it or change the mode")

@@ -71,6 +71,17 @@ class ConfigError(AvmmError):
         super().__init__(f"{where}: {message}")
 
 
+class HostFileError(ConfigError):
+    """A file, directory or socket named in a VM config cannot be used as it is: the wrong
+    kind of file (a FIFO where a log file goes, a regular file where a socket is to be
+    bound), too large, or gone. Bad input, as a ConfigError is: ``key`` names the key."""
+
+
+class PathNotAllowedError(HostFileError):
+    """A path in a config sent to the daemon resolves outside every directory that
+    ``avmm serve --allow-path`` allows (the management API answers 403)."""
+
+
 class VcpuError(AvmmError):
     """A vCPU stopped in a way the VM cannot continue from (failed entry, emulation
     failure, triple fault)."""
@@ -81,12 +92,25 @@ class VmStateError(AvmmError):
 
 
 class VmStartError(AvmmError):
-    """A VM could not be built; the message names the step that failed."""
+    """A VM could not be built; the message names the step that failed.
 
-    def __init__(self, vm: str, step: str, cause: str) -> None:
+    ``error`` is the exception that made the step fail, if any; :attr:`bad_input` tells
+    whether that was the user's input (a file that is not a kernel, an initrd larger
+    than RAM, a path that cannot be used) rather than a failure of the host.
+    """
+
+    def __init__(self, vm: str, step: str, cause: str,
+                 error: BaseException | None = None) -> None:
         self.vm = vm
         self.step = step
+        self.error = error
         super().__init__(f"cannot start VM {vm!r}: {step}: {cause}")
+
+    @property
+    def bad_input(self) -> bool:
+        """The config named something that cannot be booted or used: fix the input, not
+        the host (``avmm up`` exits 2 for it, not 6)."""
+        return isinstance(self.error, BootError | ConfigError)
 
 
 class UnknownVmError(AvmmError):
@@ -96,3 +120,11 @@ class UnknownVmError(AvmmError):
         self.vm_id = vm_id
         super().__init__(f"no VM with id {vm_id!r} on this host; list the VMs to see "
                          "their ids")
+
+
+def leaf_errors(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``, with (nested) exception groups flattened: what a
+    front door reports when trio hands it an ExceptionGroup."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_errors(inner)]
+    return [error]

@@ -24,6 +24,7 @@ other readers.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import types
@@ -42,6 +43,7 @@ from .lifecycle import (
     VmMetrics,
     VmState,
 )
+from .paths import PathPolicy
 from .vm import VirtualMachine
 
 __all__ = [
@@ -183,11 +185,13 @@ class _ConsoleHub:
 class HostedVm:
     """One VM owned by a :class:`Host` (made by :meth:`Host.create`, never directly)."""
 
-    def __init__(self, vm_id: str, config: VmConfig, *, start_paused: bool = False) -> None:
+    def __init__(self, vm_id: str, config: VmConfig, *, start_paused: bool = False,
+                 paths: PathPolicy | None = None) -> None:
         self.id = vm_id
         self.name = config.name or vm_id
         self.config = config
-        self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused)
+        self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
+                                 paths=paths)
         self._start_paused = start_paused
         self.created_at = time.time()
         self._console = _ConsoleHub()
@@ -348,14 +352,17 @@ class Host:
     def __init__(self) -> None:
         self._vms: dict[str, HostedVm] = {}
         self._nursery: trio.Nursery | None = None
-        self._nursery_manager: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
 
     async def __aenter__(self) -> Host:
-        if self._nursery_manager is not None:
+        if self._stack is not None:
             raise VmStateError("this Host was already entered; make a new one")
-        self._nursery_manager = trio.open_nursery()
-        self._nursery = await self._nursery_manager.__aenter__()
+        # An exit stack rather than the nursery manager's __aenter__ by hand: the
+        # nursery is entered and left as `async with` would.
+        stack = contextlib.AsyncExitStack()
+        self._nursery = await stack.enter_async_context(trio.open_nursery())
+        self._stack = stack
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -365,12 +372,16 @@ class Host:
         for hosted in self._vms.values():
             hosted.vm.stop("the host is shutting down")
         # The nursery waits for every VM's task, which returns once its VM has stopped.
-        return bool(await self._nursery_manager.__aexit__(exc_type, exc, traceback))
+        assert self._stack is not None
+        return bool(await self._stack.__aexit__(exc_type, exc, traceback))
 
-    async def create(self, config: VmConfig, *, start: bool = True) -> HostedVm:
+    async def create(self, config: VmConfig, *, start: bool = True,
+                     paths: PathPolicy | None = None) -> HostedVm:
         """Build and start a VM from ``config``; returns once it runs. With
         ``start=False`` it is built and left PAUSED before its first instruction
-        (:meth:`HostedVm.resume` starts it).
+        (:meth:`HostedVm.resume` starts it). The files the config names are opened
+        through ``paths`` (see :class:`~avmm.paths.PathPolicy`; default: anywhere).
+        The VM is built in a worker thread: the event loop never waits for it.
 
         :raises VmStartError: the VM cannot be built (the message names the step).
         :raises VmStateError: the Host is not entered, or is shutting down.
@@ -379,7 +390,7 @@ class Host:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
         vm_id = self._new_id()
-        hosted = HostedVm(vm_id, config, start_paused=not start)
+        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths)
         self._vms[vm_id] = hosted  # listed as STARTING while it builds
         try:
             await self._nursery.start(hosted._run)

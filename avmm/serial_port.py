@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
+
+if TYPE_CHECKING:
+    from .paths import BoundSocket
 
 log = structlog.get_logger(__name__)
 
@@ -146,56 +150,42 @@ class SerialStream(trio.abc.Stream):
 
 
 async def serve_console_socket(
-    path: os.PathLike[str] | str, stream: SerialStream,
+    listener: BoundSocket, stream: SerialStream,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``stream`` on a unix socket at ``path``, one client at a time: the client
+    """Serve ``stream`` on a listening unix socket, one client at a time: the client
     receives the output and its bytes become input. Output produced while no client is
-    connected stays in the stream's buffer (bounded) for the next client. The socket
-    file is created with mode 0600 and removed when this task ends."""
-    path = os.fspath(path)
-    if os.path.exists(path):
-        os.unlink(path)  # a stale socket from an earlier run
-    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        await listener.bind(path)
-    finally:
-        os.umask(old_umask)
-    listener.listen(1)
-    listeners = trio.SocketListener(listener)
+    connected stays in the stream's buffer (bounded) for the next client.
+
+    The socket is bound by :meth:`avmm.paths.PathPolicy.bind_socket` (mode 0600, never
+    over anything but a stale socket) when the VM is built; its owner closes it and
+    removes its file."""
+    path = str(listener.path)
+    listeners = trio.SocketListener(trio.socket.from_stdlib_socket(listener.socket))
     task_status.started()
-    try:
-        while True:
-            client = await listeners.accept()
-            log.info("console client connected", path=path)
-            async with client, trio.open_nursery() as nursery:
+    while True:
+        client = await listeners.accept()
+        log.info("console client connected", path=path)
+        async with client, trio.open_nursery() as nursery:
 
-                async def to_client(client: trio.SocketStream = client,
-                                    scope: trio.CancelScope = nursery.cancel_scope) -> None:
-                    async for chunk in stream:
-                        try:
-                            await client.send_all(chunk)
-                        except trio.BrokenResourceError:
-                            break
-                    scope.cancel()
-
-                async def from_client(client: trio.SocketStream = client,
-                                      scope: trio.CancelScope = nursery.cancel_scope) -> None:
+            async def to_client(client: trio.SocketStream = client,
+                                scope: trio.CancelScope = nursery.cancel_scope) -> None:
+                async for chunk in stream:
                     try:
-                        async for chunk in client:
-                            await stream.send_all(chunk)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-                    scope.cancel()
+                        await client.send_all(chunk)
+                    except trio.BrokenResourceError:
+                        break
+                scope.cancel()
 
-                nursery.start_soon(to_client)
-                nursery.start_soon(from_client)
-            log.info("console client disconnected", path=path)
-    finally:
-        # No awaits here: this runs while being cancelled.
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        listener.close()
+            async def from_client(client: trio.SocketStream = client,
+                                  scope: trio.CancelScope = nursery.cancel_scope) -> None:
+                try:
+                    async for chunk in client:
+                        await stream.send_all(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                scope.cancel()
+
+            nursery.start_soon(to_client)
+            nursery.start_soon(from_client)
+        log.info("console client disconnected", path=path)

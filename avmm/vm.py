@@ -2,7 +2,11 @@
 
 The recipe (``_build``) goes kvm → vm → memory → kernel → devices → vCPUs, and a failure
 at any step becomes one :class:`VmStartError` naming the step, with everything built so
-far released. Running a VM means one nursery: a task per vCPU, each owning the thread that
+far released. The recipe runs in a worker thread (it opens files and sockets, reads the
+kernel and may wait for a vhost-user back-end), never on the event loop; every file it
+opens goes through a :class:`~avmm.paths.PathPolicy`. Running a VM means one nursery,
+entered and left through an ``AsyncExitStack`` so that a failure half-way through
+``__aenter__`` unwinds it in order: a task per vCPU, each owning the thread that
 runs KVM_RUN. The VM ends when anything requests a stop (the guest through a device or
 a vCPU exit, the host through :meth:`VirtualMachine.stop`, or cancellation); then every
 vCPU is kicked out of KVM_RUN and joined before ``async with`` returns.
@@ -45,7 +49,15 @@ from .devices.boot_timer import BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT, BootTime
 from .devices.debug_exit import DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT, DebugExit
 from .devices.i8042 import I8042, I8042_BASE_PORT, I8042_PORT_COUNT
 from .devices.serial import SERIAL_PORT_COUNT, Serial8250
-from .errors import AvmmError, BootError, GuestAddressError, VmStartError, VmStateError
+from .errors import (
+    AvmmError,
+    BootError,
+    ConfigError,
+    GuestAddressError,
+    VmStartError,
+    VmStateError,
+    leaf_errors,
+)
 from .eventfd import signal_eventfd
 from .kvm import Kvm, Vcpu, install_kick_handler
 from .lifecycle import (
@@ -58,6 +70,7 @@ from .lifecycle import (
 )
 from .memory import MIB, GuestMemory
 from .netns import call_in_netns
+from .paths import BoundSocket, PathPolicy
 from .serial_port import SerialPort, serve_console_socket
 from .threads import run_in_own_thread
 from .vcpu_loop import PauseControl, VcpuLoop
@@ -82,14 +95,17 @@ class VirtualMachine:
             output = await vm.serial.receive_some()
             result = await vm.wait()
 
-    Entering builds and starts the VM (raising :class:`VmStartError` if it cannot);
-    leaving stops it if it is still running and releases everything. Several VMs may run
-    concurrently in one program; a failure inside one never touches another.
+    Entering builds and starts the VM (raising :class:`VmStartError` if it cannot, with
+    everything released); leaving stops it if it is still running and releases
+    everything. Several VMs may run concurrently in one program; a failure inside one
+    never touches another. ``paths`` says where the files the config names may be
+    (``avmm serve --allow-path``); by default anywhere this process can reach.
     """
 
     def __init__(self, config: VmConfig, *, name: str | None = None,
-                 start_paused: bool = False) -> None:
+                 start_paused: bool = False, paths: PathPolicy | None = None) -> None:
         self.config = config
+        self._paths = paths if paths is not None else PathPolicy()
         self.name = name or config.name or f"vm{next(_vm_numbers)}"
         # Pause/resume (see pause()): the vCPU side parks threads, the gate holds the
         # device tasks; the state event is replaced each time the state changes.
@@ -107,7 +123,8 @@ class VirtualMachine:
         self._console_port: SerialPort | None = None
         self._latch = StopLatch(self._on_stop_requested)
         self._resources = contextlib.ExitStack()
-        self._nursery_manager: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._console_listener: BoundSocket | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._finished = trio.Event()
         self._vcpus: list[Vcpu] = []
@@ -293,19 +310,37 @@ class VirtualMachine:
     # -- lifetime -----------------------------------------------------------------------
 
     async def __aenter__(self) -> VirtualMachine:
-        if self._nursery_manager is not None:
+        if self._started_at is not None:
             raise VmStateError(f"VM {self.name!r} was already started; make a new one")
         self._token = trio.lowlevel.current_trio_token()
         self._started_at = time.monotonic()
         try:
-            self._build()
+            # Opening files, reading the kernel, connecting to back-ends: a worker
+            # thread, so that a slow disk or a peer that does not answer never stalls
+            # the event loop (and the other VMs and API clients on it).
+            await trio.to_thread.run_sync(self._build)
         except BaseException:
             self._start_failed = True
             self._resources.close()
             raise
-        self._nursery_manager = trio.open_nursery()
-        nursery = await self._nursery_manager.__aenter__()
-        await nursery.start(self._run_devices)
+        stack = contextlib.AsyncExitStack()
+        stack.callback(self._resources.close)  # last out: after the nursery has left
+        try:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            try:
+                with self._step("starting the device tasks"):
+                    await nursery.start(self._run_devices)
+            except BaseException:
+                nursery.cancel_scope.cancel()
+                raise
+        except BaseException:
+            self._start_failed = True
+            # Leave the nursery (nothing runs in it now) and release everything before
+            # the error goes up: __aenter__ never returns with a nursery entered.
+            # (No shield here: a cancel scope opened now would sit inside the nursery.)
+            await stack.aclose()
+            raise
+        self._stack = stack
         if self._start_paused:
             # immediate_exit before the first KVM_RUN: each vCPU parks before the guest
             # runs a single instruction, so the VM counts as paused from here on.
@@ -326,10 +361,8 @@ class VirtualMachine:
         traceback: types.TracebackType | None,
     ) -> bool:
         self._latch.request(VmExit(StopReason.STOPPED, 0, "the VM's context was left"))
-        try:
-            return bool(await self._nursery_manager.__aexit__(exc_type, exc, traceback))
-        finally:
-            self._resources.close()
+        assert self._stack is not None
+        return bool(await self._stack.__aexit__(exc_type, exc, traceback))
 
     # -- the recipe ---------------------------------------------------------------------
 
@@ -340,9 +373,26 @@ class VirtualMachine:
         except VmStartError:
             raise
         except (AvmmError, OSError) as e:
-            raise VmStartError(self.name, step, str(e)) from e
+            raise self._start_error(step, e) from e
+        except BaseExceptionGroup as group:
+            # A step that starts tasks gets its errors wrapped by their nursery.
+            errors = leaf_errors(group)
+            if not all(isinstance(error, AvmmError | OSError) for error in errors):
+                raise
+            first = errors[0]
+            if isinstance(first, VmStartError):
+                raise first from group
+            raise self._start_error(step, first) from group
+
+    def _start_error(self, step: str, error: BaseException) -> VmStartError:
+        cause = f"{error.key}: {error.reason}" if isinstance(error, ConfigError) and error.key \
+            else str(error)
+        return VmStartError(self.name, step, cause, error)
 
     def _build(self) -> None:
+        """The recipe; runs in a worker thread (see __aenter__). Everything it acquires
+        is registered on ``self._resources`` at once, so a failure at any step (or an
+        exception from outside, such as a KeyboardInterrupt) releases it all."""
         config = self.config
         resources = self._resources
         with self._step("opening /dev/kvm"):
@@ -388,9 +438,25 @@ class VirtualMachine:
         cmdline = kernel_cmdline(config, self.virtio_slots, profile)
         with self._step("building the ACPI tables"):
             acpi = acpi_tables(config, self.virtio_slots) if config.machine.acpi else None
+        ram_limit = (f"the guest's {config.machine.memory_mib} MiB of RAM; give it more "
+                     "(machine.memory_mib)")
         with self._step(f"loading the kernel {config.boot.kernel}"):
-            kernel_load = load_kernel(memory, config.boot.kernel, cmdline=cmdline,
-                                      initrd=config.boot.initrd, acpi=acpi)
+            # Read through the policy (regular files only, at most the guest's RAM), so
+            # that neither a FIFO nor a huge file is ever read without bound.
+            kernel_data = self._paths.read_file(config.boot.kernel, "boot.kernel",
+                                                max_size=memory.size, limit_text=ram_limit)
+            initrd_data = None
+            if config.boot.initrd is not None:
+                initrd_data = self._paths.read_file(config.boot.initrd, "boot.initrd",
+                                                    max_size=memory.size,
+                                                    limit_text=ram_limit)
+            kernel_load = load_kernel(memory, kernel_data, cmdline=cmdline,
+                                      initrd=initrd_data, acpi=acpi,
+                                      kernel_name=str(config.boot.kernel),
+                                      initrd_name=str(config.boot.initrd),
+                                      cmdline_note=_cmdline_note(config, profile,
+                                                                 self.virtio_slots))
+            del kernel_data, initrd_data
             self._log.info("kernel loaded", kernel=str(config.boot.kernel),
                            acpi_rsdp=kernel_load.log_fields().get("acpi_rsdp"))
         with self._step("setting up the serial port"):
@@ -460,18 +526,27 @@ class VirtualMachine:
 
         for index, disk in enumerate(config.disks):
             if disk.vhost_user is not None:
-                keep(self._make_vhost_user(disk.vhost_user, DeviceId.BLOCK, f"blk{index}"))
+                keep(self._make_vhost_user(disk.vhost_user, DeviceId.BLOCK, f"blk{index}",
+                                           f"disk[{index}].vhost_user"))
                 continue
             assert disk.path is not None
             with self._step(f"opening disk {index} ({disk.path})"):
-                blk = BlockDevice(disk.path, read_only=disk.readonly, serial=disk.id,
-                                  name=f"blk{index}")
+                # Checked and pinned by the policy (O_PATH), then reopened through the fd
+                # with the access the disk needs: what the device opens is what was
+                # checked, and a FIFO swapped in never blocks the open.
+                fd = self._paths.open_disk(disk.path, f"disk[{index}].path")
+                try:
+                    blk = BlockDevice(Path(f"/proc/self/fd/{fd}"), read_only=disk.readonly,
+                                      serial=disk.id, name=f"blk{index}")
+                finally:
+                    os.close(fd)
+                blk.path = disk.path  # for its log lines
                 self._resources.callback(blk.close)
                 keep(blk)
         for index, net in enumerate(config.nets):
             if net.vhost_user is not None:
                 keep(self._make_vhost_user(
-                    net.vhost_user, DeviceId.NET, f"net{index}",
+                    net.vhost_user, DeviceId.NET, f"net{index}", f"net[{index}].vhost_user",
                     mac=net.mac or _derived_mac(self.name, str(net.vhost_user))))
                 continue
             assert net.tap is not None
@@ -485,6 +560,7 @@ class VirtualMachine:
                                name=f"net{index}"))
         for index, generic in enumerate(config.vhost_users):
             keep(self._make_vhost_user(generic.socket, generic.device_id, f"vhost{index}",
+                                       f"vhost_user[{index}].socket",
                                        num_queues=generic.num_queues,
                                        queue_size=generic.queue_size))
         if config.rng is not None:
@@ -494,7 +570,7 @@ class VirtualMachine:
                 keep(self._make_console(config.console))
         return devices
 
-    def _make_vhost_user(self, socket_path: Path, device_id: int, name: str, *,
+    def _make_vhost_user(self, socket_path: Path, device_id: int, name: str, key: str, *,
                          mac: bytes | None = None, num_queues: int | None = None,
                          queue_size: int = 256) -> VirtioDevice:
         """A device served by a vhost-user back-end: connect and negotiate now (a few
@@ -503,10 +579,23 @@ class VirtualMachine:
 
         assert self.memory is not None
         with self._step(f"connecting {name} to the vhost-user back-end at {socket_path}"):
-            device = VhostUserDevice(socket_path, device_id=device_id, memory=self.memory,
-                                     num_queues=num_queues, queue_size=queue_size, mac=mac,
-                                     name=name)
+            # Under --allow-path the first connection goes to the very socket the policy
+            # opened (an O_PATH fd); reconnections (a restarted back-end makes a new
+            # socket under the same name) look the name up in the directory resolved then.
+            address, fd = self._paths.socket_address(socket_path, key)
+            try:
+                device = VhostUserDevice(address, device_id=device_id, memory=self.memory,
+                                         num_queues=num_queues, queue_size=queue_size,
+                                         mac=mac, name=name)
+            finally:
+                if fd is not None:
+                    os.close(fd)
             self._resources.callback(device.close)
+            if self._paths.restricted:
+                reconnect_address, dirfd = self._paths.socket_directory(socket_path, key)
+                if dirfd is not None:
+                    self._resources.callback(os.close, dirfd)
+                device.socket_path = Path(reconnect_address)
         return device
 
     def _make_console(self, console: ConsoleConfig) -> VirtioDevice:
@@ -517,10 +606,16 @@ class VirtualMachine:
             sinks = (1,)
         elif console.mode == "file":
             assert console.path is not None
-            fd = os.open(console.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o644)
+            fd = self._paths.open_output(console.path, "console.path")
             self._resources.callback(os.close, fd)
             sinks = (fd,)
+        elif console.mode == "socket":
+            assert console.path is not None
+            # Bound now, in the recipe: a path that cannot be bound is a failed step
+            # with everything released, not an error inside the running VM.
+            listener = self._paths.bind_socket(console.path, "console.path")
+            self._resources.callback(listener.close)
+            self._console_listener = listener
         port = SerialPort(sink_fds=sinks)
         device = ConsoleDevice(output=port.output, name="console0")
         port.attach(self._token_or_fail(), send_input=device.send_input)
@@ -534,8 +629,7 @@ class VirtualMachine:
             return (1,)
         if serial.mode == "file":
             assert serial.path is not None
-            fd = os.open(serial.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                         0o644)
+            fd = self._paths.open_output(serial.path, "serial.path")
             self._resources.callback(os.close, fd)
             return (fd,)
         return ()
@@ -567,10 +661,9 @@ class VirtualMachine:
             async with trio.open_nursery() as nursery:
                 for slot in self.virtio_slots:
                     slot.attach(nursery)
-                console = self.config.console
-                if console is not None and console.mode == "socket":
-                    assert console.path is not None and self._console_port is not None
-                    await nursery.start(serve_console_socket, console.path,
+                if self._console_listener is not None:
+                    assert self._console_port is not None
+                    await nursery.start(serve_console_socket, self._console_listener,
                                         self._console_port.stream)
                 task_status.started()
                 await trio.sleep_forever()
@@ -669,6 +762,20 @@ def kernel_cmdline(config: VmConfig, slots: Sequence[VirtioMmioSlot],
     if not config.machine.acpi:
         words += [slot.placement.kernel_parameter() for slot in slots]
     return " ".join(word for word in words if word).strip()
+
+
+def _cmdline_note(config: VmConfig, profile: ResolvedProfile,
+                  slots: Sequence[VirtioMmioSlot]) -> str:
+    """What avmm added to ``boot.cmdline``, for the message of a command line that is too
+    long."""
+    added = []
+    prefix = profile_cmdline(profile)
+    if prefix:
+        added.append(f"{len(prefix.encode()) + 1} bytes of the {profile} CPU profile's words")
+    if not config.machine.acpi and slots:
+        words = " ".join(slot.placement.kernel_parameter() for slot in slots)
+        added.append(f"{len(words.encode()) + 1} bytes of virtio_mmio.device= words")
+    return f" ({' and '.join(added)} included)" if added else ""
 
 
 def acpi_tables(config: VmConfig, slots: Sequence[VirtioMmioSlot]) -> AcpiTables:

@@ -6,16 +6,22 @@ bare ASGI callable rather than a framework app so that the console stream can wa
 the client's disconnect in a trio nursery of its own (the VM keeps running when a
 viewer leaves, and a silent guest must not pin a subscription forever).
 
-Status codes: 400 malformed body or bad config (``detail.key`` names the key), 404
-unknown VM or route, 405 method not allowed (``Allow`` header), 409 wrong state, 413
-body too large, 415 unsupported Content-Type, 422 valid config but the VM could not be
-built (``detail.step``), 503 shutting down, 500 an avmm bug (logged with a traceback).
+Status codes: 400 malformed body or bad config (``detail.key`` names the key; also a
+WebSocket upgrade, which this API does not speak), 403 a path outside the daemon's
+``--allow-path`` directories (``detail.key``), 404 unknown VM or route, 405 method not
+allowed (``Allow`` header), 409 wrong state, 413 body too large, 415 unsupported
+Content-Type, 422 valid config but the VM could not be built (``detail.step``), 503
+shutting down, 500 an avmm bug (logged with a traceback).
+
+Nothing here blocks the event loop: config validation (which looks at the files the
+config names) and the VM's build run in worker threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -29,8 +35,16 @@ from urllib.parse import parse_qs
 import structlog
 import trio
 
-from ..config import SerialConfig, VmConfig, config_from_dict
-from ..errors import AvmmError, ConfigError, UnknownVmError, VmStartError, VmStateError
+from ..config import CONFIG_FILE_MAX_BYTES, SerialConfig, VmConfig, config_from_dict
+from ..errors import (
+    AvmmError,
+    ConfigError,
+    PathNotAllowedError,
+    UnknownVmError,
+    VmStartError,
+    VmStateError,
+)
+from ..paths import PathPolicy
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import render_metrics
 from ._openapi import openapi_document
@@ -40,7 +54,7 @@ log = structlog.get_logger(__name__)
 __all__ = ["CONFIG_BODY_MAX", "CONSOLE_INPUT_MAX", "ManagementApi"]
 
 #: The largest config body accepted; a vm.toml is a few hundred bytes.
-CONFIG_BODY_MAX: Final = 1 << 20
+CONFIG_BODY_MAX: Final = CONFIG_FILE_MAX_BYTES
 #: The most console input accepted in one request (the UART takes it a byte at a time).
 CONSOLE_INPUT_MAX: Final = 64 << 10
 _DRAIN_FACTOR: Final = 16
@@ -177,19 +191,26 @@ def _route(pattern: str) -> re.Pattern[str]:
 
 class ManagementApi:
     """The ASGI application. ``host`` is an entered :class:`avmm.host.Host`;
-    ``draining`` is set when the daemon begins to shut down (creating VMs is then 503)."""
+    ``draining`` is set when the daemon begins to shut down (creating VMs is then 503);
+    ``paths`` is where the files of a posted config may be (``avmm serve
+    --allow-path``; default anywhere): a path outside is a 403 naming its key."""
 
-    def __init__(self, host: Any, *, draining: trio.Event | None = None) -> None:
+    def __init__(self, host: Any, *, draining: trio.Event | None = None,
+                 paths: PathPolicy | None = None) -> None:
         self.host = host
         self.draining = draining if draining is not None else trio.Event()
+        self.paths = paths if paths is not None else PathPolicy()
         self._document = json.dumps(openapi_document()).encode()
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            await _refuse_websocket(scope, send)
+            return
         if scope["type"] != "http":
-            return  # no websockets: hypercorn closes the connection
+            return
         request = _Request(scope, receive)
         try:
             response = await self._dispatch(request)
@@ -246,9 +267,14 @@ class ManagementApi:
             raise HttpError(400, f"start must be true or false, got {start!r}",
                             {"key": "start"})
         data = _parse_config_body(await request.body(CONFIG_BODY_MAX), media_type)
-        config = config_from_dict(data, base_dir=Path(base_dir) if base_dir else None,
-                                  source="request body")
-        vm = await self.host.create(_for_daemon(config), start=start != "false")
+        # Validation looks at the files the config names (stat, and openat2 under
+        # --allow-path): a worker thread, as for the build.
+        config = await trio.to_thread.run_sync(functools.partial(
+            config_from_dict, data, base_dir=Path(base_dir) if base_dir else None,
+            source="request body",
+            path_check=self.paths.check if self.paths.restricted else None))
+        vm = await self.host.create(_for_daemon(config), start=start != "false",
+                                    paths=self.paths)
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
 
     async def _get(self, request: _Request) -> _Response:
@@ -320,16 +346,21 @@ def _parse_config_body(body: bytes, media_type: str) -> dict[str, Any]:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise HttpError(400, f"the body is not valid UTF-8 (byte {e.start})") from e
-    if media_type == "application/toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise HttpError(400, f"the body is not valid TOML: {' '.join(str(e).split())}"
-                            ) from e
+    kind = "TOML" if media_type == "application/toml" else "JSON"
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise HttpError(400, f"the body is not valid JSON: {e}") from e
+        data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise HttpError(400, f"the body is not valid {kind}: {' '.join(str(e).split())}"
+                        ) from e
+    except RecursionError:
+        raise HttpError(400, f"the body is not valid {kind} for avmm: arrays or tables "
+                        "nested too deeply", {"key": None}) from None
+    except ValueError as e:
+        # int() refuses numbers of more than sys.get_int_max_str_digits() (4300) digits.
+        raise HttpError(400, f"the body is not valid {kind} for avmm: "
+                        f"{' '.join(str(e).split())[:120]}", {"key": None}) from None
+    if kind == "TOML":
+        return data
     if not isinstance(data, dict):
         raise HttpError(400, f"the config must be a JSON object, got {type(data).__name__}",
                         {"key": None})
@@ -350,6 +381,10 @@ def _for_daemon(config: VmConfig) -> VmConfig:
 
 
 def _http_error(error: AvmmError) -> HttpError:
+    if isinstance(error, PathNotAllowedError):
+        return HttpError(403, str(error), {"key": error.key, "reason": error.reason})
+    if isinstance(error, VmStartError) and isinstance(error.error, PathNotAllowedError):
+        return HttpError(403, str(error), {"key": error.error.key, "step": error.step})
     if isinstance(error, ConfigError):
         return HttpError(400, str(error), {"key": error.key, "reason": error.reason})
     if isinstance(error, UnknownVmError):
@@ -359,6 +394,24 @@ def _http_error(error: AvmmError) -> HttpError:
     if isinstance(error, VmStartError):
         return HttpError(422, str(error), {"step": error.step})
     return HttpError(500, f"{type(error).__name__}: {error}", {"type": type(error).__name__})
+
+
+async def _refuse_websocket(scope: _Scope, send: _Send) -> None:
+    """A WebSocket upgrade: this API has no WebSocket endpoint. Answer 400 with the usual
+    JSON error (ASGI's websocket.http.response extension), else close the handshake
+    (the server then answers 403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps({
+            "error": "this API speaks plain HTTP/1.1, not WebSocket; send the request "
+                     "without 'Upgrade: websocket'",
+            "detail": {"upgrade": "websocket"},
+        }).encode()
+        await send({"type": "websocket.http.response.start", "status": 400, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii"))]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # pragma: no cover - hypercorn offers the extension
+        await send({"type": "websocket.close", "code": 1003})
 
 
 async def _lifespan(receive: _Receive, send: _Send) -> None:

@@ -247,7 +247,9 @@ _PATHS: Final = {
             "summary": "Create and start a VM",
             "description": "The body is a VM config with the vm.toml schema, as JSON or as "
                            "TOML (Content-Type: application/toml). Paths in it must be "
-                           "absolute, unless base_dir is given.",
+                           "absolute, unless base_dir is given. The daemon opens them as "
+                           "its own user; with --allow-path only inside those "
+                           "directories.",
             "parameters": [{
                 "name": "base_dir",
                 "in": "query",
@@ -276,7 +278,14 @@ _PATHS: Final = {
                     "headers": {"Location": {"description": "/vms/{id}",
                                              "schema": {"type": "string"}}},
                 },
-                "400": _error("Malformed body or bad config; detail.key names the key"),
+                "400": _error("Malformed body (also: nested too deeply, an integer of "
+                              "more than 4300 digits) or bad config (a missing file, an "
+                              "output path that is a FIFO, a socket path over 107 bytes "
+                              "or over something that is not a socket); detail.key names "
+                              "the key"),
+                "403": _error("A path in the config resolves outside the directories the "
+                              "daemon allows (avmm serve --allow-path); detail.key names "
+                              "the key"),
                 "413": _error("Body larger than 1 MiB"),
                 "415": _error("Content-Type is neither application/json nor application/toml"),
                 "422": _error("The config is valid but the VM could not be built or started "
@@ -366,7 +375,8 @@ def openapi_document() -> dict[str, Any]:
             "title": "avmm management API",
             "version": API_VERSION,
             "description": "VMs hosted by `avmm serve`, over its unix socket. Every error is "
-                           'a JSON body {"error": "...", "detail": ...}.',
+                           'a JSON body {"error": "...", "detail": ...}. Plain HTTP only: '
+                           "a WebSocket upgrade request is answered 400.",
         },
         "paths": _PATHS,
         "components": {"schemas": _SCHEMAS},

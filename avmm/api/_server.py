@@ -7,6 +7,11 @@ path where a live server answers is refused. The file is removed on the way out,
 someone else has replaced it meanwhile.
 
 HTTP is hypercorn's trio worker (``hypercorn.trio.serve``): no asyncio loop anywhere.
+
+``--group`` hands the daemon's file access to every member of the group (a VM config
+names files the daemon opens), so ``avmm serve`` refuses it unless ``--allow-path``
+says where those files may be (a :class:`~avmm.paths.PathPolicy`), or
+``--allow-any-path`` says that anywhere is meant.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,7 +32,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from ..errors import AvmmError
+from ..errors import AvmmError, HostFileError
+from ..paths import PathPolicy
 from ._app import ManagementApi
 
 log = structlog.get_logger(__name__)
@@ -39,17 +45,19 @@ GRACEFUL_TIMEOUT_S: Final = 5.0
 
 
 class DaemonError(AvmmError):
-    """The daemon cannot start: its socket path is taken, or the group is unknown."""
+    """The daemon cannot start: its socket path is taken, the group is unknown, an
+    allowed directory cannot be opened, or --group was given without --allow-path."""
 
 
 async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
                     group: str | None = None, draining: trio.Event | None = None,
-                    shutdown: trio.Event | None = None,
+                    shutdown: trio.Event | None = None, paths: PathPolicy | None = None,
                     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API for ``host`` on ``socket_path`` until ``shutdown`` is set (or the
     task is cancelled); then stop listening, give in-flight requests a few seconds and
     remove the socket. ``task_status.started`` reports the path once clients can connect.
-    The caller owns ``host`` (and stops its VMs)."""
+    The caller owns ``host`` (and stops its VMs). ``paths``: where the files of the VM
+    configs that clients send may be (default: anywhere the daemon can reach)."""
     path = Path(os.path.abspath(socket_path))
     listener, identity = _bind(path, group)
     try:
@@ -59,12 +67,13 @@ async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
         config.accesslog = None
         config.loglevel = "WARNING"  # our own log says when we listen and stop
         config.graceful_timeout = GRACEFUL_TIMEOUT_S
-        app = ManagementApi(host, draining=draining)
+        app = ManagementApi(host, draining=draining, paths=paths)
         stop = shutdown if shutdown is not None else trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(
                 hypercorn_serve, app, config, shutdown_trigger=stop.wait))
-            log.info("management API listening", socket=str(path), group=group)
+            log.info("management API listening", socket=str(path), group=group,
+                     allowed_paths=app.paths.describe())
             task_status.started(path)
     finally:
         listener.close()
@@ -72,9 +81,38 @@ async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
 
 
 async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None = None,
+                     allow_paths: Sequence[str | os.PathLike[str]] | None = None,
+                     allow_any_path: bool = False,
                      task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """``avmm serve``: a Host and its API until SIGTERM or SIGINT, then a clean shutdown
-    (new VMs refused, every VM stopped and its disks flushed, socket removed)."""
+    (new VMs refused, every VM stopped and its disks flushed, socket removed).
+
+    ``allow_paths``: the only directories the files of a VM config may be in (see
+    :class:`~avmm.paths.PathPolicy`). With ``group`` they are required, unless
+    ``allow_any_path`` says that every group member may have the daemon open anything
+    its user can.
+
+    :raises DaemonError: it cannot start (one line saying why).
+    """
+    if group is not None and not allow_paths and not allow_any_path:
+        raise DaemonError(
+            f"--group {group} lets every member of the group have this daemon open any "
+            "file its user can (a VM config names kernels, disks, log files); say where "
+            "those may be with --allow-path DIR (repeatable), or give --allow-any-path")
+    if allow_paths and allow_any_path:
+        raise DaemonError("--allow-path and --allow-any-path contradict each other; give one")
+    try:
+        paths = await trio.to_thread.run_sync(PathPolicy, allow_paths or None)
+    except HostFileError as e:
+        raise DaemonError(e.reason) from None
+    try:
+        await _run_daemon(socket_path, group, paths, task_status)
+    finally:
+        paths.close()
+
+
+async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
+                      paths: PathPolicy, task_status: trio.TaskStatus[Path]) -> None:
     from ..host import Host  # KVM and the device models: only for a real daemon
 
     draining = trio.Event()
@@ -84,7 +122,7 @@ async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None =
         async with Host() as host, trio.open_nursery() as nursery:
             path = await nursery.start(lambda task_status: serve_api(
                 host, socket_path, group=group, draining=draining, shutdown=shutdown,
-                task_status=task_status))
+                paths=paths, task_status=task_status))
             task_status.started(path)
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name,

@@ -7,7 +7,8 @@ Wire it into ``avmm/cli.py`` with ``add_management_commands(commands)``, where
 else ``$XDG_RUNTIME_DIR/avmm.sock``, else ``/run/avmm.sock``.
 
 Exit status of the client commands: 0 done, 1 the daemon refused (the message is its
-error) or is not there, 2 a bad command line or config (``avmm run``).
+error) or is not there, 2 a bad command line or config (``avmm run``). ``avmm serve``
+exits 0 after a clean shutdown and 1, with one line on stderr, when it cannot start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..console_keys import EscapeFilter
+from ..errors import AvmmError, leaf_errors
 
 if TYPE_CHECKING:
     from .client import ApiClient
@@ -45,7 +47,16 @@ def add_management_commands(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="host VMs behind a REST API on a unix socket")
     serve.add_argument("--socket", type=Path, default=None, metavar="PATH", help=socket_help)
     serve.add_argument("--group", default=None, metavar="GROUP",
-                       help="let this group use the socket too (mode 0660 instead of 0600)")
+                       help="let this group use the socket too (mode 0660 instead of 0600); "
+                            "needs --allow-path or --allow-any-path")
+    serve.add_argument("--allow-path", action="append", type=Path, default=None,
+                       metavar="DIR", dest="allow_path",
+                       help="the files of a VM config (kernel, initrd, disks, log files, "
+                            "sockets) must resolve inside DIR (repeatable); others are "
+                            "refused with 403")
+    serve.add_argument("--allow-any-path", action="store_true",
+                       help="with --group: let group members name any file the daemon's "
+                            "user can open")
     serve.set_defaults(handler=_cmd_serve)
     parsers.append(serve)
 
@@ -97,7 +108,21 @@ def _socket(args: argparse.Namespace) -> Path:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._server import run_daemon
 
-    trio.run(lambda: run_daemon(_socket(args), group=args.group))
+    try:
+        trio.run(lambda: run_daemon(_socket(args), group=args.group,
+                                    allow_paths=args.allow_path,
+                                    allow_any_path=args.allow_any_path))
+    except BaseException as e:
+        # trio hands start-up failures up inside ExceptionGroups; a person wants the
+        # one line that says what to fix.
+        errors = leaf_errors(e)
+        if errors and all(isinstance(error, AvmmError) for error in errors):
+            for error in errors:
+                print(f"avmm: {error}", file=sys.stderr)
+            return EXIT_REFUSED
+        if errors and all(isinstance(error, KeyboardInterrupt) for error in errors):
+            return 130
+        raise
     return 0
 
 
@@ -143,11 +168,15 @@ async def _ps(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 async def _run(api: ApiClient, args: argparse.Namespace) -> int:
+    from ..config import read_config_file
+    from ..errors import ConfigError
+
     path: Path = args.config
     try:
-        text = path.read_bytes()
-    except OSError as e:
-        print(f"avmm: cannot read {path}: {e.strerror}", file=sys.stderr)
+        # A worker thread, capped and regular files only: never a FIFO or /dev/zero.
+        text = await trio.to_thread.run_sync(read_config_file, path)
+    except ConfigError as e:
+        print(f"avmm: {e}", file=sys.stderr)
         return EXIT_USAGE
     vm = await api.create_vm(toml=text, base_dir=path.resolve().parent)
     print(vm["id"])

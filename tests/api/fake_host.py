@@ -153,7 +153,8 @@ class FakeHost:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop_all()
 
-    async def create(self, config: VmConfig, *, start: bool = True) -> FakeVm:
+    async def create(self, config: VmConfig, *, start: bool = True,
+                     paths: object = None) -> FakeVm:
         if config.name == "unbootable":
             raise VmStartError(config.name, "load the kernel", "not an ELF or bzImage")
         vm = FakeVm(f"vm-{self._next:06x}", config)

@@ -42,6 +42,10 @@ from .layout import (
 )
 from .pagetables import write_identity_map
 
+#: x86 Linux's COMMAND_LINE_SIZE (NUL included): the limit of a Linux ELF vmlinux, whose
+#: file, unlike a bzImage's setup header, does not say it.
+LINUX_COMMAND_LINE_SIZE = 2048
+
 
 @dataclass(frozen=True)
 class KernelLoad:
@@ -99,6 +103,9 @@ def load_kernel(
     cmdline: str,
     initrd: bytes | Path | None = None,
     acpi: AcpiTables | None = None,
+    kernel_name: str | None = None,
+    initrd_name: str | None = None,
+    cmdline_note: str = "",
 ) -> KernelLoad:
     """Load ``kernel`` for a 64-bit boot and prepare everything the boot CPU needs.
 
@@ -113,13 +120,20 @@ def load_kernel(
     and ELF kernels alike: the field is in the zero page, not the setup header), and the
     e820 map reports ``[base_address, 1 MiB)`` as reserved.
 
+    The command line's limit is the kernel's own where the image says it (a bzImage's
+    ``cmdline_size``; 2047 for an ELF ``vmlinux`` with Linux's ELF notes) and otherwise
+    avmm's room for it (65535 bytes). ``cmdline_note`` is added to the error message
+    when the command line is too long (say what avmm added to it).
+
     :raises BootError: unreadable file, unknown or malformed image, an image or initrd
         that does not fit guest RAM, or a command line that is too long. Messages name the
-        file when a Path was given.
+        file (``kernel_name``/``initrd_name``, else the Path given).
     """
-    kernel_name = str(kernel) if isinstance(kernel, Path) else "kernel image"
+    if kernel_name is None:
+        kernel_name = str(kernel) if isinstance(kernel, Path) else "kernel image"
     kernel_data = _read(kernel, "kernel")
-    initrd_name = str(initrd) if isinstance(initrd, Path) else "initrd"
+    if initrd_name is None:
+        initrd_name = str(initrd) if isinstance(initrd, Path) else "initrd"
     initrd_data = None if initrd is None else _read(initrd, "initrd")
 
     low_ram_end = _low_ram_end(memory)
@@ -132,6 +146,10 @@ def load_kernel(
         kernel_range = footprint = image.image_range()
         setup_header = minimal_setup_header()
         cmdline_limit = CMDLINE_MAX_SIZE - 1
+        limit_source = "avmm's own limit: a non-Linux ELF image states none"
+        if any(note.name == b"Linux" for note in image.notes):
+            cmdline_limit = LINUX_COMMAND_LINE_SIZE - 1
+            limit_source = "Linux's COMMAND_LINE_SIZE"
         initrd_addr_max = DEFAULT_INITRD_ADDR_MAX
     elif is_bzimage(kernel_data):
         image = parse_bzimage(kernel_data, name=kernel_name)
@@ -142,6 +160,7 @@ def load_kernel(
         footprint = (image.load_address, image.image_end())
         setup_header = image.header_bytes
         cmdline_limit = image.cmdline_size
+        limit_source = "its cmdline_size"
         initrd_addr_max = image.initrd_addr_max
     else:
         raise BootError(
@@ -149,7 +168,8 @@ def load_kernel(
             "(no '\\x7fELF' at offset 0, no 'HdrS' at 0x202)"
         )
 
-    cmdline_bytes = _encode_cmdline(cmdline, kernel_limit=cmdline_limit)
+    cmdline_bytes = _encode_cmdline(cmdline, kernel_limit=cmdline_limit, note=cmdline_note,
+                                    limit_source=limit_source)
 
     initrd_range = None
     if initrd_data is not None:
@@ -308,16 +328,17 @@ def _check_acpi_fits(acpi: AcpiTables) -> None:
         )
 
 
-def _encode_cmdline(cmdline: str, *, kernel_limit: int) -> bytes:
+def _encode_cmdline(cmdline: str, *, kernel_limit: int, note: str = "",
+                    limit_source: str = "its cmdline_size") -> bytes:
     if "\0" in cmdline:
         raise BootError("the kernel command line must not contain a NUL character")
     encoded = cmdline.encode()
     layout_limit = CMDLINE_MAX_SIZE - 1
     if len(encoded) > min(kernel_limit, layout_limit):
         raise BootError(
-            f"the kernel command line is {len(encoded)} bytes; the kernel accepts at most "
-            f"{kernel_limit} (its cmdline_size) and avmm reserves room for {layout_limit} "
-            "(plus the NUL)"
+            f"the kernel command line is {len(encoded)} bytes{note}; the kernel accepts at "
+            f"most {kernel_limit} ({limit_source}) and avmm reserves room for "
+            f"{layout_limit} (plus the NUL); shorten boot.cmdline"
         )
     return encoded + b"\0"
 
