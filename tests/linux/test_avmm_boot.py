@@ -260,14 +260,15 @@ def test_minimal_kernel_runs_the_guest_checks(minimal_boot: MinimalBoot,
 
 
 #: Why the Debian kernel's userspace run is not expected on a kvm_pvm host. Not a missing
-#: prerequisite CI could install: guest ring 0 is interpreted there and the stock kernel's
-#: boot (alternatives, kprobes, ACPI, initcalls) takes far longer than AVMM_LINUX_TIMEOUT_S,
-#: and without the minimal kernel's patch its /init could not make a system call. What is
-#: tested for that kernel there instead: README, "Booting Linux".
+#: prerequisite CI could install: that KVM delivers `syscall` from ring 3 as a user-mode
+#: fault at the kernel's entry point, and Debian's kernel, without the minimal kernel's
+#: patch, kills /init at its first system call. What is tested for that kernel there
+#: instead: README, "Booting Linux".
 DEBIAN_NOT_ON_COMPAT_HOSTS = (
-    "Debian kernel to userspace is not expected on a kvm_pvm host (ring 0 interpreted: its "
-    "boot takes far longer than the time limit, and /init could not make a system call); "
-    "make test checks its early boot there (tests/vm/test_linux_boot.py), see README")
+    "Debian kernel to userspace is not expected on a kvm_pvm host: without the minimal "
+    "kernel's patch its /init dies at its first system call there; make test checks its "
+    "early boot (tests/vm/test_linux_boot.py) and its userspace under QEMU "
+    "(tests/vhost/test_backend_linux.py), see README")
 
 
 def test_debian_kernel_under_avmm(tmp_path: Path, figure: Callable[[str, str], None]) -> None:
