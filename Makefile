@@ -88,7 +88,7 @@ linux-debian: $(BUILD)/debian-kernel/initramfs.cpio
 
 $(BUILD)/debian-kernel/initramfs.cpio: $(BUILD)/debian-kernel/vmlinuz \
 		scripts/build-debian-initramfs.sh tests/linux/init $(wildcard tests/linux/run/*) \
-		| $(BUILD)/.stamps/deps-test
+		tests/linux/syscall-fault.c scripts/initramfs-lib.sh | $(BUILD)/.stamps/deps-test
 	scripts/build-debian-initramfs.sh $(BUILD)/debian-kernel
 
 # avmm's minimal guest kernel: tinyconfig + examples/linux/microvm.config (+ patches/), built from
@@ -108,7 +108,8 @@ $(BUILD)/linux/bzImage: examples/linux/microvm.config $(wildcard examples/linux/
 linux-initramfs: $(BUILD)/linux/initramfs.cpio
 
 $(BUILD)/linux/initramfs.cpio: scripts/build-linux-initramfs.sh tests/linux/init \
-		$(wildcard tests/linux/run/*) | $(BUILD)/.stamps/deps-test
+		$(wildcard tests/linux/run/*) tests/linux/syscall-fault.c scripts/initramfs-lib.sh \
+		| $(BUILD)/.stamps/deps-test
 	scripts/build-linux-initramfs.sh $(BUILD)/linux
 
 example-disk: $(BUILD)/examples/disk.img

@@ -13,8 +13,10 @@ nothing below applies.
   :data:`avmm.arch.x86.cpuid.PROFILES`);
 * the kernel command line: :data:`COMPAT_CMDLINE` is put in front of the configured
   words, for what KVM_SET_CPUID2 cannot hide there (a Linux guest then avoids XSAVE
-  state, POPCNT, SMAP and FSGSBASE). Words from the config come later and win where
-  Linux takes the last one.
+  state, POPCNT, SMAP and FSGSBASE), and with :data:`PVM_SYSCALL_FAULT_OPT_IN`, which
+  lets avmm's minimal kernel run a ``syscall`` that such a KVM delivers as a user-mode
+  fault at the kernel's entry point (examples/linux/patches/; any other kernel ignores
+  the word). Words from the config come later and win where Linux takes the last one.
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ from typing import Final, Literal
 
 ResolvedProfile = Literal["host", "compat"]
 
+#: The minimal kernel's opt-in for its kvm_pvm quirk patch: without it that kernel handles
+#: a user-mode fault at its system call entry as any other fault (SIGSEGV); with it, as
+#: the system call it was, after checking that it was one and with the flags a user
+#: process may hold. A dotted word: other kernels take it for an unknown module's
+#: parameter and ignore it.
+PVM_SYSCALL_FAULT_OPT_IN: Final = "avmm.pvm_syscall_fault=1"
+
 #: Kernel parameters the compat profile adds (Linux ignores the ones it does not know).
-COMPAT_CMDLINE: Final = "noxsave clearcpuid=popcnt,smap,fsgsbase"
+COMPAT_CMDLINE: Final = f"noxsave clearcpuid=popcnt,smap,fsgsbase {PVM_SYSCALL_FAULT_OPT_IN}"
 
 #: Kernel modules whose presence means "use compat" (a KVM that interprets ring 0).
 _COMPAT_KVM_MODULES: Final = ("kvm_pvm",)

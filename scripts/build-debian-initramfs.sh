@@ -10,6 +10,7 @@
 #   /bin/busybox                  from busybox-static (applet links are made by /init)
 #   /init                         tests/linux/init (its header documents the contract)
 #   /tests/NAME                   tests/linux/run/* (run with avmm.run=NAME)
+#   /bin/avmm-syscall-fault       tests/linux/syscall-fault.c, built here (static, no libc)
 #   /lib/modules/avmm/NAME.ko     the virtio modules and everything they depend on,
 #                                 decompressed (busybox insmod cannot load .ko.xz/.ko.zst)
 #   /lib/modules/avmm/load-order  module names, dependencies first

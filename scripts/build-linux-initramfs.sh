@@ -8,6 +8,7 @@
 #   /bin/busybox                  from busybox-static (applet links are made by /init)
 #   /init                         tests/linux/init (its header documents the contract)
 #   /tests/NAME                   tests/linux/run/* (run with avmm.run=NAME)
+#   /bin/avmm-syscall-fault       tests/linux/syscall-fault.c, built here (static, no libc)
 #   /lib/modules/avmm/load-order  empty: the minimal kernel has its drivers built in
 # The same /init as scripts/build-debian-initramfs.sh, so tests run the same scripts and
 # read the same "avmm-linux: " lines on either kernel.

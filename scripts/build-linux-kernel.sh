@@ -6,7 +6,10 @@
 # Needs (Debian): linux-source-6.1 bc bison flex libelf-dev libssl-dev gcc make
 # (`make deps-build` installs them). Steps:
 #   1. unpack /usr/src/linux-source-6.1.tar.xz into OUT_DIR/src and apply
-#      examples/linux/patches/*.patch in order (once per package version and patch set);
+#      examples/linux/patches/*.patch in order (once per package version). When only the
+#      patch set changed, the patches applied last time (copies in OUT_DIR/src/.avmm-patches)
+#      are reverted and the new ones applied in place, keeping OUT_DIR/obj, so that make
+#      rebuilds only what they touch; if that fails the source is unpacked afresh;
 #   2. in OUT_DIR/obj (O=): `make tinyconfig`, merge examples/linux/microvm.config,
 #      `make olddefconfig`, then check that every line of the fragment survived (a
 #      dependency Kconfig did not satisfy fails the build here, loudly);
@@ -59,17 +62,52 @@ if [[ -f "$out/config.sha256" && "$(cat "$out/config.sha256")" == "$want" \
     exit 0
 fi
 
-# -- 1. the source, unpacked and patched once per version and patch set -------------------
-if [[ ! -f "$src/.avmm-source" || "$(cat "$src/.avmm-source")" != "$source_id $patch_id" ]]; then
+# -- 1. the source, unpacked once per version; patched once per patch set ----------------
+applied="$src/.avmm-patches"
+
+# Apply the patch set to DIR, keeping a copy of each patch in DIR/.avmm-patches (what
+# swap_patches reverts the next time the set changes).
+apply_patches() {
+    local dir="$1" patch_file
+    mkdir -p "$dir/.avmm-patches"
+    for patch_file in "${patches[@]}"; do
+        log "applying ${patch_file#"$repo_root"/}"
+        if ! patch -d "$dir" -p1 --batch --forward --quiet --no-backup-if-mismatch \
+                < "$patch_file"; then
+            echo "build-linux-kernel: $patch_file does not apply to $source_id" >&2
+            return 1
+        fi
+        cp "$patch_file" "$dir/.avmm-patches/"
+    done
+}
+
+# Same source, other patches: revert the recorded ones (last first), apply the new set.
+# The record goes first, so an interrupted or failed swap leaves a tree the next run
+# unpacks afresh rather than trusts.
+swap_patches() {
+    local old=() i
+    [[ -d "$applied" && "$(cat "$src/.avmm-source" 2>/dev/null)" == "$source_id patches:"* ]] \
+        || return 1
+    rm -f "$src/.avmm-source"
+    old=("$applied"/*.patch)
+    [[ -e "${old[0]}" ]] || old=()
+    for ((i = ${#old[@]} - 1; i >= 0; i--)); do
+        log "reverting ${old[i]##*/} (the patch set changed)"
+        patch -d "$src" -p1 -R --batch --quiet --no-backup-if-mismatch < "${old[i]}" \
+            || { log "could not revert ${old[i]##*/}; unpacking afresh"; return 1; }
+        rm -f "${old[i]}"
+    done
+    apply_patches "$src" || { log "unpacking afresh"; return 1; }
+    echo "$source_id $patch_id" > "$src/.avmm-source"
+}
+
+if [[ ! -f "$src/.avmm-source" || "$(cat "$src/.avmm-source")" != "$source_id $patch_id" ]] \
+        && ! swap_patches; then
     log "unpacking $tarball"
     rm -rf "$src" "$obj" "$src.tmp"
     mkdir -p "$src.tmp"
     tar -xf "$tarball" -C "$src.tmp" --strip-components=1
-    for patch_file in "${patches[@]}"; do
-        log "applying ${patch_file#"$repo_root"/}"
-        patch -d "$src.tmp" -p1 --batch --forward --quiet < "$patch_file" \
-            || die "$patch_file does not apply to $source_id"
-    done
+    apply_patches "$src.tmp" || die "the patches do not apply to $source_id (see above)"
     echo "$source_id $patch_id" > "$src.tmp/.avmm-source"
     mv "$src.tmp" "$src"
 fi

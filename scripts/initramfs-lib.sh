@@ -6,6 +6,7 @@ initramfs_begin() {
     for tool in cpio find; do
         command -v "$tool" >/dev/null 2>&1 || die "$tool not found (apt-get install cpio)"
     done
+    command -v gcc >/dev/null 2>&1 || die "gcc not found (apt-get install gcc)"
     busybox=""
     for candidate in /bin/busybox /usr/bin/busybox; do
         # A static busybox: the initramfs has no shared libraries.
@@ -21,9 +22,15 @@ initramfs_begin() {
     mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,tests,lib/modules/avmm}
 }
 
-# busybox, /init and the test scripts (tests/linux/init documents the contract).
+# busybox, /init, the test scripts (tests/linux/init documents the contract) and
+# /bin/avmm-syscall-fault (tests/linux/syscall-fault.c): static and without libc, so it
+# needs nothing from the initramfs; no red zone, because its inline assembly pushes.
 initramfs_install_userspace() {
     cp "$busybox" "$tree/bin/busybox"
+    gcc -O2 -Wall -Wextra -static -nostdlib -ffreestanding -fno-stack-protector \
+        -fno-pie -no-pie -mno-red-zone -fno-asynchronous-unwind-tables \
+        -o "$tree/bin/avmm-syscall-fault" "$source_dir/syscall-fault.c" \
+        || die "building $source_dir/syscall-fault.c failed"
     ln -s busybox "$tree/bin/sh"
     install -m 0755 "$source_dir/init" "$tree/init"
     for script in "$source_dir"/run/*; do

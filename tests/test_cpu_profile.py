@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from avmm.config import MachineConfig
-from avmm.cpu_profile import COMPAT_CMDLINE, profile_cmdline, resolve_cpu_profile
+from avmm.cpu_profile import (
+    COMPAT_CMDLINE,
+    PVM_SYSCALL_FAULT_OPT_IN,
+    profile_cmdline,
+    resolve_cpu_profile,
+)
+
+PATCHES = Path(__file__).resolve().parent.parent / "examples" / "linux" / "patches"
 
 
 def test_auto_is_the_default() -> None:
@@ -36,6 +43,16 @@ def test_only_compat_adds_command_line_words() -> None:
     assert profile_cmdline("host") == ""
     assert profile_cmdline("compat") == COMPAT_CMDLINE
     assert "noxsave" in COMPAT_CMDLINE.split()
+
+
+def test_only_compat_opts_in_to_the_syscall_fault_patch() -> None:
+    """The minimal kernel's kvm_pvm quirk patch acts only with this word
+    (examples/linux/patches/; tests/linux/ check what it does with and without it)."""
+    name, value = PVM_SYSCALL_FAULT_OPT_IN.split("=")
+    patches = "".join(path.read_text() for path in PATCHES.glob("*.patch"))
+    assert f'+early_param("{name}",' in patches and value == "1"
+    assert PVM_SYSCALL_FAULT_OPT_IN in profile_cmdline("compat").split()
+    assert PVM_SYSCALL_FAULT_OPT_IN not in profile_cmdline("host").split()
 
 
 def test_compat_words_come_before_the_configured_ones() -> None:

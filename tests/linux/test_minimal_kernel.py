@@ -7,6 +7,10 @@ reaches its ready marker (contract in tests/linux/init), and that the guest find
 virtio-blk device on the virtio-mmio bus both ways avmm can describe one: on the kernel
 command line (``virtio_mmio.device=``, microvm with ``acpi=off`` adds it; this needs
 VIRTIO_MMIO_CMDLINE_DEVICES) and in the ACPI DSDT (``LNRO0005``, microvm with ACPI on).
+
+QEMU's TCG delivers ``syscall`` correctly, so here the kernel's kvm_pvm quirk patch acts
+only when a process jumps to the system call entry itself: with and without its opt-in,
+that process must gain nothing (tests/linux/syscall_fault.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.linux import syscall_fault
 from tests.prerequisites import BUILD, require
 
 pytestmark = pytest.mark.qemu
@@ -75,8 +80,9 @@ class Boot:
         self.status = status
 
 
-def boot(machine: str, kernel: Path, initrd: Path, run: str, devices: Sequence[str] = ()) -> Boot:
-    cmdline = f"console=ttyS0 panic=-1 reboot=t quiet avmm.run={run}"
+def boot(machine: str, kernel: Path, initrd: Path, run: str, devices: Sequence[str] = (),
+         extra: str = "") -> Boot:  # fmt: skip
+    cmdline = f"console=ttyS0 panic=-1 reboot=t quiet avmm.run={run} {extra}".rstrip()
     if machine.startswith("microvm"):
         # microvm has no HPET or ACPI PM timer, so the kernel calibrates the TSC against
         # the PIT, which fails when TCG runs slowly (a loaded host); with ACPI on, the
@@ -195,3 +201,21 @@ def test_minimal_kernel_boots_a_pc(bzimage: Path, initramfs: Path,
     assert run.lines == [READY, "avmm-linux: no test none"], run.output[-4000:]
     assert run.exited and run.status == 0, run.output[-4000:]
     record(figure, "bzImage, pc", run)
+
+
+@pytest.mark.parametrize("opt_in", [True, False], ids=["opted-in", "not-opted-in"])
+def test_a_process_jumping_to_the_syscall_entry_gains_nothing(
+    opt_in: bool, vmlinux: Path, initramfs: Path,
+) -> None:  # fmt: skip
+    """/tests/syscall-fault: an ordinary system call works; a jump to entry_SYSCALL_64
+    with IOPL 3 (and NT, AC, DF, IF clear) in R11 never yields IOPL 3 or IF clear (its
+    `outb` is killed); without the opt-in the patch does nothing (the jump is a SIGSEGV),
+    with it the jump is a getpid only when RCX follows a real `syscall` instruction."""
+    words = syscall_fault.cmdline_words(vmlinux, opt_in=opt_in)
+    run = boot("microvm,acpi=on", vmlinux, initramfs, "syscall-fault", extra=words)
+    tail = run.output[-4000:]
+    assert run.lines[0] == READY and run.lines[-1] == "avmm-linux: exit=0", tail
+    syscall_fault.check(run.lines, opted_in=opt_in)
+    # Three cases, each reported by its own lines and nothing else in between.
+    assert len(run.lines) == 2 + 3 + (1 if opt_in else 0), tail
+    assert run.exited and run.status == 0, tail
