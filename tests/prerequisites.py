@@ -65,3 +65,10 @@ def net_problem() -> str | None:
     if shutil.which("ip") is None:
         return "ip (iproute2) is not installed"
     return None
+
+
+def not_expected_on_this_host(reason: str) -> None:
+    """Skip a test of something this host is known not to support (not a prerequisite
+    that could be installed, so CI skips it too, with ``reason`` in its summary). Use it
+    only where the README says so and says what is tested on such hosts instead."""
+    pytest.skip(f"not expected on this host: {reason}")

@@ -665,13 +665,15 @@ def test_blk_io_writes_sector_by_sector(test_guest: Path, tmp_path: Path) -> Non
     assert image.read_bytes() == expected_pattern(7, 16) + rest
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def _require_root_for_mounts() -> None:
+    require(None if os.geteuid() == 0 else "mounting a tmpfs needs root")
 
 
 def _on_a_full_filesystem(tmp_path: Path) -> tuple[list[str], Path]:
     """A command prefix that runs QEMU in a private mount namespace with a 64 KiB tmpfs
     on ``tmp_path / "small"`` holding a 4 MiB sparse image (QEMU is exec'd with the
-    rest of the command line)."""
+    rest of the command line). Needs root: require() fails the test in CI without it."""
+    _require_root_for_mounts()
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
     image = mountpoint / "sparse.img"
@@ -681,7 +683,6 @@ def _on_a_full_filesystem(tmp_path: Path) -> tuple[list[str], Path]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"], image
 
 
-@needs_root
 def test_blk_io_on_a_full_filesystem_reports_ioerr_with_werror_report(
     test_guest: Path, tmp_path: Path
 ) -> None:
@@ -696,7 +697,6 @@ def test_blk_io_on_a_full_filesystem_reports_ioerr_with_werror_report(
     assert status == STATUS_POWER_OFF
 
 
-@needs_root
 def test_blk_io_on_a_full_filesystem_stops_qemu_by_default(
     test_guest: Path, tmp_path: Path
 ) -> None:

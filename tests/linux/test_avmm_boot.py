@@ -42,7 +42,7 @@ from avmm.config import DiskConfig, NetConfig, RngConfig
 from avmm.cpu_profile import PVM_SYSCALL_FAULT_OPT_IN, host_needs_compat
 from avmm.virtio.mmio import DeviceStatus
 from tests.linux import syscall_fault
-from tests.prerequisites import BUILD, DEBIAN_KERNEL, require
+from tests.prerequisites import BUILD, DEBIAN_KERNEL, not_expected_on_this_host, require
 from tests.virtio_guest_support import TapNamespace
 from tests.vm.helpers import guest_config
 
@@ -276,7 +276,7 @@ def test_debian_kernel_under_avmm(tmp_path: Path, figure: Callable[[str, str], N
     require(): with AVMM_REQUIRE_KVM=1 (CI) a missing kernel, initramfs, /dev/kvm or
     root fails this test instead of skipping it. On kvm_pvm it is a skip with the reason."""
     if host_needs_compat():
-        pytest.skip(DEBIAN_NOT_ON_COMPAT_HOSTS)
+        not_expected_on_this_host(DEBIAN_NOT_ON_COMPAT_HOSTS)
     require(None if DEBIAN_KERNEL.exists() and DEBIAN_INITRAMFS.exists()
             else "the Debian kernel is missing (make debian-kernel linux-debian)")
     seed = secrets.randbelow(10**6)
