@@ -8,16 +8,32 @@ control register. A control write with SLP_EN set and the S5 type calls ``on_pow
 (on the vCPU thread; it must not block). Other sleep types are not offered (no ``\\_S3_``
 etc.), so any other SLP_EN write is logged and ignored, as is everything without SLP_EN.
 Reads of either register return 0: nothing is ever waking.
+
+Snapshot state (:class:`AcpiSleepState`): neither register holds anything a guest can read
+back (no PM1 event or control blocks exist in a hardware-reduced FADT; WAK_STS stays 0 and
+SLP_TYP/SLP_EN act on the write), so the one field is the soft-off sleep type. It is not a
+register but it is guest-visible all the same: the guest learned it from the ``\\_S5_``
+package in the ACPI tables in its RAM, which a snapshot carries, so a restored device must
+keep answering to that value even if this avmm's tables now use another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, final
+from dataclasses import dataclass
+from typing import ClassVar, Final, final
 
 import structlog
 
-__all__ = ["ACPI_SLEEP_PORT_COUNT", "SLP_EN", "AcpiSleep", "sleep_control_value"]
+from avmm.devices._state import check_state_class, check_uint
+
+__all__ = [
+    "ACPI_SLEEP_PORT_COUNT",
+    "SLP_EN",
+    "AcpiSleep",
+    "AcpiSleepState",
+    "sleep_control_value",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +48,18 @@ _SLP_TYP_MASK: Final = 0b111
 def sleep_control_value(sleep_type: int) -> int:
     """The control byte a guest writes to enter ``sleep_type``."""
     return ((sleep_type & _SLP_TYP_MASK) << _SLP_TYP_SHIFT) | SLP_EN
+
+
+@dataclass(frozen=True, slots=True)
+class AcpiSleepState:
+    """The sleep registers' snapshot state (see the module docstring for why this is all).
+
+    ``soft_off_type`` is the SLP_TYP value (0..7) whose SLP_EN write powers the VM off.
+    """
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    soft_off_type: int
 
 
 @final
@@ -54,3 +82,18 @@ class AcpiSleep:
                         sleep_type=sleep_type)
             return
         self._on_poweroff()
+
+    # -- snapshot --------------------------------------------------------------------------
+
+    def save_state(self) -> AcpiSleepState:
+        return AcpiSleepState(soft_off_type=self._soft_off_type)
+
+    def restore_state(self, state: AcpiSleepState) -> None:
+        """Answer to the saved soft-off type from now on; raises DeviceStateError (and
+        changes nothing) for a state of another class or a type outside 0..7."""
+        check_state_class(state, AcpiSleepState, "acpi-sleep")
+        check_uint("acpi-sleep", "soft_off_type", state.soft_off_type, _SLP_TYP_MASK)
+        if state.soft_off_type != self._soft_off_type:
+            log.info("ACPI soft-off type taken from the snapshot",
+                     saved=state.soft_off_type, built_with=self._soft_off_type)
+        self._soft_off_type = state.soft_off_type

@@ -13,6 +13,10 @@ work. Like QEMU, the offset of the write inside the range is ignored.
 
 Reads return 0 bytes, as QEMU's device does.
 
+The device is stateless: a write ends the VM at once and nothing is remembered, so its
+snapshot state, :class:`DebugExitState`, has no fields. It exists so that every legacy
+device is saved and restored the same way (see :mod:`avmm.devices._state`).
+
 ``on_exit(status)`` receives the full status, not reduced mod 256: for ``outl`` values the
 status can exceed 8 bits. A process exit status only keeps the low 8 bits, so the CLI, when
 it turns the VM's status into its own, takes it mod 256 (as a shell sees QEMU's).
@@ -21,13 +25,22 @@ it turns the VM's status into its own, takes it mod 256 (as a shell sees QEMU's)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import final
+from dataclasses import dataclass
+from typing import ClassVar, final
 
 import structlog
 
+from avmm.devices._state import check_state_class
+
 log = structlog.get_logger(__name__)
 
-__all__ = ["DEBUG_EXIT_DEFAULT_PORT", "DEBUG_EXIT_PORT_COUNT", "DebugExit", "exit_status"]
+__all__ = [
+    "DEBUG_EXIT_DEFAULT_PORT",
+    "DEBUG_EXIT_PORT_COUNT",
+    "DebugExit",
+    "DebugExitState",
+    "exit_status",
+]
 
 DEBUG_EXIT_DEFAULT_PORT = 0x501
 """QEMU's default isa-debug-exit ``iobase``."""
@@ -39,6 +52,13 @@ DEBUG_EXIT_PORT_COUNT = 4
 def exit_status(value: int) -> int:
     """The VM exit status for a written value: ``(value << 1) | 1``."""
     return (value << 1) | 1
+
+
+@dataclass(frozen=True, slots=True)
+class DebugExitState:
+    """The debug-exit port's snapshot state: empty, the device is stateless."""
+
+    STATE_VERSION: ClassVar[int] = 1
 
 
 @final
@@ -63,3 +83,14 @@ class DebugExit:
         status = exit_status(value)
         log.info("debug exit requested", value=hex(value), status=status, size=len(data))
         self._on_exit(status)
+
+    # -- snapshot --------------------------------------------------------------------------
+
+    def save_state(self) -> DebugExitState:
+        """The (empty) state of a stateless device."""
+        return DebugExitState()
+
+    def restore_state(self, state: DebugExitState) -> None:
+        """Check that ``state`` is a :class:`DebugExitState`; raises DeviceStateError if
+        not."""
+        check_state_class(state, DebugExitState, "debug-exit")

@@ -17,19 +17,23 @@ Behaviour:
   writes. (0x61 is the PC's "system control port B"; if the in-kernel PIT is created
   without KVM_PIT_SPEAKER_DUMMY, KVM answers 0x61 itself and it never reaches this device.)
 
-The device has no state; it needs no lock.
+The device keeps nothing between accesses (no command byte, no output buffer, no pending
+reply), so it needs no lock and its snapshot state, :class:`I8042State`, has no fields.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import final
+from dataclasses import dataclass
+from typing import ClassVar, final
 
 import structlog
 
+from avmm.devices._state import check_state_class
+
 log = structlog.get_logger(__name__)
 
-__all__ = ["I8042", "I8042_BASE_PORT", "I8042_PORT_COUNT"]
+__all__ = ["I8042", "I8042_BASE_PORT", "I8042_PORT_COUNT", "I8042State"]
 
 I8042_BASE_PORT = 0x60
 """Where the VM maps the controller on the PIO bus."""
@@ -40,6 +44,15 @@ I8042_PORT_COUNT = 5
 _DATA_OFFSET = 0x60 - I8042_BASE_PORT
 _COMMAND_OFFSET = 0x64 - I8042_BASE_PORT
 _COMMAND_PULSE_RESET = 0xFE
+
+
+@dataclass(frozen=True, slots=True)
+class I8042State:
+    """The i8042's snapshot state: empty, because every read answers 0 and every write
+    is acted on (the reset) or dropped at once. A later version that models the command
+    byte or a keyboard adds fields here (see :mod:`avmm.devices._state`)."""
+
+    STATE_VERSION: ClassVar[int] = 1
 
 
 @final
@@ -71,3 +84,13 @@ class I8042:
                 log.debug("i8042 data write ignored", value=hex(value))
             else:
                 log.debug("i8042 write to unmodelled port ignored", offset=port_offset)
+
+    # -- snapshot --------------------------------------------------------------------------
+
+    def save_state(self) -> I8042State:
+        """The (empty) state: there is nothing the guest could read back."""
+        return I8042State()
+
+    def restore_state(self, state: I8042State) -> None:
+        """Check that ``state`` is an :class:`I8042State`; raises DeviceStateError if not."""
+        check_state_class(state, I8042State, "i8042")

@@ -28,7 +28,11 @@ Interrupts are edges: ``raise_irq`` is called (outside the device lock, after an
 ``output`` of the same access) whenever an access makes an enabled interrupt condition
 pending that was not pending before it, for example the first THR write after the guest
 read IIR, the guest setting IER.ETBEI while THR is empty, input arriving in an empty
-FIFO with IER.ERBFI set, or an overrun with IER.ELSI set.
+FIFO with IER.ERBFI set, or an overrun with IER.ELSI set. Restoring a saved state with
+an enabled interrupt pending raises it once more (see :meth:`Serial8250.restore_state`).
+
+Snapshots: :meth:`Serial8250.save_state` gives a :class:`Serial8250State`, plain values
+following the convention in :mod:`avmm.devices._state`.
 
 Threading: register accesses come from vCPU threads and ``push_input`` from the event-loop
 thread; one :class:`threading.Lock` guards the registers and is held only while they
@@ -42,12 +46,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import final
+from dataclasses import dataclass
+from typing import ClassVar, final
 
 import structlog
 
-from avmm.devices._common import DeviceStateError
+from avmm.devices._state import (
+    DeviceStateError,
+    check_bool,
+    check_bytes,
+    check_state_class,
+    check_uint,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -138,15 +148,28 @@ _DEFAULT_DIVISOR_LOW = 0x0C  # 9600 baud from the PC's 1.8432 MHz clock
 _BYTES = tuple(bytes([value]) for value in range(256))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Serial8250State:
     """Everything the guest can observe of the UART, as plain values (for snapshots).
 
-    ``lsr_errors`` holds the sticky LSR error bits (only OE is ever set);
-    ``msr_deltas`` the MSR delta bits 0..3; ``thr_empty_pending`` whether the "THR empty"
-    interrupt condition is pending (independent of IER); ``rx_fifo`` the received bytes
-    not yet read, oldest first.
+    The stored registers: ``ier``, ``lcr``, ``mcr``, ``scr``, the divisor latch ``dll`` and
+    ``dlm``, and ``fcr`` (its stored bits: enable, DMA mode, trigger level; 0 while FIFOs
+    are off). ``lsr_errors`` holds the sticky LSR error bits (only OE is ever set) and
+    ``msr_deltas`` the MSR delta bits 0..3, both cleared by reading their register.
+    ``thr_empty_pending`` is whether the "THR empty" interrupt condition is pending
+    (whatever IER says; reading IIR while it names it clears it). ``rx_fifo`` holds the
+    received bytes the guest has not read yet, oldest first.
+
+    Everything else a guest reads follows from these fields, so it is not stored twice:
+    IIR (the highest-priority pending condition IER enables, plus the FIFO bits), LSR.DR
+    (the FIFO is not empty), LSR.THRE/TEMT (always set: transmission is instant, so there
+    is no transmit FIFO or shift register to save), the MSR line bits (from MCR in
+    loopback, fixed otherwise). There is no character-timeout state because the model has
+    no timeout interrupt, and no interrupt-line level because the line is driven as edges
+    (see :meth:`Serial8250.restore_state` for how an owed interrupt survives a restore).
     """
+
+    STATE_VERSION: ClassVar[int] = 1
 
     ier: int = 0
     lcr: int = 0
@@ -161,6 +184,7 @@ class Serial8250State:
     rx_fifo: bytes = b""
 
 
+#: The bits each register field of a valid state may have set.
 _STATE_MASKS = {
     "ier": _IER_MASK,
     "lcr": 0xFF,
@@ -172,6 +196,21 @@ _STATE_MASKS = {
     "dll": 0xFF,
     "dlm": 0xFF,
 }
+_STATE_NAME = "serial"
+
+
+def _check_state(state: Serial8250State) -> None:
+    check_state_class(state, Serial8250State, _STATE_NAME)
+    for name, mask in _STATE_MASKS.items():
+        check_uint(_STATE_NAME, name, getattr(state, name), mask)
+    if state.fcr and not state.fcr & _FCR_ENABLE:
+        # The device stores FCR as 0 whenever the guest turns FIFOs off.
+        raise DeviceStateError(
+            f"{_STATE_NAME} state: fcr=0x{state.fcr:x} keeps FIFO settings without the "
+            "enable bit"
+        )
+    check_bool(_STATE_NAME, "thr_empty_pending", state.thr_empty_pending)
+    check_bytes(_STATE_NAME, "rx_fifo", state.rx_fifo, RX_FIFO_SIZE)
 
 
 @final
@@ -271,8 +310,13 @@ class Serial8250:
 
     # -- snapshot --------------------------------------------------------------------------
 
-    def state(self) -> Serial8250State:
-        """A copy of every register and the receive FIFO."""
+    def save_state(self) -> Serial8250State:
+        """A copy of every register and of the receive FIFO (see :mod:`avmm.devices._state`).
+
+        Host-side bookkeeping is not part of it: whether a :meth:`push_input` fell short
+        and waits for ``on_rx_space`` belongs to this process's input source, and a
+        restored device's source starts afresh.
+        """
         with self._lock:
             return Serial8250State(
                 ier=self._ier,
@@ -288,29 +332,25 @@ class Serial8250:
                 rx_fifo=bytes(self._rx_fifo),
             )
 
-    def restore(self, state: Serial8250State) -> None:
-        """Load a state from :meth:`state`; raises :class:`DeviceStateError` if malformed.
+    def restore_state(self, state: Serial8250State) -> None:
+        """Load ``state`` (from :meth:`save_state`, perhaps in another process).
 
-        Raises no interrupt: the interrupt controller's own state is restored separately.
+        Raises :class:`DeviceStateError`, changing nothing, if ``state`` is not one this
+        UART can be in. The receive FIFO is replaced, so restore before attaching the host
+        input source, or input it pushed earlier is lost.
+
+        If ``state`` has an interrupt pending that IER enables (IIR would not read "no
+        interrupt"), ``raise_irq`` is pulsed once, after the registers are loaded. The
+        line carries edges and the UART raises one only for a new condition, so the edge
+        the guest is owed must come from somewhere, and the saved interrupt controller
+        may not have it: an irqfd signal that KVM had not injected yet when the irqchip
+        was saved is lost, and the guest's driver would wait for "THR empty" forever.
+        So call this after the interrupt controller's state is restored and the irqfd is
+        registered (a later KVM_SET_IRQCHIP would erase the pulse), before vCPUs run. If
+        the saved controller did hold the interrupt, the guest takes a second one and its
+        handler finds IIR reporting the same condition or none, which drivers tolerate.
         """
-        for field in fields(Serial8250State):
-            value = getattr(state, field.name)
-            mask = _STATE_MASKS.get(field.name)
-            if mask is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value & ~mask
-            ):
-                raise DeviceStateError(
-                    f"serial state: {field.name}={value!r} is not an integer within 0x{mask:x}"
-                )
-        if not isinstance(state.thr_empty_pending, bool):
-            raise DeviceStateError(
-                f"serial state: thr_empty_pending={state.thr_empty_pending!r} is not a bool"
-            )
-        if not isinstance(state.rx_fifo, bytes | bytearray) or len(state.rx_fifo) > RX_FIFO_SIZE:
-            raise DeviceStateError(
-                f"serial state: rx_fifo must be at most {RX_FIFO_SIZE} bytes, "
-                f"got {state.rx_fifo!r:.80}"
-            )
+        _check_state(state)
         with self._lock:
             self._ier = state.ier
             self._lcr = state.lcr
@@ -323,7 +363,10 @@ class Serial8250:
             self._dlm = state.dlm
             self._thr_empty_pending = state.thr_empty_pending
             self._rx_fifo = bytearray(state.rx_fifo)
+            raise_irq = bool(self._enabled_pending())
             notify_rx_space = self._take_rx_space_notification()
+        if raise_irq:
+            self._raise_irq()
         if notify_rx_space:
             self._notify_rx_space()
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from avmm.bus import Bus
-from avmm.devices import DeviceStateError, Serial8250, Serial8250State
+from avmm.devices import Serial8250
 from avmm.devices.serial import COM1_BASE_PORT, RX_FIFO_SIZE, SERIAL_PORT_COUNT
 
 RBR = THR = DLL = 0
@@ -367,101 +364,6 @@ def test_callbacks_may_reenter_the_device() -> None:
     device.write(THR, b"e")
     assert device.read(RBR, 1) == b"e"
     assert irqs == [RX_FIFO_SIZE - 1]
-
-
-def _configured_uart() -> Uart:
-    uart = Uart()
-    uart.outb(LCR, 0x80)
-    uart.outb(DLL, 0x03)
-    uart.outb(DLM, 0x01)
-    uart.outb(LCR, 0x1B)
-    uart.outb(FCR, 0xC1)
-    uart.outb(IER, ERBFI | ETBEI)
-    uart.outb(MCR, MCR_DTR | MCR_RTS | MCR_OUT2)
-    uart.outb(SCR, 0x42)
-    uart.device.push_input(b"pending")
-    return uart
-
-
-def test_state_restore_round_trip() -> None:
-    original = _configured_uart()
-    state = original.device.state()
-    assert state == Serial8250State(
-        ier=ERBFI | ETBEI,
-        lcr=0x1B,
-        mcr=MCR_DTR | MCR_RTS | MCR_OUT2,
-        fcr=0xC1,
-        lsr_errors=0,
-        msr_deltas=0,
-        scr=0x42,
-        dll=0x03,
-        dlm=0x01,
-        thr_empty_pending=True,
-        rx_fifo=b"pending",
-    )
-    copy = Uart()
-    copy.device.restore(state)
-    assert copy.irqs == 0  # restoring raises nothing
-    assert copy.device.state() == state
-    for uart in (original, copy):
-        assert uart.inb(IIR) == 0xC0 | IIR_RX
-        assert bytes(uart.inb(RBR) for _ in range(7)) == b"pending"
-        assert uart.inb(IIR) == 0xC0 | IIR_THRE
-        uart.outb(LCR, 0x9B)
-        assert (uart.inb(DLL), uart.inb(DLM)) == (0x03, 0x01)
-    # The snapshot is a copy, not a view.
-    assert state.rx_fifo == b"pending"
-    assert copy.device.state() == original.device.state()
-
-
-valid_states = st.builds(
-    Serial8250State,
-    ier=st.integers(0, 0x0F),
-    lcr=st.integers(0, 0xFF),
-    mcr=st.integers(0, 0x1F),
-    fcr=st.sampled_from([0, 0x01, 0x41, 0x81, 0xC1, 0xC9]),
-    lsr_errors=st.sampled_from([0, 0x02]),
-    msr_deltas=st.integers(0, 0x0F),
-    scr=st.integers(0, 0xFF),
-    dll=st.integers(0, 0xFF),
-    dlm=st.integers(0, 0xFF),
-    thr_empty_pending=st.booleans(),
-    rx_fifo=st.binary(max_size=RX_FIFO_SIZE),
-)
-
-
-@given(state=valid_states)
-def test_any_valid_state_round_trips(state: Serial8250State) -> None:
-    device = Serial8250(raise_irq=lambda: None, output=lambda _: None)
-    device.restore(state)
-    assert device.state() == state
-    clone = Serial8250(raise_irq=lambda: None, output=lambda _: None)
-    clone.restore(device.state())
-    # Both answer every register the same way (reads that clear state included).
-    for offset in (IIR, LSR, MSR, LCR, MCR, SCR, IER, RBR, IIR, LSR):
-        assert device.read(offset, 1) == clone.read(offset, 1)
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"ier": 0x10},
-        {"lcr": 0x100},
-        {"mcr": 0x20},
-        {"dll": -1},
-        {"scr": True},
-        {"lsr_errors": 0x01},
-        {"thr_empty_pending": 1},
-        {"rx_fifo": bytes(RX_FIFO_SIZE + 1)},
-        {"rx_fifo": "text"},
-    ],
-)
-def test_restore_rejects_malformed_state(change: dict[str, object]) -> None:
-    device = _configured_uart().device
-    before = device.state()
-    with pytest.raises(DeviceStateError):
-        device.restore(replace(Serial8250State(), **change))  # type: ignore[arg-type]
-    assert device.state() == before
 
 
 def test_concurrent_push_input_and_rbr_reads_lose_and_duplicate_nothing() -> None:
