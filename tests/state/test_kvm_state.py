@@ -17,8 +17,10 @@ from avmm.state import (
     VcpuState,
     VmPlatformState,
     check_vcpu_restorable,
+    restore_machine,
     restore_platform,
     restore_vcpu,
+    save_machine,
     save_platform,
     save_vcpu,
 )
@@ -303,3 +305,19 @@ def test_state_types_hold_plain_data_only(guests):
         assert isinstance(state, VcpuState | VmPlatformState)
         kinds = {type(leaf) for leaf in leaves(state)}
         assert kinds <= {int, bytes, type(None)}, kinds
+
+
+def test_a_machine_this_host_cannot_run_is_refused_before_anything_is_set(guests):
+    source = _guest(guests)
+    saved = save_machine(source.vm, [source.vcpu])
+    without_pit = boot_guest(guests, UD2)
+    with pytest.raises(StateCompatibilityError, match=(
+            r"^this host cannot restore the snapshot: the snapshot's VM has a PIT; the VM "
+            r"being restored has none$")):
+        restore_machine(without_pit.vm, [without_pit.vcpu], saved)
+    with pytest.raises(StateCompatibilityError, match="the snapshot has 1 vCPUs; the VM "
+                                                      "being restored has 0"):
+        restore_machine(without_pit.vm, [], saved)
+    target = _guest(guests)
+    restore_machine(target.vm, [target.vcpu], saved)
+    assert target.vcpu.get_regs().rip == saved.vcpus[0].regs.rip
