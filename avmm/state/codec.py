@@ -418,15 +418,24 @@ def encode(state: Any) -> bytes:
 
 def decode(data: bytes, cls: type[Any], *, path: str | None = None) -> Any:
     """Bytes of one :data:`VALUE` → a ``cls``; :class:`SnapshotError` for anything that
-    is not exactly such a value."""
+    is not exactly such a value. (Parsed by :mod:`._reader`, which reads what the
+    construct declaration :data:`VALUE` describes, faster.)"""
+    from ._reader import read_values
+
     where = path or state_name(cls)
+    return from_plain(read_values(data, False, where), cls, where)
+
+
+def decode_with_construct(data: bytes, path: str = "value") -> Any:
+    """The plain value of ``data`` parsed by the construct declaration itself: the
+    reference :mod:`._reader` is checked against."""
     try:
         wire = c.Struct("value" / VALUE, c.Terminated).parse(data)
     except RecursionError:
-        raise SnapshotError(f"{where}: values are nested too deeply") from None
+        raise SnapshotError(f"{path}: values are nested too deeply") from None
     except (c.ConstructError, UnicodeDecodeError) as e:
-        raise SnapshotError(f"{where}: malformed ({construct_reason(e)})") from None
-    return from_plain(plain_of(wire.value, where), cls, where)
+        raise SnapshotError(f"{path}: malformed ({construct_reason(e)})") from None
+    return plain_of(wire.value, path)
 
 
 _REASON_MAX = 120

@@ -32,7 +32,8 @@ from typing import Any
 import construct as c
 
 from ._errors import SnapshotError
-from .codec import NAME, VALUE, VAR_UINT, construct_reason, from_plain, plain_of, to_plain, wire_of
+from ._reader import read_values
+from .codec import NAME, VALUE, VAR_UINT, from_plain, to_plain, wire_of
 
 MAGIC = b"AVMMSNAP"
 FORMAT_VERSION = 1
@@ -55,7 +56,8 @@ PAYLOAD = c.Struct(
 STATE_FILE = c.Struct(
     "body" / c.RawCopy(c.Struct(
         "header" / HEADER,
-        # The payload's bytes; PAYLOAD parses them once the digest is checked.
+        # PAYLOAD's bytes. A reader parses them only once the digest is checked (with
+        # avmm.state._reader, which reads what PAYLOAD declares, faster).
         "payload" / c.FixedSized(c.this.header.payload_length, c.GreedyBytes),
     )),
     "sha256" / c.Checksum(c.Bytes(DIGEST_SIZE), lambda data: hashlib.sha256(data).digest(),
@@ -115,28 +117,25 @@ def parse_state(data: bytes, expect: Mapping[str, Any], *, name: str = "state fi
         raise SnapshotError(f"{name}: corrupt: {len(data) - total} bytes after its end")
     if hashlib.sha256(data[:-DIGEST_SIZE]).digest() != data[-DIGEST_SIZE:]:
         raise SnapshotError(f"{name}: corrupt (its SHA-256 does not match its contents)")
+    payload = data[header_size:header_size + header.payload_length]
     try:
-        whole = STATE_FILE.parse(data)
-        payload = PAYLOAD.parse(whole.body.value.payload)
-    except RecursionError:
-        raise SnapshotError(f"{name}: malformed state (values nested too deeply)") from None
-    except (c.ConstructError, UnicodeDecodeError) as e:
-        raise SnapshotError(f"{name}: malformed state ({construct_reason(e)})") from None
+        sections = read_values(payload, True, "state")
+    except SnapshotError as e:
+        raise SnapshotError(f"{name}: {e}") from None
 
     found: dict[str, Any] = {}
-    for section in payload.sections:
-        if section.name in found:
-            raise SnapshotError(f"{name}: section {section.name!r} appears twice")
-        if section.name not in expect:
-            raise SnapshotError(f"{name}: unknown section {section.name!r} (written by a "
+    for section, value in sections:
+        if section in found:
+            raise SnapshotError(f"{name}: section {section!r} appears twice")
+        if section not in expect:
+            raise SnapshotError(f"{name}: unknown section {section!r} (written by a "
                                 "newer avmm?)")
-        found[section.name] = section.value
+        found[section] = value
     missing = [section for section in expect if section not in found]
     if missing:
         raise SnapshotError(f"{name}: has no {missing[0]!r} section")
     try:
-        return {section: from_plain(plain_of(found[section], section), expect[section],
-                                    section)
+        return {section: from_plain(found[section], expect[section], section)
                 for section in expect}
     except SnapshotError as e:
         raise SnapshotError(f"{name}: {e}") from None
