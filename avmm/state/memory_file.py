@@ -294,7 +294,7 @@ def _check_digest(path: Path, image: MemoryImage, read: Callable[[int, int], byt
 
 
 def copy_memory_file(path: Path, memory: GuestRam, image: MemoryImage, *,
-                     verify: bool = True) -> None:
+                     verify: bool) -> None:
     """Read the memory file into ``memory`` (fresh: all zero), skipping its holes; with
     ``verify``, check its digest over what was read."""
     fd = _open_checked(path, memory, image)
@@ -323,7 +323,7 @@ _MAP_FIXED = 0x10
 
 
 def map_memory_file(path: Path, memory: GuestRam, image: MemoryImage, *,
-                    verify: bool = True) -> None:
+                    verify: bool) -> None:
     """Put the memory file under ``memory``'s mapping, ``MAP_PRIVATE`` (copy-on-write),
     in place: the same addresses, now backed by the file. Call it before the memory is
     registered with KVM. With ``verify``, the file's digest is checked first (it reads

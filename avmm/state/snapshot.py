@@ -10,7 +10,8 @@ leftover ``.partial`` directory is never mistaken for a snapshot. The directory 
 0700: it holds guest memory.
 
 :func:`read_snapshot` checks the state file completely and the memory file's presence
-and size; :func:`load_memory` then maps or copies the memory and checks its digest.
+and size; :func:`load_memory` then maps or copies the memory (and checks its digest when
+copying, or when asked).
 
 Everything here blocks: call it from a worker thread, not the event loop.
 """
@@ -134,12 +135,16 @@ def read_snapshot(directory: Path, expect: Mapping[str, Any]) -> Snapshot:
 
 
 def load_memory(snapshot: Snapshot, memory: GuestRam, *, copy: bool = False,
-                verify: bool = True) -> None:
+                verify: bool | None = None) -> None:
     """Bring the snapshot's guest RAM into ``memory`` (new, all zero, not yet given to
-    KVM): mapped copy-on-write from the file, or copied with ``copy``. ``verify``
-    checks the memory file's digest (reading its data once)."""
+    KVM): mapped copy-on-write from the file (nothing is read up front), or copied with
+    ``copy``. ``verify`` checks the memory file's digest, reading all its data once: by
+    default when copying (which reads it all anyway), not when mapping (that would undo
+    what mapping saves). The state file is always checked in full."""
     if snapshot.memory is None or snapshot.memory_path is None:
         raise SnapshotError(f"{snapshot.path}: the snapshot has no guest memory")
+    if verify is None:
+        verify = copy
     if copy:
         copy_memory_file(snapshot.memory_path, memory, snapshot.memory, verify=verify)
     else:

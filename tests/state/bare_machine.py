@@ -6,7 +6,7 @@ one thread per vCPU that answers the ports the guest uses (COM1's data and line-
 registers, the i8042 reset, the debug-exit port); every other access reads all-ones.
 A machine is built either to boot (``cmdline``) or from a snapshot (``restore``).
 
-Run as a program, ``python -m tests.state.bare_machine restore DIR [--copy]`` restores
+Run as a program, ``python -m tests.state.bare_machine restore DIR [--copy] [--verify]`` restores
 the snapshot in DIR in this new process, runs the guest to its end, writes its serial
 output to stdout and exits with the guest's exit code (124 after ``--timeout`` seconds;
 2, with one line on stderr, when the snapshot cannot be restored).
@@ -60,7 +60,8 @@ class BareMachine:
     """One VM; ``start()`` runs its vCPUs in threads until the guest exits or ``stop()``."""
 
     def __init__(self, *, vcpus: int = 1, memory_mib: int = 0, cmdline: str | None = None,
-                 restore: Snapshot | None = None, copy_memory: bool = False) -> None:
+                 restore: Snapshot | None = None, copy_memory: bool = False,
+                 verify_memory: bool | None = None) -> None:
         if (cmdline is None) == (restore is None):
             raise ValueError("give either a command line to boot or a snapshot to restore")
         self._cleanup = ExitStack()
@@ -75,13 +76,14 @@ class BareMachine:
         # the guest sets and clears it in one go at boot, before any snapshot here.
         self._divisor_latch = False
         try:
-            self._build(vcpus, memory_mib, cmdline, restore, copy_memory)
+            self._build(vcpus, memory_mib, cmdline, restore, copy_memory, verify_memory)
         except BaseException:
             self._cleanup.close()
             raise
 
     def _build(self, vcpu_count: int, memory_mib: int, cmdline: str | None,
-               restore: Snapshot | None, copy_memory: bool) -> None:
+               restore: Snapshot | None, copy_memory: bool,
+               verify_memory: bool | None) -> None:
         machine: MachineState | None = None
         if restore is not None:
             machine = restore.sections["machine"]
@@ -93,7 +95,7 @@ class BareMachine:
         self.memory = GuestMemory(size)
         self._cleanup.callback(self.memory.close)
         if restore is not None:
-            load_memory(restore, self.memory, copy=copy_memory)
+            load_memory(restore, self.memory, copy=copy_memory, verify=verify_memory)
         else:
             boot = load_kernel(self.memory, TEST_GUEST, cmdline=cmdline or "")
 
@@ -232,8 +234,10 @@ class BareMachine:
         self.close()
 
 
-def restore(directory: Path, *, copy_memory: bool = False) -> BareMachine:
-    return BareMachine(restore=read_snapshot(directory, SECTIONS), copy_memory=copy_memory)
+def restore(directory: Path, *, copy_memory: bool = False,
+            verify_memory: bool | None = None) -> BareMachine:
+    return BareMachine(restore=read_snapshot(directory, SECTIONS), copy_memory=copy_memory,
+                       verify_memory=verify_memory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     restore_command.add_argument("directory", type=Path)
     restore_command.add_argument("--copy", action="store_true",
                                  help="copy the memory file instead of mapping it")
+    restore_command.add_argument("--verify", action="store_true", default=None,
+                                 help="check the memory file's digest (the default with "
+                                      "--copy)")
     restore_command.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     try:
-        machine = restore(args.directory, copy_memory=args.copy)
+        machine = restore(args.directory, copy_memory=args.copy, verify_memory=args.verify)
     except SnapshotError as e:
         # What a user of `avmm up --restore` sees: one line, no traceback.
         print(f"avmm: cannot restore: {e}", file=sys.stderr)

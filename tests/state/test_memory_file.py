@@ -59,7 +59,7 @@ def test_memory_comes_back(memory, tmp_path: Path, copy: bool):
     path = tmp_path / "memory.avmm"
     image = write_memory_file(memory, path)
     with GuestMemory(16 * MIB) as restored:
-        (copy_memory_file if copy else map_memory_file)(path, restored, image)
+        (copy_memory_file if copy else map_memory_file)(path, restored, image, verify=True)
         assert restored.read(0, 16 * MIB) == memory.read(0, 16 * MIB)
         assert is_memfd_backed(restored) is copy
         # Copy-on-write: the guest's writes stay in the VM, the file is unchanged.
@@ -73,12 +73,12 @@ def test_a_mapped_memory_snapshots_again_from_its_mapping(memory, tmp_path: Path
     the mapping replaced (which is all zero)."""
     image = write_memory_file(memory, tmp_path / "one")
     with GuestMemory(16 * MIB) as restored:
-        map_memory_file(tmp_path / "one", restored, image)
+        map_memory_file(tmp_path / "one", restored, image, verify=True)
         restored.write(8 * MIB, b"written after the restore")
         again = write_memory_file(restored, tmp_path / "two")
         assert again.data_bytes == image.data_bytes + PAGE_SIZE
         with GuestMemory(16 * MIB) as third:
-            copy_memory_file(tmp_path / "two", third, again)
+            copy_memory_file(tmp_path / "two", third, again, verify=True)
             assert third.read(0, 16 * MIB) == restored.read(0, 16 * MIB)
 
 
@@ -91,7 +91,7 @@ def test_ram_above_the_hole_keeps_its_place(tmp_path: Path):
         assert image.data_bytes == 2 * PAGE_SIZE
         assert [r.guest_address for r in image.regions] == [0, MMIO_HOLE_END]
         with GuestMemory(size) as restored:
-            map_memory_file(tmp_path / "memory.avmm", restored, image)
+            map_memory_file(tmp_path / "memory.avmm", restored, image, verify=True)
             assert restored.read(MMIO_HOLE_END + 3 * MIB, 14) == b"above the hole"
             assert restored.read(0xBFFF_F000, 14) == b"top of low RAM"
 
@@ -105,7 +105,7 @@ def test_damage_to_the_memory_file_is_one_line(memory, tmp_path: Path, copy: boo
     def refused(target: GuestMemory | None = None) -> str:
         with GuestMemory(16 * MIB) as restored:
             with pytest.raises(SnapshotError) as caught:
-                load(path, target or restored, image)
+                load(path, target or restored, image, verify=True)
             return str(caught.value)
 
     with open(path, "r+b") as f:  # one bit in the middle of a page of data
@@ -122,7 +122,7 @@ def test_damage_to_the_memory_file_is_one_line(memory, tmp_path: Path, copy: boo
     assert refused() == f"{path}: the snapshot's memory file is missing"
     with GuestMemory(32 * MIB) as bigger, \
             pytest.raises(SnapshotError, match="the VM being restored has 33554432"):
-        load(path, bigger, image)
+        load(path, bigger, image, verify=True)
 
 
 def test_a_memory_that_cannot_be_written_leaves_no_file_behind_it_did_not_make(
@@ -132,3 +132,27 @@ def test_a_memory_that_cannot_be_written_leaves_no_file_behind_it_did_not_make(
     with pytest.raises(FileExistsError):
         write_memory_file(memory, path)
     assert path.read_bytes() == b"already here"
+
+
+def _resident_kib(address: int) -> int:
+    """Rss of the mapping that starts at ``address``, from /proc/self/smaps."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                inside = int(first.split("-")[0], 16) == address
+            elif inside and first == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+def test_a_mapped_memory_file_is_read_only_where_the_guest_looks(memory, tmp_path: Path):
+    """Restore maps the file: no page of it is in the VM's memory until touched."""
+    path = tmp_path / "memory.avmm"
+    image = write_memory_file(memory, path)
+    with GuestMemory(16 * MIB) as restored:
+        map_memory_file(path, restored, image, verify=False)
+        assert _resident_kib(restored.host_base) == 0
+        assert restored.read(4 * MIB - 8, 16) == b"x" * 16  # two pages faulted in
+        assert 0 < _resident_kib(restored.host_base) <= 64
