@@ -15,6 +15,8 @@ up with wall-clock time instead; that is a choice for the caller, see
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -172,18 +174,12 @@ def restore_platform(vm: Vm, state: VmPlatformState, *, catch_up_realtime: bool 
                      realtime=state.clock.realtime if realtime else 0)
 
 
-class _step:
+@contextmanager
+def _step(what: str) -> Iterator[None]:
     """Turn KVM's refusal of one part of the platform state into one line."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
-        if isinstance(error, KvmError):
-            raise StateCompatibilityError(
-                f"KVM refused the saved {self.what} state: {error}") from error
-        if isinstance(error, ValueError | OverflowError):
-            raise SnapshotError(f"the saved {self.what} state does not fit: {error}") from error
+    try:
+        yield
+    except KvmError as e:
+        raise StateCompatibilityError(f"KVM refused the saved {what} state: {e}") from e
+    except (ValueError, OverflowError) as e:
+        raise SnapshotError(f"the saved {what} state does not fit: {e}") from e

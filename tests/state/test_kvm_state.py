@@ -321,3 +321,16 @@ def test_a_machine_this_host_cannot_run_is_refused_before_anything_is_set(guests
     target = _guest(guests)
     restore_machine(target.vm, [target.vcpu], saved)
     assert target.vcpu.get_regs().rip == saved.vcpus[0].regs.rip
+
+
+def test_a_platform_state_that_does_not_fit_kvm_is_named(guests):
+    saved = save_platform(_guest(guests).vm)
+    short = dataclasses.replace(saved, ioapic=dataclasses.replace(saved.ioapic,
+                                                                  redirtbl=[0] * 23))
+    with pytest.raises(SnapshotError, match=r"^ioapic\.redirtbl: has 23 pins; KVM's IOAPIC "
+                                            r"has 24$"):
+        restore_platform(_guest(guests).vm, short)
+    wide = dataclasses.replace(saved, pit=dataclasses.replace(saved.pit, channels=[]))
+    with pytest.raises(SnapshotError, match=r"^pit\.channels: has 0 entries; KVM's struct "
+                                            r"has 3$"):
+        restore_platform(_guest(guests).vm, wide)
