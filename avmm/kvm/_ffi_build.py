@@ -24,6 +24,9 @@ IOCTLS = [
     "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_SET_CPUID2",
     "KVM_GET_CPUID2", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_GET_VCPU_EVENTS",
     "KVM_SET_VCPU_EVENTS", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE",
+    # the rest of a vCPU's state, for snapshots
+    "KVM_GET_XSAVE", "KVM_GET_XSAVE2", "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS",
+    "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "KVM_GET_TSC_KHZ", "KVM_SET_TSC_KHZ",
 ]
 
 CONSTANTS = [
@@ -42,6 +45,8 @@ CONSTANTS = [
     "KVM_CAP_EXT_CPUID", "KVM_CAP_NR_VCPUS", "KVM_CAP_MAX_VCPUS", "KVM_CAP_NR_MEMSLOTS",
     "KVM_CAP_PIT2", "KVM_CAP_IRQFD", "KVM_CAP_IOEVENTFD", "KVM_CAP_SET_IDENTITY_MAP_ADDR",
     "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_ADJUST_CLOCK",
+    "KVM_CAP_XSAVE", "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CAP_DEBUGREGS",
+    "KVM_CAP_TSC_CONTROL", "KVM_CAP_GET_TSC_KHZ", "KVM_CAP_TSC_DEADLINE_TIMER",
     # flags
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_PIT_SPEAKER_DUMMY",
     "KVM_IRQFD_FLAG_DEASSIGN", "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO",
@@ -49,6 +54,12 @@ CONSTANTS = [
     "KVM_VCPUEVENT_VALID_SIPI_VECTOR", "KVM_VCPUEVENT_VALID_SHADOW",
     "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
     "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED",
+    "KVM_VCPUEVENT_VALID_SMM", "KVM_VCPUEVENT_VALID_PAYLOAD",
+    "KVM_VCPUEVENT_VALID_TRIPLE_FAULT",
+    "KVM_CLOCK_TSC_STABLE", "KVM_CLOCK_REALTIME", "KVM_CLOCK_HOST_TSC",
+    "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC",
+    "KVM_IOAPIC_NUM_PINS", "KVM_MAX_XCRS", "KVM_PIT_FLAGS_HPET_LEGACY",
+    "KVM_PIT_FLAGS_SPEAKER_DATA_ON",
 ]
 
 CDEF = """
@@ -128,10 +139,54 @@ struct kvm_cpuid2 { uint32_t nent; struct kvm_cpuid_entry2 entries[]; ...; };
 
 struct kvm_lapic_state { char regs[...]; };
 
-struct kvm_vcpu_events { uint32_t sipi_vector; uint32_t flags; ...; };
+struct kvm_vcpu_events {
+    struct { uint8_t injected; uint8_t nr; uint8_t has_error_code; uint8_t pending;
+             uint32_t error_code; } exception;
+    struct { uint8_t injected; uint8_t nr; uint8_t soft; uint8_t shadow; } interrupt;
+    struct { uint8_t injected; uint8_t pending; uint8_t masked; uint8_t pad; } nmi;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    struct { uint8_t smm; uint8_t pending; uint8_t smm_inside_nmi; uint8_t latched_init; } smi;
+    struct { uint8_t pending; } triple_fault;
+    uint8_t exception_has_payload;
+    uint64_t exception_payload;
+    ...;
+};
 typedef struct { uint8_t injected; uint8_t nr; uint8_t has_error_code; uint8_t pending;
                  uint32_t error_code; } avmm_events_exception;
 avmm_events_exception *avmm_events_exception_of(struct kvm_vcpu_events *events);
+
+/* struct kvm_xsave ends in a flexible array (KVM_GET_XSAVE2 writes as many bytes as
+   KVM_CAP_XSAVE2 says): buffers are allocated as bytes and cast. */
+struct kvm_xsave { uint32_t region[1024]; ...; };
+struct kvm_xcr { uint32_t xcr; uint32_t reserved; uint64_t value; };
+struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[...]; ...; };
+struct kvm_debugregs { uint64_t db[4]; uint64_t dr6; uint64_t dr7; uint64_t flags; ...; };
+
+struct kvm_pic_state {
+    uint8_t last_irr; uint8_t irr; uint8_t imr; uint8_t isr; uint8_t priority_add;
+    uint8_t irq_base; uint8_t read_reg_select; uint8_t poll; uint8_t special_mask;
+    uint8_t init_state; uint8_t auto_eoi; uint8_t rotate_on_auto_eoi;
+    uint8_t special_fully_nested_mode; uint8_t init4; uint8_t elcr; uint8_t elcr_mask;
+};
+struct kvm_ioapic_state {
+    uint64_t base_address; uint32_t ioregsel; uint32_t id; uint32_t irr; ...;
+};
+struct kvm_irqchip { uint32_t chip_id; ...; };
+struct kvm_pic_state *avmm_irqchip_pic(struct kvm_irqchip *chip);
+struct kvm_ioapic_state *avmm_irqchip_ioapic(struct kvm_irqchip *chip);
+uint64_t *avmm_ioapic_redirtbl(struct kvm_ioapic_state *ioapic);
+
+struct kvm_pit_channel_state {
+    uint32_t count; uint16_t latched_count; uint8_t count_latched; uint8_t status_latched;
+    uint8_t status; uint8_t read_state; uint8_t write_state; uint8_t write_latch;
+    uint8_t rw_mode; uint8_t mode; uint8_t bcd; uint8_t gate; int64_t count_load_time;
+};
+struct kvm_pit_state2 { struct kvm_pit_channel_state channels[3]; uint32_t flags; ...; };
+
+struct kvm_clock_data {
+    uint64_t clock; uint32_t flags; uint64_t realtime; uint64_t host_tsc; ...;
+};
 
 struct kvm_mp_state { uint32_t mp_state; };
 
@@ -200,6 +255,20 @@ static uint64_t *avmm_run_system_event_data(struct kvm_run *run) {
 static avmm_exit_hw *avmm_run_hw(struct kvm_run *run) { return &run->hw; }
 static avmm_events_exception *avmm_events_exception_of(struct kvm_vcpu_events *events) {
     return &events->exception;
+}
+
+/* The irqchip's chip union, and the IOAPIC's redirection table (an array of unions of
+   a u64 and its bit fields), as plain types. */
+static struct kvm_pic_state *avmm_irqchip_pic(struct kvm_irqchip *chip) {
+    return &chip->chip.pic;
+}
+static struct kvm_ioapic_state *avmm_irqchip_ioapic(struct kvm_irqchip *chip) {
+    return &chip->chip.ioapic;
+}
+_Static_assert(sizeof(((struct kvm_ioapic_state *)0)->redirtbl[0]) == sizeof(uint64_t),
+               "an IOAPIC redirection entry is one u64");
+static uint64_t *avmm_ioapic_redirtbl(struct kvm_ioapic_state *ioapic) {
+    return &ioapic->redirtbl[0].bits;
 }
 
 /* KVM_RUN once, and the common exits decoded in C: from Python, one call and one

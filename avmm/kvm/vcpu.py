@@ -1,7 +1,9 @@
 """A KVM vCPU fd: registers, CPUID, MSRs, LAPIC, events, and ``KVM_RUN``.
 
 Register getters return the cffi struct itself (``struct kvm_regs`` etc.), owned by
-Python: change fields and hand it back to the matching setter.
+Python: change fields and hand it back to the matching setter. The getters and setters of
+the rest of a vCPU's state (XSAVE, XCRs, debug registers, TSC frequency, the CPUID it was
+given) are here for snapshots; :mod:`avmm.state.vcpu` knows the order KVM needs them in.
 """
 
 from __future__ import annotations
@@ -281,6 +283,30 @@ class Vcpu:
                 counts[code] = 0
         return taken
 
+    def complete_pending_io(self) -> None:
+        """KVM_RUN with ``immediate_exit`` set: KVM finishes the I/O or MMIO access of the
+        last exit (an ``in`` or MMIO read takes the data userspace put in ``kvm_run``) and
+        returns EINTR without running a guest instruction.
+
+        KVM keeps that half-done access in no state userspace can read, so it must be
+        finished before the vCPU's state is saved (KVM's api.rst, KVM_RUN). Call it on a
+        vCPU no thread is running; ``immediate_exit`` keeps its previous value.
+        """
+        previous = self._run.immediate_exit
+        self._run.immediate_exit = 1
+        try:
+            ioctl(self.fd, "KVM_RUN")
+        except KvmError as e:
+            if e.errno not in _EINTR_EAGAIN:
+                raise
+        else:
+            # KVM never returns 0 with immediate_exit set; a kernel that did ran the
+            # guest on, and its exit is lost: say so rather than save a skewed state.
+            raise KvmError("KVM_RUN", errno.EINVAL,
+                           f"vcpu {self.id}: ran the guest although immediate_exit was set")
+        finally:
+            self._run.immediate_exit = previous
+
     def set_immediate_exit(self, value: bool) -> None:
         """Set ``kvm_run.immediate_exit``: while set, KVM_RUN returns EINTR at once."""
         self._run.immediate_exit = 1 if value else 0
@@ -324,6 +350,93 @@ class Vcpu:
 
     def set_fpu(self, fpu: Any) -> None:
         ioctl(self.fd, "KVM_SET_FPU", fpu)
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: the 4 KiB legacy XSAVE area (x87, SSE and AVX state)."""
+        area = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, "KVM_GET_XSAVE", area)
+        return bytes(ffi.buffer(area))
+
+    def get_xsave2(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2: the whole XSAVE area, ``size`` bytes as
+        ``Vm.check_extension("KVM_CAP_XSAVE2")`` reports it (at least 4096)."""
+        if size < ffi.sizeof("struct kvm_xsave"):
+            raise ValueError(f"an XSAVE area is at least {ffi.sizeof('struct kvm_xsave')} "
+                             f"bytes, not {size}")
+        buffer = ffi.new("char[]", size)
+        ioctl(self.fd, "KVM_GET_XSAVE2", ffi.cast("struct kvm_xsave *", buffer))
+        return bytes(ffi.buffer(buffer))
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE. KVM reads as many bytes as KVM_CAP_XSAVE2 says (4096 without
+        it): a shorter area (at least 4096 bytes) is padded with zeros, components it
+        lacks stay in their initial state; a longer one is refused rather than cut."""
+        legacy = ffi.sizeof("struct kvm_xsave")
+        expected = max(self.vm.check_extension("KVM_CAP_XSAVE2"), legacy)
+        if not legacy <= len(area) <= expected:
+            raise ValueError(f"this host's XSAVE area is {legacy} to {expected} bytes; the "
+                             f"one given has {len(area)}")
+        buffer = ffi.new("char[]", expected)
+        ffi.buffer(buffer)[:len(area)] = area
+        ioctl(self.fd, "KVM_SET_XSAVE", ffi.cast("struct kvm_xsave *", buffer))
+
+    def get_xcrs(self) -> Any:
+        """KVM_GET_XCRS: ``struct kvm_xcrs`` (``nr_xcrs`` entries of ``xcrs``)."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, "KVM_GET_XCRS", xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_XCRS", xcrs)
+
+    def get_debugregs(self) -> Any:
+        """KVM_GET_DEBUGREGS: ``struct kvm_debugregs`` (DR0-3, DR6, DR7)."""
+        debugregs = ffi.new("struct kvm_debugregs *")
+        ioctl(self.fd, "KVM_GET_DEBUGREGS", debugregs)
+        return debugregs
+
+    def set_debugregs(self, debugregs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_DEBUGREGS", debugregs)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz."""
+        return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (needs KVM_CAP_TSC_CONTROL unless ``khz`` is the host's)."""
+        if not 0 < khz < 1 << 32:
+            raise ValueError(f"TSC frequency must be 1 .. 2^32-1 kHz, got {khz}")
+        ioctl(self.fd, "KVM_SET_TSC_KHZ", khz)
+
+    def get_cpuid2(self) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2: the CPUID entries this vCPU was given with KVM_SET_CPUID2."""
+        capacity = 256
+        while True:
+            cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": capacity, "entries": capacity})
+            try:
+                ioctl(self.fd, "KVM_GET_CPUID2", cpuid)
+            except KvmError as e:
+                if e.errno != errno.E2BIG or capacity >= 1 << 14:
+                    raise
+                capacity *= 4
+                continue
+            return [
+                CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (cpuid.entries[i] for i in range(cpuid.nent))
+            ]
+
+    def read_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """KVM_GET_MSRS as KVM answers it: KVM stops at the first MSR it refuses, so the
+        result holds the leading ``indices`` it could read, in order (an empty dict if
+        it refused the first). See :meth:`get_msrs` for all-or-nothing."""
+        wanted = list(indices)
+        if not wanted:
+            return {}
+        msrs = _msr_buffer(len(wanted))
+        for i, index in enumerate(wanted):
+            msrs.entries[i].index = index
+        got = ioctl(self.fd, "KVM_GET_MSRS", msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(min(got, len(wanted)))}
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS for ``indices``; raises if KVM returns fewer than asked."""

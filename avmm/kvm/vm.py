@@ -1,9 +1,10 @@
-"""A KVM VM fd: memory slots, the in-kernel irqchip and PIT, irqfd, ioeventfd."""
+"""A KVM VM fd: memory slots, the in-kernel irqchip and PIT, irqfd, ioeventfd, and the
+VM-wide state a snapshot saves (irqchip, PIT and kvmclock; see :mod:`avmm.state`)."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._ioctl import ioctl
 from ._kvm_ffi import ffi, lib
@@ -25,6 +26,12 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def check_extension(self, capability: str | int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd: some answers are per VM (KVM_CAP_XSAVE2's
+        size, KVM_CAP_NR_MEMSLOTS)."""
+        number = getattr(lib, capability) if isinstance(capability, str) else capability
+        return ioctl(self.fd, "KVM_CHECK_EXTENSION", number)
 
     # -- memory --------------------------------------------------------------------------
 
@@ -101,6 +108,47 @@ class Vm:
         request.flags = flags
         ioctl(self.fd, "KVM_IOEVENTFD", request)
 
+    def get_irqchip(self, chip_id: int) -> Any:
+        """KVM_GET_IRQCHIP: ``struct kvm_irqchip`` of ``chip_id`` (KVM_IRQCHIP_PIC_MASTER,
+        KVM_IRQCHIP_PIC_SLAVE or KVM_IRQCHIP_IOAPIC); read its part with
+        :func:`irqchip_pic` or :func:`irqchip_ioapic`."""
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = chip_id
+        ioctl(self.fd, "KVM_GET_IRQCHIP", chip)
+        return chip
+
+    def set_irqchip(self, chip: Any) -> None:
+        ioctl(self.fd, "KVM_SET_IRQCHIP", chip)
+
+    def get_pit2(self) -> Any:
+        """KVM_GET_PIT2: ``struct kvm_pit_state2`` (three channels and flags)."""
+        state = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, "KVM_GET_PIT2", state)
+        return state
+
+    def set_pit2(self, state: Any) -> None:
+        ioctl(self.fd, "KVM_SET_PIT2", state)
+
+    def get_clock(self) -> Any:
+        """KVM_GET_CLOCK: ``struct kvm_clock_data``: the guest's kvmclock in ns, and
+        ``flags`` saying which of ``realtime``/``host_tsc`` are valid and whether the
+        clock is stable across vCPUs (KVM_CLOCK_TSC_STABLE)."""
+        data = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, "KVM_GET_CLOCK", data)
+        return data
+
+    def set_clock(self, clock: int, *, flags: int = 0, realtime: int = 0) -> None:
+        """KVM_SET_CLOCK: the guest's kvmclock reads ``clock`` ns from now. With
+        ``flags=KVM_CLOCK_REALTIME`` KVM adds the host's CLOCK_REALTIME progress since
+        ``realtime``; KVM_CLOCK_TSC_STABLE is an output only and is refused here."""
+        if flags & ~lib.KVM_CLOCK_REALTIME:
+            raise ValueError(f"KVM_SET_CLOCK takes only KVM_CLOCK_REALTIME, not flags {flags:#x}")
+        data = ffi.new("struct kvm_clock_data *")
+        data.clock = clock
+        data.flags = flags
+        data.realtime = realtime
+        ioctl(self.fd, "KVM_SET_CLOCK", data)
+
     # -- vCPUs ---------------------------------------------------------------------------
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
@@ -108,3 +156,18 @@ class Vm:
         from .vcpu import Vcpu
 
         return Vcpu(self, vcpu_id, ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id))
+
+
+def irqchip_pic(chip: Any) -> Any:
+    """The ``struct kvm_pic_state`` inside a PIC's ``struct kvm_irqchip``."""
+    return lib.avmm_irqchip_pic(chip)
+
+
+def irqchip_ioapic(chip: Any) -> Any:
+    """The ``struct kvm_ioapic_state`` inside the IOAPIC's ``struct kvm_irqchip``."""
+    return lib.avmm_irqchip_ioapic(chip)
+
+
+def ioapic_redirection_table(ioapic: Any) -> Any:
+    """The IOAPIC's redirection entries as a ``uint64_t *`` of KVM_IOAPIC_NUM_PINS."""
+    return lib.avmm_ioapic_redirtbl(ioapic)

@@ -1,0 +1,181 @@
+"""A snapshot directory: ``state.avmm`` (see :mod:`avmm.state.format`) and
+``memory.avmm`` (see :mod:`avmm.state.memory_file`), written whole or not at all.
+
+:func:`write_snapshot` builds the directory under a temporary name next to the target
+(``.<name>.partial-<pid>-<random>``), writes the memory file, then the state file
+(which records the memory file's size and digest), fsyncs both and the directory, and
+only then renames it to its name (refusing to replace anything) and fsyncs the parent.
+A crash at any point leaves either no snapshot under that name or a whole one; a
+leftover ``.partial`` directory is never mistaken for a snapshot. The directory is mode
+0700: it holds guest memory.
+
+:func:`read_snapshot` checks the state file completely and the memory file's presence
+and size; :func:`load_memory` then maps or copies the memory (and checks its digest when
+copying, or when asked).
+
+Everything here blocks: call it from a worker thread, not the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import SnapshotError
+from .format import read_state_file, write_state_file
+from .memory_file import GuestRam, MemoryImage, copy_memory_file, map_memory_file, write_memory_file
+
+STATE_FILE_NAME = "state.avmm"
+MEMORY_FILE_NAME = "memory.avmm"
+#: The section of the state file that describes the memory file.
+MEMORY_SECTION = "memory"
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What :func:`write_snapshot` wrote."""
+
+    path: Path
+    bytes_state: int
+    #: Bytes of guest memory in the memory file (its holes not counted).
+    bytes_memory: int
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot read back: its checked sections, and its memory file if it has one."""
+
+    path: Path
+    sections: dict[str, Any]
+    memory: MemoryImage | None
+    memory_path: Path | None
+
+
+def write_snapshot(directory: Path, sections: Mapping[str, Any],
+                   memory: GuestRam | None) -> SnapshotInfo:
+    """Write ``sections`` (name → state dataclass) and ``memory`` as the new snapshot
+    directory ``directory``, whose parent must exist. The guest must not run meanwhile.
+
+    :raises SnapshotError: ``directory`` exists, its parent does not, or writing failed
+        (nothing is left behind then).
+    """
+    started = time.monotonic()
+    directory = Path(directory)
+    if MEMORY_SECTION in sections:
+        raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
+    if directory.exists() or directory.is_symlink():
+        raise SnapshotError(f"{directory}: already exists; snapshots are written to a new "
+                            "directory")
+    parent = directory.parent
+    if not parent.is_dir():
+        raise SnapshotError(f"{directory}: its parent directory does not exist")
+    partial = parent / f".{directory.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.mkdir(partial, 0o700)
+    except OSError as e:
+        raise SnapshotError(f"{directory}: cannot create the snapshot: {e.strerror}") from None
+    try:
+        image = write_memory_file(memory, partial / MEMORY_FILE_NAME) if memory else None
+        bytes_state = write_state_file(partial / STATE_FILE_NAME,
+                                       {**sections, MEMORY_SECTION: image})
+        _fsync_directory(partial)
+        _rename_no_replace(partial, directory)
+        _fsync_directory(parent)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SnapshotError(f"{directory}: cannot write the snapshot: "
+                                f"{e.strerror or e}") from e
+        raise
+    return SnapshotInfo(path=directory, bytes_state=bytes_state,
+                        bytes_memory=image.data_bytes if image else 0,
+                        duration_s=time.monotonic() - started)
+
+
+def read_snapshot(directory: Path, expect: Mapping[str, Any]) -> Snapshot:
+    """Read and check the snapshot in ``directory``: ``expect`` maps each section (the
+    memory section aside) to its type. The memory file must be there with the size
+    the state file recorded; its contents are checked by :func:`load_memory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SnapshotError(f"{directory}: no such snapshot directory")
+    if MEMORY_SECTION in expect:
+        raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
+    state_path = directory / STATE_FILE_NAME
+    if not state_path.exists():
+        raise SnapshotError(f"{directory}: not a snapshot (it has no {STATE_FILE_NAME})")
+    sections = read_state_file(state_path, {**expect, MEMORY_SECTION: MemoryImage | None})
+    image: MemoryImage | None = sections.pop(MEMORY_SECTION)
+    memory_path = None
+    if image is not None:
+        if image.file in ("", ".", "..") or Path(image.file).name != image.file:
+            raise SnapshotError(f"{state_path}: names a memory file outside the snapshot "
+                                f"({image.file!r})")
+        memory_path = directory / image.file
+        try:
+            size = memory_path.stat().st_size
+        except FileNotFoundError:
+            raise SnapshotError(f"{memory_path}: the snapshot's memory file is missing") \
+                from None
+        except OSError as e:
+            raise SnapshotError(f"{memory_path}: {e.strerror}") from None
+        if size != image.size:
+            raise SnapshotError(f"{memory_path}: the memory file has {size} bytes, the "
+                                f"snapshot recorded {image.size} (truncated or replaced?)")
+    return Snapshot(path=directory, sections=sections, memory=image, memory_path=memory_path)
+
+
+def load_memory(snapshot: Snapshot, memory: GuestRam, *, copy: bool = False,
+                verify: bool | None = None) -> None:
+    """Bring the snapshot's guest RAM into ``memory`` (new, all zero, not yet given to
+    KVM): mapped copy-on-write from the file (nothing is read up front), or copied with
+    ``copy``. ``verify`` checks the memory file's digest, reading all its data once: by
+    default when copying (which reads it all anyway), not when mapping (that would undo
+    what mapping saves). The state file is always checked in full."""
+    if snapshot.memory is None or snapshot.memory_path is None:
+        raise SnapshotError(f"{snapshot.path}: the snapshot has no guest memory")
+    if verify is None:
+        verify = copy
+    if copy:
+        copy_memory_file(snapshot.memory_path, memory, snapshot.memory, verify=verify)
+    else:
+        map_memory_file(snapshot.memory_path, memory, snapshot.memory, verify=verify)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """rename(2) that fails if ``target`` appeared meanwhile (plain rename would replace
+    an empty directory)."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is not None:
+        result = renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                           _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(error, os.strerror(error), str(target))
+    if target.exists():
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)

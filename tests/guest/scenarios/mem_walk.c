@@ -1,0 +1,106 @@
+/* mem-walk: a ring-3 workload over guest RAM whose progress a snapshot can
+ * interrupt, and whose output says whether the restored guest went on exactly
+ * where it stopped (README.md, "mem-walk").
+ *
+ * Options: avmm.mib=M (default 16), avmm.rounds=R (default 8), avmm.seed=S
+ * (default 1), avmm.base=B (default 0x400000, 4 KiB aligned; the range must
+ * end below the 32-bit MMIO hole at 3 GiB).
+ *
+ * Word i (u64, counted from B) of a page last written in round g holds
+ *     splitmix64(S * 0x9E3779B97F4A7C15 + (g << 48) + i)
+ * (g = 0: the initial fill). Round r (1..R) rewrites every page p with
+ * p % 4 == r % 4, then checks every word of the M MiB against what it must
+ * hold after round r and takes the CRC-32 of all of it, so each round's CRC
+ * depends on S, M and r only. Output per round, then at the end:
+ *     mem-walk round=<r> crc=<crc32, 8 hex digits>
+ *     mem-walk done rounds=<R> verify=ok
+ * or, at the first wrong word, "mem-walk done rounds=<r> verify=FAIL at
+ * 0x<address>" and exit 1. Mailbox counter: the last round completed (0
+ * while filling). */
+#include "crc32.h"
+#include "guest.h"
+#include "pattern.h"
+
+#define MEM_WALK_BASE_DEFAULT 0x400000ULL
+/* The image and its mailbox end at 0x201000 (README.md, "Image and loader
+ * contract"); stay clear of them. */
+#define MEM_WALK_BASE_MIN     0x300000ULL
+/* Low RAM ends where the 32-bit MMIO hole starts (avmm and QEMU microvm). */
+#define MEM_WALK_LIMIT        0xC0000000ULL
+#define MEM_WALK_PAGE         4096u
+#define MEM_WALK_PAGE_WORDS   (MEM_WALK_PAGE / 8)
+/* Each round rewrites one page in MEM_WALK_STRIDE. */
+#define MEM_WALK_STRIDE       4u
+/* The generation sits above every word index (2^48 words = 2 PiB). */
+#define MEM_WALK_GEN_SHIFT    48
+
+static inline uint64_t word_value(uint64_t seed, uint64_t generation, uint64_t index)
+{
+    return splitmix64(seed * PATTERN_GOLDEN + (generation << MEM_WALK_GEN_SHIFT) + index);
+}
+
+/* The round that last wrote `page` once round `round` is over (0: the fill). */
+static uint64_t page_generation(uint64_t page, uint64_t round)
+{
+    uint64_t phase = page % MEM_WALK_STRIDE;
+    uint64_t back = (round + MEM_WALK_STRIDE - phase) % MEM_WALK_STRIDE;
+    return back >= round ? 0 : round - back;
+}
+
+static void write_page(uint64_t *words, uint64_t seed, uint64_t generation, uint64_t page)
+{
+    uint64_t first = page * MEM_WALK_PAGE_WORDS;
+    for (unsigned j = 0; j < MEM_WALK_PAGE_WORDS; j++)
+        words[first + j] = word_value(seed, generation, first + j);
+}
+
+static int mem_walk_run(void)
+{
+    uint64_t mib = cmdline_get_u64("avmm.mib", 16);
+    uint64_t rounds = cmdline_get_u64("avmm.rounds", 8);
+    uint64_t seed = cmdline_get_u64("avmm.seed", 1);
+    uint64_t base = cmdline_get_u64("avmm.base", MEM_WALK_BASE_DEFAULT);
+
+    if (mib == 0 || mib > MEM_WALK_LIMIT >> 20)
+        guest_panic("avmm.mib: must be 1..%llu", MEM_WALK_LIMIT >> 20);
+    if (rounds >= 1ULL << (64 - MEM_WALK_GEN_SHIFT))
+        guest_panic("avmm.rounds: must be below %llu", 1ULL << (64 - MEM_WALK_GEN_SHIFT));
+    if (base % MEM_WALK_PAGE || base < MEM_WALK_BASE_MIN || base > MEM_WALK_LIMIT ||
+        (mib << 20) > MEM_WALK_LIMIT - base)
+        guest_panic("avmm.base: must be 4 KiB aligned, at or above 0x%llx, with the range "
+                    "below 0x%llx", MEM_WALK_BASE_MIN, MEM_WALK_LIMIT);
+
+    uint64_t *words = (uint64_t *)(uintptr_t)base;
+    uint64_t pages = (mib << 20) / MEM_WALK_PAGE;
+
+    mailbox.counter = 0;
+    for (uint64_t p = 0; p < pages; p++)
+        write_page(words, seed, 0, p);
+
+    for (uint64_t round = 1; round <= rounds; round++) {
+        for (uint64_t p = round % MEM_WALK_STRIDE; p < pages; p += MEM_WALK_STRIDE)
+            write_page(words, seed, round, p);
+        /* The checks below must read memory, not what the compiler remembers. */
+        __asm__ volatile("" ::: "memory");
+
+        uint32_t crc = 0;
+        for (uint64_t p = 0; p < pages; p++) {
+            uint64_t generation = page_generation(p, round);
+            uint64_t first = p * MEM_WALK_PAGE_WORDS;
+            for (unsigned j = 0; j < MEM_WALK_PAGE_WORDS; j++) {
+                if (words[first + j] != word_value(seed, generation, first + j)) {
+                    guest_printf(GUEST_PREFIX "mem-walk done rounds=%lu verify=FAIL at 0x%lx\n",
+                                 round, base + (first + j) * 8);
+                    return EXIT_FAILURE;
+                }
+            }
+            crc = crc32_update(crc, &words[first], MEM_WALK_PAGE);
+        }
+        guest_printf(GUEST_PREFIX "mem-walk round=%lu crc=%08x\n", round, crc);
+        mailbox.counter = round;
+    }
+    guest_printf(GUEST_PREFIX "mem-walk done rounds=%lu verify=ok\n", rounds);
+    return EXIT_OK;
+}
+
+SCENARIO("mem-walk", mem_walk_run);
