@@ -3,7 +3,8 @@
 RAM is one ``memfd`` mapped ``MAP_SHARED`` once into this process. It is split into guest
 regions around the 32-bit MMIO hole (x86 puts the IOAPIC, LAPIC and device windows below
 4 GiB). Because the backing is a memfd, a vhost-user backend can later map the very same
-pages from the fd and an offset.
+pages from the fd and an offset; the memfd is sealed against shrinking
+(``F_SEAL_SHRINK``), so no process that maps it can be made to fault past its end.
 
 Every access is by guest physical address and is checked against the region map: an
 address outside RAM raises :class:`GuestAddressError`, never an ``IndexError`` deep inside
@@ -13,6 +14,7 @@ a device.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import sys
@@ -155,11 +157,15 @@ class GuestMemory(MemoryAccess):
         self.regions = plan_regions(size)
         self.size = size
         try:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
             raise GuestMemoryError(f"memfd_create failed: {e}") from e
         try:
             os.ftruncate(self.fd, size)
+            # Whoever maps this fd (a vhost-user back-end) faults with SIGBUS on any page
+            # past the end should the file shrink; sealing it makes that impossible, and
+            # lets a back-end require the seal before it maps anything.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             self._map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED,
                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:

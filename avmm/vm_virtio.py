@@ -49,7 +49,8 @@ VIRTIO_MMIO_WINDOW = 0x1000
 #: the timer (0), keyboard/cascade (1, 2), the UARTs (3, 4) and the RTC (8).
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
 
-#: How long a driver's reset may wait for the device task to stop.
+#: How long the vCPU that resets a device waits for its task to stop. Past it the reset
+#: stays pending (Status reads non-zero) until the task has stopped (see mmio.py).
 RESET_TIMEOUT_S = 10.0
 
 _DEVICE_KINDS = {DeviceId.BLOCK: "blk", DeviceId.NET: "net", DeviceId.CONSOLE: "console",
@@ -87,6 +88,9 @@ class VirtioMmioSlot:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped: trio.Event | None = None
+        # Set while no device task runs; read by vCPU threads polling a pending reset.
+        self._idle = threading.Event()
+        self._idle.set()
         self.irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.kick_fds: list[int] = []
         #: Open while the VM runs; the VM closes it to pause the device.
@@ -107,7 +111,8 @@ class VirtioMmioSlot:
         self.transport = MmioTransport(
             device, memory,
             TransportCallbacks(activate=self._activate, reset=self._reset,
-                               interrupt=self._interrupt, queue_notify=self._queue_notify),
+                               interrupt=self._interrupt, queue_notify=self._queue_notify,
+                               stopped=self._device_stopped),
             name=device.name,
             common_features=0 if external else COMMON_FEATURES,
             external_used_notifications=external,
@@ -204,14 +209,29 @@ class VirtioMmioSlot:
         except trio.RunFinishedError:
             pass
 
-    def _reset(self, transport: MmioTransport) -> None:
-        """Block the resetting vCPU until the device task has stopped: the driver will
-        reuse the rings' memory as soon as it sees status 0. Rare, so the latency of a
-        round trip to the event loop does not matter."""
+    def _reset(self, transport: MmioTransport) -> bool:
+        """Block the resetting vCPU until the device task has stopped (the driver will
+        reuse the rings' memory as soon as it sees status 0), for at most
+        :data:`RESET_TIMEOUT_S`; False if it has not stopped by then (the transport then
+        keeps the reset pending and asks :meth:`_device_stopped` on each Status read).
+        Rare, so the latency of a round trip to the event loop does not matter."""
         try:
-            trio.from_thread.run(self._stop_and_wait, trio_token=self._token)
-        except (trio.RunFinishedError, trio.Cancelled):
-            pass
+            return bool(trio.from_thread.run(self._stop_and_wait, trio_token=self._token))
+        except trio.RunFinishedError:
+            return True  # the event loop is gone, and every device task with it
+        except trio.Cancelled:
+            return self._device_stopped()
+
+    def _device_stopped(self) -> bool:
+        """No device task runs, and the device vouches that nothing it started still
+        touches guest memory (any thread; never blocks)."""
+        return self._idle.is_set() and self._unstopped_reason() is None
+
+    def _unstopped_reason(self) -> str | None:
+        """Why a device whose task has returned may still write guest memory (a
+        vhost-user back-end that did not confirm that its rings stopped), or None."""
+        reason = getattr(self.device, "stop_unconfirmed", None)
+        return reason if isinstance(reason, str) else None
 
     # -- event-loop side ----------------------------------------------------------------
 
@@ -220,17 +240,28 @@ class VirtioMmioSlot:
             return
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
+        self._idle.clear()
         self._nursery.start_soon(self._serve, self._scope, self._stopped)
 
-    async def _stop_and_wait(self) -> None:
+    async def _stop_and_wait(self) -> bool:
+        """Cancel the device task and wait for it; whether the device has stopped."""
         scope, stopped = self._scope, self._stopped
         if scope is not None and stopped is not None:
             scope.cancel()
             with trio.move_on_after(RESET_TIMEOUT_S):
                 await stopped.wait()
-            self._scope = self._stopped = None
+            if not stopped.is_set():
+                self._log.warning("device did not stop within the reset timeout; the reset "
+                                  "completes once it has", timeout_s=RESET_TIMEOUT_S)
+                return False
         # The transport resets the rings next: a last look at how far a back-end got.
         self.observe_used_rings()
+        reason = self._unstopped_reason()
+        if reason is not None:
+            self._log.warning("device cannot confirm that it stopped writing guest memory; "
+                              "the reset completes once it can", reason=reason)
+            return False
+        return True
 
     async def _serve(self, scope: trio.CancelScope, stopped: trio.Event) -> None:
         structlog.contextvars.bind_contextvars(device=self.device.name)
@@ -247,7 +278,11 @@ class VirtioMmioSlot:
             self._log.exception("device failed")
             self.transport.set_needs_reset(f"internal error: {type(e).__name__}: {e}")
         finally:
+            if self._scope is scope:
+                # The next activation may start a task; a reset finds nothing to wait for.
+                self._scope = self._stopped = None
             stopped.set()
+            self._idle.set()
 
 
 class _ServedQueue:

@@ -9,16 +9,35 @@ an in-process device. What differs is where the queues are served:
   VHOST_USER_F_PROTOCOL_FEATURES (bit 30) GET/SET_PROTOCOL_FEATURES (REPLY_ACK, CONFIG
   and MQ are acked where offered), GET_QUEUE_NUM (MQ) and GET_CONFIG (CONFIG; the
   config space is cached and served to the driver from the cache). Any failure is a
-  :class:`VhostFrontendError`, which the VM turns into a ``VmStartError``.
+  :class:`VhostFrontendError`, which the VM turns into a ``VmStartError``. What the
+  driver is offered is what avmm can carry: vhost-only and transport bits the
+  virtio-mmio transport lacks are masked, a NIC gets no control queue, and a disk
+  neither CONFIG_WCE (config writes are not relayed) nor SECURE_ERASE/ZONED (their
+  config fields are not fetched). A disk has one queue unless the back-end offers
+  PROTOCOL_F_MQ and VIRTIO_BLK_F_MQ; then as many as GET_QUEUE_NUM and its config
+  allow (or as configured), and num_queues in the config space the driver reads is
+  rewritten to that count (a driver creates as many queues as it reads there).
 * **run()** (the driver set DRIVER_OK): SET_FEATURES, SET_MEM_TABLE (avmm's RAM is one
   shared memfd: each region goes with that fd and its offset), and per ring the driver
   enabled SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (avmm's own virtual addresses
-  of the rings), SET_VRING_CALL (the slot's irqfd eventfd), SET_VRING_KICK (the ring's
-  KVM ioeventfd eventfd) and SET_VRING_ENABLE. From then on kicks go from KVM straight
-  to the back-end and interrupts from the back-end straight to KVM: the data path never
-  enters avmm. ``run`` then only watches the connection.
+  of the rings), SET_VRING_CALL (the slot's irqfd eventfd), SET_VRING_ERR (an eventfd
+  of the device's own per ring), SET_VRING_KICK (the ring's KVM ioeventfd eventfd) and
+  SET_VRING_ENABLE. From then on kicks go from KVM straight to the back-end and
+  interrupts from the back-end straight to KVM: the data path never enters avmm.
+  ``run`` then only watches the connection and the error eventfds.
+* **Ring errors.** A back-end that finds a ring broken (a driver's looping or
+  out-of-RAM chain) signals that ring's error eventfd: ``run`` raises
+  DeviceNeedsReset, so the device goes to DEVICE_NEEDS_RESET with a configuration
+  change interrupt (virtio 1.2 §2.1.2) exactly as an in-process device does, and the
+  rings are stopped (GET_VRING_BASE), which also stops the back-end's device. The
+  connection stays; the driver's reset and next DRIVER_OK start the rings again.
 * **Stop** (driver reset, VM stop: ``run`` is cancelled): GET_VRING_BASE per ring stops
-  it; the returned index goes back into the queue's state.
+  it; the returned index goes back into the queue's state. A back-end that does not
+  answer within :data:`RING_TIMEOUT_S` is dropped, but its connection is only shut
+  down for writing and kept until the back-end closes its side: until then
+  :attr:`VhostUserDevice.stop_unconfirmed` says why it may still write guest memory,
+  and the slot keeps the driver's reset pending (Status reads non-zero, virtio 1.2
+  §2.4.1). A VM stop does not wait for it.
 
 Because the back-end signals the irqfd itself, the transport never sees a used buffer
 notification: the slot builds the transport with ``external_used_notifications`` (see
@@ -66,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +95,7 @@ import structlog
 import trio
 
 from ..errors import AvmmError
+from ..eventfd import wait_eventfd
 from ..virtio.device import (
     VIRTIO_F_VERSION_1,
     DeviceContext,
@@ -88,6 +109,7 @@ from .protocol import (
     Message,
     ProtocolFeature,
     Request,
+    VhostConnectionClosed,
     VhostProtocolError,
     receive_message,
     send_message,
@@ -104,6 +126,9 @@ __all__ = ["HANDSHAKE_TIMEOUT_S", "VhostFrontendError", "VhostUserDevice"]
 HANDSHAKE_TIMEOUT_S = 5.0
 #: How long bringing the rings up (or stopping them) may take once the driver is ready.
 RING_TIMEOUT_S = 5.0
+#: How many connections whose back-end may still run rings are kept to learn when it
+#: stops (see :attr:`VhostUserDevice.stop_unconfirmed`); past it the oldest is given up.
+MAX_LINGERING = 8
 #: Reconnect backoff: the first wait, doubling up to the largest, for at most the total.
 RECONNECT_FIRST_DELAY_S = 0.05
 RECONNECT_MAX_DELAY_S = 1.0
@@ -126,6 +151,17 @@ _TRANSPORT_UNSUPPORTED = ((1 << 26) | (1 << 30) | (1 << 33) | (1 << 34) | (1 << 
 _NET_UNSUPPORTED = (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | (1 << 22) | (1 << 23)
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_BLK_F_SIZE_MAX = 1 << 1
+VIRTIO_BLK_F_MQ = 1 << 12
+#: The device-specific feature bits (0 to 23) of virtio-blk that pass through: SIZE_MAX 1,
+#: SEG_MAX 2, GEOMETRY 4, RO 5, BLK_SIZE 6, FLUSH 9, TOPOLOGY 10, MQ 12 (see below),
+#: DISCARD 13, WRITE_ZEROES 14, LIFETIME 15. Not CONFIG_WCE (11: the driver's writeback
+#: setting is a config write, which is not relayed), SECURE_ERASE (16) and ZONED (17),
+#: whose config fields lie past the part fetched, nor legacy or unknown bits.
+_BLK_CARRIED = ((1 << 1) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10)
+                | VIRTIO_BLK_F_MQ | (1 << 13) | (1 << 14) | (1 << 15))
+_BLK_UNSUPPORTED = ((1 << 24) - 1) & ~_BLK_CARRIED
+#: Where virtio-blk's config space holds num_queues (u16).
+_BLK_NUM_QUEUES = 34
 
 #: Config space sizes asked with GET_CONFIG, by device ID (back-ends such as
 #: libvhost-user's refuse a read past their config structure).
@@ -144,6 +180,10 @@ class VhostFrontendError(AvmmError):
 
 class _Incompatible(Exception):
     """A reconnected back-end no longer offers what the driver relies on."""
+
+
+class _Refused(VhostProtocolError):
+    """The back-end answered a REPLY_ACK with failure."""
 
 
 @dataclass
@@ -227,11 +267,22 @@ class VhostUserDevice(VirtioDevice):
         self.protocol_features = 0
         self.backend_queue_num: int | None = None
         self.config = b""
+        #: The config space as the back-end gave it (``config`` is what the driver sees).
+        self._backend_config = b""
         self.connected = False
         self._features = 0
         self._sock: socket.socket | None = None
         self._trio_sock: Any = None
         self._started: list[int] = []
+        #: Each ring's error eventfd (SET_VRING_ERR), created at its first bring-up and
+        #: kept across reconnects and resets.
+        self._err_fds: dict[int, int] = {}
+        # Connections closed on our side while the back-end may still run rings on them
+        # (see stop_unconfirmed); any thread reads them, so they have a lock.
+        self._lingering: list[socket.socket] = []
+        self._linger_lock = threading.Lock()
+        self._linger_reason = ""
+        self._given_up: str | None = None
         self._connect_and_negotiate(num_queues, queue_size, mac)
 
     # -- construction: the blocking handshake -------------------------------------------
@@ -301,7 +352,7 @@ class VhostUserDevice(VirtioDevice):
                     raise VhostProtocolError(
                         f"GET_CONFIG for {size} bytes at 0 answered {answer.size} bytes "
                         f"at {answer.offset}")
-                self.config = bytes(answer.payload)
+                self.config = self._backend_config = bytes(answer.payload)
         offered = features & ~_TRANSPORT_UNSUPPORTED
         if self.device_id == DeviceId.BLOCK and offered & VIRTIO_BLK_F_SIZE_MAX \
                 and self.config[8:12] == bytes(4):
@@ -314,8 +365,9 @@ class VhostUserDevice(VirtioDevice):
             if mac is not None:
                 self.config = bytes(mac) + self.config[6:]
                 offered |= VIRTIO_NET_F_MAC
-        self._features = offered
-        if num_queues is None:
+        if self.device_id == DeviceId.BLOCK:
+            offered, num_queues = self._block_queues(offered, num_queues)
+        elif num_queues is None:
             if self.device_id == DeviceId.NET:
                 num_queues = 2
             elif self.backend_queue_num is not None:
@@ -327,7 +379,39 @@ class VhostUserDevice(VirtioDevice):
             raise VhostFrontendError(
                 f"{num_queues} queues configured, the vhost-user back-end at "
                 f"{self.socket_path} has {self.backend_queue_num}")
+        self._features = offered
         self.queue_max_sizes = (queue_size,) * num_queues
+
+    def _block_queues(self, offered: int, num_queues: int | None) -> tuple[int, int]:
+        """virtio-blk: the features offered and the number of queues. Features the
+        front-end cannot carry are masked. Without PROTOCOL_F_MQ the back-end serves one
+        queue (vhost-user spec), so VIRTIO_BLK_F_MQ is masked whatever its config says;
+        with it, the driver gets the queues configured (default: as many as the
+        back-end has and its config announces), and the num_queues field in the config
+        space says exactly that many: a driver creates as many queues as it reads
+        there, and its probe fails if one of them does not exist."""
+        offered &= ~_BLK_UNSUPPORTED
+        mq = offered & VIRTIO_BLK_F_MQ
+        limit = (self.backend_queue_num or 1) if self._has(ProtocolFeature.MQ) else 1
+        if num_queues is None:
+            num_queues = 1
+            if mq:
+                announced = int.from_bytes(
+                    self.config[_BLK_NUM_QUEUES:_BLK_NUM_QUEUES + 2], "little")
+                num_queues = min(limit, announced) if announced else limit
+        elif num_queues > limit:
+            raise VhostFrontendError(
+                f"{num_queues} queues configured, the vhost-user back-end at "
+                f"{self.socket_path} serves {limit}"
+                + ("" if self._has(ProtocolFeature.MQ)
+                   else " (it does not offer VHOST_USER_PROTOCOL_F_MQ)"))
+        if num_queues == 1:
+            offered &= ~VIRTIO_BLK_F_MQ
+        if len(self.config) >= _BLK_NUM_QUEUES + 2:
+            config = bytearray(self.config)
+            config[_BLK_NUM_QUEUES:_BLK_NUM_QUEUES + 2] = num_queues.to_bytes(2, "little")
+            self.config = bytes(config)
+        return offered, num_queues
 
     def _has(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & (1 << feature))
@@ -465,13 +549,15 @@ class VhostUserDevice(VirtioDevice):
             if self.device_id != DeviceId.NET and count < len(self.queue_max_sizes):
                 raise _Incompatible(f"the back-end now has {count} queues, the device "
                                     f"{len(self.queue_max_sizes)}")
+        elif self.device_id == DeviceId.BLOCK and len(self.queue_max_sizes) > 1:
+            raise _Incompatible("the back-end no longer offers VHOST_USER_PROTOCOL_F_MQ")
         size = CONFIG_SIZES.get(int(self.device_id), 0)
         if self.device_id == DeviceId.BLOCK and size and self.config:
             if not self._has(ProtocolFeature.CONFIG):
                 raise _Incompatible("the back-end no longer offers its config space")
             answer = await self._exchange(sock, Request.GET_CONFIG, {
                 "offset": 0, "size": size, "flags": 0, "payload": bytes(size)}, reply=True)
-            if bytes(answer.payload) != self.config:
+            if bytes(answer.payload) != self._backend_config:
                 raise _Incompatible("the back-end's config space changed (capacity or "
                                     "geometry differs)")
 
@@ -532,6 +618,7 @@ class VhostUserDevice(VirtioDevice):
             })
             self._started.append(index)
             await self._call(sock, Request.SET_VRING_CALL, index, fds=[call_fd])
+            await self._set_vring_err(sock, index)
             await self._call(sock, Request.SET_VRING_KICK, index, fds=[kick_fd(index)])
             if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
                 await self._call(sock, Request.SET_VRING_ENABLE, {"index": index, "num": 1})
@@ -547,6 +634,22 @@ class VhostUserDevice(VirtioDevice):
                 os.eventfd_write(kick_fd(index), 1)
         self._log.info("vhost-user rings started", rings=self._started,
                        features=hex(features), inflight=self.inflight is not None)
+
+    async def _set_vring_err(self, sock: Any, index: int) -> None:
+        """Give the back-end ring ``index``'s error eventfd, which :meth:`_watch` waits
+        on. A back-end that refuses it (REPLY_ACK) still runs; its errors then only
+        show as a stalled ring."""
+        fd = self._err_fds.get(index)
+        if fd is None:
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._err_fds[index] = fd
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)  # an error reported before this bring-up is old news
+        try:
+            await self._call(sock, Request.SET_VRING_ERR, index, fds=[fd])
+        except _Refused:
+            self._log.info("vhost-user back-end refused SET_VRING_ERR; its ring errors "
+                           "cannot reach the driver", ring=index)
 
     async def _get_inflight(self, sock: Any) -> InflightArea:
         num_queues = len(self.queue_max_sizes)
@@ -580,31 +683,125 @@ class VhostUserDevice(VirtioDevice):
         raise DeviceNeedsReset(f"ring at guest 0x{guest_address:x} (+{length}) is not in RAM")
 
     async def _watch(self, sock: Any) -> None:
-        """Wait until the back-end closes the connection (or sends something it may
-        not: without BACKEND_REQ it has nothing to say on this channel)."""
+        """Wait until the back-end closes the connection or sends something it may not
+        (without BACKEND_REQ it has nothing to say on this channel): VhostProtocolError;
+        or signals the error eventfd of a running ring: DeviceNeedsReset."""
+        outcome: list[BaseException] = []
+        async with trio.open_nursery() as nursery:
+
+            async def first(wait: Any, *args: Any) -> None:
+                try:
+                    await wait(*args)
+                except (VhostProtocolError, OSError, DeviceNeedsReset) as e:
+                    outcome.append(e)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first, self._watch_connection, sock)
+            for index in self._started:
+                fd = self._err_fds.get(index)
+                if fd is not None:
+                    nursery.start_soon(first, self._watch_ring_error, index, fd)
+        if outcome:
+            raise outcome[0]
+
+    @staticmethod
+    async def _watch_connection(sock: Any) -> None:
         data = await sock.recv(1, socket.MSG_PEEK)
         if not data:
-            raise VhostProtocolError("the back-end closed the connection")
+            raise VhostConnectionClosed("the back-end closed the connection")
         raise VhostProtocolError("the back-end sent an unexpected message")
 
+    async def _watch_ring_error(self, index: int, fd: int) -> None:
+        await wait_eventfd(fd)
+        self._log.warning("vhost-user back-end reported a ring error", ring=index)
+        raise DeviceNeedsReset(f"the vhost-user back-end at {self.socket_path} reported "
+                               f"an error on ring {index}")
+
     async def _stop_rings(self, sock: Any, context: DeviceContext) -> None:
-        started, self._started = self._started, []
+        """GET_VRING_BASE for every running ring. A back-end that does not answer in
+        time (or breaks the protocol) is dropped, and its connection lingers until it
+        closes its side (see :attr:`stop_unconfirmed`)."""
+        started = list(self._started)
         try:
             with trio.fail_after(RING_TIMEOUT_S):
                 for index in started:
                     answer = await send_and_receive_base(sock, index)
+                    self._started.remove(index)
                     queue = context.queues[index]
                     if queue is not None:
                         queue.state.next_available = answer & 0xFFFF
         except (VhostProtocolError, OSError, trio.TooSlowError) as e:
-            self._drop(f"stopping the rings failed: {type(e).__name__}: {e}")
+            self._drop(f"stopping the rings failed: {_describe(e)}")
             return
         self._log.info("vhost-user rings stopped", rings=started)
 
     def _drop(self, reason: str, *, logged: bool = False) -> None:
+        """Close the connection; if rings may still run on it, let it linger."""
         if self.connected and not logged:
             self._log.warning("vhost-user back-end connection dropped", reason=reason)
+        if self._started:
+            self._linger(reason)
         self._close_connection()
+
+    # -- has the back-end stopped? --------------------------------------------------
+
+    @property
+    def stop_unconfirmed(self) -> str | None:
+        """Why the back-end may still touch guest memory although ``run`` has returned,
+        or None. Any thread; never blocks.
+
+        A back-end has stopped a ring once it answered GET_VRING_BASE for it, or once
+        it closed its end of the connection: a vhost-user back-end stops the device
+        when its front-end goes away and then closes (a killed process has unmapped
+        guest memory before its sockets close). A connection the front-end had to
+        drop with rings running (no answer in time, a protocol violation) is shut
+        down for writing, which tells the back-end, and kept until the back-end's
+        end-of-file shows that it has closed. The virtio-mmio slot does not let a
+        driver's reset complete while this is not None.
+        """
+        with self._linger_lock:
+            still = []
+            for sock in self._lingering:
+                if _closed_by_peer(sock):
+                    sock.close()
+                else:
+                    still.append(sock)
+            self._lingering = still
+            if self._given_up is not None:
+                return self._given_up
+            if still:
+                return ("the back-end has not yet closed a connection dropped while its "
+                        f"rings ran ({self._linger_reason})")
+            return None
+
+    def _linger(self, reason: str) -> None:
+        sock = self._trio_sock if self._trio_sock is not None else self._sock
+        if sock is None:
+            return
+        try:
+            copy = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as e:
+            self._given_up = f"cannot keep the dropped connection to learn when the " \
+                             f"back-end stops ({e}; after: {reason})"
+            return
+        try:
+            copy.setblocking(False)
+            copy.shutdown(socket.SHUT_WR)  # the back-end sees end-of-file and stops
+        except OSError:
+            copy.close()  # not connected any more: the back-end is gone
+            return
+        if _closed_by_peer(copy):
+            copy.close()
+            return
+        self._log.warning("vhost-user back-end may still run rings; waiting for it to "
+                          "close its connection", reason=reason)
+        with self._linger_lock:
+            self._lingering.append(copy)
+            self._linger_reason = reason
+            while len(self._lingering) > MAX_LINGERING:
+                self._lingering.pop(0).close()
+                self._given_up = ("a back-end dropped while its rings ran never closed its "
+                                  f"connection ({reason})")
 
     def reset(self) -> None:
         # The driver starts the rings afresh: the old inflight record means nothing now.
@@ -613,9 +810,18 @@ class VhostUserDevice(VirtioDevice):
             inflight.close()
 
     def close(self) -> None:
-        """Close the connection and forget the inflight record (the VM is going away)."""
+        """Close the connection (and any lingering one), the ring error eventfds and
+        forget the inflight record (the VM is going away)."""
         self._close_connection()
         self.reset()
+        with self._linger_lock:
+            lingering, self._lingering = self._lingering, []
+        for sock in lingering:
+            sock.close()
+        err_fds, self._err_fds = self._err_fds, {}
+        for fd in err_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _close_connection(self) -> None:
         """Close the connection (the back-end sees it go away and stops the device)."""
@@ -638,6 +844,21 @@ async def send_and_receive_base(sock: Any, index: int) -> int:
     return int(answer.num)
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the (non-blocking) peer has closed its end: end-of-file or a reset.
+    Whatever the peer still sends is read and dropped, up to a bound per call."""
+    for _ in range(16):
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+    return False
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
@@ -652,6 +873,6 @@ def _check_reply(request: Request, answer: Message, ack: bool) -> Any:
             f"{'a reply to ' if answer.reply else 'a request '}{answer.request.name}")
     if ack:
         if answer.payload != 0:
-            raise VhostProtocolError(f"{request.name} failed (REPLY_ACK {answer.payload})")
+            raise _Refused(f"{request.name} failed (REPLY_ACK {answer.payload})")
         return None
     return answer.payload

@@ -57,6 +57,14 @@ Where the spec leaves the device room, this transport decides as follows:
 * A config change before DRIVER_OK bumps ConfigGeneration but sends no interrupt (there
   is no driver interrupt handler to tell yet); the driver reads config under the
   generation check anyway.
+* A reset completes only once the device has stopped touching guest memory (§2.4.1): the
+  ``reset`` callback stops it and says whether it has. If it has not, the reset is
+  *pending*: Status keeps reading what it read before (non-zero), the driver, which must
+  wait for a read of 0 before it initialises the device again, polls it, and each
+  Status read asks the ``stopped`` callback; the first read after the device has
+  stopped completes the reset and reads 0. Until then non-zero Status writes are
+  ignored (and logged); a write of 0 asks the ``reset`` callback again. A device that
+  never stops leaves Status non-zero for good, with a log line saying so.
 * Used buffer notifications are only sent while the device is activated, so a device
   task that outlives a reset can never interrupt the driver (§2.4).
 * A device whose queues are served outside this process (a vhost-user back-end that
@@ -256,18 +264,24 @@ class TransportCallbacks:
     #: The driver set DRIVER_OK (features accepted, every ready queue valid): start
     #: serving. Called once per activation, on the vCPU thread that wrote Status.
     activate: Callable[[MmioTransport], None]
-    #: Stop serving, and return only once the device has stopped touching the queues
-    #: (the driver reuses the rings' memory as soon as it reads status 0). Called on the
-    #: thread that wrote 0 (or FAILED) to Status, or that called
-    #: :meth:`MmioTransport.reset`; it may come when nothing is being served (a driver
-    #: that fails or resets before DRIVER_OK), and must then just return.
-    reset: Callable[[MmioTransport], None]
+    #: Stop serving, and return once the device has stopped touching guest memory (the
+    #: driver reuses the rings' memory as soon as it reads status 0), or once it has
+    #: waited as long as it sensibly may: then return False, and the reset stays
+    #: pending until ``stopped`` says the device has stopped. Any other return value
+    #: means stopped. Called on the thread that wrote 0 (or FAILED) to Status, or that
+    #: called :meth:`MmioTransport.reset`; it may come when nothing is being served (a
+    #: driver that fails or resets before DRIVER_OK), and must then just return.
+    reset: Callable[[MmioTransport], bool | None]
     #: Pulse the device's interrupt line (an edge). Called on whichever thread signalled:
     #: the device's for used buffers and config changes, a vCPU's rarely.
     interrupt: Callable[[], None]
     #: A QueueNotify write for queue N reached the transport (no ioeventfd caught it):
     #: wake the task serving queue N. Called on the vCPU thread; must not block.
     queue_notify: Callable[[int], None]
+    #: While a reset is pending (``reset`` returned False): has the device stopped
+    #: touching guest memory now? Called on the vCPU thread that reads Status; must not
+    #: block. None: only a new write of 0 (``reset`` again) can complete the reset.
+    stopped: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -320,6 +334,8 @@ class MmioTransport:
         self._config_generation = 0
         # Between ``activate`` and ``reset``: the VM is (or may be) serving the device.
         self._activated = False
+        # The driver wrote 0 but the device has not stopped yet (see the docstring).
+        self._reset_pending = False
         # Serialises status transitions, which call activate/reset outside _lock.
         self._transition_lock = threading.RLock()
         self._logged: set[tuple[object, ...]] = set()
@@ -346,6 +362,12 @@ class MmioTransport:
         """``activate`` was called and ``reset`` has not been since (after
         :meth:`restore`: the state had DRIVER_OK without FAILED or DEVICE_NEEDS_RESET)."""
         return self._activated
+
+    @property
+    def reset_pending(self) -> bool:
+        """The driver (or the VM) asked for a reset that waits for the device to stop;
+        Status reads non-zero until it completes."""
+        return self._reset_pending
 
     @property
     def offered_features(self) -> int:
@@ -406,7 +428,9 @@ class MmioTransport:
         """Reset the device as a driver's write of 0 to Status does (for a VM reset):
         the ``reset`` callback (unless nothing was ever set up), the device's own
         :meth:`~VirtioDevice.reset`, then every register back to its initial value
-        except ConfigGeneration, which moves on by one. Never raises."""
+        except ConfigGeneration, which moves on by one. If the device has not stopped,
+        the reset stays pending (:attr:`reset_pending`) as a driver's would. Never
+        raises."""
         try:
             self._reset()
         except Exception:
@@ -458,6 +482,7 @@ class MmioTransport:
             for saved, queue in zip(state.queues, self.queues, strict=True):
                 queue.state = copy.copy(saved)
             stopped = DeviceStatus.FAILED | DeviceStatus.DEVICE_NEEDS_RESET
+            self._reset_pending = False
             self._activated = bool(
                 self._status & DeviceStatus.DRIVER_OK and not self._status & stopped
             )
@@ -524,6 +549,8 @@ class MmioTransport:
         if register not in _READABLE:
             self._guest_error("read of a write-only register", register=register.name)
             return 0
+        if register is Register.STATUS and self._reset_pending:
+            self._poll_pending_reset()
         with self._lock:
             return self._register_value_locked(register)
 
@@ -689,6 +716,10 @@ class MmioTransport:
             if value == 0:
                 self._reset()
                 return
+            if self._reset_pending:
+                self._guest_error("Status written while a reset is still in progress "
+                                  "(wait for Status to read 0 first)", value=value)
+                return
             with self._lock:
                 activate, stop = self._update_status_locked(value)
             if stop:
@@ -772,48 +803,89 @@ class MmioTransport:
         return True
 
     def _stop(self) -> None:
-        """The driver set FAILED: stop serving, leave the registers as they are."""
+        """The driver set FAILED: stop serving, leave the registers as they are. A device
+        that has not stopped yet stays activated, so the reset that follows asks again."""
+        if self._stop_device():
+            with self._lock:
+                self._activated = False
+        else:
+            self._log.warning("virtio device still running after FAILED; the reset "
+                              "will wait for it to stop")
+
+    def _stop_device(self) -> bool:
+        """The ``reset`` callback: whether the device has stopped. A callback that
+        raised has done what it could; the reset goes on (DEVICE_NEEDS_RESET is set)."""
         try:
-            self._callbacks.reset(self)
+            return self._callbacks.reset(self) is not False
         except Exception:
             self._callback_failed("reset")
-        with self._lock:
-            self._activated = False
+            return True
 
     def _reset(self) -> None:
         with self._transition_lock:
             with self._lock:
                 pristine = (
                     not self._activated and not self._status and not self._driver_features
+                    and not self._reset_pending
                     and all(queue.state == initial for queue, initial
                             in zip(self.queues, self._initial_queue_states, strict=True))
                 )
-            if not pristine:
-                try:
-                    self._callbacks.reset(self)
-                except Exception:
-                    self._callback_failed("reset")
-            device_failed = False
+            if not pristine and not self._stop_device():
+                with self._lock:
+                    first = not self._reset_pending
+                    self._reset_pending = True
+                if first:
+                    self._log.warning("virtio reset waits for the device to stop; Status "
+                                      "reads non-zero until it has", status=hex(self._status))
+                return
+            self._complete_reset(logged=not pristine)
+
+    def _poll_pending_reset(self) -> None:
+        """A Status read while a reset is pending (vCPU thread): complete the reset if
+        the device has stopped. Skipped while another vCPU is in a status transition
+        (it may be the one waiting for the device): the driver reads again."""
+        stopped = self._callbacks.stopped
+        if stopped is None or not self._transition_lock.acquire(blocking=False):
+            return
+        try:
+            if not self._reset_pending:
+                return
             try:
-                self.device.reset()
+                done = stopped()
             except Exception:
-                self._log.exception("virtio device reset failed")
-                device_failed = True
-            with self._lock:
-                for queue in self.queues:
-                    queue.reset()
-                self._status = 0
-                self._device_features_sel = 0
-                self._driver_features_sel = 0
-                self._driver_features = 0
-                self._queue_sel = 0
-                self._interrupt_status = 0
-                self._config_generation = (self._config_generation + 1) & _U32
-                self._activated = False
-                if device_failed:
-                    self._status = int(DeviceStatus.DEVICE_NEEDS_RESET)
-            if not pristine:
-                self._log.debug("virtio device reset")
+                self._once(("callback", "stopped"), "exception",
+                           "virtio transport callback raised", callback="stopped")
+                return
+            if done:
+                self._log.info("virtio reset completed: the device has stopped")
+                self._complete_reset(logged=False)
+        finally:
+            self._transition_lock.release()
+
+    def _complete_reset(self, *, logged: bool) -> None:
+        """The device has stopped: reset it and every register (transition lock held)."""
+        device_failed = False
+        try:
+            self.device.reset()
+        except Exception:
+            self._log.exception("virtio device reset failed")
+            device_failed = True
+        with self._lock:
+            for queue in self.queues:
+                queue.reset()
+            self._status = 0
+            self._device_features_sel = 0
+            self._driver_features_sel = 0
+            self._driver_features = 0
+            self._queue_sel = 0
+            self._interrupt_status = 0
+            self._config_generation = (self._config_generation + 1) & _U32
+            self._activated = False
+            self._reset_pending = False
+            if device_failed:
+                self._status = int(DeviceStatus.DEVICE_NEEDS_RESET)
+        if logged:
+            self._log.debug("virtio device reset")
 
     # -- helpers -----------------------------------------------------------------------
 
