@@ -287,10 +287,12 @@ class VirtQueue:
     spec forbids, and nothing else for anything a guest can do.
 
     One task serves a queue: the methods are not safe to call from two threads at
-    once. Besides :attr:`state` the object holds only a cache: views of the available
-    ring and descriptor table (read) and of the used ring (written), rebuilt whenever
-    the memory object, the size or those addresses differ from the last :meth:`pop` or
-    :meth:`push`.
+    once. Besides :attr:`state` the object holds a cache (views of the available ring
+    and descriptor table, read, and of the used ring, written, rebuilt whenever the
+    memory object, the size or those addresses differ from the last :meth:`pop` or
+    :meth:`push`) and the chains taken and not yet returned, which :meth:`give_back`
+    hands back when the device stops without a reset (a vhost-user ring stop, later a
+    snapshot): after it the queue holds nothing that :attr:`state` does not say.
     """
 
     def __init__(self, max_size: int) -> None:
@@ -300,6 +302,9 @@ class VirtQueue:
                 f"got {max_size!r}"
             )
         self.state = QueueState(max_size=max_size)
+        #: Heads taken by pop and not yet pushed, in the order taken, with the position
+        #: in the available ring each came from (see give_back).
+        self._held: dict[int, int] = {}
         self._forget_rings()
 
     def __repr__(self) -> str:
@@ -345,6 +350,7 @@ class VirtQueue:
         initial = QueueState(max_size=self.state.max_size)
         for field in fields(QueueState):
             setattr(self.state, field.name, getattr(initial, field.name))
+        self._held.clear()
         self._forget_rings()
 
     # -- the available ring -------------------------------------------------------------
@@ -401,6 +407,7 @@ class VirtQueue:
                 chain = _new_chain(head, (), buffers)
             else:
                 chain = _new_chain(head, buffers, ())
+        self._held[head] = next_available
         s.next_available = (next_available + 1) & 0xFFFF
         return chain
 
@@ -565,6 +572,61 @@ class VirtQueue:
         next_used = (next_used + 1) & 0xFFFF
         self._used_u16[1] = next_used
         s.next_used = next_used
+        self._held.pop(head, None)
+
+    @property
+    def held(self) -> int:
+        """How many chains were taken by :meth:`pop` and not yet returned by :meth:`push`."""
+        return len(self._held)
+
+    def give_back(self, memory: MemoryAccess) -> tuple[int, int]:
+        """Hand every chain taken and not returned back to the driver; call it once the
+        device has stopped (its ``run`` ended) and before the queue's position is read
+        for a ring stop or a snapshot. Returns (chains un-taken, chains returned empty).
+
+        Chains at the end of what was taken (none returned after them: every device
+        that completes in order) are un-taken: the position moves back over them, so
+        they stay available and the device takes them again, re-read and re-checked,
+        when it runs next. The driver never sees them go: its buffers and what it asked
+        for are intact, and a device must treat whatever it wrote into them so far as
+        not written (it was not: the driver reads a buffer only once it is used).
+
+        A chain taken before one that was already returned cannot be un-taken (the
+        position cannot skip the returned one), so it is returned used with length 0:
+        the driver gets its buffer back empty, as after a request that produced nothing.
+        That is safe for buffers whose meaning is their used length (receive buffers,
+        entropy) but not for a request that reports its result in-band (a block
+        request's status byte): devices that complete out of order must not stop with
+        such chains held.
+        """
+        held = self._held
+        if not held:
+            return 0, 0
+        s = self.state
+        # Walk back from the position while the slot before it was taken and is held.
+        heads_at = {position: head for head, position in held.items()}
+        position = s.next_available
+        untaken = 0
+        while (head := heads_at.get((position - 1) & 0xFFFF)) is not None \
+                and held.get(head) == (position - 1) & 0xFFFF:
+            position = (position - 1) & 0xFFFF
+            del held[head]
+            self._untaken(head)
+            untaken += 1
+        s.next_available = position
+        returned = 0
+        try:
+            for head in list(held):
+                self.push(memory, head, 0)
+                returned += 1
+        finally:
+            # Whatever push refused (a broken ring) is forgotten: never given twice.
+            held.clear()
+        return untaken, returned
+
+    def _untaken(self, head: int) -> None:
+        """Hook: ``give_back`` un-took chain ``head`` (for subclasses that keep a record
+        of what was taken, such as vhost-user's inflight tracking)."""
 
     def _map_used_ring(self, memory: MemoryAccess) -> None:
         """Take views of the used ring (flags, idx and ring[size]) for ``push``, kept
