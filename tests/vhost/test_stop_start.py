@@ -10,11 +10,15 @@ every buffer must come back exactly once, with the right contents.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
+import subprocess
+import time
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -24,8 +28,10 @@ from avmm.virtio.device import DeviceContext, DeviceId, VirtioDevice, serve_queu
 from avmm.virtio.net import NET_HEADER_SIZE, NetDevice
 from avmm.virtio.queue import DescriptorChain
 from avmm.virtio.rng import RngDevice
+from tests.virtio_guest_support import echoing_tap
 
 from .frontend_double import Frontend, connected, served
+from .test_frontend import avmm_backend
 
 CYCLES = 3
 MAC = bytes.fromhex("02aa00000042")
@@ -263,3 +269,85 @@ async def test_serve_queue_gives_back_the_chain_its_handler_held(tmp_path: Path)
         contents = [ring.driver.writable_data(head) for head in heads]
     assert [head for head, _ in used] == heads
     assert contents == [bytes([head]) * 8 for head in heads]
+
+
+# -- QEMU's stop/cont, with a guest echoing frames -----------------------------------
+
+#: Frames the guest echoes while QEMU is stopped and continued underneath it: enough to
+#: outlast the cycles (about 4 s here), and cycles enough to use up all 16 of its
+#: receive buffers if each stop lost the one the back-end holds.
+ECHO_FRAMES = 50_000
+QEMU_CYCLES = 30
+
+
+class Qmp:
+    """A minimal QMP client (QEMU's JSON monitor on a unix socket)."""
+
+    def __init__(self, path: Path) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(30)
+        self._sock.connect(str(path))
+        self._file = self._sock.makefile("rw")
+        self._file.readline()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str) -> dict[str, object]:
+        self._file.write(json.dumps({"execute": command}) + "\n")
+        self._file.flush()
+        while True:  # events may come first
+            answer = json.loads(self._file.readline())
+            if "return" in answer or "error" in answer:
+                assert "error" not in answer, answer
+                return answer
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+@pytest.mark.net
+def test_qemu_stop_cont_under_a_guest_echoing_frames(test_guest: Path, tmp_path: Path) -> None:
+    """QEMU (vhost-user-net front-end) is stopped and continued while the test guest
+    echoes frames through ``avmm backend net``: every stop is a GET_VRING_BASE, every
+    cont a restart, and the guest must still get every echo."""
+    sock, qmp_path = tmp_path / "net.sock", tmp_path / "qmp.sock"
+    with echoing_tap() as (namespace, _echoer), \
+            avmm_backend("net", sock, "--tap", namespace.tap, prefix=namespace.command_prefix()):
+        argv = [
+            "qemu-system-x86_64", "-M", "microvm,accel=tcg,acpi=off,memory-backend=mem",
+            "-m", "64", "-object", "memory-backend-memfd,id=mem,size=64M,share=on",
+            "-smp", "1", "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
+            "-device", "isa-debug-exit,iobase=0x501,iosize=2", "-device", "i8042",
+            "-global", "virtio-mmio.force-legacy=false", "-kernel", str(test_guest),
+            "-append", f"avmm.test=net-echo avmm.n={ECHO_FRAMES}",
+            "-chardev", f"socket,id=vu,path={sock}", "-netdev", "vhost-user,id=n0,chardev=vu",
+            "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        ]  # fmt: skip
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not qmp_path.exists():
+                assert qemu.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            qmp = Qmp(qmp_path)
+            cycles = 0
+            try:
+                while qemu.poll() is None and cycles < QEMU_CYCLES:
+                    time.sleep(0.01)
+                    qmp.execute("stop")
+                    qmp.execute("cont")
+                    cycles += 1
+            finally:
+                qmp.close()
+            stdout, stderr = qemu.communicate(timeout=120)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.communicate()
+    output = stdout.decode(errors="replace")
+    assert cycles == QEMU_CYCLES, f"the guest finished after {cycles} cycles: {output}"
+    assert f"net0 echoed={ECHO_FRAMES}" in output, (output, stderr.decode()[-2000:])
