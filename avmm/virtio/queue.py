@@ -302,9 +302,9 @@ class VirtQueue:
                 f"got {max_size!r}"
             )
         self.state = QueueState(max_size=max_size)
-        #: Heads taken by pop and not yet pushed, in the order taken, with the position
-        #: in the available ring each came from (see give_back).
-        self._held: dict[int, int] = {}
+        #: By head: the available-ring position it was taken from, -1 once returned (or
+        #: never taken). A list, not a dict: pop and push pay one store each.
+        self._taken_at = [-1] * max_size
         self._forget_rings()
 
     def __repr__(self) -> str:
@@ -350,7 +350,7 @@ class VirtQueue:
         initial = QueueState(max_size=self.state.max_size)
         for field in fields(QueueState):
             setattr(self.state, field.name, getattr(initial, field.name))
-        self._held.clear()
+        self._taken_at = [-1] * len(self._taken_at)
         self._forget_rings()
 
     # -- the available ring -------------------------------------------------------------
@@ -407,7 +407,7 @@ class VirtQueue:
                 chain = _new_chain(head, (), buffers)
             else:
                 chain = _new_chain(head, buffers, ())
-        self._held[head] = next_available
+        self._taken_at[head] = next_available
         s.next_available = (next_available + 1) & 0xFFFF
         return chain
 
@@ -431,6 +431,7 @@ class VirtQueue:
             table = memory.view(s.descriptor_table, size << 4)
         except GuestAddressError as e:
             raise QueueError(f"queue descriptor table outside guest RAM: {e}") from e
+        self._fit_taken_at(size)
         self._available_view = available
         # Its u16 fields are read through a native "H" view: one 16-bit load each. The
         # driver may store a field at the same moment, and struct reads byte by byte: it
@@ -572,12 +573,12 @@ class VirtQueue:
         next_used = (next_used + 1) & 0xFFFF
         self._used_u16[1] = next_used
         s.next_used = next_used
-        self._held.pop(head, None)
+        self._taken_at[head] = -1
 
     @property
     def held(self) -> int:
         """How many chains were taken by :meth:`pop` and not yet returned by :meth:`push`."""
-        return len(self._held)
+        return sum(position >= 0 for position in self._taken_at)
 
     def give_back(self, memory: MemoryAccess) -> tuple[int, int]:
         """Hand every chain taken and not returned back to the driver; call it once the
@@ -599,30 +600,37 @@ class VirtQueue:
         request's status byte): devices that complete out of order must not stop with
         such chains held.
         """
-        held = self._held
+        taken_at = self._taken_at
+        held = {position: head for head, position in enumerate(taken_at) if position >= 0}
         if not held:
             return 0, 0
         s = self.state
         # Walk back from the position while the slot before it was taken and is held.
-        heads_at = {position: head for head, position in held.items()}
         position = s.next_available
         untaken = 0
-        while (head := heads_at.get((position - 1) & 0xFFFF)) is not None \
-                and held.get(head) == (position - 1) & 0xFFFF:
+        while (head := held.pop((position - 1) & 0xFFFF, None)) is not None:
             position = (position - 1) & 0xFFFF
-            del held[head]
+            taken_at[head] = -1
             self._untaken(head)
             untaken += 1
         s.next_available = position
         returned = 0
         try:
-            for head in list(held):
+            # Oldest first, as the driver would have got them.
+            for _, head in sorted(held.items(), key=lambda item: (position - item[0]) & 0xFFFF,
+                                  reverse=True):
                 self.push(memory, head, 0)
                 returned += 1
         finally:
             # Whatever push refused (a broken ring) is forgotten: never given twice.
-            held.clear()
+            self._taken_at = [-1] * len(taken_at)
         return untaken, returned
+
+    def _fit_taken_at(self, size: int) -> None:
+        # A restored state may bring a larger queue than the one this object was made
+        # for; pop and push index the list by head without a check.
+        if len(self._taken_at) < size:
+            self._taken_at.extend([-1] * (size - len(self._taken_at)))
 
     def _untaken(self, head: int) -> None:
         """Hook: ``give_back`` un-took chain ``head`` (for subclasses that keep a record
@@ -637,6 +645,7 @@ class VirtQueue:
             used = memory.view(s.used_ring, 4 + 8 * s.size)
         except GuestAddressError as e:
             raise QueueError(f"used ring outside guest RAM: {e}") from e
+        self._fit_taken_at(s.size)
         self._used_view = used
         # The idx is stored through a native "H" view: one 16-bit store (struct writes
         # byte by byte, and a driver polling the used idx would see a torn value, e.g.
