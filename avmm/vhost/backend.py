@@ -486,6 +486,7 @@ class _Session:
         #: Settings whose last request was refused, by (request, ring index or None):
         #: the device does not start while any is here (see the module docstring).
         self.refused: dict[tuple[Request, int | None], str] = {}
+        self._start_refused_logged: dict[tuple[Request, int | None], str] = {}
         #: The handshake requests not seen yet (see the module docstring).
         self.handshake_missing = {Request.SET_OWNER, Request.GET_FEATURES}
 
@@ -519,18 +520,19 @@ class _Session:
                 message.close_fds()
 
     async def close(self) -> None:
-        with trio.CancelScope(shield=True):
-            try:
+        try:
+            with trio.CancelScope(shield=True):
                 await self.stop_device()
-            finally:
-                # The next front-end starts with a fresh device.
-                self.device.reset()
-        for ring in self.rings:
-            ring.close()
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-        self._forget_inflight()
+        finally:
+            # Whether or not the device stopped in time: the next front-end starts
+            # with a fresh device, and nothing of this one's is kept open.
+            self.device.reset()
+            for ring in self.rings:
+                ring.close()
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+            self._forget_inflight()
 
     def _forget_inflight(self) -> None:
         inflight, self.inflight = self.inflight, None
@@ -562,9 +564,11 @@ class _Session:
         if not all(ring.started and ring.enabled for ring in self.rings):
             return
         if self.refused:
-            log.warning("device not started: refused settings were not replaced",
-                        refused=[f"{request.name}" + ("" if index is None else f"[{index}]")
-                                 for request, index in self.refused])
+            if self.refused != self._start_refused_logged:
+                self._start_refused_logged = dict(self.refused)
+                log.warning("device not started: refused settings were not replaced",
+                            refused=[request.name + ("" if index is None else f"[{index}]")
+                                     for request, index in self.refused])
             return
         memory = self.memory
         features = self.features & ~VHOST_USER_F_PROTOCOL_FEATURES

@@ -184,6 +184,10 @@ async def serve_queue(context: DeviceContext, queue_index: int, handle: ChainHan
     While a batch is being drained the driver is asked not to notify (flags or
     avail_event, whichever was negotiated); notifications are re-enabled before waiting,
     and the ring is checked once more so a buffer added in between is not missed.
+
+    Cancelled while ``handle`` works on a chain (a stop), the chain is not returned
+    here: the transport gives it back to the driver, and the next run hands it to
+    ``handle`` again.
     """
     queue = context.queues[queue_index]
     if queue is None:
