@@ -13,12 +13,53 @@ Addresses. Buffers in descriptors are guest physical addresses, which
 SET_VRING_ADDR are the front-end's own virtual addresses; they are converted to guest
 physical through the same table, so the unchanged :class:`VirtQueue` serves the rings.
 
-Faults. A front-end that breaks the protocol (malformed message, fds where none belong,
-a ring index out of range, memory that cannot be mapped) is dropped with a log line; the
-device is stopped and reset, and the next front-end may connect. A driver that breaks
-the virtqueue rules stops the device (DeviceNeedsReset): the error fd of each ring is
-signalled, and the front-end must restart the rings. Nothing a peer does crashes the
-backend.
+Faults. A front-end that breaks the protocol (a malformed message, fds where none
+belong) is dropped with a log line; the device is stopped and reset, and the next
+front-end may connect. A well-formed request the back-end cannot honour (a ring size
+above the device's maximum, a ring index out of range, features without
+VIRTIO_F_VERSION_1, a kick fd that is not an eventfd, polling instead of a kick fd,
+memory that is unsealed or too small, a config read past 256 bytes) is *refused*: the
+state stays as it was, the front-end gets a non-zero REPLY_ACK answer when it asked for
+one (GET_CONFIG gets an empty payload, vhost-user.rst's error answer), and the
+connection stays up. A refused SET_FEATURES, SET_MEM_TABLE or per-ring setting leaves
+the device unable to start until the same request succeeds, so that a front-end that
+asked for no answer cannot run the device on settings it did not get. A driver that
+breaks the virtqueue rules stops the device (DeviceNeedsReset): the error fd of each
+ring is signalled, and the front-end must restart the rings. Nothing a peer does crashes
+the back-end.
+
+REPLY_ACK. vhost-user.rst gives NEED_REPLY a meaning only once REPLY_ACK is
+negotiated, so before that the flag is ignored: a front-end that sets it on SET_OWNER,
+or on a SET_PROTOCOL_FEATURES that does not ack REPLY_ACK, gets no answer it did not
+expect (an unexpected one would be read as the reply to its next request). The
+SET_PROTOCOL_FEATURES that acks REPLY_ACK is the one message in between: QEMU never
+sets NEED_REPLY on it, and a front-end that does wants the answer (libvhost-user's,
+DPDK's and rust-vmm's back-ends all give it), so it gets one.
+
+Stop and restart. GET_VRING_BASE (and SET_VRING_ENABLE 0, a new memory table, a new
+kick fd) stops the device without resetting it: its ``run`` is cancelled, then every
+chain it took and had not returned is given back (:meth:`VirtQueue.give_back`: the
+ring's position moves back over them, so they are taken again after the restart), and
+GET_VRING_BASE answers the position of the next chain the device will take. A driver
+buffer is never lost across a stop/start (QEMU's ``stop``/``cont``, a snapshot). The
+device is reset only for RESET_OWNER/RESET_DEVICE and when the front-end goes away.
+
+Memory. Guest RAM is mapped from the front-end's fds, so a front-end that shrank a file
+afterwards would make every access to the lost part a SIGBUS that kills the back-end
+(and every other front-end it would serve). SET_MEM_TABLE and SET_INFLIGHT_FD therefore
+take only regular files (memfds, shared memory files) at least as large as the region,
+sealed against shrinking (``F_SEAL_SHRINK``; QEMU's ``memory-backend-memfd`` seals by
+default, avmm seals its guest RAM), unless ``allow_unsealed_memory`` (the CLI's
+``--allow-unsealed-memory``) accepts unsealed ones from a front-end that is trusted not
+to shrink them. The inflight area the back-end creates is sealed the same way.
+
+Handshake. One front-end is served at a time, so a client that connects and sends
+nothing would hold the back-end forever: until the front-end has sent both SET_OWNER
+and GET_FEATURES (every front-end starts with them), each message must arrive within
+:data:`HANDSHAKE_TIMEOUT_S` of the previous one (or of the connection), and any message,
+once begun, must be complete within that time. A client that fails is dropped with a
+log line naming its pid and uid (SO_PEERCRED). After the handshake a front-end may be
+silent for as long as it likes (its guest has not set DRIVER_OK yet, or it is paused).
 
 Inflight tracking (INFLIGHT_SHMFD). On GET_INFLIGHT_FD the back-end creates a memfd
 with the split-queue layout of the vhost-user spec (per queue, 64-byte aligned: a
@@ -41,8 +82,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
+import socket
 import stat
 import struct
 from collections.abc import Sequence
@@ -55,24 +98,41 @@ import trio
 from ..errors import AvmmError, GuestAddressError
 from ..eventfd import signal_eventfd, wait_eventfd
 from ..memory import MemoryAccess
-from ..virtio.device import COMMON_FEATURES, DeviceNeedsReset, VirtioDevice
+from ..virtio.device import (
+    COMMON_FEATURES,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceNeedsReset,
+    VirtioDevice,
+)
 from ..virtio.queue import VirtQueue
 from .protocol import (
+    EVENTFD_LINK,
     MAX_CONFIG_SIZE,
+    REPLY_BODIES,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_INDEX_MASK,
     VRING_NOFD,
     Message,
     ProtocolFeature,
+    Request,
     VhostConnectionClosed,
     VhostProtocolError,
+    VhostRequestRefused,
     receive_message,
     send_message,
 )
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostBackendError", "VhostMemory", "serve_device"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT_S",
+    "OFFERED_PROTOCOL_FEATURES",
+    "VhostBackendError",
+    "VhostMemory",
+    "serve_device",
+]
 
 #: Protocol features this back-end offers.
 OFFERED_PROTOCOL_FEATURES = (
@@ -81,6 +141,21 @@ OFFERED_PROTOCOL_FEATURES = (
 )
 #: How long stopping a device may take before the connection is given up on.
 STOP_TIMEOUT_S = 10.0
+#: The most a front-end may take per message until its handshake is done, and for any
+#: one message once begun (see the module docstring).
+HANDSHAKE_TIMEOUT_S = 10.0
+#: The answer to a refused request with NEED_REPLY (any non-zero value means failure).
+_REFUSED = 1
+#: Requests whose refusal leaves the device unable to start until the same request
+#: (for the same ring) succeeds: it would otherwise run on a setting the front-end
+#: believes it changed.
+_SETTINGS = frozenset({
+    Request.SET_FEATURES, Request.SET_MEM_TABLE, Request.SET_VRING_NUM,
+    Request.SET_VRING_BASE, Request.SET_VRING_ADDR, Request.SET_VRING_KICK,
+    Request.SET_VRING_CALL,
+})
+#: Seals the inflight area gets (the guest RAM needs F_SEAL_SHRINK at least).
+_INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class VhostBackendError(AvmmError):
@@ -96,41 +171,74 @@ class _Region:
     view: memoryview
 
 
+def check_shared_fd(fd: int, needed: int, *, allow_unsealed: bool, what: str) -> None:
+    """Refuse (VhostRequestRefused) an fd to map shared unless it is a regular file of at
+    least ``needed`` bytes, sealed against shrinking (F_SEAL_SHRINK) unless
+    ``allow_unsealed``: any part of a mapping past the end of its file, now or after the
+    front-end shrank it, is a SIGBUS on first touch (see the module docstring)."""
+    try:
+        info = os.fstat(fd)
+    except OSError as e:
+        raise VhostRequestRefused(f"{what}: unusable fd: {e}") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise VhostRequestRefused(f"{what}: not a regular file (a memfd or shared memory "
+                                  "file is needed)")
+    if info.st_size < needed:
+        raise VhostRequestRefused(f"{what}: the file has {info.st_size} bytes, "
+                                  f"{needed} are mapped")
+    if allow_unsealed:
+        return
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a file that can be sealed at all
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise VhostRequestRefused(
+            f"{what}: the file is not sealed against shrinking (F_SEAL_SHRINK), so the "
+            "front-end could crash this back-end; seal it (QEMU's memory-backend-memfd "
+            "does by default) or start the back-end with --allow-unsealed-memory"
+        )
+
+
 class VhostMemory(MemoryAccess):
     """Guest RAM as mapped from a vhost-user memory table: guest physical addresses in,
-    checked views out. Immutable: a new table makes a new object."""
+    checked views out. Immutable: a new table makes a new object. An unusable table is
+    refused (VhostRequestRefused) with every mapping made so far undone."""
 
-    def __init__(self, regions: Sequence[Any], fds: Sequence[int]) -> None:
+    def __init__(self, regions: Sequence[Any], fds: Sequence[int], *,
+                 allow_unsealed: bool = False) -> None:
         self._regions: list[_Region] = []
         try:
             for region, fd in zip(regions, fds, strict=True):
-                self._map_region(region, fd)
+                self._map_region(region, fd, allow_unsealed)
         except BaseException:
             self.close()
             raise
 
-    def _map_region(self, region: Any, fd: int) -> None:
+    def _map_region(self, region: Any, fd: int, allow_unsealed: bool) -> None:
         size, offset = region.size, region.mmap_offset
+        where = f"memory region at guest 0x{region.guest_address:x}"
         if size <= 0:
-            raise VhostProtocolError("memory region of size 0")
-        if region.guest_address + size > 1 << 64 or region.user_address + size > 1 << 64:
-            raise VhostProtocolError("memory region wraps around the address space")
+            raise VhostRequestRefused(f"{where}: size 0")
+        if (region.guest_address + size > 1 << 64 or region.user_address + size > 1 << 64
+                or offset + size > 1 << 63):
+            raise VhostRequestRefused(f"{where}: wraps around the address space")
         for other in self._regions:
             if (region.guest_address < other.guest_address + other.size
                     and other.guest_address < region.guest_address + size):
-                raise VhostProtocolError(
+                raise VhostRequestRefused(
                     f"memory regions at guest 0x{region.guest_address:x} and "
                     f"0x{other.guest_address:x} overlap"
                 )
+        check_shared_fd(fd, offset + size, allow_unsealed=allow_unsealed, what=where)
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         delta = offset - aligned
         try:
             mapping = mmap.mmap(fd, size + delta, flags=mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
         except (OSError, ValueError, OverflowError) as e:
-            raise VhostProtocolError(
-                f"cannot map memory region guest 0x{region.guest_address:x} "
-                f"(+{size} bytes at fd offset {offset}): {e}"
+            raise VhostRequestRefused(
+                f"cannot map {where} (+{size} bytes at fd offset {offset}): {e}"
             ) from e
         view = memoryview(mapping)[delta:delta + size]
         self._regions.append(_Region(region.guest_address, size, region.user_address,
@@ -162,7 +270,7 @@ class VhostMemory(MemoryAccess):
             start = user_address - region.user_address
             if start >= 0 and start + length <= region.size:
                 return region.guest_address + start
-        raise VhostProtocolError(
+        raise VhostRequestRefused(
             f"ring at front-end address 0x{user_address:x} (+{length} bytes) is not in "
             "any memory region"
         )
@@ -213,6 +321,10 @@ class _InflightQueue:
         self.counter += 1
         struct.pack_into("<Q", self.view, entry + 8, self.counter)
         self.view[entry] = 1
+
+    def untaken(self, head: int) -> None:
+        """The chain went back to the available ring (a stop): not in flight any more."""
+        self.view[self._entry(head)] = 0
 
     def returning(self, head: int) -> None:
         self._field(12, head)  # last_batch_head: a batch of one
@@ -266,6 +378,14 @@ class _TrackedQueue(VirtQueue):
         if chain is not None and self.inflight is not None:
             self.inflight.taken(chain.head)
         return chain
+
+    def _untaken(self, head: int) -> None:
+        # Taken again from the available ring after the restart: not to be resubmitted
+        # from the record too. A resubmitted chain the device still held at a stop was
+        # not taken from the ring (pop above): it stays in flight in the record and is
+        # resubmitted again at the next start.
+        if self.inflight is not None:
+            self.inflight.untaken(head)
 
     def push(self, memory: Any, head: int, written: int) -> None:
         tracker = self.inflight
@@ -348,10 +468,12 @@ class _Context:
 class _Session:
     """One front-end connection: its negotiated state, the memory and the rings."""
 
-    def __init__(self, device: VirtioDevice, sock: Any, nursery: trio.Nursery) -> None:
+    def __init__(self, device: VirtioDevice, sock: Any, nursery: trio.Nursery, *,
+                 allow_unsealed_memory: bool = False) -> None:
         self.device = device
         self.sock = sock
         self.nursery = nursery
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.features = 0
         self.protocol_features = 0
         self.memory: VhostMemory | None = None
@@ -361,30 +483,56 @@ class _Session:
         self.running: _RunningDevice | None = None
         self.offered_features = (device.device_features() | COMMON_FEATURES
                                  | VHOST_USER_F_PROTOCOL_FEATURES)
+        #: Settings whose last request was refused, by (request, ring index or None):
+        #: the device does not start while any is here (see the module docstring).
+        self.refused: dict[tuple[Request, int | None], str] = {}
+        self._start_refused_logged: dict[tuple[Request, int | None], str] = {}
+        #: The handshake requests not seen yet (see the module docstring).
+        self.handshake_missing = {Request.SET_OWNER, Request.GET_FEATURES}
 
     # -- lifetime -----------------------------------------------------------------------
 
     async def serve(self) -> None:
         while True:
+            # Before the handshake is done, the wait for the next message is bounded too.
             try:
-                message = await receive_message(self.sock)
+                if self.handshake_missing:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                        await trio.lowlevel.wait_readable(self.sock)
+                else:
+                    await trio.lowlevel.wait_readable(self.sock)
+                with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                    message = await receive_message(self.sock)
             except VhostConnectionClosed:
                 log.info("front-end disconnected")
                 return
+            except trio.TooSlowError:
+                missing = sorted(request.name for request in self.handshake_missing)
+                raise VhostProtocolError(
+                    f"no complete message within {HANDSHAKE_TIMEOUT_S:g} s"
+                    + (f" (handshake not done: no {' or '.join(missing)} yet)" if missing
+                       else "")
+                ) from None
+            self.handshake_missing.discard(message.request)
             try:
                 await self.handle(message)
             finally:
                 message.close_fds()
 
     async def close(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stop_device()
-        for ring in self.rings:
-            ring.close()
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-        self._forget_inflight()
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stop_device()
+        finally:
+            # Whether or not the device stopped in time: the next front-end starts
+            # with a fresh device, and nothing of this one's is kept open.
+            self.device.reset()
+            for ring in self.rings:
+                ring.close()
+            if self.memory is not None:
+                self.memory.close()
+                self.memory = None
+            self._forget_inflight()
 
     def _forget_inflight(self) -> None:
         inflight, self.inflight = self.inflight, None
@@ -404,31 +552,46 @@ class _Session:
     def _protocol_negotiated(self) -> bool:
         return bool(self.features & VHOST_USER_F_PROTOCOL_FEATURES)
 
+    def _reply_ack(self) -> bool:
+        return bool(self.protocol_features & (1 << ProtocolFeature.REPLY_ACK))
+
     def maybe_start(self) -> None:
+        """Start the device once every ring is started and enabled and nothing that
+        matters was refused. A ring layout outside the memory table is refused
+        (VhostRequestRefused, answered to the request that completed the setup)."""
         if self.running is not None or self.memory is None:
             return
         if not all(ring.started and ring.enabled for ring in self.rings):
             return
+        if self.refused:
+            if self.refused != self._start_refused_logged:
+                self._start_refused_logged = dict(self.refused)
+                log.warning("device not started: refused settings were not replaced",
+                            refused=[request.name + ("" if index is None else f"[{index}]")
+                                     for request, index in self.refused])
+            return
         memory = self.memory
         features = self.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        event = 2 if features & VIRTIO_F_EVENT_IDX else 0
         for index, ring in enumerate(self.rings):
             state = ring.queue.state
             assert ring.addresses is not None
             descriptor, available, used = ring.addresses
-            event = 2 if features & (1 << 29) else 0
-            state.descriptor_table = memory.guest_address_of(descriptor, 16 * state.size)
-            state.available_ring = memory.guest_address_of(available, 4 + 2 * state.size + event)
-            state.used_ring = memory.guest_address_of(used, 4 + 8 * state.size + event)
-            state.event_idx = bool(event)
-            state.indirect = bool(features & (1 << 28))
-            state.signalled_used = None
             try:
+                state.descriptor_table = memory.guest_address_of(descriptor, 16 * state.size)
+                state.available_ring = memory.guest_address_of(available,
+                                                               4 + 2 * state.size + event)
+                state.used_ring = memory.guest_address_of(used, 4 + 8 * state.size + event)
+                state.event_idx = bool(event)
+                state.indirect = bool(features & VIRTIO_F_INDIRECT_DESC)
+                state.signalled_used = None
                 state.next_used = memory.read_u16(state.used_ring + 2)
                 ring.queue.validate(memory)
             except (DeviceNeedsReset, GuestAddressError) as e:
-                raise VhostProtocolError(f"ring setup: {e}") from e
+                raise VhostRequestRefused(f"ring {index} setup: {e}") from e
             self._recover_inflight(index, ring)
-            state.ready = True
+        for ring in self.rings:
+            ring.queue.state.ready = True
         context = _Context(memory, self.rings, features)
         running = _RunningDevice(trio.CancelScope())
         self.running = running
@@ -446,8 +609,8 @@ class _Session:
         _, view, queue_size, _ = self.inflight
         state = queue.state
         if state.size > queue_size:
-            raise VhostProtocolError(f"ring {index} has {state.size} entries, the inflight "
-                                     f"area {queue_size}")
+            raise VhostRequestRefused(f"ring {index} has {state.size} entries, the "
+                                      f"inflight area {queue_size}")
         region = inflight_queue_region_size(queue_size)
         tracker = _InflightQueue(view[index * region:(index + 1) * region], queue_size)
         heads = tracker.recover(state.next_used, state.size)
@@ -474,6 +637,8 @@ class _Session:
             running.stopped.set()
 
     async def stop_device(self) -> None:
+        """Stop the device without resetting it, and give back every chain it took and
+        did not return (see the module docstring)."""
         running, self.running = self.running, None
         if running is None:
             return
@@ -482,32 +647,71 @@ class _Session:
             await running.stopped.wait()
         if timeout.cancelled_caught:
             raise VhostProtocolError("device did not stop in time")
-        for ring in self.rings:
-            ring.queue.state.ready = False
-        self.device.reset()
+        memory = self.memory
+        for index, ring in enumerate(self.rings):
+            queue = ring.queue
+            if queue.state.ready and memory is not None:
+                try:
+                    untaken, returned = queue.give_back(memory)
+                except (DeviceNeedsReset, GuestAddressError) as e:
+                    # A ring the driver broke: the front-end resets the device anyway.
+                    log.warning("chains held at the stop not given back", ring=index,
+                                reason=str(e))
+                else:
+                    if returned:
+                        signal_eventfd(ring.call_fd)
+                    if untaken or returned:
+                        log.debug("chains given back at the stop", ring=index,
+                                  untaken=untaken, returned_empty=returned)
+            queue.state.ready = False
         log.info("device stopped")
 
     # -- messages -----------------------------------------------------------------------
 
     def _ring(self, index: int) -> _Ring:
         if not 0 <= index < len(self.rings):
-            raise VhostProtocolError(
+            raise VhostRequestRefused(
                 f"ring index {index} out of range (the device has {len(self.rings)} rings)"
             )
         return self.rings[index]
+
+    def _setting_key(self, message: Message) -> tuple[Request, int | None] | None:
+        """Which setting ``message`` changes, for the refused-settings record."""
+        request = message.request
+        if request not in _SETTINGS:
+            return None
+        payload = message.payload
+        if request in (Request.SET_FEATURES, Request.SET_MEM_TABLE):
+            return request, None
+        index = payload & VRING_INDEX_MASK if isinstance(payload, int) else payload.index
+        # A refusal for a ring that does not exist changes nothing that exists.
+        return (request, index) if 0 <= index < len(self.rings) else None
 
     async def _reply(self, message: Message, payload: Any, fds: Sequence[int] = ()) -> None:
         await send_message(self.sock, Message(message.request, payload, reply=True), fds)
 
     async def handle(self, message: Message) -> None:
         request = message.request
+        acked = message.need_reply and (self._reply_ack() or (
+            request is Request.SET_PROTOCOL_FEATURES
+            and bool(message.payload & (1 << ProtocolFeature.REPLY_ACK))))
         handler = getattr(self, f"_on_{request.name.lower()}", None)
-        if handler is None:
-            log.info("unsupported request ignored", request=request.name)
-            if message.need_reply:
-                await self._reply(message, 1)
+        key = self._setting_key(message)
+        try:
+            if handler is None:
+                raise VhostRequestRefused(f"{request.name} is not supported")
+            answer = await handler(message)
+        except VhostRequestRefused as refusal:
+            await self._refuse(message, refusal, acked, key)
             return
-        answer = await handler(message)
+        if key is not None:
+            self.refused.pop(key, None)
+        try:
+            self.maybe_start()
+        except VhostRequestRefused as refusal:
+            # The request itself was taken; the rings it completed cannot start.
+            await self._refuse(message, refusal, acked, None)
+            return
         if isinstance(answer, _WithFds):
             try:
                 await self._reply(message, answer.payload, answer.fds)
@@ -517,16 +721,32 @@ class _Session:
                         os.close(fd)
         elif answer is not None:
             await self._reply(message, answer)
-        elif message.need_reply:
+        elif acked:
             await self._reply(message, 0)
-        self.maybe_start()
+
+    async def _refuse(self, message: Message, refusal: VhostRequestRefused, acked: bool,
+                      key: tuple[Request, int | None] | None) -> None:
+        request = message.request
+        if request in REPLY_BODIES and request is not Request.GET_CONFIG:
+            # The reply has a body of its own; there is no way to say "failed".
+            raise VhostProtocolError(str(refusal)) from refusal
+        log.warning("request refused", request=request.name, reason=str(refusal),
+                    answered=acked or request is Request.GET_CONFIG)
+        if key is not None:
+            self.refused[key] = str(refusal)
+        if request is Request.GET_CONFIG:
+            await self._reply(message, None)  # vhost-user.rst: empty payload = error
+        elif acked:
+            await self._reply(message, _REFUSED)
 
     async def _on_set_owner(self, message: Message) -> None:
         return None
 
     async def _on_reset_owner(self, message: Message) -> None:
         await self.stop_device()
+        self.device.reset()
         self.features = 0
+        self.refused.clear()
 
     async def _on_reset_device(self, message: Message) -> None:
         await self._on_reset_owner(message)
@@ -537,12 +757,17 @@ class _Session:
     async def _on_set_features(self, message: Message) -> None:
         features = message.payload
         if features & ~self.offered_features:
-            raise VhostProtocolError(
+            raise VhostRequestRefused(
                 f"front-end acked features 0x{features & ~self.offered_features:x} "
                 "that were not offered"
             )
+        if not features & VIRTIO_F_VERSION_1:
+            # Only modern devices are served (virtio-net's 12-byte header, little-endian
+            # rings): a legacy driver would misread them.
+            raise VhostRequestRefused("features without VIRTIO_F_VERSION_1 (a legacy "
+                                      "driver) are not supported")
         if self.running is not None and features != self.features:
-            raise VhostProtocolError("features changed while the device is running")
+            raise VhostRequestRefused("features changed while the device is running")
         self.features = features
         if not self._protocol_negotiated():
             # Without protocol features rings are enabled as soon as they start.
@@ -555,7 +780,7 @@ class _Session:
     async def _on_set_protocol_features(self, message: Message) -> None:
         features = message.payload
         if features & ~OFFERED_PROTOCOL_FEATURES:
-            raise VhostProtocolError(
+            raise VhostRequestRefused(
                 f"front-end acked protocol features 0x{features:x} that were not offered"
             )
         self.protocol_features = features
@@ -566,7 +791,7 @@ class _Session:
     async def _on_get_config(self, message: Message) -> dict[str, Any]:
         config = message.payload
         if config.offset + config.size > MAX_CONFIG_SIZE:
-            raise VhostProtocolError(
+            raise VhostRequestRefused(
                 f"config read at {config.offset}+{config.size} past {MAX_CONFIG_SIZE} bytes"
             )
         data = self.device.read_config(config.offset, config.size)
@@ -575,17 +800,26 @@ class _Session:
 
     async def _on_set_config(self, message: Message) -> None:
         config = message.payload
+        if config.offset + config.size > MAX_CONFIG_SIZE:
+            raise VhostRequestRefused(
+                f"config write at {config.offset}+{config.size} past {MAX_CONFIG_SIZE} bytes"
+            )
         self.device.write_config(config.offset, config.payload)
 
     async def _on_set_mem_table(self, message: Message) -> None:
         table = message.payload
         if len(message.fds) != table.nregions:
-            raise VhostProtocolError(
+            raise VhostRequestRefused(
                 f"memory table of {table.nregions} regions came with {len(message.fds)} fds"
             )
-        memory = VhostMemory(table.regions, message.fds)
+        memory = VhostMemory(table.regions, message.fds,
+                             allow_unsealed=self.allow_unsealed_memory)
         was_running = self.running is not None
-        await self.stop_device()
+        try:
+            await self.stop_device()
+        except BaseException:
+            memory.close()
+            raise
         if self.memory is not None:
             self.memory.close()
         self.memory = memory
@@ -599,7 +833,8 @@ class _Session:
         size = message.payload.num
         maximum = ring.queue.state.max_size
         if not 0 < size <= maximum or size & (size - 1):
-            raise VhostProtocolError(f"ring size {size} is not a power of two up to {maximum}")
+            raise VhostRequestRefused(f"ring size {size} is not a power of two up to "
+                                      f"{maximum}")
         self._check_stopped(ring, "SET_VRING_NUM")
         ring.queue.state.size = size
 
@@ -613,7 +848,7 @@ class _Session:
         ring = self._ring(message.payload.index)
         base = message.payload.num
         if base > 0xFFFF:
-            raise VhostProtocolError(f"ring base {base} is not a u16")
+            raise VhostRequestRefused(f"ring base {base} is not a u16")
         self._check_stopped(ring, "SET_VRING_BASE")
         ring.queue.state.next_available = base
         ring.queue.state.next_used = base
@@ -624,40 +859,48 @@ class _Session:
         _close_attr(ring, "kick_fd")
         if self._protocol_negotiated():
             ring.enabled = False
+        # After the stop: every chain the device held was given back.
         return {"index": message.payload.index, "num": ring.queue.state.next_available}
 
     def _check_stopped(self, ring: _Ring, what: str) -> None:
         if self.running is not None and ring.started:
-            raise VhostProtocolError(f"{what} on a running ring")
+            raise VhostRequestRefused(f"{what} on a running ring")
 
     def _vring_fd(self, message: Message, what: str) -> tuple[_Ring, int]:
+        """The ring and the eventfd of a SET_VRING_KICK/CALL/ERR (-1: the no-fd bit).
+        The fd is taken out of the message (the caller owns it); anything but one
+        eventfd, or none with the no-fd bit, is refused."""
         value = message.payload
         if value & ~(VRING_INDEX_MASK | VRING_NOFD):
-            raise VhostProtocolError(f"{what}: unknown bits in 0x{value:x}")
+            raise VhostRequestRefused(f"{what}: unknown bits in 0x{value:x}")
         ring = self._ring(value & VRING_INDEX_MASK)
         if value & VRING_NOFD:
             if message.fds:
-                raise VhostProtocolError(f"{what}: fd sent with the no-fd bit set")
+                raise VhostRequestRefused(f"{what}: fd sent with the no-fd bit set")
             return ring, -1
         if len(message.fds) != 1:
-            raise VhostProtocolError(f"{what}: expected one fd, got {len(message.fds)}")
-        fd = message.fds.pop()
+            raise VhostRequestRefused(f"{what}: expected one fd, got {len(message.fds)}")
+        fd = message.fds[0]
+        kind = _fd_kind(fd)
+        if kind != EVENTFD_LINK:
+            raise VhostRequestRefused(f"{what}: the fd is not an eventfd ({kind})")
         try:
-            mode = os.fstat(fd).st_mode
             os.set_blocking(fd, False)
         except OSError as e:
-            os.close(fd)
-            raise VhostProtocolError(f"{what}: unusable fd: {e}") from e
-        if stat.S_ISDIR(mode):
-            os.close(fd)
-            raise VhostProtocolError(f"{what}: fd is a directory")
+            raise VhostRequestRefused(f"{what}: unusable fd: {e}") from e
+        message.fds.pop()
         return ring, fd
 
     async def _on_set_vring_kick(self, message: Message) -> None:
         ring, fd = self._vring_fd(message, "SET_VRING_KICK")
         if fd < 0:
-            raise VhostProtocolError("SET_VRING_KICK without an fd (polling) is not supported")
-        await self.stop_device()
+            raise VhostRequestRefused("SET_VRING_KICK without an fd (polling) is not "
+                                      "supported")
+        try:
+            await self.stop_device()
+        except BaseException:
+            os.close(fd)
+            raise
         _close_attr(ring, "kick_fd")
         ring.kick_fd = fd
         if not self._protocol_negotiated():
@@ -668,6 +911,10 @@ class _Session:
         _close_attr(ring, "call_fd")
         # Swapping the fd under a running device is fine: it is looked up per signal.
         ring.call_fd = fd
+        # The ring may have started (and completed chains) before this fd existed:
+        # without protocol features rings start at SET_VRING_KICK, which QEMU sends
+        # first. One spurious interrupt is harmless; a lost one hangs the driver.
+        signal_eventfd(fd)
 
     async def _on_set_vring_err(self, message: Message) -> None:
         ring, fd = self._vring_fd(message, "SET_VRING_ERR")
@@ -678,14 +925,14 @@ class _Session:
         ring = self._ring(message.payload.index)
         enable = message.payload.num
         if enable not in (0, 1):
-            raise VhostProtocolError(f"SET_VRING_ENABLE with {enable}")
+            raise VhostRequestRefused(f"SET_VRING_ENABLE with {enable}")
         if not enable:
             await self.stop_device()
         ring.enabled = bool(enable)
 
     async def _on_set_vring_endian(self, message: Message) -> None:
         if message.payload.num != 0:  # 0: little-endian, the only order of modern virtio
-            raise VhostProtocolError("big-endian rings are not supported")
+            raise VhostRequestRefused("big-endian rings are not supported")
 
     async def _on_get_max_mem_slots(self, message: Message) -> int:
         return 8
@@ -693,14 +940,17 @@ class _Session:
     async def _on_get_inflight_fd(self, message: Message) -> _WithFds:
         request = message.payload
         if not 0 < request.num_queues <= len(self.rings):
-            raise VhostProtocolError(f"GET_INFLIGHT_FD for {request.num_queues} queues "
-                                     f"(the device has {len(self.rings)})")
+            raise VhostRequestRefused(f"GET_INFLIGHT_FD for {request.num_queues} queues "
+                                      f"(the device has {len(self.rings)})")
         if not 0 < request.queue_size <= 32768:
-            raise VhostProtocolError(f"GET_INFLIGHT_FD for queues of {request.queue_size}")
+            raise VhostRequestRefused(f"GET_INFLIGHT_FD for queues of {request.queue_size}")
         size = request.num_queues * inflight_queue_region_size(request.queue_size)
-        fd = os.memfd_create("avmm-vhost-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("avmm-vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)  # zero-filled: nothing in flight
+            # Sealed as guest RAM must be: it comes back with SET_INFLIGHT_FD, also to a
+            # restarted back-end, which maps it only if it cannot shrink.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _INFLIGHT_SEALS)
         except OSError:
             os.close(fd)
             raise
@@ -713,14 +963,16 @@ class _Session:
     async def _on_set_inflight_fd(self, message: Message) -> None:
         area = message.payload
         if len(message.fds) != 1:
-            raise VhostProtocolError(f"SET_INFLIGHT_FD with {len(message.fds)} fds")
+            raise VhostRequestRefused(f"SET_INFLIGHT_FD with {len(message.fds)} fds")
         if not 0 < area.num_queues <= len(self.rings) or not 0 < area.queue_size <= 32768:
-            raise VhostProtocolError(f"SET_INFLIGHT_FD for {area.num_queues} queues of "
-                                     f"{area.queue_size}")
+            raise VhostRequestRefused(f"SET_INFLIGHT_FD for {area.num_queues} queues of "
+                                      f"{area.queue_size}")
         needed = area.num_queues * inflight_queue_region_size(area.queue_size)
         if area.mmap_size < needed:
-            raise VhostProtocolError(f"inflight area of {area.mmap_size} bytes, "
-                                     f"{needed} needed")
+            raise VhostRequestRefused(f"inflight area of {area.mmap_size} bytes, "
+                                      f"{needed} needed")
+        check_shared_fd(message.fds[0], area.mmap_offset + needed,
+                        allow_unsealed=self.allow_unsealed_memory, what="inflight area")
         await self.stop_device()
         aligned = area.mmap_offset - area.mmap_offset % mmap.ALLOCATIONGRANULARITY
         delta = area.mmap_offset - aligned
@@ -728,10 +980,37 @@ class _Session:
             mapping = mmap.mmap(message.fds[0], needed + delta, flags=mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
         except (OSError, ValueError, OverflowError) as e:
-            raise VhostProtocolError(f"cannot map the inflight area: {e}") from e
+            raise VhostRequestRefused(f"cannot map the inflight area: {e}") from e
         self._forget_inflight()
         self.inflight = (mapping, memoryview(mapping)[delta:delta + needed],
                          area.queue_size, area.num_queues)
+
+
+def _fd_kind(fd: int) -> str:
+    """What ``fd`` is, as /proc/self/fd names it ("anon_inode:[eventfd]", "pipe:[...]",
+    a path); where /proc is not mounted, from fstat (an eventfd is an anonymous inode
+    with no file type bits; other anonymous inodes are refused later, by use)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"unusable: {e}"
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        return f"unusable: {e}"
+    return EVENTFD_LINK if stat.S_IFMT(mode) == 0 else f"file type 0o{stat.S_IFMT(mode):o}"
+
+
+def _peer(conn: Any) -> dict[str, int]:
+    """The connecting process (SO_PEERCRED): pid, uid, gid, for the logs."""
+    try:
+        data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return {}
+    pid, uid, gid = struct.unpack("3i", data)
+    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
 
 
 # -- the listener ----------------------------------------------------------------------
@@ -769,17 +1048,21 @@ async def _bind(path: str) -> tuple[Any, tuple[int, int]]:
 
 
 async def serve_device(device: VirtioDevice, socket_path: str, *,
+                       allow_unsealed_memory: bool = False,
                        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``device`` over vhost-user at ``socket_path`` until cancelled, one front-end
     connection at a time (see the module docstring). Reports the path through
-    ``task_status`` once it is listening; removes the socket file on exit."""
+    ``task_status`` once it is listening; removes the socket file on exit.
+    ``allow_unsealed_memory`` maps guest RAM that is not sealed against shrinking (a
+    front-end that shrinks it then kills this process with SIGBUS)."""
     socket_path = os.fspath(socket_path)
     listener, identity = await _bind(socket_path)
     bound_log = log.bind(device=device.name, socket=socket_path)
     try:
         with listener:
             task_status.started(socket_path)
-            bound_log.info("vhost-user back-end listening")
+            bound_log.info("vhost-user back-end listening",
+                           allow_unsealed_memory=allow_unsealed_memory)
             while True:
                 try:
                     conn, _ = await listener.accept()
@@ -790,7 +1073,8 @@ async def serve_device(device: VirtioDevice, socket_path: str, *,
                         continue
                     raise
                 with conn:
-                    await _serve_connection(device, conn)
+                    await _serve_connection(device, conn,
+                                            allow_unsealed_memory=allow_unsealed_memory)
     finally:
         with contextlib.suppress(OSError):
             info = os.stat(socket_path)
@@ -798,12 +1082,14 @@ async def serve_device(device: VirtioDevice, socket_path: str, *,
                 os.unlink(socket_path)
 
 
-async def _serve_connection(device: VirtioDevice, conn: Any) -> None:
-    structlog.contextvars.bind_contextvars(device=device.name)
+async def _serve_connection(device: VirtioDevice, conn: Any, *,
+                            allow_unsealed_memory: bool = False) -> None:
+    structlog.contextvars.bind_contextvars(device=device.name, **_peer(conn))
     log.info("front-end connected")
     try:
         async with trio.open_nursery() as nursery:
-            session = _Session(device, conn, nursery)
+            session = _Session(device, conn, nursery,
+                               allow_unsealed_memory=allow_unsealed_memory)
             try:
                 await session.serve()
             finally:
@@ -818,3 +1104,5 @@ async def _serve_connection(device: VirtioDevice, conn: Any) -> None:
         for error in group.exceptions:
             log.error("front-end dropped after an internal error",
                       error=f"{type(error).__name__}: {error}", exc_info=error)
+    finally:
+        structlog.contextvars.unbind_contextvars("peer_pid", "peer_uid", "peer_gid")

@@ -11,6 +11,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,25 @@ def add_backend_commands(subparsers: Any) -> None:
     net.set_defaults(handler=_cmd_net)
 
     for parser in (blk, rng, net):
+        parser.add_argument(
+            "--allow-unsealed-memory", action="store_true",
+            help="map guest RAM that is not sealed against shrinking (F_SEAL_SHRINK); a "
+            "front-end that shrinks it then crashes this back-end with SIGBUS. Only for "
+            "trusted front-ends whose RAM cannot be sealed (memory-backend-file)")
         parser.add_argument("--log-format", choices=["console", "json"],
                             default=argparse.SUPPRESS)
         parser.add_argument("--log-level", choices=_LEVELS, default=argparse.SUPPRESS)
 
 
 def _cmd_blk(args: argparse.Namespace) -> int:
-    from ..virtio.blk import BlockDevice
+    from ..virtio.blk import LARGEST_QUEUE_SIZE, BlockDevice
 
-    device = BlockDevice(Path(args.image), read_only=args.readonly)
+    # Behind vhost-user the front-end chooses the ring size: accept the largest.
+    device = BlockDevice(Path(args.image), read_only=args.readonly,
+                         queue_size=LARGEST_QUEUE_SIZE)
     try:
-        return run_backend(device, args.socket)
+        return run_backend(device, args.socket,
+                           allow_unsealed_memory=args.allow_unsealed_memory)
     finally:
         device.close()
 
@@ -73,14 +82,15 @@ def _cmd_blk(args: argparse.Namespace) -> int:
 def _cmd_rng(args: argparse.Namespace) -> int:
     from ..virtio.rng import RngDevice
 
-    return run_backend(RngDevice(), args.socket)
+    return run_backend(RngDevice(), args.socket,
+                       allow_unsealed_memory=args.allow_unsealed_memory)
 
 
 def _cmd_net(args: argparse.Namespace) -> int:
     import hashlib
 
     from ..tap import Tap
-    from ..virtio.net import NetDevice
+    from ..virtio.net import LARGEST_QUEUE_SIZE, NetDevice
 
     if args.mac is None:
         mac = bytes([0x02]) + hashlib.sha256(f"backend/{args.tap}".encode()).digest()[:5]
@@ -93,22 +103,29 @@ def _cmd_net(args: argparse.Namespace) -> int:
             raise AvmmError(f"--mac {args.mac!r}: expected a unicast MAC like 52:54:00:12:34:56")
     tap = Tap.open(args.tap)
     try:
-        return run_backend(NetDevice(tap, mac=mac, name="net0"), args.socket)
+        return run_backend(
+            NetDevice(tap, mac=mac, name="net0", queue_size=LARGEST_QUEUE_SIZE),
+            args.socket, allow_unsealed_memory=args.allow_unsealed_memory)
     finally:
         tap.close()
 
 
-def run_backend(device: VirtioDevice, socket_path: str) -> int:
+def run_backend(device: VirtioDevice, socket_path: str, *,
+                allow_unsealed_memory: bool = False) -> int:
     """Serve ``device`` at ``socket_path`` until SIGINT or SIGTERM; exit status 0."""
-    return trio.run(_serve_until_signal, device, socket_path)
+    return trio.run(partial(_serve_until_signal, device, socket_path,
+                            allow_unsealed_memory=allow_unsealed_memory))
 
 
-async def _serve_until_signal(device: VirtioDevice, socket_path: str) -> int:
+async def _serve_until_signal(device: VirtioDevice, socket_path: str, *,
+                              allow_unsealed_memory: bool) -> int:
     from .backend import serve_device
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_device, device, socket_path)
+            await nursery.start(partial(serve_device,
+                                        allow_unsealed_memory=allow_unsealed_memory),
+                                device, socket_path)
             async for signum in signals:
                 log.info("stopping on signal", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

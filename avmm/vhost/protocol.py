@@ -11,6 +11,15 @@ payload larger than :data:`MAX_PAYLOAD`, fds where the request takes none, too m
 fds or a message cut short raise :class:`VhostProtocolError`, and the fds that did
 arrive are closed before it is raised. The peer that sent it is at fault; the caller
 drops the connection.
+
+A well-formed request that asks for something the receiver cannot do (a ring size
+above its maximum, an fd that is not an eventfd) is not a protocol break: the handler
+raises :class:`VhostRequestRefused`, and the back-end answers it with a failure where the
+protocol has a way to say so (REPLY_ACK, an empty GET_CONFIG reply) and keeps the
+connection. The one reply that may be empty is GET_CONFIG's (:data:`EMPTY_REPLIES`):
+vhost-user.rst makes a zero-length payload its error answer. It is sent with ``payload``
+None, and :func:`receive_message` raises :class:`VhostRequestRefused` for it (the
+connection is still in step: the receiver may go on or hang up).
 """
 
 from __future__ import annotations
@@ -27,10 +36,13 @@ import construct as c
 from ..errors import AvmmError
 
 __all__ = [
+    "EMPTY_REPLIES",
+    "EVENTFD_LINK",
     "MAX_CONFIG_SIZE",
     "MAX_FDS",
     "MAX_MEMORY_REGIONS",
     "MAX_PAYLOAD",
+    "REPLY_BODIES",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "VRING_INDEX_MASK",
     "VRING_NOFD",
@@ -39,6 +51,7 @@ __all__ = [
     "Request",
     "VhostConnectionClosed",
     "VhostProtocolError",
+    "VhostRequestRefused",
     "receive_message",
     "send_message",
 ]
@@ -50,6 +63,12 @@ class VhostProtocolError(AvmmError):
 
 class VhostConnectionClosed(VhostProtocolError):
     """The peer closed the connection between two messages (an orderly goodbye)."""
+
+
+class VhostRequestRefused(VhostProtocolError):
+    """A well-formed request the receiver cannot honour: answer it with a failure and
+    keep the connection (see the module docstring). Unhandled, it drops the connection
+    like any protocol error."""
 
 
 class Request(IntEnum):
@@ -132,6 +151,10 @@ _KNOWN_FLAGS = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY
 #: Vring fd payloads (SET_VRING_KICK/CALL/ERR): ring index and the "no fd" bit.
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD = 1 << 8
+
+#: What /proc/self/fd/N links to for an eventfd: the only fd kind a kick, call or
+#: error fd may be.
+EVENTFD_LINK = "anon_inode:[eventfd]"
 
 MAX_FDS = 8
 MAX_MEMORY_REGIONS = 8
@@ -232,6 +255,14 @@ PAYLOADS: dict[Request, tuple[Any, Any]] = {
     R.SET_STATUS: (U64, U64),
     R.GET_STATUS: (_EMPTY, U64),
 }
+#: Requests whose reply has a body of its own (not the REPLY_ACK u64): a back-end
+#: cannot answer them with a bare failure code.
+REPLY_BODIES = frozenset({
+    R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
+    R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS, R.GET_STATUS,
+})
+#: Replies that may come with no payload at all: the back-end's error answer.
+EMPTY_REPLIES = frozenset({R.GET_CONFIG})
 #: How many fds a request may carry (both directions; replies carry the same or none).
 _FD_LIMITS: dict[Request, int] = {
     R.SET_MEM_TABLE: MAX_MEMORY_REGIONS,
@@ -280,6 +311,8 @@ def encode_message(message: Message) -> bytes:
     """Header and payload as bytes (a VhostProtocolError if the payload does not fit its
     request's layout: a bug in the caller)."""
     fmt = payload_format(message.request, message.reply)
+    if message.reply and message.payload is None and message.request in EMPTY_REPLIES:
+        fmt = None
     if fmt is None:
         if message.payload is not None:
             raise VhostProtocolError(f"{message.request.name} takes no payload")
@@ -367,6 +400,9 @@ async def receive_message(sock: Any) -> Message:
         reply = bool(flags & FLAG_REPLY)
         body = await _receive_exactly(sock, header.size, fds, start=False)
         fmt = payload_format(request, reply)
+        if reply and not header.size and request in EMPTY_REPLIES:
+            raise VhostRequestRefused(f"{request.name} answered with an empty payload "
+                                      "(the back-end's error answer)")
         if fmt is None:
             if header.size:
                 raise VhostProtocolError(

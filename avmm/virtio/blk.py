@@ -55,7 +55,13 @@ import trio
 
 from ..errors import AvmmError, GuestMemoryError
 from ..threads import run_in_own_thread
-from .device import DeviceContext, DeviceId, DeviceNeedsReset, VirtioDevice
+from .device import (
+    DeviceContext,
+    DeviceId,
+    DeviceNeedsReset,
+    VirtioDevice,
+    offered_queue_size,
+)
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
@@ -80,12 +86,16 @@ VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
 
+#: The ring size offered by default (QueueNumMax in-process).
 QUEUE_SIZE = 256
+#: The largest ring the device serves: what a vhost-user front-end may choose (QEMU's
+#: vhost-user-blk ``queue-size`` goes up to 1024); see BlockDevice's ``queue_size``.
+LARGEST_QUEUE_SIZE = 1024
 #: A request is header + data segments + status, so a chain of QUEUE_SIZE descriptors
 #: has room for this many data segments.
 SEG_MAX = QUEUE_SIZE - 2
-#: Per-request bounds for DISCARD / WRITE_ZEROES, so that one request's work (which may
-#: fall back to writing zeroes) stays bounded. Linux splits its requests to fit.
+#: Per-request bounds for DISCARD / WRITE_ZEROES, so that one request's work (WRITE_ZEROES
+#: may fall back to writing zeroes) stays bounded. Linux splits its requests to fit.
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB
 MAX_DISCARD_SEG = 32
 MAX_WRITE_ZEROES_SECTORS = 1 << 22
@@ -271,7 +281,10 @@ class BlockDevice(VirtioDevice):
     queue_max_sizes = (QUEUE_SIZE,)
 
     def __init__(self, path: Path, *, read_only: bool = False, serial: str | None = None,
-                 name: str = "blk0") -> None:
+                 name: str = "blk0", queue_size: int = QUEUE_SIZE) -> None:
+        # The ring's maximum: a driver behind virtio-mmio takes it as its ring size, a
+        # vhost-user front-end chooses its own up to it (the back-end offers the most).
+        self.queue_max_sizes = (offered_queue_size(queue_size, LARGEST_QUEUE_SIZE),)
         self.path = Path(path)
         self.read_only = read_only
         self.name = name
@@ -620,7 +633,14 @@ class BlockDevice(VirtioDevice):
         else:
             stats.unsupported += 1
             status = _UNSUPP
-        return _Done(chain.head, written + 1, status_byte, status, modified)
+        # The used length: the data written and the status byte. Except after a read
+        # that failed part-way: len promises that many bytes were written from the start
+        # of the writable part (virtio 1.2 §2.7.8.2; an underestimate is allowed, an
+        # overestimate is not), and the status byte lies past the bytes that were never
+        # read, so only the data that was read counts.
+        used = written if 0 < written < writable_length - 1 and request_type == _IN \
+            else written + 1
+        return _Done(chain.head, used, status_byte, status, modified)
 
     def _refuse_read_only(self) -> Status | None:
         if self.read_only:
@@ -716,8 +736,12 @@ class BlockDevice(VirtioDevice):
         return _OK
 
     def _discard(self, offset: int, size: int) -> None:
-        if not (size and self._punch(offset, size)):
-            self._write_zeroes(offset, size)
+        # A discard MAY deallocate (§5.2.6.2): where holes cannot be punched it does
+        # nothing, rather than cost a write of every discarded byte. Reading a discarded
+        # range then returns the old data, which the spec allows (WRITE_ZEROES is the
+        # request that promises zeroes).
+        if size:
+            self._punch(offset, size)
 
     def _zero(self, offset: int, size: int, *, unmap: bool) -> None:
         if not size:
@@ -744,7 +768,7 @@ class BlockDevice(VirtioDevice):
             if e.errno not in _NOT_SUPPORTED:
                 raise
             self.can_punch_holes = False
-            log.info("file system cannot punch holes; discard writes zeroes",
+            log.info("file system cannot punch holes; discard does nothing",
                      device=self.name, path=str(self.path))
             return False
         return True

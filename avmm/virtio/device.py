@@ -5,8 +5,11 @@ registers, KVM or eventfds. A transport (virtio-mmio in this process, later virt
 or a vhost-user backend in another process) owns the device, negotiates features, lets
 the driver set up the queues and, once the driver sets DRIVER_OK, calls
 :meth:`VirtioDevice.run` with a :class:`DeviceContext`. ``run`` serves the queues until
-the transport cancels it (driver reset, VM stop); then the transport calls
-:meth:`VirtioDevice.reset`.
+the transport cancels it. A driver reset then calls :meth:`VirtioDevice.reset`; a stop
+that is not a reset (a vhost-user ring stop, QEMU's ``stop``/``cont``, later a
+snapshot) does not: the transport gives every chain the device took and did not return
+back to the driver (:meth:`VirtQueue.give_back`) and may call ``run`` again later, on
+the same rings, from the position the queue then records.
 
 Errors: a request the device cannot satisfy (an I/O error, an unknown request type) is
 answered in-band with the device's error status. A driver that breaks the rules (a
@@ -108,14 +111,30 @@ class VirtioDevice(abc.ABC):
 
     @abc.abstractmethod
     async def run(self, context: DeviceContext) -> None:
-        """Serve the queues until cancelled. May raise DeviceNeedsReset."""
+        """Serve the queues until cancelled. May raise DeviceNeedsReset.
+
+        However it ends, ``run`` leaves no chain in the device: chains it took and did
+        not return belong to the transport then, which gives them back to the driver
+        (the next ``run`` takes them again) or resets the queues. So a device keeps no
+        reference to a chain across runs; whatever it wrote into such a chain counts as
+        not written. Host-side state (console input not yet delivered, counters) may
+        stay: a stop is not a reset."""
 
     def reset(self) -> None:  # noqa: B027 - optional
         """Back to the state before the driver first touched the device (after ``run``
-        has been cancelled, or before it ever ran)."""
+        has ended, or before it ever ran): a driver reset, or a new front-end."""
 
 
 ChainHandler = Callable[["DescriptorChain"], Awaitable[int]]
+
+
+def offered_queue_size(size: int, largest: int) -> int:
+    """``size`` if it is a queue size a device may offer (a power of two from 1 to
+    ``largest``), else ValueError naming it."""
+    if not isinstance(size, int) or not 0 < size <= largest or size & (size - 1):
+        raise ValueError(f"queue size must be a power of two from 1 to {largest}, "
+                         f"got {size!r}")
+    return size
 
 
 class PauseGate:
@@ -165,6 +184,10 @@ async def serve_queue(context: DeviceContext, queue_index: int, handle: ChainHan
     While a batch is being drained the driver is asked not to notify (flags or
     avail_event, whichever was negotiated); notifications are re-enabled before waiting,
     and the ring is checked once more so a buffer added in between is not missed.
+
+    Cancelled while ``handle`` works on a chain (a stop), the chain is not returned
+    here: the transport gives it back to the driver, and the next run hands it to
+    ``handle`` again.
     """
     queue = context.queues[queue_index]
     if queue is None:

@@ -56,6 +56,7 @@ from .device import (
     DeviceId,
     DeviceNeedsReset,
     VirtioDevice,
+    offered_queue_size,
     run_together,
 )
 
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 __all__ = [
+    "LARGEST_QUEUE_SIZE",
     "MAX_FRAME_SIZE",
     "NET_HEADER_SIZE",
     "VIRTIO_NET_F_MAC",
@@ -86,7 +88,11 @@ VIRTIO_NET_S_LINK_UP = 1
 
 RX_QUEUE = 0
 TX_QUEUE = 1
+#: The ring size offered by default (QueueNumMax in-process).
 QUEUE_SIZE = 256
+#: The largest rings the device serves: what a vhost-user front-end may choose (QEMU's
+#: virtio-net ``rx_queue_size``/``tx_queue_size`` go up to 1024); see ``queue_size``.
+LARGEST_QUEUE_SIZE = 1024
 
 #: ``struct virtio_net_hdr`` with ``num_buffers`` (no hash report): flags, gso_type,
 #: hdr_len, gso_size, csum_start, csum_offset, num_buffers.
@@ -138,12 +144,17 @@ class NetDevice(VirtioDevice):
 
     The device does not own the tap: whoever opened it closes it, after ``run`` ended.
     ``mac`` is the 6-byte unicast address the guest finds in the config space.
+    ``queue_size`` is both rings' maximum: a driver behind virtio-mmio takes it as its
+    ring size, a vhost-user front-end chooses its own up to it.
     """
 
     device_id = DeviceId.NET
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, tap: TapLike, *, mac: bytes, name: str = "net0") -> None:
+    def __init__(self, tap: TapLike, *, mac: bytes, name: str = "net0",
+                 queue_size: int = QUEUE_SIZE) -> None:
+        offered_queue_size(queue_size, LARGEST_QUEUE_SIZE)
+        self.queue_max_sizes = (queue_size, queue_size)
         mac = bytes(mac)
         if len(mac) != 6:
             raise ValueError(f"a MAC address has 6 bytes, got {len(mac)}")
@@ -182,15 +193,28 @@ class NetDevice(VirtioDevice):
         return config[offset:offset + size].ljust(size, b"\0")
 
     def reset(self) -> None:
-        self._rx_chains.clear()
-        self._rx_frame_length = 0
+        self._release_chains()
 
     async def run(self, context: DeviceContext) -> None:
-        """Serve the receive and transmit queues until cancelled."""
-        await run_together(
-            partial(self._receive_loop, context),
-            partial(self._transmit_loop, context),
-        )
+        """Serve the receive and transmit queues until cancelled. Returns holding no
+        chain (see :meth:`VirtioDevice.run`): receive buffers taken and a transmit
+        chain waiting for the tap go back to the driver through the queue."""
+        try:
+            await run_together(
+                partial(self._receive_loop, context),
+                partial(self._transmit_loop, context),
+            )
+        finally:
+            self._release_chains()
+
+    def _release_chains(self) -> None:
+        """Forget the receive chains held (the transport gives them back or resets the
+        queue). A frame that was waiting for more buffers is dropped, counted: its
+        first part is in a buffer that goes back unused."""
+        if self._rx_frame_length:
+            self.stats.rx_dropped += 1
+            self._rx_frame_length = 0
+        self._rx_chains.clear()
 
     # -- transmit -----------------------------------------------------------------------
 

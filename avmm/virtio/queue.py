@@ -287,10 +287,12 @@ class VirtQueue:
     spec forbids, and nothing else for anything a guest can do.
 
     One task serves a queue: the methods are not safe to call from two threads at
-    once. Besides :attr:`state` the object holds only a cache: views of the available
-    ring and descriptor table (read) and of the used ring (written), rebuilt whenever
-    the memory object, the size or those addresses differ from the last :meth:`pop` or
-    :meth:`push`.
+    once. Besides :attr:`state` the object holds a cache (views of the available ring
+    and descriptor table, read, and of the used ring, written, rebuilt whenever the
+    memory object, the size or those addresses differ from the last :meth:`pop` or
+    :meth:`push`) and the chains taken and not yet returned, which :meth:`give_back`
+    hands back when the device stops without a reset (a vhost-user ring stop, later a
+    snapshot): after it the queue holds nothing that :attr:`state` does not say.
     """
 
     def __init__(self, max_size: int) -> None:
@@ -300,6 +302,9 @@ class VirtQueue:
                 f"got {max_size!r}"
             )
         self.state = QueueState(max_size=max_size)
+        #: By head: the available-ring position it was taken from, -1 once returned (or
+        #: never taken). A list, not a dict: pop and push pay one store each.
+        self._taken_at = [-1] * max_size
         self._forget_rings()
 
     def __repr__(self) -> str:
@@ -345,6 +350,7 @@ class VirtQueue:
         initial = QueueState(max_size=self.state.max_size)
         for field in fields(QueueState):
             setattr(self.state, field.name, getattr(initial, field.name))
+        self._taken_at = [-1] * len(self._taken_at)
         self._forget_rings()
 
     # -- the available ring -------------------------------------------------------------
@@ -401,6 +407,7 @@ class VirtQueue:
                 chain = _new_chain(head, (), buffers)
             else:
                 chain = _new_chain(head, buffers, ())
+        self._taken_at[head] = next_available
         s.next_available = (next_available + 1) & 0xFFFF
         return chain
 
@@ -424,6 +431,7 @@ class VirtQueue:
             table = memory.view(s.descriptor_table, size << 4)
         except GuestAddressError as e:
             raise QueueError(f"queue descriptor table outside guest RAM: {e}") from e
+        self._fit_taken_at(size)
         self._available_view = available
         # Its u16 fields are read through a native "H" view: one 16-bit load each. The
         # driver may store a field at the same moment, and struct reads byte by byte: it
@@ -565,6 +573,68 @@ class VirtQueue:
         next_used = (next_used + 1) & 0xFFFF
         self._used_u16[1] = next_used
         s.next_used = next_used
+        self._taken_at[head] = -1
+
+    @property
+    def held(self) -> int:
+        """How many chains were taken by :meth:`pop` and not yet returned by :meth:`push`."""
+        return sum(position >= 0 for position in self._taken_at)
+
+    def give_back(self, memory: MemoryAccess) -> tuple[int, int]:
+        """Hand every chain taken and not returned back to the driver; call it once the
+        device has stopped (its ``run`` ended) and before the queue's position is read
+        for a ring stop or a snapshot. Returns (chains un-taken, chains returned empty).
+
+        Chains at the end of what was taken (none returned after them: every device
+        that completes in order) are un-taken: the position moves back over them, so
+        they stay available and the device takes them again, re-read and re-checked,
+        when it runs next. The driver never sees them go: its buffers and what it asked
+        for are intact, and a device must treat whatever it wrote into them so far as
+        not written (it was not: the driver reads a buffer only once it is used).
+
+        A chain taken before one that was already returned cannot be un-taken (the
+        position cannot skip the returned one), so it is returned used with length 0:
+        the driver gets its buffer back empty, as after a request that produced nothing.
+        That is safe for buffers whose meaning is their used length (receive buffers,
+        entropy) but not for a request that reports its result in-band (a block
+        request's status byte): devices that complete out of order must not stop with
+        such chains held.
+        """
+        taken_at = self._taken_at
+        held = {position: head for head, position in enumerate(taken_at) if position >= 0}
+        if not held:
+            return 0, 0
+        s = self.state
+        # Walk back from the position while the slot before it was taken and is held.
+        position = s.next_available
+        untaken = 0
+        while (head := held.pop((position - 1) & 0xFFFF, None)) is not None:
+            position = (position - 1) & 0xFFFF
+            taken_at[head] = -1
+            self._untaken(head)
+            untaken += 1
+        s.next_available = position
+        returned = 0
+        try:
+            # Oldest first, as the driver would have got them.
+            for _, head in sorted(held.items(), key=lambda item: (position - item[0]) & 0xFFFF,
+                                  reverse=True):
+                self.push(memory, head, 0)
+                returned += 1
+        finally:
+            # Whatever push refused (a broken ring) is forgotten: never given twice.
+            self._taken_at = [-1] * len(taken_at)
+        return untaken, returned
+
+    def _fit_taken_at(self, size: int) -> None:
+        # A restored state may bring a larger queue than the one this object was made
+        # for; pop and push index the list by head without a check.
+        if len(self._taken_at) < size:
+            self._taken_at.extend([-1] * (size - len(self._taken_at)))
+
+    def _untaken(self, head: int) -> None:
+        """Hook: ``give_back`` un-took chain ``head`` (for subclasses that keep a record
+        of what was taken, such as vhost-user's inflight tracking)."""
 
     def _map_used_ring(self, memory: MemoryAccess) -> None:
         """Take views of the used ring (flags, idx and ring[size]) for ``push``, kept
@@ -575,6 +645,7 @@ class VirtQueue:
             used = memory.view(s.used_ring, 4 + 8 * s.size)
         except GuestAddressError as e:
             raise QueueError(f"used ring outside guest RAM: {e}") from e
+        self._fit_taken_at(s.size)
         self._used_view = used
         # The idx is stored through a native "H" view: one 16-bit store (struct writes
         # byte by byte, and a driver polling the used idx would see a torn value, e.g.
