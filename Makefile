@@ -93,8 +93,8 @@ $(BUILD)/debian-kernel/initramfs.cpio: $(BUILD)/debian-kernel/vmlinuz \
 
 # avmm's minimal guest kernel: tinyconfig + examples/linux/microvm.config (+ patches/), built from
 # Debian's linux-source-6.1 into $(BUILD)/linux/{bzImage,vmlinux}. The script keeps its own
-# cache (the fragment's hash and the source version): only a changed fragment or a new
-# source package rebuilds (a full build: ~5 min on 2 cores here, plus ~13 s to unpack).
+# cache (the hash of the fragment and of the patches, and the source version): only a changed
+# fragment or patch, or a new source package, rebuilds (a full build: ~5 min on 2 cores here, plus ~13 s to unpack).
 linux-kernel: $(BUILD)/linux/bzImage
 
 $(BUILD)/linux/bzImage: examples/linux/microvm.config $(wildcard examples/linux/patches/*.patch) \
