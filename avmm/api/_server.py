@@ -1,7 +1,7 @@
 """``avmm serve``: one :class:`avmm.host.Host` behind the management API on a unix socket.
 
 The socket is ours alone (mode 0600; 0660 and the group's ownership with ``group=``),
-created with that mode from the start (umask around bind(2)), never left group- or
+created 0600 by bind(2) (the socket inode's mode, set before), never left group- or
 world-accessible for a moment. A socket file left by a daemon that died is replaced; a
 path where a live server answers is refused. The file is removed on the way out, unless
 someone else has replaced it meanwhile.
@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -142,8 +142,12 @@ def _bind(path: Path, group: str | None) -> tuple[socket.socket, tuple[int, int]
     _claim(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with _umask(0o777 & ~mode):
-            listener.bind(os.fsencode(path))
+        # bind(2) gives the socket file the socket inode's mode less the umask: 0600
+        # first, so that the file is never open to anyone else, without changing the
+        # process-wide umask (other threads may be creating files meanwhile). The group
+        # gets its access only once the file belongs to that group.
+        os.fchmod(listener.fileno(), 0o600)
+        listener.bind(os.fsencode(path))
         if gid is not None:
             os.chown(path, -1, gid)
         os.chmod(path, mode)  # exact, whatever the umask left
@@ -195,13 +199,6 @@ def _group_id(group: str) -> int:
                           "shared with its members") from None
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    previous = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def _remove_if_ours(path: Path, identity: tuple[int, int]) -> None:

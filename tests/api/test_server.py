@@ -38,6 +38,24 @@ async def test_socket_mode_is_0600(nursery: trio.Nursery, socket_dir: Path) -> N
     assert info.st_uid == os.geteuid()
 
 
+async def test_binding_leaves_the_process_umask_alone(nursery: trio.Nursery, socket_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The umask is process-wide: a daemon that changed it around bind(2) would give
+    files other threads create meanwhile (a VM's serial log, a snapshot) its mode."""
+    calls: list[int] = []
+    real_umask = os.umask
+
+    def recording_umask(mask: int) -> int:
+        calls.append(mask)
+        return real_umask(mask)
+
+    monkeypatch.setattr(os, "umask", recording_umask)
+    path = socket_dir / "avmm.sock"
+    await _serve(nursery, path)
+    assert calls == []
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
 async def test_group_option_gives_the_group_0660(nursery: trio.Nursery,
                                                  socket_dir: Path) -> None:
     """The socket belongs to a group the daemon is not running as (so the daemon must
