@@ -245,9 +245,7 @@ class VirtioMmioSlot:
         """
         if self._scope is not None or not self._idle.is_set():
             raise VmStateError(f"{self.device.name}: pause the device before saving it")
-        transport = self.transport.save_state()
-        if self.external:
-            transport = self._with_used_positions(transport)
+        transport = self.transport_state()
         device_state = self.device.save_state()
         state_class = self.device.state_class
         if state_class is None or type(device_state) is not state_class:
@@ -315,9 +313,14 @@ class VirtioMmioSlot:
                 self._log.debug("chains given back on pause", queue=index,
                                 untaken=untaken, returned_empty=returned)
 
-    def _with_used_positions(self, state: MmioTransportState) -> MmioTransportState:
-        """vhost-user: the back-end, not the front-end, moves the used idx; record the
-        one in guest memory as ``next_used`` so the saved queue says both positions."""
+    def transport_state(self) -> MmioTransportState:
+        """The transport's part of :meth:`save_state` (same conditions). For a
+        vhost-user device each ready queue's ``next_available`` is the back-end's
+        position from GET_VRING_BASE, and ``next_used`` the used idx in guest memory:
+        the back-end, not the front-end, moves it."""
+        state = self.transport.save_state()
+        if not self.external:
+            return state
         memory = self.transport.memory
         queues = []
         for saved in state.queues:
