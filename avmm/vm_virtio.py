@@ -44,7 +44,7 @@ import structlog
 import trio
 
 from .devices._state import DeviceStateError
-from .errors import AvmmError, GuestMemoryError, VmStateError
+from .errors import GuestMemoryError, VmStateError
 from .eventfd import signal_eventfd
 from .kvm import Vm
 from .lifecycle import DeviceMetrics
@@ -78,9 +78,10 @@ _DEVICE_KINDS = {DeviceId.BLOCK: "blk", DeviceId.NET: "net", DeviceId.CONSOLE: "
                  DeviceId.ENTROPY: "rng"}
 
 
-class DevicePauseError(AvmmError):
+class DevicePauseError(VmStateError):
     """A device could not be stopped for a pause: its task did not end in time, or a
-    vhost-user back-end did not confirm that its rings stopped."""
+    vhost-user back-end did not confirm that its rings stopped. The VM cannot be paused
+    now (the API answers 409, as for any state that does not allow it); it runs on."""
 
 
 @dataclass(frozen=True)
