@@ -6,6 +6,7 @@ refused with one line."""
 from __future__ import annotations
 
 import dataclasses
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -449,3 +450,52 @@ def test_saved_queue_state_is_frozen_and_versioned() -> None:
     state = MmioTransportState()
     with pytest.raises(dataclasses.FrozenInstanceError):
         state.status = 1  # type: ignore[misc]
+
+
+async def test_a_pending_reset_completes_at_the_restored_drivers_first_status_read() -> None:
+    state, memory = await saved_rng_state()
+    pending = _transport(state, reset_pending=True)
+    device = RngDevice(name="rng0")
+    slot = make_slot(device, copy_of(memory))
+    try:
+        slot.restore_state(pending)
+        assert slot.transport.reset_pending and not slot.transport.activated
+        assert slot.transport.save_state().reset_pending
+        # Nothing runs, so the driver's poll finds the device stopped and the reset done.
+        assert Driver(slot.transport).status == 0
+        assert not slot.transport.reset_pending
+        assert slot.transport.save_state().queues[0] == SavedQueueState.of(
+            type(slot.transport.queues[0].state)(max_size=state.transport.queues[0].max_size))
+    finally:
+        slot.close()
+
+
+async def test_damaged_slot_state_bytes_are_refused_with_one_line_or_restore_cleanly() -> None:
+    """Every single-byte change of an encoded slot state either fails to decode
+    (SnapshotError), or decodes to a state that restore refuses (DeviceStateError) or
+    accepts; nothing else escapes, and every refusal is one line."""
+    state, memory = await saved_rng_state()
+    blob = encode(state)
+    rng = random.Random(12)
+    outcomes = {"decode": 0, "restore": 0, "accepted": 0}
+    for _ in range(300):
+        damaged = bytearray(blob)
+        damaged[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+        slot = make_slot(RngDevice(name="rng0"), copy_of(memory))
+        try:
+            try:
+                decoded = decode(bytes(damaged), VirtioSlotState)
+            except SnapshotError as e:
+                assert "\n" not in str(e)
+                outcomes["decode"] += 1
+                continue
+            try:
+                slot.restore_state(decoded)
+            except DeviceStateError as e:
+                assert "\n" not in str(e)
+                outcomes["restore"] += 1
+            else:
+                outcomes["accepted"] += 1
+        finally:
+            slot.close()
+    assert outcomes["decode"] and outcomes["restore"], outcomes
