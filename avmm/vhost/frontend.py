@@ -100,8 +100,9 @@ transport's queue state, and nothing names the socket, so a restore may use anot
 
 Ring base after a reconnect (no GET_VRING_BASE is possible: the old back-end is gone;
 where the rings had been stopped with GET_VRING_BASE before the connection went, the
-queue state's positions are exact and are used instead). SET_VRING_BASE gets the ``idx`` of the used ring, read from guest memory: the number of
-chains the driver has been given back. With INFLIGHT_SHMFD the back-end does not trust
+queue state's positions are exact and are used instead). SET_VRING_BASE gets the
+``idx`` of the used ring, read from guest memory: the number of chains the driver has
+been given back. With INFLIGHT_SHMFD the back-end does not trust
 that value blindly: it reconciles its record with the used ring (a chain whose used
 entry was published just before the crash is no longer in flight), resubmits the chains
 still marked in flight, oldest first, and continues taking new chains from used idx +

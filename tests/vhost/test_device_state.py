@@ -1,0 +1,240 @@
+"""vhost-user devices in a snapshot (issue 12, item 6): the front-end's state, the
+back-end's device state through SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE
+(VHOST_USER_PROTOCOL_F_DEVICE_STATE), and the ring-base path for back-ends without it.
+
+The front-end runs in a virtio-mmio slot without KVM (tests/virtio/slot_harness.py); the
+test plays the driver and KVM. "Pausing" is stopping the slot's device task, as the
+slot's pause() does: run() is cancelled, the rings are stopped with GET_VRING_BASE and
+the back-end's device state is taken on the way down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from avmm.devices._state import DeviceStateError
+from avmm.memory import GuestMemory
+from avmm.state import codec
+from avmm.vhost.device_state import BackendState, BlockBackendState
+from avmm.vhost.frontend import VhostUserDevice, VhostUserFrontendState
+from avmm.vhost.protocol import ProtocolFeature
+from avmm.virtio.device import VIRTIO_F_VERSION_1, DeviceId
+from avmm.vm_virtio import VirtioMmioSlot
+from tests.prerequisites import require
+from tests.vhost.test_frontend import avmm_backend, storage_daemon
+from tests.virtio.queue_helpers import DriverQueue
+from tests.virtio.slot_harness import OK_STATUS, RING_BASE, Driver, make_slot
+
+DEVICE_STATE = 1 << ProtocolFeature.DEVICE_STATE
+BLK_F_FLUSH = 1 << 9
+IMAGE_SIZE = 1 << 20
+GET_ID = 8
+#: The driver's data buffers, past the rings of queue 0 (slot_harness's layout).
+DATA = 0x40000
+
+
+async def make_device(sock: Path, memory: GuestMemory) -> VhostUserDevice:
+    """The front-end's device; its handshake blocks, so in a thread (as the VM build)."""
+    return await trio.to_thread.run_sync(
+        lambda: VhostUserDevice(sock, device_id=DeviceId.BLOCK, memory=memory,
+                                queue_size=16))
+
+
+async def in_thread(function: object, *args: object) -> object:
+    return await trio.to_thread.run_sync(function, *args)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def slot_for(device: VhostUserDevice, memory: GuestMemory
+                   ) -> AsyncIterator[VirtioMmioSlot]:
+    slot = make_slot(device, memory)
+    try:
+        async with trio.open_nursery() as nursery:
+            slot.attach(nursery)
+            yield slot
+            nursery.cancel_scope.cancel()
+    finally:
+        slot.close()
+
+
+async def pause(slot: VirtioMmioSlot) -> None:
+    """Stop the device task without a reset (the slot's pause(), where it exists)."""
+    stop = getattr(slot, "pause", None)
+    if stop is not None:
+        await stop()
+    else:
+        assert await slot._stop_and_wait()
+
+
+def ring(memory: GuestMemory) -> DriverQueue:
+    """Queue 0 where slot_harness's Driver puts it, with buffers after it."""
+    return DriverQueue(memory, 16, descriptor_table=RING_BASE,
+                       available_ring=RING_BASE + 0x1000, used_ring=RING_BASE + 0x2000,
+                       data_address=DATA, data_size=0x10000)
+
+
+async def get_id(slot: VirtioMmioSlot, queue: DriverQueue) -> bytes:
+    """One GET_ID request through the back-end: the serial it answers."""
+    head = queue.add_chain([struct.pack("<IIQ", GET_ID, 0, 0)], [20, 1])
+    os.eventfd_write(slot.kick_fds[0], 1)
+    with trio.fail_after(20):
+        while not (used := queue.used()):
+            await trio.sleep(0.01)
+    assert used[0][0] == head
+    data = queue.writable_data(head)
+    assert data[-1] == 0, "GET_ID failed"
+    return data[:20].rstrip(b"\0")
+
+
+def backend_part(state: VhostUserFrontendState) -> tuple[BackendState, BlockBackendState]:
+    assert state.backend_state is not None
+    outer = codec.decode(state.backend_state, BackendState)
+    return outer, codec.decode(outer.device, BlockBackendState)
+
+
+async def test_blk_device_state_travels_from_one_backend_process_to_another(
+    tmp_path: Path,
+) -> None:
+    """Save from one ``avmm backend blk``, load into a fresh one serving a copy of the
+    image at another path: the state arrives (the second back-end answers the first
+    one's serial and its counters go on from the first one's) and is checked."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(IMAGE_SIZE))
+    copy = tmp_path / "elsewhere" / "disk-copy.img"
+    copy.parent.mkdir()
+    shutil.copy(image, copy)
+    memory = GuestMemory(1 << 20)
+    try:
+        with avmm_backend("blk", tmp_path / "a.sock", "--image", str(image)):
+            device = await make_device(tmp_path / "a.sock", memory)
+            assert device.protocol_features & DEVICE_STATE
+            async with slot_for(device, memory) as slot:
+                queue = ring(memory)
+                driver = Driver(slot.transport)
+                await in_thread(driver.bring_up, (0,), 16, VIRTIO_F_VERSION_1 | BLK_F_FLUSH)
+                assert driver.status == OK_STATUS
+                serial = await get_id(slot, queue)
+                await pause(slot)
+                saved = device.save_state()
+                next_available = slot.transport.queues[0].state.next_available
+            device.close()
+        # The snapshot's encoding carries it.
+        saved = codec.decode(codec.encode(saved), VhostUserFrontendState)
+        outer, block = backend_part(saved)
+        assert outer.device_id == DeviceId.BLOCK and outer.features & BLK_F_FLUSH
+        assert block.serial.encode() == serial and block.writeback
+        assert block.stats["get_ids"] == 1 and block.capacity == IMAGE_SIZE // 512
+        assert next_available == 1
+
+        with avmm_backend("blk", tmp_path / "b.sock", "--image", str(copy)):
+            probe = await make_device(tmp_path / "b.sock", memory)
+            try:
+                before = await fetched(probe)
+            finally:
+                probe.close()
+            assert before.serial.encode() != serial  # another path, another serial
+            assert before.stats["get_ids"] == 0 and not before.writeback
+            fresh = await make_device(tmp_path / "b.sock", memory)
+            try:
+                await in_thread(fresh.restore_state, saved)
+                after = await fetched(fresh)
+            finally:
+                fresh.close()
+        assert after.serial.encode() == serial
+        assert after.writeback and after.stats["get_ids"] == 1
+    finally:
+        memory.close()
+
+
+async def fetched(device: VhostUserDevice) -> BlockBackendState:
+    """What the back-end behind ``device`` holds now (a SAVE transfer)."""
+    await device.fetch_device_state()
+    return backend_part(device.save_state())[1]
+
+
+async def test_a_state_the_backend_cannot_load_is_one_line(tmp_path: Path) -> None:
+    """CHECK_DEVICE_STATE failure (a damaged state; a disk of another size) surfaces as
+    one DeviceStateError line, and the device is left as it was."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(IMAGE_SIZE))
+    memory = GuestMemory(1 << 20)
+    try:
+        with avmm_backend("blk", tmp_path / "a.sock", "--image", str(image)):
+            device = await make_device(tmp_path / "a.sock", memory)
+            try:
+                await device.fetch_device_state()
+                state = device.save_state()
+            finally:
+                device.close()
+            assert state.backend_state is not None
+            outer = codec.decode(state.backend_state, BackendState)
+            block = codec.decode(outer.device, BlockBackendState)
+            # Saved from a disk of another size (the config space the front-end checks
+            # is this back-end's: only the back-end can tell).
+            other_disk = codec.encode(BackendState(
+                outer.device_id, outer.queue_count, outer.features, outer.kind,
+                codec.encode(BlockBackendState(
+                    block.capacity * 2, block.read_only, block.serial, block.writeback,
+                    block.can_punch_holes, block.can_zero_range, block.stats))))
+            for bad in (state.backend_state[:-3], other_disk):
+                device = await make_device(tmp_path / "a.sock", memory)
+                try:
+                    damaged = dataclasses.replace(state, backend_state=bad)
+                    with pytest.raises(DeviceStateError) as error:
+                        await in_thread(device.restore_state, damaged)
+                    message = str(error.value)
+                    assert "\n" not in message and "refused the saved device state" in message
+                    assert "CHECK_DEVICE_STATE" in message
+                    assert device.connected  # the connection is still in step
+                finally:
+                    device.close()
+    finally:
+        memory.close()
+
+
+@pytest.mark.qemu
+async def test_qemu_storage_daemon_saves_and_restores_through_ring_bases(
+    tmp_path: Path,
+) -> None:
+    """qemu-storage-daemon has no DEVICE_STATE: its state is None, the ring positions
+    come from GET_VRING_BASE, and a restore onto a new daemon (on a new socket) takes
+    the state and serves from the saved position."""
+    if shutil.which("qemu-storage-daemon") is None:
+        require("qemu-storage-daemon is not installed (make deps installs qemu-system-x86)")
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(IMAGE_SIZE))
+    memory = GuestMemory(1 << 20)
+    try:
+        with storage_daemon(image, tmp_path / "a.sock"):
+            device = await make_device(tmp_path / "a.sock", memory)
+            assert not device.protocol_features & DEVICE_STATE
+            async with slot_for(device, memory) as slot:
+                queue = ring(memory)
+                driver = Driver(slot.transport)
+                await in_thread(driver.bring_up, (0,), 16, VIRTIO_F_VERSION_1)
+                await get_id(slot, queue)
+                await get_id(slot, queue)
+                await pause(slot)
+                saved = device.save_state()
+                assert slot.transport.queues[0].state.next_available == 2
+            device.close()
+        assert saved.backend_state is None
+        saved = codec.decode(codec.encode(saved), VhostUserFrontendState)
+        with storage_daemon(image, tmp_path / "b.sock"):
+            fresh = await make_device(tmp_path / "b.sock", memory)
+            try:
+                await in_thread(fresh.restore_state, saved)
+                assert fresh.save_state() == saved
+            finally:
+                fresh.close()
+    finally:
+        memory.close()
