@@ -10,10 +10,13 @@ the back-end's device state is taken on the way down.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import socket
 import struct
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,10 +29,11 @@ from avmm.memory import GuestMemory
 from avmm.state import codec
 from avmm.vhost.device_state import BackendState, BlockBackendState
 from avmm.vhost.frontend import VhostUserDevice, VhostUserFrontendState
-from avmm.vhost.protocol import ProtocolFeature
+from avmm.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, Request
 from avmm.virtio.device import VIRTIO_F_VERSION_1, DeviceId
 from avmm.vm_virtio import VirtioMmioSlot
 from tests.prerequisites import require
+from tests.vhost.scripted_backend import ScriptedBackend, wait_until
 from tests.vhost.test_frontend import avmm_backend, storage_daemon
 from tests.virtio.queue_helpers import DriverQueue
 from tests.virtio.slot_harness import OK_STATUS, RING_BASE, Driver, make_slot
@@ -236,5 +240,230 @@ async def test_qemu_storage_daemon_saves_and_restores_through_ring_bases(
                 assert fresh.save_state() == saved
             finally:
                 fresh.close()
+    finally:
+        memory.close()
+
+
+# -- hostile and lacking back-ends (scripted) ------------------------------------------
+
+_U64 = struct.Struct("<Q")
+_HEADER = struct.Struct("<III")
+REPLY_ACK = 1 << ProtocolFeature.REPLY_ACK
+PROTOCOL_MQ = 1 << ProtocolFeature.MQ
+NO_FD = 1 << 8
+BASE_AT_STOP = 7
+
+
+class StateBackend(ScriptedBackend):
+    """A scripted back-end that offers DEVICE_STATE and answers SET_DEVICE_STATE_FD as
+    ``mode`` says: "ok" (a few bytes, then end-of-file; CHECK says 0), "refuse",
+    "check_fails", "flood" (more than any front-end should buffer), "never_close"
+    (some bytes, then the pipe stays open), "silent" (no answer at all) or
+    "wrong_reply" (the reply of another request). GET_VRING_BASE answers
+    :data:`BASE_AT_STOP`."""
+
+    def __init__(self, path: Path, mode: str = "ok", **kwargs: object) -> None:
+        kwargs.setdefault("features", VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES)
+        kwargs.setdefault("protocol_features", REPLY_ACK | DEVICE_STATE)
+        super().__init__(path, **kwargs)  # type: ignore[arg-type]
+        self.mode = mode
+        self.state_fds: list[int] = []
+        self.loaded = bytearray()
+
+    def _answer(self, conn: socket.socket, request: Request, payload: bytes) -> None:
+        conn.sendall(_HEADER.pack(int(request), 0x1 | 0x4, len(payload)) + payload)
+
+    def _handle(self, conn: socket.socket, request: Request, flags: int, payload: bytes,
+                fds: list[int]) -> None:
+        if request == Request.GET_VRING_BASE:
+            with self._lock:
+                self.requests.append((request, payload))
+            index = struct.unpack_from("<I", payload)[0]
+            self._answer(conn, request, struct.pack("<II", index, BASE_AT_STOP))
+        elif request == Request.SET_DEVICE_STATE_FD:
+            with self._lock:
+                self.requests.append((request, payload))
+            direction = struct.unpack_from("<I", payload)[0]
+            self.state_fds.extend(fds)
+            fd = fds[0]
+            mode = self.mode
+            if mode == "silent":
+                return
+            if mode == "refuse":
+                self._answer(conn, request, _U64.pack(1 | NO_FD))
+                return
+            if mode == "wrong_reply":
+                self._answer(conn, Request.GET_FEATURES, _U64.pack(0))
+                return
+            self._answer(conn, request, _U64.pack(NO_FD))
+            if direction == 1:  # load: read to end-of-file in a thread
+                threading.Thread(target=self._read_all, args=(fd,), daemon=True).start()
+            elif mode == "flood":
+                threading.Thread(target=self._flood, args=(fd,), daemon=True).start()
+            else:
+                os.write(fd, b"hello")
+                if mode != "never_close":
+                    self.state_fds.remove(fd)
+                    os.close(fd)
+        elif request == Request.CHECK_DEVICE_STATE:
+            with self._lock:
+                self.requests.append((request, payload))
+            self._answer(conn, request, _U64.pack(1 if self.mode == "check_fails" else 0))
+        else:
+            super()._handle(conn, request, flags, payload, fds)
+
+    def _read_all(self, fd: int) -> None:
+        while data := os.read(fd, 65536):
+            self.loaded += data
+
+    def _flood(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, bytes(65536))
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for fd in self.state_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def entropy_device(sock: Path, memory: GuestMemory, **kwargs: object
+                         ) -> VhostUserDevice:
+    return await trio.to_thread.run_sync(
+        lambda: VhostUserDevice(sock, device_id=DeviceId.ENTROPY, memory=memory,
+                                queue_size=16, **kwargs))  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def paused_after_running(backend: StateBackend, sock: Path
+                               ) -> AsyncIterator[tuple[VhostUserDevice, VirtioMmioSlot]]:
+    """A device on ``backend`` whose rings ran and were stopped (the device paused)."""
+    memory = GuestMemory(1 << 20)
+    try:
+        device = await entropy_device(sock, memory)
+        try:
+            async with slot_for(device, memory) as slot:
+                driver = Driver(slot.transport)
+                await in_thread(driver.bring_up, (0,))
+                await in_thread(wait_until, lambda: backend.seen(Request.SET_VRING_ENABLE)
+                                >= 1, 20.0, "bring-up")
+                with trio.fail_after(30):  # far above STATE_TIMEOUT_S: no hang
+                    await pause(slot)
+                assert backend.seen(Request.GET_VRING_BASE) == 1
+                yield device, slot
+        finally:
+            device.close()
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize(("mode", "reason", "kept"), [
+    ("refuse", "SET_DEVICE_STATE_FD failed", True),
+    ("check_fails", "CHECK_DEVICE_STATE answered 1", True),
+    ("flood", "more than 1048576 bytes", False),
+    ("never_close", "TooSlowError", False),
+    ("silent", "TooSlowError", False),
+    ("wrong_reply", "expected the reply to SET_DEVICE_STATE_FD", False),
+])
+async def test_a_hostile_backend_cannot_hang_or_crash_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, reason: str, kept: bool,
+) -> None:
+    """Each misbehaviour ends the transfer within STATE_TIMEOUT_S: save_state refuses
+    with one line naming it, the ring positions are kept, and a back-end that broke
+    the protocol or hung is dropped (its rings were already stopped)."""
+    monkeypatch.setattr("avmm.vhost.frontend.STATE_TIMEOUT_S", 0.5)
+    sock = tmp_path / "be.sock"
+    with StateBackend(sock, mode) as backend:
+        async with paused_after_running(backend, sock) as (device, slot):
+            assert backend.seen(Request.SET_DEVICE_STATE_FD) == 1
+            with pytest.raises(DeviceStateError) as error:
+                device.save_state()
+            message = str(error.value)
+            assert "\n" not in message and reason in message, message
+            assert device.connected is kept
+            assert device.stop_unconfirmed is None  # nothing lingers: rings stopped
+            assert slot.transport.queues[0].state.next_available == BASE_AT_STOP
+
+
+async def test_a_good_scripted_backend_state_is_saved(tmp_path: Path) -> None:
+    """The same back-end, behaving: the bytes it wrote are the saved state, and the
+    kept state is refused once the rings have run again."""
+    sock = tmp_path / "be.sock"
+    with StateBackend(sock, "ok") as backend:
+        async with paused_after_running(backend, sock) as (device, slot):
+            state = device.save_state()
+            assert state.backend_state == b"hello"
+            assert backend.seen(Request.CHECK_DEVICE_STATE) == 1
+            slot._start()  # the resume: the rings run again
+            await in_thread(wait_until, lambda: backend.seen(Request.SET_VRING_ENABLE)
+                            >= 2, 20.0, "second bring-up")
+            with pytest.raises(DeviceStateError, match="not current"):
+                device.save_state()
+
+
+async def test_a_restored_device_starts_its_rings_at_the_saved_bases(
+    tmp_path: Path,
+) -> None:
+    """Restore on a new back-end at a new socket: the saved state is loaded through
+    the pipe, and the first run gives SET_VRING_BASE the position GET_VRING_BASE gave
+    at the save, not the used idx in guest memory (0 here)."""
+    with StateBackend(tmp_path / "a.sock") as backend:
+        async with paused_after_running(backend, tmp_path / "a.sock") as (device, slot):
+            saved = device.save_state()
+            transport = slot.transport.state()
+    saved = codec.decode(codec.encode(saved), VhostUserFrontendState)
+    memory = GuestMemory(1 << 20)
+    try:
+        with StateBackend(tmp_path / "b.sock") as fresh_backend:
+            fresh = await entropy_device(tmp_path / "b.sock", memory)
+            try:
+                await in_thread(fresh.restore_state, saved)
+                await in_thread(wait_until, lambda: bytes(fresh_backend.loaded) == b"hello",
+                                10.0, "the state loaded")
+                async with slot_for(fresh, memory) as slot:
+                    slot.transport.restore(transport)
+                    assert slot.transport.activated
+                    slot._start()
+                    await in_thread(wait_until, lambda: fresh_backend.seen(
+                        Request.SET_VRING_ENABLE) >= 1, 20.0, "bring-up")
+            finally:
+                fresh.close()
+        bases = [payload for request, payload in fresh_backend.requests
+                 if request == Request.SET_VRING_BASE]
+        assert bases == [struct.pack("<II", 0, BASE_AT_STOP)]
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize(("lacking", "reason"), [
+    ({"protocol_features": REPLY_ACK}, "VHOST_USER_PROTOCOL_F_DEVICE_STATE"),
+    ({"features": VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES},
+     "was offered features 0x10"),
+    ({"protocol_features": REPLY_ACK | DEVICE_STATE | PROTOCOL_MQ, "queue_num": 2},
+     "saved with 1 queues"),
+])
+async def test_a_restore_onto_a_backend_lacking_what_the_snapshot_used_is_refused(
+    tmp_path: Path, lacking: dict[str, object], reason: str,
+) -> None:
+    """One line, naming what is missing; nothing is sent to the back-end."""
+    memory = GuestMemory(1 << 20)
+    try:
+        full = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | (1 << 4)
+        with StateBackend(tmp_path / "a.sock", features=full):
+            device = await entropy_device(tmp_path / "a.sock", memory)
+            saved = device.save_state()
+            device.close()
+        with StateBackend(tmp_path / "b.sock", **{"features": full, **lacking}) as backend:
+            fresh = await entropy_device(tmp_path / "b.sock", memory,
+                                         num_queues=2 if "queue_num" in lacking else None)
+            try:
+                with pytest.raises(DeviceStateError) as error:
+                    await in_thread(fresh.restore_state, saved)
+            finally:
+                fresh.close()
+        message = str(error.value)
+        assert "\n" not in message and reason in message, message
+        assert backend.seen(Request.SET_DEVICE_STATE_FD) == 0
     finally:
         memory.close()
