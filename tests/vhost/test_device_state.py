@@ -31,7 +31,7 @@ from avmm.vhost.device_state import BackendState, BlockBackendState
 from avmm.vhost.frontend import VhostUserDevice, VhostUserFrontendState
 from avmm.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature, Request
 from avmm.virtio.device import VIRTIO_F_VERSION_1, DeviceId
-from avmm.vm_virtio import VirtioMmioSlot
+from avmm.vm_virtio import VirtioMmioSlot, VirtioSlotState
 from tests.prerequisites import require
 from tests.vhost.scripted_backend import ScriptedBackend, wait_until
 from tests.vhost.test_frontend import avmm_backend, storage_daemon
@@ -70,15 +70,6 @@ async def slot_for(device: VhostUserDevice, memory: GuestMemory
         slot.close()
 
 
-async def pause(slot: VirtioMmioSlot) -> None:
-    """Stop the device task without a reset (the slot's pause(), where it exists)."""
-    stop = getattr(slot, "pause", None)
-    if stop is not None:
-        await stop()
-    else:
-        assert await slot._stop_and_wait()
-
-
 def ring(memory: GuestMemory) -> DriverQueue:
     """Queue 0 where slot_harness's Driver puts it, with buffers after it."""
     return DriverQueue(memory, 16, descriptor_table=RING_BASE,
@@ -108,9 +99,11 @@ def backend_part(state: VhostUserFrontendState) -> tuple[BackendState, BlockBack
 async def test_blk_device_state_travels_from_one_backend_process_to_another(
     tmp_path: Path,
 ) -> None:
-    """Save from one ``avmm backend blk``, load into a fresh one serving a copy of the
-    image at another path: the state arrives (the second back-end answers the first
-    one's serial and its counters go on from the first one's) and is checked."""
+    """Pause and save a slot served by one ``avmm backend blk``; restore it into a fresh
+    slot served by a new back-end process on a copy of the image at another path and
+    resume: the back-end state arrived and is in use (the new back-end answers the first
+    one's serial to the driver, its counters go on from the first one's), and the ring
+    continues where it stopped."""
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(IMAGE_SIZE))
     copy = tmp_path / "elsewhere" / "disk-copy.img"
@@ -127,17 +120,17 @@ async def test_blk_device_state_travels_from_one_backend_process_to_another(
                 await in_thread(driver.bring_up, (0,), 16, VIRTIO_F_VERSION_1 | BLK_F_FLUSH)
                 assert driver.status == OK_STATUS
                 serial = await get_id(slot, queue)
-                await pause(slot)
-                saved = device.save_state()
-                next_available = slot.transport.queues[0].state.next_available
+                await slot.pause()
+                saved_slot = slot.save_state()
             device.close()
         # The snapshot's encoding carries it.
-        saved = codec.decode(codec.encode(saved), VhostUserFrontendState)
+        saved_slot = codec.decode(codec.encode(saved_slot), VirtioSlotState)
+        saved = codec.decode(saved_slot.device_state, VhostUserFrontendState)
         outer, block = backend_part(saved)
         assert outer.device_id == DeviceId.BLOCK and outer.features & BLK_F_FLUSH
         assert block.serial.encode() == serial and block.writeback
         assert block.stats["get_ids"] == 1 and block.capacity == IMAGE_SIZE // 512
-        assert next_available == 1
+        assert saved_slot.transport.queues[0].next_available == 1
 
         with avmm_backend("blk", tmp_path / "b.sock", "--image", str(copy)):
             probe = await make_device(tmp_path / "b.sock", memory)
@@ -149,12 +142,17 @@ async def test_blk_device_state_travels_from_one_backend_process_to_another(
             assert before.stats["get_ids"] == 0 and not before.writeback
             fresh = await make_device(tmp_path / "b.sock", memory)
             try:
-                await in_thread(fresh.restore_state, saved)
-                after = await fetched(fresh)
+                async with slot_for(fresh, memory) as slot:
+                    await in_thread(slot.restore_state, saved_slot)  # blocks: a thread
+                    await slot.resume()
+                    assert await get_id(slot, queue) == serial
+                    assert queue.used_idx == 2
+                    await slot.pause()
+                    after = backend_part(fresh.save_state())[1]
             finally:
                 fresh.close()
         assert after.serial.encode() == serial
-        assert after.writeback and after.stats["get_ids"] == 1
+        assert after.writeback and after.stats["get_ids"] == 2
     finally:
         memory.close()
 
@@ -227,7 +225,7 @@ async def test_qemu_storage_daemon_saves_and_restores_through_ring_bases(
                 await in_thread(driver.bring_up, (0,), 16, VIRTIO_F_VERSION_1)
                 await get_id(slot, queue)
                 await get_id(slot, queue)
-                await pause(slot)
+                await slot.pause()
                 saved = device.save_state()
                 assert slot.transport.queues[0].state.next_available == 2
             device.close()
@@ -349,7 +347,7 @@ async def paused_after_running(backend: StateBackend, sock: Path
                 await in_thread(wait_until, lambda: backend.seen(Request.SET_VRING_ENABLE)
                                 >= 1, 20.0, "bring-up")
                 with trio.fail_after(30):  # far above STATE_TIMEOUT_S: no hang
-                    await pause(slot)
+                    await slot.pause()
                 assert backend.seen(Request.GET_VRING_BASE) == 1
                 yield device, slot
         finally:
@@ -395,7 +393,7 @@ async def test_a_good_scripted_backend_state_is_saved(tmp_path: Path) -> None:
             state = device.save_state()
             assert state.backend_state == b"hello"
             assert backend.seen(Request.CHECK_DEVICE_STATE) == 1
-            slot._start()  # the resume: the rings run again
+            await slot.resume()  # the rings run again
             await in_thread(wait_until, lambda: backend.seen(Request.SET_VRING_ENABLE)
                             >= 2, 20.0, "second bring-up")
             with pytest.raises(DeviceStateError, match="not current"):
@@ -409,22 +407,19 @@ async def test_a_restored_device_starts_its_rings_at_the_saved_bases(
     the pipe, and the first run gives SET_VRING_BASE the position GET_VRING_BASE gave
     at the save, not the used idx in guest memory (0 here)."""
     with StateBackend(tmp_path / "a.sock") as backend:
-        async with paused_after_running(backend, tmp_path / "a.sock") as (device, slot):
-            saved = device.save_state()
-            transport = slot.transport.state()
-    saved = codec.decode(codec.encode(saved), VhostUserFrontendState)
+        async with paused_after_running(backend, tmp_path / "a.sock") as (_, slot):
+            saved = codec.decode(codec.encode(slot.save_state()), VirtioSlotState)
     memory = GuestMemory(1 << 20)
     try:
         with StateBackend(tmp_path / "b.sock") as fresh_backend:
             fresh = await entropy_device(tmp_path / "b.sock", memory)
             try:
-                await in_thread(fresh.restore_state, saved)
-                await in_thread(wait_until, lambda: bytes(fresh_backend.loaded) == b"hello",
-                                10.0, "the state loaded")
                 async with slot_for(fresh, memory) as slot:
-                    slot.transport.restore(transport)
-                    assert slot.transport.activated
-                    slot._start()
+                    await in_thread(slot.restore_state, saved)
+                    await in_thread(wait_until, lambda: bytes(fresh_backend.loaded)
+                                    == b"hello", 10.0, "the state loaded")
+                    assert fresh_backend.seen(Request.SET_VRING_BASE) == 0
+                    await slot.resume()
                     await in_thread(wait_until, lambda: fresh_backend.seen(
                         Request.SET_VRING_ENABLE) >= 1, 20.0, "bring-up")
             finally:
