@@ -131,6 +131,7 @@ async def test_blk_device_state_travels_from_one_backend_process_to_another(
         assert block.serial.encode() == serial and block.writeback
         assert block.stats["get_ids"] == 1 and block.capacity == IMAGE_SIZE // 512
         assert saved_slot.transport.queues[0].next_available == 1
+        assert saved.inflight is not None  # INFLIGHT_SHMFD: the record travels too
 
         with avmm_backend("blk", tmp_path / "b.sock", "--image", str(copy)):
             probe = await make_device(tmp_path / "b.sock", memory)
@@ -429,6 +430,29 @@ async def test_a_restored_device_starts_its_rings_at_the_saved_bases(
         assert bases == [struct.pack("<II", 0, BASE_AT_STOP)]
     finally:
         memory.close()
+
+
+async def test_after_a_dropped_save_the_resume_reconnects_at_the_exact_bases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A back-end dropped while its state was being saved (it answered out of step)
+    had its rings stopped cleanly first: the reconnect at resume gives the new
+    back-end the positions GET_VRING_BASE gave, not the used idx in guest memory."""
+    monkeypatch.setattr("avmm.vhost.frontend.STATE_TIMEOUT_S", 0.5)
+    sock = tmp_path / "be.sock"
+    with StateBackend(sock, "wrong_reply") as backend:
+        async with paused_after_running(backend, sock) as (device, slot):
+            assert not device.connected
+            backend.__exit__(None, None, None)  # the old back-end goes away
+            sock.unlink()
+            with StateBackend(sock) as again:
+                await slot.resume()
+                await in_thread(wait_until, lambda: again.seen(Request.SET_VRING_ENABLE)
+                                >= 1, 20.0, "bring-up after the reconnect")
+                bases = [payload for request, payload in again.requests
+                         if request == Request.SET_VRING_BASE]
+                assert bases == [struct.pack("<II", 0, BASE_AT_STOP)]
+                assert device.reconnects == 1
 
 
 @pytest.mark.parametrize(("lacking", "reason"), [
