@@ -951,7 +951,8 @@ class VhostUserDevice(VirtioDevice):
         except _Refused as e:
             # The back-end said no: the connection is still in step.
             self._backend_state_error = str(e)
-        except (VhostProtocolError, OSError, trio.TooSlowError) as e:
+        except (VhostProtocolError, OSError, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as e:
             # Out of step or hung: this connection cannot be trusted any more. The
             # rings are stopped, so nothing lingers; the next run reconnects.
             reason = f"saving the back-end's device state failed: {_describe(e)}"
