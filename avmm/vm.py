@@ -264,12 +264,15 @@ class VirtualMachine:
             await self._state_event.wait()
 
     async def pause(self) -> None:
-        """Pause a running VM: every vCPU leaves KVM_RUN and waits in its thread, and the
-        device tasks take no new requests (requests already taken finish). Returns once
-        every vCPU is parked.
+        """Pause a running VM: every vCPU leaves KVM_RUN and waits in its thread, then
+        every device stops (:meth:`VirtioMmioSlot.pause`: requests in flight finish,
+        chains taken are given back, vhost-user rings are stopped with GET_VRING_BASE).
+        Returns once the VM is quiescent: nothing writes guest memory or raises an
+        interrupt until :meth:`resume`.
 
         :raises VmStateError: the VM is not running (already paused, starting, stopped),
             or it stopped while being paused.
+        :raises DevicePauseError: a device could not be stopped; the VM runs on.
         """
         async with self._control_lock:
             state = self.state
@@ -282,8 +285,16 @@ class VirtualMachine:
                 vcpu.kick()
             try:
                 await self._wait_parked()
+                # The vCPUs are parked: no driver can kick, reset or activate a device
+                # while the device tasks stop.
+                for slot in self.virtio_slots:
+                    await slot.pause()
             except BaseException:
-                # Cancelled or stopped half-way: let the vCPUs that parked go on.
+                # Cancelled, stopped or a device that did not stop, half-way: let
+                # everything that paused go on.
+                with trio.CancelScope(shield=True):
+                    for slot in self.virtio_slots:
+                        await slot.resume()
                 self._pause.resume()
                 self._gate.open()
                 raise
@@ -293,7 +304,9 @@ class VirtualMachine:
         self._log.info("vm paused")
 
     async def resume(self) -> None:
-        """Let a paused VM go on exactly where it stopped.
+        """Let a paused VM go on exactly where it stopped: the devices serve on from
+        their queues' positions (vhost-user: SET_VRING_BASE with the saved position),
+        then the vCPUs run.
 
         :raises VmStateError: the VM is not paused.
         """
@@ -302,6 +315,9 @@ class VirtualMachine:
             if state is not VmState.PAUSED:
                 raise VmStateError(f"VM {self.name!r} is {state.value}; only a paused VM "
                                    "can be resumed")
+            self._gate.open()
+            for slot in self.virtio_slots:
+                await slot.resume()
             self._continue()
         self._log.info("vm resumed")
 
@@ -314,8 +330,6 @@ class VirtualMachine:
         self._paused = False
         self._pause.resume()
         self._gate.open()
-        for slot in self.virtio_slots:
-            slot.resumed()
         self._state_changed()
 
     async def _wait_parked(self) -> None:
