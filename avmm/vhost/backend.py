@@ -1059,8 +1059,9 @@ class _Session:
             try:
                 data = save_backend_state(self.device, self.features
                                           & ~VHOST_USER_F_PROTOCOL_FEATURES)
-            except (TypeError, ValueError) as e:
-                # A device whose state does not fit its declaration: a bug, said once.
+            except (DeviceStateError, TypeError, ValueError) as e:
+                # The device cannot be saved now, or its state does not fit its
+                # declaration (a bug): the front-end gets a failure, not a hang-up.
                 raise VhostRequestRefused(f"cannot save the device state: {e}") from e
         fd = message.fds.pop()
         transfer = _Transfer(params.direction)
