@@ -1119,6 +1119,11 @@ class _Session:
             load_backend_state(self.device, data, self.offered_features)
         except DeviceStateError as e:
             transfer.error = str(e)
+        except Exception as e:
+            # A device's restore_state that fails otherwise is a bug in it: the
+            # front-end gets a failure and the connection stays.
+            log.exception("device failed to load its state")
+            transfer.error = f"internal error: {type(e).__name__}: {e}"
 
     async def _on_check_device_state(self, message: Message) -> int:
         """0 once the last transfer completed (and, loading, the state was applied);
