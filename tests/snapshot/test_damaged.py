@@ -199,11 +199,15 @@ def _bad_uart(sections: dict[str, Any]) -> None:
         devices, serial=dataclasses.replace(devices.serial, ier=0xFF))
 
 
-def _other_tsc_rate(sections: dict[str, Any]) -> None:
+def _every_cpu_feature(sections: dict[str, Any]) -> None:
+    """The guest saw every feature bit of CPUID leaf 7: no host offers them all."""
     machine = sections["machine"]
     vcpu = machine.vcpus[0]
+    cpuid = [dataclasses.replace(leaf, ebx=0xFFFF_FFFF, ecx=0xFFFF_FFFF, edx=0xFFFF_FFFF)
+             if (leaf.function, leaf.index) == (7, 0) else leaf for leaf in vcpu.cpuid]
+    assert cpuid != vcpu.cpuid
     sections["machine"] = dataclasses.replace(
-        machine, vcpus=[dataclasses.replace(vcpu, tsc_khz=(vcpu.tsc_khz or 1000000) * 7)])
+        machine, vcpus=[dataclasses.replace(vcpu, cpuid=cpuid)])
 
 
 def _more_vcpus_in_config(sections: dict[str, Any]) -> None:
@@ -214,7 +218,7 @@ def _more_vcpus_in_config(sections: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("change,error", [
     (_bad_uart, DeviceStateError),
-    (_other_tsc_rate, StateCompatibilityError),
+    (_every_cpu_feature, StateCompatibilityError),
     (_more_vcpus_in_config, SnapshotError),
 ])
 async def test_a_state_that_does_not_fit_is_refused_and_releases_everything(
