@@ -122,3 +122,24 @@ async def test_blk_write_survives_two_rounds_of_snapshot_and_restore(tmp_path: P
     assert restored.returncode == 0, (restored.stderr.decode(), after)
     assert f"blk0 written={SECTORS} verify=ok" in after, after
     assert image.read_bytes() == expected_pattern(SEED, SECTORS)
+
+
+async def test_a_snapshot_flushes_the_writable_disks_before_it_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest never sends FLUSH (avmm.flush=0): what it wrote is made stable by the
+    snapshot (the disks are not in it), the read-only disk is left alone."""
+    from tests.test_host import record_flushes
+
+    image, readonly = tmp_path / "disk.img", tmp_path / "ro.img"
+    image.write_bytes(bytes(SECTORS * 512))
+    readonly.write_bytes(bytes(4096))
+    config = dataclasses.replace(
+        console_config(f"avmm.test=blk-write avmm.seed={SEED} avmm.flush=0", memory_mib=64),
+        disks=(DiskConfig(path=image), DiskConfig(path=readonly, readonly=True)))
+    async with VirtualMachine(config) as vm:
+        await _pause_between(vm, 1, SECTORS // 2)
+        synced = record_flushes(monkeypatch)
+        await vm.snapshot(tmp_path / "snap")
+        disk_flushes = [path for path in synced if path.endswith(".img")]
+        vm.stop()
+    assert disk_flushes == [str(image)]
