@@ -57,6 +57,7 @@ from .errors import (
     ConfigError,
     GuestAddressError,
     HostFileError,
+    KvmError,
     PathNotAllowedError,
     StateError,
     VmStartError,
@@ -417,7 +418,10 @@ class VirtualMachine:
         """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
         started = time.monotonic()
         self._flush_disks_for_snapshot()
-        machine = save_machine(self._kvm_vm, self._vcpus)
+        try:
+            machine = save_machine(self._kvm_vm, self._vcpus)
+        except KvmError as e:
+            raise SnapshotError(f"VM {self.name!r}: cannot save the KVM state: {e}") from e
         if self._paused_clock is not None:
             # The clock as it was when the VM paused: the guest sees no time pass while
             # it was paused or saved, as across a pause and resume.
