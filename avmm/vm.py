@@ -57,6 +57,7 @@ from .errors import (
     ConfigError,
     GuestAddressError,
     HostFileError,
+    KvmError,
     PathNotAllowedError,
     StateError,
     VmStartError,
@@ -417,7 +418,10 @@ class VirtualMachine:
         """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
         started = time.monotonic()
         self._flush_disks_for_snapshot()
-        machine = save_machine(self._kvm_vm, self._vcpus)
+        try:
+            machine = save_machine(self._kvm_vm, self._vcpus)
+        except KvmError as e:
+            raise SnapshotError(f"VM {self.name!r}: cannot save the KVM state: {e}") from e
         if self._paused_clock is not None:
             # The clock as it was when the VM paused: the guest sees no time pass while
             # it was paused or saved, as across a pause and resume.
@@ -532,6 +536,9 @@ class VirtualMachine:
             raise
         stack = contextlib.AsyncExitStack()
         stack.callback(self._resources.close)  # last out: after the nursery has left
+        # Before anything is released: a snapshot still writing from a worker thread
+        # (it holds the control lock) reads the vCPUs and guest memory until it is done.
+        stack.push_async_callback(self._wait_for_control)
         try:
             nursery = await stack.enter_async_context(trio.open_nursery())
             try:
@@ -575,6 +582,11 @@ class VirtualMachine:
         self._latch.request(VmExit(StopReason.STOPPED, 0, "the VM's context was left"))
         assert self._stack is not None
         return bool(await self._stack.__aexit__(exc_type, exc, traceback))
+
+    async def _wait_for_control(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._control_lock:
+                pass
 
     # -- the recipe ---------------------------------------------------------------------
 
