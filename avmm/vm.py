@@ -372,6 +372,16 @@ class VirtualMachine:
 
     # -- snapshots ----------------------------------------------------------------------
 
+    def _config_in_effect(self) -> VmConfig:
+        """The config with what avmm derived filled in: a NIC's MAC derived from the VM's
+        name would otherwise change when the snapshot is restored under another name,
+        and the guest's driver would find a device that is not the one it knew."""
+        nets = tuple(
+            net if net.mac is not None else dataclasses.replace(net, mac=_derived_mac(
+                self.name, str(net.tap if net.vhost_user is None else net.vhost_user)))
+            for net in self.config.nets)
+        return dataclasses.replace(self.config, nets=nets)
+
     async def snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
         """Save the paused VM into the new directory ``path`` (see README, "Snapshots"):
         its config, the KVM state (irqchip, PIT, kvmclock, every vCPU), each device's
@@ -392,7 +402,7 @@ class VirtualMachine:
             # virtio device tasks are stopped while paused): their state is taken here,
             # the blocking part (KVM ioctls, files) in a worker.
             sections: dict[str, Any] = {
-                "config": config_to_state(self.config),
+                "config": config_to_state(self._config_in_effect()),
                 "devices": self._save_legacy_devices(),
                 "virtio": VirtioDevicesState(
                     slots=[slot.save_state() for slot in self.virtio_slots]),

@@ -64,3 +64,23 @@ async def test_net_echo_goes_on_after_a_restore_in_a_new_process(tmp_path: Path)
     assert f"net0 echoed={FRAMES}" in after, after
     assert "mac=" not in after, "the restored guest started over"
     assert echoer.echoed == FRAMES
+
+
+async def test_a_derived_mac_is_kept_when_restored_under_another_name(tmp_path: Path) -> None:
+    """A NIC without a configured MAC gets one derived from the VM's name (see README);
+    the restored VM has another name, and its NIC must still be the one the guest's
+    driver knew: the snapshot records the MAC in effect."""
+    require(net_problem())
+    with echoing_tap(lifetime=120) as (namespace, _echoer):
+        config = dataclasses.replace(
+            console_config("avmm.test=net-echo avmm.n=1000", memory_mib=64),
+            nets=(NetConfig(tap=namespace.tap, netns=namespace.netns),))
+        async with VirtualMachine(config, name="original", start_paused=True) as vm:
+            mac = vm.virtio_slots[0].device.read_config(0, 6)
+            await vm.snapshot(tmp_path / "snap")
+            vm.stop()
+        async with VirtualMachine.restore(tmp_path / "snap", name="another",
+                                          start_paused=True) as restored:
+            assert restored.config.nets[0].mac == mac
+            assert restored.virtio_slots[0].device.read_config(0, 6) == mac
+            restored.stop()
