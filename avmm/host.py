@@ -29,7 +29,6 @@ other readers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import secrets
 import time
@@ -305,8 +304,9 @@ class HostedVm:
                        paths: PathPolicy | None = None) -> SnapshotInfo:
         """Write the paused VM's state and memory to the new directory ``path`` (see
         :meth:`avmm.vm.VirtualMachine.snapshot`); the VM stays paused. ``path``'s
-        parent is opened through ``paths`` (default: anywhere) and the snapshot is
-        created inside the directory that was opened, never by name again.
+        parent is checked through ``paths`` (default: anywhere) first, for a one-line
+        error naming the key; the VM then writes the snapshot inside its parent's fd
+        through its own path policy (the same one, from :meth:`Host.create`).
 
         :raises VmStateError: the VM is not paused, or another snapshot is being written.
         :raises PathNotAllowedError: ``path`` lies outside the allowed directories.
@@ -316,20 +316,14 @@ class HostedVm:
         self._check_snapshot_state()
         policy = paths if paths is not None else PathPolicy()
         target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
+        target.close()
+        # Checked again: the VM may have been resumed while the path was looked at.
+        self._check_snapshot_state()
+        self._snapshotting = True
         try:
-            # Checked again: the VM may have been resumed while the path was opened.
-            self._check_snapshot_state()
-            self._snapshotting = True
-            try:
-                info = await self.vm.snapshot(target.at)
-            finally:
-                self._snapshotting = False
+            return await self.vm.snapshot(path)
         finally:
-            target.close()
-        self._log.info("vm snapshotted", path=str(path), bytes_state=info.bytes_state,
-                       bytes_memory=info.bytes_memory)
-        # The caller's name, not /proc/self/fd/N/...: that is what it will restore from.
-        return dataclasses.replace(info, path=Path(path))
+            self._snapshotting = False
 
     def _check_snapshot_state(self) -> None:
         if self._snapshotting:
@@ -512,7 +506,8 @@ class Host:
         ``start=False``, once it is built and PAUSED. ``vhost_user`` maps a vhost-user
         device's name to the socket of its back-end now. ``path``, those sockets and
         the files the snapshot's config names are opened through ``paths`` (default:
-        anywhere); the snapshot is read through the directory that was opened.
+        anywhere): checked here first, for one-line errors naming the key, then opened
+        (and the snapshot read through the directory's fd) by the VM's restore.
 
         :raises PathNotAllowedError: a path lies outside the allowed directories.
         :raises HostFileError: ``path`` is not a directory that can be opened.
@@ -524,38 +519,22 @@ class Host:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
         policy = paths if paths is not None else PathPolicy()
-        sockets = {name: Path(socket) for name, socket in (vhost_user or {}).items()}
+        sockets = {name: os.fspath(socket) for name, socket in (vhost_user or {}).items()}
 
-        def open_snapshot() -> int:
+        def check_paths() -> None:
             for name, socket in sockets.items():
-                policy.check(socket, f"vhost_user.{name}", "socket")
-            return policy.open_directory(Path(path), "restore")
+                policy.check(Path(socket), f"vhost_user.{name}", "socket")
+            os.close(policy.open_directory(Path(path), "restore"))
 
-        dirfd = await trio.to_thread.run_sync(open_snapshot)
-        fd_taken = False
+        await trio.to_thread.run_sync(check_paths)
 
-        @contextlib.asynccontextmanager
-        async def opener() -> Any:
-            nonlocal fd_taken
-            fd_taken = True
-            # The directory's fd stays open until the VM is gone: the snapshot is read
-            # through it, whatever happens to the path meanwhile.
-            try:
-                restoring = VirtualMachine.restore(
-                    f"/proc/self/fd/{dirfd}", start_paused=not start,
-                    copy_memory=copy_memory, vhost_user=sockets or None, paths=policy,
-                    name=None)
-                async with restoring as vm:
-                    yield vm
-            finally:
-                os.close(dirfd)
+        def opener() -> AbstractAsyncContextManager[VirtualMachine]:
+            return VirtualMachine.restore(path, start_paused=not start,
+                                          copy_memory=copy_memory,
+                                          vhost_user=sockets or None, paths=policy)
 
         hosted = HostedVm(self._new_id(), None, start_paused=not start, restore=opener)
-        try:
-            await self._start(hosted)
-        finally:
-            if not fd_taken:  # the VM's task never ran
-                os.close(dirfd)
+        await self._start(hosted)
         log.info("vm restored", vm=hosted.id, path=os.fspath(path),
                  state=hosted.state.value)
         return hosted

@@ -37,17 +37,16 @@ import structlog
 import trio
 
 from ..config import CONFIG_FILE_MAX_BYTES, SerialConfig, VmConfig, config_from_dict
-from ..devices._state import DeviceStateError
 from ..errors import (
     AvmmError,
     ConfigError,
     PathNotAllowedError,
+    StateError,
     UnknownVmError,
     VmStartError,
     VmStateError,
 )
 from ..paths import PathPolicy
-from ..state import SnapshotError
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import render_metrics
 from ._openapi import openapi_document
@@ -489,11 +488,12 @@ def _for_daemon(config: VmConfig) -> VmConfig:
 
 
 def _http_error(error: AvmmError) -> HttpError:
-    if isinstance(error, VmStartError) and isinstance(error.error, _STATE_ERRORS):
+    if isinstance(error, VmStartError) and isinstance(error.error, StateError):
         # A snapshot that cannot be restored: bad input, with its one line.
         return HttpError(400, str(error), {"step": error.step,
                                            "type": type(error.error).__name__})
-    if isinstance(error, _STATE_ERRORS):
+    if isinstance(error, StateError):
+        # SnapshotError, StateCompatibilityError, DeviceStateError: one line.
         return HttpError(400, str(error), {"type": type(error).__name__})
     if isinstance(error, PathNotAllowedError):
         return HttpError(403, str(error), {"key": error.key, "reason": error.reason})
@@ -508,10 +508,6 @@ def _http_error(error: AvmmError) -> HttpError:
     if isinstance(error, VmStartError):
         return HttpError(422, str(error), {"step": error.step})
     return HttpError(500, f"{type(error).__name__}: {error}", {"type": type(error).__name__})
-
-
-#: Errors of a snapshot or saved state that cannot be restored (or written) as asked.
-_STATE_ERRORS: Final = (SnapshotError, DeviceStateError)
 
 
 async def _refuse_websocket(scope: _Scope, send: _Send) -> None:

@@ -168,3 +168,94 @@ async def test_the_client_raises_api_errors(daemon: Daemon, area: Path) -> None:
     with pytest.raises(ApiError) as error:
         await daemon.api.restore_vm(area / "outside")
     assert error.value.status == 403
+
+
+# -- snapshot and restore of a running guest through the API ---------------------------------
+
+#: mem-walk: small (the guest checks all of it every round), with rounds enough that a
+#: pause sent over HTTP after round 2 lands long before the end.
+MEM_WALK_ROUNDS = 64
+MEM_WALK = f"avmm.test=mem-walk avmm.mib=4 avmm.rounds={MEM_WALK_ROUNDS}"
+PREFIX = "avmm-testguest: mem-walk "
+
+
+def rounds_printed(output: str) -> list[int]:
+    return [int(line.split("round=")[1].split()[0]) for line in output.splitlines()
+            if line.startswith(PREFIX + "round=") and " crc=" in line]
+
+
+async def output_of(api: ApiClient, vm_id: str, until: str | None = None) -> str:
+    """The VM's serial output: up to ``until``, or (None) until the VM stops."""
+    output = bytearray()
+    with trio.fail_after(300):
+        async with api.console(vm_id) as chunks:
+            async for chunk in chunks:
+                output += chunk
+                if until is not None and until.encode() in output:
+                    break
+    return output.decode()
+
+
+async def output_for(api: ApiClient, vm_id: str, seconds: float) -> str:
+    """What the VM prints within ``seconds``."""
+    output = bytearray()
+    async with api.console(vm_id) as chunks:
+        with trio.move_on_after(seconds):
+            async for chunk in chunks:
+                output += chunk
+    return output.decode()
+
+
+async def test_snapshot_over_rest_and_restore_runs_to_the_end(daemon: Daemon, area: Path
+                                                             ) -> None:
+    allowed = area / "allowed"
+    api = daemon.api
+    vm_id = (await api.create_vm(guest(area, MEM_WALK)))["id"]
+    await output_of(api, vm_id, until=PREFIX + "round=2 crc=")
+    await api.pause(vm_id)
+    snap = allowed / "snap"
+    response = await daemon.post(f"/vms/{vm_id}/snapshot", {"path": str(snap)})
+    assert response.status_code == 201, response.text
+    info = response.json()
+    assert info["path"] == str(snap)
+    assert info["bytes_state"] == (snap / "state.avmm").stat().st_size
+    assert 4 << 20 <= info["bytes_memory"] <= 32 << 20
+    assert info["duration_ms"] > 0
+    assert (await api.get_vm(vm_id))["state"] == "paused"  # it stays paused
+    again = error_of(await daemon.post(f"/vms/{vm_id}/snapshot", {"path": str(snap)}), 400)
+    assert "already exists" in again["error"]
+    await api.stop(vm_id)
+    before = await output_of(api, vm_id)  # the backlog, up to the snapshot
+    assert PREFIX + "done" not in before, "the walk ended before the pause: nothing to test"
+    saved_round = rounds_printed(before)[-1]
+    await api.delete_vm(vm_id)
+
+    # A damaged copy: one line, 400, and no VM left behind.
+    broken = allowed / "broken"
+    shutil.copytree(snap, broken)
+    with (broken / "state.avmm").open("r+b") as f:
+        f.truncate((broken / "state.avmm").stat().st_size // 2)
+    answer = error_of(await daemon.post("/vms", {"restore": str(broken)}), 400)
+    assert "state.avmm" in answer["error"] and str(broken) in answer["error"]
+    not_a_snapshot = error_of(await daemon.post("/vms", {"restore": str(allowed)}), 400)
+    assert str(allowed) in not_a_snapshot["error"]
+    assert await api.list_vms() == []
+
+    # Restored paused: nothing runs until resume; then it goes on from the saved round.
+    restored = await api.restore_vm(snap, start=False)
+    assert restored["state"] == "paused"
+    assert restored["config"]["boot"]["cmdline"].startswith(MEM_WALK)
+    assert rounds_printed(await output_for(api, restored["id"], 0.5)) == []
+    await api.resume(restored["id"])
+    after = await output_of(api, restored["id"])
+    assert rounds_printed(after)[0] in (saved_round, saved_round + 1)
+    assert sorted(set(rounds_printed(before + after))) == list(range(1, MEM_WALK_ROUNDS + 1))
+    assert f"{PREFIX}done rounds={MEM_WALK_ROUNDS} verify=ok" in after
+    finished = await api.get_vm(restored["id"])
+    assert finished["exit"]["reason"] == "reset" and finished["exit"]["exit_status"] == 0
+
+    # The same snapshot restores again (running at once), to the same end.
+    second = await api.restore_vm(snap)
+    assert second["state"] == "running"
+    assert f"{PREFIX}done rounds={MEM_WALK_ROUNDS} verify=ok" in await output_of(
+        api, second["id"])
