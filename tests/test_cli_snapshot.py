@@ -115,3 +115,57 @@ def test_snapshot_usage_is_exit_2() -> None:
                             timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert "DIR" in result.stderr
+
+
+#: Enough rounds (about 10 ms each) that the pause, which starts a new avmm process,
+#: lands long before the end.
+MEM_WALK_ROUNDS = 400
+PREFIX = "avmm-testguest: mem-walk "
+
+
+def rounds_printed(output: str) -> list[int]:
+    return [int(line.split("round=")[1].split()[0]) for line in output.splitlines()
+            if line.startswith(PREFIX + "round=") and " crc=" in line]
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_avmm_snapshot_then_avmm_up_restore(cli: Cli) -> None:
+    serial = cli.cwd / "serial.log"
+    config = cli.cwd / "walk.toml"
+    config.write_text(
+        f'[machine]\nmemory_mib = 32\nacpi = false\n[boot]\nkernel = "{GUEST}"\n'
+        f'cmdline = "avmm.test=mem-walk avmm.mib=4 avmm.rounds={MEM_WALK_ROUNDS}"\n'
+        f'[serial]\nmode = "file"\npath = "{serial}"\n')
+    run = cli("run", str(config))
+    assert run.returncode == 0, run.stderr
+    vm_id = run.stdout.strip()
+    deadline = time.monotonic() + 120
+    while PREFIX + "round=2 crc=" not in serial.read_text():
+        assert time.monotonic() < deadline, serial.read_text()
+        time.sleep(0.01)
+    # A running VM: avmm snapshot pauses it, and leaves it paused.
+    taken = cli("snapshot", vm_id, "snap")
+    assert taken.returncode == 0, taken.stderr
+    assert taken.stdout.startswith(f"{cli.cwd / 'snap'}: state ")
+    assert "left paused" in taken.stdout
+    assert cli.state(vm_id) == "paused"
+    assert (cli.cwd / "snap" / "state.avmm").is_file()
+    saved = serial.read_text()  # what the guest printed up to "snap"
+    assert PREFIX + "done" not in saved, "the walk ended before the pause"
+    # Paused already, with --resume: a second snapshot, and the VM goes on.
+    resumed = cli("snapshot", vm_id, str(cli.cwd / "snap2"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    assert cli.state(vm_id) in ("running", "stopping", "stopped")
+    assert cli("rm", vm_id).returncode == 0
+
+    # The restored VM writes its serial output to the same file (truncated first).
+    restored = cli("up", "--restore", "snap", timeout=300)
+    assert restored.returncode == 0, restored.stderr
+    after = serial.read_text()
+    assert PREFIX + "round=1 " not in after, "the restored guest started over"
+    # It goes on from the saved round, even mid-line: the two halves are one run, with
+    # no round repeated and none skipped.
+    assert rounds_printed(saved + after) == list(range(1, MEM_WALK_ROUNDS + 1))
+    assert f"{PREFIX}done rounds={MEM_WALK_ROUNDS} verify=ok" in after
