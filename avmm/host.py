@@ -223,8 +223,11 @@ class HostedVm:
         self._start_paused = start_paused
         self._stop_requested: str | None = None
         # Held while a snapshot is written: resume and a second snapshot are refused
-        # meanwhile (the guest must not run while its memory is copied).
+        # meanwhile (the guest must not run while its memory is copied), and a VM that
+        # is stopped meanwhile keeps its memory and fds until the writer is done.
         self._snapshotting = False
+        self._snapshot_done = trio.Event()
+        self._snapshot_done.set()
         self.created_at = time.time()
         self._console = _ConsoleHub()
         self._running_since: float | None = None
@@ -320,10 +323,12 @@ class HostedVm:
         # Checked again: the VM may have been resumed while the path was looked at.
         self._check_snapshot_state()
         self._snapshotting = True
+        self._snapshot_done = trio.Event()
         try:
             return await self.vm.snapshot(path)
         finally:
             self._snapshotting = False
+            self._snapshot_done.set()
 
     def _check_snapshot_state(self) -> None:
         if self._snapshotting:
@@ -429,6 +434,10 @@ class HostedVm:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_console)
                     await self.vm.wait()
+                # Stopped while a snapshot is being written (DELETE during a long
+                # one): the writer reads guest memory and vCPU state in a worker
+                # thread, so the VM is not released under it.
+                await self._snapshot_done.wait()
         except Exception as e:
             if not started:
                 raise

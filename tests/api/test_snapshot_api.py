@@ -260,3 +260,37 @@ async def test_snapshot_over_rest_and_restore_runs_to_the_end(daemon: Daemon, ar
     assert second["state"] == "running"
     assert f"{PREFIX}done rounds={MEM_WALK_ROUNDS} verify=ok" in await output_of(
         api, second["id"])
+
+
+async def test_a_vm_deleted_during_its_snapshot_is_released_after_it(
+        daemon: Daemon, area: Path) -> None:
+    """DELETE while a large snapshot is being written: the writer (a worker thread) keeps
+    reading guest memory until it is done; the VM is released after it, and the daemon
+    goes on (a VM released under the writer would crash it)."""
+    api = daemon.api
+    config = guest(area, "avmm.test=mem-walk avmm.mib=192 avmm.rounds=1000", memory_mib=200)
+    vm_id = (await api.create_vm(config))["id"]
+    await output_of(api, vm_id, until=PREFIX + "round=1 crc=")
+    await api.pause(vm_id)
+    outcome: list[httpx.Response] = []
+
+    async def take() -> None:
+        outcome.append(await daemon.post(f"/vms/{vm_id}/snapshot",
+                                         {"path": str(area / "allowed" / "big")}))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take)
+        with trio.fail_after(60):
+            while not daemon.host.get(vm_id)._snapshotting:
+                await trio.sleep(0.001)
+        await api.delete_vm(vm_id)
+        assert await api.list_vms() == []
+    # The snapshot was written whole (or refused in one line); the daemon serves on.
+    response = outcome[0]
+    assert response.status_code in (201, 400, 409), response.text
+    if response.status_code == 201:
+        assert response.json()["bytes_memory"] >= 192 << 20
+    assert await api.list_vms() == []
+    vm_id = (await api.create_vm(guest(area, "avmm.test=echo")))["id"]
+    await api.send_console(vm_id, b"quit\n")
+    assert "echo bye" in await output_of(api, vm_id)
