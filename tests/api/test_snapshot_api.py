@@ -294,3 +294,46 @@ async def test_a_vm_deleted_during_its_snapshot_is_released_after_it(
     vm_id = (await api.create_vm(guest(area, "avmm.test=echo")))["id"]
     await api.send_console(vm_id, b"quit\n")
     assert "echo bye" in await output_of(api, vm_id)
+
+
+async def test_restore_over_rest_with_a_vhost_user_disk_on_a_new_socket(
+        daemon: Daemon, area: Path) -> None:
+    """blk-write to a disk behind `avmm backend blk`, snapshotted mid-write over REST;
+    restored with {"vhost_user": {"blk0": new socket}} on a new back-end process: the
+    guest goes on from the saved request and the pattern on the disk is complete."""
+    from tests.vhost.test_frontend import blk_backend
+    from tests.virtio_guest_support import expected_pattern
+    from tests.vm.helpers import MAILBOX_ADDRESS
+
+    sectors, seed = 4 * 2048, 7
+    allowed, api = area / "allowed", daemon.api
+    image = allowed / "disk.img"
+    image.write_bytes(bytes(sectors * 512))
+    config = {**guest(area, f"avmm.test=blk-write avmm.seed={seed}", memory_mib=64),
+              "disk": [{"vhost_user": str(allowed / "blk.sock")}]}
+    with blk_backend("avmm", image, allowed / "blk.sock"):
+        vm_id = (await api.create_vm(config))["id"]
+        memory = daemon.host.get(vm_id).vm.memory
+        assert memory is not None
+        with trio.fail_after(120):
+            # Inside the write half: some sectors written, not all.
+            while not 0 < memory.read_u64(MAILBOX_ADDRESS + 8) < sectors // 2:
+                await trio.sleep(0.002)
+        await api.pause(vm_id)
+        await api.snapshot(vm_id, allowed / "snap")
+        await api.delete_vm(vm_id)
+    with image.open("rb") as f:
+        f.seek((sectors - 1) * 512)
+        assert f.read(512) == bytes(512)  # not written yet
+
+    new_sock = allowed / "new.sock"
+    with blk_backend("avmm", image, new_sock):
+        unknown = error_of(await daemon.post("/vms", {
+            "restore": str(allowed / "snap"), "vhost_user": {"blk9": str(new_sock)}}), 400)
+        assert "blk9" in unknown["error"]
+        restored = await api.restore_vm(allowed / "snap", vhost_user={"blk0": new_sock})
+        assert restored["config"]["disk"][0]["vhost_user"] == str(new_sock)
+        after = await output_of(api, restored["id"])
+    assert f"blk0 written={sectors} verify=ok" in after, after
+    assert (await api.get_vm(restored["id"]))["exit"]["exit_status"] == 0
+    assert image.read_bytes() == expected_pattern(seed, sectors)
