@@ -283,10 +283,19 @@ async def test_a_vm_deleted_during_its_snapshot_is_released_after_it(
         with trio.fail_after(60):
             while not daemon.host.get(vm_id)._snapshotting:
                 await trio.sleep(0.001)
+        # Meanwhile the guest stays paused, and one snapshot at a time.
+        busy = [await daemon.post(f"/vms/{vm_id}/resume", None),
+                await daemon.post(f"/vms/{vm_id}/snapshot",
+                                  {"path": str(area / "allowed" / "other")})]
         await api.delete_vm(vm_id)
         assert await api.list_vms() == []
-    # The snapshot was written whole (or refused in one line); the daemon serves on.
     response = outcome[0]
+    for answer in busy:  # unless the snapshot was done already
+        assert answer.status_code == 409 or response.status_code == 201, answer.text
+        if answer.status_code == 409:
+            assert "snapshot" in answer.json()["error"]
+    assert (area / "allowed" / "other").exists() == (busy[1].status_code == 201)
+    # The snapshot was written whole (or refused in one line); the daemon serves on.
     assert response.status_code in (201, 400, 409), response.text
     if response.status_code == 201:
         assert response.json()["bytes_memory"] >= 192 << 20
