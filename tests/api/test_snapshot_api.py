@@ -174,7 +174,7 @@ async def test_the_client_raises_api_errors(daemon: Daemon, area: Path) -> None:
 
 #: mem-walk: small (the guest checks all of it every round), with rounds enough that a
 #: pause sent over HTTP after round 2 lands long before the end.
-MEM_WALK_ROUNDS = 64
+MEM_WALK_ROUNDS = 150
 MEM_WALK = f"avmm.test=mem-walk avmm.mib=4 avmm.rounds={MEM_WALK_ROUNDS}"
 PREFIX = "avmm-testguest: mem-walk "
 
