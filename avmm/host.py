@@ -12,6 +12,10 @@ This is what ``avmm serve`` runs on, and what an embedding service uses to do th
         print(hosted.metrics())
         await host.remove(hosted.id)                # stop (disks flushed) and forget
 
+        await hosted.pause()
+        info = await hosted.snapshot("/srv/snaps/one")  # a new directory; VM paused
+        restored = await host.restore("/srv/snaps/one")  # a new VM, running from there
+
 Each VM runs in its own task inside the Host's nursery and catches everything its VM
 can throw, so one VM's end, crash or bug never touches its neighbours: it is reported
 as STOPPED with its :class:`~avmm.lifecycle.VmExit`. Leaving the Host stops every VM.
@@ -25,9 +29,13 @@ other readers.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
 import types
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any, final
 
 import structlog
@@ -43,7 +51,8 @@ from .lifecycle import (
     VmMetrics,
     VmState,
 )
-from .paths import PathPolicy
+from .paths import NewPath, PathPolicy
+from .state import SnapshotInfo
 from .vm import VirtualMachine
 
 __all__ = [
@@ -52,6 +61,7 @@ __all__ = [
     "DeviceMetrics",
     "Host",
     "HostedVm",
+    "SnapshotInfo",
     "UnknownVmError",
     "VmMetrics",
     "VmState",
@@ -182,17 +192,42 @@ class _ConsoleHub:
             subscriber._end()
 
 
-class HostedVm:
-    """One VM owned by a :class:`Host` (made by :meth:`Host.create`, never directly)."""
+#: Opens a VM that is built on entering (VirtualMachine.restore(...)).
+_VmOpener = Callable[[], AbstractAsyncContextManager[VirtualMachine]]
 
-    def __init__(self, vm_id: str, config: VmConfig, *, start_paused: bool = False,
-                 paths: PathPolicy | None = None) -> None:
+
+class HostedVm:
+    """One VM owned by a :class:`Host` (made by :meth:`Host.create` or
+    :meth:`Host.restore`, never directly).
+
+    A restored VM has no :attr:`vm` (and no :attr:`config`) until it is built: its
+    config comes from the snapshot. ``restore`` opens it; ``config`` is then None.
+    """
+
+    def __init__(self, vm_id: str, config: VmConfig | None, *, start_paused: bool = False,
+                 paths: PathPolicy | None = None, restore: _VmOpener | None = None,
+                 ) -> None:
         self.id = vm_id
-        self.name = config.name or vm_id
-        self.config = config
-        self.vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
-                                 paths=paths)
+        self._vm: VirtualMachine | None = None
+        self._opener: _VmOpener
+        if restore is not None:
+            self._opener = restore
+            self.name = vm_id
+        else:
+            assert config is not None
+            self.name = config.name or vm_id
+            vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
+                                paths=paths)
+            self._vm = vm
+            self._opener = lambda: vm
         self._start_paused = start_paused
+        self._stop_requested: str | None = None
+        # Held while a snapshot is written: resume and a second snapshot are refused
+        # meanwhile (the guest must not run while its memory is copied), and a VM that
+        # is stopped meanwhile keeps its memory and fds until the writer is done.
+        self._snapshotting = False
+        self._snapshot_done = trio.Event()
+        self._snapshot_done.set()
         self.created_at = time.time()
         self._console = _ConsoleHub()
         self._running_since: float | None = None
@@ -207,10 +242,28 @@ class HostedVm:
     # -- state --------------------------------------------------------------------------
 
     @property
+    def vm(self) -> VirtualMachine:
+        """The VM itself.
+
+        :raises VmStateError: a restored VM that is still being built.
+        """
+        if self._vm is None:
+            raise VmStateError(f"VM {self.id!r} is still being restored")
+        return self._vm
+
+    @property
+    def config(self) -> VmConfig | None:
+        """The config the VM was built from (a restored VM's comes from its snapshot:
+        None until it is built)."""
+        return None if self._vm is None else self._vm.config
+
+    @property
     def state(self) -> VmState:
         if self._done.is_set():
             return VmState.STOPPED
-        return self.vm.state
+        if self._vm is None:
+            return VmState.STARTING
+        return self._vm.state
 
     @property
     def uptime_s(self) -> float | None:
@@ -240,21 +293,67 @@ class HostedVm:
     async def resume(self) -> None:
         """PAUSED → RUNNING.
 
-        :raises VmStateError: the VM is not paused.
+        :raises VmStateError: the VM is not paused, or a snapshot is being written.
         """
+        if self._snapshotting:
+            raise VmStateError(f"VM {self.id!r} is being snapshotted; resume it once the "
+                               "snapshot is written")
         await self.vm.resume()
         if self._running_since is None:
             # Built with start=False: the guest runs its first instruction now.
             self._running_since = time.monotonic()
 
+    async def snapshot(self, path: str | os.PathLike[str], *,
+                       paths: PathPolicy | None = None) -> SnapshotInfo:
+        """Write the paused VM's state and memory to the new directory ``path`` (see
+        :meth:`avmm.vm.VirtualMachine.snapshot`); the VM stays paused. ``path``'s
+        parent is checked through ``paths`` (default: anywhere) first, for a one-line
+        error naming the key; the VM then writes the snapshot inside its parent's fd
+        through its own path policy (the same one, from :meth:`Host.create`).
+
+        :raises VmStateError: the VM is not paused, or another snapshot is being written.
+        :raises PathNotAllowedError: ``path`` lies outside the allowed directories.
+        :raises HostFileError: its parent cannot be used, or ``path`` exists.
+        :raises SnapshotError: the snapshot could not be written (nothing is left).
+        """
+        self._check_snapshot_state()
+        policy = paths if paths is not None else PathPolicy()
+        target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
+        target.close()
+        # Checked again: the VM may have been resumed while the path was looked at.
+        self._check_snapshot_state()
+        self._snapshotting = True
+        self._snapshot_done = trio.Event()
+        try:
+            return await self.vm.snapshot(path)
+        finally:
+            self._snapshotting = False
+            self._snapshot_done.set()
+
+    def _check_snapshot_state(self) -> None:
+        if self._snapshotting:
+            raise VmStateError(f"VM {self.id!r} is already being snapshotted")
+        state = self.state
+        if state is not VmState.PAUSED:
+            raise VmStateError(f"VM {self.id!r} is {state.value}; pause it before taking "
+                               "a snapshot")
+
     async def stop(self, detail: str = "stopped by the host") -> VmExit:
         """Stop the VM (from any state; idempotent) and wait until it has stopped: every
         vCPU joined, devices stopped, disks flushed. Returns how it ended."""
-        self.vm.stop(detail)
+        self.request_stop(detail)
         await self._done.wait()
         result = self.exit
         assert result is not None
         return result
+
+    def request_stop(self, detail: str = "stopped by the host") -> None:
+        """Ask the VM to stop without waiting (a VM still being restored stops as soon
+        as it is built)."""
+        if self._vm is not None:
+            self._vm.stop(detail)
+        elif self._stop_requested is None:
+            self._stop_requested = detail
 
     async def wait(self) -> VmExit:
         """Wait until the VM has stopped, however that happens."""
@@ -264,7 +363,9 @@ class HostedVm:
         return result
 
     def metrics(self) -> VmMetrics:
-        metrics = self.vm.metrics()
+        if self._vm is None:
+            return VmMetrics(state=self.state, vcpu_exits={}, devices={})
+        metrics = self._vm.metrics()
         metrics.state = self.state
         return metrics
 
@@ -282,7 +383,7 @@ class HostedVm:
 
         :raises VmStateError: the VM has stopped (or is stopping).
         """
-        if self.state in (VmState.STOPPING, VmState.STOPPED):
+        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.STOPPED):
             raise VmStateError(f"VM {self.id!r} is {self.state.value}; its console takes "
                                "no input")
         try:
@@ -292,8 +393,10 @@ class HostedVm:
                                ) from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The VM as JSON-able data (what the management API shows)."""
+        """The VM as JSON-able data (what the management API shows); ``config`` is None
+        while a restored VM is being built."""
         result = self.exit
+        config = self.config
         return {
             "id": self.id,
             "name": self.name,
@@ -305,7 +408,7 @@ class HostedVm:
                 "exit_status": result.exit_status,
                 "detail": result.detail,
             },
-            "config": config_to_dict(self.config),
+            "config": None if config is None else config_to_dict(config),
         }
 
     # -- the task that owns the VM ------------------------------------------------------
@@ -318,7 +421,12 @@ class HostedVm:
         structlog.contextvars.bind_contextvars(vm=self.id)
         started = False
         try:
-            async with self.vm:
+            async with self._opener() as vm:
+                self._vm = vm
+                if self.config is not None and self.config.name:
+                    self.name = self.config.name
+                if self._stop_requested is not None:
+                    vm.stop(self._stop_requested)
                 if not self._start_paused:
                     self._running_since = time.monotonic()
                 started = True
@@ -326,6 +434,10 @@ class HostedVm:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_console)
                     await self.vm.wait()
+                # Stopped while a snapshot is being written (DELETE during a long
+                # one): the writer reads guest memory and vCPU state in a worker
+                # thread, so the VM is not released under it.
+                await self._snapshot_done.wait()
         except Exception as e:
             if not started:
                 raise
@@ -370,7 +482,7 @@ class Host:
                         traceback: types.TracebackType | None) -> bool:
         self._closing = True
         for hosted in self._vms.values():
-            hosted.vm.stop("the host is shutting down")
+            hosted.request_stop("the host is shutting down")
         # The nursery waits for every VM's task, which returns once its VM has stopped.
         assert self._stack is not None
         return bool(await self._stack.__aexit__(exc_type, exc, traceback))
@@ -391,13 +503,59 @@ class Host:
                                "no new VMs")
         vm_id = self._new_id()
         hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths)
-        self._vms[vm_id] = hosted  # listed as STARTING while it builds
+        await self._start(hosted)
+        return hosted
+
+    async def restore(self, path: str | os.PathLike[str], *, start: bool = True,
+                      copy_memory: bool = False,
+                      vhost_user: Mapping[str, str | os.PathLike[str]] | None = None,
+                      paths: PathPolicy | None = None) -> HostedVm:
+        """A new VM from the snapshot directory ``path`` (see
+        :meth:`avmm.vm.VirtualMachine.restore`); returns once it runs, or, with
+        ``start=False``, once it is built and PAUSED. ``vhost_user`` maps a vhost-user
+        device's name to the socket of its back-end now. ``path``, those sockets and
+        the files the snapshot's config names are opened through ``paths`` (default:
+        anywhere): checked here first, for one-line errors naming the key, then opened
+        (and the snapshot read through the directory's fd) by the VM's restore.
+
+        :raises PathNotAllowedError: a path lies outside the allowed directories.
+        :raises HostFileError: ``path`` is not a directory that can be opened.
+        :raises SnapshotError: the snapshot cannot be restored faithfully here (one line).
+        :raises VmStartError: the VM cannot be built.
+        :raises VmStateError: the Host is not entered, or is shutting down.
+        """
+        if self._nursery is None or self._closing:
+            raise VmStateError("the host is not running (or is shutting down); it takes "
+                               "no new VMs")
+        policy = paths if paths is not None else PathPolicy()
+        sockets = {name: os.fspath(socket) for name, socket in (vhost_user or {}).items()}
+
+        def check_paths() -> None:
+            for name, socket in sockets.items():
+                policy.check(Path(socket), f"vhost_user.{name}", "socket")
+            os.close(policy.open_directory(Path(path), "restore"))
+
+        await trio.to_thread.run_sync(check_paths)
+
+        def opener() -> AbstractAsyncContextManager[VirtualMachine]:
+            return VirtualMachine.restore(path, start_paused=not start,
+                                          copy_memory=copy_memory,
+                                          vhost_user=sockets or None, paths=policy)
+
+        hosted = HostedVm(self._new_id(), None, start_paused=not start, restore=opener)
+        await self._start(hosted)
+        log.info("vm restored", vm=hosted.id, path=os.fspath(path),
+                 state=hosted.state.value)
+        return hosted
+
+    async def _start(self, hosted: HostedVm) -> None:
+        self._vms[hosted.id] = hosted  # listed as STARTING while it builds
         try:
+            assert self._nursery is not None
             await self._nursery.start(hosted._run)
         except BaseException:
-            self._vms.pop(vm_id, None)
+            self._vms.pop(hosted.id, None)
             raise
-        return hosted
 
     def get(self, vm_id: str) -> HostedVm:
         """:raises UnknownVmError: no such VM here."""
@@ -426,7 +584,7 @@ class Host:
         """Stop every VM and wait until all have stopped."""
         hosted_vms = self.list()
         for hosted in hosted_vms:
-            hosted.vm.stop()
+            hosted.request_stop()
         for hosted in hosted_vms:
             await hosted.wait()
         await trio.lowlevel.checkpoint()

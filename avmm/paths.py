@@ -21,7 +21,8 @@ What is opened is then used as the fd, never by name again: files are read or wr
 through it, a disk is reopened through ``/proc/self/fd/N`` of an ``O_PATH`` fd, a
 vhost-user socket is connected through its ``O_PATH`` fd, and a console socket is bound
 inside its directory's fd. :meth:`PathPolicy.open_directory` is there for paths that name
-a directory (snapshot directories).
+a directory (a snapshot to restore), and :meth:`PathPolicy.new_path` for one still to be
+created (a snapshot to write: its parent is checked and opened, the name must be free).
 
 Errors are :class:`~avmm.errors.HostFileError` (a ConfigError: bad input, naming the
 config key) and its subclass :class:`~avmm.errors.PathNotAllowedError` (outside the
@@ -49,7 +50,7 @@ from .errors import HostFileError, PathNotAllowedError
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["BoundSocket", "PathKind", "PathPolicy"]
+__all__ = ["BoundSocket", "NewPath", "PathKind", "PathPolicy"]
 
 #: What a config key names, for :meth:`PathPolicy.check`: an existing file to read or use,
 #: an existing socket to connect to, an output file that may be created, a socket to be
@@ -186,6 +187,26 @@ class BoundSocket:
             pass
         _close_quietly(self._dirfd)
         self._dirfd = -1
+
+
+@dataclass
+class NewPath:
+    """A name still free in a directory that :meth:`PathPolicy.new_path` checked: create
+    it through :attr:`at` (``/proc/self/fd/D/name``), which goes to that directory
+    whatever happens to the path's components meanwhile; then :meth:`close`."""
+
+    path: Path
+    dirfd: int
+    name: str
+
+    @property
+    def at(self) -> str:
+        return f"/proc/self/fd/{self.dirfd}/{self.name}"
+
+    def close(self) -> None:
+        if self.dirfd >= 0:
+            _close_quietly(self.dirfd)
+            self.dirfd = -1
 
 
 class PathPolicy:
@@ -399,6 +420,28 @@ class PathPolicy:
         except OSError as e:
             raise HostFileError(f"cannot use the directory {path}: {e.strerror}",
                                 key=key) from e
+
+    def new_path(self, path: Path, key: str) -> NewPath:
+        """The directory ``path`` is to be created in (e.g. a snapshot directory), opened
+        within the policy, and the name, which must not exist yet. Create it through
+        :attr:`NewPath.at` only, so that what is created is in the directory that was
+        checked (a component swapped for a symlink afterwards changes nothing); creating
+        it must still refuse an existing name (mkdir, rename with RENAME_NOREPLACE): the
+        check here is for the one-line error, not for safety.
+
+        :raises PathNotAllowedError: the directory is outside the allowed ones.
+        :raises HostFileError: the directory cannot be used, or ``path`` exists.
+        """
+        dirfd, name = self._open_parent(path, key)
+        try:
+            os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return NewPath(path, dirfd, name)
+        except OSError as e:
+            os.close(dirfd)
+            raise HostFileError(f"cannot use {path}: {e.strerror}", key=key) from e
+        os.close(dirfd)
+        raise HostFileError(f"{path} already exists; name a new directory", key=key)
 
     def socket_address(self, path: Path, key: str) -> tuple[str, int | None]:
         """Where to connect(2) for the unix socket at ``path`` (a vhost-user back-end),

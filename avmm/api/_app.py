@@ -7,8 +7,9 @@ the client's disconnect in a trio nursery of its own (the VM keeps running when 
 viewer leaves, and a silent guest must not pin a subscription forever).
 
 Status codes: 400 malformed body or bad config (``detail.key`` names the key; also a
-WebSocket upgrade, which this API does not speak), 403 a path outside the daemon's
-``--allow-path`` directories (``detail.key``), 404 unknown VM or route, 405 method not
+WebSocket upgrade, which this API does not speak, and a snapshot that cannot be
+restored), 403 a path outside the daemon's ``--allow-path`` directories (``detail.key``),
+404 unknown VM or route, 405 method not
 allowed (``Allow`` header), 409 wrong state, 413 body too large, 415 unsupported
 Content-Type, 422 valid config but the VM could not be built (``detail.step``), 503
 shutting down, 500 an avmm bug (logged with a traceback).
@@ -40,6 +41,7 @@ from ..errors import (
     AvmmError,
     ConfigError,
     PathNotAllowedError,
+    StateError,
     UnknownVmError,
     VmStartError,
     VmStateError,
@@ -51,10 +53,19 @@ from ._openapi import openapi_document
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["CONFIG_BODY_MAX", "CONSOLE_INPUT_MAX", "ManagementApi"]
+__all__ = ["CONFIG_BODY_MAX", "CONSOLE_INPUT_MAX", "SNAPSHOT_BODY_MAX", "ManagementApi"]
 
 #: The largest config body accepted; a vm.toml is a few hundred bytes.
 CONFIG_BODY_MAX: Final = CONFIG_FILE_MAX_BYTES
+#: The largest body of POST /vms/{id}/snapshot: one path.
+SNAPSHOT_BODY_MAX: Final = 16 << 10
+#: The keys of a restore request (POST /vms with "restore"): no VM config with them.
+RESTORE_KEYS: Final = ("restore", "start", "copy_memory", "vhost_user")
+#: The most vhost-user sockets one restore request may replace.
+RESTORE_SOCKETS_MAX: Final = 64
+#: PATH_MAX: a longer path cannot be opened anyway.
+_PATH_MAX: Final = 4096
+_DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: The most console input accepted in one request (the UART takes it a byte at a time).
 CONSOLE_INPUT_MAX: Final = 64 << 10
 _DRAIN_FACTOR: Final = 16
@@ -267,6 +278,11 @@ class ManagementApi:
             raise HttpError(400, f"start must be true or false, got {start!r}",
                             {"key": "start"})
         data = _parse_config_body(await request.body(CONFIG_BODY_MAX), media_type)
+        if "restore" in data:
+            if base_dir is not None:
+                raise HttpError(400, "base_dir applies to a VM config, not to a restore "
+                                "(the restore path is absolute)", {"key": "base_dir"})
+            return await self._restore(data, default_start=start != "false")
         # Validation looks at the files the config names (stat, and openat2 under
         # --allow-path): a worker thread, as for the build.
         config = await trio.to_thread.run_sync(functools.partial(
@@ -276,6 +292,46 @@ class ManagementApi:
         vm = await self.host.create(_for_daemon(config), start=start != "false",
                                     paths=self.paths)
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
+
+    async def _restore(self, data: dict[str, Any], *, default_start: bool) -> _Response:
+        """POST /vms with ``{"restore": "/abs/dir", ...}``: a new VM from a snapshot."""
+        extra = [key for key in data if key not in RESTORE_KEYS]
+        if extra:
+            raise HttpError(400, f"a restore takes no VM config (it comes from the "
+                            f"snapshot): remove {extra[0]!r}, or send a config without "
+                            "'restore'", {"key": extra[0]})
+        path = _absolute_path(data["restore"], "restore")
+        start = _boolean(data, "start", default_start)
+        copy_memory = _boolean(data, "copy_memory", False)
+        sockets = _vhost_user_sockets(data.get("vhost_user"))
+        vm = await self.host.restore(path, start=start, copy_memory=copy_memory,
+                                     vhost_user=sockets, paths=self.paths)
+        return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
+
+    async def _snapshot(self, request: _Request) -> _Response:
+        vm = self.host.get(request.params["id"])
+        media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise HttpError(415, "send the snapshot request as Content-Type: "
+                            f"application/json (got {media_type or 'none'})",
+                            {"content_type": media_type or None})
+        data = _parse_config_body(await request.body(SNAPSHOT_BODY_MAX), media_type,
+                                  what="the snapshot request")
+        extra = [key for key in data if key != "path"]
+        if extra:
+            raise HttpError(400, f"unknown key {extra[0]!r} in the snapshot request; it "
+                            'takes only "path"', {"key": extra[0]})
+        if "path" not in data:
+            raise HttpError(400, 'the snapshot request needs "path": the absolute path of '
+                            "a new directory", {"key": "path"})
+        path = _absolute_path(data["path"], "path")
+        info = await vm.snapshot(path, paths=self.paths)
+        return _json_response(201, {
+            "path": str(info.path),
+            "bytes_state": info.bytes_state,
+            "bytes_memory": info.bytes_memory,
+            "duration_ms": round(info.duration_s * 1000, 3),
+        })
 
     async def _get(self, request: _Request) -> _Response:
         return _json_response(200, self.host.get(request.params["id"]).to_dict())
@@ -335,13 +391,15 @@ _ROUTES: Final[tuple[tuple[re.Pattern[str], dict[str, _Handler]], ...]] = (
     (_route("/vms/{id}/pause"), {"POST": ManagementApi._pause}),
     (_route("/vms/{id}/resume"), {"POST": ManagementApi._resume}),
     (_route("/vms/{id}/stop"), {"POST": ManagementApi._stop}),
+    (_route("/vms/{id}/snapshot"), {"POST": ManagementApi._snapshot}),
     (_route("/vms/{id}/console"), {"GET": ManagementApi._console_output,
                                    "POST": ManagementApi._console_input}),
     (_route("/metrics"), {"GET": ManagementApi._metrics}),
 )
 
 
-def _parse_config_body(body: bytes, media_type: str) -> dict[str, Any]:
+def _parse_config_body(body: bytes, media_type: str, *, what: str = "the config"
+                       ) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -362,9 +420,58 @@ def _parse_config_body(body: bytes, media_type: str) -> dict[str, Any]:
     if kind == "TOML":
         return data
     if not isinstance(data, dict):
-        raise HttpError(400, f"the config must be a JSON object, got {type(data).__name__}",
+        raise HttpError(400, f"{what} must be a JSON object, got {type(data).__name__}",
                         {"key": None})
     return data
+
+
+def _absolute_path(value: Any, key: str) -> str:
+    """``value`` if it is an absolute path that can be opened at all, else a 400."""
+    if not isinstance(value, str):
+        raise HttpError(400, f"{key} must be a string (an absolute path), got "
+                        f"{type(value).__name__}", {"key": key})
+    if not value.startswith("/"):
+        raise HttpError(400, f"{key} must be an absolute path, got {value[:200]!r}",
+                        {"key": key})
+    if "\0" in value:
+        raise HttpError(400, f"{key} contains a NUL character", {"key": key})
+    try:
+        size = len(os.fsencode(value))
+    except UnicodeEncodeError:
+        raise HttpError(400, f"{key} is not a valid file name (lone surrogates)",
+                        {"key": key}) from None
+    if size >= _PATH_MAX:
+        raise HttpError(400, f"{key} is {size} bytes long; a path has fewer than "
+                        f"{_PATH_MAX}", {"key": key})
+    return value
+
+
+def _boolean(data: dict[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise HttpError(400, f"{key} must be true or false, got {type(value).__name__}",
+                        {"key": key})
+    return value
+
+
+def _vhost_user_sockets(value: Any) -> dict[str, str] | None:
+    """The ``vhost_user`` of a restore request: device name → new back-end socket."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise HttpError(400, "vhost_user must be an object mapping a device name to the "
+                        f"absolute path of its back-end's socket, got {type(value).__name__}",
+                        {"key": "vhost_user"})
+    if len(value) > RESTORE_SOCKETS_MAX:
+        raise HttpError(400, f"vhost_user names {len(value)} devices; at most "
+                        f"{RESTORE_SOCKETS_MAX}", {"key": "vhost_user"})
+    sockets: dict[str, str] = {}
+    for name, path in value.items():
+        if not _DEVICE_NAME.fullmatch(name):
+            raise HttpError(400, f"vhost_user: {name[:80]!r} is not a device name (such as "
+                            '"blk0")', {"key": "vhost_user"})
+        sockets[name] = _absolute_path(path, f"vhost_user.{name}")
+    return sockets
 
 
 def _for_daemon(config: VmConfig) -> VmConfig:
@@ -381,6 +488,13 @@ def _for_daemon(config: VmConfig) -> VmConfig:
 
 
 def _http_error(error: AvmmError) -> HttpError:
+    if isinstance(error, VmStartError) and isinstance(error.error, StateError):
+        # A snapshot that cannot be restored: bad input, with its one line.
+        return HttpError(400, str(error), {"step": error.step,
+                                           "type": type(error.error).__name__})
+    if isinstance(error, StateError):
+        # SnapshotError, StateCompatibilityError, DeviceStateError: one line.
+        return HttpError(400, str(error), {"type": type(error).__name__})
     if isinstance(error, PathNotAllowedError):
         return HttpError(403, str(error), {"key": error.key, "reason": error.reason})
     if isinstance(error, VmStartError) and isinstance(error.error, PathNotAllowedError):

@@ -40,6 +40,14 @@ _PATH: Final = {
                    "base_dir query parameter of POST /vms).",
 }
 
+_ABSOLUTE_PATH: Final = {
+    "type": "string",
+    "pattern": "^/",
+    "maxLength": 4095,
+    "description": "An absolute path on the daemon's machine; with --allow-path it must "
+                   "resolve inside those directories.",
+}
+
 _MACHINE: Final = {
     "type": "object",
     "additionalProperties": False,
@@ -140,8 +148,61 @@ _VM_CONFIG: Final = {
     },
 }
 
+_RESTORE: Final = {
+    "type": "object",
+    "description": "A new VM from a snapshot directory (written by POST "
+                   "/vms/{id}/snapshot or avmm snapshot): its config, state and memory "
+                   "come from the snapshot, so no VM config goes with it. Disks are used "
+                   "where the snapshot's config names them.",
+    "additionalProperties": False,
+    "required": ["restore"],
+    "properties": {
+        "restore": {**_ABSOLUTE_PATH, "description": "The snapshot directory"},
+        "start": {"type": "boolean", "default": True,
+                  "description": "false: restore it and leave it paused (POST "
+                                 "/vms/{id}/resume runs it on from the snapshot); default: "
+                                 "the start query parameter, else true"},
+        "copy_memory": {"type": "boolean", "default": False,
+                        "description": "Copy guest memory out of the snapshot (checking "
+                                       "its digest) instead of mapping it copy-on-write"},
+        "vhost_user": {
+            "type": "object",
+            "description": "Device name (such as blk0; letters, digits, '_.-', at most "
+                           "64) → the socket of its vhost-user back-end now, instead of "
+                           "the one in the snapshot's config",
+            "maxProperties": 64,
+            "additionalProperties": _ABSOLUTE_PATH,
+        },
+    },
+}
+
 _SCHEMAS: Final = {
     "VmConfig": _VM_CONFIG,
+    "RestoreRequest": _RESTORE,
+    "SnapshotRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["path"],
+        "properties": {
+            "path": {**_ABSOLUTE_PATH,
+                     "description": "A new directory (it must not exist; its parent "
+                                    "must) where the snapshot is written, atomically"},
+        },
+    },
+    "Snapshot": {
+        "type": "object",
+        "required": ["path", "bytes_state", "bytes_memory", "duration_ms"],
+        "properties": {
+            "path": {"type": "string", "description": "The snapshot directory"},
+            "bytes_state": {"type": "integer", "minimum": 0,
+                            "description": "Size of the state file"},
+            "bytes_memory": {"type": "integer", "minimum": 0,
+                             "description": "Bytes of guest memory written (the memory "
+                                            "file's holes not counted)"},
+            "duration_ms": {"type": "number", "minimum": 0,
+                            "description": "Time taken to write the snapshot"},
+        },
+    },
     "VmExit": {
         "type": "object",
         "description": "How the VM ended: exit_status is what `avmm up` would exit with.",
@@ -164,8 +225,10 @@ _SCHEMAS: Final = {
                          "description": "Seconds running (frozen once stopped)"},
             "exit": {"allOf": [{"$ref": "#/components/schemas/VmExit"}], "nullable": True},
             "config": {"allOf": [{"$ref": "#/components/schemas/VmConfig"}],
+                       "nullable": True,
                        "description": "The VM's config as validated (absolute paths, "
-                                      "defaults filled in)"},
+                                      "defaults filled in); null while a restored VM is "
+                                      "being built (its config is in the snapshot)"},
         },
     },
     "VmList": {
@@ -244,12 +307,14 @@ _PATHS: Final = {
                           "default": _OTHER},
         },
         "post": {
-            "summary": "Create and start a VM",
+            "summary": "Create and start a VM, or restore one from a snapshot",
             "description": "The body is a VM config with the vm.toml schema, as JSON or as "
                            "TOML (Content-Type: application/toml). Paths in it must be "
                            "absolute, unless base_dir is given. The daemon opens them as "
                            "its own user; with --allow-path only inside those "
-                           "directories.",
+                           "directories. Or the body is a RestoreRequest "
+                           '({"restore": "/abs/dir"}): the VM is restored from that '
+                           "snapshot and runs on from where it was taken.",
             "parameters": [{
                 "name": "base_dir",
                 "in": "query",
@@ -268,13 +333,15 @@ _PATHS: Final = {
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/VmConfig"}},
+                    "application/json": {"schema": {"anyOf": [
+                        {"$ref": "#/components/schemas/VmConfig"},
+                        {"$ref": "#/components/schemas/RestoreRequest"}]}},
                     "application/toml": {"schema": {"type": "string"}},
                 },
             },
             "responses": {
                 "201": {
-                    **_json("The VM was built and started", "Vm"),
+                    **_json("The VM was built (or restored) and started", "Vm"),
                     "headers": {"Location": {"description": "/vms/{id}",
                                              "schema": {"type": "string"}}},
                 },
@@ -282,7 +349,10 @@ _PATHS: Final = {
                               "more than 4300 digits) or bad config (a missing file, an "
                               "output path that is a FIFO, a socket path over 107 bytes "
                               "or over something that is not a socket); detail.key names "
-                              "the key"),
+                              "the key. For a restore: a bad request, or a snapshot that "
+                              "cannot be restored faithfully here (truncated, corrupt, "
+                              "another format version, a host without the KVM or CPU "
+                              "features it needs); the error is one line"),
                 "403": _error("A path in the config resolves outside the directories the "
                               "daemon allows (avmm serve --allow-path); detail.key names "
                               "the key"),
@@ -315,6 +385,38 @@ _PATHS: Final = {
     "/vms/{id}/resume": _vm_action(
         "Resume a paused VM", "The guest continues exactly where it was paused.",
         "The running VM"),
+    "/vms/{id}/snapshot": {
+        "post": {
+            "summary": "Write a paused VM's state and memory to a new directory",
+            "description": "The VM must be paused (POST /vms/{id}/pause) and stays paused. "
+                           "The directory is created (mode 0700) under a temporary name and "
+                           "renamed once complete; its parent must exist and, with "
+                           "--allow-path, resolve inside those directories. Writable disks "
+                           "are flushed; their contents stay where they are (keep them "
+                           "unchanged until the snapshot is restored). POST /vms with "
+                           '{"restore": path} brings the VM back.',
+            "parameters": [_VM_ID_PARAMETER],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/SnapshotRequest"}}},
+            },
+            "responses": {
+                "201": _json("The snapshot was written", "Snapshot"),
+                "400": _error("Malformed body (not an object, extra keys, a path that is "
+                              "not absolute), a path that exists or whose parent cannot be "
+                              "used, or the snapshot could not be written (one line; "
+                              "nothing is left behind); detail.key names the key"),
+                "403": _error("The path resolves outside the directories the daemon allows "
+                              "(avmm serve --allow-path)"),
+                "404": _UNKNOWN_VM,
+                "409": _error("The VM is not paused (or a snapshot of it is being written)"),
+                "413": _error("Body larger than 16 KiB"),
+                "415": _error("Content-Type is not application/json"),
+                "default": _OTHER,
+            },
+        }
+    },
     "/vms/{id}/stop": {
         "post": {
             "summary": "Stop a VM (any state; idempotent) and wait until it has stopped",

@@ -1,5 +1,5 @@
 """``avmm serve`` and the commands that talk to it: ``ps``, ``run``, ``pause``, ``resume``,
-``stop``, ``rm``, ``console``.
+``stop``, ``rm``, ``console``, ``snapshot``.
 
 Wire it into ``avmm/cli.py`` with ``add_management_commands(commands)``, where
 ``commands`` is the ``add_subparsers(dest="command")`` object; each sub-command sets
@@ -7,7 +7,8 @@ Wire it into ``avmm/cli.py`` with ``add_management_commands(commands)``, where
 else ``$XDG_RUNTIME_DIR/avmm.sock``, else ``/run/avmm.sock``.
 
 Exit status of the client commands: 0 done, 1 the daemon refused (the message is its
-error) or is not there, 2 a bad command line or config (``avmm run``). ``avmm serve``
+error) or is not there, 2 a bad command line or config (``avmm run``; ``avmm snapshot``
+exits 1 for every refusal, as pause and resume do). ``avmm serve``
 exits 0 after a clean shutdown and 1, with one line on stderr, when it cannot start.
 """
 
@@ -38,8 +39,8 @@ EXIT_USAGE = 2
 
 
 def add_management_commands(subparsers: Any) -> None:
-    """Register ``serve``, ``ps``, ``run``, ``pause``, ``resume``, ``stop``, ``rm`` and
-    ``console`` on an argparse subparsers object."""
+    """Register ``serve``, ``ps``, ``run``, ``pause``, ``resume``, ``stop``, ``rm``,
+    ``console`` and ``snapshot`` on an argparse subparsers object."""
     socket_help = ("the daemon's unix socket (default: $AVMM_SOCKET, else "
                    "$XDG_RUNTIME_DIR/avmm.sock, else /run/avmm.sock)")
     parsers = []
@@ -85,6 +86,18 @@ def add_management_commands(subparsers: Any) -> None:
     console.add_argument("id", metavar="ID", help="VM id (from avmm ps)")
     console.set_defaults(handler=_client_command(_console))
     parsers.append(console)
+
+    snapshot = subparsers.add_parser(
+        "snapshot", help="write a VM's state and memory to a new directory (pauses it; "
+                         "it stays paused unless --resume)")
+    snapshot.add_argument("id", metavar="ID", help="VM id (from avmm ps)")
+    snapshot.add_argument("dir", metavar="DIR",
+                          help="the snapshot directory to create, on the daemon's machine "
+                               "(relative: to this directory); its parent must exist")
+    snapshot.add_argument("--resume", action="store_true",
+                          help="resume the VM once the snapshot is written")
+    snapshot.set_defaults(handler=_client_command(_snapshot))
+    parsers.append(snapshot)
 
     for parser in parsers:
         if parser is not serve:
@@ -200,6 +213,53 @@ async def _vm_action(api: ApiClient, args: argparse.Namespace) -> int:
             print(f"avmm: {e.message}", file=sys.stderr)
             status = EXIT_REFUSED
     return status
+
+
+async def _snapshot(api: ApiClient, args: argparse.Namespace) -> int:
+    from .client import ApiError
+
+    vm_id: str = args.id
+    # A relative path can only mean this shell's directory, wherever the daemon runs.
+    directory = os.path.abspath(args.dir)
+    try:
+        vm = await api.get_vm(vm_id)
+        paused_here = False
+        if vm["state"] == "running":
+            await api.pause(vm_id)
+            paused_here = True
+        try:
+            info = await api.snapshot(vm_id, directory)
+        except BaseException:
+            # A VM that was running before is not left paused by a failed snapshot.
+            if paused_here or args.resume:
+                with trio.CancelScope(shield=True):
+                    await _resume_quietly(api, vm_id)
+            raise
+        if args.resume:
+            await api.resume(vm_id)
+    except ApiError as e:
+        print(f"avmm: {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    state = "resumed" if args.resume else "left paused"
+    print(f"{info['path']}: state {_size(info['bytes_state'])}, memory "
+          f"{_size(info['bytes_memory'])}, {info['duration_ms']:.1f} ms; {vm_id} {state}")
+    return 0
+
+
+async def _resume_quietly(api: ApiClient, vm_id: str) -> None:
+    from .client import ApiError, DaemonUnreachableError
+
+    try:
+        await api.resume(vm_id)
+    except (ApiError, DaemonUnreachableError) as e:
+        print(f"avmm: could not resume {vm_id}: {e}", file=sys.stderr)
+
+
+def _size(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.1f} {unit}"
+    return f"{size} bytes"
 
 
 async def _console(api: ApiClient, args: argparse.Namespace) -> int:

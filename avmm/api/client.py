@@ -110,6 +110,38 @@ class ApiClient:
         created: dict[str, Any] = response.json()
         return created
 
+    async def restore_vm(self, path: str | os.PathLike[str], *, start: bool = True,
+                         copy_memory: bool = False,
+                         vhost_user: Mapping[str, str | os.PathLike[str]] | None = None,
+                         ) -> dict[str, Any]:
+        """A new VM from the snapshot directory ``path`` (absolute, on the daemon's
+        machine), running on from the snapshot, or paused with ``start=False``.
+        ``vhost_user`` maps a vhost-user device's name to its back-end's socket now."""
+        body: dict[str, Any] = {"restore": os.fspath(path)}
+        if not start:
+            body["start"] = False
+        if copy_memory:
+            body["copy_memory"] = True
+        if vhost_user:
+            body["vhost_user"] = {name: os.fspath(socket)
+                                  for name, socket in vhost_user.items()}
+        response = await self._request("POST", "/vms", content=json.dumps(body).encode(),
+                                       headers={"content-type": "application/json"})
+        restored: dict[str, Any] = response.json()
+        return restored
+
+    async def snapshot(self, vm_id: str, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write the paused VM to the new directory ``path`` (absolute, on the daemon's
+        machine): ``{"path", "bytes_state", "bytes_memory", "duration_ms"}``."""
+        body = json.dumps({"path": os.fspath(path)}).encode()
+        response = await self._request(
+            "POST", f"/vms/{_segment(vm_id)}/snapshot", content=body,
+            headers={"content-type": "application/json"},
+            # Writing a large guest's memory may take a while.
+            timeout=httpx.Timeout(None, connect=5.0))
+        info: dict[str, Any] = response.json()
+        return info
+
     async def get_vm(self, vm_id: str) -> dict[str, Any]:
         vm: dict[str, Any] = (await self._request("GET", f"/vms/{_segment(vm_id)}")).json()
         return vm

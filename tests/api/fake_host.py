@@ -5,9 +5,11 @@ layer on any machine: VMs change state on request, the console echoes its input,
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -16,6 +18,8 @@ from avmm.config import VmConfig
 from avmm.errors import UnknownVmError, VmStartError, VmStateError
 from avmm.host import config_to_dict
 from avmm.lifecycle import GUEST_FAILURE_STATUS, StopReason, VmExit, VmState
+from avmm.paths import PathPolicy
+from avmm.state import SnapshotError, SnapshotInfo
 
 
 @dataclass
@@ -90,6 +94,16 @@ class FakeVm:
             raise VmStateError(f"VM {self.id} is {self.state}; only a paused VM can resume")
         self.state = VmState.RUNNING
 
+    async def snapshot(self, path: str, *, paths: PathPolicy | None = None) -> SnapshotInfo:
+        """Checks as the real one does, writes nothing."""
+        if self.state is not VmState.PAUSED:
+            raise VmStateError(f"VM {self.id} is {self.state}; pause it first")
+        policy = paths if paths is not None else PathPolicy()
+        target = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
+        target.close()
+        return SnapshotInfo(Path(path), bytes_state=1234, bytes_memory=4096,
+                            duration_s=0.0125)
+
     async def stop(self) -> VmExit:
         self._end(VmExit(StopReason.STOPPED, 0, "stopped by the host"))
         assert self.exit is not None
@@ -146,12 +160,33 @@ class FakeHost:
     def __init__(self) -> None:
         self.vms: dict[str, FakeVm] = {}
         self._next = 1
+        #: What restore() brings back from a directory holding a state.avmm file.
+        self.restore_config: VmConfig | None = None
+        self.restored: list[tuple[str, bool, bool, dict[str, str]]] = []
 
     async def __aenter__(self) -> FakeHost:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop_all()
+
+    async def restore(self, path: str, *, start: bool = True, copy_memory: bool = False,
+                      vhost_user: Mapping[str, str] | None = None,
+                      paths: PathPolicy | None = None) -> FakeVm:
+        """Checks the paths as the real one does; a directory with a state.avmm file
+        restores ``restore_config`` (when set), anything else is not a snapshot."""
+        policy = paths if paths is not None else PathPolicy()
+
+        def check() -> None:
+            for name, socket in (vhost_user or {}).items():
+                policy.check(Path(socket), f"vhost_user.{name}", "socket")
+            os.close(policy.open_directory(Path(path), "restore"))
+
+        await trio.to_thread.run_sync(check)
+        if self.restore_config is None or not (Path(path) / "state.avmm").is_file():
+            raise SnapshotError(f"{path}: not a snapshot (it has no state.avmm)")
+        self.restored.append((path, start, copy_memory, dict(vhost_user or {})))
+        return await self.create(self.restore_config, start=start)
 
     async def create(self, config: VmConfig, *, start: bool = True,
                      paths: object = None) -> FakeVm:
