@@ -91,6 +91,12 @@ class VmStateError(AvmmError):
     """An operation was asked of a VM in a state that does not allow it."""
 
 
+class StateError(AvmmError):
+    """A VM's saved state cannot be written, read or restored: the common parent of
+    :class:`avmm.state.SnapshotError` (the snapshot files, the machine state) and
+    :class:`avmm.devices.DeviceStateError` (one device's state)."""
+
+
 class VmStartError(AvmmError):
     """A VM could not be built; the message names the step that failed.
 
@@ -110,7 +116,7 @@ class VmStartError(AvmmError):
     def bad_input(self) -> bool:
         """The config named something that cannot be booted or used: fix the input, not
         the host (``avmm up`` exits 2 for it, not 6)."""
-        return isinstance(self.error, BootError | ConfigError)
+        return isinstance(self.error, BootError | ConfigError | StateError)
 
 
 class UnknownVmError(AvmmError):

@@ -20,12 +20,14 @@ PAUSED → STOPPING → STOPPED.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import os
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,9 @@ from .errors import (
     BootError,
     ConfigError,
     GuestAddressError,
+    HostFileError,
+    PathNotAllowedError,
+    StateError,
     VmStartError,
     VmStateError,
     leaf_errors,
@@ -72,6 +77,24 @@ from .memory import MIB, GuestMemory
 from .netns import call_in_netns
 from .paths import BoundSocket, PathPolicy
 from .serial_port import SerialPort, serve_console_socket
+from .state import (
+    MachineState,
+    Snapshot,
+    SnapshotError,
+    SnapshotInfo,
+    load_memory,
+    read_snapshot,
+    restore_machine,
+    save_machine,
+    write_snapshot,
+)
+from .state.snapshot import STATE_FILE_NAME
+from .state.vm_state import (
+    ConfigState,
+    LegacyDevicesState,
+    config_from_state,
+    config_to_state,
+)
 from .threads import run_in_own_thread
 from .vcpu_loop import PauseControl, VcpuLoop
 from .virtio.device import DeviceId, PauseGate, VirtioDevice
@@ -84,6 +107,23 @@ COM1_PORT = 0x3F8
 COM1_IRQ = 4
 
 _vm_numbers = itertools.count(1)
+
+#: The sections of a VM snapshot's state file (besides the memory file's), and their types.
+SNAPSHOT_SECTIONS: dict[str, Any] = {
+    "config": ConfigState,
+    "machine": MachineState,
+    "devices": LegacyDevicesState,
+}
+
+
+@dataclass(frozen=True)
+class _RestorePlan:
+    """What the recipe needs to build a VM from a snapshot instead of booting it."""
+
+    snapshot: Snapshot
+    copy_memory: bool
+    machine: MachineState
+    devices: LegacyDevicesState
 
 
 class VirtualMachine:
@@ -136,6 +176,11 @@ class VirtualMachine:
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.uart: Serial8250 | None = None
+        self._i8042: I8042 | None = None
+        self._debug_exit: DebugExit | None = None
+        self._boot_timer: BootTimer | None = None
+        self._acpi_sleep: AcpiSleep | None = None
+        self._restore_plan: _RestorePlan | None = None
         self._log = log.bind(vm=self.name)
         self._started_at: float | None = None  # time.monotonic() when __aenter__ began
         self._userspace_reached = trio.Event()
@@ -307,6 +352,152 @@ class VirtualMachine:
         except (AvmmError, OSError) as e:
             self._log.debug("kvm clock not restored", error=str(e))
 
+    # -- snapshots ----------------------------------------------------------------------
+
+    async def snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
+        """Save the paused VM into the new directory ``path`` (see README, "Snapshots"):
+        its config, the KVM state (irqchip, PIT, kvmclock, every vCPU), each device's
+        state and guest RAM. Writable disks are flushed (fdatasync) first; their contents
+        stay where they are. The VM stays paused. The directory appears whole or not at
+        all; its parent must exist and be allowed by the VM's path policy.
+
+        :raises VmStateError: the VM is not paused.
+        :raises SnapshotError: ``path`` exists, or the snapshot cannot be written (then
+            nothing is left behind).
+        """
+        async with self._control_lock:
+            state = self.state
+            if state is not VmState.PAUSED:
+                raise VmStateError(f"VM {self.name!r} is {state.value}; only a paused VM "
+                                   "can be snapshotted (pause it first)")
+            if self.virtio_slots:
+                raise SnapshotError(
+                    f"VM {self.name!r} has virtio devices "
+                    f"({', '.join(slot.device.name for slot in self.virtio_slots)}), which "
+                    "this avmm cannot snapshot yet")
+            # The devices change only on vCPU threads (parked) and on this thread: their
+            # state is taken here, the blocking part (KVM ioctls, files) in a worker.
+            sections: dict[str, Any] = {
+                "config": config_to_state(self.config),
+                "devices": self._save_legacy_devices(),
+            }
+            info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections)
+        self._log.info("vm snapshotted", path=str(info.path), bytes_state=info.bytes_state,
+                       bytes_memory=info.bytes_memory,
+                       duration_ms=round(info.duration_s * 1000, 1))
+        return info
+
+    def _save_legacy_devices(self) -> LegacyDevicesState:
+        assert self.uart is not None and self._i8042 is not None
+        assert self._debug_exit is not None and self._boot_timer is not None
+        return LegacyDevicesState(
+            serial=self.uart.save_state(),
+            i8042=self._i8042.save_state(),
+            debug_exit=self._debug_exit.save_state(),
+            boot_timer=self._boot_timer.save_state(),
+            acpi_sleep=self._acpi_sleep.save_state() if self._acpi_sleep else None,
+        )
+
+    def _write_snapshot(self, path: Path, sections: dict[str, Any]) -> SnapshotInfo:
+        """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
+        started = time.monotonic()
+        self._flush_disks_for_snapshot()
+        machine = save_machine(self._kvm_vm, self._vcpus)
+        if self._paused_clock is not None:
+            # The clock as it was when the VM paused: the guest sees no time pass while
+            # it was paused or saved, as across a pause and resume.
+            platform = machine.platform
+            machine = dataclasses.replace(machine, platform=dataclasses.replace(
+                platform, clock=dataclasses.replace(platform.clock,
+                                                    clock=self._paused_clock)))
+        sections["machine"] = machine
+        path = Path(os.path.abspath(path))
+        parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path")
+        try:
+            # Written inside the directory the policy opened (its fd), never by name.
+            inside = Path(f"/proc/self/fd/{parent_fd}")
+            try:
+                info = write_snapshot(inside / path.name, sections, self.memory)
+            except SnapshotError as e:
+                raise _renamed(e, inside, path.parent) from None
+        finally:
+            os.close(parent_fd)
+        return dataclasses.replace(info, path=path, duration_s=time.monotonic() - started)
+
+    def _flush_disks_for_snapshot(self) -> None:
+        """fdatasync every writable disk: a snapshot completes only with the guest's
+        completed writes stable, since the disks are not part of it."""
+        from .virtio.blk import BlockDevice
+
+        for slot in self.virtio_slots:
+            device = slot.device
+            if isinstance(device, BlockDevice) and not device.read_only and device.fd >= 0:
+                try:
+                    os.fdatasync(device.fd)
+                except OSError as e:
+                    raise SnapshotError(f"cannot flush {device.name} before the snapshot: "
+                                        f"{e.strerror}") from None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def restore(cls, path: str | os.PathLike[str], *, start_paused: bool = False,
+                      copy_memory: bool = False,
+                      vhost_user: Mapping[str, str] | None = None,
+                      paths: PathPolicy | None = None,
+                      name: str | None = None) -> AsyncIterator[VirtualMachine]:
+        """Bring back the VM saved in the snapshot directory ``path`` (see
+        :meth:`snapshot`), as an async context manager like ``VirtualMachine(config)``::
+
+            async with VirtualMachine.restore("/snapshots/one") as vm:
+                result = await vm.wait()
+
+        The VM is built from the saved config (its disks, taps and back-end sockets must
+        be there again; ``vhost_user`` gives vhost-user devices new sockets by name, e.g.
+        ``{"blk0": "/run/new.sock"}``), with guest RAM mapped copy-on-write from the
+        memory file (the file must stay unchanged while the VM runs), or copied with
+        ``copy_memory``. A VM with vhost-user devices always gets a copy: its back-ends
+        map guest RAM's memfd, which a mapped file would bypass. No kernel is loaded:
+        the guest goes on from where it was saved, or stays paused with
+        ``start_paused`` until :meth:`resume`.
+
+        :raises SnapshotError: the snapshot is missing, damaged, of another format or
+            does not fit together (one line naming the file);
+            :class:`StateCompatibilityError`: this host cannot run it faithfully;
+            :class:`DeviceStateError`: a device's saved state does not fit the device.
+            Nothing is left running or allocated then.
+        """
+        policy = paths if paths is not None else PathPolicy()
+        opened = await trio.to_thread.run_sync(_open_snapshot, Path(path), policy,
+                                               vhost_user)
+        try:
+            config, snapshot = opened.config, opened.snapshot
+            copy = copy_memory
+            if not copy and _has_vhost_user(config):
+                copy = True
+                log.info("snapshot memory copied, not mapped: vhost-user back-ends map "
+                         "guest RAM's memfd", path=str(path))
+            vm = cls(config, name=name, start_paused=start_paused, paths=policy)
+            machine: MachineState = snapshot.sections["machine"]
+            vm._restore_plan = _RestorePlan(snapshot=snapshot, copy_memory=copy,
+                                            machine=machine,
+                                            devices=snapshot.sections["devices"])
+            if start_paused:
+                # Resuming sets the kvmclock back to this: no time passes for the guest
+                # between the snapshot and its resume.
+                vm._paused_clock = machine.platform.clock.clock
+            entered = False
+            try:
+                async with vm:
+                    entered = True
+                    yield vm
+            except VmStartError as e:
+                if entered or not isinstance(e.error, StateError):
+                    raise
+                error = _renamed(e.error, opened.inside, Path(path))
+                raise type(error)(f"cannot restore {path}: {e.step}: {error}") from e
+        finally:
+            os.close(opened.dirfd)
+
     # -- lifetime -----------------------------------------------------------------------
 
     async def __aenter__(self) -> VirtualMachine:
@@ -395,6 +586,7 @@ class VirtualMachine:
         exception from outside, such as a KeyboardInterrupt) releases it all."""
         config = self.config
         resources = self._resources
+        plan = self._restore_plan
         with self._step("opening /dev/kvm"):
             kvm = Kvm()
             resources.callback(kvm.close)
@@ -419,6 +611,12 @@ class VirtualMachine:
             memory = GuestMemory(config.machine.memory_mib * MIB, name=f"avmm-{self.name}")
             resources.callback(memory.close)
             self.memory = memory
+        if plan is not None:
+            # Before the KVM memory slots exist: the file is mapped over the memory's own
+            # mapping, so every address handed out from here on is the restored RAM.
+            with self._step("loading the snapshot's guest memory"):
+                load_memory(plan.snapshot, memory, copy=plan.copy_memory)
+        with self._step("registering guest memory with KVM"):
             for slot, region in enumerate(memory.regions):
                 vm.set_user_memory_region(slot, region.guest_address, region.size,
                                           memory.host_address(region))
@@ -431,6 +629,38 @@ class VirtualMachine:
                 resources.callback(slot.close)
                 self.virtio_slots.append(slot)
                 self.mmio_bus.insert(slot.transport, placement.base, 0x1000, name=device.name)
+        # A restored VM loads no kernel: its RAM, registers and devices are the saved ones.
+        boot = self._load_kernel(memory) if plan is None else None
+        self._make_legacy_devices(vm)
+        self._make_vcpus(kvm, vm, boot)
+        if plan is not None:
+            self._restore_state(vm, plan)
+
+    def _restore_state(self, vm: Any, plan: _RestorePlan) -> None:
+        """Load the saved state into the freshly built machine, in the order its parts
+        depend on each other: irqchip and PIT, then the vCPUs (restore_machine), then the
+        UART (after the irqchip and its irqfd: it pulses an interrupt it still owes, which
+        a later KVM_SET_IRQCHIP would erase), then the other legacy devices."""
+        with self._step("restoring the machine state (irqchip, PIT, vCPUs)"):
+            restore_machine(vm, self._vcpus, plan.machine)
+        with self._step("restoring the legacy devices' state"):
+            devices = plan.devices
+            if (devices.acpi_sleep is None) != (self._acpi_sleep is None):
+                raise SnapshotError("the saved ACPI sleep device does not match the saved "
+                                    "config's machine.acpi")
+            assert self.uart is not None and self._i8042 is not None
+            assert self._debug_exit is not None and self._boot_timer is not None
+            self.uart.restore_state(devices.serial)
+            self._i8042.restore_state(devices.i8042)
+            self._debug_exit.restore_state(devices.debug_exit)
+            self._boot_timer.restore_state(devices.boot_timer)
+            if self._acpi_sleep is not None and devices.acpi_sleep is not None:
+                self._acpi_sleep.restore_state(devices.acpi_sleep)
+
+    def _load_kernel(self, memory: GuestMemory) -> tuple[Any, ResolvedProfile]:
+        """Put the kernel, initrd, command line and ACPI tables in guest memory; the
+        boot CPU's entry state and the CPU profile chosen."""
+        config = self.config
         profile = resolve_cpu_profile(config.machine.cpu_profile)
         if profile != config.machine.cpu_profile:
             self._log.info("cpu profile chosen", cpu_profile=profile,
@@ -459,6 +689,11 @@ class VirtualMachine:
             del kernel_data, initrd_data
             self._log.info("kernel loaded", kernel=str(config.boot.kernel),
                            acpi_rsdp=kernel_load.log_fields().get("acpi_rsdp"))
+        return kernel_load.cpu, profile
+
+    def _make_legacy_devices(self, vm: Any) -> None:
+        config = self.config
+        resources = self._resources
         with self._step("setting up the serial port"):
             self._serial_port = SerialPort(sink_fds=self._serial_sinks())
             irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -470,36 +705,46 @@ class VirtualMachine:
             resources.callback(self._serial_port.close)
             self.pio_bus.insert(self.uart, COM1_PORT, SERIAL_PORT_COUNT, name="serial0")
         with self._step("setting up the legacy devices"):
-            self.pio_bus.insert(I8042(on_reset=self._on_guest_reset), I8042_BASE_PORT,
-                                I8042_PORT_COUNT, name="i8042")
-            self.pio_bus.insert(DebugExit(on_exit=self._on_debug_exit),
-                                DEBUG_EXIT_DEFAULT_PORT, DEBUG_EXIT_PORT_COUNT,
-                                name="debug-exit")
-            self.pio_bus.insert(BootTimer(on_marker=self._on_boot_marker), BOOT_TIMER_PORT,
-                                BOOT_TIMER_PORT_COUNT, name="boot-timer")
+            self._i8042 = I8042(on_reset=self._on_guest_reset)
+            self.pio_bus.insert(self._i8042, I8042_BASE_PORT, I8042_PORT_COUNT, name="i8042")
+            self._debug_exit = DebugExit(on_exit=self._on_debug_exit)
+            self.pio_bus.insert(self._debug_exit, DEBUG_EXIT_DEFAULT_PORT,
+                                DEBUG_EXIT_PORT_COUNT, name="debug-exit")
+            self._boot_timer = BootTimer(on_marker=self._on_boot_marker)
+            self.pio_bus.insert(self._boot_timer, BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT,
+                                name="boot-timer")
             if config.machine.acpi:
-                self.pio_bus.insert(
-                    AcpiSleep(soft_off_type=S5_SLEEP_TYPE, on_poweroff=self._on_acpi_poweroff),
-                    ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_PORT_COUNT, name="acpi-sleep")
+                self._acpi_sleep = AcpiSleep(soft_off_type=S5_SLEEP_TYPE,
+                                             on_poweroff=self._on_acpi_poweroff)
+                self.pio_bus.insert(self._acpi_sleep, ACPI_SLEEP_CONTROL_PORT,
+                                    ACPI_SLEEP_PORT_COUNT, name="acpi-sleep")
+
+    def _make_vcpus(self, kvm: Kvm, vm: Any, boot: tuple[Any, ResolvedProfile] | None) -> None:
+        """Create every vCPU; with ``boot`` (the kernel's entry state and the CPU profile)
+        set them up to boot, without it leave them blank for a restore to load."""
+        config = self.config
+        resources = self._resources
         supported = None
         for vcpu_id in range(config.machine.vcpus):
             with self._step(f"creating vCPU {vcpu_id}"):
-                if supported is None:
-                    supported = kvm.supported_cpuid()
                 vcpu = vm.create_vcpu(vcpu_id)
                 resources.callback(vcpu.close)
-                vcpu.set_cpuid2(filter_cpuid(
-                    supported, vcpu_id=vcpu_id, vcpu_count=config.machine.vcpus,
-                    profile=profile,
-                    hide=config.machine.hide_cpu_features,
-                ))
-                # The boot CPU starts at the kernel's entry; the others wait in the
-                # kernel for the guest's INIT/SIPI (KVM_RUN sleeps until then).
-                configure_platform_state(vcpu, boot_cpu=vcpu_id == 0)
-                if vcpu_id == 0:
-                    apply_boot_state(vcpu, kernel_load.cpu)
-                else:
-                    wait_for_sipi(vcpu)
+                if boot is not None:
+                    boot_cpu, profile = boot
+                    if supported is None:
+                        supported = kvm.supported_cpuid()
+                    vcpu.set_cpuid2(filter_cpuid(
+                        supported, vcpu_id=vcpu_id, vcpu_count=config.machine.vcpus,
+                        profile=profile,
+                        hide=config.machine.hide_cpu_features,
+                    ))
+                    # The boot CPU starts at the kernel's entry; the others wait in the
+                    # kernel for the guest's INIT/SIPI (KVM_RUN sleeps until then).
+                    configure_platform_state(vcpu, boot_cpu=vcpu_id == 0)
+                    if vcpu_id == 0:
+                        apply_boot_state(vcpu, boot_cpu)
+                    else:
+                        wait_for_sipi(vcpu)
                 self._vcpus.append(vcpu)
                 # The vCPU's C fast path remembers accesses the buses leave unclaimed;
                 # a change of either map makes it forget them.
@@ -827,3 +1072,75 @@ def _set_kvm_clock(vm: Any, value: int) -> None:
     data = _clock_buffer()
     data[0] = value
     ioctl(vm.fd, "KVM_SET_CLOCK", data)
+
+
+# -- snapshot helpers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OpenedSnapshot:
+    """A snapshot read and checked: its directory's fd (the policy's O_PATH fd, through
+    which the memory file is opened later), that fd as a path, its sections and the
+    config it holds."""
+
+    dirfd: int
+    inside: Path
+    snapshot: Snapshot
+    config: VmConfig
+
+
+def _open_snapshot_directory(policy: PathPolicy, path: Path, key: str) -> int:
+    """An O_PATH fd of the directory ``path``, through ``policy``. Outside the allowed
+    directories: :class:`PathNotAllowedError`; any other failure: :class:`SnapshotError`."""
+    try:
+        return policy.open_directory(path, key)
+    except PathNotAllowedError:
+        raise
+    except HostFileError as e:
+        cause = e.__cause__
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e)
+        raise SnapshotError(f"{path}: cannot use this directory: {why}") from None
+
+
+def _open_snapshot(path: Path, policy: PathPolicy,
+                   vhost_user: Mapping[str, str] | None) -> _OpenedSnapshot:
+    """Read and check the snapshot in ``path`` (a worker thread): the state file in full,
+    the memory file's presence and size, the config, and that the parts fit together."""
+    path = Path(os.path.abspath(path))
+    dirfd = _open_snapshot_directory(policy, path, "restore")
+    inside = Path(f"/proc/self/fd/{dirfd}")
+    try:
+        try:
+            snapshot = read_snapshot(inside, SNAPSHOT_SECTIONS)
+            source = str(inside / STATE_FILE_NAME)
+            config = config_from_state(snapshot.sections["config"], source=source,
+                                       vhost_user=vhost_user)
+            machine: MachineState = snapshot.sections["machine"]
+            if len(machine.vcpus) != config.machine.vcpus:
+                raise SnapshotError(f"{source}: {len(machine.vcpus)} saved vCPUs, the saved "
+                                    f"config has {config.machine.vcpus}")
+            if snapshot.memory is None or snapshot.memory.size != config.machine.memory_mib * MIB:
+                raise SnapshotError(f"{source}: the memory file does not hold the saved "
+                                    f"config's {config.machine.memory_mib} MiB of RAM")
+        except SnapshotError as e:
+            raise _renamed(e, inside, path) from None
+        return _OpenedSnapshot(dirfd=dirfd, inside=inside, snapshot=snapshot,
+                               config=dataclasses.replace(config, source=str(path)))
+    except BaseException:
+        os.close(dirfd)
+        raise
+
+
+def _renamed(error: StateError, inside: Path, outside: Path) -> StateError:
+    """``error`` with the /proc/self/fd path of a directory fd shown as the path the
+    user gave (same type, one line)."""
+    text = str(error)
+    if str(inside) not in text:
+        return error
+    return type(error)(text.replace(str(inside), str(outside)))
+
+
+def _has_vhost_user(config: VmConfig) -> bool:
+    return (any(disk.vhost_user is not None for disk in config.disks)
+            or any(net.vhost_user is not None for net in config.nets)
+            or bool(config.vhost_users))

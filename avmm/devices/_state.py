@@ -24,12 +24,12 @@ The convention, followed by every device in :mod:`avmm.devices`:
 
 from __future__ import annotations
 
-from avmm.errors import AvmmError
+from avmm.errors import StateError
 
 __all__ = ["DeviceStateError", "check_bool", "check_bytes", "check_state_class", "check_uint"]
 
 
-class DeviceStateError(AvmmError):
+class DeviceStateError(StateError):
     """A saved device state cannot be restored: it is of another class or version, or a
     field is out of range or of the wrong type (the snapshot is corrupt or not avmm's)."""
 

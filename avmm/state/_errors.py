@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import AvmmError
+from ..errors import StateError
 
 
-class SnapshotError(AvmmError):
+class SnapshotError(StateError):
     """A snapshot cannot be written or read: a missing, truncated or corrupt file, a
     format or state version this avmm does not read, a state that does not fit the VM
     or host it is restored on. ``str()`` is one line naming the file where there is one."""
