@@ -22,7 +22,7 @@ import trio
 
 from .config import load_config
 from .console_keys import EscapeFilter
-from .errors import AvmmError, ConfigError, VmStartError, leaf_errors
+from .errors import AvmmError, ConfigError, StateError, VmStartError, leaf_errors
 from .lifecycle import HOST_FAILURE_STATUS, VmExit
 from .logs import configure_logging
 
@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit_status(error: BaseException) -> int:
-    """2 for bad input (the config, or a file it names that cannot be booted), 6 for a
-    failure of the host or of avmm."""
-    if isinstance(error, ConfigError):
+    """2 for bad input (the config, or a file it names that cannot be booted, or a
+    snapshot that cannot be restored), 6 for a failure of the host or of avmm."""
+    if isinstance(error, ConfigError | StateError):
         return EXIT_USAGE
     if isinstance(error, VmStartError) and error.bad_input:
         return EXIT_USAGE
@@ -70,8 +70,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="least severe log level shown (default: warning)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    up = commands.add_parser("up", help="boot a VM from a vm.toml, serial on this terminal")
-    up.add_argument("config", help="path to the VM's TOML file")
+    up = commands.add_parser("up", help="boot a VM from a vm.toml (or restore one from a "
+                             "snapshot), serial on this terminal")
+    up.add_argument("config", nargs="?", help="path to the VM's TOML file")
+    up.add_argument("--restore", metavar="DIR",
+                    help="restore the VM saved in the snapshot directory DIR instead of "
+                         "booting one (see README: Snapshots)")
+    up.add_argument("--copy-memory", action="store_true",
+                    help="with --restore: copy guest RAM from the snapshot instead of "
+                         "mapping it copy-on-write")
     up.add_argument("--append", default="", metavar="WORDS",
                     help="extra words for the kernel command line")
     up.add_argument("--boot-time", action="store_true",
@@ -93,10 +100,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    config = load_config(args.config)  # before trio starts: blocking is fine here
-    if args.append:
-        config = config.with_cmdline_appended(args.append)
-    vm_exit = trio.run(_run_up, config, args.boot_time)
+    if (args.config is None) == (args.restore is None):
+        print("avmm up: give either a vm.toml or --restore DIR", file=sys.stderr)
+        return EXIT_USAGE
+    if args.restore is not None:
+        if args.append:
+            print("avmm up: --append cannot change a restored VM's kernel command line",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        vm_exit = trio.run(_run_restored, args.restore, args.copy_memory, args.boot_time)
+    else:
+        if args.copy_memory:
+            print("avmm up: --copy-memory goes with --restore", file=sys.stderr)
+            return EXIT_USAGE
+        config = load_config(args.config)  # before trio starts: blocking is fine here
+        if args.append:
+            config = config.with_cmdline_appended(args.append)
+        vm_exit = trio.run(_run_up, config, args.boot_time)
     if vm_exit.failed:
         print(f"avmm: the VM stopped: {vm_exit}", file=sys.stderr)
     return vm_exit.exit_status & 0xFF
@@ -106,18 +126,33 @@ async def _run_up(config: object, boot_time: bool = False) -> VmExit:
     from .vm import VirtualMachine
 
     async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
-        console = vm.config.console
-        interactive = vm.config.serial.mode == "console" or (
-            console is not None and console.mode == "console")
-        with _terminal_input_mode() if interactive else contextlib.nullcontext():
-            async with trio.open_nursery() as nursery:
-                if interactive:
-                    nursery.start_soon(_forward_stdin, vm)
-                if boot_time:
-                    nursery.start_soon(_report_boot_time, vm)
-                result = await vm.wait()
-                nursery.cancel_scope.cancel()
-            return result
+        return await _attend(vm, boot_time)
+
+
+async def _run_restored(directory: str, copy_memory: bool, boot_time: bool) -> VmExit:
+    from .vm import VirtualMachine
+
+    async with VirtualMachine.restore(directory, copy_memory=copy_memory) as vm:
+        return await _attend(vm, boot_time)
+
+
+async def _attend(vm: object, boot_time: bool) -> VmExit:
+    """Run the VM to its end with the console on this terminal (as its config says)."""
+    from .vm import VirtualMachine
+
+    assert isinstance(vm, VirtualMachine)
+    console = vm.config.console
+    interactive = vm.config.serial.mode == "console" or (
+        console is not None and console.mode == "console")
+    with _terminal_input_mode() if interactive else contextlib.nullcontext():
+        async with trio.open_nursery() as nursery:
+            if interactive:
+                nursery.start_soon(_forward_stdin, vm)
+            if boot_time:
+                nursery.start_soon(_report_boot_time, vm)
+            result = await vm.wait()
+            nursery.cancel_scope.cancel()
+        return result
 
 
 async def _report_boot_time(vm: object) -> None:
