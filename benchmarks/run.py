@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
 Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot. Every figure is
-measured here and now: for each of R runs (5 by default, 3 for snapshot, 2 with --quick)
+measured here and now: for each of R runs (5 by default, 2 with --quick)
 avmm and QEMU are measured back to back as a pair. Each figure reports both medians, their
 ratio avmm/QEMU, and the range of the per-pair ratios. The figures fall in three parts
 (benchmarks.common.PARTS): per operation (like for like), whole processes (``avmm up`` vs
@@ -80,15 +80,13 @@ class Params:
     memory_vms: tuple[int, ...]  # VMs in one process, each > 1, for the per-VM figures
     blk_image_mib: int = 64
     snapshot_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the snapshot group
-    # Fewer runs than the rest: a touched 1 GiB guest costs seconds per save and restore.
-    snapshot_runs: int = 3
 
 
 FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
               blk_vhost_n={1: 10000, 32: 40000}, net_n=50000, churn_s=2.0, memory_vms=(10, 50))
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
                blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
-               snapshot_mib=(16,), snapshot_runs=2)
+               snapshot_mib=(16,))
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
@@ -500,7 +498,7 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "net": lambda p: bench_net(p.runs, p.net_n),
     "churn": bench_churn,
     "memory": bench_memory,
-    "snapshot": lambda p: bench_snapshot(p.snapshot_runs, p.snapshot_mib),
+    "snapshot": lambda p: bench_snapshot(p.runs, p.snapshot_mib),
 }
 
 
@@ -510,14 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few runs, small N (smoke test)")
     parser.add_argument("--only", action="append", choices=sorted(GROUPS), metavar="GROUP",
                         help=f"run only these groups ({', '.join(GROUPS)}); repeatable")
-    parser.add_argument("--runs", type=int,
-                        help="runs per figure (default 5, snapshot 3; --quick 2)")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 5, --quick 2)")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "bench",
                         help="directory for the JSON (default build/bench)")
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
     if args.runs:
-        params = Params(**{**params.__dict__, "runs": args.runs, "snapshot_runs": args.runs})
+        params = Params(**{**params.__dict__, "runs": args.runs})
     quiet_logging()
     # Taken before the run: the commit measured is the one checked out when it started.
     origin = provenance()
