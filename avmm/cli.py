@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--restore", metavar="DIR",
                     help="restore the VM saved in the snapshot directory DIR instead of "
                          "booting one (see README: Snapshots)")
+    up.add_argument("--vhost-user", action="append", default=[], metavar="NAME=SOCKET",
+                    help="with --restore: connect the vhost-user device NAME (blk0, net0, "
+                         "vhost0, ...) to the back-end at SOCKET instead of the saved one "
+                         "(repeatable)")
     up.add_argument("--copy-memory", action="store_true",
                     help="with --restore: copy guest RAM from the snapshot instead of "
                          "mapping it copy-on-write")
@@ -108,10 +112,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print("avmm up: --append cannot change a restored VM's kernel command line",
                   file=sys.stderr)
             return EXIT_USAGE
-        vm_exit = trio.run(_run_restored, args.restore, args.copy_memory, args.boot_time)
+        sockets = {}
+        for item in args.vhost_user:
+            name, equals, socket_path = item.partition("=")
+            if not equals or not name or not socket_path:
+                print(f"avmm up: --vhost-user {item!r}: write NAME=SOCKET, e.g. "
+                      "blk0=/run/blk.sock", file=sys.stderr)
+                return EXIT_USAGE
+            sockets[name] = socket_path
+        vm_exit = trio.run(_run_restored, args.restore, args.copy_memory, sockets,
+                           args.boot_time)
     else:
-        if args.copy_memory:
-            print("avmm up: --copy-memory goes with --restore", file=sys.stderr)
+        if args.copy_memory or args.vhost_user:
+            print("avmm up: --copy-memory and --vhost-user go with --restore",
+                  file=sys.stderr)
             return EXIT_USAGE
         config = load_config(args.config)  # before trio starts: blocking is fine here
         if args.append:
@@ -129,10 +143,12 @@ async def _run_up(config: object, boot_time: bool = False) -> VmExit:
         return await _attend(vm, boot_time)
 
 
-async def _run_restored(directory: str, copy_memory: bool, boot_time: bool) -> VmExit:
+async def _run_restored(directory: str, copy_memory: bool, sockets: dict[str, str],
+                        boot_time: bool) -> VmExit:
     from .vm import VirtualMachine
 
-    async with VirtualMachine.restore(directory, copy_memory=copy_memory) as vm:
+    async with VirtualMachine.restore(directory, copy_memory=copy_memory,
+                                      vhost_user=sockets) as vm:
         return await _attend(vm, boot_time)
 
 

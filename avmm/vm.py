@@ -92,13 +92,14 @@ from .state.snapshot import STATE_FILE_NAME
 from .state.vm_state import (
     ConfigState,
     LegacyDevicesState,
+    VirtioDevicesState,
     config_from_state,
     config_to_state,
 )
 from .threads import run_in_own_thread
 from .vcpu_loop import PauseControl, VcpuLoop
 from .virtio.device import DeviceId, PauseGate, VirtioDevice
-from .vm_virtio import VIRTIO_MMIO_WINDOW, VirtioMmioSlot, placements
+from .vm_virtio import VIRTIO_MMIO_WINDOW, VirtioMmioSlot, VirtioSlotState, placements
 from .x86_vcpu import apply_boot_state, configure_platform_state, wait_for_sipi
 
 log = structlog.get_logger(__name__)
@@ -113,6 +114,7 @@ SNAPSHOT_SECTIONS: dict[str, Any] = {
     "config": ConfigState,
     "machine": MachineState,
     "devices": LegacyDevicesState,
+    "virtio": VirtioDevicesState,
 }
 
 
@@ -124,6 +126,7 @@ class _RestorePlan:
     copy_memory: bool
     machine: MachineState
     devices: LegacyDevicesState
+    virtio: list[VirtioSlotState]
 
 
 class VirtualMachine:
@@ -264,12 +267,15 @@ class VirtualMachine:
             await self._state_event.wait()
 
     async def pause(self) -> None:
-        """Pause a running VM: every vCPU leaves KVM_RUN and waits in its thread, and the
-        device tasks take no new requests (requests already taken finish). Returns once
-        every vCPU is parked.
+        """Pause a running VM: every vCPU leaves KVM_RUN and waits in its thread, then
+        every device stops (:meth:`VirtioMmioSlot.pause`: requests in flight finish,
+        chains taken are given back, vhost-user rings are stopped with GET_VRING_BASE).
+        Returns once the VM is quiescent: nothing writes guest memory or raises an
+        interrupt until :meth:`resume`.
 
         :raises VmStateError: the VM is not running (already paused, starting, stopped),
             or it stopped while being paused.
+        :raises DevicePauseError: a device could not be stopped; the VM runs on.
         """
         async with self._control_lock:
             state = self.state
@@ -282,8 +288,16 @@ class VirtualMachine:
                 vcpu.kick()
             try:
                 await self._wait_parked()
+                # The vCPUs are parked: no driver can kick, reset or activate a device
+                # while the device tasks stop.
+                for slot in self.virtio_slots:
+                    await slot.pause()
             except BaseException:
-                # Cancelled or stopped half-way: let the vCPUs that parked go on.
+                # Cancelled, stopped or a device that did not stop, half-way: let
+                # everything that paused go on.
+                with trio.CancelScope(shield=True):
+                    for slot in self.virtio_slots:
+                        await slot.resume()
                 self._pause.resume()
                 self._gate.open()
                 raise
@@ -293,7 +307,9 @@ class VirtualMachine:
         self._log.info("vm paused")
 
     async def resume(self) -> None:
-        """Let a paused VM go on exactly where it stopped.
+        """Let a paused VM go on exactly where it stopped: the devices serve on from
+        their queues' positions (vhost-user: SET_VRING_BASE with the saved position),
+        then the vCPUs run.
 
         :raises VmStateError: the VM is not paused.
         """
@@ -302,6 +318,9 @@ class VirtualMachine:
             if state is not VmState.PAUSED:
                 raise VmStateError(f"VM {self.name!r} is {state.value}; only a paused VM "
                                    "can be resumed")
+            self._gate.open()
+            for slot in self.virtio_slots:
+                await slot.resume()
             self._continue()
         self._log.info("vm resumed")
 
@@ -314,8 +333,6 @@ class VirtualMachine:
         self._paused = False
         self._pause.resume()
         self._gate.open()
-        for slot in self.virtio_slots:
-            slot.resumed()
         self._state_changed()
 
     async def _wait_parked(self) -> None:
@@ -370,16 +387,14 @@ class VirtualMachine:
             if state is not VmState.PAUSED:
                 raise VmStateError(f"VM {self.name!r} is {state.value}; only a paused VM "
                                    "can be snapshotted (pause it first)")
-            if self.virtio_slots:
-                raise SnapshotError(
-                    f"VM {self.name!r} has virtio devices "
-                    f"({', '.join(slot.device.name for slot in self.virtio_slots)}), which "
-                    "this avmm cannot snapshot yet")
-            # The devices change only on vCPU threads (parked) and on this thread: their
-            # state is taken here, the blocking part (KVM ioctls, files) in a worker.
+            # The devices change only on vCPU threads (parked) and on this thread (the
+            # virtio device tasks are stopped while paused): their state is taken here,
+            # the blocking part (KVM ioctls, files) in a worker.
             sections: dict[str, Any] = {
                 "config": config_to_state(self.config),
                 "devices": self._save_legacy_devices(),
+                "virtio": VirtioDevicesState(
+                    slots=[slot.save_state() for slot in self.virtio_slots]),
             }
             info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections)
         self._log.info("vm snapshotted", path=str(info.path), bytes_state=info.bytes_state,
@@ -480,7 +495,8 @@ class VirtualMachine:
             machine: MachineState = snapshot.sections["machine"]
             vm._restore_plan = _RestorePlan(snapshot=snapshot, copy_memory=copy,
                                             machine=machine,
-                                            devices=snapshot.sections["devices"])
+                                            devices=snapshot.sections["devices"],
+                                            virtio=snapshot.sections["virtio"].slots)
             if start_paused:
                 # Resuming sets the kvmclock back to this: no time passes for the guest
                 # between the snapshot and its resume.
@@ -521,6 +537,11 @@ class VirtualMachine:
             try:
                 with self._step("starting the device tasks"):
                     await nursery.start(self._run_devices)
+                    if self._restore_plan is not None and not self._start_paused:
+                        # Restored slots are paused (restore_state): serve them from
+                        # their saved positions before the vCPUs run.
+                        for slot in self.virtio_slots:
+                            await slot.resume()
             except BaseException:
                 nursery.cancel_scope.cancel()
                 raise
@@ -656,6 +677,15 @@ class VirtualMachine:
             self._boot_timer.restore_state(devices.boot_timer)
             if self._acpi_sleep is not None and devices.acpi_sleep is not None:
                 self._acpi_sleep.restore_state(devices.acpi_sleep)
+        with self._step("restoring the virtio devices' state"):
+            saved = [state.name for state in plan.virtio]
+            built = [slot.device.name for slot in self.virtio_slots]
+            if saved != built:
+                raise SnapshotError(f"the snapshot holds the virtio devices {saved}, its "
+                                    f"config makes {built}")
+            # Each slot stays paused: the VM's start (or resume) serves it from there.
+            for slot, state in zip(self.virtio_slots, plan.virtio, strict=True):
+                slot.restore_state(state)
 
     def _load_kernel(self, memory: GuestMemory) -> tuple[Any, ResolvedProfile]:
         """Put the kernel, initrd, command line and ACPI tables in guest memory; the

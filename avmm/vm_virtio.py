@@ -16,20 +16,24 @@ every in-process device is paused and counted the same way, whatever loop it run
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, ClassVar, cast
 
 import structlog
 import trio
 
-from .errors import GuestMemoryError
+from .devices._state import DeviceStateError
+from .errors import AvmmError, GuestMemoryError, VmStateError
 from .eventfd import signal_eventfd
 from .kvm import Vm
 from .lifecycle import DeviceMetrics
 from .memory import MemoryAccess
+from .state._errors import SnapshotError
+from .state.codec import U32, decode, encode
 from .virtio.device import (
     COMMON_FEATURES,
     DeviceId,
@@ -37,8 +41,8 @@ from .virtio.device import (
     PauseGate,
     VirtioDevice,
 )
-from .virtio.mmio import MmioTransport, TransportCallbacks
-from .virtio.queue import DescriptorChain, QueueState, VirtQueue
+from .virtio.mmio import MmioTransport, MmioTransportState, TransportCallbacks
+from .virtio.queue import DescriptorChain, QueueError, QueueState, VirtQueue
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +59,35 @@ RESET_TIMEOUT_S = 10.0
 
 _DEVICE_KINDS = {DeviceId.BLOCK: "blk", DeviceId.NET: "net", DeviceId.CONSOLE: "console",
                  DeviceId.ENTROPY: "rng"}
+
+
+class DevicePauseError(AvmmError):
+    """A device could not be stopped for a pause: its task did not end in time, or a
+    vhost-user back-end did not confirm that its rings stopped."""
+
+
+@dataclass(frozen=True)
+class VirtioSlotState:
+    """One virtio-mmio device in a snapshot: the transport's registers and queue
+    positions, and the device's own state.
+
+    The device's state is stored as the codec's bytes of the device's own state class
+    (``device.state_class``, a record carrying its name and STATE_VERSION), not as a
+    field of a union of every device's class: the slot state then decodes without
+    knowing which devices exist (a custom or vhost-user device adds its class without
+    touching this one), and :meth:`VirtioMmioSlot.restore_state` decodes the bytes
+    with the class of the device it restores into, which refuses a record of another
+    device or version with one line.
+    """
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    #: The device's name ("blk0") and virtio device ID, checked on restore.
+    name: str
+    device_id: U32
+    transport: MmioTransportState
+    #: ``codec.encode(device.save_state())``.
+    device_state: bytes
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,9 @@ class VirtioMmioSlot:
         self._token = token
         self._log = log.bind(device=device.name)
         self._nursery: trio.Nursery | None = None
+        # Paused (see pause()): the device task is stopped and does not start until
+        # resume(), whatever the driver does (it cannot: the vCPUs are parked).
+        self._paused = False
         self._scope: trio.CancelScope | None = None
         self._stopped: trio.Event | None = None
         # Set while no device task runs; read by vCPU threads polling a pending reset.
@@ -129,8 +165,148 @@ class VirtioMmioSlot:
             raise
 
     def attach(self, nursery: trio.Nursery) -> None:
-        """The nursery device tasks run in (the VM's, cancelled when the VM stops)."""
+        """The nursery device tasks run in (the VM's, cancelled when the VM stops). A
+        restored slot that was resumed before (or a restored transport of a slot that
+        is not paused) starts serving here."""
         self._nursery = nursery
+        if not self._paused and self.transport.activated:
+            self._start()
+
+    # -- pause, resume, snapshots (event-loop thread) ------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """Stop the device and return once nothing of it writes guest memory or raises
+        the interrupt: the device task is cancelled and waited for (a request in flight
+        finishes first; blk completes the batch it started), every chain it took and
+        did not return is given back to the driver (:meth:`VirtQueue.give_back`), and a
+        vhost-user device's ``run`` has stopped its rings with GET_VRING_BASE, whose
+        answers are the queues' positions. A pause is not a reset: registers, queue
+        state and the device's own state stay, and :meth:`resume` serves on from there.
+        Idempotent.
+
+        :raises DevicePauseError: the device did not stop within
+            :data:`RESET_TIMEOUT_S` or cannot confirm that it stopped; the slot counts
+            as paused anyway (nothing will be started), so the caller may resume it.
+        """
+        if self._paused:
+            return
+        self._paused = True
+        stopped = await self._stop_and_wait(why="pause")
+        self._give_back_chains()
+        if not stopped:
+            raise DevicePauseError(
+                f"{self.device.name}: the device did not stop within {RESET_TIMEOUT_S:g} s "
+                "or cannot confirm that it stopped writing guest memory")
+
+    async def resume(self) -> None:
+        """Serve again after :meth:`pause` or :meth:`restore_state`, from the positions
+        the queues record, if the driver had activated the device (vhost-user: ``run``
+        replays SET_VRING_BASE with the saved position, the kick and call eventfds and
+        SET_VRING_ENABLE). Before :meth:`attach` it only records the wish; attach
+        starts the task. Idempotent."""
+        if not self._paused:
+            return
+        self._paused = False
+        await trio.lowlevel.checkpoint()
+        if self.transport.activated:
+            self._start()
+        # Buffers the driver made available while paused were not taken, and the
+        # driver will not notify them again: a kick per queue makes the device look.
+        self.resumed()
+
+    def save_state(self) -> VirtioSlotState:
+        """The slot's state (only while paused, so that no position moves on).
+
+        :raises VmStateError: the slot is not paused.
+        :raises DeviceStateError: the device cannot be saved.
+        """
+        if not self._paused or not self._idle.is_set():
+            raise VmStateError(f"{self.device.name}: pause the device before saving it")
+        transport = self.transport.save_state()
+        if self.external:
+            transport = self._with_used_positions(transport)
+        device_state = self.device.save_state()
+        state_class = self.device.state_class
+        if state_class is None or type(device_state) is not state_class:
+            raise DeviceStateError(
+                f"{self.device.name}: save_state returned a {type(device_state).__name__}, "
+                f"its state_class is {getattr(state_class, '__name__', None)}")
+        return VirtioSlotState(name=self.device.name, device_id=int(self.device.device_id),
+                               transport=transport, device_state=encode(device_state))
+
+    def restore_state(self, state: VirtioSlotState) -> None:
+        """Load ``state`` into this freshly built slot (guest memory already holds the
+        saved contents), before the device is served: everything is checked first, and
+        a state that does not fit raises DeviceStateError (TransportStateError for the
+        transport's part) with one line. The slot is paused afterwards: :meth:`resume`
+        (VirtualMachine.resume()) starts serving from the restored positions.
+        """
+        name = self.device.name
+        if type(state) is not VirtioSlotState:
+            raise DeviceStateError(f"{name}: expected a VirtioSlotState, got "
+                                   f"{type(state).__name__}")
+        if state.device_id != int(self.device.device_id):
+            raise DeviceStateError(f"{name}: the saved device has virtio device ID "
+                                   f"{state.device_id!r:.20}, this one "
+                                   f"{int(self.device.device_id)}")
+        if self._scope is not None:
+            raise DeviceStateError(f"{name}: cannot restore a device that is being served")
+        state_class = self.device.state_class
+        if state_class is None:
+            raise DeviceStateError(f"{name}: a {type(self.device).__name__} cannot be "
+                                   "restored from a snapshot")
+        if not isinstance(state.device_state, bytes):
+            raise DeviceStateError(f"{name}: the device state is not bytes")
+        try:
+            device_state: Any = decode(state.device_state, state_class, path=name)
+        except SnapshotError as e:
+            raise DeviceStateError(str(e)) from None
+        # The transport checks all of its part before it changes anything; the device
+        # then checks its own before changing anything. A device that refuses after the
+        # transport took its state leaves a slot nobody serves: restore is all or
+        # nothing for the VM, which is thrown away on any error.
+        self.transport.restore_state(state.transport)
+        self.device.restore_state(device_state)
+        self._paused = True
+
+    def _give_back_chains(self) -> None:
+        """After the device task stopped: every chain taken and not returned goes back
+        to the driver, so the queue state alone says where the device is."""
+        if self.external:
+            return  # the back-end's GET_VRING_BASE answer is its position
+        memory = self.transport.memory
+        for index, queue in enumerate(self.transport.queues):
+            if not queue.state.ready:
+                continue
+            try:
+                untaken, returned = queue.give_back(memory)
+                if returned and queue.should_notify(memory):
+                    self.transport.signal_used()
+            except QueueError as e:
+                self.transport.set_needs_reset(f"queue {index}: {e}")
+                continue
+            if untaken or returned:
+                self._log.debug("chains given back on pause", queue=index,
+                                untaken=untaken, returned_empty=returned)
+
+    def _with_used_positions(self, state: MmioTransportState) -> MmioTransportState:
+        """vhost-user: the back-end, not the front-end, moves the used idx; record the
+        one in guest memory as ``next_used`` so the saved queue says both positions."""
+        memory = self.transport.memory
+        queues = []
+        for saved in state.queues:
+            if saved.ready:
+                try:
+                    saved = dataclasses.replace(
+                        saved, next_used=memory.read_u16(saved.used_ring + 2))
+                except GuestMemoryError:
+                    pass
+            queues.append(saved)
+        return dataclasses.replace(state, queues=queues)
 
     def resumed(self) -> None:
         """The VM was resumed (event-loop thread): make the device look at its rings.
@@ -236,14 +412,14 @@ class VirtioMmioSlot:
     # -- event-loop side ----------------------------------------------------------------
 
     def _start(self) -> None:
-        if self._nursery is None or self._scope is not None:
+        if self._nursery is None or self._scope is not None or self._paused:
             return
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
         self._idle.clear()
         self._nursery.start_soon(self._serve, self._scope, self._stopped)
 
-    async def _stop_and_wait(self) -> bool:
+    async def _stop_and_wait(self, why: str = "reset") -> bool:
         """Cancel the device task and wait for it; whether the device has stopped."""
         scope, stopped = self._scope, self._stopped
         if scope is not None and stopped is not None:
@@ -251,7 +427,7 @@ class VirtioMmioSlot:
             with trio.move_on_after(RESET_TIMEOUT_S):
                 await stopped.wait()
             if not stopped.is_set():
-                self._log.warning("device did not stop within the reset timeout; the reset "
+                self._log.warning(f"device did not stop within the timeout; the {why} "
                                   "completes once it has", timeout_s=RESET_TIMEOUT_S)
                 return False
         # The transport resets the rings next: a last look at how far a back-end got.
@@ -259,7 +435,7 @@ class VirtioMmioSlot:
         reason = self._unstopped_reason()
         if reason is not None:
             self._log.warning("device cannot confirm that it stopped writing guest memory; "
-                              "the reset completes once it can", reason=reason)
+                              f"the {why} completes once it can", reason=reason)
             return False
         return True
 

@@ -43,6 +43,7 @@ from ..devices.boot_timer import BootTimerState
 from ..devices.debug_exit import DebugExitState
 from ..devices.i8042 import I8042State
 from ..devices.serial import Serial8250State
+from ..vm_virtio import VirtioSlotState
 from ._errors import SnapshotError
 from .codec import U32
 
@@ -130,6 +131,15 @@ class LegacyDevicesState:
     debug_exit: DebugExitState
     boot_timer: BootTimerState
     acpi_sleep: AcpiSleepState | None
+
+
+@dataclass(frozen=True)
+class VirtioDevicesState:
+    """Every virtio-mmio slot's state (transport and device), in placement order."""
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    slots: list[VirtioSlotState]
 
 
 def _str(path: Path | None) -> str | None:

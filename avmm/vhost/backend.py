@@ -95,6 +95,7 @@ from typing import Any
 import structlog
 import trio
 
+from ..devices._state import DeviceStateError
 from ..errors import AvmmError, GuestAddressError
 from ..eventfd import signal_eventfd, wait_eventfd
 from ..memory import MemoryAccess
@@ -107,10 +108,16 @@ from ..virtio.device import (
     VirtioDevice,
 )
 from ..virtio.queue import VirtQueue
+from .device_state import MAX_DEVICE_STATE_SIZE, load_backend_state, save_backend_state
 from .protocol import (
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_NO_FD,
+    DEVICE_STATE_PHASE_STOPPED,
+    DEVICE_STATE_SAVE,
     EVENTFD_LINK,
     MAX_CONFIG_SIZE,
     REPLY_BODIES,
+    STATUS_REPLIES,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_INDEX_MASK,
     VRING_NOFD,
@@ -137,8 +144,11 @@ __all__ = [
 #: Protocol features this back-end offers.
 OFFERED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
-    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD) | (1 << ProtocolFeature.DEVICE_STATE)
 )
+#: How long a device state transfer (SET_DEVICE_STATE_FD until end-of-file) may take,
+#: and how long CHECK_DEVICE_STATE waits for one still under way.
+TRANSFER_TIMEOUT_S = 10.0
 #: How long stopping a device may take before the connection is given up on.
 STOP_TIMEOUT_S = 10.0
 #: The most a front-end may take per message until its handshake is done, and for any
@@ -432,6 +442,17 @@ class _WithFds:
 
 
 @dataclass
+class _Transfer:
+    """A device state transfer (SET_DEVICE_STATE_FD) and, once ``done``, its outcome."""
+
+    direction: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    error: str | None = None
+    size: int = 0
+
+
+@dataclass
 class _RunningDevice:
     scope: trio.CancelScope
     stopped: trio.Event = field(default_factory=trio.Event)
@@ -489,6 +510,8 @@ class _Session:
         self._start_refused_logged: dict[tuple[Request, int | None], str] = {}
         #: The handshake requests not seen yet (see the module docstring).
         self.handshake_missing = {Request.SET_OWNER, Request.GET_FEATURES}
+        #: The device state transfer under way or last finished (DEVICE_STATE).
+        self.transfer: _Transfer | None = None
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -520,6 +543,7 @@ class _Session:
                 message.close_fds()
 
     async def close(self) -> None:
+        self._abort_transfer()
         try:
             with trio.CancelScope(shield=True):
                 await self.stop_device()
@@ -731,12 +755,16 @@ class _Session:
             # The reply has a body of its own; there is no way to say "failed".
             raise VhostProtocolError(str(refusal)) from refusal
         log.warning("request refused", request=request.name, reason=str(refusal),
-                    answered=acked or request is Request.GET_CONFIG)
+                    answered=acked or request is Request.GET_CONFIG
+                    or request in STATUS_REPLIES)
         if key is not None:
             self.refused[key] = str(refusal)
         if request is Request.GET_CONFIG:
             await self._reply(message, None)  # vhost-user.rst: empty payload = error
-        elif acked:
+        elif request is Request.SET_DEVICE_STATE_FD:
+            # An error never comes with an fd of ours.
+            await self._reply(message, _REFUSED | DEVICE_STATE_NO_FD)
+        elif request in STATUS_REPLIES or acked:
             await self._reply(message, _REFUSED)
 
     async def _on_set_owner(self, message: Message) -> None:
@@ -984,6 +1012,122 @@ class _Session:
         self._forget_inflight()
         self.inflight = (mapping, memoryview(mapping)[delta:delta + needed],
                          area.queue_size, area.num_queues)
+
+    # -- device state (DEVICE_STATE) ----------------------------------------------------
+
+    async def _on_set_device_state_fd(self, message: Message) -> int:
+        """Start a transfer of the device's state through the fd sent (see the module
+        docstring); answered at once, the bytes flow in a task of their own."""
+        params = message.payload
+        if params.direction not in (DEVICE_STATE_SAVE, DEVICE_STATE_LOAD):
+            raise VhostRequestRefused(f"unknown device state transfer direction "
+                                      f"{params.direction}")
+        if params.phase != DEVICE_STATE_PHASE_STOPPED:
+            raise VhostRequestRefused(f"unknown migration phase {params.phase} (only "
+                                      "0, the device stopped, is supported)")
+        if len(message.fds) != 1:
+            raise VhostRequestRefused(f"SET_DEVICE_STATE_FD with {len(message.fds)} fds")
+        try:
+            mode = os.fstat(message.fds[0]).st_mode
+        except OSError as e:
+            raise VhostRequestRefused(f"SET_DEVICE_STATE_FD: unusable fd: {e}") from e
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise VhostRequestRefused("SET_DEVICE_STATE_FD: the fd is not a pipe or a "
+                                      "socket")
+        if self.running is not None:
+            raise VhostRequestRefused("device state transfer while the rings run (stop "
+                                      "them with GET_VRING_BASE first)")
+        self._abort_transfer()
+        data = b""
+        if params.direction == DEVICE_STATE_SAVE:
+            try:
+                data = save_backend_state(self.device, self.features
+                                          & ~VHOST_USER_F_PROTOCOL_FEATURES)
+            except (TypeError, ValueError) as e:
+                # A device whose state does not fit its declaration: a bug, said once.
+                raise VhostRequestRefused(f"cannot save the device state: {e}") from e
+        fd = message.fds.pop()
+        transfer = _Transfer(params.direction)
+        self.transfer = transfer
+        self.nursery.start_soon(self._transfer, transfer, fd, data)
+        log.info("device state transfer started",
+                 direction="save" if params.direction == DEVICE_STATE_SAVE else "load")
+        return DEVICE_STATE_NO_FD  # success, and we use the front-end's channel
+
+    async def _transfer(self, transfer: _Transfer, fd: int, data: bytes) -> None:
+        """Write ``data`` (save) or read the state up to end-of-file and apply it
+        (load), within :data:`TRANSFER_TIMEOUT_S`; the outcome goes to ``transfer``."""
+        stream = trio.lowlevel.FdStream(fd)
+        try:
+            with transfer.scope:
+                with trio.move_on_after(TRANSFER_TIMEOUT_S) as timeout:
+                    if transfer.direction == DEVICE_STATE_SAVE:
+                        await stream.send_all(data)
+                        transfer.size = len(data)
+                    else:
+                        data = await self._read_state(stream, transfer)
+                if timeout.cancelled_caught:
+                    transfer.error = (f"the front-end did not finish the transfer within "
+                                      f"{TRANSFER_TIMEOUT_S:g} s")
+                if transfer.scope.cancelled_caught and transfer.error is None:
+                    transfer.error = "aborted by a new transfer or the front-end leaving"
+            if transfer.error is None and transfer.direction == DEVICE_STATE_LOAD:
+                self._apply_state(transfer, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            transfer.error = f"the transfer channel failed: {e}"
+        finally:
+            with contextlib.suppress(OSError):
+                stream.close()
+            transfer.done.set()
+
+    @staticmethod
+    async def _read_state(stream: Any, transfer: _Transfer) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return b"".join(chunks)
+            transfer.size += len(chunk)
+            if transfer.size > MAX_DEVICE_STATE_SIZE:
+                transfer.error = (f"the front-end sent more than {MAX_DEVICE_STATE_SIZE} "
+                                  "bytes of device state")
+                return b""
+            chunks.append(chunk)
+
+    def _apply_state(self, transfer: _Transfer, data: bytes) -> None:
+        if self.running is not None:
+            transfer.error = "the rings were started before the state was loaded"
+            return
+        try:
+            load_backend_state(self.device, data, self.offered_features)
+        except DeviceStateError as e:
+            transfer.error = str(e)
+
+    async def _on_check_device_state(self, message: Message) -> int:
+        """0 once the last transfer completed (and, loading, the state was applied);
+        1 otherwise, with the reason logged."""
+        transfer = self.transfer
+        if transfer is None:
+            log.warning("device state check without a transfer")
+            return _REFUSED
+        with trio.move_on_after(TRANSFER_TIMEOUT_S):
+            await transfer.done.wait()
+        if not transfer.done.is_set():
+            self._abort_transfer()
+            transfer.error = "the transfer did not finish in time"
+        self.transfer = None
+        direction = "save" if transfer.direction == DEVICE_STATE_SAVE else "load"
+        if transfer.error is not None:
+            log.warning("device state transfer failed", direction=direction,
+                        reason=transfer.error)
+            return _REFUSED
+        log.info("device state transferred", direction=direction, size=transfer.size)
+        return 0
+
+    def _abort_transfer(self) -> None:
+        transfer = self.transfer
+        if transfer is not None and not transfer.done.is_set():
+            transfer.scope.cancel()
 
 
 def _fd_kind(fd: int) -> str:

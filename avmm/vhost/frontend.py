@@ -64,9 +64,45 @@ connection, keeps that fd (with its size and offset) and hands it back with
 SET_INFLIGHT_FD before the rings on every bring-up; a driver reset forgets it (the rings
 start afresh, so must the record).
 
-Ring base after a reconnect (no GET_VRING_BASE is possible: the old back-end is gone).
-SET_VRING_BASE gets the ``idx`` of the used ring, read from guest memory: the number of
-chains the driver has been given back. With INFLIGHT_SHMFD the back-end does not trust
+Snapshots (issue 12). :meth:`VhostUserDevice.save_state` returns a
+:class:`VhostUserFrontendState`: the features the back-end offered, the driver was
+offered and the front-end last set, the protocol features, the queue count and sizes,
+the config space the driver reads, the inflight record's bytes (INFLIGHT_SHMFD) and the
+back-end's own device state (VHOST_USER_PROTOCOL_F_DEVICE_STATE, acked where offered;
+None otherwise, e.g. qemu-storage-daemon). Ring addresses and positions are the
+transport's queue state, and nothing names the socket, so a restore may use another.
+
+* Save. The back-end's state can only be taken while its rings are stopped and the
+  connection is up, so it is taken on the way down: when ``run`` is cancelled (the
+  slot's ``pause()``, a driver reset, a VM stop) the rings are stopped with
+  GET_VRING_BASE (their positions go into the queue state) and then, with DEVICE_STATE,
+  :meth:`VhostUserDevice.fetch_device_state` runs SET_DEVICE_STATE_FD (save) with the
+  write end of a pipe, reads to end-of-file (at most
+  :data:`~avmm.vhost.device_state.MAX_DEVICE_STATE_SIZE` bytes) and asks
+  CHECK_DEVICE_STATE, all within :data:`STATE_TIMEOUT_S` and without blocking the event
+  loop. The bytes are kept for ``save_state``, which a VM calls while paused and which
+  needs no I/O. A back-end that refuses is kept (``save_state`` then raises
+  DeviceStateError with its answer); one that hangs, floods the pipe or answers out of
+  step is dropped (its rings are already stopped) and the next ``run`` reconnects with
+  the exact ring positions GET_VRING_BASE gave. Starting the rings again makes the
+  kept state stale: ``save_state`` refuses it until the next stop.
+* Restore. The VM builds the device as usual (connect and handshake to the socket its
+  config names now), then calls ``restore_state`` before the device task starts. It
+  checks that this back-end offers every feature and protocol feature the snapshot
+  negotiated, the same queue count and sizes and (blk) the same config space, and
+  refuses with one DeviceStateError line otherwise; then, with a saved back-end state,
+  runs SET_DEVICE_STATE_FD (load), writes the bytes into the pipe, closes it and asks
+  CHECK_DEVICE_STATE (on the blocking socket, like the handshake: at most
+  :data:`STATE_TIMEOUT_S`). A saved inflight record is re-created in a sealed memfd and
+  handed over with SET_INFLIGHT_FD at the first bring-up. The first ``run`` then starts
+  the rings with SET_VRING_BASE from the restored queue state (the positions
+  GET_VRING_BASE gave at the save), not from the used ring.
+
+Ring base after a reconnect (no GET_VRING_BASE is possible: the old back-end is gone;
+where the rings had been stopped with GET_VRING_BASE before the connection went, the
+queue state's positions are exact and are used instead). SET_VRING_BASE gets the
+``idx`` of the used ring, read from guest memory: the number of chains the driver has
+been given back. With INFLIGHT_SHMFD the back-end does not trust
 that value blindly: it reconciles its record with the used ring (a chain whose used
 entry was published just before the crash is no longer in flight), resubmits the chains
 still marked in flight, oldest first, and continues taking new chains from used idx +
@@ -83,19 +119,25 @@ of order may return a chain twice or never, so such back-ends need INFLIGHT_SHMF
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import select
 import socket
+import stat
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import structlog
 import trio
 
+from ..devices._state import DeviceStateError, check_state_class
 from ..errors import AvmmError
 from ..eventfd import wait_eventfd
+from ..state.codec import U16, U32, U64
 from ..virtio.device import (
     VIRTIO_F_VERSION_1,
     DeviceContext,
@@ -103,7 +145,13 @@ from ..virtio.device import (
     DeviceNeedsReset,
     VirtioDevice,
 )
+from .device_state import MAX_DEVICE_STATE_SIZE
 from .protocol import (
+    DEVICE_STATE_ERROR_MASK,
+    DEVICE_STATE_LOAD,
+    DEVICE_STATE_NO_FD,
+    DEVICE_STATE_PHASE_STOPPED,
+    DEVICE_STATE_SAVE,
     MAX_CONFIG_SIZE,
     VHOST_USER_F_PROTOCOL_FEATURES,
     Message,
@@ -120,7 +168,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["HANDSHAKE_TIMEOUT_S", "VhostFrontendError", "VhostUserDevice"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT_S",
+    "VhostFrontendError",
+    "VhostUserDevice",
+    "VhostUserFrontendState",
+    "VhostUserInflightState",
+]
 
 #: How long the connection and each step of the handshake may take.
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -133,11 +187,18 @@ MAX_LINGERING = 8
 RECONNECT_FIRST_DELAY_S = 0.05
 RECONNECT_MAX_DELAY_S = 1.0
 RECONNECT_TIMEOUT_S = 30.0
+#: How long a device state transfer (SET_DEVICE_STATE_FD to CHECK_DEVICE_STATE's
+#: answer) may take, either way.
+STATE_TIMEOUT_S = 5.0
+#: The largest inflight record a snapshot keeps (256 queues of 1024 entries fit).
+MAX_INFLIGHT_STATE = 8 << 20
+#: Seals of an inflight area re-created at a restore (as the back-end seals its own).
+_INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 #: Protocol features this front-end acks where the back-end offers them.
 SUPPORTED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.MQ)
-    | (1 << ProtocolFeature.INFLIGHT_SHMFD)
+    | (1 << ProtocolFeature.INFLIGHT_SHMFD) | (1 << ProtocolFeature.DEVICE_STATE)
 )
 
 #: Virtio feature bits the virtio-mmio transport cannot pass through: VHOST_F_LOG_ALL (26,
@@ -203,6 +264,43 @@ class InflightArea:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class VhostUserInflightState:
+    """The back-end's inflight record (INFLIGHT_SHMFD) as saved: its bytes."""
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    num_queues: U16
+    queue_size: U16
+    contents: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VhostUserFrontendState:
+    """A vhost-user device's front-end state (see the module docstring, "Snapshots").
+
+    Ring addresses and positions are not here: they are the transport's queue state.
+    Nothing names the socket, so a restore may connect to another one."""
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    device_id: U32
+    #: What the back-end offered (GET_FEATURES), what the driver was offered (after
+    #: masking), and what the front-end last set (SET_FEATURES; 0: never).
+    backend_features: U64
+    offered_features: U64
+    acked_features: U64
+    #: The protocol features negotiated (SET_PROTOCOL_FEATURES).
+    protocol_features: U64
+    #: The maximum size of each queue: their count is the device's queue count.
+    queue_sizes: list[U16]
+    #: The config space the driver reads.
+    config: bytes
+    inflight: VhostUserInflightState | None
+    #: The back-end's own state (DEVICE_STATE), None where it has none to give.
+    backend_state: bytes | None
 
 
 class _BlockingSocket:
@@ -283,6 +381,17 @@ class VhostUserDevice(VirtioDevice):
         self._linger_lock = threading.Lock()
         self._linger_reason = ""
         self._given_up: str | None = None
+        #: The virtio features of the last SET_FEATURES (0: the rings never ran).
+        self._acked_features = 0
+        #: The queue state holds the back-end's exact ring positions (its rings were
+        #: stopped with GET_VRING_BASE and not started since).
+        self._bases_exact = False
+        #: The back-end's device state (DEVICE_STATE) as of its last stop, or as loaded
+        #: at a restore; valid only while the rings have not run since. None and valid:
+        #: the back-end has had nothing worth saving yet.
+        self._backend_state: bytes | None = None
+        self._backend_state_valid = True
+        self._backend_state_error: str | None = None
         self._connect_and_negotiate(num_queues, queue_size, mac)
 
     # -- construction: the blocking handshake -------------------------------------------
@@ -457,6 +566,8 @@ class VhostUserDevice(VirtioDevice):
             if self.connected and self._started:
                 with trio.CancelScope(shield=True):
                     await self._stop_rings(self._trio_sock, context)
+                    if self.connected:
+                        await self.fetch_device_state()
 
     async def _reconnect(self, context: DeviceContext) -> None:
         """Connect again, renegotiate and restart the rings, with bounded exponential
@@ -477,7 +588,10 @@ class VhostUserDevice(VirtioDevice):
                     await self._renegotiate(sock, context)
                 with trio.CancelScope(shield=True):
                     with trio.fail_after(RING_TIMEOUT_S):
-                        await self._start_rings(sock, context, resume=True)
+                        # Rings stopped cleanly (GET_VRING_BASE answered) before the
+                        # connection went have exact bases in the queue state.
+                        await self._start_rings(sock, context,
+                                                resume=not self._bases_exact)
             except _Incompatible as e:
                 self._drop(str(e))
                 self._log.error("vhost-user back-end no longer fits the device",
@@ -575,12 +689,18 @@ class VhostUserDevice(VirtioDevice):
         """The whole bring-up. ``resume``: after a lost connection, so each ring's base
         is the used idx in guest memory (see the module docstring), not the position
         the queue state holds."""
+        self._bases_exact = False
+        # From here the back-end's device state moves on: what was saved or loaded
+        # before no longer describes it (see the module docstring, "Snapshots").
+        self._backend_state_valid = False
+        self._backend_state_error = None
         features = context.features
         if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
             features |= VHOST_USER_F_PROTOCOL_FEATURES
         if self.device_id == DeviceId.NET:
             features &= ~VIRTIO_NET_F_MAC | self.backend_features
         await self._call(sock, Request.SET_FEATURES, features)
+        self._acked_features = features & ~VHOST_USER_F_PROTOCOL_FEATURES
         if self._has(ProtocolFeature.INFLIGHT_SHMFD):
             if self.inflight is None:
                 self.inflight = await self._get_inflight(sock)
@@ -733,6 +853,7 @@ class VhostUserDevice(VirtioDevice):
         except (VhostProtocolError, OSError, trio.TooSlowError) as e:
             self._drop(f"stopping the rings failed: {_describe(e)}")
             return
+        self._bases_exact = True
         self._log.info("vhost-user rings stopped", rings=started)
 
     def _drop(self, reason: str, *, logged: bool = False) -> None:
@@ -803,6 +924,239 @@ class VhostUserDevice(VirtioDevice):
                 self._given_up = ("a back-end dropped while its rings ran never closed its "
                                   f"connection ({reason})")
 
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    #: The state class :meth:`restore_state` takes.
+    state_class: ClassVar[type] = VhostUserFrontendState
+
+    async def fetch_device_state(self) -> None:
+        """Take the back-end's device state (DEVICE_STATE) now, for :meth:`save_state`.
+        Only while the rings are stopped and the connection is up; does nothing
+        otherwise, or for a back-end without DEVICE_STATE. Never raises: a failure is
+        kept, and :meth:`save_state` reports it. The stop path calls it (see the module
+        docstring); a caller may call it again while the device task is stopped."""
+        if not self._has(ProtocolFeature.DEVICE_STATE) or self._started \
+                or not self.connected:
+            return
+        if self._trio_sock is None:
+            if self._sock is None:
+                return
+            self._trio_sock = trio.socket.from_stdlib_socket(self._sock)
+        sock = self._trio_sock
+        self._backend_state_valid = False
+        try:
+            with trio.fail_after(STATE_TIMEOUT_S):
+                data = await self._save_transfer(sock)
+        except _Refused as e:
+            # The back-end said no: the connection is still in step.
+            self._backend_state_error = str(e)
+        except (VhostProtocolError, OSError, trio.TooSlowError) as e:
+            # Out of step or hung: this connection cannot be trusted any more. The
+            # rings are stopped, so nothing lingers; the next run reconnects.
+            reason = f"saving the back-end's device state failed: {_describe(e)}"
+            self._backend_state_error = reason
+            self._drop(reason)
+        else:
+            self._backend_state = data
+            self._backend_state_valid = True
+            self._backend_state_error = None
+            self._log.info("vhost-user back-end device state saved", size=len(data))
+            return
+        self._log.warning("vhost-user back-end device state not saved",
+                          reason=self._backend_state_error)
+
+    async def _save_transfer(self, sock: Any) -> bytes:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                await send_message(sock, Message(Request.SET_DEVICE_STATE_FD, {
+                    "direction": DEVICE_STATE_SAVE, "phase": DEVICE_STATE_PHASE_STOPPED}),
+                    [write_end])
+            finally:
+                os.close(write_end)  # the back-end has its copy; its close is our EOF
+            read_end = _state_channel(await receive_message(sock), read_end)
+            stream = trio.lowlevel.FdStream(read_end)
+            read_end = -1
+            async with stream:
+                data = await _receive_bounded(stream)
+        finally:
+            if read_end >= 0:
+                os.close(read_end)
+        status = await self._exchange(sock, Request.CHECK_DEVICE_STATE, reply=True)
+        if status != 0:
+            raise _Refused(f"the back-end's CHECK_DEVICE_STATE answered {status} "
+                           "(its log says why)")
+        return data
+
+    def save_state(self) -> VhostUserFrontendState:
+        """The front-end's state; only while the device task is stopped (see the module
+        docstring). DeviceStateError if the back-end's device state (DEVICE_STATE)
+        could not be taken at the last stop."""
+        name = f"vhost-user device {self.name}"
+        backend_state: bytes | None = None
+        if self._has(ProtocolFeature.DEVICE_STATE):
+            if self._backend_state_error is not None:
+                raise DeviceStateError(f"{name}: {self._backend_state_error}")
+            if not self._backend_state_valid:
+                raise DeviceStateError(f"{name}: the back-end's device state is not "
+                                       "current (save only while the device is paused)")
+            backend_state = self._backend_state
+        inflight = None
+        if self.inflight is not None:
+            inflight = self._save_inflight(name, self.inflight)
+        return VhostUserFrontendState(
+            device_id=int(self.device_id), backend_features=self.backend_features,
+            offered_features=self._features, acked_features=self._acked_features,
+            protocol_features=self.protocol_features,
+            queue_sizes=list(self.queue_max_sizes), config=bytes(self.config),
+            inflight=inflight, backend_state=backend_state)
+
+    @staticmethod
+    def _save_inflight(name: str, area: InflightArea) -> VhostUserInflightState:
+        if not 0 < area.mmap_size <= MAX_INFLIGHT_STATE:
+            raise DeviceStateError(f"{name}: an inflight record of {area.mmap_size} bytes "
+                                   f"(at most {MAX_INFLIGHT_STATE} are saved)")
+        try:
+            contents = os.pread(area.fd, area.mmap_size, area.mmap_offset)
+        except OSError as e:
+            raise DeviceStateError(f"{name}: cannot read the inflight record: {e}") from e
+        if len(contents) != area.mmap_size:
+            raise DeviceStateError(f"{name}: the inflight record has {len(contents)} of "
+                                   f"{area.mmap_size} bytes")
+        return VhostUserInflightState(area.num_queues, area.queue_size, contents)
+
+    def restore_state(self, state: object) -> None:
+        """Take ``state`` (after the device was built, connected and negotiated with the
+        back-end the VM config names now, before its task starts). Checks that this
+        back-end offers everything the snapshot negotiated, then loads the back-end's
+        device state into it (DEVICE_STATE; a blocking exchange of at most
+        :data:`STATE_TIMEOUT_S`: call it where blocking is allowed, as the VM build).
+        DeviceStateError with one line if anything does not fit."""
+        name = f"vhost-user device {self.name}"
+        check_state_class(state, VhostUserFrontendState, name)
+        assert isinstance(state, VhostUserFrontendState)
+        where = f"the vhost-user back-end at {self.socket_path}"
+        self._check_restorable(state, name, where)
+        if self._trio_sock is not None or self._started or self._sock is None \
+                or not self.connected:
+            raise DeviceStateError(f"{name}: restore only a freshly connected device, "
+                                   "before it runs")
+        inflight = None
+        if state.inflight is not None:
+            inflight = _recreate_inflight(name, state.inflight)
+        try:
+            if state.backend_state is not None:
+                self._load_backend_state(state.backend_state, name, where)
+        except BaseException:
+            if inflight is not None:
+                inflight.close()
+            raise
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = inflight
+        self._features = state.offered_features
+        self._acked_features = state.acked_features
+        self._backend_state = state.backend_state
+        self._backend_state_valid = True
+        self._backend_state_error = None
+        self._log.info("vhost-user device state restored",
+                       backend_state=None if state.backend_state is None
+                       else len(state.backend_state),
+                       inflight=state.inflight is not None)
+
+    def _check_restorable(self, state: VhostUserFrontendState, name: str,
+                          where: str) -> None:
+        if state.device_id != int(self.device_id):
+            raise DeviceStateError(f"{name}: saved as device type {state.device_id}, "
+                                   f"{where} serves type {int(self.device_id)}")
+        if tuple(state.queue_sizes) != tuple(self.queue_max_sizes):
+            raise DeviceStateError(
+                f"{name}: saved with {len(state.queue_sizes)} queues of "
+                f"{sorted(set(state.queue_sizes))}, the device now has "
+                f"{len(self.queue_max_sizes)} of {sorted(set(self.queue_max_sizes))} "
+                "(configure the queue count and size the snapshot used)")
+        needed = state.acked_features
+        if self.device_id == DeviceId.NET:
+            needed &= ~VIRTIO_NET_F_MAC
+        missing = needed & ~self.backend_features
+        if missing:
+            raise DeviceStateError(f"{name}: the driver negotiated features "
+                                   f"0x{missing:x} that {where} does not offer")
+        missing = state.offered_features & ~self._features
+        if missing:
+            raise DeviceStateError(f"{name}: the driver was offered features "
+                                   f"0x{missing:x} that {where} does not offer")
+        missing = state.protocol_features & ~self.protocol_features
+        if missing:
+            names = ", ".join(_protocol_names(missing))
+            raise DeviceStateError(f"{name}: {where} does not offer the protocol "
+                                   f"features the snapshot used: {names}")
+        if self.device_id == DeviceId.BLOCK and state.config != self.config:
+            raise DeviceStateError(f"{name}: {where} serves another disk (its config "
+                                   "space, capacity or geometry, differs from the "
+                                   "snapshot's)")
+        if len(state.config) > MAX_CONFIG_SIZE:
+            raise DeviceStateError(f"{name}: a config space of {len(state.config)} bytes")
+        if state.backend_state is not None \
+                and len(state.backend_state) > MAX_DEVICE_STATE_SIZE:
+            raise DeviceStateError(f"{name}: {len(state.backend_state)} bytes of back-end "
+                                   f"state (at most {MAX_DEVICE_STATE_SIZE})")
+        inflight = state.inflight
+        if inflight is not None:
+            if not self._has(ProtocolFeature.INFLIGHT_SHMFD):
+                raise DeviceStateError(f"{name}: {where} does not offer "
+                                       "VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which the "
+                                       "snapshot used")
+            if inflight.num_queues != len(self.queue_max_sizes) \
+                    or inflight.queue_size != max(self.queue_max_sizes) \
+                    or not 0 < len(inflight.contents) <= MAX_INFLIGHT_STATE:
+                raise DeviceStateError(
+                    f"{name}: an inflight record for {inflight.num_queues} queues of "
+                    f"{inflight.queue_size} ({len(inflight.contents)} bytes) does not fit "
+                    "the device")
+
+    def _load_backend_state(self, data: bytes, name: str, where: str) -> None:
+        """SET_DEVICE_STATE_FD (load), the bytes through a pipe, CHECK_DEVICE_STATE: on
+        the blocking socket, every step bounded by :data:`STATE_TIMEOUT_S` in all."""
+        assert self._sock is not None
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        blocking = _BlockingSocket(self._sock)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self._sock.settimeout(STATE_TIMEOUT_S)
+        try:
+            try:
+                _run_sync(send_message(blocking, Message(Request.SET_DEVICE_STATE_FD, {
+                    "direction": DEVICE_STATE_LOAD, "phase": DEVICE_STATE_PHASE_STOPPED}),
+                    [read_end]))
+            finally:
+                os.close(read_end)
+            write_end = _state_channel(_run_sync(receive_message(blocking)), write_end)
+            _write_until(write_end, data, deadline)
+            os.close(write_end)  # end-of-file: the back-end applies what it read
+            write_end = -1
+            self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+            _run_sync(send_message(blocking, Message(Request.CHECK_DEVICE_STATE)))
+            status = _check_reply(Request.CHECK_DEVICE_STATE,
+                                  _run_sync(receive_message(blocking)), False)
+        except _Refused as e:
+            raise DeviceStateError(f"{name}: {where} refused the saved device state "
+                                   f"({e})") from None
+        except (VhostProtocolError, OSError) as e:
+            self._close_connection()
+            raise DeviceStateError(f"{name}: loading the saved device state into {where} "
+                                   f"failed: {_describe(e)}") from None
+        finally:
+            if write_end >= 0:
+                os.close(write_end)
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout)
+        if status != 0:
+            raise DeviceStateError(f"{name}: {where} refused the saved device state "
+                                   f"(CHECK_DEVICE_STATE answered {status}; its log says "
+                                   "why)")
+        self._log.info("vhost-user back-end device state loaded", size=len(data))
+
     def reset(self) -> None:
         # The driver starts the rings afresh: the old inflight record means nothing now.
         inflight, self.inflight = self.inflight, None
@@ -842,6 +1196,100 @@ async def send_and_receive_base(sock: Any, index: int) -> int:
     if answer.index != index:
         raise VhostProtocolError(f"GET_VRING_BASE for ring {index} answered ring {answer.index}")
     return int(answer.num)
+
+
+def _protocol_names(bits: int) -> list[str]:
+    names = []
+    for bit in range(64):
+        if bits & (1 << bit):
+            try:
+                names.append(f"VHOST_USER_PROTOCOL_F_{ProtocolFeature(bit).name}")
+            except ValueError:
+                names.append(f"protocol feature {bit}")
+    return names
+
+
+def _state_channel(answer: Message, own: int) -> int:
+    """The fd to transfer device state through, from SET_DEVICE_STATE_FD's ``answer``:
+    ``own`` (our end of the pipe), or the back-end's own channel that replaces it (then
+    ``own`` is closed). _Refused for a failure answer; VhostProtocolError for a reply
+    that breaks the protocol. The answer's fds are always consumed."""
+    fds, answer.fds = answer.fds, []
+    try:
+        status = _check_reply(Request.SET_DEVICE_STATE_FD, answer, False)
+        if status & DEVICE_STATE_ERROR_MASK:
+            if fds:
+                raise VhostProtocolError("SET_DEVICE_STATE_FD answered a failure with an fd")
+            raise _Refused(f"SET_DEVICE_STATE_FD failed ({status & DEVICE_STATE_ERROR_MASK})")
+        if status & ~(DEVICE_STATE_ERROR_MASK | DEVICE_STATE_NO_FD):
+            raise VhostProtocolError(f"SET_DEVICE_STATE_FD answered 0x{status:x}")
+        if status & DEVICE_STATE_NO_FD:
+            if fds:
+                raise VhostProtocolError("SET_DEVICE_STATE_FD said no fd but sent one")
+            return own
+        if len(fds) != 1:
+            raise VhostProtocolError(f"SET_DEVICE_STATE_FD answered with {len(fds)} fds")
+        mode = os.fstat(fds[0]).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise VhostProtocolError("SET_DEVICE_STATE_FD answered an fd that is not a "
+                                     "pipe or socket")
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    os.close(own)
+    return fds[0]
+
+
+async def _receive_bounded(stream: Any) -> bytes:
+    """Everything up to end-of-file, at most :data:`MAX_DEVICE_STATE_SIZE` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_DEVICE_STATE_SIZE:
+            raise VhostProtocolError(f"the back-end sent more than {MAX_DEVICE_STATE_SIZE} "
+                                     "bytes of device state")
+        chunks.append(chunk)
+
+
+def _write_until(fd: int, data: bytes, deadline: float) -> None:
+    """Write all of ``data`` to ``fd`` (a pipe or socket) by ``deadline``
+    (time.monotonic()); TimeoutError otherwise."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the back-end did not take the device state within "
+                               f"{STATE_TIMEOUT_S:g} s")
+        if not poller.poll(left * 1000):
+            continue
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            continue
+        view = view[written:]
+
+
+def _recreate_inflight(name: str, state: VhostUserInflightState) -> InflightArea:
+    """A sealed memfd holding a saved inflight record, to hand to the back-end."""
+    fd = os.memfd_create("avmm-vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, len(state.contents))
+        if os.pwrite(fd, state.contents, 0) != len(state.contents):
+            raise OSError("short write")
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _INFLIGHT_SEALS)
+    except OSError as e:
+        os.close(fd)
+        raise DeviceStateError(f"{name}: cannot re-create the inflight record: {e}") from e
+    return InflightArea(fd, len(state.contents), 0, state.num_queues, state.queue_size)
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:

@@ -36,6 +36,10 @@ import construct as c
 from ..errors import AvmmError
 
 __all__ = [
+    "DEVICE_STATE_LOAD",
+    "DEVICE_STATE_NO_FD",
+    "DEVICE_STATE_PHASE_STOPPED",
+    "DEVICE_STATE_SAVE",
     "EMPTY_REPLIES",
     "EVENTFD_LINK",
     "MAX_CONFIG_SIZE",
@@ -43,6 +47,7 @@ __all__ = [
     "MAX_MEMORY_REGIONS",
     "MAX_PAYLOAD",
     "REPLY_BODIES",
+    "STATUS_REPLIES",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "VRING_INDEX_MASK",
     "VRING_NOFD",
@@ -114,6 +119,8 @@ class Request(IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
 
 
 class ProtocolFeature(IntEnum):
@@ -136,6 +143,9 @@ class ProtocolFeature(IntEnum):
     INBAND_NOTIFICATIONS = 14
     CONFIGURE_MEM_SLOTS = 15
     STATUS = 16
+    XEN_MMAP = 17
+    SHARED_OBJECT = 18
+    DEVICE_STATE = 19
 
 
 #: Virtio feature bit 30: the back-end speaks GET/SET_PROTOCOL_FEATURES.
@@ -155,6 +165,15 @@ VRING_NOFD = 1 << 8
 #: What /proc/self/fd/N links to for an eventfd: the only fd kind a kick, call or
 #: error fd may be.
 EVENTFD_LINK = "anon_inode:[eventfd]"
+
+#: SET_DEVICE_STATE_FD: the transfer's direction (request), and the reply's flag for
+#: "no fd of the back-end's own comes with this answer" (bits 0-7 are the error code).
+DEVICE_STATE_SAVE = 0
+DEVICE_STATE_LOAD = 1
+#: The only migration phase vhost-user defines: the device and all its rings stopped.
+DEVICE_STATE_PHASE_STOPPED = 0
+DEVICE_STATE_NO_FD = 1 << 8
+DEVICE_STATE_ERROR_MASK = 0xFF
 
 MAX_FDS = 8
 MAX_MEMORY_REGIONS = 8
@@ -203,6 +222,7 @@ Inflight = c.Struct(
     "queue_size" / c.Int16ul,
     c.Padding(4),
 )
+DeviceStateTransfer = c.Struct("direction" / c.Int32ul, "phase" / c.Int32ul)
 Iotlb = c.Struct(
     "iova" / c.Int64ul,
     "size" / c.Int64ul,
@@ -254,6 +274,8 @@ PAYLOADS: dict[Request, tuple[Any, Any]] = {
     R.REM_MEM_REG: (SingleMemoryRegion, U64),
     R.SET_STATUS: (U64, U64),
     R.GET_STATUS: (_EMPTY, U64),
+    R.SET_DEVICE_STATE_FD: (DeviceStateTransfer, U64),
+    R.CHECK_DEVICE_STATE: (_EMPTY, U64),
 }
 #: Requests whose reply has a body of its own (not the REPLY_ACK u64): a back-end
 #: cannot answer them with a bare failure code.
@@ -261,6 +283,9 @@ REPLY_BODIES = frozenset({
     R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_VRING_BASE, R.GET_QUEUE_NUM,
     R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS, R.GET_STATUS,
 })
+#: Requests that are always answered with a u64 status (0: success), whatever
+#: REPLY_ACK says: a refusal is that status, not a hang-up.
+STATUS_REPLIES = frozenset({R.SET_DEVICE_STATE_FD, R.CHECK_DEVICE_STATE})
 #: Replies that may come with no payload at all: the back-end's error answer.
 EMPTY_REPLIES = frozenset({R.GET_CONFIG})
 #: How many fds a request may carry (both directions; replies carry the same or none).
@@ -276,6 +301,7 @@ _FD_LIMITS: dict[Request, int] = {
     R.SET_INFLIGHT_FD: 1,
     R.ADD_MEM_REG: 1,
     R.POSTCOPY_ADVISE: 1,
+    R.SET_DEVICE_STATE_FD: 1,
 }
 
 _EXACT = {fmt: c.FocusedSeq("value", "value" / fmt, c.Terminated)

@@ -47,13 +47,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import construct as c
 import structlog
 import trio
 
+from ..devices._state import DeviceStateError, check_bool, check_state_class, check_uint
 from ..errors import AvmmError, GuestMemoryError
+from ..state.codec import U64
 from ..threads import run_in_own_thread
 from .device import (
     DeviceContext,
@@ -262,6 +264,23 @@ class _Done:
     modified: bool
 
 
+@dataclass(frozen=True)
+class BlockState:
+    """A virtio-blk device's own state in a snapshot. Nothing is in flight when it is
+    taken (the slot's pause waits for the batch in flight), and the data lives in the
+    disk image, which stays where it is; what the guest read from the config space
+    (capacity, read-only, serial) is recorded so that a restore onto another image is
+    refused rather than shown to a guest that cached the old values."""
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    #: VIRTIO_BLK_F_FLUSH negotiated: writes may stay in the host's cache until a flush.
+    writeback: bool
+    capacity: U64
+    read_only: bool
+    serial: str
+
+
 class BlockDevice(VirtioDevice):
     """A virtio-blk disk backed by ``path`` (a raw image file or a block device).
 
@@ -399,6 +418,33 @@ class BlockDevice(VirtioDevice):
 
     def reset(self) -> None:
         self.writeback = False
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    state_class = BlockState
+
+    def save_state(self) -> BlockState:
+        return BlockState(writeback=self.writeback, capacity=self.capacity,
+                          read_only=self.read_only, serial=self.serial)
+
+    def restore_state(self, state: BlockState) -> None:
+        """Take the write-cache mode back; refuse a state whose disk the guest saw as
+        another size, writability or serial than this one's (a different image)."""
+        name = self.name
+        check_state_class(state, BlockState, name)
+        check_bool(name, "writeback", state.writeback)
+        check_bool(name, "read_only", state.read_only)
+        check_uint(name, "capacity", state.capacity, (1 << 64) - 1)
+        if not isinstance(state.serial, str):
+            raise DeviceStateError(f"{name} state: serial is not a string")
+        for field_name, saved, now in (("capacity", state.capacity, self.capacity),
+                                       ("read_only", state.read_only, self.read_only),
+                                       ("serial", state.serial, self.serial)):
+            if saved != now:
+                raise DeviceStateError(
+                    f"{name} state: the guest saw {field_name}={saved!r:.40}, the disk "
+                    f"{self.path} has {now!r:.40} (restore with the disk it was saved with)")
+        self.writeback = state.writeback
 
     # -- the request queue --------------------------------------------------------------
 

@@ -28,11 +28,12 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import structlog
 import trio
 
+from ..devices._state import check_bytes, check_state_class
 from .device import (
     DeviceContext,
     DeviceId,
@@ -83,6 +84,24 @@ class ConsoleStats:
     emergency_bytes: int = 0
 
 
+#: The most pending console input a restored state may bring: one send_input's data is
+#: usually a line or a paste; a hostile file must not make the VMM hold gigabytes.
+MAX_PENDING_INPUT = 16 << 20
+
+
+@dataclass(frozen=True)
+class ConsoleState:
+    """A virtio console's own state in a snapshot: the host input it accepted
+    (``send_input`` returned) and had not yet put into guest receive buffers. It is the
+    host's data, so it survives a pause, a driver reset and a snapshot alike, and is
+    delivered first once the device runs again. The one port has no other state: it is
+    always open (no MULTIPORT), and the config space is fixed."""
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    pending_input: bytes
+
+
 class ConsoleDevice(VirtioDevice):
     """A one-port virtio console (see the module docstring)."""
 
@@ -120,6 +139,19 @@ class ConsoleDevice(VirtioDevice):
             byte = bytes(data[EMERG_WR_OFFSET - offset:EMERG_WR_OFFSET - offset + 1])
             self.stats.emergency_bytes += 1
             self.output(byte)
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    state_class = ConsoleState
+
+    def save_state(self) -> ConsoleState:
+        return ConsoleState(pending_input=bytes(self._pending_input[self._input_offset:]))
+
+    def restore_state(self, state: ConsoleState) -> None:
+        check_state_class(state, ConsoleState, self.name)
+        check_bytes(self.name, "pending_input", state.pending_input, MAX_PENDING_INPUT)
+        self._pending_input = state.pending_input
+        self._input_offset = 0
 
     async def run(self, context: DeviceContext) -> None:
         """Serve the receive and transmit queues until cancelled."""

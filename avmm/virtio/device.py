@@ -24,10 +24,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from enum import IntEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
+from ..devices._state import DeviceStateError
 from ..errors import AvmmError
 
 if TYPE_CHECKING:
@@ -123,6 +124,34 @@ class VirtioDevice(abc.ABC):
     def reset(self) -> None:  # noqa: B027 - optional
         """Back to the state before the driver first touched the device (after ``run``
         has ended, or before it ever ran): a driver reset, or a new front-end."""
+
+    # -- snapshots ------------------------------------------------------------------------
+    #
+    # The device's own state (the transport's registers and queue positions are saved by
+    # the transport). The legacy devices' convention (avmm/devices/_state.py): a frozen
+    # dataclass of plain values with ``STATE_VERSION: ClassVar[int]``, which the snapshot
+    # codec (avmm/state/codec.py) encodes; ``restore_state`` checks everything before it
+    # changes anything and raises DeviceStateError with one line.
+
+    #: The class :meth:`save_state` returns and :meth:`restore_state` takes; None: this
+    #: device cannot be saved (the default, so that a device whose state nobody wrote
+    #: down is refused rather than silently restored without it).
+    state_class: ClassVar[type | None] = None
+
+    def save_state(self) -> Any:
+        """The device's own state, an instance of :attr:`state_class`. Called only while
+        ``run`` is not running (the slot paused the device), so nothing is in flight.
+        A device with nothing to save returns an instance of an empty state class of its
+        own. Raises DeviceStateError for a device that cannot be saved."""
+        raise DeviceStateError(f"{self.name}: a {type(self).__name__} cannot be saved in "
+                               "a snapshot")
+
+    def restore_state(self, state: Any) -> None:
+        """Load ``state`` (from :meth:`save_state`, maybe of another process) before the
+        device is served again (``run`` is not running). Checks all of it first and
+        raises DeviceStateError (one line) for a state that does not fit this device."""
+        raise DeviceStateError(f"{self.name}: a {type(self).__name__} cannot be restored "
+                               "from a snapshot")
 
 
 ChainHandler = Callable[["DescriptorChain"], Awaitable[int]]

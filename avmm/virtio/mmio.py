@@ -99,12 +99,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
-from typing import final
+from typing import ClassVar, final
 
 import structlog
 
-from ..errors import AvmmError
+from ..devices._state import DeviceStateError
 from ..memory import MemoryAccess
+from ..state.codec import U8, U32, U64
 from .device import (
     COMMON_FEATURES,
     VIRTIO_F_EVENT_IDX,
@@ -112,7 +113,7 @@ from .device import (
     VIRTIO_F_VERSION_1,
     VirtioDevice,
 )
-from .queue import QueueError, QueueState, VirtQueue
+from .queue import QueueError, SavedQueueState, VirtQueue
 
 __all__ = [
     "CONFIG_SPACE_OFFSET",
@@ -243,9 +244,10 @@ class InterruptReason(IntFlag):
 _INTERRUPT_BITS = int(InterruptReason.USED_BUFFER | InterruptReason.CONFIG_CHANGE)
 
 
-class TransportStateError(AvmmError):
+class TransportStateError(DeviceStateError):
     """A saved transport state does not fit this transport (wrong number of queues, a
-    queue's maximum size differs): the snapshot belongs to another device."""
+    queue's maximum size differs, a field out of range): the snapshot belongs to
+    another device, or is corrupt."""
 
 
 @final
@@ -284,20 +286,28 @@ class TransportCallbacks:
     stopped: Callable[[], bool] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class MmioTransportState:
     """Everything a snapshot of the transport needs, as plain values (the device's own
-    state and guest memory are saved separately)."""
+    state and guest memory are saved separately): frozen, versioned, and encodable by
+    the snapshot codec (avmm/state/codec.py)."""
 
-    status: int = 0
-    device_features_sel: int = 0
-    driver_features_sel: int = 0
+    STATE_VERSION: ClassVar[int] = 1
+
+    status: U8 = 0
+    device_features_sel: U32 = 0
+    driver_features_sel: U32 = 0
     #: The driver's feature bits as written so far (negotiated once FEATURES_OK is set).
-    driver_features: int = 0
-    queue_sel: int = 0
-    interrupt_status: int = 0
-    config_generation: int = 0
-    queues: list[QueueState] = field(default_factory=list)
+    driver_features: U64 = 0
+    queue_sel: U32 = 0
+    interrupt_status: U8 = 0
+    config_generation: U32 = 0
+    #: The features the device offered (the driver's must be among them on restore).
+    device_features: U64 = 0
+    #: The driver asked for a reset that waited for the device to stop: the first Status
+    #: read after the restore completes it (the restored device is not running).
+    reset_pending: bool = False
+    queues: list[SavedQueueState] = field(default_factory=list)
 
 
 @final
@@ -438,7 +448,7 @@ class MmioTransport:
 
     # -- snapshots ---------------------------------------------------------------------
 
-    def state(self) -> MmioTransportState:
+    def save_state(self) -> MmioTransportState:
         """A copy of the transport's state (take it while the device is not served, or
         the queue positions may move on)."""
         with self._lock:
@@ -450,42 +460,121 @@ class MmioTransport:
                 queue_sel=self._queue_sel,
                 interrupt_status=self._interrupt_status,
                 config_generation=self._config_generation,
-                queues=[copy.copy(queue.state) for queue in self.queues],
+                device_features=self._offered_features,
+                reset_pending=self._reset_pending,
+                queues=[SavedQueueState.of(queue.state) for queue in self.queues],
             )
 
-    def restore(self, state: MmioTransportState) -> None:
-        """Load ``state`` (from :meth:`state`, maybe of another process). Calls no
+    def restore_state(self, state: MmioTransportState) -> None:
+        """Load ``state`` (from :meth:`save_state`, maybe of another process). Calls no
         callback: if :attr:`activated` is true afterwards, the caller starts serving the
         device as ``activate`` would have. Only while the device is not being served.
 
-        Raises TransportStateError if the state does not fit this device's queues.
+        Everything is checked before anything changes (the state may come from a
+        hostile file): TransportStateError (one line) if it does not fit this device's
+        queues and features or holds a value this transport could not have saved. The
+        rings of an activated device must lie in guest RAM as :meth:`VirtQueue.validate`
+        checks at DRIVER_OK, so guest memory must hold the saved contents already.
         """
-        if len(state.queues) != len(self.queues):
-            raise TransportStateError(
-                f"{self.name}: the saved state has {len(state.queues)} queues, "
-                f"the device has {len(self.queues)}"
-            )
-        for index, (saved, queue) in enumerate(zip(state.queues, self.queues, strict=True)):
-            if saved.max_size != queue.state.max_size:
-                raise TransportStateError(
-                    f"{self.name}: saved queue {index} has maximum size {saved.max_size}, "
-                    f"the device's has {queue.state.max_size}"
-                )
+        self._check_state(state)
         with self._lock:
-            self._status = state.status & 0xFF
-            self._device_features_sel = state.device_features_sel & _U32
-            self._driver_features_sel = state.driver_features_sel & _U32
-            self._driver_features = state.driver_features & _U64
-            self._queue_sel = state.queue_sel & _U32
-            self._interrupt_status = state.interrupt_status & _INTERRUPT_BITS
-            self._config_generation = state.config_generation & _U32
+            self._status = state.status
+            self._device_features_sel = state.device_features_sel
+            self._driver_features_sel = state.driver_features_sel
+            self._driver_features = state.driver_features
+            self._queue_sel = state.queue_sel
+            self._interrupt_status = state.interrupt_status
+            self._config_generation = state.config_generation
             for saved, queue in zip(state.queues, self.queues, strict=True):
-                queue.state = copy.copy(saved)
+                queue.state = saved.live()
             stopped = DeviceStatus.FAILED | DeviceStatus.DEVICE_NEEDS_RESET
-            self._reset_pending = False
+            self._reset_pending = state.reset_pending
             self._activated = bool(
                 self._status & DeviceStatus.DRIVER_OK and not self._status & stopped
+                and not state.reset_pending
             )
+
+    # Older names, kept for callers of the first snapshot foundations.
+    state = save_state
+    restore = restore_state
+
+    def _check_state(self, state: MmioTransportState) -> None:
+        def refuse(reason: str) -> TransportStateError:
+            return TransportStateError(f"{self.name}: saved transport state: {reason}")
+
+        if type(state) is not MmioTransportState:
+            raise refuse(f"expected an MmioTransportState, got {type(state).__name__}")
+        for name, mask in (("status", 0xFF), ("device_features_sel", _U32),
+                           ("driver_features_sel", _U32), ("driver_features", _U64),
+                           ("queue_sel", _U32), ("interrupt_status", _INTERRUPT_BITS),
+                           ("config_generation", _U32), ("device_features", _U64)):
+            value = getattr(state, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 \
+                    or value & ~mask:
+                raise refuse(f"{name}={value!r:.40} is not an integer within 0x{mask:x}")
+        if not isinstance(state.reset_pending, bool):
+            raise refuse("reset_pending is not a bool")
+        status = state.status
+        if status & ~(_DRIVER_BITS | DeviceStatus.DEVICE_NEEDS_RESET):
+            raise refuse(f"status 0x{status:02x} has bits no driver or device sets")
+        for bit, needed in _STEPS:
+            if status & bit and status & needed != needed:
+                raise refuse(f"status 0x{status:02x} has {bit.name} without the steps "
+                             "before it")
+        if status & DeviceStatus.FEATURES_OK:
+            unoffered = state.driver_features & ~self._offered_features
+            if unoffered:
+                raise refuse(f"the driver accepted features 0x{unoffered:x} that this "
+                             "device does not offer")
+        if not isinstance(state.queues, list | tuple):
+            raise refuse("queues is not a list")
+        if len(state.queues) != len(self.queues):
+            raise refuse(f"{len(state.queues)} queues, the device has {len(self.queues)}")
+        negotiated = state.driver_features if status & DeviceStatus.FEATURES_OK else None
+        activated = bool(status & DeviceStatus.DRIVER_OK and not state.reset_pending
+                         and not status & (DeviceStatus.FAILED
+                                           | DeviceStatus.DEVICE_NEEDS_RESET))
+        for index, (saved, queue) in enumerate(zip(state.queues, self.queues, strict=True)):
+            self._check_queue_state(index, saved, queue, negotiated, activated, refuse)
+
+    def _check_queue_state(self, index: int, saved: SavedQueueState, queue: VirtQueue,
+                           negotiated: int | None, activated: bool,
+                           refuse: Callable[[str], TransportStateError]) -> None:
+        if type(saved) is not SavedQueueState:
+            raise refuse(f"queue {index}: expected a SavedQueueState, got "
+                         f"{type(saved).__name__}")
+        if saved.max_size != queue.state.max_size:
+            raise refuse(f"queue {index} has maximum size {saved.max_size!r:.20}, the "
+                         f"device's has {queue.state.max_size}")
+        for name, mask in (("size", _U32), ("descriptor_table", _U64),
+                           ("available_ring", _U64), ("used_ring", _U64),
+                           ("next_available", 0xFFFF), ("next_used", 0xFFFF)):
+            value = getattr(saved, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0 \
+                    or value & ~mask:
+                raise refuse(f"queue {index}: {name}={value!r:.40} is not an integer "
+                             f"within 0x{mask:x}")
+        for name in ("ready", "event_idx", "indirect"):
+            if not isinstance(getattr(saved, name), bool):
+                raise refuse(f"queue {index}: {name} is not a bool")
+        signalled = saved.signalled_used
+        if signalled is not None and (not isinstance(signalled, int)
+                                      or isinstance(signalled, bool)
+                                      or not 0 <= signalled <= 0xFFFF):
+            raise refuse(f"queue {index}: signalled_used={signalled!r:.40} is not a u16")
+        if negotiated is not None and (
+                saved.event_idx != bool(negotiated & VIRTIO_F_EVENT_IDX)
+                or saved.indirect != bool(negotiated & VIRTIO_F_INDIRECT_DESC)):
+            raise refuse(f"queue {index}: event_idx/indirect do not match the negotiated "
+                         "features")
+        if activated and saved.ready:
+            # What DRIVER_OK checked; a device served from here trusts it.
+            probe = VirtQueue(queue.state.max_size)
+            probe.state = saved.live()
+            try:
+                probe.validate(self.memory)
+            except QueueError as e:
+                raise refuse(f"queue {index}: {e}") from None
 
     # -- the bus side ------------------------------------------------------------------
 

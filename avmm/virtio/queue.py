@@ -46,10 +46,11 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from ..errors import GuestAddressError
 from ..memory import MemoryAccess
+from ..state.codec import U16, U32, U64
 from .device import DeviceNeedsReset
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "DescriptorChain",
     "QueueError",
     "QueueState",
+    "SavedQueueState",
     "VirtQueue",
 ]
 
@@ -146,6 +148,44 @@ class QueueState:
     def __post_init__(self) -> None:
         if self.size == -1:
             self.size = self.max_size
+
+
+@dataclass(frozen=True)
+class SavedQueueState:
+    """A queue's :class:`QueueState` as saved in a snapshot: the same fields, frozen,
+    versioned and with the widths the codec checks (avmm/state/codec.py). The live
+    :class:`QueueState` stays a mutable record: the queue moves its positions in place
+    on every request.
+
+    For a vhost-user device ``next_available`` is the back-end's position as
+    GET_VRING_BASE returned it when the rings stopped (the slot pauses the device
+    before it saves), and ``next_used`` is not tracked by the front-end: the used idx
+    in guest memory (saved with it) is the truth there.
+    """
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    max_size: U16
+    #: What the driver wrote to QueueNum (validated only at DRIVER_OK, so any u32).
+    size: U32
+    ready: bool
+    descriptor_table: U64
+    available_ring: U64
+    used_ring: U64
+    next_available: U16
+    next_used: U16
+    event_idx: bool
+    indirect: bool
+    signalled_used: U16 | None
+
+    @classmethod
+    def of(cls, state: QueueState) -> SavedQueueState:
+        return cls(**{field.name: getattr(state, field.name) for field in fields(QueueState)})
+
+    def live(self) -> QueueState:
+        """A new live record with these values."""
+        return QueueState(**{field.name: getattr(self, field.name)
+                             for field in fields(QueueState)})
 
 
 class Buffer(NamedTuple):

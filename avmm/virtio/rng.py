@@ -19,10 +19,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import structlog
 
+from ..devices._state import check_state_class
 from .device import DeviceContext, DeviceId, DeviceNeedsReset, VirtioDevice, serve_queue
 
 if TYPE_CHECKING:
@@ -31,11 +32,20 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["MAX_REQUEST_BYTES", "RngDevice", "RngStats"]
+__all__ = ["MAX_REQUEST_BYTES", "RngDevice", "RngState", "RngStats"]
 
 #: The most bytes one request (descriptor chain) is given.
 MAX_REQUEST_BYTES = 64 * 1024
 QUEUE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RngState:
+    """An entropy device has nothing of its own to save (every request is answered at
+    once); the class exists so that it is saved and restored like every device, and a
+    later version can add fields."""
+
+    STATE_VERSION: ClassVar[int] = 1
 
 
 @dataclass
@@ -68,6 +78,14 @@ class RngDevice(VirtioDevice):
 
     def read_config(self, offset: int, size: int) -> bytes:
         return bytes(max(size, 0))
+
+    state_class = RngState
+
+    def save_state(self) -> RngState:
+        return RngState()
+
+    def restore_state(self, state: RngState) -> None:
+        check_state_class(state, RngState, self.name)
 
     async def run(self, context: DeviceContext) -> None:
         await serve_queue(context, 0, partial(self._fill, context.memory))

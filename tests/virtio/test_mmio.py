@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from dataclasses import dataclass, field
@@ -645,8 +646,7 @@ def test_config_generation_follows_config_changes() -> None:
 
 def test_config_generation_wraps() -> None:
     transport, _, _, _ = make()
-    state = transport.state()
-    state.config_generation = 0xFFFF_FFFF
+    state = dataclasses.replace(transport.state(), config_generation=0xFFFF_FFFF)
     transport.restore(state)
     transport.signal_config_change()
     assert rd(transport, Register.CONFIG_GENERATION) == 0
@@ -884,6 +884,6 @@ def test_restore_rejects_a_state_of_another_device() -> None:
     state = transport.state()
     with pytest.raises(TransportStateError):
         transport.restore(MmioTransportState(queues=state.queues[:1]))
-    state.queues[1].max_size = 64
+    queues = [*state.queues[:1], dataclasses.replace(state.queues[1], max_size=64)]
     with pytest.raises(TransportStateError):
-        transport.restore(state)
+        transport.restore(dataclasses.replace(state, queues=queues))

@@ -1,0 +1,79 @@
+"""A VM writing its disk (the test guest's ``blk-write``) snapshotted mid-write and
+restored by ``avmm up --restore`` in a new process: the guest goes on from the saved
+request and the pattern on the disk is complete and correct. The disk is a file served
+in-process, or a vhost-user back-end (``avmm backend blk``, qemu-storage-daemon) that is
+restarted on a new socket for the restore."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from avmm import VirtualMachine
+from avmm.config import DiskConfig
+from tests.vhost.test_frontend import blk_backend
+from tests.virtio_guest_support import expected_pattern
+from tests.vm.helpers import MAILBOX_ADDRESS
+
+from .support import console_config, drain, restore_in_new_process
+
+pytestmark = [pytest.mark.kvm, pytest.mark.guest]
+
+COUNTER = MAILBOX_ADDRESS + 8
+SECTORS = 8 * 2048  # 8 MiB: the guest writes it, then reads it all back
+SEED = 5
+
+
+@contextlib.contextmanager
+def served(kind: str, image: Path, sock: Path) -> Iterator[None]:
+    if kind == "file":
+        yield
+        return
+    with blk_backend(kind, image, sock):
+        yield
+
+
+@pytest.mark.parametrize("kind", ["file", "avmm", pytest.param("qsd", marks=pytest.mark.qemu)])
+async def test_blk_write_goes_on_after_a_restore_in_a_new_process(tmp_path: Path,
+                                                                  kind: str) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SECTORS * 512))
+    disk = DiskConfig(path=image) if kind == "file" else \
+        DiskConfig(vhost_user=tmp_path / "blk.sock")
+    config = dataclasses.replace(console_config(f"avmm.test=blk-write avmm.seed={SEED}",
+                                                memory_mib=64), disks=(disk,))
+    with served(kind, image, tmp_path / "blk.sock"):
+        async with VirtualMachine(config) as vm:
+            assert vm.memory is not None
+            output = bytearray()
+            with trio.fail_after(120):
+                # Inside the write half: some sectors written, not all.
+                while not 0 < vm.memory.read_u64(COUNTER) < SECTORS // 2:
+                    await trio.sleep(0.002)
+            await vm.pause()
+            done_at_snapshot = vm.memory.read_u64(COUNTER)
+            await drain(vm, output)
+            await vm.snapshot(tmp_path / "snap")
+            vm.stop()
+    assert 0 < done_at_snapshot < SECTORS, done_at_snapshot
+    before = output.decode()
+    assert "verify=" not in before
+    # What the guest had not written yet is still zero on the disk.
+    with image.open("rb") as f:
+        f.seek((SECTORS - 1) * 512)
+        assert f.read(512) == bytes(512)
+
+    # A new back-end process (on a new socket for the vhost-user kinds) and a new avmm.
+    new_sock = tmp_path / "new.sock"
+    with served(kind, image, new_sock):
+        extra = [] if kind == "file" else ["--vhost-user", f"blk0={new_sock}"]
+        restored = await restore_in_new_process(tmp_path / "snap", *extra)
+    after = restored.stdout.decode()
+    assert restored.returncode == 0, (restored.stderr.decode(), after)
+    assert f"blk0 written={SECTORS} verify=ok" in after, after
+    assert image.read_bytes() == expected_pattern(SEED, SECTORS)
