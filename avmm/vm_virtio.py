@@ -7,11 +7,28 @@ kernel), one irqfd for the device's interrupt line, and the trio task that runs 
 device once the driver sets DRIVER_OK. That task waits on the ioeventfds, so the whole
 data path (notify → serve → interrupt) runs without a vCPU exit to userspace.
 
-The slot also pauses its device with the VM (a :class:`PauseGate` shared by all slots)
-and counts what goes through it (:class:`DeviceMetrics`): the device gets each queue
-wrapped in a :class:`_ServedQueue` that holds pops back while paused and counts pushes,
-and its ``wait_kick`` counts the driver's notifications from the eventfd's counter. So
-every in-process device is paused and counted the same way, whatever loop it runs.
+Pausing. :meth:`VirtioMmioSlot.pause` makes the device quiescent: its task is stopped
+the way a reset stops it, but nothing is reset. An in-process device finishes the
+request it works on (blk completes its batch), every chain it took and did not return
+is given back to the driver (:meth:`VirtQueue.give_back`), and a vhost-user device's
+``run`` stops the back-end's rings with GET_VRING_BASE on its way out, recording each
+answer as the queue's position. After ``pause`` returns nothing of the device writes
+guest memory or raises the interrupt; :meth:`~VirtioMmioSlot.resume` starts the task
+again on the same rings, from the positions the queues record (vhost-user: the bring-up
+replays SET_VRING_BASE with them). A :class:`PauseGate` shared by the VM's slots is
+closed before the vCPUs park, so that between that moment and the stop the devices
+take no new request (the device gets each queue wrapped in a :class:`_ServedQueue` that
+holds pops back while the gate is closed).
+
+Snapshots. While paused, :meth:`~VirtioMmioSlot.save_state` returns a
+:class:`VirtioSlotState` (the transport's registers and queue positions, and the
+device's own state encoded with the snapshot codec), and a freshly built slot takes it
+back with :meth:`~VirtioMmioSlot.restore_state`, paused until ``resume``.
+
+Counting. The slot counts what goes through it (:class:`DeviceMetrics`): the served
+queues count pushes, and ``wait_kick`` counts the driver's notifications from the
+eventfd's counter. So every in-process device is counted the same way, whatever loop
+it runs.
 """
 
 from __future__ import annotations
@@ -219,16 +236,16 @@ class VirtioMmioSlot:
         self.resumed()
 
     def save_state(self) -> VirtioSlotState:
-        """The slot's state (only while paused, so that no position moves on).
+        """The slot's state. Only while no device task runs (after :meth:`pause`, or
+        before the driver ever activated the device, as in a VM started paused), and
+        while the vCPUs are parked, so that no position or register moves on.
 
-        :raises VmStateError: the slot is not paused.
+        :raises VmStateError: the device is being served (pause it first).
         :raises DeviceStateError: the device cannot be saved.
         """
-        if not self._paused or not self._idle.is_set():
+        if self._scope is not None or not self._idle.is_set():
             raise VmStateError(f"{self.device.name}: pause the device before saving it")
-        transport = self.transport.save_state()
-        if self.external:
-            transport = self._with_used_positions(transport)
+        transport = self.transport_state()
         device_state = self.device.save_state()
         state_class = self.device.state_class
         if state_class is None or type(device_state) is not state_class:
@@ -272,6 +289,9 @@ class VirtioMmioSlot:
         self.transport.restore_state(state.transport)
         self.device.restore_state(device_state)
         self._paused = True
+        # vhost-user request counts go on from the restored used positions.
+        self._seen_used = [saved.next_used if saved.ready else 0
+                           for saved in state.transport.queues]
 
     def _give_back_chains(self) -> None:
         """After the device task stopped: every chain taken and not returned goes back
@@ -293,9 +313,14 @@ class VirtioMmioSlot:
                 self._log.debug("chains given back on pause", queue=index,
                                 untaken=untaken, returned_empty=returned)
 
-    def _with_used_positions(self, state: MmioTransportState) -> MmioTransportState:
-        """vhost-user: the back-end, not the front-end, moves the used idx; record the
-        one in guest memory as ``next_used`` so the saved queue says both positions."""
+    def transport_state(self) -> MmioTransportState:
+        """The transport's part of :meth:`save_state` (same conditions). For a
+        vhost-user device each ready queue's ``next_available`` is the back-end's
+        position from GET_VRING_BASE, and ``next_used`` the used idx in guest memory:
+        the back-end, not the front-end, moves it."""
+        state = self.transport.save_state()
+        if not self.external:
+            return state
         memory = self.transport.memory
         queues = []
         for saved in state.queues:

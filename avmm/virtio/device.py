@@ -171,7 +171,10 @@ class PauseGate:
 
     A transport that supports pausing holds its devices' queue tasks here: it makes
     ``wait_kick`` wait for the gate and ``pop`` take nothing while the gate is closed,
-    so a paused VM's devices take no new requests (requests in flight still finish).
+    so a pausing VM's devices take no new requests (requests in flight still finish)
+    until the transport has stopped them (avmm's virtio-mmio slot stops the device
+    task on a pause, so a paused device does nothing at all; the gate covers the time
+    between the VM's decision to pause and that stop).
     ``resumes`` counts openings, so a transport can tell that it must look at the rings
     again: buffers made available during the pause were not taken and will not be
     notified again.

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from avmm import StopReason, VirtualMachine
-from avmm.config import DiskConfig, VmConfig
+from avmm.config import DiskConfig, NetConfig, VmConfig
 from tests.vhost.test_frontend import avmm_backend
 from tests.virtio_guest_support import expected_pattern
 
@@ -122,3 +122,36 @@ async def test_a_busy_in_process_disk_writes_nothing_while_the_vm_is_paused(
             await vm.resume()
         await finish(vm, output)
     assert image.read_bytes() == expected_pattern(seed, SECTORS)
+
+
+async def test_a_nic_echoing_frames_writes_nothing_while_the_vm_is_paused(
+        echoing_tap: tuple[str, str]) -> None:
+    """Echoes keep arriving on the tap while the VM is paused (the guest sent a frame
+    just before): the device holds receive buffers, which must not be filled then; the
+    echo reaches the guest after the resume and no frame is lost (the guest waits for
+    each echo)."""
+    tap, netns = echoing_tap
+    frames = 400
+    config = dataclasses.replace(
+        guest_config(f"avmm.test=net-echo avmm.n={frames}", memory_mib=64),
+        nets=(NetConfig(tap=tap, mac=bytes.fromhex("525400abcdef"), netns=netns),))
+    output = bytearray()
+    async with VirtualMachine(config) as vm:
+        assert vm.memory is not None
+        for round_ in range(3):
+            with trio.fail_after(60):
+                while vm.memory.read_u64(COUNTER) < 20 * (round_ + 1):
+                    await trio.sleep(0.005)
+            await vm.pause()
+            before = await trio.to_thread.run_sync(memory_digest, vm)
+            await trio.sleep(0.5)
+            after = await trio.to_thread.run_sync(memory_digest, vm)
+            assert before == after, "guest memory changed while the VM was paused"
+            await vm.resume()
+        with trio.fail_after(VM_TIMEOUT_S):
+            async for chunk in vm.serial:
+                output += chunk
+            result = await vm.wait()
+    text = output.decode(errors="replace")
+    assert f"net0 echoed={frames}" in text, text
+    assert result.reason is StopReason.RESET, text
