@@ -341,14 +341,19 @@ def _qemu_argv(case: Case, qmp: Path) -> list[str]:
 
 
 def _connect(qmp: Path, process: subprocess.Popen[bytes]) -> Qmp:
+    """QEMU's monitor, once it listens: the socket's name appears at bind(), a moment
+    before listen(), so a refused connection is tried again."""
     deadline = time.monotonic() + TIMEOUT_S
-    while not qmp.exists():
+    while True:
+        try:
+            return Qmp(qmp)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
         if process.poll() is not None:
             raise BenchError(f"QEMU exited {process.returncode}: {_stderr(process)!r}")
         if time.monotonic() > deadline:
             raise BenchError(f"QEMU never opened its monitor {qmp}")
         time.sleep(POLL_S)
-    return Qmp(qmp)
 
 
 def _qemu_save(case: Case, path: Path, qmp: Path, seed: bytes) -> Saved:
