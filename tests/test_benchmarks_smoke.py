@@ -56,7 +56,9 @@ GROUPS = {
                  ("snapshot: space allocated on disk, 16 MiB guest", PER_OPERATION),
                  ("restore: `avmm up --restore` process → guest runs, 16 MiB", WHOLE_PROCESS),
                  ("restore: VirtualMachine.restore() in a running process → guest runs, 16",
-                  IN_PROCESS)],
+                  IN_PROCESS),
+                 ("restore: VirtualMachine.restore(copy_memory=True) in a running process → "
+                  "guest runs, 16", IN_PROCESS)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
