@@ -35,8 +35,7 @@ Figures, per size and touched/untouched:
   process's view for the in-process VM, ``/proc/PID/mem`` for processes) every 0.2 ms:
   the time to the first guest instruction plus at most one 2^20-iteration chunk of guest
   time (about 0.3 ms on the development machine) and one poll. Snapshot files live in
-  /dev/shm (tmpfs), so this measures the VMMs,
-  not a disk.
+  /dev/shm (tmpfs), so this measures the VMMs, not a disk.
 """
 
 from __future__ import annotations
