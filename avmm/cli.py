@@ -4,8 +4,10 @@
 guest's status: 0 for a clean shutdown, ``(v << 1) | 1`` (mod 256) after a debug-exit
 write of ``v``, 4 when the guest crashed, 6 on a host-side failure, 2 for a bad
 command line or config file, or a file it names that cannot be booted (not a kernel, an
-initrd larger than RAM, a command line longer than the kernel takes). Every failure is
-one line on stderr, never a traceback of avmm's internals.
+initrd larger than RAM, a command line longer than the kernel takes), or a snapshot
+that cannot be restored. ``avmm up --restore DIR`` brings back a VM saved with
+``avmm snapshot`` or ``vm.snapshot()`` instead of booting one. Every failure is one line
+on stderr, never a traceback of avmm's internals.
 """
 
 from __future__ import annotations

@@ -532,6 +532,9 @@ class VirtualMachine:
             raise
         stack = contextlib.AsyncExitStack()
         stack.callback(self._resources.close)  # last out: after the nursery has left
+        # Before anything is released: a snapshot still writing from a worker thread
+        # (it holds the control lock) reads the vCPUs and guest memory until it is done.
+        stack.push_async_callback(self._wait_for_control)
         try:
             nursery = await stack.enter_async_context(trio.open_nursery())
             try:
@@ -575,6 +578,11 @@ class VirtualMachine:
         self._latch.request(VmExit(StopReason.STOPPED, 0, "the VM's context was left"))
         assert self._stack is not None
         return bool(await self._stack.__aexit__(exc_type, exc, traceback))
+
+    async def _wait_for_control(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._control_lock:
+                pass
 
     # -- the recipe ---------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ import structlog
 import trio
 
 from .devices._state import DeviceStateError
-from .errors import AvmmError, GuestMemoryError, VmStateError
+from .errors import GuestMemoryError, VmStateError
 from .eventfd import signal_eventfd
 from .kvm import Vm
 from .lifecycle import DeviceMetrics
@@ -78,9 +78,10 @@ _DEVICE_KINDS = {DeviceId.BLOCK: "blk", DeviceId.NET: "net", DeviceId.CONSOLE: "
                  DeviceId.ENTROPY: "rng"}
 
 
-class DevicePauseError(AvmmError):
+class DevicePauseError(VmStateError):
     """A device could not be stopped for a pause: its task did not end in time, or a
-    vhost-user back-end did not confirm that its rings stopped."""
+    vhost-user back-end did not confirm that its rings stopped. The VM cannot be paused
+    now (the API answers 409, as for any state that does not allow it); it runs on."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,8 @@ class VirtioMmioSlot:
             return
         self._paused = True
         stopped = await self._stop_and_wait(why="pause")
-        self._give_back_chains()
+        if self._idle.is_set():  # a task that did not stop still owns its queues
+            self._give_back_chains()
         if not stopped:
             raise DevicePauseError(
                 f"{self.device.name}: the device did not stop within {RESET_TIMEOUT_S:g} s "
@@ -452,15 +454,17 @@ class VirtioMmioSlot:
             with trio.move_on_after(RESET_TIMEOUT_S):
                 await stopped.wait()
             if not stopped.is_set():
-                self._log.warning(f"device did not stop within the timeout; the {why} "
-                                  "completes once it has", timeout_s=RESET_TIMEOUT_S)
+                self._log.warning("device did not stop within the timeout; the reset "
+                                  "completes once it has, a pause fails",
+                                  during=why, timeout_s=RESET_TIMEOUT_S)
                 return False
         # The transport resets the rings next: a last look at how far a back-end got.
         self.observe_used_rings()
         reason = self._unstopped_reason()
         if reason is not None:
             self._log.warning("device cannot confirm that it stopped writing guest memory; "
-                              f"the {why} completes once it can", reason=reason)
+                              "the reset completes once it can, a pause fails",
+                              during=why, reason=reason)
             return False
         return True
 

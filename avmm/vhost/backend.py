@@ -61,6 +61,22 @@ once begun, must be complete within that time. A client that fails is dropped wi
 log line naming its pid and uid (SO_PEERCRED). After the handshake a front-end may be
 silent for as long as it likes (its guest has not set DRIVER_OK yet, or it is paused).
 
+Device state (VHOST_USER_PROTOCOL_F_DEVICE_STATE, offered for every device). A front-end
+that snapshots or migrates the device sends SET_DEVICE_STATE_FD with a direction and a
+pipe (or socket) end, only while the rings are stopped (a running device refuses: its
+state would move on under the transfer). Saving, the state (see
+:mod:`avmm.vhost.device_state`: what blk keeps, and how any device with a
+``save_state``/``restore_state``/``state_class`` takes part) is taken at once and written
+into the pipe by a task of its own, so the connection stays responsive; loading, a task
+reads to end-of-file, at most :data:`~avmm.vhost.device_state.MAX_DEVICE_STATE_SIZE`
+bytes, then checks all of it against this device and applies it (only if the rings have
+not been started meanwhile). Either way the transfer must end within
+:data:`TRANSFER_TIMEOUT_S`. CHECK_DEVICE_STATE waits (as long again at most) for the
+transfer and answers 0, or 1 with the reason logged: a front-end that sends too much,
+never closes its end, sends garbage or a state of another disk gets a failure and a
+usable connection, never a hang. The reply to SET_DEVICE_STATE_FD never carries an fd of
+ours (the front-end's channel is used).
+
 Inflight tracking (INFLIGHT_SHMFD). On GET_INFLIGHT_FD the back-end creates a memfd
 with the split-queue layout of the vhost-user spec (per queue, 64-byte aligned: a
 16-byte header ``features u64, version u16, desc_num u16, last_batch_head u16,
@@ -1043,8 +1059,9 @@ class _Session:
             try:
                 data = save_backend_state(self.device, self.features
                                           & ~VHOST_USER_F_PROTOCOL_FEATURES)
-            except (TypeError, ValueError) as e:
-                # A device whose state does not fit its declaration: a bug, said once.
+            except (DeviceStateError, TypeError, ValueError) as e:
+                # The device cannot be saved now, or its state does not fit its
+                # declaration (a bug): the front-end gets a failure, not a hang-up.
                 raise VhostRequestRefused(f"cannot save the device state: {e}") from e
         fd = message.fds.pop()
         transfer = _Transfer(params.direction)
@@ -1102,6 +1119,11 @@ class _Session:
             load_backend_state(self.device, data, self.offered_features)
         except DeviceStateError as e:
             transfer.error = str(e)
+        except Exception as e:
+            # A device's restore_state that fails otherwise is a bug in it: the
+            # front-end gets a failure and the connection stays.
+            log.exception("device failed to load its state")
+            transfer.error = f"internal error: {type(e).__name__}: {e}"
 
     async def _on_check_device_state(self, message: Message) -> int:
         """0 once the last transfer completed (and, loading, the state was applied);

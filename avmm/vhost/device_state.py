@@ -14,7 +14,9 @@ also a codec value, of a kind named beside it:
   disk is refused, since the guest's file systems would read garbage); the write-cache
   mode, what the file system was found to support (hole punching, zeroing) and the
   request counters travel, so the metrics of a restored back-end go on from where the
-  saved one was.
+  saved one was. (The in-process snapshot uses BlockDevice's own ``BlockState``, which
+  checks the serial instead: in-process, the image path is the VM config's, while a
+  back-end may well be started on a moved copy.)
 * ``"device"``: a device that implements the snapshot interface of
   :class:`~avmm.virtio.device.VirtioDevice` (``save_state``/``restore_state``/
   ``state_class``): its own state class.

@@ -951,7 +951,8 @@ class VhostUserDevice(VirtioDevice):
         except _Refused as e:
             # The back-end said no: the connection is still in step.
             self._backend_state_error = str(e)
-        except (VhostProtocolError, OSError, trio.TooSlowError) as e:
+        except (VhostProtocolError, OSError, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as e:
             # Out of step or hung: this connection cannot be trusted any more. The
             # rings are stopped, so nothing lingers; the next run reconnects.
             reason = f"saving the back-end's device state failed: {_describe(e)}"
@@ -999,6 +1000,10 @@ class VhostUserDevice(VirtioDevice):
             if self._backend_state_error is not None:
                 raise DeviceStateError(f"{name}: {self._backend_state_error}")
             if not self._backend_state_valid:
+                if not self.connected:
+                    raise DeviceStateError(f"{name}: the vhost-user back-end at "
+                                           f"{self.socket_path} is not connected, so its "
+                                           "device state cannot be saved")
                 raise DeviceStateError(f"{name}: the back-end's device state is not "
                                        "current (save only while the device is paused)")
             backend_state = self._backend_state

@@ -19,7 +19,9 @@ protocol has a way to say so (REPLY_ACK, an empty GET_CONFIG reply) and keeps th
 connection. The one reply that may be empty is GET_CONFIG's (:data:`EMPTY_REPLIES`):
 vhost-user.rst makes a zero-length payload its error answer. It is sent with ``payload``
 None, and :func:`receive_message` raises :class:`VhostRequestRefused` for it (the
-connection is still in step: the receiver may go on or hang up).
+connection is still in step: the receiver may go on or hang up). SET_DEVICE_STATE_FD and
+CHECK_DEVICE_STATE (:data:`STATUS_REPLIES`) are always answered with a u64 status,
+REPLY_ACK or not: a refusal is a non-zero status there.
 """
 
 from __future__ import annotations

@@ -486,7 +486,7 @@ class MmioTransport:
             self._interrupt_status = state.interrupt_status
             self._config_generation = state.config_generation
             for saved, queue in zip(state.queues, self.queues, strict=True):
-                queue.state = saved.live()
+                queue.load_state(saved.live())
             stopped = DeviceStatus.FAILED | DeviceStatus.DEVICE_NEEDS_RESET
             self._reset_pending = state.reset_pending
             self._activated = bool(

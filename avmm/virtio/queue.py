@@ -393,6 +393,14 @@ class VirtQueue:
         self._taken_at = [-1] * len(self._taken_at)
         self._forget_rings()
 
+    def load_state(self, state: QueueState) -> None:
+        """Take ``state`` as the queue's (a restore): nothing is held (a saved queue
+        holds no chain: chains are given back before a save), and the ring views are
+        taken again on the next use."""
+        self.state = state
+        self._taken_at = [-1] * max(len(self._taken_at), state.max_size)
+        self._forget_rings()
+
     # -- the available ring -------------------------------------------------------------
 
     def pop(self, memory: MemoryAccess) -> DescriptorChain | None:

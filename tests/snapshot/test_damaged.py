@@ -4,20 +4,27 @@ that cannot be taken are refused before anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import shutil
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from avmm import VirtualMachine
+from avmm.devices._state import DeviceStateError
 from avmm.errors import PathNotAllowedError, StateError, VmStateError
 from avmm.paths import PathPolicy
-from avmm.state import SnapshotError
-from avmm.state.format import MAGIC
+from avmm.state import MemoryImage, SnapshotError, StateCompatibilityError
+from avmm.state.format import MAGIC, build_state, read_state_file
 from avmm.state.snapshot import MEMORY_FILE_NAME, STATE_FILE_NAME
+from avmm.vm import SNAPSHOT_SECTIONS
 from tests.vm.helpers import TEST_GUEST
 
 from .support import MEM_WALK, console_config, restore_in_new_process, snapshot_mid_walk
@@ -169,3 +176,62 @@ async def test_only_a_paused_vm_is_snapshotted_and_never_over_anything(
     assert sorted(p.name for p in allowed.iterdir()) == ["existing"]
     assert (existing / "keep").read_text() == "mine"
     assert sorted(p.name for p in existing.iterdir()) == ["keep"]
+
+
+def rewritten(good: Path, where: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of ``good`` whose state file holds sections ``change`` altered, written
+    whole (a valid SHA-256): a state avmm could have read but cannot restore."""
+    path = damaged_copy(good, where)
+    state_file = path / STATE_FILE_NAME
+    sections = read_state_file(state_file, {**SNAPSHOT_SECTIONS, "memory": MemoryImage | None})
+    change(sections)
+    state_file.write_bytes(build_state(sections))
+    return path
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _bad_uart(sections: dict[str, Any]) -> None:
+    devices = sections["devices"]
+    sections["devices"] = dataclasses.replace(
+        devices, serial=dataclasses.replace(devices.serial, ier=0xFF))
+
+
+def _every_cpu_feature(sections: dict[str, Any]) -> None:
+    """The guest saw every feature bit of CPUID leaf 7: no host offers them all."""
+    machine = sections["machine"]
+    vcpu = machine.vcpus[0]
+    cpuid = [dataclasses.replace(leaf, ebx=0xFFFF_FFFF, ecx=0xFFFF_FFFF, edx=0xFFFF_FFFF)
+             if (leaf.function, leaf.index) == (7, 0) else leaf for leaf in vcpu.cpuid]
+    assert cpuid != vcpu.cpuid
+    sections["machine"] = dataclasses.replace(
+        machine, vcpus=[dataclasses.replace(vcpu, cpuid=cpuid)])
+
+
+def _more_vcpus_in_config(sections: dict[str, Any]) -> None:
+    config = sections["config"]
+    sections["config"] = dataclasses.replace(
+        config, machine=dataclasses.replace(config.machine, vcpus=2))
+
+
+@pytest.mark.parametrize("change,error", [
+    (_bad_uart, DeviceStateError),
+    (_every_cpu_feature, StateCompatibilityError),
+    (_more_vcpus_in_config, SnapshotError),
+])
+async def test_a_state_that_does_not_fit_is_refused_and_releases_everything(
+        good_snapshot: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None],
+        error: type[Exception]) -> None:
+    """Refused after the machine was half built (KVM VM, memory mapped, vCPUs, UART):
+    one line, the right class, nothing left open, no vCPU thread started."""
+    path = rewritten(good_snapshot, tmp_path / "changed", change)
+    fds = open_fds()
+    with pytest.raises(error) as caught:
+        async with VirtualMachine.restore(path):
+            raise AssertionError("restored a state that does not fit")
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value), caught.value
+    assert open_fds() == fds
+    assert not [t.name for t in threading.enumerate() if "vcpu" in t.name]
+    assert_one_line_refusal(await restore_in_new_process(path))

@@ -7,14 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 
 from avmm import VirtualMachine
 from avmm.lifecycle import VmState
 from tests.state.mem_walk import expected_lines, mem_walk_lines
 
 from .support import (
+    MEM_WALK,
     MEM_WALK_MIB,
     MEM_WALK_ROUNDS,
+    console_config,
+    read_until,
     restore_in_new_process,
     snapshot_at,
     snapshot_mid_walk,
@@ -76,3 +80,25 @@ async def test_restore_paused_waits_for_resume(tmp_path: Path) -> None:
         result = await vm.wait()
     assert not result.failed, result
     assert mem_walk_lines(before + output.decode()) == EXPECTED
+
+
+async def test_leaving_the_vm_while_it_is_snapshotted_waits_for_the_snapshot(
+        tmp_path: Path) -> None:
+    """The VM's context is left (stopping it) while a snapshot task is still writing from
+    its worker thread: guest memory and the vCPUs are released only after it, and the
+    snapshot is whole."""
+    result: list[object] = []
+
+    async def take(vm: VirtualMachine) -> None:
+        result.append(await vm.snapshot(tmp_path / "snap"))
+
+    async with trio.open_nursery() as nursery, VirtualMachine(console_config(MEM_WALK)) as vm:
+        output = bytearray()
+        await read_until(vm, output, "mem-walk round=2 crc=")
+        await vm.pause()
+        nursery.start_soon(take, vm)
+        await trio.sleep(0.001)  # the snapshot has the VM; leave now
+    assert result, "the snapshot did not complete"
+    restored = await restore_in_new_process(tmp_path / "snap")
+    assert restored.returncode == 0, restored.stderr.decode()
+    assert mem_walk_lines(restored.stdout.decode())[-1] == EXPECTED[-1]

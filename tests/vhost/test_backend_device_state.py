@@ -21,6 +21,8 @@ from avmm.vhost.device_state import (
 )
 from avmm.vhost.protocol import ProtocolFeature, Request
 from avmm.virtio.blk import BlockDevice
+from avmm.virtio.device import DeviceId
+from avmm.virtio.rng import RngDevice
 
 from .frontend_double import Frontend, connected, served
 
@@ -184,3 +186,25 @@ async def test_a_hostile_load_gets_a_failure_and_the_connection_goes_on(
             assert device.serial == serial
             assert await frontend.get(Request.GET_FEATURES) & (1 << 30)
             assert await save(frontend)
+
+
+async def test_a_device_with_its_own_state_class_takes_part(tmp_path: Path) -> None:
+    """Any device with save_state/restore_state/state_class (here rng) travels as kind
+    "device": its own state class, checked by its own restore_state."""
+    source, target = RngDevice(), RngDevice()
+    async with served(source, tmp_path) as path, connected(path) as frontend:
+        await frontend.handshake(protocol=REPLY_ACK | DEVICE_STATE)
+        data = await save(frontend)
+    state = codec.decode(data, BackendState)
+    assert state.kind == "device" and state.device_id == DeviceId.ENTROPY
+    assert codec.decode(state.device, RngDevice.state_class) == source.save_state()
+    async with served(target, tmp_path) as path, connected(path) as frontend:
+        await frontend.handshake(protocol=REPLY_ACK | DEVICE_STATE)
+        assert await load(frontend, data) == (NO_FD, 0)
+        # A blk state is not an rng's.
+        with disk(tmp_path, "x.img", 4096) as disk_device:
+            async with served(disk_device, tmp_path) as blk_path, \
+                    connected(blk_path) as blk_frontend:
+                await blk_frontend.handshake(protocol=REPLY_ACK | DEVICE_STATE)
+                blk_data = await save(blk_frontend)
+        assert await load(frontend, blk_data) == (NO_FD, 1)

@@ -9,10 +9,13 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 import trio
 
+from avmm.errors import VmStateError
 from avmm.vhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, Request
 from avmm.virtio.device import VIRTIO_F_VERSION_1, DeviceId
+from avmm.vm_virtio import DevicePauseError
 from tests.vhost.scripted_backend import ScriptedBackend, wait_until
 from tests.vhost.test_frontend_hardening import in_thread, rings_running, running_slot
 from tests.virtio.slot_harness import RING_BASE
@@ -73,3 +76,20 @@ async def test_a_paused_vhost_user_slot_resumes_at_the_back_ends_position(
             assert backend.bases_set(0) == [0, BACKEND_BASE]
             await in_thread(wait_until, lambda: backend.seen(Request.SET_VRING_ENABLE, 0) == 2,
                             20.0, "the ring enabled again")
+
+
+async def test_a_back_end_that_never_stops_its_rings_fails_the_pause_with_one_line(
+        tmp_path: Path) -> None:
+    """No answer to GET_VRING_BASE: the back-end may still write guest memory, so the
+    pause cannot promise quiescence and says so (the VM then runs on)."""
+    sock = tmp_path / "be.sock"
+    with ScriptedBackend(sock, features=VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES,
+                         answer_vring_base=False) as backend:
+        async with running_slot(sock, device_id=DeviceId.ENTROPY) as (slot, driver):
+            await in_thread(driver.bring_up, (0,))
+            await in_thread(wait_until, rings_running(backend, 0), 20.0, "bring-up")
+            with trio.fail_after(60), pytest.raises(DevicePauseError) as error:
+                await slot.pause()
+            assert "\n" not in str(error.value) and "vhost0" in str(error.value)
+            assert isinstance(error.value, VmStateError)
+            backend.release()
