@@ -57,8 +57,9 @@ WHOLE_PROCESS = "whole-process"
 IN_PROCESS = "in-process"
 PARTS = {
     PER_OPERATION: "Per operation: the same guest doing the same work in both VMMs; each "
-                   "figure is a run of N operations minus a run of none, so start-up and "
-                   "teardown cancel out",
+                   "rate or time per item is a run of N operations minus a run of none, so "
+                   "start-up and teardown cancel out; a snapshot figure is one save of the "
+                   "same paused guest",
     WHOLE_PROCESS: "Whole processes: `avmm up` (a fresh Python process per VM) against "
                    "`qemu-system-x86_64` (a fresh process per VM)",
     IN_PROCESS: "avmm inside a running Python process (a program that keeps avmm loaded, "

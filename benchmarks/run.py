@@ -2,18 +2,19 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
-Groups: exits, startup, blk, blk-vhost, net, churn, memory. Every figure is measured here
-and now: for each of R runs (5 by default, 2 with --quick) avmm and QEMU are measured back
-to back as a pair. Each figure reports both medians, their ratio avmm/QEMU, and the range
-of the per-pair ratios. The figures fall in three parts (benchmarks.common.PARTS): per
-operation (like for like), whole processes (``avmm up`` vs QEMU), and avmm inside a
-running process vs QEMU processes. The tables (Markdown, with the commit, machine and
-date that produced them) go to stdout, the JSON to ``build/bench/`` (``latest.json`` and
-a timestamped copy); ``python -m benchmarks.report --write-readme`` puts the tables of
-``latest.json`` in README.md.
+Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot. Every figure is
+measured here and now: for each of R runs (5 by default, 2 with --quick)
+avmm and QEMU are measured back to back as a pair. Each figure reports both medians, their
+ratio avmm/QEMU, and the range of the per-pair ratios. The figures fall in three parts
+(benchmarks.common.PARTS): per operation (like for like), whole processes (``avmm up`` vs
+QEMU), and avmm inside a running process vs QEMU processes. The tables (Markdown, with
+the commit, machine and date that produced them) go to stdout, the JSON to
+``build/bench/`` (``latest.json`` and a timestamped copy); ``python -m benchmarks.report
+--write-readme`` puts the tables of ``latest.json`` in README.md.
 
 blk-vhost needs qemu-storage-daemon; net needs root, /dev/net/tun and iproute2 (a tap in
-a network namespace, see benchmarks/net.py).
+a network namespace, see benchmarks/net.py); snapshot reads the guest RAM of the VMM
+processes it starts through /proc/PID/mem (see benchmarks/snapshot.py).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from benchmarks.common import (
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, MARKER, SPIN_N
 from benchmarks.net import bench_net
 from benchmarks.report import markdown, provenance
+from benchmarks.snapshot import bench_snapshot
 
 HELLO_TOML = REPO / "examples" / "hello.toml"
 HELLO = "console=ttyS0 avmm.test=hello"
@@ -77,12 +79,14 @@ class Params:
     churn_s: float
     memory_vms: tuple[int, ...]  # VMs in one process, each > 1, for the per-VM figures
     blk_image_mib: int = 64
+    snapshot_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the snapshot group
 
 
 FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
               blk_vhost_n={1: 10000, 32: 40000}, net_n=50000, churn_s=2.0, memory_vms=(10, 50))
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
-               blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3))
+               blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
+               snapshot_mib=(16,))
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
@@ -494,6 +498,7 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "net": lambda p: bench_net(p.runs, p.net_n),
     "churn": bench_churn,
     "memory": bench_memory,
+    "snapshot": lambda p: bench_snapshot(p.runs, p.snapshot_mib),
 }
 
 

@@ -48,6 +48,17 @@ GROUPS = {
                ("memory: extra RSS for the first VM", IN_PROCESS),
                ("memory: extra RSS per VM (1 → 2 VMs", IN_PROCESS),
                ("memory: extra RSS per VM (1 → 3 VMs", IN_PROCESS)],
+    # --quick snapshots a 16 MiB guest where the full run has 128 MiB and 1 GiB.
+    "snapshot": [("snapshot: save a paused VM, 16 MiB guest, untouched", PER_OPERATION),
+                 ("snapshot: save a paused VM, 16 MiB guest, touched", PER_OPERATION),
+                 ("snapshot: bytes written, 16 MiB guest, untouched", PER_OPERATION),
+                 ("snapshot: bytes written, 16 MiB guest, touched", PER_OPERATION),
+                 ("snapshot: space allocated on disk, 16 MiB guest", PER_OPERATION),
+                 ("restore: `avmm up --restore` process → guest runs, 16 MiB", WHOLE_PROCESS),
+                 ("restore: VirtualMachine.restore() in a running process → guest runs, 16",
+                  IN_PROCESS),
+                 ("restore: VirtualMachine.restore(copy_memory=True) in a running process → "
+                  "guest runs, 16", IN_PROCESS)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
@@ -104,8 +115,27 @@ def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path)
                             figure["avmm"]["median"] / figure["qemu"]["median"]), name
         assert difference or ratio["of_medians"] > 0, name
         assert name in result.stdout  # the table was printed
+    if group == "snapshot":
+        _check_snapshot_sizes(figures)
     _check_provenance(report)
     assert bench_report.provenance_line(report) in result.stdout
+
+
+def _check_snapshot_sizes(figures: dict[str, dict[str, object]]) -> None:
+    """The touched guest's snapshot holds what the group wrote into its RAM (the
+    figure's name says how many MiB), the untouched one far less, in both VMMs; disk
+    space follows the bytes written (the files are sparse, nothing is padded)."""
+    for name, figure in figures.items():
+        if not name.startswith("snapshot: bytes written") or "touched RAM (" not in name:
+            continue
+        written_mib = float(name.split("touched RAM (")[1].split(" MiB")[0])
+        untouched = figures[name.split("touched RAM (")[0] + "untouched RAM"]
+        allocated = figures[name.replace("bytes written", "space allocated on disk")]
+        for side in ("avmm", "qemu"):
+            median = figure[side]["median"]  # type: ignore[index]
+            assert median >= written_mib, (name, side, median)
+            assert untouched[side]["median"] < written_mib / 2, (name, side)  # type: ignore[index]
+            assert allocated[side]["median"] <= median * 1.05 + 0.1, (name, side)  # type: ignore[index]
 
 
 def test_ratio_is_the_ratio_of_the_medians_with_the_per_pair_range() -> None:
