@@ -526,6 +526,7 @@ class VirtualMachine:
                 error = _renamed(e.error, opened.inside, Path(path))
                 raise type(error)(f"cannot restore {path}: {e.step}: {error}") from e
         finally:
+            opened.snapshot.close()  # the memory file's fd (a mapping keeps the file)
             os.close(opened.dirfd)
 
     # -- lifetime -----------------------------------------------------------------------
@@ -1131,9 +1132,8 @@ def _set_kvm_clock(vm: Any, value: int) -> None:
 
 @dataclass(frozen=True)
 class _OpenedSnapshot:
-    """A snapshot read and checked: its directory's fd (the policy's O_PATH fd, through
-    which the memory file is opened later), that fd as a path, its sections and the
-    config it holds."""
+    """A snapshot read and checked: its directory's fd (the policy's O_PATH fd), that fd
+    as a path, its sections with the memory file held open, and the config it holds."""
 
     dirfd: int
     inside: Path
@@ -1161,6 +1161,7 @@ def _open_snapshot(path: Path, policy: PathPolicy,
     path = Path(os.path.abspath(path))
     dirfd = _open_snapshot_directory(policy, path, "restore")
     inside = Path(f"/proc/self/fd/{dirfd}")
+    snapshot: Snapshot | None = None
     try:
         try:
             snapshot = read_snapshot(inside, SNAPSHOT_SECTIONS)
@@ -1179,6 +1180,8 @@ def _open_snapshot(path: Path, policy: PathPolicy,
         return _OpenedSnapshot(dirfd=dirfd, inside=inside, snapshot=snapshot,
                                config=dataclasses.replace(config, source=str(path)))
     except BaseException:
+        if snapshot is not None:
+            snapshot.close()
         os.close(dirfd)
         raise
 

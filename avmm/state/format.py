@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -156,19 +157,61 @@ def write_state_file(path: Path, sections: Mapping[str, Any]) -> int:
 
 
 def read_state_file(path: Path, expect: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`parse_state` of the file at ``path``; a missing, unreadable or oversized
-    file is a :class:`SnapshotError` too."""
+    """:func:`parse_state` of the file at ``path``; a missing, unreadable, oversized or
+    not regular file is a :class:`SnapshotError` too. (A snapshot's state file is read
+    through its directory's fd instead: :func:`avmm.state.snapshot.read_snapshot`.)"""
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size > MAX_STATE_FILE_BYTES:
-                raise SnapshotError(f"{path}: {size} bytes is too large for a state file "
-                                    f"(at most {MAX_STATE_FILE_BYTES})")
-            data = file.read(MAX_STATE_FILE_BYTES + 1)
+        # O_NONBLOCK: a FIFO must be refused (below), not waited on in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SnapshotError(f"{path}: no such state file") from None
-    except IsADirectoryError:
-        raise SnapshotError(f"{path}: is a directory, not a state file") from None
     except OSError as e:
         raise SnapshotError(f"{path}: cannot read the state file: {e.strerror}") from None
-    return parse_state(data, expect, name=str(path))
+    try:
+        return read_state_fd(fd, expect, name=str(path))
+    finally:
+        os.close(fd)
+
+
+def read_state_fd(fd: int, expect: Mapping[str, Any], *, name: str) -> dict[str, Any]:
+    """:func:`parse_state` of the open file ``fd`` (``name`` in messages), which must be
+    a regular file of at most :data:`MAX_STATE_FILE_BYTES`. Reads from offset 0 and
+    never blocks on the file's type (a FIFO or a device is refused by ``fstat``)."""
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise SnapshotError(f"{name}: is a directory, not a state file")
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(f"{name}: is {_kind(info.st_mode)}, not a regular file; a "
+                                "state file must be one")
+        if info.st_size > MAX_STATE_FILE_BYTES:
+            raise SnapshotError(f"{name}: {info.st_size} bytes is too large for a state file "
+                                f"(at most {MAX_STATE_FILE_BYTES})")
+        chunks = []
+        offset = 0
+        while offset <= MAX_STATE_FILE_BYTES:
+            chunk = os.pread(fd, MAX_STATE_FILE_BYTES + 1 - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        data = b"".join(chunks)
+    except OSError as e:
+        raise SnapshotError(f"{name}: cannot read the state file: {e.strerror}") from None
+    if len(data) > MAX_STATE_FILE_BYTES:
+        raise SnapshotError(f"{name}: too large for a state file (it grew while read; at "
+                            f"most {MAX_STATE_FILE_BYTES} bytes)")
+    return parse_state(data, expect, name=name)
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "not a regular file"

@@ -24,11 +24,13 @@ Everything here blocks (file I/O): call it from a worker thread, not the event l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
 import mmap
 import os
+import stat
 import struct
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -246,28 +248,42 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 # -- reading -----------------------------------------------------------------------------
 
 
-def _open_checked(path: Path, memory: GuestRam, image: MemoryImage) -> int:
-    """Open the memory file, checking it against the state file and the new memory."""
+@contextlib.contextmanager
+def _opened_checked(source: Path | int, name: Path | None, memory: GuestRam,
+                    image: MemoryImage) -> Iterator[tuple[int, Path]]:
+    """The memory file as an fd (and its name for messages), checked against the state
+    file and the new memory. ``source``: an fd that stays open (the one
+    :func:`avmm.state.snapshot.read_snapshot` opened and checked), or a path opened here
+    (not blocking, a regular file required) and closed afterwards."""
+    path = name if name is not None else (source if isinstance(source, Path)
+                                          else Path(f"/proc/self/fd/{source}"))
     if image.size != memory.size:
         raise SnapshotError(f"{path}: the snapshot's guest has {image.size} bytes of RAM; "
                             f"the VM being restored has {memory.size}")
     if image.regions != layout_of(memory):
         raise SnapshotError(f"{path}: the snapshot's RAM layout does not match the VM's")
+    if isinstance(source, int):
+        fd, owned = source, False
+    else:
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SnapshotError(f"{path}: the snapshot's memory file is missing") from None
+        except OSError as e:
+            raise SnapshotError(f"{path}: cannot open the memory file: {e.strerror}") \
+                from None
+        owned = True
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SnapshotError(f"{path}: the snapshot's memory file is missing") from None
-    except OSError as e:
-        raise SnapshotError(f"{path}: cannot open the memory file: {e.strerror}") from None
-    try:
-        actual = os.fstat(fd).st_size
-        if actual != image.size:
-            raise SnapshotError(f"{path}: the memory file has {actual} bytes, the snapshot "
-                                f"recorded {image.size} (truncated or replaced?)")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(f"{path}: the memory file is not a regular file")
+        if info.st_size != image.size:
+            raise SnapshotError(f"{path}: the memory file has {info.st_size} bytes, the "
+                                f"snapshot recorded {image.size} (truncated or replaced?)")
+        yield fd, path
+    finally:
+        if owned:
+            os.close(fd)
 
 
 def _file_reader(fd: int) -> Callable[[int, int], bytes]:
@@ -293,12 +309,12 @@ def _check_digest(path: Path, image: MemoryImage, read: Callable[[int, int], byt
                             "match the state file)")
 
 
-def copy_memory_file(path: Path, memory: GuestRam, image: MemoryImage, *,
-                     verify: bool) -> None:
-    """Read the memory file into ``memory`` (fresh: all zero), skipping its holes; with
-    ``verify``, check its digest over what was read."""
-    fd = _open_checked(path, memory, image)
-    try:
+def copy_memory_file(source: Path | int, memory: GuestRam, image: MemoryImage, *,
+                     verify: bool, name: Path | None = None) -> None:
+    """Read the memory file (a path, or an open fd that stays open) into ``memory``
+    (fresh: all zero), skipping its holes; with ``verify``, check its digest over what
+    was read. ``name`` names an fd in messages."""
+    with _opened_checked(source, name, memory, image) as (fd, path):
         ranges = data_ranges(fd, image.size)
         for start, end in ranges:
             position = start
@@ -311,8 +327,6 @@ def copy_memory_file(path: Path, memory: GuestRam, image: MemoryImage, *,
                     position += got
         if verify:
             _check_digest(path, image, _memory_reader(memory), ranges)
-    finally:
-        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -322,14 +336,14 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _MAP_FIXED = 0x10
 
 
-def map_memory_file(path: Path, memory: GuestRam, image: MemoryImage, *,
-                    verify: bool) -> None:
-    """Put the memory file under ``memory``'s mapping, ``MAP_PRIVATE`` (copy-on-write),
-    in place: the same addresses, now backed by the file. Call it before the memory is
-    registered with KVM. With ``verify``, the file's digest is checked first (it reads
-    the file's data once, through the page cache, without copying it into the guest)."""
-    fd = _open_checked(path, memory, image)
-    try:
+def map_memory_file(source: Path | int, memory: GuestRam, image: MemoryImage, *,
+                    verify: bool, name: Path | None = None) -> None:
+    """Put the memory file (a path, or an open fd that stays open) under ``memory``'s
+    mapping, ``MAP_PRIVATE`` (copy-on-write), in place: the same addresses, now backed
+    by the file. Call it before the memory is registered with KVM. With ``verify``, the
+    file's digest is checked first (it reads the file's data once, through the page
+    cache, without copying it into the guest). ``name`` names an fd in messages."""
+    with _opened_checked(source, name, memory, image) as (fd, path):
         if verify:
             _check_digest(path, image, _file_reader(fd), data_ranges(fd, image.size))
         address = _libc.mmap(memory.host_base, memory.size,
@@ -342,6 +356,5 @@ def map_memory_file(path: Path, memory: GuestRam, image: MemoryImage, *,
             _libc.mmap(memory.host_base, memory.size, mmap.PROT_READ | mmap.PROT_WRITE,
                        mmap.MAP_SHARED | _MAP_FIXED, memory.fd, 0)
             raise SnapshotError(f"{path}: cannot map the memory file: {os.strerror(error)}")
-    finally:
-        os.close(fd)  # the mapping keeps the file
+        # The mapping keeps the file once the fd is closed.
     _mapped_from_file[memory] = str(path)

@@ -23,14 +23,16 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._errors import SnapshotError
-from .format import read_state_file, write_state_file
+from .format import _kind, read_state_fd, write_state_file
 from .memory_file import GuestRam, MemoryImage, copy_memory_file, map_memory_file, write_memory_file
 
 STATE_FILE_NAME = "state.avmm"
@@ -50,14 +52,30 @@ class SnapshotInfo:
     duration_s: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class Snapshot:
-    """A snapshot read back: its checked sections, and its memory file if it has one."""
+    """A snapshot read back: its checked sections, and its memory file if it has one,
+    open (``memory_fd``) since it was checked, so that what is loaded is what was
+    checked. :meth:`close` it (or use it as a context manager) once the memory is
+    loaded or the restore gave up; a mapping made from it keeps the file on its own."""
 
     path: Path
     sections: dict[str, Any]
     memory: MemoryImage | None
     memory_path: Path | None
+    memory_fd: int = -1
+    _closer: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+        self.memory_fd = -1
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def write_snapshot(directory: Path, sections: Mapping[str, Any],
@@ -104,34 +122,81 @@ def write_snapshot(directory: Path, sections: Mapping[str, Any],
 def read_snapshot(directory: Path, expect: Mapping[str, Any]) -> Snapshot:
     """Read and check the snapshot in ``directory``: ``expect`` maps each section (the
     memory section aside) to its type. The memory file must be there with the size
-    the state file recorded; its contents are checked by :func:`load_memory`."""
+    the state file recorded; its contents are checked by :func:`load_memory`.
+
+    The directory is opened once and both files are opened inside it (``openat``)
+    without following a symlink and without blocking (a FIFO is refused, not waited
+    on), and must be regular files: the directory may be an API client's, who can put
+    anything in it. The memory file stays open in the result (see :class:`Snapshot`).
+    """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise SnapshotError(f"{directory}: no such snapshot directory")
     if MEMORY_SECTION in expect:
         raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
-    state_path = directory / STATE_FILE_NAME
-    if not state_path.exists():
-        raise SnapshotError(f"{directory}: not a snapshot (it has no {STATE_FILE_NAME})")
-    sections = read_state_file(state_path, {**expect, MEMORY_SECTION: MemoryImage | None})
-    image: MemoryImage | None = sections.pop(MEMORY_SECTION)
-    memory_path = None
-    if image is not None:
+    try:
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SnapshotError(f"{directory}: no such snapshot directory") from None
+    except OSError as e:
+        raise SnapshotError(f"{directory}: cannot open the snapshot directory: "
+                            f"{e.strerror}") from None
+    try:
+        state_path = directory / STATE_FILE_NAME
+        state_fd = _open_inside(dirfd, STATE_FILE_NAME, state_path, missing=(
+            f"{directory}: not a snapshot (it has no {STATE_FILE_NAME})"))
+        try:
+            sections = read_state_fd(state_fd, {**expect, MEMORY_SECTION: MemoryImage | None},
+                                     name=str(state_path))
+        finally:
+            os.close(state_fd)
+        image: MemoryImage | None = sections.pop(MEMORY_SECTION)
+        if image is None:
+            return Snapshot(path=directory, sections=sections, memory=None, memory_path=None)
         if image.file in ("", ".", "..") or Path(image.file).name != image.file:
             raise SnapshotError(f"{state_path}: names a memory file outside the snapshot "
                                 f"({image.file!r})")
         memory_path = directory / image.file
-        try:
-            size = memory_path.stat().st_size
-        except FileNotFoundError:
-            raise SnapshotError(f"{memory_path}: the snapshot's memory file is missing") \
-                from None
-        except OSError as e:
-            raise SnapshotError(f"{memory_path}: {e.strerror}") from None
+        memory_fd = _open_inside(dirfd, image.file, memory_path, missing=(
+            f"{memory_path}: the snapshot's memory file is missing"))
+    finally:
+        os.close(dirfd)
+    snapshot = Snapshot(path=directory, sections=sections, memory=image,
+                        memory_path=memory_path, memory_fd=memory_fd)
+    # Closed by close(), or when the Snapshot is dropped without it (a caller that gave up).
+    snapshot._closer = weakref.finalize(snapshot, os.close, memory_fd)
+    try:
+        size = os.fstat(memory_fd).st_size
         if size != image.size:
             raise SnapshotError(f"{memory_path}: the memory file has {size} bytes, the "
                                 f"snapshot recorded {image.size} (truncated or replaced?)")
-    return Snapshot(path=directory, sections=sections, memory=image, memory_path=memory_path)
+    except BaseException:
+        snapshot.close()
+        raise
+    return snapshot
+
+
+def _open_inside(dirfd: int, name: str, path: Path, *, missing: str) -> int:
+    """``name`` in the directory ``dirfd``, opened read-only without following a symlink
+    and without blocking; it must be a regular file. ``path`` names it in messages."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dirfd)
+    except FileNotFoundError:
+        raise SnapshotError(missing) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotError(f"{path}: is a symlink; a snapshot's files must be regular "
+                                "files in its directory") from None
+        raise SnapshotError(f"{path}: cannot open it: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else _kind(mode)
+            raise SnapshotError(f"{path}: is {what}, not a regular file; a snapshot's files "
+                                "must be regular files")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def load_memory(snapshot: Snapshot, memory: GuestRam, *, copy: bool = False,
@@ -140,15 +205,21 @@ def load_memory(snapshot: Snapshot, memory: GuestRam, *, copy: bool = False,
     KVM): mapped copy-on-write from the file (nothing is read up front), or copied with
     ``copy``. ``verify`` checks the memory file's digest, reading all its data once: by
     default when copying (which reads it all anyway), not when mapping (that would undo
-    what mapping saves). The state file is always checked in full."""
+    what mapping saves). The state file is always checked in full. The memory file is
+    the one :func:`read_snapshot` opened and checked, never opened again by name."""
     if snapshot.memory is None or snapshot.memory_path is None:
         raise SnapshotError(f"{snapshot.path}: the snapshot has no guest memory")
+    if snapshot.memory_fd < 0:
+        raise SnapshotError(f"{snapshot.path}: the snapshot was closed before its memory "
+                            "was loaded")
     if verify is None:
         verify = copy
     if copy:
-        copy_memory_file(snapshot.memory_path, memory, snapshot.memory, verify=verify)
+        copy_memory_file(snapshot.memory_fd, memory, snapshot.memory, verify=verify,
+                         name=snapshot.memory_path)
     else:
-        map_memory_file(snapshot.memory_path, memory, snapshot.memory, verify=verify)
+        map_memory_file(snapshot.memory_fd, memory, snapshot.memory, verify=verify,
+                        name=snapshot.memory_path)
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,0 +1,149 @@
+"""A snapshot directory is the API client's, not ours: whatever it holds (symlinks, a
+FIFO, a huge state file) and whatever the client does to it while we read or write it,
+the daemon reads and writes only regular files inside that directory, never blocks on
+one, and never lets one make it allocate without bound. These tests need no KVM: they
+use the state package directly with a guest memory that no VM runs on."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from avmm import VirtualMachine
+from avmm.errors import StateError
+from avmm.memory import MIB, GuestMemory
+from avmm.paths import PathPolicy
+from avmm.state import SnapshotError, load_memory, read_snapshot, write_snapshot
+from avmm.state.snapshot import MEMORY_FILE_NAME, STATE_FILE_NAME
+
+SECRET = b"TOP-SECRET-OF-ANOTHER-TENANT"
+
+
+@pytest.fixture
+def memory() -> Iterator[GuestMemory]:
+    ram = GuestMemory(4 * MIB, name="avmm-hostile-test")
+    region = ram.regions[0]
+    ram.view(region.guest_address + 0x2000, 8)[:] = b"OUR-DATA"
+    yield ram
+    ram.close()
+
+
+@pytest.fixture
+def snapshot_dir(tmp_path: Path, memory: GuestMemory) -> Path:
+    """A whole snapshot (no sections besides the memory) in ``tmp_path/allowed``."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    write_snapshot(allowed / "snap", {}, memory)
+    return allowed / "snap"
+
+
+def victim_of_size(tmp_path: Path, size: int) -> Path:
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    victim = secret / "victim.img"
+    with open(victim, "wb") as file:
+        file.truncate(size)
+        file.seek(0x2000)
+        file.write(SECRET)
+    return victim
+
+
+# -- finding 1: files in the snapshot are opened without following symlinks -------------
+
+
+def test_a_memory_file_that_is_a_symlink_is_refused(tmp_path: Path, snapshot_dir: Path,
+                                                   memory: GuestMemory) -> None:
+    victim = victim_of_size(tmp_path, memory.size)
+    os.unlink(snapshot_dir / MEMORY_FILE_NAME)
+    os.symlink(victim, snapshot_dir / MEMORY_FILE_NAME)
+    with pytest.raises(SnapshotError, match=MEMORY_FILE_NAME) as caught:
+        snap = read_snapshot(snapshot_dir, {})
+        # (Before the fix the symlink was followed: the victim's bytes became guest RAM.)
+        ram = GuestMemory(memory.size, name="avmm-hostile-test")
+        try:
+            load_memory(snap, ram, copy=True, verify=False)
+            assert SECRET not in bytes(ram.view(ram.regions[0].guest_address, 0x3000))
+        finally:
+            ram.close()
+    assert "\n" not in str(caught.value)
+
+
+def test_a_state_file_that_is_a_symlink_is_refused(tmp_path: Path,
+                                                  snapshot_dir: Path) -> None:
+    real = tmp_path / "state-elsewhere"
+    os.rename(snapshot_dir / STATE_FILE_NAME, real)
+    os.symlink(real, snapshot_dir / STATE_FILE_NAME)
+    with pytest.raises(SnapshotError, match=STATE_FILE_NAME):
+        read_snapshot(snapshot_dir, {})
+
+
+def test_the_memory_file_is_opened_once_when_the_snapshot_is_read(
+        tmp_path: Path, snapshot_dir: Path, memory: GuestMemory) -> None:
+    """Swapping memory.avmm after the snapshot was read changes nothing: the file that
+    was checked is the one loaded."""
+    snap = read_snapshot(snapshot_dir, {})
+    try:
+        victim = victim_of_size(tmp_path, memory.size)
+        os.unlink(snapshot_dir / MEMORY_FILE_NAME)
+        os.symlink(victim, snapshot_dir / MEMORY_FILE_NAME)
+        ram = GuestMemory(memory.size, name="avmm-hostile-test")
+        try:
+            load_memory(snap, ram, copy=True)  # verifies the digest
+            view = bytes(ram.view(ram.regions[0].guest_address, 0x3000))
+            assert SECRET not in view
+            assert b"OUR-DATA" in view
+        finally:
+            ram.close()
+    finally:
+        close = getattr(snap, "close", None)
+        if close is not None:
+            close()
+
+
+def test_snapshot_files_that_are_not_regular_files_are_refused(snapshot_dir: Path) -> None:
+    os.unlink(snapshot_dir / MEMORY_FILE_NAME)
+    os.mkdir(snapshot_dir / MEMORY_FILE_NAME)
+    with pytest.raises(SnapshotError, match="not a regular file"):
+        read_snapshot(snapshot_dir, {})
+
+
+# -- finding 5 (and 8): a FIFO as state.avmm is refused at once --------------------------
+
+
+async def test_a_fifo_as_state_file_is_refused_quickly(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    (allowed / "snap").mkdir(parents=True)
+    fifo = allowed / "snap" / STATE_FILE_NAME
+    os.mkfifo(fifo)
+    policy = PathPolicy([allowed])
+    caught: list[BaseException] = []
+
+    async def restore() -> None:
+        try:
+            with trio.fail_after(10):
+                async with VirtualMachine.restore(allowed / "snap", start_paused=True,
+                                                  paths=policy):
+                    pass
+        except BaseException as e:
+            caught.append(e)
+
+    async def unblock() -> None:
+        # Without the fix the worker thread blocks in open() and cannot be cancelled:
+        # open the writer side late so that the test ends (and fails) anyway.
+        await trio.sleep(20)
+        fd = await trio.to_thread.run_sync(os.open, fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(unblock)
+            await restore()
+            nursery.cancel_scope.cancel()
+    finally:
+        policy.close()
+    assert caught and isinstance(caught[0], StateError), caught
+    assert STATE_FILE_NAME in str(caught[0]) and "regular file" in str(caught[0])

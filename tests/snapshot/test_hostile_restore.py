@@ -1,0 +1,72 @@
+"""Restoring, through a daemon restricted with ``--allow-path``, a snapshot an API client
+made or changed: the client gets no file outside its directories, cannot kill the
+daemon by changing the memory file under a running VM, and the restored VM is one the
+daemon could have created (its serial port on the API, not on the daemon's stdout)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from avmm import VirtualMachine
+from avmm.errors import StateError
+from avmm.host import Host
+from avmm.paths import PathPolicy
+from avmm.state.snapshot import MEMORY_FILE_NAME
+from tests.vm.helpers import guest_config
+
+pytestmark = [pytest.mark.kvm, pytest.mark.guest]
+
+SECRET = b"TOP-SECRET-OF-ANOTHER-TENANT"
+
+
+@pytest.fixture
+def area() -> Iterator[Path]:
+    """``allowed`` (the daemon's --allow-path) and ``secret`` (outside it), with a short
+    path for the API socket."""
+    root = Path(tempfile.mkdtemp(prefix="avmm-hostile-", dir="/tmp"))
+    (root / "allowed").mkdir()
+    (root / "secret").mkdir(mode=0o700)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def paused_snapshot(path: Path, **kwargs: object) -> None:
+    """A snapshot of the test guest before its first instruction."""
+    async with VirtualMachine(guest_config("avmm.test=hello", **kwargs),  # type: ignore[arg-type]
+                              start_paused=True) as vm:
+        await vm.snapshot(path)
+        vm.stop()
+
+
+# -- finding 1, end to end ---------------------------------------------------------------
+
+
+async def test_a_client_cannot_restore_a_file_outside_its_directories_as_memory(
+        area: Path) -> None:
+    allowed = area / "allowed"
+    await paused_snapshot(allowed / "snap")
+    size = os.stat(allowed / "snap" / MEMORY_FILE_NAME).st_size
+    victim = area / "secret" / "victim.img"
+    with open(victim, "wb") as file:
+        file.truncate(size)
+        file.seek(0x123000)
+        file.write(SECRET)
+    os.unlink(allowed / "snap" / MEMORY_FILE_NAME)
+    os.symlink(victim, allowed / "snap" / MEMORY_FILE_NAME)
+    policy = PathPolicy([allowed])
+    try:
+        async with Host() as host:
+            with pytest.raises(StateError, match=MEMORY_FILE_NAME):
+                vm = await host.restore(allowed / "snap", start=False, paths=policy)
+                # Without the fix the victim became the guest's RAM: take it back out.
+                await vm.snapshot(allowed / "loot", paths=policy)
+    finally:
+        policy.close()
+    loot = allowed / "loot" / MEMORY_FILE_NAME
+    assert not loot.exists() or SECRET not in loot.read_bytes()
