@@ -142,10 +142,13 @@ def parse_state(data: bytes, expect: Mapping[str, Any], *, name: str = "state fi
         raise SnapshotError(f"{name}: {e}") from None
 
 
-def write_state_file(path: Path, sections: Mapping[str, Any]) -> int:
-    """Write a new state file (fails if ``path`` exists) and fsync it; its size."""
+def write_state_file(path: Path | str, sections: Mapping[str, Any], *,
+                     dir_fd: int | None = None) -> int:
+    """Write a new state file (fails if ``path`` exists, even as a dangling symlink;
+    relative to ``dir_fd`` if given) and fsync it; its size."""
     data = build_state(sections)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:

@@ -214,14 +214,18 @@ def _memory_reader(memory: GuestRam) -> Callable[[int, int], bytes]:
 # -- writing -----------------------------------------------------------------------------
 
 
-def write_memory_file(memory: GuestRam, path: Path) -> MemoryImage:
-    """Write ``memory`` to a new file ``path`` (sparse, fsynced) and describe it. The
-    guest must not run meanwhile."""
+def write_memory_file(memory: GuestRam, path: Path | str, *,
+                      dir_fd: int | None = None) -> MemoryImage:
+    """Write ``memory`` to a new file ``path`` (relative to ``dir_fd`` if given; sparse,
+    fsynced; never through a symlink) and describe it. The guest must not run
+    meanwhile."""
+    path = Path(path)
     _check_layout(memory)
     size = memory.size
     candidates = data_ranges(memory.fd, size) if is_memfd_backed(memory) else [(0, size)]
     runs = nonzero_runs(_memory_reader(memory), _page_ranges(candidates))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
     try:
         digest = hashlib.sha256()
         for offset, length in runs:

@@ -18,11 +18,11 @@ Everything here blocks: call it from a worker thread, not the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import secrets
-import shutil
 import stat
 import time
 import weakref
@@ -83,40 +83,127 @@ def write_snapshot(directory: Path, sections: Mapping[str, Any],
     """Write ``sections`` (name → state dataclass) and ``memory`` as the new snapshot
     directory ``directory``, whose parent must exist. The guest must not run meanwhile.
 
-    :raises SnapshotError: ``directory`` exists, its parent does not, or writing failed
-        (nothing is left behind then).
+    The parent may be an API client's directory, who can rename, replace or symlink
+    anything in it meanwhile: the parent is opened once and everything is done through
+    fds, never by a path again. The temporary directory is made with ``mkdirat``,
+    opened with ``O_NOFOLLOW`` and checked to be the new empty directory of this user;
+    the files are made inside its fd (``O_CREAT|O_EXCL|O_NOFOLLOW``); before the rename
+    its name must still be that directory (same device and inode), else nothing is
+    renamed. So nothing is ever written outside the parent that was opened.
+
+    :raises SnapshotError: ``directory`` exists, its parent does not, the temporary
+        directory was replaced, or writing failed (nothing is left behind then).
     """
     started = time.monotonic()
     directory = Path(directory)
     if MEMORY_SECTION in sections:
         raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
-    if directory.exists() or directory.is_symlink():
-        raise SnapshotError(f"{directory}: already exists; snapshots are written to a new "
-                            "directory")
+    name = directory.name
+    if name in ("", ".", ".."):
+        raise SnapshotError(f"{directory}: does not name a new directory")
     parent = directory.parent
-    if not parent.is_dir():
-        raise SnapshotError(f"{directory}: its parent directory does not exist")
-    partial = parent / f".{directory.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        os.mkdir(partial, 0o700)
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SnapshotError(f"{directory}: its parent directory does not exist") from None
     except OSError as e:
-        raise SnapshotError(f"{directory}: cannot create the snapshot: {e.strerror}") from None
+        raise SnapshotError(f"{directory}: cannot open its parent directory: "
+                            f"{e.strerror}") from None
     try:
-        image = write_memory_file(memory, partial / MEMORY_FILE_NAME) if memory else None
-        bytes_state = write_state_file(partial / STATE_FILE_NAME,
-                                       {**sections, MEMORY_SECTION: image})
-        _fsync_directory(partial)
-        _rename_no_replace(partial, directory)
-        _fsync_directory(parent)
-    except BaseException as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise SnapshotError(f"{directory}: cannot write the snapshot: "
-                                f"{e.strerror or e}") from e
-        raise
+        if _exists(name, parent_fd):
+            raise SnapshotError(f"{directory}: already exists; snapshots are written to a "
+                                "new directory")
+        partial = f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(partial, 0o700, dir_fd=parent_fd)
+        except OSError as e:
+            raise SnapshotError(f"{directory}: cannot create the snapshot: {e.strerror}") \
+                from None
+        partial_fd = -1
+        try:
+            partial_fd = _open_new_directory(partial, parent_fd, directory)
+            image = (write_memory_file(memory, MEMORY_FILE_NAME, dir_fd=partial_fd)
+                     if memory else None)
+            bytes_state = write_state_file(STATE_FILE_NAME, {**sections, MEMORY_SECTION: image},
+                                           dir_fd=partial_fd)
+            os.fsync(partial_fd)
+            if not _is_same(partial, parent_fd, partial_fd):
+                raise SnapshotError(_replaced(directory))
+            _rename_no_replace(parent_fd, partial, name)
+            os.fsync(parent_fd)
+        except BaseException as e:
+            _remove_partial(parent_fd, partial, partial_fd)
+            if isinstance(e, OSError):
+                raise SnapshotError(f"{directory}: cannot write the snapshot: "
+                                    f"{e.strerror or e}") from e
+            raise
+        finally:
+            if partial_fd >= 0:
+                os.close(partial_fd)
+    finally:
+        os.close(parent_fd)
     return SnapshotInfo(path=directory, bytes_state=bytes_state,
                         bytes_memory=image.data_bytes if image else 0,
                         duration_s=time.monotonic() - started)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _replaced(directory: Path) -> str:
+    return (f"{directory}: the snapshot's temporary directory was replaced while it was "
+            f"written (by someone else writing in {directory.parent}?); nothing was kept")
+
+
+def _open_new_directory(partial: str, parent_fd: int, directory: Path) -> int:
+    """The directory just made as ``partial``, opened without following a symlink, and
+    checked to be what mkdir made: a directory of ours, mode 0700, empty. (Someone who
+    can write the parent could have swapped it in the moment between; a directory owned
+    by this user they cannot make, unless they are this user.)"""
+    try:
+        fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            raise SnapshotError(_replaced(directory)) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if (info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077
+                or os.listdir(fd)):
+            raise SnapshotError(_replaced(directory))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_same(name: str, dir_fd: int, fd: int) -> bool:
+    """Whether ``name`` in ``dir_fd`` is (still) the file open as ``fd``."""
+    try:
+        named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _remove_partial(parent_fd: int, partial: str, partial_fd: int) -> None:
+    """Undo a failed write: the files made inside the temporary directory (through its
+    fd, wherever it is now), then the directory if its name is still it."""
+    if partial_fd >= 0:
+        for file_name in (MEMORY_FILE_NAME, STATE_FILE_NAME):
+            with contextlib.suppress(OSError):
+                os.unlink(file_name, dir_fd=partial_fd)
+        if not _is_same(partial, parent_fd, partial_fd):
+            return
+    with contextlib.suppress(OSError):
+        os.rmdir(partial, dir_fd=parent_fd)
 
 
 def read_snapshot(directory: Path, expect: Mapping[str, Any]) -> Snapshot:
@@ -222,31 +309,22 @@ def load_memory(snapshot: Snapshot, memory: GuestRam, *, copy: bool = False,
                         name=snapshot.memory_path)
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _rename_no_replace(source: Path, target: Path) -> None:
-    """rename(2) that fails if ``target`` appeared meanwhile (plain rename would replace
-    an empty directory)."""
+def _rename_no_replace(dir_fd: int, source: str, target: str) -> None:
+    """renameat2(2) within ``dir_fd`` that fails if ``target`` appeared meanwhile (plain
+    rename would replace an empty directory)."""
     renameat2 = getattr(_libc, "renameat2", None)
     if renameat2 is not None:
-        result = renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+        result = renameat2(dir_fd, os.fsencode(source), dir_fd, os.fsencode(target),
                            _RENAME_NOREPLACE)
         if result == 0:
             return
         error = ctypes.get_errno()
         if error not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(error, os.strerror(error), str(target))
-    if target.exists():
-        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
-    os.rename(source, target)
+            raise OSError(error, os.strerror(error), target)
+    if _exists(target, dir_fd):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), target)
+    os.rename(source, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

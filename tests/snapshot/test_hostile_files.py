@@ -7,6 +7,8 @@ use the state package directly with a guest memory that no VM runs on."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +149,79 @@ async def test_a_fifo_as_state_file_is_refused_quickly(tmp_path: Path) -> None:
         policy.close()
     assert caught and isinstance(caught[0], StateError), caught
     assert STATE_FILE_NAME in str(caught[0]) and "regular file" in str(caught[0])
+
+
+# -- finding 3: the .partial directory swapped for a symlink while it is written ---------
+
+
+class _SlowMemory:
+    """A GuestMemory whose first read waits until ``ready`` is set: the moment between
+    the creation of the .partial directory and the writes into it."""
+
+    def __init__(self, ram: GuestMemory, ready: threading.Event) -> None:
+        self._ram = ram
+        self._ready = ready
+        self.size, self.fd, self.host_base = ram.size, ram.fd, ram.host_base
+        self.regions = ram.regions
+
+    def view(self, address: int, length: int) -> memoryview:
+        self._ready.wait(10)
+        return self._ram.view(address, length)
+
+
+def test_a_partial_directory_swapped_for_a_symlink_gets_nothing_written_outside(
+        tmp_path: Path, memory: GuestMemory) -> None:
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    swapped = threading.Event()
+
+    def attacker() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for name in os.listdir(allowed):
+                if ".partial-" in name:
+                    os.rename(allowed / name, allowed / "moved-away")
+                    os.symlink(outside, allowed / name)
+                    swapped.set()
+                    return
+        swapped.set()
+
+    thread = threading.Thread(target=attacker)
+    thread.start()
+    try:
+        with pytest.raises(SnapshotError, match="replaced"):
+            write_snapshot(allowed / "snap", {}, _SlowMemory(memory, swapped))  # type: ignore[arg-type]
+    finally:
+        thread.join()
+    assert os.listdir(outside) == []
+    assert not (allowed / "snap").is_symlink()
+
+
+def test_write_snapshot_creates_nothing_through_a_symlinked_name(
+        tmp_path: Path, memory: GuestMemory) -> None:
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    os.symlink(outside, allowed / "snap")
+    with pytest.raises(SnapshotError, match="already exists"):
+        write_snapshot(allowed / "snap", {}, memory)
+    assert os.listdir(outside) == []
+
+
+def test_a_snapshot_written_through_its_parent_fd_reads_back(tmp_path: Path,
+                                                            memory: GuestMemory) -> None:
+    info = write_snapshot(tmp_path / "snap", {}, memory)
+    assert info.path == tmp_path / "snap"
+    assert sorted(os.listdir(tmp_path)) == ["snap"]  # no .partial left
+    assert os.stat(tmp_path / "snap").st_mode & 0o777 == 0o700
+    snap = read_snapshot(tmp_path / "snap", {})
+    try:
+        ram = GuestMemory(memory.size, name="avmm-hostile-test")
+        try:
+            load_memory(snap, ram, copy=True)
+            assert bytes(ram.view(ram.regions[0].guest_address + 0x2000, 8)) == b"OUR-DATA"
+        finally:
+            ram.close()
+    finally:
+        snap.close()

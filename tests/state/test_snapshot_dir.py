@@ -56,7 +56,7 @@ def test_a_snapshot_is_never_written_over_anything(memory, tmp_path: Path):
 
 
 def test_a_failure_midway_leaves_nothing(memory, tmp_path: Path, monkeypatch):
-    def fail(path: Path, sections: object) -> int:
+    def fail(path: Path, sections: object, **_: object) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(snapshot_module, "write_state_file", fail)
@@ -75,7 +75,7 @@ def test_a_crash_midway_leaves_no_snapshot(tmp_path: Path):
         from avmm.state import snapshot
         from tests.state.samples import machine_state
 
-        def hang(path, sections):
+        def hang(path, sections, **_):
             print("memory written", flush=True)
             time.sleep(60)
 
