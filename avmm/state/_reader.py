@@ -10,6 +10,7 @@ that it accepts and refuses exactly what the construct declaration does.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ._errors import SnapshotError
@@ -17,6 +18,16 @@ from .codec import _VARINT_MAX_BYTES, Record
 
 #: Far deeper than any state nests (a vCPU's segment registers are four levels down).
 MAX_DEPTH = 64
+#: The most items in one list or map, or fields in one record: the longest lists of a
+#: real state are a vCPU's MSRs and CPUID entries (some dozens to hundreds; KVM lists
+#: at most a few thousand MSRs), a virtio device's queues (at most 1024).
+MAX_ITEMS = 16384
+#: The most values in a whole state file. A vCPU is about a thousand (CPUID entries and
+#: MSRs are records), so this holds avmm's 255 vCPUs twice over. Every value is a Python
+#: object (~180 bytes for a small record): the cap bounds what parsing allocates to
+#: some 100 MiB whatever the file holds, where a file of tiny values would otherwise
+#: cost ~50 times its size.
+MAX_VALUES = 1 << 19
 
 _NONE, _FALSE, _TRUE, _INT, _BYTES, _STR, _LIST, _RECORD, _MAP = range(9)
 
@@ -26,12 +37,24 @@ class _Malformed(Exception):
 
 
 class _Reader:
-    __slots__ = ("data", "end", "pos")
+    __slots__ = ("budget", "data", "end", "pos")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
         self.end = len(data)
+        self.budget = MAX_VALUES
+
+    def count(self, path: str, what: str) -> int:
+        """A list's, map's or record's item count, refused before anything is allocated
+        if it is more than :data:`MAX_ITEMS` or than the values left in the budget."""
+        count = self.varint()
+        if count > MAX_ITEMS:
+            raise SnapshotError(f"{path}: {count} {what}; a state holds at most {MAX_ITEMS}")
+        if count > self.budget:
+            raise SnapshotError(f"{path}: too many values (a state holds at most "
+                                f"{MAX_VALUES} in all)")
+        return count
 
     def take(self, count: int) -> bytes:
         start = self.pos
@@ -67,6 +90,10 @@ class _Reader:
     def value(self, path: str, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise SnapshotError(f"{path}: values are nested too deeply")
+        self.budget -= 1
+        if self.budget < 0:
+            raise SnapshotError(f"{path}: too many values (a state holds at most "
+                                f"{MAX_VALUES} in all)")
         tag = self.take(1)[0]
         if tag == _INT:
             value = self.varint()
@@ -77,14 +104,15 @@ class _Reader:
             name = self.text()
             version = self.varint()
             fields: dict[str, Any] = {}
-            for _ in range(self.varint()):
+            for _ in range(self.count(path, "fields")):
                 field = self.text()
                 if field in fields:
                     raise SnapshotError(f"{path}: field {field!r} appears twice")
                 fields[field] = self.value(f"{path}.{field}", depth + 1)
             return Record(name, version, fields)
         if tag == _LIST:
-            return [self.value(f"{path}[{i}]", depth + 1) for i in range(self.varint())]
+            return [self.value(f"{path}[{i}]", depth + 1)
+                    for i in range(self.count(path, "list items"))]
         if tag == _STR:
             return self.text()
         if tag == _NONE:
@@ -93,7 +121,7 @@ class _Reader:
             return tag == _TRUE
         if tag == _MAP:
             result: dict[Any, Any] = {}
-            for _ in range(self.varint()):
+            for _ in range(self.count(path, "map entries")):
                 key = self.value(f"{path}{{key}}", depth + 1)
                 if not isinstance(key, int | str) or isinstance(key, bool):
                     raise SnapshotError(f"{path}: a map key must be an integer or a string")
@@ -104,16 +132,26 @@ class _Reader:
         raise _Malformed(f"unknown value tag {tag}")
 
 
-def read_values(data: bytes, count_prefixed: bool, path: str) -> Any:
+def read_values(data: bytes, count_prefixed: bool, path: str, *,
+                sections: Collection[str] | None = None) -> Any:
     """One VALUE filling ``data`` (``count_prefixed`` False), or a varint count of
     ``(name, VALUE)`` sections filling it (True: the state file's payload), as plain
-    values; :class:`SnapshotError` for anything else."""
+    values; :class:`SnapshotError` for anything else. With ``sections``, a section of
+    another name, or one seen before, is refused before its value is read."""
     reader = _Reader(data)
     try:
         if count_prefixed:
             result: Any = []
+            seen: set[str] = set()
             for _ in range(reader.varint()):
                 name = reader.text()
+                if sections is not None:
+                    if name not in sections:
+                        raise SnapshotError(f"unknown section {name!r} (written by a newer "
+                                            "avmm?)")
+                    if name in seen:
+                        raise SnapshotError(f"section {name!r} appears twice")
+                    seen.add(name)
                 result.append((name, reader.value(name, 0)))
         else:
             result = reader.value(path, 0)

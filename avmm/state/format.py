@@ -38,8 +38,9 @@ from .codec import NAME, VALUE, VAR_UINT, from_plain, to_plain, wire_of
 
 MAGIC = b"AVMMSNAP"
 FORMAT_VERSION = 1
-#: A state file is a few KiB per vCPU and device; anything this large is not one.
-MAX_STATE_FILE_BYTES = 256 << 20
+#: A state file is a few KiB per vCPU and device (28 KiB for two vCPUs and a disk);
+#: anything this large is not one. Checked on the file's size before it is read.
+MAX_STATE_FILE_BYTES = 64 << 20
 DIGEST_SIZE = 32
 
 HEADER = c.Struct(
@@ -120,7 +121,8 @@ def parse_state(data: bytes, expect: Mapping[str, Any], *, name: str = "state fi
         raise SnapshotError(f"{name}: corrupt (its SHA-256 does not match its contents)")
     payload = data[header_size:header_size + header.payload_length]
     try:
-        sections = read_values(payload, True, "state")
+        # The section names are checked as they come, before their values are read.
+        sections = read_values(payload, True, "state", sections=tuple(expect))
     except SnapshotError as e:
         raise SnapshotError(f"{name}: {e}") from None
 

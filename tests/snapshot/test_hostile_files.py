@@ -7,6 +7,8 @@ use the state package directly with a guest memory that no VM runs on."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from avmm.memory import MIB, GuestMemory
 from avmm.paths import PathPolicy
 from avmm.state import SnapshotError, load_memory, read_snapshot, write_snapshot
 from avmm.state.snapshot import MEMORY_FILE_NAME, STATE_FILE_NAME
+from tests.vm.helpers import REPO
 
 SECRET = b"TOP-SECRET-OF-ANOTHER-TENANT"
 
@@ -225,3 +228,78 @@ def test_a_snapshot_written_through_its_parent_fd_reads_back(tmp_path: Path,
             ram.close()
     finally:
         snap.close()
+
+
+# -- finding 6: a big but valid state file is refused before it is parsed ---------------
+
+_AMPLIFY = r"""
+import hashlib, resource, sys
+from avmm.state.format import HEADER, FORMAT_VERSION, parse_state
+from avmm.state._errors import SnapshotError
+from avmm.state import MachineState
+
+def varint(v):
+    out = bytearray()
+    while True:
+        b = v & 0x7F; v >>= 7
+        out.append(b | 0x80 if v else b)
+        if not v:
+            return bytes(out)
+
+def state(payload):
+    head = HEADER.build({"format_version": FORMAT_VERSION, "writer": "avmm test",
+                         "payload_length": len(payload)})
+    data = head + payload
+    return data + hashlib.sha256(data).digest()
+
+n = (12 << 20) // 4
+text = lambda s: varint(len(s)) + s.encode()
+cases = {
+    # a list of n empty records in an expected section
+    "list": varint(1) + text("machine") + bytes([6]) + varint(n) + bytes([7, 0, 0, 0]) * n,
+    # the same under a section nobody asked for
+    "unknown-section": varint(1) + text("bogus") + bytes([6]) + varint(n)
+                       + bytes([7, 0, 0, 0]) * n,
+    # lists of lists: no list too long, many values in all
+    "nested": varint(1) + text("machine") + bytes([6]) + varint(n // 256)
+              + (bytes([6]) + varint(256) + bytes([7, 0, 0, 0]) * 256) * (n // 256),
+    # a map of n / 4 small keys to empty records
+    "map": varint(1) + text("machine") + bytes([8]) + varint(n // 4)
+           + b"".join(bytes([3]) + varint(2 * i) + bytes([7, 0, 0, 0]) for i in range(n // 4)),
+}
+name = sys.argv[1]
+data = state(cases[name])
+del cases
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    parse_state(data, {"machine": MachineState})
+    print(name, "ACCEPTED")
+except SnapshotError as e:
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) >> 10
+    print(name, "refused", grown, "MiB:", str(e)[:100])
+"""
+
+
+@pytest.mark.parametrize("case", ["list", "unknown-section", "nested", "map"])
+def test_a_big_valid_state_file_is_refused_without_growing_memory(case: str) -> None:
+    """Each crafted file is ~12 MiB with a valid SHA-256; parsing it whole took ~50
+    times that. A long list or map is refused on its count, an unknown section on its
+    name, many short lists when the values run out (avmm.state._reader.MAX_VALUES: some
+    100 MiB of Python objects at most). Measured in a new process (ru_maxrss is a
+    peak)."""
+    result = subprocess.run([sys.executable, "-c", _AMPLIFY, case], capture_output=True,
+                            text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    name, verdict, grown, *_ = result.stdout.split()
+    assert (name, verdict) == (case, "refused"), result.stdout
+    assert int(grown) < (160 if case == "nested" else 64), result.stdout
+
+
+def test_a_state_file_over_the_size_cap_is_refused_before_it_is_read(
+        snapshot_dir: Path) -> None:
+    path = snapshot_dir / STATE_FILE_NAME
+    with open(path, "r+b") as file:
+        file.truncate(65 << 20)  # sparse: nothing of it is ever read
+    with pytest.raises(SnapshotError, match="too large"):
+        read_snapshot(snapshot_dir, {})
