@@ -671,7 +671,9 @@ def _mac(value: Any, key: str, context: _Context) -> bytes:
 
 
 def _netns(value: Any, key: str, context: _Context) -> str:
-    if not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value)):
+    # Not "." or "..": the name is joined to /run/netns.
+    if not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value)
+            and value not in (".", "..")):
         raise context.error(key, f"expected a network namespace name (as in `ip netns list`), "
                             f"got {_describe(value)}")
     if not os.path.exists(f"/run/netns/{value}"):

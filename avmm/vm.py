@@ -1165,9 +1165,10 @@ def _open_snapshot(path: Path, policy: PathPolicy,
     try:
         try:
             snapshot = read_snapshot(inside, SNAPSHOT_SECTIONS)
-            source = str(inside / STATE_FILE_NAME)
+            source = str(path / STATE_FILE_NAME)
             config = config_from_state(snapshot.sections["config"], source=source,
-                                       vhost_user=vhost_user)
+                                       vhost_user=vhost_user,
+                                       path_check=policy.check if policy.restricted else None)
             machine: MachineState = snapshot.sections["machine"]
             if len(machine.vcpus) != config.machine.vcpus:
                 raise SnapshotError(f"{source}: {len(machine.vcpus)} saved vCPUs, the saved "

@@ -5,6 +5,7 @@ daemon could have created (its serial port on the API, not on the daemon's stdou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from avmm import VirtualMachine
-from avmm.errors import StateError
+from avmm.config import DiskConfig
+from avmm.errors import PathNotAllowedError, StateError
 from avmm.host import Host
 from avmm.paths import PathPolicy
 from avmm.state.snapshot import MEMORY_FILE_NAME
@@ -70,3 +72,28 @@ async def test_a_client_cannot_restore_a_file_outside_its_directories_as_memory(
         policy.close()
     loot = allowed / "loot" / MEMORY_FILE_NAME
     assert not loot.exists() or SECRET not in loot.read_bytes()
+
+
+# -- finding 4, end to end: the daemon's policy applies to the saved config -------------
+
+
+async def test_a_saved_disk_outside_the_allowed_directories_is_refused_by_the_daemon(
+        area: Path) -> None:
+    allowed = area / "allowed"
+    disk = area / "secret" / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    config = dataclasses.replace(guest_config("avmm.test=hello"),
+                                 disks=(DiskConfig(path=disk),))
+    async with VirtualMachine(config, start_paused=True) as vm:
+        await vm.snapshot(allowed / "snap")
+        vm.stop()
+    policy = PathPolicy([allowed])
+    try:
+        async with Host() as host:
+            with pytest.raises(PathNotAllowedError) as caught:
+                await host.restore(allowed / "snap", start=False, paths=policy)
+    finally:
+        policy.close()
+    assert caught.value.key == "disk[0].path"
+    assert str(allowed / "snap" / "state.avmm") in str(caught.value)
+    assert "/proc/self/fd" not in str(caught.value)
