@@ -84,6 +84,7 @@ from .state import (
     SnapshotError,
     SnapshotInfo,
     load_memory,
+    others_can_change_memory,
     read_snapshot,
     restore_machine,
     save_machine,
@@ -505,6 +506,13 @@ class VirtualMachine:
                 copy = True
                 log.info("snapshot memory copied, not mapped: vhost-user back-ends map "
                          "guest RAM's memfd", path=str(path))
+            if not copy and policy.restricted:
+                # A daemon's client may truncate a file it can write: mapped, that
+                # would kill the daemon with SIGBUS (see others_can_change_memory).
+                why = others_can_change_memory(snapshot)
+                if why is not None:
+                    copy = True
+                    log.info("snapshot memory copied, not mapped", reason=why, path=str(path))
             vm = cls(config, name=name, start_paused=start_paused, paths=policy)
             machine: MachineState = snapshot.sections["machine"]
             vm._restore_plan = _RestorePlan(snapshot=snapshot, copy_memory=copy,

@@ -25,6 +25,7 @@ from .platform import save_platform as save_platform
 from .snapshot import Snapshot as Snapshot
 from .snapshot import SnapshotInfo as SnapshotInfo
 from .snapshot import load_memory as load_memory
+from .snapshot import others_can_change_memory as others_can_change_memory
 from .snapshot import read_snapshot as read_snapshot
 from .snapshot import write_snapshot as write_snapshot
 from .vcpu import VcpuState as VcpuState

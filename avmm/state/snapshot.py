@@ -286,6 +286,28 @@ def _open_inside(dirfd: int, name: str, path: Path, *, missing: str) -> int:
     return fd
 
 
+def others_can_change_memory(snapshot: Snapshot) -> str | None:
+    """Why someone other than this process's user could change the snapshot's memory
+    file (it belongs to another user, or its group or others may write it), or None.
+
+    A mapped memory file (:func:`load_memory` without ``copy``) must stay unchanged
+    while the VM runs: truncated, it would kill the whole process with SIGBUS at the
+    next touch of a page no longer in the file. Whoever owns the file, or may write it,
+    can truncate it. A daemon whose API clients may be other users (``--allow-path``)
+    therefore maps only a file that is its own user's and not writable by group or
+    others, and copies any other. (It cannot seal a file it does not own; a file it
+    owns, only root or its own user can change.)"""
+    if snapshot.memory_fd < 0:
+        return None
+    info = os.fstat(snapshot.memory_fd)
+    if info.st_uid != os.geteuid():
+        return f"the memory file belongs to uid {info.st_uid}, not to this daemon's user"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"the memory file is writable by its group or others (mode "
+                f"{stat.S_IMODE(info.st_mode):o})")
+    return None
+
+
 def load_memory(snapshot: Snapshot, memory: GuestRam, *, copy: bool = False,
                 verify: bool | None = None) -> None:
     """Bring the snapshot's guest RAM into ``memory`` (new, all zero, not yet given to

@@ -8,19 +8,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from avmm import VirtualMachine
 from avmm.config import DiskConfig
 from avmm.errors import PathNotAllowedError, StateError
 from avmm.host import Host
 from avmm.paths import PathPolicy
+from avmm.state import is_memfd_backed
 from avmm.state.snapshot import MEMORY_FILE_NAME
-from tests.vm.helpers import guest_config
+from tests.vm.helpers import REPO, guest_config
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
@@ -97,3 +101,72 @@ async def test_a_saved_disk_outside_the_allowed_directories_is_refused_by_the_da
     assert caught.value.key == "disk[0].path"
     assert str(allowed / "snap" / "state.avmm") in str(caught.value)
     assert "/proc/self/fd" not in str(caught.value)
+
+
+# -- finding 2: the memory file truncated under a restored VM ----------------------------
+
+_TRUNCATE = r"""
+import os, sys, trio
+from pathlib import Path
+from avmm.host import Host
+from avmm.paths import PathPolicy
+from avmm.state import is_memfd_backed
+
+allowed = Path(sys.argv[1])
+memory_file = allowed / "snap" / "memory.avmm"
+
+async def main():
+    policy = PathPolicy([allowed])
+    async with Host() as host:
+        vm = await host.restore(allowed / "snap", start=False, paths=policy)
+        print("mapped" if not is_memfd_backed(vm.vm.memory) else "copied", flush=True)
+        os.truncate(memory_file, 0)   # the client, in its own directory
+        memory = vm.vm.memory
+        total = 0
+        for region in memory.regions:   # the daemon touches every page of guest RAM
+            view = memory.view(region.guest_address, region.size)
+            for offset in range(0, region.size, 4096):
+                total += view[offset]
+        await vm.snapshot(allowed / "again", paths=policy)
+        print("alive", flush=True)
+        vm.stop()
+    policy.close()
+
+trio.run(main)
+"""
+
+
+def _restore_and_truncate(allowed: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _TRUNCATE, str(allowed)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("change", ["group-writable", "other-owner"])
+async def test_truncating_a_memory_file_others_can_write_does_not_kill_the_daemon(
+        area: Path, change: str) -> None:
+    allowed = area / "allowed"
+    await paused_snapshot(allowed / "snap")
+    memory_file = allowed / "snap" / MEMORY_FILE_NAME
+    if change == "group-writable":
+        os.chmod(memory_file, 0o660)
+    else:
+        os.chown(memory_file, 65534, 65534)  # nobody: a client other than the daemon
+    result = await trio.to_thread.run_sync(_restore_and_truncate, allowed)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert "copied" in lines and "alive" in lines, result.stdout
+
+
+async def test_a_memory_file_only_the_daemon_can_write_is_still_mapped(area: Path) -> None:
+    allowed = area / "allowed"
+    await paused_snapshot(allowed / "snap")
+    assert os.stat(allowed / "snap" / MEMORY_FILE_NAME).st_uid == os.geteuid()
+    policy = PathPolicy([allowed])
+    try:
+        async with Host() as host:
+            vm = await host.restore(allowed / "snap", start=False, paths=policy)
+            assert not is_memfd_backed(vm.vm.memory)
+            vm.vm.stop()
+    finally:
+        policy.close()
