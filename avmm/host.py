@@ -509,7 +509,9 @@ class Host:
     async def restore(self, path: str | os.PathLike[str], *, start: bool = True,
                       copy_memory: bool = False,
                       vhost_user: Mapping[str, str | os.PathLike[str]] | None = None,
-                      paths: PathPolicy | None = None) -> HostedVm:
+                      paths: PathPolicy | None = None,
+                      adjust_config: Callable[[VmConfig], VmConfig] | None = None,
+                      ) -> HostedVm:
         """A new VM from the snapshot directory ``path`` (see
         :meth:`avmm.vm.VirtualMachine.restore`); returns once it runs, or, with
         ``start=False``, once it is built and PAUSED. ``vhost_user`` maps a vhost-user
@@ -517,6 +519,8 @@ class Host:
         the files the snapshot's config names are opened through ``paths`` (default:
         anywhere): checked here first, for one-line errors naming the key, then opened
         (and the snapshot read through the directory's fd) by the VM's restore.
+        ``adjust_config`` changes the saved config before the VM is built, as the
+        daemon changes a config it is sent before :meth:`create` (its serial port).
 
         :raises PathNotAllowedError: a path lies outside the allowed directories.
         :raises HostFileError: ``path`` is not a directory that can be opened.
@@ -540,7 +544,8 @@ class Host:
         def opener() -> AbstractAsyncContextManager[VirtualMachine]:
             return VirtualMachine.restore(path, start_paused=not start,
                                           copy_memory=copy_memory,
-                                          vhost_user=sockets or None, paths=policy)
+                                          vhost_user=sockets or None, paths=policy,
+                                          adjust_config=adjust_config)
 
         hosted = HostedVm(self._new_id(), None, start_paused=not start, restore=opener)
         await self._start(hosted)

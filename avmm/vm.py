@@ -26,7 +26,7 @@ import itertools
 import os
 import time
 import types
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -474,7 +474,9 @@ class VirtualMachine:
                       copy_memory: bool = False,
                       vhost_user: Mapping[str, str] | None = None,
                       paths: PathPolicy | None = None,
-                      name: str | None = None) -> AsyncIterator[VirtualMachine]:
+                      name: str | None = None,
+                      adjust_config: Callable[[VmConfig], VmConfig] | None = None,
+                      ) -> AsyncIterator[VirtualMachine]:
         """Bring back the VM saved in the snapshot directory ``path`` (see
         :meth:`snapshot`), as an async context manager like ``VirtualMachine(config)``::
 
@@ -488,7 +490,9 @@ class VirtualMachine:
         ``copy_memory``. A VM with vhost-user devices always gets a copy: its back-ends
         map guest RAM's memfd, which a mapped file would bypass. No kernel is loaded:
         the guest goes on from where it was saved, or stays paused with
-        ``start_paused`` until :meth:`resume`.
+        ``start_paused`` until :meth:`resume`. ``adjust_config`` may change the saved
+        config before the VM is built (the daemon's: a serial port on the API, not on
+        its stdout).
 
         :raises SnapshotError: the snapshot is missing, damaged, of another format or
             does not fit together (one line naming the file);
@@ -501,6 +505,8 @@ class VirtualMachine:
                                                vhost_user)
         try:
             config, snapshot = opened.config, opened.snapshot
+            if adjust_config is not None:
+                config = adjust_config(config)
             copy = copy_memory
             if not copy and _has_vhost_user(config):
                 copy = True

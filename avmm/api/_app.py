@@ -305,7 +305,8 @@ class ManagementApi:
         copy_memory = _boolean(data, "copy_memory", False)
         sockets = _vhost_user_sockets(data.get("vhost_user"))
         vm = await self.host.restore(path, start=start, copy_memory=copy_memory,
-                                     vhost_user=sockets, paths=self.paths)
+                                     vhost_user=sockets, paths=self.paths,
+                                     adjust_config=_for_daemon)
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
 
     async def _snapshot(self, request: _Request) -> _Response:

@@ -18,7 +18,8 @@ import pytest
 import trio
 
 from avmm import VirtualMachine
-from avmm.config import DiskConfig
+from avmm.api import ApiClient, serve_api
+from avmm.config import DiskConfig, SerialConfig
 from avmm.errors import PathNotAllowedError, StateError
 from avmm.host import Host
 from avmm.paths import PathPolicy
@@ -170,3 +171,31 @@ async def test_a_memory_file_only_the_daemon_can_write_is_still_mapped(area: Pat
             vm.vm.stop()
     finally:
         policy.close()
+
+
+# -- finding 7: a restored VM's serial port is the API's in the daemon -------------------
+
+
+async def test_a_vm_restored_by_the_daemon_has_its_serial_port_on_the_api(
+        area: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    allowed = area / "allowed"
+    await paused_snapshot(allowed / "snap", serial=SerialConfig(mode="console"))
+    capfd.readouterr()
+    policy = PathPolicy([allowed])
+    try:
+        async with Host() as host, trio.open_nursery() as nursery:
+            socket = await nursery.start(lambda task_status: serve_api(
+                host, area / "avmm.sock", paths=policy, task_status=task_status))
+            async with ApiClient(socket) as api:
+                restored = await api.restore_vm(allowed / "snap")
+                hosted = host.get(restored["id"])
+                with trio.fail_after(120):
+                    await hosted.wait()
+            assert hosted.config is not None
+            assert hosted.config.serial.mode == "none"
+            backlog = hosted.console_backlog()
+            nursery.cancel_scope.cancel()
+    finally:
+        policy.close()
+    assert backlog, "the guest printed nothing on the API console"
+    assert backlog.decode(errors="replace").strip() not in capfd.readouterr().out
