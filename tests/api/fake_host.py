@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +172,12 @@ class FakeHost:
 
     async def restore(self, path: str, *, start: bool = True, copy_memory: bool = False,
                       vhost_user: Mapping[str, str] | None = None,
-                      paths: PathPolicy | None = None) -> FakeVm:
+                      paths: PathPolicy | None = None,
+                      adjust_config: Callable[[VmConfig], VmConfig] | None = None,
+                      ) -> FakeVm:
         """Checks the paths as the real one does; a directory with a state.avmm file
-        restores ``restore_config`` (when set), anything else is not a snapshot."""
+        restores ``restore_config`` (when set, changed by ``adjust_config`` as the real
+        one does), anything else is not a snapshot."""
         policy = paths if paths is not None else PathPolicy()
 
         def check() -> None:
@@ -186,7 +189,10 @@ class FakeHost:
         if self.restore_config is None or not (Path(path) / "state.avmm").is_file():
             raise SnapshotError(f"{path}: not a snapshot (it has no state.avmm)")
         self.restored.append((path, start, copy_memory, dict(vhost_user or {})))
-        return await self.create(self.restore_config, start=start)
+        config = self.restore_config
+        if adjust_config is not None:
+            config = adjust_config(config)
+        return await self.create(config, start=start)
 
     async def create(self, config: VmConfig, *, start: bool = True,
                      paths: object = None) -> FakeVm:
