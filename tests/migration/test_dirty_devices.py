@@ -25,7 +25,7 @@ from avmm.virtio.blk import BlockDevice, RequestType
 from avmm.virtio.console import ConsoleDevice
 from avmm.virtio.net import NET_HEADER_SIZE, VIRTIO_NET_F_MRG_RXBUF, NetDevice
 from avmm.virtio.rng import RngDevice
-from tests.virtio.queue_helpers import make_queue
+from tests.virtio.queue_helpers import DriverQueue, make_queue
 from tests.virtio.test_blk import header, make_image, service
 from tests.virtio.test_console import Output
 from tests.virtio.test_net import MAC, FakeTap, Guest, frame, running, until
@@ -62,6 +62,14 @@ class WriteWatch:
         missed = changed - self.marked_pages()
         assert not missed, f"pages written but not marked: {sorted(missed)}"
         return changed
+
+
+def skip_to(driver: DriverQueue, page_offset: int = 0) -> None:
+    """Make the driver's next buffer start at ``page_offset`` into a page after the
+    rings' pages, so that what the device writes there is on pages of its own."""
+    here = driver.alloc_data(0, alignment=1)
+    gap = (page_offset - here) % PAGE_SIZE or PAGE_SIZE
+    driver.alloc_data(gap, alignment=1)
 
 
 @contextmanager
@@ -120,6 +128,7 @@ def test_blk_read_marks_the_data_the_status_and_the_used_ring(tmp_path: Path) ->
     with BlockDevice(image) as device:
         queue, driver = make_queue(16, memory_size=1 << 20)
         memory = driver.memory
+        skip_to(driver)
         head = driver.add_chain(readable=[header(RequestType.IN, 2)],
                                 writable=[512, 3 * PAGE_SIZE + 512, 1])
         buffers = driver.chains[head].writable
@@ -137,6 +146,7 @@ def test_blk_status_byte_alone_is_marked(tmp_path: Path) -> None:
     with BlockDevice(image) as device:
         queue, driver = make_queue(16, memory_size=1 << 20)
         memory = driver.memory
+        skip_to(driver)
         head = driver.add_chain(readable=[header(RequestType.FLUSH)], writable=[1])
         (status_address, _), = driver.chains[head].writable
         memory.write(status_address, b"\xee")  # so that OK (0) is a change
@@ -150,9 +160,13 @@ def test_blk_get_id_marks_the_identity(tmp_path: Path) -> None:
     with BlockDevice(image, serial="dirty-serial") as device:
         queue, driver = make_queue(16, memory_size=1 << 20)
         memory = driver.memory
+        # The 16-byte header ends a page; the identity starts the next, and the status
+        # byte is a page further (past a spare page-sized buffer).
+        skip_to(driver, PAGE_SIZE - 16)
         head = driver.add_chain(readable=[header(RequestType.GET_ID)],
-                                writable=[20, 1])
-        (id_address, _), _status = driver.chains[head].writable
+                                writable=[20, PAGE_SIZE, 1])
+        (id_address, _), _spare, _status = driver.chains[head].writable
+        assert id_address % PAGE_SIZE == 0
         with watching(memory, id_address):
             service(device, queue, memory)
         assert driver.writable_data(head)[:12] == b"dirty-serial"
@@ -162,15 +176,24 @@ def test_blk_get_id_marks_the_identity(tmp_path: Path) -> None:
 
 
 async def receive(guest: Guest, device: NetDevice, peer: socket.socket,
-                  frames: list[bytes], chains: list[list[int]], used: int) -> list[int]:
-    """Give receive chains of the given writable sizes, then (watched) the frames from
-    the tap; returns the heads."""
+                  frames: list[bytes], chains: list[list[int]], used: int,
+                  page_offset: int = 0, page_each: bool = False) -> list[int]:
+    """Give receive chains of the given writable sizes (the first at ``page_offset``
+    into a page of its own; with ``page_each`` every chain on pages of its own), then
+    (watched) the frames from the tap; returns the heads."""
     async with running(device, guest.context):
         old = guest.rx.avail_idx
-        heads = [guest.rx.add_chain(writable=sizes) for sizes in chains]
+        skip_to(guest.rx, page_offset)
+        heads = []
+        for sizes in chains:
+            heads.append(guest.rx.add_chain(writable=sizes))
+            if page_each:
+                skip_to(guest.rx)
         guest.kick_if_needed(0, old)
         await trio.testing.wait_all_tasks_blocked()
-        buffers = [address for head in heads for address, _ in guest.rx.chains[head].writable]
+        # The chains the frames fill (the rest stay the driver's, untouched).
+        buffers = [address for head in heads[:used]
+                   for address, _ in guest.rx.chains[head].writable]
         with watching(guest.memory, guest.rx.used_ring, *buffers):
             for data in frames:
                 peer.send(bytes(NET_HEADER_SIZE) + data)
@@ -190,13 +213,14 @@ async def test_net_receive_into_one_buffer_is_marked() -> None:
 
 
 async def test_net_receive_into_a_chain_of_buffers_is_marked() -> None:
-    """Several writable buffers in one chain: readv straight into all of them."""
+    """Several writable buffers in one chain: readv straight into all of them (the
+    last one runs into the next page, which only readv writes)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
         guest = Guest()
         incoming = frame(os.urandom(1400), 1514)
         heads = await receive(guest, NetDevice(FakeTap(a), mac=MAC), b, [incoming],
-                              [[7, 5, 700, 814]], 1)
+                              [[7, 5, 700, 814]], 1, page_offset=PAGE_SIZE - 112)
         assert guest.rx.writable_data(heads[0], 1526)[12:] == incoming
 
 
@@ -207,8 +231,11 @@ async def test_net_mergeable_receive_is_marked() -> None:
     with a, b:
         guest = Guest(features=VIRTIO_NET_F_MRG_RXBUF)
         incoming = frame(os.urandom(1500), 1514)
+        # The first buffer straddles a page boundary: its second page holds only frame
+        # data that readv put there.
         await receive(guest, NetDevice(FakeTap(a), mac=MAC), b, [incoming],
-                      [[600], [600], [600], [600]], 3)
+                      [[600], [600], [600], [600]], 3, page_offset=PAGE_SIZE - 100,
+                      page_each=True)
 
 
 # -- console and entropy -------------------------------------------------------------------
