@@ -234,3 +234,35 @@ def test_hostile_slot_layouts_are_refused(layout: list[tuple[int, MemoryRegion]]
                                           message: str) -> None:
     with GuestMemory(8 * MIB) as memory, pytest.raises(DirtyLogError, match=message):
         DirtyLog(None, memory, slots=layout)  # type: ignore[arg-type]
+
+
+def test_marks_from_many_threads_are_each_collected_once_at_least() -> None:
+    """Device threads mark while another thread takes the marks: every page marked
+    shows up in some take (none falls between a take and the next)."""
+    import threading
+
+    pages = 4096
+    marks = DirtyMarks((MemoryRegion(0, pages * PAGE_SIZE, 0),), pages)
+    collected = PageSet(pages)
+    stop = threading.Event()
+
+    def marker(first: int) -> None:
+        # Each thread marks its own pages, several to a bitmap byte with the others'.
+        for page in range(first, pages, 4):
+            marks.mark(page * PAGE_SIZE, 1)
+
+    def taker() -> None:
+        while not stop.is_set():
+            collected.or_bitmap(marks.take())
+
+    taking = threading.Thread(target=taker)
+    taking.start()
+    markers = [threading.Thread(target=marker, args=(first,)) for first in range(4)]
+    for thread in markers:
+        thread.start()
+    for thread in markers:
+        thread.join()
+    stop.set()
+    taking.join()
+    collected.or_bitmap(marks.take())
+    assert len(collected) == pages
