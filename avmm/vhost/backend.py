@@ -595,7 +595,7 @@ class _Session:
         self.inflight: tuple[mmap.mmap, memoryview, int, int] | None = None
         self.running: _RunningDevice | None = None
         self.offered_features = (device.device_features() | COMMON_FEATURES
-                                 | VHOST_USER_F_PROTOCOL_FEATURES)
+                                 | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
         #: Settings whose last request was refused, by (request, ring index or None):
         #: the device does not start while any is here (see the module docstring).
         self.refused: dict[tuple[Request, int | None], str] = {}
@@ -705,7 +705,7 @@ class _Session:
                                      for request, index in self.refused])
             return
         memory = self.memory
-        features = self.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        features = self.features & ~(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
         event = 2 if features & VIRTIO_F_EVENT_IDX else 0
         for index, ring in enumerate(self.rings):
             state = ring.queue.state
@@ -1196,8 +1196,10 @@ class _Session:
         data = b""
         if params.direction == DEVICE_STATE_SAVE:
             try:
-                data = save_backend_state(self.device, self.features
-                                          & ~VHOST_USER_F_PROTOCOL_FEATURES)
+                # Neither feature is the device's (nor the driver's): the state holds
+                # what the driver negotiated.
+                data = save_backend_state(self.device, self.features & ~(
+                    VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL))
             except (DeviceStateError, TypeError, ValueError) as e:
                 # The device cannot be saved now, or its state does not fit its
                 # declaration (a bug): the front-end gets a failure, not a hang-up.
