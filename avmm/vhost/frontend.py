@@ -746,12 +746,14 @@ class VhostUserDevice(VirtioDevice):
         # applied by run() right after it (the generation moved on).
         generation = self._log_generation
         dirty = self._dirty
+        refused = None
         if dirty is not None and not self.can_log_dirty:
             # A back-end that came back without logging: the migration must not trust
             # the log (collect_dirty refuses); the guest's device goes on.
             self._dirty_error = self.dirty_log_problem()
             self._log.warning("vhost-user back-end cannot log dirty pages any more",
                               reason=self._dirty_error)
+            refused = self._dirty_error
             dirty = None
         features = self._features_to_set(context, dirty)
         await self._call(sock, Request.SET_FEATURES, features)
@@ -769,7 +771,17 @@ class VhostUserDevice(VirtioDevice):
                          {"nregions": len(regions), "regions": regions},
                          fds=[memory.fd] * len(regions))
         if dirty is not None:
-            await self._set_log_base(sock, dirty)
+            try:
+                await self._set_log_base(sock, dirty)
+            except _Refused as e:
+                # The guest's device runs on without logging; the migration that wanted
+                # the log fails at its next collect_dirty.
+                self._dirty_error = (f"vhost-user device {self.name}: the back-end at "
+                                     f"{self.socket_path} refused the dirty log ({e})")
+                self._log.warning("vhost-user back-end refused the dirty log",
+                                  reason=str(e))
+                refused = self._dirty_error
+                dirty = None
         kick_fd = getattr(context, "kick_fd", None)
         call_fd = getattr(context, "call_fd", None)
         if kick_fd is None or call_fd is None:
@@ -804,7 +816,7 @@ class VhostUserDevice(VirtioDevice):
             with contextlib.suppress(OSError):
                 os.eventfd_write(kick_fd(index), 1)
         self._log_applied = generation
-        self._log_refused = None
+        self._log_refused = refused
         self._log_progressed()
         self._log.info("vhost-user rings started", rings=self._started,
                        features=hex(features), inflight=self.inflight is not None,
@@ -1432,6 +1444,9 @@ class VhostUserDevice(VirtioDevice):
         forget the inflight record (the VM is going away)."""
         self._close_connection()
         self.reset()
+        dirty, self._dirty = self._dirty, None
+        if dirty is not None:
+            dirty.close()
         with self._linger_lock:
             lingering, self._lingering = self._lingering, []
         for sock in lingering:

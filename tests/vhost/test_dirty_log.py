@@ -10,8 +10,10 @@ buffers) and writes (the back-end writes only the status byte).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -196,6 +198,43 @@ async def test_logging_started_before_driver_ok_applies_at_the_bring_up(
         memory.close()
 
 
+@pytest.mark.parametrize("kind", ["avmm", "qsd"])
+async def test_a_backend_restarted_while_logging_gets_the_log_again(tmp_path: Path,
+                                                                    kind: str) -> None:
+    """The back-end is killed while logging is on and started again on the same
+    socket: the reconnect's bring-up hands the new process the log, and what it writes
+    is in collect_dirty."""
+    image = tmp_path / "disk.img"
+    contents = os.urandom(IMAGE_SIZE)
+    image.write_bytes(contents)
+    sock = tmp_path / "blk.sock"
+    memory = GuestMemory(MEMORY_SIZE)
+    try:
+        with blk_backend(kind, image, sock) as process:
+            device = await make_device(sock, memory)
+            try:
+                async with running_slot(device, memory) as (slot, queue):
+                    await device.start_dirty_log(MEMORY_SIZE)
+                    await request(slot, queue, BLK_IN, 0, read=512)
+                    device.collect_dirty()
+                    process.kill()  # type: ignore[attr-defined]
+                    await trio.to_thread.run_sync(process.wait)  # type: ignore[attr-defined]
+                    with contextlib.suppress(FileNotFoundError):
+                        sock.unlink()  # the dead back-end's socket file
+                    with blk_backend(kind, image, sock):
+                        head, writable = await request(slot, queue, BLK_IN, 24,
+                                                       read=2 * PAGE)
+                        assert queue.writable_data(head)[:2 * PAGE] == \
+                            contents[24 * 512:24 * 512 + 2 * PAGE]
+                        assert device.reconnects >= 1
+                        assert pages_of(writable) <= set(device.collect_dirty())
+                        await device.stop_dirty_log()
+            finally:
+                device.close()
+    finally:
+        memory.close()
+
+
 # -- back-ends that cannot log ---------------------------------------------------------
 
 
@@ -225,6 +264,79 @@ async def test_a_backend_that_cannot_log_is_named_in_one_line(
                 with pytest.raises(VhostFrontendError) as error:
                     await device.start_dirty_log(MEMORY_SIZE)
                 assert str(error.value) == problem
+            finally:
+                device.close()
+    finally:
+        memory.close()
+
+
+class LogRefusingBackend(ScriptedBackend):
+    """Offers logging, then answers SET_LOG_BASE with a value that is neither 0 nor the
+    log's size (a failure)."""
+
+    def _handle(self, conn: socket.socket, request: Request, flags: int, payload: bytes,
+                fds: list[int]) -> None:
+        if request == Request.SET_LOG_BASE:
+            with self._lock:
+                self.requests.append((request, payload))
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(struct.pack("<IIIQ", int(request), 0x5, 8, 7))
+        else:
+            super()._handle(conn, request, flags, payload, fds)
+
+
+async def test_a_refused_log_fails_start_dirty_log_and_the_device_runs_on(
+    tmp_path: Path,
+) -> None:
+    """A back-end that refuses the log at the bring-up: start_dirty_log fails with one
+    line and logging is off again; the rings run (no DEVICE_NEEDS_RESET)."""
+    sock = tmp_path / "scripted.sock"
+    memory = GuestMemory(MEMORY_SIZE)
+    try:
+        with LogRefusingBackend(sock, features=VIRTIO_F_VERSION_1
+                                | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
+                                protocol_features=REPLY_ACK | LOG_SHMFD) as backend:
+            device = await make_device(sock, memory)
+            try:
+                async with running_slot(device, memory) as (slot, _):
+                    with pytest.raises(VhostFrontendError, match="refused the dirty log"):
+                        await device.start_dirty_log(MEMORY_SIZE)
+                    assert backend.seen(Request.SET_LOG_BASE) == 1
+                    with pytest.raises(VhostFrontendError, match="not on"):
+                        device.collect_dirty()
+                    assert Driver(slot.transport).status == OK_STATUS  # no NEEDS_RESET
+                    assert device.connected and device.reconnects == 0
+            finally:
+                device.close()
+    finally:
+        memory.close()
+
+
+async def test_a_log_refused_at_the_bring_up_makes_collect_dirty_refuse(
+    tmp_path: Path,
+) -> None:
+    """Logging started before DRIVER_OK, refused by the back-end at the bring-up: the
+    device starts anyway and collect_dirty refuses with the back-end's refusal (the
+    migration fails; the guest's disk does not)."""
+    sock = tmp_path / "scripted.sock"
+    memory = GuestMemory(MEMORY_SIZE)
+    try:
+        with LogRefusingBackend(sock, features=VIRTIO_F_VERSION_1
+                                | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL,
+                                protocol_features=REPLY_ACK | LOG_SHMFD) as backend:
+            device = await make_device(sock, memory)
+            try:
+                await device.start_dirty_log(MEMORY_SIZE)
+                async with running_slot(device, memory) as (slot, _):
+                    with trio.fail_after(20):  # the device task's bring-up
+                        while not backend.seen(Request.SET_VRING_ENABLE):
+                            await trio.sleep(0.01)
+                    assert backend.seen(Request.SET_LOG_BASE) == 1
+                    with pytest.raises(VhostFrontendError, match="refused the dirty log"):
+                        device.collect_dirty()
+                    assert Driver(slot.transport).status == OK_STATUS
+                await device.stop_dirty_log()
             finally:
                 device.close()
     finally:
