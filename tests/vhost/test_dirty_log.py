@@ -379,6 +379,67 @@ async def test_the_backend_answers_a_log_it_cannot_use_and_keeps_the_connection(
             sealed.close()
 
 
+async def test_the_backend_logs_what_it_writes_for_a_qemu_like_frontend(
+    tmp_path: Path,
+) -> None:
+    """A front-end that turns logging on while the ring runs, as QEMU does: SET_LOG_BASE
+    (answered 0), SET_FEATURES toggling only VHOST_F_LOG_ALL and SET_VRING_ADDR changing
+    only the log flag and address are taken on the running ring; other changes under
+    it are still refused. The rng's buffer pages and the used ring's page (at the log
+    address given) are then set in the log; after logging is turned off, nothing more
+    is."""
+    from avmm.vhost.protocol import VHOST_VRING_F_LOG
+    from avmm.virtio.device import VIRTIO_F_EVENT_IDX
+    from avmm.virtio.rng import RngDevice
+    from tests.vhost.frontend_double import USER_BASE
+
+    async with served(RngDevice(), tmp_path) as path, connected(path) as frontend:
+        await frontend.handshake(protocol=REPLY_ACK | LOG_SHMFD)
+        ring = frontend.add_ring(0)
+        await frontend.start()
+        driver = ring.driver
+        log_area = MemfdMemory(PAGE)
+        try:
+            await frontend.send(Request.SET_LOG_BASE, {"mmap_size": PAGE,
+                                                       "mmap_offset": 0}, [log_area.fd])
+            assert (await frontend.receive()).payload == 0
+
+            def address(flags: int, log: int, used: int = driver.used_ring) -> dict:
+                return {"index": 0, "flags": flags,
+                        "descriptor": USER_BASE + driver.descriptor_table,
+                        "used": USER_BASE + used,
+                        "available": USER_BASE + driver.available_ring, "log": log}
+
+            nack = frontend.ack
+            assert await nack(Request.SET_FEATURES,
+                              frontend.features | VHOST_F_LOG_ALL | VIRTIO_F_EVENT_IDX) != 0
+            assert await nack(Request.SET_VRING_ADDR,
+                              address(VHOST_VRING_F_LOG, driver.used_ring,
+                                      used=driver.used_ring + 0x1000)) != 0
+            assert await nack(Request.SET_VRING_ADDR, address(0x2, 0)) != 0
+            await frontend.set(Request.SET_FEATURES, frontend.features | VHOST_F_LOG_ALL)
+            await frontend.set(Request.SET_VRING_ADDR,
+                               address(VHOST_VRING_F_LOG, driver.used_ring))
+
+            head = driver.add_chain(writable=[3 * PAGE])
+            ring.kick()
+            assert await ring.wait_used(1) == [(head, 3 * PAGE)]
+            logged = int.from_bytes(log_area.data[:PAGE], "little")
+            expected = pages_of(driver.chains[head].writable) | pages_of(
+                [(driver.used_ring, 4 + 8 * driver.size)])
+            assert {bit for bit in range(PAGE * 8) if logged >> bit & 1} == expected
+
+            log_area.data[:PAGE] = bytes(PAGE)
+            await frontend.set(Request.SET_FEATURES, frontend.features)
+            await frontend.set(Request.SET_VRING_ADDR, address(0, 0))
+            driver.add_chain(writable=[PAGE])
+            ring.kick()
+            await ring.wait_used(1)
+            assert log_area.data[:PAGE] == bytes(PAGE)
+        finally:
+            log_area.close()
+
+
 # -- the log itself ----------------------------------------------------------------------
 
 
