@@ -77,42 +77,12 @@ class _Converged(Exception):
 def make_dirty_log(vm: VirtualMachine) -> Any:
     """The VM's dirty log (KVM's log and avmm's own marks; each vhost-user device's log
     added as a source)."""
+    from .dirty import DirtyLog
+
     memory = vm.memory
-    try:
-        from .dirty import DirtyLog
-    except ImportError:  # TEMPORARY until mig-dirty's DirtyLog is merged
-        return _EverythingDirty(memory.size // PAGE_SIZE)
     assert memory is not None
-    return DirtyLog(vm._kvm_vm, memory, slots=list(range(len(memory.regions))))
-
-
-class _AllPages:
-    def __init__(self, total: int) -> None:
-        self.total = total
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __iter__(self) -> Any:
-        return iter(range(self.total))
-
-    def __ior__(self, other: Any) -> _AllPages:
-        return self
-
-
-class _EverythingDirty:
-    """TEMPORARY stand-in before DirtyLog exists: every page is dirty every round (a
-    correct, slow stop-and-copy of all of RAM)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def collect(self) -> _AllPages:
-        return _AllPages(self.total)
+    # avmm registers KVM memory slot i for memory.regions[i] (VirtualMachine._build).
+    return DirtyLog(vm._kvm_vm, memory, slots=enumerate(memory.regions))
 
 
 class Source:

@@ -14,7 +14,15 @@ import trio
 
 from avmm import StopReason, VirtualMachine, VmState
 
-from .support import MEM_WALK, TIMEOUT_S, check_walk, collect, guest_config, read_until
+from .support import (
+    MEM_WALK,
+    TIMEOUT_S,
+    Receiver,
+    check_walk,
+    collect,
+    guest_config,
+    read_until,
+)
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
@@ -45,3 +53,32 @@ async def test_mem_walk_migrates_between_two_vms_over_unix(tmp_path: Path) -> No
     assert "done" not in before.decode()
     assert "mem-walk round=1 " not in after.decode(), "the destination started over"
     check_walk(before.decode(), after.decode())
+
+
+async def run_source_until_migrated(to: str, **migrate: object) -> tuple[str, object]:
+    """Boot mem-walk here, migrate it to ``to`` during round 3; its output here and
+    the migration's progress."""
+    before = bytearray()
+    async with trio.open_nursery() as nursery:
+        async with VirtualMachine(guest_config(MEM_WALK)) as source:
+            nursery.start_soon(collect, source, before)
+            await read_until(before, "mem-walk round=2 crc=")
+            progress = await source.migrate(to, **migrate)  # type: ignore[arg-type]
+            result = await source.wait()
+        assert result.reason is StopReason.MIGRATED, result
+    return before.decode(), progress
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_mem_walk_migrates_to_another_process(tmp_path: Path, transport: str) -> None:
+    address = f"unix:{tmp_path / 'in.sock'}" if transport == "unix" else "tcp:127.0.0.1:0"
+    receiver = Receiver(address)
+    with trio.fail_after(TIMEOUT_S * 2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.run)
+            before, _ = await run_source_until_migrated(receiver.listen_address)
+        assert receiver.process is not None
+    stderr = receiver.stderr.decode()
+    assert receiver.process.returncode == 0, stderr[-3000:]
+    assert "migration completed" in stderr.splitlines()[-1]
+    check_walk(before, receiver.stdout.decode())
