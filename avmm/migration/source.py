@@ -260,5 +260,5 @@ def _failure(error: BaseException) -> str:
     if isinstance(error, trio.Cancelled):
         return "cancelled"
     if isinstance(error, PeerError):
-        return f"the destination refused: {error}"
+        return str(error)  # the destination's own line says who refused
     return str(error) or type(error).__name__

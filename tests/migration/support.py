@@ -55,14 +55,19 @@ def rounds_printed(output: str) -> list[int]:
 _EXPECTED_START = expected_lines(MEM_WALK_MIB, CHECKED_ROUNDS)[:CHECKED_ROUNDS]
 
 
-def check_walk(*parts: str) -> None:
+def mem_walk(rounds: int = MEM_WALK_ROUNDS) -> str:
+    """The command line of a mem-walk of ``rounds`` rounds."""
+    return f"avmm.test=mem-walk avmm.mib={MEM_WALK_MIB} avmm.rounds={rounds}"
+
+
+def check_walk(*parts: str, rounds: int = MEM_WALK_ROUNDS) -> None:
     """The outputs of the guest's successive homes make one uninterrupted walk: every
     round once, in order, the first CRCs as the host computes them, ``verify=ok``."""
     output = "".join(parts)
     lines = mem_walk_lines(output)
-    assert rounds_printed(output) == list(range(1, MEM_WALK_ROUNDS + 1)), output[-2000:]
+    assert rounds_printed(output) == list(range(1, rounds + 1)), output[-2000:]
     assert lines[:CHECKED_ROUNDS] == _EXPECTED_START
-    assert lines[-1] == f"{PREFIX}mem-walk done rounds={MEM_WALK_ROUNDS} verify=ok"
+    assert lines[-1] == f"{PREFIX}mem-walk done rounds={rounds} verify=ok"
 
 
 class Receiver:
