@@ -618,13 +618,9 @@ class VirtualMachine:
         for slot in self.virtio_slots:
             device = slot.device
             if isinstance(device, VhostUserDevice):
-                problem = getattr(device, "dirty_log_problem", None)
-                if problem is None:
-                    return (f"{device.name} is a vhost-user device, and this avmm cannot "
-                            "log its back-end's writes yet")
-                why = problem()
+                why = device.dirty_log_problem()
                 if why is not None:
-                    return f"{device.name}: {why}"
+                    return why
         return None
 
     def _migration_config(self) -> bytes:

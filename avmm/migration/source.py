@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from ..errors import AvmmError
 from ..state.format import build_state
 from .errors import MigrationError
 from .pages import PageMap
@@ -101,6 +102,7 @@ class Source:
                                           pages_total=self.pages.total)
         self._channel: Channel | None = None
         self._pending_before_pause: Any = None
+        self._backends: list[Any] = []  # vhost-user devices whose logs are on
         self._log = log.bind(vm=vm.name, to=str(address))
 
     def _update(self, **changes: Any) -> None:
@@ -128,6 +130,7 @@ class Source:
                     raise MigrationError(f"the destination answered {kind.name}, not READY")
             dirty_log = make_dirty_log(self.vm)
             await trio.to_thread.run_sync(dirty_log.start)
+            await self._start_backend_logs(dirty_log)
             self._log.info("migration started", pages=self.pages.total)
             self._update(state="precopy")
             await self._precopy(channel, dirty_log)
@@ -140,7 +143,7 @@ class Source:
                 # What the last pre-copy round left dirty, and what was dirtied since.
                 dirty = self._pending_before_pause
                 dirty |= await trio.to_thread.run_sync(dirty_log.collect)
-                await trio.to_thread.run_sync(dirty_log.stop)
+                await self._stop_logs(dirty_log)
                 dirty_log = None
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
@@ -166,7 +169,7 @@ class Source:
             error = _failure(e)
             with trio.CancelScope(shield=True):
                 if dirty_log is not None:
-                    await trio.to_thread.run_sync(_stop_quietly, dirty_log)
+                    await self._stop_logs(dirty_log)
                 if self._channel is not None and not isinstance(e, PeerError):
                     with trio.move_on_after(1):
                         try:
@@ -186,6 +189,31 @@ class Source:
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+
+    async def _start_backend_logs(self, dirty_log: Any) -> None:
+        """Each vhost-user back-end logs its writes into a log of its own, merged by
+        ``dirty_log.collect`` (the guest RAM pages its rings write behind our back)."""
+        from ..vhost.frontend import VhostUserDevice
+
+        memory = self.vm.memory
+        assert memory is not None
+        for slot in self.vm.virtio_slots:
+            device = slot.device
+            if isinstance(device, VhostUserDevice):
+                self._backends.append(device)
+                try:
+                    await device.start_dirty_log(memory.size)
+                except AvmmError as e:
+                    raise MigrationError(f"{device.name}: cannot start the back-end's "
+                                         f"dirty log: {e}") from None
+                dirty_log.add_source(device.collect_dirty)
+
+    async def _stop_logs(self, dirty_log: Any) -> None:
+        """Dirty logging off everywhere (never raises: it runs after failures too)."""
+        for device in self._backends:
+            await device.stop_dirty_log()
+        self._backends.clear()
+        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
 
     async def _precopy(self, channel: Channel, dirty_log: Any) -> None:
         options = self.options
