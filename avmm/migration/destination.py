@@ -14,7 +14,6 @@ the source (best effort), releases everything built, and ends the VM with
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -210,7 +209,7 @@ class Destination:
         except SnapshotError as e:
             raise MigrationError(f"the streamed config: {e}") from None
         if self.given is None:
-            return dataclasses.replace(streamed, name=self.vm.name)
+            return streamed
         return merge_config(streamed, self.given)
 
 

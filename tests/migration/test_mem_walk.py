@@ -46,6 +46,8 @@ async def test_mem_walk_migrates_between_two_vms_over_unix(tmp_path: Path) -> No
             assert progress.pages_sent >= progress.pages_total > 0
             assert progress.downtime_ms is not None
             assert destination.state in (VmState.RUNNING, VmState.STOPPING, VmState.STOPPED)
+            # Given no name, the destination goes on under the migrated VM's.
+            assert destination.name == source.name
             nursery.start_soon(collect, destination, after)
             end = await destination.wait()
     assert not end.failed, end
