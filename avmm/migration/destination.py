@@ -83,23 +83,24 @@ class Destination:
         vm = self.vm
         stream = None
         try:
-            with self.receiving:
-                stream = await self.listener.accept_one()
-                self._log.info("migration incoming")
-                await self._receive(stream)
-        except BaseException as e:
-            await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
-            if isinstance(e, AvmmError | OSError | trio.TooSlowError):
+            try:
+                with self.receiving:
+                    stream = await self.listener.accept_one()
+                    self._log.info("migration incoming")
+                    await self._receive(stream)
+            except BaseException as e:
+                await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
+                if isinstance(e, AvmmError | OSError | trio.TooSlowError):
+                    return
+                raise
+            if self.receiving.cancelled_caught:
+                await self._fail("the VM was stopped before the hand-over", refuse=True)
                 return
-            raise
         finally:
             self.listener.close()
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
-        if self.receiving.cancelled_caught:
-            await self._fail("the VM was stopped before the hand-over", refuse=True)
-            return
         # COMMIT received: the guest is ours to run.
         try:
             await vm._start_built()
