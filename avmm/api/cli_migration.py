@@ -80,10 +80,13 @@ async def receive(api: ApiClient, args: argparse.Namespace) -> int:
         path: Path = args.config
         try:
             # A worker thread, capped and regular files only (as avmm run).
-            text = await trio.to_thread.run_sync(read_config_file, path)
-            config = tomllib.loads(text)
+            data = await trio.to_thread.run_sync(read_config_file, path)
+            config = tomllib.loads(data.decode("utf-8"))
         except ConfigError as e:
             print(f"avmm: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except UnicodeDecodeError as e:
+            print(f"avmm: {path}: not valid UTF-8 (byte {e.start})", file=sys.stderr)
             return EXIT_USAGE
         except tomllib.TOMLDecodeError as e:
             print(f"avmm: {path}: not valid TOML: {' '.join(str(e).split())}",
