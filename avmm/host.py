@@ -56,6 +56,7 @@ from .lifecycle import (
     VmMetrics,
     VmState,
 )
+from .migration.errors import MigrationError
 from .paths import NewPath, PathPolicy
 from .state import SnapshotInfo
 from .vm import VirtualMachine
@@ -235,6 +236,7 @@ class HostedVm:
         self._snapshot_done.set()
         # An incoming VM (Host.receive) runs once the migration stream has handed over.
         self._incoming = incoming
+        self._given_config = config
         # The VM's own task group (inside _run), where a migration runs: it lives as
         # long as the VM, and the VM's task waits for it.
         self._tasks: trio.Nursery | None = None
@@ -269,8 +271,13 @@ class HostedVm:
     @property
     def config(self) -> VmConfig | None:
         """The config the VM was built from (a restored VM's comes from its snapshot:
-        None until it is built)."""
-        return None if self._vm is None else self._vm.config
+        None until it is built; an incoming VM's from the migration stream: None until
+        the hand-over, unless one was given to :meth:`Host.receive`)."""
+        if self._vm is None:
+            return None
+        if self._incoming and self._vm.state is VmState.INCOMING:
+            return self._given_config
+        return self._vm.config
 
     @property
     def state(self) -> VmState:
@@ -399,9 +406,14 @@ class HostedVm:
         ``paths`` (default: anywhere) first, for a one-line error naming ``to``.
 
         :raises VmStateError: the VM is not running, or already being migrated.
+        :raises MigrationError: the VM cannot be migrated (a vhost-user back-end that
+            cannot log its writes).
         :raises PathNotAllowedError: the socket lies outside the allowed directories.
         """
         self._check_migration_state()
+        problem = self._migration_problem()
+        if problem is not None:
+            raise MigrationError(f"VM {self.id!r} cannot be migrated: {problem}")
         socket_path = unix_path(to)
         if socket_path is not None and paths is not None:
             await trio.to_thread.run_sync(paths.check, Path(socket_path), "to", "socket")
@@ -439,6 +451,13 @@ class HostedVm:
         if state is not VmState.RUNNING or self._tasks is None:
             raise VmStateError(f"VM {self.id!r} is {state.value}; only a running VM can be "
                                "migrated")
+
+    def _migration_problem(self) -> str | None:
+        # The engine's up-front check (vhost-user back-ends that cannot log their
+        # writes), so that the request itself is refused rather than the migration
+        # failing a moment later.
+        check = getattr(self.vm, "_migration_problem", None)
+        return None if check is None else check()
 
     def _refuse_while_migrating(self, what: str) -> None:
         # The migration pauses and resumes the VM itself (stop-and-copy, or back to
@@ -561,7 +580,7 @@ class HostedVm:
                 async with trio.open_nursery() as nursery:
                     self._tasks = nursery
                     nursery.start_soon(self._pump_console)
-                    if self._incoming and not self._start_paused:
+                    if self._incoming:
                         nursery.start_soon(self._wait_handover)
                     await self.vm.wait()
                     self._tasks = None
@@ -583,8 +602,14 @@ class HostedVm:
             self._done.set()
 
     async def _wait_handover(self) -> None:
-        """An incoming VM's uptime starts when it runs, after the hand-over."""
-        if await self.vm.wait_state(VmState.RUNNING) is VmState.RUNNING:
+        """An incoming VM's uptime starts when it runs, after the hand-over (or when it
+        is resumed, with start=False); its name may come with the streamed config."""
+        state = await self.vm.wait_state(VmState.RUNNING, VmState.PAUSED)
+        if state is VmState.STOPPED:
+            return
+        if self._given_config is None and self.vm.config.name:
+            self.name = self.vm.config.name
+        if state is VmState.RUNNING:
             self._running_since = time.monotonic()
 
     async def _pump_console(self) -> None:

@@ -46,6 +46,7 @@ from ..errors import (
     VmStartError,
     VmStateError,
 )
+from ..migration.errors import MigrationError
 from ..paths import PathPolicy
 from ._errors import HttpError
 from ._errors import absolute_path as _absolute_path
@@ -352,8 +353,12 @@ class ManagementApi:
         elif base_dir is not None:
             raise HttpError(400, "base_dir applies to a config; this request has none",
                             {"key": "base_dir"})
-        vm = await self.host.receive(incoming.listen, config=config, start=incoming.start,
-                                     paths=self.paths)
+        try:
+            vm = await self.host.receive(incoming.listen, config=config,
+                                         start=incoming.start, paths=self.paths)
+        except MigrationError as e:
+            # It cannot listen there (the address is in use, the path is taken).
+            raise HttpError(400, str(e), {"key": "listen"}) from e
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
 
     async def _migrate(self, request: _Request) -> _Response:
@@ -528,7 +533,8 @@ def _http_error(error: AvmmError) -> HttpError:
         return HttpError(400, str(error), {"key": error.key, "reason": error.reason})
     if isinstance(error, UnknownVmError):
         return HttpError(404, str(error))
-    if isinstance(error, VmStateError):
+    if isinstance(error, VmStateError | MigrationError):
+        # MigrationError here: a VM whose devices cannot be migrated (refused up front).
         return HttpError(409, str(error))
     if isinstance(error, VmStartError):
         return HttpError(422, str(error), {"step": error.step})

@@ -45,9 +45,9 @@ class MigrateRequest:
     downtime_ms: int
 
 
-def parse_address(value: Any, key: str) -> str:
-    """``value`` if it is a migration address (see the module docstring), else a 400
-    naming ``key``."""
+def parse_address(value: Any, key: str, *, listen: bool = False) -> str:
+    """``value`` if it is a migration address (see the module docstring; port 0, a
+    port the kernel picks, only to ``listen``), else a 400 naming ``key``."""
     if not isinstance(value, str):
         raise HttpError(400, f'{key} must be a string ("unix:/abs/path" or '
                         f'"tcp:HOST:PORT"), got {type(value).__name__}', {"key": key})
@@ -72,9 +72,9 @@ def parse_address(value: Any, key: str) -> str:
     elif not _HOST_NAME.fullmatch(host):
         raise HttpError(400, f"{key}: {host[:80]!r} is not a host name or IPv4 address "
                         "(write an IPv6 address in brackets)", {"key": key})
-    if not 1 <= port <= 65535:
-        raise HttpError(400, f"{key}: port {port} is not between 1 and 65535",
-                        {"key": key})
+    if not (0 if listen else 1) <= port <= 65535:
+        raise HttpError(400, f"{key}: port {port} is not between "
+                        f"{0 if listen else 1} and 65535", {"key": key})
     return value
 
 
@@ -92,7 +92,7 @@ def parse_incoming(data: dict[str, Any]) -> IncomingRequest:
     if "listen" not in data:
         raise HttpError(400, 'the incoming request needs "listen": "unix:/abs/path" or '
                         '"tcp:HOST:PORT"', {"key": "listen"})
-    listen = parse_address(data["listen"], "listen")
+    listen = parse_address(data["listen"], "listen", listen=True)
     config = data.get("config")
     if config is not None and not isinstance(config, dict):
         raise HttpError(400, "config must be an object with the vm.toml schema, got "

@@ -21,9 +21,6 @@ from avmm.lifecycle import GUEST_FAILURE_STATUS, StopReason, VmExit, VmState
 from avmm.paths import PathPolicy
 from avmm.state import SnapshotError, SnapshotInfo
 
-# The engine's names (avmm.lifecycle, branch mig-stream), with their values meanwhile.
-INCOMING: Any = getattr(VmState, "INCOMING", "incoming")
-MIGRATED: Any = getattr(StopReason, "MIGRATED", "migrated")
 _ACTIVE = ("setup", "precopy", "stop-and-copy", "incoming", "receiving")
 
 
@@ -136,7 +133,7 @@ class FakeVm:
 
     def migrated(self, downtime_ms: float = 12.5) -> None:
         self.progress(state="completed", downtime_ms=downtime_ms)
-        self._end(VmExit(MIGRATED, 0, "migrated to the destination"))
+        self._end(VmExit(StopReason.MIGRATED, 0, "migrated to the destination"))
 
     def fail_migration(self, error: str) -> None:
         self.progress(state="failed", error=error)
@@ -238,7 +235,7 @@ class FakeHost:
         self.received.append((listen, config, start))
         vm = FakeVm(f"vm-{self._next:06x}", config)
         self._next += 1
-        vm.state = INCOMING
+        vm.state = VmState.INCOMING
         vm.migration = migration_to_dict({"state": "incoming"})
         self.vms[vm.id] = vm
         return vm
