@@ -618,13 +618,9 @@ class VirtualMachine:
         for slot in self.virtio_slots:
             device = slot.device
             if isinstance(device, VhostUserDevice):
-                problem = getattr(device, "dirty_log_problem", None)
-                if problem is None:
-                    return (f"{device.name} is a vhost-user device, and this avmm cannot "
-                            "log its back-end's writes yet")
-                why = problem()
+                why = device.dirty_log_problem()
                 if why is not None:
-                    return f"{device.name}: {why}"
+                    return why
         return None
 
     def _migration_config(self) -> bytes:
@@ -754,6 +750,7 @@ class VirtualMachine:
         self._start_failed = True
         self._vcpus.clear()  # closed with the resources: nothing to kick
         self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, detail))
+        self._serial_port.close()  # readers of vm.serial see its end
         self._finished.set()
         self._state_changed()
 
@@ -983,7 +980,12 @@ class VirtualMachine:
         config = self.config
         resources = self._resources
         with self._step("setting up the serial port"):
-            self._serial_port = SerialPort(sink_fds=self._serial_sinks())
+            if self._incoming:
+                # receive() handed out vm.serial before the config was known: keep that
+                # port, with the sinks the config asks for.
+                self._serial_port._sink_fds = self._serial_sinks()
+            else:
+                self._serial_port = SerialPort(sink_fds=self._serial_sinks())
             irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             resources.callback(os.close, irq_fd)
             vm.irqfd(irq_fd, COM1_IRQ)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
+from ..errors import AvmmError
 from ..state.format import build_state
 from .errors import MigrationError
 from .pages import PageMap
@@ -77,42 +78,12 @@ class _Converged(Exception):
 def make_dirty_log(vm: VirtualMachine) -> Any:
     """The VM's dirty log (KVM's log and avmm's own marks; each vhost-user device's log
     added as a source)."""
+    from .dirty import DirtyLog
+
     memory = vm.memory
-    try:
-        from .dirty import DirtyLog
-    except ImportError:  # TEMPORARY until mig-dirty's DirtyLog is merged
-        return _EverythingDirty(memory.size // PAGE_SIZE)
     assert memory is not None
-    return DirtyLog(vm._kvm_vm, memory, slots=list(range(len(memory.regions))))
-
-
-class _AllPages:
-    def __init__(self, total: int) -> None:
-        self.total = total
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __iter__(self) -> Any:
-        return iter(range(self.total))
-
-    def __ior__(self, other: Any) -> _AllPages:
-        return self
-
-
-class _EverythingDirty:
-    """TEMPORARY stand-in before DirtyLog exists: every page is dirty every round (a
-    correct, slow stop-and-copy of all of RAM)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def collect(self) -> _AllPages:
-        return _AllPages(self.total)
+    # avmm registers KVM memory slot i for memory.regions[i] (VirtualMachine._build).
+    return DirtyLog(vm._kvm_vm, memory, slots=enumerate(memory.regions))
 
 
 class Source:
@@ -131,6 +102,7 @@ class Source:
                                           pages_total=self.pages.total)
         self._channel: Channel | None = None
         self._pending_before_pause: Any = None
+        self._backends: list[Any] = []  # vhost-user devices whose logs are on
         self._log = log.bind(vm=vm.name, to=str(address))
 
     def _update(self, **changes: Any) -> None:
@@ -158,6 +130,7 @@ class Source:
                     raise MigrationError(f"the destination answered {kind.name}, not READY")
             dirty_log = make_dirty_log(self.vm)
             await trio.to_thread.run_sync(dirty_log.start)
+            await self._start_backend_logs(dirty_log)
             self._log.info("migration started", pages=self.pages.total)
             self._update(state="precopy")
             await self._precopy(channel, dirty_log)
@@ -170,7 +143,7 @@ class Source:
                 # What the last pre-copy round left dirty, and what was dirtied since.
                 dirty = self._pending_before_pause
                 dirty |= await trio.to_thread.run_sync(dirty_log.collect)
-                await trio.to_thread.run_sync(dirty_log.stop)
+                await self._stop_logs(dirty_log)
                 dirty_log = None
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
@@ -196,7 +169,7 @@ class Source:
             error = _failure(e)
             with trio.CancelScope(shield=True):
                 if dirty_log is not None:
-                    await trio.to_thread.run_sync(_stop_quietly, dirty_log)
+                    await self._stop_logs(dirty_log)
                 if self._channel is not None and not isinstance(e, PeerError):
                     with trio.move_on_after(1):
                         try:
@@ -216,6 +189,31 @@ class Source:
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+
+    async def _start_backend_logs(self, dirty_log: Any) -> None:
+        """Each vhost-user back-end logs its writes into a log of its own, merged by
+        ``dirty_log.collect`` (the guest RAM pages its rings write behind our back)."""
+        from ..vhost.frontend import VhostUserDevice
+
+        memory = self.vm.memory
+        assert memory is not None
+        for slot in self.vm.virtio_slots:
+            device = slot.device
+            if isinstance(device, VhostUserDevice):
+                self._backends.append(device)
+                try:
+                    await device.start_dirty_log(memory.size)
+                except AvmmError as e:
+                    raise MigrationError(f"{device.name}: cannot start the back-end's "
+                                         f"dirty log: {e}") from None
+                dirty_log.add_source(device.collect_dirty)
+
+    async def _stop_logs(self, dirty_log: Any) -> None:
+        """Dirty logging off everywhere (never raises: it runs after failures too)."""
+        for device in self._backends:
+            await device.stop_dirty_log()
+        self._backends.clear()
+        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
 
     async def _precopy(self, channel: Channel, dirty_log: Any) -> None:
         options = self.options
@@ -290,5 +288,5 @@ def _failure(error: BaseException) -> str:
     if isinstance(error, trio.Cancelled):
         return "cancelled"
     if isinstance(error, PeerError):
-        return f"the destination refused: {error}"
+        return str(error)  # the destination's own line says who refused
     return str(error) or type(error).__name__

@@ -55,11 +55,69 @@ def rounds_printed(output: str) -> list[int]:
 _EXPECTED_START = expected_lines(MEM_WALK_MIB, CHECKED_ROUNDS)[:CHECKED_ROUNDS]
 
 
-def check_walk(*parts: str) -> None:
+def mem_walk(rounds: int = MEM_WALK_ROUNDS) -> str:
+    """The command line of a mem-walk of ``rounds`` rounds."""
+    return f"avmm.test=mem-walk avmm.mib={MEM_WALK_MIB} avmm.rounds={rounds}"
+
+
+def check_walk(*parts: str, rounds: int = MEM_WALK_ROUNDS) -> None:
     """The outputs of the guest's successive homes make one uninterrupted walk: every
     round once, in order, the first CRCs as the host computes them, ``verify=ok``."""
     output = "".join(parts)
     lines = mem_walk_lines(output)
-    assert rounds_printed(output) == list(range(1, MEM_WALK_ROUNDS + 1)), output[-2000:]
+    assert rounds_printed(output) == list(range(1, rounds + 1)), output[-2000:]
     assert lines[:CHECKED_ROUNDS] == _EXPECTED_START
-    assert lines[-1] == f"{PREFIX}mem-walk done rounds={MEM_WALK_ROUNDS} verify=ok"
+    assert lines[-1] == f"{PREFIX}mem-walk done rounds={rounds} verify=ok"
+
+
+class Receiver:
+    """``tests.migration.receiver`` in a new process: a destination listening at
+    ``address``; :meth:`start` returns once it listens."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.process: trio.Process | None = None
+        self.listening = trio.Event()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> int:
+        import os
+        import subprocess
+        import sys
+
+        from tests.vm.helpers import REPO
+
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.migration.receiver", self.address],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.process = process
+        try:
+            async with trio.open_nursery() as nursery:
+                assert process.stdout is not None and process.stderr is not None
+                nursery.start_soon(self._pump, process.stdout, self.stdout)
+                nursery.start_soon(self._pump, process.stderr, self.stderr)
+                with trio.fail_after(TIMEOUT_S):
+                    while b"listening " not in self.stderr:
+                        if process.returncode is not None:
+                            raise AssertionError(f"the receiver ended: {self.stderr.decode()}")
+                        await trio.sleep(0.02)
+                task_status.started()
+                return await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+
+    @staticmethod
+    async def _pump(stream: trio.abc.ReceiveStream, into: bytearray) -> None:
+        async for chunk in stream:
+            into += chunk
+
+    @property
+    def listen_address(self) -> str:
+        line = self.stderr.split(b"listening ", 1)[1].split(b"\n", 1)[0]
+        return line.decode()

@@ -109,8 +109,10 @@ def test_marks_translate_guest_addresses_to_memfd_pages() -> None:
     assert not PageSet.from_bitmap(marks.take(), 16)
 
 
-def test_memory_writes_mark_while_a_marker_is_set() -> None:
-    memory = ByteArrayMemory(16 * PAGE_SIZE)
+@pytest.mark.parametrize("kind", ["bytearray", "memfd"])
+def test_memory_writes_mark_while_a_marker_is_set(kind: str) -> None:
+    memory: ByteArrayMemory | GuestMemory = (
+        ByteArrayMemory(16 * PAGE_SIZE) if kind == "bytearray" else GuestMemory(16 * PAGE_SIZE))
     memory.write(0, b"x")  # no marker: nothing happens
     marks = DirtyMarks(memory.regions, 16)
     memory.dirty = marks
@@ -121,7 +123,10 @@ def test_memory_writes_mark_while_a_marker_is_set() -> None:
     memory.write_u64(6 * PAGE_SIZE, 4)
     memory.mark_dirty(8 * PAGE_SIZE - 1, 2)
     memory.read(10 * PAGE_SIZE, 100)  # reads mark nothing
-    assert list(PageSet.from_bitmap(marks.take(), 16)) == [2, 3, 4, 5, 6, 7, 8]
+    memory.write_u16(11 * PAGE_SIZE + 1, 5)  # unaligned: GuestMemory's other path
+    assert list(PageSet.from_bitmap(marks.take(), 16)) == [2, 3, 4, 5, 6, 7, 8, 11]
+    if isinstance(memory, GuestMemory):
+        memory.close()
 
 
 # -- KVM's log, through DirtyLog -------------------------------------------------------------
