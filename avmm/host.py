@@ -579,9 +579,12 @@ class HostedVm:
                 task_status.started()
                 async with trio.open_nursery() as nursery:
                     self._tasks = nursery
-                    nursery.start_soon(self._pump_console)
                     if self._incoming:
+                        # Its serial port is made with the machine, after the stream's
+                        # config has come: the console is read from then on.
                         nursery.start_soon(self._wait_handover)
+                    else:
+                        nursery.start_soon(self._pump_console)
                     await self.vm.wait()
                     self._tasks = None
                 # Stopped while a snapshot is being written (DELETE during a long
@@ -611,6 +614,7 @@ class HostedVm:
             self.name = self.vm.config.name
         if state is VmState.RUNNING:
             self._running_since = time.monotonic()
+        await self._pump_console()
 
     async def _pump_console(self) -> None:
         """Read the serial stream all the time: the guest never waits for a reader."""
