@@ -497,6 +497,12 @@ class HostedVm:
         as it is built)."""
         if self._vm is not None:
             self._vm.stop(detail)
+            if (self._incoming and self._vm.state is VmState.INCOMING
+                    and self._tasks is not None):
+                # Still waiting for (or receiving) its stream: nothing of it runs, and
+                # its listener waits for no stop request; leaving its context ends it.
+                self._stop_requested = detail
+                self._tasks.cancel_scope.cancel()
         elif self._stop_requested is None:
             self._stop_requested = detail
 
@@ -591,6 +597,10 @@ class HostedVm:
                 # one): the writer reads guest memory and vCPU state in a worker
                 # thread, so the VM is not released under it.
                 await self._snapshot_done.wait()
+            if self._vm is not None and self._vm.exit is None and self._failure is None:
+                # An incoming VM stopped before its hand-over: it never ran.
+                self._failure = VmExit(StopReason.STOPPED, 0, self._stop_requested
+                                       or "stopped before its migration came in")
         except Exception as e:
             if not started:
                 raise

@@ -18,7 +18,7 @@ import trio
 from avmm.config import config_from_dict
 from avmm.errors import AvmmError, PathNotAllowedError, VmStateError
 from avmm.host import Host
-from avmm.lifecycle import VmState
+from avmm.lifecycle import StopReason, VmState
 from avmm.paths import PathPolicy
 from avmm.vm import VirtualMachine
 from tests.vm.helpers import TEST_GUEST
@@ -133,3 +133,42 @@ async def test_a_migration_runs_in_the_vm_task_and_a_failure_leaves_it_running(
     finally:
         policy.close()
 
+
+
+async def test_an_incoming_vm_that_gets_garbage_ends_without_running(area: Path) -> None:
+    policy = PathPolicy([area / "allowed"])
+    try:
+        async with Host() as host:
+            with pytest.raises(PathNotAllowedError) as refused:
+                await host.receive(f"unix:{area}/outside/in.sock", paths=policy)
+            assert refused.value.key == "listen"
+            assert host.list() == []
+
+            socket_path = area / "allowed" / "in.sock"
+            hosted = await host.receive(f"unix:{socket_path}", paths=policy)
+            assert hosted.state is VmState.INCOMING
+            shown = hosted.to_dict()
+            assert shown["config"] is None  # it comes with the stream
+            assert shown["migration"]["state"] == "incoming"
+            assert shown["uptime_s"] is None
+            stream = await trio.open_unix_socket(str(socket_path))
+            await stream.send_all(b"this is no migration stream" * 100)
+            with trio.fail_after(60):
+                result = await hosted.wait()
+            await stream.aclose()
+            assert hosted.state is VmState.STOPPED
+            assert result.failed and "\n" not in result.detail
+            assert hosted.uptime_s is None  # it never ran
+            assert hosted.migration is not None and hosted.migration["state"] == "failed"
+            assert not socket_path.exists()
+
+            # Leaving one that waits for a stream stops listening.
+            waiting = await host.receive(f"unix:{socket_path}", paths=policy)
+            assert socket_path.exists()
+            with trio.fail_after(60):
+                await host.remove(waiting.id)
+            assert not socket_path.exists()
+            ended = await waiting.wait()
+            assert (ended.reason, ended.failed) == (StopReason.STOPPED, False)
+    finally:
+        policy.close()
