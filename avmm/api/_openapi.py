@@ -471,15 +471,15 @@ _PATHS: Final = {
                                              "schema": {"type": "string"}}},
                 },
                 "400": _error("Malformed body, a bad address (a relative unix: path, a "
-                              "bad port), a socket path that cannot be bound, or a bad "
-                              "config; detail.key names the key"),
+                              "bad port), an address that cannot be listened on (in "
+                              "use), or a bad config; detail.key names the key"),
                 "403": _error("The unix: path or a path in config resolves outside the "
                               "directories the daemon allows (avmm serve --allow-path); "
                               "detail.key names the key"),
                 "413": _error("Body larger than 1 MiB"),
                 "415": _error("Content-Type is not application/json"),
-                "422": _error("The VM could not be set up to listen (detail.step names "
-                              "the step that failed)"),
+                "422": _error("The VM could not be set up (detail.step names the step "
+                              "that failed)"),
                 "503": _error("The daemon is shutting down"),
                 "default": _OTHER,
             },
