@@ -193,6 +193,7 @@ class VirtualMachine:
         self._migrating = False
         self._migration: MigrationProgress | None = None
         self._paused_for_migration = False
+        self._named_on_receive = True
         self._log = log.bind(vm=self.name)
         self._started_at: float | None = None  # time.monotonic() when __aenter__ began
         self._userspace_reached = trio.Event()
@@ -627,7 +628,9 @@ class VirtualMachine:
         """The CONFIG frame's payload: the config in effect (derived MACs included)."""
         from .state.codec import encode
 
-        return encode(config_to_state(self._config_in_effect()))
+        # With this VM's name: a destination given none goes on under it.
+        config = dataclasses.replace(self._config_in_effect(), name=self.name)
+        return encode(config_to_state(config))
 
     def _migration_running(self) -> bool:
         """False once a stop was requested: the migration must give up."""
@@ -708,6 +711,8 @@ class VirtualMachine:
         vm = cls(config if config is not None else _incoming_placeholder(), name=name,
                  start_paused=not start, paths=policy)
         vm._incoming = True
+        vm._named_on_receive = name is not None or (config is not None
+                                                    and config.name is not None)
         vm._token = trio.lowlevel.current_trio_token()
         vm._started_at = time.monotonic()
         listener = await trio.to_thread.run_sync(listen_on, address, policy)
@@ -726,7 +731,11 @@ class VirtualMachine:
             listener.close()
 
     def _prepare_incoming(self, config: VmConfig) -> None:
-        """The destination has the config: this is the machine to build."""
+        """The destination has the config: this is the machine to build. An incoming VM
+        that was given no name takes the migrating VM's (its config's) name."""
+        if not self._named_on_receive and config.name:
+            self.name = config.name
+            self._log = log.bind(vm=self.name)
         self.config = config
         self._pause = PauseControl(config.machine.vcpus, on_change=self._notify_threadsafe)
 

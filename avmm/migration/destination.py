@@ -14,7 +14,6 @@ the source (best effort), releases everything built, and ends the VM with
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -84,23 +83,24 @@ class Destination:
         vm = self.vm
         stream = None
         try:
-            with self.receiving:
-                stream = await self.listener.accept_one()
-                self._log.info("migration incoming")
-                await self._receive(stream)
-        except BaseException as e:
-            await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
-            if isinstance(e, AvmmError | OSError | trio.TooSlowError):
+            try:
+                with self.receiving:
+                    stream = await self.listener.accept_one()
+                    self._log.info("migration incoming")
+                    await self._receive(stream)
+            except BaseException as e:
+                await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
+                if isinstance(e, AvmmError | OSError | trio.TooSlowError):
+                    return
+                raise
+            if self.receiving.cancelled_caught:
+                await self._fail("the VM was stopped before the hand-over", refuse=True)
                 return
-            raise
         finally:
             self.listener.close()
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
-        if self.receiving.cancelled_caught:
-            await self._fail("the VM was stopped before the hand-over", refuse=True)
-            return
         # COMMIT received: the guest is ours to run.
         try:
             await vm._start_built()
@@ -210,7 +210,7 @@ class Destination:
         except SnapshotError as e:
             raise MigrationError(f"the streamed config: {e}") from None
         if self.given is None:
-            return dataclasses.replace(streamed, name=self.vm.name)
+            return streamed
         return merge_config(streamed, self.given)
 
 

@@ -260,7 +260,7 @@ class Source:
         for batch in self.pages.batches(pages, MAX_BATCH_PAGES):
             if not self.vm._migration_running():
                 raise MigrationError(f"VM {self.vm.name!r} stopped during the migration")
-            data = [self.pages.read(page) for page in batch]
+            data = self.pages.read_batch(batch)
             await channel.send(Kind.PAGES, build_pages(batch, data))
             sent += len(batch)
             self.progress = replace(self.progress, pages_sent=sent)

@@ -122,3 +122,28 @@ async def test_a_hostile_stream_is_refused(tmp_path: Path, case: str) -> None:
     assert "\n" not in end.detail
     assert words in answer, answer
     assert vm.migration is not None and vm.migration.state == "failed"
+
+
+async def test_leaving_an_incoming_vm_before_anything_came(tmp_path: Path) -> None:
+    path = tmp_path / "in.sock"
+    async with VirtualMachine.receive(f"unix:{path}") as vm:
+        assert vm.state is VmState.INCOMING and path.exists()
+    assert vm.state is VmState.STOPPED
+    assert not path.exists()
+    assert vm.migration is not None and vm.migration.state == "failed"
+
+
+async def test_leaving_an_incoming_vm_while_it_receives(tmp_path: Path) -> None:
+    """The sender is told (ERROR), the machine built for it is released."""
+    address = f"unix:{tmp_path / 'in.sock'}"
+    stream = None
+    async with VirtualMachine.receive(address) as vm:
+        stream = await trio.open_unix_socket(address.removeprefix("unix:"))
+        channel = Channel(stream)
+        await stream.send_all(header() + CONFIG)
+        kind, _ = await channel.receive()
+        assert kind is Kind.READY and vm.memory is not None
+    assert vm.state is VmState.STOPPED
+    with pytest.raises(Exception, match="the VM was stopped before the hand-over"):
+        await channel.receive()
+    await stream.aclose()

@@ -22,6 +22,7 @@ from .support import (
     check_walk,
     collect,
     guest_config,
+    mem_walk,
     read_until,
 )
 
@@ -46,6 +47,8 @@ async def test_mem_walk_migrates_between_two_vms_over_unix(tmp_path: Path) -> No
             assert progress.pages_sent >= progress.pages_total > 0
             assert progress.downtime_ms is not None
             assert destination.state in (VmState.RUNNING, VmState.STOPPING, VmState.STOPPED)
+            # Given no name, the destination goes on under the migrated VM's.
+            assert destination.name == source.name
             nursery.start_soon(collect, destination, after)
             end = await destination.wait()
     assert not end.failed, end
@@ -112,3 +115,28 @@ async def test_a_to_b_to_a_to_b(tmp_path: Path) -> None:
     texts = [output.decode() for output in outputs]
     assert all("mem-walk done" not in text for text in texts[:-1]), "a hop came too late"
     check_walk(*texts)
+
+
+async def test_a_vm_restored_from_a_mapped_snapshot_migrates(tmp_path: Path) -> None:
+    """A restored VM runs on a private mapping of the snapshot's memory file (its memfd
+    does not hold its RAM): the stream reads RAM through the VM's own mapping."""
+    before, middle, after = bytearray(), bytearray(), bytearray()
+    rounds = 1000
+    with trio.fail_after(TIMEOUT_S * 2):
+        async with trio.open_nursery() as nursery:
+            async with VirtualMachine(guest_config(mem_walk(rounds))) as first:
+                nursery.start_soon(collect, first, before)
+                await read_until(before, "mem-walk round=2 crc=")
+                await first.pause()
+                await first.snapshot(tmp_path / "snap")
+                first.stop()
+            async with VirtualMachine.receive(f"unix:{tmp_path / 'in.sock'}") as last:
+                async with VirtualMachine.restore(tmp_path / "snap") as restored:
+                    nursery.start_soon(collect, restored, middle)
+                    await read_until(middle, "crc=")
+                    await restored.migrate(f"unix:{tmp_path / 'in.sock'}")
+                    assert (await restored.wait()).reason is StopReason.MIGRATED
+                nursery.start_soon(collect, last, after)
+                end = await last.wait()
+    assert not end.failed, end
+    check_walk(before.decode(), middle.decode(), after.decode(), rounds=rounds)
