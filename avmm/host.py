@@ -755,7 +755,8 @@ class Host:
         if socket_path is not None:
             await trio.to_thread.run_sync(policy.check, Path(socket_path), "listen", "bind")
         vm_id = self._new_id()
-        name = (config.name if config is not None else None) or vm_id
+        # No name given: the VM goes on under the migrated VM's name (from the stream).
+        name = config.name if config is not None else None
 
         def opener() -> AbstractAsyncContextManager[VirtualMachine]:
             return VirtualMachine.receive(listen, config=config, start=start,

@@ -167,6 +167,7 @@ async def test_mem_walk_goes_a_to_b_over_unix_and_back_over_tcp(
         dest = await api_b.get_vm(on_b)
         assert dest["state"] == "running", dest
         assert dest["migration"]["state"] == "completed"
+        assert dest["name"] == on_a  # it goes on under the source VM's name
         assert dest["config"]["boot"]["cmdline"].startswith("avmm.test=mem-walk")
         assert not (area / "in.sock").exists()
 
