@@ -19,6 +19,7 @@ from avmm.config import config_from_dict
 from avmm.errors import AvmmError, PathNotAllowedError, VmStateError
 from avmm.host import Host
 from avmm.lifecycle import StopReason, VmState
+from avmm.migration.errors import MigrationError
 from avmm.paths import PathPolicy
 from avmm.vm import VirtualMachine
 from tests.vm.helpers import TEST_GUEST
@@ -172,3 +173,21 @@ async def test_an_incoming_vm_that_gets_garbage_ends_without_running(area: Path)
             assert (ended.reason, ended.failed) == (StopReason.STOPPED, False)
     finally:
         policy.close()
+
+
+async def test_a_migration_to_nobody_fails_and_the_vm_runs_on(area: Path) -> None:
+    config = config_from_dict({"machine": {"memory_mib": 32, "acpi": False},
+                               "boot": {"kernel": str(TEST_GUEST),
+                                        "cmdline": "avmm.test=echo"},
+                               "serial": {"mode": "none"}}, base_dir=None)
+    async with Host() as host:
+        hosted = await host.create(config)
+        with trio.fail_after(120), pytest.raises(MigrationError):
+            await hosted.migrate(f"unix:{area}/allowed/nobody.sock")
+        assert hosted.state is VmState.RUNNING and not hosted.migrating
+        failed = hosted.to_dict()["migration"]
+        assert failed["state"] == "failed"
+        assert "nobody.sock" in failed["error"] and "\n" not in failed["error"]
+        await hosted.pause()  # usable again
+        await hosted.resume()
+        await host.remove(hosted.id)
