@@ -16,6 +16,10 @@ This is what ``avmm serve`` runs on, and what an embedding service uses to do th
         info = await hosted.snapshot("/srv/snaps/one")  # a new directory; VM paused
         restored = await host.restore("/srv/snaps/one")  # a new VM, running from there
 
+        incoming = await host.receive("unix:/run/avmm/in.sock")  # INCOMING, listening
+        await hosted.start_migration("unix:/run/avmm/in.sock")  # returns at once
+        hosted.migration                             # progress, as the API shows it
+
 Each VM runs in its own task inside the Host's nursery and catches everything its VM
 can throw, so one VM's end, crash or bug never touches its neighbours: it is reported
 as STOPPED with its :class:`~avmm.lifecycle.VmExit`. Leaving the Host stops every VM.
@@ -29,6 +33,7 @@ other readers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import time
@@ -42,7 +47,7 @@ import structlog
 import trio
 
 from .config import VmConfig
-from .errors import UnknownVmError, VmStateError
+from .errors import AvmmError, UnknownVmError, VmStateError
 from .lifecycle import (
     HOST_FAILURE_STATUS,
     DeviceMetrics,
@@ -51,6 +56,7 @@ from .lifecycle import (
     VmMetrics,
     VmState,
 )
+from .migration.errors import MigrationError
 from .paths import NewPath, PathPolicy
 from .state import SnapshotInfo
 from .vm import VirtualMachine
@@ -206,13 +212,13 @@ class HostedVm:
 
     def __init__(self, vm_id: str, config: VmConfig | None, *, start_paused: bool = False,
                  paths: PathPolicy | None = None, restore: _VmOpener | None = None,
-                 ) -> None:
+                 incoming: bool = False) -> None:
         self.id = vm_id
         self._vm: VirtualMachine | None = None
         self._opener: _VmOpener
         if restore is not None:
             self._opener = restore
-            self.name = vm_id
+            self.name = (config.name if config is not None else None) or vm_id
         else:
             assert config is not None
             self.name = config.name or vm_id
@@ -228,6 +234,17 @@ class HostedVm:
         self._snapshotting = False
         self._snapshot_done = trio.Event()
         self._snapshot_done.set()
+        # An incoming VM (Host.receive) runs once the migration stream has handed over.
+        self._incoming = incoming
+        self._given_config = config
+        # The VM's own task group (inside _run), where a migration runs: it lives as
+        # long as the VM, and the VM's task waits for it.
+        self._tasks: trio.Nursery | None = None
+        self._migrating = False
+        self._migration_error: AvmmError | None = None
+        self._migration_done = trio.Event()
+        self._migration_done.set()
+        self._previous_progress: Any = None
         self.created_at = time.time()
         self._console = _ConsoleHub()
         self._running_since: float | None = None
@@ -254,8 +271,13 @@ class HostedVm:
     @property
     def config(self) -> VmConfig | None:
         """The config the VM was built from (a restored VM's comes from its snapshot:
-        None until it is built)."""
-        return None if self._vm is None else self._vm.config
+        None until it is built; an incoming VM's from the migration stream: None until
+        the hand-over, unless one was given to :meth:`Host.receive`)."""
+        if self._vm is None:
+            return None
+        if self._incoming and self._vm.state is VmState.INCOMING:
+            return self._given_config
+        return self._vm.config
 
     @property
     def state(self) -> VmState:
@@ -286,8 +308,9 @@ class HostedVm:
     async def pause(self) -> None:
         """RUNNING → PAUSED; returns once every vCPU is out of KVM_RUN.
 
-        :raises VmStateError: the VM is not running.
+        :raises VmStateError: the VM is not running, or it is being migrated.
         """
+        self._refuse_while_migrating("pause")
         await self.vm.pause()
 
     async def resume(self) -> None:
@@ -295,6 +318,7 @@ class HostedVm:
 
         :raises VmStateError: the VM is not paused, or a snapshot is being written.
         """
+        self._refuse_while_migrating("resume")
         if self._snapshotting:
             raise VmStateError(f"VM {self.id!r} is being snapshotted; resume it once the "
                                "snapshot is written")
@@ -331,12 +355,133 @@ class HostedVm:
             self._snapshot_done.set()
 
     def _check_snapshot_state(self) -> None:
+        self._refuse_while_migrating("snapshot")
         if self._snapshotting:
             raise VmStateError(f"VM {self.id!r} is already being snapshotted")
         state = self.state
         if state is not VmState.PAUSED:
             raise VmStateError(f"VM {self.id!r} is {state.value}; pause it before taking "
                                "a snapshot")
+
+    # -- migration ----------------------------------------------------------------------
+
+    @property
+    def migration(self) -> dict[str, Any] | None:
+        """The progress of the VM's latest migration as JSON-able data (None if it never
+        migrated): ``state``, ``round``, ``pages_sent``, ``pages_dirty``,
+        ``bytes_sent``, ``downtime_ms``, ``total_ms`` and whatever else the engine
+        reports, plus ``error`` (one line, or None). Kept after the VM has stopped; an
+        incoming VM has one too."""
+        progress = None if self._vm is None else self._vm_migration()
+        if self._migrating and progress is self._previous_progress:
+            progress = None  # the engine has not begun this one yet
+        if progress is None and self._migration_error is None and not self._migrating:
+            return None
+        result = migration_to_dict(progress)
+        if self._migrating and progress is None:
+            result["state"] = "setup"
+        if self._migration_error is not None:
+            result["state"] = "failed"
+            result["error"] = str(self._migration_error)
+        return result
+
+    def _vm_migration(self) -> Any:
+        # The engine's progress snapshot (VirtualMachine.migration); a VM class without
+        # it has never migrated.
+        return getattr(self._vm, "migration", None)
+
+    @property
+    def migrating(self) -> bool:
+        """True from :meth:`start_migration` until the migration has ended."""
+        return self._migrating
+
+    async def start_migration(self, to: str, *, downtime_ms: int = 300,
+                              paths: PathPolicy | None = None) -> None:
+        """Begin to live-migrate the running VM to the avmm listening at ``to``
+        (``unix:/abs/path`` or ``tcp:HOST:PORT``; see
+        :meth:`avmm.vm.VirtualMachine.migrate`) and return at once: the migration runs
+        in the VM's task; :attr:`migration` follows it. On success the VM stops with
+        exit reason ``migrated``; on failure it keeps running and :attr:`migration`
+        says why (state ``failed``, ``error``). A ``unix:`` path is checked through
+        ``paths`` (default: anywhere) first, for a one-line error naming ``to``.
+
+        :raises VmStateError: the VM is not running, or already being migrated.
+        :raises MigrationError: the VM cannot be migrated (a vhost-user back-end that
+            cannot log its writes).
+        :raises PathNotAllowedError: the socket lies outside the allowed directories.
+        """
+        self._check_migration_state()
+        problem = self._migration_problem()
+        if problem is not None:
+            raise MigrationError(f"VM {self.id!r} cannot be migrated: {problem}")
+        socket_path = unix_path(to)
+        if socket_path is not None and paths is not None:
+            await trio.to_thread.run_sync(paths.check, Path(socket_path), "to", "socket")
+            # Checked again: the VM may have changed state while the path was looked at.
+            self._check_migration_state()
+        assert self._tasks is not None
+        self._migrating = True
+        self._migration_error = None
+        self._previous_progress = self._vm_migration()
+        self._migration_done = trio.Event()
+        self._tasks.start_soon(self._migrate, to, downtime_ms)
+
+    async def migrate(self, to: str, *, downtime_ms: int = 300,
+                      paths: PathPolicy | None = None) -> dict[str, Any]:
+        """:meth:`start_migration` and wait for its end: the final :attr:`migration`.
+
+        :raises AvmmError: the migration failed (``MigrationError``; the VM keeps
+            running), or could not start (as :meth:`start_migration`).
+        """
+        await self.start_migration(to, downtime_ms=downtime_ms, paths=paths)
+        await self._migration_done.wait()
+        if self._migration_error is not None:
+            raise self._migration_error
+        result = self.migration
+        assert result is not None
+        return result
+
+    def _check_migration_state(self) -> None:
+        if self._migrating:
+            raise VmStateError(f"VM {self.id!r} is already being migrated")
+        if self._snapshotting:
+            raise VmStateError(f"VM {self.id!r} is being snapshotted; migrate it once the "
+                               "snapshot is written")
+        state = self.state
+        if state is not VmState.RUNNING or self._tasks is None:
+            raise VmStateError(f"VM {self.id!r} is {state.value}; only a running VM can be "
+                               "migrated")
+
+    def _migration_problem(self) -> str | None:
+        # The engine's up-front check (vhost-user back-ends that cannot log their
+        # writes), so that the request itself is refused rather than the migration
+        # failing a moment later.
+        check = getattr(self.vm, "_migration_problem", None)
+        return None if check is None else check()
+
+    def _refuse_while_migrating(self, what: str) -> None:
+        # The migration pauses and resumes the VM itself (stop-and-copy, or back to
+        # running after a failure); a pause from outside would race with it.
+        if self._migrating:
+            raise VmStateError(f"VM {self.id!r} is being migrated; {what} it once the "
+                               "migration has ended")
+
+    async def _migrate(self, to: str, downtime_ms: int) -> None:
+        self._log.info("migration started", to=to, downtime_ms=downtime_ms)
+        try:
+            await self.vm.migrate(to, downtime_ms=downtime_ms)
+        except AvmmError as e:
+            # MigrationError: the VM runs on here, as if nothing had happened.
+            self._migration_error = e
+            self._log.warning("migration failed; the VM keeps running", to=to, error=str(e))
+        except Exception as e:
+            self._migration_error = AvmmError(f"{type(e).__name__}: {e}")
+            self._log.exception("migration failed in avmm; the VM keeps running", to=to)
+        else:
+            self._log.info("migration completed", to=to)
+        finally:
+            self._migrating = False
+            self._migration_done.set()
 
     async def stop(self, detail: str = "stopped by the host") -> VmExit:
         """Stop the VM (from any state; idempotent) and wait until it has stopped: every
@@ -352,6 +497,12 @@ class HostedVm:
         as it is built)."""
         if self._vm is not None:
             self._vm.stop(detail)
+            if (self._incoming and self._vm.state is VmState.INCOMING
+                    and self._tasks is not None):
+                # Still waiting for (or receiving) its stream: nothing of it runs, and
+                # its listener waits for no stop request; leaving its context ends it.
+                self._stop_requested = detail
+                self._tasks.cancel_scope.cancel()
         elif self._stop_requested is None:
             self._stop_requested = detail
 
@@ -409,6 +560,7 @@ class HostedVm:
                 "detail": result.detail,
             },
             "config": None if config is None else config_to_dict(config),
+            "migration": self.migration,
         }
 
     # -- the task that owns the VM ------------------------------------------------------
@@ -427,17 +579,28 @@ class HostedVm:
                     self.name = self.config.name
                 if self._stop_requested is not None:
                     vm.stop(self._stop_requested)
-                if not self._start_paused:
+                if not self._start_paused and not self._incoming:
                     self._running_since = time.monotonic()
                 started = True
                 task_status.started()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump_console)
+                    self._tasks = nursery
+                    if self._incoming:
+                        # Its serial port is made with the machine, after the stream's
+                        # config has come: the console is read from then on.
+                        nursery.start_soon(self._wait_handover)
+                    else:
+                        nursery.start_soon(self._pump_console)
                     await self.vm.wait()
+                    self._tasks = None
                 # Stopped while a snapshot is being written (DELETE during a long
                 # one): the writer reads guest memory and vCPU state in a worker
                 # thread, so the VM is not released under it.
                 await self._snapshot_done.wait()
+            if self._vm is not None and self._vm.exit is None and self._failure is None:
+                # An incoming VM stopped before its hand-over: it never ran.
+                self._failure = VmExit(StopReason.STOPPED, 0, self._stop_requested
+                                       or "stopped before its migration came in")
         except Exception as e:
             if not started:
                 raise
@@ -450,6 +613,18 @@ class HostedVm:
                 self._stopped_at = time.monotonic()
             self._console.end()
             self._done.set()
+
+    async def _wait_handover(self) -> None:
+        """An incoming VM's uptime starts when it runs, after the hand-over (or when it
+        is resumed, with start=False); its name may come with the streamed config."""
+        state = await self.vm.wait_state(VmState.RUNNING, VmState.PAUSED)
+        if state is VmState.STOPPED:
+            return
+        if self._given_config is None and self.vm.config.name:
+            self.name = self.vm.config.name
+        if state is VmState.RUNNING:
+            self._running_since = time.monotonic()
+        await self._pump_console()
 
     async def _pump_console(self) -> None:
         """Read the serial stream all the time: the guest never waits for a reader."""
@@ -562,6 +737,42 @@ class Host:
             self._vms.pop(hosted.id, None)
             raise
 
+    async def receive(self, listen: str, *, config: VmConfig | None = None,
+                      start: bool = True, paths: PathPolicy | None = None) -> HostedVm:
+        """A new VM that comes in by live migration: it listens at ``listen``
+        (``unix:/abs/path``, a socket of mode 0600, or ``tcp:HOST:PORT``) for one
+        migration stream (see :meth:`avmm.vm.VirtualMachine.receive`) and returns as
+        soon as it listens, in state ``incoming``; it runs once the source has handed
+        over (or stays paused with ``start=False``). A failed or cut stream ends it
+        without ever running. ``config`` (optional) replaces the config the stream
+        carries (the same devices, in kind and order, with this host's paths). The
+        ``unix:`` path and the files ``config`` names go through ``paths``.
+
+        :raises PathNotAllowedError: the socket lies outside the allowed directories.
+        :raises HostFileError: the socket cannot be bound there.
+        :raises VmStateError: the Host is not entered, or is shutting down.
+        """
+        if self._nursery is None or self._closing:
+            raise VmStateError("the host is not running (or is shutting down); it takes "
+                               "no new VMs")
+        policy = paths if paths is not None else PathPolicy()
+        socket_path = unix_path(listen)
+        if socket_path is not None:
+            await trio.to_thread.run_sync(policy.check, Path(socket_path), "listen", "bind")
+        vm_id = self._new_id()
+        # No name given: the VM goes on under the migrated VM's name (from the stream).
+        name = config.name if config is not None else None
+
+        def opener() -> AbstractAsyncContextManager[VirtualMachine]:
+            return VirtualMachine.receive(listen, config=config, start=start,
+                                          paths=policy, name=name)
+
+        hosted = HostedVm(vm_id, config, start_paused=not start, restore=opener,
+                          incoming=True)
+        await self._start(hosted)
+        log.info("vm incoming", vm=hosted.id, listen=listen)
+        return hosted
+
     def get(self, vm_id: str) -> HostedVm:
         """:raises UnknownVmError: no such VM here."""
         try:
@@ -655,6 +866,43 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "queue_size": generic.queue_size,
         } for generic in config.vhost_users]
     return result
+
+
+#: The fields of a migration's progress that the API always shows (None until known).
+MIGRATION_FIELDS = ("state", "round", "pages_sent", "pages_dirty", "bytes_sent",
+                    "downtime_ms", "total_ms")
+
+
+def migration_to_dict(progress: Any) -> dict[str, Any]:
+    """A migration's progress (the engine's ``MigrationProgress``, a dataclass, or None)
+    as JSON-able data: :data:`MIGRATION_FIELDS` first, then the engine's other scalar
+    fields, then ``error``."""
+    values: dict[str, Any] = {}
+    if progress is not None:
+        if dataclasses.is_dataclass(progress) and not isinstance(progress, type):
+            values = {f.name: getattr(progress, f.name)
+                      for f in dataclasses.fields(progress)}
+        elif isinstance(progress, Mapping):
+            values = dict(progress)
+    result: dict[str, Any] = {name: _json_scalar(values.get(name))
+                              for name in MIGRATION_FIELDS}
+    for name, value in values.items():
+        if name not in result and isinstance(value, str | int | float | bool | None):
+            result[name] = _json_scalar(value)
+    result.setdefault("error", None)
+    return result
+
+
+def _json_scalar(value: Any) -> Any:
+    # Enums (a state as a StrEnum) as their value; everything else as it is.
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def unix_path(address: str) -> str | None:
+    """The socket path of a ``unix:/path`` migration address, else None."""
+    return address[len("unix:"):] if address.startswith("unix:") else None
 
 
 def _str_or_none(value: object) -> str | None:

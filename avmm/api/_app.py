@@ -46,9 +46,13 @@ from ..errors import (
     VmStartError,
     VmStateError,
 )
+from ..migration.errors import MigrationError
 from ..paths import PathPolicy
+from ._errors import HttpError
+from ._errors import absolute_path as _absolute_path
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import render_metrics
+from ._migration import parse_incoming, parse_migrate
 from ._openapi import openapi_document
 
 log = structlog.get_logger(__name__)
@@ -59,12 +63,12 @@ __all__ = ["CONFIG_BODY_MAX", "CONSOLE_INPUT_MAX", "SNAPSHOT_BODY_MAX", "Managem
 CONFIG_BODY_MAX: Final = CONFIG_FILE_MAX_BYTES
 #: The largest body of POST /vms/{id}/snapshot: one path.
 SNAPSHOT_BODY_MAX: Final = 16 << 10
+#: The largest body of POST /vms/{id}/migrate: an address and a number.
+MIGRATE_BODY_MAX: Final = 16 << 10
 #: The keys of a restore request (POST /vms with "restore"): no VM config with them.
 RESTORE_KEYS: Final = ("restore", "start", "copy_memory", "vhost_user")
 #: The most vhost-user sockets one restore request may replace.
 RESTORE_SOCKETS_MAX: Final = 64
-#: PATH_MAX: a longer path cannot be opened anyway.
-_PATH_MAX: Final = 4096
 _DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: The most console input accepted in one request (the UART takes it a byte at a time).
 CONSOLE_INPUT_MAX: Final = 64 << 10
@@ -73,18 +77,6 @@ _DRAIN_FACTOR: Final = 16
 _Scope = dict[str, Any]
 _Receive = Callable[[], Awaitable[dict[str, Any]]]
 _Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class HttpError(Exception):
-    """An error response: ``{"error": message, "detail": detail}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, detail: Any = None,
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
-        self.headers = headers
 
 
 @dataclass
@@ -334,6 +326,55 @@ class ManagementApi:
             "duration_ms": round(info.duration_s * 1000, 3),
         })
 
+    async def _incoming(self, request: _Request) -> _Response:
+        """POST /vms/incoming: a new VM that listens for one migration stream."""
+        if self.draining.is_set():
+            raise HttpError(503, "the daemon is shutting down; no new VMs")
+        _require_json(request, "the incoming request")
+        base_dir = request.query("base_dir")
+        if base_dir is not None and not os.path.isabs(base_dir):
+            raise HttpError(400, f"base_dir must be an absolute directory, got {base_dir!r}",
+                            {"key": "base_dir"})
+        data = _parse_config_body(await request.body(CONFIG_BODY_MAX), "application/json",
+                                  what="the incoming request")
+        incoming = parse_incoming(data)
+        config: VmConfig | None = None
+        if incoming.config is not None:
+            try:
+                config = await trio.to_thread.run_sync(functools.partial(
+                    config_from_dict, incoming.config,
+                    base_dir=Path(base_dir) if base_dir else None,
+                    source="request body (config)",
+                    path_check=self.paths.check if self.paths.restricted else None))
+            except ConfigError as e:
+                # The key as the request has it: under "config".
+                e.key = f"config.{e.key}" if e.key else "config"
+                raise
+            config = _for_daemon(config)
+        elif base_dir is not None:
+            raise HttpError(400, "base_dir applies to a config; this request has none",
+                            {"key": "base_dir"})
+        try:
+            vm = await self.host.receive(incoming.listen, config=config,
+                                         start=incoming.start, paths=self.paths)
+        except MigrationError as e:
+            # It cannot listen there (the address is in use, the path is taken).
+            raise HttpError(400, str(e), {"key": "listen"}) from e
+        return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
+
+    async def _migrate(self, request: _Request) -> _Response:
+        """POST /vms/{id}/migrate: begin a live migration; its progress is in GET."""
+        vm = self.host.get(request.params["id"])
+        if self.draining.is_set():
+            raise HttpError(503, "the daemon is shutting down; its VMs are being stopped")
+        _require_json(request, "the migrate request")
+        data = _parse_config_body(await request.body(MIGRATE_BODY_MAX), "application/json",
+                                  what="the migrate request")
+        migrate = parse_migrate(data)
+        await vm.start_migration(migrate.to, downtime_ms=migrate.downtime_ms,
+                                 paths=self.paths)
+        return _json_response(202, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
+
     async def _get(self, request: _Request) -> _Response:
         return _json_response(200, self.host.get(request.params["id"]).to_dict())
 
@@ -388,11 +429,14 @@ class ManagementApi:
 _ROUTES: Final[tuple[tuple[re.Pattern[str], dict[str, _Handler]], ...]] = (
     (_route("/openapi.json"), {"GET": ManagementApi._openapi}),
     (_route("/vms"), {"GET": ManagementApi._list, "POST": ManagementApi._create}),
+    # Before /vms/{id}: "incoming" is no VM id (ids are vm-xxxxxx).
+    (_route("/vms/incoming"), {"POST": ManagementApi._incoming}),
     (_route("/vms/{id}"), {"GET": ManagementApi._get, "DELETE": ManagementApi._delete}),
     (_route("/vms/{id}/pause"), {"POST": ManagementApi._pause}),
     (_route("/vms/{id}/resume"), {"POST": ManagementApi._resume}),
     (_route("/vms/{id}/stop"), {"POST": ManagementApi._stop}),
     (_route("/vms/{id}/snapshot"), {"POST": ManagementApi._snapshot}),
+    (_route("/vms/{id}/migrate"), {"POST": ManagementApi._migrate}),
     (_route("/vms/{id}/console"), {"GET": ManagementApi._console_output,
                                    "POST": ManagementApi._console_input}),
     (_route("/metrics"), {"GET": ManagementApi._metrics}),
@@ -426,25 +470,11 @@ def _parse_config_body(body: bytes, media_type: str, *, what: str = "the config"
     return data
 
 
-def _absolute_path(value: Any, key: str) -> str:
-    """``value`` if it is an absolute path that can be opened at all, else a 400."""
-    if not isinstance(value, str):
-        raise HttpError(400, f"{key} must be a string (an absolute path), got "
-                        f"{type(value).__name__}", {"key": key})
-    if not value.startswith("/"):
-        raise HttpError(400, f"{key} must be an absolute path, got {value[:200]!r}",
-                        {"key": key})
-    if "\0" in value:
-        raise HttpError(400, f"{key} contains a NUL character", {"key": key})
-    try:
-        size = len(os.fsencode(value))
-    except UnicodeEncodeError:
-        raise HttpError(400, f"{key} is not a valid file name (lone surrogates)",
-                        {"key": key}) from None
-    if size >= _PATH_MAX:
-        raise HttpError(400, f"{key} is {size} bytes long; a path has fewer than "
-                        f"{_PATH_MAX}", {"key": key})
-    return value
+def _require_json(request: _Request, what: str) -> None:
+    media_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise HttpError(415, f"send {what} as Content-Type: application/json (got "
+                        f"{media_type or 'none'})", {"content_type": media_type or None})
 
 
 def _boolean(data: dict[str, Any], key: str, default: bool) -> bool:
@@ -504,7 +534,8 @@ def _http_error(error: AvmmError) -> HttpError:
         return HttpError(400, str(error), {"key": error.key, "reason": error.reason})
     if isinstance(error, UnknownVmError):
         return HttpError(404, str(error))
-    if isinstance(error, VmStateError):
+    if isinstance(error, VmStateError | MigrationError):
+        # MigrationError here: a VM whose devices cannot be migrated (refused up front).
         return HttpError(409, str(error))
     if isinstance(error, VmStartError):
         return HttpError(422, str(error), {"step": error.step})

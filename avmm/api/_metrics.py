@@ -1,7 +1,9 @@
 """``GET /metrics``: the hosted VMs' counters in the Prometheus text exposition format 0.0.4.
 
 Every series carries ``vm`` (the id); VM names are in ``avmm_vm_info`` only, so that a
-rename never splits a counter's history.
+rename never splits a counter's history. ``avmm_migration_*`` describe each VM's latest
+live migration (source or destination side; kept after the VM stops), for the VMs that
+have one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from ._openapi import VM_STATES
+from ._openapi import MIGRATION_STATES, VM_STATES
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
 
@@ -58,7 +60,9 @@ def render_metrics(vms: Iterable[Any]) -> str:
                           "Bytes a virtio device moved to and from guest buffers.")
     notifications = _Family("avmm_virtio_notifications_total", "counter",
                             "Queue notifications (driver kicks) a virtio device received.")
+    migration = _MigrationFamilies()
     for vm in vms:
+        migration.add(vm.id, vm.migration)
         metrics = vm.metrics()
         info.add(1, vm=vm.id, name=vm.name)
         current = str(metrics.state)
@@ -73,5 +77,50 @@ def render_metrics(vms: Iterable[Any]) -> str:
             requests.add(counters.requests, **labels)
             transferred.add(counters.bytes, **labels)
             notifications.add(counters.notifications, **labels)
-    families = (info, state, uptime, exits, requests, transferred, notifications)
+    families = (info, state, uptime, exits, requests, transferred, notifications,
+                *migration.families())
     return "".join(line + "\n" for family in families for line in family.lines())
+
+
+class _MigrationFamilies:
+    """The ``avmm_migration_*`` series, from a VM's ``migration`` (the API's dict)."""
+
+    def __init__(self) -> None:
+        self.state = _Family("avmm_migration_state", "gauge",
+                             "1 for the state the VM's latest migration is in, 0 for the "
+                             "others.")
+        # (family, key in the progress, scale): counts of the latest migration, so
+        # gauges (a new migration of the same VM starts again from 0).
+        self.values = [
+            (_Family("avmm_migration_round", "gauge",
+                     "Pre-copy round the latest migration is in (or ended in)."),
+             "round", 1.0),
+            (_Family("avmm_migration_pages_sent", "gauge",
+                     "4 KiB pages of guest memory the latest migration sent (or "
+                     "received)."), "pages_sent", 1.0),
+            (_Family("avmm_migration_pages_dirty", "gauge",
+                     "Pages dirtied during the latest migration's last round."),
+             "pages_dirty", 1.0),
+            (_Family("avmm_migration_sent_bytes", "gauge",
+                     "Bytes of migration stream sent (or received)."), "bytes_sent", 1.0),
+            (_Family("avmm_migration_downtime_seconds", "gauge",
+                     "Time the guest was paused for the hand-over (measured)."),
+             "downtime_ms", 1e-3),
+            (_Family("avmm_migration_duration_seconds", "gauge",
+                     "Time the latest migration took (so far, while it runs)."),
+             "total_ms", 1e-3),
+        ]
+
+    def add(self, vm_id: str, progress: Mapping[str, Any] | None) -> None:
+        if progress is None:
+            return
+        current = progress.get("state")
+        for name in MIGRATION_STATES:
+            self.state.add(int(name == current), vm=vm_id, state=name)
+        for family, key, scale in self.values:
+            value = progress.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                family.add(value * scale if scale != 1.0 else value, vm=vm_id)
+
+    def families(self) -> list[_Family]:
+        return [self.state, *(family for family, _key, _scale in self.values)]

@@ -27,11 +27,14 @@ from ..config import (
 )
 from ..lifecycle import StopReason
 
-__all__ = ["API_VERSION", "VM_STATES", "openapi_document"]
+__all__ = ["API_VERSION", "MIGRATION_STATES", "VM_STATES", "openapi_document"]
 
 API_VERSION: Final = "1.0.0"
 #: The states a hosted VM goes through (avmm.host.VmState's values).
-VM_STATES: Final = ("starting", "running", "paused", "stopping", "stopped")
+VM_STATES: Final = ("starting", "incoming", "running", "paused", "stopping", "stopped")
+#: The states of a migration's progress (MigrationProgress.state).
+MIGRATION_STATES: Final = ("setup", "precopy", "stop-and-copy", "completed", "failed",
+                           "incoming", "receiving")
 
 _PATH: Final = {
     "type": "string",
@@ -176,9 +179,77 @@ _RESTORE: Final = {
     },
 }
 
+_ADDRESS: Final = {
+    "type": "string",
+    "pattern": "^(unix:/.*|tcp:.*:[0-9]{1,5})$",
+    "description": 'A migration address: "unix:/abs/path" (a unix socket, path at most '
+                   '107 bytes; with --allow-path inside those directories) or '
+                   '"tcp:HOST:PORT" (a host name, an IPv4 address or [IPv6], a port '
+                   "1-65535). A migration stream runs the guest it carries: use tcp: "
+                   "only on a trusted network.",
+}
+
+_COUNT: Final = {"type": "integer", "minimum": 0, "nullable": True}
+_MS: Final = {"type": "number", "minimum": 0, "nullable": True}
+
+_MIGRATION: Final = {
+    "type": "object",
+    "description": "The VM's latest migration (source or destination side), kept after "
+                   "the VM stops. Fields are null until known; the engine may add more.",
+    "required": ["state", "round", "pages_sent", "pages_dirty", "bytes_sent",
+                 "downtime_ms", "total_ms", "error"],
+    "properties": {
+        "state": {"type": "string", "nullable": True,
+                  "description": "setup, precopy, stop-and-copy, completed or failed on "
+                                 "the source; incoming, receiving, completed or failed on "
+                                 "the destination"},
+        "round": {**_COUNT, "description": "Pre-copy round (0: the first full pass)"},
+        "pages_sent": {**_COUNT, "description": "4 KiB pages sent (or received) so far"},
+        "pages_dirty": {**_COUNT, "description": "Pages dirtied in the last round, still "
+                                                 "to send"},
+        "bytes_sent": {**_COUNT, "description": "Bytes of stream sent (or received)"},
+        "downtime_ms": {**_MS, "description": "Measured time the guest was paused for "
+                                              "the hand-over (once completed)"},
+        "total_ms": {**_MS, "description": "Time since the migration began"},
+        "error": {"type": "string", "nullable": True,
+                  "description": "Why it failed (one line); the source VM keeps running"},
+    },
+}
+
 _SCHEMAS: Final = {
     "VmConfig": _VM_CONFIG,
     "RestoreRequest": _RESTORE,
+    "IncomingRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["listen"],
+        "properties": {
+            "listen": {**_ADDRESS, "description": "Where to listen for the one migration "
+                                                  "stream: " + _ADDRESS["description"]},
+            "config": {"allOf": [{"$ref": "#/components/schemas/VmConfig"}],
+                       "description": "Build the VM from this config instead of the one "
+                                      "the stream carries: the same devices in kind and "
+                                      "order, with this host's paths (disks, taps, "
+                                      "vhost-user sockets)"},
+            "start": {"type": "boolean", "default": True,
+                      "description": "false: leave the VM paused after the hand-over"},
+        },
+    },
+    "MigrateRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["to"],
+        "properties": {
+            "to": {**_ADDRESS, "description": "The destination (an avmm that listens, "
+                                              "POST /vms/incoming): "
+                                              + _ADDRESS["description"]},
+            "downtime_ms": {"type": "integer", "minimum": 1, "maximum": 600000,
+                            "default": 300,
+                            "description": "The pause the guest may see: pre-copy goes "
+                                           "on until the rest can be sent in this time"},
+        },
+    },
+    "Migration": _MIGRATION,
     "SnapshotRequest": {
         "type": "object",
         "additionalProperties": False,
@@ -215,7 +286,8 @@ _SCHEMAS: Final = {
     },
     "Vm": {
         "type": "object",
-        "required": ["id", "name", "state", "created_at", "uptime_s", "exit", "config"],
+        "required": ["id", "name", "state", "created_at", "uptime_s", "exit", "config",
+                     "migration"],
         "properties": {
             "id": {"type": "string"},
             "name": {"type": "string"},
@@ -229,6 +301,10 @@ _SCHEMAS: Final = {
                        "description": "The VM's config as validated (absolute paths, "
                                       "defaults filled in); null while a restored VM is "
                                       "being built (its config is in the snapshot)"},
+            "migration": {"allOf": [{"$ref": "#/components/schemas/Migration"}],
+                          "nullable": True,
+                          "description": "The latest live migration's progress; null if "
+                                         "the VM never migrated"},
         },
     },
     "VmList": {
@@ -365,6 +441,50 @@ _PATHS: Final = {
             },
         },
     },
+    "/vms/incoming": {
+        "post": {
+            "summary": "A new VM that comes in by live migration",
+            "description": "The VM listens at listen for one migration stream (POST "
+                           "/vms/{id}/migrate on the source daemon) and is answered at "
+                           "once in state incoming; it runs (state running) once the "
+                           "source has handed over, or ends (stopped, with the reason "
+                           "in exit.detail) if the stream fails. A unix: socket is "
+                           "created with mode 0600.",
+            "parameters": [{
+                "name": "base_dir",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "An absolute directory that relative paths in config are "
+                               "resolved against (avmm receive --config sends the "
+                               "directory of vm.toml)",
+            }],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/IncomingRequest"}}},
+            },
+            "responses": {
+                "201": {
+                    **_json("The VM listens (state incoming)", "Vm"),
+                    "headers": {"Location": {"description": "/vms/{id}",
+                                             "schema": {"type": "string"}}},
+                },
+                "400": _error("Malformed body, a bad address (a relative unix: path, a "
+                              "bad port), an address that cannot be listened on (in "
+                              "use), or a bad config; detail.key names the key"),
+                "403": _error("The unix: path or a path in config resolves outside the "
+                              "directories the daemon allows (avmm serve --allow-path); "
+                              "detail.key names the key"),
+                "413": _error("Body larger than 1 MiB"),
+                "415": _error("Content-Type is not application/json"),
+                "422": _error("The VM could not be set up (detail.step names the step "
+                              "that failed)"),
+                "503": _error("The daemon is shutting down"),
+                "default": _OTHER,
+            },
+        }
+    },
     "/vms/{id}": {
         "get": {
             "summary": "One VM: state, config, uptime, stop reason and exit status",
@@ -413,6 +533,41 @@ _PATHS: Final = {
                 "409": _error("The VM is not paused (or a snapshot of it is being written)"),
                 "413": _error("Body larger than 16 KiB"),
                 "415": _error("Content-Type is not application/json"),
+                "default": _OTHER,
+            },
+        }
+    },
+    "/vms/{id}/migrate": {
+        "post": {
+            "summary": "Live-migrate a running VM to another avmm",
+            "description": "Answered at once (202); the migration runs on: its progress "
+                           "is under migration in GET /vms/{id}. The guest keeps running "
+                           "during pre-copy and pauses for the hand-over (about "
+                           "downtime_ms). On success the VM ends stopped with "
+                           "exit.reason migrated; on failure it keeps running here and "
+                           "migration.state is failed, with migration.error.",
+            "parameters": [_VM_ID_PARAMETER],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/MigrateRequest"}}},
+            },
+            "responses": {
+                "202": {
+                    **_json("The migration has begun", "Vm"),
+                    "headers": {"Location": {"description": "/vms/{id}",
+                                             "schema": {"type": "string"}}},
+                },
+                "400": _error("Malformed body or a bad address (a relative unix: path, a "
+                              "bad port, downtime_ms out of range); detail.key names the "
+                              "key"),
+                "403": _error("The unix: path resolves outside the directories the "
+                              "daemon allows (avmm serve --allow-path)"),
+                "404": _UNKNOWN_VM,
+                "409": _error("The VM is not running, or is already being migrated"),
+                "413": _error("Body larger than 16 KiB"),
+                "415": _error("Content-Type is not application/json"),
+                "503": _error("The daemon is shutting down"),
                 "default": _OTHER,
             },
         }

@@ -1,5 +1,6 @@
 """``avmm serve`` and the commands that talk to it: ``ps``, ``run``, ``pause``, ``resume``,
-``stop``, ``rm``, ``console``, ``snapshot``.
+``stop``, ``rm``, ``console``, ``snapshot``, ``receive``, ``migrate`` (the last two in
+:mod:`avmm.api.cli_migration`).
 
 Wire it into ``avmm/cli.py`` with ``add_management_commands(commands)``, where
 ``commands`` is the ``add_subparsers(dest="command")`` object; each sub-command sets
@@ -40,7 +41,8 @@ EXIT_USAGE = 2
 
 def add_management_commands(subparsers: Any) -> None:
     """Register ``serve``, ``ps``, ``run``, ``pause``, ``resume``, ``stop``, ``rm``,
-    ``console`` and ``snapshot`` on an argparse subparsers object."""
+    ``console``, ``snapshot``, ``receive`` and ``migrate`` on an argparse subparsers
+    object."""
     socket_help = ("the daemon's unix socket (default: $AVMM_SOCKET, else "
                    "$XDG_RUNTIME_DIR/avmm.sock, else /run/avmm.sock)")
     parsers = []
@@ -98,6 +100,10 @@ def add_management_commands(subparsers: Any) -> None:
                           help="resume the VM once the snapshot is written")
     snapshot.set_defaults(handler=_client_command(_snapshot))
     parsers.append(snapshot)
+
+    from .cli_migration import add_migration_commands
+
+    parsers.extend(add_migration_commands(subparsers, _client_command))
 
     for parser in parsers:
         if parser is not serve:

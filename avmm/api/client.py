@@ -142,6 +142,38 @@ class ApiClient:
         info: dict[str, Any] = response.json()
         return info
 
+    async def receive_vm(self, listen: str, *, config: Mapping[str, Any] | None = None,
+                         base_dir: str | os.PathLike[str] | None = None,
+                         start: bool = True) -> dict[str, Any]:
+        """A new VM that listens at ``listen`` (``unix:/abs/path`` or ``tcp:HOST:PORT``)
+        for one live-migration stream; answered at once, in state ``incoming``.
+        ``config`` (a dict with the vm.toml schema; relative paths against
+        ``base_dir``) replaces the config the stream carries."""
+        body: dict[str, Any] = {"listen": listen}
+        if config is not None:
+            body["config"] = dict(config)
+        if not start:
+            body["start"] = False
+        params = {"base_dir": os.fspath(base_dir)} if base_dir is not None else {}
+        response = await self._request("POST", "/vms/incoming", params=params,
+                                       content=json.dumps(body).encode(),
+                                       headers={"content-type": "application/json"})
+        created: dict[str, Any] = response.json()
+        return created
+
+    async def migrate(self, vm_id: str, to: str, *, downtime_ms: int | None = None
+                      ) -> dict[str, Any]:
+        """Begin to live-migrate the running VM to ``to``; returns at once (the VM, with
+        ``migration``): follow it with :meth:`get_vm`."""
+        body: dict[str, Any] = {"to": to}
+        if downtime_ms is not None:
+            body["downtime_ms"] = downtime_ms
+        response = await self._request("POST", f"/vms/{_segment(vm_id)}/migrate",
+                                       content=json.dumps(body).encode(),
+                                       headers={"content-type": "application/json"})
+        vm: dict[str, Any] = response.json()
+        return vm
+
     async def get_vm(self, vm_id: str) -> dict[str, Any]:
         vm: dict[str, Any] = (await self._request("GET", f"/vms/{_segment(vm_id)}")).json()
         return vm

@@ -16,10 +16,12 @@ import trio
 
 from avmm.config import VmConfig
 from avmm.errors import UnknownVmError, VmStartError, VmStateError
-from avmm.host import config_to_dict
+from avmm.host import config_to_dict, migration_to_dict, unix_path
 from avmm.lifecycle import GUEST_FAILURE_STATUS, StopReason, VmExit, VmState
 from avmm.paths import PathPolicy
 from avmm.state import SnapshotError, SnapshotInfo
+
+_ACTIVE = ("setup", "precopy", "stop-and-copy", "incoming", "receiving")
 
 
 @dataclass
@@ -69,16 +71,20 @@ class FakeSubscription:
 
 
 class FakeVm:
-    def __init__(self, vm_id: str, config: VmConfig) -> None:
+    def __init__(self, vm_id: str, config: VmConfig | None) -> None:
         self.id = vm_id
-        self.name = config.name or vm_id
+        self.name = (config.name if config is not None else None) or vm_id
         self.config = config
-        self.state = VmState.RUNNING
+        self.state: Any = VmState.RUNNING
         self.created_at = time.time()
         self.exit: VmExit | None = None
         self.backlog = bytearray(b"fake-guest: hello\n")
         self.subscribers: list[trio.MemorySendChannel[bytes]] = []
         self.received = bytearray()
+        #: The latest migration's progress, as HostedVm.migration shows it.
+        self.migration: dict[str, Any] | None = None
+        #: (to, downtime_ms) of every migration begun.
+        self.migrations: list[tuple[str, int]] = []
 
     @property
     def uptime_s(self) -> float | None:
@@ -103,6 +109,34 @@ class FakeVm:
         target.close()
         return SnapshotInfo(Path(path), bytes_state=1234, bytes_memory=4096,
                             duration_s=0.0125)
+
+    async def start_migration(self, to: str, *, downtime_ms: int = 300,
+                              paths: PathPolicy | None = None) -> None:
+        """Checks as the real one does; the test moves it on (progress(), migrated(),
+        fail_migration())."""
+        if self.migration is not None and self.migration["state"] in _ACTIVE:
+            raise VmStateError(f"VM {self.id!r} is already being migrated")
+        if self.state is not VmState.RUNNING:
+            raise VmStateError(f"VM {self.id!r} is {self.state}; only a running VM can be "
+                               "migrated")
+        path = unix_path(to)
+        if path is not None and paths is not None:
+            await trio.to_thread.run_sync(paths.check, Path(path), "to", "socket")
+        self.migrations.append((to, downtime_ms))
+        self.migration = migration_to_dict({"state": "setup", "round": 0, "pages_sent": 0,
+                                            "pages_dirty": 0, "bytes_sent": 0,
+                                            "total_ms": 0.0})
+
+    def progress(self, **values: Any) -> None:
+        assert self.migration is not None
+        self.migration = {**self.migration, **values}
+
+    def migrated(self, downtime_ms: float = 12.5) -> None:
+        self.progress(state="completed", downtime_ms=downtime_ms)
+        self._end(VmExit(StopReason.MIGRATED, 0, "migrated to the destination"))
+
+    def fail_migration(self, error: str) -> None:
+        self.progress(state="failed", error=error)
 
     async def stop(self) -> VmExit:
         self._end(VmExit(StopReason.STOPPED, 0, "stopped by the host"))
@@ -152,7 +186,8 @@ class FakeVm:
             "exit": None if self.exit is None else {
                 "reason": str(self.exit.reason), "exit_status": self.exit.exit_status,
                 "detail": self.exit.detail},
-            "config": config_to_dict(self.config),
+            "config": None if self.config is None else config_to_dict(self.config),
+            "migration": self.migration,
         }
 
 
@@ -163,6 +198,8 @@ class FakeHost:
         #: What restore() brings back from a directory holding a state.avmm file.
         self.restore_config: VmConfig | None = None
         self.restored: list[tuple[str, bool, bool, dict[str, str]]] = []
+        #: (listen, config, start) of every receive().
+        self.received: list[tuple[str, VmConfig | None, bool]] = []
 
     async def __aenter__(self) -> FakeHost:
         return self
@@ -193,6 +230,21 @@ class FakeHost:
         if adjust_config is not None:
             config = adjust_config(config)
         return await self.create(config, start=start)
+
+    async def receive(self, listen: str, *, config: VmConfig | None = None,
+                      start: bool = True, paths: PathPolicy | None = None) -> FakeVm:
+        """Checks the socket path as the real one does; the VM stays incoming."""
+        path = unix_path(listen)
+        if path is not None:
+            policy = paths if paths is not None else PathPolicy()
+            await trio.to_thread.run_sync(policy.check, Path(path), "listen", "bind")
+        self.received.append((listen, config, start))
+        vm = FakeVm(f"vm-{self._next:06x}", config)
+        self._next += 1
+        vm.state = VmState.INCOMING
+        vm.migration = migration_to_dict({"state": "incoming"})
+        self.vms[vm.id] = vm
+        return vm
 
     async def create(self, config: VmConfig, *, start: bool = True,
                      paths: object = None) -> FakeVm:

@@ -1,0 +1,193 @@
+"""HostedVm's side of a migration with a real VM and a stand-in for the engine's
+``VirtualMachine.migrate`` (the engine's own behaviour is tested in tests/migration):
+the migration runs in the VM's task, pause/resume/snapshot and a second migration are
+refused meanwhile, a failure leaves the VM running with the reason shown, and a new
+migration never shows the previous one's progress."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from avmm.config import config_from_dict
+from avmm.errors import AvmmError, PathNotAllowedError, VmStateError
+from avmm.host import Host
+from avmm.lifecycle import StopReason, VmState
+from avmm.migration.errors import MigrationError
+from avmm.paths import PathPolicy
+from avmm.vm import VirtualMachine
+from tests.vm.helpers import TEST_GUEST
+
+pytestmark = [pytest.mark.kvm, pytest.mark.guest]
+
+
+class StandInError(AvmmError):
+    """What the stand-in engine raises (the real one raises MigrationError)."""
+
+
+class StandIn:
+    """Replaces VirtualMachine.migrate: reports progress, then fails when told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.go_on = trio.Event()
+        self.started = trio.Event()
+
+    async def migrate(self, vm: Any, to: str, *, downtime_ms: int = 300) -> None:
+        self.calls.append((to, downtime_ms))
+        vm.migration = {"state": "precopy", "round": 1, "pages_sent": 100,
+                        "pages_dirty": 7, "bytes_sent": 409600, "downtime_ms": None,
+                        "total_ms": 5.0}
+        self.started.set()
+        await self.go_on.wait()
+        vm.migration = {**vm.migration, "state": "failed"}
+        raise StandInError("the destination refused the stream")
+
+
+@pytest.fixture
+def area() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="avmm-mig-host-", dir="/tmp"))
+    for name in ("allowed", "outside"):
+        (root / name).mkdir()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def _until(predicate: Any) -> None:
+    with trio.fail_after(60):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_a_migration_runs_in_the_vm_task_and_a_failure_leaves_it_running(
+        monkeypatch: pytest.MonkeyPatch, area: Path) -> None:
+    stand_in = StandIn()
+
+    async def migrate(vm: Any, to: str, *, downtime_ms: int = 300) -> None:
+        await stand_in.migrate(vm, to, downtime_ms=downtime_ms)
+
+    monkeypatch.setattr(VirtualMachine, "migrate", migrate, raising=False)
+    monkeypatch.setattr(VirtualMachine, "migration", None, raising=False)
+    config = config_from_dict({"machine": {"memory_mib": 32, "acpi": False},
+                               "boot": {"kernel": str(TEST_GUEST),
+                                        "cmdline": "avmm.test=echo"},
+                               "serial": {"mode": "none"}}, base_dir=None)
+    policy = PathPolicy([area / "allowed"])
+    try:
+        async with Host() as host:
+            hosted = await host.create(config)
+            assert hosted.migration is None
+            assert hosted.to_dict()["migration"] is None
+            with pytest.raises(PathNotAllowedError) as refused:
+                await hosted.start_migration(f"unix:{area}/outside/dest.sock",
+                                             paths=policy)
+            assert refused.value.key == "to"
+            assert hosted.migration is None and not stand_in.calls
+
+            await hosted.start_migration(f"unix:{area}/allowed/dest.sock",
+                                         downtime_ms=50, paths=policy)
+            assert hosted.migrating
+            assert hosted.migration is not None
+            assert hosted.migration["state"] == "setup"  # before the engine began
+            await stand_in.started.wait()
+            assert stand_in.calls == [(f"unix:{area}/allowed/dest.sock", 50)]
+            shown = hosted.to_dict()["migration"]
+            assert (shown["state"], shown["round"], shown["pages_dirty"]) == (
+                "precopy", 1, 7)
+            for refused_call in (hosted.pause, hosted.resume):
+                with pytest.raises(VmStateError, match="being migrated"):
+                    await refused_call()
+            with pytest.raises(VmStateError, match="already being migrated"):
+                await hosted.start_migration("tcp:127.0.0.1:4444")
+
+            stand_in.go_on.set()
+            await _until(lambda: not hosted.migrating)
+            assert hosted.state is VmState.RUNNING
+            failed = hosted.migration
+            assert failed is not None
+            assert (failed["state"], failed["error"]) == (
+                "failed", "the destination refused the stream")
+
+            # Again: the previous migration's progress is not shown as this one's.
+            stand_in.started = trio.Event()
+            stand_in.go_on = trio.Event()
+            await hosted.start_migration("tcp:127.0.0.1:4444")
+            again = hosted.migration
+            assert again is not None and (again["state"], again["error"]) == ("setup", None)
+            stand_in.go_on.set()
+            await _until(lambda: not hosted.migrating)
+            # The waiting form, as an embedding program would use it.
+            with pytest.raises(StandInError):
+                await hosted.migrate("tcp:127.0.0.1:4444")
+            assert len(stand_in.calls) == 3
+            assert hosted.state is VmState.RUNNING
+            await hosted.pause()
+            with pytest.raises(VmStateError, match="only a running VM"):
+                await hosted.start_migration("tcp:127.0.0.1:4444")
+            await host.remove(hosted.id)
+    finally:
+        policy.close()
+
+
+
+async def test_an_incoming_vm_that_gets_garbage_ends_without_running(area: Path) -> None:
+    policy = PathPolicy([area / "allowed"])
+    try:
+        async with Host() as host:
+            with pytest.raises(PathNotAllowedError) as refused:
+                await host.receive(f"unix:{area}/outside/in.sock", paths=policy)
+            assert refused.value.key == "listen"
+            assert host.list() == []
+
+            socket_path = area / "allowed" / "in.sock"
+            hosted = await host.receive(f"unix:{socket_path}", paths=policy)
+            assert hosted.state is VmState.INCOMING
+            shown = hosted.to_dict()
+            assert shown["config"] is None  # it comes with the stream
+            assert shown["migration"]["state"] == "incoming"
+            assert shown["uptime_s"] is None
+            stream = await trio.open_unix_socket(str(socket_path))
+            await stream.send_all(b"this is no migration stream" * 100)
+            with trio.fail_after(60):
+                result = await hosted.wait()
+            await stream.aclose()
+            assert hosted.state is VmState.STOPPED
+            assert result.failed and "\n" not in result.detail
+            assert hosted.uptime_s is None  # it never ran
+            assert hosted.migration is not None and hosted.migration["state"] == "failed"
+            assert not socket_path.exists()
+
+            # Leaving one that waits for a stream stops listening.
+            waiting = await host.receive(f"unix:{socket_path}", paths=policy)
+            assert socket_path.exists()
+            with trio.fail_after(60):
+                await host.remove(waiting.id)
+            assert not socket_path.exists()
+            ended = await waiting.wait()
+            assert (ended.reason, ended.failed) == (StopReason.STOPPED, False)
+    finally:
+        policy.close()
+
+
+async def test_a_migration_to_nobody_fails_and_the_vm_runs_on(area: Path) -> None:
+    config = config_from_dict({"machine": {"memory_mib": 32, "acpi": False},
+                               "boot": {"kernel": str(TEST_GUEST),
+                                        "cmdline": "avmm.test=echo"},
+                               "serial": {"mode": "none"}}, base_dir=None)
+    async with Host() as host:
+        hosted = await host.create(config)
+        with trio.fail_after(120), pytest.raises(MigrationError):
+            await hosted.migrate(f"unix:{area}/allowed/nobody.sock")
+        assert hosted.state is VmState.RUNNING and not hosted.migrating
+        failed = hosted.to_dict()["migration"]
+        assert failed["state"] == "failed"
+        assert "nobody.sock" in failed["error"] and "\n" not in failed["error"]
+        await hosted.pause()  # usable again
+        await hosted.resume()
+        await host.remove(hosted.id)
