@@ -280,7 +280,8 @@ def receive_main(argv: list[str]) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
-def _child_line(process: subprocess.Popen[str], what: str) -> dict[str, Any]:
+def _child_line(process: subprocess.Popen[str], what: str, errors: Path) -> dict[str, Any]:
+    """The destination's next report line (stdout carries nothing else but warnings)."""
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith(RESULT):
@@ -288,7 +289,7 @@ def _child_line(process: subprocess.Popen[str], what: str) -> dict[str, Any]:
             return message
     process.wait(timeout=30)
     raise BenchError(f"avmm destination exited {process.returncode} before {what}: "
-                     f"{process.stderr.read()[-2000:] if process.stderr else ''!r}")
+                     f"{errors.read_text(errors='replace')[-2000:]!r}")
 
 
 async def _avmm_source(case: Case, to: str, seed: bytes) -> Migrated:
@@ -323,12 +324,15 @@ def avmm_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
     seed_file.write_bytes(seed)
     argv = [sys.executable, "-m", "benchmarks.migration", "--receive", f"unix:{sock}",
             str(case.memory_mib), "dirty" if case.dirty else "idle", str(seed_file)]
-    child = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # stderr to a file: nothing reads the child's pipes while this process migrates.
+    errors = scratch / "receive.err"
+    with open(errors, "wb") as err:
+        child = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        _child_line(child, "listening")
+        _child_line(child, "listening", errors)
         migrated = trio.run(_avmm_source, case, f"unix:{sock}", seed)
-        done = _child_line(child, "the guest ran on it")
+        done = _child_line(child, "the guest ran on it", errors)
         if not done.get("done"):
             raise BenchError(f"avmm destination: {done}")
         child.wait(timeout=60)
