@@ -1,5 +1,7 @@
-# The cffi extension (avmm.kvm._kvm_ffi) is compiled at install time against the
-# build machine's <linux/kvm.h>; everything else lives in pyproject.toml.
+# The cffi extensions (avmm.kvm._kvm_ffi against the build machine's <linux/kvm.h>, and
+# avmm.vhost._log_ffi, the dirty log's atomics) are compiled at install time; everything
+# else lives in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["avmm/kvm/_ffi_build.py:ffibuilder"])
+setup(cffi_modules=["avmm/kvm/_ffi_build.py:ffibuilder",
+                    "avmm/vhost/_log_build.py:ffibuilder"])

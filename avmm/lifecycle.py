@@ -20,6 +20,7 @@ class StopReason(StrEnum):
     FAIL_ENTRY = "fail-entry"
     CRASH = "crash"  # KVM_SYSTEM_EVENT_CRASH
     ERROR = "error"  # a bug or host failure inside avmm while running the VM
+    MIGRATED = "migrated"  # handed over to a migration's destination (vm.migrate())
 
 
 #: Exit status (for ``avmm up``) of VMs that failed rather than ended. Even, so that it
@@ -99,8 +100,12 @@ class VmState(StrEnum):
     """Where a VM is in its life. The value is what logs and the API show.
 
     STARTING (being built) → RUNNING ⇄ PAUSED → STOPPING (a stop was requested; vCPUs
-    and devices are winding down) → STOPPED (everything joined and released).
+    and devices are winding down) → STOPPED (everything joined and released). A VM made
+    by ``VirtualMachine.receive`` is INCOMING (listening, then receiving a migration)
+    before it runs, or STOPPED if the migration fails.
     """
+
+    INCOMING = "incoming"
 
     STARTING = "starting"
     RUNNING = "running"

@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 from dataclasses import dataclass
-from typing import NewType
+from typing import NewType, Protocol
 
 from .errors import GuestAddressError, GuestMemoryError
 
@@ -71,8 +71,23 @@ def plan_regions(size: int) -> tuple[MemoryRegion, ...]:
     return tuple(regions)
 
 
+class DirtyMarker(Protocol):
+    """Where writes into guest memory are recorded while a migration runs
+    (:class:`avmm.migration.dirty.DirtyMarks`, a vhost-user back-end's log)."""
+
+    def mark(self, address: int, length: int) -> None:
+        """Record that ``[address, address + length)`` (guest physical) was written.
+        Called from any thread, after the write."""
+
+
 class MemoryAccess:
     """Reads and writes by guest physical address, built on ``view()``.
+
+    Dirty marking: while a migration runs, ``dirty`` is a :class:`DirtyMarker`, and
+    whatever writes guest memory on avmm's behalf must report it: ``write`` and
+    ``write_u*`` do so themselves; code that writes through a ``view()`` (a device's
+    ``preadv``, a used ring) calls :meth:`mark_dirty` after the write. When no migration
+    runs ``dirty`` is ``None`` and a write pays one attribute test.
 
     ``read_u16/u32/u64`` and ``write_u16/u32/u64`` are single loads and stores of that
     width (a memoryview cast to a native integer format): the guest may update the same
@@ -82,6 +97,15 @@ class MemoryAccess:
     Devices and the virtqueue take any object with this interface, so that they can be
     tested on a :class:`ByteArrayMemory` and run on a :class:`GuestMemory`.
     """
+
+    #: Set by :class:`avmm.migration.dirty.DirtyLog` while it runs; see the class doc.
+    dirty: DirtyMarker | None = None
+
+    def mark_dirty(self, address: int, length: int) -> None:
+        """Report a write of ``[address, address + length)`` made through a view."""
+        dirty = self.dirty
+        if dirty is not None:
+            dirty.mark(address, length)
 
     def view(self, address: int, length: int) -> memoryview:
         raise NotImplementedError
@@ -93,7 +117,11 @@ class MemoryAccess:
         return bytes(self.view(address, length))
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        self.view(address, len(data))[:] = data
+        view = self.view(address, len(data))
+        view[:] = data
+        dirty = self.dirty
+        if dirty is not None:
+            dirty.mark(address, len(view))
 
     def read_u8(self, address: int) -> int:
         return self.view(address, 1)[0]
@@ -114,16 +142,25 @@ class MemoryAccess:
         if not 0 <= value < 1 << 16:
             raise OverflowError(f"{value} does not fit in u16")
         self.view(address, 2).cast("H")[0] = value
+        dirty = self.dirty
+        if dirty is not None:
+            dirty.mark(address, 2)
 
     def write_u32(self, address: int, value: int) -> None:
         if not 0 <= value < 1 << 32:
             raise OverflowError(f"{value} does not fit in u32")
         self.view(address, 4).cast("I")[0] = value
+        dirty = self.dirty
+        if dirty is not None:
+            dirty.mark(address, 4)
 
     def write_u64(self, address: int, value: int) -> None:
         if not 0 <= value < 1 << 64:
             raise OverflowError(f"{value} does not fit in u64")
         self.view(address, 8).cast("Q")[0] = value
+        dirty = self.dirty
+        if dirty is not None:
+            dirty.mark(address, 8)
 
 
 
@@ -243,6 +280,9 @@ class GuestMemory(MemoryAccess):
             if not 0 <= value < 1 << 16:
                 raise OverflowError(f"{value} does not fit in u16")
             self._low_u16[address >> 1] = value
+            dirty = self.dirty
+            if dirty is not None:
+                dirty.mark(address, 2)
             return
         super().write_u16(address, value)
 

@@ -75,6 +75,8 @@ from .lifecycle import (
     VmState,
 )
 from .memory import MIB, GuestMemory
+from .migration.errors import MigrationError
+from .migration.progress import MigrationProgress
 from .netns import call_in_netns
 from .paths import BoundSocket, PathPolicy
 from .serial_port import SerialPort, serve_console_socket
@@ -123,7 +125,7 @@ SNAPSHOT_SECTIONS: dict[str, Any] = {
 class _RestorePlan:
     """What the recipe needs to build a VM from a snapshot instead of booting it."""
 
-    snapshot: Snapshot
+    snapshot: Snapshot | None  # None: the state came by a migration stream
     copy_memory: bool
     machine: MachineState
     devices: LegacyDevicesState
@@ -185,6 +187,12 @@ class VirtualMachine:
         self._boot_timer: BootTimer | None = None
         self._acpi_sleep: AcpiSleep | None = None
         self._restore_plan: _RestorePlan | None = None
+        # Live migration: a VM made by receive() is incoming until the hand-over; a VM
+        # being migrated away refuses pause/resume/snapshot meanwhile.
+        self._incoming = False
+        self._migrating = False
+        self._migration: MigrationProgress | None = None
+        self._paused_for_migration = False
         self._log = log.bind(vm=self.name)
         self._started_at: float | None = None  # time.monotonic() when __aenter__ began
         self._userspace_reached = trio.Event()
@@ -249,6 +257,8 @@ class VirtualMachine:
     def state(self) -> VmState:
         if self._finished.is_set() or self._start_failed:
             return VmState.STOPPED
+        if self._incoming and not self._running:
+            return VmState.INCOMING
         if self._latch.requested:
             return VmState.STOPPING
         if self._paused:
@@ -278,34 +288,39 @@ class VirtualMachine:
             or it stopped while being paused.
         :raises DevicePauseError: a device could not be stopped; the VM runs on.
         """
+        self._refuse_while_migrating("paused")
         async with self._control_lock:
             state = self.state
             if state is not VmState.RUNNING:
                 raise VmStateError(f"VM {self.name!r} is {state.value}; only a running VM "
                                    "can be paused")
-            self._gate.close()
-            self._pause.request()
-            for vcpu in self._vcpus:
-                vcpu.kick()
-            try:
-                await self._wait_parked()
-                # The vCPUs are parked: no driver can kick, reset or activate a device
-                # while the device tasks stop.
-                for slot in self.virtio_slots:
-                    await slot.pause()
-            except BaseException:
-                # Cancelled, stopped or a device that did not stop, half-way: let
-                # everything that paused go on.
-                with trio.CancelScope(shield=True):
-                    for slot in self.virtio_slots:
-                        await slot.resume()
-                self._pause.resume()
-                self._gate.open()
-                raise
-            self._paused = True
-            self._paused_clock = self._read_kvm_clock()
-            self._state_changed()
+            await self._pause_now()
         self._log.info("vm paused")
+
+    async def _pause_now(self) -> None:
+        """The body of :meth:`pause` (the control lock held, the VM running)."""
+        self._gate.close()
+        self._pause.request()
+        for vcpu in self._vcpus:
+            vcpu.kick()
+        try:
+            await self._wait_parked()
+            # The vCPUs are parked: no driver can kick, reset or activate a device
+            # while the device tasks stop.
+            for slot in self.virtio_slots:
+                await slot.pause()
+        except BaseException:
+            # Cancelled, stopped or a device that did not stop, half-way: let
+            # everything that paused go on.
+            with trio.CancelScope(shield=True):
+                for slot in self.virtio_slots:
+                    await slot.resume()
+            self._pause.resume()
+            self._gate.open()
+            raise
+        self._paused = True
+        self._paused_clock = self._read_kvm_clock()
+        self._state_changed()
 
     async def resume(self) -> None:
         """Let a paused VM go on exactly where it stopped: the devices serve on from
@@ -314,16 +329,25 @@ class VirtualMachine:
 
         :raises VmStateError: the VM is not paused.
         """
+        self._refuse_while_migrating("resumed")
         async with self._control_lock:
             state = self.state
             if state is not VmState.PAUSED:
                 raise VmStateError(f"VM {self.name!r} is {state.value}; only a paused VM "
                                    "can be resumed")
-            self._gate.open()
-            for slot in self.virtio_slots:
-                await slot.resume()
-            self._continue()
+            await self._resume_now()
         self._log.info("vm resumed")
+
+    async def _resume_now(self) -> None:
+        self._gate.open()
+        for slot in self.virtio_slots:
+            await slot.resume()
+        self._continue()
+
+    def _refuse_while_migrating(self, what: str) -> None:
+        if self._migrating:
+            raise VmStateError(f"VM {self.name!r} is being migrated; it cannot be {what} "
+                               "until the migration ends")
 
     def _continue(self) -> None:
         # The guest's kvmclock goes on from where it was paused (as QEMU does), so the
@@ -393,6 +417,7 @@ class VirtualMachine:
         :raises SnapshotError: ``path`` exists, or the snapshot cannot be written (then
             nothing is left behind).
         """
+        self._refuse_while_migrating("snapshotted")
         async with self._control_lock:
             state = self.state
             if state is not VmState.PAUSED:
@@ -428,18 +453,7 @@ class VirtualMachine:
         """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
         started = time.monotonic()
         self._flush_disks_for_snapshot()
-        try:
-            machine = save_machine(self._kvm_vm, self._vcpus)
-        except KvmError as e:
-            raise SnapshotError(f"VM {self.name!r}: cannot save the KVM state: {e}") from e
-        if self._paused_clock is not None:
-            # The clock as it was when the VM paused: the guest sees no time pass while
-            # it was paused or saved, as across a pause and resume.
-            platform = machine.platform
-            machine = dataclasses.replace(machine, platform=dataclasses.replace(
-                platform, clock=dataclasses.replace(platform.clock,
-                                                    clock=self._paused_clock)))
-        sections["machine"] = machine
+        sections["machine"] = self._save_machine()
         path = Path(os.path.abspath(path))
         parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path")
         try:
@@ -452,6 +466,21 @@ class VirtualMachine:
         finally:
             os.close(parent_fd)
         return dataclasses.replace(info, path=path, duration_s=time.monotonic() - started)
+
+    def _save_machine(self) -> MachineState:
+        """The KVM state of the paused VM (a worker thread; the vCPUs parked)."""
+        try:
+            machine = save_machine(self._kvm_vm, self._vcpus)
+        except KvmError as e:
+            raise SnapshotError(f"VM {self.name!r}: cannot save the KVM state: {e}") from e
+        if self._paused_clock is not None:
+            # The clock as it was when the VM paused: the guest sees no time pass while
+            # it was paused or saved, as across a pause and resume.
+            platform = machine.platform
+            machine = dataclasses.replace(machine, platform=dataclasses.replace(
+                platform, clock=dataclasses.replace(platform.clock,
+                                                    clock=self._paused_clock)))
+        return machine
 
     def _flush_disks_for_snapshot(self) -> None:
         """fdatasync every writable disk: a snapshot completes only with the guest's
@@ -528,6 +557,203 @@ class VirtualMachine:
         finally:
             os.close(opened.dirfd)
 
+    # -- live migration -----------------------------------------------------------------
+
+    @property
+    def migration(self) -> MigrationProgress | None:
+        """The progress of this VM's last migration (outgoing, or incoming for a VM made
+        by :meth:`receive`), or None; kept after the VM stops."""
+        return self._migration
+
+    def _set_migration(self, progress: MigrationProgress) -> None:
+        self._migration = progress
+
+    async def migrate(self, to: str, *, downtime_ms: int = 300, on_timeout: str = "pause",
+                      max_rounds: int = 30, timeout_s: float | None = None,
+                      ) -> MigrationProgress:
+        """Move the running guest to a destination listening at ``to`` (``unix:/abs/path``
+        or ``tcp:HOST:PORT``; see :meth:`receive` and README, "Live migration").
+
+        Pre-copy rounds send RAM while the guest runs, until what is left would take
+        less than ``downtime_ms`` to send; if ``max_rounds`` or ``timeout_s`` comes
+        first, ``on_timeout="pause"`` pauses the guest and finishes anyway, ``"abort"``
+        gives up. Then the guest pauses, the last pages and its state are sent, and once
+        the destination acknowledges, this VM stops with
+        :attr:`~avmm.lifecycle.StopReason.MIGRATED`. A paused VM stays paused through
+        the pre-copy. :attr:`migration` shows the progress meanwhile.
+
+        :raises MigrationError: bad arguments, a VM that cannot be migrated (not running
+            or paused, vhost-user back-ends without dirty logging), or any failure on
+            the way (the stream cut, the destination refusing, a timeout): the VM then
+            runs on here as before (resumed if it was paused for the hand-over).
+        """
+        from .migration.source import Options, Source
+        from .migration.transport import parse_address
+
+        options = Options(downtime_ms=downtime_ms, on_timeout=on_timeout,
+                          max_rounds=max_rounds, timeout_s=timeout_s)
+        options.check()
+        address = parse_address(to)
+        if self._migrating:
+            raise MigrationError(f"VM {self.name!r} is already being migrated")
+        async with self._control_lock:
+            state = self.state
+            if state not in (VmState.RUNNING, VmState.PAUSED):
+                raise MigrationError(f"VM {self.name!r} is {state.value}; only a running "
+                                     "or paused VM can be migrated")
+            problem = self._migration_problem()
+            if problem is not None:
+                raise MigrationError(f"VM {self.name!r} cannot be migrated: {problem}")
+            self._migrating = True
+            self._paused_for_migration = False
+            try:
+                return await Source(self, address, options, self._set_migration).run()
+            finally:
+                self._migrating = False
+
+    def _migration_problem(self) -> str | None:
+        """Why this VM cannot be migrated, checked before anything starts."""
+        from .vhost.frontend import VhostUserDevice
+
+        for slot in self.virtio_slots:
+            device = slot.device
+            if isinstance(device, VhostUserDevice):
+                why = device.dirty_log_problem()
+                if why is not None:
+                    return why
+        return None
+
+    def _migration_config(self) -> bytes:
+        """The CONFIG frame's payload: the config in effect (derived MACs included)."""
+        from .state.codec import encode
+
+        return encode(config_to_state(self._config_in_effect()))
+
+    def _migration_running(self) -> bool:
+        """False once a stop was requested: the migration must give up."""
+        return not self._latch.requested
+
+    async def _migration_pause(self) -> None:
+        """Pause for the stop-and-copy (the control lock is held by :meth:`migrate`)."""
+        if self._paused:
+            return  # paused before the migration: it stays so, here or there
+        try:
+            await self._pause_now()
+        except VmStateError as e:
+            raise MigrationError(str(e)) from None
+        self._paused_for_migration = True
+        self._log.info("vm paused for the hand-over")
+
+    async def _migration_resume(self) -> None:
+        """After a failed stop-and-copy: let the guest go on here."""
+        if self._paused_for_migration and self.state is VmState.PAUSED:
+            self._paused_for_migration = False
+            await self._resume_now()
+            self._log.info("vm resumed after a failed migration")
+
+    async def _migration_state(self) -> dict[str, Any]:
+        """The STATE frame's sections (the VM paused): the snapshot's machine, legacy
+        devices and virtio devices. Writable disks are flushed first: the destination
+        opens the same images (shared storage)."""
+        sections: dict[str, Any] = {
+            "devices": self._save_legacy_devices(),
+            "virtio": VirtioDevicesState(
+                slots=[slot.save_state() for slot in self.virtio_slots]),
+        }
+
+        def blocking() -> MachineState:
+            self._flush_disks_for_snapshot()
+            return self._save_machine()
+
+        try:
+            sections["machine"] = await trio.to_thread.run_sync(blocking)
+        except StateError as e:
+            raise MigrationError(str(e)) from None
+        return {"machine": sections["machine"], "devices": sections["devices"],
+                "virtio": sections["virtio"]}
+
+    def _migration_handover(self, detail: str) -> None:
+        """The destination has the guest: stop here for good (the vCPUs, parked, leave
+        without running it again)."""
+        self._latch.request(VmExit(StopReason.MIGRATED, 0, detail))
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def receive(cls, listen: str, *, config: VmConfig | None = None,
+                      start: bool = True, paths: PathPolicy | None = None,
+                      name: str | None = None) -> AsyncIterator[VirtualMachine]:
+        """Receive a migrating VM (see :meth:`migrate`), as an async context manager
+        like ``VirtualMachine(config)``::
+
+            async with VirtualMachine.receive("unix:/run/avmm/in.sock") as vm:
+                result = await vm.wait()
+
+        Entering returns as soon as ``listen`` (``unix:/abs/path``, created mode 0600,
+        or ``tcp:HOST:PORT``; port 0 picks one, see ``vm.migration.address``) listens;
+        the VM is :attr:`~avmm.lifecycle.VmState.INCOMING`. It accepts one connection,
+        builds the machine from the streamed config (or from ``config``, whose devices
+        must match in kind and order: new disk paths, taps, back-end sockets), receives
+        RAM and state and runs the guest once the source has let go — or keeps it paused
+        with ``start=False``. A failed or cut stream ends the VM without it ever running:
+        ``vm.exit`` says why (reason "error").
+
+        :raises MigrationError: ``listen`` is malformed or cannot be listened on.
+        """
+        from .migration.destination import Destination
+        from .migration.transport import listen as listen_on
+        from .migration.transport import parse_address
+
+        address = parse_address(listen, listen=True)
+        policy = paths if paths is not None else PathPolicy()
+        vm = cls(config if config is not None else _incoming_placeholder(), name=name,
+                 start_paused=not start, paths=policy)
+        vm._incoming = True
+        vm._token = trio.lowlevel.current_trio_token()
+        vm._started_at = time.monotonic()
+        listener = await trio.to_thread.run_sync(listen_on, address, policy)
+        destination = Destination(vm, listener, config, vm._set_migration)
+        vm._set_migration(destination.progress)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(destination.run)
+                try:
+                    yield vm
+                finally:
+                    vm._latch.request(VmExit(StopReason.STOPPED, 0,
+                                             "the VM's context was left"))
+                    destination.receiving.cancel()
+        finally:
+            listener.close()
+
+    def _prepare_incoming(self, config: VmConfig) -> None:
+        """The destination has the config: this is the machine to build."""
+        self.config = config
+        self._pause = PauseControl(config.machine.vcpus, on_change=self._notify_threadsafe)
+
+    def _restore_incoming(self, sections: Mapping[str, Any]) -> None:
+        """Load the streamed state into the machine built for it (a worker thread)."""
+        machine: MachineState = sections["machine"]
+        plan = _RestorePlan(snapshot=None, copy_memory=False, machine=machine,
+                            devices=sections["devices"], virtio=sections["virtio"].slots)
+        if len(machine.vcpus) != len(self._vcpus):
+            raise MigrationError(f"the streamed state has {len(machine.vcpus)} vCPUs, the "
+                                 f"streamed config {len(self._vcpus)}")
+        self._restore_state(self._kvm_vm, plan)
+        # From here the VM's start serves the restored (paused) slots, as after restore().
+        self._restore_plan = plan
+        if self._start_paused:
+            self._paused_clock = machine.platform.clock.clock
+
+    def _migration_failed(self, detail: str) -> None:
+        """An incoming VM whose migration failed: stopped, never run (its resources are
+        released by the caller)."""
+        self._start_failed = True
+        self._vcpus.clear()  # closed with the resources: nothing to kick
+        self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, detail))
+        self._serial_port.close()  # readers of vm.serial see its end
+        self._finished.set()
+        self._state_changed()
+
     # -- lifetime -----------------------------------------------------------------------
 
     async def __aenter__(self) -> VirtualMachine:
@@ -544,6 +770,12 @@ class VirtualMachine:
             self._start_failed = True
             self._resources.close()
             raise
+        return await self._start_built()
+
+    async def _start_built(self) -> VirtualMachine:
+        """The second half of :meth:`__aenter__`: run the machine ``_build`` made (the
+        caller's task owns the VM's nursery from here; leave with :meth:`__aexit__` in
+        the same task)."""
         stack = contextlib.AsyncExitStack()
         stack.callback(self._resources.close)  # last out: after the nursery has left
         # Before anything is released: a snapshot still writing from a worker thread
@@ -673,7 +905,8 @@ class VirtualMachine:
                 self.virtio_slots.append(slot)
                 self.mmio_bus.insert(slot.transport, placement.base, 0x1000, name=device.name)
         # A restored VM loads no kernel: its RAM, registers and devices are the saved ones.
-        boot = self._load_kernel(memory) if plan is None else None
+        # Neither does an incoming VM: its RAM and state come by the migration stream.
+        boot = self._load_kernel(memory) if plan is None and not self._incoming else None
         self._make_legacy_devices(vm)
         self._make_vcpus(kvm, vm, boot)
         if plan is not None:
@@ -747,7 +980,12 @@ class VirtualMachine:
         config = self.config
         resources = self._resources
         with self._step("setting up the serial port"):
-            self._serial_port = SerialPort(sink_fds=self._serial_sinks())
+            if self._incoming:
+                # receive() handed out vm.serial before the config was known: keep that
+                # port, with the sinks the config asks for.
+                self._serial_port._sink_fds = self._serial_sinks()
+            else:
+                self._serial_port = SerialPort(sink_fds=self._serial_sinks())
             irq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             resources.callback(os.close, irq_fd)
             vm.irqfd(irq_fd, COM1_IRQ)
@@ -1190,6 +1428,14 @@ def _renamed(error: StateError, inside: Path, outside: Path) -> StateError:
     if str(inside) not in text:
         return error
     return type(error)(text.replace(str(inside), str(outside)))
+
+
+def _incoming_placeholder() -> VmConfig:
+    """The config of an incoming VM until the stream brings the real one."""
+    from .config import BootConfig, MachineConfig, SerialConfig
+
+    return VmConfig(machine=MachineConfig(), boot=BootConfig(kernel=Path("/")),
+                    serial=SerialConfig(mode="none"), source="incoming migration")
 
 
 def _has_vhost_user(config: VmConfig) -> bool:

@@ -70,6 +70,10 @@ struct kvm_userspace_memory_region {
     uint64_t userspace_addr;
 };
 
+/* KVM_GET_DIRTY_LOG: the slot's bitmap (one bit per page, in u64 words) lands in a
+   buffer of ours; the union's other member is padding. */
+struct kvm_dirty_log { uint32_t slot; void *dirty_bitmap; ...; };
+
 struct kvm_run {
     uint8_t request_interrupt_window;
     uint8_t immediate_exit;

@@ -50,6 +50,21 @@ class Vm:
         region.userspace_addr = host_address
         ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
 
+    def get_dirty_log(self, slot: int, pages: int) -> bytearray:
+        """KVM_GET_DIRTY_LOG: the pages of memory slot ``slot`` (``pages`` long, logged
+        with ``log_dirty_pages``) written since the last call, as a bitmap (bit ``p % 8``
+        of byte ``p // 8`` is the slot's page ``p``); KVM clears its log as it answers."""
+        if pages <= 0:
+            raise ValueError(f"a memory slot of {pages} pages has no log")
+        # KVM writes whole longs: the bitmap is rounded up to 64 pages.
+        bitmap = bytearray((pages + 63) // 64 * 8)
+        request = ffi.new("struct kvm_dirty_log *")
+        request.slot = slot
+        buffer = ffi.from_buffer(bitmap)
+        request.dirty_bitmap = buffer
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", request)
+        return bitmap
+
     def set_tss_address(self, address: int) -> None:
         """KVM_SET_TSS_ADDR: three pages of guest-physical space Intel VMX needs for
         real-mode emulation; must not overlap RAM or MMIO devices."""

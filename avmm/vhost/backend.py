@@ -53,6 +53,25 @@ default, avmm seals its guest RAM), unless ``allow_unsealed_memory`` (the CLI's
 ``--allow-unsealed-memory``) accepts unsealed ones from a front-end that is trusted not
 to shrink them. The inflight area the back-end creates is sealed the same way.
 
+Dirty logging (live migration; VHOST_USER_PROTOCOL_F_LOG_SHMFD and VHOST_F_LOG_ALL,
+both offered). SET_LOG_BASE hands over the front-end's log (a memfd checked like guest
+RAM, at most :data:`~avmm.vhost.dirty_log.MAX_LOG_SIZE` bytes, mapped shared); it is
+always answered (0, or 1 for a log that cannot be used), since with LOG_SHMFD the
+front-end waits for that answer. SET_FEATURES may toggle VHOST_F_LOG_ALL while the
+device runs, and SET_VRING_ADDR may set or clear VHOST_VRING_F_LOG (with the used ring's
+log address) on a running ring whose addresses stay the same: QEMU turns logging on and
+off that way without stopping the rings. While VHOST_F_LOG_ALL is on and a log is set,
+every page the device may have written is logged (:class:`_TrackedQueue`): when a chain
+is returned to the used ring (or given back at a stop), all of its device-writable
+buffers are marked, whatever the device wrote through (``chain.write``, views, preadv
+into guest buffers), since a device writes a chain's buffers only while it holds the
+chain; and with VHOST_VRING_F_LOG every used ring write (the element and idx of a
+return, the flags or avail_event of notification suppression) is marked at the log
+address the front-end gave. Marks come after the writes they stand for, with an atomic
+OR per byte (see :mod:`avmm.vhost.dirty_log`: a Python ``|=`` could lose a bit that the
+front-end or another back-end sets at the same moment). A write the log does not cover
+(a front-end's log too small for its memory table) is counted and logged once.
+
 Handshake. One front-end is served at a time, so a client that connects and sends
 nothing would hold the back-end forever: until the front-end has sent both SET_OWNER
 and GET_FEATURES (every front-end starts with them), each message must arrive within
@@ -125,6 +144,7 @@ from ..virtio.device import (
 )
 from ..virtio.queue import VirtQueue
 from .device_state import MAX_DEVICE_STATE_SIZE, load_backend_state, save_backend_state
+from .dirty_log import MAX_LOG_SIZE, BackendLog
 from .protocol import (
     DEVICE_STATE_LOAD,
     DEVICE_STATE_NO_FD,
@@ -134,7 +154,9 @@ from .protocol import (
     MAX_CONFIG_SIZE,
     REPLY_BODIES,
     STATUS_REPLIES,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
     VRING_INDEX_MASK,
     VRING_NOFD,
     Message,
@@ -161,6 +183,7 @@ __all__ = [
 OFFERED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.INFLIGHT_SHMFD) | (1 << ProtocolFeature.DEVICE_STATE)
+    | (1 << ProtocolFeature.LOG_SHMFD)
 )
 #: How long a device state transfer (SET_DEVICE_STATE_FD until end-of-file) may take,
 #: and how long CHECK_DEVICE_STATE waits for one still under way.
@@ -388,21 +411,35 @@ class _InflightQueue:
 
 
 class _TrackedQueue(VirtQueue):
-    """A VirtQueue that keeps the inflight record and hands recovered chains out first."""
+    """A VirtQueue that keeps the inflight record, hands recovered chains out first, and
+    logs the pages of guest memory it returns written (see the module docstring, "Dirty
+    logging")."""
 
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
         self.inflight: _InflightQueue | None = None
         self.resubmit: list[int] = []
+        #: The dirty log while VHOST_F_LOG_ALL is on (else None), and the used ring's
+        #: log address while VHOST_VRING_F_LOG is set for this ring.
+        self.write_log: BackendLog | None = None
+        self.used_log_address: int | None = None
+        # The device-writable buffers of each chain held, by head: logged when it is
+        # returned or given back. Kept whether or not logging is on: a chain taken
+        # before logging started may be written and returned after.
+        self._writable: dict[int, tuple[Any, ...]] = {}
 
     def pop(self, memory: Any) -> Any:
         if self.resubmit and self.state.ready:
             head = self.resubmit.pop(0)
             self._map_rings(memory)
-            return self._walk(memory, head, _DESCRIPTOR.unpack_from(self._table_view, head << 4))
-        chain = super().pop(memory)
-        if chain is not None and self.inflight is not None:
-            self.inflight.taken(chain.head)
+            chain = self._walk(memory, head,
+                               _DESCRIPTOR.unpack_from(self._table_view, head << 4))
+        else:
+            chain = super().pop(memory)
+            if chain is not None and self.inflight is not None:
+                self.inflight.taken(chain.head)
+        if chain is not None and chain.writable:
+            self._writable[chain.head] = chain.writable
         return chain
 
     def _untaken(self, head: int) -> None:
@@ -412,6 +449,8 @@ class _TrackedQueue(VirtQueue):
         # resubmitted again at the next start.
         if self.inflight is not None:
             self.inflight.untaken(head)
+        # The device may have written into it before the stop.
+        self._log_writable(head)
 
     def push(self, memory: Any, head: int, written: int) -> None:
         tracker = self.inflight
@@ -420,6 +459,40 @@ class _TrackedQueue(VirtQueue):
         super().push(memory, head, written)
         if tracker is not None:
             tracker.returned(head, self.state.next_used)
+        self._log_writable(head)
+        if self.used_log_address is not None and self.write_log is not None:
+            slot = (self.state.next_used - 1) & (self.state.size - 1)
+            self._log_used(4 + 8 * slot, 8)
+            self._log_used(2, 2)
+
+    def disable_notifications(self, memory: Any) -> None:
+        super().disable_notifications(memory)
+        if not self.state.event_idx:
+            self._log_used(0, 2)  # the used ring's flags
+
+    def enable_notifications(self, memory: Any) -> bool:
+        found = super().enable_notifications(memory)
+        if self.state.event_idx:
+            self._log_used(4 + 8 * self.state.size, 2)  # avail_event
+        else:
+            self._log_used(0, 2)
+        return found
+
+    def reset(self) -> None:
+        super().reset()
+        self._writable.clear()
+
+    def _log_writable(self, head: int) -> None:
+        writable = self._writable.pop(head, ())
+        log = self.write_log
+        if log is not None:
+            for address, length in writable:
+                log.mark(address, length)
+
+    def _log_used(self, offset: int, length: int) -> None:
+        log, address = self.write_log, self.used_log_address
+        if log is not None and address is not None:
+            log.mark(address + offset, length)
 
 
 @dataclass
@@ -431,6 +504,9 @@ class _Ring:
     enabled: bool = False
     #: Front-end virtual addresses from SET_VRING_ADDR (None: not set yet).
     addresses: tuple[int, int, int] | None = None
+    #: The used ring's guest address for the dirty log (SET_VRING_ADDR with
+    #: VHOST_VRING_F_LOG), None without the flag.
+    log_address: int | None = None
 
     @property
     def started(self) -> bool:
@@ -519,7 +595,7 @@ class _Session:
         self.inflight: tuple[mmap.mmap, memoryview, int, int] | None = None
         self.running: _RunningDevice | None = None
         self.offered_features = (device.device_features() | COMMON_FEATURES
-                                 | VHOST_USER_F_PROTOCOL_FEATURES)
+                                 | VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
         #: Settings whose last request was refused, by (request, ring index or None):
         #: the device does not start while any is here (see the module docstring).
         self.refused: dict[tuple[Request, int | None], str] = {}
@@ -528,6 +604,8 @@ class _Session:
         self.handshake_missing = {Request.SET_OWNER, Request.GET_FEATURES}
         #: The device state transfer under way or last finished (DEVICE_STATE).
         self.transfer: _Transfer | None = None
+        #: The front-end's dirty log (SET_LOG_BASE), see the module docstring.
+        self.log: BackendLog | None = None
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -573,6 +651,22 @@ class _Session:
                 self.memory.close()
                 self.memory = None
             self._forget_inflight()
+            self._forget_log()
+
+    def _forget_log(self) -> None:
+        log_area, self.log = self.log, None
+        self._update_logging()
+        if log_area is not None:
+            log_area.close()
+
+    def _update_logging(self) -> None:
+        """Point every queue at the log while VHOST_F_LOG_ALL is on and a log is set."""
+        active = self.log if self.features & VHOST_F_LOG_ALL else None
+        for ring in self.rings:
+            queue = ring.queue
+            if isinstance(queue, _TrackedQueue):
+                queue.write_log = active
+                queue.used_log_address = ring.log_address if active is not None else None
 
     def _forget_inflight(self) -> None:
         inflight, self.inflight = self.inflight, None
@@ -611,7 +705,7 @@ class _Session:
                                      for request, index in self.refused])
             return
         memory = self.memory
-        features = self.features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        features = self.features & ~(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
         event = 2 if features & VIRTIO_F_EVENT_IDX else 0
         for index, ring in enumerate(self.rings):
             state = ring.queue.state
@@ -791,6 +885,7 @@ class _Session:
         self.device.reset()
         self.features = 0
         self.refused.clear()
+        self._update_logging()
 
     async def _on_reset_device(self, message: Message) -> None:
         await self._on_reset_owner(message)
@@ -810,9 +905,14 @@ class _Session:
             # rings): a legacy driver would misread them.
             raise VhostRequestRefused("features without VIRTIO_F_VERSION_1 (a legacy "
                                       "driver) are not supported")
-        if self.running is not None and features != self.features:
+        if self.running is not None and (features ^ self.features) & ~VHOST_F_LOG_ALL:
+            # Only dirty logging may be turned on or off under a running device.
             raise VhostRequestRefused("features changed while the device is running")
+        if features & VHOST_F_LOG_ALL and self.log is None:
+            log.info("VHOST_F_LOG_ALL set before a log (SET_LOG_BASE): nothing is "
+                     "logged until one comes")
         self.features = features
+        self._update_logging()
         if not self._protocol_negotiated():
             # Without protocol features rings are enabled as soon as they start.
             for ring in self.rings:
@@ -885,8 +985,47 @@ class _Session:
     async def _on_set_vring_addr(self, message: Message) -> None:
         address = message.payload
         ring = self._ring(address.index)
-        self._check_stopped(ring, "SET_VRING_ADDR")
-        ring.addresses = (address.descriptor, address.available, address.used)
+        if address.flags & ~VHOST_VRING_F_LOG:
+            raise VhostRequestRefused(f"SET_VRING_ADDR with unknown flags "
+                                      f"0x{address.flags:x}")
+        addresses = (address.descriptor, address.available, address.used)
+        if ring.addresses != addresses:
+            # On a running ring only the logging may change (QEMU turns it on and off
+            # while rings run).
+            self._check_stopped(ring, "SET_VRING_ADDR")
+        ring.addresses = addresses
+        ring.log_address = address.log if address.flags & VHOST_VRING_F_LOG else None
+        self._update_logging()
+
+    async def _on_set_log_base(self, message: Message) -> int:
+        """Take the front-end's dirty log (LOG_SHMFD); answered either way (0: taken,
+        1: refused, the previous log stays), as the front-end waits for an answer."""
+        if not self.protocol_features & (1 << ProtocolFeature.LOG_SHMFD):
+            raise VhostRequestRefused("SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD "
+                                      "(a log in the back-end's own memory is not supported)")
+        area = message.payload
+        try:
+            if len(message.fds) != 1:
+                raise VhostRequestRefused(f"SET_LOG_BASE with {len(message.fds)} fds")
+            if not 0 < area.mmap_size <= MAX_LOG_SIZE or area.mmap_offset > 1 << 62:
+                raise VhostRequestRefused(f"a dirty log of {area.mmap_size} bytes at "
+                                          f"offset {area.mmap_offset}")
+            check_shared_fd(message.fds[0], area.mmap_offset + area.mmap_size,
+                            allow_unsealed=self.allow_unsealed_memory, what="dirty log")
+            try:
+                new = BackendLog(message.fds[0], area.mmap_size, area.mmap_offset)
+            except (OSError, ValueError, OverflowError) as e:
+                raise VhostRequestRefused(f"cannot map the dirty log: {e}") from e
+        except VhostRequestRefused as refusal:
+            log.warning("request refused", request="SET_LOG_BASE", reason=str(refusal),
+                        answered=True)
+            return _REFUSED
+        old, self.log = self.log, new
+        self._update_logging()
+        if old is not None:
+            old.close()
+        log.info("dirty log set", size=area.mmap_size)
+        return 0
 
     async def _on_set_vring_base(self, message: Message) -> None:
         ring = self._ring(message.payload.index)
@@ -1057,8 +1196,10 @@ class _Session:
         data = b""
         if params.direction == DEVICE_STATE_SAVE:
             try:
-                data = save_backend_state(self.device, self.features
-                                          & ~VHOST_USER_F_PROTOCOL_FEATURES)
+                # Neither feature is the device's (nor the driver's): the state holds
+                # what the driver negotiated.
+                data = save_backend_state(self.device, self.features & ~(
+                    VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL))
             except (DeviceStateError, TypeError, ValueError) as e:
                 # The device cannot be saved now, or its state does not fit its
                 # declaration (a bug): the front-end gets a failure, not a hang-up.

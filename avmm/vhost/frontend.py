@@ -98,6 +98,24 @@ transport's queue state, and nothing names the socket, so a restore may use anot
   the rings with SET_VRING_BASE from the restored queue state (the positions
   GET_VRING_BASE gave at the save), not from the used ring.
 
+Dirty logging (live migration, issue 13). A back-end that offers VHOST_F_LOG_ALL and
+VHOST_USER_PROTOCOL_F_LOG_SHMFD (acked where offered) can log its writes to guest
+memory: :attr:`VhostUserDevice.can_log_dirty`, and :meth:`~VhostUserDevice.dirty_log_problem`
+says in one line why not (the migration refuses such a VM up front).
+:meth:`~VhostUserDevice.start_dirty_log` creates the log (:mod:`avmm.vhost.dirty_log`:
+a sealed memfd, one bit per 4 KiB page of guest physical address space) and, where the
+rings run, has the device task send SET_LOG_BASE (answered by the back-end),
+SET_FEATURES with VHOST_F_LOG_ALL and SET_VRING_ADDR with VHOST_VRING_F_LOG and the used
+ring's guest address per ring; it returns once the back-end has them, so no write after
+it escapes the log. The device task owns the connection, so a change of settings wakes
+its watch, which applies them between two watches; every bring-up (resume after a
+pause, reconnect) applies the settings as they are. :meth:`~VhostUserDevice.collect_dirty`
+reads and clears the log in place, word by word with an atomic exchange (no message, any
+thread), and numbers the pages as the guest RAM file does, through the memory region
+table. :meth:`~VhostUserDevice.stop_dirty_log` sends the settings without logging and
+frees the log. A back-end that comes back from a reconnect without logging makes
+``collect_dirty`` refuse (the migration then fails and the VM runs on).
+
 Ring base after a reconnect (no GET_VRING_BASE is possible: the old back-end is gone;
 where the rings had been stopped with GET_VRING_BASE before the connection went, the
 queue state's positions are exact and are used instead). SET_VRING_BASE gets the
@@ -146,6 +164,7 @@ from ..virtio.device import (
     VirtioDevice,
 )
 from .device_state import MAX_DEVICE_STATE_SIZE
+from .dirty_log import FrontendLog
 from .protocol import (
     DEVICE_STATE_ERROR_MASK,
     DEVICE_STATE_LOAD,
@@ -153,7 +172,9 @@ from .protocol import (
     DEVICE_STATE_PHASE_STOPPED,
     DEVICE_STATE_SAVE,
     MAX_CONFIG_SIZE,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
     Message,
     ProtocolFeature,
     Request,
@@ -165,6 +186,7 @@ from .protocol import (
 
 if TYPE_CHECKING:
     from ..memory import GuestMemory
+    from ..migration.dirty import PageSet
 
 log = structlog.get_logger(__name__)
 
@@ -190,6 +212,9 @@ RECONNECT_TIMEOUT_S = 30.0
 #: How long a device state transfer (SET_DEVICE_STATE_FD to CHECK_DEVICE_STATE's
 #: answer) may take, either way.
 STATE_TIMEOUT_S = 5.0
+#: How long start_dirty_log/stop_dirty_log wait for the device task to hand the log
+#: settings to a back-end whose rings run (or are being brought up).
+LOG_SYNC_TIMEOUT_S = 3 * RING_TIMEOUT_S
 #: The largest inflight record a snapshot keeps (256 queues of 1024 entries fit).
 MAX_INFLIGHT_STATE = 8 << 20
 #: Seals of an inflight area re-created at a restore (as the back-end seals its own).
@@ -199,7 +224,11 @@ _INFLIGHT_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 SUPPORTED_PROTOCOL_FEATURES = (
     (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.MQ)
     | (1 << ProtocolFeature.INFLIGHT_SHMFD) | (1 << ProtocolFeature.DEVICE_STATE)
+    | (1 << ProtocolFeature.LOG_SHMFD)
 )
+#: Protocol features a restore does not need the new back-end to offer: they change
+#: nothing in the state a snapshot carries (the dirty log is for the source's rounds).
+_RESTORE_OPTIONAL = 1 << ProtocolFeature.LOG_SHMFD
 
 #: Virtio feature bits the virtio-mmio transport cannot pass through: VHOST_F_LOG_ALL (26,
 #: vhost only), PROTOCOL_FEATURES (30, vhost only), ACCESS_PLATFORM (33), RING_PACKED
@@ -392,6 +421,18 @@ class VhostUserDevice(VirtioDevice):
         self._backend_state: bytes | None = None
         self._backend_state_valid = True
         self._backend_state_error: str | None = None
+        # Dirty logging (see "Dirty logging" in the module docstring). The settings
+        # wanted change with a new generation; the device task applies them and
+        # records the generation applied.
+        self._dirty: FrontendLog | None = None
+        self._dirty_error: str | None = None
+        self._log_generation = 0
+        self._log_applied = 0
+        self._log_refused: str | None = None
+        self._log_wake: trio.Event | None = None
+        self._log_progress = trio.Event()
+        #: The device task runs (from the start of run() to its end).
+        self._task_active = False
         self._connect_and_negotiate(num_queues, queue_size, mac)
 
     # -- construction: the blocking handshake -------------------------------------------
@@ -539,6 +580,7 @@ class VhostUserDevice(VirtioDevice):
         self._log.debug("config write ignored", offset=offset, size=len(data))
 
     async def run(self, context: DeviceContext) -> None:
+        self._task_active = True
         try:
             if self.connected and self._sock is not None:
                 if self._trio_sock is None:
@@ -557,12 +599,18 @@ class VhostUserDevice(VirtioDevice):
                 await self._reconnect(context)
             while True:
                 try:
-                    await self._watch(self._trio_sock)
+                    while True:
+                        if self._log_applied != self._log_generation:
+                            await self._serve_log_settings(self._trio_sock, context)
+                        await self._watch(self._trio_sock)
                 except (VhostProtocolError, OSError) as e:
                     self._log.warning("vhost-user back-end lost", reason=_describe(e))
                     self._drop(_describe(e), logged=True)
+                self._log_progressed()
                 await self._reconnect(context)
         finally:
+            self._task_active = False
+            self._log_progressed()
             if self.connected and self._started:
                 with trio.CancelScope(shield=True):
                     await self._stop_rings(self._trio_sock, context)
@@ -694,13 +742,22 @@ class VhostUserDevice(VirtioDevice):
         # before no longer describes it (see the module docstring, "Snapshots").
         self._backend_state_valid = False
         self._backend_state_error = None
-        features = context.features
-        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
-            features |= VHOST_USER_F_PROTOCOL_FEATURES
-        if self.device_id == DeviceId.NET:
-            features &= ~VIRTIO_NET_F_MAC | self.backend_features
+        # The dirty log settings as they are now; a change during the bring-up is
+        # applied by run() right after it (the generation moved on).
+        generation = self._log_generation
+        dirty = self._dirty
+        refused = None
+        if dirty is not None and not self.can_log_dirty:
+            # A back-end that came back without logging: the migration must not trust
+            # the log (collect_dirty refuses); the guest's device goes on.
+            self._dirty_error = self.dirty_log_problem()
+            self._log.warning("vhost-user back-end cannot log dirty pages any more",
+                              reason=self._dirty_error)
+            refused = self._dirty_error
+            dirty = None
+        features = self._features_to_set(context, dirty)
         await self._call(sock, Request.SET_FEATURES, features)
-        self._acked_features = features & ~VHOST_USER_F_PROTOCOL_FEATURES
+        self._acked_features = features & ~(VHOST_USER_F_PROTOCOL_FEATURES | VHOST_F_LOG_ALL)
         if self._has(ProtocolFeature.INFLIGHT_SHMFD):
             if self.inflight is None:
                 self.inflight = await self._get_inflight(sock)
@@ -713,6 +770,18 @@ class VhostUserDevice(VirtioDevice):
         await self._call(sock, Request.SET_MEM_TABLE,
                          {"nregions": len(regions), "regions": regions},
                          fds=[memory.fd] * len(regions))
+        if dirty is not None:
+            try:
+                await self._set_log_base(sock, dirty)
+            except _Refused as e:
+                # The guest's device runs on without logging; the migration that wanted
+                # the log fails at its next collect_dirty.
+                self._dirty_error = (f"vhost-user device {self.name}: the back-end at "
+                                     f"{self.socket_path} refused the dirty log ({e})")
+                self._log.warning("vhost-user back-end refused the dirty log",
+                                  reason=str(e))
+                refused = self._dirty_error
+                dirty = None
         kick_fd = getattr(context, "kick_fd", None)
         call_fd = getattr(context, "call_fd", None)
         if kick_fd is None or call_fd is None:
@@ -722,20 +791,14 @@ class VhostUserDevice(VirtioDevice):
                 continue
             state = queue.state
             size = state.size
-            event = 2 if state.event_idx else 0
             await self._call(sock, Request.SET_VRING_NUM, {"index": index, "num": size})
             base = state.next_available & 0xFFFF
             if resume:
                 base = context.memory.read_u16(state.used_ring + 2)
                 state.next_available = base
             await self._call(sock, Request.SET_VRING_BASE, {"index": index, "num": base})
-            await self._call(sock, Request.SET_VRING_ADDR, {
-                "index": index, "flags": 0,
-                "descriptor": self._user_address(state.descriptor_table, 16 * size),
-                "used": self._user_address(state.used_ring, 4 + 8 * size + event),
-                "available": self._user_address(state.available_ring, 4 + 2 * size + event),
-                "log": 0,
-            })
+            await self._call(sock, Request.SET_VRING_ADDR,
+                             self._vring_address(index, state, dirty is not None))
             self._started.append(index)
             await self._call(sock, Request.SET_VRING_CALL, index, fds=[call_fd])
             await self._set_vring_err(sock, index)
@@ -752,8 +815,38 @@ class VhostUserDevice(VirtioDevice):
         for index in self._started:
             with contextlib.suppress(OSError):
                 os.eventfd_write(kick_fd(index), 1)
+        self._log_applied = generation
+        self._log_refused = refused
+        self._log_progressed()
         self._log.info("vhost-user rings started", rings=self._started,
-                       features=hex(features), inflight=self.inflight is not None)
+                       features=hex(features), inflight=self.inflight is not None,
+                       dirty_log=dirty is not None)
+
+    def _features_to_set(self, context: DeviceContext, dirty: FrontendLog | None) -> int:
+        """SET_FEATURES' value: what the driver negotiated, PROTOCOL_FEATURES where the
+        back-end has them, and VHOST_F_LOG_ALL while the dirty log is on."""
+        features = context.features
+        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            features |= VHOST_USER_F_PROTOCOL_FEATURES
+        if self.device_id == DeviceId.NET:
+            features &= ~VIRTIO_NET_F_MAC | self.backend_features
+        if dirty is not None:
+            features |= VHOST_F_LOG_ALL
+        return features
+
+    def _vring_address(self, index: int, state: Any, log: bool) -> dict[str, int]:
+        """SET_VRING_ADDR's payload for ring ``index``: avmm's virtual addresses of its
+        parts; with ``log``, VHOST_VRING_F_LOG and the used ring's guest physical
+        address, where the back-end logs its used ring writes."""
+        size = state.size
+        event = 2 if state.event_idx else 0
+        return {
+            "index": index, "flags": VHOST_VRING_F_LOG if log else 0,
+            "descriptor": self._user_address(state.descriptor_table, 16 * size),
+            "used": self._user_address(state.used_ring, 4 + 8 * size + event),
+            "available": self._user_address(state.available_ring, 4 + 2 * size + event),
+            "log": state.used_ring if log else 0,
+        }
 
     async def _set_vring_err(self, sock: Any, index: int) -> None:
         """Give the back-end ring ``index``'s error eventfd, which :meth:`_watch` waits
@@ -805,8 +898,10 @@ class VhostUserDevice(VirtioDevice):
     async def _watch(self, sock: Any) -> None:
         """Wait until the back-end closes the connection or sends something it may not
         (without BACKEND_REQ it has nothing to say on this channel): VhostProtocolError;
-        or signals the error eventfd of a running ring: DeviceNeedsReset."""
+        or signals the error eventfd of a running ring: DeviceNeedsReset; or the dirty
+        log settings change: return (run() applies them and watches again)."""
         outcome: list[BaseException] = []
+        self._log_wake = wake = trio.Event()
         async with trio.open_nursery() as nursery:
 
             async def first(wait: Any, *args: Any) -> None:
@@ -817,10 +912,15 @@ class VhostUserDevice(VirtioDevice):
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(first, self._watch_connection, sock)
+            # New dirty log settings: _watch returns (no outcome) and run() applies them.
+            nursery.start_soon(first, wake.wait)
+            if self._log_applied != self._log_generation:
+                wake.set()
             for index in self._started:
                 fd = self._err_fds.get(index)
                 if fd is not None:
                     nursery.start_soon(first, self._watch_ring_error, index, fd)
+        self._log_wake = None
         if outcome:
             raise outcome[0]
 
@@ -863,6 +963,7 @@ class VhostUserDevice(VirtioDevice):
         if self._started:
             self._linger(reason)
         self._close_connection()
+        self._log_progressed()
 
     # -- has the back-end stopped? --------------------------------------------------
 
@@ -924,6 +1025,176 @@ class VhostUserDevice(VirtioDevice):
                 self._given_up = ("a back-end dropped while its rings ran never closed its "
                                   f"connection ({reason})")
 
+    # -- dirty logging (live migration) -------------------------------------------------
+
+    @property
+    def can_log_dirty(self) -> bool:
+        """Whether the back-end can log its guest-memory writes for a live migration
+        (it offers VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD)."""
+        return self.dirty_log_problem() is None
+
+    def dirty_log_problem(self) -> str | None:
+        """One line saying why this device's back-end cannot take part in a live
+        migration (its writes to guest memory could not be tracked), or None."""
+        name = f"vhost-user device {self.name}"
+        where = f"the vhost-user back-end at {self.socket_path}"
+        if not self.backend_features & VHOST_F_LOG_ALL:
+            return (f"{name}: {where} does not offer VHOST_F_LOG_ALL, so its writes to "
+                    "guest memory cannot be tracked during a live migration")
+        if not self._has(ProtocolFeature.LOG_SHMFD):
+            return (f"{name}: {where} does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD (a "
+                    "shared-memory dirty log), so its writes to guest memory cannot be "
+                    "tracked during a live migration")
+        return None
+
+    async def start_dirty_log(self, memory_size: int) -> None:
+        """Make the back-end log every page of guest memory it writes, from now until
+        :meth:`stop_dirty_log` (see the module docstring, "Dirty logging").
+        ``memory_size``: the guest RAM file's size in bytes (pages are numbered in it).
+        Returns once a back-end whose rings run has taken the log, so every write after
+        this call is in the log. VhostFrontendError with one line if the back-end cannot
+        log or refuses the log."""
+        problem = self.dirty_log_problem()
+        if problem is not None:
+            raise VhostFrontendError(problem)
+        if self._dirty is not None:
+            raise VhostFrontendError(f"vhost-user device {self.name}: dirty logging is "
+                                     "already on")
+        try:
+            dirty = await trio.to_thread.run_sync(FrontendLog, self.memory.regions,
+                                                  memory_size)
+        except (OSError, ValueError) as e:
+            raise VhostFrontendError(f"vhost-user device {self.name}: cannot create the "
+                                     f"dirty log: {e}") from e
+        self._dirty = dirty
+        self._dirty_error = None
+        try:
+            await self._sync_log_settings()
+        except BaseException:
+            self._dirty = None
+            with trio.CancelScope(shield=True), contextlib.suppress(VhostFrontendError):
+                await self._sync_log_settings()
+            dirty.close()
+            raise
+        self._log.info("vhost-user dirty logging on", log_size=dirty.size)
+
+    def collect_dirty(self) -> PageSet:
+        """The guest RAM pages (file offset // 4096) the back-end wrote since the last
+        call (or since :meth:`start_dirty_log`), read and cleared from the log. Any
+        thread; never blocks on the back-end. VhostFrontendError if logging is off or
+        the log cannot be trusted (the back-end came back without logging)."""
+        from ..migration.dirty import PageSet
+
+        dirty = self._dirty
+        if dirty is None:
+            raise VhostFrontendError(f"vhost-user device {self.name}: dirty logging is "
+                                     "not on")
+        if self._dirty_error is not None:
+            raise VhostFrontendError(self._dirty_error)
+        try:
+            bits = dirty.take()
+        except ValueError as e:
+            raise VhostFrontendError(f"vhost-user device {self.name}: {e}") from e
+        return PageSet.from_bitmap(bits.to_bytes((dirty.pages + 7) // 8, "little"),
+                                   dirty.pages)
+
+    async def stop_dirty_log(self) -> None:
+        """Tell the back-end to stop logging (where its rings run) and free the log.
+        Never raises for the back-end's sake: a back-end that does not answer is only
+        logged (it writes into its own mapping of a log nobody reads)."""
+        dirty, self._dirty = self._dirty, None
+        if dirty is None:
+            return
+        self._dirty_error = None
+        try:
+            await self._sync_log_settings()
+        except VhostFrontendError as e:
+            self._log.warning("vhost-user back-end did not take dirty logging off",
+                              reason=str(e))
+        finally:
+            dirty.close()
+        self._log.info("vhost-user dirty logging off")
+
+    async def _sync_log_settings(self) -> None:
+        """A new generation of log settings; wait until the device task has handed it
+        to the back-end, if a connection with rings running or starting exists (else
+        the next bring-up applies it: no back-end runs rings meanwhile)."""
+        self._log_generation += 1
+        wanted = self._log_generation
+        try:
+            with trio.fail_after(LOG_SYNC_TIMEOUT_S):
+                while self._task_active and self.connected and self._log_applied < wanted:
+                    if self._log_wake is not None:
+                        self._log_wake.set()
+                    await self._log_progress.wait()
+        except trio.TooSlowError:
+            raise VhostFrontendError(
+                f"vhost-user device {self.name}: the back-end at {self.socket_path} did "
+                f"not take the dirty log settings within {LOG_SYNC_TIMEOUT_S:g} s") from None
+        if self._log_applied >= wanted and self._log_refused is not None:
+            raise VhostFrontendError(self._log_refused)
+
+    def _log_progressed(self) -> None:
+        """Wake whoever waits in :meth:`_sync_log_settings`."""
+        event, self._log_progress = self._log_progress, trio.Event()
+        event.set()
+
+    async def _serve_log_settings(self, sock: Any, context: DeviceContext) -> None:
+        """Hand the current log settings to the running back-end (from run(), between
+        two watches): SET_LOG_BASE (log on), SET_FEATURES with or without
+        VHOST_F_LOG_ALL, SET_VRING_ADDR with or without VHOST_VRING_F_LOG per running
+        ring, as QEMU does while rings run. A refusal is reported to the caller; a
+        broken or silent back-end is lost (run() reconnects, and the bring-up applies
+        the settings)."""
+        generation = self._log_generation
+        dirty = self._dirty
+        refused = None
+        try:
+            with trio.CancelScope(shield=True), trio.fail_after(RING_TIMEOUT_S):
+                if dirty is not None:
+                    await self._set_log_base(sock, dirty)
+                await self._call(sock, Request.SET_FEATURES,
+                                 self._features_to_set(context, dirty))
+                for index in self._started:
+                    queue = context.queues[index]
+                    if queue is not None:
+                        await self._call(sock, Request.SET_VRING_ADDR,
+                                         self._vring_address(index, queue.state,
+                                                             dirty is not None))
+                if not self._has(ProtocolFeature.REPLY_ACK):
+                    # The barrier that shows the back-end took it all (see _start_rings).
+                    await self._exchange(sock, Request.GET_FEATURES, reply=True)
+        except _Refused as e:
+            refused = (f"vhost-user device {self.name}: the back-end at "
+                       f"{self.socket_path} refused the dirty log settings ({e})")
+            self._log.warning("vhost-user back-end refused the dirty log settings",
+                              reason=str(e))
+        except trio.TooSlowError:
+            raise VhostProtocolError("the back-end did not take the dirty log settings "
+                                     f"within {RING_TIMEOUT_S:g} s") from None
+        self._log_applied = generation
+        self._log_refused = refused
+        self._log_progressed()
+        self._log.info("vhost-user dirty log settings applied", on=dirty is not None,
+                       rings=self._started)
+
+    async def _set_log_base(self, sock: Any, dirty: FrontendLog) -> None:
+        """SET_LOG_BASE with the log's memfd. With LOG_SHMFD the back-end answers it
+        whatever REPLY_ACK says (libvhost-user with a u64 that echoes the size, DPDK
+        with no payload; 0 from avmm's back-end): the front-end waits for that answer,
+        so the back-end has the log before anything else is sent."""
+        try:
+            fd = dirty.dup_fd()
+        except ValueError as e:
+            raise _Refused(str(e)) from None
+        try:
+            await send_message(sock, Message(Request.SET_LOG_BASE, {
+                "mmap_size": dirty.size, "mmap_offset": 0}), [fd])
+        finally:
+            os.close(fd)
+        answer = _check_reply(Request.SET_LOG_BASE, await receive_message(sock), False)
+        if answer not in (None, 0, dirty.size):
+            raise _Refused(f"SET_LOG_BASE answered {answer}")
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -1092,7 +1363,7 @@ class VhostUserDevice(VirtioDevice):
         if missing:
             raise DeviceStateError(f"{name}: the driver was offered features "
                                    f"0x{missing:x} that {where} does not offer")
-        missing = state.protocol_features & ~self.protocol_features
+        missing = state.protocol_features & ~self.protocol_features & ~_RESTORE_OPTIONAL
         if missing:
             names = ", ".join(_protocol_names(missing))
             raise DeviceStateError(f"{name}: {where} does not offer the protocol "
@@ -1173,6 +1444,9 @@ class VhostUserDevice(VirtioDevice):
         forget the inflight record (the VM is going away)."""
         self._close_connection()
         self.reset()
+        dirty, self._dirty = self._dirty, None
+        if dirty is not None:
+            dirty.close()
         with self._linger_lock:
             lingering, self._lingering = self._lingering, []
         for sock in lingering:

@@ -48,9 +48,13 @@ __all__ = [
     "MAX_FDS",
     "MAX_MEMORY_REGIONS",
     "MAX_PAYLOAD",
+    "OPTIONAL_REPLY_PAYLOADS",
     "REPLY_BODIES",
     "STATUS_REPLIES",
+    "VHOST_F_LOG_ALL",
+    "VHOST_LOG_PAGE",
     "VHOST_USER_F_PROTOCOL_FEATURES",
+    "VHOST_VRING_F_LOG",
     "VRING_INDEX_MASK",
     "VRING_NOFD",
     "Message",
@@ -152,6 +156,15 @@ class ProtocolFeature(IntEnum):
 
 #: Virtio feature bit 30: the back-end speaks GET/SET_PROTOCOL_FEATURES.
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
+
+#: Virtio feature bit 26 (vhost only): the back-end logs its guest-memory writes in the
+#: dirty log of SET_LOG_BASE while the front-end sets it (live migration).
+VHOST_F_LOG_ALL = 1 << 26
+#: SET_VRING_ADDR flags bit 0: also log writes to this ring's used ring, at the ``log``
+#: address of the message (the used ring's guest physical address).
+VHOST_VRING_F_LOG = 1 << 0
+#: The dirty log's page: one bit per 4 KiB of guest physical address space.
+VHOST_LOG_PAGE = 4096
 
 #: Header flags.
 FLAG_VERSION = 0x1
@@ -290,6 +303,10 @@ REPLY_BODIES = frozenset({
 STATUS_REPLIES = frozenset({R.SET_DEVICE_STATE_FD, R.CHECK_DEVICE_STATE})
 #: Replies that may come with no payload at all: the back-end's error answer.
 EMPTY_REPLIES = frozenset({R.GET_CONFIG})
+#: Replies whose payload may be absent or a u64 (received as None or an int): the answer
+#: to SET_LOG_BASE (with LOG_SHMFD), which vhost-user.rst lists as having no payload but
+#: which libvhost-user answers with a u64 (the log size, echoed) and DPDK with none.
+OPTIONAL_REPLY_PAYLOADS = frozenset({R.SET_LOG_BASE})
 #: How many fds a request may carry (both directions; replies carry the same or none).
 _FD_LIMITS: dict[Request, int] = {
     R.SET_MEM_TABLE: MAX_MEMORY_REGIONS,
@@ -339,7 +356,8 @@ def encode_message(message: Message) -> bytes:
     """Header and payload as bytes (a VhostProtocolError if the payload does not fit its
     request's layout: a bug in the caller)."""
     fmt = payload_format(message.request, message.reply)
-    if message.reply and message.payload is None and message.request in EMPTY_REPLIES:
+    if message.reply and message.payload is None and (
+            message.request in EMPTY_REPLIES or message.request in OPTIONAL_REPLY_PAYLOADS):
         fmt = None
     if fmt is None:
         if message.payload is not None:
@@ -427,10 +445,15 @@ async def receive_message(sock: Any) -> Message:
             )
         reply = bool(flags & FLAG_REPLY)
         body = await _receive_exactly(sock, header.size, fds, start=False)
+        if request not in PAYLOADS:
+            # Crypto sessions, GPU sockets: no layout declared, so nothing to parse.
+            raise VhostProtocolError(f"{request.name} is not supported")
         fmt = payload_format(request, reply)
         if reply and not header.size and request in EMPTY_REPLIES:
             raise VhostRequestRefused(f"{request.name} answered with an empty payload "
                                       "(the back-end's error answer)")
+        if reply and not header.size and request in OPTIONAL_REPLY_PAYLOADS:
+            fmt = None
         if fmt is None:
             if header.size:
                 raise VhostProtocolError(

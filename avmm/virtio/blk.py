@@ -259,6 +259,8 @@ class _Done:
     head: int
     written: int
     status_byte: memoryview
+    #: The guest address of ``status_byte`` (to mark it dirty once written).
+    status_address: int
     status: Status
     #: The request changed the disk's contents (what writethrough mode must sync).
     modified: bool
@@ -611,6 +613,11 @@ class BlockDevice(VirtioDevice):
                         self.stats.io_errors += 1
         for d in done:
             d.status_byte[0] = d.status
+        # After the writes (see avmm.migration.dirty): a running migration sends them.
+        dirty = memory.dirty
+        if dirty is not None:
+            for d in done:
+                dirty.mark(d.status_address, 1)
         return BatchResult([(d.head, d.written) for d in done], error)
 
     # -- one request --------------------------------------------------------------------
@@ -633,7 +640,7 @@ class BlockDevice(VirtioDevice):
         else:
             header = memoryview(chain.read(memory, 0, REQUEST_HEADER.size))
         request_type, _reserved, sector = REQUEST_HEADER.unpack(header)
-        status_byte = _last_byte(memory, chain.writable)
+        status_address, status_byte = _last_byte(memory, chain.writable)
         stats = self.stats
         modified = False
         written = 0
@@ -646,6 +653,8 @@ class BlockDevice(VirtioDevice):
                 views = _views(memory, chain.writable, 0, length)
                 status, written = self._transfer("read", os.preadv, views, sector, length)
                 stats.bytes_read += written
+                # Whatever preadv placed, even short of a failure, is in guest RAM.
+                _mark_written(memory, chain.writable, length)
         elif request_type == _OUT:
             stats.writes += 1
             length = readable_length - REQUEST_HEADER.size
@@ -666,6 +675,7 @@ class BlockDevice(VirtioDevice):
             for view in _views(memory, chain.writable, 0, length):
                 view[:] = identity[offset:offset + len(view)]
                 offset += len(view)
+            _mark_written(memory, chain.writable, length)
             written = length
             status = _OK
         elif request_type in (_DISCARD, _WRITE_ZEROES):
@@ -686,7 +696,7 @@ class BlockDevice(VirtioDevice):
         # read, so only the data that was read counts.
         used = written if 0 < written < writable_length - 1 and request_type == _IN \
             else written + 1
-        return _Done(chain.head, used, status_byte, status, modified)
+        return _Done(chain.head, used, status_byte, status_address, status, modified)
 
     def _refuse_read_only(self) -> Status | None:
         if self.read_only:
@@ -856,8 +866,21 @@ def _views(memory: MemoryAccess, buffers: Sequence[Buffer], skip: int,
     return views
 
 
-def _last_byte(memory: MemoryAccess, buffers: Sequence[Buffer]) -> memoryview:
+def _mark_written(memory: MemoryAccess, buffers: Sequence[Buffer], length: int) -> None:
+    """Mark the first ``length`` bytes of ``buffers`` dirty, while a migration runs."""
+    dirty = memory.dirty
+    if dirty is None:
+        return
+    for address, size in buffers:
+        if length <= 0:
+            break
+        take = min(size, length)
+        dirty.mark(address, take)
+        length -= take
+
+
+def _last_byte(memory: MemoryAccess, buffers: Sequence[Buffer]) -> tuple[int, memoryview]:
     for address, size in reversed(buffers):
         if size:
-            return memory.view(address + size - 1, 1)
+            return address + size - 1, memory.view(address + size - 1, 1)
     raise AssertionError("caller checked that a writable byte exists")

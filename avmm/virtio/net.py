@@ -484,6 +484,10 @@ class NetDevice(VirtioDevice):
                     if _SMALLEST_RECEIVED <= total <= first_length:
                         # The whole frame is in the buffer (which holds the header too).
                         first[:NET_HEADER_SIZE] = _ONE_BUFFER_HEADER
+                        # After the writes (see avmm.migration.dirty).
+                        dirty = memory.dirty
+                        if dirty is not None:
+                            dirty.mark(address, total)
                         push(memory, chain.head, total)
                         del chains[0]
                         used += 1
@@ -494,6 +498,8 @@ class NetDevice(VirtioDevice):
                     self._rx_overflow_end = max(total - first_length, 0)
                     self._rx_frame_length = total
                     self._rx_first_length = min(total, first_length)
+                    # In guest RAM now, even if the frame is dropped later.
+                    memory.mark_dirty(address, min(total, first_length))
                 elif not self._read_frame(memory):
                     tap_empty = True
                     break
@@ -540,6 +546,15 @@ class NetDevice(VirtioDevice):
         if zero_copy:
             self._rx_overflow_start = 0
             self._rx_overflow_end = max(total - first_capacity, 0)
+            # readv filled the chain's buffers in order (chain.write marks for itself).
+            dirty = memory.dirty
+            if dirty is not None:
+                left = min(total, first_capacity)
+                for address, length in chain.writable:
+                    if left <= 0:
+                        break
+                    dirty.mark(address, min(length, left))
+                    left -= length
         else:
             chain.write(memory, memoryview(bounce)[:min(total, first_capacity)])
             self._rx_overflow_start = first_capacity
@@ -572,6 +587,7 @@ class NetDevice(VirtioDevice):
             address, length = chain.writable[0]
             if length >= NET_HEADER_SIZE:
                 memory.view(address, NET_HEADER_SIZE)[:] = _ONE_BUFFER_HEADER
+                memory.mark_dirty(address, NET_HEADER_SIZE)
             else:
                 chain.write(memory, _ONE_BUFFER_HEADER)
             queue.push(memory, chain.head, total)

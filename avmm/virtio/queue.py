@@ -288,6 +288,10 @@ class DescriptorChain:
                     continue
                 take = min(size - offset, remaining)
                 memory.view(address + offset, take)[:] = source[done:done + take]
+                # After the write (see avmm.migration.dirty): a migration sends it.
+                dirty = memory.dirty
+                if dirty is not None:
+                    dirty.mark(address + offset, take)
                 done += take
                 remaining -= take
                 offset = 0
@@ -617,11 +621,18 @@ class VirtQueue:
         if memory is not self._used_memory or self._used_key != (s.used_ring, size):
             self._map_used_ring(memory)
         # The element is stored before the idx that publishes it (see module doc).
-        _pack_used_element(self._used_view, 4 + 8 * (next_used & (size - 1)), head, written)
+        element = 4 + 8 * (next_used & (size - 1))
+        _pack_used_element(self._used_view, element, head, written)
         next_used = (next_used + 1) & 0xFFFF
         self._used_u16[1] = next_used
         s.next_used = next_used
         self._taken_at[head] = -1
+        # The used ring is written through a kept view: mark it here, while a migration
+        # runs (memory.dirty is None otherwise).
+        dirty = memory.dirty
+        if dirty is not None:
+            dirty.mark(s.used_ring + element, 8)
+            dirty.mark(s.used_ring + 2, 2)
 
     @property
     def held(self) -> int:

@@ -1,0 +1,275 @@
+"""The destination side of a migration (``VirtualMachine.receive``).
+
+Accept one connection; read the header and the config (the one given here, if any,
+must describe the same devices in the same order: see :func:`merge_config`); build the
+machine (no kernel: RAM and state come by the stream) and answer READY; store each
+batch of pages; load the device and vCPU state; check END's SHA-256 against the stream
+received; answer ACK; wait for COMMIT and only then run the guest.
+
+Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame, a page
+outside RAM, a state that does not fit, a digest that does not match — sends ERROR to
+the source (best effort), releases everything built, and ends the VM with
+:attr:`~avmm.lifecycle.StopReason.ERROR` and a detail saying why: it never ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from ..config import VmConfig
+from ..errors import AvmmError, VmStartError
+from ..state import MachineState, SnapshotError
+from ..state.codec import decode
+from ..state.format import parse_state
+from ..state.vm_state import (
+    ConfigState,
+    LegacyDevicesState,
+    VirtioDevicesState,
+    config_from_state,
+)
+from .errors import MigrationError
+from .pages import PageMap
+from .progress import MigrationProgress
+from .stream import END, ROUND, Channel, Kind, PeerError, parse_pages
+from .transport import Listener
+
+if TYPE_CHECKING:
+    from ..vm import VirtualMachine
+
+log = structlog.get_logger(__name__)
+
+#: The sections of the STATE frame: the snapshot's, less the config (sent first).
+STATE_SECTIONS: dict[str, Any] = {
+    "machine": MachineState,
+    "devices": LegacyDevicesState,
+    "virtio": VirtioDevicesState,
+}
+#: The longest wait for COMMIT once ACK is sent: no COMMIT means the source kept the
+#: guest (or died); this side must then never run it.
+COMMIT_TIMEOUT_S = 60.0
+STREAM_NAME = "the migration stream"
+
+
+class Destination:
+    """One incoming migration into ``vm`` (see the module docstring)."""
+
+    def __init__(self, vm: VirtualMachine, listener: Listener, config: VmConfig | None,
+                 report: Any) -> None:
+        self.vm = vm
+        self.listener = listener
+        self.given = config
+        self._report = report
+        self._started = time.monotonic()
+        self.progress = MigrationProgress(state="incoming", address=str(listener.address))
+        self.receiving = trio.CancelScope()
+        self._channel: Channel | None = None
+        self._log = log.bind(vm=vm.name, listen=str(listener.address))
+
+    def _update(self, **changes: Any) -> None:
+        channel = self._channel
+        self.progress = replace(
+            self.progress, total_ms=round((time.monotonic() - self._started) * 1000, 1),
+            bytes_sent=channel.bytes_received if channel else 0, **changes)
+        self._report(self.progress)
+
+    async def run(self) -> None:
+        """Receive, then run the VM until it stops (the task owning its nursery)."""
+        structlog.contextvars.bind_contextvars(vm=self.vm.name)
+        vm = self.vm
+        stream = None
+        try:
+            with self.receiving:
+                stream = await self.listener.accept_one()
+                self._log.info("migration incoming")
+                await self._receive(stream)
+        except BaseException as e:
+            await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
+            if isinstance(e, AvmmError | OSError | trio.TooSlowError):
+                return
+            raise
+        finally:
+            self.listener.close()
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+        if self.receiving.cancelled_caught:
+            await self._fail("the VM was stopped before the hand-over", refuse=True)
+            return
+        # COMMIT received: the guest is ours to run.
+        try:
+            await vm._start_built()
+        except BaseException as e:
+            self._update(state="failed", error=f"the VM could not start: {e}")
+            vm._migration_failed(f"incoming migration: the VM could not start: {e}")
+            if isinstance(e, AvmmError | OSError):
+                return
+            raise
+        self._update(state="completed")
+        self._log.info("migration received; the VM runs here",
+                       pages=self.progress.pages_sent, total_ms=self.progress.total_ms)
+        try:
+            await vm.wait()
+        finally:
+            await vm.__aexit__(None, None, None)
+
+    async def _fail(self, why: str, *, refuse: bool) -> None:
+        if self.progress.state == "failed":
+            return
+        self._update(state="failed", error=why)
+        self._log.warning("incoming migration failed; nothing runs here", error=why)
+        with trio.CancelScope(shield=True):
+            if self._channel is not None and refuse:
+                with trio.move_on_after(1):
+                    try:
+                        await self._channel.send_error(f"the destination refused: {why}")
+                    except MigrationError:
+                        pass
+            # Release what was built (in a worker: unmapping RAM, closing back-ends).
+            await trio.to_thread.run_sync(self.vm._resources.close)
+            self.vm._migration_failed(f"incoming migration failed: {why}")
+
+    async def _receive(self, stream: trio.SocketStream) -> None:
+        vm = self.vm
+        channel = self._channel = Channel(stream)
+        await channel.receive_header()
+        kind, payload = await channel.receive()
+        if kind is not Kind.CONFIG:
+            raise MigrationError(f"{kind.name} frame before CONFIG")
+        config = self._config(payload)
+        self._update(state="receiving")
+        vm._prepare_incoming(config)
+        await trio.to_thread.run_sync(vm._build)
+        assert vm.memory is not None
+        pages = PageMap(vm.memory)
+        self._update(pages_total=pages.total)
+        await channel.send(Kind.READY)
+        received = 0
+        state: dict[str, Any] | None = None
+        while True:
+            kind, payload = await channel.receive()
+            if kind is Kind.PAGES:
+                if state is not None:
+                    raise MigrationError("PAGES frame after the STATE frame")
+                batch = parse_pages(payload, pages.total)
+                pages.write_batch(batch.numbers, batch.kinds, batch.data)
+                received += len(batch.kinds)
+                self.progress = replace(self.progress, pages_sent=received)
+            elif kind is Kind.ROUND:
+                try:
+                    marker = ROUND.parse(payload)
+                except Exception:
+                    raise MigrationError("corrupt ROUND frame") from None
+                self._update(round=marker.round, pages_dirty=marker.pages_dirty,
+                             pages_sent=received)
+            elif kind is Kind.STATE:
+                if state is not None:
+                    raise MigrationError("a second STATE frame")
+                state = _parse_state(payload)
+            elif kind is Kind.END:
+                await self._end(channel, payload, state, received)
+                return
+            else:
+                raise MigrationError(f"unexpected {kind.name} frame")
+
+    async def _end(self, channel: Channel, payload: bytes, state: dict[str, Any] | None,
+                   received: int) -> None:
+        try:
+            end = END.parse(payload)
+        except Exception:
+            raise MigrationError("corrupt END frame") from None
+        if end.sha256 != channel.digest_before_frame.digest():
+            raise MigrationError("the stream's SHA-256 does not match what was received "
+                                 "(corrupted in transit)")
+        if end.pages_sent != received:
+            raise MigrationError(f"END counts {end.pages_sent} pages, {received} came")
+        if state is None:
+            raise MigrationError("END frame before the STATE frame")
+        try:
+            await trio.to_thread.run_sync(self.vm._restore_incoming, state)
+        except VmStartError as e:
+            raise MigrationError(f"{e.step}: {e.error or e}") from None
+        self._update(pages_sent=received)
+        await channel.send(Kind.ACK)
+        # The source lets go only when it has this ACK, and says so with COMMIT; without
+        # COMMIT (cut, timeout) the source may run the guest on: this side must not.
+        with trio.fail_after(COMMIT_TIMEOUT_S):
+            kind, _ = await channel.receive()
+        if kind is not Kind.COMMIT:
+            raise MigrationError(f"{kind.name} frame instead of COMMIT")
+
+    def _config(self, payload: bytes) -> VmConfig:
+        try:
+            state = decode(payload, ConfigState, path="config")
+            streamed = config_from_state(state, source=STREAM_NAME)
+        except SnapshotError as e:
+            raise MigrationError(f"the streamed config: {e}") from None
+        if self.given is None:
+            return dataclasses.replace(streamed, name=self.vm.name)
+        return merge_config(streamed, self.given)
+
+
+def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
+    """The config to build on the destination: ``given``'s host-side choices (disk
+    paths, taps, sockets, serial and console outputs) over the streamed machine and
+    everything the guest sees (vCPUs, RAM, CPU profile, disk ids, MACs). The devices
+    must match in kind and order; :class:`MigrationError` names the first that does
+    not."""
+    where = given.source or "the destination's config"
+
+    def refuse(what: str) -> MigrationError:
+        return MigrationError(f"{where}: {what} does not match the migrating VM's")
+
+    if given.machine.vcpus != streamed.machine.vcpus:
+        raise refuse("machine.vcpus")
+    if given.machine.memory_mib != streamed.machine.memory_mib:
+        raise refuse("machine.memory_mib")
+    if len(given.disks) != len(streamed.disks):
+        raise refuse("the number of disks")
+    disks = []
+    for index, (mine, theirs) in enumerate(zip(given.disks, streamed.disks, strict=True)):
+        if (mine.vhost_user is None) != (theirs.vhost_user is None):
+            raise refuse(f"disk[{index}] (vhost-user or not)")
+        if mine.readonly != theirs.readonly:
+            raise refuse(f"disk[{index}].readonly")
+        disks.append(replace(mine, id=theirs.id))
+    if len(given.nets) != len(streamed.nets):
+        raise refuse("the number of NICs")
+    nets = []
+    for index, (mine, theirs) in enumerate(zip(given.nets, streamed.nets, strict=True)):
+        if (mine.vhost_user is None) != (theirs.vhost_user is None):
+            raise refuse(f"net[{index}] (vhost-user or not)")
+        nets.append(replace(mine, mac=theirs.mac))
+    if [(v.device_id, v.num_queues, v.queue_size) for v in given.vhost_users] != \
+            [(v.device_id, v.num_queues, v.queue_size) for v in streamed.vhost_users]:
+        raise refuse("the vhost_user devices")
+    if (given.rng is None) != (streamed.rng is None):
+        raise refuse("rng")
+    if (given.console is None) != (streamed.console is None):
+        raise refuse("console")
+    return replace(given, machine=streamed.machine, boot=streamed.boot,
+                   disks=tuple(disks), nets=tuple(nets))
+
+
+def _parse_state(payload: bytes) -> dict[str, Any]:
+    try:
+        return parse_state(payload, STATE_SECTIONS, name="the streamed state")
+    except SnapshotError as e:
+        raise MigrationError(str(e)) from None
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "the source did not send COMMIT in time"
+    if isinstance(error, trio.Cancelled):
+        return "cancelled before the hand-over"
+    if isinstance(error, PeerError):
+        return str(error)  # the source's own line
+    if isinstance(error, VmStartError):
+        return f"{error.step}: {error.error or error}"
+    return str(error) or type(error).__name__

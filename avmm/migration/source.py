@@ -1,0 +1,292 @@
+"""The source side of a migration (``vm.migrate``): pre-copy, stop-and-copy, hand-over.
+
+1. Connect, send the header and the VM's config; the destination builds the same
+   machine and answers READY (or ERROR: refused, nothing changed here).
+2. Dirty logging on (:class:`avmm.migration.dirty.DirtyLog`: KVM's log, avmm's own
+   writes, each added source), then all of RAM (round 0) while the guest runs.
+3. Rounds: collect the pages dirtied meanwhile and send them, until the time to send
+   what is dirty, at the rate the last round achieved, fits ``downtime_ms`` — or
+   ``max_rounds``/``timeout_s`` is reached: then ``on_timeout="pause"`` goes on to 4
+   anyway, ``"abort"`` gives up (the guest runs on here).
+4. Pause the VM (vCPUs parked, devices stopped, vhost-user rings handed back), send the
+   last dirty pages, the device and vCPU state (the snapshot's sections) and END with
+   the stream's SHA-256; wait for the destination's ACK, send COMMIT and stop the VM
+   with :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
+
+Any failure before the ACK (the stream cut, an ERROR from the destination, a timeout,
+a cancellation) turns dirty logging off and resumes the VM if it was paused here: the
+guest runs on as if nothing had happened, and the destination discards what it got.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from ..errors import AvmmError
+from ..state.format import build_state
+from .errors import MigrationError
+from .pages import PageMap
+from .progress import MigrationProgress
+from .stream import MAX_BATCH_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, build_pages
+from .transport import Address, connect
+
+if TYPE_CHECKING:
+    from ..vm import VirtualMachine
+
+log = structlog.get_logger(__name__)
+
+#: The longest wait for the connection and the destination's READY (it builds the
+#: machine first), and for its ACK once everything is sent (it loads the state).
+HANDSHAKE_TIMEOUT_S = 120.0
+#: The longest the guest stays paused for the stop-and-copy before the source gives up
+#: and lets it run on: a destination that stops reading must not freeze it for good.
+STOP_AND_COPY_TIMEOUT_S = 120.0
+ON_TIMEOUT = ("pause", "abort")
+
+
+@dataclass(frozen=True)
+class Options:
+    downtime_ms: int = 300
+    on_timeout: str = "pause"
+    max_rounds: int = 30
+    timeout_s: float | None = None
+
+    def check(self) -> None:
+        if not isinstance(self.downtime_ms, int) or not 1 <= self.downtime_ms <= 3_600_000:
+            raise MigrationError("downtime_ms must be an integer, 1..3600000")
+        if self.on_timeout not in ON_TIMEOUT:
+            raise MigrationError(f"on_timeout must be one of {', '.join(ON_TIMEOUT)}, "
+                                 f"not {self.on_timeout!r}")
+        if not isinstance(self.max_rounds, int) or not 1 <= self.max_rounds <= 10_000:
+            raise MigrationError("max_rounds must be an integer, 1..10000")
+        if self.timeout_s is not None and not (isinstance(self.timeout_s, int | float)
+                                               and 0 < self.timeout_s < math.inf):
+            raise MigrationError("timeout_s must be a positive number of seconds")
+
+
+class _Converged(Exception):
+    """The pre-copy rounds are over (internal)."""
+
+
+def make_dirty_log(vm: VirtualMachine) -> Any:
+    """The VM's dirty log (KVM's log and avmm's own marks; each vhost-user device's log
+    added as a source)."""
+    from .dirty import DirtyLog
+
+    memory = vm.memory
+    assert memory is not None
+    # avmm registers KVM memory slot i for memory.regions[i] (VirtualMachine._build).
+    return DirtyLog(vm._kvm_vm, memory, slots=enumerate(memory.regions))
+
+
+class Source:
+    """One outgoing migration of ``vm`` (see the module docstring)."""
+
+    def __init__(self, vm: VirtualMachine, address: Address, options: Options,
+                 report: Callable[[MigrationProgress], None]) -> None:
+        self.vm = vm
+        self.address = address
+        self.options = options
+        self._report = report
+        assert vm.memory is not None
+        self.pages = PageMap(vm.memory)
+        self._started = time.monotonic()
+        self.progress = MigrationProgress(state="setup", address=str(address),
+                                          pages_total=self.pages.total)
+        self._channel: Channel | None = None
+        self._pending_before_pause: Any = None
+        self._backends: list[Any] = []  # vhost-user devices whose logs are on
+        self._log = log.bind(vm=vm.name, to=str(address))
+
+    def _update(self, **changes: Any) -> None:
+        channel = self._channel
+        self.progress = replace(self.progress, total_ms=self._elapsed_ms(),
+                                bytes_sent=channel.bytes_sent if channel else 0, **changes)
+        self._report(self.progress)
+
+    def _elapsed_ms(self) -> float:
+        return round((time.monotonic() - self._started) * 1000, 1)
+
+    async def run(self) -> MigrationProgress:
+        self._update()
+        stream = None
+        dirty_log = None
+        paused_here = False
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                stream = await connect(self.address)
+                channel = self._channel = Channel(stream)
+                await channel.send_header()
+                await channel.send(Kind.CONFIG, self.vm._migration_config())
+                kind, _ = await channel.receive()
+                if kind is not Kind.READY:
+                    raise MigrationError(f"the destination answered {kind.name}, not READY")
+            dirty_log = make_dirty_log(self.vm)
+            await trio.to_thread.run_sync(dirty_log.start)
+            await self._start_backend_logs(dirty_log)
+            self._log.info("migration started", pages=self.pages.total)
+            self._update(state="precopy")
+            await self._precopy(channel, dirty_log)
+            # Stop-and-copy: the guest is paused from here until the hand-over, or
+            # until a failure lets it run on.
+            paused_at = time.monotonic()
+            await self.vm._migration_pause()
+            paused_here = True
+            with trio.fail_after(STOP_AND_COPY_TIMEOUT_S):
+                # What the last pre-copy round left dirty, and what was dirtied since.
+                dirty = self._pending_before_pause
+                dirty |= await trio.to_thread.run_sync(dirty_log.collect)
+                await self._stop_logs(dirty_log)
+                dirty_log = None
+                self._update(state="stop-and-copy", round=self.progress.round + 1,
+                             pages_dirty=len(dirty))
+                await self._send_round(channel, dirty)
+                state = await self.vm._migration_state()
+                await channel.send(Kind.STATE, build_state(state))
+                await channel.send(Kind.END, _end(channel, self.progress.pages_sent))
+                kind, _ = await channel.receive()
+                if kind is not Kind.ACK:
+                    raise MigrationError(f"the destination answered {kind.name}, not ACK")
+                # After this frame the destination runs the guest: from here on this
+                # side never runs it again, whatever happens to the stream.
+                await channel.send(Kind.COMMIT)
+            downtime = round((time.monotonic() - paused_at) * 1000, 1)
+            self._update(state="completed", downtime_ms=downtime)
+            self.vm._migration_handover(f"migrated to {self.address}")
+            self._log.info("migration completed", rounds=self.progress.round,
+                           pages_sent=self.progress.pages_sent,
+                           bytes_sent=self.progress.bytes_sent, downtime_ms=downtime,
+                           total_ms=self.progress.total_ms)
+            return self.progress
+        except BaseException as e:
+            error = _failure(e)
+            with trio.CancelScope(shield=True):
+                if dirty_log is not None:
+                    await self._stop_logs(dirty_log)
+                if self._channel is not None and not isinstance(e, PeerError):
+                    with trio.move_on_after(1):
+                        try:
+                            await self._channel.send_error(f"the source gave up: {error}")
+                        except MigrationError:
+                            pass
+                if paused_here:
+                    await self.vm._migration_resume()
+            self._update(state="failed", error=error)
+            self._log.warning("migration failed; the VM runs on here", error=error)
+            if isinstance(e, MigrationError):
+                raise
+            if isinstance(e, trio.TooSlowError):
+                raise MigrationError(error) from None
+            raise
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _start_backend_logs(self, dirty_log: Any) -> None:
+        """Each vhost-user back-end logs its writes into a log of its own, merged by
+        ``dirty_log.collect`` (the guest RAM pages its rings write behind our back)."""
+        from ..vhost.frontend import VhostUserDevice
+
+        memory = self.vm.memory
+        assert memory is not None
+        for slot in self.vm.virtio_slots:
+            device = slot.device
+            if isinstance(device, VhostUserDevice):
+                self._backends.append(device)
+                try:
+                    await device.start_dirty_log(memory.size)
+                except AvmmError as e:
+                    raise MigrationError(f"{device.name}: cannot start the back-end's "
+                                         f"dirty log: {e}") from None
+                dirty_log.add_source(device.collect_dirty)
+
+    async def _stop_logs(self, dirty_log: Any) -> None:
+        """Dirty logging off everywhere (never raises: it runs after failures too)."""
+        for device in self._backends:
+            await device.stop_dirty_log()
+        self._backends.clear()
+        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
+
+    async def _precopy(self, channel: Channel, dirty_log: Any) -> None:
+        options = self.options
+        deadline = (trio.current_time() + options.timeout_s
+                    if options.timeout_s is not None else math.inf)
+        budget_s = options.downtime_ms / 1000
+        pending: Iterable[int] = range(self.pages.total)
+        pending_count = self.pages.total
+        round_number = 0
+        while True:
+            self._update(round=round_number, pages_dirty=pending_count)
+            started, sent_before = time.monotonic(), channel.bytes_sent
+            # A round is never cut short: a page left out would never be sent again.
+            await self._send_round(channel, pending)
+            elapsed = time.monotonic() - started
+            rate = (channel.bytes_sent - sent_before) / elapsed if elapsed > 0 else 0.0
+            self._update(rate_bytes_s=round(rate, 1))
+            dirty = await trio.to_thread.run_sync(dirty_log.collect)
+            pending, pending_count = dirty, len(dirty)
+            if pending_count == 0 or (rate > 0 and pending_count * PAGE_SIZE / rate
+                                      <= budget_s):
+                break
+            round_number += 1
+            out_of_time = trio.current_time() >= deadline
+            if round_number >= options.max_rounds or out_of_time:
+                why = "timeout_s" if out_of_time else f"{options.max_rounds} rounds"
+                if options.on_timeout == "abort":
+                    raise MigrationError(
+                        f"did not converge within {why} ({pending_count} pages still "
+                        f"dirty, {rate / 1e6:.1f} MB/s); on_timeout=\"abort\": the VM runs "
+                        "on here")
+                self._log.info("migration not converging; pausing", reason=why,
+                               pages_dirty=pending_count)
+                break
+        # The stop-and-copy round sends what is dirty then (these pages included).
+        self._pending_before_pause = pending
+
+    async def _send_round(self, channel: Channel, pages: Iterable[int]) -> None:
+        """Send ``pages`` (ascending page numbers) in batches; a ROUND marker first."""
+        progress = self.progress
+        await channel.send(Kind.ROUND, ROUND.build({"round": progress.round,
+                                                    "pages_dirty": progress.pages_dirty}))
+        sent = progress.pages_sent
+        for batch in self.pages.batches(pages, MAX_BATCH_PAGES):
+            if not self.vm._migration_running():
+                raise MigrationError(f"VM {self.vm.name!r} stopped during the migration")
+            data = [self.pages.read(page) for page in batch]
+            await channel.send(Kind.PAGES, build_pages(batch, data))
+            sent += len(batch)
+            self.progress = replace(self.progress, pages_sent=sent)
+            if sent % (MAX_BATCH_PAGES * 16) < MAX_BATCH_PAGES:
+                self._update()
+        self._update(pages_sent=sent)
+
+
+def _end(channel: Channel, pages_sent: int) -> bytes:
+    from .stream import END
+
+    return END.build({"pages_sent": pages_sent, "sha256": channel.sent_digest.digest()})
+
+
+def _stop_quietly(dirty_log: Any) -> None:
+    try:
+        dirty_log.stop()
+    except Exception as e:  # logging off is best effort after a failure
+        log.warning("dirty logging could not be turned off", error=str(e))
+
+
+def _failure(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "the destination did not answer in time"
+    if isinstance(error, trio.Cancelled):
+        return "cancelled"
+    if isinstance(error, PeerError):
+        return str(error)  # the destination's own line says who refused
+    return str(error) or type(error).__name__

@@ -1,0 +1,141 @@
+"""Where a migration stream goes: ``unix:/abs/path`` or ``tcp:HOST:PORT``.
+
+The destination listens and accepts exactly one connection, then stops listening: a
+migration stream is trusted input (it becomes a running guest), so nobody else gets a
+second chance at the same listener. A unix socket is created with mode 0600 from the
+moment it exists (:meth:`avmm.paths.PathPolicy.bind_socket`) and removed when the
+listener closes. TCP has no authentication: run it on a trusted network only (README,
+"Live migration").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import trio
+
+from ..errors import AvmmError
+from ..paths import BoundSocket, PathPolicy
+from .errors import MigrationError
+
+#: The longest address string accepted (a unix path is at most 107 bytes anyway).
+ADDRESS_MAX = 300
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed migration address."""
+
+    kind: Literal["unix", "tcp"]
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_address(text: str, *, listen: bool = False) -> Address:
+    """``unix:/abs/path`` or ``tcp:HOST:PORT`` (``[v6]`` for an IPv6 HOST; PORT 0 only
+    to listen, on a port the kernel picks). :class:`MigrationError` otherwise."""
+    if not isinstance(text, str) or len(text) > ADDRESS_MAX:
+        raise MigrationError(f"migration address must be a string of at most {ADDRESS_MAX} "
+                             "characters")
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in ("unix", "tcp"):
+        raise MigrationError(f"migration address {text!r}: use unix:/abs/path or "
+                             "tcp:HOST:PORT")
+    if kind == "unix":
+        if not rest.startswith("/") or "\0" in rest:
+            raise MigrationError(f"migration address {text!r}: a unix socket needs an "
+                                 "absolute path")
+        return Address("unix", path=Path(rest))
+    host, sep, port_text = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit():
+        raise MigrationError(f"migration address {text!r}: use tcp:HOST:PORT")
+    port = int(port_text)
+    if not (0 if listen else 1) <= port <= 65535:
+        raise MigrationError(f"migration address {text!r}: port must be 1..65535")
+    return Address("tcp", host=host, port=port)
+
+
+class Listener:
+    """A bound, listening socket that accepts one connection (:meth:`accept_one`)."""
+
+    def __init__(self, address: Address, sock: socket.socket,
+                 bound: BoundSocket | None) -> None:
+        self._sock = sock
+        self._bound = bound
+        if address.kind == "tcp":
+            host, port = sock.getsockname()[:2]
+            address = Address("tcp", host=host, port=port)
+        #: Where it listens (a TCP port 0 replaced by the port the kernel chose).
+        self.address = address
+
+    async def accept_one(self) -> trio.SocketStream:
+        """Wait for the first connection, then stop listening (the socket file of a
+        unix listener is removed)."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
+        try:
+            return await listener.accept()
+        finally:
+            # from_stdlib_socket took the descriptor: closing the trio socket closes it.
+            await listener.aclose()
+            self.close()
+
+    def close(self) -> None:
+        if self._bound is not None:
+            self._bound.close()  # closes the socket, removes its file if still ours
+            self._bound = None
+        else:
+            self._sock.close()
+
+
+def listen(address: Address, paths: PathPolicy) -> Listener:
+    """Bind and listen (blocking: call it from a worker thread)."""
+    if address.kind == "unix":
+        assert address.path is not None
+        try:
+            bound = paths.bind_socket(address.path, "listen")
+        except AvmmError as e:
+            raise MigrationError(f"cannot listen on {address}: {e}") from None
+        return Listener(address, bound.socket, bound)
+    family = socket.AF_INET6 if _is_ipv6(address.host) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise MigrationError(f"cannot listen on {address}: {e.strerror or e}") from None
+    return Listener(address, sock, None)
+
+
+async def connect(address: Address) -> trio.SocketStream:
+    """Connect to a listening destination (the caller bounds the time it takes)."""
+    try:
+        if address.kind == "unix":
+            return await trio.open_unix_socket(os.fspath(address.path))
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
+    except OSError as e:
+        raise MigrationError(f"cannot connect to {address}: {e.strerror or e}") from None
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
