@@ -30,7 +30,7 @@ Figures, each as the VMM itself reports it (avmm: ``vm.migration``; QEMU:
   ``total_ms``; QEMU: ``total-time``);
 * downtime: how long the guest was paused for the hand-over (avmm: ``downtime_ms``, from
   the pause to the destination's acknowledgement; QEMU: ``downtime``, from its stop to
-  the end of the migration on the source);
+  the end of the migration on the source, in whole milliseconds: a 0 is taken as 0.5);
 * data sent: bytes of the stream (avmm: ``bytes_sent``; QEMU: ``ram.transferred``, the
   RAM part, which is nearly all of it).
 """
@@ -90,6 +90,8 @@ TIMEOUT_S = 300.0
 POLL_S = 0.0005
 #: QEMU's max-bandwidth: no limit a unix socket could reach (avmm has no limit).
 UNLIMITED_BPS = 1 << 40
+#: query-migrate's times are whole milliseconds.
+QEMU_RESOLUTION_MS = 1.0
 RESULT = "avmm-bench-migration: "
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -216,8 +218,10 @@ def qemu_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
                 if time.monotonic() > deadline:
                     raise BenchError("QEMU migration did not complete in time")
                 time.sleep(0.05)
+            # QEMU counts whole milliseconds: a downtime under 1 ms reads 0, taken as
+            # half its resolution so that the ratio stays defined (the note says so).
             migrated = Migrated(float(info.get("total-time", 0)),
-                                float(info.get("downtime", 0)),
+                                max(float(info.get("downtime", 0)), QEMU_RESOLUTION_MS / 2),
                                 int(info.get("ram", {}).get("transferred", 0)))
             if migrated.total_ms <= 0 or migrated.bytes_sent <= 0:
                 # Seen once: "completed" with zero times; never a figure.
@@ -365,7 +369,8 @@ def _figures(case: Case) -> CaseFigures:
                      PER_OPERATION, note=f"as each reports it (total_ms, total-time); {how}"),
         downtime=Figure(f"live migration: downtime, {case.label}", "ms", "lower",
                         PER_OPERATION,
-                        note=f"as each reports it (downtime_ms, downtime); {how}"),
+                        note=f"as each reports it (downtime_ms, downtime; QEMU's is in "
+                             f"whole ms, a 0 counts as 0.5); {how}"),
         sent=Figure(f"live migration: data sent, {case.label}", "MiB", "lower", PER_OPERATION,
                     note="avmm: bytes_sent (the whole stream); QEMU: ram.transferred"),
     )
