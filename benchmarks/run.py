@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
-Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot. Every figure is
+Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration. Every figure is
 measured here and now: for each of R runs (5 by default, 2 with --quick)
 avmm and QEMU are measured back to back as a pair. Each figure reports both medians, their
 ratio avmm/QEMU, and the range of the per-pair ratios. The figures fall in three parts
@@ -14,7 +14,8 @@ the commit, machine and date that produced them) go to stdout, the JSON to
 
 blk-vhost needs qemu-storage-daemon; net needs root, /dev/net/tun and iproute2 (a tap in
 a network namespace, see benchmarks/net.py); snapshot reads the guest RAM of the VMM
-processes it starts through /proc/PID/mem (see benchmarks/snapshot.py).
+processes it starts through /proc/PID/mem (see benchmarks/snapshot.py), and migration
+does too (see benchmarks/migration.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from benchmarks.common import (
     quiet_logging,
 )
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, MARKER, SPIN_N
+from benchmarks.migration import bench_migration
 from benchmarks.net import bench_net
 from benchmarks.report import markdown, provenance
 from benchmarks.snapshot import bench_snapshot
@@ -80,13 +82,14 @@ class Params:
     memory_vms: tuple[int, ...]  # VMs in one process, each > 1, for the per-VM figures
     blk_image_mib: int = 64
     snapshot_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the snapshot group
+    migration_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the migration group
 
 
 FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
               blk_vhost_n={1: 10000, 32: 40000}, net_n=50000, churn_s=2.0, memory_vms=(10, 50))
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
                blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
-               snapshot_mib=(16,))
+               snapshot_mib=(16,), migration_mib=(16,))
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
@@ -499,6 +502,7 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "churn": bench_churn,
     "memory": bench_memory,
     "snapshot": lambda p: bench_snapshot(p.runs, p.snapshot_mib),
+    "migration": lambda p: bench_migration(p.runs, p.migration_mib),
 }
 
 

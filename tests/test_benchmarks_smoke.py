@@ -59,6 +59,13 @@ GROUPS = {
                   IN_PROCESS),
                  ("restore: VirtualMachine.restore(copy_memory=True) in a running process → "
                   "guest runs, 16", IN_PROCESS)],
+    # --quick migrates a 16 MiB guest where the full run has 128 MiB and 1 GiB.
+    "migration": [("live migration: total time, 16 MiB guest, idle", PER_OPERATION),
+                  ("live migration: downtime, 16 MiB guest, idle", PER_OPERATION),
+                  ("live migration: data sent, 16 MiB guest, idle", PER_OPERATION),
+                  ("live migration: total time, 16 MiB guest dirtying", PER_OPERATION),
+                  ("live migration: downtime, 16 MiB guest dirtying", PER_OPERATION),
+                  ("live migration: data sent, 16 MiB guest dirtying", PER_OPERATION)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
@@ -117,6 +124,8 @@ def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path)
         assert name in result.stdout  # the table was printed
     if group == "snapshot":
         _check_snapshot_sizes(figures)
+    if group == "migration":
+        _check_migration_sizes(figures)
     _check_provenance(report)
     assert bench_report.provenance_line(report) in result.stdout
 
@@ -136,6 +145,25 @@ def _check_snapshot_sizes(figures: dict[str, dict[str, object]]) -> None:
             assert median >= written_mib, (name, side, median)
             assert untouched[side]["median"] < written_mib / 2, (name, side)  # type: ignore[index]
             assert allocated[side]["median"] <= median * 1.05 + 0.1, (name, side)  # type: ignore[index]
+
+
+def _check_migration_sizes(figures: dict[str, dict[str, object]]) -> None:
+    """What a migration sent holds all the RAM the group wrote into the idle guest (the
+    figure's name says how many MiB) in both VMMs, and a dirtying guest's stream holds at
+    least the range its mem-walk filled; a downtime is never longer than the whole."""
+    for name, figure in figures.items():
+        if not name.startswith("live migration: data sent"):
+            continue
+        if "idle (" in name:
+            written_mib = float(name.split("idle (")[1].split(" MiB")[0])
+        else:
+            written_mib = float(name.split("mem-walk over ")[1].split(" MiB")[0])
+        total = figures[name.replace("data sent", "total time")]
+        downtime = figures[name.replace("data sent", "downtime")]
+        for side in ("avmm", "qemu"):
+            assert figure[side]["median"] >= written_mib, (name, side)  # type: ignore[index]
+            assert (downtime[side]["median"]  # type: ignore[index]
+                    <= total[side]["median"]), (name, side)  # type: ignore[index]
 
 
 def test_ratio_is_the_ratio_of_the_medians_with_the_per_pair_range() -> None:

@@ -4,7 +4,9 @@
  *
  * Options: avmm.mib=M (default 16), avmm.rounds=R (default 8), avmm.seed=S
  * (default 1), avmm.base=B (default 0x400000, 4 KiB aligned; the range must
- * end below the 32-bit MMIO hole at 3 GiB).
+ * end below the 32-bit MMIO hole at 3 GiB), avmm.rate=K (KiB/s; default 0:
+ * unpaced): the rounds' rewrites dirty at most K KiB of the range per second,
+ * for a live migration to chase (the fill and the checks are not paced).
  *
  * Word i (u64, counted from B) of a page last written in round g holds
  *     splitmix64(S * 0x9E3779B97F4A7C15 + (g << 48) + i)
@@ -20,6 +22,7 @@
 #include "crc32.h"
 #include "guest.h"
 #include "pattern.h"
+#include "timer.h"
 
 #define MEM_WALK_BASE_DEFAULT 0x400000ULL
 /* The image and its mailbox end at 0x201000 (README.md, "Image and loader
@@ -54,12 +57,47 @@ static void write_page(uint64_t *words, uint64_t seed, uint64_t generation, uint
         words[first + j] = word_value(seed, generation, first + j);
 }
 
+/* Paces page rewrites at a set rate on the TSC (ring 3 reads it natively). A
+ * page may be written once its slot on the schedule has come; a writer that fell
+ * behind (the checks between rounds, a descheduled vCPU, a migration's
+ * hand-over moving the TSC) starts the schedule again from now instead of
+ * catching up in a burst, so no interval ever sees more than its share plus one
+ * page. */
+struct pacer {
+    uint64_t ticks_per_page; /* 0: unpaced */
+    uint64_t next;           /* TSC value at which the next page may be written */
+};
+
+static void pacer_init(struct pacer *pacer, uint64_t kib_per_s)
+{
+    pacer->ticks_per_page = 0;
+    pacer->next = 0;
+    if (kib_per_s) {
+        /* kHz * 1000 ticks per second, K * 1024 / 4096 = K / 4 pages per second. */
+        uint64_t ticks = timer_tsc_khz() * 1000 * 4 / kib_per_s;
+        pacer->ticks_per_page = ticks ? ticks : 1;
+    }
+}
+
+static void pacer_wait(struct pacer *pacer)
+{
+    if (!pacer->ticks_per_page)
+        return;
+    uint64_t now = rdtsc();
+    if ((int64_t)(now - pacer->next) > (int64_t)pacer->ticks_per_page)
+        pacer->next = now; /* fell behind: no burst to catch up */
+    while ((int64_t)(rdtsc() - pacer->next) < 0)
+        __asm__ volatile("pause");
+    pacer->next += pacer->ticks_per_page;
+}
+
 static int mem_walk_run(void)
 {
     uint64_t mib = cmdline_get_u64("avmm.mib", 16);
     uint64_t rounds = cmdline_get_u64("avmm.rounds", 8);
     uint64_t seed = cmdline_get_u64("avmm.seed", 1);
     uint64_t base = cmdline_get_u64("avmm.base", MEM_WALK_BASE_DEFAULT);
+    uint64_t rate = cmdline_get_u64("avmm.rate", 0);
 
     if (mib == 0 || mib > MEM_WALK_LIMIT >> 20)
         guest_panic("avmm.mib: must be 1..%llu", MEM_WALK_LIMIT >> 20);
@@ -70,16 +108,24 @@ static int mem_walk_run(void)
         guest_panic("avmm.base: must be 4 KiB aligned, at or above 0x%llx, with the range "
                     "below 0x%llx", MEM_WALK_BASE_MIN, MEM_WALK_LIMIT);
 
+    /* 2^32 KiB/s (4 TiB/s) is beyond any memory bus: a typo, not a rate. */
+    if (rate >= 1ULL << 32)
+        guest_panic("avmm.rate: must be below %llu KiB/s", 1ULL << 32);
+
     uint64_t *words = (uint64_t *)(uintptr_t)base;
     uint64_t pages = (mib << 20) / MEM_WALK_PAGE;
+    struct pacer pacer;
+    pacer_init(&pacer, rate);
 
     mailbox.counter = 0;
     for (uint64_t p = 0; p < pages; p++)
         write_page(words, seed, 0, p);
 
     for (uint64_t round = 1; round <= rounds; round++) {
-        for (uint64_t p = round % MEM_WALK_STRIDE; p < pages; p += MEM_WALK_STRIDE)
+        for (uint64_t p = round % MEM_WALK_STRIDE; p < pages; p += MEM_WALK_STRIDE) {
+            pacer_wait(&pacer);
             write_page(words, seed, round, p);
+        }
         /* The checks below must read memory, not what the compiler remembers. */
         __asm__ volatile("" ::: "memory");
 
