@@ -37,15 +37,11 @@ Figures, each as the VMM itself reports it (avmm: ``vm.migration``; QEMU:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +57,7 @@ from benchmarks.common import (
     log,
     qemu_argv,
     quiet_logging,
+    scratch_dir,
 )
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, SPIN_N
 from benchmarks.snapshot import (
@@ -77,7 +74,6 @@ from benchmarks.snapshot import (
     wait_counter,
 )
 
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 #: The dirty rate of the dirtying guest: KiB/s (mem-walk's ``avmm.rate``).
 DIRTY_KIB_S = 32 * 1024
 #: The dirtying guest's range: from TOUCH_START to this far below the end of RAM.
@@ -379,18 +375,9 @@ def _figures(case: Case) -> CaseFigures:
     )
 
 
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="avmm-bench-mig-", dir=SHM))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def _one_run(case: Case, figures: CaseFigures) -> None:
     seed = os.urandom(MIB)
-    with _scratch() as scratch:
+    with scratch_dir("avmm-bench-mig-") as scratch:
         q = qemu_migrate(case, scratch, seed)
         a = avmm_migrate(case, scratch, seed)
     figures.total.add(a.total_ms, q.total_ms)

@@ -41,6 +41,7 @@ from benchmarks.common import (
     PARTS,
     PER_OPERATION,
     REPO,
+    SHM,
     TEST_GUEST,
     WHOLE_PROCESS,
     BenchError,
@@ -67,7 +68,6 @@ HELLO_TOML = REPO / "examples" / "hello.toml"
 HELLO = "console=ttyS0 avmm.test=hello"
 HELLO_DONE = "avmm-testguest: cmdline:"
 QSD = "qemu-storage-daemon"
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 _sockets = itertools.count()
 
 

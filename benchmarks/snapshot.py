@@ -43,11 +43,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,11 +61,11 @@ from benchmarks.common import (
     avmm_config,
     log,
     qemu_argv,
+    scratch_dir,
 )
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, SPIN_N
 from benchmarks.qmp import Qmp
 
-SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SPIN = f"avmm.test=count avmm.n={SPIN_N}"
 MIB = 1 << 20
 PAGE = 4096
@@ -469,18 +466,9 @@ def _figures(case: Case) -> CaseFigures:
     )
 
 
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="avmm-bench-snap-", dir=SHM))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def _one_run(case: Case, figures: CaseFigures) -> None:
     seed = os.urandom(MIB)
-    with _scratch() as scratch:
+    with scratch_dir("avmm-bench-snap-") as scratch:
         qmp = scratch / "qmp.sock"
         a = trio.run(_avmm_save, case, scratch / "avmm", seed)
         q = _qemu_save(case, scratch / "qemu.mig", qmp, seed)
