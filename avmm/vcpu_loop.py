@@ -6,8 +6,9 @@ the buses (DESIGN.md, path 1). Anything that ends the VM is reported through the
 
 Pausing: :class:`PauseControl` is shared by a VM's loops. Whoever pauses sets the request
 and then kicks every vCPU; a kicked vCPU comes back from KVM_RUN as ``Interrupted``,
-clears ``immediate_exit``, sees the request and parks on a condition variable until
-resumed or stopped. The loop looks at the request only on ``Interrupted`` exits, so the
+clears ``immediate_exit``, sees the request, lets KVM finish the access of its last exit
+(serving any exit that makes) and parks on a condition variable until resumed or
+stopped. The loop looks at the request only on ``Interrupted`` exits, so the
 hot path pays nothing for it: every request is followed by a kick, and the kick's
 ``immediate_exit`` makes the very next KVM_RUN return ``Interrupted``.
 """
@@ -28,6 +29,9 @@ log = structlog.get_logger(__name__)
 
 #: What a bus answers a stray read with, by size (Bus.read).
 _ALL_ONES = {size: b"\xff" * size for size in range(1, 9)}
+#: How many exits finishing a parked vCPU's last access may make before it parks anyway
+#: (a save of its state then refuses: see avmm.state.vcpu.finish_pending_io).
+_MAX_FINISHING_EXITS = 1024
 
 
 class AddressBus(Protocol):
@@ -114,6 +118,9 @@ class VcpuLoop:
         self.pause = pause if pause is not None else PauseControl(1)
         #: Exits by kind, for metrics and benchmarks.
         self.exit_counts: dict[str, int] = {}
+        #: The vCPU parked with its last access unfinished (the guest kept making
+        #: accesses while KVM finished them): its state must not be saved.
+        self.io_unfinished = False
 
     def run(self) -> None:
         """Body of the vCPU thread. Returns once a stop was requested (by anyone)."""
@@ -141,19 +148,11 @@ class VcpuLoop:
 
     def _run_exits(self) -> None:
         vcpu = self.vcpu
-        pio_bus, mmio_bus = self.pio_bus, self.mmio_bus
-        pio_read, pio_write = pio_bus.read, pio_bus.write
-        mmio_read, mmio_write = mmio_bus.read, mmio_bus.write
-        # The vCPU's C fast path (Vcpu.absorb): once a bus says an access is a repeat of
-        # a stray one that it only counts, the vCPU answers the next ones itself inside
-        # run(), without coming back here (see _count_absorbed for the counting).
-        pio_quiet = getattr(pio_bus, "is_quiet", None)
-        mmio_quiet = getattr(mmio_bus, "is_quiet", None)
-        absorb = vcpu.absorb
         latch = self.latch
         pause = self.pause
         counts = self.exit_counts
-        io_out, io_in, mmio_w, mmio_r = exits.IoOut, exits.IoIn, exits.MmioWrite, exits.MmioRead
+        serve = self._serve
+        interrupted = exits.Interrupted
         while not latch.requested:
             # Read before the bus is asked, so that a map change in between (which
             # moves the epoch on) makes absorb() refuse a decision taken on the old map.
@@ -161,46 +160,79 @@ class VcpuLoop:
             event = vcpu.run()
             kind = type(event)
             counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
-            if kind is io_out:
-                size = event.size
-                if event.count == 1:
-                    if (not pio_write(event.port, event.data) and pio_quiet is not None
-                            and pio_quiet(event.port, size, write=True)):
-                        absorb(io_out, event.port, size, epoch=epoch)
-                else:
-                    data = event.data
-                    for i in range(0, len(data), size):
-                        pio_write(event.port, data[i:i + size])
-            elif kind is io_in:
-                size = event.size
-                buffer = event.buffer
-                for i in range(0, event.size * event.count, size):
-                    buffer[i:i + size] = data = pio_read(event.port, size)
-                if (event.count == 1 and data == _ALL_ONES[size] and pio_quiet is not None
-                        and pio_quiet(event.port, size, write=False)):
-                    absorb(io_in, event.port, size, epoch=epoch)
-            elif kind is mmio_w:
-                if (not mmio_write(event.address, event.data) and mmio_quiet is not None
-                        and mmio_quiet(event.address, len(event.data), write=True)):
-                    absorb(mmio_w, event.address, len(event.data), epoch=epoch)
-            elif kind is mmio_r:
-                size = len(event.buffer)
-                event.buffer[:] = data = mmio_read(event.address, size)
-                if (data == _ALL_ONES.get(size) and mmio_quiet is not None
-                        and mmio_quiet(event.address, size, write=False)):
-                    absorb(mmio_r, event.address, size, epoch=epoch)
-            elif kind is exits.Interrupted:
-                # A kick (stop or pause), a stray signal, or the C fast path's budget.
-                # Clear immediate_exit before looking at the requests: a kick always
-                # sets its request first, so a kick that lands after this line is seen
-                # below or by the next KVM_RUN.
-                vcpu.set_immediate_exit(False)
-                self._count_absorbed()
-                if pause.requested and not latch.requested:
-                    pause.park()
+            if kind is not interrupted:
+                serve(event, kind, epoch)
                 continue
+            # A kick (stop or pause), a stray signal, or the C fast path's budget.
+            # Clear immediate_exit before looking at the requests: a kick always sets
+            # its request first, so a kick that lands after this line is seen below or
+            # by the next KVM_RUN.
+            vcpu.set_immediate_exit(False)
+            self._count_absorbed()
+            if pause.requested and not latch.requested:
+                self._finish_pending_io()
+                pause.park()
+
+    def _serve(self, event: exits.VcpuExit, kind: type, epoch: int) -> None:
+        """Answer one exit. Once a bus says an access is a repeat of a stray one that it
+        only counts, the vCPU's C fast path (Vcpu.absorb) answers the next ones itself
+        inside run(), without coming back here (see _count_absorbed for the counting)."""
+        if kind is exits.IoOut:
+            pio_write, size = self.pio_bus.write, event.size
+            if event.count == 1:
+                if not pio_write(event.port, event.data) and self._quiet(
+                        self.pio_bus, event.port, size, write=True):
+                    self.vcpu.absorb(kind, event.port, size, epoch=epoch)
             else:
-                self._unusual(event)
+                data = event.data
+                for i in range(0, len(data), size):
+                    pio_write(event.port, data[i:i + size])
+        elif kind is exits.IoIn:
+            pio_read, size, buffer = self.pio_bus.read, event.size, event.buffer
+            for i in range(0, event.size * event.count, size):
+                buffer[i:i + size] = data = pio_read(event.port, size)
+            if (event.count == 1 and data == _ALL_ONES[size]
+                    and self._quiet(self.pio_bus, event.port, size, write=False)):
+                self.vcpu.absorb(kind, event.port, size, epoch=epoch)
+        elif kind is exits.MmioWrite:
+            size = len(event.data)
+            if not self.mmio_bus.write(event.address, event.data) and self._quiet(
+                    self.mmio_bus, event.address, size, write=True):
+                self.vcpu.absorb(kind, event.address, size, epoch=epoch)
+        elif kind is exits.MmioRead:
+            size = len(event.buffer)
+            event.buffer[:] = data = self.mmio_bus.read(event.address, size)
+            if data == _ALL_ONES.get(size) and self._quiet(
+                    self.mmio_bus, event.address, size, write=False):
+                self.vcpu.absorb(kind, event.address, size, epoch=epoch)
+        else:
+            self._unusual(event)
+
+    @staticmethod
+    def _quiet(bus: AddressBus, address: int, size: int, *, write: bool) -> bool:
+        """Whether ``bus`` only counts accesses like this one (then the C path may)."""
+        is_quiet = getattr(bus, "is_quiet", None)
+        return is_quiet is not None and bool(is_quiet(address, size, write=write))
+
+    def _finish_pending_io(self) -> None:
+        """Before parking: let KVM finish the access of the last exit, so that a paused
+        vCPU's state is whole (a snapshot reads it) and nothing half-done waits in KVM.
+        Finishing can make the guest produce further exits (string I/O's next chunk;
+        kvm_pvm interprets ring 0 and runs on to the next access): they are served here
+        like any other, up to a bound that keeps a guest from holding the pause off."""
+        vcpu, counts = self.vcpu, self.exit_counts
+        self.io_unfinished = False
+        for _ in range(_MAX_FINISHING_EXITS):
+            epoch = vcpu.absorb_epoch
+            event = vcpu.complete_pending_io()
+            if event is None or self.latch.requested:
+                return
+            kind = type(event)
+            counts[kind.__name__] = counts.get(kind.__name__, 0) + 1
+            self._serve(event, kind, epoch)
+        self.io_unfinished = True
+        log.warning("the vcpu parks with an access KVM has not finished",
+                    exits=_MAX_FINISHING_EXITS)
 
     def _count_absorbed(self) -> None:
         """Fold what the C fast path answered since the last call into the exit counts

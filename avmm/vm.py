@@ -471,8 +471,13 @@ class VirtualMachine:
 
     def _save_machine(self) -> MachineState:
         """The KVM state of the paused VM (a worker thread; the vCPUs parked)."""
+        unfinished = [loop.vcpu.id for loop in self._loops if loop.io_unfinished]
+        if unfinished:
+            raise SnapshotError(f"VM {self.name!r}: vCPU {unfinished[0]} kept making I/O "
+                                "accesses while it paused; resume the VM and try again")
         try:
-            machine = save_machine(self._kvm_vm, self._vcpus)
+            # Each vCPU loop finished its last access before it parked.
+            machine = save_machine(self._kvm_vm, self._vcpus, io_finished=True)
         except KvmError as e:
             raise SnapshotError(f"VM {self.name!r}: cannot save the KVM state: {e}") from e
         if self._paused_clock is not None:

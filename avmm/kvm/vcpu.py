@@ -163,6 +163,10 @@ class Vcpu:
             kind = _vcpu_run_absorbing(self.fd, self._run, self._exit_info, self._absorb)
         else:
             kind = _vcpu_run(self.fd, self._run, self._exit_info)
+        return self._decode(kind)
+
+    def _decode(self, kind: int) -> exits.VcpuExit:
+        """The exit ``avmm_vcpu_run`` reported as ``kind``."""
         # Every PIO/MMIO exit passes here: one C call, one unpack, no cdata field reads.
         if kind == _RUN_IO_OUT:
             port, size, count, start = _unpack_exit_info(self._exit_info_bytes)
@@ -283,29 +287,27 @@ class Vcpu:
                 counts[code] = 0
         return taken
 
-    def complete_pending_io(self) -> None:
-        """KVM_RUN with ``immediate_exit`` set: KVM finishes the I/O or MMIO access of the
-        last exit (an ``in`` or MMIO read takes the data userspace put in ``kvm_run``) and
-        returns EINTR without running a guest instruction.
+    def complete_pending_io(self) -> exits.VcpuExit | None:
+        """KVM_RUN with ``immediate_exit`` set, to finish the I/O or MMIO access of the
+        last exit (an ``in`` or MMIO read takes the data userspace put in ``kvm_run``)
+        without running the guest on. KVM keeps that half-done access in no state
+        userspace can read, so it must be finished before the vCPU's state is saved
+        (KVM's api.rst, KVM_RUN).
 
-        KVM keeps that half-done access in no state userspace can read, so it must be
-        finished before the vCPU's state is saved (KVM's api.rst, KVM_RUN). Call it on a
-        vCPU no thread is running; ``immediate_exit`` keeps its previous value.
+        Returns None once KVM has finished (it answered EINTR), or the exit the guest
+        made while KVM finished the access: string I/O goes on with its next chunk, and
+        kvm_pvm's ring-0 interpreter can run on to the next access. The caller serves
+        that exit like any other and calls again. Call it on a vCPU no thread is running;
+        ``immediate_exit`` keeps its previous value.
         """
         previous = self._run.immediate_exit
         self._run.immediate_exit = 1
         try:
-            ioctl(self.fd, "KVM_RUN")
-        except KvmError as e:
-            if e.errno not in _EINTR_EAGAIN:
-                raise
-        else:
-            # KVM never returns 0 with immediate_exit set; a kernel that did ran the
-            # guest on, and its exit is lost: say so rather than save a skewed state.
-            raise KvmError("KVM_RUN", errno.EINVAL,
-                           f"vcpu {self.id}: ran the guest although immediate_exit was set")
+            # Never the absorbing variant: an access it answered itself would be lost.
+            event = self._decode(_vcpu_run(self.fd, self._run, self._exit_info))
         finally:
             self._run.immediate_exit = previous
+        return None if event is _INTERRUPTED else event
 
     def set_immediate_exit(self, value: bool) -> None:
         """Set ``kvm_run.immediate_exit``: while set, KVM_RUN returns EINTR at once."""

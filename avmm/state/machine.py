@@ -16,7 +16,14 @@ from ..errors import KvmError
 from ..kvm import Vcpu, Vm
 from ._errors import StateCompatibilityError
 from .platform import VmPlatformState, restore_platform, save_platform
-from .vcpu import VcpuState, check_vcpu_restorable, restore_vcpu, save_vcpu, saved_msr_indices
+from .vcpu import (
+    VcpuState,
+    check_vcpu_restorable,
+    finish_pending_io,
+    restore_vcpu,
+    save_vcpu,
+    saved_msr_indices,
+)
 
 
 @dataclass(frozen=True)
@@ -29,17 +36,18 @@ class MachineState:
     vcpus: list[VcpuState]
 
 
-def save_machine(vm: Vm, vcpus: Sequence[Vcpu]) -> MachineState:
+def save_machine(vm: Vm, vcpus: Sequence[Vcpu], *, io_finished: bool = False) -> MachineState:
     """Save ``vm`` and its ``vcpus``; no vCPU may be in KVM_RUN (the VM is paused).
 
-    Every vCPU's pending I/O completes first, then the vCPUs are saved, then the
-    platform: an interrupt an IOAPIC or PIC still holds is saved there, one a LAPIC
-    accepted with its vCPU.
+    Every vCPU's pending I/O completes first (unless ``io_finished``: see
+    :func:`save_vcpu`), then the vCPUs are saved, then the platform: an interrupt an
+    IOAPIC or PIC still holds is saved there, one a LAPIC accepted with its vCPU.
     """
-    for vcpu in vcpus:
-        vcpu.complete_pending_io()
+    if not io_finished:
+        for vcpu in vcpus:
+            finish_pending_io(vcpu)
     indices = saved_msr_indices(vm.kvm)
-    states = [save_vcpu(vcpu, msr_indices=indices) for vcpu in vcpus]
+    states = [save_vcpu(vcpu, msr_indices=indices, io_finished=True) for vcpu in vcpus]
     return MachineState(platform=save_platform(vm), vcpus=states)
 
 

@@ -298,10 +298,25 @@ class VcpuState:
 # -- save --------------------------------------------------------------------------------
 
 
-def save_vcpu(vcpu: Vcpu, *, msr_indices: Sequence[int] | None = None) -> VcpuState:
+def finish_pending_io(vcpu: Vcpu) -> None:
+    """Finish the access of ``vcpu``'s last exit (see the module doc), for a vCPU no
+    loop runs. A further exit made meanwhile cannot be served here (no buses): refuse to
+    save a state that would lose it. A paused VM's vCPU loop finishes on its own thread
+    before it parks and serves such exits (:class:`avmm.vcpu_loop.VcpuLoop`)."""
+    leftover = vcpu.complete_pending_io()
+    if leftover is not None:
+        raise SnapshotError(f"vcpu {vcpu.id} made another access ({leftover!r}) while KVM "
+                            "finished its last one; pause the VM before saving it")
+
+
+def save_vcpu(vcpu: Vcpu, *, msr_indices: Sequence[int] | None = None,
+              io_finished: bool = False) -> VcpuState:
     """The state of ``vcpu``, which no thread may be running (KVM_RUN). ``msr_indices``
-    defaults to :func:`saved_msr_indices`."""
-    vcpu.complete_pending_io()
+    defaults to :func:`saved_msr_indices`. ``io_finished``: the thread that ran the vCPU
+    has finished its last access (a paused VM's vCPU loop does), so no KVM_RUN is needed
+    here: on kvm_pvm even one with ``immediate_exit`` set can run the guest on."""
+    if not io_finished:
+        finish_pending_io(vcpu)
     mp_state = vcpu.get_mp_state()  # first: it may change the LAPIC (see the module doc)
     regs = from_c(Regs, vcpu.get_regs())
     sregs = from_c(Sregs, vcpu.get_sregs())

@@ -142,7 +142,7 @@ def test_complete_pending_io_finishes_an_in_without_running_on(make_guest):
     assert isinstance(event, exits.IoIn) and event.port == 0x1234
     event.buffer[:] = b"\x5a"
 
-    vcpu.complete_pending_io()
+    assert vcpu.complete_pending_io() is None
     regs = vcpu.get_regs()
     assert regs.rax & 0xFF == 0x5A  # the in took the data ...
     assert regs.rip == 0x100000 + 5  # ... and stopped right after it
