@@ -102,13 +102,9 @@ def write_snapshot(directory: Path, sections: Mapping[str, Any],
     if name in ("", ".", ".."):
         raise SnapshotError(f"{directory}: does not name a new directory")
     parent = directory.parent
-    try:
-        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise SnapshotError(f"{directory}: its parent directory does not exist") from None
-    except OSError as e:
-        raise SnapshotError(f"{directory}: cannot open its parent directory: "
-                            f"{e.strerror}") from None
+    parent_fd = _open_directory(parent, missing=f"{directory}: its parent directory does "
+                                "not exist", cannot=f"{directory}: cannot open its parent "
+                                "directory")
     try:
         if _exists(name, parent_fd):
             raise SnapshotError(f"{directory}: already exists; snapshots are written to a "
@@ -145,6 +141,17 @@ def write_snapshot(directory: Path, sections: Mapping[str, Any],
     return SnapshotInfo(path=directory, bytes_state=bytes_state,
                         bytes_memory=image.data_bytes if image else 0,
                         duration_s=time.monotonic() - started)
+
+
+def _open_directory(path: Path, *, missing: str, cannot: str) -> int:
+    """An fd of the directory ``path``; SnapshotError with ``missing`` when there is no
+    such directory, ``cannot`` (and the reason) when it cannot be opened."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SnapshotError(missing) from None
+    except OSError as e:
+        raise SnapshotError(f"{cannot}: {e.strerror}") from None
 
 
 def _exists(name: str, dir_fd: int) -> bool:
@@ -219,13 +226,8 @@ def read_snapshot(directory: Path, expect: Mapping[str, Any]) -> Snapshot:
     directory = Path(directory)
     if MEMORY_SECTION in expect:
         raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
-    try:
-        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise SnapshotError(f"{directory}: no such snapshot directory") from None
-    except OSError as e:
-        raise SnapshotError(f"{directory}: cannot open the snapshot directory: "
-                            f"{e.strerror}") from None
+    dirfd = _open_directory(directory, missing=f"{directory}: no such snapshot directory",
+                            cannot=f"{directory}: cannot open the snapshot directory")
     try:
         state_path = directory / STATE_FILE_NAME
         state_fd = _open_inside(dirfd, STATE_FILE_NAME, state_path, missing=(
