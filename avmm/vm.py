@@ -777,7 +777,7 @@ class VirtualMachine:
         """An incoming VM whose migration failed: stopped, never run (its resources are
         released by the caller)."""
         self._start_failed = True
-        self._vcpus.clear()  # closed with the resources: nothing to kick
+        self._vcpus.clear()  # closed with the resources (if not yet): nothing to kick
         self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, detail))
         self._serial_port.close()  # readers of vm.serial see its end
         self._finished.set()

@@ -319,7 +319,10 @@ class Vcpu:
         ``immediate_exit`` covers the window before the thread enters KVM_RUN; the signal
         covers a thread already inside it. Safe to call from any thread.
         """
-        self.set_immediate_exit(True)
+        run = self._run
+        if run is None:
+            return  # closed: no thread runs it any more
+        run.immediate_exit = 1
         ident = self.thread_ident
         if ident is not None:
             try:

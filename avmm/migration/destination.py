@@ -131,6 +131,10 @@ class Destination:
                     except MigrationError:
                         pass
             # Release what was built (in a worker: unmapping RAM, closing back-ends).
+            # The vCPUs leave the VM's list first, here on the event loop: a stop
+            # requested meanwhile (the embedder leaving receive()) kicks the vCPUs it
+            # lists, and must never touch one the worker is closing.
+            self.vm._vcpus.clear()
             await trio.to_thread.run_sync(self.vm._resources.close)
             self.vm._migration_failed(f"incoming migration failed: {why}")
 

@@ -301,6 +301,14 @@ def test_immediate_exit(make_guest):
     assert run(vcpu) == exits.IoOut(0x42, 1, 1, b"\x5a")
 
 
+def test_kicking_a_closed_vcpu_does_nothing(make_guest):
+    # A stop can be requested while a failed incoming migration releases its vCPUs.
+    _, vcpu, _ = make_guest(UD2)
+    vcpu.close()
+    vcpu.kick()
+    assert vcpu.fd == -1
+
+
 def test_kick_interrupts_a_spinning_vcpu(make_guest):
     install_kick_handler()
     _, vcpu, _ = make_guest(SPIN)

@@ -32,7 +32,9 @@ from .support import MEM_WALK, TIMEOUT_S, collect, guest_config, read_until
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
 COUNTER = MAILBOX_ADDRESS + 8
-SECTORS = 8 * 2048  # 8 MiB: the guest writes it, then reads it all back
+# 32 MiB: the guest writes it, then reads it all back. Enough work that the guest is
+# still busy when a migration of its 64 MiB of RAM ends, on a loaded machine too.
+SECTORS = 32 * 2048
 SEED = 7
 
 
