@@ -411,7 +411,10 @@ class HostedVm:
         :raises PathNotAllowedError: the socket lies outside the allowed directories.
         """
         self._check_migration_state()
-        problem = self._migration_problem()
+        # The engine's up-front check (a vhost-user back-end that cannot log its
+        # writes), so that the request itself is refused rather than the migration
+        # failing a moment later.
+        problem = self.vm.migration_problem()
         if problem is not None:
             raise MigrationError(f"VM {self.id!r} cannot be migrated: {problem}")
         socket_path = unix_path(to)
@@ -452,13 +455,6 @@ class HostedVm:
             raise VmStateError(f"VM {self.id!r} is {state.value}; only a running VM can be "
                                "migrated")
 
-    def _migration_problem(self) -> str | None:
-        # The engine's up-front check (vhost-user back-ends that cannot log their
-        # writes), so that the request itself is refused rather than the migration
-        # failing a moment later.
-        check = getattr(self.vm, "_migration_problem", None)
-        return None if check is None else check()
-
     def _refuse_while_migrating(self, what: str) -> None:
         # The migration pauses and resumes the VM itself (stop-and-copy, or back to
         # running after a failure); a pause from outside would race with it.
@@ -496,13 +492,8 @@ class HostedVm:
         """Ask the VM to stop without waiting (a VM still being restored stops as soon
         as it is built)."""
         if self._vm is not None:
+            # An incoming VM still waiting for (or receiving) its stream ends too.
             self._vm.stop(detail)
-            if (self._incoming and self._vm.state is VmState.INCOMING
-                    and self._tasks is not None):
-                # Still waiting for (or receiving) its stream: nothing of it runs, and
-                # its listener waits for no stop request; leaving its context ends it.
-                self._stop_requested = detail
-                self._tasks.cancel_scope.cancel()
         elif self._stop_requested is None:
             self._stop_requested = detail
 
