@@ -57,6 +57,7 @@ from .lifecycle import (
     VmState,
 )
 from .migration.errors import MigrationError
+from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
 from .state import SnapshotInfo
 from .vm import VirtualMachine
@@ -729,7 +730,8 @@ class Host:
             raise
 
     async def receive(self, listen: str, *, config: VmConfig | None = None,
-                      start: bool = True, paths: PathPolicy | None = None) -> HostedVm:
+                      start: bool = True, paths: PathPolicy | None = None,
+                      accept_timeout_s: float | None = None) -> HostedVm:
         """A new VM that comes in by live migration: it listens at ``listen``
         (``unix:/abs/path``, a socket of mode 0600, or ``tcp:HOST:PORT``) for one
         migration stream (see :meth:`avmm.vm.VirtualMachine.receive`) and returns as
@@ -737,15 +739,20 @@ class Host:
         over (or stays paused with ``start=False``). A failed or cut stream ends it
         without ever running. ``config`` (optional) replaces the config the stream
         carries (the same devices, in kind and order, with this host's paths). The
-        ``unix:`` path and the files ``config`` names go through ``paths``.
+        ``unix:`` path and the files ``config`` names go through ``paths``. With
+        ``accept_timeout_s``, a VM that no source has connected to by then ends
+        (failed; the socket released); without it, it waits until stopped.
 
         :raises PathNotAllowedError: the socket lies outside the allowed directories.
         :raises HostFileError: the socket cannot be bound there.
+        :raises MigrationError: ``accept_timeout_s`` is not a positive number, or
+            ``listen`` cannot be listened on.
         :raises VmStateError: the Host is not entered, or is shutting down.
         """
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
+        check_accept_timeout(accept_timeout_s)  # before anything is made
         policy = paths if paths is not None else PathPolicy()
         socket_path = unix_path(listen)
         if socket_path is not None:
@@ -756,7 +763,8 @@ class Host:
 
         def opener() -> AbstractAsyncContextManager[VirtualMachine]:
             return VirtualMachine.receive(listen, config=config, start=start,
-                                          paths=policy, name=name)
+                                          paths=policy, name=name,
+                                          accept_timeout_s=accept_timeout_s)
 
         hosted = HostedVm(vm_id, config, start_paused=not start, restore=opener,
                           incoming=True)
