@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 
+from avmm.api import ApiClient, serve_api
 from avmm.config import config_from_dict
 from avmm.errors import AvmmError, PathNotAllowedError, VmStateError
 from avmm.host import Host
@@ -276,3 +277,39 @@ async def test_an_incoming_vm_with_accept_timeout_s_ends_when_nobody_connects(
         assert result.reason is StopReason.ERROR and "no source connected" in result.detail
         assert hosted.migration is not None and hosted.migration["state"] == "failed"
         assert not socket_path.exists()
+
+
+async def test_over_http_an_incoming_vm_ends_on_delete_stop_or_its_accept_timeout(
+        area: Path) -> None:
+    """The daemon's API on a real Host: DELETE and POST .../stop end an incoming VM
+    that no source has connected to (its socket released), and accept_timeout_s ends
+    one by itself."""
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, area / "avmm.sock")
+        async with ApiClient(path) as api:
+            deleted_path = area / "allowed" / "deleted.sock"
+            deleted = await api.receive_vm(f"unix:{deleted_path}")
+            assert deleted["state"] == "incoming" and deleted_path.exists()
+            with trio.fail_after(60):
+                await api.delete_vm(deleted["id"])
+            assert not deleted_path.exists()
+            assert deleted["id"] not in [vm["id"] for vm in await api.list_vms()]
+
+            stopped_path = area / "allowed" / "stopped.sock"
+            waiting = await api.receive_vm(f"unix:{stopped_path}")
+            with trio.fail_after(60):
+                stopped = await api.stop(waiting["id"])
+            assert stopped["state"] == "stopped"
+            assert stopped["exit"]["reason"] == "stopped"
+            assert not stopped_path.exists()
+
+            timed_path = area / "allowed" / "timed.sock"
+            timed = await api.receive_vm(f"unix:{timed_path}", accept_timeout_s=0.2)
+            with trio.fail_after(60):
+                while (shown := await api.get_vm(timed["id"]))["state"] != "stopped":
+                    await trio.sleep(0.05)
+            assert shown["exit"]["reason"] == "error"
+            assert "no source connected within 0.2 s" in shown["exit"]["detail"]
+            assert shown["migration"]["state"] == "failed"
+            assert not timed_path.exists()
+        nursery.cancel_scope.cancel()
