@@ -131,6 +131,9 @@ class Destination:
                     except MigrationError:
                         pass
             # Release what was built (in a worker: unmapping RAM, closing back-ends).
+            # Its vCPUs never ran: forgotten first, so that a stop meanwhile does not
+            # kick vCPUs being closed.
+            self.vm._vcpus.clear()
             await trio.to_thread.run_sync(self.vm._resources.close)
             self.vm._migration_failed(f"incoming migration failed: {why}")
 

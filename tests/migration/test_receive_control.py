@@ -19,7 +19,10 @@ import trio
 
 from avmm import StopReason, VirtualMachine, VmState
 from avmm.migration import MigrationError
+from avmm.migration.stream import Channel, Kind
 from avmm.paths import PathPolicy
+from avmm.state.codec import encode
+from avmm.state.vm_state import config_to_state
 from tests.vm.helpers import TEST_GUEST
 
 from .support import TIMEOUT_S, guest_config
@@ -146,3 +149,30 @@ async def test_a_unix_destination_is_reached_through_the_vm_path_policy(
     finally:
         outside.close()
         policy.close()
+
+
+async def test_stop_while_a_failed_incoming_vm_releases_its_machine(area: Path) -> None:
+    """A stop that lands while a failed incoming VM is releasing the machine it built
+    (its vCPUs closed, not yet marked stopped) must not kick the closed vCPUs: nothing
+    of that VM ever ran."""
+    socket_path = area / "allowed" / "in.sock"
+    config = encode(config_to_state(guest_config("", memory_mib=32)))
+    with trio.fail_after(TIMEOUT_S):
+        async with VirtualMachine.receive(f"unix:{socket_path}") as vm:
+            release = vm._resources.close
+
+            def release_then_stop() -> None:
+                release()
+                vm.stop("stopped while it was released")
+
+            vm._resources.close = release_then_stop  # type: ignore[method-assign]
+            stream = await trio.open_unix_socket(str(socket_path))
+            channel = Channel(stream)
+            await channel.send_header()
+            await channel.send(Kind.CONFIG, config)
+            kind, _ = await channel.receive()
+            assert kind is Kind.READY  # the machine is built, its vCPUs exist
+            await stream.aclose()  # the stream is cut: the incoming VM fails
+            result = await vm.wait()
+            assert result.reason in (StopReason.STOPPED, StopReason.ERROR)
+            assert vm.state is VmState.STOPPED
