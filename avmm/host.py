@@ -404,7 +404,9 @@ class HostedVm:
         in the VM's task; :attr:`migration` follows it. On success the VM stops with
         exit reason ``migrated``; on failure it keeps running and :attr:`migration`
         says why (state ``failed``, ``error``). A ``unix:`` path is checked through
-        ``paths`` (default: anywhere) first, for a one-line error naming ``to``.
+        ``paths`` (default: anywhere) first, for a one-line error naming ``to``; the
+        engine then connects through what the VM's own policy (the one it was created
+        with) opens, never by the name checked here.
 
         :raises VmStateError: the VM is not running, or already being migrated.
         :raises MigrationError: the VM cannot be migrated (a vhost-user back-end that
