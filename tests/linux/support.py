@@ -88,6 +88,14 @@ def host_end(namespace: TapNamespace) -> None:
                     "dev", namespace.tap], check=True, capture_output=True, timeout=30)
 
 
+def keep(chunk: bytes, output: bytearray, log: BinaryIO) -> None:
+    """A chunk of serial output, kept in ``output`` and in the log file (flushed: a slow
+    boot can be watched with ``tail -f``)."""
+    output.extend(chunk)
+    log.write(chunk)
+    log.flush()
+
+
 async def boot_until_waiting(vm: VirtualMachine, output: bytearray, log: BinaryIO,
                              ) -> tuple[bool, bool | None]:
     """Collect the serial output (into ``output`` and ``log``) until snapshot-checks
@@ -97,9 +105,7 @@ async def boot_until_waiting(vm: VirtualMachine, output: bytearray, log: BinaryI
     marker_at_ready: list[bool] = []
     with trio.move_on_after(TIMEOUT_S):
         async for chunk in vm.serial:
-            output.extend(chunk)
-            log.write(chunk)
-            log.flush()
+            keep(chunk, output, log)
             if not marker_at_ready and READY.encode() in output:
                 marker_at_ready.append(vm.userspace_reached_s is not None)
             if WAITING.encode() in output:
@@ -114,9 +120,7 @@ async def answer_and_collect(vm: VirtualMachine, output: bytearray, log: BinaryI
     async with trio.open_nursery() as nursery:
         async def collect() -> None:
             async for chunk in vm.serial:
-                output.extend(chunk)
-                log.write(chunk)
-                log.flush()
+                keep(chunk, output, log)
 
         nursery.start_soon(collect)
         if vm.exit is None:

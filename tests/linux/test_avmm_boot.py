@@ -50,6 +50,7 @@ from tests.linux.support import (
     TIMEOUT_S,
     GuestDisks,
     host_end,
+    keep,
     linux_config,
     linux_lines,
 )
@@ -94,9 +95,7 @@ async def boot_guest_checks(kernel: Path, initramfs: Path, tmp_path: Path, *, se
                 async with trio.open_nursery() as nursery:
                     async def collect() -> None:
                         async for chunk in vm.serial:
-                            output.extend(chunk)
-                            log.write(chunk)
-                            log.flush()
+                            keep(chunk, output, log)
                             if not statuses and RUN_INIT.encode() in output:
                                 statuses.update({slot.device.name: slot.transport.status
                                                  for slot in vm.virtio_slots})
