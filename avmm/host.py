@@ -57,6 +57,7 @@ from .lifecycle import (
     VmState,
 )
 from .migration.errors import MigrationError
+from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
 from .state import SnapshotInfo
 from .vm import VirtualMachine
@@ -403,7 +404,9 @@ class HostedVm:
         in the VM's task; :attr:`migration` follows it. On success the VM stops with
         exit reason ``migrated``; on failure it keeps running and :attr:`migration`
         says why (state ``failed``, ``error``). A ``unix:`` path is checked through
-        ``paths`` (default: anywhere) first, for a one-line error naming ``to``.
+        ``paths`` (default: anywhere) first, for a one-line error naming ``to``; the
+        engine then connects through what the VM's own policy (the one it was created
+        with) opens, never by the name checked here.
 
         :raises VmStateError: the VM is not running, or already being migrated.
         :raises MigrationError: the VM cannot be migrated (a vhost-user back-end that
@@ -411,7 +414,10 @@ class HostedVm:
         :raises PathNotAllowedError: the socket lies outside the allowed directories.
         """
         self._check_migration_state()
-        problem = self._migration_problem()
+        # The engine's up-front check (a vhost-user back-end that cannot log its
+        # writes), so that the request itself is refused rather than the migration
+        # failing a moment later.
+        problem = self.vm.migration_problem()
         if problem is not None:
             raise MigrationError(f"VM {self.id!r} cannot be migrated: {problem}")
         socket_path = unix_path(to)
@@ -452,13 +458,6 @@ class HostedVm:
             raise VmStateError(f"VM {self.id!r} is {state.value}; only a running VM can be "
                                "migrated")
 
-    def _migration_problem(self) -> str | None:
-        # The engine's up-front check (vhost-user back-ends that cannot log their
-        # writes), so that the request itself is refused rather than the migration
-        # failing a moment later.
-        check = getattr(self.vm, "_migration_problem", None)
-        return None if check is None else check()
-
     def _refuse_while_migrating(self, what: str) -> None:
         # The migration pauses and resumes the VM itself (stop-and-copy, or back to
         # running after a failure); a pause from outside would race with it.
@@ -496,13 +495,8 @@ class HostedVm:
         """Ask the VM to stop without waiting (a VM still being restored stops as soon
         as it is built)."""
         if self._vm is not None:
+            # An incoming VM still waiting for (or receiving) its stream ends too.
             self._vm.stop(detail)
-            if (self._incoming and self._vm.state is VmState.INCOMING
-                    and self._tasks is not None):
-                # Still waiting for (or receiving) its stream: nothing of it runs, and
-                # its listener waits for no stop request; leaving its context ends it.
-                self._stop_requested = detail
-                self._tasks.cancel_scope.cancel()
         elif self._stop_requested is None:
             self._stop_requested = detail
 
@@ -738,7 +732,8 @@ class Host:
             raise
 
     async def receive(self, listen: str, *, config: VmConfig | None = None,
-                      start: bool = True, paths: PathPolicy | None = None) -> HostedVm:
+                      start: bool = True, paths: PathPolicy | None = None,
+                      accept_timeout_s: float | None = None) -> HostedVm:
         """A new VM that comes in by live migration: it listens at ``listen``
         (``unix:/abs/path``, a socket of mode 0600, or ``tcp:HOST:PORT``) for one
         migration stream (see :meth:`avmm.vm.VirtualMachine.receive`) and returns as
@@ -746,15 +741,20 @@ class Host:
         over (or stays paused with ``start=False``). A failed or cut stream ends it
         without ever running. ``config`` (optional) replaces the config the stream
         carries (the same devices, in kind and order, with this host's paths). The
-        ``unix:`` path and the files ``config`` names go through ``paths``.
+        ``unix:`` path and the files ``config`` names go through ``paths``. With
+        ``accept_timeout_s``, a VM that no source has connected to by then ends
+        (failed; the socket released); without it, it waits until stopped.
 
         :raises PathNotAllowedError: the socket lies outside the allowed directories.
         :raises HostFileError: the socket cannot be bound there.
+        :raises MigrationError: ``accept_timeout_s`` is not a positive number, or
+            ``listen`` cannot be listened on.
         :raises VmStateError: the Host is not entered, or is shutting down.
         """
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
+        check_accept_timeout(accept_timeout_s)  # before anything is made
         policy = paths if paths is not None else PathPolicy()
         socket_path = unix_path(listen)
         if socket_path is not None:
@@ -765,7 +765,8 @@ class Host:
 
         def opener() -> AbstractAsyncContextManager[VirtualMachine]:
             return VirtualMachine.receive(listen, config=config, start=start,
-                                          paths=policy, name=name)
+                                          paths=policy, name=name,
+                                          accept_timeout_s=accept_timeout_s)
 
         hosted = HostedVm(vm_id, config, start_paused=not start, restore=opener,
                           incoming=True)

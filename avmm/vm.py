@@ -195,6 +195,7 @@ class VirtualMachine:
         self._migration: MigrationProgress | None = None
         self._paused_for_migration = False
         self._named_on_receive = True
+        self._receiving: trio.CancelScope | None = None  # an incoming VM's, see receive()
         self._log = log.bind(vm=self.name)
         self._started_at: float | None = None  # time.monotonic() when __aenter__ began
         self._userspace_reached = trio.Event()
@@ -615,16 +616,11 @@ class VirtualMachine:
                           max_rounds=max_rounds, timeout_s=timeout_s)
         options.check()
         address = parse_address(to)
-        if self._migrating:
-            raise MigrationError(f"VM {self.name!r} is already being migrated")
+        # Asked before the lock (a running migration holds it to its end) and again
+        # with it (a pause or stop may have been under way).
+        self._refuse_migration()
         async with self._control_lock:
-            state = self.state
-            if state not in (VmState.RUNNING, VmState.PAUSED):
-                raise MigrationError(f"VM {self.name!r} is {state.value}; only a running "
-                                     "or paused VM can be migrated")
-            problem = self._migration_problem()
-            if problem is not None:
-                raise MigrationError(f"VM {self.name!r} cannot be migrated: {problem}")
+            self._refuse_migration()
             self._migrating = True
             self._paused_for_migration = False
             try:
@@ -632,10 +628,24 @@ class VirtualMachine:
             finally:
                 self._migrating = False
 
-    def _migration_problem(self) -> str | None:
-        """Why this VM cannot be migrated, checked before anything starts."""
+    def _refuse_migration(self) -> None:
+        problem = self.migration_problem()
+        if problem is not None:
+            raise MigrationError(f"VM {self.name!r} cannot be migrated: {problem}")
+
+    def migration_problem(self) -> str | None:
+        """Why this VM cannot be migrated now, in one line, or None if it can: it is
+        not running or paused, it is already being migrated, or a vhost-user back-end
+        cannot log the writes it makes into guest memory. :meth:`migrate` refuses with
+        this reason before anything starts; a manager can ask first (the daemon answers
+        ``POST /vms/{id}/migrate`` with it)."""
         from .vhost.frontend import VhostUserDevice
 
+        if self._migrating:
+            return "it is already being migrated"
+        state = self.state
+        if state not in (VmState.RUNNING, VmState.PAUSED):
+            return f"it is {state.value}; only a running or paused VM can be migrated"
         for slot in self.virtio_slots:
             device = slot.device
             if isinstance(device, VhostUserDevice):
@@ -704,7 +714,8 @@ class VirtualMachine:
     @contextlib.asynccontextmanager
     async def receive(cls, listen: str, *, config: VmConfig | None = None,
                       start: bool = True, paths: PathPolicy | None = None,
-                      name: str | None = None) -> AsyncIterator[VirtualMachine]:
+                      name: str | None = None, accept_timeout_s: float | None = None,
+                      ) -> AsyncIterator[VirtualMachine]:
         """Receive a migrating VM (see :meth:`migrate`), as an async context manager
         like ``VirtualMachine(config)``::
 
@@ -718,15 +729,21 @@ class VirtualMachine:
         must match in kind and order: new disk paths, taps, back-end sockets), receives
         RAM and state and runs the guest once the source has let go — or keeps it paused
         with ``start=False``. A failed or cut stream ends the VM without it ever running:
-        ``vm.exit`` says why (reason "error").
+        ``vm.exit`` says why (reason "error"). So does ``accept_timeout_s`` (seconds;
+        None, the default, waits as long as it takes) when no source has connected by
+        then: it stops listening (a ``unix:`` socket file is removed). :meth:`stop`
+        ends it at once before the hand-over (reason "stopped"; a source already
+        sending is told the destination refused).
 
-        :raises MigrationError: ``listen`` is malformed or cannot be listened on.
+        :raises MigrationError: ``listen`` is malformed or cannot be listened on, or
+            ``accept_timeout_s`` is not a positive number.
         """
         from .migration.destination import Destination
+        from .migration.transport import check_accept_timeout, parse_address
         from .migration.transport import listen as listen_on
-        from .migration.transport import parse_address
 
         address = parse_address(listen, listen=True)
+        accept_timeout_s = check_accept_timeout(accept_timeout_s)
         policy = paths if paths is not None else PathPolicy()
         vm = cls(config if config is not None else _incoming_placeholder(), name=name,
                  start_paused=not start, paths=policy)
@@ -735,9 +752,12 @@ class VirtualMachine:
                                                     and config.name is not None)
         vm._token = trio.lowlevel.current_trio_token()
         vm._started_at = time.monotonic()
-        listener = await trio.to_thread.run_sync(listen_on, address, policy)
+        listener = await trio.to_thread.run_sync(
+            functools.partial(listen_on, address, policy, accept_timeout_s=accept_timeout_s))
         destination = Destination(vm, listener, config, vm._set_migration)
         vm._set_migration(destination.progress)
+        # stop() before the hand-over ends the wait for (or the reception of) the stream.
+        vm._receiving = destination.receiving
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(destination.run)
@@ -1278,6 +1298,12 @@ class VirtualMachine:
         for vcpu in self._vcpus:
             vcpu.kick()
         self._pause.release()
+        receiving = self._receiving
+        if receiving is not None and self._token is not None:
+            # An incoming VM waits in accept() or on its stream, not in a vCPU: end that
+            # wait (after the hand-over the scope is left and this does nothing).
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(receiving.cancel)
         self._notify_threadsafe()
 
     async def _flush_disks(self) -> None:

@@ -75,6 +75,20 @@ async def test_receive_prints_the_new_vm_id(
     assert await receive(api, _args("receive", "--listen", "tcp:127.0.0.1:4444",
                                     "--paused")) == 0
     assert fake_host.received[-1] == ("tcp:127.0.0.1:4444", None, False)
+    assert fake_host.accept_timeouts == [None, None]
+
+
+async def test_receive_passes_accept_timeout(api: ApiClient, fake_host: FakeHost,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert await receive(api, _args("receive", "--listen", "tcp:127.0.0.1:4444",
+                                    "--accept-timeout", "90")) == 0
+    assert fake_host.accept_timeouts == [90.0]
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(SystemExit) as usage:
+            _args("receive", "--listen", "tcp:127.0.0.1:4444", "--accept-timeout", bad)
+        assert usage.value.code == 2
+        assert "--accept-timeout" in capsys.readouterr().err
+    assert len(fake_host.received) == 1
 
 
 async def test_receive_with_a_bad_config_file_exits_2(

@@ -356,7 +356,8 @@ class ManagementApi:
                             {"key": "base_dir"})
         try:
             vm = await self.host.receive(incoming.listen, config=config,
-                                         start=incoming.start, paths=self.paths)
+                                         start=incoming.start, paths=self.paths,
+                                         accept_timeout_s=incoming.accept_timeout_s)
         except MigrationError as e:
             # It cannot listen there (the address is in use, the path is taken).
             raise HttpError(400, str(e), {"key": "listen"}) from e

@@ -10,6 +10,7 @@ Host's :class:`~avmm.paths.PathPolicy` (403).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -24,7 +25,7 @@ __all__ = ["DOWNTIME_MS_MAX", "IncomingRequest", "MigrateRequest", "parse_addres
 DOWNTIME_MS_MAX: Final = 600_000
 DOWNTIME_MS_DEFAULT: Final = 300
 #: The keys of each request body.
-INCOMING_KEYS: Final = ("listen", "config", "start")
+INCOMING_KEYS: Final = ("listen", "config", "start", "accept_timeout_s")
 MIGRATE_KEYS: Final = ("to", "downtime_ms")
 #: A DNS name: labels of letters, digits and '-', separated by dots.
 _HOST_NAME: Final = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -37,6 +38,7 @@ class IncomingRequest:
     listen: str
     config: dict[str, Any] | None
     start: bool
+    accept_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ def _only(data: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
 
 def parse_incoming(data: dict[str, Any]) -> IncomingRequest:
     """The body of ``POST /vms/incoming``: ``listen``, optional ``config`` (an object
-    with the vm.toml schema, validated later against the files) and ``start``."""
+    with the vm.toml schema, validated later against the files), ``start`` and
+    ``accept_timeout_s`` (seconds to wait for the source; null or left out: no
+    limit)."""
     _only(data, INCOMING_KEYS, "the incoming request")
     if "listen" not in data:
         raise HttpError(400, 'the incoming request needs "listen": "unix:/abs/path" or '
@@ -101,7 +105,15 @@ def parse_incoming(data: dict[str, Any]) -> IncomingRequest:
     if not isinstance(start, bool):
         raise HttpError(400, f"start must be true or false, got {type(start).__name__}",
                         {"key": "start"})
-    return IncomingRequest(listen, config, start)
+    accept_timeout_s = data.get("accept_timeout_s")
+    if accept_timeout_s is not None and (
+            isinstance(accept_timeout_s, bool)
+            or not isinstance(accept_timeout_s, int | float)
+            or not math.isfinite(accept_timeout_s) or accept_timeout_s <= 0):
+        raise HttpError(400, "accept_timeout_s must be a positive number of seconds (or "
+                        f"null for no limit), got {str(accept_timeout_s)[:40]}",
+                        {"key": "accept_timeout_s"})
+    return IncomingRequest(listen, config, start, accept_timeout_s)
 
 
 def parse_migrate(data: dict[str, Any]) -> MigrateRequest:

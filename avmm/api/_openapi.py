@@ -233,6 +233,13 @@ _SCHEMAS: Final = {
                                       "vhost-user sockets)"},
             "start": {"type": "boolean", "default": True,
                       "description": "false: leave the VM paused after the hand-over"},
+            "accept_timeout_s": {"type": "number", "minimum": 0,
+                                 "exclusiveMinimum": True, "nullable": True,
+                                 "default": None,
+                                 "description": "Seconds to wait for the source to "
+                                                "connect; then the VM ends (stopped, "
+                                                "failed, the socket released). null: no "
+                                                "limit (stop it with DELETE)"},
         },
     },
     "MigrateRequest": {

@@ -1,15 +1,16 @@
 """``avmm receive`` and ``avmm migrate``: live migration between two daemons.
 
-``avmm receive --listen ADDR [--config vm.toml]`` asks the daemon for a VM that listens
-for one migration stream and prints its id. ``avmm migrate VM-ID --to ADDR`` begins the
-migration, follows it (a progress bar on a terminal, one line per round otherwise, on
-stderr) and prints the measured downtime on stdout. A relative ``unix:`` path means this
-shell's directory, as with ``avmm snapshot``.
+``avmm receive --listen ADDR [--config vm.toml] [--accept-timeout SECONDS]`` asks the
+daemon for a VM that listens for one migration stream and prints its id. ``avmm migrate
+VM-ID --to ADDR`` begins the migration, follows it (a progress bar on a terminal, one
+line per round otherwise, on stderr) and prints the measured downtime on stdout. A
+relative ``unix:`` path means this shell's directory, as with ``avmm snapshot``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -49,6 +50,10 @@ def add_migration_commands(subparsers: Any, client_command: Any) -> list[Any]:
                                      "in the stream (same devices, this host's paths)")
     receive_parser.add_argument("--paused", action="store_true",
                                 help="leave the VM paused after the hand-over")
+    receive_parser.add_argument("--accept-timeout", type=_seconds, default=None,
+                                metavar="SECONDS",
+                                help="end the VM (failed) if no source has connected by "
+                                     "then (default: wait until it is stopped)")
     receive_parser.set_defaults(handler=client_command(receive))
 
     migrate_parser = subparsers.add_parser(
@@ -61,6 +66,17 @@ def add_migration_commands(subparsers: Any, client_command: Any) -> list[Any]:
                                 help="the pause the guest may see (default: 300)")
     migrate_parser.set_defaults(handler=client_command(migrate))
     return [receive_parser, migrate_parser]
+
+
+def _seconds(value: str) -> float:
+    """A positive, finite number of seconds (argparse names the option on error)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number of seconds")
+    return seconds
 
 
 def _address(value: str) -> str:
@@ -94,7 +110,7 @@ async def receive(api: ApiClient, args: argparse.Namespace) -> int:
             return EXIT_USAGE
         base_dir = path.resolve().parent
     vm = await api.receive_vm(_address(args.listen), config=config, base_dir=base_dir,
-                              start=not args.paused)
+                              start=not args.paused, accept_timeout_s=args.accept_timeout)
     print(vm["id"])
     return 0
 

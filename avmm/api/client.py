@@ -144,12 +144,16 @@ class ApiClient:
 
     async def receive_vm(self, listen: str, *, config: Mapping[str, Any] | None = None,
                          base_dir: str | os.PathLike[str] | None = None,
-                         start: bool = True) -> dict[str, Any]:
+                         start: bool = True, accept_timeout_s: float | None = None,
+                         ) -> dict[str, Any]:
         """A new VM that listens at ``listen`` (``unix:/abs/path`` or ``tcp:HOST:PORT``)
         for one live-migration stream; answered at once, in state ``incoming``.
         ``config`` (a dict with the vm.toml schema; relative paths against
-        ``base_dir``) replaces the config the stream carries."""
+        ``base_dir``) replaces the config the stream carries. With
+        ``accept_timeout_s``, the VM ends (failed) if no source connects by then."""
         body: dict[str, Any] = {"listen": listen}
+        if accept_timeout_s is not None:
+            body["accept_timeout_s"] = accept_timeout_s
         if config is not None:
             body["config"] = dict(config)
         if not start:

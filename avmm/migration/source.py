@@ -121,7 +121,7 @@ class Source:
         paused_here = False
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                stream = await connect(self.address)
+                stream = await connect(self.address, self.vm._paths)
                 channel = self._channel = Channel(stream)
                 await channel.send_header()
                 await channel.send(Kind.CONFIG, self.vm._migration_config())

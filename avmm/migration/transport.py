@@ -3,14 +3,18 @@
 The destination listens and accepts exactly one connection, then stops listening: a
 migration stream is trusted input (it becomes a running guest), so nobody else gets a
 second chance at the same listener. A unix socket is created with mode 0600 from the
-moment it exists (:meth:`avmm.paths.PathPolicy.bind_socket`) and removed when the
-listener closes. TCP has no authentication: run it on a trusted network only (README,
-"Live migration").
+moment it exists (:meth:`avmm.paths.PathPolicy.bind_socket`, inside the fd of its
+directory as the path policy opened it) and removed when the listener closes; a listener
+given an accept timeout gives up (and closes) when no source connects in time. The
+source reaches a ``unix:`` destination through what its path policy opened
+(:meth:`avmm.paths.PathPolicy.socket_address`), never by a name checked earlier. TCP has
+no authentication: run it on a trusted network only (README, "Live migration").
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from typing import Literal
 
 import trio
 
-from ..errors import AvmmError
+from ..errors import AvmmError, ConfigError
 from ..paths import BoundSocket, PathPolicy
 from .errors import MigrationError
 
@@ -69,13 +73,28 @@ def parse_address(text: str, *, listen: bool = False) -> Address:
     return Address("tcp", host=host, port=port)
 
 
+def check_accept_timeout(value: object) -> float | None:
+    """``value`` as seconds to wait for a source (None: no limit); a
+    :class:`MigrationError` naming ``accept_timeout_s`` unless it is a positive finite
+    number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value <= 0:
+        raise MigrationError(f"accept_timeout_s must be a positive number of seconds "
+                             f"(or None for no limit), got {value!r}")
+    return float(value)
+
+
 class Listener:
-    """A bound, listening socket that accepts one connection (:meth:`accept_one`)."""
+    """A bound, listening socket that accepts one connection (:meth:`accept_one`),
+    within ``accept_timeout_s`` seconds if that is not None."""
 
     def __init__(self, address: Address, sock: socket.socket,
-                 bound: BoundSocket | None) -> None:
+                 bound: BoundSocket | None, accept_timeout_s: float | None = None) -> None:
         self._sock = sock
         self._bound = bound
+        self.accept_timeout_s = accept_timeout_s
         if address.kind == "tcp":
             host, port = sock.getsockname()[:2]
             address = Address("tcp", host=host, port=port)
@@ -84,10 +103,18 @@ class Listener:
 
     async def accept_one(self) -> trio.SocketStream:
         """Wait for the first connection, then stop listening (the socket file of a
-        unix listener is removed)."""
+        unix listener is removed).
+
+        :raises MigrationError: no source connected within the accept timeout (the
+            listener is closed all the same).
+        """
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
         try:
-            return await listener.accept()
+            with trio.move_on_after(math.inf if self.accept_timeout_s is None
+                                    else self.accept_timeout_s):
+                return await listener.accept()
+            raise MigrationError(f"no source connected within {self.accept_timeout_s:g} s "
+                                 "(accept_timeout_s)")
         finally:
             # from_stdlib_socket took the descriptor: closing the trio socket closes it.
             await listener.aclose()
@@ -101,7 +128,8 @@ class Listener:
             self._sock.close()
 
 
-def listen(address: Address, paths: PathPolicy) -> Listener:
+def listen(address: Address, paths: PathPolicy, *,
+           accept_timeout_s: float | None = None) -> Listener:
     """Bind and listen (blocking: call it from a worker thread)."""
     if address.kind == "unix":
         assert address.path is not None
@@ -109,7 +137,7 @@ def listen(address: Address, paths: PathPolicy) -> Listener:
             bound = paths.bind_socket(address.path, "listen")
         except AvmmError as e:
             raise MigrationError(f"cannot listen on {address}: {e}") from None
-        return Listener(address, bound.socket, bound)
+        return Listener(address, bound.socket, bound, accept_timeout_s)
     family = socket.AF_INET6 if _is_ipv6(address.host) else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -119,19 +147,36 @@ def listen(address: Address, paths: PathPolicy) -> Listener:
     except OSError as e:
         sock.close()
         raise MigrationError(f"cannot listen on {address}: {e.strerror or e}") from None
-    return Listener(address, sock, None)
+    return Listener(address, sock, None, accept_timeout_s)
 
 
-async def connect(address: Address) -> trio.SocketStream:
-    """Connect to a listening destination (the caller bounds the time it takes)."""
+async def connect(address: Address, paths: PathPolicy | None = None) -> trio.SocketStream:
+    """Connect to a listening destination (the caller bounds the time it takes). A
+    ``unix:`` socket is opened through ``paths`` (default: anywhere) and connected
+    through that open fd, so that what is reached is what the policy allowed, whatever
+    happens to the path's components meanwhile."""
     try:
         if address.kind == "unix":
-            return await trio.open_unix_socket(os.fspath(address.path))
+            return await _connect_unix(address, paths if paths is not None else PathPolicy())
         stream = await trio.open_tcp_stream(address.host, address.port)
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return stream
     except OSError as e:
         raise MigrationError(f"cannot connect to {address}: {e.strerror or e}") from None
+
+
+async def _connect_unix(address: Address, paths: PathPolicy) -> trio.SocketStream:
+    assert address.path is not None
+    try:
+        # Opening may block (a path on a slow file system): a worker thread.
+        target, fd = await trio.to_thread.run_sync(paths.socket_address, address.path, "to")
+    except ConfigError as e:  # HostFileError, PathNotAllowedError
+        raise MigrationError(f"cannot connect to {address}: {e.reason}") from None
+    try:
+        return await trio.open_unix_socket(target)
+    finally:
+        if fd is not None:
+            os.close(fd)  # the connection no longer needs the path
 
 
 def _is_ipv6(host: str) -> bool:

@@ -200,6 +200,8 @@ class FakeHost:
         self.restored: list[tuple[str, bool, bool, dict[str, str]]] = []
         #: (listen, config, start) of every receive().
         self.received: list[tuple[str, VmConfig | None, bool]] = []
+        #: The accept_timeout_s of every receive().
+        self.accept_timeouts: list[float | None] = []
 
     async def __aenter__(self) -> FakeHost:
         return self
@@ -232,13 +234,15 @@ class FakeHost:
         return await self.create(config, start=start)
 
     async def receive(self, listen: str, *, config: VmConfig | None = None,
-                      start: bool = True, paths: PathPolicy | None = None) -> FakeVm:
+                      start: bool = True, paths: PathPolicy | None = None,
+                      accept_timeout_s: float | None = None) -> FakeVm:
         """Checks the socket path as the real one does; the VM stays incoming."""
         path = unix_path(listen)
         if path is not None:
             policy = paths if paths is not None else PathPolicy()
             await trio.to_thread.run_sync(policy.check, Path(path), "listen", "bind")
         self.received.append((listen, config, start))
+        self.accept_timeouts.append(accept_timeout_s)
         vm = FakeVm(f"vm-{self._next:06x}", config)
         self._next += 1
         vm.state = VmState.INCOMING

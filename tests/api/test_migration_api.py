@@ -96,6 +96,10 @@ async def test_incoming_config_is_validated_with_base_dir(
     ({"listen": "tcp:localhost:4444", "extra": 1}, "extra"),
     ({"listen": "tcp:localhost:4444", "config": "vm.toml"}, "config"),
     ({"listen": "tcp:localhost:4444", "start": "yes"}, "start"),
+    ({"listen": "tcp:localhost:4444", "accept_timeout_s": 0}, "accept_timeout_s"),
+    ({"listen": "tcp:localhost:4444", "accept_timeout_s": -2.5}, "accept_timeout_s"),
+    ({"listen": "tcp:localhost:4444", "accept_timeout_s": "30"}, "accept_timeout_s"),
+    ({"listen": "tcp:localhost:4444", "accept_timeout_s": True}, "accept_timeout_s"),
     ({"listen": "tcp:localhost:4444", "config": {"machine": {"vcpus": "two"}}},
      "config.machine.vcpus"),
 ])
@@ -103,6 +107,23 @@ async def test_incoming_refuses_bad_requests_naming_the_key(
         api: ApiClient, fake_host: FakeHost, body: dict[str, Any], key: str) -> None:
     _error(await _post(api, "/vms/incoming", body), 400, key)
     assert fake_host.received == []
+
+
+async def test_incoming_takes_accept_timeout_s(api: ApiClient, fake_host: FakeHost) -> None:
+    await api.receive_vm("tcp:127.0.0.1:4444", accept_timeout_s=2.5)
+    await _post(api, "/vms/incoming", {"listen": "tcp:127.0.0.1:4445",
+                                       "accept_timeout_s": 600})
+    # Left out, or null: no limit (the default).
+    await api.receive_vm("tcp:127.0.0.1:4446")
+    await _post(api, "/vms/incoming", {"listen": "tcp:127.0.0.1:4447",
+                                       "accept_timeout_s": None})
+    assert fake_host.accept_timeouts == [2.5, 600, None, None]
+    # Not finite (Python's json reads 1e999 as infinity): refused.
+    response = await _raw(api).post("/vms/incoming", content=b'{"listen": "tcp:a:1", '
+                                    b'"accept_timeout_s": 1e999}',
+                                    headers={"content-type": "application/json"})
+    _error(response, 400, "accept_timeout_s")
+    assert len(fake_host.received) == 4
 
 
 async def test_incoming_refuses_bad_bodies(api: ApiClient, fake_host: FakeHost) -> None:

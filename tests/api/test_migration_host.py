@@ -6,7 +6,9 @@ migration never shows the previous one's progress."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 
+from avmm.api import ApiClient, serve_api
 from avmm.config import config_from_dict
 from avmm.errors import AvmmError, PathNotAllowedError, VmStateError
 from avmm.host import Host
@@ -191,3 +194,122 @@ async def test_a_migration_to_nobody_fails_and_the_vm_runs_on(area: Path) -> Non
         await hosted.pause()  # usable again
         await hosted.resume()
         await host.remove(hosted.id)
+
+
+def _echo_config(kernel: Path = TEST_GUEST) -> Any:
+    return config_from_dict({"machine": {"memory_mib": 32, "acpi": False},
+                             "boot": {"kernel": str(kernel), "cmdline": "avmm.test=echo"},
+                             "serial": {"mode": "none"}}, base_dir=None)
+
+
+async def test_the_up_front_refusal_is_the_vm_public_migration_problem(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HostedVm asks the engine's public ``migration_problem()`` (a vhost-user back-end
+    that cannot log its writes, here stood in for), before anything starts."""
+    monkeypatch.setattr(VirtualMachine, "migration_problem",
+                        lambda vm: "the back-end 'disk0' cannot log its writes")
+    async with Host() as host:
+        hosted = await host.create(_echo_config())
+        with pytest.raises(MigrationError, match="'disk0' cannot log its writes"):
+            await hosted.start_migration("tcp:127.0.0.1:4444")
+        assert hosted.state is VmState.RUNNING and not hosted.migrating
+        assert hosted.migration is None
+        await host.remove(hosted.id)
+
+
+class SwappingPolicy(PathPolicy):
+    """A policy under which, right after the up-front check of a socket path, that path
+    is replaced by a symlink to another socket outside the allowed directory: the race
+    an attacker with write access to the allowed directory could win."""
+
+    def __init__(self, allowed: Path, elsewhere: Path) -> None:
+        super().__init__([allowed])
+        self.elsewhere = elsewhere
+        self.swapped = False
+
+    def check(self, path: Path, key: str, kind: Any) -> None:
+        super().check(path, key, kind)
+        if key == "to":
+            os.unlink(path)
+            os.symlink(self.elsewhere, path)
+            self.swapped = True
+
+
+async def test_a_unix_destination_swapped_for_a_symlink_after_the_check_is_not_reached(
+        area: Path) -> None:
+    checked = area / "allowed" / "dest.sock"
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(checked))  # a socket that passes the check; nobody listens on it
+    decoy.close()
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    elsewhere.bind(str(area / "outside" / "other.sock"))
+    elsewhere.listen(1)
+    elsewhere.setblocking(False)
+    kernel = area / "allowed" / "guest.elf"
+    shutil.copyfile(TEST_GUEST, kernel)
+    policy = SwappingPolicy(area / "allowed", area / "outside" / "other.sock")
+    try:
+        async with Host() as host:
+            hosted = await host.create(_echo_config(kernel), paths=policy)
+            with trio.fail_after(120), pytest.raises(MigrationError) as failed:
+                await hosted.migrate(f"unix:{checked}", paths=policy)
+            assert policy.swapped
+            assert "outside the directories" in str(failed.value)
+            assert hosted.state is VmState.RUNNING
+            with pytest.raises(BlockingIOError):
+                elsewhere.accept()  # the socket outside was never connected to
+            await host.remove(hosted.id)
+    finally:
+        elsewhere.close()
+        policy.close()
+
+
+async def test_an_incoming_vm_with_accept_timeout_s_ends_when_nobody_connects(
+        area: Path) -> None:
+    async with Host() as host:
+        with pytest.raises(MigrationError, match="accept_timeout_s"):
+            await host.receive(f"unix:{area}/allowed/in.sock", accept_timeout_s=-1)
+        assert host.list() == []
+        socket_path = area / "allowed" / "in.sock"
+        hosted = await host.receive(f"unix:{socket_path}", accept_timeout_s=0.2)
+        with trio.fail_after(60):
+            result = await hosted.wait()
+        assert result.reason is StopReason.ERROR and "no source connected" in result.detail
+        assert hosted.migration is not None and hosted.migration["state"] == "failed"
+        assert not socket_path.exists()
+
+
+async def test_over_http_an_incoming_vm_ends_on_delete_stop_or_its_accept_timeout(
+        area: Path) -> None:
+    """The daemon's API on a real Host: DELETE and POST .../stop end an incoming VM
+    that no source has connected to (its socket released), and accept_timeout_s ends
+    one by itself."""
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, area / "avmm.sock")
+        async with ApiClient(path) as api:
+            deleted_path = area / "allowed" / "deleted.sock"
+            deleted = await api.receive_vm(f"unix:{deleted_path}")
+            assert deleted["state"] == "incoming" and deleted_path.exists()
+            with trio.fail_after(60):
+                await api.delete_vm(deleted["id"])
+            assert not deleted_path.exists()
+            assert deleted["id"] not in [vm["id"] for vm in await api.list_vms()]
+
+            stopped_path = area / "allowed" / "stopped.sock"
+            waiting = await api.receive_vm(f"unix:{stopped_path}")
+            with trio.fail_after(60):
+                stopped = await api.stop(waiting["id"])
+            assert stopped["state"] == "stopped"
+            assert stopped["exit"]["reason"] == "stopped"
+            assert not stopped_path.exists()
+
+            timed_path = area / "allowed" / "timed.sock"
+            timed = await api.receive_vm(f"unix:{timed_path}", accept_timeout_s=0.2)
+            with trio.fail_after(60):
+                while (shown := await api.get_vm(timed["id"]))["state"] != "stopped":
+                    await trio.sleep(0.05)
+            assert shown["exit"]["reason"] == "error"
+            assert "no source connected within 0.2 s" in shown["exit"]["detail"]
+            assert shown["migration"]["state"] == "failed"
+            assert not timed_path.exists()
+        nursery.cancel_scope.cancel()

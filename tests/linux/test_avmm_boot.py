@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import re
 import secrets
 import subprocess
@@ -38,28 +37,30 @@ import pytest
 import trio
 
 from avmm import StopReason, VirtualMachine
-from avmm.config import DiskConfig, NetConfig, RngConfig
 from avmm.cpu_profile import PVM_SYSCALL_FAULT_OPT_IN, host_needs_compat
 from avmm.virtio.mmio import DeviceStatus
 from tests.linux import syscall_fault
-from tests.prerequisites import BUILD, DEBIAN_KERNEL, not_expected_on_this_host, require
+from tests.linux.support import (
+    DEBIAN_INITRAMFS,
+    HOST_ADDRESS,
+    MINIMAL_INITRAMFS,
+    MINIMAL_KERNEL,
+    MINIMAL_VMLINUX,
+    READY,
+    TIMEOUT_S,
+    GuestDisks,
+    host_end,
+    keep,
+    linux_config,
+    linux_lines,
+)
+from tests.prerequisites import DEBIAN_KERNEL, not_expected_on_this_host, require
 from tests.virtio_guest_support import TapNamespace
-from tests.vm.helpers import guest_config
 
 pytestmark = [pytest.mark.linux_boot, pytest.mark.kvm, pytest.mark.net]
 
-TIMEOUT_S = float(os.environ.get("AVMM_LINUX_TIMEOUT_S", "1800"))
-MINIMAL_KERNEL = BUILD / "linux" / "bzImage"
-MINIMAL_VMLINUX = BUILD / "linux" / "vmlinux"  # the same build's symbols
-MINIMAL_INITRAMFS = BUILD / "linux" / "initramfs.cpio"
-DEBIAN_INITRAMFS = BUILD / "debian-kernel" / "initramfs.cpio"
-HOST_ADDRESS = "10.0.2.1"
-GUEST_ADDRESS = "10.0.2.15"
-
-
 SYSCALL_FIXUP = "avmm: syscall delivered as a user-mode fault"
 RUN_INIT = "Run /init as init process"
-READY = "avmm-linux: ready"
 
 
 @dataclasses.dataclass
@@ -79,30 +80,11 @@ async def boot_guest_checks(kernel: Path, initramfs: Path, tmp_path: Path, *, se
                             extra: str = "") -> tuple[LinuxRun, bytes, Path]:  # fmt: skip
     """Boot ``kernel`` with the disks, NIC and rng and ``extra`` command-line words, run
     guest-checks; return the run, the data disk's contents and the ext4 image."""
-    data = os.urandom(4 << 20)
-    data_image = tmp_path / "data.img"
-    data_image.write_bytes(data)
-    ext4_image = tmp_path / "ext4.img"
-    with open(ext4_image, "wb") as f:
-        f.truncate(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(ext4_image)], check=True,
-                   capture_output=True, timeout=60)  # fmt: skip
+    disks, data = GuestDisks.make(tmp_path)
     with TapNamespace() as namespace:
-        subprocess.run(["ip", "-n", namespace.netns, "addr", "add", f"{HOST_ADDRESS}/24",
-                        "dev", namespace.tap], check=True, capture_output=True, timeout=30)
-        cmdline = (f"console=ttyS0 panic=-1 avmm.run=guest-checks avmm.seed={seed} "
-                   f"avmm.ip={GUEST_ADDRESS}/24 avmm.peer={HOST_ADDRESS} {extra}").rstrip()
-        config = guest_config(cmdline, kernel=kernel, memory_mib=256, vcpus=2, acpi=True,
-                              cpu_profile="auto")
-        config = dataclasses.replace(
-            config,
-            boot=dataclasses.replace(config.boot, initrd=initramfs),
-            disks=(DiskConfig(path=data_image, readonly=True, id="avmm-data"),
-                   DiskConfig(path=ext4_image, id="avmm-ext4")),
-            nets=(NetConfig(tap=namespace.tap, netns=namespace.netns,
-                            mac=bytes.fromhex("525400123456")),),
-            rng=RngConfig(),
-        )
+        host_end(namespace)
+        config = linux_config(kernel, initramfs, disks, run="guest-checks", seed=seed,
+                              netns=namespace.netns, tap=namespace.tap, extra=extra)
         output = bytearray()
         statuses: dict[str, int] = {}
         marker_at_ready: list[bool] = []
@@ -113,9 +95,7 @@ async def boot_guest_checks(kernel: Path, initramfs: Path, tmp_path: Path, *, se
                 async with trio.open_nursery() as nursery:
                     async def collect() -> None:
                         async for chunk in vm.serial:
-                            output.extend(chunk)
-                            log.write(chunk)
-                            log.flush()
+                            keep(chunk, output, log)
                             if not statuses and RUN_INIT.encode() in output:
                                 statuses.update({slot.device.name: slot.transport.status
                                                  for slot in vm.virtio_slots})
@@ -134,10 +114,9 @@ async def boot_guest_checks(kernel: Path, initramfs: Path, tmp_path: Path, *, se
             result = await vm.wait()
             userspace_s = vm.userspace_reached_s
         log.close()
-    lines = [m.group(0).strip() for m in re.finditer(r"avmm-linux: [^\r\n]*", text)]
-    run = LinuxRun(text, lines, userspace_s, result.reason, result.detail, statuses,
-                   marker_at_ready[0] if marker_at_ready else None)
-    return run, data, ext4_image
+    run = LinuxRun(text, linux_lines(text), userspace_s, result.reason, result.detail,
+                   statuses, marker_at_ready[0] if marker_at_ready else None)
+    return run, data, disks.ext4_image
 
 
 def read_back(ext4_image: Path, name: str) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -38,63 +37,48 @@ import pytest
 import trio
 
 from avmm import StopReason, VirtualMachine
-from avmm.config import DiskConfig, NetConfig, RngConfig, VmConfig
-from tests.linux.test_avmm_boot import (
-    GUEST_ADDRESS,
-    HOST_ADDRESS,
+from avmm.config import VmConfig
+from tests.linux.support import (
+    HOST_SAID,
+    KERNEL_BANNER,
     MINIMAL_INITRAMFS,
     MINIMAL_KERNEL,
     READY,
     TIMEOUT_S,
-    LinuxRun,
-    check,
+    WAITING,
+    GuestDisks,
+    answer_and_collect,
+    boot_until_waiting,
+    host_end,
+    linux_config,
+    linux_lines,
 )
-from tests.linux.test_snapshot_linux import GO, HOST_SAID, KERNEL_BANNER, WAITING, linux_lines
+from tests.linux.test_avmm_boot import LinuxRun, check
 from tests.prerequisites import require
 from tests.virtio_guest_support import TapNamespace
-from tests.vm.helpers import guest_config
 
 pytestmark = [pytest.mark.linux_boot, pytest.mark.kvm, pytest.mark.net]
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT = "avmm-migration-linux-result: "
 LISTENING = "avmm-migration-linux-listening"
-MAC = bytes.fromhex("525400123456")
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What both processes build their VM config from."""
 
-    data_image: Path
-    ext4_image: Path
+    disks: GuestDisks
     seed: int
 
     def config(self, netns: str, tap: str) -> VmConfig:
-        cmdline = (f"console=ttyS0 panic=-1 avmm.run=snapshot-checks avmm.seed={self.seed} "
-                   f"avmm.ip={GUEST_ADDRESS}/24 avmm.peer={HOST_ADDRESS}")
-        config = guest_config(cmdline, kernel=MINIMAL_KERNEL, memory_mib=256, vcpus=2,
-                              acpi=True, cpu_profile="auto")
-        return dataclasses.replace(
-            config,
-            boot=dataclasses.replace(config.boot, initrd=MINIMAL_INITRAMFS),
-            disks=(DiskConfig(path=self.data_image, readonly=True, id="avmm-data"),
-                   DiskConfig(path=self.ext4_image, id="avmm-ext4")),
-            nets=(NetConfig(tap=tap, netns=netns, mac=MAC),),
-            rng=RngConfig(),
-        )
+        return linux_config(MINIMAL_KERNEL, MINIMAL_INITRAMFS, self.disks,
+                            run="snapshot-checks", seed=self.seed, netns=netns, tap=tap)
 
 
 def prepare(tmp_path: Path) -> tuple[Setup, bytes]:
-    data = os.urandom(4 << 20)
-    data_image = tmp_path / "data.img"
-    data_image.write_bytes(data)
-    ext4_image = tmp_path / "ext4.img"
-    with open(ext4_image, "wb") as f:
-        f.truncate(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(ext4_image)], check=True,
-                   capture_output=True, timeout=60)
-    return Setup(data_image, ext4_image, secrets.randbelow(10**6)), data
+    disks, data = GuestDisks.make(tmp_path)
+    return Setup(disks, secrets.randbelow(10**6)), data
 
 
 # -- the destination (a new process) -------------------------------------------------------
@@ -111,25 +95,14 @@ async def _receive_and_finish(listen: str, config: VmConfig, log_path: Path,
             timed_out = False
             # The source boots Linux before it migrates: minutes on kvm_pvm.
             with trio.move_on_after(2 * TIMEOUT_S) as scope:
-                async with trio.open_nursery() as nursery:
-                    async def collect() -> None:
-                        async for chunk in vm.serial:
-                            output.extend(chunk)
-                            log.write(chunk)
-                            log.flush()
-
-                    while vm.migration is None or vm.migration.state != "completed":
-                        if vm.exit is not None:
-                            break
-                        await trio.sleep(0.05)
-                    # Read the serial port from the hand-over on (the guest sits in its
-                    # read until the line comes, so nothing is missed): the port is the
-                    # built machine's, which an incoming VM has only once it received.
-                    nursery.start_soon(collect)
-                    if vm.exit is None:
-                        await vm.serial.send_all(f"{GO}\n".encode())
-                    await vm.wait()
-                    nursery.cancel_scope.cancel()
+                while vm.migration is None or vm.migration.state != "completed":
+                    if vm.exit is not None:
+                        break
+                    await trio.sleep(0.05)
+                # Read the serial port from the hand-over on (the guest sits in its read
+                # until the line comes, so nothing is missed): the port is the built
+                # machine's, which an incoming VM has only once it received.
+                await answer_and_collect(vm, output, log)
             if scope.cancelled_caught:
                 timed_out = True
                 vm.stop("test timed out")
@@ -144,7 +117,7 @@ def receive_main() -> None:
     """``python -c 'from tests.linux.test_migration_linux import receive_main;
     receive_main()' LISTEN LOG NETNS TAP DATA EXT4 SEED``: the destination process."""
     listen, log_path, netns, tap, data, ext4, seed = sys.argv[1:8]
-    config = Setup(Path(data), Path(ext4), int(seed)).config(netns, tap)
+    config = Setup(GuestDisks(Path(data), Path(ext4)), int(seed)).config(netns, tap)
     result = trio.run(_receive_and_finish, listen, config, Path(log_path))
     print(RESULT + json.dumps(result), flush=True)
 
@@ -165,27 +138,17 @@ async def boot_and_migrate(setup: Setup, namespace: TapNamespace, to: str,
                            log_path: Path) -> Source:
     """Boot the minimal kernel to snapshot-checks' waiting line, then migrate it."""
     output = bytearray()
-    marker_at_ready: list[bool] = []
     with open(log_path, "wb") as log:
         async with VirtualMachine(setup.config(namespace.netns, namespace.tap)) as vm:
-            with trio.move_on_after(TIMEOUT_S) as scope:
-                async for chunk in vm.serial:
-                    output.extend(chunk)
-                    log.write(chunk)
-                    log.flush()
-                    if not marker_at_ready and READY.encode() in output:
-                        marker_at_ready.append(vm.userspace_reached_s is not None)
-                    if WAITING.encode() in output:
-                        break
-            text = output.decode(errors="replace")
-            if scope.cancelled_caught or WAITING not in text:
+            reached, marker = await boot_until_waiting(vm, output, log)
+            if not reached:
                 pytest.fail(f"Linux never reached {WAITING!r} (exit {vm.exit}); last "
-                            f"output:\n{text[-4000:]}")
+                            f"output:\n{output.decode(errors='replace')[-4000:]}")
             userspace_s = vm.userspace_reached_s
             progress = await vm.migrate(to)
             result = await vm.wait()
-    return Source(output.decode(errors="replace"), userspace_s,
-                  marker_at_ready[0] if marker_at_ready else None, result.reason, progress)
+    return Source(output.decode(errors="replace"), userspace_s, marker, result.reason,
+                  progress)
 
 
 def wait_for_line(path: Path, line: str, process: subprocess.Popen[bytes], err: Path) -> None:
@@ -197,11 +160,6 @@ def wait_for_line(path: Path, line: str, process: subprocess.Popen[bytes], err: 
         time.sleep(0.05)
 
 
-def _host_end(namespace: TapNamespace) -> None:
-    subprocess.run(["ip", "-n", namespace.netns, "addr", "add", f"{HOST_ADDRESS}/24",
-                    "dev", namespace.tap], check=True, capture_output=True, timeout=30)
-
-
 def test_minimal_kernel_migrated_in_userspace_runs_the_guest_checks_on_the_destination(
         tmp_path: Path) -> None:
     require(None if MINIMAL_KERNEL.exists() and MINIMAL_INITRAMFS.exists()
@@ -209,8 +167,8 @@ def test_minimal_kernel_migrated_in_userspace_runs_the_guest_checks_on_the_desti
     setup, data = prepare(tmp_path)
     sock = tmp_path / "migrate.sock"
     with TapNamespace() as here, TapNamespace() as there:
-        _host_end(here)
-        _host_end(there)
+        host_end(here)
+        host_end(there)
         code = "from tests.linux.test_migration_linux import receive_main; receive_main()"
         # Files, not pipes: nobody reads a pipe while this process boots Linux for
         # minutes, and a full one would stall the destination mid-migration.
@@ -218,8 +176,8 @@ def test_minimal_kernel_migrated_in_userspace_runs_the_guest_checks_on_the_desti
         with open(out_path, "wb") as out_file, open(err_path, "wb") as err_file:
             destination = subprocess.Popen(
                 [sys.executable, "-c", code, f"unix:{sock}", str(tmp_path / "serial-after.log"),
-                 there.netns, there.tap, str(setup.data_image), str(setup.ext4_image),
-                 str(setup.seed)],
+                 there.netns, there.tap, str(setup.disks.data_image),
+                 str(setup.disks.ext4_image), str(setup.seed)],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file)
         try:
             wait_for_line(out_path, LISTENING, destination, err_path)
@@ -259,4 +217,4 @@ def test_minimal_kernel_migrated_in_userspace_runs_the_guest_checks_on_the_desti
                    marker_before_ready=source.marker_before_ready)
     # Every check's line in order, from the destination; the ext4 file read back on the
     # host; ACPI power-off; the boot-time marker (first boot) before the ready line.
-    check(run, data, setup.ext4_image, setup.seed, syscall_fault_run=False)
+    check(run, data, setup.disks.ext4_image, setup.seed, syscall_fault_run=False)

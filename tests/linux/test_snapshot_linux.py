@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import re
 import secrets
 import subprocess
 import sys
@@ -31,33 +29,29 @@ import pytest
 import trio
 
 from avmm import StopReason, VirtualMachine
-from avmm.config import DiskConfig, NetConfig, RngConfig
-from tests.linux.test_avmm_boot import (
-    GUEST_ADDRESS,
-    HOST_ADDRESS,
+from tests.linux.support import (
+    HOST_SAID,
+    KERNEL_BANNER,
     MINIMAL_INITRAMFS,
     MINIMAL_KERNEL,
     READY,
     TIMEOUT_S,
-    LinuxRun,
-    check,
+    WAITING,
+    GuestDisks,
+    answer_and_collect,
+    boot_until_waiting,
+    host_end,
+    linux_config,
+    linux_lines,
 )
+from tests.linux.test_avmm_boot import LinuxRun, check
 from tests.prerequisites import require
 from tests.virtio_guest_support import TapNamespace
-from tests.vm.helpers import guest_config
 
 pytestmark = [pytest.mark.linux_boot, pytest.mark.kvm, pytest.mark.net]
 
 REPO = Path(__file__).resolve().parents[2]
-WAITING = "avmm-linux: waiting for the host"
-GO = "restored"
-HOST_SAID = f"avmm-linux: host said {GO}"
 RESULT = "avmm-snapshot-linux-result: "
-KERNEL_BANNER = "Linux version "
-
-
-def linux_lines(text: str) -> list[str]:
-    return [m.group(0).strip() for m in re.finditer(r"avmm-linux: [^\r\n]*", text)]
 
 
 @dataclasses.dataclass
@@ -71,54 +65,23 @@ class FirstBoot:
 async def boot_and_snapshot(tmp_path: Path, namespace: TapNamespace, seed: int,
                             snapshot: Path) -> tuple[FirstBoot, bytes, Path]:
     """Boot the minimal kernel to snapshot-checks' waiting line, pause, snapshot, stop."""
-    data = os.urandom(4 << 20)
-    data_image = tmp_path / "data.img"
-    data_image.write_bytes(data)
-    ext4_image = tmp_path / "ext4.img"
-    with open(ext4_image, "wb") as f:
-        f.truncate(16 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(ext4_image)], check=True,
-                   capture_output=True, timeout=60)
-    cmdline = (f"console=ttyS0 panic=-1 avmm.run=snapshot-checks avmm.seed={seed} "
-               f"avmm.ip={GUEST_ADDRESS}/24 avmm.peer={HOST_ADDRESS}")
-    config = guest_config(cmdline, kernel=MINIMAL_KERNEL, memory_mib=256, vcpus=2,
-                          acpi=True, cpu_profile="auto")
-    config = dataclasses.replace(
-        config,
-        boot=dataclasses.replace(config.boot, initrd=MINIMAL_INITRAMFS),
-        disks=(DiskConfig(path=data_image, readonly=True, id="avmm-data"),
-               DiskConfig(path=ext4_image, id="avmm-ext4")),
-        nets=(NetConfig(tap=namespace.tap, netns=namespace.netns,
-                        mac=bytes.fromhex("525400123456")),),
-        rng=RngConfig(),
-    )
+    disks, data = GuestDisks.make(tmp_path)
+    config = linux_config(MINIMAL_KERNEL, MINIMAL_INITRAMFS, disks, run="snapshot-checks",
+                          seed=seed, netns=namespace.netns, tap=namespace.tap)
     output = bytearray()
-    marker_at_ready: list[bool] = []
-    log = (tmp_path / "serial-before.log").open("wb")
-    try:
+    with (tmp_path / "serial-before.log").open("wb") as log:
         async with VirtualMachine(config) as vm:
-            with trio.move_on_after(TIMEOUT_S) as scope:
-                async for chunk in vm.serial:
-                    output.extend(chunk)
-                    log.write(chunk)
-                    log.flush()
-                    if not marker_at_ready and READY.encode() in output:
-                        marker_at_ready.append(vm.userspace_reached_s is not None)
-                    if WAITING.encode() in output:
-                        break
-            text = output.decode(errors="replace")
-            if scope.cancelled_caught or WAITING not in text:
+            reached, marker = await boot_until_waiting(vm, output, log)
+            if not reached:
                 pytest.fail(f"Linux never reached {WAITING!r} (exit {vm.exit}); last "
-                            f"output:\n{text[-4000:]}")
+                            f"output:\n{output.decode(errors='replace')[-4000:]}")
             await vm.pause()
             await vm.snapshot(snapshot)
             userspace_s = vm.userspace_reached_s
             vm.stop("snapshot taken")
             await vm.wait()
-    finally:
-        log.close()
-    marker = marker_at_ready[0] if marker_at_ready else None
-    return FirstBoot(output.decode(errors="replace"), userspace_s, marker), data, ext4_image
+    first = FirstBoot(output.decode(errors="replace"), userspace_s, marker)
+    return first, data, disks.ext4_image
 
 
 async def _restore_and_finish(snapshot: Path, log_path: Path) -> dict[str, object]:
@@ -128,17 +91,7 @@ async def _restore_and_finish(snapshot: Path, log_path: Path) -> dict[str, objec
     with open(log_path, "wb") as log:
         async with VirtualMachine.restore(snapshot) as vm:
             with trio.move_on_after(TIMEOUT_S) as scope:
-                async with trio.open_nursery() as nursery:
-                    async def collect() -> None:
-                        async for chunk in vm.serial:
-                            output.extend(chunk)
-                            log.write(chunk)
-                            log.flush()
-
-                    nursery.start_soon(collect)
-                    await vm.serial.send_all(f"{GO}\n".encode())
-                    await vm.wait()
-                    nursery.cancel_scope.cancel()
+                await answer_and_collect(vm, output, log)
             if scope.cancelled_caught:
                 vm.stop("test timed out")
             result = await vm.wait()
@@ -174,8 +127,7 @@ def test_minimal_kernel_snapshotted_in_userspace_runs_the_guest_checks_after_res
     seed = secrets.randbelow(10**6)
     snapshot = tmp_path / "snapshot"
     with TapNamespace() as namespace:
-        subprocess.run(["ip", "-n", namespace.netns, "addr", "add", f"{HOST_ADDRESS}/24",
-                        "dev", namespace.tap], check=True, capture_output=True, timeout=30)
+        host_end(namespace)
         first, data, ext4_image = trio.run(functools.partial(
             boot_and_snapshot, tmp_path, namespace, seed, snapshot))
         # Before the snapshot the guest reached userspace and ran nothing of the checks.

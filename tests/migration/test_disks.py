@@ -7,10 +7,7 @@ cannot log its writes makes the migration refuse up front, and the VM runs on.""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,58 +18,41 @@ from avmm.config import DiskConfig, VmConfig
 from avmm.migration import MigrationError
 from avmm.vhost.protocol import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from avmm.virtio.device import VIRTIO_F_VERSION_1
-from tests.prerequisites import require
+from tests.traffic_support import (
+    BLK_SECTORS,
+    blank_image,
+    blk_disk,
+    blk_served,
+    wait_for_sectors,
+)
 from tests.vhost.scripted_backend import ScriptedBackend
-from tests.vhost.test_frontend import avmm_backend, subprocess_backend
 from tests.virtio_guest_support import expected_pattern
-from tests.vm.helpers import MAILBOX_ADDRESS
 
 from .support import MEM_WALK, TIMEOUT_S, collect, guest_config, read_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-COUNTER = MAILBOX_ADDRESS + 8
 # 32 MiB: the guest writes it, then reads it all back. Enough work that the guest is
 # still busy when a migration of its 64 MiB of RAM ends, on a loaded machine too.
-SECTORS = 32 * 2048
+SECTORS = 4 * BLK_SECTORS
 SEED = 7
 
 
-@contextlib.contextmanager
-def backend(kind: str, image: Path, sock: Path) -> Iterator[None]:
-    if kind == "file":
-        yield
-    elif kind == "avmm":
-        with avmm_backend("blk", sock, "--image", str(image)):
-            yield
-    else:
-        if shutil.which("qemu-storage-daemon") is None:
-            require("qemu-storage-daemon is not installed (make deps installs "
-                    "qemu-system-x86)")
-        # locking=off: the source's and the destination's daemons share the image.
-        with subprocess_backend(
-                ["qemu-storage-daemon", "--blockdev",
-                 f"driver=file,node-name=file,filename={image},locking=off",
-                 "--export", "type=vhost-user-blk,id=exp,node-name=file,addr.type=unix,"
-                 f"addr.path={sock},writable=on"], sock):
-            yield
-
-
 def disk_config(kind: str, image: Path, sock: Path) -> VmConfig:
-    disk = DiskConfig(path=image) if kind == "file" else DiskConfig(vhost_user=sock)
     return dataclasses.replace(
         guest_config(f"avmm.test=blk-write avmm.seed={SEED}", memory_mib=64),
-        disks=(disk,))
+        disks=(blk_disk(kind, image, sock),))
 
 
 @pytest.mark.parametrize("kind", ["file", "avmm",
                                   pytest.param("qsd", marks=pytest.mark.qemu)])
 async def test_blk_write_completes_on_the_destination(tmp_path: Path, kind: str) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SECTORS * 512))
+    image = blank_image(tmp_path / "disk.img", SECTORS)
     source_sock, destination_sock = tmp_path / "src.sock", tmp_path / "dst.sock"
     before, after = bytearray(), bytearray()
-    with backend(kind, image, source_sock), backend(kind, image, destination_sock), \
+    # Two back-ends on one image (shared storage): qemu-storage-daemon without its lock.
+    with blk_served(kind, image, source_sock, shared=True), \
+            blk_served(kind, image, destination_sock, shared=True), \
             trio.fail_after(TIMEOUT_S * 2):
         # The destination's own back-end (a new socket); a file disk keeps its path.
         given = disk_config(kind, image, destination_sock) if kind != "file" else None
@@ -80,10 +60,8 @@ async def test_blk_write_completes_on_the_destination(tmp_path: Path, kind: str)
                 VirtualMachine.receive(f"unix:{tmp_path / 'in.sock'}",
                                        config=given) as destination:
             async with VirtualMachine(disk_config(kind, image, source_sock)) as source:
-                assert source.memory is not None
                 nursery.start_soon(collect, source, before)
-                while not 0 < source.memory.read_u64(COUNTER) < SECTORS // 2:
-                    await trio.sleep(0.002)
+                await wait_for_sectors(source, 1, SECTORS // 2)
                 await source.migrate(f"unix:{tmp_path / 'in.sock'}")
                 assert (await source.wait()).reason is StopReason.MIGRATED
             nursery.start_soon(collect, destination, after)

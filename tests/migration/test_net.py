@@ -21,15 +21,14 @@ import trio
 from avmm import StopReason, VirtualMachine
 from avmm.config import NetConfig
 from tests.prerequisites import net_problem, require
+from tests.traffic_support import ECHO_FRAMES, net_echo, pause_with_no_echo_on_its_way
 from tests.virtio_guest_support import EthernetEchoer, TapNamespace
-from tests.vm.helpers import MAILBOX_ADDRESS
 
 from .support import TIMEOUT_S, collect, guest_config
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-COUNTER = MAILBOX_ADDRESS + 8
-FRAMES = 200
+FRAMES = ECHO_FRAMES
 
 
 async def test_net_echo_goes_on_on_the_destination(tmp_path: Path) -> None:
@@ -41,10 +40,8 @@ async def test_net_echo_goes_on_on_the_destination(tmp_path: Path) -> None:
                        check=True, capture_output=True, timeout=30)
         with namespace.echoer(lifetime=300) as echoer, \
                 EthernetEchoer("avmmtap1", netns=namespace.netns, lifetime=300) as second:
-            config = dataclasses.replace(
-                guest_config(f"avmm.test=net-echo avmm.n={FRAMES}", memory_mib=64),
-                nets=(NetConfig(tap=namespace.tap, mac=bytes.fromhex("525400abcdef"),
-                                netns=namespace.netns),))
+            config = net_echo(guest_config(f"avmm.test=net-echo avmm.n={FRAMES}",
+                                           memory_mib=64), namespace)
             # The destination's own tap; its MAC comes with the stream.
             given = dataclasses.replace(config, nets=(NetConfig(
                 tap="avmmtap1", netns=namespace.netns),))
@@ -53,18 +50,8 @@ async def test_net_echo_goes_on_on_the_destination(tmp_path: Path) -> None:
                 async with trio.open_nursery() as nursery, VirtualMachine.receive(
                         f"unix:{tmp_path / 'in.sock'}", config=given) as destination:
                     async with VirtualMachine(config) as source:
-                        assert source.memory is not None
                         nursery.start_soon(collect, source, before)
-                        while True:
-                            while source.memory.read_u64(COUNTER) < 10:
-                                await trio.sleep(0.005)
-                            await source.pause()
-                            await trio.sleep(0.1)  # the echoer answers what reached it
-                            received = source.memory.read_u64(COUNTER)
-                            if echoer.echoed == received:
-                                break
-                            await source.resume()
-                            await trio.sleep(0.003)
+                        received = await pause_with_no_echo_on_its_way(source, echoer)
                         assert received < FRAMES - 5, "the guest was almost done"
                         await source.migrate(f"unix:{tmp_path / 'in.sock'}")
                         assert (await source.wait()).reason is StopReason.MIGRATED

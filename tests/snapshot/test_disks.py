@@ -6,9 +6,7 @@ restarted on a new socket for the restore."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,45 +14,39 @@ import trio
 
 from avmm import VirtualMachine
 from avmm.config import DiskConfig
-from tests.vhost.test_frontend import blk_backend
+from tests.traffic_support import (
+    BLK_SECTORS,
+    PROGRESS,
+    blank_image,
+    blk_disk,
+    blk_served,
+    wait_for_sectors,
+)
 from tests.virtio_guest_support import expected_pattern
-from tests.vm.helpers import MAILBOX_ADDRESS
 
 from .support import console_config, drain, restore_in_new_process
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-COUNTER = MAILBOX_ADDRESS + 8
-SECTORS = 8 * 2048  # 8 MiB: the guest writes it, then reads it all back
+COUNTER = PROGRESS
+SECTORS = BLK_SECTORS
 SEED = 5
-
-
-@contextlib.contextmanager
-def served(kind: str, image: Path, sock: Path) -> Iterator[None]:
-    if kind == "file":
-        yield
-        return
-    with blk_backend(kind, image, sock):
-        yield
 
 
 @pytest.mark.parametrize("kind", ["file", "avmm", pytest.param("qsd", marks=pytest.mark.qemu)])
 async def test_blk_write_goes_on_after_a_restore_in_a_new_process(tmp_path: Path,
                                                                   kind: str) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SECTORS * 512))
-    disk = DiskConfig(path=image) if kind == "file" else \
-        DiskConfig(vhost_user=tmp_path / "blk.sock")
+    image = blank_image(tmp_path / "disk.img")
+    disk = blk_disk(kind, image, tmp_path / "blk.sock")
     config = dataclasses.replace(console_config(f"avmm.test=blk-write avmm.seed={SEED}",
                                                 memory_mib=64), disks=(disk,))
-    with served(kind, image, tmp_path / "blk.sock"):
+    with blk_served(kind, image, tmp_path / "blk.sock"):
         async with VirtualMachine(config) as vm:
             assert vm.memory is not None
             output = bytearray()
             with trio.fail_after(120):
                 # Inside the write half: some sectors written, not all.
-                while not 0 < vm.memory.read_u64(COUNTER) < SECTORS // 2:
-                    await trio.sleep(0.002)
+                await wait_for_sectors(vm, 1, SECTORS // 2)
             await vm.pause()
             done_at_snapshot = vm.memory.read_u64(COUNTER)
             await drain(vm, output)
@@ -70,7 +62,7 @@ async def test_blk_write_goes_on_after_a_restore_in_a_new_process(tmp_path: Path
 
     # A new back-end process (on a new socket for the vhost-user kinds) and a new avmm.
     new_sock = tmp_path / "new.sock"
-    with served(kind, image, new_sock):
+    with blk_served(kind, image, new_sock):
         extra = [] if kind == "file" else ["--vhost-user", f"blk0={new_sock}"]
         restored = await restore_in_new_process(tmp_path / "snap", *extra)
     after = restored.stdout.decode()
@@ -83,8 +75,7 @@ async def _pause_between(vm: VirtualMachine, low: int, high: int) -> int:
     """Pause the VM once the guest's sector counter is in [low, high); the counter."""
     assert vm.memory is not None
     with trio.fail_after(120):
-        while not low <= vm.memory.read_u64(COUNTER) < high:
-            await trio.sleep(0.002)
+        await wait_for_sectors(vm, low, high)
     await vm.pause()
     return vm.memory.read_u64(COUNTER)
 
@@ -94,18 +85,17 @@ async def test_blk_write_survives_two_rounds_of_snapshot_and_restore(tmp_path: P
                                                                      kind: str) -> None:
     """Snapshot, restore, snapshot the restored VM, restore that (Cloud Hypervisor's
     #8918 class: device state lost on the second round): the disk still ends complete."""
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(SECTORS * 512))
+    image = blank_image(tmp_path / "disk.img")
     sock = tmp_path / "blk.sock"
-    disk = DiskConfig(path=image) if kind == "file" else DiskConfig(vhost_user=sock)
+    disk = blk_disk(kind, image, sock)
     config = dataclasses.replace(console_config(f"avmm.test=blk-write avmm.seed={SEED}",
                                                 memory_mib=64), disks=(disk,))
-    with served(kind, image, sock):
+    with blk_served(kind, image, sock):
         async with VirtualMachine(config) as vm:
             first = await _pause_between(vm, 1, SECTORS // 4)
             await vm.snapshot(tmp_path / "one")
             vm.stop()
-    with served(kind, image, tmp_path / "two.sock"):
+    with blk_served(kind, image, tmp_path / "two.sock"):
         sockets = {} if kind == "file" else {"blk0": str(tmp_path / "two.sock")}
         async with VirtualMachine.restore(tmp_path / "one", vhost_user=sockets) as vm:
             second = await _pause_between(vm, first + 1, SECTORS // 2)
@@ -115,7 +105,7 @@ async def test_blk_write_survives_two_rounds_of_snapshot_and_restore(tmp_path: P
             vm.stop()
     assert first < second, (first, second)
     assert "verify=" not in output.decode()
-    with served(kind, image, tmp_path / "three.sock"):
+    with blk_served(kind, image, tmp_path / "three.sock"):
         extra = [] if kind == "file" else ["--vhost-user", f"blk0={tmp_path / 'three.sock'}"]
         restored = await restore_in_new_process(tmp_path / "two", *extra)
     after = restored.stdout.decode()
@@ -130,8 +120,7 @@ async def test_a_snapshot_flushes_the_writable_disks_before_it_completes(
     snapshot (the disks are not in it), the read-only disk is left alone."""
     from tests.test_host import record_flushes
 
-    image, readonly = tmp_path / "disk.img", tmp_path / "ro.img"
-    image.write_bytes(bytes(SECTORS * 512))
+    image, readonly = blank_image(tmp_path / "disk.img"), tmp_path / "ro.img"
     readonly.write_bytes(bytes(4096))
     config = dataclasses.replace(
         console_config(f"avmm.test=blk-write avmm.seed={SEED} avmm.flush=0", memory_mib=64),

@@ -20,38 +20,25 @@ import trio
 from avmm import VirtualMachine
 from avmm.config import NetConfig
 from tests.prerequisites import net_problem, require
+from tests.traffic_support import ECHO_FRAMES, net_echo, pause_with_no_echo_on_its_way
 from tests.virtio_guest_support import echoing_tap
-from tests.vm.helpers import MAILBOX_ADDRESS
 
 from .support import console_config, drain, restore_in_new_process
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-COUNTER = MAILBOX_ADDRESS + 8
-FRAMES = 200
+FRAMES = ECHO_FRAMES
 
 
 async def test_net_echo_goes_on_after_a_restore_in_a_new_process(tmp_path: Path) -> None:
     require(net_problem())
     with echoing_tap(lifetime=300) as (namespace, echoer):
-        config = dataclasses.replace(
-            console_config(f"avmm.test=net-echo avmm.n={FRAMES}", memory_mib=64),
-            nets=(NetConfig(tap=namespace.tap, mac=bytes.fromhex("525400abcdef"),
-                            netns=namespace.netns),))
+        config = net_echo(console_config(f"avmm.test=net-echo avmm.n={FRAMES}",
+                                         memory_mib=64), namespace)
         output = bytearray()
         async with VirtualMachine(config) as vm:
-            assert vm.memory is not None
             with trio.fail_after(120):
-                while True:
-                    while vm.memory.read_u64(COUNTER) < 10:
-                        await trio.sleep(0.005)
-                    await vm.pause()
-                    await trio.sleep(0.1)  # the echoer answers what reached it
-                    received = vm.memory.read_u64(COUNTER)
-                    if echoer.echoed == received:
-                        break
-                    await vm.resume()
-                    await trio.sleep(0.003)
+                received = await pause_with_no_echo_on_its_way(vm, echoer)
             assert received < FRAMES - 5, "the guest was almost done: nothing to test"
             await drain(vm, output)
             await vm.snapshot(tmp_path / "snap")
