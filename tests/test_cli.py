@@ -215,7 +215,15 @@ def test_ctrl_a_x_on_the_console_stops_the_vm_and_restores_the_terminal() -> Non
     import termios
 
     try:
-        time.sleep(1.0)  # let it start and switch the terminal mode
+        # Wait for it to start and switch the terminal mode (a loaded host can take
+        # seconds; a fixed sleep raced with it).
+        deadline = time.monotonic() + 30
+        while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    os.read(fd, 4096)
+                except OSError:
+                    pass
         attrs_running = termios.tcgetattr(fd)
         os.write(fd, b"\x01x")
         deadline = time.monotonic() + 30
