@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ..errors import AvmmError
+from ..errors import AvmmError, leaf_errors
 from ..state.format import build_state
 from .errors import MigrationError
 from .pages import PageMap
 from .progress import MigrationProgress
-from .stream import MAX_BATCH_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, build_pages
+from .stream import MAX_FRAME_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, pages_head
 from .transport import Address, connect
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ HANDSHAKE_TIMEOUT_S = 120.0
 #: and lets it run on: a destination that stops reading must not freeze it for good.
 STOP_AND_COPY_TIMEOUT_S = 120.0
 ON_TIMEOUT = ("pause", "abort")
+#: How often progress is reported while pages are sent.
+PROGRESS_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Source:
         self._channel: Channel | None = None
         self._pending_before_pause: Any = None
         self._backends: list[Any] = []  # vhost-user devices whose logs are on
+        self._frame_buffers: tuple[memoryview, memoryview] | None = None
         self._log = log.bind(vm=vm.name, to=str(address))
 
     def _update(self, **changes: Any) -> None:
@@ -147,7 +150,7 @@ class Source:
                 dirty_log = None
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
-                await self._send_round(channel, dirty)
+                await self._send_round(channel, dirty.runs())
                 state = await self.vm._migration_state()
                 await channel.send(Kind.STATE, build_state(state))
                 await channel.send(Kind.END, _end(channel, self.progress.pages_sent))
@@ -220,19 +223,19 @@ class Source:
         deadline = (trio.current_time() + options.timeout_s
                     if options.timeout_s is not None else math.inf)
         budget_s = options.downtime_ms / 1000
-        pending: Iterable[int] = range(self.pages.total)
+        runs: Iterable[tuple[int, int]] = [(0, self.pages.total)]  # round 0: all of RAM
         pending_count = self.pages.total
         round_number = 0
         while True:
             self._update(round=round_number, pages_dirty=pending_count)
             started, sent_before = time.monotonic(), channel.bytes_sent
             # A round is never cut short: a page left out would never be sent again.
-            await self._send_round(channel, pending)
+            await self._send_round(channel, runs)
             elapsed = time.monotonic() - started
             rate = (channel.bytes_sent - sent_before) / elapsed if elapsed > 0 else 0.0
             self._update(rate_bytes_s=round(rate, 1))
             dirty = await trio.to_thread.run_sync(dirty_log.collect)
-            pending, pending_count = dirty, len(dirty)
+            runs, pending_count = dirty.runs(), len(dirty)
             if pending_count == 0 or (rate > 0 and pending_count * PAGE_SIZE / rate
                                       <= budget_s):
                 break
@@ -249,24 +252,81 @@ class Source:
                                pages_dirty=pending_count)
                 break
         # The stop-and-copy round sends what is dirty then (these pages included).
-        self._pending_before_pause = pending
+        self._pending_before_pause = dirty
 
-    async def _send_round(self, channel: Channel, pages: Iterable[int]) -> None:
-        """Send ``pages`` (ascending page numbers) in batches; a ROUND marker first."""
+    async def _send_round(self, channel: Channel, runs: Iterable[tuple[int, int]]) -> None:
+        """Send the pages of ``runs`` ((first, count), ascending); a ROUND marker first.
+
+        A worker thread reads (and zero-checks) each frame's pages into one of two
+        buffers and hashes it, while the event loop sends the frame before: the guest
+        RAM is copied once, and the loop never touches it."""
         progress = self.progress
         await channel.send(Kind.ROUND, ROUND.build({"round": progress.round,
                                                     "pages_dirty": progress.pages_dirty}))
+        sending, ready = trio.open_memory_channel[tuple[bytes, bytes, memoryview, int]](0)
         sent = progress.pages_sent
-        for batch in self.pages.batches(pages, MAX_BATCH_PAGES):
-            if not self.vm._migration_running():
-                raise MigrationError(f"VM {self.vm.name!r} stopped during the migration")
-            data = self.pages.read_batch(batch)
-            await channel.send(Kind.PAGES, build_pages(batch, data))
-            sent += len(batch)
-            self.progress = replace(self.progress, pages_sent=sent)
-            if sent % (MAX_BATCH_PAGES * 16) < MAX_BATCH_PAGES:
-                self._update()
+        last_report = time.monotonic()
+
+        async def read_frames() -> None:
+            async with sending:
+                buffers = self._buffers()
+                for index, frame in enumerate(self.pages.frames(runs)):
+                    if not self.vm._migration_running():
+                        raise MigrationError(f"VM {self.vm.name!r} stopped during the "
+                                             "migration")
+                    item = await trio.to_thread.run_sync(
+                        self._read_frame, channel, frame, buffers[index & 1])
+                    await sending.send(item)
+
+        async def send_frames() -> None:
+            nonlocal sent, last_report
+            async with ready:
+                async for header, head, data, pages in ready:
+                    await channel.send_hashed(header, head, data)
+                    sent += pages
+                    self.progress = replace(self.progress, pages_sent=sent)
+                    if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                        last_report = time.monotonic()
+                        self._update()
+
+        await _together(read_frames, send_frames)
         self._update(pages_sent=sent)
+
+    def _buffers(self) -> tuple[memoryview, memoryview]:
+        """Two frame buffers, kept for the whole migration (a fresh one per frame
+        would cost a page fault per page)."""
+        if self._frame_buffers is None:
+            size = MAX_FRAME_PAGES * PAGE_SIZE
+            self._frame_buffers = (memoryview(bytearray(size)), memoryview(bytearray(size)))
+        return self._frame_buffers
+
+    def _read_frame(self, channel: Channel, frame: list[tuple[int, int]],
+                    buffer: memoryview) -> tuple[bytes, bytes, memoryview, int]:
+        """In a worker thread: a PAGES frame's header, head and data, hashed into the
+        stream's digest (frames are read and sent in the same order, one at a time)."""
+        runs, used = self.pages.read_frame(frame, buffer)
+        head = pages_head(runs)
+        header = channel.frame_header(Kind.PAGES, len(head) + used)
+        data = buffer[:used]
+        digest = channel.sent_digest
+        digest.update(header)
+        digest.update(head)
+        digest.update(data)
+        return header, head, data, sum(count for _, count in frame)
+
+
+async def _together(*tasks: Callable[[], Awaitable[object]]) -> None:
+    """Run the tasks in one nursery; when one fails the other is cancelled and its
+    exception propagates as itself, not inside an ExceptionGroup."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+    except BaseExceptionGroup as group:
+        errors = [e for e in leaf_errors(group) if not isinstance(e, trio.Cancelled)]
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise
 
 
 def _end(channel: Channel, pages_sent: int) -> bytes:
