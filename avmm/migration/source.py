@@ -20,7 +20,9 @@ guest runs on as if nothing had happened, and the destination discards what it g
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
@@ -71,6 +73,10 @@ class Options:
         if self.timeout_s is not None and not (isinstance(self.timeout_s, int | float)
                                                and 0 < self.timeout_s < math.inf):
             raise MigrationError("timeout_s must be a positive number of seconds")
+
+
+#: A PAGES frame ready to send: its header, head (runs), data, and pages covered.
+_Frame = tuple[bytes, bytes, memoryview, int]
 
 
 class _Converged(Exception):
@@ -142,6 +148,8 @@ class Source:
             paused_at = time.monotonic()
             await self.vm._migration_pause()
             paused_here = True
+            steps = _Steps(paused_at)
+            steps.mark("pause")
             with trio.fail_after(STOP_AND_COPY_TIMEOUT_S):
                 # What the last pre-copy round left dirty, and what was dirtied since.
                 dirty = self._pending_before_pause
@@ -150,11 +158,15 @@ class Source:
                 dirty_log = None
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
+                steps.mark("collect")
                 await self._send_round(channel, dirty.runs())
+                steps.mark("pages")
                 state = await self.vm._migration_state()
                 await channel.send(Kind.STATE, build_state(state))
                 await channel.send(Kind.END, _end(channel, self.progress.pages_sent))
+                steps.mark("state")
                 kind, _ = await channel.receive()
+                steps.mark("ack")
                 if kind is not Kind.ACK:
                     raise MigrationError(f"the destination answered {kind.name}, not ACK")
                 # After this frame the destination runs the guest: from here on this
@@ -166,7 +178,9 @@ class Source:
             self._log.info("migration completed", rounds=self.progress.round,
                            pages_sent=self.progress.pages_sent,
                            bytes_sent=self.progress.bytes_sent, downtime_ms=downtime,
-                           total_ms=self.progress.total_ms)
+                           total_ms=self.progress.total_ms,
+                           last_round_pages=self.progress.pages_dirty,
+                           downtime_steps_ms=steps.ms)
             return self.progress
         except BaseException as e:
             error = _failure(e)
@@ -189,6 +203,7 @@ class Source:
                 raise MigrationError(error) from None
             raise
         finally:
+            self._release_buffers()
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
@@ -236,6 +251,9 @@ class Source:
             self._update(rate_bytes_s=round(rate, 1))
             dirty = await trio.to_thread.run_sync(dirty_log.collect)
             runs, pending_count = dirty.runs(), len(dirty)
+            self._log.debug("pre-copy round sent", round=round_number,
+                            ms=round(elapsed * 1000, 1), rate_mb_s=round(rate / 1e6, 1),
+                            pages_dirty=pending_count)
             if pending_count == 0 or (rate > 0 and pending_count * PAGE_SIZE / rate
                                       <= budget_s):
                 break
@@ -263,45 +281,69 @@ class Source:
         progress = self.progress
         await channel.send(Kind.ROUND, ROUND.build({"round": progress.round,
                                                     "pages_dirty": progress.pages_dirty}))
-        sending, ready = trio.open_memory_channel[tuple[bytes, bytes, memoryview, int]](0)
+        sending, ready = trio.open_memory_channel[_Frame | Exception](0)
         sent = progress.pages_sent
         last_report = time.monotonic()
 
         async def read_frames() -> None:
             async with sending:
-                buffers = self._buffers()
-                for index, frame in enumerate(self.pages.frames(runs)):
-                    if not self.vm._migration_running():
-                        raise MigrationError(f"VM {self.vm.name!r} stopped during the "
-                                             "migration")
-                    item = await trio.to_thread.run_sync(
-                        self._read_frame, channel, frame, buffers[index & 1])
-                    await sending.send(item)
+                try:
+                    buffers = self._buffers()
+                    for index, frame in enumerate(self.pages.frames(runs)):
+                        if not self.vm._migration_running():
+                            return  # send_frames says why
+                        item = await trio.to_thread.run_sync(
+                            self._read_frame, channel, frame, buffers[index & 1])
+                        await sending.send(item)
+                except Exception as e:
+                    # Raised by send_frames between two frames: a failure here must not
+                    # cut a frame in the middle (the ERROR frame that follows would be
+                    # read as its data).
+                    await sending.send(e)
 
         async def send_frames() -> None:
             nonlocal sent, last_report
             async with ready:
-                async for header, head, data, pages in ready:
+                async for item in ready:
+                    if isinstance(item, Exception):
+                        raise item
+                    self._check_running()
+                    header, head, data, pages = item
                     await channel.send_hashed(header, head, data)
                     sent += pages
                     self.progress = replace(self.progress, pages_sent=sent)
                     if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
                         last_report = time.monotonic()
                         self._update()
+            self._check_running()  # read_frames stops early for a VM that stops
 
         await _together(read_frames, send_frames)
         self._update(pages_sent=sent)
 
+    def _check_running(self) -> None:
+        if not self.vm._migration_running():
+            raise MigrationError(f"VM {self.vm.name!r} stopped during the migration")
+
     def _buffers(self) -> tuple[memoryview, memoryview]:
         """Two frame buffers, kept for the whole migration (a fresh one per frame
-        would cost a page fault per page)."""
+        would cost a page fault per page). Anonymous mappings, not bytearrays: nothing
+        touches their pages until data lands there, and huge pages where the kernel
+        gives them make that a handful of faults."""
         if self._frame_buffers is None:
-            size = MAX_FRAME_PAGES * PAGE_SIZE
-            self._frame_buffers = (memoryview(bytearray(size)), memoryview(bytearray(size)))
+            self._frame_buffers = (_frame_buffer(), _frame_buffer())
         return self._frame_buffers
 
+    def _release_buffers(self) -> None:
+        buffers, self._frame_buffers = self._frame_buffers, None
+        for view in buffers or ():
+            mapping = view.obj
+            view.release()
+            # A slice still held (a traceback's frame) keeps it to the garbage collector.
+            with contextlib.suppress(BufferError):
+                mapping.close()  # type: ignore[union-attr]
+
     def _read_frame(self, channel: Channel, frame: list[tuple[int, int]],
-                    buffer: memoryview) -> tuple[bytes, bytes, memoryview, int]:
+                    buffer: memoryview) -> _Frame:
         """In a worker thread: a PAGES frame's header, head and data, hashed into the
         stream's digest (frames are read and sent in the same order, one at a time)."""
         runs, used = self.pages.read_frame(frame, buffer)
@@ -327,6 +369,26 @@ async def _together(*tasks: Callable[[], Awaitable[object]]) -> None:
         if len(errors) == 1:
             raise errors[0] from None
         raise
+
+
+def _frame_buffer() -> memoryview:
+    buffer = mmap.mmap(-1, MAX_FRAME_PAGES * PAGE_SIZE)
+    with contextlib.suppress(OSError, AttributeError):  # only a hint
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(buffer)
+
+
+class _Steps:
+    """Where the downtime went (milliseconds per step, for the log)."""
+
+    def __init__(self, start: float) -> None:
+        self._last = start
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.ms[step] = round((now - self._last) * 1000, 1)
+        self._last = now
 
 
 def _end(channel: Channel, pages_sent: int) -> bytes:

@@ -34,6 +34,9 @@ pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 COUNTER = MAILBOX_ADDRESS + 8
 SECTORS = 8 * 2048  # 8 MiB: the guest writes it, then reads it all back
 SEED = 7
+#: Small requests (the guest's default is 128 sectors): the write half lasts long
+#: enough that the migration lands in its middle however fast either of them is.
+REQUEST_SECTORS = 8
 
 
 @contextlib.contextmanager
@@ -59,7 +62,8 @@ def backend(kind: str, image: Path, sock: Path) -> Iterator[None]:
 def disk_config(kind: str, image: Path, sock: Path) -> VmConfig:
     disk = DiskConfig(path=image) if kind == "file" else DiskConfig(vhost_user=sock)
     return dataclasses.replace(
-        guest_config(f"avmm.test=blk-write avmm.seed={SEED}", memory_mib=64),
+        guest_config(f"avmm.test=blk-write avmm.seed={SEED} avmm.req={REQUEST_SECTORS}",
+                     memory_mib=64),
         disks=(disk,))
 
 

@@ -38,14 +38,15 @@ FAULTS = [
     Fault("in the stream header", None),
     Fault("in the config", Kind.CONFIG, at=10),
     Fault("the destination's READY lost", Kind.READY, backwards=True, action="drop"),
-    Fault("early in memory", Kind.PAGES, index=3),
-    Fault("inside a page batch", Kind.PAGES, index=20, at=5000),
+    # 32 MiB of RAM: round 0 is 4 PAGES frames of 8 MiB (stream.MAX_FRAME_PAGES).
+    Fault("early in memory", Kind.PAGES, index=1),
+    Fault("inside a page batch", Kind.PAGES, index=2, at=5000),
     Fault("at the first dirty round", Kind.ROUND, index=1),
     Fault("in the device state", Kind.STATE, at=100),
     Fault("before END", Kind.END),
     Fault("inside END", Kind.END, at=8),
     Fault("the destination's ACK lost", Kind.ACK, backwards=True, action="drop"),
-    Fault("a corrupted page", Kind.PAGES, index=10, action="flip"),
+    Fault("a corrupted page", Kind.PAGES, index=0, action="flip"),
 ]
 
 
