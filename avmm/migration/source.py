@@ -51,6 +51,11 @@ HANDSHAKE_TIMEOUT_S = 120.0
 #: and lets it run on: a destination that stops reading must not freeze it for good.
 STOP_AND_COPY_TIMEOUT_S = 120.0
 ON_TIMEOUT = ("pause", "abort")
+#: A round that sent less than this says little about the stream's rate.
+RATE_MIN_BYTES = 4 << 20
+#: Dirty pages few enough that another pre-copy round would not shorten the downtime
+#: by much (a millisecond or so at the rates a unix socket or a LAN reach).
+SMALL_ENOUGH_PAGES = 256
 #: How often progress is reported while pages are sent.
 PROGRESS_INTERVAL_S = 0.1
 
@@ -159,10 +164,21 @@ class Source:
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
                 steps.mark("collect")
-                await self._send_round(channel, dirty.runs())
-                steps.mark("pages")
-                state = await self.vm._migration_state()
-                await channel.send(Kind.STATE, build_state(state))
+                # The device and vCPU state (fixed while paused) is taken and encoded
+                # while the last pages go: the encoding is Python work, the sending
+                # mostly kernel copies and hashing that let go of the GIL.
+                state: list[bytes] = []
+
+                async def encode_state() -> None:
+                    sections = await self.vm._migration_state()
+                    state.append(await trio.to_thread.run_sync(build_state, sections))
+
+                async def last_pages() -> None:
+                    await self._send_round(channel, dirty.runs())
+                    steps.mark("pages")
+
+                await _together(encode_state, last_pages)
+                await channel.send(Kind.STATE, state[0])
                 await channel.send(Kind.END, _end(channel, self.progress.pages_sent))
                 steps.mark("state")
                 kind, _ = await channel.receive()
@@ -240,23 +256,25 @@ class Source:
         budget_s = options.downtime_ms / 1000
         runs: Iterable[tuple[int, int]] = [(0, self.pages.total)]  # round 0: all of RAM
         pending_count = self.pages.total
+        previous_count = math.inf
         round_number = 0
+        rate = 0.0
         while True:
             self._update(round=round_number, pages_dirty=pending_count)
             started, sent_before = time.monotonic(), channel.bytes_sent
             # A round is never cut short: a page left out would never be sent again.
             await self._send_round(channel, runs)
             elapsed = time.monotonic() - started
-            rate = (channel.bytes_sent - sent_before) / elapsed if elapsed > 0 else 0.0
+            rate = _rate(channel.bytes_sent - sent_before, elapsed, rate)
             self._update(rate_bytes_s=round(rate, 1))
             dirty = await trio.to_thread.run_sync(dirty_log.collect)
             runs, pending_count = dirty.runs(), len(dirty)
             self._log.debug("pre-copy round sent", round=round_number,
                             ms=round(elapsed * 1000, 1), rate_mb_s=round(rate / 1e6, 1),
                             pages_dirty=pending_count)
-            if pending_count == 0 or (rate > 0 and pending_count * PAGE_SIZE / rate
-                                      <= budget_s):
+            if _converged(pending_count, previous_count, rate, budget_s):
                 break
+            previous_count = pending_count
             round_number += 1
             out_of_time = trio.current_time() >= deadline
             if round_number >= options.max_rounds or out_of_time:
@@ -376,6 +394,27 @@ def _frame_buffer() -> memoryview:
     with contextlib.suppress(OSError, AttributeError):  # only a hint
         buffer.madvise(mmap.MADV_HUGEPAGE)
     return memoryview(buffer)
+
+
+def _rate(sent: int, elapsed: float, previous: float) -> float:
+    """Bytes per second to expect of the next round: what this round achieved, unless
+    it sent too little to tell (its fixed costs, not the stream, set its time; most of
+    its pages zeros): then the last estimate stands."""
+    if elapsed <= 0 or (sent < RATE_MIN_BYTES and previous > 0):
+        return previous
+    return sent / elapsed
+
+
+def _converged(pending: int, previous: float, rate: float, budget_s: float) -> bool:
+    """Pre-copy is over: what is dirty fits the downtime budget at ``rate`` (each page
+    counted as data: zero pages only make it faster), and another round would not
+    shrink it much: it is already small, or the last round did not halve it (the guest
+    dirties about as fast as the stream sends)."""
+    if pending == 0:
+        return True
+    if rate <= 0 or pending * PAGE_SIZE / rate > budget_s:
+        return False
+    return pending <= SMALL_ENOUGH_PAGES or pending * 2 > previous
 
 
 class _Steps:
