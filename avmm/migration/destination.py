@@ -14,6 +14,7 @@ the source (best effort), releases everything built, and ends the VM with
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,10 @@ class Destination:
                         await self._channel.send_error(f"the destination refused: {why}")
                     except MigrationError:
                         pass
+            if self._channel is not None:
+                # No worker thread may still read the guest RAM about to be unmapped.
+                with contextlib.suppress(MigrationError):
+                    await self._channel.hashed()
             # Release what was built (in a worker: unmapping RAM, closing back-ends).
             await trio.to_thread.run_sync(self.vm._resources.close)
             self.vm._migration_failed(f"incoming migration failed: {why}")
@@ -194,6 +199,7 @@ class Destination:
             end = END.parse(payload)
         except Exception:
             raise MigrationError("corrupt END frame") from None
+        await channel.hashed()  # receive_payload did; digest_before_frame is final
         if end.sha256 != channel.digest_before_frame.digest():
             raise MigrationError("the stream's SHA-256 does not match what was received "
                                  "(corrupted in transit)")

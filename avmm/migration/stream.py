@@ -31,10 +31,12 @@ against the bytes that carry it. A violation is one :class:`MigrationError` line
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import construct as c
 import trio
@@ -186,8 +188,14 @@ class Channel:
         self._buffer = bytearray()
         self.sent_digest = hashlib.sha256()
         self.received_digest = hashlib.sha256()
-        #: The received SHA-256 as it was before the last frame (what END must carry).
+        #: The received SHA-256 as it was before the last frame (what END must carry);
+        #: only once :meth:`hashed` has returned.
         self.digest_before_frame = self.received_digest.copy()
+        # Received bytes not in received_digest yet, in stream order (None: a frame
+        # starts there), and the worker thread hashing the ones before them.
+        self._unhashed: list[bytes | memoryview | None] = []
+        self._hashing: trio.Event | None = None
+        self._hash_error: BaseException | None = None
 
     # -- sending ------------------------------------------------------------------------
 
@@ -252,7 +260,7 @@ class Channel:
         """The next frame's kind and payload length (checked); the payload is left for
         :meth:`receive_payload`, or for :meth:`receive_exactly` and
         :meth:`receive_into` piece by piece."""
-        self.digest_before_frame = self.received_digest.copy()
+        self._hash(None)
         raw = await self.receive_exactly(FRAME_HEADER_SIZE, what="a frame")
         header = FRAME_HEADER.parse(raw)
         try:
@@ -265,6 +273,9 @@ class Channel:
         return kind, header.length
 
     async def receive_payload(self, kind: Kind, length: int) -> bytes:
+        # Every frame but PAGES waits for the data before it to be hashed: a page that
+        # comes again in a later round is then never overwritten before it was hashed.
+        await self.hashed()
         payload = await self.receive_exactly(length, what=f"a {kind.name} frame")
         if kind is Kind.ERROR:
             try:
@@ -282,7 +293,7 @@ class Channel:
             buffer += await self._receive_some(size - len(buffer), what)
         data = bytes(buffer[:size])
         del buffer[:size]
-        self.received_digest.update(data)
+        self._hash(data)
         self.bytes_received += size
         return data
 
@@ -309,12 +320,63 @@ class Channel:
             if not got:
                 raise MigrationError(f"the migration stream ended in {what}")
             filled += got
-        if len(view) >= HASH_IN_THREAD_BYTES:
-            # hashlib lets go of the GIL: the event loop runs on meanwhile.
-            await trio.to_thread.run_sync(self.received_digest.update, view)
-        else:
-            self.received_digest.update(view)
+        self._hash(view)
         self.bytes_received += len(view)
+
+    # -- hashing what was received ------------------------------------------------------
+    # Big data is hashed by a worker thread (hashlib lets go of the GIL) while this side
+    # receives the next frame: everything received goes through _hash, in order.
+
+    def _hash(self, data: bytes | memoryview | None) -> None:
+        """Add received ``data`` to the digest (None: note the digest before a frame)."""
+        if self._hashing is None and not self._unhashed and (
+                data is None or len(data) < HASH_IN_THREAD_BYTES):
+            if data is None:
+                self.digest_before_frame = self.received_digest.copy()
+            else:
+                self.received_digest.update(data)
+            return
+        self._unhashed.append(data)
+        if self._hashing is None:
+            self._start_hashing()
+
+    def _start_hashing(self) -> None:
+        items, self._unhashed = self._unhashed, []
+        done = self._hashing = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        digest = self.received_digest
+
+        def work() -> None:
+            for item in items:
+                if item is None:
+                    self.digest_before_frame = digest.copy()
+                else:
+                    digest.update(item)
+
+        def finished(result: Any) -> None:  # an outcome.Outcome
+            try:
+                result.unwrap()
+            except Exception as e:  # pragma: no cover - hashing bytes does not fail
+                self._hash_error = e
+            self._hashing = None
+            done.set()
+            if self._unhashed:
+                self._start_hashing()
+
+        def deliver(result: Any) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished, result)
+
+        trio.lowlevel.start_thread_soon(work, deliver)
+
+    async def hashed(self) -> None:
+        """Wait until everything received so far is in the digest (and no worker
+        thread reads a received buffer any more: call it, shielded, before guest RAM
+        goes away)."""
+        while self._hashing is not None:
+            await self._hashing.wait()
+        if self._hash_error is not None:
+            raise MigrationError(f"cannot hash the stream: {self._hash_error}")
 
     async def _receive_some(self, size: int, what: str) -> bytes:
         try:
