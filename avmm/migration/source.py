@@ -168,16 +168,23 @@ class Source:
                 # while the last pages go: the encoding is Python work, the sending
                 # mostly kernel copies and hashing that let go of the GIL.
                 state: list[bytes] = []
+                failed: list[Exception] = []
 
                 async def encode_state() -> None:
-                    sections = await self.vm._migration_state()
-                    state.append(await trio.to_thread.run_sync(build_state, sections))
+                    try:
+                        sections = await self.vm._migration_state()
+                        state.append(await trio.to_thread.run_sync(build_state, sections))
+                    except Exception as e:
+                        # Raised once the last pages are out: never cuts a frame.
+                        failed.append(e)
 
                 async def last_pages() -> None:
                     await self._send_round(channel, dirty.runs())
                     steps.mark("pages")
 
                 await _together(encode_state, last_pages)
+                if failed:
+                    raise failed[0]
                 await channel.send(Kind.STATE, state[0])
                 await channel.send(Kind.END, _end(channel, self.progress.pages_sent))
                 steps.mark("state")
