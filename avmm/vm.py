@@ -787,6 +787,11 @@ class VirtualMachine:
         if len(machine.vcpus) != len(self._vcpus):
             raise MigrationError(f"the streamed state has {len(machine.vcpus)} vCPUs, the "
                                  f"streamed config {len(self._vcpus)}")
+        # Guest RAM goes to KVM only now that the stream has filled it: on some hosts a
+        # first write to a page KVM maps costs several times more (see
+        # avmm.migration.destination).
+        assert self.memory is not None
+        self._register_memory(self._kvm_vm, self.memory)
         self._restore_state(self._kvm_vm, plan)
         # From here the VM's start serves the restored (paused) slots, as after restore().
         self._restore_plan = plan
@@ -940,10 +945,8 @@ class VirtualMachine:
             # mapping, so every address handed out from here on is the restored RAM.
             with self._step("loading the snapshot's guest memory"):
                 load_memory(plan.snapshot, memory, copy=plan.copy_memory)
-        with self._step("registering guest memory with KVM"):
-            for slot, region in enumerate(memory.regions):
-                vm.set_user_memory_region(slot, region.guest_address, region.size,
-                                          memory.host_address(region))
+        if not self._incoming:
+            self._register_memory(vm, memory)
         devices = self._make_virtio_devices()
         with self._step("placing the virtio devices"):
             for device, placement in zip(devices, placements(len(devices)), strict=True):
@@ -960,6 +963,12 @@ class VirtualMachine:
         self._make_vcpus(kvm, vm, boot)
         if plan is not None:
             self._restore_state(vm, plan)
+
+    def _register_memory(self, vm: Any, memory: GuestMemory) -> None:
+        with self._step("registering guest memory with KVM"):
+            for slot, region in enumerate(memory.regions):
+                vm.set_user_memory_region(slot, region.guest_address, region.size,
+                                          memory.host_address(region))
 
     def _restore_state(self, vm: Any, plan: _RestorePlan) -> None:
         """Load the saved state into the freshly built machine, in the order its parts

@@ -14,6 +14,7 @@ the source (best effort), releases everything built, and ends the VM with
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,18 @@ from ..state.vm_state import (
 from .errors import MigrationError
 from .pages import PageMap
 from .progress import MigrationProgress
-from .stream import END, ROUND, Channel, Kind, PeerError, parse_pages
+from .stream import (
+    END,
+    KIND_DATA,
+    PAGES_COUNT,
+    ROUND,
+    Channel,
+    Kind,
+    PeerError,
+    check_pages_length,
+    parse_runs,
+    runs_length,
+)
 from .transport import Listener
 
 if TYPE_CHECKING:
@@ -130,6 +142,10 @@ class Destination:
                         await self._channel.send_error(f"the destination refused: {why}")
                     except MigrationError:
                         pass
+            if self._channel is not None:
+                # No worker thread may still read the guest RAM about to be unmapped.
+                with contextlib.suppress(MigrationError):
+                    await self._channel.hashed()
             # Release what was built (in a worker: unmapping RAM, closing back-ends).
             # The vCPUs leave the VM's list first, here on the event loop: a stop
             # requested meanwhile (the embedder leaving receive()) kicks the vCPUs it
@@ -156,15 +172,15 @@ class Destination:
         received = 0
         state: dict[str, Any] | None = None
         while True:
-            kind, payload = await channel.receive()
+            kind, length = await channel.receive_frame_header()
             if kind is Kind.PAGES:
                 if state is not None:
                     raise MigrationError("PAGES frame after the STATE frame")
-                batch = parse_pages(payload, pages.total)
-                pages.write_batch(batch.numbers, batch.kinds, batch.data)
-                received += len(batch.kinds)
+                received += await _receive_pages(channel, pages, length)
                 self.progress = replace(self.progress, pages_sent=received)
-            elif kind is Kind.ROUND:
+                continue
+            payload = await channel.receive_payload(kind, length)
+            if kind is Kind.ROUND:
                 try:
                     marker = ROUND.parse(payload)
                 except Exception:
@@ -187,6 +203,7 @@ class Destination:
             end = END.parse(payload)
         except Exception:
             raise MigrationError("corrupt END frame") from None
+        await channel.hashed()  # receive_payload did; digest_before_frame is final
         if end.sha256 != channel.digest_before_frame.digest():
             raise MigrationError("the stream's SHA-256 does not match what was received "
                                  "(corrupted in transit)")
@@ -258,6 +275,25 @@ def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
         raise refuse("console")
     return replace(given, machine=streamed.machine, boot=streamed.boot,
                    disks=tuple(disks), nets=tuple(nets))
+
+
+async def _receive_pages(channel: Channel, pages: PageMap, length: int) -> int:
+    """Receive one PAGES frame of ``length`` bytes: its runs first, all of them checked
+    before any byte goes into guest RAM, then each data run's pages straight into guest
+    RAM. Returns how many pages it covered."""
+    check_pages_length(length)
+    count = await channel.receive_exactly(PAGES_COUNT.size, what="a PAGES frame")
+    head = await channel.receive_exactly(runs_length(count, length), what="a PAGES frame")
+    runs = parse_runs(head, length, pages.total)
+    covered = 0
+    for first, run_pages, kind in runs:
+        covered += run_pages
+        if kind == KIND_DATA:
+            for view in pages.data_views(first, run_pages):
+                await channel.receive_into(view, what="a PAGES frame")
+        else:
+            pages.store_zeros(first, run_pages)
+    return covered
 
 
 def _parse_state(payload: bytes) -> dict[str, Any]:

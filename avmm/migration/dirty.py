@@ -220,15 +220,19 @@ class PageSet:
                     first = base
                 end = base + 64
                 continue
+            # A run of set bits at a time (not a page at a time): its lowest bit, then
+            # how many ones follow from there.
             while word:
-                low = word & -word
-                page = base + low.bit_length() - 1
-                word ^= low
+                low = (word & -word).bit_length() - 1
+                ones = word >> low
+                length = (ones ^ (ones + 1)).bit_length() - 1
+                word = (ones >> length) << (low + length)
+                page = base + low
                 if page != end:
                     if first >= 0:
                         yield first, end - first
                     first = page
-                end = page + 1
+                end = page + length
         if first >= 0:
             yield first, end - first
 

@@ -20,21 +20,23 @@ guest runs on as if nothing had happened, and the destination discards what it g
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ..errors import AvmmError
+from ..errors import AvmmError, leaf_errors
 from ..state.format import build_state
 from .errors import MigrationError
 from .pages import PageMap
 from .progress import MigrationProgress
-from .stream import MAX_BATCH_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, build_pages
+from .stream import MAX_FRAME_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, pages_head
 from .transport import Address, connect
 
 if TYPE_CHECKING:
@@ -49,6 +51,13 @@ HANDSHAKE_TIMEOUT_S = 120.0
 #: and lets it run on: a destination that stops reading must not freeze it for good.
 STOP_AND_COPY_TIMEOUT_S = 120.0
 ON_TIMEOUT = ("pause", "abort")
+#: A round that sent less than this says little about the stream's rate.
+RATE_MIN_BYTES = 4 << 20
+#: Dirty pages few enough that another pre-copy round would not shorten the downtime
+#: by much (a millisecond or so at the rates a unix socket or a LAN reach).
+SMALL_ENOUGH_PAGES = 256
+#: How often progress is reported while pages are sent.
+PROGRESS_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,10 @@ class Options:
         if self.timeout_s is not None and not (isinstance(self.timeout_s, int | float)
                                                and 0 < self.timeout_s < math.inf):
             raise MigrationError("timeout_s must be a positive number of seconds")
+
+
+#: A PAGES frame ready to send: its header, head (runs), data, and pages covered.
+_Frame = tuple[bytes, bytes, memoryview, int]
 
 
 class _Converged(Exception):
@@ -103,6 +116,7 @@ class Source:
         self._channel: Channel | None = None
         self._pending_before_pause: Any = None
         self._backends: list[Any] = []  # vhost-user devices whose logs are on
+        self._frame_buffers: tuple[memoryview, memoryview] | None = None
         self._log = log.bind(vm=vm.name, to=str(address))
 
     def _update(self, **changes: Any) -> None:
@@ -139,6 +153,8 @@ class Source:
             paused_at = time.monotonic()
             await self.vm._migration_pause()
             paused_here = True
+            steps = _Steps(paused_at)
+            steps.mark("pause")
             with trio.fail_after(STOP_AND_COPY_TIMEOUT_S):
                 # What the last pre-copy round left dirty, and what was dirtied since.
                 dirty = self._pending_before_pause
@@ -147,11 +163,33 @@ class Source:
                 dirty_log = None
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
-                await self._send_round(channel, dirty)
-                state = await self.vm._migration_state()
-                await channel.send(Kind.STATE, build_state(state))
+                steps.mark("collect")
+                # The device and vCPU state (fixed while paused) is taken and encoded
+                # while the last pages go: the encoding is Python work, the sending
+                # mostly kernel copies and hashing that let go of the GIL.
+                state: list[bytes] = []
+                failed: list[Exception] = []
+
+                async def encode_state() -> None:
+                    try:
+                        sections = await self.vm._migration_state()
+                        state.append(await trio.to_thread.run_sync(build_state, sections))
+                    except Exception as e:
+                        # Raised once the last pages are out: never cuts a frame.
+                        failed.append(e)
+
+                async def last_pages() -> None:
+                    await self._send_round(channel, dirty.runs())
+                    steps.mark("pages")
+
+                await _together(encode_state, last_pages)
+                if failed:
+                    raise failed[0]
+                await channel.send(Kind.STATE, state[0])
                 await channel.send(Kind.END, _end(channel, self.progress.pages_sent))
+                steps.mark("state")
                 kind, _ = await channel.receive()
+                steps.mark("ack")
                 if kind is not Kind.ACK:
                     raise MigrationError(f"the destination answered {kind.name}, not ACK")
                 # After this frame the destination runs the guest: from here on this
@@ -163,7 +201,9 @@ class Source:
             self._log.info("migration completed", rounds=self.progress.round,
                            pages_sent=self.progress.pages_sent,
                            bytes_sent=self.progress.bytes_sent, downtime_ms=downtime,
-                           total_ms=self.progress.total_ms)
+                           total_ms=self.progress.total_ms,
+                           last_round_pages=self.progress.pages_dirty,
+                           downtime_steps_ms=steps.ms)
             return self.progress
         except BaseException as e:
             error = _failure(e)
@@ -186,6 +226,7 @@ class Source:
                 raise MigrationError(error) from None
             raise
         finally:
+            self._release_buffers()
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
@@ -220,22 +261,27 @@ class Source:
         deadline = (trio.current_time() + options.timeout_s
                     if options.timeout_s is not None else math.inf)
         budget_s = options.downtime_ms / 1000
-        pending: Iterable[int] = range(self.pages.total)
+        runs: Iterable[tuple[int, int]] = [(0, self.pages.total)]  # round 0: all of RAM
         pending_count = self.pages.total
+        previous_count = math.inf
         round_number = 0
+        rate = 0.0
         while True:
             self._update(round=round_number, pages_dirty=pending_count)
             started, sent_before = time.monotonic(), channel.bytes_sent
             # A round is never cut short: a page left out would never be sent again.
-            await self._send_round(channel, pending)
+            await self._send_round(channel, runs)
             elapsed = time.monotonic() - started
-            rate = (channel.bytes_sent - sent_before) / elapsed if elapsed > 0 else 0.0
+            rate = _rate(channel.bytes_sent - sent_before, elapsed, rate)
             self._update(rate_bytes_s=round(rate, 1))
             dirty = await trio.to_thread.run_sync(dirty_log.collect)
-            pending, pending_count = dirty, len(dirty)
-            if pending_count == 0 or (rate > 0 and pending_count * PAGE_SIZE / rate
-                                      <= budget_s):
+            runs, pending_count = dirty.runs(), len(dirty)
+            self._log.debug("pre-copy round sent", round=round_number,
+                            ms=round(elapsed * 1000, 1), rate_mb_s=round(rate / 1e6, 1),
+                            pages_dirty=pending_count)
+            if _converged(pending_count, previous_count, rate, budget_s):
                 break
+            previous_count = pending_count
             round_number += 1
             out_of_time = trio.current_time() >= deadline
             if round_number >= options.max_rounds or out_of_time:
@@ -249,24 +295,146 @@ class Source:
                                pages_dirty=pending_count)
                 break
         # The stop-and-copy round sends what is dirty then (these pages included).
-        self._pending_before_pause = pending
+        self._pending_before_pause = dirty
 
-    async def _send_round(self, channel: Channel, pages: Iterable[int]) -> None:
-        """Send ``pages`` (ascending page numbers) in batches; a ROUND marker first."""
+    async def _send_round(self, channel: Channel, runs: Iterable[tuple[int, int]]) -> None:
+        """Send the pages of ``runs`` ((first, count), ascending); a ROUND marker first.
+
+        A worker thread reads (and zero-checks) each frame's pages into one of two
+        buffers and hashes it, while the event loop sends the frame before: the guest
+        RAM is copied once, and the loop never touches it."""
         progress = self.progress
         await channel.send(Kind.ROUND, ROUND.build({"round": progress.round,
                                                     "pages_dirty": progress.pages_dirty}))
+        sending, ready = trio.open_memory_channel[_Frame | Exception](0)
         sent = progress.pages_sent
-        for batch in self.pages.batches(pages, MAX_BATCH_PAGES):
-            if not self.vm._migration_running():
-                raise MigrationError(f"VM {self.vm.name!r} stopped during the migration")
-            data = self.pages.read_batch(batch)
-            await channel.send(Kind.PAGES, build_pages(batch, data))
-            sent += len(batch)
-            self.progress = replace(self.progress, pages_sent=sent)
-            if sent % (MAX_BATCH_PAGES * 16) < MAX_BATCH_PAGES:
-                self._update()
+        last_report = time.monotonic()
+
+        async def read_frames() -> None:
+            async with sending:
+                try:
+                    buffers = self._buffers()
+                    for index, frame in enumerate(self.pages.frames(runs)):
+                        if not self.vm._migration_running():
+                            return  # send_frames says why
+                        item = await trio.to_thread.run_sync(
+                            self._read_frame, channel, frame, buffers[index & 1])
+                        await sending.send(item)
+                except Exception as e:
+                    # Raised by send_frames between two frames: a failure here must not
+                    # cut a frame in the middle (the ERROR frame that follows would be
+                    # read as its data).
+                    await sending.send(e)
+
+        async def send_frames() -> None:
+            nonlocal sent, last_report
+            async with ready:
+                async for item in ready:
+                    if isinstance(item, Exception):
+                        raise item
+                    self._check_running()
+                    header, head, data, pages = item
+                    await channel.send_hashed(header, head, data)
+                    sent += pages
+                    self.progress = replace(self.progress, pages_sent=sent)
+                    if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                        last_report = time.monotonic()
+                        self._update()
+            self._check_running()  # read_frames stops early for a VM that stops
+
+        await _together(read_frames, send_frames)
         self._update(pages_sent=sent)
+
+    def _check_running(self) -> None:
+        if not self.vm._migration_running():
+            raise MigrationError(f"VM {self.vm.name!r} stopped during the migration")
+
+    def _buffers(self) -> tuple[memoryview, memoryview]:
+        """Two frame buffers, kept for the whole migration (a fresh one per frame
+        would cost a page fault per page). Anonymous mappings, not bytearrays: nothing
+        touches their pages until data lands there, and huge pages where the kernel
+        gives them make that a handful of faults."""
+        if self._frame_buffers is None:
+            self._frame_buffers = (_frame_buffer(), _frame_buffer())
+        return self._frame_buffers
+
+    def _release_buffers(self) -> None:
+        buffers, self._frame_buffers = self._frame_buffers, None
+        for view in buffers or ():
+            mapping = view.obj
+            view.release()
+            # A slice still held (a traceback's frame) keeps it to the garbage collector.
+            with contextlib.suppress(BufferError):
+                mapping.close()  # type: ignore[union-attr]
+
+    def _read_frame(self, channel: Channel, frame: list[tuple[int, int]],
+                    buffer: memoryview) -> _Frame:
+        """In a worker thread: a PAGES frame's header, head and data, hashed into the
+        stream's digest (frames are read and sent in the same order, one at a time)."""
+        runs, used = self.pages.read_frame(frame, buffer)
+        head = pages_head(runs)
+        header = channel.frame_header(Kind.PAGES, len(head) + used)
+        data = buffer[:used]
+        digest = channel.sent_digest
+        digest.update(header)
+        digest.update(head)
+        digest.update(data)
+        return header, head, data, sum(count for _, count in frame)
+
+
+async def _together(*tasks: Callable[[], Awaitable[object]]) -> None:
+    """Run the tasks in one nursery; when one fails the other is cancelled and its
+    exception propagates as itself, not inside an ExceptionGroup."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for task in tasks:
+                nursery.start_soon(task)
+    except BaseExceptionGroup as group:
+        errors = [e for e in leaf_errors(group) if not isinstance(e, trio.Cancelled)]
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise
+
+
+def _frame_buffer() -> memoryview:
+    buffer = mmap.mmap(-1, MAX_FRAME_PAGES * PAGE_SIZE)
+    with contextlib.suppress(OSError, AttributeError):  # only a hint
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(buffer)
+
+
+def _rate(sent: int, elapsed: float, previous: float) -> float:
+    """Bytes per second to expect of the next round: what this round achieved, unless
+    it sent too little to tell (its fixed costs, not the stream, set its time; most of
+    its pages zeros): then the last estimate stands."""
+    if elapsed <= 0 or (sent < RATE_MIN_BYTES and previous > 0):
+        return previous
+    return sent / elapsed
+
+
+def _converged(pending: int, previous: float, rate: float, budget_s: float) -> bool:
+    """Pre-copy is over: what is dirty fits the downtime budget at ``rate`` (each page
+    counted as data: zero pages only make it faster), and another round would not
+    shrink it much: it is already small, or the last round did not halve it (the guest
+    dirties about as fast as the stream sends)."""
+    if pending == 0:
+        return True
+    if rate <= 0 or pending * PAGE_SIZE / rate > budget_s:
+        return False
+    return pending <= SMALL_ENOUGH_PAGES or pending * 2 > previous
+
+
+class _Steps:
+    """Where the downtime went (milliseconds per step, for the log)."""
+
+    def __init__(self, start: float) -> None:
+        self._last = start
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.ms[step] = round((now - self._last) * 1000, 1)
+        self._last = now
 
 
 def _end(channel: Channel, pages_sent: int) -> bytes:

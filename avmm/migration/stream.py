@@ -8,9 +8,11 @@ Layout (little-endian)::
 Source → destination, in this order::
 
     CONFIG   the VM's config (the snapshot's "config" section, codec-encoded)
-    PAGES*   a batch of guest RAM pages: u16 count, count u64 page numbers (RAM file
-             offset / 4096, as avmm.state.memory_file numbers them), count kind bytes
-             (0: all zeros, nothing follows; 1: data), then 4096 bytes per data page
+    PAGES*   runs of consecutive guest RAM pages: u16 count of runs, then per run u64
+             first page (RAM file offset / 4096, as avmm.state.memory_file numbers
+             them), u32 pages, u8 kind (0: all zeros, nothing follows; 1: data); then
+             4096 bytes per page of each data run, in run order (at most
+             MAX_FRAME_PAGES data pages per frame)
     ROUND*   u32 round, u64 pages dirty at its start: a pass over dirtied pages begins
     STATE    the snapshot state file's bytes (avmm.state.format: its own version and
              SHA-256) with the "machine", "devices" and "virtio" sections
@@ -29,9 +31,12 @@ against the bytes that carry it. A violation is one :class:`MigrationError` line
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
-from dataclasses import dataclass
+import struct
+from collections.abc import Sequence
+from typing import Any
 
 import construct as c
 import trio
@@ -39,16 +44,22 @@ import trio
 from .errors import MigrationError
 
 MAGIC = b"AVMMMIGR"
-VERSION = 1
+#: 2: PAGES frames carry runs of pages (version 1: one number and kind per page).
+VERSION = 2
 PAGE_SIZE = 4096
-#: Pages per PAGES frame: 1 MiB of data at most, small enough to interleave with
-#: anything else and to bound what a destination buffers.
-MAX_BATCH_PAGES = 256
-#: The largest frame payload: a full batch, or a state file (a few KiB per vCPU and
-#: device; far less than this).
+#: Pages a PAGES frame covers (its data pages, and so its data, at most 8 MiB): big
+#: enough that the per-frame work is small beside the copy, small enough to bound
+#: what either side holds at once.
+MAX_FRAME_PAGES = 2048
+#: Runs per PAGES frame: a frame of MAX_FRAME_PAGES pages holds at most that many.
+MAX_FRAME_RUNS = MAX_FRAME_PAGES
+#: The largest frame payload: a full PAGES frame, or a state file (a few KiB per vCPU
+#: and device; far less than this).
 MAX_FRAME = 64 << 20
 #: The longest ERROR line kept.
 MAX_ERROR_BYTES = 1000
+#: Data this large is hashed in a worker thread, off the event loop.
+HASH_IN_THREAD_BYTES = 1 << 20
 
 HEADER = c.Struct(
     "magic" / c.Const(MAGIC),
@@ -75,15 +86,10 @@ FRAME_HEADER = c.Struct(
 )
 FRAME_HEADER_SIZE = FRAME_HEADER.sizeof()
 
-PAGES = c.Struct(
-    "count" / c.Int16ul,
-    # Raw little-endian u64s and bytes (hot path: read with memoryview casts, not one
-    # construct object per page).
-    "numbers" / c.Bytes(c.this.count * 8),
-    "kinds" / c.Bytes(c.this.count),
-    "data" / c.GreedyBytes,
-)
-PAGES_FIXED = c.Struct("count" / c.Int16ul)
+#: A PAGES frame's head: the run count, then each run (hot path: packed and unpacked
+#: with struct, not one construct object per run).
+PAGES_COUNT = struct.Struct("<H")
+PAGES_RUN = struct.Struct("<QIB")
 ROUND = c.Struct("round" / c.Int32ul, "pages_dirty" / c.Int64ul, c.Terminated)
 END = c.Struct("pages_sent" / c.Int64ul, "sha256" / c.Bytes(32), c.Terminated)
 ERROR = c.Struct("message" / c.PascalString(c.Int16ul, "utf8"), c.Terminated)
@@ -99,51 +105,76 @@ def writer() -> str:
     return f"avmm {__version__}"
 
 
-def build_pages(numbers: list[int], pages: list[bytes | None]) -> bytes:
-    """A PAGES payload: ``pages[i]`` is page ``numbers[i]``'s data, None for zeros."""
-    import array
-
-    kinds = bytes(KIND_ZERO if page is None else KIND_DATA for page in pages)
-    return PAGES.build({
-        "count": len(numbers),
-        "numbers": array.array("Q", numbers).tobytes(),
-        "kinds": kinds,
-        "data": b"".join(page for page in pages if page is not None),
-    })
+#: A run of a PAGES frame: (first page, pages, kind).
+Run = tuple[int, int, int]
 
 
-@dataclass(frozen=True)
-class PageBatch:
-    """A checked PAGES payload: page numbers, which are zero, and the data pages."""
-
-    numbers: memoryview  # u64
-    kinds: bytes
-    data: memoryview
+def pages_head(runs: Sequence[Run]) -> bytes:
+    """A PAGES payload's head (the data of its data runs follows it)."""
+    return PAGES_COUNT.pack(len(runs)) + b"".join(PAGES_RUN.pack(*run) for run in runs)
 
 
-def parse_pages(payload: bytes, total_pages: int) -> PageBatch:
-    """A PAGES payload, checked: the count, the kinds, the data length, and every page
-    number below ``total_pages``."""
-    try:
-        count = PAGES_FIXED.parse(payload).count
-        parsed = PAGES.parse(payload)
-    except c.ConstructError:
-        raise MigrationError("corrupt PAGES frame (shorter than its count says)") from None
-    if not 0 < count <= MAX_BATCH_PAGES:
-        raise MigrationError(f"PAGES frame with {count} pages (1..{MAX_BATCH_PAGES})")
-    numbers = memoryview(parsed.numbers).cast("Q")
-    kinds = parsed.kinds
-    data_pages = kinds.count(KIND_DATA)
-    if data_pages + kinds.count(KIND_ZERO) != count:
-        raise MigrationError("PAGES frame with an unknown page kind")
-    if len(parsed.data) != data_pages * PAGE_SIZE:
+def build_pages(runs: Sequence[Run], data: bytes = b"") -> bytes:
+    """A whole PAGES payload: ``runs``, then ``data`` (every data run's pages)."""
+    return pages_head(runs) + data
+
+
+def check_pages_length(payload_length: int) -> None:
+    """A PAGES frame must hold at least its run count (checked before reading it: a
+    shorter frame would have the reader wait for bytes of the next one)."""
+    if payload_length < PAGES_COUNT.size:
+        raise MigrationError("corrupt PAGES frame (shorter than its run count)")
+
+
+def runs_length(count_bytes: bytes, payload_length: int) -> int:
+    """The bytes of runs that follow a PAGES frame's two count bytes, checked against
+    the count's limits and the frame's length."""
+    check_pages_length(payload_length)
+    if len(count_bytes) != PAGES_COUNT.size:
+        raise MigrationError("corrupt PAGES frame (shorter than its run count)")
+    (count,) = PAGES_COUNT.unpack(count_bytes)
+    if not 0 < count <= MAX_FRAME_RUNS:
+        raise MigrationError(f"PAGES frame with {count} runs (1..{MAX_FRAME_RUNS})")
+    length = count * PAGES_RUN.size
+    if PAGES_COUNT.size + length > payload_length:
+        raise MigrationError("corrupt PAGES frame (shorter than its runs)")
+    return length
+
+
+def parse_runs(runs_bytes: bytes, payload_length: int, total_pages: int) -> list[Run]:
+    """A PAGES frame's runs (the bytes :func:`runs_length` said), checked: each of at
+    least one page, inside RAM, of a known kind; at most :data:`MAX_FRAME_PAGES` data
+    pages in all, whose bytes fill the rest of the frame exactly."""
+    if not runs_bytes or len(runs_bytes) % PAGES_RUN.size:
+        raise MigrationError("corrupt PAGES frame (a partial run)")
+    runs = list(PAGES_RUN.iter_unpack(runs_bytes))
+    data_pages = 0
+    for first, pages, kind in runs:
+        if pages == 0:
+            raise MigrationError("PAGES frame with an empty run")
+        if kind == KIND_DATA:
+            data_pages += pages
+        elif kind != KIND_ZERO:
+            raise MigrationError(f"PAGES frame with an unknown page kind {kind}")
+        if first + pages > total_pages:
+            raise MigrationError(f"PAGES frame names pages {first}..{first + pages - 1}; "
+                                 f"guest RAM has {total_pages}")
+    if data_pages > MAX_FRAME_PAGES:
+        raise MigrationError(f"PAGES frame with {data_pages} data pages (at most "
+                             f"{MAX_FRAME_PAGES})")
+    data_length = payload_length - PAGES_COUNT.size - len(runs_bytes)
+    if data_length != data_pages * PAGE_SIZE:
         raise MigrationError(f"PAGES frame: {data_pages} data pages need "
-                             f"{data_pages * PAGE_SIZE} bytes, it carries "
-                             f"{len(parsed.data)}")
-    if max(numbers) >= total_pages:
-        raise MigrationError(f"PAGES frame names page {max(numbers)}; guest RAM has "
-                             f"{total_pages}")
-    return PageBatch(numbers=numbers, kinds=kinds, data=memoryview(parsed.data))
+                             f"{data_pages * PAGE_SIZE} bytes, it carries {data_length}")
+    return runs
+
+
+def parse_pages(payload: bytes, total_pages: int) -> tuple[list[Run], memoryview]:
+    """A whole PAGES payload, checked: its runs and the data that follows them."""
+    length = runs_length(payload[:PAGES_COUNT.size], len(payload))
+    end = PAGES_COUNT.size + length
+    runs = parse_runs(payload[PAGES_COUNT.size:end], len(payload), total_pages)
+    return runs, memoryview(payload)[end:]
 
 
 class Channel:
@@ -157,8 +188,14 @@ class Channel:
         self._buffer = bytearray()
         self.sent_digest = hashlib.sha256()
         self.received_digest = hashlib.sha256()
-        #: The received SHA-256 as it was before the last frame (what END must carry).
+        #: The received SHA-256 as it was before the last frame (what END must carry);
+        #: only once :meth:`hashed` has returned.
         self.digest_before_frame = self.received_digest.copy()
+        # Received bytes not in received_digest yet, in stream order (None: a frame
+        # starts there), and the worker thread hashing the ones before them.
+        self._unhashed: list[bytes | memoryview | None] = []
+        self._hashing: trio.Event | None = None
+        self._hash_error: BaseException | None = None
 
     # -- sending ------------------------------------------------------------------------
 
@@ -175,21 +212,35 @@ class Channel:
         await self.send(Kind.ERROR, ERROR.build({"message": text}))
 
     async def _send(self, data: bytes) -> None:
+        await self.send_hashed(data)
+        self.sent_digest.update(data)
+
+    @staticmethod
+    def frame_header(kind: Kind, length: int) -> bytes:
+        """The header of a frame of ``length`` payload bytes (for :meth:`send_hashed`)."""
+        if length > MAX_FRAME:  # pragma: no cover - the writers never build one
+            raise MigrationError(f"{kind.name} frame of {length} bytes is too large")
+        return FRAME_HEADER.build({"kind": kind, "length": length})
+
+    async def send_hashed(self, *parts: bytes | memoryview) -> None:
+        """Send ``parts`` whose bytes the caller has already added to
+        :attr:`sent_digest`, in stream order (a worker thread hashes big frames while
+        this side sends the one before)."""
         try:
-            await self.stream.send_all(data)
+            for part in parts:
+                await self.stream.send_all(part)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise MigrationError(f"the migration stream broke: {_why(e)}") from None
-        self.sent_digest.update(data)
-        self.bytes_sent += len(data)
+        self.bytes_sent += sum(len(part) for part in parts)
 
     # -- receiving ----------------------------------------------------------------------
 
     async def receive_header(self) -> None:
-        head = await self._receive_exactly(len(MAGIC) + 4 + 1, what="the stream header")
+        head = await self.receive_exactly(len(MAGIC) + 4 + 1, what="the stream header")
         if head[:len(MAGIC)] != MAGIC:
             raise MigrationError("not an avmm migration stream (no AVMMMIGR magic)")
         writer_length = head[-1]
-        rest = await self._receive_exactly(writer_length, what="the stream header")
+        rest = await self.receive_exactly(writer_length, what="the stream header")
         try:
             header = HEADER.parse(head + rest)
         except (c.ConstructError, UnicodeDecodeError):
@@ -202,8 +253,15 @@ class Channel:
     async def receive(self) -> tuple[Kind, bytes]:
         """The next frame: its kind and payload. An ERROR frame from the peer raises
         :class:`MigrationError` with the peer's line."""
-        self.digest_before_frame = self.received_digest.copy()
-        raw = await self._receive_exactly(FRAME_HEADER_SIZE, what="a frame")
+        kind, length = await self.receive_frame_header()
+        return kind, await self.receive_payload(kind, length)
+
+    async def receive_frame_header(self) -> tuple[Kind, int]:
+        """The next frame's kind and payload length (checked); the payload is left for
+        :meth:`receive_payload`, or for :meth:`receive_exactly` and
+        :meth:`receive_into` piece by piece."""
+        self._hash(None)
+        raw = await self.receive_exactly(FRAME_HEADER_SIZE, what="a frame")
         header = FRAME_HEADER.parse(raw)
         try:
             kind = Kind(header.kind)
@@ -212,31 +270,123 @@ class Channel:
         if header.length > MAX_FRAME:
             raise MigrationError(f"{kind.name} frame of {header.length} bytes (at most "
                                  f"{MAX_FRAME})")
-        payload = await self._receive_exactly(header.length, what=f"a {kind.name} frame")
+        return kind, header.length
+
+    async def receive_payload(self, kind: Kind, length: int) -> bytes:
+        # Every frame but PAGES waits for the data before it to be hashed: a page that
+        # comes again in a later round is then never overwritten before it was hashed.
+        await self.hashed()
+        payload = await self.receive_exactly(length, what=f"a {kind.name} frame")
         if kind is Kind.ERROR:
             try:
                 message = ERROR.parse(payload).message
             except (c.ConstructError, UnicodeDecodeError):
                 message = "(unreadable message)"
             raise PeerError(message)
-        return kind, payload
+        return payload
 
-    async def _receive_exactly(self, size: int, *, what: str) -> bytes:
+    async def receive_exactly(self, size: int, *, what: str) -> bytes:
+        """The next ``size`` bytes. Reads no further than that: what follows may go
+        straight into guest RAM (:meth:`receive_into`)."""
         buffer = self._buffer
         while len(buffer) < size:
+            buffer += await self._receive_some(size - len(buffer), what)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        self._hash(data)
+        self.bytes_received += size
+        return data
+
+    async def receive_into(self, view: memoryview, *, what: str) -> None:
+        """Fill ``view`` with the next ``len(view)`` bytes, received straight into it
+        (no copy in between), and hash them."""
+        filled = 0
+        if self._buffer:  # pragma: no cover - receive_exactly never reads ahead
+            filled = min(len(self._buffer), len(view))
+            view[:filled] = self._buffer[:filled]
+            del self._buffer[:filled]
+        sock = getattr(self.stream, "socket", None)
+        while filled < len(view):
             try:
-                chunk = await self.stream.receive_some(max(1 << 20, size - len(buffer)))
+                if sock is not None:
+                    got = await sock.recv_into(view[filled:])
+                else:
+                    chunk = await self.stream.receive_some(len(view) - filled)
+                    got = len(chunk)
+                    view[filled:filled + got] = chunk
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 raise MigrationError(f"the migration stream broke in {what}: "
                                      f"{_why(e)}") from None
-            if not chunk:
+            if not got:
                 raise MigrationError(f"the migration stream ended in {what}")
-            buffer += chunk
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        self.received_digest.update(data)
-        self.bytes_received += size
-        return data
+            filled += got
+        self._hash(view)
+        self.bytes_received += len(view)
+
+    # -- hashing what was received ------------------------------------------------------
+    # Big data is hashed by a worker thread (hashlib lets go of the GIL) while this side
+    # receives the next frame: everything received goes through _hash, in order.
+
+    def _hash(self, data: bytes | memoryview | None) -> None:
+        """Add received ``data`` to the digest (None: note the digest before a frame)."""
+        if self._hashing is None and not self._unhashed and (
+                data is None or len(data) < HASH_IN_THREAD_BYTES):
+            if data is None:
+                self.digest_before_frame = self.received_digest.copy()
+            else:
+                self.received_digest.update(data)
+            return
+        self._unhashed.append(data)
+        if self._hashing is None:
+            self._start_hashing()
+
+    def _start_hashing(self) -> None:
+        items, self._unhashed = self._unhashed, []
+        done = self._hashing = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        digest = self.received_digest
+
+        def work() -> None:
+            for item in items:
+                if item is None:
+                    self.digest_before_frame = digest.copy()
+                else:
+                    digest.update(item)
+
+        def finished(result: Any) -> None:  # an outcome.Outcome
+            try:
+                result.unwrap()
+            except Exception as e:  # pragma: no cover - hashing bytes does not fail
+                self._hash_error = e
+            self._hashing = None
+            done.set()
+            if self._unhashed:
+                self._start_hashing()
+
+        def deliver(result: Any) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished, result)
+
+        trio.lowlevel.start_thread_soon(work, deliver)
+
+    async def hashed(self) -> None:
+        """Wait until everything received so far is in the digest (and no worker
+        thread reads a received buffer any more: call it, shielded, before guest RAM
+        goes away)."""
+        while self._hashing is not None:
+            await self._hashing.wait()
+        if self._hash_error is not None:
+            raise MigrationError(f"cannot hash the stream: {self._hash_error}")
+
+    async def _receive_some(self, size: int, what: str) -> bytes:
+        try:
+            chunk = await self.stream.receive_some(size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise MigrationError(f"the migration stream broke in {what}: "
+                                 f"{_why(e)}") from None
+        if not chunk:
+            raise MigrationError(f"the migration stream ended in {what}")
+        return chunk
 
 
 class PeerError(MigrationError):

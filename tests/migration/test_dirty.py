@@ -3,6 +3,7 @@ sources, collect-and-clear, stop, and the slot layouts a log accepts."""
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -84,6 +85,25 @@ def test_page_set_union_and_ranges() -> None:
         a |= PageSet(10)
     full = PageSet.full(130)
     assert len(full) == 130 and list(full.runs()) == [(0, 130)]
+
+
+def test_page_set_runs_match_its_pages() -> None:
+    """Runs (found a run of set bits at a time) cover exactly the pages, maximal and
+    ascending, wherever they start and end inside a word."""
+    rng = random.Random(13)
+    for _ in range(200):
+        size = rng.randint(1, 3000)
+        pages = PageSet(size)
+        for _ in range(rng.randint(0, 40)):
+            first = rng.randrange(size)
+            pages.add_range(first, min(rng.randint(1, 150), size - first))
+        expected: list[tuple[int, int]] = []
+        for page in pages:
+            if expected and sum(expected[-1]) == page:
+                expected[-1] = (expected[-1][0], expected[-1][1] + 1)
+            else:
+                expected.append((page, 1))
+        assert list(pages.runs()) == expected
 
 
 def test_page_set_or_bitmap_at_an_unaligned_page() -> None:

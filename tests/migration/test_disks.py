@@ -32,15 +32,20 @@ from .support import MEM_WALK, TIMEOUT_S, collect, guest_config, read_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-# 32 MiB: the guest writes it, then reads it all back. Enough work that the guest is
-# still busy when a migration of its 64 MiB of RAM ends, on a loaded machine too.
-SECTORS = 4 * BLK_SECTORS
+# 16 MiB: the guest writes it, then reads it all back. With small requests, enough
+# work that the guest is still busy when a migration of its 64 MiB of RAM ends, on a
+# loaded machine too.
+SECTORS = 2 * BLK_SECTORS
 SEED = 7
+#: Small requests (the guest's default is 128 sectors): the write half lasts long
+#: enough that the migration lands in its middle however fast either of them is.
+REQUEST_SECTORS = 8
 
 
 def disk_config(kind: str, image: Path, sock: Path) -> VmConfig:
     return dataclasses.replace(
-        guest_config(f"avmm.test=blk-write avmm.seed={SEED}", memory_mib=64),
+        guest_config(f"avmm.test=blk-write avmm.seed={SEED} avmm.req={REQUEST_SECTORS}",
+                     memory_mib=64),
         disks=(blk_disk(kind, image, sock),))
 
 

@@ -38,14 +38,15 @@ FAULTS = [
     Fault("in the stream header", None),
     Fault("in the config", Kind.CONFIG, at=10),
     Fault("the destination's READY lost", Kind.READY, backwards=True, action="drop"),
-    Fault("early in memory", Kind.PAGES, index=3),
-    Fault("inside a page batch", Kind.PAGES, index=20, at=5000),
+    # 32 MiB of RAM: round 0 is 4 PAGES frames of 8 MiB (stream.MAX_FRAME_PAGES).
+    Fault("early in memory", Kind.PAGES, index=1),
+    Fault("inside a page batch", Kind.PAGES, index=2, at=5000),
     Fault("at the first dirty round", Kind.ROUND, index=1),
     Fault("in the device state", Kind.STATE, at=100),
     Fault("before END", Kind.END),
     Fault("inside END", Kind.END, at=8),
     Fault("the destination's ACK lost", Kind.ACK, backwards=True, action="drop"),
-    Fault("a corrupted page", Kind.PAGES, index=10, action="flip"),
+    Fault("a corrupted page", Kind.PAGES, index=0, action="flip"),
 ]
 
 
@@ -133,3 +134,37 @@ async def test_the_source_runs_on_after_every_failure(tmp_path: Path) -> None:
             assert printed <= len(output)
     assert not end.failed, end
     check_walk(output.decode(), after.decode(), rounds=ROUNDS)
+
+
+async def test_a_vm_that_stops_during_the_migration(tmp_path: Path) -> None:
+    """The source gives up between two frames: the destination reads whole frames, then
+    the source's ERROR line (not a frame cut in half, whose missing bytes it would read
+    from the ERROR frame), and never runs the guest."""
+    output = bytearray()
+    address = f"unix:{tmp_path / 'in.sock'}"
+    relay = tmp_path / "relay.sock"
+    # 128 MiB: round 0 is 16 frames, so the stop lands while frames are under way; the
+    # relay (a proxy that never strikes) is slower than the source, whose sends then
+    # wait half-way through frames.
+    config = guest_config(mem_walk(ROUNDS), memory_mib=128)
+    with trio.fail_after(TIMEOUT_S * 2):
+        async with VirtualMachine.receive(address) as destination:
+            async with trio.open_nursery() as nursery, VirtualMachine(config) as source:
+                nursery.start_soon(collect, source, output)
+                await nursery.start(Proxy(relay, address, Fault("never", Kind.COMMIT,
+                                                                index=1)).run)
+                await read_until(output, "mem-walk round=1 crc=")
+
+                async def stop_when_under_way() -> None:
+                    while source.migration is None or source.migration.pages_sent < 4096:
+                        await trio.sleep(0)
+                    source.stop()
+
+                nursery.start_soon(stop_when_under_way)
+                with pytest.raises(MigrationError, match="stopped during the migration"):
+                    await source.migrate(f"unix:{relay}")
+            end = await destination.wait()
+    assert end.reason is StopReason.ERROR, end
+    assert "the source gave up" in end.detail, end
+    assert "stopped during the migration" in end.detail, end
+    assert destination.migration is not None and destination.migration.state == "failed"

@@ -6,7 +6,6 @@ exit detail says why in one line, and the sender gets that line in an ERROR fram
 
 from __future__ import annotations
 
-import array
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,11 @@ from avmm.migration.stream import (
     END,
     FRAME_HEADER,
     HEADER,
+    KIND_DATA,
+    KIND_ZERO,
     MAX_FRAME,
+    MAX_FRAME_PAGES,
+    MAX_FRAME_RUNS,
     ROUND,
     VERSION,
     Channel,
@@ -48,9 +51,12 @@ def header(version: int = VERSION) -> bytes:
 CONFIG = frame(Kind.CONFIG, encode(config_to_state(guest_config("", memory_mib=32))))
 
 
-def raw_pages(numbers: list[int], kinds: bytes, data: bytes) -> bytes:
-    return frame(Kind.PAGES, struct.pack("<H", len(numbers))
-                 + array.array("Q", numbers).tobytes() + kinds + data)
+def raw_pages(runs: list[tuple[int, int, int]], data: bytes = b"", *,
+              count: int | None = None) -> bytes:
+    """A PAGES frame of ``runs`` (first, pages, kind) and ``data``; ``count`` claims
+    another number of runs than it holds."""
+    return frame(Kind.PAGES, struct.pack("<H", len(runs) if count is None else count)
+                 + b"".join(struct.pack("<QIB", *run) for run in runs) + data)
 
 
 # name -> (bytes after the connection opens, the words the refusal must hold)
@@ -62,14 +68,29 @@ CASES: dict[str, tuple[bytes, str]] = {
     "a frame too large": (header() + CONFIG + FRAME_HEADER.build(
         {"kind": Kind.PAGES, "length": MAX_FRAME + 1}), "bytes (at most"),
     "a page outside RAM": (header() + CONFIG + frame(Kind.PAGES, build_pages(
-        [PAGES_IN_RAM], [None])), f"guest RAM has {PAGES_IN_RAM}"),
-    "a huge page number": (header() + CONFIG + raw_pages([1 << 63], b"\0", b""),
+        [(PAGES_IN_RAM, 1, KIND_ZERO)])), f"guest RAM has {PAGES_IN_RAM}"),
+    "a run past the end of RAM": (header() + CONFIG + raw_pages(
+        [(PAGES_IN_RAM - 1, 2, KIND_ZERO)]), f"guest RAM has {PAGES_IN_RAM}"),
+    "a huge page number": (header() + CONFIG + raw_pages([(1 << 63, 1, KIND_ZERO)]),
                            "guest RAM has"),
-    "data shorter than its pages": (header() + CONFIG + raw_pages([1, 2], b"\1\1",
-                                                                  bytes(4096)), "need"),
-    "an unknown page kind": (header() + CONFIG + raw_pages([1], b"\7", b""),
+    "a huge run": (header() + CONFIG + raw_pages([(1, (1 << 32) - 1, KIND_ZERO)]),
+                   "guest RAM has"),
+    "data shorter than its pages": (header() + CONFIG + raw_pages(
+        [(1, 2, KIND_DATA)], bytes(4096)), "need"),
+    "data longer than its pages": (header() + CONFIG + raw_pages(
+        [(1, 1, KIND_DATA)], bytes(2 * 4096)), "it carries 8192"),
+    "an unknown page kind": (header() + CONFIG + raw_pages([(1, 1, 7)]),
                              "unknown page kind"),
-    "an empty batch": (header() + CONFIG + raw_pages([], b"", b""), "0 pages"),
+    "an empty batch": (header() + CONFIG + raw_pages([]), "0 runs"),
+    "an empty run": (header() + CONFIG + raw_pages([(1, 0, KIND_ZERO)]), "empty run"),
+    "too many runs": (header() + CONFIG + raw_pages(
+        [(1, 1, KIND_ZERO)] * (MAX_FRAME_RUNS + 1)), f"runs (1..{MAX_FRAME_RUNS})"),
+    "too many data pages": (header() + CONFIG + raw_pages(
+        [(0, MAX_FRAME_PAGES + 1, KIND_DATA)]), "data pages (at most"),
+    "fewer runs than its count": (header() + CONFIG + raw_pages(
+        [(1, 1, KIND_ZERO)], count=3), "shorter than its runs"),
+    "no run count": (header() + CONFIG + frame(Kind.PAGES, b"\1"),
+                     "shorter than its run count"),
     "a damaged state": (header() + CONFIG + frame(Kind.STATE, b"AVMMSNAP" + bytes(40)),
                         "streamed state"),
     "END before the state": (header() + CONFIG + frame(Kind.ROUND, ROUND.build(
