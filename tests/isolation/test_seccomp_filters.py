@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +90,29 @@ def test_a_bad_seccomp_mode_is_a_usage_error() -> None:
                             timeout=60, cwd=REPO)
     assert result.returncode == 2
     assert "--seccomp: invalid choice: 'strict'" in result.stderr
+
+
+def test_an_avmm_backend_runs_filtered_by_default_and_stops_cleanly(tmp_path: Path) -> None:
+    sock = tmp_path / "rng.sock"
+    backend = subprocess.Popen([sys.executable, "-m", "avmm.cli", "backend", "rng",
+                                "--socket", str(sock)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert backend.poll() is None, backend.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        tasks = Path(f"/proc/{backend.pid}/task")
+        seccomp = {tid.name: dict(line.split(":\t", 1) for line in
+                                  (tid / "status").read_text().splitlines()
+                                  if ":\t" in line)["Seccomp"].strip()
+                   for tid in tasks.iterdir()}
+        backend.send_signal(signal.SIGTERM)
+        _, err = backend.communicate(timeout=60)
+    finally:
+        if backend.poll() is None:
+            backend.kill()
+            backend.communicate()
+    assert set(seccomp.values()) == {"2"}, seccomp
+    assert backend.returncode == 0, err  # SIGTERM handling and exit pass the filter

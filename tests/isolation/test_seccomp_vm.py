@@ -30,12 +30,14 @@ def _status(pid: int, tid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
 
 
-def test_every_thread_is_filtered_and_the_vcpu_stacks_its_own_filter(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [[], ["--seccomp", "kill"]], ids=["default", "kill"])
+def test_every_thread_is_filtered_and_the_vcpu_stacks_its_own_filter(
+        tmp_path: Path, flags: list[str]) -> None:
     """``Seccomp: 2`` (filter mode) and NoNewPrivs on every thread; the vCPU thread
-    (named avmm-vcpu) holds one filter more than the process's."""
+    (named avmm-vcpu) holds one filter more than the process's. Kill is the default."""
     config = tmp_path / "count.toml"
     config.write_text(vm_toml("avmm.test=count avmm.n=100000000000000", serial="none"))
-    vmm = subprocess.Popen([*AVMM, "up", str(config), "--seccomp", "kill"],
+    vmm = subprocess.Popen([*AVMM, "up", str(config), *flags],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, cwd=REPO)
     try:
