@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 AVMM   := $(VENV)/bin/avmm
 
 # Debian packages: what building needs, and what the tests talk to.
-PACKAGES_build  := gcc make libc6-dev linux-libc-dev
+PACKAGES_build  := gcc make libc6-dev linux-libc-dev libseccomp2
 PACKAGES_test   := qemu-system-x86 busybox-static cpio acpica-tools e2fsprogs iproute2
 # ... and for the minimal guest kernel (make linux-kernel), only when it is built.
 PACKAGES_kernel := linux-source-6.1 bc bison flex libelf-dev libssl-dev patch

@@ -25,6 +25,12 @@ import trio
 from .config import load_config
 from .console_keys import EscapeFilter
 from .errors import AvmmError, ConfigError, StateError, VmStartError, leaf_errors
+from .isolation.seccomp import (
+    DENSE_PROCESS_KINDS,
+    SeccompMode,
+    add_seccomp_argument,
+    install_process_filter,
+)
 from .lifecycle import HOST_FAILURE_STATUS, VmExit
 from .logs import configure_logging
 
@@ -90,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--boot-time", action="store_true",
                     help="print when the guest's /init writes the boot-time marker "
                          "(see README: Linux guests)")
+    add_seccomp_argument(up)
     # Options shared by every subcommand, accepted after it as well.
     up.add_argument("--log-format", choices=["console", "json"], default=argparse.SUPPRESS)
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
@@ -123,7 +130,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
             sockets[name] = socket_path
         vm_exit = trio.run(_run_restored, args.restore, args.copy_memory, sockets,
-                           args.boot_time)
+                           args.boot_time, SeccompMode(args.seccomp))
     else:
         if args.copy_memory or args.vhost_user:
             print("avmm up: --copy-memory and --vhost-user go with --restore",
@@ -132,23 +139,26 @@ def _cmd_up(args: argparse.Namespace) -> int:
         config = load_config(args.config)  # before trio starts: blocking is fine here
         if args.append:
             config = config.with_cmdline_appended(args.append)
-        vm_exit = trio.run(_run_up, config, args.boot_time)
+        vm_exit = trio.run(_run_up, config, args.boot_time, SeccompMode(args.seccomp))
     if vm_exit.failed:
         print(f"avmm: the VM stopped: {vm_exit}", file=sys.stderr)
     return vm_exit.exit_status & 0xFF
 
 
-async def _run_up(config: object, boot_time: bool = False) -> VmExit:
+async def _run_up(config: object, boot_time: bool = False,
+                  seccomp: SeccompMode = SeccompMode.OFF) -> VmExit:
     from .vm import VirtualMachine
 
+    install_process_filter(DENSE_PROCESS_KINDS, seccomp)
     async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
         return await _attend(vm, boot_time)
 
 
 async def _run_restored(directory: str, copy_memory: bool, sockets: dict[str, str],
-                        boot_time: bool) -> VmExit:
+                        boot_time: bool, seccomp: SeccompMode = SeccompMode.OFF) -> VmExit:
     from .vm import VirtualMachine
 
+    install_process_filter(DENSE_PROCESS_KINDS, seccomp)
     async with VirtualMachine.restore(directory, copy_memory=copy_memory,
                                       vhost_user=sockets) as vm:
         return await _attend(vm, boot_time)

@@ -8,28 +8,41 @@ it waits for the thread with an abort function that tells the loop to stop (a vC
 *kicked* out of KVM_RUN; an I/O thread is woken): when the task is cancelled the loop
 returns, and only then does the task finish. So cancelling a VM's nursery always joins
 every such thread; nothing is left running.
+
+A loop that runs under a seccomp filter of its own (``seccomp_kind``, when a process
+filter is loaded: see :mod:`avmm.isolation.seccomp`) gets a dedicated thread instead of
+one from trio's cache: a filter stays with its thread until the thread exits, and a cached
+thread would carry a vCPU's allow-list into the next ``to_thread`` job.
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import outcome
 import trio
 
+from .isolation.seccomp import SeccompMode, install_thread_filter, thread_filter_mode
+from .isolation.syscalls import ThreadKind
+
 T = TypeVar("T")
 
 
 async def run_in_own_thread(
-    function: Callable[[], T], *, on_cancel: Callable[[], None], name: str
+    function: Callable[[], T], *, on_cancel: Callable[[], None], name: str,
+    seccomp_kind: ThreadKind | None = None,
 ) -> T:
     """Run ``function`` in a new thread and return its result (or raise its exception).
 
     If the calling task is cancelled, ``on_cancel`` is called (from the event-loop thread;
     it must make ``function`` return soon) and the task keeps waiting until ``function``
     returns; then Cancelled is raised.
+
+    With ``seccomp_kind``, the thread loads that kind's filter before ``function`` runs
+    (when this process loaded a process filter; see :mod:`avmm.isolation.seccomp`).
     """
     task = trio.lowlevel.current_task()
     token = trio.lowlevel.current_trio_token()
@@ -44,10 +57,20 @@ async def run_in_own_thread(
         except trio.RunFinishedError:  # pragma: no cover - the loop is gone already
             pass
 
+    filtered = seccomp_kind is not None and thread_filter_mode() is not SeccompMode.OFF
+
     def body() -> T:
+        if filtered:
+            assert seccomp_kind is not None
+            install_thread_filter(seccomp_kind)
         return context.run(function)
 
-    trio.lowlevel.start_thread_soon(body, deliver, name=name)
+    if filtered:
+        # Not from trio's cache: this thread's filter must die with it (module docstring).
+        threading.Thread(target=lambda: deliver(outcome.capture(body)), name=name,
+                         daemon=True).start()
+    else:
+        trio.lowlevel.start_thread_soon(body, deliver, name=name)
 
     def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
         on_cancel()

@@ -65,6 +65,7 @@ from .errors import (
     leaf_errors,
 )
 from .eventfd import signal_eventfd
+from .isolation.syscalls import ThreadKind
 from .kvm import Kvm, Vcpu, install_kick_handler
 from .lifecycle import (
     HOST_FAILURE_STATUS,
@@ -1296,7 +1297,8 @@ class VirtualMachine:
 
         try:
             await run_in_own_thread(loop.run, on_cancel=kick,
-                                    name=f"avmm {self.name} vcpu{loop.vcpu.id}")
+                                    name=f"avmm {self.name} vcpu{loop.vcpu.id}",
+                                    seccomp_kind=ThreadKind.VCPU)
         except Exception as e:  # pragma: no cover - VcpuLoop.run catches its own errors
             self._log.exception("vcpu task failed")
             self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, str(e)))

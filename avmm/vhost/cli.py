@@ -19,6 +19,12 @@ import structlog
 import trio
 
 from ..errors import AvmmError
+from ..isolation.seccomp import (
+    BACKEND_PROCESS_KINDS,
+    SeccompMode,
+    add_seccomp_argument,
+    install_process_filter,
+)
 from ..logs import configure_logging
 from ..virtio.device import VirtioDevice
 
@@ -61,6 +67,7 @@ def add_backend_commands(subparsers: Any) -> None:
             help="map guest RAM that is not sealed against shrinking (F_SEAL_SHRINK); a "
             "front-end that shrinks it then crashes this back-end with SIGBUS. Only for "
             "trusted front-ends whose RAM cannot be sealed (memory-backend-file)")
+        add_seccomp_argument(parser)
         parser.add_argument("--log-format", choices=["console", "json"],
                             default=argparse.SUPPRESS)
         parser.add_argument("--log-level", choices=_LEVELS, default=argparse.SUPPRESS)
@@ -74,7 +81,8 @@ def _cmd_blk(args: argparse.Namespace) -> int:
                          queue_size=LARGEST_QUEUE_SIZE)
     try:
         return run_backend(device, args.socket,
-                           allow_unsealed_memory=args.allow_unsealed_memory)
+                           allow_unsealed_memory=args.allow_unsealed_memory,
+                           seccomp=SeccompMode(args.seccomp))
     finally:
         device.close()
 
@@ -83,7 +91,8 @@ def _cmd_rng(args: argparse.Namespace) -> int:
     from ..virtio.rng import RngDevice
 
     return run_backend(RngDevice(), args.socket,
-                       allow_unsealed_memory=args.allow_unsealed_memory)
+                       allow_unsealed_memory=args.allow_unsealed_memory,
+                       seccomp=SeccompMode(args.seccomp))
 
 
 def _cmd_net(args: argparse.Namespace) -> int:
@@ -105,21 +114,28 @@ def _cmd_net(args: argparse.Namespace) -> int:
     try:
         return run_backend(
             NetDevice(tap, mac=mac, name="net0", queue_size=LARGEST_QUEUE_SIZE),
-            args.socket, allow_unsealed_memory=args.allow_unsealed_memory)
+            args.socket, allow_unsealed_memory=args.allow_unsealed_memory,
+            seccomp=SeccompMode(args.seccomp))
     finally:
         tap.close()
 
 
 def run_backend(device: VirtioDevice, socket_path: str, *,
-                allow_unsealed_memory: bool = False) -> int:
-    """Serve ``device`` at ``socket_path`` until SIGINT or SIGTERM; exit status 0."""
+                allow_unsealed_memory: bool = False,
+                seccomp: SeccompMode = SeccompMode.OFF) -> int:
+    """Serve ``device`` at ``socket_path`` until SIGINT or SIGTERM; exit status 0.
+    With ``seccomp`` other than off, the back-end's filters are loaded first (the
+    device and its files are open by then)."""
     return trio.run(partial(_serve_until_signal, device, socket_path,
-                            allow_unsealed_memory=allow_unsealed_memory))
+                            allow_unsealed_memory=allow_unsealed_memory, seccomp=seccomp))
 
 
 async def _serve_until_signal(device: VirtioDevice, socket_path: str, *,
-                              allow_unsealed_memory: bool) -> int:
+                              allow_unsealed_memory: bool,
+                              seccomp: SeccompMode = SeccompMode.OFF) -> int:
     from .backend import serve_device
+
+    install_process_filter(BACKEND_PROCESS_KINDS, seccomp)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -55,6 +55,7 @@ import trio
 
 from ..devices._state import DeviceStateError, check_bool, check_state_class, check_uint
 from ..errors import AvmmError, GuestMemoryError
+from ..isolation.syscalls import ThreadKind
 from ..state.codec import U64
 from ..threads import run_in_own_thread
 from .device import (
@@ -487,7 +488,8 @@ class BlockDevice(VirtioDevice):
         try:
             await run_in_own_thread(
                 lambda: self._serve_blocking(context, queue, kick_fd, stop_fd, stopping),
-                on_cancel=stop, name=f"avmm {self.name} I/O")
+                on_cancel=stop, name=f"avmm {self.name} I/O",
+                seccomp_kind=ThreadKind.DEVICE_IO)
         finally:
             os.close(stop_fd)
 

@@ -1,0 +1,169 @@
+"""What each kind of avmm thread may call: the seccomp allow-lists, in one place.
+
+Derived from what the code really calls: ``scripts/seccomp_derive.py`` runs the guest
+workloads of ``tests/isolation/scenarios.py`` (hello, blk-write, virtio console, net echo
+through a tap in a netns, vhost-user blk with an ``avmm backend``) under ``strace -f``
+with ``--seccomp log`` and prints, per thread kind, the calls made once the thread was
+under its filter, what a list lacks and what it allows that no workload used. Every
+entry below was either seen there or is kept for a path those workloads do not take,
+named in the group's comment (restore, console and API sockets, snapshot files). Run the
+script again after changing a device or the event loop; a name not listed is refused with
+the filter's default action (see :mod:`avmm.isolation.seccomp`).
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import termios
+
+from ..tap import TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ
+
+
+class ThreadKind(enum.Enum):
+    VCPU = "vcpu"          #: a vCPU thread: KVM_RUN and the exits it handles in place
+    DEVICE_IO = "io"       #: a device's I/O thread (a disk's ring server)
+    EVENT_LOOP = "loop"    #: the trio thread and its helper threads of an avmm VMM
+    BACKEND = "backend"    #: the trio thread (and helpers) of an ``avmm backend`` process
+
+
+# -- shared by every Python thread ---------------------------------------------------------
+
+#: CPython itself: the GIL and locks (futex), the allocator (mmap/munmap/mremap/madvise/
+#: mprotect/brk), signals (a vCPU kick is a real-time signal: rt_sigreturn; masks while
+#: threads start), thread identity and exit, clocks and sleeps that miss the vDSO, the
+#: GIL hand-off's yield, os.urandom.
+PYTHON_RUNTIME = frozenset({
+    "futex", "mmap", "munmap", "mremap", "madvise", "brk", "mprotect",
+    "rt_sigreturn", "rt_sigprocmask", "sigaltstack", "getpid", "gettid", "tgkill",
+    "clock_gettime", "clock_nanosleep", "nanosleep", "sched_yield", "getrandom",
+    "exit", "exit_group", "restart_syscall",
+})
+
+#: Log lines and the guest's serial/console output (stdout, stderr, pipes), eventfds
+#: (irqfd writes, kick reads), and waking the event loop from another thread (trio's
+#: wake-up socketpair: sendto/recvfrom).
+SHARED_IO = frozenset({"write", "writev", "read", "readv", "sendto", "recvfrom"})
+
+# -- per kind ------------------------------------------------------------------------------
+
+#: vCPU threads: the above (seen: futex, ioctl, write, sendto, tgkill, madvise, munmap,
+#: rt_sigprocmask, rt_sigreturn, exit) and close (a vhost-user device's eventfds are
+#: dropped from the MMIO write that resets it). No open, no sockets, no new threads.
+VCPU = PYTHON_RUNTIME | SHARED_IO | frozenset({"close"})
+
+#: Device I/O threads: the disk's request path on the image fd it owns (preadv2/pwritev2,
+#: fdatasync; the plain variants for other Pythons), sleeping on its kick and stop
+#: eventfds (poll/ppoll). No open, no sockets, no ioctl.
+DEVICE_IO = PYTHON_RUNTIME | SHARED_IO | frozenset({
+    "preadv2", "pwritev2", "preadv", "pwritev", "pread64", "pwrite64",
+    "fdatasync", "fsync", "poll", "ppoll",
+})
+
+#: File work of the event loop and its to_thread helpers: the kernel, initrd and disks
+#: (opened while the VM is built), snapshot files and directories (restore: getdents64,
+#: fstat), config paths checked by the path policy (readlink, newfstatat, access), the
+#: console/API socket files (unlink, chmod, rename), disk images (ftruncate, fallocate).
+FILES = frozenset({
+    "openat", "close", "fstat", "newfstatat", "statx", "lseek", "fcntl", "dup", "dup3",
+    "getdents64", "readlink", "unlink", "unlinkat", "rename", "chmod", "fchmod",
+    "ftruncate", "fallocate", "access", "faccessat2", "getcwd",
+})
+
+#: trio's loop and threads: epoll, its wake-up socketpair, eventfds, pipes, starting
+#: helper and vCPU/I/O threads (clone3 + set_robust_list + rseq), naming threads and
+#: loading their filters (prctl, seccomp), signal handlers (SIGINT/SIGTERM receivers).
+EVENT_MACHINERY = frozenset({
+    "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "poll", "ppoll",
+    "eventfd2", "pipe2", "socketpair",
+    "clone", "clone3", "set_robust_list", "rseq", "prctl", "seccomp", "rt_sigaction",
+})
+
+#: Unix sockets: the vhost-user front-end (connect, fds over sendmsg/recvmsg), the
+#: console socket and the API (bind, listen, accept4). ``socket`` itself is allowed for
+#: AF_UNIX only (CONDITIONAL below).
+UNIX_SOCKETS = frozenset({
+    "bind", "listen", "accept4", "connect", "getsockopt", "setsockopt", "getsockname",
+    "getpeername", "sendmsg", "recvmsg", "shutdown",
+})
+
+#: The event loop of a VMM: all of the above, plus guest RAM (memfd_create), the disk
+#: path of a device served from trio (DEVICE_IO), and setns: a tap is opened from a
+#: helper thread inside the configured network namespace. Never: execve, fork, ptrace,
+#: mount, pivot_root, module, key, bpf, perf or process_vm_* calls.
+EVENT_LOOP = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
+              | UNIX_SOCKETS | frozenset({"memfd_create", "setns"}))
+
+#: An ``avmm backend`` process: its listening socket and the front-end's memory, log and
+#: inflight fds (mmap, memfd_create), the device's files opened before the filter. No
+#: /dev/kvm (no KVM ioctls), no namespaces.
+BACKEND = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
+           | UNIX_SOCKETS | frozenset({"memfd_create"}))
+
+ALLOWED: dict[ThreadKind, frozenset[str]] = {
+    ThreadKind.VCPU: VCPU,
+    ThreadKind.DEVICE_IO: DEVICE_IO,
+    ThreadKind.EVENT_LOOP: EVENT_LOOP,
+    ThreadKind.BACKEND: BACKEND,
+}
+
+#: Calls allowed only with some values of one argument, per kind:
+#: name -> (argument index, allowed values). New sockets are unix sockets only (console,
+#: vhost-user, the API's socket): never AF_INET/AF_INET6/AF_PACKET/AF_NETLINK. (A
+#: migration over TCP will open its socket before the filter, or widen this list for
+#: its duration: issue 14.)
+_UNIX_ONLY = (0, frozenset({socket.AF_UNIX}))
+CONDITIONAL: dict[ThreadKind, dict[str, tuple[int, frozenset[int]]]] = {
+    ThreadKind.VCPU: {},
+    ThreadKind.DEVICE_IO: {},
+    ThreadKind.EVENT_LOOP: {"socket": _UNIX_ONLY},
+    ThreadKind.BACKEND: {"socket": _UNIX_ONLY},
+}
+
+# -- ioctl requests (argument 1 checked) ---------------------------------------------------
+
+#: A vCPU's own state, read and written by its thread when it fixes up an exit (#BP
+#: injection, emulated instructions, MSR accesses) or parks for a snapshot, plus KVM_RUN
+#: and KVM_IRQ_LINE (legacy devices emulated on the vCPU thread raise their interrupts).
+_VCPU_IOCTLS = frozenset({
+    "KVM_RUN", "KVM_IRQ_LINE",
+    "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
+    "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_MSRS", "KVM_SET_MSRS",
+    "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
+    "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_TRANSLATE",
+    "KVM_GET_XSAVE", "KVM_GET_XSAVE2", "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS",
+    "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+})
+
+#: Building and restoring a VM (the event loop's helper thread does it), its interrupt
+#: and notification wiring, dirty logs: every KVM ioctl avmm declares (kvm/_ffi_build.py).
+_KVM_IOCTLS = _VCPU_IOCTLS | frozenset({
+    "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
+    "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_GET_MSR_INDEX_LIST",
+    "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR",
+    "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2",
+    "KVM_IRQFD", "KVM_IOEVENTFD", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
+    "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_GET_DIRTY_LOG",
+    "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_TSC_KHZ", "KVM_SET_TSC_KHZ",
+})
+
+#: Not from <linux/kvm.h>: non-blocking sockets (FIONBIO, FIOCLEX), the terminal's mode
+#: for ``avmm up`` (tcgetattr/tcsetattr; never TIOCSTI), and a tap's set-up and offloads
+#: (TUNSETOFFLOAD also when the driver negotiates features, after the filter).
+OTHER_IOCTLS: dict[str, int] = {
+    "FIONBIO": termios.FIONBIO, "FIOCLEX": termios.FIOCLEX,
+    "TCGETS": termios.TCGETS, "TCSETS": termios.TCSETS, "TCSETSW": termios.TCSETSW,
+    "TCSETSF": termios.TCSETSF,
+    "TUNSETIFF": TUNSETIFF, "TUNSETOFFLOAD": TUNSETOFFLOAD,
+    "TUNSETVNETHDRSZ": TUNSETVNETHDRSZ,
+}
+
+#: ioctl requests per kind, by name (``KVM_*`` numbers come from <linux/kvm.h> via cffi,
+#: the others from OTHER_IOCTLS).
+IOCTLS: dict[ThreadKind, frozenset[str]] = {
+    ThreadKind.VCPU: _VCPU_IOCTLS,
+    ThreadKind.DEVICE_IO: frozenset(),
+    ThreadKind.EVENT_LOOP: _KVM_IOCTLS | frozenset(OTHER_IOCTLS),
+    ThreadKind.BACKEND: frozenset({"FIONBIO", "FIOCLEX", "TCGETS", "TUNSETOFFLOAD",
+                                   "TUNSETVNETHDRSZ"}),
+}

@@ -1,0 +1,134 @@
+"""A process that loads one seccomp filter and then tries calls, one line per try.
+
+    python -m tests.isolation.probe MODE TARGET CALL...
+
+TARGET is a thread kind (``vcpu``, ``io``, ``loop``, ``backend``: the filter is loaded
+on a new thread, which then makes the calls) or ``process`` (the dense process's union,
+loaded with TSYNC from the main thread). Each CALL prints ``CALL ok`` or
+``CALL errno=NAME`` before the next one runs, so a test sees how far the process got
+before SIGSYS killed it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+
+from avmm.isolation import (
+    SeccompMode,
+    ThreadKind,
+    install_process_filter,
+    install_thread_filter,
+)
+from avmm.isolation.seccomp import DENSE_PROCESS_KINDS
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+SYS_GETPID = 39
+X32_SYSCALL_BIT = 0x40000000
+SYS_PTRACE = 101
+PTRACE_TRACEME = 0
+
+# Made before the filter: files, fds and executable memory the calls use.
+_scratch = tempfile.TemporaryFile()  # noqa: SIM115 - open for the whole run
+_scratch.write(b"x" * 4096)
+_scratch.flush()
+_devnull = os.open("/dev/null", os.O_RDWR)
+_pipe = os.pipe()
+# mov eax, 20 (getpid in the i386 table); int 0x80; ret
+_i386_code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+_i386_code.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")
+_i386_getpid = ctypes.CFUNCTYPE(ctypes.c_int)(
+    ctypes.addressof(ctypes.c_char.from_buffer(_i386_code)))
+
+
+def _raw(result: int) -> None:
+    if result < 0:
+        number = ctypes.get_errno() if result == -1 else -result
+        raise OSError(number, os.strerror(number))
+
+
+def _ioctl(name: str) -> None:
+    from avmm.kvm._kvm_ffi import lib
+
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+    _raw(libc.ioctl(_devnull, getattr(lib, name), 0))
+
+
+def _pipe_round_trip() -> None:
+    os.write(_pipe[1], b"ping")
+    assert os.read(_pipe[0], 4) == b"ping"
+
+
+def _disk_io() -> None:
+    assert os.preadv(_scratch.fileno(), [bytearray(512)], 0) == 512
+    assert os.pwritev(_scratch.fileno(), [b"y" * 512], 512) == 512
+    os.fdatasync(_scratch.fileno())
+
+
+def _i386() -> None:
+    # int 0x80 returns -errno in eax; without a filter it is our pid.
+    result = _i386_getpid()
+    if result != os.getpid():
+        _raw(result if result < 0 else -errno.EINVAL)
+
+
+CALLS: dict[str, Callable[[], object]] = {
+    # permitted work
+    "pipe": _pipe_round_trip,
+    "disk-io": _disk_io,
+    "kvm-run": lambda: _ioctl("KVM_RUN"),         # ENOTTY on /dev/null: it got through
+    "thread": lambda: threading.Thread(target=lambda: None).start(),
+    "getpid": lambda: _raw(libc.syscall(SYS_GETPID)),
+    # forbidden everywhere
+    "execve": lambda: os.execv("/bin/true", ["true"]),
+    "ptrace": lambda: _raw(libc.syscall(SYS_PTRACE, PTRACE_TRACEME, 0, 0, 0)),
+    "mount": lambda: _raw(libc.mount(b"none", b"/nonexistent", b"tmpfs", 0, None)),
+    "x32-getpid": lambda: _raw(libc.syscall(SYS_GETPID | X32_SYSCALL_BIT)),
+    "i386-getpid": _i386,
+    # forbidden on some kinds
+    "inet-socket": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close(),
+    "openat": lambda: os.close(os.open("/etc/hostname", os.O_RDONLY)),
+    "kvm-create-vm": lambda: _ioctl("KVM_CREATE_VM"),
+}
+
+
+def _try(names: list[str]) -> None:
+    for name in names:
+        try:
+            CALLS[name]()
+        except OSError as e:
+            print(f"{name} errno={errno.errorcode.get(e.errno or 0, e.errno)}", flush=True)
+        else:
+            print(f"{name} ok", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    mode, target, names = SeccompMode(argv[0]), argv[1], argv[2:]
+    if target == "process":
+        install_process_filter(DENSE_PROCESS_KINDS, mode)
+        _try(names)
+        return 0
+    kind = ThreadKind(target)
+
+    def body() -> None:
+        install_thread_filter(kind, mode)
+        print("filter loaded", flush=True)
+        _try(names)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
