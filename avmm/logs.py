@@ -24,6 +24,7 @@ def configure_logging(*, log_format: LogFormat = "console", level: str = "warnin
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
+            exceptions_without_source_on_filtered_threads,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -33,6 +34,38 @@ def configure_logging(*, log_format: LogFormat = "console", level: str = "warnin
         logger_factory=_StderrLoggerFactory(),
         cache_logger_on_first_use=False,
     )
+
+
+def exceptions_without_source_on_filtered_threads(
+    _logger: object, _method: str, event_dict: structlog.types.EventDict,
+) -> structlog.types.EventDict:
+    """On a thread whose seccomp filter refuses to open files (a vCPU or device I/O
+    thread), render the traceback from the frames alone: the usual rendering reads each
+    frame's source line, and that open would kill the process in kill mode."""
+    exc_info = event_dict.get("exc_info")
+    if not exc_info:
+        return event_dict
+    from .isolation.seccomp import thread_filter_kind
+
+    if thread_filter_kind() is None:
+        return event_dict
+    error = (sys.exc_info()[1] if exc_info is True else exc_info[1]
+             if isinstance(exc_info, tuple) else exc_info)
+    del event_dict["exc_info"]
+    if isinstance(error, BaseException):
+        event_dict["exception"] = _traceback_from_frames(error)
+    return event_dict
+
+
+def _traceback_from_frames(error: BaseException) -> str:
+    lines = ["Traceback (source lines left out on a filtered thread):"]
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+        tb = tb.tb_next
+    lines.append(f"{type(error).__name__}: {error}")
+    return "\n".join(lines)
 
 
 class _StderrLogger:

@@ -56,9 +56,18 @@ class SeccompError(AvmmError):
 
 # The mode the per-thread filters use in this process; set by install_process_filter().
 _thread_mode = SeccompMode.OFF
+#: Per thread: the kind whose filter this thread loaded (see thread_filter_kind).
+_loaded = threading.local()
 _mode_lock = threading.Lock()
 
 _PR_SET_NAME = 15
+
+
+def thread_filter_kind() -> ThreadKind | None:
+    """The kind whose own filter the calling thread loaded, or None. Such a thread may
+    not open files: whatever would read one there (formatting a traceback reads the
+    source) must do without (see avmm.logs)."""
+    return getattr(_loaded, "kind", None)
 
 
 def thread_filter_mode() -> SeccompMode:
@@ -170,6 +179,7 @@ def install_thread_filter(kind: ThreadKind, mode: SeccompMode | None = None) -> 
     except OSError as e:
         raise SeccompError(f"loading the {kind.value} seccomp filter failed: {e.strerror}") \
             from e
+    _loaded.kind = kind
 
 
 def _set_thread_name(name: str) -> None:
