@@ -37,6 +37,7 @@ Figures, each as the VMM itself reports it (avmm: ``vm.migration``; QEMU:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -73,7 +74,12 @@ from benchmarks.snapshot import (
     sample_pages,
     wait_counter,
 )
+from benchmarks.stall import StallWatch
 
+#: Offsets in the mailbox page of the ``count`` counter and of ``mem-walk``'s progress
+#: word (tests/guest/README.md).
+COUNTER_WORD = 8
+PROGRESS_WORD = 64
 #: The dirty rate of the dirtying guest: KiB/s (mem-walk's ``avmm.rate``).
 DIRTY_KIB_S = 32 * 1024
 #: The dirtying guest's range: from TOUCH_START to this far below the end of RAM.
@@ -129,6 +135,12 @@ class Case:
         return (f"{self.memory_mib} MiB guest, idle "
                 f"({self.memory_mib - TOUCH_START // MIB} MiB of RAM written before)")
 
+    @property
+    def progress_address(self) -> int:
+        """The guest word that moves while the guest runs (benchmarks/stall.py): the
+        ``count`` loop's mailbox counter, or ``mem-walk``'s per-page progress word."""
+        return MAILBOX_ADDRESS + (PROGRESS_WORD if self.dirty else COUNTER_WORD)
+
     def round_one_started(self, read_u64: Any) -> bool:
         """The dirtying guest's fill is over and round 1 rewrites pages: page 1 (the
         first page round 1 rewrites) holds round 1's first word."""
@@ -141,6 +153,8 @@ class Migrated:
     total_ms: float
     downtime_ms: float
     bytes_sent: int
+    #: The guest-visible downtime (benchmarks/stall.py): the same measure for both VMMs.
+    stall_ms: float
 
 
 def _check_pages(read: Any, case: Case, seed: bytes, what: str) -> None:
@@ -184,6 +198,7 @@ def qemu_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
     source = _qemu(case, scratch / "qemu-src.qmp")
     destination = None
     rams: list[ProcessRam] = []
+    watches: list[StallWatch] = []
     try:
         ram = ProcessRam(source.pid, case.memory_bytes)
         rams.append(ram)
@@ -202,6 +217,9 @@ def qemu_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
                             capabilities=[{"capability": "events", "state": True}])
             monitor.command("migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BPS,
                                                          "downtime-limit": DOWNTIME_MS})
+            watch = StallWatch([source.pid, destination.pid], case.memory_bytes,
+                               case.progress_address)
+            watches.append(watch)
             monitor.command("migrate", uri=f"unix:{sock}")
             deadline = time.monotonic() + TIMEOUT_S
             while True:
@@ -220,10 +238,10 @@ def qemu_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
                 time.sleep(0.01)
             # QEMU counts whole milliseconds: a downtime under 1 ms reads 0, taken as
             # half its resolution so that the ratio stays defined (the note says so).
-            migrated = Migrated(float(info.get("total-time", 0)),
-                                max(float(info.get("downtime", 0)), QEMU_RESOLUTION_MS / 2),
-                                int(info.get("ram", {}).get("transferred", 0)))
-            if migrated.total_ms <= 0 or migrated.bytes_sent <= 0:
+            total_ms = float(info.get("total-time", 0))
+            downtime_ms = max(float(info.get("downtime", 0)), QEMU_RESOLUTION_MS / 2)
+            sent = int(info.get("ram", {}).get("transferred", 0))
+            if total_ms <= 0 or sent <= 0:
                 raise BenchError(f"QEMU query-migrate has no times: {info}")
             monitor.command("quit")
         arrived = ProcessRam(destination.pid, case.memory_bytes)
@@ -232,9 +250,12 @@ def qemu_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
         box = arrived.mailbox()
         assert box is not None
         wait_counter(arrived.mailbox, box[1], "QEMU destination runs the guest", destination)
+        stall = watches[0].stop()
         _check_pages(arrived.read, case, seed, "QEMU destination")
-        return migrated
+        return Migrated(total_ms, downtime_ms, sent, stall.longest_ms)
     finally:
+        for w in watches:
+            w.close()
         for r in rams:
             r.close()
         _end(source)
@@ -295,7 +316,8 @@ def _child_line(process: subprocess.Popen[str], what: str, errors: Path) -> dict
                      f"{errors.read_text(errors='replace')[-2000:]!r}")
 
 
-async def _avmm_source(case: Case, to: str, seed: bytes) -> Migrated:
+async def _avmm_source(case: Case, to: str, seed: bytes, destination_pid: int,
+                       stalls: list[StallWatch]) -> Migrated:
     from avmm import StopReason, VirtualMachine
 
     config = avmm_config(case.cmdline, memory_mib=case.memory_mib, name="migrate")
@@ -311,13 +333,17 @@ async def _avmm_source(case: Case, to: str, seed: bytes) -> Migrated:
                 await trio.sleep(POLL_S)
         if not case.dirty:
             _fill(memory.write, case, seed)
+        stalls.append(await trio.to_thread.run_sync(
+            StallWatch, [os.getpid(), destination_pid], case.memory_bytes,
+            case.progress_address))
         progress = await vm.migrate(to, downtime_ms=DOWNTIME_MS)
         result = await vm.wait()
         if result.reason is not StopReason.MIGRATED:
             raise BenchError(f"avmm source ended {result} after migrating")
     if progress.downtime_ms is None:
         raise BenchError(f"avmm migration reported no downtime: {progress}")
-    return Migrated(progress.total_ms, progress.downtime_ms, progress.bytes_sent)
+    # The guest-visible downtime is known once the destination saw it run (the caller).
+    return Migrated(progress.total_ms, progress.downtime_ms, progress.bytes_sent, 0.0)
 
 
 def avmm_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
@@ -332,15 +358,19 @@ def avmm_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
     with open(errors, "wb") as err:
         child = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=err, text=True)
+    stalls: list[StallWatch] = []
     try:
         _child_line(child, "listening", errors)
-        migrated = trio.run(_avmm_source, case, f"unix:{sock}", seed)
+        migrated = trio.run(_avmm_source, case, f"unix:{sock}", seed, child.pid, stalls)
         done = _child_line(child, "the guest ran on it", errors)
         if not done.get("done"):
             raise BenchError(f"avmm destination: {done}")
+        stall = stalls[0].stop()
         child.wait(timeout=60)
-        return migrated
+        return dataclasses.replace(migrated, stall_ms=stall.longest_ms)
     finally:
+        for watch in stalls:
+            watch.close()
         if child.poll() is None:
             child.kill()
         child.communicate()
@@ -354,9 +384,10 @@ class CaseFigures:
     total: Figure
     downtime: Figure
     sent: Figure
+    stall: Figure
 
     def all(self) -> list[Figure]:
-        return [self.total, self.downtime, self.sent]
+        return [self.total, self.downtime, self.stall, self.sent]
 
 
 def _figures(case: Case) -> CaseFigures:
@@ -370,6 +401,11 @@ def _figures(case: Case) -> CaseFigures:
                         PER_OPERATION,
                         note=f"as each reports it (downtime_ms, downtime; QEMU's is in "
                              f"whole ms, a 0 counts as 0.5); {how}"),
+        stall=Figure(f"live migration: guest-visible downtime, {case.label}", "ms", "lower",
+                     PER_OPERATION,
+                     note="the same measure for both: the longest stall of the guest's "
+                          "progress word, sampled every 0.2 ms in both processes' RAM from "
+                          "outside (benchmarks/stall.py); " + how),
         sent=Figure(f"live migration: data sent, {case.label}", "MiB", "lower", PER_OPERATION,
                     note="avmm: bytes_sent (the whole stream); QEMU: ram.transferred"),
     )
@@ -382,6 +418,7 @@ def _one_run(case: Case, figures: CaseFigures) -> None:
         a = avmm_migrate(case, scratch, seed)
     figures.total.add(a.total_ms, q.total_ms)
     figures.downtime.add(a.downtime_ms, q.downtime_ms)
+    figures.stall.add(a.stall_ms, q.stall_ms)
     figures.sent.add(a.bytes_sent / MIB, q.bytes_sent / MIB)
 
 

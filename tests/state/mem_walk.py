@@ -47,6 +47,14 @@ def expected_lines(mib: int, rounds: int, seed: int = 1) -> list[str]:
     return [*lines, f"{PREFIX}mem-walk done rounds={rounds} verify=ok"]
 
 
+def pages_processed(mib: int, rounds: int) -> int:
+    """The guest's progress word (mailbox scratch word 0) after a whole run: every page
+    written by the fill, then per round the pages it rewrites and every page checked."""
+    pages = mib * (1 << 20) // PAGE
+    return pages + sum(len(range(r % STRIDE, pages, STRIDE)) + pages
+                       for r in range(1, rounds + 1))
+
+
 def mem_walk_lines(output: str) -> list[str]:
     """The ``mem-walk`` lines of a guest's serial output."""
     return [line for line in output.splitlines() if line.startswith(f"{PREFIX}mem-walk ")]

@@ -10,7 +10,14 @@ import pytest
 
 from avmm import StopReason, VirtualMachine
 from tests.state.bare_machine import BareMachine
-from tests.state.mem_walk import PAGE, PREFIX, STRIDE, expected_lines, mem_walk_lines
+from tests.state.mem_walk import (
+    PAGE,
+    PREFIX,
+    STRIDE,
+    expected_lines,
+    mem_walk_lines,
+    pages_processed,
+)
 from tests.vm.helpers import MAILBOX_ADDRESS, guest_config
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
@@ -29,6 +36,9 @@ async def test_mem_walk_under_avmm_prints_the_models_lines() -> None:
         result = await vm.wait()
         assert vm.memory is not None
         assert vm.memory.read_u64(MAILBOX_ADDRESS + 8) == 6  # the last round
+        # The progress word outside observers watch: one step per page handled.
+        progress = vm.memory.read_u64(MAILBOX_ADDRESS + 64)
+    assert progress == pages_processed(2, 6)
     assert mem_walk_lines(output.decode()) == expected_lines(2, 6, seed=3)
     assert result.reason is StopReason.RESET
 
