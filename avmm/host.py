@@ -286,7 +286,10 @@ class HostedVm:
             return VmState.STOPPED
         if self._vm is None:
             return VmState.STARTING
-        return self._vm.state
+        state = self._vm.state
+        # The VM has ended, but this host has not finished with it (its task still
+        # records how it ended): "stopped" is shown only with its exit.
+        return VmState.STOPPING if state is VmState.STOPPED else state
 
     @property
     def uptime_s(self) -> float | None:

@@ -30,7 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from avmm.isolation.seccomp import BACKEND_PROCESS_KINDS, DENSE_PROCESS_KINDS  # noqa: E402
+from avmm.isolation.seccomp import (  # noqa: E402
+    BACKEND_PROCESS_KINDS,
+    DAEMON_PROCESS_KINDS,
+    DENSE_PROCESS_KINDS,
+)
 from avmm.isolation.syscalls import ALLOWED, IOCTLS, ThreadKind  # noqa: E402
 from tests.isolation.scenarios import SCENARIOS  # noqa: E402
 
@@ -85,8 +89,11 @@ def main(argv: list[str]) -> int:
             outcome = SCENARIOS[name](directory, "log", wrap)
             print(f"{name}: {outcome.problems or 'ok'}", file=sys.stderr)
             for label, trace in traces.items():
-                parse(trace, "backend" if label == "backend" else "vmm", seen, ioctls)
-    union = {"vmm": DENSE_PROCESS_KINDS, "backend": BACKEND_PROCESS_KINDS}
+                process = label if label in ("backend", "daemon") else "vmm"
+                parse(trace, "daemon" if label.startswith("daemon") else process, seen,
+                      ioctls)
+    union = {"vmm": DENSE_PROCESS_KINDS, "backend": BACKEND_PROCESS_KINDS,
+             "daemon": DAEMON_PROCESS_KINDS}
     for label in sorted(seen):
         kinds = union.get(label) or {ThreadKind(label)}
         allowed = set().union(*(ALLOWED[kind] for kind in kinds)) | {"ioctl"}

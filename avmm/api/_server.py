@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +33,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from ..errors import AvmmError, HostFileError
+from ..isolation.seccomp import DAEMON_PROCESS_KINDS, SeccompMode, install_process_filter
 from ..paths import PathPolicy
 from ._app import ManagementApi
 
@@ -52,15 +53,20 @@ class DaemonError(AvmmError):
 async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
                     group: str | None = None, draining: trio.Event | None = None,
                     shutdown: trio.Event | None = None, paths: PathPolicy | None = None,
+                    before_serving: Callable[[], None] | None = None,
                     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API for ``host`` on ``socket_path`` until ``shutdown`` is set (or the
     task is cancelled); then stop listening, give in-flight requests a few seconds and
     remove the socket. ``task_status.started`` reports the path once clients can connect.
     The caller owns ``host`` (and stops its VMs). ``paths``: where the files of the VM
-    configs that clients send may be (default: anywhere the daemon can reach)."""
+    configs that clients send may be (default: anywhere the daemon can reach).
+    ``before_serving`` runs once the socket is bound, before the first connection is
+    accepted (the daemon loads its seccomp filter there)."""
     path = Path(os.path.abspath(socket_path))
     listener, identity = _bind(path, group)
     try:
+        if before_serving is not None:
+            before_serving()
         config = HypercornConfig()
         # hypercorn adopts the fd (its socket object closes it); ours must not too.
         config.bind = [f"fd://{listener.detach()}"]
@@ -82,7 +88,7 @@ async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
 
 async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None = None,
                      allow_paths: Sequence[str | os.PathLike[str]] | None = None,
-                     allow_any_path: bool = False,
+                     allow_any_path: bool = False, seccomp: SeccompMode = SeccompMode.OFF,
                      task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """``avmm serve``: a Host and its API until SIGTERM or SIGINT, then a clean shutdown
     (new VMs refused, every VM stopped and its disks flushed, socket removed).
@@ -91,6 +97,10 @@ async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None =
     :class:`~avmm.paths.PathPolicy`). With ``group`` they are required, unless
     ``allow_any_path`` says that every group member may have the daemon open anything
     its user can.
+
+    ``seccomp``: the syscall filters (see :mod:`avmm.isolation.seccomp`), loaded once the
+    socket is bound and before the first request is served; ``avmm serve`` loads them in
+    kill mode unless told otherwise, an embedder's daemon loads none by default.
 
     :raises DaemonError: it cannot start (one line saying why).
     """
@@ -106,13 +116,14 @@ async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None =
     except HostFileError as e:
         raise DaemonError(e.reason) from None
     try:
-        await _run_daemon(socket_path, group, paths, task_status)
+        await _run_daemon(socket_path, group, paths, seccomp, task_status)
     finally:
         paths.close()
 
 
 async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
-                      paths: PathPolicy, task_status: trio.TaskStatus[Path]) -> None:
+                      paths: PathPolicy, seccomp: SeccompMode,
+                      task_status: trio.TaskStatus[Path]) -> None:
     from ..host import Host  # KVM and the device models: only for a real daemon
 
     draining = trio.Event()
@@ -122,7 +133,9 @@ async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
         async with Host() as host, trio.open_nursery() as nursery:
             path = await nursery.start(lambda task_status: serve_api(
                 host, socket_path, group=group, draining=draining, shutdown=shutdown,
-                paths=paths, task_status=task_status))
+                paths=paths, before_serving=functools.partial(
+                    install_process_filter, DAEMON_PROCESS_KINDS, seccomp),
+                task_status=task_status))
             task_status.started(path)
             async for signum in signals:
                 log.info("shutting down", signal=signal.Signals(signum).name,

@@ -27,6 +27,7 @@ import trio
 
 from ..console_keys import EscapeFilter
 from ..errors import AvmmError, leaf_errors
+from ..isolation.seccomp import SeccompMode, add_seccomp_argument
 
 if TYPE_CHECKING:
     from .client import ApiClient
@@ -60,6 +61,7 @@ def add_management_commands(subparsers: Any) -> None:
     serve.add_argument("--allow-any-path", action="store_true",
                        help="with --group: let group members name any file the daemon's "
                             "user can open")
+    add_seccomp_argument(serve)
     serve.set_defaults(handler=_cmd_serve)
     parsers.append(serve)
 
@@ -130,7 +132,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(lambda: run_daemon(_socket(args), group=args.group,
                                     allow_paths=args.allow_path,
-                                    allow_any_path=args.allow_any_path))
+                                    allow_any_path=args.allow_any_path,
+                                    seccomp=SeccompMode(args.seccomp)))
     except BaseException as e:
         # trio hands start-up failures up inside ExceptionGroups; a person wants the
         # one line that says what to fix.

@@ -189,6 +189,8 @@ def _set_thread_name(name: str) -> None:
 
 #: The kinds a dense VMM process runs (``avmm up``; later ``avmm serve --isolation none``).
 DENSE_PROCESS_KINDS = frozenset({ThreadKind.EVENT_LOOP, ThreadKind.VCPU, ThreadKind.DEVICE_IO})
+#: The kinds an ``avmm serve`` process runs (``--isolation none``: every VM in it).
+DAEMON_PROCESS_KINDS = DENSE_PROCESS_KINDS | {ThreadKind.DAEMON}
 #: The kinds an ``avmm backend`` process runs.
 BACKEND_PROCESS_KINDS = frozenset({ThreadKind.BACKEND, ThreadKind.DEVICE_IO})
 

@@ -25,6 +25,7 @@ class ThreadKind(enum.Enum):
     DEVICE_IO = "io"       #: a device's I/O thread (a disk's ring server)
     EVENT_LOOP = "loop"    #: the trio thread and its helper threads of an avmm VMM
     BACKEND = "backend"    #: the trio thread (and helpers) of an ``avmm backend`` process
+    DAEMON = "daemon"      #: the trio thread (and helpers) of ``avmm serve``
 
 
 # -- shared by every Python thread ---------------------------------------------------------
@@ -63,11 +64,12 @@ DEVICE_IO = PYTHON_RUNTIME | SHARED_IO | frozenset({
 #: File work of the event loop and its to_thread helpers: the kernel, initrd and disks
 #: (opened while the VM is built), snapshot files and directories (restore: getdents64,
 #: fstat), config paths checked by the path policy (readlink, newfstatat, access), the
-#: console/API socket files (unlink, chmod, rename), disk images (ftruncate, fallocate).
+#: console/API socket files (unlink, chmod, rename), disk images (ftruncate, fallocate),
+#: whose a snapshot's memory file is (geteuid: a daemon maps only its own user's).
 FILES = frozenset({
     "openat", "close", "fstat", "newfstatat", "statx", "lseek", "fcntl", "dup", "dup3",
     "getdents64", "readlink", "unlink", "unlinkat", "rename", "chmod", "fchmod",
-    "ftruncate", "fallocate", "access", "faccessat2", "getcwd",
+    "ftruncate", "fallocate", "access", "faccessat2", "getcwd", "geteuid",
 })
 
 #: trio's loop and threads: epoll, its wake-up socketpair, eventfds, pipes, starting
@@ -100,24 +102,37 @@ EVENT_LOOP = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
 BACKEND = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
            | UNIX_SOCKETS | frozenset({"memfd_create"}))
 
+#: The event loop of ``avmm serve`` (dense mode: every VM's devices in this process):
+#: a VMM's event loop, plus snapshot directories made and renamed into place (mkdirat,
+#: renameat2; their fsync is in DEVICE_IO) and, for migrations over TCP, IP sockets
+#: (``socket`` domains below; the stream calls are those of UNIX_SOCKETS; uname: the
+#: resolver, for a host name in a `tcp:` address). Derived with
+#: ``scripts/seccomp_derive.py serve``. Never execve, fork, ptrace, mount, module or key
+#: calls.
+DAEMON = EVENT_LOOP | frozenset({"mkdirat", "renameat2", "uname"})
+
 ALLOWED: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.VCPU: VCPU,
     ThreadKind.DEVICE_IO: DEVICE_IO,
     ThreadKind.EVENT_LOOP: EVENT_LOOP,
     ThreadKind.BACKEND: BACKEND,
+    ThreadKind.DAEMON: DAEMON,
 }
 
 #: Calls allowed only with some values of one argument, per kind:
 #: name -> (argument index, allowed values). New sockets are unix sockets only (console,
-#: vhost-user, the API's socket): never AF_INET/AF_INET6/AF_PACKET/AF_NETLINK. (A
-#: migration over TCP will open its socket before the filter, or widen this list for
-#: its duration: issue 14.)
+#: vhost-user, the API's socket): never AF_INET/AF_INET6/AF_PACKET/AF_NETLINK; except in
+#: the daemon, which may be asked to migrate a VM over TCP at any time (a loaded filter
+#: cannot be widened later, so it allows IP sockets throughout; never AF_PACKET or
+#: AF_NETLINK, so no raw frames and no changes to the host's network).
 _UNIX_ONLY = (0, frozenset({socket.AF_UNIX}))
+_UNIX_AND_IP = (0, frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}))
 CONDITIONAL: dict[ThreadKind, dict[str, tuple[int, frozenset[int]]]] = {
     ThreadKind.VCPU: {},
     ThreadKind.DEVICE_IO: {},
     ThreadKind.EVENT_LOOP: {"socket": _UNIX_ONLY},
     ThreadKind.BACKEND: {"socket": _UNIX_ONLY},
+    ThreadKind.DAEMON: {"socket": _UNIX_AND_IP},
 }
 
 # -- ioctl requests (argument 1 checked) ---------------------------------------------------
@@ -151,7 +166,7 @@ _KVM_IOCTLS = _VCPU_IOCTLS | frozenset({
 #: for ``avmm up`` (tcgetattr/tcsetattr; never TIOCSTI), and a tap's set-up and offloads
 #: (TUNSETOFFLOAD also when the driver negotiates features, after the filter).
 OTHER_IOCTLS: dict[str, int] = {
-    "FIONBIO": termios.FIONBIO, "FIOCLEX": termios.FIOCLEX,
+    "FIONBIO": termios.FIONBIO, "FIOCLEX": termios.FIOCLEX, "FIONCLEX": termios.FIONCLEX,
     "TCGETS": termios.TCGETS, "TCSETS": termios.TCSETS, "TCSETSW": termios.TCSETSW,
     "TCSETSF": termios.TCSETSF,
     "TUNSETIFF": TUNSETIFF, "TUNSETOFFLOAD": TUNSETOFFLOAD,
@@ -163,7 +178,11 @@ OTHER_IOCTLS: dict[str, int] = {
 IOCTLS: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.VCPU: _VCPU_IOCTLS,
     ThreadKind.DEVICE_IO: frozenset(),
-    ThreadKind.EVENT_LOOP: _KVM_IOCTLS | frozenset(OTHER_IOCTLS),
+    ThreadKind.EVENT_LOOP: _KVM_IOCTLS | frozenset(OTHER_IOCTLS) - {"FIONCLEX"},
+    # FIONCLEX: hypercorn adopts the API's listening socket (fd://) after the filter,
+    # and makes the adopted socket inheritable (for its own workers; avmm starts none,
+    # and nothing under the filter may exec anyway).
+    ThreadKind.DAEMON: _KVM_IOCTLS | frozenset(OTHER_IOCTLS),
     ThreadKind.BACKEND: frozenset({"FIONBIO", "FIOCLEX", "TCGETS", "TUNSETOFFLOAD",
                                    "TUNSETVNETHDRSZ"}),
 }

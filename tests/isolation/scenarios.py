@@ -148,12 +148,127 @@ def vhost_user_blk(directory: Path, mode: str, wrap: Wrap = no_wrap) -> Outcome:
     return outcome
 
 
+class _Daemon:
+    """An ``avmm serve --seccomp MODE`` in its own process group (a wrapper and all)."""
+
+    def __init__(self, directory: Path, label: str, mode: str, wrap: Wrap) -> None:
+        self.label = label
+        self.socket = directory / f"{label}.sock"
+        self.log = directory / f"{label}.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*wrap(label), *AVMM, "serve", "--socket", str(self.socket), "--seccomp",
+                 mode], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO,
+                start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+
+    def close(self) -> int:
+        """SIGTERM (a clean shutdown), then its exit status (negative: killed by that
+        signal; -31 is SIGSYS, a seccomp kill)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+
+async def _daemon_lifecycle(directory: Path, a: _Daemon, b: _Daemon) -> list[str]:
+    """What a daemon does for its clients, each once: create a VM with a disk, stream
+    its console, metrics, pause, snapshot, resume, restore the snapshot, migrate over
+    TCP to the other daemon and back over a unix socket, delete."""
+    import socket as socket_module
+
+    import trio
+
+    from avmm.api import ApiClient
+
+    problems: list[str] = []
+    image = _blank_image(directory / "serve-disk.img", 2048)
+    config = {"machine": {"memory_mib": 32, "acpi": False},
+              "boot": {"kernel": str(TEST_GUEST),
+                       "cmdline": "console=ttyS0 avmm.test=mem-walk avmm.mib=4 "
+                                  "avmm.rounds=60000"},
+              "serial": {"mode": "console"},
+              "disk": [{"path": str(image)}]}
+
+    async def wait_state(api: ApiClient, vm_id: str, state: str) -> dict[str, object]:
+        with trio.fail_after(TIMEOUT):
+            while (vm := await api.get_vm(vm_id))["state"] != state:
+                await trio.sleep(0.05)
+        return vm
+
+    async def wait_output(api: ApiClient, vm_id: str, text: bytes) -> None:
+        output = bytearray()
+        with trio.fail_after(TIMEOUT):
+            async with api.console(vm_id) as chunks:
+                async for chunk in chunks:
+                    output += chunk
+                    if text in output:
+                        return
+
+    with socket_module.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with ApiClient(a.socket) as api_a, ApiClient(b.socket) as api_b:
+        vm = (await api_a.create_vm(config))["id"]
+        await wait_output(api_a, vm, b"round=2 ")
+        if "avmm_vm" not in await api_a.metrics():
+            problems.append("/metrics has no avmm_vm series")
+        await api_a.pause(vm)
+        await api_a.snapshot(vm, directory / "snap")
+        await api_a.resume(vm)
+        restored = (await api_a.restore_vm(directory / "snap"))["id"]
+        await wait_output(api_a, restored, b"round=")
+        await api_a.delete_vm(restored)
+        incoming = (await api_b.receive_vm(f"tcp:127.0.0.1:{port}"))["id"]
+        # By name: the daemon resolves it (the resolver's files and sockets).
+        await api_a.migrate(vm, f"tcp:localhost:{port}")
+        source = await wait_state(api_a, vm, "stopped")
+        if source["exit"]["reason"] != "migrated":  # type: ignore[index]
+            problems.append(f"A → B over TCP: the source ended {source['exit']}")
+        await wait_state(api_b, incoming, "running")
+        back = (await api_a.receive_vm(f"unix:{directory / 'back.sock'}"))["id"]
+        await api_b.migrate(incoming, f"unix:{directory / 'back.sock'}")
+        await wait_state(api_b, incoming, "stopped")
+        await wait_state(api_a, back, "running")
+        await wait_output(api_a, back, b"round=")
+        for api, vm_id in ((api_a, vm), (api_b, incoming), (api_a, back)):
+            await api.delete_vm(vm_id)
+    return problems
+
+
+def serve(directory: Path, mode: str, wrap: Wrap = no_wrap) -> Outcome:
+    """Two ``avmm serve`` daemons, filtered, through a VM's whole life (see
+    :func:`_daemon_lifecycle`); both must shut down cleanly afterwards."""
+    import trio
+
+    a = _Daemon(directory, "daemon", mode, wrap)
+    b = _Daemon(directory, "daemon2", mode, wrap)
+    problems: list[str] = []
+    try:
+        problems += trio.run(_daemon_lifecycle, directory, a, b)
+    except Exception as e:  # the outcome says what failed; the daemons' logs say why
+        problems.append(f"the lifecycle failed: {e!r}")
+    finally:
+        codes = {a.label: a.close(), b.label: b.close()}
+    problems += [f"{name} exited with {code}" for name, code in codes.items() if code != 0]
+    logs = "".join(d.log.read_text(errors="replace") for d in (a, b))
+    return Outcome(codes, "", logs, problems)
+
+
 SCENARIOS: dict[str, Callable[..., Outcome]] = {
     "hello": hello,
     "blk-write": blk_write,
     "console": console,
     "net-echo": net_echo,
     "vhost-user-blk": vhost_user_blk,
+    "serve": serve,
 }
 
 

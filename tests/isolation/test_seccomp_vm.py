@@ -77,3 +77,36 @@ def test_seccomp_off_loads_no_filter_and_says_so(tmp_path: Path) -> None:
     assert "avmm-testguest: hello" in result.stdout
     assert re.search(r"seccomp filters are off", result.stderr), result.stderr
 
+
+
+@pytest.mark.parametrize(("flags", "filtered"), [([], True), (["--seccomp", "off"], False)],
+                         ids=["default", "off"])
+def test_avmm_serve_loads_the_daemon_filter_by_default(tmp_path: Path, flags: list[str],
+                                                       filtered: bool) -> None:
+    """``avmm serve`` runs under the daemon's filter (kill mode) from before it serves
+    its first request, on every thread; ``--seccomp off`` loads none and says so. (The
+    ``serve`` scenario above drives a filtered daemon through a VM's whole life.)"""
+    sock = tmp_path / "api.sock"
+    daemon = subprocess.Popen([*AVMM, "serve", "--socket", str(sock), *flags],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, cwd=REPO, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert daemon.poll() is None, daemon.communicate()[1]
+            assert time.monotonic() < deadline, "avmm serve did not start"
+            time.sleep(0.05)
+        # A request answered: the filter must hold by then (it is loaded before the
+        # daemon accepts its first connection).
+        listing = subprocess.run([*AVMM, "ps", "--socket", str(sock)], capture_output=True,
+                                 text=True, timeout=60, cwd=REPO, check=False)
+        assert listing.returncode == 0, listing.stderr
+        statuses = [_status(daemon.pid, int(tid))
+                    for tid in os.listdir(f"/proc/{daemon.pid}/task")]
+    finally:
+        daemon.terminate()
+        _, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    expected = "2" if filtered else "0"
+    assert all(status["Seccomp"].strip() == expected for status in statuses), statuses
+    assert ("seccomp filters are off" in err) is not filtered, err
