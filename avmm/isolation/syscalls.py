@@ -65,11 +65,12 @@ DEVICE_IO = PYTHON_RUNTIME | SHARED_IO | frozenset({
 #: (opened while the VM is built), snapshot files and directories (restore: getdents64,
 #: fstat), config paths checked by the path policy (readlink, newfstatat, access), the
 #: console/API socket files (unlink, chmod, rename), disk images (ftruncate, fallocate),
-#: whose a snapshot's memory file is (geteuid: a daemon maps only its own user's).
+#: whose a snapshot's memory file is (geteuid: a daemon maps only its own user's), and
+#: openat2 (RESOLVE_BENEATH: a config's files under ``--allow-path``).
 FILES = frozenset({
     "openat", "close", "fstat", "newfstatat", "statx", "lseek", "fcntl", "dup", "dup3",
     "getdents64", "readlink", "unlink", "unlinkat", "rename", "chmod", "fchmod",
-    "ftruncate", "fallocate", "access", "faccessat2", "getcwd", "geteuid",
+    "ftruncate", "fallocate", "access", "faccessat2", "getcwd", "geteuid", "openat2",
 })
 
 #: trio's loop and threads: epoll, its wake-up socketpair, eventfds, pipes, starting

@@ -151,14 +151,15 @@ def vhost_user_blk(directory: Path, mode: str, wrap: Wrap = no_wrap) -> Outcome:
 class _Daemon:
     """An ``avmm serve --seccomp MODE`` in its own process group (a wrapper and all)."""
 
-    def __init__(self, directory: Path, label: str, mode: str, wrap: Wrap) -> None:
+    def __init__(self, directory: Path, label: str, mode: str, wrap: Wrap,
+                 *options: str) -> None:
         self.label = label
         self.socket = directory / f"{label}.sock"
         self.log = directory / f"{label}.log"
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [*wrap(label), *AVMM, "serve", "--socket", str(self.socket), "--seccomp",
-                 mode], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO,
+                 mode, *options], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO,
                 start_new_session=True)
         deadline = time.monotonic() + 60
         while not self.socket.exists():
@@ -248,7 +249,9 @@ def serve(directory: Path, mode: str, wrap: Wrap = no_wrap) -> Outcome:
     :func:`_daemon_lifecycle`); both must shut down cleanly afterwards."""
     import trio
 
-    a = _Daemon(directory, "daemon", mode, wrap)
+    # One daemon checks every path against --allow-path (openat2 beneath them).
+    a = _Daemon(directory, "daemon", mode, wrap, "--allow-path", str(directory),
+                "--allow-path", str(TEST_GUEST.parent))
     b = _Daemon(directory, "daemon2", mode, wrap)
     problems: list[str] = []
     try:
