@@ -99,6 +99,7 @@ async def test_net_echo_migrated_with_frames_in_flight_every_frame_comes_back(
     whole = (before + after).decode()
     # Every frame's echo came back and the guest checked it (sequence, length, bytes).
     assert f"net0 echoed={FRAMES}\n" in after.decode(), whole[-2000:]
+    assert "net0 resent=" in after.decode(), after.decode()
     resent = int(after.decode().split("net0 resent=")[1].split()[0])
     # Every frame reached an echoer, the source's or the destination's (not timing:
     # a frame the guest counted as echoed was echoed by one of them).
