@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,14 @@ from avmm import VirtualMachine
 from avmm.config import DiskConfig, NetConfig, VmConfig
 from tests.prerequisites import require
 from tests.vhost.test_frontend import avmm_backend, subprocess_backend
-from tests.virtio_guest_support import EthernetEchoer, TapNamespace
+from tests.virtio_guest_support import (
+    _PACKET_OUTGOING,
+    ECHO_ETHERTYPE,
+    ECHO_MAGIC,
+    EthernetEchoer,
+    TapNamespace,
+)
+from tests.virtio_guest_support import ECHO_MAC as ECHOER_MAC
 from tests.vm.helpers import MAILBOX_ADDRESS
 
 #: The guest's progress in its mailbox: frames echoed back to it (net-echo), sectors
@@ -26,6 +36,68 @@ PROGRESS = MAILBOX_ADDRESS + 8
 ECHO_FRAMES = 200
 ECHO_MAC = bytes.fromhex("525400abcdef")
 BLK_SECTORS = 8 * 2048  # 8 MiB: the guest writes it, then reads it all back
+
+
+class SequenceEchoer(EthernetEchoer):
+    """An :class:`EthernetEchoer` that also notes the sequence number of every net-echo
+    frame it gets (``seen``, in arrival order, resends included), holds each echo back
+    ``delay_s`` (so that the guest, always waiting for one, most likely has a frame or
+    its echo on the way at any moment), and answers none of the first copies of the
+    frames in ``drop_first`` (a frame lost once, as on any network)."""
+
+    def __init__(self, ifname: str, *, netns: str | None = None, lifetime: float = 120.0,
+                 delay_s: float = 0.0, drop_first: frozenset[int] = frozenset()) -> None:
+        super().__init__(ifname, netns=netns, lifetime=lifetime)
+        self.delay_s = delay_s
+        self.drop_first = drop_first
+        self.seen: list[int] = []
+        self._seen_lock = threading.Lock()
+
+    def sequences(self) -> list[int]:
+        """A copy of ``seen`` (the thread goes on appending)."""
+        with self._seen_lock:
+            return list(self.seen)
+
+    def _run(self) -> None:
+        try:
+            sock = self._open()
+        except BaseException as e:  # handed to start()
+            self._error = e
+            self._ready.set()
+            return
+        deadline = time.monotonic() + self.lifetime
+        with sock:
+            self._ready.set()
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    frame, address = sock.recvfrom(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break  # the interface went away (namespace deleted)
+                if self._answer(sock, frame, address[2]):
+                    self.echoed += 1
+
+    def _answer(self, sock: socket.socket, frame: bytes, packet_type: int) -> bool:
+        """Echo ``frame`` if it is a net-echo frame of the guest's (not one of ours
+        going out, not a first copy to drop); True when echoed."""
+        if (packet_type == _PACKET_OUTGOING or len(frame) < 26
+                or int.from_bytes(frame[12:14], "big") != ECHO_ETHERTYPE
+                or frame[6:12] == ECHOER_MAC or frame[14:22] != ECHO_MAGIC):
+            return False
+        seq = int.from_bytes(frame[22:26], "little")
+        with self._seen_lock:
+            first = seq not in self.seen
+            self.seen.append(seq)
+        if first and seq in self.drop_first:
+            return False
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        try:
+            sock.send(frame[6:12] + ECHOER_MAC + frame[12:])
+        except OSError:
+            return False  # e.g. no carrier yet; the guest resends or says it timed out
+        return True
 
 
 def net_echo(config: VmConfig, namespace: TapNamespace) -> VmConfig:

@@ -8,7 +8,14 @@
  * k; then its length and bytes 14.. must equal what was sent. Anything else
  * (IPv6 neighbour discovery from the host, late duplicates) is ignored.
  * avmm.mrg=1 negotiates VIRTIO_NET_F_MRG_RXBUF. Mailbox counter: frames
- * echoed so far. */
+ * echoed so far.
+ *
+ * avmm.resend_ms=M (default 0: never) resends frame k, unchanged, whenever M ms
+ * (on the TSC) pass without its echo, until the 5 s timeout: a frame or echo
+ * lost on the way (e.g. in the source's tap at a live migration's hand-over)
+ * then costs a resend instead of the run. The echo of an earlier copy and of
+ * the resent one are the same frame: the first accepted, the others ignored
+ * as late duplicates. With M set, `net0 resent=<R>` follows the echoed line. */
 #include "guest.h"
 #include "timer.h"
 #include "virtio_net.h"
@@ -50,10 +57,13 @@ static int net_echo_run(void)
     uint64_t n = cmdline_get_u64("avmm.n", 10);
     uint64_t size = cmdline_get_u64("avmm.size", 64);
     bool mrg = cmdline_get_u64("avmm.mrg", 0) != 0;
+    uint64_t resend_ms = cmdline_get_u64("avmm.resend_ms", 0);
     if (size < ECHO_HEADER || size > NET_MAX_FRAME)
         guest_panic("avmm.size: must be %u..%u", ECHO_HEADER, NET_MAX_FRAME);
     if (n > 0xffffffffu)
         guest_panic("avmm.n: too large");
+    if (resend_ms >= ECHO_TIMEOUT_MS)
+        guest_panic("avmm.resend_ms: must be below the %u ms timeout", ECHO_TIMEOUT_MS);
 
     if (virtio_count(VIRTIO_ID_NET) == 0) {
         guest_printf(GUEST_PREFIX "no virtio-net device\n");
@@ -69,17 +79,30 @@ static int net_echo_run(void)
                  net.mac[1], net.mac[2], net.mac[3], net.mac[4], net.mac[5]);
 
     uint32_t len = (uint32_t)size;
+    uint64_t resent = 0;
     for (uint32_t k = 1; k <= n; k++) {
         build_frame(net.mac, k, len);
         net_send(&net, tx_frame, len);
         uint64_t deadline = timer_deadline(ECHO_TIMEOUT_MS);
+        uint64_t resend_at = resend_ms ? timer_deadline(resend_ms) : 0;
         for (;;) {
+            /* Wait until the echo, the next resend or the timeout, whichever is first. */
+            bool resend_first = resend_ms && (int64_t)(resend_at - deadline) < 0;
+            uint64_t until = resend_first ? resend_at : deadline;
             uint64_t now = rdtsc();
-            uint64_t left_ms = timer_expired(deadline) ? 0 : (deadline - now) / timer_tsc_khz();
+            uint64_t left_ms = timer_expired(until) ? 0 : (until - now) / timer_tsc_khz();
+            if (left_ms == 0 && resend_first) {
+                net_send(&net, tx_frame, len);
+                resent++;
+                resend_at = timer_deadline(resend_ms);
+                continue;
+            }
             uint32_t got;
             enum net_rx r = left_ms ? net_receive(&net, rx_frame, &got, left_ms) : NET_RX_TIMEOUT;
             if (r == NET_RX_ERROR)
                 return EXIT_FAILURE;
+            if (r == NET_RX_TIMEOUT && resend_first)
+                continue; /* time to resend */
             if (r == NET_RX_TIMEOUT) {
                 guest_printf(GUEST_PREFIX "net0 timeout (no echo of seq=%u, %lu frames seen)\n",
                              k, net.rx_frames);
@@ -98,6 +121,8 @@ static int net_echo_run(void)
     }
     net_close(&net);
     guest_printf(GUEST_PREFIX "net0 echoed=%lu\n", n);
+    if (resend_ms)
+        guest_printf(GUEST_PREFIX "net0 resent=%lu\n", resent);
     return EXIT_OK;
 }
 
