@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import IN_PROCESS
+from benchmarks.common import SHARING
 from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
 
@@ -35,8 +35,8 @@ def test_fairness_group_runs_and_writes_its_figures(tmp_path: Path) -> None:
     shares = [figures[name]["avmm"]["runs"][0] for name in names if "share" in name]
     assert len(shares) == 2 and math.isclose(sum(shares), 100.0)
     for name, figure in figures.items():
-        assert figure["group"] == "fairness" and figure["part"] == IN_PROCESS
-        assert "goal" in figure["note"]
+        assert figure["group"] == "fairness" and figure["part"] == SHARING
+        assert "goal" in name
         (value,) = figure["avmm"]["runs"]
         assert math.isfinite(value) and value >= 0, name
         assert name in result.stdout
