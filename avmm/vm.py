@@ -1318,7 +1318,7 @@ class VirtualMachine:
             try:
                 await arrived.wait()
                 await trio.to_thread.run_sync(self._cpu.place, gate.arrived)
-            except AvmmError as e:
+            except (AvmmError, OSError) as e:
                 self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
                                            f"placing the vCPU threads: {e}"))
                 self._log.error("cannot place the vcpu threads", error=str(e))

@@ -7,6 +7,7 @@ sets an affinity is blocking: call it from a worker thread (trio.to_thread).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -86,11 +87,18 @@ class HostCgroups:
         return self.backend
 
     def create_vm(self, name: str) -> list[Path]:
+        """Make a VM's cgroup, ``name`` or, if a VM of this process has that one, the
+        first free ``name.N`` (two VMs may share a name; never a cgroup)."""
         backend = self.require()
         with self._lock:
             if self._owner is None:
                 self._owner = backend.prepare_owner(owner_name())
-            dirs = backend.create_vm(self._owner, name)
+            unique = name
+            for number in itertools.count(2):
+                if not (self._owner / unique).exists():
+                    break
+                unique = f"{name}.{number}"
+            dirs = backend.create_vm(self._owner, unique)
             self._vms += 1
             return dirs
 

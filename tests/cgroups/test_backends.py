@@ -236,3 +236,20 @@ def test_cpu_lists() -> None:
         parse_cpu_list("6-9", usable=usable)
     assert str(outside.value) == ("CPU 8-9 is not one this host lets avmm use "
                                   "(usable: 0-7)")
+
+
+def test_two_vms_with_one_name_get_two_cgroups(tmp_path: Path) -> None:
+    root = tmp_path / "cpu"
+    root.mkdir()
+    host = HostCgroups(V1Backend(root, root))
+    first = VmCpu("web", CpuLimits(weight=100), host)
+    second = VmCpu("web", CpuLimits(weight=200), host)
+    first.prepare()
+    second.prepare()
+    assert first.cgroup is not None and second.cgroup is not None
+    assert (first.cgroup.name, second.cgroup.name) == ("vm-web", "vm-web.2")
+    assert (second.cgroup / "cpu.shares").read_text() == "2048"
+    first.release()
+    assert second.cgroup.exists()  # the other VM's cgroup is untouched
+    second.release()
+    assert not (root / "avmm" / owner_name()).exists()
