@@ -565,9 +565,11 @@ class HostedVm:
         return None if self._vm is None else await self._vm.cpu_usage()
 
     async def set_cpu_limits(self, *, weight: int | None = None,
-                             max_percent: float | None = None) -> CpuLimits:
+                             max_percent: float | None = None,
+                             clear_max_percent: bool = False) -> CpuLimits:
         """Change the CPU weight/quota at run time (VirtualMachine.set_cpu_limits)."""
-        return await self.vm.set_cpu_limits(weight=weight, max_percent=max_percent)
+        return await self.vm.set_cpu_limits(weight=weight, max_percent=max_percent,
+                                            clear_max_percent=clear_max_percent)
 
     # -- the task that owns the VM ------------------------------------------------------
 

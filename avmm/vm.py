@@ -1348,10 +1348,12 @@ class VirtualMachine:
         return await trio.to_thread.run_sync(self._cpu.usage, self.vcpu_threads)
 
     async def set_cpu_limits(self, *, weight: int | None = None,
-                             max_percent: float | None = None) -> CpuLimits:
+                             max_percent: float | None = None,
+                             clear_max_percent: bool = False) -> CpuLimits:
         """Change the VM's CPU weight and/or quota while it runs (validated as the
         ``[machine]`` keys ``cpu_weight``/``cpu_max_percent`` are: a bad value raises a
-        ConfigError naming the key). A VM started without a cgroup gets one now.
+        ConfigError naming the key; None leaves a value as it is, ``clear_max_percent``
+        removes the quota). A VM started without a cgroup gets one now.
 
         :raises VmStateError: the VM has stopped.
         :raises CgroupError: this host cannot apply CPU controls.
@@ -1367,7 +1369,8 @@ class VirtualMachine:
 
         def apply() -> CpuLimits:
             self._cpu.place(tids)  # records them; affinity is unchanged
-            return self._cpu.update(weight=weight, max_percent=max_percent)
+            return self._cpu.update(weight=weight, max_percent=max_percent,
+                                    clear_max=clear_max_percent)
 
         return await trio.to_thread.run_sync(apply)
 

@@ -137,6 +137,10 @@ async def test_api_shows_vcpu_threads_limits_and_cpu_time(socket_dir: Path) -> N
             with trio.fail_after(60):
                 while (await api.get_vm(vm_id))["cpu"]["cpu_seconds"] <= 0:
                     await trio.sleep(0.05)
+            # What PATCH /vms/{id} "machine" calls: the change shows in GET at once.
+            await host.get(vm_id).set_cpu_limits(weight=50, clear_max_percent=True)
+            changed = (await api.get_vm(vm_id))["cpu"]
+            assert (changed["weight"], changed["max_percent"]) == (50, None)
             samples = parse_metrics(await api.metrics())
             assert value(samples, "avmm_vm_cpu_seconds_total", vm=vm_id) > 0
             assert value(samples, "avmm_vm_cpu_throttled_seconds_total", vm=vm_id) >= 0

@@ -124,6 +124,9 @@ async def test_set_cpu_limits_at_run_time_writes_the_files() -> None:
         expect_limits(cgroup, 2500, 75)
         await vm.set_cpu_limits(max_percent=120.5)
         expect_limits(cgroup, 2500, 120.5)
+        await vm.set_cpu_limits(clear_max_percent=True)
+        expect_limits(cgroup, 2500, None)
+        await vm.set_cpu_limits(max_percent=120.5)
         assert set(tids) <= thread_ids(cgroup)
         with pytest.raises(ConfigError) as bad:
             await vm.set_cpu_limits(weight=0)
