@@ -45,7 +45,7 @@ from .arch.x86.cpuid import filter_cpuid
 from .arch.x86.loader import load_kernel
 from .bus import Bus
 from .cgroups import CpuLimits, CpuUsage, StartGate, VmCpu, limits_from_machine
-from .config import ConsoleConfig, VmConfig
+from .config import ConsoleConfig, VmConfig, check_cpu_limits
 from .cpu_profile import ResolvedProfile, profile_cmdline, resolve_cpu_profile
 from .devices.acpi_sleep import ACPI_SLEEP_PORT_COUNT, AcpiSleep
 from .devices.boot_timer import BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT, BootTimer
@@ -1358,8 +1358,6 @@ class VirtualMachine:
         :raises VmStateError: the VM has stopped.
         :raises CgroupError: this host cannot apply CPU controls.
         """
-        from .config import check_cpu_limits
-
         check_cpu_limits(weight=weight, max_percent=max_percent)
         if self.state in (VmState.STOPPING, VmState.STOPPED):
             raise VmStateError(f"VM {self.name!r} is {self.state.value}; its CPU limits "
