@@ -150,6 +150,7 @@ async def _run_up(config: object, boot_time: bool = False,
     from .vm import VirtualMachine
 
     install_process_filter(DENSE_PROCESS_KINDS, seccomp)
+    await _cleanup_stale_cgroups()
     async with VirtualMachine(config) as vm:  # type: ignore[arg-type]
         return await _attend(vm, boot_time)
 
@@ -159,9 +160,17 @@ async def _run_restored(directory: str, copy_memory: bool, sockets: dict[str, st
     from .vm import VirtualMachine
 
     install_process_filter(DENSE_PROCESS_KINDS, seccomp)
+    await _cleanup_stale_cgroups()
     async with VirtualMachine.restore(directory, copy_memory=copy_memory,
                                       vhost_user=sockets) as vm:
         return await _attend(vm, boot_time)
+
+
+async def _cleanup_stale_cgroups() -> None:
+    """Remove the cgroups of avmm processes that crashed (see avmm.cgroups)."""
+    from .cgroups import cleanup_stale
+
+    await trio.to_thread.run_sync(cleanup_stale)
 
 
 async def _attend(vm: object, boot_time: bool) -> VmExit:

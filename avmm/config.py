@@ -10,6 +10,10 @@ A config file looks like this (everything but ``[boot]`` and its ``kernel`` is o
     cpu_profile = "auto"      # "auto" | "host" | "compat" (auto: compat on kvm_pvm hosts)
     hide_cpu_features = []    # e.g. ["x2apic"]: hidden from CPUID on top of the profile
     acpi = true               # ACPI tables (false: virtio_mmio.device= words instead)
+    cpu_weight = 100          # CPU share against other VMs (1-10000, cgroup v2 semantics)
+    cpu_max_percent = 150     # CPU quota: 150 = one and a half host CPUs
+    cpu_affinity = "0-1,3"    # host CPUs for the vCPU threads (or a list of integers)
+    vcpu_affinity = ["0", "1"]  # host CPUs per vCPU (over cpu_affinity)
 
     [boot]
     kernel = "vmlinux"        # relative to the directory of vm.toml
@@ -51,6 +55,7 @@ from pathlib import Path
 from typing import Any, Final, Generic, Literal, TypeVar
 
 from .arch.x86.cpuid import FEATURES as CPU_FEATURES
+from .cgroups.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from .errors import ConfigError
 
 __all__ = [
@@ -68,6 +73,7 @@ __all__ = [
     "SerialMode",
     "VhostUserConfig",
     "VmConfig",
+    "check_cpu_limits",
     "config_from_dict",
     "load_config",
     "read_config_file",
@@ -87,6 +93,9 @@ DISK_ID_MAX_BYTES: Final = 20
 
 # KVM may allow fewer vCPUs than this; the VM checks KVM_CAP_MAX_VCPUS when it starts.
 VCPUS_MAX: Final = 255
+#: cgroup v2's cpu.weight range (avmm.cgroups).
+CPU_WEIGHT_MIN: Final = 1
+CPU_WEIGHT_MAX: Final = 10000
 MEMORY_MIB_MIN: Final = 16
 MEMORY_MIB_MAX: Final = 1024 * 1024
 # The boot protocol's cmdline_size is usually smaller; the loader checks the real limit.
@@ -120,6 +129,16 @@ class MachineConfig:
     #: ``virtio_mmio.device=`` words instead, for minimal kernels (and avmm's test guest)
     #: that only know that path. Never both: Linux would probe each device twice.
     acpi: bool = True
+    #: CPU controls (avmm.cgroups; None: not asked, and then no cgroup is made).
+    #: Weight against other VMs' vCPUs, 1..10000 as cgroup v2's cpu.weight (100 when
+    #: unset); on cgroup v1 it becomes cpu.shares (weight * 1024 / 100).
+    cpu_weight: int | None = None
+    #: Quota in percent of one host CPU (150 = 1.5 CPUs) for all vCPU threads together.
+    cpu_max_percent: int | float | None = None
+    #: Host CPUs every vCPU thread may run on (sorted, distinct).
+    cpu_affinity: tuple[int, ...] | None = None
+    #: Host CPUs per vCPU (one list per vCPU, in vCPU order), over cpu_affinity.
+    vcpu_affinity: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,6 +767,64 @@ def _build_console(
     return ConsoleConfig(mode=mode, path=path)
 
 
+def _cpu_max_percent(value: Any, key: str, context: _Context) -> int | float:
+    limit = 100 * (os.cpu_count() or 1)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 < value <= limit or value != value):
+        raise context.error(key, f"expected a number above 0 and at most {limit} (100 per "
+                            f"host CPU; 150 = one and a half CPUs), got {_describe(value)}")
+    return value
+
+
+def _cpu_list(value: Any, key: str, context: _Context) -> tuple[int, ...]:
+    try:
+        return parse_cpu_list(value)
+    except CpuListError as e:
+        raise context.error(key, str(e)) from None
+
+
+def _vcpu_affinity(value: Any, key: str, context: _Context) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(value, list) or not value:
+        raise context.error(key, "expected a list with one CPU list per vCPU, such as "
+                            f'["0", "1"], got {_describe(value)}')
+    if len(value) > VCPUS_MAX:
+        raise context.error(key, f"expected at most {VCPUS_MAX} entries (one per vCPU)")
+    return tuple(_cpu_list(item, f"{key}[{index}]", context)
+                 for index, item in enumerate(value))
+
+
+def check_cpu_limits(*, weight: Any = None, max_percent: Any = None,
+                     source: str | None = None) -> None:
+    """Check a run-time change of ``cpu_weight``/``cpu_max_percent`` as the config does
+    (None: unchanged): a ConfigError naming ``machine.<key>`` if a value is bad."""
+    context = _Context(base_dir=None, source=source)
+    if weight is not None:
+        _integer(CPU_WEIGHT_MIN, CPU_WEIGHT_MAX)(weight, "machine.cpu_weight", context)
+    if max_percent is not None:
+        _cpu_max_percent(max_percent, "machine.cpu_max_percent", context)
+
+
+def _build_machine(
+    values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
+) -> MachineConfig:
+    per_vcpu: tuple[tuple[int, ...], ...] | None = values["vcpu_affinity"]
+    if per_vcpu is not None:
+        vcpus = values["vcpus"]
+        if len(per_vcpu) != vcpus:
+            raise context.error(_join(key, "vcpu_affinity"), f"{len(per_vcpu)} CPU lists "
+                                f"for {vcpus} vCPUs; give one per vCPU")
+        common: tuple[int, ...] | None = values["cpu_affinity"]
+        if common is not None:
+            for index, cpus in enumerate(per_vcpu):
+                outside = sorted(set(cpus) - set(common))
+                if outside:
+                    raise context.error(
+                        f"{_join(key, 'vcpu_affinity')}[{index}]",
+                        f"CPU {format_cpu_list(outside)} is outside cpu_affinity "
+                        f"({format_cpu_list(common)})")
+    return MachineConfig(**values)
+
+
 def _build_vm(
     values: dict[str, Any], raw: Mapping[str, Any], key: str, context: _Context
 ) -> VmConfig:
@@ -835,8 +912,12 @@ _MACHINE: Final = _Table(
         _Field("hide_cpu_features", _choices(tuple(sorted(CPU_FEATURES))),
                default=_MACHINE_DEFAULTS.hide_cpu_features),
         _Field("acpi", _boolean, default=_MACHINE_DEFAULTS.acpi),
+        _Field("cpu_weight", _integer(CPU_WEIGHT_MIN, CPU_WEIGHT_MAX), default=None),
+        _Field("cpu_max_percent", _cpu_max_percent, default=None),
+        _Field("cpu_affinity", _cpu_list, default=None),
+        _Field("vcpu_affinity", _vcpu_affinity, default=None),
     ),
-    build=lambda values, raw, key, context: MachineConfig(**values),
+    build=_build_machine,
 )
 
 _BOOT: Final = _Table(

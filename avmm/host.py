@@ -46,6 +46,7 @@ from typing import Any, final
 import structlog
 import trio
 
+from .cgroups import CpuLimits, CpuUsage
 from .config import VmConfig
 from .errors import AvmmError, UnknownVmError, VmStateError
 from .lifecycle import (
@@ -558,7 +559,20 @@ class HostedVm:
             },
             "config": None if config is None else config_to_dict(config),
             "migration": self.migration,
+            "vcpu_threads": [] if self._vm is None else self._vm.vcpu_threads,
+            "cpu": None if self._vm is None else self._vm.cpu_description(),
         }
+
+    async def cpu_usage(self) -> CpuUsage | None:
+        """CPU time and throttled time of the VM's vCPUs (see VirtualMachine.cpu_usage)."""
+        return None if self._vm is None else await self._vm.cpu_usage()
+
+    async def set_cpu_limits(self, *, weight: int | None = None,
+                             max_percent: float | None = None,
+                             clear_max_percent: bool = False) -> CpuLimits:
+        """Change the CPU weight/quota at run time (VirtualMachine.set_cpu_limits)."""
+        return await self.vm.set_cpu_limits(weight=weight, max_percent=max_percent,
+                                            clear_max_percent=clear_max_percent)
 
     # -- the task that owns the VM ------------------------------------------------------
 
@@ -832,6 +846,14 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "cpu_profile": machine.cpu_profile,
             "hide_cpu_features": list(machine.hide_cpu_features),
             "acpi": machine.acpi,
+            **_without_none({
+                "cpu_weight": machine.cpu_weight,
+                "cpu_max_percent": machine.cpu_max_percent,
+                "cpu_affinity": (None if machine.cpu_affinity is None
+                                 else list(machine.cpu_affinity)),
+                "vcpu_affinity": (None if machine.vcpu_affinity is None
+                                  else [list(cpus) for cpus in machine.vcpu_affinity]),
+            }),
         },
         "boot": _without_none({
             "kernel": str(config.boot.kernel),

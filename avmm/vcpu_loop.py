@@ -121,14 +121,25 @@ class VcpuLoop:
         #: The vCPU parked with its last access unfinished (the guest kept making
         #: accesses while KVM finished them): its state must not be saved.
         self.io_unfinished = False
+        #: The host thread id (gettid) of the thread running this loop, from when it is
+        #: placed (on_start has returned) until it returns.
+        self.native_id: int | None = None
+        #: Called on the vCPU thread with (vCPU id, host thread id) before the first
+        #: KVM_RUN: it may block until the thread is placed (avmm.cgroups.StartGate).
+        self.on_start: Callable[[int, int], None] | None = None
 
     def run(self) -> None:
         """Body of the vCPU thread. Returns once a stop was requested (by anyone)."""
         vcpu = self.vcpu
         vcpu.thread_ident = threading.get_ident()
+        tid = threading.get_native_id()
         structlog.contextvars.bind_contextvars(vcpu=vcpu.id)
-        log.debug("vcpu thread started")
+        log.debug("vcpu thread started", tid=tid)
         try:
+            if self.on_start is not None:
+                self.on_start(vcpu.id, tid)
+            # Shown (VirtualMachine.vcpu_threads) once placed, just before the guest runs.
+            self.native_id = tid
             self._loop()
         except Exception as e:
             # A bug or host failure: stop this VM with the reason, never the process.
@@ -138,6 +149,7 @@ class VcpuLoop:
             log.exception("vcpu loop failed")
         finally:
             vcpu.thread_ident = None
+            self.native_id = None
             log.debug("vcpu thread finished", exits=self.exit_counts)
 
     def _loop(self) -> None:

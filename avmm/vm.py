@@ -44,7 +44,8 @@ from .arch.x86.acpi import (
 from .arch.x86.cpuid import filter_cpuid
 from .arch.x86.loader import load_kernel
 from .bus import Bus
-from .config import ConsoleConfig, VmConfig
+from .cgroups import CpuLimits, CpuUsage, StartGate, VmCpu, limits_from_machine
+from .config import ConsoleConfig, VmConfig, check_cpu_limits
 from .cpu_profile import ResolvedProfile, profile_cmdline, resolve_cpu_profile
 from .devices.acpi_sleep import ACPI_SLEEP_PORT_COUNT, AcpiSleep
 from .devices.boot_timer import BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT, BootTimer
@@ -180,6 +181,8 @@ class VirtualMachine:
         self._devices_scope = trio.CancelScope()
         self._devices_done = trio.Event()
         self._loops: list[VcpuLoop] = []
+        # CPU controls (avmm.cgroups): made again by _build from the config in force.
+        self._cpu = VmCpu(self.name, limits_from_machine(config.machine))
         self.memory: GuestMemory | None = None
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
@@ -962,6 +965,13 @@ class VirtualMachine:
         boot = self._load_kernel(memory) if plan is None and not self._incoming else None
         self._make_legacy_devices(vm)
         self._make_vcpus(kvm, vm, boot)
+        with self._step("applying the CPU controls"):
+            # Before any vCPU runs, so that a host that cannot apply them refuses the VM.
+            # _supervise releases the cgroup once the vCPU threads are gone; this is for
+            # a start that fails before.
+            self._cpu = VmCpu(self.name, limits_from_machine(config.machine))
+            resources.callback(self._cpu.release)
+            self._cpu.prepare()
         if plan is not None:
             self._restore_state(vm, plan)
 
@@ -1267,9 +1277,16 @@ class VirtualMachine:
         structlog.contextvars.bind_contextvars(vm=self.name)
         try:
             async with trio.open_nursery() as nursery:
+                gate = self._start_gate(nursery)
                 for loop in self._loops:
+                    loop.on_start = None if gate is None else gate.arrive
                     nursery.start_soon(self._run_vcpu, loop)
         finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self._cpu.release)
+                except AvmmError as e:
+                    self._log.warning("cannot remove the VM's cgroup", error=str(e))
             # Devices stop after the vCPUs (nothing can kick them any more) and before
             # wait() returns, so a caller that saw the VM stop sees its devices stopped.
             self._devices_scope.cancel()
@@ -1287,6 +1304,73 @@ class VirtualMachine:
             self._log.info("vm stopped", reason=result.reason.value if result else None,
                            exit_status=result.exit_status if result else None,
                            detail=result.detail if result else None)
+
+    def _start_gate(self, nursery: trio.Nursery) -> StartGate | None:
+        """With CPU controls, the vCPU threads wait before their first KVM_RUN until a
+        worker thread has put them in the VM's cgroup and set their affinity."""
+        if not self._cpu.limits.any or not self._loops:
+            return None
+        arrived = trio.Event()
+        token = self._token_or_fail()
+        gate = StartGate(len(self._loops), lambda: token.run_sync_soon(arrived.set))
+
+        async def place() -> None:
+            try:
+                await arrived.wait()
+                await trio.to_thread.run_sync(self._cpu.place, gate.arrived)
+            except (AvmmError, OSError) as e:
+                self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
+                                           f"placing the vCPU threads: {e}"))
+                self._log.error("cannot place the vcpu threads", error=str(e))
+            finally:
+                gate.open()
+
+        nursery.start_soon(place)
+        return gate
+
+    @property
+    def vcpu_threads(self) -> list[int]:
+        """Host thread ids of the running vCPU threads, in vCPU order."""
+        return [tid for tid in (loop.native_id for loop in self._loops) if tid is not None]
+
+    @property
+    def cpu_limits(self) -> CpuLimits:
+        """The CPU controls in force (see :meth:`set_cpu_limits`)."""
+        return self._cpu.limits
+
+    def cpu_description(self) -> dict[str, Any]:
+        """The effective CPU controls, as the API shows them."""
+        return self._cpu.describe()
+
+    async def cpu_usage(self) -> CpuUsage:
+        """CPU time and throttled time so far (from the VM's cgroup; without one, its
+        vCPU threads' CPU time): read in a worker thread."""
+        return await trio.to_thread.run_sync(self._cpu.usage, self.vcpu_threads)
+
+    async def set_cpu_limits(self, *, weight: int | None = None,
+                             max_percent: float | None = None,
+                             clear_max_percent: bool = False) -> CpuLimits:
+        """Change the VM's CPU weight and/or quota while it runs (validated as the
+        ``[machine]`` keys ``cpu_weight``/``cpu_max_percent`` are: a bad value raises a
+        ConfigError naming the key; None leaves a value as it is, ``clear_max_percent``
+        removes the quota). A VM started without a cgroup gets one now.
+
+        :raises VmStateError: the VM has stopped.
+        :raises CgroupError: this host cannot apply CPU controls.
+        """
+        check_cpu_limits(weight=weight, max_percent=max_percent)
+        if self.state in (VmState.STOPPING, VmState.STOPPED):
+            raise VmStateError(f"VM {self.name!r} is {self.state.value}; its CPU limits "
+                               "cannot change")
+        tids = [(loop.vcpu.id, loop.native_id) for loop in self._loops
+                if loop.native_id is not None]
+
+        def apply() -> CpuLimits:
+            self._cpu.place(tids)  # records them; affinity is unchanged
+            return self._cpu.update(weight=weight, max_percent=max_percent,
+                                    clear_max=clear_max_percent)
+
+        return await trio.to_thread.run_sync(apply)
 
     async def _run_vcpu(self, loop: VcpuLoop) -> None:
         structlog.contextvars.bind_contextvars(vm=self.name, vcpu=loop.vcpu.id)

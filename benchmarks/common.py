@@ -72,6 +72,7 @@ def ratio_summary(avmm: Sequence[float], qemu: Sequence[float]) -> dict[str, obj
 PER_OPERATION = "per-operation"
 WHOLE_PROCESS = "whole-process"
 IN_PROCESS = "in-process"
+SHARING = "sharing"
 PARTS = {
     PER_OPERATION: "Per operation: the same guest doing the same work in both VMMs; each "
                    "rate or time per item is a run of N operations minus a run of none, so "
@@ -82,6 +83,8 @@ PARTS = {
     IN_PROCESS: "avmm inside a running Python process (a program that keeps avmm loaded, "
                 "as `avmm serve` does) against a whole QEMU process per VM: not like for "
                 "like, shown for what embedding avmm saves",
+    SHARING: "Sharing a host: avmm alone, measured against the goal in each figure's note "
+             "(no QEMU column)",
 }
 
 
@@ -91,7 +94,7 @@ class Figure:
 
     name: str
     unit: str
-    better: str  # "lower" or "higher"
+    better: str  # "lower" or "higher" ("closer": to the goal its name states)
     part: str  # a key of PARTS
     avmm: list[float] = field(default_factory=list)
     qemu: list[float] = field(default_factory=list)

@@ -377,7 +377,13 @@ class ManagementApi:
         return _json_response(202, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
 
     async def _get(self, request: _Request) -> _Response:
-        return _json_response(200, self.host.get(request.params["id"]).to_dict())
+        hosted = self.host.get(request.params["id"])
+        data = hosted.to_dict()
+        usage = await hosted.cpu_usage()  # cgroup files: read in a worker thread
+        if data["cpu"] is not None and usage is not None:
+            data["cpu"].update(cpu_seconds=usage.cpu_seconds,
+                               throttled_seconds=usage.throttled_seconds)
+        return _json_response(200, data)
 
     async def _delete(self, request: _Request) -> _Response:
         await self.host.remove(request.params["id"])
@@ -423,7 +429,9 @@ class ManagementApi:
         return _Response(204)
 
     async def _metrics(self, request: _Request) -> _Response:
-        return _Response(200, render_metrics(self.host.list()).encode(),
+        vms = self.host.list()
+        usage = {vm.id: used for vm in vms if (used := await vm.cpu_usage()) is not None}
+        return _Response(200, render_metrics(vms, cpu_usage=usage).encode(),
                          METRICS_CONTENT_TYPE)
 
 

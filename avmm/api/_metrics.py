@@ -45,8 +45,11 @@ class _Family:
             yield f"{self.name}{_labels(labels)} {number}"
 
 
-def render_metrics(vms: Iterable[Any]) -> str:
-    """The exposition text for ``vms`` (:class:`avmm.host.HostedVm` objects)."""
+def render_metrics(vms: Iterable[Any], *, cpu_usage: Mapping[str, Any] | None = None) -> str:
+    """The exposition text for ``vms`` (:class:`avmm.host.HostedVm` objects);
+    ``cpu_usage`` maps a VM id to its :class:`avmm.cgroups.CpuUsage` (read beforehand,
+    off the event loop)."""
+    cpu_usage = cpu_usage or {}
     info = _Family("avmm_vm_info", "gauge", "A VM the daemon holds (value 1), with its name.")
     state = _Family("avmm_vm_state", "gauge",
                     "1 for the state the VM is in, 0 for the others.")
@@ -60,8 +63,16 @@ def render_metrics(vms: Iterable[Any]) -> str:
                           "Bytes a virtio device moved to and from guest buffers.")
     notifications = _Family("avmm_virtio_notifications_total", "counter",
                             "Queue notifications (driver kicks) a virtio device received.")
+    cpu_seconds = _Family("avmm_vm_cpu_seconds_total", "counter",
+                          "CPU time the VM's vCPU threads used (its cgroup's, if any).")
+    throttled = _Family("avmm_vm_cpu_throttled_seconds_total", "counter",
+                        "Time the VM's vCPUs were throttled by cpu_max_percent.")
     migration = _MigrationFamilies()
     for vm in vms:
+        used = cpu_usage.get(vm.id)
+        if used is not None:
+            cpu_seconds.add(float(used.cpu_seconds), vm=vm.id)
+            throttled.add(float(used.throttled_seconds), vm=vm.id)
         migration.add(vm.id, vm.migration)
         metrics = vm.metrics()
         info.add(1, vm=vm.id, name=vm.name)
@@ -78,7 +89,7 @@ def render_metrics(vms: Iterable[Any]) -> str:
             transferred.add(counters.bytes, **labels)
             notifications.add(counters.notifications, **labels)
     families = (info, state, uptime, exits, requests, transferred, notifications,
-                *migration.families())
+                cpu_seconds, throttled, *migration.families())
     return "".join(line + "\n" for family in families for line in family.lines())
 
 

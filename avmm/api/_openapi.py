@@ -62,6 +62,18 @@ _MACHINE: Final = {
         "hide_cpu_features": {"type": "array",
                               "items": {"type": "string", "enum": sorted(CPU_FEATURES)}},
         "acpi": {"type": "boolean", "default": True},
+        "cpu_weight": {"type": "integer", "minimum": 1, "maximum": 10000,
+                       "description": "CPU weight against other VMs (cgroup v2 cpu.weight; "
+                                      "100 when unset)"},
+        "cpu_max_percent": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                            "description": "CPU quota in percent of one host CPU"},
+        "cpu_affinity": {"oneOf": [{"type": "string"},
+                                   {"type": "array", "items": {"type": "integer"}}],
+                         "description": "Host CPUs for the vCPU threads (\"0-1,3\")"},
+        "vcpu_affinity": {"type": "array", "description": "Host CPUs per vCPU",
+                          "items": {"oneOf": [{"type": "string"},
+                                              {"type": "array",
+                                               "items": {"type": "integer"}}]}},
     },
 }
 
@@ -312,6 +324,12 @@ _SCHEMAS: Final = {
                           "nullable": True,
                           "description": "The latest live migration's progress; null if "
                                          "the VM never migrated"},
+            "vcpu_threads": {"type": "array", "items": {"type": "integer"},
+                             "description": "Host thread ids of the vCPU threads"},
+            "cpu": {"type": "object", "nullable": True,
+                    "description": "Effective CPU controls (weight, max_percent, "
+                                   "affinity, cgroup) and, in GET /vms/{id}, cpu_seconds "
+                                   "and throttled_seconds"},
         },
     },
     "VmList": {

@@ -124,8 +124,11 @@ async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None =
 async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
                       paths: PathPolicy, seccomp: SeccompMode,
                       task_status: trio.TaskStatus[Path]) -> None:
+    from ..cgroups import cleanup_stale
     from ..host import Host  # KVM and the device models: only for a real daemon
 
+    # The cgroups of an avmm that crashed (its PID is gone): before any VM of ours starts.
+    await trio.to_thread.run_sync(cleanup_stale)
     draining = trio.Event()
     shutdown = trio.Event()
     # Before the socket exists: a signal sent as soon as a client sees it must count.

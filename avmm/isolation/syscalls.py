@@ -95,7 +95,11 @@ UNIX_SOCKETS = frozenset({
 #: helper thread inside the configured network namespace. Never: execve, fork, ptrace,
 #: mount, pivot_root, module, key, bpf, perf or process_vm_* calls.
 EVENT_LOOP = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
-              | UNIX_SOCKETS | frozenset({"memfd_create", "setns"}))
+              | UNIX_SOCKETS | frozenset({"memfd_create", "setns"})
+              # CPU controls (avmm.cgroups): a VM's cgroup is made and removed, and its
+              # vCPU threads pinned, from the event loop's to_thread helpers.
+              | frozenset({"mkdir", "mkdirat", "rmdir", "sched_setaffinity",
+                           "sched_getaffinity"}))
 
 #: An ``avmm backend`` process: its listening socket and the front-end's memory, log and
 #: inflight fds (mmap, memfd_create), the device's files opened before the filter. No

@@ -188,7 +188,12 @@ class FakeVm:
                 "detail": self.exit.detail},
             "config": None if self.config is None else config_to_dict(self.config),
             "migration": self.migration,
+            "vcpu_threads": [],
+            "cpu": None,
         }
+
+    async def cpu_usage(self) -> None:
+        return None
 
 
 class FakeHost:

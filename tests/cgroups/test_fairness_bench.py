@@ -1,0 +1,43 @@
+"""A tiny run of the ``fairness`` benchmark group (benchmarks/fairness_cpu.py), so the
+script cannot rot: it must finish and write its three figures (shares and quota use,
+finite and within 0..100 % or one CPU's worth by construction) with their goals. Nothing
+here is about how close they come: that is the benchmark's to report."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import SHARING
+from tests.cgroups.conftest import cgroup_cpu_problem
+from tests.prerequisites import require
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+def test_fairness_group_runs_and_writes_its_figures(tmp_path: Path) -> None:
+    require(cgroup_cpu_problem())
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--runs", "1", "--only",
+         "fairness", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((tmp_path / "latest.json").read_text())["figures"]
+    names = sorted(figures)
+    assert len(names) == 3, names
+    shares = [figures[name]["avmm"]["runs"][0] for name in names if "share" in name]
+    assert len(shares) == 2 and math.isclose(sum(shares), 100.0)
+    for name, figure in figures.items():
+        assert figure["group"] == "fairness" and figure["part"] == SHARING
+        assert "goal" in name
+        (value,) = figure["avmm"]["runs"]
+        assert math.isfinite(value) and value >= 0, name
+        assert name in result.stdout
+    assert "goal 25 / 75" in result.stderr + result.stdout  # measured vs goal printed
