@@ -846,6 +846,8 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "readonly": disk.readonly if disk.vhost_user is None else None,
             "id": disk.id,
             "vhost_user": _str_or_none(disk.vhost_user),
+            "rate_limit": _limit_or_none(disk.rate_limit),
+            "rate_limit_group": disk.rate_limit_group,
         }) for disk in config.disks]
     if config.nets:
         result["net"] = [_without_none({
@@ -853,6 +855,10 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "mac": None if net.mac is None else ":".join(f"{b:02x}" for b in net.mac),
             "netns": net.netns,
             "vhost_user": _str_or_none(net.vhost_user),
+            "tx_rate_limit": _limit_or_none(net.tx_rate_limit),
+            "rx_rate_limit": _limit_or_none(net.rx_rate_limit),
+            "tx_rate_limit_group": net.tx_rate_limit_group,
+            "rx_rate_limit_group": net.rx_rate_limit_group,
         }) for net in config.nets]
     if config.rng is not None:
         result["rng"] = {}
@@ -866,7 +872,14 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "num_queues": generic.num_queues,
             "queue_size": generic.queue_size,
         } for generic in config.vhost_users]
+    if config.rate_limit_groups:
+        result["rate_limit_groups"] = {name: group.to_dict()
+                                       for name, group in config.rate_limit_groups}
     return result
+
+
+def _limit_or_none(limit: Any) -> dict[str, Any] | None:
+    return None if limit is None else limit.to_dict()
 
 
 #: The fields of a migration's progress that the API always shows (None until known).
