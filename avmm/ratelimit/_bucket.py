@@ -280,6 +280,10 @@ class Throttle:
         wait, kind = self.limiter.check(1, 1, now)
         if wait:
             self._refused(now, kind)
+        elif self._blocked_since is not None:
+            # The wait ends here, whether or not a request follows at once.
+            self.wait_ns[self._blocked_kind] += now - self._blocked_since
+            self._blocked_since = None
         return wait
 
     def charge(self, nbytes: int) -> None:
