@@ -59,6 +59,7 @@ from .lifecycle import (
 from .migration.errors import MigrationError
 from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
+from .ratelimit import LimitTargetError
 from .state import SnapshotInfo
 from .vm import VirtualMachine
 
@@ -314,6 +315,39 @@ class HostedVm:
         self._refuse_while_migrating("pause")
         await self.vm.pause()
 
+    def update_limits(self, update: Any) -> None:
+        """Change the VM's I/O rate limits now (PATCH /vms/{id}; ``update`` is the
+        API's LimitsUpdate). Every change is checked before any is made.
+
+        :raises VmStateError: the VM is being built, or has stopped.
+        :raises LimitTargetError: no such device or group (404), a device served by a
+            vhost-user back-end, or CPU limits this build cannot set (400).
+        """
+        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.STOPPED):
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}; its limits can be "
+                               "changed while it exists and runs (or is paused)")
+        limits = self.vm.rate_limits
+        if update.machine is not None:
+            # The extension point for CPU limits: a build with cgroup controls calls
+            # self.vm.set_cpu_limits(...) here, after the checks below.
+            raise LimitTargetError("machine limits: not supported by this build",
+                                   key="machine", status=400)
+        for change in update.changes:
+            limits.check(change.kind, change.index, change.direction, change.key)
+        for name, _ in update.groups:
+            if name not in limits.groups:
+                raise LimitTargetError(
+                    f"rate_limit_groups.{name}: this VM has no such group (it has "
+                    f"{', '.join(sorted(limits.groups)) or 'none'})",
+                    key=f"rate_limit_groups.{name}")
+        for change in update.changes:
+            limits.set(change.kind, change.index, change.direction, change.limit,
+                       key=change.key)
+        for name, limit in update.groups:
+            limits.set_group(name, limit)
+        self._log.info("rate limits changed", devices=len(update.changes),
+                       groups=len(update.groups))
+
     async def resume(self) -> None:
         """PAUSED → RUNNING.
 
@@ -514,6 +548,10 @@ class HostedVm:
         metrics.state = self.state
         return metrics
 
+    def rate_limit_waits(self) -> list[tuple[str, str, float]]:
+        """(device, kind, seconds) its requests waited for rate limiters (/metrics)."""
+        return [] if self._vm is None else list(self._vm.rate_limits.wait_seconds())
+
     def console_backlog(self) -> bytes:
         """The last 64 KiB of serial output."""
         return self._console.backlog()
@@ -555,6 +593,7 @@ class HostedVm:
             },
             "config": None if config is None else config_to_dict(config),
             "migration": self.migration,
+            "rate_limits": None if self._vm is None else self._vm.rate_limits.to_dict(),
         }
 
     # -- the task that owns the VM ------------------------------------------------------

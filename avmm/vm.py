@@ -80,6 +80,7 @@ from .migration.errors import MigrationError
 from .migration.progress import MigrationProgress
 from .netns import call_in_netns
 from .paths import BoundSocket, PathPolicy
+from .ratelimit import DeviceLimits
 from .serial_port import SerialPort, serve_console_socket
 from .state import (
     MachineState,
@@ -202,6 +203,8 @@ class VirtualMachine:
         self._userspace_reached = trio.Event()
         #: Seconds from the VM's start to the guest's boot-time marker (BootTimer), or None.
         self.userspace_reached_s: float | None = None
+        #: The disks' and NICs' rate limiters (set when the devices are made).
+        self.rate_limits = DeviceLimits()
 
     # -- public API ---------------------------------------------------------------------
 
@@ -1152,6 +1155,10 @@ class VirtualMachine:
                 self._resources.callback(tap.close)
                 keep(NetDevice(tap, mac=net.mac or _derived_mac(self.name, net.tap),
                                name=f"net{index}"))
+        # Disks first, then NICs, in config order (see above): attach the rate limiters.
+        self.rate_limits = DeviceLimits.attach(
+            config, devices[:len(config.disks)],
+            devices[len(config.disks):len(config.disks) + len(config.nets)])
         for index, generic in enumerate(config.vhost_users):
             keep(self._make_vhost_user(generic.socket, generic.device_id, f"vhost{index}",
                                        f"vhost_user[{index}].socket",

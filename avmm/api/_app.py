@@ -6,7 +6,7 @@ bare ASGI callable rather than a framework app so that the console stream can wa
 the client's disconnect in a trio nursery of its own (the VM keeps running when a
 viewer leaves, and a silent guest must not pin a subscription forever).
 
-Status codes: 400 malformed body or bad config (``detail.key`` names the key; also a
+Status codes: 400 malformed body or bad config or limits (``detail.key`` names the key; also a
 WebSocket upgrade, which this API does not speak, and a snapshot that cannot be
 restored), 403 a path outside the daemon's ``--allow-path`` directories (``detail.key``),
 404 unknown VM or route, 405 method not
@@ -48,8 +48,10 @@ from ..errors import (
 )
 from ..migration.errors import MigrationError
 from ..paths import PathPolicy
+from ..ratelimit import LimitTargetError
 from ._errors import HttpError
 from ._errors import absolute_path as _absolute_path
+from ._limits import LIMITS_BODY_MAX, parse_limits_update
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import render_metrics
 from ._migration import parse_incoming, parse_migrate
@@ -379,6 +381,15 @@ class ManagementApi:
     async def _get(self, request: _Request) -> _Response:
         return _json_response(200, self.host.get(request.params["id"]).to_dict())
 
+    async def _patch(self, request: _Request) -> _Response:
+        """PATCH /vms/{id}: change the VM's rate limits (see avmm.api._limits)."""
+        vm = self.host.get(request.params["id"])
+        _require_json(request, "the limits")
+        data = _parse_config_body(await request.body(LIMITS_BODY_MAX), "application/json",
+                                  what="the limits")
+        vm.update_limits(parse_limits_update(data))
+        return _json_response(200, vm.to_dict())
+
     async def _delete(self, request: _Request) -> _Response:
         await self.host.remove(request.params["id"])
         return _Response(204)
@@ -432,7 +443,8 @@ _ROUTES: Final[tuple[tuple[re.Pattern[str], dict[str, _Handler]], ...]] = (
     (_route("/vms"), {"GET": ManagementApi._list, "POST": ManagementApi._create}),
     # Before /vms/{id}: "incoming" is no VM id (ids are vm-xxxxxx).
     (_route("/vms/incoming"), {"POST": ManagementApi._incoming}),
-    (_route("/vms/{id}"), {"GET": ManagementApi._get, "DELETE": ManagementApi._delete}),
+    (_route("/vms/{id}"), {"GET": ManagementApi._get, "PATCH": ManagementApi._patch,
+                           "DELETE": ManagementApi._delete}),
     (_route("/vms/{id}/pause"), {"POST": ManagementApi._pause}),
     (_route("/vms/{id}/resume"), {"POST": ManagementApi._resume}),
     (_route("/vms/{id}/stop"), {"POST": ManagementApi._stop}),
@@ -535,6 +547,8 @@ def _http_error(error: AvmmError) -> HttpError:
         return HttpError(400, str(error), {"key": error.key, "reason": error.reason})
     if isinstance(error, UnknownVmError):
         return HttpError(404, str(error))
+    if isinstance(error, LimitTargetError):
+        return HttpError(error.status, str(error), {"key": error.key})
     if isinstance(error, VmStateError | MigrationError):
         # MigrationError here: a VM whose devices cannot be migrated (refused up front).
         return HttpError(409, str(error))

@@ -60,6 +60,10 @@ def render_metrics(vms: Iterable[Any]) -> str:
                           "Bytes a virtio device moved to and from guest buffers.")
     notifications = _Family("avmm_virtio_notifications_total", "counter",
                             "Queue notifications (driver kicks) a virtio device received.")
+    waits = _Family("avmm_ratelimit_wait_seconds_total", "counter",
+                    "Seconds a device's requests waited for its rate limiter, by the bucket "
+                    "that made them wait (bandwidth, ops; a NIC's carry the direction: "
+                    "tx_ops, rx_bandwidth, ...).")
     migration = _MigrationFamilies()
     for vm in vms:
         migration.add(vm.id, vm.migration)
@@ -77,7 +81,10 @@ def render_metrics(vms: Iterable[Any]) -> str:
             requests.add(counters.requests, **labels)
             transferred.add(counters.bytes, **labels)
             notifications.add(counters.notifications, **labels)
-    families = (info, state, uptime, exits, requests, transferred, notifications,
+        rate_limit_waits = getattr(vm, "rate_limit_waits", None)
+        for device, kind, seconds in (rate_limit_waits() if rate_limit_waits else ()):
+            waits.add(float(seconds), vm=vm.id, device=device, kind=kind)
+    families = (info, state, uptime, exits, requests, transferred, notifications, waits,
                 *migration.families())
     return "".join(line + "\n" for family in families for line in family.lines())
 

@@ -8,3 +8,6 @@ from ._bucket import RateLimitConfig as RateLimitConfig
 from ._bucket import RateLimiter as RateLimiter
 from ._bucket import Throttle as Throttle
 from ._bucket import TokenBucket as TokenBucket
+from ._devices import DIRECTIONS as DIRECTIONS
+from ._devices import DeviceLimits as DeviceLimits
+from ._devices import LimitTargetError as LimitTargetError

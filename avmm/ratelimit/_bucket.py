@@ -251,6 +251,8 @@ class Throttle:
                  "limiter", "throttled", "wait_ns")
 
     def __init__(self, limiter: RateLimiter) -> None:
+        #: Replaced whole when the device changes limiter (one attribute store, which
+        #: the serving thread sees at its next request).
         self.limiter = limiter
         self.admitted_ops = 0
         self.admitted_bytes = 0

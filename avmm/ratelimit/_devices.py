@@ -1,0 +1,214 @@
+"""One VM's rate limits: which limiter each in-process disk and NIC direction uses,
+changed at run time, shown in ``GET /vms/{id}`` and ``/metrics``.
+
+Groups. A ``[rate_limit_groups.NAME]`` of the VM's config becomes one
+:class:`RateLimiter` shared by every device (direction) of that VM naming it; VMs never
+share a limiter (each VM builds its own from its own config), so two VMs that define a
+group of the same name are limited separately. A device's own ``rate_limit`` is a
+limiter of its own.
+
+Changes (:meth:`DeviceLimits.set`). Giving a device its own limits when it has its own
+limiter changes that limiter in place (the level it holds, debt included, carries over,
+capped at the new size); when it was in a group or unlimited it leaves the group and gets
+a new limiter, full. ``None`` removes its limit. The device's :class:`Throttle` (its
+counters) is kept throughout, so the waits it recorded survive a change; the serving
+thread picks the change up at its next request, and a wait in progress is at most
+:data:`avmm.virtio.blk.LIMITER_WAIT_SLICE_S` long, so a change is in effect within that.
+
+Limiter state is not in snapshots: a restored or migrated VM starts from the limits of
+its config, with full buckets (a PATCH made before is not carried over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ..errors import AvmmError
+from ._bucket import RateLimitConfig, RateLimiter, Throttle
+
+__all__ = ["DIRECTIONS", "DeviceLimits", "LimitTargetError"]
+
+DIRECTIONS: Final = ("tx", "rx")
+
+
+class LimitTargetError(AvmmError):
+    """A limit change names a device that is not there, or one avmm does not serve
+    (``status`` is the HTTP status the API answers with: 404 or 400)."""
+
+    def __init__(self, message: str, *, key: str, status: int = 404) -> None:
+        super().__init__(message)
+        self.key = key
+        self.status = status
+
+
+@dataclass
+class _Slot:
+    device: Any
+    #: The device attribute the serving loop reads: "throttle", "tx_throttle", ...
+    attribute: str
+    #: What the API and metrics call it: "blk0", "net0".
+    name: str
+    group: str | None = None
+    throttle: Throttle | None = None
+    #: The device is served by a vhost-user back-end: nothing to limit here.
+    external: bool = False
+
+    @property
+    def config(self) -> RateLimitConfig | None:
+        if getattr(self.device, self.attribute, None) is None or self.throttle is None:
+            return None
+        return self.throttle.limiter.config
+
+    def attach(self, limiter: RateLimiter) -> None:
+        if self.throttle is None:
+            self.throttle = Throttle(limiter)
+        else:
+            self.throttle.limiter = limiter
+        setattr(self.device, self.attribute, self.throttle)
+
+    def detach(self) -> None:
+        setattr(self.device, self.attribute, None)
+        if self.throttle is not None:
+            self.throttle.unblock()
+        self.group = None
+
+    def to_dict(self) -> dict[str, Any]:
+        config = self.config
+        result: dict[str, Any] = {
+            "rate_limit": None if config is None else config.to_dict(),
+            "rate_limit_group": self.group if config is not None else None,
+        }
+        if self.throttle is not None:
+            result.update(self.throttle.stats())
+            if config is not None:
+                result["tokens"] = self.throttle.limiter.levels()
+        return result
+
+
+class DeviceLimits:
+    """The limit slots of one VM: ``disks[i]`` and ``nets[i][direction]``.
+
+    Build with :meth:`attach`; every method runs on the event loop (the devices' threads
+    only read the attribute it sets).
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[str, RateLimiter] = {}
+        self._disks: list[_Slot] = []
+        self._nets: list[dict[str, _Slot]] = []
+
+    @classmethod
+    def attach(cls, config: Any, disks: Sequence[Any], nets: Sequence[Any]) -> DeviceLimits:
+        """Limit ``disks`` and ``nets`` (the devices, in config order; a vhost-user one
+        is any object without the throttle attribute) as ``config`` (a VmConfig) says."""
+        limits = cls()
+        group_configs = dict(config.rate_limit_groups)
+
+        def limiter_for(limit: RateLimitConfig | None, group: str | None,
+                        name: str) -> RateLimiter | None:
+            if group is not None:
+                if group not in limits.groups:
+                    limits.groups[group] = RateLimiter(group_configs[group], name=group)
+                return limits.groups[group]
+            return None if limit is None else RateLimiter(limit, name=name)
+
+        for index, (disk, device) in enumerate(zip(config.disks, disks, strict=True)):
+            slot = _Slot(device, "throttle", f"blk{index}",
+                         external=not hasattr(device, "throttle"))
+            limiter = limiter_for(disk.rate_limit, disk.rate_limit_group, slot.name)
+            if limiter is not None and not slot.external:
+                slot.attach(limiter)
+                slot.group = disk.rate_limit_group
+            limits._disks.append(slot)
+        for index, (net, device) in enumerate(zip(config.nets, nets, strict=True)):
+            slots = {}
+            for direction in DIRECTIONS:
+                slot = _Slot(device, f"{direction}_throttle", f"net{index}",
+                             external=not hasattr(device, f"{direction}_throttle"))
+                group = getattr(net, f"{direction}_rate_limit_group")
+                limiter = limiter_for(getattr(net, f"{direction}_rate_limit"), group,
+                                      f"net{index}.{direction}")
+                if limiter is not None and not slot.external:
+                    slot.attach(limiter)
+                    slot.group = group
+                slots[direction] = slot
+            limits._nets.append(slots)
+        return limits
+
+    def _slot(self, kind: str, index: Any, direction: str | None, key: str) -> _Slot:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise LimitTargetError(f"{key}: expected a device index (an integer), got "
+                                   f"{index!r:.40}", key=key, status=400)
+        if kind == "disk":
+            count, slot = len(self._disks), None
+            if 0 <= index < count:
+                slot = self._disks[index]
+        else:
+            count = len(self._nets)
+            slot = self._nets[index][direction or "tx"] if 0 <= index < count else None
+        if slot is None:
+            what = "disks" if kind == "disk" else "NICs"
+            raise LimitTargetError(f"{key}: this VM has no {kind} {index} ({count} {what})",
+                                   key=key)
+        if slot.external:
+            raise LimitTargetError(f"{key}: {slot.name} is served by a vhost-user back-end; "
+                                   "set its limits there (avmm backend ... --iops ...)",
+                                   key=key, status=400)
+        return slot
+
+    def check(self, kind: str, index: Any, direction: str | None, key: str) -> None:
+        """Raise :class:`LimitTargetError` if :meth:`set` would refuse the target (so
+        that a request is checked whole before anything changes)."""
+        self._slot(kind, index, direction, key)
+
+    def set(self, kind: str, index: int, direction: str | None,
+            limit: RateLimitConfig | None, *, key: str = "") -> None:
+        """Give disk ``index`` (``kind`` "disk") or NIC ``index``'s ``direction`` ("tx"
+        or "rx", ``kind`` "net") its own ``limit``, or none (see the module docstring)."""
+        slot = self._slot(kind, index, direction, key or f"{kind}[{index}]")
+        if limit is None or limit.unlimited:
+            slot.detach()
+            return
+        current = slot.throttle.limiter if slot.throttle is not None else None
+        attached = getattr(slot.device, slot.attribute) is not None
+        if attached and current is not None and slot.group is None:
+            current.reconfigure(limit)
+            return
+        slot.group = None
+        slot.attach(RateLimiter(limit, name=slot.name))
+
+    def set_group(self, name: str, limit: RateLimitConfig) -> None:
+        """Change group ``name``'s buckets in place, for every device in it."""
+        if name not in self.groups:
+            raise LimitTargetError(f"rate_limit_groups.{name}: this VM has no such group "
+                                   f"(it has {', '.join(sorted(self.groups)) or 'none'})",
+                                   key=f"rate_limit_groups.{name}")
+        self.groups[name].reconfigure(limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective limits and what they did, per device: for ``GET /vms/{id}``."""
+        return {
+            "disks": [{"index": index, "device": slot.name, **slot.to_dict()}
+                      for index, slot in enumerate(self._disks) if not slot.external],
+            "nets": [{"index": index, "device": slots["tx"].name,
+                      **{direction: slots[direction].to_dict() for direction in DIRECTIONS}}
+                     for index, slots in enumerate(self._nets) if not slots["tx"].external],
+            "groups": {name: limiter.config.to_dict()
+                       for name, limiter in sorted(self.groups.items())},
+        }
+
+    def wait_seconds(self) -> Iterator[tuple[str, str, float]]:
+        """(device, kind, seconds waited) for every device that ever had a limit; a
+        NIC's kinds are prefixed with the direction ("tx_ops")."""
+        for slot in self._disks:
+            if slot.throttle is not None:
+                for kind, seconds in slot.throttle.wait_seconds().items():
+                    yield slot.name, kind, seconds
+        for slots in self._nets:
+            for direction in DIRECTIONS:
+                throttle = slots[direction].throttle
+                if throttle is not None:
+                    for kind, seconds in throttle.wait_seconds().items():
+                        yield slots[direction].name, f"{direction}_{kind}", seconds
