@@ -1,0 +1,108 @@
+"""Rate limits on a real VM through the daemon: the test guest's blk-bench against a disk
+limited in its config, and a limit set and removed with PATCH while it runs. Checked by
+the limiter's accounting against the device's own counters (no speed targets; the one
+time bound is a lower bound that noise can only make larger)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from avmm.api import ApiClient, serve_api
+from avmm.host import Host
+from tests.api.test_metrics_real import parse_metrics, value
+from tests.vm.helpers import TEST_GUEST
+
+pytestmark = [pytest.mark.kvm, pytest.mark.guest]
+
+OPS_SIZE, REFILL_MS = 5, 100  # 50 requests per second, no burst
+
+
+def _config(image: Path, cmdline: str, **disk: object) -> dict[str, object]:
+    return {"machine": {"memory_mib": 32, "acpi": False},
+            "boot": {"kernel": str(TEST_GUEST), "cmdline": cmdline},
+            "disk": [{"path": str(image), **disk}]}
+
+
+def _requests(stats: object) -> int:
+    return sum(getattr(stats, name) for name in (
+        "reads", "writes", "flushes", "get_ids", "discards", "write_zeroes", "unsupported"))
+
+
+async def test_a_limited_disk_admits_every_request_through_its_buckets(
+        socket_dir: Path) -> None:
+    image = socket_dir / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    count = 60
+    config = _config(image, f"avmm.test=blk-bench avmm.rw=read avmm.qd=4 avmm.n={count}",
+                     rate_limit={"ops": {"size": OPS_SIZE, "refill_ms": REFILL_MS}})
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, socket_dir / "avmm.sock")
+        async with ApiClient(path) as api:
+            vm_id = (await api.create_vm(config))["id"]
+            hosted = host.get(vm_id)
+            with trio.fail_after(120):
+                await hosted.wait()
+            shown = (await api.get_vm(vm_id))["rate_limits"]["disks"][0]
+            metrics = parse_metrics(await api.metrics())
+            nursery.cancel_scope.cancel()
+    assert f"blk-bench rw=read qd=4 n={count} done".encode() in hosted.console_backlog()
+    device = hosted.vm.virtio_slots[0].device
+    stats = device.stats
+    assert stats.reads >= count
+    # Every request the device served went through the limiter, with its data bytes.
+    assert shown["admitted_ops"] == _requests(stats)
+    assert shown["admitted_bytes"] == stats.bytes_read + stats.bytes_written + 20 * stats.get_ids
+    assert shown["rate_limit"] == {"ops": {"size": OPS_SIZE, "refill_ms": REFILL_MS}}
+    assert shown["throttled"] >= 1
+    waited = shown["wait_seconds"]["ops"]
+    assert waited > 0 and shown["wait_seconds"]["bandwidth"] == 0
+    assert value(metrics, "avmm_ratelimit_wait_seconds_total", vm=vm_id, device="blk0",
+                 kind="ops") == pytest.approx(waited)
+    # No burst: past the bucket's first OPS_SIZE, each request needed its 1/50 s.
+    uptime = hosted.uptime_s
+    assert uptime is not None
+    assert uptime >= (shown["admitted_ops"] - OPS_SIZE) * REFILL_MS / OPS_SIZE / 1000
+
+
+async def test_patch_puts_a_limit_on_a_running_disk_and_takes_it_off(
+        socket_dir: Path) -> None:
+    image = socket_dir / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    config = _config(image, "avmm.test=blk-bench avmm.rw=read avmm.n=1000000000")
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, socket_dir / "avmm.sock")
+        async with ApiClient(path) as api:
+            vm_id = (await api.create_vm(config))["id"]
+            hosted = host.get(vm_id)
+            device = hosted.vm.virtio_slots[0].device
+            assert device.throttle is None
+            with trio.fail_after(60):
+                while device.stats.reads < 10:
+                    await trio.sleep(0.05)
+            limit = {"ops": {"size": OPS_SIZE, "refill_ms": REFILL_MS}}
+            vm = await api.update_limits(vm_id, {"disks": [{"index": 0, "rate_limit": limit}]})
+            assert vm["rate_limits"]["disks"][0]["rate_limit"] == limit
+            throttle = device.throttle
+            assert throttle is not None
+            # The guest keeps asking faster than 50/s: requests wait for their tokens.
+            with trio.fail_after(60):
+                while throttle.throttled < 3 or throttle.admitted_ops < 2 * OPS_SIZE:
+                    await trio.sleep(0.05)
+            vm = await api.update_limits(vm_id, {"disks": [{"index": 0, "rate_limit": None}]})
+            shown = vm["rate_limits"]["disks"][0]
+            assert shown["rate_limit"] is None
+            assert shown["admitted_ops"] >= 2 * OPS_SIZE and shown["wait_seconds"]["ops"] > 0
+            assert device.throttle is None
+            # Unlimited again: the guest goes on (past whatever request was held).
+            reads = device.stats.reads
+            with trio.fail_after(60):
+                while device.stats.reads < reads + 50:
+                    await trio.sleep(0.05)
+            missing = await api._http.patch(f"/vms/{vm_id}", json={
+                "disks": [{"index": 1, "rate_limit": limit}]})
+            assert missing.status_code == 404
+            await api.stop(vm_id)
+            nursery.cancel_scope.cancel()
