@@ -66,6 +66,10 @@ GROUPS = {
                   ("live migration: total time, 16 MiB guest dirtying", PER_OPERATION),
                   ("live migration: downtime, 16 MiB guest dirtying", PER_OPERATION),
                   ("live migration: data sent, 16 MiB guest dirtying", PER_OPERATION)],
+    "fairness": [("rate limit: blk ops limit 500/s, qd 1", PER_OPERATION),
+                 ("rate limit: blk ops limit 500/s, qd 32", PER_OPERATION),
+                 ("rate limit: blk bandwidth limit 8 MiB/s, qd 32", PER_OPERATION),
+                 ("rate limit: blk ops 500/s with a one-time burst", PER_OPERATION)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
