@@ -282,10 +282,8 @@ class Throttle:
         wait, kind = self.limiter.check(1, 1, now)
         if wait:
             self._refused(now, kind)
-        elif self._blocked_since is not None:
-            # The wait ends here, whether or not a request follows at once.
-            self.wait_ns[self._blocked_kind] += now - self._blocked_since
-            self._blocked_since = None
+        else:
+            self._unblocked(now)  # the wait ends here, whether or not a request follows
         return wait
 
     def charge(self, nbytes: int) -> None:
@@ -304,17 +302,19 @@ class Throttle:
     def _admitted(self, now: int, nbytes: int) -> None:
         self.admitted_ops += 1
         self.admitted_bytes += nbytes
-        if self._blocked_since is not None:
-            self.wait_ns[self._blocked_kind] += now - self._blocked_since
+        self._unblocked(now)
+
+    def _unblocked(self, now: int) -> None:
+        # One read of _blocked_since: unblock() may clear it from another thread.
+        since = self._blocked_since
+        if since is not None:
             self._blocked_since = None
+            self.wait_ns[self._blocked_kind] += max(now - since, 0)
 
     def unblock(self) -> None:
         """The request that waited is no longer asked for (the device lost its limit):
         count its wait up to now and stop the clock on it."""
-        if self._blocked_since is not None:
-            now = self.limiter.clock()
-            self.wait_ns[self._blocked_kind] += max(now - self._blocked_since, 0)
-            self._blocked_since = None
+        self._unblocked(self.limiter.clock())
 
     def wait_seconds(self) -> dict[BucketKind, float]:
         """Seconds requests spent waiting, per bucket, the wait in progress included."""
