@@ -5,6 +5,8 @@ time bound is a lower bound that noise can only make larger)."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,40 @@ async def test_patch_puts_a_limit_on_a_running_disk_and_takes_it_off(
             assert missing.status_code == 404
             await api.stop(vm_id)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.net
+async def test_a_limited_nic_passes_every_frame_through_its_direction_s_limiter(
+        echoing_tap: tuple[str, str]) -> None:
+    from avmm import VirtualMachine
+    from avmm.config import NetConfig
+    from avmm.ratelimit import BucketConfig, RateLimitConfig
+    from tests.vm.helpers import guest_config
+
+    tap, netns = echoing_tap
+    rounds = 30
+    limit = RateLimitConfig(ops=BucketConfig(size=2, refill_ms=20))  # 100 frames/s
+    config = dataclasses.replace(
+        guest_config(f"avmm.test=net-echo avmm.n={rounds} avmm.size=64", memory_mib=64),
+        nets=(NetConfig(tap=tap, mac=bytes.fromhex("525400abcdef"), netns=netns,
+                        tx_rate_limit=limit, rx_rate_limit=limit),))
+    output = bytearray()
+    started = time.monotonic()
+    async with VirtualMachine(config) as vm:
+        async for chunk in vm.serial:
+            output += chunk
+        await vm.wait()
+        elapsed = time.monotonic() - started
+        nic = vm.virtio_slots[0].device
+        shown = vm.rate_limits.to_dict()["nets"][0]
+    assert f"net0 echoed={rounds}".encode() in output, output
+    stats = nic.stats
+    tx, rx = shown["tx"], shown["rx"]
+    # Every frame either way went through its own direction's limiter.
+    assert tx["admitted_ops"] == stats.tx_frames + stats.tx_dropped >= rounds
+    assert rx["admitted_ops"] == stats.rx_frames + stats.rx_dropped >= rounds
+    assert tx["admitted_bytes"] == stats.tx_bytes
+    assert rx["admitted_bytes"] == stats.rx_bytes
+    assert tx["rate_limit"] == rx["rate_limit"] == limit.to_dict()
+    # Past the first 2, each TX frame needed its 10 ms.
+    assert elapsed >= (tx["admitted_ops"] - 2) * 0.010
