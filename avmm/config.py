@@ -453,7 +453,8 @@ class _Table(Generic[_T]):
         if not isinstance(name, str):
             return context.error(key, f"keys must be strings, got {name!r}")
         full_key = _join(key, name)
-        tables = [field.name for field in self.fields if isinstance(field.parse, _Table)]
+        tables = [field.name for field in self.fields
+                  if isinstance(field.parse, _Table) or field.name in _TABLES_OF_TABLES]
         if not key and isinstance(item, Mapping):
             message = f"unknown table [{full_key}]"
             match = difflib.get_close_matches(name, tables, n=1)
@@ -880,6 +881,9 @@ def _build_net(
                    context)
     return NetConfig(**values)
 
+
+#: Root keys that hold a table per name ([rate_limit_groups.NAME]), listed with the tables.
+_TABLES_OF_TABLES: Final = ("rate_limit_groups",)
 
 _NET_LIMIT_KEYS: Final = ("tx_rate_limit", "rx_rate_limit", "tx_rate_limit_group",
                           "rx_rate_limit_group")

@@ -146,3 +146,10 @@ def test_parse_rate_limit_for_the_api() -> None:
         parse_rate_limit({"ops": {"size": "2", "refill_ms": 3}}, "disks[0].rate_limit",
                          source="request body")
     assert caught.value.key == "disks[0].rate_limit.ops.size"
+
+
+def test_a_misspelt_groups_table_is_pointed_at_the_right_one(vm_dir: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(vm_dir, "[rate_limit_group.g]\nops = { size = 1, refill_ms = 1 }\n")
+    assert caught.value.key == "rate_limit_group"
+    assert "did you mean [rate_limit_groups]?" in str(caught.value)
