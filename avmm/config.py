@@ -327,7 +327,7 @@ def parse_toml(raw: bytes, *, source: str | None) -> dict[str, Any]:
 
 def config_from_dict(
     data: Mapping[str, Any], *, base_dir: Path | None, source: str | None = None,
-    path_check: PathCheck | None = None,
+    path_check: PathCheck | None = None, shared_groups: frozenset[str] = frozenset(),
 ) -> VmConfig:
     """Validate ``data`` (parsed TOML or JSON with the ``vm.toml`` schema).
 
@@ -337,11 +337,14 @@ def config_from_dict(
     ``source`` names the origin in error messages. ``path_check(path, key, kind)`` runs
     for every path before anything is looked up on disk (the daemon's
     :meth:`avmm.paths.PathPolicy.check`, which refuses paths outside ``--allow-path``).
+    ``shared_groups`` names the rate-limit groups a device may name without the config
+    defining them (the daemon's, made through its API).
 
     Blocks (it checks the files the config names): call it from a thread in async code.
     """
     resolved = Path(os.path.abspath(base_dir)) if base_dir is not None else None
-    context = _Context(base_dir=resolved, source=source, path_check=path_check)
+    context = _Context(base_dir=resolved, source=source, path_check=path_check,
+                       shared_groups=shared_groups)
     return _ROOT(data, "", context)
 
 
@@ -372,6 +375,8 @@ class _Context:
     base_dir: Path | None  # None: relative paths are rejected (see config_from_dict)
     source: str | None
     path_check: PathCheck | None = None
+    #: Rate-limit groups defined outside the config (the daemon's).
+    shared_groups: frozenset[str] = frozenset()
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, path=self.source, key=key or None)
@@ -818,10 +823,12 @@ def _check_group_names(disks: tuple[DiskConfig, ...], nets: tuple[NetConfig, ...
         named += [(f"net[{index}].tx_rate_limit_group", net.tx_rate_limit_group),
                   (f"net[{index}].rx_rate_limit_group", net.rx_rate_limit_group)]
     for key, name in named:
-        if name is not None and name not in defined:
+        if name is not None and name not in defined and name not in context.shared_groups:
             listed = ", ".join(sorted(defined)) or "none"
             raise context.error(key, f"no [rate_limit_groups.{name}] in this config "
-                                f"(defined: {listed}); add it or remove the key")
+                                f"(defined: {listed}) nor a daemon group of that name; add "
+                                "it, or create it with PUT /rate_limit_groups/"
+                                f"{name} (avmm serve), or remove the key")
 
 
 def _build_disk(

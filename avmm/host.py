@@ -59,7 +59,7 @@ from .lifecycle import (
 from .migration.errors import MigrationError
 from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
-from .ratelimit import LimitTargetError
+from .ratelimit import LimitTargetError, SharedGroups
 from .state import SnapshotInfo
 from .vm import VirtualMachine
 
@@ -214,7 +214,8 @@ class HostedVm:
 
     def __init__(self, vm_id: str, config: VmConfig | None, *, start_paused: bool = False,
                  paths: PathPolicy | None = None, restore: _VmOpener | None = None,
-                 incoming: bool = False) -> None:
+                 incoming: bool = False, rate_limit_groups: SharedGroups | None = None
+                 ) -> None:
         self.id = vm_id
         self._vm: VirtualMachine | None = None
         self._opener: _VmOpener
@@ -225,7 +226,7 @@ class HostedVm:
             assert config is not None
             self.name = config.name or vm_id
             vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
-                                paths=paths)
+                                paths=paths, rate_limit_groups=rate_limit_groups)
             self._vm = vm
             self._opener = lambda: vm
         self._start_paused = start_paused
@@ -337,8 +338,9 @@ class HostedVm:
         for name, _ in update.groups:
             if name not in limits.groups:
                 raise LimitTargetError(
-                    f"rate_limit_groups.{name}: this VM has no such group (it has "
-                    f"{', '.join(sorted(limits.groups)) or 'none'})",
+                    f"rate_limit_groups.{name}: this VM's config has no such group (it "
+                    f"has {', '.join(sorted(limits.groups)) or 'none'}; the daemon's "
+                    "groups change with PUT /rate_limit_groups/NAME)",
                     key=f"rate_limit_groups.{name}")
         for change in update.changes:
             limits.set(change.kind, change.index, change.direction, change.limit,
@@ -671,6 +673,8 @@ class Host:
 
     def __init__(self) -> None:
         self._vms: dict[str, HostedVm] = {}
+        #: Rate-limit groups shared by the VMs made by create() that name them.
+        self.rate_limit_groups = SharedGroups()
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
@@ -710,7 +714,8 @@ class Host:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
         vm_id = self._new_id()
-        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths)
+        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths,
+                          rate_limit_groups=self.rate_limit_groups)
         await self._start(hosted)
         return hosted
 

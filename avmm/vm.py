@@ -80,7 +80,7 @@ from .migration.errors import MigrationError
 from .migration.progress import MigrationProgress
 from .netns import call_in_netns
 from .paths import BoundSocket, PathPolicy
-from .ratelimit import DeviceLimits
+from .ratelimit import DeviceLimits, SharedGroups
 from .serial_port import SerialPort, serve_console_socket
 from .state import (
     MachineState,
@@ -152,8 +152,11 @@ class VirtualMachine:
     """
 
     def __init__(self, config: VmConfig, *, name: str | None = None,
-                 start_paused: bool = False, paths: PathPolicy | None = None) -> None:
+                 start_paused: bool = False, paths: PathPolicy | None = None,
+                 rate_limit_groups: SharedGroups | None = None) -> None:
         self.config = config
+        # The daemon's rate-limit groups, for devices whose group the config lacks.
+        self._shared_limit_groups = rate_limit_groups
         self._paths = paths if paths is not None else PathPolicy()
         self.name = name or config.name or f"vm{next(_vm_numbers)}"
         # Pause/resume (see pause()): the vCPU side parks threads, the gate holds the
@@ -1156,9 +1159,11 @@ class VirtualMachine:
                 keep(NetDevice(tap, mac=net.mac or _derived_mac(self.name, net.tap),
                                name=f"net{index}"))
         # Disks first, then NICs, in config order (see above): attach the rate limiters.
-        self.rate_limits = DeviceLimits.attach(
-            config, devices[:len(config.disks)],
-            devices[len(config.disks):len(config.disks) + len(config.nets)])
+        with self._step("attaching the rate limiters"):
+            self.rate_limits = DeviceLimits.attach(
+                config, devices[:len(config.disks)],
+                devices[len(config.disks):len(config.disks) + len(config.nets)],
+                shared=self._shared_limit_groups)
         for index, generic in enumerate(config.vhost_users):
             keep(self._make_vhost_user(generic.socket, generic.device_id, f"vhost{index}",
                                        f"vhost_user[{index}].socket",

@@ -244,7 +244,10 @@ _RATE_LIMITS: Final = {
         "nets": {"type": "array", "items": {"type": "object", "properties": {
             "index": {"type": "integer"}, "device": {"type": "string"},
             "tx": _THROTTLE, "rx": _THROTTLE}}},
-        "groups": {"type": "object", "additionalProperties": _RATE_LIMIT},
+        "groups": {"type": "object", "additionalProperties": _RATE_LIMIT,
+                   "description": "The groups of the VM's config"},
+        "shared_groups": {"type": "array", "items": {"type": "string"},
+                          "description": "The daemon's groups its devices use"},
     },
 }
 
@@ -355,6 +358,22 @@ _SCHEMAS: Final = {
     },
     "Migration": _MIGRATION,
     "LimitsUpdate": _LIMITS_UPDATE,
+    "RateLimitGroup": {
+        "type": "object",
+        "required": ["name", "rate_limit", "tokens"],
+        "properties": {
+            "name": {"type": "string"},
+            "rate_limit": _RATE_LIMIT,
+            "tokens": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "Whole tokens in each bucket now (negative: a debt)"},
+        },
+    },
+    "RateLimitGroupList": {
+        "type": "object",
+        "required": ["rate_limit_groups"],
+        "properties": {"rate_limit_groups": {
+            "type": "array", "items": {"$ref": "#/components/schemas/RateLimitGroup"}}},
+    },
     "SnapshotRequest": {
         "type": "object",
         "additionalProperties": False,
@@ -455,6 +474,13 @@ _VM_ID_PARAMETER: Final = {
 }
 
 _UNKNOWN_VM: Final = _error("No VM with this id")
+_GROUP_PARAMETER: Final = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "The group's name: 1 to 64 characters from A-Z a-z 0-9 _ -",
+}
 _OTHER: Final = _error("Any other error (JSON body as for every error)")
 
 
@@ -748,6 +774,49 @@ _PATHS: Final = {
             "responses": {"200": {"description": "Metrics", "content": {"text/plain": {
                 "schema": {"type": "string"}}}}},
         }
+    },
+    "/rate_limit_groups": {
+        "get": {
+            "summary": "The daemon's rate-limit groups (shared by every VM naming one)",
+            "responses": {"200": _json("The groups", "RateLimitGroupList"),
+                          "default": _OTHER},
+        }
+    },
+    "/rate_limit_groups/{name}": {
+        "get": {
+            "summary": "One daemon-wide rate-limit group",
+            "parameters": [_GROUP_PARAMETER],
+            "responses": {"200": _json("The group", "RateLimitGroup"),
+                          "404": _error("No such group"), "default": _OTHER},
+        },
+        "put": {
+            "summary": "Create a daemon-wide rate-limit group, or change its buckets",
+            "description": "A disk or NIC direction of any VM created afterwards whose "
+                           "rate_limit_group names it, and that its own config does not "
+                           "define, shares these buckets with every other such device. A "
+                           "change applies to all of them within 100 ms.",
+            "parameters": [_GROUP_PARAMETER],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"allOf": [_RATE_LIMIT], "minProperties": 1}}}},
+            "responses": {
+                "200": _json("The group, changed", "RateLimitGroup"),
+                "201": {**_json("The group, created", "RateLimitGroup"),
+                        "headers": {"Location": {"description": "/rate_limit_groups/{name}",
+                                                 "schema": {"type": "string"}}}},
+                "400": _error("A bad value (detail.key names it) or group name"),
+                "413": _error("Body too large"),
+                "415": _error("Not Content-Type: application/json"),
+                "default": _OTHER,
+            },
+        },
+        "delete": {
+            "summary": "Forget a daemon-wide group; idempotent",
+            "description": "VMs that use it keep its buckets; VMs created afterwards cannot "
+                           "name it.",
+            "parameters": [_GROUP_PARAMETER],
+            "responses": {"204": {"description": "Gone (or never existed)"},
+                          "default": _OTHER},
+        },
     },
 }
 

@@ -11,3 +11,5 @@ from ._bucket import TokenBucket as TokenBucket
 from ._devices import DIRECTIONS as DIRECTIONS
 from ._devices import DeviceLimits as DeviceLimits
 from ._devices import LimitTargetError as LimitTargetError
+from ._devices import SharedGroups as SharedGroups
+from ._devices import UnknownGroupError as UnknownGroupError

@@ -2,10 +2,12 @@
 changed at run time, shown in ``GET /vms/{id}`` and ``/metrics``.
 
 Groups. A ``[rate_limit_groups.NAME]`` of the VM's config becomes one
-:class:`RateLimiter` shared by every device (direction) of that VM naming it; VMs never
-share a limiter (each VM builds its own from its own config), so two VMs that define a
-group of the same name are limited separately. A device's own ``rate_limit`` is a
-limiter of its own.
+:class:`RateLimiter` shared by every device (direction) of that VM naming it; two VMs
+that define a group of the same name in their configs are limited separately. Groups
+shared by several VMs are the daemon's (:class:`SharedGroups`, made with ``PUT
+/rate_limit_groups/NAME``): a device whose ``rate_limit_group`` is not defined in its
+own config uses the daemon's group of that name, the same limiter for every VM. A
+device's own ``rate_limit`` is a limiter of its own.
 
 Changes (:meth:`DeviceLimits.set`). Giving a device its own limits when it has its own
 limiter changes that limiter in place (the level it holds, debt included, carries over,
@@ -15,8 +17,10 @@ counters) is kept throughout, so the waits it recorded survive a change; the ser
 thread picks the change up at its next request, and a wait in progress is at most
 :data:`avmm.virtio.blk.LIMITER_WAIT_SLICE_S` long, so a change is in effect within that.
 
-Limiter state is not in snapshots: a restored or migrated VM starts from the limits of
-its config, with full buckets (a PATCH made before is not carried over).
+Limits are not in snapshots nor in migration streams: the snapshot's config sections
+(avmm.state.vm_state) have no rate-limit keys, and the buckets' state is not saved. A
+restored or migrated VM runs unlimited until limited again (PATCH), unless an incoming
+VM is given its own config, whose limits it then has, with full buckets.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any, Final
 from ..errors import AvmmError
 from ._bucket import RateLimitConfig, RateLimiter, Throttle
 
-__all__ = ["DIRECTIONS", "DeviceLimits", "LimitTargetError"]
+__all__ = ["DIRECTIONS", "DeviceLimits", "LimitTargetError", "SharedGroups",
+           "UnknownGroupError"]
 
 DIRECTIONS: Final = ("tx", "rx")
 
@@ -41,6 +46,50 @@ class LimitTargetError(AvmmError):
         super().__init__(message)
         self.key = key
         self.status = status
+
+
+class UnknownGroupError(AvmmError):
+    """A device names a rate-limit group that neither its config nor the daemon has."""
+
+
+class SharedGroups:
+    """The daemon's rate-limit groups, by name, shared by every VM that names one (see
+    the module docstring). Used on the event loop only; the limiters themselves are
+    thread-safe. Removing a group keeps its limiter working for the VMs that use it;
+    VMs built afterwards cannot name it."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, RateLimiter] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._groups
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._groups)
+
+    def get(self, name: str) -> RateLimiter | None:
+        return self._groups.get(name)
+
+    def put(self, name: str, config: RateLimitConfig) -> tuple[RateLimiter, bool]:
+        """Create group ``name`` (full buckets), or change its buckets in place; True
+        if it was created."""
+        limiter = self._groups.get(name)
+        if limiter is not None:
+            limiter.reconfigure(config)
+            return limiter, False
+        limiter = self._groups[name] = RateLimiter(config, name=name)
+        return limiter, True
+
+    def remove(self, name: str) -> bool:
+        return self._groups.pop(name, None) is not None
+
+    def to_dict(self, name: str) -> dict[str, Any]:
+        limiter = self._groups[name]
+        return {"name": name, "rate_limit": limiter.config.to_dict(),
+                "tokens": limiter.levels()}
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.to_dict(name) for name in sorted(self._groups)]
 
 
 @dataclass
@@ -95,23 +144,40 @@ class DeviceLimits:
     """
 
     def __init__(self) -> None:
+        #: The VM's own groups (from its config), and the daemon's it uses.
         self.groups: dict[str, RateLimiter] = {}
+        self.shared: dict[str, RateLimiter] = {}
         self._disks: list[_Slot] = []
         self._nets: list[dict[str, _Slot]] = []
 
     @classmethod
-    def attach(cls, config: Any, disks: Sequence[Any], nets: Sequence[Any]) -> DeviceLimits:
+    def attach(cls, config: Any, disks: Sequence[Any], nets: Sequence[Any], *,
+               shared: SharedGroups | None = None) -> DeviceLimits:
         """Limit ``disks`` and ``nets`` (the devices, in config order; a vhost-user one
-        is any object without the throttle attribute) as ``config`` (a VmConfig) says."""
+        is any object without the throttle attribute) as ``config`` (a VmConfig) says;
+        a group the config does not define comes from ``shared`` (the daemon's).
+
+        :raises UnknownGroupError: a group is in neither.
+        """
         limits = cls()
         group_configs = dict(config.rate_limit_groups)
 
         def limiter_for(limit: RateLimitConfig | None, group: str | None,
                         name: str) -> RateLimiter | None:
             if group is not None:
-                if group not in limits.groups:
+                if group in limits.groups:
+                    return limits.groups[group]
+                if group in group_configs:
                     limits.groups[group] = RateLimiter(group_configs[group], name=group)
-                return limits.groups[group]
+                    return limits.groups[group]
+                limiter = shared.get(group) if shared is not None else None
+                if limiter is None:
+                    raise UnknownGroupError(
+                        f"{name}: rate limit group {group!r} is neither in the config's "
+                        "[rate_limit_groups] nor one of the daemon's (PUT "
+                        f"/rate_limit_groups/{group} creates it)")
+                limits.shared[group] = limiter
+                return limiter
             return None if limit is None else RateLimiter(limit, name=name)
 
         for index, (disk, device) in enumerate(zip(config.disks, disks, strict=True)):
@@ -182,9 +248,10 @@ class DeviceLimits:
     def set_group(self, name: str, limit: RateLimitConfig) -> None:
         """Change group ``name``'s buckets in place, for every device in it."""
         if name not in self.groups:
-            raise LimitTargetError(f"rate_limit_groups.{name}: this VM has no such group "
-                                   f"(it has {', '.join(sorted(self.groups)) or 'none'})",
-                                   key=f"rate_limit_groups.{name}")
+            raise LimitTargetError(f"rate_limit_groups.{name}: this VM's config has no such "
+                                   f"group (it has {', '.join(sorted(self.groups)) or 'none'}"
+                                   "; the daemon's groups change with PUT "
+                                   "/rate_limit_groups/NAME)", key=f"rate_limit_groups.{name}")
         self.groups[name].reconfigure(limit)
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,6 +264,7 @@ class DeviceLimits:
                      for index, slots in enumerate(self._nets) if not slots["tx"].external],
             "groups": {name: limiter.config.to_dict()
                        for name, limiter in sorted(self.groups.items())},
+            "shared_groups": sorted(self.shared),
         }
 
     def wait_seconds(self) -> Iterator[tuple[str, str, float]]:

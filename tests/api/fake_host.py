@@ -213,7 +213,11 @@ class FakeVm:
 
 class FakeHost:
     def __init__(self) -> None:
+        from avmm.ratelimit import SharedGroups
+
         self.vms: dict[str, FakeVm] = {}
+        #: The daemon-wide rate-limit groups (PUT /rate_limit_groups/NAME).
+        self.rate_limit_groups = SharedGroups()
         self._next = 1
         #: What restore() brings back from a directory holding a state.avmm file.
         self.restore_config: VmConfig | None = None

@@ -143,3 +143,49 @@ async def test_avmm_update_sends_the_patch_and_exits_by_the_answer(
         await run("--disk0-bandwidth", "lots")
     assert caught.value.code == 2
     assert "--disk0-bandwidth" in capsys.readouterr().err
+
+
+async def test_daemon_groups_are_created_changed_listed_and_removed(
+        api: ApiClient, fake_host: FakeHost, kernel_file: Path) -> None:
+    http = api._http
+    ops = {"ops": {"size": 100, "refill_ms": 1000}}
+    response = await http.put("/rate_limit_groups/tenant-a", json=ops)
+    assert response.status_code == 201
+    assert response.headers["location"] == "/rate_limit_groups/tenant-a"
+    assert response.json() == {"name": "tenant-a", "rate_limit": ops, "tokens": {"ops": 100}}
+    limiter = fake_host.rate_limit_groups.get("tenant-a")
+    both = {"ops": {"size": 10, "refill_ms": 1000},
+            "bandwidth": {"size": 4096, "refill_ms": 10, "one_time_burst": 1}}
+    response = await http.put("/rate_limit_groups/tenant-a", json=both)
+    assert response.status_code == 200
+    # Changed in place: the VMs that share it see the change.
+    assert fake_host.rate_limit_groups.get("tenant-a") is limiter
+    assert limiter is not None and limiter.config.to_dict() == both
+    assert (await http.get("/rate_limit_groups")).json() == {"rate_limit_groups": [
+        {"name": "tenant-a", "rate_limit": both, "tokens": {"bandwidth": 4096, "ops": 10}}]}
+    # A VM config may name it without defining it.
+    config = {**_config(kernel_file), "disk": [{"path": str(kernel_file),
+                                                "rate_limit_group": "tenant-a"}]}
+    assert (await http.post("/vms", json=config)).status_code == 201
+    config["disk"][0]["rate_limit_group"] = "tenant-b"
+    response = await http.post("/vms", json=config)
+    assert response.status_code == 400
+    assert response.json()["detail"]["key"] == "disk[0].rate_limit_group"
+    assert "PUT /rate_limit_groups/tenant-b" in response.json()["error"]
+    assert (await http.delete("/rate_limit_groups/tenant-a")).status_code == 204
+    assert (await http.delete("/rate_limit_groups/tenant-a")).status_code == 204
+    assert (await http.get("/rate_limit_groups/tenant-a")).status_code == 404
+
+
+@pytest.mark.parametrize(("name", "body", "key"), [
+    ("a b", {"ops": {"size": 1, "refill_ms": 1}}, "name"),
+    ("g", {}, "bandwidth"),
+    ("g", {"ops": {"size": 1, "refill_ms": 0}}, "ops.refill_ms"),
+    ("g", {"op": {"size": 1, "refill_ms": 1}}, "op"),
+    ("g", [1], None),
+])
+async def test_bad_groups_are_400_naming_the_key(api: ApiClient, name: str, body: Any,
+                                                 key: str | None) -> None:
+    response = await api._http.put(f"/rate_limit_groups/{name}", json=body)
+    assert response.status_code == 400, response.json()
+    assert (response.json()["detail"] or {}).get("key") == key

@@ -153,3 +153,16 @@ def test_a_misspelt_groups_table_is_pointed_at_the_right_one(vm_dir: Path) -> No
         load(vm_dir, "[rate_limit_group.g]\nops = { size = 1, refill_ms = 1 }\n")
     assert caught.value.key == "rate_limit_group"
     assert "did you mean [rate_limit_groups]?" in str(caught.value)
+
+
+def test_a_daemon_group_may_be_named_without_being_defined(vm_dir: Path) -> None:
+    from avmm.config import config_from_dict
+
+    data = {"boot": {"kernel": "vmlinux"},
+            "disk": [{"path": "disk.img", "rate_limit_group": "tenant"}]}
+    config = config_from_dict(data, base_dir=vm_dir, shared_groups=frozenset({"tenant"}))
+    assert config.disks[0].rate_limit_group == "tenant"
+    assert config.rate_limit_groups == ()
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data, base_dir=vm_dir)
+    assert caught.value.key == "disk[0].rate_limit_group"

@@ -115,3 +115,32 @@ def test_bad_targets_are_refused(kind: str, index: Any, direction: str | None, s
     assert caught.value.status == status and words in str(caught.value)
     with pytest.raises(LimitTargetError):
         limits.set_group("nope", OPS)
+
+
+def test_a_group_the_config_lacks_is_the_daemon_s_shared_by_every_vm() -> None:
+    from avmm.ratelimit import SharedGroups, UnknownGroupError
+
+    shared = SharedGroups()
+    daemon_group, created = shared.put("tenant", OPS)
+    assert created
+    first = vm_config(disks=(DiskConfig(Path("/a"), rate_limit_group="tenant"),))
+    # A VM whose config defines a group of that name keeps its own.
+    second = vm_config(disks=(DiskConfig(Path("/b"), rate_limit_group="tenant"),
+                              DiskConfig(Path("/c"), rate_limit_group="own")),
+                       groups=(("own", BYTES),))
+    disks_a, disks_b = [FakeDisk()], [FakeDisk(), FakeDisk()]
+    limits_a = DeviceLimits.attach(first, disks_a, [], shared=shared)
+    limits_b = DeviceLimits.attach(second, disks_b, [], shared=shared)
+    assert disks_a[0].throttle.limiter is daemon_group is disks_b[0].throttle.limiter
+    assert disks_b[1].throttle.limiter is limits_b.groups["own"]
+    assert limits_a.to_dict()["shared_groups"] == ["tenant"]
+    assert limits_a.to_dict()["groups"] == {}
+    # A VM's PATCH cannot change the daemon's group; the daemon's PUT changes it for all.
+    with pytest.raises(LimitTargetError, match="PUT /rate_limit_groups"):
+        limits_a.set_group("tenant", BYTES)
+    again, created = shared.put("tenant", BYTES)
+    assert again is daemon_group and not created and daemon_group.config == BYTES
+    shared.remove("tenant")
+    assert disks_a[0].throttle.limiter is daemon_group  # VMs keep what they use
+    with pytest.raises(UnknownGroupError, match="PUT /rate_limit_groups/tenant"):
+        DeviceLimits.attach(first, [FakeDisk()], [], shared=shared)

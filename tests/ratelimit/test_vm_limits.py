@@ -145,3 +145,40 @@ async def test_a_limited_nic_passes_every_frame_through_its_direction_s_limiter(
     assert tx["rate_limit"] == rx["rate_limit"] == limit.to_dict()
     # Past the first 2, each TX frame needed its 10 ms.
     assert elapsed >= (tx["admitted_ops"] - 2) * 0.010
+
+
+async def test_two_vms_naming_a_daemon_group_share_its_buckets(socket_dir: Path) -> None:
+    count = 40
+    images = [socket_dir / f"disk{i}.img" for i in range(2)]
+    for image in images:
+        image.write_bytes(bytes(4 << 20))
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, socket_dir / "avmm.sock")
+        async with ApiClient(path) as api:
+            put = await api._http.put("/rate_limit_groups/tenant", json={
+                "ops": {"size": OPS_SIZE, "refill_ms": REFILL_MS}})
+            assert put.status_code == 201
+            hosted = []
+            started = time.monotonic()
+            for image in images:
+                config = _config(image, f"avmm.test=blk-bench avmm.rw=read avmm.qd=2 "
+                                        f"avmm.n={count}", rate_limit_group="tenant")
+                hosted.append(host.get((await api.create_vm(config))["id"]))
+            with trio.fail_after(120):
+                for vm in hosted:
+                    await vm.wait()
+            elapsed = time.monotonic() - started
+            shown = [(await api.get_vm(vm.id))["rate_limits"] for vm in hosted]
+            nursery.cancel_scope.cancel()
+    devices = [vm.vm.virtio_slots[0].device for vm in hosted]
+    group = host.rate_limit_groups.get("tenant")
+    assert group is not None
+    assert all(device.throttle.limiter is group for device in devices)
+    assert all(s["shared_groups"] == ["tenant"] and
+               s["disks"][0]["rate_limit_group"] == "tenant" for s in shown)
+    admitted = [s["disks"][0]["admitted_ops"] for s in shown]
+    for device, ops in zip(devices, admitted, strict=True):
+        assert ops == _requests(device.stats) >= count
+    # One bucket for both: past its first OPS_SIZE tokens, the two VMs' requests
+    # together went at most 50 per second (over the whole span, both VMs' uptimes in it).
+    assert elapsed >= (sum(admitted) - OPS_SIZE) * REFILL_MS / OPS_SIZE / 1000
