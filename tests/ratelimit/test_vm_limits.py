@@ -182,3 +182,38 @@ async def test_two_vms_naming_a_daemon_group_share_its_buckets(socket_dir: Path)
     # One bucket for both: past its first OPS_SIZE tokens, the two VMs' requests
     # together went at most 50 per second (over the whole span, both VMs' uptimes in it).
     assert elapsed >= (sum(admitted) - OPS_SIZE) * REFILL_MS / OPS_SIZE / 1000
+
+
+async def test_a_snapshot_carries_no_limits_and_the_restored_disk_runs_unlimited(
+        tmp_path: Path) -> None:
+    from avmm import VirtualMachine
+    from avmm.config import DiskConfig
+    from avmm.ratelimit import BucketConfig, RateLimitConfig
+    from tests.vm.helpers import guest_config
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 << 20))
+    limit = RateLimitConfig(ops=BucketConfig(size=OPS_SIZE, refill_ms=REFILL_MS))
+    config = dataclasses.replace(
+        guest_config("avmm.test=blk-bench avmm.rw=read avmm.n=1000000000"),
+        disks=(DiskConfig(image, rate_limit=limit),))
+    async with VirtualMachine(config) as vm:
+        device = vm.virtio_slots[0].device
+        with trio.fail_after(60):
+            while device.throttle.admitted_ops < 2 * OPS_SIZE:
+                await trio.sleep(0.02)
+        await vm.pause()
+        await vm.snapshot(tmp_path / "snap")
+        vm.stop()
+        await vm.wait()
+    async with VirtualMachine.restore(tmp_path / "snap") as restored:
+        assert restored.config.disks[0].rate_limit is None
+        device = restored.virtio_slots[0].device
+        assert device.throttle is None
+        assert restored.rate_limits.to_dict()["disks"][0]["rate_limit"] is None
+        reads = device.stats.reads
+        with trio.fail_after(60):
+            while device.stats.reads < reads + 20:
+                await trio.sleep(0.02)
+        restored.stop()
+        await restored.wait()
