@@ -170,15 +170,25 @@ async def update(api: ApiClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bytes(count: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.4g} {unit}"
+    return f"{count:g} B"
+
+
 def _describe(entry: dict[str, Any]) -> str:
     limit = entry.get("rate_limit")
     if not limit:
         return "unlimited"
     parts = []
-    for bucket, unit in (("ops", "ops"), ("bandwidth", "bytes")):
+    for bucket in ("ops", "bandwidth"):
         if bucket in limit:
             config = limit[bucket]
             rate = config["size"] * 1000 / config["refill_ms"]
-            parts.append(f"{rate:g} {unit}/s (bucket {config['size']})")
+            if bucket == "ops":
+                parts.append(f"{rate:g} ops/s (bucket {config['size']})")
+            else:
+                parts.append(f"{_bytes(rate)}/s (bucket {_bytes(config['size'])})")
     group = entry.get("rate_limit_group")
     return ", ".join(parts) + (f" [group {group}]" if group else "")

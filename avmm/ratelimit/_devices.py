@@ -216,7 +216,7 @@ class DeviceLimits:
             slot = self._nets[index][direction or "tx"] if 0 <= index < count else None
         if slot is None:
             what = "disks" if kind == "disk" else "NICs"
-            raise LimitTargetError(f"{key}: this VM has no {kind} {index} ({count} {what})",
+            raise LimitTargetError(f"{key}: this VM has no {kind} {index} ({what}: {count})",
                                    key=key)
         if slot.external:
             raise LimitTargetError(f"{key}: {slot.name} is served by a vhost-user back-end; "

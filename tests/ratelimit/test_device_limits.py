@@ -100,8 +100,8 @@ def test_the_waits_are_reported_per_device_and_kind() -> None:
 
 
 @pytest.mark.parametrize(("kind", "index", "direction", "status", "words"), [
-    ("disk", 5, None, 404, "no disk 5 (2 disks)"),
-    ("net", 0, "tx", 404, "no net 0 (0 NICs)"),
+    ("disk", 5, None, 404, "no disk 5 (disks: 2)"),
+    ("net", 0, "tx", 404, "no net 0 (NICs: 0)"),
     ("disk", 1, None, 400, "vhost-user back-end"),
     ("disk", True, None, 400, "expected a device index"),
 ])
