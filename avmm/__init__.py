@@ -14,6 +14,8 @@ from .lifecycle import StopReason as StopReason
 from .lifecycle import VmExit as VmExit
 from .lifecycle import VmState as VmState
 from .logs import configure_logging as configure_logging
+from .ratelimit import BucketConfig as BucketConfig
+from .ratelimit import RateLimitConfig as RateLimitConfig
 from .vm import VirtualMachine as VirtualMachine
 
 __version__ = "0.1.0"

@@ -24,6 +24,18 @@ A config file looks like this (everything but ``[boot]`` and its ``kernel`` is o
     mode = "console"          # "console" | "file" | "none"
     path = "serial.log"       # only (and then required) with mode = "file"
 
+    [[disk]]
+    path = "disk.img"
+    # Token buckets (avmm.ratelimit): bytes and requests, each optional.
+    rate_limit = { ops = { size = 500, refill_ms = 1000, one_time_burst = 100 } }
+
+    [[net]]
+    tap = "tap0"
+    tx_rate_limit_group = "uplink"   # TX and RX are limited separately
+
+    [rate_limit_groups.uplink]       # buckets shared by every device of this VM naming it
+    bandwidth = { size = 1048576, refill_ms = 100 }
+
 :func:`load_config` reads a TOML file; :func:`config_from_dict` validates the same schema
 from any mapping (the management API posts JSON), so the file loader is a thin wrapper.
 Every problem is a :class:`~avmm.errors.ConfigError` whose ``key`` is the dotted path of
@@ -57,6 +69,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 from .arch.x86.cpuid import FEATURES as CPU_FEATURES
 from .cgroups.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from .errors import ConfigError
+from .ratelimit import BucketConfig, RateLimitConfig
 
 __all__ = [
     "CMDLINE_MAX_BYTES",
@@ -171,6 +184,11 @@ class DiskConfig:
     id: str | None = None
     #: The unix socket of a vhost-user-blk back-end (capacity etc. come from it).
     vhost_user: Path | None = None
+    #: Token buckets for this disk's requests (avmm.ratelimit); None: unlimited.
+    rate_limit: RateLimitConfig | None = None
+    #: A ``[rate_limit_groups.NAME]`` whose buckets this disk shares with the other
+    #: devices of the VM that name it (never together with ``rate_limit``).
+    rate_limit_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +204,12 @@ class NetConfig:
     netns: str | None = None
     #: The unix socket of a vhost-user-net back-end.
     vhost_user: Path | None = None
+    #: Token buckets for frames the guest sends (TX) and receives (RX), each direction
+    #: on its own; None: unlimited. ``*_rate_limit_group`` names a shared group instead.
+    tx_rate_limit: RateLimitConfig | None = None
+    rx_rate_limit: RateLimitConfig | None = None
+    tx_rate_limit_group: str | None = None
+    rx_rate_limit_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +252,9 @@ class VmConfig:
     rng: RngConfig | None = None
     console: ConsoleConfig | None = None
     vhost_users: tuple[VhostUserConfig, ...] = ()
+    #: ``[rate_limit_groups.NAME]``: buckets shared by the devices of this VM that name
+    #: the group (one limiter per group per VM), as (name, config) pairs in file order.
+    rate_limit_groups: tuple[tuple[str, RateLimitConfig], ...] = ()
 
     def with_cmdline_appended(self, extra: str) -> VmConfig:
         """Return a copy whose kernel command line has ``extra`` appended, separated by a
@@ -319,7 +346,7 @@ def parse_toml(raw: bytes, *, source: str | None) -> dict[str, Any]:
 
 def config_from_dict(
     data: Mapping[str, Any], *, base_dir: Path | None, source: str | None = None,
-    path_check: PathCheck | None = None,
+    path_check: PathCheck | None = None, shared_groups: frozenset[str] = frozenset(),
 ) -> VmConfig:
     """Validate ``data`` (parsed TOML or JSON with the ``vm.toml`` schema).
 
@@ -329,11 +356,14 @@ def config_from_dict(
     ``source`` names the origin in error messages. ``path_check(path, key, kind)`` runs
     for every path before anything is looked up on disk (the daemon's
     :meth:`avmm.paths.PathPolicy.check`, which refuses paths outside ``--allow-path``).
+    ``shared_groups`` names the rate-limit groups a device may name without the config
+    defining them (the daemon's, made through its API).
 
     Blocks (it checks the files the config names): call it from a thread in async code.
     """
     resolved = Path(os.path.abspath(base_dir)) if base_dir is not None else None
-    context = _Context(base_dir=resolved, source=source, path_check=path_check)
+    context = _Context(base_dir=resolved, source=source, path_check=path_check,
+                       shared_groups=shared_groups)
     return _ROOT(data, "", context)
 
 
@@ -364,6 +394,8 @@ class _Context:
     base_dir: Path | None  # None: relative paths are rejected (see config_from_dict)
     source: str | None
     path_check: PathCheck | None = None
+    #: Rate-limit groups defined outside the config (the daemon's).
+    shared_groups: frozenset[str] = frozenset()
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(message, path=self.source, key=key or None)
@@ -445,7 +477,8 @@ class _Table(Generic[_T]):
         if not isinstance(name, str):
             return context.error(key, f"keys must be strings, got {name!r}")
         full_key = _join(key, name)
-        tables = [field.name for field in self.fields if isinstance(field.parse, _Table)]
+        tables = [field.name for field in self.fields
+                  if isinstance(field.parse, _Table) or field.name in _TABLES_OF_TABLES]
         if not key and isinstance(item, Mapping):
             message = f"unknown table [{full_key}]"
             match = difflib.get_close_matches(name, tables, n=1)
@@ -836,6 +869,8 @@ def _build_vm(
             raise context.error(f"net[{index}].tap", f"tap {_quote(tap)} is used twice; "
                                 "each NIC needs its own tap")
     vhost_users: tuple[VhostUserConfig, ...] = values["vhost_user"]
+    groups: tuple[tuple[str, RateLimitConfig], ...] = values["rate_limit_groups"]
+    _check_group_names(disks, nets, {name for name, _ in groups}, context)
     count = (len(disks) + len(nets) + len(vhost_users) + (values["rng"] is not None)
              + (values["console"] is not None))
     if count > MAX_VIRTIO_DEVICES:
@@ -852,7 +887,25 @@ def _build_vm(
         rng=values["rng"],
         console=values["console"],
         vhost_users=vhost_users,
+        rate_limit_groups=groups,
     )
+
+
+def _check_group_names(disks: tuple[DiskConfig, ...], nets: tuple[NetConfig, ...],
+                       defined: set[str], context: _Context) -> None:
+    """Every ``*rate_limit_group`` names a ``[rate_limit_groups.NAME]`` table."""
+    named = [(f"disk[{index}].rate_limit_group", disk.rate_limit_group)
+             for index, disk in enumerate(disks)]
+    for index, net in enumerate(nets):
+        named += [(f"net[{index}].tx_rate_limit_group", net.tx_rate_limit_group),
+                  (f"net[{index}].rx_rate_limit_group", net.rx_rate_limit_group)]
+    for key, name in named:
+        if name is not None and name not in defined and name not in context.shared_groups:
+            listed = ", ".join(sorted(defined)) or "none"
+            raise context.error(key, f"no [rate_limit_groups.{name}] in this config "
+                                f"(defined: {listed}) nor a daemon group of that name; add "
+                                "it, or create it with PUT /rate_limit_groups/"
+                                f"{name} (avmm serve), or remove the key")
 
 
 def _build_disk(
@@ -862,15 +915,23 @@ def _build_disk(
         if values["path"] is not None:
             raise context.error(_join(key, "vhost_user"), "a disk has either path or "
                                 "vhost_user, not both; remove one")
-        for name in ("readonly", "id"):
+        for name in ("readonly", "id", "rate_limit", "rate_limit_group"):
             if name in raw:
                 raise context.error(_join(key, name), f"{name} cannot be set for a vhost_user "
                                     "disk: the back-end decides it (e.g. qemu-storage-daemon's "
-                                    "writable=off); remove it")
+                                    "writable=off, avmm backend blk --iops); remove it")
     elif values["path"] is None:
         raise context.error(_join(key, "path"), 'missing required key "path" in '
                             f'[{key}]; set path = "disk.img" (or vhost_user = "/path/to.sock")')
+    _one_limit(raw, key, "rate_limit", "rate_limit_group", context)
     return DiskConfig(**values)
+
+
+def _one_limit(raw: Mapping[str, Any], key: str, limit: str, group: str,
+               context: _Context) -> None:
+    if limit in raw and group in raw:
+        raise context.error(_join(key, group), f"a device has either {limit} (its own "
+                            f"buckets) or {group} (shared ones), not both; remove one")
 
 
 def _build_vhost_user(values: dict[str, Any], key: str, context: _Context) -> VhostUserConfig:
@@ -891,10 +952,25 @@ def _build_net(
         if values["netns"] is not None:
             raise context.error(_join(key, "netns"), "netns cannot be set for a vhost_user "
                                 "NIC: the back-end opens its own tap; remove it")
+        for name in _NET_LIMIT_KEYS:
+            if name in raw:
+                raise context.error(_join(key, name), f"{name} cannot be set for a "
+                                    "vhost_user NIC: its back-end serves the queues (avmm "
+                                    "backend net --tx-pps ...); remove it")
     elif values["tap"] is None:
         raise context.error(_join(key, "tap"), 'missing required key "tap" in '
                             f'[{key}]; set tap = "tap0" (or vhost_user = "/path/to.sock")')
+    for direction in ("tx", "rx"):
+        _one_limit(raw, key, f"{direction}_rate_limit", f"{direction}_rate_limit_group",
+                   context)
     return NetConfig(**values)
+
+
+#: Root keys that hold a table per name ([rate_limit_groups.NAME]), listed with the tables.
+_TABLES_OF_TABLES: Final = ("rate_limit_groups",)
+
+_NET_LIMIT_KEYS: Final = ("tx_rate_limit", "rx_rate_limit", "tx_rate_limit_group",
+                          "rx_rate_limit_group")
 
 
 _MACHINE_DEFAULTS: Final = MachineConfig()
@@ -937,12 +1013,87 @@ _SERIAL: Final = _Table(
     build=_build_serial,
 )
 
+#: Bounds that keep the integer arithmetic of avmm.ratelimit small and catch unit
+#: mistakes: a bucket of up to 1 TiB (or 2^40 requests), refilled in up to an hour.
+BUCKET_SIZE_MAX: Final = 1 << 40
+REFILL_MS_MAX: Final = 3_600_000
+
+
+def _build_bucket(values: dict[str, Any], raw: Mapping[str, Any], key: str,
+                  context: _Context) -> BucketConfig:
+    return BucketConfig(size=values["size"], refill_ms=values["refill_ms"],
+                        one_time_burst=values["one_time_burst"])
+
+
+_BUCKET: Final = _Table(
+    fields=(
+        _Field("size", _integer(1, BUCKET_SIZE_MAX),
+               hint="set size = the tokens the bucket holds (bytes, or requests)"),
+        _Field("refill_ms", _integer(1, REFILL_MS_MAX, " (milliseconds)"),
+               hint="set refill_ms = the milliseconds to refill the bucket from empty"),
+        _Field("one_time_burst", _integer(0, BUCKET_SIZE_MAX), default=0),
+    ),
+    build=_build_bucket,
+)
+
+
+def _build_rate_limit(values: dict[str, Any], raw: Mapping[str, Any], key: str,
+                      context: _Context) -> RateLimitConfig | None:
+    config = RateLimitConfig(bandwidth=values["bandwidth"], ops=values["ops"])
+    return None if config.unlimited else config
+
+
+#: ``{ bandwidth = {...}, ops = {...} }``; an empty table means unlimited (None).
+RATE_LIMIT: Final = _Table(
+    fields=(
+        _Field("bandwidth", _BUCKET, default=None),
+        _Field("ops", _BUCKET, default=None),
+    ),
+    build=_build_rate_limit,
+)
+
+
+def parse_rate_limit(value: Any, key: str, *, source: str | None = None
+                     ) -> RateLimitConfig | None:
+    """Validate one ``rate_limit`` value (a table, or None: unlimited) outside a config
+    file (the management API's PATCH): a ConfigError names ``key``."""
+    if value is None:
+        return None
+    return RATE_LIMIT(value, key, _Context(base_dir=None, source=source))
+
+
+def _group_name(value: Any, key: str, context: _Context) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        return value
+    raise context.error(key, "expected a group name of 1 to 64 characters from A-Z a-z 0-9 "
+                        f"_ -, got {_describe(value)}")
+
+
+def _rate_limit_groups(value: Any, key: str,
+                       context: _Context) -> tuple[tuple[str, RateLimitConfig], ...]:
+    if not isinstance(value, Mapping):
+        raise context.error(key, "expected tables [rate_limit_groups.NAME] with bandwidth "
+                            f"and/or ops buckets, got {_describe(value)}")
+    groups = []
+    for name, table in value.items():
+        group_key = _join(key, str(name))
+        _group_name(name, group_key, context)
+        config = RATE_LIMIT(table, group_key, context)
+        if config is None:
+            raise context.error(group_key, "a rate-limit group needs a bandwidth or an ops "
+                                "bucket")
+        groups.append((name, config))
+    return tuple(groups)
+
+
 _DISK: Final = _Table(
     fields=(
         _Field("path", _existing_file, default=None),
         _Field("readonly", _boolean, default=False),
         _Field("id", _disk_id, default=None),
         _Field("vhost_user", _existing_socket, default=None),
+        _Field("rate_limit", RATE_LIMIT, default=None),
+        _Field("rate_limit_group", _group_name, default=None),
     ),
     build=_build_disk,
 )
@@ -953,6 +1104,10 @@ _NET: Final = _Table(
         _Field("mac", _mac, default=None),
         _Field("netns", _netns, default=None),
         _Field("vhost_user", _existing_socket, default=None),
+        _Field("tx_rate_limit", RATE_LIMIT, default=None),
+        _Field("rx_rate_limit", RATE_LIMIT, default=None),
+        _Field("tx_rate_limit_group", _group_name, default=None),
+        _Field("rx_rate_limit_group", _group_name, default=None),
     ),
     build=_build_net,
 )
@@ -991,6 +1146,7 @@ _ROOT: Final = _Table(
         _Field("vhost_user", _array_of(
             _VHOST_USER, example='[[vhost_user]] socket = "fs.sock" device_id = 26'),
             default=()),
+        _Field("rate_limit_groups", _rate_limit_groups, default=()),
     ),
     build=_build_vm,
 )

@@ -60,6 +60,7 @@ from .lifecycle import (
 from .migration.errors import MigrationError
 from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
+from .ratelimit import LimitTargetError, SharedGroups
 from .state import SnapshotInfo
 from .vm import VirtualMachine
 
@@ -214,7 +215,8 @@ class HostedVm:
 
     def __init__(self, vm_id: str, config: VmConfig | None, *, start_paused: bool = False,
                  paths: PathPolicy | None = None, restore: _VmOpener | None = None,
-                 incoming: bool = False) -> None:
+                 incoming: bool = False, rate_limit_groups: SharedGroups | None = None
+                 ) -> None:
         self.id = vm_id
         self._vm: VirtualMachine | None = None
         self._opener: _VmOpener
@@ -225,7 +227,7 @@ class HostedVm:
             assert config is not None
             self.name = config.name or vm_id
             vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
-                                paths=paths)
+                                paths=paths, rate_limit_groups=rate_limit_groups)
             self._vm = vm
             self._opener = lambda: vm
         self._start_paused = start_paused
@@ -317,6 +319,40 @@ class HostedVm:
         """
         self._refuse_while_migrating("pause")
         await self.vm.pause()
+
+    def update_limits(self, update: Any) -> None:
+        """Change the VM's I/O rate limits now (PATCH /vms/{id}; ``update`` is the
+        API's LimitsUpdate). Every change is checked before any is made.
+
+        :raises VmStateError: the VM is being built, or has stopped.
+        :raises LimitTargetError: no such device or group (404), a device served by a
+            vhost-user back-end, or CPU limits this build cannot set (400).
+        """
+        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.STOPPED):
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}; its limits can be "
+                               "changed while it exists and runs (or is paused)")
+        limits = self.vm.rate_limits
+        if update.machine is not None:
+            # The extension point for CPU limits: a build with cgroup controls calls
+            # self.vm.set_cpu_limits(...) here, after the checks below.
+            raise LimitTargetError("machine limits: not supported by this build",
+                                   key="machine", status=400)
+        for change in update.changes:
+            limits.check(change.kind, change.index, change.direction, change.key)
+        for name, _ in update.groups:
+            if name not in limits.groups:
+                raise LimitTargetError(
+                    f"rate_limit_groups.{name}: this VM's config has no such group (it "
+                    f"has {', '.join(sorted(limits.groups)) or 'none'}; the daemon's "
+                    "groups change with PUT /rate_limit_groups/NAME)",
+                    key=f"rate_limit_groups.{name}")
+        for change in update.changes:
+            limits.set(change.kind, change.index, change.direction, change.limit,
+                       key=change.key)
+        for name, limit in update.groups:
+            limits.set_group(name, limit)
+        self._log.info("rate limits changed", devices=len(update.changes),
+                       groups=len(update.groups))
 
     async def resume(self) -> None:
         """PAUSED → RUNNING.
@@ -518,6 +554,10 @@ class HostedVm:
         metrics.state = self.state
         return metrics
 
+    def rate_limit_waits(self) -> list[tuple[str, str, float]]:
+        """(device, kind, seconds) its requests waited for rate limiters (/metrics)."""
+        return [] if self._vm is None else list(self._vm.rate_limits.wait_seconds())
+
     def console_backlog(self) -> bytes:
         """The last 64 KiB of serial output."""
         return self._console.backlog()
@@ -561,6 +601,7 @@ class HostedVm:
             "migration": self.migration,
             "vcpu_threads": [] if self._vm is None else self._vm.vcpu_threads,
             "cpu": None if self._vm is None else self._vm.cpu_description(),
+            "rate_limits": None if self._vm is None else self._vm.rate_limits.to_dict(),
         }
 
     async def cpu_usage(self) -> CpuUsage | None:
@@ -649,6 +690,8 @@ class Host:
 
     def __init__(self) -> None:
         self._vms: dict[str, HostedVm] = {}
+        #: Rate-limit groups shared by the VMs made by create() that name them.
+        self.rate_limit_groups = SharedGroups()
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
@@ -688,7 +731,8 @@ class Host:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
         vm_id = self._new_id()
-        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths)
+        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths,
+                          rate_limit_groups=self.rate_limit_groups)
         await self._start(hosted)
         return hosted
 
@@ -871,6 +915,8 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "readonly": disk.readonly if disk.vhost_user is None else None,
             "id": disk.id,
             "vhost_user": _str_or_none(disk.vhost_user),
+            "rate_limit": _limit_or_none(disk.rate_limit),
+            "rate_limit_group": disk.rate_limit_group,
         }) for disk in config.disks]
     if config.nets:
         result["net"] = [_without_none({
@@ -878,6 +924,10 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "mac": None if net.mac is None else ":".join(f"{b:02x}" for b in net.mac),
             "netns": net.netns,
             "vhost_user": _str_or_none(net.vhost_user),
+            "tx_rate_limit": _limit_or_none(net.tx_rate_limit),
+            "rx_rate_limit": _limit_or_none(net.rx_rate_limit),
+            "tx_rate_limit_group": net.tx_rate_limit_group,
+            "rx_rate_limit_group": net.rx_rate_limit_group,
         }) for net in config.nets]
     if config.rng is not None:
         result["rng"] = {}
@@ -891,7 +941,14 @@ def config_to_dict(config: VmConfig) -> dict[str, Any]:
             "num_queues": generic.num_queues,
             "queue_size": generic.queue_size,
         } for generic in config.vhost_users]
+    if config.rate_limit_groups:
+        result["rate_limit_groups"] = {name: group.to_dict()
+                                       for name, group in config.rate_limit_groups}
     return result
+
+
+def _limit_or_none(limit: Any) -> dict[str, Any] | None:
+    return None if limit is None else limit.to_dict()
 
 
 #: The fields of a migration's progress that the API always shows (None until known).

@@ -81,6 +81,7 @@ from .migration.errors import MigrationError
 from .migration.progress import MigrationProgress
 from .netns import call_in_netns
 from .paths import BoundSocket, PathPolicy
+from .ratelimit import DeviceLimits, SharedGroups
 from .serial_port import SerialPort, serve_console_socket
 from .state import (
     MachineState,
@@ -152,8 +153,11 @@ class VirtualMachine:
     """
 
     def __init__(self, config: VmConfig, *, name: str | None = None,
-                 start_paused: bool = False, paths: PathPolicy | None = None) -> None:
+                 start_paused: bool = False, paths: PathPolicy | None = None,
+                 rate_limit_groups: SharedGroups | None = None) -> None:
         self.config = config
+        # The daemon's rate-limit groups, for devices whose group the config lacks.
+        self._shared_limit_groups = rate_limit_groups
         self._paths = paths if paths is not None else PathPolicy()
         self.name = name or config.name or f"vm{next(_vm_numbers)}"
         # Pause/resume (see pause()): the vCPU side parks threads, the gate holds the
@@ -205,6 +209,8 @@ class VirtualMachine:
         self._userspace_reached = trio.Event()
         #: Seconds from the VM's start to the guest's boot-time marker (BootTimer), or None.
         self.userspace_reached_s: float | None = None
+        #: The disks' and NICs' rate limiters (set when the devices are made).
+        self.rate_limits = DeviceLimits()
 
     # -- public API ---------------------------------------------------------------------
 
@@ -1162,6 +1168,12 @@ class VirtualMachine:
                 self._resources.callback(tap.close)
                 keep(NetDevice(tap, mac=net.mac or _derived_mac(self.name, net.tap),
                                name=f"net{index}"))
+        # Disks first, then NICs, in config order (see above): attach the rate limiters.
+        with self._step("attaching the rate limiters"):
+            self.rate_limits = DeviceLimits.attach(
+                config, devices[:len(config.disks)],
+                devices[len(config.disks):len(config.disks) + len(config.nets)],
+                shared=self._shared_limit_groups)
         for index, generic in enumerate(config.vhost_users):
             keep(self._make_vhost_user(generic.socket, generic.device_id, f"vhost{index}",
                                        f"vhost_user[{index}].socket",

@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
 Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration, fairness
-(avmm alone, against goals: see benchmarks/fairness_cpu.py). Every figure is
+(avmm alone against goals, benchmarks/fairness_cpu.py; rate limiters against their goal
+beside QEMU's throttling, benchmarks/fairness_io.py). Every figure is
 measured here and now: for each of R runs (5 by default, 2 with --quick)
 avmm and QEMU are measured back to back as a pair. Each figure reports both medians, their
 ratio avmm/QEMU, and the range of the per-pair ratios. The figures fall in three parts
@@ -60,6 +61,7 @@ from benchmarks.common import (
     quiet_logging,
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
+from benchmarks.fairness_io import bench_fairness_io
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, MARKER, SPIN_N
 from benchmarks.migration import bench_migration
 from benchmarks.net import bench_net
@@ -86,13 +88,15 @@ class Params:
     snapshot_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the snapshot group
     migration_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the migration group
     fairness_window_s: float = 5.0  # CPU time measured over this window (fairness group)
+    fairness_s: float = 4.0  # seconds of limited I/O per rate-limit run (past the bucket)
 
 
 FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
               blk_vhost_n={1: 10000, 32: 40000}, net_n=50000, churn_s=2.0, memory_vms=(10, 50))
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
                blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
-               snapshot_mib=(16,), migration_mib=(16,), fairness_window_s=1.0)
+               snapshot_mib=(16,), migration_mib=(16,), fairness_window_s=1.0,
+               fairness_s=0.5)
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
@@ -506,7 +510,8 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "memory": bench_memory,
     "snapshot": lambda p: bench_snapshot(p.runs, p.snapshot_mib),
     "migration": lambda p: bench_migration(p.runs, p.migration_mib),
-    "fairness": lambda p: bench_fairness_cpu(p.runs, p.fairness_window_s),
+    "fairness": lambda p: [*bench_fairness_cpu(p.runs, p.fairness_window_s),
+                           *bench_fairness_io(p.runs, p.fairness_s)],
 }
 
 

@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report as bench_report
-from benchmarks.common import IN_PROCESS, PARTS, PER_OPERATION, WHOLE_PROCESS, Figure
+from benchmarks.common import (
+    IN_PROCESS,
+    PARTS,
+    PER_OPERATION,
+    SHARING,
+    WHOLE_PROCESS,
+    Figure,
+)
+from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +78,14 @@ GROUPS = {
                   ("live migration: guest-visible downtime, 16 MiB guest dirtying",
                    PER_OPERATION),
                   ("live migration: data sent, 16 MiB guest dirtying", PER_OPERATION)],
+    "fairness": [("rate limit: blk ops limit 500/s, qd 1", PER_OPERATION),
+                 ("rate limit: blk ops limit 500/s, qd 32", PER_OPERATION),
+                 ("rate limit: blk bandwidth limit 8 MiB/s, qd 32", PER_OPERATION),
+                 ("rate limit: blk ops 500/s with a one-time burst", PER_OPERATION),
+                 # avmm alone against a goal (benchmarks/fairness_cpu.py): no QEMU side.
+                 ("fairness: CPU share of the cpu_weight 100 VM", SHARING),
+                 ("fairness: CPU share of the cpu_weight 300 VM", SHARING),
+                 ("fairness: CPU used by a spinning vCPU", SHARING)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
@@ -97,6 +113,8 @@ def _check_provenance(report: dict[str, object]) -> None:
 @pytest.mark.parametrize(
     "group", [pytest.param(g, marks=[*VM_MARKS, *MARKS.get(g, [])]) for g in GROUPS])
 def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path) -> None:
+    if group == "fairness":
+        require(cgroup_cpu_problem())  # its CPU figures need a cgroup cpu controller
     if group == "blk-vhost" and shutil.which("qemu-storage-daemon") is None:
         require("qemu-storage-daemon is not installed (make deps installs qemu-system-x86)")
     result = subprocess.run(
@@ -117,10 +135,15 @@ def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path)
         # A difference of two RSS readings can come out at or below 0 (pages the
         # allocator gave back); every other figure is a rate, a time or a size.
         difference = "extra RSS" in name
-        for side in ("avmm", "qemu"):
+        alone = figure["part"] == SHARING
+        assert ("qemu" not in figure) is alone, name
+        for side in ("avmm",) if alone else ("avmm", "qemu"):
             runs = figure[side]["runs"]
             assert len(runs) == 1, (name, side, runs)
             assert all(math.isfinite(v) and (difference or v > 0) for v in runs), (name, side, runs)
+        assert name in result.stdout  # the table was printed
+        if alone:
+            continue
         ratio = figure["ratio"]
         assert math.isclose(ratio["of_medians"],
                             figure["avmm"]["median"] / figure["qemu"]["median"]), name

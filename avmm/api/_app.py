@@ -6,7 +6,7 @@ bare ASGI callable rather than a framework app so that the console stream can wa
 the client's disconnect in a trio nursery of its own (the VM keeps running when a
 viewer leaves, and a silent guest must not pin a subscription forever).
 
-Status codes: 400 malformed body or bad config (``detail.key`` names the key; also a
+Status codes: 400 malformed body or bad config or limits (``detail.key`` names the key; also a
 WebSocket upgrade, which this API does not speak, and a snapshot that cannot be
 restored), 403 a path outside the daemon's ``--allow-path`` directories (``detail.key``),
 404 unknown VM or route, 405 method not
@@ -36,7 +36,13 @@ from urllib.parse import parse_qs
 import structlog
 import trio
 
-from ..config import CONFIG_FILE_MAX_BYTES, SerialConfig, VmConfig, config_from_dict
+from ..config import (
+    CONFIG_FILE_MAX_BYTES,
+    SerialConfig,
+    VmConfig,
+    config_from_dict,
+    parse_rate_limit,
+)
 from ..errors import (
     AvmmError,
     ConfigError,
@@ -48,8 +54,10 @@ from ..errors import (
 )
 from ..migration.errors import MigrationError
 from ..paths import PathPolicy
+from ..ratelimit import LimitTargetError, SharedGroups
 from ._errors import HttpError
 from ._errors import absolute_path as _absolute_path
+from ._limits import LIMITS_BODY_MAX, parse_limits_update
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import render_metrics
 from ._migration import parse_incoming, parse_migrate
@@ -70,6 +78,7 @@ RESTORE_KEYS: Final = ("restore", "start", "copy_memory", "vhost_user")
 #: The most vhost-user sockets one restore request may replace.
 RESTORE_SOCKETS_MAX: Final = 64
 _DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GROUP_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: The most console input accepted in one request (the UART takes it a byte at a time).
 CONSOLE_INPUT_MAX: Final = 64 << 10
 _DRAIN_FACTOR: Final = 16
@@ -280,7 +289,8 @@ class ManagementApi:
         config = await trio.to_thread.run_sync(functools.partial(
             config_from_dict, data, base_dir=Path(base_dir) if base_dir else None,
             source="request body",
-            path_check=self.paths.check if self.paths.restricted else None))
+            path_check=self.paths.check if self.paths.restricted else None,
+            shared_groups=self._groups().names()))
         vm = await self.host.create(_for_daemon(config), start=start != "false",
                                     paths=self.paths)
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
@@ -385,6 +395,54 @@ class ManagementApi:
                                throttled_seconds=usage.throttled_seconds)
         return _json_response(200, data)
 
+    async def _patch(self, request: _Request) -> _Response:
+        """PATCH /vms/{id}: change the VM's rate limits (see avmm.api._limits)."""
+        vm = self.host.get(request.params["id"])
+        _require_json(request, "the limits")
+        data = _parse_config_body(await request.body(LIMITS_BODY_MAX), "application/json",
+                                  what="the limits")
+        vm.update_limits(parse_limits_update(data))
+        return _json_response(200, vm.to_dict())
+
+    def _groups(self) -> SharedGroups:
+        # A Host without daemon-wide groups (a test double) has none.
+        groups = getattr(self.host, "rate_limit_groups", None)
+        return groups if isinstance(groups, SharedGroups) else SharedGroups()
+
+    async def _list_groups(self, request: _Request) -> _Response:
+        return _json_response(200, {"rate_limit_groups": self._groups().list()})
+
+    async def _get_group(self, request: _Request) -> _Response:
+        name = request.params["name"]
+        groups = self._groups()
+        if name not in groups:
+            raise HttpError(404, f"no rate limit group {name[:64]!r} (PUT "
+                            "/rate_limit_groups/NAME creates one)")
+        return _json_response(200, groups.to_dict(name))
+
+    async def _put_group(self, request: _Request) -> _Response:
+        """PUT /rate_limit_groups/{name}: create a daemon-wide group or change its
+        buckets in place (every VM using it sees the change)."""
+        name = request.params["name"]
+        if not _GROUP_NAME.fullmatch(name):
+            raise HttpError(400, "a group name has 1 to 64 characters from A-Z a-z 0-9 _ -",
+                            {"key": "name"})
+        _require_json(request, "the group's buckets")
+        data = _parse_config_body(await request.body(LIMITS_BODY_MAX), "application/json",
+                                  what="the group's buckets")
+        limit = parse_rate_limit(data, "", source="request body")
+        if limit is None:
+            raise HttpError(400, "a group needs a bandwidth or an ops bucket",
+                            {"key": "bandwidth"})
+        groups = self._groups()
+        _, created = groups.put(name, limit)
+        return _json_response(201 if created else 200, groups.to_dict(name),
+                              (("Location", f"/rate_limit_groups/{name}"),))
+
+    async def _delete_group(self, request: _Request) -> _Response:
+        self._groups().remove(request.params["name"])
+        return _Response(204)
+
     async def _delete(self, request: _Request) -> _Response:
         await self.host.remove(request.params["id"])
         return _Response(204)
@@ -440,7 +498,8 @@ _ROUTES: Final[tuple[tuple[re.Pattern[str], dict[str, _Handler]], ...]] = (
     (_route("/vms"), {"GET": ManagementApi._list, "POST": ManagementApi._create}),
     # Before /vms/{id}: "incoming" is no VM id (ids are vm-xxxxxx).
     (_route("/vms/incoming"), {"POST": ManagementApi._incoming}),
-    (_route("/vms/{id}"), {"GET": ManagementApi._get, "DELETE": ManagementApi._delete}),
+    (_route("/vms/{id}"), {"GET": ManagementApi._get, "PATCH": ManagementApi._patch,
+                           "DELETE": ManagementApi._delete}),
     (_route("/vms/{id}/pause"), {"POST": ManagementApi._pause}),
     (_route("/vms/{id}/resume"), {"POST": ManagementApi._resume}),
     (_route("/vms/{id}/stop"), {"POST": ManagementApi._stop}),
@@ -449,6 +508,10 @@ _ROUTES: Final[tuple[tuple[re.Pattern[str], dict[str, _Handler]], ...]] = (
     (_route("/vms/{id}/console"), {"GET": ManagementApi._console_output,
                                    "POST": ManagementApi._console_input}),
     (_route("/metrics"), {"GET": ManagementApi._metrics}),
+    (_route("/rate_limit_groups"), {"GET": ManagementApi._list_groups}),
+    (_route("/rate_limit_groups/{name}"), {"GET": ManagementApi._get_group,
+                                           "PUT": ManagementApi._put_group,
+                                           "DELETE": ManagementApi._delete_group}),
 )
 
 
@@ -543,6 +606,8 @@ def _http_error(error: AvmmError) -> HttpError:
         return HttpError(400, str(error), {"key": error.key, "reason": error.reason})
     if isinstance(error, UnknownVmError):
         return HttpError(404, str(error))
+    if isinstance(error, LimitTargetError):
+        return HttpError(error.status, str(error), {"key": error.key})
     if isinstance(error, VmStateError | MigrationError):
         # MigrationError here: a VM whose devices cannot be migrated (refused up front).
         return HttpError(409, str(error))

@@ -67,6 +67,10 @@ def render_metrics(vms: Iterable[Any], *, cpu_usage: Mapping[str, Any] | None = 
                           "CPU time the VM's vCPU threads used (its cgroup's, if any).")
     throttled = _Family("avmm_vm_cpu_throttled_seconds_total", "counter",
                         "Time the VM's vCPUs were throttled by cpu_max_percent.")
+    waits = _Family("avmm_ratelimit_wait_seconds_total", "counter",
+                    "Seconds a device's requests waited for its rate limiter, by the bucket "
+                    "that made them wait (bandwidth, ops; a NIC's carry the direction: "
+                    "tx_ops, rx_bandwidth, ...).")
     migration = _MigrationFamilies()
     for vm in vms:
         used = cpu_usage.get(vm.id)
@@ -88,8 +92,11 @@ def render_metrics(vms: Iterable[Any], *, cpu_usage: Mapping[str, Any] | None = 
             requests.add(counters.requests, **labels)
             transferred.add(counters.bytes, **labels)
             notifications.add(counters.notifications, **labels)
+        rate_limit_waits = getattr(vm, "rate_limit_waits", None)
+        for device, kind, seconds in (rate_limit_waits() if rate_limit_waits else ()):
+            waits.add(float(seconds), vm=vm.id, device=device, kind=kind)
     families = (info, state, uptime, exits, requests, transferred, notifications,
-                cpu_seconds, throttled, *migration.families())
+                cpu_seconds, throttled, waits, *migration.families())
     return "".join(line + "\n" for family in families for line in family.lines())
 
 

@@ -15,12 +15,14 @@ from typing import Any, Final
 
 from ..arch.x86.cpuid import FEATURES as CPU_FEATURES
 from ..config import (
+    BUCKET_SIZE_MAX,
     CMDLINE_MAX_BYTES,
     CONSOLE_MODES,
     CPU_PROFILES,
     DISK_ID_MAX_BYTES,
     MEMORY_MIB_MAX,
     MEMORY_MIB_MIN,
+    REFILL_MS_MAX,
     SERIAL_MODES,
     TAP_NAME_MAX,
     VCPUS_MAX,
@@ -98,6 +100,32 @@ _SERIAL: Final = {
     },
 }
 
+_BUCKET: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["size", "refill_ms"],
+    "description": "A token bucket: size tokens (bytes or requests), refilled from empty "
+                   "in refill_ms; one_time_burst extra tokens at the start, never refilled.",
+    "properties": {
+        "size": {"type": "integer", "minimum": 1, "maximum": BUCKET_SIZE_MAX},
+        "refill_ms": {"type": "integer", "minimum": 1, "maximum": REFILL_MS_MAX},
+        "one_time_burst": {"type": "integer", "minimum": 0, "maximum": BUCKET_SIZE_MAX,
+                           "default": 0},
+    },
+}
+
+_RATE_LIMIT: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Token buckets for bytes (bandwidth) and requests (ops); a missing one "
+                   "does not limit. A request larger than a bucket passes when the bucket "
+                   "is full and leaves a debt that later requests wait off.",
+    "properties": {"bandwidth": _BUCKET, "ops": _BUCKET},
+}
+
+_GROUP_NAME: Final = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$",
+                      "description": "A [rate_limit_groups.NAME] of the same config"}
+
 _DISK: Final = {
     "type": "object",
     "additionalProperties": False,
@@ -107,6 +135,8 @@ _DISK: Final = {
         "readonly": {"type": "boolean", "default": False},
         "id": {"type": "string", "pattern": f"^[\\x20-\\x7e]{{1,{DISK_ID_MAX_BYTES}}}$"},
         "vhost_user": _PATH,
+        "rate_limit": _RATE_LIMIT,
+        "rate_limit_group": _GROUP_NAME,
     },
 }
 
@@ -120,6 +150,10 @@ _NET: Final = {
                 "pattern": "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"},
         "netns": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
         "vhost_user": _PATH,
+        "tx_rate_limit": _RATE_LIMIT,
+        "rx_rate_limit": _RATE_LIMIT,
+        "tx_rate_limit_group": _GROUP_NAME,
+        "rx_rate_limit_group": _GROUP_NAME,
     },
 }
 
@@ -160,6 +194,72 @@ _VM_CONFIG: Final = {
         "rng": {"type": "object", "additionalProperties": False, "properties": {}},
         "console": _CONSOLE,
         "vhost_user": {"type": "array", "items": _VHOST_USER},
+        "rate_limit_groups": {"type": "object", "additionalProperties": _RATE_LIMIT,
+                              "description": "NAME → buckets shared by the devices of "
+                                             "this VM that name the group"},
+    },
+}
+
+_NULLABLE_RATE_LIMIT: Final = {"allOf": [_RATE_LIMIT], "nullable": True,
+                               "description": "The device's own buckets; null: unlimited"}
+
+_INDEX: Final = {"type": "integer", "minimum": 0, "description": "The device's position in "
+                 "the config's disk (or net) list"}
+
+_LIMITS_UPDATE: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Limits to change now, in effect within 100 ms. A device given "
+                   "rate_limit leaves its group; null removes its limit. The whole request "
+                   "is checked before anything changes. Not kept in snapshots.",
+    "properties": {
+        "disks": {"type": "array", "maxItems": 64, "items": {
+            "type": "object", "additionalProperties": False, "required": ["index"],
+            "properties": {"index": _INDEX, "rate_limit": _NULLABLE_RATE_LIMIT}}},
+        "nets": {"type": "array", "maxItems": 64, "items": {
+            "type": "object", "additionalProperties": False, "required": ["index"],
+            "properties": {"index": _INDEX, "tx_rate_limit": _NULLABLE_RATE_LIMIT,
+                           "rx_rate_limit": _NULLABLE_RATE_LIMIT}}},
+        "rate_limit_groups": {"type": "object", "maxProperties": 64,
+                              "additionalProperties": _RATE_LIMIT,
+                              "description": "New buckets for groups of this VM's config"},
+        "machine": {"type": "object",
+                    "description": "CPU limits (cpu_weight, cpu_max_percent): a build "
+                                   "without them answers 400"},
+    },
+}
+
+_THROTTLE: Final = {
+    "type": "object",
+    "properties": {
+        "rate_limit": {"allOf": [_RATE_LIMIT], "nullable": True},
+        "rate_limit_group": {"type": "string", "nullable": True},
+        "admitted_ops": {"type": "integer"},
+        "admitted_bytes": {"type": "integer"},
+        "throttled": {"type": "integer", "description": "Requests that had to wait"},
+        "wait_seconds": {"type": "object", "additionalProperties": {"type": "number"},
+                         "description": "Time requests waited, by the bucket that made "
+                                        "them wait (bandwidth, ops)"},
+        "tokens": {"type": "object", "additionalProperties": {"type": "integer"},
+                   "description": "Whole tokens in each bucket now (negative: a debt)"},
+    },
+}
+
+_RATE_LIMITS: Final = {
+    "type": "object",
+    "description": "The in-process disks' and NICs' effective limits and what they did "
+                   "(vhost-user devices are limited by their back-end, not listed)",
+    "properties": {
+        "disks": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "device": {"type": "string"},
+            **_THROTTLE["properties"]}}},
+        "nets": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "device": {"type": "string"},
+            "tx": _THROTTLE, "rx": _THROTTLE}}},
+        "groups": {"type": "object", "additionalProperties": _RATE_LIMIT,
+                   "description": "The groups of the VM's config"},
+        "shared_groups": {"type": "array", "items": {"type": "string"},
+                          "description": "The daemon's groups its devices use"},
     },
 }
 
@@ -269,6 +369,23 @@ _SCHEMAS: Final = {
         },
     },
     "Migration": _MIGRATION,
+    "LimitsUpdate": _LIMITS_UPDATE,
+    "RateLimitGroup": {
+        "type": "object",
+        "required": ["name", "rate_limit", "tokens"],
+        "properties": {
+            "name": {"type": "string"},
+            "rate_limit": _RATE_LIMIT,
+            "tokens": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "Whole tokens in each bucket now (negative: a debt)"},
+        },
+    },
+    "RateLimitGroupList": {
+        "type": "object",
+        "required": ["rate_limit_groups"],
+        "properties": {"rate_limit_groups": {
+            "type": "array", "items": {"$ref": "#/components/schemas/RateLimitGroup"}}},
+    },
     "SnapshotRequest": {
         "type": "object",
         "additionalProperties": False,
@@ -330,6 +447,8 @@ _SCHEMAS: Final = {
                     "description": "Effective CPU controls (weight, max_percent, "
                                    "affinity, cgroup) and, in GET /vms/{id}, cpu_seconds "
                                    "and throttled_seconds"},
+            "rate_limits": {"allOf": [_RATE_LIMITS], "nullable": True,
+                            "description": "null until the VM's devices exist"},
         },
     },
     "VmList": {
@@ -373,6 +492,13 @@ _VM_ID_PARAMETER: Final = {
 }
 
 _UNKNOWN_VM: Final = _error("No VM with this id")
+_GROUP_PARAMETER: Final = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "The group's name: 1 to 64 characters from A-Z a-z 0-9 _ -",
+}
 _OTHER: Final = _error("Any other error (JSON body as for every error)")
 
 
@@ -516,6 +642,27 @@ _PATHS: Final = {
             "parameters": [_VM_ID_PARAMETER],
             "responses": {"200": _json("The VM", "Vm"), "404": _UNKNOWN_VM, "default": _OTHER},
         },
+        "patch": {
+            "summary": "Change the VM's I/O rate limits at run time",
+            "description": "Disks and NICs by index: a new rate_limit (or tx_rate_limit, "
+                           "rx_rate_limit) for the device, null for none; new buckets for "
+                           "a rate_limit_groups entry. In effect within 100 ms.",
+            "parameters": [_VM_ID_PARAMETER],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/LimitsUpdate"}}},
+            },
+            "responses": {
+                "200": _json("The VM with its limits changed", "Vm"),
+                "400": _error("A bad value (detail.key names it), or a device served by "
+                              "a vhost-user back-end"),
+                "404": _error("No VM with this id, or no device at that index"),
+                "409": _error("The VM's devices do not exist yet"),
+                "415": _error("Not Content-Type: application/json"),
+                "default": _OTHER,
+            },
+        },
         "delete": {
             "summary": "Stop the VM (if it runs) and forget it; idempotent",
             "parameters": [_VM_ID_PARAMETER],
@@ -645,6 +792,49 @@ _PATHS: Final = {
             "responses": {"200": {"description": "Metrics", "content": {"text/plain": {
                 "schema": {"type": "string"}}}}},
         }
+    },
+    "/rate_limit_groups": {
+        "get": {
+            "summary": "The daemon's rate-limit groups (shared by every VM naming one)",
+            "responses": {"200": _json("The groups", "RateLimitGroupList"),
+                          "default": _OTHER},
+        }
+    },
+    "/rate_limit_groups/{name}": {
+        "get": {
+            "summary": "One daemon-wide rate-limit group",
+            "parameters": [_GROUP_PARAMETER],
+            "responses": {"200": _json("The group", "RateLimitGroup"),
+                          "404": _error("No such group"), "default": _OTHER},
+        },
+        "put": {
+            "summary": "Create a daemon-wide rate-limit group, or change its buckets",
+            "description": "A disk or NIC direction of any VM created afterwards whose "
+                           "rate_limit_group names it, and that its own config does not "
+                           "define, shares these buckets with every other such device. A "
+                           "change applies to all of them within 100 ms.",
+            "parameters": [_GROUP_PARAMETER],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"allOf": [_RATE_LIMIT], "minProperties": 1}}}},
+            "responses": {
+                "200": _json("The group, changed", "RateLimitGroup"),
+                "201": {**_json("The group, created", "RateLimitGroup"),
+                        "headers": {"Location": {"description": "/rate_limit_groups/{name}",
+                                                 "schema": {"type": "string"}}}},
+                "400": _error("A bad value (detail.key names it) or group name"),
+                "413": _error("Body too large"),
+                "415": _error("Not Content-Type: application/json"),
+                "default": _OTHER,
+            },
+        },
+        "delete": {
+            "summary": "Forget a daemon-wide group; idempotent",
+            "description": "VMs that use it keep its buckets; VMs created afterwards cannot "
+                           "name it.",
+            "parameters": [_GROUP_PARAMETER],
+            "responses": {"204": {"description": "Gone (or never existed)"},
+                          "default": _OTHER},
+        },
     },
 }
 

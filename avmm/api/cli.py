@@ -1,6 +1,6 @@
 """``avmm serve`` and the commands that talk to it: ``ps``, ``run``, ``pause``, ``resume``,
-``stop``, ``rm``, ``console``, ``snapshot``, ``receive``, ``migrate`` (the last two in
-:mod:`avmm.api.cli_migration`).
+``stop``, ``rm``, ``console``, ``snapshot``, ``receive``, ``migrate`` (those two in
+:mod:`avmm.api.cli_migration`), ``update`` (:mod:`avmm.api.cli_limits`).
 
 Wire it into ``avmm/cli.py`` with ``add_management_commands(commands)``, where
 ``commands`` is the ``add_subparsers(dest="command")`` object; each sub-command sets
@@ -103,9 +103,11 @@ def add_management_commands(subparsers: Any) -> None:
     snapshot.set_defaults(handler=_client_command(_snapshot))
     parsers.append(snapshot)
 
+    from .cli_limits import add_update_command
     from .cli_migration import add_migration_commands
 
     parsers.extend(add_migration_commands(subparsers, _client_command))
+    parsers.append(add_update_command(subparsers, _client_command))
 
     for parser in parsers:
         if parser is not serve:

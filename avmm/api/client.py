@@ -186,6 +186,14 @@ class ApiClient:
         """Stop the VM and forget it; no error if it is unknown."""
         await self._request("DELETE", f"/vms/{_segment(vm_id)}")
 
+    async def update_limits(self, vm_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """PATCH /vms/{id}: change the VM's rate limits (``{"disks": [{"index": 0,
+        "rate_limit": {...}}], "nets": [...], "rate_limit_groups": {...}}``); returns
+        the VM, its ``rate_limits`` as now in effect."""
+        vm: dict[str, Any] = (await self._request(
+            "PATCH", f"/vms/{_segment(vm_id)}", json=dict(changes))).json()
+        return vm
+
     async def pause(self, vm_id: str) -> dict[str, Any]:
         return await self._action(vm_id, "pause")
 

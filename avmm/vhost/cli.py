@@ -26,6 +26,8 @@ from ..isolation.seccomp import (
     install_process_filter,
 )
 from ..logs import configure_logging
+from ..ratelimit import RateLimiter, Throttle
+from ..ratelimit._flags import add_limit_arguments, limit_from_arguments
 from ..virtio.device import VirtioDevice
 
 log = structlog.get_logger(__name__)
@@ -45,6 +47,7 @@ def add_backend_commands(subparsers: Any) -> None:
     blk.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     blk.add_argument("--image", required=True, metavar="FILE", help="raw disk image")
     blk.add_argument("--readonly", action="store_true", help="refuse the driver's writes")
+    add_limit_arguments(blk, "", ops_name="iops", ops_unit="requests", what="the disk")
     blk.set_defaults(handler=_cmd_blk)
 
     rng = kinds.add_parser("rng", help="a virtio-rng device fed by getrandom()")
@@ -59,6 +62,10 @@ def add_backend_commands(subparsers: Any) -> None:
     net.add_argument("--mac", metavar="MAC", default=None,
                      help="the NIC's address in the config space (default: derived from "
                      "the tap name); a front-end may override it")
+    add_limit_arguments(net, "tx-", ops_name="pps", ops_unit="frames",
+                        what="frames the guest sends")
+    add_limit_arguments(net, "rx-", ops_name="pps", ops_unit="frames",
+                        what="frames the guest receives")
     net.set_defaults(handler=_cmd_net)
 
     for parser in (blk, rng, net):
@@ -79,6 +86,9 @@ def _cmd_blk(args: argparse.Namespace) -> int:
     # Behind vhost-user the front-end chooses the ring size: accept the largest.
     device = BlockDevice(Path(args.image), read_only=args.readonly,
                          queue_size=LARGEST_QUEUE_SIZE)
+    limit = limit_from_arguments(args, "", ops_name="iops")
+    if limit is not None:
+        device.throttle = Throttle(RateLimiter(limit, name=device.name))
     try:
         return run_backend(device, args.socket,
                            allow_unsealed_memory=args.allow_unsealed_memory,
@@ -112,9 +122,14 @@ def _cmd_net(args: argparse.Namespace) -> int:
             raise AvmmError(f"--mac {args.mac!r}: expected a unicast MAC like 52:54:00:12:34:56")
     tap = Tap.open(args.tap)
     try:
+        device = NetDevice(tap, mac=mac, name="net0", queue_size=LARGEST_QUEUE_SIZE)
+        for direction in ("tx", "rx"):
+            limit = limit_from_arguments(args, f"{direction}-", ops_name="pps")
+            if limit is not None:
+                setattr(device, f"{direction}_throttle",
+                        Throttle(RateLimiter(limit, name=f"net0.{direction}")))
         return run_backend(
-            NetDevice(tap, mac=mac, name="net0", queue_size=LARGEST_QUEUE_SIZE),
-            args.socket, allow_unsealed_memory=args.allow_unsealed_memory,
+            device, args.socket, allow_unsealed_memory=args.allow_unsealed_memory,
             seccomp=SeccompMode(args.seccomp))
     finally:
         tap.close()

@@ -27,6 +27,17 @@ Who is at fault decides how a request ends:
   status, a buffer outside guest RAM): :class:`~avmm.virtio.device.DeviceNeedsReset`,
   after the requests before it in the batch have been completed.
 
+Rate limits (:mod:`avmm.ratelimit`): with a :attr:`BlockDevice.throttle`, each chain is
+admitted as it is taken, costing one op and its data bytes (what the driver reads past
+the 16-byte header plus what it gets back before the status byte). The first chain the
+limiter refuses ends the batch and stays held, taken from the ring and not yet served;
+the batch before it is completed and signalled, then the serving thread (or task) waits
+on a timer (``threading.Event.wait``, woken early by a stop; ``trio.sleep`` on the event
+loop) and serves the held chain first when it is admitted. A stop meanwhile leaves the
+held chain to the transport, which gives it back to the driver like any chain taken and
+not returned. Unlimited (``throttle`` None, the default) the loop is the one above, with
+one attribute test per batch.
+
 Write cache: the device offers VIRTIO_BLK_F_FLUSH. A driver that negotiates it gets a
 writeback cache and makes writes stable with FLUSH (``fdatasync``). A driver that does
 not gets writethrough semantics (§5.2.6.2, case 1): every batch that wrote anything is
@@ -68,6 +79,7 @@ from .device import (
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
+    from ..ratelimit import Throttle
     from .queue import Buffer, DescriptorChain, VirtQueue
 
 log = structlog.get_logger(__name__)
@@ -244,6 +256,10 @@ class Batch:
 
     chains: list[DescriptorChain]
     error: DeviceNeedsReset | None = None
+    #: A chain the rate limiter refused: taken, not in ``chains``, served first next time
+    #: (after ``wait_ns``).
+    deferred: DescriptorChain | None = None
+    wait_ns: int = 0
 
 
 @dataclass
@@ -329,6 +345,9 @@ class BlockDevice(VirtioDevice):
         self.can_punch_holes = True
         self.can_zero_range = True
         self.stats = BlockStats()
+        #: The rate limiter's handle (avmm.ratelimit.Throttle), None: unlimited. Read
+        #: once per batch by the serving thread, so it may be replaced at any time.
+        self.throttle: Throttle | None = None
         #: (operation, errno) pairs already logged, so a failing disk logs once per kind.
         self.reported_errors: set[tuple[str, int]] = set()
         self.fd = -1
@@ -506,14 +525,20 @@ class BlockDevice(VirtioDevice):
         poller = select.poll()
         poller.register(kick_fd, select.POLLIN)
         poller.register(stop_fd, select.POLLIN)
+        deferred: DescriptorChain | None = None
         # Drain before the first wait: the driver may have made requests available (and
         # kicked) before DRIVER_OK started us.
         while True:
             while not stopping.is_set():
                 queue.disable_notifications(memory)
-                batch = take_batch(queue, memory)
+                batch = take_batch(queue, memory, deferred)
+                deferred = batch.deferred
                 result = process_batch(memory, batch) if batch.chains else None
-                if not finish_batch(queue, memory, batch, result, signal_used):
+                more = finish_batch(queue, memory, batch, result, signal_used)
+                if deferred is not None:
+                    # Rate limited: a timed wait that a stop cuts short.
+                    stopping.wait(_limiter_wait_s(batch.wait_ns))
+                elif not more:
                     break
             # poll(2) first, then read: the read then never fails, which saves a syscall
             # and an exception per request at queue depth 1.
@@ -533,11 +558,14 @@ class BlockDevice(VirtioDevice):
 
     async def _serve(self, context: DeviceContext, queue: VirtQueue) -> None:
         memory = context.memory
+        deferred: DescriptorChain | None = None
         while True:
-            await context.wait_kick(0)
+            if deferred is None:
+                await context.wait_kick(0)
             while True:
                 queue.disable_notifications(memory)
-                batch = self.take_batch(queue, memory)
+                batch = self.take_batch(queue, memory, deferred)
+                deferred = batch.deferred
                 result = None
                 if batch.chains:
                     result = await trio.to_thread.run_sync(
@@ -546,7 +574,10 @@ class BlockDevice(VirtioDevice):
                     )
                 # No checkpoint between the thread's return and the pushes: even a
                 # cancelled run() completes the batch it started.
-                if not self.finish_batch(queue, memory, batch, result, context.signal_used):
+                more = self.finish_batch(queue, memory, batch, result, context.signal_used)
+                if deferred is not None:
+                    await trio.sleep(_limiter_wait_s(batch.wait_ns))
+                elif not more:
                     break
 
     def finish_batch(self, queue: VirtQueue, memory: MemoryAccess, batch: Batch,
@@ -562,18 +593,36 @@ class BlockDevice(VirtioDevice):
                 raise result.error
         elif batch.error is not None:
             raise batch.error
-        if len(batch.chains) >= QUEUE_SIZE:
+        if batch.deferred is not None or len(batch.chains) >= QUEUE_SIZE:
             return True  # a full batch: more may be waiting, keep notifications off
         # Re-arm, then look again: a chain added in between was not notified.
         return queue.enable_notifications(memory)
 
-    def take_batch(self, queue: VirtQueue, memory: MemoryAccess) -> Batch:
-        """Pop every available chain (at most a queue's worth). A QueueError after some
-        chains were popped is kept for after they are done."""
+    def take_batch(self, queue: VirtQueue, memory: MemoryAccess,
+                   deferred: DescriptorChain | None = None) -> Batch:
+        """Pop every available chain (at most a queue's worth), ``deferred`` (a chain
+        held from the last batch) first. A QueueError after some chains were popped is
+        kept for after they are done. With a :attr:`throttle`, the first chain it
+        refuses ends the batch as ``batch.deferred``."""
         chains: list[DescriptorChain] = []
+        throttle = self.throttle
         try:
-            while len(chains) < QUEUE_SIZE and (chain := queue.pop(memory)) is not None:
-                chains.append(chain)
+            if throttle is None:
+                if deferred is not None:
+                    chains.append(deferred)
+                while len(chains) < QUEUE_SIZE and (chain := queue.pop(memory)) is not None:
+                    chains.append(chain)
+            else:
+                admit = throttle.admit
+                while len(chains) < QUEUE_SIZE:
+                    if deferred is not None:
+                        next_chain, deferred = deferred, None
+                    elif (next_chain := queue.pop(memory)) is None:
+                        break
+                    wait = admit(request_bytes(next_chain))
+                    if wait:
+                        return Batch(chains, deferred=next_chain, wait_ns=wait)
+                    chains.append(next_chain)
         except DeviceNeedsReset as e:
             return Batch(chains, e)
         return Batch(chains)
@@ -848,6 +897,22 @@ class BlockDevice(VirtioDevice):
         log.error("disk I/O failed; the guest sees IOERR (logged once per kind)",
                   device=self.name, path=str(self.path), operation=operation,
                   errno=errno.errorcode.get(code, str(code)), error=str(error))
+
+
+def request_bytes(chain: DescriptorChain) -> int:
+    """What a request costs the bandwidth bucket: its data bytes, read past the header
+    or written before the status byte (a FLUSH costs 0, a GET_ID its 20 bytes)."""
+    return (max(chain.readable_length - REQUEST_HEADER.size, 0)
+            + max(chain.writable_length - 1, 0))
+
+
+#: The longest single timed wait for the limiter: a limit changed at run time (PATCH)
+#: takes effect within it, whatever the wait the old limit asked for.
+LIMITER_WAIT_SLICE_S = 0.1
+
+
+def _limiter_wait_s(wait_ns: int) -> float:
+    return min(wait_ns / 1e9, LIMITER_WAIT_SLICE_S)
 
 
 def _views(memory: MemoryAccess, buffers: Sequence[Buffer], skip: int,

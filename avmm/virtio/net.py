@@ -32,6 +32,17 @@ buffers it waits for the driver's kick, and frames wait in the tap's kernel queu
 (bounded by its txqueuelen; the kernel drops beyond that), never in Python memory: the
 device holds at most one frame (in its one bounce buffer).
 
+Rate limits (:mod:`avmm.ratelimit`), one limiter per direction (:attr:`NetDevice.tx_throttle`,
+:attr:`NetDevice.rx_throttle`; None, the default, is unlimited and the loops above run
+as they are). A frame costs one op and its Ethernet bytes (no virtio header). Transmit:
+each chain is admitted before it is sent; a refused one stays held (taken, not
+returned) while the task sleeps, and goes first when admitted. Receive: the size of a
+frame is known only once it is read, so the tap is read only while both buckets have
+something left (an op, and a bandwidth level above zero), and the frame's bytes are
+charged after the read: the bandwidth bucket may go into debt by up to one frame, which
+the frames after it wait off. Meanwhile frames wait in the tap's kernel queue, as they
+do without receive buffers. Limited frames take the general per-frame path.
+
 Protocol violations (:class:`DeviceNeedsReset`): a transmit chain with device-writable
 buffers, a receive chain with device-readable buffers, and with MRG_RXBUF a receive
 buffer smaller than the header (§5.1.6.3.1). Frames the device will not send (shorter
@@ -63,6 +74,7 @@ from .device import (
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
+    from ..ratelimit import Throttle
     from .queue import DescriptorChain, VirtQueue
 
 log = structlog.get_logger(__name__)
@@ -191,6 +203,13 @@ class NetDevice(VirtioDevice):
         self._rx_overflow_end = 0
         # One byte more than the largest frame, so an oversized one is seen as such.
         self._rx_buffer = bytearray(NET_HEADER_SIZE + MAX_FRAME_SIZE + 1)
+        #: Rate limiters' handles (avmm.ratelimit.Throttle) per direction; None:
+        #: unlimited. Read once per batch, so they may be replaced at any time.
+        self.tx_throttle: Throttle | None = None
+        self.rx_throttle: Throttle | None = None
+        # A transmit chain the TX limiter refused (taken, not returned), and the wait.
+        self._tx_held: DescriptorChain | None = None
+        self._tx_wait_ns = 0
 
     # -- VirtioDevice -------------------------------------------------------------------
 
@@ -246,6 +265,7 @@ class NetDevice(VirtioDevice):
             self.stats.rx_dropped += 1
             self._rx_frame_length = 0
         self._rx_chains.clear()
+        self._tx_held = None
 
     # -- transmit -----------------------------------------------------------------------
 
@@ -260,12 +280,13 @@ class NetDevice(VirtioDevice):
         memory = context.memory
         batch_limit = queue.state.size
         while True:
-            await context.wait_kick(TX_QUEUE)
+            if self._tx_held is None:
+                await context.wait_kick(TX_QUEUE)
             while True:
                 queue.disable_notifications(memory)
                 # A batch is at most one ring's worth, so that a driver that keeps
                 # refilling still gets its interrupts and other tasks get to run.
-                handled, blocked = self._transmit_batch(memory, queue, batch_limit)
+                handled, blocked = self._transmit_some(memory, queue, batch_limit)
                 while blocked is not None:
                     # The tap's queue is full: give back what went out so far, send
                     # the frame when the tap has room, and go on with the batch.
@@ -275,13 +296,47 @@ class NetDevice(VirtioDevice):
                         await trio.lowlevel.wait_writable(self.tap.fd)
                     queue.push(memory, blocked.head, 0)
                     handled += 1
-                    more, blocked = self._transmit_batch(memory, queue, batch_limit - handled)
+                    more, blocked = self._transmit_some(memory, queue, batch_limit - handled)
                     handled += more
                 if handled:
                     context.signal_used(TX_QUEUE)
+                if self._tx_held is not None:
+                    await trio.sleep(_limiter_wait_s(self._tx_wait_ns))
+                    continue
                 await trio.lowlevel.checkpoint()
                 if handled < batch_limit and not queue.enable_notifications(memory):
                     break
+
+    def _transmit_some(self, memory: MemoryAccess, queue: VirtQueue,
+                       limit: int) -> tuple[int, DescriptorChain | None]:
+        """:meth:`_transmit_batch`, or its rate-limited form while there is a limiter
+        (or a chain it held)."""
+        if self.tx_throttle is None and self._tx_held is None:
+            return self._transmit_batch(memory, queue, limit)
+        return self._transmit_limited(memory, queue, limit)
+
+    def _transmit_limited(self, memory: MemoryAccess, queue: VirtQueue,
+                          limit: int) -> tuple[int, DescriptorChain | None]:
+        """Like :meth:`_transmit_batch`, each chain admitted by the TX limiter first; the
+        first one refused is kept in ``_tx_held`` (with the wait) and ends the batch."""
+        throttle = self.tx_throttle
+        handled = 0
+        while handled < limit:
+            chain = self._tx_held
+            if chain is not None:
+                self._tx_held = None
+            elif (chain := queue.pop(memory)) is None:
+                break
+            if throttle is not None:
+                wait = throttle.admit(max(chain.readable_length - NET_HEADER_SIZE, 0))
+                if wait:
+                    self._tx_held, self._tx_wait_ns = chain, wait
+                    break
+            if not self._send(memory, chain):
+                return handled, chain
+            queue.push(memory, chain.head, 0)
+            handled += 1
+        return handled, None
 
     def _transmit_batch(self, memory: MemoryAccess, queue: VirtQueue,
                         limit: int) -> tuple[int, DescriptorChain | None]:
@@ -434,7 +489,17 @@ class NetDevice(VirtioDevice):
                     queue, memory, mergeable) is None:
                 await self._wait_for_receive_buffers(context, queue)
                 continue
-            used, tap_empty = self._receive_batch(memory, queue, mergeable)
+            throttle = self.rx_throttle
+            if throttle is None:
+                used, tap_empty = self._receive_batch(memory, queue, mergeable)
+            else:
+                used, tap_empty, wait = self._receive_limited(memory, queue, mergeable,
+                                                              throttle)
+                if wait:
+                    if used:
+                        context.signal_used(RX_QUEUE)
+                    await trio.sleep(_limiter_wait_s(wait))
+                    continue
             if used:
                 context.signal_used(RX_QUEUE)
             # The tap is read before it is waited for: while frames keep coming, a batch
@@ -512,6 +577,28 @@ class NetDevice(VirtioDevice):
             stats.rx_frames += frames
             stats.rx_bytes += frame_bytes
         return used, tap_empty
+
+    def _receive_limited(self, memory: MemoryAccess, queue: VirtQueue, mergeable: bool,
+                         throttle: Throttle) -> tuple[int, bool, int]:
+        """:meth:`_receive_batch` frame by frame through the general path, reading the
+        tap only while the RX limiter has room (see the module docstring). Returns the
+        chains used, whether the tap ran dry, and the ns to wait (0: not limited)."""
+        chains = self._rx_chains
+        used = 0
+        for _ in range(_RX_BATCH):
+            if not chains and self._pop_receive_chain(queue, memory, mergeable) is None:
+                break
+            wait = throttle.ready()
+            if wait:
+                return used, False, wait
+            if not self._read_frame(memory):
+                return used, True, 0
+            throttle.charge(max(self._rx_frame_length - NET_HEADER_SIZE, 0))
+            placed = self._place_frame(memory, queue, mergeable)
+            if placed is None:
+                break
+            used += placed
+        return used, False, 0
 
     def _read_error(self, e: OSError) -> TapError:
         return TapError(f"reading tap {self.tap.name!r} failed: {os.strerror(e.errno or 0)}",
@@ -629,3 +716,12 @@ class NetDevice(VirtioDevice):
         self.stats.rx_bytes += total - NET_HEADER_SIZE
 
 
+
+
+#: The longest single timed wait for a limiter, so that a limit changed at run time
+#: (PATCH) takes effect within it whatever the old limit asked for.
+LIMITER_WAIT_SLICE_S = 0.1
+
+
+def _limiter_wait_s(wait_ns: int) -> float:
+    return min(wait_ns / 1e9, LIMITER_WAIT_SLICE_S)

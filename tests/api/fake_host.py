@@ -85,6 +85,8 @@ class FakeVm:
         self.migration: dict[str, Any] | None = None
         #: (to, downtime_ms) of every migration begun.
         self.migrations: list[tuple[str, int]] = []
+        #: Every PATCH /vms/{id} body accepted (LimitsUpdate).
+        self.limit_updates: list[Any] = []
 
     @property
     def uptime_s(self) -> float | None:
@@ -176,6 +178,24 @@ class FakeVm:
         self.received += data
         self.emit(data)  # a guest that echoes
 
+    def update_limits(self, update: Any) -> None:
+        """What HostedVm.update_limits checks, without devices: indexes against the
+        config; every accepted change is recorded in ``limit_updates``."""
+        from avmm.ratelimit import LimitTargetError
+
+        if update.machine is not None:
+            raise LimitTargetError("machine limits: not supported by this build",
+                                   key="machine", status=400)
+        for change in update.changes:
+            devices = () if self.config is None else (
+                self.config.disks if change.kind == "disk" else self.config.nets)
+            if change.index >= len(devices):
+                raise LimitTargetError(f"{change.key}: no such device", key=change.key)
+        for name, _ in update.groups:
+            raise LimitTargetError(f"rate_limit_groups.{name}: no such group",
+                                   key=f"rate_limit_groups.{name}")
+        self.limit_updates.append(update)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -198,7 +218,11 @@ class FakeVm:
 
 class FakeHost:
     def __init__(self) -> None:
+        from avmm.ratelimit import SharedGroups
+
         self.vms: dict[str, FakeVm] = {}
+        #: The daemon-wide rate-limit groups (PUT /rate_limit_groups/NAME).
+        self.rate_limit_groups = SharedGroups()
         self._next = 1
         #: What restore() brings back from a directory holding a state.avmm file.
         self.restore_config: VmConfig | None = None

@@ -33,7 +33,7 @@ async def test_openapi_document_is_served(api: ApiClient) -> None:
     assert set(document["paths"]) == {
         "/openapi.json", "/vms", "/vms/{id}", "/vms/{id}/pause", "/vms/{id}/resume",
         "/vms/{id}/stop", "/vms/{id}/console", "/vms/{id}/snapshot", "/vms/{id}/migrate",
-        "/vms/incoming", "/metrics"}
+        "/vms/incoming", "/metrics", "/rate_limit_groups", "/rate_limit_groups/{name}"}
 
 
 async def test_create_json_returns_201_with_id_and_location(api: ApiClient,
