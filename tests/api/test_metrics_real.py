@@ -83,7 +83,13 @@ async def test_metrics_of_a_running_vm_move_between_scrapes_and_freeze_once_stop
                         break
             assert (value(second, "avmm_vm_uptime_seconds", vm=vm_id)
                     > value(first, "avmm_vm_uptime_seconds", vm=vm_id))
-            assert exits(second, vm_id, "MmioWrite") > exits(first, vm_id, "MmioWrite")
+            # The guest's device set-up writes exit to avmm and are counted (it is done
+            # by the time its disk is being read); after it, its notifications go
+            # through KVM's ioeventfds without an exit, so the count need not move
+            # between the scrapes (the first may come before or after the set-up), only
+            # never go back.
+            assert exits(second, vm_id, "MmioWrite") > 0
+            assert exits(second, vm_id, "MmioWrite") >= exits(first, vm_id, "MmioWrite")
 
             await api.stop(vm_id)
             stopped = parse_metrics(await api.metrics())
