@@ -412,12 +412,20 @@ class VirtualMachine:
     def _config_in_effect(self) -> VmConfig:
         """The config with what avmm derived filled in: a NIC's MAC derived from the VM's
         name would otherwise change when the snapshot is restored under another name,
-        and the guest's driver would find a device that is not the one it knew."""
+        and the guest's driver would find a device that is not the one it knew. The
+        limits are those in effect (changed at run time by :meth:`set_cpu_limits`,
+        ``PATCH /vms/{id}`` or a daemon group's ``PUT``), so that a snapshot or a
+        migration carries them (avmm.state.vm_state)."""
+        config: VmConfig = self.rate_limits.in_effect(self.config)
+        cpu = self._cpu.limits
+        machine = dataclasses.replace(
+            config.machine, cpu_weight=cpu.weight, cpu_max_percent=cpu.max_percent,
+            cpu_affinity=cpu.affinity, vcpu_affinity=cpu.vcpu_affinity)
         nets = tuple(
             net if net.mac is not None else dataclasses.replace(net, mac=_derived_mac(
                 self.name, str(net.tap if net.vhost_user is None else net.vhost_user)))
-            for net in self.config.nets)
-        return dataclasses.replace(self.config, nets=nets)
+            for net in config.nets)
+        return dataclasses.replace(config, machine=machine, nets=nets)
 
     async def snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
         """Save the paused VM into the new directory ``path`` (see README, "Snapshots"):
