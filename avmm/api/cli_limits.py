@@ -42,8 +42,8 @@ bucket, and the device's other bucket stays as it is. Example:
 
   avmm update vm-1 --disk0-iops 500 --disk0-bandwidth 8M --net0-tx-pps 2000
 
-The change is in effect within 100 ms. Limits are not kept in snapshots nor migration
-streams: a restored or migrated VM runs unlimited until limited again."""
+The change is in effect within 100 ms. Snapshots and migration streams carry the
+limits in effect when they are taken (with full buckets on the other side)."""
 
 
 def add_update_command(subparsers: Any, client_command: Any) -> Any:
