@@ -586,6 +586,9 @@ class HostedVm:
         while a restored VM is being built."""
         result = self.exit
         config = self.config
+        if config is not None and self._vm is not None and config is self._vm.config:
+            # The limits as changed at run time; daemon groups named, not copied.
+            config = self._vm.config_with_limits(shared_as_own=False)
         return {
             "id": self.id,
             "name": self.name,

@@ -258,10 +258,13 @@ class DeviceLimits:
                                    "/rate_limit_groups/NAME)", key=f"rate_limit_groups.{name}")
         self.groups[name].reconfigure(limit)
 
-    def in_effect(self, config: Any) -> Any:
+    def in_effect(self, config: Any, *, shared_as_own: bool = True) -> Any:
         """``config`` (the VmConfig these limits were attached from) with the limits in
         effect now in place of its own (see the module docstring): what a snapshot or
-        a migration saves. Before :meth:`attach` (nothing built), ``config`` itself."""
+        a migration saves. ``shared_as_own=False`` leaves a daemon group a device uses
+        out of the VM's groups (the device still names it), as the daemon shows the
+        config: posted again to it, the device would share the group again. Before
+        :meth:`attach` (nothing built), ``config`` itself."""
         if len(self._disks) != len(config.disks) or len(self._nets) != len(config.nets):
             return config
         groups = {name: (self.groups[name].config if name in self.groups else limit)
@@ -274,7 +277,8 @@ class DeviceLimits:
             if slot.group is None:
                 return limit, None
             # The VM's own group, or a daemon group: saved as one of the VM's own.
-            groups.setdefault(slot.group, limit)
+            if slot.group in groups or shared_as_own:
+                groups.setdefault(slot.group, limit)
             return None, slot.group
 
         disks = []

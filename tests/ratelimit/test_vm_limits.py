@@ -221,6 +221,9 @@ async def test_a_snapshot_carries_the_limits_in_effect_and_the_restored_vm_has_t
         # Changed at run time (what PATCH /vms/{id} does): the next snapshot has these.
         vm.rate_limits.set("disk", 0, None, changed)
         await vm.set_cpu_limits(weight=500, max_percent=40.25)
+        shown = vm.config_with_limits()  # what GET /vms/{id} shows as its config
+        assert (shown.machine.cpu_weight, shown.machine.cpu_max_percent) == (500, 40.25)
+        assert shown.disks[0].rate_limit == changed
         await vm.snapshot(tmp_path / "as-changed")
         vm.stop()
         await vm.wait()
@@ -264,6 +267,12 @@ async def test_a_restored_vm_keeps_patched_limits_and_its_daemon_group_s_buckets
             await api.update_limits(vm_id, {"disks": [{"index": 1, "rate_limit": patched}]})
             put = await api._http.put("/rate_limit_groups/tenant", json=group_now)
             assert put.status_code == 200
+            # GET's config shows the limits in effect, as the snapshot will save them
+            # (the daemon's group named as posted: the snapshot copies its buckets).
+            shown_config = (await api.get_vm(vm_id))["config"]
+            assert shown_config["disk"][1]["rate_limit"] == patched
+            assert shown_config["disk"][0]["rate_limit_group"] == "tenant"
+            assert "rate_limit_groups" not in shown_config
             await api.pause(vm_id)
             await api.snapshot(vm_id, snapshot)
             await api.stop(vm_id)
