@@ -320,23 +320,22 @@ class HostedVm:
         self._refuse_while_migrating("pause")
         await self.vm.pause()
 
-    def update_limits(self, update: Any) -> None:
-        """Change the VM's I/O rate limits now (PATCH /vms/{id}; ``update`` is the
-        API's LimitsUpdate). Every change is checked before any is made.
+    async def update_limits(self, update: Any) -> None:
+        """Change the VM's CPU limits and I/O rate limits now (PATCH /vms/{id};
+        ``update`` is the API's LimitsUpdate). Every change is checked before any is
+        made; the CPU limits (the one change the host can still refuse) go first.
 
         :raises VmStateError: the VM is being built, or has stopped.
         :raises LimitTargetError: no such device or group (404), a device served by a
-            vhost-user back-end, or CPU limits this build cannot set (400).
+            vhost-user back-end, or a ``machine`` key that cannot change at run time (400).
+        :raises ConfigError: a bad ``machine.cpu_weight``/``cpu_max_percent`` (400).
+        :raises CgroupError: this host cannot apply CPU controls (409).
         """
         if self.state in (VmState.STARTING, VmState.STOPPING, VmState.STOPPED):
             raise VmStateError(f"VM {self.id!r} is {self.state.value}; its limits can be "
                                "changed while it exists and runs (or is paused)")
         limits = self.vm.rate_limits
-        if update.machine is not None:
-            # The extension point for CPU limits: a build with cgroup controls calls
-            # self.vm.set_cpu_limits(...) here, after the checks below.
-            raise LimitTargetError("machine limits: not supported by this build",
-                                   key="machine", status=400)
+        cpu = None if update.machine is None else _cpu_change(update.machine)
         for change in update.changes:
             limits.check(change.kind, change.index, change.direction, change.key)
         for name, _ in update.groups:
@@ -346,13 +345,15 @@ class HostedVm:
                     f"has {', '.join(sorted(limits.groups)) or 'none'}; the daemon's "
                     "groups change with PUT /rate_limit_groups/NAME)",
                     key=f"rate_limit_groups.{name}")
+        if cpu:
+            await self.vm.set_cpu_limits(**cpu)
         for change in update.changes:
             limits.set(change.kind, change.index, change.direction, change.limit,
                        key=change.key)
         for name, limit in update.groups:
             limits.set_group(name, limit)
-        self._log.info("rate limits changed", devices=len(update.changes),
-                       groups=len(update.groups))
+        self._log.info("limits changed", devices=len(update.changes),
+                       groups=len(update.groups), cpu=cpu or None)
 
     async def resume(self) -> None:
         """PAUSED → RUNNING.
@@ -586,6 +587,9 @@ class HostedVm:
         while a restored VM is being built."""
         result = self.exit
         config = self.config
+        if config is not None and self._vm is not None and config is self._vm.config:
+            # The limits as changed at run time; daemon groups named, not copied.
+            config = self._vm.config_with_limits(shared_as_own=False)
         return {
             "id": self.id,
             "name": self.name,
@@ -994,3 +998,34 @@ def _str_or_none(value: object) -> str | None:
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+#: The ``machine`` keys PATCH /vms/{id} can change while the VM runs (affinity is
+#: fixed when the vCPU threads start).
+RUNTIME_CPU_KEYS = ("cpu_weight", "cpu_max_percent")
+
+
+def _cpu_change(machine: dict[str, Any]) -> dict[str, Any]:
+    """The :meth:`VirtualMachine.set_cpu_limits` arguments for a PATCH's ``machine``
+    object, checked as the config checks them (``"cpu_max_percent": null`` removes the
+    quota)."""
+    from .config import check_cpu_limits
+
+    for key in machine:
+        if key not in RUNTIME_CPU_KEYS:
+            raise LimitTargetError(
+                f"machine.{key}: only {' and '.join(RUNTIME_CPU_KEYS)} can change while the "
+                "VM runs (affinity is set when its vCPU threads start)",
+                key=f"machine.{key}", status=400)
+    weight = machine.get("cpu_weight")
+    clear = "cpu_max_percent" in machine and machine["cpu_max_percent"] is None
+    max_percent = machine.get("cpu_max_percent")
+    check_cpu_limits(weight=weight, max_percent=max_percent)
+    change: dict[str, Any] = {}
+    if weight is not None:
+        change["weight"] = weight
+    if max_percent is not None:
+        change["max_percent"] = max_percent
+    if clear:
+        change["clear_max_percent"] = True
+    return change

@@ -409,15 +409,33 @@ class VirtualMachine:
 
     # -- snapshots ----------------------------------------------------------------------
 
+    def config_with_limits(self, *, shared_as_own: bool = True) -> VmConfig:
+        """:attr:`config` with the CPU controls and I/O rate limits in force now: changed
+        at run time by :meth:`set_cpu_limits`, ``PATCH /vms/{id}`` or a daemon group's
+        ``PUT`` (a device in a daemon group shows it as a group of the VM's own, with its
+        buckets now; see :meth:`avmm.ratelimit.DeviceLimits.in_effect`). What a snapshot
+        or a migration carries; ``GET /vms/{id}``'s ``config`` leaves the daemon's
+        groups out (``shared_as_own=False``: its devices name them, as posted)."""
+        config: VmConfig = self.rate_limits.in_effect(self.config,
+                                                      shared_as_own=shared_as_own)
+        cpu = self._cpu.limits
+        machine = dataclasses.replace(
+            config.machine, cpu_weight=cpu.weight, cpu_max_percent=cpu.max_percent,
+            cpu_affinity=cpu.affinity, vcpu_affinity=cpu.vcpu_affinity)
+        return dataclasses.replace(config, machine=machine)
+
     def _config_in_effect(self) -> VmConfig:
         """The config with what avmm derived filled in: a NIC's MAC derived from the VM's
         name would otherwise change when the snapshot is restored under another name,
-        and the guest's driver would find a device that is not the one it knew."""
+        and the guest's driver would find a device that is not the one it knew. The
+        limits are those in effect (:meth:`config_with_limits`), so that a snapshot or a
+        migration carries them (avmm.state.vm_state)."""
+        config = self.config_with_limits()
         nets = tuple(
             net if net.mac is not None else dataclasses.replace(net, mac=_derived_mac(
                 self.name, str(net.tap if net.vhost_user is None else net.vhost_user)))
-            for net in self.config.nets)
-        return dataclasses.replace(self.config, nets=nets)
+            for net in config.nets)
+        return dataclasses.replace(config, nets=nets)
 
     async def snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
         """Save the paused VM into the new directory ``path`` (see README, "Snapshots"):

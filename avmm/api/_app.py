@@ -36,6 +36,7 @@ from urllib.parse import parse_qs
 import structlog
 import trio
 
+from ..cgroups import CgroupError
 from ..config import (
     CONFIG_FILE_MAX_BYTES,
     SerialConfig,
@@ -401,7 +402,7 @@ class ManagementApi:
         _require_json(request, "the limits")
         data = _parse_config_body(await request.body(LIMITS_BODY_MAX), "application/json",
                                   what="the limits")
-        vm.update_limits(parse_limits_update(data))
+        await vm.update_limits(parse_limits_update(data))
         return _json_response(200, vm.to_dict())
 
     def _groups(self) -> SharedGroups:
@@ -608,6 +609,9 @@ def _http_error(error: AvmmError) -> HttpError:
         return HttpError(404, str(error))
     if isinstance(error, LimitTargetError):
         return HttpError(error.status, str(error), {"key": error.key})
+    if isinstance(error, CgroupError):
+        # The host cannot apply CPU controls (no cgroup cpu controller, no delegation).
+        return HttpError(409, str(error), {"key": "machine"})
     if isinstance(error, VmStateError | MigrationError):
         # MigrationError here: a VM whose devices cannot be migrated (refused up front).
         return HttpError(409, str(error))

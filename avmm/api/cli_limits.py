@@ -1,4 +1,7 @@
-"""``avmm update VM-ID``: change a running VM's disk and NIC rate limits.
+"""``avmm update VM-ID``: change a running VM's CPU limits and disk and NIC rate limits.
+
+``--cpu-weight N`` and ``--cpu-max-percent P`` (``none`` removes the quota) change the
+VM's ``[machine]`` CPU controls (see README, "Sharing a host").
 
 Each flag names the device by its index in the config (``disk0`` is the first
 ``[[disk]]``, ``net1`` the second ``[[net]]``) and gives a rate per second: ``--disk0-iops
@@ -42,17 +45,24 @@ bucket, and the device's other bucket stays as it is. Example:
 
   avmm update vm-1 --disk0-iops 500 --disk0-bandwidth 8M --net0-tx-pps 2000
 
-The change is in effect within 100 ms. Limits are not kept in snapshots nor migration
-streams: a restored or migrated VM runs unlimited until limited again."""
+The change is in effect within 100 ms. Snapshots and migration streams carry the
+limits in effect when they are taken (with full buckets on the other side)."""
 
 
 def add_update_command(subparsers: Any, client_command: Any) -> Any:
     """Register ``update``; returns its parser."""
     parser = subparsers.add_parser(
-        "update", help="change a running VM's disk and NIC rate limits",
-        description="Change the I/O rate limits of a VM's disks and NICs now.",
+        "update", help="change a running VM's CPU limits and disk and NIC rate limits",
+        description="Change a VM's CPU weight and quota, and the I/O rate limits of its "
+                    "disks and NICs, now.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("id", metavar="VM-ID", help="VM id (from avmm ps)")
+    parser.add_argument("--cpu-weight", type=int, default=None, metavar="N",
+                        help="the VM's CPU weight against other VMs, 1..10000 (cgroup v2's "
+                             "cpu.weight; 100 is the default)")
+    parser.add_argument("--cpu-max-percent", type=_percent, default=None, metavar="P",
+                        help="cap the VM's vCPUs at P percent of one host CPU (150 = 1.5 "
+                             "CPUs); 'none' removes the cap")
     for index in range(MAX_VIRTIO_DEVICES):
         shown = index == 0
 
@@ -143,6 +153,14 @@ def build_changes(args: argparse.Namespace, vm: dict[str, Any]) -> dict[str, Any
         if len(entry) > 1:
             nets.append(entry)
     changes: dict[str, Any] = {}
+    machine: dict[str, Any] = {}
+    if args.cpu_weight is not None:
+        machine["cpu_weight"] = args.cpu_weight
+    if args.cpu_max_percent is not None:
+        machine["cpu_max_percent"] = None if args.cpu_max_percent == "none" \
+            else args.cpu_max_percent
+    if machine:
+        changes["machine"] = machine
     if disks:
         changes["disks"] = disks
     if nets:
@@ -154,20 +172,36 @@ async def update(api: ApiClient, args: argparse.Namespace) -> int:
     vm = await api.get_vm(args.id)
     changes = build_changes(args, vm)
     if not changes:
-        print("avmm: nothing to change; give a limit such as --disk0-iops 500 (see avmm "
-              "update --help)", file=sys.stderr)
+        print("avmm: nothing to change; give a limit such as --disk0-iops 500 or "
+              "--cpu-weight 200 (see avmm update --help)", file=sys.stderr)
         return EXIT_USAGE
     vm = await api.update_limits(args.id, changes)
     limits = vm.get("rate_limits") or {}
     if args.json:
         print(json.dumps(limits, indent=2))
         return 0
+    if "machine" in changes:
+        cpu = vm.get("cpu") or {}
+        cap = cpu.get("max_percent")
+        print(f"cpu: weight {cpu.get('weight')}, "
+              f"{'no cap' if cap is None else f'cap {cap:g} % of a CPU'}")
     for entry in limits.get("disks", []):
         print(f"{entry['device']}: {_describe(entry)}")
     for entry in limits.get("nets", []):
         print(f"{entry['device']}: tx {_describe(entry['tx'])}; "
               f"rx {_describe(entry['rx'])}")
     return 0
+
+
+def _percent(text: str) -> float | str:
+    """``--cpu-max-percent``: a positive number, or ``none``."""
+    if text.lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'none')") from None
+    return int(value) if value.is_integer() else value
 
 
 def _bytes(count: float) -> str:

@@ -17,14 +17,18 @@ counters) is kept throughout, so the waits it recorded survive a change; the ser
 thread picks the change up at its next request, and a wait in progress is at most
 :data:`avmm.virtio.blk.LIMITER_WAIT_SLICE_S` long, so a change is in effect within that.
 
-Limits are not in snapshots nor in migration streams: the snapshot's config sections
-(avmm.state.vm_state) have no rate-limit keys, and the buckets' state is not saved. A
-restored or migrated VM runs unlimited until limited again (PATCH), unless an incoming
-VM is given its own config, whose limits it then has, with full buckets.
+Snapshots and migration streams carry the limits in effect (:meth:`DeviceLimits.in_effect`
+gives the VM's config with them; avmm.state.vm_state saves it): a device's own buckets
+as changed at run time, its group, the VM's groups' current buckets, and a daemon
+group a device uses as a group of the VM's own of the same name with that group's
+buckets (a restore elsewhere keeps the limit, no longer shared). The buckets' levels are
+not saved: a restored or migrated VM starts with full buckets. An incoming VM given its
+own config has that config's limits instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -253,6 +257,46 @@ class DeviceLimits:
                                    "; the daemon's groups change with PUT "
                                    "/rate_limit_groups/NAME)", key=f"rate_limit_groups.{name}")
         self.groups[name].reconfigure(limit)
+
+    def in_effect(self, config: Any, *, shared_as_own: bool = True) -> Any:
+        """``config`` (the VmConfig these limits were attached from) with the limits in
+        effect now in place of its own (see the module docstring): what a snapshot or
+        a migration saves. ``shared_as_own=False`` leaves a daemon group a device uses
+        out of the VM's groups (the device still names it), as the daemon shows the
+        config: posted again to it, the device would share the group again. Before
+        :meth:`attach` (nothing built), ``config`` itself."""
+        if len(self._disks) != len(config.disks) or len(self._nets) != len(config.nets):
+            return config
+        groups = {name: (self.groups[name].config if name in self.groups else limit)
+                  for name, limit in config.rate_limit_groups}
+
+        def current(slot: _Slot) -> tuple[RateLimitConfig | None, str | None]:
+            limit = slot.config
+            if limit is None:
+                return None, None
+            if slot.group is None:
+                return limit, None
+            # The VM's own group, or a daemon group: saved as one of the VM's own.
+            if slot.group in groups or shared_as_own:
+                groups.setdefault(slot.group, limit)
+            return None, slot.group
+
+        disks = []
+        for disk, slot in zip(config.disks, self._disks, strict=True):
+            if not slot.external:
+                limit, group = current(slot)
+                disk = dataclasses.replace(disk, rate_limit=limit, rate_limit_group=group)
+            disks.append(disk)
+        nets = []
+        for net, slots in zip(config.nets, self._nets, strict=True):
+            for direction in DIRECTIONS:
+                if not slots[direction].external:
+                    limit, group = current(slots[direction])
+                    net = dataclasses.replace(net, **{f"{direction}_rate_limit": limit,
+                                                      f"{direction}_rate_limit_group": group})
+            nets.append(net)
+        return dataclasses.replace(config, disks=tuple(disks), nets=tuple(nets),
+                                   rate_limit_groups=tuple(groups.items()))
 
     def to_dict(self) -> dict[str, Any]:
         """The effective limits and what they did, per device: for ``GET /vms/{id}``."""

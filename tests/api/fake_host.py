@@ -178,14 +178,15 @@ class FakeVm:
         self.received += data
         self.emit(data)  # a guest that echoes
 
-    def update_limits(self, update: Any) -> None:
-        """What HostedVm.update_limits checks, without devices: indexes against the
-        config; every accepted change is recorded in ``limit_updates``."""
+    async def update_limits(self, update: Any) -> None:
+        """What HostedVm.update_limits checks, without devices: ``machine`` keys and
+        values, indexes against the config; every accepted change is recorded in
+        ``limit_updates``."""
+        from avmm.host import _cpu_change
         from avmm.ratelimit import LimitTargetError
 
         if update.machine is not None:
-            raise LimitTargetError("machine limits: not supported by this build",
-                                   key="machine", status=400)
+            _cpu_change(update.machine)
         for change in update.changes:
             devices = () if self.config is None else (
                 self.config.disks if change.kind == "disk" else self.config.nets)

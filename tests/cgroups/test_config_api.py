@@ -137,10 +137,21 @@ async def test_api_shows_vcpu_threads_limits_and_cpu_time(socket_dir: Path) -> N
             with trio.fail_after(60):
                 while (await api.get_vm(vm_id))["cpu"]["cpu_seconds"] <= 0:
                     await trio.sleep(0.05)
-            # What PATCH /vms/{id} "machine" calls: the change shows in GET at once.
-            await host.get(vm_id).set_cpu_limits(weight=50, clear_max_percent=True)
+            # PATCH /vms/{id} "machine": the files change, and GET shows it at once.
+            patched = await api.update_limits(vm_id, {"machine": {
+                "cpu_weight": 50, "cpu_max_percent": None}})
+            assert (patched["cpu"]["weight"], patched["cpu"]["max_percent"]) == (50, None)
             changed = (await api.get_vm(vm_id))["cpu"]
             assert (changed["weight"], changed["max_percent"]) == (50, None)
+            if (cgroup / "cpu.shares").exists():  # v1
+                assert (cgroup / "cpu.shares").read_text().strip() == "512"
+                assert (cgroup / "cpu.cfs_quota_us").read_text().strip() == "-1"
+            else:
+                assert (cgroup / "cpu.weight").read_text().strip() == "50"
+                assert (cgroup / "cpu.max").read_text().split()[0] == "max"
+            with pytest.raises(ApiError) as refused:
+                await api.update_limits(vm_id, {"machine": {"cpu_affinity": [CPUS[0]]}})
+            assert refused.value.status == 400
             samples = parse_metrics(await api.metrics())
             assert value(samples, "avmm_vm_cpu_seconds_total", vm=vm_id) > 0
             assert value(samples, "avmm_vm_cpu_throttled_seconds_total", vm=vm_id) >= 0

@@ -58,7 +58,10 @@ async def test_patch_validates_the_whole_body_then_applies_it(
     ({"nets": [{"index": 0, "rate_limit": None}]}, 400, "nets[0].rate_limit"),
     ({"nets": "all"}, 400, "nets"),
     ({"disk": []}, 400, "disk"),
-    ({"machine": {"cpu_weight": 200}}, 400, "machine"),
+    ({"machine": {"cpu_weight": 0}}, 400, "machine.cpu_weight"),
+    ({"machine": {"cpu_max_percent": -5}}, 400, "machine.cpu_max_percent"),
+    ({"machine": {"cpu_affinity": [0]}}, 400, "machine.cpu_affinity"),
+    ({"machine": []}, 400, "machine"),
     ({"disks": [{"index": 3, "rate_limit": None}]}, 404, "disks[0].rate_limit"),
     ({"rate_limit_groups": {"g": {"ops": {"size": 1, "refill_ms": 1}}}}, 404,
      "rate_limit_groups.g"),
@@ -73,11 +76,16 @@ async def test_bad_patches_name_the_key(api: ApiClient, fake_host: FakeHost, ker
     assert fake_host.vms[vm_id].limit_updates == []
 
 
-async def test_machine_limits_are_refused_by_this_build(api: ApiClient,
-                                                        kernel_file: Path) -> None:
+async def test_machine_limits_are_checked_and_passed_on(api: ApiClient, fake_host: FakeHost,
+                                                       kernel_file: Path) -> None:
+    """A good ``machine`` object is accepted (the real VM's CPU limits change: see
+    tests/cgroups/test_vm_cpu.py::test_patch_changes_the_cpu_limits_of_a_running_vm)."""
     vm_id = (await api.create_vm(_config(kernel_file)))["id"]
-    response = await _patch(api, vm_id, {"machine": {"cpu_weight": 200}})
-    assert response.json()["error"] == "machine limits: not supported by this build"
+    response = await _patch(api, vm_id, {"machine": {"cpu_weight": 200,
+                                                     "cpu_max_percent": None}})
+    assert response.status_code == 200, response.json()
+    (update,) = fake_host.vms[vm_id].limit_updates
+    assert update.machine == {"cpu_weight": 200, "cpu_max_percent": None}
 
 
 async def test_patch_errors_of_the_request_itself(api: ApiClient, kernel_file: Path) -> None:
@@ -121,6 +129,15 @@ def test_the_cli_merges_a_new_bucket_with_the_devices_current_limit() -> None:
         "nets": [{"index": 0, "tx_rate_limit": None, "rx_rate_limit": None}]}
 
 
+def test_the_cli_sends_cpu_limits_in_machine() -> None:
+    assert build_changes(_args(cpu_weight=300, cpu_max_percent="150.5"), {}) == {
+        "machine": {"cpu_weight": 300, "cpu_max_percent": 150.5}}
+    assert build_changes(_args(cpu_max_percent="none"), {}) == {
+        "machine": {"cpu_max_percent": None}}
+    with pytest.raises(SystemExit):
+        _args(cpu_max_percent="half")
+
+
 async def test_avmm_update_sends_the_patch_and_exits_by_the_answer(
         api: ApiClient, fake_host: FakeHost, kernel_file: Path, socket_dir: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,6 +153,10 @@ async def test_avmm_update_sends_the_patch_and_exits_by_the_answer(
     assert update.changes[0].limit == RateLimitConfig(ops=BucketConfig(size=500,
                                                                        refill_ms=1000))
     assert await run("--disk3-iops", "5") == 1  # no such disk: the daemon's 404
+    assert "disks[0].rate_limit" in capsys.readouterr().err
+    assert await run("--cpu-weight", "0") == 2  # the daemon's 400 names the key
+    assert "machine.cpu_weight" in capsys.readouterr().err
+    assert await run("--disk3-iops", "5") == 1
     assert "disks[0].rate_limit" in capsys.readouterr().err
     assert await run() == 2
     assert "nothing to change" in capsys.readouterr().err

@@ -144,3 +144,40 @@ def test_a_group_the_config_lacks_is_the_daemon_s_shared_by_every_vm() -> None:
     assert disks_a[0].throttle.limiter is daemon_group  # VMs keep what they use
     with pytest.raises(UnknownGroupError, match="PUT /rate_limit_groups/tenant"):
         DeviceLimits.attach(first, [FakeDisk()], [], shared=shared)
+
+
+def test_in_effect_is_the_config_with_the_limits_as_changed_at_run_time() -> None:
+    from avmm.ratelimit import SharedGroups
+
+    shared = SharedGroups()
+    shared.put("daemon", OPS)
+    config = vm_config(
+        disks=(DiskConfig(Path("/a"), rate_limit=OPS), DiskConfig(Path("/b")),
+               DiskConfig(Path("/c"), rate_limit_group="g"),
+               DiskConfig(Path("/d"), rate_limit_group="daemon"),
+               DiskConfig(vhost_user=Path("/s"))),
+        nets=(NetConfig(tap="t0", tx_rate_limit=BYTES, rx_rate_limit_group="g"),),
+        groups=(("g", OPS), ("unused", BYTES)))
+    limits = DeviceLimits.attach(config, [FakeDisk(), FakeDisk(), FakeDisk(), FakeDisk(),
+                                          VhostUser()], [FakeNic()], shared=shared)
+    assert limits.in_effect(config) == vm_config(
+        disks=config.disks, nets=config.nets,
+        groups=(("g", OPS), ("unused", BYTES), ("daemon", OPS)))
+    limits.set("disk", 0, None, None)
+    limits.set("disk", 1, None, BYTES)
+    limits.set("disk", 2, None, BYTES)  # leaves group g
+    limits.set("net", 0, "tx", None)
+    limits.set_group("g", BYTES)
+    shared.put("daemon", BYTES)
+    now = limits.in_effect(config)
+    assert now.disks == (DiskConfig(Path("/a")), DiskConfig(Path("/b"), rate_limit=BYTES),
+                         DiskConfig(Path("/c"), rate_limit=BYTES),
+                         DiskConfig(Path("/d"), rate_limit_group="daemon"),
+                         DiskConfig(vhost_user=Path("/s")))
+    assert now.nets == (NetConfig(tap="t0", rx_rate_limit_group="g"),)
+    assert now.rate_limit_groups == (("g", BYTES), ("unused", BYTES), ("daemon", BYTES))
+    # As the daemon shows it: its group named, not copied into the VM's.
+    assert limits.in_effect(config, shared_as_own=False).rate_limit_groups == (
+        ("g", BYTES), ("unused", BYTES))
+    # Nothing attached yet: the config as it is.
+    assert DeviceLimits().in_effect(config) is config

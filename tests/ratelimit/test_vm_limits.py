@@ -184,36 +184,110 @@ async def test_two_vms_naming_a_daemon_group_share_its_buckets(socket_dir: Path)
     assert elapsed >= (sum(admitted) - OPS_SIZE) * REFILL_MS / OPS_SIZE / 1000
 
 
-async def test_a_snapshot_carries_no_limits_and_the_restored_disk_runs_unlimited(
+async def _admits(device: object, count: int) -> None:
+    """The restored disk's limiter is the one serving it: it admits the guest's requests."""
+    throttle = device.throttle  # type: ignore[attr-defined]
+    assert throttle is not None
+    with trio.fail_after(60):
+        while throttle.admitted_ops < count:
+            await trio.sleep(0.02)
+
+
+async def test_a_snapshot_carries_the_limits_in_effect_and_the_restored_vm_has_them(
         tmp_path: Path) -> None:
     from avmm import VirtualMachine
-    from avmm.config import DiskConfig
+    from avmm.config import DiskConfig, MachineConfig
     from avmm.ratelimit import BucketConfig, RateLimitConfig
+    from tests.cgroups.conftest import cgroup_cpu_problem
+    from tests.prerequisites import require
     from tests.vm.helpers import guest_config
 
+    require(cgroup_cpu_problem())
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4 << 20))
     limit = RateLimitConfig(ops=BucketConfig(size=OPS_SIZE, refill_ms=REFILL_MS))
+    changed = RateLimitConfig(ops=BucketConfig(size=2 * OPS_SIZE, refill_ms=REFILL_MS),
+                              bandwidth=BucketConfig(size=1 << 20, refill_ms=100,
+                                                     one_time_burst=4096))
+    base = guest_config("avmm.test=blk-bench avmm.rw=read avmm.n=1000000000")
     config = dataclasses.replace(
-        guest_config("avmm.test=blk-bench avmm.rw=read avmm.n=1000000000"),
+        base, machine=MachineConfig(**{**{name: getattr(base.machine, name) for name in
+                                          MachineConfig.__slots__}, "cpu_weight": 250}),
         disks=(DiskConfig(image, rate_limit=limit),))
     async with VirtualMachine(config) as vm:
-        device = vm.virtio_slots[0].device
-        with trio.fail_after(60):
-            while device.throttle.admitted_ops < 2 * OPS_SIZE:
-                await trio.sleep(0.02)
+        await _admits(vm.virtio_slots[0].device, 2 * OPS_SIZE)
         await vm.pause()
-        await vm.snapshot(tmp_path / "snap")
+        await vm.snapshot(tmp_path / "as-configured")
+        # Changed at run time (what PATCH /vms/{id} does): the next snapshot has these.
+        vm.rate_limits.set("disk", 0, None, changed)
+        await vm.set_cpu_limits(weight=500, max_percent=40.25)
+        shown = vm.config_with_limits()  # what GET /vms/{id} shows as its config
+        assert (shown.machine.cpu_weight, shown.machine.cpu_max_percent) == (500, 40.25)
+        assert shown.disks[0].rate_limit == changed
+        await vm.snapshot(tmp_path / "as-changed")
         vm.stop()
         await vm.wait()
-    async with VirtualMachine.restore(tmp_path / "snap") as restored:
-        assert restored.config.disks[0].rate_limit is None
-        device = restored.virtio_slots[0].device
-        assert device.throttle is None
-        assert restored.rate_limits.to_dict()["disks"][0]["rate_limit"] is None
-        reads = device.stats.reads
-        with trio.fail_after(60):
-            while device.stats.reads < reads + 20:
-                await trio.sleep(0.02)
-        restored.stop()
-        await restored.wait()
+    expected = [(tmp_path / "as-configured", limit, 250, None),
+                (tmp_path / "as-changed", changed, 500, 40.25)]
+    for snapshot, rate_limit, weight, max_percent in expected:
+        async with VirtualMachine.restore(snapshot) as restored:
+            assert restored.config.disks[0].rate_limit == rate_limit
+            assert restored.rate_limits.to_dict()["disks"][0]["rate_limit"] == \
+                rate_limit.to_dict()
+            assert restored.cpu_limits.weight == restored.config.machine.cpu_weight == weight
+            assert restored.cpu_limits.max_percent == max_percent
+            assert restored.cpu_description()["weight"] == weight
+            await _admits(restored.virtio_slots[0].device, OPS_SIZE + 1)
+            restored.stop()
+            await restored.wait()
+
+
+async def test_a_restored_vm_keeps_patched_limits_and_its_daemon_group_s_buckets(
+        socket_dir: Path) -> None:
+    """Through the daemon: disk 0 in a daemon group (whose buckets a PUT then changes),
+    disk 1 limited by a PATCH; restored by another daemon that has no such group, the
+    VM has both, the group as one of its own."""
+    images = [socket_dir / f"disk{i}.img" for i in range(2)]
+    for image in images:
+        image.write_bytes(bytes(4 << 20))
+    group = {"ops": {"size": OPS_SIZE, "refill_ms": REFILL_MS}}
+    group_now = {"ops": {"size": 3 * OPS_SIZE, "refill_ms": REFILL_MS}}
+    patched = {"bandwidth": {"size": 1 << 20, "refill_ms": 200}}
+    config = _config(images[0], "avmm.test=blk-bench avmm.rw=read avmm.n=1000000000",
+                     rate_limit_group="tenant")
+    config["disk"].append({"path": str(images[1])})  # type: ignore[attr-defined]
+    snapshot = socket_dir / "snap"
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, socket_dir / "avmm.sock")
+        async with ApiClient(path) as api:
+            put = await api._http.put("/rate_limit_groups/tenant", json=group)
+            assert put.status_code == 201
+            vm_id = (await api.create_vm(config))["id"]
+            await _admits(host.get(vm_id).vm.virtio_slots[0].device, 2 * OPS_SIZE)
+            await api.update_limits(vm_id, {"disks": [{"index": 1, "rate_limit": patched}]})
+            put = await api._http.put("/rate_limit_groups/tenant", json=group_now)
+            assert put.status_code == 200
+            # GET's config shows the limits in effect, as the snapshot will save them
+            # (the daemon's group named as posted: the snapshot copies its buckets).
+            shown_config = (await api.get_vm(vm_id))["config"]
+            assert shown_config["disk"][1]["rate_limit"] == patched
+            assert shown_config["disk"][0]["rate_limit_group"] == "tenant"
+            assert "rate_limit_groups" not in shown_config
+            await api.pause(vm_id)
+            await api.snapshot(vm_id, snapshot)
+            await api.stop(vm_id)
+            nursery.cancel_scope.cancel()
+    async with Host() as host, trio.open_nursery() as nursery:
+        path = await nursery.start(serve_api, host, socket_dir / "avmm2.sock")
+        async with ApiClient(path) as api:
+            vm_id = (await api.restore_vm(snapshot))["id"]
+            shown = (await api.get_vm(vm_id))["rate_limits"]
+            assert shown["groups"] == {"tenant": group_now}
+            assert shown["shared_groups"] == []
+            assert shown["disks"][0]["rate_limit_group"] == "tenant"
+            assert shown["disks"][0]["rate_limit"] == group_now
+            assert shown["disks"][1]["rate_limit"] == patched
+            assert shown["disks"][1]["rate_limit_group"] is None
+            await _admits(host.get(vm_id).vm.virtio_slots[0].device, 3 * OPS_SIZE + 1)
+            await api.stop(vm_id)
+            nursery.cancel_scope.cancel()
