@@ -209,7 +209,16 @@ def _plain_of(wire: Any, path: str) -> Any:
 
 
 def build_value(plain: Any) -> bytes:
-    """The bytes of a plain value (see :func:`encode`)."""
+    """The bytes of a plain value (see :func:`encode`). (Written by :mod:`._writer`,
+    which writes what the construct declaration :data:`VALUE` builds, faster.)"""
+    from ._writer import build_plain
+
+    return build_plain(plain)
+
+
+def build_value_with_construct(plain: Any) -> bytes:
+    """The bytes of a plain value built by the construct declaration itself: the
+    reference :mod:`._writer` is checked against."""
     return bytes(VALUE.build(_wire_of(plain)))
 
 
@@ -412,8 +421,11 @@ def _bind_record(plain: Any, cls: type, path: str) -> Any:
 
 
 def encode(state: Any) -> bytes:
-    """A state dataclass → bytes (one :data:`VALUE`)."""
-    return build_value(to_plain(state))
+    """A state dataclass → bytes (one :data:`VALUE`): ``build_value(to_plain(state))``,
+    by :mod:`._writer`'s compiled plan for its type."""
+    from ._writer import encode_state
+
+    return encode_state(state)
 
 
 def decode(data: bytes, cls: type[Any], *, path: str | None = None) -> Any:
