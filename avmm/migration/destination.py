@@ -35,7 +35,7 @@ from ..state.vm_state import (
 )
 from .errors import MigrationError
 from .pages import PageMap
-from .progress import MigrationProgress
+from .progress import MigrationProgress, Steps
 from .stream import (
     END,
     KIND_DATA,
@@ -80,6 +80,8 @@ class Destination:
         self.progress = MigrationProgress(state="incoming", address=str(listener.address))
         self.receiving = trio.CancelScope()
         self._channel: Channel | None = None
+        #: Where the hand-over's time went here, from the STATE frame's arrival on.
+        self._steps: Steps | None = None
         self._log = log.bind(vm=vm.name, listen=str(listener.address))
 
     def _update(self, **changes: Any) -> None:
@@ -116,6 +118,8 @@ class Destination:
         # COMMIT received: the guest is ours to run.
         try:
             await vm._start_built()
+            if self._steps is not None:
+                self._steps.mark("start")
         except BaseException as e:
             self._update(state="failed", error=f"the VM could not start: {e}")
             vm._migration_failed(f"incoming migration: the VM could not start: {e}")
@@ -124,7 +128,8 @@ class Destination:
             raise
         self._update(state="completed")
         self._log.info("migration received; the VM runs here",
-                       pages=self.progress.pages_sent, total_ms=self.progress.total_ms)
+                       pages=self.progress.pages_sent, total_ms=self.progress.total_ms,
+                       handover_steps_ms=self._steps.ms if self._steps else None)
         try:
             await vm.wait()
         finally:
@@ -173,6 +178,9 @@ class Destination:
         state: dict[str, Any] | None = None
         while True:
             kind, length = await channel.receive_frame_header()
+            if kind is Kind.STATE and self._steps is None:
+                # The last pages are in: from here the source's guest is paused.
+                self._steps = Steps()
             if kind is Kind.PAGES:
                 if state is not None:
                     raise MigrationError("PAGES frame after the STATE frame")
@@ -190,7 +198,9 @@ class Destination:
             elif kind is Kind.STATE:
                 if state is not None:
                     raise MigrationError("a second STATE frame")
+                self._mark("state_receive")
                 state = _parse_state(payload)
+                self._mark("state_parse")
             elif kind is Kind.END:
                 await self._end(channel, payload, state, received)
                 return
@@ -199,6 +209,7 @@ class Destination:
 
     async def _end(self, channel: Channel, payload: bytes, state: dict[str, Any] | None,
                    received: int) -> None:
+        self._mark("end_wait")
         try:
             end = END.parse(payload)
         except Exception:
@@ -211,18 +222,26 @@ class Destination:
             raise MigrationError(f"END counts {end.pages_sent} pages, {received} came")
         if state is None:
             raise MigrationError("END frame before the STATE frame")
+        self._mark("digest")
         try:
             await trio.to_thread.run_sync(self.vm._restore_incoming, state)
         except VmStartError as e:
             raise MigrationError(f"{e.step}: {e.error or e}") from None
+        self._mark("restore")
         self._update(pages_sent=received)
         await channel.send(Kind.ACK)
+        self._mark("ack")
         # The source lets go only when it has this ACK, and says so with COMMIT; without
         # COMMIT (cut, timeout) the source may run the guest on: this side must not.
         with trio.fail_after(COMMIT_TIMEOUT_S):
             kind, _ = await channel.receive()
         if kind is not Kind.COMMIT:
             raise MigrationError(f"{kind.name} frame instead of COMMIT")
+        self._mark("commit")
+
+    def _mark(self, step: str) -> None:
+        if self._steps is not None:
+            self._steps.mark(step)
 
     def _config(self, payload: bytes) -> VmConfig:
         try:

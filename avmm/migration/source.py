@@ -35,7 +35,7 @@ from ..errors import AvmmError, leaf_errors
 from ..state.format import build_state
 from .errors import MigrationError
 from .pages import PageMap
-from .progress import MigrationProgress
+from .progress import MigrationProgress, Steps
 from .stream import MAX_FRAME_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, pages_head
 from .transport import Address, connect
 
@@ -153,7 +153,7 @@ class Source:
             paused_at = time.monotonic()
             await self.vm._migration_pause()
             paused_here = True
-            steps = _Steps(paused_at)
+            steps = Steps(paused_at)
             steps.mark("pause")
             with trio.fail_after(STOP_AND_COPY_TIMEOUT_S):
                 # What the last pre-copy round left dirty, and what was dirtied since.
@@ -422,19 +422,6 @@ def _converged(pending: int, previous: float, rate: float, budget_s: float) -> b
     if rate <= 0 or pending * PAGE_SIZE / rate > budget_s:
         return False
     return pending <= SMALL_ENOUGH_PAGES or pending * 2 > previous
-
-
-class _Steps:
-    """Where the downtime went (milliseconds per step, for the log)."""
-
-    def __init__(self, start: float) -> None:
-        self._last = start
-        self.ms: dict[str, float] = {}
-
-    def mark(self, step: str) -> None:
-        now = time.monotonic()
-        self.ms[step] = round((now - self._last) * 1000, 1)
-        self._last = now
 
 
 def _end(channel: Channel, pages_sent: int) -> bytes:
