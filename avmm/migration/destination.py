@@ -25,7 +25,7 @@ import trio
 from ..config import VmConfig
 from ..errors import AvmmError, VmStartError
 from ..state import MachineState, SnapshotError
-from ..state.codec import decode
+from ..state.codec import decode, prepare
 from ..state.format import parse_state
 from ..state.vm_state import (
     ConfigState,
@@ -65,6 +65,13 @@ STATE_SECTIONS: dict[str, Any] = {
 #: guest (or died); this side must then never run it.
 COMMIT_TIMEOUT_S = 60.0
 STREAM_NAME = "the migration stream"
+
+
+def prepare_state_codec() -> None:
+    """Make the codec's plans for the STATE frame's types now (milliseconds, the first
+    time in a process), not while the guest is paused (both sides; a worker thread)."""
+    for hint in STATE_SECTIONS.values():
+        prepare(hint)
 
 
 class Destination:
@@ -170,6 +177,7 @@ class Destination:
         self._update(state="receiving")
         vm._prepare_incoming(config)
         await trio.to_thread.run_sync(vm._build)
+        await trio.to_thread.run_sync(prepare_state_codec)
         assert vm.memory is not None
         pages = PageMap(vm.memory)
         self._update(pages_total=pages.total)

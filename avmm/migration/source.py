@@ -33,6 +33,7 @@ import trio
 
 from ..errors import AvmmError, leaf_errors
 from ..state.format import build_state
+from .destination import prepare_state_codec
 from .errors import MigrationError
 from .pages import PageMap
 from .progress import MigrationProgress, Steps
@@ -142,6 +143,7 @@ class Source:
                 kind, _ = await channel.receive()
                 if kind is not Kind.READY:
                     raise MigrationError(f"the destination answered {kind.name}, not READY")
+            await trio.to_thread.run_sync(prepare_state_codec)
             dirty_log = make_dirty_log(self.vm)
             await trio.to_thread.run_sync(dirty_log.start)
             await self._start_backend_logs(dirty_log)
