@@ -3,7 +3,8 @@
 Accept one connection; read the header and the config (the one given here, if any,
 must describe the same devices in the same order: see :func:`merge_config`); build the
 machine (no kernel: RAM and state come by the stream) and answer READY; store each
-batch of pages; load the device and vCPU state; check END's SHA-256 against the stream
+batch of pages; answer SYNC with SYNCED once everything before it is stored and hashed;
+load the device and vCPU state; check END's SHA-256 against the stream
 received; answer ACK; wait for COMMIT and only then run the guest.
 
 Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame, a page
@@ -203,6 +204,12 @@ class Destination:
                     raise MigrationError("corrupt ROUND frame") from None
                 self._update(round=marker.round, pages_dirty=marker.pages_dirty,
                              pages_sent=received)
+            elif kind is Kind.SYNC:
+                # receive_payload has waited until everything before it is hashed (and
+                # so stored): the source may pause the guest now.
+                if payload or state is not None:
+                    raise MigrationError("corrupt or misplaced SYNC frame")
+                await channel.send(Kind.SYNCED)
             elif kind is Kind.STATE:
                 if state is not None:
                     raise MigrationError("a second STATE frame")

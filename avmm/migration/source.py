@@ -8,10 +8,11 @@
    what is dirty, at the rate the last round achieved, fits ``downtime_ms`` — or
    ``max_rounds``/``timeout_s`` is reached: then ``on_timeout="pause"`` goes on to 4
    anyway, ``"abort"`` gives up (the guest runs on here).
-4. Pause the VM (vCPUs parked, devices stopped, vhost-user rings handed back), send the
-   last dirty pages, the device and vCPU state (the snapshot's sections) and END with
-   the stream's SHA-256; wait for the destination's ACK, send COMMIT and stop the VM
-   with :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
+4. SYNC: wait until the destination has caught up with what was sent (the guest
+   still runs). Pause the VM (vCPUs parked, devices stopped, vhost-user rings handed
+   back), send the last dirty pages, the device and vCPU state (the snapshot's
+   sections) and END with the stream's SHA-256; wait for the destination's ACK, send
+   COMMIT and stop the VM with :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
 
 Any failure before the ACK (the stream cut, an ERROR from the destination, a timeout,
 a cancellation) turns dirty logging off and resumes the VM if it was paused here: the
@@ -150,6 +151,8 @@ class Source:
             self._log.info("migration started", pages=self.pages.total)
             self._update(state="precopy")
             await self._precopy(channel, dirty_log)
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await self._sync(channel)
             # Stop-and-copy: the guest is paused from here until the hand-over, or
             # until a failure lets it run on.
             paused_at = time.monotonic()
@@ -232,6 +235,16 @@ class Source:
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+
+    async def _sync(self, channel: Channel) -> None:
+        """Wait until the destination has stored and hashed everything sent so far
+        (SYNC, SYNCED), with the guest still running: otherwise the pause would wait for
+        that too (SHA-256 of the last round's data, the bytes still in the socket
+        buffers). Pages the guest dirties meanwhile go in the stop-and-copy round."""
+        await channel.send(Kind.SYNC)
+        kind, _ = await channel.receive()
+        if kind is not Kind.SYNCED:
+            raise MigrationError(f"the destination answered {kind.name}, not SYNCED")
 
     async def _start_backend_logs(self, dirty_log: Any) -> None:
         """Each vhost-user back-end logs its writes into a log of its own, merged by
