@@ -25,14 +25,15 @@ import contextlib
 import math
 import mmap
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ..errors import AvmmError, leaf_errors
+from ..concurrency import run_together
+from ..errors import AvmmError
 from ..state.format import build_state
 from .destination import prepare_state_codec
 from .errors import MigrationError
@@ -187,7 +188,7 @@ class Source:
                     await self._send_round(channel, dirty.runs())
                     steps.mark("pages")
 
-                await _together(encode_state, last_pages)
+                await run_together(encode_state, last_pages)
                 if failed:
                     raise failed[0]
                 await channel.send(Kind.STATE, state[0])
@@ -357,7 +358,7 @@ class Source:
                         self._update()
             self._check_running()  # read_frames stops early for a VM that stops
 
-        await _together(read_frames, send_frames)
+        await run_together(read_frames, send_frames)
         self._update(pages_sent=sent)
 
     def _check_running(self) -> None:
@@ -395,20 +396,6 @@ class Source:
         digest.update(head)
         digest.update(data)
         return header, head, data, sum(count for _, count in frame)
-
-
-async def _together(*tasks: Callable[[], Awaitable[object]]) -> None:
-    """Run the tasks in one nursery; when one fails the other is cancelled and its
-    exception propagates as itself, not inside an ExceptionGroup."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        errors = [e for e in leaf_errors(group) if not isinstance(e, trio.Cancelled)]
-        if len(errors) == 1:
-            raise errors[0] from None
-        raise
 
 
 def _frame_buffer() -> memoryview:
