@@ -25,7 +25,7 @@ import trio
 
 from ..config import VmConfig
 from ..errors import AvmmError, VmStartError
-from ..state import MachineState, SnapshotError
+from ..state import MachineState, SnapshotError, prepare_restore
 from ..state.codec import decode, prepare
 from ..state.format import parse_state
 from ..state.vm_state import (
@@ -178,7 +178,7 @@ class Destination:
         self._update(state="receiving")
         vm._prepare_incoming(config)
         await trio.to_thread.run_sync(vm._build)
-        await trio.to_thread.run_sync(prepare_state_codec)
+        await trio.to_thread.run_sync(self._prepare_restore)
         assert vm.memory is not None
         pages = PageMap(vm.memory)
         self._update(pages_total=pages.total)
@@ -257,6 +257,12 @@ class Destination:
     def _mark(self, step: str) -> None:
         if self._steps is not None:
             self._steps.mark(step)
+
+    def _prepare_restore(self) -> None:
+        """What loading the state needs that does not depend on it, done before READY
+        (a worker thread): the codec's plans, what KVM offers the vCPUs."""
+        prepare_state_codec()
+        prepare_restore(self.vm._vcpus)
 
     def _config(self, payload: bytes) -> VmConfig:
         try:
