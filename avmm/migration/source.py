@@ -59,6 +59,9 @@ RATE_MIN_BYTES = 4 << 20
 #: Dirty pages few enough that another pre-copy round would not shorten the downtime
 #: by much (a millisecond or so at the rates a unix socket or a LAN reach).
 SMALL_ENOUGH_PAGES = 256
+#: A frame of at most this many pages is read on the event loop (some microseconds a
+#: page), not in a worker thread.
+INLINE_FRAME_PAGES = 16
 #: How often progress is reported while pages are sent.
 PROGRESS_INTERVAL_S = 0.1
 
@@ -179,7 +182,9 @@ class Source:
                 async def encode_state() -> None:
                     try:
                         sections = await self.vm._migration_state()
-                        state.append(await trio.to_thread.run_sync(build_state, sections))
+                        # Here, not in a worker: it is a fraction of a millisecond now
+                        # (avmm.state._writer), less than the hop to a thread.
+                        state.append(build_state(sections))
                     except Exception as e:
                         # Raised once the last pages are out: never cuts a frame.
                         failed.append(e)
@@ -333,8 +338,13 @@ class Source:
                     for index, frame in enumerate(self.pages.frames(runs)):
                         if not self.vm._migration_running():
                             return  # send_frames says why
-                        item = await trio.to_thread.run_sync(
-                            self._read_frame, channel, frame, buffers[index & 1])
+                        if sum(count for _, count in frame) <= INLINE_FRAME_PAGES:
+                            # A few pages (the stop-and-copy's, often): copying and
+                            # hashing them costs less than the hop to a worker thread.
+                            item = self._read_frame(channel, frame, buffers[index & 1])
+                        else:
+                            item = await trio.to_thread.run_sync(
+                                self._read_frame, channel, frame, buffers[index & 1])
                         await sending.send(item)
                 except Exception as e:
                     # Raised by send_frames between two frames: a failure here must not
