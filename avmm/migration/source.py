@@ -168,8 +168,10 @@ class Source:
                 # What the last pre-copy round left dirty, and what was dirtied since.
                 dirty = self._pending_before_pause
                 dirty |= await trio.to_thread.run_sync(dirty_log.collect)
-                await self._stop_logs(dirty_log)
-                dirty_log = None
+                # The back-ends' logging goes off now: their state, saved next, must
+                # not carry it. KVM's stays on until the hand-over is over (turning it
+                # off rewrites every memory slot, and the state holds nothing of it).
+                await self._stop_backend_logs()
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
                 steps.mark("collect")
@@ -207,6 +209,9 @@ class Source:
                 # side never runs it again, whatever happens to the stream.
                 await channel.send(Kind.COMMIT)
             downtime = round((time.monotonic() - paused_at) * 1000, 1)
+            with trio.CancelScope(shield=True):  # COMMIT is sent: nothing may resume here
+                await self._stop_logs(dirty_log)
+            dirty_log = None
             self._update(state="completed", downtime_ms=downtime)
             self.vm._migration_handover(f"migrated to {self.address}")
             self._log.info("migration completed", rounds=self.progress.round,
@@ -272,10 +277,13 @@ class Source:
 
     async def _stop_logs(self, dirty_log: Any) -> None:
         """Dirty logging off everywhere (never raises: it runs after failures too)."""
+        await self._stop_backend_logs()
+        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
+
+    async def _stop_backend_logs(self) -> None:
         for device in self._backends:
             await device.stop_dirty_log()
         self._backends.clear()
-        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
 
     async def _precopy(self, channel: Channel, dirty_log: Any) -> None:
         options = self.options

@@ -59,6 +59,8 @@ async def test_the_source_pauses_only_after_the_destinations_synced(tmp_path: Pa
                     await vm.migrate(f"unix:{path}")
             await listener.aclose()
             assert vm.state is VmState.RUNNING
+            # Dirty logging is off again (it stays on through the stop-and-copy).
+            assert vm.memory is not None and vm.memory.dirty is None
             vm.stop()
         assert (await vm.wait()).reason is StopReason.STOPPED
     assert seen == [(Kind.SYNC, VmState.RUNNING), (Kind.SYNC, VmState.RUNNING),
