@@ -3,7 +3,8 @@
 Accept one connection; read the header and the config (the one given here, if any,
 must describe the same devices in the same order: see :func:`merge_config`); build the
 machine (no kernel: RAM and state come by the stream) and answer READY; store each
-batch of pages; load the device and vCPU state; check END's SHA-256 against the stream
+batch of pages; answer SYNC with SYNCED once everything before it is stored and hashed;
+load the device and vCPU state; check END's SHA-256 against the stream
 received; answer ACK; wait for COMMIT and only then run the guest.
 
 Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame, a page
@@ -24,8 +25,8 @@ import trio
 
 from ..config import VmConfig
 from ..errors import AvmmError, VmStartError
-from ..state import MachineState, SnapshotError
-from ..state.codec import decode
+from ..state import MachineState, SnapshotError, prepare_restore
+from ..state.codec import decode, prepare
 from ..state.format import parse_state
 from ..state.vm_state import (
     ConfigState,
@@ -35,7 +36,7 @@ from ..state.vm_state import (
 )
 from .errors import MigrationError
 from .pages import PageMap
-from .progress import MigrationProgress
+from .progress import MigrationProgress, Steps
 from .stream import (
     END,
     KIND_DATA,
@@ -67,6 +68,13 @@ COMMIT_TIMEOUT_S = 60.0
 STREAM_NAME = "the migration stream"
 
 
+def prepare_state_codec() -> None:
+    """Make the codec's plans for the STATE frame's types now (milliseconds, the first
+    time in a process), not while the guest is paused (both sides; a worker thread)."""
+    for hint in STATE_SECTIONS.values():
+        prepare(hint)
+
+
 class Destination:
     """One incoming migration into ``vm`` (see the module docstring)."""
 
@@ -80,6 +88,8 @@ class Destination:
         self.progress = MigrationProgress(state="incoming", address=str(listener.address))
         self.receiving = trio.CancelScope()
         self._channel: Channel | None = None
+        #: Where the hand-over's time went here, from the STATE frame's arrival on.
+        self._steps: Steps | None = None
         self._log = log.bind(vm=vm.name, listen=str(listener.address))
 
     def _update(self, **changes: Any) -> None:
@@ -116,6 +126,8 @@ class Destination:
         # COMMIT received: the guest is ours to run.
         try:
             await vm._start_built()
+            if self._steps is not None:
+                self._steps.mark("start")
         except BaseException as e:
             self._update(state="failed", error=f"the VM could not start: {e}")
             vm._migration_failed(f"incoming migration: the VM could not start: {e}")
@@ -124,7 +136,8 @@ class Destination:
             raise
         self._update(state="completed")
         self._log.info("migration received; the VM runs here",
-                       pages=self.progress.pages_sent, total_ms=self.progress.total_ms)
+                       pages=self.progress.pages_sent, total_ms=self.progress.total_ms,
+                       handover_steps_ms=self._steps.ms if self._steps else None)
         try:
             await vm.wait()
         finally:
@@ -165,6 +178,7 @@ class Destination:
         self._update(state="receiving")
         vm._prepare_incoming(config)
         await trio.to_thread.run_sync(vm._build)
+        await trio.to_thread.run_sync(self._prepare_restore)
         assert vm.memory is not None
         pages = PageMap(vm.memory)
         self._update(pages_total=pages.total)
@@ -173,6 +187,9 @@ class Destination:
         state: dict[str, Any] | None = None
         while True:
             kind, length = await channel.receive_frame_header()
+            if kind is Kind.STATE and self._steps is None:
+                # The last pages are in: from here the source's guest is paused.
+                self._steps = Steps()
             if kind is Kind.PAGES:
                 if state is not None:
                     raise MigrationError("PAGES frame after the STATE frame")
@@ -187,10 +204,18 @@ class Destination:
                     raise MigrationError("corrupt ROUND frame") from None
                 self._update(round=marker.round, pages_dirty=marker.pages_dirty,
                              pages_sent=received)
+            elif kind is Kind.SYNC:
+                # receive_payload has waited until everything before it is hashed (and
+                # so stored): the source may pause the guest now.
+                if payload or state is not None:
+                    raise MigrationError("corrupt or misplaced SYNC frame")
+                await channel.send(Kind.SYNCED)
             elif kind is Kind.STATE:
                 if state is not None:
                     raise MigrationError("a second STATE frame")
+                self._mark("state_receive")
                 state = _parse_state(payload)
+                self._mark("state_parse")
             elif kind is Kind.END:
                 await self._end(channel, payload, state, received)
                 return
@@ -199,6 +224,7 @@ class Destination:
 
     async def _end(self, channel: Channel, payload: bytes, state: dict[str, Any] | None,
                    received: int) -> None:
+        self._mark("end_wait")
         try:
             end = END.parse(payload)
         except Exception:
@@ -211,18 +237,32 @@ class Destination:
             raise MigrationError(f"END counts {end.pages_sent} pages, {received} came")
         if state is None:
             raise MigrationError("END frame before the STATE frame")
+        self._mark("digest")
         try:
             await trio.to_thread.run_sync(self.vm._restore_incoming, state)
         except VmStartError as e:
             raise MigrationError(f"{e.step}: {e.error or e}") from None
+        self._mark("restore")
         self._update(pages_sent=received)
         await channel.send(Kind.ACK)
+        self._mark("ack")
         # The source lets go only when it has this ACK, and says so with COMMIT; without
         # COMMIT (cut, timeout) the source may run the guest on: this side must not.
         with trio.fail_after(COMMIT_TIMEOUT_S):
             kind, _ = await channel.receive()
         if kind is not Kind.COMMIT:
             raise MigrationError(f"{kind.name} frame instead of COMMIT")
+        self._mark("commit")
+
+    def _mark(self, step: str) -> None:
+        if self._steps is not None:
+            self._steps.mark(step)
+
+    def _prepare_restore(self) -> None:
+        """What loading the state needs that does not depend on it, done before READY
+        (a worker thread): the codec's plans, what KVM offers the vCPUs."""
+        prepare_state_codec()
+        prepare_restore(self.vm._vcpus)
 
     def _config(self, payload: bytes) -> VmConfig:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -41,3 +42,18 @@ class MigrationProgress:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the API's ``"migration"`` object)."""
         return asdict(self)
+
+
+class Steps:
+    """Where the hand-over's time went (milliseconds per step, for the log): each
+    :meth:`mark` closes the step that began at the previous mark (or at ``start``, a
+    ``time.monotonic()``)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self._last = time.monotonic() if start is None else start
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.monotonic()
+        self.ms[step] = round(self.ms.get(step, 0.0) + (now - self._last) * 1000, 1)
+        self._last = now

@@ -8,10 +8,11 @@
    what is dirty, at the rate the last round achieved, fits ``downtime_ms`` — or
    ``max_rounds``/``timeout_s`` is reached: then ``on_timeout="pause"`` goes on to 4
    anyway, ``"abort"`` gives up (the guest runs on here).
-4. Pause the VM (vCPUs parked, devices stopped, vhost-user rings handed back), send the
-   last dirty pages, the device and vCPU state (the snapshot's sections) and END with
-   the stream's SHA-256; wait for the destination's ACK, send COMMIT and stop the VM
-   with :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
+4. SYNC: wait until the destination has caught up with what was sent (the guest
+   still runs). Pause the VM (vCPUs parked, devices stopped, vhost-user rings handed
+   back), send the last dirty pages, the device and vCPU state (the snapshot's
+   sections) and END with the stream's SHA-256; wait for the destination's ACK, send
+   COMMIT and stop the VM with :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
 
 Any failure before the ACK (the stream cut, an ERROR from the destination, a timeout,
 a cancellation) turns dirty logging off and resumes the VM if it was paused here: the
@@ -24,18 +25,20 @@ import contextlib
 import math
 import mmap
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ..errors import AvmmError, leaf_errors
+from ..concurrency import run_together
+from ..errors import AvmmError
 from ..state.format import build_state
+from .destination import prepare_state_codec
 from .errors import MigrationError
 from .pages import PageMap
-from .progress import MigrationProgress
+from .progress import MigrationProgress, Steps
 from .stream import MAX_FRAME_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, pages_head
 from .transport import Address, connect
 
@@ -56,6 +59,9 @@ RATE_MIN_BYTES = 4 << 20
 #: Dirty pages few enough that another pre-copy round would not shorten the downtime
 #: by much (a millisecond or so at the rates a unix socket or a LAN reach).
 SMALL_ENOUGH_PAGES = 256
+#: A frame of at most this many pages is read on the event loop (some microseconds a
+#: page), not in a worker thread.
+INLINE_FRAME_PAGES = 16
 #: How often progress is reported while pages are sent.
 PROGRESS_INTERVAL_S = 0.1
 
@@ -142,25 +148,30 @@ class Source:
                 kind, _ = await channel.receive()
                 if kind is not Kind.READY:
                     raise MigrationError(f"the destination answered {kind.name}, not READY")
+            await trio.to_thread.run_sync(prepare_state_codec)
             dirty_log = make_dirty_log(self.vm)
             await trio.to_thread.run_sync(dirty_log.start)
             await self._start_backend_logs(dirty_log)
             self._log.info("migration started", pages=self.pages.total)
             self._update(state="precopy")
             await self._precopy(channel, dirty_log)
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await self._sync(channel)
             # Stop-and-copy: the guest is paused from here until the hand-over, or
             # until a failure lets it run on.
             paused_at = time.monotonic()
             await self.vm._migration_pause()
             paused_here = True
-            steps = _Steps(paused_at)
+            steps = Steps(paused_at)
             steps.mark("pause")
             with trio.fail_after(STOP_AND_COPY_TIMEOUT_S):
                 # What the last pre-copy round left dirty, and what was dirtied since.
                 dirty = self._pending_before_pause
                 dirty |= await trio.to_thread.run_sync(dirty_log.collect)
-                await self._stop_logs(dirty_log)
-                dirty_log = None
+                # The back-ends' logging goes off now: their state, saved next, must
+                # not carry it. KVM's stays on until the hand-over is over (turning it
+                # off rewrites every memory slot, and the state holds nothing of it).
+                await self._stop_backend_logs()
                 self._update(state="stop-and-copy", round=self.progress.round + 1,
                              pages_dirty=len(dirty))
                 steps.mark("collect")
@@ -173,7 +184,9 @@ class Source:
                 async def encode_state() -> None:
                     try:
                         sections = await self.vm._migration_state()
-                        state.append(await trio.to_thread.run_sync(build_state, sections))
+                        # Here, not in a worker: it is a fraction of a millisecond now
+                        # (avmm.state._writer), less than the hop to a thread.
+                        state.append(build_state(sections))
                     except Exception as e:
                         # Raised once the last pages are out: never cuts a frame.
                         failed.append(e)
@@ -182,7 +195,7 @@ class Source:
                     await self._send_round(channel, dirty.runs())
                     steps.mark("pages")
 
-                await _together(encode_state, last_pages)
+                await run_together(encode_state, last_pages)
                 if failed:
                     raise failed[0]
                 await channel.send(Kind.STATE, state[0])
@@ -196,6 +209,9 @@ class Source:
                 # side never runs it again, whatever happens to the stream.
                 await channel.send(Kind.COMMIT)
             downtime = round((time.monotonic() - paused_at) * 1000, 1)
+            with trio.CancelScope(shield=True):  # COMMIT is sent: nothing may resume here
+                await self._stop_logs(dirty_log)
+            dirty_log = None
             self._update(state="completed", downtime_ms=downtime)
             self.vm._migration_handover(f"migrated to {self.address}")
             self._log.info("migration completed", rounds=self.progress.round,
@@ -231,6 +247,16 @@ class Source:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
 
+    async def _sync(self, channel: Channel) -> None:
+        """Wait until the destination has stored and hashed everything sent so far
+        (SYNC, SYNCED), with the guest still running: otherwise the pause would wait for
+        that too (SHA-256 of the last round's data, the bytes still in the socket
+        buffers). Pages the guest dirties meanwhile go in the stop-and-copy round."""
+        await channel.send(Kind.SYNC)
+        kind, _ = await channel.receive()
+        if kind is not Kind.SYNCED:
+            raise MigrationError(f"the destination answered {kind.name}, not SYNCED")
+
     async def _start_backend_logs(self, dirty_log: Any) -> None:
         """Each vhost-user back-end logs its writes into a log of its own, merged by
         ``dirty_log.collect`` (the guest RAM pages its rings write behind our back)."""
@@ -251,10 +277,13 @@ class Source:
 
     async def _stop_logs(self, dirty_log: Any) -> None:
         """Dirty logging off everywhere (never raises: it runs after failures too)."""
+        await self._stop_backend_logs()
+        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
+
+    async def _stop_backend_logs(self) -> None:
         for device in self._backends:
             await device.stop_dirty_log()
         self._backends.clear()
-        await trio.to_thread.run_sync(_stop_quietly, dirty_log)
 
     async def _precopy(self, channel: Channel, dirty_log: Any) -> None:
         options = self.options
@@ -317,8 +346,13 @@ class Source:
                     for index, frame in enumerate(self.pages.frames(runs)):
                         if not self.vm._migration_running():
                             return  # send_frames says why
-                        item = await trio.to_thread.run_sync(
-                            self._read_frame, channel, frame, buffers[index & 1])
+                        if sum(count for _, count in frame) <= INLINE_FRAME_PAGES:
+                            # A few pages (the stop-and-copy's, often): copying and
+                            # hashing them costs less than the hop to a worker thread.
+                            item = self._read_frame(channel, frame, buffers[index & 1])
+                        else:
+                            item = await trio.to_thread.run_sync(
+                                self._read_frame, channel, frame, buffers[index & 1])
                         await sending.send(item)
                 except Exception as e:
                     # Raised by send_frames between two frames: a failure here must not
@@ -342,7 +376,7 @@ class Source:
                         self._update()
             self._check_running()  # read_frames stops early for a VM that stops
 
-        await _together(read_frames, send_frames)
+        await run_together(read_frames, send_frames)
         self._update(pages_sent=sent)
 
     def _check_running(self) -> None:
@@ -382,20 +416,6 @@ class Source:
         return header, head, data, sum(count for _, count in frame)
 
 
-async def _together(*tasks: Callable[[], Awaitable[object]]) -> None:
-    """Run the tasks in one nursery; when one fails the other is cancelled and its
-    exception propagates as itself, not inside an ExceptionGroup."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        errors = [e for e in leaf_errors(group) if not isinstance(e, trio.Cancelled)]
-        if len(errors) == 1:
-            raise errors[0] from None
-        raise
-
-
 def _frame_buffer() -> memoryview:
     buffer = mmap.mmap(-1, MAX_FRAME_PAGES * PAGE_SIZE)
     with contextlib.suppress(OSError, AttributeError):  # only a hint
@@ -422,19 +442,6 @@ def _converged(pending: int, previous: float, rate: float, budget_s: float) -> b
     if rate <= 0 or pending * PAGE_SIZE / rate > budget_s:
         return False
     return pending <= SMALL_ENOUGH_PAGES or pending * 2 > previous
-
-
-class _Steps:
-    """Where the downtime went (milliseconds per step, for the log)."""
-
-    def __init__(self, start: float) -> None:
-        self._last = start
-        self.ms: dict[str, float] = {}
-
-    def mark(self, step: str) -> None:
-        now = time.monotonic()
-        self.ms[step] = round((now - self._last) * 1000, 1)
-        self._last = now
 
 
 def _end(channel: Channel, pages_sent: int) -> bytes:

@@ -14,14 +14,18 @@ Source → destination, in this order::
              4096 bytes per page of each data run, in run order (at most
              MAX_FRAME_PAGES data pages per frame)
     ROUND*   u32 round, u64 pages dirty at its start: a pass over dirtied pages begins
+    SYNC     (empty) the pre-copy is over: the destination answers SYNCED once it has
+             received, stored and hashed everything before it; only then does the
+             source pause the guest, so that none of that work is downtime
     STATE    the snapshot state file's bytes (avmm.state.format: its own version and
              SHA-256) with the "machine", "devices" and "virtio" sections
     END      u64 pages sent, SHA-256 of every byte of the stream before this frame
     COMMIT   after the destination's ACK: the source has let go, the guest may run
 
-Destination → source: READY (the machine is built; send memory), ACK (everything
-received and loaded; the source may stop), or ERROR (u16-prefixed UTF-8 line: why
-the destination refuses; it discards what it received). Either side may send ERROR.
+Destination → source: READY (the machine is built; send memory), SYNCED (the answer to
+SYNC), ACK (everything received and loaded; the source may stop), or ERROR
+(u16-prefixed UTF-8 line: why the destination refuses; it discards what it received).
+Either side may send ERROR.
 
 Everything a destination reads is checked before use: the magic and version first,
 each frame's kind and length (nothing larger than :data:`MAX_FRAME` is ever buffered),
@@ -45,7 +49,8 @@ from .errors import MigrationError
 
 MAGIC = b"AVMMMIGR"
 #: 2: PAGES frames carry runs of pages (version 1: one number and kind per page).
-VERSION = 2
+#: 3: SYNC/SYNCED before the pause.
+VERSION = 3
 PAGE_SIZE = 4096
 #: Pages a PAGES frame covers (its data pages, and so its data, at most 8 MiB): big
 #: enough that the per-frame work is small beside the copy, small enough to bound
@@ -75,9 +80,11 @@ class Kind(enum.IntEnum):
     STATE = 4
     END = 5
     COMMIT = 6
+    SYNC = 7
     READY = 16
     ACK = 17
     ERROR = 18
+    SYNCED = 19
 
 
 FRAME_HEADER = c.Struct(

@@ -15,6 +15,7 @@ from ._errors import SnapshotError as SnapshotError
 from ._errors import StateCompatibilityError as StateCompatibilityError
 from .machine import MachineState as MachineState
 from .machine import check_machine_restorable as check_machine_restorable
+from .machine import prepare_restore as prepare_restore
 from .machine import restore_machine as restore_machine
 from .machine import save_machine as save_machine
 from .memory_file import MemoryImage as MemoryImage

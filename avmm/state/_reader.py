@@ -132,12 +132,141 @@ class _Reader:
         raise _Malformed(f"unknown value tag {tag}")
 
 
+class _Refused(Exception):
+    """The fast pass met something it does not accept (the checked pass says what)."""
+
+
+def _read_fast(data: bytes, count_prefixed: bool,
+               sections: Collection[str] | None) -> Any:
+    """What :func:`_read_checked` returns, in one pass without paths, or
+    :class:`_Refused` wherever that would refuse (or anything else goes wrong): the same
+    rules — bounded shortest-form varints, strict UTF-8, known tags, the depth, item and
+    value limits, no repeated field, key or section, nothing after the end — with the
+    common cases (one-byte varints) inline."""
+    end = len(data)
+    pos = 0
+    budget = MAX_VALUES
+
+    def varint() -> int:
+        nonlocal pos
+        if pos >= end:
+            raise _Refused
+        byte = data[pos]
+        pos += 1
+        if byte < 0x80:
+            return byte
+        value = byte & 0x7F
+        for position in range(1, _VARINT_MAX_BYTES):
+            if pos >= end:
+                raise _Refused
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << (7 * position)
+            if not byte & 0x80:
+                if byte == 0:
+                    raise _Refused  # not the shortest form
+                return value
+        raise _Refused
+
+    def text() -> str:
+        nonlocal pos
+        length = varint()
+        start = pos
+        if length > end - start:
+            raise _Refused
+        pos = start + length
+        return data[start:pos].decode("utf-8")  # UnicodeDecodeError: refused
+
+    def count() -> int:
+        items = varint()
+        if items > MAX_ITEMS or items > budget:
+            raise _Refused
+        return items
+
+    def value(depth: int) -> Any:
+        nonlocal pos, budget
+        if depth > MAX_DEPTH:
+            raise _Refused
+        budget -= 1
+        if budget < 0 or pos >= end:
+            raise _Refused
+        tag = data[pos]
+        pos += 1
+        if tag == _INT:
+            number = varint()
+            return (number >> 1) if not number & 1 else -(number >> 1) - 1
+        if tag == _RECORD:
+            name = text()
+            version = varint()
+            fields: dict[str, Any] = {}
+            for _ in range(count()):
+                field = text()
+                if field in fields:
+                    raise _Refused
+                fields[field] = value(depth + 1)
+            return Record(name, version, fields)
+        if tag == _BYTES:
+            length = varint()
+            start = pos
+            if length > end - start:
+                raise _Refused
+            pos = start + length
+            return data[start:pos]
+        if tag == _LIST:
+            return [value(depth + 1) for _ in range(count())]
+        if tag == _STR:
+            return text()
+        if tag == _NONE:
+            return None
+        if tag in (_FALSE, _TRUE):
+            return tag == _TRUE
+        if tag == _MAP:
+            result: dict[Any, Any] = {}
+            for _ in range(count()):
+                key = value(depth + 1)
+                if key.__class__ is not int and key.__class__ is not str:
+                    raise _Refused  # (bool is not int here: refused too)
+                if key in result:
+                    raise _Refused
+                result[key] = value(depth + 1)
+            return result
+        raise _Refused
+
+    if count_prefixed:
+        found: Any = []
+        seen: set[str] = set()
+        for _ in range(varint()):
+            name = text()
+            if sections is not None:
+                if name not in sections or name in seen:
+                    raise _Refused
+                seen.add(name)
+            found.append((name, value(0)))
+    else:
+        found = value(0)
+    if pos != end:
+        raise _Refused
+    return found
+
+
 def read_values(data: bytes, count_prefixed: bool, path: str, *,
                 sections: Collection[str] | None = None) -> Any:
     """One VALUE filling ``data`` (``count_prefixed`` False), or a varint count of
     ``(name, VALUE)`` sections filling it (True: the state file's payload), as plain
     values; :class:`SnapshotError` for anything else. With ``sections``, a section of
-    another name, or one seen before, is refused before its value is read."""
+    another name, or one seen before, is refused before its value is read.
+
+    A fast pass reads what is valid; whatever it refuses is read again by the checked
+    pass, which names the path of the first thing wrong (and decides: the fast pass
+    never accepts what the checked one refuses)."""
+    try:
+        return _read_fast(data, count_prefixed, sections)
+    except Exception:  # _Refused, a UnicodeDecodeError, a RecursionError, ...
+        return _read_checked(data, count_prefixed, path, sections)
+
+
+def _read_checked(data: bytes, count_prefixed: bool, path: str,
+                  sections: Collection[str] | None) -> Any:
     reader = _Reader(data)
     try:
         if count_prefixed:

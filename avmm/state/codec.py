@@ -209,7 +209,16 @@ def _plain_of(wire: Any, path: str) -> Any:
 
 
 def build_value(plain: Any) -> bytes:
-    """The bytes of a plain value (see :func:`encode`)."""
+    """The bytes of a plain value (see :func:`encode`). (Written by :mod:`._writer`,
+    which writes what the construct declaration :data:`VALUE` builds, faster.)"""
+    from ._writer import build_plain
+
+    return build_plain(plain)
+
+
+def build_value_with_construct(plain: Any) -> bytes:
+    """The bytes of a plain value built by the construct declaration itself: the
+    reference :mod:`._writer` is checked against."""
     return bytes(VALUE.build(_wire_of(plain)))
 
 
@@ -331,11 +340,137 @@ def to_plain(value: Any, hint: Any = None, path: str = "") -> Any:
 
 def from_plain(plain: Any, hint: Any, path: str) -> Any:
     """Plain values → an object of type ``hint``, refusing anything that does not fit
-    (one :class:`SnapshotError` line naming ``path``)."""
+    (one :class:`SnapshotError` line naming ``path``).
+
+    A plan compiled once per type (:func:`_binder`) binds what fits; whatever it
+    refuses is bound again by :func:`_from_plain_checked`, the reference, which gives
+    the refusal its message (the path of the offending value, built only then)."""
+    try:
+        binder = _binder(hint)
+    except TypeError:  # an unhashable hint: no plan can be kept for it
+        return _from_plain_checked(plain, hint, path)
+    try:
+        return binder(plain)
+    except Exception:
+        return _from_plain_checked(plain, hint, path)
+
+
+class _Refused(Exception):
+    """A plan found a value that does not fit (the checked path says how)."""
+
+
+_BINDERS: dict[Any, Any] = {}
+
+
+def _binder(hint: Any) -> Any:
+    """A function binding plain values to ``hint``: the checks of
+    :func:`_from_plain_checked`, in its order, without the paths; :class:`_Refused`
+    (or the error a constructor raised) where that would refuse."""
+    try:
+        return _BINDERS[hint]
+    except KeyError:
+        pass
+    binder = _BINDERS[hint] = _compile_binder(hint)
+    return binder
+
+
+def _refuse(plain: Any) -> Any:
+    raise _Refused
+
+
+def _compile_binder(hint: Any) -> Any:
+    base, int_range = split_annotated(hint)
+    try:
+        inner = _optional_of(base)
+    except TypeError:
+        return _refuse  # the checked path raises the TypeError
+    if inner is not None:
+        inner_binder = _binder(inner)
+        return lambda plain: None if plain is None else inner_binder(plain)
+    if base is bool:
+        def boolean(plain: Any) -> Any:
+            if plain is True or plain is False:
+                return plain
+            raise _Refused
+        return boolean
+    if base is int:
+        allowed = int_range or _ANY_INT
+        low, high = allowed.low, allowed.high
+
+        def integer(plain: Any) -> Any:
+            if plain.__class__ is not int and (not isinstance(plain, int)
+                                               or isinstance(plain, bool)):
+                raise _Refused
+            if not low <= plain <= high:
+                raise _Refused
+            return plain
+        return integer
+    if base is bytes or base is str:
+        def exact(plain: Any) -> Any:
+            if not isinstance(plain, base):
+                raise _Refused
+            return plain
+        return exact
+    origin = get_origin(base)
+    if origin is list:
+        (item_hint,) = get_args(base)
+        item_binder = _binder(item_hint)
+
+        def sequence(plain: Any) -> Any:
+            if not isinstance(plain, list):
+                raise _Refused
+            return [item_binder(item) for item in plain]
+        return sequence
+    if origin is dict:
+        key_hint, value_hint = get_args(base)
+        key_binder, value_binder = _binder(key_hint), _binder(value_hint)
+
+        def mapping(plain: Any) -> Any:
+            if not isinstance(plain, dict):
+                raise _Refused
+            result = {key_binder(k): value_binder(v) for k, v in plain.items()}
+            if len(result) != len(plain):
+                raise _Refused  # two keys bound to one: let the checked path decide
+            return result
+        return mapping
+    if isinstance(base, type) and dataclasses.is_dataclass(base):
+        return _record_binder(base)
+    return _refuse
+
+
+def _record_binder(cls: type) -> Any:
+    name, version = state_name(cls), state_version(cls)
+    hints = field_hints(cls)
+    names = frozenset(field for field, _ in hints)
+    plan: tuple[tuple[str, Any], ...] | None = None
+
+    def record(plain: Any) -> Any:
+        nonlocal plan
+        if plain.__class__ is not Record or plain.name != name:
+            raise _Refused
+        fields = plain.fields
+        if plain.version != version:
+            upgrade = getattr(cls, "upgrade_state", None)
+            if plain.version > version or upgrade is None:
+                raise _Refused
+            fields = upgrade(plain.version, dict(fields))
+        if fields.keys() != names:
+            raise _Refused
+        if plan is None:
+            # Made whole, then set in one step (made on the first call: a dataclass may
+            # contain itself).
+            plan = tuple((field, _binder(hint)) for field, hint in hints)
+        return cls(**{field: binder(fields[field]) for field, binder in plan})
+    return record
+
+
+def _from_plain_checked(plain: Any, hint: Any, path: str) -> Any:
+    """:func:`from_plain`, checking every value on the way and naming the path of the
+    first that does not fit."""
     hint, int_range = split_annotated(hint)
     inner = _optional_of(hint)
     if inner is not None:
-        return None if plain is None else from_plain(plain, inner, path)
+        return None if plain is None else _from_plain_checked(plain, inner, path)
 
     def wrong(expected: str) -> SnapshotError:
         return SnapshotError(f"{path}: expected {expected}, found {_describe(plain)}")
@@ -364,13 +499,14 @@ def from_plain(plain: Any, hint: Any, path: str) -> Any:
         (item_hint,) = get_args(hint)
         if not isinstance(plain, list):
             raise wrong("a list")
-        return [from_plain(item, item_hint, f"{path}[{i}]") for i, item in enumerate(plain)]
+        return [_from_plain_checked(item, item_hint, f"{path}[{i}]")
+                for i, item in enumerate(plain)]
     if origin is dict:
         key_hint, value_hint = get_args(hint)
         if not isinstance(plain, dict):
             raise wrong("a map")
-        return {from_plain(k, key_hint, f"{path}{{key}}"): from_plain(v, value_hint,
-                                                                     f"{path}[{k!r}]")
+        return {_from_plain_checked(k, key_hint, f"{path}{{key}}"):
+                _from_plain_checked(v, value_hint, f"{path}[{k!r}]")
                 for k, v in plain.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _bind_record(plain, hint, path)
@@ -403,7 +539,7 @@ def _bind_record(plain: Any, cls: type, path: str) -> Any:
     missing = [field for field in hints if field not in fields]
     if missing:
         raise SnapshotError(f"{path}: {name} lacks field {missing[0]!r}")
-    values = {field: from_plain(fields[field], hint, f"{path}.{field}")
+    values = {field: _from_plain_checked(fields[field], hint, f"{path}.{field}")
               for field, hint in hints.items()}
     try:
         return cls(**values)
@@ -411,9 +547,41 @@ def _bind_record(plain: Any, cls: type, path: str) -> Any:
         raise SnapshotError(f"{path}: {e}") from None
 
 
+def prepare(hint: Any) -> None:
+    """Make everything encoding and decoding values of ``hint`` needs once (the type
+    hints of every dataclass it contains, the plans that bind them), ahead of a time
+    that counts: the first use of a state type costs milliseconds (``get_type_hints``),
+    which a migration would otherwise pay while the guest is paused."""
+    from ._writer import _encoder
+
+    seen: set[Any] = set()
+    pending = [hint]
+    while pending:
+        hint = pending.pop()
+        if hint in seen:
+            continue
+        seen.add(hint)
+        _binder(hint)
+        _encoder(hint)
+        base, _ = split_annotated(hint)
+        try:
+            inner = _optional_of(base)
+        except TypeError:
+            continue  # a union no value of can be encoded: encoding says so
+        if inner is not None:
+            pending.append(inner)
+        elif get_origin(base) in (list, dict):
+            pending.extend(get_args(base))
+        elif isinstance(base, type) and dataclasses.is_dataclass(base):
+            pending.extend(field_hint for _, field_hint in field_hints(base))
+
+
 def encode(state: Any) -> bytes:
-    """A state dataclass → bytes (one :data:`VALUE`)."""
-    return build_value(to_plain(state))
+    """A state dataclass → bytes (one :data:`VALUE`): ``build_value(to_plain(state))``,
+    by :mod:`._writer`'s compiled plan for its type."""
+    from ._writer import encode_state
+
+    return encode_state(state)
 
 
 def decode(data: bytes, cls: type[Any], *, path: str | None = None) -> Any:

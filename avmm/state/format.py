@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import construct as c
 
 from ._errors import SnapshotError
 from ._reader import read_values
+from ._writer import _varint, text_bytes, write_plain, write_state
 from .codec import NAME, VALUE, VAR_UINT, from_plain, to_plain, wire_of
 
 MAGIC = b"AVMMSNAP"
@@ -42,6 +44,8 @@ FORMAT_VERSION = 1
 #: anything this large is not one. Checked on the file's size before it is read.
 MAX_STATE_FILE_BYTES = 64 << 20
 DIGEST_SIZE = 32
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 HEADER = c.Struct(
     "magic" / c.Const(MAGIC),
@@ -76,7 +80,28 @@ def _writer() -> str:
 
 def build_state(sections: Mapping[str, Any]) -> bytes:
     """The bytes of a state file holding ``sections`` (name → state dataclass or
-    None)."""
+    None): what :func:`build_state_with_construct` builds from the declarations above,
+    written directly (it is on a migration's downtime; tests/state/test_writer.py
+    checks that the bytes are the same)."""
+    payload = bytearray()
+    _varint(payload, len(sections))
+    for name, value in sections.items():
+        payload += text_bytes(name)
+        if value is None:
+            write_plain(payload, None)
+        else:
+            write_state(payload, value)
+    writer = _writer().encode("utf-8")
+    if len(writer) > 0xFF:  # pragma: no cover - avmm's own version string
+        raise ValueError("the writer's name is too long for a state file")
+    body = b"".join((MAGIC, _U32.pack(FORMAT_VERSION), bytes([len(writer)]), writer,
+                     _U64.pack(len(payload)), payload))
+    return body + hashlib.sha256(body).digest()
+
+
+def build_state_with_construct(sections: Mapping[str, Any]) -> bytes:
+    """The bytes of a state file built by the construct declarations themselves: the
+    reference :func:`build_state` is checked against."""
     payload = PAYLOAD.build({"sections": [
         {"name": name, "value": wire_of(to_plain(value) if value is not None else None)}
         for name, value in sections.items()

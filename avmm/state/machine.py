@@ -20,6 +20,7 @@ from .vcpu import (
     VcpuState,
     check_vcpu_restorable,
     finish_pending_io,
+    prepare_vcpu_restore,
     restore_vcpu,
     save_vcpu,
     saved_msr_indices,
@@ -49,6 +50,13 @@ def save_machine(vm: Vm, vcpus: Sequence[Vcpu], *, io_finished: bool = False) ->
     indices = saved_msr_indices(vm.kvm)
     states = [save_vcpu(vcpu, msr_indices=indices, io_finished=True) for vcpu in vcpus]
     return MachineState(platform=save_platform(vm), vcpus=states)
+
+
+def prepare_restore(vcpus: Sequence[Vcpu]) -> None:
+    """Ask KVM now what :func:`check_machine_restorable` will need to know of ``vcpus``
+    (created, never run): see :func:`avmm.state.vcpu.prepare_vcpu_restore`."""
+    for vcpu in vcpus:
+        prepare_vcpu_restore(vcpu)
 
 
 def check_machine_restorable(vm: Vm, vcpus: Sequence[Vcpu], state: MachineState) -> list[str]:

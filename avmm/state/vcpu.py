@@ -23,6 +23,7 @@ Everything here runs on a vCPU that no thread is running (the VM is paused).
 from __future__ import annotations
 
 import errno
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -513,11 +514,31 @@ def cpuid_problems(saved: Sequence[CpuidLeaf], supported: Sequence[CpuidEntry]) 
     return problems
 
 
+#: :func:`offered_cpuid` of the vCPUs :func:`prepare_vcpu_restore` was called for.
+_OFFERED: weakref.WeakKeyDictionary[Vcpu, list[CpuidEntry]] = weakref.WeakKeyDictionary()
+
+
+def prepare_vcpu_restore(vcpu: Vcpu) -> None:
+    """Find out now what :func:`check_vcpu_restorable` asks KVM about ``vcpu`` (created,
+    never run): three ioctls, about a millisecond a vCPU, which an incoming migration
+    would otherwise spend while the guest is paused. What a vCPU is offered does not
+    change over its life; its CPUID is set again by the restore."""
+    _OFFERED[vcpu] = _offered_cpuid(vcpu)
+
+
 def offered_cpuid(vcpu: Vcpu) -> list[CpuidEntry]:
     """What a guest on this host may see: KVM_GET_SUPPORTED_CPUID, and what ``vcpu``
     reports once given all of it (some KVMs, such as kvm_pvm, pass through host bits
     they do not list as supported). Call it on a vCPU that has not run yet: it gives the
-    vCPU that CPUID (a restore then gives it the saved one)."""
+    vCPU that CPUID (a restore then gives it the saved one). Found before by
+    :func:`prepare_vcpu_restore`, if that was called for ``vcpu``."""
+    known = _OFFERED.get(vcpu)
+    if known is not None:
+        return list(known)
+    return _offered_cpuid(vcpu)
+
+
+def _offered_cpuid(vcpu: Vcpu) -> list[CpuidEntry]:
     supported = vcpu.vm.kvm.supported_cpuid()
     vcpu.set_cpuid2(supported)
     reported = {(e.function, e.index): e for e in vcpu.get_cpuid2()}
@@ -555,5 +576,5 @@ def check_vcpu_restorable(vcpu: Vcpu, state: VcpuState) -> list[str]:
 __all__ = [
     "CpuidLeaf", "DebugRegs", "DescriptorTable", "Msr", "Regs", "Segment", "Sregs",
     "VcpuEvents", "VcpuState", "Xcr", "Xcrs", "check_vcpu_restorable", "offered_cpuid",
-    "restore_vcpu", "save_vcpu", "saved_msr_indices",
+    "prepare_vcpu_restore", "restore_vcpu", "save_vcpu", "saved_msr_indices",
 ]

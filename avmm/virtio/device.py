@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
 
+from .. import concurrency
 from ..devices._state import DeviceStateError
 from ..errors import AvmmError
 
@@ -247,26 +248,5 @@ async def serve_queue(context: DeviceContext, queue_index: int, handle: ChainHan
 async def run_together(*tasks: Callable[[], Awaitable[object]]) -> None:
     """Run the tasks in one nursery. When one fails the others are cancelled, and its
     exception propagates as itself rather than inside an ExceptionGroup, so that the
-    transport sees a DeviceNeedsReset as one."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for task in tasks:
-                nursery.start_soon(task)
-    except BaseExceptionGroup as group:
-        errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        resets = [e for e in errors if isinstance(e, DeviceNeedsReset)]
-        if resets:
-            raise resets[0] from None
-        if len(errors) == 1:
-            raise errors[0] from None
-        raise
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exception in group.exceptions:
-        if isinstance(exception, BaseExceptionGroup):
-            found.extend(_leaves(exception))
-        else:
-            found.append(exception)
-    return found
+    transport sees a DeviceNeedsReset as one (preferred when several fail)."""
+    await concurrency.run_together(*tasks, prefer=(DeviceNeedsReset,))
