@@ -265,22 +265,34 @@ class Destination:
         prepare_restore(self.vm._vcpus)
 
     def _config(self, payload: bytes) -> VmConfig:
-        try:
-            state = decode(payload, ConfigState, path="config")
-            streamed = config_from_state(state, source=STREAM_NAME)
-        except SnapshotError as e:
-            raise MigrationError(f"the streamed config: {e}") from None
-        if self.given is None:
-            return streamed
-        return merge_config(streamed, self.given)
+        return streamed_config(payload, self.given)
+
+
+def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
+    """The config to build from a CONFIG frame: the streamed one, or ``given`` merged
+    over it (:func:`merge_config`)."""
+    try:
+        state = decode(payload, ConfigState, path="config")
+        if given is not None:
+            # The given config decides where the vCPUs run and how much CPU they get on
+            # this host: the source's affinity may name CPUs this host lacks.
+            state = replace(state, machine=replace(
+                state.machine, cpu_weight=None, cpu_max_millipercent=None,
+                cpu_affinity=None, vcpu_affinity=None))
+        streamed = config_from_state(state, source=STREAM_NAME)
+    except SnapshotError as e:
+        raise MigrationError(f"the streamed config: {e}") from None
+    if given is None:
+        return streamed
+    return merge_config(streamed, given)
 
 
 def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
     """The config to build on the destination: ``given``'s host-side choices (disk
-    paths, taps, sockets, serial and console outputs) over the streamed machine and
-    everything the guest sees (vCPUs, RAM, CPU profile, disk ids, MACs). The devices
-    must match in kind and order; :class:`MigrationError` names the first that does
-    not."""
+    paths, taps, sockets, serial and console outputs, CPU controls and rate limits)
+    over the streamed machine and everything the guest sees (vCPUs, RAM, CPU profile,
+    disk ids, MACs). The devices must match in kind and order; :class:`MigrationError`
+    names the first that does not."""
     where = given.source or "the destination's config"
 
     def refuse(what: str) -> MigrationError:
@@ -313,7 +325,11 @@ def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
         raise refuse("rng")
     if (given.console is None) != (streamed.console is None):
         raise refuse("console")
-    return replace(given, machine=streamed.machine, boot=streamed.boot,
+    cpu = given.machine
+    machine = replace(streamed.machine, cpu_weight=cpu.cpu_weight,
+                      cpu_max_percent=cpu.cpu_max_percent, cpu_affinity=cpu.cpu_affinity,
+                      vcpu_affinity=cpu.vcpu_affinity)
+    return replace(given, machine=machine, boot=streamed.boot,
                    disks=tuple(disks), nets=tuple(nets))
 
 
