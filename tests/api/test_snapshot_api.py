@@ -318,7 +318,10 @@ async def test_restore_over_rest_with_a_vhost_user_disk_on_a_new_socket(
     allowed, api = area / "allowed", daemon.api
     image = allowed / "disk.img"
     image.write_bytes(bytes(sectors * 512))
-    config = {**guest(area, f"avmm.test=blk-write avmm.seed={seed}", memory_mib=64),
+    # One sector per request: slow enough that a loaded host still catches the guest
+    # inside its write half (in bigger requests it was once done before the first look).
+    config = {**guest(area, f"avmm.test=blk-write avmm.seed={seed} avmm.req=1",
+                      memory_mib=64),
               "disk": [{"vhost_user": str(allowed / "blk.sock")}]}
     with blk_backend("avmm", image, allowed / "blk.sock"):
         vm_id = (await api.create_vm(config))["id"]
