@@ -26,7 +26,7 @@ from avmm.cgroups import (
     quota_us,
     weight_to_shares,
 )
-from avmm.cgroups.backend import owner_name
+from avmm.cgroups.backend import owner_name, pid_namespace
 
 
 def dead_pid() -> int:
@@ -140,18 +140,22 @@ def test_stale_owner_of_a_dead_process_is_removed_on_start(tmp_path: Path,
     backend = V1Backend(root, root) if version == "v1" else V2Backend(root)
     parent = root / "avmm"
     # A crashed avmm (its PID gone) left an owner with a VM in it; a reused PID (this
-    # process, another start time) counts as gone too; ours and foreign names stay.
-    dead = parent / f"pid-{dead_pid()}-12345" / "vm-old"
-    reused = parent / f"pid-{os.getpid()}-1" / "vm-other"
+    # process, another start time) counts as gone too; ours and foreign names stay, and
+    # so does an owner of another PID namespace (its PID means nothing here: an avmm in
+    # a container may be running it).
+    namespace = pid_namespace()
+    dead = parent / f"pid-{namespace}-{dead_pid()}-12345" / "vm-old"
+    reused = parent / f"pid-{namespace}-{os.getpid()}-1" / "vm-other"
     ours = parent / owner_name() / "vm-live"
     foreign = parent / "not-an-owner"
-    for path in (dead, reused, ours, foreign):
+    elsewhere = parent / f"pid-{namespace + 1}-{dead_pid()}-12345" / "vm-contained"
+    for path in (dead, reused, ours, foreign, elsewhere):
         path.mkdir(parents=True)
         (path / "tasks").write_text("")
     removed = HostCgroups(backend).cleanup_stale()
     assert sorted(removed) == sorted([dead.parent, reused.parent])
     assert not dead.parent.exists() and not reused.parent.exists()
-    assert ours.exists() and foreign.exists()
+    assert ours.exists() and foreign.exists() and elsewhere.exists()
 
 
 def test_no_backend_refuses_with_one_line_and_cleans_nothing() -> None:
