@@ -17,10 +17,11 @@ Layout, the same in both (``<root>`` is the hierarchy's mount, or a cgroup deleg
 this user on v2)::
 
     <root>/avmm/                       the parent of every avmm owner
-    <root>/avmm/pid-<PID>-<START>/     one per avmm process (START: its start time in
-                                       clock ticks, so that a reused PID is not taken
-                                       for the old owner)
-    <root>/avmm/pid-<PID>-<START>/<vm> one per VM with CPU controls
+    <root>/avmm/pid-<NS>-<PID>-<START>/     one per avmm process (NS: its PID namespace's
+                                            inode; START: its start time in clock ticks,
+                                            so that a reused PID is not taken for the old
+                                            owner)
+    <root>/avmm/pid-<NS>-<PID>-<START>/<vm> one per VM with CPU controls
 
 Every function here makes blocking syscalls on cgroupfs: call them from a worker thread
 (trio.to_thread), never from the event loop.
@@ -57,7 +58,10 @@ CFS_PERIOD_US: Final = 100_000
 #: The kernel's smallest quota (1 ms per period).
 _QUOTA_MIN_US: Final = 1000
 AVMM_DIR: Final = "avmm"
-_OWNER_RE: Final = re.compile(r"pid-(\d{1,10})-(\d{1,20})")
+#: ``pid-<PID namespace inode>-<PID>-<start time>``: a PID means something only in its
+#: namespace, so an owner is judged only by an avmm in the same one (another's, in a
+#: container sharing this cgroupfs, may be alive where this process cannot see it).
+_OWNER_RE: Final = re.compile(r"pid-(\d{1,20})-(\d{1,10})-(\d{1,20})")
 
 
 class CgroupError(AvmmError):
@@ -98,27 +102,37 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (what ``/proc/self/ns/pid`` names)."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 def owner_name(pid: int | None = None) -> str:
-    """The owner cgroup's name for ``pid`` (this process by default)."""
+    """The owner cgroup's name for ``pid`` (this process by default; a PID of this
+    process's PID namespace)."""
     pid = os.getpid() if pid is None else pid
     start = process_start_ticks(pid)
     if start is None:
         raise CgroupError(f"process {pid} does not exist")
-    return f"pid-{pid}-{start}"
+    return f"pid-{pid_namespace()}-{pid}-{start}"
 
 
-def parse_owner_name(name: str) -> tuple[int, int] | None:
+def parse_owner_name(name: str) -> tuple[int, int, int] | None:
+    """(PID namespace inode, PID, start time) of an owner cgroup's name, or None."""
     match = _OWNER_RE.fullmatch(name)
-    return None if match is None else (int(match[1]), int(match[2]))
+    return None if match is None else (int(match[1]), int(match[2]), int(match[3]))
 
 
 def owner_alive(name: str) -> bool:
-    """Whether the avmm process an owner cgroup is named after still runs (a name that is
-    not an owner's counts as alive: it is not ours to remove)."""
+    """Whether the avmm process an owner cgroup is named after still runs. A name that
+    is not an owner's, or an owner in another PID namespace (whose PIDs this process
+    cannot look up), counts as alive: it is not ours to remove."""
     parsed = parse_owner_name(name)
     if parsed is None:
         return True
-    pid, start = parsed
+    namespace, pid, start = parsed
+    if namespace != pid_namespace():
+        return True
     return process_start_ticks(pid) == start
 
 

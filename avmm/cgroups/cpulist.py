@@ -30,7 +30,13 @@ def parse_cpu_list(value: object, *, usable: Iterable[int] | None = None) -> tup
         :func:`usable_cpus`).
     """
     cpus: set[int] = set()
+    allowed = usable_cpus() if usable is None else frozenset(usable)
     if isinstance(value, str):
+        # Bounded before anything is expanded: a list of many wide ranges must not cost
+        # the daemon seconds of CPU (the parse holds the GIL).
+        if len(value) > MAX_TEXT:
+            raise CpuListError(f"a CPU list of {len(value)} characters is too long (at most "
+                               f"{MAX_TEXT})")
         if not value.strip():
             raise CpuListError("expected a CPU list such as \"0-1,3\", got an empty string")
         for part in value.split(","):
@@ -42,10 +48,17 @@ def parse_cpu_list(value: object, *, usable: Iterable[int] | None = None) -> tup
             high = int(match[2]) if match[2] is not None else low
             if high < low or high >= _CPU_MAX:
                 raise CpuListError(f"range {part.strip()!r} is backwards or too large")
+            top = max(allowed, default=-1)
+            if high > top:
+                beyond = format_cpu_list(range(max(low, top + 1), high + 1))
+                raise CpuListError(f"CPU {beyond} is not one this host lets avmm use "
+                                   f"(usable: {format_cpu_list(allowed)})")
             cpus.update(range(low, high + 1))
     elif isinstance(value, list | tuple):
         if not value:
             raise CpuListError("expected at least one CPU, got an empty list")
+        if len(value) > _CPU_MAX:
+            raise CpuListError(f"a list of {len(value)} CPUs is too long (at most {_CPU_MAX})")
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < _CPU_MAX:
                 raise CpuListError(f"expected CPU numbers (integers from 0), got {item!r}")
@@ -53,12 +66,15 @@ def parse_cpu_list(value: object, *, usable: Iterable[int] | None = None) -> tup
     else:
         raise CpuListError("expected a CPU list: a string such as \"0-1,3\" or a list of "
                            "integers")
-    allowed = usable_cpus() if usable is None else frozenset(usable)
     missing = sorted(cpus - allowed)
     if missing:
         raise CpuListError(f"CPU {format_cpu_list(missing)} is not one this host lets avmm "
                            f"use (usable: {format_cpu_list(allowed)})")
     return tuple(sorted(cpus))
+
+
+#: The longest CPU list in text form (about a thousand CPUs or ranges).
+MAX_TEXT = 4096
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:

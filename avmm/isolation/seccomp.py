@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from ..errors import AvmmError
-from .syscalls import ALLOWED, CONDITIONAL, IOCTLS, OTHER_IOCTLS, ThreadKind
+from .syscalls import ALLOWED, CONDITIONAL, IOCTLS, OTHER_IOCTLS, SOCKETS, ThreadKind
 
 log = structlog.get_logger(__name__)
 
@@ -106,9 +106,31 @@ def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> Any:
             for value in sorted(values):
                 syscall_filter.add_rule(pyseccomp.ALLOW, number, pyseccomp.Arg(
                     index, pyseccomp.MASKED_EQ, 0xFFFFFFFF, value & 0xFFFFFFFF))
+        _add_socket_rules(pyseccomp, syscall_filter, kinds)
     except OSError as e:
         raise SeccompError(f"building the seccomp filter failed: {e.strerror}") from e
     return syscall_filter
+
+
+#: socket()'s type without SOCK_NONBLOCK/SOCK_CLOEXEC (the kernel's SOCK_TYPE_MASK).
+_SOCK_TYPE_MASK = 0xF
+
+
+def _add_socket_rules(pyseccomp: Any, syscall_filter: Any,
+                      kinds: frozenset[ThreadKind]) -> None:
+    """socket(domain, type, protocol) allowed for exactly the triples of ``kinds``
+    (:data:`avmm.isolation.syscalls.SOCKETS`): each rule compares every argument it
+    names (all must match)."""
+    number = _syscall_number(pyseccomp, "socket")
+    for domain, kind, protocol in sorted(set().union(*(SOCKETS[k] for k in kinds)),
+                                         key=lambda rule: tuple(-1 if v is None else v
+                                                                for v in rule)):
+        checks = [pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 0xFFFFFFFF, domain)]
+        if kind is not None:
+            checks.append(pyseccomp.Arg(1, pyseccomp.MASKED_EQ, _SOCK_TYPE_MASK, kind))
+        if protocol is not None:
+            checks.append(pyseccomp.Arg(2, pyseccomp.MASKED_EQ, 0xFFFFFFFF, protocol))
+        syscall_filter.add_rule(pyseccomp.ALLOW, number, *checks)
 
 
 def _syscall_number(pyseccomp: Any, name: str) -> int:

@@ -125,19 +125,36 @@ ALLOWED: dict[ThreadKind, frozenset[str]] = {
 }
 
 #: Calls allowed only with some values of one argument, per kind:
-#: name -> (argument index, allowed values). New sockets are unix sockets only (console,
-#: vhost-user, the API's socket): never AF_INET/AF_INET6/AF_PACKET/AF_NETLINK; except in
-#: the daemon, which may be asked to migrate a VM over TCP at any time (a loaded filter
-#: cannot be widened later, so it allows IP sockets throughout; never AF_PACKET or
-#: AF_NETLINK, so no raw frames and no changes to the host's network).
-_UNIX_ONLY = (0, frozenset({socket.AF_UNIX}))
-_UNIX_AND_IP = (0, frozenset({socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}))
+#: name -> (argument index, allowed values).
 CONDITIONAL: dict[ThreadKind, dict[str, tuple[int, frozenset[int]]]] = {
     ThreadKind.VCPU: {},
     ThreadKind.DEVICE_IO: {},
-    ThreadKind.EVENT_LOOP: {"socket": _UNIX_ONLY},
-    ThreadKind.BACKEND: {"socket": _UNIX_ONLY},
-    ThreadKind.DAEMON: {"socket": _UNIX_AND_IP},
+    ThreadKind.EVENT_LOOP: {},
+    ThreadKind.BACKEND: {},
+    ThreadKind.DAEMON: {},
+}
+
+#: The sockets each kind may make, as (domain, type, protocol) with None for any value
+#: (the type is compared without its SOCK_NONBLOCK/SOCK_CLOEXEC flags). Unix sockets
+#: only (console, vhost-user, the API's socket): never AF_INET/AF_INET6/AF_PACKET/
+#: AF_NETLINK; except in the daemon, which may be asked to migrate a VM over TCP at any
+#: time (a loaded filter cannot be widened later): TCP streams and the resolver's UDP
+#: datagrams, with the plain protocols only. Never SOCK_RAW or the legacy SOCK_PACKET
+#: (raw IP, or link-level frames through AF_INET), never ICMP or SCTP, never AF_PACKET
+#: or AF_NETLINK: no raw frames and no changes to the host's network.
+_UNIX = frozenset({(socket.AF_UNIX, None, None)})
+_IP = frozenset(
+    (domain, kind, protocol)
+    for domain in (socket.AF_INET, socket.AF_INET6)
+    for kind, protocols in ((socket.SOCK_STREAM, (0, socket.IPPROTO_TCP)),
+                            (socket.SOCK_DGRAM, (0, socket.IPPROTO_UDP)))
+    for protocol in protocols)
+SOCKETS: dict[ThreadKind, frozenset[tuple[int, int | None, int | None]]] = {
+    ThreadKind.VCPU: frozenset(),
+    ThreadKind.DEVICE_IO: frozenset(),
+    ThreadKind.EVENT_LOOP: _UNIX,
+    ThreadKind.BACKEND: _UNIX,
+    ThreadKind.DAEMON: _UNIX | _IP,
 }
 
 # -- ioctl requests (argument 1 checked) ---------------------------------------------------

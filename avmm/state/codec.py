@@ -451,7 +451,7 @@ def _record_binder(cls: type) -> Any:
         fields = plain.fields
         if plain.version != version:
             upgrade = getattr(cls, "upgrade_state", None)
-            if plain.version > version or upgrade is None:
+            if not 1 <= plain.version < version or upgrade is None:
                 raise _Refused
             fields = upgrade(plain.version, dict(fields))
         if fields.keys() != names:
@@ -525,7 +525,8 @@ def _bind_record(plain: Any, cls: type, path: str) -> Any:
     version = state_version(cls)
     if plain.version != version:
         upgrade = getattr(cls, "upgrade_state", None)
-        if plain.version > version or upgrade is None:
+        # Versions start at 1: a 0 is no version any avmm wrote.
+        if not 1 <= plain.version < version or upgrade is None:
             raise SnapshotError(
                 f"{path}: {name} is version {plain.version} in the file; this avmm reads "
                 f"version {version}" + (" (written by a newer avmm?)"

@@ -89,8 +89,8 @@ class RateLimitGroupState:
 def _upgrade_from_1(cls: type, version: int, fields: dict[str, Any],
                     added: dict[str, Any]) -> dict[str, Any]:
     """Version 1 of a config record had no limits: those fields are added, empty."""
-    if version != 1:  # pragma: no cover - the codec only passes older versions
-        raise ValueError(f"{cls.__name__}: no upgrade from version {version}")
+    if version != 1:  # the codec passes versions 1 .. current-1 only
+        raise SnapshotError(f"{cls.__name__}: no upgrade from version {version}")
     return {**added, **fields}
 
 

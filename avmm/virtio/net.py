@@ -327,8 +327,12 @@ class NetDevice(VirtioDevice):
                 self._tx_held = None
             elif (chain := queue.pop(memory)) is None:
                 break
-            if throttle is not None:
-                wait = throttle.admit(max(chain.readable_length - NET_HEADER_SIZE, 0))
+            frame_length = chain.readable_length - NET_HEADER_SIZE
+            # A frame _send drops for its size costs nothing: a chain can claim up to
+            # 4 GiB, and charging it would put the limiter (a daemon group shared
+            # with other VMs included) deep in debt for a frame that never goes out.
+            if throttle is not None and MIN_FRAME_SIZE <= frame_length <= MAX_FRAME_SIZE:
+                wait = throttle.admit(frame_length)
                 if wait:
                     self._tx_held, self._tx_wait_ns = chain, wait
                     break

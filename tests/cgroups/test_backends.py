@@ -26,7 +26,7 @@ from avmm.cgroups import (
     quota_us,
     weight_to_shares,
 )
-from avmm.cgroups.backend import owner_name
+from avmm.cgroups.backend import owner_name, pid_namespace
 
 
 def dead_pid() -> int:
@@ -140,18 +140,22 @@ def test_stale_owner_of_a_dead_process_is_removed_on_start(tmp_path: Path,
     backend = V1Backend(root, root) if version == "v1" else V2Backend(root)
     parent = root / "avmm"
     # A crashed avmm (its PID gone) left an owner with a VM in it; a reused PID (this
-    # process, another start time) counts as gone too; ours and foreign names stay.
-    dead = parent / f"pid-{dead_pid()}-12345" / "vm-old"
-    reused = parent / f"pid-{os.getpid()}-1" / "vm-other"
+    # process, another start time) counts as gone too; ours and foreign names stay, and
+    # so does an owner of another PID namespace (its PID means nothing here: an avmm in
+    # a container may be running it).
+    namespace = pid_namespace()
+    dead = parent / f"pid-{namespace}-{dead_pid()}-12345" / "vm-old"
+    reused = parent / f"pid-{namespace}-{os.getpid()}-1" / "vm-other"
     ours = parent / owner_name() / "vm-live"
     foreign = parent / "not-an-owner"
-    for path in (dead, reused, ours, foreign):
+    elsewhere = parent / f"pid-{namespace + 1}-{dead_pid()}-12345" / "vm-contained"
+    for path in (dead, reused, ours, foreign, elsewhere):
         path.mkdir(parents=True)
         (path / "tasks").write_text("")
     removed = HostCgroups(backend).cleanup_stale()
     assert sorted(removed) == sorted([dead.parent, reused.parent])
     assert not dead.parent.exists() and not reused.parent.exists()
-    assert ours.exists() and foreign.exists()
+    assert ours.exists() and foreign.exists() and elsewhere.exists()
 
 
 def test_no_backend_refuses_with_one_line_and_cleans_nothing() -> None:
@@ -236,6 +240,13 @@ def test_cpu_lists() -> None:
         parse_cpu_list("6-9", usable=usable)
     assert str(outside.value) == ("CPU 8-9 is not one this host lets avmm use "
                                   "(usable: 0-7)")
+    # Refused before anything is expanded (an attacker review made a 256 KiB list of
+    # wide ranges take 7 s of CPU, under the GIL, in the daemon).
+    for huge in (",".join(["0-8191"] * 40000), list(range(9000))):
+        with pytest.raises(CpuListError, match="too long"):
+            parse_cpu_list(huge, usable=usable)
+    with pytest.raises(CpuListError, match="CPU 8-8191 is not"):
+        parse_cpu_list("0-8191,1", usable=usable)
 
 
 def test_two_vms_with_one_name_get_two_cgroups(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from avmm.cgroups import detect_backend
+from avmm.cgroups.backend import pid_namespace
 from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
 from tests.vm.helpers import TEST_GUEST
@@ -53,7 +54,7 @@ def test_the_cgroup_of_a_killed_avmm_is_removed_by_the_next_start(tmp_path: Path
         deadline = time.monotonic() + 120
         while owner is None and time.monotonic() < deadline:
             owner = next((path for path in backend.owner_dirs()
-                          if path.name.startswith(f"pid-{crashed.pid}-")
+                          if path.name.startswith(f"pid-{pid_namespace()}-{crashed.pid}-")
                           and (path / "vm-vm1").exists()), None)
             time.sleep(0.05)
         assert owner is not None, "the VM's cgroup never appeared"

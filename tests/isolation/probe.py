@@ -29,7 +29,7 @@ from avmm.isolation import (
     install_process_filter,
     install_thread_filter,
 )
-from avmm.isolation.seccomp import DENSE_PROCESS_KINDS
+from avmm.isolation.seccomp import DAEMON_PROCESS_KINDS, DENSE_PROCESS_KINDS
 from avmm.logs import configure_logging
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -38,6 +38,8 @@ libc.syscall.restype = ctypes.c_long
 SYS_GETPID = 39
 X32_SYSCALL_BIT = 0x40000000
 SYS_PTRACE = 101
+SOCK_PACKET = 10  # the legacy link-level type of AF_INET (<linux/net.h>)
+ETH_P_ALL = 3
 PTRACE_TRACEME = 0
 
 # Made before the filter: files, fds and executable memory the calls use.
@@ -108,6 +110,22 @@ CALLS: dict[str, Callable[[], object]] = {
     "i386-getpid": _i386,
     # forbidden on some kinds
     "inet-socket": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close(),
+    "udp-socket": lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close(),
+    "tcp6-socket": lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM,
+                                         socket.IPPROTO_TCP).close(),
+    # what the daemon's IP sockets must never be: raw IP, link-level frames (through
+    # AF_INET's legacy SOCK_PACKET, or AF_PACKET), ICMP, SCTP, netlink
+    "raw-socket": lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW,
+                                        socket.IPPROTO_RAW).close(),
+    "inet-packet-socket": lambda: socket.socket(socket.AF_INET, SOCK_PACKET,
+                                                socket.htons(ETH_P_ALL)).close(),
+    "packet-socket": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                           socket.htons(ETH_P_ALL)).close(),
+    "icmp-socket": lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM,
+                                         socket.IPPROTO_ICMP).close(),
+    "sctp-socket": lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM,
+                                         socket.IPPROTO_SCTP).close(),
+    "netlink-socket": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close(),
     "openat": lambda: os.close(os.open("/etc/hostname", os.O_RDONLY)),
     "kvm-create-vm": lambda: _ioctl("KVM_CREATE_VM"),
     # avmm's own work that must never die of the filter
@@ -128,8 +146,9 @@ def _try(names: list[str]) -> None:
 def main(argv: list[str]) -> int:
     mode, target, names = SeccompMode(argv[0]), argv[1], argv[2:]
     configure_logging(level="error")  # as avmm's front doors do, before any filter
-    if target == "process":
-        install_process_filter(DENSE_PROCESS_KINDS, mode)
+    if target in ("process", "daemon"):
+        install_process_filter(DENSE_PROCESS_KINDS if target == "process"
+                               else DAEMON_PROCESS_KINDS, mode)
         _try(names)
         return 0
     kind = ThreadKind(target)

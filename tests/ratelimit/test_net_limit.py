@@ -10,7 +10,7 @@ import time
 import trio
 
 from avmm.ratelimit import BucketConfig, RateLimitConfig, RateLimiter, Throttle
-from avmm.virtio.net import NET_HEADER_SIZE, NetDevice
+from avmm.virtio.net import MAX_FRAME_SIZE, NET_HEADER_SIZE, NetDevice
 from tests.virtio.test_net import MAC, FakeTap, Guest, frame, running, until
 
 
@@ -100,3 +100,24 @@ async def test_a_stop_forgets_the_held_tx_chain_and_the_queue_gives_it_back() ->
         assert queue is not None and queue.held == 1
         assert device._tx_held is None
         assert queue.give_back(guest.memory) == (1, 0)
+
+
+async def test_a_frame_dropped_for_its_size_costs_the_limiter_nothing() -> None:
+    """An oversized transmit chain is dropped without being charged: a guest must not
+    be able to drive its limiter (or a group shared with other VMs) into debt with
+    frames that never go out. The next frame goes out at once."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        guest = Guest(memory_size=1 << 22)
+        device = NetDevice(FakeTap(a), mac=MAC)
+        device.tx_throttle = limit = throttle(
+            bandwidth=BucketConfig(size=4096, refill_ms=60_000))
+        good = frame(b"after", 100)
+        async with running(device, guest.context):
+            guest.send(frame(b"huge", MAX_FRAME_SIZE + 1))
+            guest.send(good)
+            await until(lambda: guest.tx.used_idx == 2, timeout=30)
+        received = b.recv(2048)[NET_HEADER_SIZE:]
+    assert received == good
+    assert (limit.admitted_ops, limit.admitted_bytes, limit.throttled) == (1, len(good), 0)
+    assert device.stats.tx_dropped == 1

@@ -14,7 +14,9 @@ import pytest
 from avmm.cgroups.backend import quota_us
 from avmm.config import config_from_dict
 from avmm.errors import StateError
-from avmm.state.codec import U32, decode, encode
+from avmm.state import SnapshotError
+from avmm.state._writer import build_plain
+from avmm.state.codec import U32, Record, decode, encode, state_name
 from avmm.state.vm_state import (
     BucketState,
     ConfigState,
@@ -226,3 +228,12 @@ def test_a_version_1_config_restores_with_no_limits(image: Path) -> None:
     assert (net.tx_rate_limit, net.rx_rate_limit, net.tx_rate_limit_group,
             net.rx_rate_limit_group) == (None, None, None, None)
     assert config.rate_limit_groups == ()
+
+
+@pytest.mark.parametrize("cls", [ConfigState, MachineConfigState])
+def test_a_record_of_version_0_is_refused_in_one_line(cls: type) -> None:
+    """Versions start at 1: a hostile file or stream with a version-0 record is a
+    SnapshotError (one line), not an upgrade attempt that escapes as another error."""
+    payload = build_plain(Record(state_name(cls), 0, {}))
+    with pytest.raises(SnapshotError, match="version 0"):
+        decode(payload, cls, path="config")
