@@ -331,7 +331,10 @@ class HostedVm:
         :raises ConfigError: a bad ``machine.cpu_weight``/``cpu_max_percent`` (400).
         :raises CgroupError: this host cannot apply CPU controls (409).
         """
-        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.STOPPED):
+        if self.state in (VmState.STARTING, VmState.INCOMING, VmState.STOPPING,
+                          VmState.STOPPED):
+            # INCOMING: its machine is built only with the stream; a change now would
+            # be made on a placeholder and lost (its cgroup leaked).
             raise VmStateError(f"VM {self.id!r} is {self.state.value}; its limits can be "
                                "changed while it exists and runs (or is paused)")
         limits = self.vm.rate_limits

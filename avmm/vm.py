@@ -1389,6 +1389,11 @@ class VirtualMachine:
         :raises CgroupError: this host cannot apply CPU controls.
         """
         check_cpu_limits(weight=weight, max_percent=max_percent)
+        if self.state in (VmState.STARTING, VmState.INCOMING):
+            # Before its machine is built there are no vCPU threads to place, and the
+            # VmCpu made then would be replaced (and its cgroup left behind).
+            raise VmStateError(f"VM {self.name!r} is not running yet; its CPU limits can "
+                               "change once it runs (set them in its config before)")
         if self.state in (VmState.STOPPING, VmState.STOPPED):
             raise VmStateError(f"VM {self.name!r} is {self.state.value}; its CPU limits "
                                "cannot change")

@@ -12,6 +12,7 @@ import trio
 from avmm.cgroups import CgroupError, detect_backend, weight_to_shares
 from avmm.cgroups.backend import owner_name
 from avmm.config import ConfigError, MachineConfig, VmConfig
+from avmm.errors import VmStateError
 from avmm.vm import VirtualMachine
 from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
@@ -171,3 +172,23 @@ async def test_no_cgroup_backend_refuses_cpu_controls_in_one_line(
     assert "cpu_weight/cpu_max_percent cannot be applied" in message
     assert "no cgroup cpu controller is mounted" in message
     assert isinstance(refused.value.__cause__, CgroupError)
+
+
+async def test_cpu_limits_of_a_vm_not_running_yet_are_refused_and_leave_nothing(
+        tmp_path: Path) -> None:
+    """Before a VM's machine is built (not entered yet, or waiting for its migration)
+    a change would go to a placeholder and its cgroup be left behind (an attacker
+    review leaked one per POST /vms/incoming + PATCH + DELETE): refused in one line."""
+    require(cgroup_cpu_problem())
+    backend = detect_backend()
+    assert not isinstance(backend, str)
+    before = set(backend.parent.glob("*/vm-*")) if backend.parent.exists() else set()
+    unstarted = VirtualMachine(guest_config(SPIN, name="cg-unstarted"))
+    with pytest.raises(VmStateError, match="not running yet"):
+        await unstarted.set_cpu_limits(weight=200)
+    async with VirtualMachine.receive(f"unix:{tmp_path / 'in.sock'}") as incoming:
+        with pytest.raises(VmStateError, match="not running yet"):
+            await incoming.set_cpu_limits(weight=200)
+        incoming.stop()
+    after = set(backend.parent.glob("*/vm-*")) if backend.parent.exists() else set()
+    assert after <= before
