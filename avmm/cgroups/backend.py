@@ -29,6 +29,7 @@ Every function here makes blocking syscalls on cgroupfs: call them from a worker
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -273,8 +274,14 @@ class V1Backend:
         dirs = [owner_dir / name]
         if self.acct_parent is not None:
             dirs.append(self.acct_parent / owner_dir.name / name)
-        for path in dirs:
-            _mkdir(path)
+        made: list[Path] = []
+        try:
+            for path in dirs:
+                _mkdir(path)
+                made.append(path)
+        except CgroupError:
+            _remove_quietly(made)  # a half-made VM cgroup is nobody's to clean up later
+            raise
         return dirs
 
     def set_limits(self, dirs: list[Path], weight: int, max_percent: float | None) -> None:
@@ -347,10 +354,14 @@ class V2Backend:
     def create_vm(self, owner_dir: Path, name: str) -> list[Path]:
         path = owner_dir / name
         _mkdir(path)
-        write_file(path / "cgroup.type", "threaded")
-        # Now that the owner is a threaded domain it may hold the process's other
-        # threads and still hand the (threaded) cpu controller to its children.
-        _enable_cpu(owner_dir)
+        try:
+            write_file(path / "cgroup.type", "threaded")
+            # Now that the owner is a threaded domain it may hold the process's other
+            # threads and still hand the (threaded) cpu controller to its children.
+            _enable_cpu(owner_dir)
+        except CgroupError:
+            _remove_quietly([path])  # a half-made VM cgroup is nobody's to clean up later
+            raise
         return [path]
 
     def set_limits(self, dirs: list[Path], weight: int, max_percent: float | None) -> None:
@@ -489,3 +500,11 @@ def detect_backend(*, mounts_file: Path = Path("/proc/self/mounts"),
     if not reasons:
         reasons.append("no cgroup cpu controller is mounted")
     return "; ".join(reasons)
+
+
+def _remove_quietly(paths: list[Path]) -> None:
+    """rmdir each of ``paths`` (empty cgroups), last made first, ignoring failures: used
+    on a failure path, whose own error is the one to report."""
+    for path in reversed(paths):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

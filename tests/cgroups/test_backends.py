@@ -264,3 +264,36 @@ def test_two_vms_with_one_name_get_two_cgroups(tmp_path: Path) -> None:
     assert second.cgroup.exists()  # the other VM's cgroup is untouched
     second.release()
     assert not (root / "avmm" / owner_name()).exists()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_vm_cgroup_made_halfway_is_removed(tmp_path: Path, version: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the middle of making a VM's cgroup (v1: its cpuacct twin; v2: its
+    threaded type) leaves no directory behind (attacker review: they leaked)."""
+    import avmm.cgroups.backend as backend_module
+
+    if version == "v1":
+        cpu, acct = tmp_path / "cpu", tmp_path / "cpuacct"
+        cpu.mkdir()
+        acct.mkdir()
+        backend: V1Backend | V2Backend = V1Backend(cpu, acct)
+        owner = backend.prepare_owner(owner_name())
+        (acct / "avmm" / owner.name).rmdir()  # the twin's parent is gone: mkdir fails
+    else:
+        root = tmp_path / "root"
+        root.mkdir()
+        backend = V2Backend(root)
+        owner = root / "avmm" / owner_name()
+        owner.mkdir(parents=True)
+        real = backend_module.write_file
+
+        def refuse_type(path: Path, value: str) -> None:
+            if path.name == "cgroup.type":
+                raise CgroupError(f"cannot write {value!r} to {path}: refused")
+            real(path, value)
+
+        monkeypatch.setattr(backend_module, "write_file", refuse_type)
+    with pytest.raises(CgroupError):
+        backend.create_vm(owner, "vm-half")
+    assert not (owner / "vm-half").exists()
