@@ -339,16 +339,18 @@ class V2Backend:
         self.parent = root / AVMM_DIR
 
     def prepare_owner(self, owner: str) -> Path:
-        # cpu must be enabled on each level above a VM cgroup: root → avmm → owner.
-        _enable_cpu(self.root)
         _mkdir(self.parent)
-        _enable_cpu(self.parent)
         owner_dir = self.parent / owner
         _mkdir(owner_dir)
         # The whole process moves into its owner cgroup, the threaded domain whose
         # threaded children the VMs' vCPU threads go to (a thread can only move within
-        # its process's threaded subtree).
+        # its process's threaded subtree). It moves first: in a delegated cgroup (its
+        # own, not the root) the kernel lets a cgroup hand controllers to its children
+        # only once no process is left in it.
         write_file(owner_dir / "cgroup.procs", str(os.getpid()))
+        # cpu must be enabled on each level above a VM cgroup: root → avmm → owner.
+        _enable_cpu(self.root)
+        _enable_cpu(self.parent)
         return owner_dir
 
     def create_vm(self, owner_dir: Path, name: str) -> list[Path]:
