@@ -58,26 +58,6 @@ class SequenceEchoer(EthernetEchoer):
         with self._seen_lock:
             return list(self.seen)
 
-    def _run(self) -> None:
-        try:
-            sock = self._open()
-        except BaseException as e:  # handed to start()
-            self._error = e
-            self._ready.set()
-            return
-        deadline = time.monotonic() + self.lifetime
-        with sock:
-            self._ready.set()
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                try:
-                    frame, address = sock.recvfrom(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break  # the interface went away (namespace deleted)
-                if self._answer(sock, frame, address[2]):
-                    self.echoed += 1
-
     def _answer(self, sock: socket.socket, frame: bytes, packet_type: int) -> bool:
         """Echo ``frame`` if it is a net-echo frame of the guest's (not one of ours
         going out, not a first copy to drop); True when echoed."""

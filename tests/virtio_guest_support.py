@@ -186,17 +186,23 @@ class EthernetEchoer:
                     continue
                 except OSError:
                     break  # the interface went away (namespace deleted)
-                if address[2] == _PACKET_OUTGOING or len(frame) < 14:
-                    continue
-                if int.from_bytes(frame[12:14], "big") != ECHO_ETHERTYPE:
-                    continue
-                if frame[6:12] == ECHO_MAC:
-                    continue
-                try:
-                    sock.send(frame[6:12] + ECHO_MAC + frame[12:])
-                except OSError:
-                    continue  # e.g. no carrier yet; the guest will time out and say so
-                self.echoed += 1
+                if self._answer(sock, frame, address[2]):
+                    self.echoed += 1
+
+    def _answer(self, sock: socket.socket, frame: bytes, packet_type: int) -> bool:
+        """Echo ``frame`` if it is an echo-ethertype frame from the guest (not one of
+        ours going out); True when echoed. Subclasses choose what to answer."""
+        if packet_type == _PACKET_OUTGOING or len(frame) < 14:
+            return False
+        if int.from_bytes(frame[12:14], "big") != ECHO_ETHERTYPE:
+            return False
+        if frame[6:12] == ECHO_MAC:
+            return False
+        try:
+            sock.send(frame[6:12] + ECHO_MAC + frame[12:])
+        except OSError:
+            return False  # e.g. no carrier yet; the guest will time out and say so
+        return True
 
 
 _names = itertools.count()
