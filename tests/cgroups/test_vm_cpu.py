@@ -11,23 +11,16 @@ import trio
 
 from avmm.cgroups import CgroupError, detect_backend, weight_to_shares
 from avmm.cgroups.backend import owner_name
-from avmm.config import ConfigError, MachineConfig, VmConfig
+from avmm.config import ConfigError
 from avmm.errors import VmStateError
 from avmm.vm import VirtualMachine
 from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
-from tests.vm.helpers import guest_config
+from tests.vm.helpers import guest_config, with_machine
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
 SPIN = "avmm.test=count avmm.n=100000000000000"
-
-
-def with_machine(config: VmConfig, **machine: object) -> VmConfig:
-    values = {name: getattr(config.machine, name) for name in MachineConfig.__slots__}
-    values.update(machine)
-    return VmConfig(**{**{name: getattr(config, name) for name in VmConfig.__slots__},
-                       "machine": MachineConfig(**values)})  # type: ignore[arg-type]
 
 
 def read(path: Path) -> str:

@@ -11,22 +11,16 @@ import pytest
 import trio
 
 from avmm import StopReason, VirtualMachine, VmState
-from avmm.config import DiskConfig, MachineConfig
+from avmm.config import DiskConfig
 from avmm.ratelimit import BucketConfig, RateLimitConfig
 from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
+from tests.ratelimit.support import admits
+from tests.vm.helpers import with_machine
 
 from .support import TIMEOUT_S, guest_config
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
-
-
-async def _admitted(device: object, count: int) -> None:
-    throttle = device.throttle  # type: ignore[attr-defined]
-    assert throttle is not None
-    with trio.fail_after(TIMEOUT_S):
-        while throttle.admitted_ops < count:
-            await trio.sleep(0.02)
 
 
 async def test_the_destination_has_the_limits_in_effect_on_the_source(
@@ -37,15 +31,13 @@ async def test_the_destination_has_the_limits_in_effect_on_the_source(
     configured = RateLimitConfig(ops=BucketConfig(size=5, refill_ms=100))
     changed = RateLimitConfig(ops=BucketConfig(size=8, refill_ms=100, one_time_burst=3))
     base = guest_config("avmm.test=blk-bench avmm.rw=read avmm.n=1000000000")
-    config = dataclasses.replace(
-        base, machine=MachineConfig(**{**{name: getattr(base.machine, name) for name in
-                                          MachineConfig.__slots__}, "cpu_weight": 300}),
-        disks=(DiskConfig(image, rate_limit=configured),))
+    config = dataclasses.replace(with_machine(base, cpu_weight=300),
+                                 disks=(DiskConfig(image, rate_limit=configured),))
     address = f"unix:{tmp_path / 'in.sock'}"
     with trio.fail_after(TIMEOUT_S * 2):
         async with VirtualMachine.receive(address) as destination:
             async with VirtualMachine(config) as source:
-                await _admitted(source.virtio_slots[0].device, 10)
+                await admits(source.virtio_slots[0].device, 10)
                 source.rate_limits.set("disk", 0, None, changed)
                 await source.set_cpu_limits(max_percent=60.5)
                 await source.migrate(address)
@@ -60,7 +52,7 @@ async def test_the_destination_has_the_limits_in_effect_on_the_source(
             assert destination.cpu_limits.max_percent == 60.5
             assert destination.config.machine.cpu_max_percent == 60.5
             # The destination's disk is served through its limiter.
-            await _admitted(destination.virtio_slots[0].device, 1)
+            await admits(destination.virtio_slots[0].device, 1)
             destination.stop()
             end = await destination.wait()
     assert end.reason is StopReason.STOPPED, end

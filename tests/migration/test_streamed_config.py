@@ -4,26 +4,23 @@ own limits), and then the source's affinity is not even checked against this hos
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
 
-from avmm.config import MachineConfig
+from avmm.config import VmConfig
 from avmm.migration.destination import streamed_config
 from avmm.migration.errors import MigrationError
 from avmm.state.codec import encode
 from avmm.state.vm_state import config_to_state
-from tests.vm.helpers import guest_config
+from tests.vm.helpers import guest_config, with_machine
 
 #: A host CPU this host does not have (the source's was bigger).
 ABSENT_CPU = max(os.sched_getaffinity(0)) + 1000
 
 
-def _with_machine(**keys: object) -> object:
-    base = guest_config("avmm.test=hello")
-    fields = {name: getattr(base.machine, name) for name in MachineConfig.__slots__}
-    return dataclasses.replace(base, machine=MachineConfig(**{**fields, **keys}))
+def _with_machine(**keys: object) -> VmConfig:
+    return with_machine(guest_config("avmm.test=hello"), **keys)
 
 
 def _payload(config: object) -> bytes:

@@ -15,7 +15,8 @@ import trio
 from avmm.api import ApiClient, serve_api
 from avmm.host import Host
 from tests.api.test_metrics_real import parse_metrics, value
-from tests.vm.helpers import TEST_GUEST
+from tests.ratelimit.support import admits
+from tests.vm.helpers import TEST_GUEST, with_machine
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
@@ -184,19 +185,10 @@ async def test_two_vms_naming_a_daemon_group_share_its_buckets(socket_dir: Path)
     assert elapsed >= (sum(admitted) - OPS_SIZE) * REFILL_MS / OPS_SIZE / 1000
 
 
-async def _admits(device: object, count: int) -> None:
-    """The restored disk's limiter is the one serving it: it admits the guest's requests."""
-    throttle = device.throttle  # type: ignore[attr-defined]
-    assert throttle is not None
-    with trio.fail_after(60):
-        while throttle.admitted_ops < count:
-            await trio.sleep(0.02)
-
-
 async def test_a_snapshot_carries_the_limits_in_effect_and_the_restored_vm_has_them(
         tmp_path: Path) -> None:
     from avmm import VirtualMachine
-    from avmm.config import DiskConfig, MachineConfig
+    from avmm.config import DiskConfig
     from avmm.ratelimit import BucketConfig, RateLimitConfig
     from tests.cgroups.conftest import cgroup_cpu_problem
     from tests.prerequisites import require
@@ -210,12 +202,10 @@ async def test_a_snapshot_carries_the_limits_in_effect_and_the_restored_vm_has_t
                               bandwidth=BucketConfig(size=1 << 20, refill_ms=100,
                                                      one_time_burst=4096))
     base = guest_config("avmm.test=blk-bench avmm.rw=read avmm.n=1000000000")
-    config = dataclasses.replace(
-        base, machine=MachineConfig(**{**{name: getattr(base.machine, name) for name in
-                                          MachineConfig.__slots__}, "cpu_weight": 250}),
-        disks=(DiskConfig(image, rate_limit=limit),))
+    config = dataclasses.replace(with_machine(base, cpu_weight=250),
+                                 disks=(DiskConfig(image, rate_limit=limit),))
     async with VirtualMachine(config) as vm:
-        await _admits(vm.virtio_slots[0].device, 2 * OPS_SIZE)
+        await admits(vm.virtio_slots[0].device, 2 * OPS_SIZE)
         await vm.pause()
         await vm.snapshot(tmp_path / "as-configured")
         # Changed at run time (what PATCH /vms/{id} does): the next snapshot has these.
@@ -237,7 +227,7 @@ async def test_a_snapshot_carries_the_limits_in_effect_and_the_restored_vm_has_t
             assert restored.cpu_limits.weight == restored.config.machine.cpu_weight == weight
             assert restored.cpu_limits.max_percent == max_percent
             assert restored.cpu_description()["weight"] == weight
-            await _admits(restored.virtio_slots[0].device, OPS_SIZE + 1)
+            await admits(restored.virtio_slots[0].device, OPS_SIZE + 1)
             restored.stop()
             await restored.wait()
 
@@ -263,7 +253,7 @@ async def test_a_restored_vm_keeps_patched_limits_and_its_daemon_group_s_buckets
             put = await api._http.put("/rate_limit_groups/tenant", json=group)
             assert put.status_code == 201
             vm_id = (await api.create_vm(config))["id"]
-            await _admits(host.get(vm_id).vm.virtio_slots[0].device, 2 * OPS_SIZE)
+            await admits(host.get(vm_id).vm.virtio_slots[0].device, 2 * OPS_SIZE)
             await api.update_limits(vm_id, {"disks": [{"index": 1, "rate_limit": patched}]})
             put = await api._http.put("/rate_limit_groups/tenant", json=group_now)
             assert put.status_code == 200
@@ -288,6 +278,6 @@ async def test_a_restored_vm_keeps_patched_limits_and_its_daemon_group_s_buckets
             assert shown["disks"][0]["rate_limit"] == group_now
             assert shown["disks"][1]["rate_limit"] == patched
             assert shown["disks"][1]["rate_limit_group"] is None
-            await _admits(host.get(vm_id).vm.virtio_slots[0].device, 3 * OPS_SIZE + 1)
+            await admits(host.get(vm_id).vm.virtio_slots[0].device, 3 * OPS_SIZE + 1)
             await api.stop(vm_id)
             nursery.cancel_scope.cancel()

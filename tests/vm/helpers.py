@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -13,6 +14,11 @@ TEST_GUEST = REPO / "build" / "guest" / "testguest.elf"
 #: The test guest's mailbox page (see tests/guest/README.md).
 MAILBOX_ADDRESS = 0x200000
 MAILBOX_MAGIC = 0x584F424C49414D41
+
+
+def with_machine(config: VmConfig, **machine: object) -> VmConfig:
+    """``config`` with these ``[machine]`` keys changed (e.g. ``cpu_weight=300``)."""
+    return dataclasses.replace(config, machine=dataclasses.replace(config.machine, **machine))
 
 
 def guest_config(cmdline: str, *, memory_mib: int = 32, vcpus: int = 1,
