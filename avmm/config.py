@@ -69,7 +69,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 from .arch.x86.cpuid import FEATURES as CPU_FEATURES
 from .cgroups.cpulist import CpuListError, format_cpu_list, parse_cpu_list
 from .errors import ConfigError
-from .ratelimit import BucketConfig, RateLimitConfig
+from .ratelimit import BUCKET_SIZE_MAX, REFILL_MS_MAX, BucketConfig, RateLimitConfig
 
 __all__ = [
     "CMDLINE_MAX_BYTES",
@@ -1015,8 +1015,6 @@ _SERIAL: Final = _Table(
 
 #: Bounds that keep the integer arithmetic of avmm.ratelimit small and catch unit
 #: mistakes: a bucket of up to 1 TiB (or 2^40 requests), refilled in up to an hour.
-BUCKET_SIZE_MAX: Final = 1 << 40
-REFILL_MS_MAX: Final = 3_600_000
 
 
 def _build_bucket(values: dict[str, Any], raw: Mapping[str, Any], key: str,

@@ -342,12 +342,7 @@ class HostedVm:
         for change in update.changes:
             limits.check(change.kind, change.index, change.direction, change.key)
         for name, _ in update.groups:
-            if name not in limits.groups:
-                raise LimitTargetError(
-                    f"rate_limit_groups.{name}: this VM's config has no such group (it "
-                    f"has {', '.join(sorted(limits.groups)) or 'none'}; the daemon's "
-                    "groups change with PUT /rate_limit_groups/NAME)",
-                    key=f"rate_limit_groups.{name}")
+            limits.check_group(name)
         if cpu:
             await self.vm.set_cpu_limits(**cpu)
         for change in update.changes:

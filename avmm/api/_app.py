@@ -406,9 +406,8 @@ class ManagementApi:
         return _json_response(200, vm.to_dict())
 
     def _groups(self) -> SharedGroups:
-        # A Host without daemon-wide groups (a test double) has none.
-        groups = getattr(self.host, "rate_limit_groups", None)
-        return groups if isinstance(groups, SharedGroups) else SharedGroups()
+        groups: SharedGroups = self.host.rate_limit_groups
+        return groups
 
     async def _list_groups(self, request: _Request) -> _Response:
         return _json_response(200, {"rate_limit_groups": self._groups().list()})

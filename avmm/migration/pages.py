@@ -19,7 +19,9 @@ from typing import Protocol
 from .stream import KIND_DATA, KIND_ZERO, MAX_FRAME_PAGES, PAGE_SIZE, Run
 
 #: Zeros to compare runs of pages against (a memoryview slice of it costs no copy).
-_ZEROS = memoryview(bytes(MAX_FRAME_PAGES * PAGE_SIZE))
+#: Zeros to compare guest pages with: ``bytes.startswith`` is one memcmp (a memoryview
+#: ``==`` compares item by item, about 20 times slower).
+_ZEROS = bytes(MAX_FRAME_PAGES * PAGE_SIZE)
 _ONES = b"\1" * MAX_FRAME_PAGES
 
 
@@ -51,26 +53,11 @@ class PageMap:
                         r.guest_address) for r in sorted(memory.regions,
                                                          key=lambda r: r.file_offset)]
 
-    def address(self, page: int) -> int:
-        for first, end, guest_address in self._spans:
-            if first <= page < end:
-                return guest_address + (page - first) * PAGE_SIZE
-        raise IndexError(page)
-
     def pieces(self, first: int, count: int) -> Iterator[tuple[int, int, memoryview]]:
         """``(first page, pages, view of their bytes)`` for pages ``first ..
         first + count - 1``, one piece per memory region they fall in."""
-        end = first + count
-        for start, stop, guest_address in self._spans:
-            if first >= end:
-                return
-            if start <= first < stop:
-                pages = min(end, stop) - first
-                yield first, pages, self.memory.view(
-                    guest_address + (first - start) * PAGE_SIZE, pages * PAGE_SIZE)
-                first += pages
-        if first < end:
-            raise IndexError(first)
+        for piece_first, pages, guest_address in self._spans_of(first, count):
+            yield piece_first, pages, self.memory.view(guest_address, pages * PAGE_SIZE)
 
     # -- source -------------------------------------------------------------------------
 
@@ -95,13 +82,15 @@ class PageMap:
             yield frame
 
     def _spans_of(self, first: int, count: int) -> Iterator[tuple[int, int, int]]:
+        """``(first page, pages, guest address of the first)`` for pages ``first ..
+        first + count - 1``, one per memory region they fall in."""
         end = first + count
-        for start, stop, _ in self._spans:
+        for start, stop, guest_address in self._spans:
             if first >= end:
                 return
             if start <= first < stop:
                 pages = min(end, stop) - first
-                yield first, pages, start
+                yield first, pages, guest_address + (first - start) * PAGE_SIZE
                 first += pages
         if first < end:
             raise IndexError(first)
@@ -116,7 +105,7 @@ class PageMap:
         used = 0
         for first, count in frame:
             for piece_first, pages, view in self.pieces(first, count):
-                if view == _ZEROS[:len(view)]:  # memcmp: an untouched stretch
+                if _ZEROS.startswith(view):  # memcmp: an untouched stretch
                     _append(runs, piece_first, pages, KIND_ZERO)
                     continue
                 # Classify page by page (a memcmp each, stopping at the first non-zero
@@ -124,8 +113,8 @@ class PageMap:
                 data_from = -1
                 for index in range(pages + 1):
                     offset = index * PAGE_SIZE
-                    zero = index == pages or view[offset:offset + PAGE_SIZE] == _ZEROS[
-                        :PAGE_SIZE]
+                    zero = index == pages or _ZEROS.startswith(
+                        view[offset:offset + PAGE_SIZE])
                     if zero:
                         if data_from >= 0:
                             length = (index - data_from) * PAGE_SIZE

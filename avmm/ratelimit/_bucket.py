@@ -35,6 +35,9 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "BUCKET_KINDS",
+    "BUCKET_SIZE_MAX",
+    "LIMITER_WAIT_SLICE_S",
+    "REFILL_MS_MAX",
     "BucketConfig",
     "BucketKind",
     "Clock",
@@ -42,12 +45,24 @@ __all__ = [
     "RateLimiter",
     "Throttle",
     "TokenBucket",
+    "limiter_wait_s",
 ]
 
 Clock = Callable[[], int]
 BucketKind = Literal["bandwidth", "ops"]
 BUCKET_KINDS: Final[tuple[BucketKind, ...]] = ("bandwidth", "ops")
 _NS_PER_MS: Final = 1_000_000
+#: The largest bucket (bytes or requests) and the longest refill a limit may name.
+BUCKET_SIZE_MAX: Final = 1 << 40
+REFILL_MS_MAX: Final = 3_600_000
+#: The longest single timed wait of a device for its limiter: a limit changed at run
+#: time (PATCH) takes effect within it, whatever the wait the old limit asked for.
+LIMITER_WAIT_SLICE_S: Final = 0.1
+
+
+def limiter_wait_s(wait_ns: int) -> float:
+    """How long a device waits now for a limiter that asked for ``wait_ns``."""
+    return min(wait_ns / 1e9, LIMITER_WAIT_SLICE_S)
 
 
 @dataclass(frozen=True, slots=True)

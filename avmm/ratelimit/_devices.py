@@ -15,7 +15,7 @@ capped at the new size); when it was in a group or unlimited it leaves the group
 a new limiter, full. ``None`` removes its limit. The device's :class:`Throttle` (its
 counters) is kept throughout, so the waits it recorded survive a change; the serving
 thread picks the change up at its next request, and a wait in progress is at most
-:data:`avmm.virtio.blk.LIMITER_WAIT_SLICE_S` long, so a change is in effect within that.
+:data:`avmm.ratelimit.LIMITER_WAIT_SLICE_S` long, so a change is in effect within that.
 
 Snapshots and migration streams carry the limits in effect (:meth:`DeviceLimits.in_effect`
 gives the VM's config with them; avmm.state.vm_state saves it): a device's own buckets
@@ -249,13 +249,17 @@ class DeviceLimits:
         slot.group = None
         slot.attach(RateLimiter(limit, name=slot.name))
 
-    def set_group(self, name: str, limit: RateLimitConfig) -> None:
-        """Change group ``name``'s buckets in place, for every device in it."""
+    def check_group(self, name: str) -> None:
+        """:class:`LimitTargetError` (404) unless ``name`` is one of this VM's groups."""
         if name not in self.groups:
             raise LimitTargetError(f"rate_limit_groups.{name}: this VM's config has no such "
                                    f"group (it has {', '.join(sorted(self.groups)) or 'none'}"
                                    "; the daemon's groups change with PUT "
                                    "/rate_limit_groups/NAME)", key=f"rate_limit_groups.{name}")
+
+    def set_group(self, name: str, limit: RateLimitConfig) -> None:
+        """Change group ``name``'s buckets in place, for every device in it."""
+        self.check_group(name)
         self.groups[name].reconfigure(limit)
 
     def in_effect(self, config: Any, *, shared_as_own: bool = True) -> Any:

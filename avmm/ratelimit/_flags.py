@@ -11,13 +11,13 @@ import argparse
 import re
 from typing import Final
 
-from ._bucket import BucketConfig, RateLimitConfig
+from ._bucket import BUCKET_SIZE_MAX, BucketConfig, RateLimitConfig
 
 __all__ = ["RATE_MAX", "add_limit_arguments", "limit_from_arguments", "per_second",
            "rate_argument"]
 
-#: Matches avmm.config.BUCKET_SIZE_MAX.
-RATE_MAX: Final = 1 << 40
+#: The largest rate: a bucket of one second's worth, at most the largest bucket.
+RATE_MAX: Final = BUCKET_SIZE_MAX
 _UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _RATE = re.compile(r"(\d+)\s*([kKmMgG]?)(?:i?[bB])?")
 

@@ -67,6 +67,7 @@ import trio
 from ..devices._state import DeviceStateError, check_bool, check_state_class, check_uint
 from ..errors import AvmmError, GuestMemoryError
 from ..isolation.syscalls import ThreadKind
+from ..ratelimit import limiter_wait_s
 from ..state.codec import U64
 from ..threads import run_in_own_thread
 from .device import (
@@ -537,7 +538,7 @@ class BlockDevice(VirtioDevice):
                 more = finish_batch(queue, memory, batch, result, signal_used)
                 if deferred is not None:
                     # Rate limited: a timed wait that a stop cuts short.
-                    stopping.wait(_limiter_wait_s(batch.wait_ns))
+                    stopping.wait(limiter_wait_s(batch.wait_ns))
                 elif not more:
                     break
             # poll(2) first, then read: the read then never fails, which saves a syscall
@@ -576,7 +577,7 @@ class BlockDevice(VirtioDevice):
                 # cancelled run() completes the batch it started.
                 more = self.finish_batch(queue, memory, batch, result, context.signal_used)
                 if deferred is not None:
-                    await trio.sleep(_limiter_wait_s(batch.wait_ns))
+                    await trio.sleep(limiter_wait_s(batch.wait_ns))
                 elif not more:
                     break
 
@@ -904,15 +905,6 @@ def request_bytes(chain: DescriptorChain) -> int:
     or written before the status byte (a FLUSH costs 0, a GET_ID its 20 bytes)."""
     return (max(chain.readable_length - REQUEST_HEADER.size, 0)
             + max(chain.writable_length - 1, 0))
-
-
-#: The longest single timed wait for the limiter: a limit changed at run time (PATCH)
-#: takes effect within it, whatever the wait the old limit asked for.
-LIMITER_WAIT_SLICE_S = 0.1
-
-
-def _limiter_wait_s(wait_ns: int) -> float:
-    return min(wait_ns / 1e9, LIMITER_WAIT_SLICE_S)
 
 
 def _views(memory: MemoryAccess, buffers: Sequence[Buffer], skip: int,

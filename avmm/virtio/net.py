@@ -62,6 +62,7 @@ import structlog
 import trio
 
 from ..devices._state import DeviceStateError, check_bytes, check_state_class
+from ..ratelimit import limiter_wait_s
 from ..tap import TapError
 from .device import (
     DeviceContext,
@@ -301,7 +302,7 @@ class NetDevice(VirtioDevice):
                 if handled:
                     context.signal_used(TX_QUEUE)
                 if self._tx_held is not None:
-                    await trio.sleep(_limiter_wait_s(self._tx_wait_ns))
+                    await trio.sleep(limiter_wait_s(self._tx_wait_ns))
                     continue
                 await trio.lowlevel.checkpoint()
                 if handled < batch_limit and not queue.enable_notifications(memory):
@@ -502,7 +503,7 @@ class NetDevice(VirtioDevice):
                 if wait:
                     if used:
                         context.signal_used(RX_QUEUE)
-                    await trio.sleep(_limiter_wait_s(wait))
+                    await trio.sleep(limiter_wait_s(wait))
                     continue
             if used:
                 context.signal_used(RX_QUEUE)
@@ -719,13 +720,3 @@ class NetDevice(VirtioDevice):
         self.stats.rx_frames += 1
         self.stats.rx_bytes += total - NET_HEADER_SIZE
 
-
-
-
-#: The longest single timed wait for a limiter, so that a limit changed at run time
-#: (PATCH) takes effect within it whatever the old limit asked for.
-LIMITER_WAIT_SLICE_S = 0.1
-
-
-def _limiter_wait_s(wait_ns: int) -> float:
-    return min(wait_ns / 1e9, LIMITER_WAIT_SLICE_S)
