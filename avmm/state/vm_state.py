@@ -86,11 +86,18 @@ class RateLimitGroupState:
     limit: RateLimitState
 
 
-def _upgrade_from_1(cls: type, version: int, fields: dict[str, Any],
-                    added: dict[str, Any]) -> dict[str, Any]:
-    """Version 1 of a config record had no limits: those fields are added, empty."""
+def _upgrade_from_1(cls: type, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 of a config record had no limits: the fields version 2 added (those with
+    a default: "no limit") are filled in with it. A version-1 field has no default, so
+    one missing stays missing and the codec refuses the record."""
     if version != 1:  # the codec passes versions 1 .. current-1 only
         raise SnapshotError(f"{cls.__name__}: no upgrade from version {version}")
+    added = {field.name: field.default if field.default is not dataclasses.MISSING
+             else field.default_factory()  # type: ignore[misc]
+             for field in dataclasses.fields(cls)
+             if field.name not in fields and (field.default is not dataclasses.MISSING
+                                              or field.default_factory
+                                              is not dataclasses.MISSING)}
     return {**added, **fields}
 
 
@@ -113,9 +120,7 @@ class MachineConfigState:
 
     @classmethod
     def upgrade_state(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return _upgrade_from_1(cls, version, fields, {
-            "cpu_weight": None, "cpu_max_millipercent": None, "cpu_affinity": None,
-            "vcpu_affinity": None})
+        return _upgrade_from_1(cls, version, fields)
 
 
 @dataclass(frozen=True)
@@ -148,8 +153,7 @@ class DiskConfigState:
 
     @classmethod
     def upgrade_state(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return _upgrade_from_1(cls, version, fields,
-                               {"rate_limit": None, "rate_limit_group": None})
+        return _upgrade_from_1(cls, version, fields)
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,7 @@ class NetConfigState:
 
     @classmethod
     def upgrade_state(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return _upgrade_from_1(cls, version, fields, {
-            "tx_rate_limit": None, "rx_rate_limit": None, "tx_rate_limit_group": None,
-            "rx_rate_limit_group": None})
+        return _upgrade_from_1(cls, version, fields)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ class ConfigState:
 
     @classmethod
     def upgrade_state(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
-        return _upgrade_from_1(cls, version, fields, {"rate_limit_groups": []})
+        return _upgrade_from_1(cls, version, fields)
 
 
 @dataclass(frozen=True)
