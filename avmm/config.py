@@ -1060,8 +1060,12 @@ def parse_rate_limit(value: Any, key: str, *, source: str | None = None
     return RATE_LIMIT(value, key, _Context(base_dir=None, source=source))
 
 
+#: A rate-limit group's name (in a config, and in PUT /rate_limit_groups/NAME).
+GROUP_NAME_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
+
+
 def _group_name(value: Any, key: str, context: _Context) -> str:
-    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+    if isinstance(value, str) and re.fullmatch(GROUP_NAME_PATTERN, value):
         return value
     raise context.error(key, "expected a group name of 1 to 64 characters from A-Z a-z 0-9 "
                         f"_ -, got {_describe(value)}")

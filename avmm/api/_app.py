@@ -39,6 +39,7 @@ import trio
 from ..cgroups import CgroupError
 from ..config import (
     CONFIG_FILE_MAX_BYTES,
+    GROUP_NAME_PATTERN,
     SerialConfig,
     VmConfig,
     config_from_dict,
@@ -79,7 +80,17 @@ RESTORE_KEYS: Final = ("restore", "start", "copy_memory", "vhost_user")
 #: The most vhost-user sockets one restore request may replace.
 RESTORE_SOCKETS_MAX: Final = 64
 _DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_GROUP_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_GROUP_NAME: Final = re.compile(GROUP_NAME_PATTERN)
+
+
+def _group_name(request: _Request) -> str:
+    """The ``{name}`` of a /rate_limit_groups/{name} request that changes a group: 400
+    unless it is a group name at all."""
+    name: str = request.params["name"]
+    if not _GROUP_NAME.fullmatch(name):
+        raise HttpError(400, "a group name has 1 to 64 characters from A-Z a-z 0-9 _ -",
+                        {"key": "name"})
+    return name
 #: The most console input accepted in one request (the UART takes it a byte at a time).
 CONSOLE_INPUT_MAX: Final = 64 << 10
 _DRAIN_FACTOR: Final = 16
@@ -423,10 +434,7 @@ class ManagementApi:
     async def _put_group(self, request: _Request) -> _Response:
         """PUT /rate_limit_groups/{name}: create a daemon-wide group or change its
         buckets in place (every VM using it sees the change)."""
-        name = request.params["name"]
-        if not _GROUP_NAME.fullmatch(name):
-            raise HttpError(400, "a group name has 1 to 64 characters from A-Z a-z 0-9 _ -",
-                            {"key": "name"})
+        name = _group_name(request)
         _require_json(request, "the group's buckets")
         data = _parse_config_body(await request.body(LIMITS_BODY_MAX), "application/json",
                                   what="the group's buckets")
@@ -440,7 +448,7 @@ class ManagementApi:
                               (("Location", f"/rate_limit_groups/{name}"),))
 
     async def _delete_group(self, request: _Request) -> _Response:
-        self._groups().remove(request.params["name"])
+        self._groups().remove(_group_name(request))
         return _Response(204)
 
     async def _delete(self, request: _Request) -> _Response:

@@ -92,8 +92,7 @@ def render_metrics(vms: Iterable[Any], *, cpu_usage: Mapping[str, Any] | None = 
             requests.add(counters.requests, **labels)
             transferred.add(counters.bytes, **labels)
             notifications.add(counters.notifications, **labels)
-        rate_limit_waits = getattr(vm, "rate_limit_waits", None)
-        for device, kind, seconds in (rate_limit_waits() if rate_limit_waits else ()):
+        for device, kind, seconds in vm.rate_limit_waits():
             waits.add(float(seconds), vm=vm.id, device=device, kind=kind)
     families = (info, state, uptime, exits, requests, transferred, notifications,
                 cpu_seconds, throttled, waits, *migration.families())

@@ -20,6 +20,7 @@ from ..config import (
     CONSOLE_MODES,
     CPU_PROFILES,
     DISK_ID_MAX_BYTES,
+    GROUP_NAME_PATTERN,
     MEMORY_MIB_MAX,
     MEMORY_MIB_MIN,
     REFILL_MS_MAX,
@@ -123,7 +124,7 @@ _RATE_LIMIT: Final = {
     "properties": {"bandwidth": _BUCKET, "ops": _BUCKET},
 }
 
-_GROUP_NAME: Final = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$",
+_GROUP_NAME: Final = {"type": "string", "pattern": f"^{GROUP_NAME_PATTERN}$",
                       "description": "A [rate_limit_groups.NAME] of the same config"}
 
 _DISK: Final = {
@@ -496,7 +497,7 @@ _GROUP_PARAMETER: Final = {
     "name": "name",
     "in": "path",
     "required": True,
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": f"^{GROUP_NAME_PATTERN}$"},
     "description": "The group's name: 1 to 64 characters from A-Z a-z 0-9 _ -",
 }
 _OTHER: Final = _error("Any other error (JSON body as for every error)")

@@ -39,6 +39,7 @@ def parse_cpu_list(value: object, *, usable: Iterable[int] | None = None) -> tup
                                f"{MAX_TEXT})")
         if not value.strip():
             raise CpuListError("expected a CPU list such as \"0-1,3\", got an empty string")
+        top = max(allowed, default=-1)
         for part in value.split(","):
             match = _RANGE.fullmatch(part)
             if match is None:
@@ -48,7 +49,6 @@ def parse_cpu_list(value: object, *, usable: Iterable[int] | None = None) -> tup
             high = int(match[2]) if match[2] is not None else low
             if high < low or high >= _CPU_MAX:
                 raise CpuListError(f"range {part.strip()!r} is backwards or too large")
-            top = max(allowed, default=-1)
             if high > top:
                 beyond = format_cpu_list(range(max(low, top + 1), high + 1))
                 raise CpuListError(f"CPU {beyond} is not one this host lets avmm use "

@@ -204,9 +204,11 @@ def install_thread_filter(kind: ThreadKind, mode: SeccompMode | None = None) -> 
     _loaded.kind = kind
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _set_thread_name(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 #: The kinds a dense VMM process runs (``avmm up``; later ``avmm serve --isolation none``).

@@ -108,13 +108,14 @@ BACKEND = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
            | UNIX_SOCKETS | frozenset({"memfd_create"}))
 
 #: The event loop of ``avmm serve`` (dense mode: every VM's devices in this process):
-#: a VMM's event loop, plus snapshot directories made and renamed into place (mkdirat,
-#: renameat2; their fsync is in DEVICE_IO) and, for migrations over TCP, IP sockets
+#: a VMM's event loop, plus snapshot directories renamed into place (renameat2; made with
+#: the event loop's mkdirat, their fsync is in DEVICE_IO) and, for migrations over TCP, IP
+#: sockets
 #: (``socket`` domains below; the stream calls are those of UNIX_SOCKETS; uname: the
 #: resolver, for a host name in a `tcp:` address). Derived with
 #: ``scripts/seccomp_derive.py serve``. Never execve, fork, ptrace, mount, module or key
 #: calls.
-DAEMON = EVENT_LOOP | frozenset({"mkdirat", "renameat2", "uname"})
+DAEMON = EVENT_LOOP | frozenset({"renameat2", "uname"})
 
 ALLOWED: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.VCPU: VCPU,

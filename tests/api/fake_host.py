@@ -162,6 +162,9 @@ class FakeVm:
         for channel in self.subscribers:
             channel.send_nowait(data)
 
+    def rate_limit_waits(self) -> list[tuple[str, str, float]]:
+        return []  # a fake VM has no devices, so no limiter ever made it wait
+
     def metrics(self) -> FakeVmMetrics:
         return FakeVmMetrics(self.state, {"io": 10, "mmio": 3, "hlt": 1},
                              {"blk0": FakeDeviceMetrics("blk", 4, 2048, 5)})

@@ -195,6 +195,8 @@ async def test_daemon_groups_are_created_changed_listed_and_removed(
     assert "PUT /rate_limit_groups/tenant-b" in response.json()["error"]
     assert (await http.delete("/rate_limit_groups/tenant-a")).status_code == 204
     assert (await http.delete("/rate_limit_groups/tenant-a")).status_code == 204
+    refused = await http.delete("/rate_limit_groups/no.such.name")  # not a group name
+    assert refused.status_code == 400 and refused.json()["detail"]["key"] == "name"
     assert (await http.get("/rate_limit_groups/tenant-a")).status_code == 404
 
 
