@@ -210,14 +210,16 @@ async def _report_boot_time(vm: object) -> None:
 def _seconds_since_process_start() -> float | None:
     """Seconds since this process was created (the kernel's start time in
     /proc/self/stat, so interpreter start-up and imports count too), or None."""
+    from .cgroups.backend import process_start_ticks
+
     try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        start_ticks = int(fields[19])  # field 22 of stat(5); fields[0] is field 3
-        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        start_ticks = process_start_ticks(os.getpid())
     except (OSError, ValueError, IndexError):
         return None
+    if start_ticks is None:
+        return None
+    uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def _forward_stdin(vm: object) -> None:

@@ -151,12 +151,10 @@ def write_state(out: bytearray, value: Any, hint: Any = None) -> None:
     start = len(out)
     try:
         _encoder(type(value) if hint is None else hint)(out, value)
-    except _Slow:
-        del out[start:]
-        write_plain(out, to_plain(value, hint))
-    except TypeError:
-        # An unhashable hint (no plan can be cached for it), or a value the plan did not
-        # expect: the reference path decides (the same bytes, or its TypeError).
+    except (_Slow, TypeError):
+        # A value the plan leaves to the reference path, an unhashable hint (no plan can
+        # be cached for it), or a value the plan did not expect: the reference path
+        # decides (the same bytes, or its TypeError).
         del out[start:]
         write_plain(out, to_plain(value, hint))
 
