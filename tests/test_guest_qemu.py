@@ -37,6 +37,7 @@ from virtio_guest_support import (
     qemu_tap_netdev,
 )
 
+from benchmarks.common import QEMU_KVM_CPU
 from tests.prerequisites import net_problem, require
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
@@ -90,7 +91,7 @@ def qemu_argv(
     ]  # fmt: skip
     if accel == "kvm":
         # The default CPU model asks for features this host's KVM lacks (warnings).
-        argv += ["-cpu", "host"]
+        argv += ["-cpu", QEMU_KVM_CPU]
     if i8042:
         # microvm has no i8042 of its own; with one, the guest's power-off exits 0.
         argv += ["-device", "i8042"]

@@ -52,10 +52,12 @@ path with exponential backoff (:data:`RECONNECT_FIRST_DELAY_S` doubling up to
 checks that the back-end still offers every feature the driver negotiated, the queue
 count and (blk) the same config space (else DEVICE_NEEDS_RESET at once), and replays the
 whole ring bring-up. The give-up time is checked between attempts, so the stall lasts at
-most ``reconnect_timeout`` plus one handshake timeout. A back-end that fails before the
-rings ever ran (the first bring-up after DRIVER_OK, confirmed by REPLY_ACK or, without
-it, by a GET_FEATURES round trip at its end) is broken rather than restarted:
-DEVICE_NEEDS_RESET at once.
+most ``reconnect_timeout`` plus one handshake timeout. A back-end that fails in the first
+bring-up after DRIVER_OK before any ring had its kick fd (SET_VRING_KICK), or that does
+not answer it in time, is broken rather than restarted: DEVICE_NEEDS_RESET at once. From
+the first SET_VRING_KICK on the back-end may run that ring before the bring-up is
+confirmed (qemu-storage-daemon takes the guest's requests as soon as it has the kick
+fd), so a connection lost from then on is a crash like any other: reconnect.
 
 Inflight tracking (INFLIGHT_SHMFD, acked where offered). At the first bring-up
 GET_INFLIGHT_FD(num_queues, queue_size) gives a memfd in which the back-end records which
@@ -415,6 +417,9 @@ class VhostUserDevice(VirtioDevice):
         #: The queue state holds the back-end's exact ring positions (its rings were
         #: stopped with GET_VRING_BASE and not started since).
         self._bases_exact = False
+        #: The bring-up under way has handed over a ring's kick fd: from then on the
+        #: back-end may have run that ring, so a loss is a crash to reconnect from.
+        self._kick_sent = False
         #: The back-end's device state (DEVICE_STATE) as of its last stop, or as loaded
         #: at a restore; valid only while the rings have not run since. None and valid:
         #: the back-end has had nothing worth saving yet.
@@ -590,11 +595,20 @@ class VhostUserDevice(VirtioDevice):
                         with trio.fail_after(RING_TIMEOUT_S):
                             await self._start_rings(self._trio_sock, context, resume=False)
                 except (VhostProtocolError, OSError, trio.TooSlowError) as e:
-                    # Broken before the rings ever ran: not a crash to wait out.
-                    self._drop(_describe(e))
-                    raise DeviceNeedsReset(
-                        f"vhost-user back-end at {self.socket_path}: {e or 'timed out'}"
-                    ) from e
+                    if not self._kick_sent or isinstance(e, trio.TooSlowError):
+                        # Broken before any ring could run (or hung): not a crash to
+                        # wait out.
+                        self._drop(_describe(e))
+                        raise DeviceNeedsReset(
+                            f"vhost-user back-end at {self.socket_path}: "
+                            f"{e or 'timed out'}") from e
+                    # A ring had its kick fd: the back-end may have taken requests
+                    # before it went away, so this is a lost back-end like any other.
+                    self._log.warning("vhost-user back-end lost during the bring-up",
+                                      reason=_describe(e))
+                    self._drop(_describe(e), logged=True)
+                    self._log_progressed()
+                    await self._reconnect(context)
             else:
                 await self._reconnect(context)
             while True:
@@ -738,6 +752,7 @@ class VhostUserDevice(VirtioDevice):
         is the used idx in guest memory (see the module docstring), not the position
         the queue state holds."""
         self._bases_exact = False
+        self._kick_sent = False
         # From here the back-end's device state moves on: what was saved or loaded
         # before no longer describes it (see the module docstring, "Snapshots").
         self._backend_state_valid = False
@@ -802,6 +817,9 @@ class VhostUserDevice(VirtioDevice):
             self._started.append(index)
             await self._call(sock, Request.SET_VRING_CALL, index, fds=[call_fd])
             await self._set_vring_err(sock, index)
+            # From the kick fd on, the back-end may run the ring (vhost-user.rst, "Ring
+            # states"), even before this bring-up is confirmed.
+            self._kick_sent = True
             await self._call(sock, Request.SET_VRING_KICK, index, fds=[kick_fd(index)])
             if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
                 await self._call(sock, Request.SET_VRING_ENABLE, {"index": index, "num": 1})

@@ -40,12 +40,15 @@ class ScriptedBackend:
     ``answer_vring_base``: False makes the back-end take GET_VRING_BASE and never
     answer, and keep the connection open (even after the front-end shuts its side)
     until :meth:`release`, as a hung back-end would. ``nack``: requests answered with
-    a REPLY_ACK failure when the front-end asks for an ack.
+    a REPLY_ACK failure when the front-end asks for an ack. ``drop_after``: the back-end
+    dies on receiving that request (no answer; connection and listener closed), as a
+    back-end that crashed right after it would.
     """
 
     def __init__(self, path: Path, *, features: int, protocol_features: int = 0,
                  queue_num: int = 1, config: bytes = b"", answer_vring_base: bool = True,
-                 nack: frozenset[Request] = frozenset()) -> None:
+                 nack: frozenset[Request] = frozenset(),
+                 drop_after: Request | None = None) -> None:
         self.path = path
         self.features = features
         self.protocol_features = protocol_features
@@ -53,6 +56,7 @@ class ScriptedBackend:
         self.config = config
         self.answer_vring_base = answer_vring_base
         self.nack = nack
+        self.drop_after = drop_after
         #: Every request received, in order: (request, payload bytes).
         self.requests: list[tuple[Request, bytes]] = []
         #: The latest fd received per (request, ring index); closed at the end.
@@ -87,10 +91,18 @@ class ScriptedBackend:
         except OSError:
             return
         self._conn = conn
+        if self.drop_after is not None:
+            self._listener.close()  # a dead back-end accepts nobody
         try:
             while True:
                 message = self._receive(conn)
                 if message is None:
+                    break
+                if message[0] == self.drop_after:
+                    with self._lock:
+                        self.requests.append((message[0], message[2]))
+                    for fd in message[3]:
+                        os.close(fd)
                     break
                 self._handle(conn, *message)
         except OSError:

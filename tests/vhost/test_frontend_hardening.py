@@ -97,6 +97,54 @@ async def in_thread(function: Callable[..., object], *args: object) -> object:
     return await trio.to_thread.run_sync(function, *args)
 
 
+# -- a back-end lost during the first bring-up --------------------------------------
+
+
+async def test_a_backend_lost_once_it_had_a_kick_fd_is_reconnected_not_reset(
+    tmp_path: Path,
+) -> None:
+    """qemu-storage-daemon runs a ring as soon as it has the kick fd, before the
+    bring-up's last ack: a crash from then on may follow requests it took, so the
+    front-end reconnects (CI once saw the guest get DEVICE_NEEDS_RESET instead)."""
+    sock = tmp_path / "be.sock"
+    features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
+    with scripted_backend(sock, features=features, protocol_features=REPLY_ACK,
+                          drop_after=Request.SET_VRING_KICK) as first:
+        async with running_slot(sock, device_id=DeviceId.ENTROPY) as (slot, driver):
+            await in_thread(driver.bring_up, (0,))
+            assert await in_thread(first.closed.wait, 20.0)
+            sock.unlink()
+            with scripted_backend(sock, features=features,
+                                  protocol_features=REPLY_ACK) as second:
+                await in_thread(wait_until, rings_running(second, 0), 20.0,
+                                "the bring-up on the new back-end")
+                device = slot.device
+                assert isinstance(device, VhostUserDevice)
+                await in_thread(wait_until, lambda: device.reconnects == 1, 10.0,
+                                "the reconnect")
+                assert driver.status == OK_STATUS
+                # Resumed from the used index in guest memory: the dead back-end may
+                # have taken requests that it never completed.
+                assert second.seen(Request.SET_VRING_BASE, 0) == 1
+
+
+async def test_a_backend_lost_before_any_kick_fd_needs_a_reset_at_once(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "be.sock"
+    features = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
+    with scripted_backend(sock, features=features, protocol_features=REPLY_ACK,
+                          drop_after=Request.SET_MEM_TABLE) as backend:
+        async with running_slot(sock, device_id=DeviceId.ENTROPY) as (slot, driver):
+            await in_thread(driver.bring_up, (0,))
+            await in_thread(wait_until, lambda: driver.status & NEEDS_RESET, 10.0,
+                            "DEVICE_NEEDS_RESET")
+            device = slot.device
+            assert isinstance(device, VhostUserDevice)
+            assert device.reconnects == 0
+            assert backend.seen(Request.SET_VRING_KICK) == 0
+
+
 # -- B2: the back-end's error eventfd -------------------------------------------------
 
 

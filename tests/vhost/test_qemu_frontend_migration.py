@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.common import QEMU_KVM_CPU
 from benchmarks.qmp import Qmp
 from tests.traffic_support import BLK_SECTORS, blank_image, blk_served
 from tests.virtio_guest_support import expected_pattern
@@ -48,7 +49,7 @@ def qemu_argv(guest: Path, backend_sock: Path, monitor: Path, *extra: str) -> li
     it), the test guest's blk-write on a vhost-user-blk device at ``backend_sock``, QMP
     at ``monitor``."""
     return [
-        QEMU, "-M", "microvm,accel=kvm,acpi=off,memory-backend=mem", "-cpu", "host",
+        QEMU, "-M", "microvm,accel=kvm,acpi=off,memory-backend=mem", "-cpu", QEMU_KVM_CPU,
         "-m", "64", "-object", "memory-backend-memfd,id=mem,size=64M,share=on",
         "-smp", "1", "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio",
         "-device", "isa-debug-exit,iobase=0x501,iosize=2", "-device", "i8042",
