@@ -54,10 +54,11 @@ count and (blk) the same config space (else DEVICE_NEEDS_RESET at once), and rep
 whole ring bring-up. The give-up time is checked between attempts, so the stall lasts at
 most ``reconnect_timeout`` plus one handshake timeout. A back-end that fails in the first
 bring-up after DRIVER_OK before any ring had its kick fd (SET_VRING_KICK), or that does
-not answer it in time, is broken rather than restarted: DEVICE_NEEDS_RESET at once. From
-the first SET_VRING_KICK on the back-end may run that ring before the bring-up is
-confirmed (qemu-storage-daemon takes the guest's requests as soon as it has the kick
-fd), so a connection lost from then on is a crash like any other: reconnect.
+not answer it in time, is broken rather than restarted: DEVICE_NEEDS_RESET at once. With
+REPLY_ACK, once every message before the first SET_VRING_KICK was acked, the back-end may
+run that ring before the bring-up is confirmed (qemu-storage-daemon takes the guest's
+requests as soon as it has the kick fd), so a connection lost from then on is a crash
+like any other: reconnect. (Without acks nothing tells the two apart: needs reset.)
 
 Inflight tracking (INFLIGHT_SHMFD, acked where offered). At the first bring-up
 GET_INFLIGHT_FD(num_queues, queue_size) gives a memfd in which the back-end records which
@@ -818,8 +819,10 @@ class VhostUserDevice(VirtioDevice):
             await self._call(sock, Request.SET_VRING_CALL, index, fds=[call_fd])
             await self._set_vring_err(sock, index)
             # From the kick fd on, the back-end may run the ring (vhost-user.rst, "Ring
-            # states"), even before this bring-up is confirmed.
-            self._kick_sent = True
+            # states"), even before this bring-up is confirmed. Known only with acks:
+            # the one of the message before says it was alive up to here (without them,
+            # a back-end that died at SET_FEATURES fails at the same place).
+            self._kick_sent = self._has(ProtocolFeature.REPLY_ACK)
             await self._call(sock, Request.SET_VRING_KICK, index, fds=[kick_fd(index)])
             if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES:
                 await self._call(sock, Request.SET_VRING_ENABLE, {"index": index, "num": 1})
