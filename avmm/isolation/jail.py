@@ -53,12 +53,14 @@ import sysconfig
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from ..config import VmConfig
 from ..errors import AvmmError
+
+if TYPE_CHECKING:
+    from ..config import VmConfig
 
 log = structlog.get_logger(__name__)
 
@@ -280,12 +282,12 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
     wanted: dict[str, bool] = {}
     devices = {"/dev/kvm", *_BASE_DEVICES}
 
-    def bind(path: object, writable: bool) -> None:
-        text = os.fspath(path)  # type: ignore[call-overload]
+    def bind(path: str | os.PathLike[str], writable: bool) -> None:
+        text = os.fspath(path)
         wanted[text] = wanted.get(text, False) or writable
 
-    def output(path: object) -> None:
-        text = os.fspath(path)  # type: ignore[call-overload]
+    def output(path: str | os.PathLike[str]) -> None:
+        text = os.fspath(path)
         if _within(text, "/dev"):
             if text not in ALLOWED_DEVICES:
                 raise JailError(f"cannot jail a VM whose output goes to {text}: a jail holds "
@@ -823,7 +825,15 @@ def drop_privileges(spec: JailSpec) -> None:
     effective and saved: glibc applies them to every thread), checked; then
     PR_SET_NO_NEW_PRIVS on the calling thread (a seccomp filter loaded with TSYNC
     spreads it to the others) and PR_SET_DUMPABLE 0 (no core, no ptrace by the uid's
-    other processes). RLIMIT_NPROC is left alone: it counts every process and thread of
+    other processes).
+
+    Call it on the thread that called :func:`enter_jail`: changing uids disarms the
+    parent-death signal on every thread, and it is armed again on the calling thread
+    only, so it lapses when that thread exits (a trio worker thread does, once idle);
+    then a SIGKILL of the reaper would leave the jailed process running until its
+    channel closes.
+
+    RLIMIT_NPROC is left alone: it counts every process and thread of
     a uid on the host, so with a uid shared by several VMs one would starve the others,
     and the worker's own thread count is fixed by its code, not by the guest."""
     if spec.uid == 0 or spec.gid == 0:  # pragma: no cover - JailSpec refuses it

@@ -6,7 +6,8 @@ SPEC_JSON is a JailSpec's to_dict() as JSON; FD is a socket kept open through th
 (the worker's channel stands in for it): the probe writes one JSON line to it with what
 it found, and waits for a byte on it before it exits. Modes:
 
-- ``inspect SECRET RO_FILE RW_DIR``: enter the jail, drop privileges, report facts.
+- ``inspect SECRET RO_FILE RW_DIR SOCKET``: enter the jail, drop privileges, report
+  facts; then, for each ``c`` read, connect to SOCKET again and report.
 - ``exit CODE``: enter the jail, report ``{}``, exit with CODE.
 - ``wait``: enter the jail, drop privileges, report ``{}``, wait (to be killed).
 - ``sigsys``: enter, drop, load a filter that kills the process on getppid(), call it.
@@ -82,7 +83,13 @@ def _write_text(path: str) -> None:
         f.write("written in the jail\n")
 
 
-def inspect(kept: int, secret: str, ro_file: str, rw_dir: str) -> dict[str, object]:
+def _connect(path: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(path)
+
+
+def inspect(kept: int, secret: str, ro_file: str, rw_dir: str, backend: str
+            ) -> dict[str, object]:
     with open(ro_file) as f:
         ro_text = f.read()
     status = _status()
@@ -104,6 +111,7 @@ def inspect(kept: int, secret: str, ro_file: str, rw_dir: str) -> dict[str, obje
         "root_write": _errno_of(lambda: _write_text("/new-file")),
         "tmp_write": _errno_of(lambda: _write_text("/tmp/scratch")),
         "kvm_api": _kvm_version(),
+        "connect": _errno_of(lambda: _connect(backend)),
         "fds": _open_fds(),
         "kept": kept,
         "environ": dict(os.environ),
@@ -148,7 +156,12 @@ def main() -> None:
         assert config is not None
         report = trio.run(_hello, config)
     channel.sendall(json.dumps(report).encode() + b"\n")
-    channel.recv(1)
+    # "c": connect to the back-end socket again (it was made anew); anything else: exit.
+    while mode == "inspect" and channel.recv(1) == b"c":
+        channel.sendall(json.dumps({"connect": _errno_of(lambda: _connect(args[-1]))})
+                        .encode() + b"\n")
+    if mode != "inspect":
+        channel.recv(1)
 
 
 if __name__ == "__main__":

@@ -401,6 +401,16 @@ class Probe:
         return self.process.returncode
 
 
+def _listening(path: Path) -> socket.socket:
+    if path.exists():
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    path.chmod(0o777)  # the jail's uid may connect (as a back-end would arrange)
+    listener.listen(4)
+    return listener
+
+
 def _status(pid: int) -> dict[str, str]:
     text = Path(f"/proc/{pid}/status").read_text()
     return {key: value.strip() for key, value in
@@ -441,22 +451,36 @@ def test_a_jailed_process_sees_only_its_jail(tmp_path: Path, jail_root: Path) ->
     writable = tmp_path / "out"
     writable.mkdir()
     writable.chmod(0o777)
+    backends = tmp_path / "backends"  # a vhost-user back-end's socket directory
+    backends.mkdir()
+    backend = backends / "blk0.sock"
     spec = _spec(jail_root, (*runtime_binds(), Bind(str(read_only)),
-                             Bind(str(writable), writable=True)))
+                             Bind(str(writable), writable=True), Bind(str(backends))))
     seen: dict[str, Any] = {}
 
     def from_the_host(probe: Probe) -> None:
         pid = probe.jailed_pid()
         status = _status(pid)
         seen.update(pid=pid, nspid=status["NSpid"].split(), uid=status["Uid"].split(),
-                    root=os.readlink(f"/proc/{pid}/root"))
+                    root=sorted(os.listdir(f"/proc/{pid}/root")))
+        # The back-end restarts: a new socket inode under the same name, reached through
+        # the directory's bind.
+        listener.close()
+        with _listening(backend) as again:
+            probe.channel.sendall(b"c")
+            seen["reconnect"] = probe.report()["connect"]
+            connection, _ = again.accept()
+            with connection:
+                assert connection.recv(1) == b""  # the jail connected and hung up
 
     os.environ["AVMM_JAIL_TEST_SECRET"] = "not for the jail"
+    listener = _listening(backend)
     try:
         report, code = _run_jailed(spec, "inspect", str(secret), str(read_only),
-                                   str(writable), while_running=from_the_host)
+                                   str(writable), str(backend), while_running=from_the_host)
     finally:
         del os.environ["AVMM_JAIL_TEST_SECRET"]
+        listener.close()
     assert code == 0
     assert report["pid"] == 1 and report["proc_pids"] == [1]
     assert seen["nspid"] == [str(seen["pid"]), "1"] and seen["pid"] != 1
@@ -468,6 +492,7 @@ def test_a_jailed_process_sees_only_its_jail(tmp_path: Path, jail_root: Path) ->
     tops = {path.split("/")[1] for path in
             [bind.path for bind in spec.binds] + [str(tmp_path)]}
     assert report["root_entries"] == sorted(tops | {"dev", "proc", "tmp"})
+    assert seen["root"] == report["root_entries"]  # /proc/PID/root from the host
     assert report["dev_entries"] == ["kvm", "null"]
     assert report["secret"] == "ENOENT"
     assert report["ro_text"] == "read me\n" and report["ro_write"] == "EROFS"
@@ -476,6 +501,8 @@ def test_a_jailed_process_sees_only_its_jail(tmp_path: Path, jail_root: Path) ->
     assert (writable / "out.txt").stat().st_uid == JAIL_UID
     assert report["root_write"] == "EROFS" and report["tmp_write"] == "ok"
     assert report["kvm_api"] == 12
+    # connect(2) through a read-only bind of the socket's directory, after a restart too
+    assert report["connect"] == "ok" and seen["reconnect"] == "ok"
     assert report["fds"] == [0, 1, 2, report["kept"]]
     assert report["environ"] == {}
     assert report["cwd"] == "/"
