@@ -1,0 +1,914 @@
+"""The jailer: the steps that shut a per-VM worker process into a root of its own
+(issue 14, item 2).
+
+Who calls what, in order:
+
+1. The daemon (root) plans the jail with :func:`plan_jail` (pure: it reads the VM's
+   config and the running interpreter, nothing on disk), makes the empty jail directory
+   with :func:`prepare_jail_dir` and sends the :class:`JailSpec` to the worker as JSON
+   (:meth:`JailSpec.to_dict`; the worker reads it back with :meth:`JailSpec.from_dict`,
+   which checks it as hostile input).
+2. The worker, still root and still single-threaded, with everything imported that it
+   needs (``pyseccomp`` included: its import runs ``ldconfig``, which the jail does not
+   hold), calls :func:`enter_jail`. Afterwards it is PID 1 of a new PID namespace, its
+   root is a tmpfs holding only the bind mounts the VM needs, its environment is empty
+   and only fds 0, 1, 2 and the ones it asked to keep are open.
+3. It builds the VM (as root inside the jail: /dev/kvm, disks, taps, sockets), then calls
+   :func:`drop_privileges` before any vCPU thread starts, then loads its seccomp filters.
+4. Once the worker has exited, the daemon calls :func:`remove_jail`.
+
+The mounts live in the worker's own mount namespace, so the host never sees them: when
+the worker exits, the kernel takes them down, and the host is left with the empty
+directory that :func:`prepare_jail_dir` made.
+
+Inside the jail, every path is where it is on the host (a disk at ``/srv/vm/a.img`` is at
+``/srv/vm/a.img`` in the jail too), so the VM's config is used unchanged. The layout::
+
+    /                 tmpfs (1 MiB), read-only once built; holds only mount points
+    /dev              tmpfs with the device nodes of the spec (owned by the jail's uid),
+                      read-only once built
+    /proc             a fresh proc: the new PID namespace's processes only
+    /tmp              tmpfs (16 MiB) owned by the jail's uid, mode 0700
+    <each bind>       the host path, read-only unless the bind is writable; always
+                      nosuid and nodev; not recursive (a mount below a bound directory
+                      on the host stays out of the jail, so nothing unplanned appears
+                      and nothing below a read-only bind stays writable)
+
+Everything that talks to the kernel goes through libc by ctypes, and every return is
+checked: a failure is a :class:`JailError` that names the step and the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import resource
+import signal
+import stat
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from ..errors import AvmmError
+
+if TYPE_CHECKING:
+    from ..config import VmConfig
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_JAIL_ROOT",
+    "Bind",
+    "JailError",
+    "JailSpec",
+    "UidAllocator",
+    "drop_privileges",
+    "enter_jail",
+    "parse_uid_range",
+    "plan_jail",
+    "prepare_jail_dir",
+    "remove_jail",
+    "runtime_binds",
+]
+
+DEFAULT_JAIL_ROOT: Final = "/srv/avmm/jail"
+#: What a VM id (the last component of a jail's root) may look like: the daemon's ids
+#: (``vm-1a2b3c``) and anything like them; never "." or "..".
+VM_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
+_VM_ID_RE: Final = re.compile(VM_ID_PATTERN)
+#: ``ip netns`` names (as avmm.config accepts them).
+_NETNS_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NETNS_DIR: Final = "/run/netns"
+
+#: The device nodes a jail may hold; anything else in a spec is refused.
+ALLOWED_DEVICES: Final = frozenset({
+    "/dev/kvm", "/dev/net/tun", "/dev/vhost-net", "/dev/vhost-vsock",
+    "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
+})
+#: Made in every jail: what libraries open without asking (/dev/null, /dev/urandom).
+_BASE_DEVICES: Final = ("/dev/null", "/dev/urandom")
+#: Paths a bind may not name: the jail makes its own (and "/" would be the host).
+_RESERVED: Final = ("/dev", "/proc")
+
+_PATH_MAX: Final = 4096
+_MAX_BINDS: Final = 256
+#: A uid or gid of the jail: 0 (root) and 0xFFFFFFFF ((uid_t) -1, "unchanged") are never
+#: valid; 0xFFFFFFFE is the last one.
+_ID_MAX: Final = 0xFFFF_FFFE
+_MAX_FILES_MIN: Final = 64
+#: fs.nr_open's default: RLIMIT_NOFILE cannot go above it.
+_MAX_FILES_MAX: Final = 1 << 20
+
+_ROOT_TMPFS: Final = "mode=0755,size=1m,nr_inodes=4096"
+_DEV_TMPFS: Final = "mode=0755,size=64k,nr_inodes=64"
+_TMP_TMPFS_SIZE: Final = "16m"
+#: Where the old root hangs during pivot_root (inside the new root, then removed).
+_OLD_ROOT: Final = ".old-root"
+
+
+class JailError(AvmmError):
+    """A jail could not be planned, built, entered or removed; the message names the
+    step and the path."""
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """A host path mounted at the same path inside the jail."""
+
+    path: str
+    writable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JailSpec:
+    """Everything :func:`enter_jail` and :func:`drop_privileges` need, checked when
+    made (the same checks whether it comes from :func:`plan_jail` or from JSON)."""
+
+    #: The per-VM jail directory, ``<jail_root>/<vm_id>``.
+    root: str
+    uid: int
+    gid: int
+    #: Sorted by path, no duplicates: parents are mounted before what lies below them.
+    binds: tuple[Bind, ...]
+    #: Device nodes to make inside the jail (from :data:`ALLOWED_DEVICES`).
+    devices: tuple[str, ...]
+    #: A network namespace file to enter (``/run/netns/NAME``), or None.
+    netns: str | None = None
+    #: RLIMIT_NOFILE.
+    max_files: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_path(self.root, "root")
+        if self.root == "/" or not _VM_ID_RE.fullmatch(os.path.basename(self.root)):
+            raise JailError(f"jail root {self.root!r} must end in a VM id "
+                            f"({VM_ID_PATTERN})")
+        for name in ("uid", "gid"):
+            _check_int(getattr(self, name), name, 1, _ID_MAX)
+        _check_int(self.max_files, "max_files", _MAX_FILES_MIN, _MAX_FILES_MAX)
+        if not isinstance(self.binds, tuple) or len(self.binds) > _MAX_BINDS:
+            raise JailError(f"binds must be a tuple of at most {_MAX_BINDS} Bind")
+        seen: set[str] = set()
+        for index, bind in enumerate(self.binds):
+            key = f"binds[{index}]"
+            if not isinstance(bind, Bind):
+                raise JailError(f"{key} is not a Bind")
+            _check_path(bind.path, f"{key}.path")
+            if bind.path == "/" or any(_within(bind.path, reserved) for reserved in _RESERVED):
+                raise JailError(f"{key}.path {bind.path!r} is made by the jail itself; "
+                                "bind something else")
+            if _within(bind.path, self.root) or _within(self.root, bind.path):
+                raise JailError(f"{key}.path {bind.path!r} overlaps the jail root")
+            if not isinstance(bind.writable, bool):
+                raise JailError(f"{key}.writable must be true or false")
+            if bind.path in seen:
+                raise JailError(f"{key}.path {bind.path!r} is bound twice")
+            seen.add(bind.path)
+        if [bind.path for bind in self.binds] != sorted(seen):
+            raise JailError("binds must be sorted by path")
+        if not isinstance(self.devices, tuple) or len(set(self.devices)) != len(self.devices):
+            raise JailError("devices must be a tuple without duplicates")
+        for device in self.devices:
+            if device not in ALLOWED_DEVICES:
+                raise JailError(f"device {device!r} is not one a jail may hold (one of "
+                                f"{', '.join(sorted(ALLOWED_DEVICES))})")
+        if self.netns is not None:
+            _check_path(self.netns, "netns")
+            if (os.path.dirname(self.netns) != NETNS_DIR
+                    or not _NETNS_NAME_RE.fullmatch(os.path.basename(self.netns))
+                    or os.path.basename(self.netns) in {".", ".."}):
+                raise JailError(f"netns {self.netns!r} must be {NETNS_DIR}/NAME")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able data; :meth:`from_dict` reads it back."""
+        return {
+            "root": self.root,
+            "uid": self.uid,
+            "gid": self.gid,
+            "binds": [{"path": bind.path, "writable": bind.writable} for bind in self.binds],
+            "devices": list(self.devices),
+            "netns": self.netns,
+            "max_files": self.max_files,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> JailSpec:
+        """A spec from (hostile) JSON-able data: unknown keys, wrong types, relative or
+        unnormalised paths, ``..``, uid/gid 0 and out-of-range numbers are refused."""
+        _check_keys(data, "jail spec", required={"root", "uid", "gid", "binds", "devices"},
+                    optional={"netns", "max_files"})
+        binds = data["binds"]
+        if not isinstance(binds, list):
+            raise JailError("jail spec: binds must be a list")
+        parsed: list[Bind] = []
+        for index, item in enumerate(binds[:_MAX_BINDS + 1]):
+            _check_keys(item, f"binds[{index}]", required={"path"}, optional={"writable"})
+            writable = item.get("writable", False)
+            if not isinstance(writable, bool):
+                raise JailError(f"binds[{index}].writable must be true or false")
+            parsed.append(Bind(path=item["path"], writable=writable))
+        devices = data["devices"]
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise JailError("jail spec: devices must be a list of paths")
+        return cls(root=data["root"], uid=data["uid"], gid=data["gid"], binds=tuple(parsed),
+                   devices=tuple(devices), netns=data.get("netns"),
+                   max_files=data.get("max_files", 4096))
+
+
+def _check_keys(data: Any, what: str, *, required: set[str], optional: set[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise JailError(f"{what} must be an object")
+    unknown = set(data) - required - optional
+    if unknown:
+        raise JailError(f"{what}: unknown key {sorted(map(str, unknown))[0]!r}")
+    missing = required - set(data)
+    if missing:
+        raise JailError(f"{what}: missing key {sorted(missing)[0]!r}")
+
+
+def _check_int(value: Any, name: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise JailError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+
+
+def _check_path(path: Any, name: str) -> None:
+    """An absolute, normalised path without "." or ".." components."""
+    if not isinstance(path, str) or not path:
+        raise JailError(f"{name} must be a path (a non-empty string)")
+    if "\0" in path or len(path.encode(errors="surrogateescape")) > _PATH_MAX:
+        raise JailError(f"{name} must be a path without NUL of at most {_PATH_MAX} bytes")
+    if (not path.startswith("/") or path.startswith("//") or os.path.normpath(path) != path
+            or any(part in {".", ".."} for part in path.split("/"))):
+        raise JailError(f"{name} {path!r} must be an absolute, normalised path "
+                        "(no '.', '..', '//' or trailing '/')")
+
+
+def _within(path: str, directory: str) -> bool:
+    """``path`` is ``directory`` or lies below it (both normalised and absolute)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROOT,
+              uid: int, gid: int) -> JailSpec:
+    """What the VM of ``config`` needs inside its jail, plus :func:`runtime_binds`.
+
+    Kernel and initrd read-only; disk images with the config's access; the *directory*
+    of each vhost-user socket (a back-end that restarts makes a new socket inode, which a
+    bind of the file would not show), read-only (connect(2) needs no write access to the
+    mount); the directory of each serial/console output file and console socket,
+    writable (files are created there, a stale socket is replaced); ``/dev/kvm`` always,
+    ``/dev/net/tun`` with a tap, and the ``/run/netns`` files of the NICs' namespaces
+    (the VM opens their taps through them). When every tap NIC names the same network
+    namespace, the worker enters it too. An output path that is a device (``/dev/null``)
+    becomes a device node, not a bind of ``/dev``.
+    """
+    if not isinstance(vm_id, str) or not _VM_ID_RE.fullmatch(vm_id):
+        raise JailError(f"VM id {vm_id!r} cannot name a jail: use letters, digits, '-' "
+                        f"and '_' (at most 64)")
+    _check_path(jail_root, "jail root")
+    wanted: dict[str, bool] = {}
+    devices = {"/dev/kvm", *_BASE_DEVICES}
+
+    def bind(path: str | os.PathLike[str], writable: bool) -> None:
+        text = os.fspath(path)
+        wanted[text] = wanted.get(text, False) or writable
+
+    def output(path: str | os.PathLike[str]) -> None:
+        text = os.fspath(path)
+        if _within(text, "/dev"):
+            if text not in ALLOWED_DEVICES:
+                raise JailError(f"cannot jail a VM whose output goes to {text}: a jail holds "
+                                f"only {', '.join(sorted(ALLOWED_DEVICES))}")
+            devices.add(text)
+        else:
+            bind(os.path.dirname(text), True)
+
+    bind(config.boot.kernel, False)
+    if config.boot.initrd is not None:
+        bind(config.boot.initrd, False)
+    for disk in config.disks:
+        if disk.path is not None:
+            bind(disk.path, not disk.readonly)
+        if disk.vhost_user is not None:
+            bind(os.path.dirname(disk.vhost_user), False)
+    namespaces: set[str | None] = set()
+    for net in config.nets:
+        if net.vhost_user is not None:
+            bind(os.path.dirname(net.vhost_user), False)
+        if net.tap is not None:
+            devices.add("/dev/net/tun")
+            namespaces.add(net.netns)
+            if net.netns is not None:
+                bind(f"{NETNS_DIR}/{net.netns}", False)
+    for generic in config.vhost_users:
+        bind(os.path.dirname(generic.socket), False)
+    if config.serial.mode == "file" and config.serial.path is not None:
+        output(config.serial.path)
+    if config.console is not None and config.console.path is not None:
+        output(config.console.path)
+    for runtime in runtime_binds():
+        wanted.setdefault(runtime.path, False)
+    netns_name = next(iter(namespaces)) if len(namespaces) == 1 else None
+    return JailSpec(
+        root=os.path.join(jail_root, vm_id), uid=uid, gid=gid,
+        binds=_minimal_binds(Bind(path, writable) for path, writable in wanted.items()),
+        devices=tuple(sorted(devices)),
+        netns=None if netns_name is None else f"{NETNS_DIR}/{netns_name}")
+
+
+def _minimal_binds(binds: Iterable[Bind]) -> tuple[Bind, ...]:
+    """Sorted by path, one per path (writable wins), without a bind that lies below
+    another one with the same access. A read-only bind below a writable one stays (a
+    read-only disk image in a directory that is writable for a log file): the mount on
+    top keeps it read-only, and a mount point cannot be removed or renamed."""
+    merged: dict[str, bool] = {}
+    for bind in binds:
+        path = os.path.normpath(bind.path)
+        merged[path] = merged.get(path, False) or bind.writable
+    kept: list[Bind] = []
+    for path in sorted(merged):
+        writable = merged[path]
+        if any(_within(path, outer.path) and outer.writable == writable for outer in kept):
+            continue
+        kept.append(Bind(path, writable))
+    return tuple(kept)
+
+
+def runtime_binds() -> tuple[Bind, ...]:
+    """Read-only binds the running Python needs after pivot_root: modules imported late
+    and the shared libraries they load (``ctypes``' libc, libseccomp, cffi's ``.so``
+    files).
+
+    - the standard library and ``lib-dynload`` (``sys.path`` entries under
+      ``sys.base_prefix``);
+    - a virtual environment's ``sys.prefix`` (its site-packages), or without one the
+      site-packages directories;
+    - the ``avmm`` package's own directory (an editable install keeps it outside
+      site-packages);
+    - ``/usr/lib``, ``/lib``, ``/lib64``, ``/usr/lib64`` (a symlink such as Debian's
+      ``/lib -> usr/lib`` is bound as the directory it names, so paths from the loader's
+      cache work) and ``/etc/ld.so.cache``.
+
+    Only paths that exist now; sorted, without nested duplicates.
+    """
+    paths: set[str] = set()
+    base = os.path.realpath(sys.base_prefix)
+    for entry in sys.path:
+        if entry and os.path.isabs(entry) and _within(os.path.realpath(entry), base) \
+                and os.path.isdir(entry):
+            paths.add(os.path.abspath(entry))
+    paths.add(os.path.dirname(os.__file__))
+    if sys.prefix != sys.base_prefix:
+        paths.add(os.path.abspath(sys.prefix))
+    else:
+        for name in ("purelib", "platlib"):
+            paths.add(sysconfig.get_path(name))
+    import avmm
+
+    paths.add(os.path.dirname(os.path.abspath(avmm.__file__)))
+    for system in ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache"):
+        paths.add(system)
+    return _minimal_binds(Bind(path) for path in paths if os.path.exists(path))
+
+
+# --------------------------------------------------------------------------- libc
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+CLONE_NEWNS: Final = 0x0002_0000
+CLONE_NEWIPC: Final = 0x0800_0000
+CLONE_NEWPID: Final = 0x2000_0000
+CLONE_NEWNET: Final = 0x4000_0000
+MS_RDONLY: Final = 0x1
+MS_NOSUID: Final = 0x2
+MS_NODEV: Final = 0x4
+MS_NOEXEC: Final = 0x8
+MS_REMOUNT: Final = 0x20
+MS_BIND: Final = 0x1000
+MS_REC: Final = 0x4000
+MS_PRIVATE: Final = 1 << 18
+MNT_DETACH: Final = 0x2
+SYS_PIVOT_ROOT: Final = 155  # x86-64
+PR_SET_PDEATHSIG: Final = 1
+PR_SET_DUMPABLE: Final = 4
+PR_SET_NO_NEW_PRIVS: Final = 38
+
+
+def _fail(step: str, path: str | None, number: int | None = None) -> JailError:
+    number = ctypes.get_errno() if number is None else number
+    where = f" {path}" if path else ""
+    name = errno.errorcode.get(number, str(number))
+    return JailError(f"jail: {step}{where} failed: {name} ({os.strerror(number)})")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None, step: str, shown: str | None = None) -> None:
+    def c(text: str | None) -> bytes | None:
+        return None if text is None else os.fsencode(text)
+
+    if _libc.mount(c(source), c(target), c(fstype), flags, c(data)) != 0:
+        raise _fail(step, shown or target)
+
+
+def _prctl(option: int, value: int, step: str) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        raise _fail(step, None)
+
+
+# --------------------------------------------------------------------------- daemon side
+
+
+def prepare_jail_dir(spec: JailSpec) -> None:
+    """Make ``spec.root`` (daemon side, root): missing ancestors 0755 (as ``mkdir -p``
+    would, so the usual tools can walk to it), the jail directory itself 0700 and owned
+    by root (only the worker's own mount namespace ever puts anything there; the host
+    needs no one else to look in). Refused: a symlink anywhere on the way, a root that
+    exists and is not an empty directory owned by this user."""
+    parts = spec.root.strip("/").split("/")
+    dirfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for depth, name in enumerate(parts):
+            last = depth == len(parts) - 1
+            shown = "/" + "/".join(parts[:depth + 1])
+            try:
+                os.mkdir(name, 0o700 if last else 0o755, dir_fd=dirfd)
+                created = True
+            except FileExistsError:
+                created = False
+            except OSError as e:
+                raise _fail("making the jail directory", shown, e.errno) from e
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=dirfd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise JailError(f"jail: {shown} is not a directory (a symlink or a "
+                                    "file); remove it or choose another --jail-root") from e
+                raise _fail("opening the jail directory", shown, e.errno) from e
+            os.close(dirfd)
+            dirfd = child
+            if created:
+                # mkdir honours the umask; the modes above are meant as written.
+                os.fchmod(dirfd, 0o700 if last else 0o755)
+        info = os.fstat(dirfd)
+        if info.st_uid != os.geteuid():
+            raise JailError(f"jail: {spec.root} belongs to uid {info.st_uid}, not to this "
+                            "user; remove it")
+        if os.listdir(dirfd):
+            raise JailError(f"jail: {spec.root} exists and is not empty; remove what is "
+                            "left in it (another VM's jail?)")
+    finally:
+        os.close(dirfd)
+
+
+def remove_jail(root: str) -> None:
+    """Remove the jail directory of a worker that has exited (daemon side): only the
+    (empty) directory itself, never following a symlink; gone already is fine. Refused:
+    a path that does not end in a VM id below at least one directory, and a directory
+    that is not empty (then nothing is removed)."""
+    _check_path(root, "jail root")
+    parts = root.strip("/").split("/")
+    if len(parts) < 2 or not _VM_ID_RE.fullmatch(parts[-1]):
+        raise JailError(f"jail: refusing to remove {root!r}: not <jail root>/<VM id>")
+    try:
+        dirfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:  # pragma: no cover - "/" is always there
+        raise _fail("opening", "/", e.errno) from e
+    try:
+        for depth, name in enumerate(parts[:-1]):
+            try:
+                child = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=dirfd)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                shown = "/" + "/".join(parts[:depth + 1])
+                raise _fail("walking to the jail directory", shown, e.errno) from e
+            os.close(dirfd)
+            dirfd = child
+        try:
+            os.rmdir(parts[-1], dir_fd=dirfd)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno == errno.ENOTEMPTY:
+                raise JailError(f"jail: {root} is not empty (is the worker still running?); "
+                                "left as it is") from e
+            raise _fail("removing the jail directory", root, e.errno) from e
+    finally:
+        os.close(dirfd)
+    log.debug("jail removed", root=root)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
+    """Shut the calling process into the jail of ``spec`` (worker side, as root, before
+    any thread exists). Returns in a new process, PID 1 of a new PID namespace; the
+    process that called it stays behind as a reaper that waits for it and then exits the
+    same way (the same exit code, or killed by the same signal), and never returns. The
+    daemon signals the reaper: SIGKILL kills both (the child has PDEATHSIG), SIGTERM,
+    SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are passed on (PID 1 gets only the
+    signals it has handlers for).
+
+    Order: close every fd but 0, 1, 2 and ``keep_fds``; clear the environment (nothing
+    kept: the worker never runs a program, Python read its locale at start, and the
+    daemon's environment may hold secrets); open the network namespace; unshare mount,
+    IPC and PID namespaces; make every mount private (so nothing propagates back to the
+    host); fork; build the root (see the module docstring); pivot_root into it; enter
+    the network namespace."""
+    if threading.active_count() != 1:
+        raise JailError(f"jail: enter_jail needs a single-threaded process "
+                        f"({threading.active_count()} threads run)")
+    if os.geteuid() != 0:
+        raise JailError("jail: enter_jail needs root (the worker drops privileges later)")
+    keep = sorted(set(keep_fds))
+    for fd in keep:
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 3:
+            raise JailError(f"jail: keep_fds must be fds above 2, got {fd!r}")
+        try:
+            os.fstat(fd)
+        except OSError as e:
+            raise _fail("checking the fd to keep", str(fd), e.errno) from e
+    _close_fds_except(keep)
+    os.environ.clear()
+    netns_fd = None
+    if spec.netns is not None:
+        try:
+            netns_fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _fail("opening the network namespace", spec.netns, e.errno) from e
+    try:
+        if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID) != 0:
+            raise _fail("unshare (mount, IPC, PID namespaces)", None)
+        # New mounts in a namespace copied from a shared one would be seen by the host:
+        # make every mount private before the first mount (the reaper shares this
+        # namespace, so it is done once, before the fork).
+        _mount(None, "/", None, MS_REC | MS_PRIVATE, None, "making mounts private")
+        liveness_read, liveness_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(liveness_read)
+            os.close(liveness_write)
+            raise _fail("fork into the PID namespace", None, e.errno) from e
+        if pid != 0:
+            os.close(liveness_read)
+            _reap(pid, keep, netns_fd)  # never returns
+        os.close(liveness_write)
+        _liveness.fd = liveness_read
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
+        _check_reaper_alive(keep_open=True)
+        _build_root(spec)
+        _pivot(spec.root)
+        if netns_fd is not None and _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+            raise _fail("entering the network namespace", spec.netns)
+    finally:
+        if netns_fd is not None:
+            os.close(netns_fd)
+    log.debug("jail entered", root=spec.root, netns=spec.netns)
+
+
+class _Liveness:
+    #: The read end of a pipe whose write end the reaper holds (in the jailed process
+    #: only): EOF on it means the reaper is gone. Closed by drop_privileges.
+    fd: int | None = None
+
+
+_liveness = _Liveness()
+
+
+def _check_reaper_alive(*, keep_open: bool) -> None:
+    """Exit at once if the reaper died before PDEATHSIG was armed (then nothing else
+    would end this process)."""
+    fd = _liveness.fd
+    if fd is None:
+        return
+    os.set_blocking(fd, False)
+    try:
+        gone = os.read(fd, 1) == b""
+    except BlockingIOError:
+        gone = False
+    if not keep_open:
+        os.close(fd)
+        _liveness.fd = None
+    if gone:
+        os._exit(128 + signal.SIGKILL)
+
+
+def _close_fds_except(keep: Sequence[int]) -> None:
+    low = 3
+    for fd in [*keep, None]:
+        high = (fd if fd is not None else _fd_limit())
+        if high > low:
+            os.closerange(low, high)
+        if fd is not None:
+            low = fd + 1
+
+
+def _fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(soft, hard)
+    return limit if limit != resource.RLIM_INFINITY else 1 << 20
+
+
+_FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                             signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _reap(child: int, keep: Sequence[int], netns_fd: int | None) -> None:
+    """The reaper: wait for ``child`` and end the same way. Never returns."""
+    code = 1
+    try:
+        for fd in [*keep, *([netns_fd] if netns_fd is not None else [])]:
+            os.close(fd)
+
+        def forward(number: int, _frame: object) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, number)
+
+        for number in _FORWARDED_SIGNALS:
+            signal.signal(number, forward)
+        _, status = os.waitpid(child, 0)
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            # Die of the same signal, without a core file of the reaper.
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+            with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler
+                signal.signal(number, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+            os.kill(os.getpid(), number)
+            code = 128 + number  # a signal whose default is not to terminate
+        else:
+            code = os.waitstatus_to_exitcode(status)
+    finally:
+        os._exit(code)
+
+
+def _build_root(spec: JailSpec) -> None:
+    """Mount the jail's tmpfs root, its /tmp, the binds, /dev and /proc (in the child,
+    in the new namespaces)."""
+    root = spec.root
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, _ROOT_TMPFS, "mounting the root tmpfs")
+    old_umask = os.umask(0)
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        target = _mount_point(rootfd, "/tmp", directory=True, create=True)
+        with _closing(target):
+            _mount("tmpfs", _fd_path(target), "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"mode=0700,uid={spec.uid},gid={spec.gid},size={_TMP_TMPFS_SIZE}",
+                   "mounting /tmp", shown=f"{root}/tmp")
+        bound: list[str] = []
+        for bind in spec.binds:
+            _bind(rootfd, root, bind, create=not any(_within(bind.path, b) for b in bound))
+            bound.append(bind.path)
+        target = _mount_point(rootfd, "/dev", directory=True, create=True)
+        with _closing(target):
+            _mount("tmpfs", _fd_path(target), "tmpfs", MS_NOSUID | MS_NOEXEC, _DEV_TMPFS,
+                   "mounting /dev", shown=f"{root}/dev")
+        for device in spec.devices:
+            _make_device(rootfd, root, device, spec.uid, spec.gid)
+        _mount(None, f"{root}/dev", None,
+               MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC, None,
+               "making /dev read-only", shown=f"{root}/dev")
+        target = _mount_point(rootfd, "/proc", directory=True, create=True)
+        with _closing(target):
+            _mount("proc", _fd_path(target), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None,
+                   "mounting /proc", shown=f"{root}/proc")
+        os.mkdir(_OLD_ROOT, 0o700, dir_fd=rootfd)
+    except OSError as e:
+        raise _fail("building the jail", root, e.errno) from e
+    finally:
+        os.close(rootfd)
+        os.umask(old_umask)
+
+
+@contextlib.contextmanager
+def _closing(fd: int) -> Any:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _fd_path(fd: int) -> str:
+    # The mount point as the fd that was opened without following symlinks: mount(2)
+    # resolves it to exactly that directory or file.
+    return f"/proc/self/fd/{fd}"
+
+
+def _mount_point(rootfd: int, path: str, *, directory: bool, create: bool) -> int:
+    """An O_PATH fd of ``path`` below the jail root, walked one component at a time
+    without following a symlink; missing components made (directories 0755, a final
+    file 0644, empty) only where ``create`` (not inside a bind, which is host storage)."""
+    parts = path.strip("/").split("/")
+    dirfd = os.dup(rootfd)
+    try:
+        for index, name in enumerate(parts):
+            last = index == len(parts) - 1
+            flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+            if not last or directory:
+                flags |= os.O_DIRECTORY
+            try:
+                child = os.open(name, flags, dir_fd=dirfd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                if not last or directory:
+                    os.mkdir(name, 0o755, dir_fd=dirfd)
+                else:
+                    os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, 0o644, dir_fd=dirfd))
+                child = os.open(name, flags, dir_fd=dirfd)
+            os.close(dirfd)
+            dirfd = child
+        mode = os.fstat(dirfd).st_mode
+        if stat.S_ISLNK(mode) or (stat.S_ISDIR(mode) != directory):
+            raise OSError(errno.ENOTDIR if directory else errno.EISDIR, "wrong kind of file")
+        return dirfd
+    except BaseException:
+        os.close(dirfd)
+        raise
+
+
+def _bind(rootfd: int, root: str, bind: Bind, *, create: bool) -> None:
+    try:
+        info = os.stat(bind.path)
+    except OSError as e:
+        raise _fail("finding what to bind", bind.path, e.errno) from e
+    directory = stat.S_ISDIR(info.st_mode)
+    try:
+        target = _mount_point(rootfd, bind.path, directory=directory, create=create)
+    except OSError as e:
+        raise _fail("making the mount point", f"{root}{bind.path}", e.errno) from e
+    with _closing(target):
+        where = _fd_path(target)
+        _mount(bind.path, where, None, MS_BIND, None, "bind-mounting", shown=bind.path)
+        # A bind takes the flags of the mount it copies; these are the jail's own. The
+        # source's noexec is kept (only root could lift it, and the jail need not).
+        flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV
+        if not bind.writable:
+            flags |= MS_RDONLY
+        if os.statvfs(bind.path).f_flag & os.ST_NOEXEC:
+            flags |= MS_NOEXEC
+        # The fd names what lies under the new mount: walk to the mount's root again.
+        try:
+            mounted = _mount_point(rootfd, bind.path, directory=directory, create=False)
+        except OSError as e:
+            raise _fail("reopening the bind", f"{root}{bind.path}", e.errno) from e
+        with _closing(mounted):
+            _mount(None, _fd_path(mounted), None, flags, None,
+                   "making the bind read-only" if not bind.writable else "remounting the bind",
+                   shown=bind.path)
+
+
+def _make_device(rootfd: int, root: str, device: str, uid: int, gid: int) -> None:
+    try:
+        info = os.stat(device)
+    except OSError as e:
+        raise _fail("finding the device", device, e.errno) from e
+    if not stat.S_ISCHR(info.st_mode):
+        raise JailError(f"jail: {device} is not a character device on this host")
+    parent = _mount_point(rootfd, os.path.dirname(device), directory=True, create=True)
+    with _closing(parent):
+        name = os.path.basename(device)
+        try:
+            os.mknod(name, stat.S_IFCHR | 0o660, info.st_rdev, dir_fd=parent)
+            os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
+        except OSError as e:
+            raise _fail("making the device node", f"{root}{device}", e.errno) from e
+
+
+def _pivot(root: str) -> None:
+    new, old = os.fsencode(root), os.fsencode(f"{root}/{_OLD_ROOT}")
+    if _libc.syscall(SYS_PIVOT_ROOT, ctypes.c_char_p(new), ctypes.c_char_p(old)) != 0:
+        raise _fail("pivot_root into", root)
+    os.chdir("/")
+    if _libc.umount2(f"/{_OLD_ROOT}".encode(), MNT_DETACH) != 0:
+        raise _fail("detaching the old root", f"/{_OLD_ROOT}")
+    try:
+        os.rmdir(f"/{_OLD_ROOT}")
+    except OSError as e:
+        raise _fail("removing the old root's mount point", f"/{_OLD_ROOT}", e.errno) from e
+    _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None,
+           "making the jail's root read-only", shown="/")
+
+
+def drop_privileges(spec: JailSpec) -> None:
+    """Give up root for good (worker side, in the jail, after the VM is built and
+    before any vCPU thread runs; other threads may exist). In order: RLIMIT_NOFILE =
+    ``spec.max_files``, RLIMIT_CORE = 0, no supplementary groups, gid then uid (real,
+    effective and saved: glibc applies them to every thread), checked; then
+    PR_SET_NO_NEW_PRIVS on the calling thread (a seccomp filter loaded with TSYNC
+    spreads it to the others) and PR_SET_DUMPABLE 0 (no core, no ptrace by the uid's
+    other processes).
+
+    Call it on the thread that called :func:`enter_jail`: changing uids disarms the
+    parent-death signal on every thread, and it is armed again on the calling thread
+    only, so it lapses when that thread exits (a trio worker thread does, once idle);
+    then a SIGKILL of the reaper would leave the jailed process running until its
+    channel closes.
+
+    RLIMIT_NPROC is left alone: it counts every process and thread of
+    a uid on the host, so with a uid shared by several VMs one would starve the others,
+    and the worker's own thread count is fixed by its code, not by the guest."""
+    if spec.uid == 0 or spec.gid == 0:  # pragma: no cover - JailSpec refuses it
+        raise JailError("jail: refusing to 'drop' to uid or gid 0")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (spec.max_files, spec.max_files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError) as e:
+        raise JailError(f"jail: setting the resource limits failed: {e}") from e
+    try:
+        os.setgroups([])
+        os.setresgid(spec.gid, spec.gid, spec.gid)
+        os.setresuid(spec.uid, spec.uid, spec.uid)
+    except OSError as e:
+        raise _fail("dropping to the jail's uid/gid", f"{spec.uid}:{spec.gid}", e.errno) from e
+    if (os.getresuid() != (spec.uid,) * 3 or os.getresgid() != (spec.gid,) * 3
+            or os.getgroups()):
+        raise JailError(f"jail: still uids {os.getresuid()}, gids {os.getresgid()} after "
+                        f"dropping to {spec.uid}:{spec.gid}")
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "setting no_new_privs")
+    _prctl(PR_SET_DUMPABLE, 0, "clearing the dumpable flag")
+    # A change of credentials disarms the parent-death signal: arm it again, then make
+    # sure the reaper did not die in between.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
+    _check_reaper_alive(keep_open=False)
+    log.debug("privileges dropped", uid=spec.uid, gid=spec.gid, max_files=spec.max_files)
+
+
+# --------------------------------------------------------------------------- uids
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """``"100000-165535"`` → ``(100000, 165535)`` (both included; 1 to 4294967294)."""
+    match = re.fullmatch(r"\s*(\d{1,10})\s*-\s*(\d{1,10})\s*", text)
+    if match is None:
+        raise JailError(f"uid range {text!r}: write FIRST-LAST, e.g. 100000-165535")
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 1 <= first <= last <= _ID_MAX:
+        raise JailError(f"uid range {text!r}: need 1 <= FIRST <= LAST <= {_ID_MAX}")
+    return first, last
+
+
+class UidAllocator:
+    """Hands out one uid per VM from an inclusive range (the gid is the same number)
+    and takes it back. Round-robin: a uid just given back is the last to be reused."""
+
+    def __init__(self, uid_range: tuple[int, int]) -> None:
+        first, last = uid_range
+        if not 1 <= first <= last <= _ID_MAX:
+            raise JailError(f"uid range {first}-{last}: need 1 <= FIRST <= LAST <= {_ID_MAX}")
+        self._first, self._last = first, last
+        self._next = first
+        self._taken: set[int] = set()
+        self._lock = threading.Lock()
+
+    def allocate(self) -> int:
+        with self._lock:
+            size = self._last - self._first + 1
+            if len(self._taken) >= size:
+                raise JailError(f"every uid of {self._first}-{self._last} is in use; "
+                                "widen --jail-uid-range")
+            while self._next in self._taken:
+                self._next = self._first if self._next == self._last else self._next + 1
+            uid = self._next
+            self._taken.add(uid)
+            self._next = self._first if uid == self._last else uid + 1
+            return uid
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            if uid not in self._taken:
+                raise JailError(f"uid {uid} was not handed out")
+            self._taken.remove(uid)
+
+    @property
+    def in_use(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(self._taken)
