@@ -41,7 +41,7 @@ import types
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import structlog
 import trio
@@ -63,6 +63,9 @@ from .paths import NewPath, PathPolicy
 from .ratelimit import LimitTargetError, SharedGroups
 from .state import SnapshotInfo
 from .vm import VirtualMachine
+
+if TYPE_CHECKING:
+    from .isolation.worker_vm import ProcessIsolation
 
 __all__ = [
     "CONSOLE_BACKLOG_BYTES",
@@ -96,7 +99,7 @@ class ConsoleSubscription:
     oldest ones, counted in :attr:`dropped`.
     """
 
-    def __init__(self, hub: _ConsoleHub, backlog: bytes, *,
+    def __init__(self, hub: ConsoleHub, backlog: bytes, *,
                  limit: int = SUBSCRIBER_BUFFER_BYTES) -> None:
         self._hub = hub
         self._pending = bytearray(backlog)
@@ -162,7 +165,7 @@ class ConsoleSubscription:
         self.close()
 
 
-class _ConsoleHub:
+class ConsoleHub:
     """A VM's serial output: the backlog and the subscribers (event-loop thread only)."""
 
     def __init__(self, backlog_limit: int = CONSOLE_BACKLOG_BYTES) -> None:
@@ -215,8 +218,8 @@ class HostedVm:
 
     def __init__(self, vm_id: str, config: VmConfig | None, *, start_paused: bool = False,
                  paths: PathPolicy | None = None, restore: _VmOpener | None = None,
-                 incoming: bool = False, rate_limit_groups: SharedGroups | None = None
-                 ) -> None:
+                 incoming: bool = False, rate_limit_groups: SharedGroups | None = None,
+                 after_build: Callable[[], None] | None = None) -> None:
         self.id = vm_id
         self._vm: VirtualMachine | None = None
         self._opener: _VmOpener
@@ -227,7 +230,8 @@ class HostedVm:
             assert config is not None
             self.name = config.name or vm_id
             vm = VirtualMachine(config, name=self.name, start_paused=start_paused,
-                                paths=paths, rate_limit_groups=rate_limit_groups)
+                                paths=paths, rate_limit_groups=rate_limit_groups,
+                                after_build=after_build)
             self._vm = vm
             self._opener = lambda: vm
         self._start_paused = start_paused
@@ -250,7 +254,7 @@ class HostedVm:
         self._migration_done.set()
         self._previous_progress: Any = None
         self.created_at = time.time()
-        self._console = _ConsoleHub()
+        self._console = ConsoleHub()
         self._running_since: float | None = None
         self._stopped_at: float | None = None
         self._failure: VmExit | None = None
@@ -592,6 +596,8 @@ class HostedVm:
             "id": self.id,
             "name": self.name,
             "state": self.state.value,
+            "isolation": "none",
+            "pid": os.getpid(),
             "created_at": self.created_at,
             "uptime_s": self.uptime_s,
             "exit": None if result is None else {
@@ -605,6 +611,11 @@ class HostedVm:
             "cpu": None if self._vm is None else self._vm.cpu_description(),
             "rate_limits": None if self._vm is None else self._vm.rate_limits.to_dict(),
         }
+
+    async def refresh(self) -> None:
+        """Bring what the sync accessors show up to date (a VM in this process: they
+        are always current; see :class:`avmm.isolation.worker_vm.WorkerVm`)."""
+        await trio.lowlevel.checkpoint()
 
     async def cpu_usage(self) -> CpuUsage | None:
         """CPU time and throttled time of the VM's vCPUs (see VirtualMachine.cpu_usage)."""
@@ -690,8 +701,12 @@ class Host:
     """Owns many VMs, each in its own task inside the Host's nursery; one VM's failure
     never touches another. Leaving ``async with`` stops every VM (disks flushed)."""
 
-    def __init__(self) -> None:
-        self._vms: dict[str, HostedVm] = {}
+    def __init__(self, *, isolation: ProcessIsolation | None = None) -> None:
+        #: With ``isolation``, each VM made by :meth:`create` runs in a jailed worker
+        #: process of its own (``avmm serve --isolation process``); without, here.
+        self.isolation = isolation
+        self._spawner_scope = trio.CancelScope()
+        self._vms: dict[str, Any] = {}
         #: Rate-limit groups shared by the VMs made by create() that name them.
         self.rate_limit_groups = SharedGroups()
         self._nursery: trio.Nursery | None = None
@@ -706,7 +721,28 @@ class Host:
         stack = contextlib.AsyncExitStack()
         self._nursery = await stack.enter_async_context(trio.open_nursery())
         self._stack = stack
+        if self.isolation is not None:
+            # Workers are started by a process of their own (see avmm.isolation.spawner),
+            # made now: before whoever entered this Host loads a seccomp filter.
+            from .isolation.spawner import Spawner
+
+            spawner = Spawner(fork=self.isolation.fork_workers,
+                              worker_module=self.isolation.worker_module,
+                              module_path=self.isolation.module_path)
+            try:
+                await self._nursery.start(self._run_spawner, spawner)
+            except BaseException:
+                self._nursery.cancel_scope.cancel()
+                await stack.aclose()
+                raise
+            self.isolation.spawner = spawner
         return self
+
+    async def _run_spawner(self, spawner: Any,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                           ) -> None:
+        with self._spawner_scope:
+            await spawner.run(task_status=task_status)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None,
@@ -714,17 +750,30 @@ class Host:
         self._closing = True
         for hosted in self._vms.values():
             hosted.request_stop("the host is shutting down")
+        if self.isolation is not None:
+            # The workers end first (their status comes through the spawner), then the
+            # spawner.
+            with trio.CancelScope(shield=exc is None):
+                for hosted in list(self._vms.values()):
+                    await hosted.wait()
+            self._spawner_scope.cancel()
         # The nursery waits for every VM's task, which returns once its VM has stopped.
         assert self._stack is not None
         return bool(await self._stack.__aexit__(exc_type, exc, traceback))
 
     async def create(self, config: VmConfig, *, start: bool = True,
-                     paths: PathPolicy | None = None) -> HostedVm:
+                     paths: PathPolicy | None = None, vm_id: str | None = None,
+                     after_build: Callable[[], None] | None = None) -> Any:
         """Build and start a VM from ``config``; returns once it runs. With
         ``start=False`` it is built and left PAUSED before its first instruction
         (:meth:`HostedVm.resume` starts it). The files the config names are opened
         through ``paths`` (see :class:`~avmm.paths.PathPolicy`; default: anywhere).
         The VM is built in a worker thread: the event loop never waits for it.
+
+        ``vm_id`` (a worker process: the id its daemon gave) and ``after_build`` (see
+        :class:`~avmm.vm.VirtualMachine`) are for :mod:`avmm.isolation.worker`. With
+        process isolation the result is a :class:`~avmm.isolation.worker_vm.WorkerVm`,
+        which behaves as a :class:`HostedVm` does.
 
         :raises VmStartError: the VM cannot be built (the message names the step).
         :raises VmStateError: the Host is not entered, or is shutting down.
@@ -732,9 +781,20 @@ class Host:
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
-        vm_id = self._new_id()
-        hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths,
-                          rate_limit_groups=self.rate_limit_groups)
+        if vm_id is None:
+            vm_id = self._new_id()
+        elif vm_id in self._vms:
+            raise VmStateError(f"a VM with id {vm_id!r} exists already")
+        hosted: Any
+        if self.isolation is not None:
+            from .isolation.worker_vm import WorkerVm
+
+            hosted = WorkerVm(vm_id, config, start=start, paths=paths,
+                              isolation=self.isolation)
+        else:
+            hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths,
+                              rate_limit_groups=self.rate_limit_groups,
+                              after_build=after_build)
         await self._start(hosted)
         return hosted
 
@@ -763,6 +823,7 @@ class Host:
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
+        self._refuse_in_workers("restoring a snapshot")
         policy = paths if paths is not None else PathPolicy()
         sockets = {name: os.fspath(socket) for name, socket in (vhost_user or {}).items()}
 
@@ -817,6 +878,7 @@ class Host:
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
+        self._refuse_in_workers("receiving a migration")
         check_accept_timeout(accept_timeout_s)  # before anything is made
         policy = paths if paths is not None else PathPolicy()
         socket_path = unix_path(listen)
@@ -836,6 +898,11 @@ class Host:
         await self._start(hosted)
         log.info("vm incoming", vm=hosted.id, listen=listen)
         return hosted
+
+    def _refuse_in_workers(self, what: str) -> None:
+        if self.isolation is not None:
+            raise VmStateError(f"{what} is not available with --isolation process yet; "
+                               "run the daemon with --isolation none for it")
 
     def get(self, vm_id: str) -> HostedVm:
         """:raises UnknownVmError: no such VM here."""

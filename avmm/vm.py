@@ -150,12 +150,17 @@ class VirtualMachine:
     everything. Several VMs may run concurrently in one program; a failure inside one
     never touches another. ``paths`` says where the files the config names may be
     (``avmm serve --allow-path``); by default anywhere this process can reach.
+    ``after_build`` runs on the event loop once everything is opened and before the
+    first vCPU or device thread starts (a jailed worker drops its privileges and loads
+    its seccomp filter there); if it raises, the start fails and everything is released.
     """
 
     def __init__(self, config: VmConfig, *, name: str | None = None,
                  start_paused: bool = False, paths: PathPolicy | None = None,
-                 rate_limit_groups: SharedGroups | None = None) -> None:
+                 rate_limit_groups: SharedGroups | None = None,
+                 after_build: Callable[[], None] | None = None) -> None:
         self.config = config
+        self._after_build = after_build
         # The daemon's rate-limit groups, for devices whose group the config lacks.
         self._shared_limit_groups = rate_limit_groups
         self._paths = paths if paths is not None else PathPolicy()
@@ -848,6 +853,9 @@ class VirtualMachine:
             # thread, so that a slow disk or a peer that does not answer never stalls
             # the event loop (and the other VMs and API clients on it).
             await trio.to_thread.run_sync(self._build)
+            if self._after_build is not None:
+                with self._step("after the build"):
+                    self._after_build()
         except BaseException:
             self._start_failed = True
             self._resources.close()

@@ -307,3 +307,43 @@ def qemu_run(cmdline: str, *, disks: Sequence[Path] = (), expect: str = "",
     (``ip netns exec NS`` for a tap in a network namespace)."""
     return process_run([*prefix, *qemu_argv(cmdline, disks=disks, memfd=memfd, devices=devices)],
                        expect=expect)
+
+
+# -- a VMM process's memory and its guest's progress ---------------------------------------
+
+
+def status_of(pid: int) -> dict[str, int]:
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[key] = int(parts[0])
+    return fields
+
+
+def guest_ram_fd(pid: int, size: int) -> int | None:
+    """An fd (ours, to close) on process ``pid``'s guest RAM: its memfd of ``size`` bytes.
+    Both VMMs keep guest RAM in one (avmm always, QEMU with memory-backend-memfd)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for entry in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if not os.readlink(entry).startswith("/memfd:"):
+                    continue
+                fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(fd).st_size == size:
+                    return fd
+                os.close(fd)
+    return None
+
+
+def in_spin_loop(fd: int) -> bool:
+    from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC
+
+    """Whether the test guest whose RAM is ``fd`` reached its ``count`` loop (the mailbox
+    holds its magic and a counter above 0). Guest RAM from 0 is the memfd from 0."""
+    words = os.pread(fd, 16, MAILBOX_ADDRESS)
+    return (len(words) == 16 and int.from_bytes(words[:8], "little") == MAILBOX_MAGIC
+            and int.from_bytes(words[8:], "little") > 0)

@@ -2,7 +2,8 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
-Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration, fairness
+Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration, fairness,
+isolation (one jailed worker per VM against dense mode and QEMU, benchmarks/isolation.py)
 (avmm alone against goals, benchmarks/fairness_cpu.py; rate limiters against their goal
 beside QEMU's throttling, benchmarks/fairness_io.py). Every figure is
 measured here and now: for each of R runs (5 by default, 2 with --quick)
@@ -53,16 +54,20 @@ from benchmarks.common import (
     avmm_run_sync,
     avmm_up_argv,
     checked,
+    guest_ram_fd,
+    in_spin_loop,
     log,
     per_unit,
     process_run,
     qemu_argv,
     qemu_run,
     quiet_logging,
+    status_of,
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
 from benchmarks.fairness_io import bench_fairness_io
-from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, MARKER, SPIN_N
+from benchmarks.isolation import bench_isolation
+from benchmarks.memchild import MARKER, SPIN_N
 from benchmarks.migration import bench_migration
 from benchmarks.net import bench_net
 from benchmarks.report import markdown, provenance
@@ -383,41 +388,6 @@ def _avmm_memory(vms: int) -> dict[str, int]:
     raise BenchError(f"memchild {vms} failed: {result.stdout!r} {result.stderr!r}")
 
 
-def _status_of(pid: int) -> dict[str, int]:
-    fields: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            parts = value.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                fields[key] = int(parts[0])
-    return fields
-
-
-def _guest_ram_fd(pid: int, size: int) -> int | None:
-    """An fd (ours, to close) on process ``pid``'s guest RAM: its memfd of ``size`` bytes.
-    Both VMMs keep guest RAM in one (avmm always, QEMU with memory-backend-memfd)."""
-    fd_dir = Path(f"/proc/{pid}/fd")
-    with contextlib.suppress(OSError):
-        for entry in fd_dir.iterdir():
-            with contextlib.suppress(OSError):
-                if not os.readlink(entry).startswith("/memfd:"):
-                    continue
-                fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
-                if os.fstat(fd).st_size == size:
-                    return fd
-                os.close(fd)
-    return None
-
-
-def _in_spin_loop(fd: int) -> bool:
-    """Whether the test guest whose RAM is ``fd`` reached its ``count`` loop (the mailbox
-    holds its magic and a counter above 0). Guest RAM from 0 is the memfd from 0."""
-    words = os.pread(fd, 16, MAILBOX_ADDRESS)
-    return (len(words) == 16 and int.from_bytes(words[:8], "little") == MAILBOX_MAGIC
-            and int.from_bytes(words[8:], "little") > 0)
-
-
 def _process_memory(argv: list[str], what: str) -> dict[str, int]:
     """/proc/PID/status (kB fields) of a VMM process running the test guest's ``count``
     loop (``argv``), read once the guest is in its loop, which the process's guest RAM
@@ -427,16 +397,16 @@ def _process_memory(argv: list[str], what: str) -> dict[str, int]:
     fd = None
     try:
         deadline = time.monotonic() + 60
-        while fd is None or not _in_spin_loop(fd):
+        while fd is None or not in_spin_loop(fd):
             if process.poll() is not None:
                 raise BenchError(f"{what} exited {process.returncode} before its guest's "
                                  f"loop: {_stderr_of(process)!r}")
             if time.monotonic() > deadline:
                 raise BenchError(f"{what}: the guest never reached its loop")
             if fd is None:
-                fd = _guest_ram_fd(process.pid, GUEST_MEMORY_MIB << 20)
+                fd = guest_ram_fd(process.pid, GUEST_MEMORY_MIB << 20)
             time.sleep(0.02)
-        return _status_of(process.pid)
+        return status_of(process.pid)
     finally:
         if fd is not None:
             os.close(fd)
@@ -507,6 +477,7 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "blk-vhost": bench_blk_vhost,
     "net": lambda p: bench_net(p.runs, p.net_n),
     "churn": bench_churn,
+    "isolation": lambda p: bench_isolation(p.runs, p.churn_s),
     "memory": bench_memory,
     "snapshot": lambda p: bench_snapshot(p.runs, p.snapshot_mib),
     "migration": lambda p: bench_migration(p.runs, p.migration_mib),

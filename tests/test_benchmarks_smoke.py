@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -86,6 +87,13 @@ GROUPS = {
                  ("fairness: CPU share of the cpu_weight 100 VM", SHARING),
                  ("fairness: CPU share of the cpu_weight 300 VM", SHARING),
                  ("fairness: CPU used by a spinning vCPU", SHARING)],
+    "isolation": [("isolation: VM churn, `--isolation process`", IN_PROCESS),
+                  ("isolation: VM churn, `--isolation none`", IN_PROCESS),
+                  ("isolation: create → first serial byte, `--isolation process`",
+                   WHOLE_PROCESS),
+                  ("isolation: create → first serial byte, `--isolation none`",
+                   WHOLE_PROCESS),
+                  ("isolation: memory per VM in `--isolation process`", WHOLE_PROCESS)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
 MARKS = {"net": [pytest.mark.net]}
@@ -115,6 +123,8 @@ def _check_provenance(report: dict[str, object]) -> None:
 def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path) -> None:
     if group == "fairness":
         require(cgroup_cpu_problem())  # its CPU figures need a cgroup cpu controller
+    if group == "isolation" and os.geteuid() != 0:
+        require("the isolation group needs root (the jailer)")
     if group == "blk-vhost" and shutil.which("qemu-storage-daemon") is None:
         require("qemu-storage-daemon is not installed (make deps installs qemu-system-x86)")
     result = subprocess.run(

@@ -14,13 +14,13 @@ from avmm.config import DiskConfig, config_from_dict
 from avmm.errors import VmStartError, VmStateError
 from avmm.host import (
     CONSOLE_BACKLOG_BYTES,
+    ConsoleHub,
     ConsoleSubscription,
     DeviceMetrics,
     Host,
     HostedVm,
     UnknownVmError,
     VmState,
-    _ConsoleHub,
     config_to_dict,
 )
 from avmm.lifecycle import StopReason
@@ -285,7 +285,7 @@ async def test_console_subscribe_detach_and_backlog() -> None:
 
 
 async def test_console_hub_bounds_the_backlog_and_slow_subscribers() -> None:
-    hub = _ConsoleHub()
+    hub = ConsoleHub()
     reader = hub.subscribe()
     slow = ConsoleSubscription(hub, b"", limit=1000)
     hub._subscribers.append(slow)

@@ -272,7 +272,10 @@ class ManagementApi:
         return _Response(200, self._document, "application/json")
 
     async def _list(self, request: _Request) -> _Response:
-        return _json_response(200, {"vms": [vm.to_dict() for vm in self.host.list()]})
+        vms = self.host.list()
+        for vm in vms:
+            await vm.refresh()  # a VM in a worker process: its status, asked now
+        return _json_response(200, {"vms": [vm.to_dict() for vm in vms]})
 
     async def _create(self, request: _Request) -> _Response:
         if self.draining.is_set():
@@ -400,6 +403,7 @@ class ManagementApi:
 
     async def _get(self, request: _Request) -> _Response:
         hosted = self.host.get(request.params["id"])
+        await hosted.refresh()
         data = hosted.to_dict()
         usage = await hosted.cpu_usage()  # cgroup files: read in a worker thread
         if data["cpu"] is not None and usage is not None:
@@ -496,6 +500,8 @@ class ManagementApi:
 
     async def _metrics(self, request: _Request) -> _Response:
         vms = self.host.list()
+        for vm in vms:
+            await vm.refresh()
         usage = {vm.id: used for vm in vms if (used := await vm.cpu_usage()) is not None}
         return _Response(200, render_metrics(vms, cpu_usage=usage).encode(),
                          METRICS_CONTENT_TYPE)

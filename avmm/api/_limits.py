@@ -47,6 +47,8 @@ class LimitsUpdate:
     groups: list[tuple[str, RateLimitConfig]] = field(default_factory=list)
     #: The ``machine`` object as sent (CPU limits), for the VM's ``set_cpu_limits``.
     machine: dict[str, Any] | None = None
+    #: The body as sent (a VM in a worker process parses it again there).
+    source: dict[str, Any] | None = None
 
 
 def parse_limits_update(data: Any) -> LimitsUpdate:
@@ -59,7 +61,7 @@ def parse_limits_update(data: Any) -> LimitsUpdate:
         if key not in _TOP_KEYS:
             raise HttpError(400, f"unknown key {key!r:.60}; PATCH /vms/{{id}} takes "
                             + ", ".join(_TOP_KEYS), {"key": key})
-    update = LimitsUpdate()
+    update = LimitsUpdate(source=data)
     for entry, item in enumerate(_entries(data, "disks")):
         key = f"disks[{entry}]"
         index = _index(item, key, _DISK_KEYS)

@@ -442,8 +442,17 @@ _SCHEMAS: Final = {
                           "nullable": True,
                           "description": "The latest live migration's progress; null if "
                                          "the VM never migrated"},
+            "isolation": {"type": "string", "enum": ["none", "process"],
+                          "description": "none: the VM runs in the daemon's process; "
+                                         "process: in a jailed worker process of its own "
+                                         "(avmm serve --isolation)"},
+            "pid": {"type": "integer", "nullable": True,
+                    "description": "The process that runs the VM: the worker's, or the "
+                                   "daemon's with isolation none; null while a worker "
+                                   "starts"},
             "vcpu_threads": {"type": "array", "items": {"type": "integer"},
-                             "description": "Host thread ids of the vCPU threads"},
+                             "description": "Host thread ids of the vCPU threads (in a "
+                                            "worker: as its PID namespace numbers them)"},
             "cpu": {"type": "object", "nullable": True,
                     "description": "Effective CPU controls (weight, max_percent, "
                                    "affinity, cgroup) and, in GET /vms/{id}, cpu_seconds "

@@ -89,6 +89,7 @@ async def serve_api(host: Any, socket_path: str | os.PathLike[str], *,
 async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None = None,
                      allow_paths: Sequence[str | os.PathLike[str]] | None = None,
                      allow_any_path: bool = False, seccomp: SeccompMode = SeccompMode.OFF,
+                     isolation: Any = None,
                      task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
     """``avmm serve``: a Host and its API until SIGTERM or SIGINT, then a clean shutdown
     (new VMs refused, every VM stopped and its disks flushed, socket removed).
@@ -101,6 +102,11 @@ async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None =
     ``seccomp``: the syscall filters (see :mod:`avmm.isolation.seccomp`), loaded once the
     socket is bound and before the first request is served; ``avmm serve`` loads them in
     kill mode unless told otherwise, an embedder's daemon loads none by default.
+
+    ``isolation``: a :class:`~avmm.isolation.worker_vm.ProcessIsolation` runs each VM
+    in a jailed worker process (``--isolation process``); None keeps them all here. The
+    workers are started by a spawner process made before the daemon's filter is loaded
+    (a filter is inherited; each worker loads its own once it is jailed).
 
     :raises DaemonError: it cannot start (one line saying why).
     """
@@ -116,14 +122,14 @@ async def run_daemon(socket_path: str | os.PathLike[str], *, group: str | None =
     except HostFileError as e:
         raise DaemonError(e.reason) from None
     try:
-        await _run_daemon(socket_path, group, paths, seccomp, task_status)
+        await _run_daemon(socket_path, group, paths, seccomp, task_status, isolation)
     finally:
         paths.close()
 
 
 async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
                       paths: PathPolicy, seccomp: SeccompMode,
-                      task_status: trio.TaskStatus[Path]) -> None:
+                      task_status: trio.TaskStatus[Path], isolation: Any = None) -> None:
     from ..cgroups import cleanup_stale
     from ..host import Host  # KVM and the device models: only for a real daemon
 
@@ -133,7 +139,7 @@ async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
     shutdown = trio.Event()
     # Before the socket exists: a signal sent as soon as a client sees it must count.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with Host() as host, trio.open_nursery() as nursery:
+        async with Host(isolation=isolation) as host, trio.open_nursery() as nursery:
             path = await nursery.start(lambda task_status: serve_api(
                 host, socket_path, group=group, draining=draining, shutdown=shutdown,
                 paths=paths, before_serving=functools.partial(

@@ -62,6 +62,19 @@ def add_management_commands(subparsers: Any) -> None:
                        help="with --group: let group members name any file the daemon's "
                             "user can open")
     add_seccomp_argument(serve)
+    serve.add_argument("--isolation", choices=["none", "process"], default="none",
+                       help="none: every VM in this process (dense, fast churn); process: "
+                            "each VM in a jailed worker process of its own (needs root "
+                            "and --jail-uid/--jail-gid or --jail-uid-range)")
+    serve.add_argument("--jail-root", default="/srv/avmm/jail", metavar="DIR",
+                       help="with --isolation process: each VM's jail is DIR/<vm-id> "
+                            "(default /srv/avmm/jail)")
+    serve.add_argument("--jail-uid", type=int, default=None, metavar="UID",
+                       help="the unprivileged uid the workers run as")
+    serve.add_argument("--jail-gid", type=int, default=None, metavar="GID",
+                       help="the unprivileged gid the workers run as")
+    serve.add_argument("--jail-uid-range", default=None, metavar="FIRST-LAST",
+                       help="one uid (and the same gid) per VM from this range instead")
     serve.set_defaults(handler=_cmd_serve)
     parsers.append(serve)
 
@@ -128,14 +141,50 @@ def _socket(args: argparse.Namespace) -> Path:
 # -- the daemon ----------------------------------------------------------------------------
 
 
+def _process_isolation(args: argparse.Namespace) -> Any:
+    """``--isolation process`` and its jail flags as a ProcessIsolation (None for
+    ``none``, where the jail flags are refused: they would do nothing)."""
+    jail_flags = [flag for flag, value in (("--jail-uid", args.jail_uid),
+                                           ("--jail-gid", args.jail_gid),
+                                           ("--jail-uid-range", args.jail_uid_range))
+                  if value is not None]
+    if args.isolation == "none":
+        if jail_flags:
+            from ._server import DaemonError
+
+            raise DaemonError(f"{jail_flags[0]} applies to --isolation process only")
+        return None
+    from ..isolation.jail import UidAllocator, parse_uid_range
+    from ..isolation.worker_vm import ProcessIsolation
+    from ._server import DaemonError
+
+    if os.geteuid() != 0:
+        raise DaemonError("--isolation process needs root (the jailer makes namespaces, "
+                          "mounts and drops to --jail-uid); run as root or use "
+                          "--isolation none")
+    if args.jail_uid_range is not None and (args.jail_uid is not None
+                                            or args.jail_gid is not None):
+        raise DaemonError("--jail-uid-range and --jail-uid/--jail-gid contradict each "
+                          "other; give one")
+    uids = None if args.jail_uid_range is None \
+        else UidAllocator(parse_uid_range(args.jail_uid_range))
+    return ProcessIsolation(jail_root=args.jail_root, uid=args.jail_uid,
+                            gid=args.jail_gid, uids=uids,
+                            seccomp=SeccompMode(args.seccomp),
+                            log_level=getattr(args, "log_level", "warning"),
+                            log_format=getattr(args, "log_format", "console"))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._server import run_daemon
 
     try:
+        isolation = _process_isolation(args)
         trio.run(lambda: run_daemon(_socket(args), group=args.group,
                                     allow_paths=args.allow_path,
                                     allow_any_path=args.allow_any_path,
-                                    seccomp=SeccompMode(args.seccomp)))
+                                    seccomp=SeccompMode(args.seccomp),
+                                    isolation=isolation))
     except BaseException as e:
         # trio hands start-up failures up inside ExceptionGroups; a person wants the
         # one line that says what to fix.
@@ -180,10 +229,12 @@ async def _ps(api: ApiClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(vms, indent=2))
         return 0
-    rows = [("ID", "NAME", "STATE", "UPTIME", "EXIT")]
+    rows = [("ID", "NAME", "STATE", "PID", "UPTIME", "EXIT")]
     for vm in vms:
-        rows.append((vm["id"], vm["name"], vm["state"], _duration(vm.get("uptime_s")),
-                     _exit_text(vm.get("exit"))))
+        pid = vm.get("pid")
+        rows.append((vm["id"], vm["name"], vm["state"],
+                     str(pid) if isinstance(pid, int) else "-",
+                     _duration(vm.get("uptime_s")), _exit_text(vm.get("exit"))))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]

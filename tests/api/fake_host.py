@@ -212,9 +212,14 @@ class FakeVm:
                 "detail": self.exit.detail},
             "config": None if self.config is None else config_to_dict(self.config),
             "migration": self.migration,
+            "isolation": "none",
+            "pid": os.getpid(),
             "vcpu_threads": [],
             "cpu": None,
         }
+
+    async def refresh(self) -> None:
+        await trio.lowlevel.checkpoint()
 
     async def cpu_usage(self) -> None:
         return None

@@ -57,12 +57,14 @@ async def daemon(socket_dir: Path) -> AsyncIterator[Daemon]:
 
 @contextlib.asynccontextmanager
 async def running_daemon(socket_dir: Path, command: Sequence[str] = tuple(_AVMM),
-                         env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
+                         env: dict[str, str] | None = None,
+                         serve_args: Sequence[str] = ()) -> AsyncIterator[Daemon]:
     socket = socket_dir / "avmm.sock"
     stderr = socket_dir / "serve.log"
     with stderr.open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [*command, "--log-level", "info", "serve", "--socket", str(socket)],
+            [*command, "--log-level", "info", "serve", "--socket", str(socket),
+             *serve_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             env={**os.environ, **(env or {})})
     try:
@@ -139,8 +141,10 @@ async def test_cli_client_commands(daemon: Daemon, tmp_path: Path) -> None:
     result = await avmm("ps", socket=None, env={"AVMM_SOCKET": str(socket)})
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.decode().splitlines()
-    assert header.split() == ["ID", "NAME", "STATE", "UPTIME", "EXIT"]
+    assert header.split() == ["ID", "NAME", "STATE", "PID", "UPTIME", "EXIT"]
     assert row.split()[:3] == [vm_id, "echoer", "running"]
+    # isolation none: the daemon's own process runs the VM.
+    assert row.split()[3] == str(daemon.process.pid)
 
     assert (await avmm("pause", vm_id, socket=socket)).returncode == 0
     result = await avmm("pause", vm_id, socket=socket)
@@ -269,13 +273,14 @@ async def test_ps_columns_say_what_the_api_says(daemon: Daemon) -> None:
         after = {vm["id"]: vm for vm in await api.list_vms()}
     assert result.returncode == 0, result.stderr
     header = result.stdout.decode().splitlines()[0]
-    assert header.split() == ["ID", "NAME", "STATE", "UPTIME", "EXIT"]
+    assert header.split() == ["ID", "NAME", "STATE", "PID", "UPTIME", "EXIT"]
     rows = ps_table(result.stdout.decode())
     assert [row["ID"] for row in rows] == list(before)  # creation order
     for row in rows:
         vm = before[row["ID"]]
         assert row["NAME"] == vm["name"]
         assert row["STATE"] == vm["state"]
+        assert row["PID"] == str(vm["pid"])
         if vm["uptime_s"] is None:
             assert row["UPTIME"] == "-"
         else:

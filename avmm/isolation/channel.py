@@ -1,0 +1,107 @@
+"""The private channel between ``avmm serve`` and one VM's worker process (process
+isolation): a SOCK_SEQPACKET socketpair, one JSON object per packet.
+
+Seqpacket keeps message boundaries, so a message is one ``recv`` and a peer cannot make
+the other side buffer without bound: a packet over :data:`MAX_MESSAGE` is an error, not
+a larger read. Either side treats what comes from the other as untrusted data (the worker
+runs the guest's device models; the daemon's checks do not rely on it behaving): a
+message that is not a JSON object is a :class:`ChannelError`, and the connection is then
+given up.
+
+Requests carry ``"id"`` and ``"op"``; their answers carry the same ``"id"`` and either
+``"result"`` or ``"error"`` (``{"type": ..., "message": ..., "key": ...}``). Messages
+without ``"id"`` are events (``"event"``: ``status``, ``console``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import trio
+
+from ..errors import AvmmError
+
+#: The largest message either side sends or accepts (a VM's status with its config, a
+#: 64 KiB console chunk in base64).
+MAX_MESSAGE = 1 << 20
+
+
+class ChannelError(AvmmError):
+    """The other end of a worker channel broke the protocol or went away."""
+
+
+class ChannelClosed(ChannelError):
+    """The other end went away (closed its end, or its process died)."""
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """The two ends: the daemon keeps the first, the worker inherits the second."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise ChannelError(f"a channel message of {len(data)} bytes is over the "
+                           f"{MAX_MESSAGE}-byte limit")
+    return data
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    if not data:
+        raise ChannelClosed("the other end closed the channel")
+    try:
+        message = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChannelError(f"a channel message is not JSON: {e}") from None
+    if not isinstance(message, dict):
+        raise ChannelError("a channel message is not a JSON object")
+    return message
+
+
+class Channel:
+    """One end of the channel, used from trio. Sending is serialised (one packet per
+    message, so concurrent senders never interleave); one task receives."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        self._send_lock = trio.Lock()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = encode(message)
+        async with self._send_lock:
+            try:
+                await self._sock.send(data)
+            except OSError as e:
+                raise ChannelClosed(f"the channel is broken: {e.strerror}") from None
+
+    async def receive(self) -> dict[str, Any]:
+        try:
+            # One byte more than the limit: a packet that fills it was cut (MSG_TRUNC).
+            data, _, flags, _ = await self._sock.recvmsg(MAX_MESSAGE + 1)
+        except OSError as e:
+            raise ChannelClosed(f"the channel is broken: {e.strerror}") from None
+        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+            raise ChannelError(f"a channel message is over the {MAX_MESSAGE}-byte limit")
+        return decode(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def error_payload(error: BaseException) -> dict[str, Any]:
+    """How an exception travels: its class name, its one line, and what the API's
+    answer needs of it (a config key, a start step, an HTTP status)."""
+    key = getattr(error, "key", None)
+    payload: dict[str, Any] = {"type": type(error).__name__, "message": str(error),
+                               "key": key if isinstance(key, str) else None}
+    step = getattr(error, "step", None)
+    if isinstance(step, str):
+        payload["step"] = step
+        payload["bad_input"] = bool(getattr(error, "bad_input", False))
+    status = getattr(error, "status", None)
+    if isinstance(status, int):
+        payload["status"] = status
+    return payload

@@ -1,0 +1,294 @@
+"""The process that starts ``avmm serve``'s VM workers (``--isolation process``).
+
+A seccomp filter is inherited by every process its process starts, and a worker must
+still unshare, mount and pivot into its jail before it loads its own filter. So the
+daemon cannot start workers itself once it has loaded its filter (which forbids execve,
+fork and kill anyway). Before it does, it starts this small process
+(``python -m avmm.isolation.spawner --fd N``), and from then on asks it, over a
+SOCK_SEQPACKET socketpair, to start a worker (the worker's end of its private channel
+travels with the request, SCM_RIGHTS) or to kill one. The spawner reports each
+worker's end (its exit status) when it happens.
+
+It runs no guest code and parses only the daemon's requests (one JSON object each, a
+fixed shape); when the daemon goes away it exits (the workers notice on their own
+channels and stop their VMs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from typing import Any
+
+import trio
+
+from ..errors import AvmmError
+
+_MAX_REQUEST = 4096
+#: The program a worker runs (its ``run_worker(channel_fd)``). Tests give another one
+#: (tests/isolation/trip_worker.py); the daemon never does.
+WORKER_MODULE = "avmm.isolation.worker"
+
+
+class SpawnerError(AvmmError):
+    """The worker spawner failed or went away."""
+
+
+# -- the spawner process -------------------------------------------------------------------
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    data, ancillary, flags, _ = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4))
+    fds: list[int] = []
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
+    if not data:
+        return None, fds
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        return {}, fds
+    try:
+        message = json.loads(data)
+    except ValueError:
+        return {}, fds
+    return (message if isinstance(message, dict) else {}), fds
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.send(json.dumps(message).encode())
+
+
+def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]) -> int:
+    """A worker (``module``'s ``run_worker``) on ``channel_fd``: forked from here (the
+    VMM's modules are loaded already) or a fresh interpreter; its PID."""
+    if not fork:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, "--channel-fd", str(channel_fd)],
+            pass_fds=(channel_fd,), stdin=subprocess.DEVNULL, cwd="/",
+            env={"PATH": os.defpath}).pid
+    run_worker = importlib.import_module(module).run_worker
+
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 70
+    try:
+        for fd in closing:
+            os.close(fd)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.chdir("/")
+        os.environ.clear()
+        os.environ["PATH"] = os.defpath
+        code = run_worker(channel_fd)
+    except BaseException:
+        # Nothing above this frame may run in the child (it is a copy of the spawner).
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True) -> None:
+    """Answer the daemon until it closes its end. ``fork``: workers are forked from
+    this process (see :func:`main`), else each is a fresh interpreter."""
+    if fork:
+        # Loaded once here, so that a forked worker starts with them (imports are most
+        # of a fresh worker's start-up).
+        importlib.import_module(module)
+    _send(sock, {"event": "ready"})
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    workers: dict[int, int] = {}  # pidfd → pid
+    while True:
+        for fd, _events in poller.poll():
+            if fd != sock.fileno():
+                pid = workers.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                _, status = os.waitpid(pid, 0)
+                _send(sock, {"event": "exited", "pid": pid,
+                             "status": os.waitstatus_to_exitcode(status)})
+                continue
+            message, fds = _receive(sock)
+            if message is None:
+                return
+            op = message.get("op")
+            request_id = message.get("id")
+            if op == "spawn" and len(fds) == 1:
+                try:
+                    pid = _start_worker(fds[0], module, fork, [sock.fileno(), *workers])
+                except OSError as e:
+                    _send(sock, {"id": request_id, "error": str(e)})
+                else:
+                    pidfd = os.pidfd_open(pid)
+                    workers[pidfd] = pid
+                    poller.register(pidfd, select.POLLIN)
+                    _send(sock, {"id": request_id, "pid": pid})
+            elif op == "kill" and isinstance(message.get("pid"), int):
+                # Only a worker of ours, or one of their children (the jailed worker is
+                # its reaper's child): never any other process.
+                target = message["pid"]
+                ours = set(workers.values())
+                if target in ours or _parent(target) in ours:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(target, signal.SIGKILL)
+                _send(sock, {"id": request_id, "pid": target})
+            else:
+                _send(sock, {"id": request_id, "error": "bad request"})
+            for fd in fds:
+                os.close(fd)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="avmm-spawner")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--exec", action="store_true",
+                        help="start each worker as a fresh interpreter instead of forking")
+    parser.add_argument("--worker-module", default=WORKER_MODULE)
+    args = parser.parse_args(argv)
+    # Ctrl-C at the daemon's terminal reaches the whole process group: the daemon
+    # decides when this process ends (by closing its end).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(socket.socket(fileno=args.fd), module=args.worker_module, fork=not args.exec)
+    return 0
+
+
+# -- the daemon's side ---------------------------------------------------------------------
+
+
+class Spawner:
+    """The daemon's handle on the spawner process; :meth:`run` in a nursery of the
+    daemon (started before the daemon's filter), then :meth:`spawn` and :meth:`kill`."""
+
+    def __init__(self, *, fork: bool = True, worker_module: str = WORKER_MODULE,
+                 module_path: str | None = None) -> None:
+        self.fork = fork
+        self.worker_module = worker_module
+        #: Where a worker module outside avmm is (PYTHONPATH of the spawner; tests).
+        self.module_path = module_path
+        self._sock: Any = None
+        self._process: trio.Process | None = None
+        self._ids = iter(range(1, 1 << 62))
+        self._answers: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self._exits: dict[int, int] = {}
+        self._exited = trio.Event()
+        self._lock = trio.Lock()
+        self._gone = False
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "avmm.isolation.spawner", "--fd",
+                 str(theirs.fileno()), "--worker-module", self.worker_module,
+                 *(() if self.fork else ("--exec",))],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, cwd="/", env={
+                    "PATH": os.defpath,
+                    **({"PYTHONPATH": self.module_path} if self.module_path else {})})
+        finally:
+            theirs.close()
+        self._sock = trio.socket.from_stdlib_socket(ours)
+        try:
+            ready = await self._sock.recv(_MAX_REQUEST)
+            if json.loads(ready or b"{}").get("event") != "ready":
+                raise SpawnerError("the worker spawner did not start")
+            task_status.started()
+            while True:
+                try:
+                    data = await self._sock.recv(_MAX_REQUEST)
+                except OSError:
+                    data = b""
+                if not data:
+                    return
+                message = json.loads(data)
+                if "id" in message:
+                    entry = self._answers.get(message["id"])
+                    if entry is not None:
+                        entry[1].append(message)
+                        entry[0].set()
+                elif message.get("event") == "exited":
+                    self._exits[int(message["pid"])] = int(message["status"])
+                    self._exited.set()
+                    self._exited = trio.Event()
+        finally:
+            self._gone = True
+            self._exited.set()
+            for done, _ in self._answers.values():
+                done.set()
+            self._sock.close()
+            with trio.CancelScope(shield=True):
+                await self._process.wait()
+
+    async def _ask(self, message: dict[str, Any], fds: tuple[int, ...] = ()
+                   ) -> dict[str, Any]:
+        if self._sock is None or self._gone:
+            raise SpawnerError("the worker spawner is not running")
+        request_id = next(self._ids)
+        done = trio.Event()
+        slot: list[dict[str, Any]] = []
+        self._answers[request_id] = (done, slot)
+        try:
+            data = json.dumps({"id": request_id, **message}).encode()
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
+                if fds else []
+            async with self._lock:
+                await self._sock.sendmsg([data], ancillary)
+            await done.wait()
+        except OSError as e:
+            raise SpawnerError(f"the worker spawner is gone: {e.strerror}") from None
+        finally:
+            self._answers.pop(request_id, None)
+        if not slot:
+            raise SpawnerError("the worker spawner is gone")
+        if "error" in slot[0]:
+            raise SpawnerError(f"cannot start a worker: {slot[0]['error']}")
+        return slot[0]
+
+    async def spawn(self, channel_fd: int) -> int:
+        """Start a worker on its end of the channel; its PID (the jail's reaper)."""
+        answer = await self._ask({"op": "spawn"}, (channel_fd,))
+        return int(answer["pid"])
+
+    async def kill(self, pid: int) -> None:
+        """SIGKILL a worker (or the jailed process under its reaper)."""
+        with contextlib.suppress(SpawnerError):
+            await self._ask({"op": "kill", "pid": pid})
+
+    async def wait(self, pid: int) -> int | None:
+        """The worker's exit status (as subprocess gives it: -N for signal N); None if
+        the spawner went away first."""
+        while pid not in self._exits:
+            if self._gone:
+                return None
+            await self._exited.wait()
+        return self._exits.pop(pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

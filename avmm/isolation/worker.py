@@ -1,0 +1,287 @@
+"""One VM of ``avmm serve --isolation process``, in a process of its own:
+``python -m avmm.isolation.worker --channel-fd N``, started by the daemon
+(:mod:`avmm.isolation.worker_vm`) with one end of a :mod:`~avmm.isolation.channel`.
+
+The order, Firecracker's jailer's where it applies:
+
+1. Everything the worker will run is imported first (nothing is imported from files
+   after the jail, and the seccomp filter is loaded before the guest runs).
+2. The daemon's start message: the VM id, its config (the ``vm.toml`` schema as JSON),
+   the jail, the seccomp mode, the logging settings.
+3. :func:`avmm.isolation.jail.enter_jail`: inherited fds closed, environment cleared,
+   new mount, IPC and PID namespaces (the worker is PID 1 of its own; a reaper parent
+   outside mirrors its exit), the per-VM root bind-mounted and pivoted into, the
+   configured network namespace entered.
+4. The VM is built, as root inside the jail (/dev/kvm, disks, taps and back-end sockets
+   are opened while the process can still open them; only what the jail holds can be).
+5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
+   :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
+   privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
+6. The guest runs; the worker answers the daemon's requests (pause, resume, stop,
+   console input, describe, limits) and sends events (status on every state change,
+   console output) until the VM has stopped, then sends its final status and exits 0.
+
+Whatever goes wrong before the VM runs is sent as a ``failed`` event (the daemon turns
+it into the API's error) and the worker exits 1. The daemon treats every message from
+here as untrusted (this process runs the guest's device models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import socket
+import sys
+from typing import Any
+
+import pyseccomp  # noqa: F401  (its import runs ldconfig: before the jail, which has none)
+import structlog
+import trio
+
+# Imported up front: nothing may be imported from files once the jail is entered.
+from ..api._limits import parse_limits_update
+from ..config import config_from_dict
+from ..errors import AvmmError
+from ..host import Host, HostedVm
+from ..lifecycle import VmMetrics, VmState
+from ..logs import configure_logging
+from ..paths import PathPolicy
+from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
+from .channel import MAX_MESSAGE, Channel, ChannelError, decode, encode, error_payload
+from .jail import JailSpec, drop_privileges, enter_jail
+from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
+
+log = structlog.get_logger(__name__)
+
+#: Console output is sent in chunks of at most this many bytes (base64 in JSON).
+CONSOLE_CHUNK = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class StartRequest:
+    """The daemon's first message, checked."""
+
+    vm_id: str
+    config: dict[str, Any]
+    start: bool
+    seccomp: SeccompMode
+    jail: JailSpec | None
+    allowed_paths: tuple[str, ...] | None
+    log_level: str
+    log_format: str
+
+
+def parse_start(message: dict[str, Any]) -> StartRequest:
+    """:raises ChannelError: the message is not a well-formed start request."""
+    try:
+        if message.get("op") != "start":
+            raise ValueError("the first message is not 'start'")
+        vm_id = message["vm_id"]
+        config = message["config"]
+        start = message["start"]
+        if not isinstance(vm_id, str) or not isinstance(config, dict) \
+                or not isinstance(start, bool):
+            raise ValueError("vm_id, config or start has the wrong type")
+        jail = message.get("jail")
+        allowed = message.get("allowed_paths")
+        if allowed is not None and (not isinstance(allowed, list)
+                                    or not all(isinstance(p, str) for p in allowed)):
+            raise ValueError("allowed_paths is not a list of strings")
+        level = message.get("log_level", "warning")
+        log_format = message.get("log_format", "console")
+        if level not in ("debug", "info", "warning", "error") \
+                or log_format not in ("console", "json"):
+            raise ValueError("bad logging settings")
+        return StartRequest(
+            vm_id=vm_id, config=config, start=start,
+            seccomp=SeccompMode(message.get("seccomp", "off")),
+            jail=None if jail is None else JailSpec.from_dict(jail),
+            allowed_paths=None if allowed is None else tuple(allowed),
+            log_level=level, log_format=log_format)
+    except (KeyError, ValueError, AvmmError) as e:
+        raise ChannelError(f"a bad start message: {e}") from None
+
+
+def metrics_to_dict(metrics: VmMetrics) -> dict[str, Any]:
+    return {"state": metrics.state.value, "vcpu_exits": dict(metrics.vcpu_exits),
+            "devices": {name: dataclasses.asdict(counters)
+                        for name, counters in metrics.devices.items()}}
+
+
+def status(hosted: HostedVm) -> dict[str, Any]:
+    """What the daemon shows of the VM: the API's dict, counters, limiter waits."""
+    return {"vm": hosted.to_dict(), "metrics": metrics_to_dict(hosted.metrics()),
+            "rate_limit_waits": [list(wait) for wait in hosted.rate_limit_waits()]}
+
+
+class _Worker:
+    def __init__(self, channel: Channel, request: StartRequest) -> None:
+        self.channel = channel
+        self.request = request
+        self.hosted: HostedVm | None = None
+
+    def after_build(self) -> None:
+        """Between the build and the first thread of the VM: the privileges go, the
+        filter comes (see the module docstring, step 5)."""
+        if self.request.jail is not None:
+            drop_privileges(self.request.jail)
+        install_process_filter(DENSE_PROCESS_KINDS, self.request.seccomp)
+
+    async def run(self) -> None:
+        request = self.request
+        policy = PathPolicy(request.allowed_paths) \
+            if request.allowed_paths is not None else PathPolicy()
+        try:
+            config = await trio.to_thread.run_sync(
+                lambda: config_from_dict(request.config, base_dir=None,
+                                         source="the daemon's config"))
+        except AvmmError as e:
+            await self.channel.send({"event": "failed", "error": error_payload(e)})
+            return
+        async with Host() as host:
+            try:
+                hosted = await host.create(config, start=request.start, paths=policy,
+                                           vm_id=request.vm_id,
+                                           after_build=self.after_build)
+            except AvmmError as e:
+                await self.channel.send({"event": "failed", "error": error_payload(e)})
+                return
+            except Exception as e:  # a bug: the daemon still gets one line, then a 500
+                log.exception("the VM could not be started in its worker")
+                await self.channel.send({"event": "failed", "error": {
+                    "type": "AvmmError", "message": f"{type(e).__name__}: {e}"}})
+                return
+            self.hosted = hosted
+            await self.channel.send({"event": "started", "status": status(hosted)})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._console)
+                nursery.start_soon(self._status_changes)
+                nursery.start_soon(self._requests, nursery.cancel_scope)
+                await hosted.wait()
+                # Let the console's last bytes go out before the final status.
+                await trio.sleep(0)
+                nursery.cancel_scope.cancel()
+            await self.channel.send({"event": "exited", "status": status(hosted)})
+
+    async def _console(self) -> None:
+        assert self.hosted is not None
+        async with self.hosted.subscribe_console() as subscription:
+            async for chunk in subscription:
+                for start in range(0, len(chunk), CONSOLE_CHUNK):
+                    piece = chunk[start:start + CONSOLE_CHUNK]
+                    await self.channel.send({"event": "console",
+                                             "data": base64.b64encode(piece).decode()})
+
+    async def _status_changes(self) -> None:
+        """A status event at each change of the VM's state (the daemon's list and
+        state answers come from the latest one)."""
+        hosted = self.hosted
+        assert hosted is not None
+        vm = hosted.vm
+        while True:
+            current = vm.state
+            await vm.wait_state(*(state for state in VmState if state is not current))
+            await self.channel.send({"event": "status", "status": status(hosted)})
+            if vm.state is VmState.STOPPED:
+                return
+
+    async def _requests(self, cancel_scope: trio.CancelScope) -> None:
+        hosted = self.hosted
+        assert hosted is not None
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    message = await self.channel.receive()
+                except ChannelError as e:
+                    # The daemon is gone: nobody is left to run this VM for.
+                    log.warning("the daemon's channel is gone; stopping the VM",
+                                reason=str(e))
+                    hosted.request_stop("the daemon went away")
+                    return
+                nursery.start_soon(self._answer, message)
+
+    async def _answer(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        op = message.get("op")
+        try:
+            result = await self._do(op, message)
+        except AvmmError as e:
+            reply: dict[str, Any] = {"id": request_id, "error": error_payload(e)}
+        except Exception as e:  # a bug here must not end the VM: the daemon gets a 500
+            log.exception("worker request failed", op=op)
+            reply = {"id": request_id, "error": {"type": "AvmmError",
+                                                 "message": f"{type(e).__name__}: {e}"}}
+        else:
+            reply = {"id": request_id, "result": result}
+        await self.channel.send(reply)
+
+    async def _do(self, op: object, message: dict[str, Any]) -> Any:
+        hosted = self.hosted
+        assert hosted is not None
+        if op == "describe":
+            return status(hosted)
+        if op == "pause":
+            await hosted.pause()
+        elif op == "resume":
+            await hosted.resume()
+        elif op == "stop":
+            detail = message.get("detail")
+            hosted.request_stop(detail if isinstance(detail, str) else "stopped by the host")
+        elif op == "console_input":
+            data = message.get("data")
+            if not isinstance(data, str):
+                raise AvmmError("console_input needs data")
+            await hosted.send_console(base64.b64decode(data, validate=True))
+        elif op == "update_limits":
+            await hosted.update_limits(parse_limits_update(message.get("limits")))
+        else:
+            raise AvmmError(f"unknown request {op!r:.40}")
+        return status(hosted)
+
+
+def _read_start(sock: socket.socket) -> dict[str, Any]:
+    data = sock.recv(MAX_MESSAGE + 1)
+    if len(data) > MAX_MESSAGE:
+        raise ChannelError("the start message is over the size limit")
+    return decode(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="avmm-worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--channel-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    return run_worker(args.channel_fd)
+
+
+def run_worker(channel_fd: int) -> int:
+    """The worker on its end of the channel (a fresh process, or one forked from the
+    spawner with these modules loaded); its exit status."""
+    sock = socket.socket(fileno=channel_fd)
+    try:
+        request = parse_start(_read_start(sock))
+    except ChannelError as e:
+        with contextlib.suppress(OSError):  # the daemon may be gone already
+            sock.send(encode({"event": "failed", "error": error_payload(e)}))
+        return 1
+    configure_logging(log_format=request.log_format,  # type: ignore[arg-type]
+                      level=request.log_level)
+    structlog.contextvars.bind_contextvars(vm=request.vm_id)
+    if request.jail is not None:
+        try:
+            enter_jail(request.jail, keep_fds=(sock.fileno(),))
+        except AvmmError as e:
+            with contextlib.suppress(OSError):
+                sock.send(encode({"event": "failed", "error": error_payload(e)}))
+            return 1
+    try:
+        trio.run(_Worker(Channel(sock), request).run)
+    except ChannelError as e:
+        log.warning("worker channel failed", reason=str(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,631 @@
+"""The daemon's side of a VM in a jailed worker process (``avmm serve --isolation
+process``): :class:`WorkerVm` behaves as :class:`avmm.host.HostedVm` does for the
+management API, and does it by talking to :mod:`avmm.isolation.worker` over the private
+channel.
+
+What the worker says is untrusted: it runs the guest's device models, so a guest that
+took it over speaks through it. Everything it sends is checked for type and size, the
+daemon's own facts (the VM's id, its isolation, its worker's PID) are never taken from
+it, and a worker that breaks the protocol is killed (its VM ends as a crash). A worker
+that dies (SIGKILL, SIGSYS from its seccomp filter, a crash of Python) ends its VM with
+reason ``crash`` and the cause in the detail; the daemon and the other VMs go on.
+
+Not yet in process mode (each refused with a one-line 409 that says to use
+``--isolation none``): snapshots, restore, live migration in and out, CPU controls
+(the worker cannot reach the cgroup tree from its jail), daemon-wide rate-limit groups.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from ..config import VmConfig
+from ..cpu_profile import resolve_cpu_profile
+from ..errors import AvmmError, ConfigError, VmStartError, VmStateError
+from ..host import ConsoleHub, ConsoleSubscription, config_to_dict
+from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
+from ..paths import PathPolicy
+from .channel import Channel, ChannelClosed, ChannelError, socketpair
+from .jail import JailError, JailSpec, UidAllocator, plan_jail, prepare_jail_dir, remove_jail
+from .seccomp import SeccompMode
+from .spawner import WORKER_MODULE, Spawner, SpawnerError
+
+log = structlog.get_logger(__name__)
+
+#: How long a worker may take from its start to a running VM (imports, jail, build).
+START_TIMEOUT_S = 60.0
+#: How long a worker asked to stop may take before it is killed.
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass
+class ProcessIsolation:
+    """``avmm serve --isolation process`` and its jail settings: one fixed uid/gid for
+    every worker, or one per VM from ``uids`` (uid = gid)."""
+
+    jail_root: str = "/srv/avmm/jail"
+    uid: int | None = None
+    gid: int | None = None
+    uids: UidAllocator | None = None
+    seccomp: SeccompMode = SeccompMode.KILL
+    log_level: str = "warning"
+    log_format: str = "console"
+    #: Workers forked from the spawner, which has the VMM's modules loaded (start-up in
+    #: tens of ms; they share its address-space layout), or each a fresh interpreter.
+    fork_workers: bool = True
+    #: The worker program (tests give another; see avmm.isolation.spawner).
+    worker_module: str = WORKER_MODULE
+    module_path: str | None = None
+    #: Started by the Host that uses these settings (see avmm.isolation.spawner).
+    spawner: Spawner | None = None
+
+    def __post_init__(self) -> None:
+        if self.uids is None and (self.uid is None or self.gid is None):
+            raise JailError("process isolation needs --jail-uid and --jail-gid, or "
+                            "--jail-uid-range")
+
+    def take_ids(self) -> tuple[int, int]:
+        if self.uids is not None:
+            uid = self.uids.allocate()
+            return uid, uid
+        assert self.uid is not None and self.gid is not None
+        return self.uid, self.gid
+
+    def give_back_ids(self, uid: int) -> None:
+        if self.uids is not None:
+            self.uids.release(uid)
+
+
+class _RemoteConfigError(ConfigError):
+    """A ConfigError the worker raised: its line as it was (not prefixed again)."""
+
+    def __init__(self, message: str, key: str | None) -> None:
+        AvmmError.__init__(self, message)
+        self.path = None
+        self.key = key
+        self.reason = message
+
+
+class _RemoteStartError(VmStartError):
+    def __init__(self, message: str, step: str, bad_input: bool) -> None:
+        AvmmError.__init__(self, message)
+        self.vm = ""
+        self.step = step
+        self.error = _RemoteConfigError(message, None) if bad_input else None
+
+
+def remote_error(payload: object) -> AvmmError:
+    """The worker's error as the daemon raises it (the API maps the type to a status)."""
+    if not isinstance(payload, dict):
+        return AvmmError("the VM's worker answered with a malformed error")
+    kind = payload.get("type")
+    message = str(payload.get("message", ""))[:2000] or "the VM's worker failed"
+    key = payload.get("key") if isinstance(payload.get("key"), str) else None
+    if kind == "VmStateError":
+        return VmStateError(message)
+    if kind in ("ConfigError", "HostFileError", "PathNotAllowedError", "HttpError"):
+        return _RemoteConfigError(message, key)
+    if kind == "VmStartError":
+        step = payload.get("step")
+        return _RemoteStartError(message, step if isinstance(step, str) else "starting",
+                                 payload.get("bad_input") is True)
+    if kind == "LimitTargetError":
+        from ..ratelimit import LimitTargetError
+
+        status = payload.get("status")
+        return LimitTargetError(message, key=key or "",
+                                status=status if status in (400, 404) else 400)
+    if kind == "CgroupError":
+        from ..cgroups.backend import CgroupError
+
+        return CgroupError(message)
+    return AvmmError(message)
+
+
+def _refused(vm_id: str, what: str) -> VmStateError:
+    return VmStateError(f"VM {vm_id!r}: {what} is not available with --isolation process "
+                        "yet; run the daemon with --isolation none for it")
+
+
+class WorkerVm:
+    """One VM in a worker process (see the module docstring); made by
+    :meth:`avmm.host.Host.create` when the host has process isolation."""
+
+    isolation = "process"
+
+    def __init__(self, vm_id: str, config: VmConfig, *, start: bool,
+                 paths: PathPolicy | None, isolation: ProcessIsolation) -> None:
+        self.id = vm_id
+        self.name = config.name or vm_id
+        self.created_at = time.time()
+        if config.machine.cpu_profile == "auto":
+            # Resolved here: the worker's jail has no /sys to tell it (the config shown
+            # is the one the VM runs with).
+            machine = dataclasses.replace(config.machine,
+                                          cpu_profile=resolve_cpu_profile("auto"))
+            config = dataclasses.replace(config, machine=machine)
+        self._config = config
+        self._start = start
+        self._paths = paths
+        self._isolation = isolation
+        self._status: dict[str, Any] | None = None
+        self._console = ConsoleHub()
+        self._channel: Channel | None = None
+        #: The process the spawner started (the jail's reaper) and the jailed worker
+        #: under it, as this host numbers them.
+        self._reaper: int | None = None
+        self._pid: int | None = None
+        #: The worker's thread ids: its PID namespace's → the host's (see refresh).
+        self._host_tids: dict[int, int] = {}
+        self._requests = itertools.count(1)
+        self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._tasks: trio.Nursery | None = None
+        self._stop_requested: str | None = None
+        self._stopping = False
+        self._exit: VmExit | None = None
+        self._done = trio.Event()
+        #: Set once the worker has said how its VM ended, or has died.
+        self._ended = trio.Event()
+        self._log = log.bind(vm=vm_id)
+
+    def __repr__(self) -> str:
+        return f"<WorkerVm {self.id} {self.name!r} {self.state.value}>"
+
+    # -- what HostedVm shows --------------------------------------------------------------
+
+    @property
+    def config(self) -> VmConfig:
+        return self._config
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's PID (as this host sees it), once it runs."""
+        return self._pid
+
+    @property
+    def state(self) -> VmState:
+        if self._done.is_set():
+            return VmState.STOPPED
+        if self._status is None:
+            return VmState.STARTING
+        state = VmState(self._status["vm"]["state"])
+        # Ended in the worker, but not yet here (its process is being reaped): as
+        # HostedVm, "stopped" is shown only with the exit.
+        return VmState.STOPPING if state is VmState.STOPPED else state
+
+    @property
+    def exit(self) -> VmExit | None:
+        return self._exit if self._done.is_set() else None
+
+    @property
+    def uptime_s(self) -> float | None:
+        value = None if self._status is None else self._status["vm"].get("uptime_s")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def migration(self) -> dict[str, Any] | None:
+        return None
+
+    @property
+    def migrating(self) -> bool:
+        return False
+
+    def metrics(self) -> VmMetrics:
+        if self._status is None:
+            return VmMetrics(state=self.state, vcpu_exits={}, devices={})
+        metrics = self._status["metrics"]
+        return VmMetrics(state=self.state, vcpu_exits=dict(metrics["vcpu_exits"]),
+                         devices={name: DeviceMetrics(**counters)
+                                  for name, counters in metrics["devices"].items()})
+
+    def rate_limit_waits(self) -> list[tuple[str, str, float]]:
+        if self._status is None:
+            return []
+        return [(device, kind, float(seconds))
+                for device, kind, seconds in self._status["rate_limit_waits"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._status is not None:
+            data = dict(self._status["vm"])
+        else:
+            data = {"created_at": self.created_at, "uptime_s": None,
+                    "config": config_to_dict(self._config), "migration": None,
+                    "vcpu_threads": [], "cpu": None, "rate_limits": None}
+        result = self.exit
+        # The worker numbers its threads in its own PID namespace: the host's ids here.
+        threads = data.get("vcpu_threads")
+        data["vcpu_threads"] = [self._host_tids[tid] for tid in threads
+                                if isinstance(tid, int) and tid in self._host_tids] \
+            if isinstance(threads, list) and result is None else []
+        data.update({
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "isolation": self.isolation,
+            "pid": self._pid,
+            "created_at": self.created_at,
+            "exit": None if result is None else {
+                "reason": result.reason.value, "exit_status": result.exit_status,
+                "detail": result.detail},
+        })
+        return data
+
+    def console_backlog(self) -> bytes:
+        return self._console.backlog()
+
+    def subscribe_console(self) -> ConsoleSubscription:
+        return self._console.subscribe()
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Ask the worker for its status now (GET shows it as it is)."""
+        if self._live():
+            # A worker that ends meanwhile (or does not answer): what is known stands.
+            with trio.move_on_after(5), contextlib.suppress(AvmmError):
+                await self._call("describe")
+            if self._pid is not None:
+                self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
+        await trio.lowlevel.checkpoint()
+
+    async def pause(self) -> None:
+        await self._call("pause")
+
+    async def resume(self) -> None:
+        await self._call("resume")
+
+    async def send_console(self, data: bytes) -> None:
+        if not self._live():
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}; its console takes "
+                               "no input")
+        for start in range(0, len(data), 64 * 1024):
+            piece = data[start:start + 64 * 1024]
+            await self._call("console_input", data=base64.b64encode(piece).decode())
+
+    async def update_limits(self, update: Any) -> None:
+        if update.machine:
+            raise _refused(self.id, "changing CPU limits")
+        await self._call("update_limits", limits=update.source)
+
+    async def cpu_usage(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def set_cpu_limits(self, **_: Any) -> Any:
+        raise _refused(self.id, "changing CPU limits")
+
+    async def snapshot(self, path: Any, **_: Any) -> Any:
+        raise _refused(self.id, "a snapshot")
+
+    async def start_migration(self, to: str, **_: Any) -> None:
+        raise _refused(self.id, "live migration")
+
+    async def migrate(self, to: str, **_: Any) -> dict[str, Any]:
+        raise _refused(self.id, "live migration")
+
+    def request_stop(self, detail: str = "stopped by the host") -> None:
+        if self._done.is_set() or self._stopping:
+            return
+        if self._tasks is None:
+            self._stop_requested = detail
+            return
+        self._stopping = True
+        self._tasks.start_soon(self._stop, detail)
+
+    async def stop(self, detail: str = "stopped by the host") -> VmExit:
+        self.request_stop(detail)
+        return await self.wait()
+
+    async def wait(self) -> VmExit:
+        await self._done.wait()
+        assert self._exit is not None
+        return self._exit
+
+    # -- the channel ------------------------------------------------------------------------
+
+    def _live(self) -> bool:
+        return self._channel is not None and not self._done.is_set()
+
+    async def _call(self, op: str, **fields: Any) -> Any:
+        if not self._live():
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}")
+        assert self._channel is not None
+        request_id = next(self._requests)
+        done = trio.Event()
+        slot: list[Any] = []
+        self._pending[request_id] = (done, slot)
+        try:
+            await self._channel.send({"id": request_id, "op": op, **fields})
+            await done.wait()
+        except ChannelError:
+            raise VmStateError(f"VM {self.id!r}: its worker has ended") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if not slot:
+            raise VmStateError(f"VM {self.id!r}: its worker ended before it answered")
+        reply = slot[0]
+        if "error" in reply:
+            raise remote_error(reply["error"])
+        self._take_status(reply.get("result"))
+        return reply.get("result")
+
+    async def _stop(self, detail: str) -> None:
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            with contextlib.suppress(AvmmError):  # it may have ended meanwhile
+                await self._call("stop", detail=detail)
+            await self._ended.wait()
+            return
+        self._log.warning("the worker did not stop in time; killing it")
+        await self._kill()
+
+    async def _kill(self) -> None:
+        # The jailed worker first: it is PID 1 of its namespace, so everything in the
+        # jail goes with it, and its reaper then ends with the same status.
+        spawner = self._isolation.spawner
+        with trio.CancelScope(shield=True):
+            for target in (self._pid, self._reaper):
+                if target is not None and spawner is not None:
+                    await spawner.kill(target)
+
+    def _take_status(self, status: object) -> None:
+        """A status from the worker, checked before it is believed."""
+        if status is None:
+            return
+        try:
+            _check_status(status)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ChannelError(f"the worker sent a malformed status ({e})") from None
+        assert isinstance(status, dict)
+        self._status = status
+        name = status["vm"].get("name")
+        if isinstance(name, str) and name:
+            self.name = name[:256]
+
+    def _event(self, message: dict[str, Any]) -> None:
+        if "id" in message:
+            entry = self._pending.get(message["id"]) \
+                if isinstance(message["id"], int) else None
+            if entry is None:
+                raise ChannelError("the worker answered a request nobody made")
+            done, slot = entry
+            slot.append(message)
+            done.set()
+            return
+        event = message.get("event")
+        if event == "console":
+            data = message.get("data")
+            if not isinstance(data, str):
+                raise ChannelError("a console event without data")
+            try:
+                self._console.feed(base64.b64decode(data, validate=True))
+            except binascii.Error:
+                raise ChannelError("a console event that is not base64") from None
+        elif event in ("status", "exited"):
+            self._take_status(message.get("status"))
+            if event == "exited":
+                self._exit = self._exit_from_status()
+        else:
+            raise ChannelError(f"an unknown event {str(event)[:40]!r} from the worker")
+
+    def _exit_from_status(self) -> VmExit:
+        assert self._status is not None
+        data = self._status["vm"].get("exit")
+        try:
+            return VmExit(StopReason(data["reason"]), int(data["exit_status"]),
+                          str(data.get("detail", ""))[:1000])
+        except (KeyError, TypeError, ValueError):
+            raise ChannelError("the worker's final status has no valid exit") from None
+
+    # -- the task that owns the worker ------------------------------------------------------
+
+    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                   ) -> None:
+        """Start the worker, wait until its VM runs (``started``), then follow it until
+        it has exited; the jail and the uid are released at the end, however it ends."""
+        isolation = self._isolation
+        uid, gid = isolation.take_ids()
+        spec: JailSpec | None = None
+        started = False
+        try:
+            spec = plan_jail(self._config, self.id, jail_root=isolation.jail_root,
+                             uid=uid, gid=gid)
+            await trio.to_thread.run_sync(prepare_jail_dir, spec)
+            try:
+                await self._spawn(spec)
+                with trio.fail_after(START_TIMEOUT_S):
+                    await self._first_message()
+            except BaseException:
+                await self._kill()
+                raise
+            started = True
+            async with trio.open_nursery() as nursery:
+                self._tasks = nursery
+                task_status.started()
+                if self._stop_requested is not None:
+                    self.request_stop(self._stop_requested)
+                await self._follow()
+                nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            raise VmStartError(self.id, "starting the worker process",
+                               f"no answer within {START_TIMEOUT_S:g} s") from None
+        finally:
+            self._tasks = None
+            await self._reap()
+            if self._channel is not None:
+                self._channel.close()
+            if spec is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove_quietly, spec.root)
+            isolation.give_back_ids(uid)
+            if self._exit is None and started:
+                self._exit = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
+                                    "the worker ended without a status")
+            for done, _slot in self._pending.values():
+                done.set()
+            self._console.end()
+            if started:
+                self._done.set()
+
+    async def _spawn(self, spec: JailSpec) -> None:
+        spawner = self._isolation.spawner
+        if spawner is None:
+            raise VmStateError("process isolation is not running (its Host is not "
+                               "entered)")
+        ours, theirs = socketpair()
+        try:
+            self._reaper = await spawner.spawn(theirs.fileno())
+        except SpawnerError as e:
+            ours.close()
+            raise VmStartError(self.id, "starting the worker process", str(e)) from None
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._channel = Channel(ours)
+        isolation = self._isolation
+        allowed = None if self._paths is None or not self._paths.restricted \
+            else [str(path) for path in self._paths.allowed_dirs]
+        await self._channel.send({
+            "op": "start", "vm_id": self.id, "config": config_to_dict(self._config),
+            "start": self._start, "seccomp": isolation.seccomp.value,
+            "jail": spec.to_dict(), "allowed_paths": allowed,
+            "log_level": isolation.log_level, "log_format": isolation.log_format,
+        })
+
+    async def _first_message(self) -> None:
+        assert self._channel is not None
+        try:
+            message = await self._channel.receive()
+        except ChannelError:
+            code = await self._reap()
+            raise VmStartError(self.id, "starting the worker process",
+                               f"it ended before the VM ran ({_describe_status(code)})"
+                               ) from None
+        if message.get("event") == "failed":
+            raise remote_error(message.get("error"))
+        if message.get("event") != "started":
+            raise VmStartError(self.id, "starting the worker process",
+                               "it broke the protocol")
+        self._take_status(message.get("status"))
+        self._pid = await trio.to_thread.run_sync(_child_pid, self._reaper)
+        self._log.info("vm worker started", pid=self._pid)
+
+    async def _follow(self) -> None:
+        assert self._channel is not None
+        channel = self._channel
+        while True:
+            try:
+                message = await channel.receive()
+                self._event(message)
+            except ChannelError as e:
+                self._ended.set()
+                if self._exit is None:
+                    if isinstance(e, ChannelClosed):
+                        reason = _describe_status(await self._reap())
+                    else:
+                        await self._kill()
+                        reason = f"it broke the protocol ({e}) and was killed"
+                    self._exit = VmExit(StopReason.CRASH, HOST_FAILURE_STATUS,
+                                        f"the VM's worker process ended: {reason}")
+                    self._log.warning("vm worker crashed", detail=self._exit.detail)
+                return
+            if self._exit is not None:
+                self._ended.set()
+                return
+
+    async def _reap(self) -> int | None:
+        """Wait for the worker process to end (killed if it has not in time); its exit
+        status, as subprocess gives it. Once only: later calls give None."""
+        spawner, reaper = self._isolation.spawner, self._reaper
+        if spawner is None or reaper is None:
+            return None
+        self._reaper = None
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                return await spawner.wait(reaper)
+            self._reaper = reaper
+            await self._kill()
+            self._reaper = None
+            return await spawner.wait(reaper)
+
+
+def _check_status(status: object) -> None:
+    if not isinstance(status, dict):
+        raise TypeError("not an object")
+    vm = status["vm"]
+    if not isinstance(vm, dict):
+        raise TypeError("vm is not an object")
+    VmState(vm["state"])
+    metrics = status["metrics"]
+    exits = metrics["vcpu_exits"]
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in exits.items()):
+        raise TypeError("bad vcpu_exits")
+    for name, counters in metrics["devices"].items():
+        if not isinstance(name, str) or not isinstance(counters, dict) or not all(
+                (key == "kind" and isinstance(value, str)) or
+                (key in ("requests", "bytes", "notifications") and isinstance(value, int))
+                for key, value in counters.items()):
+            raise TypeError("bad device counters")
+    for wait in status["rate_limit_waits"]:
+        device, kind, seconds = wait
+        if not isinstance(device, str) or not isinstance(kind, str) \
+                or not isinstance(seconds, int | float):
+            raise TypeError("bad rate_limit_waits")
+
+
+def _child_pid(reaper: int | None) -> int | None:
+    """The jailed worker's PID: the one child of its reaper (see avmm.isolation.jail)."""
+    if reaper is None:
+        return None
+    try:
+        children = Path(f"/proc/{reaper}/task/{reaper}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def _host_thread_ids(pid: int) -> dict[int, int]:
+    """Process ``pid``'s threads: the id its own PID namespace gives each → the host's
+    (the last and first numbers of NSpid in each thread's status)."""
+    ids = {}
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
+                    if line.startswith("NSpid:"):
+                        numbers = [int(number) for number in line.split()[1:]]
+                        ids[numbers[-1]] = numbers[0]
+    return ids
+
+
+def _describe_status(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if name == "SIGSYS":
+            return "killed by SIGSYS (a system call its seccomp filter forbids)"
+        return f"killed by {name}"
+    return f"exit status {code}"
+
+
+def _remove_quietly(root: str) -> None:
+    try:
+        remove_jail(root)
+    except (JailError, OSError) as e:
+        log.warning("could not remove a jail", root=root, reason=str(e))

@@ -1,0 +1,219 @@
+"""``avmm serve --isolation process``: each VM in a jailed worker process, driven
+through the same API as in ``none`` mode; a worker's death is its VM's crash only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from avmm import StopReason
+from avmm.api import ApiClient
+from avmm.api.client import ApiError
+from avmm.errors import VmStateError
+from avmm.lifecycle import VmState
+from tests.api.test_daemon import Daemon, avmm, running_daemon
+from tests.prerequisites import require
+from tests.vm.helpers import TEST_GUEST
+
+pytestmark = [pytest.mark.kvm, pytest.mark.guest]
+
+UIDS = (64100, 64199)
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        require("process isolation needs root (namespaces, mounts, a jail uid)")
+
+
+@asynccontextmanager
+async def process_daemon() -> AsyncIterator[tuple[Daemon, ApiClient, Path]]:
+    _need_root()
+    with tempfile.TemporaryDirectory(prefix="avmm-pm-", dir="/tmp") as name:
+        socket_dir = Path(name)
+        jail_root = socket_dir / "jail"
+        async with running_daemon(socket_dir, serve_args=[
+                "--isolation", "process", "--jail-root", str(jail_root),
+                "--jail-uid-range", f"{UIDS[0]}-{UIDS[1]}"]) as daemon, \
+                ApiClient(daemon.socket) as api:
+            yield daemon, api, jail_root
+
+
+def _config(scenario: str) -> dict[str, Any]:
+    return {"machine": {"memory_mib": 32, "acpi": False},
+            "boot": {"kernel": str(TEST_GUEST), "cmdline": f"avmm.test={scenario}"}}
+
+
+def _status(pid: int, task: int | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/status" if task is None else f"/proc/{pid}/task/{task}/status"
+    lines = Path(path).read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+async def _until_stopped(api: ApiClient, vm_id: str) -> dict[str, Any]:
+    with trio.fail_after(60):
+        while (vm := await api.get_vm(vm_id))["state"] != "stopped":
+            await trio.sleep(0.05)
+    return vm
+
+
+async def _echo(api: ApiClient, vm_id: str, text: str) -> bytes:
+    """Type ``text`` into the echo guest and read until it has echoed it."""
+    output = bytearray()
+    async with api.console(vm_id) as chunks:
+        await api.send_console(vm_id, f"{text}\n".encode())
+        with trio.fail_after(30):
+            async for chunk in chunks:
+                output += chunk
+                if f"echo {text}".encode() in output:
+                    break
+    return bytes(output)
+
+
+async def test_a_vm_in_a_worker_is_jailed_filtered_and_driven_as_in_none_mode() -> None:
+    async with process_daemon() as (daemon, api, jail_root):
+        secret = jail_root.parent / "secret.txt"
+        secret.write_text("not for the guest")
+        vm = await api.create_vm(_config("echo"))
+        vm_id, pid = vm["id"], vm["pid"]
+        assert vm["isolation"] == "process"
+        assert isinstance(pid, int) and pid != daemon.process.pid
+        assert (await api.get_vm(vm_id))["pid"] == pid
+
+        # Unprivileged, no new privileges, every thread under a seccomp filter.
+        status = _status(pid)
+        uids = {int(value) for value in status["Uid"].split()}
+        gids = {int(value) for value in status["Gid"].split()}
+        assert len(uids) == 1 and UIDS[0] <= uids.pop() <= UIDS[1], status["Uid"]
+        assert len(gids) == 1 and UIDS[0] <= gids.pop() <= UIDS[1], status["Gid"]
+        assert status["NoNewPrivs"] == "1"
+        tasks = [int(task) for task in os.listdir(f"/proc/{pid}/task")]
+        assert len(tasks) >= 2  # the event loop and the vCPU at least
+        # vcpu_threads are host thread ids (the worker's own namespace numbers them
+        # from 1), named as avmm names its vCPU threads.
+        vcpu_threads = (await api.get_vm(vm_id))["vcpu_threads"]
+        assert len(vcpu_threads) == 1 and vcpu_threads[0] in tasks, (vcpu_threads, tasks)
+        assert Path(f"/proc/{pid}/task/{vcpu_threads[0]}/comm").read_text().startswith(
+            "avmm-vcpu")
+        for task in tasks:
+            assert _status(pid, task)["Seccomp"] == "2", task
+        # Its root is the jail: what the VM needs is there, the rest of the host is not.
+        root = Path(f"/proc/{pid}/root")
+        assert (root / TEST_GUEST.relative_to("/")).is_file()
+        assert (root / "dev/kvm").exists()
+        assert not (root / secret.relative_to("/")).exists()
+        top = set(os.listdir(root))
+        assert {"dev", "proc"} <= top and not top & {"boot", "home", "var", "opt"}, top
+        assert (jail_root / vm_id).is_dir()
+
+        # The same API as in none mode.
+        assert (await api.pause(vm_id))["state"] == "paused"
+        assert (await api.resume(vm_id))["state"] == "running"
+        output = await _echo(api, vm_id, "through the worker")
+        assert b"avmm-testguest: echo through the worker" in output
+        metrics = await api.metrics()
+        assert f'avmm_vm_state{{vm="{vm_id}",state="running"}} 1' in metrics
+        listed = {entry["id"]: entry for entry in await api.list_vms()}
+        assert listed[vm_id]["pid"] == pid and listed[vm_id]["isolation"] == "process"
+
+        await api.send_console(vm_id, b"quit\n")
+        vm = await _until_stopped(api, vm_id)
+        assert vm["exit"]["reason"] == "reset", vm["exit"]
+        assert not (jail_root / vm_id).exists()  # the jail went with the worker
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        log = daemon.stderr.read_text()
+        assert "SIGSYS" not in log and "Traceback" not in log, log
+
+
+async def test_a_killed_worker_is_its_vms_crash_and_the_neighbour_runs_on() -> None:
+    async with process_daemon() as (_daemon, api, jail_root):
+        victim = await api.create_vm(_config("echo"))
+        neighbour = await api.create_vm(_config("echo"))
+        os.kill(victim["pid"], signal.SIGKILL)
+        vm = await _until_stopped(api, victim["id"])
+        assert vm["exit"]["reason"] == "crash", vm["exit"]
+        assert "SIGKILL" in vm["exit"]["detail"], vm["exit"]
+        assert not (jail_root / victim["id"]).exists()
+        # The daemon and the other VM go on.
+        output = await _echo(api, neighbour["id"], "still here")
+        assert b"echo still here" in output
+        assert (await api.get_vm(neighbour["id"]))["state"] == "running"
+        await api.delete_vm(neighbour["id"])
+        assert not (jail_root / neighbour["id"]).exists()
+
+
+async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> None:
+    async with process_daemon() as (_daemon, api, jail_root):
+        vm = await api.create_vm(_config("echo"))
+        await api.pause(vm["id"])
+        with pytest.raises(ApiError) as refused:
+            await api.snapshot(vm["id"], jail_root.parent / "snap")
+        assert refused.value.status == 409
+        assert "--isolation none" in str(refused.value)
+        await api.resume(vm["id"])
+        with pytest.raises(ApiError) as refused:
+            await api.migrate(vm["id"], f"unix:{jail_root.parent / 'mig.sock'}")
+        assert refused.value.status == 409
+        assert "--isolation none" in str(refused.value)
+        # A build failure in the worker comes back as the API's usual answer.
+        not_a_kernel = jail_root.parent / "kernel.bin"
+        not_a_kernel.write_bytes(b"\x7fELF but not really" * 100)
+        bad = _config("echo")
+        bad["boot"]["kernel"] = str(not_a_kernel)
+        with pytest.raises(ApiError) as failed:
+            await api.create_vm(bad)
+        assert failed.value.status == 422, failed.value
+        assert "kernel" in str(failed.value), failed.value
+        assert [entry["id"] for entry in await api.list_vms()] == [vm["id"]]
+
+
+async def test_jail_flags_without_process_isolation_are_refused(tmp_path: Path) -> None:
+    result = await avmm("serve", "--isolation", "none", "--jail-uid", "5",
+                        socket=tmp_path / "avmm.sock")
+    assert result.returncode != 0
+    assert b"--jail-uid applies to --isolation process only" in result.stderr
+
+
+async def test_a_worker_its_filter_kills_is_its_vms_crash_and_the_neighbour_runs_on(
+    tmp_path: Path,
+) -> None:
+    """A real seccomp kill: the test worker program execve()s on request, which the
+    worker's filter (kill mode) answers with SIGSYS for the whole worker."""
+    from avmm.host import Host
+    from avmm.isolation.jail import UidAllocator
+    from avmm.isolation.seccomp import SeccompMode
+    from avmm.isolation.worker_vm import ProcessIsolation
+    from tests.vm.helpers import guest_config
+
+    _need_root()
+    isolation = ProcessIsolation(jail_root=str(tmp_path / "jail"), uids=UidAllocator(UIDS),
+                                 seccomp=SeccompMode.KILL,
+                                 worker_module="tests.isolation.trip_worker",
+                                 module_path=str(Path(__file__).resolve().parents[2]))
+    async with Host(isolation=isolation) as host:
+        victim = await host.create(guest_config("avmm.test=echo"))
+        neighbour = await host.create(guest_config("avmm.test=echo"))
+        with pytest.raises(VmStateError):
+            await victim._call("trip")  # no answer: the worker is dead
+        result = await victim.wait()
+        assert result.reason is StopReason.CRASH, result
+        assert "killed by SIGSYS" in result.detail, result
+        assert not (tmp_path / "jail" / victim.id).exists()
+        async with neighbour.subscribe_console() as output:
+            await neighbour.send_console(b"after the trip\n")
+            seen = b""
+            with trio.fail_after(30):
+                async for chunk in output:
+                    seen += chunk
+                    if b"echo after the trip" in seen:
+                        break
+        assert neighbour.state is VmState.RUNNING
+        await neighbour.stop()
