@@ -8,6 +8,7 @@ is the ``add_subparsers(dest="command")`` object; each sub-command sets ``handle
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import structlog
 import trio
 
-from ..errors import AvmmError
+from ..errors import AvmmError, ConfigError
 from ..isolation.seccomp import (
     BACKEND_PROCESS_KINDS,
     SeccompMode,
@@ -75,14 +76,52 @@ def add_backend_commands(subparsers: Any) -> None:
             "front-end that shrinks it then crashes this back-end with SIGBUS. Only for "
             "trusted front-ends whose RAM cannot be sealed (memory-backend-file)")
         add_seccomp_argument(parser)
+        parser.add_argument("--jail-root", default=None, metavar="DIR",
+                            help="run in a jail at DIR/backend-<pid> holding only the "
+                            "socket's directory, the image and the Python runtime (mount, "
+                            "PID and IPC namespaces, pivot_root), as --uid/--gid once the "
+                            "socket is bound; needs root")
+        parser.add_argument("--uid", type=int, default=None, metavar="N",
+                            help="with --jail-root: the unprivileged uid to run as")
+        parser.add_argument("--gid", type=int, default=None, metavar="N",
+                            help="with --jail-root: the unprivileged gid to run as")
         parser.add_argument("--log-format", choices=["console", "json"],
                             default=argparse.SUPPRESS)
         parser.add_argument("--log-level", choices=_LEVELS, default=argparse.SUPPRESS)
 
 
+def _jail(args: argparse.Namespace, *files: tuple[str, bool],
+          devices: Sequence[str] = ()) -> Any:
+    """``--jail-root/--uid/--gid``: this process jails itself (see
+    avmm.isolation.self_jail) with the socket's directory (writable: the socket is bound
+    there) and ``files`` (path, writable); the spec, for the drop once the socket is
+    bound. None without ``--jail-root``."""
+    given = [flag for flag, value in (("--jail-root", args.jail_root), ("--uid", args.uid),
+                                      ("--gid", args.gid)) if value is not None]
+    if not given:
+        return None
+    if len(given) != 3:
+        raise ConfigError("--jail-root, --uid and --gid go together; give all three",
+                          path="avmm backend")
+    import pyseccomp  # noqa: F401  (its import runs ldconfig, which the jail lacks)
+
+    from ..isolation.jail import Bind
+    from ..isolation.self_jail import jail_self, plan_self_jail
+
+    socket_dir = os.path.dirname(os.path.abspath(args.socket))
+    spec = plan_self_jail(args.jail_root, f"backend-{os.getpid()}", args.uid, args.gid,
+                          binds=[Bind(socket_dir, writable=True),
+                                 *(Bind(os.path.abspath(path), writable)
+                                   for path, writable in files)],
+                          devices=devices)
+    jail_self(spec)
+    return spec
+
+
 def _cmd_blk(args: argparse.Namespace) -> int:
     from ..virtio.blk import LARGEST_QUEUE_SIZE, BlockDevice
 
+    jail = _jail(args, (args.image, not args.readonly))
     # Behind vhost-user the front-end chooses the ring size: accept the largest.
     device = BlockDevice(Path(args.image), read_only=args.readonly,
                          queue_size=LARGEST_QUEUE_SIZE)
@@ -92,7 +131,7 @@ def _cmd_blk(args: argparse.Namespace) -> int:
     try:
         return run_backend(device, args.socket,
                            allow_unsealed_memory=args.allow_unsealed_memory,
-                           seccomp=SeccompMode(args.seccomp))
+                           seccomp=SeccompMode(args.seccomp), jail=jail)
     finally:
         device.close()
 
@@ -100,9 +139,10 @@ def _cmd_blk(args: argparse.Namespace) -> int:
 def _cmd_rng(args: argparse.Namespace) -> int:
     from ..virtio.rng import RngDevice
 
+    jail = _jail(args)
     return run_backend(RngDevice(), args.socket,
                        allow_unsealed_memory=args.allow_unsealed_memory,
-                       seccomp=SeccompMode(args.seccomp))
+                       seccomp=SeccompMode(args.seccomp), jail=jail)
 
 
 def _cmd_net(args: argparse.Namespace) -> int:
@@ -120,6 +160,7 @@ def _cmd_net(args: argparse.Namespace) -> int:
             mac = b""
         if len(mac) != 6 or mac[0] & 1:
             raise AvmmError(f"--mac {args.mac!r}: expected a unicast MAC like 52:54:00:12:34:56")
+    jail = _jail(args, devices=("/dev/net/tun",))
     tap = Tap.open(args.tap)
     try:
         device = NetDevice(tap, mac=mac, name="net0", queue_size=LARGEST_QUEUE_SIZE)
@@ -130,33 +171,45 @@ def _cmd_net(args: argparse.Namespace) -> int:
                         Throttle(RateLimiter(limit, name=f"net0.{direction}")))
         return run_backend(
             device, args.socket, allow_unsealed_memory=args.allow_unsealed_memory,
-            seccomp=SeccompMode(args.seccomp))
+            seccomp=SeccompMode(args.seccomp), jail=jail)
     finally:
         tap.close()
 
 
 def run_backend(device: VirtioDevice, socket_path: str, *,
                 allow_unsealed_memory: bool = False,
-                seccomp: SeccompMode = SeccompMode.OFF) -> int:
+                seccomp: SeccompMode = SeccompMode.OFF, jail: Any = None) -> int:
     """Serve ``device`` at ``socket_path`` until SIGINT or SIGTERM; exit status 0.
-    With ``seccomp`` other than off, the back-end's filters are loaded first (the
-    device and its files are open by then)."""
+    With ``seccomp`` other than off, the back-end's filters are loaded before the first
+    front-end is served (the device and its files are open by then). With ``jail`` (a
+    JailSpec this process has entered), privileges are dropped to its uid/gid once the
+    socket is bound, before the filters."""
     return trio.run(partial(_serve_until_signal, device, socket_path,
-                            allow_unsealed_memory=allow_unsealed_memory, seccomp=seccomp))
+                            allow_unsealed_memory=allow_unsealed_memory, seccomp=seccomp,
+                            jail=jail))
 
 
 async def _serve_until_signal(device: VirtioDevice, socket_path: str, *,
                               allow_unsealed_memory: bool,
-                              seccomp: SeccompMode = SeccompMode.OFF) -> int:
+                              seccomp: SeccompMode = SeccompMode.OFF,
+                              jail: Any = None) -> int:
     from .backend import serve_device
 
-    install_process_filter(BACKEND_PROCESS_KINDS, seccomp)
+    if jail is None:
+        install_process_filter(BACKEND_PROCESS_KINDS, seccomp)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(serve_device,
                                         allow_unsealed_memory=allow_unsealed_memory),
                                 device, socket_path)
+            if jail is not None:
+                # The socket is bound (as root, in the jail's writable socket directory):
+                # no front-end has been served yet (nothing ran since the bind).
+                from ..isolation.jail import drop_privileges
+
+                drop_privileges(jail)
+                install_process_filter(BACKEND_PROCESS_KINDS, seccomp)
             async for signum in signals:
                 log.info("stopping on signal", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

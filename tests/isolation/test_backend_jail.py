@@ -1,0 +1,94 @@
+"""``avmm backend ... --jail-root DIR --uid N --gid N``: a vhost-user back-end shut into
+the same jail as the daemon's VM workers, serving a guest as before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from avmm import StopReason
+from tests.prerequisites import require
+from tests.vhost.test_frontend import avmm_backend, blk_config, run
+from tests.virtio_guest_support import expected_pattern
+
+pytestmark = [pytest.mark.kvm, pytest.mark.guest]
+
+UID = 64450
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+async def test_a_jailed_blk_backend_serves_a_guest_as_an_unprivileged_filtered_process(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0:
+        require("a jailed back-end needs root (namespaces, mounts, a jail uid)")
+    sectors = 2048
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(sectors * 512))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the back-end has no business here")
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    sock = sockets / "blk.sock"
+    jail_root = tmp_path / "jail"
+    seed = int.from_bytes(os.urandom(4), "little")
+    with avmm_backend("blk", sock, "--image", str(image), "--jail-root", str(jail_root),
+                      "--uid", str(UID), "--gid", str(UID), "--seccomp", "kill") as process:
+        # The supervisor (started here) → the jailer's reaper → the back-end (PID 1 of
+        # its own PID namespace).
+        reaper, = _children(process.pid)
+        backend, = _children(reaper)
+        jail, = jail_root.iterdir()
+        assert jail.name == f"backend-{process.pid}"
+        result, output, _ = await run(blk_config(f"avmm.test=blk-write avmm.seed={seed}",
+                                                 sock))
+        assert f"blk0 written={sectors} verify=ok" in output, output
+        assert result.reason is StopReason.RESET
+        status = _status(backend)
+        assert status["Uid"].split() == [str(UID)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(UID)] * 4, status["Gid"]
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+        assert status["NSpid"].split()[-1] == "1"
+        root = Path(f"/proc/{backend}/root")
+        assert (root / image.relative_to("/")).is_file()
+        assert not (root / secret.relative_to("/")).exists()
+        assert sorted(os.listdir(root / tmp_path.relative_to("/"))) == ["disk.img",
+                                                                       "sockets"]
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            code = await trio.to_thread.run_sync(process.wait)
+        assert code == 0, process.stderr.read() if process.stderr else code
+    assert image.read_bytes() == expected_pattern(seed, sectors)
+    assert list(jail_root.iterdir()) == []  # the supervisor removed the jail
+    assert not sock.exists() or sock.is_socket()
+
+
+@pytest.mark.parametrize("flags", [["--jail-root", "/tmp/j"], ["--uid", "5", "--gid", "5"]])
+def test_jail_flags_go_together(tmp_path: Path, flags: list[str]) -> None:
+    from tests.vhost.test_frontend import REPO
+
+    result = subprocess.run(
+        [*_avmm(), "backend", "rng", "--socket", str(tmp_path / "rng.sock"), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2  # bad input, as a bad config
+    assert "--jail-root, --uid and --gid go together" in result.stderr
+
+
+def _avmm() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "avmm.cli"]
