@@ -342,7 +342,7 @@ class HostedVm:
             raise VmStateError(f"VM {self.id!r} is {self.state.value}; its limits can be "
                                "changed while it exists and runs (or is paused)")
         limits = self.vm.rate_limits
-        cpu = None if update.machine is None else _cpu_change(update.machine)
+        cpu = None if update.machine is None else cpu_change(update.machine)
         for change in update.changes:
             limits.check(change.kind, change.index, change.direction, change.key)
         for name, _ in update.groups:
@@ -1070,7 +1070,7 @@ def _without_none(values: dict[str, Any]) -> dict[str, Any]:
 RUNTIME_CPU_KEYS = ("cpu_weight", "cpu_max_percent")
 
 
-def _cpu_change(machine: dict[str, Any]) -> dict[str, Any]:
+def cpu_change(machine: dict[str, Any]) -> dict[str, Any]:
     """The :meth:`VirtualMachine.set_cpu_limits` arguments for a PATCH's ``machine``
     object, checked as the config checks them (``"cpu_max_percent": null`` removes the
     quota)."""

@@ -28,6 +28,7 @@ from .backend import (
     owner_name,
     quota_us,
     weight_to_shares,
+    write_file,
 )
 from .cpulist import format_cpu_list
 
@@ -239,6 +240,24 @@ class VmCpu:
                                       f"{format_cpu_list(cpus)}: {os.strerror(e.errno or 0)}"
                                       ) from None
 
+    def place_process(self, pid: int) -> None:
+        """Put every thread of process ``pid`` (a VM's worker, with process isolation)
+        in the VM's cgroup, if it has one: the threads it starts later follow their
+        parent thread there."""
+        with self._lock:
+            dirs = self._dirs
+        if dirs is None:
+            return
+        backend = self.host.require()
+        if backend.version != "v1":
+            # v2 wants a domain cgroup of its own per worker (a thread moves only within
+            # its process's threaded subtree, which the worker's is not).
+            raise CgroupError("CPU controls for VMs in worker processes need the cgroup "
+                              "v1 cpu controller for now; on cgroup v2 use "
+                              "--isolation none")
+        for path in dirs:
+            write_file(path / "cgroup.procs", str(pid))
+
     def forget_threads(self) -> None:
         with self._lock:
             self._tids.clear()
@@ -280,7 +299,8 @@ class VmCpu:
             total = 0
             for tid in list(self._tids.values()) if tids is None else tids:
                 try:
-                    with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as f:
+                    # /proc/TID: the thread may be another process's (a VM's worker).
+                    with open(f"/proc/{tid}/schedstat", encoding="ascii") as f:
                         total += int(f.read().split()[0])
                 except (OSError, ValueError, IndexError):
                     continue

@@ -142,7 +142,9 @@ class _Worker:
             return
         async with Host() as host:
             try:
-                hosted = await host.create(config, start=request.start, paths=policy,
+                # Paused before its first instruction: the daemon places the vCPU
+                # threads (cgroup, affinity) first, then resumes it if it is to run.
+                hosted = await host.create(config, start=False, paths=policy,
                                            vm_id=request.vm_id,
                                            after_build=self.after_build)
             except AvmmError as e:
@@ -154,6 +156,10 @@ class _Worker:
                     "type": "AvmmError", "message": f"{type(e).__name__}: {e}"}})
                 return
             self.hosted = hosted
+            # Each vCPU thread has started (and parked) once it has a thread id.
+            with trio.move_on_after(10):
+                while len(hosted.vm.vcpu_threads) < config.machine.vcpus:
+                    await trio.sleep(0.001)
             await self.channel.send({"event": "started", "status": status(hosted)})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._console)

@@ -31,10 +31,13 @@ from typing import Any
 import structlog
 import trio
 
+from ..cgroups import CgroupError, CpuLimits, CpuUsage, VmCpu, limits_from_machine
+from ..cgroups.cpulist import format_cpu_list
+from ..cgroups.vm_cpu import DEFAULT_WEIGHT
 from ..config import VmConfig
 from ..cpu_profile import resolve_cpu_profile
 from ..errors import AvmmError, ConfigError, VmStartError, VmStateError
-from ..host import ConsoleHub, ConsoleSubscription, config_to_dict
+from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
 from ..paths import PathPolicy
 from .channel import Channel, ChannelClosed, ChannelError, socketpair
@@ -157,6 +160,12 @@ class WorkerVm:
                                           cpu_profile=resolve_cpu_profile("auto"))
             config = dataclasses.replace(config, machine=machine)
         self._config = config
+        # The daemon applies the CPU controls (the worker's jail holds no cgroup tree):
+        # the worker builds its VM without them.
+        self._cpu = VmCpu(vm_id, limits_from_machine(config.machine))
+        self._worker_config = dataclasses.replace(config, machine=dataclasses.replace(
+            config.machine, cpu_weight=None, cpu_max_percent=None, cpu_affinity=None,
+            vcpu_affinity=None))
         self._start = start
         self._paths = paths
         self._isolation = isolation
@@ -249,7 +258,18 @@ class WorkerVm:
         data["vcpu_threads"] = [self._host_tids[tid] for tid in threads
                                 if isinstance(tid, int) and tid in self._host_tids] \
             if isinstance(threads, list) and result is None else []
+        config = data.get("config")
+        if isinstance(config, dict) and isinstance(config.get("machine"), dict):
+            # The CPU controls are the daemon's (see __init__): as in force here.
+            limits = self._cpu.limits
+            config["machine"] = {**config["machine"], **_without_none({
+                "cpu_weight": limits.weight, "cpu_max_percent": limits.max_percent,
+                "cpu_affinity": None if limits.affinity is None
+                else format_cpu_list(limits.affinity),
+                "vcpu_affinity": None if limits.vcpu_affinity is None
+                else [format_cpu_list(cpus) for cpus in limits.vcpu_affinity]})}
         data.update({
+            "cpu": self._cpu.describe(),
             "id": self.id,
             "name": self.name,
             "state": self.state.value,
@@ -295,15 +315,48 @@ class WorkerVm:
             await self._call("console_input", data=base64.b64encode(piece).decode())
 
     async def update_limits(self, update: Any) -> None:
-        if update.machine:
-            raise _refused(self.id, "changing CPU limits")
-        await self._call("update_limits", limits=update.source)
+        """PATCH /vms/{id}: the CPU controls here (the daemon owns the VM's cgroup), the
+        rate limits in the worker; every change checked before any is made."""
+        if self.state in (VmState.STARTING, VmState.STOPPING, VmState.STOPPED):
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}; its limits can be "
+                               "changed while it exists and runs (or is paused)")
+        cpu = None if update.machine is None else cpu_change(update.machine)
+        source = {key: value for key, value in (update.source or {}).items()
+                  if key != "machine"}
+        before = self._cpu.limits
+        if cpu:
+            # First, as in none mode: the one change the host can still refuse.
+            await self.set_cpu_limits(**cpu)
+        if source:
+            try:
+                # The worker checks every device change before it makes any.
+                await self._call("update_limits", limits=source)
+            except AvmmError:
+                if cpu:  # nothing changed, then: the CPU limits as they were
+                    await self.set_cpu_limits(weight=before.weight or DEFAULT_WEIGHT,
+                                              max_percent=before.max_percent,
+                                              clear_max_percent=before.max_percent is None)
+                raise
 
-    async def cpu_usage(self) -> None:
-        await trio.lowlevel.checkpoint()
+    async def cpu_usage(self) -> CpuUsage | None:
+        """CPU time of the VM (its cgroup's, or its vCPU threads')."""
+        tids = self.to_dict()["vcpu_threads"]
+        return await trio.to_thread.run_sync(lambda: self._cpu.usage(tids))
 
-    async def set_cpu_limits(self, **_: Any) -> Any:
-        raise _refused(self.id, "changing CPU limits")
+    async def set_cpu_limits(self, *, weight: int | None = None,
+                             max_percent: float | None = None,
+                             clear_max_percent: bool = False) -> CpuLimits:
+        if not self._live() or self._pid is None:
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}")
+        pid = self._pid
+
+        def change() -> CpuLimits:
+            limits = self._cpu.update(weight=weight, max_percent=max_percent,
+                                      clear_max=clear_max_percent)
+            self._cpu.place_process(pid)  # a cgroup made just now
+            return limits
+
+        return await trio.to_thread.run_sync(change)
 
     async def snapshot(self, path: Any, **_: Any) -> Any:
         raise _refused(self.id, "a snapshot")
@@ -368,6 +421,12 @@ class WorkerVm:
             return
         self._log.warning("the worker did not stop in time; killing it")
         await self._kill()
+
+    def _release_cpu(self) -> None:
+        try:
+            self._cpu.release()
+        except (CgroupError, OSError) as e:
+            self._log.warning("could not remove the VM's cgroup", reason=str(e))
 
     async def _kill(self) -> None:
         # The jailed worker first: it is PID 1 of its namespace, so everything in the
@@ -448,14 +507,24 @@ class WorkerVm:
             except BaseException:
                 await self._kill()
                 raise
-            started = True
+            resume_failed: AvmmError | None = None
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
-                task_status.started()
-                if self._stop_requested is not None:
-                    self.request_stop(self._stop_requested)
-                await self._follow()
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(self._follow_then_end, nursery.cancel_scope)
+                if self._start:
+                    # Built paused (see _place); it runs from here.
+                    try:
+                        await self._call("resume")
+                    except AvmmError as e:
+                        resume_failed = e
+                        await self._kill()
+                if resume_failed is None:
+                    started = True
+                    task_status.started()
+                    if self._stop_requested is not None:
+                        self.request_stop(self._stop_requested)
+            if resume_failed is not None:
+                raise VmStartError(self.id, "starting the guest", str(resume_failed))
         except trio.TooSlowError:
             raise VmStartError(self.id, "starting the worker process",
                                f"no answer within {START_TIMEOUT_S:g} s") from None
@@ -464,6 +533,8 @@ class WorkerVm:
             await self._reap()
             if self._channel is not None:
                 self._channel.close()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._release_cpu)
             if spec is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_remove_quietly, spec.root)
@@ -498,7 +569,8 @@ class WorkerVm:
         allowed = None if self._paths is None or not self._paths.restricted \
             else [str(path) for path in self._paths.allowed_dirs]
         await self._channel.send({
-            "op": "start", "vm_id": self.id, "config": config_to_dict(self._config),
+            "op": "start", "vm_id": self.id,
+            "config": config_to_dict(self._worker_config),
             "start": self._start, "seccomp": isolation.seccomp.value,
             "jail": spec.to_dict(), "allowed_paths": allowed,
             "log_level": isolation.log_level, "log_format": isolation.log_format,
@@ -520,7 +592,27 @@ class WorkerVm:
                                "it broke the protocol")
         self._take_status(message.get("status"))
         self._pid = await trio.to_thread.run_sync(_child_pid, self._reaper)
+        if self._pid is None:
+            raise VmStartError(self.id, "starting the worker process", "its PID is gone")
+        self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
+        await trio.to_thread.run_sync(self._place, self._pid)
         self._log.info("vm worker started", pid=self._pid)
+
+    def _place(self, pid: int) -> None:
+        """The VM's CPU controls on its worker (a worker thread), before its guest's
+        first instruction (the worker builds it paused): the cgroup with the whole
+        process in it, the vCPU threads pinned."""
+        status = self._status
+        threads = [] if status is None else status["vm"].get("vcpu_threads") or []
+        vcpus = [(index, self._host_tids[tid]) for index, tid in enumerate(threads)
+                 if isinstance(tid, int) and tid in self._host_tids]
+        self._cpu.prepare()
+        self._cpu.place_process(pid)
+        self._cpu.place(vcpus)
+
+    async def _follow_then_end(self, scope: trio.CancelScope) -> None:
+        await self._follow()
+        scope.cancel()
 
     async def _follow(self) -> None:
         assert self._channel is not None
@@ -594,6 +686,10 @@ def _child_pid(reaper: int | None) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _host_thread_ids(pid: int) -> dict[int, int]:

@@ -185,11 +185,11 @@ class FakeVm:
         """What HostedVm.update_limits checks, without devices: ``machine`` keys and
         values, indexes against the config; every accepted change is recorded in
         ``limit_updates``."""
-        from avmm.host import _cpu_change
+        from avmm.host import cpu_change
         from avmm.ratelimit import LimitTargetError
 
         if update.machine is not None:
-            _cpu_change(update.machine)
+            cpu_change(update.machine)
         for change in update.changes:
             devices = () if self.config is None else (
                 self.config.disks if change.kind == "disk" else self.config.nets)

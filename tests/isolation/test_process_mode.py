@@ -217,3 +217,87 @@ async def test_a_worker_its_filter_kills_is_its_vms_crash_and_the_neighbour_runs
                         break
         assert neighbour.state is VmState.RUNNING
         await neighbour.stop()
+
+
+async def _run_to_end(api: ApiClient, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    vm = await api.create_vm(config)
+    output = bytearray()
+    async with api.console(vm["id"]) as chunks:
+        with trio.fail_after(60):
+            async for chunk in chunks:
+                output += chunk
+    return await _until_stopped(api, vm["id"]), output.decode(errors="replace")
+
+
+async def test_device_workloads_run_in_jailed_workers_with_filters_in_kill_mode(
+    tmp_path: Path,
+) -> None:
+    """A disk, a vhost-user disk (avmm's back-end, jailed too) and a tap NIC in a
+    network namespace, each through the daemon in process mode: the guest's checks pass
+    and no worker is killed by its filter."""
+    from tests.prerequisites import net_problem
+    from tests.vhost.test_frontend import avmm_backend
+    from tests.virtio_guest_support import echoing_tap, expected_pattern
+
+    sectors = 2048
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(sectors * 512))
+    vu_disk = tmp_path / "vu-disk.img"
+    vu_disk.write_bytes(bytes(sectors * 512))
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    sock = sockets / "blk.sock"
+    async with process_daemon() as (daemon, api, _jail_root):
+        config = _config("blk-write avmm.seed=3")
+        config["disk"] = [{"path": str(disk)}]
+        vm, output = await _run_to_end(api, config)
+        assert f"blk0 written={sectors} verify=ok" in output, (output, vm["exit"])
+        assert disk.read_bytes() == expected_pattern(3, sectors)
+
+        with avmm_backend("blk", sock, "--image", str(vu_disk), "--jail-root",
+                          str(tmp_path / "backend-jail"), "--uid", "64460", "--gid", "64460"):
+            config = _config("blk-write avmm.seed=4")
+            config["disk"] = [{"vhost_user": str(sock)}]
+            vm, output = await _run_to_end(api, config)
+        assert f"blk0 written={sectors} verify=ok" in output, (output, vm["exit"])
+        assert vu_disk.read_bytes() == expected_pattern(4, sectors)
+
+        require(net_problem())
+        with echoing_tap() as (namespace, _echoer):
+            config = _config("net-echo avmm.n=20")
+            config["net"] = [{"tap": namespace.tap, "mac": "52:54:00:ab:cd:ef",
+                              "netns": namespace.netns}]
+            vm, output = await _run_to_end(api, config)
+        assert "net0 echoed=20" in output, (output, vm["exit"])
+        log = daemon.stderr.read_text()
+        assert "SIGSYS" not in log and "crashed" not in log, log[-3000:]
+
+
+async def test_cpu_controls_of_a_vm_in_a_worker_are_applied_by_the_daemon() -> None:
+    """The worker's jail holds no cgroup tree: the daemon makes the VM's cgroup, puts
+    the whole worker in it, pins its vCPU thread, changes it on PATCH and removes it."""
+    from tests.cgroups.conftest import cgroup_cpu_problem
+
+    require(cgroup_cpu_problem())
+    async with process_daemon() as (_daemon, api, _jail_root):
+        config = _config("count avmm.n=100000000000000")
+        config["machine"].update(cpu_weight=300, cpu_max_percent=50, cpu_affinity="0")
+        vm = await api.create_vm(config)
+        vm = await api.get_vm(vm["id"])
+        cpu = vm["cpu"]
+        assert cpu["weight"] == 300 and cpu["max_percent"] == 50, cpu
+        assert vm["config"]["machine"]["cpu_weight"] == 300
+        cgroup = Path(cpu["cgroup"])
+        members = {int(tid) for tid in (cgroup / "tasks").read_text().split()}
+        worker_threads = {int(tid) for tid in os.listdir(f"/proc/{vm['pid']}/task")}
+        assert worker_threads <= members, (worker_threads, members)
+        vcpu, = vm["vcpu_threads"]
+        assert os.sched_getaffinity(vcpu) == {0}
+        updated = await api.update_limits(vm["id"], {"machine": {"cpu_weight": 200}})
+        assert updated["cpu"]["weight"] == 200
+        assert (cgroup / "cpu.shares").read_text().strip() == str(updated["cpu"]["cpu_shares"])
+        with trio.fail_after(10):
+            while (await api.get_vm(vm["id"]))["cpu"].get("cpu_seconds", 0) <= 0:
+                await trio.sleep(0.1)
+        await api.delete_vm(vm["id"])
+        assert not cgroup.exists()
