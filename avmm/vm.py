@@ -442,12 +442,15 @@ class VirtualMachine:
             for net in config.nets)
         return dataclasses.replace(config, nets=nets)
 
-    async def snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
+    async def snapshot(self, path: str | os.PathLike[str], *,
+                       parent_fd: int | None = None) -> SnapshotInfo:
         """Save the paused VM into the new directory ``path`` (see README, "Snapshots"):
         its config, the KVM state (irqchip, PIT, kvmclock, every vCPU), each device's
         state and guest RAM. Writable disks are flushed (fdatasync) first; their contents
         stay where they are. The VM stays paused. The directory appears whole or not at
-        all; its parent must exist and be allowed by the VM's path policy.
+        all; its parent must exist and be allowed by the VM's path policy. With
+        ``parent_fd`` (a jailed worker: a directory the daemon opened and handed over),
+        the snapshot is written there under ``path``'s name instead.
 
         :raises VmStateError: the VM is not paused.
         :raises SnapshotError: ``path`` exists, or the snapshot cannot be written (then
@@ -468,7 +471,8 @@ class VirtualMachine:
                 "virtio": VirtioDevicesState(
                     slots=[slot.save_state() for slot in self.virtio_slots]),
             }
-            info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections)
+            info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections,
+                                                 parent_fd)
         self._log.info("vm snapshotted", path=str(info.path), bytes_state=info.bytes_state,
                        bytes_memory=info.bytes_memory,
                        duration_ms=round(info.duration_s * 1000, 1))
@@ -485,13 +489,15 @@ class VirtualMachine:
             acpi_sleep=self._acpi_sleep.save_state() if self._acpi_sleep else None,
         )
 
-    def _write_snapshot(self, path: Path, sections: dict[str, Any]) -> SnapshotInfo:
+    def _write_snapshot(self, path: Path, sections: dict[str, Any],
+                        given_parent: int | None = None) -> SnapshotInfo:
         """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
         started = time.monotonic()
         self._flush_disks_for_snapshot()
         sections["machine"] = self._save_machine()
         path = Path(os.path.abspath(path))
-        parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path")
+        parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path") \
+            if given_parent is None else os.dup(given_parent)
         try:
             # Written inside the directory the policy opened (its fd), never by name.
             inside = Path(f"/proc/self/fd/{parent_fd}")

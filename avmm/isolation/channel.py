@@ -15,8 +15,12 @@ without ``"id"`` are events (``"event"``: ``status``, ``console``).
 
 from __future__ import annotations
 
+import array
+import contextlib
 import json
+import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -26,6 +30,8 @@ from ..errors import AvmmError
 #: The largest message either side sends or accepts (a VM's status with its config, a
 #: 64 KiB console chunk in base64).
 MAX_MESSAGE = 1 << 20
+#: The most fds one message carries (a snapshot's directory: one).
+MAX_FDS = 4
 
 
 class ChannelError(AvmmError):
@@ -69,26 +75,54 @@ class Channel:
         self._sock = trio.socket.from_stdlib_socket(sock)
         self._send_lock = trio.Lock()
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        """One message, with ``fds`` (SCM_RIGHTS; the caller keeps and closes its own)."""
         data = encode(message)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
+            if fds else []
         async with self._send_lock:
             try:
-                await self._sock.send(data)
+                await self._sock.sendmsg([data], ancillary)
             except OSError as e:
                 raise ChannelClosed(f"the channel is broken: {e.strerror}") from None
 
     async def receive(self) -> dict[str, Any]:
+        """One message; fds that came with it are closed (none is expected here)."""
+        message, fds = await self.receive_with_fds()
+        close_fds(fds)
+        return message
+
+    async def receive_with_fds(self) -> tuple[dict[str, Any], list[int]]:
+        """One message and the fds that came with it (at most :data:`MAX_FDS`; the
+        caller closes them)."""
         try:
             # One byte more than the limit: a packet that fills it was cut (MSG_TRUNC).
-            data, _, flags, _ = await self._sock.recvmsg(MAX_MESSAGE + 1)
+            data, ancillary, flags, _ = await self._sock.recvmsg(
+                MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
         except OSError as e:
             raise ChannelClosed(f"the channel is broken: {e.strerror}") from None
-        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
-            raise ChannelError(f"a channel message is over the {MAX_MESSAGE}-byte limit")
-        return decode(data)
+        fds: list[int] = []
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MESSAGE:
+            close_fds(fds)
+            raise ChannelError(f"a channel message is over the {MAX_MESSAGE}-byte limit "
+                               f"(or carries over {MAX_FDS} fds)")
+        try:
+            return decode(data), fds
+        except ChannelError:
+            close_fds(fds)
+            raise
 
     def close(self) -> None:
         self._sock.close()
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def error_payload(error: BaseException) -> dict[str, Any]:

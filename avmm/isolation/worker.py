@@ -49,7 +49,15 @@ from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
 from ..paths import PathPolicy
 from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
-from .channel import MAX_MESSAGE, Channel, ChannelError, decode, encode, error_payload
+from .channel import (
+    MAX_MESSAGE,
+    Channel,
+    ChannelError,
+    close_fds,
+    decode,
+    encode,
+    error_payload,
+)
 from .jail import JailSpec, drop_privileges, enter_jail
 from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 
@@ -199,20 +207,20 @@ class _Worker:
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    message = await self.channel.receive()
+                    message, fds = await self.channel.receive_with_fds()
                 except ChannelError as e:
                     # The daemon is gone: nobody is left to run this VM for.
                     log.warning("the daemon's channel is gone; stopping the VM",
                                 reason=str(e))
                     hosted.request_stop("the daemon went away")
                     return
-                nursery.start_soon(self._answer, message)
+                nursery.start_soon(self._answer, message, fds)
 
-    async def _answer(self, message: dict[str, Any]) -> None:
+    async def _answer(self, message: dict[str, Any], fds: list[int]) -> None:
         request_id = message.get("id")
         op = message.get("op")
         try:
-            result = await self._do(op, message)
+            result = await self._do(op, message, fds)
         except AvmmError as e:
             reply: dict[str, Any] = {"id": request_id, "error": error_payload(e)}
         except Exception as e:  # a bug here must not end the VM: the daemon gets a 500
@@ -221,11 +229,20 @@ class _Worker:
                                                  "message": f"{type(e).__name__}: {e}"}}
         else:
             reply = {"id": request_id, "result": result}
+        finally:
+            close_fds(fds)
         await self.channel.send(reply)
 
-    async def _do(self, op: object, message: dict[str, Any]) -> Any:
+    async def _do(self, op: object, message: dict[str, Any], fds: list[int]) -> Any:
         hosted = self.hosted
         assert hosted is not None
+        if op == "snapshot":
+            # Into the directory the daemon made for it (its one fd), as "snapshot".
+            if len(fds) != 1:
+                raise AvmmError("snapshot needs the directory's fd")
+            info = await hosted.snapshot("snapshot", parent_fd=fds[0])
+            return {"bytes_state": info.bytes_state, "bytes_memory": info.bytes_memory,
+                    "duration_s": info.duration_s, "status": status(hosted)}
         if op == "describe":
             return status(hosted)
         if op == "pause":

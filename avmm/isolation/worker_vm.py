@@ -23,6 +23,8 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import secrets
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -39,7 +41,9 @@ from ..cpu_profile import resolve_cpu_profile
 from ..errors import AvmmError, ConfigError, VmStartError, VmStateError
 from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
-from ..paths import PathPolicy
+from ..paths import NewPath, PathPolicy
+from ..state import SnapshotError, SnapshotInfo
+from ..state.snapshot import rename_no_replace
 from .channel import Channel, ChannelClosed, ChannelError, socketpair
 from .jail import JailError, JailSpec, UidAllocator, plan_jail, prepare_jail_dir, remove_jail
 from .seccomp import SeccompMode
@@ -176,6 +180,8 @@ class WorkerVm:
         #: under it, as this host numbers them.
         self._reaper: int | None = None
         self._pid: int | None = None
+        #: The worker's uid and gid while it runs.
+        self._ids: tuple[int, int] | None = None
         #: The worker's thread ids: its PID namespace's → the host's (see refresh).
         self._host_tids: dict[int, int] = {}
         self._requests = itertools.count(1)
@@ -358,8 +364,48 @@ class WorkerVm:
 
         return await trio.to_thread.run_sync(change)
 
-    async def snapshot(self, path: Any, **_: Any) -> Any:
-        raise _refused(self.id, "a snapshot")
+    async def snapshot(self, path: str | os.PathLike[str], *,
+                       paths: PathPolicy | None = None) -> SnapshotInfo:
+        """As :meth:`avmm.host.HostedVm.snapshot`. The jail holds no place to write to,
+        and the worker's uid may not write in ``path``'s parent: the daemon checks the
+        path, makes a staging directory there owned by the worker's uid and hands it
+        over; the worker writes the snapshot into it (atomically, as always); the daemon
+        then renames it into place, gives the files to its own user and removes the
+        staging directory. Nothing is left behind on failure.
+
+        :raises VmStateError: the VM is not paused (or its worker ended).
+        :raises PathNotAllowedError: ``path`` lies outside the allowed directories.
+        :raises HostFileError: its parent cannot be used, or ``path`` exists.
+        :raises SnapshotError: the snapshot could not be written.
+        """
+        if self.state is not VmState.PAUSED:
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}; pause it before "
+                               "taking a snapshot")
+        if self._ids is None:
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}")
+        policy = paths if paths is not None else PathPolicy()
+        target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
+        try:
+            staging, staging_fd = await trio.to_thread.run_sync(
+                _make_staging, target, *self._ids)
+            try:
+                result = await self._call("snapshot", fds=(staging_fd,))
+                await trio.to_thread.run_sync(_publish, target, staging, staging_fd)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_discard, target, staging)
+                raise
+            finally:
+                os.close(staging_fd)
+        finally:
+            target.close()
+        try:
+            return SnapshotInfo(path=Path(os.path.abspath(path)),
+                                bytes_state=int(result["bytes_state"]),
+                                bytes_memory=int(result["bytes_memory"]),
+                                duration_s=float(result["duration_s"]))
+        except (KeyError, TypeError, ValueError):
+            raise VmStateError(f"VM {self.id!r}: its worker broke the protocol") from None
 
     async def start_migration(self, to: str, **_: Any) -> None:
         raise _refused(self.id, "live migration")
@@ -390,7 +436,9 @@ class WorkerVm:
     def _live(self) -> bool:
         return self._channel is not None and not self._done.is_set()
 
-    async def _call(self, op: str, **fields: Any) -> Any:
+    async def _call(self, op: str, *, fds: tuple[int, ...] = (), **fields: Any) -> Any:
+        """Request ``op`` and wait for its answer; a result that carries a status (all
+        but snapshot's, whose ``status`` is inside it) updates what this VM shows."""
         if not self._live():
             raise VmStateError(f"VM {self.id!r} is {self.state.value}")
         assert self._channel is not None
@@ -399,7 +447,7 @@ class WorkerVm:
         slot: list[Any] = []
         self._pending[request_id] = (done, slot)
         try:
-            await self._channel.send({"id": request_id, "op": op, **fields})
+            await self._channel.send({"id": request_id, "op": op, **fields}, fds)
             await done.wait()
         except ChannelError:
             raise VmStateError(f"VM {self.id!r}: its worker has ended") from None
@@ -410,8 +458,13 @@ class WorkerVm:
         reply = slot[0]
         if "error" in reply:
             raise remote_error(reply["error"])
-        self._take_status(reply.get("result"))
-        return reply.get("result")
+        result = reply.get("result")
+        try:
+            self._take_status(result["status"] if op == "snapshot" else result)
+        except (ChannelError, KeyError, TypeError) as e:
+            await self._kill()  # a worker that answers nonsense is not trusted further
+            raise VmStateError(f"VM {self.id!r}: its worker broke the protocol") from e
+        return result
 
     async def _stop(self, detail: str) -> None:
         with trio.move_on_after(STOP_TIMEOUT_S):
@@ -494,6 +547,7 @@ class WorkerVm:
         it has exited; the jail and the uid are released at the end, however it ends."""
         isolation = self._isolation
         uid, gid = isolation.take_ids()
+        self._ids = (uid, gid)
         spec: JailSpec | None = None
         started = False
         try:
@@ -539,6 +593,7 @@ class WorkerVm:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_remove_quietly, spec.root)
             isolation.give_back_ids(uid)
+            self._ids = None
             if self._exit is None and started:
                 self._exit = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
                                     "the worker ended without a status")
@@ -686,6 +741,56 @@ def _child_pid(reaper: int | None) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
+
+
+#: What the worker names the snapshot it writes into the staging directory.
+_STAGED = "snapshot"
+
+
+def _make_staging(target: NewPath, uid: int, gid: int) -> tuple[str, int]:
+    """A new directory beside the snapshot-to-be, owned by the worker's uid (mode 0700),
+    and its fd: where the worker writes."""
+    staging = f".{target.name[:200]}.avmm-staging-{secrets.token_hex(6)}"
+    os.mkdir(staging, 0o700, dir_fd=target.dirfd)
+    try:
+        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=target.dirfd)
+        try:
+            os.fchown(fd, uid, gid)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        os.rmdir(staging, dir_fd=target.dirfd)
+        raise
+    return staging, fd
+
+
+def _publish(target: NewPath, staging: str, staging_fd: int) -> None:
+    """The worker's snapshot, from the staging directory to its place (never over
+    anything that appeared there meanwhile), given to the daemon's user; the staging
+    directory removed."""
+    try:
+        rename_no_replace(staging_fd, _STAGED, target.name, target.dirfd)
+    except OSError as e:
+        raise SnapshotError(f"{target.path}: cannot put the snapshot in place: "
+                            f"{e.strerror}") from None
+    fd = os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=target.dirfd)
+    try:
+        os.fchown(fd, os.geteuid(), os.getegid())
+        for _root, dirs, files, root_fd in os.fwalk(dir_fd=fd, follow_symlinks=False):
+            for name in (*dirs, *files):
+                os.chown(name, os.geteuid(), os.getegid(), dir_fd=root_fd,
+                         follow_symlinks=False)
+    finally:
+        os.close(fd)
+    os.rmdir(staging, dir_fd=target.dirfd)
+
+
+def _discard(target: NewPath, staging: str) -> None:
+    with contextlib.suppress(OSError):
+        shutil.rmtree(staging, dir_fd=target.dirfd)
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:

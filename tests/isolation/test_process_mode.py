@@ -153,12 +153,6 @@ async def test_a_killed_worker_is_its_vms_crash_and_the_neighbour_runs_on() -> N
 async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> None:
     async with process_daemon() as (_daemon, api, jail_root):
         vm = await api.create_vm(_config("echo"))
-        await api.pause(vm["id"])
-        with pytest.raises(ApiError) as refused:
-            await api.snapshot(vm["id"], jail_root.parent / "snap")
-        assert refused.value.status == 409
-        assert "--isolation none" in str(refused.value)
-        await api.resume(vm["id"])
         with pytest.raises(ApiError) as refused:
             await api.migrate(vm["id"], f"unix:{jail_root.parent / 'mig.sock'}")
         assert refused.value.status == 409
@@ -301,3 +295,42 @@ async def test_cpu_controls_of_a_vm_in_a_worker_are_applied_by_the_daemon() -> N
                 await trio.sleep(0.1)
         await api.delete_vm(vm["id"])
         assert not cgroup.exists()
+
+
+async def test_a_snapshot_of_a_vm_in_a_worker_restores_and_runs_on(tmp_path: Path) -> None:
+    """The worker writes into a staging directory the daemon made for its uid; the
+    snapshot lands at the asked path, owned by the daemon's user, with nothing else left
+    beside it, and a VM restored from it (here, in this process) carries on."""
+    from avmm import VirtualMachine
+
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    target = snapshots / "snap"
+    async with process_daemon() as (daemon, api, _jail_root):
+        vm = await api.create_vm(_config("echo"))
+        assert b"echo before" in await _echo(api, vm["id"], "before")
+        with pytest.raises(ApiError) as refused:
+            await api.snapshot(vm["id"], target)
+        assert refused.value.status == 409  # running: pause it first
+        await api.pause(vm["id"])
+        info = await api.snapshot(vm["id"], target)
+        assert info["path"] == str(target) and info["bytes_state"] > 0, info
+        assert os.listdir(snapshots) == ["snap"]  # no staging directory left
+        for entry in [target, *target.iterdir()]:
+            assert (entry.stat().st_uid, entry.stat().st_gid) == (os.geteuid(),
+                                                                   os.getegid())
+        with pytest.raises(ApiError) as exists:
+            await api.snapshot(vm["id"], target)
+        assert exists.value.status == 400 and "exists" in str(exists.value)
+        await api.resume(vm["id"])
+        assert b"echo after" in await _echo(api, vm["id"], "after")
+        assert "SIGSYS" not in daemon.stderr.read_text()
+    output = bytearray()
+    async with VirtualMachine.restore(target) as restored:
+        await restored.serial.send_all(b"restored\nquit\n")
+        with trio.fail_after(30):
+            async for chunk in restored.serial:
+                output += chunk
+        result = await restored.wait()
+    assert b"echo restored" in output, output
+    assert result.reason is StopReason.RESET

@@ -12,10 +12,10 @@ from avmm.isolation import worker
 
 
 class _TripWorker(worker._Worker):
-    async def _do(self, op: object, message: dict[str, Any]) -> Any:
+    async def _do(self, op: object, message: dict[str, Any], fds: list[int]) -> Any:
         if op == "trip":
             os.execv("/bin/true", ["true"])
-        return await super()._do(op, message)
+        return await super()._do(op, message, fds)
 
 
 def run_worker(channel_fd: int) -> int:
