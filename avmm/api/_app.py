@@ -273,8 +273,7 @@ class ManagementApi:
 
     async def _list(self, request: _Request) -> _Response:
         vms = self.host.list()
-        for vm in vms:
-            await vm.refresh()  # a VM in a worker process: its status, asked now
+        await _refresh(vms)
         return _json_response(200, {"vms": [vm.to_dict() for vm in vms]})
 
     async def _create(self, request: _Request) -> _Response:
@@ -500,8 +499,7 @@ class ManagementApi:
 
     async def _metrics(self, request: _Request) -> _Response:
         vms = self.host.list()
-        for vm in vms:
-            await vm.refresh()
+        await _refresh(vms)
         usage = {vm.id: used for vm in vms if (used := await vm.cpu_usage()) is not None}
         return _Response(200, render_metrics(vms, cpu_usage=usage).encode(),
                          METRICS_CONTENT_TYPE)
@@ -602,6 +600,14 @@ def _for_daemon(config: VmConfig) -> VmConfig:
     if config.serial.mode == "console":
         return dataclasses.replace(config, serial=SerialConfig(mode="none"))
     return config
+
+
+async def _refresh(vms: list[Any]) -> None:
+    """Each VM's status as it is now (a VM in a worker process asks it, all at once: a
+    worker that does not answer delays the answer by its own timeout only)."""
+    async with trio.open_nursery() as nursery:
+        for vm in vms:
+            nursery.start_soon(vm.refresh)
 
 
 def _http_error(error: AvmmError) -> HttpError:

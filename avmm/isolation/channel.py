@@ -27,9 +27,10 @@ import trio
 
 from ..errors import AvmmError
 
-#: The largest message either side sends or accepts (a VM's status with its config, a
-#: 64 KiB console chunk in base64).
-MAX_MESSAGE = 1 << 20
+#: The largest message either side sends or accepts (a VM's status, a console chunk in
+#: base64). A SEQPACKET send is bounded by the socket's send buffer (SO_SNDBUF, about
+#: 208 KiB by default): a limit above that could not be reached.
+MAX_MESSAGE = 128 * 1024
 #: The most fds one message carries (a snapshot's directory: one).
 MAX_FDS = 4
 
@@ -59,12 +60,18 @@ def decode(data: bytes) -> dict[str, Any]:
     if not data:
         raise ChannelClosed("the other end closed the channel")
     try:
-        message = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ChannelError(f"a channel message is not JSON: {e}") from None
+        message = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        # ValueError: not JSON, not UTF-8, NaN/Infinity, an integer of over 4300 digits;
+        # RecursionError: nesting deeper than the parser's stack.
+        raise ChannelError(f"a channel message is not plain JSON: {str(e)[:200]}") from None
     if not isinstance(message, dict):
         raise ChannelError("a channel message is not a JSON object")
     return message
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class Channel:

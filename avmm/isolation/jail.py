@@ -555,6 +555,7 @@ def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
             raise _fail("checking the fd to keep", str(fd), e.errno) from e
     _close_fds_except(keep)
     os.environ.clear()
+    parent = os.getppid()
     netns_fd = None
     if spec.netns is not None:
         try:
@@ -577,7 +578,7 @@ def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
             raise _fail("fork into the PID namespace", None, e.errno) from e
         if pid != 0:
             os.close(liveness_read)
-            _reap(pid, keep, netns_fd)  # never returns
+            _reap(pid, keep, netns_fd, parent)  # never returns
         os.close(liveness_write)
         _liveness.fd = liveness_read
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
@@ -639,7 +640,7 @@ _FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signa
                              signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _reap(child: int, keep: Sequence[int], netns_fd: int | None) -> None:
+def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) -> None:
     """The reaper: wait for ``child`` and end the same way. Never returns."""
     code = 1
     try:
@@ -652,6 +653,12 @@ def _reap(child: int, keep: Sequence[int], netns_fd: int | None) -> None:
 
         for number in _FORWARDED_SIGNALS:
             signal.signal(number, forward)
+        # Whoever started the reaper (the daemon's spawner, a back-end's supervisor)
+        # takes it down by dying: the jailed process follows (its own parent-death
+        # signal), so nothing in the jail outlives the daemon.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the reaper's parent-death signal")
+        if os.getppid() != parent:
+            os.kill(child, signal.SIGKILL)
         _, status = os.waitpid(child, 0)
         if os.WIFSIGNALED(status):
             number = os.WTERMSIG(status)

@@ -97,6 +97,17 @@ def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> Any:
         syscall_filter.set_attr(pyseccomp.Attr.ACT_BADARCH, action)
         names = set().union(*(ALLOWED[kind] for kind in kinds))
         conditional = _conditional_rules(kinds, names)
+        if "clone" in names:
+            # New threads only: clone with CLONE_THREAD. A new process (fork, vfork,
+            # posix_spawn) gets the filter's action, and clone3, whose flags are in
+            # memory where a filter cannot look, answers ENOSYS, so that glibc's
+            # pthread_create falls back to clone.
+            names -= {"clone", "clone3"}
+            syscall_filter.add_rule(pyseccomp.ALLOW, _syscall_number(pyseccomp, "clone"),
+                                    pyseccomp.Arg(0, pyseccomp.MASKED_EQ, _CLONE_THREAD,
+                                                  _CLONE_THREAD))
+            syscall_filter.add_rule(pyseccomp.ERRNO(errno.ENOSYS),
+                                    _syscall_number(pyseccomp, "clone3"))
         for name in sorted(names):
             syscall_filter.add_rule(pyseccomp.ALLOW, _syscall_number(pyseccomp, name))
         for name, (index, values) in sorted(conditional.items()):
@@ -111,6 +122,8 @@ def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> Any:
         raise SeccompError(f"building the seccomp filter failed: {e.strerror}") from e
     return syscall_filter
 
+
+_CLONE_THREAD = 0x00010000
 
 #: socket()'s type without SOCK_NONBLOCK/SOCK_CLOEXEC (the kernel's SOCK_TYPE_MASK).
 _SOCK_TYPE_MASK = 0xF

@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from ..errors import AvmmError
+from .channel import close_fds
 
 _MAX_REQUEST = 4096
 #: The program a worker runs (its ``run_worker(channel_fd)``). Tests give another one
@@ -45,7 +46,6 @@ class SpawnerError(AvmmError):
 
 
 # -- the spawner process -------------------------------------------------------------------
-
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     data, ancillary, flags, _ = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4))
@@ -64,20 +64,36 @@ def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return (message if isinstance(message, dict) else {}), fds
 
 
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.send(json.dumps(message).encode())
+def _send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([json.dumps(message).encode()], ancillary)
 
 
-def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]) -> int:
+def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]
+                  ) -> tuple[int, int]:
     """A worker (``module``'s ``run_worker``) on ``channel_fd``: forked from here (the
-    VMM's modules are loaded already) or a fresh interpreter; its PID."""
-    if not fork:
-        return subprocess.Popen(
-            [sys.executable, "-m", module, "--channel-fd", str(channel_fd)],
-            pass_fds=(channel_fd,), stdin=subprocess.DEVNULL, cwd="/",
-            env={"PATH": os.defpath}).pid
-    run_worker = importlib.import_module(module).run_worker
+    VMM's modules are loaded already) or a fresh interpreter; its PID, and the read end
+    of a pipe that is its stderr (its stdin and stdout are /dev/null): the daemon
+    relays what it logs, marked as the worker's, never on its own stderr unmarked."""
+    log_read, log_write = os.pipe2(os.O_CLOEXEC)
+    try:
+        if not fork:
+            pid = subprocess.Popen(
+                [sys.executable, "-m", module, "--channel-fd", str(channel_fd)],
+                pass_fds=(channel_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=log_write, cwd="/", env={"PATH": os.defpath}).pid
+        else:
+            pid = _fork_worker(channel_fd, module, [*closing, log_read], log_write)
+    except BaseException:
+        os.close(log_read)
+        raise
+    finally:
+        os.close(log_write)
+    return pid, log_read
 
+
+def _fork_worker(channel_fd: int, module: str, closing: list[int], log_write: int) -> int:
+    run_worker = importlib.import_module(module).run_worker
     pid = os.fork()
     if pid:
         return pid
@@ -85,6 +101,12 @@ def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]) 
     try:
         for fd in closing:
             os.close(fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(log_write, 2)
+        os.close(null)
+        os.close(log_write)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.chdir("/")
@@ -129,36 +151,32 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
             request_id = message.get("id")
             if op == "spawn" and len(fds) == 1:
                 try:
-                    pid = _start_worker(fds[0], module, fork, [sock.fileno(), *workers])
+                    pid, log_fd = _start_worker(fds[0], module, fork,
+                                                [sock.fileno(), *workers])
                 except OSError as e:
                     _send(sock, {"id": request_id, "error": str(e)})
                 else:
                     pidfd = os.pidfd_open(pid)
                     workers[pidfd] = pid
                     poller.register(pidfd, select.POLLIN)
-                    _send(sock, {"id": request_id, "pid": pid})
+                    try:
+                        _send(sock, {"id": request_id, "pid": pid}, (log_fd,))
+                    finally:
+                        os.close(log_fd)
             elif op == "kill" and isinstance(message.get("pid"), int):
-                # Only a worker of ours, or one of their children (the jailed worker is
-                # its reaper's child): never any other process.
+                # Only a worker this process started and has not reaped, through its
+                # pidfd (a PID number could be reused meanwhile): the jailed process
+                # under it dies with it (its parent-death signal).
                 target = message["pid"]
-                ours = set(workers.values())
-                if target in ours or _parent(target) in ours:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(target, signal.SIGKILL)
+                for pidfd, pid in workers.items():
+                    if pid == target:
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 _send(sock, {"id": request_id, "pid": target})
             else:
                 _send(sock, {"id": request_id, "error": "bad request"})
             for fd in fds:
                 os.close(fd)
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return int(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-module", default=WORKER_MODULE)
     args = parser.parse_args(argv)
     # Ctrl-C at the daemon's terminal reaches the whole process group: the daemon
-    # decides when this process ends (by closing its end).
+    # decides when this process ends, by closing its end of the socket, which its death
+    # does too. Then this process exits, and the workers die with it: each reaper has a
+    # parent-death signal, and each jailed process one on its reaper. (Not a
+    # parent-death signal here: the daemon starts this process from a helper thread,
+    # whose end would count as the parent's death.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(socket.socket(fileno=args.fd), module=args.worker_module, fork=not args.exec)
@@ -221,17 +243,25 @@ class Spawner:
             task_status.started()
             while True:
                 try:
-                    data = await self._sock.recv(_MAX_REQUEST)
+                    data, ancillary, _, _ = await self._sock.recvmsg(
+                        _MAX_REQUEST, socket.CMSG_SPACE(4))
                 except OSError:
                     data = b""
+                fds: list[int] = []
+                for level, kind, raw in ancillary if data else ():
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
                 if not data:
                     return
                 message = json.loads(data)
+                message["fds"] = fds
                 if "id" in message:
                     entry = self._answers.get(message["id"])
                     if entry is not None:
                         entry[1].append(message)
                         entry[0].set()
+                    else:
+                        close_fds(fds)
                 elif message.get("event") == "exited":
                     self._exits[int(message["pid"])] = int(message["status"])
                     self._exited.set()
@@ -267,13 +297,19 @@ class Spawner:
         if not slot:
             raise SpawnerError("the worker spawner is gone")
         if "error" in slot[0]:
+            close_fds(slot[0].get("fds", []))
             raise SpawnerError(f"cannot start a worker: {slot[0]['error']}")
         return slot[0]
 
-    async def spawn(self, channel_fd: int) -> int:
-        """Start a worker on its end of the channel; its PID (the jail's reaper)."""
+    async def spawn(self, channel_fd: int) -> tuple[int, int]:
+        """Start a worker on its end of the channel; its PID (the jail's reaper) and the
+        read end of its stderr (the caller's to close)."""
         answer = await self._ask({"op": "spawn"}, (channel_fd,))
-        return int(answer["pid"])
+        fds = answer["fds"]
+        if len(fds) != 1:
+            close_fds(fds)
+            raise SpawnerError("the worker spawner answered without the worker's log")
+        return int(answer["pid"]), fds[0]
 
     async def kill(self, pid: int) -> None:
         """SIGKILL a worker (or the jailed process under its reaper)."""

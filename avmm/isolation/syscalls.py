@@ -76,6 +76,8 @@ FILES = frozenset({
 #: trio's loop and threads: epoll, its wake-up socketpair, eventfds, pipes, starting
 #: helper and vCPU/I/O threads (clone3 + set_robust_list + rseq), naming threads and
 #: loading their filters (prctl, seccomp), signal handlers (SIGINT/SIGTERM receivers).
+#: clone and clone3 are narrowed when the filter is built (avmm.isolation.seccomp):
+#: clone only with CLONE_THREAD (threads, never processes), clone3 answers ENOSYS.
 EVENT_MACHINERY = frozenset({
     "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "poll", "ppoll",
     "eventfd2", "pipe2", "socketpair",

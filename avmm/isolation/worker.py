@@ -63,8 +63,9 @@ from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 
 log = structlog.get_logger(__name__)
 
-#: Console output is sent in chunks of at most this many bytes (base64 in JSON).
-CONSOLE_CHUNK = 64 * 1024
+#: Console output is sent in chunks of at most this many bytes (base64 in JSON, well
+#: under the channel's message limit).
+CONSOLE_CHUNK = 32 * 1024
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,11 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import re
 import secrets
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,6 @@ import structlog
 import trio
 
 from ..cgroups import CgroupError, CpuLimits, CpuUsage, VmCpu, limits_from_machine
-from ..cgroups.cpulist import format_cpu_list
 from ..cgroups.vm_cpu import DEFAULT_WEIGHT
 from ..config import VmConfig
 from ..cpu_profile import resolve_cpu_profile
@@ -55,6 +56,14 @@ log = structlog.get_logger(__name__)
 START_TIMEOUT_S = 60.0
 #: How long a worker asked to stop may take before it is killed.
 STOP_TIMEOUT_S = 30.0
+#: How long a request may wait for the worker's answer before the worker is taken to be
+#: broken (killed; its VM a crash). A snapshot writes guest RAM: it gets longer.
+CALL_TIMEOUT_S = 30.0
+SNAPSHOT_TIMEOUT_S = 600.0
+#: GET and /metrics wait this long for a worker's fresh status, then show the last one.
+REFRESH_TIMEOUT_S = 1.0
+#: A worker's log line is cut to this many characters on the daemon's stderr.
+LOG_LINE_MAX = 4000
 
 
 @dataclasses.dataclass
@@ -157,6 +166,7 @@ class WorkerVm:
         self.id = vm_id
         self.name = config.name or vm_id
         self.created_at = time.time()
+        _refuse_shared_outputs(config)
         if config.machine.cpu_profile == "auto":
             # Resolved here: the worker's jail has no /sys to tell it (the config shown
             # is the one the VM runs with).
@@ -180,6 +190,8 @@ class WorkerVm:
         #: under it, as this host numbers them.
         self._reaper: int | None = None
         self._pid: int | None = None
+        #: The read end of the worker's stderr (see _relay_log).
+        self._log_fd: int | None = None
         #: The worker's uid and gid while it runs.
         self._ids: tuple[int, int] | None = None
         #: The worker's thread ids: its PID namespace's → the host's (see refresh).
@@ -252,41 +264,39 @@ class WorkerVm:
                 for device, kind, seconds in self._status["rate_limit_waits"]]
 
     def to_dict(self) -> dict[str, Any]:
-        if self._status is not None:
-            data = dict(self._status["vm"])
-        else:
-            data = {"created_at": self.created_at, "uptime_s": None,
-                    "config": config_to_dict(self._config), "migration": None,
-                    "vcpu_threads": [], "cpu": None, "rate_limits": None}
+        """The API's view: the daemon's own facts (id, name, config, CPU controls, PID)
+        and what only the worker knows, as :func:`sanitize_status` kept it."""
+        known = self._status["vm"] if self._status is not None else {}
         result = self.exit
-        # The worker numbers its threads in its own PID namespace: the host's ids here.
-        threads = data.get("vcpu_threads")
-        data["vcpu_threads"] = [self._host_tids[tid] for tid in threads
-                                if isinstance(tid, int) and tid in self._host_tids] \
-            if isinstance(threads, list) and result is None else []
-        config = data.get("config")
-        if isinstance(config, dict) and isinstance(config.get("machine"), dict):
-            # The CPU controls are the daemon's (see __init__): as in force here.
-            limits = self._cpu.limits
-            config["machine"] = {**config["machine"], **_without_none({
-                "cpu_weight": limits.weight, "cpu_max_percent": limits.max_percent,
-                "cpu_affinity": None if limits.affinity is None
-                else format_cpu_list(limits.affinity),
-                "vcpu_affinity": None if limits.vcpu_affinity is None
-                else [format_cpu_list(cpus) for cpus in limits.vcpu_affinity]})}
-        data.update({
-            "cpu": self._cpu.describe(),
+        config = config_to_dict(self._config)
+        limits = self._cpu.limits  # as in force (PATCH /vms/{id} changes them here)
+        machine = {key: value for key, value in config["machine"].items() if key not in (
+            "cpu_weight", "cpu_max_percent", "cpu_affinity", "vcpu_affinity")}
+        config["machine"] = {**machine, **_without_none({
+            "cpu_weight": limits.weight, "cpu_max_percent": limits.max_percent,
+            "cpu_affinity": None if limits.affinity is None else list(limits.affinity),
+            "vcpu_affinity": None if limits.vcpu_affinity is None
+            else [list(cpus) for cpus in limits.vcpu_affinity]})}
+        threads = known.get("vcpu_threads", [])
+        return {
             "id": self.id,
             "name": self.name,
             "state": self.state.value,
             "isolation": self.isolation,
             "pid": self._pid,
             "created_at": self.created_at,
+            "uptime_s": known.get("uptime_s"),
             "exit": None if result is None else {
                 "reason": result.reason.value, "exit_status": result.exit_status,
                 "detail": result.detail},
-        })
-        return data
+            "config": config,
+            "migration": None,
+            # The worker numbers its threads in its own PID namespace: the host's here.
+            "vcpu_threads": [self._host_tids[tid] for tid in threads
+                             if tid in self._host_tids] if result is None else [],
+            "cpu": self._cpu.describe(),
+            "rate_limits": known.get("rate_limits"),
+        }
 
     def console_backlog(self) -> bytes:
         return self._console.backlog()
@@ -300,7 +310,7 @@ class WorkerVm:
         """Ask the worker for its status now (GET shows it as it is)."""
         if self._live():
             # A worker that ends meanwhile (or does not answer): what is known stands.
-            with trio.move_on_after(5), contextlib.suppress(AvmmError):
+            with trio.move_on_after(REFRESH_TIMEOUT_S), contextlib.suppress(AvmmError):
                 await self._call("describe")
             if self._pid is not None:
                 self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
@@ -446,13 +456,20 @@ class WorkerVm:
         done = trio.Event()
         slot: list[Any] = []
         self._pending[request_id] = (done, slot)
+        limit = SNAPSHOT_TIMEOUT_S if op == "snapshot" else CALL_TIMEOUT_S
         try:
             await self._channel.send({"id": request_id, "op": op, **fields}, fds)
-            await done.wait()
+            with trio.move_on_after(limit) as waited:
+                await done.wait()
         except ChannelError:
             raise VmStateError(f"VM {self.id!r}: its worker has ended") from None
         finally:
             self._pending.pop(request_id, None)
+        if waited.cancelled_caught:
+            self._log.warning("the worker did not answer in time; killing it", op=op)
+            await self._kill()
+            raise VmStateError(f"VM {self.id!r}: its worker did not answer {op} within "
+                               f"{limit:g} s and was stopped")
         if not slot:
             raise VmStateError(f"VM {self.id!r}: its worker ended before it answered")
         reply = slot[0]
@@ -482,27 +499,24 @@ class WorkerVm:
             self._log.warning("could not remove the VM's cgroup", reason=str(e))
 
     async def _kill(self) -> None:
-        # The jailed worker first: it is PID 1 of its namespace, so everything in the
-        # jail goes with it, and its reaper then ends with the same status.
+        # The reaper, the spawner's own child (signalled through its pidfd, never by a
+        # number that may have been reused): the jailed worker dies with it (its
+        # parent-death signal), and with that everything in its PID namespace.
         spawner = self._isolation.spawner
         with trio.CancelScope(shield=True):
-            for target in (self._pid, self._reaper):
-                if target is not None and spawner is not None:
-                    await spawner.kill(target)
+            if self._reaper is not None and spawner is not None:
+                await spawner.kill(self._reaper)
 
     def _take_status(self, status: object) -> None:
-        """A status from the worker, checked before it is believed."""
+        """A status from the worker, checked and cut down before it is believed (see
+        :func:`sanitize_status`)."""
         if status is None:
             return
         try:
-            _check_status(status)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ChannelError(f"the worker sent a malformed status ({e})") from None
-        assert isinstance(status, dict)
-        self._status = status
-        name = status["vm"].get("name")
-        if isinstance(name, str) and name:
-            self.name = name[:256]
+            self._status = sanitize_status(status)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ChannelError(f"the worker sent a malformed status ({str(e)[:200]})"
+                               ) from None
 
     def _event(self, message: dict[str, Any]) -> None:
         if "id" in message:
@@ -533,11 +547,9 @@ class WorkerVm:
     def _exit_from_status(self) -> VmExit:
         assert self._status is not None
         data = self._status["vm"].get("exit")
-        try:
-            return VmExit(StopReason(data["reason"]), int(data["exit_status"]),
-                          str(data.get("detail", ""))[:1000])
-        except (KeyError, TypeError, ValueError):
-            raise ChannelError("the worker's final status has no valid exit") from None
+        if data is None:
+            raise ChannelError("the worker's final status has no exit")
+        return VmExit(StopReason(data["reason"]), data["exit_status"], data["detail"])
 
     # -- the task that owns the worker ------------------------------------------------------
 
@@ -565,6 +577,7 @@ class WorkerVm:
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
                 nursery.start_soon(self._follow_then_end, nursery.cancel_scope)
+                nursery.start_soon(self._relay_log)
                 if self._start:
                     # Built paused (see _place); it runs from here.
                     try:
@@ -587,6 +600,11 @@ class WorkerVm:
             await self._reap()
             if self._channel is not None:
                 self._channel.close()
+            if self._log_fd is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await self._relay_log()  # what it logged before it ended
+                os.close(self._log_fd)
+                self._log_fd = None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._release_cpu)
             if spec is not None:
@@ -594,14 +612,15 @@ class WorkerVm:
                     await trio.to_thread.run_sync(_remove_quietly, spec.root)
             isolation.give_back_ids(uid)
             self._ids = None
-            if self._exit is None and started:
+            if self._exit is None:
                 self._exit = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
-                                    "the worker ended without a status")
+                                    "the worker ended without a status" if started
+                                    else "the VM did not start")
             for done, _slot in self._pending.values():
                 done.set()
             self._console.end()
-            if started:
-                self._done.set()
+            # Also when it never started: a stop or DELETE that came meanwhile waits here.
+            self._done.set()
 
     async def _spawn(self, spec: JailSpec) -> None:
         spawner = self._isolation.spawner
@@ -610,7 +629,7 @@ class WorkerVm:
                                "entered)")
         ours, theirs = socketpair()
         try:
-            self._reaper = await spawner.spawn(theirs.fileno())
+            self._reaper, self._log_fd = await spawner.spawn(theirs.fileno())
         except SpawnerError as e:
             ours.close()
             raise VmStartError(self.id, "starting the worker process", str(e)) from None
@@ -665,6 +684,34 @@ class WorkerVm:
         self._cpu.place_process(pid)
         self._cpu.place(vcpus)
 
+    async def _relay_log(self) -> None:
+        """The worker's stderr (its log lines) onto the daemon's, each line marked as
+        this VM's worker's, cut to :data:`LOG_LINE_MAX` characters, control characters
+        (terminal escapes included) shown as ``?``: a worker cannot forge or garble the
+        daemon's own lines."""
+        fd = self._log_fd
+        if fd is None:
+            return
+        os.set_blocking(fd, False)
+        pending = b""
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+                chunk = os.read(fd, 65536)
+            except (OSError, trio.ClosedResourceError):
+                chunk = b""
+            if not chunk:
+                lines, pending = ([pending] if pending else []), b""
+            else:
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) > LOG_LINE_MAX:
+                    lines, pending = [*lines, pending], b""
+            if lines:
+                text = "".join(f"[worker {self.id}] {_printable(line)}\n" for line in lines)
+                await trio.to_thread.run_sync(_write_stderr, text)
+            if not chunk:
+                return
+
     async def _follow_then_end(self, scope: trio.CancelScope) -> None:
         await self._follow()
         scope.cancel()
@@ -675,7 +722,13 @@ class WorkerVm:
         while True:
             try:
                 message = await channel.receive()
-                self._event(message)
+                try:
+                    self._event(message)
+                except ChannelError:
+                    raise
+                except Exception as e:  # whatever a worker sends must not reach further
+                    raise ChannelError(f"a message the daemon could not take "
+                                       f"({type(e).__name__})") from None
             except ChannelError as e:
                 self._ended.set()
                 if self._exit is None:
@@ -708,28 +761,80 @@ class WorkerVm:
             return await spawner.wait(reaper)
 
 
-def _check_status(status: object) -> None:
-    if not isinstance(status, dict):
-        raise TypeError("not an object")
-    vm = status["vm"]
-    if not isinstance(vm, dict):
-        raise TypeError("vm is not an object")
-    VmState(vm["state"])
-    metrics = status["metrics"]
-    exits = metrics["vcpu_exits"]
-    if not all(isinstance(k, str) and isinstance(v, int) for k, v in exits.items()):
-        raise TypeError("bad vcpu_exits")
-    for name, counters in metrics["devices"].items():
-        if not isinstance(name, str) or not isinstance(counters, dict) or not all(
-                (key == "kind" and isinstance(value, str)) or
-                (key in ("requests", "bytes", "notifications") and isinstance(value, int))
-                for key, value in counters.items()):
-            raise TypeError("bad device counters")
-    for wait in status["rate_limit_waits"]:
-        device, kind, seconds = wait
-        if not isinstance(device, str) or not isinstance(kind, str) \
-                or not isinstance(seconds, int | float):
-            raise TypeError("bad rate_limit_waits")
+def _text(value: object, limit: int) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise TypeError("a string too long or of the wrong type")
+    return value
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise TypeError("not a count")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) \
+            or not 0 <= value < 1e12:
+        raise TypeError("not a number of seconds")
+    return float(value)
+
+
+def _dict(value: object, limit: int) -> dict[Any, Any]:
+    if not isinstance(value, dict) or len(value) > limit:
+        raise TypeError("not an object, or too large")
+    return value
+
+
+def _list(value: object, limit: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise TypeError("not an array, or too long")
+    return value
+
+
+def sanitize_status(status: object) -> dict[str, Any]:
+    """What the daemon keeps of a worker's status: only the fields it shows that only the
+    worker knows (state, uptime, exit, thread ids, counters, its devices' limits), each
+    checked for type and bounds. Everything else (id, name, config, CPU controls) is the
+    daemon's own.
+
+    :raises TypeError, KeyError, ValueError: the status is malformed.
+    """
+    vm = _dict(_dict(status, 8)["vm"], 64)
+    exit_data = vm.get("exit")
+    exit_value = None if exit_data is None else {
+        "reason": StopReason(_dict(exit_data, 8)["reason"]).value,
+        "exit_status": _count(exit_data["exit_status"]),
+        "detail": _text(exit_data.get("detail", ""), 1000),
+    }
+    uptime = vm.get("uptime_s")
+    rate_limits = vm.get("rate_limits")
+    metrics = _dict(status["metrics"], 8)  # type: ignore[index]
+    devices = {}
+    for name, counters in _dict(metrics["devices"], 64).items():
+        counters = _dict(counters, 4)
+        devices[_text(name, 64)] = {"kind": _text(counters["kind"], 32),
+                                    **{key: _count(counters.get(key, 0))
+                                       for key in ("requests", "bytes", "notifications")}}
+    return {
+        "vm": {
+            "state": VmState(vm["state"]).value,
+            "uptime_s": None if uptime is None else _seconds(uptime),
+            "exit": exit_value,
+            "vcpu_threads": [_count(tid) for tid in _list(vm.get("vcpu_threads", []), 512)],
+            # Its devices' limits as the worker applies them (display only; bounded by
+            # the message size, with no float the JSON encoder could not write back).
+            "rate_limits": None if rate_limits is None else _dict(rate_limits, 256),
+        },
+        "metrics": {
+            "vcpu_exits": {_text(kind, 64): _count(count) for kind, count
+                           in _dict(metrics["vcpu_exits"], 64).items()},
+            "devices": devices,
+        },
+        "rate_limit_waits": [
+            [_text(device, 64), _text(kind, 32), _seconds(seconds)]
+            for device, kind, seconds in _list(status["rate_limit_waits"], 256)],  # type: ignore[index]
+    }
 
 
 def _child_pid(reaper: int | None) -> int | None:
@@ -791,6 +896,35 @@ def _publish(target: NewPath, staging: str, staging_fd: int) -> None:
 def _discard(target: NewPath, staging: str) -> None:
     with contextlib.suppress(OSError):
         shutil.rmtree(staging, dir_fd=target.dirfd)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _printable(line: bytes) -> str:
+    return _UNPRINTABLE.sub("?", line.decode(errors="replace")[:LOG_LINE_MAX])
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _refuse_shared_outputs(config: VmConfig) -> None:
+    """Output files and console sockets are made by the VM in a directory of the host:
+    in a jail that directory would have to be bound writable, and with it everything
+    else in it (other VMs' disks, other sockets). Until the daemon makes them and hands
+    their fds over, such a config is refused in process mode.
+
+    :raises ConfigError: it names one (400, with the key).
+    """
+    for key, output in (("serial", config.serial), ("console", config.console)):
+        if output is not None and output.mode in ("file", "socket"):
+            raise ConfigError(f'mode = "{output.mode}" is not available with --isolation '
+                              "process yet (its directory would be writable in the jail); "
+                              "read and type into the serial port through GET/POST "
+                              "/vms/{id}/console, or use --isolation none",
+                              path=config.source, key=f"{key}.mode")
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:

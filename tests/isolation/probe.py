@@ -104,6 +104,7 @@ CALLS: dict[str, Callable[[], object]] = {
     "getpid": lambda: _raw(libc.syscall(SYS_GETPID)),
     # forbidden everywhere
     "execve": lambda: os.execv("/bin/true", ["true"]),
+    "fork": lambda: _fork(),  # clone without CLONE_THREAD: a process, never allowed
     "ptrace": lambda: _raw(libc.syscall(SYS_PTRACE, PTRACE_TRACEME, 0, 0, 0)),
     "mount": lambda: _raw(libc.mount(b"none", b"/nonexistent", b"tmpfs", 0, None)),
     "x32-getpid": lambda: _raw(libc.syscall(SYS_GETPID | X32_SYSCALL_BIT)),
@@ -131,6 +132,13 @@ CALLS: dict[str, Callable[[], object]] = {
     # avmm's own work that must never die of the filter
     "log-exception": _log_exception,
 }
+
+
+def _fork() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _try(names: list[str]) -> None:

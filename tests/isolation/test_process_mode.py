@@ -131,6 +131,12 @@ async def test_a_vm_in_a_worker_is_jailed_filtered_and_driven_as_in_none_mode() 
             os.kill(pid, 0)
         log = daemon.stderr.read_text()
         assert "SIGSYS" not in log and "Traceback" not in log, log
+        # The worker's log lines reach the daemon's stderr marked as the worker's only
+        # (its stderr is a pipe the daemon reads; its stdout is /dev/null).
+        worker_lines = [line for line in log.splitlines() if vm_id in line
+                        and "vm started" in line]
+        assert worker_lines and all(line.startswith(f"[worker {vm_id}] ")
+                                    for line in worker_lines), worker_lines
 
 
 async def test_a_killed_worker_is_its_vms_crash_and_the_neighbour_runs_on() -> None:
@@ -167,6 +173,16 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
         assert failed.value.status == 422, failed.value
         assert "kernel" in str(failed.value), failed.value
         assert [entry["id"] for entry in await api.list_vms()] == [vm["id"]]
+        # An output file or console socket would need its whole directory writable in
+        # the jail: refused, naming the key.
+        for key, section in (("serial.mode", {"serial": {"mode": "file", "path": str(
+                jail_root.parent / "serial.log")}}),
+                ("console.mode", {"console": {"mode": "socket", "path": str(
+                    jail_root.parent / "console.sock")}})):
+            with pytest.raises(ApiError) as refused:
+                await api.create_vm({**_config("echo"), **section})
+            assert refused.value.status == 400 and refused.value.detail["key"] == key
+            assert "--isolation process" in str(refused.value)
 
 
 async def test_jail_flags_without_process_isolation_are_refused(tmp_path: Path) -> None:
@@ -334,3 +350,25 @@ async def test_a_snapshot_of_a_vm_in_a_worker_restores_and_runs_on(tmp_path: Pat
         result = await restored.wait()
     assert b"echo restored" in output, output
     assert result.reason is StopReason.RESET
+
+
+async def test_the_workers_die_with_their_daemon() -> None:
+    """SIGKILL of the daemon: its spawner sees the socket close and exits, each reaper
+    dies of its parent-death signal, each jailed worker of its own; no guest outlives
+    the daemon that was to manage it."""
+    async with process_daemon() as (daemon, api, _jail_root):
+        vms = [await api.create_vm(_config("echo")) for _ in range(2)]
+        pids = [vm["pid"] for vm in vms]
+        daemon.process.kill()
+        await daemon.process.wait()
+        with trio.fail_after(20):
+            while any(_alive(pid) for pid in pids):
+                await trio.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

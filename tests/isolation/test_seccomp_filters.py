@@ -15,7 +15,7 @@ import pytest
 from tests.isolation.scenarios import REPO
 
 #: What every kind is forbidden, whatever its list.
-EVERYWHERE = ["execve", "ptrace", "mount", "x32-getpid", "i386-getpid"]
+EVERYWHERE = ["execve", "fork", "ptrace", "mount", "x32-getpid", "i386-getpid"]
 #: Work each kind must still be able to do under its filter.
 PERMITTED = {
     "vcpu": ["pipe", "kvm-run", "getpid"],
