@@ -1,0 +1,76 @@
+"""What a worker sends is hostile (it runs the guest's device models): every message the
+daemon's side takes apart either becomes checked data or a ChannelError, never another
+exception that would reach the daemon's nursery."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from avmm.isolation.channel import ChannelError, decode
+from avmm.isolation.jail import UidAllocator
+from avmm.isolation.worker_vm import ProcessIsolation, WorkerVm, sanitize_status
+from tests.vm.helpers import guest_config
+
+GOOD_STATUS = {
+    "vm": {"state": "running", "uptime_s": 1.5, "exit": None, "vcpu_threads": [7],
+           "rate_limits": {}, "name": "ignored", "config": {"disk": "/etc/shadow"}},
+    "metrics": {"vcpu_exits": {"IoOut": 3}, "devices": {"blk0": {
+        "kind": "blk", "requests": 1, "bytes": 512, "notifications": 1}}},
+    "rate_limit_waits": [["blk0", "ops", 0.25]],
+}
+
+
+@pytest.mark.parametrize("data", [
+    b"[" * 5000, b"{" * 5000, b"1" * 5000, b'{"a": NaN}', b'{"a": Infinity}',
+    b"\xff\xfe", b"", b"[]", b'"text"', b"{'a': 1}",
+])
+def test_malformed_packets_are_channel_errors(data: bytes) -> None:
+    with pytest.raises(ChannelError):
+        decode(data)
+
+
+def test_a_status_keeps_only_checked_fields_the_daemon_shows() -> None:
+    kept = sanitize_status(json.loads(json.dumps(GOOD_STATUS)))
+    assert "name" not in kept["vm"] and "config" not in kept["vm"]
+    assert kept["vm"]["vcpu_threads"] == [7]
+    assert kept["metrics"]["devices"]["blk0"]["bytes"] == 512
+
+
+def _mutations(value: Any, rng: random.Random) -> Any:
+    """``value`` with one node somewhere replaced by something of another shape."""
+    hostile = [None, True, -1, 1 << 70, 1e308, "x" * 5000, [], {}, [[[]]], {"a": {}},
+               "running", [1, 2, 3], {"kind": 5}]
+    if isinstance(value, dict) and value and rng.random() < 0.8:
+        key = rng.choice(sorted(value))
+        return {**value, key: _mutations(value[key], rng)}
+    if isinstance(value, list) and value and rng.random() < 0.8:
+        index = rng.randrange(len(value))
+        return [*value[:index], _mutations(value[index], rng), *value[index + 1:]]
+    return rng.choice(hostile)
+
+
+def test_thousands_of_mangled_statuses_are_refused_as_channel_errors_only() -> None:
+    vm = WorkerVm("vm-test", guest_config("avmm.test=hello"), start=True, paths=None,
+                  isolation=ProcessIsolation(uids=UidAllocator((64900, 64901))))
+    rng = random.Random(11)
+    refused = 0
+    for _ in range(3000):
+        status = _mutations(GOOD_STATUS, rng)
+        for message in ({"event": "status", "status": status},
+                        {"event": "exited", "status": status}):
+            try:
+                vm._event(message)
+            except ChannelError:
+                refused += 1
+            else:
+                vm.to_dict()  # whatever was kept can be shown
+                json.dumps(vm.to_dict(), allow_nan=False)
+    assert refused > 1000  # most mutations are refused, none raised anything else
+    for message in ({"id": 99, "result": {}}, {"id": "x"}, {"event": "console", "data": 5},
+                    {"event": "console", "data": "!!"}, {"event": "nope"}, {}):
+        with pytest.raises(ChannelError):
+            vm._event(message)
