@@ -524,6 +524,52 @@ def remove_jail(root: str) -> None:
 
 # --------------------------------------------------------------------------- worker side
 
+#: What a jailed worker still needs while it builds its VM as root: open files and
+#: device nodes it does not own (disks, the jail's /dev/kvm, back-end sockets:
+#: CAP_DAC_OVERRIDE), attach a tap (CAP_NET_ADMIN), and drop to the jail's ids
+#: (CAP_SETUID, CAP_SETGID). Not CAP_SYS_ADMIN (mount, setns, ...), CAP_MKNOD,
+#: CAP_DAC_READ_SEARCH (open_by_handle_at), CAP_SYS_PTRACE, CAP_SYS_MODULE, ...
+BUILD_CAPABILITIES: Final = frozenset({1, 12, 6, 7})  # DAC_OVERRIDE, NET_ADMIN, SETGID, SETUID
+_CAP_SETPCAP = 8
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SYS_CAPSET = 126
+_CAP_LAST = 63
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def narrow_capabilities(keep: frozenset[int] = BUILD_CAPABILITIES) -> None:
+    """Right after :func:`enter_jail`, before the VM is built: every capability but
+    ``keep`` leaves the bounding set and the effective and permitted sets (none is
+    inheritable), so the root process that builds the VM cannot mount, make device
+    nodes or open files by handle; :func:`drop_privileges` later clears the rest."""
+    for cap in range(_CAP_LAST + 1):
+        if cap in keep or cap == _CAP_SETPCAP:
+            continue  # SETPCAP last: it is what allows dropping from the bounding set
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break  # past the kernel's last capability
+            raise _fail("dropping a capability from the bounding set", str(cap))
+    if _libc.prctl(_PR_CAPBSET_DROP, _CAP_SETPCAP, 0, 0, 0) != 0:
+        raise _fail("dropping CAP_SETPCAP from the bounding set", None)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)(_CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, 0),
+                          _CapData(mask >> 32, mask >> 32, 0))
+    if _libc.syscall(_SYS_CAPSET, ctypes.byref(header), data) != 0:
+        raise _fail("narrowing the capabilities", None)
+
+
 
 def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
     """Shut the calling process into the jail of ``spec`` (worker side, as root, before

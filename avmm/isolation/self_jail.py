@@ -24,6 +24,7 @@ from .jail import (
     JailError,
     JailSpec,
     enter_jail,
+    narrow_capabilities,
     prepare_jail_dir,
     remove_jail,
     runtime_binds,
@@ -66,6 +67,7 @@ def jail_self(spec: JailSpec) -> None:
     if pid != 0:
         _supervise(pid, spec.root)  # never returns
     enter_jail(spec)
+    narrow_capabilities()
 
 
 def _supervise(child: int, root: str) -> None:

@@ -58,7 +58,7 @@ from .channel import (
     encode,
     error_payload,
 )
-from .jail import JailSpec, drop_privileges, enter_jail
+from .jail import JailSpec, drop_privileges, enter_jail, narrow_capabilities
 from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 
 log = structlog.get_logger(__name__)
@@ -295,6 +295,7 @@ def run_worker(channel_fd: int) -> int:
     if request.jail is not None:
         try:
             enter_jail(request.jail, keep_fds=(sock.fileno(),))
+            narrow_capabilities()
         except AvmmError as e:
             with contextlib.suppress(OSError):
                 sock.send(encode({"event": "failed", "error": error_payload(e)}))

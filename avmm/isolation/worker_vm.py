@@ -642,9 +642,16 @@ class WorkerVm:
         isolation = self._isolation
         allowed = None if self._paths is None or not self._paths.restricted \
             else [str(path) for path in self._paths.allowed_dirs]
+        config = self._worker_config
+        if spec.netns is not None:
+            # The jail puts the worker in its taps' namespace; entering it again for
+            # each tap would need CAP_SYS_ADMIN, which the builder no longer has.
+            config = dataclasses.replace(config, nets=tuple(
+                dataclasses.replace(net, netns=None) if net.tap is not None else net
+                for net in config.nets))
         await self._channel.send({
             "op": "start", "vm_id": self.id,
-            "config": config_to_dict(self._worker_config),
+            "config": config_to_dict(config),
             "start": self._start, "seccomp": isolation.seccomp.value,
             "jail": spec.to_dict(), "allowed_paths": allowed,
             "log_level": isolation.log_level, "log_format": isolation.log_format,
@@ -918,6 +925,11 @@ def _refuse_shared_outputs(config: VmConfig) -> None:
 
     :raises ConfigError: it names one (400, with the key).
     """
+    namespaces = {net.netns for net in config.nets if net.tap is not None}
+    if len(namespaces) > 1:
+        raise ConfigError("with --isolation process the taps of a VM must be in one "
+                          "network namespace (its worker lives in it)",
+                          path=config.source, key="net.netns")
     for key, output in (("serial", config.serial), ("console", config.console)):
         if output is not None and output.mode in ("file", "socket"):
             raise ConfigError(f'mode = "{output.mode}" is not available with --isolation '

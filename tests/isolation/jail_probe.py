@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 
 import pyseccomp  # its import runs ldconfig: not possible inside the jail
@@ -32,7 +33,7 @@ import trio
 
 from avmm.config import VmConfig
 from avmm.isolation import SeccompMode, install_process_filter
-from avmm.isolation.jail import JailSpec, drop_privileges, enter_jail
+from avmm.isolation.jail import JailSpec, drop_privileges, enter_jail, narrow_capabilities
 from avmm.isolation.seccomp import DENSE_PROCESS_KINDS
 from avmm.vm import VirtualMachine
 from tests.vm.helpers import guest_config
@@ -54,6 +55,12 @@ def _status() -> dict[str, str]:
     with open("/proc/self/status") as status:
         return dict(line.split(":\t", 1) for line in status.read().splitlines()
                     if ":\t" in line)
+
+
+def _raise_errno(result: int) -> None:
+    if result != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def _open_fds() -> list[int]:
@@ -142,6 +149,21 @@ def main() -> None:
     if mode == "exit":
         channel.sendall(b"{}\n")
         os._exit(int(args[0]))
+    if mode == "narrow":
+        narrow_capabilities()
+        status = _status()
+        report = {
+            "CapEff": status["CapEff"].strip(), "CapBnd": status["CapBnd"].strip(),
+            "CapInh": status["CapInh"].strip(),
+            "mount": _errno_of(lambda: _raise_errno(_libc.mount(
+                b"none", b"/tmp", b"tmpfs", 0, None))),
+            "mknod": _errno_of(lambda: os.mknod("/tmp/sda", 0o600 | stat.S_IFBLK,
+                                                os.makedev(8, 0))),
+            "kvm": _errno_of(lambda: os.close(os.open("/dev/kvm", os.O_RDWR))),
+        }
+        channel.sendall(json.dumps(report).encode() + b"\n")
+        channel.recv(1)
+        return
     drop_privileges(spec)
     if mode == "inspect":
         report = inspect(channel.fileno(), *args)

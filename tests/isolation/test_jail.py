@@ -30,6 +30,7 @@ from avmm.config import (
     VmConfig,
 )
 from avmm.isolation.jail import (
+    BUILD_CAPABILITIES,
     Bind,
     JailError,
     JailSpec,
@@ -506,6 +507,20 @@ def test_a_jailed_process_sees_only_its_jail(tmp_path: Path, jail_root: Path) ->
     assert report["fds"] == [0, 1, 2, report["kept"]]
     assert report["environ"] == {}
     assert report["cwd"] == "/"
+
+
+def test_the_builder_keeps_only_the_capabilities_it_needs(jail_root: Path) -> None:
+    """Between enter_jail and drop_privileges (the VM's build, as root): no mount, no
+    device nodes, but /dev/kvm (owned by the jail's uid) still opens."""
+    require(kvm_problem())
+    spec = _spec(jail_root, runtime_binds(), devices=("/dev/kvm",))
+    report, code = _run_jailed(spec, "narrow")
+    assert code == 0
+    kept = sum(1 << cap for cap in BUILD_CAPABILITIES)
+    assert int(report["CapEff"], 16) == kept and int(report["CapBnd"], 16) == kept, report
+    assert int(report["CapInh"], 16) == 0
+    assert report["mount"] == "EPERM" and report["mknod"] == "EPERM", report
+    assert report["kvm"] == "ok", report
 
 
 def test_the_reaper_exits_with_the_jailed_process_code(jail_root: Path) -> None:
