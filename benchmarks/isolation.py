@@ -43,7 +43,9 @@ MEMORY_VMS = 3
 
 
 @contextlib.asynccontextmanager
-async def _host(process: bool) -> AsyncIterator[Any]:
+async def host_for(process: bool) -> AsyncIterator[Any]:
+    """A Host as ``avmm serve`` makes one: every VM in it, or (``process``) each in a
+    jailed worker (the caller needs root)."""
     from avmm.host import Host
     from avmm.isolation.jail import UidAllocator
     from avmm.isolation.seccomp import SeccompMode
@@ -76,7 +78,7 @@ async def _churn(process: bool, seconds: float) -> float:
     """Hello VMs created, booted (to their cmdline line), exited and removed one after
     another in one Host for ``seconds``: VMs per second."""
     config = avmm_config(HELLO)
-    async with _host(process) as host:
+    async with host_for(process) as host:
         count = 0
         start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
@@ -91,7 +93,7 @@ async def _churn(process: bool, seconds: float) -> float:
 async def _start_up(process: bool) -> float:
     """Seconds from ``Host.create`` to the guest's first serial byte."""
     config = avmm_config(HELLO)
-    async with _host(process) as host:
+    async with host_for(process) as host:
         start = time.perf_counter()
         vm = await host.create(config)
         async with vm.subscribe_console() as output:
@@ -119,7 +121,7 @@ async def _worker_memory() -> float:
     """MiB of PSS, guest RAM excluded, that each VM's worker (and its reaper) takes,
     with :data:`MEMORY_VMS` guests in their ``count`` loop."""
     config = avmm_config(SPIN)
-    async with _host(True) as host:
+    async with host_for(True) as host:
         vms = [await host.create(config) for _ in range(MEMORY_VMS)]
         total = 0.0
         for vm in vms:

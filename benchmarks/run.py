@@ -70,6 +70,7 @@ from benchmarks.isolation import bench_isolation
 from benchmarks.memchild import MARKER, SPIN_N
 from benchmarks.migration import bench_migration
 from benchmarks.net import bench_net
+from benchmarks.noisy import bench_noisy_neighbour
 from benchmarks.report import markdown, provenance
 from benchmarks.snapshot import bench_snapshot
 
@@ -94,6 +95,7 @@ class Params:
     migration_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the migration group
     fairness_window_s: float = 5.0  # CPU time measured over this window (fairness group)
     fairness_s: float = 4.0  # seconds of limited I/O per rate-limit run (past the bucket)
+    noisy_n: int = 3000  # the quiet VM's requests per noisy-neighbour run
 
 
 FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
@@ -101,7 +103,7 @@ FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
                blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
                snapshot_mib=(16,), migration_mib=(16,), fairness_window_s=1.0,
-               fairness_s=0.5)
+               fairness_s=0.5, noisy_n=300)
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
@@ -482,7 +484,8 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "snapshot": lambda p: bench_snapshot(p.runs, p.snapshot_mib),
     "migration": lambda p: bench_migration(p.runs, p.migration_mib),
     "fairness": lambda p: [*bench_fairness_cpu(p.runs, p.fairness_window_s),
-                           *bench_fairness_io(p.runs, p.fairness_s)],
+                           *bench_fairness_io(p.runs, p.fairness_s),
+                           *bench_noisy_neighbour(p.runs, p.noisy_n)],
 }
 
 

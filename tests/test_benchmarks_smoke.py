@@ -86,7 +86,11 @@ GROUPS = {
                  # avmm alone against a goal (benchmarks/fairness_cpu.py): no QEMU side.
                  ("fairness: CPU share of the cpu_weight 100 VM", SHARING),
                  ("fairness: CPU share of the cpu_weight 300 VM", SHARING),
-                 ("fairness: CPU used by a spinning vCPU", SHARING)],
+                 ("fairness: CPU used by a spinning vCPU", SHARING),
+                 ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, alone, `--isolation "
+                  "none`", SHARING),
+                 ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to a noisy VM "
+                  "limited to 500 requests/s, `--isolation process`", SHARING)],
     "isolation": [("isolation: VM churn, `--isolation process`", IN_PROCESS),
                   ("isolation: VM churn, `--isolation none`", IN_PROCESS),
                   ("isolation: create → first serial byte, `--isolation process`",

@@ -1,0 +1,101 @@
+"""The ``fairness`` group, noisy-neighbour part: how much a VM that reads its disk as fast
+as it can slows a quiet VM's disk, in one avmm daemon, with every VM in the daemon's
+process (``--isolation none``) and each in a jailed worker of its own (``process``).
+
+The quiet VM runs the test guest's ``blk-bench`` at queue depth 1 (random 4 KiB reads)
+on its own image; its rate is measured as in the rate-limit figures: a run of ``n0 + n``
+requests minus a run of ``n0`` (boot and teardown cancel out), ``n`` divided by the
+difference. Three neighbours: none (alone), a noisy VM running ``blk-bench`` at queue
+depth 32 on its own image unlimited, and the same noisy VM limited to 500 requests per
+second. Goal (issue 15): with the limit, the quiet VM within 10 % of alone. avmm alone
+(no QEMU side): these are the daemon's own figures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from benchmarks.common import SHARING, BenchError, Figure, avmm_config, log
+from benchmarks.isolation import host_for
+
+__all__ = ["bench_noisy_neighbour"]
+
+IMAGE_MIB = 64
+#: Not /dev/shm: a jail makes its own /dev, and a worker sees its disks at their paths.
+IMAGES = Path("/tmp")
+NOISY_LIMIT = {"ops": {"size": 50, "refill_ms": 100}}  # 500 requests per second
+NEIGHBOURS = ("alone", "next to an unlimited noisy VM", "next to a noisy VM limited to "
+              "500 requests/s")
+
+
+def _cmd(n: int, qd: int) -> str:
+    return f"avmm.test=blk-bench avmm.rw=read avmm.qd={qd} avmm.n={n} avmm.qsize=128"
+
+
+async def _quiet_seconds(host: Any, image: Path, n: int) -> float:
+    from avmm.config import DiskConfig
+
+    config = avmm_config(_cmd(n, 1), disks=[DiskConfig(image)])
+    start = time.perf_counter()
+    vm = await host.create(config)
+    await vm.wait()
+    seconds = time.perf_counter() - start
+    output = vm.console_backlog().decode(errors="replace")
+    await host.remove(vm.id)
+    if f"blk-bench rw=read qd=1 n={n} done" not in output:
+        raise BenchError(f"the quiet VM's blk-bench failed: {output[-300:]!r}")
+    return seconds
+
+
+async def _quiet_rate(process: bool, neighbour: int, quiet: Path, noisy: Path,
+                      n: int, n0: int) -> float:
+    from avmm.config import DiskConfig, parse_rate_limit
+
+    async with host_for(process) as host:
+        noisy_vm = None
+        if neighbour:
+            limit = parse_rate_limit(NOISY_LIMIT, "rate_limit") if neighbour == 2 else None
+            noisy_vm = await host.create(avmm_config(
+                _cmd(100_000_000, 32), disks=[DiskConfig(noisy, rate_limit=limit)]))
+            await trio.sleep(0.3)  # past its boot: reading at full speed
+        try:
+            loaded = await _quiet_seconds(host, quiet, n0 + n)
+            base = await _quiet_seconds(host, quiet, n0)
+        finally:
+            if noisy_vm is not None:
+                await noisy_vm.stop()
+    if loaded <= base:
+        raise BenchError(f"the quiet VM's run of {n0 + n} requests took no longer than "
+                         f"its run of {n0} ({loaded:.3f} s vs {base:.3f} s)")
+    return n / (loaded - base)
+
+
+def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
+    quiet = IMAGES / f"avmm-bench-quiet-{os.getpid()}.img"
+    noisy = IMAGES / f"avmm-bench-noisy-{os.getpid()}.img"
+    for image in (quiet, noisy):
+        with open(image, "wb") as f:
+            for _ in range(IMAGE_MIB):
+                f.write(os.urandom(1 << 20))
+    figures = {(mode, index): Figure(
+        f"noisy neighbour: quiet VM's blk 4 KiB reads qd 1, {text}, `--isolation {mode}`",
+        "IOPS", "higher", SHARING,
+        note="one daemon's VMs; the noisy one reads at qd 32; goal: with its limit, "
+             "within 10 % of alone")
+        for mode in ("none", "process") for index, text in enumerate(NEIGHBOURS)}
+    try:
+        for _ in range(runs):
+            for (mode, index), figure in figures.items():
+                figure.avmm.append(trio.run(_quiet_rate, mode == "process", index, quiet,
+                                            noisy, n, max(n // 10, 20)))
+        for figure in figures.values():
+            log(f"benchmarks: {figure.name}: {figure.avmm}")
+    finally:
+        quiet.unlink(missing_ok=True)
+        noisy.unlink(missing_ok=True)
+    return list(figures.values())
