@@ -806,7 +806,9 @@ class Host:
                       vhost_user: Mapping[str, str | os.PathLike[str]] | None = None,
                       paths: PathPolicy | None = None,
                       adjust_config: Callable[[VmConfig], VmConfig] | None = None,
-                      ) -> HostedVm:
+                      vm_id: str | None = None, dir_fd: int | None = None,
+                      after_build: Callable[[], None] | None = None,
+                      ) -> Any:
         """A new VM from the snapshot directory ``path`` (see
         :meth:`avmm.vm.VirtualMachine.restore`); returns once it runs, or, with
         ``start=False``, once it is built and PAUSED. ``vhost_user`` maps a vhost-user
@@ -826,14 +828,25 @@ class Host:
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
-        self._refuse_in_workers("restoring a snapshot")
         policy = paths if paths is not None else PathPolicy()
         sockets = {name: os.fspath(socket) for name, socket in (vhost_user or {}).items()}
+        if self.isolation is not None:
+            from .isolation.worker_vm import WorkerVm
+
+            restored = await WorkerVm.restoring(
+                self._new_id(), path, start=start, copy_memory=copy_memory,
+                vhost_user=sockets, paths=policy, adjust_config=adjust_config,
+                isolation=self.isolation)
+            await self._start(restored)
+            log.info("vm restored", vm=restored.id, path=os.fspath(path),
+                     state=restored.state.value)
+            return restored
 
         def check_paths() -> None:
             for name, socket in sockets.items():
                 policy.check(Path(socket), f"vhost_user.{name}", "socket")
-            os.close(policy.open_directory(Path(path), "restore"))
+            if dir_fd is None:
+                os.close(policy.open_directory(Path(path), "restore"))
 
         await trio.to_thread.run_sync(check_paths)
 
@@ -841,9 +854,12 @@ class Host:
             return VirtualMachine.restore(path, start_paused=not start,
                                           copy_memory=copy_memory,
                                           vhost_user=sockets or None, paths=policy,
-                                          adjust_config=adjust_config)
+                                          adjust_config=adjust_config, dir_fd=dir_fd,
+                                          after_build=after_build)
 
-        hosted = HostedVm(self._new_id(), None, start_paused=not start, restore=opener)
+        if vm_id is None:
+            vm_id = self._new_id()
+        hosted = HostedVm(vm_id, None, start_paused=not start, restore=opener)
         await self._start(hosted)
         log.info("vm restored", vm=hosted.id, path=os.fspath(path),
                  state=hosted.state.value)
@@ -902,7 +918,7 @@ class Host:
         log.info("vm incoming", vm=hosted.id, listen=listen)
         return hosted
 
-    def _refuse_in_workers(self, what: str) -> None:
+    def _refuse_in_workers(self, what: str) -> None:  # (receive only, for now)
         if self.isolation is not None:
             raise VmStateError(f"{what} is not available with --isolation process yet; "
                                "run the daemon with --isolation none for it")

@@ -551,6 +551,8 @@ class VirtualMachine:
                       paths: PathPolicy | None = None,
                       name: str | None = None,
                       adjust_config: Callable[[VmConfig], VmConfig] | None = None,
+                      dir_fd: int | None = None,
+                      after_build: Callable[[], None] | None = None,
                       ) -> AsyncIterator[VirtualMachine]:
         """Bring back the VM saved in the snapshot directory ``path`` (see
         :meth:`snapshot`), as an async context manager like ``VirtualMachine(config)``::
@@ -567,7 +569,9 @@ class VirtualMachine:
         the guest goes on from where it was saved, or stays paused with
         ``start_paused`` until :meth:`resume`. ``adjust_config`` may change the saved
         config before the VM is built (the daemon's: a serial port on the API, not on
-        its stdout).
+        its stdout). ``dir_fd``: the snapshot directory, opened by someone else (a
+        jailed worker's daemon), used instead of opening ``path``, which then only
+        names it in messages. ``after_build``: as for ``VirtualMachine(config)``.
 
         :raises SnapshotError: the snapshot is missing, damaged, of another format or
             does not fit together (one line naming the file);
@@ -576,8 +580,8 @@ class VirtualMachine:
             Nothing is left running or allocated then.
         """
         policy = paths if paths is not None else PathPolicy()
-        opened = await trio.to_thread.run_sync(_open_snapshot, Path(path), policy,
-                                               vhost_user)
+        opened = await trio.to_thread.run_sync(open_snapshot, Path(path), policy,
+                                               vhost_user, dir_fd)
         try:
             config, snapshot = opened.config, opened.snapshot
             if adjust_config is not None:
@@ -594,7 +598,8 @@ class VirtualMachine:
                 if why is not None:
                     copy = True
                     log.info("snapshot memory copied, not mapped", reason=why, path=str(path))
-            vm = cls(config, name=name, start_paused=start_paused, paths=policy)
+            vm = cls(config, name=name, start_paused=start_paused, paths=policy,
+                     after_build=after_build)
             machine: MachineState = snapshot.sections["machine"]
             vm._restore_plan = _RestorePlan(snapshot=snapshot, copy_memory=copy,
                                             machine=machine,
@@ -1567,7 +1572,7 @@ def _set_kvm_clock(vm: Any, value: int) -> None:
 
 
 @dataclass(frozen=True)
-class _OpenedSnapshot:
+class OpenedSnapshot:
     """A snapshot read and checked: its directory's fd (the policy's O_PATH fd), that fd
     as a path, its sections with the memory file held open, and the config it holds."""
 
@@ -1590,12 +1595,15 @@ def _open_snapshot_directory(policy: PathPolicy, path: Path, key: str) -> int:
         raise SnapshotError(f"{path}: cannot use this directory: {why}") from None
 
 
-def _open_snapshot(path: Path, policy: PathPolicy,
-                   vhost_user: Mapping[str, str] | None) -> _OpenedSnapshot:
-    """Read and check the snapshot in ``path`` (a worker thread): the state file in full,
-    the memory file's presence and size, the config, and that the parts fit together."""
+def open_snapshot(path: Path, policy: PathPolicy,
+                   vhost_user: Mapping[str, str] | None,
+                   dir_fd: int | None = None) -> OpenedSnapshot:
+    """Read and check the snapshot in ``path`` (or in ``dir_fd``, a copy of which is
+    used; a worker thread): the state file in full, the memory file's presence and
+    size, the config, and that the parts fit together."""
     path = Path(os.path.abspath(path))
-    dirfd = _open_snapshot_directory(policy, path, "restore")
+    dirfd = _open_snapshot_directory(policy, path, "restore") if dir_fd is None \
+        else os.dup(dir_fd)
     inside = Path(f"/proc/self/fd/{dirfd}")
     snapshot: Snapshot | None = None
     try:
@@ -1614,7 +1622,7 @@ def _open_snapshot(path: Path, policy: PathPolicy,
                                     f"config's {config.machine.memory_mib} MiB of RAM")
         except SnapshotError as e:
             raise _renamed(e, inside, path) from None
-        return _OpenedSnapshot(dirfd=dirfd, inside=inside, snapshot=snapshot,
+        return OpenedSnapshot(dirfd=dirfd, inside=inside, snapshot=snapshot,
                                config=dataclasses.replace(config, source=str(path)))
     except BaseException:
         if snapshot is not None:

@@ -305,7 +305,7 @@ class ManagementApi:
             source="request body",
             path_check=self.paths.check if self.paths.restricted else None,
             shared_groups=self._groups().names()))
-        vm = await self.host.create(_for_daemon(config), start=start != "false",
+        vm = await self.host.create(daemon_config(config), start=start != "false",
                                     paths=self.paths)
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
 
@@ -322,7 +322,7 @@ class ManagementApi:
         sockets = _vhost_user_sockets(data.get("vhost_user"))
         vm = await self.host.restore(path, start=start, copy_memory=copy_memory,
                                      vhost_user=sockets, paths=self.paths,
-                                     adjust_config=_for_daemon)
+                                     adjust_config=daemon_config)
         return _json_response(201, vm.to_dict(), (("Location", f"/vms/{vm.id}"),))
 
     async def _snapshot(self, request: _Request) -> _Response:
@@ -374,7 +374,7 @@ class ManagementApi:
                 # The key as the request has it: under "config".
                 e.key = f"config.{e.key}" if e.key else "config"
                 raise
-            config = _for_daemon(config)
+            config = daemon_config(config)
         elif base_dir is not None:
             raise HttpError(400, "base_dir applies to a config; this request has none",
                             {"key": "base_dir"})
@@ -589,7 +589,7 @@ def _vhost_user_sockets(value: Any) -> dict[str, str] | None:
     return sockets
 
 
-def _for_daemon(config: VmConfig) -> VmConfig:
+def daemon_config(config: VmConfig) -> VmConfig:
     """A daemon has no terminal of its own: ``serial.mode = "console"`` (the default)
     means the API's console stream (which every VM has anyway), and a virtio console on
     the terminal cannot be had."""

@@ -29,6 +29,7 @@ here as untrusted (this process runs the guest's device models).
 from __future__ import annotations
 
 import argparse
+import array
 import base64
 import contextlib
 import dataclasses
@@ -41,6 +42,7 @@ import structlog
 import trio
 
 # Imported up front: nothing may be imported from files once the jail is entered.
+from ..api._app import daemon_config
 from ..api._limits import parse_limits_update
 from ..config import config_from_dict
 from ..errors import AvmmError
@@ -77,7 +79,9 @@ class StartRequest:
     start: bool
     seccomp: SeccompMode
     jail: JailSpec | None
-    allowed_paths: tuple[str, ...] | None
+    #: A restore: the snapshot's path (for messages), copy_memory, vhost_user sockets;
+    #: its directory's fd came with the message.
+    restore: dict[str, Any] | None
     log_level: str
     log_format: str
 
@@ -94,10 +98,14 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
                 or not isinstance(start, bool):
             raise ValueError("vm_id, config or start has the wrong type")
         jail = message.get("jail")
-        allowed = message.get("allowed_paths")
-        if allowed is not None and (not isinstance(allowed, list)
-                                    or not all(isinstance(p, str) for p in allowed)):
-            raise ValueError("allowed_paths is not a list of strings")
+        restore = message.get("restore")
+        if restore is not None and not (
+                isinstance(restore, dict) and isinstance(restore.get("path"), str)
+                and isinstance(restore.get("copy_memory"), bool)
+                and isinstance(restore.get("vhost_user"), dict)
+                and all(isinstance(k, str) and isinstance(v, str)
+                        for k, v in restore["vhost_user"].items())):
+            raise ValueError("restore has the wrong shape")
         level = message.get("log_level", "warning")
         log_format = message.get("log_format", "console")
         if level not in ("debug", "info", "warning", "error") \
@@ -107,7 +115,7 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
             vm_id=vm_id, config=config, start=start,
             seccomp=SeccompMode(message.get("seccomp", "off")),
             jail=None if jail is None else JailSpec.from_dict(jail),
-            allowed_paths=None if allowed is None else tuple(allowed),
+            restore=restore,
             log_level=level, log_format=log_format)
     except (KeyError, ValueError, AvmmError) as e:
         raise ChannelError(f"a bad start message: {e}") from None
@@ -126,10 +134,20 @@ def status(hosted: HostedVm) -> dict[str, Any]:
 
 
 class _Worker:
-    def __init__(self, channel: Channel, request: StartRequest) -> None:
+    def __init__(self, channel: Channel, request: StartRequest,
+                 snapshot_fd: int | None = None) -> None:
         self.channel = channel
         self.request = request
+        self.snapshot_fd = snapshot_fd
         self.hosted: HostedVm | None = None
+
+    def adjust_restored(self, config: Any) -> Any:
+        """A restored VM's saved config as its worker builds it: as the daemon's
+        WorkerVm shows it (see worker_config there)."""
+        from .worker_vm import worker_config
+
+        return worker_config(daemon_config(config), jailed_netns=self.request.jail is not
+                             None and self.request.jail.netns is not None)
 
     def after_build(self) -> None:
         """Between the build and the first thread of the VM: the privileges go, the
@@ -140,8 +158,9 @@ class _Worker:
 
     async def run(self) -> None:
         request = self.request
-        policy = PathPolicy(request.allowed_paths) \
-            if request.allowed_paths is not None else PathPolicy()
+        # The daemon checked every path against its --allow-path; here the jail holds
+        # only what the VM needs (an allowed directory itself is not in it).
+        policy = PathPolicy()
         try:
             config = await trio.to_thread.run_sync(
                 lambda: config_from_dict(request.config, base_dir=None,
@@ -153,9 +172,17 @@ class _Worker:
             try:
                 # Paused before its first instruction: the daemon places the vCPU
                 # threads (cgroup, affinity) first, then resumes it if it is to run.
-                hosted = await host.create(config, start=False, paths=policy,
-                                           vm_id=request.vm_id,
-                                           after_build=self.after_build)
+                if request.restore is not None:
+                    restore = request.restore
+                    hosted = await host.restore(
+                        restore["path"], start=False, copy_memory=restore["copy_memory"],
+                        vhost_user=restore["vhost_user"], paths=policy,
+                        adjust_config=self.adjust_restored, vm_id=request.vm_id,
+                        dir_fd=self.snapshot_fd, after_build=self.after_build)
+                else:
+                    hosted = await host.create(config, start=False, paths=policy,
+                                               vm_id=request.vm_id,
+                                               after_build=self.after_build)
             except AvmmError as e:
                 await self.channel.send({"event": "failed", "error": error_payload(e)})
                 return
@@ -265,11 +292,21 @@ class _Worker:
         return status(hosted)
 
 
-def _read_start(sock: socket.socket) -> dict[str, Any]:
-    data = sock.recv(MAX_MESSAGE + 1)
-    if len(data) > MAX_MESSAGE:
+def _read_start(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The daemon's first message and its fds (a restore's snapshot directory)."""
+    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(4 * 4))
+    fds: list[int] = []
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", raw[:len(raw) - len(raw) % 4]))
+    if len(data) > MAX_MESSAGE or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        close_fds(fds)
         raise ChannelError("the start message is over the size limit")
-    return decode(data)
+    try:
+        return decode(data), fds
+    except ChannelError:
+        close_fds(fds)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +321,11 @@ def run_worker(channel_fd: int) -> int:
     spawner with these modules loaded); its exit status."""
     sock = socket.socket(fileno=channel_fd)
     try:
-        request = parse_start(_read_start(sock))
+        message, fds = _read_start(sock)
+        request = parse_start(message)
+        if len(fds) != (1 if request.restore is not None else 0):
+            close_fds(fds)
+            raise ChannelError("the start message came with the wrong fds")
     except ChannelError as e:
         with contextlib.suppress(OSError):  # the daemon may be gone already
             sock.send(encode({"event": "failed", "error": error_payload(e)}))
@@ -294,14 +335,14 @@ def run_worker(channel_fd: int) -> int:
     structlog.contextvars.bind_contextvars(vm=request.vm_id)
     if request.jail is not None:
         try:
-            enter_jail(request.jail, keep_fds=(sock.fileno(),))
+            enter_jail(request.jail, keep_fds=(sock.fileno(), *fds))
             narrow_capabilities()
         except AvmmError as e:
             with contextlib.suppress(OSError):
                 sock.send(encode({"event": "failed", "error": error_payload(e)}))
             return 1
     try:
-        trio.run(_Worker(Channel(sock), request).run)
+        trio.run(_Worker(Channel(sock), request, fds[0] if fds else None).run)
     except ChannelError as e:
         log.warning("worker channel failed", reason=str(e))
         return 1

@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, 
 from ..paths import NewPath, PathPolicy
 from ..state import SnapshotError, SnapshotInfo
 from ..state.snapshot import rename_no_replace
+from ..vm import OpenedSnapshot, open_snapshot
 from .channel import Channel, ChannelClosed, ChannelError, socketpair
 from .jail import JailError, JailSpec, UidAllocator, plan_jail, prepare_jail_dir, remove_jail
 from .seccomp import SeccompMode
@@ -162,7 +164,8 @@ class WorkerVm:
     isolation = "process"
 
     def __init__(self, vm_id: str, config: VmConfig, *, start: bool,
-                 paths: PathPolicy | None, isolation: ProcessIsolation) -> None:
+                 paths: PathPolicy | None, isolation: ProcessIsolation,
+                 restore: RestoreRequest | None = None) -> None:
         self.id = vm_id
         self.name = config.name or vm_id
         self.created_at = time.time()
@@ -177,10 +180,8 @@ class WorkerVm:
         # The daemon applies the CPU controls (the worker's jail holds no cgroup tree):
         # the worker builds its VM without them.
         self._cpu = VmCpu(vm_id, limits_from_machine(config.machine))
-        self._worker_config = dataclasses.replace(config, machine=dataclasses.replace(
-            config.machine, cpu_weight=None, cpu_max_percent=None, cpu_affinity=None,
-            vcpu_affinity=None))
         self._start = start
+        self._restore = restore
         self._paths = paths
         self._isolation = isolation
         self._status: dict[str, Any] | None = None
@@ -209,6 +210,36 @@ class WorkerVm:
 
     def __repr__(self) -> str:
         return f"<WorkerVm {self.id} {self.name!r} {self.state.value}>"
+
+    @classmethod
+    async def restoring(cls, vm_id: str, path: str | os.PathLike[str], *, start: bool,
+                        copy_memory: bool, vhost_user: dict[str, str], paths: PathPolicy,
+                        adjust_config: Callable[[VmConfig], VmConfig] | None,
+                        isolation: ProcessIsolation) -> WorkerVm:
+        """A VM to restore from the snapshot directory ``path`` in a worker (see
+        :meth:`avmm.host.Host.restore`): the daemon opens and checks the snapshot
+        (paths through ``paths``), plans the jail from the config it holds, and hands
+        the directory's fd to the worker, whose jail does not hold it.
+
+        :raises SnapshotError, PathNotAllowedError, ConfigError: as Host.restore.
+        """
+        def check() -> OpenedSnapshot:
+            for name, socket_path in vhost_user.items():
+                paths.check(Path(socket_path), f"vhost_user.{name}", "socket")
+            return open_snapshot(Path(path), paths, vhost_user or None)
+
+        opened = await trio.to_thread.run_sync(check)
+        opened.snapshot.close()  # the worker opens the memory file itself
+        try:
+            config = opened.config
+            if adjust_config is not None:
+                config = adjust_config(config)
+            return cls(vm_id, config, start=start, paths=paths, isolation=isolation,
+                       restore=RestoreRequest(os.fspath(path), opened.dirfd, copy_memory,
+                                              dict(vhost_user)))
+        except BaseException:
+            os.close(opened.dirfd)
+            raise
 
     # -- what HostedVm shows --------------------------------------------------------------
 
@@ -597,6 +628,9 @@ class WorkerVm:
                                f"no answer within {START_TIMEOUT_S:g} s") from None
         finally:
             self._tasks = None
+            if self._restore is not None:
+                os.close(self._restore.dir_fd)
+                self._restore = None
             await self._reap()
             if self._channel is not None:
                 self._channel.close()
@@ -640,22 +674,18 @@ class WorkerVm:
             theirs.close()
         self._channel = Channel(ours)
         isolation = self._isolation
-        allowed = None if self._paths is None or not self._paths.restricted \
-            else [str(path) for path in self._paths.allowed_dirs]
-        config = self._worker_config
-        if spec.netns is not None:
-            # The jail puts the worker in its taps' namespace; entering it again for
-            # each tap would need CAP_SYS_ADMIN, which the builder no longer has.
-            config = dataclasses.replace(config, nets=tuple(
-                dataclasses.replace(net, netns=None) if net.tap is not None else net
-                for net in config.nets))
+        config = worker_config(self._config, jailed_netns=spec.netns is not None)
+        restore = self._restore
         await self._channel.send({
             "op": "start", "vm_id": self.id,
             "config": config_to_dict(config),
             "start": self._start, "seccomp": isolation.seccomp.value,
-            "jail": spec.to_dict(), "allowed_paths": allowed,
+            "jail": spec.to_dict(),
+            "restore": None if restore is None else {
+                "path": restore.path, "copy_memory": restore.copy_memory,
+                "vhost_user": dict(restore.vhost_user)},
             "log_level": isolation.log_level, "log_format": isolation.log_format,
-        })
+        }, () if restore is None else (restore.dir_fd,))
 
     async def _first_message(self) -> None:
         assert self._channel is not None
@@ -915,6 +945,32 @@ def _printable(line: bytes) -> str:
 def _write_stderr(text: str) -> None:
     sys.stderr.write(text)
     sys.stderr.flush()
+
+
+def worker_config(config: VmConfig, *, jailed_netns: bool) -> VmConfig:
+    """The config a worker builds its VM from: without the CPU controls (the daemon
+    applies them: the jail holds no cgroup tree), and, where the jail put the worker in
+    its taps' network namespace, without that namespace (entering it again for each
+    tap would need CAP_SYS_ADMIN, which the builder no longer has)."""
+    config = dataclasses.replace(config, machine=dataclasses.replace(
+        config.machine, cpu_weight=None, cpu_max_percent=None, cpu_affinity=None,
+        vcpu_affinity=None))
+    if jailed_netns:
+        config = dataclasses.replace(config, nets=tuple(
+            dataclasses.replace(net, netns=None) if net.tap is not None else net
+            for net in config.nets))
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreRequest:
+    """A VM restored in its worker: the snapshot directory (an fd the daemon opened,
+    closed when the worker has it), how, and the path (for messages)."""
+
+    path: str
+    dir_fd: int
+    copy_memory: bool
+    vhost_user: dict[str, str]
 
 
 def _refuse_shared_outputs(config: VmConfig) -> None:

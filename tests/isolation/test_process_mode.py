@@ -316,7 +316,8 @@ async def test_cpu_controls_of_a_vm_in_a_worker_are_applied_by_the_daemon() -> N
 async def test_a_snapshot_of_a_vm_in_a_worker_restores_and_runs_on(tmp_path: Path) -> None:
     """The worker writes into a staging directory the daemon made for its uid; the
     snapshot lands at the asked path, owned by the daemon's user, with nothing else left
-    beside it, and a VM restored from it (here, in this process) carries on."""
+    beside it, and a VM restored from it carries on: in another worker of the daemon,
+    and in a dense process."""
     from avmm import VirtualMachine
 
     snapshots = tmp_path / "snapshots"
@@ -340,14 +341,21 @@ async def test_a_snapshot_of_a_vm_in_a_worker_restores_and_runs_on(tmp_path: Pat
         assert exists.value.status == 400 and "exists" in str(exists.value)
         await api.resume(vm["id"])
         assert b"echo after" in await _echo(api, vm["id"], "after")
+        # Restored in a jailed worker of the same daemon: its jail does not hold the
+        # snapshot, the daemon hands the directory over.
+        restored = await api.restore_vm(target)
+        assert restored["isolation"] == "process" and restored["pid"] != vm["pid"]
+        assert restored["state"] == "running", restored
+        assert b"echo in its new worker" in await _echo(api, restored["id"],
+                                                        "in its new worker")
         assert "SIGSYS" not in daemon.stderr.read_text()
     output = bytearray()
-    async with VirtualMachine.restore(target) as restored:
-        await restored.serial.send_all(b"restored\nquit\n")
+    async with VirtualMachine.restore(target) as again:  # and in a dense process too
+        await again.serial.send_all(b"restored\nquit\n")
         with trio.fail_after(30):
-            async for chunk in restored.serial:
+            async for chunk in again.serial:
                 output += chunk
-        result = await restored.wait()
+        result = await again.wait()
     assert b"echo restored" in output, output
     assert result.reason is StopReason.RESET
 
