@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import socket
 import time
 import types
 from collections.abc import Callable, Mapping
@@ -443,7 +444,8 @@ class HostedVm:
         return self._migrating
 
     async def start_migration(self, to: str, *, downtime_ms: int = 300,
-                              paths: PathPolicy | None = None) -> None:
+                              paths: PathPolicy | None = None,
+                              connected: socket.socket | None = None) -> None:
         """Begin to live-migrate the running VM to the avmm listening at ``to``
         (``unix:/abs/path`` or ``tcp:HOST:PORT``; see
         :meth:`avmm.vm.VirtualMachine.migrate`) and return at once: the migration runs
@@ -476,7 +478,7 @@ class HostedVm:
         self._migration_error = None
         self._previous_progress = self._vm_migration()
         self._migration_done = trio.Event()
-        self._tasks.start_soon(self._migrate, to, downtime_ms)
+        self._tasks.start_soon(self._migrate, to, downtime_ms, connected)
 
     async def migrate(self, to: str, *, downtime_ms: int = 300,
                       paths: PathPolicy | None = None) -> dict[str, Any]:
@@ -511,10 +513,11 @@ class HostedVm:
             raise VmStateError(f"VM {self.id!r} is being migrated; {what} it once the "
                                "migration has ended")
 
-    async def _migrate(self, to: str, downtime_ms: int) -> None:
+    async def _migrate(self, to: str, downtime_ms: int,
+                       connected: socket.socket | None = None) -> None:
         self._log.info("migration started", to=to, downtime_ms=downtime_ms)
         try:
-            await self.vm.migrate(to, downtime_ms=downtime_ms)
+            await self.vm.migrate(to, downtime_ms=downtime_ms, connected=connected)
         except AvmmError as e:
             # MigrationError: the VM runs on here, as if nothing had happened.
             self._migration_error = e
@@ -829,7 +832,7 @@ class Host:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
         policy = paths if paths is not None else PathPolicy()
-        sockets = {name: os.fspath(socket) for name, socket in (vhost_user or {}).items()}
+        sockets = {name: os.fspath(path) for name, path in (vhost_user or {}).items()}
         if self.isolation is not None:
             from .isolation.worker_vm import WorkerVm
 
@@ -843,8 +846,8 @@ class Host:
             return restored
 
         def check_paths() -> None:
-            for name, socket in sockets.items():
-                policy.check(Path(socket), f"vhost_user.{name}", "socket")
+            for name, socket_path in sockets.items():
+                policy.check(Path(socket_path), f"vhost_user.{name}", "socket")
             if dir_fd is None:
                 os.close(policy.open_directory(Path(path), "restore"))
 

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import socket
 import time
 import types
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -636,7 +637,7 @@ class VirtualMachine:
 
     async def migrate(self, to: str, *, downtime_ms: int = 300, on_timeout: str = "pause",
                       max_rounds: int = 30, timeout_s: float | None = None,
-                      ) -> MigrationProgress:
+                      connected: socket.socket | None = None) -> MigrationProgress:
         """Move the running guest to a destination listening at ``to`` (``unix:/abs/path``
         or ``tcp:HOST:PORT``; see :meth:`receive` and README, "Live migration").
 
@@ -668,7 +669,8 @@ class VirtualMachine:
             self._migrating = True
             self._paused_for_migration = False
             try:
-                return await Source(self, address, options, self._set_migration).run()
+                return await Source(self, address, options, self._set_migration,
+                                    connected=connected).run()
             finally:
                 self._migrating = False
 

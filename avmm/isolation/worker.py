@@ -33,6 +33,7 @@ import array
 import base64
 import contextlib
 import dataclasses
+import os
 import socket
 import sys
 from typing import Any
@@ -49,6 +50,7 @@ from ..errors import AvmmError
 from ..host import Host, HostedVm
 from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
+from ..migration import source as _migration_source  # noqa: F401  (loaded before the jail)
 from ..paths import PathPolicy
 from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
 from .channel import (
@@ -271,6 +273,19 @@ class _Worker:
             info = await hosted.snapshot("snapshot", parent_fd=fds[0])
             return {"bytes_state": info.bytes_state, "bytes_memory": info.bytes_memory,
                     "duration_s": info.duration_s, "status": status(hosted)}
+        if op == "migrate":
+            # Over the connection the daemon made (the worker makes no IP sockets).
+            to, downtime_ms = message.get("to"), message.get("downtime_ms")
+            if len(fds) != 1 or not isinstance(to, str) or not isinstance(downtime_ms, int):
+                raise AvmmError("migrate needs to, downtime_ms and the connection's fd")
+            connection = socket.socket(fileno=os.dup(fds[0]))
+            try:
+                await hosted.start_migration(to, downtime_ms=downtime_ms,
+                                             connected=connection)
+            except BaseException:
+                connection.close()
+                raise
+            return status(hosted)
         if op == "describe":
             return status(hosted)
         if op == "pause":

@@ -10,9 +10,11 @@ it, and a worker that breaks the protocol is killed (its VM ends as a crash). A 
 that dies (SIGKILL, SIGSYS from its seccomp filter, a crash of Python) ends its VM with
 reason ``crash`` and the cause in the detail; the daemon and the other VMs go on.
 
-Not yet in process mode (each refused with a one-line 409 that says to use
-``--isolation none``): snapshots, restore, live migration in and out, CPU controls
-(the worker cannot reach the cgroup tree from its jail), daemon-wide rate-limit groups.
+What the jail keeps from the worker is brought by the daemon: CPU controls (it owns the
+VM's cgroup), a snapshot's directory (a staging directory's fd), a restore's snapshot
+(its directory's fd), a migration's connection (a connected socket). Not yet in process
+mode (refused with a one-line 409 that says to use ``--isolation none``): receiving a
+migration, daemon-wide rate-limit groups.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..cpu_profile import resolve_cpu_profile
 from ..errors import AvmmError, ConfigError, VmStartError, VmStateError
 from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
+from ..migration.errors import MigrationError
 from ..paths import NewPath, PathPolicy
 from ..state import SnapshotError, SnapshotInfo
 from ..state.snapshot import rename_no_replace
@@ -274,11 +277,15 @@ class WorkerVm:
 
     @property
     def migration(self) -> dict[str, Any] | None:
-        return None
+        """The worker's report of its VM's latest migration (checked, see
+        :func:`sanitize_status`), or None."""
+        return None if self._status is None else self._status["vm"].get("migration")
 
     @property
     def migrating(self) -> bool:
-        return False
+        migration = self.migration
+        return migration is not None and migration.get("state") not in (
+            "completed", "failed", None) and not self._done.is_set()
 
     def metrics(self) -> VmMetrics:
         if self._status is None:
@@ -321,7 +328,7 @@ class WorkerVm:
                 "reason": result.reason.value, "exit_status": result.exit_status,
                 "detail": result.detail},
             "config": config,
-            "migration": None,
+            "migration": self.migration,
             # The worker numbers its threads in its own PID namespace: the host's here.
             "vcpu_threads": [self._host_tids[tid] for tid in threads
                              if tid in self._host_tids] if result is None else [],
@@ -448,11 +455,42 @@ class WorkerVm:
         except (KeyError, TypeError, ValueError):
             raise VmStateError(f"VM {self.id!r}: its worker broke the protocol") from None
 
-    async def start_migration(self, to: str, **_: Any) -> None:
-        raise _refused(self.id, "live migration")
+    async def start_migration(self, to: str, *, downtime_ms: int = 300,
+                              paths: PathPolicy | None = None) -> None:
+        """As :meth:`avmm.host.HostedVm.start_migration`. The worker makes no IP
+        sockets (its filter) and its jail holds no destination's socket: the daemon
+        connects (``unix:`` through ``paths``) and hands the connection over; the
+        worker's VM migrates over it and, once handed over, stops (``migrated``).
 
-    async def migrate(self, to: str, **_: Any) -> dict[str, Any]:
-        raise _refused(self.id, "live migration")
+        :raises VmStateError: the VM is not running (or already migrating).
+        :raises MigrationError: ``to`` is malformed, or cannot be connected to.
+        """
+        from ..migration.transport import connect, parse_address
+
+        if self.state is not VmState.RUNNING or self.migrating:
+            raise VmStateError(f"VM {self.id!r} is {self.state.value}"
+                               f"{' and migrating' if self.migrating else ''}; only a "
+                               "running VM can be migrated")
+        address = parse_address(to)
+        with trio.fail_after(30):
+            stream = await connect(address, paths)
+        try:
+            await self._call("migrate", fds=(stream.socket.fileno(),), to=to,
+                             downtime_ms=downtime_ms)
+        finally:
+            await stream.aclose()  # the worker has its own copy
+
+    async def migrate(self, to: str, *, downtime_ms: int = 300,
+                      paths: PathPolicy | None = None) -> dict[str, Any]:
+        await self.start_migration(to, downtime_ms=downtime_ms, paths=paths)
+        while self.migrating:
+            await trio.sleep(0.05)
+            await self.refresh()
+        result = self.migration
+        if result is None or result.get("state") == "failed":
+            raise MigrationError(f"VM {self.id!r}: migration to {to} failed: "
+                                 f"{(result or {}).get('error')}")
+        return result
 
     def request_stop(self, detail: str = "stopped by the host") -> None:
         if self._done.is_set() or self._stopping:
@@ -846,6 +884,13 @@ def sanitize_status(status: object) -> dict[str, Any]:
     }
     uptime = vm.get("uptime_s")
     rate_limits = vm.get("rate_limits")
+    migration = vm.get("migration")
+    if migration is not None:
+        migration = {_text(key, 32): value for key, value in _dict(migration, 32).items()
+                     if value is None or isinstance(value, bool | int | float)
+                     or (isinstance(value, str) and len(value) <= 1000)}
+        if not isinstance(migration.get("state"), str):
+            raise TypeError("a migration without a state")
     metrics = _dict(status["metrics"], 8)  # type: ignore[index]
     devices = {}
     for name, counters in _dict(metrics["devices"], 64).items():
@@ -862,6 +907,7 @@ def sanitize_status(status: object) -> dict[str, Any]:
             # Its devices' limits as the worker applies them (display only; bounded by
             # the message size, with no float the JSON encoder could not write back).
             "rate_limits": None if rate_limits is None else _dict(rate_limits, 256),
+            "migration": migration,
         },
         "metrics": {
             "vcpu_exits": {_text(kind, 64): _count(count) for kind, count

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -40,7 +41,7 @@ from .errors import MigrationError
 from .pages import PageMap
 from .progress import MigrationProgress, Steps
 from .stream import MAX_FRAME_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, pages_head
-from .transport import Address, connect
+from .transport import Address, adopt, connect
 
 if TYPE_CHECKING:
     from ..vm import VirtualMachine
@@ -109,9 +110,13 @@ class Source:
     """One outgoing migration of ``vm`` (see the module docstring)."""
 
     def __init__(self, vm: VirtualMachine, address: Address, options: Options,
-                 report: Callable[[MigrationProgress], None]) -> None:
+                 report: Callable[[MigrationProgress], None], *,
+                 connected: socket.socket | None = None) -> None:
         self.vm = vm
         self.address = address
+        #: A connection to ``address`` made by someone else (a jailed worker's daemon),
+        #: used instead of connecting (then closed with the migration).
+        self._connected = connected
         self.options = options
         self._report = report
         assert vm.memory is not None
@@ -141,7 +146,11 @@ class Source:
         paused_here = False
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                stream = await connect(self.address, self.vm._paths)
+                if self._connected is not None:
+                    stream = adopt(self._connected)
+                    self._connected = None
+                else:
+                    stream = await connect(self.address, self.vm._paths)
                 channel = self._channel = Channel(stream)
                 await channel.send_header()
                 await channel.send(Kind.CONFIG, self.vm._migration_config())

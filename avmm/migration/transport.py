@@ -174,6 +174,16 @@ async def connect(address: Address, paths: PathPolicy | None = None) -> trio.Soc
         raise MigrationError(f"cannot connect to {address}: {e.strerror or e}") from None
 
 
+def adopt(sock: socket.socket) -> trio.SocketStream:
+    """A connection made elsewhere (a jailed worker's daemon connected it) as a stream
+    of this process, with the buffers :func:`connect` gives."""
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _big_buffers(stream)
+    return stream
+
+
 async def _connect_unix(address: Address, paths: PathPolicy) -> trio.SocketStream:
     assert address.path is not None
     try:

@@ -160,7 +160,7 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
     async with process_daemon() as (_daemon, api, jail_root):
         vm = await api.create_vm(_config("echo"))
         with pytest.raises(ApiError) as refused:
-            await api.migrate(vm["id"], f"unix:{jail_root.parent / 'mig.sock'}")
+            await api.receive_vm(f"unix:{jail_root.parent / 'mig.sock'}")
         assert refused.value.status == 409
         assert "--isolation none" in str(refused.value)
         # A build failure in the worker comes back as the API's usual answer.
@@ -380,3 +380,34 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+async def test_a_vm_in_a_worker_migrates_out_over_the_daemons_connection(
+    tmp_path: Path,
+) -> None:
+    """The worker makes no IP sockets and its jail holds no destination socket: the
+    daemon connects and hands the connection over; the guest goes on at the destination
+    (here a dense Host in this process) and its worker ends with reason migrated."""
+    from avmm.host import Host
+
+    listen = f"unix:{tmp_path / 'mig.sock'}"
+    async with process_daemon() as (_daemon, api, _jail_root), Host() as destination:
+        incoming = await destination.receive(listen)
+        vm = await api.create_vm(_config("echo"))
+        assert b"echo before" in await _echo(api, vm["id"], "before")
+        started = await api.migrate(vm["id"], listen)
+        assert started["migration"] is not None, started
+        source = await _until_stopped(api, vm["id"])
+        assert source["exit"]["reason"] == "migrated", source
+        assert source["migration"]["state"] == "completed", source["migration"]
+        with trio.fail_after(30):
+            await incoming.vm.wait_state(VmState.RUNNING)
+        async with incoming.subscribe_console() as output:
+            await incoming.send_console(b"after the move\n")
+            seen = b""
+            with trio.fail_after(30):
+                async for chunk in output:
+                    seen += chunk
+                    if b"echo after the move" in seen:
+                        break
+        await incoming.stop()
