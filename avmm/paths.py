@@ -413,6 +413,14 @@ class PathPolicy:
             raise
         return fd
 
+    def open_path(self, path: Path, key: str) -> int:
+        """An O_PATH fd of a file or directory (what a jail binds): what is checked is
+        what it names, whatever the path's components become afterwards."""
+        try:
+            return self._open(path, key, os.O_PATH)
+        except OSError as e:
+            raise HostFileError(f"cannot use {path}: {e.strerror}", key=key) from e
+
     def open_directory(self, path: Path, key: str) -> int:
         """An O_PATH fd of a directory (e.g. for a snapshot): use it as ``dir_fd``."""
         try:

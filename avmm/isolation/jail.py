@@ -571,7 +571,8 @@ def narrow_capabilities(keep: frozenset[int] = BUILD_CAPABILITIES) -> None:
 
 
 
-def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
+def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = (),
+               bind_fds: Mapping[str, int] | None = None) -> None:
     """Shut the calling process into the jail of ``spec`` (worker side, as root, before
     any thread exists). Returns in a new process, PID 1 of a new PID namespace; the
     process that called it stays behind as a reaper that waits for it and then exits the
@@ -585,13 +586,16 @@ def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
     daemon's environment may hold secrets); open the network namespace; unshare mount,
     IPC and PID namespaces; make every mount private (so nothing propagates back to the
     host); fork; build the root (see the module docstring); pivot_root into it; enter
-    the network namespace."""
+    the network namespace. ``bind_fds`` maps a bind's path to an O_PATH fd of what is
+    to be bound there (the daemon opened it through its path policy): that is bound,
+    not what the path leads to by then; the fds are closed once the root is built."""
     if threading.active_count() != 1:
         raise JailError(f"jail: enter_jail needs a single-threaded process "
                         f"({threading.active_count()} threads run)")
     if os.geteuid() != 0:
         raise JailError("jail: enter_jail needs root (the worker drops privileges later)")
-    keep = sorted(set(keep_fds))
+    sources = dict(bind_fds or {})
+    keep = sorted(set(keep_fds) | set(sources.values()))
     for fd in keep:
         if isinstance(fd, bool) or not isinstance(fd, int) or fd < 3:
             raise JailError(f"jail: keep_fds must be fds above 2, got {fd!r}")
@@ -629,7 +633,9 @@ def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = ()) -> None:
         _liveness.fd = liveness_read
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
         _check_reaper_alive(keep_open=True)
-        _build_root(spec)
+        _build_root(spec, sources)
+        for fd in sources.values():
+            os.close(fd)
         _pivot(spec.root)
         if netns_fd is not None and _libc.setns(netns_fd, CLONE_NEWNET) != 0:
             raise _fail("entering the network namespace", spec.netns)
@@ -722,7 +728,7 @@ def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) ->
         os._exit(code)
 
 
-def _build_root(spec: JailSpec) -> None:
+def _build_root(spec: JailSpec, bind_fds: Mapping[str, int] | None = None) -> None:
     """Mount the jail's tmpfs root, its /tmp, the binds, /dev and /proc (in the child,
     in the new namespaces)."""
     root = spec.root
@@ -737,7 +743,8 @@ def _build_root(spec: JailSpec) -> None:
                    "mounting /tmp", shown=f"{root}/tmp")
         bound: list[str] = []
         for bind in spec.binds:
-            _bind(rootfd, root, bind, create=not any(_within(bind.path, b) for b in bound))
+            _bind(rootfd, root, bind, create=not any(_within(bind.path, b) for b in bound),
+                  source_fd=(bind_fds or {}).get(bind.path))
             bound.append(bind.path)
         target = _mount_point(rootfd, "/dev", directory=True, create=True)
         with _closing(target):
@@ -808,9 +815,24 @@ def _mount_point(rootfd: int, path: str, *, directory: bool, create: bool) -> in
         raise
 
 
-def _bind(rootfd: int, root: str, bind: Bind, *, create: bool) -> None:
+def _bind(rootfd: int, root: str, bind: Bind, *, create: bool,
+          source_fd: int | None = None) -> None:
+    """Bind ``bind.path`` at the same path in the jail. With ``source_fd`` (an O_PATH fd
+    the daemon opened through its path policy, before this process had a mount
+    namespace of its own, so not a mount source here): the file it names, found by
+    its canonical path, and checked once bound to be that same file (device and
+    inode): a component swapped for a symlink since the daemon's check fails the jail
+    instead of binding something else."""
+    expected = None
+    source = bind.path
+    if source_fd is not None:
+        try:
+            expected = os.fstat(source_fd)
+            source = os.readlink(f"/proc/self/fd/{source_fd}")
+        except OSError as e:
+            raise _fail("finding what to bind", bind.path, e.errno) from e
     try:
-        info = os.stat(bind.path)
+        info = os.stat(source)
     except OSError as e:
         raise _fail("finding what to bind", bind.path, e.errno) from e
     directory = stat.S_ISDIR(info.st_mode)
@@ -820,13 +842,13 @@ def _bind(rootfd: int, root: str, bind: Bind, *, create: bool) -> None:
         raise _fail("making the mount point", f"{root}{bind.path}", e.errno) from e
     with _closing(target):
         where = _fd_path(target)
-        _mount(bind.path, where, None, MS_BIND, None, "bind-mounting", shown=bind.path)
+        _mount(source, where, None, MS_BIND, None, "bind-mounting", shown=bind.path)
         # A bind takes the flags of the mount it copies; these are the jail's own. The
         # source's noexec is kept (only root could lift it, and the jail need not).
         flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV
         if not bind.writable:
             flags |= MS_RDONLY
-        if os.statvfs(bind.path).f_flag & os.ST_NOEXEC:
+        if os.statvfs(source).f_flag & os.ST_NOEXEC:
             flags |= MS_NOEXEC
         # The fd names what lies under the new mount: walk to the mount's root again.
         try:
@@ -834,6 +856,11 @@ def _bind(rootfd: int, root: str, bind: Bind, *, create: bool) -> None:
         except OSError as e:
             raise _fail("reopening the bind", f"{root}{bind.path}", e.errno) from e
         with _closing(mounted):
+            if expected is not None:
+                bound = os.fstat(mounted)
+                if (bound.st_dev, bound.st_ino) != (expected.st_dev, expected.st_ino):
+                    raise JailError(f"jail: {bind.path} changed while the jail was made "
+                                    "(a symlink swapped in after the daemon's check?)")
             _mount(None, _fd_path(mounted), None, flags, None,
                    "making the bind read-only" if not bind.writable else "remounting the bind",
                    shown=bind.path)

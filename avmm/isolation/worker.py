@@ -67,6 +67,8 @@ from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 
 log = structlog.get_logger(__name__)
 
+#: The most fds the start message may carry (a snapshot directory, the binds' sources).
+START_FDS_MAX = 64
 #: Console output is sent in chunks of at most this many bytes (base64 in JSON, well
 #: under the channel's message limit).
 CONSOLE_CHUNK = 32 * 1024
@@ -84,6 +86,8 @@ class StartRequest:
     #: A restore: the snapshot's path (for messages), copy_memory, vhost_user sockets;
     #: its directory's fd came with the message.
     restore: dict[str, Any] | None
+    #: The binds whose sources came as fds with the message (after the snapshot's).
+    bind_paths: tuple[str, ...]
     log_level: str
     log_format: str
 
@@ -108,6 +112,10 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
                 and all(isinstance(k, str) and isinstance(v, str)
                         for k, v in restore["vhost_user"].items())):
             raise ValueError("restore has the wrong shape")
+        bind_paths = message.get("bind_fds", [])
+        if not isinstance(bind_paths, list) or len(bind_paths) > START_FDS_MAX - 1 \
+                or not all(isinstance(path, str) for path in bind_paths):
+            raise ValueError("bind_fds has the wrong shape")
         level = message.get("log_level", "warning")
         log_format = message.get("log_format", "console")
         if level not in ("debug", "info", "warning", "error") \
@@ -117,7 +125,7 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
             vm_id=vm_id, config=config, start=start,
             seccomp=SeccompMode(message.get("seccomp", "off")),
             jail=None if jail is None else JailSpec.from_dict(jail),
-            restore=restore,
+            restore=restore, bind_paths=tuple(bind_paths),
             log_level=level, log_format=log_format)
     except (KeyError, ValueError, AvmmError) as e:
         raise ChannelError(f"a bad start message: {e}") from None
@@ -309,7 +317,8 @@ class _Worker:
 
 def _read_start(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """The daemon's first message and its fds (a restore's snapshot directory)."""
-    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(4 * 4))
+    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE + 1,
+                                             socket.CMSG_SPACE(START_FDS_MAX * 4))
     fds: list[int] = []
     for level, kind, raw in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -338,9 +347,12 @@ def run_worker(channel_fd: int) -> int:
     try:
         message, fds = _read_start(sock)
         request = parse_start(message)
-        if len(fds) != (1 if request.restore is not None else 0):
+        snapshot = 1 if request.restore is not None else 0
+        if len(fds) != snapshot + len(request.bind_paths):
             close_fds(fds)
             raise ChannelError("the start message came with the wrong fds")
+        bind_fds = dict(zip(request.bind_paths, fds[snapshot:], strict=True))
+        fds = fds[:snapshot]
     except ChannelError as e:
         with contextlib.suppress(OSError):  # the daemon may be gone already
             sock.send(encode({"event": "failed", "error": error_payload(e)}))
@@ -350,7 +362,7 @@ def run_worker(channel_fd: int) -> int:
     structlog.contextvars.bind_contextvars(vm=request.vm_id)
     if request.jail is not None:
         try:
-            enter_jail(request.jail, keep_fds=(sock.fileno(), *fds))
+            enter_jail(request.jail, keep_fds=(sock.fileno(), *fds), bind_fds=bind_fds)
             narrow_capabilities()
         except AvmmError as e:
             with contextlib.suppress(OSError):

@@ -50,8 +50,17 @@ from ..paths import NewPath, PathPolicy
 from ..state import SnapshotError, SnapshotInfo
 from ..state.snapshot import rename_no_replace
 from ..vm import OpenedSnapshot, open_snapshot
-from .channel import Channel, ChannelClosed, ChannelError, socketpair
-from .jail import JailError, JailSpec, UidAllocator, plan_jail, prepare_jail_dir, remove_jail
+from .channel import Channel, ChannelClosed, ChannelError, close_fds, socketpair
+from .jail import (
+    NETNS_DIR,
+    JailError,
+    JailSpec,
+    UidAllocator,
+    plan_jail,
+    prepare_jail_dir,
+    remove_jail,
+    runtime_binds,
+)
 from .seccomp import SeccompMode
 from .spawner import WORKER_MODULE, Spawner, SpawnerError
 
@@ -67,6 +76,9 @@ CALL_TIMEOUT_S = 30.0
 SNAPSHOT_TIMEOUT_S = 600.0
 #: GET and /metrics wait this long for a worker's fresh status, then show the last one.
 REFRESH_TIMEOUT_S = 1.0
+#: The most files and directories of its own a VM in a worker is given (its bind fds
+#: travel in the start message).
+MAX_BIND_FDS = 56
 #: A worker's log line is cut to this many characters on the daemon's stderr.
 LOG_LINE_MAX = 4000
 
@@ -714,16 +726,23 @@ class WorkerVm:
         isolation = self._isolation
         config = worker_config(self._config, jailed_netns=spec.netns is not None)
         restore = self._restore
-        await self._channel.send({
-            "op": "start", "vm_id": self.id,
-            "config": config_to_dict(config),
-            "start": self._start, "seccomp": isolation.seccomp.value,
-            "jail": spec.to_dict(),
-            "restore": None if restore is None else {
-                "path": restore.path, "copy_memory": restore.copy_memory,
-                "vhost_user": dict(restore.vhost_user)},
-            "log_level": isolation.log_level, "log_format": isolation.log_format,
-        }, () if restore is None else (restore.dir_fd,))
+        # What the VM's config names is bound from fds opened here, through the path
+        # policy: a component swapped for a symlink after the check changes nothing.
+        sources = await trio.to_thread.run_sync(_open_bind_sources, spec, self._paths)
+        fds = [*(() if restore is None else (restore.dir_fd,)), *sources.values()]
+        try:
+            await self._channel.send({
+                "op": "start", "vm_id": self.id,
+                "config": config_to_dict(config),
+                "start": self._start, "seccomp": isolation.seccomp.value,
+                "jail": spec.to_dict(), "bind_fds": list(sources),
+                "restore": None if restore is None else {
+                    "path": restore.path, "copy_memory": restore.copy_memory,
+                    "vhost_user": dict(restore.vhost_user)},
+                "log_level": isolation.log_level, "log_format": isolation.log_format,
+            }, fds)
+        finally:
+            close_fds(list(sources.values()))
 
     async def _first_message(self) -> None:
         assert self._channel is not None
@@ -991,6 +1010,27 @@ def _printable(line: bytes) -> str:
 def _write_stderr(text: str) -> None:
     sys.stderr.write(text)
     sys.stderr.flush()
+
+
+def _open_bind_sources(spec: JailSpec, paths: PathPolicy | None) -> dict[str, int]:
+    """An O_PATH fd of each bind that comes from the VM's config (not the Python
+    runtime, not a /run/netns file), opened through ``paths``; by bind path."""
+    policy = paths if paths is not None else PathPolicy()
+    runtime = {bind.path for bind in runtime_binds()}
+    sources: dict[str, int] = {}
+    try:
+        for bind in spec.binds:
+            if bind.path in runtime or bind.path.startswith(f"{NETNS_DIR}/"):
+                continue
+            sources[bind.path] = policy.open_path(Path(bind.path), "jail")
+    except BaseException:
+        close_fds(list(sources.values()))
+        raise
+    if len(sources) > MAX_BIND_FDS:
+        close_fds(list(sources.values()))
+        raise ConfigError(f"a VM in a worker may name at most {MAX_BIND_FDS} files and "
+                          "directories", key="disk")
+    return sources
 
 
 def worker_config(config: VmConfig, *, jailed_netns: bool) -> VmConfig:

@@ -33,7 +33,13 @@ import trio
 
 from avmm.config import VmConfig
 from avmm.isolation import SeccompMode, install_process_filter
-from avmm.isolation.jail import JailSpec, drop_privileges, enter_jail, narrow_capabilities
+from avmm.isolation.jail import (
+    JailError,
+    JailSpec,
+    drop_privileges,
+    enter_jail,
+    narrow_capabilities,
+)
 from avmm.isolation.seccomp import DENSE_PROCESS_KINDS
 from avmm.vm import VirtualMachine
 from tests.vm.helpers import guest_config
@@ -144,6 +150,22 @@ def main() -> None:
     mode, args = sys.argv[3], sys.argv[4:]
     config = guest_config("avmm.test=hello") if mode == "vm" else None
 
+    if mode == "swapped":
+        # The daemon opened args[0]; then a client moved it away and put a symlink to
+        # args[1] in its place. The jail binds what the daemon opened.
+        fd = os.open(args[0], os.O_PATH)
+        os.rename(args[0], args[0] + ".moved")
+        os.symlink(args[1], args[0])
+        try:
+            enter_jail(spec, keep_fds=[channel.fileno()], bind_fds={args[0]: fd})
+        except JailError as e:
+            report = {"error": str(e)}
+        else:
+            with open(args[0], "rb") as bound:
+                report = {"error": None, "content": bound.read().decode()}
+        channel.sendall(json.dumps(report).encode() + b"\n")
+        channel.recv(1)
+        return
     enter_jail(spec, keep_fds=[channel.fileno()])
     report: dict[str, object] = {}
     if mode == "exit":

@@ -509,6 +509,20 @@ def test_a_jailed_process_sees_only_its_jail(tmp_path: Path, jail_root: Path) ->
     assert report["cwd"] == "/"
 
 
+def test_a_bind_is_what_the_daemon_opened_even_if_the_path_was_swapped_since(
+    tmp_path: Path, jail_root: Path,
+) -> None:
+    """A client that can write where the disk is swaps it for a symlink to a host file
+    after the daemon's check: the jail still binds the disk the daemon opened."""
+    disk = tmp_path / "disk.img"
+    disk.write_text("the VM's disk")
+    secret = tmp_path / "host-secret"
+    secret.write_text("not the VM's")
+    spec = _spec(jail_root, (*runtime_binds(), Bind(str(disk))))
+    report, _code = _run_jailed(spec, "swapped", str(disk), str(secret))
+    assert report == {"error": None, "content": "the VM's disk"}, report
+
+
 def test_the_builder_keeps_only_the_capabilities_it_needs(jail_root: Path) -> None:
     """Between enter_jail and drop_privileges (the VM's build, as root): no mount, no
     device nodes, but /dev/kvm (owned by the jail's uid) still opens."""
