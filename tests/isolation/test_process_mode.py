@@ -4,6 +4,7 @@ through the same API as in ``none`` mode; a worker's death is its VM's crash onl
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 from collections.abc import AsyncIterator
@@ -112,6 +113,16 @@ async def test_a_vm_in_a_worker_is_jailed_filtered_and_driven_as_in_none_mode() 
         top = set(os.listdir(root))
         assert {"dev", "proc"} <= top and not top & {"boot", "home", "var", "opt"}, top
         assert (jail_root / vm_id).is_dir()
+        # Its fds are only what a VM with no devices needs: stdin/stdout on /dev/null,
+        # stderr the daemon's pipe, the channel and trio's wake-up sockets, epoll,
+        # /dev/kvm, the VM and vCPU fds, guest RAM's memfd, eventfds.
+        allowed = re.compile(r"/dev/null|/dev/kvm|pipe:\[\d+\]|socket:\[\d+\]"
+                             r"|anon_inode:(\[eventpoll\]|\[eventfd\]|kvm-vm|kvm-vcpu:\d+)"
+                             r"|/memfd:avmm-.* \(deleted\)")
+        links = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        assert all(allowed.fullmatch(link) for link in links.values()), links
+        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+        assert os.readlink(f"/proc/{pid}/fd/1") == "/dev/null"
 
         # The same API as in none mode.
         assert (await api.pause(vm_id))["state"] == "paused"
