@@ -879,7 +879,9 @@ class Host:
 
     async def receive(self, listen: str, *, config: VmConfig | None = None,
                       start: bool = True, paths: PathPolicy | None = None,
-                      accept_timeout_s: float | None = None) -> HostedVm:
+                      accept_timeout_s: float | None = None, vm_id: str | None = None,
+                      listening: socket.socket | None = None,
+                      after_build: Callable[[], None] | None = None) -> Any:
         """A new VM that comes in by live migration: it listens at ``listen``
         (``unix:/abs/path``, a socket of mode 0600, or ``tcp:HOST:PORT``) for one
         migration stream (see :meth:`avmm.vm.VirtualMachine.receive`) and returns as
@@ -900,31 +902,36 @@ class Host:
         if self._nursery is None or self._closing:
             raise VmStateError("the host is not running (or is shutting down); it takes "
                                "no new VMs")
-        self._refuse_in_workers("receiving a migration")
         check_accept_timeout(accept_timeout_s)  # before anything is made
         policy = paths if paths is not None else PathPolicy()
         socket_path = unix_path(listen)
-        if socket_path is not None:
+        if socket_path is not None and listening is None:
             await trio.to_thread.run_sync(policy.check, Path(socket_path), "listen", "bind")
-        vm_id = self._new_id()
+        if self.isolation is not None:
+            from .isolation.worker_vm import WorkerVm
+
+            incoming = await WorkerVm.receiving(
+                self._new_id(), listen, config=config, start=start, paths=policy,
+                accept_timeout_s=accept_timeout_s, isolation=self.isolation)
+            await self._start(incoming)
+            log.info("vm incoming", vm=incoming.id, listen=listen)
+            return incoming
+        if vm_id is None:
+            vm_id = self._new_id()
         # No name given: the VM goes on under the migrated VM's name (from the stream).
         name = config.name if config is not None else None
 
         def opener() -> AbstractAsyncContextManager[VirtualMachine]:
             return VirtualMachine.receive(listen, config=config, start=start,
                                           paths=policy, name=name,
-                                          accept_timeout_s=accept_timeout_s)
+                                          accept_timeout_s=accept_timeout_s,
+                                          listening=listening, after_build=after_build)
 
         hosted = HostedVm(vm_id, config, start_paused=not start, restore=opener,
                           incoming=True)
         await self._start(hosted)
         log.info("vm incoming", vm=hosted.id, listen=listen)
         return hosted
-
-    def _refuse_in_workers(self, what: str) -> None:  # (receive only, for now)
-        if self.isolation is not None:
-            raise VmStateError(f"{what} is not available with --isolation process yet; "
-                               "run the daemon with --isolation none for it")
 
     def get(self, vm_id: str) -> HostedVm:
         """:raises UnknownVmError: no such VM here."""

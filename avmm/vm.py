@@ -761,6 +761,8 @@ class VirtualMachine:
     async def receive(cls, listen: str, *, config: VmConfig | None = None,
                       start: bool = True, paths: PathPolicy | None = None,
                       name: str | None = None, accept_timeout_s: float | None = None,
+                      listening: socket.socket | None = None,
+                      after_build: Callable[[], None] | None = None,
                       ) -> AsyncIterator[VirtualMachine]:
         """Receive a migrating VM (see :meth:`migrate`), as an async context manager
         like ``VirtualMachine(config)``::
@@ -781,25 +783,33 @@ class VirtualMachine:
         ends it at once before the hand-over (reason "stopped"; a source already
         sending is told the destination refused).
 
+        ``listening``: a socket already listening at ``listen`` (a jailed worker's
+        daemon bound it; it is used, not made). ``after_build``: as for
+        ``VirtualMachine(config)``, here once the stream's config has built the machine,
+        before the first page is taken in.
+
         :raises MigrationError: ``listen`` is malformed or cannot be listened on, or
             ``accept_timeout_s`` is not a positive number.
         """
         from .migration.destination import Destination
-        from .migration.transport import check_accept_timeout, parse_address
+        from .migration.transport import Listener, check_accept_timeout, parse_address
         from .migration.transport import listen as listen_on
 
         address = parse_address(listen, listen=True)
         accept_timeout_s = check_accept_timeout(accept_timeout_s)
         policy = paths if paths is not None else PathPolicy()
         vm = cls(config if config is not None else _incoming_placeholder(), name=name,
-                 start_paused=not start, paths=policy)
+                 start_paused=not start, paths=policy, after_build=after_build)
         vm._incoming = True
         vm._named_on_receive = name is not None or (config is not None
                                                     and config.name is not None)
         vm._token = trio.lowlevel.current_trio_token()
         vm._started_at = time.monotonic()
-        listener = await trio.to_thread.run_sync(
-            functools.partial(listen_on, address, policy, accept_timeout_s=accept_timeout_s))
+        if listening is not None:
+            listener = Listener(address, listening, None, accept_timeout_s)
+        else:
+            listener = await trio.to_thread.run_sync(functools.partial(
+                listen_on, address, policy, accept_timeout_s=accept_timeout_s))
         destination = Destination(vm, listener, config, vm._set_migration)
         vm._set_migration(destination.progress)
         # stop() before the hand-over ends the wait for (or the reception of) the stream.

@@ -88,6 +88,9 @@ class StartRequest:
     restore: dict[str, Any] | None
     #: The binds whose sources came as fds with the message (after the snapshot's).
     bind_paths: tuple[str, ...]
+    #: An incoming migration: where it listens (for messages) and the accept timeout;
+    #: the listening socket came with the message (after the snapshot's fd).
+    incoming: dict[str, Any] | None
     log_level: str
     log_format: str
 
@@ -112,6 +115,12 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
                 and all(isinstance(k, str) and isinstance(v, str)
                         for k, v in restore["vhost_user"].items())):
             raise ValueError("restore has the wrong shape")
+        incoming = message.get("incoming")
+        if incoming is not None and not (
+                isinstance(incoming, dict) and isinstance(incoming.get("listen"), str)
+                and (incoming.get("accept_timeout_s") is None
+                     or isinstance(incoming.get("accept_timeout_s"), int | float))):
+            raise ValueError("incoming has the wrong shape")
         bind_paths = message.get("bind_fds", [])
         if not isinstance(bind_paths, list) or len(bind_paths) > START_FDS_MAX - 1 \
                 or not all(isinstance(path, str) for path in bind_paths):
@@ -125,7 +134,7 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
             vm_id=vm_id, config=config, start=start,
             seccomp=SeccompMode(message.get("seccomp", "off")),
             jail=None if jail is None else JailSpec.from_dict(jail),
-            restore=restore, bind_paths=tuple(bind_paths),
+            restore=restore, bind_paths=tuple(bind_paths), incoming=incoming,
             log_level=level, log_format=log_format)
     except (KeyError, ValueError, AvmmError) as e:
         raise ChannelError(f"a bad start message: {e}") from None
@@ -145,10 +154,11 @@ def status(hosted: HostedVm) -> dict[str, Any]:
 
 class _Worker:
     def __init__(self, channel: Channel, request: StartRequest,
-                 snapshot_fd: int | None = None) -> None:
+                 snapshot_fd: int | None = None, listening_fd: int | None = None) -> None:
         self.channel = channel
         self.request = request
         self.snapshot_fd = snapshot_fd
+        self.listening_fd = listening_fd
         self.hosted: HostedVm | None = None
 
     def adjust_restored(self, config: Any) -> Any:
@@ -182,7 +192,15 @@ class _Worker:
             try:
                 # Paused before its first instruction: the daemon places the vCPU
                 # threads (cgroup, affinity) first, then resumes it if it is to run.
-                if request.restore is not None:
+                if request.incoming is not None:
+                    assert self.listening_fd is not None
+                    hosted = await host.receive(
+                        request.incoming["listen"], config=config, start=request.start,
+                        paths=policy, accept_timeout_s=request.incoming["accept_timeout_s"],
+                        vm_id=request.vm_id,
+                        listening=socket.socket(fileno=self.listening_fd),
+                        after_build=self.after_build)
+                elif request.restore is not None:
                     restore = request.restore
                     hosted = await host.restore(
                         restore["path"], start=False, copy_memory=restore["copy_memory"],
@@ -202,9 +220,11 @@ class _Worker:
                     "type": "AvmmError", "message": f"{type(e).__name__}: {e}"}})
                 return
             self.hosted = hosted
-            # Each vCPU thread has started (and parked) once it has a thread id.
+            # Each vCPU thread has started (and parked) once it has a thread id (an
+            # incoming VM has none until its hand-over).
             with trio.move_on_after(10):
-                while len(hosted.vm.vcpu_threads) < config.machine.vcpus:
+                while request.incoming is None \
+                        and len(hosted.vm.vcpu_threads) < hosted.vm.config.machine.vcpus:
                     await trio.sleep(0.001)
             await self.channel.send({"event": "started", "status": status(hosted)})
             async with trio.open_nursery() as nursery:
@@ -347,12 +367,12 @@ def run_worker(channel_fd: int) -> int:
     try:
         message, fds = _read_start(sock)
         request = parse_start(message)
-        snapshot = 1 if request.restore is not None else 0
-        if len(fds) != snapshot + len(request.bind_paths):
+        own = (request.restore is not None) + (request.incoming is not None)
+        if len(fds) != own + len(request.bind_paths):
             close_fds(fds)
             raise ChannelError("the start message came with the wrong fds")
-        bind_fds = dict(zip(request.bind_paths, fds[snapshot:], strict=True))
-        fds = fds[:snapshot]
+        bind_fds = dict(zip(request.bind_paths, fds[own:], strict=True))
+        fds = fds[:own]
     except ChannelError as e:
         with contextlib.suppress(OSError):  # the daemon may be gone already
             sock.send(encode({"event": "failed", "error": error_payload(e)}))
@@ -369,7 +389,9 @@ def run_worker(channel_fd: int) -> int:
                 sock.send(encode({"event": "failed", "error": error_payload(e)}))
             return 1
     try:
-        trio.run(_Worker(Channel(sock), request, fds[0] if fds else None).run)
+        snapshot_fd = fds[0] if request.restore is not None else None
+        listening_fd = fds[-1] if request.incoming is not None else None
+        trio.run(_Worker(Channel(sock), request, snapshot_fd, listening_fd).run)
     except ChannelError as e:
         log.warning("worker channel failed", reason=str(e))
         return 1

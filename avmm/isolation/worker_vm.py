@@ -180,7 +180,8 @@ class WorkerVm:
 
     def __init__(self, vm_id: str, config: VmConfig, *, start: bool,
                  paths: PathPolicy | None, isolation: ProcessIsolation,
-                 restore: RestoreRequest | None = None) -> None:
+                 restore: RestoreRequest | None = None,
+                 incoming: IncomingRequest | None = None) -> None:
         self.id = vm_id
         self.name = config.name or vm_id
         self.created_at = time.time()
@@ -197,6 +198,7 @@ class WorkerVm:
         self._cpu = VmCpu(vm_id, limits_from_machine(config.machine))
         self._start = start
         self._restore = restore
+        self._incoming = incoming
         self._paths = paths
         self._isolation = isolation
         self._status: dict[str, Any] | None = None
@@ -254,6 +256,35 @@ class WorkerVm:
                                               dict(vhost_user)))
         except BaseException:
             os.close(opened.dirfd)
+            raise
+
+    @classmethod
+    async def receiving(cls, vm_id: str, listen: str, *, config: VmConfig | None,
+                        start: bool, paths: PathPolicy, accept_timeout_s: float | None,
+                        isolation: ProcessIsolation) -> WorkerVm:
+        """A VM that comes in by live migration into a worker (see
+        :meth:`avmm.host.Host.receive`). Its jail is planned from ``config``, which is
+        therefore needed here (the stream's own config comes only once a source has
+        connected); the daemon listens (``unix:`` through ``paths``) and hands the
+        listening socket over.
+
+        :raises ConfigError: no config was given (400).
+        :raises MigrationError: ``listen`` cannot be listened on.
+        """
+        from ..migration.transport import listen as listen_on
+        from ..migration.transport import parse_address
+
+        if config is None:
+            raise ConfigError("with --isolation process an incoming VM needs its config "
+                              "(the files it names are what its jail holds)",
+                              key="config")
+        address = parse_address(listen, listen=True)
+        listener = await trio.to_thread.run_sync(lambda: listen_on(address, paths))
+        try:
+            return cls(vm_id, config, start=start, paths=paths, isolation=isolation,
+                       incoming=IncomingRequest(listen, listener, accept_timeout_s))
+        except BaseException:
+            listener.close()
             raise
 
     # -- what HostedVm shows --------------------------------------------------------------
@@ -659,7 +690,7 @@ class WorkerVm:
                 self._tasks = nursery
                 nursery.start_soon(self._follow_then_end, nursery.cancel_scope)
                 nursery.start_soon(self._relay_log)
-                if self._start:
+                if self._start and self._incoming is None:
                     # Built paused (see _place); it runs from here.
                     try:
                         await self._call("resume")
@@ -681,6 +712,9 @@ class WorkerVm:
             if self._restore is not None:
                 os.close(self._restore.dir_fd)
                 self._restore = None
+            if self._incoming is not None:
+                self._incoming.listener.close()  # a unix socket's file goes with it
+                self._incoming = None
             await self._reap()
             if self._channel is not None:
                 self._channel.close()
@@ -729,7 +763,10 @@ class WorkerVm:
         # What the VM's config names is bound from fds opened here, through the path
         # policy: a component swapped for a symlink after the check changes nothing.
         sources = await trio.to_thread.run_sync(_open_bind_sources, spec, self._paths)
-        fds = [*(() if restore is None else (restore.dir_fd,)), *sources.values()]
+        incoming = self._incoming
+        fds = [*(() if restore is None else (restore.dir_fd,)),
+               *(() if incoming is None else (incoming.listener.fileno(),)),
+               *sources.values()]
         try:
             await self._channel.send({
                 "op": "start", "vm_id": self.id,
@@ -739,6 +776,9 @@ class WorkerVm:
                 "restore": None if restore is None else {
                     "path": restore.path, "copy_memory": restore.copy_memory,
                     "vhost_user": dict(restore.vhost_user)},
+                "incoming": None if incoming is None else {
+                    "listen": incoming.listen,
+                    "accept_timeout_s": incoming.accept_timeout_s},
                 "log_level": isolation.log_level, "log_format": isolation.log_format,
             }, fds)
         finally:
@@ -835,6 +875,11 @@ class WorkerVm:
                                         f"the VM's worker process ended: {reason}")
                     self._log.warning("vm worker crashed", detail=self._exit.detail)
                 return
+            if self._incoming is not None and self.state is not VmState.INCOMING:
+                # The worker accepted its source: stop listening here too (a unix
+                # socket's file goes).
+                listener, self._incoming = self._incoming.listener, None
+                await trio.to_thread.run_sync(listener.close)
             if self._exit is not None:
                 self._ended.set()
                 return
@@ -1046,6 +1091,17 @@ def worker_config(config: VmConfig, *, jailed_netns: bool) -> VmConfig:
             dataclasses.replace(net, netns=None) if net.tap is not None else net
             for net in config.nets))
     return config
+
+
+@dataclasses.dataclass
+class IncomingRequest:
+    """A VM that comes in by live migration, received in its worker: the listening
+    socket the daemon bound (its fd handed over; the daemon keeps the listener, which
+    removes a unix socket's file when closed), as ``listen`` names it."""
+
+    listen: str
+    listener: Any  # avmm.migration.transport.Listener
+    accept_timeout_s: float | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,6 +178,9 @@ class Destination:
         self._update(state="receiving")
         vm._prepare_incoming(config)
         await trio.to_thread.run_sync(vm._build)
+        if vm._after_build is not None:
+            # A jailed worker drops its privileges here: before the first page.
+            vm._after_build()
         await trio.to_thread.run_sync(self._prepare_restore)
         assert vm.memory is not None
         pages = PageMap(vm.memory)

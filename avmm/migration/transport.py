@@ -126,6 +126,10 @@ class Listener:
             await listener.aclose()
             self.close()
 
+    def fileno(self) -> int:
+        """The listening socket's fd (handed to a jailed worker, which accepts on it)."""
+        return self._sock.fileno()
+
     def close(self) -> None:
         if self._bound is not None:
             self._bound.close()  # closes the socket, removes its file if still ours

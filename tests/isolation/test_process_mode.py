@@ -170,10 +170,9 @@ async def test_a_killed_worker_is_its_vms_crash_and_the_neighbour_runs_on() -> N
 async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> None:
     async with process_daemon() as (_daemon, api, jail_root):
         vm = await api.create_vm(_config("echo"))
-        with pytest.raises(ApiError) as refused:
+        with pytest.raises(ApiError) as refused:  # its jail is planned from its config
             await api.receive_vm(f"unix:{jail_root.parent / 'mig.sock'}")
-        assert refused.value.status == 409
-        assert "--isolation none" in str(refused.value)
+        assert refused.value.status == 400 and refused.value.detail["key"] == "config"
         # A build failure in the worker comes back as the API's usual answer.
         not_a_kernel = jail_root.parent / "kernel.bin"
         not_a_kernel.write_bytes(b"\x7fELF but not really" * 100)
@@ -422,3 +421,37 @@ async def test_a_vm_in_a_worker_migrates_out_over_the_daemons_connection(
                     if b"echo after the move" in seen:
                         break
         await incoming.stop()
+
+
+async def test_a_vm_migrates_into_a_jailed_worker(tmp_path: Path) -> None:
+    """The daemon listens and hands the listening socket to the worker; the worker
+    builds the machine from the stream's config, drops its privileges before the first
+    page, and the guest goes on in the jail."""
+    from avmm.host import Host
+
+    listen = f"unix:{tmp_path / 'in.sock'}"
+    async with process_daemon() as (daemon, api, jail_root), Host() as source_host:
+        incoming = await api.receive_vm(listen, config=_config("echo"))
+        assert incoming["state"] == "incoming" and incoming["isolation"] == "process"
+        source = await source_host.create(guest_config_echo())
+        await source.migrate(listen)
+        assert (await source.wait()).reason is StopReason.MIGRATED
+        with trio.fail_after(30):
+            while (await api.get_vm(incoming["id"]))["state"] != "running":
+                await trio.sleep(0.05)
+        vm = await api.get_vm(incoming["id"])
+        assert vm["migration"]["state"] == "completed", vm["migration"]
+        status = _status(vm["pid"])
+        assert status["NoNewPrivs"] == "1" and status["Uid"].split()[0] != "0"
+        assert b"echo landed in a jail" in await _echo(api, incoming["id"],
+                                                       "landed in a jail")
+        assert not (tmp_path / "in.sock").exists()  # accepted: the listener is gone
+        await api.delete_vm(incoming["id"])
+        assert not (jail_root / incoming["id"]).exists()
+        assert "SIGSYS" not in daemon.stderr.read_text()
+
+
+def guest_config_echo() -> Any:
+    from tests.vm.helpers import guest_config
+
+    return guest_config("avmm.test=echo", memory_mib=32)
