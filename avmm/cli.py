@@ -19,10 +19,10 @@ import sys
 import termios
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
-from .config import load_config
 from .console_keys import EscapeFilter
 from .errors import AvmmError, ConfigError, StateError, VmStartError, leaf_errors
 from .isolation.seccomp import (
@@ -31,15 +31,21 @@ from .isolation.seccomp import (
     add_seccomp_argument,
     install_process_filter,
 )
-from .lifecycle import HOST_FAILURE_STATUS, VmExit
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .lifecycle import VmExit
 
 EXIT_USAGE = 2
 
+# What a command imports is part of its start-up time (``avmm up`` pays for every module
+# before the guest's first serial byte): the config schema, the VM and the subcommands'
+# modules are imported where they are used, not here. tests/test_cli_imports.py keeps
+# the heavy ones (the API server, HTTP, migration, rich) off ``avmm up``'s path.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = _parser(only_up=_command_of(sys.argv[1:] if argv is None else argv) == "up")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -66,10 +72,38 @@ def _exit_status(error: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(error, VmStartError) and error.bad_input:
         return EXIT_USAGE
+    from .lifecycle import HOST_FAILURE_STATUS
+
     return HOST_FAILURE_STATUS
 
 
-def _parser() -> argparse.ArgumentParser:
+#: The options ``avmm`` itself takes before COMMAND that are followed by a value.
+_GLOBAL_OPTIONS_WITH_VALUE = ("--log-format", "--log-level")
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The COMMAND word of ``argv`` as argparse will find it (the first word that is
+    neither an option nor the value of ``--log-format``/``--log-level``, abbreviated as
+    argparse allows), or None, also when ``--help`` comes first. Only ``up`` is acted
+    on (see :func:`_parser`)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return next(words, None)
+        if word == "-h" or (len(word) > 2 and "--help".startswith(word)):
+            return None  # the help lists every command
+        if word.startswith("-"):
+            if "=" not in word and len(word) > 2 and any(
+                    option.startswith(word) for option in _GLOBAL_OPTIONS_WITH_VALUE):
+                next(words, None)
+            continue
+        return word
+    return None
+
+
+def _parser(*, only_up: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; with ``only_up`` (the command is ``up``) without the
+    other subcommands, whose modules ``avmm up`` has no use for."""
     parser = argparse.ArgumentParser(prog="avmm", description="An async VMM for Linux KVM.")
     parser.add_argument("--log-format", choices=["console", "json"], default="console",
                         help="log lines on stderr: human-readable or JSON (default: console)")
@@ -102,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                     default=argparse.SUPPRESS)
     up.set_defaults(handler=_cmd_up)
+    if only_up:
+        return parser
 
     from .vhost.cli import add_backend_commands
 
@@ -136,6 +172,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print("avmm up: --copy-memory and --vhost-user go with --restore",
                   file=sys.stderr)
             return EXIT_USAGE
+        from .config import load_config
+
         config = load_config(args.config)  # before trio starts: blocking is fine here
         if args.append:
             config = config.with_cmdline_appended(args.append)
