@@ -1123,6 +1123,19 @@ def _refuse_shared_outputs(config: VmConfig) -> None:
 
     :raises ConfigError: it names one (400, with the key).
     """
+    own_groups = {name for name, _limit in config.rate_limit_groups}
+    named = [(f"disk[{index}].rate_limit_group", disk.rate_limit_group)
+             for index, disk in enumerate(config.disks)] + [
+        (f"net[{index}].{direction}_rate_limit_group",
+         getattr(net, f"{direction}_rate_limit_group"))
+        for index, net in enumerate(config.nets) for direction in ("tx", "rx")]
+    for key, group in named:
+        if group is not None and group not in own_groups:
+            raise ConfigError(f"the daemon-wide rate-limit group {group!r} is not "
+                              "available with --isolation process yet (its buckets would "
+                              "be shared across processes); define it in the VM's "
+                              "[rate_limit_groups], or use --isolation none",
+                              path=config.source, key=key)
     namespaces = {net.netns for net in config.nets if net.tap is not None}
     if len(namespaces) > 1:
         raise ConfigError("with --isolation process the taps of a VM must be in one "

@@ -193,6 +193,17 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
                 await api.create_vm({**_config("echo"), **section})
             assert refused.value.status == 400 and refused.value.detail["key"] == key
             assert "--isolation process" in str(refused.value)
+        # A daemon-wide rate-limit group's buckets would have to be shared across
+        # processes: refused, naming the key.
+        await api._request("PUT", "/rate_limit_groups/shared",
+                           content=b'{"ops": {"size": 100, "refill_ms": 1000}}',
+                           headers={"content-type": "application/json"})
+        grouped = _config("echo")
+        grouped["disk"] = [{"path": str(not_a_kernel), "rate_limit_group": "shared"}]
+        with pytest.raises(ApiError) as refused:
+            await api.create_vm(grouped)
+        assert refused.value.status == 400, refused.value
+        assert refused.value.detail["key"] == "disk[0].rate_limit_group", refused.value
 
 
 async def test_jail_flags_without_process_isolation_are_refused(tmp_path: Path) -> None:
