@@ -33,6 +33,7 @@ test-linux: deps-test venv guest debian-kernel linux-debian linux-kernel linux-i
 
 # Figures side by side with QEMU (not part of `make test`, which runs a smoke version).
 bench: deps-test venv guest
+	$(VENV)/bin/python -m compileall -q avmm   # as installed: start-up figures without compiling
 	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 # `make bench`, then its tables (with commit, machine and date) into README.md.
