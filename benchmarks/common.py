@@ -15,8 +15,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GUEST = REPO / "build" / "guest" / "testguest.elf"
@@ -347,3 +350,41 @@ def in_spin_loop(fd: int) -> bool:
     words = os.pread(fd, 16, MAILBOX_ADDRESS)
     return (len(words) == 16 and int.from_bytes(words[:8], "little") == MAILBOX_MAGIC
             and int.from_bytes(words[8:], "little") > 0)
+
+
+def stderr_of(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None:
+        process.kill()
+    return process.communicate()[1].decode(errors="replace")
+
+
+def process_memory(argv: list[str], what: str,
+                   read: Callable[[int], T] = status_of) -> T:  # type: ignore[assignment]
+    """/proc/PID/status (kB fields) of a VMM process running the test guest's ``count``
+    loop (``argv``), read once the guest is in its loop, which the process's guest RAM
+    memfd shows: the same check for both VMMs, and nothing added to either (no QMP).
+    ``read(pid)`` says what is kept (default: /proc/PID/status's kB fields)."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    fd = None
+    try:
+        deadline = time.monotonic() + 60
+        while fd is None or not in_spin_loop(fd):
+            if process.poll() is not None:
+                raise BenchError(f"{what} exited {process.returncode} before its guest's "
+                                 f"loop: {stderr_of(process)!r}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what}: the guest never reached its loop")
+            if fd is None:
+                fd = guest_ram_fd(process.pid, GUEST_MEMORY_MIB << 20)
+            time.sleep(0.02)
+        return read(process.pid)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()

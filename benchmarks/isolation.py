@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from benchmarks.common import (
     avmm_config,
     guest_ram_fd,
     in_spin_loop,
+    process_memory,
     process_run,
     qemu_argv,
 )
@@ -147,23 +147,7 @@ def _parent(pid: int) -> int:
 
 def _qemu_own_memory() -> float:
     """QEMU's Pss - Pss_Shmem, with its guest in the same ``count`` loop."""
-    process = subprocess.Popen(qemu_argv(SPIN, memfd=True), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    fd = None
-    try:
-        deadline = time.monotonic() + 60
-        while fd is None or not in_spin_loop(fd):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("QEMU's guest never reached its loop")
-            if fd is None:
-                fd = guest_ram_fd(process.pid, GUEST_MEMORY_MIB << 20)
-            time.sleep(0.02)
-        return _own_pss(process.pid)
-    finally:
-        if fd is not None:
-            os.close(fd)
-        process.kill()
-        process.wait()
+    return process_memory(qemu_argv(SPIN, memfd=True), "QEMU", _own_pss)
 
 
 def bench_isolation(runs: int, churn_s: float) -> list[Figure]:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 
 import trio
 
-from benchmarks.common import avmm_config, quiet_logging
+from benchmarks.common import avmm_config, quiet_logging, status_of
 
 MAILBOX_ADDRESS = 0x200000
 MAILBOX_MAGIC = 0x584F424C49414D41
@@ -23,22 +24,10 @@ SPIN_N = 1 << 60
 READY_TIMEOUT_S = 60
 
 
-def proc_status() -> dict[str, int]:
-    """The ``kB`` fields of /proc/self/status, in KiB."""
-    fields: dict[str, int] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            parts = value.split()
-            if len(parts) == 2 and parts[1] == "kB":
-                fields[key] = int(parts[0])
-    return fields
-
-
 async def main(count: int) -> dict[str, object]:
     from avmm import VirtualMachine
 
-    before = proc_status()
+    before = status_of(os.getpid())
     async with contextlib.AsyncExitStack() as stack:
         vms = []
         for i in range(count):
@@ -52,7 +41,7 @@ async def main(count: int) -> dict[str, object]:
                 if vm.exit is not None or time.monotonic() > deadline:
                     raise SystemExit(f"VM {vm.name} never reached its loop: {vm.exit}")
                 await trio.sleep(0.01)
-        status = proc_status()
+        status = status_of(os.getpid())
         for vm in vms:
             vm.stop("measured")
     return {"vms": count, "before": before, "status": status}

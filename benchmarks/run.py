@@ -54,15 +54,14 @@ from benchmarks.common import (
     avmm_run_sync,
     avmm_up_argv,
     checked,
-    guest_ram_fd,
-    in_spin_loop,
     log,
     per_unit,
+    process_memory,
     process_run,
     qemu_argv,
     qemu_run,
     quiet_logging,
-    status_of,
+    stderr_of,
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
 from benchmarks.fairness_io import bench_fairness_io
@@ -283,7 +282,7 @@ def storage_daemon(image: Path) -> Iterator[Path]:
         while not sock.exists():
             if process.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(f"qemu-storage-daemon never listened on {sock}: "
-                                 f"{_stderr_of(process)!r}")
+                                 f"{stderr_of(process)!r}")
             time.sleep(0.005)
         yield sock
     finally:
@@ -294,12 +293,6 @@ def storage_daemon(image: Path) -> Iterator[Path]:
             process.kill()
             process.communicate()
         sock.unlink(missing_ok=True)
-
-
-def _stderr_of(process: subprocess.Popen[bytes]) -> str:
-    if process.poll() is None:
-        process.kill()
-    return process.communicate()[1].decode(errors="replace")
 
 
 #: QEMU 7.2's vhost-user-blk offers VIRTIO_BLK_F_SIZE_MAX with qemu-storage-daemon's
@@ -390,36 +383,6 @@ def _avmm_memory(vms: int) -> dict[str, int]:
     raise BenchError(f"memchild {vms} failed: {result.stdout!r} {result.stderr!r}")
 
 
-def _process_memory(argv: list[str], what: str) -> dict[str, int]:
-    """/proc/PID/status (kB fields) of a VMM process running the test guest's ``count``
-    loop (``argv``), read once the guest is in its loop, which the process's guest RAM
-    memfd shows: the same check for both VMMs, and nothing added to either (no QMP)."""
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    fd = None
-    try:
-        deadline = time.monotonic() + 60
-        while fd is None or not in_spin_loop(fd):
-            if process.poll() is not None:
-                raise BenchError(f"{what} exited {process.returncode} before its guest's "
-                                 f"loop: {_stderr_of(process)!r}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{what}: the guest never reached its loop")
-            if fd is None:
-                fd = guest_ram_fd(process.pid, GUEST_MEMORY_MIB << 20)
-            time.sleep(0.02)
-        return status_of(process.pid)
-    finally:
-        if fd is not None:
-            os.close(fd)
-        process.terminate()
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-
-
 SPIN = f"avmm.test=count avmm.n={SPIN_N}"
 
 
@@ -429,7 +392,7 @@ def _avmm_up_memory(tmp: Path) -> dict[str, int]:
                     f'[boot]\nkernel = "{TEST_GUEST}"\ncmdline = "{SPIN}"\n'
                     '[serial]\nmode = "console"\n')
     try:
-        return _process_memory(avmm_up_argv(toml), "avmm up")
+        return process_memory(avmm_up_argv(toml), "avmm up")
     finally:
         toml.unlink(missing_ok=True)
 
@@ -460,7 +423,7 @@ def bench_memory(p: Params) -> list[Figure]:
         for k in (0, 1, *p.memory_vms):
             status = _avmm_memory(k)
             own[k] = (status["VmRSS"] - status["RssShmem"]) / mib
-        q = _process_memory(qemu, "QEMU")
+        q = process_memory(qemu, "QEMU")
         q_own = (q["VmRSS"] - q["RssShmem"]) / mib
         one.add((up["VmRSS"] - up["RssShmem"]) / mib, q_own)
         guest.add(up["RssShmem"] / mib, q["RssShmem"] / mib)

@@ -78,6 +78,19 @@ async def _echo(api: ApiClient, vm_id: str, text: str) -> bytes:
     return bytes(output)
 
 
+async def _echo_here(vm: Any, text: str) -> None:
+    """Type ``text`` into a VM of a Host in this process (the echo guest) and wait for
+    its echo."""
+    async with vm.subscribe_console() as output:
+        await vm.send_console(f"{text}\n".encode())
+        seen = b""
+        with trio.fail_after(30):
+            async for chunk in output:
+                seen += chunk
+                if f"echo {text}".encode() in seen:
+                    return
+
+
 async def test_a_vm_in_a_worker_is_jailed_filtered_and_driven_as_in_none_mode() -> None:
     async with process_daemon() as (daemon, api, jail_root):
         secret = jail_root.parent / "secret.txt"
@@ -238,14 +251,7 @@ async def test_a_worker_its_filter_kills_is_its_vms_crash_and_the_neighbour_runs
         assert result.reason is StopReason.CRASH, result
         assert "killed by SIGSYS" in result.detail, result
         assert not (tmp_path / "jail" / victim.id).exists()
-        async with neighbour.subscribe_console() as output:
-            await neighbour.send_console(b"after the trip\n")
-            seen = b""
-            with trio.fail_after(30):
-                async for chunk in output:
-                    seen += chunk
-                    if b"echo after the trip" in seen:
-                        break
+        await _echo_here(neighbour, "after the trip")
         assert neighbour.state is VmState.RUNNING
         await neighbour.stop()
 
@@ -423,14 +429,7 @@ async def test_a_vm_in_a_worker_migrates_out_over_the_daemons_connection(
         assert source["migration"]["state"] == "completed", source["migration"]
         with trio.fail_after(30):
             await incoming.vm.wait_state(VmState.RUNNING)
-        async with incoming.subscribe_console() as output:
-            await incoming.send_console(b"after the move\n")
-            seen = b""
-            with trio.fail_after(30):
-                async for chunk in output:
-                    seen += chunk
-                    if b"echo after the move" in seen:
-                        break
+        await _echo_here(incoming, "after the move")
         await incoming.stop()
 
 
