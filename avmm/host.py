@@ -373,8 +373,7 @@ class HostedVm:
             self._running_since = time.monotonic()
 
     async def snapshot(self, path: str | os.PathLike[str], *,
-                       paths: PathPolicy | None = None,
-                       parent_fd: int | None = None) -> SnapshotInfo:
+                       paths: PathPolicy | None = None) -> SnapshotInfo:
         """Write the paused VM's state and memory to the new directory ``path`` (see
         :meth:`avmm.vm.VirtualMachine.snapshot`); the VM stays paused. ``path``'s
         parent is checked through ``paths`` (default: anywhere) first, for a one-line
@@ -387,17 +386,15 @@ class HostedVm:
         :raises SnapshotError: the snapshot could not be written (nothing is left).
         """
         self._check_snapshot_state()
-        if parent_fd is None:  # else: a directory the daemon checked (a jailed worker)
-            policy = paths if paths is not None else PathPolicy()
-            target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path),
-                                                            "path")
-            target.close()
-            # Checked again: the VM may have been resumed while the path was looked at.
-            self._check_snapshot_state()
+        policy = paths if paths is not None else PathPolicy()
+        target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
+        target.close()
+        # Checked again: the VM may have been resumed while the path was looked at.
+        self._check_snapshot_state()
         self._snapshotting = True
         self._snapshot_done = trio.Event()
         try:
-            return await self.vm.snapshot(path, parent_fd=parent_fd)
+            return await self.vm.snapshot(path)
         finally:
             self._snapshotting = False
             self._snapshot_done.set()

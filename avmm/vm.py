@@ -443,15 +443,12 @@ class VirtualMachine:
             for net in config.nets)
         return dataclasses.replace(config, nets=nets)
 
-    async def snapshot(self, path: str | os.PathLike[str], *,
-                       parent_fd: int | None = None) -> SnapshotInfo:
+    async def snapshot(self, path: str | os.PathLike[str]) -> SnapshotInfo:
         """Save the paused VM into the new directory ``path`` (see README, "Snapshots"):
         its config, the KVM state (irqchip, PIT, kvmclock, every vCPU), each device's
         state and guest RAM. Writable disks are flushed (fdatasync) first; their contents
         stay where they are. The VM stays paused. The directory appears whole or not at
-        all; its parent must exist and be allowed by the VM's path policy. With
-        ``parent_fd`` (a jailed worker: a directory the daemon opened and handed over),
-        the snapshot is written there under ``path``'s name instead.
+        all; its parent must exist and be allowed by the VM's path policy.
 
         :raises VmStateError: the VM is not paused.
         :raises SnapshotError: ``path`` exists, or the snapshot cannot be written (then
@@ -472,8 +469,7 @@ class VirtualMachine:
                 "virtio": VirtioDevicesState(
                     slots=[slot.save_state() for slot in self.virtio_slots]),
             }
-            info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections,
-                                                 parent_fd)
+            info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections)
         self._log.info("vm snapshotted", path=str(info.path), bytes_state=info.bytes_state,
                        bytes_memory=info.bytes_memory,
                        duration_ms=round(info.duration_s * 1000, 1))
@@ -490,15 +486,13 @@ class VirtualMachine:
             acpi_sleep=self._acpi_sleep.save_state() if self._acpi_sleep else None,
         )
 
-    def _write_snapshot(self, path: Path, sections: dict[str, Any],
-                        given_parent: int | None = None) -> SnapshotInfo:
+    def _write_snapshot(self, path: Path, sections: dict[str, Any]) -> SnapshotInfo:
         """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
         started = time.monotonic()
         self._flush_disks_for_snapshot()
         sections["machine"] = self._save_machine()
         path = Path(os.path.abspath(path))
-        parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path") \
-            if given_parent is None else os.dup(given_parent)
+        parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path")
         try:
             # Written inside the directory the policy opened (its fd), never by name.
             inside = Path(f"/proc/self/fd/{parent_fd}")
@@ -583,6 +577,7 @@ class VirtualMachine:
         policy = paths if paths is not None else PathPolicy()
         opened = await trio.to_thread.run_sync(open_snapshot, Path(path), policy,
                                                vhost_user, dir_fd)
+        released = False
         try:
             config, snapshot = opened.config, opened.snapshot
             if adjust_config is not None:
@@ -599,8 +594,24 @@ class VirtualMachine:
                 if why is not None:
                     copy = True
                     log.info("snapshot memory copied, not mapped", reason=why, path=str(path))
+
+            def release() -> None:
+                # What the build needed of the snapshot is read (a mapped memory file
+                # stays mapped): its fds go. A jailed worker must hold no directory of
+                # the host once its guest runs (openat with ".." walks out of a jail).
+                nonlocal released
+                if not released:
+                    released = True
+                    opened.snapshot.close()
+                    os.close(opened.dirfd)
+
+            def built() -> None:
+                release()
+                if after_build is not None:
+                    after_build()
+
             vm = cls(config, name=name, start_paused=start_paused, paths=policy,
-                     after_build=after_build)
+                     after_build=built)
             machine: MachineState = snapshot.sections["machine"]
             vm._restore_plan = _RestorePlan(snapshot=snapshot, copy_memory=copy,
                                             machine=machine,
@@ -621,8 +632,9 @@ class VirtualMachine:
                 error = _renamed(e.error, opened.inside, Path(path))
                 raise type(error)(f"cannot restore {path}: {e.step}: {error}") from e
         finally:
-            opened.snapshot.close()  # the memory file's fd (a mapping keeps the file)
-            os.close(opened.dirfd)
+            if not released:
+                opened.snapshot.close()  # the memory file's fd (a mapping keeps the file)
+                os.close(opened.dirfd)
 
     # -- live migration -----------------------------------------------------------------
 

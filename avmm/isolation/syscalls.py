@@ -101,10 +101,7 @@ EVENT_LOOP = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
               # CPU controls (avmm.cgroups): a VM's cgroup is made and removed, and its
               # vCPU threads pinned, from the event loop's to_thread helpers.
               | frozenset({"mkdir", "mkdirat", "rmdir", "sched_setaffinity",
-                           "sched_getaffinity"})
-              # Snapshots: the new directory renamed into place (RENAME_NOREPLACE), in a
-              # jailed worker too (into the directory its daemon handed over).
-              | frozenset({"renameat2"}))
+                           "sched_getaffinity"}))
 
 #: An ``avmm backend`` process: its listening socket and the front-end's memory, log and
 #: inflight fds (mmap, memfd_create), the device's files opened before the filter. No
@@ -121,11 +118,8 @@ BACKEND = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
 #: ``scripts/seccomp_derive.py serve``. Never execve, fork, ptrace, mount, module or key
 #: calls.
 DAEMON = EVENT_LOOP | frozenset({"renameat2", "uname"}) | frozenset({
-    # --isolation process: a snapshot's staging directory given to the worker's uid,
-    # and its files taken back once written (to the daemon's own uid and gid).
-    "fchown", "fchownat", "getegid",
-    # ... and the worker spawner, the daemon's child (made before the filter), reaped
-    # when it ends: only the caller's own children can be waited for.
+    # --isolation process: the worker spawner, the daemon's child (made before the
+    # filter), reaped when it ends: only the caller's own children can be waited for.
     "wait4", "waitid", "pidfd_open"})
 
 ALLOWED: dict[ThreadKind, frozenset[str]] = {

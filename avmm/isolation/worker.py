@@ -172,6 +172,11 @@ class _Worker:
     def after_build(self) -> None:
         """Between the build and the first thread of the VM: the privileges go, the
         filter comes (see the module docstring, step 5)."""
+        if self.snapshot_fd is not None:
+            # The restore has read the snapshot: no directory of the host stays open
+            # here once the guest runs (openat with ".." walks out of a jail).
+            os.close(self.snapshot_fd)
+            self.snapshot_fd = None
         if self.request.jail is not None:
             drop_privileges(self.request.jail)
         install_process_filter(DENSE_PROCESS_KINDS, self.request.seccomp)
@@ -294,13 +299,6 @@ class _Worker:
     async def _do(self, op: object, message: dict[str, Any], fds: list[int]) -> Any:
         hosted = self.hosted
         assert hosted is not None
-        if op == "snapshot":
-            # Into the directory the daemon made for it (its one fd), as "snapshot".
-            if len(fds) != 1:
-                raise AvmmError("snapshot needs the directory's fd")
-            info = await hosted.snapshot("snapshot", parent_fd=fds[0])
-            return {"bytes_state": info.bytes_state, "bytes_memory": info.bytes_memory,
-                    "duration_s": info.duration_s, "status": status(hosted)}
         if op == "migrate":
             # Over the connection the daemon made (the worker makes no IP sockets).
             to, downtime_ms = message.get("to"), message.get("downtime_ms")

@@ -11,10 +11,10 @@ that dies (SIGKILL, SIGSYS from its seccomp filter, a crash of Python) ends its 
 reason ``crash`` and the cause in the detail; the daemon and the other VMs go on.
 
 What the jail keeps from the worker is brought by the daemon: CPU controls (it owns the
-VM's cgroup), a snapshot's directory (a staging directory's fd), a restore's snapshot
-(its directory's fd), a migration's connection (a connected socket). Not yet in process
-mode (refused with a one-line 409 that says to use ``--isolation none``): receiving a
-migration, daemon-wide rate-limit groups.
+VM's cgroup), a restore's snapshot (its directory's fd, closed before the guest runs), a
+migration's connection (a connected or listening socket). Not yet in process mode: a
+snapshot (409: a directory fd would let a process walk out of its jail), daemon-wide
+rate-limit groups (400).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import dataclasses
 import itertools
 import os
 import re
-import secrets
-import shutil
 import signal
 import sys
 import time
@@ -46,9 +44,7 @@ from ..errors import AvmmError, ConfigError, VmStartError, VmStateError
 from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
 from ..migration.errors import MigrationError
-from ..paths import NewPath, PathPolicy
-from ..state import SnapshotError, SnapshotInfo
-from ..state.snapshot import rename_no_replace
+from ..paths import PathPolicy
 from ..vm import OpenedSnapshot, open_snapshot
 from .channel import Channel, ChannelClosed, ChannelError, close_fds, socketpair
 from .jail import (
@@ -71,9 +67,8 @@ START_TIMEOUT_S = 60.0
 #: How long a worker asked to stop may take before it is killed.
 STOP_TIMEOUT_S = 30.0
 #: How long a request may wait for the worker's answer before the worker is taken to be
-#: broken (killed; its VM a crash). A snapshot writes guest RAM: it gets longer.
+#: broken (killed; its VM a crash).
 CALL_TIMEOUT_S = 30.0
-SNAPSHOT_TIMEOUT_S = 600.0
 #: GET and /metrics wait this long for a worker's fresh status, then show the last one.
 REFRESH_TIMEOUT_S = 1.0
 #: The most files and directories of its own a VM in a worker is given (its bind fds
@@ -455,48 +450,12 @@ class WorkerVm:
 
         return await trio.to_thread.run_sync(change)
 
-    async def snapshot(self, path: str | os.PathLike[str], *,
-                       paths: PathPolicy | None = None) -> SnapshotInfo:
-        """As :meth:`avmm.host.HostedVm.snapshot`. The jail holds no place to write to,
-        and the worker's uid may not write in ``path``'s parent: the daemon checks the
-        path, makes a staging directory there owned by the worker's uid and hands it
-        over; the worker writes the snapshot into it (atomically, as always); the daemon
-        then renames it into place, gives the files to its own user and removes the
-        staging directory. Nothing is left behind on failure.
-
-        :raises VmStateError: the VM is not paused (or its worker ended).
-        :raises PathNotAllowedError: ``path`` lies outside the allowed directories.
-        :raises HostFileError: its parent cannot be used, or ``path`` exists.
-        :raises SnapshotError: the snapshot could not be written.
-        """
-        if self.state is not VmState.PAUSED:
-            raise VmStateError(f"VM {self.id!r} is {self.state.value}; pause it before "
-                               "taking a snapshot")
-        if self._ids is None:
-            raise VmStateError(f"VM {self.id!r} is {self.state.value}")
-        policy = paths if paths is not None else PathPolicy()
-        target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
-        try:
-            staging, staging_fd = await trio.to_thread.run_sync(
-                _make_staging, target, *self._ids)
-            try:
-                result = await self._call("snapshot", fds=(staging_fd,))
-                await trio.to_thread.run_sync(_publish, target, staging, staging_fd)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(_discard, target, staging)
-                raise
-            finally:
-                os.close(staging_fd)
-        finally:
-            target.close()
-        try:
-            return SnapshotInfo(path=Path(os.path.abspath(path)),
-                                bytes_state=int(result["bytes_state"]),
-                                bytes_memory=int(result["bytes_memory"]),
-                                duration_s=float(result["duration_s"]))
-        except (KeyError, TypeError, ValueError):
-            raise VmStateError(f"VM {self.id!r}: its worker broke the protocol") from None
+    async def snapshot(self, path: Any, **_: Any) -> Any:
+        """Refused for now: the worker would have to be handed a directory of the host
+        to write into, and a directory fd lets a process walk out of its jail (openat
+        with ".."). A snapshot wants the daemon to mount the directory into the
+        worker's own mount namespace, or to write the files itself."""
+        raise _refused(self.id, "a snapshot")
 
     async def start_migration(self, to: str, *, downtime_ms: int = 300,
                               paths: PathPolicy | None = None) -> None:
@@ -559,8 +518,8 @@ class WorkerVm:
         return self._channel is not None and not self._done.is_set()
 
     async def _call(self, op: str, *, fds: tuple[int, ...] = (), **fields: Any) -> Any:
-        """Request ``op`` and wait for its answer; a result that carries a status (all
-        but snapshot's, whose ``status`` is inside it) updates what this VM shows."""
+        """Request ``op`` and wait for its answer; its result (the VM's status) updates
+        what this VM shows."""
         if not self._live():
             raise VmStateError(f"VM {self.id!r} is {self.state.value}")
         assert self._channel is not None
@@ -568,7 +527,7 @@ class WorkerVm:
         done = trio.Event()
         slot: list[Any] = []
         self._pending[request_id] = (done, slot)
-        limit = SNAPSHOT_TIMEOUT_S if op == "snapshot" else CALL_TIMEOUT_S
+        limit = CALL_TIMEOUT_S
         try:
             await self._channel.send({"id": request_id, "op": op, **fields}, fds)
             with trio.move_on_after(limit) as waited:
@@ -589,7 +548,7 @@ class WorkerVm:
             raise remote_error(reply["error"])
         result = reply.get("result")
         try:
-            self._take_status(result["status"] if op == "snapshot" else result)
+            self._take_status(result)
         except (ChannelError, KeyError, TypeError) as e:
             await self._kill()  # a worker that answers nonsense is not trusted further
             raise VmStateError(f"VM {self.id!r}: its worker broke the protocol") from e
@@ -993,56 +952,6 @@ def _child_pid(reaper: int | None) -> int | None:
     except OSError:
         return None
     return int(children[0]) if children else None
-
-
-#: What the worker names the snapshot it writes into the staging directory.
-_STAGED = "snapshot"
-
-
-def _make_staging(target: NewPath, uid: int, gid: int) -> tuple[str, int]:
-    """A new directory beside the snapshot-to-be, owned by the worker's uid (mode 0700),
-    and its fd: where the worker writes."""
-    staging = f".{target.name[:200]}.avmm-staging-{secrets.token_hex(6)}"
-    os.mkdir(staging, 0o700, dir_fd=target.dirfd)
-    try:
-        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     dir_fd=target.dirfd)
-        try:
-            os.fchown(fd, uid, gid)
-        except BaseException:
-            os.close(fd)
-            raise
-    except BaseException:
-        os.rmdir(staging, dir_fd=target.dirfd)
-        raise
-    return staging, fd
-
-
-def _publish(target: NewPath, staging: str, staging_fd: int) -> None:
-    """The worker's snapshot, from the staging directory to its place (never over
-    anything that appeared there meanwhile), given to the daemon's user; the staging
-    directory removed."""
-    try:
-        rename_no_replace(staging_fd, _STAGED, target.name, target.dirfd)
-    except OSError as e:
-        raise SnapshotError(f"{target.path}: cannot put the snapshot in place: "
-                            f"{e.strerror}") from None
-    fd = os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 dir_fd=target.dirfd)
-    try:
-        os.fchown(fd, os.geteuid(), os.getegid())
-        for _root, dirs, files, root_fd in os.fwalk(dir_fd=fd, follow_symlinks=False):
-            for name in (*dirs, *files):
-                os.chown(name, os.geteuid(), os.getegid(), dir_fd=root_fd,
-                         follow_symlinks=False)
-    finally:
-        os.close(fd)
-    os.rmdir(staging, dir_fd=target.dirfd)
-
-
-def _discard(target: NewPath, staging: str) -> None:
-    with contextlib.suppress(OSError):
-        shutil.rmtree(staging, dir_fd=target.dirfd)
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")

@@ -337,24 +337,18 @@ _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _rename_no_replace(dir_fd: int, source: str, target: str,
-                       target_dir_fd: int | None = None) -> None:
-    """renameat2(2) from ``dir_fd`` (to ``target_dir_fd``, by default the same) that
-    fails if ``target`` appeared meanwhile (plain rename would replace an empty
-    directory)."""
-    to_fd = dir_fd if target_dir_fd is None else target_dir_fd
+def _rename_no_replace(dir_fd: int, source: str, target: str) -> None:
+    """renameat2(2) within ``dir_fd`` that fails if ``target`` appeared meanwhile (plain
+    rename would replace an empty directory)."""
     renameat2 = getattr(_libc, "renameat2", None)
     if renameat2 is not None:
-        result = renameat2(dir_fd, os.fsencode(source), to_fd, os.fsencode(target),
+        result = renameat2(dir_fd, os.fsencode(source), dir_fd, os.fsencode(target),
                            _RENAME_NOREPLACE)
         if result == 0:
             return
         error = ctypes.get_errno()
         if error not in (errno.ENOSYS, errno.EINVAL):
             raise OSError(error, os.strerror(error), target)
-    if _exists(target, to_fd):
+    if _exists(target, dir_fd):
         raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), target)
-    os.rename(source, target, src_dir_fd=dir_fd, dst_dir_fd=to_fd)
-
-
-rename_no_replace = _rename_no_replace
+    os.rename(source, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
