@@ -1,5 +1,7 @@
-"""Isolation: seccomp filters per thread kind (the jailer and per-VM workers of issue 14
-come later; see README, Isolation and security)."""
+"""Isolation (README, "Isolation and security"): seccomp filters per thread kind
+(``seccomp``, ``syscalls``), the jailer (``jail``, ``self_jail``), and per-VM worker
+processes for ``avmm serve --isolation process`` (``worker``, ``worker_vm``, their
+``channel``, and the ``spawner`` that starts them)."""
 
 from .seccomp import SECCOMP_MODES as SECCOMP_MODES
 from .seccomp import SeccompError as SeccompError
