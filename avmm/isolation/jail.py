@@ -757,7 +757,11 @@ def _build_root(spec: JailSpec, bind_fds: Mapping[str, int] | None = None) -> No
                "making /dev read-only", shown=f"{root}/dev")
         target = _mount_point(rootfd, "/proc", directory=True, create=True)
         with _closing(target):
-            _mount("proc", _fd_path(target), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None,
+            # subset=pid: the processes only (the worker's own /proc/self), none of
+            # /proc/sys, /proc/sysrq-trigger and the like, which root could write to
+            # while the VM is built.
+            _mount("proc", _fd_path(target), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "subset=pid",
                    "mounting /proc", shown=f"{root}/proc")
         os.mkdir(_OLD_ROOT, 0o700, dir_fd=rootfd)
     except OSError as e:

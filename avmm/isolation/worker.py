@@ -47,7 +47,7 @@ from ..api._app import daemon_config
 from ..api._limits import parse_limits_update
 from ..config import config_from_dict
 from ..errors import AvmmError
-from ..host import Host, HostedVm
+from ..host import Host, HostedVm, config_to_dict
 from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
 from ..migration import source as _migration_source  # noqa: F401  (loaded before the jail)
@@ -162,12 +162,28 @@ class _Worker:
         self.hosted: HostedVm | None = None
 
     def adjust_restored(self, config: Any) -> Any:
-        """A restored VM's saved config as its worker builds it: as the daemon's
-        WorkerVm shows it (see worker_config there)."""
+        """A restored VM's saved config as its worker builds it (see worker_config),
+        which must be the one the daemon checked and planned the jail from (it came in
+        the start message): the snapshot is read again here, and whoever can write in
+        its directory could have changed it since (a disk path through this process's
+        /proc/self/fd would lead out of the jail)."""
+        from ..state import SnapshotError
         from .worker_vm import worker_config
 
-        return worker_config(daemon_config(config), jailed_netns=self.request.jail is not
-                             None and self.request.jail.netns is not None)
+        adjusted = worker_config(daemon_config(config), jailed_netns=self.request.jail
+                                 is not None and self.request.jail.netns is not None)
+        mine, checked = config_to_dict(adjusted), dict(self.request.config)
+        if config.machine.cpu_profile == "auto":
+            # The daemon resolved it (this jail has no /sys to tell).
+            mine["machine"] = {**mine["machine"],
+                               "cpu_profile": checked["machine"]["cpu_profile"]}
+            adjusted = dataclasses.replace(adjusted, machine=dataclasses.replace(
+                adjusted.machine, cpu_profile=checked["machine"]["cpu_profile"]))
+        if mine != checked:
+            raise SnapshotError(f"{self.request.restore and self.request.restore['path']}: "
+                                "the snapshot changed after the daemon checked it; "
+                                "restore it again")
+        return adjusted
 
     def after_build(self) -> None:
         """Between the build and the first thread of the VM: the privileges go, the

@@ -29,6 +29,7 @@ import re
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from ..errors import AvmmError, ConfigError, VmStartError, VmStateError
 from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
 from ..migration.errors import MigrationError
+from ..migration.progress import MigrationProgress, MigrationState
 from ..paths import PathPolicy
 from ..vm import OpenedSnapshot, open_snapshot
 from .channel import Channel, ChannelClosed, ChannelError, close_fds, socketpair
@@ -71,6 +73,13 @@ STOP_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 30.0
 #: GET and /metrics wait this long for a worker's fresh status, then show the last one.
 REFRESH_TIMEOUT_S = 1.0
+#: What the daemon shows of a worker's migration (the worker's own report): the engine's
+#: progress fields and states, nothing else.
+MIGRATION_KEYS = frozenset(field.name for field in dataclasses.fields(MigrationProgress))
+MIGRATION_STATES = frozenset(typing.get_args(MigrationState))
+#: A migration out of a worker that ``migrate`` waits for ends within this, or counts
+#: as failed (the worker's report is all the daemon has).
+MIGRATE_WAIT_S = 3600.0
 #: The most files and directories of its own a VM in a worker is given (its bind fds
 #: travel in the start message).
 MAX_BIND_FDS = 56
@@ -485,9 +494,10 @@ class WorkerVm:
     async def migrate(self, to: str, *, downtime_ms: int = 300,
                       paths: PathPolicy | None = None) -> dict[str, Any]:
         await self.start_migration(to, downtime_ms=downtime_ms, paths=paths)
-        while self.migrating:
-            await trio.sleep(0.05)
-            await self.refresh()
+        with trio.move_on_after(MIGRATE_WAIT_S):
+            while self.migrating:
+                await trio.sleep(0.05)
+                await self.refresh()
         result = self.migration
         if result is None or result.get("state") == "failed":
             raise MigrationError(f"VM {self.id!r}: migration to {to} failed: "
@@ -742,6 +752,10 @@ class WorkerVm:
             }, fds)
         finally:
             close_fds(list(sources.values()))
+            if restore is not None:
+                # The worker has its own copy now (or never will): this one goes.
+                os.close(restore.dir_fd)
+                self._restore = None
 
     async def _first_message(self) -> None:
         assert self._channel is not None
@@ -909,11 +923,12 @@ def sanitize_status(status: object) -> dict[str, Any]:
     rate_limits = vm.get("rate_limits")
     migration = vm.get("migration")
     if migration is not None:
-        migration = {_text(key, 32): value for key, value in _dict(migration, 32).items()
-                     if value is None or isinstance(value, bool | int | float)
-                     or (isinstance(value, str) and len(value) <= 1000)}
-        if not isinstance(migration.get("state"), str):
-            raise TypeError("a migration without a state")
+        migration = {key: value for key, value in _dict(migration, 32).items()
+                     if key in MIGRATION_KEYS and (
+                         value is None or isinstance(value, bool | int | float)
+                         or (isinstance(value, str) and len(value) <= 1000))}
+        if migration.get("state") not in MIGRATION_STATES:
+            raise TypeError("a migration without a known state")
     metrics = _dict(status["metrics"], 8)  # type: ignore[index]
     devices = {}
     for name, counters in _dict(metrics["devices"], 64).items():

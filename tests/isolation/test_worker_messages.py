@@ -74,3 +74,31 @@ def test_thousands_of_mangled_statuses_are_refused_as_channel_errors_only() -> N
                     {"event": "console", "data": "!!"}, {"event": "nope"}, {}):
         with pytest.raises(ChannelError):
             vm._event(message)
+
+
+def test_a_restored_config_must_be_the_one_the_daemon_checked(tmp_path: Any) -> None:
+    """The worker reads the snapshot again (its jail holds only the directory's fd): a
+    state file rewritten since the daemon's check (a disk path through the worker's
+    /proc/self/fd would lead out of the jail) fails the restore."""
+    import dataclasses
+
+    from avmm.config import DiskConfig
+    from avmm.host import config_to_dict
+    from avmm.isolation.worker import _Worker, parse_start
+    from avmm.isolation.worker_vm import worker_config
+    from avmm.state import SnapshotError
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(512))
+    saved = dataclasses.replace(guest_config("avmm.test=echo"),
+                                disks=(DiskConfig(disk),))
+    checked = worker_config(saved, jailed_netns=False)
+    request = parse_start({"op": "start", "vm_id": "vm-test", "start": True,
+                           "config": config_to_dict(checked), "jail": None,
+                           "restore": {"path": str(tmp_path), "copy_memory": False,
+                                       "vhost_user": {}}})
+    worker = _Worker(None, request)  # type: ignore[arg-type]
+    assert config_to_dict(worker.adjust_restored(saved)) == config_to_dict(checked)
+    swapped = dataclasses.replace(saved, disks=(DiskConfig(tmp_path / "elsewhere.img"),))
+    with pytest.raises(SnapshotError, match="changed after the daemon checked it"):
+        worker.adjust_restored(swapped)
