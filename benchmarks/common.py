@@ -382,9 +382,16 @@ def process_memory(argv: list[str], what: str,
     finally:
         if fd is not None:
             os.close(fd)
+        end_process(process)
+
+
+def end_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate ``process`` if it runs (kill it if it does not end within 30 s) and
+    collect it."""
+    if process.poll() is None:
         process.terminate()
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()

@@ -59,6 +59,7 @@ from benchmarks.common import (
     BenchError,
     Figure,
     avmm_config,
+    end_process,
     log,
     qemu_argv,
     scratch_dir,
@@ -194,16 +195,6 @@ def _stderr(process: subprocess.Popen[bytes]) -> str:
     return ""
 
 
-def _end(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-
-
 def allocated(paths: list[Path]) -> int:
     return sum(os.stat(p).st_blocks * 512 for p in paths)
 
@@ -329,7 +320,7 @@ def _process_restore(argv: list[str], case: Case, saved: Saved, seed: bytes, wha
     finally:
         if ram is not None:
             ram.close()
-        _end(process)
+        end_process(process)
 
 
 # -- QEMU ---------------------------------------------------------------------------------
@@ -392,7 +383,7 @@ def _qemu_save(case: Case, path: Path, qmp: Path, seed: bytes) -> Saved:
     finally:
         if ram is not None:
             ram.close()
-        _end(process)
+        end_process(process)
 
 
 def _qemu_restore(case: Case, saved: Saved, qmp: Path, seed: bytes) -> float:
