@@ -55,6 +55,7 @@ from benchmarks.common import (
     BenchError,
     Figure,
     avmm_config,
+    end_process,
     log,
     qemu_argv,
     quiet_logging,
@@ -67,7 +68,6 @@ from benchmarks.snapshot import (
     TOUCH_START,
     ProcessRam,
     _connect,
-    _end,
     _stderr,
     expected_page,
     fill_block,
@@ -258,9 +258,9 @@ def qemu_migrate(case: Case, scratch: Path, seed: bytes) -> Migrated:
             w.close()
         for r in rams:
             r.close()
-        _end(source)
+        end_process(source)
         if destination is not None:
-            _end(destination)
+            end_process(destination)
 
 
 # -- avmm ---------------------------------------------------------------------------------
