@@ -72,7 +72,9 @@ async def test_a_migration_runs_in_the_vm_task_and_a_failure_leaves_it_running(
         monkeypatch: pytest.MonkeyPatch, area: Path) -> None:
     stand_in = StandIn()
 
-    async def migrate(vm: Any, to: str, *, downtime_ms: int = 300) -> None:
+    async def migrate(vm: Any, to: str, *, downtime_ms: int = 300,
+                      connected: Any = None) -> None:
+        assert connected is None  # a VM in this process connects itself
         await stand_in.migrate(vm, to, downtime_ms=downtime_ms)
 
     monkeypatch.setattr(VirtualMachine, "migrate", migrate, raising=False)
@@ -98,7 +100,8 @@ async def test_a_migration_runs_in_the_vm_task_and_a_failure_leaves_it_running(
             assert hosted.migrating
             assert hosted.migration is not None
             assert hosted.migration["state"] == "setup"  # before the engine began
-            await stand_in.started.wait()
+            with trio.fail_after(60):
+                await stand_in.started.wait()
             assert stand_in.calls == [(f"unix:{area}/allowed/dest.sock", 50)]
             shown = hosted.to_dict()["migration"]
             assert (shown["state"], shown["round"], shown["pages_dirty"]) == (
