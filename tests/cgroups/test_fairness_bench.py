@@ -32,9 +32,14 @@ def test_fairness_group_runs_and_writes_its_figures(tmp_path: Path) -> None:
     every = json.loads((tmp_path / "latest.json").read_text())["figures"]
     # The group's CPU figures (its rate-limit figures are checked with the others in
     # tests/test_benchmarks_smoke.py).
-    figures = {name: f for name, f in every.items() if f["part"] == SHARING}
+    figures = {name: f for name, f in every.items()
+               if f["part"] == SHARING and name.startswith("fairness:")}
     names = sorted(figures)
     assert len(names) == 3, names
+    # The noisy-neighbour figures (benchmarks/noisy.py): six, each a positive rate.
+    noisy = {name: f for name, f in every.items() if name.startswith("noisy neighbour:")}
+    assert len(noisy) == 6, sorted(noisy)
+    assert all(f["part"] == SHARING and f["avmm"]["runs"][0] > 0 for f in noisy.values())
     shares = [figures[name]["avmm"]["runs"][0] for name in names if "share" in name]
     assert len(shares) == 2 and math.isclose(sum(shares), 100.0)
     for name, figure in figures.items():
