@@ -64,15 +64,18 @@ async def _quiet_rate(process: bool, neighbour: int, quiet: Path, noisy: Path,
                 _cmd(100_000_000, 32), disks=[DiskConfig(noisy, rate_limit=limit)]))
             await trio.sleep(0.3)  # past its boot: reading at full speed
         try:
-            loaded = await _quiet_seconds(host, quiet, n0 + n)
-            base = await _quiet_seconds(host, quiet, n0)
+            # A run's boot and teardown are most of it when n is small: a pair lost in
+            # that noise (the longer run not longer) is measured again, up to 5 times.
+            for _ in range(5):
+                loaded = await _quiet_seconds(host, quiet, n0 + n)
+                base = await _quiet_seconds(host, quiet, n0)
+                if loaded > base:
+                    return n / (loaded - base)
         finally:
             if noisy_vm is not None:
                 await noisy_vm.stop()
-    if loaded <= base:
-        raise BenchError(f"the quiet VM's run of {n0 + n} requests took no longer than "
-                         f"its run of {n0} ({loaded:.3f} s vs {base:.3f} s)")
-    return n / (loaded - base)
+    raise BenchError(f"the quiet VM's run of {n0 + n} requests took no longer than its "
+                     f"run of {n0} five times ({loaded:.3f} s vs {base:.3f} s)")
 
 
 def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:

@@ -102,7 +102,7 @@ FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
                blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
                snapshot_mib=(16,), migration_mib=(16,), fairness_window_s=1.0,
-               fairness_s=0.5, noisy_n=300)
+               fairness_s=0.5, noisy_n=1500)
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------
