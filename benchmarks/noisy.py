@@ -9,11 +9,17 @@ difference. Three neighbours: none (alone), a noisy VM running ``blk-bench`` at 
 depth 32 on its own image unlimited, and the same noisy VM limited to 500 requests per
 second. Goal (issue 15): with the limit, the quiet VM within 10 % of alone. avmm alone
 (no QEMU side): these are the daemon's own figures.
+
+Latency: in its run of ``n0 + n`` requests the quiet guest times each request (TSC ticks
+from making it available to finding it used, ``blk-bench avmm.lat=1``) and prints the
+median and the 99th percentile; they are converted to microseconds with the TSC rate
+KVM gives a new vCPU on this host (``KVM_GET_TSC_KHZ``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,14 +39,42 @@ NEIGHBOURS = ("alone", "next to an unlimited noisy VM", "next to a noisy VM limi
               "500 requests/s")
 
 
-def _cmd(n: int, qd: int) -> str:
-    return f"avmm.test=blk-bench avmm.rw=read avmm.qd={qd} avmm.n={n} avmm.qsize=128"
+_LATENCY = re.compile(r"blk-bench latency n=(\d+) p50=(\d+) p99=(\d+) max=(\d+)")
 
 
-async def _quiet_seconds(host: Any, image: Path, n: int) -> float:
+def _cmd(n: int, qd: int, *, latency: bool = False) -> str:
+    return (f"avmm.test=blk-bench avmm.rw=read avmm.qd={qd} avmm.n={n} avmm.qsize=128"
+            + (" avmm.lat=1" if latency else ""))
+
+
+def tsc_khz() -> int:
+    """The TSC rate (kHz) KVM gives a new vCPU here: what the guest's ticks count."""
+    from avmm.kvm.system import Kvm
+
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        try:
+            vcpu = vm.create_vcpu(0)
+            try:
+                return vcpu.get_tsc_khz()
+            finally:
+                vcpu.close()
+        finally:
+            vm.close()
+
+
+class Quiet:
+    """One measurement of the quiet VM: its rate, and its latencies in ticks."""
+
+    def __init__(self, iops: float, p50_ticks: int, p99_ticks: int) -> None:
+        self.iops, self.p50_ticks, self.p99_ticks = iops, p50_ticks, p99_ticks
+
+
+async def _quiet_seconds(host: Any, image: Path, n: int, *, latency: bool = False
+                         ) -> tuple[float, str]:
     from avmm.config import DiskConfig
 
-    config = avmm_config(_cmd(n, 1), disks=[DiskConfig(image)])
+    config = avmm_config(_cmd(n, 1, latency=latency), disks=[DiskConfig(image)])
     start = time.perf_counter()
     vm = await host.create(config)
     await vm.wait()
@@ -49,11 +83,11 @@ async def _quiet_seconds(host: Any, image: Path, n: int) -> float:
     await host.remove(vm.id)
     if f"blk-bench rw=read qd=1 n={n} done" not in output:
         raise BenchError(f"the quiet VM's blk-bench failed: {output[-300:]!r}")
-    return seconds
+    return seconds, output
 
 
 async def _quiet_rate(process: bool, neighbour: int, quiet: Path, noisy: Path,
-                      n: int, n0: int) -> float:
+                      n: int, n0: int) -> Quiet:
     from avmm.config import DiskConfig, parse_rate_limit
 
     async with host_for(process) as host:
@@ -67,10 +101,13 @@ async def _quiet_rate(process: bool, neighbour: int, quiet: Path, noisy: Path,
             # A run's boot and teardown are most of it when n is small: a pair lost in
             # that noise (the longer run not longer) is measured again, up to 5 times.
             for _ in range(5):
-                loaded = await _quiet_seconds(host, quiet, n0 + n)
-                base = await _quiet_seconds(host, quiet, n0)
+                loaded, output = await _quiet_seconds(host, quiet, n0 + n, latency=True)
+                base, _ = await _quiet_seconds(host, quiet, n0)
                 if loaded > base:
-                    return n / (loaded - base)
+                    found = _LATENCY.search(output)
+                    if found is None:
+                        raise BenchError(f"the quiet VM printed no latency: {output[-300:]!r}")
+                    return Quiet(n / (loaded - base), int(found[2]), int(found[3]))
         finally:
             if noisy_vm is not None:
                 await noisy_vm.stop()
@@ -85,20 +122,31 @@ def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
         with open(image, "wb") as f:
             for _ in range(IMAGE_MIB):
                 f.write(os.urandom(1 << 20))
-    figures = {(mode, index): Figure(
+    cases = [(mode, index, text) for mode in ("none", "process")
+             for index, text in enumerate(NEIGHBOURS)]
+    note = ("one daemon's VMs; the noisy one reads at qd 32; goal: with its limit, within "
+            "10 % of alone")
+    rates = {(mode, index): Figure(
         f"noisy neighbour: quiet VM's blk 4 KiB reads qd 1, {text}, `--isolation {mode}`",
-        "IOPS", "higher", SHARING,
-        note="one daemon's VMs; the noisy one reads at qd 32; goal: with its limit, "
-             "within 10 % of alone")
-        for mode in ("none", "process") for index, text in enumerate(NEIGHBOURS)}
+        "IOPS", "higher", SHARING, note=note) for mode, index, text in cases}
+    latencies = {(mode, index, which): Figure(
+        f"noisy neighbour: quiet VM's blk 4 KiB read latency qd 1, {label}, {text}, "
+        f"`--isolation {mode}`", "µs", "lower", SHARING,
+        note=note + "; the guest's own clock (TSC)")
+        for mode, index, text in cases for which, label in (("p50", "median"),
+                                                            ("p99", "99th percentile"))}
+    ticks_per_us = tsc_khz() / 1000
     try:
         for _ in range(runs):
-            for (mode, index), figure in figures.items():
-                figure.avmm.append(trio.run(_quiet_rate, mode == "process", index, quiet,
-                                            noisy, n, max(n // 10, 20)))
-        for figure in figures.values():
+            for mode, index, _text in cases:
+                quiet_vm = trio.run(_quiet_rate, mode == "process", index, quiet, noisy, n,
+                                    max(n // 10, 20))
+                rates[mode, index].avmm.append(quiet_vm.iops)
+                latencies[mode, index, "p50"].avmm.append(quiet_vm.p50_ticks / ticks_per_us)
+                latencies[mode, index, "p99"].avmm.append(quiet_vm.p99_ticks / ticks_per_us)
+        for figure in [*rates.values(), *latencies.values()]:
             log(f"benchmarks: {figure.name}: {figure.avmm}")
     finally:
         quiet.unlink(missing_ok=True)
         noisy.unlink(missing_ok=True)
-    return list(figures.values())
+    return [*rates.values(), *latencies.values()]

@@ -2,10 +2,12 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
-Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration, fairness,
-isolation (one jailed worker per VM against dense mode and QEMU, benchmarks/isolation.py)
-(avmm alone against goals, benchmarks/fairness_cpu.py; rate limiters against their goal
-beside QEMU's throttling, benchmarks/fairness_io.py). Every figure is
+Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration, fairness
+(avmm alone against goals: CPU shares and quotas, benchmarks/fairness_cpu.py; a NIC's
+frame-rate limits, benchmarks/fairness_net.py; a quiet VM next to a noisy one,
+benchmarks/noisy.py; disk rate limiters against their goal beside QEMU's throttling,
+benchmarks/fairness_io.py), isolation (one jailed worker per VM against dense mode and
+QEMU, benchmarks/isolation.py). Every figure is
 measured here and now: for each of R runs (5 by default, 2 with --quick)
 avmm and QEMU are measured back to back as a pair. Each figure reports both medians, their
 ratio avmm/QEMU, and the range of the per-pair ratios. The figures fall in three parts
@@ -65,6 +67,7 @@ from benchmarks.common import (
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
 from benchmarks.fairness_io import bench_fairness_io
+from benchmarks.fairness_net import bench_fairness_net
 from benchmarks.isolation import bench_isolation
 from benchmarks.memchild import MARKER, SPIN_N
 from benchmarks.migration import bench_migration
@@ -448,6 +451,7 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "migration": lambda p: bench_migration(p.runs, p.migration_mib),
     "fairness": lambda p: [*bench_fairness_cpu(p.runs, p.fairness_window_s),
                            *bench_fairness_io(p.runs, p.fairness_s),
+                           *bench_fairness_net(p.runs, p.fairness_s),
                            *bench_noisy_neighbour(p.runs, p.noisy_n)],
 }
 

@@ -87,6 +87,9 @@ GROUPS = {
                  ("fairness: CPU share of the cpu_weight 100 VM", SHARING),
                  ("fairness: CPU share of the cpu_weight 300 VM", SHARING),
                  ("fairness: CPU used by a spinning vCPU", SHARING),
+                 # a NIC's limits, avmm alone (benchmarks/fairness_net.py)
+                 ("rate limit: net TX guest → host 64 B frames, limit 2000/s", SHARING),
+                 ("rate limit: net RX host → guest 64 B frames, limit 2000/s", SHARING),
                  ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, alone, `--isolation "
                   "none`", SHARING),
                  ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to a noisy VM "
@@ -100,7 +103,7 @@ GROUPS = {
                   ("isolation: memory per VM in `--isolation process`", WHOLE_PROCESS)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
-MARKS = {"net": [pytest.mark.net]}
+MARKS = {"net": [pytest.mark.net], "fairness": [pytest.mark.net]}
 VM_MARKS = [pytest.mark.kvm, pytest.mark.guest, pytest.mark.qemu]
 
 
@@ -134,7 +137,7 @@ def test_benchmark_group_runs_and_writes_its_figures(group: str, tmp_path: Path)
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--runs", "1", "--only", group,
          "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "latest.json").read_text())

@@ -6,6 +6,10 @@
  * avmm.qsize=128 or more. Completions are drained in batches, refilled, and
  * the queue is notified once per batch. The host measures wall time; the
  * guest also reports the TSC ticks of the loop (cycles=...), for people.
+ * avmm.lat=1: each request's latency too (TSC ticks from making it available
+ * to finding it used, the first BENCH_LAT_MAX requests), as one line
+ * "blk-bench latency n=<k> p50=<t> p99=<t> max=<t>" before the done line; the
+ * host converts ticks with the TSC rate KVM gave the vCPU.
  * Mailbox counter: requests completed. */
 #include "guest.h"
 #include "timer.h"
@@ -23,6 +27,47 @@ struct bench_slot {
 static uint8_t bench_data[BENCH_MAX_QD][BENCH_BLOCK] __attribute__((aligned(4096)));
 static volatile struct bench_slot bench_slots[BENCH_MAX_QD];
 static int8_t bench_slot_of_head[VIRTQ_MAX_SIZE];
+
+#define BENCH_LAT_MAX  65536u
+static uint64_t bench_sent_at[BENCH_MAX_QD];
+static uint32_t bench_lat[BENCH_LAT_MAX];
+
+/* Heapsort: no allocation, no recursion, and n log n for any input. */
+static void sift_down(uint32_t *v, size_t root, size_t n)
+{
+    for (;;) {
+        size_t child = 2 * root + 1;
+        if (child >= n)
+            return;
+        if (child + 1 < n && v[child + 1] > v[child])
+            child++;
+        if (v[root] >= v[child])
+            return;
+        uint32_t swap = v[root];
+        v[root] = v[child];
+        v[child] = swap;
+        root = child;
+    }
+}
+
+static void sort_u32(uint32_t *v, size_t n)
+{
+    for (size_t i = n / 2; i-- > 0;)
+        sift_down(v, i, n);
+    for (size_t end = n; end-- > 1;) {
+        uint32_t swap = v[0];
+        v[0] = v[end];
+        v[end] = swap;
+        sift_down(v, 0, end);
+    }
+}
+
+/* The value at or below which `percent` % of the sorted samples lie (nearest rank). */
+static uint32_t percentile(const uint32_t *sorted, size_t n, unsigned percent)
+{
+    size_t rank = (n * percent + 99) / 100;
+    return sorted[rank == 0 ? 0 : rank - 1];
+}
 
 static uint64_t lcg_next(uint64_t *state)
 {
@@ -42,6 +87,7 @@ static bool bench_submit(struct virtq *vq, unsigned slot, uint32_t type, uint64_
         {(uintptr_t)bench_data[slot], BENCH_BLOCK, type == VIRTIO_BLK_T_IN},
         {(uintptr_t)&s->status, 1, true},
     };
+    bench_sent_at[slot] = rdtsc();
     int head = virtq_add(vq, bufs, BENCH_DESCS, false);
     if (head < 0)
         return false;
@@ -54,6 +100,8 @@ static int blk_bench_run(void)
     uint64_t n = cmdline_get_u64("avmm.n", 1000);
     uint64_t qd = cmdline_get_u64("avmm.qd", 1);
     uint64_t seed = cmdline_get_u64("avmm.seed", 1);
+    bool latency = cmdline_get_u64("avmm.lat", 0) != 0;
+    size_t measured = 0;
     const char *rw = "read";
     size_t rw_len = 4;
     uint32_t type;
@@ -125,6 +173,10 @@ static int blk_bench_run(void)
                 return EXIT_FAILURE;
             }
             completed++;
+            if (latency && measured < BENCH_LAT_MAX) {
+                uint64_t ticks = rdtsc() - bench_sent_at[slot];
+                bench_lat[measured++] = ticks > UINT32_MAX ? UINT32_MAX : (uint32_t)ticks;
+            }
             if (submitted < n) {
                 if (!bench_submit(vq, (unsigned)slot, type,
                                   (lcg_next(&lcg) % blocks) * (BENCH_BLOCK / 512)))
@@ -145,6 +197,12 @@ static int blk_bench_run(void)
     }
     uint64_t cycles = rdtsc() - start;
     blk_close(&blk);
+    if (latency && measured > 0) {
+        sort_u32(bench_lat, measured);
+        guest_printf(GUEST_PREFIX "blk-bench latency n=%lu p50=%u p99=%u max=%u\n",
+                     (uint64_t)measured, percentile(bench_lat, measured, 50),
+                     percentile(bench_lat, measured, 99), bench_lat[measured - 1]);
+    }
     guest_printf(GUEST_PREFIX "blk-bench rw=%s qd=%lu n=%lu done cycles=%lu\n",
                  type == VIRTIO_BLK_T_IN ? "read" : "write", qd, n, cycles);
     return EXIT_OK;
