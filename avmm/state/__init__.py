@@ -31,12 +31,15 @@ if TYPE_CHECKING:
     from .platform import VmPlatformState as VmPlatformState
     from .platform import restore_platform as restore_platform
     from .platform import save_platform as save_platform
+    from .snapshot import PartialSnapshot as PartialSnapshot
     from .snapshot import Snapshot as Snapshot
+    from .snapshot import SnapshotFiles as SnapshotFiles
     from .snapshot import SnapshotInfo as SnapshotInfo
     from .snapshot import load_memory as load_memory
     from .snapshot import others_can_change_memory as others_can_change_memory
     from .snapshot import read_snapshot as read_snapshot
     from .snapshot import write_snapshot as write_snapshot
+    from .snapshot import write_snapshot_files as write_snapshot_files
     from .vcpu import VcpuState as VcpuState
     from .vcpu import check_vcpu_restorable as check_vcpu_restorable
     from .vcpu import restore_vcpu as restore_vcpu
@@ -55,12 +58,15 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), {
     "VmPlatformState": ".platform",
     "restore_platform": ".platform",
     "save_platform": ".platform",
+    "PartialSnapshot": ".snapshot",
     "Snapshot": ".snapshot",
+    "SnapshotFiles": ".snapshot",
     "SnapshotInfo": ".snapshot",
     "load_memory": ".snapshot",
     "others_can_change_memory": ".snapshot",
     "read_snapshot": ".snapshot",
     "write_snapshot": ".snapshot",
+    "write_snapshot_files": ".snapshot",
     "VcpuState": ".vcpu",
     "check_vcpu_restorable": ".vcpu",
     "restore_vcpu": ".vcpu",

@@ -177,12 +177,29 @@ def write_state_file(path: Path | str, sections: Mapping[str, Any], *,
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dir_fd)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        return _write_state_bytes(fd, data)
     finally:
         os.close(fd)
+
+
+def write_state_fd(fd: int, sections: Mapping[str, Any]) -> int:
+    """Write the state file holding ``sections`` into the open regular file ``fd``
+    (which stays open) from offset 0, cut it there and fsync it; its size. Needs only
+    fstat, pwrite, ftruncate and fsync on ``fd`` (a jailed worker is handed such a
+    file, never its directory)."""
+    data = build_state(sections)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise SnapshotError("the state file to write is not a regular file")
+    return _write_state_bytes(fd, data)
+
+
+def _write_state_bytes(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    offset = 0
+    while offset < len(data):
+        offset += os.pwrite(fd, view[offset:], offset)
+    os.ftruncate(fd, len(data))  # whatever the file held beyond goes
+    os.fsync(fd)
     return len(data)
 
 

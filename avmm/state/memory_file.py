@@ -221,25 +221,39 @@ def write_memory_file(memory: GuestRam, path: Path | str, *,
     meanwhile."""
     path = Path(path)
     _check_layout(memory)
-    size = memory.size
-    candidates = data_ranges(memory.fd, size) if is_memfd_backed(memory) else [(0, size)]
-    runs = nonzero_runs(_memory_reader(memory), _page_ranges(candidates))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dir_fd)
     try:
-        digest = hashlib.sha256()
-        for offset, length in runs:
-            digest.update(_RUN_HEADER.pack(offset, length))
-            position = offset
-            for view in _memory_pieces(memory, offset, length):
-                digest.update(view)
-                _write_all(fd, view, position)
-                position += len(view)
-        os.ftruncate(fd, size)  # the holes up to the end
-        os.fsync(fd)
+        return write_memory_fd(memory, fd, file_name=path.name)
     finally:
         os.close(fd)
-    return MemoryImage(file=path.name, size=size, regions=layout_of(memory),
+
+
+def write_memory_fd(memory: GuestRam, fd: int, *, file_name: str) -> MemoryImage:
+    """Write ``memory`` into the open regular file ``fd`` (which stays open) and fsync
+    it: the file becomes exactly the image (truncated first, so that its holes are holes
+    whatever it held), sparse as :func:`write_memory_file` makes it. ``file_name`` is
+    its name in the snapshot directory, as the state file records it. Needs only
+    fstat, ftruncate, pwrite and fsync on ``fd`` (a jailed worker is handed such a
+    file, never its directory). The guest must not run meanwhile."""
+    _check_layout(memory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise SnapshotError(f"{file_name}: the memory file to write is not a regular file")
+    size = memory.size
+    candidates = data_ranges(memory.fd, size) if is_memfd_backed(memory) else [(0, size)]
+    runs = nonzero_runs(_memory_reader(memory), _page_ranges(candidates))
+    os.ftruncate(fd, 0)
+    digest = hashlib.sha256()
+    for offset, length in runs:
+        digest.update(_RUN_HEADER.pack(offset, length))
+        position = offset
+        for view in _memory_pieces(memory, offset, length):
+            digest.update(view)
+            _write_all(fd, view, position)
+            position += len(view)
+    os.ftruncate(fd, size)  # the holes up to the end
+    os.fsync(fd)
+    return MemoryImage(file=file_name, size=size, regions=layout_of(memory),
                        data_bytes=sum(length for _, length in runs), sha256=digest.digest())
 
 

@@ -9,6 +9,11 @@ A crash at any point leaves either no snapshot under that name or a whole one; a
 leftover ``.partial`` directory is never mistaken for a snapshot. The directory is mode
 0700: it holds guest memory.
 
+The two halves can be done by two processes: :class:`PartialSnapshot` (the directory,
+and the two files made in it) by ``avmm serve``, and :func:`write_snapshot_files`
+(their contents, into the open files only) by a VM in a jailed worker, which is never
+handed a directory (openat with ".." would walk out of its jail).
+
 :func:`read_snapshot` checks the state file completely and the memory file's presence
 and size; :func:`load_memory` then maps or copies the memory (and checks its digest when
 copying, or when asked).
@@ -32,8 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import SnapshotError
-from .format import _kind, read_state_fd, write_state_file
-from .memory_file import GuestRam, MemoryImage, copy_memory_file, map_memory_file, write_memory_file
+from .format import _kind, read_state_fd, write_state_fd, write_state_file
+from .memory_file import (
+    GuestRam,
+    MemoryImage,
+    copy_memory_file,
+    map_memory_file,
+    write_memory_fd,
+    write_memory_file,
+)
 
 STATE_FILE_NAME = "state.avmm"
 MEMORY_FILE_NAME = "memory.avmm"
@@ -83,13 +95,9 @@ def write_snapshot(directory: Path, sections: Mapping[str, Any],
     """Write ``sections`` (name → state dataclass) and ``memory`` as the new snapshot
     directory ``directory``, whose parent must exist. The guest must not run meanwhile.
 
-    The parent may be an API client's directory, who can rename, replace or symlink
-    anything in it meanwhile: the parent is opened once and everything is done through
-    fds, never by a path again. The temporary directory is made with ``mkdirat``,
-    opened with ``O_NOFOLLOW`` and checked to be the new empty directory of this user;
-    the files are made inside its fd (``O_CREAT|O_EXCL|O_NOFOLLOW``); before the rename
-    its name must still be that directory (same device and inode), else nothing is
-    renamed. So nothing is ever written outside the parent that was opened.
+    The directory part is :class:`PartialSnapshot`'s (see there why nothing is ever
+    written outside the parent that was opened); the files are made inside the
+    temporary directory's fd (``O_CREAT|O_EXCL|O_NOFOLLOW``), the memory file first.
 
     :raises SnapshotError: ``directory`` exists, its parent does not, the temporary
         directory was replaced, or writing failed (nothing is left behind then).
@@ -98,49 +106,186 @@ def write_snapshot(directory: Path, sections: Mapping[str, Any],
     directory = Path(directory)
     if MEMORY_SECTION in sections:
         raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
-    name = directory.name
-    if name in ("", ".", ".."):
-        raise SnapshotError(f"{directory}: does not name a new directory")
-    parent = directory.parent
-    parent_fd = _open_directory(parent, missing=f"{directory}: its parent directory does "
-                                "not exist", cannot=f"{directory}: cannot open its parent "
-                                "directory")
-    try:
-        if _exists(name, parent_fd):
-            raise SnapshotError(f"{directory}: already exists; snapshots are written to a "
-                                "new directory")
-        partial = f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    with PartialSnapshot.begin(directory) as partial:
         try:
-            os.mkdir(partial, 0o700, dir_fd=parent_fd)
-        except OSError as e:
-            raise SnapshotError(f"{directory}: cannot create the snapshot: {e.strerror}") \
-                from None
-        partial_fd = -1
-        try:
-            partial_fd = _open_new_directory(partial, parent_fd, directory)
-            image = (write_memory_file(memory, MEMORY_FILE_NAME, dir_fd=partial_fd)
+            image = (write_memory_file(memory, MEMORY_FILE_NAME, dir_fd=partial.fd)
                      if memory else None)
             bytes_state = write_state_file(STATE_FILE_NAME, {**sections, MEMORY_SECTION: image},
-                                           dir_fd=partial_fd)
-            os.fsync(partial_fd)
-            if not _is_same(partial, parent_fd, partial_fd):
-                raise SnapshotError(_replaced(directory))
-            _rename_no_replace(parent_fd, partial, name)
-            os.fsync(parent_fd)
-        except BaseException as e:
-            _remove_partial(parent_fd, partial, partial_fd)
-            if isinstance(e, OSError):
-                raise SnapshotError(f"{directory}: cannot write the snapshot: "
-                                    f"{e.strerror or e}") from e
-            raise
-        finally:
-            if partial_fd >= 0:
-                os.close(partial_fd)
-    finally:
-        os.close(parent_fd)
+                                           dir_fd=partial.fd)
+            partial.commit()
+        except OSError as e:
+            raise SnapshotError(f"{directory}: cannot write the snapshot: "
+                                f"{e.strerror or e}") from e
     return SnapshotInfo(path=directory, bytes_state=bytes_state,
                         bytes_memory=image.data_bytes if image else 0,
                         duration_s=time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """The two files of a snapshot being written, open for writing: new, empty regular
+    files that :meth:`PartialSnapshot.create_files` made. What a VM in a jailed worker
+    is handed instead of a directory (see :func:`write_snapshot_files`)."""
+
+    state_fd: int
+    memory_fd: int
+
+
+def write_snapshot_files(files: SnapshotFiles, sections: Mapping[str, Any],
+                         memory: GuestRam, *, path: Path) -> SnapshotInfo:
+    """Write ``sections`` and ``memory`` into ``files`` (the memory file first, then the
+    state file that records its size and digest) and fsync both; the fds stay open.
+    Whoever made the files names, renames or removes their directory; ``path`` (what it
+    will be called) is only put in the result. Nothing is opened: a jailed worker may
+    do this with no directory of the host in reach. The guest must not run meanwhile.
+
+    :raises SnapshotError: a file is not a regular file, or writing failed.
+    """
+    started = time.monotonic()
+    if MEMORY_SECTION in sections:
+        raise ValueError(f"section name {MEMORY_SECTION!r} is reserved for the memory file")
+    try:
+        image = write_memory_fd(memory, files.memory_fd, file_name=MEMORY_FILE_NAME)
+        bytes_state = write_state_fd(files.state_fd, {**sections, MEMORY_SECTION: image})
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot write the snapshot: {e.strerror or e}") from e
+    return SnapshotInfo(path=path, bytes_state=bytes_state, bytes_memory=image.data_bytes,
+                        duration_s=time.monotonic() - started)
+
+
+class PartialSnapshot:
+    """The directory part of writing a snapshot: a temporary directory next to the
+    target, renamed to it once whole, removed with what is in it otherwise.
+
+    The parent may be an API client's directory, who can rename, replace or symlink
+    anything in it meanwhile: the parent is opened once and everything is done through
+    fds, never by a path again. The temporary directory is made with ``mkdirat`` (mode
+    0700), opened with ``O_NOFOLLOW`` and checked to be the new empty directory of this
+    user; files are made inside its fd only; before the rename its name must still be
+    that directory (same device and inode), else nothing is renamed. So nothing is ever
+    written outside the parent that was opened.
+
+    Use it as a context manager: leaving it without :meth:`commit` (an error, a
+    cancellation) removes the temporary directory and the files made in it. Everything
+    here blocks.
+    """
+
+    def __init__(self, directory: Path, parent_fd: int, partial: str, fd: int) -> None:
+        self.directory = directory
+        self._parent_fd = parent_fd
+        self._partial = partial
+        #: The temporary directory (make files inside it only through this fd).
+        self.fd = fd
+        self._files: SnapshotFiles | None = None
+        self._committed = False
+
+    @classmethod
+    def begin(cls, directory: Path, *, parent_fd: int | None = None) -> PartialSnapshot:
+        """Make the temporary directory for the new snapshot ``directory``. Its parent
+        is opened by name, or is ``parent_fd`` (a directory opened by the caller, e.g.
+        through its path policy; an O_PATH fd will do: it is opened again for reading,
+        and ``directory`` then only names the snapshot in messages).
+
+        :raises SnapshotError: ``directory`` exists, its parent does not, or the
+            temporary directory cannot be made (nothing is left then).
+        """
+        name = directory.name
+        if name in ("", ".", ".."):
+            raise SnapshotError(f"{directory}: does not name a new directory")
+        if parent_fd is None:
+            opened = _open_directory(directory.parent, missing=(
+                f"{directory}: its parent directory does not exist"), cannot=(
+                f"{directory}: cannot open its parent directory"))
+        else:
+            try:
+                opened = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                 dir_fd=parent_fd)
+            except OSError as e:
+                raise SnapshotError(f"{directory}: cannot open its parent directory: "
+                                    f"{e.strerror}") from None
+        try:
+            if _exists(name, opened):
+                raise SnapshotError(f"{directory}: already exists; snapshots are written "
+                                    "to a new directory")
+            partial = f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(partial, 0o700, dir_fd=opened)
+            except OSError as e:
+                raise SnapshotError(f"{directory}: cannot create the snapshot: "
+                                    f"{e.strerror}") from None
+            try:
+                fd = _open_new_directory(partial, opened, directory)
+            except BaseException:
+                _remove_partial(opened, partial, -1)
+                raise
+        except BaseException:
+            os.close(opened)
+            raise
+        return cls(directory, opened, partial, fd)
+
+    @property
+    def files(self) -> SnapshotFiles | None:
+        """The files :meth:`create_files` made, while they are open."""
+        return self._files
+
+    def create_files(self) -> SnapshotFiles:
+        """The state and memory files, new in the temporary directory
+        (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600), open for writing; they are fsynced
+        by :meth:`commit` and closed by :meth:`close`."""
+        if self._files is not None:
+            raise ValueError("the snapshot's files were made already")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        state_fd = os.open(STATE_FILE_NAME, flags, 0o600, dir_fd=self.fd)
+        try:
+            memory_fd = os.open(MEMORY_FILE_NAME, flags, 0o600, dir_fd=self.fd)
+        except BaseException:
+            os.close(state_fd)
+            raise
+        self._files = SnapshotFiles(state_fd=state_fd, memory_fd=memory_fd)
+        return self._files
+
+    def commit(self) -> None:
+        """fsync the files (those of :meth:`create_files` too: whoever wrote them is not
+        relied on for it) and the directory, then rename it to the snapshot's name,
+        refusing to replace anything, and fsync the parent.
+
+        :raises SnapshotError: the temporary directory was replaced meanwhile.
+        :raises OSError: fsync or the rename failed (the target appeared meanwhile).
+        """
+        if self._files is not None:
+            os.fsync(self._files.memory_fd)
+            os.fsync(self._files.state_fd)
+        os.fsync(self.fd)
+        if not _is_same(self._partial, self._parent_fd, self.fd):
+            raise SnapshotError(_replaced(self.directory))
+        _rename_no_replace(self._parent_fd, self._partial, self.directory.name)
+        self._committed = True
+        os.fsync(self._parent_fd)
+
+    def discard(self) -> None:
+        """Remove the temporary directory and the files made in it (nothing once
+        committed)."""
+        if not self._committed and self._parent_fd >= 0:
+            _remove_partial(self._parent_fd, self._partial, self.fd)
+
+    def close(self) -> None:
+        """Close every fd held here (the files', the directory's, the parent's)."""
+        files, self._files = self._files, None
+        for fd in (() if files is None else (files.state_fd, files.memory_fd)):
+            os.close(fd)
+        for fd in (self.fd, self._parent_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._parent_fd = -1
+
+    def __enter__(self) -> PartialSnapshot:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            self.discard()
+        finally:
+            self.close()
 
 
 def _open_directory(path: Path, *, missing: str, cannot: str) -> int:
