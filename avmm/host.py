@@ -39,7 +39,7 @@ import secrets
 import socket
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
@@ -62,7 +62,7 @@ from .migration.errors import MigrationError
 from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
 from .ratelimit import LimitTargetError, SharedGroups
-from .state import SnapshotInfo
+from .state import SnapshotFiles, SnapshotInfo
 from .vm import VirtualMachine
 
 if TYPE_CHECKING:
@@ -391,10 +391,28 @@ class HostedVm:
         target.close()
         # Checked again: the VM may have been resumed while the path was looked at.
         self._check_snapshot_state()
+        with self._snapshot_guard():
+            return await self.vm.snapshot(path)
+
+    async def snapshot_into(self, files: SnapshotFiles,
+                            path: str | os.PathLike[str]) -> SnapshotInfo:
+        """As :meth:`snapshot`, into two open files the caller made (see
+        :meth:`avmm.vm.VirtualMachine.snapshot_into`: the VM of a jailed worker, whose
+        daemon makes the directory); ``path`` names it in the result and the log only.
+
+        :raises VmStateError: the VM is not paused, or another snapshot is being written.
+        :raises SnapshotError: the files could not be written.
+        """
+        self._check_snapshot_state()
+        with self._snapshot_guard():
+            return await self.vm.snapshot_into(files, path)
+
+    @contextlib.contextmanager
+    def _snapshot_guard(self) -> Iterator[None]:
         self._snapshotting = True
         self._snapshot_done = trio.Event()
         try:
-            return await self.vm.snapshot(path)
+            yield
         finally:
             self._snapshotting = False
             self._snapshot_done.set()

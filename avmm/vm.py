@@ -88,6 +88,7 @@ from .state import (
     MachineState,
     Snapshot,
     SnapshotError,
+    SnapshotFiles,
     SnapshotInfo,
     load_memory,
     others_can_change_memory,
@@ -95,6 +96,7 @@ from .state import (
     restore_machine,
     save_machine,
     write_snapshot,
+    write_snapshot_files,
 )
 from .state.snapshot import STATE_FILE_NAME
 from .state.vm_state import (
@@ -454,6 +456,27 @@ class VirtualMachine:
         :raises SnapshotError: ``path`` exists, or the snapshot cannot be written (then
             nothing is left behind).
         """
+        return await self._snapshot(functools.partial(self._write_snapshot, Path(path)))
+
+    async def snapshot_into(self, files: SnapshotFiles,
+                            path: str | os.PathLike[str]) -> SnapshotInfo:
+        """Save the paused VM as :meth:`snapshot` does, into two open files someone
+        else made (``avmm serve --isolation process``: the daemon makes the directory
+        and the files, and renames or removes it; this VM, in its jailed worker, is
+        handed the two files only). The fds stay open; ``path`` (what the directory
+        will be called) is for the result and the log only: nothing is opened.
+
+        :raises VmStateError: the VM is not paused.
+        :raises SnapshotError: the files cannot be written.
+        """
+        return await self._snapshot(functools.partial(
+            self._write_snapshot_files, files, Path(path)))
+
+    async def _snapshot(self, write: Callable[[dict[str, Any]], SnapshotInfo]
+                        ) -> SnapshotInfo:
+        """What both ways of taking a snapshot share: the checks, the sections, the
+        disks flushed and the KVM state saved; ``write`` (a worker thread) then writes
+        the sections and guest RAM."""
         self._refuse_while_migrating("snapshotted")
         async with self._control_lock:
             state = self.state
@@ -469,7 +492,7 @@ class VirtualMachine:
                 "virtio": VirtioDevicesState(
                     slots=[slot.save_state() for slot in self.virtio_slots]),
             }
-            info = await trio.to_thread.run_sync(self._write_snapshot, Path(path), sections)
+            info = await trio.to_thread.run_sync(self._save_and_write, write, sections)
         self._log.info("vm snapshotted", path=str(info.path), bytes_state=info.bytes_state,
                        bytes_memory=info.bytes_memory,
                        duration_ms=round(info.duration_s * 1000, 1))
@@ -486,11 +509,16 @@ class VirtualMachine:
             acpi_sleep=self._acpi_sleep.save_state() if self._acpi_sleep else None,
         )
 
-    def _write_snapshot(self, path: Path, sections: dict[str, Any]) -> SnapshotInfo:
-        """The blocking half of :meth:`snapshot` (a worker thread; the vCPUs parked)."""
+    def _save_and_write(self, write: Callable[[dict[str, Any]], SnapshotInfo],
+                        sections: dict[str, Any]) -> SnapshotInfo:
+        """The blocking half of :meth:`_snapshot` (a worker thread; the vCPUs parked)."""
         started = time.monotonic()
         self._flush_disks_for_snapshot()
         sections["machine"] = self._save_machine()
+        info = write(sections)
+        return dataclasses.replace(info, duration_s=time.monotonic() - started)
+
+    def _write_snapshot(self, path: Path, sections: dict[str, Any]) -> SnapshotInfo:
         path = Path(os.path.abspath(path))
         parent_fd = _open_snapshot_directory(self._paths, path.parent, "snapshot path")
         try:
@@ -502,7 +530,12 @@ class VirtualMachine:
                 raise _renamed(e, inside, path.parent) from None
         finally:
             os.close(parent_fd)
-        return dataclasses.replace(info, path=path, duration_s=time.monotonic() - started)
+        return dataclasses.replace(info, path=path)
+
+    def _write_snapshot_files(self, files: SnapshotFiles, path: Path,
+                              sections: dict[str, Any]) -> SnapshotInfo:
+        assert self.memory is not None  # a paused VM has its memory
+        return write_snapshot_files(files, sections, self.memory, path=path)
 
     def _save_machine(self) -> MachineState:
         """The KVM state of the paused VM (a worker thread; the vCPUs parked)."""
