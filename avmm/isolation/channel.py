@@ -31,7 +31,7 @@ from ..errors import AvmmError
 #: base64). A SEQPACKET send is bounded by the socket's send buffer (SO_SNDBUF, about
 #: 208 KiB by default): a limit above that could not be reached.
 MAX_MESSAGE = 128 * 1024
-#: The most fds one message carries (a snapshot's directory: one).
+#: The most fds one message carries (a snapshot's two files, a restore's directory).
 MAX_FDS = 4
 
 

@@ -66,7 +66,9 @@ DEVICE_IO = PYTHON_RUNTIME | SHARED_IO | frozenset({
 #: fstat), config paths checked by the path policy (readlink, newfstatat, access), the
 #: console/API socket files (unlink, chmod, rename), disk images (ftruncate, fallocate),
 #: whose a snapshot's memory file is (geteuid: a daemon maps only its own user's), and
-#: openat2 (RESOLVE_BENEATH: a config's files under ``--allow-path``).
+#: openat2 (RESOLVE_BENEATH: a config's files under ``--allow-path``). A worker's
+#: snapshot is written into two files its daemon made: fstat, ftruncate, lseek
+#: (SEEK_DATA/SEEK_HOLE on guest RAM's memfd), pwrite64 and fsync (DEVICE_IO), close.
 FILES = frozenset({
     "openat", "close", "fstat", "newfstatat", "statx", "lseek", "fcntl", "dup", "dup3",
     "getdents64", "readlink", "unlink", "unlinkat", "rename", "chmod", "fchmod",

@@ -18,7 +18,8 @@ The order, Firecracker's jailer's where it applies:
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
 6. The guest runs; the worker answers the daemon's requests (pause, resume, stop,
-   console input, describe, limits) and sends events (status on every state change,
+   console input, describe, limits, a snapshot into two files the daemon made, a
+   migration over a connection it made) and sends events (status on every state change,
    console output) until the VM has stopped, then sends its final status and exits 0.
 
 Whatever goes wrong before the VM runs is sent as a ``failed`` event (the daemon turns
@@ -35,6 +36,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import stat
 import sys
 from typing import Any
 
@@ -52,6 +54,7 @@ from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
 from ..migration import source as _migration_source  # noqa: F401  (loaded before the jail)
 from ..paths import PathPolicy
+from ..state import SnapshotFiles
 from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
 from .channel import (
     MAX_MESSAGE,
@@ -330,6 +333,15 @@ class _Worker:
             return status(hosted)
         if op == "describe":
             return status(hosted)
+        if op == "snapshot":
+            # Into the two files the daemon made (it owns their directory: the worker is
+            # never handed one); _answer closes them, written or not.
+            path = message.get("path")
+            if not isinstance(path, str):
+                raise AvmmError("snapshot needs the path (for messages)")
+            info = await hosted.snapshot_into(snapshot_files(fds), path)
+            return {**status(hosted), "snapshot": {"bytes_state": info.bytes_state,
+                                                   "bytes_memory": info.bytes_memory}}
         if op == "pause":
             await hosted.pause()
         elif op == "resume":
@@ -347,6 +359,17 @@ class _Worker:
         else:
             raise AvmmError(f"unknown request {op!r:.40}")
         return status(hosted)
+
+
+def snapshot_files(fds: list[int]) -> SnapshotFiles:
+    """A snapshot request's fds as the files to write: exactly two (state, then memory),
+    both regular files.
+
+    :raises AvmmError: anything else came.
+    """
+    if len(fds) != 2 or not all(stat.S_ISREG(os.fstat(fd).st_mode) for fd in fds):
+        raise AvmmError("snapshot needs two fds, of the state and memory files")
+    return SnapshotFiles(state_fd=fds[0], memory_fd=fds[1])
 
 
 def _read_start(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:

@@ -12,8 +12,9 @@ reason ``crash`` and the cause in the detail; the daemon and the other VMs go on
 
 What the jail keeps from the worker is brought by the daemon: CPU controls (it owns the
 VM's cgroup), a restore's snapshot (its directory's fd, closed before the guest runs), a
-migration's connection (a connected or listening socket). Not yet in process mode: a
-snapshot (409: a directory fd would let a process walk out of its jail), daemon-wide
+migration's connection (a connected or listening socket), a snapshot's two files (the
+daemon makes the directory and the files, the worker only writes into them: a directory
+fd would let a process walk out of its jail). Not yet in process mode: daemon-wide
 rate-limit groups (400).
 """
 
@@ -46,7 +47,8 @@ from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
 from ..migration.errors import MigrationError
 from ..migration.progress import MigrationProgress, MigrationState
-from ..paths import PathPolicy
+from ..paths import NewPath, PathPolicy
+from ..state import PartialSnapshot, SnapshotError, SnapshotInfo
 from ..vm import OpenedSnapshot, open_snapshot
 from .channel import Channel, ChannelClosed, ChannelError, close_fds, socketpair
 from .jail import (
@@ -71,6 +73,11 @@ STOP_TIMEOUT_S = 30.0
 #: How long a request may wait for the worker's answer before the worker is taken to be
 #: broken (killed; its VM a crash).
 CALL_TIMEOUT_S = 30.0
+#: A snapshot's write in the worker may take this long, plus
+#: :data:`SNAPSHOT_TIMEOUT_S_PER_64_MIB` for each 64 MiB of guest RAM (see
+#: :func:`snapshot_timeout_s`); past it the snapshot fails and the worker is left alone.
+SNAPSHOT_TIMEOUT_BASE_S = 30.0
+SNAPSHOT_TIMEOUT_S_PER_64_MIB = 1.0
 #: GET and /metrics wait this long for a worker's fresh status, then show the last one.
 REFRESH_TIMEOUT_S = 1.0
 #: What the daemon shows of a worker's migration (the worker's own report): the engine's
@@ -168,12 +175,15 @@ def remote_error(payload: object) -> AvmmError:
         from ..cgroups.backend import CgroupError
 
         return CgroupError(message)
+    if kind in ("SnapshotError", "StateCompatibilityError"):
+        return SnapshotError(message)
     return AvmmError(message)
 
 
-def _refused(vm_id: str, what: str) -> VmStateError:
-    return VmStateError(f"VM {vm_id!r}: {what} is not available with --isolation process "
-                        "yet; run the daemon with --isolation none for it")
+def snapshot_timeout_s(memory_mib: int) -> float:
+    """How long a worker may take to write a snapshot of a guest with ``memory_mib``
+    MiB of RAM (it reads and writes all of it, where the guest touched it)."""
+    return SNAPSHOT_TIMEOUT_BASE_S + memory_mib / 64 * SNAPSHOT_TIMEOUT_S_PER_64_MIB
 
 
 class WorkerVm:
@@ -220,6 +230,11 @@ class WorkerVm:
         self._host_tids: dict[int, int] = {}
         self._requests = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
+        #: Requests given up (timed out, cancelled) before their answer came: a late
+        #: answer to one is dropped, not taken for a broken protocol.
+        self._abandoned: set[int] = set()
+        #: A snapshot is being written: resume and a second snapshot are refused.
+        self._snapshotting = False
         self._tasks: trio.Nursery | None = None
         self._stop_requested: str | None = None
         self._stopping = False
@@ -405,6 +420,9 @@ class WorkerVm:
         await self._call("pause")
 
     async def resume(self) -> None:
+        if self._snapshotting:
+            raise VmStateError(f"VM {self.id!r} is being snapshotted; resume it once the "
+                               "snapshot is written")
         await self._call("resume")
 
     async def send_console(self, data: bytes) -> None:
@@ -459,12 +477,82 @@ class WorkerVm:
 
         return await trio.to_thread.run_sync(change)
 
-    async def snapshot(self, path: Any, **_: Any) -> Any:
-        """Refused for now: the worker would have to be handed a directory of the host
-        to write into, and a directory fd lets a process walk out of its jail (openat
-        with ".."). A snapshot wants the daemon to mount the directory into the
-        worker's own mount namespace, or to write the files itself."""
-        raise _refused(self.id, "a snapshot")
+    async def snapshot(self, path: str | os.PathLike[str], *,
+                       paths: PathPolicy | None = None) -> SnapshotInfo:
+        """As :meth:`avmm.host.HostedVm.snapshot`, without ever handing the worker a
+        directory (openat with ".." would walk out of its jail): the daemon checks
+        ``path`` through ``paths``, makes the temporary directory and the two files in
+        it (:class:`~avmm.state.PartialSnapshot`) and hands the worker the two open
+        files only; the worker's VM writes into them; the daemon then fsyncs them and
+        renames the directory into place. On any failure (the worker's error, its
+        death, :func:`snapshot_timeout_s` passed, a cancellation) the directory and its
+        files are removed; the VM stays paused (a worker that is late is left alone).
+
+        :raises VmStateError: the VM is not paused, is being migrated, or another
+            snapshot of it is being written.
+        :raises PathNotAllowedError: ``path`` lies outside the allowed directories.
+        :raises HostFileError: its parent cannot be used, or ``path`` exists.
+        :raises SnapshotError: the snapshot could not be written (nothing is left).
+        """
+        self._check_snapshot_state()
+        policy = paths if paths is not None else PathPolicy()
+        target: NewPath = await trio.to_thread.run_sync(policy.new_path, Path(path), "path")
+        try:
+            # Checked again: the VM may have been resumed while the path was looked at.
+            self._check_snapshot_state()
+            self._snapshotting = True
+            try:
+                return await self._snapshot_into_worker(target)
+            finally:
+                self._snapshotting = False
+        finally:
+            target.close()
+
+    def _check_snapshot_state(self) -> None:
+        if self.migrating:
+            raise VmStateError(f"VM {self.id!r} is being migrated; snapshot it once the "
+                               "migration has ended")
+        if self._snapshotting:
+            raise VmStateError(f"VM {self.id!r} is already being snapshotted")
+        state = self.state
+        if state is not VmState.PAUSED:
+            raise VmStateError(f"VM {self.id!r} is {state.value}; pause it before taking "
+                               "a snapshot")
+
+    async def _snapshot_into_worker(self, target: NewPath) -> SnapshotInfo:
+        started = time.monotonic()
+        directory = Path(os.path.abspath(target.path))
+        # In the directory new_path opened (its fd), whatever happens to the path.
+        partial = await trio.to_thread.run_sync(_begin_snapshot, directory, target.dirfd)
+        try:
+            files = partial.files
+            assert files is not None
+            limit = snapshot_timeout_s(self._config.machine.memory_mib)
+            try:
+                result = await self._call(
+                    "snapshot", fds=(files.state_fd, files.memory_fd), path=str(directory),
+                    timeout_s=limit, late=lambda: SnapshotError(
+                        f"{directory}: the VM's worker did not write the snapshot within "
+                        f"{limit:g} s; nothing was kept"))
+            except VmStateError:
+                if self._live() and not self._ended.is_set():
+                    raise  # the worker's own answer (say, it is no longer paused)
+                raise SnapshotError(f"{directory}: the VM's worker ended before the "
+                                    "snapshot was written; nothing was kept") from None
+            bytes_memory = _snapshot_bytes(result, self._config.machine.memory_mib)
+            if bytes_memory is None:
+                raise SnapshotError(f"{directory}: the VM's worker answered the snapshot "
+                                    "request with nonsense; nothing was kept")
+            bytes_state = await trio.to_thread.run_sync(_commit_snapshot, partial)
+        finally:
+            # Removed unless it was renamed into place (also when cancelled: shielded).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial.__exit__, None, None, None)
+        info = SnapshotInfo(path=directory, bytes_state=bytes_state,
+                            bytes_memory=bytes_memory, duration_s=time.monotonic() - started)
+        self._log.info("vm snapshotted", path=str(directory), bytes_state=bytes_state,
+                       bytes_memory=bytes_memory, duration_ms=round(info.duration_s * 1000, 1))
+        return info
 
     async def start_migration(self, to: str, *, downtime_ms: int = 300,
                               paths: PathPolicy | None = None) -> None:
@@ -527,9 +615,13 @@ class WorkerVm:
     def _live(self) -> bool:
         return self._channel is not None and not self._done.is_set()
 
-    async def _call(self, op: str, *, fds: tuple[int, ...] = (), **fields: Any) -> Any:
+    async def _call(self, op: str, *, fds: tuple[int, ...] = (),
+                    timeout_s: float = CALL_TIMEOUT_S,
+                    late: Callable[[], AvmmError] | None = None, **fields: Any) -> Any:
         """Request ``op`` and wait for its answer; its result (the VM's status) updates
-        what this VM shows."""
+        what this VM shows. No answer within ``timeout_s``: the worker is killed, or,
+        given ``late``, left alone and ``late()`` raised (its answer, if it comes, is
+        dropped)."""
         if not self._live():
             raise VmStateError(f"VM {self.id!r} is {self.state.value}")
         assert self._channel is not None
@@ -537,7 +629,7 @@ class WorkerVm:
         done = trio.Event()
         slot: list[Any] = []
         self._pending[request_id] = (done, slot)
-        limit = CALL_TIMEOUT_S
+        limit = timeout_s
         try:
             await self._channel.send({"id": request_id, "op": op, **fields}, fds)
             with trio.move_on_after(limit) as waited:
@@ -545,8 +637,13 @@ class WorkerVm:
         except ChannelError:
             raise VmStateError(f"VM {self.id!r}: its worker has ended") from None
         finally:
-            self._pending.pop(request_id, None)
+            if self._pending.pop(request_id, None) is not None and not slot:
+                self._abandoned.add(request_id)
         if waited.cancelled_caught:
+            if late is not None:
+                self._log.warning("the worker did not answer in time", op=op,
+                                  timeout_s=limit)
+                raise late()
             self._log.warning("the worker did not answer in time; killing it", op=op)
             await self._kill()
             raise VmStateError(f"VM {self.id!r}: its worker did not answer {op} within "
@@ -604,6 +701,9 @@ class WorkerVm:
             entry = self._pending.get(message["id"]) \
                 if isinstance(message["id"], int) else None
             if entry is None:
+                if message["id"] in self._abandoned:
+                    self._abandoned.discard(message["id"])  # given up on: dropped
+                    return
                 raise ChannelError("the worker answered a request nobody made")
             done, slot = entry
             slot.append(message)
@@ -871,6 +971,46 @@ class WorkerVm:
             await self._kill()
             self._reaper = None
             return await spawner.wait(reaper)
+
+
+def _begin_snapshot(directory: Path, parent_fd: int) -> PartialSnapshot:
+    """The snapshot's temporary directory in ``parent_fd`` and its two files (a worker
+    thread)."""
+    partial = PartialSnapshot.begin(directory, parent_fd=parent_fd)
+    try:
+        partial.create_files()
+    except OSError as e:
+        partial.__exit__(None, None, None)
+        raise SnapshotError(f"{directory}: cannot create the snapshot's files: "
+                            f"{e.strerror}") from None
+    except BaseException:
+        partial.__exit__(None, None, None)
+        raise
+    return partial
+
+
+def _commit_snapshot(partial: PartialSnapshot) -> int:
+    """fsync and rename the snapshot the worker wrote (a worker thread); the state
+    file's size."""
+    try:
+        files = partial.files
+        assert files is not None
+        size = os.fstat(files.state_fd).st_size
+        partial.commit()
+    except OSError as e:
+        raise SnapshotError(f"{partial.directory}: cannot write the snapshot: "
+                            f"{e.strerror or e}") from e
+    return size
+
+
+def _snapshot_bytes(result: object, memory_mib: int) -> int | None:
+    """The bytes of guest memory the worker says it wrote, if that is a count the
+    guest's RAM can hold; else None."""
+    try:
+        count = _count(_dict(_dict(result, 8)["snapshot"], 4)["bytes_memory"])
+    except (KeyError, TypeError):
+        return None
+    return count if count <= memory_mib << 20 else None
 
 
 def _text(value: object, limit: int) -> str:
