@@ -38,7 +38,7 @@ import fcntl
 import os
 import socket
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -175,6 +175,12 @@ class BoundSocket:
     _name: str
     _identity: tuple[int, int]
 
+    @classmethod
+    def handed_over(cls, listener: socket.socket, path: Path) -> BoundSocket:
+        """A socket another process bound and handed over (the daemon of a jailed
+        worker): that process removes its file; ``close()`` here only closes it."""
+        return cls(listener, path, -1, path.name, (0, 0))
+
     def close(self) -> None:
         self.socket.close()
         if self._dirfd < 0:
@@ -216,11 +222,20 @@ class PathPolicy:
     Every method may block (it opens files): call it from a worker thread, never on the
     event loop. ``key`` is the config key the path came from; errors name it.
 
+    ``opened``: outputs that whoever checked the config has opened already, by key
+    (``serial.path``, ``console.path``: an fd from :meth:`open_output`, or a
+    :class:`BoundSocket` from :meth:`bind_socket`). A jailed worker is handed them by
+    its daemon, whose directories are not in its jail: :meth:`open_output` and
+    :meth:`bind_socket` give each one once (to the caller, who closes it) instead of
+    opening the path; :meth:`close` closes those never asked for.
+
     :raises HostFileError: (from the constructor) an allowed directory cannot be opened.
     """
 
-    def __init__(self, allowed: Iterable[str | os.PathLike[str]] | None = None) -> None:
+    def __init__(self, allowed: Iterable[str | os.PathLike[str]] | None = None, *,
+                 opened: Mapping[str, int | BoundSocket] | None = None) -> None:
         self._dirs: list[tuple[Path, int]] = []
+        self._opened: dict[str, int | BoundSocket] = dict(opened or {})
         self.restricted = allowed is not None
         for entry in allowed or ():
             path = Path(os.path.realpath(os.fspath(entry)))
@@ -240,6 +255,12 @@ class PathPolicy:
         for _path, fd in self._dirs:
             _close_quietly(fd)
         self._dirs.clear()
+        for opened in self._opened.values():
+            if isinstance(opened, BoundSocket):
+                opened.close()
+            else:
+                _close_quietly(opened)
+        self._opened.clear()
 
     def describe(self) -> str:
         if not self.restricted:
@@ -383,6 +404,10 @@ class PathPolicy:
         missing (mode 0644), truncated when it is a regular file; a character device
         such as /dev/null is taken as it is. Anything else (a FIFO, a socket, a
         directory) is refused, without waiting for a reader."""
+        opened = self._opened.get(key)
+        if isinstance(opened, int):
+            del self._opened[key]
+            return opened
         flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY
         try:
             fd = self._open(path, key, flags, _OUTPUT_MODE)
@@ -488,6 +513,10 @@ class PathPolicy:
         A socket file left by a program that died is replaced; a path where a server
         answers, or that holds anything but a socket, is refused and left untouched.
         """
+        opened = self._opened.get(key)
+        if isinstance(opened, BoundSocket):
+            del self._opened[key]
+            return opened
         if len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX:
             raise HostFileError(f"{path} is {len(os.fsencode(path))} bytes long; a unix "
                                 f"socket path has at most {UNIX_SOCKET_PATH_MAX}", key=key)

@@ -119,6 +119,19 @@ COM1_IRQ = 4
 
 _vm_numbers = itertools.count(1)
 
+#: The build steps that open the serial port's output file and the virtio console's file
+#: or socket (a daemon that opens them for a jailed worker fails with the same steps).
+SERIAL_STEP = "setting up the serial port"
+CONSOLE_STEP = "setting up the virtio console"
+
+
+def step_failed(vm: str, step: str, error: BaseException) -> VmStartError:
+    """The start error of VM ``vm`` whose build ``step`` failed with ``error`` (a
+    ConfigError shown as its key and reason)."""
+    cause = f"{error.key}: {error.reason}" if isinstance(error, ConfigError) and error.key \
+        else str(error)
+    return VmStartError(vm, step, cause, error)
+
 #: The sections of a VM snapshot's state file (besides the memory file's), and their types.
 SNAPSHOT_SECTIONS: dict[str, Any] = {
     "config": ConfigState,
@@ -1009,9 +1022,7 @@ class VirtualMachine:
             raise self._start_error(step, first) from group
 
     def _start_error(self, step: str, error: BaseException) -> VmStartError:
-        cause = f"{error.key}: {error.reason}" if isinstance(error, ConfigError) and error.key \
-            else str(error)
-        return VmStartError(self.name, step, cause, error)
+        return step_failed(self.name, step, error)
 
     def _build(self) -> None:
         """The recipe; runs in a worker thread (see __aenter__). Everything it acquires
@@ -1148,7 +1159,7 @@ class VirtualMachine:
     def _make_legacy_devices(self, vm: Any) -> None:
         config = self.config
         resources = self._resources
-        with self._step("setting up the serial port"):
+        with self._step(SERIAL_STEP):
             if self._incoming:
                 # receive() handed out vm.serial before the config was known: keep that
                 # port, with the sinks the config asks for.
@@ -1276,7 +1287,7 @@ class VirtualMachine:
         if config.rng is not None:
             keep(RngDevice(name="rng0"))
         if config.console is not None:
-            with self._step("setting up the virtio console"):
+            with self._step(CONSOLE_STEP):
                 keep(self._make_console(config.console))
         return devices
 
