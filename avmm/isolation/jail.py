@@ -33,6 +33,9 @@ Inside the jail, every path is where it is on the host (a disk at ``/srv/vm/a.im
                       nosuid and nodev; not recursive (a mount below a bound directory
                       on the host stays out of the jail, so nothing unplanned appears
                       and nothing below a read-only bind stays writable)
+    <each dir>        an empty directory of the root tmpfs, where the host has the
+                      directory of an output the daemon opened (the worker is handed its
+                      fd; the config it checks again names the directory)
 
 Everything that talks to the kernel goes through libc by ctypes, and every return is
 checked: a failure is a :class:`JailError` that names the step and the path.
@@ -147,6 +150,10 @@ class JailSpec:
     netns: str | None = None
     #: RLIMIT_NOFILE.
     max_files: int = 4096
+    #: Empty directories made in the root (sorted, no duplicates): stand-ins for the
+    #: host directories of the VM's output files and console socket, which the daemon
+    #: opens and hands over (nothing of the host directory is in the jail).
+    dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_path(self.root, "root")
@@ -176,6 +183,14 @@ class JailSpec:
             seen.add(bind.path)
         if [bind.path for bind in self.binds] != sorted(seen):
             raise JailError("binds must be sorted by path")
+        if not isinstance(self.dirs, tuple) or len(self.dirs) > _MAX_BINDS \
+                or list(self.dirs) != sorted(set(self.dirs)):
+            raise JailError(f"dirs must be a sorted tuple of at most {_MAX_BINDS} paths "
+                            "without duplicates")
+        for index, path in enumerate(self.dirs):
+            _check_path(path, f"dirs[{index}]")
+            if path == "/" or any(_within(path, reserved) for reserved in _RESERVED):
+                raise JailError(f"dirs[{index}] {path!r} is made by the jail itself")
         if not isinstance(self.devices, tuple) or len(set(self.devices)) != len(self.devices):
             raise JailError("devices must be a tuple without duplicates")
         for device in self.devices:
@@ -199,6 +214,7 @@ class JailSpec:
             "devices": list(self.devices),
             "netns": self.netns,
             "max_files": self.max_files,
+            "dirs": list(self.dirs),
         }
 
     @classmethod
@@ -206,7 +222,7 @@ class JailSpec:
         """A spec from (hostile) JSON-able data: unknown keys, wrong types, relative or
         unnormalised paths, ``..``, uid/gid 0 and out-of-range numbers are refused."""
         _check_keys(data, "jail spec", required={"root", "uid", "gid", "binds", "devices"},
-                    optional={"netns", "max_files"})
+                    optional={"netns", "max_files", "dirs"})
         binds = data["binds"]
         if not isinstance(binds, list):
             raise JailError("jail spec: binds must be a list")
@@ -220,9 +236,12 @@ class JailSpec:
         devices = data["devices"]
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise JailError("jail spec: devices must be a list of paths")
+        dirs = data.get("dirs", [])
+        if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+            raise JailError("jail spec: dirs must be a list of paths")
         return cls(root=data["root"], uid=data["uid"], gid=data["gid"], binds=tuple(parsed),
                    devices=tuple(devices), netns=data.get("netns"),
-                   max_files=data.get("max_files", 4096))
+                   max_files=data.get("max_files", 4096), dirs=tuple(dirs))
 
 
 def _check_keys(data: Any, what: str, *, required: set[str], optional: set[str]) -> None:
@@ -268,12 +287,12 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
     Kernel and initrd read-only; disk images with the config's access; the *directory*
     of each vhost-user socket (a back-end that restarts makes a new socket inode, which a
     bind of the file would not show), read-only (connect(2) needs no write access to the
-    mount); the directory of each serial/console output file and console socket,
-    writable (files are created there, a stale socket is replaced); ``/dev/kvm`` always,
-    ``/dev/net/tun`` with a tap, and the ``/run/netns`` files of the NICs' namespaces
-    (the VM opens their taps through them). When every tap NIC names the same network
-    namespace, the worker enters it too. An output path that is a device (``/dev/null``)
-    becomes a device node, not a bind of ``/dev``.
+    mount); ``/dev/kvm`` always, ``/dev/net/tun`` with a tap, and the ``/run/netns``
+    files of the NICs' namespaces (the VM opens their taps through them). When every tap
+    NIC names the same network namespace, the worker enters it too. Serial/console
+    output files and a console socket are not in the jail: the daemon opens (binds)
+    them and hands their fds over; their directories are empty stand-ins (``dirs``),
+    for the worker's own check of its config (an output in ``/dev`` needs none).
     """
     if not isinstance(vm_id, str) or not _VM_ID_RE.fullmatch(vm_id):
         raise JailError(f"VM id {vm_id!r} cannot name a jail: use letters, digits, '-' "
@@ -281,20 +300,16 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
     _check_path(jail_root, "jail root")
     wanted: dict[str, bool] = {}
     devices = {"/dev/kvm", *_BASE_DEVICES}
+    dirs: set[str] = set()
 
     def bind(path: str | os.PathLike[str], writable: bool) -> None:
         text = os.fspath(path)
         wanted[text] = wanted.get(text, False) or writable
 
     def output(path: str | os.PathLike[str]) -> None:
-        text = os.fspath(path)
-        if _within(text, "/dev"):
-            if text not in ALLOWED_DEVICES:
-                raise JailError(f"cannot jail a VM whose output goes to {text}: a jail holds "
-                                f"only {', '.join(sorted(ALLOWED_DEVICES))}")
-            devices.add(text)
-        else:
-            bind(os.path.dirname(text), True)
+        parent = os.path.dirname(os.fspath(path))
+        if parent != "/" and not any(_within(parent, reserved) for reserved in _RESERVED):
+            dirs.add(parent)
 
     bind(config.boot.kernel, False)
     if config.boot.initrd is not None:
@@ -326,7 +341,8 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         root=os.path.join(jail_root, vm_id), uid=uid, gid=gid,
         binds=_minimal_binds(Bind(path, writable) for path, writable in wanted.items()),
         devices=tuple(sorted(devices)),
-        netns=None if netns_name is None else f"{NETNS_DIR}/{netns_name}")
+        netns=None if netns_name is None else f"{NETNS_DIR}/{netns_name}",
+        dirs=tuple(sorted(dirs)))
 
 
 def _minimal_binds(binds: Iterable[Bind]) -> tuple[Bind, ...]:
@@ -741,6 +757,10 @@ def _build_root(spec: JailSpec, bind_fds: Mapping[str, int] | None = None) -> No
             _mount("tmpfs", _fd_path(target), "tmpfs", MS_NOSUID | MS_NODEV,
                    f"mode=0700,uid={spec.uid},gid={spec.gid},size={_TMP_TMPFS_SIZE}",
                    "mounting /tmp", shown=f"{root}/tmp")
+        for path in spec.dirs:
+            # Before the binds: one that is bound over (an output in a bound directory)
+            # is hidden by the host's own.
+            os.close(_mount_point(rootfd, path, directory=True, create=True))
         bound: list[str] = []
         for bind in spec.binds:
             _bind(rootfd, root, bind, create=not any(_within(bind.path, b) for b in bound),

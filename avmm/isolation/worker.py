@@ -13,7 +13,9 @@ The order, Firecracker's jailer's where it applies:
    outside mirrors its exit), the per-VM root bind-mounted and pivoted into, the
    configured network namespace entered.
 4. The VM is built, as root inside the jail (/dev/kvm, disks, taps and back-end sockets
-   are opened while the process can still open them; only what the jail holds can be).
+   are opened while the process can still open them; only what the jail holds can be;
+   the serial/console output file and the console socket came open with the start
+   message, their directories are not in the jail).
 5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
@@ -53,7 +55,7 @@ from ..host import Host, HostedVm, config_to_dict
 from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
 from ..migration import source as _migration_source  # noqa: F401  (loaded before the jail)
-from ..paths import PathPolicy
+from ..paths import BoundSocket, PathPolicy
 from ..state import SnapshotFiles
 from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
 from .channel import (
@@ -70,8 +72,11 @@ from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 
 log = structlog.get_logger(__name__)
 
-#: The most fds the start message may carry (a snapshot directory, the binds' sources).
+#: The most fds the start message may carry (a snapshot directory or a migration's
+#: listening socket, the outputs, the binds' sources).
 START_FDS_MAX = 64
+#: The outputs the daemon may open for the VM (the config keys of their paths).
+OUTPUT_KEYS = ("serial.path", "console.path")
 #: Console output is sent in chunks of at most this many bytes (base64 in JSON, well
 #: under the channel's message limit).
 CONSOLE_CHUNK = 32 * 1024
@@ -94,6 +99,9 @@ class StartRequest:
     #: An incoming migration: where it listens (for messages) and the accept timeout;
     #: the listening socket came with the message (after the snapshot's fd).
     incoming: dict[str, Any] | None
+    #: The outputs whose fds came with the message (after the listening socket's), by
+    #: config key: the serial/console output file, the console's listening socket.
+    outputs: tuple[str, ...]
     log_level: str
     log_format: str
 
@@ -124,8 +132,13 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
                 and (incoming.get("accept_timeout_s") is None
                      or isinstance(incoming.get("accept_timeout_s"), int | float))):
             raise ValueError("incoming has the wrong shape")
+        outputs = message.get("outputs", [])
+        if not isinstance(outputs, list) or len(set(outputs)) != len(outputs) \
+                or not all(key in OUTPUT_KEYS for key in outputs):
+            raise ValueError("outputs has the wrong shape")
         bind_paths = message.get("bind_fds", [])
-        if not isinstance(bind_paths, list) or len(bind_paths) > START_FDS_MAX - 1 \
+        if not isinstance(bind_paths, list) \
+                or len(bind_paths) > START_FDS_MAX - 2 - len(OUTPUT_KEYS) \
                 or not all(isinstance(path, str) for path in bind_paths):
             raise ValueError("bind_fds has the wrong shape")
         level = message.get("log_level", "warning")
@@ -138,6 +151,7 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
             seccomp=SeccompMode(message.get("seccomp", "off")),
             jail=None if jail is None else JailSpec.from_dict(jail),
             restore=restore, bind_paths=tuple(bind_paths), incoming=incoming,
+            outputs=tuple(outputs),
             log_level=level, log_format=log_format)
     except (KeyError, ValueError, AvmmError) as e:
         raise ChannelError(f"a bad start message: {e}") from None
@@ -157,11 +171,14 @@ def status(hosted: HostedVm) -> dict[str, Any]:
 
 class _Worker:
     def __init__(self, channel: Channel, request: StartRequest,
-                 snapshot_fd: int | None = None, listening_fd: int | None = None) -> None:
+                 snapshot_fd: int | None = None, listening_fd: int | None = None,
+                 output_fds: dict[str, int] | None = None) -> None:
         self.channel = channel
         self.request = request
         self.snapshot_fd = snapshot_fd
         self.listening_fd = listening_fd
+        self.output_fds = dict(output_fds or {})
+        self.policy = PathPolicy()
         self.hosted: HostedVm | None = None
 
     def adjust_restored(self, config: Any) -> Any:
@@ -196,20 +213,22 @@ class _Worker:
             # here once the guest runs (openat with ".." walks out of a jail).
             os.close(self.snapshot_fd)
             self.snapshot_fd = None
+        self.policy.close()  # an output the VM did not take
         if self.request.jail is not None:
             drop_privileges(self.request.jail)
         install_process_filter(DENSE_PROCESS_KINDS, self.request.seccomp)
 
     async def run(self) -> None:
         request = self.request
-        # The daemon checked every path against its --allow-path; here the jail holds
-        # only what the VM needs (an allowed directory itself is not in it).
-        policy = PathPolicy()
         try:
             config = await trio.to_thread.run_sync(
                 lambda: config_from_dict(request.config, base_dir=None,
                                          source="the daemon's config"))
-        except AvmmError as e:
+            # The daemon checked every path against its --allow-path; here the jail
+            # holds only what the VM needs (an allowed directory itself is not in it),
+            # and the outputs come open (their directories are not in it either).
+            policy = self.policy = PathPolicy(opened=self._outputs(config))
+        except (AvmmError, OSError) as e:
             await self.channel.send({"event": "failed", "error": error_payload(e)})
             return
         async with Host() as host:
@@ -260,6 +279,27 @@ class _Worker:
                 await trio.sleep(0)
                 nursery.cancel_scope.cancel()
             await self.channel.send({"event": "exited", "status": status(hosted)})
+
+    def _outputs(self, config: Any) -> dict[str, int | BoundSocket]:
+        """The handed-over outputs as the VM's build takes them from its path policy:
+        the console's listening socket as a BoundSocket (its file is the daemon's to
+        remove), an output file as its fd."""
+        outputs: dict[str, int | BoundSocket] = {}
+        fds, self.output_fds = self.output_fds, {}
+        try:
+            for key, fd in list(fds.items()):
+                console = config.console
+                if key == "console.path" and console is not None and console.mode == "socket":
+                    outputs[key] = BoundSocket.handed_over(socket.socket(fileno=fd),
+                                                           console.path)
+                else:
+                    outputs[key] = fd
+                del fds[key]
+        except BaseException:
+            close_fds(list(fds.values()))
+            PathPolicy(opened=outputs).close()
+            raise
+        return outputs
 
     async def _console(self) -> None:
         assert self.hosted is not None
@@ -404,11 +444,13 @@ def run_worker(channel_fd: int) -> int:
     try:
         message, fds = _read_start(sock)
         request = parse_start(message)
-        own = (request.restore is not None) + (request.incoming is not None)
+        first_output = (request.restore is not None) + (request.incoming is not None)
+        own = first_output + len(request.outputs)
         if len(fds) != own + len(request.bind_paths):
             close_fds(fds)
             raise ChannelError("the start message came with the wrong fds")
         bind_fds = dict(zip(request.bind_paths, fds[own:], strict=True))
+        output_fds = dict(zip(request.outputs, fds[first_output:own], strict=True))
         fds = fds[:own]
     except ChannelError as e:
         with contextlib.suppress(OSError):  # the daemon may be gone already
@@ -427,8 +469,9 @@ def run_worker(channel_fd: int) -> int:
             return 1
     try:
         snapshot_fd = fds[0] if request.restore is not None else None
-        listening_fd = fds[-1] if request.incoming is not None else None
-        trio.run(_Worker(Channel(sock), request, snapshot_fd, listening_fd).run)
+        listening_fd = fds[first_output - 1] if request.incoming is not None else None
+        trio.run(_Worker(Channel(sock), request, snapshot_fd, listening_fd,
+                         output_fds).run)
     except ChannelError as e:
         log.warning("worker channel failed", reason=str(e))
         return 1

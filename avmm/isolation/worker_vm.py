@@ -14,8 +14,11 @@ What the jail keeps from the worker is brought by the daemon: CPU controls (it o
 VM's cgroup), a restore's snapshot (its directory's fd, closed before the guest runs), a
 migration's connection (a connected or listening socket), a snapshot's two files (the
 daemon makes the directory and the files, the worker only writes into them: a directory
-fd would let a process walk out of its jail). Not yet in process mode: daemon-wide
-rate-limit groups (400).
+fd would let a process walk out of its jail), the serial/console output file and the
+console socket (opened and bound here through the path policy with none mode's checks,
+their fds handed over; the daemon removes the socket's file when the worker ends, as a
+VM of none mode does when it stops). Not yet in process mode: daemon-wide rate-limit
+groups (400).
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from ..host import ConsoleHub, ConsoleSubscription, config_to_dict, cpu_change
 from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, VmMetrics, VmState
 from ..migration.errors import MigrationError
 from ..migration.progress import MigrationProgress, MigrationState
-from ..paths import NewPath, PathPolicy
+from ..paths import BoundSocket, NewPath, PathPolicy
 from ..state import PartialSnapshot, SnapshotError, SnapshotInfo
-from ..vm import OpenedSnapshot, open_snapshot
+from ..vm import CONSOLE_STEP, SERIAL_STEP, OpenedSnapshot, open_snapshot, step_failed
 from .channel import Channel, ChannelClosed, ChannelError, close_fds, socketpair
 from .jail import (
     NETNS_DIR,
@@ -199,7 +202,7 @@ class WorkerVm:
         self.id = vm_id
         self.name = config.name or vm_id
         self.created_at = time.time()
-        _refuse_shared_outputs(config)
+        _refuse_shared_state(config)
         if config.machine.cpu_profile == "auto":
             # Resolved here: the worker's jail has no /sys to tell it (the config shown
             # is the one the VM runs with).
@@ -215,6 +218,10 @@ class WorkerVm:
         self._incoming = incoming
         self._paths = paths
         self._isolation = isolation
+        #: The output file and console socket the daemon opened for the worker, by key
+        #: (see _open_outputs); once handed over, only the console socket stays (its
+        #: file is removed when the worker has ended).
+        self._outputs: dict[str, int | BoundSocket] = {}
         self._status: dict[str, Any] | None = None
         self._console = ConsoleHub()
         self._channel: Channel | None = None
@@ -746,6 +753,8 @@ class WorkerVm:
         try:
             spec = plan_jail(self._config, self.id, jail_root=isolation.jail_root,
                              uid=uid, gid=gid)
+            self._outputs = await trio.to_thread.run_sync(
+                _open_outputs, self.name, self._config, self._paths)
             await trio.to_thread.run_sync(prepare_jail_dir, spec)
             try:
                 await self._spawn(spec)
@@ -785,6 +794,12 @@ class WorkerVm:
                 self._incoming.listener.close()  # a unix socket's file goes with it
                 self._incoming = None
             await self._reap()
+            if self._outputs:
+                # The console socket's file goes once nothing listens on it any more,
+                # as a VM of none mode removes it when it stops.
+                outputs, self._outputs = self._outputs, {}
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_close_outputs, outputs)
             if self._channel is not None:
                 self._channel.close()
             if self._log_fd is not None:
@@ -833,8 +848,11 @@ class WorkerVm:
         # policy: a component swapped for a symlink after the check changes nothing.
         sources = await trio.to_thread.run_sync(_open_bind_sources, spec, self._paths)
         incoming = self._incoming
+        outputs = self._outputs
         fds = [*(() if restore is None else (restore.dir_fd,)),
                *(() if incoming is None else (incoming.listener.fileno(),)),
+               *(output.socket.fileno() if isinstance(output, BoundSocket) else output
+                 for output in outputs.values()),
                *sources.values()]
         try:
             await self._channel.send({
@@ -842,6 +860,7 @@ class WorkerVm:
                 "config": config_to_dict(config),
                 "start": self._start, "seccomp": isolation.seccomp.value,
                 "jail": spec.to_dict(), "bind_fds": list(sources),
+                "outputs": list(outputs),
                 "restore": None if restore is None else {
                     "path": restore.path, "copy_memory": restore.copy_memory,
                     "vhost_user": dict(restore.vhost_user)},
@@ -852,6 +871,14 @@ class WorkerVm:
             }, fds)
         finally:
             close_fds(list(sources.values()))
+            # The worker has its own copies now (or never will); the console socket's
+            # BoundSocket stays, to remove its file when the worker has ended.
+            for key, output in list(outputs.items()):
+                if isinstance(output, BoundSocket):
+                    output.socket.close()
+                else:
+                    os.close(output)
+                    del outputs[key]
             if restore is not None:
                 # The worker has its own copy now (or never will): this one goes.
                 os.close(restore.dir_fd)
@@ -1179,11 +1206,10 @@ class RestoreRequest:
     vhost_user: dict[str, str]
 
 
-def _refuse_shared_outputs(config: VmConfig) -> None:
-    """Output files and console sockets are made by the VM in a directory of the host:
-    in a jail that directory would have to be bound writable, and with it everything
-    else in it (other VMs' disks, other sockets). Until the daemon makes them and hands
-    their fds over, such a config is refused in process mode.
+def _refuse_shared_state(config: VmConfig) -> None:
+    """What a worker cannot have: a daemon-wide rate-limit group (its buckets would be
+    shared across processes), taps in more than one network namespace. (Output files
+    and console sockets it can: the daemon opens them, see :func:`_open_outputs`.)
 
     :raises ConfigError: it names one (400, with the key).
     """
@@ -1205,13 +1231,45 @@ def _refuse_shared_outputs(config: VmConfig) -> None:
         raise ConfigError("with --isolation process the taps of a VM must be in one "
                           "network namespace (its worker lives in it)",
                           path=config.source, key="net.netns")
-    for key, output in (("serial", config.serial), ("console", config.console)):
-        if output is not None and output.mode in ("file", "socket"):
-            raise ConfigError(f'mode = "{output.mode}" is not available with --isolation '
-                              "process yet (its directory would be writable in the jail); "
-                              "read and type into the serial port through GET/POST "
-                              "/vms/{id}/console, or use --isolation none",
-                              path=config.source, key=f"{key}.mode")
+
+
+def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,
+                  ) -> dict[str, int | BoundSocket]:
+    """The serial port's output file and the virtio console's file or socket, by key
+    (``serial.path``, ``console.path``), opened or bound through ``paths`` by the very
+    calls a VM of none mode makes (:meth:`PathPolicy.open_output`,
+    :meth:`PathPolicy.bind_socket`), for a worker whose jail holds none of their
+    directories (writable, it would expose everything else in them). Blocks: a thread.
+
+    :raises VmStartError: as the VM's build would fail, naming its step and the key (a
+        PathNotAllowedError inside: 403).
+    """
+    policy = paths if paths is not None else PathPolicy()
+    opened: dict[str, int | BoundSocket] = {}
+    try:
+        for step, key, output in ((SERIAL_STEP, "serial.path", config.serial),
+                                  (CONSOLE_STEP, "console.path", config.console)):
+            if output is None or output.path is None:
+                continue
+            try:
+                opened[key] = policy.bind_socket(output.path, key) \
+                    if output.mode == "socket" else policy.open_output(output.path, key)
+            except (AvmmError, OSError) as e:
+                raise step_failed(vm, step, e) from e
+    except BaseException:
+        _close_outputs(opened)
+        raise
+    return opened
+
+
+def _close_outputs(outputs: dict[str, int | BoundSocket]) -> None:
+    """Close what :func:`_open_outputs` opened; a console socket's file is removed."""
+    for output in outputs.values():
+        if isinstance(output, BoundSocket):
+            output.close()
+        else:
+            with contextlib.suppress(OSError):
+                os.close(output)
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from avmm.config import (
     MachineConfig,
     NetConfig,
     SerialConfig,
+    VhostUserConfig,
     VmConfig,
 )
 from avmm.isolation.jail import (
@@ -95,14 +96,15 @@ def test_plan_jail_binds_exactly_what_the_vm_needs() -> None:
     assert spec.root == "/srv/avmm/jail/vm-1a2b3c"
     assert (spec.uid, spec.gid, spec.netns, spec.max_files) == (100_000, 100_001, None, 4096)
     assert _without_runtime(spec) == [
-        Bind("/run/avmm/consoles", writable=True),   # the console socket is made here
         Bind("/run/backends", writable=False),       # connect(2) needs no write access
         Bind("/srv/images/base.img", writable=False),
         Bind("/srv/images/initrd.img", writable=False),
         Bind("/srv/images/vmlinux", writable=False),
         Bind("/srv/vms/web/root.img", writable=True),
-        Bind("/var/log/avmm", writable=True),
     ]
+    # The serial log and the console socket are opened (bound) by the daemon and handed
+    # over: nothing of their directories is in the jail, only empty stand-ins.
+    assert spec.dirs == ("/run/avmm/consoles", "/var/log/avmm")
     assert spec.devices == ("/dev/kvm", "/dev/net/tun", "/dev/null", "/dev/urandom")
     assert set(runtime_binds()) <= set(spec.binds)
     assert [bind.path for bind in spec.binds] == sorted(bind.path for bind in spec.binds)
@@ -111,17 +113,16 @@ def test_plan_jail_binds_exactly_what_the_vm_needs() -> None:
 def test_plan_jail_drops_binds_inside_a_bind_with_the_same_access() -> None:
     config = _config(
         boot=BootConfig(kernel=Path("/srv/vm/vmlinux")),
-        serial=SerialConfig(mode="file", path=Path("/srv/vm/serial.log")),
+        vhost_users=(VhostUserConfig(socket=Path("/srv/vm/fs.sock"), device_id=26),),
         disks=(DiskConfig(path=Path("/srv/vm/root.img")),
-               DiskConfig(path=Path("/srv/vm/base.img"), readonly=True),
+               DiskConfig(path=Path("/srv/vm/sub/base.img"), readonly=True),
                DiskConfig(path=Path("/srv/vm/root.img"), readonly=True)),
     )
     spec = plan_jail(config, "vm-1", jail_root="/var/jail", uid=5000, gid=5000)
-    # /srv/vm is writable (the serial log goes there): the rw disk is already in it; the
-    # kernel and the read-only disk get read-only mounts on top.
-    assert _without_runtime(spec) == [Bind("/srv/vm", writable=True),
-                                      Bind("/srv/vm/base.img", writable=False),
-                                      Bind("/srv/vm/vmlinux", writable=False)]
+    # /srv/vm is bound read-only (the back-end's socket is there): the kernel and the
+    # read-only disk are already in it; the rw disk gets a writable mount on top.
+    assert _without_runtime(spec) == [Bind("/srv/vm", writable=False),
+                                      Bind("/srv/vm/root.img", writable=True)]
 
 
 def test_plan_jail_network_namespaces() -> None:
@@ -140,13 +141,23 @@ def test_plan_jail_network_namespaces() -> None:
 
 
 def test_plan_jail_output_to_a_device() -> None:
-    config = _config(serial=SerialConfig(mode="file", path=Path("/dev/null")))
-    spec = plan_jail(config, "vm-1", uid=5000, gid=5000)
-    assert not any(bind.path == "/dev" for bind in spec.binds)
-    assert "/dev/null" in spec.devices
-    config = _config(serial=SerialConfig(mode="file", path=Path("/dev/mem")))
-    with pytest.raises(JailError, match="/dev/mem"):
-        plan_jail(config, "vm-1", uid=5000, gid=5000)
+    # The daemon opens it (any character device, as in none mode) and hands it over:
+    # neither /dev nor the device comes into the jail for it.
+    for device in ("/dev/null", "/dev/tty"):
+        config = _config(serial=SerialConfig(mode="file", path=Path(device)))
+        spec = plan_jail(config, "vm-1", uid=5000, gid=5000)
+        assert not any(bind.path == "/dev" for bind in spec.binds)
+        assert spec.devices == ("/dev/kvm", "/dev/null", "/dev/urandom")
+        assert spec.dirs == ()
+
+
+def test_a_jail_spec_refuses_a_bad_stand_in_directory() -> None:
+    spec = plan_jail(_config(), "vm-1", uid=5000, gid=5000)
+    data = spec.to_dict()
+    assert JailSpec.from_dict({**data, "dirs": ["/var/log"]}).dirs == ("/var/log",)
+    for dirs in (["/proc/x"], ["/dev"], ["relative"], ["/a/../b"], ["/b", "/a"], "/a"):
+        with pytest.raises(JailError):
+            JailSpec.from_dict({**data, "dirs": dirs})
 
 
 @pytest.mark.parametrize("vm_id", ["", "..", "vm/1", "vm.1", "a" * 65, "vm 1", "é"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -210,16 +211,6 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
         assert failed.value.status == 422, failed.value
         assert "kernel" in str(failed.value), failed.value
         assert [entry["id"] for entry in await api.list_vms()] == [vm["id"]]
-        # An output file or console socket would need its whole directory writable in
-        # the jail: refused, naming the key.
-        for key, section in (("serial.mode", {"serial": {"mode": "file", "path": str(
-                jail_root.parent / "serial.log")}}),
-                ("console.mode", {"console": {"mode": "socket", "path": str(
-                    jail_root.parent / "console.sock")}})):
-            with pytest.raises(ApiError) as refused:
-                await api.create_vm({**_config("echo"), **section})
-            assert refused.value.status == 400 and refused.value.detail["key"] == key
-            assert "--isolation process" in str(refused.value)
         # A daemon-wide rate-limit group's buckets would have to be shared across
         # processes: refused, naming the key.
         await api._request("PUT", "/rate_limit_groups/shared",
@@ -231,6 +222,71 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
             await api.create_vm(grouped)
         assert refused.value.status == 400, refused.value
         assert refused.value.detail["key"] == "disk[0].rate_limit_group", refused.value
+
+
+async def test_a_workers_serial_file_and_console_socket_are_opened_by_the_daemon() -> None:
+    """The daemon opens the serial log and binds the console socket (none mode's checks)
+    and hands their fds over: the worker writes and serves them, its jail holds nothing
+    of their directory, and the socket's file goes when the VM is deleted."""
+    async with process_daemon() as (_daemon, api, jail_root):
+        scratch = jail_root.parent
+        log, sock = scratch / "serial.log", scratch / "console.sock"
+        config = {**_config("console"), "serial": {"mode": "file", "path": str(log)},
+                  "console": {"mode": "socket", "path": str(sock)}}
+        vm = await api.create_vm(config)
+        vm_id, pid = vm["id"], vm["pid"]
+        assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+        # The directory is an empty stand-in in the jail (the config names it).
+        assert list((Path(f"/proc/{pid}/root") / scratch.relative_to("/")).iterdir()) == []
+        # Its fds: a VM's (see WORKER_FDS; the console's listening socket is a socket) and
+        # the serial log; no directory.
+        extra = [fd for fd in os.listdir(f"/proc/{pid}/fd")
+                 if not WORKER_FDS.fullmatch(os.readlink(f"/proc/{pid}/fd/{fd}"))]
+        assert [os.stat(f"/proc/{pid}/fd/{fd}")[1:3] for fd in extra] \
+            == [log.stat()[1:3]], [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in extra]
+
+        client = await trio.open_unix_socket(str(sock))
+        seen = b""
+        with trio.fail_after(60):
+            async with client:
+                for expected, typed in ((b"console hello\n", b"through the socket\n"),
+                                        (b"console echo through the socket\n", b"quit\n"),
+                                        (b"console bye\n", None)):
+                    while expected not in seen:
+                        chunk = await client.receive_some()
+                        assert chunk, seen
+                        seen += chunk
+                    if typed is not None:
+                        await client.send_all(typed)
+        vm = await _until_stopped(api, vm_id)
+        assert vm["exit"]["reason"] == "reset", vm["exit"]
+        text = log.read_text()
+        assert "avmm-testguest: console0 ready" in text, text
+        assert "avmm-testguest: console0 echoed=1" in text, text
+        await api.delete_vm(vm_id)
+        assert not sock.exists()
+        assert not (jail_root / vm_id).exists()
+
+
+async def test_a_workers_bad_output_paths_are_400_naming_the_key() -> None:
+    async with process_daemon() as (_daemon, api, jail_root):
+        scratch = jail_root.parent
+        fifo = scratch / "fifo"
+        os.mkfifo(fifo)
+        precious = scratch / "precious"
+        precious.write_text("keep me\n")
+        for key, section in (
+                ("serial.path", {"serial": {"mode": "file", "path": str(fifo)}}),
+                ("console.path", {"console": {"mode": "file", "path": str(fifo)}}),
+                ("console.path", {"console": {"mode": "socket", "path": str(precious)}}),
+                ("console.path", {"console": {"mode": "socket",
+                                              "path": str(scratch / ("s" * 110))}})):
+            with trio.fail_after(30), pytest.raises(ApiError) as refused:
+                await api.create_vm({**_config("echo"), **section})
+            assert (refused.value.status, refused.value.detail["key"]) == (400, key), \
+                refused.value
+        assert precious.read_text() == "keep me\n"
+        assert await api.list_vms() == []
 
 
 async def test_jail_flags_without_process_isolation_are_refused(tmp_path: Path) -> None:
