@@ -10,8 +10,8 @@ While it waits the test checks the worker: unprivileged, no new privileges, ever
 guest waits for through POST /vms/{id}/console, and guest-checks run in the worker: the
 disk read whole, a file written on ext4 (read back on the host), a ping to the tap's host
 end, /dev/hwrng read twice, the system call entry jump (tests/linux/syscall_fault.py).
-Every line is read from the console stream (GET /vms/{id}/console): a daemon's VM has no
-serial file (process mode refuses one). The guest powers off through ACPI S5; no thread
+Every line is read from the console stream (GET /vms/{id}/console), the way a client of
+the daemon reads it (no serial file). The guest powers off through ACPI S5; no thread
 was killed by its filter (that would be the VM's crash, SIGSYS), and deleting the VM
 leaves no jail behind.
 
