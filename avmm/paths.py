@@ -224,10 +224,12 @@ class PathPolicy:
 
     ``opened``: outputs that whoever checked the config has opened already, by key
     (``serial.path``, ``console.path``: an fd from :meth:`open_output`, or a
-    :class:`BoundSocket` from :meth:`bind_socket`). A jailed worker is handed them by
-    its daemon, whose directories are not in its jail: :meth:`open_output` and
-    :meth:`bind_socket` give each one once (to the caller, who closes it) instead of
-    opening the path; :meth:`close` closes those never asked for.
+    :class:`BoundSocket` from :meth:`bind_socket`), and other host objects the build
+    takes by key (``net[N].tap``: a tap's fd, see :meth:`take_opened`). A jailed worker
+    is handed them by its daemon, whose directories (and /dev/net/tun) are not in its
+    jail: :meth:`open_output`, :meth:`bind_socket` and :meth:`take_opened` give each one
+    once (to the caller, who closes it) instead of opening the path; :meth:`close`
+    closes those never asked for.
 
     :raises HostFileError: (from the constructor) an allowed directory cannot be opened.
     """
@@ -261,6 +263,15 @@ class PathPolicy:
             else:
                 _close_quietly(opened)
         self._opened.clear()
+
+    def take_opened(self, key: str) -> int | None:
+        """The fd opened already for ``key`` (see ``opened``), given once: the caller
+        owns it from here. None where there is none (the caller opens it as usual)."""
+        opened = self._opened.get(key)
+        if not isinstance(opened, int):
+            return None
+        del self._opened[key]
+        return opened
 
     def describe(self) -> str:
         if not self.restricted:

@@ -142,6 +142,14 @@ class Tap:
         self.offload = 0
 
     @classmethod
+    def handed_over(cls, fd: int, name: str, *, vnet_header_size: int = 12) -> Tap:
+        """A tap another process opened with :meth:`open` and handed over (the daemon of
+        a jailed worker): attached, non-blocking, ``vnet_header_size`` set, no offloads.
+        Nothing here needs a privilege: the ioctls on an attached tap's fd
+        (:meth:`set_offload`, TUNSETVNETHDRSZ) need none."""
+        return cls(fd, name, vnet_header_size)
+
+    @classmethod
     def open(cls, name: str | None, *, vnet_header_size: int = 12) -> Tap:
         """Create the tap ``name`` (or, with ``None``, a new ``tapN`` the kernel names),
         or attach to it if it exists, with virtio-net headers of ``vnet_header_size``
@@ -202,6 +210,14 @@ class Tap:
     @property
     def closed(self) -> bool:
         return self.fd < 0
+
+    def detach(self) -> int:
+        """The fd, which the caller owns from here (to hand it to another process); this
+        object is closed without closing it."""
+        if self.closed:
+            raise TapError(f"tap {self.name!r} is closed", name=self.name)
+        fd, self.fd = self.fd, -1
+        return fd
 
     def close(self) -> None:
         """Close the fd (idempotent). A tap this object created goes away with it."""

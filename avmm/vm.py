@@ -46,7 +46,7 @@ from .arch.x86.cpuid import filter_cpuid
 from .arch.x86.loader import load_kernel
 from .bus import Bus
 from .cgroups import CpuLimits, CpuUsage, StartGate, VmCpu, limits_from_machine
-from .config import ConsoleConfig, VmConfig, check_cpu_limits
+from .config import ConsoleConfig, NetConfig, VmConfig, check_cpu_limits
 from .cpu_profile import ResolvedProfile, profile_cmdline, resolve_cpu_profile
 from .devices.acpi_sleep import ACPI_SLEEP_PORT_COUNT, AcpiSleep
 from .devices.boot_timer import BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT, BootTimer
@@ -123,6 +123,26 @@ _vm_numbers = itertools.count(1)
 #: or socket (a daemon that opens them for a jailed worker fails with the same steps).
 SERIAL_STEP = "setting up the serial port"
 CONSOLE_STEP = "setting up the virtio console"
+
+
+def tap_step(index: int, net: NetConfig) -> str:
+    """The build step that opens NIC ``index``'s tap (a daemon that opens it for a
+    jailed worker fails with the same step)."""
+    return f"opening tap {net.tap!r} for net{index}"
+
+
+def open_tap(net: NetConfig) -> Any:
+    """The tap of a tap NIC (an :class:`avmm.tap.Tap`), opened in its network namespace
+    when it names one. Blocks briefly (a thread enters the namespace).
+
+    :raises TapError, NetnsError: it cannot be opened; the message says what to fix.
+    """
+    from .tap import Tap
+
+    assert net.tap is not None
+    if net.netns is None:
+        return Tap.open(net.tap)
+    return call_in_netns(net.netns, lambda name=net.tap: Tap.open(name))
 
 
 def step_failed(vm: str, step: str, error: BaseException) -> VmStartError:
@@ -1265,11 +1285,11 @@ class VirtualMachine:
                     mac=net.mac or _derived_mac(self.name, str(net.vhost_user))))
                 continue
             assert net.tap is not None
-            with self._step(f"opening tap {net.tap!r} for net{index}"):
-                if net.netns is None:
-                    tap = Tap.open(net.tap)
-                else:
-                    tap = call_in_netns(net.netns, lambda name=net.tap: Tap.open(name))
+            with self._step(tap_step(index, net)):
+                # A jailed worker is handed its taps, opened by its daemon (the jail
+                # has no /dev/net/tun and the worker no CAP_NET_ADMIN).
+                handed = self._paths.take_opened(f"net[{index}].tap")
+                tap = open_tap(net) if handed is None else Tap.handed_over(handed, net.tap)
                 self._resources.callback(tap.close)
                 keep(NetDevice(tap, mac=net.mac or _derived_mac(self.name, net.tap),
                                name=f"net{index}"))

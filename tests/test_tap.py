@@ -198,3 +198,47 @@ def test_set_offload_on_a_closed_tap_is_a_tap_error(tap_prerequisites: None) -> 
     tap.close()
     with pytest.raises(TapError):
         tap.set_offload(0)
+
+
+def test_an_attached_taps_ioctls_need_no_privilege(tap: Tap) -> None:
+    """What a jailed worker does with the tap its daemon opened, after it dropped every
+    capability (as nobody, in a forked child): offloads and the header size change,
+    a second attach does not."""
+    import fcntl
+    import struct
+
+    from avmm.tap import TUN_F_CSUM, TUNSETVNETHDRSZ
+
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see above
+        pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            handed = Tap.handed_over(tap.fd, tap.name)
+            results = []
+            for name, call in (
+                    ("offload", lambda: handed.set_offload(TUN_F_CSUM)),
+                    ("hdrsz", lambda: fcntl.ioctl(handed.fd, TUNSETVNETHDRSZ,
+                                                  struct.pack("=i", 10))),
+                    ("offload0", lambda: handed.set_offload(0)),
+                    ("open", lambda: Tap.open(tap.name))):
+                try:
+                    call()
+                    results.append(f"{name}=ok")
+                except (OSError, TapError):
+                    results.append(f"{name}=refused")
+            os.write(write_end, " ".join(results).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert message == "offload=ok hdrsz=ok offload0=ok open=refused", message

@@ -13,7 +13,8 @@ Who calls what, in order:
    hold), calls :func:`enter_jail`. Afterwards it is PID 1 of a new PID namespace, its
    root is a tmpfs holding only the bind mounts the VM needs, its environment is empty
    and only fds 0, 1, 2 and the ones it asked to keep are open.
-3. It builds the VM (as root inside the jail: /dev/kvm, disks, taps, sockets), then calls
+3. It builds the VM (as root inside the jail: /dev/kvm, disks, back-end sockets; the
+   daemon opened its outputs and taps and handed them over), then calls
    :func:`drop_privileges` before any vCPU thread starts, then loads its seccomp filters.
 4. Once the worker has exited, the daemon calls :func:`remove_jail`.
 
@@ -287,12 +288,13 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
     Kernel and initrd read-only; disk images with the config's access; the *directory*
     of each vhost-user socket (a back-end that restarts makes a new socket inode, which a
     bind of the file would not show), read-only (connect(2) needs no write access to the
-    mount); ``/dev/kvm`` always, ``/dev/net/tun`` with a tap, and the ``/run/netns``
-    files of the NICs' namespaces (the VM opens their taps through them). When every tap
-    NIC names the same network namespace, the worker enters it too. Serial/console
-    output files and a console socket are not in the jail: the daemon opens (binds)
-    them and hands their fds over; their directories are empty stand-ins (``dirs``),
-    for the worker's own check of its config (an output in ``/dev`` needs none).
+    mount); ``/dev/kvm`` always. Serial/console output files and a console socket are
+    not in the jail: the daemon opens (binds) them and hands their fds over; their
+    directories are empty stand-ins (``dirs``), for the worker's own check of its config
+    (an output in ``/dev`` needs none). Nor are taps: the daemon opens each in its NIC's
+    network namespace and hands its fd over, so the jail has neither ``/dev/net/tun``
+    nor a ``/run/netns`` file, and the worker enters no network namespace (``netns``
+    stays None: it makes no IP socket, the daemon makes a migration's connections).
     """
     if not isinstance(vm_id, str) or not _VM_ID_RE.fullmatch(vm_id):
         raise JailError(f"VM id {vm_id!r} cannot name a jail: use letters, digits, '-' "
@@ -319,15 +321,9 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
             bind(disk.path, not disk.readonly)
         if disk.vhost_user is not None:
             bind(os.path.dirname(disk.vhost_user), False)
-    namespaces: set[str | None] = set()
     for net in config.nets:
         if net.vhost_user is not None:
             bind(os.path.dirname(net.vhost_user), False)
-        if net.tap is not None:
-            devices.add("/dev/net/tun")
-            namespaces.add(net.netns)
-            if net.netns is not None:
-                bind(f"{NETNS_DIR}/{net.netns}", False)
     for generic in config.vhost_users:
         bind(os.path.dirname(generic.socket), False)
     if config.serial.mode == "file" and config.serial.path is not None:
@@ -336,12 +332,10 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         output(config.console.path)
     for runtime in runtime_binds():
         wanted.setdefault(runtime.path, False)
-    netns_name = next(iter(namespaces)) if len(namespaces) == 1 else None
     return JailSpec(
         root=os.path.join(jail_root, vm_id), uid=uid, gid=gid,
         binds=_minimal_binds(Bind(path, writable) for path, writable in wanted.items()),
         devices=tuple(sorted(devices)),
-        netns=None if netns_name is None else f"{NETNS_DIR}/{netns_name}",
         dirs=tuple(sorted(dirs)))
 
 
@@ -542,10 +536,11 @@ def remove_jail(root: str) -> None:
 
 #: What a jailed worker still needs while it builds its VM as root: open files and
 #: device nodes it does not own (disks, the jail's /dev/kvm, back-end sockets:
-#: CAP_DAC_OVERRIDE), attach a tap (CAP_NET_ADMIN), and drop to the jail's ids
-#: (CAP_SETUID, CAP_SETGID). Not CAP_SYS_ADMIN (mount, setns, ...), CAP_MKNOD,
-#: CAP_DAC_READ_SEARCH (open_by_handle_at), CAP_SYS_PTRACE, CAP_SYS_MODULE, ...
-BUILD_CAPABILITIES: Final = frozenset({1, 12, 6, 7})  # DAC_OVERRIDE, NET_ADMIN, SETGID, SETUID
+#: CAP_DAC_OVERRIDE), and drop to the jail's ids (CAP_SETUID, CAP_SETGID). Not
+#: CAP_NET_ADMIN (the daemon opens the taps; the ioctls on an attached tap's fd need no
+#: capability), CAP_SYS_ADMIN (mount, setns, ...), CAP_MKNOD, CAP_DAC_READ_SEARCH
+#: (open_by_handle_at), CAP_SYS_PTRACE, CAP_SYS_MODULE, ...
+BUILD_CAPABILITIES: Final = frozenset({1, 6, 7})  # DAC_OVERRIDE, SETGID, SETUID
 _CAP_SETPCAP = 8
 _PR_CAPBSET_DROP = 24
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522

@@ -10,12 +10,13 @@ The order, Firecracker's jailer's where it applies:
    the jail, the seccomp mode, the logging settings.
 3. :func:`avmm.isolation.jail.enter_jail`: inherited fds closed, environment cleared,
    new mount, IPC and PID namespaces (the worker is PID 1 of its own; a reaper parent
-   outside mirrors its exit), the per-VM root bind-mounted and pivoted into, the
-   configured network namespace entered.
-4. The VM is built, as root inside the jail (/dev/kvm, disks, taps and back-end sockets
-   are opened while the process can still open them; only what the jail holds can be;
-   the serial/console output file and the console socket came open with the start
-   message, their directories are not in the jail).
+   outside mirrors its exit), the per-VM root bind-mounted and pivoted into.
+4. The VM is built, as root inside the jail (/dev/kvm, disks and back-end sockets are
+   opened while the process can still open them; only what the jail holds can be; the
+   serial/console output file, the console socket and the NICs' taps came open with the
+   start message: their directories are not in the jail, nor is /dev/net/tun, and the
+   worker has no CAP_NET_ADMIN and stays in the daemon's network namespace, where under
+   its filter it can make unix sockets only).
 5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
@@ -37,6 +38,7 @@ import base64
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import stat
 import sys
@@ -73,10 +75,12 @@ from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 log = structlog.get_logger(__name__)
 
 #: The most fds the start message may carry (a snapshot directory or a migration's
-#: listening socket, the outputs, the binds' sources).
+#: listening socket, the outputs and taps, the binds' sources).
 START_FDS_MAX = 64
 #: The outputs the daemon may open for the VM (the config keys of their paths).
 OUTPUT_KEYS = ("serial.path", "console.path")
+#: The config key of a NIC's tap, which the daemon opens for the VM too.
+_TAP_KEY = re.compile(r"net\[(0|[1-9][0-9]?)\]\.tap")
 #: Console output is sent in chunks of at most this many bytes (base64 in JSON, well
 #: under the channel's message limit).
 CONSOLE_CHUNK = 32 * 1024
@@ -100,7 +104,8 @@ class StartRequest:
     #: the listening socket came with the message (after the snapshot's fd).
     incoming: dict[str, Any] | None
     #: The outputs whose fds came with the message (after the listening socket's), by
-    #: config key: the serial/console output file, the console's listening socket.
+    #: config key: the serial/console output file, the console's listening socket, the
+    #: NICs' taps (``net[N].tap``).
     outputs: tuple[str, ...]
     log_level: str
     log_format: str
@@ -134,11 +139,13 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
             raise ValueError("incoming has the wrong shape")
         outputs = message.get("outputs", [])
         if not isinstance(outputs, list) or len(set(outputs)) != len(outputs) \
-                or not all(key in OUTPUT_KEYS for key in outputs):
+                or not all(isinstance(key, str) and (key in OUTPUT_KEYS
+                                                     or _TAP_KEY.fullmatch(key))
+                           for key in outputs):
             raise ValueError("outputs has the wrong shape")
         bind_paths = message.get("bind_fds", [])
         if not isinstance(bind_paths, list) \
-                or len(bind_paths) > START_FDS_MAX - 2 - len(OUTPUT_KEYS) \
+                or len(bind_paths) > START_FDS_MAX - 2 - len(outputs) \
                 or not all(isinstance(path, str) for path in bind_paths):
             raise ValueError("bind_fds has the wrong shape")
         level = message.get("log_level", "warning")
@@ -190,8 +197,7 @@ class _Worker:
         from ..state import SnapshotError
         from .worker_vm import worker_config
 
-        adjusted = worker_config(daemon_config(config), jailed_netns=self.request.jail
-                                 is not None and self.request.jail.netns is not None)
+        adjusted = worker_config(daemon_config(config))
         mine, checked = config_to_dict(adjusted), dict(self.request.config)
         if config.machine.cpu_profile == "auto":
             # The daemon resolved it (this jail has no /sys to tell).
@@ -283,7 +289,7 @@ class _Worker:
     def _outputs(self, config: Any) -> dict[str, int | BoundSocket]:
         """The handed-over outputs as the VM's build takes them from its path policy:
         the console's listening socket as a BoundSocket (its file is the daemon's to
-        remove), an output file as its fd."""
+        remove), an output file or a tap as its fd."""
         outputs: dict[str, int | BoundSocket] = {}
         fds, self.output_fds = self.output_fds, {}
         try:

@@ -17,8 +17,10 @@ daemon makes the directory and the files, the worker only writes into them: a di
 fd would let a process walk out of its jail), the serial/console output file and the
 console socket (opened and bound here through the path policy with none mode's checks,
 their fds handed over; the daemon removes the socket's file when the worker ends, as a
-VM of none mode does when it stops). Not yet in process mode: daemon-wide rate-limit
-groups (400).
+VM of none mode does when it stops), the NICs' taps (opened here, each in its network
+namespace, as none mode opens them: the jail has no /dev/net/tun, the worker neither
+CAP_NET_ADMIN nor a network namespace of the taps'). Not yet in process mode:
+daemon-wide rate-limit groups (400).
 """
 
 from __future__ import annotations
@@ -52,10 +54,17 @@ from ..migration.errors import MigrationError
 from ..migration.progress import MigrationProgress, MigrationState
 from ..paths import BoundSocket, NewPath, PathPolicy
 from ..state import PartialSnapshot, SnapshotError, SnapshotInfo
-from ..vm import CONSOLE_STEP, SERIAL_STEP, OpenedSnapshot, open_snapshot, step_failed
+from ..vm import (
+    CONSOLE_STEP,
+    SERIAL_STEP,
+    OpenedSnapshot,
+    open_snapshot,
+    open_tap,
+    step_failed,
+    tap_step,
+)
 from .channel import Channel, ChannelClosed, ChannelError, close_fds, socketpair
 from .jail import (
-    NETNS_DIR,
     JailError,
     JailSpec,
     UidAllocator,
@@ -218,9 +227,9 @@ class WorkerVm:
         self._incoming = incoming
         self._paths = paths
         self._isolation = isolation
-        #: The output file and console socket the daemon opened for the worker, by key
-        #: (see _open_outputs); once handed over, only the console socket stays (its
-        #: file is removed when the worker has ended).
+        #: The output file, console socket and taps the daemon opened for the worker, by
+        #: config key (see _open_outputs); once handed over, only the console socket
+        #: stays (its file is removed when the worker has ended).
         self._outputs: dict[str, int | BoundSocket] = {}
         self._status: dict[str, Any] | None = None
         self._console = ConsoleHub()
@@ -842,7 +851,7 @@ class WorkerVm:
             theirs.close()
         self._channel = Channel(ours)
         isolation = self._isolation
-        config = worker_config(self._config, jailed_netns=spec.netns is not None)
+        config = worker_config(self._config)
         restore = self._restore
         # What the VM's config names is bound from fds opened here, through the path
         # policy: a component swapped for a symlink after the check changes nothing.
@@ -872,7 +881,8 @@ class WorkerVm:
         finally:
             close_fds(list(sources.values()))
             # The worker has its own copies now (or never will); the console socket's
-            # BoundSocket stays, to remove its file when the worker has ended.
+            # BoundSocket stays, to remove its file when the worker has ended. (A tap the
+            # daemon created goes when the worker's copy is closed.)
             for key, output in list(outputs.items()):
                 if isinstance(output, BoundSocket):
                     output.socket.close()
@@ -1150,13 +1160,13 @@ def _write_stderr(text: str) -> None:
 
 def _open_bind_sources(spec: JailSpec, paths: PathPolicy | None) -> dict[str, int]:
     """An O_PATH fd of each bind that comes from the VM's config (not the Python
-    runtime, not a /run/netns file), opened through ``paths``; by bind path."""
+    runtime), opened through ``paths``; by bind path."""
     policy = paths if paths is not None else PathPolicy()
     runtime = {bind.path for bind in runtime_binds()}
     sources: dict[str, int] = {}
     try:
         for bind in spec.binds:
-            if bind.path in runtime or bind.path.startswith(f"{NETNS_DIR}/"):
+            if bind.path in runtime:
                 continue
             sources[bind.path] = policy.open_path(Path(bind.path), "jail")
     except BaseException:
@@ -1169,19 +1179,17 @@ def _open_bind_sources(spec: JailSpec, paths: PathPolicy | None) -> dict[str, in
     return sources
 
 
-def worker_config(config: VmConfig, *, jailed_netns: bool) -> VmConfig:
+def worker_config(config: VmConfig) -> VmConfig:
     """The config a worker builds its VM from: without the CPU controls (the daemon
-    applies them: the jail holds no cgroup tree), and, where the jail put the worker in
-    its taps' network namespace, without that namespace (entering it again for each
-    tap would need CAP_SYS_ADMIN, which the builder no longer has)."""
-    config = dataclasses.replace(config, machine=dataclasses.replace(
-        config.machine, cpu_weight=None, cpu_max_percent=None, cpu_affinity=None,
-        vcpu_affinity=None))
-    if jailed_netns:
-        config = dataclasses.replace(config, nets=tuple(
-            dataclasses.replace(net, netns=None) if net.tap is not None else net
-            for net in config.nets))
-    return config
+    applies them: the jail holds no cgroup tree), and without its taps' network
+    namespaces (the daemon opened the taps in them, see :func:`_open_outputs`; the jail
+    has no /run/netns to check the names against)."""
+    return dataclasses.replace(
+        config,
+        machine=dataclasses.replace(config.machine, cpu_weight=None, cpu_max_percent=None,
+                                    cpu_affinity=None, vcpu_affinity=None),
+        nets=tuple(dataclasses.replace(net, netns=None) if net.tap is not None else net
+                   for net in config.nets))
 
 
 @dataclasses.dataclass
@@ -1208,8 +1216,8 @@ class RestoreRequest:
 
 def _refuse_shared_state(config: VmConfig) -> None:
     """What a worker cannot have: a daemon-wide rate-limit group (its buckets would be
-    shared across processes), taps in more than one network namespace. (Output files
-    and console sockets it can: the daemon opens them, see :func:`_open_outputs`.)
+    shared across processes). (Output files, console sockets and taps, in any network
+    namespaces, it can: the daemon opens them, see :func:`_open_outputs`.)
 
     :raises ConfigError: it names one (400, with the key).
     """
@@ -1226,11 +1234,6 @@ def _refuse_shared_state(config: VmConfig) -> None:
                               "be shared across processes); define it in the VM's "
                               "[rate_limit_groups], or use --isolation none",
                               path=config.source, key=key)
-    namespaces = {net.netns for net in config.nets if net.tap is not None}
-    if len(namespaces) > 1:
-        raise ConfigError("with --isolation process the taps of a VM must be in one "
-                          "network namespace (its worker lives in it)",
-                          path=config.source, key="net.netns")
 
 
 def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,
@@ -1239,7 +1242,10 @@ def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,
     (``serial.path``, ``console.path``), opened or bound through ``paths`` by the very
     calls a VM of none mode makes (:meth:`PathPolicy.open_output`,
     :meth:`PathPolicy.bind_socket`), for a worker whose jail holds none of their
-    directories (writable, it would expose everything else in them). Blocks: a thread.
+    directories (writable, it would expose everything else in them); then the tap of
+    each tap NIC (``net[N].tap``: its fd), as none mode opens it (:func:`avmm.vm.open_tap`,
+    in the NIC's network namespace), for a worker whose jail has no /dev/net/tun and
+    which has no CAP_NET_ADMIN. Blocks: a thread.
 
     :raises VmStartError: as the VM's build would fail, naming its step and the key (a
         PathNotAllowedError inside: 403).
@@ -1256,6 +1262,13 @@ def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,
                     if output.mode == "socket" else policy.open_output(output.path, key)
             except (AvmmError, OSError) as e:
                 raise step_failed(vm, step, e) from e
+        for index, net in enumerate(config.nets):
+            if net.tap is None:
+                continue
+            try:
+                opened[f"net[{index}].tap"] = open_tap(net).detach()
+            except (AvmmError, OSError) as e:
+                raise step_failed(vm, tap_step(index, net), e) from e
     except BaseException:
         _close_outputs(opened)
         raise

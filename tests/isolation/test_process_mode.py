@@ -519,3 +519,113 @@ def guest_config_echo() -> Any:
     from tests.vm.helpers import guest_config
 
     return guest_config("avmm.test=echo", memory_mib=32)
+
+
+def _links(pid: int) -> list[str]:
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return links
+
+
+async def test_a_workers_taps_are_opened_by_the_daemon() -> None:
+    """The daemon opens each tap in its NIC's network namespace (two namespaces here,
+    and one tap the open creates) and hands the fds over: the worker holds the taps,
+    its jail has no /dev/net/tun, CAP_NET_ADMIN is not even in its bounding set, and it
+    stays in the daemon's network namespace; the daemon keeps no copy, and a tap the
+    daemon created goes with the worker."""
+    from tests.prerequisites import net_problem
+    from tests.virtio_guest_support import TapNamespace
+
+    require(net_problem())
+    with TapNamespace("avmmpm0") as blue, TapNamespace("avmmpm1") as red:
+        async with process_daemon() as (daemon, api, _jail_root):
+            config = _config("echo")
+            config["net"] = [{"tap": blue.tap, "netns": blue.netns},
+                             {"tap": "avmmpmnew", "netns": red.netns}]
+            vm = await api.create_vm(config)
+            vm_id, pid = vm["id"], vm["pid"]
+            # Its fds: a VM's (see WORKER_FDS) and the two taps.
+            extra = [link for link in _links(pid) if not WORKER_FDS.fullmatch(link)]
+            assert extra == ["/dev/net/tun", "/dev/net/tun"], extra
+            assert not (Path(f"/proc/{pid}/root") / "dev/net").exists()
+            assert not (Path(f"/proc/{pid}/root") / "run/netns").exists()
+            status = _status(pid)
+            assert int(status["CapEff"], 16) == 0, status["CapEff"]
+            assert not int(status["CapBnd"], 16) & (1 << 12), status["CapBnd"]  # NET_ADMIN
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino \
+                == os.stat(f"/proc/{daemon.process.pid}/ns/net").st_ino
+            assert "/dev/net/tun" not in _links(daemon.process.pid)
+            assert "avmmpmnew" in _ip_links(red.netns)
+            assert b"echo with two taps" in await _echo(api, vm_id, "with two taps")
+            await api.delete_vm(vm_id)
+            assert "avmmpmnew" not in _ip_links(red.netns)
+            assert blue.tap in _ip_links(blue.netns)
+            assert "SIGSYS" not in daemon.stderr.read_text()
+
+
+def _ip_links(netns: str) -> str:
+    import subprocess
+
+    return subprocess.run(["ip", "-n", netns, "-o", "link"], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+
+
+async def test_a_workers_bad_tap_fails_as_in_none_mode_and_the_daemon_keeps_no_fd(
+    tmp_path: Path,
+) -> None:
+    """Not a tap, a busy tap, a namespace that does not exist (next to a good tap in
+    another namespace): the answer of a daemon in none mode, word for word (422 naming
+    the build step, or 400 naming the key); the daemon in process mode holds no more
+    fds than before, and starts no worker."""
+    from avmm.netns import call_in_netns
+    from avmm.tap import Tap
+    from tests.prerequisites import net_problem
+    from tests.virtio_guest_support import TapNamespace
+
+    require(net_problem())
+
+    def bad_configs(netns: str, other: str) -> list[dict[str, Any]]:
+        configs = []
+        for net in ({"tap": "lo", "netns": netns}, {"tap": "avmmpmbusy", "netns": netns},
+                    {"tap": "avmmpm3", "netns": "avmm-no-such-ns"}):
+            config = {**_config("echo"), "name": "badtap",
+                      "serial": {"mode": "file", "path": str(tmp_path / "serial.log")}}
+            config["net"] = [{"tap": "avmmpmok", "netns": other}, net]
+            configs.append(config)
+        return configs
+
+    async def answers(api: ApiClient) -> list[tuple[int, Any, str]]:
+        seen = []
+        for config in bad_configs(blue.netns, red.netns):
+            with trio.fail_after(30), pytest.raises(ApiError) as failed:
+                await api.create_vm(config)
+            seen.append((failed.value.status, failed.value.detail, str(failed.value)))
+        return seen
+
+    with TapNamespace("avmmpm2") as blue, TapNamespace("avmmpm4") as red:
+        busy = call_in_netns(blue.netns, lambda: Tap.open("avmmpmbusy"))
+        try:
+            (tmp_path / "none").mkdir()
+            async with running_daemon(tmp_path / "none") as none_daemon, \
+                    ApiClient(none_daemon.socket) as none_api:
+                expected = await answers(none_api)
+            assert [(status, detail) for status, detail, _ in expected] == [
+                (422, {"step": "opening tap 'lo' for net1"}),
+                (422, {"step": "opening tap 'avmmpmbusy' for net1"}),
+                (400, {"key": "net[1].netns", "reason": expected[2][1]["reason"]})], expected
+            async with process_daemon() as (daemon, api, jail_root):
+                await answers(api)  # anything the daemon opens once, on first use
+                before = _links(daemon.process.pid)
+                assert await answers(api) == expected
+                assert sorted(_links(daemon.process.pid)) == sorted(before)
+                assert "/dev/net/tun" not in before
+                assert await api.list_vms() == []
+                assert not jail_root.exists() or list(jail_root.iterdir()) == []
+            # The taps the daemons created are gone, the busy one is still this test's.
+            assert "avmmpmok" not in _ip_links(red.netns)
+        finally:
+            busy.close()

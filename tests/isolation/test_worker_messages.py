@@ -92,7 +92,7 @@ def test_a_restored_config_must_be_the_one_the_daemon_checked(tmp_path: Any) -> 
     disk.write_bytes(bytes(512))
     saved = dataclasses.replace(guest_config("avmm.test=echo"),
                                 disks=(DiskConfig(disk),))
-    checked = worker_config(saved, jailed_netns=False)
+    checked = worker_config(saved)
     request = parse_start({"op": "start", "vm_id": "vm-test", "start": True,
                            "config": config_to_dict(checked), "jail": None,
                            "restore": {"path": str(tmp_path), "copy_memory": False,

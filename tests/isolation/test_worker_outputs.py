@@ -1,12 +1,15 @@
 """The serial log and console socket of a VM in a worker: the daemon opens them
 (:func:`avmm.isolation.worker_vm._open_outputs`) by the calls a VM of none mode makes, and
-the worker's path policy hands them to the VM's build instead of opening the paths."""
+the worker's path policy hands them to the VM's build instead of opening the paths. The
+same for the NICs' taps (opened in their network namespaces)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,88 @@ def test_a_policy_hands_over_what_was_opened_once(tmp_path: Path) -> None:
     PathPolicy(opened={"serial.path": unused}).close()
     with pytest.raises(OSError):
         os.fstat(unused)
+
+
+def _tap_name(fd: int) -> str:
+    """The name of the tap attached to ``fd`` (TUNGETIFF: no privilege needed)."""
+    import fcntl
+
+    reply = fcntl.ioctl(fd, 0x800454D2, bytes(40))  # TUNGETIFF
+    return reply[:16].split(b"\0", 1)[0].decode()
+
+
+def test_the_daemon_opens_a_workers_taps_in_their_namespaces() -> None:
+    """Each tap NIC's tap, opened as none mode's build opens it (in the NIC's network
+    namespace), by key ``net[N].tap``; a vhost-user NIC has none."""
+    from avmm.config import NetConfig
+    from tests.prerequisites import net_problem, require
+    from tests.virtio_guest_support import TapNamespace
+
+    require(net_problem())
+    with TapNamespace("avmmpt0") as blue, TapNamespace("avmmpt1") as red:
+        config = dataclasses.replace(
+            _config(SerialConfig("none")),
+            nets=(NetConfig(tap=blue.tap, netns=blue.netns),
+                  NetConfig(vhost_user=Path("/run/nowhere/net.sock")),
+                  NetConfig(tap=red.tap, netns=red.netns)))
+        opened = _open_outputs("vm", config, None)
+        try:
+            assert list(opened) == ["net[0].tap", "net[2].tap"]
+            for key, name in (("net[0].tap", blue.tap), ("net[2].tap", red.tap)):
+                fd = opened[key]
+                assert isinstance(fd, int)
+                assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/net/tun"
+                assert _tap_name(fd) == name
+        finally:
+            _close_outputs(opened)
+
+
+def test_a_bad_tap_fails_as_the_vms_build_would_and_leaves_nothing(tmp_path: Path) -> None:
+    """An interface that is not a tap, a namespace that does not exist: none mode's step
+    and message; what was opened before (a serial log, another tap, one the open
+    created) is closed (gone)."""
+    from avmm.config import NetConfig
+    from avmm.netns import NetnsError
+    from avmm.tap import TapError
+    from avmm.vm import open_tap
+    from tests.prerequisites import net_problem, require
+    from tests.virtio_guest_support import TapNamespace
+
+    require(net_problem())
+    log = tmp_path / "serial.log"
+    with TapNamespace("avmmpt2") as blue:
+        created = NetConfig(tap="avmmptnew", netns=blue.netns)  # made by the open
+        for bad, error in ((NetConfig(tap="lo", netns=blue.netns), TapError),
+                           (NetConfig(tap="avmmpt3", netns="avmm-no-such-ns"), NetnsError)):
+            config = dataclasses.replace(
+                _config(SerialConfig("file", log)),
+                nets=(NetConfig(tap=blue.tap, netns=blue.netns), created, bad))
+            before = set(os.listdir("/proc/self/fd"))
+            with pytest.raises(VmStartError) as failed:
+                _open_outputs("vm", config, None)
+            assert set(os.listdir("/proc/self/fd")) == before
+            assert failed.value.step == f"opening tap {bad.tap!r} for net2", failed.value
+            assert isinstance(failed.value.error, error), failed.value
+            with pytest.raises(error) as direct:  # none mode's build calls open_tap too
+                open_tap(bad)
+            assert str(failed.value) == f"cannot start VM 'vm': {failed.value.step}: " \
+                f"{direct.value}"
+            # The tap the daemon created is gone with its fd; the one made beforehand
+            # is free again.
+            listed = subprocess.run(["ip", "-n", blue.netns, "-o", "link"], check=True,
+                                    capture_output=True, text=True).stdout
+            assert "avmmptnew" not in listed and blue.tap in listed, listed
+            open_tap(NetConfig(tap=blue.tap, netns=blue.netns)).close()
+
+
+def test_a_policy_hands_over_a_tap_once() -> None:
+    read_end, write_end = os.pipe()
+    policy = PathPolicy(opened={"net[0].tap": read_end, "net[1].tap": write_end})
+    assert policy.take_opened("net[0].tap") == read_end
+    assert policy.take_opened("net[0].tap") is None  # taken: the build opens it as usual
+    assert policy.take_opened("net[5].tap") is None
+    policy.close()
+    os.fstat(read_end)  # the caller's now
+    os.close(read_end)
+    with pytest.raises(OSError):
+        os.fstat(write_end)  # never asked for: closed by the policy
