@@ -149,6 +149,9 @@ class JailSpec:
     devices: tuple[str, ...]
     #: A network namespace file to enter (``/run/netns/NAME``), or None.
     netns: str | None = None
+    #: Unshare a network namespace of its own instead (empty: a loopback that is down),
+    #: so that the process reaches no network and no abstract unix socket of the host.
+    own_network: bool = False
     #: RLIMIT_NOFILE.
     max_files: int = 4096
     #: Empty directories made in the root (sorted, no duplicates): stand-ins for the
@@ -198,6 +201,11 @@ class JailSpec:
             if device not in ALLOWED_DEVICES:
                 raise JailError(f"device {device!r} is not one a jail may hold (one of "
                                 f"{', '.join(sorted(ALLOWED_DEVICES))})")
+        if not isinstance(self.own_network, bool):
+            raise JailError("own_network must be true or false")
+        if self.own_network and self.netns is not None:
+            raise JailError("a jail enters netns or makes its own network namespace "
+                            "(own_network), not both")
         if self.netns is not None:
             _check_path(self.netns, "netns")
             if (os.path.dirname(self.netns) != NETNS_DIR
@@ -214,6 +222,7 @@ class JailSpec:
             "binds": [{"path": bind.path, "writable": bind.writable} for bind in self.binds],
             "devices": list(self.devices),
             "netns": self.netns,
+            "own_network": self.own_network,
             "max_files": self.max_files,
             "dirs": list(self.dirs),
         }
@@ -223,7 +232,7 @@ class JailSpec:
         """A spec from (hostile) JSON-able data: unknown keys, wrong types, relative or
         unnormalised paths, ``..``, uid/gid 0 and out-of-range numbers are refused."""
         _check_keys(data, "jail spec", required={"root", "uid", "gid", "binds", "devices"},
-                    optional={"netns", "max_files", "dirs"})
+                    optional={"netns", "own_network", "max_files", "dirs"})
         binds = data["binds"]
         if not isinstance(binds, list):
             raise JailError("jail spec: binds must be a list")
@@ -242,6 +251,7 @@ class JailSpec:
             raise JailError("jail spec: dirs must be a list of paths")
         return cls(root=data["root"], uid=data["uid"], gid=data["gid"], binds=tuple(parsed),
                    devices=tuple(devices), netns=data.get("netns"),
+                   own_network=data.get("own_network", False),
                    max_files=data.get("max_files", 4096), dirs=tuple(dirs))
 
 
@@ -293,8 +303,10 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
     directories are empty stand-ins (``dirs``), for the worker's own check of its config
     (an output in ``/dev`` needs none). Nor are taps: the daemon opens each in its NIC's
     network namespace and hands its fd over, so the jail has neither ``/dev/net/tun``
-    nor a ``/run/netns`` file, and the worker enters no network namespace (``netns``
-    stays None: it makes no IP socket, the daemon makes a migration's connections).
+    nor a ``/run/netns`` file. The worker needs no network at all (it makes no IP
+    socket; the daemon makes a migration's connections and hands them over): it gets
+    an empty network namespace of its own (``own_network``), with no way to the host's
+    networks or its abstract unix sockets.
     """
     if not isinstance(vm_id, str) or not _VM_ID_RE.fullmatch(vm_id):
         raise JailError(f"VM id {vm_id!r} cannot name a jail: use letters, digits, '-' "
@@ -336,6 +348,7 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         root=os.path.join(jail_root, vm_id), uid=uid, gid=gid,
         binds=_minimal_binds(Bind(path, writable) for path, writable in wanted.items()),
         devices=tuple(sorted(devices)),
+        own_network=True,
         dirs=tuple(sorted(dirs)))
 
 
@@ -595,11 +608,12 @@ def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = (),
     Order: close every fd but 0, 1, 2 and ``keep_fds``; clear the environment (nothing
     kept: the worker never runs a program, Python read its locale at start, and the
     daemon's environment may hold secrets); open the network namespace; unshare mount,
-    IPC and PID namespaces; make every mount private (so nothing propagates back to the
-    host); fork; build the root (see the module docstring); pivot_root into it; enter
-    the network namespace. ``bind_fds`` maps a bind's path to an O_PATH fd of what is
-    to be bound there (the daemon opened it through its path policy): that is bound,
-    not what the path leads to by then; the fds are closed once the root is built."""
+    IPC and PID namespaces (and the network one, with ``own_network``); make every
+    mount private (so nothing propagates back to the host); fork; build the root (see
+    the module docstring); pivot_root into it; enter the network namespace.
+    ``bind_fds`` maps a bind's path to an O_PATH fd of what is to be bound there (the
+    daemon opened it through its path policy): that is bound, not what the path leads
+    to by then; the fds are closed once the root is built."""
     if threading.active_count() != 1:
         raise JailError(f"jail: enter_jail needs a single-threaded process "
                         f"({threading.active_count()} threads run)")
@@ -624,8 +638,10 @@ def enter_jail(spec: JailSpec, *, keep_fds: Sequence[int] = (),
         except OSError as e:
             raise _fail("opening the network namespace", spec.netns, e.errno) from e
     try:
-        if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID) != 0:
-            raise _fail("unshare (mount, IPC, PID namespaces)", None)
+        own_network = CLONE_NEWNET if spec.own_network else 0
+        if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWPID | own_network) != 0:
+            raise _fail("unshare (mount, IPC, PID" + (", network" if own_network else "")
+                        + " namespaces)", None)
         # New mounts in a namespace copied from a shared one would be seen by the host:
         # make every mount private before the first mount (the reaper shares this
         # namespace, so it is done once, before the fork).

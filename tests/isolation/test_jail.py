@@ -96,7 +96,8 @@ def test_plan_jail_binds_exactly_what_the_vm_needs() -> None:
     )
     spec = plan_jail(config, "vm-1a2b3c", uid=100_000, gid=100_001)
     assert spec.root == "/srv/avmm/jail/vm-1a2b3c"
-    assert (spec.uid, spec.gid, spec.netns, spec.max_files) == (100_000, 100_001, None, 4096)
+    assert (spec.uid, spec.gid, spec.netns, spec.own_network, spec.max_files) \
+        == (100_000, 100_001, None, True, 4096)
     assert _without_runtime(spec) == [
         Bind("/run/backends", writable=False),       # connect(2) needs no write access
         Bind("/srv/images/base.img", writable=False),
@@ -130,13 +131,14 @@ def test_plan_jail_drops_binds_inside_a_bind_with_the_same_access() -> None:
 
 def test_plan_jail_network_namespaces() -> None:
     """The daemon opens each tap in its NIC's namespace and hands it over: the jail has
-    no /dev/net/tun and no /run/netns file, and the worker enters no namespace."""
+    no /dev/net/tun and no /run/netns file, and the worker gets an empty network
+    namespace of its own instead of entering one."""
     for nets in ((NetConfig(tap="tap0", netns="blue"), NetConfig(tap="tap1", netns="blue")),
                  (NetConfig(tap="tap0", netns="blue"), NetConfig(tap="tap1")),
                  (NetConfig(tap="tap0", netns="blue"), NetConfig(tap="tap1", netns="red")),
                  (NetConfig(vhost_user=Path("/run/net/n0.sock")),)):
         spec = plan_jail(_config(nets=nets), "vm-1", uid=5000, gid=5000)
-        assert spec.netns is None, nets
+        assert spec.netns is None and spec.own_network, nets
         assert "/dev/net/tun" not in spec.devices, nets
         assert not [bind for bind in spec.binds if bind.path.startswith("/run/netns")], nets
 
@@ -247,6 +249,8 @@ def test_spec_round_trips_through_json() -> None:
     {"netns": "/proc/1/ns/net"},
     {"netns": "/run/netns/.."},
     {"netns": "/run/netns/a/b"},
+    {"own_network": 1},
+    {"own_network": True},  # and netns: one or the other
     {"extra": 1},
 ], ids=lambda changes: json.dumps(changes)[:60])
 def test_spec_from_dict_refuses_hostile_input(changes: dict[str, Any]) -> None:
@@ -636,7 +640,8 @@ def test_a_jailed_process_enters_the_network_namespace(tmp_path: Path,
         planned = plan_jail(config, "vm-test", jail_root=str(jail_root.parent),
                             uid=JAIL_UID, gid=JAIL_GID)
         assert planned.netns is None
-        planned = dataclasses.replace(planned, netns=f"/run/netns/{name}")
+        planned = dataclasses.replace(planned, netns=f"/run/netns/{name}",
+                                      own_network=False)
         namespace = os.stat(f"/run/netns/{name}").st_ino
         code = (
             "import os, sys\n"

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -556,8 +557,15 @@ async def test_a_workers_taps_are_opened_by_the_daemon() -> None:
             status = _status(pid)
             assert int(status["CapEff"], 16) == 0, status["CapEff"]
             assert not int(status["CapBnd"], 16) & (1 << 12), status["CapBnd"]  # NET_ADMIN
-            assert os.stat(f"/proc/{pid}/ns/net").st_ino \
-                == os.stat(f"/proc/{daemon.process.pid}/ns/net").st_ino
+            # A network namespace of its own, with nothing in it: not the daemon's, not
+            # its taps' (their fds work from anywhere).
+            own = os.stat(f"/proc/{pid}/ns/net").st_ino
+            assert own not in {os.stat(f"/proc/{daemon.process.pid}/ns/net").st_ino,
+                               os.stat(f"/run/netns/{blue.netns}").st_ino,
+                               os.stat(f"/run/netns/{red.netns}").st_ino}
+            links = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link"],
+                                   check=True, capture_output=True, text=True).stdout
+            assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
             assert "/dev/net/tun" not in _links(daemon.process.pid)
             assert "avmmpmnew" in _ip_links(red.netns)
             assert b"echo with two taps" in await _echo(api, vm_id, "with two taps")
@@ -568,8 +576,6 @@ async def test_a_workers_taps_are_opened_by_the_daemon() -> None:
 
 
 def _ip_links(netns: str) -> str:
-    import subprocess
-
     return subprocess.run(["ip", "-n", netns, "-o", "link"], check=True,
                           capture_output=True, text=True, timeout=30).stdout
 
