@@ -23,6 +23,23 @@ this user on v2)::
                                             owner)
     <root>/avmm/pid-<NS>-<PID>-<START>/<vm> one per VM with CPU controls
 
+On v2 with process isolation (``avmm serve --isolation process``: each VM in a worker
+process of its own) the owner is not a threaded domain but a plain *domain* cgroup that
+holds no process, and each VM's cgroup is a domain child holding the whole worker (its
+PID in ``cgroup.procs``). Why not the threaded layout: a process can only be moved into
+a domain cgroup, never into a threaded one, and a threaded subtree spans one process's
+threads. Why the owner holds no process: cgroup v2's no-internal-process rule lets a
+non-root cgroup hand ``cpu`` to domain children only while no process sits in it (a
+cgroup with processes and ``cpu`` in its ``subtree_control`` becomes a thread root,
+whose domain children cannot take processes). The same rule holds on every level from
+``<root>`` down, so the daemon stays in the cgroup it was started in (a systemd unit's,
+keeping the unit's limits) unless that is ``<root>`` itself (a cgroup delegated to it,
+``Delegate=yes``, as systemd advises for delegation): then the daemon and its own
+processes (the worker spawner, the jails' reapers) move into a leaf of their own::
+
+    <root>/avmm/pid-<NS>-<PID>-<START>/daemon/  the daemon's processes (delegated <root>)
+    <root>/avmm/pid-<NS>-<PID>-<START>/vm-<vm>/ one worker process
+
 Every function here makes blocking syscalls on cgroupfs: call them from a worker thread
 (trio.to_thread), never from the event loop.
 """
@@ -59,6 +76,9 @@ CFS_PERIOD_US: Final = 100_000
 #: The kernel's smallest quota (1 ms per period).
 _QUOTA_MIN_US: Final = 1000
 AVMM_DIR: Final = "avmm"
+#: v2, worker layout: the leaf the daemon's processes move to when ``<root>`` is a
+#: delegated cgroup (module docstring). VM cgroups are ``vm-*``: never this name.
+DAEMON_DIR: Final = "daemon"
 #: ``pid-<PID namespace inode>-<PID>-<start time>``: a PID means something only in its
 #: namespace, so an owner is judged only by an avmm in the same one (another's, in a
 #: container sharing this cgroupfs, may be alive where this process cannot see it).
@@ -236,10 +256,13 @@ class CpuBackend(Protocol):
     #: The file thread ids are written to.
     thread_file: str
 
-    def prepare_owner(self, owner: str) -> Path: ...
-    def create_vm(self, owner_dir: Path, name: str) -> list[Path]: ...
+    def prepare_owner(self, owner: str, *, workers: bool = False) -> Path: ...
+    def create_vm(self, owner_dir: Path, name: str, *, workers: bool = False,
+                  ) -> list[Path]: ...
     def set_limits(self, dirs: list[Path], weight: int, max_percent: float | None) -> None: ...
     def add_thread(self, dirs: list[Path], tid: int) -> None: ...
+    def add_process(self, dirs: list[Path], pid: int) -> None: ...
+    def holds_processes(self, owner_dir: Path, *, workers: bool) -> bool: ...
     def threads(self, dirs: list[Path]) -> list[int]: ...
     def usage(self, dirs: list[Path]) -> CpuUsage: ...
     def remove_vm(self, dirs: list[Path]) -> None: ...
@@ -264,13 +287,15 @@ class V1Backend:
     def _parents(self) -> list[Path]:
         return [self.parent] + ([self.acct_parent] if self.acct_parent is not None else [])
 
-    def prepare_owner(self, owner: str) -> Path:
+    def prepare_owner(self, owner: str, *, workers: bool = False) -> Path:
+        # One layout for threads and for worker processes: v1 has no
+        # process-granularity or no-internal-process rule.
         for parent in self._parents():
             _mkdir(parent)
             _mkdir(parent / owner)
         return self.parent / owner
 
-    def create_vm(self, owner_dir: Path, name: str) -> list[Path]:
+    def create_vm(self, owner_dir: Path, name: str, *, workers: bool = False) -> list[Path]:
         dirs = [owner_dir / name]
         if self.acct_parent is not None:
             dirs.append(self.acct_parent / owner_dir.name / name)
@@ -297,6 +322,13 @@ class V1Backend:
     def add_thread(self, dirs: list[Path], tid: int) -> None:
         for path in dirs:
             append_file(path / "tasks", str(tid))
+
+    def add_process(self, dirs: list[Path], pid: int) -> None:
+        for path in dirs:
+            write_file(path / "cgroup.procs", str(pid))
+
+    def holds_processes(self, owner_dir: Path, *, workers: bool) -> bool:
+        return False  # the owner never holds the process: it goes with its last VM
 
     def threads(self, dirs: list[Path]) -> list[int]:
         return read_ids(dirs[0] / "tasks")
@@ -329,7 +361,8 @@ class V1Backend:
 
 
 class V2Backend:
-    """cgroup v2 with the ``cpu`` controller: a threaded subtree per avmm process."""
+    """cgroup v2 with the ``cpu`` controller: a threaded subtree per avmm process, or
+    with ``workers``, a domain cgroup per worker process (module docstring)."""
 
     version = "v2"
     thread_file = "cgroup.threads"
@@ -338,7 +371,9 @@ class V2Backend:
         self.root = root
         self.parent = root / AVMM_DIR
 
-    def prepare_owner(self, owner: str) -> Path:
+    def prepare_owner(self, owner: str, *, workers: bool = False) -> Path:
+        if workers:
+            return self._prepare_worker_owner(owner)
         _mkdir(self.parent)
         owner_dir = self.parent / owner
         _mkdir(owner_dir)
@@ -353,9 +388,42 @@ class V2Backend:
         _enable_cpu(self.parent)
         return owner_dir
 
-    def create_vm(self, owner_dir: Path, name: str) -> list[Path]:
+    def _prepare_worker_owner(self, owner: str) -> Path:
+        _mkdir(self.parent)
+        owner_dir = self.parent / owner
+        _mkdir(owner_dir)
+        if self.delegated():
+            # <root> must hand cpu down to domain children, so it may hold no process
+            # (the no-internal-process rule): this daemon's move into a leaf beside its
+            # VMs. A process of someone else's stays, and enabling cpu below says so.
+            daemon = owner_dir / DAEMON_DIR
+            _mkdir(daemon)
+            for pid in read_ids(self.root / "cgroup.procs"):
+                if not _ours(pid):
+                    continue
+                try:
+                    append_file(daemon / "cgroup.procs", str(pid))
+                except CgroupError:
+                    if process_start_ticks(pid) is not None:
+                        raise  # not one that exited meanwhile (ESRCH)
+        # cpu on each level above a VM cgroup: root → avmm → owner, none of which holds
+        # a process now (a root that is the hierarchy's own may: it is exempt).
+        _enable_cpu(self.root)
+        _enable_cpu(self.parent)
+        _enable_cpu(owner_dir)
+        return owner_dir
+
+    def delegated(self) -> bool:
+        """Whether ``<root>`` is a cgroup below the hierarchy's root (delegated to this
+        user or service): the hierarchy's root is the one cgroup without ``cgroup.type``."""
+        return (self.root / "cgroup.type").exists()
+
+    def create_vm(self, owner_dir: Path, name: str, *, workers: bool = False) -> list[Path]:
         path = owner_dir / name
         _mkdir(path)
+        if workers:
+            # A domain cgroup (the type a new cgroup has): a worker process moves in.
+            return [path]
         try:
             write_file(path / "cgroup.type", "threaded")
             # Now that the owner is a threaded domain it may hold the process's other
@@ -375,6 +443,16 @@ class V2Backend:
     def add_thread(self, dirs: list[Path], tid: int) -> None:
         append_file(dirs[0] / "cgroup.threads", str(tid))
 
+    def add_process(self, dirs: list[Path], pid: int) -> None:
+        # Only into a domain cgroup (the worker layout's): all its threads move, and
+        # those it starts later are born there.
+        write_file(dirs[0] / "cgroup.procs", str(pid))
+
+    def holds_processes(self, owner_dir: Path, *, workers: bool) -> bool:
+        # Threaded layout: the process itself is in its owner; worker layout: only in
+        # a delegated <root>, in the daemon's leaf.
+        return not workers or (owner_dir / DAEMON_DIR).is_dir()
+
     def threads(self, dirs: list[Path]) -> list[int]:
         return read_ids(dirs[0] / "cgroup.threads")
 
@@ -384,10 +462,16 @@ class V2Backend:
 
     def remove_vm(self, dirs: list[Path]) -> None:
         for path in dirs:
-            remove_tree(path, move_to=path.parent, thread_file="cgroup.threads")
+            # A threaded VM cgroup's lingering threads go back to their process's owner;
+            # a worker's domain cgroup is removed once its process has exited (a
+            # process still inside could go nowhere: the owner may hold none).
+            threaded = _cgroup_type(path) == "threaded"
+            remove_tree(path, move_to=path.parent if threaded else None,
+                        thread_file="cgroup.threads")
 
     def remove_owner(self, owner_dir: Path) -> None:
-        # Only a dead owner's: a live process cannot leave its cgroup empty.
+        # Only a dead owner's (or, worker layout, one holding no process): a live
+        # process cannot leave its cgroup empty.
         remove_tree(owner_dir, move_to=None, thread_file="cgroup.threads")
 
     def owner_dirs(self) -> list[Path]:
@@ -403,6 +487,40 @@ def _mkdir(path: Path) -> None:
         pass
     except OSError as e:
         raise _error(f"cannot create cgroup {path}", e) from None
+
+
+def _cgroup_type(path: Path) -> str | None:
+    try:
+        return read_text(path / "cgroup.type").strip()
+    except OSError:
+        return None
+
+
+def _parent_pid(pid: int) -> int | None:
+    """Field 4 of /proc/PID/stat, None if no such PID."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[1])
+
+
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` is this process or one of its descendants (the worker spawner,
+    a jail's reaper, a worker without CPU controls)."""
+    me = os.getpid()
+    seen = 0
+    while seen < 64:  # a chain that deep is not one avmm made
+        if pid == me:
+            return True
+        if pid <= 1:
+            return False
+        parent = _parent_pid(pid)
+        if parent is None:
+            return False
+        pid, seen = parent, seen + 1
+    return False
 
 
 def _enable_cpu(path: Path) -> None:

@@ -28,7 +28,6 @@ from .backend import (
     owner_name,
     quota_us,
     weight_to_shares,
-    write_file,
 )
 from .cpulist import format_cpu_list
 
@@ -79,6 +78,8 @@ class HostCgroups:
         self.backend = backend
         self._lock = threading.Lock()
         self._owner: Path | None = None
+        #: The owner's layout: VMs in worker processes, or vCPU threads of this one.
+        self._workers = False
         self._vms = 0
 
     def require(self) -> CpuBackend:
@@ -87,19 +88,27 @@ class HostCgroups:
                               f"{self.backend}")
         return self.backend
 
-    def create_vm(self, name: str) -> list[Path]:
+    def create_vm(self, name: str, *, worker: bool = False) -> list[Path]:
         """Make a VM's cgroup, ``name`` or, if a VM of this process has that one, the
-        first free ``name.N`` (two VMs may share a name; never a cgroup)."""
+        first free ``name.N`` (two VMs may share a name; never a cgroup). ``worker``:
+        for a whole worker process (process isolation), not for threads of this one."""
         backend = self.require()
         with self._lock:
             if self._owner is None:
-                self._owner = backend.prepare_owner(owner_name())
+                self._owner = backend.prepare_owner(owner_name(), workers=worker)
+                self._workers = worker
+            elif worker != self._workers and backend.version == "v2":
+                # A threaded domain cannot have domain children holding processes, nor
+                # can a domain owner without the process have threaded ones.
+                raise CgroupError("on cgroup v2 one avmm process runs the VMs with CPU "
+                                  "controls either in its own threads or in worker "
+                                  "processes, not both")
             unique = name
             for number in itertools.count(2):
                 if not (self._owner / unique).exists():
                     break
                 unique = f"{name}.{number}"
-            dirs = backend.create_vm(self._owner, unique)
+            dirs = backend.create_vm(self._owner, unique, workers=worker)
             self._vms += 1
             return dirs
 
@@ -110,8 +119,11 @@ class HostCgroups:
                 backend.remove_vm(dirs)
             finally:
                 self._vms -= 1
-                if self._vms == 0 and self._owner is not None and backend.version == "v1":
-                    # v2's owner holds the process itself; it goes once the process has.
+                if (self._vms == 0 and self._owner is not None
+                        and not backend.holds_processes(self._owner,
+                                                        workers=self._workers)):
+                    # An owner holding this process (v2's threaded domain, or the
+                    # daemon's leaf in a delegated cgroup) goes once the process has.
                     try:
                         backend.remove_owner(self._owner)
                         self._owner = None
@@ -169,9 +181,12 @@ class VmCpu:
     :meth:`prepare` (or the first :meth:`update` that needs one) to :meth:`release`."""
 
     def __init__(self, vm_name: str, limits: CpuLimits,
-                 host: HostCgroups | None = None) -> None:
+                 host: HostCgroups | None = None, *, worker: bool = False) -> None:
         self.vm_name = vm_name
         self.limits = limits
+        #: The VM runs in a worker process of its own (process isolation): its cgroup
+        #: takes that whole process (:meth:`place_process`), never single threads.
+        self.worker = worker
         self._host = host
         self._lock = threading.Lock()
         self._dirs: list[Path] | None = None
@@ -205,12 +220,13 @@ class VmCpu:
                 if self._released:
                     raise CgroupError(f"VM {self.vm_name!r} has stopped")
                 name = "vm-" + _NAME_UNSAFE.sub("_", self.vm_name)[:64]
-                dirs = self.host.create_vm(name)
+                dirs = self.host.create_vm(name, worker=self.worker)
                 try:
                     backend = self.host.require()
                     backend.set_limits(dirs, self.limits.weight or DEFAULT_WEIGHT,
                                        self.limits.max_percent)
-                    for tid in self._tids.values():
+                    # A worker's threads move with their process (place_process).
+                    for tid in () if self.worker else self._tids.values():
                         backend.add_thread(dirs, tid)
                 except BaseException:
                     self.host.remove_vm(dirs)
@@ -222,11 +238,12 @@ class VmCpu:
 
     def place(self, tids: Sequence[tuple[int, int]]) -> None:
         """Put vCPU threads ``(vcpu id, tid)`` in the VM's cgroup and set their affinity
-        (before the guest runs on them)."""
+        (before the guest runs on them). A worker's are in it with their process
+        already (:meth:`place_process`): only their affinity is set."""
         with self._lock:
             self._tids.update(dict(tids))
             dirs = self._dirs
-        if dirs is not None:
+        if dirs is not None and not self.worker:
             backend = self.host.require()
             for _vcpu, tid in tids:
                 backend.add_thread(dirs, tid)
@@ -241,22 +258,17 @@ class VmCpu:
                                       ) from None
 
     def place_process(self, pid: int) -> None:
-        """Put every thread of process ``pid`` (a VM's worker, with process isolation)
-        in the VM's cgroup, if it has one: the threads it starts later follow their
-        parent thread there."""
+        """Put every thread of process ``pid`` (the VM's worker; a VmCpu made with
+        ``worker``) in the VM's cgroup, if it has one: the threads it starts later
+        follow their parent thread there. On v1 its ``cgroup.procs`` in each hierarchy;
+        on v2 the VM's domain cgroup (see avmm.cgroups.backend for the layout)."""
+        if not self.worker:
+            raise ValueError("place_process is for the VmCpu of a worker's VM")
         with self._lock:
             dirs = self._dirs
         if dirs is None:
             return
-        backend = self.host.require()
-        if backend.version != "v1":
-            # v2 wants a domain cgroup of its own per worker (a thread moves only within
-            # its process's threaded subtree, which the worker's is not).
-            raise CgroupError("CPU controls for VMs in worker processes need the cgroup "
-                              "v1 cpu controller for now; on cgroup v2 use "
-                              "--isolation none")
-        for path in dirs:
-            write_file(path / "cgroup.procs", str(pid))
+        self.host.require().add_process(dirs, pid)
 
     def forget_threads(self) -> None:
         with self._lock:

@@ -221,7 +221,7 @@ class WorkerVm:
         self._config = config
         # The daemon applies the CPU controls (the worker's jail holds no cgroup tree):
         # the worker builds its VM without them.
-        self._cpu = VmCpu(vm_id, limits_from_machine(config.machine))
+        self._cpu = VmCpu(vm_id, limits_from_machine(config.machine), worker=True)
         self._start = start
         self._restore = restore
         self._incoming = incoming
