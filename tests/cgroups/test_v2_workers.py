@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from avmm.cgroups.backend import DAEMON_DIR, owner_name, pid_namespace
 from avmm.isolation.jail import UidAllocator
 from avmm.isolation.worker_vm import ProcessIsolation, WorkerVm
 from tests.cgroups.test_backends import dead_pid
+from tests.cgroups.test_v2_threaded import REPO, cgroup2_mount
+from tests.prerequisites import require
 from tests.vm.helpers import guest_config
 
 
@@ -185,3 +188,98 @@ def test_the_daemon_places_a_worker_on_cgroup_v2(tmp_path: Path) -> None:
     assert (cgroup / "cpu.max").read_text() == f"50000 {CFS_PERIOD_US}"
     vm._release_cpu()
     assert not cgroup.exists()
+
+
+REAL_SCRIPT = textwrap.dedent("""
+    import os, subprocess, sys
+    from pathlib import Path
+    from avmm.cgroups import backend
+    from avmm.cgroups.backend import DAEMON_DIR, V2Backend, owner_name, read_ids, remove_tree
+
+    mount = Path(sys.argv[1])
+    origin = mount / Path("/proc/self/cgroup").read_text().split("0::", 1)[1].split()[0].lstrip("/")
+    backend._enable_cpu = lambda path: None  # no cpu controller on a hybrid's v2 mount
+    SLEEPER = [sys.executable, "-c", "import threading, time; "
+               "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+               "time.sleep(60)"]
+
+    def where(pid, tid=None):
+        path = f"/proc/{pid}/cgroup" if tid is None else f"/proc/{pid}/task/{tid}/cgroup"
+        return Path(path).read_text().split("0::", 1)[1].split()[0]
+
+    def relative(path):
+        inside = path.relative_to(mount).as_posix()
+        return "/" if inside == "." else "/" + inside
+
+    # The hierarchy's root: the daemon stays where it is, the worker moves in whole.
+    v2 = V2Backend(mount)
+    assert not v2.delegated()
+    owner = v2.prepare_owner(owner_name(), workers=True)
+    dirs = v2.create_vm(owner, "vm-worker-test", workers=True)
+    try:
+        assert (dirs[0] / "cgroup.type").read_text().strip() == "domain"
+        assert where(os.getpid()) == relative(origin)
+        worker = subprocess.Popen(SLEEPER)
+        try:
+            v2.add_process(dirs, worker.pid)
+            assert read_ids(dirs[0] / "cgroup.procs") == [worker.pid]
+            for tid in os.listdir(f"/proc/{worker.pid}/task"):
+                assert where(worker.pid, tid) == relative(dirs[0]), tid
+        finally:
+            worker.kill()
+            worker.wait()
+    finally:
+        v2.remove_vm(dirs)
+        v2.remove_owner(owner)
+    assert not dirs[0].exists() and not owner.exists()
+
+    # A delegated root (a cgroup of our own, this process in it, a child born there):
+    # both move into the daemon's leaf, the root is left empty.
+    test_root = mount / f"avmm-delegation-test-{os.getpid()}"
+    test_root.mkdir()
+    helper = None
+    try:
+        (test_root / "cgroup.procs").write_text(str(os.getpid()))
+        helper = subprocess.Popen(SLEEPER)
+        delegated = V2Backend(test_root)
+        assert delegated.delegated()
+        owner = delegated.prepare_owner(owner_name(), workers=True)
+        leaf = relative(owner / DAEMON_DIR)
+        assert where(os.getpid()) == leaf and where(helper.pid) == leaf
+        assert read_ids(test_root / "cgroup.procs") == []
+        dirs = delegated.create_vm(owner, "vm-worker-test", workers=True)
+        worker = subprocess.Popen(SLEEPER)  # born in the daemon's leaf
+        try:
+            assert where(worker.pid) == leaf
+            delegated.add_process(dirs, worker.pid)
+            assert where(worker.pid) == relative(dirs[0])
+        finally:
+            worker.kill()
+            worker.wait()
+        delegated.remove_vm(dirs)
+        assert not dirs[0].exists()
+    finally:
+        (origin / "cgroup.procs").write_text(str(os.getpid()))
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+        remove_tree(test_root, move_to=None, thread_file="cgroup.threads")
+    assert not test_root.exists()
+    print("worker layout ok")
+""")
+
+
+def test_v2_worker_layout_sequence_on_the_real_kernel() -> None:
+    """The order the worker layout writes in, on the real cgroup2 mount without its cpu
+    controller (a hybrid's): a domain cgroup made, a whole process with its threads
+    moved in and the cgroup removed after it; a delegated root's own processes moved
+    into the daemon's leaf. Runs in a child process (it moves itself between cgroups);
+    everything it made is removed."""
+    mount = cgroup2_mount()
+    require(None if mount is not None else "no cgroup2 filesystem is mounted")
+    require(None if os.geteuid() == 0 else "moving processes between cgroups needs root")
+    assert mount is not None
+    result = subprocess.run([sys.executable, "-c", REAL_SCRIPT, str(mount)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "worker layout ok" in result.stdout
