@@ -41,7 +41,10 @@ class Daemon:
         self.socket = directory / f"{name}.sock"
         self.log_path = directory / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen([*AVMM, "serve", "--socket", str(self.socket)],
+        # The daemon's default mode (process, as root), its jails in the test's
+        # directory.
+        self.process = subprocess.Popen([*AVMM, "serve", "--socket", str(self.socket),
+                                         "--jail-root", str(directory / f"{name}-jail")],
                                         stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=self._log, cwd=REPO)
         deadline = time.monotonic() + 60
