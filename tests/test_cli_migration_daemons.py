@@ -41,7 +41,11 @@ class Daemon:
         self.socket = directory / f"{name}.sock"
         self.log_path = directory / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen([*AVMM, "serve", "--socket", str(self.socket)],
+        # Dense mode, pinned (process is root's default): `avmm receive` without a
+        # config, as here, is dense mode's (a worker's jail is planned from the config);
+        # tests/isolation has process mode's migrations.
+        self.process = subprocess.Popen([*AVMM, "serve", "--socket", str(self.socket),
+                                         "--isolation", "none"],
                                         stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=self._log, cwd=REPO)
         deadline = time.monotonic() + 60

@@ -59,7 +59,9 @@ def cli() -> Iterator[Cli]:
     directory = Path(tempfile.mkdtemp(prefix="avmm-cli-snap-", dir="/tmp"))
     socket_path = directory / "avmm.sock"
     log = (directory / "serve.log").open("wb")
-    daemon = subprocess.Popen([*AVMM, "serve", "--socket", str(socket_path)],
+    # The daemon's default mode (process, as root), its jails in the test's directory.
+    daemon = subprocess.Popen([*AVMM, "serve", "--socket", str(socket_path),
+                               "--jail-root", str(directory / "jail")],
                               stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60

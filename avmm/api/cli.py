@@ -16,6 +16,7 @@ exits 0 after a clean shutdown and 1, with one line on stderr, when it cannot st
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -37,6 +38,9 @@ __all__ = ["add_management_commands"]
 _LEVELS = ["debug", "info", "warning", "error"]
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+#: avmm.isolation.jail.DEFAULT_UID_RANGE, spelt out here so that building the parser
+#: imports no jailer (a test checks that the two agree).
+_DEFAULT_UID_RANGE_TEXT = "2000000000-2000065535"
 
 
 
@@ -62,19 +66,27 @@ def add_management_commands(subparsers: Any) -> None:
                        help="with --group: let group members name any file the daemon's "
                             "user can open")
     add_seccomp_argument(serve)
-    serve.add_argument("--isolation", choices=["none", "process"], default="none",
-                       help="none: every VM in this process (dense, fast churn); process: "
-                            "each VM in a jailed worker process of its own (needs root "
-                            "and --jail-uid/--jail-gid or --jail-uid-range)")
+    serve.add_argument("--isolation", choices=["none", "process"], default=None,
+                       help="process: each VM in a jailed worker process of its own "
+                            "(needs root; the default when the daemon runs as root); "
+                            "none: every VM in this process (dense, fast churn; the "
+                            "default otherwise, and how a root daemon gets dense mode). "
+                            "Process mode refuses daemon-wide rate-limit groups (400) "
+                            "for now: use none for those")
     serve.add_argument("--jail-root", default="/srv/avmm/jail", metavar="DIR",
                        help="with --isolation process: each VM's jail is DIR/<vm-id> "
                             "(default /srv/avmm/jail)")
     serve.add_argument("--jail-uid", type=int, default=None, metavar="UID",
-                       help="the unprivileged uid the workers run as")
+                       help="with --isolation process: the unprivileged uid every worker "
+                            "runs as (with --jail-gid)")
     serve.add_argument("--jail-gid", type=int, default=None, metavar="GID",
-                       help="the unprivileged gid the workers run as")
+                       help="with --isolation process: the unprivileged gid every worker "
+                            "runs as (with --jail-uid)")
     serve.add_argument("--jail-uid-range", default=None, metavar="FIRST-LAST",
-                       help="one uid (and the same gid) per VM from this range instead")
+                       help="with --isolation process: one uid (and the same gid) per VM "
+                            "from this range, skipping ids that /etc/passwd or /etc/group "
+                            "name (default, when no --jail-uid/--jail-gid is given either: "
+                            f"{_DEFAULT_UID_RANGE_TEXT})")
     serve.set_defaults(handler=_cmd_serve)
     parsers.append(serve)
 
@@ -141,20 +153,40 @@ def _socket(args: argparse.Namespace) -> Path:
 # -- the daemon ----------------------------------------------------------------------------
 
 
-def _process_isolation(args: argparse.Namespace) -> Any:
+def default_isolation(euid: int) -> str:
+    """``--isolation``'s value when the command line gives none: ``process`` for a
+    daemon that runs as root (it can jail its VMs, so it does), ``none`` otherwise (an
+    unprivileged daemon cannot make the jail)."""
+    return "process" if euid == 0 else "none"
+
+
+def _isolation_mode(args: argparse.Namespace) -> tuple[str, str]:
+    """The mode ``avmm serve`` runs in, and why (for the log line at start)."""
+    if args.isolation is not None:
+        return args.isolation, "asked for with --isolation"
+    euid = os.geteuid()
+    mode = default_isolation(euid)
+    return mode, ("the default for a daemon running as root; --isolation none for dense "
+                  "mode" if euid == 0 else "the default for a daemon not running as root")
+
+
+def _process_isolation(args: argparse.Namespace, mode: str) -> Any:
     """``--isolation process`` and its jail flags as a ProcessIsolation (None for
-    ``none``, where the jail flags are refused: they would do nothing)."""
+    ``none``, where the jail flags are refused: they would do nothing). Without
+    --jail-uid/--jail-gid/--jail-uid-range, each VM gets a uid of
+    :data:`~avmm.isolation.jail.DEFAULT_UID_RANGE`; a range skips the ids that the
+    host's /etc/passwd and /etc/group name (read here, before the event loop runs)."""
     jail_flags = [flag for flag, value in (("--jail-uid", args.jail_uid),
                                            ("--jail-gid", args.jail_gid),
                                            ("--jail-uid-range", args.jail_uid_range))
                   if value is not None]
-    if args.isolation == "none":
+    if mode == "none":
         if jail_flags:
             from ._server import DaemonError
 
             raise DaemonError(f"{jail_flags[0]} applies to --isolation process only")
         return None
-    from ..isolation.jail import UidAllocator, parse_uid_range
+    from ..isolation.jail import DEFAULT_UID_RANGE, UidAllocator, host_named_ids, parse_uid_range
     from ..isolation.worker_vm import ProcessIsolation
     from ._server import DaemonError
 
@@ -166,8 +198,11 @@ def _process_isolation(args: argparse.Namespace) -> Any:
                                             or args.jail_gid is not None):
         raise DaemonError("--jail-uid-range and --jail-uid/--jail-gid contradict each "
                           "other; give one")
-    uids = None if args.jail_uid_range is None \
-        else UidAllocator(parse_uid_range(args.jail_uid_range))
+    uids = None
+    if args.jail_uid_range is not None:
+        uids = UidAllocator(parse_uid_range(args.jail_uid_range), skip=host_named_ids())
+    elif args.jail_uid is None and args.jail_gid is None:
+        uids = UidAllocator(DEFAULT_UID_RANGE, skip=host_named_ids())
     return ProcessIsolation(jail_root=args.jail_root, uid=args.jail_uid,
                             gid=args.jail_gid, uids=uids,
                             seccomp=SeccompMode(args.seccomp),
@@ -175,16 +210,37 @@ def _process_isolation(args: argparse.Namespace) -> Any:
                             log_format=getattr(args, "log_format", "console"))
 
 
+def _jail_ids(isolation: Any) -> str | None:
+    if isolation is None:
+        return None
+    if isolation.uids is not None:
+        return f"{isolation.uids.range_text} (one per VM, uid = gid)"
+    return f"{isolation.uid}:{isolation.gid}"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ._server import run_daemon
 
+    mode, why = _isolation_mode(args)
+
+    async def serve(isolation: Any) -> None:
+        import structlog
+
+        async with trio.open_nursery() as nursery:
+            path = await nursery.start(functools.partial(
+                run_daemon, _socket(args), group=args.group, allow_paths=args.allow_path,
+                allow_any_path=args.allow_any_path, seccomp=SeccompMode(args.seccomp),
+                isolation=isolation))
+            # Loud (a warning shows at every log level but error): which mode holds the
+            # VMs decides what a guest that escapes its VMM reaches, and the default
+            # depends on who started the daemon.
+            structlog.get_logger(__name__).warning(
+                "serving VMs", isolation=mode, why=why, socket=str(path),
+                jail_ids=_jail_ids(isolation))
+
     try:
-        isolation = _process_isolation(args)
-        trio.run(lambda: run_daemon(_socket(args), group=args.group,
-                                    allow_paths=args.allow_path,
-                                    allow_any_path=args.allow_any_path,
-                                    seccomp=SeccompMode(args.seccomp),
-                                    isolation=isolation))
+        isolation = _process_isolation(args, mode)
+        trio.run(serve, isolation)
     except BaseException as e:
         # trio hands start-up failures up inside ExceptionGroups; a person wants the
         # one line that says what to fix.

@@ -70,12 +70,14 @@ log = structlog.get_logger(__name__)
 
 __all__ = [
     "DEFAULT_JAIL_ROOT",
+    "DEFAULT_UID_RANGE",
     "Bind",
     "JailError",
     "JailSpec",
     "UidAllocator",
     "drop_privileges",
     "enter_jail",
+    "host_named_ids",
     "parse_uid_range",
     "plan_jail",
     "prepare_jail_dir",
@@ -991,26 +993,67 @@ def parse_uid_range(text: str) -> tuple[int, int]:
     return first, last
 
 
+#: The uids (and gids, the same numbers) ``avmm serve --isolation process`` hands its
+#: workers when no --jail-uid/--jail-gid/--jail-uid-range says otherwise: 65536 of them,
+#: high up, where nothing else on a usual host lives. Below 60000 are system and human
+#: users (login.defs' UID_MIN..UID_MAX); 60001-65535 holds systemd-homed and DynamicUser
+#: ids and nobody; useradd's subordinate ids (/etc/subuid, /etc/subgid) start at 100000
+#: and end by 600100000 + 65536; systemd-nspawn's container ranges end at 1879048191;
+#: systemd's "foreign" range starts at 2147352576, and from 2^31 on, code that keeps a uid
+#: in a signed int goes wrong. 2000000000 lies in the gap, and reads as ours in ``ps``.
+DEFAULT_UID_RANGE: Final = (2_000_000_000, 2_000_065_535)
+HOST_PASSWD: Final = "/etc/passwd"
+HOST_GROUP: Final = "/etc/group"
+
+
+def host_named_ids(passwd: str = HOST_PASSWD, group: str = HOST_GROUP) -> frozenset[int]:
+    """The uids that ``passwd`` names and the gids that ``group`` names, in one set: a
+    jail's uid is also its gid, so a number either file names belongs to someone else.
+
+    Reads the two files only (blocking: call it at start, off the event loop), not NSS:
+    enumerating a directory service (LDAP, sssd) can be slow and is not what a host's
+    own service users live in. A missing file names nothing; a malformed line is skipped.
+    """
+    named: set[int] = set()
+    for path in (passwd, group):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    fields = line.split(":")
+                    if len(fields) >= 3 and fields[2].strip().isdigit():
+                        named.add(int(fields[2]))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise JailError(f"reading {path} (to skip the ids it names) failed: "
+                            f"{os.strerror(e.errno or 0)}") from e
+    return frozenset(named)
+
+
 class UidAllocator:
     """Hands out one uid per VM from an inclusive range (the gid is the same number)
-    and takes it back. Round-robin: a uid just given back is the last to be reused."""
+    and takes it back. Round-robin: a uid just given back is the last to be reused.
+    The numbers in ``skip`` (see :func:`host_named_ids`) are never handed out."""
 
-    def __init__(self, uid_range: tuple[int, int]) -> None:
+    def __init__(self, uid_range: tuple[int, int], skip: Iterable[int] = ()) -> None:
         first, last = uid_range
         if not 1 <= first <= last <= _ID_MAX:
             raise JailError(f"uid range {first}-{last}: need 1 <= FIRST <= LAST <= {_ID_MAX}")
         self._first, self._last = first, last
+        self._skip = frozenset(uid for uid in skip if first <= uid <= last)
         self._next = first
         self._taken: set[int] = set()
         self._lock = threading.Lock()
 
     def allocate(self) -> int:
         with self._lock:
-            size = self._last - self._first + 1
+            size = self._last - self._first + 1 - len(self._skip)
             if len(self._taken) >= size:
-                raise JailError(f"every uid of {self._first}-{self._last} is in use; "
-                                "widen --jail-uid-range")
-            while self._next in self._taken:
+                skipped = f" ({len(self._skip)} of them named by the host's users and " \
+                    "groups)" if self._skip else ""
+                raise JailError(f"every uid of {self._first}-{self._last} is in use"
+                                f"{skipped}; widen --jail-uid-range")
+            while self._next in self._taken or self._next in self._skip:
                 self._next = self._first if self._next == self._last else self._next + 1
             uid = self._next
             self._taken.add(uid)
@@ -1022,6 +1065,16 @@ class UidAllocator:
             if uid not in self._taken:
                 raise JailError(f"uid {uid} was not handed out")
             self._taken.remove(uid)
+
+    @property
+    def range_text(self) -> str:
+        """``"FIRST-LAST"``, as --jail-uid-range spells it."""
+        return f"{self._first}-{self._last}"
+
+    @property
+    def skipped(self) -> frozenset[int]:
+        """The numbers of the range that are never handed out."""
+        return self._skip
 
     @property
     def in_use(self) -> frozenset[int]:

@@ -311,7 +311,8 @@ class WorkerVm:
 
         if config is None:
             raise ConfigError("with --isolation process an incoming VM needs its config "
-                              "(the files it names are what its jail holds)",
+                              "(the files it names are what its jail holds): give "
+                              "--config, or run the daemon with --isolation none",
                               key="config")
         address = parse_address(listen, listen=True)
         listener = await trio.to_thread.run_sync(lambda: listen_on(address, paths))

@@ -58,13 +58,21 @@ async def daemon(socket_dir: Path) -> AsyncIterator[Daemon]:
 @contextlib.asynccontextmanager
 async def running_daemon(socket_dir: Path, command: Sequence[str] = tuple(_AVMM),
                          env: dict[str, str] | None = None,
-                         serve_args: Sequence[str] = ()) -> AsyncIterator[Daemon]:
+                         serve_args: Sequence[str] = (),
+                         isolation: str | None = "none") -> AsyncIterator[Daemon]:
+    """``avmm serve`` on ``socket_dir/avmm.sock``, logging to ``socket_dir/serve.log``.
+
+    ``isolation``: its --isolation; None gives none, so the daemon picks its default
+    (process as root). The tests here mean dense mode (``none``): their subject is the
+    API and the CLI, some look into the daemon's own process (the flush-recording avmm
+    patches the daemon's os.fsync), and process mode has files of its own
+    (tests/isolation/test_process_*.py)."""
     socket = socket_dir / "avmm.sock"
     stderr = socket_dir / "serve.log"
     with stderr.open("wb") as log:
         process = await trio.lowlevel.open_process(
             [*command, "--log-level", "info", "serve", "--socket", str(socket),
-             *serve_args],
+             *([] if isolation is None else ["--isolation", isolation]), *serve_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             env={**os.environ, **(env or {})})
     try:

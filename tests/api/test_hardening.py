@@ -238,11 +238,15 @@ _AVMM = [sys.executable, "-c", "import sys; from avmm.cli import main; sys.exit(
 
 @pytest.fixture
 async def real_daemon(socket_dir: Path) -> AsyncIterator[tuple[trio.Process, Path]]:
+    """A daemon in dense mode (--isolation none, pinned: process is root's default): the
+    tests count the fds and threads that VM builds leave in the daemon's own process,
+    and a FIFO opened by a build on its event loop, which only dense mode has."""
     socket_path = socket_dir / "avmm.sock"
     log = socket_dir / "serve.log"
     with log.open("wb") as out:
         process = await trio.lowlevel.open_process(
-            [*_AVMM, "--log-level", "warning", "serve", "--socket", str(socket_path)],
+            [*_AVMM, "--log-level", "warning", "serve", "--socket", str(socket_path),
+             "--isolation", "none"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
         with trio.fail_after(60):

@@ -44,8 +44,8 @@ async def process_daemon(*serve_args: str) -> AsyncIterator[tuple[Daemon, ApiCli
     with tempfile.TemporaryDirectory(prefix="avmm-pm-", dir="/tmp") as name:
         socket_dir = Path(name)
         jail_root = socket_dir / "jail"
-        async with running_daemon(socket_dir, serve_args=[
-                "--isolation", "process", "--jail-root", str(jail_root),
+        async with running_daemon(socket_dir, isolation="process", serve_args=[
+                "--jail-root", str(jail_root),
                 "--jail-uid-range", f"{UIDS[0]}-{UIDS[1]}", *serve_args]) as daemon, \
                 ApiClient(daemon.socket) as api:
             yield daemon, api, jail_root
@@ -616,7 +616,7 @@ async def test_a_workers_bad_tap_fails_as_in_none_mode_and_the_daemon_keeps_no_f
         busy = call_in_netns(blue.netns, lambda: Tap.open("avmmpmbusy"))
         try:
             (tmp_path / "none").mkdir()
-            async with running_daemon(tmp_path / "none") as none_daemon, \
+            async with running_daemon(tmp_path / "none", isolation="none") as none_daemon, \
                     ApiClient(none_daemon.socket) as none_api:
                 expected = await answers(none_api)
             assert [(status, detail) for status, detail, _ in expected] == [

@@ -1,0 +1,228 @@
+"""``avmm serve`` without ``--isolation``: process mode for a root daemon, each VM's
+worker with a uid of its own from DEFAULT_UID_RANGE; none for anyone else; the daemon
+says at start which mode it runs in and why."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from avmm.api import ApiClient
+from avmm.api.cli import (
+    _isolation_mode,
+    _process_isolation,
+    add_management_commands,
+    default_isolation,
+)
+from avmm.isolation.jail import DEFAULT_UID_RANGE, JailError, UidAllocator, host_named_ids
+from tests.api.test_daemon import running_daemon
+from tests.prerequisites import require
+from tests.vm.helpers import TEST_GUEST
+
+REPO = Path(__file__).resolve().parent.parent.parent
+AVMM = [sys.executable, "-c", "import sys; from avmm.cli import main; sys.exit(main())"]
+NOBODY = 65534
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        require("process isolation needs root (namespaces, mounts, a jail uid)")
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_management_commands(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def _config() -> dict[str, Any]:
+    return {"machine": {"memory_mib": 32, "acpi": False},
+            "boot": {"kernel": str(TEST_GUEST), "cmdline": "avmm.test=echo"}}
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    fields = {key: value.split() for key, _, value in
+              (line.partition(":") for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines())}
+    return int(fields["Uid"][0]), int(fields["Gid"][0])
+
+
+def _serving_line(log: str) -> str:
+    lines = [line for line in log.splitlines() if "serving VMs" in line]
+    assert len(lines) == 1, log
+    return lines[0]
+
+
+# -- choosing the default (no KVM needed) ----------------------------------------------------
+
+
+def test_the_default_is_process_for_root_and_none_for_anyone_else() -> None:
+    assert default_isolation(0) == "process"
+    for euid in (1, 1000, NOBODY):
+        assert default_isolation(euid) == "none"
+
+
+def test_the_mode_and_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert _isolation_mode(_serve_args()) == (
+        "process", "the default for a daemon running as root; --isolation none for dense "
+        "mode")
+    assert _isolation_mode(_serve_args("--isolation", "none")) == (
+        "none", "asked for with --isolation")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert _isolation_mode(_serve_args()) == (
+        "none", "the default for a daemon not running as root")
+    assert _isolation_mode(_serve_args("--isolation", "process")) == (
+        "process", "asked for with --isolation")
+
+
+def test_help_states_the_defaults() -> None:
+    result = subprocess.run([*AVMM, "serve", "--help"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO, check=True)
+    text = " ".join(result.stdout.split())
+    assert "the default when the daemon runs as root" in text
+    assert "how a root daemon gets dense mode" in text
+    assert "rate-limit groups" in text
+    first, last = DEFAULT_UID_RANGE
+    assert f"{first}-{last}" in text
+
+
+def test_the_default_uid_range_is_clear_of_users_subuids_and_signed_trouble() -> None:
+    first, last = DEFAULT_UID_RANGE
+    # Past useradd's subordinate ids (600100000 + 65536) and systemd-nspawn's container
+    # ranges (up to 1879048191); below systemd's foreign range and 2^31.
+    assert 1_879_048_191 < first <= last < 2_147_352_576
+    assert last - first + 1 == 65536
+
+
+def test_host_named_ids_reads_passwd_and_group(tmp_path: Path) -> None:
+    passwd = tmp_path / "passwd"
+    group = tmp_path / "group"
+    passwd.write_text("root:x:0:0:root:/root:/bin/sh\n"
+                      "vm:x:2000000001:100:a user in our range:/:/bin/false\n"
+                      "# a comment\n"
+                      "broken line\n"
+                      "+nis\n"
+                      "odd:x:notanumber:1::/:\n")
+    group.write_text("wheel:x:10:\nours:x:2000000003:vm\n")
+    assert host_named_ids(str(passwd), str(group)) == {0, 2_000_000_001, 10, 2_000_000_003}
+    assert host_named_ids(str(tmp_path / "none"), str(tmp_path / "nothing")) == frozenset()
+
+
+def test_the_allocator_skips_named_ids() -> None:
+    allocator = UidAllocator((100, 104), skip=[101, 103, 7, 200])
+    assert allocator.skipped == {101, 103}
+    assert [allocator.allocate() for _ in range(3)] == [100, 102, 104]
+    with pytest.raises(JailError, match="2 of them named by the host"):
+        allocator.allocate()
+    allocator.release(102)
+    assert allocator.allocate() == 102
+
+
+def test_process_mode_without_jail_flags_takes_the_default_range() -> None:
+    _need_root()
+    isolation = _process_isolation(_serve_args(), "process")
+    assert isolation.uids.range_text == "2000000000-2000065535"
+    assert isolation.uids.skipped == {uid for uid in host_named_ids()
+                                      if DEFAULT_UID_RANGE[0] <= uid <= DEFAULT_UID_RANGE[1]}
+    # Explicit flags win.
+    isolation = _process_isolation(_serve_args("--jail-uid-range", "64100-64199"), "process")
+    assert isolation.uids.range_text == "64100-64199"
+    isolation = _process_isolation(_serve_args("--jail-uid", "64100", "--jail-gid", "64101"),
+                                   "process")
+    assert (isolation.uids, isolation.uid, isolation.gid) == (None, 64100, 64101)
+    with pytest.raises(JailError, match="--jail-uid and --jail-gid"):
+        _process_isolation(_serve_args("--jail-uid", "64100"), "process")
+    assert _process_isolation(_serve_args(), "none") is None
+
+
+# -- a real daemon ---------------------------------------------------------------------------
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+async def test_a_root_daemon_runs_each_vm_in_a_worker_with_a_default_uid() -> None:
+    _need_root()
+    with tempfile.TemporaryDirectory(prefix="avmm-dm-", dir="/tmp") as name:
+        directory = Path(name)
+        async with running_daemon(directory, isolation=None,
+                                  serve_args=["--jail-root", str(directory / "jail")]) \
+                as daemon, ApiClient(daemon.socket) as api:
+            vms = [await api.create_vm(_config()) for _ in range(2)]
+            uids = []
+            for vm in vms:
+                shown = await api.get_vm(vm["id"])
+                assert shown["isolation"] == "process"
+                assert isinstance(shown["pid"], int) and shown["pid"] != daemon.process.pid
+                uid, gid = _ids(shown["pid"])
+                assert uid == gid and DEFAULT_UID_RANGE[0] <= uid <= DEFAULT_UID_RANGE[1]
+                assert uid not in host_named_ids()
+                uids.append(uid)
+            assert len(set(uids)) == 2
+            for vm in vms:
+                await api.delete_vm(vm["id"])
+        line = _serving_line(daemon.stderr.read_text())
+    assert "isolation=process" in line and "the default for a daemon running as root" in line
+    assert "2000000000-2000065535" in line
+
+
+@pytest.mark.kvm
+@pytest.mark.guest
+async def test_isolation_none_as_root_is_dense_mode() -> None:
+    _need_root()
+    with tempfile.TemporaryDirectory(prefix="avmm-dm-", dir="/tmp") as name:
+        async with running_daemon(Path(name), isolation="none") as daemon, \
+                ApiClient(daemon.socket) as api:
+            vm = await api.create_vm(_config())
+            shown = await api.get_vm(vm["id"])
+            assert shown["isolation"] == "none"
+            assert shown["pid"] == daemon.process.pid
+            await api.delete_vm(vm["id"])
+            line = _serving_line(daemon.stderr.read_text())
+    assert "isolation=none" in line and "asked for with --isolation" in line
+
+
+async def test_a_daemon_not_running_as_root_defaults_to_none() -> None:
+    """As nobody (a root test run drops every id and group with setpriv; any other
+    user runs it as itself): the daemon starts in none mode and says why. No VM is
+    made: /dev/kvm is usually root's or the kvm group's only; the mode a VM would get
+    is what the other tests check."""
+    as_root = os.geteuid() == 0
+    user = NOBODY if as_root else os.geteuid()
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] \
+        if as_root else []
+    with tempfile.TemporaryDirectory(prefix="avmm-dm-", dir="/tmp") as name:
+        directory = Path(name)
+        if as_root:
+            os.chown(directory, NOBODY, NOBODY)
+        socket = directory / "avmm.sock"
+        log = directory / "serve.log"
+        with log.open("wb") as out:
+            process = await trio.lowlevel.open_process(
+                [*drop, *AVMM, "serve", "--socket", str(socket)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO)
+        try:
+            with trio.fail_after(60):
+                while "serving VMs" not in log.read_text():
+                    assert process.poll() is None, log.read_text()
+                    await trio.sleep(0.05)
+            async with ApiClient(socket) as api:
+                assert await api.list_vms() == []
+            assert os.stat(socket).st_uid == user
+        finally:
+            if process.poll() is None:
+                process.terminate()
+            with trio.fail_after(60):
+                assert await process.wait() == 0, log.read_text()
+        line = _serving_line(log.read_text())
+    assert re.search(r"isolation=none\b", line), line
+    assert "the default for a daemon not running as root" in line
