@@ -202,6 +202,7 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
         with pytest.raises(ApiError) as refused:  # its jail is planned from its config
             await api.receive_vm(f"unix:{jail_root.parent / 'mig.sock'}")
         assert refused.value.status == 400 and refused.value.detail["key"] == "config"
+        assert "--isolation none" in str(refused.value), refused.value  # the way out
         # A build failure in the worker comes back as the API's usual answer.
         not_a_kernel = jail_root.parent / "kernel.bin"
         not_a_kernel.write_bytes(b"\x7fELF but not really" * 100)
