@@ -12,7 +12,10 @@ every such thread; nothing is left running.
 A loop that runs under a seccomp filter of its own (``seccomp_kind``, when a process
 filter is loaded: see :mod:`avmm.isolation.seccomp`) gets a dedicated thread instead of
 one from trio's cache: a filter stays with its thread until the thread exits, and a cached
-thread would carry a vCPU's allow-list into the next ``to_thread`` job.
+thread would carry a vCPU's allow-list into the next ``to_thread`` job. So does a loop
+whose thread the VM changes for good (``dedicated``: a vCPU's, which may be pinned to
+host CPUs and put in the VM's cgroup): returned to the cache, it would run the next
+``to_thread`` job, and the processes that job starts, pinned and throttled as the VM was.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ T = TypeVar("T")
 
 async def run_in_own_thread(
     function: Callable[[], T], *, on_cancel: Callable[[], None], name: str,
-    seccomp_kind: ThreadKind | None = None,
+    seccomp_kind: ThreadKind | None = None, dedicated: bool = False,
 ) -> T:
     """Run ``function`` in a new thread and return its result (or raise its exception).
 
@@ -43,6 +46,8 @@ async def run_in_own_thread(
 
     With ``seccomp_kind``, the thread loads that kind's filter before ``function`` runs
     (when this process loaded a process filter; see :mod:`avmm.isolation.seccomp`).
+    With ``dedicated`` (or a filter), the thread is a new one that ends with
+    ``function``, never one of trio's cached threads (module docstring).
     """
     task = trio.lowlevel.current_task()
     token = trio.lowlevel.current_trio_token()
@@ -65,8 +70,9 @@ async def run_in_own_thread(
             install_thread_filter(seccomp_kind)
         return context.run(function)
 
-    if filtered:
-        # Not from trio's cache: this thread's filter must die with it (module docstring).
+    if filtered or dedicated:
+        # Not from trio's cache: what was done to this thread (its filter, affinity,
+        # cgroup) must die with it (module docstring).
         threading.Thread(target=lambda: deliver(outcome.capture(body)), name=name,
                          daemon=True).start()
     else:

@@ -1522,9 +1522,11 @@ class VirtualMachine:
             self._latch.request(VmExit(StopReason.STOPPED, 0, "cancelled"))
 
         try:
+            # Dedicated: the thread may be pinned and put in the VM's cgroup, which must
+            # not outlive the VM in a thread trio would reuse for other work.
             await run_in_own_thread(loop.run, on_cancel=kick,
                                     name=f"avmm {self.name} vcpu{loop.vcpu.id}",
-                                    seccomp_kind=ThreadKind.VCPU)
+                                    seccomp_kind=ThreadKind.VCPU, dedicated=True)
         except Exception as e:  # pragma: no cover - VcpuLoop.run catches its own errors
             self._log.exception("vcpu task failed")
             self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, str(e)))

@@ -4,6 +4,7 @@ v2 where the cpu controller is on the unified hierarchy): the mechanism, never t
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,35 @@ async def test_per_vcpu_affinity_pins_each_vcpu_on_its_own_cpus() -> None:
         # Affinity alone needs no cgroup.
         assert vm.cpu_description()["cgroup"] is None
         vm.stop()
+
+
+async def test_a_pinned_vcpus_thread_is_not_reused_once_the_vm_has_ended() -> None:
+    """A vCPU's thread is pinned (and may be put in the VM's cgroup): had it come from
+    trio's thread cache, the next to_thread job would run pinned, and so would every
+    process it starts (trio starts processes from such a job): a daemon's later VM was
+    refused a CPU "this host lets avmm use" after a pinned VM had ended."""
+    cpus = sorted(os.sched_getaffinity(0))
+    require(None if len(cpus) >= 2 else "pinning needs two usable host CPUs")
+    config = with_machine(guest_config(SPIN, name="cg-pinned-gone"),
+                          cpu_affinity=(cpus[-1],))
+    async with VirtualMachine(config) as vm:
+        await running_threads(vm, 1)
+        assert os.sched_getaffinity(vm._loops[0].native_id) == {cpus[-1]}
+        vm.stop()
+    # As many jobs at once as it takes to use every idle cached thread (each waits for
+    # the others, so no two share a thread): none runs pinned.
+    jobs = 16
+    barrier = threading.Barrier(jobs, timeout=30)
+    seen: list[set[int]] = []
+
+    def job() -> None:
+        barrier.wait()
+        seen.append(os.sched_getaffinity(0))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(jobs):
+            nursery.start_soon(trio.to_thread.run_sync, job)
+    assert seen == [set(cpus)] * jobs
 
 
 async def test_a_vm_that_asks_for_nothing_gets_no_cgroup() -> None:
