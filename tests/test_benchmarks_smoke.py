@@ -93,7 +93,8 @@ GROUPS = {
                  ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, alone, `--isolation "
                   "none`", SHARING),
                  ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to a noisy VM "
-                  "limited to 500 requests/s, `--isolation process`", SHARING)],
+                  "limited to 500 requests/s and 25 % of a CPU, `--isolation process`",
+                  SHARING)],
     "isolation": [("isolation: VM churn, `--isolation process`", IN_PROCESS),
                   ("isolation: VM churn, `--isolation none`", IN_PROCESS),
                   ("isolation: create → first serial byte, `--isolation process`",

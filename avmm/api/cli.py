@@ -240,6 +240,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         isolation = _process_isolation(args, mode)
+        if isolation is None:
+            from ..threads import share_the_interpreter_between_vms
+
+            # Every VM's device threads share this interpreter: a busy one must not
+            # keep a quiet one's I/O thread waiting for the GIL 5 ms at a time.
+            share_the_interpreter_between_vms()
         trio.run(serve, isolation)
     except BaseException as e:
         # trio hands start-up failures up inside ExceptionGroups; a person wants the

@@ -226,3 +226,32 @@ async def test_a_daemon_not_running_as_root_defaults_to_none() -> None:
         line = _serving_line(log.read_text())
     assert re.search(r"isolation=none\b", line), line
     assert "the default for a daemon not running as root" in line
+
+
+@pytest.mark.parametrize("mode", ["none", "process"])
+def test_a_dense_daemon_hands_the_gil_over_within_half_a_millisecond(
+        mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In dense mode every VM's I/O threads share the daemon's interpreter: ``avmm
+    serve`` shortens CPython's GIL switch interval for it; a process-mode daemon, whose
+    VMs each have their own interpreter, keeps the default."""
+    from avmm.api import cli
+    from avmm.threads import DENSE_SWITCH_INTERVAL_S
+
+    if mode == "process":
+        _need_root()
+    seen: list[tuple[float, object]] = []
+    monkeypatch.setattr(cli.trio, "run", lambda _serve, isolation: seen.append(
+        (sys.getswitchinterval(), isolation)))
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        assert cli._cmd_serve(_serve_args("--isolation", mode, "--socket",
+                                          str(tmp_path / "avmm.sock"),
+                                          "--jail-root", str(tmp_path / "jail"))) == 0
+    finally:
+        sys.setswitchinterval(before)
+    [(interval, isolation)] = seen
+    if mode == "none":
+        assert (interval, isolation) == (DENSE_SWITCH_INTERVAL_S, None)
+    else:
+        assert interval == 0.005 and isolation is not None
