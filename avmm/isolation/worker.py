@@ -9,14 +9,15 @@ The order, Firecracker's jailer's where it applies:
 2. The daemon's start message: the VM id, its config (the ``vm.toml`` schema as JSON),
    the jail, the seccomp mode, the logging settings.
 3. :func:`avmm.isolation.jail.enter_jail`: inherited fds closed, environment cleared,
-   new mount, IPC and PID namespaces (the worker is PID 1 of its own; a reaper parent
-   outside mirrors its exit), the per-VM root bind-mounted and pivoted into.
+   new mount, IPC, PID and network namespaces (the worker is PID 1 of its own; a reaper
+   parent outside mirrors its exit; its network namespace is empty), the per-VM root
+   bind-mounted and pivoted into.
 4. The VM is built, as root inside the jail (/dev/kvm, disks and back-end sockets are
    opened while the process can still open them; only what the jail holds can be; the
    serial/console output file, the console socket and the NICs' taps came open with the
    start message: their directories are not in the jail, nor is /dev/net/tun, and the
-   worker has no CAP_NET_ADMIN and stays in the daemon's network namespace, where under
-   its filter it can make unix sockets only).
+   worker has no CAP_NET_ADMIN and no network: under its filter it can make unix
+   sockets only, in a network namespace of its own with nothing in it).
 5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
