@@ -33,12 +33,13 @@ import itertools
 import os
 import re
 import signal
+import stat
 import sys
 import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 import trio
@@ -57,6 +58,7 @@ from ..state import PartialSnapshot, SnapshotError, SnapshotInfo
 from ..vm import (
     CONSOLE_STEP,
     SERIAL_STEP,
+    SNAPSHOT_SECTIONS,
     OpenedSnapshot,
     open_snapshot,
     open_tap,
@@ -556,11 +558,11 @@ class WorkerVm:
                     raise  # the worker's own answer (say, it is no longer paused)
                 raise SnapshotError(f"{directory}: the VM's worker ended before the "
                                     "snapshot was written; nothing was kept") from None
-            bytes_memory = _snapshot_bytes(result, self._config.machine.memory_mib)
-            if bytes_memory is None:
+            if _snapshot_bytes(result, self._config.machine.memory_mib) is None:
                 raise SnapshotError(f"{directory}: the VM's worker answered the snapshot "
                                     "request with nonsense; nothing was kept")
-            bytes_state = await trio.to_thread.run_sync(_commit_snapshot, partial)
+            bytes_state, bytes_memory = await trio.to_thread.run_sync(
+                _commit_snapshot, partial, self._config.machine.memory_mib << 20)
         finally:
             # Removed unless it was renamed into place (also when cancelled: shielded).
             with trio.CancelScope(shield=True):
@@ -1016,7 +1018,7 @@ def _begin_snapshot(directory: Path, parent_fd: int) -> PartialSnapshot:
     thread)."""
     partial = PartialSnapshot.begin(directory, parent_fd=parent_fd)
     try:
-        partial.create_files()
+        partial.create_files(handed_out=True)
     except OSError as e:
         partial.__exit__(None, None, None)
         raise SnapshotError(f"{directory}: cannot create the snapshot's files: "
@@ -1027,18 +1029,18 @@ def _begin_snapshot(directory: Path, parent_fd: int) -> PartialSnapshot:
     return partial
 
 
-def _commit_snapshot(partial: PartialSnapshot) -> int:
-    """fsync and rename the snapshot the worker wrote (a worker thread); the state
-    file's size."""
+def _commit_snapshot(partial: PartialSnapshot, memory_bytes: int) -> tuple[int, int]:
+    """Check and copy what the worker wrote into files it never held, then fsync and
+    rename the snapshot (a worker thread): the worker keeps its fds, and the committed
+    files must be out of its reach (restored VMs map the memory file). The state file's
+    size and the memory file's data bytes."""
     try:
-        files = partial.files
-        assert files is not None
-        size = os.fstat(files.state_fd).st_size
+        sizes = partial.take_over_files(SNAPSHOT_SECTIONS, max_memory_bytes=memory_bytes)
         partial.commit()
     except OSError as e:
         raise SnapshotError(f"{partial.directory}: cannot write the snapshot: "
                             f"{e.strerror or e}") from e
-    return size
+    return sizes
 
 
 def _snapshot_bytes(result: object, memory_mib: int) -> int | None:
@@ -1261,6 +1263,7 @@ def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,
             try:
                 opened[key] = policy.bind_socket(output.path, key) \
                     if output.mode == "socket" else policy.open_output(output.path, key)
+                _check_output_device(opened[key], key)
             except (AvmmError, OSError) as e:
                 raise step_failed(vm, step, e) from e
         for index, net in enumerate(config.nets):
@@ -1274,6 +1277,33 @@ def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,
         _close_outputs(opened)
         raise
     return opened
+
+
+#: The character devices a worker may be handed as an output: none mode writes to any
+#: (the daemon's own process), but a worker's fd of /dev/port, /dev/mem or /dev/kmsg
+#: would hand a jailed process what its jail keeps from it.
+OUTPUT_DEVICES: Final = ("/dev/null", "/dev/zero", "/dev/full")
+
+
+def _check_output_device(output: int | BoundSocket, key: str) -> None:
+    """Refuse an output that is a character device other than :data:`OUTPUT_DEVICES`
+    (compared by device number, whatever the path that led to it).
+
+    :raises ConfigError: it is one (the key named).
+    """
+    if isinstance(output, BoundSocket):
+        return
+    info = os.fstat(output)
+    if not stat.S_ISCHR(info.st_mode):
+        return
+    allowed = set()
+    for device in OUTPUT_DEVICES:
+        with contextlib.suppress(OSError):
+            allowed.add(os.stat(device).st_rdev)
+    if info.st_rdev not in allowed:
+        raise ConfigError(f"a character device other than {', '.join(OUTPUT_DEVICES)} is "
+                          "not an output a VM in a jailed worker may have; use a regular "
+                          "file, or --isolation none", key=key)
 
 
 def _close_outputs(outputs: dict[str, int | BoundSocket]) -> None:

@@ -327,6 +327,35 @@ def _check_digest(path: Path, image: MemoryImage, read: Callable[[int, int], byt
                             "match the state file)")
 
 
+def copy_image_file(source: int, target: int, image: MemoryImage, *, name: str) -> None:
+    """Copy the memory file ``source`` (open for reading; written by someone else, who
+    may still hold it open for writing) into the new empty file ``target``, sparse, and
+    check that what was copied is the image ``image`` describes: its size, its data
+    bytes and its SHA-256, computed over the bytes written to ``target`` (so a source
+    changed during the copy fails the check). fsyncs ``target``.
+
+    :raises SnapshotError: the source is not that image.
+    """
+    size = os.fstat(source).st_size
+    if size != image.size:
+        raise SnapshotError(f"{name}: the memory file is {size} bytes, the state file "
+                            f"records {image.size}")
+    read = _file_reader(source)
+    runs = nonzero_runs(read, _page_ranges(data_ranges(source, size)))
+    digest = hashlib.sha256()
+    for offset, length in runs:
+        digest.update(_RUN_HEADER.pack(offset, length))
+        for piece in range(offset, offset + length, IO_CHUNK):
+            data = read(piece, min(IO_CHUNK, offset + length - piece))
+            digest.update(data)
+            _write_all(target, memoryview(data), piece)
+    os.ftruncate(target, size)
+    if digest.digest() != image.sha256 or sum(n for _, n in runs) != image.data_bytes:
+        raise SnapshotError(f"{name}: the memory file does not match the state file (its "
+                            "SHA-256 or its data differ; was it written to meanwhile?)")
+    os.fsync(target)
+
+
 def copy_memory_file(source: Path | int, memory: GuestRam, image: MemoryImage, *,
                      verify: bool, name: Path | None = None) -> None:
     """Read the memory file (a path, or an open fd that stays open) into ``memory``

@@ -37,10 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import SnapshotError
-from .format import _kind, read_state_fd, write_state_fd, write_state_file
+from .format import (
+    MAX_STATE_FILE_BYTES,
+    _kind,
+    _write_state_bytes,
+    parse_state,
+    read_state_fd,
+    write_state_fd,
+    write_state_file,
+)
 from .memory_file import (
     GuestRam,
     MemoryImage,
+    copy_image_file,
     copy_memory_file,
     map_memory_file,
     write_memory_fd,
@@ -49,6 +58,9 @@ from .memory_file import (
 
 STATE_FILE_NAME = "state.avmm"
 MEMORY_FILE_NAME = "memory.avmm"
+#: The names of the files another process is handed to write (see
+#: :meth:`PartialSnapshot.take_over_files`): never the snapshot's own files.
+_HANDED_OUT = {STATE_FILE_NAME: ".state.written", MEMORY_FILE_NAME: ".memory.written"}
 #: The section of the state file that describes the memory file.
 MEMORY_SECTION = "memory"
 
@@ -177,6 +189,7 @@ class PartialSnapshot:
         #: The temporary directory (make files inside it only through this fd).
         self.fd = fd
         self._files: SnapshotFiles | None = None
+        self._handed_out = False
         self._committed = False
 
     @classmethod
@@ -228,21 +241,73 @@ class PartialSnapshot:
         """The files :meth:`create_files` made, while they are open."""
         return self._files
 
-    def create_files(self) -> SnapshotFiles:
+    def create_files(self, *, handed_out: bool = False) -> SnapshotFiles:
         """The state and memory files, new in the temporary directory
         (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600), open for writing; they are fsynced
-        by :meth:`commit` and closed by :meth:`close`."""
+        by :meth:`commit` and closed by :meth:`close`. ``handed_out``: files to hand to
+        another process (a jailed worker), under other names; they never become the
+        snapshot's files themselves (it could write to them after the commit, and into
+        every VM restored with them mapped): :meth:`take_over_files` copies them."""
         if self._files is not None:
             raise ValueError("the snapshot's files were made already")
+        names = _HANDED_OUT if handed_out else {name: name for name in _HANDED_OUT}
+        self._files = self._new_files(names[STATE_FILE_NAME], names[MEMORY_FILE_NAME])
+        self._handed_out = handed_out
+        return self._files
+
+    def _new_files(self, state: str, memory: str) -> SnapshotFiles:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        state_fd = os.open(STATE_FILE_NAME, flags, 0o600, dir_fd=self.fd)
+        state_fd = os.open(state, flags, 0o600, dir_fd=self.fd)
         try:
-            memory_fd = os.open(MEMORY_FILE_NAME, flags, 0o600, dir_fd=self.fd)
+            memory_fd = os.open(memory, flags, 0o600, dir_fd=self.fd)
         except BaseException:
             os.close(state_fd)
             raise
-        self._files = SnapshotFiles(state_fd=state_fd, memory_fd=memory_fd)
-        return self._files
+        return SnapshotFiles(state_fd=state_fd, memory_fd=memory_fd)
+
+    def take_over_files(self, expect: Mapping[str, Any], *,
+                        max_memory_bytes: int) -> tuple[int, int]:
+        """Make the snapshot's files from the ones :meth:`create_files` handed out:
+        check the state file (``expect`` as for :func:`read_snapshot`; at most
+        :data:`~avmm.state.format.MAX_STATE_FILE_BYTES`) and that the memory file is
+        the image it records (size at most ``max_memory_bytes``, data and SHA-256), copy
+        both into new files only this process holds, and remove the handed-out ones.
+        Whatever the other process does with its fds afterwards reaches only inodes
+        that are gone. The state file's size and the memory file's data bytes.
+
+        :raises SnapshotError: the files are not a snapshot of that shape.
+        """
+        if self._files is None or not self._handed_out:
+            raise ValueError("take_over_files needs files made with handed_out=True")
+        name = str(self.directory)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        state_in = os.open(_HANDED_OUT[STATE_FILE_NAME], flags, dir_fd=self.fd)
+        try:
+            memory_in = os.open(_HANDED_OUT[MEMORY_FILE_NAME], flags, dir_fd=self.fd)
+            try:
+                data = os.pread(state_in, MAX_STATE_FILE_BYTES + 1, 0)
+                if len(data) > MAX_STATE_FILE_BYTES:
+                    raise SnapshotError(f"{name}: the state file written is too large")
+                sections = parse_state(data, {**expect, MEMORY_SECTION: MemoryImage},
+                                       name=f"{name}: the state file written")
+                image = sections[MEMORY_SECTION]
+                if image.file != MEMORY_FILE_NAME or image.size > max_memory_bytes:
+                    raise SnapshotError(f"{name}: the state file written records a memory "
+                                        "file this VM cannot have")
+                files = self._new_files(STATE_FILE_NAME, MEMORY_FILE_NAME)
+                written, self._files = self._files, files
+                for fd in (written.state_fd, written.memory_fd):
+                    os.close(fd)
+                copy_image_file(memory_in, files.memory_fd, image, name=name)
+                size = _write_state_bytes(files.state_fd, data)
+            finally:
+                os.close(memory_in)
+        finally:
+            os.close(state_in)
+        for handed in _HANDED_OUT.values():
+            os.unlink(handed, dir_fd=self.fd)
+        self._handed_out = False
+        return size, image.data_bytes
 
     def commit(self) -> None:
         """fsync the files (those of :meth:`create_files` too: whoever wrote them is not
@@ -349,7 +414,7 @@ def _remove_partial(parent_fd: int, partial: str, partial_fd: int) -> None:
     """Undo a failed write: the files made inside the temporary directory (through its
     fd, wherever it is now), then the directory if its name is still it."""
     if partial_fd >= 0:
-        for file_name in (MEMORY_FILE_NAME, STATE_FILE_NAME):
+        for file_name in (MEMORY_FILE_NAME, STATE_FILE_NAME, *_HANDED_OUT.values()):
             with contextlib.suppress(OSError):
                 os.unlink(file_name, dir_fd=partial_fd)
         if not _is_same(partial, parent_fd, partial_fd):

@@ -5,11 +5,13 @@ daemon renames the directory into place, or removes it on any failure."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import stat
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +27,9 @@ from avmm.isolation.channel import Channel, socketpair
 from avmm.isolation.jail import UidAllocator
 from avmm.isolation.worker_vm import ProcessIsolation, WorkerVm, sanitize_status
 from avmm.state import SnapshotError
-from avmm.state.snapshot import MEMORY_FILE_NAME, STATE_FILE_NAME
+from avmm.state.format import write_state_fd
+from avmm.state.memory_file import MemoryImage, MemoryRegionImage
+from avmm.state.snapshot import MEMORY_FILE_NAME, MEMORY_SECTION, STATE_FILE_NAME
 from tests.api.test_daemon import avmm
 from tests.state.mem_walk import expected_lines, mem_walk_lines
 from tests.vm.helpers import TEST_GUEST, guest_config
@@ -64,25 +68,40 @@ def _fake_worker_vm() -> Iterator[tuple[WorkerVm, Channel]]:
         worker.close()
 
 
+def _write_small_snapshot(state_fd: int, memory_fd: int, page: bytes) -> None:
+    """What an honest worker writes, for a guest of one page (sections: memory only)."""
+    os.pwrite(memory_fd, page, 0)
+    data_bytes = 0 if page == bytes(len(page)) else len(page)
+    digest = hashlib.sha256(struct.pack("<QQ", 0, len(page)) + page if data_bytes else b"")
+    image = MemoryImage(file=MEMORY_FILE_NAME, size=len(page),
+                        regions=[MemoryRegionImage(guest_address=0, size=len(page),
+                                                   file_offset=0)],
+                        data_bytes=data_bytes, sha256=digest.digest())
+    write_state_fd(state_fd, {MEMORY_SECTION: image})
+
+
+@pytest.fixture
+def one_page_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake worker's snapshots hold the memory section only.
+    monkeypatch.setattr(worker_vm, "SNAPSHOT_SECTIONS", {})
+
+
 async def test_the_worker_is_handed_two_regular_files_and_never_a_directory(
-        tmp_path: Path) -> None:
+        tmp_path: Path, one_page_snapshots: None) -> None:
     target = tmp_path / "snap"
     seen: dict[str, Any] = {}
+    page = b"m" * 4096
 
     async def fake_worker() -> None:
         message, fds = await worker.receive_with_fds()
-        try:
-            seen["message"] = message
-            seen["links"] = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds]
-            modes = [os.fstat(fd).st_mode for fd in fds]
-            assert len(fds) == 2 and all(stat.S_ISREG(mode) for mode in modes), modes
-            assert not any(stat.S_ISDIR(mode) for mode in modes)
-            assert [os.fstat(fd).st_size for fd in fds] == [0, 0]  # new and empty
-            os.pwrite(fds[0], b"state", 0)
-            os.pwrite(fds[1], b"m" * 4096, 0)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        seen["message"] = message
+        seen["links"] = [os.readlink(f"/proc/self/fd/{fd}") for fd in fds]
+        modes = [os.fstat(fd).st_mode for fd in fds]
+        assert len(fds) == 2 and all(stat.S_ISREG(mode) for mode in modes), modes
+        assert not any(stat.S_ISDIR(mode) for mode in modes)
+        assert [os.fstat(fd).st_size for fd in fds] == [0, 0]  # new and empty
+        _write_small_snapshot(fds[0], fds[1], page)
+        seen["fds"] = fds  # kept open, as a compromised worker would
         await worker.send({"id": message["id"], "result": {
             **PAUSED_STATUS, "snapshot": {"bytes_state": 5, "bytes_memory": 4096}}})
 
@@ -94,15 +113,62 @@ async def test_the_worker_is_handed_two_regular_files_and_never_a_directory(
             nursery.cancel_scope.cancel()
     message = seen["message"]
     assert message["op"] == "snapshot" and set(message) == {"id", "op", "path"}, message
-    # The two files, made in the hidden temporary directory that became the snapshot.
-    assert [Path(link).name for link in seen["links"]] == [STATE_FILE_NAME, MEMORY_FILE_NAME]
+    # Two files handed out in the hidden temporary directory, never the snapshot's own.
     assert all(Path(link).parent.name.startswith(".snap.partial-")
                for link in seen["links"]), seen["links"]
-    assert info.path == target and info.bytes_state == 5 and info.bytes_memory == 4096
+    assert not {Path(link).name for link in seen["links"]} & {STATE_FILE_NAME,
+                                                               MEMORY_FILE_NAME}
+    assert info.path == target and info.bytes_memory == 4096
+    assert info.bytes_state == (target / STATE_FILE_NAME).stat().st_size
     assert os.listdir(tmp_path) == ["snap"]
     assert sorted(os.listdir(target)) == [MEMORY_FILE_NAME, STATE_FILE_NAME]
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
-    assert (target / STATE_FILE_NAME).read_bytes() == b"state"
+    # The worker still holds its fds: what it writes now reaches nothing committed (the
+    # memory file is mapped into every VM restored from it).
+    state_fd, memory_fd = seen["fds"]
+    try:
+        os.pwrite(memory_fd, b"X" * 4096, 0)
+        os.pwrite(state_fd, b"garbage", 0)
+    finally:
+        os.close(state_fd)
+        os.close(memory_fd)
+    assert (target / MEMORY_FILE_NAME).read_bytes() == page
+    assert (target / STATE_FILE_NAME).read_bytes().startswith(b"AVMMSNAP")
+
+
+@pytest.mark.parametrize("lie", ["garbage", "memory changed", "memory too large"])
+async def test_what_the_worker_wrote_is_checked_before_it_is_kept(
+        tmp_path: Path, lie: str, one_page_snapshots: None) -> None:
+    """A worker's files are not taken on trust: a state file that does not parse, a
+    memory file that is not the image the state records, or one larger than the VM's
+    RAM: a SnapshotError, and nothing is left."""
+    target = tmp_path / "snap"
+
+    async def fake_worker() -> None:
+        message, fds = await worker.receive_with_fds()
+        try:
+            if lie == "garbage":
+                os.pwrite(fds[0], b"state", 0)
+                os.pwrite(fds[1], b"m" * 4096, 0)
+            else:
+                size = 4096 if lie == "memory changed" else (64 << 20) + 4096
+                _write_small_snapshot(fds[0], fds[1], b"m" * size)
+                if lie == "memory changed":
+                    os.pwrite(fds[1], b"n", 100)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        await worker.send({"id": message["id"], "result": {
+            **PAUSED_STATUS, "snapshot": {"bytes_state": 5, "bytes_memory": 4096}}})
+
+    with _fake_worker_vm() as (vm, worker):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vm._follow)
+            nursery.start_soon(fake_worker)
+            with pytest.raises(SnapshotError):
+                await vm.snapshot(target)
+            nursery.cancel_scope.cancel()
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("answer", ["error", "nonsense", "late"])

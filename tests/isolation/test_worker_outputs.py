@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from avmm.config import BootConfig, ConsoleConfig, MachineConfig, SerialConfig, VmConfig
+from avmm.config import (
+    BootConfig,
+    ConfigError,
+    ConsoleConfig,
+    MachineConfig,
+    SerialConfig,
+    VmConfig,
+)
 from avmm.errors import HostFileError, PathNotAllowedError, VmStartError
 from avmm.isolation.worker_vm import _close_outputs, _open_outputs
 from avmm.paths import BoundSocket, PathPolicy
@@ -41,6 +48,22 @@ def test_the_daemon_opens_and_binds_them_as_none_mode_does(tmp_path: Path) -> No
         _close_outputs(opened)
     assert not sock.exists()
     assert _open_outputs("vm", _config(SerialConfig("none")), None) == {}
+
+
+def test_a_worker_is_handed_no_character_device_but_the_harmless_ones() -> None:
+    """/dev/null is fine; /dev/kmsg (or /dev/port, /dev/mem) would hand a jailed
+    process what its jail keeps from it: refused, naming the key, nothing left open."""
+    opened = _open_outputs("vm", _config(SerialConfig("file", Path("/dev/null"))), None)
+    try:
+        assert os.major(os.fstat(opened["serial.path"]).st_rdev) == 1
+    finally:
+        _close_outputs(opened)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmStartError) as failed:
+        _open_outputs("vm", _config(SerialConfig("file", Path("/dev/kmsg"))), None)
+    assert isinstance(failed.value.error, ConfigError), failed.value
+    assert failed.value.error.key == "serial.path"
+    assert set(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_bad_output_fails_as_the_vms_build_would(tmp_path: Path) -> None:
