@@ -1020,7 +1020,8 @@ def host_named_ids(passwd: str = HOST_PASSWD, group: str = HOST_GROUP) -> frozen
             with open(path, encoding="utf-8", errors="replace") as file:
                 for line in file:
                     fields = line.split(":")
-                    if len(fields) >= 3 and fields[2].strip().isdigit():
+                    # ASCII digits only: "²".isdigit() is true and int() refuses it.
+                    if len(fields) >= 3 and re.fullmatch(r"[0-9]{1,10}", fields[2].strip()):
                         named.add(int(fields[2]))
         except FileNotFoundError:
             continue

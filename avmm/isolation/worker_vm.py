@@ -247,10 +247,11 @@ class WorkerVm:
         #: The worker's thread ids: its PID namespace's → the host's (see refresh).
         self._host_tids: dict[int, int] = {}
         self._requests = itertools.count(1)
+        #: The last request id handed out: an answer to an earlier one that is no
+        #: longer pending (given up on: timed out, cancelled) is dropped, not taken for
+        #: a broken protocol; nothing is kept per request given up on.
+        self._last_request = 0
         self._pending: dict[int, tuple[trio.Event, list[Any]]] = {}
-        #: Requests given up (timed out, cancelled) before their answer came: a late
-        #: answer to one is dropped, not taken for a broken protocol.
-        self._abandoned: set[int] = set()
         #: A snapshot is being written: resume and a second snapshot are refused.
         self._snapshotting = False
         self._tasks: trio.Nursery | None = None
@@ -562,7 +563,8 @@ class WorkerVm:
                 raise SnapshotError(f"{directory}: the VM's worker answered the snapshot "
                                     "request with nonsense; nothing was kept")
             bytes_state, bytes_memory = await trio.to_thread.run_sync(
-                _commit_snapshot, partial, self._config.machine.memory_mib << 20)
+                _commit_snapshot, partial, self._config.machine.memory_mib << 20,
+                limiter=_snapshot_copies())
         finally:
             # Removed unless it was renamed into place (also when cancelled: shielded).
             with trio.CancelScope(shield=True):
@@ -644,7 +646,7 @@ class WorkerVm:
         if not self._live():
             raise VmStateError(f"VM {self.id!r} is {self.state.value}")
         assert self._channel is not None
-        request_id = next(self._requests)
+        request_id = self._last_request = next(self._requests)
         done = trio.Event()
         slot: list[Any] = []
         self._pending[request_id] = (done, slot)
@@ -656,8 +658,7 @@ class WorkerVm:
         except ChannelError:
             raise VmStateError(f"VM {self.id!r}: its worker has ended") from None
         finally:
-            if self._pending.pop(request_id, None) is not None and not slot:
-                self._abandoned.add(request_id)
+            self._pending.pop(request_id, None)
         if waited.cancelled_caught:
             if late is not None:
                 self._log.warning("the worker did not answer in time", op=op,
@@ -720,9 +721,9 @@ class WorkerVm:
             entry = self._pending.get(message["id"]) \
                 if isinstance(message["id"], int) else None
             if entry is None:
-                if message["id"] in self._abandoned:
-                    self._abandoned.discard(message["id"])  # given up on: dropped
-                    return
+                if isinstance(message["id"], int) and 0 < message["id"] <= \
+                        self._last_request:
+                    return  # a request given up on: its late answer is dropped
                 raise ChannelError("the worker answered a request nobody made")
             done, slot = entry
             slot.append(message)
@@ -1027,6 +1028,24 @@ def _begin_snapshot(directory: Path, parent_fd: int) -> PartialSnapshot:
         partial.__exit__(None, None, None)
         raise
     return partial
+
+
+#: Snapshots whose files the daemon checks and copies at once (each reads and writes up
+#: to a guest's RAM): a thread pool of their own, so that many VMs' snapshots (hostile
+#: workers' too) never hold every thread of trio's default pool, which path checks and
+#: VM starts use.
+SNAPSHOT_COPIES_AT_ONCE = 2
+_snapshot_copies_var: trio.lowlevel.RunVar[trio.CapacityLimiter] = \
+    trio.lowlevel.RunVar("avmm_snapshot_copies")
+
+
+def _snapshot_copies() -> trio.CapacityLimiter:
+    try:
+        return _snapshot_copies_var.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(SNAPSHOT_COPIES_AT_ONCE)
+        _snapshot_copies_var.set(limiter)
+        return limiter
 
 
 def _commit_snapshot(partial: PartialSnapshot, memory_bytes: int) -> tuple[int, int]:

@@ -112,7 +112,8 @@ def test_host_named_ids_reads_passwd_and_group(tmp_path: Path) -> None:
                       "# a comment\n"
                       "broken line\n"
                       "+nis\n"
-                      "odd:x:notanumber:1::/:\n")
+                      "odd:x:notanumber:1::/:\n"
+                      "super:x:\u00b2:1::/:\n")  # "²".isdigit(), yet no int
     group.write_text("wheel:x:10:\nours:x:2000000003:vm\n")
     assert host_named_ids(str(passwd), str(group)) == {0, 2_000_000_001, 10, 2_000_000_003}
     assert host_named_ids(str(tmp_path / "none"), str(tmp_path / "nothing")) == frozenset()
