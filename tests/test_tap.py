@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -127,28 +127,21 @@ def test_header_size_below_the_kernel_minimum() -> None:
         Tap.open("avtx", vnet_header_size=8)
 
 
-def test_without_privileges_the_error_says_what_to_do(tap_prerequisites: None) -> None:
-    """As an unprivileged user (nobody, in a forked child), opening a tap fails with
-    advice, not a bare OSError."""
-    name = unique_name()
+def _as_nobody(work: Callable[[], str]) -> str:
+    """``work()``'s answer, run as nobody with no capabilities in a forked child."""
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         # Python 3.12+ warns about fork() in a process with threads (a thread cache of
         # an earlier test): the child only makes syscalls and exits.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, try, report through the pipe, exit
+    if pid == 0:  # the child: drop to nobody, work, report through the pipe, exit
         status = 1
         try:
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-            try:
-                Tap.open(name).close()
-                message = "opened"
-            except TapError as e:
-                message = f"TapError: {e}"
-            os.write(write_end, message.encode())
+            os.write(write_end, work().encode())
             status = 0
         finally:
             os._exit(status)
@@ -157,6 +150,22 @@ def test_without_privileges_the_error_says_what_to_do(tap_prerequisites: None) -
         message = pipe.read().decode()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    return message
+
+
+def test_without_privileges_the_error_says_what_to_do(tap_prerequisites: None) -> None:
+    """As an unprivileged user (nobody, in a forked child), opening a tap fails with
+    advice, not a bare OSError."""
+    name = unique_name()
+
+    def try_to_open() -> str:
+        try:
+            Tap.open(name).close()
+            return "opened"
+        except TapError as e:
+            return f"TapError: {e}"
+
+    message = _as_nobody(try_to_open)
     assert message.startswith("TapError:"), message
     assert "root" in message
     assert not interface_exists(name)
@@ -209,36 +218,21 @@ def test_an_attached_taps_ioctls_need_no_privilege(tap: Tap) -> None:
 
     from avmm.tap import TUN_F_CSUM, TUNSETVNETHDRSZ
 
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # see above
-        pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            handed = Tap.handed_over(tap.fd, tap.name)
-            results = []
-            for name, call in (
-                    ("offload", lambda: handed.set_offload(TUN_F_CSUM)),
-                    ("hdrsz", lambda: fcntl.ioctl(handed.fd, TUNSETVNETHDRSZ,
-                                                  struct.pack("=i", 10))),
-                    ("offload0", lambda: handed.set_offload(0)),
-                    ("open", lambda: Tap.open(tap.name))):
-                try:
-                    call()
-                    results.append(f"{name}=ok")
-                except (OSError, TapError):
-                    results.append(f"{name}=refused")
-            os.write(write_end, " ".join(results).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        message = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    def try_each() -> str:
+        handed = Tap.handed_over(tap.fd, tap.name)
+        results = []
+        for name, call in (
+                ("offload", lambda: handed.set_offload(TUN_F_CSUM)),
+                ("hdrsz", lambda: fcntl.ioctl(handed.fd, TUNSETVNETHDRSZ,
+                                              struct.pack("=i", 10))),
+                ("offload0", lambda: handed.set_offload(0)),
+                ("open", lambda: Tap.open(tap.name))):
+            try:
+                call()
+                results.append(f"{name}=ok")
+            except (OSError, TapError):
+                results.append(f"{name}=refused")
+        return " ".join(results)
+
+    message = _as_nobody(try_each)
     assert message == "offload=ok hdrsz=ok offload0=ok open=refused", message
