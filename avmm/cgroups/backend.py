@@ -111,16 +111,22 @@ def quota_us(max_percent: float, period_us: int = CFS_PERIOD_US) -> int:
     return max(_QUOTA_MIN_US, round(max_percent * period_us / 100))
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (the start time in clock ticks), None if no such PID."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat from field 3 on (index 0 is field 3), None if no
+    such PID."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             data = stat.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[19])
+    return data[data.rindex(b")") + 2:].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (the start time in clock ticks), None if no such PID."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def pid_namespace() -> int:
@@ -498,12 +504,8 @@ def _cgroup_type(path: Path) -> str | None:
 
 def _parent_pid(pid: int) -> int | None:
     """Field 4 of /proc/PID/stat, None if no such PID."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[1])
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def _ours(pid: int) -> bool:

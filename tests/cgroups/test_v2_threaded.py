@@ -64,12 +64,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_v2_threaded_subtree_sequence_on_the_real_kernel() -> None:
+def run_on_the_real_cgroup2(script: str) -> str:
+    """Run ``script`` (given the cgroup2 mount as its argument) in a child process as
+    root, since it moves itself between cgroups; its output. It must succeed."""
     mount = cgroup2_mount()
     require(None if mount is not None else "no cgroup2 filesystem is mounted")
     require(None if os.geteuid() == 0 else "moving processes between cgroups needs root")
     assert mount is not None
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(mount)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-c", script, str(mount)], cwd=REPO,
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "threaded subtree ok" in result.stdout
+    return result.stdout
+
+
+def test_v2_threaded_subtree_sequence_on_the_real_kernel() -> None:
+    assert "threaded subtree ok" in run_on_the_real_cgroup2(SCRIPT)

@@ -22,8 +22,7 @@ from avmm.cgroups.backend import DAEMON_DIR, owner_name, pid_namespace
 from avmm.isolation.jail import UidAllocator
 from avmm.isolation.worker_vm import ProcessIsolation, WorkerVm
 from tests.cgroups.test_backends import dead_pid
-from tests.cgroups.test_v2_threaded import REPO, cgroup2_mount
-from tests.prerequisites import require
+from tests.cgroups.test_v2_threaded import run_on_the_real_cgroup2
 from tests.vm.helpers import guest_config
 
 
@@ -275,11 +274,4 @@ def test_v2_worker_layout_sequence_on_the_real_kernel() -> None:
     moved in and the cgroup removed after it; a delegated root's own processes moved
     into the daemon's leaf. Runs in a child process (it moves itself between cgroups);
     everything it made is removed."""
-    mount = cgroup2_mount()
-    require(None if mount is not None else "no cgroup2 filesystem is mounted")
-    require(None if os.geteuid() == 0 else "moving processes between cgroups needs root")
-    assert mount is not None
-    result = subprocess.run([sys.executable, "-c", REAL_SCRIPT, str(mount)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "worker layout ok" in result.stdout
+    assert "worker layout ok" in run_on_the_real_cgroup2(REAL_SCRIPT)
