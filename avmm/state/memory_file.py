@@ -342,15 +342,17 @@ def copy_image_file(source: int, target: int, image: MemoryImage, *, name: str) 
                             f"records {image.size}")
     read = _file_reader(source)
     runs = nonzero_runs(read, _page_ranges(data_ranges(source, size)))
-    digest = hashlib.sha256()
-    for offset, length in runs:
-        digest.update(_RUN_HEADER.pack(offset, length))
+
+    def copied(offset: int, length: int) -> Iterator[bytes]:
+        # What is hashed is what was written: a source changed meanwhile fails.
         for piece in range(offset, offset + length, IO_CHUNK):
             data = read(piece, min(IO_CHUNK, offset + length - piece))
-            digest.update(data)
             _write_all(target, memoryview(data), piece)
+            yield data
+
+    digest = _digest(runs, copied)
     os.ftruncate(target, size)
-    if digest.digest() != image.sha256 or sum(n for _, n in runs) != image.data_bytes:
+    if digest != image.sha256 or sum(n for _, n in runs) != image.data_bytes:
         raise SnapshotError(f"{name}: the memory file does not match the state file (its "
                             "SHA-256 or its data differ; was it written to meanwhile?)")
     os.fsync(target)
