@@ -58,7 +58,7 @@ from .lifecycle import (
     VmMetrics,
     VmState,
 )
-from .migration.errors import MigrationError
+from .migration.errors import HandOverUnconfirmed, MigrationError
 from .migration.transport import check_accept_timeout
 from .paths import NewPath, PathPolicy
 from .ratelimit import LimitTargetError, SharedGroups
@@ -533,6 +533,10 @@ class HostedVm:
         self._log.info("migration started", to=to, downtime_ms=downtime_ms)
         try:
             await self.vm.migrate(to, downtime_ms=downtime_ms, connected=connected)
+        except HandOverUnconfirmed as e:
+            self._migration_error = e
+            self._log.error("migration unconfirmed; the VM stays paused", to=to,
+                            error=str(e))
         except AvmmError as e:
             # MigrationError: the VM runs on here, as if nothing had happened.
             self._migration_error = e

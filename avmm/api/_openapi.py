@@ -37,7 +37,7 @@ API_VERSION: Final = "1.0.0"
 VM_STATES: Final = ("starting", "incoming", "running", "paused", "stopping", "stopped")
 #: The states of a migration's progress (MigrationProgress.state).
 MIGRATION_STATES: Final = ("setup", "precopy", "stop-and-copy", "completed", "failed",
-                           "incoming", "receiving")
+                           "incoming", "receiving", "unconfirmed")
 
 _PATH: Final = {
     "type": "string",

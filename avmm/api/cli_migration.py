@@ -32,7 +32,7 @@ PAGE_SIZE: Final = 4096
 #: How often a migration's progress is asked for.
 POLL_INTERVAL_S: Final = 0.25
 _BAR_WIDTH: Final = 24
-_ENDED: Final = ("completed", "failed")
+_ENDED: Final = ("completed", "failed", "unconfirmed")
 
 
 def add_migration_commands(subparsers: Any, client_command: Any) -> list[Any]:
@@ -236,6 +236,10 @@ def _report(vm_id: str, to: str, vm: dict[str, Any], waited_s: float) -> int:
     if migration.get("state") == "failed":
         print(f"avmm: migration of {vm_id} to {to} failed: "
               f"{migration.get('error') or 'no reason given'}; it keeps running here",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    if migration.get("state") == "unconfirmed":
+        print(f"avmm: migration of {vm_id} to {to}: {migration.get('error') or 'unconfirmed'}",
               file=sys.stderr)
         return EXIT_REFUSED
     vm_exit = vm.get("exit") or {}

@@ -367,7 +367,7 @@ class WorkerVm:
     def migrating(self) -> bool:
         migration = self.migration
         return migration is not None and migration.get("state") not in (
-            "completed", "failed", None) and not self._done.is_set()
+            "completed", "failed", "unconfirmed", None) and not self._done.is_set()
 
     def metrics(self) -> VmMetrics:
         if self._status is None:

@@ -8,5 +8,6 @@ snapshot and migration"; README, "Live migration").
 * :mod:`.dirty`: dirty-page tracking (KVM's log, avmm's own writes, vhost-user logs).
 """
 
+from .errors import HandOverUnconfirmed as HandOverUnconfirmed
 from .errors import MigrationError as MigrationError
 from .progress import MigrationProgress as MigrationProgress

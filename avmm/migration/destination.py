@@ -5,7 +5,8 @@ must describe the same devices in the same order: see :func:`merge_config`); bui
 machine (no kernel: RAM and state come by the stream) and answer READY; store each
 batch of pages; answer SYNC with SYNCED once everything before it is stored and hashed;
 load the device and vCPU state; check END's SHA-256 against the stream
-received; answer ACK; wait for COMMIT and only then run the guest.
+received; answer ACK; wait for COMMIT and only then run the guest; answer STARTED
+(or ERROR if it could not start: no vCPU ran).
 
 Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame, a page
 outside RAM, a state that does not fit, a digest that does not match — sends ERROR to
@@ -65,6 +66,9 @@ STATE_SECTIONS: dict[str, Any] = {
 #: The longest wait for COMMIT once ACK is sent: no COMMIT means the source kept the
 #: guest (or died); this side must then never run it.
 COMMIT_TIMEOUT_S = 60.0
+#: The longest the answer to COMMIT may take to send (best effort: see
+#: :meth:`Destination._answer_commit`).
+ANSWER_TIMEOUT_S = 5.0
 STREAM_NAME = "the migration stream"
 
 
@@ -115,25 +119,32 @@ class Destination:
                 if isinstance(e, AvmmError | OSError | trio.TooSlowError):
                     return
                 raise
+            finally:
+                self.listener.close()
             if self.receiving.cancelled_caught:
                 await self._fail("the VM was stopped before the hand-over", refuse=True)
                 return
+            # COMMIT received: the guest is ours to run.
+            try:
+                await vm._start_built()
+                if self._steps is not None:
+                    self._steps.mark("start")
+            except BaseException as e:
+                why = f"the VM could not start: {e}"
+                self._update(state="failed", error=why)
+                # No vCPU ran (they start once everything else has): the source may
+                # let the guest run on there.
+                await self._answer_commit(error=f"the destination refused: {why}")
+                vm._migration_failed(f"incoming migration: {why}")
+                if isinstance(e, AvmmError | OSError):
+                    return
+                raise
+            # The guest runs here from now on, whether or not the source hears it.
+            await self._answer_commit(error=None)
         finally:
-            self.listener.close()
             if stream is not None:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
-        # COMMIT received: the guest is ours to run.
-        try:
-            await vm._start_built()
-            if self._steps is not None:
-                self._steps.mark("start")
-        except BaseException as e:
-            self._update(state="failed", error=f"the VM could not start: {e}")
-            vm._migration_failed(f"incoming migration: the VM could not start: {e}")
-            if isinstance(e, AvmmError | OSError):
-                return
-            raise
         self._update(state="completed")
         self._log.info("migration received; the VM runs here",
                        pages=self.progress.pages_sent, total_ms=self.progress.total_ms,
@@ -142,6 +153,20 @@ class Destination:
             await vm.wait()
         finally:
             await vm.__aexit__(None, None, None)
+
+    async def _answer_commit(self, *, error: str | None) -> None:
+        """STARTED (or ERROR) to the source, best effort: a source that does not hear
+        it keeps the guest paused there, never running."""
+        assert self._channel is not None
+        with trio.CancelScope(shield=True), trio.move_on_after(ANSWER_TIMEOUT_S):
+            try:
+                if error is None:
+                    await self._channel.send(Kind.STARTED)
+                else:
+                    await self._channel.send_error(error)
+            except MigrationError as e:
+                self._log.warning("the source did not get the answer to COMMIT",
+                                  error=str(e))
 
     async def _fail(self, why: str, *, refuse: bool) -> None:
         if self.progress.state == "failed":

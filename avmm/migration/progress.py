@@ -6,8 +6,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+#: "unconfirmed" (source only): COMMIT went out but the destination never said the
+#: guest runs there; the VM stays paused here (see avmm.migration.source).
 MigrationState = Literal["setup", "precopy", "stop-and-copy", "completed", "failed",
-                         "incoming", "receiving"]
+                         "incoming", "receiving", "unconfirmed"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class MigrationProgress:
     pages_total: int = 0
     #: Bytes per second of the last round (the estimate that decides the hand-over).
     rate_bytes_s: float = 0.0
-    #: Why it failed (one line), when ``state`` is "failed".
+    #: Why it failed (one line), when ``state`` is "failed" or "unconfirmed".
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:

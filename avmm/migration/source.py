@@ -12,11 +12,17 @@
    still runs). Pause the VM (vCPUs parked, devices stopped, vhost-user rings handed
    back), send the last dirty pages, the device and vCPU state (the snapshot's
    sections) and END with the stream's SHA-256; wait for the destination's ACK, send
-   COMMIT and stop the VM with :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
+   COMMIT, wait for STARTED (the guest runs there) and stop the VM with
+   :attr:`~avmm.lifecycle.StopReason.MIGRATED`.
 
-Any failure before the ACK (the stream cut, an ERROR from the destination, a timeout,
-a cancellation) turns dirty logging off and resumes the VM if it was paused here: the
+Any failure before COMMIT is sent (the stream cut, an ERROR from the destination, a
+timeout, a cancellation), and an ERROR answering COMMIT (the destination could not
+start the guest), turns dirty logging off and resumes the VM if it was paused here: the
 guest runs on as if nothing had happened, and the destination discards what it got.
+No answer to COMMIT (the stream cut, a timeout, a destination that died) leaves the
+outcome unknown: the VM stays paused here, never resumed by itself (the guest may run
+there) and never lost (``resume`` it once the destination is known not to run it);
+the migration's state is then ``unconfirmed``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from ..concurrency import run_together
 from ..errors import AvmmError
 from ..state.format import build_state
 from .destination import prepare_state_codec
-from .errors import MigrationError
+from .errors import HandOverUnconfirmed, MigrationError
 from .pages import PageMap
 from .progress import MigrationProgress, Steps
 from .stream import MAX_FRAME_PAGES, PAGE_SIZE, ROUND, Channel, Kind, PeerError, pages_head
@@ -54,6 +60,9 @@ HANDSHAKE_TIMEOUT_S = 120.0
 #: The longest the guest stays paused for the stop-and-copy before the source gives up
 #: and lets it run on: a destination that stops reading must not freeze it for good.
 STOP_AND_COPY_TIMEOUT_S = 120.0
+#: The longest wait for the destination's STARTED after COMMIT (it only starts the
+#: vCPUs and device tasks of a machine already loaded).
+STARTED_TIMEOUT_S = 30.0
 ON_TIMEOUT = ("pause", "abort")
 #: A round that sent less than this says little about the stream's rate.
 RATE_MIN_BYTES = 4 << 20
@@ -144,6 +153,8 @@ class Source:
         stream = None
         dirty_log = None
         paused_here = False
+        committed = False
+        downtime: float | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                 if self._connected is not None:
@@ -214,13 +225,25 @@ class Source:
                 steps.mark("ack")
                 if kind is not Kind.ACK:
                     raise MigrationError(f"the destination answered {kind.name}, not ACK")
-                # After this frame the destination runs the guest: from here on this
-                # side never runs it again, whatever happens to the stream.
+                # After this frame the destination may run the guest. A send that
+                # fails never delivered it (the destination then discards everything):
+                # the except clause below resumes the guest here as for any failure.
                 await channel.send(Kind.COMMIT)
+                committed = True
             downtime = round((time.monotonic() - paused_at) * 1000, 1)
-            with trio.CancelScope(shield=True):  # COMMIT is sent: nothing may resume here
+            # The destination answers STARTED once the guest runs there, or ERROR when
+            # it could not start it (no vCPU ran: the except clause resumes it here).
+            # Anything else leaves the outcome unknown: the guest may run there, so it
+            # is never resumed here by itself, and stays paused (not lost) for the
+            # operator, who can see which side has it.
+            unknown = await _await_started(channel)
+            with trio.CancelScope(shield=True):
                 await self._stop_logs(dirty_log)
             dirty_log = None
+            if unknown is not None:
+                raise HandOverUnconfirmed(
+                    f"the hand-over to {self.address} is unconfirmed ({unknown}): the "
+                    "guest stays paused here; resume it only if it does not run there")
             self._update(state="completed", downtime_ms=downtime)
             self.vm._migration_handover(f"migrated to {self.address}")
             self._log.info("migration completed", rounds=self.progress.round,
@@ -230,8 +253,27 @@ class Source:
                            last_round_pages=self.progress.pages_dirty,
                            downtime_steps_ms=steps.ms)
             return self.progress
+        except HandOverUnconfirmed as e:
+            self._update(state="unconfirmed", downtime_ms=downtime, error=str(e))
+            self._log.error("migration unconfirmed; the VM stays paused here", error=str(e))
+            raise
         except BaseException as e:
             error = _failure(e)
+            if committed and not isinstance(e, PeerError):
+                # COMMIT went out and the destination did not say it refused (a
+                # cancellation, or logging that would not stop): the guest may run
+                # there, so it stays paused here, as when STARTED does not come.
+                with trio.CancelScope(shield=True):
+                    if dirty_log is not None:
+                        await self._stop_logs(dirty_log)
+                why = (f"the hand-over to {self.address} is unconfirmed ({error}): the "
+                       "guest stays paused here; resume it only if it does not run there")
+                self._update(state="unconfirmed", downtime_ms=downtime, error=why)
+                self._log.error("migration unconfirmed; the VM stays paused here",
+                                error=why)
+                if isinstance(e, Exception):
+                    raise HandOverUnconfirmed(why) from e
+                raise
             with trio.CancelScope(shield=True):
                 if dirty_log is not None:
                     await self._stop_logs(dirty_log)
@@ -464,6 +506,24 @@ def _stop_quietly(dirty_log: Any) -> None:
         dirty_log.stop()
     except Exception as e:  # logging off is best effort after a failure
         log.warning("dirty logging could not be turned off", error=str(e))
+
+
+async def _await_started(channel: Channel) -> str | None:
+    """The destination's answer to COMMIT: None once it says STARTED. An ERROR (it
+    could not start the guest; no vCPU ran there) raises :class:`PeerError`; anything
+    else returns why the outcome is unknown."""
+    try:
+        with trio.fail_after(STARTED_TIMEOUT_S):
+            kind, _ = await channel.receive()
+    except PeerError:
+        raise
+    except trio.TooSlowError:
+        return f"no answer to COMMIT within {STARTED_TIMEOUT_S:.0f} s"
+    except (MigrationError, OSError) as e:
+        return str(e) or type(e).__name__
+    if kind is not Kind.STARTED:
+        return f"the destination answered {kind.name}, not STARTED"
+    return None
 
 
 def _failure(error: BaseException) -> str:

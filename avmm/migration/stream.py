@@ -23,9 +23,10 @@ Source → destination, in this order::
     COMMIT   after the destination's ACK: the source has let go, the guest may run
 
 Destination → source: READY (the machine is built; send memory), SYNCED (the answer to
-SYNC), ACK (everything received and loaded; the source may stop), or ERROR
-(u16-prefixed UTF-8 line: why the destination refuses; it discards what it received).
-Either side may send ERROR.
+SYNC), ACK (everything received and loaded; the source may stop), STARTED (the answer
+to COMMIT: the guest runs here), or ERROR (u16-prefixed UTF-8 line: why the
+destination refuses; it discards what it received; answering COMMIT: it could not
+start the guest, no vCPU ran). Either side may send ERROR.
 
 Everything a destination reads is checked before use: the magic and version first,
 each frame's kind and length (nothing larger than :data:`MAX_FRAME` is ever buffered),
@@ -49,8 +50,8 @@ from .errors import MigrationError
 
 MAGIC = b"AVMMMIGR"
 #: 2: PAGES frames carry runs of pages (version 1: one number and kind per page).
-#: 3: SYNC/SYNCED before the pause.
-VERSION = 3
+#: 3: SYNC/SYNCED before the pause. 4: STARTED answers COMMIT.
+VERSION = 4
 PAGE_SIZE = 4096
 #: Pages a PAGES frame covers (its data pages, and so its data, at most 8 MiB): big
 #: enough that the per-frame work is small beside the copy, small enough to bound
@@ -85,6 +86,7 @@ class Kind(enum.IntEnum):
     ACK = 17
     ERROR = 18
     SYNCED = 19
+    STARTED = 20
 
 
 FRAME_HEADER = c.Struct(
