@@ -217,6 +217,12 @@ class VirtualMachine:
         self._console_port: SerialPort | None = None
         self._latch = StopLatch(self._on_stop_requested)
         self._resources = contextlib.ExitStack()
+        #: KVM's VM and guest RAM: plain fds and mappings, closed last (after everything
+        #: that uses them) and, when the VM's context is left, in a worker thread: KVM
+        #: tears a VM down inside close() (20-30 ms on kvm_pvm), which would stall every
+        #: other VM and API client on the event loop.
+        self._host_resources = contextlib.ExitStack()
+        self._resources.callback(self._host_resources.close)
         self._stack: contextlib.AsyncExitStack | None = None
         self._console_listener: BoundSocket | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -731,6 +737,10 @@ class VirtualMachine:
             or paused, vhost-user back-ends without dirty logging), or any failure on
             the way (the stream cut, the destination refusing, a timeout): the VM then
             runs on here as before (resumed if it was paused for the hand-over).
+            :class:`~avmm.migration.HandOverUnconfirmed` (a ``MigrationError``): COMMIT
+            went out but the destination never said the guest runs there; this VM
+            stays paused (the guest may run there, so it is never resumed here by
+            itself), for the caller to :meth:`resume` once it knows it does not.
         """
         from .migration.source import Options, Source
         from .migration.transport import parse_address
@@ -968,7 +978,7 @@ class VirtualMachine:
         caller's task owns the VM's nursery from here; leave with :meth:`__aexit__` in
         the same task)."""
         stack = contextlib.AsyncExitStack()
-        stack.callback(self._resources.close)  # last out: after the nursery has left
+        stack.push_async_callback(self._release)  # last out: after the nursery has left
         # Before anything is released: a snapshot still writing from a worker thread
         # (it holds the control lock) reads the vCPUs and guest memory until it is done.
         stack.push_async_callback(self._wait_for_control)
@@ -1016,6 +1026,16 @@ class VirtualMachine:
         assert self._stack is not None
         return bool(await self._stack.__aexit__(exc_type, exc, traceback))
 
+    async def _release(self) -> None:
+        """Release what the build acquired: devices, fds and trio objects here, then
+        KVM's VM and guest RAM in a worker thread (see ``_host_resources``)."""
+        host = self._host_resources.pop_all()  # _resources.close() then skips them
+        try:
+            self._resources.close()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(host.close)
+
     async def _wait_for_control(self) -> None:
         with trio.CancelScope(shield=True):
             async with self._control_lock:
@@ -1053,7 +1073,7 @@ class VirtualMachine:
         plan = self._restore_plan
         with self._step("opening /dev/kvm"):
             kvm = Kvm()
-            resources.callback(kvm.close)
+            self._host_resources.callback(kvm.close)
             missing = kvm.missing_capabilities()
             if missing:
                 raise VmStartError(self.name, "checking KVM capabilities",
@@ -1065,7 +1085,7 @@ class VirtualMachine:
             install_kick_handler()
         with self._step("creating the KVM VM"):
             vm = kvm.create_vm()
-            resources.callback(vm.close)
+            self._host_resources.callback(vm.close)
             vm.set_tss_address(layout.KVM_TSS_ADDRESS)
             vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
             vm.create_irqchip()
@@ -1073,7 +1093,7 @@ class VirtualMachine:
             self._kvm_vm = vm
         with self._step(f"allocating {config.machine.memory_mib} MiB of guest memory"):
             memory = GuestMemory(config.machine.memory_mib * MIB, name=f"avmm-{self.name}")
-            resources.callback(memory.close)
+            self._host_resources.callback(memory.close)
             self.memory = memory
         if plan is not None:
             # Before the KVM memory slots exist: the file is mapped over the memory's own

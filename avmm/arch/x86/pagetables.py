@@ -10,6 +10,9 @@ left to the PAT/MTRR defaults (write-back).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final, Protocol
 
 from ...errors import AvmmError
@@ -45,10 +48,13 @@ class PageFault(AvmmError):
     """A boot-page-table walk found a non-present entry (tests and diagnostics only)."""
 
 
-def build_identity_map() -> dict[int, bytes]:
-    """The page-table pages, as ``{guest physical address: 4096 bytes}``.
+@functools.cache
+def build_identity_map() -> Mapping[int, bytes]:
+    """The page-table pages, as ``{guest physical address: 4096 bytes}`` (read-only).
 
-    Pure: the caller writes them (see :func:`write_identity_map`).
+    Pure, and the same for every VM: built once per process (milliseconds of Python
+    each time otherwise, on every VM's start); the caller writes them (see
+    :func:`write_identity_map`).
     """
     entry = PTE_PRESENT | PTE_WRITABLE
     pml4 = bytearray(PAGE_SIZE)
@@ -65,7 +71,7 @@ def build_identity_map() -> dict[int, bytes]:
         pages[pd_address] = bytes(pd)
     pages[PML4_ADDRESS] = bytes(pml4)
     pages[PDPT_ADDRESS] = bytes(pdpt)
-    return pages
+    return MappingProxyType(pages)
 
 
 def write_identity_map(memory: _Writable) -> int:
