@@ -104,7 +104,7 @@ async def test_receive_with_a_bad_config_file_exits_2(
     assert fake_host.received == []
 
 
-async def _drive(vm: FakeVm, *, fail: str | None = None) -> None:
+async def _drive(vm: FakeVm, *, fail: str | None = None, state: str = "failed") -> None:
     """The engine's side: three rounds, then the hand-over (or a failure)."""
     while not vm.migrations:
         await trio.sleep(0.01)
@@ -113,7 +113,7 @@ async def _drive(vm: FakeVm, *, fail: str | None = None) -> None:
                     bytes_sent=sent * 4100, total_ms=200.0 * (number + 1))
         await trio.sleep(0.6)
     if fail is not None:
-        vm.fail_migration(fail)
+        vm.progress(state=state, error=fail)
     else:
         vm.migrated(downtime_ms=37.5)
 
@@ -156,6 +156,26 @@ async def test_migrate_that_fails_exits_1_with_the_reason(
     last = captured.err.splitlines()[-1]
     assert last.startswith(f"avmm: migration of {vm.id} to tcp:127.0.0.1:4444 failed: "
                            "the destination closed the stream")
+
+
+async def test_an_unconfirmed_hand_over_exits_1_saying_the_vm_stays_paused(
+        api: ApiClient, fake_host: FakeHost, area: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    vm = await _source(fake_host, area)
+    capsys.readouterr()  # the daemon's start-up log
+    why = ("the hand-over to tcp:127.0.0.1:4444 is unconfirmed (the migration stream "
+           "broke): the guest stays paused here; resume it only if it does not run there")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _drive(vm, fail=why, state="unconfirmed"))
+        with trio.fail_after(30):  # it stops following once the state says so
+            status = await migrate(api, _args("migrate", vm.id, "--to",
+                                              "tcp:127.0.0.1:4444"))
+    assert status == 1
+    captured = capsys.readouterr()
+    assert "migrated" not in captured.out
+    last = captured.err.splitlines()[-1]
+    assert last == f"avmm: migration of {vm.id} to tcp:127.0.0.1:4444: {why}"
+    assert "keeps running" not in captured.err
 
 
 def test_progress_bar_on_a_terminal_is_redrawn_in_place() -> None:
