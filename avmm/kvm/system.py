@@ -27,6 +27,8 @@ REQUIRED_CAPABILITIES = {
 
 # Enough for any CPUID KVM reports today; KVM answers E2BIG if not.
 _MAX_CPUID_ENTRIES = 256
+#: KVM_GET_SUPPORTED_CPUID's answer, once asked (see Kvm.supported_cpuid).
+_supported_cpuid: tuple[CpuidEntry, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,14 @@ class Kvm:
         return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        """KVM_GET_SUPPORTED_CPUID."""
+        """KVM_GET_SUPPORTED_CPUID: what this host's KVM offers, the same for every VM,
+        so asked once per process (a millisecond or two each time on some hosts)."""
+        global _supported_cpuid
+        if _supported_cpuid is None:
+            _supported_cpuid = tuple(self._ask_supported_cpuid())
+        return list(_supported_cpuid)
+
+    def _ask_supported_cpuid(self) -> list[CpuidEntry]:
         cpuid = ffi.new("struct kvm_cpuid2 *",
                         {"nent": _MAX_CPUID_ENTRIES, "entries": _MAX_CPUID_ENTRIES})
         ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid)

@@ -175,3 +175,29 @@ def test_e820_reserves_the_acpi_area() -> None:
     ]
     with pytest.raises(ValueError, match="firmware_start"):
         build_e820(plan_regions(64 * MIB), firmware_start=0x90000)
+
+
+def test_a_cached_zero_page_is_built_afresh_for_other_inputs() -> None:
+    """Zero pages are cached per process (every VM of a config asks for the same one):
+    each input is part of the key, so a page is never one built for other inputs."""
+    e820 = build_e820(plan_regions(64 * MIB))
+    header = minimal_setup_header()
+    first = build_zero_page(setup_header=header, e820=list(e820), cmdline_address=0x20000)
+    assert build_zero_page(setup_header=bytearray(header), e820=e820,
+                           cmdline_address=0x20000) == first
+    smaller = build_e820(plan_regions(32 * MIB))
+    variants = {
+        "cmdline": build_zero_page(setup_header=header, e820=e820, cmdline_address=0x30000),
+        "e820": build_zero_page(setup_header=header, e820=smaller, cmdline_address=0x20000),
+        "initrd": build_zero_page(setup_header=header, e820=e820, cmdline_address=0x20000,
+                                  initrd_address=0x100000, initrd_size=4096),
+        "acpi": build_zero_page(setup_header=header, e820=e820, cmdline_address=0x20000,
+                                acpi_rsdp_address=0xE0000),
+    }
+    assert u32(variants["cmdline"], 0x228) == 0x30000
+    table = parse_zero_page(variants["e820"]).e820_table
+    assert [(e.addr, e.size) for e in table[:len(smaller)]] == [
+        (e.address, e.size) for e in smaller]
+    assert u32(variants["initrd"], 0x21C) == 4096
+    assert u32(variants["acpi"], 0x070) == 0xE0000
+    assert all(page != first for page in variants.values())
