@@ -784,7 +784,8 @@ class Host:
         try:
             return bool(await self._stack.__aexit__(exc_type, exc, traceback))
         finally:
-            self.rate_limit_groups.close()
+            if self.rate_limit_groups.across_processes:
+                self.rate_limit_groups.close()  # the groups' memory (the workers are gone)
 
     async def create(self, config: VmConfig, *, start: bool = True,
                      paths: PathPolicy | None = None, vm_id: str | None = None,
