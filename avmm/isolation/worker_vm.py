@@ -217,10 +217,7 @@ class WorkerVm:
         self.id = vm_id
         self.name = config.name or vm_id
         self.created_at = time.time()
-        #: A descriptor of each daemon-wide group the VM names, taken now (a group
-        #: deleted before the worker starts stays the VM's, as in none mode); handed
-        #: over and closed in _spawn, or closed in _run.
-        self._group_fds = _daemon_group_fds(config, rate_limit_groups)
+        self._group_fds: dict[str, int] = {}
         if config.machine.cpu_profile == "auto":
             # Resolved here: the worker's jail has no /sys to tell it (the config shown
             # is the one the VM runs with).
@@ -269,6 +266,10 @@ class WorkerVm:
         #: Set once the worker has said how its VM ended, or has died.
         self._ended = trio.Event()
         self._log = log.bind(vm=vm_id)
+        #: A descriptor of each daemon-wide group the VM names, taken now, last (nothing
+        #: after it may fail; a group deleted before the worker starts stays the VM's,
+        #: as in none mode); handed over and closed in _spawn, or closed in _run.
+        self._group_fds = _daemon_group_fds(config, rate_limit_groups)
 
     def __repr__(self) -> str:
         return f"<WorkerVm {self.id} {self.name!r} {self.state.value}>"
