@@ -23,8 +23,11 @@ threads of one process, which share theirs. It is only ever tried without blocki
 after short sleeps, for at most ``lock_wait_s`` (:data:`ADMIT_LOCK_WAIT_S` for an
 admission, which may run on the event loop: the critical section is a few microseconds);
 a request that did not get it is told to wait :data:`LOCK_BUSY_WAIT_NS` and ask again, as
-if its bucket were empty. A process that dies holding the lock releases it (the kernel
-drops an OFD lock with the last descriptor of its description).
+if its bucket were empty. The daemon's reads (the levels ``GET /rate_limit_groups``
+shows) try it once and read the page as it is without it; its changes (``PUT``) wait up
+to :data:`RECONFIGURE_LOCK_WAIT_S`, in a thread, then rewrite the page anyway. A process
+that dies holding the lock releases it (the kernel drops an OFD lock with the last
+descriptor of its description).
 
 Trust. A worker runs the guest's device models; a worker that a guest took over can
 write anything into the pages of the groups its VM names (and hold their locks), and so
@@ -196,8 +199,9 @@ class SharedRateLimiter:
         #: The daemon's copy of the configuration (None in a worker: read from the page).
         self._owner_config = owner_config
         self._buckets: dict[BucketKind, TokenBucket | None] = dict.fromkeys(BUCKET_KINDS)
-        #: Buckets by configuration, so that a load reuses them.
-        self._made: dict[tuple[BucketKind, BucketConfig], TokenBucket] = {}
+        #: Buckets by kind and configuration as the page words say, so that a load
+        #: reuses them.
+        self._made: dict[tuple[BucketKind, int, int, int], TokenBucket] = {}
         self._configs: dict[tuple[BucketConfig | None, BucketConfig | None],
                             RateLimitConfig] = {}
         #: Tokens charged (take) while the lock was busy: taken at the next locked call.
@@ -371,8 +375,12 @@ class SharedRateLimiter:
 
     def _locked(self, *, wait_s: float | None = None, read_only: bool = False,
                 force: bool = False) -> _Held:
-        return _Held(self, self._lock_wait_s if wait_s is None else wait_s,
-                     proceed=read_only or force)
+        if wait_s is None:
+            # The daemon's reads (GET /rate_limit_groups, on its event loop) try the lock
+            # once: without it they read the page as it is anyway.
+            wait_s = 0.0 if read_only and self._owner_config is not None \
+                else self._lock_wait_s
+        return _Held(self, wait_s, proceed=read_only or force)
 
     def _busy(self) -> tuple[int, BucketKind | None]:
         self.lock_busy += 1
@@ -420,16 +428,17 @@ class SharedRateLimiter:
             if not present:
                 target[kind] = None
                 continue
-            config = BucketConfig(size=_clamp(size, 1, BUCKET_SIZE_MAX),
-                                  refill_ms=_clamp(refill_ms, 1, REFILL_MS_MAX),
-                                  one_time_burst=_clamp(burst, 0, BUCKET_SIZE_MAX))
-            bucket = self._made.get((kind, config)) if into is None else None
-            if bucket is None and into is not None:
+            key = (kind, size, refill_ms, burst)
+            bucket = self._made.get(key) if into is None else None
+            if bucket is None:
+                config = BucketConfig(size=_clamp(size, 1, BUCKET_SIZE_MAX),
+                                      refill_ms=_clamp(refill_ms, 1, REFILL_MS_MAX),
+                                      one_time_burst=_clamp(burst, 0, BUCKET_SIZE_MAX))
                 bucket = TokenBucket(config, now_ns)
-            elif bucket is None:
-                if len(self._made) > 16:
-                    self._made.clear()
-                bucket = self._made[(kind, config)] = TokenBucket(config, now_ns)
+                if into is None:
+                    if len(self._made) > 16:
+                        self._made.clear()
+                    self._made[key] = bucket
             level = int.from_bytes(
                 page[base + _LEVEL_OFFSET:base + _LEVEL_OFFSET + _LEVEL_BYTES], "little",
                 signed=True)
