@@ -17,7 +17,10 @@ The order, Firecracker's jailer's where it applies:
    serial/console output file, the console socket and the NICs' taps came open with the
    start message: their directories are not in the jail, nor is /dev/net/tun, and the
    worker has no CAP_NET_ADMIN and no network: under its filter it can make unix
-   sockets only, in a network namespace of its own with nothing in it).
+   sockets only, in a network namespace of its own with nothing in it). The daemon-wide
+   rate-limit groups the VM names came as memfds with the start message too, and are
+   mapped first (:class:`avmm.ratelimit.SharedRateLimiter`): the VM's devices find them
+   as a VM of none mode finds the daemon's groups.
 5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
