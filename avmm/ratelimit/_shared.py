@@ -211,6 +211,7 @@ class SharedRateLimiter:
         #: Admissions that did not get the lock in time (waited LOCK_BUSY_WAIT_NS).
         self.lock_busy = 0
         self._closed = False
+        self._close_requested = False
 
     # -- making and handing out --------------------------------------------------------
 
@@ -281,13 +282,19 @@ class SharedRateLimiter:
                                      f"again: {e.strerror}") from None
 
     def close(self) -> None:
-        """Unmap and close (the other processes keep their own mappings)."""
-        with self._lock.threads:
-            if self._closed:
-                return
-            self._closed = True
-            self._map.close()
-            os.close(self._fd)
+        """Unmap and close (the other processes keep their own mappings). Never waits: if
+        a thread of this process holds the limiter (the daemon's change of the group,
+        waiting for a worker's lock), that thread closes it when it lets go."""
+        self._close_requested = True
+        if not self._lock.threads.acquire(blocking=False):
+            return
+        try:
+            if not self._closed:
+                self._closed = True
+                self._map.close()
+                os.close(self._fd)
+        finally:
+            self._lock.threads.release()
 
     # -- RateLimiter's interface --------------------------------------------------------
 
@@ -490,10 +497,10 @@ class _Held:
 
     def __enter__(self) -> bool | None:
         limiter = self._limiter
-        if limiter._closed:
+        if limiter._closed or limiter._close_requested:
             return None
         self._held = limiter._lock.acquire(self._wait_s, keep_threads=self._proceed)
-        if self._held != _NOTHING and limiter._closed:  # closed while this waited
+        if limiter._closed or limiter._close_requested:  # closed while this waited
             self.__exit__()
             return None
         if self._held == _BOTH:
@@ -513,4 +520,7 @@ class _Held:
 
     def __exit__(self, *_exc: object) -> None:
         held, self._held = self._held, _NOTHING
-        self._limiter._lock.release(held)
+        limiter = self._limiter
+        limiter._lock.release(held)
+        if held != _NOTHING and limiter._close_requested and not limiter._closed:
+            limiter.close()  # asked for while this thread held it

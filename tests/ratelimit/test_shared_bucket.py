@@ -327,3 +327,37 @@ def test_values_out_of_the_model_s_range_are_clamped_to_it() -> None:
         wait, kind = worker.try_take(1, 0, clock.now)
         assert kind == "ops" and 0 < wait <= ((1 << 48) + 1) * 100 * MS
         assert worker.levels()["ops"] >= -(1 << 48)
+
+
+def test_the_daemon_closing_a_group_never_waits_for_a_change_in_progress() -> None:
+    """DELETE on the event loop while a PUT's thread waits for a worker's lock: the
+    close returns at once, and the thread closes the group when it is done."""
+    clock = FakeClock()
+    daemon = SharedRateLimiter.create(BOTH, clock=clock, name="tenant")
+    ready_read, ready_write = os.pipe()
+    fd = daemon.handout_fd()
+    pid = os.fork()
+    if pid == 0:  # a worker that holds the group's lock
+        holder = SharedRateLimiter.attach(fd, clock=clock)
+        holder._lock.acquire(1.0)
+        os.write(ready_write, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.close(fd)
+    try:
+        assert os.read(ready_read, 1) == b"x"
+        changed = RateLimitConfig(ops=BucketConfig(size=1, refill_ms=1))
+        change = threading.Thread(target=daemon.reconfigure, args=(changed,))
+        change.start()
+        time.sleep(0.1)  # the change waits for the lock (up to 1 s)
+        started = time.monotonic()
+        daemon.close()
+        assert time.monotonic() - started < 0.05
+        change.join()
+        assert daemon._closed
+        assert daemon.levels() == {}
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_read)
+        os.close(ready_write)
