@@ -732,8 +732,9 @@ class Host:
         self.isolation = isolation
         self._spawner_scope = trio.CancelScope()
         self._vms: dict[str, Any] = {}
-        #: Rate-limit groups shared by the VMs made by create() that name them.
-        self.rate_limit_groups = SharedGroups()
+        #: Rate-limit groups shared by the VMs made by create() that name them (in
+        #: shared memory when the VMs run in worker processes).
+        self.rate_limit_groups = SharedGroups(across_processes=isolation is not None)
         self._nursery: trio.Nursery | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
@@ -784,7 +785,11 @@ class Host:
             self._spawner_scope.cancel()
         # The nursery waits for every VM's task, which returns once its VM has stopped.
         assert self._stack is not None
-        return bool(await self._stack.__aexit__(exc_type, exc, traceback))
+        try:
+            return bool(await self._stack.__aexit__(exc_type, exc, traceback))
+        finally:
+            if self.rate_limit_groups.across_processes:
+                self.rate_limit_groups.close()  # the groups' memory (the workers are gone)
 
     async def create(self, config: VmConfig, *, start: bool = True,
                      paths: PathPolicy | None = None, vm_id: str | None = None,
@@ -815,7 +820,8 @@ class Host:
             from .isolation.worker_vm import WorkerVm
 
             hosted = WorkerVm(vm_id, config, start=start, paths=paths,
-                              isolation=self.isolation)
+                              isolation=self.isolation,
+                              rate_limit_groups=self.rate_limit_groups)
         else:
             hosted = HostedVm(vm_id, config, start_paused=not start, paths=paths,
                               rate_limit_groups=self.rate_limit_groups,

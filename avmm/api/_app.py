@@ -446,8 +446,16 @@ class ManagementApi:
             raise HttpError(400, "a group needs a bandwidth or an ops bucket",
                             {"key": "bandwidth"})
         groups = self._groups()
-        _, created = groups.put(name, limit)
-        return _json_response(201 if created else 200, groups.to_dict(name),
+        limiter = groups.get(name)
+        if limiter is None or not groups.across_processes:
+            limiter, created = groups.put(name, limit)
+        else:
+            # In shared memory (--isolation process): the change may wait for a worker
+            # that holds the group's lock (bounded), in a thread. The workers see it at
+            # their next request.
+            await trio.to_thread.run_sync(limiter.reconfigure, limit)
+            created = False
+        return _json_response(201 if created else 200, groups.to_dict(name, limiter),
                               (("Location", f"/rate_limit_groups/{name}"),))
 
     async def _delete_group(self, request: _Request) -> _Response:

@@ -97,7 +97,7 @@ def parse_limits_update(data: Any) -> LimitsUpdate:
     if machine is not None:
         if not isinstance(machine, dict):
             raise HttpError(400, "machine must be an object", {"key": "machine"})
-        update = LimitsUpdate(update.changes, update.groups, machine)
+        update = LimitsUpdate(update.changes, update.groups, machine, source=data)
     return update
 
 

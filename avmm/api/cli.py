@@ -70,9 +70,7 @@ def add_management_commands(subparsers: Any) -> None:
                        help="process: each VM in a jailed worker process of its own "
                             "(needs root; the default when the daemon runs as root); "
                             "none: every VM in this process (dense, fast churn; the "
-                            "default otherwise, and how a root daemon gets dense mode). "
-                            "Process mode refuses daemon-wide rate-limit groups (400) "
-                            "for now: use none for those")
+                            "default otherwise, and how a root daemon gets dense mode)")
     serve.add_argument("--jail-root", default="/srv/avmm/jail", metavar="DIR",
                        help="with --isolation process: each VM's jail is DIR/<vm-id> "
                             "(default /srv/avmm/jail)")

@@ -14,6 +14,7 @@ the filter's default action (see :mod:`avmm.isolation.seccomp`).
 from __future__ import annotations
 
 import enum
+import fcntl
 import socket
 import termios
 
@@ -55,7 +56,8 @@ VCPU = PYTHON_RUNTIME | SHARED_IO | frozenset({"close"})
 
 #: Device I/O threads: the disk's request path on the image fd it owns (preadv2/pwritev2,
 #: fdatasync; the plain variants for other Pythons), sleeping on its kick and stop
-#: eventfds (poll/ppoll). No open, no sockets, no ioctl.
+#: eventfds (poll/ppoll); fcntl F_OFD_SETLK only (CONDITIONAL below). No open, no
+#: sockets, no ioctl.
 DEVICE_IO = PYTHON_RUNTIME | SHARED_IO | frozenset({
     "preadv2", "pwritev2", "preadv", "pwritev", "pread64", "pwrite64",
     "fdatasync", "fsync", "poll", "ppoll",
@@ -136,7 +138,12 @@ ALLOWED: dict[ThreadKind, frozenset[str]] = {
 #: name -> (argument index, allowed values).
 CONDITIONAL: dict[ThreadKind, dict[str, tuple[int, frozenset[int]]]] = {
     ThreadKind.VCPU: {},
-    ThreadKind.DEVICE_IO: {},
+    # A disk's requests admitted by a daemon-wide rate-limit group whose buckets live in
+    # shared memory (avmm.ratelimit._shared): its open-file-description lock, taken and
+    # released without blocking (F_OFD_SETLK), on the memfd mapped when the VM was built.
+    # No other fcntl command (the event loop, which admits a NIC's frames, has fcntl in
+    # FILES).
+    ThreadKind.DEVICE_IO: {"fcntl": (1, frozenset({fcntl.F_OFD_SETLK}))},
     ThreadKind.EVENT_LOOP: {},
     ThreadKind.BACKEND: {},
     ThreadKind.DAEMON: {},

@@ -17,7 +17,10 @@ The order, Firecracker's jailer's where it applies:
    serial/console output file, the console socket and the NICs' taps came open with the
    start message: their directories are not in the jail, nor is /dev/net/tun, and the
    worker has no CAP_NET_ADMIN and no network: under its filter it can make unix
-   sockets only, in a network namespace of its own with nothing in it).
+   sockets only, in a network namespace of its own with nothing in it). The daemon-wide
+   rate-limit groups the VM names came as memfds with the start message too, and are
+   mapped first (:class:`avmm.ratelimit.SharedRateLimiter`): the VM's devices find them
+   as a VM of none mode finds the daemon's groups.
 5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
@@ -52,13 +55,14 @@ import trio
 # Imported up front: nothing may be imported from files once the jail is entered.
 from ..api._app import daemon_config
 from ..api._limits import parse_limits_update
-from ..config import config_from_dict
+from ..config import GROUP_NAME_PATTERN, config_from_dict
 from ..errors import AvmmError
 from ..host import Host, HostedVm, config_to_dict
 from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
 from ..migration import source as _migration_source  # noqa: F401  (loaded before the jail)
 from ..paths import BoundSocket, PathPolicy
+from ..ratelimit import SharedRateLimiter
 from ..state import SnapshotFiles
 from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
 from .channel import (
@@ -76,8 +80,12 @@ from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 log = structlog.get_logger(__name__)
 
 #: The most fds the start message may carry (a snapshot directory or a migration's
-#: listening socket, the outputs and taps, the binds' sources).
-START_FDS_MAX = 64
+#: listening socket, the outputs and taps, the daemon-wide rate-limit groups' shared
+#: memory, the binds' sources).
+START_FDS_MAX = 80
+#: The most daemon-wide rate-limit groups the start message may hand over
+#: (avmm.isolation.worker_vm.MAX_SHARED_GROUPS).
+GROUPS_MAX = 16
 #: The outputs the daemon may open for the VM (the config keys of their paths).
 OUTPUT_KEYS = ("serial.path", "console.path")
 #: The config key of a NIC's tap, which the daemon opens for the VM too.
@@ -108,6 +116,9 @@ class StartRequest:
     #: config key: the serial/console output file, the console's listening socket, the
     #: NICs' taps (``net[N].tap``).
     outputs: tuple[str, ...]
+    #: The daemon-wide rate-limit groups whose shared memory came as fds with the
+    #: message (after the outputs'), by name.
+    groups: tuple[str, ...]
     log_level: str
     log_format: str
 
@@ -144,9 +155,15 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
                                                      or _TAP_KEY.fullmatch(key))
                            for key in outputs):
             raise ValueError("outputs has the wrong shape")
+        groups = message.get("rate_limit_groups", [])
+        if not isinstance(groups, list) or len(groups) > GROUPS_MAX \
+                or len(set(groups)) != len(groups) \
+                or not all(isinstance(name, str)
+                           and re.fullmatch(GROUP_NAME_PATTERN, name) for name in groups):
+            raise ValueError("rate_limit_groups has the wrong shape")
         bind_paths = message.get("bind_fds", [])
         if not isinstance(bind_paths, list) \
-                or len(bind_paths) > START_FDS_MAX - 2 - len(outputs) \
+                or len(bind_paths) > START_FDS_MAX - 2 - len(outputs) - len(groups) \
                 or not all(isinstance(path, str) for path in bind_paths):
             raise ValueError("bind_fds has the wrong shape")
         level = message.get("log_level", "warning")
@@ -159,7 +176,7 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
             seccomp=SeccompMode(message.get("seccomp", "off")),
             jail=None if jail is None else JailSpec.from_dict(jail),
             restore=restore, bind_paths=tuple(bind_paths), incoming=incoming,
-            outputs=tuple(outputs),
+            outputs=tuple(outputs), groups=tuple(groups),
             log_level=level, log_format=log_format)
     except (KeyError, ValueError, AvmmError) as e:
         raise ChannelError(f"a bad start message: {e}") from None
@@ -180,12 +197,16 @@ def status(hosted: HostedVm) -> dict[str, Any]:
 class _Worker:
     def __init__(self, channel: Channel, request: StartRequest,
                  snapshot_fd: int | None = None, listening_fd: int | None = None,
-                 output_fds: dict[str, int] | None = None) -> None:
+                 output_fds: dict[str, int] | None = None,
+                 group_fds: dict[str, int] | None = None) -> None:
         self.channel = channel
         self.request = request
         self.snapshot_fd = snapshot_fd
         self.listening_fd = listening_fd
         self.output_fds = dict(output_fds or {})
+        #: The daemon-wide rate-limit groups' shared memory, by name (each fd taken over
+        #: by its SharedRateLimiter in run()).
+        self.group_fds = dict(group_fds or {})
         self.policy = PathPolicy()
         self.hosted: HostedVm | None = None
 
@@ -230,7 +251,8 @@ class _Worker:
         try:
             config = await trio.to_thread.run_sync(
                 lambda: config_from_dict(request.config, base_dir=None,
-                                         source="the daemon's config"))
+                                         source="the daemon's config",
+                                         shared_groups=frozenset(request.groups)))
             # The daemon checked every path against its --allow-path; here the jail
             # holds only what the VM needs (an allowed directory itself is not in it),
             # and the outputs come open (their directories are not in it either).
@@ -239,6 +261,11 @@ class _Worker:
             await self.channel.send({"event": "failed", "error": error_payload(e)})
             return
         async with Host() as host:
+            try:
+                self._adopt_groups(host)
+            except AvmmError as e:
+                await self.channel.send({"event": "failed", "error": error_payload(e)})
+                return
             try:
                 # Paused before its first instruction: the daemon places the vCPU
                 # threads (cgroup, affinity) first, then resumes it if it is to run.
@@ -286,6 +313,22 @@ class _Worker:
                 await trio.sleep(0)
                 nursery.cancel_scope.cancel()
             await self.channel.send({"event": "exited", "status": status(hosted)})
+
+    def _adopt_groups(self, host: Host) -> None:
+        """The daemon-wide rate-limit groups the VM names, as the daemon handed them
+        over (their shared memory mapped here): the VM's build finds them in the host's
+        groups, as a VM of none mode finds the daemon's.
+
+        :raises SharedLimiterError: one cannot be mapped (the rest are closed).
+        """
+        fds, self.group_fds = self.group_fds, {}
+        try:
+            while fds:
+                name, fd = fds.popitem()
+                host.rate_limit_groups.adopt(name, SharedRateLimiter.attach(fd, name=name))
+        except BaseException:
+            close_fds(list(fds.values()))
+            raise
 
     def _outputs(self, config: Any) -> dict[str, int | BoundSocket]:
         """The handed-over outputs as the VM's build takes them from its path policy:
@@ -452,12 +495,14 @@ def run_worker(channel_fd: int) -> int:
         message, fds = _read_start(sock)
         request = parse_start(message)
         first_output = (request.restore is not None) + (request.incoming is not None)
-        own = first_output + len(request.outputs)
+        first_group = first_output + len(request.outputs)
+        own = first_group + len(request.groups)
         if len(fds) != own + len(request.bind_paths):
             close_fds(fds)
             raise ChannelError("the start message came with the wrong fds")
         bind_fds = dict(zip(request.bind_paths, fds[own:], strict=True))
-        output_fds = dict(zip(request.outputs, fds[first_output:own], strict=True))
+        output_fds = dict(zip(request.outputs, fds[first_output:first_group], strict=True))
+        group_fds = dict(zip(request.groups, fds[first_group:own], strict=True))
         fds = fds[:own]
     except ChannelError as e:
         with contextlib.suppress(OSError):  # the daemon may be gone already
@@ -478,7 +523,7 @@ def run_worker(channel_fd: int) -> int:
         snapshot_fd = fds[0] if request.restore is not None else None
         listening_fd = fds[first_output - 1] if request.incoming is not None else None
         trio.run(_Worker(Channel(sock), request, snapshot_fd, listening_fd,
-                         output_fds).run)
+                         output_fds, group_fds).run)
     except ChannelError as e:
         log.warning("worker channel failed", reason=str(e))
         return 1

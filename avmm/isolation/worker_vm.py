@@ -19,8 +19,10 @@ console socket (opened and bound here through the path policy with none mode's c
 their fds handed over; the daemon removes the socket's file when the worker ends, as a
 VM of none mode does when it stops), the NICs' taps (opened here, each in its network
 namespace, as none mode opens them: the jail has no /dev/net/tun, the worker neither
-CAP_NET_ADMIN nor a network namespace of the taps'). Not yet in process mode:
-daemon-wide rate-limit groups (400).
+CAP_NET_ADMIN nor a network namespace of the taps'), the daemon-wide rate-limit groups
+the VM's devices name (a descriptor of each group's shared memory, see
+:mod:`avmm.ratelimit._shared`: the worker's devices and every other VM's in the group
+take from the same buckets).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ..lifecycle import HOST_FAILURE_STATUS, DeviceMetrics, StopReason, VmExit, 
 from ..migration.errors import MigrationError
 from ..migration.progress import MigrationProgress, MigrationState
 from ..paths import BoundSocket, NewPath, PathPolicy
+from ..ratelimit import SharedGroups
 from ..state import PartialSnapshot, SnapshotError, SnapshotInfo
 from ..vm import (
     CONSOLE_STEP,
@@ -209,11 +212,12 @@ class WorkerVm:
     def __init__(self, vm_id: str, config: VmConfig, *, start: bool,
                  paths: PathPolicy | None, isolation: ProcessIsolation,
                  restore: RestoreRequest | None = None,
-                 incoming: IncomingRequest | None = None) -> None:
+                 incoming: IncomingRequest | None = None,
+                 rate_limit_groups: SharedGroups | None = None) -> None:
         self.id = vm_id
         self.name = config.name or vm_id
         self.created_at = time.time()
-        _refuse_shared_state(config)
+        self._group_fds: dict[str, int] = {}
         if config.machine.cpu_profile == "auto":
             # Resolved here: the worker's jail has no /sys to tell it (the config shown
             # is the one the VM runs with).
@@ -262,6 +266,10 @@ class WorkerVm:
         #: Set once the worker has said how its VM ended, or has died.
         self._ended = trio.Event()
         self._log = log.bind(vm=vm_id)
+        #: A descriptor of each daemon-wide group the VM names, taken now, last (nothing
+        #: after it may fail; a group deleted before the worker starts stays the VM's,
+        #: as in none mode); handed over and closed in _spawn, or closed in _run.
+        self._group_fds = _daemon_group_fds(config, rate_limit_groups)
 
     def __repr__(self) -> str:
         return f"<WorkerVm {self.id} {self.name!r} {self.state.value}>"
@@ -800,6 +808,9 @@ class WorkerVm:
                                f"no answer within {START_TIMEOUT_S:g} s") from None
         finally:
             self._tasks = None
+            if self._group_fds:  # never handed over
+                close_fds(list(self._group_fds.values()))
+                self._group_fds = {}
             if self._restore is not None:
                 os.close(self._restore.dir_fd)
                 self._restore = None
@@ -862,10 +873,12 @@ class WorkerVm:
         sources = await trio.to_thread.run_sync(_open_bind_sources, spec, self._paths)
         incoming = self._incoming
         outputs = self._outputs
+        groups = self._group_fds
         fds = [*(() if restore is None else (restore.dir_fd,)),
                *(() if incoming is None else (incoming.listener.fileno(),)),
                *(output.socket.fileno() if isinstance(output, BoundSocket) else output
                  for output in outputs.values()),
+               *groups.values(),
                *sources.values()]
         try:
             await self._channel.send({
@@ -873,7 +886,7 @@ class WorkerVm:
                 "config": config_to_dict(config),
                 "start": self._start, "seccomp": isolation.seccomp.value,
                 "jail": spec.to_dict(), "bind_fds": list(sources),
-                "outputs": list(outputs),
+                "outputs": list(outputs), "rate_limit_groups": list(groups),
                 "restore": None if restore is None else {
                     "path": restore.path, "copy_memory": restore.copy_memory,
                     "vhost_user": dict(restore.vhost_user)},
@@ -884,6 +897,10 @@ class WorkerVm:
             }, fds)
         finally:
             close_fds(list(sources.values()))
+            # The worker has its own descriptions of the groups' memory now (or never
+            # will): the daemon keeps its own.
+            self._group_fds = {}
+            close_fds(list(groups.values()))
             # The worker has its own copies now (or never will); the console socket's
             # BoundSocket stays, to remove its file when the worker has ended. (A tap the
             # daemon created goes when the worker's copy is closed.)
@@ -1236,26 +1253,51 @@ class RestoreRequest:
     vhost_user: dict[str, str]
 
 
-def _refuse_shared_state(config: VmConfig) -> None:
-    """What a worker cannot have: a daemon-wide rate-limit group (its buckets would be
-    shared across processes). (Output files, console sockets and taps, in any network
-    namespaces, it can: the daemon opens them, see :func:`_open_outputs`.)
+#: The most daemon-wide rate-limit groups one VM in a worker may name.
+MAX_SHARED_GROUPS = 16
 
-    :raises ConfigError: it names one (400, with the key).
-    """
+
+def daemon_groups_named(config: VmConfig) -> list[tuple[str, str]]:
+    """(config key, group) of every device naming a group its config does not define:
+    a daemon-wide one; each group once."""
     own_groups = {name for name, _limit in config.rate_limit_groups}
     named = [(f"disk[{index}].rate_limit_group", disk.rate_limit_group)
              for index, disk in enumerate(config.disks)] + [
         (f"net[{index}].{direction}_rate_limit_group",
          getattr(net, f"{direction}_rate_limit_group"))
         for index, net in enumerate(config.nets) for direction in ("tx", "rx")]
+    seen: dict[str, str] = {}
     for key, group in named:
         if group is not None and group not in own_groups:
-            raise ConfigError(f"the daemon-wide rate-limit group {group!r} is not "
-                              "available with --isolation process yet (its buckets would "
-                              "be shared across processes); define it in the VM's "
-                              "[rate_limit_groups], or use --isolation none",
-                              path=config.source, key=key)
+            seen.setdefault(group, key)
+    return [(key, group) for group, key in seen.items()]
+
+
+def _daemon_group_fds(config: VmConfig, groups: SharedGroups | None) -> dict[str, int]:
+    """A descriptor of the shared memory of each daemon-wide group ``config`` names, by
+    name (an open file description of its own: its lock is this worker's). A group the
+    daemon does not have (deleted since the config was checked) is left out: the
+    worker's build then fails on it as a VM of none mode does.
+
+    :raises ConfigError: more than :data:`MAX_SHARED_GROUPS` groups are named.
+    """
+    named = daemon_groups_named(config)
+    if len(named) > MAX_SHARED_GROUPS:
+        raise ConfigError(f"a VM in a worker may name at most {MAX_SHARED_GROUPS} "
+                          "daemon-wide rate-limit groups", path=config.source,
+                          key=named[MAX_SHARED_GROUPS][0])
+    fds: dict[str, int] = {}
+    if groups is None:
+        return fds
+    try:
+        for _key, group in named:
+            fd = groups.handout_fd(group)
+            if fd is not None:
+                fds[group] = fd
+    except BaseException:
+        close_fds(list(fds.values()))
+        raise
+    return fds
 
 
 def _open_outputs(vm: str, config: VmConfig, paths: PathPolicy | None,

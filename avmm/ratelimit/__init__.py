@@ -17,3 +17,7 @@ from ._devices import DeviceLimits as DeviceLimits
 from ._devices import LimitTargetError as LimitTargetError
 from ._devices import SharedGroups as SharedGroups
 from ._devices import UnknownGroupError as UnknownGroupError
+from ._shared import ADMIT_LOCK_WAIT_S as ADMIT_LOCK_WAIT_S
+from ._shared import RECONFIGURE_LOCK_WAIT_S as RECONFIGURE_LOCK_WAIT_S
+from ._shared import SharedLimiterError as SharedLimiterError
+from ._shared import SharedRateLimiter as SharedRateLimiter

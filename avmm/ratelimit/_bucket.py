@@ -55,6 +55,12 @@ _NS_PER_MS: Final = 1_000_000
 #: The largest bucket (bytes or requests) and the longest refill a limit may name.
 BUCKET_SIZE_MAX: Final = 1 << 40
 REFILL_MS_MAX: Final = 3_600_000
+#: The deepest debt a bucket loaded from shared memory keeps, in tokens (far more than
+#: any request costs: a disk request is at most 4 GiB); below, it is clamped.
+DEBT_MAX: Final = 1 << 48
+#: How far in the future a loaded bucket's last refill may lie (another process read the
+#: clock a little later and stored first); further is garbage, and taken as now.
+CLOCK_SKEW_NS: Final = 1_000_000_000
 #: The longest single timed wait of a device for its limiter: a limit changed at run
 #: time (PATCH) takes effect within it, whatever the wait the old limit asked for.
 LIMITER_WAIT_SLICE_S: Final = 0.1
@@ -167,6 +173,23 @@ class TokenBucket:
         self.burst -= from_burst
         self._level -= (tokens - from_burst) * self._refill_ns
 
+    def state(self) -> tuple[int, int, int]:
+        """(the level times refill_ns, the burst left, the last refill's time): what
+        :meth:`load` takes back (a bucket kept in memory shared across processes)."""
+        return self._level, self.burst, self._last_ns
+
+    def load(self, level: int, burst: int, last_ns: int, now_ns: int) -> None:
+        """Take the state :meth:`state` gave, from memory another process may have
+        written: every value is clamped into what the model can reach (a level of at
+        most a full bucket and at least :data:`DEBT_MAX` tokens of debt, a burst of at
+        most the configured one, a last refill no later than ``now_ns`` plus
+        :data:`CLOCK_SKEW_NS`), so that garbage gives a bucket that works, never an
+        error or an endless wait."""
+        floor = -DEBT_MAX * self._refill_ns
+        self._level = self._full if level > self._full else floor if level < floor else level
+        self.burst = min(max(burst, 0), self.config.one_time_burst)
+        self._last_ns = now_ns if last_ns > now_ns + CLOCK_SKEW_NS else last_ns
+
 
 class RateLimiter:
     """Up to two buckets, ``bandwidth`` (bytes) and ``ops`` (requests), behind one lock;
@@ -203,17 +226,7 @@ class RateLimiter:
             return self._check(ops, nbytes, now_ns)
 
     def _check(self, ops: int, nbytes: int, now_ns: int) -> tuple[int, BucketKind | None]:
-        wait = 0
-        kind: BucketKind | None = None
-        if self._bandwidth is not None and nbytes:
-            wait = self._bandwidth.wait_ns(nbytes, now_ns)
-            if wait:
-                kind = "bandwidth"
-        if self._ops is not None and ops:
-            ops_wait = self._ops.wait_ns(ops, now_ns)
-            if ops_wait > wait:
-                wait, kind = ops_wait, "ops"
-        return wait, kind
+        return check_buckets(self._bandwidth, self._ops, ops, nbytes, now_ns)
 
     def try_take(self, ops: int, nbytes: int, now_ns: int) -> tuple[int, BucketKind | None]:
         """Admit the request and take its tokens from both buckets, or take nothing and
@@ -230,10 +243,7 @@ class RateLimiter:
             self._take(ops, nbytes, now_ns)
 
     def _take(self, ops: int, nbytes: int, now_ns: int) -> None:
-        if self._bandwidth is not None and nbytes:
-            self._bandwidth.take(nbytes, now_ns)
-        if self._ops is not None and ops:
-            self._ops.take(ops, now_ns)
+        take_buckets(self._bandwidth, self._ops, ops, nbytes, now_ns)
 
     def levels(self) -> dict[str, int]:
         """Whole tokens in each bucket now (negative: debt), for GET /vms/{id}."""
@@ -242,6 +252,39 @@ class RateLimiter:
             return {kind: bucket.level_at(now) for kind, bucket in
                     (("bandwidth", self._bandwidth), ("ops", self._ops))
                     if bucket is not None}
+
+
+def check_buckets(bandwidth: TokenBucket | None, ops_bucket: TokenBucket | None, ops: int,
+                  nbytes: int, now_ns: int) -> tuple[int, BucketKind | None]:
+    """A limiter's admission decision over its two buckets (see
+    :meth:`RateLimiter.check`): one model for the in-process limiter and the one whose
+    buckets live in shared memory (avmm.ratelimit._shared)."""
+    wait = 0
+    kind: BucketKind | None = None
+    if bandwidth is not None and nbytes:
+        wait = bandwidth.wait_ns(nbytes, now_ns)
+        if wait:
+            kind = "bandwidth"
+    if ops_bucket is not None and ops:
+        ops_wait = ops_bucket.wait_ns(ops, now_ns)
+        if ops_wait > wait:
+            wait, kind = ops_wait, "ops"
+    return wait, kind
+
+
+def take_buckets(bandwidth: TokenBucket | None, ops_bucket: TokenBucket | None, ops: int,
+                 nbytes: int, now_ns: int) -> None:
+    """Take a request's tokens from both buckets (see :meth:`RateLimiter.take`)."""
+    if bandwidth is not None and nbytes:
+        bandwidth.take(nbytes, now_ns)
+    if ops_bucket is not None and ops:
+        ops_bucket.take(ops, now_ns)
+
+
+def replace_bucket(bucket: TokenBucket | None, config: BucketConfig | None,
+                   now_ns: int) -> TokenBucket | None:
+    """The bucket after a reconfiguration (see :meth:`RateLimiter.reconfigure`)."""
+    return _replace(bucket, config, now_ns)
 
 
 def _replace(bucket: TokenBucket | None, config: BucketConfig | None,

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from ..errors import AvmmError
 from ._bucket import RateLimitConfig, RateLimiter, Throttle
+from ._shared import SharedRateLimiter
 
 __all__ = ["DIRECTIONS", "DeviceLimits", "LimitTargetError", "SharedGroups",
            "UnknownGroupError"]
@@ -60,10 +61,17 @@ class SharedGroups:
     """The daemon's rate-limit groups, by name, shared by every VM that names one (see
     the module docstring). Used on the event loop only; the limiters themselves are
     thread-safe. Removing a group keeps its limiter working for the VMs that use it;
-    VMs built afterwards cannot name it."""
+    VMs built afterwards cannot name it.
 
-    def __init__(self) -> None:
-        self._groups: dict[str, RateLimiter] = {}
+    ``across_processes`` (``avmm serve --isolation process``): each group's buckets live
+    in shared memory (:class:`~avmm.ratelimit.SharedRateLimiter`), which the daemon
+    hands to the worker of each VM naming the group (:meth:`handout_fd`); a worker
+    registers what it was handed with :meth:`adopt`.
+    """
+
+    def __init__(self, *, across_processes: bool = False) -> None:
+        self.across_processes = across_processes
+        self._groups: dict[str, Any] = {}
 
     def __contains__(self, name: object) -> bool:
         return name in self._groups
@@ -71,24 +79,62 @@ class SharedGroups:
     def names(self) -> frozenset[str]:
         return frozenset(self._groups)
 
-    def get(self, name: str) -> RateLimiter | None:
+    def get(self, name: str) -> Any:
+        """The group's limiter (a RateLimiter or a SharedRateLimiter), or None."""
         return self._groups.get(name)
 
-    def put(self, name: str, config: RateLimitConfig) -> tuple[RateLimiter, bool]:
+    def put(self, name: str, config: RateLimitConfig) -> tuple[Any, bool]:
         """Create group ``name`` (full buckets), or change its buckets in place; True
-        if it was created."""
+        if it was created. A change of a group in shared memory may wait up to
+        :data:`~avmm.ratelimit.RECONFIGURE_LOCK_WAIT_S` for a worker's lock: the API
+        changes it from a thread (:meth:`create` alone never waits)."""
         limiter = self._groups.get(name)
         if limiter is not None:
             limiter.reconfigure(config)
             return limiter, False
-        limiter = self._groups[name] = RateLimiter(config, name=name)
-        return limiter, True
+        return self.create(name, config), True
+
+    def create(self, name: str, config: RateLimitConfig) -> Any:
+        """Make group ``name`` anew (one that existed is replaced: its VMs keep it)."""
+        limiter: Any
+        if self.across_processes:
+            limiter = SharedRateLimiter.create(config, name=name)
+        else:
+            limiter = RateLimiter(config, name=name)
+        old = self._groups.get(name)
+        self._groups[name] = limiter
+        if isinstance(old, SharedRateLimiter):
+            old.close()
+        return limiter
+
+    def adopt(self, name: str, limiter: Any) -> None:
+        """A worker: the group ``name`` its daemon handed over (already attached)."""
+        self._groups[name] = limiter
+
+    def handout_fd(self, name: str) -> int | None:
+        """A descriptor of group ``name``'s shared memory for one worker (the caller
+        closes it), or None if there is no such group in shared memory."""
+        limiter = self._groups.get(name)
+        if not isinstance(limiter, SharedRateLimiter):
+            return None
+        return limiter.handout_fd()
 
     def remove(self, name: str) -> bool:
-        return self._groups.pop(name, None) is not None
+        limiter = self._groups.pop(name, None)
+        if isinstance(limiter, SharedRateLimiter):
+            limiter.close()  # the workers keep their own mappings
+        return limiter is not None
 
-    def to_dict(self, name: str) -> dict[str, Any]:
-        limiter = self._groups[name]
+    def close(self) -> None:
+        """Forget every group (the daemon's end)."""
+        for name in list(self._groups):
+            self.remove(name)
+
+    def to_dict(self, name: str, limiter: Any = None) -> dict[str, Any]:
+        """Group ``name`` as the API shows it (``limiter``: its limiter, which a DELETE
+        may have removed meanwhile)."""
+        if limiter is None:
+            limiter = self._groups[name]
         return {"name": name, "rate_limit": limiter.config.to_dict(),
                 "tokens": limiter.levels()}
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -31,6 +33,7 @@ from avmm.isolation import (
 )
 from avmm.isolation.seccomp import DAEMON_PROCESS_KINDS, DENSE_PROCESS_KINDS
 from avmm.logs import configure_logging
+from avmm.ratelimit import BucketConfig, RateLimitConfig, SharedRateLimiter
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -53,6 +56,19 @@ _i386_code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PR
 _i386_code.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")
 _i386_getpid = ctypes.CFUNCTYPE(ctypes.c_int)(
     ctypes.addressof(ctypes.c_char.from_buffer(_i386_code)))
+# A daemon-wide rate-limit group's shared memory, as the daemon makes it and a worker
+# maps it (a description of its own: the admission takes its OFD lock).
+_group = SharedRateLimiter.create(RateLimitConfig(ops=BucketConfig(size=1000, refill_ms=1000)),
+                                  name="probe")
+_group_view = SharedRateLimiter.attach(_group.handout_fd(), name="probe")
+
+
+def _shared_admission() -> None:
+    """A request admitted by a group in shared memory (fcntl F_OFD_SETLK, taken and
+    released), as a disk's I/O thread of a worker does."""
+    busy = _group_view.lock_busy
+    assert _group_view.try_take(1, 512, time.monotonic_ns()) == (0, None)
+    assert _group_view.lock_busy == busy
 
 
 def _raw(result: int) -> None:
@@ -102,6 +118,9 @@ CALLS: dict[str, Callable[[], object]] = {
     "kvm-run": lambda: _ioctl("KVM_RUN"),         # ENOTTY on /dev/null: it got through
     "thread": lambda: threading.Thread(target=lambda: None).start(),
     "getpid": lambda: _raw(libc.syscall(SYS_GETPID)),
+    "shared-admission": _shared_admission,
+    # an fcntl command other than the OFD lock's
+    "fcntl-setfl": lambda: fcntl.fcntl(_devnull, fcntl.F_SETFL, os.O_NONBLOCK),
     # forbidden everywhere
     "execve": lambda: os.execv("/bin/true", ["true"]),
     "fork": lambda: _fork(),  # clone without CLONE_THREAD: a process, never allowed

@@ -213,17 +213,6 @@ async def test_what_process_mode_cannot_do_yet_is_refused_with_the_way_out() -> 
         assert failed.value.status == 422, failed.value
         assert "kernel" in str(failed.value), failed.value
         assert [entry["id"] for entry in await api.list_vms()] == [vm["id"]]
-        # A daemon-wide rate-limit group's buckets would have to be shared across
-        # processes: refused, naming the key.
-        await api._request("PUT", "/rate_limit_groups/shared",
-                           content=b'{"ops": {"size": 100, "refill_ms": 1000}}',
-                           headers={"content-type": "application/json"})
-        grouped = _config("echo")
-        grouped["disk"] = [{"path": str(not_a_kernel), "rate_limit_group": "shared"}]
-        with pytest.raises(ApiError) as refused:
-            await api.create_vm(grouped)
-        assert refused.value.status == 400, refused.value
-        assert refused.value.detail["key"] == "disk[0].rate_limit_group", refused.value
 
 
 async def test_a_workers_serial_file_and_console_socket_are_opened_by_the_daemon() -> None:

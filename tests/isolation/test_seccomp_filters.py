@@ -19,18 +19,21 @@ EVERYWHERE = ["execve", "fork", "ptrace", "mount", "x32-getpid", "i386-getpid"]
 #: Work each kind must still be able to do under its filter.
 PERMITTED = {
     "vcpu": ["pipe", "kvm-run", "getpid"],
-    "io": ["pipe", "disk-io", "getpid"],
-    "loop": ["pipe", "disk-io", "openat", "thread", "kvm-create-vm"],
+    # shared-admission: a daemon-wide rate-limit group's lock (fcntl F_OFD_SETLK), on
+    # the kinds that admit requests
+    "io": ["pipe", "disk-io", "getpid", "shared-admission"],
+    "loop": ["pipe", "disk-io", "openat", "thread", "kvm-create-vm", "shared-admission"],
     "backend": ["pipe", "disk-io", "openat", "thread"],
-    "process": ["pipe", "disk-io", "openat", "thread", "kvm-run", "kvm-create-vm"],
+    "process": ["pipe", "disk-io", "openat", "thread", "kvm-run", "kvm-create-vm",
+                "shared-admission"],
     # avmm serve: TCP streams (migration) and UDP datagrams (the resolver) too
     "daemon": ["pipe", "disk-io", "openat", "thread", "kvm-create-vm", "inet-socket",
-               "udp-socket", "tcp6-socket"],
+               "udp-socket", "tcp6-socket", "shared-admission"],
 }
 #: Forbidden for some kinds only.
 FORBIDDEN = {
     "vcpu": ["openat", "inet-socket", "kvm-create-vm"],
-    "io": ["openat", "inet-socket", "kvm-run"],
+    "io": ["openat", "inet-socket", "kvm-run", "fcntl-setfl"],
     "loop": ["inet-socket"],
     "backend": ["inet-socket"],
     "process": ["inet-socket"],
@@ -72,6 +75,7 @@ def test_kill_mode_kills_the_process_on_a_forbidden_call(target: str, forbidden:
 
 @pytest.mark.parametrize(("target", "forbidden"), [
     ("vcpu", "openat"), ("vcpu", "kvm-create-vm"), ("io", "openat"), ("io", "kvm-run"),
+    ("io", "fcntl-setfl"),
 ])
 def test_kill_mode_kills_a_thread_kind_outside_its_own_list(target: str,
                                                             forbidden: str) -> None:

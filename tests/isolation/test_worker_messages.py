@@ -102,3 +102,49 @@ def test_a_restored_config_must_be_the_one_the_daemon_checked(tmp_path: Any) -> 
     swapped = dataclasses.replace(saved, disks=(DiskConfig(tmp_path / "elsewhere.img"),))
     with pytest.raises(SnapshotError, match="changed after the daemon checked it"):
         worker.adjust_restored(swapped)
+
+
+@pytest.mark.parametrize("groups", [
+    "tenant", ["tenant", "tenant"], ["../tenant"], [""], [7], [None],
+    [f"g{index}" for index in range(17)],
+])
+def test_a_start_message_s_rate_limit_groups_are_distinct_group_names(groups: Any) -> None:
+    """The daemon-wide groups whose shared memory comes with the start message: a list
+    of at most 16 distinct group names, or the start message is refused."""
+    from avmm.isolation.worker import parse_start
+
+    message = {"op": "start", "vm_id": "vm-test", "start": True, "config": {},
+               "jail": None}
+    assert parse_start({**message, "rate_limit_groups": ["tenant", "b-2"]}).groups == (
+        "tenant", "b-2")
+    assert parse_start(message).groups == ()
+    with pytest.raises(ChannelError, match="rate_limit_groups"):
+        parse_start({**message, "rate_limit_groups": groups})
+
+
+def test_a_worker_is_handed_each_daemon_group_its_vm_names_once_and_no_other() -> None:
+    import dataclasses
+
+    from avmm.config import DiskConfig, NetConfig
+    from avmm.errors import ConfigError
+    from avmm.isolation.worker_vm import MAX_SHARED_GROUPS, daemon_groups_named
+    from avmm.ratelimit import BucketConfig, RateLimitConfig
+
+    own = RateLimitConfig(ops=BucketConfig(size=1, refill_ms=1))
+    config = dataclasses.replace(
+        guest_config("avmm.test=echo"),
+        disks=(DiskConfig("/a.img", rate_limit_group="tenant"),
+               DiskConfig("/b.img", rate_limit_group="mine"),
+               DiskConfig("/c.img", rate_limit_group="tenant")),
+        nets=(NetConfig(tap="tap0", tx_rate_limit_group="uplink",
+                        rx_rate_limit_group="tenant"),),
+        rate_limit_groups=(("mine", own),))
+    assert daemon_groups_named(config) == [("disk[0].rate_limit_group", "tenant"),
+                                           ("net[0].tx_rate_limit_group", "uplink")]
+    many = dataclasses.replace(config, disks=tuple(
+        DiskConfig(f"/{index}.img", rate_limit_group=f"g{index}")
+        for index in range(MAX_SHARED_GROUPS + 1)), nets=())
+    with pytest.raises(ConfigError) as refused:
+        WorkerVm("vm-test", many, start=True, paths=None,
+                 isolation=ProcessIsolation(uid=1, gid=1))
+    assert refused.value.key == f"disk[{MAX_SHARED_GROUPS}].rate_limit_group"

@@ -212,3 +212,16 @@ async def test_bad_groups_are_400_naming_the_key(api: ApiClient, name: str, body
     response = await api._http.put(f"/rate_limit_groups/{name}", json=body)
     assert response.status_code == 400, response.json()
     assert (response.json()["detail"] or {}).get("key") == key
+
+
+def test_a_patch_with_machine_keeps_its_body_for_a_vm_in_a_worker() -> None:
+    """A VM in a worker process gets the body as sent (WorkerVm.update_limits passes
+    everything but machine on): with machine in it too, the rate limits must not be
+    dropped."""
+    from avmm.api._limits import parse_limits_update
+
+    body = {"machine": {"cpu_weight": 200},
+            "disks": [{"index": 0, "rate_limit": {"ops": {"size": 5, "refill_ms": 100}}}]}
+    update = parse_limits_update(body)
+    assert update.machine == {"cpu_weight": 200}
+    assert update.source == body and len(update.changes) == 1

@@ -39,7 +39,9 @@ def test_a_full_bucket_admits_its_size_then_one_token_per_refill_slice() -> None
     assert throttle.admitted_ops == 11
 
 
-@pytest.mark.parametrize(("script", "size", "refill_ms", "burst"), [
+#: (time ms, tokens, admitted?) scripts, with the bucket's size, refill_ms and burst
+#: (also run through a group in shared memory: tests/ratelimit/test_shared_bucket.py).
+SCRIPTS: list[tuple[list[tuple[float, int, bool]], int, int, int]] = [
     # (time ms, tokens, admitted?) against a hand-computed level.
     ([(0, 600, True), (0, 400, True), (0, 1, False), (250, 250, True), (250, 1, False),
       (1250, 1000, True), (1250, 1, False)], 1000, 1000, 0),
@@ -52,7 +54,10 @@ def test_a_full_bucket_admits_its_size_then_one_token_per_refill_slice() -> None
     # Burst partly used, then a request straddling burst and bucket.
     ([(0, 200, True), (10, 1100, True), (10, 1, False), (20, 10, True), (20, 1, False)],
      1000, 1000, 300),
-])
+]
+
+
+@pytest.mark.parametrize(("script", "size", "refill_ms", "burst"), SCRIPTS)
 def test_a_scripted_sequence_is_admitted_as_the_model_says(
         script: list[tuple[float, int, bool]], size: int, refill_ms: int, burst: int) -> None:
     clock = FakeClock()

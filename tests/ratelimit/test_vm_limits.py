@@ -5,14 +5,19 @@ time bound is a lower bound that noise can only make larger)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from avmm.api import ApiClient, serve_api
+from avmm.api.client import ApiError
 from avmm.host import Host
 from tests.api.test_metrics_real import parse_metrics, value
 from tests.ratelimit.support import admits
@@ -281,3 +286,144 @@ async def test_a_restored_vm_keeps_patched_limits_and_its_daemon_group_s_buckets
             await admits(host.get(vm_id).vm.virtio_slots[0].device, 3 * OPS_SIZE + 1)
             await api.stop(vm_id)
             nursery.cancel_scope.cancel()
+
+
+# -- daemon-wide groups through a real `avmm serve`, in both isolation modes --------------
+
+
+@contextlib.asynccontextmanager
+async def _serve(isolation: str) -> AsyncIterator[tuple[ApiClient, Path]]:
+    """``avmm serve --isolation ISOLATION`` (process mode: jailed workers, filters in
+    kill mode) and a scratch directory for the disk images."""
+    if isolation == "process":
+        from tests.isolation.test_process_mode import process_daemon
+
+        async with process_daemon() as (_daemon, api, jail_root):
+            yield api, jail_root.parent
+        return
+    from tests.api.test_daemon import running_daemon
+
+    with tempfile.TemporaryDirectory(prefix="avmm-rl-", dir="/tmp") as name:
+        scratch = Path(name)
+        async with running_daemon(scratch, isolation="none") as daemon, \
+                ApiClient(daemon.socket) as api:
+            yield api, scratch
+
+
+async def _stopped(api: ApiClient, vm_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    with trio.fail_after(timeout_s):
+        while (vm := await api.get_vm(vm_id))["state"] != "stopped":
+            await trio.sleep(0.05)
+    return vm
+
+
+async def _output(api: ApiClient, vm_id: str) -> bytes:
+    """The console of a stopped VM (its backlog)."""
+    output = bytearray()
+    async with api.console(vm_id) as chunks:
+        with trio.fail_after(30):
+            async for chunk in chunks:
+                output += chunk
+    return bytes(output)
+
+
+def _group_disk_config(scratch: Path, index: int, cmdline: str) -> dict[str, Any]:
+    image = scratch / f"disk{index}.img"
+    image.write_bytes(bytes(4 << 20))
+    return _config(image, cmdline, rate_limit_group="tenant")
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+async def test_vms_in_either_isolation_mode_naming_a_daemon_group_share_its_buckets(
+        isolation: str) -> None:
+    """Two VMs (in process mode: two jailed workers) run blk-bench on disks naming one
+    daemon group: every request of each went through the group's buckets, and the two
+    together went no faster than the one bucket allows."""
+    count = 40
+    group = {"ops": {"size": OPS_SIZE, "refill_ms": REFILL_MS}}
+    async with _serve(isolation) as (api, scratch):
+        put = await api._http.put("/rate_limit_groups/tenant", json=group)
+        assert put.status_code == 201, put.text
+        started = time.monotonic()
+        vms = [(await api.create_vm(_group_disk_config(
+            scratch, index, f"avmm.test=blk-bench avmm.rw=read avmm.qd=2 avmm.n={count}"
+        )))["id"] for index in range(2)]
+        ended = [await _stopped(api, vm_id) for vm_id in vms]
+        elapsed = time.monotonic() - started
+        outputs = [await _output(api, vm_id) for vm_id in vms]
+        metrics = parse_metrics(await api.metrics())
+        shown_group = (await api._http.get("/rate_limit_groups/tenant")).json()
+    for vm, output in zip(ended, outputs, strict=True):
+        assert vm["isolation"] == isolation
+        assert f"blk-bench rw=read qd=2 n={count} done".encode() in output, (vm, output)
+        limits = vm["rate_limits"]
+        assert limits["shared_groups"] == ["tenant"], limits
+        disk = limits["disks"][0]
+        assert disk["rate_limit_group"] == "tenant" and disk["rate_limit"] == group, disk
+        # Every request the device completed went through the group's buckets.
+        requests = value(metrics, "avmm_virtio_requests_total", vm=vm["id"],
+                         device="blk0", kind="blk")
+        assert disk["admitted_ops"] == requests >= count, (disk, requests)
+    admitted = [vm["rate_limits"]["disks"][0]["admitted_ops"] for vm in ended]
+    assert sum(vm["rate_limits"]["disks"][0]["throttled"] for vm in ended) >= 1
+    # One bucket for both (separate buckets would have let them finish in about half
+    # the time): past its first OPS_SIZE tokens, the two VMs' requests together went
+    # at most 50 per second. A lower bound: noise only makes the run longer.
+    assert elapsed >= (sum(admitted) - OPS_SIZE) * REFILL_MS / OPS_SIZE / 1000, \
+        (elapsed, admitted)
+    assert shown_group["rate_limit"] == group
+    assert shown_group["tokens"]["ops"] <= OPS_SIZE
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+async def test_a_daemon_group_changed_by_put_reaches_its_vms_and_delete_keeps_them(
+        isolation: str) -> None:
+    """A VM all but stalled by its daemon group (one request a minute) finishes once a
+    PUT widens the group (in process mode the worker reads the change from the group's
+    shared memory); a DELETE leaves it the group, and a new VM cannot name it."""
+    count = 20
+    narrow = {"ops": {"size": 1, "refill_ms": 60_000}}
+    wide = {"ops": {"size": 100_000, "refill_ms": 1000}}
+    async with _serve(isolation) as (api, scratch):
+        put = await api._http.put("/rate_limit_groups/tenant", json=narrow)
+        assert put.status_code == 201, put.text
+        vm_id = (await api.create_vm(_group_disk_config(
+            scratch, 0, f"avmm.test=blk-bench avmm.rw=read avmm.n={count}")))["id"]
+        with trio.fail_after(60):
+            while (disk := (await api.get_vm(vm_id))["rate_limits"]["disks"][0])[
+                    "throttled"] < 1:
+                await trio.sleep(0.05)
+        assert disk["rate_limit"] == narrow and disk["admitted_ops"] < count, disk
+        put = await api._http.put("/rate_limit_groups/tenant", json=wide)
+        assert put.status_code == 200, put.text
+        assert put.json()["rate_limit"] == wide
+        # The VM's devices see the group as it is now (the worker's own reading).
+        assert (await api.get_vm(vm_id))["rate_limits"]["disks"][0]["rate_limit"] == wide
+        vm = await _stopped(api, vm_id, timeout_s=60)
+        output = await _output(api, vm_id)
+        assert f"blk-bench rw=read qd=1 n={count} done".encode() in output, (vm, output)
+        assert vm["rate_limits"]["disks"][0]["admitted_ops"] >= count
+
+        # DELETE: a VM using the group keeps it; a new VM cannot name it.
+        vm_id = (await api.create_vm(_group_disk_config(
+            scratch, 1, "avmm.test=blk-bench avmm.rw=read avmm.n=1000000000")))["id"]
+        await _admitted(api, vm_id, 10)
+        deleted = await api._http.delete("/rate_limit_groups/tenant")
+        assert deleted.status_code == 204
+        assert (await api._http.get("/rate_limit_groups/tenant")).status_code == 404
+        admitted = (await api.get_vm(vm_id))["rate_limits"]["disks"][0]["admitted_ops"]
+        await _admitted(api, vm_id, admitted + 10)
+        shown = (await api.get_vm(vm_id))["rate_limits"]
+        assert shown["shared_groups"] == ["tenant"]
+        assert shown["disks"][0]["rate_limit"] == wide
+        with pytest.raises(ApiError) as refused:
+            await api.create_vm(_group_disk_config(scratch, 2, "avmm.test=hello"))
+        assert refused.value.status == 400
+        assert refused.value.detail["key"] == "disk[0].rate_limit_group"
+        await api.stop(vm_id)
+
+
+async def _admitted(api: ApiClient, vm_id: str, count: int) -> None:
+    with trio.fail_after(60):
+        while (await api.get_vm(vm_id))["rate_limits"]["disks"][0]["admitted_ops"] < count:
+            await trio.sleep(0.05)
