@@ -47,7 +47,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import grp
 import os
+import pwd
 import re
 import resource
 import signal
@@ -55,7 +57,7 @@ import stat
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -78,11 +80,13 @@ __all__ = [
     "drop_privileges",
     "enter_jail",
     "host_named_ids",
+    "nss_names_id",
     "parse_uid_range",
     "plan_jail",
     "prepare_jail_dir",
     "remove_jail",
     "runtime_binds",
+    "subordinate_ranges",
 ]
 
 DEFAULT_JAIL_ROOT: Final = "/srv/avmm/jail"
@@ -1001,18 +1005,25 @@ def parse_uid_range(text: str) -> tuple[int, int]:
 #: and end by 600100000 + 65536; systemd-nspawn's container ranges end at 1879048191;
 #: systemd's "foreign" range starts at 2147352576, and from 2^31 on, code that keeps a uid
 #: in a signed int goes wrong. 2000000000 lies in the gap, and reads as ours in ``ps``.
+#: It is not everyone's gap: SSSD's AD id-mapping slices can reach it, and an admin may
+#: delegate subordinate ids there; so each id is checked as it is handed out (NSS:
+#: :func:`nss_names_id`) and the subordinate ranges are skipped
+#: (:func:`subordinate_ranges`).
 DEFAULT_UID_RANGE: Final = (2_000_000_000, 2_000_065_535)
 HOST_PASSWD: Final = "/etc/passwd"
 HOST_GROUP: Final = "/etc/group"
+HOST_SUBUID: Final = "/etc/subuid"
+HOST_SUBGID: Final = "/etc/subgid"
 
 
 def host_named_ids(passwd: str = HOST_PASSWD, group: str = HOST_GROUP) -> frozenset[int]:
     """The uids that ``passwd`` names and the gids that ``group`` names, in one set: a
     jail's uid is also its gid, so a number either file names belongs to someone else.
 
-    Reads the two files only (blocking: call it at start, off the event loop), not NSS:
-    enumerating a directory service (LDAP, sssd) can be slow and is not what a host's
-    own service users live in. A missing file names nothing; a malformed line is skipped.
+    Reads the two files only (blocking: call it at start, off the event loop); users and
+    groups known through NSS only (LDAP, sssd), which cannot be enumerated cheaply, are
+    looked up one id at a time as the ids are handed out (:func:`nss_names_id`). A
+    missing file names nothing; a malformed line is skipped.
     """
     named: set[int] = set()
     for path in (passwd, group):
@@ -1031,35 +1042,121 @@ def host_named_ids(passwd: str = HOST_PASSWD, group: str = HOST_GROUP) -> frozen
     return frozenset(named)
 
 
+def subordinate_ranges(subuid: str | None = None, subgid: str | None = None,
+                       ) -> tuple[tuple[int, int], ...]:
+    """The subordinate id ranges that ``subuid`` and ``subgid`` (default
+    :data:`HOST_SUBUID`, :data:`HOST_SUBGID`) delegate (``name:FIRST:COUNT`` lines), as
+    inclusive ``(first, last)`` pairs, sorted: a user's containers map their ids there, so
+    a jail's uid (also its gid) must lie in neither. Blocking (call it at start); a
+    missing file delegates nothing; a malformed line is skipped."""
+    ranges: set[tuple[int, int]] = set()
+    for path in (subuid or HOST_SUBUID, subgid or HOST_SUBGID):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    fields = line.strip().split(":")
+                    if len(fields) != 3 or not all(
+                            re.fullmatch(r"[0-9]{1,10}", field) for field in fields[1:]):
+                        continue
+                    first, count = int(fields[1]), int(fields[2])
+                    if count > 0:
+                        ranges.add((first, first + count - 1))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise JailError(f"reading {path} (to skip the ids it delegates) failed: "
+                            f"{os.strerror(e.errno or 0)}") from e
+    return tuple(sorted(ranges))
+
+
+def nss_names_id(number: int) -> bool:
+    """Whether NSS (files, sssd, LDAP, systemd's userdb, ...) knows ``number`` as a user
+    or a group: ``pwd.getpwuid`` / ``grp.getgrgid``. Blocking (a directory service may
+    take its time): call it from a thread, never on the event loop. A lookup that fails
+    for another reason than "not found" counts as known (the id is skipped)."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(number)
+        except KeyError:
+            continue
+        except (OSError, OverflowError):
+            return True
+        return True
+    return False
+
+
 class UidAllocator:
     """Hands out one uid per VM from an inclusive range (the gid is the same number)
     and takes it back. Round-robin: a uid just given back is the last to be reused.
-    The numbers in ``skip`` (see :func:`host_named_ids`) are never handed out."""
+    Never handed out: the numbers in ``skip`` (see :func:`host_named_ids`), those inside
+    one of the ``subordinate`` ranges (see :func:`subordinate_ranges`), and those that
+    ``lookup`` says someone else has (:func:`nss_names_id` for the daemon), asked each
+    time an id is about to be handed out.
 
-    def __init__(self, uid_range: tuple[int, int], skip: Iterable[int] = ()) -> None:
+    With a ``lookup``, :meth:`allocate` blocks: call it from a thread (the daemon's
+    :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids` does)."""
+
+    def __init__(self, uid_range: tuple[int, int], skip: Iterable[int] = (), *,
+                 subordinate: Iterable[tuple[int, int]] = (),
+                 lookup: Callable[[int], bool] | None = None) -> None:
         first, last = uid_range
         if not 1 <= first <= last <= _ID_MAX:
             raise JailError(f"uid range {first}-{last}: need 1 <= FIRST <= LAST <= {_ID_MAX}")
         self._first, self._last = first, last
         self._skip = frozenset(uid for uid in skip if first <= uid <= last)
+        self._subordinate = tuple(sorted((max(low, first), min(high, last))
+                                         for low, high in subordinate
+                                         if low <= last and high >= first))
+        self._lookup = lookup
         self._next = first
         self._taken: set[int] = set()
         self._lock = threading.Lock()
 
-    def allocate(self) -> int:
+    def _subordinate_end(self, uid: int) -> int | None:
+        """The last id of the subordinate range ``uid`` lies in, or None."""
+        for low, high in self._subordinate:
+            if low <= uid <= high:
+                return high
+        return None
+
+    @property
+    def looks_up(self) -> bool:
+        """Whether each id is looked up (NSS) before it is handed out."""
+        return self._lookup is not None
+
+    def allocate(self, lookup: Callable[[int], bool] | None = None) -> int:
+        """The next free uid. ``lookup``, if given, is asked instead of the one this
+        allocator was made with (the daemon asks NSS through its spawner: see
+        :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids`)."""
+        lookup = lookup if lookup is not None else self._lookup
         with self._lock:
-            size = self._last - self._first + 1 - len(self._skip)
-            if len(self._taken) >= size:
-                skipped = f" ({len(self._skip)} of them named by the host's users and " \
-                    "groups)" if self._skip else ""
-                raise JailError(f"every uid of {self._first}-{self._last} is in use"
-                                f"{skipped}; widen --jail-uid-range")
-            while self._next in self._taken or self._next in self._skip:
-                self._next = self._first if self._next == self._last else self._next + 1
-            uid = self._next
-            self._taken.add(uid)
-            self._next = self._first if uid == self._last else uid + 1
-            return uid
+            size = self._last - self._first + 1
+            candidate, tried, known = self._next, 0, 0
+            while tried < size:
+                end = self._subordinate_end(candidate)
+                if end is not None:  # the whole delegated range at once
+                    tried += end - candidate + 1
+                    candidate = self._first if end == self._last else end + 1
+                    continue
+                tried += 1
+                if candidate not in self._taken and candidate not in self._skip:
+                    if lookup is None or not lookup(candidate):
+                        self._taken.add(candidate)
+                        self._next = self._first if candidate == self._last \
+                            else candidate + 1
+                        return candidate
+                    known += 1
+                    log.warning("a jail uid is known to NSS; skipped", uid=candidate)
+                candidate = self._first if candidate == self._last else candidate + 1
+            skipped = f" ({len(self._skip)} of them named by the host's users and " \
+                "groups)" if self._skip else ""
+            others = [f"{count} {what}" for count, what in (
+                (known, "known to NSS (pwd/grp)"),
+                (sum(high - low + 1 for low, high in self._subordinate),
+                 "delegated in /etc/subuid or /etc/subgid")) if count]
+            raise JailError(f"every uid of {self._first}-{self._last} is in use"
+                            f"{skipped}{' or ' + ', '.join(others) if others else ''}; "
+                            "widen --jail-uid-range")
 
     def release(self, uid: int) -> None:
         with self._lock:

@@ -34,6 +34,7 @@ import trio
 
 from ..errors import AvmmError
 from .channel import close_fds
+from .jail import nss_names_id
 
 _MAX_REQUEST = 4096
 #: The program a worker runs (its ``run_worker(channel_fd)``). Tests give another one
@@ -163,6 +164,11 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
                         _send(sock, {"id": request_id, "pid": pid}, (log_fd,))
                     finally:
                         os.close(log_fd)
+            elif op == "names_id" and isinstance(message.get("number"), int) \
+                    and not isinstance(message.get("number"), bool):
+                # NSS here, not in the daemon: its modules (sssd, LDAP, systemd's
+                # userdb) make calls the daemon's seccomp filter does not list.
+                _send(sock, {"id": request_id, "known": nss_names_id(message["number"])})
             elif op == "kill" and isinstance(message.get("pid"), int):
                 # Only a worker this process started and has not reaped, through its
                 # pidfd (a PID number could be reused meanwhile): the jailed process
@@ -310,6 +316,13 @@ class Spawner:
             close_fds(fds)
             raise SpawnerError("the worker spawner answered without the worker's log")
         return int(answer["pid"]), fds[0]
+
+    async def names_id(self, number: int) -> bool:
+        """Whether NSS knows ``number`` as a user or a group (asked in the spawner:
+        see :func:`avmm.isolation.jail.nss_names_id`)."""
+        answer = await self._ask({"op": "names_id", "number": number})
+        close_fds(answer["fds"])
+        return answer.get("known") is not False
 
     async def kill(self, pid: int) -> None:
         """SIGKILL a worker (or the jailed process under its reaper)."""

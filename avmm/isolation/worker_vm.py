@@ -134,9 +134,19 @@ class ProcessIsolation:
             raise JailError("process isolation needs --jail-uid and --jail-gid, or "
                             "--jail-uid-range")
 
-    def take_ids(self) -> tuple[int, int]:
+    async def take_ids(self) -> tuple[int, int]:
         if self.uids is not None:
-            uid = self.uids.allocate()
+            # In a thread: each id is looked up through NSS as it is handed out (a
+            # directory service may take its time; see UidAllocator). By the spawner,
+            # when there is one: the daemon's seccomp filter is made for avmm's own
+            # calls, not for whatever NSS module the host configures (sssd, LDAP,
+            # systemd's userdb: readlinkat, prctl, ... would kill the daemon).
+            spawner = self.spawner
+            lookup = None
+            if self.uids.looks_up and spawner is not None:
+                def lookup(number: int) -> bool:
+                    return trio.from_thread.run(spawner.names_id, number)
+            uid = await trio.to_thread.run_sync(self.uids.allocate, lookup)
             return uid, uid
         assert self.uid is not None and self.gid is not None
         return self.uid, self.gid
@@ -759,7 +769,7 @@ class WorkerVm:
         """Start the worker, wait until its VM runs (``started``), then follow it until
         it has exited; the jail and the uid are released at the end, however it ends."""
         isolation = self._isolation
-        uid, gid = isolation.take_ids()
+        uid, gid = await isolation.take_ids()
         self._ids = (uid, gid)
         spec: JailSpec | None = None
         started = False
