@@ -79,6 +79,7 @@ __all__ = [
     "UidAllocator",
     "drop_privileges",
     "enter_jail",
+    "file_size_limit",
     "host_named_ids",
     "nss_names_id",
     "parse_uid_range",
@@ -116,6 +117,8 @@ _ID_MAX: Final = 0xFFFF_FFFE
 _MAX_FILES_MIN: Final = 64
 #: fs.nr_open's default: RLIMIT_NOFILE cannot go above it.
 _MAX_FILES_MAX: Final = 1 << 20
+#: The largest RLIMIT_FSIZE a spec may ask for (a file of 2^62 bytes is no limit).
+_MAX_FILE_BYTES: Final = 1 << 62
 
 _ROOT_TMPFS: Final = "mode=0755,size=1m,nr_inodes=4096"
 _DEV_TMPFS: Final = "mode=0755,size=64k,nr_inodes=64"
@@ -164,6 +167,9 @@ class JailSpec:
     #: host directories of the VM's output files and console socket, which the daemon
     #: opens and hands over (nothing of the host directory is in the jail).
     dirs: tuple[str, ...] = ()
+    #: RLIMIT_FSIZE (bytes), or None to leave it as it is: the largest file the
+    #: process may write to, through any fd it holds (see :func:`file_size_limit`).
+    max_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check_path(self.root, "root")
@@ -173,6 +179,8 @@ class JailSpec:
         for name in ("uid", "gid"):
             _check_int(getattr(self, name), name, 1, _ID_MAX)
         _check_int(self.max_files, "max_files", _MAX_FILES_MIN, _MAX_FILES_MAX)
+        if self.max_file_bytes is not None:
+            _check_int(self.max_file_bytes, "max_file_bytes", 1, _MAX_FILE_BYTES)
         if not isinstance(self.binds, tuple) or len(self.binds) > _MAX_BINDS:
             raise JailError(f"binds must be a tuple of at most {_MAX_BINDS} Bind")
         seen: set[str] = set()
@@ -231,6 +239,7 @@ class JailSpec:
             "own_network": self.own_network,
             "max_files": self.max_files,
             "dirs": list(self.dirs),
+            "max_file_bytes": self.max_file_bytes,
         }
 
     @classmethod
@@ -238,7 +247,8 @@ class JailSpec:
         """A spec from (hostile) JSON-able data: unknown keys, wrong types, relative or
         unnormalised paths, ``..``, uid/gid 0 and out-of-range numbers are refused."""
         _check_keys(data, "jail spec", required={"root", "uid", "gid", "binds", "devices"},
-                    optional={"netns", "own_network", "max_files", "dirs"})
+                    optional={"netns", "own_network", "max_files", "dirs",
+                              "max_file_bytes"})
         binds = data["binds"]
         if not isinstance(binds, list):
             raise JailError("jail spec: binds must be a list")
@@ -258,7 +268,8 @@ class JailSpec:
         return cls(root=data["root"], uid=data["uid"], gid=data["gid"], binds=tuple(parsed),
                    devices=tuple(devices), netns=data.get("netns"),
                    own_network=data.get("own_network", False),
-                   max_files=data.get("max_files", 4096), dirs=tuple(dirs))
+                   max_files=data.get("max_files", 4096), dirs=tuple(dirs),
+                   max_file_bytes=data.get("max_file_bytes"))
 
 
 def _check_keys(data: Any, what: str, *, required: set[str], optional: set[str]) -> None:
@@ -298,7 +309,7 @@ def _within(path: str, directory: str) -> bool:
 
 
 def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROOT,
-              uid: int, gid: int) -> JailSpec:
+              uid: int, gid: int, max_file_bytes: int | None = None) -> JailSpec:
     """What the VM of ``config`` needs inside its jail, plus :func:`runtime_binds`.
 
     Kernel and initrd read-only; disk images with the config's access; the *directory*
@@ -355,7 +366,21 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         binds=_minimal_binds(Bind(path, writable) for path, writable in wanted.items()),
         devices=tuple(sorted(devices)),
         own_network=True,
-        dirs=tuple(sorted(dirs)))
+        dirs=tuple(sorted(dirs)),
+        max_file_bytes=max_file_bytes)
+
+
+def file_size_limit(config: VmConfig, disk_bytes: Iterable[int] = ()) -> int:
+    """RLIMIT_FSIZE for the worker of ``config``'s VM: the largest file it writes for a
+    legitimate reason. Its guest RAM (a snapshot's memory file, written through the fd
+    the daemon hands it; its own RAM memfd), a snapshot's state file (at most
+    :data:`~avmm.state.format.MAX_STATE_FILE_BYTES`), its disk images (``disk_bytes``,
+    their sizes: the guest's writes stay inside them). Anything else it writes, the
+    serial/console output file above all, stops growing there: a write past it fails
+    with EFBIG (SIGXFSZ is ignored), and the host's disk does not fill up."""
+    from ..state.format import MAX_STATE_FILE_BYTES
+
+    return max(config.machine.memory_mib << 20, MAX_STATE_FILE_BYTES, *disk_bytes)
 
 
 def _minimal_binds(binds: Iterable[Bind]) -> tuple[Bind, ...]:
@@ -942,7 +967,8 @@ def _pivot(root: str) -> None:
 def drop_privileges(spec: JailSpec) -> None:
     """Give up root for good (worker side, in the jail, after the VM is built and
     before any vCPU thread runs; other threads may exist). In order: RLIMIT_NOFILE =
-    ``spec.max_files``, RLIMIT_CORE = 0, no supplementary groups, gid then uid (real,
+    ``spec.max_files``, RLIMIT_CORE = 0, RLIMIT_FSIZE = ``spec.max_file_bytes`` (with
+    SIGXFSZ ignored; call it on the main thread), no supplementary groups, gid then uid (real,
     effective and saved: glibc applies them to every thread), checked; then
     PR_SET_NO_NEW_PRIVS on the calling thread (a seccomp filter loaded with TSYNC
     spreads it to the others) and PR_SET_DUMPABLE 0 (no core, no ptrace by the uid's
@@ -962,6 +988,12 @@ def drop_privileges(spec: JailSpec) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (spec.max_files, spec.max_files))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if spec.max_file_bytes is not None:
+            # A write past the limit fails with EFBIG instead of killing the process
+            # (SIGXFSZ's default): the VM says which output stopped, and goes on.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE,
+                               (spec.max_file_bytes, spec.max_file_bytes))
     except (OSError, ValueError) as e:
         raise JailError(f"jail: setting the resource limits failed: {e}") from e
     try:
@@ -980,7 +1012,8 @@ def drop_privileges(spec: JailSpec) -> None:
     # sure the reaper did not die in between.
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
     _check_reaper_alive(keep_open=False)
-    log.debug("privileges dropped", uid=spec.uid, gid=spec.gid, max_files=spec.max_files)
+    log.debug("privileges dropped", uid=spec.uid, gid=spec.gid, max_files=spec.max_files,
+              max_file_bytes=spec.max_file_bytes)
 
 
 # --------------------------------------------------------------------------- uids

@@ -70,6 +70,7 @@ from .jail import (
     JailError,
     JailSpec,
     UidAllocator,
+    file_size_limit,
     plan_jail,
     prepare_jail_dir,
     remove_jail,
@@ -128,6 +129,9 @@ class ProcessIsolation:
     module_path: str | None = None
     #: Started by the Host that uses these settings (see avmm.isolation.spawner).
     spawner: Spawner | None = None
+    #: Each worker's RLIMIT_FSIZE, bytes; None: from its VM (see
+    #: avmm.isolation.jail.file_size_limit). Tests force a small one.
+    max_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.uids is None and (self.uid is None or self.gid is None):
@@ -774,8 +778,12 @@ class WorkerVm:
         spec: JailSpec | None = None
         started = False
         try:
+            max_file_bytes = isolation.max_file_bytes
+            if max_file_bytes is None:
+                max_file_bytes = file_size_limit(
+                    self._config, await trio.to_thread.run_sync(_disk_sizes, self._config))
             spec = plan_jail(self._config, self.id, jail_root=isolation.jail_root,
-                             uid=uid, gid=gid)
+                             uid=uid, gid=gid, max_file_bytes=max_file_bytes)
             self._outputs = await trio.to_thread.run_sync(
                 _open_outputs, self.name, self._config, self._paths)
             await trio.to_thread.run_sync(prepare_jail_dir, spec)
@@ -1343,6 +1351,17 @@ def _close_outputs(outputs: dict[str, int | BoundSocket]) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.close(output)
+
+
+def _disk_sizes(config: VmConfig) -> list[int]:
+    """The sizes of the VM's disk images (a thread: stat). One that cannot be looked at
+    counts nothing here: the VM's build names it."""
+    sizes = []
+    for disk in config.disks:
+        if disk.path is not None:
+            with contextlib.suppress(OSError):
+                sizes.append(os.stat(disk.path).st_size)
+    return sizes
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:
