@@ -10,8 +10,12 @@ travels with the request, SCM_RIGHTS) or to kill one. The spawner reports each
 worker's end (its exit status) when it happens.
 
 It runs no guest code and parses only the daemon's requests (one JSON object each, a
-fixed shape); when the daemon goes away it exits (the workers notice on their own
-channels and stop their VMs).
+fixed shape); when the daemon goes away it kills its workers and exits.
+
+It also keeps a copy of each tap fd a worker is handed, with the tap's state before the
+worker had it, and puts the tap back as it was once the worker has ended, however it
+ended (:mod:`avmm.isolation.taps`): a worker could make a tap persistent or change its
+owner.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import select
 import signal
 import socket
 import subprocess
 import sys
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -35,8 +41,12 @@ import trio
 from ..errors import AvmmError
 from .channel import close_fds
 from .jail import nss_names_id
+from .taps import HeldTap
 
-_MAX_REQUEST = 4096
+_MAX_REQUEST = 16384
+#: The most taps a spawn request may carry (one per NIC; ``net[0]`` to ``net[99]``).
+MAX_TAPS = 100
+_NETNS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The program a worker runs (its ``run_worker(channel_fd)``). Tests give another one
 #: (tests/isolation/trip_worker.py); the daemon never does.
 WORKER_MODULE = "avmm.isolation.worker"
@@ -49,7 +59,8 @@ class SpawnerError(AvmmError):
 # -- the spawner process -------------------------------------------------------------------
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    data, ancillary, flags, _ = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4))
+    data, ancillary, flags, _ = sock.recvmsg(_MAX_REQUEST,
+                                             socket.CMSG_SPACE(4 * (1 + MAX_TAPS)))
     fds: list[int] = []
     for level, kind, raw in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -135,6 +146,24 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     workers: dict[int, int] = {}  # pidfd → pid
+    taps: dict[int, list[HeldTap]] = {}  # pid → its taps, held
+    try:
+        _serve(sock, poller, workers, taps, module, fork)
+    finally:
+        # The daemon is gone (or this loop failed): no worker outlives it, and no tap
+        # stays as a worker left it.
+        for pidfd, pid in workers.items():
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+            os.close(pidfd)
+            for tap in taps.pop(pid, []):
+                tap.restore()
+
+
+def _serve(sock: socket.socket, poller: select.poll, workers: dict[int, int],
+           taps: dict[int, list[HeldTap]], module: str, fork: bool) -> None:
     while True:
         for fd, _events in poller.poll():
             if fd != sock.fileno():
@@ -142,6 +171,8 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
                 poller.unregister(fd)
                 os.close(fd)
                 _, status = os.waitpid(pid, 0)
+                for tap in taps.pop(pid, []):
+                    tap.restore()
                 _send(sock, {"event": "exited", "pid": pid,
                              "status": os.waitstatus_to_exitcode(status)})
                 continue
@@ -150,21 +181,40 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
                 return
             op = message.get("op")
             request_id = message.get("id")
-            if op == "spawn" and len(fds) == 1:
+            namespaces = _tap_namespaces(message, len(fds) - 1) if op == "spawn" else None
+            if op == "spawn" and fds and namespaces is not None:
+                held: list[HeldTap] = []
+                owned: set[int] = set()  # the tap fds the HeldTaps close
                 try:
-                    pid, log_fd = _start_worker(fds[0], module, fork,
-                                                [sock.fileno(), *workers])
+                    # Read before the worker has them (the daemon hands them over
+                    # only once it has the answer).
+                    for tap_fd, netns in zip(fds[1:], namespaces, strict=True):
+                        held.append(HeldTap.take(tap_fd, netns))
+                        owned.add(tap_fd)
+                    pid, log_fd = _start_worker(
+                        fds[0], module, fork,
+                        [sock.fileno(), *workers,
+                         *(tap.fd for kept in [*taps.values(), held] for tap in kept)])
                 except OSError as e:
+                    for tap in held:
+                        tap.restore()
                     _send(sock, {"id": request_id, "error": str(e)})
                 else:
                     pidfd = os.pidfd_open(pid)
                     workers[pidfd] = pid
+                    taps[pid] = held
                     poller.register(pidfd, select.POLLIN)
                     try:
                         _send(sock, {"id": request_id, "pid": pid}, (log_fd,))
                     finally:
                         os.close(log_fd)
-            elif op == "names_id" and isinstance(message.get("number"), int) \
+                # The channel goes (the worker has its own); the taps are held (or were
+                # restored, which closed them).
+                for fd in fds:
+                    if fd not in owned:
+                        os.close(fd)
+                continue
+            if op == "names_id" and isinstance(message.get("number"), int) \
                     and not isinstance(message.get("number"), bool):
                 # NSS here, not in the daemon: its modules (sssd, LDAP, systemd's
                 # userdb) make calls the daemon's seccomp filter does not list.
@@ -183,6 +233,19 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
                 _send(sock, {"id": request_id, "error": "bad request"})
             for fd in fds:
                 os.close(fd)
+
+
+def _tap_namespaces(message: dict[str, Any], count: int) -> list[str | None] | None:
+    """A spawn request's ``taps``: the network namespace of each tap fd after the
+    channel's (None: the spawner's own), or None if it is malformed."""
+    namespaces = message.get("taps", [])
+    if not isinstance(namespaces, list) or len(namespaces) != count or count > MAX_TAPS \
+            or not all(netns is None or (isinstance(netns, str)
+                                         and _NETNS_NAME.fullmatch(netns) is not None
+                                         and netns not in (".", ".."))
+                       for netns in namespaces):
+        return None
+    return namespaces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,10 +370,15 @@ class Spawner:
             raise SpawnerError(f"cannot start a worker: {slot[0]['error']}")
         return slot[0]
 
-    async def spawn(self, channel_fd: int) -> tuple[int, int]:
+    async def spawn(self, channel_fd: int, taps: Sequence[tuple[int, str | None]] = (),
+                    ) -> tuple[int, int]:
         """Start a worker on its end of the channel; its PID (the jail's reaper) and the
-        read end of its stderr (the caller's to close)."""
-        answer = await self._ask({"op": "spawn"}, (channel_fd,))
+        read end of its stderr (the caller's to close). ``taps``: the fds of the taps
+        the worker will be handed, with their network namespaces: the spawner keeps a
+        copy of each and puts the tap back as it is now once the worker has ended
+        (see :mod:`avmm.isolation.taps`)."""
+        answer = await self._ask({"op": "spawn", "taps": [netns for _, netns in taps]},
+                                 (channel_fd, *(fd for fd, _ in taps)))
         fds = answer["fds"]
         if len(fds) != 1:
             close_fds(fds)

@@ -861,8 +861,14 @@ class WorkerVm:
             raise VmStateError("process isolation is not running (its Host is not "
                                "entered)")
         ours, theirs = socketpair()
+        # The spawner keeps a copy of each tap and puts it back as it is now once the
+        # worker has ended (a worker could make it persistent, or its own).
+        taps = [(fd, self._config.nets[int(match.group(1))].netns)
+                for key, fd in self._outputs.items()
+                if (match := re.fullmatch(r"net\[([0-9]+)\]\.tap", key)) is not None
+                and isinstance(fd, int)]
         try:
-            self._reaper, self._log_fd = await spawner.spawn(theirs.fileno())
+            self._reaper, self._log_fd = await spawner.spawn(theirs.fileno(), taps)
         except SpawnerError as e:
             ours.close()
             raise VmStartError(self.id, "starting the worker process", str(e)) from None
@@ -904,7 +910,8 @@ class WorkerVm:
             close_fds(list(sources.values()))
             # The worker has its own copies now (or never will); the console socket's
             # BoundSocket stays, to remove its file when the worker has ended. (A tap the
-            # daemon created goes when the worker's copy is closed.)
+            # daemon created goes when the worker has ended: the spawner's copy is the
+            # last, see avmm.isolation.taps.)
             for key, output in list(outputs.items()):
                 if isinstance(output, BoundSocket):
                     output.socket.close()

@@ -3,7 +3,9 @@ what keeps it from it: a file size limit on everything it writes (RLIMIT_FSIZE).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,90 @@ def test_the_file_size_limit_covers_what_a_vm_writes_legitimately() -> None:
     assert file_size_limit(config) == 512 << 20  # a snapshot's memory file
     assert file_size_limit(config, [3 << 30, 1 << 20]) == 3 << 30  # the largest disk
     assert file_size_limit(guest_config("x", memory_mib=16)) == MAX_STATE_FILE_BYTES
+
+
+# -- taps ----------------------------------------------------------------------------------
+
+
+def _tap_shown(netns: str, name: str) -> str:
+    """``ip -d link show`` of a tap ("" if there is none)."""
+    result = subprocess.run(["ip", "-n", netns, "-d", "link", "show", "dev", name],
+                            capture_output=True, text=True, timeout=30)
+    return result.stdout if result.returncode == 0 else ""
+
+
+async def test_taps_a_worker_took_over_are_put_back_when_it_ends(tmp_path: Path) -> None:
+    """A worker whose filter is off makes the taps it was handed persistent and its own
+    (the kernel lets it: no capability is checked on an attached fd). Once it has ended,
+    killed or stopped, the spawner puts them back: the taps the daemon created for the
+    VM are gone, an admin's persistent tap is persistent with its owner and group (an
+    owner that was unset is root's: it cannot be unset again)."""
+    from avmm.config import NetConfig
+    from avmm.host import Host
+    from avmm.isolation.seccomp import SeccompMode
+    from avmm.isolation.taps import link_ids
+    from tests.prerequisites import net_problem
+    from tests.virtio_guest_support import TapNamespace
+
+    _need_root()
+    require(net_problem())
+    isolation = _isolation(tmp_path, seccomp=SeccompMode.OFF,
+                           worker_module="tests.isolation.trip_worker",
+                           module_path=str(Path(__file__).resolve().parents[2]))
+    with TapNamespace("avmmhd0") as space:
+        netns = space.netns
+        subprocess.run(["ip", "-n", netns, "tuntap", "add", "dev", "avmmhd1", "mode", "tap",
+                        "user", "1234", "group", "99"], check=True, timeout=30)
+        async with Host(isolation=isolation) as host:
+            for end, created in (("kill", "avmmhdnew0"), ("stop", "avmmhdnew1")):
+                config = dataclasses.replace(
+                    guest_config("avmm.test=echo"),
+                    nets=tuple(NetConfig(tap=name, netns=netns)
+                               for name in ("avmmhd0", "avmmhd1", created)))
+                vm = await host.create(config)
+                result = await vm._call("take_taps")
+                # Per tap: TUNSETIFF (attached already), TUNSETPERSIST, TUNSETOWNER,
+                # TUNSETGROUP.
+                assert result["taps"] == ["File exists", "ok", "ok", "ok"] * 3, result
+                uid = vm._ids[0]
+                shown = _tap_shown(netns, created)
+                assert "persist on" in shown and link_ids(created, netns) == (uid, uid), \
+                    shown
+                if end == "kill":
+                    await vm._kill()
+                else:
+                    await vm.stop()
+                await vm.wait()
+                assert _tap_shown(netns, created) == "", end
+                assert "persist on" in _tap_shown(netns, "avmmhd0")
+                assert link_ids("avmmhd0", netns) == (0, 0), end
+                assert "persist on" in _tap_shown(netns, "avmmhd1")
+                assert link_ids("avmmhd1", netns) == (1234, 99), end
+
+
+async def test_a_workers_filter_refuses_every_ioctl_that_would_take_a_tap_over(
+    tmp_path: Path,
+) -> None:
+    """In errno mode (kill mode kills the worker for the first): TUNSETIFF (a worker
+    never needs it: its taps come attached), TUNSETPERSIST, TUNSETOWNER, TUNSETGROUP."""
+    from avmm.config import NetConfig
+    from avmm.host import Host
+    from avmm.isolation.seccomp import SeccompMode
+    from tests.prerequisites import net_problem
+    from tests.virtio_guest_support import TapNamespace
+
+    _need_root()
+    require(net_problem())
+    isolation = _isolation(tmp_path, seccomp=SeccompMode.ERRNO,
+                           worker_module="tests.isolation.trip_worker",
+                           module_path=str(Path(__file__).resolve().parents[2]))
+    with TapNamespace("avmmhd2") as space:
+        async with Host(isolation=isolation) as host:
+            config = dataclasses.replace(guest_config("avmm.test=echo"), nets=(
+                NetConfig(tap=space.tap, netns=space.netns),))
+            vm = await host.create(config)
+            result = await vm._call("take_taps")
+            assert result["taps"] == ["Operation not permitted"] * 4, result
+            await _echo_here(vm, "still running")
+            await vm.stop()
+        assert "persist on" in _tap_shown(space.netns, space.tap)
