@@ -77,6 +77,7 @@ __all__ = [
     "JailError",
     "JailSpec",
     "UidAllocator",
+    "become_child_subreaper",
     "drop_privileges",
     "enter_jail",
     "file_size_limit",
@@ -468,6 +469,7 @@ SYS_PIVOT_ROOT: Final = 155  # x86-64
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_DUMPABLE: Final = 4
 PR_SET_NO_NEW_PRIVS: Final = 38
+PR_SET_CHILD_SUBREAPER: Final = 36
 
 
 def _fail(step: str, path: str | None, number: int | None = None) -> JailError:
@@ -751,7 +753,13 @@ _FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signa
 
 
 def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) -> None:
-    """The reaper: wait for ``child`` and end the same way. Never returns."""
+    """The reaper: wait for ``child`` and end the same way. Never returns.
+
+    It never reaps ``child`` (waitid with WNOWAIT): the jailed process stays a zombie,
+    its PID taken, until the reaper has exited and whoever inherits it reaps it. The
+    daemon's spawner is a child subreaper and does so only when the daemon lets it
+    (see avmm.isolation.spawner): until then, a PID the daemon read of this process
+    (to put it in its VM's cgroup) cannot name another process."""
     code = 1
     try:
         for fd in [*keep, *([netns_fd] if netns_fd is not None else [])]:
@@ -769,9 +777,10 @@ def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) ->
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the reaper's parent-death signal")
         if os.getppid() != parent:
             os.kill(child, signal.SIGKILL)
-        _, status = os.waitpid(child, 0)
-        if os.WIFSIGNALED(status):
-            number = os.WTERMSIG(status)
+        ended = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+        assert ended is not None  # no WNOHANG
+        if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            number = ended.si_status
             # Die of the same signal, without a core file of the reaper.
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -781,7 +790,7 @@ def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) ->
             os.kill(os.getpid(), number)
             code = 128 + number  # a signal whose default is not to terminate
         else:
-            code = os.waitstatus_to_exitcode(status)
+            code = ended.si_status
     finally:
         os._exit(code)
 
@@ -962,6 +971,12 @@ def _pivot(root: str) -> None:
         raise _fail("removing the old root's mount point", f"/{_OLD_ROOT}", e.errno) from e
     _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None,
            "making the jail's root read-only", shown="/")
+
+
+def become_child_subreaper() -> None:
+    """Orphans below this process are reparented to it, not to init (the worker
+    spawner holds its workers' jailed processes so: see avmm.isolation.spawner)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, "becoming a child subreaper")
 
 
 def drop_privileges(spec: JailSpec) -> None:

@@ -256,6 +256,11 @@ class WorkerVm:
         self._pid: int | None = None
         #: The read end of the worker's stderr (see _relay_log).
         self._log_fd: int | None = None
+        #: Held while a PID of the worker's is written anywhere (its cgroup): the
+        #: spawner keeps the worker's processes unreaped, their PIDs theirs, until
+        #: _reap lets them go under it (``_pids_held`` false from then on).
+        self._pid_lock = trio.Lock()
+        self._pids_held = True
         #: The worker's uid and gid while it runs.
         self._ids: tuple[int, int] | None = None
         #: The worker's thread ids: its PID namespace's → the host's (see refresh).
@@ -446,7 +451,7 @@ class WorkerVm:
             # A worker that ends meanwhile (or does not answer): what is known stands.
             with trio.move_on_after(REFRESH_TIMEOUT_S), contextlib.suppress(AvmmError):
                 await self._call("describe")
-            if self._pid is not None:
+            if self._pid is not None and self._pids_held:
                 self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
         await trio.lowlevel.checkpoint()
 
@@ -499,17 +504,18 @@ class WorkerVm:
     async def set_cpu_limits(self, *, weight: int | None = None,
                              max_percent: float | None = None,
                              clear_max_percent: bool = False) -> CpuLimits:
-        if not self._live() or self._pid is None:
-            raise VmStateError(f"VM {self.id!r} is {self.state.value}")
-        pid = self._pid
-
-        def change() -> CpuLimits:
+        def change(pid: int) -> CpuLimits:
             limits = self._cpu.update(weight=weight, max_percent=max_percent,
                                       clear_max=clear_max_percent)
             self._cpu.place_process(pid)  # a cgroup made just now
             return limits
 
-        return await trio.to_thread.run_sync(change)
+        async with self._pid_lock:
+            # Under the lock, with the PID still held by the spawner: it names the
+            # worker, alive or a zombie, never a process that took its number since.
+            if not self._live() or self._pid is None or not self._pids_held:
+                raise VmStateError(f"VM {self.id!r} is {self.state.value}")
+            return await trio.to_thread.run_sync(change, self._pid)
 
     async def snapshot(self, path: str | os.PathLike[str], *,
                        paths: PathPolicy | None = None) -> SnapshotInfo:
@@ -938,11 +944,23 @@ class WorkerVm:
             raise VmStartError(self.id, "starting the worker process",
                                "it broke the protocol")
         self._take_status(message.get("status"))
-        self._pid = await trio.to_thread.run_sync(_child_pid, self._reaper)
-        if self._pid is None:
-            raise VmStartError(self.id, "starting the worker process", "its PID is gone")
-        self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
-        await trio.to_thread.run_sync(self._place, self._pid)
+        # The PID-reuse race between reading the jailed process's PID and writing it
+        # into the VM's cgroup is closed by who reaps what: the spawner (the reaper's
+        # parent and a child subreaper) keeps the reaper and the jailed process unreaped
+        # until _reap releases them, under _pid_lock, and an unreaped process's PID is
+        # never given to another. So the reaper's /proc entry is the reaper's, the child
+        # found there is the jailed process, and the number written is its own, even if
+        # it died in between (then the write moves a zombie, or nothing).
+        async with self._pid_lock:
+            if not self._pids_held:
+                raise VmStartError(self.id, "starting the worker process",
+                                   "it ended before the VM ran")
+            self._pid = await trio.to_thread.run_sync(_child_pid, self._reaper)
+            if self._pid is None:
+                raise VmStartError(self.id, "starting the worker process",
+                                   "its PID is gone")
+            self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
+            await trio.to_thread.run_sync(self._place, self._pid)
         self._log.info("vm worker started", pid=self._pid)
 
     def _place(self, pid: int) -> None:
@@ -1031,12 +1049,20 @@ class WorkerVm:
             return None
         self._reaper = None
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(STOP_TIMEOUT_S):
-                return await spawner.wait(reaper)
-            self._reaper = reaper
-            await self._kill()
-            self._reaper = None
-            return await spawner.wait(reaper)
+            code = None
+            with trio.move_on_after(STOP_TIMEOUT_S) as waited:
+                code = await spawner.wait(reaper)
+            if waited.cancelled_caught:
+                self._reaper = reaper
+                await self._kill()
+                self._reaper = None
+                code = await spawner.wait(reaper)
+            # No PID of the worker's is written from here on: the spawner may reap its
+            # processes, and their numbers go to others (see _first_message).
+            async with self._pid_lock:
+                self._pids_held = False
+            await spawner.release(reaper)
+            return code
 
 
 def _begin_snapshot(directory: Path, parent_fd: int) -> PartialSnapshot:

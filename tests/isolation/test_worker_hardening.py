@@ -1,20 +1,25 @@
 """What a hostile worker could do to the host through what the daemon hands it, and
-what keeps it from it: a file size limit on everything it writes (RLIMIT_FSIZE)."""
+what keeps it from it: a file size limit on everything it writes (RLIMIT_FSIZE), the
+taps put back once it has ended, its PIDs kept from reuse while the daemon uses them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from avmm.config import SerialConfig
+from avmm.errors import AvmmError
 from avmm.host import Host
 from avmm.isolation.jail import UidAllocator
-from avmm.isolation.worker_vm import ProcessIsolation
-from avmm.lifecycle import VmState
+from avmm.isolation.worker_vm import ProcessIsolation, WorkerVm
+from avmm.lifecycle import StopReason, VmState
 from tests.isolation.test_process_mode import UIDS, _echo_here
 from tests.prerequisites import require
 from tests.vm.helpers import guest_config
@@ -155,3 +160,63 @@ async def test_a_workers_filter_refuses_every_ioctl_that_would_take_a_tap_over(
             await _echo_here(vm, "still running")
             await vm.stop()
         assert "persist on" in _tap_shown(space.netns, space.tap)
+
+
+# -- PIDs ----------------------------------------------------------------------------------
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``Z``: a zombie), None if there is none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _nspid(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(number) for number in line.split()[1:]]
+    return []
+
+
+async def test_the_pid_the_daemon_places_stays_the_workers_until_it_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The racy moment, forced: the jailed worker dies (and its reaper ends) between the
+    daemon's read of its PID and the write into its VM's cgroup. Its PID must still be
+    its own then (a zombie: reaped by nobody, so given to no other process), not free
+    for reuse; once the daemon is done with the VM, both processes are reaped."""
+    _need_root()
+    seen: dict[str, object] = {}
+    place = WorkerVm._place
+
+    def racy_place(self: WorkerVm, pid: int) -> None:
+        reaper = self._reaper
+        assert reaper is not None
+        seen["pids"] = (reaper, pid)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _proc_state(reaper) not in ("Z", None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["reaper"] = _proc_state(reaper)
+        seen["worker"] = _proc_state(pid)
+        with contextlib.suppress(OSError):
+            seen["nspid"] = _nspid(pid)
+        place(self, pid)  # writes a zombie's PID: nobody else's
+
+    monkeypatch.setattr(WorkerVm, "_place", racy_place)
+    async with Host(isolation=_isolation(tmp_path)) as host:
+        try:
+            vm = await host.create(guest_config("avmm.test=echo"), start=False)
+        except AvmmError:
+            pass  # the worker is dead: a start error is as good as a crash
+        else:
+            result = await vm.wait()
+            assert result.reason is StopReason.CRASH, result
+        reaper, pid = seen["pids"]  # type: ignore[misc]
+        assert seen["worker"] == "Z", seen  # not reaped: its PID is taken
+        assert seen["nspid"] == [pid, 1], seen  # by the jailed worker itself
+        assert seen["reaper"] == "Z", seen
+        # Let go of once the VM is gone: nothing left behind.
+        assert _proc_state(pid) is None and _proc_state(reaper) is None
