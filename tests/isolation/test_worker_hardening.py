@@ -75,7 +75,29 @@ def test_the_file_size_limit_covers_what_a_vm_writes_legitimately() -> None:
     assert file_size_limit(guest_config("x", memory_mib=16)) == MAX_STATE_FILE_BYTES
 
 
+def test_a_jail_spec_carries_its_file_size_limit() -> None:
+    from avmm.isolation.jail import JailError, JailSpec, plan_jail
+
+    spec = plan_jail(guest_config("x"), "vm-1", uid=64100, gid=64100, max_file_bytes=1 << 30)
+    assert JailSpec.from_dict(spec.to_dict()).max_file_bytes == 1 << 30
+    assert plan_jail(guest_config("x"), "vm-1", uid=1, gid=1).max_file_bytes is None
+    for bad in (0, -1, True, "1", 1 << 63):
+        with pytest.raises(JailError, match="max_file_bytes"):
+            JailSpec.from_dict({**spec.to_dict(), "max_file_bytes": bad})
+
+
 # -- taps ----------------------------------------------------------------------------------
+
+
+def test_no_filter_allows_the_ioctls_that_take_a_tap_over() -> None:
+    from avmm.isolation.syscalls import IOCTLS, OTHER_IOCTLS, WORKER_REFUSED_IOCTLS
+    from avmm.isolation.taps import TUNSETGROUP, TUNSETOWNER, TUNSETPERSIST
+
+    numbers = {TUNSETPERSIST, TUNSETOWNER, TUNSETGROUP}
+    assert not numbers & set(OTHER_IOCTLS.values())
+    assert all(not {"TUNSETPERSIST", "TUNSETOWNER", "TUNSETGROUP"} & names
+               for names in IOCTLS.values())
+    assert "TUNSETIFF" in WORKER_REFUSED_IOCTLS
 
 
 def _tap_shown(netns: str, name: str) -> str:
