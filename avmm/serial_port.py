@@ -10,6 +10,7 @@ into the UART's receive FIFO as it has room.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ class SerialPort:
     def __init__(self, *, sink_fds: tuple[int, ...] = (),
                  buffer_limit: int = DEFAULT_BUFFER_LIMIT) -> None:
         self._sink_fds = sink_fds
+        #: Sinks a write to failed with EFBIG (said once each).
+        self._full: set[int] = set()
         self._lock = threading.Lock()
         self._buffer = bytearray()
         self._limit = buffer_limit
@@ -64,6 +67,14 @@ class SerialPort:
             try:
                 os.write(fd, data)
             except OSError as e:  # a closed terminal must not stop the guest
+                if e.errno == errno.EFBIG:
+                    if fd not in self._full:
+                        # A jailed worker's RLIMIT_FSIZE (avmm.isolation.jail): the
+                        # file stops growing, the guest goes on.
+                        self._full.add(fd)
+                        log.warning("guest output file reached the file size limit; "
+                                    "further output to it is dropped", fd=fd)
+                    continue
                 log.debug("serial sink write failed", fd=fd, error=str(e))
         with self._lock:
             self._buffer += data

@@ -184,7 +184,14 @@ def _process_isolation(args: argparse.Namespace, mode: str) -> Any:
 
             raise DaemonError(f"{jail_flags[0]} applies to --isolation process only")
         return None
-    from ..isolation.jail import DEFAULT_UID_RANGE, UidAllocator, host_named_ids, parse_uid_range
+    from ..isolation.jail import (
+        DEFAULT_UID_RANGE,
+        UidAllocator,
+        host_named_ids,
+        nss_names_id,
+        parse_uid_range,
+        subordinate_ranges,
+    )
     from ..isolation.worker_vm import ProcessIsolation
     from ._server import DaemonError
 
@@ -198,9 +205,13 @@ def _process_isolation(args: argparse.Namespace, mode: str) -> Any:
                           "other; give one")
     uids = None
     if args.jail_uid_range is not None:
-        uids = UidAllocator(parse_uid_range(args.jail_uid_range), skip=host_named_ids())
+        # A range the admin chose may be one delegated to avmm's jails in /etc/subuid
+        # on purpose: only names (files and NSS) are skipped there.
+        uids = UidAllocator(parse_uid_range(args.jail_uid_range), skip=host_named_ids(),
+                            lookup=nss_names_id)
     elif args.jail_uid is None and args.jail_gid is None:
-        uids = UidAllocator(DEFAULT_UID_RANGE, skip=host_named_ids())
+        uids = UidAllocator(DEFAULT_UID_RANGE, skip=host_named_ids(),
+                            subordinate=subordinate_ranges(), lookup=nss_names_id)
     return ProcessIsolation(jail_root=args.jail_root, uid=args.jail_uid,
                             gid=args.jail_gid, uids=uids,
                             seccomp=SeccompMode(args.seccomp),

@@ -47,7 +47,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import grp
 import os
+import pwd
 import re
 import resource
 import signal
@@ -55,7 +57,7 @@ import stat
 import sys
 import sysconfig
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -75,14 +77,18 @@ __all__ = [
     "JailError",
     "JailSpec",
     "UidAllocator",
+    "become_child_subreaper",
     "drop_privileges",
     "enter_jail",
+    "file_size_limit",
     "host_named_ids",
+    "nss_names_id",
     "parse_uid_range",
     "plan_jail",
     "prepare_jail_dir",
     "remove_jail",
     "runtime_binds",
+    "subordinate_ranges",
 ]
 
 DEFAULT_JAIL_ROOT: Final = "/srv/avmm/jail"
@@ -112,6 +118,8 @@ _ID_MAX: Final = 0xFFFF_FFFE
 _MAX_FILES_MIN: Final = 64
 #: fs.nr_open's default: RLIMIT_NOFILE cannot go above it.
 _MAX_FILES_MAX: Final = 1 << 20
+#: The largest RLIMIT_FSIZE a spec may ask for (a file of 2^62 bytes is no limit).
+_MAX_FILE_BYTES: Final = 1 << 62
 
 _ROOT_TMPFS: Final = "mode=0755,size=1m,nr_inodes=4096"
 _DEV_TMPFS: Final = "mode=0755,size=64k,nr_inodes=64"
@@ -160,6 +168,9 @@ class JailSpec:
     #: host directories of the VM's output files and console socket, which the daemon
     #: opens and hands over (nothing of the host directory is in the jail).
     dirs: tuple[str, ...] = ()
+    #: RLIMIT_FSIZE (bytes), or None to leave it as it is: the largest file the
+    #: process may write to, through any fd it holds (see :func:`file_size_limit`).
+    max_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check_path(self.root, "root")
@@ -169,6 +180,8 @@ class JailSpec:
         for name in ("uid", "gid"):
             _check_int(getattr(self, name), name, 1, _ID_MAX)
         _check_int(self.max_files, "max_files", _MAX_FILES_MIN, _MAX_FILES_MAX)
+        if self.max_file_bytes is not None:
+            _check_int(self.max_file_bytes, "max_file_bytes", 1, _MAX_FILE_BYTES)
         if not isinstance(self.binds, tuple) or len(self.binds) > _MAX_BINDS:
             raise JailError(f"binds must be a tuple of at most {_MAX_BINDS} Bind")
         seen: set[str] = set()
@@ -227,6 +240,7 @@ class JailSpec:
             "own_network": self.own_network,
             "max_files": self.max_files,
             "dirs": list(self.dirs),
+            "max_file_bytes": self.max_file_bytes,
         }
 
     @classmethod
@@ -234,7 +248,8 @@ class JailSpec:
         """A spec from (hostile) JSON-able data: unknown keys, wrong types, relative or
         unnormalised paths, ``..``, uid/gid 0 and out-of-range numbers are refused."""
         _check_keys(data, "jail spec", required={"root", "uid", "gid", "binds", "devices"},
-                    optional={"netns", "own_network", "max_files", "dirs"})
+                    optional={"netns", "own_network", "max_files", "dirs",
+                              "max_file_bytes"})
         binds = data["binds"]
         if not isinstance(binds, list):
             raise JailError("jail spec: binds must be a list")
@@ -254,7 +269,8 @@ class JailSpec:
         return cls(root=data["root"], uid=data["uid"], gid=data["gid"], binds=tuple(parsed),
                    devices=tuple(devices), netns=data.get("netns"),
                    own_network=data.get("own_network", False),
-                   max_files=data.get("max_files", 4096), dirs=tuple(dirs))
+                   max_files=data.get("max_files", 4096), dirs=tuple(dirs),
+                   max_file_bytes=data.get("max_file_bytes"))
 
 
 def _check_keys(data: Any, what: str, *, required: set[str], optional: set[str]) -> None:
@@ -294,7 +310,7 @@ def _within(path: str, directory: str) -> bool:
 
 
 def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROOT,
-              uid: int, gid: int) -> JailSpec:
+              uid: int, gid: int, max_file_bytes: int | None = None) -> JailSpec:
     """What the VM of ``config`` needs inside its jail, plus :func:`runtime_binds`.
 
     Kernel and initrd read-only; disk images with the config's access; the *directory*
@@ -351,7 +367,21 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         binds=_minimal_binds(Bind(path, writable) for path, writable in wanted.items()),
         devices=tuple(sorted(devices)),
         own_network=True,
-        dirs=tuple(sorted(dirs)))
+        dirs=tuple(sorted(dirs)),
+        max_file_bytes=max_file_bytes)
+
+
+def file_size_limit(config: VmConfig, disk_bytes: Iterable[int] = ()) -> int:
+    """RLIMIT_FSIZE for the worker of ``config``'s VM: the largest file it writes for a
+    legitimate reason. Its guest RAM (a snapshot's memory file, written through the fd
+    the daemon hands it; its own RAM memfd), a snapshot's state file (at most
+    :data:`~avmm.state.format.MAX_STATE_FILE_BYTES`), its disk images (``disk_bytes``,
+    their sizes: the guest's writes stay inside them). Anything else it writes, the
+    serial/console output file above all, stops growing there: a write past it fails
+    with EFBIG (SIGXFSZ is ignored), and the host's disk does not fill up."""
+    from ..state.format import MAX_STATE_FILE_BYTES
+
+    return max(config.machine.memory_mib << 20, MAX_STATE_FILE_BYTES, *disk_bytes)
 
 
 def _minimal_binds(binds: Iterable[Bind]) -> tuple[Bind, ...]:
@@ -439,6 +469,7 @@ SYS_PIVOT_ROOT: Final = 155  # x86-64
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_DUMPABLE: Final = 4
 PR_SET_NO_NEW_PRIVS: Final = 38
+PR_SET_CHILD_SUBREAPER: Final = 36
 
 
 def _fail(step: str, path: str | None, number: int | None = None) -> JailError:
@@ -722,7 +753,13 @@ _FORWARDED_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signa
 
 
 def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) -> None:
-    """The reaper: wait for ``child`` and end the same way. Never returns."""
+    """The reaper: wait for ``child`` and end the same way. Never returns.
+
+    It never reaps ``child`` (waitid with WNOWAIT): the jailed process stays a zombie,
+    its PID taken, until the reaper has exited and whoever inherits it reaps it. The
+    daemon's spawner is a child subreaper and does so only when the daemon lets it
+    (see avmm.isolation.spawner): until then, a PID the daemon read of this process
+    (to put it in its VM's cgroup) cannot name another process."""
     code = 1
     try:
         for fd in [*keep, *([netns_fd] if netns_fd is not None else [])]:
@@ -740,9 +777,10 @@ def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) ->
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the reaper's parent-death signal")
         if os.getppid() != parent:
             os.kill(child, signal.SIGKILL)
-        _, status = os.waitpid(child, 0)
-        if os.WIFSIGNALED(status):
-            number = os.WTERMSIG(status)
+        ended = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
+        assert ended is not None  # no WNOHANG
+        if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            number = ended.si_status
             # Die of the same signal, without a core file of the reaper.
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -752,7 +790,7 @@ def _reap(child: int, keep: Sequence[int], netns_fd: int | None, parent: int) ->
             os.kill(os.getpid(), number)
             code = 128 + number  # a signal whose default is not to terminate
         else:
-            code = os.waitstatus_to_exitcode(status)
+            code = ended.si_status
     finally:
         os._exit(code)
 
@@ -935,10 +973,17 @@ def _pivot(root: str) -> None:
            "making the jail's root read-only", shown="/")
 
 
+def become_child_subreaper() -> None:
+    """Orphans below this process are reparented to it, not to init (the worker
+    spawner holds its workers' jailed processes so: see avmm.isolation.spawner)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, "becoming a child subreaper")
+
+
 def drop_privileges(spec: JailSpec) -> None:
     """Give up root for good (worker side, in the jail, after the VM is built and
     before any vCPU thread runs; other threads may exist). In order: RLIMIT_NOFILE =
-    ``spec.max_files``, RLIMIT_CORE = 0, no supplementary groups, gid then uid (real,
+    ``spec.max_files``, RLIMIT_CORE = 0, RLIMIT_FSIZE = ``spec.max_file_bytes`` (with
+    SIGXFSZ ignored; call it on the main thread), no supplementary groups, gid then uid (real,
     effective and saved: glibc applies them to every thread), checked; then
     PR_SET_NO_NEW_PRIVS on the calling thread (a seccomp filter loaded with TSYNC
     spreads it to the others) and PR_SET_DUMPABLE 0 (no core, no ptrace by the uid's
@@ -958,6 +1003,12 @@ def drop_privileges(spec: JailSpec) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (spec.max_files, spec.max_files))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if spec.max_file_bytes is not None:
+            # A write past the limit fails with EFBIG instead of killing the process
+            # (SIGXFSZ's default): the VM says which output stopped, and goes on.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE,
+                               (spec.max_file_bytes, spec.max_file_bytes))
     except (OSError, ValueError) as e:
         raise JailError(f"jail: setting the resource limits failed: {e}") from e
     try:
@@ -976,7 +1027,8 @@ def drop_privileges(spec: JailSpec) -> None:
     # sure the reaper did not die in between.
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
     _check_reaper_alive(keep_open=False)
-    log.debug("privileges dropped", uid=spec.uid, gid=spec.gid, max_files=spec.max_files)
+    log.debug("privileges dropped", uid=spec.uid, gid=spec.gid, max_files=spec.max_files,
+              max_file_bytes=spec.max_file_bytes)
 
 
 # --------------------------------------------------------------------------- uids
@@ -1001,18 +1053,25 @@ def parse_uid_range(text: str) -> tuple[int, int]:
 #: and end by 600100000 + 65536; systemd-nspawn's container ranges end at 1879048191;
 #: systemd's "foreign" range starts at 2147352576, and from 2^31 on, code that keeps a uid
 #: in a signed int goes wrong. 2000000000 lies in the gap, and reads as ours in ``ps``.
+#: It is not everyone's gap: SSSD's AD id-mapping slices can reach it, and an admin may
+#: delegate subordinate ids there; so each id is checked as it is handed out (NSS:
+#: :func:`nss_names_id`) and the subordinate ranges are skipped
+#: (:func:`subordinate_ranges`).
 DEFAULT_UID_RANGE: Final = (2_000_000_000, 2_000_065_535)
 HOST_PASSWD: Final = "/etc/passwd"
 HOST_GROUP: Final = "/etc/group"
+HOST_SUBUID: Final = "/etc/subuid"
+HOST_SUBGID: Final = "/etc/subgid"
 
 
 def host_named_ids(passwd: str = HOST_PASSWD, group: str = HOST_GROUP) -> frozenset[int]:
     """The uids that ``passwd`` names and the gids that ``group`` names, in one set: a
     jail's uid is also its gid, so a number either file names belongs to someone else.
 
-    Reads the two files only (blocking: call it at start, off the event loop), not NSS:
-    enumerating a directory service (LDAP, sssd) can be slow and is not what a host's
-    own service users live in. A missing file names nothing; a malformed line is skipped.
+    Reads the two files only (blocking: call it at start, off the event loop); users and
+    groups known through NSS only (LDAP, sssd), which cannot be enumerated cheaply, are
+    looked up one id at a time as the ids are handed out (:func:`nss_names_id`). A
+    missing file names nothing; a malformed line is skipped.
     """
     named: set[int] = set()
     for path in (passwd, group):
@@ -1031,35 +1090,121 @@ def host_named_ids(passwd: str = HOST_PASSWD, group: str = HOST_GROUP) -> frozen
     return frozenset(named)
 
 
+def subordinate_ranges(subuid: str | None = None, subgid: str | None = None,
+                       ) -> tuple[tuple[int, int], ...]:
+    """The subordinate id ranges that ``subuid`` and ``subgid`` (default
+    :data:`HOST_SUBUID`, :data:`HOST_SUBGID`) delegate (``name:FIRST:COUNT`` lines), as
+    inclusive ``(first, last)`` pairs, sorted: a user's containers map their ids there, so
+    a jail's uid (also its gid) must lie in neither. Blocking (call it at start); a
+    missing file delegates nothing; a malformed line is skipped."""
+    ranges: set[tuple[int, int]] = set()
+    for path in (subuid or HOST_SUBUID, subgid or HOST_SUBGID):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    fields = line.strip().split(":")
+                    if len(fields) != 3 or not all(
+                            re.fullmatch(r"[0-9]{1,10}", field) for field in fields[1:]):
+                        continue
+                    first, count = int(fields[1]), int(fields[2])
+                    if count > 0:
+                        ranges.add((first, first + count - 1))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise JailError(f"reading {path} (to skip the ids it delegates) failed: "
+                            f"{os.strerror(e.errno or 0)}") from e
+    return tuple(sorted(ranges))
+
+
+def nss_names_id(number: int) -> bool:
+    """Whether NSS (files, sssd, LDAP, systemd's userdb, ...) knows ``number`` as a user
+    or a group: ``pwd.getpwuid`` / ``grp.getgrgid``. Blocking (a directory service may
+    take its time): call it from a thread, never on the event loop. A lookup that fails
+    for another reason than "not found" counts as known (the id is skipped)."""
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(number)
+        except KeyError:
+            continue
+        except (OSError, OverflowError):
+            return True
+        return True
+    return False
+
+
 class UidAllocator:
     """Hands out one uid per VM from an inclusive range (the gid is the same number)
     and takes it back. Round-robin: a uid just given back is the last to be reused.
-    The numbers in ``skip`` (see :func:`host_named_ids`) are never handed out."""
+    Never handed out: the numbers in ``skip`` (see :func:`host_named_ids`), those inside
+    one of the ``subordinate`` ranges (see :func:`subordinate_ranges`), and those that
+    ``lookup`` says someone else has (:func:`nss_names_id` for the daemon), asked each
+    time an id is about to be handed out.
 
-    def __init__(self, uid_range: tuple[int, int], skip: Iterable[int] = ()) -> None:
+    With a ``lookup``, :meth:`allocate` blocks: call it from a thread (the daemon's
+    :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids` does)."""
+
+    def __init__(self, uid_range: tuple[int, int], skip: Iterable[int] = (), *,
+                 subordinate: Iterable[tuple[int, int]] = (),
+                 lookup: Callable[[int], bool] | None = None) -> None:
         first, last = uid_range
         if not 1 <= first <= last <= _ID_MAX:
             raise JailError(f"uid range {first}-{last}: need 1 <= FIRST <= LAST <= {_ID_MAX}")
         self._first, self._last = first, last
         self._skip = frozenset(uid for uid in skip if first <= uid <= last)
+        self._subordinate = tuple(sorted((max(low, first), min(high, last))
+                                         for low, high in subordinate
+                                         if low <= last and high >= first))
+        self._lookup = lookup
         self._next = first
         self._taken: set[int] = set()
         self._lock = threading.Lock()
 
-    def allocate(self) -> int:
+    def _subordinate_end(self, uid: int) -> int | None:
+        """The last id of the subordinate range ``uid`` lies in, or None."""
+        for low, high in self._subordinate:
+            if low <= uid <= high:
+                return high
+        return None
+
+    @property
+    def looks_up(self) -> bool:
+        """Whether each id is looked up (NSS) before it is handed out."""
+        return self._lookup is not None
+
+    def allocate(self, lookup: Callable[[int], bool] | None = None) -> int:
+        """The next free uid. ``lookup``, if given, is asked instead of the one this
+        allocator was made with (the daemon asks NSS through its spawner: see
+        :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids`)."""
+        lookup = lookup if lookup is not None else self._lookup
         with self._lock:
-            size = self._last - self._first + 1 - len(self._skip)
-            if len(self._taken) >= size:
-                skipped = f" ({len(self._skip)} of them named by the host's users and " \
-                    "groups)" if self._skip else ""
-                raise JailError(f"every uid of {self._first}-{self._last} is in use"
-                                f"{skipped}; widen --jail-uid-range")
-            while self._next in self._taken or self._next in self._skip:
-                self._next = self._first if self._next == self._last else self._next + 1
-            uid = self._next
-            self._taken.add(uid)
-            self._next = self._first if uid == self._last else uid + 1
-            return uid
+            size = self._last - self._first + 1
+            candidate, tried, known = self._next, 0, 0
+            while tried < size:
+                end = self._subordinate_end(candidate)
+                if end is not None:  # the whole delegated range at once
+                    tried += end - candidate + 1
+                    candidate = self._first if end == self._last else end + 1
+                    continue
+                tried += 1
+                if candidate not in self._taken and candidate not in self._skip:
+                    if lookup is None or not lookup(candidate):
+                        self._taken.add(candidate)
+                        self._next = self._first if candidate == self._last \
+                            else candidate + 1
+                        return candidate
+                    known += 1
+                    log.warning("a jail uid is known to NSS; skipped", uid=candidate)
+                candidate = self._first if candidate == self._last else candidate + 1
+            skipped = f" ({len(self._skip)} of them named by the host's users and " \
+                "groups)" if self._skip else ""
+            others = [f"{count} {what}" for count, what in (
+                (known, "known to NSS (pwd/grp)"),
+                (sum(high - low + 1 for low, high in self._subordinate),
+                 "delegated in /etc/subuid or /etc/subgid")) if count]
+            raise JailError(f"every uid of {self._first}-{self._last} is in use"
+                            f"{skipped}{' or ' + ', '.join(others) if others else ''}; "
+                            "widen --jail-uid-range")
 
     def release(self, uid: int) -> None:
         with self._lock:

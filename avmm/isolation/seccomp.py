@@ -75,8 +75,10 @@ def thread_filter_mode() -> SeccompMode:
     return _thread_mode
 
 
-def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> Any:
-    """A ``pyseccomp.SyscallFilter`` allowing what any of ``kinds`` needs (not loaded)."""
+def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode, *,
+                 refused_ioctls: Iterable[str] = ()) -> Any:
+    """A ``pyseccomp.SyscallFilter`` allowing what any of ``kinds`` needs (not loaded),
+    less the ioctl requests named in ``refused_ioctls``."""
     if mode is SeccompMode.OFF:
         raise ValueError("no filter in mode off")
     try:
@@ -96,7 +98,7 @@ def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> Any:
         # table gets the same action as an unlisted one.
         syscall_filter.set_attr(pyseccomp.Attr.ACT_BADARCH, action)
         names = set().union(*(ALLOWED[kind] for kind in kinds))
-        conditional = _conditional_rules(kinds, names)
+        conditional = _conditional_rules(kinds, names, frozenset(refused_ioctls))
         if "clone" in names:
             # New threads only: clone with CLONE_THREAD. A new process (fork, vfork,
             # posix_spawn) gets the filter's action, and clone3, whose flags are in
@@ -153,10 +155,12 @@ def _syscall_number(pyseccomp: Any, name: str) -> int:
     return number
 
 
-def _conditional_rules(kinds: frozenset[ThreadKind], names: set[str]
+def _conditional_rules(kinds: frozenset[ThreadKind], names: set[str],
+                       refused_ioctls: frozenset[str] = frozenset(),
                        ) -> dict[str, tuple[int, set[int]]]:
     """The argument-checked rules of ``kinds`` (merged), less those that one of the kinds
-    allows whatever the argument (in ``names``) and those with no value left."""
+    allows whatever the argument (in ``names``) and those with no value left; no ioctl
+    request named in ``refused_ioctls``."""
     from ..kvm._kvm_ffi import lib
 
     rules: dict[str, tuple[int, set[int]]] = {}
@@ -164,7 +168,7 @@ def _conditional_rules(kinds: frozenset[ThreadKind], names: set[str]
         per_kind = dict(CONDITIONAL[kind])
         per_kind["ioctl"] = (1, frozenset(
             OTHER_IOCTLS[name] if name in OTHER_IOCTLS else int(getattr(lib, name))
-            for name in IOCTLS[kind]))
+            for name in IOCTLS[kind] - refused_ioctls))
         for name, (index, values) in per_kind.items():
             known_index, known = rules.setdefault(name, (index, set()))
             if known_index != index:
@@ -173,10 +177,12 @@ def _conditional_rules(kinds: frozenset[ThreadKind], names: set[str]
     return {name: rule for name, rule in rules.items() if name not in names and rule[1]}
 
 
-def install_process_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> None:
-    """Load the union of ``kinds``' lists on every thread of this process (TSYNC) and
-    load per-thread filters in ``mode`` from now on. Call it before any thread loaded a
-    filter of its own (TSYNC fails otherwise) and after the imports that run programs."""
+def install_process_filter(kinds: Iterable[ThreadKind], mode: SeccompMode, *,
+                           refused_ioctls: Iterable[str] = ()) -> None:
+    """Load the union of ``kinds``' lists (less the ioctl requests in ``refused_ioctls``)
+    on every thread of this process (TSYNC) and load per-thread filters in ``mode`` from
+    now on. Call it before any thread loaded a filter of its own (TSYNC fails otherwise)
+    and after the imports that run programs."""
     global _thread_mode
     kinds = frozenset(kinds)
     if mode is SeccompMode.OFF:
@@ -187,7 +193,7 @@ def install_process_filter(kinds: Iterable[ThreadKind], mode: SeccompMode) -> No
                     mode=mode.value)
     import pyseccomp
 
-    syscall_filter = build_filter(kinds, mode)
+    syscall_filter = build_filter(kinds, mode, refused_ioctls=refused_ioctls)
     with _mode_lock:
         try:
             syscall_filter.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)

@@ -7,11 +7,16 @@ fork and kill anyway). Before it does, it starts this small process
 (``python -m avmm.isolation.spawner --fd N``), and from then on asks it, over a
 SOCK_SEQPACKET socketpair, to start a worker (the worker's end of its private channel
 travels with the request, SCM_RIGHTS) or to kill one. The spawner reports each
-worker's end (its exit status) when it happens.
+worker's end (its exit status) when it happens, and reaps what is left of the worker
+only once the daemon releases it (its PIDs stay taken until then: see ``_Workers``).
 
 It runs no guest code and parses only the daemon's requests (one JSON object each, a
-fixed shape); when the daemon goes away it exits (the workers notice on their own
-channels and stop their VMs).
+fixed shape); when the daemon goes away it kills its workers and exits.
+
+It also keeps a copy of each tap fd a worker is handed, with the tap's state before the
+worker had it, and puts the tap back as it was once the worker has ended, however it
+ended (:mod:`avmm.isolation.taps`): a worker could make a tap persistent or change its
+owner.
 """
 
 from __future__ import annotations
@@ -22,20 +27,28 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import select
 import signal
 import socket
 import subprocess
 import sys
 import traceback
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from ..errors import AvmmError
 from .channel import close_fds
+from .jail import become_child_subreaper, nss_names_id
+from .taps import HeldTap
 
-_MAX_REQUEST = 4096
+_MAX_REQUEST = 16384
+#: The most taps a spawn request may carry (one per NIC; ``net[0]`` to ``net[99]``).
+MAX_TAPS = 100
+_NETNS_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The program a worker runs (its ``run_worker(channel_fd)``). Tests give another one
 #: (tests/isolation/trip_worker.py); the daemon never does.
 WORKER_MODULE = "avmm.isolation.worker"
@@ -48,7 +61,8 @@ class SpawnerError(AvmmError):
 # -- the spawner process -------------------------------------------------------------------
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    data, ancillary, flags, _ = sock.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4))
+    data, ancillary, flags, _ = sock.recvmsg(_MAX_REQUEST,
+                                             socket.CMSG_SPACE(4 * (1 + MAX_TAPS)))
     fds: list[int] = []
     for level, kind, raw in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -81,9 +95,11 @@ def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]
             pid = subprocess.Popen(
                 [sys.executable, "-m", module, "--channel-fd", str(channel_fd)],
                 pass_fds=(channel_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=log_write, cwd="/", env={"PATH": os.defpath}).pid
+                stderr=log_write, cwd="/", env={"PATH": os.defpath}, process_group=0).pid
         else:
             pid = _fork_worker(channel_fd, module, [*closing, log_read], log_write)
+            with contextlib.suppress(OSError):  # the child does it too: whoever is first
+                os.setpgid(pid, pid)
     except BaseException:
         os.close(log_read)
         raise
@@ -99,6 +115,9 @@ def _fork_worker(channel_fd: int, module: str, closing: list[int], log_write: in
         return pid
     code = 70
     try:
+        # A process group of its own, which the jailed process under it inherits: how
+        # this process finds that one once it is an orphan here (see _Workers).
+        os.setpgid(0, 0)
         for fd in closing:
             os.close(fd)
         null = os.open(os.devnull, os.O_RDWR)
@@ -130,53 +149,205 @@ def serve(sock: socket.socket, *, module: str = WORKER_MODULE, fork: bool = True
         # Loaded once here, so that a forked worker starts with them (imports are most
         # of a fresh worker's start-up).
         importlib.import_module(module)
+    # The jailed process under each worker's reaper is orphaned here when the reaper
+    # ends (see _Workers).
+    become_child_subreaper()
     _send(sock, {"event": "ready"})
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    workers: dict[int, int] = {}  # pidfd → pid
+    workers = _Workers()
+    try:
+        _serve(sock, workers, module, fork)
+    finally:
+        workers.close()
+
+
+class _Workers:
+    """The workers this process started, their taps, and what is left of them.
+
+    Why a worker's processes are not reaped at once: the daemon reads the PID of the
+    jailed process (the reaper's child) and writes it into its VM's cgroup. A PID is
+    free for another process only once its process has been reaped, so the daemon's
+    numbers stay those of its worker exactly as long as nothing reaps them: the reaper
+    never reaps the jailed process (waitid WNOWAIT, see avmm.isolation.jail._reap), and
+    when the reaper ends, its child (dead or dying of its parent-death signal) is
+    orphaned to this process, a child subreaper, which holds both as zombies after
+    telling the daemon how the worker ended, until the daemon says it is done with
+    their PIDs (``release``). The jailed process is found by its process group, the
+    reaper's (its filter lets it call neither setpgid nor setsid)."""
+
+    def __init__(self) -> None:
+        self.poller = select.poll()
+        #: pidfd → pid, of the reapers that have not ended.
+        self.running: dict[int, int] = {}
+        #: Reaper pid → its taps, held (see avmm.isolation.taps).
+        self.taps: dict[int, list[HeldTap]] = {}
+        #: Reapers that have ended and are not reaped yet, and those the daemon let go
+        #: of before they ended (reaped as soon as they end).
+        self.ended: set[int] = set()
+        self.released: set[int] = set()
+
+    def started(self, pid: int, taps: list[HeldTap]) -> None:
+        pidfd = os.pidfd_open(pid)
+        self.running[pidfd] = pid
+        self.taps[pid] = taps
+        self.poller.register(pidfd, select.POLLIN)
+
+    def fds(self) -> list[int]:
+        """What a new worker must not inherit."""
+        return [*self.running, *(tap.fd for held in self.taps.values() for tap in held)]
+
+    def end(self, pidfd: int) -> tuple[int, int]:
+        """The reaper of ``pidfd`` has ended: wait for the jailed process's end too (it
+        is dead, or dying of its parent-death signal), put its taps back; its PID and
+        exit status (as subprocess gives it). Both stay unreaped (see the class)."""
+        pid = self.running.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        assert ended is not None
+        status = -ended.si_status if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
+            else ended.si_status
+        for orphan in _group_children(pid):
+            with contextlib.suppress(OSError):
+                orphan_fd = os.pidfd_open(orphan)
+                try:
+                    select.select([orphan_fd], [], [], _ORPHAN_EXIT_S)
+                finally:
+                    os.close(orphan_fd)
+        for tap in self.taps.pop(pid, []):
+            tap.restore()
+        self.ended.add(pid)
+        if pid in self.released:
+            self.release(pid)
+        return pid, status
+
+    def release(self, pid: int) -> None:
+        """The daemon uses the PIDs of worker ``pid`` no more: reap what is left of it
+        (now, or once it has ended)."""
+        if pid not in self.ended:
+            if pid in self.running.values():
+                self.released.add(pid)
+            return
+        self.ended.discard(pid)
+        self.released.discard(pid)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        # The jailed process, orphaned here in the reaper's process group.
+        with contextlib.suppress(ChildProcessError):
+            while os.waitid(os.P_PGID, pid, os.WEXITED | os.WNOHANG) is not None:
+                pass
+
+    def kill(self, target: int) -> None:
+        # Only a worker this process started and has not reaped, through its pidfd (a
+        # PID number could be reused meanwhile): the jailed process under it dies with
+        # it (its parent-death signal).
+        for pidfd, pid in self.running.items():
+            if pid == target:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """The daemon is gone (or the loop failed): no worker outlives it, and no tap
+        stays as a worker left it."""
+        for pidfd, pid in list(self.running.items()):
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            self.released.add(pid)
+            self.end(pidfd)
+        for pid in list(self.ended):
+            self.release(pid)
+
+
+#: How long a reaper's end waits for the jailed process (SIGKILLed by then) to end.
+_ORPHAN_EXIT_S = 5.0
+
+
+def _group_children(group: int) -> list[int]:
+    """This process's children in process group ``group``, but its leader: the jailed
+    process orphaned here by its reaper (alive or not; unreaped children keep their
+    PIDs, so the numbers read are theirs)."""
+    found = []
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+        for child in map(int, children):
+            if child == group:
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == group:  # state, ppid, pgrp
+                    found.append(child)
+    return found
+
+
+def _serve(sock: socket.socket, workers: _Workers, module: str, fork: bool) -> None:
+    workers.poller.register(sock.fileno(), select.POLLIN)
     while True:
-        for fd, _events in poller.poll():
+        for fd, _events in workers.poller.poll():
             if fd != sock.fileno():
-                pid = workers.pop(fd)
-                poller.unregister(fd)
-                os.close(fd)
-                _, status = os.waitpid(pid, 0)
-                _send(sock, {"event": "exited", "pid": pid,
-                             "status": os.waitstatus_to_exitcode(status)})
+                pid, status = workers.end(fd)
+                _send(sock, {"event": "exited", "pid": pid, "status": status})
                 continue
             message, fds = _receive(sock)
             if message is None:
                 return
             op = message.get("op")
             request_id = message.get("id")
-            if op == "spawn" and len(fds) == 1:
+            namespaces = _tap_namespaces(message, len(fds) - 1) if op == "spawn" else None
+            if op == "spawn" and fds and namespaces is not None:
+                held: list[HeldTap] = []
+                owned: set[int] = set()  # the tap fds the HeldTaps close
                 try:
-                    pid, log_fd = _start_worker(fds[0], module, fork,
-                                                [sock.fileno(), *workers])
+                    # Read before the worker has them (the daemon hands them over
+                    # only once it has the answer).
+                    for tap_fd, netns in zip(fds[1:], namespaces, strict=True):
+                        held.append(HeldTap.take(tap_fd, netns))
+                        owned.add(tap_fd)
+                    pid, log_fd = _start_worker(
+                        fds[0], module, fork,
+                        [sock.fileno(), *workers.fds(), *(tap.fd for tap in held)])
                 except OSError as e:
+                    for tap in held:
+                        tap.restore()
                     _send(sock, {"id": request_id, "error": str(e)})
                 else:
-                    pidfd = os.pidfd_open(pid)
-                    workers[pidfd] = pid
-                    poller.register(pidfd, select.POLLIN)
+                    workers.started(pid, held)
                     try:
                         _send(sock, {"id": request_id, "pid": pid}, (log_fd,))
                     finally:
                         os.close(log_fd)
-            elif op == "kill" and isinstance(message.get("pid"), int):
-                # Only a worker this process started and has not reaped, through its
-                # pidfd (a PID number could be reused meanwhile): the jailed process
-                # under it dies with it (its parent-death signal).
-                target = message["pid"]
-                for pidfd, pid in workers.items():
-                    if pid == target:
-                        with contextlib.suppress(ProcessLookupError):
-                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                _send(sock, {"id": request_id, "pid": target})
+                # The channel goes (the worker has its own); the taps are held (or were
+                # restored, which closed them).
+                for fd in fds:
+                    if fd not in owned:
+                        os.close(fd)
+                continue
+            if op == "names_id" and isinstance(message.get("number"), int) \
+                    and not isinstance(message.get("number"), bool):
+                # NSS here, not in the daemon: its modules (sssd, LDAP, systemd's
+                # userdb) make calls the daemon's seccomp filter does not list.
+                _send(sock, {"id": request_id, "known": nss_names_id(message["number"])})
+            elif op in ("kill", "release") and isinstance(message.get("pid"), int):
+                if op == "kill":
+                    workers.kill(message["pid"])
+                else:
+                    workers.release(message["pid"])
+                _send(sock, {"id": request_id, "pid": message["pid"]})
             else:
                 _send(sock, {"id": request_id, "error": "bad request"})
             for fd in fds:
                 os.close(fd)
+
+
+def _tap_namespaces(message: dict[str, Any], count: int) -> list[str | None] | None:
+    """A spawn request's ``taps``: the network namespace of each tap fd after the
+    channel's (None: the spawner's own), or None if it is malformed."""
+    namespaces = message.get("taps", [])
+    if not isinstance(namespaces, list) or len(namespaces) != count or count > MAX_TAPS \
+            or not all(netns is None or (isinstance(netns, str)
+                                         and _NETNS_NAME.fullmatch(netns) is not None
+                                         and netns not in (".", ".."))
+                       for netns in namespaces):
+        return None
+    return namespaces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,15 +472,34 @@ class Spawner:
             raise SpawnerError(f"cannot start a worker: {slot[0]['error']}")
         return slot[0]
 
-    async def spawn(self, channel_fd: int) -> tuple[int, int]:
+    async def spawn(self, channel_fd: int, taps: Sequence[tuple[int, str | None]] = (),
+                    ) -> tuple[int, int]:
         """Start a worker on its end of the channel; its PID (the jail's reaper) and the
-        read end of its stderr (the caller's to close)."""
-        answer = await self._ask({"op": "spawn"}, (channel_fd,))
+        read end of its stderr (the caller's to close). ``taps``: the fds of the taps
+        the worker will be handed, with their network namespaces: the spawner keeps a
+        copy of each and puts the tap back as it is now once the worker has ended
+        (see :mod:`avmm.isolation.taps`)."""
+        answer = await self._ask({"op": "spawn", "taps": [netns for _, netns in taps]},
+                                 (channel_fd, *(fd for fd, _ in taps)))
         fds = answer["fds"]
         if len(fds) != 1:
             close_fds(fds)
             raise SpawnerError("the worker spawner answered without the worker's log")
         return int(answer["pid"]), fds[0]
+
+    async def names_id(self, number: int) -> bool:
+        """Whether NSS knows ``number`` as a user or a group (asked in the spawner:
+        see :func:`avmm.isolation.jail.nss_names_id`)."""
+        answer = await self._ask({"op": "names_id", "number": number})
+        close_fds(answer["fds"])
+        return answer.get("known") is not False
+
+    async def release(self, pid: int) -> None:
+        """The caller uses no PID of worker ``pid``'s any more (its reaper's, its jailed
+        process's): they may be reaped, and then taken by other processes (see
+        ``_Workers``). Until then both stay taken, even once the worker has ended."""
+        with contextlib.suppress(SpawnerError):
+            await self._ask({"op": "release", "pid": pid})
 
     async def kill(self, pid: int) -> None:
         """SIGKILL a worker (or the jailed process under its reaper)."""

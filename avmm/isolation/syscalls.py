@@ -210,6 +210,13 @@ OTHER_IOCTLS: dict[str, int] = {
     "TUNSETVNETHDRSZ": TUNSETVNETHDRSZ,
 }
 
+#: What a VM's worker in ``avmm serve --isolation process`` refuses besides: the daemon
+#: opens its taps and hands the fds over attached, so it never needs TUNSETIFF. (The
+#: calls that would change an attached tap's life or ownership, TUNSETPERSIST,
+#: TUNSETOWNER and TUNSETGROUP, are in no list at all: the kernel checks no capability
+#: for them on an attached fd; see avmm.isolation.taps.)
+WORKER_REFUSED_IOCTLS = frozenset({"TUNSETIFF"})
+
 #: ioctl requests per kind, by name (``KVM_*`` numbers come from <linux/kvm.h> via cffi,
 #: the others from OTHER_IOCTLS).
 IOCTLS: dict[ThreadKind, frozenset[str]] = {

@@ -76,6 +76,7 @@ from .channel import (
 )
 from .jail import JailSpec, drop_privileges, enter_jail, narrow_capabilities
 from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
+from .syscalls import WORKER_REFUSED_IOCTLS
 
 log = structlog.get_logger(__name__)
 
@@ -244,7 +245,8 @@ class _Worker:
         self.policy.close()  # an output the VM did not take
         if self.request.jail is not None:
             drop_privileges(self.request.jail)
-        install_process_filter(DENSE_PROCESS_KINDS, self.request.seccomp)
+        install_process_filter(DENSE_PROCESS_KINDS, self.request.seccomp,
+                               refused_ioctls=WORKER_REFUSED_IOCTLS)
 
     async def run(self) -> None:
         request = self.request

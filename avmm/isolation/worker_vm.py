@@ -73,6 +73,7 @@ from .jail import (
     JailError,
     JailSpec,
     UidAllocator,
+    file_size_limit,
     plan_jail,
     prepare_jail_dir,
     remove_jail,
@@ -131,15 +132,28 @@ class ProcessIsolation:
     module_path: str | None = None
     #: Started by the Host that uses these settings (see avmm.isolation.spawner).
     spawner: Spawner | None = None
+    #: Each worker's RLIMIT_FSIZE, bytes; None: from its VM (see
+    #: avmm.isolation.jail.file_size_limit). Tests force a small one.
+    max_file_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.uids is None and (self.uid is None or self.gid is None):
             raise JailError("process isolation needs --jail-uid and --jail-gid, or "
                             "--jail-uid-range")
 
-    def take_ids(self) -> tuple[int, int]:
+    async def take_ids(self) -> tuple[int, int]:
         if self.uids is not None:
-            uid = self.uids.allocate()
+            # In a thread: each id is looked up through NSS as it is handed out (a
+            # directory service may take its time; see UidAllocator). By the spawner,
+            # when there is one: the daemon's seccomp filter is made for avmm's own
+            # calls, not for whatever NSS module the host configures (sssd, LDAP,
+            # systemd's userdb: readlinkat, prctl, ... would kill the daemon).
+            spawner = self.spawner
+            lookup = None
+            if self.uids.looks_up and spawner is not None:
+                def lookup(number: int) -> bool:
+                    return trio.from_thread.run(spawner.names_id, number)
+            uid = await trio.to_thread.run_sync(self.uids.allocate, lookup)
             return uid, uid
         assert self.uid is not None and self.gid is not None
         return self.uid, self.gid
@@ -246,6 +260,11 @@ class WorkerVm:
         self._pid: int | None = None
         #: The read end of the worker's stderr (see _relay_log).
         self._log_fd: int | None = None
+        #: Held while a PID of the worker's is written anywhere (its cgroup): the
+        #: spawner keeps the worker's processes unreaped, their PIDs theirs, until
+        #: _reap lets them go under it (``_pids_held`` false from then on).
+        self._pid_lock = trio.Lock()
+        self._pids_held = True
         #: The worker's uid and gid while it runs.
         self._ids: tuple[int, int] | None = None
         #: The worker's thread ids: its PID namespace's → the host's (see refresh).
@@ -440,7 +459,7 @@ class WorkerVm:
             # A worker that ends meanwhile (or does not answer): what is known stands.
             with trio.move_on_after(REFRESH_TIMEOUT_S), contextlib.suppress(AvmmError):
                 await self._call("describe")
-            if self._pid is not None:
+            if self._pid is not None and self._pids_held:
                 self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
         await trio.lowlevel.checkpoint()
 
@@ -493,17 +512,18 @@ class WorkerVm:
     async def set_cpu_limits(self, *, weight: int | None = None,
                              max_percent: float | None = None,
                              clear_max_percent: bool = False) -> CpuLimits:
-        if not self._live() or self._pid is None:
-            raise VmStateError(f"VM {self.id!r} is {self.state.value}")
-        pid = self._pid
-
-        def change() -> CpuLimits:
+        def change(pid: int) -> CpuLimits:
             limits = self._cpu.update(weight=weight, max_percent=max_percent,
                                       clear_max=clear_max_percent)
             self._cpu.place_process(pid)  # a cgroup made just now
             return limits
 
-        return await trio.to_thread.run_sync(change)
+        async with self._pid_lock:
+            # Under the lock, with the PID still held by the spawner: it names the
+            # worker, alive or a zombie, never a process that took its number since.
+            if not self._live() or self._pid is None or not self._pids_held:
+                raise VmStateError(f"VM {self.id!r} is {self.state.value}")
+            return await trio.to_thread.run_sync(change, self._pid)
 
     async def snapshot(self, path: str | os.PathLike[str], *,
                        paths: PathPolicy | None = None) -> SnapshotInfo:
@@ -767,13 +787,17 @@ class WorkerVm:
         """Start the worker, wait until its VM runs (``started``), then follow it until
         it has exited; the jail and the uid are released at the end, however it ends."""
         isolation = self._isolation
-        uid, gid = isolation.take_ids()
+        uid, gid = await isolation.take_ids()
         self._ids = (uid, gid)
         spec: JailSpec | None = None
         started = False
         try:
+            max_file_bytes = isolation.max_file_bytes
+            if max_file_bytes is None:
+                max_file_bytes = file_size_limit(
+                    self._config, await trio.to_thread.run_sync(_disk_sizes, self._config))
             spec = plan_jail(self._config, self.id, jail_root=isolation.jail_root,
-                             uid=uid, gid=gid)
+                             uid=uid, gid=gid, max_file_bytes=max_file_bytes)
             self._outputs = await trio.to_thread.run_sync(
                 _open_outputs, self.name, self._config, self._paths)
             await trio.to_thread.run_sync(prepare_jail_dir, spec)
@@ -854,8 +878,14 @@ class WorkerVm:
             raise VmStateError("process isolation is not running (its Host is not "
                                "entered)")
         ours, theirs = socketpair()
+        # The spawner keeps a copy of each tap and puts it back as it is now once the
+        # worker has ended (a worker could make it persistent, or its own).
+        taps = [(fd, self._config.nets[int(match.group(1))].netns)
+                for key, fd in self._outputs.items()
+                if (match := re.fullmatch(r"net\[([0-9]+)\]\.tap", key)) is not None
+                and isinstance(fd, int)]
         try:
-            self._reaper, self._log_fd = await spawner.spawn(theirs.fileno())
+            self._reaper, self._log_fd = await spawner.spawn(theirs.fileno(), taps)
         except SpawnerError as e:
             ours.close()
             raise VmStartError(self.id, "starting the worker process", str(e)) from None
@@ -903,7 +933,8 @@ class WorkerVm:
             close_fds(list(groups.values()))
             # The worker has its own copies now (or never will); the console socket's
             # BoundSocket stays, to remove its file when the worker has ended. (A tap the
-            # daemon created goes when the worker's copy is closed.)
+            # daemon created goes when the worker has ended: the spawner's copy is the
+            # last, see avmm.isolation.taps.)
             for key, output in list(outputs.items()):
                 if isinstance(output, BoundSocket):
                     output.socket.close()
@@ -930,11 +961,23 @@ class WorkerVm:
             raise VmStartError(self.id, "starting the worker process",
                                "it broke the protocol")
         self._take_status(message.get("status"))
-        self._pid = await trio.to_thread.run_sync(_child_pid, self._reaper)
-        if self._pid is None:
-            raise VmStartError(self.id, "starting the worker process", "its PID is gone")
-        self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
-        await trio.to_thread.run_sync(self._place, self._pid)
+        # The PID-reuse race between reading the jailed process's PID and writing it
+        # into the VM's cgroup is closed by who reaps what: the spawner (the reaper's
+        # parent and a child subreaper) keeps the reaper and the jailed process unreaped
+        # until _reap releases them, under _pid_lock, and an unreaped process's PID is
+        # never given to another. So the reaper's /proc entry is the reaper's, the child
+        # found there is the jailed process, and the number written is its own, even if
+        # it died in between (then the write moves a zombie, or nothing).
+        async with self._pid_lock:
+            if not self._pids_held:
+                raise VmStartError(self.id, "starting the worker process",
+                                   "it ended before the VM ran")
+            self._pid = await trio.to_thread.run_sync(_child_pid, self._reaper)
+            if self._pid is None:
+                raise VmStartError(self.id, "starting the worker process",
+                                   "its PID is gone")
+            self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
+            await trio.to_thread.run_sync(self._place, self._pid)
         self._log.info("vm worker started", pid=self._pid)
 
     def _place(self, pid: int) -> None:
@@ -1023,12 +1066,20 @@ class WorkerVm:
             return None
         self._reaper = None
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(STOP_TIMEOUT_S):
-                return await spawner.wait(reaper)
-            self._reaper = reaper
-            await self._kill()
-            self._reaper = None
-            return await spawner.wait(reaper)
+            code = None
+            with trio.move_on_after(STOP_TIMEOUT_S) as waited:
+                code = await spawner.wait(reaper)
+            if waited.cancelled_caught:
+                self._reaper = reaper
+                await self._kill()
+                self._reaper = None
+                code = await spawner.wait(reaper)
+            # No PID of the worker's is written from here on: the spawner may reap its
+            # processes, and their numbers go to others (see _first_message).
+            async with self._pid_lock:
+                self._pids_held = False
+            await spawner.release(reaper)
+            return code
 
 
 def _begin_snapshot(directory: Path, parent_fd: int) -> PartialSnapshot:
@@ -1375,6 +1426,17 @@ def _close_outputs(outputs: dict[str, int | BoundSocket]) -> None:
         else:
             with contextlib.suppress(OSError):
                 os.close(output)
+
+
+def _disk_sizes(config: VmConfig) -> list[int]:
+    """The sizes of the VM's disk images (a thread: stat). One that cannot be looked at
+    counts nothing here: the VM's build names it."""
+    sizes = []
+    for disk in config.disks:
+        if disk.path is not None:
+            with contextlib.suppress(OSError):
+                sizes.append(os.stat(disk.path).st_size)
+    return sizes
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:

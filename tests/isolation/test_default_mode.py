@@ -23,7 +23,16 @@ from avmm.api.cli import (
     add_management_commands,
     default_isolation,
 )
-from avmm.isolation.jail import DEFAULT_UID_RANGE, JailError, UidAllocator, host_named_ids
+from avmm.isolation import jail
+from avmm.isolation.jail import (
+    DEFAULT_UID_RANGE,
+    JailError,
+    UidAllocator,
+    host_named_ids,
+    nss_names_id,
+    subordinate_ranges,
+)
+from avmm.isolation.worker_vm import ProcessIsolation
 from tests.api.test_daemon import running_daemon
 from tests.prerequisites import require
 from tests.vm.helpers import TEST_GUEST
@@ -127,6 +136,115 @@ def test_the_allocator_skips_named_ids() -> None:
         allocator.allocate()
     allocator.release(102)
     assert allocator.allocate() == 102
+
+
+def test_the_allocator_asks_nss_for_each_id_it_hands_out() -> None:
+    # SSSD/LDAP users are in no file: a lookup (the daemon's is nss_names_id) is asked
+    # for each id about to be handed out, and a known one is skipped.
+    known = {101, 103}
+    asked: list[int] = []
+
+    def lookup(uid: int) -> bool:
+        asked.append(uid)
+        return uid in known
+
+    allocator = UidAllocator((100, 104), lookup=lookup)
+    assert [allocator.allocate() for _ in range(3)] == [100, 102, 104]
+    assert asked == [100, 101, 102, 103, 104]
+    with pytest.raises(JailError, match="2 known to NSS"):
+        allocator.allocate()
+    known.clear()  # the directory forgot them: asked again, handed out
+    assert allocator.allocate() == 101
+
+
+def test_nss_names_id_uses_pwd_and_grp(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert nss_names_id(0)  # root, in every NSS
+    users, groups = {2_000_000_005}, {2_000_000_007}
+
+    def getpwuid(uid: int) -> object:
+        if uid not in users:
+            raise KeyError(uid)
+        return object()
+
+    def getgrgid(gid: int) -> object:
+        if gid not in groups:
+            raise KeyError(gid)
+        return object()
+
+    monkeypatch.setattr(jail.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(jail.grp, "getgrgid", getgrgid)
+    assert nss_names_id(2_000_000_005) and nss_names_id(2_000_000_007)
+    assert not nss_names_id(2_000_000_006)
+
+
+def test_subordinate_ranges_are_skipped(tmp_path: Path) -> None:
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("alice:2000000010:5\n# a comment\nbroken\nbob:x:3\n"
+                      "1000:2000000100:0\n")
+    subgid.write_text("alice:2000000013:4\ncarol:100000:65536\n")
+    ranges = subordinate_ranges(str(subuid), str(subgid))
+    assert ranges == ((100_000, 165_535), (2_000_000_010, 2_000_000_014),
+                      (2_000_000_013, 2_000_000_016))
+    assert subordinate_ranges(str(tmp_path / "no"), str(tmp_path / "ne")) == ()
+    allocator = UidAllocator((2_000_000_009, 2_000_000_018), subordinate=ranges)
+    assert [allocator.allocate() for _ in range(3)] == [2_000_000_009, 2_000_000_017,
+                                                        2_000_000_018]
+    with pytest.raises(JailError, match="delegated in /etc/subuid"):
+        allocator.allocate()
+
+
+async def test_the_spawner_asks_nss_for_the_daemon() -> None:
+    # The daemon's seccomp filter would kill it in an NSS module (libnss_systemd calls
+    # readlinkat and prctl): its lookups go to the spawner, which has no filter.
+    from avmm.isolation.spawner import Spawner
+
+    spawner = Spawner()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(spawner.run)
+        assert await spawner.names_id(0)
+        assert not await spawner.names_id(DEFAULT_UID_RANGE[1])
+        isolation = ProcessIsolation(uids=UidAllocator((1, 2), lookup=nss_names_id),
+                                     spawner=spawner)
+        with pytest.raises(JailError, match="2 known to NSS"):
+            await isolation.take_ids()  # daemon and bin: both named
+        nursery.cancel_scope.cancel()
+
+
+async def test_ids_are_taken_off_the_event_loop() -> None:
+    threads: list[bool] = []
+
+    def lookup(uid: int) -> bool:
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            threads.append(True)  # not on trio's thread
+        else:
+            threads.append(False)
+        return False
+
+    isolation = ProcessIsolation(uids=UidAllocator((64900, 64901), lookup=lookup))
+    assert await isolation.take_ids() == (64900, 64900)
+    assert threads == [True]
+
+
+def test_the_default_range_skips_nss_ids_and_subordinate_ranges(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _need_root()
+    first = DEFAULT_UID_RANGE[0]
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text(f"someone:{first}:3\n")
+    subgid.write_text(f"someone:{first + 4}:1\n")
+    monkeypatch.setattr(jail, "HOST_SUBUID", str(subuid))
+    monkeypatch.setattr(jail, "HOST_SUBGID", str(subgid))
+    monkeypatch.setattr(jail, "nss_names_id", lambda uid: uid == first + 3)
+    isolation = _process_isolation(_serve_args(), "process")
+    assert [isolation.uids.allocate() for _ in range(2)] == [first + 5, first + 6]
+    # An explicit range is the admin's choice (maybe delegated to avmm on purpose): only
+    # names are skipped there.
+    isolation = _process_isolation(_serve_args("--jail-uid-range", f"{first}-{first + 5}"),
+                                   "process")
+    assert [isolation.uids.allocate() for _ in range(3)] == [first, first + 1, first + 2]
+    assert isolation.uids.allocate() == first + 4
 
 
 def test_process_mode_without_jail_flags_takes_the_default_range() -> None:
