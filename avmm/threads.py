@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextvars
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import outcome
@@ -54,7 +54,8 @@ def share_the_interpreter_between_vms() -> float:
 
 async def run_in_own_thread(
     function: Callable[[], T], *, on_cancel: Callable[[], None], name: str,
-    seccomp_kind: ThreadKind | None = None, dedicated: bool = False,
+    seccomp_kind: ThreadKind | None = None, seccomp_fds: Collection[int] | None = None,
+    dedicated: bool = False,
 ) -> T:
     """Run ``function`` in a new thread and return its result (or raise its exception).
 
@@ -63,7 +64,9 @@ async def run_in_own_thread(
     returns; then Cancelled is raised.
 
     With ``seccomp_kind``, the thread loads that kind's filter before ``function`` runs
-    (when this process loaded a process filter; see :mod:`avmm.isolation.seccomp`).
+    (when this process loaded a process filter; see :mod:`avmm.isolation.seccomp`),
+    with ``seccomp_fds``: allowing its fd-taking data calls on those fds only (the fds
+    ``function`` owns; :data:`avmm.isolation.syscalls.FD_CALLS`).
     With ``dedicated`` (or a filter), the thread is a new one that ends with
     ``function``, never one of trio's cached threads (module docstring).
     """
@@ -85,7 +88,7 @@ async def run_in_own_thread(
     def body() -> T:
         if filtered:
             assert seccomp_kind is not None
-            install_thread_filter(seccomp_kind)
+            install_thread_filter(seccomp_kind, fds=seccomp_fds)
         return context.run(function)
 
     if filtered or dedicated:

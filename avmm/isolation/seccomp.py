@@ -29,13 +29,13 @@ import ctypes
 import enum
 import errno
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import structlog
 
 from ..errors import AvmmError
-from .syscalls import ALLOWED, CONDITIONAL, IOCTLS, OTHER_IOCTLS, SOCKETS, ThreadKind
+from .syscalls import ALLOWED, CONDITIONAL, FD_CALLS, IOCTLS, OTHER_IOCTLS, SOCKETS, ThreadKind
 
 log = structlog.get_logger(__name__)
 
@@ -76,9 +76,11 @@ def thread_filter_mode() -> SeccompMode:
 
 
 def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode, *,
-                 refused_ioctls: Iterable[str] = ()) -> Any:
+                 refused_ioctls: Iterable[str] = (),
+                 fds: Collection[int] | None = None) -> Any:
     """A ``pyseccomp.SyscallFilter`` allowing what any of ``kinds`` needs (not loaded),
-    less the ioctl requests named in ``refused_ioctls``."""
+    less the ioctl requests named in ``refused_ioctls``; with ``fds``, the calls of
+    :data:`~avmm.isolation.syscalls.FD_CALLS` only on those fds."""
     if mode is SeccompMode.OFF:
         raise ValueError("no filter in mode off")
     try:
@@ -110,6 +112,14 @@ def build_filter(kinds: Iterable[ThreadKind], mode: SeccompMode, *,
                                                   _CLONE_THREAD))
             syscall_filter.add_rule(pyseccomp.ERRNO(errno.ENOSYS),
                                     _syscall_number(pyseccomp, "clone3"))
+        if fds is not None:
+            fd_calls, names = names & FD_CALLS, names - FD_CALLS
+            for name in sorted(fd_calls):
+                number = _syscall_number(pyseccomp, name)
+                # One rule per fd; the kernel reads the fd as an unsigned int.
+                for fd in sorted(set(fds)):
+                    syscall_filter.add_rule(pyseccomp.ALLOW, number, pyseccomp.Arg(
+                        0, pyseccomp.MASKED_EQ, 0xFFFFFFFF, fd))
         for name in sorted(names):
             syscall_filter.add_rule(pyseccomp.ALLOW, _syscall_number(pyseccomp, name))
         for name, (index, values) in sorted(conditional.items()):
@@ -206,15 +216,18 @@ def install_process_filter(kinds: Iterable[ThreadKind], mode: SeccompMode, *,
              kinds=sorted(kind.value for kind in kinds))
 
 
-def install_thread_filter(kind: ThreadKind, mode: SeccompMode | None = None) -> None:
+def install_thread_filter(kind: ThreadKind, mode: SeccompMode | None = None, *,
+                          fds: Collection[int] | None = None) -> None:
     """Load ``kind``'s filter on the calling thread (only), in ``mode`` or in the mode
     of the process filter; nothing in mode off. Names the thread ``avmm-<kind>`` first
-    (what the kernel's seccomp log lines and ``strace`` show as comm)."""
+    (what the kernel's seccomp log lines and ``strace`` show as comm). With ``fds``, the
+    calls of :data:`~avmm.isolation.syscalls.FD_CALLS` are allowed on those fds only (a
+    device I/O thread's own: see there)."""
     mode = _thread_mode if mode is None else mode
     if mode is SeccompMode.OFF:
         return
     _set_thread_name(f"avmm-{kind.value}")
-    syscall_filter = build_filter([kind], mode)
+    syscall_filter = build_filter([kind], mode, fds=fds)
     try:
         syscall_filter.load()
     except OSError as e:

@@ -505,11 +505,21 @@ class BlockDevice(VirtioDevice):
             stopping.set()
             os.eventfd_write(stop_fd, 1)
 
+        # Every fd the thread reads, writes or syncs, for its filter: the image, the kick
+        # and stop eventfds, the irqfd that signal_used writes (in process), and stderr
+        # and stdout (log lines; a worker's stderr is a pipe to its daemon). None of
+        # them changes while the thread runs: a PATCH replaces only the throttle, a
+        # pause leaves the thread asleep, a restore or a migration builds a new device.
+        # A context that does not say where signal_used writes leaves the thread on the
+        # wider list (any fd).
+        call_fd = getattr(context, "call_fd", None)
+        owned_fds = None if not isinstance(call_fd, int) else frozenset(
+            {self.fd, kick_fd, stop_fd, call_fd, 1, 2})
         try:
             await run_in_own_thread(
                 lambda: self._serve_blocking(context, queue, kick_fd, stop_fd, stopping),
                 on_cancel=stop, name=f"avmm {self.name} I/O",
-                seccomp_kind=ThreadKind.DEVICE_IO)
+                seccomp_kind=ThreadKind.DEVICE_IO, seccomp_fds=owned_fds)
         finally:
             os.close(stop_fd)
 

@@ -3,10 +3,11 @@
     python -m tests.isolation.probe MODE TARGET CALL...
 
 TARGET is a thread kind (``vcpu``, ``io``, ``loop``, ``backend``: the filter is loaded
-on a new thread, which then makes the calls) or ``process`` (the dense process's union,
-loaded with TSYNC from the main thread). Each CALL prints ``CALL ok`` or
-``CALL errno=NAME`` before the next one runs, so a test sees how far the process got
-before SIGSYS killed it.
+on a new thread, which then makes the calls), ``io-owned`` (the device I/O filter built
+for the fds a disk's thread would own: the scratch file and the pipe, stdout, stderr) or
+``process`` (the dense process's union, loaded with TSYNC from the main thread). Each
+CALL prints ``CALL ok`` or ``CALL errno=NAME`` before the next one runs, so a test sees
+how far the process got before SIGSYS killed it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from avmm.isolation import (
 from avmm.isolation.seccomp import DAEMON_PROCESS_KINDS, DENSE_PROCESS_KINDS
 from avmm.logs import configure_logging
 from avmm.ratelimit import BucketConfig, RateLimitConfig, SharedRateLimiter
+from avmm.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -95,6 +97,16 @@ def _disk_io() -> None:
     os.fdatasync(_scratch.fileno())
 
 
+def _discard() -> None:
+    """A DISCARD of a disk's I/O thread: a hole punched in the image (EOPNOTSUPP where
+    the file system cannot is a filter that let it through)."""
+    try:
+        fallocate(_scratch.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 512)
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+
+
 def _i386() -> None:
     # int 0x80 returns -errno in eax; without a filter it is our pid.
     result = _i386_getpid()
@@ -118,6 +130,10 @@ CALLS: dict[str, Callable[[], object]] = {
     "kvm-run": lambda: _ioctl("KVM_RUN"),         # ENOTTY on /dev/null: it got through
     "thread": lambda: threading.Thread(target=lambda: None).start(),
     "getpid": lambda: _raw(libc.syscall(SYS_GETPID)),
+    "discard": _discard,
+    # an open fd that a disk's I/O thread does not own
+    "write-other": lambda: os.write(_devnull, b"x"),
+    "fsync-other": lambda: os.fsync(_devnull),
     "shared-admission": _shared_admission,
     # an fcntl command other than the OFD lock's
     "fcntl-setfl": lambda: fcntl.fcntl(_devnull, fcntl.F_SETFL, os.O_NONBLOCK),
@@ -178,10 +194,13 @@ def main(argv: list[str]) -> int:
                                else DAEMON_PROCESS_KINDS, mode)
         _try(names)
         return 0
+    owned = None
+    if target == "io-owned":
+        target, owned = "io", {_scratch.fileno(), *_pipe, 1, 2}
     kind = ThreadKind(target)
 
     def body() -> None:
-        install_thread_filter(kind, mode)
+        install_thread_filter(kind, mode, fds=owned)
         print("filter loaded", flush=True)
         _try(names)
 

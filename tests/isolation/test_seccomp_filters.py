@@ -21,7 +21,8 @@ PERMITTED = {
     "vcpu": ["pipe", "kvm-run", "getpid"],
     # shared-admission: a daemon-wide rate-limit group's lock (fcntl F_OFD_SETLK), on
     # the kinds that admit requests
-    "io": ["pipe", "disk-io", "getpid", "shared-admission"],
+    # discard: a DISCARD or WRITE_ZEROES punches a hole in the image (fallocate)
+    "io": ["pipe", "disk-io", "getpid", "shared-admission", "discard"],
     "loop": ["pipe", "disk-io", "openat", "thread", "kvm-create-vm", "shared-admission"],
     "backend": ["pipe", "disk-io", "openat", "thread"],
     "process": ["pipe", "disk-io", "openat", "thread", "kvm-run", "kvm-create-vm",
@@ -80,6 +81,24 @@ def test_kill_mode_kills_the_process_on_a_forbidden_call(target: str, forbidden:
 def test_kill_mode_kills_a_thread_kind_outside_its_own_list(target: str,
                                                             forbidden: str) -> None:
     result = probe("kill", target, "pipe", forbidden)
+    assert result.returncode == -signal.SIGSYS, (result.stdout, result.stderr)
+    assert result.stdout.splitlines()[-1] == "pipe ok"
+
+
+def test_an_io_thread_filter_built_for_its_fds_allows_its_data_calls_on_those_only(
+        ) -> None:
+    # io-owned: the filter of a disk's I/O thread, built for the fds it owns (the
+    # scratch image, the pipe, stdout, stderr); /dev/null is open but not among them.
+    result = probe("errno", "io-owned", "pipe", "disk-io", "discard", "shared-admission",
+                   "write-other", "fsync-other", "getpid")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "pipe ok", "disk-io ok", "discard ok", "shared-admission ok",
+        "write-other errno=EPERM", "fsync-other errno=EPERM", "getpid ok"]
+
+
+def test_kill_mode_kills_an_io_thread_that_writes_to_an_fd_it_does_not_own() -> None:
+    result = probe("kill", "io-owned", "pipe", "write-other", "getpid")
     assert result.returncode == -signal.SIGSYS, (result.stdout, result.stderr)
     assert result.stdout.splitlines()[-1] == "pipe ok"
 
