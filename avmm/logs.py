@@ -46,8 +46,10 @@ def exceptions_without_source_on_filtered_threads(
     if not exc_info:
         return event_dict
     from .isolation.seccomp import thread_filter_kind
+    from .isolation.syscalls import ALLOWED
 
-    if thread_filter_kind() is None:
+    kind = thread_filter_kind()
+    if kind is None or "openat" in ALLOWED[kind]:
         return event_dict
     error = (sys.exc_info()[1] if exc_info is True else exc_info[1]
              if isinstance(exc_info, tuple) else exc_info)

@@ -43,9 +43,10 @@ class Daemon:
         self._log = self.log_path.open("wb")
         # Dense mode, pinned (process is root's default): `avmm receive` without a
         # config, as here, is dense mode's (a worker's jail is planned from the config);
-        # tests/isolation has process mode's migrations.
+        # tests/isolation has process mode's migrations. Filters in kill mode (the
+        # default, said here): the TCP leg's sockets come from the IP-socket thread.
         self.process = subprocess.Popen([*AVMM, "serve", "--socket", str(self.socket),
-                                         "--isolation", "none"],
+                                         "--isolation", "none", "--seccomp", "kill"],
                                         stdin=subprocess.DEVNULL, stdout=self._log,
                                         stderr=self._log, cwd=REPO)
         deadline = time.monotonic() + 60

@@ -33,7 +33,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from ..errors import AvmmError, HostFileError
-from ..isolation.seccomp import DAEMON_PROCESS_KINDS, SeccompMode, install_process_filter
+from ..isolation.ip_sockets import install_daemon_filters
+from ..isolation.seccomp import SeccompMode
 from ..paths import PathPolicy
 from ._app import ManagementApi
 
@@ -142,8 +143,7 @@ async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
         async with Host(isolation=isolation) as host, trio.open_nursery() as nursery:
             path = await nursery.start(lambda task_status: serve_api(
                 host, socket_path, group=group, draining=draining, shutdown=shutdown,
-                paths=paths, before_serving=functools.partial(
-                    install_process_filter, DAEMON_PROCESS_KINDS, seccomp),
+                paths=paths, before_serving=functools.partial(install_daemon_filters, seccomp),
                 task_status=task_status))
             task_status.started(path)
             async for signum in signals:

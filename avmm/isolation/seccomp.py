@@ -15,6 +15,10 @@ Two entry points:
   it until it exits, so such threads never go back to trio's thread cache (see
   :func:`avmm.threads.run_in_own_thread`).
 
+``avmm serve`` uses both, in the order :mod:`avmm.isolation.ip_sockets` explains: its
+event loop stacks the daemon's list on the process filter, and one thread of its own may
+make IP sockets.
+
 Modes (``--seccomp``): ``kill`` (the default action kills the whole process with SIGSYS,
 as Firecracker does), ``errno`` (the call fails with EPERM), ``log`` (the call is allowed
 and the kernel logs it: ``dmesg | grep 'type=1326'``), ``off``. A call from another
@@ -64,9 +68,10 @@ _PR_SET_NAME = 15
 
 
 def thread_filter_kind() -> ThreadKind | None:
-    """The kind whose own filter the calling thread loaded, or None. Such a thread may
-    not open files: whatever would read one there (formatting a traceback reads the
-    source) must do without (see avmm.logs)."""
+    """The kind whose own filter the calling thread loaded, or None. If that kind's list
+    has no openat (a vCPU or device I/O thread), the thread may not open files: whatever
+    would read one there (formatting a traceback reads the source) must do without (see
+    avmm.logs)."""
     return getattr(_loaded, "kind", None)
 
 
@@ -217,16 +222,18 @@ def install_process_filter(kinds: Iterable[ThreadKind], mode: SeccompMode, *,
 
 
 def install_thread_filter(kind: ThreadKind, mode: SeccompMode | None = None, *,
-                          fds: Collection[int] | None = None) -> None:
+                          fds: Collection[int] | None = None, rename: bool = True) -> None:
     """Load ``kind``'s filter on the calling thread (only), in ``mode`` or in the mode
     of the process filter; nothing in mode off. Names the thread ``avmm-<kind>`` first
-    (what the kernel's seccomp log lines and ``strace`` show as comm). With ``fds``, the
+    (what the kernel's seccomp log lines and ``strace`` show as comm) unless ``rename``
+    is false (the main thread's name is the process's). With ``fds``, the
     calls of :data:`~avmm.isolation.syscalls.FD_CALLS` are allowed on those fds only (a
     device I/O thread's own: see there)."""
     mode = _thread_mode if mode is None else mode
     if mode is SeccompMode.OFF:
         return
-    _set_thread_name(f"avmm-{kind.value}")
+    if rename:
+        _set_thread_name(f"avmm-{kind.value}")
     syscall_filter = build_filter([kind], mode, fds=fds)
     try:
         syscall_filter.load()
@@ -245,8 +252,9 @@ def _set_thread_name(name: str) -> None:
 
 #: The kinds a dense VMM process runs (``avmm up``; later ``avmm serve --isolation none``).
 DENSE_PROCESS_KINDS = frozenset({ThreadKind.EVENT_LOOP, ThreadKind.VCPU, ThreadKind.DEVICE_IO})
-#: The kinds an ``avmm serve`` process runs (``--isolation none``: every VM in it).
-DAEMON_PROCESS_KINDS = DENSE_PROCESS_KINDS | {ThreadKind.DAEMON}
+#: The kinds an ``avmm serve`` process runs (``--isolation none``: every VM in it), its
+#: IP-socket thread included (see avmm.isolation.ip_sockets).
+DAEMON_PROCESS_KINDS = DENSE_PROCESS_KINDS | {ThreadKind.DAEMON, ThreadKind.IP_SOCKETS}
 #: The kinds an ``avmm backend`` process runs.
 BACKEND_PROCESS_KINDS = frozenset({ThreadKind.BACKEND, ThreadKind.DEVICE_IO})
 

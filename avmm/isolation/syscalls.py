@@ -27,6 +27,7 @@ class ThreadKind(enum.Enum):
     EVENT_LOOP = "loop"    #: the trio thread and its helper threads of an avmm VMM
     BACKEND = "backend"    #: the trio thread (and helpers) of an ``avmm backend`` process
     DAEMON = "daemon"      #: the trio thread (and helpers) of ``avmm serve``
+    IP_SOCKETS = "ipsock"  #: ``avmm serve``'s one thread that makes IP sockets
 
 
 # -- shared by every Python thread ---------------------------------------------------------
@@ -134,16 +135,27 @@ BACKEND = (PYTHON_RUNTIME | SHARED_IO | DEVICE_IO | FILES | EVENT_MACHINERY
 
 #: The event loop of ``avmm serve`` (dense mode: every VM's devices in this process):
 #: a VMM's event loop, plus snapshot directories renamed into place (renameat2; made with
-#: the event loop's mkdirat, their fsync is in DEVICE_IO) and, for migrations over TCP, IP
-#: sockets
-#: (``socket`` domains below; the stream calls are those of UNIX_SOCKETS; uname: the
-#: resolver, for a host name in a `tcp:` address). Derived with
-#: ``scripts/seccomp_derive.py serve``. Never execve, fork, ptrace, mount, module or key
-#: calls.
-DAEMON = EVENT_LOOP | frozenset({"renameat2", "uname"}) | frozenset({
+#: the event loop's mkdirat, their fsync is in DEVICE_IO). No IP sockets: a migration's
+#: TCP sockets are made by the IP_SOCKETS thread and used here (connect on a
+#: non-blocking socket, accept4, the stream calls: those of UNIX_SOCKETS, on an fd that
+#: exists). Derived with ``scripts/seccomp_derive.py serve``. Never execve, fork,
+#: ptrace, mount, module or key calls.
+DAEMON = EVENT_LOOP | frozenset({"renameat2"}) | frozenset({
     # --isolation process: the worker spawner, the daemon's child (made before the
     # filter), reaped when it ends: only the caller's own children can be waited for.
     "wait4", "waitid", "pidfd_open"})
+
+#: ``avmm serve``'s one thread that makes IP sockets (avmm.isolation.ip_sockets): a
+#: migration's TCP listener (socket, setsockopt, bind, listen, getsockname) or the
+#: socket a source connects from, and the resolver for a host name in a ``tcp:`` address
+#: (glibc's: /etc/nsswitch.conf, hosts and resolv.conf read; nscd tried over a unix
+#: socket; DNS over UDP: connect, sendmmsg, poll, ioctl FIONREAD, recvfrom; uname). It
+#: waits for work on a queue (futex) and sends nothing else.
+IP_SOCKETS = PYTHON_RUNTIME | frozenset({
+    "close", "setsockopt", "getsockopt", "bind", "listen", "getsockname", "getpeername",
+    "connect", "sendto", "sendmmsg", "recvfrom", "poll", "ppoll",
+    "openat", "read", "fstat", "newfstatat", "lseek", "uname",
+})
 
 ALLOWED: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.VCPU: VCPU,
@@ -151,6 +163,7 @@ ALLOWED: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.EVENT_LOOP: EVENT_LOOP,
     ThreadKind.BACKEND: BACKEND,
     ThreadKind.DAEMON: DAEMON,
+    ThreadKind.IP_SOCKETS: IP_SOCKETS,
 }
 
 #: Calls allowed only with some values of one argument, per kind:
@@ -166,13 +179,15 @@ CONDITIONAL: dict[ThreadKind, dict[str, tuple[int, frozenset[int]]]] = {
     ThreadKind.EVENT_LOOP: {},
     ThreadKind.BACKEND: {},
     ThreadKind.DAEMON: {},
+    ThreadKind.IP_SOCKETS: {},
 }
 
 #: The sockets each kind may make, as (domain, type, protocol) with None for any value
 #: (the type is compared without its SOCK_NONBLOCK/SOCK_CLOEXEC flags). Unix sockets
 #: only (console, vhost-user, the API's socket): never AF_INET/AF_INET6/AF_PACKET/
-#: AF_NETLINK; except in the daemon, which may be asked to migrate a VM over TCP at any
-#: time (a loaded filter cannot be widened later): TCP streams and the resolver's UDP
+#: AF_NETLINK; except on ``avmm serve``'s IP_SOCKETS thread, which may be asked for a
+#: migration over TCP at any time (a loaded filter cannot be widened later, so the
+#: thread is made before the event loop's filter): TCP streams and the resolver's UDP
 #: datagrams, with the plain protocols only. Never SOCK_RAW or the legacy SOCK_PACKET
 #: (raw IP, or link-level frames through AF_INET), never ICMP or SCTP, never AF_PACKET
 #: or AF_NETLINK: no raw frames and no changes to the host's network.
@@ -188,7 +203,9 @@ SOCKETS: dict[ThreadKind, frozenset[tuple[int, int | None, int | None]]] = {
     ThreadKind.DEVICE_IO: frozenset(),
     ThreadKind.EVENT_LOOP: _UNIX,
     ThreadKind.BACKEND: _UNIX,
-    ThreadKind.DAEMON: _UNIX | _IP,
+    ThreadKind.DAEMON: _UNIX,
+    # AF_UNIX: the resolver asks nscd first, over a unix socket.
+    ThreadKind.IP_SOCKETS: _UNIX | _IP,
 }
 
 # -- ioctl requests (argument 1 checked) ---------------------------------------------------
@@ -227,6 +244,8 @@ OTHER_IOCTLS: dict[str, int] = {
     "TCSETSF": termios.TCSETSF,
     "TUNSETIFF": TUNSETIFF, "TUNSETOFFLOAD": TUNSETOFFLOAD,
     "TUNSETVNETHDRSZ": TUNSETVNETHDRSZ,
+    # The resolver's, on its DNS socket (IP_SOCKETS only).
+    "FIONREAD": termios.FIONREAD,
 }
 
 #: What a VM's worker in ``avmm serve --isolation process`` refuses besides: the daemon
@@ -241,11 +260,12 @@ WORKER_REFUSED_IOCTLS = frozenset({"TUNSETIFF"})
 IOCTLS: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.VCPU: _VCPU_IOCTLS,
     ThreadKind.DEVICE_IO: frozenset(),
-    ThreadKind.EVENT_LOOP: _KVM_IOCTLS | frozenset(OTHER_IOCTLS) - {"FIONCLEX"},
+    ThreadKind.EVENT_LOOP: _KVM_IOCTLS | frozenset(OTHER_IOCTLS) - {"FIONCLEX", "FIONREAD"},
     # FIONCLEX: hypercorn adopts the API's listening socket (fd://) after the filter,
     # and makes the adopted socket inheritable (for its own workers; avmm starts none,
     # and nothing under the filter may exec anyway).
-    ThreadKind.DAEMON: _KVM_IOCTLS | frozenset(OTHER_IOCTLS),
+    ThreadKind.DAEMON: _KVM_IOCTLS | frozenset(OTHER_IOCTLS) - {"FIONREAD"},
     ThreadKind.BACKEND: frozenset({"FIONBIO", "FIOCLEX", "TCGETS", "TUNSETOFFLOAD",
                                    "TUNSETVNETHDRSZ"}),
+    ThreadKind.IP_SOCKETS: frozenset({"FIONREAD"}),
 }

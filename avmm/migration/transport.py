@@ -24,6 +24,7 @@ from typing import Literal
 import trio
 
 from ..errors import AvmmError, ConfigError
+from ..isolation import ip_sockets
 from ..paths import BoundSocket, PathPolicy
 from .errors import MigrationError
 
@@ -148,16 +149,25 @@ def listen(address: Address, paths: PathPolicy, *,
         except AvmmError as e:
             raise MigrationError(f"cannot listen on {address}: {e}") from None
         return Listener(address, bound.socket, bound, accept_timeout_s)
-    family = socket.AF_INET6 if _is_ipv6(address.host) else socket.AF_INET
+    try:
+        # ``avmm serve`` makes IP sockets on one thread only (avmm.isolation.ip_sockets).
+        sock = ip_sockets.call(_tcp_listener, address.host, address.port)
+    except OSError as e:
+        raise MigrationError(f"cannot listen on {address}: {e.strerror or e}") from None
+    return Listener(address, sock, None, accept_timeout_s)
+
+
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if _is_ipv6(host) else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
+        sock.bind((host, port))
         sock.listen(1)
-    except OSError as e:
+    except BaseException:
         sock.close()
-        raise MigrationError(f"cannot listen on {address}: {e.strerror or e}") from None
-    return Listener(address, sock, None, accept_timeout_s)
+        raise
+    return sock
 
 
 async def connect(address: Address, paths: PathPolicy | None = None) -> trio.SocketStream:
@@ -170,7 +180,7 @@ async def connect(address: Address, paths: PathPolicy | None = None) -> trio.Soc
             stream = await _connect_unix(address,
                                          paths if paths is not None else PathPolicy())
         else:
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            stream = await _connect_tcp(address)
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _big_buffers(stream)
         return stream
@@ -186,6 +196,33 @@ def adopt(sock: socket.socket) -> trio.SocketStream:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _big_buffers(stream)
     return stream
+
+
+async def _connect_tcp(address: Address) -> trio.SocketStream:
+    """Each of the host's addresses in turn, until one accepts. Resolving and making
+    each socket are the IP-socket thread's work in ``avmm serve``
+    (avmm.isolation.ip_sockets); the connect itself is the event loop's, on the
+    non-blocking socket it got."""
+    infos = await ip_sockets.run(socket.getaddrinfo, address.host, address.port,
+                                 socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                 abandon_on_cancel=True)
+    error: OSError = OSError(f"{address.host} has no address")
+    for family, kind, protocol, _name, target in infos:
+        sock = await ip_sockets.run(socket.socket, family,
+                                    kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                                    protocol)
+        trio_sock = trio.socket.from_stdlib_socket(sock)
+        try:
+            await trio_sock.connect(target)
+        except OSError as e:
+            trio_sock.close()
+            error = e
+            continue
+        except BaseException:
+            trio_sock.close()
+            raise
+        return trio.SocketStream(trio_sock)
+    raise error
 
 
 async def _connect_unix(address: Address, paths: PathPolicy) -> trio.SocketStream:

@@ -4,10 +4,12 @@
 
 TARGET is a thread kind (``vcpu``, ``io``, ``loop``, ``backend``: the filter is loaded
 on a new thread, which then makes the calls), ``io-owned`` (the device I/O filter built
-for the fds a disk's thread would own: the scratch file and the pipe, stdout, stderr) or
-``process`` (the dense process's union, loaded with TSYNC from the main thread). Each
-CALL prints ``CALL ok`` or ``CALL errno=NAME`` before the next one runs, so a test sees
-how far the process got before SIGSYS killed it.
+for the fds a disk's thread would own: the scratch file and the pipe, stdout, stderr),
+``process`` (the dense process's union, loaded with TSYNC from the main thread) or
+``daemon`` (``avmm serve``'s filters, loaded as it does from its event-loop thread,
+the main thread here; a helper thread of trio's cache exists before). Each CALL prints
+``CALL ok`` or ``CALL errno=NAME`` before the next one runs, so a test sees how far the
+process got before SIGSYS killed it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import errno
 import fcntl
 import mmap
 import os
+import queue
 import socket
 import sys
 import tempfile
@@ -24,16 +27,21 @@ import threading
 import time
 from collections.abc import Callable
 
+import outcome
 import structlog
+import trio
 
 from avmm.isolation import (
     SeccompMode,
     ThreadKind,
     install_process_filter,
     install_thread_filter,
+    ip_sockets,
 )
-from avmm.isolation.seccomp import DAEMON_PROCESS_KINDS, DENSE_PROCESS_KINDS
+from avmm.isolation.ip_sockets import install_daemon_filters
+from avmm.isolation.seccomp import DENSE_PROCESS_KINDS
 from avmm.logs import configure_logging
+from avmm.migration.transport import _tcp_listener
 from avmm.ratelimit import BucketConfig, RateLimitConfig, SharedRateLimiter
 from avmm.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
@@ -107,6 +115,18 @@ def _discard() -> None:
             raise
 
 
+def _on_ip_socket_thread(family: int, kind: int, protocol: int = 0) -> None:
+    """A socket made by ``avmm serve``'s IP-socket thread (the error it got, if any)."""
+    ip_sockets.call(lambda: socket.socket(family, kind, protocol).close())
+
+
+def _on_helper(function: Callable[[], object]) -> None:
+    """``function`` on a thread of trio's cache (what ``trio.to_thread`` runs jobs on)."""
+    results: queue.SimpleQueue[outcome.Outcome[object]] = queue.SimpleQueue()
+    trio.lowlevel.start_thread_soon(function, results.put)
+    results.get().unwrap()
+
+
 def _i386() -> None:
     # int 0x80 returns -errno in eax; without a filter it is our pid.
     result = _i386_getpid()
@@ -163,6 +183,17 @@ CALLS: dict[str, Callable[[], object]] = {
                                          socket.IPPROTO_SCTP).close(),
     "netlink-socket": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close(),
     "openat": lambda: os.close(os.open("/etc/hostname", os.O_RDONLY)),
+    # avmm serve: IP sockets only from its IP-socket thread
+    "ip-thread-socket": lambda: _on_ip_socket_thread(socket.AF_INET, socket.SOCK_STREAM),
+    "ip-thread-udp6-socket": lambda: _on_ip_socket_thread(socket.AF_INET6,
+                                                          socket.SOCK_DGRAM),
+    "ip-thread-raw-socket": lambda: _on_ip_socket_thread(socket.AF_INET, socket.SOCK_RAW,
+                                                         socket.IPPROTO_RAW),
+    "ip-thread-listen": lambda: ip_sockets.call(
+        _tcp_listener, "127.0.0.1", 0).close(),
+    "ip-thread-resolve": lambda: ip_sockets.call(socket.getaddrinfo, "localhost", 80),
+    "helper-inet-socket": lambda: _on_helper(CALLS["inet-socket"]),
+    "helper-openat": lambda: _on_helper(CALLS["openat"]),
     "kvm-create-vm": lambda: _ioctl("KVM_CREATE_VM"),
     # avmm's own work that must never die of the filter
     "log-exception": _log_exception,
@@ -189,9 +220,13 @@ def _try(names: list[str]) -> None:
 def main(argv: list[str]) -> int:
     mode, target, names = SeccompMode(argv[0]), argv[1], argv[2:]
     configure_logging(level="error")  # as avmm's front doors do, before any filter
-    if target in ("process", "daemon"):
-        install_process_filter(DENSE_PROCESS_KINDS if target == "process"
-                               else DAEMON_PROCESS_KINDS, mode)
+    if target == "process":
+        install_process_filter(DENSE_PROCESS_KINDS, mode)
+        _try(names)
+        return 0
+    if target == "daemon":
+        _on_helper(lambda: None)  # a helper thread, idle in trio's cache from now on
+        install_daemon_filters(mode)
         _try(names)
         return 0
     owned = None

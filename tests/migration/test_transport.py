@@ -5,6 +5,7 @@ removes its file; TCP port 0 reports the port the kernel chose."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -81,3 +82,25 @@ async def test_tcp_port_zero_reports_the_chosen_port() -> None:
         await accepted[0].aclose()
     finally:
         listener.close()
+
+
+async def test_tcp_connects_to_a_host_name_and_says_why_it_cannot() -> None:
+    listener = await trio.to_thread.run_sync(listen, parse_address("tcp:localhost:0",
+                                                                   listen=True), PathPolicy())
+    try:
+        accepted: list[trio.SocketStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listener.accept_one())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            client = await connect(parse_address(f"tcp:localhost:{listener.address.port}"))
+        assert client.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await client.aclose()
+        await accepted[0].aclose()
+    finally:
+        listener.close()
+    # Nothing listens there any more: the connection is refused, with a one-line reason.
+    with pytest.raises(MigrationError, match=r"cannot connect to tcp:localhost:\d+: "):
+        await connect(parse_address(f"tcp:localhost:{listener.address.port}"))
