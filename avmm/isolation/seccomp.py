@@ -39,7 +39,16 @@ from typing import Any
 import structlog
 
 from ..errors import AvmmError
-from .syscalls import ALLOWED, CONDITIONAL, FD_CALLS, IOCTLS, OTHER_IOCTLS, SOCKETS, ThreadKind
+from .syscalls import (
+    ALLOWED,
+    CONDITIONAL,
+    FD_CALLS,
+    IOCTLS,
+    OTHER_IOCTLS,
+    SOCKETS,
+    SOCKETS_REFUSED,
+    ThreadKind,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -150,8 +159,12 @@ def _add_socket_rules(pyseccomp: Any, syscall_filter: Any,
                       kinds: frozenset[ThreadKind]) -> None:
     """socket(domain, type, protocol) allowed for exactly the triples of ``kinds``
     (:data:`avmm.isolation.syscalls.SOCKETS`): each rule compares every argument it
-    names (all must match)."""
+    names (all must match); the domains of
+    :data:`~avmm.isolation.syscalls.SOCKETS_REFUSED` fail with EAFNOSUPPORT."""
     number = _syscall_number(pyseccomp, "socket")
+    for domain in sorted(set().union(*(SOCKETS_REFUSED.get(k, frozenset()) for k in kinds))):
+        syscall_filter.add_rule(pyseccomp.ERRNO(errno.EAFNOSUPPORT), number,
+                                pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 0xFFFFFFFF, domain))
     for domain, kind, protocol in sorted(set().union(*(SOCKETS[k] for k in kinds)),
                                          key=lambda rule: tuple(-1 if v is None else v
                                                                 for v in rule)):

@@ -208,6 +208,17 @@ SOCKETS: dict[ThreadKind, frozenset[tuple[int, int | None, int | None]]] = {
     ThreadKind.IP_SOCKETS: _UNIX | _IP,
 }
 
+#: Sockets a kind's filter refuses with EAFNOSUPPORT instead of its default action, by
+#: domain. The resolver sorts a host name's addresses (``localhost`` is 127.0.0.1 and
+#: ::1 on most hosts) with what a NETLINK_ROUTE socket tells it, and does without when
+#: it cannot make one; a netlink socket of a root daemon could change the host's
+#: routes, so the IP-socket thread is refused one, and goes on. Any filter that holds
+#: this kind says so (the daemon's process filter too, or its answer would win: stacked
+#: filters take the strictest); the event loop's own still kills.
+SOCKETS_REFUSED: dict[ThreadKind, frozenset[int]] = {
+    ThreadKind.IP_SOCKETS: frozenset({socket.AF_NETLINK}),
+}
+
 # -- ioctl requests (argument 1 checked) ---------------------------------------------------
 
 #: A vCPU's own state, read and written by its thread when it fixes up an exit (#BP

@@ -192,6 +192,8 @@ CALLS: dict[str, Callable[[], object]] = {
     "ip-thread-listen": lambda: ip_sockets.call(
         _tcp_listener, "127.0.0.1", 0).close(),
     "ip-thread-resolve": lambda: ip_sockets.call(socket.getaddrinfo, "localhost", 80),
+    "ip-thread-netlink-socket": lambda: _on_ip_socket_thread(socket.AF_NETLINK,
+                                                             socket.SOCK_RAW),
     "helper-inet-socket": lambda: _on_helper(CALLS["inet-socket"]),
     "helper-openat": lambda: _on_helper(CALLS["openat"]),
     "kvm-create-vm": lambda: _ioctl("KVM_CREATE_VM"),

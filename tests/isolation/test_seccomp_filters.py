@@ -4,6 +4,8 @@ still succeeds. Calls through another architecture's table (x32, i386) are refus
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.isolation.scenarios import REPO
+from tests.prerequisites import require
 
 #: What every kind is forbidden, whatever its list.
 EVERYWHERE = ["execve", "fork", "ptrace", "mount", "x32-getpid", "i386-getpid"]
@@ -106,6 +109,26 @@ def test_kill_mode_kills_an_io_thread_that_writes_to_an_fd_it_does_not_own() -> 
     result = probe("kill", "io-owned", "pipe", "write-other", "getpid")
     assert result.returncode == -signal.SIGSYS, (result.stdout, result.stderr)
     assert result.stdout.splitlines()[-1] == "pipe ok"
+
+
+def test_the_ip_socket_thread_resolves_a_name_with_two_addresses_without_netlink(
+        tmp_path: Path) -> None:
+    # glibc sorts several addresses with a NETLINK_ROUTE socket's answers when it can
+    # make one; the IP-socket thread cannot (EAFNOSUPPORT), and the lookup goes on. In
+    # a private mount namespace, localhost is 127.0.0.1 and ::1 (as on most hosts).
+    require(None if os.geteuid() == 0 else "a private mount namespace needs root")
+    require(None if shutil.which("unshare") else "unshare (util-linux) is not installed")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         str(hosts), sys.executable, "-m", "tests.isolation.probe", "kill", "daemon",
+         "ip-thread-netlink-socket", "ip-thread-resolve", "getpid"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.splitlines() == [
+        "ip-thread-netlink-socket errno=EAFNOSUPPORT", "ip-thread-resolve ok", "getpid ok"]
 
 
 def test_log_mode_allows_everything() -> None:
