@@ -13,12 +13,13 @@ filters in this order, on the event-loop thread, before it serves its first requ
    it through a queue;
 3. the daemon's own filter, stacked on the event-loop thread only, which refuses
    ``socket()`` for AF_INET/AF_INET6. Every thread the loop starts from then on (trio's
-   helpers, vCPU and I/O threads) inherits it; so do trio's helper threads that
-   existed before, which are made to load it too (:func:`_narrow_idle_helpers`).
+   helpers, vCPU and I/O threads) inherits it, and trio's helper threads that existed
+   before are made to load it too (:func:`_narrow_idle_helpers`).
 
 The sockets come back to their caller as fds and are used like any other: a
 non-blocking connect, accept4 and the stream calls act on an existing fd, which the
-event loop's filter allows. Without a daemon (``avmm up``, which never makes IP sockets;
+event loop's filter allows. The thread lives as long as the process, waiting on its
+queue. Without a daemon (``avmm up``, which never makes IP sockets;
 a library; a test) no such thread exists, and :func:`call` runs the call in place.
 """
 
@@ -50,7 +51,7 @@ T = TypeVar("T")
 _Job = tuple[Callable[[], Any], Callable[[outcome.Outcome[Any]], None]]
 
 #: The running thread's job queue, or None (no thread: calls run in place).
-_jobs: queue.SimpleQueue[_Job | None] | None = None
+_jobs: queue.SimpleQueue[_Job] | None = None
 _lock = threading.Lock()
 
 
@@ -89,7 +90,7 @@ def start(mode: SeccompMode) -> None:
     with _lock:
         if _jobs is not None:
             return
-        jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
 
         def serve() -> None:
@@ -99,8 +100,8 @@ def start(mode: SeccompMode) -> None:
                 ready.put(e)
                 return
             ready.put(None)
-            while (job := jobs.get()) is not None:
-                function, deliver = job
+            while True:
+                function, deliver = jobs.get()
                 deliver(outcome.capture(function))
 
         thread = threading.Thread(target=serve, name="avmm ip sockets", daemon=True)
