@@ -213,17 +213,9 @@ class _Worker:
         its directory could have changed it since (a disk path through this process's
         /proc/self/fd would lead out of the jail)."""
         from ..state import SnapshotError
-        from .worker_vm import worker_config
 
-        adjusted = worker_config(daemon_config(config))
-        mine, checked = config_to_dict(adjusted), dict(self.request.config)
-        if config.machine.cpu_profile == "auto":
-            # The daemon resolved it (this jail has no /sys to tell).
-            mine["machine"] = {**mine["machine"],
-                               "cpu_profile": checked["machine"]["cpu_profile"]}
-            adjusted = dataclasses.replace(adjusted, machine=dataclasses.replace(
-                adjusted.machine, cpu_profile=checked["machine"]["cpu_profile"]))
-        if mine != checked:
+        adjusted = self._if_checked(daemon_config(config))
+        if adjusted is None:
             raise SnapshotError(f"{self.request.restore and self.request.restore['path']}: "
                                 "the snapshot changed after the daemon checked it; "
                                 "restore it again")
@@ -238,20 +230,26 @@ class _Worker:
         :raises MigrationError: they differ.
         """
         from ..migration.errors import MigrationError
-        from .worker_vm import worker_config
 
-        adjusted = worker_config(config)
-        mine, checked = config_to_dict(adjusted), dict(self.request.config)
-        if config.machine.cpu_profile == "auto":
-            # The daemon resolved it (this jail has no /sys to tell).
-            mine["machine"] = {**mine["machine"],
-                               "cpu_profile": checked["machine"]["cpu_profile"]}
-            adjusted = dataclasses.replace(adjusted, machine=dataclasses.replace(
-                adjusted.machine, cpu_profile=checked["machine"]["cpu_profile"]))
-        if mine != checked:
+        adjusted = self._if_checked(config)
+        if adjusted is None:
             raise MigrationError("the streamed config is not the one the daemon planned "
                                  "the VM's jail from")
         return adjusted
+
+    def _if_checked(self, config: Any) -> Any:
+        """``config`` as this worker builds it (see worker_config; an ``auto`` CPU
+        profile as the daemon resolved it: this jail has no /sys to tell), if that is
+        the config of the start message, which the daemon checked and planned the jail
+        from; else None."""
+        from .worker_vm import worker_config
+
+        adjusted = worker_config(config)
+        checked = dict(self.request.config)
+        if config.machine.cpu_profile == "auto":
+            adjusted = dataclasses.replace(adjusted, machine=dataclasses.replace(
+                adjusted.machine, cpu_profile=checked["machine"]["cpu_profile"]))
+        return adjusted if config_to_dict(adjusted) == checked else None
 
     def after_build(self) -> None:
         """Between the build and the first thread of the VM: the privileges go, the
