@@ -276,7 +276,6 @@ class Destination:
         prepare_restore(self.vm._vcpus)
 
 
-
 async def receive_config(channel: Channel, given: VmConfig | None) -> VmConfig:
     """The stream's opening (see :func:`receive_config_payload`) as the config to build
     (:func:`streamed_config`)."""
@@ -352,6 +351,8 @@ async def receive_opening(listener: Listener, *,
             raise MigrationError(why) from None
         raise
     return Opening(stream, config, bytes(recorded.received))
+
+
 def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
     """The config to build from a CONFIG frame: the streamed one, or ``given`` merged
     over it (:func:`merge_config`)."""
