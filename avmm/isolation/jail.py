@@ -310,10 +310,13 @@ def _within(path: str, directory: str) -> bool:
 
 
 def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROOT,
-              uid: int, gid: int, max_file_bytes: int | None = None) -> JailSpec:
+              uid: int, gid: int, max_file_bytes: int | None = None,
+              boot_files: bool = True) -> JailSpec:
     """What the VM of ``config`` needs inside its jail, plus :func:`runtime_binds`.
 
-    Kernel and initrd read-only; disk images with the config's access; the *directory*
+    Kernel and initrd read-only (unless ``boot_files`` is false: a VM that comes in by
+    a migration stream with its config never reads them, and they need not exist on
+    this host); disk images with the config's access; the *directory*
     of each vhost-user socket (a back-end that restarts makes a new socket inode, which a
     bind of the file would not show), read-only (connect(2) needs no write access to the
     mount); ``/dev/kvm`` always. Serial/console output files and a console socket are
@@ -343,9 +346,10 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         if parent != "/" and not any(_within(parent, reserved) for reserved in _RESERVED):
             dirs.add(parent)
 
-    bind(config.boot.kernel, False)
-    if config.boot.initrd is not None:
-        bind(config.boot.initrd, False)
+    if boot_files:
+        bind(config.boot.kernel, False)
+        if config.boot.initrd is not None:
+            bind(config.boot.initrd, False)
     for disk in config.disks:
         if disk.path is not None:
             bind(disk.path, not disk.readonly)

@@ -12,13 +12,18 @@ Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame
 outside RAM, a state that does not fit, a digest that does not match — sends ERROR to
 the source (best effort), releases everything built, and ends the VM with
 :attr:`~avmm.lifecycle.StopReason.ERROR` and a detail saying why: it never ran.
+
+A jailed worker's daemon reads the opening (header and CONFIG) itself when it has no
+config to plan the jail from (:func:`receive_opening`); the worker's destination then
+reads those bytes again, first (:class:`~avmm.migration.transport.Accepted`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -41,6 +46,7 @@ from .progress import MigrationProgress, Steps
 from .stream import (
     END,
     KIND_DATA,
+    MAX_FRAME,
     PAGES_COUNT,
     ROUND,
     Channel,
@@ -50,7 +56,7 @@ from .stream import (
     parse_runs,
     runs_length,
 )
-from .transport import Listener
+from .transport import Accepted, Listener
 
 if TYPE_CHECKING:
     from ..vm import VirtualMachine
@@ -82,11 +88,15 @@ def prepare_state_codec() -> None:
 class Destination:
     """One incoming migration into ``vm`` (see the module docstring)."""
 
-    def __init__(self, vm: VirtualMachine, listener: Listener, config: VmConfig | None,
-                 report: Any) -> None:
+    def __init__(self, vm: VirtualMachine, listener: Listener | Accepted,
+                 config: VmConfig | None, report: Any,
+                 adjust: Callable[[VmConfig], VmConfig] | None = None) -> None:
         self.vm = vm
         self.listener = listener
         self.given = config
+        #: Changes the config to build before it is built (a jailed worker's: see
+        #: avmm.isolation.worker); it may refuse it (an AvmmError).
+        self._adjust = adjust
         self._report = report
         self._started = time.monotonic()
         self.progress = MigrationProgress(state="incoming", address=str(listener.address))
@@ -192,14 +202,12 @@ class Destination:
             await trio.to_thread.run_sync(self.vm._resources.close)
             self.vm._migration_failed(f"incoming migration failed: {why}")
 
-    async def _receive(self, stream: trio.SocketStream) -> None:
+    async def _receive(self, stream: trio.abc.Stream) -> None:
         vm = self.vm
         channel = self._channel = Channel(stream)
-        await channel.receive_header()
-        kind, payload = await channel.receive()
-        if kind is not Kind.CONFIG:
-            raise MigrationError(f"{kind.name} frame before CONFIG")
-        config = self._config(payload)
+        config = await receive_config(channel, self.given)
+        if self._adjust is not None:
+            config = self._adjust(config)
         self._update(state="receiving")
         vm._prepare_incoming(config)
         await trio.to_thread.run_sync(vm._build)
@@ -292,8 +300,82 @@ class Destination:
         prepare_state_codec()
         prepare_restore(self.vm._vcpus)
 
-    def _config(self, payload: bytes) -> VmConfig:
-        return streamed_config(payload, self.given)
+
+async def receive_config(channel: Channel, given: VmConfig | None) -> VmConfig:
+    """The stream's opening (see :func:`receive_config_payload`) as the config to build
+    (:func:`streamed_config`)."""
+    return streamed_config(await receive_config_payload(channel), given)
+
+
+async def receive_config_payload(channel: Channel, max_bytes: int = MAX_FRAME) -> bytes:
+    """The stream's opening: its header, then the CONFIG frame (of at most
+    ``max_bytes``, checked before its payload is read); the frame's payload.
+
+    :raises MigrationError: anything else came (PeerError: the source's ERROR line).
+    """
+    await channel.receive_header()
+    kind, length = await channel.receive_frame_header()
+    if kind not in (Kind.CONFIG, Kind.ERROR):
+        raise MigrationError(f"{kind.name} frame before CONFIG")
+    if length > max_bytes:
+        raise MigrationError(f"{kind.name} frame of {length} bytes (at most {max_bytes} "
+                             "here)")
+    return await channel.receive_payload(kind, length)  # ERROR: raises PeerError
+
+
+#: A jailed worker's daemon reads an incoming stream's opening itself (see
+#: :func:`receive_opening`): a CONFIG frame of at most this many bytes (a config is a
+#: few hundred bytes; what the daemon read travels to the worker in a channel message),
+#: all of it within this many seconds of the connection.
+OPENING_CONFIG_MAX = 32 << 10
+OPENING_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Opening:
+    """A source's connection and the stream's config, read by :func:`receive_opening`."""
+
+    stream: trio.SocketStream
+    config: VmConfig
+    #: Every byte received so far (the header and the CONFIG frame), in order.
+    received: bytes
+
+
+async def receive_opening(listener: Listener, *,
+                          max_config_bytes: int = OPENING_CONFIG_MAX,
+                          timeout_s: float = OPENING_TIMEOUT_S) -> Opening:
+    """For a jailed worker's daemon, which must know an incoming VM's config to plan its
+    jail before the worker exists: accept the one source (within the listener's accept
+    timeout; the listener is closed), read the stream's header and CONFIG frame as
+    strictly as :class:`Destination` does (bounded in size and time: it is hostile input
+    until then), and parse the config (:func:`streamed_config`, in a worker thread: it
+    looks at the files the config names). Nothing past the CONFIG frame is read: the
+    source sends nothing more before READY.
+
+    :raises MigrationError: no source came, or its opening is not a valid one (the
+        source is sent the refusal as an ERROR frame, best effort); the connection is
+        closed.
+    """
+    stream = await listener.accept_one()
+    recorded = _Recorded(stream)
+    channel = Channel(recorded)
+    try:
+        with trio.fail_after(timeout_s):
+            payload = await receive_config_payload(channel, max_config_bytes)
+        config = await trio.to_thread.run_sync(streamed_config, payload, None)
+    except BaseException as e:
+        if isinstance(e, trio.TooSlowError):
+            why = f"no config within {timeout_s:g} s of the connection"
+        else:
+            why = _describe(e)
+        if not isinstance(e, PeerError):
+            await refuse(stream, why)
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        if isinstance(e, trio.TooSlowError):
+            raise MigrationError(why) from None
+        raise
+    return Opening(stream, config, bytes(recorded.received))
 
 
 def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
@@ -359,6 +441,36 @@ def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
                       vcpu_affinity=cpu.vcpu_affinity)
     return replace(given, machine=machine, boot=streamed.boot,
                    disks=tuple(disks), nets=tuple(nets))
+
+
+async def refuse(stream: trio.abc.Stream, why: str) -> None:
+    """Tell the source why this destination refuses (an ERROR frame; best effort, at
+    most 1 s, also while cancelled)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1), \
+            contextlib.suppress(MigrationError):
+        await Channel(stream).send_error(f"the destination refused: {why}")
+
+
+class _Recorded(trio.abc.Stream):
+    """A stream that keeps a copy of every byte received through it."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self.received = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        chunk = await self._stream.receive_some(max_bytes)
+        self.received += chunk
+        return chunk
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def _receive_pages(channel: Channel, pages: PageMap, length: int) -> int:
