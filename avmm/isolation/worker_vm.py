@@ -33,6 +33,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -49,6 +50,7 @@ import structlog
 import trio
 
 from ..cgroups import CgroupError, CpuLimits, CpuUsage, VmCpu, limits_from_machine
+from ..cgroups.backend import owner_name
 from ..cgroups.vm_cpu import DEFAULT_WEIGHT
 from ..config import VmConfig
 from ..cpu_profile import resolve_cpu_profile
@@ -946,7 +948,8 @@ class WorkerVm:
                              boot_files=not streamed)
             self._outputs = await trio.to_thread.run_sync(
                 _open_outputs, self.name, config, self._paths)
-            await trio.to_thread.run_sync(prepare_jail_dir, spec)
+            await trio.to_thread.run_sync(functools.partial(
+                prepare_jail_dir, spec, owner=owner_name()))
             try:
                 await self._spawn(spec)
                 with trio.move_on_after(START_TIMEOUT_S) as waited:
