@@ -1038,6 +1038,16 @@ class WorkerVm:
         finally:
             theirs.close()
         self._channel = Channel(ours)
+        # The jailer's order: the VM's cgroup before anything of the VM is built. The
+        # process just started waits for its start message (sent below) before it forks
+        # the jailed process and builds the VM, so every process and thread of the VM
+        # is born in the cgroup. Unreaped until _reap lets it go, its PID is its own.
+        async with self._pid_lock:
+            try:
+                await trio.to_thread.run_sync(self._place_early, self._reaper)
+            except (CgroupError, OSError) as e:
+                raise VmStartError(self.id, "placing the worker in the VM's cgroup",
+                                   str(e)) from None
         isolation = self._isolation
         config = worker_config(self._known_config)
         restore = self._restore
@@ -1130,6 +1140,13 @@ class WorkerVm:
             self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
             await trio.to_thread.run_sync(self._place, self._pid)
         self._log.info("vm worker started", pid=self._pid)
+
+    def _place_early(self, pid: int | None) -> None:
+        """The VM's cgroup (if its CPU controls need one), with the process the spawner
+        started for it (a worker thread)."""
+        self._cpu.prepare()
+        if pid is not None:
+            self._cpu.place_process(pid)
 
     def _place(self, pid: int) -> None:
         """The VM's CPU controls on its worker (a worker thread), before its guest's

@@ -68,3 +68,26 @@ async def test_patch_lifts_a_disk_limit_of_a_vm_in_a_worker(tmp_path: Path) -> N
         stopped = await api.get_vm(vm["id"])
     assert stopped["exit"]["reason"] == "reset", stopped["exit"]
     assert disk.read_bytes() == expected_pattern(6, SECTORS)
+
+
+async def test_the_whole_worker_is_born_in_its_vms_cgroup() -> None:
+    """The jailer's order: the VM's cgroup is made, and the process the spawner started
+    put in it, before the worker builds anything: the jail's reaper is in it too, and
+    so is every thread of the jailed worker."""
+    import os
+
+    from tests.cgroups.conftest import cgroup_cpu_problem
+
+    require(cgroup_cpu_problem())
+    async with process_daemon() as (_daemon, api, _jail_root):
+        config = _config("count avmm.n=100000000000000")
+        config["machine"].update(cpu_weight=300)
+        vm = await api.get_vm((await api.create_vm(config))["id"])
+        cgroup = Path(vm["cpu"]["cgroup"])
+        members = {int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()}
+        reaper = int(Path(f"/proc/{vm['pid']}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert {vm["pid"], reaper} <= members, (vm["pid"], reaper, members)
+        threads = {int(tid) for tid in (cgroup / "tasks").read_text().split()}
+        assert {int(t) for t in os.listdir(f"/proc/{vm['pid']}/task")} <= threads
+        await api.delete_vm(vm["id"])
+        assert not cgroup.exists()
