@@ -56,7 +56,7 @@ from .stream import (
     parse_runs,
     runs_length,
 )
-from .transport import Accepted, Listener
+from .transport import Accepted, Listener, StreamWrapper
 
 if TYPE_CHECKING:
     from ..vm import VirtualMachine
@@ -451,26 +451,17 @@ async def refuse(stream: trio.abc.Stream, why: str) -> None:
         await Channel(stream).send_error(f"the destination refused: {why}")
 
 
-class _Recorded(trio.abc.Stream):
+class _Recorded(StreamWrapper):
     """A stream that keeps a copy of every byte received through it."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self.received = bytearray()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         chunk = await self._stream.receive_some(max_bytes)
         self.received += chunk
         return chunk
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 async def _receive_pages(channel: Channel, pages: PageMap, length: int) -> int:

@@ -142,28 +142,14 @@ class Listener:
             self._sock.close()
 
 
-class PrefixedStream(trio.abc.Stream):
-    """A connection of which ``prefix`` was received elsewhere: it is received again
-    first, then the socket's own bytes, as if none had been read (a jailed worker's
-    daemon read a stream's header and config to plan the jail; the worker's
-    destination reads them again, and its SHA-256 covers them)."""
+class StreamWrapper(trio.abc.Stream):
+    """A stream that hands sending and closing to ``stream``; subclasses change how
+    it receives."""
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._prefix = memoryview(prefix)
-
-    @property
-    def socket(self) -> trio.socket.SocketType | None:
-        """The socket, once the prefix has been received (:class:`~avmm.migration.
-        stream.Channel` then receives straight into guest RAM); None before."""
-        return None if self._prefix else self._stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            size = len(self._prefix) if max_bytes is None else max_bytes
-            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
-            return bytes(chunk)
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -174,6 +160,32 @@ class PrefixedStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+class PrefixedStream(StreamWrapper):
+    """A connection of which ``prefix`` was received elsewhere: it is received again
+    first, then the socket's own bytes, as if none had been read (a jailed worker's
+    daemon read a stream's header and config to plan the jail; the worker's
+    destination reads them again, and its SHA-256 covers them)."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        super().__init__(stream)
+        self._socket_stream = stream
+        self._prefix = memoryview(prefix)
+
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The socket, once the prefix has been received (:class:`~avmm.migration.
+        stream.Channel` then receives straight into guest RAM); None before."""
+        return None if self._prefix else self._socket_stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            return bytes(chunk)
+        return await self._stream.receive_some(max_bytes)
 
 
 class Accepted:

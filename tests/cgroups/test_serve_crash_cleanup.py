@@ -14,6 +14,7 @@ import trio
 from avmm.api import ApiClient
 from tests.api.test_daemon import running_daemon
 from tests.cgroups.conftest import cgroup_cpu_problem
+from tests.isolation.test_process_mode import _alive
 from tests.prerequisites import require
 from tests.vm.helpers import TEST_GUEST
 
@@ -26,14 +27,6 @@ def _serve_args(isolation: str, scratch: Path) -> list[str]:
     if isolation == "none":
         return []
     return ["--jail-root", str(scratch / "jail"), "--jail-uid-range", f"{UIDS[0]}-{UIDS[1]}"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("isolation", ["none", "process"])

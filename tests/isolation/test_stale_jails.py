@@ -13,20 +13,13 @@ import trio
 
 from avmm.api import ApiClient
 from tests.api.test_daemon import running_daemon
+from tests.isolation.test_process_mode import _alive
 from tests.prerequisites import require
 from tests.vm.helpers import TEST_GUEST
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
 UIDS = (64350, 64399)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 async def test_the_jails_of_a_killed_daemon_are_removed_by_the_next_one() -> None:
