@@ -1280,36 +1280,54 @@ class UidAllocator:
     def allocate(self, lookup: Callable[[int], bool] | None = None) -> int:
         """The next free uid. ``lookup``, if given, is asked instead of the one this
         allocator was made with (the daemon asks NSS through its spawner: see
-        :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids`)."""
+        :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids`).
+
+        The lock is never held while ``lookup`` runs: a candidate is reserved under it,
+        looked up without it, then kept or given back. (The daemon's lookup needs its
+        event loop, where :meth:`release` runs: holding the lock across it deadlocked
+        the daemon when a VM ended during another's allocation.)"""
         lookup = lookup if lookup is not None else self._lookup
+        size = self._last - self._first + 1
+        tried, known = 0, 0
         with self._lock:
-            size = self._last - self._first + 1
-            candidate, tried, known = self._next, 0, 0
-            while tried < size:
-                end = self._subordinate_end(candidate)
-                if end is not None:  # the whole delegated range at once
-                    tried += end - candidate + 1
-                    candidate = self._first if end == self._last else end + 1
-                    continue
-                tried += 1
-                if candidate not in self._taken and candidate not in self._skip:
-                    if lookup is None or not lookup(candidate):
-                        self._taken.add(candidate)
-                        self._next = self._first if candidate == self._last \
-                            else candidate + 1
-                        return candidate
-                    known += 1
-                    log.warning("a jail uid is known to NSS; skipped", uid=candidate)
-                candidate = self._first if candidate == self._last else candidate + 1
-            skipped = f" ({len(self._skip)} of them named by the host's users and " \
-                "groups)" if self._skip else ""
-            others = [f"{count} {what}" for count, what in (
-                (known, "known to NSS (pwd/grp)"),
-                (sum(high - low + 1 for low, high in self._subordinate),
-                 "delegated in /etc/subuid or /etc/subgid")) if count]
-            raise JailError(f"every uid of {self._first}-{self._last} is in use"
-                            f"{skipped}{' or ' + ', '.join(others) if others else ''}; "
-                            "widen --jail-uid-range")
+            candidate = self._next
+        while tried < size:
+            with self._lock:
+                reserved = None
+                while tried < size and reserved is None:
+                    end = self._subordinate_end(candidate)
+                    if end is not None:  # the whole delegated range at once
+                        tried += end - candidate + 1
+                        candidate = self._first if end == self._last else end + 1
+                        continue
+                    tried += 1
+                    if candidate not in self._taken and candidate not in self._skip:
+                        reserved = candidate
+                        self._taken.add(reserved)
+                    candidate = self._first if candidate == self._last else candidate + 1
+            if reserved is None:
+                break
+            try:
+                someone_has_it = lookup is not None and lookup(reserved)
+            except BaseException:
+                self.release(reserved)
+                raise
+            if not someone_has_it:
+                with self._lock:
+                    self._next = self._first if reserved == self._last else reserved + 1
+                return reserved
+            self.release(reserved)
+            known += 1
+            log.warning("a jail uid is known to NSS; skipped", uid=reserved)
+        skipped = f" ({len(self._skip)} of them named by the host's users and " \
+            "groups)" if self._skip else ""
+        others = [f"{count} {what}" for count, what in (
+            (known, "known to NSS (pwd/grp)"),
+            (sum(high - low + 1 for low, high in self._subordinate),
+             "delegated in /etc/subuid or /etc/subgid")) if count]
+        raise JailError(f"every uid of {self._first}-{self._last} is in use"
+                        f"{skipped}{' or ' + ', '.join(others) if others else ''}; "
+                        "widen --jail-uid-range")
 
     def release(self, uid: int) -> None:
         with self._lock:
