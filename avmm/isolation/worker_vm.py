@@ -507,8 +507,12 @@ class WorkerVm:
             # A worker that ends meanwhile (or does not answer): what is known stands.
             with trio.move_on_after(REFRESH_TIMEOUT_S), contextlib.suppress(AvmmError):
                 await self._call("describe")
-            if self._pid is not None and self._pids_held:
-                self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
+            # Under the lock: _reap may let the PID go meanwhile, and a reused PID's
+            # threads are not this VM's.
+            async with self._pid_lock:
+                if self._pid is not None and self._pids_held:
+                    self._host_tids = await trio.to_thread.run_sync(_host_thread_ids,
+                                                                    self._pid)
         await trio.lowlevel.checkpoint()
 
     async def pause(self) -> None:
@@ -932,11 +936,13 @@ class WorkerVm:
         starting, before ``started``."""
         isolation = self._isolation
         config = self._known_config
-        uid, gid = await isolation.take_ids()
-        self._ids = (uid, gid)
+        uid: int | None = None
         spec: JailSpec | None = None
         streamed = self._incoming is not None and self._incoming.streamed
         try:
+            # In the try: no uid left (every one taken) still releases the fds below.
+            uid, gid = await isolation.take_ids()
+            self._ids = (uid, gid)
             max_file_bytes = isolation.max_file_bytes
             if max_file_bytes is None:
                 max_file_bytes = file_size_limit(
@@ -1012,7 +1018,8 @@ class WorkerVm:
             if spec is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_remove_quietly, spec.root)
-            isolation.give_back_ids(uid)
+            if uid is not None:
+                isolation.give_back_ids(uid)
             self._ids = None
 
     async def _spawn(self, spec: JailSpec) -> None:

@@ -194,3 +194,37 @@ def test_a_worker_vm_needs_a_config_unless_its_stream_brings_it() -> None:
     with pytest.raises(VmStateError, match="needs a config"):
         WorkerVm("vm-test", None, start=True, paths=None,
                  isolation=ProcessIsolation(uids=UidAllocator((64900, 64901))))
+
+
+async def test_a_worker_vm_that_gets_no_uid_keeps_no_group_memory_open() -> None:
+    """No uid left (every one of the range taken): the VM fails to start and the
+    descriptors of the daemon-wide groups it named are closed, not left to pile up in
+    the daemon with each such request."""
+    import dataclasses
+    import os
+
+    import trio
+
+    from avmm.config import DiskConfig
+    from avmm.isolation.jail import JailError
+    from avmm.ratelimit import BucketConfig, RateLimitConfig, SharedGroups
+
+    groups = SharedGroups(across_processes=True)
+    groups.create("tenant", RateLimitConfig(ops=BucketConfig(size=10, refill_ms=100)))
+    try:
+        config = dataclasses.replace(guest_config("avmm.test=echo"), disks=(
+            DiskConfig("/nonexistent.img", rate_limit_group="tenant"),))
+        isolation = ProcessIsolation(uids=UidAllocator((64990, 64990)))
+        assert isolation.uids is not None
+        isolation.uids.allocate()  # the only one
+        vm = WorkerVm("vm-test", config, start=True, paths=None, isolation=isolation,
+                      rate_limit_groups=groups)
+        held = list(vm._group_fds.values())
+        assert held
+        with pytest.raises(JailError, match="in use"):
+            await vm._run_worker(trio.TASK_STATUS_IGNORED)
+        for fd in held:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        groups.close()
