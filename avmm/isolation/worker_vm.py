@@ -887,7 +887,9 @@ class WorkerVm:
         incoming = self._incoming
         assert incoming is not None
         with self._waiting:
-            incoming.opening = await receive_opening(incoming.listener)
+            incoming.opening = await receive_opening(
+                incoming.listener,
+                path_check=None if self._paths is None else self._paths.check)
         if self._waiting.cancelled_caught:
             # As a destination of none mode stopped before its hand-over.
             self._exit = VmExit(StopReason.STOPPED, 0,

@@ -21,6 +21,7 @@ reads those bytes again, first (:class:`~avmm.migration.transport.Accepted`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ..config import VmConfig
+from ..config import PathCheck, VmConfig
 from ..errors import AvmmError, VmStartError
 from ..state import MachineState, SnapshotError, prepare_restore
 from ..state.codec import decode, prepare
@@ -125,7 +126,8 @@ class Destination:
                     self._log.info("migration incoming")
                     await self._receive(stream)
             except BaseException as e:
-                await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
+                await self._fail(_describe(e), refuse=not isinstance(e, PeerError),
+                                 told=_told(e))
                 if isinstance(e, AvmmError | OSError | trio.TooSlowError):
                     return
                 raise
@@ -178,7 +180,9 @@ class Destination:
                 self._log.warning("the source did not get the answer to COMMIT",
                                   error=str(e))
 
-    async def _fail(self, why: str, *, refuse: bool) -> None:
+    async def _fail(self, why: str, *, refuse: bool, told: str | None = None) -> None:
+        """The migration failed (``why``); with ``refuse``, the source is told ``told``
+        (``why`` if None)."""
         if self.progress.state == "failed":
             return
         self._update(state="failed", error=why)
@@ -187,7 +191,8 @@ class Destination:
             if self._channel is not None and refuse:
                 with trio.move_on_after(1):
                     try:
-                        await self._channel.send_error(f"the destination refused: {why}")
+                        await self._channel.send_error(
+                            f"the destination refused: {told or why}")
                     except MigrationError:
                         pass
             if self._channel is not None:
@@ -205,7 +210,7 @@ class Destination:
     async def _receive(self, stream: trio.abc.Stream) -> None:
         vm = self.vm
         channel = self._channel = Channel(stream)
-        config = await receive_config(channel, self.given)
+        config = await receive_config(channel, self.given, path_check=vm._paths.check)
         if self._adjust is not None:
             config = self._adjust(config)
         self._update(state="receiving")
@@ -301,10 +306,13 @@ class Destination:
         prepare_restore(self.vm._vcpus)
 
 
-async def receive_config(channel: Channel, given: VmConfig | None) -> VmConfig:
+async def receive_config(channel: Channel, given: VmConfig | None,
+                         path_check: PathCheck | None = None) -> VmConfig:
     """The stream's opening (see :func:`receive_config_payload`) as the config to build
-    (:func:`streamed_config`)."""
-    return streamed_config(await receive_config_payload(channel), given)
+    (:func:`streamed_config`, in a worker thread: it looks at the files it names)."""
+    payload = await receive_config_payload(channel)
+    return await trio.to_thread.run_sync(functools.partial(
+        streamed_config, payload, given, path_check=path_check))
 
 
 async def receive_config_payload(channel: Channel, max_bytes: int = MAX_FRAME) -> bytes:
@@ -342,6 +350,7 @@ class Opening:
 
 
 async def receive_opening(listener: Listener, *,
+                          path_check: PathCheck | None = None,
                           max_config_bytes: int = OPENING_CONFIG_MAX,
                           timeout_s: float = OPENING_TIMEOUT_S) -> Opening:
     """For a jailed worker's daemon, which must know an incoming VM's config to plan its
@@ -362,14 +371,15 @@ async def receive_opening(listener: Listener, *,
     try:
         with trio.fail_after(timeout_s):
             payload = await receive_config_payload(channel, max_config_bytes)
-        config = await trio.to_thread.run_sync(streamed_config, payload, None)
+        config = await trio.to_thread.run_sync(functools.partial(
+            streamed_config, payload, None, path_check=path_check))
     except BaseException as e:
         if isinstance(e, trio.TooSlowError):
             why = f"no config within {timeout_s:g} s of the connection"
         else:
             why = _describe(e)
         if not isinstance(e, PeerError):
-            await refuse(stream, why)
+            await refuse(stream, _told(e) or why)
         with trio.CancelScope(shield=True):
             await stream.aclose()
         if isinstance(e, trio.TooSlowError):
@@ -378,9 +388,19 @@ async def receive_opening(listener: Listener, *,
     return Opening(stream, config, bytes(recorded.received))
 
 
-def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
-    """The config to build from a CONFIG frame: the streamed one, or ``given`` merged
-    over it (:func:`merge_config`)."""
+def streamed_config(payload: bytes, given: VmConfig | None, *,
+                    path_check: PathCheck | None = None) -> VmConfig:
+    """The config to build from a CONFIG frame: ``given`` merged over it
+    (:func:`merge_config`: the host-side choices are ``given``'s), or with no config
+    given, the streamed one as the source sent it, but for what a source must not choose
+    on this host: its paths must pass ``path_check`` (the daemon's ``--allow-path``
+    policy, as for a config posted to the API), and its serial and console go to the
+    VM's console stream, never to a file or socket the source names (it could name
+    another tenant's file, which an output would truncate).
+
+    :raises StreamedConfigError: the streamed config cannot be used here; its message
+        says why (for this host's log), :attr:`~StreamedConfigError.public` what the
+        source is told (nothing about this host's files)."""
     try:
         state = decode(payload, ConfigState, path="config")
         if given is not None:
@@ -389,12 +409,29 @@ def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
             state = replace(state, machine=replace(
                 state.machine, cpu_weight=None, cpu_max_millipercent=None,
                 cpu_affinity=None, vcpu_affinity=None))
-        streamed = config_from_state(state, source=STREAM_NAME)
-    except SnapshotError as e:
-        raise MigrationError(f"the streamed config: {e}") from None
+        streamed = config_from_state(
+            state, source=STREAM_NAME, path_check=path_check if given is None else None)
+    except (SnapshotError, AvmmError) as e:
+        raise StreamedConfigError(f"the streamed config: {e}") from None
     if given is None:
-        return streamed
+        return replace(streamed, serial=_to_console_stream(streamed.serial),
+                       console=_to_console_stream(streamed.console))
     return merge_config(streamed, given)
+
+
+class StreamedConfigError(MigrationError):
+    """A streamed config this destination cannot use; the source is told only
+    :attr:`public` (the message may name this host's files)."""
+
+    public = "the streamed config cannot be used on this host (its log says why)"
+
+
+def _to_console_stream(output: Any) -> Any:
+    """A streamed serial or console output as a VM received without a config has it:
+    its console stream instead of a file or socket the source named (none stays none)."""
+    if output is None or output.mode in ("console", "none"):
+        return output
+    return replace(output, mode="console", path=None)
 
 
 def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
@@ -488,6 +525,12 @@ def _parse_state(payload: bytes) -> dict[str, Any]:
         return parse_state(payload, STATE_SECTIONS, name="the streamed state")
     except SnapshotError as e:
         raise MigrationError(str(e)) from None
+
+
+def _told(error: BaseException) -> str | None:
+    """What the source is told of ``error`` when it must not hear the whole line (it
+    may name this host's files), or None."""
+    return error.public if isinstance(error, StreamedConfigError) else None
 
 
 def _describe(error: BaseException) -> str:

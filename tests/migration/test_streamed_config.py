@@ -21,6 +21,7 @@ import trio
 from avmm.config import VmConfig
 from avmm.migration.destination import (
     OPENING_CONFIG_MAX,
+    StreamedConfigError,
     receive_config,
     receive_opening,
     streamed_config,
@@ -65,6 +66,62 @@ def test_a_given_config_decides_the_cpu_controls_on_this_host() -> None:
 
 
 # -- the opening a jailed worker's daemon reads (avmm.migration.destination) -------------
+
+def test_a_source_never_chooses_this_hosts_output_files(tmp_path: Path) -> None:
+    """With no config given, the source names the VM's devices, but its serial and
+    console go to the VM's console stream: a file or socket the source named could be
+    another tenant's file, which an output truncates. A given config's outputs stand."""
+    import dataclasses
+
+    from avmm.config import ConsoleConfig, SerialConfig
+
+    victim = tmp_path / "someone-elses.img"
+    victim.write_bytes(b"precious")
+    source = dataclasses.replace(
+        guest_config("avmm.test=hello"),
+        serial=SerialConfig(mode="file", path=victim),
+        console=ConsoleConfig(mode="socket", path=tmp_path / "console.sock"))
+    built = streamed_config(_payload(source), None)
+    assert (built.serial.mode, built.serial.path) == ("console", None)
+    assert built.console is not None
+    assert (built.console.mode, built.console.path) == ("console", None)
+    given = dataclasses.replace(guest_config("avmm.test=hello"), serial=SerialConfig(
+        mode="file", path=tmp_path / "mine.log"), console=ConsoleConfig(mode="console"))
+    merged = streamed_config(_payload(source), given)
+    assert (merged.serial.mode, merged.serial.path) == ("file", tmp_path / "mine.log")
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_streamed_config_is_held_to_the_daemons_path_policy(tmp_path: Path) -> None:
+    """Its paths must lie in the daemon's allowed directories, as a posted config's; the
+    source is told only that the config cannot be used (not which file, nor whether it
+    exists: no oracle of this host's files)."""
+    import dataclasses
+
+    from avmm.config import DiskConfig
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "ok.img").write_bytes(bytes(4096))
+    (outside / "secret.img").write_bytes(bytes(4096))
+    policy = PathPolicy([allowed])
+
+    def config(disk: Path) -> bytes:
+        return _payload(dataclasses.replace(guest_config("avmm.test=hello"),
+                                            disks=(DiskConfig(path=disk),)))
+
+    built = streamed_config(config(allowed / "ok.img"), None, path_check=policy.check)
+    assert built.disks[0].path == allowed / "ok.img"
+    for disk in (outside / "secret.img", outside / "missing.img"):
+        with pytest.raises(StreamedConfigError) as refused:
+            streamed_config(config(disk), None, path_check=policy.check)
+        assert str(disk) in str(refused.value)
+        assert str(tmp_path) not in refused.value.public
+    # No policy given (none mode without --allow-path): as before.
+    assert streamed_config(config(outside / "secret.img"), None).disks[0].path == (
+        outside / "secret.img")
+
 
 def _opening_bytes() -> tuple[bytes, bytes]:
     """A stream's header and CONFIG frame, and a ROUND frame that would follow READY."""
