@@ -59,7 +59,7 @@ from .lifecycle import (
     VmState,
 )
 from .migration.errors import HandOverUnconfirmed, MigrationError
-from .migration.transport import check_accept_timeout
+from .migration.transport import Accepted, check_accept_timeout
 from .paths import NewPath, PathPolicy
 from .ratelimit import LimitTargetError, SharedGroups
 from .state import SnapshotFiles, SnapshotInfo
@@ -905,8 +905,9 @@ class Host:
     async def receive(self, listen: str, *, config: VmConfig | None = None,
                       start: bool = True, paths: PathPolicy | None = None,
                       accept_timeout_s: float | None = None, vm_id: str | None = None,
-                      listening: socket.socket | None = None,
-                      after_build: Callable[[], None] | None = None) -> Any:
+                      listening: socket.socket | Accepted | None = None,
+                      after_build: Callable[[], None] | None = None,
+                      adjust_config: Callable[[VmConfig], VmConfig] | None = None) -> Any:
         """A new VM that comes in by live migration: it listens at ``listen``
         (``unix:/abs/path``, a socket of mode 0600, or ``tcp:HOST:PORT``) for one
         migration stream (see :meth:`avmm.vm.VirtualMachine.receive`) and returns as
@@ -916,7 +917,13 @@ class Host:
         carries (the same devices, in kind and order, with this host's paths). The
         ``unix:`` path and the files ``config`` names go through ``paths``. With
         ``accept_timeout_s``, a VM that no source has connected to by then ends
-        (failed; the socket released); without it, it waits until stopped.
+        (failed; the socket released); without it, it waits until stopped. With process
+        isolation and no ``config``, the daemon takes the source's connection and the
+        stream's config itself, to plan the jail, before the worker starts (see
+        :meth:`avmm.isolation.worker_vm.WorkerVm.receiving`).
+
+        ``vm_id``, ``listening`` (see :meth:`avmm.vm.VirtualMachine.receive`),
+        ``after_build`` and ``adjust_config`` are for :mod:`avmm.isolation.worker`.
 
         :raises PathNotAllowedError: the socket lies outside the allowed directories.
         :raises HostFileError: the socket cannot be bound there.
@@ -950,7 +957,8 @@ class Host:
             return VirtualMachine.receive(listen, config=config, start=start,
                                           paths=policy, name=name,
                                           accept_timeout_s=accept_timeout_s,
-                                          listening=listening, after_build=after_build)
+                                          listening=listening, after_build=after_build,
+                                          adjust_config=adjust_config)
 
         hosted = HostedVm(vm_id, config, start_paused=not start, restore=opener,
                           incoming=True)

@@ -30,7 +30,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -111,6 +111,9 @@ from .vcpu_loop import PauseControl, VcpuLoop
 from .virtio.device import DeviceId, PauseGate, VirtioDevice
 from .vm_virtio import VIRTIO_MMIO_WINDOW, VirtioMmioSlot, VirtioSlotState, placements
 from .x86_vcpu import apply_boot_state, configure_platform_state, wait_for_sipi
+
+if TYPE_CHECKING:
+    from .migration.transport import Accepted
 
 log = structlog.get_logger(__name__)
 
@@ -849,8 +852,9 @@ class VirtualMachine:
     async def receive(cls, listen: str, *, config: VmConfig | None = None,
                       start: bool = True, paths: PathPolicy | None = None,
                       name: str | None = None, accept_timeout_s: float | None = None,
-                      listening: socket.socket | None = None,
+                      listening: socket.socket | Accepted | None = None,
                       after_build: Callable[[], None] | None = None,
+                      adjust_config: Callable[[VmConfig], VmConfig] | None = None,
                       ) -> AsyncIterator[VirtualMachine]:
         """Receive a migrating VM (see :meth:`migrate`), as an async context manager
         like ``VirtualMachine(config)``::
@@ -872,15 +876,24 @@ class VirtualMachine:
         sending is told the destination refused).
 
         ``listening``: a socket already listening at ``listen`` (a jailed worker's
-        daemon bound it; it is used, not made). ``after_build``: as for
-        ``VirtualMachine(config)``, here once the stream's config has built the machine,
-        before the first page is taken in.
+        daemon bound it; it is used, not made), or the source's connection already
+        accepted there, with the bytes read of it (:class:`~avmm.migration.transport.
+        Accepted`: the daemon read the stream's config to plan the jail; they are read
+        again here, first). ``after_build``: as for ``VirtualMachine(config)``, here once
+        the stream's config has built the machine, before the first page is taken in.
+        ``adjust_config`` changes (or refuses, raising an AvmmError) the config to build,
+        once the stream has brought it.
 
         :raises MigrationError: ``listen`` is malformed or cannot be listened on, or
             ``accept_timeout_s`` is not a positive number.
         """
         from .migration.destination import Destination
-        from .migration.transport import Listener, check_accept_timeout, parse_address
+        from .migration.transport import (
+            Accepted,
+            Listener,
+            check_accept_timeout,
+            parse_address,
+        )
         from .migration.transport import listen as listen_on
 
         address = parse_address(listen, listen=True)
@@ -893,12 +906,16 @@ class VirtualMachine:
                                                     and config.name is not None)
         vm._token = trio.lowlevel.current_trio_token()
         vm._started_at = time.monotonic()
-        if listening is not None:
+        listener: Listener | Accepted
+        if isinstance(listening, Accepted):
+            listener = listening
+        elif listening is not None:
             listener = Listener(address, listening, None, accept_timeout_s)
         else:
             listener = await trio.to_thread.run_sync(functools.partial(
                 listen_on, address, policy, accept_timeout_s=accept_timeout_s))
-        destination = Destination(vm, listener, config, vm._set_migration)
+        destination = Destination(vm, listener, config, vm._set_migration,
+                                  adjust=adjust_config)
         vm._set_migration(destination.progress)
         # stop() before the hand-over ends the wait for (or the reception of) the stream.
         vm._receiving = destination.receiving

@@ -41,10 +41,11 @@ class Daemon:
         self.socket = directory / f"{name}.sock"
         self.log_path = directory / f"{name}.log"
         self._log = self.log_path.open("wb")
-        # Dense mode, pinned (process is root's default): `avmm receive` without a
-        # config, as here, is dense mode's (a worker's jail is planned from the config);
-        # tests/isolation has process mode's migrations. Filters in kill mode (the
-        # default, said here): the TCP leg's sockets come from the IP-socket thread.
+        # Dense mode, pinned (process is root's default): tests/isolation has process
+        # mode's migrations (tests/isolation/test_process_receive.py: the same mem-walk
+        # between two daemons in process mode, the destination given no config).
+        # Filters in kill mode (the default, said here): the TCP leg's sockets come
+        # from the IP-socket thread.
         self.process = subprocess.Popen([*AVMM, "serve", "--socket", str(self.socket),
                                          "--isolation", "none", "--seccomp", "kill"],
                                         stdin=subprocess.DEVNULL, stdout=self._log,

@@ -136,6 +136,13 @@ async def _run_daemon(socket_path: str | os.PathLike[str], group: str | None,
 
     # The cgroups of an avmm that crashed (its PID is gone): before any VM of ours starts.
     await trio.to_thread.run_sync(cleanup_stale)
+    jail_root = getattr(isolation, "jail_root", None)
+    if jail_root is not None:
+        # Likewise the jails a killed daemon left (empty directories it marked).
+        from ..cgroups.backend import owner_alive
+        from ..isolation.jail import remove_stale_jails
+
+        await trio.to_thread.run_sync(remove_stale_jails, jail_root, owner_alive)
     draining = trio.Event()
     shutdown = trio.Event()
     # Before the socket exists: a signal sent as soon as a client sees it must count.

@@ -47,7 +47,9 @@ def add_migration_commands(subparsers: Any, client_command: Any) -> list[Any]:
                                      "authenticated)")
     receive_parser.add_argument("--config", type=Path, default=None, metavar="VM.TOML",
                                 help="build the VM from this config instead of the one "
-                                     "in the stream (same devices, this host's paths)")
+                                     "in the stream (same devices, this host's paths); "
+                                     "without it, in either --isolation mode, the "
+                                     "stream's config is used")
     receive_parser.add_argument("--paused", action="store_true",
                                 help="leave the VM paused after the hand-over")
     receive_parser.add_argument("--accept-timeout", type=_seconds, default=None,

@@ -87,11 +87,19 @@ __all__ = [
     "plan_jail",
     "prepare_jail_dir",
     "remove_jail",
+    "remove_stale_jails",
     "runtime_binds",
     "subordinate_ranges",
 ]
 
 DEFAULT_JAIL_ROOT: Final = "/srv/avmm/jail"
+#: In a VM's jail directory on the host: the daemon that made it (its owner name, as
+#: avmm.cgroups names a process: PID namespace, PID, start time), so that the next
+#: daemon can tell a jail whose daemon was killed from another live daemon's. The
+#: worker never sees it: its root tmpfs is mounted over the directory.
+JAIL_OWNER_FILE: Final = ".avmm-owner"
+#: An owner name is short; anything longer is not one.
+_OWNER_MAX_BYTES: Final = 128
 #: What a VM id (the last component of a jail's root) may look like: the daemon's ids
 #: (``vm-1a2b3c``) and anything like them; never "." or "..".
 VM_ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
@@ -310,10 +318,13 @@ def _within(path: str, directory: str) -> bool:
 
 
 def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROOT,
-              uid: int, gid: int, max_file_bytes: int | None = None) -> JailSpec:
+              uid: int, gid: int, max_file_bytes: int | None = None,
+              boot_files: bool = True) -> JailSpec:
     """What the VM of ``config`` needs inside its jail, plus :func:`runtime_binds`.
 
-    Kernel and initrd read-only; disk images with the config's access; the *directory*
+    Kernel and initrd read-only (unless ``boot_files`` is false: a VM that comes in by
+    a migration stream with its config never reads them, and they need not exist on
+    this host); disk images with the config's access; the *directory*
     of each vhost-user socket (a back-end that restarts makes a new socket inode, which a
     bind of the file would not show), read-only (connect(2) needs no write access to the
     mount); ``/dev/kvm`` always. Serial/console output files and a console socket are
@@ -343,9 +354,10 @@ def plan_jail(config: VmConfig, vm_id: str, *, jail_root: str = DEFAULT_JAIL_ROO
         if parent != "/" and not any(_within(parent, reserved) for reserved in _RESERVED):
             dirs.add(parent)
 
-    bind(config.boot.kernel, False)
-    if config.boot.initrd is not None:
-        bind(config.boot.initrd, False)
+    if boot_files:
+        bind(config.boot.kernel, False)
+        if config.boot.initrd is not None:
+            bind(config.boot.initrd, False)
     for disk in config.disks:
         if disk.path is not None:
             bind(disk.path, not disk.readonly)
@@ -496,12 +508,13 @@ def _prctl(option: int, value: int, step: str) -> None:
 # --------------------------------------------------------------------------- daemon side
 
 
-def prepare_jail_dir(spec: JailSpec) -> None:
+def prepare_jail_dir(spec: JailSpec, owner: str | None = None) -> None:
     """Make ``spec.root`` (daemon side, root): missing ancestors 0755 (as ``mkdir -p``
     would, so the usual tools can walk to it), the jail directory itself 0700 and owned
     by root (only the worker's own mount namespace ever puts anything there; the host
-    needs no one else to look in). Refused: a symlink anywhere on the way, a root that
-    exists and is not an empty directory owned by this user."""
+    needs no one else to look in), holding :data:`JAIL_OWNER_FILE` with ``owner`` if
+    given. Refused: a symlink anywhere on the way, a root that exists and is not an
+    empty directory owned by this user."""
     parts = spec.root.strip("/").split("/")
     dirfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -535,6 +548,16 @@ def prepare_jail_dir(spec: JailSpec) -> None:
         if os.listdir(dirfd):
             raise JailError(f"jail: {spec.root} exists and is not empty; remove what is "
                             "left in it (another VM's jail?)")
+        if owner is not None:
+            try:
+                fd = os.open(JAIL_OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+                try:
+                    os.write(fd, owner.encode())
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise _fail("marking the jail directory", spec.root, e.errno) from e
     finally:
         os.close(dirfd)
 
@@ -564,6 +587,7 @@ def remove_jail(root: str) -> None:
                 raise _fail("walking to the jail directory", shown, e.errno) from e
             os.close(dirfd)
             dirfd = child
+        _remove_owner_file(dirfd, parts[-1], root)
         try:
             os.rmdir(parts[-1], dir_fd=dirfd)
         except FileNotFoundError:
@@ -576,6 +600,87 @@ def remove_jail(root: str) -> None:
     finally:
         os.close(dirfd)
     log.debug("jail removed", root=root)
+
+
+def _remove_owner_file(parent_fd: int, name: str, root: str) -> None:
+    try:
+        jail = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise _fail("opening the jail directory", root, e.errno) from e
+    try:
+        os.unlink(JAIL_OWNER_FILE, dir_fd=jail)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise _fail("removing the jail's owner file", root, e.errno) from e
+    finally:
+        os.close(jail)
+
+
+def _jail_owner(parent_fd: int, name: str) -> str | None:
+    """The owner written in jail ``name``'s owner file, or None (none, unreadable, a
+    symlink, or not an owner name's size)."""
+    try:
+        jail = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=parent_fd)
+    except OSError:
+        return None
+    try:
+        fd = os.open(JAIL_OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, dir_fd=jail)
+    except OSError:
+        return None
+    finally:
+        os.close(jail)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _OWNER_MAX_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > _OWNER_MAX_BYTES:
+        return None
+    return data.decode("ascii", errors="replace")
+
+
+def remove_stale_jails(jail_root: str, alive: Callable[[str], bool]) -> list[str]:
+    """Remove the jail directories under ``jail_root`` whose daemon is gone (daemon
+    side, at start): those whose owner file names a process ``alive`` says no longer
+    runs (a daemon killed before it could remove them). A directory without an owner
+    file, or another live daemon's, is left alone; so is one that holds anything else
+    (:func:`remove_jail` refuses it). Returns the roots removed."""
+    _check_path(jail_root, "jail root")
+    try:
+        dirfd = os.open(jail_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                        | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise _fail("opening the jail root", jail_root, e.errno) from e
+    removed: list[str] = []
+    try:
+        for name in os.listdir(dirfd):
+            if not _VM_ID_RE.fullmatch(name):
+                continue
+            owner = _jail_owner(dirfd, name)
+            if owner is None or alive(owner):
+                continue
+            root = jail_root.rstrip("/") + "/" + name
+            try:
+                remove_jail(root)
+            except JailError as e:
+                log.warning("a stale jail was left", root=root, reason=str(e))
+                continue
+            removed.append(root)
+            log.info("stale jail removed", root=root, owner=owner)
+    finally:
+        os.close(dirfd)
+    return removed
 
 
 # --------------------------------------------------------------------------- worker side
@@ -1175,36 +1280,54 @@ class UidAllocator:
     def allocate(self, lookup: Callable[[int], bool] | None = None) -> int:
         """The next free uid. ``lookup``, if given, is asked instead of the one this
         allocator was made with (the daemon asks NSS through its spawner: see
-        :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids`)."""
+        :meth:`avmm.isolation.worker_vm.ProcessIsolation.take_ids`).
+
+        The lock is never held while ``lookup`` runs: a candidate is reserved under it,
+        looked up without it, then kept or given back. (The daemon's lookup needs its
+        event loop, where :meth:`release` runs: holding the lock across it deadlocked
+        the daemon when a VM ended during another's allocation.)"""
         lookup = lookup if lookup is not None else self._lookup
+        size = self._last - self._first + 1
+        tried, known = 0, 0
         with self._lock:
-            size = self._last - self._first + 1
-            candidate, tried, known = self._next, 0, 0
-            while tried < size:
-                end = self._subordinate_end(candidate)
-                if end is not None:  # the whole delegated range at once
-                    tried += end - candidate + 1
-                    candidate = self._first if end == self._last else end + 1
-                    continue
-                tried += 1
-                if candidate not in self._taken and candidate not in self._skip:
-                    if lookup is None or not lookup(candidate):
-                        self._taken.add(candidate)
-                        self._next = self._first if candidate == self._last \
-                            else candidate + 1
-                        return candidate
-                    known += 1
-                    log.warning("a jail uid is known to NSS; skipped", uid=candidate)
-                candidate = self._first if candidate == self._last else candidate + 1
-            skipped = f" ({len(self._skip)} of them named by the host's users and " \
-                "groups)" if self._skip else ""
-            others = [f"{count} {what}" for count, what in (
-                (known, "known to NSS (pwd/grp)"),
-                (sum(high - low + 1 for low, high in self._subordinate),
-                 "delegated in /etc/subuid or /etc/subgid")) if count]
-            raise JailError(f"every uid of {self._first}-{self._last} is in use"
-                            f"{skipped}{' or ' + ', '.join(others) if others else ''}; "
-                            "widen --jail-uid-range")
+            candidate = self._next
+        while tried < size:
+            with self._lock:
+                reserved = None
+                while tried < size and reserved is None:
+                    end = self._subordinate_end(candidate)
+                    if end is not None:  # the whole delegated range at once
+                        tried += end - candidate + 1
+                        candidate = self._first if end == self._last else end + 1
+                        continue
+                    tried += 1
+                    if candidate not in self._taken and candidate not in self._skip:
+                        reserved = candidate
+                        self._taken.add(reserved)
+                    candidate = self._first if candidate == self._last else candidate + 1
+            if reserved is None:
+                break
+            try:
+                someone_has_it = lookup is not None and lookup(reserved)
+            except BaseException:
+                self.release(reserved)
+                raise
+            if not someone_has_it:
+                with self._lock:
+                    self._next = self._first if reserved == self._last else reserved + 1
+                return reserved
+            self.release(reserved)
+            known += 1
+            log.warning("a jail uid is known to NSS; skipped", uid=reserved)
+        skipped = f" ({len(self._skip)} of them named by the host's users and " \
+            "groups)" if self._skip else ""
+        others = [f"{count} {what}" for count, what in (
+            (known, "known to NSS (pwd/grp)"),
+            (sum(high - low + 1 for low, high in self._subordinate),
+             "delegated in /etc/subuid or /etc/subgid")) if count]
+        raise JailError(f"every uid of {self._first}-{self._last} is in use"
+                        f"{skipped}{' or ' + ', '.join(others) if others else ''}; "
+                        "widen --jail-uid-range")
 
     def release(self, uid: int) -> None:
         with self._lock:

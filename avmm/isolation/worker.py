@@ -21,6 +21,10 @@ The order, Firecracker's jailer's where it applies:
    rate-limit groups the VM names came as memfds with the start message too, and are
    mapped first (:class:`avmm.ratelimit.SharedRateLimiter`): the VM's devices find them
    as a VM of none mode finds the daemon's groups.
+   An incoming VM given no config comes with the connection its daemon accepted and
+   the stream's opening the daemon read (to plan the jail): its destination reads those
+   bytes again first, and builds only if its own reading of the config is the one the
+   jail was planned from (:meth:`_Worker.adjust_incoming`).
 5. Before any vCPU or device thread exists (the VM's ``after_build`` hook):
    :func:`~avmm.isolation.jail.drop_privileges` (rlimits, the jail's uid/gid, no new
    privileges), then the seccomp filter for the VMM's thread kinds, on every thread.
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import array
 import base64
+import binascii
 import contextlib
 import dataclasses
 import os
@@ -46,6 +51,7 @@ import re
 import socket
 import stat
 import sys
+from pathlib import Path
 from typing import Any
 
 import pyseccomp  # noqa: F401  (its import runs ldconfig: before the jail, which has none)
@@ -61,6 +67,7 @@ from ..host import Host, HostedVm, config_to_dict
 from ..lifecycle import VmMetrics, VmState
 from ..logs import configure_logging
 from ..migration import source as _migration_source  # noqa: F401  (loaded before the jail)
+from ..migration.transport import Accepted, parse_address
 from ..paths import BoundSocket, PathPolicy
 from ..ratelimit import SharedRateLimiter
 from ..state import SnapshotFiles
@@ -111,7 +118,9 @@ class StartRequest:
     #: The binds whose sources came as fds with the message (after the snapshot's).
     bind_paths: tuple[str, ...]
     #: An incoming migration: where it listens (for messages) and the accept timeout;
-    #: the listening socket came with the message (after the snapshot's fd).
+    #: the listening socket came with the message (after the snapshot's fd). Or, for a
+    #: VM given no config, the connection the daemon accepted, and ``received``: the
+    #: bytes it read of it (the stream's header and CONFIG frame).
     incoming: dict[str, Any] | None
     #: The outputs whose fds came with the message (after the listening socket's), by
     #: config key: the serial/console output file, the console's listening socket, the
@@ -148,8 +157,15 @@ def parse_start(message: dict[str, Any]) -> StartRequest:
         if incoming is not None and not (
                 isinstance(incoming, dict) and isinstance(incoming.get("listen"), str)
                 and (incoming.get("accept_timeout_s") is None
-                     or isinstance(incoming.get("accept_timeout_s"), int | float))):
+                     or isinstance(incoming.get("accept_timeout_s"), int | float))
+                and isinstance(incoming.get("received", ""), str)):
             raise ValueError("incoming has the wrong shape")
+        if incoming is not None and "received" in incoming:
+            try:
+                incoming = {**incoming, "received": base64.b64decode(
+                    incoming["received"], validate=True)}
+            except binascii.Error:
+                raise ValueError("incoming.received is not base64") from None
         outputs = message.get("outputs", [])
         if not isinstance(outputs, list) or len(set(outputs)) != len(outputs) \
                 or not all(isinstance(key, str) and (key in OUTPUT_KEYS
@@ -197,13 +213,14 @@ def status(hosted: HostedVm) -> dict[str, Any]:
 
 class _Worker:
     def __init__(self, channel: Channel, request: StartRequest,
-                 snapshot_fd: int | None = None, listening_fd: int | None = None,
+                 snapshot_fd: int | None = None, incoming_fd: int | None = None,
                  output_fds: dict[str, int] | None = None,
                  group_fds: dict[str, int] | None = None) -> None:
         self.channel = channel
         self.request = request
         self.snapshot_fd = snapshot_fd
-        self.listening_fd = listening_fd
+        #: The listening socket, or the connection the daemon accepted (incoming).
+        self.incoming_fd = incoming_fd
         self.output_fds = dict(output_fds or {})
         #: The daemon-wide rate-limit groups' shared memory, by name (each fd taken over
         #: by its SharedRateLimiter in run()).
@@ -218,21 +235,43 @@ class _Worker:
         its directory could have changed it since (a disk path through this process's
         /proc/self/fd would lead out of the jail)."""
         from ..state import SnapshotError
-        from .worker_vm import worker_config
 
-        adjusted = worker_config(daemon_config(config))
-        mine, checked = config_to_dict(adjusted), dict(self.request.config)
-        if config.machine.cpu_profile == "auto":
-            # The daemon resolved it (this jail has no /sys to tell).
-            mine["machine"] = {**mine["machine"],
-                               "cpu_profile": checked["machine"]["cpu_profile"]}
-            adjusted = dataclasses.replace(adjusted, machine=dataclasses.replace(
-                adjusted.machine, cpu_profile=checked["machine"]["cpu_profile"]))
-        if mine != checked:
+        adjusted = self._if_checked(daemon_config(config))
+        if adjusted is None:
             raise SnapshotError(f"{self.request.restore and self.request.restore['path']}: "
                                 "the snapshot changed after the daemon checked it; "
                                 "restore it again")
         return adjusted
+
+    def adjust_incoming(self, config: Any) -> Any:
+        """An incoming VM given no config: the config this worker read from the stream
+        itself, as its worker builds it (see worker_config). The daemon planned the jail
+        from its own reading of the same bytes, sent in the start message; this worker
+        builds only from its own, and only if the two are the same VM.
+
+        :raises MigrationError: they differ.
+        """
+        from ..migration.errors import MigrationError
+
+        adjusted = self._if_checked(config)
+        if adjusted is None:
+            raise MigrationError("the streamed config is not the one the daemon planned "
+                                 "the VM's jail from")
+        return adjusted
+
+    def _if_checked(self, config: Any) -> Any:
+        """``config`` as this worker builds it (see worker_config; an ``auto`` CPU
+        profile as the daemon resolved it: this jail has no /sys to tell), if that is
+        the config of the start message, which the daemon checked and planned the jail
+        from; else None."""
+        from .worker_vm import worker_config
+
+        adjusted = worker_config(config)
+        checked = dict(self.request.config)
+        if config.machine.cpu_profile == "auto":
+            adjusted = dataclasses.replace(adjusted, machine=dataclasses.replace(
+                adjusted.machine, cpu_profile=checked["machine"]["cpu_profile"]))
+        return adjusted if config_to_dict(adjusted) == checked else None
 
     def after_build(self) -> None:
         """Between the build and the first thread of the VM: the privileges go, the
@@ -250,15 +289,18 @@ class _Worker:
 
     async def run(self) -> None:
         request = self.request
+        incoming = request.incoming
+        # A VM given no config builds from the stream's (adjust_incoming checks it).
+        streamed = incoming is not None and "received" in incoming
         try:
-            config = await trio.to_thread.run_sync(
+            config = None if streamed else await trio.to_thread.run_sync(
                 lambda: config_from_dict(request.config, base_dir=None,
                                          source="the daemon's config",
                                          shared_groups=frozenset(request.groups)))
             # The daemon checked every path against its --allow-path; here the jail
             # holds only what the VM needs (an allowed directory itself is not in it),
             # and the outputs come open (their directories are not in it either).
-            policy = self.policy = PathPolicy(opened=self._outputs(config))
+            policy = self.policy = PathPolicy(opened=self._outputs())
         except (AvmmError, OSError) as e:
             await self.channel.send({"event": "failed", "error": error_payload(e)})
             return
@@ -271,14 +313,19 @@ class _Worker:
             try:
                 # Paused before its first instruction: the daemon places the vCPU
                 # threads (cgroup, affinity) first, then resumes it if it is to run.
-                if request.incoming is not None:
-                    assert self.listening_fd is not None
+                if incoming is not None:
+                    assert self.incoming_fd is not None
+                    sock = socket.socket(fileno=self.incoming_fd)
+                    listening: socket.socket | Accepted = sock
+                    if streamed:
+                        listening = Accepted(parse_address(incoming["listen"], listen=True),
+                                             sock, incoming["received"])
                     hosted = await host.receive(
-                        request.incoming["listen"], config=config, start=request.start,
-                        paths=policy, accept_timeout_s=request.incoming["accept_timeout_s"],
-                        vm_id=request.vm_id,
-                        listening=socket.socket(fileno=self.listening_fd),
-                        after_build=self.after_build)
+                        incoming["listen"], config=config, start=request.start,
+                        paths=policy, accept_timeout_s=incoming["accept_timeout_s"],
+                        vm_id=request.vm_id, listening=listening,
+                        after_build=self.after_build,
+                        adjust_config=self.adjust_incoming if streamed else None)
                 elif request.restore is not None:
                     restore = request.restore
                     hosted = await host.restore(
@@ -332,18 +379,20 @@ class _Worker:
             close_fds(list(fds.values()))
             raise
 
-    def _outputs(self, config: Any) -> dict[str, int | BoundSocket]:
+    def _outputs(self) -> dict[str, int | BoundSocket]:
         """The handed-over outputs as the VM's build takes them from its path policy:
         the console's listening socket as a BoundSocket (its file is the daemon's to
         remove), an output file or a tap as its fd."""
         outputs: dict[str, int | BoundSocket] = {}
         fds, self.output_fds = self.output_fds, {}
+        console = self.request.config.get("console")
         try:
             for key, fd in list(fds.items()):
-                console = config.console
-                if key == "console.path" and console is not None and console.mode == "socket":
+                if key == "console.path" and isinstance(console, dict) \
+                        and console.get("mode") == "socket" \
+                        and isinstance(console.get("path"), str):
                     outputs[key] = BoundSocket.handed_over(socket.socket(fileno=fd),
-                                                           console.path)
+                                                           Path(console["path"]))
                 else:
                     outputs[key] = fd
                 del fds[key]
@@ -523,8 +572,8 @@ def run_worker(channel_fd: int) -> int:
             return 1
     try:
         snapshot_fd = fds[0] if request.restore is not None else None
-        listening_fd = fds[first_output - 1] if request.incoming is not None else None
-        trio.run(_Worker(Channel(sock), request, snapshot_fd, listening_fd,
+        incoming_fd = fds[first_output - 1] if request.incoming is not None else None
+        trio.run(_Worker(Channel(sock), request, snapshot_fd, incoming_fd,
                          output_fds, group_fds).run)
     except ChannelError as e:
         log.warning("worker channel failed", reason=str(e))

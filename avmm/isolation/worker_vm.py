@@ -12,7 +12,9 @@ reason ``crash`` and the cause in the detail; the daemon and the other VMs go on
 
 What the jail keeps from the worker is brought by the daemon: CPU controls (it owns the
 VM's cgroup), a restore's snapshot (its directory's fd, closed before the guest runs), a
-migration's connection (a connected or listening socket), a snapshot's two files (the
+migration's connection (a connected or listening socket; for an incoming VM given no
+config, the connection the daemon accepted and the stream's header and CONFIG frame it
+read to plan the jail, which the worker reads again), a snapshot's two files (the
 daemon makes the directory and the files, the worker only writes into them: a directory
 fd would let a process walk out of its jail), the serial/console output file and the
 console socket (opened and bound here through the path policy with none mode's checks,
@@ -31,6 +33,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -47,6 +50,7 @@ import structlog
 import trio
 
 from ..cgroups import CgroupError, CpuLimits, CpuUsage, VmCpu, limits_from_machine
+from ..cgroups.backend import owner_name
 from ..cgroups.vm_cpu import DEFAULT_WEIGHT
 from ..config import VmConfig
 from ..cpu_profile import resolve_cpu_profile
@@ -223,25 +227,24 @@ class WorkerVm:
 
     isolation = "process"
 
-    def __init__(self, vm_id: str, config: VmConfig, *, start: bool,
+    def __init__(self, vm_id: str, config: VmConfig | None, *, start: bool,
                  paths: PathPolicy | None, isolation: ProcessIsolation,
                  restore: RestoreRequest | None = None,
                  incoming: IncomingRequest | None = None,
                  rate_limit_groups: SharedGroups | None = None) -> None:
         self.id = vm_id
-        self.name = config.name or vm_id
+        self.name = vm_id
         self.created_at = time.time()
         self._group_fds: dict[str, int] = {}
-        if config.machine.cpu_profile == "auto":
-            # Resolved here: the worker's jail has no /sys to tell it (the config shown
-            # is the one the VM runs with).
-            machine = dataclasses.replace(config.machine,
-                                          cpu_profile=resolve_cpu_profile("auto"))
-            config = dataclasses.replace(config, machine=machine)
-        self._config = config
-        # The daemon applies the CPU controls (the worker's jail holds no cgroup tree):
-        # the worker builds its VM without them.
-        self._cpu = VmCpu(vm_id, limits_from_machine(config.machine), worker=True)
+        #: None only for an incoming VM given no config, until the daemon has read the
+        #: stream's (see _take_source).
+        self._config: VmConfig | None = None
+        self._cpu = VmCpu(vm_id, CpuLimits(), worker=True)
+        self._incoming = incoming
+        if config is not None:
+            self._configure(config)
+        elif incoming is None or not incoming.streamed:
+            raise VmStateError("a VM in a worker needs a config")
         self._start = start
         self._restore = restore
         self._incoming = incoming
@@ -284,11 +287,49 @@ class WorkerVm:
         self._done = trio.Event()
         #: Set once the worker has said how its VM ended, or has died.
         self._ended = trio.Event()
+        #: An incoming VM given no config, until its worker runs: the daemon's wait for
+        #: the source and its config (cancelled by a stop), and its migration as the
+        #: API shows it meanwhile.
+        self._waiting = trio.CancelScope()
+        self._local_migration: dict[str, Any] | None = None
+        if incoming is not None and incoming.streamed:
+            self._local_migration = MigrationProgress(
+                state="incoming", address=str(incoming.listener.address)).as_dict()
+        #: The worker has started its VM (see _run).
+        self._worker_started = False
         self._log = log.bind(vm=vm_id)
         #: A descriptor of each daemon-wide group the VM names, taken now, last (nothing
         #: after it may fail; a group deleted before the worker starts stays the VM's,
         #: as in none mode); handed over and closed in _spawn, or closed in _run.
-        self._group_fds = _daemon_group_fds(config, rate_limit_groups)
+        self._group_fds = ({} if config is None
+                           else _daemon_group_fds(config, rate_limit_groups))
+
+    def _configure(self, config: VmConfig) -> None:
+        """Take ``config`` as the VM's: given, or read from an incoming stream by the
+        daemon. Its jail is planned from it.
+
+        :raises ConfigError: a streamed config names a daemon-wide rate-limit group.
+        """
+        if self._config is None and self._incoming is not None and self._incoming.streamed:
+            _refuse_daemon_groups(config)
+        if config.machine.cpu_profile == "auto":
+            # Resolved here: the worker's jail has no /sys to tell it (the config shown
+            # is the one the VM runs with).
+            machine = dataclasses.replace(config.machine,
+                                          cpu_profile=resolve_cpu_profile("auto"))
+            config = dataclasses.replace(config, machine=machine)
+        self._config = config
+        self.name = config.name or self.id
+        # The daemon applies the CPU controls (the worker's jail holds no cgroup tree):
+        # the worker builds its VM without them.
+        self._cpu = VmCpu(self.id, limits_from_machine(config.machine), worker=True)
+
+    @property
+    def _known_config(self) -> VmConfig:
+        if self._config is None:
+            raise VmStateError(f"VM {self.id!r} has no config yet (its migration stream "
+                               "has not brought it)")
+        return self._config
 
     def __repr__(self) -> str:
         return f"<WorkerVm {self.id} {self.name!r} {self.state.value}>"
@@ -328,27 +369,27 @@ class WorkerVm:
                         start: bool, paths: PathPolicy, accept_timeout_s: float | None,
                         isolation: ProcessIsolation) -> WorkerVm:
         """A VM that comes in by live migration into a worker (see
-        :meth:`avmm.host.Host.receive`). Its jail is planned from ``config``, which is
-        therefore needed here (the stream's own config comes only once a source has
-        connected); the daemon listens (``unix:`` through ``paths``) and hands the
-        listening socket over.
+        :meth:`avmm.host.Host.receive`); the daemon listens (``unix:`` through
+        ``paths``). Its jail is planned from its config: given ``config``, the daemon
+        hands the listening socket to the worker at once. Without one, the VM is
+        ``incoming`` while the daemon itself accepts the source and reads the stream's
+        header and CONFIG frame (see :meth:`_take_source`), then plans the jail from
+        that config and hands the worker the connection and the bytes it read, which
+        the worker's destination reads again first (the stream's SHA-256 covers them).
 
-        :raises ConfigError: no config was given (400).
+        :raises ConfigError: ``config`` names what a worker cannot have (400).
         :raises MigrationError: ``listen`` cannot be listened on.
         """
         from ..migration.transport import listen as listen_on
         from ..migration.transport import parse_address
 
-        if config is None:
-            raise ConfigError("with --isolation process an incoming VM needs its config "
-                              "(the files it names are what its jail holds): give "
-                              "--config, or run the daemon with --isolation none",
-                              key="config")
         address = parse_address(listen, listen=True)
-        listener = await trio.to_thread.run_sync(lambda: listen_on(address, paths))
+        listener = await trio.to_thread.run_sync(lambda: listen_on(
+            address, paths, accept_timeout_s=accept_timeout_s))
         try:
             return cls(vm_id, config, start=start, paths=paths, isolation=isolation,
-                       incoming=IncomingRequest(listen, listener, accept_timeout_s))
+                       incoming=IncomingRequest(listen, listener, accept_timeout_s,
+                                                streamed=config is None))
         except BaseException:
             listener.close()
             raise
@@ -356,7 +397,8 @@ class WorkerVm:
     # -- what HostedVm shows --------------------------------------------------------------
 
     @property
-    def config(self) -> VmConfig:
+    def config(self) -> VmConfig | None:
+        """The VM's config (None while an incoming VM given none waits for its stream's)."""
         return self._config
 
     @property
@@ -369,7 +411,8 @@ class WorkerVm:
         if self._done.is_set():
             return VmState.STOPPED
         if self._status is None:
-            return VmState.STARTING
+            # An incoming VM given no config is incoming until its worker says otherwise.
+            return VmState.STARTING if self._local_migration is None else VmState.INCOMING
         state = VmState(self._status["vm"]["state"])
         # Ended in the worker, but not yet here (its process is being reaped): as
         # HostedVm, "stopped" is shown only with the exit.
@@ -387,8 +430,11 @@ class WorkerVm:
     @property
     def migration(self) -> dict[str, Any] | None:
         """The worker's report of its VM's latest migration (checked, see
-        :func:`sanitize_status`), or None."""
-        return None if self._status is None else self._status["vm"].get("migration")
+        :func:`sanitize_status`), or None; the daemon's own while an incoming VM given no
+        config has no worker yet."""
+        if self._status is None:
+            return self._local_migration
+        return self._status["vm"].get("migration")
 
     @property
     def migrating(self) -> bool:
@@ -415,15 +461,17 @@ class WorkerVm:
         and what only the worker knows, as :func:`sanitize_status` kept it."""
         known = self._status["vm"] if self._status is not None else {}
         result = self.exit
-        config = config_to_dict(self._config)
+        config = None if self._config is None else config_to_dict(self._config)
         limits = self._cpu.limits  # as in force (PATCH /vms/{id} changes them here)
-        machine = {key: value for key, value in config["machine"].items() if key not in (
-            "cpu_weight", "cpu_max_percent", "cpu_affinity", "vcpu_affinity")}
-        config["machine"] = {**machine, **_without_none({
-            "cpu_weight": limits.weight, "cpu_max_percent": limits.max_percent,
-            "cpu_affinity": None if limits.affinity is None else list(limits.affinity),
-            "vcpu_affinity": None if limits.vcpu_affinity is None
-            else [list(cpus) for cpus in limits.vcpu_affinity]})}
+        if config is not None:
+            machine = {key: value for key, value in config["machine"].items()
+                       if key not in ("cpu_weight", "cpu_max_percent", "cpu_affinity",
+                                      "vcpu_affinity")}
+            config["machine"] = {**machine, **_without_none({
+                "cpu_weight": limits.weight, "cpu_max_percent": limits.max_percent,
+                "cpu_affinity": None if limits.affinity is None else list(limits.affinity),
+                "vcpu_affinity": None if limits.vcpu_affinity is None
+                else [list(cpus) for cpus in limits.vcpu_affinity]})}
         threads = known.get("vcpu_threads", [])
         return {
             "id": self.id,
@@ -459,8 +507,12 @@ class WorkerVm:
             # A worker that ends meanwhile (or does not answer): what is known stands.
             with trio.move_on_after(REFRESH_TIMEOUT_S), contextlib.suppress(AvmmError):
                 await self._call("describe")
-            if self._pid is not None and self._pids_held:
-                self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
+            # Under the lock: _reap may let the PID go meanwhile, and a reused PID's
+            # threads are not this VM's.
+            async with self._pid_lock:
+                if self._pid is not None and self._pids_held:
+                    self._host_tids = await trio.to_thread.run_sync(_host_thread_ids,
+                                                                    self._pid)
         await trio.lowlevel.checkpoint()
 
     async def pause(self) -> None:
@@ -575,7 +627,8 @@ class WorkerVm:
         try:
             files = partial.files
             assert files is not None
-            limit = snapshot_timeout_s(self._config.machine.memory_mib)
+            memory_mib = self._known_config.machine.memory_mib
+            limit = snapshot_timeout_s(memory_mib)
             try:
                 result = await self._call(
                     "snapshot", fds=(files.state_fd, files.memory_fd), path=str(directory),
@@ -587,11 +640,11 @@ class WorkerVm:
                     raise  # the worker's own answer (say, it is no longer paused)
                 raise SnapshotError(f"{directory}: the VM's worker ended before the "
                                     "snapshot was written; nothing was kept") from None
-            if _snapshot_bytes(result, self._config.machine.memory_mib) is None:
+            if _snapshot_bytes(result, memory_mib) is None:
                 raise SnapshotError(f"{directory}: the VM's worker answered the snapshot "
                                     "request with nonsense; nothing was kept")
             bytes_state, bytes_memory = await trio.to_thread.run_sync(
-                _commit_snapshot, partial, self._config.machine.memory_mib << 20,
+                _commit_snapshot, partial, memory_mib << 20,
                 limiter=_snapshot_copies())
         finally:
             # Removed unless it was renamed into place (also when cancelled: shielded).
@@ -646,6 +699,7 @@ class WorkerVm:
             return
         if self._tasks is None:
             self._stop_requested = detail
+            self._waiting.cancel()  # an incoming VM whose source has not come (yet)
             return
         self._stopping = True
         self._tasks.start_soon(self._stop, detail)
@@ -785,35 +839,145 @@ class WorkerVm:
     async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                    ) -> None:
         """Start the worker, wait until its VM runs (``started``), then follow it until
-        it has exited; the jail and the uid are released at the end, however it ends."""
-        isolation = self._isolation
-        uid, gid = await isolation.take_ids()
-        self._ids = (uid, gid)
-        spec: JailSpec | None = None
-        started = False
+        it has exited; the jail and the uid are released at the end, however it ends.
+
+        An incoming VM given no config is ``started`` at once (state incoming, as in
+        none mode): the daemon first takes its source and the stream's config
+        (:meth:`_take_source`); what fails from there (no source, a bad stream, a
+        worker that cannot start) is its exit (reason error, a detail saying why),
+        never an error raised to :meth:`avmm.host.Host.receive`."""
         try:
+            if self._incoming is None or not self._incoming.streamed:
+                await self._run_worker(task_status)
+                return
+            task_status.started()
+            try:
+                if await self._take_source():
+                    await self._run_worker(trio.TASK_STATUS_IGNORED)
+            except (AvmmError, OSError) as e:
+                await self._incoming_failed(str(e) or type(e).__name__)
+            except Exception as e:  # a bug, or input nobody foresaw: this VM's end only
+                self._log.exception("the incoming VM failed unexpectedly")
+                await self._incoming_failed(f"{type(e).__name__}: {e}")
+        finally:
+            if self._incoming is not None:
+                self._let_go_of_source()
+            if self._exit is None:
+                self._exit = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
+                                    "the worker ended without a status"
+                                    if self._worker_started else "the VM did not start")
+            for done, _slot in self._pending.values():
+                done.set()
+            self._console.end()
+            # Also when it never started: a stop or DELETE that came meanwhile waits here.
+            self._done.set()
+
+    async def _take_source(self) -> bool:
+        """An incoming VM given no config: accept its source (within the accept
+        timeout) and read the stream's header and CONFIG frame as strictly as the
+        destination does, bounded in size and time (it is hostile input), then take
+        that config as the VM's, to plan its jail from (as a given one). False if the
+        VM was stopped meanwhile (its exit recorded).
+
+        :raises MigrationError, ConfigError: no source came, or its opening or config
+            is refused (the source was told why).
+        """
+        from ..migration.destination import receive_opening
+
+        incoming = self._incoming
+        assert incoming is not None
+        with self._waiting:
+            incoming.opening = await receive_opening(
+                incoming.listener,
+                path_check=None if self._paths is None else self._paths.check)
+        if self._waiting.cancelled_caught:
+            # As a destination of none mode stopped before its hand-over.
+            self._exit = VmExit(StopReason.STOPPED, 0,
+                                self._stop_requested or "stopped by the host")
+            self._set_local_migration_failed("the VM was stopped before the hand-over")
+            return False
+        self._log.info("migration incoming; the daemon read its config",
+                       listen=str(incoming.listener.address))
+        self._configure(incoming.opening.config)
+        return True
+
+    async def _incoming_failed(self, why: str) -> None:
+        """An incoming VM given no config that ends before its worker has its VM (the
+        worker, if one was started, is gone): the source is told why, and the VM shows
+        the exit and migration a destination of none mode would."""
+        from ..migration.destination import refuse
+
+        self._log.warning("incoming migration failed; nothing runs here", error=why)
+        if self._incoming is not None and self._incoming.opening is not None:
+            # (A failure to read the opening was told by receive_opening itself.)
+            await refuse(self._incoming.opening.stream, why)
+        self._set_local_migration_failed(why)
+        if self._exit is None:
+            self._exit = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
+                                f"incoming migration failed: {why}")
+
+    def _set_local_migration_failed(self, why: str) -> None:
+        if self._local_migration is not None and self._status is None:
+            self._local_migration = {**self._local_migration, "state": "failed",
+                                     "error": why}
+
+    def _let_go_of_source(self) -> None:
+        """Close the daemon's listener and its copy of an accepted connection (the
+        worker has its own, or never will): a unix socket's file goes, and a source
+        sees the stream end when the worker's copy goes too."""
+        incoming, self._incoming = self._incoming, None
+        if incoming is None:
+            return
+        incoming.listener.close()
+        if incoming.opening is not None:
+            # Closing a trio socket only closes this process's fd (no shutdown).
+            incoming.opening.stream.socket.close()
+
+    async def _run_worker(self, task_status: trio.TaskStatus[None]) -> None:
+        """The worker's whole life (see :meth:`_run`): raises what keeps it from
+        starting, before ``started``."""
+        isolation = self._isolation
+        config = self._known_config
+        uid: int | None = None
+        spec: JailSpec | None = None
+        streamed = self._incoming is not None and self._incoming.streamed
+        try:
+            # In the try: no uid left (every one taken) still releases the fds below.
+            uid, gid = await isolation.take_ids()
+            self._ids = (uid, gid)
             max_file_bytes = isolation.max_file_bytes
             if max_file_bytes is None:
                 max_file_bytes = file_size_limit(
-                    self._config, await trio.to_thread.run_sync(_disk_sizes, self._config))
-            spec = plan_jail(self._config, self.id, jail_root=isolation.jail_root,
-                             uid=uid, gid=gid, max_file_bytes=max_file_bytes)
+                    config, await trio.to_thread.run_sync(_disk_sizes, config))
+            # A streamed VM's kernel and initrd are never read (RAM comes by the
+            # stream), and need not exist here: as in none mode, they are not bound.
+            spec = plan_jail(config, self.id, jail_root=isolation.jail_root,
+                             uid=uid, gid=gid, max_file_bytes=max_file_bytes,
+                             boot_files=not streamed)
             self._outputs = await trio.to_thread.run_sync(
-                _open_outputs, self.name, self._config, self._paths)
-            await trio.to_thread.run_sync(prepare_jail_dir, spec)
+                _open_outputs, self.name, config, self._paths)
+            await trio.to_thread.run_sync(functools.partial(
+                prepare_jail_dir, spec, owner=owner_name()))
             try:
                 await self._spawn(spec)
-                with trio.fail_after(START_TIMEOUT_S):
+                with trio.move_on_after(START_TIMEOUT_S) as waited:
                     await self._first_message()
+                if waited.cancelled_caught:
+                    raise VmStartError(self.id, "starting the worker process",
+                                       f"no answer within {START_TIMEOUT_S:g} s")
             except BaseException:
                 await self._kill()
                 raise
+            if streamed:
+                # The worker has the connection: a source must see the stream end when
+                # the worker's copy goes.
+                self._let_go_of_source()
             resume_failed: AvmmError | None = None
             async with trio.open_nursery() as nursery:
                 self._tasks = nursery
                 nursery.start_soon(self._follow_then_end, nursery.cancel_scope)
                 nursery.start_soon(self._relay_log)
-                if self._start and self._incoming is None:
+                if self._start and self._incoming is None and not streamed:
                     # Built paused (see _place); it runs from here.
                     try:
                         await self._call("resume")
@@ -821,15 +985,12 @@ class WorkerVm:
                         resume_failed = e
                         await self._kill()
                 if resume_failed is None:
-                    started = True
+                    self._worker_started = True
                     task_status.started()
                     if self._stop_requested is not None:
                         self.request_stop(self._stop_requested)
             if resume_failed is not None:
                 raise VmStartError(self.id, "starting the guest", str(resume_failed))
-        except trio.TooSlowError:
-            raise VmStartError(self.id, "starting the worker process",
-                               f"no answer within {START_TIMEOUT_S:g} s") from None
         finally:
             self._tasks = None
             if self._group_fds:  # never handed over
@@ -838,9 +999,8 @@ class WorkerVm:
             if self._restore is not None:
                 os.close(self._restore.dir_fd)
                 self._restore = None
-            if self._incoming is not None:
-                self._incoming.listener.close()  # a unix socket's file goes with it
-                self._incoming = None
+            if self._incoming is not None and not streamed:
+                self._let_go_of_source()
             await self._reap()
             if self._outputs:
                 # The console socket's file goes once nothing listens on it any more,
@@ -860,17 +1020,9 @@ class WorkerVm:
             if spec is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(_remove_quietly, spec.root)
-            isolation.give_back_ids(uid)
+            if uid is not None:
+                isolation.give_back_ids(uid)
             self._ids = None
-            if self._exit is None:
-                self._exit = VmExit(StopReason.ERROR, HOST_FAILURE_STATUS,
-                                    "the worker ended without a status" if started
-                                    else "the VM did not start")
-            for done, _slot in self._pending.values():
-                done.set()
-            self._console.end()
-            # Also when it never started: a stop or DELETE that came meanwhile waits here.
-            self._done.set()
 
     async def _spawn(self, spec: JailSpec) -> None:
         spawner = self._isolation.spawner
@@ -895,17 +1047,30 @@ class WorkerVm:
         finally:
             theirs.close()
         self._channel = Channel(ours)
+        # The jailer's order: the VM's cgroup before anything of the VM is built. The
+        # process just started waits for its start message (sent below) before it forks
+        # the jailed process and builds the VM, so every process and thread of the VM
+        # is born in the cgroup. Unreaped until _reap lets it go, its PID is its own.
+        async with self._pid_lock:
+            try:
+                await trio.to_thread.run_sync(self._place_early, self._reaper)
+            except (CgroupError, OSError) as e:
+                raise VmStartError(self.id, "placing the worker in the VM's cgroup",
+                                   str(e)) from None
         isolation = self._isolation
-        config = worker_config(self._config)
+        config = worker_config(self._known_config)
         restore = self._restore
         # What the VM's config names is bound from fds opened here, through the path
         # policy: a component swapped for a symlink after the check changes nothing.
         sources = await trio.to_thread.run_sync(_open_bind_sources, spec, self._paths)
         incoming = self._incoming
+        opening = None if incoming is None else incoming.opening
         outputs = self._outputs
         groups = self._group_fds
         fds = [*(() if restore is None else (restore.dir_fd,)),
-               *(() if incoming is None else (incoming.listener.fileno(),)),
+               # The accepted connection (the daemon read its opening), or the listener.
+               *(() if incoming is None else (incoming.listener.fileno() if opening is None
+                                              else opening.stream.socket.fileno(),)),
                *(output.socket.fileno() if isinstance(output, BoundSocket) else output
                  for output in outputs.values()),
                *groups.values(),
@@ -922,7 +1087,12 @@ class WorkerVm:
                     "vhost_user": dict(restore.vhost_user)},
                 "incoming": None if incoming is None else {
                     "listen": incoming.listen,
-                    "accept_timeout_s": incoming.accept_timeout_s},
+                    "accept_timeout_s": incoming.accept_timeout_s} if opening is None else {
+                    # Where the daemon listened (a TCP port 0 made real), and what it
+                    # read of the stream: the worker's destination reads it again first.
+                    "listen": str(incoming.listener.address),
+                    "accept_timeout_s": None,
+                    "received": base64.b64encode(opening.received).decode()},
                 "log_level": isolation.log_level, "log_format": isolation.log_format,
             }, fds)
         finally:
@@ -979,6 +1149,13 @@ class WorkerVm:
             self._host_tids = await trio.to_thread.run_sync(_host_thread_ids, self._pid)
             await trio.to_thread.run_sync(self._place, self._pid)
         self._log.info("vm worker started", pid=self._pid)
+
+    def _place_early(self, pid: int | None) -> None:
+        """The VM's cgroup (if its CPU controls need one), with the process the spawner
+        started for it (a worker thread)."""
+        self._cpu.prepare()
+        if pid is not None:
+            self._cpu.place_process(pid)
 
     def _place(self, pid: int) -> None:
         """The VM's CPU controls on its worker (a worker thread), before its guest's
@@ -1286,11 +1463,17 @@ def worker_config(config: VmConfig) -> VmConfig:
 class IncomingRequest:
     """A VM that comes in by live migration, received in its worker: the listening
     socket the daemon bound (its fd handed over; the daemon keeps the listener, which
-    removes a unix socket's file when closed), as ``listen`` names it."""
+    removes a unix socket's file when closed), as ``listen`` names it.
+
+    ``streamed``: no config was given; the daemon accepts the source and reads the
+    stream's opening itself (see :meth:`WorkerVm._take_source`), and hands the worker
+    the ``opening`` (the connection and the bytes read) instead of the listener."""
 
     listen: str
     listener: Any  # avmm.migration.transport.Listener
     accept_timeout_s: float | None
+    streamed: bool = False
+    opening: Any = None  # avmm.migration.destination.Opening, once read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1322,6 +1505,21 @@ def daemon_groups_named(config: VmConfig) -> list[tuple[str, str]]:
         if group is not None and group not in own_groups:
             seen.setdefault(group, key)
     return [(key, group) for group, key in seen.items()]
+
+
+def _refuse_daemon_groups(config: VmConfig) -> None:
+    """A config that came with an incoming migration stream, to a VM given none: its
+    worker is handed no daemon-wide group (as none mode's streamed VM gets none).
+
+    :raises ConfigError: it names one (with the key).
+    """
+    named = daemon_groups_named(config)
+    if named:
+        key, group = named[0]
+        raise ConfigError(f"the streamed config names the daemon-wide rate-limit group "
+                          f"{group!r}; give the incoming VM a config, or define the "
+                          "group in the VM's [rate_limit_groups]",
+                          path=config.source, key=key)
 
 
 def _daemon_group_fds(config: VmConfig, groups: SharedGroups | None) -> dict[str, int]:

@@ -12,19 +12,25 @@ Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame
 outside RAM, a state that does not fit, a digest that does not match — sends ERROR to
 the source (best effort), releases everything built, and ends the VM with
 :attr:`~avmm.lifecycle.StopReason.ERROR` and a detail saying why: it never ran.
+
+A jailed worker's daemon reads the opening (header and CONFIG) itself when it has no
+config to plan the jail from (:func:`receive_opening`); the worker's destination then
+reads those bytes again, first (:class:`~avmm.migration.transport.Accepted`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ..config import VmConfig
+from ..config import PathCheck, VmConfig
 from ..errors import AvmmError, VmStartError
 from ..state import MachineState, SnapshotError, prepare_restore
 from ..state.codec import decode, prepare
@@ -41,6 +47,7 @@ from .progress import MigrationProgress, Steps
 from .stream import (
     END,
     KIND_DATA,
+    MAX_FRAME,
     PAGES_COUNT,
     ROUND,
     Channel,
@@ -50,7 +57,7 @@ from .stream import (
     parse_runs,
     runs_length,
 )
-from .transport import Listener
+from .transport import Accepted, Listener, StreamWrapper
 
 if TYPE_CHECKING:
     from ..vm import VirtualMachine
@@ -82,11 +89,15 @@ def prepare_state_codec() -> None:
 class Destination:
     """One incoming migration into ``vm`` (see the module docstring)."""
 
-    def __init__(self, vm: VirtualMachine, listener: Listener, config: VmConfig | None,
-                 report: Any) -> None:
+    def __init__(self, vm: VirtualMachine, listener: Listener | Accepted,
+                 config: VmConfig | None, report: Any,
+                 adjust: Callable[[VmConfig], VmConfig] | None = None) -> None:
         self.vm = vm
         self.listener = listener
         self.given = config
+        #: Changes the config to build before it is built (a jailed worker's: see
+        #: avmm.isolation.worker); it may refuse it (an AvmmError).
+        self._adjust = adjust
         self._report = report
         self._started = time.monotonic()
         self.progress = MigrationProgress(state="incoming", address=str(listener.address))
@@ -115,7 +126,8 @@ class Destination:
                     self._log.info("migration incoming")
                     await self._receive(stream)
             except BaseException as e:
-                await self._fail(_describe(e), refuse=not isinstance(e, PeerError))
+                await self._fail(_describe(e), refuse=not isinstance(e, PeerError),
+                                 told=_told(e))
                 if isinstance(e, AvmmError | OSError | trio.TooSlowError):
                     return
                 raise
@@ -168,7 +180,9 @@ class Destination:
                 self._log.warning("the source did not get the answer to COMMIT",
                                   error=str(e))
 
-    async def _fail(self, why: str, *, refuse: bool) -> None:
+    async def _fail(self, why: str, *, refuse: bool, told: str | None = None) -> None:
+        """The migration failed (``why``); with ``refuse``, the source is told ``told``
+        (``why`` if None)."""
         if self.progress.state == "failed":
             return
         self._update(state="failed", error=why)
@@ -177,7 +191,8 @@ class Destination:
             if self._channel is not None and refuse:
                 with trio.move_on_after(1):
                     try:
-                        await self._channel.send_error(f"the destination refused: {why}")
+                        await self._channel.send_error(
+                            f"the destination refused: {told or why}")
                     except MigrationError:
                         pass
             if self._channel is not None:
@@ -192,14 +207,12 @@ class Destination:
             await trio.to_thread.run_sync(self.vm._resources.close)
             self.vm._migration_failed(f"incoming migration failed: {why}")
 
-    async def _receive(self, stream: trio.SocketStream) -> None:
+    async def _receive(self, stream: trio.abc.Stream) -> None:
         vm = self.vm
         channel = self._channel = Channel(stream)
-        await channel.receive_header()
-        kind, payload = await channel.receive()
-        if kind is not Kind.CONFIG:
-            raise MigrationError(f"{kind.name} frame before CONFIG")
-        config = self._config(payload)
+        config = await receive_config(channel, self.given, path_check=vm._paths.check)
+        if self._adjust is not None:
+            config = self._adjust(config)
         self._update(state="receiving")
         vm._prepare_incoming(config)
         await trio.to_thread.run_sync(vm._build)
@@ -292,13 +305,102 @@ class Destination:
         prepare_state_codec()
         prepare_restore(self.vm._vcpus)
 
-    def _config(self, payload: bytes) -> VmConfig:
-        return streamed_config(payload, self.given)
+
+async def receive_config(channel: Channel, given: VmConfig | None,
+                         path_check: PathCheck | None = None) -> VmConfig:
+    """The stream's opening (see :func:`receive_config_payload`) as the config to build
+    (:func:`streamed_config`, in a worker thread: it looks at the files it names)."""
+    payload = await receive_config_payload(channel)
+    return await trio.to_thread.run_sync(functools.partial(
+        streamed_config, payload, given, path_check=path_check))
 
 
-def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
-    """The config to build from a CONFIG frame: the streamed one, or ``given`` merged
-    over it (:func:`merge_config`)."""
+async def receive_config_payload(channel: Channel, max_bytes: int = MAX_FRAME) -> bytes:
+    """The stream's opening: its header, then the CONFIG frame (of at most
+    ``max_bytes``, checked before its payload is read); the frame's payload.
+
+    :raises MigrationError: anything else came (PeerError: the source's ERROR line).
+    """
+    await channel.receive_header()
+    kind, length = await channel.receive_frame_header()
+    if kind not in (Kind.CONFIG, Kind.ERROR):
+        raise MigrationError(f"{kind.name} frame before CONFIG")
+    if length > max_bytes:
+        raise MigrationError(f"{kind.name} frame of {length} bytes (at most {max_bytes} "
+                             "here)")
+    return await channel.receive_payload(kind, length)  # ERROR: raises PeerError
+
+
+#: A jailed worker's daemon reads an incoming stream's opening itself (see
+#: :func:`receive_opening`): a CONFIG frame of at most this many bytes (a config is a
+#: few hundred bytes; what the daemon read travels to the worker in a channel message),
+#: all of it within this many seconds of the connection.
+OPENING_CONFIG_MAX = 32 << 10
+OPENING_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Opening:
+    """A source's connection and the stream's config, read by :func:`receive_opening`."""
+
+    stream: trio.SocketStream
+    config: VmConfig
+    #: Every byte received so far (the header and the CONFIG frame), in order.
+    received: bytes
+
+
+async def receive_opening(listener: Listener, *,
+                          path_check: PathCheck | None = None,
+                          max_config_bytes: int = OPENING_CONFIG_MAX,
+                          timeout_s: float = OPENING_TIMEOUT_S) -> Opening:
+    """For a jailed worker's daemon, which must know an incoming VM's config to plan its
+    jail before the worker exists: accept the one source (within the listener's accept
+    timeout; the listener is closed), read the stream's header and CONFIG frame as
+    strictly as :class:`Destination` does (bounded in size and time: it is hostile input
+    until then), and parse the config (:func:`streamed_config`, in a worker thread: it
+    looks at the files the config names). Nothing past the CONFIG frame is read: the
+    source sends nothing more before READY.
+
+    :raises MigrationError: no source came, or its opening is not a valid one (the
+        source is sent the refusal as an ERROR frame, best effort); the connection is
+        closed.
+    """
+    stream = await listener.accept_one()
+    recorded = _Recorded(stream)
+    channel = Channel(recorded)
+    try:
+        with trio.fail_after(timeout_s):
+            payload = await receive_config_payload(channel, max_config_bytes)
+        config = await trio.to_thread.run_sync(functools.partial(
+            streamed_config, payload, None, path_check=path_check))
+    except BaseException as e:
+        if isinstance(e, trio.TooSlowError):
+            why = f"no config within {timeout_s:g} s of the connection"
+        else:
+            why = _describe(e)
+        if not isinstance(e, PeerError):
+            await refuse(stream, _told(e) or why)
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        if isinstance(e, trio.TooSlowError):
+            raise MigrationError(why) from None
+        raise
+    return Opening(stream, config, bytes(recorded.received))
+
+
+def streamed_config(payload: bytes, given: VmConfig | None, *,
+                    path_check: PathCheck | None = None) -> VmConfig:
+    """The config to build from a CONFIG frame: ``given`` merged over it
+    (:func:`merge_config`: the host-side choices are ``given``'s), or with no config
+    given, the streamed one as the source sent it, but for what a source must not choose
+    on this host: its paths must pass ``path_check`` (the daemon's ``--allow-path``
+    policy, as for a config posted to the API), and its serial and console go to the
+    VM's console stream, never to a file or socket the source names (it could name
+    another tenant's file, which an output would truncate).
+
+    :raises StreamedConfigError: the streamed config cannot be used here; its message
+        says why (for this host's log), :attr:`~StreamedConfigError.public` what the
+        source is told (nothing about this host's files)."""
     try:
         state = decode(payload, ConfigState, path="config")
         if given is not None:
@@ -307,12 +409,29 @@ def streamed_config(payload: bytes, given: VmConfig | None) -> VmConfig:
             state = replace(state, machine=replace(
                 state.machine, cpu_weight=None, cpu_max_millipercent=None,
                 cpu_affinity=None, vcpu_affinity=None))
-        streamed = config_from_state(state, source=STREAM_NAME)
-    except SnapshotError as e:
-        raise MigrationError(f"the streamed config: {e}") from None
+        streamed = config_from_state(
+            state, source=STREAM_NAME, path_check=path_check if given is None else None)
+    except (SnapshotError, AvmmError) as e:
+        raise StreamedConfigError(f"the streamed config: {e}") from None
     if given is None:
-        return streamed
+        return replace(streamed, serial=_to_console_stream(streamed.serial),
+                       console=_to_console_stream(streamed.console))
     return merge_config(streamed, given)
+
+
+class StreamedConfigError(MigrationError):
+    """A streamed config this destination cannot use; the source is told only
+    :attr:`public` (the message may name this host's files)."""
+
+    public = "the streamed config cannot be used on this host (its log says why)"
+
+
+def _to_console_stream(output: Any) -> Any:
+    """A streamed serial or console output as a VM received without a config has it:
+    its console stream instead of a file or socket the source named (none stays none)."""
+    if output is None or output.mode in ("console", "none"):
+        return output
+    return replace(output, mode="console", path=None)
 
 
 def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
@@ -361,6 +480,27 @@ def merge_config(streamed: VmConfig, given: VmConfig) -> VmConfig:
                    disks=tuple(disks), nets=tuple(nets))
 
 
+async def refuse(stream: trio.abc.Stream, why: str) -> None:
+    """Tell the source why this destination refuses (an ERROR frame; best effort, at
+    most 1 s, also while cancelled)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1), \
+            contextlib.suppress(MigrationError):
+        await Channel(stream).send_error(f"the destination refused: {why}")
+
+
+class _Recorded(StreamWrapper):
+    """A stream that keeps a copy of every byte received through it."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        super().__init__(stream)
+        self.received = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        chunk = await self._stream.receive_some(max_bytes)
+        self.received += chunk
+        return chunk
+
+
 async def _receive_pages(channel: Channel, pages: PageMap, length: int) -> int:
     """Receive one PAGES frame of ``length`` bytes: its runs first, all of them checked
     before any byte goes into guest RAM, then each data run's pages straight into guest
@@ -385,6 +525,12 @@ def _parse_state(payload: bytes) -> dict[str, Any]:
         return parse_state(payload, STATE_SECTIONS, name="the streamed state")
     except SnapshotError as e:
         raise MigrationError(str(e)) from None
+
+
+def _told(error: BaseException) -> str | None:
+    """What the source is told of ``error`` when it must not hear the whole line (it
+    may name this host's files), or None."""
+    return error.public if isinstance(error, StreamedConfigError) else None
 
 
 def _describe(error: BaseException) -> str:

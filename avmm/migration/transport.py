@@ -9,6 +9,10 @@ given an accept timeout gives up (and closes) when no source connects in time. T
 source reaches a ``unix:`` destination through what its path policy opened
 (:meth:`avmm.paths.PathPolicy.socket_address`), never by a name checked earlier. TCP has
 no authentication: run it on a trusted network only (README, "Live migration").
+
+A jailed worker may be handed its daemon's listener, or the connection the daemon
+accepted and what it read of it (:class:`Accepted`, whose stream gives those bytes
+first: :class:`PrefixedStream`).
 """
 
 from __future__ import annotations
@@ -137,6 +141,79 @@ class Listener:
             self._bound = None
         else:
             self._sock.close()
+
+
+class StreamWrapper(trio.abc.Stream):
+    """A stream that hands sending and closing to ``stream``; subclasses change how
+    it receives."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class PrefixedStream(StreamWrapper):
+    """A connection of which ``prefix`` was received elsewhere: it is received again
+    first, then the socket's own bytes, as if none had been read (a jailed worker's
+    daemon read a stream's header and config to plan the jail; the worker's
+    destination reads them again, and its SHA-256 covers them)."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        super().__init__(stream)
+        self._socket_stream = stream
+        self._prefix = memoryview(prefix)
+
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The socket, once the prefix has been received (:class:`~avmm.migration.
+        stream.Channel` then receives straight into guest RAM); None before."""
+        return None if self._prefix else self._socket_stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            size = len(self._prefix) if max_bytes is None else max_bytes
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            return bytes(chunk)
+        return await self._stream.receive_some(max_bytes)
+
+
+class Accepted:
+    """A source's connection accepted elsewhere, with what was read of it (a jailed
+    worker's daemon accepted it and read the stream's header and CONFIG frame): a
+    :class:`Listener` whose one connection has already come."""
+
+    accept_timeout_s: float | None = None
+
+    def __init__(self, address: Address, sock: socket.socket, prefix: bytes) -> None:
+        #: Where the daemon listened (a TCP port 0 already replaced by the kernel's).
+        self.address = address
+        self._sock: socket.socket | None = sock
+        self._prefix = prefix
+
+    async def accept_one(self) -> trio.abc.Stream:
+        """The connection, its prefix received first (once only)."""
+        if self._sock is None:
+            raise MigrationError("the accepted connection was already taken")
+        sock, self._sock = self._sock, None
+        return PrefixedStream(adopt(sock), self._prefix)
+
+    def close(self) -> None:
+        """Close the connection if it was never taken (a taken one is its stream's)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def listen(address: Address, paths: PathPolicy, *,

@@ -133,6 +133,7 @@ def _cmd_blk(args: argparse.Namespace) -> int:
                            allow_unsealed_memory=args.allow_unsealed_memory,
                            seccomp=SeccompMode(args.seccomp), jail=jail)
     finally:
+        _log_limiter(device.name, device.throttle)
         device.close()
 
 
@@ -162,6 +163,7 @@ def _cmd_net(args: argparse.Namespace) -> int:
             raise AvmmError(f"--mac {args.mac!r}: expected a unicast MAC like 52:54:00:12:34:56")
     jail = _jail(args, devices=("/dev/net/tun",))
     tap = Tap.open(args.tap)
+    device = None
     try:
         device = NetDevice(tap, mac=mac, name="net0", queue_size=LARGEST_QUEUE_SIZE)
         for direction in ("tx", "rx"):
@@ -173,7 +175,17 @@ def _cmd_net(args: argparse.Namespace) -> int:
             device, args.socket, allow_unsealed_memory=args.allow_unsealed_memory,
             seccomp=SeccompMode(args.seccomp), jail=jail)
     finally:
+        if device is not None:
+            _log_limiter("net0.tx", device.tx_throttle)
+            _log_limiter("net0.rx", device.rx_throttle)
         tap.close()
+
+
+def _log_limiter(name: str, throttle: Throttle | None) -> None:
+    """What a limited device's limiter did over the back-end's life (one line at exit,
+    as ``GET /vms/{id}`` shows it for a disk avmm serves itself)."""
+    if throttle is not None:
+        log.info("rate limiter at exit", device=name, **throttle.stats())
 
 
 def run_backend(device: VirtioDevice, socket_path: str, *,

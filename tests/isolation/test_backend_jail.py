@@ -92,3 +92,73 @@ def _avmm() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "avmm.cli"]
+
+
+def _jailed(process_pid: int) -> dict[str, str]:
+    """The status of the back-end the supervisor ``process_pid`` jailed (supervisor →
+    the jailer's reaper → the back-end)."""
+    reaper, = _children(process_pid)
+    backend, = _children(reaper)
+    return _status(backend)
+
+
+def _check_confined(status: dict[str, str]) -> None:
+    assert status["Uid"].split() == [str(UID)] * 4, status["Uid"]
+    assert status["Gid"].split() == [str(UID)] * 4, status["Gid"]
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert status["NSpid"].split()[-1] == "1"
+    assert int(status["CapEff"], 16) == 0, status["CapEff"]
+
+
+async def test_a_jailed_rng_backend_serves_a_guest(tmp_path: Path) -> None:
+    import dataclasses
+    import re
+
+    from avmm.config import VhostUserConfig
+    from tests.vm.helpers import guest_config
+
+    if os.geteuid() != 0:
+        require("a jailed back-end needs root (namespaces, mounts, a jail uid)")
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    sock = sockets / "rng.sock"
+    with avmm_backend("rng", sock, "--jail-root", str(tmp_path / "jail"), "--uid", str(UID),
+                      "--gid", str(UID), "--seccomp", "kill") as process:
+        status = _jailed(process.pid)
+        config = dataclasses.replace(
+            guest_config("avmm.test=rng"),
+            vhost_users=(VhostUserConfig(socket=sock, device_id=4, num_queues=1),))
+        result, output, _ = await run(config)
+        assert re.search(r"rng0 [0-9a-f]{64}\n", output), output
+        assert result.reason is StopReason.RESET
+        assert process.poll() is None, "the back-end died serving the guest"
+    _check_confined(status)
+
+
+@pytest.mark.net
+async def test_a_jailed_net_backend_serves_a_guest(tmp_path: Path) -> None:
+    import dataclasses
+
+    from avmm.config import NetConfig
+    from tests.virtio_guest_support import echoing_tap
+    from tests.vm.helpers import guest_config
+
+    if os.geteuid() != 0:
+        require("a jailed back-end needs root (namespaces, mounts, a jail uid)")
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    sock = sockets / "net.sock"
+    with echoing_tap() as (namespace, _echoer), \
+            avmm_backend("net", sock, "--tap", namespace.tap,
+                         "--jail-root", str(tmp_path / "jail"), "--uid", str(UID),
+                         "--gid", str(UID), "--seccomp", "kill",
+                         prefix=namespace.command_prefix()) as process:
+        status = _jailed(process.pid)
+        config = dataclasses.replace(
+            guest_config("avmm.test=net-echo avmm.n=20 avmm.size=256", memory_mib=64),
+            nets=(NetConfig(vhost_user=sock, mac=bytes.fromhex("525400abcdef")),))
+        result, output, _ = await run(config)
+        assert "net0 echoed=20" in output, output
+        assert result.reason is StopReason.RESET
+        assert process.poll() is None, "the back-end died serving the guest"
+    _check_confined(status)

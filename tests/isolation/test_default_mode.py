@@ -157,6 +157,39 @@ def test_the_allocator_asks_nss_for_each_id_it_hands_out() -> None:
     assert allocator.allocate() == 101
 
 
+def test_a_uid_given_back_during_a_lookup_does_not_wait_for_it() -> None:
+    """The daemon's lookup runs on its event loop (through the spawner), where ids are
+    given back: the allocator holds no lock while it asks, or a VM that ends during
+    another VM's allocation would deadlock the daemon."""
+    import threading
+
+    allocator = UidAllocator((100, 103))
+    first = allocator.allocate()
+    asking, answer = threading.Event(), threading.Event()
+
+    def lookup(uid: int) -> bool:
+        asking.set()
+        assert answer.wait(10)
+        return uid == 101  # someone has 101: skipped, 102 handed out
+
+    handed: list[int] = []
+    allocating = threading.Thread(target=lambda: handed.append(allocator.allocate(lookup)))
+    allocating.start()
+    assert asking.wait(10)
+    releasing = threading.Thread(target=allocator.release, args=(first,))
+    releasing.start()
+    releasing.join(5)
+    stuck = releasing.is_alive()
+    answer.set()
+    allocating.join(10)
+    releasing.join(10)
+    assert not stuck, "giving an id back waited for another allocation's lookup"
+    assert handed == [102]
+    assert allocator.allocate() == 103
+    assert allocator.allocate() == 100  # given back meanwhile
+    assert allocator.allocate() == 101  # asked again (no lookup now): free
+
+
 def test_nss_names_id_uses_pwd_and_grp(monkeypatch: pytest.MonkeyPatch) -> None:
     assert nss_names_id(0)  # root, in every NSS
     users, groups = {2_000_000_005}, {2_000_000_007}

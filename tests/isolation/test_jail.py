@@ -42,6 +42,7 @@ from avmm.isolation.jail import (
     plan_jail,
     prepare_jail_dir,
     remove_jail,
+    remove_stale_jails,
     runtime_binds,
 )
 from tests.prerequisites import (
@@ -340,6 +341,38 @@ def test_prepare_jail_dir_refuses_symlinks_and_leftovers(tmp_path: Path) -> None
     (tmp_path / "jails" / "vm-4").write_text("a file")
     with pytest.raises(JailError, match="not a directory"):
         prepare_jail_dir(_spec(tmp_path / "jails" / "vm-4"))
+
+
+def test_stale_jails_of_a_dead_daemon_are_removed_and_no_other(tmp_path: Path) -> None:
+    """A daemon marks each jail it makes with its owner name; the next daemon removes
+    those whose owner is gone, and leaves a live daemon's, unmarked ones, ones that
+    hold anything else, and a marker that is a symlink."""
+    jails = tmp_path / "jails"
+    prepare_jail_dir(_spec(jails / "vm-dead"), owner="pid-1-100-1")
+    prepare_jail_dir(_spec(jails / "vm-live"), owner="pid-1-200-1")
+    prepare_jail_dir(_spec(jails / "vm-unmarked"))
+    prepare_jail_dir(_spec(jails / "vm-full"), owner="pid-1-100-1")
+    (jails / "vm-full" / "left").write_text("x")
+    (jails / "vm-link").mkdir()
+    (tmp_path / "owner").write_text("pid-1-100-1")
+    (jails / "vm-link" / ".avmm-owner").symlink_to(tmp_path / "owner")
+    (jails / "not a vm id").mkdir()
+    assert (jails / "vm-dead" / ".avmm-owner").read_text() == "pid-1-100-1"
+    asked: list[str] = []
+
+    def alive(owner: str) -> bool:
+        asked.append(owner)
+        return owner == "pid-1-200-1"
+
+    assert remove_stale_jails(str(jails), alive) == [str(jails / "vm-dead")]
+    assert sorted(os.listdir(jails)) == ["not a vm id", "vm-full", "vm-link", "vm-live",
+                                         "vm-unmarked"]
+    assert (jails / "vm-full" / "left").read_text() == "x"
+    assert sorted(set(asked)) == ["pid-1-100-1", "pid-1-200-1"]
+    assert remove_stale_jails(str(tmp_path / "none"), alive) == []
+    # A jail its daemon removes goes with its marker.
+    remove_jail(str(jails / "vm-live"))
+    assert not (jails / "vm-live").exists()
 
 
 def test_remove_jail_removes_only_an_empty_jail_directory(tmp_path: Path) -> None:

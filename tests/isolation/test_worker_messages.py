@@ -148,3 +148,83 @@ def test_a_worker_is_handed_each_daemon_group_its_vm_names_once_and_no_other() -
         WorkerVm("vm-test", many, start=True, paths=None,
                  isolation=ProcessIsolation(uid=1, gid=1))
     assert refused.value.key == f"disk[{MAX_SHARED_GROUPS}].rate_limit_group"
+
+
+def test_an_incoming_config_must_be_the_one_the_daemon_read(tmp_path: Any) -> None:
+    """An incoming VM given no config: the worker reads the stream's config itself and
+    builds only if it is the one the daemon read from the same bytes and planned the
+    jail from (the start message's); an ``auto`` CPU profile is the daemon's."""
+    import base64
+    import dataclasses
+
+    from avmm.config import DiskConfig
+    from avmm.host import config_to_dict
+    from avmm.isolation.worker import _Worker, parse_start
+    from avmm.isolation.worker_vm import worker_config
+    from avmm.migration.errors import MigrationError
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(512))
+    streamed = dataclasses.replace(guest_config("avmm.test=echo", cpu_profile="auto"),
+                                   disks=(DiskConfig(disk),))
+    planned = worker_config(dataclasses.replace(streamed, machine=dataclasses.replace(
+        streamed.machine, cpu_profile="compat")))
+    message = {"op": "start", "vm_id": "vm-test", "start": True,
+               "config": config_to_dict(planned), "jail": None,
+               "incoming": {"listen": "unix:/run/in.sock", "accept_timeout_s": None,
+                            "received": base64.b64encode(b"AVMMMIGR...").decode()}}
+    request = parse_start(message)
+    assert request.incoming is not None and request.incoming["received"] == b"AVMMMIGR..."
+    worker = _Worker(None, request)  # type: ignore[arg-type]
+    built = worker.adjust_incoming(streamed)
+    assert config_to_dict(built) == config_to_dict(planned)
+    assert built.machine.cpu_profile == "compat"
+    other = dataclasses.replace(streamed, disks=(DiskConfig(tmp_path / "elsewhere.img"),))
+    with pytest.raises(MigrationError, match="not the one the daemon planned"):
+        worker.adjust_incoming(other)
+    for bad in (5, "not base64!", None):
+        broken = {**message, "incoming": {**message["incoming"], "received": bad}}
+        with pytest.raises(ChannelError, match="incoming"):
+            parse_start(broken)
+
+
+def test_a_worker_vm_needs_a_config_unless_its_stream_brings_it() -> None:
+    from avmm.errors import VmStateError
+
+    with pytest.raises(VmStateError, match="needs a config"):
+        WorkerVm("vm-test", None, start=True, paths=None,
+                 isolation=ProcessIsolation(uids=UidAllocator((64900, 64901))))
+
+
+async def test_a_worker_vm_that_gets_no_uid_keeps_no_group_memory_open() -> None:
+    """No uid left (every one of the range taken): the VM fails to start and the
+    descriptors of the daemon-wide groups it named are closed, not left to pile up in
+    the daemon with each such request."""
+    import dataclasses
+    import os
+
+    import trio
+
+    from avmm.config import DiskConfig
+    from avmm.isolation.jail import JailError
+    from avmm.ratelimit import BucketConfig, RateLimitConfig, SharedGroups
+
+    groups = SharedGroups(across_processes=True)
+    groups.create("tenant", RateLimitConfig(ops=BucketConfig(size=10, refill_ms=100)))
+    try:
+        config = dataclasses.replace(guest_config("avmm.test=echo"), disks=(
+            DiskConfig("/nonexistent.img", rate_limit_group="tenant"),))
+        isolation = ProcessIsolation(uids=UidAllocator((64990, 64990)))
+        assert isolation.uids is not None
+        isolation.uids.allocate()  # the only one
+        vm = WorkerVm("vm-test", config, start=True, paths=None, isolation=isolation,
+                      rate_limit_groups=groups)
+        held = list(vm._group_fds.values())
+        assert held
+        with pytest.raises(JailError, match="in use"):
+            await vm._run_worker(trio.TASK_STATUS_IGNORED)
+        for fd in held:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    finally:
+        groups.close()

@@ -15,6 +15,8 @@ Each of these fails on a source that stops with ``migrated`` as soon as COMMIT i
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,17 @@ pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 ROUNDS = 2000
 
 
+@asynccontextmanager
+async def walking_source() -> AsyncIterator[tuple[VirtualMachine, bytearray, trio.Nursery]]:
+    """A source VM whose mem-walk has begun, its output collected."""
+    output = bytearray()
+    async with trio.open_nursery() as nursery, \
+            VirtualMachine(guest_config(mem_walk(ROUNDS))) as source:
+        nursery.start_soon(collect, source, output)
+        await read_until(output, "mem-walk round=2 crc=")
+        yield source, output, nursery
+
+
 async def migrate_through(source: VirtualMachine, fault: Fault, tmp_path: Path,
                           destination_address: str) -> BaseException:
     relay = tmp_path / f"relay-{fault.kind}.sock"
@@ -48,13 +61,9 @@ async def migrate_through(source: VirtualMachine, fault: Fault, tmp_path: Path,
 
 async def test_a_commit_that_never_arrives_leaves_the_guest_paused_then_resumable(
         tmp_path: Path) -> None:
-    output = bytearray()
     after = bytearray()
     with trio.fail_after(TIMEOUT_S * 3):
-        async with trio.open_nursery() as nursery, \
-                VirtualMachine(guest_config(mem_walk(ROUNDS))) as source:
-            nursery.start_soon(collect, source, output)
-            await read_until(output, "mem-walk round=2 crc=")
+        async with walking_source() as (source, output, nursery):
             target = f"unix:{tmp_path / 'dest.sock'}"
             async with VirtualMachine.receive(target) as destination:
                 error = await migrate_through(
@@ -92,13 +101,9 @@ async def test_a_commit_that_never_arrives_leaves_the_guest_paused_then_resumabl
 
 async def test_a_lost_started_keeps_the_source_paused_while_the_destination_runs(
         tmp_path: Path) -> None:
-    output = bytearray()
     after = bytearray()
     with trio.fail_after(TIMEOUT_S * 3):
-        async with trio.open_nursery() as nursery, \
-                VirtualMachine(guest_config(mem_walk(ROUNDS))) as source:
-            nursery.start_soon(collect, source, output)
-            await read_until(output, "mem-walk round=2 crc=")
+        async with walking_source() as (source, output, nursery):
             target = f"unix:{tmp_path / 'dest.sock'}"
             async with VirtualMachine.receive(target) as destination:
                 nursery.start_soon(collect, destination, after)
@@ -124,12 +129,8 @@ async def test_a_lost_started_keeps_the_source_paused_while_the_destination_runs
 
 async def test_a_destination_that_cannot_start_lets_the_source_run_on(
         tmp_path: Path) -> None:
-    output = bytearray()
     with trio.fail_after(TIMEOUT_S * 3):
-        async with trio.open_nursery() as nursery, \
-                VirtualMachine(guest_config(mem_walk(ROUNDS))) as source:
-            nursery.start_soon(collect, source, output)
-            await read_until(output, "mem-walk round=2 crc=")
+        async with walking_source() as (source, output, _nursery):
             address = f"unix:{tmp_path / 'dest.sock'}"
             async with VirtualMachine.receive(address) as destination:
 

@@ -8,8 +8,15 @@ import socket
 import time
 
 import trio
+import trio.testing
 
-from avmm.ratelimit import BucketConfig, RateLimitConfig, RateLimiter, Throttle
+from avmm.ratelimit import (
+    LIMITER_WAIT_SLICE_S,
+    BucketConfig,
+    RateLimitConfig,
+    RateLimiter,
+    Throttle,
+)
 from avmm.virtio.net import MAX_FRAME_SIZE, NET_HEADER_SIZE, NetDevice
 from tests.virtio.test_net import MAC, FakeTap, Guest, frame, running, until
 
@@ -121,3 +128,43 @@ async def test_a_frame_dropped_for_its_size_costs_the_limiter_nothing() -> None:
     assert received == good
     assert (limit.admitted_ops, limit.admitted_bytes, limit.throttled) == (1, len(good), 0)
     assert device.stats.tx_dropped == 1
+
+
+def _virtual_ns() -> int:
+    return int(trio.current_time() * 1e9)
+
+
+async def test_a_changed_limit_reaches_a_held_frame_within_one_wait_slice(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """PATCH's promise, on virtual time: a frame held by a limit of one frame per ten
+    minutes goes out at most LIMITER_WAIT_SLICE_S after the limit is widened (the
+    limiter is swapped as a PATCH swaps it), and again after the limit is removed;
+    never at the old limit's pace."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        guest = Guest()
+        device = NetDevice(FakeTap(a), mac=MAC)
+        slow = RateLimitConfig(ops=BucketConfig(size=1, refill_ms=600_000))
+        device.tx_throttle = limit = Throttle(RateLimiter(slow, clock=_virtual_ns))
+        frames = [frame(bytes([i]) * 10, 60 + i) for i in range(3)]
+        async with running(device, guest.context):
+            for data in frames:
+                guest.send(data)
+            await until(lambda: guest.tx.used_idx == 1, timeout=5)
+            await trio.sleep(30)  # held: the old limit would free one in ten minutes
+            assert guest.tx.used_idx == 1
+            widened = trio.current_time()
+            limit.limiter = RateLimiter(RateLimitConfig(
+                ops=BucketConfig(size=1, refill_ms=1)), clock=_virtual_ns)
+            await until(lambda: guest.tx.used_idx == 2, timeout=5)
+            assert trio.current_time() - widened <= LIMITER_WAIT_SLICE_S + 0.01
+            # The third frame: held again by a slow limit, then the limit is taken off.
+            limit.limiter = RateLimiter(slow, clock=_virtual_ns)
+            await trio.sleep(30)
+            removed = trio.current_time()
+            device.tx_throttle = None
+            limit.unblock()
+            await until(lambda: guest.tx.used_idx == 3, timeout=5)
+            assert trio.current_time() - removed <= LIMITER_WAIT_SLICE_S + 0.01
+        received = [b.recv(2048)[NET_HEADER_SIZE:] for _ in frames]
+    assert received == frames

@@ -69,10 +69,12 @@ def subprocess_backend(argv: Sequence[str], sock: Path) -> Iterator[subprocess.P
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         try:
-            process.communicate(timeout=10)
+            captured = process.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            captured = process.communicate()
+        # What it printed, for a test that reads it once the back-end has ended.
+        process.captured = captured  # type: ignore[attr-defined]
 
 
 def avmm_backend(kind: str, sock: Path, *args: str, prefix: Sequence[str] = ()
