@@ -329,16 +329,21 @@ class SharedRateLimiter:
         """Change the buckets for every process (the daemon; it waits for a change of
         this group in progress, then up to :data:`RECONFIGURE_LOCK_WAIT_S` for a
         worker's lock: call it from a thread): as :meth:`RateLimiter.reconfigure` (a
-        bucket that stays keeps its level, debt included, capped at the new size; a new
-        one starts full; the burst anew)."""
+        bucket that stays keeps its level, capped at the new size; a new one starts
+        full; the burst anew), but a debt carried over is cut to one bucket (``-size``
+        tokens): a worker can write any debt into the page, and an operator's ``PUT``
+        must give the group's VMs service back within about one refill period, not
+        after the refill of that debt (see :data:`~avmm.ratelimit._bucket.DEBT_MAX`)."""
         with self._locked(force=True) as ready:
             if not ready:
                 return  # closed
             now = self.clock()
             self._load(now)
             for index, kind in enumerate(BUCKET_KINDS):
-                self._write_bucket(index, replace_bucket(self._buckets[kind],
-                                                         getattr(config, kind), now))
+                bucket_config = getattr(config, kind)
+                self._write_bucket(index, replace_bucket(
+                    self._buckets[kind], bucket_config, now,
+                    debt_max=None if bucket_config is None else bucket_config.size))
             if self._owner_config is not None:
                 self._owner_config = config
 

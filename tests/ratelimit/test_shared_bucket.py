@@ -397,6 +397,27 @@ def test_an_admission_never_waits_for_a_lock_another_process_holds(
         assert here.config == BOTH  # a worker's read of the page does not wait either
 
 
+def test_a_put_cuts_a_debt_a_worker_wrote_to_one_bucket() -> None:
+    """A hostile worker writes the deepest debt the page keeps (2^48 tokens: days of
+    refill); the daemon's PUT gives the group service back within a refill period."""
+    clock = FakeClock()
+    clock.at_ms(1000)
+    config = RateLimitConfig(ops=BucketConfig(size=10, refill_ms=1000))
+    with group(config, clock) as daemon, worker_view(daemon, clock) as worker:
+        worker._map[_OPS + 32:_OPS + 48] = \
+            (-(1 << 48) * 1000 * MS).to_bytes(16, "little", signed=True)
+        assert daemon.levels() == {"ops": -(1 << 48)}
+        daemon.reconfigure(config)
+        assert daemon.levels() == {"ops": -10}
+        assert worker.try_take(1, 0, clock.now) == (1100 * MS, "ops")
+        clock.now += 1100 * MS
+        assert worker.try_take(1, 0, clock.now) == (0, None)
+        # A debt within one bucket is kept, as the in-process limiter keeps it.
+        worker.take(15, 0, clock.now)
+        daemon.reconfigure(RateLimitConfig(ops=BucketConfig(size=20, refill_ms=1000)))
+        assert daemon.levels() == {"ops": -15}
+
+
 class _OwnedLock:
     """A threading.Lock that knows which thread holds it."""
 
