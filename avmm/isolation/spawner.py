@@ -88,18 +88,26 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (
 
 
 def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]
-                  ) -> tuple[int, int]:
+                  ) -> tuple[int, int, subprocess.Popen[bytes] | None]:
     """A worker (``module``'s ``run_worker``) on ``channel_fd``: forked from here (the
-    VMM's modules are loaded already) or a fresh interpreter; its PID, and the read end
-    of a pipe that is its stderr (its stdin and stdout are /dev/null): the daemon
-    relays what it logs, marked as the worker's, never on its own stderr unmarked."""
+    VMM's modules are loaded already) or a fresh interpreter; its PID, the read end of
+    a pipe that is its stderr (its stdin and stdout are /dev/null): the daemon relays
+    what it logs, marked as the worker's, never on its own stderr unmarked; and for a
+    fresh interpreter its Popen, which the caller keeps until it has reaped the worker
+    itself (see :meth:`_Workers.started`)."""
     log_read, log_write = os.pipe2(os.O_CLOEXEC)
+    popen: subprocess.Popen[bytes] | None = None
     try:
         if not fork:
-            pid = subprocess.Popen(
+            # A worker module outside avmm (tests) is found as the spawner found it.
+            python_path = os.environ.get("PYTHONPATH")
+            popen = subprocess.Popen(
                 [sys.executable, "-m", module, "--channel-fd", str(channel_fd)],
                 pass_fds=(channel_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=log_write, cwd="/", env={"PATH": os.defpath}, process_group=0).pid
+                stderr=log_write, cwd="/", process_group=0, env={
+                    "PATH": os.defpath,
+                    **({"PYTHONPATH": python_path} if python_path else {})})
+            pid = popen.pid
         else:
             pid = _fork_worker(channel_fd, module, [*closing, log_read], log_write)
             with contextlib.suppress(OSError):  # the child does it too: whoever is first
@@ -109,7 +117,7 @@ def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]
         raise
     finally:
         os.close(log_write)
-    return pid, log_read
+    return pid, log_read, popen
 
 
 def _fork_worker(channel_fd: int, module: str, closing: list[int], log_write: int) -> int:
@@ -182,7 +190,12 @@ class _Workers:
     have reset its parent-death signal); one that is not dead after a short wait
     (:data:`_ORPHAN_EXIT_S`: it may be in an uninterruptible sleep) does not hold up
     the spawner: its pidfd joins the poll (``lingering``), and it is reaped once it has
-    ended and its worker is released."""
+    ended and its worker is released.
+
+    A worker started as a fresh interpreter has a :class:`subprocess.Popen`, kept (with
+    a return code set before it is dropped) until this process has reaped the worker
+    itself: a Popen dropped unfinished is queued by CPython, and reaped by the next
+    Popen, behind this class's back."""
 
     def __init__(self) -> None:
         self.poller = select.poll()
@@ -197,8 +210,13 @@ class _Workers:
         #: pidfd → (pid, its worker's reaper pid), of jailed processes SIGKILLed when
         #: their reaper ended that had not ended after :data:`_ORPHAN_EXIT_S`.
         self.lingering: dict[int, tuple[int, int]] = {}
+        #: Reaper pid → its Popen (a fresh interpreter's), until reaped here.
+        self.popens: dict[int, subprocess.Popen[bytes]] = {}
 
-    def started(self, pid: int, taps: list[HeldTap]) -> None:
+    def started(self, pid: int, taps: list[HeldTap],
+                popen: subprocess.Popen[bytes] | None = None) -> None:
+        if popen is not None:
+            self.popens[pid] = popen
         pidfd = os.pidfd_open(pid)
         self.running[pidfd] = pid
         self.taps[pid] = taps
@@ -216,10 +234,18 @@ class _Workers:
         pid = self.running.pop(pidfd)
         self.poller.unregister(pidfd)
         os.close(pidfd)
-        ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-        assert ended is not None
-        status = -ended.si_status if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
-            else ended.si_status
+        try:
+            ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            ended = None
+        if ended is None:
+            # Reaped by something else than this class: a bug, never a reason to end
+            # the spawner (and every worker with it). How it ended is not known.
+            log.error("a worker's reaper was reaped behind the spawner's back", pid=pid)
+            status = -signal.SIGKILL
+        else:
+            status = -ended.si_status if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
+                else ended.si_status
         self._kill_orphans(pid)
         for tap in self.taps.pop(pid, []):
             tap.restore()
@@ -284,8 +310,15 @@ class _Workers:
             return
         self.ended.discard(pid)
         self.released.discard(pid)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            log.error("a worker's reaper was reaped behind the spawner's back", pid=pid)
+            wait_status = 0
+        popen = self.popens.pop(pid, None)
+        if popen is not None:
+            # Reaped here: a Popen without a return code would wait for it again.
+            popen.returncode = os.waitstatus_to_exitcode(wait_status)
         # The jailed process, orphaned here in the reaper's process group (one still
         # lingering is reaped when it ends: see lingered()).
         with contextlib.suppress(ChildProcessError):
@@ -361,7 +394,7 @@ def _serve(sock: socket.socket, workers: _Workers, module: str, fork: bool) -> N
                     for tap_fd, netns in zip(fds[1:], namespaces, strict=True):
                         held.append(HeldTap.take(tap_fd, netns))
                         owned.add(tap_fd)
-                    pid, log_fd = _start_worker(
+                    pid, log_fd, popen = _start_worker(
                         fds[0], module, fork,
                         [sock.fileno(), *workers.fds(), *(tap.fd for tap in held)])
                 except OSError as e:
@@ -369,7 +402,7 @@ def _serve(sock: socket.socket, workers: _Workers, module: str, fork: bool) -> N
                         tap.restore()
                     _send(sock, {"id": request_id, "error": str(e)})
                 else:
-                    workers.started(pid, held)
+                    workers.started(pid, held, popen)
                     try:
                         _send(sock, {"id": request_id, "pid": pid}, (log_fd,))
                     finally:

@@ -1,6 +1,7 @@
 """The worker spawner (:mod:`avmm.isolation.spawner`) against workers that misbehave: a
 jailed process that outlives its reaper (its parent-death signal reset) is killed, one
-slow to die does not hold the spawner up and is reaped later. Test-only workers
+slow to die does not hold the spawner up and is reaped later, and workers started as
+fresh interpreters are reaped by the spawner alone. Test-only workers
 (tests/isolation/orphan_worker.py) stand for the reaper and the jailed process: no
 root, no jail, no VM."""
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from avmm.isolation import spawner as spawner_module
 from avmm.isolation.spawner import Spawner
@@ -88,6 +90,47 @@ async def test_a_jailed_process_that_reset_its_death_signal_dies_with_its_reaper
                 await spawner.release(reaper)
                 assert _proc_state(orphan) is None
                 assert _proc_state(reaper) is None
+
+
+async def test_workers_started_as_fresh_interpreters_are_reaped_by_the_spawner_alone(
+) -> None:
+    """With fork=False each worker is a subprocess.Popen. A worker that has ended when
+    the next one starts: the next Popen must not reap it behind the spawner's back (the
+    spawner would find no child to report, and its PID would be free before the daemon
+    let go of it). The spawner is stopped while the first ends and the second start is
+    asked for, so that it sees both at once."""
+    async with _spawner(fork=False) as spawner:
+        assert spawner._process is not None
+        spawner_pid = spawner._process.pid
+        first, channel = await _start(spawner)
+        started: list[int] = []
+
+        async def start_second() -> None:
+            pid, second_channel = await _start(spawner)
+            second_channel.close()  # it exits
+            started.append(pid)
+
+        os.kill(spawner_pid, signal.SIGSTOP)
+        try:
+            channel.close()  # the first worker exits 0
+            with trio.fail_after(30):
+                while _proc_state(first) != "Z":
+                    await trio.sleep(0.01)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start_second)
+                await trio.testing.wait_all_tasks_blocked()
+                os.kill(spawner_pid, signal.SIGCONT)
+        finally:
+            os.kill(spawner_pid, signal.SIGCONT)
+        with trio.fail_after(30):
+            assert await spawner.wait(first) == 0
+            assert await spawner.names_id(0)  # it still answers
+            assert await spawner.wait(started[0]) == 0
+        assert _proc_state(first) == "Z"  # its PID taken until the daemon lets go
+        await spawner.release(first)
+        await spawner.release(started[0])
+        assert _proc_state(first) is None
+        assert _proc_state(started[0]) is None
 
 
 def _fork_paused(group: int = 0) -> int:
