@@ -33,17 +33,21 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from ..errors import AvmmError
 from .channel import close_fds
 from .jail import become_child_subreaper, nss_names_id
 from .taps import HeldTap
+
+log = structlog.get_logger(__name__)
 
 _MAX_REQUEST = 16384
 #: The most taps a spawn request may carry (one per NIC; ``net[0]`` to ``net[99]``).
@@ -84,18 +88,26 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (
 
 
 def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]
-                  ) -> tuple[int, int]:
+                  ) -> tuple[int, int, subprocess.Popen[bytes] | None]:
     """A worker (``module``'s ``run_worker``) on ``channel_fd``: forked from here (the
-    VMM's modules are loaded already) or a fresh interpreter; its PID, and the read end
-    of a pipe that is its stderr (its stdin and stdout are /dev/null): the daemon
-    relays what it logs, marked as the worker's, never on its own stderr unmarked."""
+    VMM's modules are loaded already) or a fresh interpreter; its PID, the read end of
+    a pipe that is its stderr (its stdin and stdout are /dev/null): the daemon relays
+    what it logs, marked as the worker's, never on its own stderr unmarked; and for a
+    fresh interpreter its Popen, which the caller keeps until it has reaped the worker
+    itself (see :meth:`_Workers.started`)."""
     log_read, log_write = os.pipe2(os.O_CLOEXEC)
+    popen: subprocess.Popen[bytes] | None = None
     try:
         if not fork:
-            pid = subprocess.Popen(
+            # A worker module outside avmm (tests) is found as the spawner found it.
+            python_path = os.environ.get("PYTHONPATH")
+            popen = subprocess.Popen(
                 [sys.executable, "-m", module, "--channel-fd", str(channel_fd)],
                 pass_fds=(channel_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=log_write, cwd="/", env={"PATH": os.defpath}, process_group=0).pid
+                stderr=log_write, cwd="/", process_group=0, env={
+                    "PATH": os.defpath,
+                    **({"PYTHONPATH": python_path} if python_path else {})})
+            pid = popen.pid
         else:
             pid = _fork_worker(channel_fd, module, [*closing, log_read], log_write)
             with contextlib.suppress(OSError):  # the child does it too: whoever is first
@@ -105,7 +117,7 @@ def _start_worker(channel_fd: int, module: str, fork: bool, closing: list[int]
         raise
     finally:
         os.close(log_write)
-    return pid, log_read
+    return pid, log_read, popen
 
 
 def _fork_worker(channel_fd: int, module: str, closing: list[int], log_write: int) -> int:
@@ -172,7 +184,18 @@ class _Workers:
     orphaned to this process, a child subreaper, which holds both as zombies after
     telling the daemon how the worker ended, until the daemon says it is done with
     their PIDs (``release``). The jailed process is found by its process group, the
-    reaper's (its filter lets it call neither setpgid nor setsid)."""
+    reaper's (its filter lets it call neither setpgid nor setsid).
+
+    A jailed process that outlives its reaper is SIGKILLed (one a guest took over may
+    have reset its parent-death signal); one that is not dead after a short wait
+    (:data:`_ORPHAN_EXIT_S`: it may be in an uninterruptible sleep) does not hold up
+    the spawner: its pidfd joins the poll (``lingering``), and it is reaped once it has
+    ended and its worker is released.
+
+    A worker started as a fresh interpreter has a :class:`subprocess.Popen`, kept (with
+    a return code set before it is dropped) until this process has reaped the worker
+    itself: a Popen dropped unfinished is queued by CPython, and reaped by the next
+    Popen, behind this class's back."""
 
     def __init__(self) -> None:
         self.poller = select.poll()
@@ -184,8 +207,16 @@ class _Workers:
         #: of before they ended (reaped as soon as they end).
         self.ended: set[int] = set()
         self.released: set[int] = set()
+        #: pidfd → (pid, its worker's reaper pid), of jailed processes SIGKILLed when
+        #: their reaper ended that had not ended after :data:`_ORPHAN_EXIT_S`.
+        self.lingering: dict[int, tuple[int, int]] = {}
+        #: Reaper pid → its Popen (a fresh interpreter's), until reaped here.
+        self.popens: dict[int, subprocess.Popen[bytes]] = {}
 
-    def started(self, pid: int, taps: list[HeldTap]) -> None:
+    def started(self, pid: int, taps: list[HeldTap],
+                popen: subprocess.Popen[bytes] | None = None) -> None:
+        if popen is not None:
+            self.popens[pid] = popen
         pidfd = os.pidfd_open(pid)
         self.running[pidfd] = pid
         self.taps[pid] = taps
@@ -193,32 +224,82 @@ class _Workers:
 
     def fds(self) -> list[int]:
         """What a new worker must not inherit."""
-        return [*self.running, *(tap.fd for held in self.taps.values() for tap in held)]
+        return [*self.running, *self.lingering,
+                *(tap.fd for held in self.taps.values() for tap in held)]
 
     def end(self, pidfd: int) -> tuple[int, int]:
-        """The reaper of ``pidfd`` has ended: wait for the jailed process's end too (it
-        is dead, or dying of its parent-death signal), put its taps back; its PID and
-        exit status (as subprocess gives it). Both stay unreaped (see the class)."""
+        """The reaper of ``pidfd`` has ended: kill the jailed process it leaves here and
+        wait (briefly) for its end, put its taps back; its PID and exit status (as
+        subprocess gives it). Both stay unreaped (see the class)."""
         pid = self.running.pop(pidfd)
         self.poller.unregister(pidfd)
         os.close(pidfd)
-        ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-        assert ended is not None
-        status = -ended.si_status if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
-            else ended.si_status
-        for orphan in _group_children(pid):
-            with contextlib.suppress(OSError):
-                orphan_fd = os.pidfd_open(orphan)
-                try:
-                    select.select([orphan_fd], [], [], _ORPHAN_EXIT_S)
-                finally:
-                    os.close(orphan_fd)
+        try:
+            ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            ended = None
+        if ended is None:
+            # Reaped by something else than this class: a bug, never a reason to end
+            # the spawner (and every worker with it). How it ended is not known.
+            log.error("a worker's reaper was reaped behind the spawner's back", pid=pid)
+            status = -signal.SIGKILL
+        else:
+            status = -ended.si_status if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED) \
+                else ended.si_status
+        self._kill_orphans(pid)
         for tap in self.taps.pop(pid, []):
             tap.restore()
         self.ended.add(pid)
         if pid in self.released:
             self.release(pid)
         return pid, status
+
+    def _kill_orphans(self, group: int) -> None:
+        """SIGKILL the processes of worker ``group`` orphaned here (its jailed process,
+        dead, dying of its parent-death signal, or alive if it reset that), and wait up
+        to :data:`_ORPHAN_EXIT_S` for their ends; those still alive then linger."""
+        waiting: dict[int, int] = {}
+        known = {orphan for orphan, _ in self.lingering.values()}
+        for orphan in _group_children(group):
+            if orphan in known:
+                continue
+            try:
+                orphan_fd = os.pidfd_open(orphan)
+            except OSError:
+                continue  # reaped meanwhile (it was not this process's child any more)
+            # An unreaped child of this process: the pidfd is the process read above.
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(orphan_fd, signal.SIGKILL)
+            waiting[orphan_fd] = orphan
+        if not waiting:
+            return
+        poller = select.poll()
+        for orphan_fd in waiting:
+            poller.register(orphan_fd, select.POLLIN)
+        deadline = time.monotonic() + _ORPHAN_EXIT_S
+        pending = set(waiting)
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            for orphan_fd, _events in poller.poll(remaining * 1000):
+                pending.discard(orphan_fd)
+                poller.unregister(orphan_fd)
+        for orphan_fd, orphan in waiting.items():
+            if orphan_fd in pending:
+                log.warning("a worker's jailed process is not dead yet after SIGKILL; it "
+                            "is reaped once it is", pid=orphan, worker=group)
+                self.lingering[orphan_fd] = (orphan, group)
+                self.poller.register(orphan_fd, select.POLLIN)
+            else:
+                os.close(orphan_fd)
+
+    def lingered(self, pidfd: int) -> None:
+        """A lingering jailed process (see :meth:`_kill_orphans`) has ended: reaped now
+        if its worker is released already, else with its worker's release."""
+        orphan, group = self.lingering.pop(pidfd)
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        if group not in self.ended:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, orphan, os.WEXITED | os.WNOHANG)
 
     def release(self, pid: int) -> None:
         """The daemon uses the PIDs of worker ``pid`` no more: reap what is left of it
@@ -229,9 +310,17 @@ class _Workers:
             return
         self.ended.discard(pid)
         self.released.discard(pid)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        # The jailed process, orphaned here in the reaper's process group.
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            log.error("a worker's reaper was reaped behind the spawner's back", pid=pid)
+            wait_status = 0
+        popen = self.popens.pop(pid, None)
+        if popen is not None:
+            # Reaped here: a Popen without a return code would wait for it again.
+            popen.returncode = os.waitstatus_to_exitcode(wait_status)
+        # The jailed process, orphaned here in the reaper's process group (one still
+        # lingering is reaped when it ends: see lingered()).
         with contextlib.suppress(ChildProcessError):
             while os.waitid(os.P_PGID, pid, os.WEXITED | os.WNOHANG) is not None:
                 pass
@@ -257,8 +346,9 @@ class _Workers:
             self.release(pid)
 
 
-#: How long a reaper's end waits for the jailed process (SIGKILLed by then) to end.
-_ORPHAN_EXIT_S = 5.0
+#: How long a reaper's end waits for the jailed process it orphaned here (SIGKILLed)
+#: to end, before it lets it linger (see _Workers): the spawner serves no one meanwhile.
+_ORPHAN_EXIT_S = 0.5
 
 
 def _group_children(group: int) -> list[int]:
@@ -282,6 +372,9 @@ def _serve(sock: socket.socket, workers: _Workers, module: str, fork: bool) -> N
     workers.poller.register(sock.fileno(), select.POLLIN)
     while True:
         for fd, _events in workers.poller.poll():
+            if fd in workers.lingering:
+                workers.lingered(fd)
+                continue
             if fd != sock.fileno():
                 pid, status = workers.end(fd)
                 _send(sock, {"event": "exited", "pid": pid, "status": status})
@@ -301,7 +394,7 @@ def _serve(sock: socket.socket, workers: _Workers, module: str, fork: bool) -> N
                     for tap_fd, netns in zip(fds[1:], namespaces, strict=True):
                         held.append(HeldTap.take(tap_fd, netns))
                         owned.add(tap_fd)
-                    pid, log_fd = _start_worker(
+                    pid, log_fd, popen = _start_worker(
                         fds[0], module, fork,
                         [sock.fileno(), *workers.fds(), *(tap.fd for tap in held)])
                 except OSError as e:
@@ -309,7 +402,7 @@ def _serve(sock: socket.socket, workers: _Workers, module: str, fork: bool) -> N
                         tap.restore()
                     _send(sock, {"id": request_id, "error": str(e)})
                 else:
-                    workers.started(pid, held)
+                    workers.started(pid, held, popen)
                     try:
                         _send(sock, {"id": request_id, "pid": pid}, (log_fd,))
                     finally:

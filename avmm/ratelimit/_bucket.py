@@ -56,7 +56,11 @@ _NS_PER_MS: Final = 1_000_000
 BUCKET_SIZE_MAX: Final = 1 << 40
 REFILL_MS_MAX: Final = 3_600_000
 #: The deepest debt a bucket loaded from shared memory keeps, in tokens (far more than
-#: any request costs: a disk request is at most 4 GiB); below, it is clamped.
+#: any request costs: a disk request is at most 4 GiB); below, it is clamped. A worker
+#: can still write that much into a group's page, days of refill: so the daemon's change
+#: of a shared group (``PUT``) cuts a debt it carries over to one bucket, ``-size``
+#: (:func:`replace_bucket`'s ``debt_max``), and service comes back within about one
+#: refill period.
 DEBT_MAX: Final = 1 << 48
 #: How far in the future a loaded bucket's last refill may lie (another process read the
 #: clock a little later and stored first); further is garbage, and taken as now.
@@ -282,8 +286,11 @@ def take_buckets(bandwidth: TokenBucket | None, ops_bucket: TokenBucket | None, 
 
 
 def replace_bucket(bucket: TokenBucket | None, config: BucketConfig | None,
-                   now_ns: int) -> TokenBucket | None:
-    """The bucket after a reconfiguration (see :meth:`RateLimiter.reconfigure`)."""
+                   now_ns: int, *, debt_max: int | None = None) -> TokenBucket | None:
+    """The bucket after a reconfiguration (see :meth:`RateLimiter.reconfigure`);
+    ``debt_max``: the most tokens of debt it carries over (None: all of it)."""
+    if config is not None and bucket is not None and debt_max is not None:
+        return TokenBucket(config, now_ns, level=max(bucket.level_at(now_ns), -debt_max))
     return _replace(bucket, config, now_ns)
 
 

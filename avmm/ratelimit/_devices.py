@@ -85,9 +85,10 @@ class SharedGroups:
 
     def put(self, name: str, config: RateLimitConfig) -> tuple[Any, bool]:
         """Create group ``name`` (full buckets), or change its buckets in place; True
-        if it was created. A change of a group in shared memory may wait up to
-        :data:`~avmm.ratelimit.RECONFIGURE_LOCK_WAIT_S` for a worker's lock: the API
-        changes it from a thread (:meth:`create` alone never waits)."""
+        if it was created. A change of a group in shared memory waits for a change of
+        that group in progress, then up to :data:`~avmm.ratelimit.RECONFIGURE_LOCK_WAIT_S`
+        for a worker's lock: the API changes it from a thread (:meth:`create` alone
+        never waits)."""
         limiter = self._groups.get(name)
         if limiter is not None:
             limiter.reconfigure(config)

@@ -19,15 +19,19 @@ every process of the host (the jail makes no time namespace).
 The lock: an open-file-description lock (``fcntl(F_OFD_SETLK)``) on the memfd, which
 conflicts between descriptions, so each process has a description of its own (the daemon
 opens one per worker through ``/proc/self/fd``), plus a :class:`threading.Lock` for the
-threads of one process, which share theirs. It is only ever tried without blocking, again
-after short sleeps, for at most ``lock_wait_s`` (:data:`ADMIT_LOCK_WAIT_S` for an
-admission, which may run on the event loop: the critical section is a few microseconds);
-a request that did not get it is told to wait :data:`LOCK_BUSY_WAIT_NS` and ask again, as
-if its bucket were empty. The daemon's reads (the levels ``GET /rate_limit_groups``
-shows) try it once and read the page as it is without it; its changes (``PUT``) wait up
-to :data:`RECONFIGURE_LOCK_WAIT_S`, in a thread, then rewrite the page anyway. A process
-that dies holding the lock releases it (the kernel drops an OFD lock with the last
-descriptor of its description).
+threads of one process, which share theirs. The OFD lock is only ever tried without
+blocking. An admission (on a worker's event loop for a NIC, on an I/O thread for a disk)
+tries it once and never sleeps: another process may hold it on purpose (a worker a guest
+took over), and a wait there would stall the admitting VM's event loop. A request that
+did not get it is told to wait :data:`LOCK_BUSY_WAIT_NS` and ask again, as if its bucket
+were empty. (The thread lock is waited for, up to ``lock_wait_s``,
+:data:`ADMIT_LOCK_WAIT_S`: only this process's own threads hold it, for a few
+microseconds.) The daemon's reads (the levels ``GET /rate_limit_groups`` shows) try both
+once and read the page as it is without them; its changes (``PUT``, in a thread) take
+the thread lock whatever the wait (one change of a group at a time), then try the OFD
+lock, again after short sleeps, for up to :data:`RECONFIGURE_LOCK_WAIT_S`, and rewrite
+the page without it past that. A process that dies holding the lock releases it (the
+kernel drops an OFD lock with the last descriptor of its description).
 
 Trust. A worker runs the guest's device models; a worker that a guest took over can
 write anything into the pages of the groups its VM names (and hold their locks), and so
@@ -78,14 +82,15 @@ log = structlog.get_logger(__name__)
 
 #: The shared state's size: one page.
 STATE_SIZE: Final = 4096
-#: How long an admission (or a read of the levels) tries for the lock; past it the
-#: request waits :data:`LOCK_BUSY_WAIT_NS` (the levels are read without it).
+#: How long an admission waits for the other threads of its process (the OFD lock,
+#: which another process may hold, is tried once); past it the request waits
+#: :data:`LOCK_BUSY_WAIT_NS`.
 ADMIT_LOCK_WAIT_S: Final = 0.002
 #: What a request that did not get the lock is told to wait before asking again.
 LOCK_BUSY_WAIT_NS: Final = 1_000_000
-#: How long the daemon's change of a group (``PUT``, from a thread) tries for the lock;
-#: past it the page is rewritten without it (a worker that holds it that long is stuck or
-#: hostile; its readers clamp whatever they find).
+#: How long the daemon's change of a group (``PUT``, from a thread) tries for the OFD
+#: lock; past it the page is rewritten without it (a worker that holds it that long is
+#: stuck or hostile; its readers clamp whatever they find).
 RECONFIGURE_LOCK_WAIT_S: Final = 1.0
 
 _MAGIC: Final = b"AVMMRLG1"
@@ -136,13 +141,18 @@ class _ProcessLock:
         self._fd = fd
         self._threads = threading.Lock()
 
-    def acquire(self, wait_s: float, *, keep_threads: bool = False) -> int:
-        """:data:`_BOTH` once both are held; else, past ``wait_s``, :data:`_NOTHING`
-        (nothing held), or with ``keep_threads`` :data:`_THREADS_ONLY` if the thread
-        lock came and the OFD lock did not."""
-        deadline = time.monotonic() + wait_s
-        if not self._threads.acquire(timeout=wait_s):
+    def acquire(self, threads_wait_s: float | None, ofd_wait_s: float = 0.0, *,
+                keep_threads: bool = False) -> int:
+        """:data:`_BOTH` once both are held; else :data:`_NOTHING` (nothing held), or
+        with ``keep_threads`` :data:`_THREADS_ONLY` if the thread lock came and the OFD
+        lock did not. The thread lock is waited for up to ``threads_wait_s`` (None: as
+        long as it takes); the OFD lock is tried once, and again after short sleeps only
+        while ``ofd_wait_s`` lasts (0: never sleeps; see the module docstring)."""
+        if threads_wait_s is None:
+            self._threads.acquire()
+        elif not self._threads.acquire(timeout=max(threads_wait_s, 0.0)):
             return _NOTHING
+        deadline = time.monotonic() + ofd_wait_s
         delay = 20e-6
         while True:
             try:
@@ -153,7 +163,7 @@ class _ProcessLock:
                     self._threads.release()
                     raise SharedLimiterError(f"cannot lock a rate-limit group's shared "
                                              f"state: {e.strerror}") from None
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.monotonic() if ofd_wait_s > 0 else 0.0
             if remaining <= 0:
                 if keep_threads:
                     return _THREADS_ONLY
@@ -316,18 +326,24 @@ class SharedRateLimiter:
         return config
 
     def reconfigure(self, config: RateLimitConfig) -> None:
-        """Change the buckets for every process (the daemon; it may wait up to
-        :data:`RECONFIGURE_LOCK_WAIT_S`: call it from a thread): as
-        :meth:`RateLimiter.reconfigure` (a bucket that stays keeps its level, debt
-        included, capped at the new size; a new one starts full; the burst anew)."""
-        with self._locked(wait_s=RECONFIGURE_LOCK_WAIT_S, force=True) as ready:
+        """Change the buckets for every process (the daemon; it waits for a change of
+        this group in progress, then up to :data:`RECONFIGURE_LOCK_WAIT_S` for a
+        worker's lock: call it from a thread): as :meth:`RateLimiter.reconfigure` (a
+        bucket that stays keeps its level, capped at the new size; a new one starts
+        full; the burst anew), but a debt carried over is cut to one bucket (``-size``
+        tokens): a worker can write any debt into the page, and an operator's ``PUT``
+        must give the group's VMs service back within about one refill period, not
+        after the refill of that debt (see :data:`~avmm.ratelimit._bucket.DEBT_MAX`)."""
+        with self._locked(force=True) as ready:
             if not ready:
                 return  # closed
             now = self.clock()
             self._load(now)
             for index, kind in enumerate(BUCKET_KINDS):
-                self._write_bucket(index, replace_bucket(self._buckets[kind],
-                                                         getattr(config, kind), now))
+                bucket_config = getattr(config, kind)
+                self._write_bucket(index, replace_bucket(
+                    self._buckets[kind], bucket_config, now,
+                    debt_max=None if bucket_config is None else bucket_config.size))
             if self._owner_config is not None:
                 self._owner_config = config
 
@@ -380,14 +396,16 @@ class SharedRateLimiter:
 
     # -- the page ------------------------------------------------------------------------
 
-    def _locked(self, *, wait_s: float | None = None, read_only: bool = False,
-                force: bool = False) -> _Held:
-        if wait_s is None:
-            # The daemon's reads (GET /rate_limit_groups, on its event loop) try the lock
-            # once: without it they read the page as it is anyway.
-            wait_s = 0.0 if read_only and self._owner_config is not None \
-                else self._lock_wait_s
-        return _Held(self, wait_s, proceed=read_only or force)
+    def _locked(self, *, read_only: bool = False, force: bool = False) -> _Held:
+        if force:
+            # The daemon's change (PUT, in a thread): one at a time, whatever the wait
+            # for the one before; a worker's OFD lock is waited for a little.
+            return _Held(self, None, RECONFIGURE_LOCK_WAIT_S, proceed=True, force=True)
+        # The daemon's reads (GET /rate_limit_groups, on its event loop) try the thread
+        # lock once too: without it they read the page as it is anyway.
+        threads_wait_s = 0.0 if read_only and self._owner_config is not None \
+            else self._lock_wait_s
+        return _Held(self, threads_wait_s, 0.0, proceed=read_only)
 
     def _busy(self) -> tuple[int, BucketKind | None]:
         self.lock_busy += 1
@@ -484,29 +502,34 @@ class _Held:
     """``with limiter._locked() as ready``: ``ready`` is True with the lock held, False
     if it did not come in time, None once the limiter is closed. With ``proceed``, the
     body runs when the OFD lock did not come, holding the thread lock if that came (the
-    daemon's forced rewrite), or nothing (a read of the page: see ``fresh`` in
-    :meth:`SharedRateLimiter._load`), and ``ready`` is True."""
+    daemon's forced rewrite, which always waits for it), or nothing (a read of the page:
+    see ``into`` in :meth:`SharedRateLimiter._load`), and ``ready`` is True."""
 
-    __slots__ = ("_held", "_limiter", "_proceed", "_wait_s")
+    __slots__ = ("_force", "_held", "_limiter", "_ofd_wait_s", "_proceed",
+                 "_threads_wait_s")
 
-    def __init__(self, limiter: SharedRateLimiter, wait_s: float, *, proceed: bool) -> None:
+    def __init__(self, limiter: SharedRateLimiter, threads_wait_s: float | None,
+                 ofd_wait_s: float, *, proceed: bool, force: bool = False) -> None:
         self._limiter = limiter
-        self._wait_s = wait_s
+        self._threads_wait_s = threads_wait_s
+        self._ofd_wait_s = ofd_wait_s
         self._proceed = proceed
+        self._force = force
         self._held = _NOTHING
 
     def __enter__(self) -> bool | None:
         limiter = self._limiter
         if limiter._closed or limiter._close_requested:
             return None
-        self._held = limiter._lock.acquire(self._wait_s, keep_threads=self._proceed)
+        self._held = limiter._lock.acquire(self._threads_wait_s, self._ofd_wait_s,
+                                           keep_threads=self._proceed)
         if limiter._closed or limiter._close_requested:  # closed while this waited
             self.__exit__()
             return None
         if self._held == _BOTH:
             return True
         if self._proceed:
-            if self._held == _THREADS_ONLY and self._wait_s >= RECONFIGURE_LOCK_WAIT_S:
+            if self._force:
                 log.warning("a rate-limit group's lock was held too long by another "
                             "process; its shared state is rewritten without it",
                             group=limiter.name)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from avmm.config import SerialConfig
 from avmm.errors import AvmmError
@@ -242,3 +243,32 @@ async def test_the_pid_the_daemon_places_stays_the_workers_until_it_lets_go(
         assert seen["reaper"] == "Z", seen
         # Let go of once the VM is gone: nothing left behind.
         assert _proc_state(pid) is None and _proc_state(reaper) is None
+
+
+async def test_a_jailed_worker_that_reset_its_death_signal_dies_with_its_reaper(
+        tmp_path: Path) -> None:
+    """A worker whose filter is off resets its parent-death signal, then its reaper is
+    killed: the spawner kills the jailed process it is left with before it reports the
+    worker's end, so that an ended VM leaves no guest running outside the daemon's
+    control (its disks and taps still open)."""
+    from avmm.isolation.seccomp import SeccompMode
+
+    _need_root()
+    isolation = _isolation(tmp_path, seccomp=SeccompMode.OFF,
+                           worker_module="tests.isolation.trip_worker",
+                           module_path=str(Path(__file__).resolve().parents[2]))
+    async with Host(isolation=isolation) as host:
+        vm = await host.create(guest_config("avmm.test=echo"))
+        assert isinstance(vm, WorkerVm)
+        jailed = vm._pid
+        assert jailed is not None
+        try:
+            await vm._call("drop_death_signal")
+            with trio.fail_after(30):
+                await vm._kill()  # the reaper
+                result = await vm.wait()
+            assert result.reason is StopReason.CRASH, result
+            assert _proc_state(jailed) in ("Z", None)
+        finally:
+            if _proc_state(jailed) not in ("Z", None):
+                os.kill(jailed, signal.SIGKILL)

@@ -5,7 +5,8 @@ the event-loop thread), so that a test sees a real SIGSYS kill, not one sent by 
 ``snapshot`` that starts :data:`SNAPSHOT_DELAY_S` late, so that a test can kill the
 worker, or let the daemon's timeout pass, while the daemon waits for it; and a
 ``take_taps`` that makes the taps it was handed persistent and its own (what a worker
-whose filter is off or in log mode could do)."""
+whose filter is off or in log mode could do); and a ``drop_death_signal`` that resets the
+jailed process's parent-death signal, so that it outlives its reaper."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ class _TripWorker(worker._Worker):
             os.execv("/bin/true", ["true"])
         if op == "snapshot":
             await trio.sleep(SNAPSHOT_DELAY_S)
+        if op == "drop_death_signal":
+            # What a jailed process a guest took over can do: outlive its reaper.
+            from avmm.isolation.jail import PR_SET_PDEATHSIG, _prctl
+            _prctl(PR_SET_PDEATHSIG, 0, "resetting the parent-death signal")
+            assert self.hosted is not None
+            return worker.status(self.hosted)
         if op == "take_taps":
             assert self.hosted is not None
             return {**worker.status(self.hosted), "taps": _take_taps()}

@@ -5,6 +5,7 @@ releases and a busy one never turns into a hang, and garbage in the page clamped
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -30,6 +31,7 @@ from avmm.ratelimit import (
     SharedRateLimiter,
     Throttle,
 )
+from avmm.ratelimit import _shared as shared
 from avmm.ratelimit._shared import LOCK_BUSY_WAIT_NS, STATE_SIZE
 from tests.ratelimit.test_bucket import MS, SCRIPTS, FakeClock
 
@@ -361,3 +363,116 @@ def test_the_daemon_closing_a_group_never_waits_for_a_change_in_progress() -> No
         os.waitpid(pid, 0)
         os.close(ready_read)
         os.close(ready_write)
+
+
+@contextmanager
+def lock_held_elsewhere(daemon: SharedRateLimiter) -> Iterator[None]:
+    """The group's OFD lock held by another open file description (another process's,
+    as far as the lock can tell), which never lets it go."""
+    fd = daemon.handout_fd()
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                    struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_an_admission_never_waits_for_a_lock_another_process_holds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile worker holding its group's lock: a co-group worker's admission (on its
+    event loop, for a NIC) returns at once, asked to retry, never sleeping for it."""
+    clock = FakeClock()
+    with group(BOTH, clock) as daemon, worker_view(daemon, clock) as here, \
+            lock_held_elsewhere(daemon):
+
+        def no_sleep(seconds: float) -> None:
+            raise AssertionError(f"an admission slept {seconds} s for the lock")
+
+        monkeypatch.setattr(time, "sleep", no_sleep)
+        assert here.try_take(1, 100, 0) == (LOCK_BUSY_WAIT_NS, "bandwidth")
+        assert here.check(1, 100, 0)[0] == LOCK_BUSY_WAIT_NS
+        here.take(1, 100, 0)
+        assert here.lock_busy == 3
+        assert here.config == BOTH  # a worker's read of the page does not wait either
+
+
+def test_a_put_cuts_a_debt_a_worker_wrote_to_one_bucket() -> None:
+    """A hostile worker writes the deepest debt the page keeps (2^48 tokens: days of
+    refill); the daemon's PUT gives the group service back within a refill period."""
+    clock = FakeClock()
+    clock.at_ms(1000)
+    config = RateLimitConfig(ops=BucketConfig(size=10, refill_ms=1000))
+    with group(config, clock) as daemon, worker_view(daemon, clock) as worker:
+        worker._map[_OPS + 32:_OPS + 48] = \
+            (-(1 << 48) * 1000 * MS).to_bytes(16, "little", signed=True)
+        assert daemon.levels() == {"ops": -(1 << 48)}
+        daemon.reconfigure(config)
+        assert daemon.levels() == {"ops": -10}
+        assert worker.try_take(1, 0, clock.now) == (1100 * MS, "ops")
+        clock.now += 1100 * MS
+        assert worker.try_take(1, 0, clock.now) == (0, None)
+        # A debt within one bucket is kept, as the in-process limiter keeps it.
+        worker.take(15, 0, clock.now)
+        daemon.reconfigure(RateLimitConfig(ops=BucketConfig(size=20, refill_ms=1000)))
+        assert daemon.levels() == {"ops": -15}
+
+
+class _OwnedLock:
+    """A threading.Lock that knows which thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+        self.taken = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self.owner = threading.get_ident()
+            self.taken.set()
+        return got
+
+    def release(self) -> None:
+        self.owner = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def test_two_puts_of_one_group_change_it_one_after_the_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two PUTs of one group while a worker holds its lock: the second waits for the
+    first (however long that waits for the worker), never rewrites the page beside it;
+    the group ends as the second says, for the daemon and for the workers."""
+    monkeypatch.setattr(shared, "RECONFIGURE_LOCK_WAIT_S", 0.2)
+    clock = FakeClock()
+    first = RateLimitConfig(ops=BucketConfig(size=5, refill_ms=1000))
+    second = RateLimitConfig(bandwidth=BucketConfig(size=7, refill_ms=1000))
+    with group(BOTH, clock) as daemon, worker_view(daemon, clock) as worker:
+        threads_lock = _OwnedLock()
+        daemon._lock._threads = threads_lock  # type: ignore[assignment]
+        unlocked: list[int] = []
+        load = daemon._load
+
+        def checked_load(now_ns: int, into: Any = None) -> None:
+            if into is None and threads_lock.owner != threading.get_ident():
+                unlocked.append(threading.get_ident())
+            load(now_ns, into)
+            if threading.current_thread() is put_first:
+                time.sleep(0.6)  # a slow change: the second outwaits its lock wait
+
+
+        monkeypatch.setattr(daemon, "_load", checked_load)
+        with lock_held_elsewhere(daemon):
+            put_first = threading.Thread(target=daemon.reconfigure, args=(first,))
+            put_first.start()
+            assert threads_lock.taken.wait(5)
+            put_second = threading.Thread(target=daemon.reconfigure, args=(second,))
+            put_second.start()
+            put_first.join()
+            put_second.join()
+        assert unlocked == []
+        assert daemon.config == second == worker.config
+        assert daemon.levels() == {"bandwidth": 7} == worker.levels()
