@@ -48,9 +48,16 @@ TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
+# Those that change an attached tap's life or ownership, and the one that reads its
+# flags back (avmm.isolation.taps puts a worker's taps back with them).
+TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
+TUNSETOWNER = 0x400454CC  # _IOW('T', 204, int)
+TUNSETGROUP = 0x400454CE  # _IOW('T', 206, int)
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_PERSIST = 0x0800
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
@@ -61,6 +68,7 @@ IFNAMSIZ = 16
 # struct ifreq: char ifr_name[IFNAMSIZ]; then a union whose largest member is 24 bytes on
 # 64-bit; TUNSETIFF reads ifr_flags (a short) from its start and writes back the name.
 _IFREQ = struct.Struct("=16sH22x")
+IFREQ_SIZE = _IFREQ.size
 
 #: The smallest header the kernel accepts (struct virtio_net_hdr without num_buffers).
 MIN_VNET_HEADER_SIZE = 10

@@ -22,26 +22,30 @@ warning says so.)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
+import errno
 import fcntl
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import structlog
 
-from ..tap import IFNAMSIZ
+from ..netns import NetnsError, call_in_netns
+from ..tap import (
+    IFF_PERSIST,
+    IFNAMSIZ,
+    IFREQ_SIZE,
+    TUNGETIFF,
+    TUNSETGROUP,
+    TUNSETOWNER,
+    TUNSETPERSIST,
+)
 
 log = structlog.get_logger(__name__)
 
-# <linux/if_tun.h>: stable UAPI, as in avmm.tap.
-TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
-TUNSETOWNER = 0x400454CC  # _IOW('T', 204, int)
-TUNSETGROUP = 0x400454CE  # _IOW('T', 206, int)
-TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int)
-IFF_PERSIST = 0x0800
-_IFREQ_SIZE = 40
+__all__ = ["TUNSETGROUP", "TUNSETOWNER", "TUNSETPERSIST", "UNSET", "HeldTap", "link_ids"]
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>.
 _RTM_NEWLINK = 16
@@ -54,14 +58,8 @@ _IFLA_INFO_DATA = 2
 _IFLA_TUN_OWNER = 1
 _IFLA_TUN_GROUP = 2
 _NLA_F_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
-_NETNS_DIR = "/run/netns"
-_CLONE_NEWNET = 0x4000_0000
 #: No owner or group: the kernel's INVALID_UID/GID, as the ids read back here.
 UNSET = -1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-
 
 @dataclasses.dataclass
 class HeldTap:
@@ -112,7 +110,7 @@ class HeldTap:
 
 
 def _name_and_flags(fd: int) -> tuple[str, int]:
-    reply = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ_SIZE))
+    reply = fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ_SIZE))
     name = reply[:IFNAMSIZ].split(b"\0", 1)[0].decode(errors="replace")
     (flags,) = struct.unpack_from("=H", reply, IFNAMSIZ)
     return name, flags
@@ -121,7 +119,7 @@ def _name_and_flags(fd: int) -> tuple[str, int]:
 def link_ids(name: str, netns: str | None) -> tuple[int, int]:
     """The owner and group (:data:`UNSET` if none) of tap ``name`` in network namespace
     ``netns`` (``/run/netns/NAME``; None: this process's), over rtnetlink: no ioctl
-    reads them back. Switches the calling thread's network namespace for a moment.
+    reads them back.
 
     :raises OSError: the link cannot be read.
     """
@@ -162,31 +160,18 @@ def _attributes(data: bytes, wanted: int) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def _netlink_socket(netns: str | None):  # type: ignore[no-untyped-def]
+def _netlink_socket(netns: str | None) -> Iterator[socket.socket]:
     """A NETLINK_ROUTE socket of ``netns`` (a socket stays in the namespace it was made
-    in; the thread goes back to its own at once)."""
-    if netns is None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+    in: :func:`avmm.netns.call_in_netns` makes it there, on a thread of its own)."""
+
+    def make() -> socket.socket:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                              socket.NETLINK_ROUTE)
-    else:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            target = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(target, _CLONE_NEWNET) != 0:
-                    number = ctypes.get_errno()
-                    raise OSError(number, os.strerror(number))
-                try:
-                    sock = socket.socket(socket.AF_NETLINK,
-                                         socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                         socket.NETLINK_ROUTE)
-                finally:
-                    if _libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover
-                        os._exit(70)  # a spawner in the wrong namespace must not go on
-            finally:
-                os.close(target)
-        finally:
-            os.close(own)
+
+    try:
+        sock = make() if netns is None else call_in_netns(netns, make)
+    except NetnsError as e:
+        raise OSError(errno.EINVAL, str(e)) from None  # as any other failure here
     with sock:
         sock.settimeout(5)
         yield sock

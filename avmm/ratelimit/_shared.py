@@ -351,9 +351,7 @@ class SharedRateLimiter:
         with self._locked() as ready:
             if not ready:
                 return self._busy()
-            self._load(now_ns)
-            if self._owed_ops or self._owed_bytes:
-                self._settle(now_ns)
+            self._current(now_ns)
             result = check_buckets(self._buckets["bandwidth"], self._buckets["ops"], ops,
                                    nbytes, now_ns)
             self._store()
@@ -363,9 +361,7 @@ class SharedRateLimiter:
         with self._locked() as ready:
             if not ready:
                 return self._busy()
-            self._load(now_ns)
-            if self._owed_ops or self._owed_bytes:
-                self._settle(now_ns)
+            self._current(now_ns)
             bandwidth, ops_bucket = self._buckets["bandwidth"], self._buckets["ops"]
             wait, kind = check_buckets(bandwidth, ops_bucket, ops, nbytes, now_ns)
             if not wait:
@@ -415,6 +411,13 @@ class SharedRateLimiter:
             (kind for index, kind in enumerate(BUCKET_KINDS)
              if _CONFIG.unpack_from(self._map, _slot(index))[0]), None)
         return LOCK_BUSY_WAIT_NS, kind
+
+    def _current(self, now_ns: int) -> None:
+        """The buckets as the page has them now (the lock held), with what was charged
+        while the lock was busy taken first."""
+        self._load(now_ns)
+        if self._owed_ops or self._owed_bytes:
+            self._settle(now_ns)
 
     def _settle(self, now_ns: int) -> None:
         with self._owed_lock:
