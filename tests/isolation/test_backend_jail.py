@@ -110,28 +110,28 @@ def _check_confined(status: dict[str, str]) -> None:
     assert int(status["CapEff"], 16) == 0, status["CapEff"]
 
 
-async def test_a_jailed_rng_backend_serves_a_guest(tmp_path: Path) -> None:
-    import dataclasses
-    import re
-
-    from avmm.config import VhostUserConfig
-    from tests.vm.helpers import guest_config
-
+def _jail_flags(tmp_path: Path) -> list[str]:
+    """The flags that jail a back-end under ``tmp_path``, filters in kill mode (root
+    needed: namespaces, mounts, a jail uid)."""
     if os.geteuid() != 0:
         require("a jailed back-end needs root (namespaces, mounts, a jail uid)")
-    sockets = tmp_path / "sockets"
-    sockets.mkdir()
-    sock = sockets / "rng.sock"
-    with avmm_backend("rng", sock, "--jail-root", str(tmp_path / "jail"), "--uid", str(UID),
-                      "--gid", str(UID), "--seccomp", "kill") as process:
-        status = _jailed(process.pid)
-        config = dataclasses.replace(
-            guest_config("avmm.test=rng"),
-            vhost_users=(VhostUserConfig(socket=sock, device_id=4, num_queues=1),))
-        result, output, _ = await run(config)
-        assert re.search(r"rng0 [0-9a-f]{64}\n", output), output
-        assert result.reason is StopReason.RESET
+    (tmp_path / "sockets").mkdir()
+    return ["--jail-root", str(tmp_path / "jail"), "--uid", str(UID), "--gid", str(UID),
+            "--seccomp", "kill"]
+
+
+async def test_a_jailed_rng_backend_serves_a_guest(tmp_path: Path) -> None:
+    from tests.vhost.test_frontend import check_rng_output, rng_config
+
+    flags = _jail_flags(tmp_path)
+    sock = tmp_path / "sockets" / "rng.sock"
+    with avmm_backend("rng", sock, *flags) as process:
+        result, output, _ = await run(rng_config(sock))
+        check_rng_output(result, output)
         assert process.poll() is None, "the back-end died serving the guest"
+        # Once it has served (its filter comes after its socket, which the test waits
+        # for), as it stands while it serves.
+        status = _jailed(process.pid)
     _check_confined(status)
 
 
@@ -143,17 +143,11 @@ async def test_a_jailed_net_backend_serves_a_guest(tmp_path: Path) -> None:
     from tests.virtio_guest_support import echoing_tap
     from tests.vm.helpers import guest_config
 
-    if os.geteuid() != 0:
-        require("a jailed back-end needs root (namespaces, mounts, a jail uid)")
-    sockets = tmp_path / "sockets"
-    sockets.mkdir()
-    sock = sockets / "net.sock"
+    flags = _jail_flags(tmp_path)
+    sock = tmp_path / "sockets" / "net.sock"
     with echoing_tap() as (namespace, _echoer), \
-            avmm_backend("net", sock, "--tap", namespace.tap,
-                         "--jail-root", str(tmp_path / "jail"), "--uid", str(UID),
-                         "--gid", str(UID), "--seccomp", "kill",
+            avmm_backend("net", sock, "--tap", namespace.tap, *flags,
                          prefix=namespace.command_prefix()) as process:
-        status = _jailed(process.pid)
         config = dataclasses.replace(
             guest_config("avmm.test=net-echo avmm.n=20 avmm.size=256", memory_mib=64),
             nets=(NetConfig(vhost_user=sock, mac=bytes.fromhex("525400abcdef")),))
@@ -161,4 +155,5 @@ async def test_a_jailed_net_backend_serves_a_guest(tmp_path: Path) -> None:
         assert "net0 echoed=20" in output, output
         assert result.reason is StopReason.RESET
         assert process.poll() is None, "the back-end died serving the guest"
+        status = _jailed(process.pid)
     _check_confined(status)

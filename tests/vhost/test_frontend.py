@@ -162,15 +162,24 @@ async def test_blk_write_through_a_vhost_user_backend(tmp_path: Path, kind: str)
     assert result.reason is StopReason.RESET
 
 
+def rng_config(sock: Path) -> VmConfig:
+    """The test guest reading an entropy device served at ``sock`` (the generic
+    ``[[vhost_user]]`` section)."""
+    return dataclasses.replace(
+        guest_config("avmm.test=rng"),
+        vhost_users=(VhostUserConfig(socket=sock, device_id=4, num_queues=1),))
+
+
+def check_rng_output(result: VmExit, output: str) -> None:
+    assert re.search(r"rng0 [0-9a-f]{64}\n", output), output
+    assert result.reason is StopReason.RESET
+
+
 async def test_rng_through_the_generic_vhost_user_section(tmp_path: Path) -> None:
     sock = tmp_path / "rng.sock"
     with avmm_backend("rng", sock):
-        config = dataclasses.replace(
-            guest_config("avmm.test=rng"),
-            vhost_users=(VhostUserConfig(socket=sock, device_id=4, num_queues=1),))
-        result, output, _ = await run(config)
-    assert re.search(r"rng0 [0-9a-f]{64}\n", output), output
-    assert result.reason is StopReason.RESET
+        result, output, _ = await run(rng_config(sock))
+    check_rng_output(result, output)
 
 
 @pytest.mark.net
