@@ -1,7 +1,8 @@
-# The cffi extensions (avmm.kvm._kvm_ffi against the build machine's <linux/kvm.h>, and
-# avmm.vhost._log_ffi, the dirty log's atomics) are compiled at install time; everything
-# else lives in pyproject.toml.
+# The cffi extensions (avmm.kvm._kvm_ffi against the build machine's <linux/kvm.h>,
+# avmm.vhost._log_ffi, the dirty log's atomics, and avmm.virtio._net_ffi, virtio-net's
+# inner loops) are compiled at install time; everything else lives in pyproject.toml.
 from setuptools import setup
 
 setup(cffi_modules=["avmm/kvm/_ffi_build.py:ffibuilder",
-                    "avmm/vhost/_log_build.py:ffibuilder"])
+                    "avmm/vhost/_log_build.py:ffibuilder",
+                    "avmm/virtio/_net_build.py:ffibuilder"])

@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 from dataclasses import dataclass
-from typing import NewType, Protocol
+from typing import Any, NewType, Protocol
 
 from .errors import GuestAddressError, GuestMemoryError
 
@@ -107,6 +107,12 @@ class MemoryAccess:
         if dirty is not None:
             dirty.mark(address, length)
 
+    def host_buffers(self) -> tuple[tuple[int, int, Any, int], ...] | None:
+        """Guest RAM as writable buffers for C code (avmm.virtio.net_fast): per region
+        (guest address, size, an object with the buffer protocol, offset of the
+        region's first byte in it); None where the memory cannot be handed out."""
+        return None
+
     def view(self, address: int, length: int) -> memoryview:
         raise NotImplementedError
 
@@ -175,6 +181,9 @@ class ByteArrayMemory(MemoryAccess):
 
     def contains(self, address: int, length: int = 1) -> bool:
         return address >= 0 and length >= 0 and address + length <= self.size
+
+    def host_buffers(self) -> tuple[tuple[int, int, Any, int], ...] | None:
+        return ((0, self.size, self.data, 0),)
 
     def view(self, address: int, length: int) -> memoryview:
         if not self.contains(address, length):
@@ -248,6 +257,12 @@ class GuestMemory(MemoryAccess):
             return True
         return any(region.guest_address <= address and end <= region.end
                    for region in self.regions)
+
+    def host_buffers(self) -> tuple[tuple[int, int, Any, int], ...] | None:
+        if self._closed:
+            return None
+        return tuple((region.guest_address, region.size, self._map, region.file_offset)
+                     for region in self.regions)
 
     def host_address(self, region: MemoryRegion) -> int:
         """Userspace address of ``region`` in this process."""

@@ -494,8 +494,9 @@ class _ServedQueue:
     """A queue as a device in this process sees it: the transport's VirtQueue, with pops
     held back while the VM is paused and what passes through counted.
 
-    Only ``pop``, ``push`` and ``enable_notifications`` differ; everything else is the
-    VirtQueue's own (bound once here, so the hot path pays one call, not a lookup).
+    Only ``pop``, ``push``, ``enable_notifications``, ``may_take`` and ``took`` differ;
+    everything else is the VirtQueue's own (bound once here, so the hot path pays one
+    call, not a lookup).
     """
 
     def __init__(self, queue: VirtQueue, gate: PauseGate, metrics: DeviceMetrics) -> None:
@@ -532,6 +533,16 @@ class _ServedQueue:
         metrics = self._metrics
         metrics.requests += 1
         metrics.bytes += written
+
+    def may_take(self) -> bool:
+        return self._gate.is_open and self._queue.may_take()
+
+    def took(self, memory: MemoryAccess, chains: int, readable_bytes: int,
+             written_bytes: int) -> None:
+        # What pop and push would have counted for those chains.
+        metrics = self._metrics
+        metrics.requests += chains
+        metrics.bytes += readable_bytes + written_bytes
 
     def enable_notifications(self, memory: MemoryAccess) -> bool:
         more = self._enable(memory)

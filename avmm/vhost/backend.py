@@ -218,6 +218,8 @@ class _Region:
     user_address: int
     map: mmap.mmap
     view: memoryview
+    #: Where the region's first byte is in ``map`` (the fd offset's misalignment).
+    map_offset: int = 0
 
 
 def check_shared_fd(fd: int, needed: int, *, allow_unsealed: bool, what: str) -> None:
@@ -291,7 +293,7 @@ class VhostMemory(MemoryAccess):
             ) from e
         view = memoryview(mapping)[delta:delta + size]
         self._regions.append(_Region(region.guest_address, size, region.user_address,
-                                     mapping, view))
+                                     mapping, view, delta))
 
     def _find(self, address: int, length: int) -> _Region | None:
         if address < 0 or length < 0:
@@ -304,6 +306,12 @@ class VhostMemory(MemoryAccess):
 
     def contains(self, address: int, length: int = 1) -> bool:
         return self._find(address, length) is not None
+
+    def host_buffers(self) -> tuple[tuple[int, int, Any, int], ...] | None:
+        if not self._regions:
+            return None
+        return tuple((region.guest_address, region.size, region.map, region.map_offset)
+                     for region in self._regions)
 
     def view(self, address: int, length: int) -> memoryview:
         region = self._find(address, length)
@@ -414,6 +422,9 @@ class _TrackedQueue(VirtQueue):
     """A VirtQueue that keeps the inflight record, hands recovered chains out first, and
     logs the pages of guest memory it returns written (see the module docstring, "Dirty
     logging")."""
+
+    #: pop and push keep the inflight record and the write log: no C loop bypasses them.
+    direct_access = False
 
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)

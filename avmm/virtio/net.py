@@ -52,8 +52,12 @@ refuses are dropped and counted: the driver gets its buffer back either way.
 
 from __future__ import annotations
 
+import enum
 import os
+import select
 import struct
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -62,8 +66,11 @@ import structlog
 import trio
 
 from ..devices._state import DeviceStateError, check_bytes, check_state_class
+from ..isolation.syscalls import ThreadKind
 from ..ratelimit import limiter_wait_s
 from ..tap import TapError
+from ..threads import run_in_own_thread
+from . import net_fast
 from .device import (
     DeviceContext,
     DeviceId,
@@ -76,6 +83,7 @@ from .device import (
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
     from ..ratelimit import Throttle
+    from .net_fast import FastBatch, NetFastPath
     from .queue import DescriptorChain, VirtQueue
 
 log = structlog.get_logger(__name__)
@@ -128,6 +136,31 @@ _CONFIG = struct.Struct("<6sHH")
 _IOV_MAX = 1024
 #: Frames received per batch before the used ring is signalled and other tasks run.
 _RX_BATCH = 64
+
+
+class _Wait(enum.Enum):
+    """What a queue's loop waits for (see :meth:`NetDevice.run`)."""
+
+    KICK = "kick"            #: the driver's notification on queue ``argument``
+    READABLE = "readable"    #: fd ``argument`` readable
+    WRITABLE = "writable"    #: fd ``argument`` writable
+    SLEEP = "sleep"          #: ``argument`` seconds (a rate limiter's wait)
+    YIELD = "yield"          #: nothing: let the rest of the loop's thread or tasks run
+
+
+_Step = tuple[_Wait, float]
+_Steps = Callable[["DeviceContext"], Iterator[_Step]]
+#: Why a receive batch of the C loop ended, for the loop's next wait.
+_TAP_EMPTY, _NO_BUFFERS, _MORE = range(3)
+
+
+def _poll_one(poller: select.poll, fd: int, events: int) -> None:
+    """Sleep until ``fd`` has ``events`` or the poller's other fds (a stop) are ready."""
+    poller.register(fd, events)
+    try:
+        poller.poll()  # releases the GIL; EINTR is retried by Python
+    finally:
+        poller.unregister(fd)
 
 
 class TapLike(Protocol):
@@ -211,6 +244,9 @@ class NetDevice(VirtioDevice):
         # A transmit chain the TX limiter refused (taken, not returned), and the wait.
         self._tx_held: DescriptorChain | None = None
         self._tx_wait_ns = 0
+        # The C loops (None: not built, or AVMM_NET_PYTHON=1), one per queue.
+        self._fast_rx = net_fast.fast_path(self._rx_buffer)
+        self._fast_tx = net_fast.fast_path(self._rx_buffer)
 
     # -- VirtioDevice -------------------------------------------------------------------
 
@@ -249,14 +285,117 @@ class NetDevice(VirtioDevice):
     async def run(self, context: DeviceContext) -> None:
         """Serve the receive and transmit queues until cancelled. Returns holding no
         chain (see :meth:`VirtioDevice.run`): receive buffers taken and a transmit
-        chain waiting for the tap go back to the driver through the queue."""
+        chain waiting for the tap go back to the driver through the queue.
+
+        With ``context.kick_fd`` (the in-process virtio-mmio slot) each queue gets an I/O
+        thread of its own that sleeps in poll(2) on its kick eventfd and the tap, as
+        blk's does (see the module docstring); otherwise both are trio tasks."""
+        kick_fd = getattr(context, "kick_fd", None)
+        call_fd = getattr(context, "call_fd", None)
         try:
-            await run_together(
-                partial(self._receive_loop, context),
-                partial(self._transmit_loop, context),
-            )
+            with structlog.contextvars.bound_contextvars(device=self.name):
+                if callable(kick_fd):
+                    await run_together(
+                        partial(self._serve_in_thread, context, RX_QUEUE,
+                                self._receive_steps, kick_fd, call_fd),
+                        partial(self._serve_in_thread, context, TX_QUEUE,
+                                self._transmit_steps, kick_fd, call_fd),
+                    )
+                else:
+                    await run_together(
+                        partial(self._serve_in_trio, context, self._receive_steps),
+                        partial(self._serve_in_trio, context, self._transmit_steps),
+                    )
         finally:
             self._release_chains()
+            for fast in (self._fast_rx, self._fast_tx):
+                if fast is not None:
+                    fast.forget()
+
+    @staticmethod
+    async def _serve_in_trio(context: DeviceContext, steps: _Steps) -> None:
+        """Drive a queue's loop (:meth:`_transmit_steps`, :meth:`_receive_steps`) from a
+        trio task: each wait it yields is awaited."""
+        loop = steps(context)
+        try:
+            for kind, argument in loop:
+                if kind is _Wait.KICK:
+                    await context.wait_kick(int(argument))
+                elif kind is _Wait.READABLE:
+                    await trio.lowlevel.wait_readable(int(argument))
+                elif kind is _Wait.WRITABLE:
+                    await trio.lowlevel.wait_writable(int(argument))
+                elif kind is _Wait.SLEEP:
+                    await trio.sleep(argument)
+                else:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            loop.close()
+
+    async def _serve_in_thread(self, context: DeviceContext, index: int, steps: _Steps,
+                               kick_fd: Callable[[int], int], call_fd: object) -> None:
+        """Drive a queue's loop from an I/O thread of its own (blk's pattern: a stop
+        eventfd and flag, set when the task is cancelled; the thread checks them between
+        batches, so a batch that was started is always completed and signalled)."""
+        kick = kick_fd(index)
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        stopping = threading.Event()
+
+        def stop() -> None:
+            stopping.set()
+            os.eventfd_write(stop_fd, 1)
+
+        # Every fd the thread reads or writes, for its filter: the tap, its kick and stop
+        # eventfds, the irqfd that signal_used writes, stderr and stdout (log lines).
+        owned_fds = None if not isinstance(call_fd, int) else frozenset(
+            {self.tap.fd, kick, stop_fd, call_fd, 1, 2})
+        direction = "RX" if index == RX_QUEUE else "TX"
+        try:
+            await run_in_own_thread(
+                lambda: self._drive_blocking(context, index, steps, kick, stop_fd,
+                                             stopping),
+                on_cancel=stop, name=f"avmm {self.name} {direction}",
+                seccomp_kind=ThreadKind.DEVICE_IO, seccomp_fds=owned_fds)
+        finally:
+            os.close(stop_fd)
+
+    @staticmethod
+    def _drive_blocking(context: DeviceContext, index: int, steps: _Steps, kick_fd: int,
+                        stop_fd: int, stopping: threading.Event) -> None:
+        """The I/O thread's side of :meth:`_serve_in_thread`: each wait is a poll(2) on
+        the fd (and the stop eventfd), a timed wait on ``stopping``, or nothing."""
+        kicks_received = getattr(context, "kicks_received", None)
+        poller = select.poll()
+        poller.register(stop_fd, select.POLLIN)
+        # The first wait for a kick returns at once: the driver may have made buffers
+        # available (and kicked) before DRIVER_OK started us.
+        primed = True
+        loop = steps(context)
+        try:
+            for kind, argument in loop:
+                if stopping.is_set():
+                    return
+                if kind is _Wait.KICK:
+                    if primed:
+                        primed = False
+                        continue
+                    while not stopping.is_set():
+                        try:
+                            kicks = os.eventfd_read(kick_fd)
+                        except BlockingIOError:
+                            _poll_one(poller, kick_fd, select.POLLIN)
+                            continue
+                        if kicks_received is not None:
+                            kicks_received(index, kicks)
+                        break
+                elif kind is _Wait.READABLE:
+                    _poll_one(poller, int(argument), select.POLLIN)
+                elif kind is _Wait.WRITABLE:
+                    _poll_one(poller, int(argument), select.POLLOUT)
+                elif kind is _Wait.SLEEP:
+                    stopping.wait(argument)
+        finally:
+            loop.close()
 
     def _release_chains(self) -> None:
         """Forget the receive chains held (the transport gives them back or resets the
@@ -270,11 +409,11 @@ class NetDevice(VirtioDevice):
 
     # -- transmit -----------------------------------------------------------------------
 
-    async def _transmit_loop(self, context: DeviceContext) -> None:
-        """:func:`~avmm.virtio.device.serve_queue`'s loop, with the frames of a batch sent
-        synchronously (:meth:`_transmit_batch`): a frame costs one ``writev`` and no
-        coroutine of its own. The tap takes a frame at once or not at all, so only a
-        full tap queue (EAGAIN) makes the loop wait inside a batch."""
+    def _transmit_steps(self, context: DeviceContext) -> Iterator[_Step]:
+        """The transmit queue's loop, yielding its waits (see :meth:`run`): the frames of
+        a batch are sent synchronously (:meth:`_transmit_batch`), one ``writev`` each
+        and no coroutine of its own. The tap takes a frame at once or not at all, so only
+        a full tap queue (EAGAIN) makes the loop wait inside a batch."""
         queue = context.queues[TX_QUEUE]
         if queue is None:
             return
@@ -282,7 +421,7 @@ class NetDevice(VirtioDevice):
         batch_limit = queue.state.size
         while True:
             if self._tx_held is None:
-                await context.wait_kick(TX_QUEUE)
+                yield _Wait.KICK, TX_QUEUE
             while True:
                 queue.disable_notifications(memory)
                 # A batch is at most one ring's worth, so that a driver that keeps
@@ -294,7 +433,7 @@ class NetDevice(VirtioDevice):
                     if handled:
                         context.signal_used(TX_QUEUE)
                     while not self._send(memory, blocked):
-                        await trio.lowlevel.wait_writable(self.tap.fd)
+                        yield _Wait.WRITABLE, self.tap.fd
                     queue.push(memory, blocked.head, 0)
                     handled += 1
                     more, blocked = self._transmit_some(memory, queue, batch_limit - handled)
@@ -302,9 +441,9 @@ class NetDevice(VirtioDevice):
                 if handled:
                     context.signal_used(TX_QUEUE)
                 if self._tx_held is not None:
-                    await trio.sleep(limiter_wait_s(self._tx_wait_ns))
+                    yield _Wait.SLEEP, limiter_wait_s(self._tx_wait_ns)
                     continue
-                await trio.lowlevel.checkpoint()
+                yield _Wait.YIELD, 0
                 if handled < batch_limit and not queue.enable_notifications(memory):
                     break
 
@@ -352,6 +491,36 @@ class NetDevice(VirtioDevice):
         The usual case, header and frame in one buffer, is sent from here; any other
         layout goes through :meth:`_send`, which knows every rule.
         """
+        fast = self._fast_tx
+        if fast is not None and queue.may_take() and fast.usable(memory):
+            return self._transmit_fast(fast, memory, queue, limit)
+        return self._transmit_python(memory, queue, limit)
+
+    def _transmit_fast(self, fast: NetFastPath, memory: MemoryAccess, queue: VirtQueue,
+                       limit: int) -> tuple[int, DescriptorChain | None]:
+        """:meth:`_transmit_batch` by the C loop (avmm.virtio.net_fast), each chain it
+        leaves (another shape, a frame to drop, a tap error) sent the Python way."""
+        handled = 0
+        stats = self.stats
+        while handled < limit:
+            batch = fast.transmit(queue, memory, self.tap.fd, limit - handled)
+            handled += batch.frames
+            stats.tx_frames += batch.frames
+            stats.tx_bytes += batch.bytes
+            if batch.stop == net_fast.TAP_BLOCKED:
+                # The Python path holds the chain while it waits for the tap.
+                return handled, queue.pop(memory)
+            if batch.stop != net_fast.SLOW:
+                break
+            more, blocked = self._transmit_python(memory, queue, 1)
+            handled += more
+            if blocked is not None or not more:
+                return handled, blocked
+        return handled, None
+
+    def _transmit_python(self, memory: MemoryAccess, queue: VirtQueue,
+                         limit: int) -> tuple[int, DescriptorChain | None]:
+        """:meth:`_transmit_batch` in Python: every layout, every rule."""
         pop = queue.pop
         push = queue.push
         view = memory.view
@@ -462,39 +631,53 @@ class NetDevice(VirtioDevice):
         self._rx_chains.append(chain)
         return chain
 
-    async def _wait_for_receive_buffers(self, context: DeviceContext,
-                                        queue: VirtQueue) -> None:
+    def _wait_for_receive_buffers(self, context: DeviceContext,
+                                  queue: VirtQueue) -> Iterator[_Step]:
         """The driver gave us no (or too few) buffers: ask for a kick and wait for it,
         unless buffers arrived while we were asking."""
         memory = context.memory
         if queue.enable_notifications(memory):
-            await trio.lowlevel.checkpoint()
+            yield _Wait.YIELD, 0
         else:
-            await context.wait_kick(RX_QUEUE)
+            yield _Wait.KICK, RX_QUEUE
         # While we hold buffers, the driver need not tell us about more.
         queue.disable_notifications(memory)
 
-    async def _receive_loop(self, context: DeviceContext) -> None:
+    def _receive_steps(self, context: DeviceContext) -> Iterator[_Step]:
+        """The receive queue's loop, yielding its waits (see :meth:`run`)."""
         queue = context.queues[RX_QUEUE]
         if queue is None:
             return
         memory = context.memory
         mergeable = bool(context.features & VIRTIO_NET_F_MRG_RXBUF)
+        fast = self._fast_rx
         queue.disable_notifications(memory)
         while True:
             if self._rx_frame_length:
                 # A frame waits for more buffers.
                 placed = self._place_frame(memory, queue, mergeable)
                 if placed is None:
-                    await self._wait_for_receive_buffers(context, queue)
+                    yield from self._wait_for_receive_buffers(context, queue)
                 elif placed:
                     context.signal_used(RX_QUEUE)
                 continue
+            throttle = self.rx_throttle
+            if (throttle is None and fast is not None and queue.may_take()
+                    and fast.usable(memory)):
+                used, ended = self._receive_fast(fast, memory, queue, mergeable)
+                if used:
+                    context.signal_used(RX_QUEUE)
+                if ended == _TAP_EMPTY:
+                    yield _Wait.READABLE, self.tap.fd
+                elif ended == _NO_BUFFERS:
+                    yield from self._wait_for_receive_buffers(context, queue)
+                else:
+                    yield _Wait.YIELD, 0
+                continue
             if not self._rx_chains and self._pop_receive_chain(
                     queue, memory, mergeable) is None:
-                await self._wait_for_receive_buffers(context, queue)
+                yield from self._wait_for_receive_buffers(context, queue)
                 continue
-            throttle = self.rx_throttle
             if throttle is None:
                 used, tap_empty = self._receive_batch(memory, queue, mergeable)
             else:
@@ -503,20 +686,103 @@ class NetDevice(VirtioDevice):
                 if wait:
                     if used:
                         context.signal_used(RX_QUEUE)
-                    await trio.sleep(limiter_wait_s(wait))
+                    yield _Wait.SLEEP, limiter_wait_s(wait)
                     continue
             if used:
                 context.signal_used(RX_QUEUE)
             # The tap is read before it is waited for: while frames keep coming, a batch
             # costs one checkpoint rather than an epoll registration and wake-up.
             if tap_empty:
-                await trio.lowlevel.wait_readable(self.tap.fd)
+                yield _Wait.READABLE, self.tap.fd
             else:
-                await trio.lowlevel.checkpoint()
+                yield _Wait.YIELD, 0
 
-    def _receive_batch(self, memory: MemoryAccess, queue: VirtQueue,
-                       mergeable: bool) -> tuple[int, bool]:
-        """Move up to :data:`_RX_BATCH` frames from the tap to receive buffers while the
+    def _receive_fast(self, fast: NetFastPath, memory: MemoryAccess, queue: VirtQueue,
+                      mergeable: bool) -> tuple[int, int]:
+        """Up to :data:`_RX_BATCH` frames by the C loop (avmm.virtio.net_fast), and what
+        made it stop the Python way: a chain of another shape (one frame by
+        :meth:`_receive_batch`), a frame larger than its buffer (:meth:`_place_frame`),
+        a tap error. Returns the chains used and why the batch ended (_TAP_EMPTY,
+        _NO_BUFFERS, _MORE: the batch is full, or the Python path holds chains now).
+
+        What the guest sees is what the Python loop gives it, chain for chain: that loop
+        takes a receive buffer before it reads the tap, so this one takes the next
+        buffer when the tap runs dry (a hostile chain is refused then, not later), and
+        that buffer gets the next frame the Python way."""
+        stats = self.stats
+        used = 0
+        budget = _RX_BATCH
+        if self._rx_chains:
+            # The buffer taken before the tap ran dry (below) gets the next frame.
+            used, tap_empty = self._receive_batch(memory, queue, mergeable, limit=1)
+            if tap_empty:
+                return used, _TAP_EMPTY
+            budget -= 1
+            if self._rx_chains:
+                return used, _MORE
+        while budget > 0:
+            batch = fast.receive(queue, memory, self.tap.fd, budget, mergeable)
+            stats.rx_frames += batch.frames
+            stats.rx_bytes += batch.bytes
+            if batch.dropped:
+                stats.rx_dropped += batch.dropped
+                self._log.debug("received frames dropped", count=batch.dropped,
+                                reason="shorter than an Ethernet header")
+            used += batch.frames
+            budget -= batch.frames + batch.dropped
+            if batch.kept:
+                # A runt went into a buffer the C loop did not take: take it, so that a
+                # buffer written into is always one the device holds.
+                self._pop_receive_chain(queue, memory, mergeable)
+            stop = batch.stop
+            if stop == net_fast.EMPTY:
+                # Take the next buffer before waiting for the tap, as the Python loop
+                # does: a hostile chain is refused now, not when a frame comes.
+                if not self._rx_chains and self._pop_receive_chain(
+                        queue, memory, mergeable) is None:
+                    return used, _NO_BUFFERS
+                return used, _TAP_EMPTY
+            if stop == net_fast.NO_BUFFERS:
+                return used, _NO_BUFFERS
+            if stop == net_fast.LIMIT:
+                break
+            if stop == net_fast.TAP_ERROR:
+                raise self._read_error(OSError(batch.error, os.strerror(batch.error)))
+            budget -= 1
+            if stop == net_fast.OVERFLOW:
+                placed = self._place_overflow(memory, queue, mergeable, batch)
+            else:  # SLOW: one frame the Python way
+                placed, tap_empty = self._receive_batch(memory, queue, mergeable, limit=1)
+                if tap_empty:
+                    return used + placed, _TAP_EMPTY
+            if placed is None:
+                return used, _MORE
+            used += placed
+            if self._rx_chains:
+                break
+        return used, _MORE
+
+    def _place_overflow(self, memory: MemoryAccess, queue: VirtQueue, mergeable: bool,
+                        batch: FastBatch) -> int | None:
+        """The C loop read a frame larger than the buffer of the chain at the queue's
+        position (its first part is there, the rest in the bounce buffer): take that
+        chain the Python way and place the frame (:meth:`_place_frame`)."""
+        self._rx_frame_length = batch.total
+        chain = self._pop_receive_chain(queue, memory, mergeable)
+        if chain is None:
+            return self._drop_frame("the receive ring changed under the device")
+        capacity = min(chain.writable_length, len(self._rx_buffer) - 1)
+        if len(chain.writable) != 1 or capacity != batch.first:
+            # The driver rewrote the descriptor meanwhile: its frame is lost.
+            return self._drop_frame("the receive ring changed under the device")
+        self._rx_first_length = batch.first
+        self._rx_overflow_start = 0
+        self._rx_overflow_end = batch.total - batch.first
+        return self._place_frame(memory, queue, mergeable)
+
+    def _receive_batch(self, memory: MemoryAccess, queue: VirtQueue, mergeable: bool,
+                       limit: int = _RX_BATCH) -> tuple[int, bool]:
+        """Move up to ``limit`` frames from the tap to receive buffers while the
         driver has buffers. Returns how many chains went back to the used ring, and
         whether the batch ended because the tap had nothing more to read.
 
@@ -535,7 +801,7 @@ class NetDevice(VirtioDevice):
         used = frames = frame_bytes = 0
         tap_empty = False
         try:
-            for _ in range(_RX_BATCH):
+            for _ in range(limit):
                 if not chains and self._pop_receive_chain(queue, memory, mergeable) is None:
                     break
                 chain = chains[0]

@@ -634,6 +634,24 @@ class VirtQueue:
             dirty.mark(s.used_ring + element, 8)
             dirty.mark(s.used_ring + 2, 2)
 
+    # -- C loops that move the positions themselves (avmm.virtio.net_fast) --------------
+
+    #: Whether code other than pop/push may take and return chains of this queue by
+    #: moving ``state``'s positions and the used ring itself: true where pop and push do
+    #: nothing but that (a subclass that records what it takes says no).
+    direct_access: ClassVar[bool] = True
+
+    def may_take(self) -> bool:
+        """Whether a C loop may take chains now: the queue is ready, allows direct
+        access, and (a served queue) the VM is not pausing. The caller also holds no
+        chain of its own taken from it."""
+        return self.state.ready and self.direct_access
+
+    def took(self, memory: MemoryAccess, chains: int, readable_bytes: int,
+             written_bytes: int) -> None:
+        """A C loop took the ``chains`` chains before the position and returned them, in
+        order, as the last ``chains`` used entries (hook for counting and recording)."""
+
     @property
     def held(self) -> int:
         """How many chains were taken by :meth:`pop` and not yet returned by :meth:`push`."""

@@ -114,6 +114,28 @@ class RecordingQueue(VirtQueue):
         self.pushes.append((head, written))
         super().push(memory, head, written)
 
+    def took(self, memory: MemoryAccess, chains: int, readable_bytes: int,
+             written_bytes: int) -> None:
+        """A C loop (avmm.virtio.net_fast) took and returned chains itself: record them
+        as pops and pushes, read back from the rings (the chains as the ring holds them
+        now: the fuzz guest rewrites only chains a device holds, and a C loop holds
+        none after its call)."""
+        s = self.state
+        position, used = s.next_available, s.next_used
+        try:
+            for k in range(chains):
+                s.next_available = (position - chains + k) & 0xFFFF
+                chain = VirtQueue.pop(self, memory)
+                assert chain is not None, "a C loop took a chain the ring does not hold"
+                self._taken_at[chain.head] = -1
+                self.taken.append((s.next_available - 1 & 0xFFFF, chain))
+                element = 4 + 8 * ((used - chains + k) & (s.size - 1))
+                head, written = struct.unpack_from(
+                    "<II", memory.view(s.used_ring + element, 8))
+                self.pushes.append((head, written))
+        finally:
+            s.next_available = position
+
 
 class FuzzContext:
     """A DeviceContext over the fuzz guest: every queue starts kicked (the driver made
