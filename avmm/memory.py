@@ -183,7 +183,9 @@ class ByteArrayMemory(MemoryAccess):
         return address >= 0 and length >= 0 and address + length <= self.size
 
     def host_buffers(self) -> tuple[tuple[int, int, Any, int], ...] | None:
-        return ((0, self.size, self.data, 0),)
+        # By the region map (a test may remap it), as GuestMemory's.
+        return tuple((region.guest_address, region.size, self.data, region.file_offset)
+                     for region in self.regions)
 
     def view(self, address: int, length: int) -> memoryview:
         if not self.contains(address, length):

@@ -160,6 +160,8 @@ class VirtioMmioSlot:
         # Locked: a device may read its eventfds on a thread of its own (blk does).
         self._injected_kicks = [0] * len(device.queue_max_sizes)
         self._kick_lock = threading.Lock()
+        # Held by the served queues while they count requests and bytes (_ServedQueue).
+        self._count_lock = threading.Lock()
         # vhost-user: the used idx of each queue when metrics were last read.
         self._seen_used: list[int] = [0] * len(device.queue_max_sizes)
         self.transport = MmioTransport(
@@ -494,15 +496,20 @@ class _ServedQueue:
     """A queue as a device in this process sees it: the transport's VirtQueue, with pops
     held back while the VM is paused and what passes through counted.
 
-    Only ``pop``, ``push``, ``enable_notifications``, ``may_take`` and ``took`` differ;
+    Only ``pop``, ``take``, ``push``, ``enable_notifications``, ``may_take`` and ``took``
+    differ;
     everything else is the VirtQueue's own (bound once here, so the hot path pays one
     call, not a lookup).
     """
 
-    def __init__(self, queue: VirtQueue, gate: PauseGate, metrics: DeviceMetrics) -> None:
+    def __init__(self, queue: VirtQueue, gate: PauseGate, metrics: DeviceMetrics,
+                 counting: threading.Lock) -> None:
         self._queue = queue
         self._gate = gate
         self._metrics = metrics
+        # The device's queues may be served from threads of their own (net's RX and TX):
+        # their updates of the one DeviceMetrics must not lose each other's.
+        self._counting = counting
         self._pop = queue.pop
         self._push = queue.push
         self._enable = queue.enable_notifications
@@ -525,14 +532,24 @@ class _ServedQueue:
             return None
         chain = self._pop(memory)
         if chain is not None:
-            self._metrics.bytes += chain.readable_length
+            with self._counting:
+                self._metrics.bytes += chain.readable_length
+        return chain
+
+    def take(self, memory: MemoryAccess) -> DescriptorChain | None:
+        # Even while paused: for a chain the device has written into already.
+        chain = self._pop(memory)
+        if chain is not None:
+            with self._counting:
+                self._metrics.bytes += chain.readable_length
         return chain
 
     def push(self, memory: MemoryAccess, head: int, written: int) -> None:
         self._push(memory, head, written)
         metrics = self._metrics
-        metrics.requests += 1
-        metrics.bytes += written
+        with self._counting:
+            metrics.requests += 1
+            metrics.bytes += written
 
     def may_take(self) -> bool:
         return self._gate.is_open and self._queue.may_take()
@@ -541,8 +558,9 @@ class _ServedQueue:
              written_bytes: int) -> None:
         # What pop and push would have counted for those chains.
         metrics = self._metrics
-        metrics.requests += chains
-        metrics.bytes += readable_bytes + written_bytes
+        with self._counting:
+            metrics.requests += chains
+            metrics.bytes += readable_bytes + written_bytes
 
     def enable_notifications(self, memory: MemoryAccess) -> bool:
         more = self._enable(memory)
@@ -563,7 +581,7 @@ class _MmioDeviceContext:
         self.features = transport.negotiated_features
         self.queues: Sequence[VirtQueue | None] = [
             # Duck-typed: a _ServedQueue does everything a device asks of a VirtQueue.
-            cast(VirtQueue, _ServedQueue(queue, slot.gate, slot._metrics))
+            cast(VirtQueue, _ServedQueue(queue, slot.gate, slot._metrics, slot._count_lock))
             if queue.state.ready else None for queue in transport.queues
         ]
         # The first wait returns at once: the driver may have queued buffers before it

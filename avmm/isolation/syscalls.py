@@ -58,10 +58,10 @@ VCPU = PYTHON_RUNTIME | SHARED_IO | frozenset({"close"})
 #: Device I/O threads: the disk's request path on the image fd it owns (preadv2/pwritev2,
 #: fdatasync; the plain variants for other Pythons; fallocate: DISCARD and WRITE_ZEROES
 #: punch holes or zero ranges), sleeping on its kick and stop eventfds (poll/ppoll);
-#: fcntl F_OFD_SETLK only (CONDITIONAL below). No open, no sockets, no ioctl. Only a
-#: disk has such a thread (virtio-net and virtio-rng are served on the event loop,
-#: under its filter). The calls of FD_CALLS are narrowed further per thread, to the fds
-#: it owns (see FD_CALLS).
+#: fcntl F_OFD_SETLK only (CONDITIONAL below). No open, no sockets, no ioctl. A disk's
+#: queue and each of a NIC's two queues have such a thread (readv/writev on the tap are
+#: SHARED_IO's); virtio-rng is served on the event loop, under its filter. The calls of
+#: FD_CALLS are narrowed further per thread, to the fds it owns (see FD_CALLS).
 DEVICE_IO = PYTHON_RUNTIME | SHARED_IO | frozenset({
     "preadv2", "pwritev2", "preadv", "pwritev", "pread64", "pwrite64",
     "fdatasync", "fsync", "fallocate", "poll", "ppoll",

@@ -10,7 +10,7 @@ common case and stops *before* anything else (a chain of another shape, a buffer
 RAM, a frame of a size to drop, a tap error), leaving the ring exactly where the Python
 path takes over. So the C code never reports a protocol error and never drops a frame
 silently: what it does is what the Python path would have done, chain for chain
-(tests/virtio/test_net_fast.py compares the two on the fuzz corpus).
+(tests/virtio/test_fuzz_net.py compares the two on the fuzz corpus).
 
 Every value the guest wrote is read once into a local (the guest may rewrite it at any
 moment), checked, and only the local is used. Ring indices are 16-bit loads and stores;
@@ -44,6 +44,7 @@ struct avmm_net_batch {
     uint32_t marks;       /* receive: (address, length) pairs written into marks */
     uint32_t kept;        /* receive: a runt was read into the chain at next_avail,
                              which was not taken (see avmm_net_receive) */
+    uint64_t address;     /* AVMM_NET_OVERFLOW: guest address of that buffer */
 };
 
 #define AVMM_NET_LIMIT ...
@@ -55,12 +56,12 @@ struct avmm_net_batch {
 #define AVMM_NET_NO_BUFFERS ...
 
 int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
-                      int nregions, int tap_fd, uint32_t limit,
+                      int nregions, int tap_fd, uint32_t limit, uint32_t offloads,
                       struct avmm_net_batch *out);
 int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
                      int nregions, int tap_fd, uint32_t limit, int mergeable,
-                     uint8_t *bounce, uint32_t bounce_length, uint64_t *marks,
-                     struct avmm_net_batch *out);
+                     int keep_header, uint8_t *bounce, uint32_t bounce_length,
+                     uint64_t *marks, struct avmm_net_batch *out);
 """)
 
 ffibuilder.set_source("avmm.virtio._net_ffi", r"""
@@ -80,6 +81,7 @@ struct avmm_net_batch {
     uint64_t bytes, chain_bytes;
     int32_t stop, error;
     uint32_t total, first, marks, kept;
+    uint64_t address;
 };
 
 /* Why a batch ended. */
@@ -161,8 +163,32 @@ static inline void publish_used(const struct rings *r, uint16_t next_used)
 
 static const uint8_t zero_header[HEADER];
 
+/* avmm.virtio.net.transmit_header: the header sent in front of a frame whose driver
+   negotiated `offloads` (TX_CSUM 1, TX_TSO4 2, TX_TSO6 4; never 0 here), from the
+   guest's copy of it. 0, or -1 where the frame asks for a segmentation never
+   negotiated (the Python path drops it, with its log line). */
+#define TX_TSO4 2u
+#define TX_TSO6 4u
+static int transmit_header(const uint8_t guest[HEADER], uint32_t offloads,
+                           uint8_t header[HEADER])
+{
+    uint8_t flags = guest[0] & 1u, gso_type = guest[1];
+    memset(header, 0, HEADER);
+    header[0] = flags;
+    if (flags)
+        memcpy(header + 6, guest + 6, 4);       /* csum_start, csum_offset */
+    if (gso_type != 0) {
+        if (!((gso_type == 1 && (offloads & TX_TSO4))
+                || (gso_type == 4 && (offloads & TX_TSO6))))
+            return -1;
+        header[1] = gso_type;
+        memcpy(header + 2, guest + 2, 4);       /* hdr_len, gso_size */
+    }
+    return 0;
+}
+
 int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
-                      int nregions, int tap_fd, uint32_t limit,
+                      int nregions, int tap_fd, uint32_t limit, uint32_t offloads,
                       struct avmm_net_batch *out)
 {
     struct rings r;
@@ -172,6 +198,9 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
         return 0;
     uint32_t size = ring->size;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
+    /* The caller holds no chain: every chain taken was returned. */
+    if (next_used != next_avail)
+        goto done;
     uint16_t available = __atomic_load_n((const uint16_t *)(r.avail + 2), __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(available - next_avail);
     if (pending > size)
@@ -187,6 +216,7 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
         if (head >= size)
             break;
         struct iovec iov[MAX_CHAIN + 1];
+        uint8_t header[HEADER];
         int count = 1;
         uint64_t chain = 0, skip = HEADER;
         uint32_t index = head, hops = 1;
@@ -199,6 +229,15 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
             if (d.length) {
                 uint8_t *host = guest_to_host(regions, nregions, d.address, d.length);
                 if (!host) { ok = 0; break; }
+                if (offloads && chain == 0) {
+                    /* The guest's header, whole in the first buffer, copied once. */
+                    uint8_t guest[HEADER];
+                    if (d.length < HEADER) { ok = 0; break; }
+                    memcpy(guest, host, HEADER);
+                    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+                    if (transmit_header(guest, offloads, header) < 0) { ok = 0; break; }
+                    iov[0].iov_base = header;
+                }
                 chain += d.length;
                 if (skip < d.length) {
                     iov[count].iov_base = host + skip;
@@ -228,6 +267,9 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
         next_used++;
         pending--;
         out->frames++;
+        /* The driver gets its buffers back as the batch goes, not only at its end. */
+        if (!(out->frames % 16))
+            publish_used(&r, next_used);
         out->bytes += chain - HEADER;
         out->chain_bytes += chain;
         out->stop = AVMM_NET_EMPTY;
@@ -242,7 +284,8 @@ done:
 
 /* Receive: while the chain at next_avail is one device-writable buffer, read a frame
    from the tap into it (and into `bounce` for what does not fit), write the header
-   (flags 0, GSO_NONE, num_buffers 1) and return it. A read shorter than header +
+   (flags 0, GSO_NONE, num_buffers 1; with `keep_header`, a driver that takes offloads,
+   only num_buffers: the rest is the kernel's) and return it. A read shorter than header +
    Ethernet header is dropped and counted, the buffer kept for the next frame (a batch
    that ends before one arrives says so in `kept`: the Python path, which takes a
    buffer before it reads into it, then takes that chain). A frame
@@ -253,8 +296,8 @@ done:
    `limit` pairs. */
 int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
                      int nregions, int tap_fd, uint32_t limit, int mergeable,
-                     uint8_t *bounce, uint32_t bounce_length, uint64_t *marks,
-                     struct avmm_net_batch *out)
+                     int keep_header, uint8_t *bounce, uint32_t bounce_length,
+                     uint64_t *marks, struct avmm_net_batch *out)
 {
     struct rings r;
     memset(out, 0, sizeof *out);
@@ -263,6 +306,8 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
         return 0;
     uint32_t size = ring->size;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
+    if (next_used != next_avail)
+        goto done;
     uint16_t available = __atomic_load_n((const uint16_t *)(r.avail + 2), __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(available - next_avail);
     if (pending > size)
@@ -324,6 +369,7 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
             out->stop = AVMM_NET_OVERFLOW;
             out->total = (uint32_t)total;
             out->first = first;
+            out->address = address;
             break;
         }
         if ((uint64_t)total < HEADER + MIN_FRAME) {
@@ -334,7 +380,10 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
         /* flags 0, gso_type NONE, hdr_len, gso_size, csum_start, csum_offset 0,
            num_buffers 1 (little-endian). */
         static const uint8_t one_buffer[HEADER] = { [10] = 1 };
-        memcpy(host, one_buffer, HEADER);
+        if (keep_header)
+            memcpy(host + 10, one_buffer + 10, 2);  /* the kernel's offload fields stay */
+        else
+            memcpy(host, one_buffer, HEADER);
         push_used(&r, size, next_used, head, (uint32_t)total);
         next_avail++;
         next_used++;

@@ -19,13 +19,25 @@ tap exchange header + frame in one ``readv``/``writev`` without reformatting:
   GSO_NONE and ``num_buffers``. A frame that does not fit one buffer is spread over more
   with MRG_RXBUF, and dropped (counted in ``stats.rx_dropped``) without it.
 
-Batches: each wake-up of a queue's task handles up to a ring's worth of transmit chains
+Batches: each wake-up of a queue's loop handles up to a ring's worth of transmit chains
 (``_RX_BATCH`` frames on receive) and signals the driver once for all of them. The usual
-layouts (header and frame in one transmit buffer; a frame that fits one receive buffer)
-take a short path with no per-frame coroutine, checkpoint or copy; every other layout
-goes through the general code. The receive side reads the tap before waiting for it, so
-a busy tap costs no epoll round trip per batch. The tap still costs one ``writev`` or
-``readv`` per frame: a tap fd has no multi-frame read or write.
+layouts (a transmit chain of device-readable descriptors, no indirect table; a receive
+chain of one buffer) go through C (:mod:`avmm.virtio.net_fast`): one call per batch,
+outside the GIL, walks the ring, moves each frame with one ``readv``/``writev`` and fills
+the used ring. It stops before anything else (another layout, a frame of a size to drop,
+a frame larger than its buffer, a tap error), and the Python code here, which knows every
+rule, takes the ring from there; without the compiled module (or with
+``AVMM_NET_PYTHON=1``) the Python code does everything, with a short path of its own for
+the usual layouts. Either way the guest sees the same rings (tests/virtio/test_fuzz_net.py
+compares them). The receive side reads the tap before waiting for it, so a busy tap costs
+no poll round trip per batch. The tap still costs one ``writev`` or ``readv`` per frame:
+a tap fd has no multi-frame read or write.
+
+Where the loops run: in process (the virtio-mmio slot hands over its kick eventfds) each
+queue has an I/O thread of its own that sleeps in poll(2) on the kick eventfd, the tap
+and a stop eventfd, as blk's does, and signals the driver from there; a frame costs no
+trio wake-up. Elsewhere (a test's context) both are trio tasks. The loops are written
+once, as generators that yield what they wait for (:meth:`NetDevice.run`).
 
 Back-pressure: the device reads the tap only while it holds a receive buffer. Without
 buffers it waits for the driver's kick, and frames wait in the tap's kernel queue
@@ -68,7 +80,7 @@ import trio
 from ..devices._state import DeviceStateError, check_bytes, check_state_class
 from ..isolation.syscalls import ThreadKind
 from ..ratelimit import limiter_wait_s
-from ..tap import TapError
+from ..tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TapError
 from ..threads import run_in_own_thread
 from . import net_fast
 from .device import (
@@ -92,6 +104,13 @@ __all__ = [
     "LARGEST_QUEUE_SIZE",
     "MAX_FRAME_SIZE",
     "NET_HEADER_SIZE",
+    "OFFLOAD_FEATURES",
+    "VIRTIO_NET_F_CSUM",
+    "VIRTIO_NET_F_GUEST_CSUM",
+    "VIRTIO_NET_F_GUEST_TSO4",
+    "VIRTIO_NET_F_GUEST_TSO6",
+    "VIRTIO_NET_F_HOST_TSO4",
+    "VIRTIO_NET_F_HOST_TSO6",
     "VIRTIO_NET_F_MAC",
     "VIRTIO_NET_F_MRG_RXBUF",
     "VIRTIO_NET_F_STATUS",
@@ -99,14 +118,33 @@ __all__ = [
     "NetDevice",
     "NetStats",
     "TapLike",
+    "offloads_of",
+    "transmit_header",
 ]
 
 #: Feature bits (virtio 1.2 §5.1.3).
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
 #: ``status`` bit in the config space.
 VIRTIO_NET_S_LINK_UP = 1
+#: The offloads offered (see the module docstring, "Offloads").
+OFFLOAD_FEATURES = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4
+                    | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_HOST_TSO4
+                    | VIRTIO_NET_F_HOST_TSO6)
+#: ``struct virtio_net_hdr`` flags and gso_type values (§5.1.6).
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+#: What the driver may ask of the host on transmit (TxOffload bits, C's too).
+TX_CSUM, TX_TSO4, TX_TSO6 = 1, 2, 4
 
 RX_QUEUE = 0
 TX_QUEUE = 1
@@ -123,6 +161,11 @@ NET_HEADER_SIZE = NET_HEADER.size
 _ZERO_HEADER = bytes(NET_HEADER_SIZE)
 #: The header of a received frame that fits one buffer: flags 0, GSO_NONE, num_buffers 1.
 _ONE_BUFFER_HEADER = NET_HEADER.pack(0, 0, 0, 0, 0, 0, 1)
+#: Where num_buffers is in the header: all the device writes of a received frame's
+#: header when the driver takes offloads (the rest is the kernel's).
+_NUM_BUFFERS = 10
+_NUM_BUFFERS_FIELD = struct.Struct("<H")
+_ONE_BUFFER = _NUM_BUFFERS_FIELD.pack(1)
 #: The largest frame (Ethernet header included, virtio header not) the device passes in
 #: either direction: a 64 KiB IP packet behind an Ethernet header, with some slack.
 MAX_FRAME_SIZE = 65550
@@ -161,6 +204,50 @@ def _poll_one(poller: select.poll, fd: int, events: int) -> None:
         poller.poll()  # releases the GIL; EINTR is retried by Python
     finally:
         poller.unregister(fd)
+
+
+def offloads_of(features: int) -> tuple[int, int]:
+    """What negotiated ``features`` allow: the transmit offloads the driver may ask for
+    (TX_* bits) and the tap's TUN_F_* flags for receive. An offload counts only with
+    the feature the spec makes it depend on (§5.1.3.1: HOST_TSO* needs CSUM, GUEST_TSO*
+    needs GUEST_CSUM), so a driver that negotiates one without the other gets neither."""
+    tx = 0
+    if features & VIRTIO_NET_F_CSUM:
+        tx = TX_CSUM
+        if features & VIRTIO_NET_F_HOST_TSO4:
+            tx |= TX_TSO4
+        if features & VIRTIO_NET_F_HOST_TSO6:
+            tx |= TX_TSO6
+    tun = 0
+    if features & VIRTIO_NET_F_GUEST_CSUM:
+        tun = TUN_F_CSUM
+        if features & VIRTIO_NET_F_GUEST_TSO4:
+            tun |= TUN_F_TSO4
+        if features & VIRTIO_NET_F_GUEST_TSO6:
+            tun |= TUN_F_TSO6
+    return tx, tun
+
+
+def transmit_header(guest_header: bytes | memoryview, offloads: int) -> bytes | None:
+    """The header to put in front of a transmitted frame, from the driver's: with no
+    transmit offload negotiated, zeros (the guest's header is not passed on); otherwise
+    its checksum request (NEEDS_CSUM, csum_start, csum_offset) and, for a negotiated
+    GSO type, its segmentation (gso_type, hdr_len, gso_size), everything else zero.
+    None: the frame asks for a segmentation never negotiated (ECN included) and is
+    dropped. The host kernel checks the values themselves, as it does vhost-net's."""
+    if not offloads:
+        return _ZERO_HEADER
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = NET_HEADER.unpack(
+        guest_header)
+    flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM
+    if not flags:
+        csum_start = csum_offset = 0
+    if gso_type == VIRTIO_NET_HDR_GSO_NONE:
+        hdr_len = gso_size = 0
+    elif not ((gso_type == VIRTIO_NET_HDR_GSO_TCPV4 and offloads & TX_TSO4)
+              or (gso_type == VIRTIO_NET_HDR_GSO_TCPV6 and offloads & TX_TSO6)):
+        return None
+    return NET_HEADER.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
 
 
 class TapLike(Protocol):
@@ -244,14 +331,18 @@ class NetDevice(VirtioDevice):
         # A transmit chain the TX limiter refused (taken, not returned), and the wait.
         self._tx_held: DescriptorChain | None = None
         self._tx_wait_ns = 0
+        # What the negotiated features allow (offloads_of), set when run() starts.
+        self._tx_offloads = 0
+        self._rx_header_kept = False
         # The C loops (None: not built, or AVMM_NET_PYTHON=1), one per queue.
         self._fast_rx = net_fast.fast_path(self._rx_buffer)
-        self._fast_tx = net_fast.fast_path(self._rx_buffer)
+        self._fast_tx = net_fast.fast_path(None)
 
     # -- VirtioDevice -------------------------------------------------------------------
 
     def device_features(self) -> int:
-        return VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
+        return (VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
+                | OFFLOAD_FEATURES)
 
     def config_space(self) -> bytes:
         """``struct virtio_net_config``: mac, status (link up), max_virtqueue_pairs 1."""
@@ -265,6 +356,16 @@ class NetDevice(VirtioDevice):
 
     def reset(self) -> None:
         self._release_chains()
+        self._tx_offloads = 0
+        self._rx_header_kept = False
+        self._set_tap_offload(0)
+
+    def _set_tap_offload(self, flags: int) -> None:
+        """Tell the tap which offloaded frames the driver takes (a tap that cannot be
+        told, a test's socket, has none)."""
+        set_offload = getattr(self.tap, "set_offload", None)
+        if set_offload is not None and getattr(self.tap, "offload", None) != flags:
+            set_offload(flags)
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -292,6 +393,9 @@ class NetDevice(VirtioDevice):
         blk's does (see the module docstring); otherwise both are trio tasks."""
         kick_fd = getattr(context, "kick_fd", None)
         call_fd = getattr(context, "call_fd", None)
+        self._tx_offloads, tun_flags = offloads_of(context.features)
+        self._rx_header_kept = bool(tun_flags)
+        self._set_tap_offload(tun_flags)
         try:
             with structlog.contextvars.bound_contextvars(device=self.name):
                 if callable(kick_fd):
@@ -503,7 +607,10 @@ class NetDevice(VirtioDevice):
         handled = 0
         stats = self.stats
         while handled < limit:
-            batch = fast.transmit(queue, memory, self.tap.fd, limit - handled)
+            if handled and not queue.may_take():
+                break  # pausing: take nothing more
+            batch = fast.transmit(queue, memory, self.tap.fd, limit - handled,
+                                  self._tx_offloads)
             handled += batch.frames
             stats.tx_frames += batch.frames
             stats.tx_bytes += batch.bytes
@@ -526,11 +633,13 @@ class NetDevice(VirtioDevice):
         view = memory.view
         writev = os.writev
         fd = self.tap.fd
+        # With offloads every frame goes through _send, which builds its header.
+        offloads = self._tx_offloads
         handled = frames = frame_bytes = 0
         try:
             while handled < limit and (chain := pop(memory)) is not None:
                 readable = chain.readable
-                if len(readable) == 1 and not chain.writable:
+                if len(readable) == 1 and not chain.writable and not offloads:
                     address, length = readable[0]
                     frame_length = length - NET_HEADER_SIZE
                 else:
@@ -569,18 +678,22 @@ class NetDevice(VirtioDevice):
             )
         readable = chain.readable
         iov: list[bytes | memoryview]
+        frame_length = chain.readable_length - NET_HEADER_SIZE
+        if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
+            return self._drop_transmit(chain, frame_length, "bad size")
+        header = _ZERO_HEADER
+        if self._tx_offloads:
+            header = transmit_header(chain.read(memory, 0, NET_HEADER_SIZE),
+                                     self._tx_offloads)
+            if header is None:
+                return self._drop_transmit(chain, frame_length,
+                                           "segmentation never negotiated")
         if len(readable) == 1:
             # The usual layout: header and frame in one buffer.
-            address, length = readable[0]
-            frame_length = length - NET_HEADER_SIZE
-            if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
-                return self._drop_transmit(chain, frame_length, "bad size")
-            iov = [_ZERO_HEADER, memory.view(address + NET_HEADER_SIZE, frame_length)]
+            address, _ = readable[0]
+            iov = [header, memory.view(address + NET_HEADER_SIZE, frame_length)]
         else:
-            frame_length = chain.readable_length - NET_HEADER_SIZE
-            if frame_length < MIN_FRAME_SIZE or frame_length > MAX_FRAME_SIZE:
-                return self._drop_transmit(chain, frame_length, "bad size")
-            iov = [_ZERO_HEADER]
+            iov = [header]
             skip = NET_HEADER_SIZE
             for address, length in readable:
                 if skip >= length:
@@ -589,7 +702,7 @@ class NetDevice(VirtioDevice):
                 iov.append(memory.view(address + skip, length - skip))
                 skip = 0
             if len(iov) > _IOV_MAX:
-                iov = [_ZERO_HEADER, chain.read(memory, NET_HEADER_SIZE)]
+                iov = [header, chain.read(memory, NET_HEADER_SIZE)]
         try:
             os.writev(self.tap.fd, iov)
         except BlockingIOError:
@@ -613,8 +726,9 @@ class NetDevice(VirtioDevice):
     # -- receive ------------------------------------------------------------------------
 
     def _pop_receive_chain(self, queue: VirtQueue, memory: MemoryAccess,
-                           mergeable: bool) -> DescriptorChain | None:
-        chain = queue.pop(memory)
+                           mergeable: bool, *, written: bool = False) -> DescriptorChain | None:
+        # written: the C loop put a frame into its buffer already (VirtQueue.take).
+        chain = queue.take(memory) if written else queue.pop(memory)
         if chain is None:
             return None
         if chain.readable:
@@ -721,7 +835,10 @@ class NetDevice(VirtioDevice):
             if self._rx_chains:
                 return used, _MORE
         while budget > 0:
-            batch = fast.receive(queue, memory, self.tap.fd, budget, mergeable)
+            if used and not queue.may_take():
+                break  # pausing: take nothing more
+            batch = fast.receive(queue, memory, self.tap.fd, budget, mergeable,
+                                 self._rx_header_kept)
             stats.rx_frames += batch.frames
             stats.rx_bytes += batch.bytes
             if batch.dropped:
@@ -755,6 +872,8 @@ class NetDevice(VirtioDevice):
                 placed, tap_empty = self._receive_batch(memory, queue, mergeable, limit=1)
                 if tap_empty:
                     return used + placed, _TAP_EMPTY
+                if not placed and not self._rx_chains:
+                    return used, _NO_BUFFERS  # it found no buffer to take
             if placed is None:
                 return used, _MORE
             used += placed
@@ -768,11 +887,12 @@ class NetDevice(VirtioDevice):
         position (its first part is there, the rest in the bounce buffer): take that
         chain the Python way and place the frame (:meth:`_place_frame`)."""
         self._rx_frame_length = batch.total
-        chain = self._pop_receive_chain(queue, memory, mergeable)
+        chain = self._pop_receive_chain(queue, memory, mergeable, written=True)
         if chain is None:
             return self._drop_frame("the receive ring changed under the device")
         capacity = min(chain.writable_length, len(self._rx_buffer) - 1)
-        if len(chain.writable) != 1 or capacity != batch.first:
+        if (len(chain.writable) != 1 or capacity != batch.first
+                or chain.writable[0].address != batch.address):
             # The driver rewrote the descriptor meanwhile: its frame is lost.
             return self._drop_frame("the receive ring changed under the device")
         self._rx_first_length = batch.first
@@ -800,6 +920,7 @@ class NetDevice(VirtioDevice):
         readv = os.readv
         used = frames = frame_bytes = 0
         tap_empty = False
+        kept = self._rx_header_kept
         try:
             for _ in range(limit):
                 if not chains and self._pop_receive_chain(queue, memory, mergeable) is None:
@@ -819,7 +940,10 @@ class NetDevice(VirtioDevice):
                     first_length = len(first)
                     if _SMALLEST_RECEIVED <= total <= first_length:
                         # The whole frame is in the buffer (which holds the header too).
-                        first[:NET_HEADER_SIZE] = _ONE_BUFFER_HEADER
+                        if kept:
+                            first[_NUM_BUFFERS:NET_HEADER_SIZE] = _ONE_BUFFER
+                        else:
+                            first[:NET_HEADER_SIZE] = _ONE_BUFFER_HEADER
                         # After the writes (see avmm.migration.dirty).
                         dirty = memory.dirty
                         if dirty is not None:
@@ -943,7 +1067,9 @@ class NetDevice(VirtioDevice):
         if total == first_length:
             chain = chains[0]
             address, length = chain.writable[0]
-            if length >= NET_HEADER_SIZE:
+            if self._rx_header_kept:
+                chain.write(memory, _ONE_BUFFER, _NUM_BUFFERS)
+            elif length >= NET_HEADER_SIZE:
                 memory.view(address, NET_HEADER_SIZE)[:] = _ONE_BUFFER_HEADER
                 memory.mark_dirty(address, NET_HEADER_SIZE)
             else:
@@ -973,7 +1099,10 @@ class NetDevice(VirtioDevice):
             done = chain.write(memory, source[offset:])
             written.append(done)
             offset += done
-        chains[0].write(memory, NET_HEADER.pack(0, 0, 0, 0, 0, 0, count))
+        if self._rx_header_kept:
+            chains[0].write(memory, _NUM_BUFFERS_FIELD.pack(count), _NUM_BUFFERS)
+        else:
+            chains[0].write(memory, NET_HEADER.pack(0, 0, 0, 0, 0, 0, count))
         # In ring order: the driver reads num_buffers from the first and takes the rest.
         for chain, length in zip(chains[:count], written, strict=True):
             queue.push(memory, chain.head, length)

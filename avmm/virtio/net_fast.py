@@ -61,14 +61,16 @@ class FastBatch:
     #: buffer of the chain at the queue's position.
     total: int = 0
     first: int = 0
+    #: OVERFLOW: the guest address of that buffer.
+    address: int = 0
     #: Receive: a runt was read into the buffer of the chain at the queue's position,
     #: which the C loop did not take (the caller takes it, as its Python path would).
     kept: bool = False
 
 
-def fast_path(bounce: bytearray) -> NetFastPath | None:
-    """The C loops for a device whose receive bounce buffer is ``bounce``, or None
-    where they are not available (see the module docstring)."""
+def fast_path(bounce: bytearray | None) -> NetFastPath | None:
+    """The C loops for one queue (receive: with the device's bounce buffer; transmit:
+    None), or None where they are not available (see the module docstring)."""
     if not ENABLED:
         return None
     return NetFastPath(bounce)
@@ -84,15 +86,16 @@ class NetFastPath:
     #: Receive batches read at most this many frames (the marks array's size).
     MAX_RECEIVE = 256
 
-    def __init__(self, bounce: bytearray) -> None:
+    def __init__(self, bounce: bytearray | None) -> None:
         assert _net_ffi is not None
         ffi = _net_ffi.ffi
         self._ffi = ffi
         self._lib = _net_ffi.lib
         self._ring = ffi.new("struct avmm_ring *")
         self._out = ffi.new("struct avmm_net_batch *")
-        self._bounce = ffi.from_buffer("uint8_t[]", bounce, require_writable=True)
-        self._bounce_length = len(bounce)
+        self._bounce = (ffi.NULL if bounce is None
+                        else ffi.from_buffer("uint8_t[]", bounce, require_writable=True))
+        self._bounce_length = 0 if bounce is None else len(bounce)
         self._marks = ffi.new("uint64_t[]", 2 * self.MAX_RECEIVE)
         self._memory: MemoryAccess | None = None
         self._regions: Any = None
@@ -159,27 +162,28 @@ class NetFastPath:
                 dirty.mark(s.used_ring, 4 + 8 * s.size)
 
     def transmit(self, queue: VirtQueue, memory: MemoryAccess, tap_fd: int,
-                 limit: int) -> FastBatch:
-        """Send the frames of up to ``limit`` available chains (see the build script).
-        The caller checked :meth:`usable` and that the queue is ready and holds no
-        chain."""
+                 limit: int, offloads: int) -> FastBatch:
+        """Send the frames of up to ``limit`` available chains (see the build script),
+        with the header avmm.virtio.net.transmit_header builds for ``offloads``. The
+        caller checked :meth:`usable` and that the queue is ready and holds no chain."""
         record, out = self._ring, self._out
         self._load(record, queue)
         self._lib.avmm_net_transmit(record, self._regions, self._region_count, tap_fd,
-                                    limit, out)
+                                    limit, offloads, out)
         frames = out.frames
         self._store(record, queue, memory, frames, out.chain_bytes, 0)
         return FastBatch(frames, 0, out.bytes, out.stop)
 
     def receive(self, queue: VirtQueue, memory: MemoryAccess, tap_fd: int, limit: int,
-                mergeable: bool) -> FastBatch:
+                mergeable: bool, keep_header: bool) -> FastBatch:
         """Read up to ``limit`` frames from the tap into single-buffer receive chains (see
-        the build script). The caller checked as for :meth:`transmit`."""
+        the build script); with ``keep_header`` only num_buffers of the kernel's header
+        is rewritten. The caller checked as for :meth:`transmit`."""
         limit = min(limit, self.MAX_RECEIVE)
         record, out = self._ring, self._out
         self._load(record, queue)
         self._lib.avmm_net_receive(record, self._regions, self._region_count, tap_fd,
-                                   limit, int(mergeable), self._bounce,
+                                   limit, int(mergeable), int(keep_header), self._bounce,
                                    self._bounce_length, self._marks, out)
         frames = out.frames
         frame_bytes = out.bytes
@@ -193,7 +197,7 @@ class NetFastPath:
                 for i in range(out.marks):
                     dirty.mark(marks[2 * i], marks[2 * i + 1])
         return FastBatch(frames, out.dropped, frame_bytes, out.stop, out.error,
-                         out.total, out.first, bool(out.kept))
+                         out.total, out.first, out.address, bool(out.kept))
 
 
 #: ``struct virtio_net_hdr`` with num_buffers (avmm.virtio.net.NET_HEADER_SIZE).

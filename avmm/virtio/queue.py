@@ -647,6 +647,12 @@ class VirtQueue:
         chain of its own taken from it."""
         return self.state.ready and self.direct_access
 
+    def take(self, memory: MemoryAccess) -> DescriptorChain | None:
+        """:meth:`pop`, even where pops are held back (a served queue while the VM
+        pauses): for the chain at the position when the device has written into its
+        buffers already (a C loop's frame larger than the buffer)."""
+        return self.pop(memory)
+
     def took(self, memory: MemoryAccess, chains: int, readable_bytes: int,
              written_bytes: int) -> None:
         """A C loop took the ``chains`` chains before the position and returned them, in

@@ -145,12 +145,19 @@ def check(run: LinuxRun, data: bytes, ext4_image: Path, seed: int, *,
                   f"bytes={len(data)}"),
         re.escape("avmm-linux: ext4 wrote /avmm-check.txt"),
         re.escape(f"avmm-linux: ping {HOST_ADDRESS} ok"),
+        r"avmm-linux: net features=[01]{32,}",
         r"avmm-linux: hwrng=virtio_rng\.\d+ [0-9a-f]{64}",
         r"avmm-linux: hwrng=virtio_rng\.\d+ [0-9a-f]{64}",
     ]
     assert len(run.lines) > len(head), tail
     for pattern, line in zip(head, run.lines, strict=False):
         assert re.fullmatch(pattern, line), (pattern, line, tail)
+    # Linux's virtio-net took every offload avmm offers (and the ping went through with
+    # them): checksums both ways, TSO both ways, mergeable receive buffers.
+    bits = next(line for line in run.lines if "net features=" in line).split("=", 1)[1]
+    for bit, name in ((0, "CSUM"), (1, "GUEST_CSUM"), (7, "GUEST_TSO4"), (8, "GUEST_TSO6"),
+                      (11, "HOST_TSO4"), (12, "HOST_TSO6"), (15, "MRG_RXBUF")):
+        assert bits[bit] == "1", (f"VIRTIO_NET_F_{name} not negotiated", bits)
     middle = run.lines[len(head):-1]
     assert all(line.startswith("avmm-linux: syscall-fault ") for line in middle), tail
     assert bool(middle) == syscall_fault_run, tail

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import random
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
@@ -26,6 +27,11 @@ from avmm.virtio.net import (
     MAX_FRAME_SIZE,
     NET_HEADER,
     NET_HEADER_SIZE,
+    OFFLOAD_FEATURES,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
     NetDevice,
 )
@@ -54,6 +60,11 @@ EPISODES = 2100
 RECEIVE, TRANSMIT = 0, 1
 MAC = bytes.fromhex("02aa00000001")
 MIN_FRAME = 14
+#: virtio_net_hdr values (virtio 1.2 §5.1.6), written out here as the reference has them.
+NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
+#: Where num_buffers starts in the header.
+NUM_BUFFERS = 10
 #: Without MRG_RXBUF (and no offloads) receive buffers should hold this (§5.1.6.3.1).
 FULL_BUFFER = NET_HEADER_SIZE + 1514
 
@@ -86,6 +97,44 @@ def drain(sock: socket.socket) -> list[bytes]:
     return messages
 
 
+def offload_header(rng: random.Random, features: int) -> bytes:
+    """A transmit header a driver with ``features`` may send: zeros, or a checksum
+    request and a segmentation it negotiated."""
+    csum = features & VIRTIO_NET_F_CSUM
+    if not csum or rng.random() < 0.3:
+        return bytes(NET_HEADER_SIZE)
+    gso = [GSO_NONE]
+    if features & VIRTIO_NET_F_HOST_TSO4:
+        gso.append(GSO_TCPV4)
+    if features & VIRTIO_NET_F_HOST_TSO6:
+        gso.append(GSO_TCPV6)
+    return NET_HEADER.pack(NEEDS_CSUM, rng.choice(gso), *(rng.getrandbits(16)
+                                                           for _ in range(4)), 0)
+
+
+def expected_header(guest: bytes, features: int) -> bytes | None:
+    """What the wire must get in front of a frame whose driver wrote ``guest`` (the
+    reference for avmm.virtio.net.transmit_header, written by field): zeros without
+    CSUM; with it, the checksum fields if NEEDS_CSUM is set, the segmentation fields
+    for a GSO type negotiated (HOST_TSO4/6, counted only with CSUM); None (dropped)
+    for any other GSO type."""
+    if not features & VIRTIO_NET_F_CSUM:
+        return bytes(NET_HEADER_SIZE)
+    flags, gso, hdr_len, gso_size, csum_start, csum_offset, _ = NET_HEADER.unpack(guest)
+    allowed = {GSO_NONE}
+    if features & VIRTIO_NET_F_HOST_TSO4:
+        allowed.add(GSO_TCPV4)
+    if features & VIRTIO_NET_F_HOST_TSO6:
+        allowed.add(GSO_TCPV6)
+    if gso not in allowed:
+        return None
+    wants_csum = flags & NEEDS_CSUM
+    return NET_HEADER.pack(
+        NEEDS_CSUM if wants_csum else 0, gso,
+        hdr_len if gso != GSO_NONE else 0, gso_size if gso != GSO_NONE else 0,
+        csum_start if wants_csum else 0, csum_offset if wants_csum else 0, 0)
+
+
 class NetTarget(FuzzTarget):
     name = "net"
     roles = (WRITABLE, READABLE)
@@ -97,16 +146,19 @@ class NetTarget(FuzzTarget):
         self.wire = wire
         wire.setblocking(False)
         self.device = NetDevice(SocketTap(device_end), mac=MAC)
-        self.injected: list[bytes] = []
+        self.injected: list[tuple[bytes, bytes]] = []
 
     def features(self, rng: random.Random) -> int:
-        return rng.choice((0, VIRTIO_NET_F_MRG_RXBUF))
+        # Offloads: none, all, or any subset (one without the feature it depends on
+        # must count for nothing).
+        offloads = rng.choice((0, OFFLOAD_FEATURES, OFFLOAD_FEATURES & rng.getrandbits(16)))
+        return rng.choice((0, VIRTIO_NET_F_MRG_RXBUF)) | offloads
 
     def well_formed(self, rng: random.Random, queue: int, features: int) -> Request:
         if queue == RECEIVE:
             low = NET_HEADER_SIZE if features & VIRTIO_NET_F_MRG_RXBUF else FULL_BUFFER
             return Request([], split_length(rng, rng.randint(low, low + 2048)))
-        return Request(split(rng, bytes(NET_HEADER_SIZE) + frame(rng)), [])
+        return Request(split(rng, offload_header(rng, features) + frame(rng)), [])
 
     def content_hostile(self, rng: random.Random, queue: int, features: int,
                         final: bool) -> Request | None:
@@ -151,9 +203,11 @@ class NetTarget(FuzzTarget):
             size = (rng.randint(0, MIN_FRAME - 1) if roll < 0.05
                     else rng.randint(1515, 9000) if roll < 0.15 else None)
             data = frame(rng, size)
-            # What the tap's kernel side puts in front: not for the guest to see.
-            self.wire.send(rng.randbytes(NET_HEADER_SIZE) + data)
-            self.injected.append(data)
+            # What the tap's kernel side puts in front: the guest sees its offload
+            # fields only if it negotiated GUEST_CSUM (received_frames checks which).
+            header = rng.randbytes(NET_HEADER_SIZE)
+            self.wire.send(header + data)
+            self.injected.append((header[:NUM_BUFFERS], data))
 
     def more(self, round_: Round) -> list[Callable[[], Awaitable[object]]] | None:
         # The driver rewrites the descriptors of the receive buffers the device holds;
@@ -169,15 +223,21 @@ class NetTarget(FuzzTarget):
         return await run_until_idle(self.device, round_.context, tasks)
 
     def check(self, round_: Round, error: DeviceNeedsReset | None) -> None:
-        sent = [bytes(NET_HEADER_SIZE) + p.readable_bytes(round_.snapshot)[NET_HEADER_SIZE:]
-                for p in round_.reached(TRANSMIT)
-                if not p.stops and MIN_FRAME <= p.readable_length - NET_HEADER_SIZE
-                <= MAX_FRAME_SIZE]
+        sent = []
+        for p in round_.reached(TRANSMIT):
+            if p.stops or not MIN_FRAME <= p.readable_length - NET_HEADER_SIZE <= MAX_FRAME_SIZE:
+                continue
+            data = p.readable_bytes(round_.snapshot)
+            header = expected_header(data[:NET_HEADER_SIZE], round_.features)
+            if header is not None:
+                sent.append(header + data[NET_HEADER_SIZE:])
         assert drain(self.wire) == sent, "the wire did not get the frames sent"
         received = round_.reached(RECEIVE)
         if any(p.unreliable for p in received):
             return
-        frames = iter(self.injected)
+        kept = round_.features & VIRTIO_NET_F_GUEST_CSUM
+        frames = iter((header if kept else bytes(NUM_BUFFERS)) + data
+                      for header, data in self.injected)
         for got in received_frames(round_, received, round_.features):
             # Frames too big for the buffers are dropped; the rest arrive in order.
             assert any(got == data for data in frames), "a received frame is not the next sent"
@@ -201,15 +261,20 @@ class NetTarget(FuzzTarget):
             buffers = [split_length(rng, FULL_BUFFER)]
         requests = [(RECEIVE, Request([], sizes)) for sizes in buffers]
         requests.append((TRANSMIT, Request(split(rng, bytes(NET_HEADER_SIZE) + outgoing), [])))
-        self.wire.send(rng.randbytes(NET_HEADER_SIZE) + incoming)
+        header = rng.randbytes(NET_HEADER_SIZE)
+        self.wire.send(header + incoming)
         plans = await well_formed_round(self, round_, requests)
         assert drain(self.wire) == [bytes(NET_HEADER_SIZE) + outgoing]
-        assert received_frames(round_, plans[:-1], round_.features) == [incoming]
+        kept = round_.features & VIRTIO_NET_F_GUEST_CSUM
+        assert received_frames(round_, plans[:-1], round_.features) == [
+            (header[:NUM_BUFFERS] if kept else bytes(NUM_BUFFERS)) + incoming]
 
 
 def received_frames(round_: Round, plans: Sequence[Planned], features: int) -> list[bytes]:
     """The frames the device returned on the receive queue, each checked for its header
-    (no offloads, ``num_buffers`` the used entries it took)."""
+    (``num_buffers`` the used entries it took; the rest zeros, unless the driver took
+    offloads) and returned behind the header's first 10 bytes (the kernel's, which the
+    device passes on with GUEST_CSUM; zeros without)."""
     by_head = {p.head: p for p in plans}
     pushes = round_.guest.queues[RECEIVE].pushes
     memory = round_.memory.data
@@ -223,8 +288,10 @@ def received_frames(round_: Round, plans: Sequence[Planned], features: int) -> l
                               index + count <= len(pushes)), f"num_buffers {count}"
         data = first + b"".join(by_head[h].writable_bytes(memory, n)
                                 for h, n in pushes[index + 1:index + count])
-        assert data[:NET_HEADER_SIZE] == NET_HEADER.pack(0, 0, 0, 0, 0, 0, count)
-        frames.append(data[NET_HEADER_SIZE:])
+        assert data[NUM_BUFFERS:NET_HEADER_SIZE] == struct.pack("<H", count)
+        if not features & VIRTIO_NET_F_GUEST_CSUM:
+            assert data[:NUM_BUFFERS] == bytes(NUM_BUFFERS)
+        frames.append(data[:NUM_BUFFERS] + data[NET_HEADER_SIZE:])
         index += count
     return frames
 

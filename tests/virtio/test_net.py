@@ -17,9 +17,8 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
@@ -31,13 +30,13 @@ from avmm.virtio.device import DeviceId, DeviceNeedsReset, VirtioDevice
 from avmm.virtio.net import (
     MAX_FRAME_SIZE,
     NET_HEADER_SIZE,
+    OFFLOAD_FEATURES,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
     NetDevice,
 )
 from avmm.virtio.queue import VirtQueue
-from tests.prerequisites import net_problem, require
 
 from .queue_helpers import DriverQueue
 
@@ -205,23 +204,6 @@ class Wire:
         self.socket.close()
 
 
-@pytest.fixture
-def tap() -> Iterator[Tap]:
-    require(net_problem())
-    with Tap.open(f"avn{os.getpid() % 100000}n{next(_names)}") as tap:
-        # Up, and quiet: no IPv6, so the kernel sends no frames of its own.
-        Path(f"/proc/sys/net/ipv6/conf/{tap.name}/disable_ipv6").write_text("1")
-        subprocess.run(["ip", "link", "set", tap.name, "up"], check=True)
-        yield tap
-
-
-@pytest.fixture
-def wire(tap: Tap) -> Iterator[Wire]:
-    wire = Wire(tap)
-    yield wire
-    wire.close()
-
-
 # -- config ------------------------------------------------------------------------------
 
 
@@ -232,7 +214,8 @@ def test_identity_features_and_config() -> None:
         assert device.device_id == DeviceId.NET
         assert device.queue_max_sizes == (256, 256)
         assert device.device_features() == (
-            VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS)
+            VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
+            | OFFLOAD_FEATURES)
         assert device.read_config(0, 6) == MAC
         assert device.read_config(6, 2) == b"\x01\x00"  # VIRTIO_NET_S_LINK_UP
         assert device.read_config(8, 2) == b"\x01\x00"  # max_virtqueue_pairs
