@@ -5,7 +5,9 @@ and a tap in a private network namespace, avmm's in-process device vs QEMU's
 Both VMMs attach to the same persistent tap (``tests/virtio_guest_support.py``,
 ``TapNamespace``), one after the other. Transmit: the guest sends N frames and the host
 kernel is the sink (it drops the unknown ethertype); the tap's ``rx_packets`` counter
-confirms that the N frames arrived. Receive: ``benchmarks/netpeer.py`` keeps the tap's
+confirms that the N frames arrived (the TSO figure: N 64 KiB TCP segments that ask the
+host to checksum and segment them, as a Linux guest's TCP sends with offloads; in MiB/s).
+Receive: ``benchmarks/netpeer.py`` keeps the tap's
 queue full from a process of its own, and the guest counts N frames. Either way the
 figure is N over the wall time of a run with N frames minus a run with none, like the
 other figures (``per_unit``).
@@ -35,6 +37,9 @@ GUEST_MAC = "52:54:00:12:34:56"
 #: Frame sizes (Ethernet header included, no FCS).
 SIZES = (64, 1500)
 SENDER_START_S = 30
+#: The TSO figure's frames: a 64 KiB IPv4 packet behind an Ethernet header.
+TSO_SIZE = 14 + 65535
+MIB = 1 << 20
 
 
 def tap_rx_packets(netns: str, tap: str) -> int:
@@ -129,5 +134,28 @@ def bench_net(runs: int, n: int) -> list[Figure]:
                     figure.add(1 / a, 1 / q)
             return figure
 
+        def measure_tso() -> Figure:
+            figure = Figure(
+                f"net TSO {TSO_SIZE // 1024} KiB TCP segments, TX guest → host", "MiB/s",
+                "higher", PER_OPERATION,
+                note=f"net-bench avmm.tso=1 n={n} minus n=0 (checksum and segmentation "
+                     "offloads negotiated: each frame a 64 KiB TCP/IPv4 segment the "
+                     "host kernel takes whole); host kernel as sink")
+
+            def cmd(count: int) -> str:
+                return (f"avmm.test=net-bench avmm.dir=tx avmm.tso=1 avmm.size={TSO_SIZE} "
+                        f"avmm.n={count}")
+
+            done = f"net-bench dir=tx size={TSO_SIZE} n={n} tso=1 done"
+            what = "net-bench tx TSO"
+            for _ in range(runs):
+                a = per_unit(lambda: transmitted(avmm_side, cmd(n), done, what),
+                             lambda: checked(avmm_side, cmd(0), "done", what), n, what, figure)
+                q = per_unit(lambda: transmitted(qemu_side, cmd(n), done, what),
+                             lambda: checked(qemu_side, cmd(0), "done", what), n, what, figure)
+                figure.add(TSO_SIZE / a / MIB, TSO_SIZE / q / MIB)
+            return figure
+
         figures = [measure(direction, size) for direction in ("tx", "rx") for size in SIZES]
+        figures.append(measure_tso())
     return figures

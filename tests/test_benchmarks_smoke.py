@@ -48,7 +48,8 @@ GROUPS = {
     "blk-vhost": [("blk 4 KiB random read, qd 1, vhost-user (qsd)", PER_OPERATION),
                   ("blk 4 KiB random write, qd 32, vhost-user (qsd)", PER_OPERATION)],
     "net": [("net 64 B frames, TX", PER_OPERATION), ("net 1500 B frames, TX", PER_OPERATION),
-            ("net 64 B frames, RX", PER_OPERATION), ("net 1500 B frames, RX", PER_OPERATION)],
+            ("net 64 B frames, RX", PER_OPERATION), ("net 1500 B frames, RX", PER_OPERATION),
+            ("net TSO 64 KiB TCP segments, TX", PER_OPERATION)],
     "churn": [("VM churn: `avmm up` process per VM", WHOLE_PROCESS),
               ("VM churn: VMs one after another in one avmm process", IN_PROCESS)],
     # --quick puts 2 and 3 VMs in one process where the full run has 10 and 50.

@@ -27,7 +27,21 @@ bool net_open(struct net *net, unsigned index, bool mrg)
     return net_open_rx(net, index, mrg, NET_RX_BUFFERS);
 }
 
+static bool net_open_with(struct net *net, unsigned index, bool mrg, unsigned rx_buffers,
+                          uint64_t offloads);
+
 bool net_open_rx(struct net *net, unsigned index, bool mrg, unsigned rx_buffers)
+{
+    return net_open_with(net, index, mrg, rx_buffers, 0);
+}
+
+bool net_open_offload(struct net *net, unsigned index, unsigned rx_buffers, uint64_t offloads)
+{
+    return net_open_with(net, index, false, rx_buffers, offloads);
+}
+
+static bool net_open_with(struct net *net, unsigned index, bool mrg, unsigned rx_buffers,
+                          uint64_t offloads)
 {
     if (rx_buffers == 0 || rx_buffers > NET_RX_POOL)
         guest_panic("net_open_rx: %u receive buffers (1..%u)", rx_buffers, NET_RX_POOL);
@@ -38,11 +52,17 @@ bool net_open_rx(struct net *net, unsigned index, bool mrg, unsigned rx_buffers)
         return false;
     }
     struct virtio_dev *dev = net->dev;
-    uint64_t wanted = VIRTIO_BIT(VIRTIO_NET_F_MAC);
+    uint64_t wanted = VIRTIO_BIT(VIRTIO_NET_F_MAC) | offloads;
     if (mrg)
         wanted |= VIRTIO_BIT(VIRTIO_NET_F_MRG_RXBUF);
     if (!virtio_begin_init(dev, wanted))
         return false;
+    for (unsigned bit = 0; bit < 64; bit++) {
+        if ((offloads & VIRTIO_BIT(bit)) && !virtio_has(dev, bit)) {
+            guest_printf(GUEST_PREFIX "%s does not offer feature bit %u\n", dev->name, bit);
+            return false;
+        }
+    }
     if (mrg && !virtio_has(dev, VIRTIO_NET_F_MRG_RXBUF)) {
         guest_printf(GUEST_PREFIX "%s does not offer VIRTIO_NET_F_MRG_RXBUF\n", dev->name);
         return false;

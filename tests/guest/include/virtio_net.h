@@ -1,6 +1,7 @@
 /* Polling virtio-net driver (virtio 1.2, section 5.1): one receive queue
  * (0) kept full of 2 KiB buffers, one transmit queue (1), the 12-byte
- * struct virtio_net_hdr (VERSION_1) in front of every frame, no offloads. */
+ * struct virtio_net_hdr (VERSION_1) in front of every frame; no offloads
+ * unless asked for (net_open_offload: transmit checksum and TSO, net-bench). */
 #ifndef AVMM_GUEST_VIRTIO_NET_H
 #define AVMM_GUEST_VIRTIO_NET_H
 
@@ -9,7 +10,9 @@
 
 #include "virtio.h"
 
+#define VIRTIO_NET_F_CSUM       0
 #define VIRTIO_NET_F_MAC        5
+#define VIRTIO_NET_F_HOST_TSO4  11
 #define VIRTIO_NET_F_MRG_RXBUF  15
 
 #define NET_HDR_SIZE            12
@@ -21,6 +24,10 @@
 #define NET_TXQ                 1
 #define NET_RX_BUFFER_SIZE      2048
 #define NET_MAX_FRAME           1514
+/* The largest frame with VIRTIO_NET_F_HOST_TSO4: a 64 KiB IPv4 packet. */
+#define NET_TSO_MAX_FRAME       (14 + 65535)
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
+#define VIRTIO_NET_HDR_GSO_TCPV4    1
 /* Smallest receive buffers: a header and a frame without MRG_RXBUF (spec
  * 5.1.6.3.1), with it anything from 64 bytes (a frame spans buffers). */
 #define NET_MIN_RX_BUFFER       (NET_HDR_SIZE + NET_MAX_FRAME)
@@ -58,6 +65,11 @@ bool net_open(struct net *net, unsigned index, bool mrg);
 /* net_open with `rx_buffers` (1..NET_RX_POOL) receive buffers posted instead of
  * NET_RX_BUFFERS (fewer if the queue is smaller). */
 bool net_open_rx(struct net *net, unsigned index, bool mrg, unsigned rx_buffers);
+
+/* net_open_rx that also negotiates the features in `offloads` (VIRTIO_BIT()s of
+ * VIRTIO_NET_F_CSUM and _HOST_TSO4), failing with a line if one is not offered. */
+bool net_open_offload(struct net *net, unsigned index, unsigned rx_buffers,
+                      uint64_t offloads);
 
 /* Send one frame (without header, len <= NET_MAX_FRAME) and wait for the
  * device to give the buffer back; exits on timeout or NEEDS_RESET. */

@@ -12,6 +12,11 @@
  * descriptor points at the same read-only frame. Something on the host has
  * to take them (the kernel drops this ethertype on a tap of its own).
  *
+ * avmm.tso=1 (transmit only): negotiate VIRTIO_NET_F_CSUM and _HOST_TSO4 and
+ * send TCP/IPv4 frames of avmm.size bytes (1502..65549: up to a 64 KiB packet,
+ * 10.0.2.15 -> 10.0.2.99, port 9) with a header asking the host to checksum
+ * and segment them (MSS 1448): what a Linux guest's TCP sends with TSO.
+ *
  * avmm.dir=rx: count n received frames of that ethertype and magic (each must
  * be exactly avmm.size bytes long: a frame of another length is an error);
  * anything else is ignored. A host sender keeps the tap busy. avmm.rxcount
@@ -28,7 +33,10 @@
 #define BENCH_MAGIC     "AVMMBNCH"
 #define BENCH_HEADER    (14 + 8)
 
-static uint8_t bench_tx[NET_HDR_SIZE + NET_MAX_FRAME] __attribute__((aligned(64)));
+static uint8_t bench_tx[NET_HDR_SIZE + NET_TSO_MAX_FRAME] __attribute__((aligned(64)));
+/* avmm.tso=1: Ethernet + IPv4 + TCP headers, and the MSS asked for. */
+#define TSO_HEADERS     (14 + 20 + 20)
+#define TSO_MSS         1448
 
 static bool is_bench_frame(const uint8_t *frame, uint32_t len)
 {
@@ -36,7 +44,51 @@ static bool is_bench_frame(const uint8_t *frame, uint32_t len)
            frame[13] == (BENCH_ETHERTYPE & 0xff) && memcmp(frame + 14, BENCH_MAGIC, 8) == 0;
 }
 
-static int bench_tx_run(struct net *net, uint64_t n, uint32_t size)
+static uint16_t ip_checksum(const uint8_t *data, unsigned len)
+{
+    uint32_t sum = 0;
+    for (unsigned i = 0; i + 1 < len; i += 2)
+        sum += (uint32_t)data[i] << 8 | data[i + 1];
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* The TCP/IPv4 frame of avmm.tso=1 behind its header (see the top). */
+static void build_tso_frame(struct net *net, uint32_t size)
+{
+    struct virtio_net_hdr *hdr = (struct virtio_net_hdr *)bench_tx;
+    uint8_t *frame = bench_tx + NET_HDR_SIZE;
+    hdr->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    hdr->gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+    hdr->hdr_len = TSO_HEADERS;
+    hdr->gso_size = TSO_MSS;
+    hdr->csum_start = 14 + 20;
+    hdr->csum_offset = 16;
+    hdr->num_buffers = 0;
+    memset(frame, 0xff, 6);
+    memcpy(frame + 6, net->mac, 6);
+    frame[12] = 0x08;
+    frame[13] = 0x00;
+    uint8_t *ip = frame + 14;
+    uint16_t total = (uint16_t)(size - 14);
+    static const uint8_t ip_header[20] = {0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0,
+                                          10, 0, 2, 15, 10, 0, 2, 99};
+    memcpy(ip, ip_header, 20);
+    ip[2] = (uint8_t)(total >> 8);
+    ip[3] = (uint8_t)total;
+    uint16_t csum = ip_checksum(ip, 20);
+    ip[10] = (uint8_t)(csum >> 8);
+    ip[11] = (uint8_t)csum;
+    uint8_t *tcp = ip + 20;
+    static const uint8_t tcp_header[20] = {0x9c, 0x40, 0, 9, 0, 0, 0, 1, 0, 0, 0, 0,
+                                           5 << 4, 0x18, 0xff, 0xff, 0, 0, 0, 0};
+    memcpy(tcp, tcp_header, 20);
+    for (uint32_t i = TSO_HEADERS; i < size; i++)
+        frame[i] = (uint8_t)i;
+}
+
+static int bench_tx_run(struct net *net, uint64_t n, uint32_t size, bool tso)
 {
     struct virtq *vq = &net->dev->queues[NET_TXQ];
     uint64_t qd = cmdline_get_u64("avmm.qd", 32);
@@ -45,16 +97,20 @@ static int bench_tx_run(struct net *net, uint64_t n, uint32_t size)
                      vq->num);
         return EXIT_FAILURE;
     }
-    /* All header fields zero: no offloads, num_buffers 0 (spec 5.1.6.2). */
-    memset(bench_tx, 0, NET_HDR_SIZE);
-    uint8_t *frame = bench_tx + NET_HDR_SIZE;
-    for (uint32_t i = 0; i < size; i++)
-        frame[i] = (uint8_t)i;
-    memset(frame, 0xff, 6);
-    memcpy(frame + 6, net->mac, 6);
-    frame[12] = BENCH_ETHERTYPE >> 8;
-    frame[13] = BENCH_ETHERTYPE & 0xff;
-    memcpy(frame + 14, BENCH_MAGIC, 8);
+    if (tso) {
+        build_tso_frame(net, size);
+    } else {
+        /* All header fields zero: no offloads, num_buffers 0 (spec 5.1.6.2). */
+        memset(bench_tx, 0, NET_HDR_SIZE);
+        uint8_t *frame = bench_tx + NET_HDR_SIZE;
+        for (uint32_t i = 0; i < size; i++)
+            frame[i] = (uint8_t)i;
+        memset(frame, 0xff, 6);
+        memcpy(frame + 6, net->mac, 6);
+        frame[12] = BENCH_ETHERTYPE >> 8;
+        frame[13] = BENCH_ETHERTYPE & 0xff;
+        memcpy(frame + 14, BENCH_MAGIC, 8);
+    }
     struct virtq_buf buf = {(uintptr_t)bench_tx, NET_HDR_SIZE + size, false};
 
     uint64_t submitted = 0, completed = 0;
@@ -88,8 +144,8 @@ static int bench_tx_run(struct net *net, uint64_t n, uint32_t size)
         }
         mailbox.counter = completed;
     }
-    guest_printf(GUEST_PREFIX "net-bench dir=tx size=%u n=%lu done cycles=%lu\n", size, n,
-                 rdtsc() - start);
+    guest_printf(GUEST_PREFIX "net-bench dir=tx size=%u n=%lu%s done cycles=%lu\n", size, n,
+                 tso ? " tso=1" : "", rdtsc() - start);
     return EXIT_OK;
 }
 
@@ -149,8 +205,15 @@ static int net_bench_run(void)
         guest_printf(GUEST_PREFIX "avmm.dir: must be tx or rx, not %.*s\n", (int)dir_len, dir);
         return EXIT_FAILURE;
     }
-    if (size < BENCH_HEADER || size > NET_MAX_FRAME) {
-        guest_printf(GUEST_PREFIX "avmm.size: must be %u..%u\n", BENCH_HEADER, NET_MAX_FRAME);
+    bool tso = cmdline_get_u64("avmm.tso", 0) != 0;
+    if (tso && rx) {
+        guest_printf(GUEST_PREFIX "avmm.tso=1 is for avmm.dir=tx\n");
+        return EXIT_FAILURE;
+    }
+    uint32_t smallest = tso ? TSO_HEADERS + TSO_MSS : BENCH_HEADER;
+    uint32_t largest = tso ? NET_TSO_MAX_FRAME : NET_MAX_FRAME;
+    if (size < smallest || size > largest) {
+        guest_printf(GUEST_PREFIX "avmm.size: must be %u..%u\n", smallest, largest);
         return EXIT_FAILURE;
     }
     if (rxcount == 0 || rxcount > NET_RX_POOL) {
@@ -162,10 +225,12 @@ static int net_bench_run(void)
         return EXIT_FAILURE;
     }
     struct net net;
-    if (!net_open_rx(&net, 0, false, (unsigned)rxcount))
+    uint64_t offloads = tso ? VIRTIO_BIT(VIRTIO_NET_F_CSUM) | VIRTIO_BIT(VIRTIO_NET_F_HOST_TSO4)
+                            : 0;
+    if (!net_open_offload(&net, 0, (unsigned)rxcount, offloads))
         return EXIT_FAILURE;
     int result = rx ? bench_rx_run(&net, n, (uint32_t)size)
-                    : bench_tx_run(&net, n, (uint32_t)size);
+                    : bench_tx_run(&net, n, (uint32_t)size, tso);
     if (result == EXIT_OK)
         net_close(&net);
     return result;
