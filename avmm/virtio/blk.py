@@ -16,6 +16,13 @@ latency. Otherwise (a vhost-user back-end, a test's context) the trio task waits
 touched by one thread at a time, and a cancelled :meth:`BlockDevice.run` returns only after
 the batch in flight is on the used ring.
 
+In the I/O thread, IN and OUT requests of well-formed chains are served by a C loop
+(:mod:`avmm.virtio.blk_fast`, outside the GIL) that returns each to the used ring as soon
+as its transfer is done, so a polling driver refills while the rest of the batch is
+served; it stops before any other request and the Python path below takes the ring from
+there, so every rule here holds for both (:meth:`BlockDevice.serve_batch`). Rate limits
+keep to the Python path.
+
 Who is at fault decides how a request ends:
 
 * the driver asked for something the disk cannot do (out of range, a read-only disk, a
