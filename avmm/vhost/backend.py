@@ -423,9 +423,6 @@ class _TrackedQueue(VirtQueue):
     logs the pages of guest memory it returns written (see the module docstring, "Dirty
     logging")."""
 
-    #: pop and push keep the inflight record and the write log: no C loop bypasses them.
-    direct_access = False
-
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
         self.inflight: _InflightQueue | None = None
@@ -452,6 +449,14 @@ class _TrackedQueue(VirtQueue):
         if chain is not None and chain.writable:
             self._writable[chain.head] = chain.writable
         return chain
+
+    def may_take(self) -> bool:
+        # A C loop (avmm.virtio.net_fast) takes and returns chains without pop and push:
+        # only while they would do nothing more, with no inflight record, no chain to
+        # resubmit and no dirty log. Each is set by a front-end message, which the event
+        # loop handles between the device's batches (the device runs on that loop too).
+        return (super().may_take() and self.inflight is None and not self.resubmit
+                and self.write_log is None and self.used_log_address is None)
 
     def _untaken(self, head: int) -> None:
         # Taken again from the available ring after the restart: not to be resubmitted

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._regions import RegionTable
+
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
     from .queue import VirtQueue
@@ -89,7 +91,6 @@ class NetFastPath:
     def __init__(self, bounce: bytearray | None) -> None:
         assert _net_ffi is not None
         ffi = _net_ffi.ffi
-        self._ffi = ffi
         self._lib = _net_ffi.lib
         self._ring = ffi.new("struct avmm_ring *")
         self._out = ffi.new("struct avmm_net_batch *")
@@ -97,46 +98,16 @@ class NetFastPath:
                         else ffi.from_buffer("uint8_t[]", bounce, require_writable=True))
         self._bounce_length = 0 if bounce is None else len(bounce)
         self._marks = ffi.new("uint64_t[]", 2 * self.MAX_RECEIVE)
-        self._memory: MemoryAccess | None = None
-        self._regions: Any = None
-        self._region_count = 0
-        # The buffers the region table points into, kept exported while it is in use.
-        self._anchors: list[Any] = []
+        self._table = RegionTable(ffi)
 
     def forget(self) -> None:
         """Drop the region table (the device stopped): the memory's buffers are no
         longer exported from here, so the memory can be unmapped."""
-        self._memory = None
-        self._regions = None
-        self._region_count = 0
-        for anchor in self._anchors:
-            self._ffi.release(anchor)
-        self._anchors = []
+        self._table.forget()
 
     def usable(self, memory: MemoryAccess) -> bool:
         """Whether ``memory`` can be handed to C (building its region table once)."""
-        if memory is self._memory:
-            return self._regions is not None
-        self.forget()
-        buffers = memory.host_buffers()
-        self._memory = memory
-        if buffers is None:
-            return False
-        ffi = self._ffi
-        regions = ffi.new("struct avmm_region[]", max(len(buffers), 1))
-        for i, (guest, size, buffer, offset) in enumerate(buffers):
-            anchor = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
-            self._anchors.append(anchor)
-            if offset < 0 or size < 0 or offset + size > len(anchor):
-                self.forget()
-                self._memory = memory
-                return False
-            regions[i].guest = guest
-            regions[i].size = size
-            regions[i].host = anchor + offset
-        self._regions = regions
-        self._region_count = len(buffers)
-        return True
+        return self._table.usable(memory)
 
     @staticmethod
     def _load(record: Any, queue: VirtQueue) -> None:
@@ -168,7 +139,7 @@ class NetFastPath:
         caller checked :meth:`usable` and that the queue is ready and holds no chain."""
         record, out = self._ring, self._out
         self._load(record, queue)
-        self._lib.avmm_net_transmit(record, self._regions, self._region_count, tap_fd,
+        self._lib.avmm_net_transmit(record, self._table.regions, self._table.count, tap_fd,
                                     limit, offloads, out)
         frames = out.frames
         self._store(record, queue, memory, frames, out.chain_bytes, 0)
@@ -182,7 +153,7 @@ class NetFastPath:
         limit = min(limit, self.MAX_RECEIVE)
         record, out = self._ring, self._out
         self._load(record, queue)
-        self._lib.avmm_net_receive(record, self._regions, self._region_count, tap_fd,
+        self._lib.avmm_net_receive(record, self._table.regions, self._table.count, tap_fd,
                                    limit, int(mergeable), int(keep_header), self._bounce,
                                    self._bounce_length, self._marks, out)
         frames = out.frames

@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 from avmm.memory import PAGE_SIZE, ByteArrayMemory
 from avmm.migration.dirty import DirtyMarks, PageSet
+from avmm.virtio import blk_fast
 from avmm.virtio.blk import BlockDevice, RequestType
 from avmm.virtio.console import ConsoleDevice
 from avmm.virtio.net import NET_HEADER_SIZE, VIRTIO_NET_F_MRG_RXBUF, NetDevice
@@ -137,6 +139,52 @@ def test_blk_read_marks_the_data_the_status_and_the_used_ring(tmp_path: Path) ->
         data = driver.writable_data(head)
         assert data[:-1] == image.read_bytes()[1024:1024 + len(data) - 1]
         assert data[-1] == 0  # VIRTIO_BLK_S_OK
+
+
+@pytest.fixture
+def c_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BlockDevices made after it serve IN and OUT in the C loop (avmm.virtio.blk_fast),
+    as the I/O thread does."""
+    if blk_fast._blk_ffi is None:
+        pytest.fail("avmm.virtio._blk_ffi is not built (run make venv)")
+    monkeypatch.setattr(blk_fast, "ENABLED", True)
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_blk_c_loop_read_marks_the_data_the_status_and_the_used_ring(
+        c_loop: None, tmp_path: Path, indirect: bool) -> None:
+    image = make_image(tmp_path / "disk.img", 64 * 1024, os.urandom(64 * 1024))
+    with BlockDevice(image) as device:
+        queue, driver = make_queue(16, memory_size=1 << 20)
+        memory = driver.memory
+        skip_to(driver)
+        head = driver.add_chain(readable=[header(RequestType.IN, 2)],
+                                writable=[512, 3 * PAGE_SIZE + 512, 1], indirect=indirect)
+        buffers = driver.chains[head].writable
+        with watching(memory, driver.used_ring, *(address for address, _ in buffers)):
+            device.serve_batch(queue, memory, lambda index: None)
+        assert device.stats.reads == 1 and device.stats.batches == 1  # one C batch
+        data = driver.writable_data(head)
+        assert data[:-1] == image.read_bytes()[1024:1024 + len(data) - 1]
+        assert data[-1] == 0  # VIRTIO_BLK_S_OK
+
+
+def test_blk_c_loop_write_marks_the_status(c_loop: None, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.img")
+    with BlockDevice(image) as device:
+        device.writeback = True  # what a driver with VIRTIO_BLK_F_FLUSH gets: C serves OUT
+        queue, driver = make_queue(16, memory_size=1 << 20)
+        memory = driver.memory
+        skip_to(driver)
+        head = driver.add_chain(readable=[header(RequestType.OUT, 6), b"\x5a" * 512],
+                                writable=[1])
+        (status_address, _), = driver.chains[head].writable
+        memory.write(status_address, b"\xee")  # so that OK (0) is a change
+        with watching(memory, driver.used_ring, status_address):
+            device.serve_batch(queue, memory, lambda index: None)
+        assert device.stats.writes == 1 and device.stats.batches == 1  # one C batch
+        assert driver.writable_data(head) == b"\x00"
+        assert image.read_bytes()[6 * 512:7 * 512] == b"\x5a" * 512
 
 
 def test_blk_status_byte_alone_is_marked(tmp_path: Path) -> None:

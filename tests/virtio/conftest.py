@@ -1,5 +1,6 @@
-"""Fixtures of the virtqueue and device tests: both virtio-net inner loops (net_path),
-and a real tap with an AF_PACKET socket on its kernel side (tap, wire)."""
+"""Fixtures of the virtqueue and device tests: both inner loops of virtio-net (net_path)
+and virtio-blk (blk_path), and a real tap with an AF_PACKET socket on its kernel side
+(tap, wire)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pytest
 from avmm.tap import Tap
 from tests.prerequisites import net_problem, require
 
+from .blk_paths import blk_path
 from .net_paths import net_path
 from .test_net import Wire
 
-__all__ = ["net_path", "tap", "wire"]
+__all__ = ["blk_path", "net_path", "tap", "wire"]
 
 _names = itertools.count()
 

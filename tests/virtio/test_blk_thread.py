@@ -1,17 +1,20 @@
 """virtio-blk served by its own I/O thread: what a transport that hands over the kick
 eventfd (``context.kick_fd``, as the in-process virtio-mmio slot does) gets. The same
 requests as test_blk.py, but kicked through a real eventfd and signalled from the
-device's thread."""
+device's thread. Every test runs on both request loops (tests/virtio/blk_paths.py): the
+C one, which this thread uses where it applies, and the Python one."""
 
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from avmm.virtio import blk_fast
 from avmm.virtio.blk import VIRTIO_BLK_F_FLUSH, BlockDevice, RequestType, Status
 from avmm.virtio.device import DeviceNeedsReset
 from avmm.virtio.queue import VirtQueue
@@ -59,7 +62,7 @@ class EventfdContext:
 
 
 @pytest.fixture
-def device(tmp_path: Path):
+def device(blk_path: str, tmp_path: Path):
     with BlockDevice(make_image(tmp_path / "disk.img")) as device:
         yield device
 
@@ -98,21 +101,34 @@ async def test_requests_are_served_and_signalled_from_the_io_thread(
     assert [name for _, name in context.signals] == ["avmm blk0 I/O"] * 4
     assert sum(context.kicks) == 3
     assert device.stats.writes == 3 and device.stats.reads == 1
+    assert device.stats.bytes_written == 3 * SECTOR and device.stats.bytes_read == SECTOR
     assert not any(t.name == "avmm blk0 I/O" for t in threading.enumerate())
 
 
 async def test_cancel_during_a_batch_completes_the_batch(
-        device: BlockDevice, served, monkeypatch: pytest.MonkeyPatch) -> None:
+        device: BlockDevice, served, blk_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     queue, driver, context = served
     entered, release = threading.Event(), threading.Event()
-    real = os.pwritev
+    if blk_path == "python":
+        real = os.pwritev
 
-    def slow_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
-        entered.set()
-        release.wait(10)
-        return real(fd, buffers, offset)
+        def slow_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+            entered.set()
+            release.wait(10)
+            return real(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwritev", slow_pwritev)
+        monkeypatch.setattr(os, "pwritev", slow_pwritev)
+    else:
+        # The C loop's pwritev cannot be slowed from here: the whole call is held.
+        real_serve = blk_fast.BlockFastPath.serve
+
+        def slow_serve(self: blk_fast.BlockFastPath, *args: Any, **kwargs: Any
+                       ) -> blk_fast.FastBatch:
+            entered.set()
+            release.wait(10)
+            return real_serve(self, *args, **kwargs)
+
+        monkeypatch.setattr(blk_fast.BlockFastPath, "serve", slow_serve)
     head = driver.add_chain(readable=[header(OUT, 2), b"\x77" * SECTOR], writable=[1])
     timer = threading.Timer(0.1, release.set)
     with trio.fail_after(10):

@@ -1,0 +1,73 @@
+"""Guest RAM as a C region table (``struct avmm_region[]``) for the devices' C loops.
+
+One table per queue's loop, built from :meth:`avmm.memory.MemoryAccess.host_buffers` the
+first time a memory object is used and kept while that object stays the same. The
+buffers it points into stay exported (``ffi.from_buffer``) until :meth:`forget`, which
+the device calls once it stops so that the memory can be unmapped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..memory import MemoryAccess
+
+__all__ = ["RegionTable"]
+
+
+class RegionTable:
+    """The region table of the memory object last used, for the cffi module ``ffi``
+    (each module has its own ``struct avmm_region``). Used by one thread at a time: a
+    table is replaced (a new memory object: a restore, a new vhost-user memory table)
+    only by the thread that uses it, between its batches."""
+
+    def __init__(self, ffi: Any) -> None:
+        self._ffi = ffi
+        self._memory: MemoryAccess | None = None
+        #: ``struct avmm_region[]`` and its length, valid after :meth:`usable` said yes.
+        self.regions: Any = None
+        self.count = 0
+        # The buffers the table points into, kept exported while it is in use.
+        self._anchors: list[Any] = []
+
+    def forget(self) -> None:
+        """Drop the table: the memory's buffers are no longer exported from here."""
+        self._memory = None
+        self.regions = None
+        self.count = 0
+        for anchor in self._anchors:
+            self._ffi.release(anchor)
+        self._anchors = []
+
+    def usable(self, memory: MemoryAccess) -> bool:
+        """Whether ``memory`` can be handed to C (building its table once)."""
+        if memory is self._memory:
+            return self.regions is not None
+        self.forget()
+        buffers = memory.host_buffers()
+        self._memory = memory
+        if buffers is None:
+            return False
+        ffi = self._ffi
+        regions = ffi.new("struct avmm_region[]", max(len(buffers), 1))
+        for i, (guest, size, buffer, offset) in enumerate(buffers):
+            try:
+                anchor = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
+            except (ValueError, TypeError, BufferError):
+                # A mapping closed meanwhile (a vhost-user memory table replaced): the
+                # Python path, which checks every access, says what is wrong.
+                self.forget()
+                self._memory = memory
+                return False
+            self._anchors.append(anchor)
+            if offset < 0 or size < 0 or offset + size > len(anchor):
+                self.forget()
+                self._memory = memory
+                return False
+            regions[i].guest = guest
+            regions[i].size = size
+            regions[i].host = anchor + offset
+        self.regions = regions
+        self.count = len(buffers)
+        return True
