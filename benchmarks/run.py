@@ -2,7 +2,8 @@
 
     .venv/bin/python -m benchmarks.run [--quick] [--only GROUP ...] [--runs R] [--out DIR]
 
-Groups: exits, startup, blk, blk-vhost, net, churn, memory, snapshot, migration, fairness
+Groups: exits, startup, blk, blk-vhost, net, net-vhost (QEMU with `avmm backend net`
+against QEMU's own virtio-net), churn, memory, snapshot, migration, fairness
 (avmm alone against goals: CPU shares and quotas, benchmarks/fairness_cpu.py; a NIC's
 frame-rate limits, benchmarks/fairness_net.py; a quiet VM next to a noisy one,
 benchmarks/noisy.py; disk rate limiters against their goal beside QEMU's throttling,
@@ -71,7 +72,7 @@ from benchmarks.fairness_net import bench_fairness_net
 from benchmarks.isolation import bench_isolation
 from benchmarks.memchild import MARKER, SPIN_N
 from benchmarks.migration import bench_migration
-from benchmarks.net import bench_net
+from benchmarks.net import bench_net, bench_net_vhost
 from benchmarks.noisy import bench_noisy_neighbour
 from benchmarks.report import markdown, provenance
 from benchmarks.snapshot import bench_snapshot
@@ -444,6 +445,7 @@ GROUPS: dict[str, Callable[[Params], list[Figure]]] = {
     "blk": bench_blk,
     "blk-vhost": bench_blk_vhost,
     "net": lambda p: bench_net(p.runs, p.net_n),
+    "net-vhost": lambda p: bench_net_vhost(p.runs, p.net_n),
     "churn": bench_churn,
     "isolation": lambda p: bench_isolation(p.runs, p.churn_s),
     "memory": bench_memory,

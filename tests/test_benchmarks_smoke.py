@@ -50,6 +50,10 @@ GROUPS = {
     "net": [("net 64 B frames, TX", PER_OPERATION), ("net 1500 B frames, TX", PER_OPERATION),
             ("net 64 B frames, RX", PER_OPERATION), ("net 1500 B frames, RX", PER_OPERATION),
             ("net TSO 64 KiB TCP segments, TX", PER_OPERATION)],
+    "net-vhost": [("net 64 B frames, TX guest → host, vhost-user (avmm backend net)",
+                   PER_OPERATION),
+                  ("net 1500 B frames, RX host → guest, vhost-user (avmm backend net)",
+                   PER_OPERATION)],
     "churn": [("VM churn: `avmm up` process per VM", WHOLE_PROCESS),
               ("VM churn: VMs one after another in one avmm process", IN_PROCESS)],
     # --quick puts 2 and 3 VMs in one process where the full run has 10 and 50.
@@ -105,7 +109,8 @@ GROUPS = {
                   ("isolation: memory per VM in `--isolation process`", WHOLE_PROCESS)],
 }
 # Groups that need more than KVM, QEMU and the test guest.
-MARKS = {"net": [pytest.mark.net], "fairness": [pytest.mark.net]}
+MARKS = {"net": [pytest.mark.net], "net-vhost": [pytest.mark.net],
+         "fairness": [pytest.mark.net]}
 VM_MARKS = [pytest.mark.kvm, pytest.mark.guest, pytest.mark.qemu]
 
 
