@@ -352,6 +352,29 @@ def in_spin_loop(fd: int) -> bool:
             and int.from_bytes(words[8:], "little") > 0)
 
 
+@contextlib.contextmanager
+def serving(argv: Sequence[str], sock: Path, what: str) -> Iterator[Path]:
+    """A back-end process (``argv``) that listens on the unix socket ``sock``: yields
+    ``sock`` once it exists, and stops the process (and removes the socket) after."""
+    process = subprocess.Popen(list(argv), cwd=REPO, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{what} never listened on {sock}: {stderr_of(process)!r}")
+            time.sleep(0.005)
+        yield sock
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        sock.unlink(missing_ok=True)
+
+
 def stderr_of(process: subprocess.Popen[bytes]) -> str:
     if process.poll() is None:
         process.kill()

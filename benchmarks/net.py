@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +36,7 @@ from benchmarks.common import (
     checked,
     per_unit,
     qemu_run,
-    stderr_of,
+    serving,
 )
 
 if TYPE_CHECKING:
@@ -148,31 +147,12 @@ def _check_prerequisites(group: str) -> None:
         raise BenchError(f"{group}: {problem}; leave the group out with --only for the others")
 
 
-@contextlib.contextmanager
-def net_backend(prefix: list[str], tap: str) -> Iterator[Path]:
+def net_backend(prefix: list[str], tap: str) -> contextlib.AbstractContextManager[Path]:
     """``avmm backend net`` on ``tap`` (in the namespace ``prefix`` enters) listening on a
     fresh socket, one per VM run; yields the socket."""
     sock = SHM / f"avmm-bench-net-{os.getpid()}-{next(_sockets)}.sock"
-    process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "avmm.cli", "backend", "net", "--socket", str(sock),
-         "--tap", tap, "--mac", GUEST_MAC],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"avmm backend net never listened on {sock}: "
-                                 f"{stderr_of(process)!r}")
-            time.sleep(0.005)
-        yield sock
-    finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        sock.unlink(missing_ok=True)
+    return serving([*prefix, sys.executable, "-m", "avmm.cli", "backend", "net", "--socket",
+                    str(sock), "--tap", tap, "--mac", GUEST_MAC], sock, "avmm backend net")
 
 
 def _figures(namespace: TapNamespace, runs: int, n: int, avmm_side: Side, qemu_side: Side, *,

@@ -64,7 +64,7 @@ from benchmarks.common import (
     qemu_argv,
     qemu_run,
     quiet_logging,
-    stderr_of,
+    serving,
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
 from benchmarks.fairness_io import bench_fairness_io
@@ -271,32 +271,13 @@ def bench_blk(p: Params) -> list[Figure]:
         return _blk_figures(p, p.blk_n, "", "", avmm_side, qemu_side)
 
 
-@contextlib.contextmanager
-def storage_daemon(image: Path) -> Iterator[Path]:
+def storage_daemon(image: Path) -> contextlib.AbstractContextManager[Path]:
     """qemu-storage-daemon exporting ``image`` as vhost-user-blk on a fresh socket (one
     per VM run, so no run sees another's connection state); yields the socket."""
     sock = SHM / f"avmm-bench-qsd-{os.getpid()}-{next(_sockets)}.sock"
-    argv = [QSD, "--blockdev", f"driver=file,node-name=file,filename={image}",
-            "--export", "type=vhost-user-blk,id=exp,node-name=file,addr.type=unix,"
-            f"addr.path={sock},writable=on"]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"qemu-storage-daemon never listened on {sock}: "
-                                 f"{stderr_of(process)!r}")
-            time.sleep(0.005)
-        yield sock
-    finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-        sock.unlink(missing_ok=True)
+    return serving([QSD, "--blockdev", f"driver=file,node-name=file,filename={image}",
+                    "--export", "type=vhost-user-blk,id=exp,node-name=file,addr.type=unix,"
+                    f"addr.path={sock},writable=on"], sock, "qemu-storage-daemon")
 
 
 #: QEMU 7.2's vhost-user-blk offers VIRTIO_BLK_F_SIZE_MAX with qemu-storage-daemon's

@@ -25,7 +25,12 @@ moment), checked, and only the local is used. The descriptor walk applies the ru
 avmm.virtio.queue's ``_walk`` (and stops where it would raise).
 """
 
+import os
+
 from cffi import FFI
+
+#: The shared C (_virtq.h) sits beside this script (cffi runs it with __file__ set).
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 ffibuilder = FFI()
 
@@ -67,12 +72,8 @@ ffibuilder.set_source("avmm.virtio._blk_ffi", r"""
 #include <string.h>
 #include <sys/uio.h>
 
-struct avmm_region { uint64_t guest; uint64_t size; uint8_t *host; };
-struct avmm_ring {
-    uint64_t desc, avail, used;
-    uint32_t size;
-    uint16_t next_avail, next_used;
-};
+#include "_virtq.h"
+
 struct avmm_blk_batch {
     uint32_t requests, reads, writes;
     int32_t stop;
@@ -97,56 +98,6 @@ struct avmm_blk_batch {
 #define SECTOR_SHIFT 9
 #define T_IN 0u
 #define T_OUT 1u
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
-
-/* The host address of guest [address, address + length), wholly inside one region,
-   or NULL. length 0 is never asked for. */
-static uint8_t *guest_to_host(const struct avmm_region *regions, int nregions,
-                              uint64_t address, uint64_t length)
-{
-    for (int i = 0; i < nregions; i++) {
-        const struct avmm_region *r = &regions[i];
-        if (address >= r->guest && address - r->guest <= r->size
-                && length <= r->size - (address - r->guest))
-            return r->host + (address - r->guest);
-    }
-    return NULL;
-}
-
-struct rings { uint8_t *desc, *avail, *used; };
-
-static int map_rings(const struct avmm_ring *ring, const struct avmm_region *regions,
-                     int nregions, struct rings *out)
-{
-    uint64_t size = ring->size;
-    if (!size || (size & (size - 1)) || size > 32768)
-        return -1;
-    out->desc = guest_to_host(regions, nregions, ring->desc, 16 * size);
-    out->avail = guest_to_host(regions, nregions, ring->avail, 4 + 2 * size);
-    out->used = guest_to_host(regions, nregions, ring->used, 4 + 8 * size);
-    if (!out->desc || !out->avail || !out->used
-            || (ring->desc & 15) || (ring->avail & 1) || (ring->used & 3))
-        return -1;
-    return 0;
-}
-
-static inline uint16_t load_u16(const uint8_t *p)
-{
-    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
-}
-
-struct descriptor { uint64_t address; uint32_t length; uint16_t flags, next; };
-
-static inline struct descriptor read_descriptor(const uint8_t *table, uint32_t index)
-{
-    struct descriptor d;
-    /* One copy of the guest's 16 bytes: what is checked is what is used. */
-    memcpy(&d, table + 16 * (size_t)index, sizeof d);
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    return d;
-}
 
 struct segment { uint8_t *host; uint64_t guest; uint64_t length; };
 
@@ -288,10 +239,13 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
         return 0;
     uint32_t size = ring->size;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
-    uint16_t available = __atomic_load_n((const uint16_t *)(r.avail + 2), __ATOMIC_ACQUIRE);
-    uint16_t pending = (uint16_t)(available - next_avail);
-    if (pending > size)
+    /* The caller holds no chain: every chain taken was returned. */
+    if (next_used != next_avail)
+        goto done;
+    int32_t available = available_chains(&r, size, next_avail);
+    if (available < 0)
         goto done;  /* the Python path names the breach */
+    uint16_t pending = (uint16_t)available;
     out->stop = AVMM_BLK_EMPTY;
     while (pending) {
         if (out->requests == limit
@@ -300,7 +254,7 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
             break;
         }
         out->stop = AVMM_BLK_SLOW;
-        uint32_t head = load_u16(r.avail + 4 + 2 * (size_t)(next_avail & (size - 1)));
+        uint32_t head = available_head(&r, size, next_avail);
         if (head >= size)
             break;
         if (walk(&r, size, head, (flags & AVMM_BLK_INDIRECT) != 0, regions, nregions, &c) < 0)
@@ -350,13 +304,12 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
         marks[2 * out->marks] = last->guest + last->length - 1;
         marks[2 * out->marks + 1] = 1;
         out->marks++;
-        uint32_t element[2] = { head, (uint32_t)used };
-        memcpy(r.used + 4 + 8 * (size_t)(next_used & (size - 1)), element, 8);
+        push_used(&r, size, next_used, head, (uint32_t)used);
         next_avail++;
         next_used++;
         pending--;
         /* Published at once: the element (and the data and status before it) first. */
-        __atomic_store_n((uint16_t *)(r.used + 2), next_used, __ATOMIC_RELEASE);
+        publish_used(&r, next_used);
         out->requests++;
         out->readable += c.readable_length;
         out->used += used;
@@ -367,7 +320,7 @@ done:
     ring->next_used = next_used;
     return 0;
 }
-""")
+""", include_dirs=[_HERE], depends=[os.path.join(_HERE, "_virtq.h")])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

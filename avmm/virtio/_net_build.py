@@ -19,7 +19,12 @@ order; the release keeps the compiler from moving them), and the available idx i
 with an acquire load before the entries and descriptors it covers.
 """
 
+import os
+
 from cffi import FFI
+
+#: The shared C (_virtq.h) sits beside this script (cffi runs it with __file__ set).
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 ffibuilder = FFI()
 
@@ -70,12 +75,8 @@ ffibuilder.set_source("avmm.virtio._net_ffi", r"""
 #include <string.h>
 #include <sys/uio.h>
 
-struct avmm_region { uint64_t guest; uint64_t size; uint8_t *host; };
-struct avmm_ring {
-    uint64_t desc, avail, used;
-    uint32_t size;
-    uint16_t next_avail, next_used;
-};
+#include "_virtq.h"
+
 struct avmm_net_batch {
     uint32_t frames, dropped;
     uint64_t bytes, chain_bytes;
@@ -98,68 +99,6 @@ struct avmm_net_batch {
 #define MIN_FRAME 14u           /* an Ethernet header */
 #define MAX_FRAME 65550u        /* avmm.virtio.net.MAX_FRAME_SIZE */
 #define MAX_CHAIN 64u           /* longer transmit chains go the Python way */
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
-
-/* The host address of guest [address, address + length), wholly inside one region,
-   or NULL. length 0 is never asked for. */
-static uint8_t *guest_to_host(const struct avmm_region *regions, int nregions,
-                              uint64_t address, uint64_t length)
-{
-    for (int i = 0; i < nregions; i++) {
-        const struct avmm_region *r = &regions[i];
-        if (address >= r->guest && address - r->guest <= r->size
-                && length <= r->size - (address - r->guest))
-            return r->host + (address - r->guest);
-    }
-    return NULL;
-}
-
-struct rings { uint8_t *desc, *avail, *used; };
-
-static int map_rings(const struct avmm_ring *ring, const struct avmm_region *regions,
-                     int nregions, struct rings *out)
-{
-    uint64_t size = ring->size;
-    if (!size || (size & (size - 1)) || size > 32768)
-        return -1;
-    out->desc = guest_to_host(regions, nregions, ring->desc, 16 * size);
-    out->avail = guest_to_host(regions, nregions, ring->avail, 4 + 2 * size);
-    out->used = guest_to_host(regions, nregions, ring->used, 4 + 8 * size);
-    if (!out->desc || !out->avail || !out->used
-            || (ring->desc & 15) || (ring->avail & 1) || (ring->used & 3))
-        return -1;
-    return 0;
-}
-
-static inline uint16_t load_u16(const uint8_t *p)
-{
-    return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
-}
-
-struct descriptor { uint64_t address; uint32_t length; uint16_t flags, next; };
-
-static inline struct descriptor read_descriptor(const uint8_t *table, uint32_t index)
-{
-    struct descriptor d;
-    /* One copy of the guest's 16 bytes: what is checked is what is used. */
-    memcpy(&d, table + 16 * (size_t)index, sizeof d);
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    return d;
-}
-
-static inline void push_used(const struct rings *r, uint32_t size, uint16_t position,
-                             uint32_t head, uint32_t written)
-{
-    uint32_t element[2] = { head, written };
-    memcpy(r->used + 4 + 8 * (size_t)(position & (size - 1)), element, 8);
-}
-
-static inline void publish_used(const struct rings *r, uint16_t next_used)
-{
-    __atomic_store_n((uint16_t *)(r->used + 2), next_used, __ATOMIC_RELEASE);
-}
 
 static const uint8_t zero_header[HEADER];
 
@@ -201,10 +140,10 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
     /* The caller holds no chain: every chain taken was returned. */
     if (next_used != next_avail)
         goto done;
-    uint16_t available = __atomic_load_n((const uint16_t *)(r.avail + 2), __ATOMIC_ACQUIRE);
-    uint16_t pending = (uint16_t)(available - next_avail);
-    if (pending > size)
+    int32_t available = available_chains(&r, size, next_avail);
+    if (available < 0)
         goto done;  /* the Python path names the breach */
+    uint16_t pending = (uint16_t)available;
     out->stop = AVMM_NET_EMPTY;
     while (pending) {
         if (out->frames == limit) {
@@ -212,7 +151,7 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
             break;
         }
         out->stop = AVMM_NET_SLOW;
-        uint32_t head = load_u16(r.avail + 4 + 2 * (size_t)(next_avail & (size - 1)));
+        uint32_t head = available_head(&r, size, next_avail);
         if (head >= size)
             break;
         struct iovec iov[MAX_CHAIN + 1];
@@ -308,10 +247,10 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
     if (next_used != next_avail)
         goto done;
-    uint16_t available = __atomic_load_n((const uint16_t *)(r.avail + 2), __ATOMIC_ACQUIRE);
-    uint16_t pending = (uint16_t)(available - next_avail);
-    if (pending > size)
+    int32_t available = available_chains(&r, size, next_avail);
+    if (available < 0)
         goto done;
+    uint16_t pending = (uint16_t)available;
     out->stop = AVMM_NET_EMPTY;
     /* The chain read last: a dropped runt leaves it for the next frame, unread again. */
     int have = 0, written_into = 0;
@@ -331,7 +270,7 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
                 break;
             }
             out->stop = AVMM_NET_SLOW;
-            head = load_u16(r.avail + 4 + 2 * (size_t)(next_avail & (size - 1)));
+            head = available_head(&r, size, next_avail);
             if (head >= size)
                 break;
             struct descriptor d = read_descriptor(r.desc, head);
@@ -400,7 +339,7 @@ done:
     ring->next_used = next_used;
     return 0;
 }
-""")
+""", include_dirs=[_HERE], depends=[os.path.join(_HERE, "_virtq.h")])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -15,8 +15,7 @@ import pytest
 from avmm.tap import Tap
 from tests.prerequisites import net_problem, require
 
-from .blk_paths import blk_path
-from .net_paths import net_path
+from .inner_loops import blk_path, net_path
 from .test_net import Wire
 
 __all__ = ["blk_path", "net_path", "tap", "wire"]

@@ -1,7 +1,7 @@
 """virtio-blk served by its own I/O thread: what a transport that hands over the kick
 eventfd (``context.kick_fd``, as the in-process virtio-mmio slot does) gets. The same
 requests as test_blk.py, but kicked through a real eventfd and signalled from the
-device's thread. Every test runs on both request loops (tests/virtio/blk_paths.py): the
+device's thread. Every test runs on both request loops (tests/virtio/inner_loops.py): the
 C one, which this thread uses where it applies, and the Python one."""
 
 from __future__ import annotations

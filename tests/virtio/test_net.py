@@ -47,7 +47,7 @@ TEST_ETHERTYPE = b"\x88\xb5"
 MAC = bytes.fromhex("02aa00000001")
 HEADER = struct.Struct("<BBHHHHH")
 _names = itertools.count()
-#: Every test on both inner loops (C and Python; tests/virtio/net_paths.py).
+#: Every test on both inner loops (C and Python; tests/virtio/inner_loops.py).
 pytestmark = pytest.mark.usefixtures("net_path")
 
 

@@ -20,7 +20,7 @@ from avmm.virtio.net import NET_HEADER_SIZE, VIRTIO_NET_F_MRG_RXBUF, NetDevice
 from .test_net import HEADER, MAC, FakeTap, Guest, frame, running, until
 
 RX, TX = 0, 1
-#: Every test on both inner loops (C and Python; tests/virtio/net_paths.py).
+#: Every test on both inner loops (C and Python; tests/virtio/inner_loops.py).
 pytestmark = pytest.mark.usefixtures("net_path")
 
 

@@ -41,7 +41,7 @@ from avmm.virtio.net import (
 
 from .test_net import HEADER, MAC, Guest, Wire, running, until
 
-#: Every test on both inner loops (C and Python; tests/virtio/net_paths.py).
+#: Every test on both inner loops (C and Python; tests/virtio/inner_loops.py).
 pytestmark = pytest.mark.usefixtures("net_path")
 
 _SUBNET = 77 + os.getpid() % 100
