@@ -34,15 +34,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 ffibuilder = FFI()
 
-ffibuilder.cdef("""
-struct avmm_region { uint64_t guest; uint64_t size; uint8_t *host; };
 
-struct avmm_ring {
-    uint64_t desc, avail, used;   /* guest physical addresses of the three parts */
-    uint32_t size;                /* a power of two */
-    uint16_t next_avail, next_used;
-};
+def _virtq_cdef() -> str:
+    """The declarations every device's C loop shares (the structs of _virtq.h)."""
+    with open(os.path.join(_HERE, "_virtq.cdef")) as f:
+        return f.read()
 
+
+ffibuilder.cdef(_virtq_cdef() + """
 struct avmm_blk_batch {
     uint32_t requests;      /* chains returned to the used ring */
     uint32_t reads, writes;
@@ -234,17 +233,11 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
     struct iovec iov[AVMM_BLK_MAX_CHAIN];
     memset(out, 0, sizeof *out);
     out->stop = AVMM_BLK_SLOW;
-    if (map_rings(ring, regions, nregions, &r) < 0
-            || marks_capacity < AVMM_BLK_MAX_CHAIN + 1)
+    int32_t available = begin_batch(ring, regions, nregions, &r);
+    if (available < 0 || marks_capacity < AVMM_BLK_MAX_CHAIN + 1)
         return 0;
     uint32_t size = ring->size;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
-    /* The caller holds no chain: every chain taken was returned. */
-    if (next_used != next_avail)
-        goto done;
-    int32_t available = available_chains(&r, size, next_avail);
-    if (available < 0)
-        goto done;  /* the Python path names the breach */
     uint16_t pending = (uint16_t)available;
     out->stop = AVMM_BLK_EMPTY;
     while (pending) {
@@ -315,7 +308,6 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
         out->used += used;
         out->stop = AVMM_BLK_EMPTY;
     }
-done:
     ring->next_avail = next_avail;
     ring->next_used = next_used;
     return 0;

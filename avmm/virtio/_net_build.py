@@ -28,15 +28,14 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 ffibuilder = FFI()
 
-ffibuilder.cdef("""
-struct avmm_region { uint64_t guest; uint64_t size; uint8_t *host; };
 
-struct avmm_ring {
-    uint64_t desc, avail, used;   /* guest physical addresses of the three parts */
-    uint32_t size;                /* a power of two */
-    uint16_t next_avail, next_used;
-};
+def _virtq_cdef() -> str:
+    """The declarations every device's C loop shares (the structs of _virtq.h)."""
+    with open(os.path.join(_HERE, "_virtq.cdef")) as f:
+        return f.read()
 
+
+ffibuilder.cdef(_virtq_cdef() + """
 struct avmm_net_batch {
     uint32_t frames;      /* chains returned to the used ring */
     uint32_t dropped;     /* receive: reads too short for an Ethernet header, dropped */
@@ -133,16 +132,11 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
     struct rings r;
     memset(out, 0, sizeof *out);
     out->stop = AVMM_NET_SLOW;
-    if (map_rings(ring, regions, nregions, &r) < 0)
+    int32_t available = begin_batch(ring, regions, nregions, &r);
+    if (available < 0)
         return 0;
     uint32_t size = ring->size;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
-    /* The caller holds no chain: every chain taken was returned. */
-    if (next_used != next_avail)
-        goto done;
-    int32_t available = available_chains(&r, size, next_avail);
-    if (available < 0)
-        goto done;  /* the Python path names the breach */
     uint16_t pending = (uint16_t)available;
     out->stop = AVMM_NET_EMPTY;
     while (pending) {
@@ -213,7 +207,6 @@ int avmm_net_transmit(struct avmm_ring *ring, const struct avmm_region *regions,
         out->chain_bytes += chain;
         out->stop = AVMM_NET_EMPTY;
     }
-done:
     if (out->frames)
         publish_used(&r, next_used);
     ring->next_avail = next_avail;
@@ -241,15 +234,11 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
     struct rings r;
     memset(out, 0, sizeof *out);
     out->stop = AVMM_NET_SLOW;
-    if (map_rings(ring, regions, nregions, &r) < 0 || bounce_length == 0)
+    int32_t available = begin_batch(ring, regions, nregions, &r);
+    if (available < 0 || bounce_length == 0)
         return 0;
     uint32_t size = ring->size;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
-    if (next_used != next_avail)
-        goto done;
-    int32_t available = available_chains(&r, size, next_avail);
-    if (available < 0)
-        goto done;
     uint16_t pending = (uint16_t)available;
     out->stop = AVMM_NET_EMPTY;
     /* The chain read last: a dropped runt leaves it for the next frame, unread again. */
@@ -332,7 +321,6 @@ int avmm_net_receive(struct avmm_ring *ring, const struct avmm_region *regions,
         out->bytes += (uint64_t)total - HEADER;
     }
     out->kept = written_into && out->stop != AVMM_NET_OVERFLOW;
-done:
     if (out->frames)
         publish_used(&r, next_used);
     ring->next_avail = next_avail;

@@ -1,4 +1,5 @@
-"""Guest RAM as a C region table (``struct avmm_region[]``) for the devices' C loops.
+"""What the devices' C loops share on the Python side: their compiled modules
+(:func:`compiled`) and guest RAM as a C region table (``struct avmm_region[]``).
 
 One table per queue's loop, built from :meth:`avmm.memory.MemoryAccess.host_buffers` the
 first time a memory object is used and kept while that object stays the same. The
@@ -8,12 +9,26 @@ the device calls once it stops so that the memory can be unmapped.
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
 
-__all__ = ["RegionTable"]
+__all__ = ["RegionTable", "compiled"]
+
+
+def compiled(module: str, python_only: str) -> tuple[Any, bool]:
+    """The cffi module ``avmm.virtio.<module>`` (None where it was not built: a source
+    tree without ``make venv``) and whether its loop may be used: built, and the
+    environment variable ``python_only`` not ``1`` (which keeps the Python path for a
+    whole process; tests and benchmarks also flip the device module's ``ENABLED``)."""
+    try:
+        ffi_module = importlib.import_module(f"avmm.virtio.{module}")
+    except ImportError:
+        return None, False
+    return ffi_module, os.environ.get(python_only, "") != "1"
 
 
 class RegionTable:

@@ -55,14 +55,21 @@ static int map_rings(const struct avmm_ring *ring, const struct avmm_region *reg
     return 0;
 }
 
-/* The chains the driver has made available past the device's position: -1 where that
-   is more than the ring holds (the Python path names the breach). */
-static inline int32_t available_chains(const struct rings *r, uint32_t size,
-                                       uint16_t next_avail)
+/* The start of a batch: `ring`'s parts in the regions (map_rings), and how many chains
+   the driver has made available past the device's position. -1 (nothing to do here, all
+   for the Python path) for a ring map_rings refuses, for a caller that holds chains (the
+   used position behind the available one: a C loop takes and returns chains in order,
+   never past one it does not hold) and for an available idx further ahead than the
+   ring holds (the Python path names the breach). */
+static inline int32_t begin_batch(const struct avmm_ring *ring,
+                                  const struct avmm_region *regions, int nregions,
+                                  struct rings *r)
 {
+    if (map_rings(ring, regions, nregions, r) < 0 || ring->next_used != ring->next_avail)
+        return -1;
     uint16_t available = __atomic_load_n((const uint16_t *)(r->avail + 2), __ATOMIC_ACQUIRE);
-    uint16_t pending = (uint16_t)(available - next_avail);
-    return pending > size ? -1 : pending;
+    uint16_t pending = (uint16_t)(available - ring->next_avail);
+    return pending > ring->size ? -1 : pending;
 }
 
 static inline uint16_t load_u16(const uint8_t *p)

@@ -18,11 +18,10 @@ keeps its Python path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._regions import RegionTable
+from ._regions import RegionTable, compiled
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
@@ -30,14 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BlockFastPath", "FastBatch", "fast_path"]
 
-try:
-    from . import _blk_ffi  # type: ignore[attr-defined]
-except ImportError:  # not built (a source tree without `make venv`)
-    _blk_ffi = None
-
-#: Whether the compiled loop may be used; tests and benchmarks turn it off to compare
-#: with the Python path (AVMM_BLK_PYTHON=1 does the same for a whole process).
-ENABLED = _blk_ffi is not None and os.environ.get("AVMM_BLK_PYTHON", "") != "1"
+#: The compiled loop(s), and whether they may be used (AVMM_BLK_PYTHON=1: not in this process).
+_blk_ffi, ENABLED = compiled("_blk_ffi", "AVMM_BLK_PYTHON")
 
 if _blk_ffi is not None:
     LIMIT = _blk_ffi.lib.AVMM_BLK_LIMIT

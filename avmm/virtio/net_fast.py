@@ -17,11 +17,10 @@ device keeps its Python path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._regions import RegionTable
+from ._regions import RegionTable, compiled
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
@@ -29,14 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FastBatch", "NetFastPath", "fast_path"]
 
-try:
-    from . import _net_ffi  # type: ignore[attr-defined]
-except ImportError:  # not built (a source tree without `make venv`)
-    _net_ffi = None
-
-#: Whether the compiled loops may be used; tests and benchmarks turn them off to compare
-#: with the Python path (AVMM_NET_PYTHON=1 does the same for a whole process).
-ENABLED = _net_ffi is not None and os.environ.get("AVMM_NET_PYTHON", "") != "1"
+#: The compiled loop(s), and whether they may be used (AVMM_NET_PYTHON=1: not in this process).
+_net_ffi, ENABLED = compiled("_net_ffi", "AVMM_NET_PYTHON")
 
 if _net_ffi is not None:
     LIMIT = _net_ffi.lib.AVMM_NET_LIMIT
