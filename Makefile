@@ -66,7 +66,7 @@ $(BUILD)/.stamps/deps-%: Makefile
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py avmm/kvm/_ffi_build.py avmm/vhost/_log_build.py avmm/virtio/_net_build.py avmm/virtio/_blk_build.py | $(BUILD)/.stamps/deps-build
+$(VENV)/.installed: pyproject.toml setup.py avmm/kvm/_ffi_build.py avmm/vhost/_log_build.py avmm/virtio/_net_build.py avmm/virtio/_virtq.h avmm/virtio/_virtq.cdef avmm/virtio/_blk_build.py | $(BUILD)/.stamps/deps-build
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

@@ -81,7 +81,8 @@ struct avmm_blk_batch {
 };
 
 /* Why a batch ended. */
-#define AVMM_BLK_LIMIT 0   /* it served `limit` requests, or the marks array is full */
+#define AVMM_BLK_LIMIT 0   /* it served `limit` requests, BYTE_BUDGET bytes, or the
+                              marks array is full */
 #define AVMM_BLK_EMPTY 1   /* it served every chain that was available when it began */
 #define AVMM_BLK_SLOW 2    /* the chain at next_avail is for the Python path */
 
@@ -93,6 +94,9 @@ struct avmm_blk_batch {
    seg_max (avmm.virtio.blk.SEG_MAX) keeps a driver's chains to this. */
 #define AVMM_BLK_MAX_CHAIN 256u
 
+/* A call stops (LIMIT) once it has moved this much: a hostile chain may claim up to
+   4 GiB, all of it the same RAM, and a pause or reset waits for the call to end. */
+#define BYTE_BUDGET (64ull << 20)
 #define HEADER 16u
 #define SECTOR_SHIFT 9
 #define T_IN 0u
@@ -241,7 +245,7 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
     uint16_t pending = (uint16_t)available;
     out->stop = AVMM_BLK_EMPTY;
     while (pending) {
-        if (out->requests == limit
+        if (out->requests >= limit || out->bytes_read + out->bytes_written >= BYTE_BUDGET
                 || out->marks + AVMM_BLK_MAX_CHAIN + 1 > marks_capacity) {
             out->stop = AVMM_BLK_LIMIT;
             break;
@@ -268,15 +272,18 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
             if (!in_range(header.sector, length, capacity) || c.writable_length > 0xffffffffu)
                 break;
             count = data_iov(writable, c.writable, 0, length, iov);
-            if (transfer(0, fd, iov, count, header.sector << SECTOR_SHIFT, length) < 0)
-                break;
-            for (uint32_t i = 0; i < c.writable && length; i++) {
-                uint64_t take = writable[i].length < length ? writable[i].length : length;
+            /* Marked whatever the read does: a failed or short one may have written part
+               of the buffers too (the caller applies the marks after the call). */
+            uint64_t left = length;
+            for (uint32_t i = 0; i < c.writable && left; i++) {
+                uint64_t take = writable[i].length < left ? writable[i].length : left;
                 marks[2 * out->marks] = writable[i].guest;
                 marks[2 * out->marks + 1] = take;
                 out->marks++;
-                length -= take;
+                left -= take;
             }
+            if (transfer(0, fd, iov, count, header.sector << SECTOR_SHIFT, length) < 0)
+                break;
             used = c.writable_length;
             out->reads++;
             out->bytes_read += c.writable_length - 1;

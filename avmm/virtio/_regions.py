@@ -13,10 +13,17 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
 
-__all__ = ["RegionTable", "compiled"]
+__all__ = ["VIRTQ_ABI", "RegionTable", "compiled"]
+
+log = structlog.get_logger(__name__)
+
+#: avmm/virtio/_virtq.h's AVMM_VIRTQ_ABI: the modules these Python sides can read.
+VIRTQ_ABI = 2
 
 
 def compiled(module: str, python_only: str) -> tuple[Any, bool]:
@@ -27,6 +34,12 @@ def compiled(module: str, python_only: str) -> tuple[Any, bool]:
     try:
         ffi_module = importlib.import_module(f"avmm.virtio.{module}")
     except ImportError:
+        return None, False
+    if getattr(ffi_module.lib, "AVMM_VIRTQ_ABI", None) != VIRTQ_ABI:
+        # Built from other sources than these (a venv not rebuilt after a pull): its
+        # records may not be laid out as this Python side reads them.
+        log.warning("compiled device loop out of date, Python path used; run make venv",
+                    module=module)
         return None, False
     return ffi_module, os.environ.get(python_only, "") != "1"
 

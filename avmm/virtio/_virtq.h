@@ -8,6 +8,11 @@
 #ifndef AVMM_VIRTQ_H
 #define AVMM_VIRTQ_H
 
+/* The layout of what the C loops and their Python side exchange (these structs and each
+   device's batch record): bump it with any change, so that a module built before the
+   change is refused (avmm.virtio._regions.compiled) rather than misread. */
+#define AVMM_VIRTQ_ABI 2
+
 #include <stdint.h>
 #include <string.h>
 

@@ -102,6 +102,7 @@ class BlockFastPath:
         record.next_avail = s.next_available
         record.next_used = s.next_used
         flags = (_WRITES if writes else 0) | (_INDIRECT if s.indirect else 0)
+        limit = max(limit, 1)  # 0 would end every call at once with nothing served
         self._lib.avmm_blk_serve(record, table.regions, table.count, fd, capacity, flags,
                                  limit, self._marks, MARKS, out)
         requests = out.requests
@@ -109,6 +110,9 @@ class BlockFastPath:
         s.next_used = record.next_used
         if requests:
             queue.took(memory, requests, out.readable, out.used)
+        if requests or out.marks:
+            # Marks also where no request completed: a failed read may have written
+            # part of its buffers before the Python path takes the request over.
             dirty = memory.dirty
             if dirty is not None:
                 marks = self._marks

@@ -169,6 +169,28 @@ def test_blk_c_loop_read_marks_the_data_the_status_and_the_used_ring(
         assert data[-1] == 0  # VIRTIO_BLK_S_OK
 
 
+def test_blk_c_loop_marks_what_a_failed_read_may_have_written(
+        c_loop: None, tmp_path: Path) -> None:
+    """A read the C loop gives up on (the image came back short: another process cut
+    it) leaves the request to the Python path, but the part that landed in the guest's
+    buffers is marked all the same: the Python path may never take that chain again (a
+    pause, or a driver that rewrote it)."""
+    image = make_image(tmp_path / "disk.img", 64 * 1024, os.urandom(64 * 1024))
+    with BlockDevice(image) as device:
+        queue, driver = make_queue(16, memory_size=1 << 20)
+        memory = driver.memory
+        skip_to(driver)
+        head = driver.add_chain(readable=[header(RequestType.IN, 0)],
+                                writable=[2 * PAGE_SIZE, 1])
+        os.truncate(image, PAGE_SIZE + 512)
+        fast = device._fast
+        assert fast is not None and fast.usable(memory)
+        with watching(memory, driver.chains[head].writable[0][0]):
+            done = fast.serve(queue, memory, device.fd, device.capacity, writes=False,
+                              limit=16)
+        assert (done.requests, done.stop) == (0, blk_fast.SLOW)
+
+
 def test_blk_c_loop_write_marks_the_status(c_loop: None, tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.img")
     with BlockDevice(image) as device:
