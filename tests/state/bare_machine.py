@@ -18,7 +18,9 @@ import argparse
 import sys
 import threading
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from avmm.arch.x86 import layout
 from avmm.arch.x86.cpuid import filter_cpuid
@@ -53,7 +55,18 @@ DEBUG_EXIT = 0x501
 MAILBOX_ADDRESS = 0x200000
 #: The exit code reported for a vCPU that stopped in a way the guest cannot go on from.
 CRASHED = 255
-SECTIONS = {"machine": MachineState}
+@dataclass(frozen=True)
+class BareUartState:
+    """What the bare machine's COM1 remembers between two port writes: whether the
+    divisor latch is open (LCR.DLAB). A stop between the guest's LCR write and its
+    divisor writes must keep it, or the restored machine prints the divisor's byte."""
+
+    STATE_VERSION: ClassVar[int] = 1
+
+    divisor_latch: bool
+
+
+SECTIONS = {"machine": MachineState, "uart": BareUartState}
 
 
 class BareMachine:
@@ -72,9 +85,10 @@ class BareMachine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        # The one bit of UART state this machine keeps. A snapshot does not save it:
-        # the guest sets and clears it in one go at boot, before any snapshot here.
-        self._divisor_latch = False
+        # The one bit of UART state this machine keeps, saved in its snapshots (a stop
+        # 1 ms after the start can land between the guest's LCR and divisor writes).
+        self._divisor_latch = (False if restore is None
+                               else restore.sections["uart"].divisor_latch)
         try:
             self._build(vcpus, memory_mib, cmdline, restore, copy_memory, verify_memory)
         except BaseException:
@@ -220,7 +234,8 @@ class BareMachine:
         """Save the stopped machine into the new snapshot directory ``directory``."""
         if self._threads:
             raise RuntimeError("stop() the machine before a snapshot")
-        return write_snapshot(directory, {"machine": save_machine(self.vm, self.vcpus)},
+        return write_snapshot(directory, {"machine": save_machine(self.vm, self.vcpus),
+                                          "uart": BareUartState(self._divisor_latch)},
                               self.memory)
 
     def close(self) -> None:

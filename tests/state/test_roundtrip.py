@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from avmm.state.format import MAGIC
-from tests.state.bare_machine import BareMachine, restore
+from tests.state.bare_machine import SECTIONS, BareMachine, restore
 from tests.state.mem_walk import PREFIX, mem_walk_lines
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
@@ -122,9 +122,9 @@ def test_two_vcpus_go_on_from_wherever_they_were(tmp_path: Path, delay_ms: int,
     restored = _restore_in_new_process(tmp_path / "snap")
     assert restored.returncode == 0, restored.stderr.decode()
     assert before + restored.stdout.decode() == reference
-    from avmm.state import MachineState, read_snapshot
+    from avmm.state import read_snapshot
 
-    state = read_snapshot(info.path, {"machine": MachineState}).sections["machine"]
+    state = read_snapshot(info.path, SECTIONS).sections["machine"]
     figure(f"smp snapshot after {delay_ms} ms: vCPU MP states",
            ",".join(str(v.mp_state) for v in state.vcpus))
 
