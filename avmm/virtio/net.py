@@ -355,10 +355,11 @@ class NetDevice(VirtioDevice):
         return config[offset:offset + size].ljust(size, b"\0")
 
     def reset(self) -> None:
+        # No tap ioctl here: a reset may complete on a vCPU thread, whose filter allows
+        # KVM's ioctls only; the next run() tells the tap what the next driver takes.
         self._release_chains()
         self._tx_offloads = 0
         self._rx_header_kept = False
-        self._set_tap_offload(0)
 
     def _set_tap_offload(self, flags: int) -> None:
         """Tell the tap which offloaded frames the driver takes (a tap that cannot be
