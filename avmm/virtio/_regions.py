@@ -17,8 +17,9 @@ import structlog
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
+    from .queue import VirtQueue
 
-__all__ = ["VIRTQ_ABI", "RegionTable", "compiled"]
+__all__ = ["VIRTQ_ABI", "RegionTable", "compiled", "load_ring", "store_ring"]
 
 log = structlog.get_logger(__name__)
 
@@ -99,3 +100,21 @@ class RegionTable:
         self.regions = regions
         self.count = len(buffers)
         return True
+
+
+def load_ring(record: Any, queue: VirtQueue) -> None:
+    """``queue``'s layout and positions into a ``struct avmm_ring`` for a C loop."""
+    s = queue.state
+    record.desc = s.descriptor_table
+    record.avail = s.available_ring
+    record.used = s.used_ring
+    record.size = s.size
+    record.next_avail = s.next_available
+    record.next_used = s.next_used
+
+
+def store_ring(record: Any, queue: VirtQueue) -> None:
+    """The positions a C loop moved back into ``queue``'s state."""
+    s = queue.state
+    s.next_available = record.next_avail
+    s.next_used = record.next_used

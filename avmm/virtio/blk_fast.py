@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._regions import RegionTable, compiled
+from ._regions import RegionTable, compiled, load_ring, store_ring
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
@@ -95,19 +95,13 @@ class BlockFastPath:
         and that the queue may be taken from and holds no chain of its own."""
         record, out, table = self._ring, self._out, self._table
         s = queue.state
-        record.desc = s.descriptor_table
-        record.avail = s.available_ring
-        record.used = s.used_ring
-        record.size = s.size
-        record.next_avail = s.next_available
-        record.next_used = s.next_used
+        load_ring(record, queue)
         flags = (_WRITES if writes else 0) | (_INDIRECT if s.indirect else 0)
         limit = max(limit, 1)  # 0 would end every call at once with nothing served
         self._lib.avmm_blk_serve(record, table.regions, table.count, fd, capacity, flags,
                                  limit, self._marks, MARKS, out)
         requests = out.requests
-        s.next_available = record.next_avail
-        s.next_used = record.next_used
+        store_ring(record, queue)
         if requests:
             queue.took(memory, requests, out.readable, out.used)
         if requests or out.marks:

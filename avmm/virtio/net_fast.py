@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._regions import RegionTable, compiled
+from ._regions import RegionTable, compiled, load_ring, store_ring
 
 if TYPE_CHECKING:
     from ..memory import MemoryAccess
@@ -102,21 +102,10 @@ class NetFastPath:
         """Whether ``memory`` can be handed to C (building its region table once)."""
         return self._table.usable(memory)
 
-    @staticmethod
-    def _load(record: Any, queue: VirtQueue) -> None:
-        s = queue.state
-        record.desc = s.descriptor_table
-        record.avail = s.available_ring
-        record.used = s.used_ring
-        record.size = s.size
-        record.next_avail = s.next_available
-        record.next_used = s.next_used
-
     def _store(self, record: Any, queue: VirtQueue, memory: MemoryAccess,
                frames: int, readable_bytes: int, written_bytes: int) -> None:
         s = queue.state
-        s.next_available = record.next_avail
-        s.next_used = record.next_used
+        store_ring(record, queue)
         if frames:
             queue.took(memory, frames, readable_bytes, written_bytes)
             dirty = memory.dirty
@@ -131,7 +120,7 @@ class NetFastPath:
         with the header avmm.virtio.net.transmit_header builds for ``offloads``. The
         caller checked :meth:`usable` and that the queue is ready and holds no chain."""
         record, out = self._ring, self._out
-        self._load(record, queue)
+        load_ring(record, queue)
         self._lib.avmm_net_transmit(record, self._table.regions, self._table.count, tap_fd,
                                     limit, offloads, out)
         frames = out.frames
@@ -145,7 +134,7 @@ class NetFastPath:
         is rewritten. The caller checked as for :meth:`transmit`."""
         limit = min(limit, self.MAX_RECEIVE)
         record, out = self._ring, self._out
-        self._load(record, queue)
+        load_ring(record, queue)
         self._lib.avmm_net_receive(record, self._table.regions, self._table.count, tap_fd,
                                    limit, int(mergeable), int(keep_header), self._bounce,
                                    self._bounce_length, self._marks, out)
