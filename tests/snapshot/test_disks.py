@@ -31,6 +31,10 @@ pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 COUNTER = PROGRESS
 SECTORS = BLK_SECTORS
 SEED = 5
+#: One sector per request (default: up to 128): the tests pause the guest inside a
+#: window of its progress, which whole-speed writes (128 requests for the whole disk)
+#: cross between two polls of a loaded host.
+BLK_WRITE = f"avmm.test=blk-write avmm.seed={SEED} avmm.req=1"
 
 
 @pytest.mark.parametrize("kind", ["file", "avmm", pytest.param("qsd", marks=pytest.mark.qemu)])
@@ -38,7 +42,7 @@ async def test_blk_write_goes_on_after_a_restore_in_a_new_process(tmp_path: Path
                                                                   kind: str) -> None:
     image = blank_image(tmp_path / "disk.img")
     disk = blk_disk(kind, image, tmp_path / "blk.sock")
-    config = dataclasses.replace(console_config(f"avmm.test=blk-write avmm.seed={SEED}",
+    config = dataclasses.replace(console_config(BLK_WRITE,
                                                 memory_mib=64), disks=(disk,))
     with blk_served(kind, image, tmp_path / "blk.sock"):
         async with VirtualMachine(config) as vm:
@@ -88,7 +92,7 @@ async def test_blk_write_survives_two_rounds_of_snapshot_and_restore(tmp_path: P
     image = blank_image(tmp_path / "disk.img")
     sock = tmp_path / "blk.sock"
     disk = blk_disk(kind, image, sock)
-    config = dataclasses.replace(console_config(f"avmm.test=blk-write avmm.seed={SEED}",
+    config = dataclasses.replace(console_config(BLK_WRITE,
                                                 memory_mib=64), disks=(disk,))
     with blk_served(kind, image, sock):
         async with VirtualMachine(config) as vm:
@@ -123,7 +127,7 @@ async def test_a_snapshot_flushes_the_writable_disks_before_it_completes(
     image, readonly = blank_image(tmp_path / "disk.img"), tmp_path / "ro.img"
     readonly.write_bytes(bytes(4096))
     config = dataclasses.replace(
-        console_config(f"avmm.test=blk-write avmm.seed={SEED} avmm.flush=0", memory_mib=64),
+        console_config(f"{BLK_WRITE} avmm.flush=0", memory_mib=64),
         disks=(DiskConfig(path=image), DiskConfig(path=readonly, readonly=True)))
     async with VirtualMachine(config) as vm:
         await _pause_between(vm, 1, SECTORS // 2)
