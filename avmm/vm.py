@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import itertools
 import os
 import socket
+import sys
 import time
 import types
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -84,28 +86,7 @@ from .netns import call_in_netns
 from .paths import BoundSocket, PathPolicy
 from .ratelimit import DeviceLimits, SharedGroups
 from .serial_port import SerialPort, serve_console_socket
-from .state import (
-    MachineState,
-    Snapshot,
-    SnapshotError,
-    SnapshotFiles,
-    SnapshotInfo,
-    load_memory,
-    others_can_change_memory,
-    read_snapshot,
-    restore_machine,
-    save_machine,
-    write_snapshot,
-    write_snapshot_files,
-)
-from .state.snapshot import STATE_FILE_NAME
-from .state.vm_state import (
-    ConfigState,
-    LegacyDevicesState,
-    VirtioDevicesState,
-    config_from_state,
-    config_to_state,
-)
+from .state._errors import SnapshotError
 from .threads import run_in_own_thread
 from .vcpu_loop import PauseControl, VcpuLoop
 from .virtio.device import DeviceId, PauseGate, VirtioDevice
@@ -114,6 +95,9 @@ from .x86_vcpu import apply_boot_state, configure_platform_state, wait_for_sipi
 
 if TYPE_CHECKING:
     from .migration.transport import Accepted
+    from .state import MachineState, Snapshot, SnapshotFiles, SnapshotInfo
+    from .state.vm_state import LegacyDevicesState
+    from .virtio.blk import BlockDevice
 
 log = structlog.get_logger(__name__)
 
@@ -155,13 +139,25 @@ def step_failed(vm: str, step: str, error: BaseException) -> VmStartError:
         else str(error)
     return VmStartError(vm, step, cause, error)
 
-#: The sections of a VM snapshot's state file (besides the memory file's), and their types.
-SNAPSHOT_SECTIONS: dict[str, Any] = {
-    "config": ConfigState,
-    "machine": MachineState,
-    "devices": LegacyDevicesState,
-    "virtio": VirtioDevicesState,
-}
+#: The state model's modules: a VM that boots needs none of them (only its devices'
+#: state classes, in :mod:`avmm.state.codec`'s terms), so they are imported when a
+#: snapshot, restore or migration first needs them (``avmm up`` pays for them only with
+#: ``--restore``). A jailed worker, which cannot read a module once jailed, and a
+#: daemon, which must not read files on its event loop, import them up front.
+STATE_MODEL_MODULES = ("avmm.state.snapshot", "avmm.state.machine", "avmm.state.vm_state")
+
+
+def import_state_model() -> None:
+    """Import :data:`STATE_MODEL_MODULES` (blocking: call it from a worker thread, or
+    before the event loop runs)."""
+    for module in STATE_MODEL_MODULES:
+        importlib.import_module(module)
+
+
+async def state_model_imported() -> None:
+    """:func:`import_state_model` in a worker thread, the first time only."""
+    if not all(module in sys.modules for module in STATE_MODEL_MODULES):
+        await trio.to_thread.run_sync(import_state_model)
 
 
 @dataclass(frozen=True)
@@ -232,6 +228,8 @@ class VirtualMachine:
         self._finished = trio.Event()
         self._vcpus: list[Vcpu] = []
         self.virtio_slots: list[VirtioMmioSlot] = []
+        #: The disks avmm serves itself (their fds are flushed at a snapshot and a stop).
+        self._disks: list[BlockDevice] = []
         self._devices_scope = trio.CancelScope()
         self._devices_done = trio.Event()
         self._loops: list[VcpuLoop] = []
@@ -520,6 +518,9 @@ class VirtualMachine:
         disks flushed and the KVM state saved; ``write`` (a worker thread) then writes
         the sections and guest RAM."""
         self._refuse_while_migrating("snapshotted")
+        await state_model_imported()
+        from .state.vm_state import VirtioDevicesState, config_to_state
+
         async with self._control_lock:
             state = self.state
             if state is not VmState.PAUSED:
@@ -541,6 +542,8 @@ class VirtualMachine:
         return info
 
     def _save_legacy_devices(self) -> LegacyDevicesState:
+        from .state.vm_state import LegacyDevicesState
+
         assert self.uart is not None and self._i8042 is not None
         assert self._debug_exit is not None and self._boot_timer is not None
         return LegacyDevicesState(
@@ -566,6 +569,8 @@ class VirtualMachine:
         try:
             # Written inside the directory the policy opened (its fd), never by name.
             inside = Path(f"/proc/self/fd/{parent_fd}")
+            from .state.snapshot import write_snapshot
+
             try:
                 info = write_snapshot(inside / path.name, sections, self.memory)
             except SnapshotError as e:
@@ -576,11 +581,15 @@ class VirtualMachine:
 
     def _write_snapshot_files(self, files: SnapshotFiles, path: Path,
                               sections: dict[str, Any]) -> SnapshotInfo:
+        from .state.snapshot import write_snapshot_files
+
         assert self.memory is not None  # a paused VM has its memory
         return write_snapshot_files(files, sections, self.memory, path=path)
 
     def _save_machine(self) -> MachineState:
         """The KVM state of the paused VM (a worker thread; the vCPUs parked)."""
+        from .state.machine import save_machine
+
         unfinished = [loop.vcpu.id for loop in self._loops if loop.io_unfinished]
         if unfinished:
             raise SnapshotError(f"VM {self.name!r}: vCPU {unfinished[0]} kept making I/O "
@@ -602,11 +611,8 @@ class VirtualMachine:
     def _flush_disks_for_snapshot(self) -> None:
         """fdatasync every writable disk: a snapshot completes only with the guest's
         completed writes stable, since the disks are not part of it."""
-        from .virtio.blk import BlockDevice
-
-        for slot in self.virtio_slots:
-            device = slot.device
-            if isinstance(device, BlockDevice) and not device.read_only and device.fd >= 0:
+        for device in self._disks:
+            if not device.read_only and device.fd >= 0:
                 try:
                     os.fdatasync(device.fd)
                 except OSError as e:
@@ -665,6 +671,8 @@ class VirtualMachine:
             if not copy and policy.restricted:
                 # A daemon's client may truncate a file it can write: mapped, that
                 # would kill the daemon with SIGBUS (see others_can_change_memory).
+                from .state.snapshot import others_can_change_memory
+
                 why = others_can_change_memory(snapshot)
                 if why is not None:
                     copy = True
@@ -794,6 +802,7 @@ class VirtualMachine:
     def _migration_config(self) -> bytes:
         """The CONFIG frame's payload: the config in effect (derived MACs included)."""
         from .state.codec import encode
+        from .state.vm_state import config_to_state
 
         # With this VM's name: a destination given none goes on under it.
         config = dataclasses.replace(self._config_in_effect(), name=self.name)
@@ -825,6 +834,9 @@ class VirtualMachine:
         """The STATE frame's sections (the VM paused): the snapshot's machine, legacy
         devices and virtio devices. Writable disks are flushed first: the destination
         opens the same images (shared storage)."""
+        await state_model_imported()
+        from .state.vm_state import VirtioDevicesState
+
         sections: dict[str, Any] = {
             "devices": self._save_legacy_devices(),
             "virtio": VirtioDevicesState(
@@ -1115,6 +1127,8 @@ class VirtualMachine:
         if plan is not None:
             # Before the KVM memory slots exist: the file is mapped over the memory's own
             # mapping, so every address handed out from here on is the restored RAM.
+            from .state.snapshot import load_memory
+
             with self._step("loading the snapshot's guest memory"):
                 load_memory(plan.snapshot, memory, copy=plan.copy_memory)
         if not self._incoming:
@@ -1154,6 +1168,8 @@ class VirtualMachine:
         depend on each other: irqchip and PIT, then the vCPUs (restore_machine), then the
         UART (after the irqchip and its irqfd: it pulses an interrupt it still owes, which
         a later KVM_SET_IRQCHIP would erase), then the other legacy devices."""
+        from .state.machine import restore_machine
+
         with self._step("restoring the machine state (irqchip, PIT, vCPUs)"):
             restore_machine(vm, self._vcpus, plan.machine)
         with self._step("restoring the legacy devices' state"):
@@ -1284,12 +1300,8 @@ class VirtualMachine:
 
     def _make_virtio_devices(self) -> list[VirtioDevice]:
         """The configured virtio devices, in placement order: disks, NICs, rng, console.
-        Each is registered for closing as soon as it exists."""
-        from .tap import Tap
-        from .virtio.blk import BlockDevice
-        from .virtio.net import NetDevice
-        from .virtio.rng import RngDevice
-
+        Each is registered for closing as soon as it exists. (A device's module is
+        imported only when the config has one: ``avmm up`` pays for what it boots.)"""
         config = self.config
         devices: list[VirtioDevice] = []
 
@@ -1302,6 +1314,8 @@ class VirtualMachine:
                                            f"disk[{index}].vhost_user"))
                 continue
             assert disk.path is not None
+            from .virtio.blk import BlockDevice
+
             with self._step(f"opening disk {index} ({disk.path})"):
                 # Checked and pinned by the policy (O_PATH), then reopened through the fd
                 # with the access the disk needs: what the device opens is what was
@@ -1315,6 +1329,7 @@ class VirtualMachine:
                 blk.path = disk.path  # for its log lines
                 self._resources.callback(blk.close)
                 keep(blk)
+                self._disks.append(blk)
         for index, net in enumerate(config.nets):
             if net.vhost_user is not None:
                 keep(self._make_vhost_user(
@@ -1322,6 +1337,9 @@ class VirtualMachine:
                     mac=net.mac or _derived_mac(self.name, str(net.vhost_user))))
                 continue
             assert net.tap is not None
+            from .tap import Tap
+            from .virtio.net import NetDevice
+
             with self._step(tap_step(index, net)):
                 # A jailed worker is handed its taps, opened by its daemon (the jail
                 # has no /dev/net/tun and the worker no CAP_NET_ADMIN).
@@ -1342,6 +1360,8 @@ class VirtualMachine:
                                        num_queues=generic.num_queues,
                                        queue_size=generic.queue_size))
         if config.rng is not None:
+            from .virtio.rng import RngDevice
+
             keep(RngDevice(name="rng0"))
         if config.console is not None:
             with self._step(CONSOLE_STEP):
@@ -1585,11 +1605,8 @@ class VirtualMachine:
     async def _flush_disks(self) -> None:
         """Make every write the guest completed stable before the VM counts as stopped
         (a guest that never sent FLUSH still expects its data on the disk)."""
-        from .virtio.blk import BlockDevice
-
-        for slot in self.virtio_slots:
-            device = slot.device
-            if isinstance(device, BlockDevice) and not device.read_only and device.fd >= 0:
+        for device in self._disks:
+            if not device.read_only and device.fd >= 0:
                 try:
                     await trio.to_thread.run_sync(os.fdatasync, device.fd)
                 except OSError as e:
@@ -1728,6 +1745,9 @@ def open_snapshot(path: Path, policy: PathPolicy,
     """Read and check the snapshot in ``path`` (or in ``dir_fd``, a copy of which is
     used; a worker thread): the state file in full, the memory file's presence and
     size, the config, and that the parts fit together."""
+    from .state.snapshot import STATE_FILE_NAME, read_snapshot
+    from .state.vm_state import SNAPSHOT_SECTIONS, config_from_state
+
     path = Path(os.path.abspath(path))
     dirfd = _open_snapshot_directory(policy, path, "restore") if dir_fd is None \
         else os.dup(dir_fd)

@@ -35,6 +35,18 @@ NOT_ON_THE_UP_PATH = (
     "avmm.vhost.backend",
     "avmm.isolation.worker",
     "avmm.isolation.jail",
+    # The state model: only a snapshot, a restore or a migration needs it.
+    "avmm.state.machine",
+    "avmm.state.vcpu",
+    "avmm.state.platform",
+    "avmm.state.snapshot",
+    "avmm.state.memory_file",
+    "avmm.state.vm_state",
+    # Devices the hello guest's config does not have.
+    "avmm.virtio.blk",
+    "avmm.virtio.net",
+    "avmm.virtio.rng",
+    "avmm.virtio.console",
 )
 
 #: `avmm --help` builds every subcommand's parser, but boots nothing. (avmm.config is

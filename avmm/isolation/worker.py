@@ -71,7 +71,7 @@ from ..migration.transport import Accepted, parse_address
 from ..paths import BoundSocket, PathPolicy
 from ..ratelimit import SharedRateLimiter
 from ..state import SnapshotFiles
-from ..vm import VirtualMachine  # noqa: F401  (the VM's own imports, before the jail)
+from ..vm import VirtualMachine, import_state_model  # noqa: F401  (before the jail)
 from .channel import (
     MAX_MESSAGE,
     Channel,
@@ -84,6 +84,10 @@ from .channel import (
 from .jail import JailSpec, drop_privileges, enter_jail, narrow_capabilities
 from .seccomp import DENSE_PROCESS_KINDS, SeccompMode, install_process_filter
 from .syscalls import WORKER_REFUSED_IOCTLS
+
+# The modules a VM imports when it first snapshots, restores or migrates (avmm.vm
+# imports them on first use, which a jailed worker cannot do).
+import_state_model()
 
 log = structlog.get_logger(__name__)
 

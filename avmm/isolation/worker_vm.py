@@ -62,10 +62,10 @@ from ..migration.progress import MigrationProgress, MigrationState
 from ..paths import BoundSocket, NewPath, PathPolicy
 from ..ratelimit import SharedGroups
 from ..state import PartialSnapshot, SnapshotError, SnapshotInfo
+from ..state.vm_state import SNAPSHOT_SECTIONS
 from ..vm import (
     CONSOLE_STEP,
     SERIAL_STEP,
-    SNAPSHOT_SECTIONS,
     OpenedSnapshot,
     open_snapshot,
     open_tap,

@@ -56,6 +56,7 @@ from ..ratelimit import BucketConfig, RateLimitConfig
 from ..vm_virtio import VirtioSlotState
 from ._errors import SnapshotError
 from .codec import U32, U64
+from .machine import MachineState
 
 #: ``cpu_max_percent`` is saved in thousandths of a percent (150.5 → 150500).
 MILLIPERCENT: Final = 1000
@@ -435,3 +436,12 @@ def config_from_state(state: ConfigState, *, source: str,
         key = f" {e.key}" if e.key else ""
         raise SnapshotError(f"{source}: saved config{key}: {e.reason}") from None
     return config
+
+
+#: The sections of a VM snapshot's state file (besides the memory file's), and their types.
+SNAPSHOT_SECTIONS: dict[str, Any] = {
+    "config": ConfigState,
+    "machine": MachineState,
+    "devices": LegacyDevicesState,
+    "virtio": VirtioDevicesState,
+}

@@ -24,7 +24,7 @@ from avmm.paths import PathPolicy
 from avmm.state import MemoryImage, SnapshotError, StateCompatibilityError
 from avmm.state.format import MAGIC, build_state, read_state_file
 from avmm.state.snapshot import MEMORY_FILE_NAME, STATE_FILE_NAME
-from avmm.vm import SNAPSHOT_SECTIONS
+from avmm.state.vm_state import SNAPSHOT_SECTIONS
 from tests.vm.helpers import TEST_GUEST
 
 from .support import MEM_WALK, console_config, restore_in_new_process, snapshot_mid_walk
