@@ -142,8 +142,8 @@ def step_failed(vm: str, step: str, error: BaseException) -> VmStartError:
 #: The state model's modules: a VM that boots needs none of them (only its devices'
 #: state classes, in :mod:`avmm.state.codec`'s terms), so they are imported when a
 #: snapshot, restore or migration first needs them (``avmm up`` pays for them only with
-#: ``--restore``). A jailed worker, which cannot read a module once jailed, and a
-#: daemon, which must not read files on its event loop, import them up front.
+#: ``--restore``). The async paths import them in a worker thread (no file reads on the
+#: event loop: :func:`state_model_imported`); a jailed worker imports them up front.
 STATE_MODEL_MODULES = ("avmm.state.snapshot", "avmm.state.machine", "avmm.state.vm_state")
 
 
