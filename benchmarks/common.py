@@ -91,6 +91,41 @@ PARTS = {
 }
 
 
+@dataclass(frozen=True)
+class Goal:
+    """A figure's goal, checked on the figures measured: ``of`` is what is compared
+    ("ratio": avmm/QEMU, the ratio of medians; "every pair": each pair's avmm/QEMU, for
+    a goal met "steadily"; "avmm": avmm's median), ``op`` "≥" or "≤", ``value`` the
+    bound."""
+
+    of: str
+    op: str
+    value: float
+
+    @property
+    def text(self) -> str:
+        bound = f"{self.value:g}"
+        if self.of == "avmm":
+            return f"{self.op} {bound}"
+        each = " in every pair" if self.of == "every pair" else ""
+        return f"avmm/QEMU {self.op} {bound}{each}"
+
+    def met(self, figure: Figure) -> bool:
+        if self.of == "avmm":
+            values = [statistics.median(figure.avmm)]
+        elif self.of == "ratio":
+            values = [statistics.median(figure.avmm) / statistics.median(figure.qemu)]
+        elif self.of == "every pair":
+            values = [a / q for a, q in zip(figure.avmm, figure.qemu, strict=True)]
+        else:
+            raise ValueError(f"goal of {self.of!r}")
+        if self.op == "≥":
+            return all(v >= self.value for v in values)
+        if self.op == "≤":
+            return all(v <= self.value for v in values)
+        raise ValueError(f"goal op {self.op!r}")
+
+
 @dataclass
 class Figure:
     """One row of the table: ``avmm[i]`` and ``qemu[i]`` were measured as a pair."""
@@ -104,6 +139,8 @@ class Figure:
     note: str = ""
     #: runs measured again: lost in the noise, or avmm's blk status=255 (benchmarks/run.py).
     retries: int = 0
+    #: The goal an issue set for this figure, if any (see :class:`Goal`).
+    goal: Goal | None = None
 
     def __post_init__(self) -> None:
         if self.part not in PARTS:
@@ -123,6 +160,8 @@ class Figure:
         if self.qemu:
             data["qemu"] = summary(self.qemu)
             data["ratio"] = ratio_summary(self.avmm, self.qemu)
+        if self.goal is not None:
+            data["goal"] = {"text": self.goal.text, "met": self.goal.met(self)}
         return data
 
 

@@ -132,7 +132,13 @@ def _ratio_cell(ratio: object) -> str:
 
 
 HEADER = ("figure", "unit", "avmm median [min, max]", "QEMU median [min, max]",
-          "avmm/QEMU: ratio of medians [per-pair min, max]")
+          "avmm/QEMU: ratio of medians [per-pair min, max]", "goal")
+
+
+def _goal_cell(goal: object) -> str:
+    if not isinstance(goal, Mapping):
+        return ""
+    return f"{goal['text']}: {'met' if goal['met'] else 'NOT met'}"
 
 
 def provenance_line(report: Mapping[str, Any]) -> str:
@@ -161,7 +167,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                  "|" + "---|" * len(HEADER)]
         for name, data in rows:
             cells = (name, str(data["unit"]), _cell(data.get("avmm")), _cell(data.get("qemu")),
-                     _ratio_cell(data.get("ratio")))
+                     _ratio_cell(data.get("ratio")), _goal_cell(data.get("goal")))
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         blocks.append("\n".join(lines))
     unplaced = [name for name, data in figures.items() if data.get("part") not in PARTS]

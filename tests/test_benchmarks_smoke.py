@@ -27,6 +27,7 @@ from benchmarks.common import (
     SHARING,
     WHOLE_PROCESS,
     Figure,
+    Goal,
 )
 from tests.cgroups.conftest import cgroup_cpu_problem
 from tests.prerequisites import require
@@ -238,6 +239,27 @@ def test_ratio_is_the_ratio_of_the_medians_with_the_per_pair_range() -> None:
     assert ratio["of_medians"] == of_medians
     assert (ratio["pair_min"], ratio["pair_max"]) == (min(per_pair), max(per_pair))
     assert "median" not in ratio
+
+
+@pytest.mark.parametrize(("goal", "met"), [
+    (Goal("ratio", "≥", 0.8), True),        # medians 3 / 3.5: 0.857
+    (Goal("ratio", "≥", 0.9), False),
+    (Goal("every pair", "≥", 0.8), False),  # one pair is 0.5
+    (Goal("every pair", "≥", 0.5), True),
+    (Goal("ratio", "≤", 2), True),
+    (Goal("avmm", "≥", 3), True),           # avmm's median 3
+    (Goal("avmm", "≥", 3.5), False),
+])
+def test_a_goal_is_checked_on_the_figures_measured(goal: Goal, met: bool) -> None:
+    figure = Figure("f", "IOPS", "higher", PER_OPERATION, goal=goal)
+    for a, q in [(2.0, 4.0), (3.0, 3.0), (4.0, 3.5)]:
+        figure.add(a, q)
+    data = figure.to_json()
+    assert data["goal"] == {"text": goal.text, "met": met}
+    report = {**_fake_report(), "figures": {"f": {"group": "g", **data}}}
+    row = next(line for line in bench_report.markdown(report).splitlines()
+               if line.startswith("| f |"))
+    assert row.endswith(f"| {goal.text}: {'met' if met else 'NOT met'} |"), row
 
 
 def test_a_figure_must_name_its_part_of_the_table() -> None:
