@@ -37,8 +37,17 @@ HOST_SAID = f"avmm-linux: host said {GO}"
 KERNEL_BANNER = "Linux version "
 
 
+#: A kernel console message, from its timestamp to its end of line. The kernel writes
+#: to the console directly, while a process's writes drain through the tty: a message
+#: (a fault a test provokes, say) can land in the middle of a line /init's script is
+#: printing.
+_KERNEL_MESSAGE = re.compile(r"\[ *\d+\.\d+\] [^\r\n]*\r?\n")
+
+
 def linux_lines(text: str) -> list[str]:
-    """The lines /init's scripts print (``avmm-linux: ...``), in order."""
+    """The lines /init's scripts print (``avmm-linux: ...``), in order, each whole again
+    where a kernel message cut it in two."""
+    text = _KERNEL_MESSAGE.sub("", text)
     return [m.group(0).strip() for m in re.finditer(r"avmm-linux: [^\r\n]*", text)]
 
 
