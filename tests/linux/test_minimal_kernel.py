@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.linux import syscall_fault
+from tests.linux.support import linux_lines
 from tests.prerequisites import BUILD, require
 
 pytestmark = pytest.mark.qemu
@@ -73,7 +73,7 @@ class Boot:
 
     def __init__(self, output: str, ready_s: float, total_s: float, exited: bool, status: int):
         self.output = output
-        self.lines = [m.group(0).strip() for m in re.finditer(r"avmm-linux: [^\r\n]*", output)]
+        self.lines = linux_lines(output)
         self.ready_s = ready_s
         self.total_s = total_s
         self.exited = exited  # QEMU exited by itself (the guest powered it off)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.linux.support import linux_lines
 from tests.prerequisites import require
 
 from .test_backend_qemu import backend
@@ -52,7 +53,7 @@ class Boot:
         self.status = status
         self.output = output
         # SeaBIOS leaves terminal escapes in front of the first line /init prints.
-        self.lines = [m.group(0).strip() for m in re.finditer(r"avmm-linux: [^\r\n]*", output)]
+        self.lines = linux_lines(output)
         self.ready_s = ready_s
         self.total_s = total_s
 
