@@ -23,6 +23,7 @@ from .backend import (
     CgroupError,
     CpuBackend,
     CpuUsage,
+    cfs_period_us,
     detect_backend,
     owner_alive,
     owner_name,
@@ -351,7 +352,8 @@ class VmCpu:
             "cpu_shares": (weight_to_shares(limits.weight or DEFAULT_WEIGHT)
                            if self.backend_version == "v1" else None),
             "quota_us": None if limits.max_percent is None else quota_us(limits.max_percent),
-            "period_us": CFS_PERIOD_US,
+            "period_us": (CFS_PERIOD_US if limits.max_percent is None
+                          else cfs_period_us(limits.max_percent)),
         }
 
 

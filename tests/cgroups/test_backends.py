@@ -20,6 +20,7 @@ from avmm.cgroups import (
     V1Backend,
     V2Backend,
     VmCpu,
+    cfs_period_us,
     detect_backend,
     format_cpu_list,
     parse_cpu_list,
@@ -41,9 +42,24 @@ def test_weight_maps_to_shares_as_systemd_does() -> None:
     assert weight_to_shares(300) == 3072
     assert weight_to_shares(1) == 10
     assert weight_to_shares(10000) == 102400
-    assert quota_us(150) == 150_000
-    assert quota_us(50) == 50_000
-    assert quota_us(0.01) == 1000  # the kernel's floor
+
+
+
+@pytest.mark.parametrize(("percent", "period", "quota"), [
+    (150, 10_000, 15_000),   # from 10 % up: the shortest period, 10 ms
+    (50, 10_000, 5_000),
+    (10, 10_000, 1_000),
+    (5, 20_000, 1_000),      # below: as short as keeps the kernel's 1 ms quota
+    (2.5, 40_000, 1_000),
+    (1, 100_000, 1_000),     # the kernel's default period from 1 % down
+    (0.01, 100_000, 1_000),  # and the kernel's floor under that
+])
+def test_the_period_is_the_shortest_that_keeps_the_quota_at_1_ms(
+        percent: float, period: int, quota: int) -> None:
+    # Short periods: a vCPU thread throttled while it holds the GIL stalls its
+    # process's other VMs for at most the rest of one period (see cfs_period_us).
+    assert (cfs_period_us(percent), quota_us(percent)) == (period, quota)
+    assert quota_us(percent, 100_000) == max(1000, round(percent * 1000))
 
 
 def test_v1_backend_writes_shares_quota_and_tids(tmp_path: Path) -> None:
@@ -58,8 +74,8 @@ def test_v1_backend_writes_shares_quota_and_tids(tmp_path: Path) -> None:
     owner = cgroup.parent
     assert cgroup == cpu / "avmm" / owner_name() / "vm-web_1"
     assert (cgroup / "cpu.shares").read_text() == "3072"
-    assert (cgroup / "cpu.cfs_period_us").read_text() == str(CFS_PERIOD_US)
-    assert (cgroup / "cpu.cfs_quota_us").read_text() == "150000"
+    assert (cgroup / "cpu.cfs_period_us").read_text() == "10000"
+    assert (cgroup / "cpu.cfs_quota_us").read_text() == "15000"
     vm.place([(0, 101), (1, 102)])
     twin = acct / "avmm" / owner.name / "vm-web_1"
     # Every thread in the cpu hierarchy's tasks and in cpuacct's (mounted apart here).
@@ -114,11 +130,11 @@ def test_v2_backend_makes_a_threaded_subtree(tmp_path: Path,
     assert (owner / "cgroup.procs").read_text() == str(os.getpid())
     assert (cgroup / "cgroup.type").read_text() == "threaded"
     assert (cgroup / "cpu.weight").read_text() == "300"
-    assert (cgroup / "cpu.max").read_text() == f"50000 {CFS_PERIOD_US}"
+    assert (cgroup / "cpu.max").read_text() == "5000 10000"
     vm.place([(0, 201), (1, 202)])
     assert (cgroup / "cgroup.threads").read_text().split() == ["201", "202"]
     vm.update(max_percent=250)
-    assert (cgroup / "cpu.max").read_text() == f"250000 {CFS_PERIOD_US}"
+    assert (cgroup / "cpu.max").read_text() == "25000 10000"
     vm.update(clear_max=True, weight=10000)
     assert (cgroup / "cpu.max").read_text() == f"max {CFS_PERIOD_US}"
     assert (cgroup / "cpu.weight").read_text() == "10000"

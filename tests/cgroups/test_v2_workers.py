@@ -64,7 +64,7 @@ def test_a_workers_vm_gets_a_domain_cgroup_with_its_process_and_limits(
         assert (level / "cgroup.subtree_control").read_text() == "+cpu", level
     assert not (cgroup / "cgroup.type").exists()
     assert (cgroup / "cpu.weight").read_text() == "300"
-    assert (cgroup / "cpu.max").read_text() == f"50000 {CFS_PERIOD_US}"
+    assert (cgroup / "cpu.max").read_text() == "5000 10000"
     # The hierarchy's root may hold processes: the daemon stays where it was started
     # (its unit's cgroup), nothing of it moves, and no daemon leaf is made.
     assert not (owner / "cgroup.procs").exists() and not (owner / DAEMON_DIR).exists()
@@ -75,7 +75,7 @@ def test_a_workers_vm_gets_a_domain_cgroup_with_its_process_and_limits(
     vm.place([(0, 4243)])
     assert not (cgroup / "cgroup.threads").exists()
     vm.update(max_percent=250)
-    assert (cgroup / "cpu.max").read_text() == f"250000 {CFS_PERIOD_US}"
+    assert (cgroup / "cpu.max").read_text() == "25000 10000"
     vm.update(clear_max=True, weight=10000)
     assert (cgroup / "cpu.max").read_text() == f"max {CFS_PERIOD_US}"
     assert (cgroup / "cpu.weight").read_text() == "10000"
@@ -184,7 +184,7 @@ def test_the_daemon_places_a_worker_on_cgroup_v2(tmp_path: Path) -> None:
     assert vm._cpu.describe()["cgroup"] == str(cgroup)
     assert (cgroup / "cgroup.procs").read_text() == "9001"
     assert (cgroup / "cpu.weight").read_text() == "300"
-    assert (cgroup / "cpu.max").read_text() == f"50000 {CFS_PERIOD_US}"
+    assert (cgroup / "cpu.max").read_text() == "5000 10000"
     vm._release_cpu()
     assert not cgroup.exists()
 
