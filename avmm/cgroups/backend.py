@@ -122,8 +122,10 @@ def cfs_period_us(max_percent: float) -> int:
     in Python, holding the interpreter's lock; throttled there, it stalls every VM of the
     process until the next period: up to 90 ms at 10 % over 100 ms (measured: the event
     loop of a daemon whose VM with 10 % made port I/O in a loop stood still for 90 ms,
-    4 times in 5 s), at most 9 ms over 10 ms. A shorter period also spreads a limited
-    VM's CPU time more evenly (no 75 ms pauses for a guest at 25 %)."""
+    4 times in 5 s), at most 9 ms per throttling over 10 ms (the same loop's longest
+    stall then 40 ms at 10 %, where an iteration met several, and 15 ms at 25 %). A
+    shorter period also spreads a limited VM's CPU time more evenly (no 75 ms pauses for
+    a guest at 25 %)."""
     if max_percent <= 0:
         raise ValueError(f"max_percent {max_percent} is not above 0")
     shortest_for_the_floor = _QUOTA_MIN_US * 100 / max_percent
