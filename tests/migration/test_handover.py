@@ -134,7 +134,7 @@ async def test_a_destination_that_cannot_start_lets_the_source_run_on(
             address = f"unix:{tmp_path / 'dest.sock'}"
             async with VirtualMachine.receive(address) as destination:
 
-                async def cannot_start() -> VirtualMachine:
+                async def cannot_start(**_options: bool) -> VirtualMachine:
                     raise VmStartError(destination.name, "starting the device tasks",
                                        "injected failure")
 
