@@ -7,8 +7,10 @@ COMMIT never loses it.
   goes on and a later migration ends ``verify=ok``.
 * The destination's STARTED is lost: the guest runs at the destination, the source
   stays paused (never running it a second time).
-* The destination cannot start the guest after COMMIT: it answers ERROR (no vCPU ran)
-  and the source lets the guest run on by itself.
+* The destination cannot start the guest: it answers ERROR (no vCPU ran; it starts
+  its machine parked before ACK, so the ERROR comes in place of ACK; a hand-over that
+  fails after COMMIT is test_parked_start's) and the source lets the guest run on by
+  itself.
 
 Each of these fails on a source that stops with ``migrated`` as soon as COMMIT is sent.
 """
