@@ -1002,10 +1002,17 @@ class VirtualMachine:
             raise
         return await self._start_built()
 
-    async def _start_built(self) -> VirtualMachine:
+    async def _start_built(self, *, parked: bool = False) -> VirtualMachine:
         """The second half of :meth:`__aenter__`: run the machine ``_build`` made (the
         caller's task owns the VM's nursery from here; leave with :meth:`__aexit__` in
-        the same task)."""
+        the same task).
+
+        ``parked`` (an incoming VM, before the source's COMMIT): start the device tasks
+        and the vCPU threads as a paused start does (every vCPU parks before its first
+        KVM_RUN, restored slots stay paused: the guest runs no instruction and no device
+        writes its memory), but the VM stays :attr:`~VmState.INCOMING`: nothing but
+        :meth:`_hand_over` lets it go, and :meth:`_end_parked` ends it unrun."""
+        paused = self._start_paused or parked
         stack = contextlib.AsyncExitStack()
         stack.push_async_callback(self._release)  # last out: after the nursery has left
         # Before anything is released: a snapshot still writing from a worker thread
@@ -1016,7 +1023,7 @@ class VirtualMachine:
             try:
                 with self._step("starting the device tasks"):
                     await nursery.start(self._run_devices)
-                    if self._restore_plan is not None and not self._start_paused:
+                    if self._restore_plan is not None and not paused:
                         # Restored slots are paused (restore_state): serve them from
                         # their saved positions before the vCPUs run.
                         for slot in self.virtio_slots:
@@ -1032,20 +1039,58 @@ class VirtualMachine:
             await stack.aclose()
             raise
         self._stack = stack
-        if self._start_paused:
-            # immediate_exit before the first KVM_RUN: each vCPU parks before the guest
-            # runs a single instruction, so the VM counts as paused from here on.
+        if paused:
+            # immediate_exit before the first KVM_RUN (set here, before any vCPU thread
+            # exists): each vCPU parks before the guest runs a single instruction, so
+            # the VM counts as paused from here on.
             self._gate.close()
             self._pause.request()
             for vcpu in self._vcpus:
                 vcpu.kick()
             self._paused = True
         nursery.start_soon(self._supervise)
-        self._running = True
+        if not parked:
+            # A parked VM stays INCOMING (state) until _hand_over: pause(), resume(),
+            # snapshots and migrations refuse it meanwhile.
+            self._running = True
         self._state_changed()
         self._log.info("vm started", vcpus=len(self._vcpus),
-                       memory_mib=self.config.machine.memory_mib, paused=self._paused)
+                       memory_mib=self.config.machine.memory_mib, paused=self._paused,
+                       parked_until_handover=parked)
         return self
+
+    async def _hand_over(self) -> None:
+        """An incoming VM started ``parked`` (:meth:`_start_built`) has the source's
+        COMMIT: let it go, as :meth:`resume` does (the restored slots serve from their
+        saved positions, then the vCPUs run), or, received with ``start=False``, leave
+        it paused. The VM is RUNNING (PAUSED) from here.
+
+        :raises VmStateError: the VM stopped before (a stop requested meanwhile, or a
+            vCPU thread that could not be placed): no vCPU ran the guest.
+        """
+        async with self._control_lock:
+            if self._latch.requested:
+                vm_exit = self._latch.exit
+                raise VmStateError(f"VM {self.name!r} stopped before the hand-over"
+                                   + (f" ({vm_exit.detail})" if vm_exit and vm_exit.detail
+                                      else ""))
+            if not self._start_paused:
+                await self._resume_now()
+            # Only now: INCOMING until here (a task waiting for RUNNING or PAUSED, such
+            # as the host's uptime, must not see the hand-over half done).
+            self._running = True
+            self._state_changed()
+        self._log.info("vm handed over", paused=self._paused)
+
+    async def _end_parked(self, detail: str) -> None:
+        """An incoming VM started ``parked`` whose hand-over will not come: stop it with
+        :attr:`~StopReason.ERROR` and ``detail`` (unless a stop was requested before:
+        the first reason stays), its parked vCPUs leaving without running the guest, and
+        release everything (in the caller's task, which owns the VM's nursery; no
+        shield around it: a cancel scope opened now would sit inside the nursery; a
+        cancelled caller still waits for the vCPU threads and releases everything)."""
+        self._latch.request(VmExit(StopReason.ERROR, HOST_FAILURE_STATUS, detail))
+        await self.__aexit__(None, None, None)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -5,12 +5,16 @@ must describe the same devices in the same order: see :func:`merge_config`); bui
 machine (no kernel: RAM and state come by the stream) and answer READY; store each
 batch of pages; answer SYNC with SYNCED once everything before it is stored and hashed;
 load the device and vCPU state; check END's SHA-256 against the stream
-received; answer ACK; wait for COMMIT and only then run the guest; answer STARTED
-(or ERROR if it could not start: no vCPU ran).
+received; start the machine parked (device tasks and vCPU threads, every vCPU parked
+before its first KVM_RUN, restored devices paused: see ``VirtualMachine._start_built``);
+answer ACK (or ERROR if it could not start); wait for COMMIT and only then let the guest
+run (``VirtualMachine._hand_over``); answer STARTED (or ERROR if it could not: no vCPU
+ran).
 
 Anything wrong before COMMIT — a cut stream, a malformed or out-of-order frame, a page
-outside RAM, a state that does not fit, a digest that does not match — sends ERROR to
-the source (best effort), releases everything built, and ends the VM with
+outside RAM, a state that does not fit, a digest that does not match, no COMMIT in
+time, a stop — sends ERROR to the source (best effort), releases everything built (the
+parked machine's threads end without running the guest), and ends the VM with
 :attr:`~avmm.lifecycle.StopReason.ERROR` and a detail saying why: it never ran.
 
 A jailed worker's daemon reads the opening (header and CONFIG) itself when it has no
@@ -102,6 +106,10 @@ class Destination:
         self._started = time.monotonic()
         self.progress = MigrationProgress(state="incoming", address=str(listener.address))
         self.receiving = trio.CancelScope()
+        #: The wait for COMMIT, once the machine has started parked (outside
+        #: ``receiving``: the VM's nursery, entered in between, must outlive it); a stop
+        #: cancels it as it cancels ``receiving`` before (the VM's ``_receiving``).
+        self.awaiting_commit = trio.CancelScope()
         self._channel: Channel | None = None
         #: Where the hand-over's time went here, from the STATE frame's arrival on.
         self._steps: Steps | None = None
@@ -136,18 +144,49 @@ class Destination:
             if self.receiving.cancelled_caught:
                 await self._fail("the VM was stopped before the hand-over", refuse=True)
                 return
+            # The state is loaded. The machine starts now, parked, before ACK: what a
+            # start costs (device tasks, one thread per vCPU, its scheduling: 1.5-8 ms
+            # on a loaded host) is then no longer between COMMIT and the guest's first
+            # instruction, the downtime the guest sees. Before ACK rather than after
+            # it: a start that fails is still a plain refusal (ERROR instead of ACK, the
+            # source runs on), never a COMMIT to answer with ERROR; the threads are made
+            # and scheduled by the VM's tasks while ACK travels and COMMIT comes back.
+            try:
+                await vm._start_built(parked=True)
+            except BaseException as e:
+                await self._cannot_start(e, committed=False)
+                if isinstance(e, AvmmError | OSError):
+                    return
+                raise
+            self._mark("start")
+            # From here the VM's nursery is open in this task: every way out before the
+            # hand-over ends the VM through _fail_started (its vCPUs never ran).
+            try:
+                # stop() now cancels this wait (it cancelled `receiving` before).
+                vm._receiving = self.awaiting_commit
+                if vm._latch.requested:
+                    self.awaiting_commit.cancel()  # a stop that came in between
+                with self.awaiting_commit:
+                    await self._await_commit()
+            except BaseException as e:
+                await self._fail_started(_describe(e), refuse=not isinstance(e, PeerError))
+                if isinstance(e, AvmmError | OSError | trio.TooSlowError):
+                    return
+                raise
+            if self.awaiting_commit.cancelled_caught:
+                # Stopped by its owner, or by a vCPU thread that could not be placed.
+                stopped = vm._latch.exit
+                await self._fail_started(
+                    f"the VM stopped before the hand-over: {stopped.detail}"
+                    if stopped is not None and stopped.failed
+                    else "the VM was stopped before the hand-over", refuse=True)
+                return
             # COMMIT received: the guest is ours to run.
             try:
-                await vm._start_built()
-                if self._steps is not None:
-                    self._steps.mark("start")
+                await vm._hand_over()
+                self._mark("resume")
             except BaseException as e:
-                why = f"the VM could not start: {e}"
-                self._update(state="failed", error=why)
-                # No vCPU ran (they start once everything else has): the source may
-                # let the guest run on there.
-                await self._answer_commit(error=f"the destination refused: {why}")
-                vm._migration_failed(f"incoming migration: {why}")
+                await self._cannot_start(e, committed=True)
                 if isinstance(e, AvmmError | OSError):
                     return
                 raise
@@ -165,6 +204,34 @@ class Destination:
             await vm.wait()
         finally:
             await vm.__aexit__(None, None, None)
+
+    async def _cannot_start(self, error: BaseException, *, committed: bool) -> None:
+        """The VM could not start (parked, before ACK) or be let go (after COMMIT): no
+        vCPU ran, so the source may run the guest on. It is told with ERROR, in place of
+        ACK or as the answer to COMMIT; the VM ends, everything released."""
+        why = f"the VM could not start: {error}"
+        self._update(state="failed", error=why)
+        self._log.warning("incoming migration failed; nothing runs here", error=why)
+        if committed:
+            await self._answer_commit(error=f"the destination refused: {why}")
+        else:
+            await self._refuse(f"the destination refused: {why}")
+        detail = f"incoming migration: {why}"
+        if self.vm._stack is not None:
+            # Started parked (the failure is the hand-over's): its threads end unrun.
+            await self.vm._end_parked(detail)
+        # (A start that failed has released what it built.) Stopped, never run.
+        self.vm._migration_failed(detail)
+
+    async def _refuse(self, why: str) -> None:
+        """ERROR to the source, best effort (at most 1 s, also while cancelled)."""
+        if self._channel is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self._channel.send_error(why)
+            except MigrationError:
+                pass
 
     async def _answer_commit(self, *, error: str | None) -> None:
         """STARTED (or ERROR) to the source, best effort: a source that does not hear
@@ -188,13 +255,8 @@ class Destination:
         self._update(state="failed", error=why)
         self._log.warning("incoming migration failed; nothing runs here", error=why)
         with trio.CancelScope(shield=True):
-            if self._channel is not None and refuse:
-                with trio.move_on_after(1):
-                    try:
-                        await self._channel.send_error(
-                            f"the destination refused: {told or why}")
-                    except MigrationError:
-                        pass
+            if refuse:
+                await self._refuse(f"the destination refused: {told or why}")
             if self._channel is not None:
                 # No worker thread may still read the guest RAM about to be unmapped.
                 with contextlib.suppress(MigrationError):
@@ -206,6 +268,21 @@ class Destination:
             self.vm._vcpus.clear()
             await trio.to_thread.run_sync(self.vm._resources.close)
             self.vm._migration_failed(f"incoming migration failed: {why}")
+
+    async def _fail_started(self, why: str, *, refuse: bool) -> None:
+        """As :meth:`_fail`, once the machine has started parked: the VM is stopped (its
+        parked vCPUs leave without running the guest) and released in this task."""
+        if self.progress.state == "failed":
+            return
+        self._update(state="failed", error=why)
+        self._log.warning("incoming migration failed; nothing runs here", error=why)
+        with trio.CancelScope(shield=True):
+            if refuse:
+                await self._refuse(f"the destination refused: {why}")
+            if self._channel is not None:
+                with contextlib.suppress(MigrationError):
+                    await self._channel.hashed()
+        await self.vm._end_parked(f"incoming migration failed: {why}")
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         vm = self.vm
@@ -285,6 +362,11 @@ class Destination:
             raise MigrationError(f"{e.step}: {e.error or e}") from None
         self._mark("restore")
         self._update(pages_sent=received)
+
+    async def _await_commit(self) -> None:
+        """Answer ACK, then wait for COMMIT (the machine has started parked)."""
+        channel = self._channel
+        assert channel is not None
         await channel.send(Kind.ACK)
         self._mark("ack")
         # The source lets go only when it has this ACK, and says so with COMMIT; without

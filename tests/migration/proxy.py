@@ -1,6 +1,6 @@
 """A man in the middle of a migration stream, for fault tests: it forwards the stream
 both ways, follows its frames (avmm.migration.stream) and, at a chosen point, cuts the
-connection, drops a frame or flips a byte."""
+connection, drops a frame, flips a byte or holds a frame back until told."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ class Fault:
     ``kind`` number ``index`` (0 = the first of that kind); ``action`` is "cut" (after
     ``at`` bytes of that frame's payload, or before its header with ``at=-1``),
     "drop" (the destination's frame is never forwarded: the connection closes),
-    or "flip" (one bit of that payload changed, the stream goes on)."""
+    "flip" (one bit of that payload changed, the stream goes on), or "hold" (the frame
+    waits in the proxy, :attr:`Proxy.holding` set, until :meth:`Proxy.let_go`
+    forwards it or :meth:`Proxy.cut` closes the connection there)."""
 
     name: str
     kind: Kind | None  # None: the stream header
@@ -35,6 +37,19 @@ class Proxy:
         self.target = target
         self.fault = fault
         self.struck = False
+        #: Set once a frame is held back (action "hold").
+        self.holding = trio.Event()
+        self._decided = trio.Event()
+        self._forward_held = False
+
+    def let_go(self) -> None:
+        """Forward the frame held back (action "hold"); the stream goes on."""
+        self._forward_held = True
+        self._decided.set()
+
+    def cut(self) -> None:
+        """Close the connection where the frame is held back (action "hold")."""
+        self._decided.set()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
@@ -114,6 +129,15 @@ class Proxy:
             frame = bytes(buffer[:total])
             del buffer[:total]
             if mine and not self.struck and kind is fault.kind and number == fault.index:
+                if fault.action == "hold":
+                    self.struck = True
+                    self.holding.set()
+                    await self._decided.wait()
+                    if self._forward_held:
+                        await send(frame)
+                        continue
+                    scope.cancel()
+                    return
                 if fault.action == "flip":
                     self.struck = True
                     flipped = bytearray(frame)

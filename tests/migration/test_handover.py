@@ -7,8 +7,10 @@ COMMIT never loses it.
   goes on and a later migration ends ``verify=ok``.
 * The destination's STARTED is lost: the guest runs at the destination, the source
   stays paused (never running it a second time).
-* The destination cannot start the guest after COMMIT: it answers ERROR (no vCPU ran)
-  and the source lets the guest run on by itself.
+* The destination cannot start the guest: it answers ERROR (no vCPU ran; it starts
+  its machine parked before ACK, so the ERROR comes in place of ACK; a hand-over that
+  fails after COMMIT is test_parked_start's) and the source lets the guest run on by
+  itself.
 
 Each of these fails on a source that stops with ``migrated`` as soon as COMMIT is sent.
 """
@@ -134,7 +136,7 @@ async def test_a_destination_that_cannot_start_lets_the_source_run_on(
             address = f"unix:{tmp_path / 'dest.sock'}"
             async with VirtualMachine.receive(address) as destination:
 
-                async def cannot_start() -> VirtualMachine:
+                async def cannot_start(**_options: bool) -> VirtualMachine:
                     raise VmStartError(destination.name, "starting the device tasks",
                                        "injected failure")
 
