@@ -154,10 +154,21 @@ def import_state_model() -> None:
         importlib.import_module(module)
 
 
+async def imported_in_a_thread(*modules: str) -> None:
+    """Import ``modules`` in a worker thread (no module files read on the event loop,
+    where a daemon's other VMs and API clients wait), the first time only."""
+    missing = [module for module in modules if module not in sys.modules]
+    if missing:
+        def load() -> None:
+            for module in missing:
+                importlib.import_module(module)
+
+        await trio.to_thread.run_sync(load)
+
+
 async def state_model_imported() -> None:
     """:func:`import_state_model` in a worker thread, the first time only."""
-    if not all(module in sys.modules for module in STATE_MODEL_MODULES):
-        await trio.to_thread.run_sync(import_state_model)
+    await imported_in_a_thread(*STATE_MODEL_MODULES)
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,9 @@ class VirtualMachine:
         self.virtio_slots: list[VirtioMmioSlot] = []
         #: The disks avmm serves itself (their fds are flushed at a snapshot and a stop).
         self._disks: list[BlockDevice] = []
+        #: An incoming VM's vCPUs were let go after the source's COMMIT (_hand_over):
+        #: from here the guest is this side's, whatever fails afterwards.
+        self._handed_over = False
         self._devices_scope = trio.CancelScope()
         self._devices_done = trio.Event()
         self._loops: list[VcpuLoop] = []
@@ -753,6 +767,7 @@ class VirtualMachine:
             stays paused (the guest may run there, so it is never resumed here by
             itself), for the caller to :meth:`resume` once it knows it does not.
         """
+        await imported_in_a_thread("avmm.migration.source", "avmm.migration.transport")
         from .migration.source import Options, Source
         from .migration.transport import parse_address
 
@@ -899,6 +914,7 @@ class VirtualMachine:
         :raises MigrationError: ``listen`` is malformed or cannot be listened on, or
             ``accept_timeout_s`` is not a positive number.
         """
+        await imported_in_a_thread("avmm.migration.destination", "avmm.migration.transport")
         from .migration.destination import Destination
         from .migration.transport import (
             Accepted,
@@ -1066,21 +1082,33 @@ class VirtualMachine:
         it paused. The VM is RUNNING (PAUSED) from here.
 
         :raises VmStateError: the VM stopped before (a stop requested meanwhile, or a
-            vCPU thread that could not be placed): no vCPU ran the guest.
+            vCPU thread that could not be placed): no vCPU ran the guest. Once
+            :attr:`_handed_over` is set the guest is this side's, whatever is raised.
         """
         async with self._control_lock:
-            if self._latch.requested:
-                vm_exit = self._latch.exit
-                raise VmStateError(f"VM {self.name!r} stopped before the hand-over"
-                                   + (f" ({vm_exit.detail})" if vm_exit and vm_exit.detail
-                                      else ""))
+            self._refuse_if_stopped_before_hand_over()
             if not self._start_paused:
-                await self._resume_now()
+                self._gate.open()
+                for slot in self.virtio_slots:
+                    await slot.resume()
+                # Again, with no checkpoint from here to the vCPUs' release: a stop that
+                # came while the slots resumed has kept every vCPU parked (each leaves
+                # on the stop), and the source must hear that nothing ran here.
+                self._refuse_if_stopped_before_hand_over()
+                self._continue()
+            self._handed_over = True
             # Only now: INCOMING until here (a task waiting for RUNNING or PAUSED, such
             # as the host's uptime, must not see the hand-over half done).
             self._running = True
             self._state_changed()
         self._log.info("vm handed over", paused=self._paused)
+
+    def _refuse_if_stopped_before_hand_over(self) -> None:
+        if self._latch.requested:
+            vm_exit = self._latch.exit
+            raise VmStateError(f"VM {self.name!r} stopped before the hand-over"
+                               + (f" ({vm_exit.detail})" if vm_exit and vm_exit.detail
+                                  else ""))
 
     async def _end_parked(self, detail: str) -> None:
         """An incoming VM started ``parked`` whose hand-over will not come: stop it with

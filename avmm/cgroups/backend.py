@@ -128,8 +128,10 @@ def cfs_period_us(max_percent: float) -> int:
     a guest at 25 %)."""
     if max_percent <= 0:
         raise ValueError(f"max_percent {max_percent} is not above 0")
+    if max_percent <= 1:
+        return CFS_PERIOD_US  # (and no division that overflows for a tiny percent)
     shortest_for_the_floor = _QUOTA_MIN_US * 100 / max_percent
-    return int(min(CFS_PERIOD_US, max(CFS_PERIOD_MIN_US, math.ceil(shortest_for_the_floor))))
+    return min(CFS_PERIOD_US, max(CFS_PERIOD_MIN_US, math.ceil(shortest_for_the_floor)))
 
 
 def quota_us(max_percent: float, period_us: int | None = None) -> int:
@@ -349,10 +351,24 @@ class V1Backend:
         write_file(cpu / "cpu.shares", str(weight_to_shares(weight)))
         if max_percent is None:
             write_file(cpu / "cpu.cfs_quota_us", "-1")
-        else:
-            # Period first: a quota is checked against the period in force.
-            write_file(cpu / "cpu.cfs_period_us", str(cfs_period_us(max_percent)))
+            write_file(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            return
+        # Period first: a quota is checked against the period in force. If the quota
+        # is then refused (a parent's limit, say), the old period goes back: the old
+        # quota over the new period would be neither limit.
+        period = cpu / "cpu.cfs_period_us"
+        try:
+            old_period = period.read_text().strip()
+        except OSError:
+            old_period = None
+        write_file(period, str(cfs_period_us(max_percent)))
+        try:
             write_file(cpu / "cpu.cfs_quota_us", str(quota_us(max_percent)))
+        except CgroupError:
+            if old_period is not None:
+                with contextlib.suppress(CgroupError):
+                    write_file(period, old_period)
+            raise
 
     def add_thread(self, dirs: list[Path], tid: int) -> None:
         for path in dirs:

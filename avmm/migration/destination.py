@@ -184,12 +184,17 @@ class Destination:
             # COMMIT received: the guest is ours to run.
             try:
                 await vm._hand_over()
-                self._mark("resume")
             except BaseException as e:
+                if vm._handed_over:
+                    # The vCPUs were let go (the failure came after): the guest runs
+                    # here, and the source must not run it too.
+                    await self._answer_commit(error=None)
+                    raise
                 await self._cannot_start(e, committed=True)
                 if isinstance(e, AvmmError | OSError):
                     return
                 raise
+            self._mark("resume")
             # The guest runs here from now on, whether or not the source hears it.
             await self._answer_commit(error=None)
         finally:
@@ -212,14 +217,17 @@ class Destination:
         why = f"the VM could not start: {error}"
         self._update(state="failed", error=why)
         self._log.warning("incoming migration failed; nothing runs here", error=why)
-        if committed:
-            await self._answer_commit(error=f"the destination refused: {why}")
-        else:
+        if not committed:
             await self._refuse(f"the destination refused: {why}")
         detail = f"incoming migration: {why}"
         if self.vm._stack is not None:
-            # Started parked (the failure is the hand-over's): its threads end unrun.
+            # Started parked (the failure is the hand-over's): its threads end unrun,
+            # and its devices stop (a hand-over that failed after resuming slots may
+            # have set them serving) before the source hears it may run the guest on:
+            # it then shares the disks with nothing of this side.
             await self.vm._end_parked(detail)
+        if committed:
+            await self._answer_commit(error=f"the destination refused: {why}")
         # (A start that failed has released what it built.) Stopped, never run.
         self.vm._migration_failed(detail)
 
@@ -271,17 +279,17 @@ class Destination:
 
     async def _fail_started(self, why: str, *, refuse: bool) -> None:
         """As :meth:`_fail`, once the machine has started parked: the VM is stopped (its
-        parked vCPUs leave without running the guest) and released in this task."""
-        if self.progress.state == "failed":
-            return
-        self._update(state="failed", error=why)
-        self._log.warning("incoming migration failed; nothing runs here", error=why)
-        with trio.CancelScope(shield=True):
-            if refuse:
-                await self._refuse(f"the destination refused: {why}")
-            if self._channel is not None:
-                with contextlib.suppress(MigrationError):
-                    await self._channel.hashed()
+        parked vCPUs leave without running the guest) and released in this task (also
+        when the migration was already marked failed: the machine must end)."""
+        if self.progress.state != "failed":
+            self._update(state="failed", error=why)
+            self._log.warning("incoming migration failed; nothing runs here", error=why)
+            with trio.CancelScope(shield=True):
+                if refuse:
+                    await self._refuse(f"the destination refused: {why}")
+                if self._channel is not None:
+                    with contextlib.suppress(MigrationError):
+                        await self._channel.hashed()
         await self.vm._end_parked(f"incoming migration failed: {why}")
 
     async def _receive(self, stream: trio.abc.Stream) -> None:

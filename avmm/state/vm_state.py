@@ -19,8 +19,8 @@ saved as naming a group of the VM's own with that name and the daemon group's bu
 so that a restore on another host keeps the limit (limited on its own, no longer shared
 with the other VMs of the group). The buckets' levels are not saved: a restored VM's
 buckets start full. The codec has no floats: ``cpu_max_percent`` is saved as an integer
-of thousandths of a percent (:data:`MILLIPERCENT`), the precision of the cgroup quota it
-becomes (a microsecond of CPU time per 100 ms period; see
+of thousandths of a percent (:data:`MILLIPERCENT`), finer than the cgroup quota it
+becomes (a microsecond of CPU time per period of 10 to 100 ms; see
 :func:`avmm.cgroups.backend.quota_us`). State written before (version 1) restores with
 no limits, as it was taken.
 """

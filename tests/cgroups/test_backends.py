@@ -44,7 +44,6 @@ def test_weight_maps_to_shares_as_systemd_does() -> None:
     assert weight_to_shares(10000) == 102400
 
 
-
 @pytest.mark.parametrize(("percent", "period", "quota"), [
     (150, 10_000, 15_000),   # from 10 % up: the shortest period, 10 ms
     (50, 10_000, 5_000),
@@ -53,6 +52,8 @@ def test_weight_maps_to_shares_as_systemd_does() -> None:
     (2.5, 40_000, 1_000),
     (1, 100_000, 1_000),     # the kernel's default period from 1 % down
     (0.01, 100_000, 1_000),  # and the kernel's floor under that
+    (1e-310, 100_000, 1_000),  # the config takes any value above 0: no overflow
+    (5e-324, 100_000, 1_000),
 ])
 def test_the_period_is_the_shortest_that_keeps_the_quota_at_1_ms(
         percent: float, period: int, quota: int) -> None:
@@ -60,6 +61,29 @@ def test_the_period_is_the_shortest_that_keeps_the_quota_at_1_ms(
     # process's other VMs for at most the rest of one period (see cfs_period_us).
     assert (cfs_period_us(percent), quota_us(percent)) == (period, quota)
     assert quota_us(percent, 100_000) == max(1000, round(percent * 1000))
+
+
+def test_v1_a_refused_quota_puts_the_old_period_back(tmp_path: Path) -> None:
+    cgroup = tmp_path / "vm"
+    cgroup.mkdir()
+    (cgroup / "cpu.cfs_period_us").write_text("20000\n")
+    (cgroup / "cpu.cfs_quota_us").mkdir()  # any write to it fails, as EINVAL would
+    backend = V1Backend(tmp_path, None)
+    with pytest.raises(CgroupError, match=r"cpu\.cfs_quota_us"):
+        backend.set_limits([cgroup], 100, 50)
+    # Not the new period under the old quota (neither limit): the old period again.
+    assert (cgroup / "cpu.cfs_period_us").read_text() == "20000"
+
+
+def test_v1_clearing_the_quota_puts_the_default_period_back(tmp_path: Path) -> None:
+    cgroup = tmp_path / "vm"
+    cgroup.mkdir()
+    backend = V1Backend(tmp_path, None)
+    backend.set_limits([cgroup], 100, 50)
+    assert (cgroup / "cpu.cfs_period_us").read_text() == "10000"
+    backend.set_limits([cgroup], 100, None)
+    assert (cgroup / "cpu.cfs_quota_us").read_text() == "-1"
+    assert (cgroup / "cpu.cfs_period_us").read_text() == "100000"
 
 
 def test_v1_backend_writes_shares_quota_and_tids(tmp_path: Path) -> None:

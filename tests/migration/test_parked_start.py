@@ -19,6 +19,7 @@ but the kick that parked each vCPU. Then:
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,9 +29,11 @@ import pytest
 import trio
 
 from avmm import StopReason, VirtualMachine, VmState
+from avmm.config import RngConfig
 from avmm.errors import VmStartError, VmStateError
 from avmm.migration import HandOverUnconfirmed, MigrationError
 from avmm.migration.stream import Kind
+from avmm.vm_virtio import VirtioMmioSlot
 from tests.vm.helpers import MAILBOX_ADDRESS
 
 from .proxy import Fault, Proxy
@@ -126,7 +129,6 @@ async def test_the_destination_starts_parked_and_runs_the_guest_only_after_commi
 
                 inner.start_soon(migrate)
                 await commit_held(source, destination, proxy)
-                assert not after  # the destination's serial is silent
                 at_pause = progress(source)
                 proxy.let_go()
                 await migrated.wait()
@@ -235,6 +237,47 @@ async def test_a_destination_that_cannot_let_go_after_commit_lets_the_source_run
             assert source.migration is not None and source.migration.state == "failed"
             assert end.reason is StopReason.ERROR, end
             assert "could not start" in end.detail, end
+            assert guest_never_ran(destination), destination.vcpu_exit_counts()
+            await walks_on(output)
+            source.stop()
+
+
+async def test_a_stop_while_the_hand_over_resumes_the_devices_is_answered_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop that lands while the hand-over resumes the restored devices (a trio
+    checkpoint per slot: a DELETE, a daemon shutting down) keeps every vCPU parked, and
+    the source must hear that nothing ran here (ERROR), not STARTED: otherwise the guest
+    runs on neither side."""
+    config = dataclasses.replace(guest_config(mem_walk(ROUNDS), vcpus=VCPUS),
+                                 rng=RngConfig())
+    resume = VirtioMmioSlot.resume
+    stopped_during_resume: list[str] = []
+    destinations: list[VirtualMachine] = []
+
+    async def resume_then_stopped(slot: VirtioMmioSlot) -> None:
+        for destination in destinations:
+            if slot in destination.virtio_slots and destination.state is VmState.INCOMING:
+                destination.stop("deleted during the hand-over")
+                stopped_during_resume.append(slot.device.name)
+        await resume(slot)
+
+    monkeypatch.setattr(VirtioMmioSlot, "resume", resume_then_stopped)
+    output = bytearray()
+    with trio.fail_after(TIMEOUT_S * 3):
+        async with trio.open_nursery() as nursery, VirtualMachine(config) as source:
+            nursery.start_soon(collect, source, output)
+            await read_until(output, "mem-walk round=2 crc=")
+            address = f"unix:{tmp_path / 'dest.sock'}"
+            async with VirtualMachine.receive(address) as destination:
+                destinations.append(destination)
+                with pytest.raises(MigrationError) as caught:
+                    await source.migrate(address)
+                end = await destination.wait()
+            assert stopped_during_resume == ["rng0"]  # the window was hit
+            assert not isinstance(caught.value, HandOverUnconfirmed), caught.value
+            assert source.state is VmState.RUNNING
+            assert (end.reason, end.detail) == (StopReason.STOPPED,
+                                                "deleted during the hand-over")
             assert guest_never_ran(destination), destination.vcpu_exit_counts()
             await walks_on(output)
             source.stop()
