@@ -15,6 +15,8 @@ but the kick that parked each vCPU. Then:
   lets the guest run on.
 * The destination cannot let go after COMMIT: it answers ERROR (no vCPU ran) and the
   source lets the guest run on.
+* The code holding the destination is cancelled meanwhile: the same, the guest never
+  having run there.
 """
 
 from __future__ import annotations
@@ -279,6 +281,42 @@ async def test_a_stop_while_the_hand_over_resumes_the_devices_is_answered_error(
             assert (end.reason, end.detail) == (StopReason.STOPPED,
                                                 "deleted during the hand-over")
             assert guest_never_ran(destination), destination.vcpu_exit_counts()
+            await walks_on(output)
+            source.stop()
+
+
+async def test_a_parked_destination_whose_owner_is_cancelled_ends_unrun(
+        tmp_path: Path) -> None:
+    """The code that holds the incoming VM is cancelled while its machine is parked
+    (an embedding service shutting down): the machine ends without running the guest,
+    its threads are gone, and the source hears the refusal and lets the guest run on."""
+    held: list[VirtualMachine] = []
+    with trio.fail_after(TIMEOUT_S * 3):
+        async with walking_source() as (source, output, _nursery):
+            target = f"unix:{tmp_path / 'dest.sock'}"
+            relay = tmp_path / "relay.sock"
+            async with trio.open_nursery() as inner:
+                proxy = Proxy(relay, target, HOLD_COMMIT)
+                with trio.CancelScope() as owner:
+                    async with VirtualMachine.receive(target) as destination:
+                        held.append(destination)
+                        await inner.start(proxy.run)
+                        await inner.start(_migrating, source, relay)
+                        await commit_held(source, destination, proxy)
+                        owner.cancel()
+                        await trio.sleep_forever()
+                assert owner.cancelled_caught
+                with trio.fail_after(TIMEOUT_S):
+                    await source.wait_state(VmState.RUNNING)
+                proxy.cut()
+            destination = held[0]
+            assert destination.state is VmState.STOPPED
+            assert destination.migration is not None
+            assert destination.migration.error == "cancelled before the hand-over"
+            assert destination.vcpu_threads == []
+            assert guest_never_ran(destination), destination.vcpu_exit_counts()
+            assert source.migration is not None and source.migration.state == "failed"
+            assert "the destination refused" in (source.migration.error or "")
             await walks_on(output)
             source.stop()
 
