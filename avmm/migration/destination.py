@@ -260,15 +260,8 @@ class Destination:
         (``why`` if None)."""
         if self.progress.state == "failed":
             return
-        self._update(state="failed", error=why)
-        self._log.warning("incoming migration failed; nothing runs here", error=why)
         with trio.CancelScope(shield=True):
-            if refuse:
-                await self._refuse(f"the destination refused: {told or why}")
-            if self._channel is not None:
-                # No worker thread may still read the guest RAM about to be unmapped.
-                with contextlib.suppress(MigrationError):
-                    await self._channel.hashed()
+            await self._mark_failed(why, refuse=refuse, told=told)
             # Release what was built (in a worker: unmapping RAM, closing back-ends).
             # The vCPUs leave the VM's list first, here on the event loop: a stop
             # requested meanwhile (the embedder leaving receive()) kicks the vCPUs it
@@ -282,15 +275,21 @@ class Destination:
         parked vCPUs leave without running the guest) and released in this task (also
         when the migration was already marked failed: the machine must end)."""
         if self.progress.state != "failed":
-            self._update(state="failed", error=why)
-            self._log.warning("incoming migration failed; nothing runs here", error=why)
             with trio.CancelScope(shield=True):
-                if refuse:
-                    await self._refuse(f"the destination refused: {why}")
-                if self._channel is not None:
-                    with contextlib.suppress(MigrationError):
-                        await self._channel.hashed()
+                await self._mark_failed(why, refuse=refuse)
         await self.vm._end_parked(f"incoming migration failed: {why}")
+
+    async def _mark_failed(self, why: str, *, refuse: bool, told: str | None = None) -> None:
+        """Mark the migration failed, tell the source (with ``refuse``: ``told``, or
+        ``why`` if None), and wait until no worker thread reads the stream into guest
+        RAM (which the caller is about to release)."""
+        self._update(state="failed", error=why)
+        self._log.warning("incoming migration failed; nothing runs here", error=why)
+        if refuse:
+            await self._refuse(f"the destination refused: {told or why}")
+        if self._channel is not None:
+            with contextlib.suppress(MigrationError):
+                await self._channel.hashed()
 
     async def _receive(self, stream: trio.abc.Stream) -> None:
         vm = self.vm

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import trio
 
-from avmm import VirtualMachine
+from avmm import StopReason, VirtualMachine, VmExit, VmState
+from avmm.migration import HandOverUnconfirmed
 from tests.snapshot.support import TIMEOUT_S
 from tests.state.mem_walk import PREFIX, expected_lines, mem_walk_lines
 from tests.vm.helpers import guest_config
@@ -18,6 +19,7 @@ from tests.vm.helpers import guest_config
 __all__ = [
     "MEM_WALK",
     "TIMEOUT_S",
+    "check_refused_after_commit",
     "check_walk",
     "collect",
     "guest_config",
@@ -121,3 +123,16 @@ class Receiver:
     def listen_address(self) -> str:
         line = self.stderr.split(b"listening ", 1)[1].split(b"\n", 1)[0]
         return line.decode()
+
+
+def check_refused_after_commit(error: BaseException, source: VirtualMachine,
+                               end: VmExit) -> None:
+    """The destination could not start the guest after COMMIT and said so (ERROR, not
+    silence): the source's migration failed and its guest runs on there; the
+    destination ended ``error`` saying why."""
+    assert not isinstance(error, HandOverUnconfirmed), error
+    assert "could not start" in str(error), error
+    assert source.state is VmState.RUNNING
+    assert source.migration is not None and source.migration.state == "failed"
+    assert end.reason is StopReason.ERROR, end
+    assert "could not start" in end.detail, end
