@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from avmm.cgroups import CgroupError, detect_backend, weight_to_shares
-from avmm.cgroups.backend import owner_name
+from avmm.cgroups.backend import CFS_PERIOD_US, cfs_period_us, owner_name, quota_us
 from avmm.config import ConfigError
 from avmm.errors import VmStateError
 from avmm.vm import VirtualMachine
@@ -41,18 +41,17 @@ async def running_threads(vm: VirtualMachine, count: int) -> list[int]:
 
 
 def expect_limits(cgroup: Path, weight: int, max_percent: float | None) -> None:
+    """The cgroup's files hold ``weight`` and ``max_percent`` over the period avmm picks
+    for it (the kernel's default period when there is no quota)."""
+    period = CFS_PERIOD_US if max_percent is None else cfs_period_us(max_percent)
+    quota = "-1" if max_percent is None else str(quota_us(max_percent))
     if (cgroup / "cpu.shares").exists():  # cgroup v1
         assert read(cgroup / "cpu.shares") == str(weight_to_shares(weight))
-        if max_percent is None:
-            assert read(cgroup / "cpu.cfs_quota_us") == "-1"
-        else:
-            period = int(read(cgroup / "cpu.cfs_period_us"))
-            assert int(read(cgroup / "cpu.cfs_quota_us")) == round(max_percent * period / 100)
+        assert read(cgroup / "cpu.cfs_period_us") == str(period)
+        assert read(cgroup / "cpu.cfs_quota_us") == quota
     else:
         assert read(cgroup / "cpu.weight") == str(weight)
-        quota, period = read(cgroup / "cpu.max").split()
-        expected = "max" if max_percent is None else str(round(max_percent * int(period) / 100))
-        assert quota == expected
+        assert read(cgroup / "cpu.max").split() == [quota.replace("-1", "max"), str(period)]
 
 
 async def test_vcpu_threads_sit_in_the_vms_cgroup_with_the_limits_and_affinity_asked() -> None:
@@ -149,7 +148,12 @@ async def test_set_cpu_limits_at_run_time_writes_the_files() -> None:
         expect_limits(cgroup, 2500, 120.5)
         await vm.set_cpu_limits(clear_max_percent=True)
         expect_limits(cgroup, 2500, None)
-        await vm.set_cpu_limits(max_percent=120.5)
+        # Across the periods avmm picks (10 ms, 100 ms, 20 ms, 33.4 ms, 100 ms with the
+        # kernel's 1 ms floor, 10 ms), each change accepted by the real kernel whatever
+        # the period and quota before it.
+        for max_percent in (25, 1, 5, 3, 0.5, 50, 120.5):
+            await vm.set_cpu_limits(max_percent=max_percent)
+            expect_limits(cgroup, 2500, max_percent)
         assert set(tids) <= thread_ids(cgroup)
         with pytest.raises(ConfigError) as bad:
             await vm.set_cpu_limits(weight=0)
