@@ -414,10 +414,15 @@ class VirtualMachine:
         self._log.info("vm resumed")
 
     async def _resume_now(self) -> None:
+        await self._resume_devices()
+        self._continue()
+
+    async def _resume_devices(self) -> None:
+        """The devices serve again (a checkpoint per slot); the vCPUs stay parked until
+        :meth:`_continue`."""
         self._gate.open()
         for slot in self.virtio_slots:
             await slot.resume()
-        self._continue()
 
     def _refuse_while_migrating(self, what: str) -> None:
         if self._migrating:
@@ -1088,9 +1093,7 @@ class VirtualMachine:
         async with self._control_lock:
             self._refuse_if_stopped_before_hand_over()
             if not self._start_paused:
-                self._gate.open()
-                for slot in self.virtio_slots:
-                    await slot.resume()
+                await self._resume_devices()
                 # Again, with no checkpoint from here to the vCPUs' release: a stop that
                 # came while the slots resumed has kept every vCPU parked (each leaves
                 # on the stop), and the source must hear that nothing ran here.

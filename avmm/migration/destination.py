@@ -215,19 +215,20 @@ class Destination:
         vCPU ran, so the source may run the guest on. It is told with ERROR, in place of
         ACK or as the answer to COMMIT; the VM ends, everything released."""
         why = f"the VM could not start: {error}"
-        self._update(state="failed", error=why)
-        self._log.warning("incoming migration failed; nothing runs here", error=why)
-        if not committed:
-            await self._refuse(f"the destination refused: {why}")
+        await self._mark_failed(why, refuse=not committed)
         detail = f"incoming migration: {why}"
-        if self.vm._stack is not None:
-            # Started parked (the failure is the hand-over's): its threads end unrun,
-            # and its devices stop (a hand-over that failed after resuming slots may
-            # have set them serving) before the source hears it may run the guest on:
-            # it then shares the disks with nothing of this side.
-            await self.vm._end_parked(detail)
-        if committed:
-            await self._answer_commit(error=f"the destination refused: {why}")
+        try:
+            if self.vm._stack is not None:
+                # Started parked (the failure is the hand-over's): its threads end
+                # unrun, and its devices stop (a hand-over that failed after resuming
+                # slots may have set them serving) before the source hears it may run
+                # the guest on: it then shares the disks with nothing of this side.
+                await self.vm._end_parked(detail)
+        finally:
+            # Also when the ending raised or was cancelled: the VM's nursery has
+            # waited for its tasks and threads all the same, and no vCPU ran.
+            if committed:
+                await self._answer_commit(error=f"the destination refused: {why}")
         # (A start that failed has released what it built.) Stopped, never run.
         self.vm._migration_failed(detail)
 

@@ -146,7 +146,9 @@ async def test_the_destination_starts_parked_and_runs_the_guest_only_after_commi
                     migrated.set()
 
                 inner.start_soon(migrate)
+                inner.start_soon(collect, destination, after)
                 await commit_held(source, destination, proxy)
+                assert not after  # the destination's serial is silent while parked
                 at_pause = progress(source)
                 proxy.let_go()
                 await migrated.wait()
@@ -154,7 +156,6 @@ async def test_the_destination_starts_parked_and_runs_the_guest_only_after_commi
                 assert destination.state is VmState.RUNNING
                 assert destination.migration is not None
                 assert destination.migration.state == "completed"
-                inner.start_soon(collect, destination, after)
                 # The guest walks on there, from where it stopped.
                 await walks_on(after)
                 assert progress(destination) > at_pause
