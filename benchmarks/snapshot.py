@@ -66,6 +66,7 @@ from benchmarks.common import (
 )
 from benchmarks.memchild import MAILBOX_ADDRESS, MAILBOX_MAGIC, SPIN_N
 from benchmarks.qmp import Qmp
+from benchmarks.qmp import connect as qmp_connect
 
 SPIN = f"avmm.test=count avmm.n={SPIN_N}"
 MIB = 1 << 20
@@ -331,20 +332,8 @@ def _qemu_argv(case: Case, qmp: Path) -> list[str]:
             "-qmp", f"unix:{qmp},server=on,wait=off"]
 
 
-def _connect(qmp: Path, process: subprocess.Popen[bytes]) -> Qmp:
-    """QEMU's monitor, once it listens: the socket's name appears at bind(), a moment
-    before listen(), so a refused connection is tried again."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        try:
-            return Qmp(qmp)
-        except (FileNotFoundError, ConnectionRefusedError):
-            pass
-        if process.poll() is not None:
-            raise BenchError(f"QEMU exited {process.returncode}: {_stderr(process)!r}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"QEMU never opened its monitor {qmp}")
-        time.sleep(POLL_S)
+def _connect(path: Path, process: subprocess.Popen[bytes]) -> Qmp:
+    return qmp_connect(path, process, timeout_s=TIMEOUT_S, poll_s=POLL_S)
 
 
 def _qemu_save(case: Case, path: Path, qmp: Path, seed: bytes) -> Saved:

@@ -14,17 +14,15 @@ Exit statuses under QEMU (isa-debug-exit maps a written value v to (v << 1) | 1)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
-import socket
 import subprocess
 import time
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import pytest
 from virtio_guest_support import (
@@ -37,6 +35,7 @@ from virtio_guest_support import (
     qemu_tap_netdev,
 )
 
+from benchmarks import qmp
 from benchmarks.common import QEMU_KVM_CPU
 from tests.prerequisites import net_problem, require
 
@@ -211,36 +210,6 @@ def test_smp_missing_cpu_fails_after_the_timeout(test_guest: Path) -> None:
     assert status == STATUS_FAILURE
 
 
-def _qmp(stream: TextIO, command: str, **arguments: object) -> Any:
-    message: dict[str, object] = {"execute": command}
-    if arguments:
-        message["arguments"] = arguments
-    stream.write(json.dumps(message) + "\n")
-    stream.flush()
-    while True:
-        line = stream.readline()
-        assert line, f"QMP closed while waiting for {command}"
-        reply = json.loads(line)
-        if "event" in reply:
-            continue
-        assert "return" in reply, reply
-        return reply["return"]
-
-
-def _connect(path: Path, process: subprocess.Popen[bytes]) -> socket.socket:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            assert process.poll() is None, "QEMU exited before QMP came up"
-            assert time.monotonic() < deadline, "QMP socket never came up"
-            time.sleep(0.05)
-
-
 def run_guest_to_pause(
     elf: Path,
     accel: str,
@@ -273,19 +242,16 @@ def run_guest_to_pause(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as process:
         try:
-            with _connect(qmp_path, process) as sock, sock.makefile("rw") as stream:
-                json.loads(stream.readline())  # greeting
-                _qmp(stream, "qmp_capabilities")
+            with qmp.connect(qmp_path, process, timeout_s=TIMEOUT_S, poll_s=0.05) as monitor:
                 deadline = time.monotonic() + TIMEOUT_S
-                while (state := _qmp(stream, "query-status"))["running"]:
+                while (state := monitor.command("query-status"))["running"]:
                     assert time.monotonic() < deadline, "guest did not stop"
                     time.sleep(0.05)
-                dump = _qmp(
-                    stream,
+                dump = monitor.command(
                     "human-monitor-command",
                     **{"command-line": f"xp /{words}gx {MAILBOX_GPA:#x}"},
                 )
-                _qmp(stream, "quit")
+                monitor.command("quit")
             stdout, _ = process.communicate(timeout=TIMEOUT_S)
         finally:
             if process.poll() is None:

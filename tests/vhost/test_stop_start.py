@@ -10,7 +10,6 @@ every buffer must come back exactly once, with the right contents.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -28,6 +27,7 @@ from avmm.virtio.device import DeviceContext, DeviceId, VirtioDevice, serve_queu
 from avmm.virtio.net import NET_HEADER_SIZE, NetDevice
 from avmm.virtio.queue import DescriptorChain
 from avmm.virtio.rng import RngDevice
+from benchmarks import qmp
 from tests.virtio_guest_support import echoing_tap
 
 from .frontend_double import Frontend, connected, served
@@ -280,31 +280,6 @@ ECHO_FRAMES = 50_000
 QEMU_CYCLES = 30
 
 
-class Qmp:
-    """A minimal QMP client (QEMU's JSON monitor on a unix socket)."""
-
-    def __init__(self, path: Path) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(30)
-        self._sock.connect(str(path))
-        self._file = self._sock.makefile("rw")
-        self._file.readline()  # the greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str) -> dict[str, object]:
-        self._file.write(json.dumps({"execute": command}) + "\n")
-        self._file.flush()
-        while True:  # events may come first
-            answer = json.loads(self._file.readline())
-            if "return" in answer or "error" in answer:
-                assert "error" not in answer, answer
-                return answer
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
-
-
 @pytest.mark.qemu
 @pytest.mark.guest
 @pytest.mark.net
@@ -329,20 +304,13 @@ def test_qemu_stop_cont_under_a_guest_echoing_frames(test_guest: Path, tmp_path:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 30
-            while not qmp_path.exists():
-                assert qemu.poll() is None and time.monotonic() < deadline
-                time.sleep(0.01)
-            qmp = Qmp(qmp_path)
             cycles = 0
-            try:
+            with qmp.connect(qmp_path, qemu) as monitor:
                 while qemu.poll() is None and cycles < QEMU_CYCLES:
                     time.sleep(0.01)
-                    qmp.execute("stop")
-                    qmp.execute("cont")
+                    monitor.command("stop")
+                    monitor.command("cont")
                     cycles += 1
-            finally:
-                qmp.close()
             stdout, stderr = qemu.communicate(timeout=120)
         finally:
             if qemu.poll() is None:
