@@ -59,6 +59,7 @@ from benchmarks.common import (
     avmm_run_sync,
     avmm_up_argv,
     checked,
+    end_process,
     log,
     per_unit,
     process_memory,
@@ -67,6 +68,8 @@ from benchmarks.common import (
     qemu_run,
     quiet_logging,
     serving,
+    status_of,
+    stderr_of,
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
 from benchmarks.fairness_io import bench_fairness_io
@@ -187,10 +190,42 @@ def bench_exits(p: Params) -> list[Figure]:
 # -- (b) start-up ------------------------------------------------------------------------
 
 
+#: What every avmm process imports before any avmm code: the interpreter of avmm's venv
+#: with the two packages its layers stand on (trio for the event loop, structlog for the
+#: logs; DESIGN.md), structlog with rich hidden from it as avmm imports it
+#: (:func:`avmm._lazy.import_structlog_without_rich`). A process that imports them and
+#: prints one byte is the floor under ``avmm up``'s start-up and memory, whatever avmm
+#: itself does.
+FLOOR_IMPORTS = "import sys\nsys.modules['rich'] = None\nimport trio, structlog"
+FLOOR_NOTE = ("the venv's python importing trio and structlog (without rich, as avmm "
+              "does), then printing one byte; no avmm code: the floor under the row above")
+
+
+def floor_argv(stay_s: float = 0) -> list[str]:
+    """A process that imports :data:`FLOOR_IMPORTS`, prints one byte, then sleeps
+    ``stay_s`` (for a reading of its memory) and exits."""
+    return [sys.executable, "-c", f"{FLOOR_IMPORTS}\nimport os, time\n"
+            f"os.write(1, b'x')\ntime.sleep({stay_s})"]
+
+
+def floor_memory() -> dict[str, int]:
+    """/proc/PID/status (kB fields) of :func:`floor_argv`'s process once it printed."""
+    process = subprocess.Popen(floor_argv(60), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        if os.read(process.stdout.fileno(), 1) != b"x":
+            raise BenchError(f"{FLOOR_IMPORTS!r} failed: {stderr_of(process)!r}")
+        return status_of(process.pid)
+    finally:
+        end_process(process)
+
+
 def bench_startup(p: Params) -> list[Figure]:
     """Milliseconds to the guest's first serial byte and to its exit, for the hello guest:
     ``avmm up`` as a process against a QEMU process (whole processes), and a VM started
-    inside this running trio program against the same QEMU runs (in-process)."""
+    inside this running trio program against the same QEMU runs (in-process). The floor:
+    :func:`floor_argv`'s process to its byte, against the same QEMU runs."""
     note = "examples/hello.toml vs QEMU microvm, same guest and cmdline"
     up_first = Figure("start-up: `avmm up` process → first serial byte", "ms", "lower",
                       WHOLE_PROCESS, note=note, goal=Goal("ratio", "≤", 2))
@@ -201,16 +236,20 @@ def bench_startup(p: Params) -> list[Figure]:
                           "lower", IN_PROCESS, note=in_note)
     inproc_exit = Figure("start-up: VM in a running avmm process → guest exit", "ms", "lower",
                          IN_PROCESS, note=in_note)
+    floor = Figure("start-up floor: python process importing trio and structlog → first "
+                   "byte", "ms", "lower", WHOLE_PROCESS, note=FLOOR_NOTE)
     qemu = qemu_argv(HELLO)
     for _ in range(p.runs):
         up = process_run(avmm_up_argv(HELLO_TOML), expect=HELLO_DONE)
         inproc = avmm_run_sync(HELLO, expect=HELLO_DONE)
         q = process_run(qemu, expect=HELLO_DONE)
+        bare = process_run(floor_argv(), expect="x")
         up_first.add(up.first_byte * 1e3, q.first_byte * 1e3)
         up_exit.add(up.seconds * 1e3, q.seconds * 1e3)
         inproc_first.add(inproc.first_byte * 1e3, q.first_byte * 1e3)
         inproc_exit.add(inproc.seconds * 1e3, q.seconds * 1e3)
-    return [up_first, up_exit, inproc_first, inproc_exit]
+        floor.add(bare.first_byte * 1e3, q.first_byte * 1e3)
+    return [up_first, floor, up_exit, inproc_first, inproc_exit]
 
 
 # -- (c) block I/O ---------------------------------------------------------------------
@@ -440,6 +479,9 @@ def bench_memory(p: Params) -> list[Figure]:
     guest = Figure("memory: guest RAM touched by a 1-VM process (RssShmem)", "MiB", "lower",
                    WHOLE_PROCESS,
                    note=f"test guest running `count`, {GUEST_MEMORY_MIB} MiB configured")
+    floor = Figure("memory floor: RSS of a python process importing trio and structlog",
+                   "MiB", "lower", WHOLE_PROCESS, note=FLOOR_NOTE.replace("the row above",
+                                                                         "the 1-VM row"))
     qemu_note = "QEMU: one process per VM, so its 1-VM RSS"
     first = Figure("memory: extra RSS for the first VM (0 → 1 VM in one avmm process)",
                    "MiB", "lower", IN_PROCESS, note=f"avmm imported, no VM → 1 VM; {qemu_note}")
@@ -456,11 +498,13 @@ def bench_memory(p: Params) -> list[Figure]:
         q = process_memory(qemu, "QEMU")
         q_own = (q["VmRSS"] - q["RssShmem"]) / mib
         one.add((up["VmRSS"] - up["RssShmem"]) / mib, q_own)
+        bare = floor_memory()
+        floor.add((bare["VmRSS"] - bare["RssShmem"]) / mib, q_own)
         guest.add(up["RssShmem"] / mib, q["RssShmem"] / mib)
         first.add(own[1] - own[0], q_own)
         for k, figure in extra.items():
             figure.add((own[k] - own[1]) / (k - 1), q_own)
-    return [one, guest, first, *extra.values()]
+    return [one, floor, guest, first, *extra.values()]
 
 
 # -- the driver ----------------------------------------------------------------------------

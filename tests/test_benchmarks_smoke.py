@@ -41,6 +41,8 @@ GROUPS = {
               ("exit round trip, pio write, 16550 scratch register", PER_OPERATION),
               ("exit round trip, mmio read, virtio-mmio Version register", PER_OPERATION)],
     "startup": [("start-up: `avmm up` process → first serial byte", WHOLE_PROCESS),
+                ("start-up floor: python process importing trio and structlog",
+                 WHOLE_PROCESS),
                 ("start-up: `avmm up` process → guest exit", WHOLE_PROCESS),
                 ("start-up: VM in a running avmm process → first", IN_PROCESS),
                 ("start-up: VM in a running avmm process → guest exit", IN_PROCESS)],
@@ -59,6 +61,8 @@ GROUPS = {
               ("VM churn: VMs one after another in one avmm process", IN_PROCESS)],
     # --quick puts 2 and 3 VMs in one process where the full run has 10 and 50.
     "memory": [("memory: RSS of a 1-VM process", WHOLE_PROCESS),
+               ("memory floor: RSS of a python process importing trio and structlog",
+                WHOLE_PROCESS),
                ("memory: guest RAM touched by a 1-VM process", WHOLE_PROCESS),
                ("memory: extra RSS for the first VM", IN_PROCESS),
                ("memory: extra RSS per VM (1 → 2 VMs", IN_PROCESS),
