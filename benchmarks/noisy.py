@@ -3,20 +3,32 @@ as it can slows a quiet VM's disk, in one avmm daemon, with every VM in the daem
 process (``--isolation none``) and each in a jailed worker of its own (``process``).
 
 The quiet VM runs the test guest's ``blk-bench`` at queue depth 1 (random 4 KiB reads)
-on its own image; its rate is measured as in the rate-limit figures: a run of ``n0 + n``
-requests minus a run of ``n0`` (boot and teardown cancel out), ``n`` divided by the
-difference. Three neighbours: none (alone), a noisy VM running ``blk-bench`` at queue
-depth 32 on its own image unlimited, and the same noisy VM limited to 500 requests per
-second and a quarter of a CPU (``cpu_max_percent``: its guest polls for completions, so
-it spins a CPU whatever its disk's limit). Goal (issue 15): with the limits, the quiet
-VM within 10 % of alone. avmm alone (no QEMU side): these are the daemon's own figures.
+on its own image; its rate is timed by the guest: ``n`` requests over the TSC ticks
+from its first request to its last completion (``cycles=``; time its vCPU spent
+descheduled is in it, the TSC runs on), converted with the TSC rate KVM gives a new
+vCPU (``KVM_GET_TSC_KHZ``). (Until the control row came, the rate was a difference of
+two whole VM runs of 3,300 and 300 requests, as in the rate-limit figures; only the
+longer run printed the latency line, about 60 serial bytes at two exits each, which the
+difference counted as request time.)
+
+Four neighbours: none (alone); a noisy VM running ``blk-bench`` at queue depth 32 on
+its own image, unlimited; the same noisy VM limited to 500 requests per second and a
+quarter of a CPU (``cpu_max_percent``: its guest polls for completions, so it spins a
+CPU whatever its disk's limit); and the control, no VM at all: a plain process that
+spins for the limited VM's quota and sleeps for the rest of its CFS period (2.5 ms of
+every 10 ms, :func:`avmm.cgroups.backend.cfs_period_us`). The control takes from the
+quiet VM what the host's CPUs cannot give both, whatever a VMM does: the quiet VM
+needs more than one CPU on its own, its vCPU spinning (the guest polls) while its I/O
+thread serves each request (a plain busy loop on this 2-CPU host takes it to a
+quarter of its rate or less). The limited VM's row is to be read against the control's:
+what it costs beyond that is avmm's. Goal (issue 15): with the limits, the quiet VM
+within 10 % of alone. avmm alone (no QEMU side): these are the daemon's own figures.
 Dense mode runs with ``avmm serve --isolation none``'s GIL switch interval
 (:func:`avmm.threads.share_the_interpreter_between_vms`).
 
-Latency: in its run of ``n0 + n`` requests the quiet guest times each request (TSC ticks
-from making it available to finding it used, ``blk-bench avmm.lat=1``) and prints the
-median and the 99th percentile; they are converted to microseconds with the TSC rate
-KVM gives a new vCPU on this host (``KVM_GET_TSC_KHZ``).
+Latency: in the same run the quiet guest times each request (TSC ticks from making it
+available to finding it used, ``blk-bench avmm.lat=1``) and prints the median and the
+99th percentile, converted to microseconds likewise.
 """
 
 from __future__ import annotations
@@ -24,15 +36,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from avmm.cgroups.backend import cfs_period_us
 from avmm.threads import share_the_interpreter_between_vms
-from benchmarks.common import SHARING, BenchError, Figure, avmm_config, log
+from benchmarks.common import SHARING, BenchError, Figure, avmm_config, end_process, log
 from benchmarks.isolation import host_for
 
 __all__ = ["bench_noisy_neighbour"]
@@ -47,10 +60,29 @@ NOISY_LIMIT = {"ops": {"size": 50, "refill_ms": 100}}  # 500 requests per second
 #: share of the CPU too).
 NOISY_CPU_PERCENT = 25
 NEIGHBOURS = ("alone", "next to an unlimited noisy VM", "next to a noisy VM limited to "
-              f"500 requests/s and {NOISY_CPU_PERCENT} % of a CPU")
+              f"500 requests/s and {NOISY_CPU_PERCENT} % of a CPU",
+              f"next to a plain process spinning {NOISY_CPU_PERCENT} % of a CPU (no VM; "
+              "the control)")
+LIMITED, CONTROL = 2, 3
+
+
+def spinner_argv(percent: float) -> list[str]:
+    """A process that spins for ``percent`` of each CFS period a VM limited to
+    ``percent`` gets, and sleeps for the rest: the CPU the limited noisy VM may take,
+    taken by something that is not a VM."""
+    period_s = cfs_period_us(percent) / 1e6
+    busy_s = period_s * percent / 100
+    return [sys.executable, "-c",
+            "import time\n"
+            "while True:\n"
+            "    start = time.perf_counter()\n"
+            f"    while time.perf_counter() - start < {busy_s!r}:\n"
+            "        pass\n"
+            f"    time.sleep({period_s - busy_s!r})\n"]
 
 
 _LATENCY = re.compile(r"blk-bench latency n=(\d+) p50=(\d+) p99=(\d+) max=(\d+)")
+_CYCLES = re.compile(r"blk-bench rw=read qd=1 n=(\d+) done cycles=(\d+)")
 
 
 def _cmd(n: int, qd: int, *, latency: bool = False) -> str:
@@ -75,36 +107,39 @@ def tsc_khz() -> int:
 
 
 class Quiet:
-    """One measurement of the quiet VM: its rate, and its latencies in ticks."""
+    """One measurement of the quiet VM, in the guest's TSC ticks: its run of requests,
+    and the median and 99th percentile of their latencies."""
 
-    def __init__(self, iops: float, p50_ticks: int, p99_ticks: int) -> None:
-        self.iops, self.p50_ticks, self.p99_ticks = iops, p50_ticks, p99_ticks
+    def __init__(self, requests: int, ticks: int, p50_ticks: int, p99_ticks: int) -> None:
+        self.requests, self.ticks = requests, ticks
+        self.p50_ticks, self.p99_ticks = p50_ticks, p99_ticks
 
 
-async def _quiet_seconds(host: Any, image: Path, n: int, *, latency: bool = False
-                         ) -> tuple[float, str]:
+async def _quiet_run(host: Any, image: Path, n: int) -> Quiet:
     from avmm.config import DiskConfig
 
-    config = avmm_config(_cmd(n, 1, latency=latency), disks=[DiskConfig(image)])
-    start = time.perf_counter()
-    vm = await host.create(config)
+    vm = await host.create(avmm_config(_cmd(n, 1, latency=True), disks=[DiskConfig(image)]))
     await vm.wait()
-    seconds = time.perf_counter() - start
     output = vm.console_backlog().decode(errors="replace")
     await host.remove(vm.id)
-    if f"blk-bench rw=read qd=1 n={n} done" not in output:
+    done, latency = _CYCLES.search(output), _LATENCY.search(output)
+    if done is None or latency is None or int(done[1]) != n or int(done[2]) == 0:
         raise BenchError(f"the quiet VM's blk-bench failed: {output[-300:]!r}")
-    return seconds, output
+    return Quiet(n, int(done[2]), int(latency[2]), int(latency[3]))
 
 
-async def _quiet_rate(process: bool, neighbour: int, quiet: Path, noisy: Path,
-                      n: int, n0: int) -> Quiet:
+async def _quiet_next_to(process: bool, neighbour: int, quiet: Path, noisy: Path,
+                         n: int) -> Quiet:
     from avmm.config import DiskConfig, parse_rate_limit
 
     async with host_for(process) as host:
-        noisy_vm = None
-        if neighbour:
-            limited = neighbour == 2
+        noisy_vm = spinner = None
+        if neighbour == CONTROL:
+            spinner = subprocess.Popen(spinner_argv(NOISY_CPU_PERCENT),
+                                       stdin=subprocess.DEVNULL)
+            await trio.sleep(0.3)  # past its start-up
+        elif neighbour:
+            limited = neighbour == LIMITED
             config = avmm_config(_cmd(100_000_000, 32), disks=[DiskConfig(
                 noisy, rate_limit=parse_rate_limit(NOISY_LIMIT, "rate_limit")
                 if limited else None)])
@@ -114,21 +149,12 @@ async def _quiet_rate(process: bool, neighbour: int, quiet: Path, noisy: Path,
             noisy_vm = await host.create(config)
             await trio.sleep(0.3)  # past its boot: reading at full speed
         try:
-            # A run's boot and teardown are most of it when n is small: a pair lost in
-            # that noise (the longer run not longer) is measured again, up to 5 times.
-            for _ in range(5):
-                loaded, output = await _quiet_seconds(host, quiet, n0 + n, latency=True)
-                base, _ = await _quiet_seconds(host, quiet, n0)
-                if loaded > base:
-                    found = _LATENCY.search(output)
-                    if found is None:
-                        raise BenchError(f"the quiet VM printed no latency: {output[-300:]!r}")
-                    return Quiet(n / (loaded - base), int(found[2]), int(found[3]))
+            return await _quiet_run(host, quiet, n)
         finally:
             if noisy_vm is not None:
                 await noisy_vm.stop()
-    raise BenchError(f"the quiet VM's run of {n0 + n} requests took no longer than its "
-                     f"run of {n0} five times ({loaded:.3f} s vs {base:.3f} s)")
+            if spinner is not None:
+                end_process(spinner)
 
 
 def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
@@ -144,7 +170,8 @@ def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
             "10 % of alone")
     rates = {(mode, index): Figure(
         f"noisy neighbour: quiet VM's blk 4 KiB reads qd 1, {text}, `--isolation {mode}`",
-        "IOPS", "higher", SHARING, note=note) for mode, index, text in cases}
+        "IOPS", "higher", SHARING, note=note + "; timed by the guest (TSC)")
+        for mode, index, text in cases}
     latencies = {(mode, index, which): Figure(
         f"noisy neighbour: quiet VM's blk 4 KiB read latency qd 1, {label}, {text}, "
         f"`--isolation {mode}`", "µs", "lower", SHARING,
@@ -158,9 +185,10 @@ def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
     try:
         for _ in range(runs):
             for mode, index, _text in cases:
-                quiet_vm = trio.run(_quiet_rate, mode == "process", index, quiet, noisy, n,
-                                    max(n // 10, 20))
-                rates[mode, index].avmm.append(quiet_vm.iops)
+                quiet_vm = trio.run(_quiet_next_to, mode == "process", index, quiet, noisy,
+                                    n)
+                rates[mode, index].avmm.append(
+                    quiet_vm.requests * ticks_per_us * 1e6 / quiet_vm.ticks)
                 latencies[mode, index, "p50"].avmm.append(quiet_vm.p50_ticks / ticks_per_us)
                 latencies[mode, index, "p99"].avmm.append(quiet_vm.p99_ticks / ticks_per_us)
         for figure in [*rates.values(), *latencies.values()]:

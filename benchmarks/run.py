@@ -103,7 +103,7 @@ class Params:
     migration_mib: tuple[int, ...] = (128, 1024)  # guest RAM sizes of the migration group
     fairness_window_s: float = 5.0  # CPU time measured over this window (fairness group)
     fairness_s: float = 4.0  # seconds of limited I/O per rate-limit run (past the bucket)
-    noisy_n: int = 3000  # the quiet VM's requests per noisy-neighbour run
+    noisy_n: int = 50_000  # the quiet VM's requests per noisy-neighbour run
 
 
 FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
@@ -111,7 +111,7 @@ FULL = Params(runs=5, exit_n=20000, blk_n={1: 2000, 32: 10000},
 QUICK = Params(runs=2, exit_n=2000, blk_n={1: 1000, 32: 2000},
                blk_vhost_n={1: 1000, 32: 2000}, net_n=2000, churn_s=0.3, memory_vms=(2, 3),
                snapshot_mib=(16,), migration_mib=(16,), fairness_window_s=1.0,
-               fairness_s=0.5, noisy_n=1500)
+               fairness_s=0.5, noisy_n=5000)
 
 
 # -- (a) VM exit round trip -------------------------------------------------------------

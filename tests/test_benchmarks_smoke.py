@@ -104,6 +104,9 @@ GROUPS = {
                   "none`", SHARING),
                  ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to a noisy VM "
                   "limited to 500 requests/s and 25 % of a CPU, `--isolation process`",
+                  SHARING),
+                 ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to a plain "
+                  "process spinning 25 % of a CPU (no VM; the control), `--isolation none`",
                   SHARING)],
     "isolation": [("isolation: VM churn, `--isolation process`", IN_PROCESS),
                   ("isolation: VM churn, `--isolation none`", IN_PROCESS),
