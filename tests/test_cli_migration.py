@@ -120,7 +120,10 @@ async def _drive(vm: FakeVm, *, fail: str | None = None, state: str = "failed") 
 
 async def test_migrate_follows_the_rounds_and_prints_the_downtime(
         api: ApiClient, fake_host: FakeHost, area: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every round must be seen: each lasts 0.6 s, and the CLI looking every 0.25 s could
+    # miss one behind a stall of a loaded host; looking every 20 ms it needs a longer one.
+    monkeypatch.setattr("avmm.api.cli_migration.POLL_INTERVAL_S", 0.02)
     vm = await _source(fake_host, area)
     capsys.readouterr()  # the daemon's start-up log
     async with trio.open_nursery() as nursery:

@@ -34,6 +34,11 @@ from tests.vm.helpers import MAILBOX_ADDRESS
 #: written (blk-write).
 PROGRESS = MAILBOX_ADDRESS + 8
 ECHO_FRAMES = 200
+#: Frames of the net-echo runs that :func:`pause_with_no_echo_on_its_way` pauses: an echo
+#: takes 80 to 300 µs here, so 200 frames left the guest 15 to 55 ms between its 10th frame and
+#: its end, which a loaded host's polling and the pause's tries (each resumes the guest
+#: for a while) can use up; 2,000 leave it about ten times as long.
+PAUSED_ECHO_FRAMES = 2000
 ECHO_MAC = bytes.fromhex("525400abcdef")
 BLK_SECTORS = 8 * 2048  # 8 MiB: the guest writes it, then reads it all back
 

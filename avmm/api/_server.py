@@ -32,6 +32,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from ..config import UNIX_SOCKET_PATH_MAX
 from ..errors import AvmmError, HostFileError
 from ..isolation.ip_sockets import install_daemon_filters
 from ..isolation.seccomp import SeccompMode
@@ -169,21 +170,38 @@ def _bind(path: Path, group: str | None) -> tuple[socket.socket, tuple[int, int]
     gid = _group_id(group) if group is not None else None
     mode = 0o660 if gid is not None else 0o600
     _claim(path)
+    # Made at a temporary name and linked into place once it listens with its final
+    # owner and mode: a client that finds the socket file (the usual sign that the
+    # daemon is up) can connect at once, and never sees it refuse or with the mode it
+    # had for a moment. link(2), unlike rename(2), never replaces a file that turned up
+    # at ``path`` meanwhile. A temporary name over sun_path's limit: bound in place.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if len(os.fsencode(temporary)) > UNIX_SOCKET_PATH_MAX:
+        temporary = path
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        with contextlib.suppress(FileNotFoundError):
+            if temporary != path:
+                os.unlink(temporary)  # left by a daemon of this pid that died
         # bind(2) gives the socket file the socket inode's mode less the umask: 0600
         # first, so that the file is never open to anyone else, without changing the
         # process-wide umask (other threads may be creating files meanwhile). The group
         # gets its access only once the file belongs to that group.
         os.fchmod(listener.fileno(), 0o600)
-        listener.bind(os.fsencode(path))
+        listener.bind(os.fsencode(temporary))
         if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)  # exact, whatever the umask left
+            os.chown(temporary, -1, gid)
+        os.chmod(temporary, mode)  # exact, whatever the umask left
         listener.listen(128)
+        if temporary != path:
+            os.link(temporary, path)
+            os.unlink(temporary)
         info = os.lstat(path)
     except OSError as e:
         listener.close()
+        if temporary != path:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
         raise DaemonError(f"cannot listen on {path}: {e.strerror or e}") from e
     return listener, (info.st_dev, info.st_ino)
 

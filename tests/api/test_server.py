@@ -79,6 +79,51 @@ async def test_group_option_gives_the_group_0660(nursery: trio.Nursery,
     assert info.st_uid == os.geteuid()
 
 
+async def test_the_socket_appears_only_listening_and_with_its_final_mode(
+        nursery: trio.Nursery, socket_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sees the socket file (the usual sign that the daemon is up) can
+    connect at once and never meets the mode of a moment before: the daemon makes it at
+    a temporary name and links it into place last. Checked at that link: nothing at the
+    path yet, and the socket being linked listens and has its final mode."""
+    path = socket_dir / "avmm.sock"
+    seen: list[tuple[bool, int, bool]] = []
+    real_link = os.link
+
+    def checking_link(source: str | os.PathLike[str], target: str | os.PathLike[str],
+                      **kwargs: object) -> None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(os.fsencode(source))
+            listening = True
+        except ConnectionRefusedError:
+            listening = False
+        finally:
+            probe.close()
+        seen.append((listening, stat.S_IMODE(os.stat(source).st_mode),
+                     os.path.lexists(target)))
+        real_link(source, target, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", checking_link)
+    await _serve(nursery, path)
+    assert seen == [(True, 0o600, False)]
+    assert sorted(p.name for p in socket_dir.iterdir()) == ["avmm.sock"]  # no temporary
+    async with ApiClient(path) as api:
+        assert await api.list_vms() == []
+
+
+async def test_a_path_too_long_for_a_temporary_name_is_bound_in_place(
+        nursery: trio.Nursery, socket_dir: Path) -> None:
+    """At sun_path's limit (107 bytes) the temporary name would not fit: the socket is
+    bound at its path directly, as it was before temporary names."""
+    name = "s" * (107 - len(os.fsencode(socket_dir)) - 1)
+    path = socket_dir / name
+    assert len(os.fsencode(path)) == 107
+    await _serve(nursery, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    async with ApiClient(path) as api:
+        assert await api.list_vms() == []
+
+
 async def test_unknown_group_is_refused(socket_dir: Path) -> None:
     with pytest.raises(DaemonError, match="unknown group"):
         await serve_api(FakeHost(), socket_dir / "avmm.sock", group="no-such-group-avmm")

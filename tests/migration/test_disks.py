@@ -32,14 +32,16 @@ from .support import MEM_WALK, TIMEOUT_S, collect, guest_config, read_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-# 16 MiB: the guest writes it, then reads it all back. With small requests, enough
+# 32 MiB: the guest writes it, then reads it all back. With small requests, enough
 # work that the guest is still busy when a migration of its 64 MiB of RAM ends, on a
 # loaded machine too.
-SECTORS = 2 * BLK_SECTORS
+SECTORS = 4 * BLK_SECTORS
 SEED = 7
 #: Small requests (the guest's default is 128 sectors): the write half lasts long
-#: enough that the migration lands in its middle however fast either of them is.
-REQUEST_SECTORS = 8
+#: enough that the migration lands in its middle however fast either of them is, and
+#: its first half (where the test starts the migration, polling every 2 ms) lasts
+#: hundreds of milliseconds rather than the 40 to 150 ms of 8-sector requests on 16 MiB.
+REQUEST_SECTORS = 4
 
 
 def disk_config(kind: str, image: Path, sock: Path) -> VmConfig:

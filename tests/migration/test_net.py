@@ -32,6 +32,7 @@ from avmm.config import NetConfig
 from tests.prerequisites import net_problem, require
 from tests.traffic_support import (
     ECHO_FRAMES,
+    PAUSED_ECHO_FRAMES,
     PROGRESS,
     SequenceEchoer,
     net_echo,
@@ -114,7 +115,7 @@ async def test_net_echo_goes_on_on_the_destination(tmp_path: Path) -> None:
     require(net_problem())
     with two_taps() as namespace, namespace.echoer(lifetime=300) as echoer, \
                 EthernetEchoer("avmmtap1", netns=namespace.netns, lifetime=300) as second:
-        config = net_echo(guest_config(f"avmm.test=net-echo avmm.n={FRAMES}",
+        config = net_echo(guest_config(f"avmm.test=net-echo avmm.n={PAUSED_ECHO_FRAMES}",
                                        memory_mib=64), namespace)
         # The destination's own tap; its MAC comes with the stream.
         given = dataclasses.replace(config, nets=(NetConfig(
@@ -126,13 +127,13 @@ async def test_net_echo_goes_on_on_the_destination(tmp_path: Path) -> None:
                 async with VirtualMachine(config) as source:
                     nursery.start_soon(collect, source, before)
                     received = await pause_with_no_echo_on_its_way(source, echoer)
-                    assert received < FRAMES - 5, "the guest was almost done"
+                    assert received < PAUSED_ECHO_FRAMES - 5, "the guest was almost done"
                     await source.migrate(f"unix:{tmp_path / 'in.sock'}")
                     assert (await source.wait()).reason is StopReason.MIGRATED
                 nursery.start_soon(collect, destination, after)
                 end = await destination.wait()
     assert not end.failed, end
     assert "echoed=" not in before.decode()
-    assert f"net0 echoed={FRAMES}" in after.decode(), after.decode()
-    assert echoer.echoed + second.echoed == FRAMES
-    assert second.echoed == FRAMES - received
+    assert f"net0 echoed={PAUSED_ECHO_FRAMES}" in after.decode(), after.decode()
+    assert echoer.echoed + second.echoed == PAUSED_ECHO_FRAMES
+    assert second.echoed == PAUSED_ECHO_FRAMES - received

@@ -354,7 +354,7 @@ def test_the_daemon_closing_a_group_never_waits_for_a_change_in_progress() -> No
         time.sleep(0.1)  # the change waits for the lock (up to 1 s)
         started = time.monotonic()
         daemon.close()
-        assert time.monotonic() - started < 0.05
+        assert time.monotonic() - started < 0.5  # the change waits up to 1 s
         change.join()
         assert daemon._closed
         assert daemon.levels() == {}

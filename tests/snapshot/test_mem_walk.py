@@ -43,11 +43,12 @@ async def test_mem_walk_goes_on_from_the_saved_round_in_a_new_process(
     assert restored.returncode == 0, restored.stderr.decode()
     after = restored.stdout.decode()
     assert "mem-walk round=1 " not in after, "the restored guest started over"
-    # The snapshot fell inside round 3 (its line half printed, or not yet): the restored
-    # process prints the rest, and the two halves are exactly one uninterrupted run.
+    # The snapshot fell inside round 3 or, on a loaded host, a later one (its line half
+    # printed, or not yet): the restored process prints the rest, and the two halves are
+    # exactly one uninterrupted run.
     assert mem_walk_lines(before + after) == EXPECTED
     assert rounds_printed(before + after) == list(range(1, MEM_WALK_ROUNDS + 1))
-    assert rounds_printed(after)[0] in (2, 3, 4)  # 2: only its crc was left to print
+    assert 2 <= rounds_printed(after)[0] <= MEM_WALK_ROUNDS  # 2: only its crc was left
 
 
 async def test_snapshot_restore_snapshot_restore(tmp_path: Path) -> None:

@@ -20,14 +20,14 @@ import trio
 from avmm import VirtualMachine
 from avmm.config import NetConfig
 from tests.prerequisites import net_problem, require
-from tests.traffic_support import ECHO_FRAMES, net_echo, pause_with_no_echo_on_its_way
+from tests.traffic_support import PAUSED_ECHO_FRAMES, net_echo, pause_with_no_echo_on_its_way
 from tests.virtio_guest_support import echoing_tap
 
 from .support import console_config, drain, restore_in_new_process
 
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
-FRAMES = ECHO_FRAMES
+FRAMES = PAUSED_ECHO_FRAMES
 
 
 async def test_net_echo_goes_on_after_a_restore_in_a_new_process(tmp_path: Path) -> None:

@@ -77,9 +77,10 @@ def test_mem_walk_goes_on_in_a_new_process_from_a_mid_walk_snapshot(
                                        *(["--copy"] if memory == "copied" else []))
     assert restored.returncode == 0, restored.stderr.decode()
     after = restored.stdout.decode()
-    # No round starts over, none is skipped: the two halves are the whole run.
+    # No round starts over, none is skipped: the two halves are the whole run, and the
+    # restored half has walked (round 3 here, or a later one on a loaded host).
     assert before + after == uninterrupted
-    assert f"{PREFIX}mem-walk round=3 " in after or f"{PREFIX}mem-walk round=4 " in after
+    assert f"{PREFIX}mem-walk round=" in after
 
 
 def test_snapshot_restore_snapshot_restore(tmp_path: Path, uninterrupted: str) -> None:

@@ -31,6 +31,10 @@ VM_TIMEOUT_S = 40
 SECTORS = 32 * 2048  # 32 MiB
 #: The backend is down this long before a new one is started.
 DOWN_S = 0.3
+#: blk-write's requests are this many sectors (default 128): the tests must act while
+#: the guest writes, which at 64 KiB per request lasted 50 to 100 ms through qsd, a window
+#: a loaded host's 5 ms polling of the image can step over; 4 KiB requests widen it.
+REQUEST = "avmm.req=8"
 
 
 def _backend(kind: str, image: Path, sock: Path) -> contextlib.AbstractContextManager[
@@ -104,7 +108,7 @@ async def test_killing_the_blk_backend_mid_write_loses_nothing(
 
     with stack:
         result, output, vm = await _run_with(
-            blk_config(f"avmm.test=blk-write avmm.seed={seed}", sock), kill_and_restart)
+            blk_config(f"avmm.test=blk-write avmm.seed={seed} {REQUEST}", sock), kill_and_restart)
     device = _vhost_device(vm)
     assert killed_at, output
     assert f"blk0 written={SECTORS} verify=ok" in output, output
@@ -147,7 +151,7 @@ async def test_a_backend_that_never_comes_back_puts_the_device_in_needs_reset(
     with _backend("avmm", image, sock) as process:
         process_holder.append(process)
         result, output, vm = await _run_with(
-            blk_config(f"avmm.test=blk-write avmm.seed={seed}", sock), kill)
+            blk_config(f"avmm.test=blk-write avmm.seed={seed} {REQUEST}", sock), kill)
     assert gave_up and 1.0 <= gave_up[0] < 5.0, gave_up
     assert vm.virtio_slots[0].transport.status & DeviceStatus.DEVICE_NEEDS_RESET
     # The guest, still running, saw DEVICE_NEEDS_RESET and gave up on its own: the VMM
@@ -183,7 +187,7 @@ async def test_a_backend_that_comes_back_with_another_disk_is_refused(tmp_path: 
 
     with stack:
         result, output, vm = await _run_with(
-            blk_config("avmm.test=blk-write avmm.seed=3", sock), swap)
+            blk_config(f"avmm.test=blk-write avmm.seed=3 {REQUEST}", sock), swap)
     assert vm.virtio_slots[0].transport.status & DeviceStatus.DEVICE_NEEDS_RESET
     assert "blk0 needs reset" in output, output
     assert result.reason is StopReason.DEBUG_EXIT, (result, output)
