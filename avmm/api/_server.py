@@ -17,6 +17,7 @@ says where those files may be (a :class:`~avmm.paths.PathPolicy`), or
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import grp
 import os
@@ -189,9 +190,7 @@ def _bind(path: Path, group: str | None) -> tuple[socket.socket, tuple[int, int]
         # gets its access only once the file belongs to that group.
         os.fchmod(listener.fileno(), 0o600)
         listener.bind(os.fsencode(temporary))
-        if gid is not None:
-            os.chown(temporary, -1, gid)
-        os.chmod(temporary, mode)  # exact, whatever the umask left
+        _set_owner_and_mode(temporary, gid, mode)
         listener.listen(128)
         if temporary != path:
             os.link(temporary, path)
@@ -204,6 +203,27 @@ def _bind(path: Path, group: str | None) -> tuple[socket.socket, tuple[int, int]
                 os.unlink(temporary)
         raise DaemonError(f"cannot listen on {path}: {e.strerror or e}") from e
     return listener, (info.st_dev, info.st_ino)
+
+
+def _set_owner_and_mode(path: Path, gid: int | None, mode: int) -> None:
+    """Give the socket file just bound at ``path`` its group and exact mode (whatever the
+    umask left) without following a symlink: chown(2) and chmod(2) by name follow one,
+    so a file swapped for a symlink in the socket's directory would hand a file
+    elsewhere to the group (a root daemon's --group). The file is opened as itself
+    (``O_PATH | O_NOFOLLOW``), must be a socket of this process's user, and is changed
+    through its /proc/self/fd link, which names that very file."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, "the file at the path is no longer the socket just "
+                                       "bound (replaced meanwhile)")
+        itself = f"/proc/self/fd/{fd}"
+        if gid is not None:
+            os.chown(itself, -1, gid)
+        os.chmod(itself, mode)
+    finally:
+        os.close(fd)
 
 
 def _claim(path: Path) -> None:

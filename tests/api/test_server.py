@@ -111,6 +111,34 @@ async def test_the_socket_appears_only_listening_and_with_its_final_mode(
         assert await api.list_vms() == []
 
 
+async def test_a_socket_file_swapped_for_a_symlink_hands_nothing_over(
+        socket_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone who can write the socket's directory replaces the socket file, right
+    after bind(2), with a symlink to another file: the daemon's chmod (and, with
+    --group, its chown) must not follow it. It refuses to start and the file is as it
+    was."""
+    target = tmp_path / "elsewhere"
+    target.write_text("not the daemon's")
+    target.chmod(0o644)
+
+    class SwappedAfterBind(socket.socket):
+        def bind(self, address: object) -> None:
+            super().bind(address)  # type: ignore[arg-type]
+            bound = os.fsdecode(address)  # type: ignore[arg-type]
+            os.unlink(bound)
+            os.symlink(target, bound)
+
+    monkeypatch.setattr(socket, "socket", SwappedAfterBind)
+    # (A daemon that followed the symlink would start serving: bounded, to fail.)
+    with trio.fail_after(10), pytest.raises(DaemonError,
+                                            match="no longer the socket just bound"):
+        await serve_api(FakeHost(), socket_dir / "avmm.sock")
+    monkeypatch.undo()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert target.read_text() == "not the daemon's"
+    assert sorted(p.name for p in socket_dir.iterdir()) == []  # nothing left behind
+
+
 async def test_a_path_too_long_for_a_temporary_name_is_bound_in_place(
         nursery: trio.Nursery, socket_dir: Path) -> None:
     """At sun_path's limit (107 bytes) the temporary name would not fit: the socket is
