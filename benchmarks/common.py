@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -196,6 +197,34 @@ def per_unit(loaded: Callable[[], float], empty: Callable[[], float], n: int, wh
         figure.retries += 1
         log(f"benchmarks: {what}: n={n} took {total_s:.4f} s, n=0 {baseline_s:.4f} s; again")
     raise BenchError(f"{what}: n={n} never measurably slower than n=0; raise n")
+
+
+#: blk-bench's last line: its own TSC count from its first request to its last completion.
+BLK_CYCLES = re.compile(r"blk-bench rw=\w+ qd=\d+ n=(\d+) done cycles=(\d+)")
+
+
+def guest_timed_iops(output: str, tsc_hz: float, what: str) -> float:
+    """Requests per second as the guest timed them (no boot or teardown in it)."""
+    match = BLK_CYCLES.search(output)
+    if match is None or int(match.group(2)) == 0:
+        raise BenchError(f"{what}: no cycle count in the guest's output: {output[-300:]!r}")
+    return int(match.group(1)) * tsc_hz / int(match.group(2))
+
+
+def tsc_khz() -> int:
+    """The TSC rate (kHz) KVM gives a new vCPU here: what the guest's ticks count."""
+    from avmm.kvm.system import Kvm
+
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        try:
+            vcpu = vm.create_vcpu(0)
+            try:
+                return vcpu.get_tsc_khz()
+            finally:
+                vcpu.close()
+        finally:
+            vm.close()
 
 
 #: Runs one VM with the test guest's command line to the end: (wall seconds, output).

@@ -45,7 +45,16 @@ import trio
 
 from avmm.cgroups.backend import cfs_period_us
 from avmm.threads import share_the_interpreter_between_vms
-from benchmarks.common import SHARING, BenchError, Figure, avmm_config, end_process, log
+from benchmarks.common import (
+    SHARING,
+    BenchError,
+    Figure,
+    avmm_config,
+    end_process,
+    guest_timed_iops,
+    log,
+    tsc_khz,
+)
 from benchmarks.isolation import host_for
 
 __all__ = ["bench_noisy_neighbour"]
@@ -82,7 +91,6 @@ def spinner_argv(percent: float) -> list[str]:
 
 
 _LATENCY = re.compile(r"blk-bench latency n=(\d+) p50=(\d+) p99=(\d+) max=(\d+)")
-_CYCLES = re.compile(r"blk-bench rw=read qd=1 n=(\d+) done cycles=(\d+)")
 
 
 def _cmd(n: int, qd: int, *, latency: bool = False) -> str:
@@ -90,46 +98,30 @@ def _cmd(n: int, qd: int, *, latency: bool = False) -> str:
             + (" avmm.lat=1" if latency else ""))
 
 
-def tsc_khz() -> int:
-    """The TSC rate (kHz) KVM gives a new vCPU here: what the guest's ticks count."""
-    from avmm.kvm.system import Kvm
-
-    with Kvm() as kvm:
-        vm = kvm.create_vm()
-        try:
-            vcpu = vm.create_vcpu(0)
-            try:
-                return vcpu.get_tsc_khz()
-            finally:
-                vcpu.close()
-        finally:
-            vm.close()
-
-
 class Quiet:
-    """One measurement of the quiet VM, in the guest's TSC ticks: its run of requests,
-    and the median and 99th percentile of their latencies."""
+    """One measurement of the quiet VM: its rate as the guest timed it, and the median
+    and 99th percentile of its requests' latencies in the guest's TSC ticks."""
 
-    def __init__(self, requests: int, ticks: int, p50_ticks: int, p99_ticks: int) -> None:
-        self.requests, self.ticks = requests, ticks
-        self.p50_ticks, self.p99_ticks = p50_ticks, p99_ticks
+    def __init__(self, iops: float, p50_ticks: int, p99_ticks: int) -> None:
+        self.iops, self.p50_ticks, self.p99_ticks = iops, p50_ticks, p99_ticks
 
 
-async def _quiet_run(host: Any, image: Path, n: int) -> Quiet:
+async def _quiet_run(host: Any, image: Path, n: int, tsc_hz: float) -> Quiet:
     from avmm.config import DiskConfig
 
     vm = await host.create(avmm_config(_cmd(n, 1, latency=True), disks=[DiskConfig(image)]))
     await vm.wait()
     output = vm.console_backlog().decode(errors="replace")
     await host.remove(vm.id)
-    done, latency = _CYCLES.search(output), _LATENCY.search(output)
-    if done is None or latency is None or int(done[1]) != n or int(done[2]) == 0:
+    latency = _LATENCY.search(output)
+    if f"blk-bench rw=read qd=1 n={n} done" not in output or latency is None:
         raise BenchError(f"the quiet VM's blk-bench failed: {output[-300:]!r}")
-    return Quiet(n, int(done[2]), int(latency[2]), int(latency[3]))
+    return Quiet(guest_timed_iops(output, tsc_hz, "the quiet VM's blk-bench"),
+                 int(latency[2]), int(latency[3]))
 
 
 async def _quiet_next_to(process: bool, neighbour: int, quiet: Path, noisy: Path,
-                         n: int) -> Quiet:
+                         n: int, tsc_hz: float) -> Quiet:
     from avmm.config import DiskConfig, parse_rate_limit
 
     async with host_for(process) as host:
@@ -149,7 +141,7 @@ async def _quiet_next_to(process: bool, neighbour: int, quiet: Path, noisy: Path
             noisy_vm = await host.create(config)
             await trio.sleep(0.3)  # past its boot: reading at full speed
         try:
-            return await _quiet_run(host, quiet, n)
+            return await _quiet_run(host, quiet, n, tsc_hz)
         finally:
             if noisy_vm is not None:
                 await noisy_vm.stop()
@@ -186,9 +178,8 @@ def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
         for _ in range(runs):
             for mode, index, _text in cases:
                 quiet_vm = trio.run(_quiet_next_to, mode == "process", index, quiet, noisy,
-                                    n)
-                rates[mode, index].avmm.append(
-                    quiet_vm.requests * ticks_per_us * 1e6 / quiet_vm.ticks)
+                                    n, ticks_per_us * 1e6)
+                rates[mode, index].avmm.append(quiet_vm.iops)
                 latencies[mode, index, "p50"].avmm.append(quiet_vm.p50_ticks / ticks_per_us)
                 latencies[mode, index, "p99"].avmm.append(quiet_vm.p99_ticks / ticks_per_us)
         for figure in [*rates.values(), *latencies.values()]:

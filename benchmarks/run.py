@@ -31,7 +31,6 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from benchmarks.common import (
     avmm_up_argv,
     checked,
     end_process,
+    guest_timed_iops,
     log,
     per_unit,
     process_memory,
@@ -70,6 +70,7 @@ from benchmarks.common import (
     serving,
     status_of,
     stderr_of,
+    tsc_khz,
 )
 from benchmarks.fairness_cpu import bench_fairness_cpu
 from benchmarks.fairness_io import bench_fairness_io
@@ -277,18 +278,6 @@ def _blk_cmd(n: int, rw: str, qd: int) -> str:
     return f"avmm.test=blk-bench avmm.rw={rw} avmm.qd={qd} avmm.n={n} avmm.qsize=128"
 
 
-#: blk-bench's last line: its own TSC count from its first request to its last completion.
-_BLK_CYCLES = re.compile(r"blk-bench rw=\w+ qd=\d+ n=(\d+) done cycles=(\d+)")
-
-
-def _guest_timed_iops(output: str, tsc_hz: float, what: str) -> float:
-    """Requests per second as the guest timed them (no boot or teardown in it)."""
-    match = _BLK_CYCLES.search(output)
-    if match is None or int(match.group(2)) == 0:
-        raise BenchError(f"{what}: no cycle count in the guest's output: {output[-300:]!r}")
-    return int(match.group(1)) * tsc_hz / int(match.group(2))
-
-
 def _blk_goal(label: str, rw: str, qd: int) -> Goal | None:
     """Issue 16's goals, for avmm's own virtio-blk at queue depth 32: writes at least
     0.9 of QEMU's rate, reads at least QEMU's "steadily" (in every pair)."""
@@ -303,7 +292,6 @@ def _blk_figures(p: Params, counts: dict[int, int], label: str, note: str,
     device is still set up), per VMM and run; and from the same runs, the rate the guest
     timed itself (its TSC, at the rate KVM gives a vCPU here: the same for both VMMs),
     which no boot-time noise reaches."""
-    from benchmarks.noisy import tsc_khz
 
     tsc_hz = tsc_khz() * 1e3
     figures = []
@@ -338,8 +326,8 @@ def _blk_figures(p: Params, counts: dict[int, int], label: str, note: str,
                              lambda c=empty, w=what: checked(qemu_side, c, "done", w),
                              n, what, figure)
                 figure.add(1 / a, 1 / q)
-                timed.add(_guest_timed_iops(outputs["avmm"], tsc_hz, what),
-                          _guest_timed_iops(outputs["qemu"], tsc_hz, what))
+                timed.add(guest_timed_iops(outputs["avmm"], tsc_hz, what),
+                          guest_timed_iops(outputs["qemu"], tsc_hz, what))
             figures += [figure, timed]
     return figures
 
