@@ -5,15 +5,15 @@ State is plain data: dataclasses whose fields are ``int`` (optionally with a wid
 (``K`` an int or str), ``T | None`` and other such dataclasses. Nothing else can be
 encoded, so nothing executable or live ever reaches a file.
 
-The wire form is one recursive construct declaration, :data:`VALUE`: a tag byte and the
-tag's body. A record (a dataclass) carries its name, its ``STATE_VERSION`` and each
-field by name. Decoding is two steps: construct parses the bytes into plain values
-(:class:`Record`, lists, dicts, ints, ...), then :func:`decode` binds them to the
-expected dataclass, following its type hints and refusing anything that does not fit:
-an unknown or missing field, a wrong tag, an integer out of its width, a record of
-another name or a version this avmm does not read. Every refusal is one
-:class:`SnapshotError` line with the path of the offending value
-(``VcpuState.sregs.cs.limit: ...``).
+The wire form is one recursive construct declaration, :data:`VALUE` (in :mod:`._wire`,
+imported on first use): a tag byte and the tag's body. A record (a dataclass) carries
+its name, its ``STATE_VERSION`` and each field by name. Decoding is two steps:
+construct parses the bytes into plain values (:class:`Record`, lists, dicts, ints,
+...), then :func:`decode` binds them to the expected dataclass, following its type
+hints and refusing anything that does not fit: an unknown or missing field, a wrong
+tag, an integer out of its width, a record of another name or a version this avmm does
+not read. Every refusal is one :class:`SnapshotError` line with the path of the
+offending value (``VcpuState.sregs.cs.limit: ...``).
 
 A dataclass may declare ``STATE_VERSION`` (default 1), ``STATE_NAME`` (default the
 class name) and, once its version moves on, a classmethod
@@ -27,11 +27,17 @@ import dataclasses
 import functools
 import types
 from dataclasses import dataclass
-from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin, get_type_hints
 
-import construct as c
-
+from .._lazy import lazy_exports
 from ._errors import SnapshotError
+
+if TYPE_CHECKING:
+    from ._wire import NAME as NAME
+    from ._wire import TAG as TAG
+    from ._wire import VALUE as VALUE
+    from ._wire import VAR_INT as VAR_INT
+    from ._wire import VAR_UINT as VAR_UINT
 
 # -- integer widths --------------------------------------------------------------------
 
@@ -63,83 +69,16 @@ _ANY_INT = IntRange(-(1 << 63), (1 << 64) - 1, "a 64-bit integer")
 #: an integer of millions of digits.
 _VARINT_MAX_BYTES = 10
 
+#: The construct declaration of the wire form lives in :mod:`._wire`, imported on first
+#: use of one of these names: this module's integer widths are imported by every virtio
+#: device and transport on ``avmm up``'s path, which encodes nothing, and construct costs
+#: that path about 1.9 MiB of RSS and 10 ms. Encoding and decoding go through
+#: :mod:`._writer` and :mod:`._reader`, imported when a snapshot, restore or migration
+#: first needs them.
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {
+    name: "avmm.state._wire" for name in ("VAR_UINT", "VAR_INT", "NAME", "TAG", "VALUE")
+})
 
-class _BoundedVarInt(c.Construct):  # type: ignore[misc]
-    """An unsigned LEB128 varint of at most :data:`_VARINT_MAX_BYTES` bytes, in its
-    shortest form (so that every value has exactly one encoding)."""
-
-    def _parse(self, stream: Any, context: Any, path: str) -> int:
-        value = 0
-        for position in range(_VARINT_MAX_BYTES):
-            byte = c.stream_read(stream, 1, path)[0]
-            value |= (byte & 0x7F) << (7 * position)
-            if not byte & 0x80:
-                if byte == 0 and position:
-                    raise c.IntegerError("varint is not in its shortest form", path=path)
-                return value
-        raise c.IntegerError(f"varint longer than {_VARINT_MAX_BYTES} bytes", path=path)
-
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> int:
-        if not isinstance(obj, int) or obj < 0 or obj >= 1 << (7 * _VARINT_MAX_BYTES):
-            raise c.IntegerError(f"varint cannot hold {obj!r}", path=path)
-        out = bytearray()
-        value = obj
-        while True:
-            low = value & 0x7F
-            value >>= 7
-            if value:
-                out.append(low | 0x80)
-            else:
-                out.append(low)
-                break
-        c.stream_write(stream, bytes(out), len(out), path)
-        return obj
-
-    def _sizeof(self, context: Any, path: str) -> int:
-        raise c.SizeofError("a varint has no fixed size", path=path)
-
-
-VAR_UINT = _BoundedVarInt()
-#: Signed integers in zigzag form (0, -1, 1, -2, ... → 0, 1, 2, 3, ...).
-VAR_INT = c.ExprAdapter(
-    VAR_UINT,
-    decoder=lambda value, ctx: (value >> 1) if not value & 1 else -(value >> 1) - 1,
-    encoder=lambda value, ctx: value << 1 if value >= 0 else ((-value - 1) << 1) | 1,
-)
-NAME = c.PascalString(VAR_UINT, "utf8")
-
-TAG = c.Enum(c.Int8ub, none=0, false=1, true=2, int=3, bytes=4, str=5, list=6, record=7,
-             map=8)
-
-class _UnknownTag(c.Construct):  # type: ignore[misc]
-    def _parse(self, stream: Any, context: Any, path: str) -> None:
-        raise c.ExplicitError(f"unknown value tag {int(context.tag)}", path=path)
-
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> None:
-        raise c.ExplicitError(f"unknown value tag {context.tag!r}", path=path)
-
-
-_LAZY_VALUE = c.LazyBound(lambda: VALUE)
-
-#: One value: a tag and its body; records, lists and maps contain values.
-VALUE = c.Struct(
-    "tag" / TAG,
-    "value" / c.Switch(c.this.tag, {
-        "none": c.Pass,
-        "false": c.Pass,
-        "true": c.Pass,
-        "int": VAR_INT,
-        "bytes": c.Prefixed(VAR_UINT, c.GreedyBytes),
-        "str": NAME,
-        "list": c.PrefixedArray(VAR_UINT, _LAZY_VALUE),
-        "record": c.Struct(
-            "name" / NAME,
-            "version" / VAR_UINT,
-            "fields" / c.PrefixedArray(VAR_UINT, c.Struct("name" / NAME, "value" / _LAZY_VALUE)),
-        ),
-        "map": c.PrefixedArray(VAR_UINT, c.Struct("key" / _LAZY_VALUE, "value" / _LAZY_VALUE)),
-    }, default=_UnknownTag()),
-)
 
 # -- plain values ----------------------------------------------------------------------
 
@@ -219,6 +158,8 @@ def build_value(plain: Any) -> bytes:
 def build_value_with_construct(plain: Any) -> bytes:
     """The bytes of a plain value built by the construct declaration itself: the
     reference :mod:`._writer` is checked against."""
+    from ._wire import VALUE
+
     return bytes(VALUE.build(_wire_of(plain)))
 
 
@@ -598,6 +539,10 @@ def decode(data: bytes, cls: type[Any], *, path: str | None = None) -> Any:
 def decode_with_construct(data: bytes, path: str = "value") -> Any:
     """The plain value of ``data`` parsed by the construct declaration itself: the
     reference :mod:`._reader` is checked against."""
+    import construct as c
+
+    from ._wire import VALUE
+
     try:
         wire = c.Struct("value" / VALUE, c.Terminated).parse(data)
     except RecursionError:

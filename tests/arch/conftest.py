@@ -1,12 +1,15 @@
 """Image builders for the x86 platform tests: a fake bzImage and ELF files.
 
 The fake bzImage has a valid setup header and a payload of recognisable bytes, so the
-loader can be exercised without the Debian kernel; ELF files are either assembled by the
-same construct declarations the parser uses (for malformed variants) or built with gcc.
+loader can be exercised without the Debian kernel; ELF files are either packed here field
+by field (for malformed variants) or built with gcc. Both builders write each field at
+the offset the spec gives (Documentation/arch/x86/boot.rst, the System V gABI), not
+through the parser's own declarations, so that a wrong offset in the parser shows.
 """
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,13 +17,34 @@ from typing import Any
 
 import pytest
 
-from avmm.arch.x86.bzimage import SETUP_HEADER_OFFSET, SetupHeader
-from avmm.arch.x86.elf import (
-    ELF64_HEADER_SIZE,
-    ELF64_PHDR_SIZE,
-    Elf64Header,
-    Elf64ProgramHeader,
-)
+#: struct setup_header fields: image offset and struct code, from boot.rst's table.
+SETUP_HEADER_FIELDS: dict[str, tuple[int, str]] = {
+    "setup_sects": (0x1F1, "B"), "root_flags": (0x1F2, "H"), "syssize": (0x1F4, "I"),
+    "ram_size": (0x1F8, "H"), "vid_mode": (0x1FA, "H"), "root_dev": (0x1FC, "H"),
+    "boot_flag": (0x1FE, "H"), "jump": (0x200, "H"), "header": (0x202, "4s"),
+    "version": (0x206, "H"), "realmode_swtch": (0x208, "I"), "start_sys_seg": (0x20C, "H"),
+    "kernel_version": (0x20E, "H"), "type_of_loader": (0x210, "B"),
+    "loadflags": (0x211, "B"), "setup_move_size": (0x212, "H"),
+    "code32_start": (0x214, "I"), "ramdisk_image": (0x218, "I"),
+    "ramdisk_size": (0x21C, "I"), "bootsect_kludge": (0x220, "I"),
+    "heap_end_ptr": (0x224, "H"), "ext_loader_ver": (0x226, "B"),
+    "ext_loader_type": (0x227, "B"), "cmd_line_ptr": (0x228, "I"),
+    "initrd_addr_max": (0x22C, "I"), "kernel_alignment": (0x230, "I"),
+    "relocatable_kernel": (0x234, "B"), "min_alignment": (0x235, "B"),
+    "xloadflags": (0x236, "H"), "cmdline_size": (0x238, "I"),
+    "hardware_subarch": (0x23C, "I"), "hardware_subarch_data": (0x240, "Q"),
+    "payload_offset": (0x248, "I"), "payload_length": (0x24C, "I"),
+    "setup_data": (0x250, "Q"), "pref_address": (0x258, "Q"), "init_size": (0x260, "I"),
+    "handover_offset": (0x264, "I"), "kernel_info_offset": (0x268, "I"),
+}
+ELF64_HEADER_SIZE = 64
+ELF64_PHDR_SIZE = 56
+#: Elf64_Ehdr: e_ident (magic, class, data, version, osabi, abiversion, 7 pad), e_type,
+#: e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize, e_phentsize,
+#: e_phnum, e_shentsize, e_shnum, e_shstrndx.
+ELF64_HEADER = struct.Struct("<4s5B7xHHIQQQIHHHHHH")
+#: Elf64_Phdr: p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align.
+ELF64_PHDR = struct.Struct("<IIQQQQQQ")
 
 FAKE_SETUP_SECTS = 4
 FAKE_VERSION_STRING = b"6.99.0-fake (avmm tests) #1"
@@ -31,7 +55,7 @@ def build_fake_bzimage(payload: bytes = b"", **overrides: Any) -> bytes:
     if not payload:
         payload = bytes(range(256)) * 64  # 16 KiB
     setup_size = (FAKE_SETUP_SECTS + 1) * 512
-    fields: dict[str, Any] = {sub.name: 0 for sub in SetupHeader.subcons if sub.name}
+    fields: dict[str, Any] = dict.fromkeys(SETUP_HEADER_FIELDS, 0)
     fields.update(
         setup_sects=FAKE_SETUP_SECTS,
         syssize=-(-len(payload) // 16),
@@ -53,8 +77,9 @@ def build_fake_bzimage(payload: bytes = b"", **overrides: Any) -> bytes:
     )
     fields.update(overrides)
     image = bytearray(setup_size)
-    header = SetupHeader.build(fields)
-    image[SETUP_HEADER_OFFSET:SETUP_HEADER_OFFSET + len(header)] = header
+    for name, value in fields.items():
+        offset, code = SETUP_HEADER_FIELDS[name]
+        struct.pack_into("<" + code, image, offset, value)
     image[0x800:0x800 + len(FAKE_VERSION_STRING)] = FAKE_VERSION_STRING
     padded = payload + bytes(-len(payload) % 16)
     return bytes(image) + padded
@@ -77,52 +102,20 @@ def build_elf(
     phdrs = b""
     body = b""
     for paddr, data, memsz in segments:
-        phdrs += Elf64ProgramHeader.build(
-            {
-                "p_type": 1,
-                "p_flags": 7,
-                "p_offset": offset + len(body),
-                "p_vaddr": (paddr + 0xFFFF_FFFF_8000_0000) & (2**64 - 1),
-                "p_paddr": paddr,
-                "p_filesz": len(data),
-                "p_memsz": memsz,
-                "p_align": 0x1000,
-            }
-        )
+        vaddr = (paddr + 0xFFFF_FFFF_8000_0000) & (2**64 - 1)
+        phdrs += ELF64_PHDR.pack(1, 7, offset + len(body), vaddr, paddr, len(data), memsz,
+                                 0x1000)
         body += data
     if notes:
-        phdrs += Elf64ProgramHeader.build(
-            {
-                "p_type": 4,
-                "p_flags": 4,
-                "p_offset": offset + len(body),
-                "p_vaddr": 0,
-                "p_paddr": 0,
-                "p_filesz": len(notes),
-                "p_memsz": len(notes),
-                "p_align": 4,
-            }
-        )
+        phdrs += ELF64_PHDR.pack(4, 4, offset + len(body), 0, 0, len(notes), len(notes), 4)
         body += notes
     identity = {"ei_class": 2, "ei_data": 1, "ei_version": 1, "ei_osabi": 0, "ei_abiversion": 0}
     identity.update(ident or {})
-    header = Elf64Header.build(
-        {
-            "e_ident": {"magic": b"\x7fELF", **identity},
-            "e_type": e_type,
-            "e_machine": e_machine,
-            "e_version": 1,
-            "e_entry": entry,
-            "e_phoff": ELF64_HEADER_SIZE,
-            "e_shoff": 0,
-            "e_flags": 0,
-            "e_ehsize": ELF64_HEADER_SIZE,
-            "e_phentsize": ELF64_PHDR_SIZE,
-            "e_phnum": phnum,
-            "e_shentsize": 64,
-            "e_shnum": 0,
-            "e_shstrndx": 0,
-        }
+    header = ELF64_HEADER.pack(
+        b"\x7fELF", identity["ei_class"], identity["ei_data"], identity["ei_version"],
+        identity["ei_osabi"], identity["ei_abiversion"],
+        e_type, e_machine, 1, entry, ELF64_HEADER_SIZE, 0, 0,
+        ELF64_HEADER_SIZE, ELF64_PHDR_SIZE, phnum, 64, 0, 0,
     )
     return header + phdrs + body
 

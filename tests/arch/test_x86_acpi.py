@@ -1,6 +1,7 @@
 """ACPI tables: headers, checksums, pointers and MADT entries parsed back with the same
-construct declarations, then the whole set checked by acpica-tools (iasl -d, a recompile
-of the DSDT, and acpiexec evaluating every device's _HID/_UID/_CRS)."""
+declarations and at the spec's byte offsets, then the whole set checked by acpica-tools
+(iasl -d, a recompile of the DSDT, and acpiexec evaluating every device's
+_HID/_UID/_CRS)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from avmm.arch.x86.acpi import (
     ACPI_TABLES_END,
     FADT_HW_REDUCED_ACPI,
     FADT_LENGTH,
+    FADT_MINOR_REVISION,
     HEADER_LENGTH,
     RSDP_LENGTH,
     RSDP_SCAN_END,
@@ -288,3 +290,31 @@ def test_acpiexec_evaluates_the_devices(tables: AcpiTables, tmp_path: Path) -> N
     assert output.count('[String] Length 08 = "LNRO0005"') == len(VIRTIO), output
     for index in range(len(VIRTIO)):
         assert f"[Integer] = {index:016X}" in output
+
+
+def test_fields_lie_at_the_specs_offsets(tables: AcpiTables) -> None:
+    """Read back at ACPI 6.5's byte offsets (§5.2.5.3, §5.2.6, §5.2.9), independently
+    of avmm's declarations."""
+    assert FadtBody.size == FADT_LENGTH - HEADER_LENGTH
+    rsdp = table_at(tables, "RSDP")
+    assert rsdp[0:8] == b"RSD PTR " and rsdp[9:15] == acpi.OEM_ID and rsdp[15] == 2
+    assert struct.unpack_from("<IIQ", rsdp, 16) == (0, RSDP_LENGTH, tables.table_addresses["XSDT"])
+    assert rsdp[33:36] == bytes(3)
+    fadt = table_at(tables, "FACP")
+    assert fadt[0:4] == b"FACP" and struct.unpack_from("<I", fadt, 4)[0] == FADT_LENGTH
+    assert fadt[10:16] == acpi.OEM_ID and fadt[16:24] == acpi.OEM_TABLE_ID
+    assert fadt[28:32] == acpi.CREATOR_ID
+    dsdt = tables.table_addresses["DSDT"]
+    assert struct.unpack_from("<I", fadt, 40)[0] == dsdt
+    assert struct.unpack_from("<H", fadt, 109)[0] == acpi.IAPC_BOOT_ARCH
+    assert struct.unpack_from("<I", fadt, 112)[0] == acpi.FADT_FLAGS
+    assert fadt[131] == FADT_MINOR_REVISION
+    assert struct.unpack_from("<Q", fadt, 140)[0] == dsdt
+    # SLEEP_CONTROL_REG at 244 and SLEEP_STATUS_REG at 256: SystemIO, 8 bits, byte access.
+    for offset, port in ((244, acpi.ACPI_SLEEP_CONTROL_PORT), (256, acpi.ACPI_SLEEP_STATUS_PORT)):
+        assert struct.unpack_from("<BBBBQ", fadt, offset) == (1, 8, 0, 1, port)
+    assert fadt[268:276] == bytes(8)
+    madt = table_at(tables, "APIC")
+    assert struct.unpack_from("<II", madt, 36) == (LAPIC_ADDRESS, 0)
+    # The first Local APIC: type 0, length 8, UID 0, APIC ID 0, enabled.
+    assert struct.unpack_from("<BBBBI", madt, 44) == (0, 8, 0, 0, 1)

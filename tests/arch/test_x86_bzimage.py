@@ -127,3 +127,42 @@ def test_truncated_payload(make_bzimage: MakeBzImage) -> None:
     data = make_bzimage(b"\x01" * 8192)
     with pytest.raises(BootError, match=r"^kernel image: truncated: 10704 bytes.*need 10752$"):
         parse_bzimage(data[:-48])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Sizes taken from the header must fit the file, whatever they claim.
+        ({"syssize": 0xFFFF_FFFF}, r"truncated: \d+ bytes, but the setup code \(2560 bytes\) "
+                                   r"and the protected-mode code \(68719476720 bytes\)"),
+        ({"setup_sects": 0xFF}, r"truncated: \d+ bytes, but the setup code \(131072 bytes\)"),
+        ({"header": b"HdrT"}, r"not a bzImage: no 'HdrS' magic at 0x202"),
+    ],
+)
+def test_hostile_sizes_are_refused(make_bzimage: MakeBzImage, change: dict[str, object],
+                                   message: str) -> None:
+    with pytest.raises(BootError, match=r"^hostile: " + message):
+        parse_bzimage(make_bzimage(**change), name="hostile")
+
+
+def test_header_fields_are_read_at_the_boot_protocols_offsets(make_bzimage: MakeBzImage) -> None:
+    """Each field at the offset Documentation/arch/x86/boot.rst gives, read directly."""
+    data = make_bzimage(init_size=0x123000, pref_address=0x2000000, cmdline_size=4095,
+                        initrd_addr_max=0x3FFF_FFFF, handover_offset=0x190)
+    image = parse_bzimage(data)
+    u32 = lambda offset: struct.unpack_from("<I", data, offset)[0]  # noqa: E731
+    assert image.header.version == struct.unpack_from("<H", data, 0x206)[0] == 0x020F
+    assert image.init_size == u32(0x260) == 0x123000
+    assert image.pref_address == struct.unpack_from("<Q", data, 0x258)[0] == 0x2000000
+    assert image.cmdline_size == u32(0x238) == 4095
+    assert image.initrd_addr_max == u32(0x22C) == 0x3FFF_FFFF
+    assert image.header.handover_offset == u32(0x264) == 0x190
+    assert image.xloadflags == struct.unpack_from("<H", data, 0x236)[0]
+    assert image.header_bytes == data[SETUP_HEADER_OFFSET:0x26C]
+
+
+def test_a_kernel_version_pointer_outside_the_setup_code_is_ignored(
+    make_bzimage: MakeBzImage,
+) -> None:
+    assert parse_bzimage(make_bzimage(kernel_version=0xFFFF)).version_string == ""
+    assert parse_bzimage(make_bzimage()).version_string.startswith("6.99.0-fake")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,3 +159,97 @@ def test_malformed_note(make_elf: MakeElf) -> None:
     bad_note = (4).to_bytes(4, "little") + (1000).to_bytes(4, "little") + bytes(12)
     with pytest.raises(BootError, match="malformed ELF note"):
         parse_elf(make_elf([(0x100000, b"\x90", 1)], entry=0x100000, notes=bad_note))
+
+
+# -- hostile images: every size and offset read from the file is checked against it ------
+
+#: Elf64_Ehdr / Elf64_Phdr field offsets (System V gABI).
+E_PHOFF, E_PHENTSIZE, E_PHNUM = 0x20, 0x36, 0x38
+P_OFFSET, P_PADDR, P_FILESZ, P_MEMSZ = 0x08, 0x18, 0x20, 0x28
+PHDR = struct.Struct("<IIQQQQQQ")
+
+
+def _patched(data: bytes, offset: int, code: str, value: int) -> bytes:
+    patched = bytearray(data)
+    struct.pack_into("<" + code, patched, offset, value)
+    return bytes(patched)
+
+
+def _independent_segments(data: bytes) -> list[tuple[int, bytes, int]]:
+    """``(p_paddr, file bytes, p_memsz)`` of each non-empty PT_LOAD, read with the gABI's
+    offsets directly (not with avmm's declarations)."""
+    phoff, = struct.unpack_from("<Q", data, E_PHOFF)
+    phnum, = struct.unpack_from("<H", data, E_PHNUM)
+    segments = []
+    for index in range(phnum):
+        p_type, _, offset, _, paddr, filesz, memsz, _ = PHDR.unpack_from(data, phoff + 56 * index)
+        if p_type == 1 and memsz:
+            segments.append((paddr, data[offset:offset + filesz], memsz))
+    return segments
+
+
+@pytest.mark.guest
+def test_real_elf_files_parse_as_the_gabi_reads_them(gcc_elf: Path, test_guest: Path) -> None:
+    for path in (gcc_elf, test_guest):
+        data = path.read_bytes()
+        image = parse_elf(data, name=str(path))
+        assert image.entry == struct.unpack_from("<Q", data, 0x18)[0]
+        assert [(s.paddr, s.data, s.memsz) for s in image.segments] == _independent_segments(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "code", "value", "message"),
+    [
+        (E_PHOFF, "Q", 1 << 63, r"truncated: program headers end at 0x8000000000000038"),
+        (E_PHOFF, "Q", 0x1000, r"truncated: program headers end at 0x1038"),
+        (E_PHNUM, "H", 0xFFFF, r"truncated: program headers end at 0x380008"),
+        (E_PHNUM, "H", 0, r"no program headers"),
+        (E_PHENTSIZE, "H", 32, r"e_phentsize 32, expected 56"),
+        (0x40 + P_OFFSET, "Q", (1 << 64) - 1, r"truncated: program header 0 needs file bytes"),
+        (0x40 + P_FILESZ, "Q", 1 << 40, r"truncated: program header 0 needs file bytes"),
+        (0x40 + P_PADDR, "Q", (1 << 64) - 8, r"segment 0 wraps around the address space"),
+        (0x40 + P_MEMSZ, "Q", 0, r"segment 0: p_filesz 0x10 > p_memsz 0x0"),
+    ],
+)
+def test_hostile_header_fields(make_elf: MakeElf, field: int, code: str, value: int,
+                               message: str) -> None:
+    data = _patched(make_elf([(0x100000, b"\x90" * 16, 16)], entry=0x100000), field, code, value)
+    with pytest.raises(BootError, match=r"^hostile: " + message):
+        parse_elf(data, name="hostile")
+
+
+def _note_header(namesz: int, descsz: int, note_type: int = 18) -> bytes:
+    return struct.pack("<III", namesz, descsz, note_type)
+
+
+@pytest.mark.parametrize(
+    "notes",
+    [
+        _note_header(0xFFFF_FFFF, 0) + b"Xen\0",  # name runs past the segment
+        _note_header(4, 0xFFFF_FFFF) + b"Xen\0",  # descriptor runs past the segment
+        _note_header(4, 4) + b"Xen\0" + b"\x01\x02",  # descriptor cut short
+        _note_header(3, 0) + b"Xen",  # the name's padding is missing
+        _note_header(4, 3) + b"Xen\0" + b"abc",  # the descriptor's padding is missing
+    ],
+)
+def test_hostile_notes_are_refused(make_elf: MakeElf, notes: bytes) -> None:
+    data = make_elf([(0x100000, b"\x90", 1)], entry=0x100000, notes=notes)
+    with pytest.raises(BootError, match=r"^kernel image: malformed ELF note at segment offset 0$"):
+        parse_elf(data)
+
+
+def test_notes_are_read_by_their_sizes(make_elf: MakeElf, make_note: MakeNote) -> None:
+    # Odd name and descriptor sizes, two notes, then alignment padding shorter than a note
+    # header (ignored). An 8-byte PVH descriptor is accepted too.
+    notes = (make_note(b"GNU", 1, b"abcde") + make_note(b"Xen", 18, (0x100000).to_bytes(8,
+                                                                                       "little"))
+             + bytes(8))
+    image = parse_elf(make_elf([(0x100000, b"\x90", 1)], entry=0x100000, notes=notes))
+    assert [(n.name, n.type, n.desc) for n in image.notes] == [
+        (b"GNU", 1, b"abcde"), (b"Xen", 18, (0x100000).to_bytes(8, "little"))]
+    assert image.pvh_entry == 0x100000
+    # A second note starts after the first one's padded name and descriptor.
+    second = make_note(b"Xen", 18, (0x100004).to_bytes(4, "little"))
+    image = parse_elf(make_elf([(0x100000, b"\x90", 1)], entry=0x100000,
+                               notes=make_note(b"A", 7, b"xyz") + second))
+    assert image.pvh_entry == 0x100004

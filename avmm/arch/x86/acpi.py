@@ -52,12 +52,12 @@ Choices, with the reasons (ACPI 6.x and what Linux does with each field):
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-import construct as c
-
+from ..._packed import Packed
 from . import aml
 from .layout import BIOS_ROM_START, HIGH_MEMORY_START, IOAPIC_ADDRESS, LAPIC_ADDRESS
 
@@ -144,132 +144,134 @@ VIRTIO_MMIO_HID: Final = "LNRO0005"
 
 # -- binary layouts -----------------------------------------------------------------------
 
+# struct, not construct: the tables are built on ``avmm up``'s way to the guest's first
+# byte (see ._packed). A field with a value after its code is a constant of the spec:
+# build writes it unless told otherwise.
+
 #: The RSDP, revision 2 (ACPI 6.5 §5.2.5.3).
-Rsdp = c.Struct(
-    "signature" / c.Const(RSDP_SIGNATURE),
-    "checksum" / c.Int8ul,
-    "oem_id" / c.Bytes(6),
-    "revision" / c.Int8ul,
-    "rsdt_address" / c.Int32ul,
-    "length" / c.Int32ul,
-    "xsdt_address" / c.Int64ul,
-    "extended_checksum" / c.Int8ul,
-    "reserved" / c.Bytes(3),
+Rsdp = Packed(
+    ("signature", "8s", RSDP_SIGNATURE),
+    ("checksum", "B"),
+    ("oem_id", "6s"),
+    ("revision", "B"),
+    ("rsdt_address", "I"),
+    ("length", "I"),
+    ("xsdt_address", "Q"),
+    ("extended_checksum", "B"),
+    ("reserved", "3s"),
 )
 
 #: The header every system description table starts with (§5.2.6).
-TableHeader = c.Struct(
-    "signature" / c.Bytes(4),
-    "length" / c.Int32ul,
-    "revision" / c.Int8ul,
-    "checksum" / c.Int8ul,
-    "oem_id" / c.Bytes(6),
-    "oem_table_id" / c.Bytes(8),
-    "oem_revision" / c.Int32ul,
-    "creator_id" / c.Bytes(4),
-    "creator_revision" / c.Int32ul,
+TableHeader = Packed(
+    ("signature", "4s"),
+    ("length", "I"),
+    ("revision", "B"),
+    ("checksum", "B"),
+    ("oem_id", "6s"),
+    ("oem_table_id", "8s"),
+    ("oem_revision", "I"),
+    ("creator_id", "4s"),
+    ("creator_revision", "I"),
 )
 
 #: Generic Address Structure (§5.2.3.2).
-GenericAddress = c.Struct(
-    "space_id" / c.Int8ul,
-    "bit_width" / c.Int8ul,
-    "bit_offset" / c.Int8ul,
-    "access_size" / c.Int8ul,
-    "address" / c.Int64ul,
+GenericAddress = Packed(
+    ("space_id", "B"),
+    ("bit_width", "B"),
+    ("bit_offset", "B"),
+    ("access_size", "B"),
+    ("address", "Q"),
 )
 
-_ZERO_GAS = {"space_id": 0, "bit_width": 0, "bit_offset": 0, "access_size": 0, "address": 0}
-
 #: The FADT body after the header, revision 6 (§5.2.9, 276 bytes in all).
-FadtBody = c.Struct(
-    "firmware_ctrl" / c.Int32ul,  # 36
-    "dsdt" / c.Int32ul,  # 40
-    "reserved0" / c.Int8ul,  # 44
-    "preferred_pm_profile" / c.Int8ul,  # 45
-    "sci_int" / c.Int16ul,  # 46
-    "smi_cmd" / c.Int32ul,  # 48
-    "acpi_enable" / c.Int8ul,  # 52
-    "acpi_disable" / c.Int8ul,
-    "s4bios_req" / c.Int8ul,
-    "pstate_cnt" / c.Int8ul,
-    "pm1a_evt_blk" / c.Int32ul,  # 56
-    "pm1b_evt_blk" / c.Int32ul,
-    "pm1a_cnt_blk" / c.Int32ul,
-    "pm1b_cnt_blk" / c.Int32ul,
-    "pm2_cnt_blk" / c.Int32ul,
-    "pm_tmr_blk" / c.Int32ul,
-    "gpe0_blk" / c.Int32ul,
-    "gpe1_blk" / c.Int32ul,
-    "pm1_evt_len" / c.Int8ul,  # 88
-    "pm1_cnt_len" / c.Int8ul,
-    "pm2_cnt_len" / c.Int8ul,
-    "pm_tmr_len" / c.Int8ul,
-    "gpe0_blk_len" / c.Int8ul,
-    "gpe1_blk_len" / c.Int8ul,
-    "gpe1_base" / c.Int8ul,
-    "cst_cnt" / c.Int8ul,
-    "p_lvl2_lat" / c.Int16ul,  # 96
-    "p_lvl3_lat" / c.Int16ul,
-    "flush_size" / c.Int16ul,
-    "flush_stride" / c.Int16ul,
-    "duty_offset" / c.Int8ul,  # 104
-    "duty_width" / c.Int8ul,
-    "day_alrm" / c.Int8ul,
-    "mon_alrm" / c.Int8ul,
-    "century" / c.Int8ul,
-    "iapc_boot_arch" / c.Int16ul,  # 109
-    "reserved1" / c.Int8ul,
-    "flags" / c.Int32ul,  # 112
-    "reset_reg" / GenericAddress,  # 116
-    "reset_value" / c.Int8ul,  # 128
-    "arm_boot_arch" / c.Int16ul,
-    "fadt_minor_version" / c.Int8ul,  # 131
-    "x_firmware_ctrl" / c.Int64ul,  # 132
-    "x_dsdt" / c.Int64ul,  # 140
-    "x_pm1a_evt_blk" / GenericAddress,  # 148
-    "x_pm1b_evt_blk" / GenericAddress,
-    "x_pm1a_cnt_blk" / GenericAddress,
-    "x_pm1b_cnt_blk" / GenericAddress,
-    "x_pm2_cnt_blk" / GenericAddress,
-    "x_pm_tmr_blk" / GenericAddress,
-    "x_gpe0_blk" / GenericAddress,
-    "x_gpe1_blk" / GenericAddress,
-    "sleep_control_reg" / GenericAddress,  # 244
-    "sleep_status_reg" / GenericAddress,  # 256
-    "hypervisor_vendor_id" / c.Int64ul,  # 268
+FadtBody = Packed(
+    ("firmware_ctrl", "I"),  # 36
+    ("dsdt", "I"),  # 40
+    ("reserved0", "B"),  # 44
+    ("preferred_pm_profile", "B"),  # 45
+    ("sci_int", "H"),  # 46
+    ("smi_cmd", "I"),  # 48
+    ("acpi_enable", "B"),  # 52
+    ("acpi_disable", "B"),
+    ("s4bios_req", "B"),
+    ("pstate_cnt", "B"),
+    ("pm1a_evt_blk", "I"),  # 56
+    ("pm1b_evt_blk", "I"),
+    ("pm1a_cnt_blk", "I"),
+    ("pm1b_cnt_blk", "I"),
+    ("pm2_cnt_blk", "I"),
+    ("pm_tmr_blk", "I"),
+    ("gpe0_blk", "I"),
+    ("gpe1_blk", "I"),
+    ("pm1_evt_len", "B"),  # 88
+    ("pm1_cnt_len", "B"),
+    ("pm2_cnt_len", "B"),
+    ("pm_tmr_len", "B"),
+    ("gpe0_blk_len", "B"),
+    ("gpe1_blk_len", "B"),
+    ("gpe1_base", "B"),
+    ("cst_cnt", "B"),
+    ("p_lvl2_lat", "H"),  # 96
+    ("p_lvl3_lat", "H"),
+    ("flush_size", "H"),
+    ("flush_stride", "H"),
+    ("duty_offset", "B"),  # 104
+    ("duty_width", "B"),
+    ("day_alrm", "B"),
+    ("mon_alrm", "B"),
+    ("century", "B"),
+    ("iapc_boot_arch", "H"),  # 109
+    ("reserved1", "B"),
+    ("flags", "I"),  # 112
+    ("reset_reg", GenericAddress),  # 116
+    ("reset_value", "B"),  # 128
+    ("arm_boot_arch", "H"),
+    ("fadt_minor_version", "B"),  # 131
+    ("x_firmware_ctrl", "Q"),  # 132
+    ("x_dsdt", "Q"),  # 140
+    ("x_pm1a_evt_blk", GenericAddress),  # 148
+    ("x_pm1b_evt_blk", GenericAddress),
+    ("x_pm1a_cnt_blk", GenericAddress),
+    ("x_pm1b_cnt_blk", GenericAddress),
+    ("x_pm2_cnt_blk", GenericAddress),
+    ("x_pm_tmr_blk", GenericAddress),
+    ("x_gpe0_blk", GenericAddress),
+    ("x_gpe1_blk", GenericAddress),
+    ("sleep_control_reg", GenericAddress),  # 244
+    ("sleep_status_reg", GenericAddress),  # 256
+    ("hypervisor_vendor_id", "Q"),  # 268
 )
 
 #: The MADT body before its interrupt controller structures (§5.2.12).
-MadtBody = c.Struct(
-    "local_apic_address" / c.Int32ul,
-    "flags" / c.Int32ul,
+MadtBody = Packed(
+    ("local_apic_address", "I"),
+    ("flags", "I"),
 )
 
-MadtLocalApic = c.Struct(
-    "type" / c.Const(MADT_TYPE_LOCAL_APIC, c.Int8ul),
-    "length" / c.Const(8, c.Int8ul),
-    "processor_uid" / c.Int8ul,
-    "apic_id" / c.Int8ul,
-    "flags" / c.Int32ul,
+MadtLocalApic = Packed(
+    ("type", "B", MADT_TYPE_LOCAL_APIC),
+    ("length", "B", 8),
+    ("processor_uid", "B"),
+    ("apic_id", "B"),
+    ("flags", "I"),
 )
 
-MadtIoApic = c.Struct(
-    "type" / c.Const(MADT_TYPE_IO_APIC, c.Int8ul),
-    "length" / c.Const(12, c.Int8ul),
-    "io_apic_id" / c.Int8ul,
-    "reserved" / c.Const(0, c.Int8ul),
-    "address" / c.Int32ul,
-    "gsi_base" / c.Int32ul,
+MadtIoApic = Packed(
+    ("type", "B", MADT_TYPE_IO_APIC),
+    ("length", "B", 12),
+    ("io_apic_id", "B"),
+    ("reserved", "B", 0),
+    ("address", "I"),
+    ("gsi_base", "I"),
 )
 
-MadtInterruptOverride = c.Struct(
-    "type" / c.Const(MADT_TYPE_INTERRUPT_OVERRIDE, c.Int8ul),
-    "length" / c.Const(10, c.Int8ul),
-    "bus" / c.Int8ul,
-    "source" / c.Int8ul,
-    "gsi" / c.Int32ul,
-    "flags" / c.Int16ul,
+MadtInterruptOverride = Packed(
+    ("type", "B", MADT_TYPE_INTERRUPT_OVERRIDE),
+    ("length", "B", 10),
+    ("bus", "B"),
+    ("source", "B"),
+    ("gsi", "I"),
+    ("flags", "H"),
 )
 
 
@@ -319,7 +321,7 @@ def build_rsdp(xsdt_address: int) -> bytes:
 
 def build_xsdt(table_addresses: Sequence[int]) -> bytes:
     """The XSDT: a header and one 64-bit address per table."""
-    body = b"".join(c.Int64ul.build(address) for address in table_addresses)
+    body = struct.pack(f"<{len(table_addresses)}Q", *table_addresses)
     return build_table(b"XSDT", XSDT_REVISION, body)
 
 
@@ -327,11 +329,8 @@ def build_fadt(dsdt_address: int) -> bytes:
     """A hardware-reduced FADT (revision 6.5) pointing at the DSDT (see module doc)."""
     if dsdt_address >= 1 << 32:
         raise ValueError("the DSDT must lie below 4 GiB (the FADT's DSDT field is 32-bit)")
-    fields = {
-        sc.name: dict(_ZERO_GAS) if sc.subcon is GenericAddress else 0
-        for sc in FadtBody.subcons
-    }
-    fields.update(
+    # Every field left out is zero: hardware-reduced ACPI has no fixed hardware blocks.
+    body = FadtBody.build(
         sleep_control_reg=_io_byte_register(ACPI_SLEEP_CONTROL_PORT),
         sleep_status_reg=_io_byte_register(ACPI_SLEEP_STATUS_PORT),
         dsdt=dsdt_address,
@@ -340,7 +339,7 @@ def build_fadt(dsdt_address: int) -> bytes:
         flags=FADT_FLAGS,
         fadt_minor_version=FADT_MINOR_REVISION,
     )
-    return build_table(b"FACP", FADT_REVISION, FadtBody.build(fields))
+    return build_table(b"FACP", FADT_REVISION, body)
 
 
 def _io_byte_register(port: int) -> dict[str, int]:

@@ -12,10 +12,9 @@ Field names and offsets follow Documentation/arch/x86/boot.rst.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-import construct as c
-
+from ..._packed import Fields, Packed
 from ...errors import BootError
 from .layout import KERNEL_LOAD_ADDRESS, align_up
 
@@ -44,50 +43,52 @@ XLF_5LEVEL_ENABLED: Final = 1 << 6
 
 #: struct setup_header as it lies at 0x1f1, through ``kernel_info_offset`` (protocol 2.15).
 #: Fields newer than a kernel's protocol version hold whatever its setup code has there;
-#: :func:`parse_bzimage` zeroes the bytes past the header's declared end.
-SetupHeader = c.Struct(
-    "setup_sects" / c.Int8ul,  # 0x1f1
-    "root_flags" / c.Int16ul,  # 0x1f2
-    "syssize" / c.Int32ul,  # 0x1f4, protected-mode size in 16-byte paragraphs
-    "ram_size" / c.Int16ul,  # 0x1f8, obsolete
-    "vid_mode" / c.Int16ul,  # 0x1fa
-    "root_dev" / c.Int16ul,  # 0x1fc
-    "boot_flag" / c.Int16ul,  # 0x1fe, 0xAA55
-    "jump" / c.Int16ul,  # 0x200, short jmp; its second byte gives the header's end
-    "header" / c.Bytes(4),  # 0x202, "HdrS"
-    "version" / c.Int16ul,  # 0x206
-    "realmode_swtch" / c.Int32ul,  # 0x208
-    "start_sys_seg" / c.Int16ul,  # 0x20c, obsolete
-    "kernel_version" / c.Int16ul,  # 0x20e, pointer to the version string - 0x200
-    "type_of_loader" / c.Int8ul,  # 0x210
-    "loadflags" / c.Int8ul,  # 0x211
-    "setup_move_size" / c.Int16ul,  # 0x212
-    "code32_start" / c.Int32ul,  # 0x214
-    "ramdisk_image" / c.Int32ul,  # 0x218
-    "ramdisk_size" / c.Int32ul,  # 0x21c
-    "bootsect_kludge" / c.Int32ul,  # 0x220, obsolete
-    "heap_end_ptr" / c.Int16ul,  # 0x224
-    "ext_loader_ver" / c.Int8ul,  # 0x226
-    "ext_loader_type" / c.Int8ul,  # 0x227
-    "cmd_line_ptr" / c.Int32ul,  # 0x228
-    "initrd_addr_max" / c.Int32ul,  # 0x22c
-    "kernel_alignment" / c.Int32ul,  # 0x230
-    "relocatable_kernel" / c.Int8ul,  # 0x234
-    "min_alignment" / c.Int8ul,  # 0x235, log2
-    "xloadflags" / c.Int16ul,  # 0x236
-    "cmdline_size" / c.Int32ul,  # 0x238, max length without the NUL
-    "hardware_subarch" / c.Int32ul,  # 0x23c
-    "hardware_subarch_data" / c.Int64ul,  # 0x240
-    "payload_offset" / c.Int32ul,  # 0x248
-    "payload_length" / c.Int32ul,  # 0x24c
-    "setup_data" / c.Int64ul,  # 0x250
-    "pref_address" / c.Int64ul,  # 0x258
-    "init_size" / c.Int32ul,  # 0x260
-    "handover_offset" / c.Int32ul,  # 0x264
-    "kernel_info_offset" / c.Int32ul,  # 0x268
+#: :func:`parse_bzimage` zeroes the bytes past the header's declared end. struct, not
+#: construct: the header is parsed on ``avmm up``'s way to the guest's first byte (see
+#: ._packed).
+SetupHeader = Packed(
+    ("setup_sects", "B"),  # 0x1f1
+    ("root_flags", "H"),  # 0x1f2
+    ("syssize", "I"),  # 0x1f4, protected-mode size in 16-byte paragraphs
+    ("ram_size", "H"),  # 0x1f8, obsolete
+    ("vid_mode", "H"),  # 0x1fa
+    ("root_dev", "H"),  # 0x1fc
+    ("boot_flag", "H"),  # 0x1fe, 0xAA55
+    ("jump", "H"),  # 0x200, short jmp; its second byte gives the header's end
+    ("header", "4s"),  # 0x202, "HdrS"
+    ("version", "H"),  # 0x206
+    ("realmode_swtch", "I"),  # 0x208
+    ("start_sys_seg", "H"),  # 0x20c, obsolete
+    ("kernel_version", "H"),  # 0x20e, pointer to the version string - 0x200
+    ("type_of_loader", "B"),  # 0x210
+    ("loadflags", "B"),  # 0x211
+    ("setup_move_size", "H"),  # 0x212
+    ("code32_start", "I"),  # 0x214
+    ("ramdisk_image", "I"),  # 0x218
+    ("ramdisk_size", "I"),  # 0x21c
+    ("bootsect_kludge", "I"),  # 0x220, obsolete
+    ("heap_end_ptr", "H"),  # 0x224
+    ("ext_loader_ver", "B"),  # 0x226
+    ("ext_loader_type", "B"),  # 0x227
+    ("cmd_line_ptr", "I"),  # 0x228
+    ("initrd_addr_max", "I"),  # 0x22c
+    ("kernel_alignment", "I"),  # 0x230
+    ("relocatable_kernel", "B"),  # 0x234
+    ("min_alignment", "B"),  # 0x235, log2
+    ("xloadflags", "H"),  # 0x236
+    ("cmdline_size", "I"),  # 0x238, max length without the NUL
+    ("hardware_subarch", "I"),  # 0x23c
+    ("hardware_subarch_data", "Q"),  # 0x240
+    ("payload_offset", "I"),  # 0x248
+    ("payload_length", "I"),  # 0x24c
+    ("setup_data", "Q"),  # 0x250
+    ("pref_address", "Q"),  # 0x258
+    ("init_size", "I"),  # 0x260
+    ("handover_offset", "I"),  # 0x264
+    ("kernel_info_offset", "I"),  # 0x268
 )
 #: Bytes from 0x1f1 to the end of ``kernel_info_offset`` (0x26c).
-SETUP_HEADER_SIZE: Final = SetupHeader.sizeof()
+SETUP_HEADER_SIZE: Final = SetupHeader.size
 
 
 def header_end(image: bytes) -> int:
@@ -106,7 +107,7 @@ class BzImage:
     what the file holds after it (Debian appends an Authenticode signature there).
     """
 
-    header: Any  # construct Container of SetupHeader
+    header: Fields  # of SetupHeader
     header_bytes: bytes
     setup_size: int
     payload: bytes
@@ -202,7 +203,7 @@ def parse_bzimage(data: bytes, *, name: str = "kernel image") -> BzImage:
         raise BootError(
             f"{name}: not a bzImage: no 'HdrS' magic at 0x202 (found {data[0x202:0x206]!r})"
         )
-    raw = SetupHeader.parse(data[SETUP_HEADER_OFFSET:end_of_header])
+    raw = SetupHeader.parse(data, SETUP_HEADER_OFFSET)
     if raw.boot_flag != BOOT_FLAG:
         raise BootError(f"{name}: bad boot flag 0x{raw.boot_flag:04x} at 0x1fe (want 0xaa55)")
     if raw.version < MIN_PROTOCOL_VERSION:
@@ -220,7 +221,7 @@ def parse_bzimage(data: bytes, *, name: str = "kernel image") -> BzImage:
     declared_end = min(header_end(data), end_of_header)
     header_bytes = bytearray(data[SETUP_HEADER_OFFSET:end_of_header])
     header_bytes[declared_end - SETUP_HEADER_OFFSET:] = bytes(end_of_header - declared_end)
-    header = SetupHeader.parse(bytes(header_bytes))
+    header = SetupHeader.parse(header_bytes)
 
     # setup_sects == 0 means 4 for compatibility with ancient images.
     setup_size = ((header.setup_sects or 4) + 1) * 512

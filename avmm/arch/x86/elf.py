@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-import construct as c
-
+from ..._packed import Packed
 from ...errors import BootError
 
 ELF_MAGIC: Final = b"\x7fELF"
@@ -28,55 +27,55 @@ PT_LOAD: Final = 1
 PT_NOTE: Final = 4
 XEN_ELFNOTE_PHYS32_ENTRY: Final = 18
 
-Elf64Header = c.Struct(
-    "e_ident" / c.Struct(
-        "magic" / c.Bytes(4),
-        "ei_class" / c.Int8ul,
-        "ei_data" / c.Int8ul,
-        "ei_version" / c.Int8ul,
-        "ei_osabi" / c.Int8ul,
-        "ei_abiversion" / c.Int8ul,
-        c.Padding(7),
-    ),
-    "e_type" / c.Int16ul,
-    "e_machine" / c.Int16ul,
-    "e_version" / c.Int32ul,
-    "e_entry" / c.Int64ul,
-    "e_phoff" / c.Int64ul,
-    "e_shoff" / c.Int64ul,
-    "e_flags" / c.Int32ul,
-    "e_ehsize" / c.Int16ul,
-    "e_phentsize" / c.Int16ul,
-    "e_phnum" / c.Int16ul,
-    "e_shentsize" / c.Int16ul,
-    "e_shnum" / c.Int16ul,
-    "e_shstrndx" / c.Int16ul,
+# struct, not construct: the kernel is parsed on ``avmm up``'s way to the guest's first
+# byte (see ._packed).
+Elf64Header = Packed(
+    ("e_ident", Packed(
+        ("magic", "4s"),
+        ("ei_class", "B"),
+        ("ei_data", "B"),
+        ("ei_version", "B"),
+        ("ei_osabi", "B"),
+        ("ei_abiversion", "B"),
+        ("", "7x"),
+    )),
+    ("e_type", "H"),
+    ("e_machine", "H"),
+    ("e_version", "I"),
+    ("e_entry", "Q"),
+    ("e_phoff", "Q"),
+    ("e_shoff", "Q"),
+    ("e_flags", "I"),
+    ("e_ehsize", "H"),
+    ("e_phentsize", "H"),
+    ("e_phnum", "H"),
+    ("e_shentsize", "H"),
+    ("e_shnum", "H"),
+    ("e_shstrndx", "H"),
 )
-ELF64_HEADER_SIZE: Final = Elf64Header.sizeof()  # 64
+ELF64_HEADER_SIZE: Final = Elf64Header.size  # 64
 
-Elf64ProgramHeader = c.Struct(
-    "p_type" / c.Int32ul,
-    "p_flags" / c.Int32ul,
-    "p_offset" / c.Int64ul,
-    "p_vaddr" / c.Int64ul,
-    "p_paddr" / c.Int64ul,
-    "p_filesz" / c.Int64ul,
-    "p_memsz" / c.Int64ul,
-    "p_align" / c.Int64ul,
+Elf64ProgramHeader = Packed(
+    ("p_type", "I"),
+    ("p_flags", "I"),
+    ("p_offset", "Q"),
+    ("p_vaddr", "Q"),
+    ("p_paddr", "Q"),
+    ("p_filesz", "Q"),
+    ("p_memsz", "Q"),
+    ("p_align", "Q"),
 )
-ELF64_PHDR_SIZE: Final = Elf64ProgramHeader.sizeof()  # 56
+ELF64_PHDR_SIZE: Final = Elf64ProgramHeader.size  # 56
 
-#: One note: the name and the descriptor are each padded to 4 bytes (the x86-64 Linux
-#: and Xen convention; SHT_NOTE alignment 8 only changes the start of the section).
-ElfNote = c.Struct(
-    "n_namesz" / c.Int32ul,
-    "n_descsz" / c.Int32ul,
-    "n_type" / c.Int32ul,
-    "name" / c.Bytes(c.this.n_namesz),
-    c.Padding(lambda this: -this.n_namesz % 4),
-    "desc" / c.Bytes(c.this.n_descsz),
-    c.Padding(lambda this: -this.n_descsz % 4),
+#: The fixed part of one note. The name and the descriptor follow, each padded to 4
+#: bytes (the x86-64 Linux and Xen convention; SHT_NOTE alignment 8 only changes the
+#: start of the section).
+ElfNoteHeader = Packed(
+    ("n_namesz", "I"),
+    ("n_descsz", "I"),
+    ("n_type", "I"),
 )
+ELF_NOTE_HEADER_SIZE: Final = ElfNoteHeader.size  # 12
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,7 @@ def parse_elf(data: bytes, *, name: str = "kernel image") -> ElfImage:
     notes: list[ElfNote64] = []
     for index in range(header.e_phnum):
         offset = header.e_phoff + index * ELF64_PHDR_SIZE
-        phdr = Elf64ProgramHeader.parse(data[offset:offset + ELF64_PHDR_SIZE])
+        phdr = Elf64ProgramHeader.parse(data, offset)
         if phdr.p_type not in (PT_LOAD, PT_NOTE):
             continue
         if phdr.p_offset + phdr.p_filesz > len(data):
@@ -213,13 +212,21 @@ def _parse_notes(blob: bytes, *, name: str) -> list[ElfNote64]:
     notes: list[ElfNote64] = []
     offset = 0
     # A note segment may end with alignment padding shorter than a note header.
-    while len(blob) - offset >= 12:
-        try:
-            note = ElfNote.parse(blob[offset:])
-        except c.ConstructError as e:
-            raise BootError(f"{name}: malformed ELF note at segment offset {offset}") from e
-        notes.append(ElfNote64(name=note.name.rstrip(b"\0"), type=note.n_type, desc=note.desc))
-        offset += 12 + note.n_namesz + (-note.n_namesz % 4) + note.n_descsz + (-note.n_descsz % 4)
+    while len(blob) - offset >= ELF_NOTE_HEADER_SIZE:
+        note = ElfNoteHeader.parse(blob, offset)
+        name_start = offset + ELF_NOTE_HEADER_SIZE
+        desc_start = name_start + note.n_namesz + (-note.n_namesz % 4)
+        end = desc_start + note.n_descsz + (-note.n_descsz % 4)
+        # The sizes come from the file: name, descriptor and both paddings must all lie
+        # inside the segment.
+        if end > len(blob):
+            raise BootError(f"{name}: malformed ELF note at segment offset {offset}")
+        notes.append(ElfNote64(
+            name=blob[name_start:name_start + note.n_namesz].rstrip(b"\0"),
+            type=note.n_type,
+            desc=blob[desc_start:desc_start + note.n_descsz],
+        ))
+        offset = end
     return notes
 
 

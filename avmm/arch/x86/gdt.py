@@ -12,11 +12,10 @@ TSS descriptor (16 bytes in long mode) takes 0x20 and 0x28.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
-
-import construct as c
 
 from ...errors import AvmmError
 from .layout import BOOT_TSS_ADDRESS
@@ -77,27 +76,17 @@ class Segment:
         return 8 if self.s else 16
 
 
-# The 8-byte code/data descriptor (and the low half of a system descriptor). BitStruct
-# reads bits most significant first, so the fields are listed from bit 63 down to bit 0
-# and ByteSwapped turns the little-endian 8 bytes into that big-endian bit order.
-_Descriptor = c.BitStruct(
-    "base_high" / c.BitsInteger(8),
-    "g" / c.Flag,
-    "db" / c.Flag,
-    "l" / c.Flag,
-    "avl" / c.Flag,
-    "limit_high" / c.BitsInteger(4),
-    "present" / c.Flag,
-    "dpl" / c.BitsInteger(2),
-    "s" / c.Flag,
-    "type" / c.BitsInteger(4),
-    "base_mid" / c.BitsInteger(8),
-    "base_low" / c.BitsInteger(16),
-    "limit_low" / c.BitsInteger(16),
-)
-Descriptor = c.ByteSwapped(_Descriptor)
-#: Upper half of a 16-byte long-mode system descriptor.
-SystemDescriptorHigh = c.Struct("base_upper" / c.Int32ul, "reserved" / c.Int32ul)
+#: The 8-byte code/data descriptor (and the low half of a system descriptor), read as
+#: one little-endian 64-bit integer (Intel SDM vol. 3, 3.4.5). Shifts and masks over
+#: struct, not construct's BitStruct: the boot GDT is built on ``avmm up``'s way to the
+#: guest's first byte (see ._packed). Bits 0-15 limit_low, 16-31 base_low, 32-39
+#: base_mid, 40-43 type, 44 s, 45-46 dpl, 47 present, 48-51 limit_high, 52 avl, 53 l,
+#: 54 db, 55 g, 56-63 base_high.
+Descriptor = struct.Struct("<Q")
+_TYPE_SHIFT, _S_BIT, _DPL_SHIFT, _PRESENT_BIT = 40, 44, 45, 47
+_LIMIT_HIGH_SHIFT, _AVL_BIT, _L_BIT, _DB_BIT, _G_BIT = 48, 52, 53, 54, 55
+#: Upper half of a 16-byte long-mode system descriptor: base_upper, reserved.
+SystemDescriptorHigh = struct.Struct("<II")
 
 
 def encode_segment(segment: Segment) -> bytes:
@@ -121,26 +110,24 @@ def encode_segment(segment: Segment) -> bytes:
         raise DescriptorError(f"segment base 0x{segment.base:x} does not fit {base_bits} bits")
     if not 0 <= segment.type <= 0xF or not 0 <= segment.dpl <= 3 or segment.limit < 0:
         raise DescriptorError(f"segment type {segment.type} or dpl {segment.dpl} out of range")
-    low = Descriptor.build(
-        {
-            "base_high": (segment.base >> 24) & 0xFF,
-            "g": segment.g,
-            "db": segment.db,
-            "l": segment.l,
-            "avl": segment.avl,
-            "limit_high": raw_limit >> 16,
-            "present": segment.present,
-            "dpl": segment.dpl,
-            "s": segment.s,
-            "type": segment.type,
-            "base_mid": (segment.base >> 16) & 0xFF,
-            "base_low": segment.base & 0xFFFF,
-            "limit_low": raw_limit & 0xFFFF,
-        }
+    base = segment.base
+    low = Descriptor.pack(
+        (raw_limit & 0xFFFF)
+        | (base & 0xFF_FFFF) << 16
+        | segment.type << _TYPE_SHIFT
+        | bool(segment.s) << _S_BIT
+        | segment.dpl << _DPL_SHIFT
+        | bool(segment.present) << _PRESENT_BIT
+        | (raw_limit >> 16) << _LIMIT_HIGH_SHIFT
+        | bool(segment.avl) << _AVL_BIT
+        | bool(segment.l) << _L_BIT
+        | bool(segment.db) << _DB_BIT
+        | bool(segment.g) << _G_BIT
+        | ((base >> 24) & 0xFF) << 56
     )
     if segment.s:
         return low
-    return low + SystemDescriptorHigh.build({"base_upper": segment.base >> 32, "reserved": 0})
+    return low + SystemDescriptorHigh.pack(base >> 32, 0)
 
 
 def decode_segment(data: bytes, selector: int) -> Segment:
@@ -150,25 +137,27 @@ def decode_segment(data: bytes, selector: int) -> Segment:
     """
     if len(data) < 8:
         raise DescriptorError(f"a descriptor is 8 bytes, got {len(data)}")
-    fields = Descriptor.parse(bytes(data[:8]))
-    raw_limit = (fields.limit_high << 16) | fields.limit_low
-    base = (fields.base_high << 24) | (fields.base_mid << 16) | fields.base_low
-    if not fields.s:
+    (raw,) = Descriptor.unpack_from(data)
+    raw_limit = (raw & 0xFFFF) | ((raw >> _LIMIT_HIGH_SHIFT) & 0xF) << 16
+    base = ((raw >> 16) & 0xFF_FFFF) | ((raw >> 56) & 0xFF) << 24
+    s = bool(raw >> _S_BIT & 1)
+    g = bool(raw >> _G_BIT & 1)
+    if not s:
         if len(data) < 16:
             raise DescriptorError(f"a long-mode system descriptor is 16 bytes, got {len(data)}")
-        base |= SystemDescriptorHigh.parse(bytes(data[8:16])).base_upper << 32
+        base |= SystemDescriptorHigh.unpack_from(data, 8)[0] << 32
     return Segment(
         base=base,
-        limit=(raw_limit << 12) | 0xFFF if fields.g else raw_limit,
+        limit=(raw_limit << 12) | 0xFFF if g else raw_limit,
         selector=selector,
-        type=fields.type,
-        present=fields.present,
-        dpl=fields.dpl,
-        db=fields.db,
-        s=fields.s,
-        l=fields.l,
-        g=fields.g,
-        avl=fields.avl,
+        type=(raw >> _TYPE_SHIFT) & 0xF,
+        present=bool(raw >> _PRESENT_BIT & 1),
+        dpl=(raw >> _DPL_SHIFT) & 0x3,
+        db=bool(raw >> _DB_BIT & 1),
+        s=s,
+        l=bool(raw >> _L_BIT & 1),
+        g=g,
+        avl=bool(raw >> _AVL_BIT & 1),
     )
 
 
