@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -171,7 +171,8 @@ class VirtioMmioSlot:
                                stopped=self._device_stopped),
             name=device.name,
             common_features=0 if external else COMMON_FEATURES,
-            external_used_notifications=external,
+            external_used_notifications=external or bool(
+                getattr(device, "interrupts_directly", False)),
         )
         try:
             vm.irqfd(self.irq_fd, placement.irq)
@@ -616,6 +617,25 @@ class _MmioDeviceContext:
         queue = self.queues[queue_index]
         if queue is not None and queue.should_notify(self.memory):
             self._slot.transport.signal_used()
+
+    def direct_used_fd(self, queue_index: int) -> int:
+        """For a device that interrupts the driver from C rather than through
+        :meth:`signal_used` (blk's I/O thread): the irqfd to write, after applying
+        ``should_notify``'s rules itself. The transport then reports USED_BUFFER in
+        InterruptStatus whenever the device is activated, as it does for a vhost-user
+        device, since it no longer sees each notification: the slot built it so for a
+        device whose ``interrupts_directly`` says yes."""
+        if not self._slot.transport.reports_used_always:
+            raise DeviceStateError(f"{self._slot.device.name}: the transport was not "
+                                   "built for a device that interrupts directly")
+        return self._slot.irq_fd
+
+    def on_pause(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` whenever the VM starts to pause (the gate closes), until
+        the function returned is called: for a device thread that does not look at the
+        gate before each request (blk's C run), so that it comes back and takes no new
+        request while paused."""
+        return self._gate.notify_on_close(callback)
 
     def signal_config_change(self) -> None:
         self._slot.transport.signal_config_change()

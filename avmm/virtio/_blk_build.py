@@ -52,9 +52,24 @@ struct avmm_blk_batch {
     uint32_t marks;         /* (address, length) pairs written into marks */
 };
 
+struct avmm_blk_wait {
+    int32_t kick_fd, stop_fd, call_fd;
+    uint32_t signalled;
+    uint32_t control;
+    uint64_t publish_ns;
+    uint64_t spin_ns;
+    uint32_t spin_misses, spin_rest;
+    uint64_t kicks;
+    uint32_t signals, batches;
+};
+
 #define AVMM_BLK_LIMIT ...
 #define AVMM_BLK_EMPTY ...
 #define AVMM_BLK_SLOW ...
+#define AVMM_BLK_STOPPED ...
+#define AVMM_BLK_PUBLISH ...
+#define AVMM_BLK_NONE_SIGNALLED ...
+#define AVMM_BLK_EVENT_IDX ...
 #define AVMM_BLK_WRITES ...
 #define AVMM_BLK_INDIRECT ...
 #define AVMM_BLK_MAX_CHAIN ...
@@ -63,13 +78,20 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
                    int nregions, int fd, uint64_t capacity, uint32_t flags,
                    uint32_t limit, uint64_t *marks, uint32_t marks_capacity,
                    struct avmm_blk_batch *out);
+int avmm_blk_run(struct avmm_ring *ring, const struct avmm_region *regions,
+                 int nregions, int fd, uint64_t capacity, uint32_t flags,
+                 uint64_t *marks, uint32_t marks_capacity, struct avmm_blk_wait *wait,
+                 struct avmm_blk_batch *out);
 """)
 
 ffibuilder.set_source("avmm.virtio._blk_ffi", r"""
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "_virtq.h"
 
@@ -80,15 +102,38 @@ struct avmm_blk_batch {
     uint32_t marks;
 };
 
-/* Why a batch ended. */
-#define AVMM_BLK_LIMIT 0   /* it served `limit` requests, BYTE_BUDGET bytes, or the
-                              marks array is full */
+struct avmm_blk_wait {
+    int32_t kick_fd, stop_fd, call_fd;
+    uint32_t signalled;     /* in/out: the used idx at the last look for a notification
+                               (QueueState.signalled_used), AVMM_BLK_NONE_SIGNALLED: none */
+    uint32_t control;       /* set by Python from any thread: return at the next look */
+    uint64_t publish_ns;    /* return this long after the first completion not yet
+                               reported, so that the counters stay current */
+    uint64_t spin_ns;       /* the longest look for a new request after a batch, the
+                               driver's notifications still off, before re-arming them
+                               and sleeping in poll(2) */
+    uint32_t spin_misses, spin_rest;  /* in/out: whether looks pay (see SPIN_MISSES) */
+    uint64_t kicks;         /* out: the driver's notifications read from kick_fd */
+    uint32_t signals;       /* out: interrupts written to call_fd */
+    uint32_t batches;       /* out: batches that served a request */
+};
+
+/* Why a batch (avmm_blk_serve) or a run (avmm_blk_run) ended. */
+#define AVMM_BLK_LIMIT 0   /* it served `limit` requests (a batch), BYTE_BUDGET bytes, or
+                              the marks array is full */
 #define AVMM_BLK_EMPTY 1   /* it served every chain that was available when it began */
 #define AVMM_BLK_SLOW 2    /* the chain at next_avail is for the Python path */
+#define AVMM_BLK_STOPPED 3 /* a run: `control` was set or stop_fd became readable */
+#define AVMM_BLK_PUBLISH 4 /* a run: publish_ns passed since the first completion */
+/* Internal: a batch served `limit` requests; a run goes on with the next one. */
+#define BATCH_FULL 5
+
+#define AVMM_BLK_NONE_SIGNALLED 0x10000u
 
 /* flags */
 #define AVMM_BLK_WRITES 1u    /* OUT may be served: a writable disk in writeback mode */
 #define AVMM_BLK_INDIRECT 2u  /* VIRTIO_F_INDIRECT_DESC was negotiated */
+#define AVMM_BLK_EVENT_IDX 4u /* VIRTIO_F_EVENT_IDX was negotiated (a run's notifications) */
 
 /* Descriptors per chain (and entries per indirect table) served here; the device's
    seg_max (avmm.virtio.blk.SEG_MAX) keeps a driver's chains to this. */
@@ -223,34 +268,39 @@ static int in_range(uint64_t sector, uint64_t length, uint64_t capacity)
         && sector <= capacity - sectors;
 }
 
-/* Serve the IN and OUT requests available when it begins, in ring order, at most
-   `limit`: each is returned to the used ring (with its idx published) as soon as its
-   transfer is done. Every guest range written (data read, status bytes) goes into
-   marks as (address, length) for the dirty log. */
-int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
-                   int nregions, int fd, uint64_t capacity, uint32_t flags,
-                   uint32_t limit, uint64_t *marks, uint32_t marks_capacity,
-                   struct avmm_blk_batch *out)
+/* One batch: serve the IN and OUT requests available when it begins, in ring order,
+   at most `limit`, adding to `out`'s counts and marks: each is returned to the used ring
+   (with its idx published) as soon as its transfer is done. Every guest range written
+   (data read, status bytes) goes into marks as (address, length) for the dirty log.
+   Returns why it ended (AVMM_BLK_*, BATCH_FULL for `limit`); `r` holds the ring's
+   parts, for a caller that goes on to notify. */
+static int32_t serve(struct avmm_ring *ring, const struct avmm_region *regions,
+                     int nregions, int fd, uint64_t capacity, uint32_t flags,
+                     uint32_t limit, uint64_t *marks, uint32_t marks_capacity,
+                     struct avmm_blk_batch *out, struct rings *rings)
 {
     struct rings r;
     struct chain c;
     struct iovec iov[AVMM_BLK_MAX_CHAIN];
-    memset(out, 0, sizeof *out);
-    out->stop = AVMM_BLK_SLOW;
     int32_t available = begin_batch(ring, regions, nregions, &r);
     if (available < 0 || marks_capacity < AVMM_BLK_MAX_CHAIN + 1)
-        return 0;
-    uint32_t size = ring->size;
+        return AVMM_BLK_SLOW;
+    *rings = r;
+    uint32_t size = ring->size, served = 0;
     uint16_t next_avail = ring->next_avail, next_used = ring->next_used;
     uint16_t pending = (uint16_t)available;
-    out->stop = AVMM_BLK_EMPTY;
+    int32_t stop = AVMM_BLK_EMPTY;
     while (pending) {
-        if (out->requests >= limit || out->bytes_read + out->bytes_written >= BYTE_BUDGET
+        if (out->bytes_read + out->bytes_written >= BYTE_BUDGET
                 || out->marks + AVMM_BLK_MAX_CHAIN + 1 > marks_capacity) {
-            out->stop = AVMM_BLK_LIMIT;
+            stop = AVMM_BLK_LIMIT;
             break;
         }
-        out->stop = AVMM_BLK_SLOW;
+        if (served >= limit) {
+            stop = BATCH_FULL;
+            break;
+        }
+        stop = AVMM_BLK_SLOW;
         uint32_t head = available_head(&r, size, next_avail);
         if (head >= size)
             break;
@@ -310,14 +360,253 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
         pending--;
         /* Published at once: the element (and the data and status before it) first. */
         publish_used(&r, next_used);
+        served++;
         out->requests++;
         out->readable += c.readable_length;
         out->used += used;
-        out->stop = AVMM_BLK_EMPTY;
+        stop = AVMM_BLK_EMPTY;
     }
     ring->next_avail = next_avail;
     ring->next_used = next_used;
+    return stop;
+}
+
+/* A batch for the Python loop (avmm.virtio.blk_fast.BlockFastPath.serve). */
+int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
+                   int nregions, int fd, uint64_t capacity, uint32_t flags,
+                   uint32_t limit, uint64_t *marks, uint32_t marks_capacity,
+                   struct avmm_blk_batch *out)
+{
+    struct rings r;
+    memset(out, 0, sizeof *out);
+    int32_t stop = serve(ring, regions, nregions, fd, capacity, flags, limit, marks,
+                         marks_capacity, out, &r);
+    out->stop = stop == BATCH_FULL ? AVMM_BLK_LIMIT : stop;
     return 0;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* After a batch's pushes: interrupt the driver if it wants a used buffer notification
+   now, by the rules of avmm.virtio.queue's should_notify (vring_need_event with
+   EVENT_IDX, else the NO_INTERRUPT flag), which this replaces for the run. */
+static void notify(const struct rings *r, uint32_t size, uint32_t flags, uint16_t next_used,
+                   struct avmm_blk_wait *w)
+{
+    uint32_t old = w->signalled;
+    w->signalled = next_used;
+    if (old == next_used)
+        return;
+    /* The used idx store must be visible before we read what the driver wants, or a
+       driver that just re-armed would wait for an interrupt we skip. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int wanted;
+    if (flags & AVMM_BLK_EVENT_IDX) {
+        uint16_t used_event = load_u16(r->avail + 4 + 2 * (size_t)size);
+        wanted = old == AVMM_BLK_NONE_SIGNALLED
+            || (uint16_t)(next_used - used_event - 1) < (uint16_t)(next_used - (uint16_t)old);
+    } else {
+        wanted = !(load_u16(r->avail) & 1u);  /* VIRTQ_AVAIL_F_NO_INTERRUPT */
+    }
+    if (!wanted)
+        return;
+    uint64_t one = 1;
+    ssize_t n;
+    do
+        n = write(w->call_fd, &one, sizeof one);
+    while (n < 0 && errno == EINTR);
+    /* EAGAIN: the counter is full, so an interrupt is pending anyway. */
+    if (n == (ssize_t)sizeof one)
+        w->signals++;
+}
+
+/* The driver's notifications on (EVENT_IDX: avail_event at our position; else the used
+   ring's NO_NOTIFY flag cleared) or off, as VirtQueue's enable/disable_notifications. */
+static void set_notifications(const struct rings *r, uint32_t size, uint32_t flags,
+                              uint16_t next_avail, int on)
+{
+    if (flags & AVMM_BLK_EVENT_IDX) {
+        if (on)
+            __atomic_store_n((uint16_t *)(r->used + 4 + 8 * (size_t)size), next_avail,
+                             __ATOMIC_RELAXED);
+    } else {
+        __atomic_store_n((uint16_t *)r->used, on ? 0 : 1 /* VIRTQ_USED_F_NO_NOTIFY */,
+                         __ATOMIC_RELAXED);
+    }
+}
+
+/* Look at the available idx for up to `window` ns (or until `control` is set): whether
+   the driver made a new request available meanwhile. The driver's notifications stay
+   off while we look, so a driver that submits its next request soon after a completion
+   (queue depth 1) neither exits to kick us nor waits for this thread to wake up: on this
+   project's KVM an exit costs 8 to 80 us and a wake-up tens more, against a few us for
+   the request itself. QEMU's iothreads poll the same way (poll-max-ns). */
+static int spin(const struct rings *r, uint16_t next_avail, uint64_t window,
+                const struct avmm_blk_wait *w)
+{
+    uint64_t until = now_ns() + window;
+    do {
+        for (int i = 0; i < 64; i++) {
+            if (__atomic_load_n((const uint16_t *)(r->avail + 2), __ATOMIC_ACQUIRE)
+                    != next_avail)
+                return 1;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+    } while (!__atomic_load_n(&w->control, __ATOMIC_RELAXED) && now_ns() < until);
+    return 0;
+}
+
+/* Whether a look pays is learnt from the looks themselves (not from how long a sleep
+   lasted: on this project's KVM the kick's exit and the wake-up alone can take longer
+   than the longest look): after SPIN_MISSES looks in a row that found nothing, the next
+   SPIN_REST batches go without one, then looks are tried again. A driver whose requests
+   come further apart than the look then costs a look every few dozen batches; one that
+   polls keeps them all. */
+#define SPIN_MISSES 4u
+#define SPIN_REST 64u
+
+/* The event fields (used_event after the available ring, avail_event after the used
+   ring) are in RAM too: map_rings covers the rings without them, and VirtQueue.validate
+   checks them, but this loop writes avail_event and must not rely on a caller for it. */
+static int event_fields_mapped(const struct avmm_ring *ring,
+                               const struct avmm_region *regions, int nregions)
+{
+    uint64_t size = ring->size;
+    return guest_to_host(regions, nregions, ring->avail, 6 + 2 * size)
+        && guest_to_host(regions, nregions, ring->used, 6 + 8 * size);
+}
+
+/* The I/O thread's whole loop while nothing needs Python: batches as avmm_blk_serve
+   serves them, the notifications, the interrupts, a look for the driver's next request
+   after a batch (spin) and the waits for the driver's kicks, all outside the GIL.
+   Returns (out->stop) at the first chain for the Python path (SLOW; also a ring whose
+   event fields are not in RAM), when the marks array or byte budget is used up (LIMIT),
+   when `control` is set or stop_fd is readable (STOPPED), or publish_ns after the first
+   completion not yet reported (PUBLISH); the caller then reports what `out` and `wait`
+   counted and applies the marks. 0, or -errno where poll(2) or reading the kick eventfd
+   failed (what was served is in `out` either way). */
+int avmm_blk_run(struct avmm_ring *ring, const struct avmm_region *regions,
+                 int nregions, int fd, uint64_t capacity, uint32_t flags,
+                 uint64_t *marks, uint32_t marks_capacity, struct avmm_blk_wait *w,
+                 struct avmm_blk_batch *out)
+{
+    memset(out, 0, sizeof *out);
+    w->kicks = 0;
+    w->signals = 0;
+    w->batches = 0;
+    if ((flags & AVMM_BLK_EVENT_IDX) && !event_fields_mapped(ring, regions, nregions)) {
+        out->stop = AVMM_BLK_SLOW;
+        return 0;
+    }
+    uint64_t first = 0;  /* when the first completion not yet reported was made */
+    int busy = 0;        /* the pass before served requests: the driver is active */
+    for (;;) {
+        if (__atomic_load_n(&w->control, __ATOMIC_ACQUIRE)) {
+            out->stop = AVMM_BLK_STOPPED;
+            return 0;
+        }
+        struct rings r;
+        if (map_rings(ring, regions, nregions, &r) < 0) {
+            out->stop = AVMM_BLK_SLOW;
+            return 0;
+        }
+        set_notifications(&r, ring->size, flags, ring->next_avail, 0);
+        uint32_t before = out->requests;
+        int32_t stop = serve(ring, regions, nregions, fd, capacity, flags, ring->size,
+                             marks, marks_capacity, out, &r);
+        int served = out->requests != before;
+        if (served) {
+            w->batches++;
+            notify(&r, ring->size, flags, ring->next_used, w);
+            if (!first)
+                first = now_ns();
+        }
+        if (stop == AVMM_BLK_SLOW || stop == AVMM_BLK_LIMIT) {
+            out->stop = stop;
+            return 0;
+        }
+        if (first && now_ns() - first >= w->publish_ns) {
+            out->stop = AVMM_BLK_PUBLISH;
+            return 0;
+        }
+        if (stop == BATCH_FULL || served) {
+            busy = 1;
+            continue;  /* look again before re-arming: a polling driver refills */
+        }
+        /* Only after a batch: a kick that brought nothing starts no look. */
+        if (busy && w->spin_ns) {
+            if (w->spin_rest) {
+                w->spin_rest--;
+            } else if (spin(&r, ring->next_avail, w->spin_ns, w)) {
+                w->spin_misses = 0;
+                continue;
+            } else if (++w->spin_misses >= SPIN_MISSES) {
+                w->spin_misses = 0;
+                w->spin_rest = SPIN_REST;
+            }
+        }
+        busy = 0;
+        set_notifications(&r, ring->size, flags, ring->next_avail, 1);
+        /* The request must be visible before we look at the available idx. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n((const uint16_t *)(r.avail + 2), __ATOMIC_ACQUIRE)
+                != ring->next_avail)
+            continue;  /* made available before the driver saw the request */
+        if (__atomic_load_n(&w->control, __ATOMIC_ACQUIRE)) {
+            out->stop = AVMM_BLK_STOPPED;  /* asked during the look: not after a sleep */
+            return 0;
+        }
+        uint64_t asleep = now_ns();
+        int timeout = -1;
+        if (first) {
+            uint64_t left = w->publish_ns - (asleep - first);
+            if (asleep - first >= w->publish_ns)
+                left = 0;
+            timeout = (int)((left + 999999) / 1000000);
+        }
+        struct pollfd fds[2] = {
+            { .fd = w->kick_fd, .events = POLLIN },
+            { .fd = w->stop_fd, .events = POLLIN },
+        };
+        int n = poll(fds, 2, timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int error = errno;
+            out->stop = AVMM_BLK_STOPPED;
+            return -error;
+        }
+        if (n == 0) {
+            out->stop = AVMM_BLK_PUBLISH;
+            return 0;
+        }
+        if ((fds[0].revents | fds[1].revents) & (POLLERR | POLLNVAL)) {
+            out->stop = AVMM_BLK_STOPPED;
+            return -EBADF;
+        }
+        if (fds[1].revents & POLLIN) {
+            out->stop = AVMM_BLK_STOPPED;
+            return 0;
+        }
+        if (fds[0].revents & POLLIN) {
+            uint64_t kicks;
+            ssize_t got = read(w->kick_fd, &kicks, sizeof kicks);
+            if (got == (ssize_t)sizeof kicks) {
+                w->kicks += kicks;
+            } else if (got < 0 && errno != EAGAIN && errno != EINTR) {
+                int error = errno;
+                out->stop = AVMM_BLK_STOPPED;
+                return -error;
+            }
+        }
+    }
 }
 """, include_dirs=[_HERE], depends=[os.path.join(_HERE, "_virtq.h")])
 

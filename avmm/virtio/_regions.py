@@ -24,7 +24,7 @@ __all__ = ["VIRTQ_ABI", "RegionTable", "compiled", "load_ring", "store_ring"]
 log = structlog.get_logger(__name__)
 
 #: avmm/virtio/_virtq.h's AVMM_VIRTQ_ABI: the modules these Python sides can read.
-VIRTQ_ABI = 2
+VIRTQ_ABI = 3
 
 
 def compiled(module: str, python_only: str) -> tuple[Any, bool]:

@@ -11,7 +11,7 @@
 /* The layout of what the C loops and their Python side exchange (these structs and each
    device's batch record): bump it with any change, so that a module built before the
    change is refused (avmm.virtio._regions.compiled) rather than misread. */
-#define AVMM_VIRTQ_ABI 2
+#define AVMM_VIRTQ_ABI 3
 
 #include <stdint.h>
 #include <string.h>

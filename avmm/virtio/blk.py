@@ -21,7 +21,14 @@ In the I/O thread, IN and OUT requests of well-formed chains are served by a C l
 as its transfer is done, so a polling driver refills while the rest of the batch is
 served; it stops before any other request and the Python path below takes the ring from
 there, so every rule here holds for both (:meth:`BlockDevice.serve_batch`). Rate limits
-keep to the Python path.
+keep to the Python path. Where the transport also lets the device write the irqfd
+itself and tells it when the VM starts to pause (``context.direct_used_fd`` and
+``context.on_pause``, as the in-process slot does), the thread's whole loop runs in C
+(``blk_fast``'s run: batches, notifications, interrupts, the waits for kicks, and a short
+look for the driver's next request before it sleeps), so that a request takes the GIL
+not at all and, in a process that runs many VMs, waits for no other VM's Python; it
+comes back to Python for what the C loop does not serve, a stop, a pause, a new rate
+limit, and at least every 20 ms while it completes requests, to publish its counters.
 
 Who is at fault decides how a request ends:
 
@@ -347,14 +354,12 @@ class BlockDevice(VirtioDevice):
         self.can_punch_holes = True
         self.can_zero_range = True
         self.stats = BlockStats()
-        #: The rate limiter's handle (avmm.ratelimit.Throttle), None: unlimited. Read
-        #: once per batch by the serving thread, so it may be replaced at any time.
-        self.throttle: Throttle | None = None
         #: (operation, errno) pairs already logged, so a failing disk logs once per kind.
         self.reported_errors: set[tuple[str, int]] = set()
         #: The C loop for the request queue (None: the Python path only); see
         #: :meth:`serve_batch`.
         self._fast = blk_fast.fast_path()
+        self._throttle: Throttle | None = None
         self.fd = -1
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
@@ -380,6 +385,29 @@ class BlockDevice(VirtioDevice):
             log.warning("disk size is not a multiple of 512 bytes; the tail is not exposed",
                         device=name, path=str(self.path), size=size,
                         hidden_bytes=size % SECTOR_SIZE)
+
+    @property
+    def interrupts_directly(self) -> bool:
+        """Whether this disk's I/O thread may interrupt the driver from C, writing the
+        irqfd itself (where the transport offers ``direct_used_fd``). A transport
+        builds its InterruptStatus for it from the start (USED_BUFFER whenever
+        activated, as for a vhost-user device): an interrupt taken before the thread
+        runs again (after a restore, or on a migration's destination) must find the
+        bit, which no ``signal_used`` call sets for it."""
+        return self._fast is not None
+
+    @property
+    def throttle(self) -> Throttle | None:
+        """The rate limiter's handle (avmm.ratelimit.Throttle), None: unlimited. Read
+        once per batch by the serving thread, so it may be replaced at any time; a C run
+        in progress (which serves unlimited) is told to come back and look."""
+        return self._throttle
+
+    @throttle.setter
+    def throttle(self, throttle: Throttle | None) -> None:
+        self._throttle = throttle
+        if self._fast is not None:
+            self._fast.interrupt()
 
     @staticmethod
     def _default_serial(path: Path) -> str:
@@ -511,6 +539,8 @@ class BlockDevice(VirtioDevice):
 
         def stop() -> None:
             stopping.set()
+            if self._fast is not None:
+                self._fast.interrupt()  # a C run under load looks between batches
             os.eventfd_write(stop_fd, 1)
 
         # Every fd the thread reads, writes or syncs, for its filter: the image, the kick
@@ -536,18 +566,40 @@ class BlockDevice(VirtioDevice):
         """The I/O thread: drain the ring, sleep in poll(2) on the kick eventfd (and the
         stop eventfd), repeat until ``stopping`` is set. Checks for a stop only between
         batches, so a batch that was started is always completed and signalled."""
+        poller = select.poll()
+        poller.register(kick_fd, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
+        # The whole loop in C where the transport lets the device interrupt the driver
+        # by writing an eventfd itself and says when the VM starts to pause (blk_fast's
+        # run; the pause makes it come back, and the Python path then takes nothing).
+        direct_used_fd = getattr(context, "direct_used_fd", None)
+        on_pause = getattr(context, "on_pause", None)
+        call_fd = forget_pause = None
+        try:
+            if self.interrupts_directly and callable(direct_used_fd) and callable(on_pause):
+                forget_pause = on_pause(self._fast.interrupt)  # type: ignore[union-attr]
+                call_fd = direct_used_fd(0)
+            self._serve_loop(context, queue, kick_fd, stop_fd, stopping, poller, call_fd)
+        finally:
+            if forget_pause is not None:
+                forget_pause()
+
+    def _serve_loop(self, context: DeviceContext, queue: VirtQueue, kick_fd: int,
+                    stop_fd: int, stopping: threading.Event, poller: select.poll,
+                    call_fd: int | None) -> None:
         memory = context.memory
         signal_used = context.signal_used
         kicks_received = getattr(context, "kicks_received", None)
         serve_batch = self.serve_batch
-        poller = select.poll()
-        poller.register(kick_fd, select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
         deferred: DescriptorChain | None = None
         # Drain before the first wait: the driver may have made requests available (and
         # kicked) before DRIVER_OK started us.
         while True:
             while not stopping.is_set():
+                if (call_fd is not None and deferred is None
+                        and not self._run_fast(queue, memory, kicks_received, kick_fd,
+                                               stop_fd, call_fd, stopping)):
+                    continue
                 queue.disable_notifications(memory)
                 more, deferred, wait_ns = serve_batch(queue, memory, signal_used, deferred)
                 if deferred is not None:
@@ -570,6 +622,40 @@ class BlockDevice(VirtioDevice):
                 break
             if kicks_received is not None:
                 kicks_received(0, kicks)
+
+    def _run_fast(self, queue: VirtQueue, memory: MemoryAccess,
+                  kicks_received: Callable[[int, int], None] | None, kick_fd: int,
+                  stop_fd: int, call_fd: int, stopping: threading.Event) -> bool:
+        """One C run of the I/O thread (blk_fast's ``run``), where nothing keeps it
+        from serving: no stop, no rate limit, a queue that may be taken from and memory
+        the C loop can use. Adds what it served to the stats. Returns True where the
+        Python path must serve the next batch (it cannot run, or the chain at the
+        position is for Python); False: look again (a stop, a limit set meanwhile, or
+        only its counters to report)."""
+        fast = self._fast
+        assert fast is not None
+        fast.arm()  # before the looks below: what asks after them interrupts the run
+        if stopping.is_set():
+            return False
+        if self._throttle is not None or not queue.may_take() or not fast.usable(memory):
+            return True
+        try:
+            done = fast.run(queue, memory, self.fd, self.capacity,
+                            writes=self.writeback and not self.read_only,
+                            kick_fd=kick_fd, stop_fd=stop_fd, call_fd=call_fd)
+        finally:
+            out = fast.last_run
+            if out is not None:
+                stats = self.stats
+                stats.reads += out.reads
+                stats.writes += out.writes
+                stats.bytes_read += out.bytes_read
+                stats.bytes_written += out.bytes_written
+                stats.batches += out.batches
+                stats.batched_requests += out.requests
+                if out.kicks and kicks_received is not None:
+                    kicks_received(0, out.kicks)
+        return done.stop == blk_fast.SLOW
 
     async def _serve(self, context: DeviceContext, queue: VirtQueue) -> None:
         memory = context.memory

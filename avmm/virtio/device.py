@@ -22,6 +22,7 @@ guest does may escape as any other exception.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -188,11 +189,27 @@ class PauseGate:
         #: whatever thread serves them.
         self.is_open = True
         self.resumes = 0
+        self._on_close: list[Callable[[], None]] = []
+
+    def notify_on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the closing thread, after ``is_open`` went False) each
+        time the gate closes, until the function returned is called: for a device
+        thread that serves without looking at the gate before each request (blk's C
+        run), so that it comes back and looks. Any thread."""
+        self._on_close.append(callback)
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):
+                self._on_close.remove(callback)
+
+        return forget
 
     def close(self) -> None:
         if self.is_open:
             self.is_open = False
             self._opened = trio.Event()
+            for callback in list(self._on_close):
+                callback()
 
     def open(self) -> None:
         if not self.is_open:

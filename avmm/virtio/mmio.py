@@ -75,6 +75,8 @@ Where the spec leaves the device room, this transport decides as follows:
   at worst it finds nothing new. ``common_features`` (default COMMON_FEATURES) is what
   the transport adds to the device's features; such a device passes 0 and offers its
   back-end's features as they are.
+  The in-process slot builds it so as well for a device whose data path writes the
+  irqfd from C (virtio-blk's ``interrupts_directly``).
 * No shared memory regions: SHMLen and SHMBase read as all ones, as the spec says for a
   region that does not exist. QueueReset reads 0 and ignores writes (RING_RESET is not
   offered). The legacy registers (GuestPageSize, QueueAlign, QueuePFN) do not exist.
@@ -400,6 +402,12 @@ class MmioTransport:
     @property
     def config_generation(self) -> int:
         return self._config_generation
+
+    @property
+    def reports_used_always(self) -> bool:
+        """Built with ``external_used_notifications``: InterruptStatus reads
+        USED_BUFFER whenever the device is activated."""
+        return self._external_used
 
     def signal_used(self) -> None:
         """Used buffers were added (and the queue's suppression allows a notification):

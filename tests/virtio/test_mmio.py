@@ -579,6 +579,25 @@ def test_interrupt_status_and_ack() -> None:
     assert rd(transport, Register.INTERRUPT_STATUS) == 0
 
 
+def test_a_transport_whose_device_interrupts_by_itself_reads_used_while_activated() -> None:
+    # A vhost-user back-end, or blk's C run: the transport never sees a notification,
+    # so the driver's handler must look at its used rings on every interrupt.
+    device, recorder = FakeDevice(), Recorder()
+    transport = MmioTransport(device, ByteArrayMemory(MEMORY_SIZE), recorder.callbacks(),
+                              name="test0", external_used_notifications=True)
+    assert transport.reports_used_always
+    assert rd(transport, Register.INTERRUPT_STATUS) == 0  # not activated
+    bring_up(transport)
+    assert rd(transport, Register.INTERRUPT_STATUS) == 1
+    wr(transport, Register.INTERRUPT_ACK, 1)
+    assert rd(transport, Register.INTERRUPT_STATUS) == 1
+    transport.signal_config_change()
+    assert rd(transport, Register.INTERRUPT_STATUS) == 3
+    wr(transport, Register.STATUS, 0)
+    assert rd(transport, Register.INTERRUPT_STATUS) & 1 == 0  # reset: nothing to look at
+    assert not make()[0].reports_used_always
+
+
 def test_config_change_before_driver_ok_bumps_the_generation_without_interrupt() -> None:
     transport, _, recorder, _ = make()
     assert rd(transport, Register.CONFIG_GENERATION) == 0

@@ -32,10 +32,12 @@ from .helpers import MAILBOX_ADDRESS, guest_config
 pytestmark = [pytest.mark.kvm, pytest.mark.guest]
 
 COUNTER = MAILBOX_ADDRESS + 8
-#: 16 MiB written and read back in 4 KiB requests: thousands of requests, so the guest is
-#: still busy with its disk when the test pauses it.
-SECTORS = 32768
-REQUEST_SECTORS = 8
+#: 32 MiB written and read back in 512-byte requests: 65,536 requests, so the guest is
+#: still busy with its disk when the test pauses it, three times. (16 MiB in 4 KiB
+#: requests took the in-process disk about 20 ms once its I/O thread ran in C: done
+#: before a check every 10 ms saw it start.)
+SECTORS = 65536
+REQUEST_SECTORS = 1
 VM_TIMEOUT_S = 240
 
 
@@ -54,7 +56,7 @@ async def wait_busy(vm: VirtualMachine) -> int:
     assert vm.memory is not None
     with trio.fail_after(60):
         while (value := vm.memory.read_u64(COUNTER)) < 4 * REQUEST_SECTORS:
-            await trio.sleep(0.01)
+            await trio.sleep(0.002)
     assert value < SECTORS, "the guest finished its disk work before the pause"
     return value
 
