@@ -84,6 +84,21 @@ def served(event_idx: bool = False) -> tuple[VirtQueue, DriverQueue, DirectConte
     return queue, driver, DirectContext(driver, queue, VIRTIO_BLK_F_FLUSH)
 
 
+def add_read(driver: DriverQueue, sector: int, sectors: int = 1) -> int:
+    """Make a read of ``sectors`` at ``sector`` available (the caller kicks or not)."""
+    return driver.add_chain(readable=[header(IN, sector)],
+                            writable=[sectors * SECTOR + 1])
+
+
+async def read(driver: DriverQueue, context: DirectContext, sector: int, sectors: int = 1
+               ) -> None:
+    """A read made available, kicked and waited for until it is used."""
+    target = (driver.used_idx + 1) & 0xFFFF
+    add_read(driver, sector, sectors)
+    context.kick()
+    await wait_used(driver, target)
+
+
 async def until(condition: Callable[[], bool], what: str) -> None:
     with trio.move_on_after(10) as scope:
         while not condition():
@@ -93,7 +108,7 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 async def test_the_run_serves_and_interrupts_through_the_irqfd(device: BlockDevice) -> None:
     queue, driver, context = served()
-    first = driver.add_chain(readable=[header(IN, 1)], writable=[SECTOR + 1])
+    first = add_read(driver, 1)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(device.run, context)
@@ -131,13 +146,9 @@ async def test_no_interrupt_is_honoured(device: BlockDevice) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(device.run, context)
-            driver.add_chain(readable=[header(IN, 0)], writable=[SECTOR + 1])
-            context.kick()
-            await wait_used(driver, 1)
+            await read(driver, context, 0)
             driver.set_avail_flags(0)
-            driver.add_chain(readable=[header(IN, 0)], writable=[SECTOR + 1])
-            context.kick()
-            await wait_used(driver, 2)
+            await read(driver, context, 0)
             nursery.cancel_scope.cancel()
     assert context.take_interrupts() == 1
 
@@ -152,9 +163,7 @@ async def test_event_idx_interrupts_only_once_used_event_is_passed(
             for index in range(6):
                 if index == 1:
                     driver.set_used_event(4)  # "interrupt me once entry 4 is used"
-                driver.add_chain(readable=[header(IN, index)], writable=[SECTOR + 1])
-                context.kick()
-                await wait_used(driver, index + 1)
+                await read(driver, context, index)
                 counts.append(context.take_interrupts())
             nursery.cancel_scope.cancel()
     # The first completion always interrupts; then none until the used idx passes 4
@@ -180,14 +189,10 @@ async def test_a_rate_limit_set_while_the_run_waits_applies_to_the_next_request(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(device.run, context)
-            driver.add_chain(readable=[header(IN, 0)], writable=[SECTOR + 1])
-            context.kick()
-            await wait_used(driver, 1)
+            await read(driver, context, 0)
             await trio.sleep(0.05)  # the run waits in poll(2) by now
             device.throttle = throttle  # type: ignore[assignment]
-            driver.add_chain(readable=[header(IN, 0)], writable=[2 * SECTOR + 1])
-            context.kick()
-            await wait_used(driver, 2)
+            await read(driver, context, 0, sectors=2)
             nursery.cancel_scope.cancel()
     assert throttle.admitted == [2 * SECTOR]
     # The limited request went through the Python path, which signals through the
@@ -264,11 +269,9 @@ async def test_after_a_completion_the_run_looks_for_the_next_request_without_not
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(device.run, context)
-            driver.add_chain(readable=[header(IN, 0)], writable=[SECTOR + 1])
-            context.kick()
-            await wait_used(driver, 1)
+            await read(driver, context, 0)
             assert driver.used_flags == 1  # VIRTQ_USED_F_NO_NOTIFY: looking, not asleep
-            driver.add_chain(readable=[header(IN, 1)], writable=[SECTOR + 1])  # no kick
+            add_read(driver, 1)  # no kick
             await wait_used(driver, 2)
             # A stop ends the look at once (the test's 10 s bound would not hold else).
             nursery.cancel_scope.cancel()
@@ -283,15 +286,13 @@ async def test_without_the_look_the_run_re_arms_and_sleeps_until_kicked(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(device.run, context)
-            driver.add_chain(readable=[header(IN, 0)], writable=[SECTOR + 1])
-            context.kick()
-            await wait_used(driver, 1)
+            await read(driver, context, 0)
             # Past the return that publishes the counters (which looks at the ring
             # again, as any look of the device may), the run sleeps for good.
             await until(lambda: device.stats.reads == 1, "the counters")
             await trio.sleep(0.05)
             assert driver.used_flags == 0  # notifications re-armed
-            driver.add_chain(readable=[header(IN, 1)], writable=[SECTOR + 1])
+            add_read(driver, 1)
             await trio.sleep(0.2)
             assert driver.used_idx == 1  # not kicked: asleep in poll(2)
             context.kick()
