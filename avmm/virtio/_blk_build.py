@@ -273,11 +273,14 @@ static int in_range(uint64_t sector, uint64_t length, uint64_t capacity)
    (with its idx published) as soon as its transfer is done. Every guest range written
    (data read, status bytes) goes into marks as (address, length) for the dirty log.
    Returns why it ended (AVMM_BLK_*, BATCH_FULL for `limit`); `r` holds the ring's
-   parts, for a caller that goes on to notify. */
+   parts, for a caller that goes on to notify. A run passes its `control` word, looked
+   at before each request (STOPPED once set): a VM that starts to pause sets it, and
+   its disk then takes no request it had not started, as the Python path's pop. */
 static int32_t serve(struct avmm_ring *ring, const struct avmm_region *regions,
                      int nregions, int fd, uint64_t capacity, uint32_t flags,
                      uint32_t limit, uint64_t *marks, uint32_t marks_capacity,
-                     struct avmm_blk_batch *out, struct rings *rings)
+                     struct avmm_blk_batch *out, struct rings *rings,
+                     const uint32_t *control)
 {
     struct rings r;
     struct chain c;
@@ -298,6 +301,10 @@ static int32_t serve(struct avmm_ring *ring, const struct avmm_region *regions,
         }
         if (served >= limit) {
             stop = BATCH_FULL;
+            break;
+        }
+        if (control && __atomic_load_n(control, __ATOMIC_ACQUIRE)) {
+            stop = AVMM_BLK_STOPPED;
             break;
         }
         stop = AVMM_BLK_SLOW;
@@ -380,7 +387,7 @@ int avmm_blk_serve(struct avmm_ring *ring, const struct avmm_region *regions,
     struct rings r;
     memset(out, 0, sizeof *out);
     int32_t stop = serve(ring, regions, nregions, fd, capacity, flags, limit, marks,
-                         marks_capacity, out, &r);
+                         marks_capacity, out, &r, NULL);
     out->stop = stop == BATCH_FULL ? AVMM_BLK_LIMIT : stop;
     return 0;
 }
@@ -520,7 +527,7 @@ int avmm_blk_run(struct avmm_ring *ring, const struct avmm_region *regions,
         set_notifications(&r, ring->size, flags, ring->next_avail, 0);
         uint32_t before = out->requests;
         int32_t stop = serve(ring, regions, nregions, fd, capacity, flags, ring->size,
-                             marks, marks_capacity, out, &r);
+                             marks, marks_capacity, out, &r, &w->control);
         int served = out->requests != before;
         if (served) {
             w->batches++;
@@ -528,7 +535,7 @@ int avmm_blk_run(struct avmm_ring *ring, const struct avmm_region *regions,
             if (!first)
                 first = now_ns();
         }
-        if (stop == AVMM_BLK_SLOW || stop == AVMM_BLK_LIMIT) {
+        if (stop == AVMM_BLK_SLOW || stop == AVMM_BLK_LIMIT || stop == AVMM_BLK_STOPPED) {
             out->stop = stop;
             return 0;
         }
