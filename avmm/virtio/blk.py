@@ -639,23 +639,25 @@ class BlockDevice(VirtioDevice):
             return False
         if self._throttle is not None or not queue.may_take() or not fast.usable(memory):
             return True
-        try:
-            done = fast.run(queue, memory, self.fd, self.capacity,
-                            writes=self.writeback and not self.read_only,
-                            kick_fd=kick_fd, stop_fd=stop_fd, call_fd=call_fd)
-        finally:
-            out = fast.last_run
-            if out is not None:
-                stats = self.stats
-                stats.reads += out.reads
-                stats.writes += out.writes
-                stats.bytes_read += out.bytes_read
-                stats.bytes_written += out.bytes_written
-                stats.batches += out.batches
-                stats.batched_requests += out.requests
-                if out.kicks and kicks_received is not None:
-                    kicks_received(0, out.kicks)
+        done = fast.run(queue, memory, self.fd, self.capacity,
+                        writes=self.writeback and not self.read_only,
+                        kick_fd=kick_fd, stop_fd=stop_fd, call_fd=call_fd)
+        self._count_fast(done, done.batches)
+        if done.kicks and kicks_received is not None:
+            kicks_received(0, done.kicks)
+        if done.error:
+            raise OSError(done.error, f"serving the queue: {os.strerror(done.error)}")
         return done.stop == blk_fast.SLOW
+
+    def _count_fast(self, done: blk_fast.FastBatch, batches: int) -> None:
+        """Add what the C loop served to :attr:`stats`."""
+        stats = self.stats
+        stats.reads += done.reads
+        stats.writes += done.writes
+        stats.bytes_read += done.bytes_read
+        stats.bytes_written += done.bytes_written
+        stats.batches += batches
+        stats.batched_requests += done.requests
 
     async def _serve(self, context: DeviceContext, queue: VirtQueue) -> None:
         memory = context.memory
@@ -704,13 +706,7 @@ class BlockDevice(VirtioDevice):
                               writes=self.writeback and not self.read_only,
                               limit=QUEUE_SIZE)
             if done.requests:
-                stats = self.stats
-                stats.reads += done.reads
-                stats.writes += done.writes
-                stats.bytes_read += done.bytes_read
-                stats.bytes_written += done.bytes_written
-                stats.batches += 1
-                stats.batched_requests += done.requests
+                self._count_fast(done, 1)
                 signal_used(0)
             if done.stop == blk_fast.LIMIT:
                 return True, None, 0

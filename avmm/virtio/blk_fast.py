@@ -28,7 +28,6 @@ keeps its Python path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,10 +86,25 @@ class FastBatch:
     bytes_written: int
     stop: int
     #: A run's (:meth:`BlockFastPath.run`): the driver's notifications it read, the
-    #: interrupts it sent and the batches that served a request.
+    #: interrupts it sent, the batches that served a request, and the errno where
+    #: poll(2) or the read of the kick eventfd failed (0: none).
     kicks: int = 0
     signals: int = 0
     batches: int = 0
+    error: int = 0
+
+
+def _apply_marks(memory: MemoryAccess, marks: Any, count: int, used_ring: int,
+                 used_length: int) -> None:
+    """The C loop's ``count`` (address, length) marks and the used ring's bytes into the
+    dirty log, where a migration runs one (after the writes: a log started meanwhile
+    needs no mark for them)."""
+    dirty = memory.dirty
+    if dirty is not None:
+        mark = dirty.mark
+        for i in range(count):
+            mark(marks[2 * i], marks[2 * i + 1])
+        mark(used_ring, used_length)
 
 
 def fast_path() -> BlockFastPath | None:
@@ -114,9 +128,6 @@ class BlockFastPath:
         self._table = RegionTable(ffi)
         self._wait = ffi.new("struct avmm_blk_wait *")
         self._run_marks: Any = None
-        #: What the last :meth:`run` served, also where it raised (None: it served
-        #: nothing, or has not run).
-        self.last_run: FastBatch | None = None
 
     def forget(self) -> None:
         """Drop the region table (the device stopped), so the memory can be unmapped."""
@@ -144,15 +155,9 @@ class BlockFastPath:
             queue.took(memory, requests, out.readable, out.used)
         if requests or out.marks:
             # Marks also where no request completed: a failed read may have written
-            # part of its buffers before the Python path takes the request over.
-            dirty = memory.dirty
-            if dirty is not None:
-                marks = self._marks
-                mark = dirty.mark
-                for i in range(out.marks):
-                    mark(marks[2 * i], marks[2 * i + 1])
-                # The used ring's elements and idx, at most a page or two.
-                mark(s.used_ring, 4 + 8 * s.size)
+            # part of its buffers before the Python path takes the request over. The
+            # used ring's elements and idx, at most a page or two.
+            _apply_marks(memory, self._marks, out.marks, s.used_ring, 4 + 8 * s.size)
         return FastBatch(requests, out.reads, out.writes, out.bytes_read,
                          out.bytes_written, out.stop)
 
@@ -174,15 +179,13 @@ class BlockFastPath:
         interrupting it through ``call_fd``, until something needs Python (``stop``
         says what: SLOW, LIMIT, STOPPED, PUBLISH). The queue's positions, counts and
         ``signalled_used`` and the dirty marks are brought up to date before it returns
-        (as :meth:`serve` does); the caller adds the request counters to its stats and
-        reports ``kicks``. Same preconditions as :meth:`serve`, and the caller has
-        armed (:meth:`arm`) before looking for a reason not to run.
-
-        :raises OSError: poll(2) or the read of ``kick_fd`` failed (what was served
-            before that is accounted for).
+        (as :meth:`serve` does); the caller adds the request counters to its stats,
+        reports ``kicks``, then raises ``error`` if there is one (poll(2) or the read of
+        ``kick_fd`` failed; what was served before is in the counters). Same
+        preconditions as :meth:`serve`, and the caller has armed (:meth:`arm`) before
+        looking for a reason not to run.
         """
         assert _blk_ffi is not None
-        self.last_run = None
         record, out, table, wait = self._ring, self._out, self._table, self._wait
         marks = self._run_marks
         if marks is None:
@@ -206,17 +209,8 @@ class BlockFastPath:
         requests = out.requests
         if requests:
             queue.took(memory, requests, out.readable, out.used)
-        dirty = memory.dirty
-        if dirty is not None:
-            mark = dirty.mark
-            for i in range(out.marks):
-                mark(marks[2 * i], marks[2 * i + 1])
-            # The used ring whatever was served: the run also wrote its flags (NO_NOTIFY)
-            # or, past the elements, avail_event, as enable/disable_notifications do.
-            mark(s.used_ring, 6 + 8 * s.size)
-        done = self.last_run = FastBatch(requests, out.reads, out.writes, out.bytes_read,
-                                         out.bytes_written, out.stop, wait.kicks,
-                                         wait.signals, wait.batches)
-        if error < 0:
-            raise OSError(-error, f"serving the queue: {os.strerror(-error)}")
-        return done
+        # The used ring whatever was served: the run also wrote its flags (NO_NOTIFY)
+        # or, past the elements, avail_event, as enable/disable_notifications do.
+        _apply_marks(memory, marks, out.marks, s.used_ring, 6 + 8 * s.size)
+        return FastBatch(requests, out.reads, out.writes, out.bytes_read, out.bytes_written,
+                         out.stop, wait.kicks, wait.signals, wait.batches, max(-error, 0))
