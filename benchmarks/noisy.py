@@ -11,7 +11,7 @@ two whole VM runs of 3,300 and 300 requests, as in the rate-limit figures; only 
 longer run printed the latency line, about 60 serial bytes at two exits each, which the
 difference counted as request time.)
 
-Four neighbours: none (alone); a noisy VM running ``blk-bench`` at queue depth 32 on
+Five neighbours: none (alone); a noisy VM running ``blk-bench`` at queue depth 32 on
 its own image, unlimited; the same noisy VM limited to 500 requests per second and a
 quarter of a CPU (``cpu_max_percent``: its guest polls for completions, so it spins a
 CPU whatever its disk's limit); and the control, no VM at all: a plain process that
@@ -21,9 +21,14 @@ quiet VM what the host's CPUs cannot give both, whatever a VMM does: the quiet V
 needs more than one CPU on its own, its vCPU spinning (the guest polls) while its I/O
 thread serves each request (a plain busy loop on this 2-CPU host takes it to a
 quarter of its rate or less). The limited VM's row is to be read against the control's:
-what it costs beyond that is avmm's. Goal (issue 15): with the limits, the quiet VM
-within 10 % of alone. avmm alone (no QEMU side): these are the daemon's own figures.
-Dense mode runs with ``avmm serve --isolation none``'s GIL switch interval
+what it costs beyond that is a VM's. The fifth neighbour says whether that part is
+avmm's: the same limited noisy VM run by QEMU (microvm, KVM, the same guest and image),
+its disk throttled to 500 requests/s (``-drive throttling.iops-total=500``) and its whole
+process put in a cgroup with the same quota as avmm would write (through
+:class:`avmm.cgroups.vm_cpu.VmCpu`, so on cgroup v1 and v2 alike). Goal (issue 15):
+with the limits, the quiet VM within 10 % of alone. The quiet VM is avmm's in every
+row: these are the daemon's own figures. Dense mode runs with
+``avmm serve --isolation none``'s GIL switch interval
 (:func:`avmm.threads.share_the_interpreter_between_vms`).
 
 Latency: in the same run the quiet guest times each request (TSC ticks from making it
@@ -53,6 +58,7 @@ from benchmarks.common import (
     end_process,
     guest_timed_iops,
     log,
+    qemu_argv,
     tsc_khz,
 )
 from benchmarks.isolation import host_for
@@ -68,11 +74,16 @@ NOISY_LIMIT = {"ops": {"size": 50, "refill_ms": 100}}  # 500 requests per second
 #: spins a host CPU; its VM's limits are on both (issue 15: per-VM limits bound its
 #: share of the CPU too).
 NOISY_CPU_PERCENT = 25
+#: QEMU's block throttling for the same 500 requests per second (its bucket holds a tenth
+#: of a second's worth by default: 50 requests, as NOISY_LIMIT's).
+QEMU_NOISY_THROTTLE = "throttling.iops-total=500"
 NEIGHBOURS = ("alone", "next to an unlimited noisy VM", "next to a noisy VM limited to "
               f"500 requests/s and {NOISY_CPU_PERCENT} % of a CPU",
               f"next to a plain process spinning {NOISY_CPU_PERCENT} % of a CPU (no VM; "
-              "the control)")
-LIMITED, CONTROL = 2, 3
+              "the control)",
+              "next to the limited noisy VM run by QEMU (`throttling.iops-total=500`, its "
+              f"process in a cgroup at {NOISY_CPU_PERCENT} % of a CPU)")
+LIMITED, CONTROL, QEMU_LIMITED = 2, 3, 4
 
 
 def spinner_argv(percent: float) -> list[str]:
@@ -125,11 +136,13 @@ async def _quiet_next_to(process: bool, neighbour: int, quiet: Path, noisy: Path
     from avmm.config import DiskConfig, parse_rate_limit
 
     async with host_for(process) as host:
-        noisy_vm = spinner = None
+        noisy_vm = other = qemu_cpu = None  # other: the control's process, or QEMU's
         if neighbour == CONTROL:
-            spinner = subprocess.Popen(spinner_argv(NOISY_CPU_PERCENT),
+            other = subprocess.Popen(spinner_argv(NOISY_CPU_PERCENT),
                                        stdin=subprocess.DEVNULL)
             await trio.sleep(0.3)  # past its start-up
+        elif neighbour == QEMU_LIMITED:
+            other, qemu_cpu = await _limited_qemu(process, noisy)
         elif neighbour:
             limited = neighbour == LIMITED
             config = avmm_config(_cmd(100_000_000, 32), disks=[DiskConfig(
@@ -145,8 +158,51 @@ async def _quiet_next_to(process: bool, neighbour: int, quiet: Path, noisy: Path
         finally:
             if noisy_vm is not None:
                 await noisy_vm.stop()
-            if spinner is not None:
-                end_process(spinner)
+            if other is not None:
+                end_process(other)
+            if qemu_cpu is not None:
+                await trio.to_thread.run_sync(qemu_cpu.release)
+
+
+def _qemu_noisy_argv(noisy: Path) -> list[str]:
+    return [*qemu_argv(_cmd(100_000_000, 32)),
+            "-device", "virtio-blk-device,drive=d0",
+            "-drive", f"id=d0,file={noisy},format=raw,if=none,{QEMU_NOISY_THROTTLE}"]
+
+
+async def _limited_qemu(process: bool, noisy: Path) -> tuple[subprocess.Popen[bytes], Any]:
+    """QEMU running the limited noisy VM, its whole process in a cgroup with the limited
+    VM's quota: made as the daemon makes a VM's (a worker's in process mode; in dense
+    mode a VM cgroup of this process, which on cgroup v2 is a threaded one that takes
+    thread ids of processes in its domain: so QEMU starts after the cgroup exists, in
+    it or below)."""
+    from avmm.cgroups.vm_cpu import CpuLimits, VmCpu
+
+    cpu = VmCpu(f"bench-qemu-{os.getpid()}", CpuLimits(max_percent=NOISY_CPU_PERCENT),
+                worker=process)
+    await trio.to_thread.run_sync(cpu.prepare)
+    qemu = None
+    try:
+        # Its serial output unread (a pipe left full would stop the guest); QEMU's own
+        # messages are few.
+        qemu = subprocess.Popen(_qemu_noisy_argv(noisy), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if process:
+            await trio.to_thread.run_sync(cpu.place_process, qemu.pid)
+        else:
+            # Its threads so far; those it starts later follow their creator.
+            tids = [int(tid) for tid in os.listdir(f"/proc/{qemu.pid}/task")]
+            await trio.to_thread.run_sync(cpu.place, list(enumerate(tids)))
+        await trio.sleep(0.5)  # past its boot: reading at its limit
+        if qemu.poll() is not None:
+            errors = qemu.stderr.read() if qemu.stderr else b""
+            raise BenchError(f"QEMU's noisy VM ended early: {errors[-300:]!r}")
+        return qemu, cpu
+    except BaseException:
+        if qemu is not None:
+            end_process(qemu)
+        await trio.to_thread.run_sync(cpu.release)
+        raise
 
 
 def bench_noisy_neighbour(runs: int, n: int) -> list[Figure]:
