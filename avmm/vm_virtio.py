@@ -50,7 +50,7 @@ from .kvm import Vm
 from .lifecycle import DeviceMetrics
 from .memory import MemoryAccess
 from .state._errors import SnapshotError
-from .state.codec import U32, decode, encode
+from .state._widths import U32
 from .virtio.device import (
     COMMON_FEATURES,
     DeviceId,
@@ -250,6 +250,8 @@ class VirtioMmioSlot:
         """
         if self._scope is not None or not self._idle.is_set():
             raise VmStateError(f"{self.device.name}: pause the device before saving it")
+        from .state.codec import encode  # a snapshot's or a migration's: not on boot
+
         transport = self.transport_state()
         device_state = self.device.save_state()
         state_class = self.device.state_class
@@ -267,6 +269,8 @@ class VirtioMmioSlot:
         transport's part) with one line. The slot is paused afterwards: :meth:`resume`
         (VirtualMachine.resume()) starts serving from the restored positions.
         """
+        from .state.codec import decode  # a restore's or a migration's: not on boot
+
         name = self.device.name
         if type(state) is not VirtioSlotState:
             raise DeviceStateError(f"{name}: expected a VirtioSlotState, got "

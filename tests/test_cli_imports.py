@@ -42,6 +42,11 @@ NOT_ON_THE_UP_PATH = (
     "avmm.state.snapshot",
     "avmm.state.memory_file",
     "avmm.state.vm_state",
+    # The codec itself (its encoder and decoder); state classes take their integer
+    # widths from avmm.state._widths.
+    "avmm.state.codec",
+    # Suggestions for a misspelt config key, imported when one is misspelt.
+    "difflib",
     # construct (and the pdb it imports): the boot formats are struct layouts
     # (avmm._packed) and the codec's construct declaration waits for a snapshot.
     "construct",

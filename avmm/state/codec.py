@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin, g
 
 from .._lazy import lazy_exports
 from ._errors import SnapshotError
+from ._widths import ANY_INT as _ANY_INT
+from ._widths import S64, U8, U16, U32, U64, IntRange
 
 if TYPE_CHECKING:
     from ._wire import NAME as NAME
@@ -39,28 +41,7 @@ if TYPE_CHECKING:
     from ._wire import VAR_INT as VAR_INT
     from ._wire import VAR_UINT as VAR_UINT
 
-# -- integer widths --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IntRange:
-    """The values an ``int`` field may take, for ``Annotated[int, IntRange(...)]``."""
-
-    low: int
-    high: int
-    name: str
-
-    def __contains__(self, value: int) -> bool:
-        return self.low <= value <= self.high
-
-
-U8 = Annotated[int, IntRange(0, 0xFF, "u8")]
-U16 = Annotated[int, IntRange(0, 0xFFFF, "u16")]
-U32 = Annotated[int, IntRange(0, 0xFFFF_FFFF, "u32")]
-U64 = Annotated[int, IntRange(0, (1 << 64) - 1, "u64")]
-S64 = Annotated[int, IntRange(-(1 << 63), (1 << 63) - 1, "s64")]
-#: A plain ``int`` field: anything a u64 or an s64 holds.
-_ANY_INT = IntRange(-(1 << 63), (1 << 64) - 1, "a 64-bit integer")
+# -- integer widths: in ._widths (light, for every device's state class) ---------------
 
 # -- the wire form (construct) ---------------------------------------------------------
 

@@ -158,7 +158,7 @@ import trio
 from ..devices._state import DeviceStateError, check_state_class
 from ..errors import AvmmError
 from ..eventfd import wait_eventfd
-from ..state.codec import U16, U32, U64
+from ..state._widths import U16, U32, U64
 from ..virtio.device import (
     VIRTIO_F_VERSION_1,
     DeviceContext,

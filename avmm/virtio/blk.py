@@ -82,7 +82,7 @@ from ..devices._state import DeviceStateError, check_bool, check_state_class, ch
 from ..errors import AvmmError, GuestMemoryError
 from ..isolation.syscalls import ThreadKind
 from ..ratelimit import limiter_wait_s
-from ..state.codec import U64
+from ..state._widths import U64
 from ..threads import run_in_own_thread
 from . import blk_fast
 from .device import (

@@ -107,7 +107,7 @@ import structlog
 
 from ..devices._state import DeviceStateError
 from ..memory import MemoryAccess
-from ..state.codec import U8, U32, U64
+from ..state._widths import U8, U32, U64
 from .device import (
     COMMON_FEATURES,
     VIRTIO_F_EVENT_IDX,

@@ -50,7 +50,7 @@ from typing import ClassVar, NamedTuple
 
 from ..errors import GuestAddressError
 from ..memory import MemoryAccess
-from ..state.codec import U16, U32, U64
+from ..state._widths import U16, U32, U64
 from .device import DeviceNeedsReset
 
 __all__ = [
