@@ -33,10 +33,7 @@ def memory():
 
 
 def _touched_pages() -> int:
-    pages = set()
-    for address, data in WRITES:
-        pages.update(range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1))
-    return len(pages)
+    return len(_touched_page_numbers())
 
 
 def test_the_file_is_the_memfd_image_with_holes(memory, tmp_path: Path):
@@ -156,3 +153,52 @@ def test_a_mapped_memory_file_is_read_only_where_the_guest_looks(memory, tmp_pat
         assert _resident_kib(restored.host_base) == 0
         assert restored.read(4 * MIB - 8, 16) == b"x" * 16  # two pages faulted in
         assert 0 < _resident_kib(restored.host_base) <= 64
+
+
+def test_the_digest_is_the_runs_in_order_whatever_thread_takes_it(memory, tmp_path: Path):
+    """The digest (taken in a thread of its own while the file is written) is SHA-256
+    over each run's header and pages, in file order, as the reader checks it."""
+    import hashlib
+    import struct
+
+    image = write_memory_file(memory, tmp_path / "memory.avmm")
+    pages = sorted(_touched_page_numbers())
+    expected = hashlib.sha256()
+    runs: list[tuple[int, int]] = []
+    for page in pages:
+        if runs and runs[-1][0] + runs[-1][1] == page * PAGE_SIZE:
+            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
+        else:
+            runs.append((page * PAGE_SIZE, PAGE_SIZE))
+    for offset, length in runs:
+        expected.update(struct.pack("<QQ", offset, length))
+        expected.update(memory.read(offset, length))
+    assert image.sha256 == expected.digest()
+
+
+def test_a_failed_write_leaves_no_thread_reading_guest_ram(memory, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    import threading
+    import time
+
+    from avmm.state import memory_file
+
+    def full(fd: int, data: memoryview, offset: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    def slow_digest(*_args: object) -> bytes:
+        time.sleep(0.3)  # still hashing when the write fails: the failure must wait
+        return bytes(32)
+
+    monkeypatch.setattr(memory_file, "_write_all", full)
+    monkeypatch.setattr(memory_file, "_digest", slow_digest)
+    with pytest.raises(OSError, match="No space left"):
+        write_memory_file(memory, tmp_path / "memory.avmm")
+    assert [t.name for t in threading.enumerate() if t.name == "avmm snapshot digest"] == []
+
+
+def _touched_page_numbers() -> set[int]:
+    pages = set()
+    for address, data in WRITES:
+        pages.update(range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1))
+    return pages
