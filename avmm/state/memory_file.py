@@ -145,7 +145,7 @@ def _page_ranges(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]
         yield start - start % PAGE_SIZE, -(-end // PAGE_SIZE) * PAGE_SIZE
 
 
-def nonzero_runs(read: Callable[[int, int], bytes],
+def nonzero_runs(read: Callable[[int, int], bytes | memoryview],
                  ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Maximal runs ``(offset, length)`` of pages that are not all zero, within
     ``ranges`` (page-aligned, ascending), reading with ``read(offset, length)``."""
@@ -155,10 +155,12 @@ def nonzero_runs(read: Callable[[int, int], bytes],
         for chunk_start in range(start, end, SCAN_CHUNK):
             length = min(SCAN_CHUNK, end - chunk_start)
             chunk = read(chunk_start, length)
-            if chunk == _ZERO_CHUNK[:length]:
+            # bytes.startswith is one memcmp, with no copy of a memoryview (whose own
+            # == compares item by item, about 20 times slower).
+            if _ZERO_CHUNK.startswith(chunk):
                 continue
             for page in range(0, length, PAGE_SIZE):
-                if chunk[page:page + PAGE_SIZE] == _ZERO_PAGE:
+                if _ZERO_PAGE.startswith(chunk[page:page + PAGE_SIZE]):
                     continue
                 offset = chunk_start + page
                 if offset == run_end:
@@ -207,9 +209,14 @@ def _check_layout(memory: GuestRam) -> None:
         raise SnapshotError("guest memory regions do not cover the memfd")
 
 
-def _memory_reader(memory: GuestRam) -> Callable[[int, int], bytes]:
-    def read(offset: int, length: int) -> bytes:
-        return b"".join(bytes(view) for view in _memory_pieces(memory, offset, length))
+def _memory_reader(memory: GuestRam) -> Callable[[int, int], bytes | memoryview]:
+    """Guest RAM by file offset: a view of it (no copy) where the range lies in one
+    region, as a scan chunk nearly always does; joined bytes across regions."""
+    def read(offset: int, length: int) -> bytes | memoryview:
+        pieces = list(_memory_pieces(memory, offset, length))
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(bytes(view) for view in pieces)
 
     return read
 
@@ -348,11 +355,12 @@ def _file_reader(fd: int) -> Callable[[int, int], bytes]:
     return read
 
 
-def _check_digest(path: Path, image: MemoryImage, read: Callable[[int, int], bytes],
+def _check_digest(path: Path, image: MemoryImage,
+                  read: Callable[[int, int], bytes | memoryview],
                   ranges: list[tuple[int, int]]) -> None:
     runs = nonzero_runs(read, _page_ranges(ranges))
 
-    def pieces(offset: int, length: int) -> Iterator[bytes]:
+    def pieces(offset: int, length: int) -> Iterator[bytes | memoryview]:
         for piece in range(offset, offset + length, IO_CHUNK):
             yield read(piece, min(IO_CHUNK, offset + length - piece))
 
