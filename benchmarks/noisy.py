@@ -23,9 +23,12 @@ thread serves each request (a plain busy loop on this 2-CPU host takes it to a
 quarter of its rate or less). The limited VM's row is to be read against the control's:
 what it costs beyond that is a VM's. The fifth neighbour says whether that part is
 avmm's: the same limited noisy VM run by QEMU (microvm, KVM, the same guest and image),
-its disk throttled to 500 requests/s (``-drive throttling.iops-total=500``) and its whole
-process put in a cgroup with the same quota as avmm would write (through
-:class:`avmm.cgroups.vm_cpu.VmCpu`, so on cgroup v1 and v2 alike). Goal (issue 15):
+its disk throttled to 500 requests/s (``-drive throttling.iops-total=500``) and the same
+quota as avmm writes, through :class:`avmm.cgroups.vm_cpu.VmCpu`, on what avmm's limited
+VM has it on: its vCPU thread in dense mode, its whole process in process mode. (On
+cgroup v2 one process holds VM cgroups of one layout only, threads or worker
+processes: this group's limited rows of both modes in one run need cgroup v1, as this
+project's machines have.) Goal (issue 15):
 with the limits, the quiet VM within 10 % of alone. The quiet VM is avmm's in every
 row: these are the daemon's own figures. Dense mode runs with
 ``avmm serve --isolation none``'s GIL switch interval
@@ -38,11 +41,13 @@ available to finding it used, ``blk-bench avmm.lat=1``) and prints the median an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +86,8 @@ NEIGHBOURS = ("alone", "next to an unlimited noisy VM", "next to a noisy VM limi
               f"500 requests/s and {NOISY_CPU_PERCENT} % of a CPU",
               f"next to a plain process spinning {NOISY_CPU_PERCENT} % of a CPU (no VM; "
               "the control)",
-              "next to the limited noisy VM run by QEMU (`throttling.iops-total=500`, its "
-              f"process in a cgroup at {NOISY_CPU_PERCENT} % of a CPU)")
+              "next to the same limited noisy VM run by QEMU (`throttling.iops-total=500`, "
+              f"a {NOISY_CPU_PERCENT} % quota as avmm's)")
 LIMITED, CONTROL, QEMU_LIMITED = 2, 3, 4
 
 
@@ -158,24 +163,49 @@ async def _quiet_next_to(process: bool, neighbour: int, quiet: Path, noisy: Path
         finally:
             if noisy_vm is not None:
                 await noisy_vm.stop()
-            if other is not None:
-                end_process(other)
-            if qemu_cpu is not None:
-                await trio.to_thread.run_sync(qemu_cpu.release)
+            # Shielded: a cgroup left behind would outlive the run (until some avmm's
+            # start-up cleanup).
+            with trio.CancelScope(shield=True):
+                try:
+                    if other is not None:
+                        end_process(other)
+                finally:
+                    if qemu_cpu is not None:
+                        await trio.to_thread.run_sync(qemu_cpu.release)
 
 
 def _qemu_noisy_argv(noisy: Path) -> list[str]:
     return [*qemu_argv(_cmd(100_000_000, 32)),
+            "-name", "noisy,debug-threads=on",  # names its vCPU thread "CPU 0/KVM"
             "-device", "virtio-blk-device,drive=d0",
             "-drive", f"id=d0,file={noisy},format=raw,if=none,{QEMU_NOISY_THROTTLE}"]
 
 
+#: How QEMU names its vCPU thread with ``-name ...,debug-threads=on``.
+QEMU_VCPU_THREAD = "CPU 0/KVM"
+
+
+def _qemu_vcpu_thread(pid: int, timeout_s: float = 10.0) -> int:
+    """The thread id of QEMU's vCPU (blocking: waits for QEMU to make it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8") as comm:
+                if comm.read().strip() == QEMU_VCPU_THREAD:
+                    return int(tid)
+        time.sleep(0.01)
+    raise BenchError(f"QEMU made no {QEMU_VCPU_THREAD!r} thread within {timeout_s} s")
+
+
 async def _limited_qemu(process: bool, noisy: Path) -> tuple[subprocess.Popen[bytes], Any]:
-    """QEMU running the limited noisy VM, its whole process in a cgroup with the limited
-    VM's quota: made as the daemon makes a VM's (a worker's in process mode; in dense
-    mode a VM cgroup of this process, which on cgroup v2 is a threaded one that takes
-    thread ids of processes in its domain: so QEMU starts after the cgroup exists, in
-    it or below)."""
+    """QEMU running the limited noisy VM, with the limited VM's quota on what avmm's
+    limited VM has it on: in process mode QEMU's whole process, as a worker is (its
+    cgroup made as the daemon makes a worker's); in dense mode its vCPU thread only, as
+    a VM of the daemon's process has its vCPU threads, not its disk's I/O thread nor the
+    event loop, in its cgroup. (On cgroup v2 a dense-mode VM cgroup is a threaded one,
+    which takes thread ids of processes in its domain: QEMU starts after the cgroup
+    exists, in its domain.)"""
     from avmm.cgroups.vm_cpu import CpuLimits, VmCpu
 
     cpu = VmCpu(f"bench-qemu-{os.getpid()}", CpuLimits(max_percent=NOISY_CPU_PERCENT),
@@ -190,18 +220,20 @@ async def _limited_qemu(process: bool, noisy: Path) -> tuple[subprocess.Popen[by
         if process:
             await trio.to_thread.run_sync(cpu.place_process, qemu.pid)
         else:
-            # Its threads so far; those it starts later follow their creator.
-            tids = [int(tid) for tid in os.listdir(f"/proc/{qemu.pid}/task")]
-            await trio.to_thread.run_sync(cpu.place, list(enumerate(tids)))
+            vcpu = await trio.to_thread.run_sync(_qemu_vcpu_thread, qemu.pid)
+            await trio.to_thread.run_sync(cpu.place, [(0, vcpu)])
         await trio.sleep(0.5)  # past its boot: reading at its limit
         if qemu.poll() is not None:
             errors = qemu.stderr.read() if qemu.stderr else b""
             raise BenchError(f"QEMU's noisy VM ended early: {errors[-300:]!r}")
         return qemu, cpu
     except BaseException:
-        if qemu is not None:
-            end_process(qemu)
-        await trio.to_thread.run_sync(cpu.release)
+        with trio.CancelScope(shield=True):
+            try:
+                if qemu is not None:
+                    end_process(qemu)
+            finally:
+                await trio.to_thread.run_sync(cpu.release)
         raise
 
 

@@ -108,9 +108,9 @@ GROUPS = {
                  ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to a plain "
                   "process spinning 25 % of a CPU (no VM; the control), `--isolation none`",
                   SHARING),
-                 ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to the limited "
-                  "noisy VM run by QEMU (`throttling.iops-total=500`, its process in a "
-                  "cgroup at 25 % of a CPU), `--isolation process`", SHARING)],
+                 ("noisy neighbour: quiet VM's blk 4 KiB reads qd 1, next to the same "
+                  "limited noisy VM run by QEMU (`throttling.iops-total=500`, a 25 % quota "
+                  "as avmm's), `--isolation process`", SHARING)],
     "isolation": [("isolation: VM churn, `--isolation process`", IN_PROCESS),
                   ("isolation: VM churn, `--isolation none`", IN_PROCESS),
                   ("isolation: create → first serial byte, `--isolation process`",

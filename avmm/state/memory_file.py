@@ -255,45 +255,75 @@ def write_memory_fd(memory: GuestRam, fd: int, *, file_name: str) -> MemoryImage
     # The digest is taken in a thread of its own while this one writes: both read the
     # same (paused) guest RAM, and hashlib and pwrite(2) let go of the GIL on big
     # pieces, so the SHA-256 (the larger part: about 1 GB/s here, against 3 for
-    # writing to tmpfs) no longer adds to the writing. Joined before returning, also
-    # when writing fails: nothing reads guest RAM once this returns.
-    digest = _Background(lambda: _digest(runs, functools.partial(_memory_pieces, memory)))
+    # writing to tmpfs) no longer adds to the writing. It is joined before this
+    # returns, also when writing fails (told to stop at its next piece first): nothing
+    # reads guest RAM once this returns. Where no thread can be started (a task limit),
+    # the digest is taken here after the writing, as it was before.
+    digest = _DigestThread(memory, runs)
     try:
         for offset, length in runs:
             position = offset
             for view in _memory_pieces(memory, offset, length):
                 _write_all(fd, view, position)
                 position += len(view)
-    finally:
-        sha256 = digest.result()
+    except BaseException:
+        digest.abandon()
+        raise
+    sha256 = digest.result()
     os.ftruncate(fd, size)  # the holes up to the end
     os.fsync(fd)
     return MemoryImage(file=file_name, size=size, regions=layout_of(memory),
                        data_bytes=sum(length for _, length in runs), sha256=sha256)
 
 
-class _Background:
-    """``function()`` run in a new thread; :meth:`result` waits for it and returns what
-    it returned (or raises what it raised)."""
+class _DigestStopped(Exception):
+    """The writing failed: the digest thread leaves its work at the next piece."""
 
-    def __init__(self, function: Callable[[], bytes]) -> None:
+
+class _DigestThread:
+    """The SHA-256 of ``runs`` of ``memory`` (as :func:`_digest` takes it), taken in a
+    thread of its own from construction; :meth:`result` waits for it, :meth:`abandon`
+    stops it at its next piece (at most :data:`IO_CHUNK` bytes) and waits."""
+
+    def __init__(self, memory: GuestRam, runs: list[tuple[int, int]]) -> None:
+        self._memory, self._runs = memory, runs
+        self._stop = threading.Event()
         self._outcome: bytes | BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._body, name="avmm snapshot digest", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError:  # "can't start new thread": taken inline by result()
+            self._thread = None
 
-        def body() -> None:
-            try:
-                self._outcome = function()
-            except BaseException as e:  # handed to result()
-                self._outcome = e
+    def _pieces(self, offset: int, length: int) -> Iterator[memoryview]:
+        for view in _memory_pieces(self._memory, offset, length):
+            if self._stop.is_set():
+                raise _DigestStopped
+            yield view
 
-        self._thread = threading.Thread(target=body, name="avmm snapshot digest",
-                                        daemon=True)
-        self._thread.start()
+    def _body(self) -> None:
+        try:
+            self._outcome = _digest(self._runs, self._pieces)
+        except BaseException as e:  # handed to result(); a stop is not an error
+            self._outcome = None if isinstance(e, _DigestStopped) else e
+
+    def abandon(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._outcome = None  # a failure of its own must not replace the caller's
 
     def result(self) -> bytes:
+        if self._thread is None:
+            return _digest(self._runs, functools.partial(_memory_pieces, self._memory))
         self._thread.join()
-        outcome = self._outcome
+        outcome, self._outcome = self._outcome, None
         if isinstance(outcome, BaseException):
-            raise outcome
+            try:
+                raise outcome
+            finally:
+                del outcome  # no cycle through this frame keeping guest RAM's views
         assert outcome is not None
         return outcome
 

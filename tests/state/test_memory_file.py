@@ -155,25 +155,49 @@ def test_a_mapped_memory_file_is_read_only_where_the_guest_looks(memory, tmp_pat
         assert 0 < _resident_kib(restored.host_base) <= 64
 
 
-def test_the_digest_is_the_runs_in_order_whatever_thread_takes_it(memory, tmp_path: Path):
-    """The digest (taken in a thread of its own while the file is written) is SHA-256
-    over each run's header and pages, in file order, as the reader checks it."""
+def _expected_digest(memory) -> bytes:
+    """SHA-256 over each run of non-zero pages (header: offset and length, u64 LE each),
+    in file order, computed here independently of avmm's scan."""
     import hashlib
     import struct
 
-    image = write_memory_file(memory, tmp_path / "memory.avmm")
-    pages = sorted(_touched_page_numbers())
-    expected = hashlib.sha256()
     runs: list[tuple[int, int]] = []
-    for page in pages:
+    for page in sorted(_touched_page_numbers()):
         if runs and runs[-1][0] + runs[-1][1] == page * PAGE_SIZE:
             runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
         else:
             runs.append((page * PAGE_SIZE, PAGE_SIZE))
+    expected = hashlib.sha256()
     for offset, length in runs:
         expected.update(struct.pack("<QQ", offset, length))
         expected.update(memory.read(offset, length))
-    assert image.sha256 == expected.digest()
+    return expected.digest()
+
+
+def test_the_digest_is_the_runs_in_order_whatever_thread_takes_it(memory, tmp_path: Path):
+    """The digest (taken in a thread of its own while the file is written) is SHA-256
+    over each run's header and pages, in file order, as the reader checks it."""
+    image = write_memory_file(memory, tmp_path / "memory.avmm")
+    assert image.sha256 == _expected_digest(memory)
+
+
+def test_without_a_thread_the_digest_is_taken_inline(memory, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    from avmm.state import memory_file
+
+    def refuse(self: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(memory_file.threading.Thread, "start", refuse)
+    image = write_memory_file(memory, tmp_path / "memory.avmm")
+    assert image.sha256 == _expected_digest(memory)
+    with GuestMemory(16 * MIB) as restored:
+        copy_memory_file(tmp_path / "memory.avmm", restored, image, verify=True)
+        assert restored.read(0, 16 * MIB) == memory.read(0, 16 * MIB)
+
+
+def _no_space(fd: int, data: memoryview, offset: int) -> None:
+    raise OSError(28, "No space left on device")
 
 
 def test_a_failed_write_leaves_no_thread_reading_guest_ram(memory, tmp_path: Path,
@@ -183,18 +207,60 @@ def test_a_failed_write_leaves_no_thread_reading_guest_ram(memory, tmp_path: Pat
 
     from avmm.state import memory_file
 
-    def full(fd: int, data: memoryview, offset: int) -> None:
-        raise OSError(28, "No space left on device")
-
     def slow_digest(*_args: object) -> bytes:
         time.sleep(0.3)  # still hashing when the write fails: the failure must wait
         return bytes(32)
 
-    monkeypatch.setattr(memory_file, "_write_all", full)
+    monkeypatch.setattr(memory_file, "_write_all", _no_space)
     monkeypatch.setattr(memory_file, "_digest", slow_digest)
     with pytest.raises(OSError, match="No space left"):
         write_memory_file(memory, tmp_path / "memory.avmm")
     assert [t.name for t in threading.enumerate() if t.name == "avmm snapshot digest"] == []
+
+
+def test_a_failed_write_stops_the_digest_at_its_next_piece(memory, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """The writer's failure is reported without waiting for the whole of RAM to be
+    hashed: with one piece per page and a slow hash, the digest thread stops early."""
+    import hashlib
+    import time
+
+    from avmm.state import memory_file
+
+    pieces_hashed = []
+
+    class SlowHash:
+        def __init__(self) -> None:
+            self._inner = hashlib.sha256()
+
+        def update(self, data: bytes | memoryview) -> None:
+            if len(data) == PAGE_SIZE:
+                pieces_hashed.append(1)
+                time.sleep(0.05)
+            self._inner.update(data)
+
+        def digest(self) -> bytes:
+            return self._inner.digest()
+
+    monkeypatch.setattr(memory_file, "IO_CHUNK", PAGE_SIZE)
+    monkeypatch.setattr(memory_file.hashlib, "sha256", SlowHash)
+    monkeypatch.setattr(memory_file, "_write_all", _no_space)
+    with pytest.raises(OSError, match="No space left"):
+        write_memory_file(memory, tmp_path / "memory.avmm")
+    assert len(pieces_hashed) < _touched_pages() - 1
+
+
+def test_a_failed_write_is_what_the_caller_sees_even_if_the_digest_fails(
+        memory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from avmm.state import memory_file
+
+    def broken_digest(*_args: object) -> bytes:
+        raise ValueError("the digest broke")
+
+    monkeypatch.setattr(memory_file, "_write_all", _no_space)
+    monkeypatch.setattr(memory_file, "_digest", broken_digest)
+    with pytest.raises(OSError, match="No space left"):
+        write_memory_file(memory, tmp_path / "memory.avmm")
 
 
 def _touched_page_numbers() -> set[int]:
