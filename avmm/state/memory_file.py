@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import hashlib
 import mmap
 import os
@@ -316,7 +315,7 @@ class _DigestThread:
 
     def result(self) -> bytes:
         if self._thread is None:
-            return _digest(self._runs, functools.partial(_memory_pieces, self._memory))
+            return _digest(self._runs, self._pieces)  # inline: nothing sets the stop
         self._thread.join()
         outcome, self._outcome = self._outcome, None
         if isinstance(outcome, BaseException):
