@@ -8,6 +8,18 @@ every ring of the device is started (it has a kick fd) and enabled, the device's
 ``run()`` serves the queues exactly as it does in-process, through a
 :class:`DeviceContext` built on those eventfds.
 
+Queue threads. The context hands out each ring's kick eventfd (``kick_fd``), so net and
+blk serve every queue from an I/O thread of their own, as they do in-process, and signal
+the call eventfd from there. The front-end's requests are still handled on the event
+loop, so whatever they change that such a thread uses is changed only where no thread
+can see it half done: a new kick fd, a new memory table, an inflight area and a change
+of dirty logging (a log, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG) stop the device first and
+restart it after; a new call eventfd takes the old one's fd number (dup3), so a thread
+never writes a closed or reused number, and a call fd that appears or goes away under a
+running device restarts it too. A stop drops the queues' views of guest RAM on the event
+loop, so an old memory table is unmapped there and then, never by a device thread (whose
+seccomp filter has no ``close``).
+
 Addresses. Buffers in descriptors are guest physical addresses, which
 :class:`VhostMemory` translates through the memory table. Ring addresses in
 SET_VRING_ADDR are the front-end's own virtual addresses; they are converted to guest
@@ -60,7 +72,10 @@ always answered (0, or 1 for a log that cannot be used), since with LOG_SHMFD th
 front-end waits for that answer. SET_FEATURES may toggle VHOST_F_LOG_ALL while the
 device runs, and SET_VRING_ADDR may set or clear VHOST_VRING_F_LOG (with the used ring's
 log address) on a running ring whose addresses stay the same: QEMU turns logging on and
-off that way without stopping the rings. While VHOST_F_LOG_ALL is on and a log is set,
+off that way without stopping the rings. The back-end restarts the device around each
+such change (see "Queue threads"; the driver sees nothing of it, though a received
+frame that was waiting for more buffers is dropped, counted), so that once the request
+is answered every page is logged. While VHOST_F_LOG_ALL is on and a log is set,
 every page the device may have written is logged (:class:`_TrackedQueue`): when a chain
 is returned to the used ring (or given back at a stop), all of its device-writable
 buffers are marked, whatever the device wrote through (``chain.write``, views, preadv
@@ -451,10 +466,11 @@ class _TrackedQueue(VirtQueue):
         return chain
 
     def may_take(self) -> bool:
-        # A C loop (avmm.virtio.net_fast) takes and returns chains without pop and push:
-        # only while they would do nothing more, with no inflight record, no chain to
-        # resubmit and no dirty log. Each is set by a front-end message, which the event
-        # loop handles between the device's batches (the device runs on that loop too).
+        # A C loop (avmm.virtio.net_fast, blk_fast) takes and returns chains without pop
+        # and push: only while they would do nothing more, with no inflight record, no
+        # chain to resubmit and no dirty log. Each is set by a front-end message, and
+        # only while the device is stopped (SET_INFLIGHT_FD and a change of logging stop
+        # it first), so a queue thread never sees one change in the middle of a batch.
         return (super().may_take() and self.inflight is None and not self.resubmit
                 and self.write_log is None and self.used_log_address is None)
 
@@ -576,6 +592,12 @@ class _Context:
         self._rings = rings
         # The first wait returns at once: the driver may have kicked before we listened.
         self._primed = [True] * len(rings)
+
+    def kick_fd(self, queue_index: int) -> int:
+        """The ring's kick eventfd, for a device that serves the queue from an I/O
+        thread of its own (net, blk). It stays open and the same while the device runs:
+        SET_VRING_KICK and GET_VRING_BASE stop the device before they close it."""
+        return self._rings[queue_index].kick_fd
 
     async def wait_kick(self, queue_index: int) -> None:
         if self._primed[queue_index]:
@@ -814,6 +836,8 @@ class _Session:
                         log.debug("chains given back at the stop", ring=index,
                                   untaken=untaken, returned_empty=returned)
             queue.state.ready = False
+            # Here, on the event loop: guest RAM may be unmapped before the next start.
+            queue.forget_views()
         log.info("device stopped")
 
     # -- messages -----------------------------------------------------------------------
@@ -927,6 +951,8 @@ class _Session:
         if features & VHOST_F_LOG_ALL and self.log is None:
             log.info("VHOST_F_LOG_ALL set before a log (SET_LOG_BASE): nothing is "
                      "logged until one comes")
+        if (features ^ self.features) & VHOST_F_LOG_ALL:
+            await self._stop_for_logging_change()
         self.features = features
         self._update_logging()
         if not self._protocol_negotiated():
@@ -1009,8 +1035,11 @@ class _Session:
             # On a running ring only the logging may change (QEMU turns it on and off
             # while rings run).
             self._check_stopped(ring, "SET_VRING_ADDR")
+        log_address = address.log if address.flags & VHOST_VRING_F_LOG else None
+        if log_address != ring.log_address:
+            await self._stop_for_logging_change()
         ring.addresses = addresses
-        ring.log_address = address.log if address.flags & VHOST_VRING_F_LOG else None
+        ring.log_address = log_address
         self._update_logging()
 
     async def _on_set_log_base(self, message: Message) -> int:
@@ -1036,12 +1065,29 @@ class _Session:
             log.warning("request refused", request="SET_LOG_BASE", reason=str(refusal),
                         answered=True)
             return _REFUSED
+        try:
+            await self._stop_for_logging_change()
+        except BaseException:
+            new.close()
+            raise
         old, self.log = self.log, new
         self._update_logging()
         if old is not None:
             old.close()
         log.info("dirty log set", size=area.mmap_size)
         return 0
+
+    async def _stop_for_logging_change(self) -> None:
+        """Stop a running device before its dirty logging changes (handle() starts it
+        again after the request): its queues may be served by threads of their own, and
+        a C loop that takes chains only while nothing is logged, or a thread marking a
+        log that is being unmapped, must not run across the change. After the answer,
+        every page the device writes is logged (QEMU waits for the answer to the
+        SET_FEATURES that turns logging on for that). The driver sees nothing of it:
+        chains held are given back and taken again."""
+        if self.running is not None:
+            log.info("device restarted for a change of dirty logging")
+            await self.stop_device()
 
     async def _on_set_vring_base(self, message: Message) -> None:
         ring = self._ring(message.payload.index)
@@ -1107,9 +1153,27 @@ class _Session:
 
     async def _on_set_vring_call(self, message: Message) -> None:
         ring, fd = self._vring_fd(message, "SET_VRING_CALL")
-        _close_attr(ring, "call_fd")
-        # Swapping the fd under a running device is fine: it is looked up per signal.
-        ring.call_fd = fd
+        if fd >= 0 and ring.call_fd >= 0:
+            # Under a running device whose queue thread may be writing the old fd (QEMU
+            # swaps it when the guest masks a vector): the old number is made to refer
+            # to the new eventfd in one step (dup3), so no write ever lands on a closed
+            # or reused fd number.
+            try:
+                os.dup2(fd, ring.call_fd, inheritable=False)
+            finally:
+                os.close(fd)
+            fd = ring.call_fd
+        else:
+            if self.running is not None:
+                # An fd number that appears or goes away: not under a queue thread.
+                try:
+                    await self.stop_device()
+                except BaseException:
+                    if fd >= 0:
+                        os.close(fd)
+                    raise
+            _close_attr(ring, "call_fd")
+            ring.call_fd = fd
         # The ring may have started (and completed chains) before this fd existed:
         # without protocol features rings start at SET_VRING_KICK, which QEMU sends
         # first. One spurious interrupt is harmless; a lost one hangs the driver.

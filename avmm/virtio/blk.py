@@ -7,11 +7,12 @@ Requests in a batch run in ring order, so a FLUSH sees every write the driver qu
 before it.
 
 Where that runs. When the transport hands over the queue's kick eventfd
-(``context.kick_fd(0)``, as the in-process virtio-mmio slot does), the queue gets its own
+(``context.kick_fd(0)``, as the in-process virtio-mmio slot and the vhost-user back-end
+do), the queue gets its own
 I/O thread that blocks on that eventfd and serves each batch synchronously, signalling
 the driver through ``context.signal_used`` (thread-safe) right from there: a request costs
 no trio wake-up and no worker-thread hand-off, which at queue depth 1 was most of its
-latency. Otherwise (a vhost-user back-end, a test's context) the trio task waits with
+latency. Otherwise (a test's context) the trio task waits with
 ``wait_kick`` and does each batch's file I/O in a worker thread. Either way the queue is
 touched by one thread at a time, and a cancelled :meth:`BlockDevice.run` returns only after
 the batch in flight is on the used ring.

@@ -33,11 +33,12 @@ compares them). The receive side reads the tap before waiting for it, so a busy 
 no poll round trip per batch. The tap still costs one ``writev`` or ``readv`` per frame:
 a tap fd has no multi-frame read or write.
 
-Where the loops run: in process (the virtio-mmio slot hands over its kick eventfds) each
-queue has an I/O thread of its own that sleeps in poll(2) on the kick eventfd, the tap
-and a stop eventfd, as blk's does, and signals the driver from there; a frame costs no
-trio wake-up. Elsewhere (a test's context) both are trio tasks. The loops are written
-once, as generators that yield what they wait for (:meth:`NetDevice.run`).
+Where the loops run: where the transport hands over its kick eventfds (the in-process
+virtio-mmio slot, the vhost-user back-end) each queue has an I/O thread of its own that
+sleeps in poll(2) on the kick eventfd, the tap and a stop eventfd, as blk's does, and
+signals the driver from there; a frame costs no trio wake-up. Elsewhere (a test's
+context) both are trio tasks. The loops are written once, as generators that yield what
+they wait for (:meth:`NetDevice.run`).
 
 Back-pressure: the device reads the tap only while it holds a receive buffer. Without
 buffers it waits for the driver's kick, and frames wait in the tap's kernel queue
@@ -389,9 +390,10 @@ class NetDevice(VirtioDevice):
         chain (see :meth:`VirtioDevice.run`): receive buffers taken and a transmit
         chain waiting for the tap go back to the driver through the queue.
 
-        With ``context.kick_fd`` (the in-process virtio-mmio slot) each queue gets an I/O
-        thread of its own that sleeps in poll(2) on its kick eventfd and the tap, as
-        blk's does (see the module docstring); otherwise both are trio tasks."""
+        With ``context.kick_fd`` (the in-process slot, the vhost-user back-end) each
+        queue gets an I/O thread of its own that sleeps in poll(2) on its kick eventfd
+        and the tap, as blk's does (see the module docstring); otherwise both are trio
+        tasks."""
         kick_fd = getattr(context, "kick_fd", None)
         call_fd = getattr(context, "call_fd", None)
         self._tx_offloads, tun_flags = offloads_of(context.features)

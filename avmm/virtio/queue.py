@@ -495,6 +495,14 @@ class VirtQueue:
         self._views_table = s.descriptor_table
         self._views_memory = memory
 
+    def forget_views(self) -> None:
+        """Drop the views of guest memory kept for ``pop`` and ``push``; the next use
+        takes them again. A transport whose queue is served by a device thread calls it
+        once the device has stopped, before it unmaps guest RAM: the last view of a
+        mapping releases the mapping (and closes its fd), which must not happen on the
+        next device thread, whose syscall filter may not allow it."""
+        self._forget_rings()
+
     def _forget_rings(self) -> None:
         self._views_memory: MemoryAccess | None = None
         self._views_size = self._views_available = self._views_table = -1
