@@ -599,6 +599,12 @@ class _Context:
         SET_VRING_KICK and GET_VRING_BASE stop the device before they close it."""
         return self._rings[queue_index].kick_fd
 
+    def call_fd(self, queue_index: int) -> int:
+        """The ring's call eventfd (-1: none), which ``signal_used`` writes: for the
+        syscall filter of a queue thread. Its number stays the same while the device
+        runs (see the module docstring, "Queue threads")."""
+        return self._rings[queue_index].call_fd
+
     async def wait_kick(self, queue_index: int) -> None:
         if self._primed[queue_index]:
             self._primed[queue_index] = False
@@ -680,6 +686,15 @@ class _Session:
             with trio.CancelScope(shield=True):
                 await self.stop_device()
         finally:
+            running = self.running
+            if running is not None:
+                # It did not stop in time: a queue thread is still in a batch (a slow
+                # disk) and uses the rings, guest RAM, the log and the inflight area
+                # until it ends, which it does at the end of that batch.
+                log.warning("waiting for the device's threads to end their batch")
+                with trio.CancelScope(shield=True):
+                    await running.stopped.wait()
+                self.running = None
             # Whether or not the device stopped in time: the next front-end starts
             # with a fresh device, and nothing of this one's is kept open.
             self.device.reset()
@@ -811,14 +826,17 @@ class _Session:
     async def stop_device(self) -> None:
         """Stop the device without resetting it, and give back every chain it took and
         did not return (see the module docstring)."""
-        running, self.running = self.running, None
+        running = self.running
         if running is None:
             return
         running.scope.cancel()
         with trio.move_on_after(STOP_TIMEOUT_S) as timeout:
             await running.stopped.wait()
         if timeout.cancelled_caught:
+            # Still recorded as running: its queue threads may be finishing a batch,
+            # and nothing they use may be released until they have (see close()).
             raise VhostProtocolError("device did not stop in time")
+        self.running = None
         memory = self.memory
         for index, ring in enumerate(self.rings):
             queue = ring.queue
@@ -951,7 +969,7 @@ class _Session:
         if features & VHOST_F_LOG_ALL and self.log is None:
             log.info("VHOST_F_LOG_ALL set before a log (SET_LOG_BASE): nothing is "
                      "logged until one comes")
-        if (features ^ self.features) & VHOST_F_LOG_ALL:
+        if (features ^ self.features) & VHOST_F_LOG_ALL and self.log is not None:
             await self._stop_for_logging_change()
         self.features = features
         self._update_logging()
@@ -1036,7 +1054,7 @@ class _Session:
             # while rings run).
             self._check_stopped(ring, "SET_VRING_ADDR")
         log_address = address.log if address.flags & VHOST_VRING_F_LOG else None
-        if log_address != ring.log_address:
+        if log_address != ring.log_address and self._logging():
             await self._stop_for_logging_change()
         ring.addresses = addresses
         ring.log_address = log_address
@@ -1065,17 +1083,23 @@ class _Session:
             log.warning("request refused", request="SET_LOG_BASE", reason=str(refusal),
                         answered=True)
             return _REFUSED
-        try:
-            await self._stop_for_logging_change()
-        except BaseException:
-            new.close()
-            raise
+        if self.features & VHOST_F_LOG_ALL:
+            # The queues mark the old log (or none): not across the swap.
+            try:
+                await self._stop_for_logging_change()
+            except BaseException:
+                new.close()
+                raise
         old, self.log = self.log, new
         self._update_logging()
         if old is not None:
             old.close()
         log.info("dirty log set", size=area.mmap_size)
         return 0
+
+    def _logging(self) -> bool:
+        """Whether the queues log now (VHOST_F_LOG_ALL on and a log set)."""
+        return self.log is not None and bool(self.features & VHOST_F_LOG_ALL)
 
     async def _stop_for_logging_change(self) -> None:
         """Stop a running device before its dirty logging changes (handle() starts it
@@ -1163,9 +1187,10 @@ class _Session:
             finally:
                 os.close(fd)
             fd = ring.call_fd
-        else:
+        elif fd != ring.call_fd:
             if self.running is not None:
-                # An fd number that appears or goes away: not under a queue thread.
+                # An fd number that appears or goes away: not under a queue thread
+                # (whose syscall filter allows the numbers it started with).
                 try:
                     await self.stop_device()
                 except BaseException:
@@ -1236,7 +1261,6 @@ class _Session:
                                       f"{needed} needed")
         check_shared_fd(message.fds[0], area.mmap_offset + needed,
                         allow_unsealed=self.allow_unsealed_memory, what="inflight area")
-        await self.stop_device()
         aligned = area.mmap_offset - area.mmap_offset % mmap.ALLOCATIONGRANULARITY
         delta = area.mmap_offset - aligned
         try:
@@ -1244,6 +1268,12 @@ class _Session:
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
         except (OSError, ValueError, OverflowError) as e:
             raise VhostRequestRefused(f"cannot map the inflight area: {e}") from e
+        # Mapped before the stop: a refusal leaves a running device running.
+        try:
+            await self.stop_device()
+        except BaseException:
+            mapping.close()
+            raise
         self._forget_inflight()
         self.inflight = (mapping, memoryview(mapping)[delta:delta + needed],
                          area.queue_size, area.num_queues)

@@ -552,8 +552,10 @@ class BlockDevice(VirtioDevice):
         # A context that does not say where signal_used writes leaves the thread on the
         # wider list (any fd).
         call_fd = getattr(context, "call_fd", None)
+        if callable(call_fd):  # one per queue (the vhost-user back-end)
+            call_fd = call_fd(0)
         owned_fds = None if not isinstance(call_fd, int) else frozenset(
-            {self.fd, kick_fd, stop_fd, call_fd, 1, 2})
+            fd for fd in (self.fd, kick_fd, stop_fd, call_fd, 1, 2) if fd >= 0)
         try:
             await run_in_own_thread(
                 lambda: self._serve_blocking(context, queue, kick_fd, stop_fd, stopping),

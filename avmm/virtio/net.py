@@ -454,8 +454,10 @@ class NetDevice(VirtioDevice):
 
         # Every fd the thread reads or writes, for its filter: the tap, its kick and stop
         # eventfds, the irqfd that signal_used writes, stderr and stdout (log lines).
+        if callable(call_fd):  # one per queue (the vhost-user back-end)
+            call_fd = call_fd(index)
         owned_fds = None if not isinstance(call_fd, int) else frozenset(
-            {self.tap.fd, kick, stop_fd, call_fd, 1, 2})
+            fd for fd in (self.tap.fd, kick, stop_fd, call_fd, 1, 2) if fd >= 0)
         direction = "RX" if index == RX_QUEUE else "TX"
         try:
             await run_in_own_thread(

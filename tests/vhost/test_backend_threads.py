@@ -20,10 +20,14 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+from avmm.threads import run_in_own_thread
+from avmm.vhost import backend
 from avmm.vhost.protocol import (
     VHOST_F_LOG_ALL,
     VHOST_VRING_F_LOG,
@@ -39,6 +43,7 @@ from avmm.virtio.rng import RngDevice
 from .frontend_double import (
     REPLY_ACK,
     USER_BASE,
+    WAIT_S,
     MemfdMemory,
     connected,
     served,
@@ -54,16 +59,30 @@ def thread_names() -> set[str]:
     return {thread.name for thread in threading.enumerate()}
 
 
-class CountingRng(RngDevice):
-    """An rng that counts its starts (each ``run``)."""
+class CountingNet(NetDevice):
+    """A net device (queues on threads) that counts its starts (each ``run``)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tap: PairTap) -> None:
+        super().__init__(tap, mac=MAC)
         self.runs = 0
 
     async def run(self, context: DeviceContext) -> None:
         self.runs += 1
         await super().run(context)
+
+
+@pytest.fixture
+def sessions(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The back-end's sessions, as they are created (to look at a ring's fds)."""
+    created: list[Any] = []
+
+    class Recorded(backend._Session):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(backend, "_Session", Recorded)
+    return created
 
 
 async def settled() -> None:
@@ -112,84 +131,104 @@ async def test_blk_queue_is_served_by_a_thread_of_its_own(tmp_path: Path) -> Non
 
 
 async def test_a_change_of_dirty_logging_restarts_a_running_device(tmp_path: Path) -> None:
-    """SET_LOG_BASE, SET_FEATURES toggling VHOST_F_LOG_ALL and SET_VRING_ADDR changing
-    the log flag each restart the running device (the ring keeps working, its pages are
-    logged); requests that leave logging as it was do not."""
-    device = CountingRng()
-    async with served(device, tmp_path) as path, connected(path) as frontend:
-        await frontend.handshake(protocol=REPLY_ACK | LOG_SHMFD)
-        ring = frontend.add_ring(0)
-        driver = ring.driver
-        await frontend.start()
-        await wait_for(lambda: device.runs == 1, "the first start")
-        log_area = MemfdMemory(PAGE)
-        try:
-            await frontend.send(Request.SET_LOG_BASE, {"mmap_size": PAGE,
-                                                       "mmap_offset": 0}, [log_area.fd])
-            assert (await frontend.receive()).payload == 0
-            await wait_for(lambda: device.runs == 2, "a restart for the log")
-            await frontend.set(Request.SET_FEATURES, frontend.features | VHOST_F_LOG_ALL)
-            await wait_for(lambda: device.runs == 3, "a restart for VHOST_F_LOG_ALL")
-
-            def address(flags: int) -> dict[str, int]:
-                return {"index": 0, "flags": flags,
-                        "descriptor": USER_BASE + driver.descriptor_table,
-                        "used": USER_BASE + driver.used_ring,
-                        "available": USER_BASE + driver.available_ring,
-                        "log": driver.used_ring if flags else 0}
-
-            await frontend.set(Request.SET_VRING_ADDR, address(VHOST_VRING_F_LOG))
-            await wait_for(lambda: device.runs == 4, "a restart for VHOST_VRING_F_LOG")
-            # Nothing about logging changes: no restart.
-            await frontend.set(Request.SET_VRING_ADDR, address(VHOST_VRING_F_LOG))
-            await frontend.set(Request.SET_FEATURES, frontend.features | VHOST_F_LOG_ALL)
-            await settled()
-            assert device.runs == 4
-            head = driver.add_chain(writable=[PAGE])
-            ring.kick()
-            assert await ring.wait_used(1) == [(head, PAGE)]
-            [(buffer, _)] = driver.chains[head].writable
-            assert log_area.data[buffer // PAGE // 8] >> (buffer // PAGE % 8) & 1
-        finally:
-            log_area.close()
-
-
-async def test_set_vring_call_under_a_running_device(tmp_path: Path) -> None:
-    """A new call eventfd replaces the old one without a restart, and the next interrupt
-    goes to it; taking the fd away (the no-fd bit) restarts the device, which goes on
-    without interrupting."""
-    device = CountingRng()
-    new_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    try:
+    """With VHOST_F_LOG_ALL on, SET_LOG_BASE and SET_VRING_ADDR changing the log flag
+    each restart the running net device (its queue threads), and a frame received after
+    is logged; requests that leave what the queues log as it was do not restart it."""
+    device_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with device_end, host_end:
+        device = CountingNet(PairTap(device_end))
         async with served(device, tmp_path) as path, connected(path) as frontend:
-            await frontend.handshake()
-            ring = frontend.add_ring(0)
+            await frontend.handshake(protocol=REPLY_ACK | LOG_SHMFD)
+            rx, _tx = frontend.add_ring(0), frontend.add_ring(1)
+            driver = rx.driver
             await frontend.start()
             await wait_for(lambda: device.runs == 1, "the first start")
-            await frontend.set(Request.SET_VRING_CALL, 0, [new_call])
+            # VHOST_F_LOG_ALL without a log yet: nothing is logged either way.
+            await frontend.set(Request.SET_FEATURES, frontend.features | VHOST_F_LOG_ALL)
             await settled()
             assert device.runs == 1
-            ring.calls()  # whatever the old fd got before the swap
-            while True:  # the spurious interrupt the swap sends
-                try:
-                    os.eventfd_read(new_call)
-                except BlockingIOError:
-                    break
-            ring.driver.add_chain(writable=[64])
-            ring.kick()
-            await ring.wait_used(1)
-            with trio.fail_after(10):
-                while not _pending(new_call):
-                    await trio.sleep(0.005)
-            assert ring.calls() == 0
-            await frontend.set(Request.SET_VRING_CALL, VRING_NOFD)
-            await wait_for(lambda: device.runs == 2, "a restart without a call fd")
-            _pending(new_call)
-            ring.driver.add_chain(writable=[64])
-            ring.kick()
-            await ring.wait_used(1)
-            await settled()
-            assert not _pending(new_call) and ring.calls() == 0
+            logs = [MemfdMemory(PAGE), MemfdMemory(PAGE)]
+            try:
+                for number, log_area in enumerate(logs):
+                    await frontend.send(Request.SET_LOG_BASE,
+                                        {"mmap_size": PAGE, "mmap_offset": 0},
+                                        [log_area.fd])
+                    assert (await frontend.receive()).payload == 0
+                    await wait_for(lambda n=number: device.runs == 2 + n,
+                                   "a restart for the log")
+
+                def address(flags: int) -> dict[str, int]:
+                    return {"index": 0, "flags": flags,
+                            "descriptor": USER_BASE + driver.descriptor_table,
+                            "used": USER_BASE + driver.used_ring,
+                            "available": USER_BASE + driver.available_ring,
+                            "log": driver.used_ring if flags else 0}
+
+                await frontend.set(Request.SET_VRING_ADDR, address(VHOST_VRING_F_LOG))
+                await wait_for(lambda: device.runs == 4, "a restart for VHOST_VRING_F_LOG")
+                await frontend.set(Request.SET_VRING_ADDR, address(VHOST_VRING_F_LOG))
+                await frontend.set(Request.SET_FEATURES,
+                                   frontend.features | VHOST_F_LOG_ALL)
+                await settled()
+                assert device.runs == 4
+                head = driver.add_chain(writable=[NET_HEADER_SIZE + 1514])
+                rx.kick()
+                host_end.send(bytes(NET_HEADER_SIZE) + frame(3))
+                [(used_head, _)] = await rx.wait_used(1)
+                assert used_head == head
+                [(buffer, _)] = driver.chains[head].writable
+                current = logs[1].data
+                for page in (buffer // PAGE, driver.used_ring // PAGE):
+                    assert current[page // 8] >> (page % 8) & 1, page
+                assert logs[0].data[:PAGE] == bytes(PAGE)  # the old log: untouched
+            finally:
+                for log_area in logs:
+                    log_area.close()
+
+
+async def test_set_vring_call_under_running_queue_threads(tmp_path: Path,
+                                                          sessions: list[Any]) -> None:
+    """A new call eventfd replaces the old one under the running queue threads without
+    a restart, under the same fd number, and the next interrupt goes to it; taking the
+    fd away (the no-fd bit) restarts the device, which goes on without interrupting."""
+    device_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    new_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        with device_end, host_end:
+            device = CountingNet(PairTap(device_end))
+            async with served(device, tmp_path) as path, connected(path) as frontend:
+                await frontend.handshake()
+                frontend.add_ring(0)
+                tx = frontend.add_ring(1)
+                await frontend.start()
+                await wait_for(lambda: device.runs == 1, "the first start")
+                [session] = sessions
+                number = session.rings[1].call_fd
+                await frontend.set(Request.SET_VRING_CALL, 1, [new_call])
+                await settled()
+                assert device.runs == 1 and session.rings[1].call_fd == number
+                tx.calls()  # whatever the old fd got before the swap
+                _pending(new_call)  # the spurious interrupt the swap sends
+                tx.driver.add_chain(readable=[bytes(NET_HEADER_SIZE) + frame(1)])
+                tx.kick()
+                await tx.wait_used(1)
+                with trio.fail_after(10):
+                    while not _pending(new_call):
+                        await trio.sleep(0.005)
+                assert tx.calls() == 0
+                await frontend.set(Request.SET_VRING_CALL, 1 | VRING_NOFD)
+                await wait_for(lambda: device.runs == 2, "a restart without a call fd")
+                assert session.rings[1].call_fd == -1
+                # Still none: nothing changes, no restart.
+                await frontend.set(Request.SET_VRING_CALL, 1 | VRING_NOFD)
+                _pending(new_call)
+                tx.driver.add_chain(readable=[bytes(NET_HEADER_SIZE) + frame(2)])
+                tx.kick()
+                await tx.wait_used(1)
+                await settled()
+                assert device.runs == 2
+                assert not _pending(new_call) and tx.calls() == 0
+                assert len(host_end.recv(2048)) and len(host_end.recv(2048))
     finally:
         os.close(new_call)
 
@@ -227,3 +266,43 @@ async def test_a_replaced_memory_table_is_unmapped_at_once(tmp_path: Path) -> No
             assert _mappings_of(frontend.memory.fd) == own - 1
         finally:
             other.close()
+
+
+class StuckDevice(RngDevice):
+    """A device whose thread finishes its "batch" only when the test says so, and then
+    looks whether guest RAM is still mapped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.saw_memory: bool | None = None
+
+    async def run(self, context: DeviceContext) -> None:
+        memory = context.memory
+
+        def batch() -> None:
+            self.entered.set()
+            self.release.wait(WAIT_S)
+            self.saw_memory = memory.contains(0, 1)
+
+        await run_in_own_thread(batch, on_cancel=lambda: None, name="avmm stuck")
+
+
+async def test_a_device_that_does_not_stop_in_time_keeps_what_it_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queue thread still in its batch when the stop times out: the connection is
+    dropped, but guest RAM (and the rest) is released only once the thread is done."""
+    monkeypatch.setattr(backend, "STOP_TIMEOUT_S", 0.1)
+    device = StuckDevice()
+    async with served(device, tmp_path) as path, connected(path) as frontend:
+        await frontend.handshake()
+        frontend.add_ring(0)
+        await frontend.start()
+        await wait_for(device.entered.is_set, "the batch under way")
+        await frontend.send(Request.GET_VRING_BASE, {"index": 0, "num": 0})
+        await trio.sleep(0.5)  # well past the stop's time-out
+        device.release.set()
+        await wait_for(lambda: device.saw_memory is not None, "the batch's end")
+        assert device.saw_memory is True
