@@ -690,11 +690,18 @@ class _Session:
             if running is not None:
                 # It did not stop in time: a queue thread is still in a batch (a slow
                 # disk) and uses the rings, guest RAM, the log and the inflight area
-                # until it ends, which it does at the end of that batch.
-                log.warning("waiting for the device's threads to end their batch")
+                # until it ends, which it does at the end of that batch. Then, as after
+                # any stop, the chains go back and the queues let go of guest RAM, so
+                # that it is unmapped below, here, and not by a later device thread.
+                waited = 0.0
                 with trio.CancelScope(shield=True):
-                    await running.stopped.wait()
-                self.running = None
+                    while not running.stopped.is_set():
+                        log.warning("waiting for the device's threads to end their batch",
+                                    waited_s=waited)
+                        with trio.move_on_after(STOP_TIMEOUT_S):
+                            await running.stopped.wait()
+                        waited += STOP_TIMEOUT_S
+                self._stopped()
             # Whether or not the device stopped in time: the next front-end starts
             # with a fresh device, and nothing of this one's is kept open.
             self.device.reset()
@@ -836,6 +843,11 @@ class _Session:
             # Still recorded as running: its queue threads may be finishing a batch,
             # and nothing they use may be released until they have (see close()).
             raise VhostProtocolError("device did not stop in time")
+        self._stopped()
+
+    def _stopped(self) -> None:
+        """What follows the end of a device run: the chains it held go back, and the
+        queues let go of guest RAM (see :meth:`stop_device`)."""
         self.running = None
         memory = self.memory
         for index, ring in enumerate(self.rings):

@@ -545,7 +545,8 @@ class BlockDevice(VirtioDevice):
             os.eventfd_write(stop_fd, 1)
 
         # Every fd the thread reads, writes or syncs, for its filter: the image, the kick
-        # and stop eventfds, the irqfd that signal_used writes (in process), and stderr
+        # and stop eventfds, the eventfd that signal_used writes (the irqfd in process,
+        # the ring's call fd in the vhost-user back-end), and stderr
         # and stdout (log lines; a worker's stderr is a pipe to its daemon). None of
         # them changes while the thread runs: a PATCH replaces only the throttle, a
         # pause leaves the thread asleep, a restore or a migration builds a new device.

@@ -280,8 +280,11 @@ class StuckDevice(RngDevice):
 
     async def run(self, context: DeviceContext) -> None:
         memory = context.memory
+        queue = context.queues[0]
+        assert queue is not None
 
         def batch() -> None:
+            queue.pop(memory)  # takes a chain, and views of the ring in guest RAM
             self.entered.set()
             self.release.wait(WAIT_S)
             self.saw_memory = memory.contains(0, 1)
@@ -292,17 +295,24 @@ class StuckDevice(RngDevice):
 async def test_a_device_that_does_not_stop_in_time_keeps_what_it_uses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A queue thread still in its batch when the stop times out: the connection is
-    dropped, but guest RAM (and the rest) is released only once the thread is done."""
+    """A queue thread still in its batch when the stop times out (twice: at the request
+    and again when the connection closes): the connection is dropped, but guest RAM is
+    released only once the thread is done, and then at once (the chain it held given
+    back, the queue's views of the ring dropped), not whenever they are collected."""
     monkeypatch.setattr(backend, "STOP_TIMEOUT_S", 0.1)
     device = StuckDevice()
     async with served(device, tmp_path) as path, connected(path) as frontend:
         await frontend.handshake()
-        frontend.add_ring(0)
+        ring = frontend.add_ring(0)
+        ring.driver.add_chain(writable=[64])
         await frontend.start()
         await wait_for(device.entered.is_set, "the batch under way")
+        mapped = _mappings_of(frontend.memory.fd)
         await frontend.send(Request.GET_VRING_BASE, {"index": 0, "num": 0})
-        await trio.sleep(0.5)  # well past the stop's time-out
+        await trio.sleep(0.5)  # well past both stops' time-outs
+        assert _mappings_of(frontend.memory.fd) == mapped
         device.release.set()
         await wait_for(lambda: device.saw_memory is not None, "the batch's end")
         assert device.saw_memory is True
+        await wait_for(lambda: _mappings_of(frontend.memory.fd) == mapped - 1,
+                       "the back-end's mapping of guest RAM gone")
