@@ -558,6 +558,22 @@ class PathPolicy:
         return BoundSocket(listener, path, dirfd, name, (info.st_dev, info.st_ino))
 
 
+def server_listens(address: str | bytes) -> bool:
+    """Whether a server accepts connections on the unix socket at ``address`` (a path):
+    False for a socket file nobody listens on (left by a program that died) or no file.
+    Blocking, up to a 2 s time-out. OSError when it cannot be told (then nothing may be
+    assumed: the caller refuses to replace the file)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(_PROBE_TIMEOUT_S)
+        probe.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def _claim(dirfd: int, name: str, at: str, path: Path, key: str, hint: str) -> None:
     """Make ``name`` in ``dirfd`` free for a socket: remove a stale socket; refuse a
     live server or any other kind of file (which is never touched)."""
@@ -568,22 +584,17 @@ def _claim(dirfd: int, name: str, at: str, path: Path, key: str, hint: str) -> N
     if not stat.S_ISSOCK(info.st_mode):
         raise HostFileError(f"{path} exists and is {_kind(info.st_mode)}, not a socket; "
                             f"remove it or {hint}", key=key)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.settimeout(_PROBE_TIMEOUT_S)
-        probe.connect(at)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("replacing a stale socket", socket=str(path))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dirfd)
-        return
+        listens = server_listens(at)
     except OSError as e:
         raise HostFileError(f"cannot tell whether a server listens on {path}: "
                             f"{e.strerror or e}", key=key) from e
-    finally:
-        probe.close()
-    raise HostFileError(f"another program is listening on {path}; stop it or {hint}",
-                        key=key)
+    if listens:
+        raise HostFileError(f"another program is listening on {path}; stop it or {hint}",
+                            key=key)
+    log.info("replacing a stale socket", socket=str(path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dirfd)
 
 
 def _relative_to(path: str, directory: str) -> str | None:

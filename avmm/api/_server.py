@@ -37,7 +37,7 @@ from ..config import UNIX_SOCKET_PATH_MAX
 from ..errors import AvmmError, HostFileError
 from ..isolation.ip_sockets import install_daemon_filters
 from ..isolation.seccomp import SeccompMode
-from ..paths import PathPolicy
+from ..paths import PathPolicy, server_listens
 from ._app import ManagementApi
 
 log = structlog.get_logger(__name__)
@@ -238,22 +238,18 @@ def _claim(path: Path) -> None:
     if not stat.S_ISSOCK(info.st_mode):
         raise DaemonError(f"{path} exists and is not a socket; remove it or choose another "
                           "--socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.settimeout(2.0)
-        probe.connect(os.fsencode(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("replacing a stale socket", socket=str(path))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
+        listens = server_listens(os.fsencode(path))
     except OSError as e:
         raise DaemonError(f"cannot tell whether a server listens on {path}: "
                           f"{e.strerror or e}") from e
-    finally:
-        probe.close()
-    raise DaemonError(f"another server is listening on {path}; stop it (an `avmm serve` "
-                      "answers `avmm ps --socket PATH`) or choose another --socket")
+    if listens:
+        raise DaemonError(f"another server is listening on {path}; stop it (an `avmm "
+                          "serve` answers `avmm ps --socket PATH`) or choose another "
+                          "--socket")
+    log.info("replacing a stale socket", socket=str(path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _group_id(group: str) -> int:

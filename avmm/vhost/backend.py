@@ -149,6 +149,7 @@ from ..devices._state import DeviceStateError
 from ..errors import AvmmError, GuestAddressError
 from ..eventfd import signal_eventfd, wait_eventfd
 from ..memory import MemoryAccess
+from ..paths import server_listens
 from ..virtio.device import (
     COMMON_FEATURES,
     VIRTIO_F_EVENT_IDX,
@@ -1446,18 +1447,31 @@ def _peer(conn: Any) -> dict[str, int]:
 
 
 def _remove_stale_socket(path: str) -> None:
+    """Make ``path`` free: remove a socket nobody listens on (a back-end that died);
+    refuse a live one (another back-end serving there would lose its front-ends) and
+    any other file. Blocking (the probe)."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise VhostBackendError(f"{path} exists and is not a socket; not replacing it")
-    os.unlink(path)
+    try:
+        listens = server_listens(path)
+    except OSError as e:
+        raise VhostBackendError(f"cannot tell whether a server listens on {path}: "
+                                f"{e.strerror or e}") from e
+    if listens:
+        raise VhostBackendError(f"another program is listening on {path}; stop it or "
+                                "choose another --socket")
+    log.info("replacing a stale socket", socket=path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def _bind(path: str) -> tuple[Any, tuple[int, int]]:
     """A listening socket at ``path``, mode 0600 from the moment it appears there."""
-    _remove_stale_socket(path)
+    await trio.to_thread.run_sync(_remove_stale_socket, path)
     temporary = f"{path}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)

@@ -397,3 +397,43 @@ async def test_an_empty_get_config_reply_is_received_as_a_refusal() -> None:
         with pytest.raises(VhostRequestRefused):
             await receive_message(right)
         assert (await receive_message(right)).payload == 1
+
+
+# -- the socket path ----------------------------------------------------------------------
+
+
+async def test_a_second_backend_on_a_live_socket_is_refused(tmp_path: Path) -> None:
+    """A back-end started on the socket of one that is serving fails with one line and
+    leaves it alone: the first keeps its path and serves the next front-end (the path
+    used to be unlinked and taken, the first left running unreachable)."""
+    from avmm.vhost.backend import VhostBackendError
+
+    async with served(RngDevice(), tmp_path) as path:
+        identity = os.stat(path).st_ino
+        with pytest.raises(VhostBackendError, match="another program is listening on"), \
+                trio.fail_after(WAIT_S):  # (it would serve there until cancelled)
+            await backend_module.serve_device(RngDevice(), path)
+        assert os.stat(path).st_ino == identity
+        async with connected(path) as frontend:
+            await frontend.handshake()
+            assert frontend.features & VIRTIO_F_VERSION_1
+
+
+async def test_a_stale_socket_is_replaced_and_another_file_is_not(tmp_path: Path) -> None:
+    """A socket file nobody listens on (a back-end that died) is replaced; a regular
+    file at the path is refused and kept."""
+    from avmm.vhost.backend import VhostBackendError
+
+    device = RngDevice()
+    stale = tmp_path / f"{device.name}.sock"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(stale))
+    left.close()  # the file stays, nobody listens
+    async with served(device, tmp_path) as path, connected(path) as frontend:
+        await frontend.handshake()
+        assert frontend.features & VIRTIO_F_VERSION_1
+    other = tmp_path / "file"
+    other.write_bytes(b"keep")
+    with pytest.raises(VhostBackendError, match="is not a socket"):
+        await backend_module.serve_device(RngDevice(), str(other))
+    assert other.read_bytes() == b"keep"
