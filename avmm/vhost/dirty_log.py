@@ -170,8 +170,10 @@ class BackendLog:
                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
         self._view = memoryview(self._map)[delta:delta + size]
         self._bytes = _ffi.from_buffer("uint8_t[]", self._view)
-        #: Writes the log did not cover (a front-end whose log is too small).
+        #: Writes the log did not cover (a front-end whose log is too small), counted
+        #: under a lock: the queues' threads of a device mark the same log.
         self.missed = 0
+        self._missed_lock = threading.Lock()
 
     def mark(self, address: int, length: int) -> bool:
         """Set the bits of every page of guest addresses ``address`` to ``address +
@@ -183,8 +185,10 @@ class BackendLog:
         last = (address + length - 1) // VHOST_LOG_PAGE
         if address < 0 or last >= 1 << 64 \
                 or _lib.avmm_log_mark(self._bytes, self.size, first, last) < 0:
-            self.missed += 1
-            if self.missed == 1:
+            with self._missed_lock:
+                self.missed += 1
+                first_miss = self.missed == 1
+            if first_miss:
                 log.warning("a write to guest memory is past the end of the dirty log "
                             "(the front-end's log is too small): not logged",
                             address=hex(address), length=length, log_size=self.size)

@@ -463,6 +463,37 @@ def test_pages_are_numbered_by_guest_ram_file_offset() -> None:
         log.close()
 
 
+def test_misses_from_two_threads_are_counted_and_logged_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The RX and TX threads of a back-end's net mark the same log: writes past its end
+    from both are all counted, and the warning about them comes once."""
+    regions = [SimpleNamespace(guest_address=0, size=1 << 20, file_offset=0)]
+    log = dirty_log.FrontendLog(regions, 1 << 20)
+    writer = dirty_log.BackendLog(log.fd, log.size, 0)
+    warnings: list[str] = []
+    monkeypatch.setattr(dirty_log.log, "warning",
+                        lambda event, **_: warnings.append(event))
+    past = log.size * 8 * PAGE  # the first page the log does not cover
+    misses = 20_000
+
+    def miss() -> None:
+        for _ in range(misses):
+            writer.mark(past, 1)
+
+    threads = [threading.Thread(target=miss) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert writer.missed == 2 * misses
+        assert len(warnings) == 1
+    finally:
+        writer.close()
+        log.close()
+
+
 def test_concurrent_marks_are_never_lost() -> None:
     """Two back-ends (QEMU shares one log among its vhost devices) set interleaved bits
     of the same bytes from two threads while the front-end reads and clears the log:
