@@ -11,7 +11,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import trio
@@ -123,14 +123,16 @@ def blk_disk(kind: str, image: Path, sock: Path) -> DiskConfig:
 
 
 @contextlib.contextmanager
-def blk_served(kind: str, image: Path, sock: Path, *, shared: bool = False) -> Iterator[None]:
+def blk_served(kind: str, image: Path, sock: Path, *, shared: bool = False,
+               options: Sequence[str] = ()) -> Iterator[None]:
     """``image`` served at ``sock`` while inside: "file" (avmm opens the image itself:
-    nothing to run), "avmm" (``avmm backend blk``) or "qsd" (qemu-storage-daemon;
-    ``shared``: without its lock on the image, for a second daemon on the same one)."""
+    nothing to run), "avmm" (``avmm backend blk`` with ``options``) or "qsd"
+    (qemu-storage-daemon; ``shared``: without its lock on the image, for a second daemon
+    on the same one)."""
     if kind == "file":
         yield
     elif kind == "avmm":
-        with avmm_backend("blk", sock, "--image", str(image)):
+        with avmm_backend("blk", sock, "--image", str(image), *options):
             yield
     else:
         if shutil.which("qemu-storage-daemon") is None:

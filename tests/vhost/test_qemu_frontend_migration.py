@@ -41,6 +41,11 @@ STATUS_POWER_OFF = 0
 SECTORS = 2 * BLK_SECTORS
 SEED = 7
 REQUEST_SECTORS = 8
+#: 4,096 requests of 4 KiB per half: about 2 s each at this rate, where QEMU migrates the
+#: 64 MiB guest in well under a second. (Unlimited, the back-end's queue thread can
+#: finish the read-back before the migration does, and the guest then ends on the
+#: source.)
+SOURCE_IOPS = 2000
 SECTOR = 512
 
 
@@ -100,7 +105,11 @@ def test_qemu_migrates_blk_write_on_avmm_backends(test_guest: Path, tmp_path: Pa
     source_qmp, destination_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
     incoming = tmp_path / "mig.sock"
     before, after = tmp_path / "src.out", tmp_path / "dst.out"
-    with blk_served("avmm", image, source_sock), blk_served("avmm", image, destination_sock), \
+    # The source's back-end is limited (SOURCE_IOPS), so that each half of blk-write
+    # lasts longer than QEMU's migration however fast the back-end serves: the
+    # migration then lands in the half the test chose, not after the guest is done.
+    with blk_served("avmm", image, source_sock, options=("--iops", str(SOURCE_IOPS))), \
+            blk_served("avmm", image, destination_sock), \
             qemu(qemu_argv(test_guest, source_sock, source_qmp), before) as source, \
             qemu(qemu_argv(test_guest, destination_sock, destination_qmp,
                            "-incoming", f"unix:{incoming}"), after) as destination:
