@@ -95,6 +95,15 @@ class MemfdMemory(MemoryAccess):
                 "mmap_offset": 0}
 
 
+def signals(fd: int) -> int:
+    """What a (non-blocking) eventfd counted since the last look, and reset it: 0 if
+    nothing was signalled."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
 @dataclass
 class Ring:
     index: int
@@ -107,10 +116,7 @@ class Ring:
 
     def calls(self) -> int:
         """Interrupts signalled since the last look (0 if none)."""
-        try:
-            return os.eventfd_read(self.call_fd)
-        except BlockingIOError:
-            return 0
+        return signals(self.call_fd)
 
     async def wait_used(self, count: int, seen: list[tuple[int, int]] | None = None
                         ) -> list[tuple[int, int]]:

@@ -47,6 +47,7 @@ from .frontend_double import (
     MemfdMemory,
     connected,
     served,
+    signals,
     wait_for,
 )
 from .test_stop_start import MAC, PairTap, frame
@@ -208,12 +209,12 @@ async def test_set_vring_call_under_running_queue_threads(tmp_path: Path,
                 await settled()
                 assert device.runs == 1 and session.rings[1].call_fd == number
                 tx.calls()  # whatever the old fd got before the swap
-                _pending(new_call)  # the spurious interrupt the swap sends
+                signals(new_call)  # the spurious interrupt the swap sends
                 tx.driver.add_chain(readable=[bytes(NET_HEADER_SIZE) + frame(1)])
                 tx.kick()
                 await tx.wait_used(1)
                 with trio.fail_after(10):
-                    while not _pending(new_call):
+                    while not signals(new_call):
                         await trio.sleep(0.005)
                 assert tx.calls() == 0
                 await frontend.set(Request.SET_VRING_CALL, 1 | VRING_NOFD)
@@ -221,23 +222,16 @@ async def test_set_vring_call_under_running_queue_threads(tmp_path: Path,
                 assert session.rings[1].call_fd == -1
                 # Still none: nothing changes, no restart.
                 await frontend.set(Request.SET_VRING_CALL, 1 | VRING_NOFD)
-                _pending(new_call)
+                signals(new_call)
                 tx.driver.add_chain(readable=[bytes(NET_HEADER_SIZE) + frame(2)])
                 tx.kick()
                 await tx.wait_used(1)
                 await settled()
                 assert device.runs == 2
-                assert not _pending(new_call) and tx.calls() == 0
+                assert not signals(new_call) and tx.calls() == 0
                 assert len(host_end.recv(2048)) and len(host_end.recv(2048))
     finally:
         os.close(new_call)
-
-
-def _pending(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 def _mappings_of(fd: int) -> int:
